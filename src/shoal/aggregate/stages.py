@@ -1,0 +1,297 @@
+"""Composable aggregation stages, chained with ``|`` in the order the math reads.
+
+``Clip(1.0) | Sum() | GaussianNoise(sigma) | Mean()`` means: clip each node's update (a
+node transform), add the clipped updates (a reducer), noise the sum, divide by the count
+(server transforms). A chain has exactly one reducer; node transforms come before it and
+describe themselves as JSON (``spec``), so secure reducers can have nodes apply them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from shoal.aggregate import rules
+from shoal.core import NodeValues, finish
+from shoal.errors import AggregationError, ConfigError
+
+if TYPE_CHECKING:
+    from shoal.core import Gathered
+
+__all__ = [
+    "Chain",
+    "Clip",
+    "GeometricMedian",
+    "Krum",
+    "Mean",
+    "Median",
+    "MultiKrum",
+    "NodeTransform",
+    "Reduced",
+    "Reducer",
+    "ServerTransform",
+    "Stage",
+    "Sum",
+    "TrimmedMean",
+    "WeightedMean",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reduced:
+    """A server-side aggregate in flight: the vector, how many nodes it covers, their weight."""
+
+    vector: np.ndarray
+    count: int
+    weight: float
+    averaged: bool
+    layout: Any
+    node_ids: tuple[str, ...] = ()
+    excluded: Any = None
+
+
+class Stage:
+    """Base of every stage; ``a | b`` builds a Chain, and a lone stage aggregates by itself."""
+
+    def __or__(self, other: Stage) -> Chain:
+        return Chain.of(self, other)
+
+    def aggregate(self, values: NodeValues, *, weights: NodeValues | None = None) -> Any:
+        return Chain.of(self).aggregate(values, weights=weights)
+
+
+class NodeTransform(Stage):
+    """Applied to each node's vector before reduction (at the node, for secure reducers)."""
+
+    def apply_rows(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON description nodes can apply themselves (they run no server code)."""
+        raise NotImplementedError
+
+
+class Reducer(Stage):
+    """Turns node values into one vector. Plain reducers gather; secure ones override reduce."""
+
+    def reduce(
+        self, values: NodeValues, weights: NodeValues | None, pre: Sequence[NodeTransform]
+    ) -> Reduced:
+        gathered = values.gather(weights=weights)
+        rows = gathered.rows
+        for transform in pre:
+            rows = transform.apply_rows(rows)
+        return self.reduce_rows(rows, gathered)
+
+    def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
+        raise NotImplementedError
+
+    @staticmethod
+    def _reduced(vector: np.ndarray, gathered: Gathered, *, averaged: bool) -> Reduced:
+        weight = (
+            float(gathered.weights.sum()) if gathered.weights is not None else len(gathered.rows)
+        )
+        return Reduced(
+            vector=vector,
+            count=len(gathered.rows),
+            weight=weight,
+            averaged=averaged,
+            layout=gathered.layout,
+            node_ids=gathered.node_ids,
+            excluded=gathered.excluded,
+        )
+
+
+class ServerTransform(Stage):
+    """Applied at the server to the reduced vector (noise, scaling, averaging)."""
+
+    def apply(self, reduced: Reduced) -> Reduced:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Chain(Stage):
+    stages: tuple[Stage, ...]
+
+    @classmethod
+    def of(cls, *stages: Stage) -> Chain:
+        flat: list[Stage] = []
+        for stage in stages:
+            if isinstance(stage, Chain):
+                flat.extend(stage.stages)
+            elif isinstance(stage, Stage):
+                flat.append(stage)
+            else:
+                raise ConfigError(f"cannot chain {stage!r}: aggregation stages only")
+        return cls(tuple(flat))
+
+    def split(self) -> tuple[list[NodeTransform], Reducer, list[ServerTransform]]:
+        pre: list[NodeTransform] = []
+        reducer: Reducer | None = None
+        post: list[ServerTransform] = []
+        for stage in self.stages:
+            if reducer is None:
+                if isinstance(stage, NodeTransform):
+                    pre.append(stage)
+                elif isinstance(stage, Reducer):
+                    reducer = stage
+                else:
+                    raise ConfigError(
+                        f"{type(stage).__name__} acts on an aggregate; put a reducer such as "
+                        "Sum() or Mean() before it"
+                    )
+            elif isinstance(stage, Mean):
+                post.append(_Average())
+            elif isinstance(stage, ServerTransform):
+                post.append(stage)
+            else:
+                raise ConfigError(
+                    f"{type(stage).__name__} cannot follow the reducer "
+                    f"{type(reducer).__name__}: a chain has one reducer, and node transforms "
+                    "such as Clip come before it"
+                )
+        if reducer is None:
+            raise ConfigError("an aggregation chain needs a reducer such as Sum() or Mean()")
+        return pre, reducer, post
+
+    def reduce(self, values: NodeValues, *, weights: NodeValues | None = None) -> Reduced:
+        """Run the chain and keep the bookkeeping (count, weight, excluded nodes)."""
+        pre, reducer, post = self.split()
+        reduced = reducer.reduce(values, weights, pre)
+        for stage in post:
+            reduced = stage.apply(reduced)
+        return reduced
+
+    def aggregate(self, values: NodeValues, *, weights: NodeValues | None = None) -> Any:
+        reduced = self.reduce(values, weights=weights)
+        return finish(values, reduced.vector, reduced.layout)
+
+
+# -- node transforms ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip(NodeTransform):
+    """Scale each node's whole update down to L2 norm at most ``l2``."""
+
+    l2: float
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.l2) or self.l2 <= 0:
+            raise ConfigError(f"Clip(l2) needs a positive finite norm, got {self.l2}")
+
+    def apply_rows(self, rows: np.ndarray) -> np.ndarray:
+        clipped, _ = rules.clip_l2(rows, self.l2)
+        return np.asarray(clipped)
+
+    def spec(self) -> dict[str, Any]:
+        return {"clip_l2": self.l2}
+
+
+# -- reducers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sum(Reducer):
+    def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
+        return self._reduced(np.asarray(rules.total(rows)), gathered, averaged=False)
+
+
+@dataclass(frozen=True)
+class Mean(Reducer):
+    """The mean (weighted when weights are given). After another reducer: divide by the count."""
+
+    def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
+        vector = rules.weighted_mean(rows, gathered.weights)
+        return self._reduced(np.asarray(vector), gathered, averaged=True)
+
+
+@dataclass(frozen=True)
+class WeightedMean(Mean):
+    """A mean that insists on weights (e.g. each node's number of examples)."""
+
+    def reduce(
+        self, values: NodeValues, weights: NodeValues | None, pre: Sequence[NodeTransform]
+    ) -> Reduced:
+        if weights is None:
+            raise AggregationError("WeightedMean needs weights=..., e.g. weights=out['n']")
+        return super().reduce(values, weights, pre)
+
+
+@dataclass(frozen=True)
+class Median(Reducer):
+    """Coordinate-wise median (robust to a minority of arbitrary updates)."""
+
+    def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
+        return self._reduced(np.asarray(rules.coordinate_median(rows)), gathered, averaged=True)
+
+
+@dataclass(frozen=True)
+class TrimmedMean(Reducer):
+    """Coordinate-wise mean after dropping the ``beta`` fraction of extremes on each side."""
+
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta < 0.5:
+            raise ConfigError(f"TrimmedMean(beta) needs 0 <= beta < 0.5, got {self.beta}")
+
+    def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
+        vector = rules.trimmed_mean(rows, self.beta)
+        return self._reduced(np.asarray(vector), gathered, averaged=True)
+
+
+@dataclass(frozen=True)
+class Krum(Reducer):
+    """The single update closest to its n - f - 2 nearest neighbours (Blanchard et al.)."""
+
+    f: int = 1
+
+    def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
+        index = rules.krum(rows, self.f)
+        reduced = self._reduced(np.asarray(rows[index]), gathered, averaged=True)
+        return replace(reduced, node_ids=(gathered.node_ids[index],))
+
+
+@dataclass(frozen=True)
+class MultiKrum(Reducer):
+    """The mean of the ``m`` updates with the best Krum scores."""
+
+    f: int = 1
+    m: int = 1
+
+    def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
+        vector, chosen = rules.multi_krum(rows, self.f, self.m)
+        reduced = self._reduced(np.asarray(vector), gathered, averaged=True)
+        return replace(reduced, node_ids=tuple(gathered.node_ids[i] for i in chosen))
+
+
+# -- server transforms --------------------------------------------------------------------
+
+
+class _Average(ServerTransform):
+    """What ``Mean()`` means after a sum: divide by the total weight (the count if unweighted)."""
+
+    def apply(self, reduced: Reduced) -> Reduced:
+        if reduced.averaged:
+            return reduced
+        if reduced.weight <= 0:
+            raise AggregationError("cannot average an aggregate of zero total weight")
+        return replace(reduced, vector=reduced.vector / reduced.weight, averaged=True)
+
+
+@dataclass(frozen=True)
+class GeometricMedian(Reducer):
+    """The point minimizing the sum of distances to the updates (RFA, Pillutla et al.)."""
+
+    eps: float = 1e-8
+    max_iter: int = 100
+
+    def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
+        vector = rules.geometric_median(
+            rows, gathered.weights, eps=self.eps, max_iter=self.max_iter
+        )
+        return self._reduced(np.asarray(vector), gathered, averaged=True)

@@ -1,0 +1,24 @@
+"""Federated Core API: Federation, NodeGroup, NodeValues and the Aggregator protocol."""
+
+from __future__ import annotations
+
+from shoal.core.aggregator import Aggregator
+from shoal.core.federation import AuditEvent, Broadcast, Federation, NodeGroup
+from shoal.core.reduce import finish, plain_mean, plain_sum
+from shoal.core.values import FieldSpec, Gathered, Layout, NodeValues, unflatten
+
+__all__ = [
+    "Aggregator",
+    "AuditEvent",
+    "Broadcast",
+    "Federation",
+    "FieldSpec",
+    "Gathered",
+    "Layout",
+    "NodeGroup",
+    "NodeValues",
+    "finish",
+    "plain_mean",
+    "plain_sum",
+    "unflatten",
+]

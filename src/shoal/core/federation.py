@@ -1,0 +1,248 @@
+"""Federation and NodeGroup: choose nodes, place values at them, run tasks there.
+
+``fed.sample(k)`` picks a NodeGroup; ``group.map("train", weights=w)`` runs a task at each
+node and leaves the results there as NodeValues; only an aggregate brings them back.
+Failed or late nodes are dropped from the round and reported, down to ``min_nodes``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shoal.core.values import FieldSpec, NodeValues
+from shoal.errors import ConfigError, NotEnoughNodes, ShoalError, WireError
+from shoal.runtime import Engine, Failure, FailureKind, Task
+from shoal.wire import decode, encode
+
+__all__ = ["AuditEvent", "Broadcast", "Federation", "NodeGroup"]
+
+log = logging.getLogger("shoal.core")
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A server value placed at every node of a group; encoded once, sent to all."""
+
+    values: Mapping[str, Any]
+    encoded: bytes | memoryview = field(repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEvent:
+    action: str
+    detail: Mapping[str, Any]
+
+
+class Federation:
+    """The server's view of a set of nodes reachable through an engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        min_nodes: int = 1,
+        deadline_s: float = 600.0,
+        seed: int | None = None,
+    ) -> None:
+        if min_nodes < 1:
+            raise ConfigError(f"min_nodes must be at least 1, got {min_nodes}")
+        if deadline_s <= 0:
+            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
+        self.engine = engine
+        self.min_nodes = min_nodes
+        self.deadline_s = deadline_s
+        self._rng = np.random.default_rng(seed)
+        self._sequence = itertools.count()
+        self.audit_log: list[AuditEvent] = []
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(self.engine.node_ids())
+
+    def audit(self, action: str, **detail: Any) -> None:
+        self.audit_log.append(AuditEvent(action=action, detail=detail))
+
+    def all(self) -> NodeGroup:
+        return NodeGroup(self, self.node_ids)
+
+    def group(self, node_ids: Sequence[str]) -> NodeGroup:
+        known = set(self.node_ids)
+        missing = [n for n in node_ids if n not in known]
+        if missing:
+            raise ConfigError(f"unknown or offline node(s): {missing[:5]}")
+        return NodeGroup(self, tuple(node_ids))
+
+    def sample(self, k: int, *, seed: int | None = None) -> NodeGroup:
+        """``k`` nodes chosen uniformly without replacement (all available if fewer)."""
+        if k < 1:
+            raise ConfigError(f"sample size must be at least 1, got {k}")
+        available = self.node_ids
+        if len(available) < self.min_nodes:
+            raise NotEnoughNodes(
+                f"{len(available)} node(s) available, fewer than the minimum of "
+                f"{self.min_nodes}; wait for more nodes to connect or lower min_nodes"
+            )
+        if k >= len(available):
+            return NodeGroup(self, available)
+        rng = self._rng if seed is None else np.random.default_rng(seed)
+        chosen = rng.choice(len(available), size=k, replace=False)
+        return NodeGroup(self, tuple(available[i] for i in sorted(chosen)))
+
+    def request(
+        self,
+        node_ids: Sequence[str],
+        task: str,
+        *,
+        common: Mapping[str, Any] | Broadcast | None = None,
+        per_node: Mapping[str, Mapping[str, Any]] | None = None,
+        keep_as: str | None = None,
+        deadline_s: float | None = None,
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Failure]]:
+        """Run ``task`` on nodes and return their decoded replies and failures.
+
+        The replies are whatever the task sends back, so this is for tasks whose outputs
+        are public by design (protocol messages, kept-value receipts). Learning code uses
+        :meth:`NodeGroup.map`, whose results stay at the nodes.
+        """
+        sequence = next(self._sequence)
+        shared: bytes | memoryview | None = (
+            common.encoded if isinstance(common, Broadcast) else None
+        )
+        common_values = (common.values if isinstance(common, Broadcast) else common) or {}
+        if shared is None and not per_node:
+            shared = encode(common_values)
+        tasks = []
+        for node_id in node_ids:
+            payload: bytes | memoryview
+            if per_node is not None and node_id in per_node:
+                payload = encode({**common_values, **per_node[node_id]})
+            elif shared is not None:
+                payload = shared
+            else:
+                payload = encode(common_values)
+            tasks.append(
+                Task(
+                    node_id=node_id,
+                    name=task,
+                    payload=payload,
+                    task_id=f"{sequence}/{node_id}",
+                    keep_as=keep_as,
+                )
+            )
+        result = self.engine.dispatch(tasks, deadline_s=deadline_s or self.deadline_s)
+        replies: dict[str, dict[str, Any]] = {}
+        failures: dict[str, Failure] = dict(result.failures)
+        for node_id, reply in result.replies.items():
+            try:
+                replies[node_id] = decode(reply.payload)
+            except WireError as exc:
+                failures[node_id] = Failure(
+                    node_id=node_id,
+                    task_id=reply.task_id,
+                    kind=FailureKind.INVALID,
+                    detail=f"undecodable reply: {exc}",
+                )
+        for node_id in node_ids:
+            if node_id not in replies and node_id not in failures:
+                failures[node_id] = Failure(
+                    node_id=node_id, task_id="", kind=FailureKind.DROPPED, detail="no reply"
+                )
+        for failure in failures.values():
+            log.info(
+                "node %s failed %s: %s (%s)",
+                failure.node_id,
+                task,
+                failure.kind.value,
+                failure.detail,
+            )
+        return replies, failures
+
+
+class NodeGroup:
+    """A set of nodes chosen for one step of a computation."""
+
+    def __init__(self, federation: Federation, node_ids: Sequence[str]) -> None:
+        self.federation = federation
+        self.node_ids = tuple(node_ids)
+
+    def __len__(self) -> int:
+        return len(self.node_ids)
+
+    def __repr__(self) -> str:
+        return f"<NodeGroup of {len(self)} nodes>"
+
+    def broadcast(self, **values: Any) -> Broadcast:
+        """Place server values at every node of the group (encoded once for all of them)."""
+        return Broadcast(values=values, encoded=encode(values))
+
+    def map(
+        self,
+        task: str,
+        broadcast: Broadcast | None = None,
+        /,
+        *,
+        min_nodes: int | None = None,
+        deadline_s: float | None = None,
+        **values: Any,
+    ) -> NodeValues:
+        """Run ``task`` at every node; the results stay at the nodes as NodeValues.
+
+        Raises NotEnoughNodes when fewer than ``min_nodes`` (default: the federation's)
+        succeed; the failures of the others are reported on the returned values.
+        """
+        common: Mapping[str, Any] | Broadcast
+        if broadcast is not None and values:
+            common = {**broadcast.values, **values}
+        else:
+            common = broadcast if broadcast is not None else values
+        handle = f"v{next(self.federation._sequence)}"
+        replies, failures = self.federation.request(
+            self.node_ids, task, common=common, keep_as=handle, deadline_s=deadline_s
+        )
+        specs: dict[str, dict[str, FieldSpec]] = {}
+        for node_id, receipt in replies.items():
+            try:
+                specs[node_id] = _parse_receipt(receipt, handle)
+            except ShoalError as exc:
+                failures[node_id] = Failure(
+                    node_id=node_id, task_id="", kind=FailureKind.INVALID, detail=str(exc)
+                )
+        succeeded = [n for n in self.node_ids if n in specs]
+        needed = self.federation.min_nodes if min_nodes is None else min_nodes
+        if len(succeeded) < needed:
+            kinds = sorted({f.kind.value for f in failures.values()})
+            example = next(iter(failures.values()), None)
+            raise NotEnoughNodes(
+                f"task {task!r}: {len(succeeded)} of {len(self.node_ids)} node(s) succeeded, "
+                f"fewer than the minimum of {needed} (failures: {', '.join(kinds) or 'none'}"
+                + (f"; e.g. {example.node_id}: {example.detail}" if example else "")
+                + ")"
+            )
+        return NodeValues(
+            federation=self.federation,
+            handle=handle,
+            node_ids=succeeded,
+            specs=specs,
+            failures=failures,
+        )
+
+
+def _parse_receipt(receipt: Mapping[str, Any], handle: str) -> dict[str, FieldSpec]:
+    fields = receipt.get("fields")
+    if receipt.get("kept") != handle or not isinstance(fields, dict):
+        raise WireError("the node's receipt does not describe the value it kept")
+    specs: dict[str, FieldSpec] = {}
+    for name, spec in fields.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str):
+            raise WireError(f"bad field description for {name!r}")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise WireError(f"bad shape for field {name!r}")
+        specs[name] = FieldSpec(dtype=spec["dtype"], shape=tuple(shape))
+    return specs

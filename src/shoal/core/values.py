@@ -1,0 +1,337 @@
+"""NodeValues: results placed at the nodes, which the server reaches only through aggregates.
+
+A map leaves each node's result at that node; a NodeValues object is the server's handle on
+them. Aggregators gather them (plain ones fetch them, secure ones run their own protocol);
+``reveal()`` is the one explicit, logged way to read them one by one, for debugging.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from shoal.errors import AggregationError, NotEnoughNodes
+from shoal.runtime import FETCH_TASK, Failure, FailureKind
+
+if TYPE_CHECKING:
+    from shoal.core.aggregator import Aggregator
+    from shoal.core.federation import Federation
+
+__all__ = ["FieldSpec", "Gathered", "Layout", "NodeValues", "unflatten"]
+
+log = logging.getLogger("shoal.core")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FieldSpec:
+    """The public shape of a result field: dtype string ("json" for JSON values) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gathered:
+    """What a plain aggregator works on: one row per valid node, plus the nodes excluded.
+
+    ``rows`` has shape (n, d): each node's selected fields flattened and concatenated in
+    float64; ``layout`` says how to cut a d-vector back into named arrays.
+    """
+
+    node_ids: tuple[str, ...]
+    rows: np.ndarray
+    weights: np.ndarray | None
+    layout: tuple[tuple[str, tuple[int, ...], str], ...]
+    excluded: Mapping[str, str]
+
+    def unflatten(self, vector: np.ndarray) -> dict[str, Any]:
+        return unflatten(vector, self.layout)
+
+
+Layout = tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+def unflatten(vector: np.ndarray, layout: Layout) -> dict[str, Any]:
+    """Cut an aggregated vector back into named fields (floats keep their dtype)."""
+    out: dict[str, Any] = {}
+    position = 0
+    for name, shape, dtype in layout:
+        if dtype == "json":
+            out[name] = float(vector[position])
+            position += 1
+            continue
+        size = int(np.prod(shape, dtype=np.int64))
+        part = vector[position : position + size].reshape(shape)
+        out[name] = part.astype(dtype) if np.dtype(dtype).kind in "fc" else part
+        position += size
+    return out
+
+
+class NodeValues:
+    """Per-node results held at the nodes (not readable by the server).
+
+    Index with a field name (``out["delta"]``) or select several fields to treat them as
+    one vector (``out.select("w", "b")``: clipping and robust rules then see the whole update).
+    """
+
+    def __init__(
+        self,
+        *,
+        federation: Federation,
+        handle: str,
+        node_ids: Sequence[str],
+        specs: Mapping[str, Mapping[str, FieldSpec]],
+        failures: Mapping[str, Failure],
+        fields: tuple[str, ...] | None = None,
+    ) -> None:
+        self.federation = federation
+        self.handle = handle
+        self._node_ids = tuple(node_ids)
+        self._specs = specs
+        self._failures = dict(failures)
+        self._fields = fields
+
+    def __repr__(self) -> str:
+        what = ", ".join(self._fields) if self._fields else "all fields"
+        return f"<NodeValues {what} at {len(self)} nodes ({len(self._failures)} failed)>"
+
+    def __len__(self) -> int:
+        return len(self._node_ids)
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        """Nodes holding a value (which nodes answered is not private; their values are)."""
+        return self._node_ids
+
+    @property
+    def failures(self) -> Mapping[str, Failure]:
+        return self._failures
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        if self._fields is not None:
+            return self._fields
+        names: dict[str, None] = {}
+        for spec in self._specs.values():
+            names.update(dict.fromkeys(spec))
+        return tuple(names)
+
+    def __getitem__(self, field: str) -> NodeValues:
+        return self.select(field)
+
+    def select(self, *fields: str) -> NodeValues:
+        if not fields:
+            raise AggregationError("select at least one field")
+        known = set(self.field_names)
+        unknown = [f for f in fields if f not in known]
+        if unknown:
+            raise AggregationError(
+                f"no field(s) {unknown} in these values; the task returned {sorted(known)}"
+            )
+        return NodeValues(
+            federation=self.federation,
+            handle=self.handle,
+            node_ids=self._node_ids,
+            specs=self._specs,
+            failures=self._failures,
+            fields=tuple(fields),
+        )
+
+    def spec(self, node_id: str, field: str) -> FieldSpec:
+        return self._specs[node_id][field]
+
+    def without(self, node_ids: Sequence[str], kind: FailureKind, reason: str) -> NodeValues:
+        """The same values with ``node_ids`` moved to the failures (excluded from aggregates)."""
+        drop = set(node_ids)
+        failures = dict(self._failures)
+        for node_id in drop & set(self._node_ids):
+            failures[node_id] = Failure(node_id=node_id, task_id="", kind=kind, detail=reason)
+        return NodeValues(
+            federation=self.federation,
+            handle=self.handle,
+            node_ids=[n for n in self._node_ids if n not in drop],
+            specs=self._specs,
+            failures=failures,
+            fields=self._fields,
+        )
+
+    # -- aggregates ---------------------------------------------------------------------
+
+    def aggregate(self, aggregator: Aggregator, *, weights: NodeValues | None = None) -> Any:
+        return aggregator.aggregate(self, weights=weights)
+
+    def sum(self, *, secure: Aggregator | None = None) -> Any:
+        """The sum; ``secure=SecureSum(...)`` computes it without the server seeing any value."""
+        if secure is not None:
+            return secure.aggregate(self)
+        from shoal.core.reduce import plain_sum  # local import: reduce imports this module
+
+        return plain_sum(self)
+
+    def mean(self, *, weights: NodeValues | None = None) -> Any:
+        from shoal.core.reduce import plain_mean
+
+        return plain_mean(self, weights=weights)
+
+    # -- reading values ------------------------------------------------------------------
+
+    def reveal(self) -> dict[str, Any]:
+        """Every node's value, one by one. For debugging only: logged and audited."""
+        fields = list(self.field_names)
+        log.warning(
+            "reveal(): the server reads %d nodes' individual values of %s", len(self), fields
+        )
+        self.federation.audit("reveal", handle=self.handle, fields=fields, nodes=len(self))
+        fetched = self._fetch(fields)
+        if self._fields is not None and len(self._fields) == 1:
+            return {node: payload[fields[0]] for node, payload in fetched.items()}
+        return fetched
+
+    def gather(
+        self, *, weights: NodeValues | None = None, min_nodes: int | None = None
+    ) -> Gathered:
+        """Fetch and validate values for a plain aggregate (meant for Aggregator authors).
+
+        Nodes whose value has a different shape or dtype kind than the majority, holds NaN or
+        infinity, or whose weight is not a finite non-negative number are excluded with the
+        reason recorded; fewer than ``min_nodes`` valid values raise NotEnoughNodes.
+        """
+        fields = list(self.field_names)
+        if self._fields is None:  # a whole result: aggregate its arrays, not its JSON fields
+            fields = [f for f in fields if not self._is_json_everywhere(f)] or fields
+        weight_field: str | None = None
+        if weights is not None:
+            if weights.handle != self.handle:
+                raise AggregationError("weights must come from the same map as the values")
+            if len(weights.field_names) != 1:
+                raise AggregationError("weights must be a single field, e.g. out['n']")
+            weight_field = weights.field_names[0]
+        wanted = fields + ([weight_field] if weight_field and weight_field not in fields else [])
+        holders = set(self._node_ids)
+        fetched = self._fetch(wanted)
+        excluded: dict[str, str] = {
+            node: f"{failure.kind.value}: {failure.detail}"
+            for node, failure in self._failures.items()
+            if node in holders and node not in fetched
+        }
+        layout = self._majority_layout(fetched, fields)
+        rows: list[np.ndarray] = []
+        kept_ids: list[str] = []
+        weight_values: list[float] = []
+        for node, payload in fetched.items():
+            problem, row = _flatten(payload, layout)
+            weight = 1.0
+            if problem is None and weight_field is not None:
+                problem, weight = _weight(payload[weight_field])
+            if problem is not None:
+                excluded[node] = problem
+                log.warning("excluding node %s from the aggregate: %s", node, problem)
+                continue
+            rows.append(row)
+            kept_ids.append(node)
+            weight_values.append(weight)
+        needed = self.federation.min_nodes if min_nodes is None else min_nodes
+        if len(rows) < max(needed, 1):
+            raise NotEnoughNodes(
+                f"only {len(rows)} node(s) gave a valid value, fewer than the minimum of "
+                f"{needed}; excluded: {_summarize(excluded)}"
+            )
+        if weight_field is not None and sum(weight_values) <= 0:
+            raise AggregationError("the weights of the valid nodes sum to zero")
+        stacked = np.stack(rows) if rows else np.zeros((0, 0))
+        return Gathered(
+            node_ids=tuple(kept_ids),
+            rows=stacked,
+            weights=np.asarray(weight_values) if weight_field is not None else None,
+            layout=layout,
+            excluded=excluded,
+        )
+
+    def _is_json_everywhere(self, field: str) -> bool:
+        return all(
+            field not in spec or spec[field].dtype == "json" for spec in self._specs.values()
+        )
+
+    def _majority_layout(
+        self, fetched: Mapping[str, Mapping[str, Any]], fields: list[str]
+    ) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        votes: Counter[tuple[tuple[str, tuple[int, ...], str], ...]] = Counter()
+        for payload in fetched.values():
+            signature = []
+            for field in fields:
+                value = payload.get(field)
+                if isinstance(value, np.ndarray):
+                    signature.append((field, value.shape, value.dtype.str))
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    signature.append((field, (), "json"))
+                else:
+                    break
+            else:
+                votes[tuple(signature)] += 1
+        if not votes:
+            raise AggregationError(
+                f"no node returned numeric values for {fields}; aggregates need arrays or numbers"
+            )
+        return votes.most_common(1)[0][0]
+
+    def _fetch(self, fields: list[str]) -> dict[str, dict[str, Any]]:
+        if not self._node_ids:
+            return {}
+        replies, failures = self.federation.request(
+            self._node_ids, FETCH_TASK, common={"handle": self.handle, "fields": fields}
+        )
+        if failures:
+            self._failures.update(failures)
+            self._node_ids = tuple(n for n in self._node_ids if n not in failures)
+        return replies
+
+
+def _flatten(
+    payload: Mapping[str, Any], layout: tuple[tuple[str, tuple[int, ...], str], ...]
+) -> tuple[str | None, np.ndarray]:
+    parts = []
+    for name, shape, dtype in layout:
+        value = payload.get(name)
+        if dtype == "json":
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return f"field {name!r} is not a number", np.empty(0)
+            array = np.asarray([value], dtype=np.float64)
+        else:
+            if not isinstance(value, np.ndarray):
+                return f"field {name!r} is not an array", np.empty(0)
+            if value.shape != shape:
+                return f"field {name!r} has shape {value.shape}, expected {shape}", np.empty(0)
+            if value.dtype.kind != np.dtype(dtype).kind:
+                return (
+                    f"field {name!r} has dtype {value.dtype}, expected {np.dtype(dtype)}",
+                    np.empty(0),
+                )
+            array = value.reshape(-1)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            return f"field {name!r} holds NaN or infinity", np.empty(0)
+        parts.append(array)
+    row = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return None, row.astype(np.float64, copy=False)
+
+
+def _weight(value: Any) -> tuple[str | None, float]:
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "weight is not a number", 0.0
+    if not np.isfinite(value) or value < 0:
+        return f"weight {value!r} is not a finite non-negative number", 0.0
+    return None, float(value)
+
+
+def _summarize(excluded: Mapping[str, str], limit: int = 5) -> str:
+    if not excluded:
+        return "none"
+    items = [f"{node} ({why})" for node, why in list(excluded.items())[:limit]]
+    more = len(excluded) - limit
+    return "; ".join(items) + (f"; and {more} more" if more > 0 else "")

@@ -1,0 +1,33 @@
+"""Where tasks run: NodeApp (the node's task registry), the Engine contract and its engines."""
+
+from __future__ import annotations
+
+from shoal.runtime.app import FETCH_TASK, Guard, NodeApp, TaskContext, TaskFn, kept_value
+from shoal.runtime.engine import (
+    Buffer,
+    DispatchResult,
+    Engine,
+    Failure,
+    FailureKind,
+    Reply,
+    Task,
+)
+from shoal.runtime.local import Faults, LocalEngine
+
+__all__ = [
+    "FETCH_TASK",
+    "Buffer",
+    "DispatchResult",
+    "Engine",
+    "Failure",
+    "FailureKind",
+    "Faults",
+    "Guard",
+    "LocalEngine",
+    "NodeApp",
+    "Reply",
+    "Task",
+    "TaskContext",
+    "TaskFn",
+    "kept_value",
+]

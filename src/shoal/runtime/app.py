@@ -1,0 +1,181 @@
+"""NodeApp: the registry of named tasks a node's owner allows, and how one task is run.
+
+A node never executes code sent by the server: it runs only the functions registered here.
+The runtime's own tasks (``shoal.fetch``) are registered on every app; features such as
+secure aggregation install theirs with :meth:`NodeApp.install`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from shoal.errors import PrivacyBudgetExceeded, ShoalError, TaskError, UnknownTask, WireError
+from shoal.runtime.engine import Buffer
+from shoal.wire import WireLimits, decode, encode
+
+__all__ = ["FETCH_TASK", "KEPT_STATE_KEY", "Guard", "NodeApp", "TaskContext", "TaskFn"]
+
+FETCH_TASK = "shoal.fetch"
+KEPT_STATE_KEY = "shoal.kept"
+
+
+class TaskContext:
+    """What a task sees of its node: its id, private data, persistent state and randomness."""
+
+    __slots__ = ("_rng", "_seed", "data", "node_id", "state", "task_id")
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        data: Any,
+        state: dict[str, Any],
+        task_id: str,
+        seed: int | tuple[int, ...] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.data = data
+        self.state = state
+        self.task_id = task_id
+        self._seed = seed
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """Randomness for learning (shuffling, dropout); deterministic in simulation.
+
+        Not for keys or masks: cryptography draws from the ``cryptography`` package.
+        """
+        if self._rng is None:  # created lazily: most tasks never use it and it costs ~10 us
+            self._rng = np.random.default_rng(self._seed)
+        return self._rng
+
+
+TaskFn = Callable[[TaskContext, dict[str, Any]], Mapping[str, Any] | None]
+# A guard sees each request before its task runs and raises to refuse it
+# (PrivacyBudgetExceeded to decline on the owner's policy).
+Guard = Callable[[str, TaskContext, Mapping[str, Any]], None]
+
+
+class NodeApp:
+    """Tasks a node is willing to run, by name.
+
+    >>> app = NodeApp()
+    >>> @app.task("train")
+    ... def train(ctx, payload):
+    ...     return {"n": len(ctx.data)}
+    """
+
+    def __init__(self, *, max_kept: int = 4, limits: WireLimits | None = None) -> None:
+        if max_kept < 1:
+            raise ValueError("max_kept must be at least 1")
+        self._tasks: dict[str, TaskFn] = {FETCH_TASK: _fetch}
+        self._guards: list[Guard] = []
+        self.max_kept = max_kept
+        self.limits = limits or WireLimits()
+
+    def task(self, name: str) -> Callable[[TaskFn], TaskFn]:
+        """Decorator registering ``fn(ctx, payload) -> payload`` under ``name``."""
+
+        def register(fn: TaskFn) -> TaskFn:
+            self.register(name, fn)
+            return fn
+
+        return register
+
+    def register(self, name: str, fn: TaskFn) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("task names are non-empty strings")
+        if name in self._tasks:
+            raise ValueError(f"a task named {name!r} is already registered")
+        self._tasks[name] = fn
+
+    def install(self, tasks: Mapping[str, TaskFn]) -> None:
+        """Register a feature's node-side tasks (secure aggregation, analytics, ...)."""
+        for name, fn in tasks.items():
+            if self._tasks.get(name) is not fn:
+                self.register(name, fn)
+
+    def add_guard(self, guard: Guard) -> None:
+        self._guards.append(guard)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(self._tasks)
+
+    def handle(
+        self, ctx: TaskContext, name: str, payload: Buffer, *, keep_as: str | None = None
+    ) -> Buffer:
+        """Decode, check, run and encode one task.
+
+        Raises UnknownTask or WireError (the request is rejected), PrivacyBudgetExceeded
+        (declined), or TaskError carrying the task's own exception as text.
+        """
+        fn = self._tasks.get(name)
+        if fn is None:
+            raise UnknownTask(
+                f"node {ctx.node_id!r} has no task named {name!r}; it runs only "
+                f"{sorted(t for t in self._tasks if not t.startswith('shoal.'))}"
+            )
+        args = decode(payload, limits=self.limits)
+        for guard in self._guards:
+            guard(name, ctx, args)
+        try:
+            result = fn(ctx, args)
+        except (PrivacyBudgetExceeded, ShoalError):
+            raise
+        except Exception as exc:  # a task's bug must become a reported failure, not a crash
+            raise TaskError(f"task {name!r} raised {type(exc).__name__}: {exc}") from exc
+        if result is None:
+            result = {}
+        if not isinstance(result, Mapping):
+            raise TaskError(
+                f"task {name!r} returned {type(result).__name__}; tasks return a mapping of "
+                "names to arrays or JSON values"
+            )
+        if keep_as is None:
+            return encode(result, limits=self.limits)
+        return encode(_keep(ctx, keep_as, dict(result), self.max_kept), limits=self.limits)
+
+
+def _keep(ctx: TaskContext, handle: str, result: dict[str, Any], max_kept: int) -> dict[str, Any]:
+    """Hold ``result`` at the node and describe it, without revealing any value."""
+    kept: OrderedDict[str, dict[str, Any]] = ctx.state.setdefault(KEPT_STATE_KEY, OrderedDict())
+    kept[handle] = result
+    while len(kept) > max_kept:
+        kept.popitem(last=False)
+    fields: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, (np.ndarray, np.generic)):
+            array = np.asarray(value)
+            fields[key] = {"dtype": array.dtype.str, "shape": list(array.shape)}
+        else:
+            fields[key] = {"dtype": "json", "shape": []}
+    return {"kept": handle, "fields": fields}
+
+
+def kept_value(ctx: TaskContext, handle: str) -> dict[str, Any]:
+    """The result a node holds under ``handle`` (for node-side tasks such as secure sums)."""
+    kept = ctx.state.get(KEPT_STATE_KEY, {})
+    if handle not in kept:
+        raise TaskError(
+            f"node {ctx.node_id!r} no longer holds value {handle!r}: nodes keep only their "
+            "most recent results, so aggregate a map's output before mapping again many times"
+        )
+    value: dict[str, Any] = kept[handle]
+    return value
+
+
+def _fetch(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    handle, fields = payload.get("handle"), payload.get("fields")
+    if not isinstance(handle, str) or not isinstance(fields, list):
+        raise WireError("shoal.fetch takes {'handle': str, 'fields': [str, ...]}")
+    value = kept_value(ctx, handle)
+    missing = [f for f in fields if f not in value]
+    if missing:
+        raise TaskError(f"value {handle!r} has no field(s) {missing}; it has {sorted(value)}")
+    return {f: value[f] for f in fields}

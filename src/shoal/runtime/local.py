@@ -1,0 +1,276 @@
+"""LocalEngine: thousands of virtual nodes in one process, for simulation and tests.
+
+Nodes are materialized lazily: a node's data comes from a factory (or a sequence) when it
+gets a task, and only a bounded cache of data sets is held. Payloads are wire-encoded both
+ways, exactly as in deployment. Latency is simulated on a virtual clock: a node's time is
+its measured compute plus injected straggler delay, compared against the deadline as if all
+nodes had run in parallel. A task that really hangs is abandoned once the deadline passes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shoal.errors import ConfigError, PrivacyBudgetExceeded, UnknownTask, WireError
+from shoal.runtime.app import NodeApp, TaskContext
+from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+
+__all__ = ["Faults", "LocalEngine"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Faults:
+    """Fault injection for simulated rounds; all draws are deterministic for a seed.
+
+    ``tasks`` limits the faults to those task names (e.g. one phase of secure aggregation);
+    ``nodes`` limits them to those node ids; ``always_drop`` nodes never answer.
+    """
+
+    drop: float = 0.0
+    straggle: float = 0.0
+    straggle_s: float = 10.0
+    error: float = 0.0
+    tasks: frozenset[str] | None = None
+    nodes: frozenset[str] | None = None
+    always_drop: frozenset[str] = frozenset()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("drop", "straggle", "error"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"Faults.{name} is a probability in [0, 1], got {value}")
+        if self.straggle_s < 0:
+            raise ConfigError(f"Faults.straggle_s must be >= 0, got {self.straggle_s}")
+
+    def applies(self, task: Task) -> bool:
+        return (self.tasks is None or task.name in self.tasks) and (
+            self.nodes is None or task.node_id in self.nodes
+        )
+
+
+DataSource = Sequence[Any] | Callable[[str], Any]
+
+
+class LocalEngine:
+    """In-process engine over ``nodes`` virtual nodes.
+
+    ``data`` is a sequence (node i gets ``data[i]``) or a factory ``f(node_id) -> data``
+    called when a node needs its data; at most ``cache_size`` data sets are kept.
+    """
+
+    def __init__(
+        self,
+        app: NodeApp,
+        *,
+        data: DataSource | None = None,
+        nodes: int | Sequence[str] | None = None,
+        workers: int = 1,
+        seed: int = 0,
+        faults: Faults | None = None,
+        cache_size: int = 256,
+    ) -> None:
+        if nodes is None:
+            if data is None or callable(data):
+                raise ConfigError("give LocalEngine nodes=N (or a sequence of per-node data)")
+            nodes = len(data)
+        self._ids: tuple[str, ...] = (
+            tuple(f"n{i}" for i in range(nodes)) if isinstance(nodes, int) else tuple(nodes)
+        )
+        if not self._ids:
+            raise ConfigError("a federation needs at least one node")
+        if len(set(self._ids)) != len(self._ids):
+            raise ConfigError("node ids must be unique")
+        if data is not None and not callable(data) and len(data) != len(self._ids):
+            raise ConfigError(f"{len(data)} data sets for {len(self._ids)} nodes")
+        if workers < 1:
+            raise ConfigError("workers must be at least 1")
+        self.app = app
+        self.faults = faults
+        self.workers = workers
+        self._seed = seed
+        self._data = data
+        self._index = {node_id: i for i, node_id in enumerate(self._ids)}
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_size = cache_size
+        self._states: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._dispatches = 0
+        self._offline: set[str] = set()
+
+    def node_ids(self) -> Sequence[str]:
+        return tuple(i for i in self._ids if i not in self._offline) if self._offline else self._ids
+
+    def set_offline(self, node_ids: Collection[str], offline: bool = True) -> None:
+        """Take nodes out of (or back into) the federation, as if they disconnected."""
+        if offline:
+            self._offline.update(node_ids)
+        else:
+            self._offline.difference_update(node_ids)
+
+    def close(self) -> None:
+        self._cache.clear()
+
+    def node_state(self, node_id: str) -> dict[str, Any]:
+        """A node's persistent state (tests and debugging only: servers never see it)."""
+        return self._states.setdefault(node_id, {})
+
+    def _node_data(self, node_id: str) -> Any:
+        if self._data is None:
+            return None
+        if not callable(self._data):
+            return self._data[self._index[node_id]]
+        with self._lock:
+            if node_id in self._cache:
+                self._cache.move_to_end(node_id)
+                return self._cache[node_id]
+        value = self._data(node_id)
+        with self._lock:
+            self._cache[node_id] = value
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return value
+
+    def dispatch(self, tasks: Sequence[Task], *, deadline_s: float) -> DispatchResult:
+        if deadline_s <= 0:
+            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
+        seen: set[str] = set()
+        for task in tasks:
+            if task.node_id not in self._index:
+                raise ConfigError(f"no node {task.node_id!r} in this federation")
+            if task.node_id in seen:
+                raise ConfigError(f"node {task.node_id!r} got two tasks in one dispatch")
+            seen.add(task.node_id)
+        self._dispatches += 1
+        draws = self._draw_faults(len(tasks))
+        replies: dict[str, Reply] = {}
+        failures: dict[str, Failure] = {}
+        runnable: list[tuple[Task, float]] = []
+        for i, task in enumerate(tasks):
+            delay, failure = self._inject(task, draws[i], deadline_s)
+            if failure is not None:
+                failures[task.node_id] = failure
+            else:
+                runnable.append((task, delay))
+        if runnable:
+            self._run_all(runnable, deadline_s, replies, failures)
+        return DispatchResult(replies=replies, failures=failures)
+
+    def _draw_faults(self, n: int) -> np.ndarray:
+        if self.faults is None or n == 0:
+            return np.zeros((n, 3))
+        rng = np.random.default_rng([self.faults.seed, self._seed, self._dispatches])
+        return rng.random((n, 3))
+
+    def _inject(
+        self, task: Task, draw: np.ndarray, deadline_s: float
+    ) -> tuple[float, Failure | None]:
+        if task.node_id in self._offline:
+            return 0.0, _failure(task, FailureKind.DROPPED, "node is offline")
+        faults = self.faults
+        if faults is None or not faults.applies(task):
+            return 0.0, None
+        if task.node_id in faults.always_drop or draw[0] < faults.drop:
+            return 0.0, _failure(task, FailureKind.DROPPED, "simulated dropout")
+        if draw[2] < faults.error:
+            return 0.0, _failure(task, FailureKind.ERROR, "simulated task error")
+        delay = faults.straggle_s if draw[1] < faults.straggle else 0.0
+        if delay >= deadline_s:
+            return 0.0, _failure(
+                task, FailureKind.TIMEOUT, f"simulated straggler ({delay:.3g} s > deadline)"
+            )
+        return delay, None
+
+    def _run_one(self, task: Task, delay: float, deadline_s: float) -> Reply | Failure:
+        index = self._index[task.node_id]
+        ctx = TaskContext(
+            node_id=task.node_id,
+            data=self._node_data(task.node_id),
+            state=self._states.setdefault(task.node_id, {}),
+            task_id=task.task_id,
+            seed=(self._seed, index, self._dispatches),
+        )
+        start = time.perf_counter()
+        try:
+            payload = self.app.handle(ctx, task.name, task.payload, keep_as=task.keep_as)
+        except PrivacyBudgetExceeded as exc:
+            return _failure(task, FailureKind.DECLINED, str(exc))
+        except (UnknownTask, WireError) as exc:
+            return _failure(task, FailureKind.REJECTED, str(exc))
+        except Exception as exc:  # any task failure is the node's, never the engine's
+            return _failure(task, FailureKind.ERROR, str(exc) or type(exc).__name__)
+        elapsed = time.perf_counter() - start + delay
+        if elapsed > deadline_s:
+            return _failure(
+                task, FailureKind.TIMEOUT, f"answered after {elapsed:.3g} s (deadline {deadline_s})"
+            )
+        return Reply(node_id=task.node_id, task_id=task.task_id, payload=payload, elapsed_s=elapsed)
+
+    def _run_all(
+        self,
+        runnable: list[tuple[Task, float]],
+        deadline_s: float,
+        replies: dict[str, Reply],
+        failures: dict[str, Failure],
+    ) -> None:
+        """Run tasks on worker threads, abandoning any single task that outlives the deadline."""
+        results: dict[int, Reply | Failure] = {}
+        started: dict[int, float] = {}
+        next_index = [0]
+        cond = threading.Condition()
+        abandoned: set[int] = set()
+
+        def worker() -> None:
+            while True:
+                with cond:
+                    i = next_index[0]
+                    if i >= len(runnable):
+                        return
+                    next_index[0] += 1
+                    started[i] = time.monotonic()
+                task, delay = runnable[i]
+                outcome = self._run_one(task, delay, deadline_s)
+                with cond:
+                    if i in abandoned:
+                        return  # a replacement worker carries on; this result arrived too late
+                    results[i] = outcome
+                    del started[i]
+                    if len(results) == len(runnable):
+                        cond.notify_all()
+
+        def start_worker() -> None:
+            threading.Thread(target=worker, daemon=True, name="shoal-local-node").start()
+
+        for _ in range(min(self.workers, len(runnable))):
+            start_worker()
+        with cond:
+            while len(results) < len(runnable):
+                cond.wait(timeout=min(0.05, deadline_s))
+                now = time.monotonic()
+                for i, t0 in list(started.items()):
+                    if now - t0 > deadline_s and i not in abandoned:
+                        abandoned.add(i)
+                        del started[i]
+                        task = runnable[i][0]
+                        results[i] = _failure(
+                            task, FailureKind.TIMEOUT, f"no answer within {deadline_s} s"
+                        )
+                        if len(results) == len(runnable):
+                            break
+                        start_worker()
+        for outcome in results.values():
+            if isinstance(outcome, Reply):
+                replies[outcome.node_id] = outcome
+            else:
+                failures[outcome.node_id] = outcome
+
+
+def _failure(task: Task, kind: FailureKind, detail: str) -> Failure:
+    return Failure(node_id=task.node_id, task_id=task.task_id, kind=kind, detail=detail)

@@ -1,0 +1,315 @@
+"""Encode payloads (names -> NumPy arrays or JSON values) to bytes and back, without pickle.
+
+Layout: ``b"SHWL"``, a version byte, three zero bytes, a little-endian u32 header length,
+a UTF-8 JSON header, then the raw little-endian bytes of each array at 64-byte aligned
+offsets. Decoding returns read-only NumPy views into the input buffer (zero-copy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from shoal.errors import WireError
+
+__all__ = [
+    "DTYPES",
+    "VERSION",
+    "JsonValue",
+    "Payload",
+    "WireLimits",
+    "decode",
+    "encode",
+    "encoded_size",
+]
+
+MAGIC = b"SHWL"
+VERSION = 1
+_PREFIX = struct.Struct("<4sB3sI")
+_ALIGN = 64
+_LARGE = 1 << 20  # above this, assemble in a NumPy buffer
+
+JsonValue = Union[  # noqa: UP007 (recursive alias)
+    None, bool, int, float, str, list["JsonValue"], dict[str, "JsonValue"]
+]
+Payload = Mapping[str, Any]
+
+# Only plain numeric dtypes cross the wire; object, string, void and datetime arrays never do.
+DTYPES: dict[str, np.dtype[Any]] = {
+    str(np.dtype(name).newbyteorder("<").str): np.dtype(name).newbyteorder("<")
+    for name in (
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    )
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WireLimits:
+    """Bounds a decoder enforces before it trusts anything in a message."""
+
+    max_bytes: int = 1 << 36  # 64 GiB: large models are streamed in chunks by transports
+    max_items: int = 4096
+    max_ndim: int = 32
+    max_name_chars: int = 256
+    max_header_bytes: int = 16 << 20
+    max_string_chars: int = 1 << 20
+    max_json_depth: int = 32
+
+
+DEFAULT_LIMITS = WireLimits()
+
+
+def _pad(n: int) -> int:
+    return (-n) % _ALIGN
+
+
+def _check_name(name: object, limits: WireLimits) -> str:
+    if not isinstance(name, str) or not name:
+        raise WireError(f"payload names must be non-empty strings, got {name!r}")
+    if len(name) > limits.max_name_chars:
+        raise WireError(
+            f"payload name {name[:40]!r}... is {len(name)} characters; "
+            f"the limit is {limits.max_name_chars}"
+        )
+    return name
+
+
+def _check_json(value: object, limits: WireLimits, depth: int = 0) -> None:
+    if depth > limits.max_json_depth:
+        raise WireError(f"JSON value nested deeper than {limits.max_json_depth} levels")
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, float):
+        return
+    if isinstance(value, str):
+        if len(value) > limits.max_string_chars:
+            raise WireError(
+                f"string of {len(value)} characters exceeds the limit of "
+                f"{limits.max_string_chars}; send large data as a uint8 array"
+            )
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_json(item, limits, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise WireError(f"JSON object keys must be strings, got {key!r}")
+            _check_json(key, limits, depth + 1)
+            _check_json(item, limits, depth + 1)
+        return
+    raise WireError(
+        f"cannot send a {type(value).__name__} over the wire: payload values must be NumPy "
+        "arrays of numeric dtypes or JSON values (None, bool, int, float, str, list, dict)"
+    )
+
+
+def _as_wire_array(name: str, value: np.ndarray | np.generic, limits: WireLimits) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    key = array.dtype.str
+    if key not in DTYPES:
+        raise WireError(
+            f"array {name!r} has dtype {array.dtype}, which the wire format refuses; "
+            f"use one of: bool, int8..int64, uint8..uint64, float16/32/64, complex64/128"
+        )
+    if array.ndim > limits.max_ndim:
+        raise WireError(f"array {name!r} has {array.ndim} dimensions; limit {limits.max_ndim}")
+    # np.ascontiguousarray would turn a 0-d array into a 1-d one.
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryview:
+    """Encode ``payload`` to a read-only bytes-like view; array data is copied exactly once.
+
+    Large payloads are assembled in a NumPy buffer, which copies at memory speed where
+    building a Python ``bytes`` object of the same size is several times slower.
+    """
+    if not isinstance(payload, Mapping):
+        raise WireError(f"a payload is a mapping of names to values, got {type(payload).__name__}")
+    if len(payload) > limits.max_items:
+        raise WireError(f"payload has {len(payload)} items; the limit is {limits.max_items}")
+    arrays: list[tuple[str, np.ndarray]] = []
+    scalars: dict[str, Any] = {}
+    for name, value in payload.items():
+        _check_name(name, limits)
+        if isinstance(value, (np.ndarray, np.generic)):
+            arrays.append((name, _as_wire_array(name, value, limits)))
+        else:
+            _check_json(value, limits)
+            scalars[name] = value
+    entries = []
+    offset = 0
+    for name, array in arrays:
+        entries.append([name, array.dtype.str, list(array.shape), offset, array.nbytes])
+        offset += array.nbytes + _pad(array.nbytes)
+    data_len = offset
+    try:
+        header = json.dumps(
+            {"a": entries, "j": scalars, "n": data_len}, separators=(",", ":"), allow_nan=True
+        ).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise WireError(f"payload JSON values cannot be encoded: {exc}") from None
+    if len(header) > limits.max_header_bytes:
+        raise WireError(
+            f"payload header is {len(header)} bytes (JSON values and array names); the limit "
+            f"is {limits.max_header_bytes}: send bulky values as arrays"
+        )
+    head_len = _PREFIX.size + len(header)
+    total = head_len + _pad(head_len) + data_len
+    if total > limits.max_bytes:
+        raise WireError(f"payload is {total} bytes; the limit is {limits.max_bytes}")
+    prefix = _PREFIX.pack(MAGIC, VERSION, b"\0\0\0", len(header))
+    if total < _LARGE:
+        parts: list[bytes | memoryview] = [prefix, header, bytes(_pad(head_len))]
+        for _, array in arrays:
+            parts.append(array.reshape(-1).view(np.uint8).data)
+            parts.append(bytes(_pad(array.nbytes)))
+        return memoryview(b"".join(parts))
+    buffer = np.empty(total, dtype=np.uint8)
+    buffer[: _PREFIX.size] = np.frombuffer(prefix, dtype=np.uint8)
+    buffer[_PREFIX.size : head_len] = np.frombuffer(header, dtype=np.uint8)
+    position = head_len + _pad(head_len)
+    buffer[head_len:position] = 0
+    for _, array in arrays:
+        end = position + array.nbytes
+        buffer[position:end] = array.reshape(-1).view(np.uint8)
+        position = end + _pad(array.nbytes)
+        buffer[end:position] = 0
+    buffer.flags.writeable = False
+    return buffer.data
+
+
+def encoded_size(data: bytes | bytearray | memoryview) -> int:
+    """Length of an encoded payload (a convenience for transports and metrics)."""
+    return memoryview(data).nbytes
+
+
+def decode(
+    data: bytes | bytearray | memoryview, *, limits: WireLimits = DEFAULT_LIMITS
+) -> dict[str, Any]:
+    """Decode bytes made by :func:`encode`; raise :class:`WireError` on anything else."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise WireError(f"expected bytes, got {type(data).__name__}") from None
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    try:
+        return _decode(view, limits)
+    except WireError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+        # Defence in depth: every check below should fire first, but a decoder must never
+        # leak another exception type to a server handling hostile bytes.
+        raise WireError(f"malformed payload: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(view: memoryview, limits: WireLimits) -> dict[str, Any]:
+    size = view.nbytes
+    if size > limits.max_bytes:
+        raise WireError(f"payload is {size} bytes; the limit is {limits.max_bytes}")
+    if size < _PREFIX.size:
+        raise WireError(f"payload is {size} bytes, shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, reserved, header_len = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise WireError("not a shoal payload (bad magic bytes); was it encoded with shoal.wire?")
+    if version != VERSION:
+        raise WireError(
+            f"payload wire version {version} is not supported (this shoal speaks version "
+            f"{VERSION}); upgrade the older side"
+        )
+    if reserved != b"\0\0\0":
+        raise WireError("reserved prefix bytes are not zero")
+    if header_len > limits.max_header_bytes:
+        raise WireError(f"header of {header_len} bytes exceeds {limits.max_header_bytes}")
+    head_end = _PREFIX.size + header_len
+    if head_end > size:
+        raise WireError("payload truncated inside its header")
+    try:
+        header = json.loads(bytes(view[_PREFIX.size : head_end]).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise WireError("payload header is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise WireError(f"payload header is not valid JSON: {exc.msg}") from None
+    if not isinstance(header, dict) or set(header) != {"a", "j", "n"}:
+        raise WireError("payload header must be an object with keys 'a', 'j' and 'n'")
+    entries, scalars, data_len = header["a"], header["j"], header["n"]
+    if not isinstance(entries, list) or not isinstance(scalars, dict):
+        raise WireError("payload header fields 'a' (list) and 'j' (object) have wrong types")
+    if type(data_len) is not int or data_len < 0:
+        raise WireError("payload header field 'n' must be a non-negative integer")
+    if len(entries) + len(scalars) > limits.max_items:
+        raise WireError(f"payload has more than {limits.max_items} items")
+    data_start = head_end + _pad(head_end)
+    if data_start + data_len != size:
+        raise WireError(
+            f"payload length {size} does not match its header ({data_start + data_len}); "
+            "it was truncated or has trailing bytes"
+        )
+    out: dict[str, Any] = {}
+    end_of_previous = 0
+    for entry in entries:
+        name, array = _decode_array(entry, view, data_start, data_len, end_of_previous, limits)
+        if name in out:
+            raise WireError(f"payload names {name!r} twice")
+        out[name] = array
+        end_of_previous = entry[3] + entry[4]
+    for name, value in scalars.items():
+        _check_name(name, limits)
+        _check_json(value, limits)
+        if name in out:
+            raise WireError(f"payload names {name!r} twice")
+        out[name] = value
+    return out
+
+
+def _decode_array(
+    entry: object,
+    view: memoryview,
+    data_start: int,
+    data_len: int,
+    min_offset: int,
+    limits: WireLimits,
+) -> tuple[str, np.ndarray]:
+    if not isinstance(entry, list) or len(entry) != 5:
+        raise WireError("array entries must be [name, dtype, shape, offset, nbytes]")
+    name, dtype_key, shape, offset, nbytes = entry
+    _check_name(name, limits)
+    dtype = DTYPES.get(dtype_key) if isinstance(dtype_key, str) else None
+    if dtype is None:
+        raise WireError(f"array {name!r} has dtype {dtype_key!r}, which is not allowed")
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+        raise WireError(f"array {name!r} shape must be a list of at most {limits.max_ndim} ints")
+    if not all(type(dim) is int and dim >= 0 for dim in shape):
+        raise WireError(f"array {name!r} shape {shape!r} must hold non-negative integers")
+    if type(offset) is not int or type(nbytes) is not int:
+        raise WireError(f"array {name!r} offset and size must be integers")
+    if nbytes != math.prod(shape) * dtype.itemsize:
+        raise WireError(f"array {name!r}: {nbytes} bytes do not match shape {shape} and dtype")
+    if offset < min_offset or offset % _ALIGN or offset + nbytes > data_len:
+        raise WireError(f"array {name!r} lies outside the payload or overlaps another")
+    start = data_start + offset
+    array = np.frombuffer(view[start : start + nbytes], dtype=dtype).reshape(shape)
+    return name, array
