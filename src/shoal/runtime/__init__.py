@@ -13,10 +13,12 @@ from shoal.runtime.engine import (
     Task,
 )
 from shoal.runtime.local import Faults, LocalEngine
+from shoal.runtime.store import Checkpoint, RoundRecord, RunRecord, Store
 
 __all__ = [
     "FETCH_TASK",
     "Buffer",
+    "Checkpoint",
     "DispatchResult",
     "Engine",
     "Failure",
@@ -26,6 +28,9 @@ __all__ = [
     "LocalEngine",
     "NodeApp",
     "Reply",
+    "RoundRecord",
+    "RunRecord",
+    "Store",
     "Task",
     "TaskContext",
     "TaskFn",

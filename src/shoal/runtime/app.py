@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from shoal.errors import PrivacyBudgetExceeded, ShoalError, TaskError, UnknownTask, WireError
+from shoal.errors import (
+    ConfigError,
+    PrivacyBudgetExceeded,
+    ShoalError,
+    TaskError,
+    UnknownTask,
+    WireError,
+)
 from shoal.runtime.engine import Buffer
 from shoal.wire import WireLimits, decode, encode
 
@@ -72,7 +79,7 @@ class NodeApp:
 
     def __init__(self, *, max_kept: int = 4, limits: WireLimits | None = None) -> None:
         if max_kept < 1:
-            raise ValueError("max_kept must be at least 1")
+            raise ConfigError(f"NodeApp(max_kept) must be at least 1, got {max_kept}")
         self._tasks: dict[str, TaskFn] = {FETCH_TASK: _fetch}
         self._guards: list[Guard] = []
         self.max_kept = max_kept
@@ -89,9 +96,11 @@ class NodeApp:
 
     def register(self, name: str, fn: TaskFn) -> None:
         if not isinstance(name, str) or not name:
-            raise ValueError("task names are non-empty strings")
+            raise ConfigError(f"task names are non-empty strings, got {name!r}")
         if name in self._tasks:
-            raise ValueError(f"a task named {name!r} is already registered")
+            raise ConfigError(
+                f"a task named {name!r} is already registered; give each task its own name"
+            )
         self._tasks[name] = fn
 
     def install(self, tasks: Mapping[str, TaskFn]) -> None:
@@ -137,9 +146,13 @@ class NodeApp:
                 f"task {name!r} returned {type(result).__name__}; tasks return a mapping of "
                 "names to arrays or JSON values"
             )
-        if keep_as is None:
-            return encode(result, limits=self.limits)
-        return encode(_keep(ctx, keep_as, dict(result), self.max_kept), limits=self.limits)
+        try:
+            if keep_as is None:
+                return encode(result, limits=self.limits)
+            return encode(_keep(ctx, keep_as, dict(result), self.max_kept), limits=self.limits)
+        except WireError as exc:
+            # The request was fine; the task's own result is what cannot travel.
+            raise TaskError(f"task {name!r} returned a value the wire refuses: {exc}") from None
 
 
 def _keep(ctx: TaskContext, handle: str, result: dict[str, Any], max_kept: int) -> dict[str, Any]:

@@ -92,6 +92,8 @@ class LocalEngine:
             raise ConfigError(f"{len(data)} data sets for {len(self._ids)} nodes")
         if workers < 1:
             raise ConfigError("workers must be at least 1")
+        if cache_size < 0:
+            raise ConfigError(f"cache_size must be >= 0, got {cache_size}")
         self.app = app
         self.faults = faults
         self.workers = workers
@@ -190,9 +192,17 @@ class LocalEngine:
 
     def _run_one(self, task: Task, delay: float, deadline_s: float) -> Reply | Failure:
         index = self._index[task.node_id]
+        try:
+            data = self._node_data(task.node_id)
+        except Exception as exc:  # the node's data failed to load: that node fails, not the run
+            return _failure(
+                task,
+                FailureKind.ERROR,
+                f"loading the node's data raised {type(exc).__name__}: {exc}",
+            )
         ctx = TaskContext(
             node_id=task.node_id,
-            data=self._node_data(task.node_id),
+            data=data,
             state=self._states.setdefault(task.node_id, {}),
             task_id=task.task_id,
             seed=(self._seed, index, self._dispatches),

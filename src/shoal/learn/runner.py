@@ -1,0 +1,185 @@
+"""Drive an algorithm for its rounds on any Federation: evaluate, record, checkpoint, resume.
+
+The same Trainer runs a simulation (LocalEngine) and a deployment (GrpcEngine); every round
+is recorded in the Store with its checkpoint in one transaction, so a run interrupted at any
+point resumes from its last completed round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shoal.core import Federation
+from shoal.errors import StoreError
+from shoal.learn.algorithms import Algorithm, ServerState
+from shoal.learn.model import Model, Weights
+from shoal.learn.tasks import EVALUATE, prefixed
+from shoal.runtime.store import Store
+
+__all__ = ["RoundReport", "Trainer", "TrainingResult"]
+
+_STATUS = {"rejected": "error", "invalid": "error"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundReport:
+    round: int
+    train_loss: float
+    participants: int
+    failed: int
+    wall_s: float
+    accuracy: float | None = None
+    loss: float | None = None
+    federated_accuracy: float | None = None
+    federated_loss: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        out.update(self.extra)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingResult:
+    metrics: dict[str, Any]
+    history: list[RoundReport]
+    weights: Weights
+    state: ServerState
+    run_id: str | None
+
+
+class Trainer:
+    """Runs ``algorithm`` on ``federation`` and evaluates ``model`` on the server's test set."""
+
+    def __init__(
+        self,
+        *,
+        federation: Federation,
+        algorithm: Algorithm,
+        model: Model,
+        test: Any | None = None,
+        store: Store | None = None,
+        run_name: str = "run",
+        config: Mapping[str, Any] | None = None,
+        federated_eval_every: int = 0,
+        seed: int = 0,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> None:
+        self.federation = federation
+        self.algorithm = algorithm
+        self.model = model
+        self.test = test
+        self.store = store
+        self.run_name = run_name
+        self.config = dict(config or {})
+        self.federated_eval_every = federated_eval_every
+        self.seed = seed
+        self.on_round = on_round
+        self._evaluator = model.clone()
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        if self.test is None:
+            return {}
+        self._evaluator.set_weights(weights)
+        return self._evaluator.evaluate(self.test)
+
+    def federated_evaluate(self, weights: Weights) -> dict[str, float]:
+        group = self.federation.all()
+        out = group.map(EVALUATE, group.broadcast(**prefixed("w", weights)))
+        return {
+            "federated_accuracy": float(out["accuracy"].mean(weights=out["n"])),
+            "federated_loss": float(out["loss"].mean(weights=out["n"])),
+        }
+
+    def _start(self, resume: str | None) -> tuple[ServerState, str | None]:
+        if resume is None:
+            state = self.algorithm.init(self.model.get_weights())
+            run_id = None
+            if self.store is not None:
+                run_id = self.store.create_run(name=self.run_name, config=self.config)
+            return state, run_id
+        if self.store is None:
+            raise StoreError("resuming a run needs a store")
+        self.store.mark_interrupted(resume)
+        self.store.resume_run(resume)
+        try:
+            checkpoint = self.store.load_checkpoint(resume)
+        except StoreError:  # interrupted before its first round: start it afresh
+            return self.algorithm.init(self.model.get_weights()), resume
+        return ServerState.from_arrays(checkpoint.round, checkpoint.arrays), resume
+
+    def run(self, *, resume: str | None = None) -> TrainingResult:
+        state, run_id = self._start(resume)
+        history: list[RoundReport] = []
+        if run_id is not None and self.store is not None and resume is not None:
+            history = [_report_from(r.metrics, r.round) for r in self.store.round_metrics(run_id)]
+        try:
+            while state.round < self.algorithm.rounds:
+                report, state = self._round(state, run_id)
+                history.append(report)
+        except BaseException as exc:
+            if self.store is not None and run_id is not None:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                self.store.finish_run(run_id, status=status, summary={"error": str(exc)})
+            raise
+        final = history[-1].metrics() if history else {}
+        if self.store is not None and run_id is not None:
+            self.store.finish_run(run_id, status="finished", summary=final)
+        return TrainingResult(
+            metrics=final, history=history, weights=state.weights, state=state, run_id=run_id
+        )
+
+    def _round(self, state: ServerState, run_id: str | None) -> tuple[RoundReport, ServerState]:
+        started = time.time()
+        t0 = time.perf_counter()
+        result = self.algorithm.round(
+            self.federation, state, seed=self.seed * 1_000_003 + state.round
+        )
+        new_state = result.state
+        evaluation = self.evaluate(new_state.weights)
+        if self.federated_eval_every and new_state.round % self.federated_eval_every == 0:
+            evaluation.update(self.federated_evaluate(new_state.weights))
+        report = RoundReport(
+            round=new_state.round,
+            train_loss=result.train_loss,
+            participants=len(result.participants),
+            failed=len(result.failures),
+            wall_s=time.perf_counter() - t0,
+            accuracy=evaluation.get("accuracy"),
+            loss=evaluation.get("loss"),
+            federated_accuracy=evaluation.get("federated_accuracy"),
+            federated_loss=evaluation.get("federated_loss"),
+        )
+        if self.store is not None and run_id is not None:
+            participants = dict.fromkeys(result.participants, "ok")
+            details = {}
+            for node, reason in result.failures.items():
+                kind = reason.split(":", 1)[0]
+                participants[node] = _STATUS.get(kind, kind)
+                details[node] = reason
+            self.store.record_round(
+                run_id,
+                new_state.round,
+                metrics=report.metrics(),
+                participants=participants,
+                details=details,
+                checkpoint=new_state.to_arrays(),
+                started_at=started,
+            )
+        if self.on_round is not None:
+            self.on_round(report)
+        return report, new_state
+
+
+def _report_from(metrics: Mapping[str, Any], round_num: int) -> RoundReport:
+    known = {k: metrics[k] for k in RoundReport.__dataclass_fields__ if k in metrics}
+    known.setdefault("train_loss", float("nan"))
+    known.setdefault("participants", 0)
+    known.setdefault("failed", 0)
+    known.setdefault("wall_s", 0.0)
+    known["round"] = round_num
+    return RoundReport(**known)

@@ -1,0 +1,77 @@
+"""``simulate()``: train a model across simulated nodes in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from shoal.core import Federation
+from shoal.data import Dataset, split_holdout
+from shoal.errors import ConfigError
+from shoal.learn.algorithms import Algorithm
+from shoal.learn.model import Model
+from shoal.learn.runner import RoundReport, Trainer, TrainingResult
+from shoal.learn.tasks import LocalData, learning_app
+from shoal.runtime import Faults, LocalEngine, NodeApp
+from shoal.runtime.store import Store
+
+__all__ = ["simulate"]
+
+
+def simulate(
+    *,
+    model: Model,
+    nodes: Sequence[Any],
+    algorithm: Algorithm,
+    test: Dataset | None = None,
+    holdout: float = 0.0,
+    federated_eval_every: int = 0,
+    seed: int = 0,
+    min_nodes: int = 1,
+    deadline_s: float = 600.0,
+    faults: Faults | None = None,
+    workers: int = 1,
+    app: NodeApp | None = None,
+    store: Store | None = None,
+    run_name: str = "simulation",
+    config: Mapping[str, Any] | None = None,
+    resume: str | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+) -> TrainingResult:
+    """Train ``model`` with ``algorithm`` across ``nodes`` (one data set per node).
+
+    ``holdout`` keeps that fraction of each node's data for federated evaluation (every
+    ``federated_eval_every`` rounds); ``test`` is the server's own test set.
+    """
+    if len(nodes) == 0:
+        raise ConfigError("simulate needs at least one node's data")
+    if not 0.0 <= holdout < 1.0:
+        raise ConfigError(f"holdout is a fraction in [0, 1), got {holdout}")
+    node_data: Sequence[Any] = nodes
+    if holdout > 0:
+        node_data = [_holdout(part, holdout, seed + i) for i, part in enumerate(nodes)]
+    engine = LocalEngine(
+        learning_app(model, app=app), data=node_data, seed=seed, faults=faults, workers=workers
+    )
+    federation = Federation(engine, min_nodes=min_nodes, deadline_s=deadline_s, seed=seed)
+    trainer = Trainer(
+        federation=federation,
+        algorithm=algorithm,
+        model=model,
+        test=test,
+        store=store,
+        run_name=run_name,
+        config=config,
+        federated_eval_every=federated_eval_every,
+        seed=seed,
+        on_round=on_round,
+    )
+    try:
+        return trainer.run(resume=resume)
+    finally:
+        engine.close()
+
+
+def _holdout(part: Dataset, fraction: float, seed: int) -> LocalData:
+    train, test = split_holdout(part, fraction=fraction, seed=seed)
+    return LocalData(train=train, test=test)

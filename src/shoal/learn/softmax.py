@@ -1,0 +1,121 @@
+"""A NumPy softmax (multinomial logistic) regression: the built-in model, no extras needed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from shoal.errors import ConfigError, DataError
+from shoal.learn.model import FitConfig, FitResult, Weights
+
+__all__ = ["SoftmaxRegression", "softmax_cross_entropy"]
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean cross-entropy, its gradient w.r.t. the logits, and the predicted probabilities."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    probs = exp / exp.sum(axis=1, keepdims=True)
+    rows = np.arange(len(labels))
+    loss = float(-np.log(np.maximum(probs[rows, labels], 1e-12)).mean())
+    grad = probs.copy()
+    grad[rows, labels] -= 1.0
+    grad /= len(labels)
+    return loss, grad, probs
+
+
+class SoftmaxRegression:
+    """Linear classifier ``softmax(x @ W + b)`` trained by minibatch SGD."""
+
+    def __init__(self, *, features: int, classes: int, l2: float = 0.0) -> None:
+        if features < 1 or classes < 2:
+            raise ConfigError("SoftmaxRegression needs features >= 1 and classes >= 2")
+        if l2 < 0:
+            raise ConfigError("l2 must be >= 0")
+        self.features = features
+        self.classes = classes
+        self.l2 = l2
+        self.W = np.zeros((features, classes))
+        self.b = np.zeros(classes)
+
+    def __repr__(self) -> str:
+        return f"SoftmaxRegression(features={self.features}, classes={self.classes})"
+
+    def clone(self) -> SoftmaxRegression:
+        return SoftmaxRegression(features=self.features, classes=self.classes, l2=self.l2)
+
+    def get_weights(self) -> Weights:
+        return {"W": self.W.copy(), "b": self.b.copy()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        for name, current in (("W", self.W), ("b", self.b)):
+            value = weights.get(name)
+            if value is None or np.shape(value) != current.shape:
+                raise ConfigError(
+                    f"weights[{name!r}] must have shape {current.shape}, got "
+                    f"{None if value is None else np.shape(value)}"
+                )
+        self.W = np.array(weights["W"], dtype=np.float64)
+        self.b = np.array(weights["b"], dtype=np.float64)
+
+    def _xy(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(data.x, dtype=np.float64).reshape(len(data.x), -1)
+        y = np.asarray(data.y)
+        if x.shape[1] != self.features:
+            raise DataError(f"model expects {self.features} features, the data has {x.shape[1]}")
+        if len(y) and (y.min() < 0 or y.max() >= self.classes):
+            raise DataError(f"labels must lie in [0, {self.classes}), got {y.min()}..{y.max()}")
+        return x, y
+
+    def fit(self, data: Any, *, config: FitConfig, rng: np.random.Generator) -> FitResult:
+        x, y = self._xy(data)
+        n = len(y)
+        if n == 0:
+            raise DataError("cannot train on an empty data set")
+        W, b = self.W, self.b
+        center = config.prox_center
+        correction = config.correction
+        steps = 0
+        losses: list[float] = []
+        for _ in range(config.epochs):
+            order = rng.permutation(n)
+            for start in range(0, n, config.batch_size):
+                idx = order[start : start + config.batch_size]
+                loss, grad_logits, _ = softmax_cross_entropy(x[idx] @ W + b, y[idx])
+                grad_W = x[idx].T @ grad_logits + self.l2 * W
+                grad_b = grad_logits.sum(axis=0)
+                if config.prox_mu and center is not None:
+                    grad_W = grad_W + config.prox_mu * (W - center["W"])
+                    grad_b = grad_b + config.prox_mu * (b - center["b"])
+                if correction is not None:
+                    grad_W = grad_W + correction["W"]
+                    grad_b = grad_b + correction["b"]
+                W = W - config.lr * grad_W
+                b = b - config.lr * grad_b
+                losses.append(loss)
+                steps += 1
+                if config.max_steps is not None and steps >= config.max_steps:
+                    break
+            if config.max_steps is not None and steps >= config.max_steps:
+                break
+        self.W, self.b = W, b
+        recent = losses[-max(1, -(-n // config.batch_size)) :]
+        return FitResult(examples=n, steps=steps, loss=float(np.mean(recent)))
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        logits = np.asarray(x, dtype=np.float64).reshape(len(x), -1) @ self.W + self.b
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        probs: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+        return probs
+
+    def evaluate(self, data: Any) -> dict[str, float]:
+        x, y = self._xy(data)
+        if len(y) == 0:
+            raise DataError("cannot evaluate on an empty data set")
+        loss, _, probs = softmax_cross_entropy(x @ self.W + self.b, y)
+        return {"loss": loss, "accuracy": float((probs.argmax(axis=1) == y).mean())}

@@ -1,0 +1,125 @@
+"""The node side of federated learning: the ``train`` and ``evaluate`` tasks for a model.
+
+A node's owner builds its NodeApp with :func:`learning_app` from the same model
+description the job names; the server sends weights and hyper-parameters, never code.
+Payload names: ``w/<name>`` weights in, ``d/<name>`` weight deltas out, ``c/<name>`` and
+``dc/<name>`` SCAFFOLD control variates.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shoal.errors import DataError
+from shoal.learn.model import FitConfig, Model, Weights
+from shoal.runtime import NodeApp, TaskContext, TaskFn
+
+__all__ = [
+    "EVALUATE",
+    "TRAIN",
+    "LocalData",
+    "learning_app",
+    "learning_tasks",
+    "prefixed",
+    "unprefixed",
+]
+
+TRAIN = "shoal.learn.train"
+EVALUATE = "shoal.learn.evaluate"
+SCAFFOLD_STATE = "shoal.learn.scaffold_c"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalData:
+    """A node's data: what it trains on and, optionally, what it evaluates on."""
+
+    train: Any
+    test: Any | None = None
+
+
+def prefixed(prefix: str, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{prefix}/{name}": value for name, value in weights.items()}
+
+
+def unprefixed(prefix: str, payload: Mapping[str, Any]) -> Weights:
+    start = prefix + "/"
+    return {k[len(start) :]: v for k, v in payload.items() if k.startswith(start)}
+
+
+def _split(data: Any) -> tuple[Any, Any]:
+    if isinstance(data, LocalData):
+        return data.train, data.test if data.test is not None else data.train
+    return data, data
+
+
+def learning_tasks(model: Model) -> dict[str, TaskFn]:
+    """Train/evaluate tasks for ``model``; each worker thread gets its own model instance."""
+    local = threading.local()
+
+    def instance() -> Model:
+        if not hasattr(local, "model"):
+            local.model = model.clone()
+        result: Model = local.model
+        return result
+
+    def train(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        train_data, _ = _split(ctx.data)
+        if train_data is None or len(train_data) == 0:
+            raise DataError(f"node {ctx.node_id} has no training data")
+        weights = unprefixed("w", payload)
+        net = instance()
+        net.set_weights(weights)
+        server_c = unprefixed("c", payload)
+        node_c: Weights | None = None
+        correction = None
+        if server_c:
+            node_c = ctx.state.get(SCAFFOLD_STATE) or {
+                k: np.zeros_like(v) for k, v in server_c.items()
+            }
+            correction = {k: server_c[k] - node_c[k] for k in server_c}
+        config = FitConfig(
+            epochs=int(payload.get("epochs", 1)),
+            batch_size=int(payload.get("batch_size", 32)),
+            lr=float(payload.get("lr", 0.1)),
+            max_steps=payload.get("max_steps"),
+            prox_mu=float(payload.get("prox_mu", 0.0)),
+            prox_center=weights if payload.get("prox_mu") else None,
+            correction=correction,
+        )
+        result = net.fit(train_data, config=config, rng=ctx.rng)
+        new = net.get_weights()
+        out: dict[str, Any] = prefixed("d", {k: new[k] - weights[k] for k in weights})
+        out.update(n=result.examples, loss=result.loss, steps=result.steps)
+        if node_c is not None:
+            # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K * lr)
+            scale = 1.0 / (result.steps * config.lr)
+            fresh = {k: node_c[k] - server_c[k] + (weights[k] - new[k]) * scale for k in server_c}
+            out.update(prefixed("dc", {k: fresh[k] - node_c[k] for k in server_c}))
+            ctx.state[SCAFFOLD_STATE] = fresh
+        return out
+
+    def evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        _, test_data = _split(ctx.data)
+        if test_data is None or len(test_data) == 0:
+            raise DataError(f"node {ctx.node_id} has no evaluation data")
+        net = instance()
+        net.set_weights(unprefixed("w", payload))
+        metrics = net.evaluate(test_data)
+        return {**{k: float(v) for k, v in metrics.items()}, "n": len(test_data)}
+
+    return {TRAIN: train, EVALUATE: evaluate}
+
+
+def learning_app(model: Model, *, app: NodeApp | None = None) -> NodeApp:
+    """A NodeApp that trains and evaluates ``model`` (or adds those tasks to ``app``)."""
+    app = app or NodeApp()
+    app.install(learning_tasks(model))
+    return app
+
+
+ModelFactory = Callable[[], Model]
