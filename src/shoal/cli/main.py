@@ -15,8 +15,10 @@ from shoal.errors import ShoalError
 
 # Modules that contribute subcommands; each has register(subparsers).
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "shoal.cli.scan",
+    "shoal.cli.learn",
+    "shoal.cli.deploy",
     "shoal.cli.privacy",
+    "shoal.cli.scan",
 )
 
 EPILOG = """\

@@ -16,6 +16,7 @@ from shoal.learn.algorithms import (
     Scaffold,
     ServerState,
 )
+from shoal.learn.centralized import train_centralized
 from shoal.learn.model import FitConfig, FitResult, Model, Weights
 from shoal.learn.runner import RoundReport, Trainer, TrainingResult
 from shoal.learn.simulate import simulate
@@ -49,4 +50,5 @@ __all__ = [
     "learning_app",
     "learning_tasks",
     "simulate",
+    "train_centralized",
 ]
