@@ -33,23 +33,32 @@ KEPT_STATE_KEY = "shoal.kept"
 class TaskContext:
     """What a task sees of its node: its id, private data, persistent state and randomness."""
 
-    __slots__ = ("_rng", "_seed", "data", "node_id", "state", "task_id")
+    __slots__ = ("_data", "_load", "_rng", "_seed", "node_id", "state", "task_id")
 
     def __init__(
         self,
         *,
         node_id: str,
-        data: Any,
+        data: Any = None,
         state: dict[str, Any],
         task_id: str,
         seed: int | tuple[int, ...] | None = None,
+        load_data: Callable[[], Any] | None = None,
     ) -> None:
         self.node_id = node_id
-        self.data = data
+        self._data = data
+        self._load = load_data
         self.state = state
         self.task_id = task_id
         self._seed = seed
         self._rng: np.random.Generator | None = None
+
+    @property
+    def data(self) -> Any:
+        """The node's private data, loaded on first use (runtime tasks never touch it)."""
+        if self._load is not None:
+            self._data, self._load = self._load(), None
+        return self._data
 
     @property
     def rng(self) -> np.random.Generator:

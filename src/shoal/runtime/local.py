@@ -192,17 +192,11 @@ class LocalEngine:
 
     def _run_one(self, task: Task, delay: float, deadline_s: float) -> Reply | Failure:
         index = self._index[task.node_id]
-        try:
-            data = self._node_data(task.node_id)
-        except Exception as exc:  # the node's data failed to load: that node fails, not the run
-            return _failure(
-                task,
-                FailureKind.ERROR,
-                f"loading the node's data raised {type(exc).__name__}: {exc}",
-            )
         ctx = TaskContext(
             node_id=task.node_id,
-            data=data,
+            # Loaded on first use: runtime tasks (fetching a kept value) never need the data,
+            # and a factory that raises fails that node's task like any other task error.
+            load_data=lambda: self._node_data(task.node_id),
             state=self._states.setdefault(task.node_id, {}),
             task_id=task.task_id,
             seed=(self._seed, index, self._dispatches),
