@@ -109,6 +109,7 @@ class Algorithm:
             lr=self.lr,
             batch_size=self.batch_size,
             max_steps=self.max_steps,
+            seed=seed,
             **self.node_params(state),
         )
         out = group.map(TRAIN, weights)
@@ -163,7 +164,7 @@ class FedOpt(Algorithm):
     """Adaptive server optimizers on the pseudo-gradient (the mean delta)."""
 
     name: ClassVar[str] = "fedadam"
-    server_lr: float = 0.03
+    server_lr: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3

@@ -8,6 +8,7 @@ Payload names: ``w/<name>`` weights in, ``d/<name>`` weight deltas out, ``c/<nam
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,18 @@ def unprefixed(prefix: str, payload: Mapping[str, Any]) -> Weights:
     return {k[len(start) :]: v for k, v in payload.items() if k.startswith(start)}
 
 
+def _rng(ctx: TaskContext, seed: Any) -> np.random.Generator:
+    """Randomness from the round's seed and the node's name when the server sends a seed.
+
+    It depends on neither the engine nor how many tasks ran before, so a resumed run and a
+    deployment draw exactly what the uninterrupted simulation drew.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        return ctx.rng
+    node_key = int.from_bytes(hashlib.sha256(ctx.node_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, node_key])
+
+
 def _split(data: Any) -> tuple[Any, Any]:
     if isinstance(data, LocalData):
         return data.train, data.test if data.test is not None else data.train
@@ -91,7 +104,7 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
             prox_center=weights if payload.get("prox_mu") else None,
             correction=correction,
         )
-        result = net.fit(train_data, config=config, rng=ctx.rng)
+        result = net.fit(train_data, config=config, rng=_rng(ctx, payload.get("seed")))
         new = net.get_weights()
         out: dict[str, Any] = prefixed("d", {k: new[k] - weights[k] for k in weights})
         out.update(n=result.examples, loss=result.loss, steps=result.steps)

@@ -93,12 +93,11 @@ def _check_name(name: object, limits: WireLimits) -> str:
     return name
 
 
+_JSON_ATOMS = (type(None), bool, int, float)
+
+
 def _check_json(value: object, limits: WireLimits, depth: int = 0) -> None:
-    if depth > limits.max_json_depth:
-        raise WireError(f"JSON value nested deeper than {limits.max_json_depth} levels")
-    if value is None or isinstance(value, (bool, int)):
-        return
-    if isinstance(value, float):
+    if type(value) in _JSON_ATOMS:  # the common case first: this runs for every value
         return
     if isinstance(value, str):
         if len(value) > limits.max_string_chars:
@@ -107,6 +106,10 @@ def _check_json(value: object, limits: WireLimits, depth: int = 0) -> None:
                 f"{limits.max_string_chars}; send large data as a uint8 array"
             )
         return
+    if isinstance(value, (bool, int, float)):  # subclasses such as numpy.float64
+        return
+    if depth >= limits.max_json_depth:
+        raise WireError(f"JSON value nested deeper than {limits.max_json_depth} levels")
     if isinstance(value, (list, tuple)):
         for item in value:
             _check_json(item, limits, depth + 1)
@@ -214,13 +217,24 @@ def decode(
         view = memoryview(data)
     except TypeError:
         raise WireError(f"expected bytes, got {type(data).__name__}") from None
-    if view.ndim != 1 or view.itemsize != 1:
+    if not view.c_contiguous:
+        # A strided buffer cannot be viewed as one run of bytes: decode a compact copy.
+        view = memoryview(view.tobytes())
+    elif view.ndim != 1 or view.format != "B":
         view = view.cast("B")
     try:
         return _decode(view, limits)
     except WireError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        RecursionError,
+        BufferError,
+    ) as exc:
         # Defence in depth: every check below should fire first, but a decoder must never
         # leak another exception type to a server handling hostile bytes.
         raise WireError(f"malformed payload: {type(exc).__name__}: {exc}") from None

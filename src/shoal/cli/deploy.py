@@ -1,0 +1,599 @@
+"""``shoal certs``, ``shoal keys``, ``shoal nodes``, ``shoal coordinator`` and ``shoal node``.
+
+Deployment: the coordinator runs a job file over nodes that connect to it over gRPC (TLS
+and registered Ed25519 keys); each node runs the same tasks as in simulation on its own data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from shoal.cli.job import JobSpec, load_job
+from shoal.core import Federation
+from shoal.data import Dataset, load_csv, load_npz, split_holdout
+from shoal.errors import ConfigError, NotEnoughNodes, StoreError
+from shoal.learn import LocalData, RoundReport, Trainer, learning_app
+from shoal.runtime import Store
+from shoal.runtime.grpc import (
+    Backoff,
+    ClientTLS,
+    GrpcEngine,
+    NodeClient,
+    NodeExit,
+    ServerTLS,
+    fingerprint,
+    load_private_key,
+    load_public_key,
+    make_certs,
+    public_key_bytes,
+    write_key_pair,
+)
+
+__all__ = ["job_digest", "register"]
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: traffic is NOT encrypted and the {peer} is NOT authenticated by a "
+    "certificate; use this only for tests on a network you trust"
+)
+
+DEPLOY_EPILOG = """\
+step by step (see docs/deployment.md):
+  shoal certs --out certs --nodes 3 --host coord.example.org
+  shoal keys new --out node-0.key                      # on each node
+  shoal nodes add node-0.pub --name node-0 --store fl.db   # at the coordinator
+  shoal coordinator --job job.toml --listen 0.0.0.0:7000 --certs certs --store fl.db
+  shoal node --coordinator coord.example.org:7000 --certs certs --key node-0.key \\
+      --job job.toml --partition 0/3
+"""
+
+
+def job_digest(job: JobSpec) -> str:
+    """A fingerprint of a job file's content: coordinator and nodes must agree on it."""
+    text = json.dumps(job.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _store_path(path: str | None) -> Path:
+    env = os.environ.get("SHOAL_STORE")
+    return Path(path or env or Path.home() / ".shoal" / "store.db")
+
+
+def _open_store(path: str | None) -> Store:
+    target = _store_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Store(target)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    store_help = "the coordinator's store file (default $SHOAL_STORE or ~/.shoal/store.db)"
+
+    certs = subparsers.add_parser(
+        "certs",
+        help="make a CA and TLS certificates for a federation",
+        description="Create (or extend) a certificate directory: CA, coordinator and node "
+        "certificates. An existing CA in DIR is reused, so new nodes can be added later.",
+        epilog="examples:\n  shoal certs --out certs --nodes 5\n"
+        "  shoal certs --out certs --node hospital-3 --host coord.example.org\n",
+        formatter_class=fmt,
+    )
+    certs.add_argument("--out", required=True, metavar="DIR", help="certificate directory")
+    group = certs.add_mutually_exclusive_group()
+    group.add_argument(
+        "--nodes", type=_positive_int, metavar="N", help="node certificates node-0..node-N-1"
+    )
+    group.add_argument(
+        "--node", action="append", default=[], metavar="NAME", help="a node certificate (repeat)"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name or IP the nodes use to reach the coordinator (repeat); "
+        "localhost and 127.0.0.1 are always included",
+    )
+    certs.add_argument("--days", type=_positive_int, default=365, help="validity (default 365)")
+    certs.add_argument("--force", action="store_true", help="re-issue existing node certificates")
+    certs.set_defaults(func=_certs)
+
+    keys = subparsers.add_parser(
+        "keys",
+        help="create or inspect a node's Ed25519 identity key",
+        description="A node proves who it is with an Ed25519 key pair; the coordinator admits "
+        "the public half with `shoal nodes add`.",
+        epilog="examples:\n  shoal keys new --out node-0.key   # writes node-0.key (0600) and "
+        "node-0.pub\n  shoal keys show node-0.pub\n",
+        formatter_class=fmt,
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    new = keys_sub.add_parser("new", help="create a key pair")
+    new.add_argument("--out", required=True, metavar="KEYFILE", help="private key path (.key)")
+    new.add_argument("--force", action="store_true", help="replace existing files")
+    new.set_defaults(func=_keys_new)
+    show = keys_sub.add_parser("show", help="print a key's fingerprint")
+    show.add_argument("keyfile", help="a .pub (or private .key) file")
+    show.set_defaults(func=_keys_show)
+    keys.set_defaults(func=_subcommand_help(keys))
+
+    nodes = subparsers.add_parser(
+        "nodes",
+        help="admit, list or revoke nodes in the coordinator's registry",
+        description="The coordinator admits only nodes whose public keys are registered here.",
+        epilog="examples:\n  shoal nodes add node-0.pub --name node-0 --store fl.db\n"
+        "  shoal nodes list --store fl.db\n  shoal nodes revoke node-0 --store fl.db\n",
+        formatter_class=fmt,
+    )
+    nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
+    add = nodes_sub.add_parser("add", help="register a node's public key")
+    add.add_argument("keyfile", help="the node's public key file (.pub)")
+    add.add_argument("--name", help="node id (default: the key file's name without .pub)")
+    add.add_argument("--label", default="", help="free text, e.g. the organisation")
+    add.add_argument("--store", help=store_help)
+    add.set_defaults(func=_nodes_add)
+    listing = nodes_sub.add_parser("list", help="list registered nodes")
+    listing.add_argument("--store", help=store_help)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_nodes_list)
+    revoke = nodes_sub.add_parser("revoke", help="revoke a node for good")
+    revoke.add_argument("name", help="node id")
+    revoke.add_argument("--store", help=store_help)
+    revoke.set_defaults(func=_nodes_revoke)
+    nodes.set_defaults(func=_subcommand_help(nodes))
+
+    coord = subparsers.add_parser(
+        "coordinator",
+        help="serve a job to nodes over gRPC and train",
+        description="Listen for nodes, wait for enough of them, run the job's algorithm over "
+        "them and record every round in the store. Resumable after a crash.",
+        epilog=DEPLOY_EPILOG,
+        formatter_class=fmt,
+    )
+    coord.add_argument("--job", required=True, metavar="JOB.toml", help="the job file")
+    coord.add_argument("--listen", default="0.0.0.0:7000", metavar="HOST:PORT")
+    _tls_args(coord)
+    coord.add_argument("--store", help=store_help)
+    coord.add_argument(
+        "--min-nodes", type=_positive_int, help="fewest answers a round needs (default: job's)"
+    )
+    coord.add_argument(
+        "--wait-nodes",
+        type=_positive_int,
+        metavar="N",
+        help="connected nodes to wait for before training (default: --min-nodes)",
+    )
+    coord.add_argument(
+        "--wait-timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="S",
+        help="how long to wait for them (default 300 s); training starts anyway with at "
+        "least --min-nodes",
+    )
+    coord.add_argument(
+        "--round-wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each later round, wait up to S s for --wait-nodes nodes (e.g. for a "
+        "restarted node to rejoin; default 0)",
+    )
+    coord.add_argument(
+        "--deadline", type=_positive_float, metavar="S", help="per-task deadline (default: job's)"
+    )
+    coord.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="RUN_ID",
+        help="continue an interrupted run from its last completed round (default: the newest "
+        "unfinished run of this job)",
+    )
+    coord.add_argument("--json", metavar="PATH", help="write a JSON summary to PATH")
+    coord.add_argument(
+        "--heartbeat", type=_positive_float, default=5.0, metavar="S", help="node heartbeat period"
+    )
+    coord.add_argument("--quiet", action="store_true", help="no per-round output")
+    coord.set_defaults(func=_coordinator)
+
+    node = subparsers.add_parser(
+        "node",
+        help="connect to a coordinator and run its tasks on local data",
+        description="Dial out to the coordinator, authenticate with KEYFILE and serve the job's "
+        "tasks (the same ones as in simulation) on this node's data until the run ends.",
+        epilog=DEPLOY_EPILOG,
+        formatter_class=fmt,
+    )
+    node.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    node.add_argument("--key", required=True, metavar="KEYFILE", help="this node's private key")
+    node.add_argument(
+        "--job",
+        required=True,
+        metavar="JOB.toml",
+        help="the coordinator's job file (model and hyper-parameters; checked against the "
+        "coordinator's)",
+    )
+    source = node.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--partition", metavar="I/N", help="use slice I of N of the job's data set (testing)"
+    )
+    source.add_argument("--data", metavar="FILE", help="this node's data (.csv or .npz)")
+    node.add_argument("--dataset", metavar="NAME", help="with --partition: must be the job's")
+    node.add_argument("--label", default="label", help="label column of a CSV file")
+    node.add_argument("--classes", type=_positive_int, help="number of classes (with --data)")
+    _tls_args(node)
+    node.add_argument(
+        "--cert-name",
+        metavar="NAME",
+        help="node certificate in --certs (default: the key file's name, e.g. node-0)",
+    )
+    node.add_argument(
+        "--server-name", metavar="NAME", help="name to check on the coordinator's certificate"
+    )
+    node.add_argument(
+        "--max-idle", type=_positive_float, metavar="S", help="exit after S s without a task"
+    )
+    node.add_argument("--backoff", type=_positive_float, default=0.5, metavar="S")
+    node.add_argument("--backoff-max", type=_positive_float, default=30.0, metavar="S")
+    node.add_argument("--verbose", action="store_true", help="log connection events")
+    node.set_defaults(func=_node)
+
+
+def _tls_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--certs", metavar="DIR", help="certificate directory (`shoal certs`)")
+    group.add_argument(
+        "--insecure", action="store_true", help="plaintext, no certificates (tests only)"
+    )
+
+
+def _subcommand_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return show
+
+
+# -- certs, keys, nodes --------------------------------------------------------------------
+
+
+def _certs(args: argparse.Namespace) -> int:
+    names = [f"node-{i}" for i in range(args.nodes)] if args.nodes else list(args.node)
+    files = make_certs(args.out, nodes=names, hosts=args.host, days=args.days, force=args.force)
+    for path in files.created:
+        print(f"wrote {path}")
+    print(
+        f"CA {files.ca}: give ca.pem and each node its <name>.pem and <name>-key.pem; keep "
+        "ca-key.pem and coordinator-key.pem on the coordinator"
+    )
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    private, public, key = write_key_pair(args.out, force=args.force)
+    print(f"wrote {private} (private, mode 0600: keep it on this node)")
+    print(f"wrote {public} (public: give it to the coordinator's operator)")
+    print(f"fingerprint {fingerprint(public_key_bytes(key))}")
+    return 0
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    path = Path(args.keyfile)
+    try:
+        raw = load_public_key(path)
+    except ConfigError:
+        raw = public_key_bytes(load_private_key(path))
+    print(fingerprint(raw))
+    return 0
+
+
+def _nodes_add(args: argparse.Namespace) -> int:
+    raw = load_public_key(args.keyfile)
+    name = args.name or Path(args.keyfile).name.removesuffix(".pub")
+    with _open_store(args.store) as store:
+        record = store.add_node(node_id=name, public_key=raw, label=args.label)
+        store.audit(
+            actor="operator",
+            action="node.added",
+            detail={"node_id": name, "key": fingerprint(raw), "label": args.label},
+        )
+    print(f"admitted node {record.node_id} ({fingerprint(raw)}) into {_store_path(args.store)}")
+    return 0
+
+
+def _nodes_list(args: argparse.Namespace) -> int:
+    with _open_store(args.store) as store:
+        records = store.list_nodes()
+    rows: list[dict[str, Any]] = [
+        {
+            "node_id": r.node_id,
+            "fingerprint": fingerprint(r.public_key),
+            "label": r.label,
+            "added_at": r.added_at,
+            "revoked": r.revoked,
+        }
+        for r in records
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no nodes registered; admit one with `shoal nodes add NODE.pub`")
+    for row in rows:
+        added = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["added_at"]))
+        status = "REVOKED" if row["revoked"] else "active"
+        print(f"{row['node_id']:<24} {row['fingerprint']:<30} {status:<8} {added}  {row['label']}")
+    return 0
+
+
+def _nodes_revoke(args: argparse.Namespace) -> int:
+    with _open_store(args.store) as store:
+        record = store.revoke_node(args.name)
+        store.audit(actor="operator", action="node.revoked", detail={"node_id": args.name})
+    print(f"revoked node {record.node_id}; a running coordinator drops it within seconds")
+    return 0
+
+
+# -- coordinator -----------------------------------------------------------------------------
+
+
+def _resolve_resume(store: Store, job: JobSpec, resume: str | None) -> str | None:
+    if resume is None:
+        return None
+    if resume:
+        record = store.get_run(resume)
+        if record.status == "finished":
+            raise ConfigError(f"run {resume} already finished; start a new run without --resume")
+        return resume
+    for record in store.list_runs(limit=1000):
+        if record.name == job.name and record.status != "finished":
+            return record.id
+    raise ConfigError(
+        f"no unfinished run of job {job.name!r} in the store to resume; drop --resume to start one"
+    )
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    if args.insecure:
+        print(INSECURE_WARNING.format(peer="node side"), file=sys.stderr, flush=True)
+    tls = None if args.insecure else ServerTLS.from_dir(args.certs)
+    min_nodes = args.min_nodes or job.min_nodes
+    wait_nodes = args.wait_nodes or min_nodes
+    if wait_nodes < min_nodes:
+        raise ConfigError(f"--wait-nodes {wait_nodes} is below --min-nodes {min_nodes}")
+    if job.faults is not None:
+        print("note: the job's [faults] table only applies to simulations", flush=True)
+    quiet = bool(args.quiet)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    started = time.perf_counter()
+    with _open_store(args.store) as store:
+        resume = _resolve_resume(store, job, args.resume)
+        if not store.list_nodes(include_revoked=False):
+            print(
+                "warning: no nodes are registered in this store; admit them with "
+                "`shoal nodes add NODE.pub --store ...`",
+                file=sys.stderr,
+                flush=True,
+            )
+        engine = GrpcEngine(
+            listen=args.listen,
+            registry=store,
+            tls=tls,
+            insecure=bool(args.insecure),
+            seed=job.seed,
+            job_digest=job_digest(job),
+            heartbeat_s=args.heartbeat,
+            run_id=resume,
+        )
+        try:
+            engine.start()
+            host = args.listen.rsplit(":", 1)[0]
+            print(
+                f"coordinator for job {job.name!r} listening on {host}:{engine.port} "
+                f"({'plaintext' if args.insecure else 'mutual TLS'}); waiting for {wait_nodes} "
+                f"node(s)" + (f", resuming run {resume}" if resume else ""),
+                flush=True,
+            )
+            connected = engine.wait_for_nodes(wait_nodes, timeout_s=args.wait_timeout)
+            if connected < min_nodes:
+                raise NotEnoughNodes(
+                    f"only {connected} node(s) connected within {args.wait_timeout:.0f} s, fewer "
+                    f"than --min-nodes {min_nodes}; start more nodes or check their logs"
+                )
+            print(f"{connected} node(s) connected: {', '.join(engine.node_ids())}", flush=True)
+            result = _train(job, engine, store, args, min_nodes, wait_nodes, resume, quiet)
+            engine.finish("run finished")
+        finally:
+            engine.close()
+        wall = time.perf_counter() - started
+        metrics = result.metrics
+        summary: dict[str, Any] = {
+            "run_id": result.run_id,
+            "job": job.name,
+            "accuracy": metrics.get("accuracy"),
+            "loss": metrics.get("loss"),
+            "rounds": len(result.history),
+            "nodes": connected,
+            "wall_s": wall,
+            "resumed": bool(resume),
+            "metrics": metrics,
+            "history": [r.metrics() for r in result.history],
+        }
+    accuracy = summary["accuracy"]
+    print(
+        f"run {result.run_id} finished: {summary['rounds']} rounds, accuracy "
+        + (f"{accuracy:.4f}" if isinstance(accuracy, float) else "n/a")
+        + f", {wall:.1f} s",
+        flush=True,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _train(
+    job: JobSpec,
+    engine: GrpcEngine,
+    store: Store,
+    args: argparse.Namespace,
+    min_nodes: int,
+    wait_nodes: int,
+    resume: str | None,
+    quiet: bool,
+) -> Any:
+    algorithm = job.build_algorithm()
+    deadline = args.deadline or float(job.engine["deadline_s"])
+    federation = Federation(engine, min_nodes=min_nodes, deadline_s=deadline, seed=job.seed)
+    _, test = job.load_data()
+
+    def on_round(report: RoundReport) -> None:
+        if not quiet:
+            accuracy = f"  accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
+            print(
+                f"round {report.round}/{algorithm.rounds}: {report.participants} node(s) ok, "
+                f"{report.failed} failed, train loss {report.train_loss:.4f}{accuracy} "
+                f"({report.wall_s:.2f} s)",
+                flush=True,
+            )
+        if args.round_wait > 0 and report.round < algorithm.rounds:
+            engine.wait_for_nodes(wait_nodes, timeout_s=args.round_wait)
+
+    trainer = Trainer(
+        federation=federation,
+        algorithm=algorithm,
+        model=job.build_model(),
+        test=test,
+        store=store,
+        run_name=job.name,
+        config=job.to_dict(),
+        federated_eval_every=int(job.engine["federated_eval_every"]),
+        seed=job.seed,
+        on_round=on_round,
+    )
+    try:
+        return trainer.run(resume=resume)
+    except StoreError:
+        raise
+    except NotEnoughNodes as exc:
+        raise NotEnoughNodes(
+            f"{exc}; the run can continue later with `shoal coordinator --resume`"
+        ) from None
+
+
+# -- node ------------------------------------------------------------------------------------
+
+
+def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None, Dataset]:
+    """(what the tasks see, partition index or None, the training set)."""
+    if args.partition:
+        if args.dataset and args.dataset != job.data.get("dataset"):
+            raise ConfigError(
+                f"--dataset {args.dataset!r} differs from the job's data set "
+                f"{job.data.get('dataset') or job.data.get('path')!r}"
+            )
+        try:
+            index_text, count_text = args.partition.split("/")
+            index, count = int(index_text), int(count_text)
+        except ValueError:
+            raise ConfigError(f"--partition takes I/N, e.g. 0/5, got {args.partition!r}") from None
+        part = job.node_data(index, count)
+        holdout = float(job.data["holdout"])
+        if holdout > 0:  # the same split the simulation makes for node `index`
+            train, test = split_holdout(part, fraction=holdout, seed=job.seed + index)
+            return LocalData(train=train, test=test), index, train
+        return part, index, part
+    path = Path(args.data)
+    if not path.is_file():
+        raise ConfigError(f"--data {str(path)!r} does not exist")
+    if path.suffix.lower() == ".npz":
+        dataset = load_npz(path)
+    else:
+        dataset = load_csv(path, label=args.label, classes=args.classes)
+    return dataset, None, dataset
+
+
+def _node(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    job = load_job(args.job)
+    key = load_private_key(args.key)
+    if args.insecure:
+        print(INSECURE_WARNING.format(peer="coordinator"), file=sys.stderr, flush=True)
+        tls = None
+    else:
+        name = args.cert_name or Path(args.key).name.removesuffix(".key")
+        tls = ClientTLS.from_dir(args.certs, name=name, server_name=args.server_name)
+    data, index, train = _node_data(job, args)
+    if index is not None:
+        model = job.build_model()
+    else:
+        features = int(train.x.reshape(len(train.x), -1).shape[1])
+        model = job.build_model(features=features, classes=args.classes or train.classes)
+    client = NodeClient(
+        app=learning_app(model),
+        coordinator=args.coordinator,
+        key=key,
+        data=data,
+        tls=tls,
+        insecure=bool(args.insecure),
+        partition_index=index,
+        job_digest=job_digest(job),
+        backoff=Backoff(initial_s=args.backoff, max_s=max(args.backoff, args.backoff_max)),
+        max_idle_s=args.max_idle,
+    )
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        client.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(
+        f"node {fingerprint(public_key_bytes(key))} connecting to {args.coordinator}",
+        flush=True,
+    )
+    outcome = client.run()
+    print(
+        f"node {client.node_id or '?'}: {outcome.value} after {client.tasks_done} task(s)"
+        + (f": {client.detail}" if outcome == NodeExit.REJECTED else ""),
+        flush=True,
+    )
+    return 3 if outcome == NodeExit.REJECTED else 0

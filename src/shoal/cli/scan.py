@@ -1,0 +1,101 @@
+"""The ``shoal scan`` subcommand: check model files for code that would run when loaded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from shoal.scan import FileReport, MissingPath, ScanLimits, Severity, scan_paths
+
+__all__ = ["register", "run"]
+
+EPILOG = """\
+examples:
+  shoal scan model.pt                      one file (format sniffed from content)
+  shoal scan models/ --format json         every file under a folder, as JSON
+  shoal scan a.pkl b.joblib c.npz          several files
+  shoal scan model.keras --max-depth 2     limit archive nesting
+
+exit codes:
+  0  nothing at medium or above      1  something medium, high or critical
+  2  usage error (missing path, bad option)
+"""
+
+_STYLE = {
+    Severity.NONE: "green",
+    Severity.LOW: "cyan",
+    Severity.MEDIUM: "yellow",
+    Severity.HIGH: "red",
+    Severity.CRITICAL: "bold red",
+}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "scan",
+        help="check model files for code that would run when they are loaded",
+        description=(
+            "Scan model files and folders (pickle, PyTorch, joblib, NumPy, zip/tar, Keras, "
+            "safetensors, ONNX) without executing them. Formats are sniffed from content."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to scan")
+    parser.add_argument(
+        "--format", choices=("text", "json"), default="text", help="output format (default text)"
+    )
+    parser.add_argument(
+        "--max-depth",
+        type=int,
+        default=ScanLimits().max_depth,
+        help="how deep to open nested archives and compressed streams (default %(default)s)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_depth < 1:
+        print("shoal scan: error: --max-depth must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        reports = scan_paths(args.paths, limits=ScanLimits(max_depth=args.max_depth))
+    except MissingPath as exc:
+        print(f"shoal scan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        json.dump({"files": [r.to_dict() for r in reports]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_text(reports)
+    return 1 if any(r.severity >= Severity.MEDIUM for r in reports) else 0
+
+
+def _print_text(reports: list[FileReport]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=False)
+    for report in reports:
+        style = _STYLE[report.severity]
+        console.print(
+            f"[bold]{report.path}[/bold]  format={report.format}  "
+            f"severity=[{style}]{report.severity.label}[/{style}]"
+        )
+        if not report.findings:
+            console.print("  no findings")
+            continue
+        table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+        table.add_column("severity")
+        table.add_column("kind")
+        table.add_column("offset", justify="right")
+        table.add_column("detail", overflow="fold")
+        for f in report.findings:
+            s = _STYLE[f.severity]
+            offset = "" if f.offset is None else str(f.offset)
+            table.add_row(f"[{s}]{f.severity.label}[/{s}]", f.kind, offset, f.detail)
+        console.print(table)
+    bad = sum(1 for r in reports if r.severity >= Severity.MEDIUM)
+    console.print(f"{len(reports)} file(s) scanned, {bad} unsafe or unverified")

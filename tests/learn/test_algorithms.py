@@ -1,0 +1,190 @@
+"""FedAvg and friends: server math checked directly, and whole simulations end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.aggregate import Median
+from shoal.core import Federation
+from shoal.data import load_digits, partition
+from shoal.errors import ConfigError, NotEnoughNodes
+from shoal.learn import (
+    ALGORITHMS,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    FitConfig,
+    Scaffold,
+    ServerState,
+    SoftmaxRegression,
+    learning_app,
+    simulate,
+)
+from shoal.runtime import Faults, LocalEngine
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, test = load_digits(test_fraction=0.2, seed=0)
+    return train, test, partition(train, nodes=10, scheme="dirichlet", alpha=0.5, seed=0)
+
+
+def model() -> SoftmaxRegression:
+    return SoftmaxRegression(features=64, classes=10)
+
+
+def test_one_node_one_step_is_plain_sgd(digits) -> None:
+    """FedAvg with a single node and one local step is exactly one SGD step on its data."""
+    train, _, _ = digits
+    shard = train.subset(np.arange(32))
+    algorithm = FedAvg(rounds=1, nodes_per_round=1, lr=0.3, batch_size=32, max_steps=1)
+    fed = Federation(LocalEngine(learning_app(model()), data=[shard]))
+    state = algorithm.round(fed, algorithm.init(model().get_weights()), seed=0).state
+    reference = model()
+    reference.fit(
+        shard, config=FitConfig(lr=0.3, batch_size=32, max_steps=1), rng=np.random.default_rng(0)
+    )
+    for name, value in reference.get_weights().items():
+        np.testing.assert_allclose(state.weights[name], value, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    delta=st.lists(st.floats(-5, 5), min_size=3, max_size=3),
+    steps=st.integers(1, 4),
+)
+def test_server_optimizers_follow_their_formulas(delta: list[float], steps: int) -> None:
+    d = {"w": np.array(delta)}
+    w0 = {"w": np.zeros(3)}
+    for algorithm in (FedAvg(), FedAvgM(momentum=0.5), FedAdam(), FedYogi(), FedAdagrad()):
+        state = algorithm.init(w0)
+        m = np.zeros(3)
+        v = np.full(3, algorithm.tau**2) if hasattr(algorithm, "tau") else None
+        momentum = np.zeros(3)
+        expected = np.zeros(3)
+        for _ in range(steps):
+            state = algorithm.server_update(state, d, None, None)  # type: ignore[arg-type]
+            if isinstance(algorithm, FedAvgM):
+                momentum = 0.5 * momentum + d["w"]
+                expected = expected + momentum
+            elif isinstance(algorithm, (FedAdam, FedYogi, FedAdagrad)):
+                m = algorithm.beta1 * m + (1 - algorithm.beta1) * d["w"]
+                d2 = d["w"] ** 2
+                if isinstance(algorithm, FedYogi):
+                    v = v - (1 - algorithm.beta2) * d2 * np.sign(v - d2)
+                elif isinstance(algorithm, FedAdagrad):
+                    v = v + d2
+                else:
+                    v = algorithm.beta2 * v + (1 - algorithm.beta2) * d2
+                expected = expected + algorithm.server_lr * m / (np.sqrt(v) + algorithm.tau)
+            else:
+                expected = expected + d["w"]
+        np.testing.assert_allclose(state.weights["w"], expected, rtol=1e-9, atol=1e-12)
+        assert state.round == steps
+
+
+def test_server_state_checkpoints_round_trip() -> None:
+    state = ServerState(
+        round=3,
+        weights={"W": np.ones((2, 2)), "b": np.zeros(2)},
+        slots={"m": {"W": np.full((2, 2), 0.5), "b": np.ones(2)}},
+    )
+    back = ServerState.from_arrays(3, state.to_arrays())
+    assert back.round == 3
+    np.testing.assert_array_equal(back.weights["W"], state.weights["W"])
+    np.testing.assert_array_equal(back.slots["m"]["b"], state.slots["m"]["b"])
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_learns_digits(digits, name: str) -> None:
+    _, test, nodes = digits
+    options = {"lr": 0.3, "batch_size": 16, "local_epochs": 2}
+    if name in ("fedadam", "fedyogi", "fedadagrad"):
+        options["server_lr"] = 0.3
+    algorithm = ALGORITHMS[name](rounds=10, nodes_per_round=5, **options)
+    result = simulate(model=model(), nodes=nodes, algorithm=algorithm, test=test, seed=1)
+    assert len(result.history) == 10
+    assert result.metrics["accuracy"] > 0.75, result.metrics
+    assert result.history[-1].train_loss < result.history[0].train_loss
+
+
+def test_scaffold_keeps_control_variates(digits) -> None:
+    _, test, nodes = digits
+    result = simulate(
+        model=model(), nodes=nodes, algorithm=Scaffold(rounds=3, nodes_per_round=5), test=test
+    )
+    c = result.state.slots["c"]
+    assert set(c) == {"W", "b"}
+    assert np.linalg.norm(c["W"]) > 0  # the server control variate moved
+
+
+def test_fedprox_differs_from_fedavg_when_mu_is_large(digits) -> None:
+    _, test, nodes = digits
+    common = {"rounds": 3, "nodes_per_round": 5, "local_epochs": 3, "lr": 0.5}
+    avg = simulate(model=model(), nodes=nodes, algorithm=FedAvg(**common), test=test)
+    prox = simulate(model=model(), nodes=nodes, algorithm=FedProx(mu=1.0, **common), test=test)
+    assert np.linalg.norm(prox.weights["W"]) < np.linalg.norm(avg.weights["W"])
+
+
+def test_dropouts_are_reported_and_rounds_go_on(digits) -> None:
+    _, test, nodes = digits
+    result = simulate(
+        model=model(),
+        nodes=nodes,
+        algorithm=FedAvg(rounds=4, nodes_per_round=10, lr=0.3),
+        test=test,
+        faults=Faults(drop=0.3, seed=3),
+    )
+    assert sum(r.failed for r in result.history) > 0
+    assert all(r.participants + r.failed <= 10 for r in result.history)
+
+
+def test_too_many_dropouts_raise(digits) -> None:
+    _, test, nodes = digits
+    with pytest.raises(NotEnoughNodes, match="minimum"):
+        simulate(
+            model=model(),
+            nodes=nodes,
+            algorithm=FedAvg(rounds=2, nodes_per_round=10),
+            test=test,
+            min_nodes=8,
+            faults=Faults(drop=0.9, seed=0),
+        )
+
+
+def test_robust_aggregator_plugs_in(digits) -> None:
+    train, test, _ = digits
+    iid = partition(train, nodes=10, scheme="iid", seed=0)
+    algorithm = FedAvg(rounds=5, nodes_per_round=10, lr=0.3, local_epochs=2, aggregator=Median())
+    result = simulate(model=model(), nodes=iid, algorithm=algorithm, test=test)
+    assert result.metrics["accuracy"] > 0.85
+
+
+def test_federated_evaluation_on_holdout(digits) -> None:
+    _, test, nodes = digits
+    result = simulate(
+        model=model(),
+        nodes=nodes,
+        algorithm=FedAvg(rounds=4, nodes_per_round=5, lr=0.3),
+        test=test,
+        holdout=0.2,
+        federated_eval_every=2,
+    )
+    assert result.history[1].federated_accuracy is not None
+    assert result.history[0].federated_accuracy is None
+    assert 0.0 <= result.metrics["federated_accuracy"] <= 1.0
+
+
+def test_invalid_hyper_parameters_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        FedAvg(rounds=0)
+    with pytest.raises(ConfigError):
+        FedAvg(lr=-1.0)
+    with pytest.raises(ConfigError):
+        simulate(model=model(), nodes=[], algorithm=FedAvg())

@@ -1,0 +1,52 @@
+"""The Trainer records every round in the Store and resumes an interrupted run exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shoal.data import load_digits, partition
+from shoal.learn import FedAvg, RoundReport, SoftmaxRegression, simulate
+from shoal.runtime import Store
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_continues_from_the_last_completed_round(tmp_path) -> None:
+    train, test = load_digits(test_fraction=0.2, seed=0)
+    nodes = partition(train, nodes=8, scheme="dirichlet", alpha=0.5, seed=0)
+    algorithm = FedAvg(rounds=5, nodes_per_round=4, lr=0.3, local_epochs=2)
+
+    def run(store=None, resume=None, on_round=None):
+        return simulate(
+            model=SoftmaxRegression(features=64, classes=10),
+            nodes=nodes,
+            algorithm=algorithm,
+            test=test,
+            seed=7,
+            store=store,
+            resume=resume,
+            on_round=on_round,
+        )
+
+    uninterrupted = run()
+
+    def crash_after_three(report: RoundReport) -> None:
+        if report.round == 3:
+            raise Crash
+
+    with Store(tmp_path / "store.db") as store:
+        with pytest.raises(Crash):
+            run(store=store, on_round=crash_after_three)
+        (record,) = store.list_runs()
+        assert record.status == "failed"
+        assert store.last_completed_round(record.id) == 3
+        resumed = run(store=store, resume=record.id)
+        assert resumed.run_id == record.id
+        assert [r.round for r in resumed.history] == [1, 2, 3, 4, 5]
+        assert store.get_run(record.id).status == "finished"
+        assert len(store.round_metrics(record.id)) == 5
+    for name, value in uninterrupted.weights.items():
+        np.testing.assert_allclose(resumed.weights[name], value, rtol=0, atol=1e-12)
