@@ -24,11 +24,21 @@ from shoal.aggregate import (
     Stage,
     TrimmedMean,
 )
-from shoal.data import DATASETS, SCHEMES, Dataset, load_csv, load_dataset, load_npz, partition
+from shoal.attacks import ATTACKS, attacked_app, build_attack, choose_malicious
+from shoal.data import (
+    DATASETS,
+    SCHEMES,
+    Dataset,
+    load_csv,
+    load_dataset,
+    load_npz,
+    partition,
+    split_holdout,
+)
 from shoal.errors import ConfigError, ShoalError
 from shoal.learn import ALGORITHMS, Algorithm, Model, RoundReport, TrainingResult, simulate
 from shoal.learn.registry import MODELS, build_model
-from shoal.runtime import Faults, Store
+from shoal.runtime import Faults, NodeApp, Store
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,7 +90,17 @@ _SCHEMAS: dict[str, Schema] = {
         "secure": (bool, False),
     },
 }
-_TABLES = ("job", "data", "model", "algorithm", "aggregate", "engine", "faults", "privacy")
+_TABLES = (
+    "job",
+    "data",
+    "model",
+    "algorithm",
+    "aggregate",
+    "engine",
+    "faults",
+    "privacy",
+    "attack",
+)
 
 
 def _section(raw: Mapping[str, Any], table: str, schema: Schema) -> dict[str, Any]:
@@ -125,6 +145,7 @@ class JobSpec:
     engine: Mapping[str, Any]
     faults: Mapping[str, Any] | None
     privacy: Mapping[str, Any] | None
+    attack: Mapping[str, Any] | None
     raw: Mapping[str, Any] = field(repr=False)
     base_dir: Path = Path(".")
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -155,8 +176,6 @@ class JobSpec:
         full = _load_file(path, data["label"])
         if data["test_path"] is not None:
             return full, _load_file(self.base_dir / data["test_path"], data["label"])
-        from shoal.data import split_holdout
-
         return split_holdout(full, fraction=data["test_fraction"], seed=self.seed)
 
     def partitions(self) -> list[Dataset]:
@@ -215,6 +234,18 @@ class JobSpec:
         options = {k: v for k, v in self.algorithm.items() if k != "name"}
         cls = ALGORITHMS[self.algorithm["name"]]
         return cls(aggregator=self.build_aggregator(), **options)
+
+    def build_attack_app(self, model: Model) -> NodeApp | None:
+        """Simulation only: a NodeApp in which the job's attackers poison their updates."""
+        if self.attack is None:
+            return None
+        options = {k: v for k, v in self.attack.items() if k not in ("name", "fraction")}
+        attack = build_attack(str(self.attack.get("name")), **options)
+        node_ids = [f"n{i}" for i in range(int(self.partition["nodes"]))]
+        malicious = choose_malicious(
+            node_ids, float(self.attack.get("fraction", 0.0)), seed=self.seed
+        )
+        return attacked_app(model, attack, malicious)
 
     def build_faults(self) -> Faults | None:
         if self.faults is None:
@@ -290,6 +321,15 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
     engine = _section(raw.get("engine", {}), "engine", _SCHEMAS["engine"])
     faults = _section(raw["faults"], "faults", _SCHEMAS["faults"]) if "faults" in raw else None
     privacy = raw.get("privacy")
+    attack = raw.get("attack")
+    if attack is not None:
+        if not isinstance(attack, Mapping) or "name" not in attack:
+            raise ConfigError(
+                f"[attack] needs name = one of {sorted(ATTACKS)} and fraction = 0.0..0.5"
+            )
+        fraction = attack.get("fraction", 0.0)
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise ConfigError("[attack] fraction must be a number in [0, 1)")
     spec = JobSpec(
         name=job["name"],
         seed=job["seed"],
@@ -301,12 +341,18 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
         engine=engine,
         faults=faults,
         privacy=privacy,
+        attack=attack,
         raw=dict(raw),
         base_dir=base_dir,
     )
     try:  # build once so that every bad value is reported now, not rounds later
         spec.build_algorithm()
         spec.build_faults()
+        if attack is not None:
+            build_attack(
+                str(attack["name"]),
+                **{k: v for k, v in attack.items() if k not in ("name", "fraction")},
+            )
     except ConfigError:
         raise
     except (ShoalError, TypeError, ValueError) as exc:
@@ -323,8 +369,10 @@ def simulate_job(
 ) -> TrainingResult:
     """Run ``job`` on a LocalEngine, exactly as ``shoal run`` does."""
     _, test = job.load_data()
+    model = job.build_model()
     return simulate(
-        model=job.build_model(),
+        model=model,
+        app=job.build_attack_app(model),
         nodes=job.partitions(),
         algorithm=job.build_algorithm(),
         test=test,

@@ -11,7 +11,7 @@ from shoal.errors import ConfigError
 from shoal.learn.algorithms import Algorithm
 from shoal.learn.model import Model
 from shoal.learn.runner import RoundReport, Trainer, TrainingResult
-from shoal.learn.tasks import LocalData, learning_app
+from shoal.learn.tasks import TRAIN, LocalData, learning_app
 from shoal.runtime import Faults, LocalEngine, NodeApp
 from shoal.runtime.store import Store
 
@@ -50,9 +50,9 @@ def simulate(
     node_data: Sequence[Any] = nodes
     if holdout > 0:
         node_data = [_holdout(part, holdout, seed + i) for i, part in enumerate(nodes)]
-    engine = LocalEngine(
-        learning_app(model, app=app), data=node_data, seed=seed, faults=faults, workers=workers
-    )
+    if app is None or TRAIN not in app.task_names:  # an app may bring its own train task
+        app = learning_app(model, app=app)
+    engine = LocalEngine(app, data=node_data, seed=seed, faults=faults, workers=workers)
     federation = Federation(engine, min_nodes=min_nodes, deadline_s=deadline_s, seed=seed)
     trainer = Trainer(
         federation=federation,
