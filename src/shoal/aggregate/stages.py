@@ -62,6 +62,10 @@ class Stage:
     def aggregate(self, values: NodeValues, *, weights: NodeValues | None = None) -> Any:
         return Chain.of(self).aggregate(values, weights=weights)
 
+    def node_tasks(self) -> dict[str, Any]:
+        """Tasks nodes must install for this stage (secure protocols bring their own)."""
+        return {}
+
 
 class NodeTransform(Stage):
     """Applied to each node's vector before reduction (at the node, for secure reducers)."""
@@ -157,6 +161,12 @@ class Chain(Stage):
             raise ConfigError("an aggregation chain needs a reducer such as Sum() or Mean()")
         return pre, reducer, post
 
+    def node_tasks(self) -> dict[str, Any]:
+        tasks: dict[str, Any] = {}
+        for stage in self.stages:
+            tasks.update(stage.node_tasks())
+        return tasks
+
     def reduce(self, values: NodeValues, *, weights: NodeValues | None = None) -> Reduced:
         """Run the chain and keep the bookkeeping (count, weight, excluded nodes)."""
         pre, reducer, post = self.split()
@@ -196,8 +206,13 @@ class Clip(NodeTransform):
 
 @dataclass(frozen=True)
 class Sum(Reducer):
+    """The sum; with weights, the weighted sum, so that ``Sum() | Mean()`` is the weighted mean."""
+
     def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
-        return self._reduced(np.asarray(rules.total(rows)), gathered, averaged=False)
+        if gathered.weights is None:
+            return self._reduced(np.asarray(rules.total(rows)), gathered, averaged=False)
+        # The averaging stage divides by the total weight, so the sum must carry the weights.
+        return self._reduced(np.asarray(gathered.weights @ rows), gathered, averaged=False)
 
 
 @dataclass(frozen=True)

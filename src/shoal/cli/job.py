@@ -25,6 +25,7 @@ from shoal.aggregate import (
     TrimmedMean,
 )
 from shoal.attacks import ATTACKS, attacked_app, build_attack, choose_malicious
+from shoal.crypto import SecureSum
 from shoal.data import (
     DATASETS,
     SCHEMES,
@@ -223,10 +224,17 @@ class JobSpec:
             "geometric_median": GeometricMedian,
         }
         if spec["secure"]:
-            raise ConfigError(
-                "[aggregate] secure = true needs secure aggregation, which this build of "
-                "shoal does not include yet; remove the key to aggregate in the clear"
-            )
+            if spec["rule"] != "mean":
+                raise ConfigError(
+                    f"[aggregate] rule = {spec['rule']!r} needs each update in the clear; "
+                    "with secure = true only rule = 'mean' is possible"
+                )
+            if spec["clip"] is None:
+                raise ConfigError(
+                    "[aggregate] secure = true needs clip = C (the L2 bound that also sets the "
+                    "quantization range of the secure sum)"
+                )
+            return Clip(float(spec["clip"])) | SecureSum() | Mean()
         reducer = reducers[spec["rule"]]()
         return Clip(float(spec["clip"])) | reducer if spec["clip"] is not None else reducer
 

@@ -81,6 +81,7 @@ class Algorithm:
     max_steps: int | None = None
     server_lr: float = 1.0
     aggregator: Aggregator | None = None  # default: mean weighted by examples
+    keep_optimizer_state: bool = False  # nodes keep momentum/Adam state between rounds
 
     def __post_init__(self) -> None:
         for key in ("rounds", "nodes_per_round", "local_epochs", "batch_size"):
@@ -110,6 +111,7 @@ class Algorithm:
             batch_size=self.batch_size,
             max_steps=self.max_steps,
             seed=seed,
+            keep_optimizer_state=self.keep_optimizer_state,
             **self.node_params(state),
         )
         out = group.map(TRAIN, weights)

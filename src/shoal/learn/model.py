@@ -14,7 +14,7 @@ import numpy as np
 
 from shoal.errors import ConfigError
 
-__all__ = ["FitConfig", "FitResult", "Model", "Weights"]
+__all__ = ["FitConfig", "FitResult", "Model", "StatefulOptimizer", "Weights"]
 
 Weights = dict[str, np.ndarray]
 
@@ -70,3 +70,12 @@ class Model(Protocol):
     def clone(self) -> Model:
         """A fresh model of the same architecture (weights need not be copied)."""
         ...
+
+
+@runtime_checkable
+class StatefulOptimizer(Protocol):
+    """A model whose local optimizer has state (momentum, moments) worth keeping at the node."""
+
+    def optimizer_state(self) -> dict[str, np.ndarray]: ...
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray] | None) -> None: ...

@@ -38,10 +38,14 @@ class SklearnModel:
       learning rate, so the same objective (log loss + ``||coef||^2 / (2 C n)``, ``n`` the
       node's examples) is minimized here by minibatch SGD. Being our own gradient step, it
       also honours FedProx and SCAFFOLD. Weights ``coef``, ``intercept``.
-    * ``MLPClassifier`` (solver ``"sgd"`` or ``"adam"``): one ``partial_fit`` per minibatch
-      with ``learning_rate_init=config.lr``; the solver's state (momentum, Adam moments)
-      starts afresh every fit, since this adapter is shared by the nodes a worker runs.
-      Weights ``coefs.<i>``, ``intercepts.<i>``.
+    * ``MLPClassifier`` (solver ``"sgd"`` or ``"adam"``): ``partial_fit`` steps through
+      each epoch's minibatches with ``learning_rate_init=config.lr``; the solver's state
+      (momentum, Adam moments) starts afresh every fit, since this adapter is shared by the
+      nodes a worker runs. Weights ``coefs.<i>``, ``intercepts.<i>``.
+
+    ``fit`` shuffles with the round's ``rng``; the loss it reports is the log loss (hinge
+    loss for margin classifiers) on the node's data after training. ``FedProx`` and
+    ``SCAFFOLD`` are refused with a ConfigError for the two models sklearn trains itself.
 
     Every class ``0..classes-1`` is known from construction on, so a node whose data lack
     some labels (label skew) still trains and reports weights of the full shape. Initial
@@ -87,7 +91,12 @@ class SklearnModel:
                 )
             # Shuffling is ours (from the round's rng); a fixed random_state keeps sklearn
             # away from NumPy's global generator.
-            est.set_params(shuffle=False, learning_rate="constant", random_state=self.seed)
+            est.set_params(
+                shuffle=False,
+                learning_rate="constant",
+                eta0=est.eta0 or 0.01,  # fit sets config.lr; "constant" rejects 0 until then
+                random_state=self.seed,
+            )
             # A first partial_fit on one zero row per class fixes classes_ and allocates
             # sklearn's internal state; the weights are then reset to zeros.
             est.partial_fit(np.zeros((self.classes, self.features)), labels, classes=labels)
@@ -275,7 +284,8 @@ class SklearnModel:
             _, g_logits, _ = softmax_cross_entropy(x @ coef.T + intercept, y)
             grad_coef = g_logits.T @ x
             grad_intercept = g_logits.sum(axis=0)
-        if np.isfinite(est.C):
+        penalty = est.get_params().get("penalty", "l2")
+        if penalty not in (None, "none") and np.isfinite(est.C):
             grad_coef = grad_coef + coef / (est.C * n)
         grads = {"coef": grad_coef, "intercept": grad_intercept}
         current = {"coef": coef, "intercept": intercept}

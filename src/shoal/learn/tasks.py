@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from shoal.errors import DataError
-from shoal.learn.model import FitConfig, Model, Weights
+from shoal.learn.model import FitConfig, Model, StatefulOptimizer, Weights
 from shoal.runtime import NodeApp, TaskContext, TaskFn
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
 TRAIN = "shoal.learn.train"
 EVALUATE = "shoal.learn.evaluate"
 SCAFFOLD_STATE = "shoal.learn.scaffold_c"
+OPTIMIZER_STATE = "shoal.learn.optimizer_state"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +105,16 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
             prox_center=weights if payload.get("prox_mu") else None,
             correction=correction,
         )
+        # Optimizer state (momentum, Adam moments) never leaves the node; keeping it between
+        # rounds is opt-in because it can be twice the model's size at every node.
+        keep_optimizer = bool(payload.get("keep_optimizer_state", False))
+        optimizer = net if isinstance(net, StatefulOptimizer) else None
+        if optimizer is not None:
+            saved = ctx.state.get(OPTIMIZER_STATE) if keep_optimizer else None
+            optimizer.load_optimizer_state(saved)
         result = net.fit(train_data, config=config, rng=_rng(ctx, payload.get("seed")))
+        if optimizer is not None and keep_optimizer:
+            ctx.state[OPTIMIZER_STATE] = optimizer.optimizer_state()
         new = net.get_weights()
         out: dict[str, Any] = prefixed("d", {k: new[k] - weights[k] for k in weights})
         out.update(n=result.examples, loss=result.loss, steps=result.steps)

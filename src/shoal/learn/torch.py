@@ -186,7 +186,7 @@ class TorchModel:
         self._pending_state = checked
 
     def _make_optimizer(
-        self, named: list[tuple[str, nn.Parameter]], lr: float
+        self, named: list[tuple[str, nn.Parameter]], lr: float, pending: Weights | None
     ) -> torch.optim.Optimizer:
         params = [p for _, p in named]
         opt: torch.optim.Optimizer
@@ -194,7 +194,6 @@ class TorchModel:
             opt = torch.optim.Adam(params, lr=lr)
         else:
             opt = torch.optim.SGD(params, lr=lr, momentum=self.momentum)
-        pending, self._pending_state = self._pending_state, None
         if pending:
             state_dict = opt.state_dict()
             per_param: dict[int, dict[str, torch.Tensor]] = {}
@@ -246,6 +245,9 @@ class TorchModel:
         return xt, yt
 
     def fit(self, data: Any, *, config: FitConfig, rng: np.random.Generator) -> FitResult:
+        # Taken before anything can fail, so one node's state never reaches another's fit.
+        pending, self._pending_state = self._pending_state, None
+        self._last_state = {}
         x, y = self._tensors(data)
         n = len(y)
         named = [(k, p) for k, p in self.module.named_parameters() if p.requires_grad]
@@ -261,7 +263,7 @@ class TorchModel:
                 correction[name] = _tensor_for(config.correction, name, p)
         seed = int(rng.integers(2**62))
         order_gen = torch.Generator().manual_seed(seed)
-        opt = self._make_optimizer(named, config.lr)
+        opt = self._make_optimizer(named, config.lr, pending)
         self.module.train()
         steps = 0
         losses: list[float] = []

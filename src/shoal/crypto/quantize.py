@@ -1,0 +1,105 @@
+"""Fixed-point quantization into Z_(2^bits) for secure sums, and dequantization of the sum.
+
+Each input is clipped to [-clip, clip], shifted to [0, 2 clip] and stochastically rounded onto
+``levels + 1`` grid points, with ``levels`` chosen so that the sum of ``max_inputs`` values
+never wraps modulo 2**bits; the sum of ``count`` inputs is mapped back by undoing the shift
+``count`` times. Rounding is unbiased, and each input is off by less than one grid step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shoal.errors import AggregationError, ConfigError
+
+__all__ = ["MAX_LEVELS", "Quantizer", "dtype_for_bits"]
+
+# float64 carries 53 bits: a finer grid would round in the float arithmetic, not stochastically.
+MAX_LEVELS = 2**52
+
+
+def dtype_for_bits(bits: int) -> np.dtype[Any]:
+    """The unsigned dtype whose wraparound arithmetic holds Z_(2^bits) (2^bits divides it)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 64:
+        raise ConfigError(f"bits must be an integer in [1, 64], got {bits!r}")
+    return np.dtype(np.uint32) if bits <= 32 else np.dtype(np.uint64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantizer:
+    """Quantize vectors in [-clip, clip] so that up to ``max_inputs`` of them sum exactly."""
+
+    clip: float
+    max_inputs: int
+    bits: int = 32
+
+    def __post_init__(self) -> None:
+        dtype_for_bits(self.bits)
+        if not isinstance(self.clip, (int, float)) or not (
+            math.isfinite(self.clip) and self.clip > 0
+        ):
+            raise ConfigError(f"clip must be a positive finite number, got {self.clip!r}")
+        if not isinstance(self.max_inputs, int) or self.max_inputs < 1:
+            raise ConfigError(f"max_inputs must be a positive integer, got {self.max_inputs!r}")
+        if (2**self.bits - 1) // self.max_inputs < 1:
+            raise ConfigError(
+                f"{self.bits} bits cannot hold a sum of {self.max_inputs} inputs without "
+                f"wrapping; use at least {self.max_inputs.bit_length() + 1} bits (32 is typical)"
+            )
+
+    @property
+    def levels(self) -> int:
+        """The largest quantized value of one input (the grid has ``levels + 1`` points)."""
+        return min((2**self.bits - 1) // self.max_inputs, MAX_LEVELS)
+
+    @property
+    def step(self) -> float:
+        """Grid spacing in input units: each quantized input is within one step of its input."""
+        return 2.0 * float(self.clip) / self.levels
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return dtype_for_bits(self.bits)
+
+    def quantize(self, x: Any, *, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Clip, shift and stochastically round ``x`` to integers in [0, levels]."""
+        arr = np.asarray(x, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise AggregationError(
+                "cannot quantize non-finite values (nan/inf); fix or drop them before a secure sum"
+            )
+        if rng is None:
+            # Rounding noise protects nothing secret, but fresh OS entropy keeps it unpredictable.
+            rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        c = float(self.clip)
+        scaled = (np.clip(arr, -c, c) + c) * (self.levels / (2.0 * c))
+        low = np.floor(scaled)
+        rounded = low + (rng.random(arr.shape) < (scaled - low))
+        np.clip(rounded, 0, self.levels, out=rounded)
+        return rounded.astype(self.dtype)
+
+    def dequantize_sum(self, total: Any, *, count: int) -> np.ndarray:
+        """Map the exact sum of ``count`` quantized inputs back to the sum of the inputs."""
+        if not isinstance(count, int) or not 0 <= count <= self.max_inputs:
+            raise ConfigError(
+                f"count must be an integer in [0, {self.max_inputs}] (this quantizer's "
+                f"max_inputs), got {count!r}"
+            )
+        arr = np.asarray(total)
+        if arr.dtype.kind not in "ui":
+            raise AggregationError(f"a quantized sum is an integer array, got dtype {arr.dtype}")
+        if arr.size and (arr.min() < 0 or int(arr.max()) > count * self.levels):
+            raise AggregationError(
+                f"a sum of {count} quantized inputs lies in [0, {count * self.levels}]; this "
+                "one does not, so it was not made by this quantizer with this count"
+            )
+        return arr.astype(np.float64) * self.step - count * float(self.clip)
+
+    def dequantize(self, q: Any) -> np.ndarray:
+        """One quantized input back to its (clipped, rounded) value."""
+        return self.dequantize_sum(q, count=1)

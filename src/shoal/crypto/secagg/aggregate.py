@@ -1,0 +1,215 @@
+"""SecureSum: the SecAgg+ protocol as an aggregation stage of the Core API.
+
+``values.aggregate(Clip(1.0) | SecureSum() | Mean())`` runs the four SecAgg+ phases as
+node tasks. Each node reads the value it kept from the map, applies the chain's node
+transforms (clipping) itself, quantizes, masks and uploads; the server learns only the sum
+of the survivors. Nodes that drop out in any phase are excluded, up to the tolerance.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shoal.aggregate import Clip, NodeTransform, Reduced, Reducer
+from shoal.core import NodeValues
+from shoal.crypto.secagg.messages import (
+    AdvertiseReply,
+    MaskedInputReply,
+    ShareKeysReply,
+    UnmaskReply,
+    parse_replies,
+)
+from shoal.crypto.secagg.params import SecAggParams
+from shoal.crypto.secagg.server import SecAggServer
+from shoal.crypto.secagg.tasks import (
+    ADVERTISE_TASK,
+    MASKED_INPUT_TASK,
+    SHARE_TASK,
+    UNMASK_TASK,
+    quantizer_for,
+    secagg_tasks,
+)
+from shoal.errors import AggregationError, ConfigError, ProtocolError, TaskError
+
+__all__ = ["SecureSum", "secure_sum_tasks"]
+
+
+def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
+    """The node's kept fields, flattened and concatenated, clipped as the chain asks."""
+    from shoal.runtime import kept_value  # the runtime is a lower layer: import on use
+
+    handle, fields = payload.get("handle"), payload.get("fields")
+    if not isinstance(handle, str) or not isinstance(fields, list) or not fields:
+        raise TaskError(f"{MASKED_INPUT_TASK} needs 'handle' and a list of 'fields'")
+    kept = kept_value(ctx, handle)
+    missing = [f for f in fields if f not in kept]
+    if missing:
+        raise TaskError(f"kept value {handle!r} has no field(s) {missing}")
+    parts = [np.asarray(kept[f], dtype=np.float64).ravel() for f in fields]
+    vector = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if not np.isfinite(vector).all():
+        raise TaskError("the node's value holds NaN or infinity; it cannot join a secure sum")
+    clip_l2 = payload.get("clip_l2")
+    if clip_l2 is not None:
+        norm = float(np.linalg.norm(vector))
+        if norm > float(clip_l2):
+            vector = vector * (float(clip_l2) / norm)
+    return vector
+
+
+def secure_sum_tasks() -> dict[str, Any]:
+    """The node-side tasks a NodeApp installs to take part in secure sums."""
+    return secagg_tasks(get_input=_held_vector)
+
+
+@dataclass(frozen=True)
+class SecureSum(Reducer):
+    """The sum of the nodes' values, computed with SecAgg+ so the server sees no single one.
+
+    ``value_range`` bounds each coordinate for quantization; with a ``Clip(c)`` before this
+    stage it defaults to ``c`` (a clipped vector has no coordinate beyond its norm).
+    The sum is unweighted: weighting would need a public bound on every weight, so each
+    surviving node counts once, as in DP-FedAvg. ``dropout_fraction`` of the nodes may fail
+    across the phases; ``max_failure_probability > 0`` allows the sparse O(log n) graph.
+    """
+
+    value_range: float | None = None
+    bits: int = 32
+    dropout_fraction: float = 0.1
+    max_failure_probability: float = 0.0
+
+    def node_tasks(self) -> dict[str, Any]:
+        return secure_sum_tasks()
+
+    def reduce(
+        self, values: NodeValues, weights: NodeValues | None, pre: Sequence[NodeTransform]
+    ) -> Reduced:
+        clip_l2 = _clip_norm(pre)
+        value_range = self.value_range if self.value_range is not None else clip_l2
+        if value_range is None:
+            raise ConfigError(
+                "SecureSum needs a value range to quantize: put Clip(c) before it or pass "
+                "SecureSum(value_range=...)"
+            )
+        layout, holders, excluded = _layout(values)
+        federation = values.federation
+        needed = max(federation.min_nodes, 1)
+        if len(holders) < needed:
+            raise AggregationError(f"only {len(holders)} node(s) hold a value for a secure sum")
+        vector_length = sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout)
+        params = SecAggParams.create(
+            holders,
+            vector_length=vector_length,
+            dropout_fraction=self.dropout_fraction,
+            bits=self.bits,
+            max_failure_probability=self.max_failure_probability,
+        )
+        server = SecAggServer(params=params)
+
+        def phase(task: str, kind: type[Any], per_node: Mapping[str, Any]) -> dict[str, Any]:
+            replies, failures = federation.request(list(per_node), task, per_node=per_node)
+            parsed, malformed = parse_replies(kind, replies)
+            for node, failure in failures.items():
+                excluded[node] = f"secure sum ({task}): {failure.kind.value}: {failure.detail}"
+            for node, reason in malformed.items():
+                excluded[node] = f"secure sum ({task}): malformed reply: {reason}"
+            return parsed
+
+        advertise = server.advertise_request().to_dict()
+        keys = phase(ADVERTISE_TASK, AdvertiseReply, dict.fromkeys(holders, advertise))
+        share_requests = server.collect_keys(keys)
+        shares = phase(
+            SHARE_TASK, ShareKeysReply, {v: r.to_dict() for v, r in share_requests.items()}
+        )
+        masked_requests = server.collect_shares(shares)
+        extra = {
+            "handle": values.handle,
+            "fields": [name for name, _, _ in layout],
+            "clip": float(value_range),
+            "clip_l2": clip_l2,
+        }
+        masked = phase(
+            MASKED_INPUT_TASK,
+            MaskedInputReply,
+            {v: {**r.to_dict(), **extra} for v, r in masked_requests.items()},
+        )
+        unmask_requests = server.collect_masked(masked)
+        unmasked = phase(
+            UNMASK_TASK, UnmaskReply, {v: r.to_dict() for v, r in unmask_requests.items()}
+        )
+        total = server.finish(unmasked)
+        survivors = server.survivors
+        if len(survivors) < needed:
+            raise ProtocolError(
+                f"{len(survivors)} node(s) completed the secure sum, fewer than the minimum "
+                f"of {needed}"
+            )
+        for node, reason in server.rejected.items():
+            excluded.setdefault(node, f"secure sum: {reason}")
+        quantizer = quantizer_for(float(value_range), nodes=len(params.nodes), bits=self.bits)
+        vector = quantizer.dequantize_sum(total, count=len(survivors))
+        return Reduced(
+            vector=np.asarray(vector, dtype=np.float64),
+            count=len(survivors),
+            weight=float(len(survivors)),
+            averaged=False,
+            layout=layout,
+            node_ids=tuple(survivors),
+            excluded=excluded,
+        )
+
+
+def _clip_norm(pre: Sequence[NodeTransform]) -> float | None:
+    norm: float | None = None
+    for stage in pre:
+        if not isinstance(stage, Clip):
+            raise ConfigError(
+                f"{type(stage).__name__} cannot run inside a secure sum: nodes apply only "
+                "Clip before masking"
+            )
+        norm = stage.l2 if norm is None else min(norm, stage.l2)
+    return norm
+
+
+def _layout(
+    values: NodeValues,
+) -> tuple[tuple[tuple[str, tuple[int, ...], str], ...], list[str], dict[str, str]]:
+    """The fields' shapes (the majority's) and the nodes whose value matches them."""
+
+    def is_array(node: str, field: str) -> bool:
+        try:
+            return values.spec(node, field).dtype != "json"
+        except KeyError:
+            return False
+
+    arrays = [f for f in values.field_names if any(is_array(n, f) for n in values.node_ids)]
+    fields = arrays or list(values.field_names)
+    signatures: dict[str, tuple[tuple[str, tuple[int, ...], str], ...]] = {}
+    excluded: dict[str, str] = {}
+    for node in values.node_ids:
+        try:
+            specs = [values.spec(node, f) for f in fields]
+        except KeyError:
+            excluded[node] = f"its value lacks one of the fields {fields}"
+            continue
+        if any(s.dtype == "json" or np.dtype(s.dtype).kind not in "biuf" for s in specs):
+            excluded[node] = "its value is not a real-valued array"
+            continue
+        signatures[node] = tuple(
+            (f, tuple(s.shape), s.dtype) for f, s in zip(fields, specs, strict=True)
+        )
+    if not signatures:
+        raise AggregationError(f"no node holds real-valued arrays for {fields}")
+    majority = Counter(signatures.values()).most_common(1)[0][0]
+    holders = []
+    for node, signature in signatures.items():
+        if signature == majority:
+            holders.append(node)
+        else:
+            excluded[node] = "its value's shape or dtype differs from the other nodes'"
+    return majority, holders, excluded

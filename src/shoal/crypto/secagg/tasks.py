@@ -1,0 +1,135 @@
+"""Node-side SecAgg+ tasks, ready to install on a NodeApp: ``app.install(secagg_tasks())``.
+
+Each task is ``(ctx, payload) -> payload``: it decodes the server's message, advances the
+node's session (kept in ``ctx.state`` under the round id) and returns the encoded reply. The
+masked-input task reads the node's vector through ``get_input`` and, when the payload
+carries ``clip``, quantizes real values with the round's modulus first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from shoal.crypto.quantize import Quantizer
+from shoal.crypto.secagg.messages import (
+    AdvertiseRequest,
+    MaskedInputRequest,
+    ShareKeysRequest,
+    UnmaskRequest,
+)
+from shoal.crypto.secagg.node import SecAggNode
+from shoal.errors import ProtocolError, TaskError
+
+__all__ = [
+    "ADVERTISE_TASK",
+    "MASKED_INPUT_TASK",
+    "SHARE_TASK",
+    "STATE_KEY",
+    "UNMASK_TASK",
+    "InputGetter",
+    "kept_input",
+    "quantizer_for",
+    "secagg_tasks",
+]
+
+ADVERTISE_TASK = "shoal.secagg.advertise"
+SHARE_TASK = "shoal.secagg.share"
+MASKED_INPUT_TASK = "shoal.secagg.masked_input"
+UNMASK_TASK = "shoal.secagg.unmask"
+STATE_KEY = "shoal.secagg"
+MAX_SESSIONS = 4  # a node forgets the oldest rounds: their secrets must not pile up
+
+
+class _Context(Protocol):
+    node_id: str
+    state: dict[str, Any]
+
+
+InputGetter = Callable[[Any, Mapping[str, Any]], Any]
+
+
+def kept_input(ctx: Any, payload: Mapping[str, Any]) -> Any:
+    """The vector a node kept from an earlier task: ``payload["handle"]``, ``payload["field"]``."""
+    from shoal.runtime.app import kept_value  # the runtime is a lower layer; import on use
+
+    handle, name = payload.get("handle"), payload.get("field")
+    if not isinstance(handle, str) or not isinstance(name, str):
+        raise TaskError(
+            f"{MASKED_INPUT_TASK} needs 'handle' and 'field' naming the value the node kept"
+        )
+    value = kept_value(ctx, handle)
+    if name not in value:
+        raise TaskError(f"kept value {handle!r} has no field {name!r}; it has {sorted(value)}")
+    return value[name]
+
+
+def quantizer_for(clip: float, *, nodes: int, bits: int) -> Quantizer:
+    """The quantizer nodes and server share for a round of ``nodes`` with modulus 2**bits."""
+    return Quantizer(clip=clip, max_inputs=nodes, bits=bits)
+
+
+def _sessions(ctx: _Context) -> OrderedDict[str, SecAggNode]:
+    sessions: OrderedDict[str, SecAggNode] = ctx.state.setdefault(STATE_KEY, OrderedDict())
+    return sessions
+
+
+def _session(ctx: _Context, round_id: str) -> SecAggNode:
+    node = _sessions(ctx).get(round_id)
+    if node is None:
+        raise ProtocolError(
+            f"node {ctx.node_id!r} has no SecAgg session for round {round_id!r} (never "
+            "advertised, or forgotten)"
+        )
+    return node
+
+
+def secagg_tasks(get_input: InputGetter = kept_input) -> dict[str, Callable[..., Any]]:
+    """The four node-side tasks, by name."""
+
+    def advertise(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
+        request = AdvertiseRequest.from_dict(payload)
+        sessions = _sessions(ctx)
+        round_id = request.params.round_id
+        if round_id in sessions:
+            raise ProtocolError(f"round {round_id!r} was already advertised; keys are not reissued")
+        node = SecAggNode(node_id=ctx.node_id)
+        reply = node.advertise(request)
+        sessions[round_id] = node
+        while len(sessions) > MAX_SESSIONS:
+            sessions.popitem(last=False)
+        return reply.to_dict()
+
+    def share(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
+        request = ShareKeysRequest.from_dict(payload)
+        return _session(ctx, request.round_id).share_keys(request).to_dict()
+
+    def masked_input(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
+        request = MaskedInputRequest.from_dict(payload)
+        node = _session(ctx, request.round_id)
+        params = node.params
+        if params is None:
+            raise ProtocolError("the SecAgg session has no parameters yet")
+        value = np.asarray(get_input(ctx, payload))
+        clip = payload.get("clip")
+        if clip is not None:
+            if not isinstance(clip, (int, float)) or isinstance(clip, bool):
+                raise ProtocolError("'clip' must be a number")
+            value = quantizer_for(float(clip), nodes=len(params.nodes), bits=params.bits).quantize(
+                value.ravel()
+            )
+        return node.masked_input(request, value).to_dict()
+
+    def unmask(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
+        request = UnmaskRequest.from_dict(payload)
+        return _session(ctx, request.round_id).unmask(request).to_dict()
+
+    return {
+        ADVERTISE_TASK: advertise,
+        SHARE_TASK: share,
+        MASKED_INPUT_TASK: masked_input,
+        UNMASK_TASK: unmask,
+    }

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from shoal.crypto import Quantizer
+from shoal.errors import AggregationError, ConfigError
+
+floats = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(np.float64, st.integers(1, 50), elements=floats),
+    st.floats(1e-3, 1e2),
+    st.integers(1, 1000),
+    st.sampled_from([16, 24, 32, 48, 64]),
+)
+def test_each_input_within_one_step(x: np.ndarray, clip: float, n: int, bits: int) -> None:
+    if (2**bits - 1) // n < 1:
+        return
+    q = Quantizer(clip=clip, max_inputs=n, bits=bits)
+    codes = q.quantize(x, rng=np.random.default_rng(0))
+    assert codes.dtype == q.dtype and codes.shape == x.shape
+    assert int(codes.max()) <= q.levels
+    assert q.levels * n <= 2**bits - 1  # a sum of n inputs never wraps
+    err = np.abs(q.dequantize(codes) - np.clip(x, -clip, clip))
+    assert np.all(err <= q.step * (1 + 1e-9) + 1e-12 * clip)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 20), st.floats(0.1, 10.0), st.integers(0, 2**32 - 1))
+def test_sum_of_inputs_dequantizes_with_offset(count: int, clip: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    q = Quantizer(clip=clip, max_inputs=20, bits=32)
+    xs = rng.uniform(-2 * clip, 2 * clip, size=(count, 30))
+    total = np.zeros(30, dtype=np.uint32)
+    for x in xs:
+        total += q.quantize(x, rng=rng)
+    estimate = q.dequantize_sum(total, count=count)
+    exact = np.clip(xs, -clip, clip).sum(axis=0)
+    assert np.all(np.abs(estimate - exact) <= count * q.step * (1 + 1e-9))
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    q = Quantizer(clip=1.0, max_inputs=1, bits=3)  # coarse grid: 7 levels, step 2/7
+    x = np.full(200_000, 0.1)
+    values = q.dequantize(q.quantize(x, rng=np.random.default_rng(1)))
+    assert len(np.unique(values)) == 2  # rounds to the two neighbouring grid points
+    # standard error of the mean is < step / (2 sqrt(n)) ~ 3.2e-4; allow 6 of them
+    assert abs(values.mean() - 0.1) < 2e-3
+
+
+def test_default_rng_draws_fresh_randomness() -> None:
+    q = Quantizer(clip=1.0, max_inputs=1, bits=4)
+    x = np.full(1000, 0.05)
+    assert not np.array_equal(q.quantize(x), q.quantize(x))
+
+
+def test_validation() -> None:
+    with pytest.raises(ConfigError, match="bits"):
+        Quantizer(clip=1.0, max_inputs=300, bits=8)
+    with pytest.raises(ConfigError):
+        Quantizer(clip=0.0, max_inputs=1)
+    with pytest.raises(ConfigError):
+        Quantizer(clip=float("inf"), max_inputs=1)
+    with pytest.raises(ConfigError):
+        Quantizer(clip=1.0, max_inputs=0)
+    with pytest.raises(ConfigError):
+        Quantizer(clip=1.0, max_inputs=1, bits=65)
+    q = Quantizer(clip=1.0, max_inputs=4, bits=16)
+    with pytest.raises(AggregationError, match="non-finite"):
+        q.quantize(np.array([0.0, np.nan]))
+    with pytest.raises(ConfigError):
+        q.dequantize_sum(np.zeros(2, dtype=np.uint32), count=5)
+    with pytest.raises(AggregationError):
+        q.dequantize_sum(np.array([q.levels * 2 + 1], dtype=np.uint32), count=2)
+    with pytest.raises(AggregationError):
+        q.dequantize_sum(np.array([0.5]), count=1)
