@@ -27,5 +27,9 @@ def plain_sum(values: NodeValues) -> Any:
 
 def plain_mean(values: NodeValues, *, weights: NodeValues | None = None) -> Any:
     gathered = values.gather(weights=weights)
-    vector = np.average(gathered.rows, axis=0, weights=gathered.weights)
+    if gathered.weights is None:
+        # Not np.average: it divides by zero when the values are empty arrays.
+        vector = gathered.rows.mean(axis=0)
+    else:
+        vector = np.average(gathered.rows, axis=0, weights=gathered.weights)
     return finish(values, vector, gathered.layout)

@@ -206,7 +206,7 @@ class NodeValues:
             fields = [f for f in fields if not self._is_json_everywhere(f)] or fields
         weight_field: str | None = None
         if weights is not None:
-            if weights.handle != self.handle:
+            if weights.handle != self.handle or weights.federation is not self.federation:
                 raise AggregationError("weights must come from the same map as the values")
             if len(weights.field_names) != 1:
                 raise AggregationError("weights must be a single field, e.g. out['n']")
@@ -219,6 +219,13 @@ class NodeValues:
             for node, failure in self._failures.items()
             if node in holders and node not in fetched
         }
+        needed = self.federation.min_nodes if min_nodes is None else min_nodes
+        if len(fetched) < max(needed, 1):
+            # Report the failed fetches, not a misleading complaint about the values' types.
+            raise NotEnoughNodes(
+                f"only {len(fetched)} node(s) gave a value, fewer than the minimum of "
+                f"{needed}; excluded: {_summarize(excluded)}"
+            )
         layout = self._majority_layout(fetched, fields)
         rows: list[np.ndarray] = []
         kept_ids: list[str] = []
@@ -235,7 +242,6 @@ class NodeValues:
             rows.append(row)
             kept_ids.append(node)
             weight_values.append(weight)
-        needed = self.federation.min_nodes if min_nodes is None else min_nodes
         if len(rows) < max(needed, 1):
             raise NotEnoughNodes(
                 f"only {len(rows)} node(s) gave a valid value, fewer than the minimum of "
@@ -265,7 +271,8 @@ class NodeValues:
             signature = []
             for field in fields:
                 value = payload.get(field)
-                if isinstance(value, np.ndarray):
+                # Complex arrays are refused: a real-valued row would drop the imaginary part.
+                if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
                     signature.append((field, value.shape, value.dtype.str))
                 elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     signature.append((field, (), "json"))
@@ -275,7 +282,8 @@ class NodeValues:
                 votes[tuple(signature)] += 1
         if not votes:
             raise AggregationError(
-                f"no node returned numeric values for {fields}; aggregates need arrays or numbers"
+                f"no node returned numeric values for {fields}; aggregates need real-valued "
+                "arrays (bool, int, float) or numbers"
             )
         return votes.most_common(1)[0][0]
 
@@ -300,7 +308,10 @@ def _flatten(
         if dtype == "json":
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 return f"field {name!r} is not a number", np.empty(0)
-            array = np.asarray([value], dtype=np.float64)
+            try:
+                array = np.asarray([value], dtype=np.float64)
+            except OverflowError:  # an integer beyond float64 range, from a faulty or hostile node
+                return f"field {name!r} is a number too large for float64", np.empty(0)
         else:
             if not isinstance(value, np.ndarray):
                 return f"field {name!r} is not an array", np.empty(0)
@@ -324,6 +335,10 @@ def _weight(value: Any) -> tuple[str | None, float]:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "weight is not a number", 0.0
+    try:
+        value = float(value)
+    except OverflowError:
+        return "weight is a number too large for float64", 0.0
     if not np.isfinite(value) or value < 0:
         return f"weight {value!r} is not a finite non-negative number", 0.0
     return None, float(value)
