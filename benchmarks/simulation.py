@@ -78,9 +78,7 @@ def run_one(nodes: int, rounds: int, seed: int) -> dict[str, Any]:
             position += w.size
         return out
 
-    engine = LocalEngine(
-        learning_app(model), data=factory, nodes=nodes, seed=seed, cache_size=256
-    )
+    engine = LocalEngine(learning_app(model), data=factory, nodes=nodes, seed=seed, cache_size=256)
     federation = Federation(engine, seed=seed)
     state = algorithm.init(model.get_weights())
 
@@ -123,7 +121,10 @@ def main() -> int:
         command += ["--rounds", str(args.rounds), "--seed", str(args.seed)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-    header = f"{'nodes':>7} {'floor s/round':>14} {'shoal s/round':>14} {'overhead':>9} {'peak RSS MB':>12}"
+    header = (
+        f"{'nodes':>7} {'floor s/round':>14} {'shoal s/round':>14} {'overhead':>9}"
+        f" {'peak RSS MB':>12}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
