@@ -239,10 +239,10 @@ def _parse_receipt(receipt: Mapping[str, Any], handle: str) -> dict[str, FieldSp
         raise WireError("the node's receipt does not describe the value it kept")
     specs: dict[str, FieldSpec] = {}
     for name, spec in fields.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str):
-            raise WireError(f"bad field description for {name!r}")
-        shape = spec.get("shape")
+        if not isinstance(spec, list) or len(spec) != 2 or not isinstance(spec[0], str):
+            raise WireError(f"bad field description for {name!r}: expected [dtype, shape]")
+        dtype, shape = spec
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise WireError(f"bad shape for field {name!r}")
-        specs[name] = FieldSpec(dtype=spec["dtype"], shape=tuple(shape))
+        specs[name] = FieldSpec(dtype=dtype, shape=tuple(shape))
     return specs

@@ -170,13 +170,14 @@ def _keep(ctx: TaskContext, handle: str, result: dict[str, Any], max_kept: int) 
     kept[handle] = result
     while len(kept) > max_kept:
         kept.popitem(last=False)
+    # Compact on purpose (name -> [dtype, shape]): every node sends one receipt per map.
     fields: dict[str, Any] = {}
     for key, value in result.items():
         if isinstance(value, (np.ndarray, np.generic)):
             array = np.asarray(value)
-            fields[key] = {"dtype": array.dtype.str, "shape": list(array.shape)}
+            fields[key] = [array.dtype.str, list(array.shape)]
         else:
-            fields[key] = {"dtype": "json", "shape": []}
+            fields[key] = ["json", []]
     return {"kept": handle, "fields": fields}
 
 

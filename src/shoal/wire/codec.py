@@ -110,16 +110,20 @@ def _check_json(value: object, limits: WireLimits, depth: int = 0) -> None:
         return
     if depth >= limits.max_json_depth:
         raise WireError(f"JSON value nested deeper than {limits.max_json_depth} levels")
+    # Atoms inside containers are skipped inline: a call per atom dominated small messages.
     if isinstance(value, (list, tuple)):
         for item in value:
-            _check_json(item, limits, depth + 1)
+            if type(item) not in _JSON_ATOMS:
+                _check_json(item, limits, depth + 1)
         return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise WireError(f"JSON object keys must be strings, got {key!r}")
-            _check_json(key, limits, depth + 1)
-            _check_json(item, limits, depth + 1)
+            if len(key) > limits.max_string_chars:
+                _check_json(key, limits, depth + 1)  # raises with the message
+            if type(item) not in _JSON_ATOMS:
+                _check_json(item, limits, depth + 1)
         return
     raise WireError(
         f"cannot send a {type(value).__name__} over the wire: payload values must be NumPy "
