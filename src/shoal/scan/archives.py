@@ -1,0 +1,196 @@
+"""Zip and tar archives: every member is scanned, one at a time, with size and depth limits.
+
+Zip members are read from their local headers directly (as PyTorch's reader does), so flag
+bits such as "encrypted" or a wrong CRC cannot hide a member from the scan.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import tarfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+from shoal.scan.pickle_scan import Sink
+from shoal.scan.report import ScanLimits, Severity
+from shoal.scan.streams import Budget, Decompressed, Slice, Source
+
+__all__ = ["MemberHint", "scan_tar", "scan_zip"]
+
+
+@dataclass(frozen=True)
+class MemberHint:
+    """What the archive says about a member, so the member scanner can interpret it."""
+
+    torch: bool = False  # pickles here use torch persistent ids
+    keras_weights: bool = False  # HDF5 weights inside a .keras archive
+
+
+# scan_member(source, name, hint) -> format of the member ("" if unrecognised)
+ScanMember = Callable[[Source, str, MemberHint], str]
+
+_TORCH_DATA = re.compile(r"(?:[^/]+/)?data\.pkl")
+_TORCH_STORAGE = re.compile(r"(?:[^/]+/)?data/[^/]+")
+_TORCH_META = re.compile(
+    r"(?:[^/]+/)?(?:version|byteorder|\.format_version|\.storage_alignment|"
+    r"\.data/serialization_id|data/serialization_id|\.data/version)"
+)
+
+
+def _bad_name(name: str) -> bool:
+    parts = re.split(r"[\\/]+", name)
+    return name.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:", name)) or ".." in parts
+
+
+def scan_zip(
+    f: IO[bytes],
+    sink: Sink,
+    *,
+    limits: ScanLimits,
+    scan_member: ScanMember,
+    budget: Budget | None = None,
+) -> str:
+    try:
+        zf = zipfile.ZipFile(f)
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+        sink.add(Severity.MEDIUM, "malformed", f"zip archive cannot be read: {exc}", 0)
+        return "zip"
+    names = [i.filename for i in infos]
+    torch = any(_TORCH_DATA.fullmatch(n) for n in names)
+    torchscript = torch and any("/code/" in n or n.startswith("code/") for n in names)
+    keras = "config.json" in names and ("metadata.json" in names or "model.weights.h5" in names)
+    npz = bool(names) and all(n.endswith(".npy") for n in names)
+    fmt = "torch" if torch else "keras" if keras else "npz" if npz else "zip"
+    if torchscript:
+        fmt = "torchscript"
+        sink.add(
+            Severity.MEDIUM,
+            "torchscript",
+            "TorchScript archive: torch.jit.load runs its compiled code",
+            0,
+        )
+    if len(set(names)) != len(names):
+        sink.add(
+            Severity.LOW,
+            "duplicate-member",
+            "duplicate member names (loaders disagree on which copy wins; all were scanned)",
+            0,
+        )
+    if len(infos) > limits.max_members:
+        sink.add(
+            Severity.MEDIUM,
+            "limit",
+            f"archive has {len(infos)} members; only the first {limits.max_members} scanned",
+            0,
+        )
+        infos = infos[: limits.max_members]
+    outer = sink.where
+    for info in infos:
+        name = info.filename
+        if _bad_name(name):
+            sink.add(
+                Severity.MEDIUM, "path-traversal", f"member name {name!r} escapes the folder", 0
+            )
+        if info.is_dir():
+            continue
+        if torch and (_TORCH_STORAGE.fullmatch(name) or _TORCH_META.fullmatch(name)):
+            continue  # raw tensor bytes and metadata: torch never unpickles them
+        sink.where = f"{outer}/{name}" if outer else name
+        try:
+            try:
+                src = _member_source(f, zf, info, limits, budget)
+            except (_MemberError, zipfile.BadZipFile, OSError, ValueError) as exc:
+                sink.add(Severity.MEDIUM, "malformed", f"member cannot be read: {exc}", None)
+                continue
+            if src is None:
+                sink.add(
+                    Severity.MEDIUM,
+                    "unsupported",
+                    f"member compressed with method {info.compress_type} cannot be checked",
+                    info.header_offset,
+                )
+                continue
+            hint = MemberHint(
+                torch=torch and name.endswith(".pkl"),
+                keras_weights=keras and name == "model.weights.h5",
+            )
+            scan_member(src, name, hint)
+        finally:
+            sink.where = outer
+    return fmt
+
+
+def _member_source(
+    f: IO[bytes],
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    limits: ScanLimits,
+    budget: Budget | None,
+) -> Source | None:
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise _MemberError(f"member {info.filename!r} has no local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    raw = Slice(base=f, start=start, length=info.compress_size)
+    method = info.compress_type
+    if method == zipfile.ZIP_STORED:
+        return raw
+    if method == zipfile.ZIP_DEFLATED:
+        return Decompressed(base=raw, codec="deflate", limit=limits.max_member_bytes, budget=budget)
+    if method == zipfile.ZIP_BZIP2:
+        return Decompressed(base=raw, codec="bz2", limit=limits.max_member_bytes, budget=budget)
+    if method == zipfile.ZIP_LZMA and not info.flag_bits & 0x1:
+        stream: Source = zf.open(info)
+        return stream
+    return None
+
+
+class _MemberError(OSError):
+    pass
+
+
+def scan_tar(src: IO[bytes], sink: Sink, *, limits: ScanLimits, scan_member: ScanMember) -> str:
+    fmt = "tar"
+    outer = sink.where
+    try:
+        with tarfile.open(fileobj=src, mode="r:") as tf:
+            count = 0
+            for member in tf:
+                count += 1
+                if count > limits.max_members:
+                    sink.add(Severity.MEDIUM, "limit", "too many tar members", None)
+                    break
+                name = member.name
+                if _bad_name(name):
+                    sink.add(
+                        Severity.MEDIUM, "path-traversal", f"member name {name!r} escapes", None
+                    )
+                if member.issym() or member.islnk():
+                    sink.add(
+                        Severity.LOW,
+                        "link-member",
+                        f"{name!r} links to {member.linkname!r} (matters if extracted)",
+                        None,
+                    )
+                    continue
+                if not member.isfile():
+                    continue
+                if name in ("pickle", "storages", "tensors", "sys_info"):
+                    fmt = "torch-legacy-tar"
+                fobj = tf.extractfile(member)
+                if fobj is None:
+                    continue
+                sink.where = f"{outer}/{name}" if outer else name
+                try:
+                    scan_member(fobj, name, MemberHint(torch=name == "pickle"))
+                finally:
+                    sink.where = outer
+    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
+        sink.add(Severity.MEDIUM, "malformed", f"tar archive cannot be read fully: {exc}", None)
+    return fmt

@@ -1,0 +1,1065 @@
+"""Symbolic pickle analysis: walk the opcodes, simulate stack and memo, classify every import.
+
+Nothing is imported or executed. Opcodes and their argument formats come from ``pickletools``
+(its opcode table and line readers); arguments are read here rather than through
+``pickletools.genops`` because genops materialises every length-prefixed argument, and a
+single BINBYTES8 in a hostile file can claim terabytes. Large arguments are skipped instead.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import pickletools
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.scan.allowlist import classify_global, normalize_global
+from shoal.scan.report import ScanLimits, Severity
+from shoal.scan.streams import ByteReader
+
+__all__ = ["TORCH_LEGACY_MAGIC", "PickleOutcome", "Sink", "scan_pickle_stream"]
+
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+# Arguments up to this size are kept (names, small strings); larger ones are skipped.
+_KEEP_BYTES = 1 << 16
+_LINE_LIMIT = 1 << 16
+_CONTAINER_KEEP = 512  # items remembered per list/dict (the rest are only counted)
+_KEPT_BUDGET = 2_000_000  # items remembered across all containers of one stream
+_MAX_NESTED = 16  # pickles nested inside joblib object arrays
+
+_OPCODES: dict[int, tuple[str, str | None]] = {
+    ord(op.code.encode("latin-1")): (op.name, op.arg.name if op.arg else None)
+    for op in pickletools.opcodes
+}
+_DTYPE_CODE = re.compile(r"[A-Za-z?][0-9]*")
+_SIMPLE_DTYPE = re.compile(r"([<>|=]?)([?biufcOSaUVMm])([0-9]*)(\[[A-Za-z0-9]+\])?")
+
+
+def simple_dtype(descr: str) -> tuple[int, bool] | None:
+    """(itemsize, hasobject) of a plain dtype string like '<f8', '|O' or '<M8[ns]', without
+    importing NumPy; None for anything else (callers then ask NumPy)."""
+    m = _SIMPLE_DTYPE.fullmatch(descr)
+    if m is None:
+        return None
+    kind, digits = m.group(2), m.group(3)
+    n = int(digits) if digits else None
+    if m.group(4) and kind not in "Mm":
+        return None
+    if kind == "O":
+        return (8, True) if n in (None, 8) else None
+    if kind == "?":
+        return (1, False) if n in (None, 1) else None
+    if kind in "Mm":
+        return (8, False) if n in (None, 8) else None
+    if kind in "SaV":
+        return (n, False) if n is not None else None
+    if kind == "U":
+        return (4 * n, False) if n is not None else None
+    if n is None or (kind == "b" and n != 1):
+        return None
+    valid = {"i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "f": (2, 4, 8, 12, 16), "c": (8, 16, 24, 32)}
+    if kind == "b":
+        return 1, False
+    return (n, False) if n in valid[kind] else None
+
+
+class Sink:
+    """Collects findings for one top-level file; ``where`` prefixes nested member paths."""
+
+    def __init__(self, *, limit: int) -> None:
+        self._limit = limit
+        self._seen: dict[tuple[Severity, str, str], list[Any]] = {}
+        self._order: list[tuple[Severity, str, str]] = []
+        self.where = ""
+        self.overflow = 0
+
+    def add(self, severity: Severity, kind: str, detail: str, offset: int | None) -> None:
+        if self.where:
+            detail = f"{self.where}: {detail}"
+        self._add_key((severity, kind, detail), offset)
+
+    def scratch(self) -> Sink:
+        """An empty sink with the same context, for analyses that may be thrown away."""
+        other = Sink(limit=self._limit)
+        other.where = self.where
+        return other
+
+    def merge(self, other: Sink) -> None:
+        for key in other._order:
+            offset, count = other._seen[key]
+            self._add_key(key, offset, count)
+        self.overflow += other.overflow
+
+    def _add_key(self, key: tuple[Severity, str, str], offset: int | None, count: int = 1) -> None:
+        hit = self._seen.get(key)
+        if hit is not None:
+            hit[1] += count
+            return
+        if len(self._order) >= self._limit:
+            self.overflow += 1
+            return
+        self._seen[key] = [offset, count]
+        self._order.append(key)
+
+    def items(self) -> list[tuple[Severity, str, str, int | None]]:
+        out = []
+        for key in self._order:
+            offset, count = self._seen[key]
+            sev, kind, detail = key
+            if count > 1:
+                detail = f"{detail} (x{count})"
+            out.append((sev, kind, detail, offset))
+        return out
+
+    @property
+    def worst(self) -> Severity:
+        return max((k[0] for k in self._order), default=Severity.NONE)
+
+
+class _Malformed(Exception):
+    """The real unpickler would raise here; analysis of this pickle stops."""
+
+
+class _Abort(Exception):
+    """A limit was hit or the stream cannot be followed further; already reported."""
+
+
+# --- symbolic values -------------------------------------------------------------------------
+
+
+class _Glob:
+    __slots__ = ("module", "name", "severity")
+
+    def __init__(self, module: str, name: str, severity: Severity) -> None:
+        self.module = module
+        self.name = name
+        self.severity = severity
+
+    @property
+    def qual(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+class _Obj:
+    """Result of a call or construction; ``origin`` is None when the callable was computed."""
+
+    __slots__ = ("args", "origin", "state")
+
+    def __init__(self, origin: _Glob | None, args: Any = None) -> None:
+        self.origin = origin
+        self.args = args
+        self.state: Any = None
+
+
+class _List:
+    __slots__ = ("items", "n")
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.n = 0
+
+
+class _Dict:
+    __slots__ = ("n", "pairs")
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Any, Any]] = []
+        self.n = 0
+
+    def get(self, key: str) -> Any:
+        for k, v in self.pairs:
+            if k == key and type(k) is str:
+                return v
+        return _MISSING
+
+
+class _Opaque:
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+class _Blob:
+    """A string or bytes value too long to keep."""
+
+    __slots__ = ("kind", "size")
+
+    def __init__(self, kind: str, size: int) -> None:
+        self.kind = kind
+        self.size = size
+
+
+_MISSING = _Opaque("missing")
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, _Glob):
+        return f"imported {v.qual}"
+    if isinstance(v, _Obj):
+        return f"result of calling {v.origin.qual}" if v.origin else "result of a computed call"
+    if isinstance(v, _Opaque):
+        return v.what
+    if isinstance(v, _Blob):
+        return f"{v.kind} of {v.size} bytes"
+    if isinstance(v, (_List, _Dict)):
+        return type(v).__name__.strip("_").lower()
+    if isinstance(v, tuple):
+        inner = ", ".join(_describe(x) for x in v[:4])
+        return f"({inner}{', ...' if len(v) > 4 else ''})"
+    if isinstance(v, (str, bytes)):
+        v = v[:80]
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class PickleOutcome:
+    """What one stream of (possibly concatenated) pickles turned out to be."""
+
+    format: str  # "pickle", "joblib", "torch-legacy" or "" when it is not a pickle at all
+    pickles: int
+
+
+class _Analyzer:
+    """One pickle, opcode by opcode, on a shared reader (joblib arrays may nest more)."""
+
+    def __init__(
+        self,
+        reader: ByteReader,
+        sink: Sink,
+        *,
+        limits: ScanLimits,
+        torch: bool,
+        depth: int = 0,
+    ) -> None:
+        self.r = reader
+        self.sink = sink
+        self.limits = limits
+        self.torch = torch
+        self.depth = depth
+        self.stack: list[Any] = []
+        self.metastack: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.memo_dropped = False
+        self.proto = 0
+        self.ops = 0
+        self.imports = 0
+        self.kept = 0
+        self.started_with_proto = False
+        self.joblib = False
+        self.pos = 0
+        self._dispatch = self._build_dispatch()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def report(self, sev: Severity, kind: str, detail: str) -> None:
+        self.sink.add(sev, kind, detail, self.pos)
+
+    def push(self, v: Any) -> None:
+        self.stack.append(v)
+        if len(self.stack) > self.limits.max_pickle_stack:
+            self.report(
+                Severity.MEDIUM, "limit", "pickle stack exceeds the scan limit; rest not verified"
+            )
+            raise _Abort
+
+    def pop(self) -> Any:
+        if not self.stack:
+            raise _Malformed("stack underflow")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if not self.stack:
+            raise _Malformed("stack underflow")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list[Any]:
+        if not self.metastack:
+            raise _Malformed("MARK expected but missing")
+        items = self.stack
+        self.stack = self.metastack.pop()
+        return items
+
+    def _keep(self, n: int) -> bool:
+        self.kept += n
+        return self.kept <= _KEPT_BUDGET
+
+    def u(self, n: int, fmt: str) -> int:
+        data = self.r.take(n)
+        if len(data) != n:
+            raise _Malformed("truncated opcode argument")
+        value: int = struct.unpack(fmt, data)[0]
+        return value
+
+    def line(self) -> tuple[bytes, bool]:
+        data, total, newline = self.r.line(_LINE_LIMIT)
+        if not newline:
+            raise _Malformed("truncated line argument")
+        return data, total <= _LINE_LIMIT
+
+    def text_line(self, reader: Callable[[io.BytesIO], Any]) -> Any:
+        data, complete = self.line()
+        if not complete:
+            return _Blob("line", len(data))
+        try:
+            return reader(io.BytesIO(data + b"\n"))
+        except (ValueError, UnicodeDecodeError, OverflowError) as exc:
+            raise _Malformed(f"bad argument: {exc}") from None
+
+    def blob(self, n: int, kind: str) -> Any:
+        if n < 0:
+            raise _Malformed("negative length")
+        if n <= _KEEP_BYTES:
+            data = self.r.take(n)
+            if len(data) != n:
+                raise _Malformed(f"truncated {kind}")
+            if kind == "str":
+                try:
+                    return data.decode("utf-8", "surrogatepass")
+                except UnicodeDecodeError:
+                    raise _Malformed("invalid UTF-8 in string") from None
+            if kind == "bstr":  # protocol 0-2 str: decoded by the loader's encoding
+                return data.decode("latin-1")
+            return data
+        if self.r.skip(n) != n:
+            raise _Malformed(f"truncated {kind} ({n} bytes declared)")
+        return _Blob(kind, n)
+
+    # -- main loop ----------------------------------------------------------------------------
+
+    def run(self) -> Any:
+        """Analyse up to and including STOP; returns the symbolic result."""
+        dispatch = self._dispatch
+        r = self.r
+        while True:
+            self.pos = r.pos
+            code = r.byte()
+            if code < 0:
+                raise _Malformed("pickle ends without STOP")
+            handler = dispatch.get(code)
+            if handler is None:
+                raise _Malformed(f"invalid opcode 0x{code:02x}")
+            self.ops += 1
+            if self.ops > self.limits.max_pickle_ops:
+                self.report(Severity.MEDIUM, "limit", "pickle has too many opcodes to analyse")
+                raise _Abort
+            if handler():
+                return self.stack.pop() if self.stack else None
+
+    def _build_dispatch(self) -> dict[int, Callable[[], bool | None]]:
+        table: dict[int, Callable[[], bool | None]] = {}
+        for code, (name, _arg) in _OPCODES.items():
+            method = getattr(self, "op_" + name, None)
+            if method is None:  # pragma: no cover - every opcode has a handler
+                raise RuntimeError(f"no handler for {name}")
+            table[code] = method
+        return table
+
+    # -- constants ----------------------------------------------------------------------------
+
+    def op_PROTO(self) -> None:
+        if self.ops == 1:
+            self.started_with_proto = True
+        proto = self.u(1, "<B")
+        if proto > 5:
+            raise _Malformed(f"unsupported pickle protocol {proto}")
+        self.proto = proto
+
+    def op_FRAME(self) -> None:
+        self.u(8, "<Q")
+
+    def op_STOP(self) -> bool:
+        if not self.stack:
+            raise _Malformed("STOP with an empty stack")
+        return True
+
+    def op_INT(self) -> None:
+        self.push(self.text_line(pickletools.read_decimalnl_short))
+
+    def op_LONG(self) -> None:
+        self.push(self.text_line(pickletools.read_decimalnl_long))
+
+    def op_FLOAT(self) -> None:
+        self.push(self.text_line(pickletools.read_floatnl))
+
+    def op_BININT(self) -> None:
+        self.push(self.u(4, "<i"))
+
+    def op_BININT1(self) -> None:
+        self.push(self.u(1, "<B"))
+
+    def op_BININT2(self) -> None:
+        self.push(self.u(2, "<H"))
+
+    def op_LONG1(self) -> None:
+        n = self.u(1, "<B")
+        data = self.r.take(n)
+        if len(data) != n:
+            raise _Malformed("truncated LONG1")
+        self.push(int.from_bytes(data, "little", signed=True))
+
+    def op_LONG4(self) -> None:
+        n = self.u(4, "<i")
+        if n < 0:
+            raise _Malformed("negative LONG4 length")
+        if n > 64:
+            self.blob(n, "long")
+            self.push(_Opaque(f"{n}-byte integer"))
+            return
+        data = self.r.take(n)
+        if len(data) != n:
+            raise _Malformed("truncated LONG4")
+        self.push(int.from_bytes(data, "little", signed=True))
+
+    def op_BINFLOAT(self) -> None:
+        data = self.r.take(8)
+        if len(data) != 8:
+            raise _Malformed("truncated BINFLOAT")
+        self.push(struct.unpack(">d", data)[0])
+
+    def op_NONE(self) -> None:
+        self.push(None)
+
+    def op_NEWTRUE(self) -> None:
+        self.push(True)
+
+    def op_NEWFALSE(self) -> None:
+        self.push(False)
+
+    def op_STRING(self) -> None:
+        data, complete = self.line()
+        if not complete:
+            self.push(_Blob("str", len(data)))
+            return
+        if len(data) < 2 or data[0] != data[-1] or data[:1] not in (b"'", b'"'):
+            raise _Malformed("STRING argument is not quoted")
+        try:
+            raw = codecs.escape_decode(data[1:-1])[0]
+        except ValueError as exc:
+            raise _Malformed(f"bad STRING escape: {exc}") from None
+        self.push(raw.decode("latin-1"))
+
+    def op_BINSTRING(self) -> None:
+        self.push(self.blob(self.u(4, "<i"), "bstr"))
+
+    def op_SHORT_BINSTRING(self) -> None:
+        self.push(self.blob(self.u(1, "<B"), "bstr"))
+
+    def op_BINBYTES(self) -> None:
+        self.push(self.blob(self.u(4, "<I"), "bytes"))
+
+    def op_SHORT_BINBYTES(self) -> None:
+        self.push(self.blob(self.u(1, "<B"), "bytes"))
+
+    def op_BINBYTES8(self) -> None:
+        self.push(self.blob(self.u(8, "<Q"), "bytes"))
+
+    def op_BYTEARRAY8(self) -> None:
+        v = self.blob(self.u(8, "<Q"), "bytes")
+        self.push(v if isinstance(v, _Blob) else _Opaque("bytearray"))
+
+    def op_UNICODE(self) -> None:
+        self.push(self.text_line(pickletools.read_unicodestringnl))
+
+    def op_SHORT_BINUNICODE(self) -> None:
+        self.push(self.blob(self.u(1, "<B"), "str"))
+
+    def op_BINUNICODE(self) -> None:
+        self.push(self.blob(self.u(4, "<I"), "str"))
+
+    def op_BINUNICODE8(self) -> None:
+        self.push(self.blob(self.u(8, "<Q"), "str"))
+
+    def op_NEXT_BUFFER(self) -> None:
+        self.report(
+            Severity.MEDIUM,
+            "out-of-band-buffer",
+            "NEXT_BUFFER needs buffers supplied by a custom loader; its contents are not here",
+        )
+        self.push(_Opaque("out-of-band buffer"))
+
+    def op_READONLY_BUFFER(self) -> None:
+        self.top()
+
+    # -- containers and stack -----------------------------------------------------------------
+
+    def op_MARK(self) -> None:
+        self.metastack.append(self.stack)
+        self.stack = []
+        if len(self.metastack) > self.limits.max_pickle_stack:
+            self.report(Severity.MEDIUM, "limit", "MARK nesting exceeds the scan limit")
+            raise _Abort
+
+    def op_POP(self) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self.pop_mark()
+
+    def op_POP_MARK(self) -> None:
+        self.pop_mark()
+
+    def op_DUP(self) -> None:
+        self.push(self.top())
+
+    def op_EMPTY_TUPLE(self) -> None:
+        self.push(())
+
+    def op_TUPLE(self) -> None:
+        self.push(tuple(self.pop_mark()))
+
+    def op_TUPLE1(self) -> None:
+        self.push((self.pop(),))
+
+    def op_TUPLE2(self) -> None:
+        b = self.pop()
+        a = self.pop()
+        self.push((a, b))
+
+    def op_TUPLE3(self) -> None:
+        c = self.pop()
+        b = self.pop()
+        a = self.pop()
+        self.push((a, b, c))
+
+    def op_EMPTY_LIST(self) -> None:
+        self.push(_List())
+
+    def op_LIST(self) -> None:
+        lst = _List()
+        self._extend(lst, self.pop_mark())
+        self.push(lst)
+
+    def op_EMPTY_DICT(self) -> None:
+        self.push(_Dict())
+
+    def op_DICT(self) -> None:
+        d = _Dict()
+        self._set_items(d, self.pop_mark())
+        self.push(d)
+
+    def op_EMPTY_SET(self) -> None:
+        self.push(_Opaque("set"))
+
+    def op_FROZENSET(self) -> None:
+        self.pop_mark()
+        self.push(_Opaque("frozenset"))
+
+    def op_APPEND(self) -> None:
+        v = self.pop()
+        self._extend(self._target("APPEND"), [v])
+
+    def op_APPENDS(self) -> None:
+        items = self.pop_mark()
+        self._extend(self._target("APPENDS"), items)
+
+    def op_SETITEM(self) -> None:
+        v = self.pop()
+        k = self.pop()
+        self._set_items(self._target("SETITEM"), [k, v])
+
+    def op_SETITEMS(self) -> None:
+        items = self.pop_mark()
+        self._set_items(self._target("SETITEMS"), items)
+
+    def op_ADDITEMS(self) -> None:
+        self.pop_mark()
+        self._target("ADDITEMS")
+
+    def _target(self, op: str) -> Any:
+        target = self.top()
+        if isinstance(target, _Glob):
+            self.report(
+                Severity.HIGH,
+                "global-mutation",
+                f"{op} modifies {target.qual} itself (changes state the interpreter shares)",
+            )
+        elif not isinstance(target, (_List, _Dict, _Obj, _Opaque)):
+            raise _Malformed(f"{op} on {_describe(target)}")
+        return target
+
+    def _extend(self, target: Any, items: list[Any]) -> None:
+        if isinstance(target, _List):
+            target.n += len(items)
+            room = _CONTAINER_KEEP - len(target.items)
+            if room > 0 and self._keep(min(room, len(items))):
+                target.items.extend(items[:room])
+
+    def _set_items(self, target: Any, items: list[Any]) -> None:
+        if len(items) % 2:
+            raise _Malformed("odd number of items for a dict")
+        if isinstance(target, _Dict):
+            target.n += len(items) // 2
+            room = _CONTAINER_KEEP - len(target.pairs)
+            if room > 0 and self._keep(min(room, len(items) // 2)):
+                pairs = list(zip(items[0::2], items[1::2]))[:room]
+                target.pairs.extend(pairs)
+
+    # -- memo ---------------------------------------------------------------------------------
+
+    def _put(self, index: int) -> None:
+        if index < 0:
+            raise _Malformed("negative memo index")
+        value = self.top()
+        if len(self.memo) >= self.limits.max_pickle_stack and index not in self.memo:
+            self.memo_dropped = True
+            return
+        self.memo[index] = value
+
+    def _get(self, index: int) -> None:
+        if index in self.memo:
+            self.push(self.memo[index])
+        elif self.memo_dropped:
+            self.push(_Opaque("memo entry beyond the scan limit"))
+        else:
+            raise _Malformed(f"memo key {index} was never stored")
+
+    def _index_line(self) -> int:
+        data, complete = self.line()
+        try:
+            if not complete:
+                raise ValueError("overlong")
+            return int(data)
+        except ValueError:
+            raise _Malformed("bad memo index") from None
+
+    def op_PUT(self) -> None:
+        self._put(self._index_line())
+
+    def op_BINPUT(self) -> None:
+        self._put(self.u(1, "<B"))
+
+    def op_LONG_BINPUT(self) -> None:
+        self._put(self.u(4, "<I"))
+
+    def op_MEMOIZE(self) -> None:
+        self._put(len(self.memo))
+
+    def op_GET(self) -> None:
+        self._get(self._index_line())
+
+    def op_BINGET(self) -> None:
+        self._get(self.u(1, "<B"))
+
+    def op_LONG_BINGET(self) -> None:
+        self._get(self.u(4, "<I"))
+
+    # -- imports ------------------------------------------------------------------------------
+
+    def _name_pair(self) -> tuple[str, str] | None:
+        mod_raw, mod_ok = self.line()
+        name_raw, name_ok = self.line()
+        if not (mod_ok and name_ok):
+            return None
+        try:
+            return mod_raw.decode("utf-8"), name_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Malformed("global name is not UTF-8") from None
+
+    def _import(self, module: str, name: str, how: str) -> _Glob:
+        if not all(part.isidentifier() for part in module.split(".")):
+            # The real unpickler's import of such a name fails, so loading stops here.
+            raise _Malformed(f"{how} names module {module[:60]!r}, which cannot be imported")
+        self.imports += 1
+        module, name = normalize_global(module, name)
+        severity, reason = classify_global(module, name)
+        if severity > Severity.NONE:
+            kind = {
+                Severity.MEDIUM: "unknown-import",
+                Severity.HIGH: "suspicious-import",
+                Severity.CRITICAL: "unsafe-import",
+            }.get(severity, "import")
+            self.report(severity, kind, f"{how} {reason}")
+        return _Glob(module, name, severity)
+
+    def _unresolvable(self, how: str, what: str) -> _Glob:
+        self.imports += 1
+        self.report(Severity.HIGH, "computed-import", f"{how} with {what}: cannot be resolved")
+        return _Glob("<computed>", "<computed>", Severity.HIGH)
+
+    def op_GLOBAL(self) -> None:
+        pair = self._name_pair()
+        if pair is None:
+            self.push(self._unresolvable("GLOBAL", "an overlong name"))
+        else:
+            self.push(self._import(pair[0], pair[1], "GLOBAL"))
+
+    def op_STACK_GLOBAL(self) -> None:
+        name = self.pop()
+        module = self.pop()
+        if type(module) is str and type(name) is str:
+            self.push(self._import(module, name, "STACK_GLOBAL"))
+        else:
+            what = f"module {_describe(module)} and name {_describe(name)}"
+            self.push(self._unresolvable("STACK_GLOBAL", what))
+
+    def _ext(self, code: int) -> None:
+        self.imports += 1
+        self.report(
+            Severity.HIGH,
+            "extension-import",
+            f"EXT opcode imports extension code {code} from the copyreg registry (unresolvable)",
+        )
+        self.push(_Glob("<extension>", str(code), Severity.HIGH))
+
+    def op_EXT1(self) -> None:
+        self._ext(self.u(1, "<B"))
+
+    def op_EXT2(self) -> None:
+        self._ext(self.u(2, "<H"))
+
+    def op_EXT4(self) -> None:
+        self._ext(self.u(4, "<i"))
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _call(self, func: Any, args: Any, how: str) -> _Obj:
+        if not isinstance(func, _Glob):
+            self.report(
+                Severity.HIGH,
+                "computed-call",
+                f"{how} calls {_describe(func)}, not an imported global (indirect call)",
+            )
+            return _Obj(None, args)
+        if func.severity == Severity.NONE:
+            self._check_args(func, args, how)
+        return _Obj(func, args)
+
+    def _check_args(self, func: _Glob, args: Any, how: str) -> None:
+        if not isinstance(args, tuple):
+            return
+        qual = func.qual
+        if qual in ("builtins.bytearray", "builtins.bytes") and args:
+            n = args[0]
+            if type(n) is int and n > 1 << 30:
+                self.report(Severity.MEDIUM, "allocation", f"{how} {qual}({n}) allocates {n} bytes")
+        elif qual.endswith("multiarray._reconstruct") and len(args) >= 2:
+            shape = args[1]
+            if isinstance(shape, tuple):
+                total = 1
+                for d in shape:
+                    if type(d) is int and d > 0:
+                        total *= d
+                if total > 1 << 31:
+                    self.report(
+                        Severity.MEDIUM, "allocation", f"{how} {qual} allocates {total} elements"
+                    )
+        elif qual == "_codecs.encode":
+            enc = args[1] if len(args) > 1 else None
+            if enc not in ("latin1", "latin-1", "ascii", "utf-8", "utf8"):
+                self.report(
+                    Severity.MEDIUM,
+                    "unknown-import",
+                    f"{how} _codecs.encode with codec {_describe(enc)} (not verified)",
+                )
+
+    def op_REDUCE(self) -> None:
+        args = self.pop()
+        func = self.pop()
+        self.push(self._call(func, args, "REDUCE"))
+
+    def op_NEWOBJ(self) -> None:
+        args = self.pop()
+        cls = self.pop()
+        self.push(self._call(cls, args, "NEWOBJ"))
+
+    def op_NEWOBJ_EX(self) -> None:
+        self.pop()  # kwargs
+        args = self.pop()
+        cls = self.pop()
+        self.push(self._call(cls, args, "NEWOBJ_EX"))
+
+    def op_OBJ(self) -> None:
+        items = self.pop_mark()
+        if not items:
+            raise _Malformed("OBJ without a class")
+        self.push(self._call(items[0], tuple(items[1:]), "OBJ"))
+
+    def op_INST(self) -> None:
+        pair = self._name_pair()
+        cls = (
+            self._unresolvable("INST", "an overlong name")
+            if pair is None
+            else self._import(pair[0], pair[1], "INST")
+        )
+        args = self.pop_mark()
+        self.push(self._call(cls, tuple(args), "INST"))
+
+    def op_BUILD(self) -> None:
+        state = self.pop()
+        inst = self.top()
+        if isinstance(inst, _Glob):
+            self.report(
+                Severity.HIGH,
+                "global-mutation",
+                f"BUILD sets attributes on {inst.qual} itself (mutates a module-level object)",
+            )
+            return
+        self._check_state_keys(state)
+        if isinstance(inst, _Obj):
+            inst.state = state
+            if (
+                inst.origin is not None
+                and inst.origin.qual == "joblib.numpy_pickle.NumpyArrayWrapper"
+            ):
+                self._joblib_array(inst)
+
+    def _check_state_keys(self, state: Any) -> None:
+        dicts = [state]
+        if isinstance(state, tuple) and len(state) == 2:
+            dicts = list(state)
+        for d in dicts:
+            if isinstance(d, _Dict):
+                for k, _v in d.pairs:
+                    if type(k) is str and k.startswith("__") and k.endswith("__"):
+                        self.report(
+                            Severity.HIGH,
+                            "dunder-state",
+                            f"BUILD sets dunder attribute {k!r} (can swap an object's class)",
+                        )
+
+    # -- persistent ids -----------------------------------------------------------------------
+
+    def op_PERSID(self) -> None:
+        data, _complete = self.line()
+        self.push(self._persistent(data.decode("latin-1")))
+
+    def op_BINPERSID(self) -> None:
+        self.push(self._persistent(self.pop()))
+
+    def _persistent(self, pid: Any) -> Any:
+        if not self.torch:
+            self.report(
+                Severity.MEDIUM,
+                "persistent-id",
+                "persistent id: plain pickle.load rejects it and a custom loader decides "
+                "what it loads",
+            )
+            return _Opaque("persistent object")
+        if isinstance(pid, tuple) and pid and pid[0] == "storage" and len(pid) >= 5:
+            storage_type = pid[1]
+            ok = (
+                isinstance(storage_type, _Glob)
+                and storage_type.severity == Severity.NONE
+                and storage_type.module.startswith("torch")
+                and type(pid[2]) is str
+                and type(pid[3]) is str
+                and type(pid[4]) is int
+            )
+            if ok:
+                return _Obj(storage_type)
+        elif isinstance(pid, tuple) and pid and pid[0] == "module":
+            self.report(
+                Severity.LOW,
+                "persistent-id",
+                "legacy torch module-source record (its class is checked as an import)",
+            )
+            return _Opaque("module")
+        self.report(
+            Severity.MEDIUM,
+            "persistent-id",
+            f"unexpected torch persistent id {_describe(pid)}",
+        )
+        return _Opaque("persistent object")
+
+    # -- joblib -------------------------------------------------------------------------------
+
+    def _joblib_array(self, wrapper: _Obj) -> None:
+        """Skip (or recurse into) the array bytes joblib writes right after the wrapper."""
+        self.joblib = True
+        state = wrapper.state
+        info = _joblib_layout(state) if isinstance(state, _Dict) else None
+        if info is None:
+            self.report(
+                Severity.MEDIUM,
+                "unverifiable",
+                "joblib array header cannot be resolved, so the data after it is not verified",
+            )
+            raise _Abort
+        count, itemsize, hasobject, aligned = info
+        if hasobject:
+            if self.depth >= _MAX_NESTED:
+                self.report(Severity.MEDIUM, "limit", "joblib object arrays nested too deeply")
+                raise _Abort
+            nested = _Analyzer(
+                self.r, self.sink, limits=self.limits, torch=self.torch, depth=self.depth + 1
+            )
+            try:
+                nested.run()
+            except _Malformed as exc:
+                self.pos = self.r.pos
+                raise _Malformed(f"in joblib object array: {exc}") from None
+        else:
+            if aligned:
+                pad = self.r.byte()
+                if pad < 0 or self.r.skip(pad) != pad:
+                    raise _Malformed("truncated joblib array padding")
+            size = count * itemsize
+            if self.r.skip(size) != size:
+                raise _Malformed(f"truncated joblib array data ({size} bytes declared)")
+        self.stack[-1] = _Obj(_Glob("numpy", "ndarray", Severity.NONE))
+
+
+def _joblib_layout(state: _Dict) -> tuple[int, int, bool, bool] | None:
+    shape = state.get("shape")
+    dtype = state.get("dtype")
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+        return None
+    dinfo = _dtype_info(dtype, 0)
+    if dinfo is None:
+        return None
+    count = 1
+    for d in shape:
+        count *= d
+    align = state.get("numpy_array_alignment_bytes")
+    aligned = align is not _MISSING and align is not None
+    return count, dinfo[0], dinfo[1], aligned
+
+
+def _dtype_info(dtype: Any, depth: int) -> tuple[int, bool] | None:
+    """(itemsize, hasobject) of a symbolic ``numpy.dtype(...)`` call, or None if unresolvable."""
+    if depth > 8 or not isinstance(dtype, _Obj) or dtype.origin is None:
+        return None
+    if dtype.origin.qual != "numpy.dtype" or not isinstance(dtype.args, tuple) or not dtype.args:
+        return None
+    code = dtype.args[0]
+    if type(code) is not str or not _DTYPE_CODE.fullmatch(code):
+        return None
+    hasobject = code.startswith("O")
+    state = dtype.state
+    elsize = -1
+    if isinstance(state, tuple) and len(state) >= 8:
+        if type(state[5]) is int:
+            elsize = state[5]
+        subdescr, fields = state[2], state[4]
+        if isinstance(subdescr, tuple) and subdescr:
+            sub = _dtype_info(subdescr[0], depth + 1)
+            if sub is None:
+                return None
+            hasobject = hasobject or sub[1]
+        if isinstance(fields, _Dict):
+            if fields.n > len(fields.pairs):
+                return None
+            for _name, spec in fields.pairs:
+                if not isinstance(spec, tuple) or not spec:
+                    return None
+                sub = _dtype_info(spec[0], depth + 1)
+                if sub is None:
+                    return None
+                hasobject = hasobject or sub[1]
+        elif fields is not None:
+            return None
+    if elsize <= 0:
+        simple = simple_dtype(code)
+        if simple is None:
+            import numpy as np
+
+            try:
+                elsize = np.dtype(code).itemsize
+            except TypeError:
+                return None
+        else:
+            elsize = simple[0]
+    if elsize <= 0 and not hasobject:
+        return None
+    return elsize, hasobject
+
+
+def _analyze_one(
+    reader: ByteReader, sink: Sink, *, limits: ScanLimits, torch: bool
+) -> tuple[_Analyzer, Any, str | None]:
+    """Run one pickle; returns (analyzer, value, error-or-None)."""
+    a = _Analyzer(reader, sink, limits=limits, torch=torch)
+    try:
+        value = a.run()
+    except _Malformed as exc:
+        return a, None, str(exc)
+    except _Abort:
+        return a, None, "aborted"
+    return a, value, None
+
+
+def _looks_like_pickle(a: _Analyzer, error: str | None) -> bool:
+    return error is None or a.started_with_proto or a.imports > 0
+
+
+def scan_pickle_stream(
+    reader: ByteReader,
+    sink: Sink,
+    *,
+    limits: ScanLimits,
+    torch: bool = False,
+    probe: bool = False,
+) -> PickleOutcome:
+    """Analyse every pickle in a stream (several may be concatenated).
+
+    With ``probe`` the stream is not known to be a pickle: if the first opcodes do not form one
+    (and import nothing) the outcome's format is "" and nothing is reported.
+    """
+    start = reader.pos
+    first_sink = sink.scratch() if probe else sink
+    a, value, error = _analyze_one(reader, first_sink, limits=limits, torch=torch)
+    if probe:
+        if error is not None and not _looks_like_pickle(a, error):
+            return PickleOutcome(format="", pickles=0)
+        sink.merge(first_sink)
+    if error is not None:
+        if error != "aborted":
+            sink.add(Severity.MEDIUM, "malformed", f"malformed pickle: {error}", a.pos)
+        return PickleOutcome(format="joblib" if a.joblib else "pickle", pickles=1)
+    fmt = "joblib" if a.joblib else "pickle"
+    if value == TORCH_LEGACY_MAGIC and type(value) is int and start == 0:
+        return _torch_legacy(reader, sink, limits=limits)
+    count = 1
+    while not reader.at_eof():
+        if count >= limits.max_pickles_per_stream:
+            sink.add(Severity.MEDIUM, "limit", "too many concatenated pickles", reader.pos)
+            break
+        b, _value, error = _analyze_one(reader, sink, limits=limits, torch=torch)
+        if error is not None:
+            if b.ops <= 1 and b.imports == 0 and error != "aborted":
+                sink.add(
+                    Severity.LOW,
+                    "trailing-data",
+                    "data after the last pickle is not a pickle (pickle.load ignores it)",
+                    b.pos,
+                )
+            elif error != "aborted":
+                sink.add(Severity.MEDIUM, "malformed", f"malformed pickle: {error}", b.pos)
+            break
+        count += 1
+        if b.joblib:
+            fmt = "joblib"
+    return PickleOutcome(format=fmt, pickles=count)
+
+
+def _torch_legacy(reader: ByteReader, sink: Sink, *, limits: ScanLimits) -> PickleOutcome:
+    """Legacy ``torch.save``: magic, protocol, sys_info, the object, storage keys, raw bytes."""
+    for index, what in enumerate(("protocol version", "sys_info", "object", "storage keys")):
+        a, value, error = _analyze_one(reader, sink, limits=limits, torch=True)
+        if error is not None:
+            if error != "aborted":
+                sink.add(
+                    Severity.MEDIUM,
+                    "malformed",
+                    f"legacy torch file: malformed {what} pickle: {error}",
+                    a.pos,
+                )
+            return PickleOutcome(format="torch-legacy", pickles=index + 1)
+        if what == "storage keys" and not (
+            isinstance(value, _List) and all(type(k) is str for k in value.items)
+        ):
+            sink.add(
+                Severity.MEDIUM,
+                "malformed",
+                "legacy torch file: storage key list is not a list of strings",
+                a.pos,
+            )
+    # What follows is raw storage bytes, which torch copies without unpickling.
+    return PickleOutcome(format="torch-legacy", pickles=5)

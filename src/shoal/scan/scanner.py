@@ -1,0 +1,320 @@
+"""Format sniffing and the public scanning API: ``scan_file``, ``scan_bytes``, ``scan_paths``.
+
+The format is decided from content, never from the file name, and every recognised container
+(zip, tar, compressed stream) is opened and its contents scanned the same way, to a depth limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import lzma
+import os
+import re
+import stat
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+from shoal.errors import ConfigError
+from shoal.scan.archives import MemberHint, scan_tar, scan_zip
+from shoal.scan.formats import (
+    HDF5_MAGIC,
+    looks_like_safetensors,
+    scan_hdf5,
+    scan_json,
+    scan_npy,
+    scan_onnx,
+    scan_safetensors,
+)
+from shoal.scan.pickle_scan import Sink, scan_pickle_stream
+from shoal.scan.report import FileReport, Finding, ScanLimits, Severity
+from shoal.scan.streams import Budget, ByteReader, Decompressed, LimitExceeded, Source, spool
+
+__all__ = ["MissingPath", "iter_files", "scan_bytes", "scan_file", "scan_paths"]
+
+
+class MissingPath(ConfigError, FileNotFoundError):
+    """A path given to the scanner does not exist."""
+
+
+_STREAM_ERRORS = (
+    zlib.error,
+    lzma.LZMAError,
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+)
+
+
+def _seekable(src: object) -> bool:
+    try:
+        return bool(src.seekable())  # type: ignore[attr-defined]
+    except Exception:
+        return False
+
+
+def _size(f: IO[bytes]) -> int | None:
+    try:
+        here = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(here)
+        return end
+    except (OSError, ValueError):
+        return None
+
+
+def _compression(head: bytes) -> str | None:
+    if head[:3] == b"\x1f\x8b\x08":
+        return "gzip"
+    bz2_blocks = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
+    if head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] in bz2_blocks:
+        return "bz2"
+    if head[:6] == b"\xfd7zXZ\x00":
+        return "xz"
+    if head[:4] == b"\x04\x22\x4d\x18":
+        return "lz4"
+    if head[:1] == b"\x5d" and len(head) >= 13:
+        try:
+            lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(head, 1)
+            return "lzma"
+        except lzma.LZMAError:
+            return None
+    if len(head) >= 2 and head[0] == 0x78 and (head[0] * 256 + head[1]) % 31 == 0:
+        try:
+            zlib.decompressobj().decompress(head, 1)
+            return "zlib"
+        except zlib.error:
+            return None
+    if head[:2] == b"ZF" and re.fullmatch(rb"0x[0-9a-fA-F]+L?\s*", head[2:21]):
+        return "zfile"  # joblib < 0.10 zlib container: 'ZF' + hex length padded to 19 bytes
+    return None
+
+
+def _has_zip_directory(f: IO[bytes]) -> bool:
+    try:
+        return zipfile.is_zipfile(f)
+    except (OSError, ValueError):
+        return False
+
+
+class _Scanner:
+    def __init__(self, *, sink: Sink, limits: ScanLimits) -> None:
+        self.sink = sink
+        self.limits = limits
+        self.budget = Budget(limits.max_total_bytes)
+        self._spools: list[IO[bytes]] = []
+
+    def close(self) -> None:
+        for f in self._spools:
+            f.close()
+        self._spools.clear()
+
+    def member(self, src: Source, name: str, hint: MemberHint, depth: int) -> str:
+        """Scan a nested stream; stream errors become findings instead of aborting the parent."""
+        try:
+            return self.scan(src, name=name, depth=depth, hint=hint)
+        except LimitExceeded as exc:
+            self.sink.add(Severity.MEDIUM, "limit", f"{exc}; the rest was not verified", None)
+        except _STREAM_ERRORS as exc:
+            self.sink.add(Severity.MEDIUM, "malformed", f"stream cannot be read: {exc}", None)
+        return "unreadable"
+
+    def scan(self, src: Source, *, name: str, depth: int, hint: MemberHint) -> str:
+        limits, sink = self.limits, self.sink
+        if depth > limits.max_depth:
+            sink.add(Severity.MEDIUM, "limit", "nested too deeply; not scanned", None)
+            return "nested"
+        seekable: IO[bytes] | None = src if _seekable(src) else None  # type: ignore[assignment]
+        size = _size(seekable) if seekable is not None else None
+        r = ByteReader(src)
+        head = r.peek(1024)
+        if not head:
+            if depth == 0:
+                sink.add(Severity.LOW, "empty", "empty file", 0)
+            return "empty"
+
+        def sub(s: Source, n: str, h: MemberHint) -> str:
+            return self.member(s, n, h, depth + 1)
+
+        if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+            with self._whole(seekable, r) as f:
+                return scan_zip(f, sink, limits=limits, scan_member=sub, budget=self.budget)
+        if head[:6] == b"\x93NUMPY":
+            return scan_npy(r, sink, limits=limits)
+        if head[:8] == HDF5_MAGIC or head[512:520] == HDF5_MAGIC:
+            with self._whole(seekable, r) as f:
+                return scan_hdf5(f, sink, limits=limits, weights_only=hint.keras_weights)
+        codec = _compression(head)
+        if codec is not None:
+            return self._compressed(r, codec, name=name, depth=depth, hint=hint)
+        if head[257:262] == b"ustar":
+            with self._whole(seekable, r) as f:
+                return scan_tar(f, sink, limits=limits, scan_member=sub)
+        if looks_like_safetensors(head, size):
+            return scan_safetensors(r, sink, limits=limits, size=size)
+        if head[0] == 0x08:
+            fmt = scan_onnx(r, sink, strict=name.lower().endswith(".onnx"))
+            return fmt or self._unknown(depth)
+        if head.lstrip()[:1] in (b"{", b"["):
+            fmt = scan_json(r, sink, limits=limits)
+            return fmt or self._unknown(depth)
+        outcome = scan_pickle_stream(r, sink, limits=limits, torch=hint.torch, probe=True)
+        fmt = outcome.format
+        if seekable is not None and _has_zip_directory(seekable):
+            # A zip directory at the end of a non-zip file: loaders that look at the end
+            # (zipfile, numpy) see an archive, loaders that look at the start see the rest.
+            sink.add(Severity.LOW, "polyglot", "a zip archive is appended to this file", None)
+            seekable.seek(0)
+            zfmt = scan_zip(seekable, sink, limits=limits, scan_member=sub, budget=self.budget)
+            fmt = f"{fmt}+{zfmt}" if fmt else zfmt
+        return fmt or self._unknown(depth)
+
+    def _unknown(self, depth: int) -> str:
+        if depth == 0:
+            self.sink.add(
+                Severity.LOW,
+                "unknown-format",
+                "not a recognised model format (nothing loads it)",
+                0,
+            )
+        return "unknown"
+
+    @contextlib.contextmanager
+    def _whole(self, seekable: IO[bytes] | None, r: ByteReader) -> Iterator[IO[bytes]]:
+        """The entire stream as a seekable file at offset 0 (a temp copy if forward-only)."""
+        if seekable is not None:
+            seekable.seek(0)
+            yield seekable
+            return
+        f = spool(r.raw(), limit=self.limits.max_spool_bytes)
+        self._spools.append(f)
+        try:
+            yield f
+        finally:
+            f.close()
+            self._spools.remove(f)
+
+    def _compressed(
+        self, r: ByteReader, codec: str, *, name: str, depth: int, hint: MemberHint
+    ) -> str:
+        raw = r.raw()
+        if codec == "lz4":
+            try:
+                import lz4.frame
+            except ImportError:
+                self.sink.add(
+                    Severity.MEDIUM,
+                    "unsupported",
+                    "lz4-compressed (joblib can load it) but the lz4 package is not installed",
+                    0,
+                )
+                return "lz4"
+            stream: Source = lz4.frame.LZ4FrameFile(raw, mode="rb")
+        else:
+            if codec == "zfile":
+                raw.read(21)
+            stream = Decompressed(
+                base=raw,
+                codec="zlib" if codec == "zfile" else codec,
+                limit=self.limits.max_member_bytes,
+                budget=self.budget,
+            )
+        inner = self.member(stream, name, hint, depth + 1)
+        return f"{inner}+{codec}" if inner not in ("unknown", "unreadable", "empty") else codec
+
+
+def _report(path: str, fmt: str, sink: Sink) -> FileReport:
+    items = sink.items()
+    if sink.overflow:
+        items.append(
+            (
+                Severity.MEDIUM,
+                "limit",
+                f"{sink.overflow} more findings were not listed (finding limit reached)",
+                None,
+            )
+        )
+    findings = tuple(Finding(sev, kind, detail, offset) for sev, kind, detail, offset in items)
+    worst = max((f.severity for f in findings), default=Severity.NONE)
+    return FileReport(path=path, format=fmt, severity=worst, findings=findings)
+
+
+def _scan_source(src: IO[bytes], *, path: str, limits: ScanLimits) -> FileReport:
+    sink = Sink(limit=limits.max_findings)
+    scanner = _Scanner(sink=sink, limits=limits)
+    try:
+        fmt = scanner.scan(src, name=path, depth=0, hint=MemberHint())
+    except LimitExceeded as exc:
+        sink.add(Severity.MEDIUM, "limit", f"{exc}; the rest was not verified", None)
+        fmt = "unknown"
+    except _STREAM_ERRORS as exc:
+        sink.add(Severity.MEDIUM, "malformed", f"file cannot be read: {exc}", None)
+        fmt = "unknown"
+    except (RecursionError, MemoryError) as exc:
+        sink.add(Severity.MEDIUM, "limit", f"scanner ran out of resources: {exc!r}", None)
+        fmt = "unknown"
+    except Exception as exc:  # a scanner bug must not pass a file as clean
+        sink.add(Severity.MEDIUM, "scanner-error", f"scanner failed: {exc!r}", None)
+        fmt = "unknown"
+    finally:
+        scanner.close()
+    return _report(path, fmt, sink)
+
+
+def scan_file(path: str | os.PathLike[str], *, limits: ScanLimits | None = None) -> FileReport:
+    """Scan one file. Never executes or imports anything named by the file."""
+    limits = limits or ScanLimits()
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise MissingPath(f"{str(p)!r} does not exist; give an existing file or folder") from None
+    if not stat.S_ISREG(st.st_mode):
+        finding = Finding(Severity.LOW, "not-a-file", "not a regular file; skipped", None)
+        return FileReport(path=str(p), format="special", severity=Severity.LOW, findings=(finding,))
+    try:
+        with open(p, "rb") as f:
+            return _scan_source(f, path=str(p), limits=limits)
+    except OSError as exc:
+        finding = Finding(Severity.MEDIUM, "unreadable", f"cannot open: {exc.strerror}", None)
+        return FileReport(
+            path=str(p), format="unknown", severity=Severity.MEDIUM, findings=(finding,)
+        )
+
+
+def scan_bytes(
+    data: bytes, *, name: str = "<bytes>", limits: ScanLimits | None = None
+) -> FileReport:
+    """Scan an in-memory file (same analysis as ``scan_file``)."""
+    return _scan_source(io.BytesIO(bytes(data)), path=name, limits=limits or ScanLimits())
+
+
+def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Files under the given paths (folders walked, sorted; symlinks inside folders skipped)."""
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise MissingPath(f"{str(p)!r} does not exist; give an existing file or folder")
+        if not p.is_dir():
+            yield p
+            continue
+        for root, dirs, files in os.walk(p, followlinks=False):
+            dirs.sort()
+            for name in sorted(files):
+                child = Path(root) / name
+                if not child.is_symlink():
+                    yield child
+
+
+def scan_paths(
+    paths: Iterable[str | os.PathLike[str]], *, limits: ScanLimits | None = None
+) -> list[FileReport]:
+    """Scan files and folders; raises ``MissingPath`` before scanning if any path is missing."""
+    plist = list(paths)
+    for raw in plist:
+        if not Path(raw).exists():
+            raise MissingPath(f"{str(raw)!r} does not exist; give an existing file or folder")
+    return [scan_file(p, limits=limits) for p in iter_files(plist)]

@@ -1,0 +1,369 @@
+"""Bounded byte streams for the scanner: file slices, streaming decompressors, a peeking reader.
+
+Every reader here holds at most a fixed-size buffer, so scanning a multi-gigabyte or
+decompression-bomb file costs time but not memory.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import os
+import tempfile
+import zlib
+from typing import IO, Any, Protocol
+
+__all__ = [
+    "Budget",
+    "ByteReader",
+    "Decompressed",
+    "LimitExceeded",
+    "Slice",
+    "Source",
+    "spool",
+]
+
+CHUNK = 1 << 16
+
+
+class LimitExceeded(Exception):
+    """A stream produced more bytes than the scan limits allow."""
+
+
+class Source(Protocol):
+    """The part of a binary file the scanner needs."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def _seekable(f: object) -> bool:
+    try:
+        return bool(f.seekable())  # type: ignore[attr-defined]
+    except Exception:
+        return False
+
+
+class Slice(io.RawIOBase):
+    """A read-only window ``[start, start + length)`` of a seekable file."""
+
+    def __init__(self, *, base: IO[bytes], start: int, length: int) -> None:
+        super().__init__()
+        self._base = base
+        self._start = start
+        self._length = max(0, length)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self._length + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if pos < 0:
+            raise OSError(22, "negative seek position")  # what real files raise; zipfile expects it
+        self._pos = pos
+        return pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._length - self._pos)
+        if n <= 0:
+            return 0
+        self._base.seek(self._start + self._pos)
+        data = self._base.read(n)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n is None or n < 0:
+            n = self._length - self._pos
+        n = min(n, self._length - self._pos)
+        if n <= 0:
+            return b""
+        self._base.seek(self._start + self._pos)
+        data = self._base.read(n)
+        self._pos += len(data)
+        return data
+
+    @property
+    def size(self) -> int:
+        return self._length
+
+
+class Budget:
+    """Bytes that all decompressed streams of one scanned file may still produce."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise LimitExceeded("decompressed data of this file exceeds the total scan budget")
+
+
+class Decompressed(io.RawIOBase):
+    """Streaming decompression of zlib, raw deflate, gzip, bz2 or xz/lzma data, size-capped."""
+
+    def __init__(
+        self,
+        *,
+        base: Source,
+        codec: str,
+        limit: int,
+        owns_base: bool = False,
+        budget: Budget | None = None,
+    ) -> None:
+        super().__init__()
+        self._budget = budget
+        self._owns_base = owns_base
+        self._base = base
+        self._codec = codec
+        self._limit = limit
+        self._out = 0
+        self._buf = b""
+        self._eof = False
+        self._dec: Any = self._new_decompressor()
+
+    def _new_decompressor(self) -> Any:
+        if self._codec == "zlib":
+            return zlib.decompressobj()
+        if self._codec == "deflate":
+            return zlib.decompressobj(-15)
+        if self._codec == "gzip":
+            return zlib.decompressobj(31)
+        if self._codec == "bz2":
+            return bz2.BZ2Decompressor()
+        if self._codec in ("xz", "lzma"):
+            return lzma.LZMADecompressor(format=lzma.FORMAT_AUTO)
+        raise ValueError(f"unknown codec {self._codec}")
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._owns_base and not self.closed:
+            close = getattr(self._base, "close", None)
+            if close is not None:
+                close()
+        super().close()
+
+    def _fill(self) -> None:
+        while not self._buf and not self._eof:
+            dec = self._dec
+            if not isinstance(dec, (bz2.BZ2Decompressor, lzma.LZMADecompressor)):
+                raw = dec.unconsumed_tail or self._base.read(CHUNK)
+                if not raw:
+                    self._eof = True
+                    if not dec.eof:
+                        raise EOFError(f"{self._codec} stream ends before its end marker")
+                    break
+                self._buf = dec.decompress(raw, CHUNK)
+                if dec.eof:
+                    # gzip files may hold several members; other codecs stop at their end marker.
+                    rest = dec.unused_data
+                    if self._codec == "gzip" and (rest or self._peek_more()):
+                        self._dec = self._new_decompressor()
+                        if rest:
+                            self._buf += self._dec.decompress(rest, CHUNK)
+                    elif not self._buf:
+                        self._eof = True
+            else:
+                if dec.eof:
+                    self._eof = True
+                    break
+                raw = b"" if dec.needs_input is False else self._base.read(CHUNK)
+                if not raw and dec.needs_input:
+                    raise EOFError(f"{self._codec} stream ends before its end marker")
+                self._buf = dec.decompress(raw, CHUNK)
+            self._out += len(self._buf)
+            if self._budget is not None:
+                self._budget.spend(len(self._buf))
+            if self._out > self._limit:
+                raise LimitExceeded(f"decompressed data exceeds {self._limit} bytes")
+
+    def _peek_more(self) -> bool:
+        more = self._base.read(1)
+        if more:
+            self._base = _Prefixed(prefix=more, base=self._base)
+            return True
+        return False
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n is None or n < 0:
+            parts: list[bytes] = []
+            while True:
+                chunk = self.read(CHUNK)
+                if not chunk:
+                    return b"".join(parts)
+                parts.append(chunk)
+        self._fill()
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _Prefixed:
+    def __init__(self, *, prefix: bytes, base: Source) -> None:
+        self._prefix = prefix
+        self._base = base
+
+    def close(self) -> None:
+        close = getattr(self._base, "close", None)
+        if close is not None:
+            close()
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._prefix:
+            head = self._prefix if n < 0 else self._prefix[:n]
+            self._prefix = self._prefix[len(head) :]
+            if n >= 0:
+                n -= len(head)
+                if n == 0:
+                    return head
+            return head + self._base.read(n)
+        return self._base.read(n)
+
+
+class ByteReader:
+    """Buffered forward reader with absolute positions, bounded lines and cheap skipping."""
+
+    __slots__ = ("_base", "_buf", "_i", "_origin", "_seek")
+
+    def __init__(self, base: Source, *, origin: int = 0) -> None:
+        self._base = base
+        self._buf = b""
+        self._i = 0
+        self._origin = origin  # stream offset of _buf[0]
+        self._seek = _seekable(base)
+
+    @property
+    def pos(self) -> int:
+        return self._origin + self._i
+
+    def _more(self, want: int) -> bool:
+        """Make sure at least ``want`` unread bytes are buffered, if the stream has them."""
+        have = len(self._buf) - self._i
+        if have >= want:
+            return True
+        self._origin += self._i
+        self._buf = self._buf[self._i :]
+        self._i = 0
+        while len(self._buf) < want:
+            chunk = self._base.read(max(CHUNK, want - len(self._buf)))
+            if not chunk:
+                return False
+            self._buf += chunk
+        return True
+
+    def peek(self, n: int) -> bytes:
+        self._more(n)
+        return self._buf[self._i : self._i + n]
+
+    def at_eof(self) -> bool:
+        return not self._more(1)
+
+    def byte(self) -> int:
+        """Next byte, or -1 at end of stream."""
+        if self._i >= len(self._buf) and not self._more(1):
+            return -1
+        b = self._buf[self._i]
+        self._i += 1
+        return b
+
+    def take(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (caller keeps ``n`` small), or fewer at end of stream."""
+        self._more(n)
+        out = self._buf[self._i : self._i + n]
+        self._i += len(out)
+        return out
+
+    def skip(self, n: int) -> int:
+        """Advance ``n`` bytes without keeping them; returns how many were really skipped."""
+        have = len(self._buf) - self._i
+        if n <= have:
+            self._i += n
+            return n
+        done = have
+        self._origin += len(self._buf)
+        self._buf = b""
+        self._i = 0
+        left = n - done
+        if self._seek:
+            base = self._base
+            cur = base.tell()  # type: ignore[attr-defined]
+            end = base.seek(0, os.SEEK_END)  # type: ignore[attr-defined]
+            step = min(left, max(0, end - cur))
+            base.seek(cur + step)  # type: ignore[attr-defined]
+            self._origin += step
+            return done + step
+        while left > 0:
+            chunk = self._base.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+            self._origin += len(chunk)
+        return n - left
+
+    def line(self, limit: int) -> tuple[bytes, int, bool]:
+        """Read through the next newline: (first ``limit`` bytes, full length, saw newline)."""
+        kept = bytearray()
+        total = 0
+        while True:
+            if self._i >= len(self._buf) and not self._more(1):
+                return bytes(kept), total, False
+            j = self._buf.find(b"\n", self._i)
+            end = len(self._buf) if j < 0 else j
+            piece = self._buf[self._i : end]
+            total += len(piece)
+            if len(kept) < limit:
+                kept += piece[: limit - len(kept)]
+            if j >= 0:
+                self._i = j + 1
+                return bytes(kept), total, True
+            self._i = len(self._buf)
+
+    def raw(self) -> Source:
+        """The underlying stream positioned at ``pos`` (hands the buffered bytes over with it)."""
+        rest = self._buf[self._i :]
+        self._origin += len(self._buf)
+        self._buf = b""
+        self._i = 0
+        if not rest:
+            return self._base
+        self._origin -= len(rest)
+        return _Prefixed(prefix=rest, base=self._base)
+
+
+def spool(src: Source, *, limit: int) -> IO[bytes]:
+    """Copy a forward-only stream into a seekable temp file (in memory while small)."""
+    out = tempfile.SpooledTemporaryFile(max_size=32 << 20)  # noqa: SIM115 (returned to caller)
+    copied = 0
+    while True:
+        chunk = src.read(CHUNK * 16)
+        if not chunk:
+            break
+        copied += len(chunk)
+        if copied > limit:
+            out.close()
+            raise LimitExceeded(f"stream larger than {limit} bytes cannot be made seekable")
+        out.write(chunk)
+    out.seek(0)
+    return out

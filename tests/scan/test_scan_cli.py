@@ -1,0 +1,77 @@
+"""The `shoal scan` command: exit codes, JSON shape and the text table."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from shoal.cli.main import main
+
+
+@pytest.fixture
+def files(tmp_path, evil_pickle):
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.pkl").write_bytes(pickle.dumps({"a": [1, 2]}))
+    (good / "sub").mkdir()
+    (good / "sub" / "b.pkl").write_bytes(pickle.dumps([3]))
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(evil_pickle)
+    return good, bad
+
+
+def test_clean_folder_exits_zero(files, capsys):
+    good, _bad = files
+    assert main(["scan", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "a.pkl" in out and "b.pkl" in out
+
+
+def test_unsafe_file_exits_one_with_exact_json(files, capsys):
+    good, bad = files
+    assert main(["scan", "--format", "json", str(bad), str(good)]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"files"}
+    assert [f["path"] for f in doc["files"]] == [
+        str(bad),
+        str(good / "a.pkl"),
+        str(good / "sub" / "b.pkl"),
+    ]
+    first = doc["files"][0]
+    assert set(first) == {"path", "format", "severity", "findings"}
+    assert first["format"] == "pickle"
+    assert first["severity"] == "critical"
+    finding = first["findings"][0]
+    assert set(finding) == {"severity", "kind", "detail", "offset"}
+    assert finding["severity"] == "critical"
+    assert isinstance(finding["offset"], int)
+    assert doc["files"][1]["findings"] == []
+    assert doc["files"][1]["severity"] == "none"
+
+
+def test_missing_path_exits_two(tmp_path, capsys):
+    assert main(["scan", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_option_exits_two(files, capsys):
+    good, _bad = files
+    assert main(["scan", "--max-depth", "0", str(good)]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["scan", "--format", "xml", str(good)])
+    assert exc.value.code == 2
+
+
+def test_text_output_names_the_finding(files, capsys):
+    _good, bad = files
+    assert main(["scan", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "critical" in out and "system" in out
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    assert "examples:" in capsys.readouterr().out
