@@ -270,6 +270,10 @@ def test_trimmed_mean_ignores_extremes_and_beta_zero_is_the_mean() -> None:
     x = np.array([[1.0], [2.0], [3.0], [1e9], [-1e9]])
     np.testing.assert_allclose(trimmed_mean(x, 0.2), [2.0])
     np.testing.assert_allclose(trimmed_mean(x, 0.0), weighted_mean(x))
+    # The plain mean of seven copies of this value rounds to a neighbour of it.
+    same = np.full((7, 1), 714.8085531751387)
+    assert same.sum() / 7 != same[0, 0]
+    assert trimmed_mean(same, 0.0)[0] == trimmed_mean(same, 0.2)[0] == same[0, 0]
 
 
 def test_median_of_float32_stays_float32_and_is_a_midpoint() -> None:
@@ -415,6 +419,20 @@ def test_geometric_median_lands_on_a_majority_of_coinciding_points() -> None:
     np.testing.assert_array_equal(geometric_median(y), [0.0, 0.0])
 
 
+def test_geometric_median_returns_an_optimal_update_exactly_even_from_elsewhere() -> None:
+    # The iteration starts at the coordinate-wise median (1, 1) and only approaches (0, 0).
+    x = np.array([[0.0, 0.0], [10.0, 1.0], [1.0, 10.0]])
+    np.testing.assert_array_equal(geometric_median(x, [3, 1, 1]), [0.0, 0.0])
+
+
+def test_a_far_update_still_pulls_when_its_squared_distance_overflows() -> None:
+    # Fermat point of a triangle with one vertex straight up at 1e200: the directions to
+    # the two near vertices are 30 degrees below the horizontal.
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1e200]])
+    got = geometric_median(x, eps=1e-12, max_iter=1000)
+    np.testing.assert_allclose(got, [0.5, 0.5 * math.tan(math.pi / 6)], atol=1e-9)
+
+
 def test_geometric_median_of_collinear_points() -> None:
     np.testing.assert_allclose(
         geometric_median(np.array([[0.0], [1.0], [2.0], [10.0], [3.0]])), [2.0]
@@ -438,6 +456,10 @@ def test_geometric_median_is_robust_to_a_minority_of_outliers(
     bound = (1 - alpha) / math.sqrt(1 - 2 * alpha) * radius
     got = geometric_median(x, eps=1e-9, max_iter=1000)
     assert np.linalg.norm(got - center) <= bound * 1.01 + 1e-9
+    # Starting from the coordinate-wise median, a few iterations are already robust (as
+    # RFA uses it); a start at the mean would be dragged up to ~1e300 away.
+    quick = geometric_median(x, max_iter=3)
+    assert np.linalg.norm(quick - center) <= 2 * bound + 1e-9
     with np.errstate(over="ignore"):  # the mean's distance may exceed the float range
         assert np.linalg.norm(weighted_mean(x) - center) > bound or f == 0
 

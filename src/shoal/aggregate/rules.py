@@ -364,10 +364,9 @@ def pairwise_sq_distances(updates: npt.ArrayLike) -> Float64Array:
         # Both sums are commutative in floating point, so the result is exactly symmetric.
         dist = np.add.outer(sq, sq)
         dist -= gram + gram.T
-    huge = ~np.isfinite(sq)
-    dist[huge, :] = np.inf
-    dist[:, huge] = np.inf
-    dist[np.isnan(dist)] = np.inf  # inf - inf between two rows near the float limit
+    # A row whose squared norm overflowed gets inf or inf - inf = nan against every
+    # other row: either way, too far to measure in float64.
+    dist[np.isnan(dist)] = np.inf
     np.maximum(dist, 0.0, out=dist)
     np.fill_diagonal(dist, 0.0)
     return dist
@@ -496,11 +495,11 @@ def _weiszfeld_step(
     far = _farthest(dist, active)
     if far == 0.0:
         return dist, None  # every weighted update coincides with y (or none is measurable)
-    # Updates within rounding of y count as sitting on it; this keeps w/dist finite.
-    at_y = active & (dist <= far * 1e-12)
+    at_y = active & (dist == 0.0)
     away = active & ~at_y
     # Weiszfeld weights w_i/d_i, scaled by the nearest distance so that they lie in
-    # [0, w_i]: no overflow near y, and updates at an unmeasurable distance get 0.
+    # [0, w_i]: no overflow however close y gets to an update, and updates at an
+    # unmeasurable (inf) distance get 0.
     nearest = float(dist[away].min())
     inv = np.zeros(len(w))
     inv[away] = w[away] * (nearest / dist[away])
