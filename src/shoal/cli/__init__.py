@@ -1,7 +1,5 @@
-"""The ``shoal`` command: one subcommand module per feature, assembled in ``main``."""
+"""The ``shoal`` command: one subcommand module per feature, assembled in ``shoal.cli.main``."""
 
 from __future__ import annotations
 
-from shoal.cli.main import main
-
-__all__ = ["main"]
+__all__: list[str] = []

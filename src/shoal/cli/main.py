@@ -1,7 +1,9 @@
 """Entry point of the ``shoal`` command.
 
-Each subcommand lives in its own module exposing ``register(subparsers)``, which adds an
-argparse parser whose ``func`` default takes the parsed namespace and returns an exit code.
+Each subcommand lives in a module exposing ``register(subparsers)``, which adds argparse
+parsers whose ``func`` default takes the parsed namespace and returns an exit code. Only the
+module of the command being run is imported, so ``shoal scan`` does not pay for gRPC or
+the privacy accountants.
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ from collections.abc import Sequence
 
 from shoal.errors import ShoalError
 
-# Modules that contribute subcommands; each has register(subparsers).
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "shoal.cli.learn",
-    "shoal.cli.deploy",
-    "shoal.cli.privacy",
-    "shoal.cli.scan",
-)
+# command -> (module that registers it, one-line help shown by `shoal --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("shoal.cli.learn", "train digits across simulated nodes, compare with centralized"),
+    "run": ("shoal.cli.learn", "simulate a job file"),
+    "runs": ("shoal.cli.learn", "list recorded runs, or show one"),
+    "certs": ("shoal.cli.deploy", "make a CA and TLS certificates for a federation"),
+    "keys": ("shoal.cli.deploy", "create or inspect a node's Ed25519 identity key"),
+    "nodes": ("shoal.cli.deploy", "admit, list or revoke nodes in the coordinator's registry"),
+    "coordinator": ("shoal.cli.deploy", "serve a job to nodes over gRPC and train"),
+    "node": ("shoal.cli.deploy", "connect to a coordinator and run its tasks on local data"),
+    "privacy": ("shoal.cli.privacy", "DP accounting: epsilon for a schedule, noise for a target"),
+    "scan": ("shoal.cli.scan", "check model files for code that would run when loaded"),
+}
 
 EPILOG = """\
 examples:
@@ -27,10 +35,12 @@ examples:
   shoal run job.toml --json out.json  run a job file in simulation
   shoal runs                          list recorded runs
   shoal scan model.pt                 check a model file for code that would run on load
+  shoal privacy epsilon --sample-rate 0.01 --noise-multiplier 1.1 --steps 10000 --delta 1e-5
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser, with full sub-parsers for the command named in ``argv`` (if any)."""
     parser = argparse.ArgumentParser(
         prog="shoal",
         description="Privacy-preserving federated learning: simulate, deploy, scan.",
@@ -38,20 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # subcommand not written yet; the others still work
-                continue
-            raise
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    registered: set[str] = set()
+    if wanted in COMMANDS:
+        module = importlib.import_module(COMMANDS[wanted][0])
+        before = set(subparsers.choices)
         module.register(subparsers)
+        registered = set(subparsers.choices) - before
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in registered:  # listed in --help; its module loads when it is used
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
