@@ -1,0 +1,444 @@
+"""Differential-privacy mechanisms as pure functions: noise, clipping, DP-FedAvg, adaptive clipping.
+
+Every function that draws noise takes ``rng``; leaving it out seeds a fresh NumPy generator from
+``os.urandom``, so noise is never predictable from the outside. Pass an int seed only in tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import overload
+
+import numpy as np
+import numpy.typing as npt
+
+from shoal.errors import AggregationError, ConfigError
+
+__all__ = [
+    "RngLike",
+    "adaptive_update_noise_multiplier",
+    "add_gaussian_noise",
+    "clip_by_l2_norm",
+    "distributed_noise_std",
+    "distributed_total_std",
+    "dp_fedavg_mean",
+    "dp_fedavg_mean_std",
+    "dp_fedavg_sum_std",
+    "gaussian_count",
+    "gaussian_sigma",
+    "gaussian_sum",
+    "l2_norm",
+    "laplace_count",
+    "laplace_mechanism",
+    "laplace_sum",
+    "make_rng",
+    "next_clip_norm",
+    "noised_unclipped_fraction",
+]
+
+RngLike = np.random.Generator | int | None
+ArrayTree = np.ndarray | dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# noise source
+
+
+def make_rng(rng: RngLike = None) -> np.random.Generator:
+    """Return the generator to draw DP noise from.
+
+    ``None`` seeds a new PCG64 generator with 128 bits from ``os.urandom`` (the default that
+    production code should use); an ``int`` gives a reproducible stream for tests; a
+    ``Generator`` is used as is, so several calls can share one stream.
+
+    Like every floating-point sampler, the noise is not hardened against the least-significant-bit
+    attacks of Mironov (2012); that matters only if the exact float released can be observed.
+    """
+    if rng is None:
+        return np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        if rng < 0:
+            raise ConfigError(f"a noise seed must be a non-negative int, got {rng}")
+        return np.random.default_rng(int(rng))
+    raise ConfigError(
+        f"rng must be None (secure default), an int seed or a numpy Generator, "
+        f"got {type(rng).__name__}"
+    )
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    ok = v >= 0 if allow_zero else v > 0
+    if not (ok and math.isfinite(v)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def _check_delta(delta: float) -> float:
+    d = float(delta)
+    if not 0.0 < d < 1.0:
+        raise ConfigError(f"delta must be in (0, 1), got {delta!r}; a common choice is 1e-5")
+    return d
+
+
+def _as_float_array(value: npt.ArrayLike, what: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiub":
+        raise AggregationError(
+            f"{what} must hold numbers, got an array of dtype {arr.dtype}; convert it first"
+        )
+    if arr.dtype.kind != "f":
+        arr = arr.astype(np.float64)
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian and Laplace mechanisms
+
+
+@overload
+def add_gaussian_noise(
+    value: Mapping[str, npt.ArrayLike], *, std: float, rng: RngLike = None
+) -> dict[str, np.ndarray]: ...
+@overload
+def add_gaussian_noise(value: npt.ArrayLike, *, std: float, rng: RngLike = None) -> np.ndarray: ...
+def add_gaussian_noise(
+    value: Mapping[str, npt.ArrayLike] | npt.ArrayLike, *, std: float, rng: RngLike = None
+) -> ArrayTree:
+    """Add i.i.d. N(0, std^2) noise to every entry of an array or of a dict of arrays.
+
+    The result is float64 whatever the input dtype: float32 would round away part of the noise's
+    fine structure for large values.
+    """
+    std = _check_positive("std", std, allow_zero=True)
+    gen = make_rng(rng)
+    if isinstance(value, Mapping):
+        out: dict[str, np.ndarray] = {}
+        for key in sorted(value):  # a fixed order keeps seeded runs reproducible
+            arr = _as_float_array(value[key], f"value[{key!r}]").astype(np.float64)
+            out[key] = arr + gen.normal(0.0, std, size=arr.shape)
+        return out
+    arr = _as_float_array(value, "value").astype(np.float64)
+    return arr + gen.normal(0.0, std, size=arr.shape)
+
+
+def gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
+    """Smallest noise std giving (epsilon, delta)-DP to one release of the given L2 sensitivity.
+
+    Uses the analytic Gaussian mechanism (Balle & Wang 2018), tighter than the classic
+    sqrt(2 ln(1.25/delta))/epsilon bound and valid for every epsilon, not only epsilon < 1.
+    """
+    import dp_accounting
+
+    epsilon = _check_positive("epsilon", epsilon)
+    delta = _check_delta(delta)
+    sensitivity = _check_positive("sensitivity", sensitivity)
+    return float(dp_accounting.get_sigma_gaussian(epsilon, delta)) * sensitivity
+
+
+def laplace_mechanism(
+    value: npt.ArrayLike, *, sensitivity: float, epsilon: float, rng: RngLike = None
+) -> np.ndarray:
+    """Release ``value`` with epsilon-DP: add Laplace(sensitivity/epsilon) noise to every entry.
+
+    ``sensitivity`` is the L1 sensitivity of the whole array (for a histogram where one person
+    changes one bin by one, it is 1).
+    """
+    sensitivity = _check_positive("sensitivity", sensitivity)
+    epsilon = _check_positive("epsilon", epsilon)
+    arr = _as_float_array(value, "value").astype(np.float64)
+    return arr + make_rng(rng).laplace(0.0, sensitivity / epsilon, size=arr.shape)
+
+
+def _check_bounds(lower: float, upper: float) -> tuple[float, float]:
+    lo, hi = float(lower), float(upper)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ConfigError(
+            f"bounds must be finite with lower <= upper, got lower={lower!r}, upper={upper!r}"
+        )
+    return lo, hi
+
+
+def _clamped_sum(values: npt.ArrayLike, lo: float, hi: float) -> float:
+    arr = _as_float_array(values, "values").astype(np.float64).ravel()
+    if not np.all(np.isfinite(arr)):
+        raise AggregationError("values contain NaN or infinity; drop or impute them first")
+    return float(np.clip(arr, lo, hi).sum())
+
+
+def laplace_count(count: int, *, epsilon: float, rng: RngLike = None) -> float:
+    """An epsilon-DP count (adding or removing one record changes it by at most one)."""
+    return float(laplace_mechanism(float(count), sensitivity=1.0, epsilon=epsilon, rng=rng))
+
+
+def laplace_sum(
+    values: npt.ArrayLike, *, epsilon: float, lower: float, upper: float, rng: RngLike = None
+) -> float:
+    """An epsilon-DP sum of records clamped to ``[lower, upper]``.
+
+    The bounds must be chosen without looking at the data; one record moves the sum by at most
+    ``max(|lower|, |upper|)``, which is the sensitivity used.
+    """
+    lo, hi = _check_bounds(lower, upper)
+    total = _clamped_sum(values, lo, hi)
+    sens = max(abs(lo), abs(hi))
+    if sens == 0.0:
+        return total
+    return float(laplace_mechanism(total, sensitivity=sens, epsilon=epsilon, rng=rng))
+
+
+def gaussian_count(count: int, *, epsilon: float, delta: float, rng: RngLike = None) -> float:
+    """An (epsilon, delta)-DP count with analytic-Gaussian noise."""
+    std = gaussian_sigma(epsilon=epsilon, delta=delta)
+    return float(count) + float(make_rng(rng).normal(0.0, std))
+
+
+def gaussian_sum(
+    values: npt.ArrayLike,
+    *,
+    epsilon: float,
+    delta: float,
+    lower: float,
+    upper: float,
+    rng: RngLike = None,
+) -> float:
+    """An (epsilon, delta)-DP sum of records clamped to ``[lower, upper]``."""
+    lo, hi = _check_bounds(lower, upper)
+    total = _clamped_sum(values, lo, hi)
+    sens = max(abs(lo), abs(hi))
+    if sens == 0.0:
+        return total
+    std = gaussian_sigma(epsilon=epsilon, delta=delta, sensitivity=sens)
+    return total + float(make_rng(rng).normal(0.0, std))
+
+
+# ---------------------------------------------------------------------------------------------
+# clipping
+
+
+def l2_norm(value: Mapping[str, npt.ArrayLike] | npt.ArrayLike) -> float:
+    """L2 norm of an array, or of a dict of arrays taken as one concatenated vector."""
+    if isinstance(value, Mapping):
+        sq = 0.0
+        for key in value:
+            arr = _as_float_array(value[key], f"value[{key!r}]")
+            sq += float(np.square(arr, dtype=np.float64).sum())
+        return math.sqrt(sq)
+    arr = _as_float_array(value, "value")
+    return math.sqrt(float(np.square(arr, dtype=np.float64).sum()))
+
+
+@overload
+def clip_by_l2_norm(
+    value: Mapping[str, npt.ArrayLike], clip_norm: float
+) -> dict[str, np.ndarray]: ...
+@overload
+def clip_by_l2_norm(value: npt.ArrayLike, clip_norm: float) -> np.ndarray: ...
+def clip_by_l2_norm(
+    value: Mapping[str, npt.ArrayLike] | npt.ArrayLike, clip_norm: float
+) -> ArrayTree:
+    """Scale ``value`` down so its L2 norm is at most ``clip_norm`` (unchanged if it already is).
+
+    A dict of arrays is clipped as one vector (the norm is over all entries together), which is
+    what bounds one node's contribution to a sum of model updates. Float dtypes are kept.
+    """
+    clip_norm = _check_positive("clip_norm", clip_norm)
+    norm = l2_norm(value)
+    if not math.isfinite(norm):
+        raise AggregationError(
+            "cannot clip a value containing NaN or infinity; the update diverged, "
+            "lower the learning rate or drop this node's update"
+        )
+    # Dividing by a slightly inflated norm keeps the result inside the ball despite rounding.
+    scale = 1.0 if norm <= clip_norm else clip_norm / (norm * (1.0 + 1e-12))
+    if isinstance(value, Mapping):
+        out: dict[str, np.ndarray] = {}
+        for key in value:
+            arr = _as_float_array(value[key], f"value[{key!r}]")
+            out[key] = (arr * arr.dtype.type(scale)) if scale != 1.0 else arr.copy()
+        return out
+    arr = _as_float_array(value, "value")
+    return (arr * arr.dtype.type(scale)) if scale != 1.0 else arr.copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# DP-FedAvg with user-level DP (McMahan et al. 2018)
+
+
+def dp_fedavg_sum_std(*, clip_norm: float, noise_multiplier: float) -> float:
+    """Std of the Gaussian noise added to the SUM of node updates each clipped to ``clip_norm``.
+
+    One node changes the sum by at most ``clip_norm`` in L2, so ``noise_multiplier * clip_norm``
+    gives the subsampled Gaussian mechanism the accountants in ``shoal.privacy`` analyse.
+    """
+    clip_norm = _check_positive("clip_norm", clip_norm)
+    noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+    return noise_multiplier * clip_norm
+
+
+def dp_fedavg_mean_std(
+    *, clip_norm: float, noise_multiplier: float, expected_count: float
+) -> float:
+    """Std of the noise per coordinate of the averaged update (sum noise / expected count)."""
+    expected_count = _check_positive("expected_count", expected_count)
+    return (
+        dp_fedavg_sum_std(clip_norm=clip_norm, noise_multiplier=noise_multiplier) / expected_count
+    )
+
+
+def dp_fedavg_mean(
+    updates: list[dict[str, np.ndarray]] | list[np.ndarray],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_count: float,
+    rng: RngLike = None,
+) -> ArrayTree:
+    """DP-FedAvg server update: clip each node's update, noise the sum, divide by expected count.
+
+    Dividing by the expected number of participants (``sample_rate * population``), not by how
+    many actually answered, keeps the sensitivity fixed; that is the estimator the paper's
+    user-level guarantee is for.
+    """
+    if not updates:
+        raise AggregationError("no updates to average; the round needs at least one node")
+    std = dp_fedavg_sum_std(clip_norm=clip_norm, noise_multiplier=noise_multiplier)
+    expected_count = _check_positive("expected_count", expected_count)
+    first = updates[0]
+    if isinstance(first, Mapping):
+        keys = set(first)
+        total: dict[str, np.ndarray] = {k: np.zeros(np.shape(first[k])) for k in keys}
+        for i, upd in enumerate(updates):
+            if not isinstance(upd, Mapping) or set(upd) != keys:
+                raise AggregationError(f"update {i} does not have the same keys as update 0")
+            clipped = clip_by_l2_norm(upd, clip_norm)
+            for k in keys:
+                if clipped[k].shape != total[k].shape:
+                    raise AggregationError(
+                        f"update {i}[{k!r}] has shape {clipped[k].shape}, expected {total[k].shape}"
+                    )
+                total[k] += clipped[k]
+        noised = add_gaussian_noise(total, std=std, rng=rng)
+        return {k: v / expected_count for k, v in noised.items()}
+    acc = np.zeros(np.shape(first))
+    for i, upd in enumerate(updates):
+        c = clip_by_l2_norm(np.asarray(upd), clip_norm)
+        if c.shape != acc.shape:
+            raise AggregationError(f"update {i} has shape {c.shape}, expected {acc.shape}")
+        acc += c
+    return add_gaussian_noise(acc, std=std, rng=rng) / expected_count
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive clipping to a quantile (Andrew et al. 2021)
+
+
+def next_clip_norm(
+    clip: float, unclipped_fraction_noised: float, target_quantile: float, lr: float
+) -> float:
+    """Geometric update of the clip norm towards the ``target_quantile`` of update norms.
+
+    ``C * exp(-lr * (b - target_quantile))`` where ``b`` is the noised fraction of updates that
+    were not clipped: too many unclipped shrinks C, too few grows it. ``lr`` around 0.2 is the
+    paper's default.
+    """
+    clip = _check_positive("clip", clip)
+    lr = _check_positive("lr", lr, allow_zero=True)
+    q = float(target_quantile)
+    if not 0.0 <= q <= 1.0:
+        raise ConfigError(f"target_quantile must be in [0, 1], got {target_quantile!r}")
+    b = float(unclipped_fraction_noised)
+    if not math.isfinite(b):
+        raise ConfigError(f"unclipped_fraction_noised must be finite, got {b!r}")
+    return clip * math.exp(-lr * (b - q))
+
+
+def noised_unclipped_fraction(
+    *,
+    unclipped_count: int,
+    participants: int,
+    expected_count: float,
+    noise_std: float,
+    rng: RngLike = None,
+) -> float:
+    """The noised fraction of unclipped updates that feeds ``next_clip_norm``.
+
+    Each node reports ``b_i - 1/2`` (``b_i`` = 1 if its update norm was <= C), which halves the
+    sensitivity; the server noises the sum with ``noise_std`` and divides by the expected count.
+    The paper suggests ``noise_std = expected_count / 20``. The result may fall outside [0, 1].
+    """
+    if participants < 0 or not 0 <= unclipped_count <= participants:
+        raise ConfigError(
+            f"need 0 <= unclipped_count <= participants, got {unclipped_count} of {participants}"
+        )
+    expected_count = _check_positive("expected_count", expected_count)
+    noise_std = _check_positive("noise_std", noise_std, allow_zero=True)
+    centred = unclipped_count - participants / 2.0
+    noise = float(make_rng(rng).normal(0.0, noise_std)) if noise_std > 0 else 0.0
+    return (centred + noise) / expected_count + 0.5
+
+
+def adaptive_update_noise_multiplier(*, noise_multiplier: float, count_noise_std: float) -> float:
+    """Noise multiplier for the update sum so that update and count together cost the given one.
+
+    Andrew et al. (2021): releasing the update sum with multiplier z_u and the centred count with
+    std sigma_b is one Gaussian mechanism with multiplier (z_u^-2 + (2 sigma_b)^-2)^-1/2. Record
+    ``noise_multiplier`` in the ledger and use the returned z_u for the update noise.
+    """
+    z = _check_positive("noise_multiplier", noise_multiplier)
+    sb = _check_positive("count_noise_std", count_noise_std)
+    rest = z**-2 - (2.0 * sb) ** -2
+    if rest <= 0:
+        raise ConfigError(
+            f"count_noise_std={sb} is too small for noise_multiplier={z}: it must exceed "
+            f"{z / 2:g} (the paper uses expected_count / 20)"
+        )
+    return rest**-0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed DP, composed with secure aggregation
+
+
+def distributed_noise_std(
+    *, total_std: float, nodes: int, min_survivors: int | None = None
+) -> float:
+    """Std each node adds so that the secure sum of their noises has std ``total_std``.
+
+    Independent Gaussians add in variance, so n nodes each adding ``total_std / sqrt(n)`` give
+    ``total_std`` in the sum. Caveat: if only m < n nodes survive the round, the sum carries
+    only ``total_std * sqrt(m/n)`` and the guarantee is weaker than accounted. Pass
+    ``min_survivors`` (the round's minimum, below which it aborts) to size the noise for the
+    worst case instead; nodes that do not add their share (malicious or colluding) count as
+    not surviving. Noise is added before any quantization for secure aggregation.
+    """
+    total_std = _check_positive("total_std", total_std, allow_zero=True)
+    if int(nodes) != nodes or nodes < 1:
+        raise ConfigError(f"nodes must be a positive int, got {nodes!r}")
+    n = int(nodes)
+    if min_survivors is not None:
+        if int(min_survivors) != min_survivors or not 1 <= min_survivors <= n:
+            raise ConfigError(
+                f"min_survivors must be an int in [1, nodes={n}], got {min_survivors!r}"
+            )
+        n = int(min_survivors)
+    return total_std / math.sqrt(n)
+
+
+def distributed_total_std(*, per_node_std: float, survivors: int) -> float:
+    """Std of the noise the secure sum actually carries when ``survivors`` nodes each added theirs.
+
+    Use it after a round to record the noise multiplier that was really achieved.
+    """
+    per_node_std = _check_positive("per_node_std", per_node_std, allow_zero=True)
+    if int(survivors) != survivors or survivors < 0:
+        raise ConfigError(f"survivors must be a non-negative int, got {survivors!r}")
+    return per_node_std * math.sqrt(int(survivors))
