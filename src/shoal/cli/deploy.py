@@ -22,7 +22,7 @@ from typing import Any
 from shoal.cli.job import JobSpec, load_job
 from shoal.core import Federation
 from shoal.data import Dataset, load_csv, load_npz, split_holdout
-from shoal.errors import ConfigError, NotEnoughNodes, StoreError
+from shoal.errors import ConfigError, NotEnoughNodes
 from shoal.learn import LocalData, RoundReport, Trainer, learning_app
 from shoal.runtime import Store
 from shoal.runtime.grpc import (
@@ -400,9 +400,12 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise ConfigError(f"--wait-nodes {wait_nodes} is below --min-nodes {min_nodes}")
     if job.faults is not None:
         print("note: the job's [faults] table only applies to simulations", flush=True)
-    quiet = bool(args.quiet)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.perf_counter()
+    # Everything slow (data, model) happens before listening, so nodes never wait on it.
+    _, test = job.load_data()
+    model = job.build_model()
+    algorithm = job.build_algorithm()
     with _open_store(args.store) as store:
         resume = _resolve_resume(store, job, args.resume)
         if not store.list_nodes(include_revoked=False):
@@ -438,7 +441,30 @@ def _coordinator(args: argparse.Namespace) -> int:
                     f"than --min-nodes {min_nodes}; start more nodes or check their logs"
                 )
             print(f"{connected} node(s) connected: {', '.join(engine.node_ids())}", flush=True)
-            result = _train(job, engine, store, args, min_nodes, wait_nodes, resume, quiet)
+            federation = Federation(
+                engine,
+                min_nodes=min_nodes,
+                deadline_s=args.deadline or float(job.engine["deadline_s"]),
+                seed=job.seed,
+            )
+            trainer = Trainer(
+                federation=federation,
+                algorithm=algorithm,
+                model=model,
+                test=test,
+                store=store,
+                run_name=job.name,
+                config=job.to_dict(),
+                federated_eval_every=int(job.engine["federated_eval_every"]),
+                seed=job.seed,
+                on_round=_progress(engine, algorithm.rounds, args, wait_nodes),
+            )
+            try:
+                result = trainer.run(resume=resume)
+            except NotEnoughNodes as exc:
+                raise NotEnoughNodes(
+                    f"{exc}; continue the run later with `shoal coordinator --resume`"
+                ) from None
             engine.finish("run finished")
         finally:
             engine.close()
@@ -468,53 +494,22 @@ def _coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(
-    job: JobSpec,
-    engine: GrpcEngine,
-    store: Store,
-    args: argparse.Namespace,
-    min_nodes: int,
-    wait_nodes: int,
-    resume: str | None,
-    quiet: bool,
-) -> Any:
-    algorithm = job.build_algorithm()
-    deadline = args.deadline or float(job.engine["deadline_s"])
-    federation = Federation(engine, min_nodes=min_nodes, deadline_s=deadline, seed=job.seed)
-    _, test = job.load_data()
-
+def _progress(
+    engine: GrpcEngine, rounds: int, args: argparse.Namespace, wait_nodes: int
+) -> Callable[[RoundReport], None]:
     def on_round(report: RoundReport) -> None:
-        if not quiet:
+        if not args.quiet:
             accuracy = f"  accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
             print(
-                f"round {report.round}/{algorithm.rounds}: {report.participants} node(s) ok, "
+                f"round {report.round}/{rounds}: {report.participants} node(s) ok, "
                 f"{report.failed} failed, train loss {report.train_loss:.4f}{accuracy} "
                 f"({report.wall_s:.2f} s)",
                 flush=True,
             )
-        if args.round_wait > 0 and report.round < algorithm.rounds:
+        if args.round_wait > 0 and report.round < rounds:
             engine.wait_for_nodes(wait_nodes, timeout_s=args.round_wait)
 
-    trainer = Trainer(
-        federation=federation,
-        algorithm=algorithm,
-        model=job.build_model(),
-        test=test,
-        store=store,
-        run_name=job.name,
-        config=job.to_dict(),
-        federated_eval_every=int(job.engine["federated_eval_every"]),
-        seed=job.seed,
-        on_round=on_round,
-    )
-    try:
-        return trainer.run(resume=resume)
-    except StoreError:
-        raise
-    except NotEnoughNodes as exc:
-        raise NotEnoughNodes(
-            f"{exc}; the run can continue later with `shoal coordinator --resume`"
-        ) from None
+    return on_round
 
 
 # -- node ------------------------------------------------------------------------------------

@@ -37,8 +37,19 @@ from shoal.data import (
     split_holdout,
 )
 from shoal.errors import ConfigError, ShoalError
-from shoal.learn import ALGORITHMS, Algorithm, Model, RoundReport, TrainingResult, simulate
+from shoal.learn import (
+    ALGORITHMS,
+    TRAIN,
+    Algorithm,
+    Model,
+    RoundReport,
+    TrainingResult,
+    learning_app,
+    simulate,
+)
+from shoal.learn.privacy import ExampleDP, NodeDP
 from shoal.learn.registry import MODELS, build_model
+from shoal.privacy.guard import budget_guard
 from shoal.runtime import Faults, NodeApp, Store
 
 if sys.version_info >= (3, 11):
@@ -81,6 +92,19 @@ _SCHEMAS: dict[str, Schema] = {
         "straggle": ((int, float), 0.0),
         "straggle_s": ((int, float), 10.0),
         "error": ((int, float), 0.0),
+    },
+    "privacy": {
+        "epsilon": ((int, float), None),
+        "noise_multiplier": ((int, float), None),
+        "delta": ((int, float), 1e-5),
+        "level": (str, "example"),
+        "mode": (str, "distributed"),
+        "clip": ((int, float), 1.0),
+        "sample_rate": ((int, float), 0.25),
+        "steps_per_round": (int, 5),
+        "accountant": (str, "rdp"),
+        "node_max_epsilon": ((int, float), None),
+        "node_max_delta": ((int, float), None),
     },
     "aggregate": {
         "rule": (str, "mean"),
@@ -238,10 +262,80 @@ class JobSpec:
         reducer = reducers[spec["rule"]]()
         return Clip(float(spec["clip"])) | reducer if spec["clip"] is not None else reducer
 
+    def build_privacy(self) -> ExampleDP | NodeDP | None:
+        """The job's DP plan, with noise calibrated to its epsilon over all its rounds."""
+        spec = self.privacy
+        if spec is None or (spec["epsilon"] is None and spec["noise_multiplier"] is None):
+            return None
+        secure = bool(self.aggregate["secure"])
+        rounds = int(self.algorithm.get("rounds", 10))
+        common: dict[str, Any] = {
+            "clip": float(spec["clip"]),
+            "accountant": spec["accountant"],
+            "secure": secure,
+        }
+        plan: ExampleDP | NodeDP
+        if spec["level"] == "node":
+            rate = min(
+                1.0, int(self.algorithm.get("nodes_per_round", 10)) / self.partition["nodes"]
+            )
+            if spec["noise_multiplier"] is not None:
+                plan = NodeDP(
+                    noise_multiplier=spec["noise_multiplier"], delta=spec["delta"], **common
+                )
+            else:
+                plan = NodeDP.for_target(
+                    epsilon=spec["epsilon"],
+                    delta=spec["delta"],
+                    rounds=rounds,
+                    sample_rate=rate,
+                    **common,
+                )
+            return plan
+        distributed = spec["mode"] == "distributed"
+        if secure and not distributed:
+            common["secure"] = False  # local DP-SGD noises each update fully by itself
+        train, _ = self.load_data()
+        options = {
+            **common,
+            "sample_rate": float(spec["sample_rate"]),
+            "steps_per_round": int(spec["steps_per_round"]),
+            "distributed": distributed,
+            "total_examples": len(train) if distributed else None,
+        }
+        if spec["noise_multiplier"] is not None:
+            return ExampleDP(
+                noise_multiplier=spec["noise_multiplier"], delta=spec["delta"], **options
+            )
+        return ExampleDP.for_target(
+            epsilon=spec["epsilon"], delta=spec["delta"], rounds=rounds, **options
+        )
+
     def build_algorithm(self) -> Algorithm:
         options = {k: v for k, v in self.algorithm.items() if k != "name"}
         cls = ALGORITHMS[self.algorithm["name"]]
-        return cls(aggregator=self.build_aggregator(), **options)
+        privacy = self.build_privacy()
+        if privacy is not None and (isinstance(privacy, NodeDP) or privacy.distributed):
+            if self.aggregate["rule"] != "mean":
+                raise ConfigError(
+                    f"[aggregate] rule = {self.aggregate['rule']!r} cannot combine with this "
+                    "[privacy] plan, which adds noise to a sum; use rule = 'mean', or "
+                    "mode = 'local' (each node noises its own update)"
+                )
+            return cls(privacy=privacy, **options)
+        return cls(aggregator=self.build_aggregator(), privacy=privacy, **options)
+
+    def build_budget_guard(self) -> Any:
+        """Simulation: every node's owner enforces ``node_max_epsilon`` on its own ledger."""
+        spec = self.privacy
+        if spec is None or spec["node_max_epsilon"] is None:
+            return None
+        return budget_guard(
+            max_epsilon=float(spec["node_max_epsilon"]),
+            max_delta=float(spec["node_max_delta"] or spec["delta"]),
+            tasks={TRAIN},
+            accountant=spec["accountant"],
+        )
 
     def build_attack_app(self, model: Model) -> NodeApp | None:
         """Simulation only: a NodeApp in which the job's attackers poison their updates."""
@@ -328,7 +422,18 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
     _choice(aggregate["rule"], RULES, "[aggregate] rule")
     engine = _section(raw.get("engine", {}), "engine", _SCHEMAS["engine"])
     faults = _section(raw["faults"], "faults", _SCHEMAS["faults"]) if "faults" in raw else None
-    privacy = raw.get("privacy")
+    privacy = _section(raw["privacy"], "privacy", _SCHEMAS["privacy"]) if "privacy" in raw else None
+    if privacy is not None:
+        _choice(privacy["level"], ("example", "node"), "[privacy] level")
+        _choice(privacy["mode"], ("distributed", "local"), "[privacy] mode")
+        _choice(privacy["accountant"], ("rdp", "pld"), "[privacy] accountant")
+        if (privacy["epsilon"] is None) == (privacy["noise_multiplier"] is None):
+            raise ConfigError(
+                "[privacy] needs exactly one of epsilon (the target; noise is calibrated) or "
+                "noise_multiplier"
+            )
+        if not 0 < privacy["delta"] < 1:
+            raise ConfigError("[privacy] delta must be between 0 and 1, e.g. 1e-5")
     attack = raw.get("attack")
     if attack is not None:
         if not isinstance(attack, Mapping) or "name" not in attack:
@@ -378,9 +483,14 @@ def simulate_job(
     """Run ``job`` on a LocalEngine, exactly as ``shoal run`` does."""
     _, test = job.load_data()
     model = job.build_model()
+    app = job.build_attack_app(model)
+    guard = job.build_budget_guard()
+    if guard is not None:
+        app = app or learning_app(model)
+        app.add_guard(guard)
     return simulate(
         model=model,
-        app=job.build_attack_app(model),
+        app=app,
         nodes=job.partitions(),
         algorithm=job.build_algorithm(),
         test=test,

@@ -77,6 +77,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     demo.add_argument("--rounds", type=_positive_int, default=None, help="rounds (default 30)")
     demo.add_argument("--nodes", type=_positive_int, default=None, help="nodes (default 20)")
+    demo.add_argument(
+        "--epsilon",
+        type=_positive_float,
+        help="train with example-level differential privacy at this epsilon (distributed "
+        "DP-SGD inside secure aggregation; noise calibrated automatically)",
+    )
+    demo.add_argument("--delta", type=_positive_float, default=1e-5, help="DP delta (1e-5)")
     _common(demo)
     demo.set_defaults(func=_run_demo)
 
@@ -113,6 +120,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no per-round output")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -130,6 +147,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.nodes:
         raw["data"]["partition"]["nodes"] = args.nodes
         raw["algorithm"]["nodes_per_round"] = max(1, args.nodes // 2)
+    if args.epsilon:
+        # One DP-SGD step over the federation per round, its noise added in shares inside
+        # SecAgg+; a single global step per round wants a larger learning rate.
+        raw["privacy"] = {"epsilon": args.epsilon, "delta": args.delta}
+        raw["aggregate"] = {"secure": True}
+        raw["algorithm"]["lr"] = 2.0
     return _execute(parse_job(raw), args, resume=None)
 
 
@@ -151,13 +174,19 @@ def _execute(job: JobSpec, args: argparse.Namespace, *, resume: str | None) -> i
         result = simulate_job(job, store=store, resume=resume, on_round=on_round)
     wall = time.perf_counter() - started
     summary = _summary(job, result, wall, nodes)
+    privacy = (
+        f"; epsilon {summary['epsilon']:.3f} at delta {summary['delta']:g}"
+        if summary.get("epsilon") is not None
+        else ""
+    )
     console.print(
         f"federated accuracy [bold]{summary['accuracy']:.4f}[/], centralized "
-        f"{summary['centralized_accuracy']:.4f} (same model on the pooled data); "
-        f"{wall:.1f} s; run {result.run_id}"
+        f"{summary['centralized_accuracy']:.4f} (same model on the pooled data, no privacy)"
+        f"{privacy}; {wall:.1f} s; run {result.run_id}"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(_finite(summary), indent=2, allow_nan=False)
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
     return 0
 
 
@@ -181,6 +210,8 @@ def _summary(job: JobSpec, result: TrainingResult, wall: float, nodes: int) -> d
         "loss": metrics.get("loss"),
         "federated_accuracy": metrics.get("federated_accuracy"),
         "centralized_accuracy": central.get("accuracy"),
+        "epsilon": metrics.get("epsilon"),
+        "delta": metrics.get("delta"),
         "rounds": len(result.history),
         "nodes": nodes,
         "wall_s": wall,
@@ -213,12 +244,16 @@ class _progress:
         return self.update
 
     def update(self, report: RoundReport) -> None:
-        accuracy = f"acc {report.accuracy:.4f}" if report.accuracy is not None else ""
-        line = (
-            f"round {report.round:>3}/{self.rounds}  nodes {report.participants:>3}"
-            f"{f' (-{report.failed})' if report.failed else ''}  "
-            f"loss {report.train_loss:.4f}  {accuracy}"
-        )
+        parts = [f"round {report.round:>3}/{self.rounds}", f"nodes {report.participants:>3}"]
+        if report.failed:
+            parts[-1] += f" (-{report.failed})"
+        if report.train_loss == report.train_loss:  # not NaN: DP runs keep it at the nodes
+            parts.append(f"loss {report.train_loss:.4f}")
+        if report.accuracy is not None:
+            parts.append(f"acc {report.accuracy:.4f}")
+        if report.epsilon is not None:
+            parts.append(f"eps {report.epsilon:.3f}")
+        line = "  ".join(parts)
         if self.bar is not None:
             self.bar.update(self.task, completed=report.round, status=line)
         self.console.print(line, highlight=False)
@@ -298,3 +333,14 @@ def _show_run(console: Console, store: Store, run_id: str, *, as_json: bool) -> 
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a metric that was not measured (e.g. DP's training loss) is null."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

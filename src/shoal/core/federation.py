@@ -94,6 +94,22 @@ class Federation:
         chosen = rng.choice(len(available), size=k, replace=False)
         return NodeGroup(self, tuple(available[i] for i in sorted(chosen)))
 
+    def sample_poisson(self, rate: float, *, seed: int | None = None) -> NodeGroup:
+        """Each available node independently with probability ``rate`` (Poisson sampling,
+        which differential-privacy accounting's amplification by sampling assumes)."""
+        if not 0.0 < rate <= 1.0:
+            raise ConfigError(f"sampling rate must be in (0, 1], got {rate}")
+        available = self.node_ids
+        rng = self._rng if seed is None else np.random.default_rng(seed)
+        chosen = rng.random(len(available)) < rate
+        group = tuple(node for node, keep in zip(available, chosen) if keep)
+        if len(group) < self.min_nodes:
+            raise NotEnoughNodes(
+                f"Poisson sampling at rate {rate} chose {len(group)} of {len(available)} "
+                f"node(s), fewer than the minimum of {self.min_nodes}"
+            )
+        return NodeGroup(self, group)
+
     def request(
         self,
         node_ids: Sequence[str],

@@ -9,7 +9,7 @@ server state. FedAvg (McMahan et al. 2017), FedProx (Li et al. 2020), FedAvgM (H
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,6 +18,7 @@ from shoal.aggregate import Mean
 from shoal.core import Aggregator, Federation, NodeValues
 from shoal.errors import ConfigError
 from shoal.learn.model import Weights
+from shoal.learn.privacy import ExampleDP, NodeDP
 from shoal.learn.tasks import TRAIN, prefixed, unprefixed
 
 __all__ = [
@@ -43,6 +44,7 @@ class ServerState:
     round: int
     weights: Weights
     slots: Mapping[str, Weights] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)  # JSON: privacy participation, ...
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = prefixed("weights", self.weights)
@@ -51,13 +53,17 @@ class ServerState:
         return arrays
 
     @classmethod
-    def from_arrays(cls, round_num: int, arrays: Mapping[str, np.ndarray]) -> ServerState:
+    def from_arrays(
+        cls, round_num: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
+    ) -> ServerState:
         slots: dict[str, Weights] = {}
         for key, value in arrays.items():
             head, _, name = key.partition("/")
             if head.startswith("slot."):
                 slots.setdefault(head[len("slot.") :], {})[name] = np.array(value)
-        return cls(round=round_num, weights=unprefixed("weights", arrays), slots=slots)
+        return cls(
+            round=round_num, weights=unprefixed("weights", arrays), slots=slots, meta=meta or {}
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +72,8 @@ class RoundResult:
     train_loss: float
     participants: tuple[str, ...]
     failures: Mapping[str, str]
+    epsilon: float | None = None
+    delta: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +90,7 @@ class Algorithm:
     server_lr: float = 1.0
     aggregator: Aggregator | None = None  # default: mean weighted by examples
     keep_optimizer_state: bool = False  # nodes keep momentum/Adam state between rounds
+    privacy: ExampleDP | NodeDP | None = None  # differential privacy, accounted every round
 
     def __post_init__(self) -> None:
         for key in ("rounds", "nodes_per_round", "local_epochs", "batch_size"):
@@ -89,6 +98,15 @@ class Algorithm:
                 raise ConfigError(f"{self.name}: {key} must be at least 1")
         if not self.lr > 0 or not self.server_lr > 0:
             raise ConfigError(f"{self.name}: lr and server_lr must be positive")
+
+    def node_tasks(self) -> dict[str, Any]:
+        """Tasks every node must install besides train/evaluate (e.g. a secure sum's)."""
+        tasks: dict[str, Any] = {}
+        for part in (self.aggregator, self.privacy):
+            node_tasks = getattr(part, "node_tasks", None)
+            if node_tasks is not None:
+                tasks.update(node_tasks())
+        return tasks
 
     def init(self, weights: Weights) -> ServerState:
         return ServerState(round=0, weights={k: np.array(v, float) for k, v in weights.items()})
@@ -103,7 +121,20 @@ class Algorithm:
         return ServerState(round=state.round + 1, weights=weights, slots=state.slots)
 
     def round(self, fed: Federation, state: ServerState, *, seed: int | None = None) -> RoundResult:
-        group = fed.sample(self.nodes_per_round, seed=seed)
+        privacy = self.privacy
+        nodes = len(fed.node_ids)
+        node_rate = min(1.0, self.nodes_per_round / max(nodes, 1))
+        if isinstance(privacy, NodeDP):
+            # Amplification by sampling holds for Poisson sampling, so DP-FedAvg samples so.
+            group = fed.sample_poisson(node_rate, seed=seed)
+        elif isinstance(privacy, ExampleDP) and privacy.distributed:
+            group = fed.all()  # one DP-SGD step over the whole federation's data
+        else:
+            group = fed.sample(self.nodes_per_round, seed=seed)
+        extra = self.node_params(state)
+        if privacy is not None:
+            request = privacy.request(nodes=nodes, per_round=self.nodes_per_round)
+            extra["dp"] = request.to_json()
         weights = group.broadcast(
             **prefixed("w", state.weights),
             epochs=self.local_epochs,
@@ -112,20 +143,43 @@ class Algorithm:
             max_steps=self.max_steps,
             seed=seed,
             keep_optimizer_state=self.keep_optimizer_state,
-            **self.node_params(state),
+            **extra,
         )
         out = group.map(TRAIN, weights)
         fields = [f"d/{name}" for name in state.weights]
-        aggregator = self.aggregator if self.aggregator is not None else Mean()
-        aggregated = out.select(*fields).aggregate(aggregator, weights=out["n"])
+        planned = None
+        if privacy is not None:
+            planned = privacy.aggregator(nodes=nodes, per_round=len(group), lr=self.lr)
+        aggregator: Aggregator = planned or self.aggregator or Mean()
+        # Under DP nothing data-dependent leaves a node un-noised: no example counts as
+        # weights, no training loss.
+        example_weights = None if privacy is not None else out["n"]
+        aggregated = out.select(*fields).aggregate(aggregator, weights=example_weights)
         if not isinstance(aggregated, dict):  # a single-array model comes back unnamed
             aggregated = {fields[0]: aggregated}
         delta = unprefixed("d", aggregated)
-        loss = float(out["loss"].mean(weights=out["n"]))
+        loss = float("nan") if privacy is not None else float(out["loss"].mean(weights=out["n"]))
         new_state = self.server_update(state, delta, out, fed)
+        meta = dict(new_state.meta or state.meta)
+        spent = None
+        if privacy is not None:
+            participation = dict(meta.get("dp_participation", {}))
+            for node in out.node_ids:
+                participation[node] = participation.get(node, 0) + 1
+            meta["dp_participation"] = participation
+            spent = privacy.spent(
+                participation=participation, rounds=new_state.round, node_rate=node_rate
+            )
+            meta["epsilon"] = spent
+        new_state = replace(new_state, meta=meta)
         failures = {node: f"{f.kind.value}: {f.detail}" for node, f in out.failures.items()}
         return RoundResult(
-            state=new_state, train_loss=loss, participants=out.node_ids, failures=failures
+            state=new_state,
+            train_loss=loss,
+            participants=out.node_ids,
+            failures=failures,
+            epsilon=spent,
+            delta=privacy.delta if privacy is not None else None,
         )
 
 

@@ -35,6 +35,8 @@ class RoundReport:
     loss: float | None = None
     federated_accuracy: float | None = None
     federated_loss: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
@@ -110,7 +112,8 @@ class Trainer:
             checkpoint = self.store.load_checkpoint(resume)
         except StoreError:  # interrupted before its first round: start it afresh
             return self.algorithm.init(self.model.get_weights()), resume
-        return ServerState.from_arrays(checkpoint.round, checkpoint.arrays), resume
+        state = ServerState.from_arrays(checkpoint.round, checkpoint.arrays, checkpoint.state)
+        return state, resume
 
     def run(self, *, resume: str | None = None) -> TrainingResult:
         state, run_id = self._start(resume)
@@ -153,6 +156,8 @@ class Trainer:
             loss=evaluation.get("loss"),
             federated_accuracy=evaluation.get("federated_accuracy"),
             federated_loss=evaluation.get("federated_loss"),
+            epsilon=result.epsilon,
+            delta=result.delta,
         )
         if self.store is not None and run_id is not None:
             participants = dict.fromkeys(result.participants, "ok")
@@ -168,6 +173,7 @@ class Trainer:
                 participants=participants,
                 details=details,
                 checkpoint=new_state.to_arrays(),
+                state=dict(new_state.meta),
                 started_at=started,
             )
         if self.on_round is not None:

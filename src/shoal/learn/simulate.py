@@ -52,9 +52,7 @@ def simulate(
         node_data = [_holdout(part, holdout, seed + i) for i, part in enumerate(nodes)]
     if app is None or TRAIN not in app.task_names:  # an app may bring its own train task
         app = learning_app(model, app=app)
-    node_tasks = getattr(algorithm.aggregator, "node_tasks", None)
-    if node_tasks is not None:  # e.g. the secure sum's protocol tasks
-        app.install(node_tasks())
+    app.install(algorithm.node_tasks())  # e.g. the secure sum's protocol tasks
     engine = LocalEngine(app, data=node_data, seed=seed, faults=faults, workers=workers)
     federation = Federation(engine, min_nodes=min_nodes, deadline_s=deadline_s, seed=seed)
     trainer = Trainer(

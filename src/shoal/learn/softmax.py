@@ -76,6 +76,8 @@ class SoftmaxRegression:
         n = len(y)
         if n == 0:
             raise DataError("cannot train on an empty data set")
+        if config.dp is not None:
+            return self._fit_dp(x, y, config, rng)
         W, b = self.W, self.b
         center = config.prox_center
         correction = config.correction
@@ -105,6 +107,42 @@ class SoftmaxRegression:
         self.W, self.b = W, b
         recent = losses[-max(1, -(-n // config.batch_size)) :]
         return FitResult(examples=n, steps=steps, loss=float(np.mean(recent)))
+
+    def _fit_dp(
+        self, x: np.ndarray, y: np.ndarray, config: FitConfig, rng: np.random.Generator
+    ) -> FitResult:
+        """DP-SGD with exact per-example clipping: for a linear softmax model the gradient of
+        example i is the outer product of [x_i, 1] and (p_i - y_i), so its norm is the product
+        of their norms and no per-example gradient is ever materialized."""
+        dp = config.dp
+        assert dp is not None
+        W, b = self.W, self.b
+        n = len(y)
+        std = dp.noise_multiplier * dp.clip
+        expected_batch = dp.normalizer or dp.sample_rate * n
+        x_norms = np.sqrt((x * x).sum(axis=1) + 1.0)
+        losses: list[float] = []
+        for _ in range(dp.steps):
+            chosen = np.flatnonzero(rng.random(n) < dp.sample_rate)
+            grad_W = np.zeros_like(W)
+            grad_b = np.zeros_like(b)
+            if len(chosen):
+                loss, grad_logits, _ = softmax_cross_entropy(x[chosen] @ W + b, y[chosen])
+                per_example = grad_logits * len(chosen)  # undo the mean: one row per example
+                norms = np.linalg.norm(per_example, axis=1) * x_norms[chosen]
+                scale = np.minimum(1.0, dp.clip / np.maximum(norms, 1e-12))
+                clipped = per_example * scale[:, None]
+                grad_W = x[chosen].T @ clipped
+                grad_b = clipped.sum(axis=0)
+                losses.append(loss)
+            grad_W = (grad_W + rng.normal(0.0, std, size=W.shape)) / expected_batch
+            grad_b = (grad_b + rng.normal(0.0, std, size=b.shape)) / expected_batch
+            W = W - config.lr * (grad_W + self.l2 * W)
+            b = b - config.lr * grad_b
+        self.W, self.b = W, b
+        return FitResult(
+            examples=n, steps=dp.steps, loss=float(np.mean(losses)) if losses else float("nan")
+        )
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         logits = np.asarray(x, dtype=np.float64).reshape(len(x), -1) @ self.W + self.b

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from shoal.errors import DataError
-from shoal.learn.model import FitConfig, Model, StatefulOptimizer, Weights
+from shoal.learn.model import FitConfig, LocalDP, Model, StatefulOptimizer, Weights
+from shoal.privacy.guard import DPRequest
 from shoal.runtime import NodeApp, TaskContext, TaskFn
 
 __all__ = [
@@ -96,6 +97,17 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
                 k: np.zeros_like(v) for k, v in server_c.items()
             }
             correction = {k: server_c[k] - node_c[k] for k in server_c}
+        request = DPRequest.from_payload(payload)
+        local_dp = None
+        if request is not None and request.level == "example":
+            share = request.node_noise_multiplier
+            local_dp = LocalDP(
+                clip=request.clip,
+                noise_multiplier=request.noise_multiplier if share is None else share,
+                sample_rate=request.sample_rate,
+                steps=request.steps,
+                normalizer=request.normalizer,
+            )
         config = FitConfig(
             epochs=int(payload.get("epochs", 1)),
             batch_size=int(payload.get("batch_size", 32)),
@@ -104,6 +116,7 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
             prox_mu=float(payload.get("prox_mu", 0.0)),
             prox_center=weights if payload.get("prox_mu") else None,
             correction=correction,
+            dp=local_dp,
         )
         # Optimizer state (momentum, Adam moments) never leaves the node; keeping it between
         # rounds is opt-in because it can be twice the model's size at every node.
@@ -112,7 +125,10 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         if optimizer is not None:
             saved = ctx.state.get(OPTIMIZER_STATE) if keep_optimizer else None
             optimizer.load_optimizer_state(saved)
-        result = net.fit(train_data, config=config, rng=_rng(ctx, payload.get("seed")))
+        # DP-SGD's example sampling and noise must be secret from the server, so they come
+        # from the node's own randomness, never from the round seed the server sends.
+        rng = ctx.rng if local_dp is not None else _rng(ctx, payload.get("seed"))
+        result = net.fit(train_data, config=config, rng=rng)
         if optimizer is not None and keep_optimizer:
             ctx.state[OPTIMIZER_STATE] = optimizer.optimizer_state()
         new = net.get_weights()

@@ -8,6 +8,7 @@ of the survivors. Nodes that drop out in any phase are excluded, up to the toler
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,12 +55,33 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
     vector = np.concatenate(parts) if len(parts) > 1 else parts[0]
     if not np.isfinite(vector).all():
         raise TaskError("the node's value holds NaN or infinity; it cannot join a secure sum")
-    clip_l2 = payload.get("clip_l2")
-    if clip_l2 is not None:
-        norm = float(np.linalg.norm(vector))
-        if norm > float(clip_l2):
-            vector = vector * (float(clip_l2) / norm)
+    for spec in payload.get("transforms", []):  # the chain's node transforms, in order
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise TaskError(f"malformed node transform {spec!r}")
+        ((kind, value),) = spec.items()
+        if kind not in NODE_TRANSFORMS or not isinstance(value, (int, float)) or value < 0:
+            raise TaskError(
+                f"node transform {spec!r} is not one this node applies "
+                f"(it knows {sorted(NODE_TRANSFORMS)})"
+            )
+        vector = NODE_TRANSFORMS[kind](vector, float(value))
     return vector
+
+
+def _clip(vector: np.ndarray, norm_bound: float) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return vector * (norm_bound / norm) if norm > norm_bound else vector
+
+
+def _noise(vector: np.ndarray, std: float) -> np.ndarray:
+    # DP noise must be unknown to the server: fresh OS entropy, never a server-sent seed.
+    rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+    noised: np.ndarray = vector + rng.normal(0.0, std, size=vector.shape)
+    return noised
+
+
+# What a node applies before masking, by the key of the stage's spec().
+NODE_TRANSFORMS = {"clip_l2": _clip, "noise_std": _noise}
 
 
 def secure_sum_tasks() -> dict[str, Any]:
@@ -90,6 +112,7 @@ class SecureSum(Reducer):
         self, values: NodeValues, weights: NodeValues | None, pre: Sequence[NodeTransform]
     ) -> Reduced:
         clip_l2 = _clip_norm(pre)
+        transforms = [stage.spec() for stage in pre]
         value_range = self.value_range if self.value_range is not None else clip_l2
         if value_range is None:
             raise ConfigError(
@@ -131,7 +154,7 @@ class SecureSum(Reducer):
             "handle": values.handle,
             "fields": [name for name, _, _ in layout],
             "clip": float(value_range),
-            "clip_l2": clip_l2,
+            "transforms": transforms,
         }
         masked = phase(
             MASKED_INPUT_TASK,
@@ -165,14 +188,20 @@ class SecureSum(Reducer):
 
 
 def _clip_norm(pre: Sequence[NodeTransform]) -> float | None:
+    """The tightest clip bound in the chain; every stage must be one nodes can apply."""
     norm: float | None = None
     for stage in pre:
-        if not isinstance(stage, Clip):
+        try:
+            keys = set(stage.spec())
+        except NotImplementedError:
+            keys = set()
+        if not keys or not keys <= set(NODE_TRANSFORMS):
             raise ConfigError(
                 f"{type(stage).__name__} cannot run inside a secure sum: nodes apply only "
-                "Clip before masking"
+                f"{sorted(NODE_TRANSFORMS)} (Clip, DistributedNoise) before masking"
             )
-        norm = stage.l2 if norm is None else min(norm, stage.l2)
+        if isinstance(stage, Clip):
+            norm = stage.l2 if norm is None else min(norm, stage.l2)
     return norm
 
 

@@ -1,0 +1,116 @@
+"""Budgets enforced at the node: a guard that charges each DP request to the owner's ledger.
+
+A task that trains on private data states its privacy cost in its payload (``"dp"``: clip,
+noise multiplier, sample rate, steps, level). The owner's guard charges that cost to a
+ledger kept in the node's own state and declines the task (PrivacyBudgetExceeded) when it
+would overspend; the coordinator only learns that the node declined. A guarded task that
+states no DP cost is declined too: without noise its privacy loss is unbounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from shoal.errors import ConfigError, PrivacyBudgetExceeded
+from shoal.privacy.accounting import Accountant
+from shoal.privacy.budget import NodeBudget
+
+__all__ = ["DP_KEY", "DPRequest", "budget_guard"]
+
+DP_KEY = "dp"
+BUDGET_STATE = "shoal.privacy.budget"
+Level = Literal["example", "node"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPRequest:
+    """The privacy cost a task declares. ``level="example"``: DP-SGD at the node, each step
+    on a Poisson sample of the node's examples. ``level="node"``: the node's whole update is
+    clipped and noised in aggregate (DP-FedAvg); ``sample_rate`` is the server's node rate."""
+
+    clip: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    level: Level = "example"
+    # Distributed DP: the node adds only its share of the noise (the secure sum of all
+    # shares carries ``noise_multiplier``) and normalizes by the federation's batch.
+    node_noise_multiplier: float | None = None
+    normalizer: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.level not in ("example", "node"):
+            raise ConfigError(f"DP level must be 'example' or 'node', got {self.level!r}")
+        if not self.clip > 0 or not self.noise_multiplier >= 0:
+            raise ConfigError("a DP request needs clip > 0 and noise_multiplier >= 0")
+        if not 0 < self.sample_rate <= 1 or self.steps < 1:
+            raise ConfigError("a DP request needs 0 < sample_rate <= 1 and steps >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> DPRequest | None:
+        raw = payload.get(DP_KEY)
+        if raw is None:
+            return None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"payload field {DP_KEY!r} must be an object")
+        try:
+            return cls(
+                clip=float(raw["clip"]),
+                noise_multiplier=float(raw["noise_multiplier"]),
+                sample_rate=float(raw["sample_rate"]),
+                steps=int(raw["steps"]),
+                level=raw.get("level", "example"),
+                node_noise_multiplier=_optional_float(raw.get("node_noise_multiplier")),
+                normalizer=_optional_float(raw.get("normalizer")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed DP request {dict(raw)!r}: {exc}") from None
+
+
+def budget_guard(
+    *,
+    max_epsilon: float,
+    max_delta: float,
+    tasks: Collection[str],
+    accountant: Accountant = "rdp",
+    trust_server_sampling: bool = False,
+) -> Callable[[str, Any, Mapping[str, Any]], None]:
+    """A NodeApp guard enforcing the owner's (max_epsilon, max_delta) on ``tasks``.
+
+    Example-level requests are charged as stated: the node samples its own examples.
+    Node-level requests are charged with sample rate 1 unless the owner trusts the server's
+    sampling, since only then does amplification by sampling hold for this node.
+    """
+    NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)  # validate
+    guarded = frozenset(tasks)
+
+    def guard(task: str, ctx: Any, payload: Mapping[str, Any]) -> None:
+        if task not in guarded:
+            return
+        request = DPRequest.from_payload(payload)
+        if request is None:
+            raise PrivacyBudgetExceeded(
+                f"task {task!r} declares no differential privacy, and this node's owner "
+                f"limits it to epsilon {max_epsilon}; run the job with a [privacy] table"
+            )
+        budget = ctx.state.get(BUDGET_STATE)
+        if budget is None:
+            budget = NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)
+            ctx.state[BUDGET_STATE] = budget
+        rate = request.sample_rate
+        if request.level == "node" and not trust_server_sampling:
+            rate = 1.0
+        budget.charge(
+            sample_rate=rate, noise_multiplier=request.noise_multiplier, steps=request.steps
+        )
+
+    return guard
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

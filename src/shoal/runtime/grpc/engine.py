@@ -1,0 +1,828 @@
+"""GrpcEngine: the coordinator side of a real deployment, serving nodes over gRPC.
+
+Nodes dial out to the coordinator and keep one bidirectional stream each (see shoal.proto):
+they prove their registered Ed25519 identity, then receive tasks and send back replies and
+heartbeats. ``dispatch`` behaves as LocalEngine's does: one task per node, a deadline per
+task, replies in task order, and a disconnect, a late answer or a refused task reported as
+the same failure kinds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from shoal.errors import (
+    AuthenticationError,
+    ConfigError,
+    ProtocolError,
+    ShoalError,
+    TransportError,
+)
+from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+from shoal.runtime.grpc.auth import ReplayGuard, fingerprint, verify
+from shoal.runtime.grpc.certs import ServerTLS
+from shoal.runtime.grpc.proto import shoal_pb2 as pb
+from shoal.runtime.grpc.protocol import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_FRAME_BYTES,
+    PROTOCOL,
+    TO_COORDINATOR_CHUNK,
+    TO_NODE_CHUNK,
+    Assembler,
+    SharedFrames,
+    chunk_data,
+    parse_node_frame,
+    parse_node_message,
+)
+from shoal.runtime.store import NodeRecord
+from shoal.wire import WireLimits
+
+__all__ = ["GrpcEngine", "NodeRegistry", "NodeSessionInfo"]
+
+log = logging.getLogger("shoal.deploy")
+
+_SERVICE = "shoal.deploy.v1.Coordinator"
+_MAX_DETAIL = 4000
+_STATUS_KIND = {
+    pb.ERROR: FailureKind.ERROR,
+    pb.REJECTED: FailureKind.REJECTED,
+    pb.DECLINED: FailureKind.DECLINED,
+}
+
+
+class NodeRegistry(Protocol):
+    """Where admitted nodes' public keys live (the Store implements it)."""
+
+    def list_nodes(self, *, include_revoked: bool = True) -> list[NodeRecord]: ...
+
+
+class _Audit(Protocol):
+    def audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        detail: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> object: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSessionInfo:
+    """A connected node, as the coordinator sees it."""
+
+    node_id: str
+    peer: str
+    connected_s: float
+    partition_index: int | None
+    key_fingerprint: str
+
+
+class _SessionAbort(Exception):
+    """End a node's session with a gRPC status (raised inside the session's reader)."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Abort:
+    code: grpc.StatusCode
+    detail: str
+
+
+class _Waiter:
+    """The outcomes of one dispatch; the first outcome for a node wins."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.outcomes: dict[str, Reply | Failure] = {}
+
+    def resolve(self, node_id: str, outcome: Reply | Failure) -> bool:
+        with self.cond:
+            if node_id in self.outcomes:
+                return False
+            self.outcomes[node_id] = outcome
+            self.cond.notify_all()
+            return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Pending:
+    task: Task
+    wire_id: str
+    waiter: _Waiter
+    started: float
+
+    def fail(self, kind: FailureKind, detail: str) -> bool:
+        failure = Failure(
+            node_id=self.task.node_id,
+            task_id=self.task.task_id,
+            kind=kind,
+            detail=detail[:_MAX_DETAIL],
+        )
+        return self.waiter.resolve(self.task.node_id, failure)
+
+
+class _Inbound:
+    """A reply whose chunks are arriving; ``pending`` None means its bytes are discarded."""
+
+    def __init__(self, header: pb.ReplyHeader, pending: _Pending | None) -> None:
+        self.header = header
+        self.pending = pending
+        self.assembler = Assembler(header.size, hashed=True) if pending is not None else None
+        self.remaining = header.size
+
+
+class _Session:
+    """One node's stream: the writer is the gRPC handler thread, the reader its own thread."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.id = next(self._ids)
+        self.context = context
+        self.peer = context.peer()
+        self.challenge = os.urandom(32)
+        self.opened = time.monotonic()
+        self.last_seen = self.opened
+        self.out: queue.SimpleQueue[bytes | Iterable[bytes] | _Abort | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.pending: dict[str, _Pending] = {}
+        self.inbound: _Inbound | None = None
+        self.node_id = ""
+        self.public_key = b""
+        self.claimed_key = b""
+        self.partition_index: int | None = None
+        self.authenticated = False
+        self.closed = False
+
+    def send(self, item: bytes | Iterable[bytes]) -> None:
+        self.out.put(item)
+
+    def abort(self, code: grpc.StatusCode, detail: str) -> None:
+        self.out.put(_Abort(code, detail))
+
+    def add_pending(self, pending: _Pending) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            self.pending[pending.wire_id] = pending
+            return True
+
+    def pop_pending(self, wire_id: str) -> _Pending | None:
+        with self.lock:
+            return self.pending.pop(wire_id, None)
+
+
+def _natural(text: str) -> tuple[Any, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+class GrpcEngine:
+    """Coordinator engine: serves gRPC at ``listen`` and runs tasks on connected nodes.
+
+    ``registry`` (a Store) lists the admitted public keys and, when it has ``audit``, receives
+    connection and rejection events. TLS is required unless ``insecure=True``. ``seed`` seeds
+    each task's randomness as LocalEngine does, so a deployment repeats a simulation.
+
+    >>> engine = GrpcEngine(listen="127.0.0.1:0", registry=store, tls=ServerTLS.from_dir("certs"))
+    >>> engine.start().wait_for_nodes(5, timeout_s=60)
+    """
+
+    def __init__(
+        self,
+        *,
+        listen: str,
+        registry: NodeRegistry,
+        tls: ServerTLS | None = None,
+        insecure: bool = False,
+        seed: int = 0,
+        job_digest: str = "",
+        heartbeat_s: float = 5.0,
+        liveness_s: float | None = None,
+        auth_window_s: float = 60.0,
+        handshake_timeout_s: float = 10.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_reply_bytes: int | None = None,
+        max_nodes: int = 1024,
+        registry_refresh_s: float = 5.0,
+        run_id: str | None = None,
+    ) -> None:
+        if tls is None and not insecure:
+            raise ConfigError(
+                "the coordinator serves over TLS: give tls=ServerTLS.from_dir(DIR) (make one "
+                "with `shoal certs`), or insecure=True for a test on a trusted network"
+            )
+        if tls is not None and insecure:
+            raise ConfigError("give either tls or insecure=True, not both")
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ConfigError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        if heartbeat_s <= 0 or handshake_timeout_s <= 0:
+            raise ConfigError("heartbeat_s and handshake_timeout_s must be positive")
+        if max_nodes < 1:
+            raise ConfigError(f"max_nodes must be at least 1, got {max_nodes}")
+        self.listen = listen
+        self.registry = registry
+        self.tls = tls
+        self.seed = seed
+        self.job_digest = job_digest
+        self.heartbeat_s = heartbeat_s
+        self.liveness_s = liveness_s if liveness_s is not None else 3 * heartbeat_s + 5.0
+        self.handshake_timeout_s = handshake_timeout_s
+        self.chunk_bytes = chunk_bytes
+        self.max_reply_bytes = (
+            max_reply_bytes if max_reply_bytes is not None else WireLimits().max_bytes
+        )
+        self.max_nodes = max_nodes
+        self.registry_refresh_s = registry_refresh_s
+        self.run_id = run_id
+        self.coordinator_id = os.urandom(8).hex()
+        self._guard = ReplayGuard(window_s=auth_window_s)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._sessions: dict[str, _Session] = {}  # authenticated, by node id
+        self._open: set[_Session] = set()  # every live stream, authenticated or not
+        self._registry_ids: set[str] = set()
+        self._dispatches = 0
+        self._dispatch_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._server: grpc.Server | None = None
+        self._monitor: threading.Thread | None = None
+        self._rejections = 0
+        self.port = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> GrpcEngine:
+        """Bind and start serving; ``self.port`` is the bound port (useful with port 0)."""
+        if self._server is not None:
+            return self
+        options = [
+            ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
+            ("grpc.max_send_message_length", MAX_FRAME_BYTES),
+            # Without this, a second coordinator on the same port would silently share it.
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=self.max_nodes + 8, thread_name_prefix="shoal-session"
+            ),
+            options=options,
+            maximum_concurrent_rpcs=self.max_nodes,
+        )
+        handler = grpc.stream_stream_rpc_method_handler(self._serve)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, {"Session": handler}),)
+        )
+        try:
+            if self.tls is not None:
+                port = server.add_secure_port(self.listen, self.tls.credentials())
+            else:
+                port = server.add_insecure_port(self.listen)
+        except RuntimeError as exc:
+            raise TransportError(
+                f"cannot listen on {self.listen!r} ({exc}); is another process using the port?"
+            ) from None
+        if not port:
+            raise TransportError(f"cannot listen on {self.listen!r}; is the port in use?")
+        self.port = port
+        self._refresh_registry()
+        server.start()
+        self._server = server
+        self._monitor = threading.Thread(target=self._watch, name="shoal-monitor", daemon=True)
+        self._monitor.start()
+        return self
+
+    def __enter__(self) -> GrpcEngine:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def finish(self, reason: str = "run finished", *, grace_s: float = 5.0) -> None:
+        """Tell every connected node the run is over (they exit) and end their streams."""
+        frame = pb.CoordinatorFrame(finish=pb.Finish(reason=reason)).SerializeToString()
+        with self._lock:
+            sessions = list(self._open)
+        for session in sessions:
+            if session.authenticated:
+                session.send(frame)
+            session.send(b"")  # marker: end the stream after what is queued
+        deadline = time.monotonic() + grace_s
+        with self._changed:
+            while self._open and time.monotonic() < deadline:
+                self._changed.wait(0.05)
+
+    def close(self) -> None:
+        """Stop serving; every node still connected is dropped."""
+        self._closing.set()
+        with self._lock:
+            sessions = list(self._open)
+        for session in sessions:
+            self._close_session(session, "coordinator shut down")
+        if self._server is not None:
+            self._server.stop(grace=1.0).wait()
+            self._server = None
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+            self._monitor = None
+
+    # -- the Engine contract ---------------------------------------------------------------
+
+    def node_ids(self) -> Sequence[str]:
+        """Connected, authenticated nodes: by partition index (if announced), then by id."""
+        with self._lock:
+            sessions = [s for s in self._sessions.values() if not s.closed]
+        sessions.sort(
+            key=lambda s: (
+                s.partition_index is None,
+                s.partition_index or 0,
+                _natural(s.node_id),
+            )
+        )
+        return tuple(s.node_id for s in sessions)
+
+    def sessions(self) -> list[NodeSessionInfo]:
+        now = time.monotonic()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return [
+            NodeSessionInfo(
+                node_id=s.node_id,
+                peer=s.peer,
+                connected_s=now - s.opened,
+                partition_index=s.partition_index,
+                key_fingerprint=fingerprint(s.public_key),
+            )
+            for s in sessions
+        ]
+
+    def wait_for_nodes(self, count: int, *, timeout_s: float) -> int:
+        """Block until ``count`` nodes are connected or ``timeout_s`` passes; return how many."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                connected = sum(1 for s in self._sessions.values() if not s.closed)
+                remaining = deadline - time.monotonic()
+                if connected >= count or remaining <= 0 or self._closing.is_set():
+                    return connected
+                self._changed.wait(min(remaining, 0.5))
+
+    def dispatch(self, tasks: Sequence[Task], *, deadline_s: float) -> DispatchResult:
+        if deadline_s <= 0:
+            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
+        seen: set[str] = set()
+        for task in tasks:
+            if task.node_id in seen:
+                raise ConfigError(f"node {task.node_id!r} got two tasks in one dispatch")
+            seen.add(task.node_id)
+        unknown = [t.node_id for t in tasks if t.node_id not in self._registry_ids]
+        if unknown:
+            self._refresh_registry()
+            unknown = [n for n in unknown if n not in self._registry_ids]
+            if unknown:
+                raise ConfigError(f"no node {unknown[0]!r} in this federation's registry")
+        with self._dispatch_lock:
+            self._dispatches += 1
+            number = self._dispatches
+        waiter = _Waiter()
+        started = time.monotonic()
+        targets: list[tuple[Task, _Session, _Pending]] = []
+        for task in tasks:
+            with self._lock:
+                session = self._sessions.get(task.node_id)
+            pending = _Pending(
+                task=task, wire_id=f"{number}:{task.task_id}", waiter=waiter, started=started
+            )
+            if session is None or not session.add_pending(pending):
+                pending.fail(FailureKind.DROPPED, "node is not connected")
+                continue
+            targets.append((task, session, pending))
+        consumers = Counter(id(task.payload) for task, _, _ in targets)
+        shared: dict[int, SharedFrames] = {}
+        for task, session, pending in targets:
+            frames = shared.get(id(task.payload))
+            if frames is None:
+                frames = SharedFrames(
+                    task.payload,
+                    tag=TO_NODE_CHUNK,
+                    chunk_bytes=self.chunk_bytes,
+                    consumers=consumers[id(task.payload)],
+                )
+                shared[id(task.payload)] = frames
+            header = pb.TaskHeader(
+                task_id=pending.wire_id,
+                name=task.name,
+                size=frames.size,
+                seed=[self.seed, self._index(session), number],
+                deadline_s=deadline_s,
+            )
+            if task.keep_as is not None:
+                header.keep_as = task.keep_as
+            head = pb.CoordinatorFrame(task=header).SerializeToString()
+            session.send(itertools.chain((head,), frames.frames()))
+        del shared
+        deadline = started + deadline_s
+        with waiter.cond:
+            while len(waiter.outcomes) < len(tasks):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                waiter.cond.wait(remaining)
+        for _, session, pending in targets:
+            if pending.fail(FailureKind.TIMEOUT, f"no answer within {deadline_s} s"):
+                session.pop_pending(pending.wire_id)
+                cancel = pb.CoordinatorFrame(cancel=pb.Cancel(task_id=pending.wire_id))
+                session.send(cancel.SerializeToString())
+        replies: dict[str, Reply] = {}
+        failures: dict[str, Failure] = {}
+        for task in tasks:  # task order, whatever the arrival order: sums stay reproducible
+            outcome = waiter.outcomes[task.node_id]
+            if isinstance(outcome, Reply):
+                replies[task.node_id] = outcome
+            else:
+                failures[task.node_id] = outcome
+        return DispatchResult(replies=replies, failures=failures)
+
+    def _index(self, session: _Session) -> int:
+        if session.partition_index is not None:
+            return session.partition_index
+        ordered = sorted(self._registry_ids, key=_natural)
+        return ordered.index(session.node_id) if session.node_id in ordered else len(ordered)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _serve(
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """One node's stream (runs on a gRPC worker thread, which writes; a reader reads)."""
+        if self._closing.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
+        session = _Session(context)
+        with self._lock:
+            self._open.add(session)
+        context.add_callback(lambda: self._close_session(session, "stream ended"))
+        challenge = pb.Challenge(
+            protocol=PROTOCOL,
+            coordinator_id=self.coordinator_id,
+            challenge=session.challenge,
+            server_time_ms=int(time.time() * 1000),
+        )
+        yield pb.CoordinatorFrame(challenge=challenge).SerializeToString()
+        threading.Thread(
+            target=self._read,
+            args=(session, request_iterator),
+            name=f"shoal-reader-{session.id}",
+            daemon=True,
+        ).start()
+        while True:
+            item = session.out.get()
+            if item is None or item == b"":
+                return
+            if isinstance(item, _Abort):
+                context.abort(item.code, item.detail)
+                return
+            if isinstance(item, bytes):
+                yield item
+                continue
+            for frame in item:
+                if session.closed:
+                    return
+                yield frame
+
+    def _read(self, session: _Session, request_iterator: Iterator[bytes]) -> None:
+        reason = "node closed the stream"
+        try:
+            for raw in request_iterator:
+                session.last_seen = time.monotonic()
+                self._on_frame(session, raw)
+                if session.closed:
+                    return
+        except _SessionAbort as exc:
+            reason = exc.detail
+            session.abort(exc.code, exc.detail)
+            if session.authenticated:
+                log.warning("session of node %s aborted: %s", session.node_id, exc.detail)
+                self._audit("node.session_aborted", session.node_id, reason=exc.detail[:500])
+            else:
+                self._rejected(session, exc.detail, claimed_key=session.claimed_key)
+        except Exception as exc:  # the stream broke: whatever it was, this node is gone
+            reason = f"stream failed ({type(exc).__name__})"
+        self._close_session(session, reason)
+
+    def _on_frame(self, session: _Session, raw: bytes) -> None:
+        inbound = session.inbound
+        if inbound is not None:
+            data = chunk_data(raw, TO_COORDINATOR_CHUNK)
+            if data is None:
+                frame = self._parse(raw)
+                if frame.WhichOneof("kind") != "chunk":
+                    raise _SessionAbort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"expected {inbound.remaining} more reply bytes, got another frame",
+                    )
+                data = memoryview(frame.chunk.data)
+            self._on_chunk(session, inbound, data)
+            return
+        frame = self._parse(raw)
+        if frame.WhichOneof("kind") != "signed":
+            raise _SessionAbort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a chunk arrived that no reply announced"
+            )
+        if not session.authenticated:
+            self._on_hello(session, frame.signed)
+            return
+        message = self._open_signed(session, frame.signed, session.public_key)
+        kind = message.WhichOneof("kind")
+        if kind == "heartbeat":
+            return
+        if kind == "reply":
+            self._on_reply(session, message.reply)
+            return
+        if kind == "goodbye":
+            self._close_session(session, f"node said goodbye: {message.goodbye.reason[:200]}")
+            session.out.put(None)
+            return
+        raise _SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind!r} message")
+
+    @staticmethod
+    def _parse(raw: bytes) -> pb.NodeFrame:
+        try:
+            return parse_node_frame(raw)
+        except ProtocolError as exc:
+            raise _SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    def _open_signed(
+        self, session: _Session, signed: pb.Signed, public_key: bytes
+    ) -> pb.NodeMessage:
+        """Verify signature, session binding, freshness and nonce of a signed message."""
+        if not verify(public_key, signed.body, signed.signature):
+            raise _SessionAbort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "bad signature: the message was not signed by the node's registered key "
+                "(impersonation or tampering)",
+            )
+        try:
+            message = parse_node_message(signed.body)
+        except ProtocolError as exc:
+            raise _SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if not hmac.compare_digest(message.challenge, session.challenge):
+            raise _SessionAbort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "message belongs to another session (replayed from an earlier connection)",
+            )
+        try:
+            self._guard.check(
+                timestamp_ms=message.timestamp_ms, nonce=message.nonce, scope=public_key
+            )
+        except AuthenticationError as exc:
+            raise _SessionAbort(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        return message
+
+    def _on_hello(self, session: _Session, signed: pb.Signed) -> None:
+        try:
+            try:
+                claimed = parse_node_message(signed.body)
+            except ProtocolError as exc:
+                raise _SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            if claimed.WhichOneof("kind") != "hello":
+                raise _SessionAbort(
+                    grpc.StatusCode.UNAUTHENTICATED, "the first message must be a signed hello"
+                )
+            record = self._lookup(claimed.hello.public_key)
+            message = self._open_signed(session, signed, record.public_key)
+            hello = message.hello
+            if hello.protocol != PROTOCOL:
+                raise _SessionAbort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node speaks protocol {hello.protocol}, this coordinator {PROTOCOL}; "
+                    "run the same shoal version on both sides",
+                )
+            if self.job_digest and hello.job_digest and hello.job_digest != self.job_digest:
+                raise _SessionAbort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node was started for job {hello.job_digest[:12]}, this coordinator runs "
+                    f"job {self.job_digest[:12]}; give both the same job file",
+                )
+        except _SessionAbort:
+            session.claimed_key = _key_of(signed)
+            raise
+        session.node_id = record.node_id
+        session.public_key = record.public_key
+        if hello.HasField("partition_index") and 0 <= hello.partition_index < 1 << 31:
+            session.partition_index = int(hello.partition_index)
+        with self._lock:
+            previous = self._sessions.get(record.node_id)
+            if len(self._sessions) >= self.max_nodes and previous is None:
+                raise _SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many nodes")
+            session.authenticated = True
+            self._sessions[record.node_id] = session
+            self._changed.notify_all()
+        if previous is not None:
+            self._close_session(previous, "replaced by a new connection from the same node")
+            previous.out.put(None)
+        welcome = pb.Welcome(
+            node_id=record.node_id,
+            job_digest=self.job_digest,
+            heartbeat_s=self.heartbeat_s,
+            chunk_bytes=self.chunk_bytes,
+            max_reply_bytes=self.max_reply_bytes,
+        )
+        session.send(pb.CoordinatorFrame(welcome=welcome).SerializeToString())
+        log.info("node %s connected from %s", record.node_id, session.peer)
+        self._audit(
+            "node.connected",
+            record.node_id,
+            peer=session.peer,
+            partition_index=session.partition_index,
+        )
+
+    def _lookup(self, public_key: bytes) -> NodeRecord:
+        records = self.registry.list_nodes(include_revoked=True)
+        self._registry_ids = {r.node_id for r in records if not r.revoked}
+        for record in records:
+            if hmac.compare_digest(record.public_key, public_key):
+                if record.revoked:
+                    raise _SessionAbort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"node {record.node_id!r} has been revoked",
+                    )
+                return record
+        raise _SessionAbort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"public key {fingerprint(public_key)} is not registered with this coordinator; "
+            "its operator admits a node with `shoal nodes add NODE.pub`",
+        )
+
+    def _on_reply(self, session: _Session, header: pb.ReplyHeader) -> None:
+        pending = session.pop_pending(header.task_id)
+        if header.size > self.max_reply_bytes:
+            if pending is not None:
+                pending.fail(
+                    FailureKind.INVALID,
+                    f"reply of {header.size} bytes exceeds the limit of {self.max_reply_bytes}",
+                )
+            raise _SessionAbort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"reply of {header.size} bytes exceeds the limit of {self.max_reply_bytes}",
+            )
+        if pending is not None and header.status != pb.OK:
+            kind = _STATUS_KIND.get(header.status, FailureKind.ERROR)
+            pending.fail(kind, header.detail or kind.value)
+            pending = None
+        inbound = _Inbound(header, pending)
+        if header.size:
+            session.inbound = inbound
+        else:
+            self._complete(session, inbound)
+
+    def _on_chunk(self, session: _Session, inbound: _Inbound, data: memoryview) -> None:
+        n = data.nbytes
+        if n > inbound.remaining:
+            raise _SessionAbort(
+                grpc.StatusCode.INVALID_ARGUMENT, "reply overran its announced size"
+            )
+        inbound.remaining -= n
+        if inbound.assembler is not None:
+            inbound.assembler.add(data)
+        if inbound.remaining == 0:
+            session.inbound = None
+            self._complete(session, inbound)
+
+    def _complete(self, session: _Session, inbound: _Inbound) -> None:
+        pending = inbound.pending
+        if pending is None:
+            return  # late, cancelled or failed: its bytes were only drained
+        assembler = inbound.assembler
+        assert assembler is not None
+        if not hmac.compare_digest(assembler.digest(), inbound.header.sha256):
+            pending.fail(
+                FailureKind.INVALID,
+                "reply bytes do not match the digest the node signed (tampered in transit?)",
+            )
+            self._audit("node.tampered_reply", session.node_id, peer=session.peer)
+            raise _SessionAbort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "reply bytes do not match their signed digest; closing the session",
+            )
+        reply = Reply(
+            node_id=pending.task.node_id,
+            task_id=pending.task.task_id,
+            payload=assembler.payload(),
+            elapsed_s=time.monotonic() - pending.started,
+        )
+        pending.waiter.resolve(pending.task.node_id, reply)
+
+    def _close_session(self, session: _Session, reason: str) -> None:
+        with session.lock:
+            if session.closed:
+                return
+            session.closed = True
+            pending = list(session.pending.values())
+            session.pending.clear()
+        for p in pending:
+            p.fail(FailureKind.DROPPED, f"node disconnected: {reason}")
+        session.out.put(None)
+        if session.authenticated:
+            log.info("node %s disconnected: %s", session.node_id, reason)
+            if not self._closing.is_set():
+                self._audit("node.disconnected", session.node_id, reason=reason[:500])
+        with self._changed:  # last: finish() waits for this, so the audit entry is written
+            self._open.discard(session)
+            if session.authenticated and self._sessions.get(session.node_id) is session:
+                del self._sessions[session.node_id]
+            self._changed.notify_all()
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Drop silent nodes, unfinished handshakes and revoked nodes."""
+        tick = min(1.0, self.heartbeat_s / 2, self.registry_refresh_s)
+        last_registry = time.monotonic()
+        while not self._closing.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                sessions = list(self._open)
+            for s in sessions:
+                if not s.authenticated and now - s.opened > self.handshake_timeout_s:
+                    self._rejected(s, "no hello within the handshake timeout", claimed_key=b"")
+                    self._close_session(s, "handshake timed out")
+                    s.context.cancel()
+                elif s.authenticated and now - s.last_seen > self.liveness_s:
+                    self._close_session(s, f"silent for {now - s.last_seen:.0f} s")
+                    s.context.cancel()
+            if now - last_registry > self.registry_refresh_s:
+                last_registry = now
+                self._refresh_registry()
+                with self._lock:
+                    evicted = [
+                        s for s in self._sessions.values() if s.node_id not in self._registry_ids
+                    ]
+                for s in evicted:
+                    s.abort(grpc.StatusCode.PERMISSION_DENIED, "node was revoked")
+                    self._close_session(s, "revoked")
+
+    def _refresh_registry(self) -> None:
+        try:
+            records = self.registry.list_nodes(include_revoked=False)
+        except ShoalError as exc:
+            log.warning("cannot read the node registry: %s", exc)
+            return
+        self._registry_ids = {r.node_id for r in records}
+
+    def _rejected(self, session: _Session, reason: str, *, claimed_key: bytes) -> None:
+        log.warning("rejected connection from %s: %s", session.peer, reason)
+        self._rejections += 1
+        # Bounded: a flood of bad connections must not turn into a flood of fsyncs.
+        if self._rejections <= 1000:
+            self._audit(
+                "node.rejected",
+                "unknown",
+                peer=session.peer,
+                reason=reason[:500],
+                key=fingerprint(claimed_key) if claimed_key else "",
+            )
+
+    def _audit(self, action: str, actor: str, **detail: Any) -> None:
+        audit = getattr(self.registry, "audit", None)
+        if audit is None:
+            return
+        try:
+            audit(actor=actor or "unknown", action=action, detail=detail, run_id=self.run_id)
+        except ShoalError as exc:
+            log.warning("cannot write the audit log: %s", exc)
+
+    @property
+    def rejections(self) -> int:
+        """Connections refused so far (bad key, signature, replay, malformed frames)."""
+        return self._rejections
+
+
+def _key_of(signed: pb.Signed) -> bytes:
+    try:
+        message = parse_node_message(signed.body)
+    except ProtocolError:
+        return b""
+    return bytes(message.hello.public_key) if message.WhichOneof("kind") == "hello" else b""

@@ -1,0 +1,488 @@
+"""NodeClient: the node side of a deployment. It dials out, proves its identity, runs tasks.
+
+A node opens one stream to the coordinator (so it works from behind NAT), answers the
+coordinator's challenge with a signed hello, then runs the tasks its NodeApp registered,
+one at a time, and signs every reply and heartbeat. When the stream breaks it reconnects
+with exponential backoff and jitter; it stops when the coordinator says the run is over.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import shoal
+from shoal.errors import (
+    ConfigError,
+    PrivacyBudgetExceeded,
+    ProtocolError,
+    UnknownTask,
+    WireError,
+)
+from shoal.runtime.app import NodeApp, TaskContext
+from shoal.runtime.grpc.auth import public_key_bytes
+from shoal.runtime.grpc.certs import ClientTLS
+from shoal.runtime.grpc.proto import shoal_pb2 as pb
+from shoal.runtime.grpc.protocol import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_FRAME_BYTES,
+    METHOD,
+    PROTOCOL,
+    TO_COORDINATOR_CHUNK,
+    TO_NODE_CHUNK,
+    Assembler,
+    NodeSigner,
+    chunk_data,
+    chunk_frames,
+    parse_coordinator_frame,
+)
+
+__all__ = ["Backoff", "NodeClient", "NodeExit"]
+
+log = logging.getLogger("shoal.deploy.node")
+
+_MAX_DETAIL = 4000
+# The coordinator refused this node for good: retrying cannot help.
+_FATAL = {
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED,  # not a shoal coordinator at that address
+}
+
+
+class NodeExit(str, enum.Enum):
+    """Why :meth:`NodeClient.run` returned."""
+
+    FINISHED = "finished"  # the coordinator said the run is over
+    IDLE = "idle"  # no task for max_idle_s seconds
+    STOPPED = "stopped"  # stop() was called
+    REJECTED = "rejected"  # the coordinator refused this node (unregistered, revoked, wrong job)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backoff:
+    """Reconnect delays: ``initial_s * 2**attempt`` capped at ``max_s``, with jitter.
+
+    Each delay is drawn uniformly from [d/2, d], so nodes cut off together (a coordinator
+    restart) do not all knock again in the same instant.
+    """
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.initial_s <= 0 or self.max_s < self.initial_s:
+            raise ConfigError("backoff needs 0 < initial_s <= max_s")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        cap = min(self.max_s, self.initial_s * 2 ** min(attempt, 32))
+        return rng.uniform(cap / 2, cap)
+
+
+class _Rejected(Exception):
+    pass
+
+
+@dataclass
+class _Incoming:
+    header: pb.TaskHeader
+    assembler: Assembler | None  # None: the bytes are drained and the task refused
+    refusal: str
+    remaining: int
+
+
+class NodeClient:
+    """Serve ``app``'s tasks on ``data`` to the coordinator at ``coordinator`` (HOST:PORT).
+
+    ``key`` is the node's Ed25519 identity (registered at the coordinator); ``tls`` the
+    federation CA and this node's certificate, or ``insecure=True`` for plaintext (testing
+    only). ``partition_index`` tells the coordinator which simulated node this one stands
+    for, so a deployment can repeat a simulation exactly. ``job_digest``, when given, must
+    match the coordinator's job.
+    """
+
+    def __init__(
+        self,
+        *,
+        app: NodeApp,
+        coordinator: str,
+        key: Ed25519PrivateKey,
+        data: Any = None,
+        tls: ClientTLS | None = None,
+        insecure: bool = False,
+        partition_index: int | None = None,
+        job_digest: str = "",
+        backoff: Backoff | None = None,
+        max_idle_s: float | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if tls is None and not insecure:
+            raise ConfigError(
+                "a node connects over TLS: give tls=ClientTLS.from_dir(DIR), or insecure=True "
+                "for a test on a trusted network"
+            )
+        if tls is not None and insecure:
+            raise ConfigError("give either tls or insecure=True, not both")
+        if max_idle_s is not None and max_idle_s <= 0:
+            raise ConfigError(f"max_idle_s must be positive, got {max_idle_s}")
+        self.app = app
+        self.coordinator = coordinator
+        self.key = key
+        self.data = data
+        self.tls = tls
+        self.partition_index = partition_index
+        self.job_digest = job_digest
+        self.backoff = backoff or Backoff()
+        self.max_idle_s = max_idle_s
+        self.node_id: str | None = None
+        self.state: dict[str, Any] = {}  # persists across tasks and reconnections
+        self.tasks_done = 0
+        self.sessions = 0
+        self.detail = ""  # why the last session ended
+        self._seed = seed
+        self._rng = random.SystemRandom()
+        self._stop = threading.Event()
+        self._call: Any = None
+        self._last_activity = time.monotonic()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _idle(self) -> bool:
+        return (
+            self.max_idle_s is not None and time.monotonic() - self._last_activity > self.max_idle_s
+        )
+
+    def run(self) -> NodeExit:
+        """Serve until the run finishes, the node idles out, is stopped or is refused."""
+        attempt = 0
+        self._last_activity = time.monotonic()
+        while True:
+            if self._stop.is_set():
+                return NodeExit.STOPPED
+            welcomed = [False]
+            try:
+                outcome = self._session(welcomed)
+            except _Rejected as exc:
+                self.detail = str(exc)
+                log.error("coordinator refused this node: %s", exc)
+                return NodeExit.REJECTED
+            if outcome is not None:
+                return outcome
+            if welcomed[0]:
+                attempt = 0
+            if self._stop.is_set():
+                return NodeExit.STOPPED
+            if self._idle():
+                return NodeExit.IDLE
+            delay = self.backoff.delay(attempt, self._rng)
+            attempt += 1
+            log.info("reconnecting in %.1f s (%s)", delay, self.detail)
+            if self._stop.wait(delay):
+                return NodeExit.STOPPED
+
+    # -- one session -----------------------------------------------------------------------
+
+    def _channel(self) -> grpc.Channel:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
+            ("grpc.max_send_message_length", MAX_FRAME_BYTES),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.enable_retries", 0),
+        ]
+        if self.tls is None:
+            return grpc.insecure_channel(self.coordinator, options=options)
+        if self.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return grpc.secure_channel(self.coordinator, self.tls.credentials(), options=options)
+
+    def _session(self, welcomed: list[bool]) -> NodeExit | None:
+        """One connection; returns an exit reason, or None to reconnect."""
+        out: queue.SimpleQueue[bytes | Iterable[bytes] | None] = queue.SimpleQueue()
+
+        def requests() -> Iterator[bytes]:
+            while True:
+                item = out.get()
+                if item is None:
+                    return
+                if isinstance(item, bytes):
+                    yield item
+                else:
+                    yield from item
+
+        channel = self._channel()
+        stop_threads = threading.Event()
+        work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None] = (
+            queue.SimpleQueue()
+        )
+        threads: list[threading.Thread] = []
+        try:
+            stub = channel.stream_stream(METHOD)
+            call = stub(requests())
+            self._call = call
+            if self._stop.is_set():
+                call.cancel()
+            responses = iter(call)
+            signer = self._handshake(responses, out)
+            welcomed[0] = True
+            self.sessions += 1
+            self._last_activity = time.monotonic()
+            cancelled: set[str] = set()
+            threads = [
+                threading.Thread(
+                    target=self._work,
+                    args=(work, out, signer, cancelled),
+                    name="shoal-node-worker",
+                    daemon=True,
+                ),
+                threading.Thread(
+                    target=self._beat,
+                    args=(out, signer, stop_threads, call),
+                    name="shoal-node-heartbeat",
+                    daemon=True,
+                ),
+            ]
+            for thread in threads:
+                thread.start()
+            return self._receive(responses, work, cancelled)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code in _FATAL or (code == grpc.StatusCode.UNAUTHENTICATED and not welcomed[0]):
+                raise _Rejected(f"{code.name}: {details}") from None
+            self.detail = f"{code.name}: {details}"
+            if code == grpc.StatusCode.CANCELLED and self._idle():
+                return NodeExit.IDLE
+            return None
+        except ProtocolError as exc:
+            self.detail = str(exc)
+            log.warning("protocol error, reconnecting: %s", exc)
+            return None
+        except StopIteration:  # the coordinator ended the stream during the handshake
+            self.detail = "the coordinator closed the stream"
+            return None
+        finally:
+            stop_threads.set()
+            work.put(None)
+            out.put(None)
+            self._call = None
+            channel.close()
+            for thread in threads:
+                thread.join(timeout=5)
+
+    def _handshake(
+        self, responses: Iterator[bytes], out: queue.SimpleQueue[bytes | Iterable[bytes] | None]
+    ) -> NodeSigner:
+        first = parse_coordinator_frame(next(responses))
+        if first.WhichOneof("kind") != "challenge" or len(first.challenge.challenge) < 16:
+            raise ProtocolError("the coordinator did not open with a challenge")
+        challenge = first.challenge
+        if challenge.protocol != PROTOCOL:
+            raise _Rejected(
+                f"coordinator speaks protocol {challenge.protocol}, this node {PROTOCOL}; "
+                "run the same shoal version on both sides"
+            )
+        signer = NodeSigner(
+            key=self.key, challenge=challenge.challenge, server_time_ms=challenge.server_time_ms
+        )
+        message = signer.message()
+        hello = message.hello
+        hello.protocol = PROTOCOL
+        hello.public_key = public_key_bytes(self.key)
+        hello.tasks.extend(self.app.task_names)
+        hello.job_digest = self.job_digest
+        hello.software = f"shoal {shoal.__version__}"
+        if self.partition_index is not None:
+            hello.partition_index = self.partition_index
+        out.put(signer.frame(message))
+        second = parse_coordinator_frame(next(responses))
+        if second.WhichOneof("kind") != "welcome":
+            raise ProtocolError("the coordinator did not answer the hello with a welcome")
+        welcome = second.welcome
+        if self.job_digest and welcome.job_digest and welcome.job_digest != self.job_digest:
+            raise _Rejected(
+                f"the coordinator runs job {welcome.job_digest[:12]}, this node was started for "
+                f"job {self.job_digest[:12]}; give both the same job file"
+            )
+        if not 0 < welcome.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ProtocolError(f"coordinator asked for chunks of {welcome.chunk_bytes} bytes")
+        self.node_id = welcome.node_id
+        self._chunk_bytes = welcome.chunk_bytes or DEFAULT_CHUNK_BYTES
+        self._max_reply = welcome.max_reply_bytes
+        self._heartbeat_s = welcome.heartbeat_s if welcome.heartbeat_s > 0 else 5.0
+        log.info("connected to %s as node %s", self.coordinator, self.node_id)
+        return signer
+
+    def _receive(
+        self,
+        responses: Iterator[bytes],
+        work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
+        cancelled: set[str],
+    ) -> NodeExit | None:
+        incoming: _Incoming | None = None
+        for raw in responses:
+            if incoming is not None:
+                data = chunk_data(raw, TO_NODE_CHUNK)
+                if data is None:
+                    frame = parse_coordinator_frame(raw)
+                    if frame.WhichOneof("kind") != "chunk":
+                        raise ProtocolError("a task's payload was cut short by another frame")
+                    data = memoryview(frame.chunk.data)
+                if data.nbytes > incoming.remaining:
+                    raise ProtocolError("a task's payload overran its announced size")
+                incoming.remaining -= data.nbytes
+                if incoming.assembler is not None:
+                    incoming.assembler.add(data)
+                if incoming.remaining == 0:
+                    self._queue(incoming, work)
+                    incoming = None
+                continue
+            frame = parse_coordinator_frame(raw)
+            kind = frame.WhichOneof("kind")
+            if kind == "task":
+                self._last_activity = time.monotonic()
+                incoming = self._announce(frame.task)
+                if incoming.remaining == 0:
+                    self._queue(incoming, work)
+                    incoming = None
+            elif kind == "cancel":
+                cancelled.add(frame.cancel.task_id)
+            elif kind == "finish":
+                log.info("the coordinator finished the run: %s", frame.finish.reason)
+                return NodeExit.FINISHED
+            else:
+                raise ProtocolError(f"unexpected {kind!r} frame from the coordinator")
+        self.detail = "the coordinator closed the stream"
+        return None
+
+    def _announce(self, header: pb.TaskHeader) -> _Incoming:
+        """Check a task before its bytes arrive: known name, size within the node's limits."""
+        refusal = ""
+        if header.name not in self.app.task_names:
+            registered = sorted(t for t in self.app.task_names if not t.startswith("shoal."))
+            refusal = f"node has no task named {header.name[:100]!r}; it runs only {registered}"
+        elif header.size > self.app.limits.max_bytes:
+            refusal = (
+                f"task payload of {header.size} bytes exceeds this node's limit of "
+                f"{self.app.limits.max_bytes}"
+            )
+        assembler = None if refusal else Assembler(header.size, hashed=False)
+        return _Incoming(header=header, assembler=assembler, refusal=refusal, remaining=header.size)
+
+    @staticmethod
+    def _queue(
+        incoming: _Incoming,
+        work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
+    ) -> None:
+        if incoming.assembler is None:
+            work.put(incoming)
+        else:
+            work.put((incoming, incoming.assembler.payload()))
+
+    # -- worker threads --------------------------------------------------------------------
+
+    def _work(
+        self,
+        work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
+        out: queue.SimpleQueue[bytes | Iterable[bytes] | None],
+        signer: NodeSigner,
+        cancelled: set[str],
+    ) -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            incoming, payload = item if isinstance(item, tuple) else (item, None)
+            header = incoming.header
+            if header.task_id in cancelled:
+                cancelled.discard(header.task_id)
+                continue
+            start = time.perf_counter()
+            if payload is None:
+                status, detail, result = pb.REJECTED, incoming.refusal, memoryview(b"")
+            else:
+                status, detail, result = self._run_task(header, payload)
+            self.tasks_done += 1
+            self._last_activity = time.monotonic()
+            if self._max_reply and result.nbytes > self._max_reply:
+                status, detail, result = (
+                    pb.ERROR,
+                    f"the result is {result.nbytes} bytes, over the coordinator's limit of "
+                    f"{self._max_reply}",
+                    memoryview(b""),
+                )
+            message = signer.message()
+            reply = message.reply
+            reply.task_id = header.task_id
+            reply.status = status
+            reply.detail = detail[:_MAX_DETAIL]
+            reply.size = result.nbytes
+            reply.sha256 = hashlib.sha256(result).digest()
+            reply.elapsed_s = time.perf_counter() - start
+            frames = chunk_frames(TO_COORDINATOR_CHUNK, result, self._chunk_bytes)
+            out.put(itertools.chain((signer.frame(message),), frames))
+
+    def _run_task(
+        self, header: pb.TaskHeader, payload: memoryview
+    ) -> tuple[pb.Status, str, memoryview]:
+        # The coordinator numbers its dispatches into the wire id; tasks see the plain id.
+        task_id = header.task_id.split(":", 1)[-1]
+        seed: tuple[int, ...] | int | None = tuple(header.seed) if header.seed else self._seed
+        ctx = TaskContext(
+            node_id=self.node_id or "",
+            data=self.data,
+            state=self.state,
+            task_id=task_id,
+            seed=seed,
+        )
+        keep_as = header.keep_as if header.HasField("keep_as") else None
+        try:
+            result = self.app.handle(ctx, header.name, payload, keep_as=keep_as)
+        except PrivacyBudgetExceeded as exc:
+            return pb.DECLINED, str(exc), memoryview(b"")
+        except (UnknownTask, WireError) as exc:
+            return pb.REJECTED, str(exc), memoryview(b"")
+        except Exception as exc:  # any task failure is reported, never fatal to the node
+            return pb.ERROR, str(exc) or type(exc).__name__, memoryview(b"")
+        view = memoryview(result)
+        return pb.OK, "", view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+    def _beat(
+        self,
+        out: queue.SimpleQueue[bytes | Iterable[bytes] | None],
+        signer: NodeSigner,
+        stop: threading.Event,
+        call: Any,
+    ) -> None:
+        tick = min(1.0, self._heartbeat_s)
+        last = time.monotonic()
+        while not stop.wait(tick):
+            if self._idle():
+                log.info("no task for %.0f s: leaving", self.max_idle_s or 0)
+                call.cancel()
+                return
+            if time.monotonic() - last < self._heartbeat_s:
+                continue
+            last = time.monotonic()
+            message = signer.message()
+            message.heartbeat.tasks_done = self.tasks_done
+            out.put(signer.frame(message))
