@@ -99,3 +99,23 @@ def test_attack_table_in_a_job() -> None:
         parse_job({**raw, "attack": {"name": "sign_flip", "fraction": 2}})
     with pytest.raises(ConfigError, match="scale"):
         parse_job({**raw, "attack": {"name": "sign_flip", "scael": 2}})
+
+
+def test_norm_bound_excludes_boosted_updates_and_records_why(tmp_path) -> None:
+    from shoal.cli.job import parse_job, simulate_job
+    from shoal.runtime import Store
+
+    raw = {
+        "data": {"dataset": "digits", "partition": {"scheme": "iid", "nodes": 10}},
+        "algorithm": {"name": "fedavg", "rounds": 3, "nodes_per_round": 10, "lr": 0.3},
+        "aggregate": {"norm_bound": 5.0},
+        "attack": {"name": "scaling", "fraction": 0.2, "factor": 100.0},
+    }
+    with Store(tmp_path / "s.db") as store:
+        result = simulate_job(parse_job(raw), store=store)
+        assert all(r.participants == 8 and r.failed == 2 for r in result.history)
+        assert result.metrics["accuracy"] > 0.8
+        statuses = store.participation(result.run_id, 1)
+    excluded = [p for p in statuses if p.status == "excluded"]
+    assert len(excluded) == 2
+    assert all("exceeds the bound 5" in p.detail for p in excluded)

@@ -30,6 +30,7 @@ __all__ = [
     "Median",
     "MultiKrum",
     "NodeTransform",
+    "NormBound",
     "Reduced",
     "Reducer",
     "ServerTransform",
@@ -87,7 +88,10 @@ class Reducer(Stage):
         gathered = values.gather(weights=weights)
         rows = gathered.rows
         for transform in pre:
-            rows = transform.apply_rows(rows)
+            if isinstance(transform, NormBound):
+                rows, gathered = transform.screen(rows, gathered, values)
+            else:
+                rows = transform.apply_rows(rows)
         return self.reduce_rows(rows, gathered)
 
     def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
@@ -171,6 +175,8 @@ class Chain(Stage):
         """Run the chain and keep the bookkeeping (count, weight, excluded nodes)."""
         pre, reducer, post = self.split()
         reduced = reducer.reduce(values, weights, pre)
+        if reduced.excluded:
+            values.record_exclusions(reduced.excluded)
         for stage in post:
             reduced = stage.apply(reduced)
         return reduced
@@ -199,6 +205,47 @@ class Clip(NodeTransform):
 
     def spec(self) -> dict[str, Any]:
         return {"clip_l2": self.l2}
+
+
+@dataclass(frozen=True)
+class NormBound(NodeTransform):
+    """Exclude (rather than clip) every update whose L2 norm exceeds ``max_l2``.
+
+    A coordinator-side validity check: an honest update has a bounded norm, a boosted or
+    corrupted one stands out. Excluded nodes are recorded with their norm.
+    """
+
+    max_l2: float
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.max_l2) or self.max_l2 <= 0:
+            raise ConfigError(f"NormBound needs a positive finite bound, got {self.max_l2}")
+
+    def screen(
+        self, rows: np.ndarray, gathered: Gathered, values: NodeValues
+    ) -> tuple[np.ndarray, Gathered]:
+        norms = np.linalg.norm(rows, axis=1)
+        keep = norms <= self.max_l2
+        reasons = {
+            node: f"update norm {norm:.4g} exceeds the bound {self.max_l2:g}"
+            for node, norm, ok in zip(gathered.node_ids, norms, keep)
+            if not ok
+        }
+        if not reasons:
+            return rows, gathered
+        values.record_exclusions(reasons)
+        if not keep.any():
+            raise AggregationError(
+                f"every update exceeds the norm bound {self.max_l2:g}; raise it or check the nodes"
+            )
+        screened = replace(
+            gathered,
+            node_ids=tuple(n for n, ok in zip(gathered.node_ids, keep) if ok),
+            rows=rows[keep],
+            weights=None if gathered.weights is None else gathered.weights[keep],
+            excluded={**gathered.excluded, **reasons},
+        )
+        return rows[keep], screened
 
 
 # -- reducers -----------------------------------------------------------------------------

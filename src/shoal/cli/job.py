@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from shoal.aggregate import (
+    Chain,
     Clip,
     GeometricMedian,
     Krum,
     Mean,
     Median,
     MultiKrum,
+    NormBound,
     Stage,
     TrimmedMean,
 )
@@ -109,6 +111,7 @@ _SCHEMAS: dict[str, Schema] = {
     "aggregate": {
         "rule": (str, "mean"),
         "clip": ((int, float), None),
+        "norm_bound": ((int, float), None),
         "beta": ((int, float), 0.1),
         "f": (int, 1),
         "m": (int, 1),
@@ -259,8 +262,13 @@ class JobSpec:
                     "quantization range of the secure sum)"
                 )
             return Clip(float(spec["clip"])) | SecureSum() | Mean()
-        reducer = reducers[spec["rule"]]()
-        return Clip(float(spec["clip"])) | reducer if spec["clip"] is not None else reducer
+        stages: list[Stage] = []
+        if spec["norm_bound"] is not None:
+            stages.append(NormBound(float(spec["norm_bound"])))
+        if spec["clip"] is not None:
+            stages.append(Clip(float(spec["clip"])))
+        stages.append(reducers[spec["rule"]]())
+        return Chain.of(*stages) if len(stages) > 1 else stages[0]
 
     def build_privacy(self) -> ExampleDP | NodeDP | None:
         """The job's DP plan, with noise calibrated to its epsilon over all its rounds."""

@@ -88,6 +88,7 @@ class NodeValues:
         specs: Mapping[str, Mapping[str, FieldSpec]],
         failures: Mapping[str, Failure],
         fields: tuple[str, ...] | None = None,
+        exclusions: dict[str, str] | None = None,
     ) -> None:
         self.federation = federation
         self.handle = handle
@@ -95,6 +96,8 @@ class NodeValues:
         self._specs = specs
         self._failures = dict(failures)
         self._fields = fields
+        # Shared by every selection of one map, so the round can report all exclusions.
+        self._exclusions: dict[str, str] = {} if exclusions is None else exclusions
 
     def __repr__(self) -> str:
         what = ", ".join(self._fields) if self._fields else "all fields"
@@ -111,6 +114,17 @@ class NodeValues:
     @property
     def failures(self) -> Mapping[str, Failure]:
         return self._failures
+
+    @property
+    def exclusions(self) -> Mapping[str, str]:
+        """Nodes whose value an aggregate of this map rejected, with the reason."""
+        return self._exclusions
+
+    def record_exclusions(self, reasons: Mapping[str, str]) -> None:
+        """Note nodes an aggregator left out (invalid values, dropped out of a protocol)."""
+        for node, reason in reasons.items():
+            if node not in self._failures:
+                self._exclusions[node] = reason
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -140,6 +154,7 @@ class NodeValues:
             specs=self._specs,
             failures=self._failures,
             fields=tuple(fields),
+            exclusions=self._exclusions,
         )
 
     def spec(self, node_id: str, field: str) -> FieldSpec:
@@ -158,6 +173,7 @@ class NodeValues:
             specs=self._specs,
             failures=failures,
             fields=self._fields,
+            exclusions=self._exclusions,
         )
 
     # -- aggregates ---------------------------------------------------------------------
@@ -237,6 +253,7 @@ class NodeValues:
                 problem, weight = _weight(payload[weight_field])
             if problem is not None:
                 excluded[node] = problem
+                self._exclusions[node] = problem
                 log.warning("excluding node %s from the aggregate: %s", node, problem)
                 continue
             rows.append(row)

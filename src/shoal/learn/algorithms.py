@@ -173,10 +173,12 @@ class Algorithm:
             meta["epsilon"] = spent
         new_state = replace(new_state, meta=meta)
         failures = {node: f"{f.kind.value}: {f.detail}" for node, f in out.failures.items()}
+        for node, reason in out.exclusions.items():
+            failures.setdefault(node, f"excluded: {reason}")
         return RoundResult(
             state=new_state,
             train_loss=loss,
-            participants=out.node_ids,
+            participants=tuple(n for n in out.node_ids if n not in out.exclusions),
             failures=failures,
             epsilon=spent,
             delta=privacy.delta if privacy is not None else None,
