@@ -154,11 +154,19 @@ class Algorithm:
         # Under DP nothing data-dependent leaves a node un-noised: no example counts as
         # weights, no training loss.
         example_weights = None if privacy is not None else out["n"]
+        plain_mean = privacy is None and type(aggregator) is Mean
+        if plain_mean:  # FedAvg's default: deltas and loss share one weighted mean, one fetch
+            fields.append("loss")
         aggregated = out.select(*fields).aggregate(aggregator, weights=example_weights)
         if not isinstance(aggregated, dict):  # a single-array model comes back unnamed
             aggregated = {fields[0]: aggregated}
         delta = unprefixed("d", aggregated)
-        loss = float("nan") if privacy is not None else float(out["loss"].mean(weights=out["n"]))
+        if privacy is not None:
+            loss = float("nan")
+        elif plain_mean:
+            loss = float(aggregated["loss"])
+        else:
+            loss = float(out["loss"].mean(weights=out["n"]))
         new_state = self.server_update(state, delta, out, fed)
         meta = dict(new_state.meta or state.meta)
         spent = None

@@ -6,6 +6,7 @@ modules) joins a federation through this one Protocol; algorithms never see the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -42,7 +43,7 @@ class FitConfig:
             raise ConfigError(f"local epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        if not np.isfinite(self.lr) or self.lr <= 0:
+        if not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if self.prox_mu < 0:
             raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu}")

@@ -66,6 +66,15 @@ def _rng(ctx: TaskContext, seed: Any) -> np.random.Generator:
     return np.random.default_rng([seed, node_key])
 
 
+def _stateful(net: Model) -> StatefulOptimizer | None:
+    # Not isinstance(net, StatefulOptimizer): a runtime Protocol check costs ~16 us a task.
+    if callable(getattr(net, "optimizer_state", None)) and callable(
+        getattr(net, "load_optimizer_state", None)
+    ):
+        return net  # type: ignore[return-value]
+    return None
+
+
 def _split(data: Any) -> tuple[Any, Any]:
     if isinstance(data, LocalData):
         return data.train, data.test if data.test is not None else data.train
@@ -121,7 +130,7 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         # Optimizer state (momentum, Adam moments) never leaves the node; keeping it between
         # rounds is opt-in because it can be twice the model's size at every node.
         keep_optimizer = bool(payload.get("keep_optimizer_state", False))
-        optimizer = net if isinstance(net, StatefulOptimizer) else None
+        optimizer = _stateful(net)
         if optimizer is not None:
             saved = ctx.state.get(OPTIMIZER_STATE) if keep_optimizer else None
             optimizer.load_optimizer_state(saved)

@@ -126,12 +126,20 @@ class NodeApp:
         return tuple(self._tasks)
 
     def handle(
-        self, ctx: TaskContext, name: str, payload: Buffer, *, keep_as: str | None = None
+        self,
+        ctx: TaskContext,
+        name: str,
+        payload: Buffer,
+        *,
+        keep_as: str | None = None,
+        decoded: Mapping[str, Any] | None = None,
     ) -> Buffer:
         """Decode, check, run and encode one task.
 
-        Raises UnknownTask or WireError (the request is rejected), PrivacyBudgetExceeded
-        (declined), or TaskError carrying the task's own exception as text.
+        ``decoded`` is ``payload`` already decoded (an in-process engine decodes a payload
+        shared by many nodes once). Raises UnknownTask or WireError (the request is
+        rejected), PrivacyBudgetExceeded (declined), or TaskError carrying the task's own
+        exception as text.
         """
         fn = self._tasks.get(name)
         if fn is None:
@@ -139,7 +147,7 @@ class NodeApp:
                 f"node {ctx.node_id!r} has no task named {name!r}; it runs only "
                 f"{sorted(t for t in self._tasks if not t.startswith('shoal.'))}"
             )
-        args = decode(payload, limits=self.limits)
+        args = dict(decoded) if decoded is not None else decode(payload, limits=self.limits)
         for guard in self._guards:
             guard(name, ctx, args)
         try:

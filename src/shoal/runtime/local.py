@@ -9,9 +9,10 @@ nodes had run in parallel. A task that really hangs is abandoned once the deadli
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, UnknownTask, WireError
 from shoal.runtime.app import NodeApp, TaskContext
 from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+from shoal.wire import decode
 
 __all__ = ["Faults", "LocalEngine"]
 
@@ -106,6 +108,7 @@ class LocalEngine:
         self._lock = threading.Lock()
         self._dispatches = 0
         self._offline: set[str] = set()
+        self._shared: dict[int, dict[str, Any] | None] = {}
 
     def node_ids(self) -> Sequence[str]:
         return tuple(i for i in self._ids if i not in self._offline) if self._offline else self._ids
@@ -162,8 +165,38 @@ class LocalEngine:
             else:
                 runnable.append((task, delay))
         if runnable:
-            self._run_all(runnable, deadline_s, replies, failures)
+            self._shared = self._decode_shared([task for task, _ in runnable])
+            try:
+                self._run_all(runnable, deadline_s, replies, failures)
+            finally:
+                self._shared = {}
         return DispatchResult(replies=replies, failures=failures)
+
+    def _decode_shared(self, tasks: list[Task]) -> dict[int, dict[str, Any] | None]:
+        """Decode once each payload that several tasks share (a broadcast, a fetch request).
+
+        A payload that fails to decode is left for each task to decode and be rejected.
+        """
+        counts = Counter(id(task.payload) for task in tasks)
+        shared: dict[int, dict[str, Any] | None] = {}
+        for task in tasks:
+            key = id(task.payload)
+            if counts[key] > 1 and key not in shared:
+                try:
+                    shared[key] = decode(task.payload, limits=self.app.limits)
+                except WireError:
+                    shared[key] = None
+        return shared
+
+    def _private_copy(self, payload: Any) -> dict[str, Any] | None:
+        """This node's own copy of a shared decoded payload (arrays are read-only views;
+        JSON containers are copied so that one node's changes never reach another)."""
+        decoded = self._shared.get(id(payload))
+        if decoded is None:
+            return None
+        return {
+            k: copy.deepcopy(v) if isinstance(v, (list, dict)) else v for k, v in decoded.items()
+        }
 
     def _draw_faults(self, n: int) -> np.ndarray:
         if self.faults is None or n == 0:
@@ -203,7 +236,13 @@ class LocalEngine:
         )
         start = time.perf_counter()
         try:
-            payload = self.app.handle(ctx, task.name, task.payload, keep_as=task.keep_as)
+            payload = self.app.handle(
+                ctx,
+                task.name,
+                task.payload,
+                keep_as=task.keep_as,
+                decoded=self._private_copy(task.payload),
+            )
         except PrivacyBudgetExceeded as exc:
             return _failure(task, FailureKind.DECLINED, str(exc))
         except (UnknownTask, WireError) as exc:

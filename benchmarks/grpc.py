@@ -1,0 +1,575 @@
+"""gRPC deployment cost: shoal's GrpcEngine against raw loopback TCP (the floor), same run.
+
+Part 1, throughput: a coordinator broadcasts a 10M-parameter float32 model (40 MB) to 10
+node processes and collects an update of the same size from each (800 MB per round), over
+plaintext gRPC and over mutual TLS. The floor moves exactly the same bytes between the same
+number of processes over plain TCP sockets (sendall / recv_into, no framing, no encoding,
+no encryption), interleaved round by round with the gRPC rounds. A second reference moves
+them over bare grpcio (the same 1 MiB messages on one stream per node, no shoal code: no
+signatures, digests, wire encoding or tasks), to show what gRPC in Python costs by itself.
+Reported: seconds per round (median), effective throughput, and each as a fraction of the
+raw socket's throughput.
+
+Part 2, scale: N lightweight node processes connect at once (default 100) to a coordinator
+in its own process; reported are that process's CPU seconds and RSS (psutil) once all are
+connected, after an idle period of heartbeats and after one round of a small task to all.
+
+    python benchmarks/grpc.py --json results/grpc.json
+    python benchmarks/grpc.py --params 1000000 --rounds 2 --scale-nodes 20   # quick look
+
+Needs nothing beyond shoal itself (grpcio, cryptography and psutil are dependencies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+HERE = Path(__file__).resolve()
+
+
+# -- node side (subprocesses) -----------------------------------------------------------------
+
+
+def node_main(args: argparse.Namespace) -> int:
+    """A node that echoes the model it receives as its update (the work is not the point)."""
+    from shoal.runtime import NodeApp
+    from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, load_private_key
+
+    app = NodeApp()
+
+    @app.task("update")
+    def update(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"d": payload["w"]}
+
+    @app.task("ping")
+    def ping(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"n": 1}
+
+    tls = ClientTLS.from_dir(args.certs, name=args.name) if args.certs else None
+    client = NodeClient(
+        app=app,
+        coordinator=args.target,
+        key=load_private_key(args.key),
+        tls=tls,
+        insecure=tls is None,
+        backoff=Backoff(initial_s=0.2, max_s=2.0),
+        max_idle_s=600,
+    )
+    client.run()
+    return 0
+
+
+def raw_node_main(args: argparse.Namespace) -> int:
+    """The floor's node: receive SIZE bytes, send SIZE bytes back, per round."""
+    size = args.size
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    with socket.create_connection(("127.0.0.1", args.port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            received = 0
+            while received < size:
+                n = sock.recv_into(view[received:], size - received)
+                if n == 0:
+                    return 0
+                received += n
+            sock.sendall(view)
+
+
+def bare_node_main(args: argparse.Namespace) -> int:
+    """The bare-gRPC node: echo every message back on one bidirectional stream."""
+    import grpc
+
+    options = [
+        ("grpc.max_receive_message_length", 8 << 20),
+        ("grpc.max_send_message_length", 8 << 20),
+    ]
+    replies: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def requests() -> Any:
+        while (item := replies.get()) is not None:
+            yield item
+
+    with grpc.insecure_channel(args.target, options=options) as channel:
+        try:
+            for message in channel.stream_stream("/bench.Bare/Echo")(requests()):
+                replies.put(message)
+        except grpc.RpcError:
+            pass
+        replies.put(None)
+    return 0
+
+
+# -- coordinator side -------------------------------------------------------------------------
+
+
+def make_federation(root: Path, count: int) -> tuple[Any, list[Path]]:
+    from shoal.runtime import Store
+    from shoal.runtime.grpc import make_certs, public_key_bytes, write_key_pair
+
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store(root / "bench.db")
+    keys = []
+    names = [f"n{i}" for i in range(count)]
+    for name in names:
+        path = root / f"{name}.key"
+        _, _, key = write_key_pair(path)
+        store.add_node(node_id=name, public_key=public_key_bytes(key))
+        keys.append(path)
+    make_certs(root / "certs", nodes=names)
+    return store, keys
+
+
+def spawn_nodes(
+    keys: list[Path], target: str, certs: Path | None, *, extra: list[str] | None = None
+) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for path in keys:
+        cmd = [sys.executable, str(HERE), "--worker", "node", "--target", target]
+        cmd += ["--key", str(path), "--name", path.stem]
+        if certs is not None:
+            cmd += ["--certs", str(certs)]
+        procs.append(subprocess.Popen(cmd + (extra or []), stdout=subprocess.DEVNULL))
+    return procs
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RawFloor:
+    """The same transfer as a gRPC round, over plain TCP between the same process counts."""
+
+    def __init__(self, nodes: int, size: int) -> None:
+        self.size = size
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        port = self.listener.getsockname()[1]
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HERE),
+                    "--worker",
+                    "raw",
+                    "--port",
+                    str(port),
+                    "--size",
+                    str(size),
+                ]
+            )
+            for _ in range(nodes)
+        ]
+        self.conns = []
+        for _ in range(nodes):
+            conn, _ = self.listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conns.append(conn)
+        self.inbox = [bytearray(size) for _ in range(nodes)]
+
+    def round(self, payload: memoryview) -> float:
+        def one(i: int) -> None:
+            conn, view = self.conns[i], memoryview(self.inbox[i])
+            conn.sendall(payload)
+            received = 0
+            while received < self.size:
+                n = conn.recv_into(view[received:], self.size - received)
+                if n == 0:
+                    raise ConnectionError("raw node went away")
+                received += n
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(self.conns))]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.listener.close()
+        stop(self.procs)
+
+
+class BareGrpcFloor:
+    """The transfer over bare grpcio: same processes, same 1 MiB messages, no shoal code.
+
+    No signatures, digests, wire encoding or task handling: it shows what gRPC in Python
+    costs by itself, between the raw socket and shoal.
+    """
+
+    def __init__(self, nodes: int, payload: Any, chunk_bytes: int) -> None:
+        from concurrent import futures
+
+        import grpc
+
+        view = memoryview(payload).cast("B")
+        self.frames = [bytes(view[i : i + chunk_bytes]) for i in range(0, view.nbytes, chunk_bytes)]
+        self.size = view.nbytes
+        self.rounds: list[queue.SimpleQueue[bool | None]] = []
+        self.done = threading.Semaphore(0)
+        self.lock = threading.Lock()
+        options = [
+            ("grpc.max_receive_message_length", 8 << 20),
+            ("grpc.max_send_message_length", 8 << 20),
+        ]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=nodes + 4), options=options
+        )
+        handler = grpc.stream_stream_rpc_method_handler(self._serve)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("bench.Bare", {"Echo": handler}),)
+        )
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, str(HERE), "--worker", "bare", "--target", f"127.0.0.1:{port}"]
+            )
+            for _ in range(nodes)
+        ]
+        deadline = time.monotonic() + 300
+        while len(self.rounds) < nodes and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _serve(self, request_iterator: Any, context: Any) -> Any:
+        rounds: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
+        with self.lock:
+            self.rounds.append(rounds)
+
+        def read() -> None:
+            received = 0
+            for message in request_iterator:
+                received += len(message)
+                if received == self.size:
+                    received = 0
+                    self.done.release()
+
+        threading.Thread(target=read, daemon=True).start()
+        while rounds.get():
+            yield from self.frames
+
+    def round(self) -> float:
+        start = time.perf_counter()
+        for rounds in self.rounds:
+            rounds.put(True)
+        for _ in self.rounds:
+            self.done.acquire()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        for rounds in self.rounds:
+            rounds.put(None)
+        self.server.stop(grace=1).wait()
+        stop(self.procs)
+
+
+def grpc_round(engine: Any, payload: Any, node_ids: list[str], number: int) -> float:
+    from shoal.runtime import Task
+
+    tasks = [
+        Task(node_id=n, name="update", payload=payload, task_id=f"{number}/{n}") for n in node_ids
+    ]
+    start = time.perf_counter()
+    result = engine.dispatch(tasks, deadline_s=600)
+    elapsed = time.perf_counter() - start
+    if result.failures or len(result.replies) != len(node_ids):
+        raise RuntimeError(f"round failed: {dict(result.failures)}")
+    return elapsed
+
+
+def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from shoal.runtime.grpc import GrpcEngine, ServerTLS
+    from shoal.wire import encode
+
+    store, keys = make_federation(root, args.nodes)
+    weights = np.random.default_rng(0).standard_normal(args.params).astype(np.float32)
+    payload = encode({"w": weights})
+    size = memoryview(payload).nbytes
+    moved = 2 * size * args.nodes
+    floor = RawFloor(args.nodes, size)
+    bare = BareGrpcFloor(args.nodes, payload, args.chunk_bytes)
+    floor_payload = memoryview(payload)
+    results: dict[str, Any] = {
+        "params": args.params,
+        "payload_bytes": size,
+        "nodes": args.nodes,
+        "bytes_per_round": moved,
+    }
+    floor_times: list[float] = []
+    bare_times: list[float] = []
+    try:
+        for mode in ("insecure", "tls"):
+            tls = ServerTLS.from_dir(root / "certs") if mode == "tls" else None
+            engine = GrpcEngine(
+                listen="127.0.0.1:0",
+                registry=store,
+                tls=tls,
+                insecure=tls is None,
+                chunk_bytes=args.chunk_bytes,
+            ).start()
+            procs = spawn_nodes(
+                keys,
+                f"127.0.0.1:{engine.port}",
+                root / "certs" if tls is not None else None,
+            )
+            try:
+                if engine.wait_for_nodes(args.nodes, timeout_s=300) < args.nodes:
+                    raise RuntimeError("not all nodes connected")
+                node_ids = list(engine.node_ids())
+                grpc_round(engine, payload, node_ids, 0)  # warm-up: buffers, TLS sessions
+                floor.round(floor_payload)
+                bare.round()
+                times = []
+                for r in range(args.rounds):  # interleaved: the load on the machine is shared
+                    times.append(grpc_round(engine, payload, node_ids, r + 1))
+                    floor_times.append(floor.round(floor_payload))
+                    bare_times.append(bare.round())
+            finally:
+                engine.close()
+                stop(procs)
+            per_round = statistics.median(times)
+            results[mode] = {
+                "s_per_round": per_round,
+                "rounds_s": times,
+                "throughput_MBps": moved / per_round / 1e6,
+            }
+    finally:
+        floor.close()
+        bare.close()
+        store.close()
+    results["bare_grpc"] = {
+        "s_per_round": statistics.median(bare_times),
+        "rounds_s": bare_times,
+        "throughput_MBps": moved / statistics.median(bare_times) / 1e6,
+    }
+    floor_round = statistics.median(floor_times)
+    results["raw_socket"] = {
+        "s_per_round": floor_round,
+        "rounds_s": floor_times,
+        "throughput_MBps": moved / floor_round / 1e6,
+    }
+    for mode in ("insecure", "tls", "bare_grpc"):
+        results[mode]["ratio_to_raw"] = (
+            results[mode]["throughput_MBps"] / results["raw_socket"]["throughput_MBps"]
+        )
+    return results
+
+
+def scale_coordinator_main(args: argparse.Namespace) -> int:
+    """The scale test's coordinator, in its own process so its RSS is only its own."""
+    from shoal.runtime import Store, Task
+    from shoal.runtime.grpc import GrpcEngine
+    from shoal.wire import encode
+
+    me = psutil.Process()
+    store = Store(Path(args.root) / "bench.db")
+    engine = GrpcEngine(
+        listen="127.0.0.1:0", registry=store, insecure=True, max_nodes=args.nodes + 16
+    ).start()
+    baseline = {"rss_MB": me.memory_info().rss / 1e6, "cpu_s": _cpu(me)}
+    print(json.dumps({"port": engine.port}), flush=True)
+    start = time.perf_counter()
+    connected = engine.wait_for_nodes(args.nodes, timeout_s=args.connect_timeout)
+    connect_s = time.perf_counter() - start
+    after_connect = {"rss_MB": me.memory_info().rss / 1e6, "cpu_s": _cpu(me)}
+    threads = me.num_threads()
+    time.sleep(args.idle)
+    after_idle = {"rss_MB": me.memory_info().rss / 1e6, "cpu_s": _cpu(me)}
+    payload = encode({"x": np.zeros(1000, dtype=np.float32)})
+    ids = list(engine.node_ids())
+    start = time.perf_counter()
+    result = engine.dispatch(
+        [Task(node_id=n, name="ping", payload=payload, task_id=n) for n in ids], deadline_s=120
+    )
+    round_s = time.perf_counter() - start
+    after_round = {"rss_MB": me.memory_info().rss / 1e6, "cpu_s": _cpu(me)}
+    engine.finish(grace_s=10)
+    engine.close()
+    store.close()
+    print(
+        json.dumps(
+            {
+                "connected": connected,
+                "connect_s": connect_s,
+                "idle_s": args.idle,
+                "round_s": round_s,
+                "round_replies": len(result.replies),
+                "threads": threads,
+                "baseline": baseline,
+                "after_connect": after_connect,
+                "after_idle": after_idle,
+                "after_round": after_round,
+                "peak_rss_MB": max(
+                    x["rss_MB"] for x in (baseline, after_connect, after_idle, after_round)
+                ),
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def scale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    store, keys = make_federation(root, args.scale_nodes)
+    store.close()
+    cmd = [sys.executable, str(HERE), "--worker", "scale-coordinator", "--root", str(root)]
+    cmd += ["--nodes", str(args.scale_nodes), "--idle", str(args.idle)]
+    coordinator = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    node_rss: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:  # node RSS while they are all alive and connected
+        while not done.wait(0.5):
+            try:
+                alive = [psutil.Process(p.pid) for p in procs if p.poll() is None]
+                if len(alive) == len(procs) and alive:
+                    node_rss[:] = [c.memory_info().rss / 1e6 for c in alive]
+            except psutil.Error:
+                continue
+
+    try:
+        assert coordinator.stdout is not None
+        port = json.loads(coordinator.stdout.readline())["port"]
+        procs = spawn_nodes(keys, f"127.0.0.1:{port}", None)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        line = coordinator.stdout.readline()
+        done.set()
+        coordinator.wait(timeout=120)
+        report: dict[str, Any] = json.loads(line)
+        report["node_processes"] = len(procs)
+        report["node_rss_MB_each"] = statistics.median(node_rss) if node_rss else float("nan")
+    finally:
+        done.set()
+        stop(procs)
+        if coordinator.poll() is None:
+            coordinator.kill()
+    return report
+
+
+def table(results: dict[str, Any]) -> str:
+    t = results.get("throughput")
+    lines = []
+    if t:
+        lines.append(
+            f"throughput: {t['params']:,} float32 params ({t['payload_bytes'] / 1e6:.1f} MB) to "
+            f"{t['nodes']} node processes and back ({t['bytes_per_round'] / 1e6:.0f} MB/round)"
+        )
+        lines.append(f"{'transport':<24}{'s/round':>10}{'MB/s':>10}{'vs raw':>9}")
+        for label, key in (
+            ("raw TCP socket", "raw_socket"),
+            ("bare grpcio (no shoal)", "bare_grpc"),
+            ("shoal gRPC plaintext", "insecure"),
+            ("shoal gRPC mutual TLS", "tls"),
+        ):
+            row = t[key]
+            ratio = row.get("ratio_to_raw", 1.0)
+            lines.append(
+                f"{label:<24}{row['s_per_round']:>10.3f}{row['throughput_MBps']:>10.0f}"
+                f"{ratio:>8.0%} "
+            )
+    s = results.get("scale")
+    if s:
+        lines.append("")
+        lines.append(
+            f"scale: {s['connected']}/{s['node_processes']} node processes connected in "
+            f"{s['connect_s']:.1f} s; one round to all of them in {s['round_s']:.2f} s"
+        )
+        lines.append(f"{'coordinator':<26}{'RSS MB':>10}{'CPU s':>10}")
+        for label, key in (
+            ("started, no nodes", "baseline"),
+            ("all connected", "after_connect"),
+            (f"after {s['idle_s']:.0f} s idle", "after_idle"),
+            ("after one round", "after_round"),
+        ):
+            lines.append(f"{label:<26}{s[key]['rss_MB']:>10.1f}{s[key]['cpu_s']:>10.2f}")
+        lines.append(
+            f"coordinator threads: {s['threads']}; node RSS ~{s['node_rss_MB_each']:.0f} MB each"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    # This file is named grpc.py: with its directory first on sys.path, `import grpc` would
+    # find this script instead of grpcio.
+    if sys.path and Path(sys.path[0]).resolve() == HERE.parent:
+        sys.path.pop(0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=["node", "raw", "bare", "scale-coordinator"])
+    parser.add_argument("--params", type=int, default=10_000_000)
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--scale-nodes", type=int, default=100)
+    parser.add_argument("--idle", type=float, default=15.0)
+    parser.add_argument("--skip", choices=["throughput", "scale"], action="append", default=[])
+    parser.add_argument("--json", metavar="PATH")
+    # worker options
+    parser.add_argument("--target")
+    parser.add_argument("--key")
+    parser.add_argument("--name")
+    parser.add_argument("--certs")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--root")
+    parser.add_argument("--connect-timeout", type=float, default=600)
+    args = parser.parse_args()
+    if args.worker == "node":
+        return node_main(args)
+    if args.worker == "raw":
+        return raw_node_main(args)
+    if args.worker == "bare":
+        return bare_node_main(args)
+    if args.worker == "scale-coordinator":
+        return scale_coordinator_main(args)
+
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0]},
+        "python": sys.version.split()[0],
+    }
+    with tempfile.TemporaryDirectory(prefix="shoal-grpc-bench-") as tmp:
+        if "throughput" not in args.skip:
+            results["throughput"] = throughput(args, Path(tmp) / "t")
+        if "scale" not in args.skip:
+            results["scale"] = scale(args, Path(tmp) / "s")
+    results["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+    print(table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
