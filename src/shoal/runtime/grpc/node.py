@@ -157,6 +157,10 @@ class NodeClient:
         self._stop = threading.Event()
         self._call: Any = None
         self._last_activity = time.monotonic()
+        # Session settings, from the coordinator's welcome.
+        self._chunk_bytes = DEFAULT_CHUNK_BYTES
+        self._max_reply = 0
+        self._heartbeat_s = 5.0
 
     # -- control ---------------------------------------------------------------------------
 
