@@ -23,7 +23,8 @@ from shoal.cli.job import JobSpec, load_job
 from shoal.core import Federation
 from shoal.data import Dataset, load_csv, load_npz, split_holdout
 from shoal.errors import ConfigError, NotEnoughNodes
-from shoal.learn import LocalData, RoundReport, Trainer, learning_app
+from shoal.learn import TRAIN, LocalData, RoundReport, Trainer, learning_app
+from shoal.privacy.guard import budget_guard
 from shoal.runtime import Store
 from shoal.runtime.grpc import (
     Backoff,
@@ -266,6 +267,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     node.add_argument("--backoff", type=_positive_float, default=0.5, metavar="S")
     node.add_argument("--backoff-max", type=_positive_float, default=30.0, metavar="S")
+    node.add_argument(
+        "--max-epsilon",
+        type=_positive_float,
+        metavar="E",
+        help="this data owner's privacy budget: decline training that would spend more",
+    )
+    node.add_argument(
+        "--max-delta", type=_positive_float, default=1e-5, metavar="D", help="budget delta"
+    )
     node.add_argument("--verbose", action="store_true", help="log connection events")
     node.set_defaults(func=_node)
 
@@ -563,8 +573,15 @@ def _node(args: argparse.Namespace) -> int:
     else:
         features = int(train.x.reshape(len(train.x), -1).shape[1])
         model = job.build_model(features=features, classes=args.classes or train.classes)
+    app = learning_app(model)
+    app.install(job.build_algorithm().node_tasks())  # e.g. the secure sum's protocol tasks
+    if args.max_epsilon is not None:
+        # The owner's own limit, enforced here: the coordinator only sees "declined".
+        app.add_guard(
+            budget_guard(max_epsilon=args.max_epsilon, max_delta=args.max_delta, tasks={TRAIN})
+        )
     client = NodeClient(
-        app=learning_app(model),
+        app=app,
         coordinator=args.coordinator,
         key=key,
         data=data,

@@ -50,7 +50,7 @@ from shoal.learn import (
     simulate,
 )
 from shoal.learn.privacy import ExampleDP, NodeDP
-from shoal.learn.registry import MODELS, build_model
+from shoal.learn.registry import build_model, model_names
 from shoal.privacy.guard import budget_guard
 from shoal.runtime import Faults, NodeApp, Store
 
@@ -410,7 +410,7 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
 
     model = dict(raw.get("model", {"name": "softmax_regression"}))
     model.setdefault("name", "softmax_regression")
-    _choice(model["name"], sorted(MODELS), "[model] name")
+    _choice(model["name"], model_names(), "[model] name")
 
     algorithm = dict(raw.get("algorithm", {}))
     algorithm.setdefault("name", "fedavg")

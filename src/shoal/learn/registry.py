@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +10,7 @@ from shoal.errors import ConfigError
 from shoal.learn.model import Model
 from shoal.learn.softmax import SoftmaxRegression
 
-__all__ = ["MODELS", "build_model", "register_model"]
+__all__ = ["MODELS", "OPTIONAL_MODELS", "build_model", "model_names", "register_model"]
 
 ModelFactory = Callable[..., Model]
 
@@ -20,6 +21,21 @@ def _softmax(*, features: int, classes: int, l2: float = 0.0) -> Model:
 
 MODELS: dict[str, ModelFactory] = {"softmax_regression": _softmax}
 
+# Models whose adapters import heavy libraries: registered when their module is imported,
+# which happens only when one of them is asked for.
+OPTIONAL_MODELS: dict[str, str] = {
+    "sklearn_sgd": "shoal.learn.sklearn",
+    "sklearn_logistic": "shoal.learn.sklearn",
+    "sklearn_mlp": "shoal.learn.sklearn",
+    "mlp": "shoal.learn.torch",
+    "cnn": "shoal.learn.torch",
+}
+
+
+def model_names() -> list[str]:
+    """Every model name a job may use (optional ones need their extra when built)."""
+    return sorted(set(MODELS) | set(OPTIONAL_MODELS))
+
 
 def register_model(name: str, factory: ModelFactory) -> None:
     if name in MODELS:
@@ -29,22 +45,16 @@ def register_model(name: str, factory: ModelFactory) -> None:
 
 def build_model(name: str, *, features: int, classes: int, **options: Any) -> Model:
     """Instantiate a registered model; unknown names and options get a clear ConfigError."""
-    _load_optional_models()
+    if name not in MODELS and name in OPTIONAL_MODELS:
+        module = OPTIONAL_MODELS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"model {name!r} needs an optional dependency: {exc}") from None
     factory = MODELS.get(name)
     if factory is None:
-        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {model_names()}")
     try:
         return factory(features=features, classes=classes, **options)
     except TypeError as exc:
         raise ConfigError(f"model {name!r}: {exc}") from None
-
-
-def _load_optional_models() -> None:
-    """Adapters for scikit-learn and PyTorch register their names when importable."""
-    import importlib
-
-    for module in ("shoal.learn.sklearn", "shoal.learn.torch"):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
