@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -20,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from shoal.cli.job import JobSpec, load_job
+from shoal.cli.options import open_store, positive_float, positive_int
 from shoal.core import Federation
 from shoal.data import Dataset, load_csv, load_npz, split_holdout
 from shoal.errors import ConfigError, NotEnoughNodes
@@ -65,37 +65,6 @@ def job_digest(job: JobSpec) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _store_path(path: str | None) -> Path:
-    env = os.environ.get("SHOAL_STORE")
-    return Path(path or env or Path.home() / ".shoal" / "store.db")
-
-
-def _open_store(path: str | None) -> Store:
-    target = _store_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Store(target)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     store_help = "the coordinator's store file (default $SHOAL_STORE or ~/.shoal/store.db)"
@@ -112,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     certs.add_argument("--out", required=True, metavar="DIR", help="certificate directory")
     group = certs.add_mutually_exclusive_group()
     group.add_argument(
-        "--nodes", type=_positive_int, metavar="N", help="node certificates node-0..node-N-1"
+        "--nodes", type=positive_int, metavar="N", help="node certificates node-0..node-N-1"
     )
     group.add_argument(
         "--node", action="append", default=[], metavar="NAME", help="a node certificate (repeat)"
@@ -125,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a DNS name or IP the nodes use to reach the coordinator (repeat); "
         "localhost and 127.0.0.1 are always included",
     )
-    certs.add_argument("--days", type=_positive_int, default=365, help="validity (default 365)")
+    certs.add_argument("--days", type=positive_int, default=365, help="validity (default 365)")
     certs.add_argument("--force", action="store_true", help="re-issue existing node certificates")
     certs.set_defaults(func=_certs)
 
@@ -186,17 +155,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _tls_args(coord)
     coord.add_argument("--store", help=store_help)
     coord.add_argument(
-        "--min-nodes", type=_positive_int, help="fewest answers a round needs (default: job's)"
+        "--min-nodes", type=positive_int, help="fewest answers a round needs (default: job's)"
     )
     coord.add_argument(
         "--wait-nodes",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="connected nodes to wait for before training (default: --min-nodes)",
     )
     coord.add_argument(
         "--wait-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=300.0,
         metavar="S",
         help="how long to wait for them (default 300 s); training starts anyway with at "
@@ -211,7 +180,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "restarted node to rejoin; default 0)",
     )
     coord.add_argument(
-        "--deadline", type=_positive_float, metavar="S", help="per-task deadline (default: job's)"
+        "--deadline", type=positive_float, metavar="S", help="per-task deadline (default: job's)"
     )
     coord.add_argument(
         "--resume",
@@ -223,7 +192,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     coord.add_argument("--json", metavar="PATH", help="write a JSON summary to PATH")
     coord.add_argument(
-        "--heartbeat", type=_positive_float, default=5.0, metavar="S", help="node heartbeat period"
+        "--heartbeat", type=positive_float, default=5.0, metavar="S", help="node heartbeat period"
     )
     coord.add_argument("--quiet", action="store_true", help="no per-round output")
     coord.set_defaults(func=_coordinator)
@@ -252,7 +221,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     source.add_argument("--data", metavar="FILE", help="this node's data (.csv or .npz)")
     node.add_argument("--dataset", metavar="NAME", help="with --partition: must be the job's")
     node.add_argument("--label", default="label", help="label column of a CSV file")
-    node.add_argument("--classes", type=_positive_int, help="number of classes (with --data)")
+    node.add_argument("--classes", type=positive_int, help="number of classes (with --data)")
     _tls_args(node)
     node.add_argument(
         "--cert-name",
@@ -263,18 +232,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--server-name", metavar="NAME", help="name to check on the coordinator's certificate"
     )
     node.add_argument(
-        "--max-idle", type=_positive_float, metavar="S", help="exit after S s without a task"
+        "--max-idle", type=positive_float, metavar="S", help="exit after S s without a task"
     )
-    node.add_argument("--backoff", type=_positive_float, default=0.5, metavar="S")
-    node.add_argument("--backoff-max", type=_positive_float, default=30.0, metavar="S")
+    node.add_argument("--backoff", type=positive_float, default=0.5, metavar="S")
+    node.add_argument("--backoff-max", type=positive_float, default=30.0, metavar="S")
     node.add_argument(
         "--max-epsilon",
-        type=_positive_float,
+        type=positive_float,
         metavar="E",
         help="this data owner's privacy budget: decline training that would spend more",
     )
     node.add_argument(
-        "--max-delta", type=_positive_float, default=1e-5, metavar="D", help="budget delta"
+        "--max-delta", type=positive_float, default=1e-5, metavar="D", help="budget delta"
     )
     node.add_argument("--verbose", action="store_true", help="log connection events")
     node.set_defaults(func=_node)
@@ -332,19 +301,19 @@ def _keys_show(args: argparse.Namespace) -> int:
 def _nodes_add(args: argparse.Namespace) -> int:
     raw = load_public_key(args.keyfile)
     name = args.name or Path(args.keyfile).name.removesuffix(".pub")
-    with _open_store(args.store) as store:
+    with open_store(args.store) as store:
         record = store.add_node(node_id=name, public_key=raw, label=args.label)
         store.audit(
             actor="operator",
             action="node.added",
             detail={"node_id": name, "key": fingerprint(raw), "label": args.label},
         )
-    print(f"admitted node {record.node_id} ({fingerprint(raw)}) into {_store_path(args.store)}")
+    print(f"admitted node {record.node_id} ({fingerprint(raw)}) into {store.path}")
     return 0
 
 
 def _nodes_list(args: argparse.Namespace) -> int:
-    with _open_store(args.store) as store:
+    with open_store(args.store) as store:
         records = store.list_nodes()
     rows: list[dict[str, Any]] = [
         {
@@ -369,7 +338,7 @@ def _nodes_list(args: argparse.Namespace) -> int:
 
 
 def _nodes_revoke(args: argparse.Namespace) -> int:
-    with _open_store(args.store) as store:
+    with open_store(args.store) as store:
         record = store.revoke_node(args.name)
         store.audit(actor="operator", action="node.revoked", detail={"node_id": args.name})
     print(f"revoked node {record.node_id}; a running coordinator drops it within seconds")
@@ -416,7 +385,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     _, test = job.load_data()
     model = job.build_model()
     algorithm = job.build_algorithm()
-    with _open_store(args.store) as store:
+    with open_store(args.store) as store:
         resume = _resolve_resume(store, job, args.resume)
         if not store.list_nodes(include_revoked=False):
             print(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,11 +14,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shoal.cli.job import JobSpec, load_job, parse_job, simulate_job
+from shoal.cli.options import default_store_path, open_store, positive_float, positive_int
 from shoal.errors import ConfigError
 from shoal.learn import RoundReport, TrainingResult, train_centralized
 from shoal.runtime import Store
 
-__all__ = ["DEMO_JOB", "default_store_path", "register"]
+__all__ = ["DEMO_JOB", "register"]
 
 DEMO_JOB: dict[str, Any] = {
     "job": {"name": "demo", "seed": 0},
@@ -54,18 +54,6 @@ examples:
 """
 
 
-def default_store_path() -> Path:
-    """Where runs are recorded unless --store says otherwise (``$SHOAL_STORE`` overrides)."""
-    env = os.environ.get("SHOAL_STORE")
-    return Path(env) if env else Path.home() / ".shoal" / "store.db"
-
-
-def _open_store(path: str | None) -> Store:
-    target = Path(path) if path else default_store_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Store(target)
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     demo = subparsers.add_parser(
@@ -75,15 +63,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=DEMO_EPILOG,
         formatter_class=fmt,
     )
-    demo.add_argument("--rounds", type=_positive_int, default=None, help="rounds (default 30)")
-    demo.add_argument("--nodes", type=_positive_int, default=None, help="nodes (default 20)")
+    demo.add_argument("--rounds", type=positive_int, default=None, help="rounds (default 30)")
+    demo.add_argument("--nodes", type=positive_int, default=None, help="nodes (default 20)")
     demo.add_argument(
         "--epsilon",
-        type=_positive_float,
+        type=positive_float,
         help="train with example-level differential privacy at this epsilon (distributed "
         "DP-SGD inside secure aggregation; noise calibrated automatically)",
     )
-    demo.add_argument("--delta", type=_positive_float, default=1e-5, help="DP delta (1e-5)")
+    demo.add_argument("--delta", type=positive_float, default=1e-5, help="DP delta (1e-5)")
     _common(demo)
     demo.set_defaults(func=_run_demo)
 
@@ -109,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     runs.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     runs.add_argument("run_id", nargs="?", help="the run to show")
     runs.add_argument("--store", help=f"store file (default {default_store_path()})")
-    runs.add_argument("--limit", type=_positive_int, default=20)
+    runs.add_argument("--limit", type=positive_int, default=20)
     runs.add_argument("--json", action="store_true", help="print JSON instead of tables")
     runs.set_defaults(func=_runs)
 
@@ -118,26 +106,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write a JSON summary to PATH")
     parser.add_argument("--store", help=f"store file (default {default_store_path()})")
     parser.add_argument("--quiet", action="store_true", help="no per-round output")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -170,7 +138,7 @@ def _execute(job: JobSpec, args: argparse.Namespace, *, resume: str | None) -> i
         f"nodes ({job.partition['scheme']}), {algorithm['name']}, {rounds} rounds"
     )
     started = time.perf_counter()
-    with _open_store(args.store) as store, _progress(console, rounds) as on_round:
+    with open_store(args.store) as store, _progress(console, rounds) as on_round:
         result = simulate_job(job, store=store, resume=resume, on_round=on_round)
     wall = time.perf_counter() - started
     summary = _summary(job, result, wall, nodes)
@@ -265,7 +233,7 @@ class _progress:
 
 def _runs(args: argparse.Namespace) -> int:
     console = Console()
-    with _open_store(args.store) as store:
+    with open_store(args.store) as store:
         if args.action == "show" or args.run_id:
             if not args.run_id:
                 raise ConfigError("shoal runs show needs a RUN_ID; list them with `shoal runs`")
