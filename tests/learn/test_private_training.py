@@ -212,3 +212,33 @@ def test_robust_rules_do_not_mix_with_noised_sums() -> None:
         parse_job(raw)
     raw["privacy"] = {"epsilon": 2.0, "mode": "local"}
     assert parse_job(raw).build_algorithm().privacy is not None
+
+
+def test_models_without_dp_sgd_refuse_private_training(digits) -> None:
+    pytest.importorskip("sklearn")
+    raw = {
+        "data": {"dataset": "digits", "partition": {"scheme": "iid", "nodes": 3}},
+        "model": {"name": "sklearn_sgd"},
+        "algorithm": {"name": "fedavg", "rounds": 1, "nodes_per_round": 3},
+        "privacy": {"epsilon": 5.0},
+    }
+    with pytest.raises(NotEnoughNodes, match="does not implement DP-SGD"):
+        simulate_job(parse_job(raw))
+
+
+def test_torch_model_trains_with_distributed_dp_sgd(digits) -> None:
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        raw = {
+            "data": {"dataset": "digits", "partition": {"scheme": "iid", "nodes": 4}},
+            "model": {"name": "mlp", "hidden": 32},
+            "algorithm": {"name": "fedavg", "rounds": 8, "nodes_per_round": 4, "lr": 1.0},
+            "privacy": {"epsilon": 8.0, "sample_rate": 0.25},
+        }
+        result = simulate_job(parse_job(raw))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.metrics["epsilon"] <= 8.0
+    assert result.metrics["accuracy"] > 0.5

@@ -87,6 +87,9 @@ class FitResult:
 
 @runtime_checkable
 class Model(Protocol):
+    """A model adapter. One that honours ``FitConfig.dp`` (DP-SGD) also sets a class
+    attribute ``supports_dp = True``; nodes refuse DP training with any other."""
+
     def get_weights(self) -> Weights: ...
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...

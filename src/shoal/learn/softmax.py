@@ -31,6 +31,8 @@ def softmax_cross_entropy(
 class SoftmaxRegression:
     """Linear classifier ``softmax(x @ W + b)`` trained by minibatch SGD."""
 
+    supports_dp = True  # fit honours FitConfig.dp with exact per-example clipping
+
     def __init__(self, *, features: int, classes: int, l2: float = 0.0) -> None:
         if features < 1 or classes < 2:
             raise ConfigError("SoftmaxRegression needs features >= 1 and classes >= 2")

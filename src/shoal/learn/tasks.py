@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.errors import DataError
+from shoal.errors import ConfigError, DataError
 from shoal.learn.model import FitConfig, LocalDP, Model, StatefulOptimizer, Weights
 from shoal.privacy.guard import DPRequest
 from shoal.runtime import NodeApp, TaskContext, TaskFn
@@ -109,6 +109,13 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         request = DPRequest.from_payload(payload)
         local_dp = None
         if request is not None and request.level == "example":
+            if not getattr(net, "supports_dp", False):
+                # Training without the noise the ledger counts would be a silent privacy
+                # failure, so a model must say it implements FitConfig.dp.
+                raise ConfigError(
+                    f"{type(net).__name__} does not implement DP-SGD; example-level privacy "
+                    "needs softmax_regression or a PyTorch model (mlp, cnn)"
+                )
             share = request.node_noise_multiplier
             local_dp = LocalDP(
                 clip=request.clip,

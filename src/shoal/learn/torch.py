@@ -57,6 +57,8 @@ class TorchModel:
     trains many nodes in turn, so it cannot keep per-node moments itself.
     """
 
+    supports_dp = True  # fit honours FitConfig.dp through shoal.privacy.dpsgd
+
     def __init__(
         self,
         module_factory: Callable[[], nn.Module],
@@ -249,6 +251,8 @@ class TorchModel:
         pending, self._pending_state = self._pending_state, None
         self._last_state = {}
         x, y = self._tensors(data)
+        if config.dp is not None:
+            return self._fit_dp(x, y, config, rng)
         n = len(y)
         named = [(k, p) for k, p in self.module.named_parameters() if p.requires_grad]
         center: dict[str, torch.Tensor] = {}
@@ -298,6 +302,43 @@ class TorchModel:
         self._last_state = self._export_state(opt, named)
         recent = losses[-max(1, math.ceil(n / config.batch_size)) :]
         return FitResult(examples=n, steps=steps, loss=float(np.mean(recent)))
+
+    def _fit_dp(
+        self, x: torch.Tensor, y: torch.Tensor, config: FitConfig, rng: np.random.Generator
+    ) -> FitResult:
+        """DP-SGD (shoal.privacy.dpsgd): Poisson batches of the node's own examples,
+        per-example clipping, Gaussian noise from OS entropy, plain SGD steps."""
+        from shoal.privacy.dpsgd import DPSGD, poisson_batches
+
+        dp = config.dp
+        assert dp is not None
+        if config.prox_mu or config.correction is not None:
+            raise ConfigError("DP-SGD training does not combine with FedProx or SCAFFOLD")
+        n = len(y)
+        expected = dp.normalizer or dp.sample_rate * n
+        engine = DPSGD(
+            self.module,
+            lr=config.lr,
+            clip_norm=dp.clip,
+            noise_multiplier=dp.noise_multiplier,
+            batch_size=max(1, min(n, round(dp.sample_rate * n))),
+            dataset_size=n,
+            loss_fn=self._loss_fn,
+            normalizer=expected,
+        )
+        sampler = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        losses = []
+        try:
+            for index in poisson_batches(
+                n, sample_rate=dp.sample_rate, steps=dp.steps, generator=sampler
+            ):
+                losses.append(engine.step(x[index], y[index]))
+        finally:
+            engine.close()
+        finite = [v for v in losses if v == v]
+        return FitResult(
+            examples=n, steps=dp.steps, loss=float(np.mean(finite)) if finite else float("nan")
+        )
 
     def _check_outputs(self, out: torch.Tensor, y: torch.Tensor) -> None:
         # Out-of-range labels would otherwise surface as a bare IndexError from torch.

@@ -137,7 +137,13 @@ class DPSGD:
         method: Method = "auto",
         seed: int | None = None,
         ledger: PrivacyLedger | None = None,
+        normalizer: float | None = None,
     ) -> None:
+        if normalizer is not None and not (math.isfinite(normalizer) and normalizer > 0):
+            raise ConfigError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+        # The noised sum is divided by this: the expected batch, or in distributed DP the
+        # whole federation's expected batch.
+        self.normalizer = float(normalizer) if normalizer is not None else float(batch_size)
         for name, value in (("lr", lr), ("clip_norm", clip_norm)):
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
@@ -478,7 +484,7 @@ class DPSGD:
     @torch.no_grad()
     def _apply(self, summed: dict[str, torch.Tensor]) -> None:
         std = self.noise_multiplier * self.clip_norm
-        scale = 1.0 / self.batch_size
+        scale = 1.0 / self.normalizer
         params = self._param_list
         grads = [
             g if g.dtype == p.dtype else g.to(p.dtype)
