@@ -242,3 +242,27 @@ def test_torch_model_trains_with_distributed_dp_sgd(digits) -> None:
         torch.set_num_threads(threads)
     assert result.metrics["epsilon"] <= 8.0
     assert result.metrics["accuracy"] > 0.5
+
+
+def test_adaptive_clipping_moves_the_clip_towards_the_quantile() -> None:
+    rng = np.random.default_rng(1)
+    w_true = rng.normal(size=(5, 2))
+
+    def node(i: int) -> Dataset:
+        x = rng.normal(size=(20, 5))
+        return Dataset(x=x, y=(x @ w_true).argmax(axis=1), classes=2)
+
+    nodes = [node(i) for i in range(200)]
+    plan = NodeDP(noise_multiplier=1.0, clip=0.001, target_quantile=0.5, clip_lr=0.5)
+    result = simulate(
+        model=SoftmaxRegression(features=5, classes=2),
+        nodes=nodes,
+        algorithm=FedAvg(rounds=6, nodes_per_round=100, lr=0.5, privacy=plan),
+        test=node(999),
+    )
+    # every update is far above a clip of 0.001, so the clip must grow each round
+    assert result.state.meta["dp_clip"] > 0.001 * 1.15**6
+    with pytest.raises(ConfigError, match="secure"):
+        NodeDP(noise_multiplier=1.0, target_quantile=0.5, secure=True)
+    # the count is paid for: updates carry more noise than the accounted multiplier
+    assert plan.update_noise_multiplier(100.0) > plan.noise_multiplier

@@ -105,6 +105,7 @@ _SCHEMAS: dict[str, Schema] = {
         "sample_rate": ((int, float), 0.25),
         "steps_per_round": (int, 5),
         "accountant": (str, "rdp"),
+        "target_quantile": ((int, float), None),
         "node_max_epsilon": ((int, float), None),
         "node_max_delta": ((int, float), None),
     },
@@ -284,6 +285,8 @@ class JobSpec:
         }
         plan: ExampleDP | NodeDP
         if spec["level"] == "node":
+            if spec["target_quantile"] is not None:
+                common["target_quantile"] = float(spec["target_quantile"])
             rate = min(
                 1.0, int(self.algorithm.get("nodes_per_round", 10)) / self.partition["nodes"]
             )

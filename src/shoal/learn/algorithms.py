@@ -14,12 +14,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from shoal.aggregate import Mean
+from shoal.aggregate import Mean, Sum
 from shoal.core import Aggregator, Federation, NodeValues
 from shoal.errors import ConfigError
 from shoal.learn.model import Weights
 from shoal.learn.privacy import ExampleDP, NodeDP
 from shoal.learn.tasks import TRAIN, prefixed, unprefixed
+from shoal.privacy.stages import GaussianNoise
 
 __all__ = [
     "ALGORITHMS",
@@ -132,9 +133,13 @@ class Algorithm:
         else:
             group = fed.sample(self.nodes_per_round, seed=seed)
         extra = self.node_params(state)
+        clip = state.meta.get("dp_clip") if isinstance(privacy, NodeDP) else None
+        if isinstance(privacy, NodeDP):
+            extra["dp"] = privacy.request(nodes=nodes, per_round=self.nodes_per_round, clip=clip)
+        elif privacy is not None:
+            extra["dp"] = privacy.request(nodes=nodes, per_round=self.nodes_per_round)
         if privacy is not None:
-            request = privacy.request(nodes=nodes, per_round=self.nodes_per_round)
-            extra["dp"] = request.to_json()
+            extra["dp"] = extra["dp"].to_json()
         weights = group.broadcast(
             **prefixed("w", state.weights),
             epochs=self.local_epochs,
@@ -148,7 +153,12 @@ class Algorithm:
         out = group.map(TRAIN, weights)
         fields = [f"d/{name}" for name in state.weights]
         planned = None
-        if privacy is not None:
+        if isinstance(privacy, NodeDP):
+            # DP-FedAvg divides by the expected count, a public number, not the group's size
+            planned = privacy.aggregator(
+                nodes=nodes, per_round=self.nodes_per_round, lr=self.lr, clip=clip
+            )
+        elif privacy is not None:
             planned = privacy.aggregator(nodes=nodes, per_round=len(group), lr=self.lr)
         aggregator: Aggregator = planned or self.aggregator or Mean()
         # Under DP nothing data-dependent leaves a node un-noised: no example counts as
@@ -179,6 +189,8 @@ class Algorithm:
                 participation=participation, rounds=new_state.round, node_rate=node_rate
             )
             meta["epsilon"] = spent
+            if isinstance(privacy, NodeDP) and privacy.target_quantile is not None:
+                meta["dp_clip"] = self._adapt_clip(privacy, out, clip or privacy.clip)
         new_state = replace(new_state, meta=meta)
         failures = {node: f"{f.kind.value}: {f.detail}" for node, f in out.failures.items()}
         for node, reason in out.exclusions.items():
@@ -191,6 +203,14 @@ class Algorithm:
             epsilon=spent,
             delta=privacy.delta if privacy is not None else None,
         )
+
+    def _adapt_clip(self, privacy: NodeDP, out: NodeValues, clip: float) -> float:
+        """Andrew et al.: the noised fraction of updates that fitted under the clip."""
+        expected = float(self.nodes_per_round)
+        centred = out["dp_unclipped"].aggregate(
+            Sum() | GaussianNoise(privacy.count_noise_std(expected))
+        )
+        return privacy.next_clip(clip, float(centred) / expected + 0.5)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,7 +27,13 @@ from typing import Any
 
 from shoal.aggregate import Clip, Stage, Sum
 from shoal.errors import ConfigError
-from shoal.privacy import Accountant, calibrate, epsilon
+from shoal.privacy import (
+    Accountant,
+    adaptive_update_noise_multiplier,
+    calibrate,
+    epsilon,
+    next_clip_norm,
+)
 from shoal.privacy.guard import DPRequest
 from shoal.privacy.stages import DistributedNoise, GaussianNoise, MeanOver
 
@@ -125,13 +131,48 @@ class ExampleDP:
 
 @dataclass(frozen=True, kw_only=True)
 class NodeDP:
-    """DP-FedAvg: Poisson-sampled nodes, updates clipped to ``clip``, the sum noised."""
+    """DP-FedAvg: Poisson-sampled nodes, updates clipped to ``clip``, the sum noised.
+
+    With ``target_quantile`` the clip adapts each round towards that quantile of the update
+    norms (Andrew et al. 2021): nodes report whether their update fitted under the clip, the
+    server noises that count and moves the clip geometrically by ``clip_lr``. The count's
+    noise is paid for out of the same budget: the updates then carry a slightly larger
+    multiplier, so that together they cost ``noise_multiplier``.
+    """
 
     noise_multiplier: float
     clip: float = 1.0
     delta: float = 1e-5
     accountant: Accountant = "rdp"
     secure: bool = False
+    target_quantile: float | None = None
+    clip_lr: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.target_quantile is not None:
+            if not 0.0 < self.target_quantile < 1.0:
+                raise ConfigError("target_quantile must be strictly between 0 and 1, e.g. 0.5")
+            if self.secure:
+                raise ConfigError(
+                    "adaptive clipping needs the server to count unclipped updates in the "
+                    "clear; use a fixed clip with secure aggregation"
+                )
+
+    def count_noise_std(self, expected: float) -> float:
+        """The noise on the unclipped count: the paper's expected_count / 20."""
+        return max(expected / 20.0, 0.51 * self.noise_multiplier)
+
+    def update_noise_multiplier(self, expected: float) -> float:
+        if self.target_quantile is None:
+            return self.noise_multiplier
+        return adaptive_update_noise_multiplier(
+            noise_multiplier=self.noise_multiplier,
+            count_noise_std=self.count_noise_std(expected),
+        )
+
+    def next_clip(self, clip: float, noised_unclipped_fraction: float) -> float:
+        assert self.target_quantile is not None
+        return next_clip_norm(clip, noised_unclipped_fraction, self.target_quantile, self.clip_lr)
 
     @classmethod
     def for_target(
@@ -146,26 +187,29 @@ class NodeDP:
         )
         return cls(noise_multiplier=noise, delta=delta, **options)
 
-    def request(self, *, nodes: int, per_round: int) -> DPRequest:
+    def request(self, *, nodes: int, per_round: int, clip: float | None = None) -> DPRequest:
         return DPRequest(
-            clip=self.clip,
+            clip=self.clip if clip is None else clip,
             noise_multiplier=self.noise_multiplier,
             sample_rate=min(1.0, per_round / nodes),
             steps=1,
             level="node",
         )
 
-    def aggregator(self, *, nodes: int, per_round: int, lr: float) -> Stage:
+    def aggregator(
+        self, *, nodes: int, per_round: int, lr: float, clip: float | None = None
+    ) -> Stage:
         expected = float(per_round)
-        std = self.noise_multiplier * self.clip
+        clip = self.clip if clip is None else clip
+        std = self.update_noise_multiplier(expected) * clip
         if not self.secure:
-            return Clip(self.clip) | Sum() | GaussianNoise(std) | MeanOver(expected)
+            return Clip(clip) | Sum() | GaussianNoise(std) | MeanOver(expected)
         from shoal.crypto import SecureSum
 
         # Each expected node adds its share; the range leaves room for the noise's tails.
         noise = DistributedNoise(std, nodes=max(1, math.ceil(expected)))
-        value_range = self.clip + 6.0 * noise.per_node_std
-        return Clip(self.clip) | noise | SecureSum(value_range=value_range) | MeanOver(expected)
+        value_range = clip + 6.0 * noise.per_node_std
+        return Clip(clip) | noise | SecureSum(value_range=value_range) | MeanOver(expected)
 
     def node_tasks(self) -> dict[str, Any]:
         """Tasks nodes need for this plan: the secure sum's, when it uses one."""

@@ -9,6 +9,7 @@ Payload names: ``w/<name>`` weights in, ``d/<name>`` weight deltas out, ``c/<nam
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -150,6 +151,11 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         new = net.get_weights()
         out: dict[str, Any] = prefixed("d", {k: new[k] - weights[k] for k in weights})
         out.update(n=result.examples, loss=result.loss, steps=result.steps)
+        if request is not None and request.level == "node":
+            # For adaptive clipping: did this update fit under the clip? Reported centred
+            # (b - 1/2), which halves the count's sensitivity (Andrew et al. 2021).
+            norm = math.sqrt(sum(float(np.sum((new[k] - weights[k]) ** 2)) for k in weights))
+            out["dp_unclipped"] = 0.5 if norm <= request.clip else -0.5
         if node_c is not None:
             # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K * lr)
             scale = 1.0 / (result.steps * config.lr)
