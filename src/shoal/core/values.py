@@ -39,8 +39,9 @@ class FieldSpec:
 class Gathered:
     """What a plain aggregator works on: one row per valid node, plus the nodes excluded.
 
-    ``rows`` has shape (n, d): each node's selected fields flattened and concatenated in
-    float64; ``layout`` says how to cut a d-vector back into named arrays.
+    ``rows`` has shape (n, d): each node's selected fields flattened and concatenated (floats
+    keep their dtype, integers become float64); ``layout`` says how to cut a d-vector back
+    into named arrays.
     """
 
     node_ids: tuple[str, ...]
@@ -344,7 +345,9 @@ def _flatten(
             return f"field {name!r} holds NaN or infinity", np.empty(0)
         parts.append(array)
     row = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    return None, row.astype(np.float64, copy=False)
+    # Floats keep their precision (a float32 model is not doubled in memory); integers and
+    # booleans become float64.
+    return None, row if row.dtype.kind == "f" else row.astype(np.float64)
 
 
 def _weight(value: Any) -> tuple[str | None, float]:
