@@ -468,7 +468,12 @@ def hostile_containers(root: Path) -> list[Path]:
     cfg = keras_config([])
     cfg["config"]["layers"][0]["config"]["activation"] = fn_ref
     put("keras3_function_ref.keras", _keras_zip(cfg))
-    custom = {"module": "os", "class_name": "system", "config": {}, "registered_name": None}
+    custom: dict[str, Any] = {
+        "module": "os",
+        "class_name": "system",
+        "config": {},
+        "registered_name": None,
+    }
     put("keras3_custom_module.keras", _keras_zip(keras_config([custom])))
     write_keras_h5(root / "keras2_lambda.h5", keras2_model_config([lambda_layer_k2()]))
     made.append(root / "keras2_lambda.h5")
@@ -513,13 +518,13 @@ def benign(root: Path) -> list[Path]:
             p = root / f"{name}_p{proto}.pkl"
             p.write_bytes(pickle.dumps(model, protocol=proto))
             made.append(p)
-    arrays = {
+    arrays: dict[str, np.ndarray[Any, Any]] = {
         "w": np.random.default_rng(0).normal(size=(64, 32)),
         "b": np.zeros(32, dtype=np.float32),
     }
     np.save(root / "weights.npy", arrays["w"])
-    np.savez(root / "weights.npz", **arrays)
-    np.savez_compressed(root / "weights_compressed.npz", **arrays)
+    np.savez(root / "weights.npz", w=arrays["w"], b=arrays["b"])
+    np.savez_compressed(root / "weights_compressed.npz", w=arrays["w"], b=arrays["b"])
     save_file(arrays, root / "weights.safetensors")
     made += [
         root / n

@@ -118,9 +118,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.epsilon:
         # One DP-SGD step over the federation per round, its noise added in shares inside
         # SecAgg+; a single global step per round wants a larger learning rate.
-        raw["privacy"] = {"epsilon": args.epsilon, "delta": args.delta}
+        raw["privacy"] = {"epsilon": args.epsilon, "delta": args.delta, "sample_rate": 0.2}
         raw["aggregate"] = {"secure": True}
-        raw["algorithm"]["lr"] = 2.0
+        raw["algorithm"]["lr"] = 3.0
     return _execute(parse_job(raw), args, resume=None)
 
 

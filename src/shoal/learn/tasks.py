@@ -19,6 +19,7 @@ import numpy as np
 
 from shoal.errors import ConfigError, DataError
 from shoal.learn.model import FitConfig, LocalDP, Model, StatefulOptimizer, Weights
+from shoal.privacy import make_rng
 from shoal.privacy.guard import DPRequest
 from shoal.runtime import NodeApp, TaskContext, TaskFn
 
@@ -142,9 +143,9 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         if optimizer is not None:
             saved = ctx.state.get(OPTIMIZER_STATE) if keep_optimizer else None
             optimizer.load_optimizer_state(saved)
-        # DP-SGD's example sampling and noise must be secret from the server, so they come
-        # from the node's own randomness, never from the round seed the server sends.
-        rng = ctx.rng if local_dp is not None else _rng(ctx, payload.get("seed"))
+        # DP-SGD's example sampling and noise must be secret from the server: fresh OS
+        # entropy, never the round seed nor ctx.rng (a deployment's coordinator seeds that).
+        rng = make_rng(None) if local_dp is not None else _rng(ctx, payload.get("seed"))
         result = net.fit(train_data, config=config, rng=rng)
         if optimizer is not None and keep_optimizer:
             ctx.state[OPTIMIZER_STATE] = optimizer.optimizer_state()

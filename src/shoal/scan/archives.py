@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import struct
-import tarfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +155,8 @@ class _MemberError(OSError):
 
 
 def scan_tar(src: IO[bytes], sink: Sink, *, limits: ScanLimits, scan_member: ScanMember) -> str:
+    import tarfile  # here, not at the top: few model files are tars and `shoal scan` starts faster
+
     fmt = "tar"
     outer = sink.where
     try:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from shoal.scan.allowlist import classify_global
+from shoal.scan.hdf5 import root_string_attributes
 from shoal.scan.pickle_scan import Sink, scan_pickle_stream, simple_dtype
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import ByteReader
@@ -558,6 +559,17 @@ _CONFIG_START = re.compile(rb'\{\s*"(?:class_name|module|config|keras_version|na
 _MAX_CANDIDATES = 256
 
 
+_CONFIG_KEYS = ("model_config", "training_config")
+
+
+def _fast_root_attributes(f: IO[bytes]) -> dict[str, str] | None:
+    try:
+        size = f.seek(0, 2)
+    except (OSError, ValueError):
+        return None
+    return root_string_attributes(f, size, _CONFIG_KEYS)
+
+
 def _optional_h5py() -> Any:
     """h5py parses the attribute table instead of guessing; optional, so None if missing."""
     try:
@@ -574,12 +586,23 @@ def scan_hdf5(f: IO[bytes], sink: Sink, *, limits: ScanLimits, weights_only: boo
     """
     configs: list[tuple[Any, int | None]] = []
     verified = False
-    h5py = _optional_h5py() if not weights_only else None  # weights cannot carry code
+    if not weights_only:  # weights cannot carry code
+        fast = _fast_root_attributes(f)
+        if fast is not None:
+            try:
+                configs = [(json.loads(fast[k]), None) for k in _CONFIG_KEYS if k in fast]
+            except (ValueError, RecursionError) as exc:
+                sink.add(Severity.MEDIUM, "malformed", f"HDF5 file cannot be parsed: {exc}", 0)
+                return "hdf5"
+            for doc, offset in configs:
+                analyze_keras_config(doc, sink, offset=offset)
+            return "keras-h5" if configs else "hdf5"
+    h5py = _optional_h5py() if not weights_only else None
     if h5py is not None:
         try:
             f.seek(0)
             with h5py.File(f, "r") as h5:
-                for key in ("model_config", "training_config"):
+                for key in _CONFIG_KEYS:
                     if key in h5.attrs:
                         raw = h5.attrs[key]
                         text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)

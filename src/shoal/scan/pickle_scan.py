@@ -31,6 +31,7 @@ _LINE_LIMIT = 1 << 16
 _CONTAINER_KEEP = 512  # items remembered per list/dict (the rest are only counted)
 _KEPT_BUDGET = 2_000_000  # items remembered across all containers of one stream
 _MAX_NESTED = 16  # pickles nested inside joblib object arrays
+_INLINE = True  # tests turn the inline opcode loop off to check it against the handlers
 
 _OPCODES: dict[int, tuple[str, str | None]] = {
     ord(op.code.encode("latin-1")): (op.name, op.arg.name if op.arg else None)
@@ -254,7 +255,6 @@ class _Analyzer:
         self.started_with_proto = False
         self.joblib = False
         self.pos = 0
-        self._dispatch = self._build_dispatch()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -334,32 +334,237 @@ class _Analyzer:
     # -- main loop ----------------------------------------------------------------------------
 
     def run(self) -> Any:
-        """Analyse up to and including STOP; returns the symbolic result."""
-        dispatch = self._dispatch
+        """Analyse up to and including STOP; returns the symbolic result.
+
+        The common opcodes of real model files are handled inline on the reader's buffer; any
+        opcode that is rare, needs bytes beyond the buffer, would hit a limit or is malformed
+        falls through to its ``op_*`` handler, which does the full checks and reporting.
+        """
         r = self.r
+        handlers = _HANDLERS
+        memo = self.memo
+        metastack = self.metastack
+        max_ops = self.limits.max_pickle_ops
+        max_stack = self.limits.max_pickle_stack
+        unpack_i, unpack_u, unpack_h, unpack_d = (
+            _I4.unpack_from,
+            _U4.unpack_from,
+            _U2.unpack_from,
+            _F8.unpack_from,
+        )
+        List, Dict, keep_max = _List, _Dict, _CONTAINER_KEEP
+        missing = _MISSING
         while True:
+            buf, i = r.window()
+            n = len(buf)
+            # Every opcode is at least one byte, so this also keeps within the opcode limit.
+            stop = min(n, i + max(0, max_ops - self.ops)) if _INLINE else i
+            stack = self.stack
+            ops = 0
+            while i < stop:
+                code = buf[i]
+                if code == 0x68:  # BINGET
+                    if i + 1 >= n or len(stack) >= max_stack:
+                        break
+                    v = memo.get(buf[i + 1], missing)
+                    if v is missing:
+                        break
+                    stack.append(v)
+                    i += 2
+                elif code == 0x94:  # MEMOIZE
+                    if not stack or len(memo) >= max_stack:
+                        break
+                    memo[len(memo)] = stack[-1]
+                    i += 1
+                elif code == 0x4B:  # BININT1
+                    if i + 1 >= n or len(stack) >= max_stack:
+                        break
+                    stack.append(buf[i + 1])
+                    i += 2
+                elif code == 0x28:  # MARK
+                    if len(metastack) >= max_stack:
+                        break
+                    metastack.append(stack)
+                    stack = []
+                    i += 1
+                elif code == 0x74:  # TUPLE
+                    if not metastack or len(metastack[-1]) >= max_stack:
+                        break
+                    items = stack
+                    stack = metastack.pop()
+                    stack.append(tuple(items))
+                    i += 1
+                elif code == 0x85:  # TUPLE1
+                    if not stack:
+                        break
+                    stack[-1] = (stack[-1],)
+                    i += 1
+                elif code == 0x86:  # TUPLE2
+                    if len(stack) < 2:
+                        break
+                    b = stack.pop()
+                    stack[-1] = (stack[-1], b)
+                    i += 1
+                elif code == 0x87:  # TUPLE3
+                    if len(stack) < 3:
+                        break
+                    c = stack.pop()
+                    b = stack.pop()
+                    stack[-1] = (stack[-1], b, c)
+                    i += 1
+                elif code == 0x71 or code == 0x72:  # BINPUT, LONG_BINPUT
+                    if code == 0x71:
+                        if i + 1 >= n:
+                            break
+                        idx, width = buf[i + 1], 2
+                    else:
+                        if i + 5 > n:
+                            break
+                        idx, width = unpack_u(buf, i + 1)[0], 5
+                    if not stack or (len(memo) >= max_stack and idx not in memo):
+                        break
+                    memo[idx] = stack[-1]
+                    i += width
+                elif code == 0x6A:  # LONG_BINGET
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    v = memo.get(unpack_u(buf, i + 1)[0], missing)
+                    if v is missing:
+                        break
+                    stack.append(v)
+                    i += 5
+                elif code == 0x4E or code == 0x88 or code == 0x89 or code == 0x29:
+                    # NONE, NEWTRUE, NEWFALSE, EMPTY_TUPLE
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(_CONSTANTS[code])
+                    i += 1
+                elif code == 0x8C or code == 0x43:  # SHORT_BINUNICODE, SHORT_BINBYTES
+                    if i + 1 >= n or len(stack) >= max_stack:
+                        break
+                    end = i + 2 + buf[i + 1]
+                    if end > n:
+                        break
+                    if code == 0x8C:
+                        try:
+                            stack.append(buf[i + 2 : end].decode("utf-8", "surrogatepass"))
+                        except UnicodeDecodeError:
+                            break
+                    else:
+                        stack.append(buf[i + 2 : end])
+                    i = end
+                elif code == 0x58 or code == 0x42:  # BINUNICODE, BINBYTES
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    size = unpack_u(buf, i + 1)[0]
+                    end = i + 5 + size
+                    if size > _KEEP_BYTES or end > n:
+                        break
+                    if code == 0x58:
+                        try:
+                            stack.append(buf[i + 5 : end].decode("utf-8", "surrogatepass"))
+                        except UnicodeDecodeError:
+                            break
+                    else:
+                        stack.append(buf[i + 5 : end])
+                    i = end
+                elif code == 0x47:  # BINFLOAT
+                    if i + 9 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_d(buf, i + 1)[0])
+                    i += 9
+                elif code == 0x4D:  # BININT2
+                    if i + 3 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_h(buf, i + 1)[0])
+                    i += 3
+                elif code == 0x4A:  # BININT
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_i(buf, i + 1)[0])
+                    i += 5
+                elif code == 0x73:  # SETITEM
+                    if len(stack) < 3 or type(stack[-3]) is not Dict:
+                        break
+                    v = stack.pop()
+                    k = stack.pop()
+                    d = stack[-1]
+                    d.n += 1
+                    if len(d.pairs) < keep_max and self._keep(1):
+                        d.pairs.append((k, v))
+                    i += 1
+                elif code == 0x75 or code == 0x65:  # SETITEMS, APPENDS
+                    if not metastack or not metastack[-1]:
+                        break
+                    target = metastack[-1][-1]
+                    if code == 0x75:
+                        if type(target) is not Dict or len(stack) % 2:
+                            break
+                        self._set_items(target, stack)
+                    else:
+                        if type(target) is not List:
+                            break
+                        self._extend(target, stack)
+                    stack = metastack.pop()
+                    i += 1
+                elif code == 0x61:  # APPEND
+                    if len(stack) < 2 or type(stack[-2]) is not List:
+                        break
+                    v = stack.pop()
+                    lst = stack[-1]
+                    lst.n += 1
+                    if len(lst.items) < keep_max and self._keep(1):
+                        lst.items.append(v)
+                    i += 1
+                elif code == 0x7D or code == 0x5D:  # EMPTY_DICT, EMPTY_LIST
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(Dict() if code == 0x7D else List())
+                    i += 1
+                elif code == 0x70 or code == 0x67:  # PUT, GET (protocol 0: decimal line)
+                    j = buf.find(b"\n", i + 1, i + 1 + _LINE_LIMIT)
+                    if j < 0:
+                        break
+                    try:
+                        idx = int(buf[i + 1 : j])
+                    except ValueError:
+                        break
+                    if code == 0x70:
+                        if idx < 0 or not stack or (len(memo) >= max_stack and idx not in memo):
+                            break
+                        memo[idx] = stack[-1]
+                    else:
+                        if len(stack) >= max_stack:
+                            break
+                        v = memo.get(idx, missing)
+                        if v is missing:
+                            break
+                        stack.append(v)
+                    i = j + 1
+                elif code == 0x95:  # FRAME: framing only, the opcodes inside are read as usual
+                    if i + 9 > n:
+                        break
+                    i += 9
+                else:
+                    break
+                ops += 1
+            self.stack = stack
+            self.ops += ops
+            r.consumed_to(i)
+            # One opcode the slow way.
             self.pos = r.pos
             code = r.byte()
             if code < 0:
                 raise _Malformed("pickle ends without STOP")
-            handler = dispatch.get(code)
+            handler = handlers[code]
             if handler is None:
                 raise _Malformed(f"invalid opcode 0x{code:02x}")
             self.ops += 1
-            if self.ops > self.limits.max_pickle_ops:
+            if self.ops > max_ops:
                 self.report(Severity.MEDIUM, "limit", "pickle has too many opcodes to analyse")
                 raise _Abort
-            if handler():
+            if handler(self):
                 return self.stack.pop() if self.stack else None
-
-    def _build_dispatch(self) -> dict[int, Callable[[], bool | None]]:
-        table: dict[int, Callable[[], bool | None]] = {}
-        for code, (name, _arg) in _OPCODES.items():
-            method = getattr(self, "op_" + name, None)
-            if method is None:  # pragma: no cover - every opcode has a handler
-                raise RuntimeError(f"no handler for {name}")
-            table[code] = method
-        return table
 
     # -- constants ----------------------------------------------------------------------------
 
@@ -904,6 +1109,16 @@ class _Analyzer:
             if self.r.skip(size) != size:
                 raise _Malformed(f"truncated joblib array data ({size} bytes declared)")
         self.stack[-1] = _Obj(_Glob("numpy", "ndarray", Severity.NONE))
+
+
+_HANDLERS: list[Callable[[_Analyzer], bool | None] | None] = [None] * 256
+for _code, (_name, _arg) in _OPCODES.items():
+    _HANDLERS[_code] = getattr(_Analyzer, "op_" + _name)
+_I4 = struct.Struct("<i")
+_U4 = struct.Struct("<I")
+_U2 = struct.Struct("<H")
+_F8 = struct.Struct(">d")
+_CONSTANTS: dict[int, Any] = {0x4E: None, 0x88: True, 0x89: False, 0x29: ()}
 
 
 def _joblib_layout(state: _Dict) -> tuple[int, int, bool, bool] | None:

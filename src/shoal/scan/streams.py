@@ -288,6 +288,17 @@ class ByteReader:
         self._i += 1
         return b
 
+    def window(self) -> tuple[bytes, int]:
+        """The buffer and the index of the next unread byte in it (refilled if exhausted), for
+        hot loops that parse in place; report what they consumed with ``consumed_to``."""
+        if self._i >= len(self._buf):
+            self._more(1)
+        return self._buf, self._i
+
+    def consumed_to(self, i: int) -> None:
+        """Mark the buffer from ``window`` as read up to index ``i``."""
+        self._i = i
+
     def take(self, n: int) -> bytes:
         """Exactly ``n`` bytes (caller keeps ``n`` small), or fewer at end of stream."""
         self._more(n)

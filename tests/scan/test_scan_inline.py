@@ -1,0 +1,139 @@
+"""The inline opcode loop is an optimisation only: with it off, every report must be the same."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shoal.scan import ScanLimits, pickle_scan, scan_bytes
+from shoal.scan.streams import ByteReader
+
+
+def _sibling(name: str) -> ModuleType:
+    # The suite runs in importlib mode (no test packages), so load the module by path.
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_pickle_tests = _sibling("test_scan_pickle")
+BYPASSES = _pickle_tests.BYPASSES
+evil_bytes = _pickle_tests.evil_bytes
+
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=300),
+    st.binary(max_size=300),
+)
+_values = st.recursive(
+    _leaf,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=6),
+        st.tuples(kids),
+        st.tuples(kids, kids),
+        st.tuples(kids, kids, kids),
+        st.lists(kids, max_size=5).map(tuple),
+        st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), kids, max_size=6),
+    ),
+    max_leaves=40,
+)
+
+
+def _both(scan: Callable[[], Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = scan()
+    with monkeypatch.context() as m:
+        m.setattr(pickle_scan, "_INLINE", False)
+        slow = scan()
+    assert fast == slow
+
+
+def _render(v: Any, depth: int = 0) -> Any:
+    """The symbolic values as plain data, so two analyses can be compared."""
+    if depth > 50:
+        return "..."
+    d = depth + 1
+    if isinstance(v, pickle_scan._List):
+        return ("list", v.n, [_render(x, d) for x in v.items])
+    if isinstance(v, pickle_scan._Dict):
+        return ("dict", v.n, [(_render(k, d), _render(x, d)) for k, x in v.pairs])
+    if isinstance(v, pickle_scan._Obj):
+        origin = v.origin.qual if v.origin else None
+        return ("obj", origin, _render(v.args, d), _render(v.state, d))
+    if isinstance(v, pickle_scan._Glob):
+        return ("glob", v.qual, v.severity)
+    if isinstance(v, pickle_scan._Opaque):
+        return ("opaque", v.what)
+    if isinstance(v, pickle_scan._Blob):
+        return ("blob", v.kind, v.size)
+    if isinstance(v, tuple):
+        return tuple(_render(x, d) for x in v)
+    return (type(v).__name__, v if v == v else "nan")
+
+
+def _analysis(data: bytes, limits: ScanLimits) -> Any:
+    """Symbolic result, opcode count, stop position, memo and findings of the first pickle."""
+    sink = pickle_scan.Sink(limit=100)
+    a, value, error = pickle_scan._analyze_one(
+        ByteReader(io.BytesIO(data)), sink, limits=limits, torch=False
+    )
+    memo = sorted((k, _render(v)) for k, v in a.memo.items())
+    return _render(value), error, a.ops, a.r.pos, memo, sink.items()
+
+
+_SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@_SETTINGS
+@given(value=_values, protocol=st.integers(0, 5), shared=st.booleans())
+def test_same_report_for_real_pickles(monkeypatch, value, protocol, shared):
+    if shared:  # the same object twice: memo PUT/GET, BINPUT/BINGET, MEMOIZE
+        value = [value, value, (value,)]
+    data = pickle.dumps(value, protocol=protocol)
+    _both(lambda: scan_bytes(data), monkeypatch)
+    _both(lambda: _analysis(data, ScanLimits()), monkeypatch)
+
+
+@_SETTINGS
+@given(
+    value=_values,
+    protocol=st.integers(0, 5),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 10_000),
+    stack=st.integers(1, 40),
+    ops=st.integers(1, 200),
+)
+def test_same_report_for_damaged_pickles_and_small_limits(
+    monkeypatch, value, protocol, edits, cut, stack, ops
+):
+    raw = bytearray(pickle.dumps([value, evil_bytes(protocol)], protocol=protocol))
+    for pos, byte in edits:
+        raw[pos % len(raw)] = byte
+    data = bytes(raw[: max(1, cut % (len(raw) + 1))])
+    limits = ScanLimits(max_pickle_stack=stack, max_pickle_ops=ops)
+    _both(lambda: scan_bytes(data), monkeypatch)
+    _both(lambda: scan_bytes(data, limits=limits), monkeypatch)
+    _both(lambda: _analysis(data, limits), monkeypatch)
+
+
+@pytest.mark.parametrize("name", sorted(BYPASSES))
+def test_same_report_for_bypasses(monkeypatch, name):
+    data = BYPASSES[name][0]
+    _both(lambda: scan_bytes(data), monkeypatch)
