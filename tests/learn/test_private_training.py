@@ -234,14 +234,15 @@ def test_torch_model_trains_with_distributed_dp_sgd(digits) -> None:
         raw = {
             "data": {"dataset": "digits", "partition": {"scheme": "iid", "nodes": 4}},
             "model": {"name": "mlp", "hidden": 32},
-            "algorithm": {"name": "fedavg", "rounds": 8, "nodes_per_round": 4, "lr": 1.0},
+            "algorithm": {"name": "fedavg", "rounds": 15, "nodes_per_round": 4, "lr": 2.0},
             "privacy": {"epsilon": 8.0, "sample_rate": 0.25},
         }
         result = simulate_job(parse_job(raw))
     finally:
         torch.set_num_threads(threads)
     assert result.metrics["epsilon"] <= 8.0
-    assert result.metrics["accuracy"] > 0.5
+    # DP noise comes from OS entropy, so the figure varies: 0.82-0.86 over repeated runs
+    assert result.metrics["accuracy"] > 0.7
 
 
 def test_adaptive_clipping_moves_the_clip_towards_the_quantile() -> None:
