@@ -25,7 +25,7 @@ from shoal.runtime.grpc import (
     write_key_pair,
 )
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
-from shoal.runtime.grpc.protocol import METHOD, PROTOCOL, NodeSigner, parse_coordinator_frame
+from shoal.runtime.grpc.protocol import METHOD, NodeSigner, parse_coordinator_frame
 
 
 @dataclass
@@ -102,6 +102,7 @@ class RawSession:
         first = self.recv()
         assert first.WhichOneof("kind") == "challenge"
         self.challenge = first.challenge
+        self._signers: dict[int, NodeSigner] = {}
 
     def _requests(self) -> Iterator[bytes]:
         while True:
@@ -121,19 +122,24 @@ class RawSession:
         return parse_coordinator_frame(self.recv_raw())
 
     def signer(self, key: Ed25519PrivateKey) -> NodeSigner:
-        return NodeSigner(
-            key=key,
-            challenge=self.challenge.challenge,
-            server_time_ms=self.challenge.server_time_ms,
-        )
+        """This session's signer for ``key`` (one per key: its key share is in the hello)."""
+        found = self._signers.get(id(key))
+        if found is None:
+            found = NodeSigner(
+                key=key,
+                challenge=self.challenge.challenge,
+                server_time_ms=self.challenge.server_time_ms,
+                coordinator_share=self.challenge.key_share,
+            )
+            self._signers[id(key)] = found
+        return found
 
     def hello(
         self, key: Ed25519PrivateKey, signer: NodeSigner | None = None, **fields: Any
     ) -> bytes:
         """A signed hello frame for ``key`` (``signer`` may belong to another key: forgery)."""
         signer = signer or self.signer(key)
-        message = signer.message()
-        message.hello.protocol = PROTOCOL
+        message = signer.hello()
         message.hello.public_key = public_key_bytes(key)
         message.hello.tasks.extend(["echo"])
         for name, value in fields.items():

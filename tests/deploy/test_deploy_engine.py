@@ -3,7 +3,6 @@ kinds, deadlines, chunking, TLS, authentication and protocol abuse."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -275,34 +274,69 @@ def test_malformed_and_oversized_frames(federation, raw_session) -> None:
     silent.close()
 
 
-def test_tampered_reply_is_invalid(federation, raw_session) -> None:
-    engine = federation.engine()
-    session = raw_session(f"127.0.0.1:{engine.port}")
-    key = federation.keys["n0"]
-    session.send(session.hello(key))
-    assert session.recv().WhichOneof("kind") == "welcome"
-    signer = session.signer(key)
+def _answer(session, signer, data: bytes, *, sent: bytes | None = None, key=None):
+    """Run one dispatch to n0 on ``session``; reply ``data`` (tagged), sending ``sent``."""
     results: list = []
+    engine_dispatch = session.engine.dispatch
     thread = threading.Thread(
         target=lambda: results.append(
-            engine.dispatch(tasks(["n0"], "echo", encode({"x": np.ones(4)})), deadline_s=30)
+            engine_dispatch(tasks(["n0"], "echo", encode({"x": np.ones(4)})), deadline_s=30)
         )
     )
     thread.start()
     header = session.recv().task
     while header.size > 0:  # drain the task's chunks
         header.size -= len(session.recv().chunk.data)
-    honest = bytes(encode({"x": np.full(4, 2.0)}))
     message = signer.message()
     message.reply.task_id = header.task_id
-    message.reply.size = len(honest)
-    message.reply.sha256 = hashlib.sha256(honest).digest()
+    message.reply.size = len(data)
+    message.reply.tag = (key or signer.reply_key).tag(message.nonce, data)
     session.send(signer.frame(message))
+    session.send(chunk_frame(TO_COORDINATOR_CHUNK, data if sent is None else sent))
+    thread.join(30)
+    return results[0]
+
+
+def _welcomed(federation, raw_session, engine):
+    session = raw_session(f"127.0.0.1:{engine.port}")
+    session.engine = engine
+    key = federation.keys["n0"]
+    session.send(session.hello(key))
+    assert session.recv().WhichOneof("kind") == "welcome"
+    return session, session.signer(key)
+
+
+def test_tampered_reply_is_invalid(federation, raw_session) -> None:
+    engine = federation.engine()
+    session, signer = _welcomed(federation, raw_session, engine)
+    honest = bytes(encode({"x": np.full(4, 2.0)}))
+    # The same hand-made reply, untouched, is accepted: the tag is what tells them apart.
+    result = _answer(session, signer, honest)
+    assert bytes(result.replies["n0"].payload) == honest
     tampered = bytearray(honest)
     tampered[-1] ^= 0xFF
-    session.send(chunk_frame(TO_COORDINATOR_CHUNK, bytes(tampered)))
-    thread.join(30)
-    failure = results[0].failures["n0"]
-    assert failure.kind == FailureKind.INVALID and "digest" in failure.detail
+    result = _answer(session, signer, honest, sent=bytes(tampered))
+    failure = result.failures["n0"]
+    assert failure.kind == FailureKind.INVALID and "tag" in failure.detail
     assert session.refused()[0] == grpc.StatusCode.UNAUTHENTICATED
     assert "node.tampered_reply" in [r.action for r in federation.store.audit_log()]
+
+
+def test_reply_tagged_under_another_key_is_invalid(federation, raw_session) -> None:
+    # Whoever did not take part in the signed hello's key agreement (a proxy that sees every
+    # byte, or the node's own key share from another session) cannot tag a reply.
+    engine = federation.engine()
+    session, signer = _welcomed(federation, raw_session, engine)
+    other = raw_session(f"127.0.0.1:{engine.port}").signer(federation.keys["n0"])
+    honest = bytes(encode({"x": np.full(4, 2.0)}))
+    result = _answer(session, signer, honest, key=other.reply_key)
+    assert result.failures["n0"].kind == FailureKind.INVALID
+    assert session.refused()[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_hello_with_a_bad_key_share_is_refused(federation, raw_session) -> None:
+    engine = federation.engine()
+    session = raw_session(f"127.0.0.1:{engine.port}")
+    session.send(session.hello(federation.keys["n0"], key_share=bytes(32)))
+    code, details = session.refused()
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "key share" in details

@@ -8,7 +8,6 @@ reply and malformed or oversized frames are refused while the coordinator keeps 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -344,7 +343,7 @@ def test_attacks_are_refused_and_the_coordinator_keeps_serving(
     message = signer.message()
     message.reply.task_id = header.task_id
     message.reply.size = len(honest)
-    message.reply.sha256 = hashlib.sha256(honest).digest()
+    message.reply.tag = signer.reply_tag(message, honest)
     rogue.send(signer.frame(message))
     rogue.send(chunk_frame(TO_COORDINATOR_CHUNK, honest[:-1] + b"!"))
     assert rogue.refused()[0] == grpc.StatusCode.UNAUTHENTICATED
@@ -359,7 +358,7 @@ def test_attacks_are_refused_and_the_coordinator_keeps_serving(
     with Store(cluster.store) as store:
         details = {p.node_id: p.detail for p in store.participation(summary["run_id"], 1)}
         actions = [r.action for r in store.audit_log(limit=1000)]
-    assert "digest" in details["rogue"]
+    assert "tag the node signed" in details["rogue"]
     assert actions.count("node.rejected") >= 4  # stranger, replay, forgery, malformed
     assert "node.tampered_reply" in actions
 

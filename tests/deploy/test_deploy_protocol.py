@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import os
 import stat
 
@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from shoal.errors import AuthenticationError, ConfigError, ProtocolError
 from shoal.runtime.grpc import ReplayGuard, load_private_key, load_public_key, make_certs
-from shoal.runtime.grpc.auth import public_key_bytes, sign, verify, write_key_pair
+from shoal.runtime.grpc.auth import (
+    KeyShare,
+    ReplyKey,
+    public_key_bytes,
+    sign,
+    verify,
+    write_key_pair,
+)
 from shoal.runtime.grpc.certs import ClientTLS, ServerTLS
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
@@ -76,15 +83,90 @@ def test_shared_frames_build_each_frame_once_and_release_it() -> None:
     assert not shared._frames  # all consumers took every frame: nothing is held
 
 
-def test_assembler_checks_size_and_hashes() -> None:
+def test_assembler_checks_size_and_authenticates() -> None:
     data = os.urandom(5000)
-    assembler = Assembler(len(data), hashed=True)
+    key = ReplyKey(os.urandom(32))
+    nonce = os.urandom(16)
+    assembler = Assembler(len(data), mac=key.mac(nonce))
     assert not assembler.add(memoryview(data[:2000]))
     assert assembler.add(memoryview(data[2000:]))
     assert bytes(assembler.payload()) == data
-    assert assembler.digest() == hashlib.sha256(data).digest()
+    assert assembler.tag() == key.tag(nonce, data)
     with pytest.raises(ProtocolError, match="overran"):
-        Assembler(10, hashed=False).add(memoryview(b"x" * 11))
+        Assembler(10).add(memoryview(b"x" * 11))
+    with pytest.raises(ProtocolError, match="not authenticated"):
+        Assembler(0).tag()
+
+
+def _agreed(tmp_path) -> tuple[NodeSigner, KeyShare, bytes, bytes]:
+    """A node's signer and the coordinator's share for one session, as a handshake makes."""
+    _, _, key = write_key_pair(tmp_path / "n.key")
+    coordinator = KeyShare()
+    challenge = os.urandom(32)
+    signer = NodeSigner(
+        key=key, challenge=challenge, server_time_ms=0, coordinator_share=coordinator.public
+    )
+    return signer, coordinator, challenge, public_key_bytes(key)
+
+
+def test_both_sides_agree_on_the_reply_key(tmp_path) -> None:
+    signer, coordinator, challenge, node_key = _agreed(tmp_path)
+    hello = signer.hello().hello
+    assert hello.key_share == signer.share.public and hello.public_key == node_key
+
+    def coordinator_key(**changes: bytes) -> ReplyKey:
+        seen = {
+            "challenge": challenge,
+            "coordinator_share": coordinator.public,
+            "node_share": hello.key_share,
+            "node_key": node_key,
+        }
+        seen.update(changes)
+        return coordinator.agree(hello.key_share, **seen)
+
+    message = signer.message()
+    data = os.urandom(3000)
+    tag = signer.reply_tag(message, data)
+    assert len(tag) == 16
+    assert coordinator_key().tag(message.nonce, data) == tag
+    # Any other bytes, nonce, session or identity gives another tag.
+    assert coordinator_key().tag(message.nonce, data[:-1] + b"!") != tag
+    assert coordinator_key().tag(os.urandom(16), data) != tag
+    assert coordinator_key(challenge=os.urandom(32)).tag(message.nonce, data) != tag
+    assert coordinator_key(node_key=os.urandom(32)).tag(message.nonce, data) != tag
+    assert coordinator_key(coordinator_share=KeyShare().public).tag(message.nonce, data) != tag
+    # Someone in the middle who swaps in its own share cannot reach the same key.
+    middle = KeyShare().agree(
+        hello.key_share,
+        challenge=challenge,
+        coordinator_share=coordinator.public,
+        node_share=hello.key_share,
+        node_key=node_key,
+    )
+    assert middle.tag(message.nonce, data) != tag
+
+
+def test_bad_key_shares_are_refused(tmp_path) -> None:
+    _, _, key = write_key_pair(tmp_path / "n.key")
+    for share in (b"short", bytes(32)):  # wrong length; the all-zero (low-order) point
+        with pytest.raises(AuthenticationError, match="key share"):
+            NodeSigner(key=key, challenge=b"c" * 32, server_time_ms=0, coordinator_share=share)
+    with pytest.raises(ProtocolError, match="no coordinator key share"):
+        _ = NodeSigner(key=key, challenge=b"c" * 32, server_time_ms=0).reply_key
+    with pytest.raises(AuthenticationError, match="nonce"):
+        ReplyKey(os.urandom(32)).mac(b"short")
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=6))
+def test_chunked_tag_equals_whole_tag(data: bytes, cuts: list[int]) -> None:
+    key = ReplyKey(b"k" * 32)
+    nonce = b"n" * 16
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    assembler = Assembler(len(data), mac=key.mac(nonce))
+    for start, end in itertools.pairwise(bounds):
+        assembler.add(memoryview(data[start:end]))
+    assert assembler.tag() == key.tag(nonce, data)
 
 
 def test_key_pair_files(tmp_path) -> None:

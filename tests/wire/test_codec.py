@@ -15,7 +15,6 @@ from hypothesis.extra import numpy as hnp
 
 from shoal.errors import WireError
 from shoal.wire import DTYPES, VERSION, WireLimits, decode, encode
-from shoal.wire.codec import encoded_size
 
 DTYPE_NAMES = [
     "bool",
@@ -203,7 +202,7 @@ def test_empty_payload() -> None:
 def test_encode_returns_a_read_only_view_of_the_stated_size() -> None:
     encoded = encode({"x": np.ones(3)})
     assert isinstance(encoded, memoryview) and encoded.readonly
-    assert encoded_size(encoded) == len(bytes(encoded))
+    assert encoded.nbytes == len(bytes(encoded))
     assert len(bytes(encoded)) % 64 == 0  # header and arrays are padded to 64 bytes
 
 

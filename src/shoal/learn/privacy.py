@@ -37,7 +37,7 @@ from shoal.privacy import (
 from shoal.privacy.guard import DPRequest
 from shoal.privacy.stages import DistributedNoise, GaussianNoise, MeanOver
 
-__all__ = ["ExampleDP", "NodeDP", "PrivacyPlan"]
+__all__ = ["ExampleDP", "NodeDP"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,6 +230,3 @@ class NodeDP:
             delta=self.delta,
             accountant=self.accountant,
         )
-
-
-PrivacyPlan = ExampleDP | NodeDP

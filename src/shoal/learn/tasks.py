@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +182,3 @@ def learning_app(model: Model, *, app: NodeApp | None = None) -> NodeApp:
     app = app or NodeApp()
     app.install(learning_tasks(model))
     return app
-
-
-ModelFactory = Callable[[], Model]

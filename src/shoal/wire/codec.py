@@ -26,7 +26,6 @@ __all__ = [
     "WireLimits",
     "decode",
     "encode",
-    "encoded_size",
 ]
 
 MAGIC = b"SHWL"
@@ -206,11 +205,6 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
         buffer[end:position] = 0
     buffer.flags.writeable = False
     return buffer.data
-
-
-def encoded_size(data: bytes | bytearray | memoryview) -> int:
-    """Length of an encoded payload (a convenience for transports and metrics)."""
-    return memoryview(data).nbytes
 
 
 def decode(

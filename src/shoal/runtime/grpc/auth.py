@@ -1,8 +1,9 @@
-"""Node identity for deployment: Ed25519 key files, message signatures and the replay guard.
+"""Node identity for deployment: Ed25519 key files, signatures, replay guard, reply MACs.
 
 Each node owns an Ed25519 key pair; the coordinator admits only public keys in its registry.
 Every message a node sends is signed over a fixed context string, the session's challenge,
-a timestamp and a fresh nonce, so a recorded message cannot be replayed or forged.
+a timestamp and a fresh nonce, so a recorded message cannot be replayed or forged. Reply
+bytes are authenticated by a MAC under a key agreed in the signed hello (:class:`KeyShare`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from shoal.errors import AuthenticationError, ConfigError
 
 __all__ = [
+    "KEY_SHARE_BYTES",
     "NONCE_BYTES",
     "SIGNING_CONTEXT",
+    "KeyShare",
     "ReplayGuard",
+    "ReplyKey",
     "fingerprint",
     "load_private_key",
     "load_public_key",
@@ -40,7 +47,10 @@ __all__ = [
 # Domain separation: a signature made for this protocol is useless anywhere else.
 SIGNING_CONTEXT = b"shoal-deploy-v1\x00"
 NONCE_BYTES = 16
+KEY_SHARE_BYTES = 32
 _PUBLIC_BYTES = 32
+_REPLY_KEY_INFO = b"shoal-deploy-v1 reply key\x00"
+_REPLY_MAC_INFO = b"shoal-deploy-v1 reply mac\x00"
 
 
 def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
@@ -223,3 +233,77 @@ class ReplayGuard:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+class ReplyKey:
+    """A session's reply key: authenticates reply bytes far faster than hashing them.
+
+    Each reply gets its own one-time Poly1305 key, derived from this key and the nonce of the
+    signed header that announces the reply (nonces never repeat: the replay guard refuses a
+    second use), so a tag says "these exact bytes come from the holder of this session key".
+    Only the node that signed the hello and the coordinator know the key; unlike a signed
+    digest, a third party cannot check the tag, which nothing in shoal needs.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) != 32:
+            raise ValueError("a reply key is 32 bytes")
+        self._secret = secret
+
+    def mac(self, nonce: bytes) -> Poly1305:
+        """The incremental MAC for the reply announced with ``nonce``: update, then finalize."""
+        if len(nonce) != NONCE_BYTES:
+            raise AuthenticationError(
+                f"message nonce must be {NONCE_BYTES} random bytes, got {len(nonce)}"
+            )
+        one_time = HKDFExpand(
+            algorithm=hashes.SHA256(), length=32, info=_REPLY_MAC_INFO + nonce
+        ).derive(self._secret)
+        return Poly1305(one_time)
+
+    def tag(self, nonce: bytes, data: bytes | memoryview) -> bytes:
+        mac = self.mac(nonce)
+        mac.update(data)
+        return mac.finalize()
+
+
+class KeyShare:
+    """One side's ephemeral X25519 key for one session (fresh per session, never stored).
+
+    Coordinator and node each send ``public``; the node signs the hello carrying both its
+    share and the session's challenge, so the agreed :class:`ReplyKey` is bound to the
+    node's registered identity and to this session, even through a TLS-terminating proxy.
+    """
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def agree(
+        self,
+        peer: bytes,
+        *,
+        challenge: bytes,
+        coordinator_share: bytes,
+        node_share: bytes,
+        node_key: bytes,
+    ) -> ReplyKey:
+        """The session's reply key, from ``peer``'s share and what both sides saw."""
+        if len(peer) != KEY_SHARE_BYTES:
+            raise AuthenticationError(
+                f"key share must be {KEY_SHARE_BYTES} bytes, got {len(peer)}: the peer does "
+                "not speak this protocol version"
+            )
+        try:
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer))
+        except ValueError:  # a low-order point: the shared secret would be all zeros
+            raise AuthenticationError("invalid key share (a degenerate X25519 point)") from None
+        secret = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=challenge,
+            info=_REPLY_KEY_INFO + coordinator_share + node_share + node_key,
+        ).derive(shared)
+        return ReplyKey(secret)

@@ -33,7 +33,7 @@ from shoal.errors import (
     TransportError,
 )
 from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
-from shoal.runtime.grpc.auth import ReplayGuard, fingerprint, verify
+from shoal.runtime.grpc.auth import KeyShare, ReplayGuard, ReplyKey, fingerprint, verify
 from shoal.runtime.grpc.certs import ServerTLS
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
@@ -144,10 +144,12 @@ class _Pending:
 class _Inbound:
     """A reply whose chunks are arriving; ``pending`` None means its bytes are discarded."""
 
-    def __init__(self, header: pb.ReplyHeader, pending: _Pending | None) -> None:
+    def __init__(
+        self, header: pb.ReplyHeader, pending: _Pending | None, key: ReplyKey, nonce: bytes
+    ) -> None:
         self.header = header
         self.pending = pending
-        self.assembler = Assembler(header.size, hashed=True) if pending is not None else None
+        self.assembler = Assembler(header.size, mac=key.mac(nonce)) if pending is not None else None
         self.remaining = header.size
 
 
@@ -161,6 +163,8 @@ class _Session:
         self.context = context
         self.peer = context.peer()
         self.challenge = os.urandom(32)
+        self.share = KeyShare()
+        self.reply_key: ReplyKey | None = None
         self.opened = time.monotonic()
         self.last_seen = self.opened
         self.out: queue.SimpleQueue[bytes | Iterable[bytes] | _Abort | None] = queue.SimpleQueue()
@@ -489,6 +493,7 @@ class GrpcEngine:
             coordinator_id=self.coordinator_id,
             challenge=session.challenge,
             server_time_ms=int(time.time() * 1000),
+            key_share=session.share.public,
         )
         yield pb.CoordinatorFrame(challenge=challenge).SerializeToString()
         threading.Thread(
@@ -559,7 +564,7 @@ class GrpcEngine:
         if kind == "heartbeat":
             return
         if kind == "reply":
-            self._on_reply(session, message.reply)
+            self._on_reply(session, message.reply, message.nonce)
             return
         if kind == "goodbye":
             self._close_session(session, f"node said goodbye: {message.goodbye.reason[:200]}")
@@ -626,9 +631,20 @@ class GrpcEngine:
                     f"node was started for job {hello.job_digest[:12]}, this coordinator runs "
                     f"job {self.job_digest[:12]}; give both the same job file",
                 )
+            try:
+                reply_key = session.share.agree(
+                    hello.key_share,
+                    challenge=session.challenge,
+                    coordinator_share=session.share.public,
+                    node_share=hello.key_share,
+                    node_key=record.public_key,
+                )
+            except AuthenticationError as exc:
+                raise _SessionAbort(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
         except _SessionAbort:
             session.claimed_key = _key_of(signed)
             raise
+        session.reply_key = reply_key
         session.node_id = record.node_id
         session.public_key = record.public_key
         if hello.HasField("partition_index") and 0 <= hello.partition_index < 1 << 31:
@@ -676,7 +692,7 @@ class GrpcEngine:
             "its operator admits a node with `shoal nodes add NODE.pub`",
         )
 
-    def _on_reply(self, session: _Session, header: pb.ReplyHeader) -> None:
+    def _on_reply(self, session: _Session, header: pb.ReplyHeader, nonce: bytes) -> None:
         pending = session.pop_pending(header.task_id)
         if header.size > self.max_reply_bytes:
             if pending is not None:
@@ -692,7 +708,8 @@ class GrpcEngine:
             kind = _STATUS_KIND.get(header.status, FailureKind.ERROR)
             pending.fail(kind, header.detail or kind.value)
             pending = None
-        inbound = _Inbound(header, pending)
+        assert session.reply_key is not None  # set by the hello, before any reply
+        inbound = _Inbound(header, pending, session.reply_key, nonce)
         if header.size:
             session.inbound = inbound
         else:
@@ -717,15 +734,15 @@ class GrpcEngine:
             return  # late, cancelled or failed: its bytes were only drained
         assembler = inbound.assembler
         assert assembler is not None
-        if not hmac.compare_digest(assembler.digest(), inbound.header.sha256):
+        if not hmac.compare_digest(assembler.tag(), inbound.header.tag):
             pending.fail(
                 FailureKind.INVALID,
-                "reply bytes do not match the digest the node signed (tampered in transit?)",
+                "reply bytes do not match the tag the node signed (tampered in transit?)",
             )
             self._audit("node.tampered_reply", session.node_id, peer=session.peer)
             raise _SessionAbort(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "reply bytes do not match their signed digest; closing the session",
+                "reply bytes do not match their signed tag; closing the session",
             )
         reply = Reply(
             node_id=pending.task.node_id,

@@ -9,7 +9,6 @@ with exponential backoff and jitter; it stops when the coordinator says the run 
 from __future__ import annotations
 
 import enum
-import hashlib
 import itertools
 import logging
 import queue
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import shoal
 from shoal.errors import (
+    AuthenticationError,
     ConfigError,
     PrivacyBudgetExceeded,
     ProtocolError,
@@ -32,7 +32,6 @@ from shoal.errors import (
     WireError,
 )
 from shoal.runtime.app import NodeApp, TaskContext
-from shoal.runtime.grpc.auth import public_key_bytes
 from shoal.runtime.grpc.certs import ClientTLS
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
@@ -305,13 +304,17 @@ class NodeClient:
                 f"coordinator speaks protocol {challenge.protocol}, this node {PROTOCOL}; "
                 "run the same shoal version on both sides"
             )
-        signer = NodeSigner(
-            key=self.key, challenge=challenge.challenge, server_time_ms=challenge.server_time_ms
-        )
-        message = signer.message()
+        try:
+            signer = NodeSigner(
+                key=self.key,
+                challenge=challenge.challenge,
+                server_time_ms=challenge.server_time_ms,
+                coordinator_share=challenge.key_share,
+            )
+        except AuthenticationError as exc:
+            raise ProtocolError(f"the coordinator's challenge is unusable: {exc}") from None
+        message = signer.hello()
         hello = message.hello
-        hello.protocol = PROTOCOL
-        hello.public_key = public_key_bytes(self.key)
         hello.tasks.extend(self.app.task_names)
         hello.job_digest = self.job_digest
         hello.software = f"shoal {shoal.__version__}"
@@ -389,7 +392,7 @@ class NodeClient:
                 f"task payload of {header.size} bytes exceeds this node's limit of "
                 f"{self.app.limits.max_bytes}"
             )
-        assembler = None if refusal else Assembler(header.size, hashed=False)
+        assembler = None if refusal else Assembler(header.size)
         return _Incoming(header=header, assembler=assembler, refusal=refusal, remaining=header.size)
 
     @staticmethod
@@ -440,7 +443,7 @@ class NodeClient:
             reply.status = status
             reply.detail = detail[:_MAX_DETAIL]
             reply.size = result.nbytes
-            reply.sha256 = hashlib.sha256(result).digest()
+            reply.tag = signer.reply_tag(message, result)
             reply.elapsed_s = time.perf_counter() - start
             frames = chunk_frames(TO_COORDINATOR_CHUNK, result, self._chunk_bytes)
             out.put(itertools.chain((signer.frame(message),), frames))

@@ -8,7 +8,6 @@ the tests) because they carry nearly every byte: this avoids two copies per chun
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -16,11 +15,12 @@ from collections.abc import Iterator
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 from google.protobuf.message import DecodeError
 
 from shoal.errors import ProtocolError
 from shoal.runtime.engine import Buffer
-from shoal.runtime.grpc.auth import NONCE_BYTES, sign
+from shoal.runtime.grpc.auth import NONCE_BYTES, KeyShare, ReplyKey, public_key_bytes, sign
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 
 __all__ = [
@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 METHOD = "/shoal.deploy.v1.Coordinator/Session"
-PROTOCOL = 1
+# 2: replies carry a Poly1305 tag under a key agreed in the signed hello (1: a signed SHA-256).
+PROTOCOL = 2
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20
 # The gRPC message cap on both sides: a chunk plus room for headers (task names, details).
@@ -155,15 +156,19 @@ class SharedFrames:
 
 
 class Assembler:
-    """Collects the chunks of one announced payload into a buffer, hashing them if asked."""
+    """Collects the chunks of one announced payload into a buffer, authenticating them if asked.
 
-    def __init__(self, size: int, *, hashed: bool) -> None:
+    With ``mac`` (see :class:`ReplyKey`), every chunk is fed to it as it arrives, so checking
+    the tag at the end costs no second pass over the bytes.
+    """
+
+    def __init__(self, size: int, *, mac: Poly1305 | None = None) -> None:
         # np.empty does not touch the pages: a large announced size costs memory only as
         # chunks actually arrive.
         self._buffer = np.empty(size, dtype=np.uint8)
         self.size = size
         self.received = 0
-        self._hash = hashlib.sha256() if hashed else None
+        self._mac = mac
 
     @property
     def done(self) -> bool:
@@ -177,15 +182,17 @@ class Assembler:
                 f"payload overran its announced size of {self.size} bytes; the peer is broken"
             )
         self._buffer[self.received : self.received + n] = np.frombuffer(data, dtype=np.uint8)
-        if self._hash is not None:
-            self._hash.update(data)
+        if self._mac is not None:
+            self._mac.update(data)
         self.received += n
         return self.received == self.size
 
-    def digest(self) -> bytes:
-        if self._hash is None:
-            raise ProtocolError("this payload was not hashed")
-        return self._hash.digest()
+    def tag(self) -> bytes:
+        """The MAC tag of everything added (once, at the end)."""
+        if self._mac is None:
+            raise ProtocolError("this payload was not authenticated")
+        mac, self._mac = self._mac, None
+        return mac.finalize()
 
     def payload(self) -> memoryview:
         self._buffer.flags.writeable = False
@@ -217,13 +224,43 @@ class NodeSigner:
     """Signs a node's messages for one session (its challenge) with the node's key.
 
     Timestamps follow the coordinator's clock as announced in the challenge, so a node whose
-    clock is off still lands inside the coordinator's replay window.
+    clock is off still lands inside the coordinator's replay window. The signer also holds
+    the node's key share for the session, and the reply key agreed with
+    ``coordinator_share`` (the challenge's): :meth:`hello` announces the share, signed.
     """
 
-    def __init__(self, *, key: Ed25519PrivateKey, challenge: bytes, server_time_ms: int) -> None:
+    def __init__(
+        self,
+        *,
+        key: Ed25519PrivateKey,
+        challenge: bytes,
+        server_time_ms: int,
+        coordinator_share: bytes = b"",
+    ) -> None:
         self.key = key
         self.challenge = challenge
+        self.coordinator_share = coordinator_share
+        self.share = KeyShare()
         self._offset_ms = server_time_ms - int(time.time() * 1000)
+        # Agreed at once, so a bad share (AuthenticationError) fails the handshake.
+        self._reply_key = (
+            self.share.agree(
+                coordinator_share,
+                challenge=challenge,
+                coordinator_share=coordinator_share,
+                node_share=self.share.public,
+                node_key=public_key_bytes(key),
+            )
+            if coordinator_share
+            else None
+        )
+
+    @property
+    def reply_key(self) -> ReplyKey:
+        """The session's reply key, agreed with the coordinator's share."""
+        if self._reply_key is None:
+            raise ProtocolError("this signer has no coordinator key share: it cannot tag replies")
+        return self._reply_key
 
     def message(self) -> pb.NodeMessage:
         return pb.NodeMessage(
@@ -231,6 +268,18 @@ class NodeSigner:
             timestamp_ms=int(time.time() * 1000) + self._offset_ms,
             nonce=os.urandom(NONCE_BYTES),
         )
+
+    def hello(self) -> pb.NodeMessage:
+        """A hello message with this node's public key and key share (fill in the rest)."""
+        message = self.message()
+        message.hello.protocol = PROTOCOL
+        message.hello.public_key = public_key_bytes(self.key)
+        message.hello.key_share = self.share.public
+        return message
+
+    def reply_tag(self, message: pb.NodeMessage, data: Buffer) -> bytes:
+        """The tag of reply bytes ``data`` announced by ``message`` (before it is signed)."""
+        return self.reply_key.tag(message.nonce, data)
 
     def frame(self, message: pb.NodeMessage) -> bytes:
         """Serialize and sign ``message`` into a NodeFrame."""

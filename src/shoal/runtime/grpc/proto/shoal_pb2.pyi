@@ -43,16 +43,18 @@ class CoordinatorFrame(_message.Message):
     def __init__(self, challenge: Challenge | _Mapping | None = ..., welcome: Welcome | _Mapping | None = ..., task: TaskHeader | _Mapping | None = ..., chunk: Chunk | _Mapping | None = ..., cancel: Cancel | _Mapping | None = ..., finish: Finish | _Mapping | None = ...) -> None: ...
 
 class Challenge(_message.Message):
-    __slots__ = ("challenge", "coordinator_id", "protocol", "server_time_ms")
+    __slots__ = ("challenge", "coordinator_id", "key_share", "protocol", "server_time_ms")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARE_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     coordinator_id: str
     challenge: bytes
     server_time_ms: int
-    def __init__(self, protocol: int | None = ..., coordinator_id: str | None = ..., challenge: bytes | None = ..., server_time_ms: int | None = ...) -> None: ...
+    key_share: bytes
+    def __init__(self, protocol: int | None = ..., coordinator_id: str | None = ..., challenge: bytes | None = ..., server_time_ms: int | None = ..., key_share: bytes | None = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("chunk_bytes", "heartbeat_s", "job_digest", "max_reply_bytes", "node_id")
@@ -131,20 +133,22 @@ class NodeMessage(_message.Message):
     def __init__(self, challenge: bytes | None = ..., timestamp_ms: int | None = ..., nonce: bytes | None = ..., hello: Hello | _Mapping | None = ..., heartbeat: Heartbeat | _Mapping | None = ..., reply: ReplyHeader | _Mapping | None = ..., goodbye: Goodbye | _Mapping | None = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("job_digest", "partition_index", "protocol", "public_key", "software", "tasks")
+    __slots__ = ("job_digest", "key_share", "partition_index", "protocol", "public_key", "software", "tasks")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     PARTITION_INDEX_FIELD_NUMBER: _ClassVar[int]
     JOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARE_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     public_key: bytes
     tasks: _containers.RepeatedScalarFieldContainer[str]
     partition_index: int
     job_digest: str
     software: str
-    def __init__(self, protocol: int | None = ..., public_key: bytes | None = ..., tasks: _Iterable[str] | None = ..., partition_index: int | None = ..., job_digest: str | None = ..., software: str | None = ...) -> None: ...
+    key_share: bytes
+    def __init__(self, protocol: int | None = ..., public_key: bytes | None = ..., tasks: _Iterable[str] | None = ..., partition_index: int | None = ..., job_digest: str | None = ..., software: str | None = ..., key_share: bytes | None = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("tasks_done",)
@@ -153,20 +157,20 @@ class Heartbeat(_message.Message):
     def __init__(self, tasks_done: int | None = ...) -> None: ...
 
 class ReplyHeader(_message.Message):
-    __slots__ = ("detail", "elapsed_s", "sha256", "size", "status", "task_id")
+    __slots__ = ("detail", "elapsed_s", "size", "status", "tag", "task_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: Status
     detail: str
     size: int
-    sha256: bytes
     elapsed_s: float
-    def __init__(self, task_id: str | None = ..., status: Status | str | None = ..., detail: str | None = ..., size: int | None = ..., sha256: bytes | None = ..., elapsed_s: float | None = ...) -> None: ...
+    tag: bytes
+    def __init__(self, task_id: str | None = ..., status: Status | str | None = ..., detail: str | None = ..., size: int | None = ..., elapsed_s: float | None = ..., tag: bytes | None = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("reason",)
