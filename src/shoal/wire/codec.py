@@ -95,39 +95,61 @@ def _check_name(name: object, limits: WireLimits) -> str:
 _JSON_ATOMS = (type(None), bool, int, float)
 
 
-def _check_json(value: object, limits: WireLimits, depth: int = 0) -> None:
-    if type(value) in _JSON_ATOMS:  # the common case first: this runs for every value
-        return
-    if isinstance(value, str):
-        if len(value) > limits.max_string_chars:
-            raise WireError(
-                f"string of {len(value)} characters exceeds the limit of "
-                f"{limits.max_string_chars}; send large data as a uint8 array"
-            )
-        return
-    if isinstance(value, (bool, int, float)):  # subclasses such as numpy.float64
-        return
-    if depth >= limits.max_json_depth:
-        raise WireError(f"JSON value nested deeper than {limits.max_json_depth} levels")
-    # Atoms inside containers are skipped inline: a call per atom dominated small messages.
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            if type(item) not in _JSON_ATOMS:
-                _check_json(item, limits, depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise WireError(f"JSON object keys must be strings, got {key!r}")
-            if len(key) > limits.max_string_chars:
-                _check_json(key, limits, depth + 1)  # raises with the message
-            if type(item) not in _JSON_ATOMS:
-                _check_json(item, limits, depth + 1)
-        return
-    raise WireError(
-        f"cannot send a {type(value).__name__} over the wire: payload values must be NumPy "
-        "arrays of numeric dtypes or JSON values (None, bool, int, float, str, list, dict)"
+def _string_too_long(text: str, limits: WireLimits) -> WireError:
+    return WireError(
+        f"string of {len(text)} characters exceeds the limit of "
+        f"{limits.max_string_chars}; send large data as a uint8 array"
     )
+
+
+def _check_json(value: object, limits: WireLimits, depth: int = 0) -> None:
+    """Raise WireError unless ``value`` is JSON within the limits.
+
+    Atoms and strings inside containers are checked inline: a call per element dominated
+    the cost of small messages, which every node sends every round.
+    """
+    kind = type(value)
+    if kind in _JSON_ATOMS:
+        return
+    if kind is str:
+        if len(value) > limits.max_string_chars:  # type: ignore[arg-type]
+            raise _string_too_long(value, limits)  # type: ignore[arg-type]
+        return
+    if kind is list or kind is tuple or kind is dict:
+        if depth >= limits.max_json_depth:
+            raise WireError(f"JSON value nested deeper than {limits.max_json_depth} levels")
+        container: Any = value
+        items = container.values() if kind is dict else container
+        if kind is dict:
+            for key in container:
+                if type(key) is not str:
+                    raise WireError(f"JSON object keys must be strings, got {key!r}")
+                if len(key) > limits.max_string_chars:
+                    raise _string_too_long(key, limits)
+        for item in items:
+            item_kind = type(item)
+            if item_kind in _JSON_ATOMS:
+                continue
+            if item_kind is str:
+                if len(item) > limits.max_string_chars:
+                    raise _string_too_long(item, limits)
+                continue
+            _check_json(item, limits, depth + 1)
+        return
+    # Subclasses: numpy.float64, IntEnum, str or dict subclasses...
+    if isinstance(value, str):
+        _check_json(str(value), limits, depth)
+    elif isinstance(value, (bool, int, float)):
+        return
+    elif isinstance(value, (list, tuple)):
+        _check_json(list(value), limits, depth)
+    elif isinstance(value, dict):
+        _check_json(dict(value), limits, depth)
+    else:
+        raise WireError(
+            f"cannot send a {type(value).__name__} over the wire: payload values must be NumPy "
+            "arrays of numeric dtypes or JSON values (None, bool, int, float, str, list, dict)"
+        )
 
 
 def _as_wire_array(name: str, value: np.ndarray | np.generic, limits: WireLimits) -> np.ndarray:
