@@ -5,10 +5,11 @@ node processes and collects an update of the same size from each (800 MB per rou
 plaintext gRPC and over mutual TLS. The floor moves exactly the same bytes between the same
 number of processes over plain TCP sockets (sendall / recv_into, no framing, no encoding,
 no encryption), interleaved round by round with the gRPC rounds. A second reference moves
-them over bare grpcio (the same 1 MiB messages on one stream per node, no shoal code: no
-signatures, digests, wire encoding or tasks), to show what gRPC in Python costs by itself.
-Reported: seconds per round (median), effective throughput, and each as a fraction of the
-raw socket's throughput.
+them over bare grpcio (messages of shoal's chunk size on one stream per node, no shoal code: no
+signatures, reply MACs, wire encoding or tasks), to show what gRPC in Python costs by itself.
+Reported: seconds per round (median), effective throughput, each as a fraction of the raw
+socket's throughput, and the CPU seconds one round costs the coordinator process and the
+node processes together (the machine's cores bound the rate once they are all busy).
 
 Part 2, scale: N lightweight node processes connect at once (default 100) to a coordinator
 in its own process; reported are that process's CPU seconds and RSS (psutil) once all are
@@ -148,6 +149,40 @@ def spawn_nodes(
     return procs
 
 
+def cpu_s(procs: list[Any]) -> float:
+    """User + system CPU seconds so far of ``procs`` (Popen objects, or None for this one)."""
+    total = 0.0
+    for proc in procs:
+        times = psutil.Process(proc.pid if proc is not None else None).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+class _Costs:
+    """Wall and CPU seconds of each measured round of one transport."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.coordinator_cpu: list[float] = []
+        self.nodes_cpu: list[float] = []
+
+    def measure(self, nodes: list[Any], run: Any, *args: Any) -> None:
+        own, theirs = cpu_s([None]), cpu_s(nodes)
+        self.wall.append(run(*args))
+        self.coordinator_cpu.append(cpu_s([None]) - own)
+        self.nodes_cpu.append(cpu_s(nodes) - theirs)
+
+    def report(self, moved: int) -> dict[str, Any]:
+        per_round = statistics.median(self.wall)
+        return {
+            "s_per_round": per_round,
+            "rounds_s": self.wall,
+            "throughput_MBps": moved / per_round / 1e6,
+            "coordinator_cpu_s": statistics.median(self.coordinator_cpu),
+            "nodes_cpu_s": statistics.median(self.nodes_cpu),
+        }
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -216,7 +251,7 @@ class RawFloor:
 
 
 class BareGrpcFloor:
-    """The transfer over bare grpcio: same processes, same 1 MiB messages, no shoal code.
+    """The transfer over bare grpcio: same processes, messages of shoal's chunk size, no shoal.
 
     No signatures, digests, wire encoding or task handling: it shows what gRPC in Python
     costs by itself, between the raw socket and shoal.
@@ -320,8 +355,7 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "nodes": args.nodes,
         "bytes_per_round": moved,
     }
-    floor_times: list[float] = []
-    bare_times: list[float] = []
+    floor_costs, bare_costs = _Costs(), _Costs()
     try:
         for mode in ("insecure", "tls"):
             tls = ServerTLS.from_dir(root / "certs") if mode == "tls" else None
@@ -344,35 +378,21 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 grpc_round(engine, payload, node_ids, 0)  # warm-up: buffers, TLS sessions
                 floor.round(floor_payload)
                 bare.round()
-                times = []
+                costs = _Costs()
                 for r in range(args.rounds):  # interleaved: the load on the machine is shared
-                    times.append(grpc_round(engine, payload, node_ids, r + 1))
-                    floor_times.append(floor.round(floor_payload))
-                    bare_times.append(bare.round())
+                    costs.measure(procs, grpc_round, engine, payload, node_ids, r + 1)
+                    floor_costs.measure(floor.procs, floor.round, floor_payload)
+                    bare_costs.measure(bare.procs, bare.round)
             finally:
                 engine.close()
                 stop(procs)
-            per_round = statistics.median(times)
-            results[mode] = {
-                "s_per_round": per_round,
-                "rounds_s": times,
-                "throughput_MBps": moved / per_round / 1e6,
-            }
+            results[mode] = costs.report(moved)
     finally:
         floor.close()
         bare.close()
         store.close()
-    results["bare_grpc"] = {
-        "s_per_round": statistics.median(bare_times),
-        "rounds_s": bare_times,
-        "throughput_MBps": moved / statistics.median(bare_times) / 1e6,
-    }
-    floor_round = statistics.median(floor_times)
-    results["raw_socket"] = {
-        "s_per_round": floor_round,
-        "rounds_s": floor_times,
-        "throughput_MBps": moved / floor_round / 1e6,
-    }
+    results["bare_grpc"] = bare_costs.report(moved)
+    results["raw_socket"] = floor_costs.report(moved)
     for mode in ("insecure", "tls", "bare_grpc"):
         results[mode]["ratio_to_raw"] = (
             results[mode]["throughput_MBps"] / results["raw_socket"]["throughput_MBps"]
@@ -486,7 +506,10 @@ def table(results: dict[str, Any]) -> str:
             f"throughput: {t['params']:,} float32 params ({t['payload_bytes'] / 1e6:.1f} MB) to "
             f"{t['nodes']} node processes and back ({t['bytes_per_round'] / 1e6:.0f} MB/round)"
         )
-        lines.append(f"{'transport':<24}{'s/round':>10}{'MB/s':>10}{'vs raw':>9}")
+        lines.append(
+            f"{'transport':<24}{'s/round':>10}{'MB/s':>10}{'vs raw':>9}"
+            f"{'CPU s coord':>13}{'CPU s nodes':>13}"
+        )
         for label, key in (
             ("raw TCP socket", "raw_socket"),
             ("bare grpcio (no shoal)", "bare_grpc"),
@@ -497,7 +520,7 @@ def table(results: dict[str, Any]) -> str:
             ratio = row.get("ratio_to_raw", 1.0)
             lines.append(
                 f"{label:<24}{row['s_per_round']:>10.3f}{row['throughput_MBps']:>10.0f}"
-                f"{ratio:>8.0%} "
+                f"{ratio:>8.0%} {row['coordinator_cpu_s']:>13.2f}{row['nodes_cpu_s']:>13.2f}"
             )
     s = results.get("scale")
     if s:
@@ -530,7 +553,7 @@ def main() -> int:
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--chunk-bytes", type=int, default=4 << 20)
     parser.add_argument("--scale-nodes", type=int, default=100)
     parser.add_argument("--idle", type=float, default=15.0)
     parser.add_argument("--skip", choices=["throughput", "scale"], action="append", default=[])

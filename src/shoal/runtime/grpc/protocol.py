@@ -44,7 +44,9 @@ __all__ = [
 METHOD = "/shoal.deploy.v1.Coordinator/Session"
 # 2: replies carry a Poly1305 tag under a key agreed in the signed hello (1: a signed SHA-256).
 PROTOCOL = 2
-DEFAULT_CHUNK_BYTES = 1 << 20
+# Each frame costs Python-side work on both ends (a thread hand-off, a parse, a copy): on
+# loopback, 4 MiB chunks took ~15% less CPU per round than 1 MiB; 8 and 16 MiB did no better.
+DEFAULT_CHUNK_BYTES = 4 << 20
 MAX_CHUNK_BYTES = 4 << 20
 # The gRPC message cap on both sides: a chunk plus room for headers (task names, details).
 MAX_FRAME_BYTES = MAX_CHUNK_BYTES + (64 << 10)
