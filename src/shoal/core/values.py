@@ -90,6 +90,7 @@ class NodeValues:
         failures: Mapping[str, Failure],
         fields: tuple[str, ...] | None = None,
         exclusions: dict[str, str] | None = None,
+        sent: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.federation = federation
         self.handle = handle
@@ -99,6 +100,8 @@ class NodeValues:
         self._fields = fields
         # Shared by every selection of one map, so the round can report all exclusions.
         self._exclusions: dict[str, str] = {} if exclusions is None else exclusions
+        # Fields the map asked nodes to send along (map(send=...)): they need no fetch.
+        self._sent: Mapping[str, Mapping[str, Any]] = sent or {}
 
     def __repr__(self) -> str:
         what = ", ".join(self._fields) if self._fields else "all fields"
@@ -156,6 +159,7 @@ class NodeValues:
             failures=self._failures,
             fields=tuple(fields),
             exclusions=self._exclusions,
+            sent=self._sent,
         )
 
     def spec(self, node_id: str, field: str) -> FieldSpec:
@@ -175,6 +179,7 @@ class NodeValues:
             failures=failures,
             fields=self._fields,
             exclusions=self._exclusions,
+            sent=self._sent,
         )
 
     # -- aggregates ---------------------------------------------------------------------
@@ -308,13 +313,24 @@ class NodeValues:
     def _fetch(self, fields: list[str]) -> dict[str, dict[str, Any]]:
         if not self._node_ids:
             return {}
+        have: dict[str, dict[str, Any]] = {}
+        missing: list[str] = []
+        for node in self._node_ids:
+            sent = self._sent.get(node)
+            if sent is not None and all(f in sent for f in fields):
+                have[node] = {f: sent[f] for f in fields}
+            else:
+                missing.append(node)
+        if not missing:
+            return have
         replies, failures = self.federation.request(
-            self._node_ids, FETCH_TASK, common={"handle": self.handle, "fields": fields}
+            missing, FETCH_TASK, common={"handle": self.handle, "fields": fields}
         )
         if failures:
             self._failures.update(failures)
             self._node_ids = tuple(n for n in self._node_ids if n not in failures)
-        return replies
+        have.update(replies)
+        return {node: have[node] for node in self._node_ids if node in have}
 
 
 def _flatten(

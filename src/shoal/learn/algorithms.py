@@ -150,7 +150,6 @@ class Algorithm:
             keep_optimizer_state=self.keep_optimizer_state,
             **extra,
         )
-        out = group.map(TRAIN, weights)
         fields = [f"d/{name}" for name in state.weights]
         planned = None
         if isinstance(privacy, NodeDP):
@@ -161,12 +160,17 @@ class Algorithm:
         elif privacy is not None:
             planned = privacy.aggregator(nodes=nodes, per_round=len(group), lr=self.lr)
         aggregator: Aggregator = planned or self.aggregator or Mean()
+        plain_mean = privacy is None and type(aggregator) is Mean
+        if plain_mean:
+            # FedAvg's default aggregates deltas and loss in the clear with one weighted mean,
+            # so the nodes may as well send them with their receipts: no second round trip.
+            fields.append("loss")
+            out = group.map(TRAIN, weights, send=[*fields, "n"])
+        else:
+            out = group.map(TRAIN, weights)
         # Under DP nothing data-dependent leaves a node un-noised: no example counts as
         # weights, no training loss.
         example_weights = None if privacy is not None else out["n"]
-        plain_mean = privacy is None and type(aggregator) is Mean
-        if plain_mean:  # FedAvg's default: deltas and loss share one weighted mean, one fetch
-            fields.append("loss")
         aggregated = out.select(*fields).aggregate(aggregator, weights=example_weights)
         if not isinstance(aggregated, dict):  # a single-array model comes back unnamed
             aggregated = {fields[0]: aggregated}

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from shoal.runtime.app import FETCH_TASK, Guard, NodeApp, TaskContext, TaskFn, kept_value
+from shoal.runtime.app import (
+    FETCH_TASK,
+    SEND_KEY,
+    SENT_PREFIX,
+    Guard,
+    NodeApp,
+    TaskContext,
+    TaskFn,
+    kept_value,
+)
 from shoal.runtime.engine import (
     Buffer,
     DispatchResult,
@@ -17,6 +26,8 @@ from shoal.runtime.store import Checkpoint, RoundRecord, RunRecord, Store
 
 __all__ = [
     "FETCH_TASK",
+    "SEND_KEY",
+    "SENT_PREFIX",
     "Buffer",
     "Checkpoint",
     "DispatchResult",

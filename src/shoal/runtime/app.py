@@ -24,10 +24,23 @@ from shoal.errors import (
 from shoal.runtime.engine import Buffer
 from shoal.wire import WireLimits, decode, encode
 
-__all__ = ["FETCH_TASK", "KEPT_STATE_KEY", "Guard", "NodeApp", "TaskContext", "TaskFn"]
+__all__ = [
+    "FETCH_TASK",
+    "KEPT_STATE_KEY",
+    "SEND_KEY",
+    "SENT_PREFIX",
+    "Guard",
+    "NodeApp",
+    "TaskContext",
+    "TaskFn",
+]
 
 FETCH_TASK = "shoal.fetch"
 KEPT_STATE_KEY = "shoal.kept"
+# A payload entry naming result fields the node sends back with its receipt: the server's
+# code asked for them in the clear (a plain aggregate follows), saving a fetch round trip.
+SEND_KEY = "shoal.send"
+SENT_PREFIX = "sent/"
 
 
 class TaskContext:
@@ -148,6 +161,13 @@ class NodeApp:
                 f"{sorted(t for t in self._tasks if not t.startswith('shoal.'))}"
             )
         args = dict(decoded) if decoded is not None else decode(payload, limits=self.limits)
+        send = args.pop(SEND_KEY, None)  # a runtime instruction, not the task's argument
+        if send is not None and (
+            keep_as is None
+            or not isinstance(send, list)
+            or not all(isinstance(f, str) for f in send)
+        ):
+            raise WireError(f"{SEND_KEY!r} must list field names, with a value kept at the node")
         for guard in self._guards:
             guard(name, ctx, args)
         try:
@@ -166,7 +186,11 @@ class NodeApp:
         try:
             if keep_as is None:
                 return encode(result, limits=self.limits)
-            return encode(_keep(ctx, keep_as, dict(result), self.max_kept), limits=self.limits)
+            receipt = _keep(ctx, keep_as, dict(result), self.max_kept)
+            for field in send or ():
+                if field in result:
+                    receipt[SENT_PREFIX + field] = result[field]
+            return encode(receipt, limits=self.limits)
         except WireError as exc:
             # The request was fine; the task's own result is what cannot travel.
             raise TaskError(f"task {name!r} returned a value the wire refuses: {exc}") from None

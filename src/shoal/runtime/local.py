@@ -9,7 +9,6 @@ nodes had run in parallel. A task that really hangs is abandoned once the deadli
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -194,9 +193,7 @@ class LocalEngine:
         decoded = self._shared.get(id(payload))
         if decoded is None:
             return None
-        return {
-            k: copy.deepcopy(v) if isinstance(v, (list, dict)) else v for k, v in decoded.items()
-        }
+        return {k: _copy_json(v) if type(v) in (list, dict) else v for k, v in decoded.items()}
 
     def _draw_faults(self, n: int) -> np.ndarray:
         if self.faults is None or n == 0:
@@ -313,6 +310,16 @@ class LocalEngine:
                 replies[outcome.node_id] = outcome
             else:
                 failures[outcome.node_id] = outcome
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of decoded JSON (lists, dicts and atoms), several times faster than
+    copy.deepcopy on the small lists and dicts that payloads carry."""
+    if type(value) is list:
+        return [_copy_json(v) if type(v) in (list, dict) else v for v in value]
+    if type(value) is dict:
+        return {k: _copy_json(v) if type(v) in (list, dict) else v for k, v in value.items()}
+    return value
 
 
 def _failure(task: Task, kind: FailureKind, detail: str) -> Failure:
