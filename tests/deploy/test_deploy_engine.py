@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from shoal.errors import ConfigError, PrivacyBudgetExceeded
-from shoal.runtime import FailureKind, LocalEngine, NodeApp, Task
+from shoal.privacy.guard import DPRequest, budget_guard
+from shoal.runtime import DECLINED_DETAIL, FailureKind, LocalEngine, NodeApp, Task
 from shoal.runtime.grpc import ClientTLS, NodeExit, ServerTLS, public_key_bytes, write_key_pair
 from shoal.runtime.grpc.protocol import TO_COORDINATOR_CHUNK, chunk_frame
 from shoal.wire import decode, encode
@@ -98,6 +99,9 @@ def test_failure_kinds(federation) -> None:
         tasks(["n0"], "echo", encode({"x": np.ones(1), "private": True})), deadline_s=30
     )
     assert declined.failures["n0"].kind == FailureKind.DECLINED
+    # the coordinator learns only that the node declined, not why in the owner's terms
+    assert declined.failures["n0"].detail == DECLINED_DETAIL
+    assert "budget spent" not in declined.failures["n0"].detail
     garbage = engine.dispatch(tasks(["n1"], "echo", b"not a wire payload"), deadline_s=30)
     assert garbage.failures["n1"].kind == FailureKind.REJECTED
     offline = engine.dispatch(tasks(["n3"], "echo", ok), deadline_s=30)  # registered, not here
@@ -340,3 +344,23 @@ def test_hello_with_a_bad_key_share_is_refused(federation, raw_session) -> None:
     session.send(session.hello(federation.keys["n0"], key_share=bytes(32)))
     code, details = session.refused()
     assert code == grpc.StatusCode.UNAUTHENTICATED and "key share" in details
+
+
+def test_owner_budget_is_enforced_at_a_deployed_node(federation) -> None:
+    engine = federation.engine()
+    app = make_app()
+    app.add_guard(budget_guard(max_epsilon=10.0, max_delta=1e-5, tasks={"echo"}))
+    federation.client("n0", app, engine.port, partition_index=0)
+    assert engine.wait_for_nodes(1, timeout_s=30) == 1
+    request = DPRequest(clip=1.0, noise_multiplier=1.0, sample_rate=0.1, steps=50).to_json()
+    outcomes = []
+    for i in range(6):  # each request spends more of the owner's epsilon, until it is gone
+        result = engine.dispatch(
+            tasks(["n0"], "echo", encode({"x": np.ones(1), "dp": request}), prefix=f"r{i}"),
+            deadline_s=30,
+        )
+        outcomes.append("ok" if "n0" in result.replies else result.failures["n0"].kind.value)
+    # epsilon after 1, 2, 3, 4 requests: 5.9, 7.9, 9.6, 11.1 (RDP) against a limit of 10
+    assert outcomes == ["ok", "ok", "ok", "declined", "declined", "declined"]
+    undeclared = engine.dispatch(tasks(["n0"], "echo", encode({"x": np.ones(1)})), deadline_s=30)
+    assert undeclared.failures["n0"].kind == FailureKind.DECLINED  # no DP stated: refused

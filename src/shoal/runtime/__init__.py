@@ -13,6 +13,7 @@ from shoal.runtime.app import (
     kept_value,
 )
 from shoal.runtime.engine import (
+    DECLINED_DETAIL,
     Buffer,
     DispatchResult,
     Engine,
@@ -25,6 +26,7 @@ from shoal.runtime.local import Faults, LocalEngine
 from shoal.runtime.store import Checkpoint, RoundRecord, RunRecord, Store
 
 __all__ = [
+    "DECLINED_DETAIL",
     "FETCH_TASK",
     "SEND_KEY",
     "SENT_PREFIX",

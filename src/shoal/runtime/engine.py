@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Protocol, Union, runtime_checkable
 
 __all__ = [
+    "DECLINED_DETAIL",
     "Buffer",
     "DispatchResult",
     "Engine",
@@ -22,6 +23,9 @@ __all__ = [
 ]
 
 Buffer = Union[bytes, memoryview]  # noqa: UP007 (a runtime alias on Python 3.10)
+
+# All a coordinator learns when a node declines: the owner's budget and spending stay private.
+DECLINED_DETAIL = "declined by the node's owner (privacy budget)"
 
 
 class FailureKind(str, Enum):

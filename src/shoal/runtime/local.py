@@ -20,7 +20,14 @@ import numpy as np
 
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, UnknownTask, WireError
 from shoal.runtime.app import NodeApp, TaskContext
-from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+from shoal.runtime.engine import (
+    DECLINED_DETAIL,
+    DispatchResult,
+    Failure,
+    FailureKind,
+    Reply,
+    Task,
+)
 from shoal.wire import decode
 
 __all__ = ["Faults", "LocalEngine"]
@@ -240,8 +247,8 @@ class LocalEngine:
                 keep_as=task.keep_as,
                 decoded=self._private_copy(task.payload),
             )
-        except PrivacyBudgetExceeded as exc:
-            return _failure(task, FailureKind.DECLINED, str(exc))
+        except PrivacyBudgetExceeded:
+            return _failure(task, FailureKind.DECLINED, DECLINED_DETAIL)
         except (UnknownTask, WireError) as exc:
             return _failure(task, FailureKind.REJECTED, str(exc))
         except Exception as exc:  # any task failure is the node's, never the engine's

@@ -32,6 +32,7 @@ from shoal.errors import (
     WireError,
 )
 from shoal.runtime.app import NodeApp, TaskContext
+from shoal.runtime.engine import DECLINED_DETAIL
 from shoal.runtime.grpc.certs import ClientTLS
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
@@ -465,7 +466,8 @@ class NodeClient:
         try:
             result = self.app.handle(ctx, header.name, payload, keep_as=keep_as)
         except PrivacyBudgetExceeded as exc:
-            return pb.DECLINED, str(exc), memoryview(b"")
+            log.info("declined task %s: %s", header.name, exc)  # the full reason stays here
+            return pb.DECLINED, DECLINED_DETAIL, memoryview(b"")
         except (UnknownTask, WireError) as exc:
             return pb.REJECTED, str(exc), memoryview(b"")
         except Exception as exc:  # any task failure is reported, never fatal to the node
