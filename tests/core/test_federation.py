@@ -126,9 +126,9 @@ def test_map_leaves_values_at_the_nodes(spy_factory: Any) -> None:
         receipt = decode(raw)
         assert set(receipt) == {"kept", "fields"}
         assert receipt["fields"] == {
-            "delta": ["<f8", [3]],
-            "n": ["json", []],
-            "note": ["json", []],
+            "delta": "<f8:3",
+            "n": "json:",
+            "note": "json:",
         }
     assert not spy.dispatches_of(FETCH_TASK)  # nothing fetched until an aggregate asks
     assert out.field_names == ("delta", "n", "note")

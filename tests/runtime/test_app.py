@@ -152,9 +152,9 @@ def test_keep_as_holds_the_result_and_sends_only_a_description(app: NodeApp) -> 
     assert receipt == {
         "kept": "v1",
         "fields": {
-            "delta": ["<f8", [3]],
-            "n": ["json", []],
-            "tag": ["json", []],
+            "delta": "<f8:3",
+            "n": "json:",
+            "tag": "json:",
         },
     }
     held = kept_value(ctx, "v1")
@@ -190,7 +190,7 @@ def test_a_kept_value_that_cannot_travel_fails_at_fetch_as_a_task_error(app: Nod
     app.register("odd", lambda ctx, p: {"x": {1, 2}})
     ctx = make_ctx()
     receipt = call(app, ctx, "odd", {}, keep_as="v")
-    assert receipt["fields"] == {"x": ["json", []]}
+    assert receipt["fields"] == {"x": "json:"}
     with pytest.raises(TaskError, match="wire refuses"):
         app.handle(ctx, FETCH_TASK, encode({"handle": "v", "fields": ["x"]}))
 

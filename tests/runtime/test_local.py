@@ -359,7 +359,7 @@ def test_keep_as_leaves_the_result_at_the_node(app: NodeApp) -> None:
     engine = LocalEngine(app, nodes=1)
     result = engine.dispatch(tasks(["n0"], "draw", keep_as="v0"), deadline_s=30)
     receipt = decode(result.replies["n0"].payload)
-    assert receipt == {"kept": "v0", "fields": {"r": ["<f8", [4]]}}
+    assert receipt == {"kept": "v0", "fields": {"r": "<f8:4"}}
 
 
 # -- fault injection ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Failed or late nodes are dropped from the round and reported, down to ``min_node
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
@@ -269,10 +270,20 @@ def _parse_receipt(receipt: Mapping[str, Any], handle: str) -> dict[str, FieldSp
         raise WireError("the node's receipt does not describe the value it kept")
     specs: dict[str, FieldSpec] = {}
     for name, spec in fields.items():
-        if not isinstance(spec, list) or len(spec) != 2 or not isinstance(spec[0], str):
-            raise WireError(f"bad field description for {name!r}: expected [dtype, shape]")
-        dtype, shape = spec
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise WireError(f"bad shape for field {name!r}")
-        specs[name] = FieldSpec(dtype=dtype, shape=tuple(shape))
+        dtype, colon, dims = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+        if not colon or not dtype:
+            raise WireError(f"bad field description for {name!r}: expected 'dtype:d0,d1,...'")
+        try:
+            shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+        except ValueError:
+            raise WireError(f"bad shape for field {name!r}: {dims!r}") from None
+        if any(d < 0 for d in shape):
+            raise WireError(f"bad shape for field {name!r}: {dims!r}")
+        specs[name] = _field_spec(dtype, shape)
     return specs
+
+
+@functools.lru_cache(maxsize=1024)
+def _field_spec(dtype: str, shape: tuple[int, ...]) -> FieldSpec:
+    # Every node of a map usually describes the same fields: share the frozen specs.
+    return FieldSpec(dtype=dtype, shape=shape)

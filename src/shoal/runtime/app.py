@@ -202,14 +202,14 @@ def _keep(ctx: TaskContext, handle: str, result: dict[str, Any], max_kept: int) 
     kept[handle] = result
     while len(kept) > max_kept:
         kept.popitem(last=False)
-    # Compact on purpose (name -> [dtype, shape]): every node sends one receipt per map.
+    # Compact on purpose (name -> "dtype:d0,d1"): every node sends one receipt per map.
     fields: dict[str, Any] = {}
     for key, value in result.items():
         if isinstance(value, (np.ndarray, np.generic)):
             array = np.asarray(value)
-            fields[key] = [array.dtype.str, list(array.shape)]
+            fields[key] = f"{array.dtype.str}:{','.join(map(str, array.shape))}"
         else:
-            fields[key] = ["json", []]
+            fields[key] = "json:"
     return {"kept": handle, "fields": fields}
 
 

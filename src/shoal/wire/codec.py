@@ -281,8 +281,14 @@ def _decode(view: memoryview, limits: WireLimits) -> dict[str, Any]:
     head_end = _PREFIX.size + header_len
     if head_end > size:
         raise WireError("payload truncated inside its header")
+    raw_header = bytes(view[_PREFIX.size : head_end])
+    # A header this small cannot hold a string over the limit nor nest deeper than its
+    # brackets: the per-value JSON walk below would find nothing (it dominated small replies).
+    small = header_len <= limits.max_string_chars and (
+        raw_header.count(b"[") + raw_header.count(b"{") <= limits.max_json_depth
+    )
     try:
-        header = json.loads(bytes(view[_PREFIX.size : head_end]).decode("utf-8"))
+        header = json.loads(raw_header.decode("utf-8"))
     except UnicodeDecodeError:
         raise WireError("payload header is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -312,7 +318,8 @@ def _decode(view: memoryview, limits: WireLimits) -> dict[str, Any]:
         end_of_previous = entry[3] + entry[4]
     for name, value in scalars.items():
         _check_name(name, limits)
-        _check_json(value, limits)
+        if not small:
+            _check_json(value, limits)
         if name in out:
             raise WireError(f"payload names {name!r} twice")
         out[name] = value
