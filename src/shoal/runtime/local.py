@@ -9,6 +9,7 @@ nodes had run in parallel. A task that really hangs is abandoned once the deadli
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -115,6 +116,7 @@ class LocalEngine:
         self._dispatches = 0
         self._offline: set[str] = set()
         self._shared: dict[int, dict[str, Any] | None] = {}
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] | None = None
 
     def node_ids(self) -> Sequence[str]:
         return tuple(i for i in self._ids if i not in self._offline) if self._offline else self._ids
@@ -127,6 +129,7 @@ class LocalEngine:
             self._offline.difference_update(node_ids)
 
     def close(self) -> None:
+        self._retire_pool()
         self._cache.clear()
 
     def node_state(self, node_id: str) -> dict[str, Any]:
@@ -292,11 +295,11 @@ class LocalEngine:
                     if len(results) == len(runnable):
                         cond.notify_all()
 
-        def start_worker() -> None:
+        def start_worker() -> None:  # stands in for a worker stuck in an abandoned task
             threading.Thread(target=worker, daemon=True, name="shoal-local-node").start()
 
         for _ in range(min(self.workers, len(runnable))):
-            start_worker()
+            self._submit(worker)
         with cond:
             while len(results) < len(runnable):
                 cond.wait(timeout=min(0.05, deadline_s))
@@ -312,11 +315,35 @@ class LocalEngine:
                         if len(results) == len(runnable):
                             break
                         start_worker()
+        if abandoned:
+            self._retire_pool()  # one of its threads is stuck: the next dispatch gets new ones
         for outcome in results.values():
             if isinstance(outcome, Reply):
                 replies[outcome.node_id] = outcome
             else:
                 failures[outcome.node_id] = outcome
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the engine's long-lived worker threads. They outlive a dispatch, so
+        per-thread state (a node app's model instance, BLAS buffers) stays warm."""
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            for _ in range(self.workers):
+                threading.Thread(
+                    target=_serve, args=(self._jobs,), daemon=True, name="shoal-local-node"
+                ).start()
+        self._jobs.put(job)
+
+    def _retire_pool(self) -> None:
+        if self._jobs is not None:
+            for _ in range(self.workers):
+                self._jobs.put(None)
+            self._jobs = None
+
+
+def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    while (job := jobs.get()) is not None:
+        job()
 
 
 def _copy_json(value: Any) -> Any:
