@@ -44,16 +44,18 @@ def failure_probability_bound(*, nodes: int, degree: int, threshold: int, dropou
     return min(1.0, nodes * tail / total)
 
 
+def harary_adjacent(p: int, n: int, degree: int) -> list[int]:
+    """Ring positions adjacent to position ``p`` in the Harary graph H(degree, n)."""
+    half = degree // 2
+    adj = {(p + d) % n for d in range(1, half + 1)} | {(p - d) % n for d in range(1, half + 1)}
+    if degree % 2:
+        adj.add((p + n // 2) % n)
+    return sorted(adj)
+
+
 def harary_neighbours(n: int, degree: int) -> list[list[int]]:
     """Ring positions adjacent to each position in the Harary graph H(degree, n)."""
-    out = []
-    half = degree // 2
-    for p in range(n):
-        adj = {(p + d) % n for d in range(1, half + 1)} | {(p - d) % n for d in range(1, half + 1)}
-        if degree % 2:
-            adj.add((p + n // 2) % n)
-        out.append(sorted(adj))
-    return out
+    return [harary_adjacent(p, n, degree) for p in range(n)]
 
 
 def _default_round_id() -> str:
@@ -246,24 +248,29 @@ class SecAggParams:
         return {v: i for i, v in enumerate(self.nodes)}
 
     @cached_property
-    def graph(self) -> Mapping[str, tuple[str, ...]]:
-        """Each node's neighbours, in ``nodes`` order."""
+    def _ring(self) -> tuple[list[int], list[int]]:
+        """(ring position -> node index, node index -> ring position), from the round id."""
         n = len(self.nodes)
         seed = hashlib.sha256(b"shoal/secagg/graph\x00" + self.round_id.encode()).digest()
-        order = np.argsort(expand(seed, n, dtype=np.uint64), kind="stable")
-        node_at = [int(i) for i in order]  # ring position -> node index
-        out: dict[str, tuple[str, ...]] = {}
-        for pos, adj in enumerate(harary_neighbours(n, self.degree)):
-            out[self.nodes[node_at[pos]]] = tuple(
-                self.nodes[i] for i in sorted(node_at[q] for q in adj)
-            )
-        return out
+        node_at = [int(i) for i in np.argsort(expand(seed, n, dtype=np.uint64), kind="stable")]
+        pos_of = [0] * n
+        for pos, i in enumerate(node_at):
+            pos_of[i] = pos
+        return node_at, pos_of
+
+    @cached_property
+    def graph(self) -> Mapping[str, tuple[str, ...]]:
+        """Each node's neighbours, in ``nodes`` order (the server needs all of them)."""
+        return {v: self.neighbours(v) for v in self.nodes}
 
     def neighbours(self, node: str) -> tuple[str, ...]:
-        try:
-            return self.graph[node]
-        except KeyError:
-            raise ConfigError(f"{node!r} is not a participant of round {self.round_id}") from None
+        """One node's neighbours, in ``nodes`` order; a node computes only its own (O(k))."""
+        i = self.index.get(node)
+        if i is None:
+            raise ConfigError(f"{node!r} is not a participant of round {self.round_id}")
+        node_at, pos_of = self._ring
+        adjacent = harary_adjacent(pos_of[i], len(self.nodes), self.degree)
+        return tuple(self.nodes[j] for j in sorted(node_at[q] for q in adjacent))
 
     def pair_context(self, a: str, b: str) -> bytes:
         """Key-derivation context for a pair, identical from both ends."""
