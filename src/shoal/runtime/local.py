@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -332,18 +333,28 @@ class LocalEngine:
                 threading.Thread(
                     target=_serve, args=(self._jobs,), daemon=True, name="shoal-local-node"
                 ).start()
+            # An engine dropped without close() still lets its threads go.
+            self._pool_finalizer = weakref.finalize(self, _stop, self._jobs, self.workers)
         self._jobs.put(job)
 
     def _retire_pool(self) -> None:
         if self._jobs is not None:
-            for _ in range(self.workers):
-                self._jobs.put(None)
+            self._pool_finalizer()  # runs _stop once
             self._jobs = None
 
 
+def _stop(jobs: queue.SimpleQueue[Callable[[], None] | None], workers: int) -> None:
+    for _ in range(workers):
+        jobs.put(None)
+
+
 def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
-    while (job := jobs.get()) is not None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
         job()
+        del job  # while idle, hold no reference to the engine the job belonged to
 
 
 def _copy_json(value: Any) -> Any:
