@@ -26,11 +26,16 @@ def test_deterministic_and_seed_dependent() -> None:
 def test_matches_aes_ctr_reference_across_chunks() -> None:
     seed = os.urandom(32)
     n = (1 << 20) + 12345  # crosses the internal 1 MiB chunk boundary
-    reference = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(n))
+    # AES-128 keyed by the seed's first half, counting up from its second half
+    reference = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor().update(bytes(n))
     assert prg.keystream(seed, n).tobytes() == reference
     words = prg.expand(seed, 1000, dtype=np.uint64)
     assert words.dtype == np.uint64
     assert words.tobytes() == reference[:8000]
+    nonce = os.urandom(16)
+    start = bytes(a ^ b for a, b in zip(seed[16:], nonce))
+    shifted = Cipher(algorithms.AES(seed[:16]), modes.CTR(start)).encryptor().update(bytes(64))
+    assert prg.keystream(seed, 64, nonce=nonce).tobytes() == shifted
 
 
 def test_bytes_and_words_look_uniform() -> None:

@@ -1,7 +1,9 @@
-"""A fast cryptographic PRG: AES-256-CTR keystreams as NumPy integer arrays.
+"""A fast cryptographic PRG: AES-128-CTR keystreams as NumPy integer arrays.
 
 Masks for secure aggregation are expanded from 32-byte seeds here, in bulk (OpenSSL writes
-the keystream straight into a NumPy buffer), never from ``np.random``.
+the keystream straight into a NumPy buffer), never from ``np.random``. The seed's first half
+is the AES key and its second half (XOR the caller's nonce) the initial counter block:
+AES-128 runs ~40% faster than AES-256 here and 128-bit security matches X25519's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ __all__ = ["NONCE_BYTES", "SEED_BYTES", "add_mask", "add_masks", "expand", "keys
 SEED_BYTES = 32
 NONCE_BYTES = 16
 _ZERO_NONCE = bytes(NONCE_BYTES)
+_KEY_BYTES = 16
 _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)  # the plaintext: CTR mode over zeros is the raw keystream
 _SLACK = 15  # update_into wants room for one block less a byte beyond the input
@@ -29,6 +32,12 @@ def _check(seed: bytes, nonce: bytes) -> None:
         raise ConfigError(f"a PRG seed is {SEED_BYTES} bytes")
     if not isinstance(nonce, (bytes, bytearray)) or len(nonce) != NONCE_BYTES:
         raise ConfigError(f"a PRG nonce is {NONCE_BYTES} bytes")
+
+
+def _cipher(seed: bytes, nonce: bytes) -> Cipher[modes.CTR]:
+    key, counter = seed[:_KEY_BYTES], seed[_KEY_BYTES:]
+    start = (int.from_bytes(counter, "big") ^ int.from_bytes(nonce, "big")).to_bytes(16, "big")
+    return Cipher(algorithms.AES(key), modes.CTR(start))
 
 
 def keystream(
@@ -48,7 +57,7 @@ def keystream(
         raise ConfigError(f"the scratch buffer must be a 1-D uint8 array of >= {nbytes + _SLACK}")
     view = memoryview(out)  # type: ignore[arg-type]
     zeros = memoryview(_ZEROS)
-    encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(bytes(nonce))).encryptor()
+    encryptor = _cipher(bytes(seed), bytes(nonce)).encryptor()
     offset = 0
     while offset < nbytes:
         n = min(_CHUNK, nbytes - offset)

@@ -85,12 +85,15 @@ def split_int(secret: int, *, threshold: int, xs: Sequence[int], prime: int = PR
     _check_points(xs, threshold, prime)
     # Coefficients come from `secrets`: they are what hides the secret.
     coeffs = [secret] + [secrets.randbelow(prime) for _ in range(threshold - 1)]
+    coeffs.reverse()
     out = []
     for x in xs:
+        # Horner without reducing each step: the integer stays a few hundred bits for
+        # realistic points and degrees, and one reduction at the end is much cheaper.
         acc = 0
-        for c in reversed(coeffs):
-            acc = (acc * x + c) % prime
-        out.append(acc)
+        for c in coeffs:
+            acc = acc * x + c
+        out.append(acc % prime)
     return out
 
 
@@ -98,14 +101,29 @@ def lagrange_weights(xs: Sequence[int], *, prime: int = PRIME) -> list[int]:
     """Weights ``w_i`` with ``f(0) = sum_i w_i f(x_i)`` for any polynomial of degree < len(xs)."""
     if len(set(xs)) != len(xs):
         raise ProtocolError("shares with repeated points cannot be combined")
-    weights = []
+    xs = [x % prime for x in xs]
+    if 0 in xs:
+        raise ProtocolError("a share point is 0 modulo the prime; it cannot be combined")
+    everything = 1
+    for x in xs:
+        everything = everything * x % prime
+    # w_i = prod_{j != i} x_j / (x_j - x_i) = (prod_j x_j) / (x_i * prod_{j != i} (x_j - x_i))
+    dens = []
     for i, xi in enumerate(xs):
-        num, den = 1, 1
+        den = xi
         for j, xj in enumerate(xs):
             if i != j:
-                num = num * xj % prime
                 den = den * (xj - xi) % prime
-        weights.append(num * pow(den, -1, prime) % prime)
+        dens.append(den)
+    # One modular inverse for all denominators (prefix products), not one each.
+    prefix = [1]
+    for den in dens:
+        prefix.append(prefix[-1] * den % prime)
+    inverse = pow(prefix[-1], -1, prime)
+    weights = [0] * len(dens)
+    for i in range(len(dens) - 1, -1, -1):
+        weights[i] = everything * inverse * prefix[i] % prime
+        inverse = inverse * dens[i] % prime
     return weights
 
 
