@@ -7,8 +7,12 @@ LocalEngine, so nodes run one after another in this process: ``wall_ratio`` comp
 simulated rounds, and ``parallel_ratio`` compares the critical path a deployment would see
 (server time plus, per dispatch, the slowest node), since there nodes run at the same time.
 Seconds per node (mean), server seconds and the bytes each node uploads are reported too.
+``--degree K`` fixes the neighbours per node (SecAgg+'s k) instead of the default choice,
+which grows with N: at a fixed degree the server's work should grow linearly in N.
 
     python benchmarks/secagg.py --nodes 10 100 500 --dim 10000 100000 1000000 --json out.json
+    python benchmarks/secagg.py --nodes 100 200 400 800 --dim 10000 --dropouts 0.1 \
+        --degree 40 --max-failure-probability 0.01
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 from shoal.aggregate import Clip, Sum
 from shoal.core import Federation
 from shoal.crypto import SecureSum
+from shoal.crypto.secagg import SecAggParams
 from shoal.runtime import DispatchResult, Faults, LocalEngine, NodeApp
 
 RANGE = 1.0
@@ -50,7 +55,15 @@ class MeteredEngine(LocalEngine):
         return result
 
 
-def run_case(nodes: int, dim: int, dropout: float, repeats: int, seed: int) -> dict[str, Any]:
+def run_case(
+    nodes: int,
+    dim: int,
+    dropout: float,
+    repeats: int,
+    seed: int,
+    degree: int | None = None,
+    failure_probability: float = 1e-6,
+) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     ids = [f"n{i}" for i in range(nodes)]
     vectors = {v: rng.uniform(-RANGE, RANGE, size=dim).astype(np.float32) for v in ids}
@@ -61,13 +74,23 @@ def run_case(nodes: int, dim: int, dropout: float, repeats: int, seed: int) -> d
         return {"delta": vectors[ctx.node_id]}
 
     # SecAgg+ as deployed: the sparse O(log n) graph (failure probability 1e-6 under random
-    # dropouts) from 50 nodes up, and a dropout tolerance of twice the expected rate, so a
-    # round fails with negligible probability (P[Bin(100, 0.1) > 20] ~ 0.1%).
-    sparse = 1e-6 if nodes >= 50 else 0.0
+    # dropouts unless told otherwise) from 50 nodes up, and a dropout tolerance of twice the
+    # expected rate, so a round fails with negligible probability (P[Bin(100, 0.1) > 20] ~ 0.1%).
+    sparse = failure_probability if nodes >= 50 else 0.0
+    tolerance = max(2 * dropout, 0.05)
     secure = Clip(RANGE * np.sqrt(dim)) | SecureSum(
         value_range=RANGE,
-        dropout_fraction=max(2 * dropout, 0.05),
+        dropout_fraction=tolerance,
         max_failure_probability=sparse,
+        degree=degree,
+    )
+    # the parameters SecureSum picks for these nodes (every node holds a value)
+    params = SecAggParams.create(
+        ids,
+        vector_length=dim,
+        dropout_fraction=tolerance,
+        max_failure_probability=sparse,
+        degree=degree,
     )
     app.install(secure.node_tasks())
     # Dropouts strike the secure rounds' masked-input phase (the costly case: the server
@@ -108,6 +131,8 @@ def run_case(nodes: int, dim: int, dropout: float, repeats: int, seed: int) -> d
     return {
         "nodes": nodes,
         "dim": dim,
+        "degree": params.degree,
+        "threshold": params.threshold,
         "dropout": dropout,
         "plain": med["plain"],
         "secure": med["secure"],
@@ -124,11 +149,20 @@ def main() -> int:
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--degree", type=int, help="neighbours per node (default: the smallest safe choice)"
+    )
+    parser.add_argument(
+        "--max-failure-probability",
+        type=float,
+        default=1e-6,
+        help="allowed chance that random dropouts break a round (from 50 nodes up)",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     results = []
     header = (
-        f"{'N':>5} {'D':>8} {'drop':>5} {'plain s':>8} {'secure s':>9} {'wall x':>7}"
+        f"{'N':>5} {'k':>4} {'D':>8} {'drop':>5} {'plain s':>8} {'secure s':>9} {'wall x':>7}"
         f" {'parallel x':>10} {'node s':>8} {'server s':>9} {'bytes x f32':>11}"
     )
     print(header)
@@ -136,10 +170,18 @@ def main() -> int:
     for n in args.nodes:
         for d in args.dim:
             for dropout in args.dropouts:
-                r = run_case(n, d, dropout, args.repeats, args.seed)
+                r = run_case(
+                    n,
+                    d,
+                    dropout,
+                    args.repeats,
+                    args.seed,
+                    args.degree,
+                    args.max_failure_probability,
+                )
                 results.append(r)
                 print(
-                    f"{n:>5} {d:>8} {dropout:>5.0%} {r['plain']['wall_s']:>8.3f}"
+                    f"{n:>5} {r['degree']:>4} {d:>8} {dropout:>5.0%} {r['plain']['wall_s']:>8.3f}"
                     f" {r['secure']['wall_s']:>9.3f} {r['overhead_vs_plain']:>6.1f}x"
                     f" {r['parallel_overhead_vs_plain']:>9.1f}x"
                     f" {r['secure']['node_s_mean']:>8.4f}"

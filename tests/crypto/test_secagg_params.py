@@ -46,6 +46,23 @@ def test_probabilistic_mode_allows_logarithmic_degree() -> None:
     )
 
 
+def test_fixed_degree_is_kept_or_refused() -> None:
+    p = SecAggParams.create(node_ids(200), vector_length=1, max_dropouts=4, degree=12)
+    assert (p.degree, p.threshold) == (12, 8)  # worst case: tolerate exactly 4 dropouts
+    q = SecAggParams.create(
+        node_ids(200), vector_length=1, max_dropouts=20, degree=30, max_failure_probability=1e-3
+    )
+    assert (q.degree, q.threshold) == (30, 16)
+    with pytest.raises(ConfigError, match="use degree >= 9"):
+        SecAggParams.create(node_ids(200), vector_length=1, max_dropouts=4, degree=8)
+    with pytest.raises(ConfigError, match="probability up to"):
+        SecAggParams.create(
+            node_ids(200), vector_length=1, max_dropouts=20, degree=6, max_failure_probability=1e-6
+        )
+    with pytest.raises(ConfigError, match="degree must be an integer"):
+        SecAggParams.create(node_ids(20), vector_length=1, degree=4.0)  # type: ignore[arg-type]
+
+
 def test_failure_bound_covers_brute_force() -> None:
     p = SecAggParams(
         nodes=tuple(node_ids(16)),

@@ -12,6 +12,7 @@ from shoal.crypto import SecureSum
 from shoal.crypto.secagg import MASKED_INPUT_TASK, SHARE_TASK, UNMASK_TASK
 from shoal.errors import ConfigError, NotEnoughNodes, ProtocolError
 from shoal.runtime import FETCH_TASK, Faults, LocalEngine, NodeApp
+from shoal.wire import decode
 
 
 def make_app(vectors: dict[str, np.ndarray], chain) -> NodeApp:
@@ -70,6 +71,31 @@ def test_dropouts_in_each_phase_give_the_sum_of_survivors(phase: str) -> None:
     np.testing.assert_allclose(
         reduced.vector, sum(data[v] for v in expected), atol=len(data) * 2 * 50 / 2**27
     )
+
+
+def test_fixed_sparse_degree_still_gives_the_exact_sum() -> None:
+    data = vectors(30, 20, seed=5)
+    chain = Clip(20.0) | SecureSum(degree=8, max_failure_probability=0.01, dropout_fraction=0.1)
+    recipients: list[int] = []
+
+    class ShareSpy(LocalEngine):
+        def dispatch(self, tasks, *, deadline_s):
+            result = super().dispatch(tasks, deadline_s=deadline_s)
+            if tasks and tasks[0].name == SHARE_TASK:
+                for reply in result.replies.values():
+                    recipients.append(len(decode(reply.payload)["recipients"]))
+            return result
+
+    engine = ShareSpy(make_app(data, chain), nodes=list(data))
+    out = Federation(engine).all().map("train")
+    reduced = chain.reduce(out["delta"])
+    assert set(reduced.node_ids) == set(data)
+    assert recipients == [8] * 30  # each node shared with its 8 neighbours, not all 29
+    np.testing.assert_allclose(
+        reduced.vector, sum(data.values()), atol=len(data) * 2 * 20 / 2**27
+    )
+    with pytest.raises(ConfigError, match="use degree >= 7"):
+        Clip(20.0).__or__(SecureSum(degree=6, dropout_fraction=0.1)).reduce(out["delta"])
 
 
 def test_too_many_dropouts_raise_instead_of_a_wrong_sum() -> None:

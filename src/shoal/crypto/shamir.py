@@ -54,7 +54,7 @@ class Share:
             int.from_bytes(data[i : i + ELEMENT_BYTES], "big")
             for i in range(0, len(data), ELEMENT_BYTES)
         )
-        if any(y >= PRIME for y in ys):
+        if max(ys) >= PRIME:
             raise ProtocolError("a share holds a value outside the field; it was corrupted")
         return cls(x=x, ys=ys)
 

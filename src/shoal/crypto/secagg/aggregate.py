@@ -98,12 +98,15 @@ class SecureSum(Reducer):
     The sum is unweighted: weighting would need a public bound on every weight, so each
     surviving node counts once, as in DP-FedAvg. ``dropout_fraction`` of the nodes may fail
     across the phases; ``max_failure_probability > 0`` allows the sparse O(log n) graph.
+    ``degree`` fixes the neighbours per node (the full graph when fewer nodes take part),
+    checked against the tolerance; by default the smallest safe one is chosen.
     """
 
     value_range: float | None = None
     bits: int = 32
     dropout_fraction: float = 0.1
     max_failure_probability: float = 0.0
+    degree: int | None = None
 
     def node_tasks(self) -> dict[str, Any]:
         return secure_sum_tasks()
@@ -131,11 +134,17 @@ class SecureSum(Reducer):
             dropout_fraction=self.dropout_fraction,
             bits=self.bits,
             max_failure_probability=self.max_failure_probability,
+            degree=None if self.degree is None else min(self.degree, len(holders) - 1),
         )
         server = SecAggServer(params=params)
 
         def phase(task: str, kind: type[Any], per_node: Mapping[str, Any]) -> dict[str, Any]:
-            replies, failures = federation.request(list(per_node), task, per_node=per_node)
+            requests = list(per_node.values())
+            if requests and all(r is requests[0] for r in requests):
+                # One request for everyone (advertise, unmask): encode it once, not per node.
+                replies, failures = federation.request(list(per_node), task, common=requests[0])
+            else:
+                replies, failures = federation.request(list(per_node), task, per_node=per_node)
             parsed, malformed = parse_replies(kind, replies)
             for node, failure in failures.items():
                 excluded[node] = f"secure sum ({task}): {failure.kind.value}: {failure.detail}"
@@ -162,8 +171,11 @@ class SecureSum(Reducer):
             {v: {**r.to_dict(), **extra} for v, r in masked_requests.items()},
         )
         unmask_requests = server.collect_masked(masked)
+        unmask_dicts: dict[int, dict[str, Any]] = {}  # the same request object, one dict
         unmasked = phase(
-            UNMASK_TASK, UnmaskReply, {v: r.to_dict() for v, r in unmask_requests.items()}
+            UNMASK_TASK,
+            UnmaskReply,
+            {v: unmask_dicts.setdefault(id(r), r.to_dict()) for v, r in unmask_requests.items()},
         )
         total = server.finish(unmasked)
         survivors = server.survivors

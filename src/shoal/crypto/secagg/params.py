@@ -168,13 +168,15 @@ class SecAggParams:
         bits: int = 32,
         round_id: str | None = None,
         max_failure_probability: float = 0.0,
+        degree: int | None = None,
     ) -> SecAggParams:
         """Pick degree and threshold for ``nodes`` that tolerate the stated dropouts.
 
         The degree is the smallest that works and is at least ~2 log2(n) (the full graph for
-        small n). With the worst-case guarantee the threshold is the largest that still
-        tolerates ``max_dropouts`` (most collusion resistance); with a failure probability it
-        is the smallest safe one, ``degree // 2 + 1``.
+        small n), unless ``degree`` fixes it (then it is checked, never changed). With the
+        worst-case guarantee the threshold is the largest that still tolerates
+        ``max_dropouts`` (most collusion resistance); with a failure probability it is the
+        smallest safe one, ``degree // 2 + 1``.
         """
         ids = tuple(nodes)
         n = len(ids)
@@ -190,6 +192,27 @@ class SecAggParams:
 
         def fits(k: int) -> bool:
             return (k * n) % 2 == 0
+
+        if degree is not None:
+            if not isinstance(degree, int) or isinstance(degree, bool):
+                raise ConfigError(f"degree must be an integer, got {degree!r}")
+            if max_failure_probability == 0.0 and degree <= 2 * d:
+                raise ConfigError(
+                    f"degree {degree} cannot guarantee tolerating {d} dropouts: a node needs "
+                    f"more than twice as many neighbours; use degree >= {2 * d + 1}, or allow "
+                    "a small max_failure_probability for random dropouts"
+                )
+            threshold = degree - d if max_failure_probability == 0.0 else degree // 2 + 1
+            return cls(
+                nodes=ids,
+                vector_length=vector_length,
+                threshold=threshold,
+                degree=degree,
+                max_dropouts=d,
+                bits=bits,
+                max_failure_probability=max_failure_probability,
+                **extra,
+            )
 
         if max_failure_probability == 0.0:
             k = max(2 * d + 1, floor_degree, 2)

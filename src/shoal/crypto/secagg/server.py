@@ -274,8 +274,9 @@ class SecAggServer:
                 self._reject(node, f"answered under the name {reply.node_id!r}")
             else:
                 out.append((node, reply))
+        asked_set = set(asked)
         for node in replies:
-            if node not in asked:
+            if node not in asked_set:
                 self.rejected.setdefault(node, "answered without being asked")
         return out
 
