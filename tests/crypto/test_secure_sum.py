@@ -91,9 +91,7 @@ def test_fixed_sparse_degree_still_gives_the_exact_sum() -> None:
     reduced = chain.reduce(out["delta"])
     assert set(reduced.node_ids) == set(data)
     assert recipients == [8] * 30  # each node shared with its 8 neighbours, not all 29
-    np.testing.assert_allclose(
-        reduced.vector, sum(data.values()), atol=len(data) * 2 * 20 / 2**27
-    )
+    np.testing.assert_allclose(reduced.vector, sum(data.values()), atol=len(data) * 2 * 20 / 2**27)
     with pytest.raises(ConfigError, match="use degree >= 7"):
         Clip(20.0).__or__(SecureSum(degree=6, dropout_fraction=0.1)).reduce(out["delta"])
 
