@@ -23,6 +23,7 @@ __all__ = [
     "geometric_median",
     "krum",
     "krum_scores",
+    "l2_norm",
     "multi_krum",
     "pairwise_sq_distances",
     "total",
@@ -140,10 +141,15 @@ def _column_blocks(n: int, d: int) -> Iterator[slice]:
         yield slice(start, min(start + width, d))
 
 
-def _norm(v: Float64Array) -> float:
-    """L2 norm of a float64 vector; inf only if the norm itself exceeds the float range."""
+def l2_norm(v: Float64Array) -> float:
+    """L2 norm of a float64 vector; inf only if the norm itself exceeds the float range.
+
+    Sums squares with einsum rather than BLAS: on busy cores (a simulation's worker threads,
+    other processes) a threaded BLAS dot waits for a second core and took ~4 ms instead of
+    ~0.05 ms for 10^5 values.
+    """
     with np.errstate(over="ignore"):
-        sq = float(np.dot(v, v))
+        sq = float(np.einsum("i,i->", v, v))
     if math.isfinite(sq):
         return math.sqrt(sq)
     # Squares of entries above ~1e154 overflow although the norm may not: rescale.
@@ -151,7 +157,7 @@ def _norm(v: Float64Array) -> float:
     if not math.isfinite(top):
         return math.inf
     u = v / top
-    return top * math.sqrt(float(np.dot(u, u)))  # Python floats overflow to inf, quietly
+    return top * math.sqrt(float(np.einsum("i,i->", u, u)))  # Python floats overflow to inf
 
 
 def _row_norms(x: FloatArray) -> Float64Array:
@@ -166,7 +172,7 @@ def _row_norms(x: FloatArray) -> Float64Array:
             sq += np.einsum("ij,ij->i", blk, blk)
     norms = np.sqrt(sq)
     for i in np.flatnonzero(~np.isfinite(norms)):
-        norms[i] = _norm(x[i].astype(np.float64))
+        norms[i] = l2_norm(x[i].astype(np.float64))
     return norms
 
 
@@ -180,7 +186,7 @@ def _distances_to(x: FloatArray, y: Float64Array) -> Float64Array:
             sq += np.einsum("ij,ij->i", diff, diff)
         dist = np.sqrt(sq)
         for i in np.flatnonzero(~np.isfinite(dist)):
-            dist[i] = _norm(x[i] - y)
+            dist[i] = l2_norm(x[i] - y)
     return dist
 
 
@@ -293,7 +299,7 @@ def clip_l2(updates: npt.ArrayLike, max_norm: float) -> tuple[FloatArray, Float6
     for i in np.flatnonzero(np.isinf(norms)):
         row = x[i].astype(np.float64)
         row /= np.abs(row).max()
-        clipped[i] = row * (c / _norm(row))
+        clipped[i] = row * (c / l2_norm(row))
     return clipped, norms
 
 
@@ -456,7 +462,7 @@ def geometric_median(
         dist, new_y = _weiszfeld_step(x, w, active, y)
         if new_y is None:
             break  # y is optimal
-        step = _norm(new_y - y)
+        step = l2_norm(new_y - y)
         y = new_y
         if step <= tol * _spread(dist, w, active):
             break
@@ -511,7 +517,7 @@ def _weiszfeld_step(
     # y sits on updates of total weight eta; the rest pull with force
     # |sum over away of w_i (x_i - y) / d_i| = (inv_sum / nearest) * |target - y|.
     # If eta >= pull, 0 is a subgradient and y is optimal; otherwise step part way.
-    pull = inv_sum * _norm(target - y)
+    pull = inv_sum * l2_norm(target - y)
     if pull <= eta * nearest:
         return dist, None
     gamma = eta * nearest / pull

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.aggregate import Clip, NodeTransform, Reduced, Reducer
+from shoal.aggregate import Clip, NodeTransform, Reduced, Reducer, rules
 from shoal.core import NodeValues
 from shoal.crypto.secagg.messages import (
     AdvertiseReply,
@@ -69,7 +69,7 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
 
 
 def _clip(vector: np.ndarray, norm_bound: float) -> np.ndarray:
-    norm = float(np.linalg.norm(vector))
+    norm = rules.l2_norm(vector)
     return vector * (norm_bound / norm) if norm > norm_bound else vector
 
 
