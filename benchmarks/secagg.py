@@ -10,17 +10,28 @@ Seconds per node (mean), server seconds and the bytes each node uploads are repo
 ``--degree K`` fixes the neighbours per node (SecAgg+'s k) instead of the default choice,
 which grows with N: at a fixed degree the server's work should grow linearly in N.
 
+``--flower-python PATH`` names the python of a virtualenv holding Flower 1.42 (never a
+dependency of shoal): each case then also runs ``secagg_flower.py`` there with the same N, D,
+dropout rate, repeats and SecAgg+ degree and threshold, and reports Flower's plain and secure
+round seconds and their ratio beside shoal's, measured on the same machine (see that file for
+how its setup differs from this one).
+
     python benchmarks/secagg.py --nodes 10 100 500 --dim 10000 100000 1000000 --json out.json
     python benchmarks/secagg.py --nodes 100 200 400 800 --dim 10000 --dropouts 0.1 \
         --degree 40 --max-failure-probability 0.01
+    python benchmarks/secagg.py --nodes 100 --dim 100000 --dropouts 0.1 \
+        --flower-python /work/venvs/flower/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -142,6 +153,47 @@ def run_case(
     }
 
 
+def run_flower(
+    python: str,
+    nodes: int,
+    dim: int,
+    dropout: float,
+    repeats: int,
+    seed: int,
+    shoal: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Flower's plain and SecAgg+ rounds for the same case, from ``secagg_flower.py``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "flower.json"
+        cmd = [
+            python,
+            str(Path(__file__).with_name("secagg_flower.py")),
+            *("--nodes", str(nodes), "--dim", str(dim), "--dropouts", str(dropout)),
+            *("--repeats", str(repeats), "--seed", str(seed)),
+            *("--degree", str(shoal["degree"]), "--threshold", str(shoal["threshold"])),
+            *("--json", str(out)),
+        ]
+        # Ray puts its driver's working directory on its workers' path: keep that one empty.
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            print(f"Flower run failed (exit {proc.returncode}):", *tail, sep="\n  ", flush=True)
+            return None
+        (result,) = json.loads(out.read_text())["results"]
+    return result
+
+
+def flower_python(path: str | None) -> str | None:
+    """The Flower venv's python if usable, else None (after saying why, on stderr)."""
+    if path is None:
+        print("Flower comparison off (pass --flower-python PATH to add it)", file=sys.stderr)
+        return None
+    if not (Path(path).is_file() and os.access(path, os.X_OK)):
+        print(f"Flower comparison off: no python at {path}", file=sys.stderr)
+        return None
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[10, 100])
@@ -158,13 +210,21 @@ def main() -> int:
         default=1e-6,
         help="allowed chance that random dropouts break a round (from 50 nodes up)",
     )
+    parser.add_argument(
+        "--flower-python",
+        metavar="PATH",
+        help="python of a venv with flwr[simulation]==1.42.0: also measure Flower's rounds",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
+    flower = flower_python(args.flower_python)
     results = []
     header = (
         f"{'N':>5} {'k':>4} {'D':>8} {'drop':>5} {'plain s':>8} {'secure s':>9} {'wall x':>7}"
         f" {'parallel x':>10} {'node s':>8} {'server s':>9} {'bytes x f32':>11}"
     )
+    if flower:
+        header += f" {'flwr plain s':>12} {'flwr secure s':>13} {'flwr x':>7}"
     print(header)
     print("-" * len(header))
     for n in args.nodes:
@@ -179,15 +239,25 @@ def main() -> int:
                     args.degree,
                     args.max_failure_probability,
                 )
-                results.append(r)
-                print(
+                line = (
                     f"{n:>5} {r['degree']:>4} {d:>8} {dropout:>5.0%} {r['plain']['wall_s']:>8.3f}"
                     f" {r['secure']['wall_s']:>9.3f} {r['overhead_vs_plain']:>6.1f}x"
                     f" {r['parallel_overhead_vs_plain']:>9.1f}x"
                     f" {r['secure']['node_s_mean']:>8.4f}"
-                    f" {r['secure']['server_s']:>9.3f} {r['bytes_vs_float32_upload']:>10.3f}x",
-                    flush=True,
+                    f" {r['secure']['server_s']:>9.3f} {r['bytes_vs_float32_upload']:>10.3f}x"
                 )
+                if flower:
+                    f = run_flower(flower, n, d, dropout, args.repeats, args.seed, r)
+                    r["flower"] = f
+                    r["flower_overhead_vs_plain"] = f["overhead_vs_plain"] if f else None
+                    line += (
+                        f" {f['plain']['wall_s']:>12.3f} {f['secure']['wall_s']:>13.3f}"
+                        f" {f['overhead_vs_plain']:>6.1f}x"
+                        if f
+                        else f" {'n/a':>12} {'n/a':>13} {'n/a':>7}"
+                    )
+                results.append(r)
+                print(line, flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
