@@ -2,7 +2,8 @@
 
 A node opens one stream to the coordinator (so it works from behind NAT), answers the
 coordinator's challenge with a signed hello, then runs the tasks its NodeApp registered,
-one at a time, and signs every reply and heartbeat. When the stream breaks it reconnects
+one at a time, and signs every reply and heartbeat; large payloads travel on a bulk lane beside
+the stream when the coordinator offers one (lane.py). When the stream breaks it reconnects
 with exponential backoff and jitter; it stops when the coordinator says the run is over.
 """
 
@@ -28,18 +29,21 @@ from shoal.errors import (
     ConfigError,
     PrivacyBudgetExceeded,
     ProtocolError,
+    TransportError,
     UnknownTask,
     WireError,
 )
 from shoal.runtime.app import NodeApp, TaskContext
 from shoal.runtime.engine import DECLINED_DETAIL
 from shoal.runtime.grpc.certs import ClientTLS
+from shoal.runtime.grpc.lane import LANE_MIN_BYTES, LaneSocket, connect_lane, parse_address
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     MAX_FRAME_BYTES,
     METHOD,
+    MIN_PROTOCOL,
     PROTOCOL,
     TO_COORDINATOR_CHUNK,
     TO_NODE_CHUNK,
@@ -99,9 +103,10 @@ class _Rejected(Exception):
 @dataclass
 class _Incoming:
     header: pb.TaskHeader
-    assembler: Assembler | None  # None: the bytes are drained and the task refused
+    assembler: Assembler | None  # None: the bytes are drained and the task refused (or on the lane)
     refusal: str
     remaining: int
+    lane: bool = False  # the bytes come on the bulk lane, read by the worker
 
 
 class NodeClient:
@@ -111,7 +116,8 @@ class NodeClient:
     federation CA and this node's certificate, or ``insecure=True`` for plaintext (testing
     only). ``partition_index`` tells the coordinator which simulated node this one stands
     for, so a deployment can repeat a simulation exactly. ``job_digest``, when given, must
-    match the coordinator's job.
+    match the coordinator's job. ``lane=False`` keeps every byte on the gRPC stream even if
+    the coordinator offers a bulk lane (for a network that lets only one port through).
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class NodeClient:
         backoff: Backoff | None = None,
         max_idle_s: float | None = None,
         seed: int | None = None,
+        lane: bool = True,
     ) -> None:
         if tls is None and not insecure:
             raise ConfigError(
@@ -147,6 +154,8 @@ class NodeClient:
         self.job_digest = job_digest
         self.backoff = backoff or Backoff()
         self.max_idle_s = max_idle_s
+        self.use_lane = lane
+        self.lane_open = False  # whether the current session's bulk lane is up
         self.node_id: str | None = None
         self.state: dict[str, Any] = {}  # persists across tasks and reconnections
         self.tasks_done = 0
@@ -161,6 +170,8 @@ class NodeClient:
         self._chunk_bytes = DEFAULT_CHUNK_BYTES
         self._max_reply = 0
         self._heartbeat_s = 5.0
+        self._data_port = 0
+        self._protocol = PROTOCOL
 
     # -- control ---------------------------------------------------------------------------
 
@@ -240,6 +251,7 @@ class NodeClient:
             queue.SimpleQueue()
         )
         threads: list[threading.Thread] = []
+        lanes: list[LaneSocket] = []  # the worker opens it; closing it here wakes the worker
         try:
             stub = channel.stream_stream(METHOD)
             call = stub(requests())
@@ -255,7 +267,7 @@ class NodeClient:
             threads = [
                 threading.Thread(
                     target=self._work,
-                    args=(work, out, signer, cancelled),
+                    args=(work, out, signer, cancelled, call, lanes),
                     name="shoal-node-worker",
                     daemon=True,
                 ),
@@ -289,6 +301,9 @@ class NodeClient:
             work.put(None)
             out.put(None)
             self._call = None
+            self.lane_open = False
+            for lane in lanes:
+                lane.close()
             channel.close()
             for thread in threads:
                 thread.join(timeout=5)
@@ -300,11 +315,13 @@ class NodeClient:
         if first.WhichOneof("kind") != "challenge" or len(first.challenge.challenge) < 16:
             raise ProtocolError("the coordinator did not open with a challenge")
         challenge = first.challenge
-        if challenge.protocol != PROTOCOL:
+        if challenge.protocol < MIN_PROTOCOL:
             raise _Rejected(
-                f"coordinator speaks protocol {challenge.protocol}, this node {PROTOCOL}; "
-                "run the same shoal version on both sides"
+                f"coordinator speaks protocol {challenge.protocol}, this node "
+                f"{MIN_PROTOCOL}..{PROTOCOL}; run the same shoal version on both sides"
             )
+        # The older of the two versions: an older coordinator then never sees lane fields.
+        self._protocol = min(PROTOCOL, challenge.protocol)
         try:
             signer = NodeSigner(
                 key=self.key,
@@ -316,6 +333,7 @@ class NodeClient:
             raise ProtocolError(f"the coordinator's challenge is unusable: {exc}") from None
         message = signer.hello()
         hello = message.hello
+        hello.protocol = self._protocol
         hello.tasks.extend(self.app.task_names)
         hello.job_digest = self.job_digest
         hello.software = f"shoal {shoal.__version__}"
@@ -337,6 +355,7 @@ class NodeClient:
         self._chunk_bytes = welcome.chunk_bytes or DEFAULT_CHUNK_BYTES
         self._max_reply = welcome.max_reply_bytes
         self._heartbeat_s = welcome.heartbeat_s if welcome.heartbeat_s > 0 else 5.0
+        self._data_port = welcome.data_port if self._protocol >= 3 and welcome.data_port else 0
         log.info("connected to %s as node %s", self.coordinator, self.node_id)
         return signer
 
@@ -393,6 +412,8 @@ class NodeClient:
                 f"task payload of {header.size} bytes exceeds this node's limit of "
                 f"{self.app.limits.max_bytes}"
             )
+        if header.lane:  # the worker reads (or drains) the bytes from the lane
+            return _Incoming(header=header, assembler=None, refusal=refusal, remaining=0, lane=True)
         assembler = None if refusal else Assembler(header.size)
         return _Incoming(header=header, assembler=assembler, refusal=refusal, remaining=header.size)
 
@@ -401,12 +422,33 @@ class NodeClient:
         incoming: _Incoming,
         work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
     ) -> None:
-        if incoming.assembler is None:
+        if incoming.assembler is None or incoming.lane:
             work.put(incoming)
         else:
             work.put((incoming, incoming.assembler.payload()))
 
     # -- worker threads --------------------------------------------------------------------
+
+    def _open_lane(self, signer: NodeSigner) -> LaneSocket | None:
+        """The session's bulk lane, or None (then every byte goes over the stream)."""
+        if not self._data_port or not self.use_lane:
+            return None
+        lane_id, token = signer.reply_key.lane()
+        try:
+            host = parse_address(self.coordinator)[0]
+            lane = connect_lane(
+                host=host,
+                port=self._data_port,
+                lane_id=lane_id,
+                token=token,
+                context=self.tls.ssl_context() if self.tls is not None else None,
+                server_name=self.tls.server_name if self.tls is not None else None,
+            )
+        except (TransportError, ProtocolError, ConfigError) as exc:
+            log.warning("no bulk lane (%s); payloads go over the gRPC stream", exc)
+            return None
+        log.info("bulk lane open to port %d", self._data_port)
+        return lane
 
     def _work(
         self,
@@ -414,6 +456,49 @@ class NodeClient:
         out: queue.SimpleQueue[bytes | Iterable[bytes] | None],
         signer: NodeSigner,
         cancelled: set[str],
+        call: Any,
+        lanes: list[LaneSocket],
+    ) -> None:
+        # Opened here, not before the worker starts, so the stream and heartbeats run while
+        # the lane connects; the coordinator sends nothing on the lane before it is up.
+        lane = self._open_lane(signer)
+        if lane is not None:
+            lanes.append(lane)
+            if self._call is not call:  # the session ended while the lane connected
+                lane.close()
+                return
+            self.lane_open = True
+        try:
+            self._work_loop(work, out, signer, cancelled, lane)
+        except (TransportError, ProtocolError) as exc:
+            if not self._stop.is_set():
+                log.warning("bulk lane failed, reconnecting: %s", exc)
+            self.lane_open = False
+            call.cancel()  # the session cannot go on without the bytes it announced
+
+    def _lane_payload(self, incoming: _Incoming, lane: LaneSocket | None, keep: bool) -> Any:
+        """Read (or, if not ``keep``, drain) a task's bytes from the lane, checked first."""
+        header = incoming.header
+        if lane is None:
+            raise ProtocolError("the coordinator sent a task on a bulk lane this node has not")
+        task_id, size = lane.read_head()
+        if task_id != header.task_id or size != header.size:
+            raise ProtocolError(
+                f"bulk lane frame ({task_id[:100]!r}, {size} bytes) does not match the task "
+                f"header ({header.task_id[:100]!r}, {header.size} bytes)"
+            )
+        if not keep:
+            lane.drain(size)
+            return None
+        return lane.read_payload(size)
+
+    def _work_loop(
+        self,
+        work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
+        out: queue.SimpleQueue[bytes | Iterable[bytes] | None],
+        signer: NodeSigner,
+        cancelled: set[str],
+        lane: LaneSocket | None,
     ) -> None:
         while True:
             item = work.get()
@@ -421,6 +506,11 @@ class NodeClient:
                 return
             incoming, payload = item if isinstance(item, tuple) else (item, None)
             header = incoming.header
+            if incoming.lane:
+                # Sizes were checked against this node's limits when the header arrived;
+                # a refused or cancelled task's bytes are drained, never stored.
+                keep = not incoming.refusal and header.task_id not in cancelled
+                payload = self._lane_payload(incoming, lane, keep)
             if header.task_id in cancelled:
                 cancelled.discard(header.task_id)
                 continue
@@ -446,6 +536,11 @@ class NodeClient:
             reply.size = result.nbytes
             reply.tag = signer.reply_tag(message, result)
             reply.elapsed_s = time.perf_counter() - start
+            if lane is not None and result.nbytes >= LANE_MIN_BYTES:
+                reply.lane = True
+                out.put(signer.frame(message))
+                lane.send(header.task_id, result)
+                continue
             frames = chunk_frames(TO_COORDINATOR_CHUNK, result, self._chunk_bytes)
             out.put(itertools.chain((signer.frame(message),), frames))
 

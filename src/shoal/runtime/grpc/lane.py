@@ -1,0 +1,375 @@
+"""The bulk lane: a TCP (or mutual TLS) connection beside a node's gRPC stream, for payload bytes.
+
+Headers stay on the signed gRPC stream; the bytes a header announces travel here behind a
+minimal frame, sent with ``sendall`` straight from the encoded payload and received with
+``recv_into`` straight into their final buffer, so no bulk byte passes through grpcio's
+Python message layer. A lane belongs to exactly one authenticated session (see :func:`proof`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+from shoal.errors import AuthenticationError, ProtocolError, TransportError
+from shoal.runtime.engine import Buffer
+from shoal.runtime.grpc.auth import LANE_ID_BYTES
+
+__all__ = [
+    "LANE_MIN_BYTES",
+    "MAX_TASK_ID_BYTES",
+    "LaneServer",
+    "LaneSocket",
+    "connect_lane",
+    "parse_address",
+    "proof",
+]
+
+log = logging.getLogger("shoal.deploy.lane")
+
+_MAGIC = b"SHL1"
+_NONCE_BYTES = 32
+_PROOF_BYTES = 32
+# Coordinator -> node on accept: magic, nonce. Node -> coordinator: magic, lane id, proof.
+# Coordinator -> node when admitted: "OK", its own proof (the node then knows the lane leads
+# to the coordinator of its session, even without TLS).
+_GREETING_BYTES = len(_MAGIC) + _NONCE_BYTES
+_HELLO_BYTES = len(_MAGIC) + LANE_ID_BYTES + _PROOF_BYTES
+_ACCEPT = b"OK"
+_ACCEPT_BYTES = len(_ACCEPT) + _PROOF_BYTES
+# A frame: kind, task id length, payload size (64 bits: payloads over 4 GB are fine), task id.
+_FRAME = struct.Struct("!BHQ")
+_PAYLOAD = 1
+MAX_TASK_ID_BYTES = 4096
+# Payloads below this stay on the gRPC stream: there a small payload rides in the same
+# HTTP/2 flow as its header, and the lane's extra frame would buy nothing.
+LANE_MIN_BYTES = 64 << 10
+# recv_into / MAC granularity: large enough that per-call Python overhead vanishes, small
+# enough that the MAC reads bytes still in cache. Sends are sliced too, since some socket
+# layers take at most 2**31 - 1 bytes per call.
+_RECV_BLOCK = 1 << 20
+_SEND_BLOCK = 16 << 20
+
+
+def proof(token: bytes, nonce: bytes, role: bytes) -> bytes:
+    """HMAC-SHA256 proving that ``role`` (node or coordinator) holds ``token``, for ``nonce``."""
+    return hmac.digest(token, b"shoal-deploy-v1 lane " + role + b"\x00" + nonce, "sha256")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6; an optional ``dns:///``) -> (host, port)."""
+    text = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ProtocolError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _byte_view(payload: Buffer) -> memoryview:
+    view = memoryview(payload)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class LaneSocket:
+    """One authenticated lane connection: frames out with sendall, in with recv_into.
+
+    Sending and receiving may run on two threads at once (one of each); ``close`` from any
+    thread wakes both.
+    """
+
+    def __init__(self, sock: socket.socket, *, peer: str = "") -> None:
+        self.sock = sock
+        self.peer = peer
+        self._send_lock = threading.Lock()
+        self._head = bytearray(_FRAME.size)
+        self.closed = False
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, task_id: str, payload: Buffer) -> None:
+        """Send one frame: ``payload``'s bytes, zero-copy, announced as belonging to ``task_id``."""
+        name = task_id.encode("utf-8")
+        if len(name) > MAX_TASK_ID_BYTES:
+            raise ProtocolError(f"task id of {len(name)} bytes is over {MAX_TASK_ID_BYTES}")
+        view = _byte_view(payload)
+        size = view.nbytes
+        with self._send_lock:
+            try:
+                self.sock.sendall(_FRAME.pack(_PAYLOAD, len(name), size) + name)
+                for start in range(0, size, _SEND_BLOCK):
+                    self.sock.sendall(view[start : start + _SEND_BLOCK])
+            except OSError as exc:
+                raise TransportError(f"bulk lane to {self.peer or 'peer'} failed: {exc}") from None
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _recv_exact(self, view: memoryview) -> None:
+        got, size = 0, view.nbytes
+        try:
+            while got < size:
+                n = self.sock.recv_into(view[got:], min(size - got, _RECV_BLOCK))
+                if n == 0:
+                    raise TransportError("the bulk lane closed in the middle of a frame")
+                got += n
+        except OSError as exc:
+            raise TransportError(f"bulk lane from {self.peer or 'peer'} failed: {exc}") from None
+
+    def read_head(self) -> tuple[str, int]:
+        """The next frame's (task id, payload size). TransportError once the lane is closed."""
+        view = memoryview(self._head)
+        try:
+            n = self.sock.recv_into(view)
+        except OSError as exc:
+            raise TransportError(f"bulk lane from {self.peer or 'peer'} failed: {exc}") from None
+        if n == 0:
+            raise TransportError("the bulk lane was closed")
+        if n < _FRAME.size:
+            self._recv_exact(view[n:])
+        kind, name_bytes, size = _FRAME.unpack(self._head)
+        if kind != _PAYLOAD:
+            raise ProtocolError(f"unknown bulk lane frame kind {kind}: the peer is broken")
+        if name_bytes > MAX_TASK_ID_BYTES:
+            raise ProtocolError(f"bulk lane frame names a task id of {name_bytes} bytes")
+        name = bytearray(name_bytes)
+        self._recv_exact(memoryview(name))
+        try:
+            return name.decode("utf-8"), size
+        except UnicodeDecodeError:
+            raise ProtocolError("bulk lane frame with a task id that is not UTF-8") from None
+
+    def read_payload(self, size: int, *, mac: Poly1305 | None = None) -> memoryview:
+        """Receive a frame's ``size`` payload bytes (already checked by the caller) into a new
+        buffer, feeding ``mac`` block by block while the bytes are still in cache."""
+        # np.empty leaves pages untouched until recv_into writes them.
+        buffer = np.empty(size, dtype=np.uint8)
+        view = buffer.data
+        for start in range(0, size, _RECV_BLOCK):
+            block = view[start : start + _RECV_BLOCK]
+            self._recv_exact(block)
+            if mac is not None:
+                mac.update(block)
+        buffer.flags.writeable = False
+        return buffer.data
+
+    def drain(self, size: int) -> None:
+        """Read and drop a frame's payload (refused, cancelled or late), in constant memory."""
+        scratch = memoryview(bytearray(min(size, _RECV_BLOCK)))
+        left = size
+        while left:
+            n = min(left, scratch.nbytes)
+            self._recv_exact(scratch[:n])
+            left -= n
+
+    def close(self) -> None:
+        self.closed = True
+        # The plain socket's shutdown, also for TLS: it wakes a thread blocked in recv
+        # without tearing the TLS object out from under it.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def _recv_fixed(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Exactly ``size`` bytes before ``deadline`` (handshakes only: they are a few dozen bytes)."""
+    out = bytearray()
+    while len(out) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
+        data = sock.recv(size - len(out))
+        if not data:
+            raise ConnectionError("connection closed during the bulk lane handshake")
+        out += data
+    return bytes(out)
+
+
+def connect_lane(
+    *,
+    host: str,
+    port: int,
+    lane_id: bytes,
+    token: bytes,
+    context: ssl.SSLContext | None,
+    server_name: str | None = None,
+    timeout_s: float = 10.0,
+) -> LaneSocket:
+    """Open the node's end of a session's lane and prove the session's lane token.
+
+    Raises TransportError if the coordinator cannot be reached or refuses, AuthenticationError
+    if the other end does not prove the same token (not this session's coordinator).
+    """
+    deadline = time.monotonic() + timeout_s
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        raise TransportError(f"cannot open the bulk lane to {host}:{port}: {exc}") from None
+    sock: socket.socket = raw
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            sock = context.wrap_socket(raw, server_hostname=server_name or host)
+        greeting = _recv_fixed(sock, _GREETING_BYTES, deadline)
+        if not greeting.startswith(_MAGIC):
+            raise TransportError(f"{host}:{port} is not a shoal bulk lane")
+        nonce = greeting[len(_MAGIC) :]
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.sendall(_MAGIC + lane_id + proof(token, nonce, b"node"))
+        answer = _recv_fixed(sock, _ACCEPT_BYTES, deadline)
+    except (OSError, ssl.SSLError) as exc:
+        sock.close()
+        raise TransportError(
+            f"the bulk lane handshake with {host}:{port} failed: {exc or type(exc).__name__}"
+        ) from None
+    except TransportError:
+        sock.close()
+        raise
+    if not answer.startswith(_ACCEPT) or not hmac.compare_digest(
+        answer[len(_ACCEPT) :], proof(token, nonce, b"coordinator")
+    ):
+        sock.close()
+        raise AuthenticationError(
+            f"the bulk lane at {host}:{port} did not prove this session's key; not using it"
+        )
+    sock.settimeout(None)
+    return LaneSocket(sock, peer=f"{host}:{port}")
+
+
+class LaneServer:
+    """The coordinator's lane listener: accepts, authenticates, hands each lane to ``serve``.
+
+    ``token_for(lane_id)`` gives the token of the live session with that id (or None);
+    ``serve(lane_id, lane)`` runs on the connection's thread for as long as the lane lives.
+    Unauthenticated connections get ``timeout_s`` to prove a token and are limited to
+    ``max_pending`` at once; each refusal is reported to ``rejected(peer, reason)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        context: ssl.SSLContext | None,
+        token_for: Callable[[bytes], bytes | None],
+        serve: Callable[[bytes, LaneSocket], None],
+        rejected: Callable[[str, str], None],
+        timeout_s: float = 10.0,
+        max_pending: int = 64,
+    ) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            self._listener = socket.create_server((host, port), family=family, backlog=128)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen for the bulk lane on {host}:{port} ({exc}); is the port in use? "
+                "Choose another with data_listen / --data-port"
+            ) from None
+        self.port: int = self._listener.getsockname()[1]
+        self._context = context
+        self._token_for = token_for
+        self._serve = serve
+        self._rejected = rejected
+        self._timeout_s = timeout_s
+        self._pending = threading.BoundedSemaphore(max_pending)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="shoal-lane-accept", daemon=True)
+
+    def start(self) -> LaneServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(timeout=5)
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, address = self._listener.accept()
+            except OSError:
+                if self._closing.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            peer = _peer(address)
+            if not self._pending.acquire(blocking=False):
+                conn.close()
+                self._rejected(peer, "too many bulk lane connections still authenticating")
+                continue
+            threading.Thread(
+                target=self._connection, args=(conn, peer), name="shoal-lane", daemon=True
+            ).start()
+
+    def _connection(self, conn: socket.socket, peer: str) -> None:
+        try:
+            authenticated = self._authenticate(conn, peer)
+        finally:
+            self._pending.release()
+        if authenticated is None:
+            return
+        lane_id, lane = authenticated
+        try:
+            self._serve(lane_id, lane)
+        finally:
+            lane.close()
+
+    def _authenticate(self, conn: socket.socket, peer: str) -> tuple[bytes, LaneSocket] | None:
+        deadline = time.monotonic() + self._timeout_s
+        sock: socket.socket = conn
+        reason = ""
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(self._timeout_s)
+            if self._context is not None:
+                sock = self._context.wrap_socket(conn, server_side=True)
+            nonce = os.urandom(_NONCE_BYTES)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(_MAGIC + nonce)
+            hello = _recv_fixed(sock, _HELLO_BYTES, deadline)
+            if not hello.startswith(_MAGIC):
+                reason = "not a shoal bulk lane hello"
+            else:
+                lane_id = hello[len(_MAGIC) : len(_MAGIC) + LANE_ID_BYTES]
+                token = self._token_for(lane_id)
+                if token is None:
+                    reason = "no live session has this lane id (stale or forged)"
+                elif not hmac.compare_digest(
+                    hello[len(_MAGIC) + LANE_ID_BYTES :], proof(token, nonce, b"node")
+                ):
+                    reason = "wrong lane token: the connection is not bound to the session"
+                else:
+                    sock.sendall(_ACCEPT + proof(token, nonce, b"coordinator"))
+                    sock.settimeout(None)
+                    return lane_id, LaneSocket(sock, peer=peer)
+        except TimeoutError:
+            reason = f"no lane authentication within {self._timeout_s:g} s"
+        except ssl.SSLError as exc:
+            reason = f"TLS handshake failed ({exc.reason or exc})"
+        except OSError as exc:
+            reason = f"connection failed during authentication ({exc or type(exc).__name__})"
+        sock.close()
+        if not self._closing.is_set():
+            self._rejected(peer, reason)
+        return None
+
+
+def _peer(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)

@@ -1,0 +1,351 @@
+"""The bulk lane beside the gRPC stream: rounds over it (plaintext and TLS), the fallback to
+gRPC, and a misbehaving lane peer (no or wrong token, tampered, malformed or oversized frames,
+no valid certificate) refused while the coordinator keeps serving."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from shoal.errors import AuthenticationError, TransportError
+from shoal.runtime import FailureKind, NodeApp, Task
+from shoal.runtime.grpc import ClientTLS, ServerTLS, make_certs
+from shoal.runtime.grpc.lane import LANE_MIN_BYTES, LaneSocket, connect_lane, parse_address
+from shoal.wire import decode, encode
+
+BIG = np.random.default_rng(1).standard_normal(40_000)  # 320 kB: over the lane threshold
+
+
+def make_app() -> NodeApp:
+    app = NodeApp()
+
+    @app.task("echo")
+    def echo(ctx, payload):
+        return {"x": payload["x"] * 2, "who": ctx.node_id}
+
+    @app.task("slow")
+    def slow(ctx, payload):
+        time.sleep(float(payload["s"]))
+        return {"x": payload["x"]}
+
+    return app
+
+
+def tasks(node_ids, payload, prefix="t"):
+    return [
+        Task(node_id=n, name="echo", payload=payload, task_id=f"{prefix}/{n}") for n in node_ids
+    ]
+
+
+def wait_for_lanes(engine, count: int) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        open_lanes = sum(s.lane for s in engine.sessions())
+        if open_lanes >= count:
+            return open_lanes
+        time.sleep(0.02)
+    return sum(s.lane for s in engine.sessions())
+
+
+def reasons(federation, action: str) -> list[str]:
+    return [r.detail.get("reason", "") for r in federation.store.audit_log() if r.action == action]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls"])
+def test_round_over_the_lane_matches_the_stream(federation, secure) -> None:
+    options = {"tls": ServerTLS.from_dir(federation.certs)} if secure else {}
+    engine = federation.engine(**options)
+    assert engine.data_port and engine.data_port != engine.port
+    for i, name in enumerate(["n0", "n1"]):
+        client_tls = {"tls": ClientTLS.from_dir(federation.certs, name=name)} if secure else {}
+        # n1 keeps every byte on the stream: both paths in one round, same answers.
+        federation.client(
+            name, make_app(), engine.port, partition_index=i, lane=i == 0, **client_tls
+        )
+    assert engine.wait_for_nodes(2, timeout_s=30) == 2
+    assert wait_for_lanes(engine, 1) == 1
+    assert {s.node_id: s.lane for s in engine.sessions()} == {"n0": True, "n1": False}
+    payload = encode({"x": BIG})
+    result = engine.dispatch(tasks(["n0", "n1"], payload), deadline_s=30)
+    assert not result.failures
+    for name in ["n0", "n1"]:
+        got = decode(result.replies[name].payload)
+        np.testing.assert_array_equal(got["x"], BIG * 2)
+        assert got["who"] == name
+    sent, received = engine.lane_bytes
+    assert sent == len(payload)  # n0's task went over the lane, n1's over gRPC
+    assert received == len(result.replies["n0"].payload)
+    # Small payloads stay on the stream even where a lane is open.
+    small = engine.dispatch(tasks(["n0"], encode({"x": np.ones(3)}), prefix="s"), deadline_s=30)
+    assert decode(small.replies["n0"].payload)["x"].tolist() == [2.0, 2.0, 2.0]
+    assert engine.lane_bytes == (sent, received)
+
+
+def test_fallback_to_the_stream(federation, raw_session) -> None:
+    # A coordinator without a lane (or an older one): nothing is announced, gRPC carries all.
+    no_lane = federation.engine(data_listen=None)
+    assert no_lane.data_port == 0
+    federation.client("n0", make_app(), no_lane.port)
+    # A lane that cannot be reached: the node carries on over gRPC.
+    unreachable = federation.engine()
+    assert unreachable._lane_server is not None
+    unreachable._lane_server.close()
+    federation.client("n1", make_app(), unreachable.port)
+    payload = encode({"x": BIG})
+    for engine, name in [(no_lane, "n0"), (unreachable, "n1")]:
+        assert engine.wait_for_nodes(1, timeout_s=30) == 1
+        result = engine.dispatch(tasks([name], payload), deadline_s=30)
+        np.testing.assert_array_equal(decode(result.replies[name].payload)["x"], BIG * 2)
+        assert engine.lane_bytes == (0, 0)
+        assert not any(s.lane for s in engine.sessions())
+    # A protocol 2 node is still admitted; it is offered no lane (it would not know one).
+    engine = federation.engine()
+    old = raw_session(f"127.0.0.1:{engine.port}")
+    old.send(old.hello(federation.keys["n2"], protocol=2))
+    assert old.recv().welcome.data_port == 0
+    new = raw_session(f"127.0.0.1:{engine.port}")
+    new.send(new.hello(federation.keys["n3"]))
+    assert new.recv().welcome.data_port == engine.data_port
+
+
+def test_deadlines_cancels_and_a_lost_lane(federation) -> None:
+    engine = federation.engine()
+    client = federation.client("n0", make_app(), engine.port)
+    assert engine.wait_for_nodes(1, timeout_s=30) == 1 and wait_for_lanes(engine, 1) == 1
+    big = encode({"x": BIG, "s": 1.2})
+
+    def slow(prefix: str, deadline_s: float):
+        task = Task(node_id="n0", name="slow", payload=big, task_id=prefix)
+        return engine.dispatch([task], deadline_s=deadline_s)
+
+    # A runs late (its reply is drained when it comes); B, queued behind it, is cancelled
+    # before it starts, so the node drains B's bytes from the lane without running it.
+    assert slow("a", 0.3).failures["n0"].kind == FailureKind.TIMEOUT
+    assert slow("b", 0.2).failures["n0"].kind == FailureKind.TIMEOUT
+    result = engine.dispatch(tasks(["n0"], encode({"x": BIG})), deadline_s=30)
+    np.testing.assert_array_equal(decode(result.replies["n0"].payload)["x"], BIG * 2)
+    assert client.tasks_done == 2  # a and the echo: b never ran
+    # The lane breaks: the session ends with it, and the node comes back with a new lane.
+    engine._sessions["n0"].lane.sock.close()
+    deadline = time.monotonic() + 30
+    while client.sessions < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.sessions == 2 and wait_for_lanes(engine, 1) == 1
+    result = engine.dispatch(tasks(["n0"], encode({"x": BIG}), prefix="again"), deadline_s=30)
+    np.testing.assert_array_equal(decode(result.replies["n0"].payload)["x"], BIG * 2)
+
+
+# -- a hand-driven node and lane ------------------------------------------------------------
+
+
+@pytest.fixture
+def lanes():
+    opened: list[LaneSocket] = []
+    yield opened
+    for lane in opened:
+        lane.close()
+
+
+def open_raw_node(federation, raw_session, engine, lanes, *, name="n0", tls=None, context=None):
+    """A welcomed raw session for ``name`` and its authenticated lane."""
+    session = raw_session(f"127.0.0.1:{engine.port}", tls=tls)
+    key = federation.keys[name]
+    session.send(session.hello(key))
+    welcome = session.recv().welcome
+    signer = session.signer(key)
+    lane_id, token = signer.reply_key.lane()
+    lane = connect_lane(
+        host="127.0.0.1", port=welcome.data_port, lane_id=lane_id, token=token, context=context
+    )
+    lanes.append(lane)
+    deadline = time.monotonic() + 30
+    while not any(s.lane for s in engine.sessions() if s.node_id == name):
+        assert time.monotonic() < deadline, "the lane was not attached"
+        time.sleep(0.02)
+    return session, signer, lane
+
+
+def dispatch_in_background(engine, node_ids, payload):
+    results: list = []
+    thread = threading.Thread(
+        target=lambda: results.append(engine.dispatch(tasks(node_ids, payload), deadline_s=30))
+    )
+    thread.start()
+    return thread, results
+
+
+def receive_task(session, lane):
+    header = session.recv().task
+    assert header.lane and header.size >= LANE_MIN_BYTES
+    assert lane.read_head() == (header.task_id, header.size)
+    return header, lane.read_payload(header.size)
+
+
+def announce_reply(session, signer, header, data: bytes, *, size: int | None = None):
+    message = signer.message()
+    message.reply.task_id = header.task_id
+    message.reply.size = len(data) if size is None else size
+    message.reply.tag = signer.reply_tag(message, data)
+    message.reply.lane = True
+    session.send(signer.frame(message))
+
+
+def test_tampered_lane_reply_is_invalid(federation, raw_session, lanes) -> None:
+    engine = federation.engine()
+    session, signer, lane = open_raw_node(federation, raw_session, engine, lanes)
+    honest = bytes(encode({"x": BIG * 2}))
+    # Untouched, the hand-made reply is accepted: only the tag tells the two apart.
+    thread, results = dispatch_in_background(engine, ["n0"], encode({"x": BIG}))
+    header, payload = receive_task(session, lane)
+    np.testing.assert_array_equal(decode(payload)["x"], BIG)
+    announce_reply(session, signer, header, honest)
+    lane.send(header.task_id, honest)
+    thread.join(30)
+    assert bytes(results[0].replies["n0"].payload) == honest
+    # One flipped bit on the lane.
+    thread, results = dispatch_in_background(engine, ["n0"], encode({"x": BIG}))
+    header, _ = receive_task(session, lane)
+    announce_reply(session, signer, header, honest)
+    tampered = bytearray(honest)
+    tampered[len(tampered) // 2] ^= 0x01
+    lane.send(header.task_id, tampered)
+    thread.join(30)
+    failure = results[0].failures["n0"]
+    assert failure.kind == FailureKind.INVALID and "tag" in failure.detail
+    assert session.refused()[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "node.tampered_reply" in [r.action for r in federation.store.audit_log()]
+
+
+def _raw_frame(kind: int, task_id: str, size: int) -> bytes:
+    name = task_id.encode()
+    return struct.pack("!BHQ", kind, len(name), size) + name
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["oversized", "wrong_task", "unknown_kind", "unannounced_size"],
+)
+def test_malformed_or_oversized_lane_frames_end_only_that_session(
+    federation, raw_session, lanes, frame
+) -> None:
+    engine = federation.engine(max_reply_bytes=1 << 20)
+    federation.client("n1", make_app(), engine.port)
+    session, signer, lane = open_raw_node(federation, raw_session, engine, lanes)
+    assert engine.wait_for_nodes(2, timeout_s=30) == 2
+    thread, results = dispatch_in_background(engine, ["n0"], encode({"x": BIG}))
+    header, _ = receive_task(session, lane)
+    honest = bytes(encode({"x": BIG * 2}))
+    if frame == "oversized":
+        # The signed header itself announces more than the coordinator takes.
+        announce_reply(session, signer, header, honest, size=1 << 40)
+        expected = grpc.StatusCode.RESOURCE_EXHAUSTED
+    else:
+        announce_reply(session, signer, header, honest)
+        raw = {
+            # Far more than announced (were it allocated, the coordinator would die).
+            "unannounced_size": _raw_frame(1, header.task_id, 1 << 60),
+            "wrong_task": _raw_frame(1, "someone-else", len(honest)),
+            "unknown_kind": _raw_frame(9, header.task_id, len(honest)),
+        }[frame]
+        lane.sock.sendall(raw)
+        expected = grpc.StatusCode.INVALID_ARGUMENT
+    thread.join(30)
+    failure = results[0].failures["n0"]
+    assert failure.kind in (FailureKind.INVALID, FailureKind.DROPPED)
+    assert session.refused()[0] == expected
+    # Only that node's session ended: the coordinator and the other node carry on.
+    result = engine.dispatch(tasks(["n1"], encode({"x": BIG}), prefix="after"), deadline_s=30)
+    np.testing.assert_array_equal(decode(result.replies["n1"].payload)["x"], BIG * 2)
+
+
+def test_lane_without_the_session_token_is_refused(federation, raw_session, lanes) -> None:
+    engine = federation.engine(handshake_timeout_s=0.5)
+    federation.client("n1", make_app(), engine.port)
+    assert engine.wait_for_nodes(1, timeout_s=30) == 1
+    assert wait_for_lanes(engine, 1) == 1
+    # A real session's lane id (it is sent in the clear) with a guessed token.
+    session = raw_session(f"127.0.0.1:{engine.port}")
+    session.send(session.hello(federation.keys["n0"]))
+    port = session.recv().welcome.data_port
+    lane_id, token = session.signer(federation.keys["n0"]).reply_key.lane()
+    with pytest.raises((TransportError, AuthenticationError)):
+        connect_lane(
+            host="127.0.0.1", port=port, lane_id=lane_id, token=os.urandom(32), context=None
+        )
+    # An id no session has, with its own (self-consistent) token.
+    with pytest.raises((TransportError, AuthenticationError)):
+        connect_lane(host="127.0.0.1", port=port, lane_id=os.urandom(16), token=token, context=None)
+    # A connection that never says anything is dropped after the handshake timeout.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+        silent.recv(64)  # the greeting
+        assert silent.recv(64) == b""  # then the coordinator hangs up
+    # Bytes that are not a lane hello at all.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as junk:
+        junk.sendall(b"JUNK" + os.urandom(48))  # exactly a hello's length
+        junk.recv(64)
+        assert junk.recv(64) == b""
+    rejected = reasons(federation, "node.lane_rejected")
+    assert any("wrong lane token" in r for r in rejected)
+    assert any("no live session" in r for r in rejected)
+    assert any("within 0.5 s" in r for r in rejected)
+    assert any("not a shoal bulk lane" in r for r in rejected)
+    # The session whose token was guessed at, and the other node, are unharmed.
+    assert sorted(engine.node_ids()) == ["n0", "n1"]
+    result = engine.dispatch(tasks(["n1"], encode({"x": BIG})), deadline_s=30)
+    np.testing.assert_array_equal(decode(result.replies["n1"].payload)["x"], BIG * 2)
+    # With the right token the same session gets its lane.
+    lanes.append(
+        connect_lane(host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=None)
+    )
+    assert wait_for_lanes(engine, 2) == 2
+
+
+def test_lane_tls_requires_a_federation_certificate(
+    federation, raw_session, lanes, tmp_path
+) -> None:
+    engine = federation.engine(tls=ServerTLS.from_dir(federation.certs), handshake_timeout_s=1.0)
+    tls = ClientTLS.from_dir(federation.certs, name="n0")
+    session = raw_session(f"127.0.0.1:{engine.port}", tls=tls)
+    session.send(session.hello(federation.keys["n0"]))
+    port = session.recv().welcome.data_port
+    lane_id, token = session.signer(federation.keys["n0"]).reply_key.lane()
+    # Even with the session's token: no client certificate, no lane.
+    no_cert = ClientTLS.from_dir(federation.certs).ssl_context()
+    with pytest.raises(TransportError):
+        connect_lane(host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=no_cert)
+    # A certificate from another CA (that also trusts ours) is refused too.
+    other = make_certs(tmp_path / "other", nodes=["n0"])
+    foreign = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    foreign.load_verify_locations(cadata=tls.ca.decode())
+    foreign.load_cert_chain(other.nodes["n0"], tmp_path / "other" / "n0-key.pem")
+    with pytest.raises(TransportError):
+        connect_lane(host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=foreign)
+    # Plaintext against the TLS lane fails as well.
+    with pytest.raises((TransportError, AuthenticationError)):
+        connect_lane(host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=None)
+    deadline = time.monotonic() + 10
+    while len(reasons(federation, "node.lane_rejected")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum("TLS" in r for r in reasons(federation, "node.lane_rejected")) >= 2
+    # The federation's own certificate and the token: admitted.
+    lane = connect_lane(
+        host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=tls.ssl_context()
+    )
+    lanes.append(lane)
+    assert wait_for_lanes(engine, 1) == 1
+
+
+def test_parse_address() -> None:
+    assert parse_address("127.0.0.1:7000") == ("127.0.0.1", 7000)
+    assert parse_address("[::1]:7001") == ("::1", 7001)
+    assert parse_address("dns:///coord.example.org:7000") == ("coord.example.org", 7000)
+    with pytest.raises(Exception, match="HOST:PORT"):
+        parse_address("no-port")
