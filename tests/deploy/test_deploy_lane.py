@@ -18,7 +18,13 @@ import pytest
 from shoal.errors import AuthenticationError, TransportError
 from shoal.runtime import FailureKind, NodeApp, Task
 from shoal.runtime.grpc import ClientTLS, ServerTLS, make_certs
-from shoal.runtime.grpc.lane import LANE_MIN_BYTES, LaneSocket, connect_lane, parse_address
+from shoal.runtime.grpc.lane import (
+    LANE_MIN_BYTES,
+    BufferPool,
+    LaneSocket,
+    connect_lane,
+    parse_address,
+)
 from shoal.wire import decode, encode
 
 BIG = np.random.default_rng(1).standard_normal(40_000)  # 320 kB: over the lane threshold
@@ -133,8 +139,8 @@ def test_deadlines_cancels_and_a_lost_lane(federation) -> None:
     result = engine.dispatch(tasks(["n0"], encode({"x": BIG})), deadline_s=30)
     np.testing.assert_array_equal(decode(result.replies["n0"].payload)["x"], BIG * 2)
     assert client.tasks_done == 2  # a and the echo: b never ran
-    # The lane breaks: the session ends with it, and the node comes back with a new lane.
-    engine._sessions["n0"].lane.sock.close()
+    # The lane breaks while idle: the session ends with it, and the node comes back.
+    socket.socket.shutdown(engine._sessions["n0"].lane.sock.sock, socket.SHUT_RDWR)
     deadline = time.monotonic() + 30
     while client.sessions < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -349,3 +355,25 @@ def test_parse_address() -> None:
     assert parse_address("dns:///coord.example.org:7000") == ("coord.example.org", 7000)
     with pytest.raises(Exception, match="HOST:PORT"):
         parse_address("no-port")
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_else_holds() -> None:
+    pool = BufferPool(max_bytes=3000)
+    first = pool.take(1000)
+    first[:] = 7
+    first.flags.writeable = False
+    view = first.data  # a reply's payload view
+    decoded = np.frombuffer(view, dtype=np.uint8)[10:20]  # an array decoded from it
+    address = first.ctypes.data
+    del first, view
+    second = pool.take(1000)
+    assert second.ctypes.data != address  # still in use: a new buffer, the old one intact
+    assert decoded.tolist() == [7] * 10
+    del decoded, second
+    again = pool.take(1000)
+    assert again.ctypes.data == address and again.flags.writeable  # nothing holds it: reused
+    others = [pool.take(1000) for _ in range(3)]  # over max_bytes: the last is not kept
+    assert all(o.nbytes == 1000 for o in others)
+    del again, others
+    big = pool.take(2500)  # free buffers of other sizes make room
+    assert big.nbytes == 2500 and pool.take(2500).ctypes.data != big.ctypes.data

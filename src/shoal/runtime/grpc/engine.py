@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import re
+import select
 import threading
 import time
 from collections import Counter
@@ -36,7 +37,13 @@ from shoal.errors import (
 from shoal.runtime.engine import Buffer, DispatchResult, Failure, FailureKind, Reply, Task
 from shoal.runtime.grpc.auth import KeyShare, ReplayGuard, ReplyKey, fingerprint, verify
 from shoal.runtime.grpc.certs import ServerTLS
-from shoal.runtime.grpc.lane import LANE_MIN_BYTES, LaneServer, LaneSocket, parse_address
+from shoal.runtime.grpc.lane import (
+    LANE_MIN_BYTES,
+    BufferPool,
+    LaneServer,
+    LaneSocket,
+    parse_address,
+)
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
     DEFAULT_CHUNK_BYTES,
@@ -171,33 +178,40 @@ class _Inbound:
 
 
 class _Lane:
-    """A session's authenticated bulk lane: payloads queued for its writer, replies expected.
+    """A session's authenticated bulk lane.
 
-    Task payloads are queued in the order their headers enter the stream, and replies are
-    expected in the order their headers arrive, so the two connections never need to agree
-    on more than that order (each frame's task id and size are still checked against it).
+    Task payloads are queued for its writer thread in the order their headers enter the
+    stream; a reply's bytes are read by the session's reader right after their header, so
+    the two connections never need to agree on more than that order (each frame's task id
+    and size are still checked against its header).
     """
 
     def __init__(self, sock: LaneSocket) -> None:
         self.sock = sock
         self.out: queue.SimpleQueue[tuple[str, Buffer] | None] = queue.SimpleQueue()
-        self.expected: queue.SimpleQueue[_Inbound | None] = queue.SimpleQueue()
-        self.current: _Inbound | None = None  # the reply being read
+        self.closed = threading.Event()
 
-    def close(self) -> list[_Inbound]:
-        """Close; returns the replies announced but not received (their tasks must fail)."""
+    def close(self) -> None:
+        self.closed.set()
         self.out.put(None)
         self.sock.close()
-        unfinished = [self.current] if self.current is not None else []
-        while True:
-            try:
-                inbound = self.expected.get_nowait()
-            except queue.Empty:
-                break
-            if inbound is not None:
-                unfinished.append(inbound)
-        self.expected.put(None)
-        return unfinished
+
+    def watch(self) -> bool:
+        """Block until the lane is closed here (False) or hung up by the peer (True).
+
+        Nothing reads an idle lane, so a node (or a middlebox) dropping it would otherwise
+        go unnoticed until the next payload; polling for a hang-up reads no bytes.
+        """
+        hangup = getattr(select, "POLLRDHUP", 0)
+        if not hangup or not hasattr(select, "poll"):
+            self.closed.wait()
+            return False
+        poller = select.poll()
+        poller.register(self.sock.sock.fileno(), hangup | select.POLLHUP | select.POLLERR)
+        while not self.closed.is_set():
+            if poller.poll(1000) and not self.closed.is_set():
+                return True
+        return False
 
 
 class _Session:
@@ -339,6 +353,8 @@ class GrpcEngine:
         self._lane_server: LaneServer | None = None
         self._lane_ids: dict[bytes, _Session] = {}
         self._lane_bytes = [0, 0]  # payload bytes sent, received on lanes
+        # Replies of one round are the sizes of the last round's: their buffers come back.
+        self._lane_pool = BufferPool()
         self.port = 0
         self.data_port = 0
 
@@ -850,7 +866,12 @@ class GrpcEngine:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "a reply was announced on a bulk lane this session does not have",
                 )
-            lane.expected.put(_Inbound(header, pending, session.reply_key, nonce, lane=True))
+            inbound = _Inbound(header, pending, session.reply_key, nonce, lane=True)
+            try:
+                self._lane_receive(session, lane, inbound)
+            finally:  # whatever went wrong, the task fails now, not at its deadline
+                if pending is not None:
+                    pending.fail(FailureKind.DROPPED, "the bulk lane broke during the reply")
             return
         inbound = _Inbound(header, pending, session.reply_key, nonce)
         if header.size:
@@ -915,12 +936,12 @@ class GrpcEngine:
             pending = list(session.pending.values())
             session.pending.clear()
             lane, session.lane = session.lane, None
-            # Replies whose header came but whose bytes had not all arrived.
-            inbound = [session.inbound] if session.inbound is not None else []
-            session.inbound = None
+            # A reply whose header came but whose bytes had not all arrived.
+            inbound, session.inbound = session.inbound, None
         if lane is not None:
-            inbound += lane.close()
-        pending += [i.pending for i in inbound if i.pending is not None]
+            lane.close()
+        if inbound is not None and inbound.pending is not None:
+            pending.append(inbound.pending)
         for p in pending:
             p.fail(FailureKind.DROPPED, f"node disconnected: {reason}")
         session.out.put(None)
@@ -944,7 +965,7 @@ class GrpcEngine:
         return session.lane_token if session is not None and not session.closed else None
 
     def _serve_lane(self, lane_id: bytes, sock: LaneSocket) -> None:
-        """An authenticated lane (runs on its connection's thread, reading, until it ends)."""
+        """An authenticated lane (runs on its connection's thread until the lane closes)."""
         with self._lock:
             session = self._lane_ids.get(lane_id)
         lane = _Lane(sock)
@@ -969,7 +990,8 @@ class GrpcEngine:
             name=f"shoal-lane-writer-{session.id}",
             daemon=True,
         ).start()
-        self._lane_read(session, lane)
+        if lane.watch():
+            self._close_session(session, "the node's bulk lane hung up")
 
     def _lane_write(self, session: _Session, lane: _Lane) -> None:
         while True:
@@ -984,55 +1006,31 @@ class GrpcEngine:
                 self._close_session(session, f"bulk lane lost: {exc}")
                 return
 
-    def _lane_read(self, session: _Session, lane: _Lane) -> None:
-        reason = "bulk lane closed"
+    def _lane_receive(self, session: _Session, lane: _Lane, inbound: _Inbound) -> None:
+        """Read a reply's bytes from the lane, right after its header (on the reader thread)."""
+        header, pending = inbound.header, inbound.pending
         try:
-            while not session.closed:
-                task_id, size = lane.sock.read_head()
-                try:
-                    inbound = lane.expected.get(timeout=self.liveness_s)
-                except queue.Empty:
-                    raise _SessionAbort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"bulk lane bytes for {task_id[:100]!r} that no reply header announced",
-                    ) from None
-                if inbound is None:
-                    return
-                lane.current = inbound
-                header = inbound.header
-                # Checked before a byte of payload is read or a buffer allocated: the size
-                # was bounded by max_reply_bytes when the signed header arrived.
-                if task_id != header.task_id or size != header.size:
-                    raise _SessionAbort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"bulk lane frame ({task_id[:100]!r}, {size} bytes) does not match the "
-                        f"reply header ({header.task_id[:100]!r}, {header.size} bytes)",
-                    )
-                if inbound.pending is None or inbound.mac is None:
-                    lane.sock.drain(size)
-                    continue
-                payload = lane.sock.read_payload(size, mac=inbound.mac)
-                session.last_seen = time.monotonic()
-                with self._lock:
-                    self._lane_bytes[1] += size
-                lane.current = None
-                self._deliver(session, inbound.pending, header, inbound.mac.finalize(), payload)
-        except (_SessionAbort, ProtocolError) as exc:
-            if isinstance(exc, _SessionAbort):
-                code, reason = exc.code, exc.detail
-            else:
-                code, reason = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-            current = lane.current
-            if current is not None and current.pending is not None:
-                current.pending.fail(FailureKind.INVALID, reason)
-            session.abort(code, reason)
-            log.warning("bulk lane of node %s closed: %s", session.node_id, reason)
-            self._audit(
-                "node.lane_aborted", session.node_id, peer=lane.sock.peer, reason=reason[:500]
-            )
+            task_id, size = lane.sock.read_head()
+            # Checked before a byte of payload is read or a buffer allocated; the size was
+            # bounded by max_reply_bytes when the signed header arrived.
+            if task_id != header.task_id or size != header.size:
+                raise ProtocolError(
+                    f"bulk lane frame ({task_id[:100]!r}, {size} bytes) does not match the "
+                    f"reply header ({header.task_id[:100]!r}, {header.size} bytes)"
+                )
+            if pending is None or inbound.mac is None:
+                lane.sock.drain(size)  # late, cancelled or failed: only drained
+                return
+            payload = lane.sock.read_payload(size, mac=inbound.mac, pool=self._lane_pool)
+        except ProtocolError as exc:
+            if pending is not None:
+                pending.fail(FailureKind.INVALID, str(exc))
+            raise _SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except TransportError as exc:
-            reason = f"bulk lane lost: {exc}"
-        self._close_session(session, reason)
+            raise _SessionAbort(grpc.StatusCode.UNAVAILABLE, f"bulk lane lost: {exc}") from None
+        with self._lock:
+            self._lane_bytes[1] += size
+        self._deliver(session, pending, header, inbound.mac.finalize(), payload)
 
     def _lane_rejected(self, peer: str, reason: str) -> None:
         log.warning("refused a bulk lane connection from %s: %s", peer, reason)

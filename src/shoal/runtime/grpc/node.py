@@ -36,7 +36,13 @@ from shoal.errors import (
 from shoal.runtime.app import NodeApp, TaskContext
 from shoal.runtime.engine import DECLINED_DETAIL
 from shoal.runtime.grpc.certs import ClientTLS
-from shoal.runtime.grpc.lane import LANE_MIN_BYTES, LaneSocket, connect_lane, parse_address
+from shoal.runtime.grpc.lane import (
+    LANE_MIN_BYTES,
+    BufferPool,
+    LaneSocket,
+    connect_lane,
+    parse_address,
+)
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
     DEFAULT_CHUNK_BYTES,
@@ -172,6 +178,7 @@ class NodeClient:
         self._heartbeat_s = 5.0
         self._data_port = 0
         self._protocol = PROTOCOL
+        self._lane_pool = BufferPool()  # task buffers come back once a task lets go of them
 
     # -- control ---------------------------------------------------------------------------
 
@@ -251,7 +258,7 @@ class NodeClient:
             queue.SimpleQueue()
         )
         threads: list[threading.Thread] = []
-        lanes: list[LaneSocket] = []  # the worker opens it; closing it here wakes the worker
+        lanes: list[LaneSocket] = []
         try:
             stub = channel.stream_stream(METHOD)
             call = stub(requests())
@@ -266,21 +273,27 @@ class NodeClient:
             cancelled: set[str] = set()
             threads = [
                 threading.Thread(
-                    target=self._work,
-                    args=(work, out, signer, cancelled, call, lanes),
-                    name="shoal-node-worker",
-                    daemon=True,
-                ),
-                threading.Thread(
                     target=self._beat,
                     args=(out, signer, stop_threads, call),
                     name="shoal-node-heartbeat",
                     daemon=True,
-                ),
+                )
             ]
-            for thread in threads:
-                thread.start()
-            return self._receive(responses, work, cancelled)
+            threads[0].start()  # first: heartbeats go on while the lane connects
+            lane = self._open_lane(signer)
+            if lane is not None:
+                lanes.append(lane)
+                self.lane_open = True
+            threads.append(
+                threading.Thread(
+                    target=self._work,
+                    args=(work, out, signer, cancelled, call, lane),
+                    name="shoal-node-worker",
+                    daemon=True,
+                )
+            )
+            threads[1].start()
+            return self._receive(responses, work, cancelled, lane)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if code in _FATAL or (code == grpc.StatusCode.UNAUTHENTICATED and not welcomed[0]):
@@ -289,9 +302,10 @@ class NodeClient:
             if code == grpc.StatusCode.CANCELLED and self._idle():
                 return NodeExit.IDLE
             return None
-        except ProtocolError as exc:
+        except (ProtocolError, TransportError) as exc:  # TransportError: the bulk lane broke
             self.detail = str(exc)
-            log.warning("protocol error, reconnecting: %s", exc)
+            if not self._stop.is_set():
+                log.warning("%s, reconnecting", exc)
             return None
         except StopIteration:  # the coordinator ended the stream during the handshake
             self.detail = "the coordinator closed the stream"
@@ -364,6 +378,7 @@ class NodeClient:
         responses: Iterator[bytes],
         work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
         cancelled: set[str],
+        lane: LaneSocket | None,
     ) -> NodeExit | None:
         incoming: _Incoming | None = None
         for raw in responses:
@@ -388,7 +403,13 @@ class NodeClient:
             if kind == "task":
                 self._last_activity = time.monotonic()
                 incoming = self._announce(frame.task)
-                if incoming.remaining == 0:
+                if incoming.lane:
+                    # Read here, right after the header: the size was checked against this
+                    # node's limits first, and a refused task's bytes are drained, not kept.
+                    payload = self._lane_payload(incoming, lane, keep=not incoming.refusal)
+                    work.put(incoming if payload is None else (incoming, payload))
+                    incoming = payload = None  # held only by the worker now
+                elif incoming.remaining == 0:
                     self._queue(incoming, work)
                     incoming = None
             elif kind == "cancel":
@@ -412,7 +433,7 @@ class NodeClient:
                 f"task payload of {header.size} bytes exceeds this node's limit of "
                 f"{self.app.limits.max_bytes}"
             )
-        if header.lane:  # the worker reads (or drains) the bytes from the lane
+        if header.lane:  # the bytes come on the lane
             return _Incoming(header=header, assembler=None, refusal=refusal, remaining=0, lane=True)
         assembler = None if refusal else Assembler(header.size)
         return _Incoming(header=header, assembler=assembler, refusal=refusal, remaining=header.size)
@@ -422,7 +443,7 @@ class NodeClient:
         incoming: _Incoming,
         work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
     ) -> None:
-        if incoming.assembler is None or incoming.lane:
+        if incoming.assembler is None:
             work.put(incoming)
         else:
             work.put((incoming, incoming.assembler.payload()))
@@ -457,17 +478,8 @@ class NodeClient:
         signer: NodeSigner,
         cancelled: set[str],
         call: Any,
-        lanes: list[LaneSocket],
+        lane: LaneSocket | None,
     ) -> None:
-        # Opened here, not before the worker starts, so the stream and heartbeats run while
-        # the lane connects; the coordinator sends nothing on the lane before it is up.
-        lane = self._open_lane(signer)
-        if lane is not None:
-            lanes.append(lane)
-            if self._call is not call:  # the session ended while the lane connected
-                lane.close()
-                return
-            self.lane_open = True
         try:
             self._work_loop(work, out, signer, cancelled, lane)
         except (TransportError, ProtocolError) as exc:
@@ -476,7 +488,9 @@ class NodeClient:
             self.lane_open = False
             call.cancel()  # the session cannot go on without the bytes it announced
 
-    def _lane_payload(self, incoming: _Incoming, lane: LaneSocket | None, keep: bool) -> Any:
+    def _lane_payload(
+        self, incoming: _Incoming, lane: LaneSocket | None, *, keep: bool
+    ) -> memoryview | None:
         """Read (or, if not ``keep``, drain) a task's bytes from the lane, checked first."""
         header = incoming.header
         if lane is None:
@@ -490,7 +504,7 @@ class NodeClient:
         if not keep:
             lane.drain(size)
             return None
-        return lane.read_payload(size)
+        return lane.read_payload(size, pool=self._lane_pool)
 
     def _work_loop(
         self,
@@ -504,45 +518,51 @@ class NodeClient:
             item = work.get()
             if item is None:
                 return
-            incoming, payload = item if isinstance(item, tuple) else (item, None)
-            header = incoming.header
-            if incoming.lane:
-                # Sizes were checked against this node's limits when the header arrived;
-                # a refused or cancelled task's bytes are drained, never stored.
-                keep = not incoming.refusal and header.task_id not in cancelled
-                payload = self._lane_payload(incoming, lane, keep)
-            if header.task_id in cancelled:
-                cancelled.discard(header.task_id)
-                continue
-            start = time.perf_counter()
-            if payload is None:
-                status, detail, result = pb.REJECTED, incoming.refusal, memoryview(b"")
-            else:
-                status, detail, result = self._run_task(header, payload)
-            self.tasks_done += 1
-            self._last_activity = time.monotonic()
-            if self._max_reply and result.nbytes > self._max_reply:
-                status, detail, result = (
-                    pb.ERROR,
-                    f"the result is {result.nbytes} bytes, over the coordinator's limit of "
-                    f"{self._max_reply}",
-                    memoryview(b""),
-                )
-            message = signer.message()
-            reply = message.reply
-            reply.task_id = header.task_id
-            reply.status = status
-            reply.detail = detail[:_MAX_DETAIL]
-            reply.size = result.nbytes
-            reply.tag = signer.reply_tag(message, result)
-            reply.elapsed_s = time.perf_counter() - start
-            if lane is not None and result.nbytes >= LANE_MIN_BYTES:
-                reply.lane = True
-                out.put(signer.frame(message))
-                lane.send(header.task_id, result)
-                continue
-            frames = chunk_frames(TO_COORDINATOR_CHUNK, result, self._chunk_bytes)
-            out.put(itertools.chain((signer.frame(message),), frames))
+            self._serve_task(item, out, signer, cancelled, lane)
+            del item  # nothing here holds the payload while waiting: its buffer can come back
+
+    def _serve_task(
+        self,
+        item: _Incoming | tuple[_Incoming, memoryview],
+        out: queue.SimpleQueue[bytes | Iterable[bytes] | None],
+        signer: NodeSigner,
+        cancelled: set[str],
+        lane: LaneSocket | None,
+    ) -> None:
+        incoming, payload = item if isinstance(item, tuple) else (item, None)
+        header = incoming.header
+        if header.task_id in cancelled:
+            cancelled.discard(header.task_id)
+            return
+        start = time.perf_counter()
+        if payload is None:
+            status, detail, result = pb.REJECTED, incoming.refusal, memoryview(b"")
+        else:
+            status, detail, result = self._run_task(header, payload)
+        self.tasks_done += 1
+        self._last_activity = time.monotonic()
+        if self._max_reply and result.nbytes > self._max_reply:
+            status, detail, result = (
+                pb.ERROR,
+                f"the result is {result.nbytes} bytes, over the coordinator's limit of "
+                f"{self._max_reply}",
+                memoryview(b""),
+            )
+        message = signer.message()
+        reply = message.reply
+        reply.task_id = header.task_id
+        reply.status = status
+        reply.detail = detail[:_MAX_DETAIL]
+        reply.size = result.nbytes
+        reply.tag = signer.reply_tag(message, result)
+        reply.elapsed_s = time.perf_counter() - start
+        if lane is not None and result.nbytes >= LANE_MIN_BYTES:
+            reply.lane = True
+            out.put(signer.frame(message))
+            lane.send(header.task_id, result)
+            return
+        frames = chunk_frames(TO_COORDINATOR_CHUNK, result, self._chunk_bytes)
+        out.put(itertools.chain((signer.frame(message),), frames))
 
     def _run_task(
         self, header: pb.TaskHeader, payload: memoryview
