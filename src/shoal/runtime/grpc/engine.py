@@ -207,7 +207,10 @@ class _Lane:
             self.closed.wait()
             return False
         poller = select.poll()
-        poller.register(self.sock.sock.fileno(), hangup | select.POLLHUP | select.POLLERR)
+        try:
+            poller.register(self.sock.sock.fileno(), hangup | select.POLLHUP | select.POLLERR)
+        except (ValueError, OSError):  # already closed here
+            return False
         while not self.closed.is_set():
             if poller.poll(1000) and not self.closed.is_set():
                 return True

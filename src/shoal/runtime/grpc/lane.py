@@ -55,9 +55,11 @@ _ACCEPT_BYTES = len(_ACCEPT) + _PROOF_BYTES
 _FRAME = struct.Struct("!BHQ")
 _PAYLOAD = 1
 MAX_TASK_ID_BYTES = 4096
-# Payloads below this stay on the gRPC stream: there a small payload rides in the same
-# HTTP/2 flow as its header, and the lane's extra frame would buy nothing.
-LANE_MIN_BYTES = 64 << 10
+# Payloads below this stay on the gRPC stream. Measured on loopback (one node, median of a
+# task round trip), the lane was faster at every size, even 64 bytes (1.7 vs 2.1 ms; 4 KiB:
+# 1.2 vs 2.0 ms; 1 MiB: 2.8 vs 4.2 ms): on the stream a payload costs a gRPC message of its
+# own after its header. So only empty payloads stay there.
+LANE_MIN_BYTES = 1
 # At most this much per recv_into / sendall call (some socket layers take at most 2**31 - 1
 # bytes per call); on loopback, capping calls at 1 MiB instead took ~30% longer per 40 MB.
 _IO_BLOCK = 16 << 20
@@ -420,9 +422,9 @@ class LaneServer:
             reason = f"TLS handshake failed ({exc.reason or exc})"
         except OSError as exc:
             reason = f"connection failed during authentication ({exc or type(exc).__name__})"
-        sock.close()
-        if not self._closing.is_set():
+        if not self._closing.is_set():  # first: once closed, the peer may look at once
             self._rejected(peer, reason)
+        sock.close()
         return None
 
 

@@ -483,7 +483,7 @@ class NodeClient:
         try:
             self._work_loop(work, out, signer, cancelled, lane)
         except (TransportError, ProtocolError) as exc:
-            if not self._stop.is_set():
+            if self._call is call and not self._stop.is_set():  # not just the session ending
                 log.warning("bulk lane failed, reconnecting: %s", exc)
             self.lane_open = False
             call.cancel()  # the session cannot go on without the bytes it announced
