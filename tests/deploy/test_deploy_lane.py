@@ -378,3 +378,17 @@ def test_buffer_pool_reuses_only_buffers_nothing_else_holds() -> None:
     del again, others
     big = pool.take(2500)  # free buffers of other sizes make room
     assert big.nbytes == 2500 and pool.take(2500).ctypes.data != big.ctypes.data
+
+
+def test_frames_carry_64_bit_sizes() -> None:
+    a, b = socket.socketpair()
+    sender, receiver = LaneSocket(a), LaneSocket(b)
+    try:
+        a.sendall(_raw_frame(1, "7:t/n0", 5 << 30))  # a 5 GiB payload's frame head
+        assert receiver.read_head() == ("7:t/n0", 5 << 30)
+        sender.send("task", b"abc")
+        assert receiver.read_head() == ("task", 3)
+        assert bytes(receiver.read_payload(3)) == b"abc"
+    finally:
+        sender.close()
+        receiver.close()

@@ -155,8 +155,8 @@ class _Pending:
 class _Inbound:
     """A reply whose bytes are arriving; ``pending`` None means its bytes are discarded.
 
-    Chunks from the stream go to ``assembler``; bytes from the lane are read by the lane's
-    reader, which feeds ``mac`` itself.
+    Chunks from the stream go to ``assembler``; bytes from the lane are read in one go
+    right after the header (``_lane_receive``), which feeds ``mac`` itself.
     """
 
     def __init__(
@@ -432,6 +432,7 @@ class GrpcEngine:
                 port=port,
                 context=context,
                 token_for=self._lane_token,
+                attach=self._attach_lane,
                 serve=self._serve_lane,
                 rejected=self._lane_rejected,
                 timeout_s=self.handshake_timeout_s,
@@ -556,8 +557,8 @@ class GrpcEngine:
                 pending.fail(FailureKind.DROPPED, "node is not connected")
                 continue
             targets.append((task, session, pending))
-        # Large payloads go on the lane of each session that has one: the same encoded bytes
-        # are sent to every node from one buffer, without a copy.
+        # Payloads go on the lane of each session that has one: the same encoded bytes are
+        # sent to every node from one buffer, without a copy.
         lanes = [
             session.lane if memoryview(task.payload).nbytes >= LANE_MIN_BYTES else None
             for task, session, _ in targets
@@ -967,25 +968,29 @@ class GrpcEngine:
             session = self._lane_ids.get(lane_id)
         return session.lane_token if session is not None and not session.closed else None
 
-    def _serve_lane(self, lane_id: bytes, sock: LaneSocket) -> None:
-        """An authenticated lane (runs on its connection's thread until the lane closes)."""
+    def _attach_lane(self, lane_id: bytes, sock: LaneSocket) -> str:
+        """Give an authenticated lane to its session (before the node hears it is accepted,
+        so the node never announces a reply on a lane the coordinator does not know yet);
+        returns why not, or ""."""
         with self._lock:
             session = self._lane_ids.get(lane_id)
-        lane = _Lane(sock)
-        refusal = ""
         if session is None:
-            refusal = "its session ended during the lane handshake"
-        else:
-            with session.lock:
-                if session.closed:
-                    refusal = "its session ended during the lane handshake"
-                elif session.lane is not None:
-                    refusal = "the session already has a bulk lane"
-                else:
-                    session.lane = lane
-        if refusal or session is None:
-            self._lane_rejected(sock.peer, refusal)
-            return
+            return "its session ended during the lane handshake"
+        with session.lock:
+            if session.closed:
+                return "its session ended during the lane handshake"
+            if session.lane is not None:
+                return "the session already has a bulk lane"
+            session.lane = _Lane(sock)
+        return ""
+
+    def _serve_lane(self, lane_id: bytes, sock: LaneSocket) -> None:
+        """An attached lane (runs on its connection's thread until the lane closes)."""
+        with self._lock:
+            session = self._lane_ids.get(lane_id)
+        lane = session.lane if session is not None else None
+        if session is None or lane is None or lane.sock is not sock:
+            return  # the session ended meanwhile and closed the lane
         log.info("node %s opened its bulk lane from %s", session.node_id, sock.peer)
         threading.Thread(
             target=self._lane_write,
@@ -993,7 +998,7 @@ class GrpcEngine:
             name=f"shoal-lane-writer-{session.id}",
             daemon=True,
         ).start()
-        if lane.watch():
+        if sock.closed or lane.watch():
             self._close_session(session, "the node's bulk lane hung up")
 
     def _lane_write(self, session: _Session, lane: _Lane) -> None:

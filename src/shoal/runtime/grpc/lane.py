@@ -311,7 +311,9 @@ class LaneServer:
     """The coordinator's lane listener: accepts, authenticates, hands each lane to ``serve``.
 
     ``token_for(lane_id)`` gives the token of the live session with that id (or None);
-    ``serve(lane_id, lane)`` runs on the connection's thread for as long as the lane lives.
+    ``attach(lane_id, lane)`` hands an authenticated lane to its session (or says why not)
+    before the node is told it is accepted; ``serve(lane_id, lane)`` then runs on the
+    connection's thread for as long as the lane lives.
     Unauthenticated connections get ``timeout_s`` to prove a token and are limited to
     ``max_pending`` at once; each refusal is reported to ``rejected(peer, reason)``.
     """
@@ -323,6 +325,7 @@ class LaneServer:
         port: int,
         context: ssl.SSLContext | None,
         token_for: Callable[[bytes], bytes | None],
+        attach: Callable[[bytes, LaneSocket], str],
         serve: Callable[[bytes, LaneSocket], None],
         rejected: Callable[[str, str], None],
         timeout_s: float = 10.0,
@@ -339,6 +342,7 @@ class LaneServer:
         self.port: int = self._listener.getsockname()[1]
         self._context = context
         self._token_for = token_for
+        self._attach = attach
         self._serve = serve
         self._rejected = rejected
         self._timeout_s = timeout_s
@@ -413,9 +417,16 @@ class LaneServer:
                 ):
                     reason = "wrong lane token: the connection is not bound to the session"
                 else:
-                    sock.sendall(_ACCEPT + proof(token, nonce, b"coordinator"))
                     sock.settimeout(None)
-                    return lane_id, LaneSocket(sock, peer=peer)
+                    lane = LaneSocket(sock, peer=peer)
+                    reason = self._attach(lane_id, lane)
+                    if not reason:
+                        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                        try:
+                            sock.sendall(_ACCEPT + proof(token, nonce, b"coordinator"))
+                        finally:
+                            sock.settimeout(None)
+                        return lane_id, lane
         except TimeoutError:
             reason = f"no lane authentication within {self._timeout_s:g} s"
         except ssl.SSLError as exc:
