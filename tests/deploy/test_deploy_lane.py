@@ -19,7 +19,9 @@ from shoal.errors import AuthenticationError, TransportError
 from shoal.runtime import FailureKind, NodeApp, Task
 from shoal.runtime.grpc import ClientTLS, ServerTLS, make_certs
 from shoal.runtime.grpc.lane import (
+    DOWN,
     LANE_MIN_BYTES,
+    UP,
     BufferPool,
     LaneSocket,
     connect_lane,
@@ -141,7 +143,7 @@ def test_deadlines_cancels_and_a_lost_lane(federation) -> None:
     np.testing.assert_array_equal(decode(result.replies["n0"].payload)["x"], BIG * 2)
     assert client.tasks_done == 2  # a and the echo: b never ran
     # The lane breaks while idle: the session ends with it, and the node comes back.
-    socket.socket.shutdown(engine._sessions["n0"].lane.sock.sock, socket.SHUT_RDWR)
+    socket.socket.shutdown(engine._sessions["n0"].lane.up.sock, socket.SHUT_RDWR)
     deadline = time.monotonic() + 30
     while client.sessions < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -162,22 +164,30 @@ def lanes():
 
 
 def open_raw_node(federation, raw_session, engine, lanes, *, name="n0", tls=None, context=None):
-    """A welcomed raw session for ``name`` and its authenticated lane."""
+    """A welcomed raw session for ``name`` and its authenticated lane (down, up)."""
     session = raw_session(f"127.0.0.1:{engine.port}", tls=tls)
     key = federation.keys[name]
     session.send(session.hello(key))
     welcome = session.recv().welcome
     signer = session.signer(key)
     lane_id, token = signer.reply_key.lane()
-    lane = connect_lane(
-        host="127.0.0.1", port=welcome.data_port, lane_id=lane_id, token=token, context=context
-    )
-    lanes.append(lane)
+    opened = [
+        connect_lane(
+            host="127.0.0.1",
+            port=welcome.data_port,
+            lane_id=lane_id,
+            token=token,
+            direction=direction,
+            context=context,
+        )
+        for direction in (DOWN, UP)
+    ]
+    lanes.extend(opened)
     deadline = time.monotonic() + 30
     while not any(s.lane for s in engine.sessions() if s.node_id == name):
         assert time.monotonic() < deadline, "the lane was not attached"
         time.sleep(0.02)
-    return session, signer, lane
+    return session, signer, opened[0], opened[1]
 
 
 def dispatch_in_background(engine, node_ids, payload):
@@ -189,11 +199,11 @@ def dispatch_in_background(engine, node_ids, payload):
     return thread, results
 
 
-def receive_task(session, lane):
+def receive_task(session, down):
     header = session.recv().task
     assert header.lane and header.size >= LANE_MIN_BYTES
-    assert lane.read_head() == (header.task_id, header.size)
-    return header, lane.read_payload(header.size)
+    assert down.read_head() == (header.task_id, header.size)
+    return header, down.read_payload(header.size)
 
 
 def announce_reply(session, signer, header, data: bytes, *, size: int | None = None):
@@ -207,23 +217,23 @@ def announce_reply(session, signer, header, data: bytes, *, size: int | None = N
 
 def test_tampered_lane_reply_is_invalid(federation, raw_session, lanes) -> None:
     engine = federation.engine()
-    session, signer, lane = open_raw_node(federation, raw_session, engine, lanes)
+    session, signer, down, up = open_raw_node(federation, raw_session, engine, lanes)
     honest = bytes(encode({"x": BIG * 2}))
     # Untouched, the hand-made reply is accepted: only the tag tells the two apart.
     thread, results = dispatch_in_background(engine, ["n0"], encode({"x": BIG}))
-    header, payload = receive_task(session, lane)
+    header, payload = receive_task(session, down)
     np.testing.assert_array_equal(decode(payload)["x"], BIG)
     announce_reply(session, signer, header, honest)
-    lane.send(header.task_id, honest)
+    up.send(header.task_id, honest)
     thread.join(30)
     assert bytes(results[0].replies["n0"].payload) == honest
     # One flipped bit on the lane.
     thread, results = dispatch_in_background(engine, ["n0"], encode({"x": BIG}))
-    header, _ = receive_task(session, lane)
+    header, _ = receive_task(session, down)
     announce_reply(session, signer, header, honest)
     tampered = bytearray(honest)
     tampered[len(tampered) // 2] ^= 0x01
-    lane.send(header.task_id, tampered)
+    up.send(header.task_id, tampered)
     thread.join(30)
     failure = results[0].failures["n0"]
     assert failure.kind == FailureKind.INVALID and "tag" in failure.detail
@@ -245,10 +255,10 @@ def test_malformed_or_oversized_lane_frames_end_only_that_session(
 ) -> None:
     engine = federation.engine(max_reply_bytes=1 << 20)
     federation.client("n1", make_app(), engine.port)
-    session, signer, lane = open_raw_node(federation, raw_session, engine, lanes)
+    session, signer, down, up = open_raw_node(federation, raw_session, engine, lanes)
     assert engine.wait_for_nodes(2, timeout_s=30) == 2
     thread, results = dispatch_in_background(engine, ["n0"], encode({"x": BIG}))
-    header, _ = receive_task(session, lane)
+    header, _ = receive_task(session, down)
     honest = bytes(encode({"x": BIG * 2}))
     if frame == "oversized":
         # The signed header itself announces more than the coordinator takes.
@@ -262,7 +272,7 @@ def test_malformed_or_oversized_lane_frames_end_only_that_session(
             "wrong_task": _raw_frame(1, "someone-else", len(honest)),
             "unknown_kind": _raw_frame(9, header.task_id, len(honest)),
         }[frame]
-        lane.sock.sendall(raw)
+        up.sock.sendall(raw)
         expected = grpc.StatusCode.INVALID_ARGUMENT
     thread.join(30)
     failure = results[0].failures["n0"]
@@ -285,18 +295,30 @@ def test_lane_without_the_session_token_is_refused(federation, raw_session, lane
     lane_id, token = session.signer(federation.keys["n0"]).reply_key.lane()
     with pytest.raises((TransportError, AuthenticationError)):
         connect_lane(
-            host="127.0.0.1", port=port, lane_id=lane_id, token=os.urandom(32), context=None
+            host="127.0.0.1",
+            port=port,
+            lane_id=lane_id,
+            token=os.urandom(32),
+            direction=UP,
+            context=None,
         )
     # An id no session has, with its own (self-consistent) token.
     with pytest.raises((TransportError, AuthenticationError)):
-        connect_lane(host="127.0.0.1", port=port, lane_id=os.urandom(16), token=token, context=None)
+        connect_lane(
+            host="127.0.0.1",
+            port=port,
+            lane_id=os.urandom(16),
+            token=token,
+            direction=UP,
+            context=None,
+        )
     # A connection that never says anything is dropped after the handshake timeout.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
         silent.recv(64)  # the greeting
         assert silent.recv(64) == b""  # then the coordinator hangs up
     # Bytes that are not a lane hello at all.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as junk:
-        junk.sendall(b"JUNK" + os.urandom(48))  # exactly a hello's length
+        junk.sendall(b"JUNK" + os.urandom(49))  # exactly a hello's length
         junk.recv(64)
         assert junk.recv(64) == b""
     rejected = reasons(federation, "node.lane_rejected")
@@ -308,10 +330,18 @@ def test_lane_without_the_session_token_is_refused(federation, raw_session, lane
     assert sorted(engine.node_ids()) == ["n0", "n1"]
     result = engine.dispatch(tasks(["n1"], encode({"x": BIG})), deadline_s=30)
     np.testing.assert_array_equal(decode(result.replies["n1"].payload)["x"], BIG * 2)
-    # With the right token the same session gets its lane.
-    lanes.append(
-        connect_lane(host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=None)
-    )
+    # With the right token the same session gets its lane (both directions).
+    for direction in (DOWN, UP):
+        lanes.append(
+            connect_lane(
+                host="127.0.0.1",
+                port=port,
+                lane_id=lane_id,
+                token=token,
+                direction=direction,
+                context=None,
+            )
+        )
     assert wait_for_lanes(engine, 2) == 2
 
 
@@ -327,26 +357,49 @@ def test_lane_tls_requires_a_federation_certificate(
     # Even with the session's token: no client certificate, no lane.
     no_cert = ClientTLS.from_dir(federation.certs).ssl_context()
     with pytest.raises(TransportError):
-        connect_lane(host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=no_cert)
+        connect_lane(
+            host="127.0.0.1",
+            port=port,
+            lane_id=lane_id,
+            token=token,
+            direction=DOWN,
+            context=no_cert,
+        )
     # A certificate from another CA (that also trusts ours) is refused too.
     other = make_certs(tmp_path / "other", nodes=["n0"])
     foreign = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     foreign.load_verify_locations(cadata=tls.ca.decode())
     foreign.load_cert_chain(other.nodes["n0"], tmp_path / "other" / "n0-key.pem")
     with pytest.raises(TransportError):
-        connect_lane(host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=foreign)
+        connect_lane(
+            host="127.0.0.1",
+            port=port,
+            lane_id=lane_id,
+            token=token,
+            direction=DOWN,
+            context=foreign,
+        )
     # Plaintext against the TLS lane fails as well.
     with pytest.raises((TransportError, AuthenticationError)):
-        connect_lane(host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=None)
+        connect_lane(
+            host="127.0.0.1", port=port, lane_id=lane_id, token=token, direction=UP, context=None
+        )
     deadline = time.monotonic() + 10
     while len(reasons(federation, "node.lane_rejected")) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sum("TLS" in r for r in reasons(federation, "node.lane_rejected")) >= 2
     # The federation's own certificate and the token: admitted.
-    lane = connect_lane(
-        host="127.0.0.1", port=port, lane_id=lane_id, token=token, context=tls.ssl_context()
-    )
-    lanes.append(lane)
+    for direction in (DOWN, UP):
+        lanes.append(
+            connect_lane(
+                host="127.0.0.1",
+                port=port,
+                lane_id=lane_id,
+                token=token,
+                direction=direction,
+                context=tls.ssl_context(),
+            )
+        )
     assert wait_for_lanes(engine, 1) == 1
 
 

@@ -38,6 +38,7 @@ from shoal.runtime.engine import Buffer, DispatchResult, Failure, FailureKind, R
 from shoal.runtime.grpc.auth import KeyShare, ReplayGuard, ReplyKey, fingerprint, verify
 from shoal.runtime.grpc.certs import ServerTLS
 from shoal.runtime.grpc.lane import (
+    DOWN,
     LANE_MIN_BYTES,
     BufferPool,
     LaneServer,
@@ -178,29 +179,37 @@ class _Inbound:
 
 
 class _Lane:
-    """A session's authenticated bulk lane.
+    """A session's authenticated bulk lane: one connection per direction.
 
-    Task payloads are queued for its writer thread in the order their headers enter the
-    stream; a reply's bytes are read by the session's reader right after their header, so
-    the two connections never need to agree on more than that order (each frame's task id
-    and size are still checked against its header).
+    Task payloads go ``down``, queued for the lane's writer thread in the order their
+    headers enter the stream; a reply's bytes come ``up`` and are read by the session's
+    reader right after their header. So the two connections never need to agree on more
+    than that order (each frame's task id and size are still checked against its header),
+    and no TLS connection is read and written by two threads.
     """
 
-    def __init__(self, sock: LaneSocket) -> None:
-        self.sock = sock
+    def __init__(self) -> None:
+        self.down: LaneSocket | None = None
+        self.up: LaneSocket | None = None
         self.out: queue.SimpleQueue[tuple[str, Buffer] | None] = queue.SimpleQueue()
         self.closed = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self.down is not None and self.up is not None and not self.closed.is_set()
 
     def close(self) -> None:
         self.closed.set()
         self.out.put(None)
-        self.sock.close()
+        for sock in (self.down, self.up):
+            if sock is not None:
+                sock.close()
 
-    def watch(self) -> bool:
-        """Block until the lane is closed here (False) or hung up by the peer (True).
+    def watch(self, sock: LaneSocket) -> bool:
+        """Block until the lane is closed here (False) or ``sock`` hung up by the peer (True).
 
-        Nothing reads an idle lane, so a node (or a middlebox) dropping it would otherwise
-        go unnoticed until the next payload; polling for a hang-up reads no bytes.
+        Nothing reads an idle connection, so a node (or a middlebox) dropping it would
+        otherwise go unnoticed until the next payload; polling for a hang-up reads no bytes.
         """
         hangup = getattr(select, "POLLRDHUP", 0)
         if not hangup or not hasattr(select, "poll"):
@@ -208,7 +217,7 @@ class _Lane:
             return False
         poller = select.poll()
         try:
-            poller.register(self.sock.sock.fileno(), hangup | select.POLLHUP | select.POLLERR)
+            poller.register(sock.sock.fileno(), hangup | select.POLLHUP | select.POLLERR)
         except (ValueError, OSError):  # already closed here
             return False
         while not self.closed.is_set():
@@ -511,7 +520,7 @@ class GrpcEngine:
                 connected_s=now - s.opened,
                 partition_index=s.partition_index,
                 key_fingerprint=fingerprint(s.public_key),
-                lane=s.lane is not None,
+                lane=s.lane is not None and s.lane.ready,
             )
             for s in sessions
         ]
@@ -560,7 +569,11 @@ class GrpcEngine:
         # Payloads go on the lane of each session that has one: the same encoded bytes are
         # sent to every node from one buffer, without a copy.
         lanes = [
-            session.lane if memoryview(task.payload).nbytes >= LANE_MIN_BYTES else None
+            session.lane
+            if session.lane is not None
+            and session.lane.ready
+            and memoryview(task.payload).nbytes >= LANE_MIN_BYTES
+            else None
             for task, session, _ in targets
         ]
         consumers = Counter(
@@ -863,7 +876,7 @@ class GrpcEngine:
         assert session.reply_key is not None  # set by the hello, before any reply
         if header.lane and header.size:
             lane = session.lane
-            if lane is None:
+            if lane is None or lane.up is None:
                 if pending is not None:
                     pending.fail(FailureKind.INVALID, "reply announced on a missing bulk lane")
                 raise _SessionAbort(
@@ -872,7 +885,7 @@ class GrpcEngine:
                 )
             inbound = _Inbound(header, pending, session.reply_key, nonce, lane=True)
             try:
-                self._lane_receive(session, lane, inbound)
+                self._lane_receive(session, lane.up, inbound)
             finally:  # whatever went wrong, the task fails now, not at its deadline
                 if pending is not None:
                     pending.fail(FailureKind.DROPPED, "the bulk lane broke during the reply")
@@ -968,10 +981,10 @@ class GrpcEngine:
             session = self._lane_ids.get(lane_id)
         return session.lane_token if session is not None and not session.closed else None
 
-    def _attach_lane(self, lane_id: bytes, sock: LaneSocket) -> str:
-        """Give an authenticated lane to its session (before the node hears it is accepted,
-        so the node never announces a reply on a lane the coordinator does not know yet);
-        returns why not, or ""."""
+    def _attach_lane(self, lane_id: bytes, direction: bytes, sock: LaneSocket) -> str:
+        """Give an authenticated connection to its session's lane (before the node hears it
+        is accepted, so the node never announces a reply on a lane the coordinator does not
+        know yet); returns why not, or ""."""
         with self._lock:
             session = self._lane_ids.get(lane_id)
         if session is None:
@@ -979,46 +992,58 @@ class GrpcEngine:
         with session.lock:
             if session.closed:
                 return "its session ended during the lane handshake"
-            if session.lane is not None:
-                return "the session already has a bulk lane"
-            session.lane = _Lane(sock)
+            lane = session.lane = session.lane or _Lane()
+            if (lane.down if direction == DOWN else lane.up) is not None:
+                return "the session's bulk lane already has that connection"
+            if direction == DOWN:
+                lane.down = sock
+            else:
+                lane.up = sock
         return ""
 
-    def _serve_lane(self, lane_id: bytes, sock: LaneSocket) -> None:
-        """An attached lane (runs on its connection's thread until the lane closes)."""
+    def _serve_lane(self, lane_id: bytes, direction: bytes, sock: LaneSocket) -> None:
+        """An attached connection (runs on its own thread until the lane closes)."""
         with self._lock:
             session = self._lane_ids.get(lane_id)
         lane = session.lane if session is not None else None
-        if session is None or lane is None or lane.sock is not sock:
+        if session is None or lane is None or sock not in (lane.down, lane.up):
             return  # the session ended meanwhile and closed the lane
-        log.info("node %s opened its bulk lane from %s", session.node_id, sock.peer)
-        threading.Thread(
-            target=self._lane_write,
-            args=(session, lane),
-            name=f"shoal-lane-writer-{session.id}",
-            daemon=True,
-        ).start()
-        if sock.closed or lane.watch():
+        if direction == DOWN:
+            log.info("node %s opened its bulk lane from %s", session.node_id, sock.peer)
+            threading.Thread(
+                target=self._lane_write,
+                args=(session, lane, sock),
+                name=f"shoal-lane-writer-{session.id}",
+                daemon=True,
+            ).start()
+        if not (sock.closed or lane.watch(sock)):
+            return
+        with session.lock:
+            complete = lane.down is not None and lane.up is not None
+            if not complete:  # never used: the node gave up opening the other half
+                lane.down = None if lane.down is sock else lane.down
+                lane.up = None if lane.up is sock else lane.up
+        if complete:
             self._close_session(session, "the node's bulk lane hung up")
 
-    def _lane_write(self, session: _Session, lane: _Lane) -> None:
+    def _lane_write(self, session: _Session, lane: _Lane, sock: LaneSocket) -> None:
         while True:
             item = lane.out.get()
             if item is None or session.closed:
                 return
             try:
-                lane.sock.send(*item)
+                sock.send(*item)
                 with self._lock:
                     self._lane_bytes[0] += memoryview(item[1]).nbytes
             except (TransportError, ProtocolError) as exc:
                 self._close_session(session, f"bulk lane lost: {exc}")
                 return
 
-    def _lane_receive(self, session: _Session, lane: _Lane, inbound: _Inbound) -> None:
+    def _lane_receive(self, session: _Session, lane: LaneSocket, inbound: _Inbound) -> None:
         """Read a reply's bytes from the lane, right after its header (on the reader thread)."""
         header, pending = inbound.header, inbound.pending
         try:
-            task_id, size = lane.sock.read_head()
+            task_id, size = lane.read_head()
             # Checked before a byte of payload is read or a buffer allocated; the size was
             # bounded by max_reply_bytes when the signed header arrived.
             if task_id != header.task_id or size != header.size:
@@ -1027,9 +1052,9 @@ class GrpcEngine:
                     f"reply header ({header.task_id[:100]!r}, {header.size} bytes)"
                 )
             if pending is None or inbound.mac is None:
-                lane.sock.drain(size)  # late, cancelled or failed: only drained
+                lane.drain(size)  # late, cancelled or failed: only drained
                 return
-            payload = lane.sock.read_payload(size, mac=inbound.mac, pool=self._lane_pool)
+            payload = lane.read_payload(size, mac=inbound.mac, pool=self._lane_pool)
         except ProtocolError as exc:
             if pending is not None:
                 pending.fail(FailureKind.INVALID, str(exc))

@@ -1,16 +1,16 @@
-"""The bulk lane: a TCP (or mutual TLS) connection beside a node's gRPC stream, for payload bytes.
+"""The bulk lane: TCP (or mutual TLS) connections beside a node's gRPC stream, for payload bytes.
 
 Headers stay on the signed gRPC stream; the bytes a header announces travel here behind a
 minimal frame, sent with ``sendall`` straight from the encoded payload and received with
-``recv_into`` straight into their final buffer, so no bulk byte passes through grpcio's
-Python message layer. A lane belongs to exactly one authenticated session (see :func:`proof`).
+``recv_into`` straight into their final buffer, never through grpcio's Python message layer.
+A lane belongs to one authenticated session (see :func:`proof`) and is one connection per
+direction, so no TLS connection is ever read and written by two threads at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
-import logging
 import os
 import socket
 import ssl
@@ -29,8 +29,10 @@ from shoal.runtime.engine import Buffer
 from shoal.runtime.grpc.auth import LANE_ID_BYTES
 
 __all__ = [
+    "DOWN",
     "LANE_MIN_BYTES",
     "MAX_TASK_ID_BYTES",
+    "UP",
     "BufferPool",
     "LaneServer",
     "LaneSocket",
@@ -39,16 +41,17 @@ __all__ = [
     "proof",
 ]
 
-log = logging.getLogger("shoal.deploy.lane")
-
 _MAGIC = b"SHL1"
 _NONCE_BYTES = 32
 _PROOF_BYTES = 32
-# Coordinator -> node on accept: magic, nonce. Node -> coordinator: magic, lane id, proof.
-# Coordinator -> node when admitted: "OK", its own proof (the node then knows the lane leads
-# to the coordinator of its session, even without TLS).
+# The direction payloads take on a lane connection: coordinator to node, node to coordinator.
+DOWN = b"D"
+UP = b"U"
+# Coordinator -> node on accept: magic, nonce. Node -> coordinator: magic, direction, lane
+# id, proof. Coordinator -> node when admitted: "OK", its own proof (the node then knows the
+# connection leads to the coordinator of its session, even without TLS).
 _GREETING_BYTES = len(_MAGIC) + _NONCE_BYTES
-_HELLO_BYTES = len(_MAGIC) + LANE_ID_BYTES + _PROOF_BYTES
+_HELLO_BYTES = len(_MAGIC) + 1 + LANE_ID_BYTES + _PROOF_BYTES
 _ACCEPT = b"OK"
 _ACCEPT_BYTES = len(_ACCEPT) + _PROOF_BYTES
 # A frame: kind, task id length, payload size (64 bits: payloads over 4 GB are fine), task id.
@@ -68,9 +71,11 @@ _IO_BLOCK = 16 << 20
 _MAC_BLOCK = 1 << 20
 
 
-def proof(token: bytes, nonce: bytes, role: bytes) -> bytes:
-    """HMAC-SHA256 proving that ``role`` (node or coordinator) holds ``token``, for ``nonce``."""
-    return hmac.digest(token, b"shoal-deploy-v1 lane " + role + b"\x00" + nonce, "sha256")
+def proof(token: bytes, nonce: bytes, role: bytes, direction: bytes) -> bytes:
+    """HMAC-SHA256 proving that ``role`` (node or coordinator) holds ``token``, for ``nonce``
+    and a connection carrying payloads in ``direction``."""
+    message = b"shoal-deploy-v1 lane " + role + b"\x00" + direction + nonce
+    return hmac.digest(token, message, "sha256")
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -143,10 +148,10 @@ def _byte_view(payload: Buffer) -> memoryview:
 
 
 class LaneSocket:
-    """One authenticated lane connection: frames out with sendall, in with recv_into.
+    """One authenticated lane connection: frames out with sendall, or in with recv_into.
 
-    Sending and receiving may run on two threads at once (one of each); ``close`` from any
-    thread wakes both.
+    After the handshake one thread sends on it, or one thread receives on it, never both;
+    ``close`` from any thread wakes that one.
     """
 
     def __init__(self, sock: socket.socket, *, peer: str = "") -> None:
@@ -262,11 +267,13 @@ def connect_lane(
     port: int,
     lane_id: bytes,
     token: bytes,
+    direction: bytes,
     context: ssl.SSLContext | None,
     server_name: str | None = None,
     timeout_s: float = 10.0,
 ) -> LaneSocket:
-    """Open the node's end of a session's lane and prove the session's lane token.
+    """Open the node's end of one direction (DOWN or UP) of a session's lane, proving the
+    session's lane token.
 
     Raises TransportError if the coordinator cannot be reached or refuses, AuthenticationError
     if the other end does not prove the same token (not this session's coordinator).
@@ -286,7 +293,7 @@ def connect_lane(
             raise TransportError(f"{host}:{port} is not a shoal bulk lane")
         nonce = greeting[len(_MAGIC) :]
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        sock.sendall(_MAGIC + lane_id + proof(token, nonce, b"node"))
+        sock.sendall(_MAGIC + direction + lane_id + proof(token, nonce, b"node", direction))
         answer = _recv_fixed(sock, _ACCEPT_BYTES, deadline)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
@@ -297,7 +304,7 @@ def connect_lane(
         sock.close()
         raise
     if not answer.startswith(_ACCEPT) or not hmac.compare_digest(
-        answer[len(_ACCEPT) :], proof(token, nonce, b"coordinator")
+        answer[len(_ACCEPT) :], proof(token, nonce, b"coordinator", direction)
     ):
         sock.close()
         raise AuthenticationError(
@@ -311,9 +318,9 @@ class LaneServer:
     """The coordinator's lane listener: accepts, authenticates, hands each lane to ``serve``.
 
     ``token_for(lane_id)`` gives the token of the live session with that id (or None);
-    ``attach(lane_id, lane)`` hands an authenticated lane to its session (or says why not)
-    before the node is told it is accepted; ``serve(lane_id, lane)`` then runs on the
-    connection's thread for as long as the lane lives.
+    ``attach(lane_id, direction, lane)`` hands an authenticated connection to its session
+    (or says why not) before the node is told it is accepted; ``serve(lane_id, direction,
+    lane)`` then runs on the connection's thread for as long as it lives.
     Unauthenticated connections get ``timeout_s`` to prove a token and are limited to
     ``max_pending`` at once; each refusal is reported to ``rejected(peer, reason)``.
     """
@@ -325,8 +332,8 @@ class LaneServer:
         port: int,
         context: ssl.SSLContext | None,
         token_for: Callable[[bytes], bytes | None],
-        attach: Callable[[bytes, LaneSocket], str],
-        serve: Callable[[bytes, LaneSocket], None],
+        attach: Callable[[bytes, bytes, LaneSocket], str],
+        serve: Callable[[bytes, bytes, LaneSocket], None],
         rejected: Callable[[str, str], None],
         timeout_s: float = 10.0,
         max_pending: int = 64,
@@ -386,13 +393,15 @@ class LaneServer:
             self._pending.release()
         if authenticated is None:
             return
-        lane_id, lane = authenticated
+        lane_id, direction, lane = authenticated
         try:
-            self._serve(lane_id, lane)
+            self._serve(lane_id, direction, lane)
         finally:
             lane.close()
 
-    def _authenticate(self, conn: socket.socket, peer: str) -> tuple[bytes, LaneSocket] | None:
+    def _authenticate(
+        self, conn: socket.socket, peer: str
+    ) -> tuple[bytes, bytes, LaneSocket] | None:
         deadline = time.monotonic() + self._timeout_s
         sock: socket.socket = conn
         reason = ""
@@ -405,28 +414,31 @@ class LaneServer:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.sendall(_MAGIC + nonce)
             hello = _recv_fixed(sock, _HELLO_BYTES, deadline)
-            if not hello.startswith(_MAGIC):
+            start = len(_MAGIC) + 1
+            direction = hello[len(_MAGIC) : start]
+            if not hello.startswith(_MAGIC) or direction not in (DOWN, UP):
                 reason = "not a shoal bulk lane hello"
             else:
-                lane_id = hello[len(_MAGIC) : len(_MAGIC) + LANE_ID_BYTES]
+                lane_id = hello[start : start + LANE_ID_BYTES]
                 token = self._token_for(lane_id)
                 if token is None:
                     reason = "no live session has this lane id (stale or forged)"
                 elif not hmac.compare_digest(
-                    hello[len(_MAGIC) + LANE_ID_BYTES :], proof(token, nonce, b"node")
+                    hello[start + LANE_ID_BYTES :], proof(token, nonce, b"node", direction)
                 ):
                     reason = "wrong lane token: the connection is not bound to the session"
                 else:
                     sock.settimeout(None)
                     lane = LaneSocket(sock, peer=peer)
-                    reason = self._attach(lane_id, lane)
+                    reason = self._attach(lane_id, direction, lane)
                     if not reason:
                         sock.settimeout(max(deadline - time.monotonic(), 0.001))
                         try:
-                            sock.sendall(_ACCEPT + proof(token, nonce, b"coordinator"))
+                            accept = _ACCEPT + proof(token, nonce, b"coordinator", direction)
+                            sock.sendall(accept)
                         finally:
                             sock.settimeout(None)
-                        return lane_id, lane
+                        return lane_id, direction, lane
         except TimeoutError:
             reason = f"no lane authentication within {self._timeout_s:g} s"
         except ssl.SSLError as exc:

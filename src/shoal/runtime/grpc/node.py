@@ -37,7 +37,9 @@ from shoal.runtime.app import NodeApp, TaskContext
 from shoal.runtime.engine import DECLINED_DETAIL
 from shoal.runtime.grpc.certs import ClientTLS
 from shoal.runtime.grpc.lane import (
+    DOWN,
     LANE_MIN_BYTES,
+    UP,
     BufferPool,
     LaneSocket,
     connect_lane,
@@ -280,20 +282,19 @@ class NodeClient:
                 )
             ]
             threads[0].start()  # first: heartbeats go on while the lane connects
-            lane = self._open_lane(signer)
-            if lane is not None:
-                lanes.append(lane)
-                self.lane_open = True
+            lanes = self._open_lane(signer)
+            down, up = lanes if lanes else (None, None)
+            self.lane_open = bool(lanes)
             threads.append(
                 threading.Thread(
                     target=self._work,
-                    args=(work, out, signer, cancelled, call, lane),
+                    args=(work, out, signer, cancelled, call, up),
                     name="shoal-node-worker",
                     daemon=True,
                 )
             )
             threads[1].start()
-            return self._receive(responses, work, cancelled, lane)
+            return self._receive(responses, work, cancelled, down)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if code in _FATAL or (code == grpc.StatusCode.UNAUTHENTICATED and not welcomed[0]):
@@ -450,26 +451,34 @@ class NodeClient:
 
     # -- worker threads --------------------------------------------------------------------
 
-    def _open_lane(self, signer: NodeSigner) -> LaneSocket | None:
-        """The session's bulk lane, or None (then every byte goes over the stream)."""
+    def _open_lane(self, signer: NodeSigner) -> list[LaneSocket]:
+        """The session's bulk lane (down, up), or [] (then every byte goes over the stream)."""
         if not self._data_port or not self.use_lane:
-            return None
+            return []
         lane_id, token = signer.reply_key.lane()
+        opened: list[LaneSocket] = []
         try:
             host = parse_address(self.coordinator)[0]
-            lane = connect_lane(
-                host=host,
-                port=self._data_port,
-                lane_id=lane_id,
-                token=token,
-                context=self.tls.ssl_context() if self.tls is not None else None,
-                server_name=self.tls.server_name if self.tls is not None else None,
-            )
+            context = self.tls.ssl_context() if self.tls is not None else None
+            for direction in (DOWN, UP):
+                opened.append(
+                    connect_lane(
+                        host=host,
+                        port=self._data_port,
+                        lane_id=lane_id,
+                        token=token,
+                        direction=direction,
+                        context=context,
+                        server_name=self.tls.server_name if self.tls is not None else None,
+                    )
+                )
         except (TransportError, ProtocolError, ConfigError) as exc:
             log.warning("no bulk lane (%s); payloads go over the gRPC stream", exc)
-            return None
+            for sock in opened:  # a half-open lane is never used: the coordinator ends it
+                sock.close()
+            return []
         log.info("bulk lane open to port %d", self._data_port)
-        return lane
+        return opened
 
     def _work(
         self,
