@@ -339,8 +339,12 @@ class LaneServer:
         max_pending: int = 64,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # "[::]" serves IPv4 nodes too, as gRPC's listener on "[::]" does.
+        dualstack = host == "::" and socket.has_dualstack_ipv6()
         try:
-            self._listener = socket.create_server((host, port), family=family, backlog=128)
+            self._listener = socket.create_server(
+                (host, port), family=family, backlog=128, dualstack_ipv6=dualstack
+            )
         except OSError as exc:
             raise TransportError(
                 f"cannot listen for the bulk lane on {host}:{port} ({exc}); is the port in use? "
