@@ -157,8 +157,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--data-port",
         type=port_number,
         metavar="PORT",
-        help="TCP port of the bulk lane, where nodes send and receive large payloads beside "
-        "the gRPC stream (same host and TLS; default: the --listen port + 1; 0: any free port)",
+        help="TCP port of the bulk lane, where nodes send and receive payloads beside the "
+        "gRPC stream (same host and TLS; default: the --listen port + 1, or any free port if "
+        "that one is taken; 0: any free port)",
     )
     lane.add_argument(
         "--no-data-lane",
