@@ -474,7 +474,7 @@ class NodeClient:
                 )
         except (TransportError, ProtocolError, ConfigError) as exc:
             log.warning("no bulk lane (%s); payloads go over the gRPC stream", exc)
-            for sock in opened:  # a half-open lane is never used: the coordinator ends it
+            for sock in opened:  # a half-open lane is never used; the coordinator drops it
                 sock.close()
             return []
         log.info("bulk lane open to port %d", self._data_port)
