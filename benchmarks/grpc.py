@@ -2,14 +2,17 @@
 
 Part 1, throughput: a coordinator broadcasts a 10M-parameter float32 model (40 MB) to 10
 node processes and collects an update of the same size from each (800 MB per round), over
-plaintext gRPC and over mutual TLS. The floor moves exactly the same bytes between the same
-number of processes over plain TCP sockets (sendall / recv_into, no framing, no encoding,
-no encryption), interleaved round by round with the gRPC rounds. A second reference moves
-them over bare grpcio (messages of shoal's chunk size on one stream per node, no shoal code: no
-signatures, reply MACs, wire encoding or tasks), to show what gRPC in Python costs by itself.
-Reported: seconds per round (median), effective throughput, each as a fraction of the raw
-socket's throughput, and the CPU seconds one round costs the coordinator process and the
-node processes together (the machine's cores bound the rate once they are all busy).
+plaintext and over mutual TLS; shoal's payloads take its bulk lane (signed headers on the
+gRPC stream, bytes on a TCP/TLS connection beside it). The floor moves exactly the same bytes
+between the same number of processes over plain TCP sockets (sendall / recv_into, no
+framing, no encoding, no encryption), and the TLS floor over the same sockets wrapped in TLS
+with the same certificates, interleaved round by round with shoal's rounds. A third reference
+moves them over bare grpcio (messages of shoal's chunk size on one stream per node, no shoal
+code: no signatures, reply MACs, wire encoding or tasks), to show what gRPC in Python costs by
+itself. Reported: seconds per round (median), effective throughput as a fraction of the raw
+socket's (and TLS rounds also of the TLS floor's), and the CPU seconds one round costs the
+coordinator process and the node processes together (the machine's cores bound the rate once
+they are all busy).
 
 Part 2, scale: N lightweight node processes connect at once (default 100) to a coordinator
 in its own process; reported are that process's CPU seconds and RSS (psutil) once all are
@@ -76,12 +79,18 @@ def node_main(args: argparse.Namespace) -> int:
 
 
 def raw_node_main(args: argparse.Namespace) -> int:
-    """The floor's node: receive SIZE bytes, send SIZE bytes back, per round."""
+    """The floor's node: receive SIZE bytes, send SIZE bytes back, per round (TLS with --certs)."""
     size = args.size
     buffer = bytearray(size)
     view = memoryview(buffer)
-    with socket.create_connection(("127.0.0.1", args.port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with socket.create_connection(("127.0.0.1", args.port)) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = raw
+        if args.certs:
+            from shoal.runtime.grpc import ClientTLS
+
+            context = ClientTLS.from_dir(args.certs, name=args.name).ssl_context()
+            sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
         while True:
             received = 0
             while received < size:
@@ -196,31 +205,31 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 class RawFloor:
-    """The same transfer as a gRPC round, over plain TCP between the same process counts."""
+    """The same transfer as a shoal round, over plain TCP (or TLS with ``certs``) between the
+    same process counts: no framing, encoding, signatures or MACs."""
 
-    def __init__(self, nodes: int, size: int) -> None:
+    def __init__(self, nodes: int, size: int, certs: Path | None = None) -> None:
         self.size = size
         self.listener = socket.create_server(("127.0.0.1", 0))
         port = self.listener.getsockname()[1]
+        cmd = [sys.executable, str(HERE), "--worker", "raw", "--port", str(port)]
+        cmd += ["--size", str(size)]
+        if certs is not None:
+            cmd += ["--certs", str(certs)]
         self.procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(HERE),
-                    "--worker",
-                    "raw",
-                    "--port",
-                    str(port),
-                    "--size",
-                    str(size),
-                ]
-            )
-            for _ in range(nodes)
+            subprocess.Popen(cmd + (["--name", f"n{i}"] if certs else [])) for i in range(nodes)
         ]
-        self.conns = []
+        context = None
+        if certs is not None:
+            from shoal.runtime.grpc import ServerTLS
+
+            context = ServerTLS.from_dir(certs).ssl_context()
+        self.conns: list[socket.socket] = []
         for _ in range(nodes):
             conn, _ = self.listener.accept()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if context is not None:
+                conn = context.wrap_socket(conn, server_side=True)
             self.conns.append(conn)
         self.inbox = [bytearray(size) for _ in range(nodes)]
 
@@ -323,6 +332,14 @@ class BareGrpcFloor:
         stop(self.procs)
 
 
+def wait_for_lanes(engine: Any, count: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(s.lane for s in engine.sessions()) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError("not all nodes opened their bulk lane")
+        time.sleep(0.05)
+
+
 def grpc_round(engine: Any, payload: Any, node_ids: list[str], number: int) -> float:
     from shoal.runtime import Task
 
@@ -347,6 +364,7 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     size = memoryview(payload).nbytes
     moved = 2 * size * args.nodes
     floor = RawFloor(args.nodes, size)
+    tls_floor = RawFloor(args.nodes, size, certs=root / "certs")
     bare = BareGrpcFloor(args.nodes, payload, args.chunk_bytes)
     floor_payload = memoryview(payload)
     results: dict[str, Any] = {
@@ -355,7 +373,7 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "nodes": args.nodes,
         "bytes_per_round": moved,
     }
-    floor_costs, bare_costs = _Costs(), _Costs()
+    floor_costs, tls_floor_costs, bare_costs = _Costs(), _Costs(), _Costs()
     try:
         for mode in ("insecure", "tls"):
             tls = ServerTLS.from_dir(root / "certs") if mode == "tls" else None
@@ -374,29 +392,40 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             try:
                 if engine.wait_for_nodes(args.nodes, timeout_s=300) < args.nodes:
                     raise RuntimeError("not all nodes connected")
+                wait_for_lanes(engine, args.nodes)
                 node_ids = list(engine.node_ids())
                 grpc_round(engine, payload, node_ids, 0)  # warm-up: buffers, TLS sessions
                 floor.round(floor_payload)
+                tls_floor.round(floor_payload)
                 bare.round()
                 costs = _Costs()
                 for r in range(args.rounds):  # interleaved: the load on the machine is shared
                     costs.measure(procs, grpc_round, engine, payload, node_ids, r + 1)
-                    floor_costs.measure(floor.procs, floor.round, floor_payload)
+                    if mode == "tls":
+                        tls_floor_costs.measure(tls_floor.procs, tls_floor.round, floor_payload)
+                    else:
+                        floor_costs.measure(floor.procs, floor.round, floor_payload)
                     bare_costs.measure(bare.procs, bare.round)
+                lane_sent, lane_received = engine.lane_bytes
             finally:
                 engine.close()
                 stop(procs)
             results[mode] = costs.report(moved)
+            results[mode]["lane_bytes"] = lane_sent + lane_received
     finally:
         floor.close()
+        tls_floor.close()
         bare.close()
         store.close()
     results["bare_grpc"] = bare_costs.report(moved)
     results["raw_socket"] = floor_costs.report(moved)
-    for mode in ("insecure", "tls", "bare_grpc"):
-        results[mode]["ratio_to_raw"] = (
-            results[mode]["throughput_MBps"] / results["raw_socket"]["throughput_MBps"]
-        )
+    results["raw_tls_socket"] = tls_floor_costs.report(moved)
+    raw = results["raw_socket"]["throughput_MBps"]
+    for mode in ("insecure", "tls", "bare_grpc", "raw_tls_socket"):
+        results[mode]["ratio_to_raw"] = results[mode]["throughput_MBps"] / raw
+    results["tls"]["ratio_to_raw_tls"] = (
+        results["tls"]["throughput_MBps"] / results["raw_tls_socket"]["throughput_MBps"]
+    )
     return results
 
 
@@ -507,20 +536,24 @@ def table(results: dict[str, Any]) -> str:
             f"{t['nodes']} node processes and back ({t['bytes_per_round'] / 1e6:.0f} MB/round)"
         )
         lines.append(
-            f"{'transport':<24}{'s/round':>10}{'MB/s':>10}{'vs raw':>9}"
+            f"{'transport':<26}{'s/round':>10}{'MB/s':>10}{'vs raw':>9}{'vs TLS raw':>12}"
             f"{'CPU s coord':>13}{'CPU s nodes':>13}"
         )
         for label, key in (
             ("raw TCP socket", "raw_socket"),
+            ("raw TLS socket", "raw_tls_socket"),
             ("bare grpcio (no shoal)", "bare_grpc"),
-            ("shoal gRPC plaintext", "insecure"),
-            ("shoal gRPC mutual TLS", "tls"),
+            ("shoal plaintext (lane)", "insecure"),
+            ("shoal mutual TLS (lane)", "tls"),
         ):
             row = t[key]
             ratio = row.get("ratio_to_raw", 1.0)
+            tls_ratio = row.get("ratio_to_raw_tls", 1.0 if key == "raw_tls_socket" else None)
+            tls_text = f"{tls_ratio:>11.0%} " if tls_ratio is not None else f"{'':>12}"
             lines.append(
-                f"{label:<24}{row['s_per_round']:>10.3f}{row['throughput_MBps']:>10.0f}"
-                f"{ratio:>8.0%} {row['coordinator_cpu_s']:>13.2f}{row['nodes_cpu_s']:>13.2f}"
+                f"{label:<26}{row['s_per_round']:>10.3f}{row['throughput_MBps']:>10.0f}"
+                f"{ratio:>8.0%} {tls_text}{row['coordinator_cpu_s']:>13.2f}"
+                f"{row['nodes_cpu_s']:>13.2f}"
             )
     s = results.get("scale")
     if s:

@@ -49,6 +49,16 @@ def test_tls_or_insecure_must_be_chosen(tmp_path, capsys) -> None:
     assert "--certs" in capsys.readouterr().err
 
 
+def test_data_port_options_are_checked(capsys) -> None:
+    base = ["coordinator", "--job", "job.toml", "--insecure"]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--data-port", "70000"])
+    assert exc.value.code == 2 and "0..65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--data-port", "7001", "--no-data-lane"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
 def test_node_reports_bad_inputs(tmp_path, capsys) -> None:
     job = tmp_path / "job.toml"
     job.write_text('[data]\ndataset = "digits"\npartition = { nodes = 3 }\n')

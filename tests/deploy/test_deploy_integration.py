@@ -218,7 +218,7 @@ def finish(proc: Proc) -> None:
 
 def test_deployment_matches_simulation(cluster: Cluster) -> None:
     cluster.job.write_text(job_text(rounds=4, per_round=3))
-    coordinator = cluster.coordinator()
+    coordinator = cluster.coordinator("--data-port", "0")  # the bulk lane on any free port
     nodes = [cluster.node(i) for i in range(NODES)]
     simulated = simulate_job(load_job(cluster.job))  # meanwhile, in this process
     finish(coordinator)
@@ -249,7 +249,9 @@ def test_node_killed_mid_round_rejoins(cluster: Cluster) -> None:
     nodes[2].signal(signal.SIGKILL)
     nodes[2].wait()
     coordinator.wait_line(r"node\(s\) ok, 1 failed")
-    cluster.node(2)  # restarted with the same key and data: it rejoins
+    # Restarted with the same key and data, it rejoins; without the bulk lane this time, so
+    # its payloads take the gRPC stream while the others' take the lane.
+    cluster.node(2, "--no-data-lane")
     finish(coordinator)
     run_id = cluster.summary()["run_id"]
     rounds = participation(cluster.store, run_id)

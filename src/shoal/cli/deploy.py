@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from shoal.cli.job import JobSpec, load_job
-from shoal.cli.options import open_store, positive_float, positive_int
+from shoal.cli.options import open_store, port_number, positive_float, positive_int
 from shoal.core import Federation
 from shoal.data import Dataset, load_csv, load_npz, split_holdout
 from shoal.errors import ConfigError, NotEnoughNodes
@@ -152,6 +152,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     coord.add_argument("--job", required=True, metavar="JOB.toml", help="the job file")
     coord.add_argument("--listen", default="0.0.0.0:7000", metavar="HOST:PORT")
+    lane = coord.add_mutually_exclusive_group()
+    lane.add_argument(
+        "--data-port",
+        type=port_number,
+        metavar="PORT",
+        help="TCP port of the bulk lane, where nodes send and receive payloads beside the "
+        "gRPC stream (same host and TLS; default: the --listen port + 1, or any free port if "
+        "that one is taken; 0: any free port)",
+    )
+    lane.add_argument(
+        "--no-data-lane",
+        action="store_true",
+        help="no bulk lane: every byte goes over the gRPC port (slower for large models)",
+    )
     _tls_args(coord)
     coord.add_argument("--store", help=store_help)
     coord.add_argument(
@@ -244,6 +258,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     node.add_argument(
         "--max-delta", type=positive_float, default=1e-5, metavar="D", help="budget delta"
+    )
+    node.add_argument(
+        "--no-data-lane",
+        action="store_true",
+        help="never open the coordinator's bulk lane: every byte goes over gRPC (for a "
+        "firewall that lets only the gRPC port through)",
     )
     node.add_argument("--verbose", action="store_true", help="log connection events")
     node.set_defaults(func=_node)
@@ -394,8 +414,16 @@ def _coordinator(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        host = args.listen.rsplit(":", 1)[0]
+        if args.no_data_lane:
+            data_listen: str | None = None
+        elif args.data_port is None:
+            data_listen = "auto"
+        else:
+            data_listen = f"{host}:{args.data_port}"
         engine = GrpcEngine(
             listen=args.listen,
+            data_listen=data_listen,
             registry=store,
             tls=tls,
             insecure=bool(args.insecure),
@@ -406,9 +434,9 @@ def _coordinator(args: argparse.Namespace) -> int:
         )
         try:
             engine.start()
-            host = args.listen.rsplit(":", 1)[0]
+            lane = f", bulk lane on port {engine.data_port}" if engine.data_port else ""
             print(
-                f"coordinator for job {job.name!r} listening on {host}:{engine.port} "
+                f"coordinator for job {job.name!r} listening on {host}:{engine.port}{lane} "
                 f"({'plaintext' if args.insecure else 'mutual TLS'}); waiting for {wait_nodes} "
                 f"node(s)" + (f", resuming run {resume}" if resume else ""),
                 flush=True,
@@ -560,6 +588,7 @@ def _node(args: argparse.Namespace) -> int:
         job_digest=job_digest(job),
         backoff=Backoff(initial_s=args.backoff, max_s=max(args.backoff, args.backoff_max)),
         max_idle_s=args.max_idle,
+        lane=not args.no_data_lane,
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:

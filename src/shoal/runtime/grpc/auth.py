@@ -29,6 +29,7 @@ from shoal.errors import AuthenticationError, ConfigError
 
 __all__ = [
     "KEY_SHARE_BYTES",
+    "LANE_ID_BYTES",
     "NONCE_BYTES",
     "SIGNING_CONTEXT",
     "KeyShare",
@@ -51,6 +52,9 @@ KEY_SHARE_BYTES = 32
 _PUBLIC_BYTES = 32
 _REPLY_KEY_INFO = b"shoal-deploy-v1 reply key\x00"
 _REPLY_MAC_INFO = b"shoal-deploy-v1 reply mac\x00"
+_LANE_ID_INFO = b"shoal-deploy-v1 lane id\x00"
+_LANE_TOKEN_INFO = b"shoal-deploy-v1 lane token\x00"
+LANE_ID_BYTES = 16
 
 
 def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
@@ -265,6 +269,21 @@ class ReplyKey:
         mac = self.mac(nonce)
         mac.update(data)
         return mac.finalize()
+
+    def lane(self) -> tuple[bytes, bytes]:
+        """(lane id, lane token) of this session's bulk lane, derived from the session secret.
+
+        The id only names the session on the lane (it is sent in the clear); the token never
+        travels: each side proves it holds it with an HMAC over a fresh nonce. Separate HKDF
+        labels keep both independent of the reply MAC keys.
+        """
+        lane_id = HKDFExpand(
+            algorithm=hashes.SHA256(), length=LANE_ID_BYTES, info=_LANE_ID_INFO
+        ).derive(self._secret)
+        token = HKDFExpand(algorithm=hashes.SHA256(), length=32, info=_LANE_TOKEN_INFO).derive(
+            self._secret
+        )
+        return lane_id, token
 
 
 class KeyShare:

@@ -12,6 +12,8 @@ import datetime
 import ipaddress
 import os
 import re
+import ssl
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +244,29 @@ def make_certs(
     )
 
 
+def _load_chain(context: ssl.SSLContext, certificate: bytes, private_key: bytes) -> None:
+    """Load a certificate and key held in memory (``ssl`` only reads them from files).
+
+    On Linux they go through an anonymous memory file, so the key never touches a disk;
+    elsewhere through a private temporary directory, removed at once.
+    """
+    pem = certificate.rstrip(b"\n") + b"\n" + private_key
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("shoal-tls", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, pem)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="shoal-tls-") as tmp:
+        path = Path(tmp) / "chain.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        context.load_cert_chain(path)
+
+
 def _read(path: Path, what: str) -> bytes:
     if not path.is_file():
         raise ConfigError(
@@ -274,6 +299,21 @@ class ServerTLS:
             root_certificates=self.client_ca,
             require_client_auth=True,
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same mutual TLS for Python sockets (the bulk lane): client certificates required."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            _load_chain(context, self.certificate, self.private_key)
+            context.load_verify_locations(cadata=self.client_ca.decode("ascii"))
+        except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"the coordinator's TLS files are unusable ({exc}); re-create them with "
+                "`shoal certs`"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,3 +367,17 @@ class ClientTLS:
             private_key=self.private_key,
             certificate_chain=self.certificate,
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same TLS for Python sockets (the bulk lane): verifies the coordinator, shows ours."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_verify_locations(cadata=self.ca.decode("ascii"))
+            if self.certificate is not None and self.private_key is not None:
+                _load_chain(context, self.certificate, self.private_key)
+        except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"this node's TLS files are unusable ({exc}); re-issue them with `shoal certs`"
+            ) from None
+        return context

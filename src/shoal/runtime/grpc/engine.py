@@ -2,9 +2,10 @@
 
 Nodes dial out to the coordinator and keep one bidirectional stream each (see shoal.proto):
 they prove their registered Ed25519 identity, then receive tasks and send back replies and
-heartbeats. ``dispatch`` behaves as LocalEngine's does: one task per node, a deadline per
-task, replies in task order, and a disconnect, a late answer or a refused task reported as
-the same failure kinds.
+heartbeats; large payloads travel on each session's bulk lane (lane.py) when it has one.
+``dispatch`` behaves as LocalEngine's does: one task per node, a deadline per task, replies in
+task order, and a disconnect, a late answer or a refused task reported as the same failure
+kinds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import queue
 import re
+import select
 import threading
 import time
 from collections import Counter
@@ -32,14 +34,23 @@ from shoal.errors import (
     ShoalError,
     TransportError,
 )
-from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+from shoal.runtime.engine import Buffer, DispatchResult, Failure, FailureKind, Reply, Task
 from shoal.runtime.grpc.auth import KeyShare, ReplayGuard, ReplyKey, fingerprint, verify
 from shoal.runtime.grpc.certs import ServerTLS
+from shoal.runtime.grpc.lane import (
+    DOWN,
+    LANE_MIN_BYTES,
+    BufferPool,
+    LaneServer,
+    LaneSocket,
+    parse_address,
+)
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     MAX_FRAME_BYTES,
+    MIN_PROTOCOL,
     PROTOCOL,
     TO_COORDINATOR_CHUNK,
     TO_NODE_CHUNK,
@@ -91,6 +102,7 @@ class NodeSessionInfo:
     connected_s: float
     partition_index: int | None
     key_fingerprint: str
+    lane: bool = False  # whether its bulk lane is open
 
 
 class _SessionAbort(Exception):
@@ -142,15 +154,76 @@ class _Pending:
 
 
 class _Inbound:
-    """A reply whose chunks are arriving; ``pending`` None means its bytes are discarded."""
+    """A reply whose bytes are arriving; ``pending`` None means its bytes are discarded.
+
+    Chunks from the stream go to ``assembler``; bytes from the lane are read in one go
+    right after the header (``_lane_receive``), which feeds ``mac`` itself.
+    """
 
     def __init__(
-        self, header: pb.ReplyHeader, pending: _Pending | None, key: ReplyKey, nonce: bytes
+        self,
+        header: pb.ReplyHeader,
+        pending: _Pending | None,
+        key: ReplyKey,
+        nonce: bytes,
+        *,
+        lane: bool = False,
     ) -> None:
         self.header = header
         self.pending = pending
-        self.assembler = Assembler(header.size, mac=key.mac(nonce)) if pending is not None else None
+        self.mac = key.mac(nonce) if pending is not None else None
+        self.assembler = (
+            Assembler(header.size, mac=self.mac) if pending is not None and not lane else None
+        )
         self.remaining = header.size
+
+
+class _Lane:
+    """A session's authenticated bulk lane: one connection per direction.
+
+    Task payloads go ``down``, queued for the lane's writer thread in the order their
+    headers enter the stream; a reply's bytes come ``up`` and are read by the session's
+    reader right after their header. So the two connections never need to agree on more
+    than that order (each frame's task id and size are still checked against its header),
+    and no TLS connection is read and written by two threads.
+    """
+
+    def __init__(self) -> None:
+        self.down: LaneSocket | None = None
+        self.up: LaneSocket | None = None
+        self.out: queue.SimpleQueue[tuple[str, Buffer] | None] = queue.SimpleQueue()
+        self.closed = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self.down is not None and self.up is not None and not self.closed.is_set()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.out.put(None)
+        for sock in (self.down, self.up):
+            if sock is not None:
+                sock.close()
+
+    def watch(self, sock: LaneSocket) -> bool:
+        """Block until the lane is closed here (False) or ``sock`` hung up by the peer (True).
+
+        Nothing reads an idle connection, so a node (or a middlebox) dropping it would
+        otherwise go unnoticed until the next payload; polling for a hang-up reads no bytes.
+        """
+        hangup = getattr(select, "POLLRDHUP", 0)
+        if not hangup or not hasattr(select, "poll"):
+            self.closed.wait()
+            return False
+        poller = select.poll()
+        try:
+            poller.register(sock.sock.fileno(), hangup | select.POLLHUP | select.POLLERR)
+        except (ValueError, OSError):  # already closed here
+            return False
+        while not self.closed.is_set():
+            if poller.poll(1000) and not self.closed.is_set():
+                return True
+        return False
 
 
 class _Session:
@@ -177,6 +250,11 @@ class _Session:
         self.partition_index: int | None = None
         self.authenticated = False
         self.closed = False
+        self.lane_id = b""
+        self.lane_token = b""
+        self.lane: _Lane | None = None
+        # Keeps a task's header (stream) and payload (lane) in the same order on both.
+        self.send_lock = threading.Lock()
 
     def send(self, item: bytes | Iterable[bytes]) -> None:
         self.out.put(item)
@@ -207,6 +285,10 @@ class GrpcEngine:
     connection and rejection events. TLS is required unless ``insecure=True``. ``seed`` seeds
     each task's randomness as LocalEngine does, so a deployment repeats a simulation.
 
+    ``data_listen`` is where the bulk lane listens (HOST:PORT, same TLS as the stream):
+    ``"auto"`` takes the stream's host and its port + 1 (any free port if that one is taken
+    or the stream's port is 0), None turns the lane off (every byte then goes over gRPC).
+
     >>> engine = GrpcEngine(listen="127.0.0.1:0", registry=store, tls=ServerTLS.from_dir("certs"))
     >>> engine.start().wait_for_nodes(5, timeout_s=60)
     """
@@ -216,6 +298,7 @@ class GrpcEngine:
         *,
         listen: str,
         registry: NodeRegistry,
+        data_listen: str | None = "auto",
         tls: ServerTLS | None = None,
         insecure: bool = False,
         seed: int = 0,
@@ -243,7 +326,15 @@ class GrpcEngine:
             raise ConfigError("heartbeat_s and handshake_timeout_s must be positive")
         if max_nodes < 1:
             raise ConfigError(f"max_nodes must be at least 1, got {max_nodes}")
+        if data_listen is not None and data_listen != "auto":
+            try:
+                parse_address(data_listen)
+            except ProtocolError:
+                raise ConfigError(
+                    f"data_listen must be HOST:PORT, 'auto' or None, got {data_listen!r}"
+                ) from None
         self.listen = listen
+        self.data_listen = data_listen
         self.registry = registry
         self.tls = tls
         self.seed = seed
@@ -271,7 +362,13 @@ class GrpcEngine:
         self._server: grpc.Server | None = None
         self._monitor: threading.Thread | None = None
         self._rejections = 0
+        self._lane_server: LaneServer | None = None
+        self._lane_ids: dict[bytes, _Session] = {}
+        self._lane_bytes = [0, 0]  # payload bytes sent, received on lanes
+        # Replies of one round are the sizes of the last round's: their buffers come back.
+        self._lane_pool = BufferPool()
         self.port = 0
+        self.data_port = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -312,12 +409,53 @@ class GrpcEngine:
         if not port:
             raise TransportError(f"cannot listen on {self.listen!r}; is the port in use?")
         self.port = port
+        try:
+            self._lane_server = self._start_lane()
+        except TransportError:
+            server.stop(grace=None)
+            raise
+        self.data_port = self._lane_server.port if self._lane_server is not None else 0
         self._refresh_registry()
         server.start()
         self._server = server
         self._monitor = threading.Thread(target=self._watch, name="shoal-monitor", daemon=True)
         self._monitor.start()
         return self
+
+    def _start_lane(self) -> LaneServer | None:
+        if self.data_listen is None:
+            return None
+        if self.data_listen == "auto":
+            try:
+                host = parse_address(self.listen)[0]
+            except ProtocolError:
+                host = "0.0.0.0"
+            port = self.port + 1 if self.port and _port_of(self.listen) else 0
+        else:
+            host, port = parse_address(self.data_listen)
+        context = self.tls.ssl_context() if self.tls is not None else None
+
+        def lane_server(port: int) -> LaneServer:
+            return LaneServer(
+                host=host,
+                port=port,
+                context=context,
+                token_for=self._lane_token,
+                attach=self._attach_lane,
+                serve=self._serve_lane,
+                rejected=self._lane_rejected,
+                timeout_s=self.handshake_timeout_s,
+            )
+
+        try:
+            server = lane_server(port)
+        except TransportError as exc:
+            if self.data_listen != "auto" or port == 0:
+                raise
+            # Nodes learn the lane's port from the welcome: any free port works for them.
+            log.warning("%s; the bulk lane takes a free port instead", exc)
+            server = lane_server(0)
+        return server.start()
 
     def __enter__(self) -> GrpcEngine:
         return self.start()
@@ -342,6 +480,9 @@ class GrpcEngine:
     def close(self) -> None:
         """Stop serving; every node still connected is dropped."""
         self._closing.set()
+        if self._lane_server is not None:
+            self._lane_server.close()
+            self._lane_server = None
         with self._lock:
             sessions = list(self._open)
         for session in sessions:
@@ -379,6 +520,7 @@ class GrpcEngine:
                 connected_s=now - s.opened,
                 partition_index=s.partition_index,
                 key_fingerprint=fingerprint(s.public_key),
+                lane=s.lane is not None and s.lane.ready,
             )
             for s in sessions
         ]
@@ -424,9 +566,37 @@ class GrpcEngine:
                 pending.fail(FailureKind.DROPPED, "node is not connected")
                 continue
             targets.append((task, session, pending))
-        consumers = Counter(id(task.payload) for task, _, _ in targets)
+        # Payloads go on the lane of each session that has one: the same encoded bytes are
+        # sent to every node from one buffer, without a copy.
+        lanes = [
+            session.lane
+            if session.lane is not None
+            and session.lane.ready
+            and memoryview(task.payload).nbytes >= LANE_MIN_BYTES
+            else None
+            for task, session, _ in targets
+        ]
+        consumers = Counter(
+            id(task.payload) for (task, _, _), lane in zip(targets, lanes) if lane is None
+        )
         shared: dict[int, SharedFrames] = {}
-        for task, session, pending in targets:
+        for (task, session, pending), lane in zip(targets, lanes):
+            header = pb.TaskHeader(
+                task_id=pending.wire_id,
+                name=task.name,
+                size=memoryview(task.payload).nbytes,
+                seed=[self.seed, self._index(session), number],
+                deadline_s=deadline_s,
+                lane=lane is not None,
+            )
+            if task.keep_as is not None:
+                header.keep_as = task.keep_as
+            head = pb.CoordinatorFrame(task=header).SerializeToString()
+            if lane is not None:
+                with session.send_lock:
+                    session.send(head)
+                    lane.out.put((pending.wire_id, task.payload))
+                continue
             frames = shared.get(id(task.payload))
             if frames is None:
                 frames = SharedFrames(
@@ -436,18 +606,9 @@ class GrpcEngine:
                     consumers=consumers[id(task.payload)],
                 )
                 shared[id(task.payload)] = frames
-            header = pb.TaskHeader(
-                task_id=pending.wire_id,
-                name=task.name,
-                size=frames.size,
-                seed=[self.seed, self._index(session), number],
-                deadline_s=deadline_s,
-            )
-            if task.keep_as is not None:
-                header.keep_as = task.keep_as
-            head = pb.CoordinatorFrame(task=header).SerializeToString()
-            session.send(itertools.chain((head,), frames.frames()))
-        del shared
+            with session.send_lock:
+                session.send(itertools.chain((head,), frames.frames()))
+        del shared, lanes
         deadline = started + deadline_s
         with waiter.cond:
             while len(waiter.outcomes) < len(tasks):
@@ -619,11 +780,11 @@ class GrpcEngine:
             record = self._lookup(claimed.hello.public_key)
             message = self._open_signed(session, signed, record.public_key)
             hello = message.hello
-            if hello.protocol != PROTOCOL:
+            if not MIN_PROTOCOL <= hello.protocol <= PROTOCOL:
                 raise _SessionAbort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"node speaks protocol {hello.protocol}, this coordinator {PROTOCOL}; "
-                    "run the same shoal version on both sides",
+                    f"node speaks protocol {hello.protocol}, this coordinator "
+                    f"{MIN_PROTOCOL}..{PROTOCOL}; run the same shoal version on both sides",
                 )
             if self.job_digest and hello.job_digest and hello.job_digest != self.job_digest:
                 raise _SessionAbort(
@@ -645,6 +806,7 @@ class GrpcEngine:
             session.claimed_key = _key_of(signed)
             raise
         session.reply_key = reply_key
+        session.lane_id, session.lane_token = reply_key.lane()
         session.node_id = record.node_id
         session.public_key = record.public_key
         if hello.HasField("partition_index") and 0 <= hello.partition_index < 1 << 31:
@@ -655,6 +817,7 @@ class GrpcEngine:
                 raise _SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many nodes")
             session.authenticated = True
             self._sessions[record.node_id] = session
+            self._lane_ids[session.lane_id] = session
             self._changed.notify_all()
         if previous is not None:
             self._close_session(previous, "replaced by a new connection from the same node")
@@ -665,6 +828,8 @@ class GrpcEngine:
             heartbeat_s=self.heartbeat_s,
             chunk_bytes=self.chunk_bytes,
             max_reply_bytes=self.max_reply_bytes,
+            # A protocol 2 node knows no lane: it would ignore the field anyway.
+            data_port=self.data_port if hello.protocol >= 3 else 0,
         )
         session.send(pb.CoordinatorFrame(welcome=welcome).SerializeToString())
         log.info("node %s connected from %s", record.node_id, session.peer)
@@ -709,6 +874,22 @@ class GrpcEngine:
             pending.fail(kind, header.detail or kind.value)
             pending = None
         assert session.reply_key is not None  # set by the hello, before any reply
+        if header.lane and header.size:
+            lane = session.lane
+            if lane is None or lane.up is None:
+                if pending is not None:
+                    pending.fail(FailureKind.INVALID, "reply announced on a missing bulk lane")
+                raise _SessionAbort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "a reply was announced on a bulk lane this session does not have",
+                )
+            inbound = _Inbound(header, pending, session.reply_key, nonce, lane=True)
+            try:
+                self._lane_receive(session, lane.up, inbound)
+            finally:  # whatever went wrong, the task fails now, not at its deadline
+                if pending is not None:
+                    pending.fail(FailureKind.DROPPED, "the bulk lane broke during the reply")
+            return
         inbound = _Inbound(header, pending, session.reply_key, nonce)
         if header.size:
             session.inbound = inbound
@@ -729,12 +910,24 @@ class GrpcEngine:
             self._complete(session, inbound)
 
     def _complete(self, session: _Session, inbound: _Inbound) -> None:
-        pending = inbound.pending
-        if pending is None:
+        if inbound.pending is None:
             return  # late, cancelled or failed: its bytes were only drained
         assembler = inbound.assembler
         assert assembler is not None
-        if not hmac.compare_digest(assembler.tag(), inbound.header.tag):
+        self._deliver(
+            session, inbound.pending, inbound.header, assembler.tag(), assembler.payload()
+        )
+
+    def _deliver(
+        self,
+        session: _Session,
+        pending: _Pending,
+        header: pb.ReplyHeader,
+        tag: bytes,
+        payload: memoryview,
+    ) -> None:
+        """Resolve ``pending`` with ``payload`` if ``tag`` is the one the node signed."""
+        if not hmac.compare_digest(tag, header.tag):
             pending.fail(
                 FailureKind.INVALID,
                 "reply bytes do not match the tag the node signed (tampered in transit?)",
@@ -747,7 +940,7 @@ class GrpcEngine:
         reply = Reply(
             node_id=pending.task.node_id,
             task_id=pending.task.task_id,
-            payload=assembler.payload(),
+            payload=payload,
             elapsed_s=time.monotonic() - pending.started,
         )
         pending.waiter.resolve(pending.task.node_id, reply)
@@ -759,6 +952,13 @@ class GrpcEngine:
             session.closed = True
             pending = list(session.pending.values())
             session.pending.clear()
+            lane, session.lane = session.lane, None
+            # A reply whose header came but whose bytes had not all arrived.
+            inbound, session.inbound = session.inbound, None
+        if lane is not None:
+            lane.close()
+        if inbound is not None and inbound.pending is not None:
+            pending.append(inbound.pending)
         for p in pending:
             p.fail(FailureKind.DROPPED, f"node disconnected: {reason}")
         session.out.put(None)
@@ -770,7 +970,106 @@ class GrpcEngine:
             self._open.discard(session)
             if session.authenticated and self._sessions.get(session.node_id) is session:
                 del self._sessions[session.node_id]
+            if self._lane_ids.get(session.lane_id) is session:
+                del self._lane_ids[session.lane_id]
             self._changed.notify_all()
+
+    # -- the bulk lane ---------------------------------------------------------------------
+
+    def _lane_token(self, lane_id: bytes) -> bytes | None:
+        with self._lock:
+            session = self._lane_ids.get(lane_id)
+        return session.lane_token if session is not None and not session.closed else None
+
+    def _attach_lane(self, lane_id: bytes, direction: bytes, sock: LaneSocket) -> str:
+        """Give an authenticated connection to its session's lane (before the node hears it
+        is accepted, so the node never announces a reply on a lane the coordinator does not
+        know yet); returns why not, or ""."""
+        with self._lock:
+            session = self._lane_ids.get(lane_id)
+        if session is None:
+            return "its session ended during the lane handshake"
+        with session.lock:
+            if session.closed:
+                return "its session ended during the lane handshake"
+            lane = session.lane = session.lane or _Lane()
+            if (lane.down if direction == DOWN else lane.up) is not None:
+                return "the session's bulk lane already has that connection"
+            if direction == DOWN:
+                lane.down = sock
+            else:
+                lane.up = sock
+        return ""
+
+    def _serve_lane(self, lane_id: bytes, direction: bytes, sock: LaneSocket) -> None:
+        """An attached connection (runs on its own thread until the lane closes)."""
+        with self._lock:
+            session = self._lane_ids.get(lane_id)
+        lane = session.lane if session is not None else None
+        if session is None or lane is None or sock not in (lane.down, lane.up):
+            return  # the session ended meanwhile and closed the lane
+        if direction == DOWN:
+            log.info("node %s opened its bulk lane from %s", session.node_id, sock.peer)
+            threading.Thread(
+                target=self._lane_write,
+                args=(session, lane, sock),
+                name=f"shoal-lane-writer-{session.id}",
+                daemon=True,
+            ).start()
+        if not (sock.closed or lane.watch(sock)):
+            return
+        with session.lock:
+            complete = lane.down is not None and lane.up is not None
+            if not complete:  # never used: the node gave up opening the other half
+                lane.down = None if lane.down is sock else lane.down
+                lane.up = None if lane.up is sock else lane.up
+        if complete:
+            self._close_session(session, "the node's bulk lane hung up")
+
+    def _lane_write(self, session: _Session, lane: _Lane, sock: LaneSocket) -> None:
+        while True:
+            item = lane.out.get()
+            if item is None or session.closed:
+                return
+            try:
+                sock.send(*item)
+                with self._lock:
+                    self._lane_bytes[0] += memoryview(item[1]).nbytes
+            except (TransportError, ProtocolError) as exc:
+                self._close_session(session, f"bulk lane lost: {exc}")
+                return
+
+    def _lane_receive(self, session: _Session, lane: LaneSocket, inbound: _Inbound) -> None:
+        """Read a reply's bytes from the lane, right after its header (on the reader thread)."""
+        header, pending = inbound.header, inbound.pending
+        try:
+            task_id, size = lane.read_head()
+            # Checked before a byte of payload is read or a buffer allocated; the size was
+            # bounded by max_reply_bytes when the signed header arrived.
+            if task_id != header.task_id or size != header.size:
+                raise ProtocolError(
+                    f"bulk lane frame ({task_id[:100]!r}, {size} bytes) does not match the "
+                    f"reply header ({header.task_id[:100]!r}, {header.size} bytes)"
+                )
+            if pending is None or inbound.mac is None:
+                lane.drain(size)  # late, cancelled or failed: only drained
+                return
+            payload = lane.read_payload(size, mac=inbound.mac, pool=self._lane_pool)
+        except ProtocolError as exc:
+            if pending is not None:
+                pending.fail(FailureKind.INVALID, str(exc))
+            raise _SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except TransportError as exc:
+            raise _SessionAbort(grpc.StatusCode.UNAVAILABLE, f"bulk lane lost: {exc}") from None
+        with self._lock:
+            self._lane_bytes[1] += size
+        self._deliver(session, pending, header, inbound.mac.finalize(), payload)
+
+    def _lane_rejected(self, peer: str, reason: str) -> None:
+        log.warning("refused a bulk lane connection from %s: %s", peer, reason)
+        self._rejections += 1
+        if self._rejections <= 1000:
+            self._audit("node.lane_rejected", "unknown", peer=peer, reason=reason[:500])
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -832,9 +1131,22 @@ class GrpcEngine:
             log.warning("cannot write the audit log: %s", exc)
 
     @property
+    def lane_bytes(self) -> tuple[int, int]:
+        """Payload bytes (sent, received) on bulk lanes so far; the rest went over gRPC."""
+        with self._lock:
+            return self._lane_bytes[0], self._lane_bytes[1]
+
+    @property
     def rejections(self) -> int:
-        """Connections refused so far (bad key, signature, replay, malformed frames)."""
+        """Connections refused so far (bad key, signature, replay, malformed frames, lane)."""
         return self._rejections
+
+
+def _port_of(address: str) -> int:
+    try:
+        return parse_address(address)[1]
+    except ProtocolError:
+        return 0
 
 
 def _key_of(signed: pb.Signed) -> bytes:

@@ -2,7 +2,8 @@
 
 A node opens one stream to the coordinator (so it works from behind NAT), answers the
 coordinator's challenge with a signed hello, then runs the tasks its NodeApp registered,
-one at a time, and signs every reply and heartbeat. When the stream breaks it reconnects
+one at a time, and signs every reply and heartbeat; large payloads travel on a bulk lane beside
+the stream when the coordinator offers one (lane.py). When the stream breaks it reconnects
 with exponential backoff and jitter; it stops when the coordinator says the run is over.
 """
 
@@ -28,18 +29,29 @@ from shoal.errors import (
     ConfigError,
     PrivacyBudgetExceeded,
     ProtocolError,
+    TransportError,
     UnknownTask,
     WireError,
 )
 from shoal.runtime.app import NodeApp, TaskContext
 from shoal.runtime.engine import DECLINED_DETAIL
 from shoal.runtime.grpc.certs import ClientTLS
+from shoal.runtime.grpc.lane import (
+    DOWN,
+    LANE_MIN_BYTES,
+    UP,
+    BufferPool,
+    LaneSocket,
+    connect_lane,
+    parse_address,
+)
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     MAX_FRAME_BYTES,
     METHOD,
+    MIN_PROTOCOL,
     PROTOCOL,
     TO_COORDINATOR_CHUNK,
     TO_NODE_CHUNK,
@@ -99,9 +111,10 @@ class _Rejected(Exception):
 @dataclass
 class _Incoming:
     header: pb.TaskHeader
-    assembler: Assembler | None  # None: the bytes are drained and the task refused
+    assembler: Assembler | None  # None: the bytes are drained and the task refused (or on the lane)
     refusal: str
     remaining: int
+    lane: bool = False  # the bytes come on the bulk lane, read by the worker
 
 
 class NodeClient:
@@ -111,7 +124,8 @@ class NodeClient:
     federation CA and this node's certificate, or ``insecure=True`` for plaintext (testing
     only). ``partition_index`` tells the coordinator which simulated node this one stands
     for, so a deployment can repeat a simulation exactly. ``job_digest``, when given, must
-    match the coordinator's job.
+    match the coordinator's job. ``lane=False`` keeps every byte on the gRPC stream even if
+    the coordinator offers a bulk lane (for a network that lets only one port through).
     """
 
     def __init__(
@@ -128,6 +142,7 @@ class NodeClient:
         backoff: Backoff | None = None,
         max_idle_s: float | None = None,
         seed: int | None = None,
+        lane: bool = True,
     ) -> None:
         if tls is None and not insecure:
             raise ConfigError(
@@ -147,6 +162,8 @@ class NodeClient:
         self.job_digest = job_digest
         self.backoff = backoff or Backoff()
         self.max_idle_s = max_idle_s
+        self.use_lane = lane
+        self.lane_open = False  # whether the current session's bulk lane is up
         self.node_id: str | None = None
         self.state: dict[str, Any] = {}  # persists across tasks and reconnections
         self.tasks_done = 0
@@ -161,6 +178,9 @@ class NodeClient:
         self._chunk_bytes = DEFAULT_CHUNK_BYTES
         self._max_reply = 0
         self._heartbeat_s = 5.0
+        self._data_port = 0
+        self._protocol = PROTOCOL
+        self._lane_pool = BufferPool()  # task buffers come back once a task lets go of them
 
     # -- control ---------------------------------------------------------------------------
 
@@ -240,6 +260,7 @@ class NodeClient:
             queue.SimpleQueue()
         )
         threads: list[threading.Thread] = []
+        lanes: list[LaneSocket] = []
         try:
             stub = channel.stream_stream(METHOD)
             call = stub(requests())
@@ -254,21 +275,26 @@ class NodeClient:
             cancelled: set[str] = set()
             threads = [
                 threading.Thread(
-                    target=self._work,
-                    args=(work, out, signer, cancelled),
-                    name="shoal-node-worker",
-                    daemon=True,
-                ),
-                threading.Thread(
                     target=self._beat,
                     args=(out, signer, stop_threads, call),
                     name="shoal-node-heartbeat",
                     daemon=True,
-                ),
+                )
             ]
-            for thread in threads:
-                thread.start()
-            return self._receive(responses, work, cancelled)
+            threads[0].start()  # first: heartbeats go on while the lane connects
+            lanes = self._open_lane(signer)
+            down, up = lanes if lanes else (None, None)
+            self.lane_open = bool(lanes)
+            threads.append(
+                threading.Thread(
+                    target=self._work,
+                    args=(work, out, signer, cancelled, call, up),
+                    name="shoal-node-worker",
+                    daemon=True,
+                )
+            )
+            threads[1].start()
+            return self._receive(responses, work, cancelled, down)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if code in _FATAL or (code == grpc.StatusCode.UNAUTHENTICATED and not welcomed[0]):
@@ -277,9 +303,10 @@ class NodeClient:
             if code == grpc.StatusCode.CANCELLED and self._idle():
                 return NodeExit.IDLE
             return None
-        except ProtocolError as exc:
+        except (ProtocolError, TransportError) as exc:  # TransportError: the bulk lane broke
             self.detail = str(exc)
-            log.warning("protocol error, reconnecting: %s", exc)
+            if not self._stop.is_set():
+                log.warning("%s, reconnecting", exc)
             return None
         except StopIteration:  # the coordinator ended the stream during the handshake
             self.detail = "the coordinator closed the stream"
@@ -289,6 +316,9 @@ class NodeClient:
             work.put(None)
             out.put(None)
             self._call = None
+            self.lane_open = False
+            for lane in lanes:
+                lane.close()
             channel.close()
             for thread in threads:
                 thread.join(timeout=5)
@@ -300,11 +330,13 @@ class NodeClient:
         if first.WhichOneof("kind") != "challenge" or len(first.challenge.challenge) < 16:
             raise ProtocolError("the coordinator did not open with a challenge")
         challenge = first.challenge
-        if challenge.protocol != PROTOCOL:
+        if challenge.protocol < MIN_PROTOCOL:
             raise _Rejected(
-                f"coordinator speaks protocol {challenge.protocol}, this node {PROTOCOL}; "
-                "run the same shoal version on both sides"
+                f"coordinator speaks protocol {challenge.protocol}, this node "
+                f"{MIN_PROTOCOL}..{PROTOCOL}; run the same shoal version on both sides"
             )
+        # The older of the two versions: an older coordinator then never sees lane fields.
+        self._protocol = min(PROTOCOL, challenge.protocol)
         try:
             signer = NodeSigner(
                 key=self.key,
@@ -316,6 +348,7 @@ class NodeClient:
             raise ProtocolError(f"the coordinator's challenge is unusable: {exc}") from None
         message = signer.hello()
         hello = message.hello
+        hello.protocol = self._protocol
         hello.tasks.extend(self.app.task_names)
         hello.job_digest = self.job_digest
         hello.software = f"shoal {shoal.__version__}"
@@ -337,6 +370,7 @@ class NodeClient:
         self._chunk_bytes = welcome.chunk_bytes or DEFAULT_CHUNK_BYTES
         self._max_reply = welcome.max_reply_bytes
         self._heartbeat_s = welcome.heartbeat_s if welcome.heartbeat_s > 0 else 5.0
+        self._data_port = welcome.data_port if self._protocol >= 3 and welcome.data_port else 0
         log.info("connected to %s as node %s", self.coordinator, self.node_id)
         return signer
 
@@ -345,6 +379,7 @@ class NodeClient:
         responses: Iterator[bytes],
         work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
         cancelled: set[str],
+        lane: LaneSocket | None,
     ) -> NodeExit | None:
         incoming: _Incoming | None = None
         for raw in responses:
@@ -369,7 +404,13 @@ class NodeClient:
             if kind == "task":
                 self._last_activity = time.monotonic()
                 incoming = self._announce(frame.task)
-                if incoming.remaining == 0:
+                if incoming.lane:
+                    # Read here, right after the header: the size was checked against this
+                    # node's limits first, and a refused task's bytes are drained, not kept.
+                    payload = self._lane_payload(incoming, lane, keep=not incoming.refusal)
+                    work.put(incoming if payload is None else (incoming, payload))
+                    incoming = payload = None  # held only by the worker now
+                elif incoming.remaining == 0:
                     self._queue(incoming, work)
                     incoming = None
             elif kind == "cancel":
@@ -393,6 +434,8 @@ class NodeClient:
                 f"task payload of {header.size} bytes exceeds this node's limit of "
                 f"{self.app.limits.max_bytes}"
             )
+        if header.lane:  # the bytes come on the lane
+            return _Incoming(header=header, assembler=None, refusal=refusal, remaining=0, lane=True)
         assembler = None if refusal else Assembler(header.size)
         return _Incoming(header=header, assembler=assembler, refusal=refusal, remaining=header.size)
 
@@ -408,46 +451,127 @@ class NodeClient:
 
     # -- worker threads --------------------------------------------------------------------
 
+    def _open_lane(self, signer: NodeSigner) -> list[LaneSocket]:
+        """The session's bulk lane (down, up), or [] (then every byte goes over the stream)."""
+        if not self._data_port or not self.use_lane:
+            return []
+        lane_id, token = signer.reply_key.lane()
+        opened: list[LaneSocket] = []
+        try:
+            host = parse_address(self.coordinator)[0]
+            context = self.tls.ssl_context() if self.tls is not None else None
+            for direction in (DOWN, UP):
+                opened.append(
+                    connect_lane(
+                        host=host,
+                        port=self._data_port,
+                        lane_id=lane_id,
+                        token=token,
+                        direction=direction,
+                        context=context,
+                        server_name=self.tls.server_name if self.tls is not None else None,
+                    )
+                )
+        except (TransportError, ProtocolError, ConfigError) as exc:
+            log.warning("no bulk lane (%s); payloads go over the gRPC stream", exc)
+            for sock in opened:  # a half-open lane is never used; the coordinator drops it
+                sock.close()
+            return []
+        log.info("bulk lane open to port %d", self._data_port)
+        return opened
+
     def _work(
         self,
         work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
         out: queue.SimpleQueue[bytes | Iterable[bytes] | None],
         signer: NodeSigner,
         cancelled: set[str],
+        call: Any,
+        lane: LaneSocket | None,
+    ) -> None:
+        try:
+            self._work_loop(work, out, signer, cancelled, lane)
+        except (TransportError, ProtocolError) as exc:
+            if self._call is call and not self._stop.is_set():  # not just the session ending
+                log.warning("bulk lane failed, reconnecting: %s", exc)
+            self.lane_open = False
+            call.cancel()  # the session cannot go on without the bytes it announced
+
+    def _lane_payload(
+        self, incoming: _Incoming, lane: LaneSocket | None, *, keep: bool
+    ) -> memoryview | None:
+        """Read (or, if not ``keep``, drain) a task's bytes from the lane, checked first."""
+        header = incoming.header
+        if lane is None:
+            raise ProtocolError("the coordinator sent a task on a bulk lane this node has not")
+        task_id, size = lane.read_head()
+        if task_id != header.task_id or size != header.size:
+            raise ProtocolError(
+                f"bulk lane frame ({task_id[:100]!r}, {size} bytes) does not match the task "
+                f"header ({header.task_id[:100]!r}, {header.size} bytes)"
+            )
+        if not keep:
+            lane.drain(size)
+            return None
+        return lane.read_payload(size, pool=self._lane_pool)
+
+    def _work_loop(
+        self,
+        work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None],
+        out: queue.SimpleQueue[bytes | Iterable[bytes] | None],
+        signer: NodeSigner,
+        cancelled: set[str],
+        lane: LaneSocket | None,
     ) -> None:
         while True:
             item = work.get()
             if item is None:
                 return
-            incoming, payload = item if isinstance(item, tuple) else (item, None)
-            header = incoming.header
-            if header.task_id in cancelled:
-                cancelled.discard(header.task_id)
-                continue
-            start = time.perf_counter()
-            if payload is None:
-                status, detail, result = pb.REJECTED, incoming.refusal, memoryview(b"")
-            else:
-                status, detail, result = self._run_task(header, payload)
-            self.tasks_done += 1
-            self._last_activity = time.monotonic()
-            if self._max_reply and result.nbytes > self._max_reply:
-                status, detail, result = (
-                    pb.ERROR,
-                    f"the result is {result.nbytes} bytes, over the coordinator's limit of "
-                    f"{self._max_reply}",
-                    memoryview(b""),
-                )
-            message = signer.message()
-            reply = message.reply
-            reply.task_id = header.task_id
-            reply.status = status
-            reply.detail = detail[:_MAX_DETAIL]
-            reply.size = result.nbytes
-            reply.tag = signer.reply_tag(message, result)
-            reply.elapsed_s = time.perf_counter() - start
-            frames = chunk_frames(TO_COORDINATOR_CHUNK, result, self._chunk_bytes)
-            out.put(itertools.chain((signer.frame(message),), frames))
+            self._serve_task(item, out, signer, cancelled, lane)
+            del item  # nothing here holds the payload while waiting: its buffer can come back
+
+    def _serve_task(
+        self,
+        item: _Incoming | tuple[_Incoming, memoryview],
+        out: queue.SimpleQueue[bytes | Iterable[bytes] | None],
+        signer: NodeSigner,
+        cancelled: set[str],
+        lane: LaneSocket | None,
+    ) -> None:
+        incoming, payload = item if isinstance(item, tuple) else (item, None)
+        header = incoming.header
+        if header.task_id in cancelled:
+            cancelled.discard(header.task_id)
+            return
+        start = time.perf_counter()
+        if payload is None:
+            status, detail, result = pb.REJECTED, incoming.refusal, memoryview(b"")
+        else:
+            status, detail, result = self._run_task(header, payload)
+        self.tasks_done += 1
+        self._last_activity = time.monotonic()
+        if self._max_reply and result.nbytes > self._max_reply:
+            status, detail, result = (
+                pb.ERROR,
+                f"the result is {result.nbytes} bytes, over the coordinator's limit of "
+                f"{self._max_reply}",
+                memoryview(b""),
+            )
+        message = signer.message()
+        reply = message.reply
+        reply.task_id = header.task_id
+        reply.status = status
+        reply.detail = detail[:_MAX_DETAIL]
+        reply.size = result.nbytes
+        reply.tag = signer.reply_tag(message, result)
+        reply.elapsed_s = time.perf_counter() - start
+        if lane is not None and result.nbytes >= LANE_MIN_BYTES:
+            reply.lane = True
+            out.put(signer.frame(message))
+            lane.send(header.task_id, result)
+            return
+        frames = chunk_frames(TO_COORDINATOR_CHUNK, result, self._chunk_bytes)
+        out.put(itertools.chain((signer.frame(message),), frames))
 
     def _run_task(
         self, header: pb.TaskHeader, payload: memoryview

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "MAX_FRAME_BYTES",
     "METHOD",
+    "MIN_PROTOCOL",
     "PROTOCOL",
     "TO_COORDINATOR_CHUNK",
     "TO_NODE_CHUNK",
@@ -42,8 +43,11 @@ __all__ = [
 ]
 
 METHOD = "/shoal.deploy.v1.Coordinator/Session"
+# 3: payloads may travel on a bulk lane beside the stream (Welcome.data_port, header `lane`).
 # 2: replies carry a Poly1305 tag under a key agreed in the signed hello (1: a signed SHA-256).
-PROTOCOL = 2
+PROTOCOL = 3
+# A protocol 2 peer is still served: it never opens a lane, so every byte goes over gRPC.
+MIN_PROTOCOL = 2
 # Each frame costs Python-side work on both ends (a thread hand-off, a parse, a copy): on
 # loopback, 4 MiB chunks took ~15% less CPU per round than 1 MiB; 8 and 16 MiB did no better.
 DEFAULT_CHUNK_BYTES = 4 << 20
