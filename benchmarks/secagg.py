@@ -7,6 +7,7 @@ LocalEngine, so nodes run one after another in this process: ``wall_ratio`` comp
 simulated rounds, and ``parallel_ratio`` compares the critical path a deployment would see
 (server time plus, per dispatch, the slowest node), since there nodes run at the same time.
 Seconds per node (mean), server seconds and the bytes each node uploads are reported too.
+Each timed round follows an untimed round of its own kind (medians over ``--repeats``).
 ``--degree K`` fixes the neighbours per node (SecAgg+'s k) instead of the default choice,
 which grows with N: at a fixed degree the server's work should grow linearly in N.
 
@@ -136,8 +137,12 @@ def run_case(
 
     runs: dict[str, list[dict[str, float]]] = {"plain": [], "secure": []}
     for _ in range(repeats):  # interleaved, so load changes hit both alike
-        runs["plain"].append(one("plain"))
-        runs["secure"].append(one("secure"))
+        for kind in ("plain", "secure"):
+            # An untimed round of the same kind first: a round right after one of the other
+            # kind pays for memory the other freed (a plain round after a secure one took
+            # 0.2 s instead of 0.07 s, mostly page faults in np.stack), which is not its cost.
+            one(kind)
+            runs[kind].append(one(kind))
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     return {
         "nodes": nodes,
