@@ -184,9 +184,11 @@ def open_raw_node(federation, raw_session, engine, lanes, *, name="n0", tls=None
     ]
     lanes.extend(opened)
     deadline = time.monotonic() + 30
-    while not any(s.lane for s in engine.sessions() if s.node_id == name):
-        assert time.monotonic() < deadline, "the lane was not attached"
+    attached = False
+    while not attached and time.monotonic() < deadline:
+        attached = any(s.lane for s in engine.sessions() if s.node_id == name)
         time.sleep(0.02)
+    assert attached, "the coordinator never attached the lane to the session"
     return session, signer, opened[0], opened[1]
 
 
