@@ -53,6 +53,21 @@ def tasks(node_ids, payload, prefix="t"):
     ]
 
 
+def connect_both(port: int, lane_id: bytes, token: bytes, context) -> list:
+    """A session's two lane connections (down, up), as a node opens them."""
+    return [
+        connect_lane(
+            host="127.0.0.1",
+            port=port,
+            lane_id=lane_id,
+            token=token,
+            direction=direction,
+            context=context,
+        )
+        for direction in (DOWN, UP)
+    ]
+
+
 def wait_for_lanes(engine, count: int) -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -171,17 +186,7 @@ def open_raw_node(federation, raw_session, engine, lanes, *, name="n0", tls=None
     welcome = session.recv().welcome
     signer = session.signer(key)
     lane_id, token = signer.reply_key.lane()
-    opened = [
-        connect_lane(
-            host="127.0.0.1",
-            port=welcome.data_port,
-            lane_id=lane_id,
-            token=token,
-            direction=direction,
-            context=context,
-        )
-        for direction in (DOWN, UP)
-    ]
+    opened = connect_both(welcome.data_port, lane_id, token, context)
     lanes.extend(opened)
     deadline = time.monotonic() + 30
     attached = False
@@ -333,17 +338,7 @@ def test_lane_without_the_session_token_is_refused(federation, raw_session, lane
     result = engine.dispatch(tasks(["n1"], encode({"x": BIG})), deadline_s=30)
     np.testing.assert_array_equal(decode(result.replies["n1"].payload)["x"], BIG * 2)
     # With the right token the same session gets its lane (both directions).
-    for direction in (DOWN, UP):
-        lanes.append(
-            connect_lane(
-                host="127.0.0.1",
-                port=port,
-                lane_id=lane_id,
-                token=token,
-                direction=direction,
-                context=None,
-            )
-        )
+    lanes.extend(connect_both(port, lane_id, token, None))
     assert wait_for_lanes(engine, 2) == 2
 
 
@@ -391,17 +386,7 @@ def test_lane_tls_requires_a_federation_certificate(
         time.sleep(0.05)
     assert sum("TLS" in r for r in reasons(federation, "node.lane_rejected")) >= 2
     # The federation's own certificate and the token: admitted.
-    for direction in (DOWN, UP):
-        lanes.append(
-            connect_lane(
-                host="127.0.0.1",
-                port=port,
-                lane_id=lane_id,
-                token=token,
-                direction=direction,
-                context=tls.ssl_context(),
-            )
-        )
+    lanes.extend(connect_both(port, lane_id, token, tls.ssl_context()))
     assert wait_for_lanes(engine, 1) == 1
 
 
