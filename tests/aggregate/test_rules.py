@@ -16,11 +16,13 @@ from hypothesis.extra import numpy as hnp
 
 from shoal.aggregate import rules
 from shoal.aggregate.rules import (
+    all_finite,
     clip_l2,
     coordinate_median,
     geometric_median,
     krum,
     krum_scores,
+    l2_norm,
     multi_krum,
     pairwise_sq_distances,
     total,
@@ -636,3 +638,25 @@ def test_single_update_passes_through_every_rule() -> None:
         geometric_median(row),
     ):
         np.testing.assert_array_equal(got, row[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=40),
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_l2_norm_sums_in_float64(values: list[float], dtype: Any) -> None:
+    v = np.array(values, dtype=dtype)
+    exact = math.sqrt(math.fsum(float(a) ** 2 for a in v.astype(np.float64)))
+    assert math.isclose(l2_norm(v), exact, rel_tol=1e-12, abs_tol=1e-300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(width=32), min_size=0, max_size=30),
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_all_finite_agrees_with_isfinite(values: list[float], dtype: Any) -> None:
+    v = np.array(values, dtype=dtype)
+    assert all_finite(v) == bool(np.isfinite(v).all())
+    assert all_finite(np.arange(5))

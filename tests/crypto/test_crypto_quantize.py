@@ -80,3 +80,29 @@ def test_validation() -> None:
         q.dequantize_sum(np.array([q.levels * 2 + 1], dtype=np.uint32), count=2)
     with pytest.raises(AggregationError):
         q.dequantize_sum(np.array([0.5]), count=1)
+
+
+def test_os_entropy_rounding_is_unbiased() -> None:
+    # The default noise comes from an AES keystream, not a Generator: check it the same way.
+    q = Quantizer(clip=1.0, max_inputs=1, bits=3)
+    values = q.dequantize(q.quantize(np.full(200_000, 0.1)))
+    assert len(np.unique(values)) == 2
+    assert abs(values.mean() - 0.1) < 2e-3
+
+
+def test_float32_input_rounds_like_its_float64_value() -> None:
+    x = np.random.default_rng(3).uniform(-2, 2, size=1000).astype(np.float32)
+    q = Quantizer(clip=1.5, max_inputs=10, bits=32)
+    a = q.quantize(x, rng=np.random.default_rng(9))
+    b = q.quantize(x.astype(np.float64), rng=np.random.default_rng(9))
+    assert np.array_equal(a, b)
+
+
+def test_results_do_not_share_the_scratch_buffers() -> None:
+    q = Quantizer(clip=1.0, max_inputs=4, bits=32)
+    first = q.quantize(np.full(500, -1.0))
+    kept = first.copy()
+    q.quantize(np.full(500, 1.0))
+    q.quantize(np.full(2000, 0.5))  # a bigger call may regrow the scratch
+    assert np.array_equal(first, kept)
+    assert int(first.max()) == 0

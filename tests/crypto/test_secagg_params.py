@@ -168,3 +168,14 @@ def test_from_dict_errors() -> None:
         SecAggParams.from_dict(d)
     with pytest.raises(ConfigError, match="not a participant"):
         make().neighbours("stranger")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(), max_size=5))
+def test_json_strings_matches_json_dumps(parts: list[str]) -> None:
+    # Key-derivation contexts must not change with the encoder: both ends derive them.
+    import json
+
+    from shoal.crypto.secagg.params import json_strings
+
+    assert json_strings(*parts) == json.dumps(parts).encode()

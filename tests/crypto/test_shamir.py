@@ -128,3 +128,17 @@ def test_bad_arguments() -> None:
         shamir.combine([shares[0], shares[0]], threshold=2, length=3)
     with pytest.raises(ProtocolError):
         shamir.combine(shares, threshold=2, length=40)  # wrong chunk count
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 2**130), st.integers(0, 50))
+def test_random_below_stays_in_range(bound: int, count: int) -> None:
+    values = shamir.random_below(bound, count)
+    assert len(values) == count
+    assert all(0 <= v < bound for v in values)
+
+
+def test_random_below_is_uniform() -> None:
+    # bound 5 rejects 3 of every 8 draws: the survivors must still be uniform
+    counts = np.bincount(shamir.random_below(5, 20_000), minlength=5)
+    assert chisquare(counts).pvalue > 1e-4

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from shoal.crypto.scratch import scratch
 from shoal.errors import ConfigError
 
 __all__ = ["NONCE_BYTES", "SEED_BYTES", "add_mask", "add_masks", "expand", "keystream"]
@@ -89,17 +90,18 @@ def add_masks(
 ) -> None:
     """``acc += sum(sign * expand(seed) for seed, sign in masks)``, wrapping, in place.
 
-    One scratch buffer serves every mask, so the cost is the keystream and one add each.
+    One scratch buffer (this thread's, reused across calls) serves every mask, so the cost
+    is the keystream and one add each.
     """
     if acc.dtype.kind != "u" or acc.ndim != 1:
         raise ConfigError("the accumulator must be a 1-D unsigned integer array")
     dt = acc.dtype.newbyteorder("<")
     nbytes = acc.shape[0] * dt.itemsize
-    scratch = np.empty(nbytes + _SLACK, dtype=np.uint8)
+    buffer = scratch("prg.add_masks", nbytes + _SLACK, np.uint8)
     for seed, sign in masks:
         if sign not in (1, -1):
             raise ConfigError(f"sign must be +1 or -1, got {sign!r}")
-        mask = keystream(seed, nbytes, nonce=nonce, out=scratch).view(dt)
+        mask = keystream(seed, nbytes, nonce=nonce, out=buffer).view(dt)
         if sign == 1:
             np.add(acc, mask, out=acc)
         else:

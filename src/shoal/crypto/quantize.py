@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from shoal.aggregate.rules import all_finite
+from shoal.crypto.prg import SEED_BYTES, keystream
+from shoal.crypto.scratch import scratch
 from shoal.errors import AggregationError, ConfigError
 
 __all__ = ["MAX_LEVELS", "Quantizer", "dtype_for_bits"]
@@ -67,21 +70,38 @@ class Quantizer:
         return dtype_for_bits(self.bits)
 
     def quantize(self, x: Any, *, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Clip, shift and stochastically round ``x`` to integers in [0, levels]."""
-        arr = np.asarray(x, dtype=np.float64)
-        if not np.all(np.isfinite(arr)):
+        """Clip, shift and stochastically round ``x`` to integers in [0, levels].
+
+        Rounds ``floor(s + u)`` with ``u`` uniform in [0, 1): up with probability equal to
+        the fraction of ``s``, so each value is unbiased. The arithmetic runs in float64 in
+        this thread's scratch buffers; only the integer result is allocated.
+        """
+        arr = np.asarray(x)
+        if arr.dtype not in (np.float32, np.float64):
+            arr = arr.astype(np.float64)
+        if not all_finite(arr):
             raise AggregationError(
                 "cannot quantize non-finite values (nan/inf); fix or drop them before a secure sum"
             )
+        c, levels = float(self.clip), self.levels
+        work = scratch("quantize.work", arr.size, np.float64).reshape(arr.shape)
+        np.maximum(arr, -c, out=work)
+        np.minimum(work, c, out=work)
+        np.add(work, c, out=work)
+        np.multiply(work, levels / (2.0 * c), out=work)
+        noise = scratch("quantize.noise", arr.size, np.float64).reshape(arr.shape)
         if rng is None:
-            # Rounding noise protects nothing secret, but fresh OS entropy keeps it unpredictable.
-            rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-        c = float(self.clip)
-        scaled = (np.clip(arr, -c, c) + c) * (self.levels / (2.0 * c))
-        low = np.floor(scaled)
-        rounded = low + (rng.random(arr.shape) < (scaled - low))
-        np.clip(rounded, 0, self.levels, out=rounded)
-        return rounded.astype(self.dtype)
+            # Rounding noise protects nothing secret, but fresh OS entropy keeps it
+            # unpredictable; an AES keystream is the cheapest source of that much of it.
+            raw = scratch("quantize.bits", 4 * arr.size + 15, np.uint8)
+            bits = keystream(os.urandom(SEED_BYTES), 4 * arr.size, out=raw).view(np.uint32)
+            np.multiply(bits.reshape(arr.shape), 2.0**-32, out=noise)
+        else:
+            rng.random(out=noise)
+        np.add(work, noise, out=work)
+        np.floor(work, out=work)
+        np.minimum(work, levels, out=work)  # s + u may round up to levels + 1
+        return work.astype(self.dtype)
 
     def dequantize_sum(self, total: Any, *, count: int) -> np.ndarray:
         """Map the exact sum of ``count`` quantized inputs back to the sum of the inputs."""

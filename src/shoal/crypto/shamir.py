@@ -7,7 +7,7 @@ consistent with every possible secret and so reveal nothing about it.
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,9 +83,28 @@ def split_int(secret: int, *, threshold: int, xs: Sequence[int], prime: int = PR
     if not 0 <= secret < prime:
         raise ConfigError(f"the secret must lie in [0, {prime - 1}]")
     _check_points(xs, threshold, prime)
-    # Coefficients come from `secrets`: they are what hides the secret.
-    coeffs = [secret] + [secrets.randbelow(prime) for _ in range(threshold - 1)]
-    coeffs.reverse()
+    return _evaluate([*random_below(prime, threshold - 1), secret], xs, prime)
+
+
+def random_below(bound: int, count: int) -> list[int]:
+    """``count`` uniform integers in [0, bound) from the OS's CSPRNG (what `secrets` uses),
+    drawn in one call: the random coefficients are what hide a secret."""
+    bits = bound.bit_length()
+    size = (bits + 7) // 8
+    mask = (1 << bits) - 1
+    out: list[int] = []
+    while len(out) < count:
+        need = count - len(out)
+        pool = os.urandom(size * need)
+        for i in range(0, size * need, size):
+            value = int.from_bytes(pool[i : i + size], "big") & mask
+            if value < bound:  # rejection keeps it uniform (for 2**127 - 1: p = 2**-127)
+                out.append(value)
+    return out
+
+
+def _evaluate(coeffs: Sequence[int], xs: Sequence[int], prime: int) -> list[int]:
+    """The polynomial with ``coeffs`` (highest degree first) at each of ``xs``, mod prime."""
     out = []
     for x in xs:
         # Horner without reducing each step: the integer stays a few hundred bits for
@@ -145,14 +164,14 @@ def split(secret: bytes, *, threshold: int, xs: Sequence[int]) -> list[Share]:
     if not isinstance(secret, (bytes, bytearray)) or not secret:
         raise ConfigError("the secret must be a non-empty byte string")
     _check_points(xs, threshold, PRIME)
-    columns = [
-        split_int(
-            int.from_bytes(secret[i : i + CHUNK_BYTES], "big"),
-            threshold=threshold,
-            xs=xs,
-            prime=PRIME,
-        )
+    chunks = [
+        int.from_bytes(secret[i : i + CHUNK_BYTES], "big")
         for i in range(0, len(secret), CHUNK_BYTES)
+    ]
+    noise = random_below(PRIME, (threshold - 1) * len(chunks))
+    columns = [
+        _evaluate([*noise[k * (threshold - 1) : (k + 1) * (threshold - 1)], chunk], xs, PRIME)
+        for k, chunk in enumerate(chunks)
     ]
     return [Share(x=x, ys=tuple(col[k] for col in columns)) for k, x in enumerate(xs)]
 

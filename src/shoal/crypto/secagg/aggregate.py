@@ -51,9 +51,9 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
     missing = [f for f in fields if f not in kept]
     if missing:
         raise TaskError(f"kept value {handle!r} has no field(s) {missing}")
-    parts = [np.asarray(kept[f], dtype=np.float64).ravel() for f in fields]
+    parts = [_as_float(kept[f]).ravel() for f in fields]
     vector = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    if not np.isfinite(vector).all():
+    if not rules.all_finite(vector):
         raise TaskError("the node's value holds NaN or infinity; it cannot join a secure sum")
     for spec in payload.get("transforms", []):  # the chain's node transforms, in order
         if not isinstance(spec, dict) or len(spec) != 1:
@@ -68,9 +68,17 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
     return vector
 
 
+def _as_float(value: Any) -> np.ndarray:
+    """float32 stays float32 (quantization reads it directly); anything else is float64."""
+    arr = np.asarray(value)
+    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
+
+
 def _clip(vector: np.ndarray, norm_bound: float) -> np.ndarray:
     norm = rules.l2_norm(vector)
-    return vector * (norm_bound / norm) if norm > norm_bound else vector
+    if norm <= norm_bound:
+        return vector
+    return np.multiply(vector, norm_bound / norm, dtype=np.float64)
 
 
 def _noise(vector: np.ndarray, std: float) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from shoal.crypto.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from shoal.crypto.secagg.params import SecAggParams
+from shoal.crypto.secagg.params import SecAggParams, json_strings
 from shoal.errors import AggregationError, ProtocolError
 
 __all__ = [
@@ -67,12 +66,12 @@ class NodePhase(enum.Enum):
 
 def share_associated_data(params: SecAggParams, sender: str, receiver: str) -> bytes:
     """AEAD associated data: a ciphertext opens only for this sender, receiver and round."""
-    return json.dumps(["secagg/share", params.round_id, sender, receiver]).encode()
+    return json_strings("secagg/share", params.round_id, sender, receiver)
 
 
 def b_commitment(params: SecAggParams, node: str, b: bytes) -> bytes:
     """Hash commitment to a self-mask seed, so the server can check what it rebuilt."""
-    tag = json.dumps(["secagg/b", params.round_id, node]).encode()
+    tag = json_strings("secagg/b", params.round_id, node)
     return hashlib.sha256(tag + b"\x00" + b).digest()
 
 
@@ -260,7 +259,7 @@ class SecAggNode:
         for u, (s_share, b_share) in opened.items():
             self.peers[u].s_share, self.peers[u].b_share = s_share, b_share
         senders = sorted(request.senders, key=params.index.__getitem__)
-        masked = vector.copy()
+        masked = vector  # our own copy of x
         add_masks(
             masked,
             [(self.b, 1)]
@@ -367,6 +366,7 @@ def _check_input(x: Any, params: SecAggParams) -> np.ndarray:
             f"the secure-sum input must hold integers in [0, 2**{params.bits}), got dtype "
             f"{arr.dtype}; quantize real values first (shoal.crypto.Quantizer)"
         )
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >> params.bits):
+    fits = arr.dtype.kind == "u" and 8 * arr.dtype.itemsize <= params.bits
+    if arr.size and not fits and (int(arr.min()) < 0 or int(arr.max()) >> params.bits):
         raise AggregationError(f"the secure-sum input must lie in [0, 2**{params.bits})")
-    return arr.astype(params.dtype)
+    return np.array(arr, dtype=params.dtype)  # a copy: it is masked in place
