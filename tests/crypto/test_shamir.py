@@ -142,3 +142,16 @@ def test_random_below_is_uniform() -> None:
     # bound 5 rejects 3 of every 8 draws: the survivors must still be uniform
     counts = np.bincount(shamir.random_below(5, 20_000), minlength=5)
     assert chisquare(counts).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("xs", [list(range(1, 41)), [shamir.PRIME - k for k in range(1, 41)]])
+def test_small_and_wide_points_rebuild(xs: list[int]) -> None:
+    # 40 points near the prime take the reduce-every-factor path, small ones the exact one
+    secret = os.urandom(32)
+    shares = shamir.split(secret, threshold=40, xs=xs)
+    assert shamir.combine(shares[::-1], threshold=40, length=32) == secret
+
+
+def test_points_equal_modulo_the_prime_are_refused() -> None:
+    with pytest.raises(ProtocolError, match="repeated"):
+        shamir.lagrange_weights([3, 3 + shamir.PRIME])

@@ -118,22 +118,26 @@ def _evaluate(coeffs: Sequence[int], xs: Sequence[int], prime: int) -> list[int]
 
 def lagrange_weights(xs: Sequence[int], *, prime: int = PRIME) -> list[int]:
     """Weights ``w_i`` with ``f(0) = sum_i w_i f(x_i)`` for any polynomial of degree < len(xs)."""
+    xs = [x % prime for x in xs]
     if len(set(xs)) != len(xs):
         raise ProtocolError("shares with repeated points cannot be combined")
-    xs = [x % prime for x in xs]
     if 0 in xs:
         raise ProtocolError("a share point is 0 modulo the prime; it cannot be combined")
+    # Points are small in practice (a node's index + 1): multiplying exactly and reducing
+    # once is cheaper than reducing after every factor. Wide points reduce every factor.
+    exact = len(xs) * max(xs).bit_length() <= 4096
     everything = 1
     for x in xs:
-        everything = everything * x % prime
+        everything = everything * x if exact else everything * x % prime
+    everything %= prime
     # w_i = prod_{j != i} x_j / (x_j - x_i) = (prod_j x_j) / (x_i * prod_{j != i} (x_j - x_i))
     dens = []
-    for i, xi in enumerate(xs):
+    for xi in xs:
         den = xi
-        for j, xj in enumerate(xs):
-            if i != j:
-                den = den * (xj - xi) % prime
-        dens.append(den)
+        for xj in xs:
+            if xj != xi:
+                den = den * (xj - xi) if exact else den * (xj - xi) % prime
+        dens.append(den % prime)
     # One modular inverse for all denominators (prefix products), not one each.
     prefix = [1]
     for den in dens:
