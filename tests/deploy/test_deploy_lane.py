@@ -420,6 +420,19 @@ def test_buffer_pool_reuses_only_buffers_nothing_else_holds() -> None:
     assert big.nbytes == 2500 and pool.take(2500).ctypes.data != big.ctypes.data
 
 
+def test_buffer_pool_hands_out_free_buffers_longest_out_first() -> None:
+    pool = BufferPool(max_bytes=10_000)
+    held = [pool.take(100) for _ in range(5)]
+    addresses = [b.ctypes.data for b in held]
+    del held[3], held[1]  # two payloads released, in another order than taken
+    again = [pool.take(100), pool.take(100)]
+    assert [b.ctypes.data for b in again] == [addresses[1], addresses[3]]
+    fresh = pool.take(100)  # the other three are still held: a new buffer
+    assert fresh.ctypes.data not in addresses
+    other = pool.take(200)  # another size never gets one of these
+    assert other.ctypes.data not in addresses and other.nbytes == 200
+
+
 def test_frames_carry_64_bit_sizes() -> None:
     a, b = socket.socketpair()
     sender, receiver = LaneSocket(a), LaneSocket(b)

@@ -10,6 +10,7 @@ kinds.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import itertools
 import logging
@@ -274,6 +275,7 @@ class _Session:
             return self.pending.pop(wire_id, None)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _natural(text: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
 
@@ -355,7 +357,8 @@ class GrpcEngine:
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, _Session] = {}  # authenticated, by node id
         self._open: set[_Session] = set()  # every live stream, authenticated or not
-        self._registry_ids: set[str] = set()
+        self._registry_ids: frozenset[str] = frozenset()
+        self._registry_order: dict[str, int] = {}  # node id -> its place in natural order
         self._dispatches = 0
         self._dispatch_lock = threading.Lock()
         self._closing = threading.Event()
@@ -634,8 +637,8 @@ class GrpcEngine:
     def _index(self, session: _Session) -> int:
         if session.partition_index is not None:
             return session.partition_index
-        ordered = sorted(self._registry_ids, key=_natural)
-        return ordered.index(session.node_id) if session.node_id in ordered else len(ordered)
+        order = self._registry_order
+        return order.get(session.node_id, len(order))
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -842,7 +845,7 @@ class GrpcEngine:
 
     def _lookup(self, public_key: bytes) -> NodeRecord:
         records = self.registry.list_nodes(include_revoked=True)
-        self._registry_ids = {r.node_id for r in records if not r.revoked}
+        self._set_registry(r.node_id for r in records if not r.revoked)
         for record in records:
             if hmac.compare_digest(record.public_key, public_key):
                 if record.revoked:
@@ -1106,7 +1109,13 @@ class GrpcEngine:
         except ShoalError as exc:
             log.warning("cannot read the node registry: %s", exc)
             return
-        self._registry_ids = {r.node_id for r in records}
+        self._set_registry(r.node_id for r in records)
+
+    def _set_registry(self, node_ids: Iterable[str]) -> None:
+        ids = frozenset(node_ids)
+        if ids != self._registry_ids:  # sorting is the costly part: redo it only on a change
+            order = {v: i for i, v in enumerate(sorted(ids, key=_natural))}
+            self._registry_ids, self._registry_order = ids, order
 
     def _rejected(self, session: _Session, reason: str, *, claimed_key: bytes) -> None:
         log.warning("rejected connection from %s: %s", session.peer, reason)

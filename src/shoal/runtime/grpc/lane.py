@@ -18,7 +18,8 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,17 +88,17 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _unreferenced(buffers: list[np.ndarray], index: int) -> bool:
-    # Only the pool holds the buffer when the count is the baseline (its list slot, `buffer`
-    # and getrefcount's argument); every view, memoryview or decoded array still alive adds
-    # one, since each keeps its base alive.
+def _unreferenced(buffers: Sequence[np.ndarray], index: int) -> bool:
+    # Only the pool holds the buffer when the count is the baseline (its slot in the pool,
+    # `buffer` and getrefcount's argument); every view, memoryview or decoded array still
+    # alive adds one, since each keeps its base alive.
     buffer = buffers[index]
     return sys.getrefcount(buffer) == _BASELINE
 
 
 # Measured on the very code path above, with a buffer nothing else holds.
 _BASELINE = 0
-_probe = [np.empty(1, dtype=np.uint8)]
+_probe = deque([np.empty(1, dtype=np.uint8)])
 while not _unreferenced(_probe, 0):
     _BASELINE += 1
 del _probe
@@ -112,34 +113,54 @@ class BufferPool:
     ``max_bytes`` in all) and gives it out again only when its reference count shows that
     no payload view, decoded array or reply still points into it, so a caller never sees
     its bytes change.
+
+    Buffers of one size wait in a ring, the longest handed out first: a round releases its
+    payloads together, so the first one checked is almost always free (a scan over every
+    kept buffer per payload had cost the coordinator ~3 ms per reply with 100 nodes).
     """
 
     def __init__(self, *, max_bytes: int = 1 << 30) -> None:
         self.max_bytes = max_bytes
-        self._buffers: list[np.ndarray] = []
+        self._rings: dict[int, deque[np.ndarray]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
     def take(self, size: int) -> np.ndarray:
         """A writable uint8 buffer of ``size`` bytes (contents undefined)."""
         with self._lock:
-            free = [i for i in range(len(self._buffers)) if _unreferenced(self._buffers, i)]
-            for i in free:
-                if self._buffers[i].nbytes == size:
-                    buffer = self._buffers[i]
+            ring = self._rings.get(size) or deque()
+            for _ in range(len(ring)):
+                free = _unreferenced(ring, 0)
+                ring.rotate(-1)  # checked: to the back, free (now handed out) or not
+                if free:
+                    buffer = ring[-1]
                     buffer.flags.writeable = True
                     return buffer
-            # Make room by forgetting free buffers of other sizes, oldest first.
-            for i in reversed(free):
-                if self._bytes + size <= self.max_bytes:
-                    break
-                self._bytes -= self._buffers.pop(i).nbytes
+            if self._bytes + size > self.max_bytes:
+                self._evict(self._bytes + size - self.max_bytes)
             # np.empty leaves pages untouched until they are written.
             buffer = np.empty(size, dtype=np.uint8)
             if self._bytes + size <= self.max_bytes:
-                self._buffers.append(buffer)
+                self._rings.setdefault(size, deque()).append(buffer)
                 self._bytes += size
             return buffer
+
+    def _evict(self, needed: int) -> None:
+        """Forget free buffers (of other sizes: none of this one is free) until ``needed``
+        bytes are released or none is left."""
+        for size in list(self._rings):
+            ring = self._rings[size]
+            for _ in range(len(ring)):
+                if needed <= 0:
+                    return
+                if _unreferenced(ring, 0):
+                    ring.popleft()
+                    self._bytes -= size
+                    needed -= size
+                else:
+                    ring.rotate(-1)
+            if not ring:
+                del self._rings[size]
 
 
 def _byte_view(payload: Buffer) -> memoryview:
