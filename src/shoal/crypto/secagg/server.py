@@ -97,7 +97,7 @@ class SecAggServer:
         self._require(len(self._keys), "advertised keys")
         requests = {}
         for v in self._keys:
-            peers = tuple(u for u in params.neighbours(v) if u in self._keys)
+            peers = tuple(u for u in params.graph[v] if u in self._keys)
             requests[v] = ShareKeysRequest(
                 round_id=params.round_id,
                 peers=peers,
@@ -116,7 +116,7 @@ class SecAggServer:
         self._check_phase(ServerPhase.SHARE_KEYS, "collect_shares")
         params = self.params
         for node, reply in self._expected(replies, tuple(self._keys), ShareKeysReply):
-            expected = tuple(u for u in params.neighbours(node) if u in self._keys)
+            expected = tuple(u for u in params.graph[node] if u in self._keys)
             if set(reply.recipients) != set(expected) or len(reply.recipients) != len(expected):
                 self._reject(node, "addressed shares to nodes other than its online neighbours")
             elif any(len(c) != CIPHERTEXT_BYTES for c in reply.ciphertexts):
@@ -127,7 +127,7 @@ class SecAggServer:
         self._require(len(self._ciphertexts), "shared keys")
         requests = {}
         for v in self._ciphertexts:
-            senders = tuple(u for u in params.neighbours(v) if u in self._ciphertexts)
+            senders = tuple(u for u in params.graph[v] if u in self._ciphertexts)
             requests[v] = MaskedInputRequest(
                 round_id=params.round_id,
                 senders=senders,
@@ -179,7 +179,7 @@ class SecAggServer:
         s_shares: dict[str, list[shamir.Share]] = {v: [] for v in self._dropped}
         answered = 0
         for node, reply in self._expected(replies, self._survivors, UnmaskReply):
-            held = [u for u in params.neighbours(node) if u in self._ciphertexts]
+            held = [u for u in params.graph[node] if u in self._ciphertexts]
             if set(reply.b_peers) != {u for u in held if u in alive} or set(reply.s_peers) != {
                 u for u in held if u in gone
             }:
@@ -219,7 +219,7 @@ class SecAggServer:
                 )
             masks.append((b, -1))
         for u in self._dropped:
-            partners = [v for v in params.neighbours(u) if v in alive]
+            partners = [v for v in params.graph[u] if v in alive]
             if not partners:
                 continue  # its pairwise masks never entered the sum
             s_private = self._rebuild(s_shares[u], u, "masking key", KEY_BYTES)
