@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from _deploy import cpu_s, make_federation, spawn_nodes, stop, wait_for_lanes
 
 HERE = Path(__file__).resolve()
 
@@ -128,45 +129,6 @@ def bare_node_main(args: argparse.Namespace) -> int:
 # -- coordinator side -------------------------------------------------------------------------
 
 
-def make_federation(root: Path, count: int) -> tuple[Any, list[Path]]:
-    from shoal.runtime import Store
-    from shoal.runtime.grpc import make_certs, public_key_bytes, write_key_pair
-
-    root.mkdir(parents=True, exist_ok=True)
-    store = Store(root / "bench.db")
-    keys = []
-    names = [f"n{i}" for i in range(count)]
-    for name in names:
-        path = root / f"{name}.key"
-        _, _, key = write_key_pair(path)
-        store.add_node(node_id=name, public_key=public_key_bytes(key))
-        keys.append(path)
-    make_certs(root / "certs", nodes=names)
-    return store, keys
-
-
-def spawn_nodes(
-    keys: list[Path], target: str, certs: Path | None, *, extra: list[str] | None = None
-) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for path in keys:
-        cmd = [sys.executable, str(HERE), "--worker", "node", "--target", target]
-        cmd += ["--key", str(path), "--name", path.stem]
-        if certs is not None:
-            cmd += ["--certs", str(certs)]
-        procs.append(subprocess.Popen(cmd + (extra or []), stdout=subprocess.DEVNULL))
-    return procs
-
-
-def cpu_s(procs: list[Any]) -> float:
-    """User + system CPU seconds so far of ``procs`` (Popen objects, or None for this one)."""
-    total = 0.0
-    for proc in procs:
-        times = psutil.Process(proc.pid if proc is not None else None).cpu_times()
-        total += times.user + times.system
-    return total
-
-
 class _Costs:
     """Wall and CPU seconds of each measured round of one transport."""
 
@@ -190,18 +152,6 @@ class _Costs:
             "coordinator_cpu_s": statistics.median(self.coordinator_cpu),
             "nodes_cpu_s": statistics.median(self.nodes_cpu),
         }
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class RawFloor:
@@ -332,14 +282,6 @@ class BareGrpcFloor:
         stop(self.procs)
 
 
-def wait_for_lanes(engine: Any, count: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while sum(s.lane for s in engine.sessions()) < count:
-        if time.monotonic() > deadline:
-            raise RuntimeError("not all nodes opened their bulk lane")
-        time.sleep(0.05)
-
-
 def grpc_round(engine: Any, payload: Any, node_ids: list[str], number: int) -> float:
     from shoal.runtime import Task
 
@@ -385,6 +327,7 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 chunk_bytes=args.chunk_bytes,
             ).start()
             procs = spawn_nodes(
+                HERE,
                 keys,
                 f"127.0.0.1:{engine.port}",
                 root / "certs" if tls is not None else None,
@@ -510,7 +453,7 @@ def scale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     try:
         assert coordinator.stdout is not None
         port = json.loads(coordinator.stdout.readline())["port"]
-        procs = spawn_nodes(keys, f"127.0.0.1:{port}", None)
+        procs = spawn_nodes(HERE, keys, f"127.0.0.1:{port}", None)
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         line = coordinator.stdout.readline()
