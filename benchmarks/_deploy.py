@@ -7,6 +7,7 @@ must drop it from ``sys.path`` before anything imports grpcio.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -44,13 +45,15 @@ def spawn_nodes(
     extra: list[str] | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """One ``script --worker node`` process per key file, each named after its key."""
+    # grpc core logs every GOAWAY at shutdown at INFO level: keep node stderr for errors
+    env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
     procs = []
     for path in keys:
         cmd = [sys.executable, str(script), "--worker", "node", "--target", target]
         cmd += ["--key", str(path), "--name", path.stem]
         if certs is not None:
             cmd += ["--certs", str(certs)]
-        procs.append(subprocess.Popen(cmd + (extra or []), stdout=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(cmd + (extra or []), stdout=subprocess.DEVNULL, env=env))
     return procs
 
 
