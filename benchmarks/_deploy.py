@@ -57,6 +57,23 @@ def spawn_nodes(
     return procs
 
 
+def run_node(app: Any, args: Any, *, max_idle_s: float) -> None:
+    """Serve ``app`` as the node a ``spawn_nodes`` worker was started as (its ``--target``,
+    ``--key``, ``--name`` and, unless plaintext, ``--certs``) until the coordinator leaves."""
+    from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, load_private_key
+
+    tls = ClientTLS.from_dir(args.certs, name=args.name) if args.certs else None
+    NodeClient(
+        app=app,
+        coordinator=args.target,
+        key=load_private_key(args.key),
+        tls=tls,
+        insecure=tls is None,
+        backoff=Backoff(initial_s=0.2, max_s=2.0),
+        max_idle_s=max_idle_s,
+    ).run()
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         if proc.poll() is None:

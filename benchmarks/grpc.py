@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from _deploy import cpu_s, make_federation, spawn_nodes, stop, wait_for_lanes
+from _deploy import cpu_s, make_federation, run_node, spawn_nodes, stop, wait_for_lanes
 
 HERE = Path(__file__).resolve()
 
@@ -53,7 +53,6 @@ HERE = Path(__file__).resolve()
 def node_main(args: argparse.Namespace) -> int:
     """A node that echoes the model it receives as its update (the work is not the point)."""
     from shoal.runtime import NodeApp
-    from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, load_private_key
 
     app = NodeApp()
 
@@ -65,17 +64,7 @@ def node_main(args: argparse.Namespace) -> int:
     def ping(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
         return {"n": 1}
 
-    tls = ClientTLS.from_dir(args.certs, name=args.name) if args.certs else None
-    client = NodeClient(
-        app=app,
-        coordinator=args.target,
-        key=load_private_key(args.key),
-        tls=tls,
-        insecure=tls is None,
-        backoff=Backoff(initial_s=0.2, max_s=2.0),
-        max_idle_s=600,
-    )
-    client.run()
+    run_node(app, args, max_idle_s=600)
     return 0
 
 

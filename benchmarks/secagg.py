@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _deploy import cpu_s, make_federation, spawn_nodes, stop, wait_for_lanes
+from _deploy import cpu_s, make_federation, run_node, spawn_nodes, stop, wait_for_lanes
 
 from shoal.aggregate import Clip, Sum
 from shoal.core import Federation
@@ -158,19 +158,8 @@ def node_app(vector_of: Any) -> NodeApp:
 
 def node_main(args: argparse.Namespace) -> int:
     """A node process of the deployed benchmark."""
-    from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, load_private_key
-
     vector = node_vector(args.name, args.node_dim, args.seed)
-    tls = ClientTLS.from_dir(args.certs, name=args.name) if args.certs else None
-    NodeClient(
-        app=node_app(lambda _: vector),
-        coordinator=args.target,
-        key=load_private_key(args.key),
-        tls=tls,
-        insecure=tls is None,
-        backoff=Backoff(initial_s=0.2, max_s=2.0),
-        max_idle_s=900,
-    ).run()
+    run_node(node_app(lambda _: vector), args, max_idle_s=900)
     return 0
 
 
