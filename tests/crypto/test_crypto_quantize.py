@@ -106,3 +106,14 @@ def test_results_do_not_share_the_scratch_buffers() -> None:
     q.quantize(np.full(2000, 0.5))  # a bigger call may regrow the scratch
     assert np.array_equal(first, kept)
     assert int(first.max()) == 0
+
+
+def test_rounding_stays_unbiased_on_the_finest_grid() -> None:
+    # levels = 2**52: scaled values near 2**51 have a float64 spacing of 0.5, where adding
+    # noise before flooring would round the sum itself and round up 3 times in 4
+    q = Quantizer(clip=1.0, max_inputs=1, bits=64)
+    assert q.levels == 2**52
+    x = np.full(100_000, 2.0**-52)  # scales to exactly 2**51 + 0.5
+    codes = q.quantize(x) - np.uint64(2**51)
+    assert set(np.unique(codes).tolist()) == {0, 1}
+    assert abs(codes.mean() - 0.5) < 0.01

@@ -72,9 +72,10 @@ class Quantizer:
     def quantize(self, x: Any, *, rng: np.random.Generator | None = None) -> np.ndarray:
         """Clip, shift and stochastically round ``x`` to integers in [0, levels].
 
-        Rounds ``floor(s + u)`` with ``u`` uniform in [0, 1): up with probability equal to
-        the fraction of ``s``, so each value is unbiased. The arithmetic runs in float64 in
-        this thread's scratch buffers; only the integer result is allocated.
+        Each scaled value ``s`` rounds up with probability equal to its fraction (``u <
+        s - floor(s)`` for ``u`` uniform in [0, 1)), so each value is unbiased; the fraction
+        is exact in float64, which ``floor(s + u)`` would not be on fine grids. The arithmetic
+        runs in this thread's scratch buffers; only the integer result is allocated.
         """
         arr = np.asarray(x)
         if arr.dtype not in (np.float32, np.float64):
@@ -98,10 +99,13 @@ class Quantizer:
             np.multiply(bits.reshape(arr.shape), 2.0**-32, out=noise)
         else:
             rng.random(out=noise)
-        np.add(work, noise, out=work)
-        np.floor(work, out=work)
-        np.minimum(work, levels, out=work)  # s + u may round up to levels + 1
-        return work.astype(self.dtype)
+        low = scratch("quantize.low", arr.size, np.float64).reshape(arr.shape)
+        np.floor(work, out=low)
+        np.subtract(work, low, out=work)  # the fraction
+        up = scratch("quantize.up", arr.size, np.bool_).reshape(arr.shape)
+        np.less(noise, work, out=up)
+        np.add(low, up, out=low)
+        return low.astype(self.dtype)
 
     def dequantize_sum(self, total: Any, *, count: int) -> np.ndarray:
         """Map the exact sum of ``count`` quantized inputs back to the sum of the inputs."""
