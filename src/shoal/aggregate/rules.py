@@ -19,6 +19,7 @@ from shoal.errors import AggregationError
 
 __all__ = [
     "all_finite",
+    "as_float",
     "clip_l2",
     "coordinate_median",
     "geometric_median",
@@ -139,6 +140,13 @@ def _column_blocks(n: int, d: int) -> Iterator[slice]:
     width = max(1, _BLOCK_ELEMENTS // n)
     for start in range(0, d, width):
         yield slice(start, min(start + width, d))
+
+
+def as_float(value: npt.ArrayLike) -> FloatArray:
+    """``value`` as a float array: float32 and float64 as they are (no copy), anything else
+    converted to float64."""
+    arr = np.asarray(value)
+    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
 
 
 def all_finite(v: npt.NDArray[Any]) -> bool:

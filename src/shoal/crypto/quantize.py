@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.aggregate.rules import all_finite
+from shoal.aggregate.rules import all_finite, as_float
 from shoal.crypto.prg import SEED_BYTES, keystream
 from shoal.crypto.scratch import scratch
 from shoal.errors import AggregationError, ConfigError
@@ -77,9 +77,7 @@ class Quantizer:
         is exact in float64, which ``floor(s + u)`` would not be on fine grids. The arithmetic
         runs in this thread's scratch buffers; only the integer result is allocated.
         """
-        arr = np.asarray(x)
-        if arr.dtype not in (np.float32, np.float64):
-            arr = arr.astype(np.float64)
+        arr = as_float(x)
         if not all_finite(arr):
             raise AggregationError(
                 "cannot quantize non-finite values (nan/inf); fix or drop them before a secure sum"

@@ -51,7 +51,7 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
     missing = [f for f in fields if f not in kept]
     if missing:
         raise TaskError(f"kept value {handle!r} has no field(s) {missing}")
-    parts = [_as_float(kept[f]).ravel() for f in fields]
+    parts = [rules.as_float(kept[f]).ravel() for f in fields]  # float32 stays float32
     vector = np.concatenate(parts) if len(parts) > 1 else parts[0]
     if not rules.all_finite(vector):
         raise TaskError("the node's value holds NaN or infinity; it cannot join a secure sum")
@@ -66,12 +66,6 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
             )
         vector = NODE_TRANSFORMS[kind](vector, float(value))
     return vector
-
-
-def _as_float(value: Any) -> np.ndarray:
-    """float32 stays float32 (quantization reads it directly); anything else is float64."""
-    arr = np.asarray(value)
-    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
 
 
 def _clip(vector: np.ndarray, norm_bound: float) -> np.ndarray:
