@@ -27,6 +27,7 @@ from shoal.runtime.grpc.lane import (
     connect_lane,
     parse_address,
 )
+from shoal.runtime.grpc.protocol import INLINE_MAX_BYTES
 from shoal.wire import decode, encode
 
 BIG = np.random.default_rng(1).standard_normal(40_000)  # 320 kB: several chunks on gRPC
@@ -106,11 +107,13 @@ def test_round_over_the_lane_matches_the_stream(federation, secure) -> None:
     sent, received = engine.lane_bytes
     assert sent == len(payload)  # n0's task went over the lane, n1's over gRPC
     assert received == len(result.replies["n0"].payload)
-    # Small payloads take the lane too (it is faster at every size).
+    # Small payloads ride inside their headers (protocol 4), both ways, on either node.
     small = encode({"x": np.ones(3)})
-    result = engine.dispatch(tasks(["n0"], small, prefix="s"), deadline_s=30)
-    assert decode(result.replies["n0"].payload)["x"].tolist() == [2.0, 2.0, 2.0]
-    assert engine.lane_bytes[0] == sent + len(small)
+    assert len(small) <= INLINE_MAX_BYTES
+    result = engine.dispatch(tasks(["n0", "n1"], small, prefix="s"), deadline_s=30)
+    for name in ["n0", "n1"]:
+        assert decode(result.replies[name].payload)["x"].tolist() == [2.0, 2.0, 2.0]
+    assert engine.lane_bytes == (sent, received)
 
 
 def test_fallback_to_the_stream(federation, raw_session) -> None:
@@ -246,6 +249,103 @@ def test_tampered_lane_reply_is_invalid(federation, raw_session, lanes) -> None:
     assert failure.kind == FailureKind.INVALID and "tag" in failure.detail
     assert session.refused()[0] == grpc.StatusCode.UNAUTHENTICATED
     assert "node.tampered_reply" in [r.action for r in federation.store.audit_log()]
+
+
+def reply_inline(session, signer, header, data: bytes, *, size=None, lane=False, tag=None):
+    message = signer.message()
+    message.reply.task_id = header.task_id
+    message.reply.size = len(data) if size is None else size
+    message.reply.tag = signer.reply_tag(message, data) if tag is None else tag
+    message.reply.lane = lane
+    message.reply.inline = data
+    session.send(signer.frame(message))
+
+
+def test_small_payloads_ride_inline_only_with_protocol_4_peers(
+    federation, raw_session, lanes
+) -> None:
+    engine = federation.engine()
+    small = encode({"x": np.ones(3)})
+    # A protocol 3 node is sent its small task on the lane, as before.
+    old = raw_session(f"127.0.0.1:{engine.port}")
+    old.send(old.hello(federation.keys["n1"], protocol=3))
+    welcome = old.recv().welcome
+    old_lanes = connect_both(
+        welcome.data_port, *old.signer(federation.keys["n1"]).reply_key.lane(), None
+    )
+    lanes.extend(old_lanes)
+    deadline = time.monotonic() + 30
+    while not any(s.lane for s in engine.sessions()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    thread, results = dispatch_in_background(engine, ["n1"], small)
+    header, payload = receive_task(old, old_lanes[0])
+    assert not header.HasField("inline") and bytes(payload) == bytes(small)
+    announce_reply(old, old.signer(federation.keys["n1"]), header, b"ok")
+    old_lanes[1].send(header.task_id, b"ok")
+    thread.join(30)
+    assert bytes(results[0].replies["n1"].payload) == b"ok"
+    # A protocol 4 node gets it inside the header, and may answer the same way.
+    session, signer, _, _ = open_raw_node(federation, raw_session, engine, lanes)
+    thread, results = dispatch_in_background(engine, ["n0"], small)
+    header = session.recv().task
+    assert header.HasField("inline") and not header.lane
+    assert header.inline == bytes(small) and header.size == len(small)
+    reply_inline(session, signer, header, b"fine")
+    thread.join(30)
+    assert bytes(results[0].replies["n0"].payload) == b"fine"
+    assert engine.lane_bytes == (len(small), 2)  # only the old node's bytes took the lane
+
+
+@pytest.mark.parametrize("lie", ["size", "lane", "tag"])
+def test_inconsistent_or_tampered_inline_reply_ends_the_session(
+    federation, raw_session, lanes, lie
+) -> None:
+    engine = federation.engine()
+    session, signer, _, _ = open_raw_node(federation, raw_session, engine, lanes)
+    thread, results = dispatch_in_background(engine, ["n0"], encode({"x": np.ones(3)}))
+    header = session.recv().task
+    data = b"twelve bytes"
+    if lie == "size":
+        reply_inline(session, signer, header, data, size=len(data) + 1)
+    elif lie == "lane":
+        reply_inline(session, signer, header, data, lane=True)
+    else:
+        reply_inline(session, signer, header, data, tag=bytes(16))
+    thread.join(30)
+    failure = results[0].failures["n0"]
+    assert failure.kind == FailureKind.INVALID
+    code, detail = session.refused()
+    if lie == "tag":
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "tag" in detail
+    else:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "inline" in detail
+    # The coordinator serves the other nodes on as before.
+    federation.client("n1", make_app(), engine.port)
+    deadline = time.monotonic() + 30
+    while "n1" not in {s.node_id for s in engine.sessions()} and time.monotonic() < deadline:
+        time.sleep(0.02)
+    result = engine.dispatch(tasks(["n1"], encode({"x": np.ones(2)})), deadline_s=30)
+    assert decode(result.replies["n1"].payload)["x"].tolist() == [2.0, 2.0]
+
+
+def test_node_refuses_a_task_header_with_inconsistent_inline_bytes() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from shoal.errors import ProtocolError
+    from shoal.runtime.grpc import NodeClient
+    from shoal.runtime.grpc.proto import shoal_pb2 as pb
+
+    client = NodeClient(
+        app=make_app(), coordinator="127.0.0.1:1", key=Ed25519PrivateKey.generate(), insecure=True
+    )
+    good = pb.TaskHeader(task_id="1:t", name="echo", size=3, inline=b"abc")
+    assert client._announce(good).refusal == ""
+    for bad in (
+        pb.TaskHeader(task_id="1:t", name="echo", size=4, inline=b"abc"),
+        pb.TaskHeader(task_id="1:t", name="echo", size=3, inline=b"abc", lane=True),
+    ):
+        with pytest.raises(ProtocolError, match="inline"):
+            client._announce(bad)
 
 
 def _raw_frame(kind: int, task_id: str, size: int) -> bytes:

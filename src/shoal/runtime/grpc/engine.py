@@ -49,6 +49,7 @@ from shoal.runtime.grpc.lane import (
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
     DEFAULT_CHUNK_BYTES,
+    INLINE_MAX_BYTES,
     MAX_CHUNK_BYTES,
     MAX_FRAME_BYTES,
     MIN_PROTOCOL,
@@ -254,6 +255,7 @@ class _Session:
         self.lane_id = b""
         self.lane_token = b""
         self.lane: _Lane | None = None
+        self.protocol = 0  # agreed in the hello
         # Keeps a task's header (stream) and payload (lane) in the same order on both.
         self.send_lock = threading.Lock()
 
@@ -569,32 +571,46 @@ class GrpcEngine:
                 pending.fail(FailureKind.DROPPED, "node is not connected")
                 continue
             targets.append((task, session, pending))
-        # Payloads go on the lane of each session that has one: the same encoded bytes are
-        # sent to every node from one buffer, without a copy.
+        # Small payloads ride inside their header. Larger ones go on the lane of each session
+        # that has one: the same encoded bytes are sent to every node from one buffer,
+        # without a copy. The rest follow their header as chunk frames.
+        sizes = [memoryview(task.payload).nbytes for task, _, _ in targets]
+        inline = [
+            session.protocol >= 4 and 0 < size <= INLINE_MAX_BYTES
+            for (_, session, _), size in zip(targets, sizes)
+        ]
         lanes = [
             session.lane
-            if session.lane is not None
+            if not small
+            and session.lane is not None
             and session.lane.ready
-            and memoryview(task.payload).nbytes >= LANE_MIN_BYTES
+            and size >= LANE_MIN_BYTES
             else None
-            for task, session, _ in targets
+            for (_, session, _), size, small in zip(targets, sizes, inline)
         ]
         consumers = Counter(
-            id(task.payload) for (task, _, _), lane in zip(targets, lanes) if lane is None
+            id(task.payload)
+            for (task, _, _), lane, small in zip(targets, lanes, inline)
+            if lane is None and not small
         )
         shared: dict[int, SharedFrames] = {}
-        for (task, session, pending), lane in zip(targets, lanes):
+        for (task, session, pending), lane, size, small in zip(targets, lanes, sizes, inline):
             header = pb.TaskHeader(
                 task_id=pending.wire_id,
                 name=task.name,
-                size=memoryview(task.payload).nbytes,
+                size=size,
                 seed=[self.seed, self._index(session), number],
                 deadline_s=deadline_s,
                 lane=lane is not None,
             )
             if task.keep_as is not None:
                 header.keep_as = task.keep_as
+            if small:
+                header.inline = bytes(task.payload)
             head = pb.CoordinatorFrame(task=header).SerializeToString()
+            if small:
+                session.send(head)
+                continue
             if lane is not None:
                 with session.send_lock:
                     session.send(head)
@@ -809,6 +825,7 @@ class GrpcEngine:
             session.claimed_key = _key_of(signed)
             raise
         session.reply_key = reply_key
+        session.protocol = hello.protocol
         session.lane_id, session.lane_token = reply_key.lane()
         session.node_id = record.node_id
         session.public_key = record.public_key
@@ -877,6 +894,22 @@ class GrpcEngine:
             pending.fail(kind, header.detail or kind.value)
             pending = None
         assert session.reply_key is not None  # set by the hello, before any reply
+        if header.HasField("inline"):
+            if header.lane or len(header.inline) != header.size:
+                if pending is not None:
+                    pending.fail(
+                        FailureKind.INVALID, "the reply's inline bytes do not match its header"
+                    )
+                raise _SessionAbort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"a reply header carries {len(header.inline)} inline bytes but announces "
+                    f"{header.size}{' on the bulk lane' if header.lane else ''}",
+                )
+            if pending is not None:
+                payload = memoryview(header.inline)
+                tag = session.reply_key.tag(nonce, payload)
+                self._deliver(session, pending, header, tag, payload)
+            return
         if header.lane and header.size:
             lane = session.lane
             if lane is None or lane.up is None:

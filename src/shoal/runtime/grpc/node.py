@@ -48,6 +48,7 @@ from shoal.runtime.grpc.lane import (
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
     DEFAULT_CHUNK_BYTES,
+    INLINE_MAX_BYTES,
     MAX_CHUNK_BYTES,
     MAX_FRAME_BYTES,
     METHOD,
@@ -410,6 +411,10 @@ class NodeClient:
                     payload = self._lane_payload(incoming, lane, keep=not incoming.refusal)
                     work.put(incoming if payload is None else (incoming, payload))
                     incoming = payload = None  # held only by the worker now
+                elif frame.task.HasField("inline"):
+                    payload = None if incoming.refusal else memoryview(frame.task.inline)
+                    work.put(incoming if payload is None else (incoming, payload))
+                    incoming = payload = None
                 elif incoming.remaining == 0:
                     self._queue(incoming, work)
                     incoming = None
@@ -434,6 +439,13 @@ class NodeClient:
                 f"task payload of {header.size} bytes exceeds this node's limit of "
                 f"{self.app.limits.max_bytes}"
             )
+        if header.HasField("inline"):  # the bytes came with the header
+            if header.lane or len(header.inline) != header.size:
+                raise ProtocolError(
+                    f"a task header carries {len(header.inline)} inline bytes but announces "
+                    f"{header.size}{' on the bulk lane' if header.lane else ''}"
+                )
+            return _Incoming(header=header, assembler=None, refusal=refusal, remaining=0)
         if header.lane:  # the bytes come on the lane
             return _Incoming(header=header, assembler=None, refusal=refusal, remaining=0, lane=True)
         assembler = None if refusal else Assembler(header.size)
@@ -565,6 +577,10 @@ class NodeClient:
         reply.size = result.nbytes
         reply.tag = signer.reply_tag(message, result)
         reply.elapsed_s = time.perf_counter() - start
+        if self._protocol >= 4 and 0 < result.nbytes <= INLINE_MAX_BYTES:
+            reply.inline = result.tobytes()
+            out.put(signer.frame(message))
+            return
         if lane is not None and result.nbytes >= LANE_MIN_BYTES:
             reply.lane = True
             out.put(signer.frame(message))

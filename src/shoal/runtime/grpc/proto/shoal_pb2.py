@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$shoal/runtime/grpc/proto/shoal.proto\x12\x0fshoal.deploy.v1\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa4\x02\n\x10\x43oordinatorFrame\x12/\n\tchallenge\x18\x01 \x01(\x0b\x32\x1a.shoal.deploy.v1.ChallengeH\x00\x12+\n\x07welcome\x18\x02 \x01(\x0b\x32\x18.shoal.deploy.v1.WelcomeH\x00\x12+\n\x04task\x18\x03 \x01(\x0b\x32\x1b.shoal.deploy.v1.TaskHeaderH\x00\x12\'\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x16.shoal.deploy.v1.ChunkH\x00\x12)\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x17.shoal.deploy.v1.CancelH\x00\x12)\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x17.shoal.deploy.v1.FinishH\x00\x42\x06\n\x04kind\"s\n\tChallenge\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x11\n\tchallenge\x18\x03 \x01(\x0c\x12\x16\n\x0eserver_time_ms\x18\x04 \x01(\x03\x12\x11\n\tkey_share\x18\x05 \x01(\x0c\"\x84\x01\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\njob_digest\x18\x02 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x17\n\x0fmax_reply_bytes\x18\x05 \x01(\x04\x12\x11\n\tdata_port\x18\x06 \x01(\r\"\x8b\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x07keep_as\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04seed\x18\x05 \x03(\x03\x12\x12\n\ndeadline_s\x18\x06 \x01(\x01\x12\x0c\n\x04lane\x18\x07 \x01(\x08\x42\n\n\x08_keep_as\"\x19\n\x06\x43\x61ncel\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x18\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\"g\n\tNodeFrame\x12)\n\x06signed\x18\x01 \x01(\x0b\x32\x17.shoal.deploy.v1.SignedH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.shoal.deploy.v1.ChunkH\x00\x42\x06\n\x04kind\")\n\x06Signed\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x83\x02\n\x0bNodeMessage\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\'\n\x05hello\x18\n \x01(\x0b\x32\x16.shoal.deploy.v1.HelloH\x00\x12/\n\theartbeat\x18\x0b \x01(\x0b\x32\x1a.shoal.deploy.v1.HeartbeatH\x00\x12-\n\x05reply\x18\x0c \x01(\x0b\x32\x1c.shoal.deploy.v1.ReplyHeaderH\x00\x12+\n\x07goodbye\x18\r \x01(\x0b\x32\x18.shoal.deploy.v1.GoodbyeH\x00\x42\x06\n\x04kind\"\xa7\x01\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x1c\n\x0fpartition_index\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\njob_digest\x18\x05 \x01(\t\x12\x10\n\x08software\x18\x06 \x01(\t\x12\x11\n\tkey_share\x18\x07 \x01(\x0c\x42\x12\n\x10_partition_index\"\x1f\n\tHeartbeat\x12\x12\n\ntasks_done\x18\x01 \x01(\x04\"\x99\x01\n\x0bReplyHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.shoal.deploy.v1.Status\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x0b\n\x03tag\x18\x07 \x01(\x0c\x12\x0c\n\x04lane\x18\x08 \x01(\x08J\x04\x08\x05\x10\x06\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t*7\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\t\n\x05\x45RROR\x10\x01\x12\x0c\n\x08REJECTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x32[\n\x0b\x43oordinator\x12L\n\x07Session\x12\x1a.shoal.deploy.v1.NodeFrame\x1a!.shoal.deploy.v1.CoordinatorFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$shoal/runtime/grpc/proto/shoal.proto\x12\x0fshoal.deploy.v1\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa4\x02\n\x10\x43oordinatorFrame\x12/\n\tchallenge\x18\x01 \x01(\x0b\x32\x1a.shoal.deploy.v1.ChallengeH\x00\x12+\n\x07welcome\x18\x02 \x01(\x0b\x32\x18.shoal.deploy.v1.WelcomeH\x00\x12+\n\x04task\x18\x03 \x01(\x0b\x32\x1b.shoal.deploy.v1.TaskHeaderH\x00\x12\'\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x16.shoal.deploy.v1.ChunkH\x00\x12)\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x17.shoal.deploy.v1.CancelH\x00\x12)\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x17.shoal.deploy.v1.FinishH\x00\x42\x06\n\x04kind\"s\n\tChallenge\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x11\n\tchallenge\x18\x03 \x01(\x0c\x12\x16\n\x0eserver_time_ms\x18\x04 \x01(\x03\x12\x11\n\tkey_share\x18\x05 \x01(\x0c\"\x84\x01\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\njob_digest\x18\x02 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x17\n\x0fmax_reply_bytes\x18\x05 \x01(\x04\x12\x11\n\tdata_port\x18\x06 \x01(\r\"\xab\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x07keep_as\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04seed\x18\x05 \x03(\x03\x12\x12\n\ndeadline_s\x18\x06 \x01(\x01\x12\x0c\n\x04lane\x18\x07 \x01(\x08\x12\x13\n\x06inline\x18\x08 \x01(\x0cH\x01\x88\x01\x01\x42\n\n\x08_keep_asB\t\n\x07_inline\"\x19\n\x06\x43\x61ncel\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x18\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\"g\n\tNodeFrame\x12)\n\x06signed\x18\x01 \x01(\x0b\x32\x17.shoal.deploy.v1.SignedH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.shoal.deploy.v1.ChunkH\x00\x42\x06\n\x04kind\")\n\x06Signed\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x83\x02\n\x0bNodeMessage\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\'\n\x05hello\x18\n \x01(\x0b\x32\x16.shoal.deploy.v1.HelloH\x00\x12/\n\theartbeat\x18\x0b \x01(\x0b\x32\x1a.shoal.deploy.v1.HeartbeatH\x00\x12-\n\x05reply\x18\x0c \x01(\x0b\x32\x1c.shoal.deploy.v1.ReplyHeaderH\x00\x12+\n\x07goodbye\x18\r \x01(\x0b\x32\x18.shoal.deploy.v1.GoodbyeH\x00\x42\x06\n\x04kind\"\xa7\x01\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x1c\n\x0fpartition_index\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\njob_digest\x18\x05 \x01(\t\x12\x10\n\x08software\x18\x06 \x01(\t\x12\x11\n\tkey_share\x18\x07 \x01(\x0c\x42\x12\n\x10_partition_index\"\x1f\n\tHeartbeat\x12\x12\n\ntasks_done\x18\x01 \x01(\x04\"\xb9\x01\n\x0bReplyHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.shoal.deploy.v1.Status\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x0b\n\x03tag\x18\x07 \x01(\x0c\x12\x0c\n\x04lane\x18\x08 \x01(\x08\x12\x13\n\x06inline\x18\t \x01(\x0cH\x00\x88\x01\x01\x42\t\n\x07_inlineJ\x04\x08\x05\x10\x06\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t*7\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\t\n\x05\x45RROR\x10\x01\x12\x0c\n\x08REJECTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x32[\n\x0b\x43oordinator\x12L\n\x07Session\x12\x1a.shoal.deploy.v1.NodeFrame\x1a!.shoal.deploy.v1.CoordinatorFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.runtime.grpc.proto.shoal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATUS']._serialized_start=1618
-  _globals['_STATUS']._serialized_end=1673
+  _globals['_STATUS']._serialized_start=1682
+  _globals['_STATUS']._serialized_end=1737
   _globals['_CHUNK']._serialized_start=57
   _globals['_CHUNK']._serialized_end=78
   _globals['_COORDINATORFRAME']._serialized_start=81
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WELCOME']._serialized_start=493
   _globals['_WELCOME']._serialized_end=625
   _globals['_TASKHEADER']._serialized_start=628
-  _globals['_TASKHEADER']._serialized_end=767
-  _globals['_CANCEL']._serialized_start=769
-  _globals['_CANCEL']._serialized_end=794
-  _globals['_FINISH']._serialized_start=796
-  _globals['_FINISH']._serialized_end=820
-  _globals['_NODEFRAME']._serialized_start=822
-  _globals['_NODEFRAME']._serialized_end=925
-  _globals['_SIGNED']._serialized_start=927
-  _globals['_SIGNED']._serialized_end=968
-  _globals['_NODEMESSAGE']._serialized_start=971
-  _globals['_NODEMESSAGE']._serialized_end=1230
-  _globals['_HELLO']._serialized_start=1233
-  _globals['_HELLO']._serialized_end=1400
-  _globals['_HEARTBEAT']._serialized_start=1402
-  _globals['_HEARTBEAT']._serialized_end=1433
-  _globals['_REPLYHEADER']._serialized_start=1436
-  _globals['_REPLYHEADER']._serialized_end=1589
-  _globals['_GOODBYE']._serialized_start=1591
-  _globals['_GOODBYE']._serialized_end=1616
-  _globals['_COORDINATOR']._serialized_start=1675
-  _globals['_COORDINATOR']._serialized_end=1766
+  _globals['_TASKHEADER']._serialized_end=799
+  _globals['_CANCEL']._serialized_start=801
+  _globals['_CANCEL']._serialized_end=826
+  _globals['_FINISH']._serialized_start=828
+  _globals['_FINISH']._serialized_end=852
+  _globals['_NODEFRAME']._serialized_start=854
+  _globals['_NODEFRAME']._serialized_end=957
+  _globals['_SIGNED']._serialized_start=959
+  _globals['_SIGNED']._serialized_end=1000
+  _globals['_NODEMESSAGE']._serialized_start=1003
+  _globals['_NODEMESSAGE']._serialized_end=1262
+  _globals['_HELLO']._serialized_start=1265
+  _globals['_HELLO']._serialized_end=1432
+  _globals['_HEARTBEAT']._serialized_start=1434
+  _globals['_HEARTBEAT']._serialized_end=1465
+  _globals['_REPLYHEADER']._serialized_start=1468
+  _globals['_REPLYHEADER']._serialized_end=1653
+  _globals['_GOODBYE']._serialized_start=1655
+  _globals['_GOODBYE']._serialized_end=1680
+  _globals['_COORDINATOR']._serialized_start=1739
+  _globals['_COORDINATOR']._serialized_end=1830
 # @@protoc_insertion_point(module_scope)

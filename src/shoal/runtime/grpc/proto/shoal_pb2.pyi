@@ -71,7 +71,7 @@ class Welcome(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., job_digest: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "name", "keep_as", "size", "seed", "deadline_s", "lane")
+    __slots__ = ("task_id", "name", "keep_as", "size", "seed", "deadline_s", "lane", "inline")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEEP_AS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class TaskHeader(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     name: str
     keep_as: str
@@ -86,7 +87,8 @@ class TaskHeader(_message.Message):
     seed: _containers.RepeatedScalarFieldContainer[int]
     deadline_s: float
     lane: bool
-    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., keep_as: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[_Iterable[int]] = ..., deadline_s: _Optional[float] = ..., lane: _Optional[bool] = ...) -> None: ...
+    inline: bytes
+    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., keep_as: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[_Iterable[int]] = ..., deadline_s: _Optional[float] = ..., lane: _Optional[bool] = ..., inline: _Optional[bytes] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("task_id",)
@@ -159,7 +161,7 @@ class Heartbeat(_message.Message):
     def __init__(self, tasks_done: _Optional[int] = ...) -> None: ...
 
 class ReplyHeader(_message.Message):
-    __slots__ = ("task_id", "status", "detail", "size", "elapsed_s", "tag", "lane")
+    __slots__ = ("task_id", "status", "detail", "size", "elapsed_s", "tag", "lane", "inline")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +169,7 @@ class ReplyHeader(_message.Message):
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: Status
     detail: str
@@ -174,7 +177,8 @@ class ReplyHeader(_message.Message):
     elapsed_s: float
     tag: bytes
     lane: bool
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., detail: _Optional[str] = ..., size: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., tag: _Optional[bytes] = ..., lane: _Optional[bool] = ...) -> None: ...
+    inline: bytes
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., detail: _Optional[str] = ..., size: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., tag: _Optional[bytes] = ..., lane: _Optional[bool] = ..., inline: _Optional[bytes] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("reason",)
