@@ -181,11 +181,13 @@ def lanes():
         lane.close()
 
 
-def open_raw_node(federation, raw_session, engine, lanes, *, name="n0", tls=None, context=None):
+def open_raw_node(
+    federation, raw_session, engine, lanes, *, name="n0", tls=None, context=None, **hello
+):
     """A welcomed raw session for ``name`` and its authenticated lane (down, up)."""
     session = raw_session(f"127.0.0.1:{engine.port}", tls=tls)
     key = federation.keys[name]
-    session.send(session.hello(key))
+    session.send(session.hello(key, **hello))
     welcome = session.recv().welcome
     signer = session.signer(key)
     lane_id, token = signer.reply_key.lane()
@@ -267,21 +269,14 @@ def test_small_payloads_ride_inline_only_with_protocol_4_peers(
     engine = federation.engine()
     small = encode({"x": np.ones(3)})
     # A protocol 3 node is sent its small task on the lane, as before.
-    old = raw_session(f"127.0.0.1:{engine.port}")
-    old.send(old.hello(federation.keys["n1"], protocol=3))
-    welcome = old.recv().welcome
-    old_lanes = connect_both(
-        welcome.data_port, *old.signer(federation.keys["n1"]).reply_key.lane(), None
+    old, old_signer, old_down, old_up = open_raw_node(
+        federation, raw_session, engine, lanes, name="n1", protocol=3
     )
-    lanes.extend(old_lanes)
-    deadline = time.monotonic() + 30
-    while not any(s.lane for s in engine.sessions()) and time.monotonic() < deadline:
-        time.sleep(0.02)
     thread, results = dispatch_in_background(engine, ["n1"], small)
-    header, payload = receive_task(old, old_lanes[0])
+    header, payload = receive_task(old, old_down)
     assert not header.HasField("inline") and bytes(payload) == bytes(small)
-    announce_reply(old, old.signer(federation.keys["n1"]), header, b"ok")
-    old_lanes[1].send(header.task_id, b"ok")
+    announce_reply(old, old_signer, header, b"ok")
+    old_up.send(header.task_id, b"ok")
     thread.join(30)
     assert bytes(results[0].replies["n1"].payload) == b"ok"
     # A protocol 4 node gets it inside the header, and may answer the same way.
