@@ -218,12 +218,18 @@ def receive_task(session, down):
     return header, down.read_payload(header.size)
 
 
-def announce_reply(session, signer, header, data: bytes, *, size: int | None = None):
+def announce_reply(
+    session, signer, header, data: bytes, *, size=None, lane=True, inline=False, tag=None
+):
+    """A signed reply header for ``data``: on the lane by default, or with ``inline`` inside
+    the header (``size``, ``lane`` and ``tag`` may lie, to play a hostile node)."""
     message = signer.message()
     message.reply.task_id = header.task_id
     message.reply.size = len(data) if size is None else size
-    message.reply.tag = signer.reply_tag(message, data)
-    message.reply.lane = True
+    message.reply.tag = signer.reply_tag(message, data) if tag is None else tag
+    message.reply.lane = lane
+    if inline:
+        message.reply.inline = data
     session.send(signer.frame(message))
 
 
@@ -253,16 +259,6 @@ def test_tampered_lane_reply_is_invalid(federation, raw_session, lanes) -> None:
     assert "node.tampered_reply" in [r.action for r in federation.store.audit_log()]
 
 
-def reply_inline(session, signer, header, data: bytes, *, size=None, lane=False, tag=None):
-    message = signer.message()
-    message.reply.task_id = header.task_id
-    message.reply.size = len(data) if size is None else size
-    message.reply.tag = signer.reply_tag(message, data) if tag is None else tag
-    message.reply.lane = lane
-    message.reply.inline = data
-    session.send(signer.frame(message))
-
-
 def test_small_payloads_ride_inline_only_with_protocol_4_peers(
     federation, raw_session, lanes
 ) -> None:
@@ -285,7 +281,7 @@ def test_small_payloads_ride_inline_only_with_protocol_4_peers(
     header = session.recv().task
     assert header.HasField("inline") and not header.lane
     assert header.inline == bytes(small) and header.size == len(small)
-    reply_inline(session, signer, header, b"fine")
+    announce_reply(session, signer, header, b"fine", inline=True, lane=False)
     thread.join(30)
     assert bytes(results[0].replies["n0"].payload) == b"fine"
     assert engine.lane_bytes == (len(small), 2)  # only the old node's bytes took the lane
@@ -301,11 +297,11 @@ def test_inconsistent_or_tampered_inline_reply_ends_the_session(
     header = session.recv().task
     data = b"twelve bytes"
     if lie == "size":
-        reply_inline(session, signer, header, data, size=len(data) + 1)
+        announce_reply(session, signer, header, data, size=len(data) + 1, inline=True, lane=False)
     elif lie == "lane":
-        reply_inline(session, signer, header, data, lane=True)
+        announce_reply(session, signer, header, data, lane=True, inline=True)
     else:
-        reply_inline(session, signer, header, data, tag=bytes(16))
+        announce_reply(session, signer, header, data, tag=bytes(16), inline=True, lane=False)
     thread.join(30)
     failure = results[0].failures["n0"]
     assert failure.kind == FailureKind.INVALID
