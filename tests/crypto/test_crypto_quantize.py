@@ -117,3 +117,12 @@ def test_rounding_stays_unbiased_on_the_finest_grid() -> None:
     codes = q.quantize(x) - np.uint64(2**51)
     assert set(np.unique(codes).tolist()) == {0, 1}
     assert abs(codes.mean() - 0.5) < 0.01
+
+
+def test_values_at_the_clip_never_round_above_the_grid() -> None:
+    """On a fine grid (48 bits, 3 inputs) scaling the clip value lands a hair above the top
+    level; a code above it could make a sum of max_inputs codes wrap. Found by hypothesis."""
+    q = Quantizer(clip=78.875, max_inputs=3, bits=48)
+    for x in (78.875, 79.0, 1e6):
+        codes = q.quantize(np.full(1000, x), rng=np.random.default_rng(1))
+        assert int(codes.max()) == q.levels and int(codes.min()) == q.levels

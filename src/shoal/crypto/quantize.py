@@ -88,6 +88,9 @@ class Quantizer:
         np.minimum(work, c, out=work)
         np.add(work, c, out=work)
         np.multiply(work, levels / (2.0 * c), out=work)
+        # (2c) * (levels / 2c) can round above levels on fine grids; a code above levels
+        # could make the sum of max_inputs codes wrap, so clamp to the grid.
+        np.minimum(work, levels, out=work)
         noise = scratch("quantize.noise", arr.size, np.float64).reshape(arr.shape)
         if rng is None:
             # Rounding noise protects nothing secret, but fresh OS entropy keeps it
