@@ -116,7 +116,7 @@ def ref_median(x: np.ndarray) -> list[float]:
 
 def ref_trimmed_mean(x: np.ndarray, beta: float) -> list[float]:
     n, d = x.shape
-    k = math.floor(beta * n)
+    k = math.floor(round(beta * n, 9))  # beta * n as meant, not its float rounding
     out = []
     for j in range(d):
         kept = sorted(float(v) for v in x[:, j])[k : n - k]
@@ -266,6 +266,12 @@ def test_trimmed_mean_matches_reference_and_lies_within_range(
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * scale_of(x))
     assert (got >= x.min(axis=0)).all()
     assert (got <= x.max(axis=0)).all()
+
+
+def test_trimmed_mean_trims_f_values_for_beta_f_over_n() -> None:
+    # 0.29 * 100 is 28.999999999999996 in floats; 29 outliers at each end must all go
+    x = np.concatenate([np.full(29, -1e9), np.arange(42.0), np.full(29, 1e9)])[:, None]
+    np.testing.assert_allclose(trimmed_mean(x, 0.29), [20.5])
 
 
 def test_trimmed_mean_ignores_extremes_and_beta_zero_is_the_mean() -> None:

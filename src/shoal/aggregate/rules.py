@@ -341,7 +341,9 @@ def trimmed_mean(updates: npt.ArrayLike, beta: float) -> FloatArray:
             f"beta must be in [0, 0.5), got {beta!r}: it is the fraction trimmed from "
             "each end, so 0.5 or more would leave nothing"
         )
-    k = math.floor(b * n)
+    # beta * n carries float noise (0.29 * 100 is 28.999999999999996): unrounded, a
+    # beta meant to trim f of n values (beta = f / n) would trim f - 1.
+    k = math.floor(round(b * n, 9))
     if n - 2 * k < 1:
         raise AggregationError(
             f"trimming {k} values from each end of {n} leaves nothing; "
