@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -271,6 +271,7 @@ def test_clip_spec_is_json() -> None:
     ),
     st.lists(st.integers(min_value=1, max_value=10**6), min_size=1, max_size=8),
 )
+@example(update=np.array([5.135e-40], dtype=np.float32), counts=[1, 1, 1])  # a subnormal
 def test_fedavg_of_equal_updates_is_the_update(update: np.ndarray, counts: list[int]) -> None:
     values = mapped([{"delta": update, "n": c} for c in counts])
     tol = 1e-6 if update.dtype == np.float32 else 1e-12
