@@ -347,7 +347,7 @@ def test_attacks_are_refused_and_the_coordinator_keeps_serving(
     message.reply.size = len(honest)
     message.reply.tag = signer.reply_tag(message, honest)
     rogue.send(signer.frame(message))
-    rogue.send(chunk_frame(TO_COORDINATOR_CHUNK, honest[:-1] + b"!"))
+    rogue.send(chunk_frame(TO_COORDINATOR_CHUNK, honest[:-1] + bytes([honest[-1] ^ 1])))
     assert rogue.refused()[0] == grpc.StatusCode.UNAUTHENTICATED
 
     finish(coordinator)
