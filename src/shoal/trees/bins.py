@@ -1,0 +1,147 @@
+"""Feature binning: cut points per feature, and codes (bin indices) for rows.
+
+A feature with cuts ``t_1 < ... < t_m`` has ``m + 1`` bins; a value's code is the number of
+cuts at or below it, so ``code < k`` exactly when ``x < t_k``. Missing values (NaN) get the
+code ``MISSING``. Cuts come from the data centrally (:func:`fit_bins`) or from a summed
+histogram over a fine grid in federated training (:func:`bins_from_grid`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.errors import DataError
+
+__all__ = ["MISSING", "Bins", "bins_from_grid", "fit_bins", "grid_counts"]
+
+MISSING = 256  # one past the largest bin: codes are uint16
+
+
+@dataclass(frozen=True, eq=False)
+class Bins:
+    """Cut points for each feature (ascending float64 arrays)."""
+
+    cuts: tuple[np.ndarray, ...]
+
+    @property
+    def n_features(self) -> int:
+        return len(self.cuts)
+
+    @property
+    def n_bins(self) -> np.ndarray:
+        """Bins per feature (cuts + 1)."""
+        return np.array([len(c) + 1 for c in self.cuts], dtype=np.int64)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Codes of shape ``x.shape`` (uint16), ``MISSING`` where ``x`` is NaN."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise DataError(
+                f"expected rows with {self.n_features} features, got an array of shape {x.shape}"
+            )
+        codes = np.empty(x.shape, dtype=np.uint16)
+        for j, cuts in enumerate(self.cuts):
+            column = x[:, j]
+            codes[:, j] = np.searchsorted(cuts, column, side="right")
+            codes[np.isnan(column), j] = MISSING
+        return codes
+
+    def threshold(self, feature: int, left_bins: int) -> float:
+        """The raw value ``t`` with ``code < left_bins`` iff ``x < t`` (+-inf at the ends)."""
+        cuts = self.cuts[feature]
+        if left_bins <= 0:
+            return -np.inf
+        if left_bins > len(cuts):
+            return np.inf
+        return float(cuts[left_bins - 1])
+
+    def same_as(self, other: Bins) -> bool:
+        return self.n_features == other.n_features and all(
+            np.array_equal(a, b) for a, b in zip(self.cuts, other.cuts)
+        )
+
+
+def _check_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise DataError(f"features must be a non-empty 2-D array, got shape {x.shape}")
+    if np.isinf(x).any():
+        raise DataError("features hold infinity; use NaN for missing values")
+    return x
+
+
+def _constant(j: int) -> DataError:
+    return DataError(
+        f"feature {j} is constant everywhere (or entirely missing): it can never split; "
+        "drop that column before training"
+    )
+
+
+def fit_bins(x: np.ndarray, *, max_bins: int = 256) -> Bins:
+    """Cuts at the data's quantiles: every distinct value gets its own bin when there are at
+    most ``max_bins`` of them; otherwise cuts are data values at evenly spaced ranks."""
+    x = _check_rows(x)
+    cuts: list[np.ndarray] = []
+    for j in range(x.shape[1]):
+        column = x[:, j]
+        values, counts = np.unique(column[~np.isnan(column)], return_counts=True)
+        if len(values) < 2:
+            raise _constant(j)
+        if len(values) <= max_bins:
+            cuts.append(values[1:].copy())
+            continue
+        ranks = np.cumsum(counts)
+        targets = ranks[-1] * np.arange(1, max_bins) / max_bins
+        # the first value whose cumulative count passes each target; drop repeats and the min
+        picked = np.unique(values[np.searchsorted(ranks, targets, side="right")])
+        cuts.append(picked[picked > values[0]])
+    return Bins(cuts=tuple(cuts))
+
+
+def grid_counts(x: np.ndarray, low: np.ndarray, high: np.ndarray, cells: int) -> np.ndarray:
+    """Counts of each feature's non-missing values over ``cells`` equal cells of [low, high].
+
+    Shape (features, cells), int64. What a node contributes to the federated sketch.
+    """
+    x = _check_rows(x)
+    out = np.zeros((x.shape[1], cells), dtype=np.int64)
+    for j in range(x.shape[1]):
+        column = x[:, j]
+        column = column[~np.isnan(column)]
+        out[j] = np.bincount(_cell(column, low[j], high[j], cells), minlength=cells)
+    return out
+
+
+def _cell(values: np.ndarray, low: float, high: float, cells: int) -> np.ndarray:
+    width = (high - low) / cells if high > low else 1.0
+    index = np.floor((values - low) / width).astype(np.int64)
+    return np.clip(index, 0, cells - 1)
+
+
+def bins_from_grid(
+    counts: np.ndarray, low: Sequence[float], high: Sequence[float], *, max_bins: int
+) -> Bins:
+    """Cuts from summed grid counts: cell edges at evenly spaced ranks of the pooled data."""
+    counts = np.asarray(counts)
+    cuts: list[np.ndarray] = []
+    for j in range(counts.shape[0]):
+        row = np.asarray(counts[j], dtype=np.float64)
+        cells = len(row)
+        occupied = np.flatnonzero(row > 0)
+        if len(occupied) < 2 or not high[j] > low[j]:
+            raise _constant(j)
+        edges = low[j] + (high[j] - low[j]) * np.arange(cells + 1) / cells
+        ranks = np.cumsum(row)
+        if len(occupied) <= max_bins:
+            # a cut just below each occupied cell but the first: one bin per occupied cell
+            picked = edges[occupied[1:]]
+        else:
+            targets = ranks[-1] * np.arange(1, max_bins) / max_bins
+            cell = np.unique(np.searchsorted(ranks, targets, side="right"))
+            cell = cell[(cell > occupied[0]) & (cell < cells)]
+            picked = edges[cell]
+        cuts.append(np.unique(picked))
+    return Bins(cuts=tuple(cuts))

@@ -1,0 +1,84 @@
+"""Fixture ``xgbc``: train XGBoost on shoal's bin codes and compare its trees with shoal's."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shoal.trees import MISSING, Bins, Booster, GBDTParams, Tree
+
+
+def xgboost_on_codes(x: np.ndarray, y: np.ndarray, params: GBDTParams, bins: Bins) -> Any:
+    """XGBoost hist trained on the bin codes: its cuts are then exactly shoal's bins (a feature
+    with at most max_bin distinct values gets one bin per value, cut at the next value)."""
+    import xgboost as xgb
+
+    codes = bins.transform(x).astype(np.float32)
+    codes[codes == MISSING] = np.nan
+    objective = params.objective
+    base = params.base_score
+    if base is None:
+        base = 0.5 if objective == "binary:logistic" else 0.0
+    xp: dict[str, Any] = {
+        "tree_method": "hist",
+        "max_bin": 256,
+        "eta": params.learning_rate,
+        "max_depth": params.max_depth,
+        "reg_lambda": params.reg_lambda,
+        "reg_alpha": 0.0,
+        "gamma": params.gamma,
+        "min_child_weight": params.min_child_weight,
+        "objective": objective,
+        "base_score": base,
+        "nthread": 1,
+    }
+    if objective.startswith("multi"):
+        xp["num_class"] = params.num_class
+    dm = xgb.DMatrix(codes, label=y, missing=np.nan)
+    return xgb.train(xp, dm, num_boost_round=params.n_trees)
+
+
+def xgboost_trees(booster: Any) -> list[dict[str, Any]]:
+    model = json.loads(booster.save_raw("json").decode())
+    trees: list[dict[str, Any]] = model["learner"]["gradient_booster"]["model"]["trees"]
+    return trees
+
+
+def assert_same_tree(mine: Tree, theirs: dict[str, Any], n_bins: np.ndarray) -> None:
+    """Node by node: children, split feature, bin and default direction, leaf values."""
+    left, right = theirs["left_children"], theirs["right_children"]
+    cond, feat, dl = theirs["split_conditions"], theirs["split_indices"], theirs["default_left"]
+    assert len(left) == mine.n_nodes
+    for i in range(len(left)):
+        assert (left[i], right[i]) == (mine.left[i], mine.right[i]), f"node {i}"
+        if left[i] < 0:
+            np.testing.assert_allclose(mine.value[i], cond[i], rtol=1e-5, atol=1e-7)
+        else:
+            # XGBoost splits at "x < cut"; on codes the cut is the number of left bins
+            # (the last cut lies beyond the largest code: all non-missing rows go left)
+            f = feat[i]
+            t = min(int(np.ceil(cond[i])), int(n_bins[f]))
+            got = (int(mine.feature[i]), int(mine.left_bins[i]), bool(mine.default_left[i]))
+            assert got == (f, t, bool(dl[i])), f"node {i}"
+
+
+def assert_same_model(mine: Booster, theirs: Any) -> None:
+    flat = [t for r in mine.trees for t in r]
+    other = xgboost_trees(theirs)
+    assert len(flat) == len(other)
+    for tree, their in zip(flat, other):
+        assert_same_tree(tree, their, mine.bins.n_bins)
+
+
+@pytest.fixture
+def xgbc() -> SimpleNamespace:
+    pytest.importorskip("xgboost")
+    return SimpleNamespace(
+        xgboost_on_codes=xgboost_on_codes,
+        assert_same_model=assert_same_model,
+        assert_same_tree=assert_same_tree,
+    )
