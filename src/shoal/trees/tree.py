@@ -8,7 +8,7 @@ split by columns between parties) is the source's business.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +19,15 @@ from shoal.trees.bins import MISSING
 from shoal.trees.params import GBDTParams
 from shoal.trees.split import RT_EPS, WIDTH, best_splits, leaf_weight
 
-__all__ = ["HistogramSource", "Tree", "advance", "grow_tree", "local_histograms"]
+__all__ = [
+    "HistogramSource",
+    "Tree",
+    "advance",
+    "grow_tree",
+    "local_histograms",
+    "pack_trees",
+    "unpack_trees",
+]
 
 _FIELDS = ("left", "right", "feature", "left_bins", "default_left", "value", "sum_g", "sum_h")
 
@@ -103,6 +111,35 @@ class Tree:
         return cls(**arrays)
 
 
+def pack_trees(trees: Sequence[Tree], prefix: str) -> dict[str, np.ndarray]:
+    """Several trees as flat arrays (``prefix/field`` and ``prefix/sizes``) for the wire."""
+    out = {
+        f"{prefix}/{name}": np.concatenate([getattr(t, name) for t in trees]) for name in _FIELDS
+    }
+    out[f"{prefix}/sizes"] = np.asarray([t.n_nodes for t in trees], dtype=np.int64)
+    return out
+
+
+def unpack_trees(
+    payload: Mapping[str, Any], prefix: str, *, n_features: int | None = None
+) -> list[Tree]:
+    """The trees :func:`pack_trees` packed (checked: see :meth:`Tree.from_dict`)."""
+    sizes = np.asarray(payload.get(f"{prefix}/sizes", []), dtype=np.int64)
+    if sizes.ndim != 1 or (sizes < 1).any():
+        raise DataError(f"malformed trees under {prefix!r}")
+    bounds = np.cumsum(sizes)[:-1]
+    columns = {}
+    for name in _FIELDS:
+        column = np.asarray(payload.get(f"{prefix}/{name}", []))
+        if column.shape != (int(sizes.sum()),):
+            raise DataError(f"malformed trees under {prefix!r}: {name} has the wrong length")
+        columns[name] = np.split(column, bounds)
+    return [
+        Tree.from_dict({name: columns[name][i] for name in _FIELDS}, n_features=n_features)
+        for i in range(len(sizes))
+    ]
+
+
 def advance(tree: Tree, codes: np.ndarray, pos: np.ndarray) -> bool:
     """Move rows sitting at split nodes one level down (in place); False if none moved."""
     at_split = np.flatnonzero(tree.left[pos] >= 0)
@@ -180,21 +217,27 @@ def grow_tree(
     params: GBDTParams,
     n_bins: np.ndarray,
     features: np.ndarray,
-    root_g: float,
-    root_h: float,
+    root_g: float | None = None,
+    root_h: float | None = None,
 ) -> Tree:
     """Grow one tree depth-wise. Of two siblings only the one with the smaller hessian sum
-    is asked for; the other is its parent's histogram minus it (XGBoost's subtraction)."""
-    b = _Builder(root_g, root_h)
+    is asked for; the other is its parent's histogram minus it (XGBoost's subtraction).
+    Without ``root_g``/``root_h`` the root's sums are read off its histogram (every row
+    sits in exactly one slot of each feature)."""
+    b = _Builder(root_g or 0.0, root_h or 0.0)
     level = [0]
     parent_of: dict[int, int] = {}
     cached: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for _depth in range(params.max_depth):
+    for depth in range(params.max_depth):
         if not level:
             break
         build = [n for n in level if _built_directly(n, parent_of, b)]
         hg, hh = source.histograms(b.tree(), np.asarray(build, dtype=np.int64))
         hists = {n: (hg[i], hh[i]) for i, n in enumerate(build)}
+        if depth == 0 and (root_g is None or root_h is None):
+            first = int(np.flatnonzero(features)[0])
+            b.rows["sum_g"][0] = float(hg[0, first].sum())
+            b.rows["sum_h"][0] = float(hh[0, first].sum())
         for n in level:
             if n not in hists:
                 sibling = _sibling(n, parent_of, b)

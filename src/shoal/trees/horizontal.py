@@ -1,0 +1,409 @@
+"""Horizontal federated boosting: rows split across nodes, histograms through a secure sum.
+
+The server grows every tree; nodes keep their rows, labels, margins and gradients. Each
+level, the nodes build gradient/hessian histograms of their rows for the nodes being
+split, in fixed point, and the server receives only their sum (SecAgg+ by default). Cuts
+come from a secure-summed histogram over a fine grid spanning the nodes' ranges. With the
+same cuts the trees are exactly those of :func:`shoal.trees.train` on the pooled rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from shoal.core import Federation
+from shoal.crypto import SecureSum
+from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError
+from shoal.runtime import Failure, FailureKind, TaskContext
+from shoal.trees import exact
+from shoal.trees.bins import MISSING, Bins, bins_from_grid, grid_counts
+from shoal.trees.booster import Booster, feature_sampler, fixed_point, sample_features
+from shoal.trees.objective import base_margin, check_labels, gradients
+from shoal.trees.params import GBDTParams
+from shoal.trees.split import WIDTH
+from shoal.trees.tree import Tree, advance, grow_tree, local_histograms, pack_trees, unpack_trees
+
+__all__ = [
+    "HIST_TASK",
+    "RANGE_TASK",
+    "SETUP_TASK",
+    "SKETCH_TASK",
+    "horizontal_tasks",
+    "train_horizontal",
+]
+
+RANGE_TASK = "gbdt.range"
+SKETCH_TASK = "gbdt.sketch"
+SETUP_TASK = "gbdt.setup"
+HIST_TASK = "gbdt.hist"
+DEFAULT_FIXED_POINT = 24  # gradients to 2**-24; sums stay exact up to 2**23 rows per node
+_STATE = "shoal.trees.horizontal"
+
+# What each task's result may do when it leaves the node (docs/trees.md, "What each party
+# learns"): ranges are revealed, counts and histograms only through a sum.
+RELEASE: dict[str, dict[str, str]] = {
+    RANGE_TASK: {"low": "clear", "high": "clear", "features": "clear"},
+    SKETCH_TASK: {"counts": "secure"},
+    SETUP_TASK: {"ok": "clear"},
+    HIST_TASK: {"hist": "secure"},
+}
+
+
+# -- node side --------------------------------------------------------------------------
+
+
+def _rows(ctx: TaskContext) -> tuple[np.ndarray, np.ndarray]:
+    data = ctx.data
+    x, y = getattr(data, "x", None), getattr(data, "y", None)
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or x.ndim != 2:
+        raise DataError("this node's data has no 2-D feature array x and labels y")
+    if len(x) == 0:
+        raise DataError(f"node {ctx.node_id} has no rows")
+    return x, y
+
+
+def _range(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    x, _ = _rows(ctx)
+    with np.errstate(all="ignore"):
+        low, high = np.nanmin(x, axis=0), np.nanmax(x, axis=0)
+    return {"low": low, "high": high, "features": int(x.shape[1])}
+
+
+def _sketch(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    x, _ = _rows(ctx)
+    low, high = np.asarray(payload["low"]), np.asarray(payload["high"])
+    cells = int(payload["cells"])
+    if low.shape != (x.shape[1],) or high.shape != low.shape or not 2 <= cells <= 65536:
+        raise ProtocolError("gbdt.sketch: ranges must give one (low, high) per feature")
+    counts = grid_counts(x, low, high, cells)
+    return {"counts": exact.encode(counts, offset=_offset(payload))}
+
+
+def _offset(payload: Mapping[str, Any]) -> float | None:
+    offset = payload.get("offset")
+    return None if offset is None else float(offset)
+
+
+def _cuts_from(payload: Mapping[str, Any]) -> Bins:
+    flat, sizes = np.asarray(payload["cuts"], np.float64), np.asarray(payload["sizes"], np.int64)
+    if sizes.ndim != 1 or (sizes < 1).any() or (sizes > MISSING - 1).any():
+        raise ProtocolError("gbdt.setup: malformed cuts")
+    if int(sizes.sum()) != len(flat) or not np.isfinite(flat).all():
+        raise ProtocolError("gbdt.setup: malformed cuts")
+    parts = np.split(flat, np.cumsum(sizes)[:-1])
+    if any((np.diff(p) <= 0).any() for p in parts):
+        raise ProtocolError("gbdt.setup: cuts must increase")
+    return Bins(cuts=tuple(parts))
+
+
+def _setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    x, y = _rows(ctx)
+    params = GBDTParams(**payload["params"])
+    bins = _cuts_from(payload)
+    if bins.n_features != x.shape[1]:
+        raise DataError(
+            f"node {ctx.node_id} has {x.shape[1]} features; the federation's cuts are for "
+            f"{bins.n_features}: every node must hold the same columns in the same order"
+        )
+    labels = check_labels(y, params)
+    ctx.state[_STATE] = {
+        "params": params,
+        "bins": bins,
+        "codes": bins.transform(x),
+        "labels": labels,
+        "margin": np.full((len(x), params.outputs), base_margin(params), np.float32),
+        "applied": 0,
+        "grad_round": -1,
+        "tree_key": None,
+    }
+    return {"ok": True}
+
+
+def _hist(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = ctx.state.get(_STATE)
+    if st is None:
+        raise ProtocolError(f"node {ctx.node_id} was not set up for boosting (gbdt.setup)")
+    params: GBDTParams = st["params"]
+    codes: np.ndarray = st["codes"]
+    d = codes.shape[1]
+    r, k = int(payload["round"]), int(payload["output"])
+    if "previous/sizes" in payload and st["applied"] == r - 1:
+        previous = unpack_trees(payload, "previous", n_features=d)
+        if len(previous) != params.outputs:
+            raise ProtocolError("gbdt.hist: a round has one tree per output")
+        for j, tree in enumerate(previous):
+            st["margin"][:, j] += tree.predict(codes)
+        st["applied"] = r
+    if st["applied"] != r:
+        raise ProtocolError(
+            f"node {ctx.node_id} has the trees of {st['applied']} rounds, not {r}: it missed "
+            "a round and sits out until training restarts"
+        )
+    if st["grad_round"] != r:
+        grad, hess = gradients(st["margin"], st["labels"], params)
+        st["grad"], st["hess"], st["grad_round"] = grad, hess, r
+    (tree,) = unpack_trees(payload, "tree", n_features=d)
+    if st["tree_key"] != (r, k) or tree.n_nodes == 1:
+        g = fixed_point(st["grad"][:, k], params.fixed_point_bits)
+        h = fixed_point(st["hess"][:, k], params.fixed_point_bits)
+        if params.subsample < 1.0:
+            rng = np.random.default_rng([params.seed, 2, r, k, *ctx.node_id.encode()])
+            keep = rng.random(len(g)) < params.subsample
+            g, h = np.where(keep, g, 0.0), np.where(keep, h, 0.0)
+        st["g"], st["h"], st["tree_key"] = g, h, (r, k)
+        st["pos"] = np.zeros(len(codes), dtype=np.int64)
+    while advance(tree, codes, st["pos"]):
+        pass
+    nodes = np.asarray(payload["nodes"], dtype=np.int64)
+    features = np.asarray(payload["features"], dtype=np.int64)
+    if nodes.ndim != 1 or features.ndim != 1 or (nodes < 0).any() or (nodes >= tree.n_nodes).any():
+        raise ProtocolError("gbdt.hist: malformed node list")
+    if (features < 0).any() or (features >= d).any():
+        raise ProtocolError("gbdt.hist: malformed feature list")
+    hg, hh = local_histograms(codes[:, features], st["g"], st["h"], st["pos"], nodes)
+    take = _slots(st["bins"], features)
+    scale = float(2 ** (params.fixed_point_bits or DEFAULT_FIXED_POINT))
+    both = np.stack([hg.reshape(len(nodes), -1)[:, take], hh.reshape(len(nodes), -1)[:, take]])
+    return {"hist": exact.encode(np.round(both * scale).astype(np.int64), offset=_offset(payload))}
+
+
+def _slots(bins: Bins, features: np.ndarray) -> np.ndarray:
+    """Flat histogram slots that can be non-zero: each feature's real bins and its missing."""
+    n_bins = bins.n_bins[features]
+    return np.concatenate(
+        [i * WIDTH + np.r_[np.arange(nb), MISSING] for i, nb in enumerate(n_bins)]
+    ).astype(np.int64)
+
+
+def horizontal_tasks() -> dict[str, Any]:
+    """The node-side tasks of horizontal boosting (install with SecureSum's tasks)."""
+    return {RANGE_TASK: _range, SKETCH_TASK: _sketch, SETUP_TASK: _setup, HIST_TASK: _hist}
+
+
+# -- server side ------------------------------------------------------------------------
+
+
+class _Restart(Exception):
+    """Some nodes dropped out of a tree: grow it again from the ones still there."""
+
+    def __init__(self, survivors: Sequence[str]) -> None:
+        self.survivors = tuple(survivors)
+
+
+def _summed(
+    fed: Federation,
+    ids: Sequence[str],
+    task: str,
+    field: str,
+    payload: Mapping[str, Any],
+    *,
+    secure: bool,
+    dropout_fraction: float,
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Exact integer sum of ``field`` over the nodes, and the nodes in it."""
+    ids = tuple(ids)
+    while True:
+        offset = exact.offset_for(len(ids)) if secure else None
+        group = fed.group(ids)
+        values = group.map(task, offset=offset, send=() if secure else (field,), **payload)
+        if secure and len(values) != len(ids):
+            ids = values.node_ids  # the encoding depends on the count: ask again
+            continue
+        if secure:
+            total = values[field].aggregate(
+                SecureSum(value_range=offset, bits=exact.BITS, dropout_fraction=dropout_fraction)
+            )
+        else:
+            total = values[field].sum()
+        sums, count = exact.decode(total, offset=offset)
+        in_sum = tuple(n for n in values.node_ids if n not in values.exclusions)
+        if count != len(in_sum):
+            raise ProtocolError(f"{count} nodes in the sum, {len(in_sum)} expected")
+        return sums, in_sum
+
+
+class _FederatedRows:
+    """The histogram source of one tree: the nodes' rows, summed."""
+
+    def __init__(
+        self,
+        fed: Federation,
+        ids: tuple[str, ...],
+        *,
+        bins: Bins,
+        features: np.ndarray,
+        round_: int,
+        output: int,
+        previous: dict[str, np.ndarray] | None,
+        scale: float,
+        secure: bool,
+        dropout_fraction: float,
+    ) -> None:
+        self.fed, self.ids, self.bins = fed, ids, bins
+        self.features = np.flatnonzero(features)
+        self.round, self.output, self.previous = round_, output, previous
+        self.scale, self.secure, self.dropout_fraction = scale, secure, dropout_fraction
+        self.take = _slots(bins, self.features)
+
+    def histograms(self, tree: Tree, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        payload: dict[str, Any] = {
+            "round": self.round,
+            "output": self.output,
+            **pack_trees([tree], "tree"),
+            "nodes": nodes,
+            "features": self.features,
+        }
+        if self.previous is not None and tree.n_nodes == 1:
+            payload.update(self.previous)
+        sums, in_sum = _summed(
+            self.fed,
+            self.ids,
+            HIST_TASK,
+            "hist",
+            payload,
+            secure=self.secure,
+            dropout_fraction=self.dropout_fraction,
+        )
+        if in_sum != self.ids:
+            raise _Restart(in_sum)
+        both = sums.reshape(2, len(nodes), len(self.take)).astype(np.float64) / self.scale
+        d = self.bins.n_features
+        out = np.zeros((2, len(nodes), d * WIDTH))
+        full = (self.features[:, None] * WIDTH + np.arange(WIDTH)[None, :]).ravel()
+        sel = np.zeros((2, len(nodes), len(self.features) * WIDTH))
+        sel[:, :, self.take] = both
+        out[:, :, full] = sel
+        shaped = out.reshape(2, len(nodes), d, WIDTH)
+        return shaped[0], shaped[1]
+
+
+def federated_bins(
+    fed: Federation,
+    ids: Sequence[str],
+    *,
+    max_bins: int,
+    cells: int = 4096,
+    secure: bool = True,
+    dropout_fraction: float = 0.1,
+) -> Bins:
+    """Cuts from a secure sum of the nodes' counts over a fine grid.
+
+    Each node reveals its per-feature minimum and maximum (the grid's span); its counts
+    enter only the sum.
+    """
+    replies, failures = fed.request(list(ids), RANGE_TASK)
+    _refused(failures)
+    if not replies:
+        raise NotEnoughNodes(f"no node answered {RANGE_TASK}: {_first(failures)}")
+    widths = {n: r.get("features") for n, r in replies.items()}
+    common = max(set(widths.values()), key=list(widths.values()).count)
+    odd = sorted(n for n, w in widths.items() if w != common)
+    if odd:
+        raise DataError(
+            f"node(s) {odd} hold {[widths[n] for n in odd]} features, the others {common}: "
+            "every node must hold the same columns in the same order"
+        )
+    low = np.nanmin(np.stack([np.asarray(r["low"], np.float64) for r in replies.values()]), 0)
+    high = np.nanmax(np.stack([np.asarray(r["high"], np.float64) for r in replies.values()]), 0)
+    sums, _ = _summed(
+        fed,
+        tuple(replies),
+        SKETCH_TASK,
+        "counts",
+        {"low": low, "high": high, "cells": cells},
+        secure=secure,
+        dropout_fraction=dropout_fraction,
+    )
+    counts = sums.reshape(len(low), cells)
+    return bins_from_grid(counts, low, high, max_bins=max_bins)
+
+
+def _refused(failures: Mapping[str, Failure]) -> None:
+    """A node whose data cannot train stops training with its reason (a drop does not)."""
+    for node, failure in failures.items():
+        if failure.kind is not FailureKind.DROPPED:
+            raise DataError(f"node {node} cannot take part in boosting: {failure.detail}")
+
+
+def _first(failures: Mapping[str, Any]) -> str:
+    failure = next(iter(failures.values()), None)
+    return "no failures" if failure is None else f"{failure.node_id}: {failure.detail}"
+
+
+def train_horizontal(
+    fed: Federation,
+    params: GBDTParams,
+    *,
+    secure: bool = True,
+    bins: Bins | None = None,
+    sketch_cells: int = 4096,
+    dropout_fraction: float = 0.1,
+) -> Booster:
+    """Boost on rows spread over the federation's nodes; the server sees only sums.
+
+    ``params.fixed_point_bits`` defaults to 24 here. ``bins`` skips the sketch (cuts agreed
+    beforehand). A node that drops out of a tree's secure sum makes the server grow that
+    tree again from the nodes still there (down to ``fed.min_nodes``); a node that missed
+    a round sits out the rest of training.
+    """
+    if params.fixed_point_bits is None:
+        params = GBDTParams(**{**params.to_dict(), "fixed_point_bits": DEFAULT_FIXED_POINT})
+    ids = fed.node_ids
+    if bins is None:
+        bins = federated_bins(
+            fed,
+            ids,
+            max_bins=params.max_bins,
+            cells=sketch_cells,
+            secure=secure,
+            dropout_fraction=dropout_fraction,
+        )
+    elif int(bins.n_bins.max()) > params.max_bins:
+        raise ConfigError(f"the given cuts have more than max_bins={params.max_bins} bins")
+    sizes = np.asarray([len(c) for c in bins.cuts], dtype=np.int64)
+    replies, failures = fed.request(
+        list(ids),
+        SETUP_TASK,
+        common={"params": params.to_dict(), "cuts": np.concatenate(bins.cuts), "sizes": sizes},
+    )
+    _refused(failures)
+    ids = tuple(n for n in ids if n in replies)
+    if len(ids) < fed.min_nodes:
+        raise NotEnoughNodes(f"{len(ids)} node(s) set up, fewer than {fed.min_nodes}")
+    scale = float(2 ** (params.fixed_point_bits or DEFAULT_FIXED_POINT))
+    columns = feature_sampler(params, bins.n_features)
+    trees: list[tuple[Tree, ...]] = []
+    for r in range(params.n_trees):
+        previous = pack_trees(trees[-1], "previous") if trees else None
+        round_trees: list[Tree] = []
+        for k in range(params.outputs):
+            features = sample_features(columns, params, bins.n_features)
+            while True:
+                source = _FederatedRows(
+                    fed,
+                    ids,
+                    bins=bins,
+                    features=features,
+                    round_=r,
+                    output=k,
+                    previous=previous,
+                    scale=scale,
+                    secure=secure,
+                    dropout_fraction=dropout_fraction,
+                )
+                try:
+                    tree = grow_tree(source, params=params, n_bins=bins.n_bins, features=features)
+                    break
+                except _Restart as restart:
+                    if len(restart.survivors) < fed.min_nodes:
+                        raise NotEnoughNodes(
+                            f"{len(restart.survivors)} node(s) left, fewer than {fed.min_nodes}"
+                        ) from None
+                    fed.audit("gbdt.restart_tree", round=r, nodes=len(restart.survivors))
+                    ids = restart.survivors
+            round_trees.append(tree)
+        trees.append(tuple(round_trees))
+    return Booster(params=params, bins=bins, trees=tuple(trees))
