@@ -2,14 +2,15 @@
 
 ``scan_file`` / ``scan_bytes`` report what loading a file would import or run (pickles, torch,
 joblib, NumPy, zip/tar archives, Keras, safetensors, ONNX) without executing anything;
-``load`` loads a file only when the scan finds nothing at ``MEDIUM`` or above.
+``load`` builds a file's contents only when the scan finds nothing at ``MEDIUM`` or above, with
+an interpreter that calls nothing the file names (see ``shoal.scan.unpickle``).
 """
 
 from __future__ import annotations
 
 from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import SAFE_GLOBALS, classify_global, is_allowed
-from shoal.scan.load import RestrictedUnpickler, load, restricted_loads
+from shoal.scan.load import load, loads, restricted_loads
 from shoal.scan.report import FileReport, Finding, ScanLimits, Severity
 from shoal.scan.scanner import MissingPath, iter_files, scan_bytes, scan_file, scan_paths
 
@@ -18,7 +19,6 @@ __all__ = [
     "FileReport",
     "Finding",
     "MissingPath",
-    "RestrictedUnpickler",
     "ScanLimits",
     "Severity",
     "UnsafeModelError",
@@ -26,6 +26,7 @@ __all__ = [
     "is_allowed",
     "iter_files",
     "load",
+    "loads",
     "restricted_loads",
     "scan_bytes",
     "scan_file",

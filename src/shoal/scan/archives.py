@@ -17,7 +17,7 @@ from shoal.scan.pickle_scan import Sink
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import Budget, Decompressed, Slice, Source
 
-__all__ = ["MemberHint", "scan_tar", "scan_zip"]
+__all__ = ["MemberHint", "member_source", "scan_tar", "scan_zip"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def scan_zip(
         sink.where = f"{outer}/{name}" if outer else name
         try:
             try:
-                src = _member_source(f, zf, info, limits, budget)
+                src = member_source(f, zf, info, limits, budget)
             except (_MemberError, zipfile.BadZipFile, OSError, ValueError) as exc:
                 sink.add(Severity.MEDIUM, "malformed", f"member cannot be read: {exc}", None)
                 continue
@@ -123,7 +123,7 @@ def scan_zip(
     return fmt
 
 
-def _member_source(
+def member_source(
     f: IO[bytes],
     zf: zipfile.ZipFile,
     info: zipfile.ZipInfo,

@@ -6,16 +6,18 @@ none of them imports or runs anything named by the file.
 
 from __future__ import annotations
 
-import ast
+import io
 import json
 import re
 import struct
+import warnings
 from collections.abc import Iterator
 from typing import IO, Any
 
+from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import classify_global
 from shoal.scan.hdf5 import root_string_attributes
-from shoal.scan.pickle_scan import Sink, scan_pickle_stream, simple_dtype
+from shoal.scan.pickle_scan import Sink, scan_pickle_stream
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import ByteReader
 
@@ -23,6 +25,7 @@ __all__ = [
     "HDF5_MAGIC",
     "analyze_keras_config",
     "looks_like_safetensors",
+    "npy_header",
     "scan_hdf5",
     "scan_json",
     "scan_npy",
@@ -40,53 +43,63 @@ def _words(text: str) -> frozenset[str]:
 # --- NumPy .npy ------------------------------------------------------------------------------
 
 
-def scan_npy(r: ByteReader, sink: Sink, *, limits: ScanLimits) -> str:
-    """Validate the header; object arrays carry a pickle, which is analysed in full."""
-    start = r.pos
+def npy_header(r: ByteReader, limits: ScanLimits) -> tuple[Any, tuple[int, ...], bool]:
+    """(dtype, shape, fortran) of a .npy header, parsed by NumPy's own header reader (its
+    grammar: ``ast.literal_eval``, Python 2 literals, its key and type checks), with no header
+    size limit but shoal's: ``np.load(allow_pickle=True)`` ignores its own."""
     magic = r.take(8)
-    if len(magic) < 8 or magic[:6] != b"\x93NUMPY":
-        sink.add(Severity.LOW, "malformed", "truncated .npy magic", start)
-        return "numpy"
-    major = magic[6]
-    if major == 1:
-        raw_len = r.take(2)
-        hlen = struct.unpack("<H", raw_len)[0] if len(raw_len) == 2 else -1
-    elif major in (2, 3):
-        raw_len = r.take(4)
-        hlen = struct.unpack("<I", raw_len)[0] if len(raw_len) == 4 else -1
-    else:
-        sink.add(Severity.LOW, "malformed", f"unknown .npy format version {major}", start)
-        return "numpy"
-    if hlen < 0 or hlen > min(limits.max_header_bytes, 1 << 20):
-        sink.add(Severity.LOW, "malformed", f".npy header length {hlen} is invalid", start)
-        return "numpy"
+    if len(magic) != 8 or magic[:6] != b"\x93NUMPY" or magic[6] not in (1, 2, 3) or magic[7]:
+        raise UnsafeModelError("refused: not a .npy file (bad magic or version)")
+    width = 2 if magic[6] == 1 else 4
+    size_bytes = r.take(width)
+    if len(size_bytes) != width:
+        raise UnsafeModelError("refused: a truncated .npy header")
+    hlen = struct.unpack("<H" if width == 2 else "<I", size_bytes)[0]
+    if hlen > limits.max_header_bytes:
+        raise UnsafeModelError(
+            f"refused: a .npy header of {hlen} bytes (ScanLimits.max_header_bytes)"
+        )
     raw = r.take(hlen)
     if len(raw) != hlen:
-        sink.add(Severity.LOW, "truncated", ".npy header is truncated", start)
-        return "numpy"
+        raise UnsafeModelError("refused: a truncated .npy header")
+    fp = io.BytesIO(magic + size_bytes + raw)
+    fp.seek(8)
     try:
-        text = raw.decode("utf-8" if major == 3 else "latin-1")
-        header = ast.literal_eval(text)
-        if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
-            raise ValueError("header is not a dict with descr, fortran_order and shape")
-        shape = header["shape"]
-        if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ValueError(f"bad shape {shape!r}")
-        if not isinstance(header["fortran_order"], bool):
-            raise ValueError("fortran_order is not a bool")
-        descr = header["descr"]
-        simple = simple_dtype(descr) if isinstance(descr, str) else None
-        if simple is None:
-            from numpy.lib import format as npformat
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy warns about Python 2 headers it accepts
+            shape, fortran, dtype = _numpy_header_reader()(
+                fp, (magic[6], 0), max_header_size=hlen + 1
+            )
+    except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError) as exc:
+        raise UnsafeModelError(f"refused: a .npy header NumPy rejects: {exc}") from None
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise UnsafeModelError(f"refused: .npy shape {shape!r} (NumPy accepts it, shoal does not)")
+    return dtype, tuple(shape), bool(fortran)
 
-            dtype = npformat.descr_to_dtype(descr)
-            itemsize, hasobject = dtype.itemsize, bool(dtype.hasobject)
-        else:
-            itemsize, hasobject = simple
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, KeyError) as exc:
-        sink.add(Severity.LOW, "malformed", f".npy header cannot be parsed: {exc}", start)
+
+def _numpy_header_reader() -> Any:
+    """NumPy's own .npy header parser, wherever this NumPy version keeps it."""
+    from numpy.lib import format as npformat
+
+    reader = getattr(npformat, "_read_array_header", None)
+    if reader is None:
+        from numpy.lib import _format_impl
+
+        reader = _format_impl._read_array_header  # type: ignore[attr-defined]
+    return reader
+
+
+def scan_npy(r: ByteReader, sink: Sink, *, limits: ScanLimits) -> str:
+    """Read the header as NumPy does; object arrays carry a pickle, which is analysed in full."""
+    start = r.pos
+    try:
+        dtype, shape, _fortran = npy_header(r, limits)
+    except UnsafeModelError as exc:
+        sink.add(Severity.MEDIUM, "malformed", f".npy: {exc}", start)
+        # np.load(allow_pickle=True) may still read what follows: analyse it if it is a pickle
+        scan_pickle_stream(r, sink, limits=limits, probe=True)
         return "numpy"
-    if hasobject:
+    if dtype.hasobject:
         sink.add(
             Severity.LOW,
             "object-array",
@@ -98,10 +111,10 @@ def scan_npy(r: ByteReader, sink: Sink, *, limits: ScanLimits) -> str:
     count = 1
     for d in shape:
         count *= d
-    size = count * itemsize
+    size = count * dtype.itemsize
     if r.skip(size) != size:
         sink.add(
-            Severity.LOW, "truncated", f".npy data shorter than the {size} bytes declared", r.pos
+            Severity.MEDIUM, "truncated", f".npy data shorter than the {size} bytes declared", r.pos
         )
     elif not r.at_eof():
         sink.add(Severity.LOW, "trailing-data", "data after the array (np.load ignores it)", r.pos)
@@ -139,10 +152,12 @@ def scan_safetensors(r: ByteReader, sink: Sink, *, limits: ScanLimits, size: int
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:
-        sink.add(Severity.LOW, "malformed", f"safetensors header is not valid JSON: {exc}", start)
+        sink.add(
+            Severity.MEDIUM, "malformed", f"safetensors header is not valid JSON: {exc}", start
+        )
         return "safetensors"
     if not isinstance(header, dict):
-        sink.add(Severity.LOW, "malformed", "safetensors header is not a JSON object", start)
+        sink.add(Severity.MEDIUM, "malformed", "safetensors header is not a JSON object", start)
         return "safetensors"
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
@@ -171,7 +186,9 @@ def scan_safetensors(r: ByteReader, sink: Sink, *, limits: ScanLimits, size: int
     elif data_len is None and r.skip(cursor) != cursor:
         problems.append("data region is truncated")
     for p in problems[:20]:
-        sink.add(Severity.LOW, "malformed", f"safetensors: {p} (the loader will refuse it)", start)
+        sink.add(
+            Severity.MEDIUM, "malformed", f"safetensors: {p} (the loader will refuse it)", start
+        )
     return "safetensors"
 
 
@@ -306,14 +323,14 @@ def scan_onnx(r: ByteReader, sink: Sink, *, strict: bool) -> str:
     except _PbError as exc:
         if not strict and len(seen) < 2:
             return ""
-        sink.add(Severity.LOW, "malformed", f"ONNX protobuf is malformed: {exc}", start)
+        sink.add(Severity.MEDIUM, "malformed", f"ONNX protobuf is malformed: {exc}", start)
         return "onnx"
     if ir_version is None or 7 not in seen:
         if not strict:
             return ""
-        sink.add(Severity.LOW, "malformed", "ONNX model lacks ir_version or graph", start)
+        sink.add(Severity.MEDIUM, "malformed", "ONNX model lacks ir_version or graph", start)
     elif not 1 <= ir_version <= 64:
-        sink.add(Severity.LOW, "malformed", f"implausible ONNX ir_version {ir_version}", start)
+        sink.add(Severity.MEDIUM, "malformed", f"implausible ONNX ir_version {ir_version}", start)
     return "onnx"
 
 

@@ -1,159 +1,180 @@
-"""Safe loading: scan first, then load with loaders that cannot import beyond the allowlist.
+"""Safe loading: scan first, then build the file's contents without calling anything it names.
 
-Even after a clean scan the loaders enforce the allowlist themselves (a restricted unpickler,
-torch's weights-only unpickler, pickle-free array readers), so a file swapped between scan and
-load still cannot run code.
+What loads (each through ``shoal.scan.unpickle.Unpickler`` or a raw-bytes reader):
+
+* pickles (protocols 0-5, plain or gzip/bz2/xz/lzma/zlib-compressed) of plain containers and
+  scalars, ``collections.OrderedDict``, NumPy arrays, dtypes and scalars;
+* joblib files (compressed too) of the same, with joblib's raw array blocks;
+* torch checkpoints, zip and legacy formats, of tensors, parameters and containers (state
+  dicts), as CPU tensors; needs the ``torch`` extra;
+* ``.npy`` (object arrays too, when their pickle holds only the above), ``.npz``, safetensors.
+
+What is refused, by name: every other global (estimators, modules, functions, classes of any
+library: scikit-learn models included), persistent ids outside torch files, extension codes,
+out-of-band buffers, TorchScript, structured dtypes inside pickles, and anything beyond a limit
+of ``ScanLimits``. ``restricted_loads`` is that same interpreter for bytes in memory; there is no
+unpickler subclass any more (``pickle.Unpickler.find_class`` hands the file's arguments to real
+constructors, which is how the old allowlist was broken).
 """
 
 from __future__ import annotations
 
-import ast
 import io
 import os
-import pickle
-import struct
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
-from shoal.errors import ConfigError, UnsafeModelError
-from shoal.scan.allowlist import is_allowed
+from shoal.errors import ConfigError, ShoalError, UnsafeModelError
+from shoal.scan.archives import member_source
+from shoal.scan.builders import build_array
+from shoal.scan.formats import npy_header
 from shoal.scan.report import FileReport, ScanLimits, Severity
 from shoal.scan.scanner import scan_file
-from shoal.scan.streams import Decompressed
+from shoal.scan.streams import Budget as StreamBudget
+from shoal.scan.streams import ByteReader, Decompressed, LimitExceeded, time_budget
+from shoal.scan.unpickle import Budget, Pending, Reconstructor, Unpickler, refuse
 
-__all__ = ["RestrictedUnpickler", "load", "restricted_loads"]
+__all__ = ["load", "loads", "restricted_loads"]
 
 _CODECS = {"zlib", "gzip", "bz2", "xz", "lzma", "zfile"}
 
 
-def _refuse_import(module: str, name: str) -> UnsafeModelError:
-    return UnsafeModelError(
-        f"refusing to import {module}.{name}: it is not on shoal's allowlist of safe data "
-        "constructors; only load this file if you trust its author"
-    )
+def restricted_loads(data: bytes, *, limits: ScanLimits | None = None) -> Any:
+    """Unpickle bytes with shoal's interpreter (no scan): plain values and NumPy arrays only.
+
+    Kept for callers of the old API; it no longer wraps ``pickle.Unpickler``.
+    """
+    return loads(data, limits=limits)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` only returns allowlisted globals."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if not is_allowed(module, name) or (module, name) == (
-            "joblib.numpy_pickle",
-            "NumpyArrayWrapper",
-        ):
-            raise _refuse_import(module, name)
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeModelError("refusing a persistent id: only torch files may use them")
+def loads(data: bytes, *, limits: ScanLimits | None = None) -> Any:
+    """Build the first pickle in ``data`` (plain values, NumPy arrays, joblib arrays)."""
+    limits = limits or ScanLimits()
+    with _only_shoal_errors("<bytes>", limits):
+        return _unpickler(ByteReader(io.BytesIO(bytes(data))), limits, joblib=True).load()
 
 
-def restricted_loads(data: bytes) -> Any:
-    """Unpickle bytes with the allowlist enforced (no scan; for already-vetted payloads)."""
-    return RestrictedUnpickler(io.BytesIO(data)).load()
+# --- joblib ------------------------------------------------------------------------------------
+
+_JOBLIB_ATTRS = frozenset(
+    {"subclass", "shape", "order", "dtype", "allow_mmap", "numpy_array_alignment_bytes"}
+)
+_JOBLIB_ARGS = ("subclass", "shape", "order", "dtype", "allow_mmap", "numpy_array_alignment_bytes")
 
 
-class _JoblibArray:
-    """Stands in for joblib's NumpyArrayWrapper: BUILD fills its attributes, then we read."""
-
-    shape: tuple[int, ...]
-    order: str
-    dtype: Any
-
-    def read(self, fh: IO[bytes]) -> Any:
-        import numpy as np
-
-        if not isinstance(self.dtype, np.dtype) or not isinstance(self.shape, tuple):
-            raise UnsafeModelError("joblib array header is malformed")
-        if self.dtype.hasobject:
-            return _JoblibUnpickler(fh).load()
-        if getattr(self, "numpy_array_alignment_bytes", None) is not None:
-            pad = fh.read(1)
-            if pad:
-                fh.read(pad[0])
-        count = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-        arr = _read_into(fh, count, self.dtype)
-        if self.order == "F":
-            return arr.reshape(self.shape[::-1]).transpose()
-        return arr.reshape(self.shape)
+def _joblib_new(vm: Unpickler, args: tuple[Any, ...]) -> Any:
+    return Pending("joblib array")  # NEWOBJ: cls.__new__ sets no attributes
 
 
-class _JoblibUnpickler(pickle._Unpickler):  # pure-Python: its BUILD can be intercepted
-    dispatch = pickle._Unpickler.dispatch.copy()
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        super().__init__(fh)
-        self._fh = fh
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("joblib.numpy_pickle", "NumpyArrayWrapper"):
-            return _JoblibArray
-        if not is_allowed(module, name):
-            raise _refuse_import(module, name)
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeModelError("refusing a persistent id in a joblib file")
-
-    def load_build(self) -> None:
-        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
-        top = self.stack[-1]  # type: ignore[attr-defined]
-        if isinstance(top, _JoblibArray):
-            self.stack[-1] = top.read(self._fh)  # type: ignore[attr-defined]
-
-    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
+def _joblib_call(vm: Unpickler, args: tuple[Any, ...]) -> Any:
+    if len(args) > len(_JOBLIB_ARGS):
+        raise refuse("joblib NumpyArrayWrapper with too many arguments")
+    attrs = dict(zip(_JOBLIB_ARGS, args, strict=False))
+    attrs.setdefault("allow_mmap", False)
+    attrs.setdefault("numpy_array_alignment_bytes", 16)
+    return Pending("joblib array", attrs)
 
 
-def _read_into(fh: IO[bytes], count: int, dtype: Any) -> Any:
+def joblib_state(attrs: dict[str, Any], state: Any) -> dict[str, Any]:
+    """The wrapper's attributes after BUILD, as joblib's ``load_build`` leaves them."""
+    out = dict(attrs)
+    parts = [state]
+    if type(state) is tuple and len(state) == 2:
+        parts = list(state)
+    for part in parts:
+        if part is None:
+            continue
+        if type(part) is not dict:
+            raise refuse("a joblib array header that is not a dict")
+        for key in part:
+            if type(key) is not str or key not in _JOBLIB_ATTRS:
+                raise refuse(f"joblib array header key {key!r}")
+        out.update(part)  # later keys win, as in the dict pickle builds
+    return out
+
+
+def joblib_layout(attrs: dict[str, Any]) -> tuple[Any, tuple[int, ...], bool, bool]:
+    """(dtype, shape, fortran, padded) exactly as joblib's ``read_array`` will read them."""
     import numpy as np
 
-    arr = np.empty(count, dtype=dtype)
-    if count and dtype.itemsize:
-        view = memoryview(arr.view(np.uint8).reshape(-1).data)
-        got = 0
-        while got < len(view):
-            chunk = fh.read(min(len(view) - got, 1 << 24))
-            if not chunk:
-                raise UnsafeModelError("array data is truncated")
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
+    subclass = attrs.get("subclass")
+    if not (isinstance(subclass, Reconstructor) and subclass.tag == "numpy.ndarray"):
+        raise refuse("a joblib array of a class other than numpy.ndarray")
+    dtype = attrs.get("dtype")
+    if not isinstance(dtype, np.dtype):
+        raise refuse("a joblib array header without a dtype shoal built")
+    shape = attrs.get("shape")
+    if type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape):
+        raise refuse(f"joblib array shape {shape!r}")
+    order = attrs.get("order")
+    if order not in ("C", "F"):
+        raise refuse(f"joblib array order {order!r}")
+    return dtype, shape, order == "F", attrs.get("numpy_array_alignment_bytes") is not None
+
+
+def _joblib_build(vm: Unpickler, p: Pending, state: Any) -> Any:
+    attrs = joblib_state(p.attrs, state)
+    dtype, shape, fortran, padded = joblib_layout(attrs)
+    if dtype.hasobject:
+        value = vm.nested().load()
+        import numpy as np
+
+        if not isinstance(value, np.ndarray):
+            raise refuse("a joblib object array whose pickle is not an array")
+        return value
+    if padded:
+        pad = vm.r.byte()
+        if pad > 0:
+            vm.blob(pad)
+    count = 1
+    for d in shape:
+        count *= d
+    data = vm.blob(count * dtype.itemsize)
+    arr = build_array(data, dtype, shape, fortran=fortran)
+    vm.budget.add_built(arr.nbytes)
+    if arr.dtype.byteorder == ">":  # joblib.load swaps to native order, so does shoal
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
 
 
-def _read_npy(fh: IO[bytes]) -> Any:
-    import numpy as np
-    from numpy.lib import format as npformat
-
-    magic = fh.read(8)
-    if magic[:6] != b"\x93NUMPY":
-        raise UnsafeModelError("not a .npy array")
-    if magic[6] == 1:
-        (hlen,) = struct.unpack("<H", fh.read(2))
-    else:
-        (hlen,) = struct.unpack("<I", fh.read(4))
-    text = fh.read(hlen).decode("utf-8" if magic[6] == 3 else "latin-1")
-    header = ast.literal_eval(text)
-    dtype = npformat.descr_to_dtype(header["descr"])
-    shape = tuple(header["shape"])
-    if dtype.hasobject:
-        return RestrictedUnpickler(fh).load()
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    arr = _read_into(fh, count, dtype)
-    if header["fortran_order"]:
-        return arr.reshape(shape[::-1]).transpose()
-    return arr.reshape(shape)
+_JOBLIB = {
+    ("joblib.numpy_pickle", "NumpyArrayWrapper"): Reconstructor(
+        "joblib.numpy_pickle.NumpyArrayWrapper", call=_joblib_call, new=_joblib_new
+    )
+}
 
 
-def _open_stream(path: str, codec: str | None) -> IO[bytes]:
+def _unpickler(
+    reader: ByteReader, limits: ScanLimits, *, joblib: bool, budget: Budget | None = None
+) -> Unpickler:
+    return Unpickler(
+        reader,
+        limits=limits,
+        budget=budget,
+        extra=_JOBLIB if joblib else None,
+        builders={"joblib array": _joblib_build} if joblib else None,
+    )
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+
+def _open_stream(path: str, codec: str | None, limits: ScanLimits) -> IO[bytes]:
     f = open(path, "rb")  # noqa: SIM115 (wrapped and closed by the caller)
     if codec is None:
         return f
     if codec == "zfile":
         f.read(21)
-    inner = Decompressed(
-        base=f, codec="zlib" if codec == "zfile" else codec, limit=1 << 62, owns_base=True
+    stream: IO[bytes] = Decompressed(  # type: ignore[assignment]
+        base=f,
+        codec="zlib" if codec == "zfile" else codec,
+        limit=limits.max_member_bytes,
+        owns_base=True,
+        budget=StreamBudget(limits.max_total_bytes, ratio=limits.max_ratio),
     )
-    return io.BufferedReader(inner)
+    return stream
 
 
 def _refusal(report: FileReport) -> UnsafeModelError:
@@ -166,61 +187,122 @@ def _refusal(report: FileReport) -> UnsafeModelError:
     )
 
 
+@contextmanager
+def _only_shoal_errors(path: str, limits: ScanLimits) -> Iterator[None]:
+    """Whatever the bytes do, the caller sees a ShoalError that names the file."""
+    try:
+        with time_budget(limits.max_seconds):
+            yield
+    except ShoalError as exc:
+        text = str(exc)
+        if isinstance(exc, UnsafeModelError) and not text.startswith(path):
+            raise UnsafeModelError(f"{path}: {text}") from None
+        raise
+    except LimitExceeded as exc:
+        raise UnsafeModelError(f"{path}: {exc}") from None
+    except MemoryError:
+        raise UnsafeModelError(f"{path}: refused: ran out of memory while loading") from None
+    except RecursionError:
+        raise UnsafeModelError(f"{path}: refused: values nested too deeply") from None
+    except Exception as exc:  # a corrupt file: loaders raise every builtin type
+        raise UnsafeModelError(f"{path}: cannot be loaded: {type(exc).__name__}: {exc}") from None
+
+
 def load(
     path: str | os.PathLike[str],
     *,
     limits: ScanLimits | None = None,
     map_location: str = "cpu",
 ) -> Any:
-    """Scan ``path`` and load it only if nothing reaches ``MEDIUM``.
+    """Scan ``path``, then build its contents if nothing reaches ``MEDIUM``.
 
-    Pickles and joblib files come back as their objects, torch files as torch objects
-    (``weights_only=True``), ``.npy`` as an array, ``.npz`` and safetensors as dicts of arrays.
-    Raises ``UnsafeModelError`` naming the worst finding otherwise.
+    Pickles and joblib files come back as plain values and NumPy arrays, torch files as CPU
+    tensors in their containers, ``.npy`` as an array, ``.npz`` and safetensors as dicts of
+    arrays. Raises ``UnsafeModelError`` naming the worst finding, or what the loader refused;
+    only ``ShoalError`` subclasses ever escape, whatever the bytes.
     """
+    limits = limits or ScanLimits()
+    if map_location != "cpu":
+        raise ConfigError(f"map_location={map_location!r}: shoal.scan.load builds CPU tensors only")
     report = scan_file(path, limits=limits)
     if report.severity >= Severity.MEDIUM:
         raise _refusal(report)
-    base, _, codec_part = report.format.partition("+")
+    spath = os.fspath(path)
+    with _only_shoal_errors(spath, limits):
+        return _load(spath, report.format, limits)
+
+
+def _load(path: str, fmt: str, limits: ScanLimits) -> Any:
+    base, _, codec_part = fmt.partition("+")
     codec = codec_part if codec_part in _CODECS else None
     if codec_part and codec is None:
-        raise ConfigError(f"{path}: {report.format} files cannot be loaded by shoal.scan.load")
-    spath = os.fspath(path)
+        raise UnsafeModelError(f"{path}: shoal.scan.load does not load {fmt} files")
     if base in ("pickle", "joblib"):
-        with _open_stream(spath, codec) as fh:
-            if base == "joblib":
-                return _JoblibUnpickler(fh).load()
-            return RestrictedUnpickler(fh).load()
-    if base in ("torch", "torch-legacy") and codec is None:
-        return _load_torch(spath, map_location)
+        with _open_stream(path, codec, limits) as fh:
+            return _unpickler(ByteReader(fh), limits, joblib=base == "joblib").load()
+    if base == "torch" and codec is None:
+        from shoal.scan.torch_load import load_torch_zip
+
+        return load_torch_zip(path, limits)
+    if base == "torch-legacy" and codec is None:
+        from shoal.scan.torch_load import load_torch_legacy
+
+        return load_torch_legacy(path, limits)
     if base == "numpy":
-        with _open_stream(spath, codec) as fh:
-            return _read_npy(fh)
+        with _open_stream(path, codec, limits) as fh:
+            return _read_npy(fh, limits)
     if base == "npz" and codec is None:
-        out = {}
-        with zipfile.ZipFile(spath) as zf:
-            for name in zf.namelist():
-                with zf.open(name) as member:
-                    out[name[: -len(".npy")]] = _read_npy(member)
-        return out
+        return _read_npz(path, limits)
     if base == "safetensors" and codec is None:
         from safetensors.numpy import load_file
 
-        return load_file(spath)
-    raise ConfigError(
-        f"{path}: shoal.scan.load does not load {report.format} files; the scan found nothing "
-        "unsafe, so load it with its own library"
+        return load_file(path)
+    raise UnsafeModelError(
+        f"{path}: shoal.scan.load does not load {fmt} files (it loads pickles, joblib, torch, "
+        ".npy, .npz and safetensors files)"
     )
 
 
-def _load_torch(path: str, map_location: str) -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise ConfigError(
-            f"{path} is a torch checkpoint; install the torch extra (pip install 'shoal[torch]')"
-        ) from None
-    try:
-        return torch.load(path, weights_only=True, map_location=map_location)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeModelError(f"{path}: torch's weights-only loader refused it: {exc}") from None
+# --- NumPy -------------------------------------------------------------------------------------
+
+
+def _read_npy(fh: IO[bytes], limits: ScanLimits, budget: Budget | None = None) -> Any:
+    r = ByteReader(fh)
+    header = npy_header(r, limits)
+    dtype, shape, fortran = header
+    budget = budget or Budget(limits)
+    if dtype.hasobject:
+        value = _unpickler(r, limits, joblib=False, budget=budget).load()
+        import numpy as np
+
+        if not isinstance(value, np.ndarray):
+            raise refuse("an object .npy whose pickle is not an array")
+        return value
+    count = 1
+    for d in shape:
+        count *= d
+    data = r.take_large(count * dtype.itemsize)
+    budget.add_read(len(data))
+    arr = build_array(data, dtype, shape, fortran=fortran)
+    return arr
+
+
+def _read_npz(path: str, limits: ScanLimits) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    budget = Budget(limits)
+    stream_budget = StreamBudget(limits.max_total_bytes, ratio=limits.max_ratio)
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        infos = zf.infolist()
+        if len(infos) > limits.max_members:
+            raise refuse(f"more than {limits.max_members} members (ScanLimits.max_members)")
+        for info in infos:
+            if info.is_dir():
+                continue
+            src = member_source(f, zf, info, limits, stream_budget)
+            if src is None:
+                raise refuse(f"member {info.filename!r}: compression method not supported")
+            key = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else None
+            if key is None:
+                raise refuse(f"member {info.filename!r} is not a .npy array")
+            out[key] = _read_npy(src, limits, budget)  # type: ignore[arg-type]
+    return out

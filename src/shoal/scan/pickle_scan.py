@@ -8,10 +8,9 @@ single BINBYTES8 in a hostile file can claim terabytes. Large arguments are skip
 
 from __future__ import annotations
 
-import codecs
 import io
+import pickle
 import pickletools
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,13 @@ from shoal.scan.allowlist import classify_global, normalize_global
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import ByteReader
 
-__all__ = ["TORCH_LEGACY_MAGIC", "PickleOutcome", "Sink", "scan_pickle_stream"]
+__all__ = [
+    "TORCH_LEGACY_MAGIC",
+    "PickleOutcome",
+    "Sink",
+    "probe_pickle_imports",
+    "scan_pickle_stream",
+]
 
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -37,36 +42,6 @@ _OPCODES: dict[int, tuple[str, str | None]] = {
     ord(op.code.encode("latin-1")): (op.name, op.arg.name if op.arg else None)
     for op in pickletools.opcodes
 }
-_DTYPE_CODE = re.compile(r"[A-Za-z?][0-9]*")
-_SIMPLE_DTYPE = re.compile(r"([<>|=]?)([?biufcOSaUVMm])([0-9]*)(\[[A-Za-z0-9]+\])?")
-
-
-def simple_dtype(descr: str) -> tuple[int, bool] | None:
-    """(itemsize, hasobject) of a plain dtype string like '<f8', '|O' or '<M8[ns]', without
-    importing NumPy; None for anything else (callers then ask NumPy)."""
-    m = _SIMPLE_DTYPE.fullmatch(descr)
-    if m is None:
-        return None
-    kind, digits = m.group(2), m.group(3)
-    n = int(digits) if digits else None
-    if m.group(4) and kind not in "Mm":
-        return None
-    if kind == "O":
-        return (8, True) if n in (None, 8) else None
-    if kind == "?":
-        return (1, False) if n in (None, 1) else None
-    if kind in "Mm":
-        return (8, False) if n in (None, 8) else None
-    if kind in "SaV":
-        return (n, False) if n is not None else None
-    if kind == "U":
-        return (4 * n, False) if n is not None else None
-    if n is None or (kind == "b" and n != 1):
-        return None
-    valid = {"i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "f": (2, 4, 8, 12, 16), "c": (8, 16, 24, 32)}
-    if kind == "b":
-        return 1, False
-    return (n, False) if n in valid[kind] else None
 
 
 class Sink:
@@ -147,14 +122,70 @@ class _Glob:
 
 
 class _Obj:
-    """Result of a call or construction; ``origin`` is None when the callable was computed."""
+    """Result of a call or construction; ``origin`` is None when the callable was computed.
+    ``new`` marks NEWOBJ (``cls.__new__``: the arguments set no attributes)."""
 
-    __slots__ = ("args", "origin", "state")
+    __slots__ = ("args", "new", "origin", "state")
 
-    def __init__(self, origin: _Glob | None, args: Any = None) -> None:
+    def __init__(self, origin: _Glob | None, args: Any = None, *, new: bool = False) -> None:
         self.origin = origin
         self.args = args
+        self.new = new
         self.state: Any = None
+
+
+# Call results that SETITEM / APPEND / ADDITEMS may fill: the containers pickle itself uses.
+_CONTAINER_CLASSES = frozenset(
+    {
+        "builtins.dict",
+        "builtins.list",
+        "builtins.set",
+        "collections.OrderedDict",
+        "collections.Counter",
+        "collections.defaultdict",
+        "collections.deque",
+        "sklearn.utils._bunch.Bunch",
+        "sklearn.utils.Bunch",
+    }
+)
+_BIT_GENERATORS = frozenset(
+    {
+        "numpy.random._mt19937.MT19937",
+        "numpy.random._pcg64.PCG64",
+        "numpy.random._pcg64.PCG64DXSM",
+        "numpy.random._philox.Philox",
+        "numpy.random._sfc64.SFC64",
+    }
+)
+
+
+def _is_bit_generator(v: Any) -> bool:
+    return (
+        isinstance(v, _Obj)
+        and v.origin is not None
+        and (
+            v.origin.qual == "numpy.random._pickle.__bit_generator_ctor"
+            or v.origin.qual in _BIT_GENERATORS
+        )
+    )
+
+
+# Calls whose result is a dict whose keys a BUILD would turn into attribute names.
+_DICT_MAKERS = frozenset(
+    {
+        "builtins.dict",
+        "collections.OrderedDict",
+        "collections.defaultdict",
+        "collections.Counter",
+        "sklearn.utils._bunch.Bunch",
+        "sklearn.utils.Bunch",
+    }
+)
+# Allowlisted helpers that call one of their arguments, and what that argument may be.
+_CALLS_ARGUMENT = {
+    "numpy.random._pickle.__randomstate_ctor": "numpy.random._pickle.__bit_generator_ctor",
+    "numpy.random._pickle.__generator_ctor": "numpy.random._pickle.__bit_generator_ctor",
+}
 
 
 class _List:
@@ -173,10 +204,12 @@ class _Dict:
         self.n = 0
 
     def get(self, key: str) -> Any:
+        """The value the real dict would hold: the last pair with this key wins."""
+        found = _MISSING
         for k, v in self.pairs:
-            if k == key and type(k) is str:
-                return v
-        return _MISSING
+            if type(k) is str and k == key:
+                found = v
+        return found
 
 
 class _Opaque:
@@ -584,14 +617,25 @@ class _Analyzer:
             raise _Malformed("STOP with an empty stack")
         return True
 
+    def _literal(self, op: bytes) -> Any:
+        """A protocol-0 literal parsed by pickle's own C code (hex, octal and underscore forms
+        included): a pickle of one such opcode can only make a str, int, bool, float or bytes."""
+        data, complete = self.line()
+        if not complete:
+            return _Blob("line", len(data))
+        try:
+            return pickle.loads(op + data + b"\n.")
+        except Exception as exc:
+            raise _Malformed(f"bad {op.decode()} argument: {exc}") from None
+
     def op_INT(self) -> None:
-        self.push(self.text_line(pickletools.read_decimalnl_short))
+        self.push(self._literal(b"I"))
 
     def op_LONG(self) -> None:
-        self.push(self.text_line(pickletools.read_decimalnl_long))
+        self.push(self._literal(b"L"))
 
     def op_FLOAT(self) -> None:
-        self.push(self.text_line(pickletools.read_floatnl))
+        self.push(self._literal(b"F"))
 
     def op_BININT(self) -> None:
         self.push(self.u(4, "<i"))
@@ -642,13 +686,11 @@ class _Analyzer:
         if not complete:
             self.push(_Blob("str", len(data)))
             return
-        if len(data) < 2 or data[0] != data[-1] or data[:1] not in (b"'", b'"'):
-            raise _Malformed("STRING argument is not quoted")
         try:
-            raw = codecs.escape_decode(data[1:-1])[0]
-        except ValueError as exc:
-            raise _Malformed(f"bad STRING escape: {exc}") from None
-        self.push(raw.decode("latin-1"))
+            # as pickle.load(encoding="latin1") would decode it: the widest reading
+            self.push(pickle.loads(b"S" + data + b"\n.", encoding="latin1"))
+        except Exception as exc:
+            raise _Malformed(f"bad STRING argument: {exc}") from None
 
     def op_BINSTRING(self) -> None:
         self.push(self.blob(self.u(4, "<i"), "bstr"))
@@ -670,7 +712,7 @@ class _Analyzer:
         self.push(v if isinstance(v, _Blob) else _Opaque("bytearray"))
 
     def op_UNICODE(self) -> None:
-        self.push(self.text_line(pickletools.read_unicodestringnl))
+        self.push(self._literal(b"V"))
 
     def op_SHORT_BINUNICODE(self) -> None:
         self.push(self.blob(self.u(1, "<B"), "str"))
@@ -784,6 +826,14 @@ class _Analyzer:
                 Severity.HIGH,
                 "global-mutation",
                 f"{op} modifies {target.qual} itself (changes state the interpreter shares)",
+            )
+        elif isinstance(target, _Obj) and (
+            target.origin is None or target.origin.qual not in _CONTAINER_CLASSES
+        ):
+            self.report(
+                Severity.HIGH,
+                "call-mutation",
+                f"{op} writes into the {_describe(target)}, not into a container",
             )
         elif not isinstance(target, (_List, _Dict, _Obj, _Opaque)):
             raise _Malformed(f"{op} on {_describe(target)}")
@@ -924,7 +974,7 @@ class _Analyzer:
 
     # -- calls --------------------------------------------------------------------------------
 
-    def _call(self, func: Any, args: Any, how: str) -> _Obj:
+    def _call(self, func: Any, args: Any, how: str, *, new: bool = False) -> _Obj:
         if not isinstance(func, _Glob):
             self.report(
                 Severity.HIGH,
@@ -934,12 +984,38 @@ class _Analyzer:
             return _Obj(None, args)
         if func.severity == Severity.NONE:
             self._check_args(func, args, how)
-        return _Obj(func, args)
+        return _Obj(func, args, new=new)
 
     def _check_args(self, func: _Glob, args: Any, how: str) -> None:
         if not isinstance(args, tuple):
             return
         qual = func.qual
+        expected = _CALLS_ARGUMENT.get(qual)
+        if expected is not None:
+            # numpy.random._pickle: the first argument is a bit generator's name (then the
+            # second is called with it) or a bit generator already made
+            first_ok = not args or type(args[0]) is str or _is_bit_generator(args[0])
+            for a in args[1:]:
+                if not (isinstance(a, _Glob) and a.qual == expected):
+                    self.report(
+                        Severity.HIGH,
+                        "chosen-function",
+                        f"{how} {qual} calls its argument {_describe(a)}, which the file chose",
+                    )
+            if not first_ok:
+                self.report(
+                    Severity.HIGH,
+                    "chosen-function",
+                    f"{how} {qual} with first argument {_describe(args[0])}",
+                )
+        elif qual == "numpy.random._pickle.__bit_generator_ctor" and args:
+            a = args[0]
+            if not (type(a) is str or (isinstance(a, _Glob) and a.qual in _BIT_GENERATORS)):
+                self.report(
+                    Severity.HIGH,
+                    "chosen-function",
+                    f"{how} {qual} instantiates {_describe(a)}, which the file chose",
+                )
         if qual in ("builtins.bytearray", "builtins.bytes") and args:
             n = args[0]
             if type(n) is int and n > 1 << 30:
@@ -972,13 +1048,13 @@ class _Analyzer:
     def op_NEWOBJ(self) -> None:
         args = self.pop()
         cls = self.pop()
-        self.push(self._call(cls, args, "NEWOBJ"))
+        self.push(self._call(cls, args, "NEWOBJ", new=True))
 
     def op_NEWOBJ_EX(self) -> None:
         self.pop()  # kwargs
         args = self.pop()
         cls = self.pop()
-        self.push(self._call(cls, args, "NEWOBJ_EX"))
+        self.push(self._call(cls, args, "NEWOBJ_EX", new=True))
 
     def op_OBJ(self) -> None:
         items = self.pop_mark()
@@ -1006,7 +1082,7 @@ class _Analyzer:
                 f"BUILD sets attributes on {inst.qual} itself (mutates a module-level object)",
             )
             return
-        self._check_state_keys(state)
+        self._check_state(state)
         if isinstance(inst, _Obj):
             inst.state = state
             if (
@@ -1015,19 +1091,62 @@ class _Analyzer:
             ):
                 self._joblib_array(inst)
 
-    def _check_state_keys(self, state: Any) -> None:
-        dicts = [state]
-        if isinstance(state, tuple) and len(state) == 2:
-            dicts = list(state)
+    def _check_state(self, state: Any) -> None:
+        """BUILD hands its state to ``__setstate__`` or ``__dict__.update``: it must be written
+        out in the file (a dict, or a (dict, slots) pair) so that every attribute name is known,
+        and no name may be a dunder such as ``__array_interface__`` or ``__class__``."""
+        if isinstance(state, tuple):
+            # (dict, slots) pairs, or a state for a class's own __setstate__ (NumPy's (version,
+            # shape, dtype, fortran, data)): data made by allowlisted constructors is fine, a
+            # mapping made by a call is not (its keys would become attribute names unchecked)
+            computed = [
+                x
+                for x in (state if isinstance(state, tuple) else ())
+                if isinstance(x, (_Glob, _Opaque))
+                or (
+                    isinstance(x, _Obj)
+                    and (
+                        x.origin is None
+                        or x.origin.severity != Severity.NONE
+                        or x.origin.qual in _DICT_MAKERS
+                    )
+                )
+            ]
+        if isinstance(state, tuple) and not computed:
+            dicts = [x for x in state if isinstance(x, _Dict)]
+        elif isinstance(state, _Dict):
+            dicts = [state]
+        elif state is None or isinstance(state, (_List, _Blob, str, bytes, int, float)):
+            dicts = []
+        else:
+            self.report(
+                Severity.HIGH,
+                "computed-state",
+                f"BUILD state is {_describe(state)}, not written out in the file: its attribute "
+                "names cannot be checked",
+            )
+            return
         for d in dicts:
-            if isinstance(d, _Dict):
-                for k, _v in d.pairs:
-                    if type(k) is str and k.startswith("__") and k.endswith("__"):
-                        self.report(
-                            Severity.HIGH,
-                            "dunder-state",
-                            f"BUILD sets dunder attribute {k!r} (can swap an object's class)",
-                        )
+            if d.n > len(d.pairs):
+                self.report(
+                    Severity.MEDIUM,
+                    "unverifiable",
+                    f"BUILD state with {d.n} keys, more than the scanner keeps; not all checked",
+                )
+            for k, _v in d.pairs:
+                if type(k) is not str:
+                    self.report(
+                        Severity.HIGH,
+                        "computed-state",
+                        f"BUILD state key {_describe(k)} is not a string written in the file",
+                    )
+                elif k.startswith("__") and k.endswith("__"):
+                    self.report(
+                        Severity.HIGH,
+                        "dunder-state",
+                        f"BUILD sets dunder attribute {k!r} (can swap an object's class or "
+                        "expose raw memory)",
+                    )
 
     # -- persistent ids -----------------------------------------------------------------------
 
@@ -1078,8 +1197,7 @@ class _Analyzer:
     def _joblib_array(self, wrapper: _Obj) -> None:
         """Skip (or recurse into) the array bytes joblib writes right after the wrapper."""
         self.joblib = True
-        state = wrapper.state
-        info = _joblib_layout(state) if isinstance(state, _Dict) else None
+        info = _joblib_layout(wrapper)
         if info is None:
             self.report(
                 Severity.MEDIUM,
@@ -1121,69 +1239,98 @@ _F8 = struct.Struct(">d")
 _CONSTANTS: dict[int, Any] = {0x4E: None, 0x88: True, 0x89: False, 0x29: ()}
 
 
-def _joblib_layout(state: _Dict) -> tuple[int, int, bool, bool] | None:
-    shape = state.get("shape")
-    dtype = state.get("dtype")
+_JOBLIB_ARGS = ("subclass", "shape", "order", "dtype", "allow_mmap", "numpy_array_alignment_bytes")
+_JOBLIB_ATTRS = frozenset(_JOBLIB_ARGS)
+
+
+def _joblib_attrs(wrapper: _Obj) -> dict[str, Any] | None:
+    """The wrapper's attributes as joblib's unpickler leaves them after BUILD: ``__init__``'s
+    arguments when it was called (not for NEWOBJ), then the state dict(s), later keys winning.
+    None when any of it is not written out in the file."""
+    attrs: dict[str, Any] = {}
+    if not wrapper.new and isinstance(wrapper.args, tuple) and wrapper.args:
+        if len(wrapper.args) > len(_JOBLIB_ARGS):
+            return None
+        attrs.update(zip(_JOBLIB_ARGS, wrapper.args, strict=False))
+        attrs.setdefault("numpy_array_alignment_bytes", 16)
+    state = wrapper.state
+    parts = list(state) if isinstance(state, tuple) and len(state) == 2 else [state]
+    for part in parts:
+        if part is None:
+            continue
+        if not isinstance(part, _Dict) or part.n > len(part.pairs):
+            return None
+        for k, v in part.pairs:
+            if type(k) is not str or k not in _JOBLIB_ATTRS:
+                return None
+            attrs[k] = v
+    return attrs
+
+
+def _joblib_layout(wrapper: _Obj) -> tuple[int, int, bool, bool] | None:
+    """(count, itemsize, hasobject, padded) as joblib's ``read_array`` will read the data, or
+    None when that cannot be known exactly. The dtype is built by NumPy itself from the
+    literal code and state (through shoal's checks), so its itemsize is the one joblib gets."""
+    attrs = _joblib_attrs(wrapper)
+    if attrs is None:
+        return None
+    shape = attrs.get("shape", _MISSING)
     if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
         return None
-    dinfo = _dtype_info(dtype, 0)
-    if dinfo is None:
+    dtype = attrs.get("dtype", _MISSING)
+    if not isinstance(dtype, _Obj) or dtype.origin is None or dtype.origin.qual != "numpy.dtype":
+        return None
+    if dtype.new or not isinstance(dtype.args, tuple) or not dtype.args:
+        return None
+    from shoal.errors import UnsafeModelError
+
+    try:
+        built = _real_dtype(dtype, 0)
+    except UnsafeModelError:
+        return None
+    if built is None:
         return None
     count = 1
     for d in shape:
         count *= d
-    align = state.get("numpy_array_alignment_bytes")
-    aligned = align is not _MISSING and align is not None
-    return count, dinfo[0], dinfo[1], aligned
+    padded = attrs.get("numpy_array_alignment_bytes") is not None
+    return count, built.itemsize, bool(built.hasobject), padded
 
 
-def _dtype_info(dtype: Any, depth: int) -> tuple[int, bool] | None:
-    """(itemsize, hasobject) of a symbolic ``numpy.dtype(...)`` call, or None if unresolvable."""
-    if depth > 8 or not isinstance(dtype, _Obj) or dtype.origin is None:
+def _real_dtype(dtype: Any, depth: int) -> Any:
+    """The dtype NumPy would build from a symbolic ``numpy.dtype(...)`` call and its state, via
+    shoal's checked builder (nested field dtypes too); None if any part is not literal."""
+    from shoal.scan.builders import build_dtype
+
+    if depth > 16 or not isinstance(dtype, _Obj) or dtype.origin is None:
         return None
-    if dtype.origin.qual != "numpy.dtype" or not isinstance(dtype.args, tuple) or not dtype.args:
+    if dtype.origin.qual != "numpy.dtype" or dtype.new or not isinstance(dtype.args, tuple):
         return None
-    code = dtype.args[0]
-    if type(code) is not str or not _DTYPE_CODE.fullmatch(code):
+    if not dtype.args:
         return None
-    hasobject = code.startswith("O")
     state = dtype.state
-    elsize = -1
     if isinstance(state, tuple) and len(state) >= 8:
-        if type(state[5]) is int:
-            elsize = state[5]
-        subdescr, fields = state[2], state[4]
-        if isinstance(subdescr, tuple) and subdescr:
-            sub = _dtype_info(subdescr[0], depth + 1)
-            if sub is None:
+        parts = list(state)
+        sub, fields = parts[2], parts[4]
+        if isinstance(sub, tuple) and len(sub) == 2:
+            inner = _real_dtype(sub[0], depth + 1)
+            if inner is None:
                 return None
-            hasobject = hasobject or sub[1]
+            parts[2] = (inner, sub[1])
         if isinstance(fields, _Dict):
             if fields.n > len(fields.pairs):
                 return None
-            for _name, spec in fields.pairs:
+            real: dict[Any, Any] = {}
+            for name, spec in fields.pairs:
                 if not isinstance(spec, tuple) or not spec:
                     return None
-                sub = _dtype_info(spec[0], depth + 1)
-                if sub is None:
+                inner = _real_dtype(spec[0], depth + 1)
+                if inner is None:
                     return None
-                hasobject = hasobject or sub[1]
-        elif fields is not None:
-            return None
-    if elsize <= 0:
-        simple = simple_dtype(code)
-        if simple is None:
-            import numpy as np
-
-            try:
-                elsize = np.dtype(code).itemsize
-            except TypeError:
-                return None
-        else:
-            elsize = simple[0]
-    if elsize <= 0 and not hasobject:
-        return None
-    return elsize, hasobject
+                real[name] = (inner, *spec[1:])
+            parts[4] = real
+        state = tuple(parts)
+    return build_dtype(dtype.args[0], state)
 
 
 def _analyze_one(
@@ -1202,6 +1349,22 @@ def _analyze_one(
 
 def _looks_like_pickle(a: _Analyzer, error: str | None) -> bool:
     return error is None or a.started_with_proto or a.imports > 0
+
+
+def probe_pickle_imports(
+    reader: ByteReader, sink: Sink, *, limits: ScanLimits, torch: bool
+) -> bool:
+    """Read the stream as ``pickle.load`` would (one pickle from here) and keep the findings only
+    if that pickle imports anything: a pickle that imports nothing runs nothing, so a container
+    whose first bytes happen to form opcodes is not flagged for it."""
+    scratch = sink.scratch()
+    a, _value, error = _analyze_one(reader, scratch, limits=limits, torch=torch)
+    if a.imports == 0:
+        return False
+    sink.merge(scratch)
+    if error is not None and error != "aborted":
+        sink.add(Severity.MEDIUM, "malformed", f"malformed pickle: {error}", a.pos)
+    return True
 
 
 def scan_pickle_stream(

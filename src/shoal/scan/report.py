@@ -93,12 +93,17 @@ class ScanLimits:
     max_members: int = 100_000  # entries per archive
     max_member_bytes: int = 64 * 2**30  # decompressed bytes read from one member or stream
     max_spool_bytes: int = 4 * 2**30  # bytes copied to a temp file to make a stream seekable
-    max_pickle_stack: int = 1_000_000  # symbolic stack + memo entries
+    max_pickle_stack: int = 1_000_000  # pickle stack (and MARK nesting) entries
     max_pickles_per_stream: int = 10_000  # concatenated pickles in one stream
     max_header_bytes: int = 100_000_000  # safetensors / npy / keras JSON headers
     max_findings: int = 500  # per file, after de-duplication
-    max_total_bytes: int = 16 * 2**30  # decompressed bytes across all streams of one file
+    max_total_bytes: int = 4 * 2**30  # decompressed bytes across all streams of one file
+    max_ratio: int = 1000  # decompressed / compressed bytes, once past 16 MiB of output
     max_pickle_ops: int = 200_000_000  # opcodes analysed in one pickle stream
+    max_memo: int = 1 << 22  # memo entries, and the largest memo index
+    max_container_items: int = 20_000_000  # items in all tuples, lists, dicts and sets
+    max_load_bytes: int = 64 * 2**30  # bytes of arrays and tensors one load may build
+    max_seconds: float = 120.0  # time budget per file, for the scan and for the load
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

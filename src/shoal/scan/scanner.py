@@ -10,6 +10,7 @@ import contextlib
 import io
 import lzma
 import os
+import pickletools
 import re
 import stat
 import zipfile
@@ -29,9 +30,18 @@ from shoal.scan.formats import (
     scan_onnx,
     scan_safetensors,
 )
-from shoal.scan.pickle_scan import Sink, scan_pickle_stream
+from shoal.scan.pickle_scan import Sink, probe_pickle_imports, scan_pickle_stream
 from shoal.scan.report import FileReport, Finding, ScanLimits, Severity
-from shoal.scan.streams import Budget, ByteReader, Decompressed, LimitExceeded, Source, spool
+from shoal.scan.streams import (
+    Budget,
+    ByteReader,
+    Decompressed,
+    LimitExceeded,
+    Source,
+    check_time,
+    spool,
+    time_budget,
+)
 
 __all__ = ["MissingPath", "iter_files", "scan_bytes", "scan_file", "scan_paths"]
 
@@ -93,6 +103,36 @@ def _compression(head: bytes) -> str | None:
     return None
 
 
+_OPCODE_BYTES = [False] * 256
+for _op in pickletools.opcodes:
+    _OPCODE_BYTES[ord(_op.code.encode("latin-1"))] = True
+
+
+def _hdf5_offset(head: bytes, f: IO[bytes] | None) -> int | None:
+    """Where an HDF5 superblock starts: at 0 or after a user block of 512, 1024, 2048, ...
+    bytes (the places libhdf5 looks)."""
+    if head[:8] == HDF5_MAGIC:
+        return 0
+    if head[512:520] == HDF5_MAGIC:
+        return 512
+    if f is None:
+        return None
+    size = _size(f)
+    if size is None:
+        return None
+    here = f.tell()
+    try:
+        offset = 1024
+        while offset + 8 <= size:
+            f.seek(offset)
+            if f.read(8) == HDF5_MAGIC:
+                return offset
+            offset *= 2
+    finally:
+        f.seek(here)
+    return None
+
+
 def _has_zip_directory(f: IO[bytes]) -> bool:
     try:
         return zipfile.is_zipfile(f)
@@ -104,7 +144,7 @@ class _Scanner:
     def __init__(self, *, sink: Sink, limits: ScanLimits) -> None:
         self.sink = sink
         self.limits = limits
-        self.budget = Budget(limits.max_total_bytes)
+        self.budget = Budget(limits.max_total_bytes, ratio=limits.max_ratio)
         self._spools: list[IO[bytes]] = []
 
     def close(self) -> None:
@@ -123,18 +163,71 @@ class _Scanner:
         return "unreadable"
 
     def scan(self, src: Source, *, name: str, depth: int, hint: MemberHint) -> str:
+        """Every plausible reading of the stream: pickle.load reads any file from byte 0 and
+        stops at STOP, while containers (tar, safetensors, HDF5 with a user block, zip from its
+        end, ...) read other bytes of the same file. Each reading is analysed; the report holds
+        the findings of all of them, so the worst counts."""
         limits, sink = self.limits, self.sink
         if depth > limits.max_depth:
-            sink.add(Severity.MEDIUM, "limit", "nested too deeply; not scanned", None)
+            sink.add(
+                Severity.MEDIUM,
+                "limit",
+                f"refused: archives nested deeper than {limits.max_depth} (ScanLimits.max_depth)",
+                None,
+            )
             return "nested"
+        check_time()
         seekable: IO[bytes] | None = src if _seekable(src) else None  # type: ignore[assignment]
-        size = _size(seekable) if seekable is not None else None
         r = ByteReader(src)
         head = r.peek(1024)
         if not head:
             if depth == 0:
                 sink.add(Severity.LOW, "empty", "empty file", 0)
             return "empty"
+        if _OPCODE_BYTES[head[0]] and self._other_format(head, seekable) is not None:
+            # A container that may also be a pickle at byte 0: read it both ways.
+            with self._whole(seekable, r) as f:
+                imports = probe_pickle_imports(ByteReader(f), sink, limits=limits, torch=False)
+                f.seek(0)
+                fmt = self._container(f, ByteReader(f), head, name=name, depth=depth, hint=hint)
+                if imports:
+                    sink.add(
+                        Severity.MEDIUM,
+                        "polyglot",
+                        f"the file is both a pickle that imports code (read from byte 0) and {fmt}",
+                        0,
+                    )
+                    fmt = f"pickle+{fmt}"
+                return fmt
+        return self._container(seekable, r, head, name=name, depth=depth, hint=hint)
+
+    def _other_format(self, head: bytes, seekable: IO[bytes] | None) -> str | None:
+        """The non-pickle format the first bytes announce, if any (cheap: no parsing)."""
+        if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+            return "zip"
+        if head[:8] == HDF5_MAGIC or _hdf5_offset(head, seekable) is not None:
+            return "hdf5"
+        if _compression(head) is not None:
+            return "compressed"
+        if head[257:262] == b"ustar":
+            return "tar"
+        size = _size(seekable) if seekable is not None else None
+        if looks_like_safetensors(head, size):
+            return "safetensors"
+        return None
+
+    def _container(
+        self,
+        seekable: IO[bytes] | None,
+        r: ByteReader,
+        head: bytes,
+        *,
+        name: str,
+        depth: int,
+        hint: MemberHint,
+    ) -> str:
+        limits, sink = self.limits, self.sink
+        size = _size(seekable) if seekable is not None else None
 
         def sub(s: Source, n: str, h: MemberHint) -> str:
             return self.member(s, n, h, depth + 1)
@@ -144,7 +237,7 @@ class _Scanner:
                 return scan_zip(f, sink, limits=limits, scan_member=sub, budget=self.budget)
         if head[:6] == b"\x93NUMPY":
             return scan_npy(r, sink, limits=limits)
-        if head[:8] == HDF5_MAGIC or head[512:520] == HDF5_MAGIC:
+        if head[:8] == HDF5_MAGIC or _hdf5_offset(head, seekable) is not None:
             with self._whole(seekable, r) as f:
                 return scan_hdf5(f, sink, limits=limits, weights_only=hint.keras_weights)
         codec = _compression(head)
@@ -157,29 +250,33 @@ class _Scanner:
             return scan_safetensors(r, sink, limits=limits, size=size)
         if head[0] == 0x08:
             fmt = scan_onnx(r, sink, strict=name.lower().endswith(".onnx"))
-            return fmt or self._unknown(depth)
+            return fmt or self._unknown()
         if head.lstrip()[:1] in (b"{", b"["):
             fmt = scan_json(r, sink, limits=limits)
-            return fmt or self._unknown(depth)
+            return fmt or self._unknown()
         outcome = scan_pickle_stream(r, sink, limits=limits, torch=hint.torch, probe=True)
         fmt = outcome.format
         if seekable is not None and _has_zip_directory(seekable):
             # A zip directory at the end of a non-zip file: loaders that look at the end
             # (zipfile, numpy) see an archive, loaders that look at the start see the rest.
-            sink.add(Severity.LOW, "polyglot", "a zip archive is appended to this file", None)
+            sink.add(
+                Severity.MEDIUM,
+                "polyglot",
+                "a zip archive is appended to this file (two loaders read two different files)",
+                None,
+            )
             seekable.seek(0)
             zfmt = scan_zip(seekable, sink, limits=limits, scan_member=sub, budget=self.budget)
             fmt = f"{fmt}+{zfmt}" if fmt else zfmt
-        return fmt or self._unknown(depth)
+        return fmt or self._unknown()
 
-    def _unknown(self, depth: int) -> str:
-        if depth == 0:
-            self.sink.add(
-                Severity.LOW,
-                "unknown-format",
-                "not a recognised model format (nothing loads it)",
-                0,
-            )
+    def _unknown(self) -> str:
+        self.sink.add(
+            Severity.MEDIUM,
+            "unknown-format",
+            "not a recognised model format: the scanner cannot tell what a loader would do",
+            0,
+        )
         return "unknown"
 
     @contextlib.contextmanager
@@ -246,7 +343,8 @@ def _scan_source(src: IO[bytes], *, path: str, limits: ScanLimits) -> FileReport
     sink = Sink(limit=limits.max_findings)
     scanner = _Scanner(sink=sink, limits=limits)
     try:
-        fmt = scanner.scan(src, name=path, depth=0, hint=MemberHint())
+        with time_budget(limits.max_seconds):
+            fmt = scanner.scan(src, name=path, depth=0, hint=MemberHint())
     except LimitExceeded as exc:
         sink.add(Severity.MEDIUM, "limit", f"{exc}; the rest was not verified", None)
         fmt = "unknown"

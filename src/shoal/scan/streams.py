@@ -7,11 +7,15 @@ decompression-bomb file costs time but not memory.
 from __future__ import annotations
 
 import bz2
+import contextlib
+import contextvars
 import io
 import lzma
 import os
 import tempfile
+import time
 import zlib
+from collections.abc import Iterator
 from typing import IO, Any, Protocol
 
 __all__ = [
@@ -21,7 +25,9 @@ __all__ = [
     "LimitExceeded",
     "Slice",
     "Source",
+    "check_time",
     "spool",
+    "time_budget",
 ]
 
 CHUNK = 1 << 16
@@ -29,6 +35,28 @@ CHUNK = 1 << 16
 
 class LimitExceeded(Exception):
     """A stream produced more bytes than the scan limits allow."""
+
+
+_DEADLINE: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "shoal_scan_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float) -> Iterator[None]:
+    """Work inside this block that calls ``check_time`` stops once ``seconds`` have passed."""
+    token = _DEADLINE.set((time.monotonic() + seconds, seconds))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def check_time() -> None:
+    """Raise ``LimitExceeded`` when the current file's time budget is spent."""
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() > deadline[0]:
+        raise LimitExceeded(f"refused: took longer than the {deadline[1]:g} s time budget")
 
 
 class Source(Protocol):
@@ -104,15 +132,31 @@ class Slice(io.RawIOBase):
 
 
 class Budget:
-    """Bytes that all decompressed streams of one scanned file may still produce."""
+    """Bytes that all decompressed streams of one file may still produce, and the largest
+    expansion ratio a stream may reach once it has produced 16 MiB."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, *, ratio: int | None = None) -> None:
+        self.total = total
         self.left = total
+        self.ratio = ratio
 
     def spend(self, n: int) -> None:
         self.left -= n
         if self.left < 0:
-            raise LimitExceeded("decompressed data of this file exceeds the total scan budget")
+            raise LimitExceeded(
+                f"refused: decompressed data expands past {_size(self.total)} "
+                "(ScanLimits.max_total_bytes)"
+            )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} bytes"
+
+
+_RATIO_FLOOR = 16 << 20
 
 
 class Decompressed(io.RawIOBase):
@@ -134,6 +178,7 @@ class Decompressed(io.RawIOBase):
         self._codec = codec
         self._limit = limit
         self._out = 0
+        self._in = 0
         self._buf = b""
         self._eof = False
         self._dec: Any = self._new_decompressor()
@@ -161,11 +206,16 @@ class Decompressed(io.RawIOBase):
                 close()
         super().close()
 
+    def _raw(self) -> bytes:
+        data = self._base.read(CHUNK)
+        self._in += len(data)
+        return data
+
     def _fill(self) -> None:
         while not self._buf and not self._eof:
             dec = self._dec
             if not isinstance(dec, (bz2.BZ2Decompressor, lzma.LZMADecompressor)):
-                raw = dec.unconsumed_tail or self._base.read(CHUNK)
+                raw = dec.unconsumed_tail or self._raw()
                 if not raw:
                     self._eof = True
                     if not dec.eof:
@@ -173,7 +223,8 @@ class Decompressed(io.RawIOBase):
                     break
                 self._buf = dec.decompress(raw, CHUNK)
                 if dec.eof:
-                    # gzip files may hold several members; other codecs stop at their end marker.
+                    # gzip files may hold several members (gzip.open reads them all); zlib and
+                    # deflate stop at their end marker.
                     rest = dec.unused_data
                     if self._codec == "gzip" and (rest or self._peek_more()):
                         self._dec = self._new_decompressor()
@@ -183,17 +234,38 @@ class Decompressed(io.RawIOBase):
                         self._eof = True
             else:
                 if dec.eof:
-                    self._eof = True
-                    break
-                raw = b"" if dec.needs_input is False else self._base.read(CHUNK)
-                if not raw and dec.needs_input:
-                    raise EOFError(f"{self._codec} stream ends before its end marker")
-                self._buf = dec.decompress(raw, CHUNK)
+                    # As bz2.BZ2File and lzma.LZMAFile (hence joblib) do: a further stream
+                    # follows unless the rest is not a stream of this codec at all.
+                    rest = dec.unused_data or self._raw()
+                    if not rest:
+                        self._eof = True
+                        break
+                    self._dec = dec = self._new_decompressor()
+                    try:
+                        self._buf = dec.decompress(rest, CHUNK)
+                    except (OSError, lzma.LZMAError):
+                        self._eof = True  # trailing garbage: the loaders ignore it too
+                        break
+                else:
+                    raw = b"" if dec.needs_input is False else self._raw()
+                    if not raw and dec.needs_input:
+                        raise EOFError(f"{self._codec} stream ends before its end marker")
+                    self._buf = dec.decompress(raw, CHUNK)
             self._out += len(self._buf)
             if self._budget is not None:
                 self._budget.spend(len(self._buf))
+                ratio = self._budget.ratio
+                if ratio is not None and self._out > _RATIO_FLOOR and self._out > ratio * self._in:
+                    raise LimitExceeded(
+                        f"refused: {self._codec} data expands more than {ratio} times "
+                        "(ScanLimits.max_ratio)"
+                    )
             if self._out > self._limit:
-                raise LimitExceeded(f"decompressed data exceeds {self._limit} bytes")
+                raise LimitExceeded(
+                    f"refused: a {self._codec} stream expands past {_size(self._limit)} "
+                    "(ScanLimits.max_member_bytes)"
+                )
+            check_time()
 
     def _peek_more(self) -> bool:
         more = self._base.read(1)
@@ -263,6 +335,7 @@ class ByteReader:
         have = len(self._buf) - self._i
         if have >= want:
             return True
+        check_time()
         self._origin += self._i
         self._buf = self._buf[self._i :]
         self._i = 0
@@ -305,6 +378,23 @@ class ByteReader:
         out = self._buf[self._i : self._i + n]
         self._i += len(out)
         return out
+
+    def take_large(self, n: int) -> bytes:
+        """Exactly ``n`` bytes for a large argument (read in chunks, never more than the stream
+        holds, so a length field that lies costs nothing), or fewer at end of stream."""
+        if len(self._buf) - self._i >= n:
+            return self.take(n)
+        out = bytearray(self._buf[self._i :])
+        self._origin += len(self._buf)
+        self._buf = b""
+        self._i = 0
+        while len(out) < n:
+            chunk = self._base.read(min(n - len(out), 1 << 24))
+            if not chunk:
+                break
+            out += chunk
+            self._origin += len(chunk)
+        return bytes(out)
 
     def skip(self, n: int) -> int:
         """Advance ``n`` bytes without keeping them; returns how many were really skipped."""

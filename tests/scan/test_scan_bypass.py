@@ -1,0 +1,166 @@
+"""Issue 15's attacks, rebuilt by our own generators (tests/scan/payloads.py).
+
+Each bypass file is first shown to run code under its real loader (in a child process, where
+it only creates a marker file); then ``shoal scan`` must rate it at least medium and
+``shoal.scan.load`` must refuse it, with nothing run. The attack chain uses allowlisted names
+only; the loader refuses it even when the scan is skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shoal.errors import UnsafeModelError
+from shoal.scan import FileReport, Severity, load, loads, scan_bytes, scan_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import payloads as P
+
+load_module = importlib.import_module("shoal.scan.load")  # the module, not the function
+
+BYPASSES: dict[str, tuple[Callable[[str], bytes], str]] = {
+    "int_hex": (P.hex_int_first, "pickle"),
+    "int_octal": (P.octal_int_first, "pickle"),
+    "long_underscore": (P.underscore_long_first, "pickle"),
+    "joblib_duplicate_key": (P.joblib_duplicate_key, "joblib"),
+    "joblib_dtype_size": (P.joblib_lying_dtype_size, "joblib"),
+    "bz2_streams": (P.multi_stream_bz2, "joblib"),
+    "xz_streams": (P.multi_stream_xz, "joblib"),
+    "lzma_streams": (P.multi_stream_lzma, "joblib"),
+    "tar_polyglot": (P.tar_polyglot, "pickle"),
+    "safetensors_polyglot": (P.safetensors_polyglot, "pickle"),
+    "hdf5_userblock_polyglot": (P.hdf5_userblock_polyglot, "pickle"),
+    "zip_appended_polyglot": (P.zip_appended_polyglot, "pickle"),
+    "npy_python2_header": (P.npy_python2_header, "numpy"),
+    "npy_large_header": (P.npy_large_header, "numpy"),
+    "npy_bool_shape": (P.npy_bool_shape, "numpy"),
+}
+
+_REAL_LOADERS = {
+    "pickle": "import pickle; pickle.load(open(path, 'rb'))",
+    "joblib": "import joblib; joblib.load(path)",
+    "numpy": "import numpy; numpy.load(path, allow_pickle=True)",
+}
+# One child runs every real loader; what it runs is only ever `touch marker`.
+_CHILD = f"""
+import sys
+for loader, path in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        exec({_REAL_LOADERS!r}[loader], {{"path": path}})
+    except Exception:
+        pass
+"""
+
+
+@pytest.fixture(scope="module")
+def bypasses(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """{name: (file, marker)}, after proving each file runs code under its real loader."""
+    root = tmp_path_factory.mktemp("bypass")
+    out: dict[str, tuple[Path, Path]] = {}
+    argv: list[str] = []
+    for name, (make, loader) in BYPASSES.items():
+        marker = root / f"ran_{name}"
+        path = root / name
+        path.write_bytes(make(str(marker)))
+        out[name] = (path, marker)
+        argv += [loader, str(path)]
+    subprocess.run([sys.executable, "-c", _CHILD, *argv], check=True, timeout=120, cwd=root)
+    ran = {name for name, (_p, marker) in out.items() if marker.exists()}
+    assert ran == set(BYPASSES), f"not real bypasses: {set(BYPASSES) - ran}"
+    for _path, marker in out.values():
+        marker.unlink()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BYPASSES))
+def test_bypass_is_rated_at_least_medium_and_refused(bypasses, name):
+    path, marker = bypasses[name]
+    report = scan_file(path)
+    assert report.severity >= Severity.MEDIUM, report.findings
+    with pytest.raises(UnsafeModelError):
+        load(path)
+    assert not marker.exists()
+
+
+def test_the_code_behind_each_bypass_is_named(bypasses):
+    """Not just 'medium, cannot tell': the scanner reads the payload and names os.system."""
+    for name, (path, _marker) in bypasses.items():
+        report = scan_file(path)
+        assert report.severity == Severity.CRITICAL, (name, report.findings)
+        assert any("os.system" in f.detail for f in report.findings), (name, report.findings)
+
+
+# --- the attack chain ---------------------------------------------------------------------------
+
+CHAIN_FILES: dict[str, Callable[[], bytes]] = {
+    "pickle_p2": lambda: P.chain_pickle(proto=2),
+    "pickle_p4": lambda: P.chain_pickle(proto=4),
+    "gzip": lambda: P.as_gzip(P.chain_pickle(proto=4)),
+    "npy": lambda: P.as_npy(P.chain_pickle(proto=2)),
+    "npz_member": lambda: P.as_npz_member(P.chain_pickle(proto=4)),
+}
+
+
+@pytest.mark.parametrize("proto", [2, 4])
+def test_chain_scanner_names_each_move(proto):
+    kinds = {f.kind: f.severity for f in scan_bytes(P.chain_pickle(proto=proto)).findings}
+    assert kinds.get("computed-state") == Severity.HIGH  # BUILD state made by a call
+    assert kinds.get("call-mutation") == Severity.HIGH  # SETITEM on a call's result
+    assert kinds.get("chosen-function") == Severity.HIGH  # helper calling the file's choice
+
+
+@pytest.mark.parametrize("name", sorted(CHAIN_FILES))
+def test_chain_is_refused_in_every_container(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(CHAIN_FILES[name]())
+    assert scan_file(path).severity >= Severity.HIGH
+    with pytest.raises(UnsafeModelError):
+        load(path)
+
+
+@pytest.mark.parametrize("name", sorted(CHAIN_FILES))
+def test_chain_is_refused_by_the_loader_alone(tmp_path, monkeypatch, name):
+    """Even if the scan were fooled, the interpreter builds nothing of the chain."""
+    path = tmp_path / name
+    path.write_bytes(CHAIN_FILES[name]())
+    fmt = scan_file(path).format.replace("pickle+", "")
+
+    def clean(p, *, limits=None):
+        return FileReport(path=str(p), format=fmt, severity=Severity.NONE)
+
+    monkeypatch.setattr(load_module, "scan_file", clean)
+    with pytest.raises(UnsafeModelError, match="refused"):
+        load(path)
+
+
+@pytest.mark.parametrize("proto", [2, 4])
+def test_chain_first_refusal_is_the_first_name_shoal_does_not_build(proto):
+    with pytest.raises(UnsafeModelError, match=r"builtins\.dict"):
+        loads(P.chain_pickle(proto=proto))
+
+
+def test_bypasses_are_refused_by_the_loader_alone(bypasses, monkeypatch):
+    """The same with every bypass file: a fooled scan would still not run or build them."""
+    for name, (path, marker) in bypasses.items():
+        fmt = scan_file(path).format.split("+")[-1] if "polyglot" in name else None
+        fmt = fmt or scan_file(path).format.replace("pickle+", "")
+
+        def clean(p, *, limits=None, fmt=fmt):
+            return FileReport(path=str(p), format=fmt, severity=Severity.NONE)
+
+        monkeypatch.setattr(load_module, "scan_file", clean)
+        try:
+            load(path)
+        except UnsafeModelError:
+            pass
+        else:
+            # only a polyglot's other reading may load (a zip of plain arrays): the pickle
+            # at its byte 0 is never run by shoal
+            assert name == "zip_appended_polyglot", name
+        assert not marker.exists(), name
