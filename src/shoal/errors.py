@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "NotEnoughNodes",
+    "PlaintextOverflow",
     "PrivacyBudgetExceeded",
     "ProtocolError",
     "ShoalError",
@@ -79,3 +80,7 @@ class PrivacyBudgetExceeded(ShoalError, RuntimeError):
 
 class UnsafeModelError(ShoalError, ValueError):
     """A model file that would execute code or could not be verified as safe to load."""
+
+
+class PlaintextOverflow(ShoalError, OverflowError):
+    """A value too large for a homomorphic plaintext (or a packed slot) to hold exactly."""

@@ -1,0 +1,45 @@
+"""Paillier additively homomorphic encryption on gmpy2 (g = n + 1, CRT decryption).
+
+Keys from OS randomness, an offline pool of ``r**n`` for one-multiplication encryption,
+fixed-point arrays (negatives included), packing with addition headroom, and encrypted
+vector operations (add, scalar multiply, vector x plaintext matrix). See docs/paillier.md.
+"""
+
+from __future__ import annotations
+
+from shoal.crypto.paillier.encoding import decode_ints, encode_ints, from_fixed, to_fixed
+from shoal.crypto.paillier.keys import MIN_SECURE_BITS, PrivateKey, PublicKey, generate_keypair
+from shoal.crypto.paillier.multiexp import multi_exp
+from shoal.crypto.paillier.packing import PackedVector, Packing, decrypt_packed, encrypt_packed
+from shoal.crypto.paillier.pool import RandomnessPool
+from shoal.crypto.paillier.vector import (
+    DEFAULT_FRAC_BITS,
+    EncryptedVector,
+    ciphertexts_from_bytes,
+    ciphertexts_to_bytes,
+    decrypt,
+    encrypt,
+)
+
+__all__ = [
+    "DEFAULT_FRAC_BITS",
+    "MIN_SECURE_BITS",
+    "EncryptedVector",
+    "PackedVector",
+    "Packing",
+    "PrivateKey",
+    "PublicKey",
+    "RandomnessPool",
+    "ciphertexts_from_bytes",
+    "ciphertexts_to_bytes",
+    "decode_ints",
+    "decrypt",
+    "decrypt_packed",
+    "encode_ints",
+    "encrypt",
+    "encrypt_packed",
+    "from_fixed",
+    "generate_keypair",
+    "multi_exp",
+    "to_fixed",
+]

@@ -1,0 +1,31 @@
+"""Interoperability with phe (python-paillier): one key, ciphertexts cross both ways."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shoal.crypto import paillier as P
+
+phe = pytest.importorskip("phe", reason="phe is in the dev extra")
+
+
+def test_same_key_decrypts_across_libraries() -> None:
+    pk, sk = P.generate_keypair(1024, insecure=True)
+    ppk = phe.PaillierPublicKey(int(pk.n))
+    psk = phe.PaillierPrivateKey(ppk, int(sk.p), int(sk.q))
+    assert ppk.g == int(pk.n) + 1
+    rng = np.random.default_rng(0)
+    values = [int(v) for v in rng.integers(0, 2**62, size=20)] + [0, int(pk.n) - 1]
+    for m in values:
+        # ours -> phe
+        assert psk.raw_decrypt(int(pk.raw_encrypt(m))) == m
+        # phe -> ours
+        assert sk.raw_decrypt(ppk.raw_encrypt(m)) == m
+    # a homomorphic sum mixing both libraries' ciphertexts
+    c = int(pk.raw_encrypt(5)) * ppk.raw_encrypt(7) % int(pk.nsquare)
+    assert sk.raw_decrypt(c) == psk.raw_decrypt(c) == 12
+    # signed fixed-point values through phe's EncryptedNumber at exponent 0
+    e = P.encrypt(pk, np.array([-17, 23]), frac_bits=0)
+    got = [psk.decrypt(phe.EncryptedNumber(ppk, int(ct), 0)) for ct in e.ciphertexts]
+    assert got == [-17, 23]
