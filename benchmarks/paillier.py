@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 PHE_PYTHON = os.environ.get("PHE_PYTHON", "/work/venvs/phe/bin/python")
 
@@ -142,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
                     runs["phe"].append(json.loads(res.stdout))
     med = {
-        lib: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for lib, rs in runs.items() if rs
+        lib: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        for lib, rs in runs.items()
+        if rs
     }
     rows = [
         ("encrypt (fresh r^n each)", "encrypt", "encrypt"),
