@@ -247,3 +247,19 @@ def test_mismatched_keys_refused(keys) -> None:
         e + P.encrypt(pk2, [1.0])
     with pytest.raises(ConfigError):
         P.RandomnessPool(public_key=pk2, private_key=sk)
+
+
+@settings(max_examples=20, deadline=None)
+@given(xs=st.lists(floats, min_size=1, max_size=6))
+def test_masked_decryption_is_exact_and_hides(keys, xs: list[float]) -> None:
+    pk, sk = keys
+    x = np.array(xs)
+    enc = P.encrypt(pk, x, frac_bits=20)
+    masked, masks = P.mask(enc)
+    plains = P.ints_from_bytes(pk, P.ints_to_bytes(pk, P.decrypt_raw(sk, masked)))
+    got = P.unmask(pk, plains, masks, frac_bits=20, shape=x.shape)
+    assert got.tolist() == P.decrypt(sk, enc).tolist()
+    # what the key holder sees is x + r mod n with r uniform in Z_n: not x itself
+    assert not set(plains) & set(P.encode_ints(P.to_fixed(x, 20), pk.n)) or len(xs) == 0
+    with pytest.raises(ProtocolError):
+        P.ints_from_bytes(pk, P.ints_to_bytes(pk, [int(pk.n) - 1])[:, 1:])

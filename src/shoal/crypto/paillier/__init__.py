@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from shoal.crypto.paillier.encoding import decode_ints, encode_ints, from_fixed, to_fixed
 from shoal.crypto.paillier.keys import MIN_SECURE_BITS, PrivateKey, PublicKey, generate_keypair
+from shoal.crypto.paillier.masking import (
+    decrypt_raw,
+    ints_from_bytes,
+    ints_to_bytes,
+    mask,
+    unmask,
+)
 from shoal.crypto.paillier.multiexp import multi_exp
 from shoal.crypto.paillier.packing import PackedVector, Packing, decrypt_packed, encrypt_packed
 from shoal.crypto.paillier.pool import RandomnessPool
@@ -35,11 +42,16 @@ __all__ = [
     "decode_ints",
     "decrypt",
     "decrypt_packed",
+    "decrypt_raw",
     "encode_ints",
     "encrypt",
     "encrypt_packed",
     "from_fixed",
     "generate_keypair",
+    "ints_from_bytes",
+    "ints_to_bytes",
+    "mask",
     "multi_exp",
     "to_fixed",
+    "unmask",
 ]
