@@ -70,8 +70,8 @@ def npy_header(r: ByteReader, limits: ScanLimits) -> tuple[Any, tuple[int, ...],
             shape, fortran, dtype = _numpy_header_reader()(
                 fp, (magic[6], 0), max_header_size=hlen + 1
             )
-    except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError) as exc:
-        raise UnsafeModelError(f"refused: a .npy header NumPy rejects: {exc}") from None
+    except Exception as exc:  # NumPy's parser raises many types (tokenize errors too)
+        raise UnsafeModelError(f"refused: a .npy header NumPy rejects: {exc!r}") from None
     if not all(type(d) is int and d >= 0 for d in shape):
         raise UnsafeModelError(f"refused: .npy shape {shape!r} (NumPy accepts it, shoal does not)")
     return dtype, tuple(shape), bool(fortran)

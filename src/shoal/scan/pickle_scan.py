@@ -285,6 +285,7 @@ class _Analyzer:
         self.ops = 0
         self.imports = 0
         self.kept = 0
+        self.items = 0  # tuple items made (lists and dicts keep at most _CONTAINER_KEEP)
         self.started_with_proto = False
         self.joblib = False
         self.pos = 0
@@ -379,6 +380,8 @@ class _Analyzer:
         metastack = self.metastack
         max_ops = self.limits.max_pickle_ops
         max_stack = self.limits.max_pickle_stack
+        max_memo = self.limits.max_memo
+        max_items = self.limits.max_container_items
         unpack_i, unpack_u, unpack_h, unpack_d = (
             _I4.unpack_from,
             _U4.unpack_from,
@@ -423,6 +426,9 @@ class _Analyzer:
                 elif code == 0x74:  # TUPLE
                     if not metastack or len(metastack[-1]) >= max_stack:
                         break
+                    if len(stack) > keep_max or self.items + len(stack) > max_items:
+                        break
+                    self.items += len(stack)
                     items = stack
                     stack = metastack.pop()
                     stack.append(tuple(items))
@@ -454,7 +460,7 @@ class _Analyzer:
                         if i + 5 > n:
                             break
                         idx, width = unpack_u(buf, i + 1)[0], 5
-                    if not stack or (len(memo) >= max_stack and idx not in memo):
+                    if not stack or idx >= max_memo or (len(memo) >= max_stack and idx not in memo):
                         break
                     memo[idx] = stack[-1]
                     i += width
@@ -563,7 +569,9 @@ class _Analyzer:
                     except ValueError:
                         break
                     if code == 0x70:
-                        if idx < 0 or not stack or (len(memo) >= max_stack and idx not in memo):
+                        if idx < 0 or idx >= max_memo or not stack:
+                            break
+                        if len(memo) >= max_stack and idx not in memo:
                             break
                         memo[idx] = stack[-1]
                     else:
@@ -759,7 +767,21 @@ class _Analyzer:
         self.push(())
 
     def op_TUPLE(self) -> None:
-        self.push(tuple(self.pop_mark()))
+        items = self.pop_mark()
+        self.items += len(items)
+        if self.items > self.limits.max_container_items:
+            self.report(
+                Severity.MEDIUM,
+                "limit",
+                f"refused: more than {self.limits.max_container_items} container items "
+                "(ScanLimits.max_container_items); the rest was not verified",
+            )
+            raise _Abort
+        if len(items) > _CONTAINER_KEEP:
+            # kept as a count, not as items: tuples of tuples must not multiply memory
+            self.push(_Opaque(f"tuple of {len(items)} items"))
+            return
+        self.push(tuple(items))
 
     def op_TUPLE1(self) -> None:
         self.push((self.pop(),))
@@ -862,6 +884,15 @@ class _Analyzer:
         if index < 0:
             raise _Malformed("negative memo index")
         value = self.top()
+        if index >= self.limits.max_memo:
+            # pickle's C unpickler sizes its memo table by the largest index: a 9-byte pickle
+            # storing at index 2**31 makes pickle.load allocate gigabytes
+            self.report(
+                Severity.MEDIUM,
+                "allocation",
+                f"refused: memo index {index}: pickle.load would allocate a table of that many "
+                f"entries (ScanLimits.max_memo is {self.limits.max_memo})",
+            )
         if len(self.memo) >= self.limits.max_pickle_stack and index not in self.memo:
             self.memo_dropped = True
             return

@@ -1,0 +1,190 @@
+"""Bounded resources: every limit of ScanLimits is enforced and reported as a finding (scan) or
+a clear UnsafeModelError (load), never a crash, a hang or gigabytes of memory."""
+
+from __future__ import annotations
+
+import bz2
+import io
+import pickle
+import struct
+import tracemalloc
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from shoal.errors import ConfigError, UnsafeModelError
+from shoal.scan import ScanLimits, Severity, load, loads, scan_bytes, scan_file
+
+
+def peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """(result or exception, peak Python heap bytes while running fn)."""
+    tracemalloc.start()
+    try:
+        try:
+            out: Any = fn()
+        except Exception as exc:
+            out = exc
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def limit_details(report: Any) -> list[str]:
+    return [f.detail for f in report.findings if f.kind in ("limit", "allocation")]
+
+
+# --- the memo: a 9-byte pickle that makes pickle.load allocate gigabytes -----------------------
+
+NINE_BYTES = b"\x80\x04Nr\xff\xff\xff\x7f."  # PROTO 4, NONE, LONG_BINPUT 2**31 - 1, STOP
+
+
+def test_nine_byte_memo_bomb(tmp_path):
+    assert len(NINE_BYTES) == 9
+    report = scan_bytes(NINE_BYTES)
+    assert report.severity == Severity.MEDIUM
+    assert any("memo index 2147483647" in d for d in limit_details(report))
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(NINE_BYTES)
+    out, peak = peak_bytes(lambda: load(path))
+    assert isinstance(out, UnsafeModelError) and "memo index" in str(out)
+    assert peak < 16 << 20
+    with pytest.raises(UnsafeModelError, match=r"memo index 2147483647"):
+        loads(NINE_BYTES)  # the interpreter alone refuses it too
+
+
+def test_memo_entry_count_limit():
+    data = b"\x80\x04" + b"N\x94" * 2000 + b"."
+    with pytest.raises(UnsafeModelError, match="memo"):
+        loads(data, limits=ScanLimits(max_memo=100))
+
+
+# --- containers: tuples of tuples, and arrays built many times from one buffer ----------------
+
+
+def _tuple_bomb(levels: int, width: int) -> bytes:
+    """Each level is a tuple of `width` references to the previous one: items grow as
+    width**levels while the file grows linearly."""
+    out = b"\x80\x04N\x94"
+    for level in range(levels):
+        out += b"(" + (b"h" + bytes([level])) * width + b"t\x94"
+    return out + b"."
+
+
+def test_tuple_bomb_scan_and_load_stay_small():
+    data = _tuple_bomb(levels=40, width=250)
+    out, peak = peak_bytes(lambda: scan_bytes(data))
+    assert out.severity < Severity.MEDIUM  # bounded without a limit: big tuples are counted
+    assert peak < 32 << 20
+    limits = ScanLimits(max_container_items=5000)
+    assert limit_details(scan_bytes(data, limits=limits))
+    with pytest.raises(UnsafeModelError, match="more than 5000 container items"):
+        loads(data, limits=limits)
+
+
+def test_one_buffer_many_arrays_is_refused():
+    """200 arrays from one memoized 1 MiB buffer: 200 MiB built from 1 MiB read."""
+    data = b"\x80\x04(" + b"\x8e" + struct.pack("<Q", 1 << 20) + b"\x00" * (1 << 20) + b"\x940"
+    dtype = (
+        b"\x8c\x05numpy\x8c\x05dtype\x93\x8c\x02u1\x89\x88\x87R"
+        b"(K\x03\x8c\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    )
+    rebuild = b"\x8c\x13numpy._core.numeric\x8c\x0b_frombuffer\x93"
+    rebuild += b"(h\x00" + dtype + b"J\x00\x00\x10\x00\x85\x8c\x01CtR"
+    out, peak = peak_bytes(lambda: loads(data + rebuild * 200 + b"l."))
+    assert isinstance(out, UnsafeModelError), out
+    assert "would build" in str(out) and "bytes of arrays from" in str(out)
+    assert peak < 200 << 20
+    assert len(loads(data + rebuild * 3 + b"l.")) == 3  # a few copies are fine
+
+
+# --- decompression: size, ratio, and the bz2 bomb ---------------------------------------------
+
+
+def _bz2_bomb(mb: int) -> bytes:
+    comp = bz2.BZ2Compressor(9)
+    out = [comp.compress(b"\x80\x04\x8e" + struct.pack("<Q", mb << 20))]
+    zeros = b"\x00" * (1 << 20)
+    for _ in range(mb):
+        out.append(comp.compress(zeros))
+    out.append(comp.compress(b"."))
+    out.append(comp.flush())
+    return b"".join(out)
+
+
+def test_bz2_bomb_is_refused_by_ratio(tmp_path):
+    data = _bz2_bomb(256)
+    assert len(data) < 5_000  # 256 MiB of pickle in a few kilobytes
+    out, peak = peak_bytes(lambda: scan_bytes(data))
+    details = limit_details(out)
+    assert out.severity == Severity.MEDIUM
+    assert any("expands more than 1000 times" in d for d in details), details
+    assert peak < 64 << 20
+    path = tmp_path / "bomb.pkl.bz2"
+    path.write_bytes(data)
+    with pytest.raises(UnsafeModelError, match="expands more than 1000 times"):
+        load(path)
+
+
+def test_decompressed_size_limit():
+    data = _bz2_bomb(20)
+    report = scan_bytes(data, limits=ScanLimits(max_total_bytes=8 << 20, max_ratio=10**9))
+    assert any("expands past 8 MiB" in d for d in limit_details(report)), report.findings
+
+
+# --- archives: members and nesting ------------------------------------------------------------
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_many_members():
+    data = _zip({f"m{i}.pkl": pickle.dumps(i) for i in range(300)})
+    report = scan_bytes(data, limits=ScanLimits(max_members=100))
+    assert any("300 members" in d for d in limit_details(report)), report.findings
+    assert report.severity == Severity.MEDIUM
+
+
+def test_nesting_depth():
+    data = pickle.dumps([1])
+    for level in range(10):
+        data = _zip({f"level{level}.zip": data})
+    report = scan_bytes(data)
+    assert any("nested deeper than 6" in d for d in limit_details(report)), report.findings
+    assert report.severity == Severity.MEDIUM
+
+
+def test_many_tiny_nested_zips_are_bounded_in_time():
+    """A small zip whose members are zips of many members: the member limit and the time
+    budget bound the work (the issue's 1.6 KB zip took 112 s)."""
+    inner = _zip({f"x{i}": b"N." for i in range(200)})
+    data = _zip({f"i{i}.zip": inner for i in range(200)})
+    report = scan_bytes(data, limits=ScanLimits(max_members=1000, max_seconds=0.5))
+    assert report.severity >= Severity.LOW
+
+
+def test_time_budget():
+    data = pickle.dumps(list(range(2_000_000)), protocol=4)
+    report = scan_bytes(data, limits=ScanLimits(max_seconds=0.001))
+    assert any("time budget" in d for d in limit_details(report)), report.findings
+    with pytest.raises(UnsafeModelError, match="time budget"):
+        loads(data, limits=ScanLimits(max_seconds=0.001))
+
+
+def test_limits_are_validated():
+    with pytest.raises(ConfigError, match="max_memo"):
+        ScanLimits(max_memo=0)
+
+
+def test_load_honours_limits(tmp_path):
+    path = tmp_path / "l.pkl"
+    path.write_bytes(pickle.dumps(list(range(1000))))
+    with pytest.raises(UnsafeModelError, match="container items"):
+        load(path, limits=ScanLimits(max_container_items=10))
+    assert scan_file(path).severity == Severity.NONE
