@@ -16,6 +16,7 @@ __all__ = [
     "PlaintextOverflow",
     "PrivacyBudgetExceeded",
     "ProtocolError",
+    "QueryError",
     "ShoalError",
     "StoreError",
     "TaskError",
@@ -84,3 +85,7 @@ class UnsafeModelError(ShoalError, ValueError):
 
 class PlaintextOverflow(ShoalError, OverflowError):
     """A value too large for a homomorphic plaintext (or a packed slot) to hold exactly."""
+
+
+class QueryError(ShoalError, ValueError):
+    """An analytics query outside the supported SQL dialect, or one its bounds cannot answer."""

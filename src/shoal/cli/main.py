@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("shoal.cli.deploy", "connect to a coordinator and run its tasks on local data"),
     "privacy": ("shoal.cli.privacy", "DP accounting: epsilon for a schedule, noise for a target"),
     "scan": ("shoal.cli.scan", "check model files for code that would run when loaded"),
+    "query": ("shoal.cli.query", "answer a SQL query across an analytics job's parties"),
 }
 
 EPILOG = """\

@@ -1,5 +1,7 @@
 """Privacy accounting for the Poisson-subsampled Gaussian mechanism (DP-SGD, DP-FedAvg).
 
+The ledger also records Laplace releases (federated analytics), composed with the rest.
+
 Thin, validated wrappers over Google's ``dp_accounting``: epsilon for a number of steps with the
 RDP or PLD accountant, noise calibration for a target epsilon, and a serializable ledger of what
 a run actually spent. Neighbouring datasets differ by adding or removing one record (or one node
@@ -34,6 +36,10 @@ __all__ = [
 
 Accountant = Literal["rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
+# The noise a ledger entry adds: Gaussian (noise_multiplier = std / L2 sensitivity) or Laplace
+# (noise_multiplier = scale / L1 sensitivity, i.e. 1/epsilon of one pure-DP release).
+Mechanism = Literal["gaussian", "laplace"]
+MECHANISMS: tuple[str, ...] = ("gaussian", "laplace")
 
 # Width of the privacy-loss grid for PLD. dp_accounting's default (1e-4) is ~10x slower for
 # 10^4-step compositions and changes epsilon by about 1%; PLD stays a valid upper bound at any
@@ -134,14 +140,29 @@ def _quiet_absl() -> Iterator[None]:
 # events and epsilon
 
 
+def _check_mechanism(mechanism: object, sample_rate: float) -> Mechanism:
+    if mechanism == "gaussian":
+        return "gaussian"
+    if mechanism == "laplace":
+        if sample_rate != 1.0:
+            raise ConfigError("Laplace entries are accounted without sampling (sample_rate=1)")
+        return "laplace"
+    raise ConfigError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+
+
 def dp_sgd_event(
-    *, sample_rate: float, noise_multiplier: float, steps: int
+    *, sample_rate: float, noise_multiplier: float, steps: int, mechanism: Mechanism = "gaussian"
 ) -> dp_accounting.DpEvent:
-    """The dp_accounting event for ``steps`` rounds of the Poisson-subsampled Gaussian mechanism."""
+    """The dp_accounting event for ``steps`` rounds of the Poisson-subsampled Gaussian mechanism
+    (or, with ``mechanism="laplace"``, of the Laplace mechanism at scale/sensitivity z)."""
     q = _check_sample_rate(sample_rate)
     z = _check_noise_multiplier(noise_multiplier)
     t = _check_steps(steps)
-    inner: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
+    inner: dp_accounting.DpEvent = (
+        dp_accounting.LaplaceDpEvent(z)
+        if _check_mechanism(mechanism, q) == "laplace"
+        else dp_accounting.GaussianDpEvent(z)
+    )
     if q < 1.0:
         inner = dp_accounting.PoissonSampledDpEvent(q, inner)
     return dp_accounting.SelfComposedDpEvent(inner, t)
@@ -156,22 +177,25 @@ def _fresh_accountant(
 
 
 def _epsilon_of(
-    entries: Iterable[tuple[float, float, int]],
+    entries: Iterable[tuple[float, float, int] | tuple[float, float, int, Mechanism]],
     delta: float,
     accountant: Accountant,
     pld_discretization: float,
 ) -> float:
     # Composition is commutative, so equal (q, z) pairs are merged: one self-composition of n
     # steps is far cheaper for PLD than n separate ones.
-    merged: dict[tuple[float, float], int] = {}
-    for q, z, t in entries:
+    merged: dict[tuple[float, float, Mechanism], int] = {}
+    for entry in entries:
+        q, z, t = entry[:3]
+        mechanism: Mechanism = entry[3] if len(entry) > 3 else "gaussian"
         if z == 0.0:
             return math.inf
-        merged[(q, z)] = merged.get((q, z), 0) + t
+        merged[(q, z, mechanism)] = merged.get((q, z, mechanism), 0) + t
     if not merged:
         return 0.0
     events = [
-        dp_sgd_event(sample_rate=q, noise_multiplier=z, steps=t) for (q, z), t in merged.items()
+        dp_sgd_event(sample_rate=q, noise_multiplier=z, steps=t, mechanism=m)
+        for (q, z, m), t in merged.items()
     ]
     event = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
     acc = _fresh_accountant(accountant, pld_discretization)
@@ -316,23 +340,33 @@ def calibrate(
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """``steps`` consecutive subsampled-Gaussian steps at one (sample_rate, noise_multiplier)."""
+    """``steps`` consecutive subsampled-Gaussian steps at one (sample_rate, noise_multiplier),
+    or ``steps`` Laplace releases at scale/sensitivity ``noise_multiplier``."""
 
     sample_rate: float
     noise_multiplier: float
     steps: int
+    mechanism: Mechanism = "gaussian"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sample_rate", _check_sample_rate(self.sample_rate))
         object.__setattr__(self, "noise_multiplier", _check_noise_multiplier(self.noise_multiplier))
         object.__setattr__(self, "steps", _check_steps(self.steps))
+        object.__setattr__(self, "mechanism", _check_mechanism(self.mechanism, self.sample_rate))
+
+    @property
+    def key(self) -> tuple[float, float, int, Mechanism]:
+        return (self.sample_rate, self.noise_multiplier, self.steps, self.mechanism)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "sample_rate": self.sample_rate,
             "noise_multiplier": self.noise_multiplier,
             "steps": self.steps,
         }
+        if self.mechanism != "gaussian":  # ledgers written before Laplace entries stay valid
+            out["mechanism"] = self.mechanism
+        return out
 
 
 def _entries_from(data: object, where: str) -> list[LedgerEntry]:
@@ -340,20 +374,21 @@ def _entries_from(data: object, where: str) -> list[LedgerEntry]:
         raise ConfigError(f"{where}: 'entries' must be a list, got {type(data).__name__}")
     out = []
     for i, item in enumerate(data):
-        if not isinstance(item, Mapping) or set(item) != {
+        if not isinstance(item, Mapping) or set(item) - {"mechanism"} != {
             "sample_rate",
             "noise_multiplier",
             "steps",
         }:
             raise ConfigError(
                 f"{where}: entry {i} must have exactly the keys sample_rate, "
-                f"noise_multiplier, steps; got {item!r}"
+                f"noise_multiplier, steps (and optionally mechanism); got {item!r}"
             )
         out.append(
             LedgerEntry(
                 sample_rate=item["sample_rate"],
                 noise_multiplier=item["noise_multiplier"],
                 steps=item["steps"],
+                mechanism=item.get("mechanism", "gaussian"),
             )
         )
     return out
@@ -407,18 +442,32 @@ class PrivacyLedger:
             last is not None
             and last.sample_rate == entry.sample_rate
             and last.noise_multiplier == entry.noise_multiplier
+            and last.mechanism == entry.mechanism
         ):
             self._entries[-1] = LedgerEntry(
                 sample_rate=last.sample_rate,
                 noise_multiplier=last.noise_multiplier,
                 steps=last.steps + entry.steps,
+                mechanism=last.mechanism,
             )
         else:
             self._entries.append(entry)
 
-    def record(self, *, sample_rate: float, noise_multiplier: float, steps: int = 1) -> None:
+    def record(
+        self,
+        *,
+        sample_rate: float,
+        noise_multiplier: float,
+        steps: int = 1,
+        mechanism: Mechanism = "gaussian",
+    ) -> None:
         """Record ``steps`` rounds run at the given sample rate and noise multiplier."""
-        entry = LedgerEntry(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps)
+        entry = LedgerEntry(
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            mechanism=mechanism,
+        )
         with self._lock:
             self._append(entry)
 
@@ -427,7 +476,7 @@ class PrivacyLedger:
         d = _check_delta(delta)
         entries = self.entries
         return _epsilon_of(
-            ((e.sample_rate, e.noise_multiplier, e.steps) for e in entries),
+            (e.key for e in entries),
             d,
             self._accountant,
             self._width,

@@ -18,6 +18,7 @@ from shoal.privacy.accounting import (
     PLD_DISCRETIZATION,
     Accountant,
     LedgerEntry,
+    Mechanism,
     PrivacyLedger,
     _check_accountant,
     _check_delta,
@@ -91,8 +92,8 @@ class NodeBudget:
     def _evaluate(self, request: LedgerEntry) -> BudgetCharge:
         acc = self._ledger.accountant
         width = self._ledger.pld_discretization
-        past = [(e.sample_rate, e.noise_multiplier, e.steps) for e in self._ledger.entries]
-        req = (request.sample_rate, request.noise_multiplier, request.steps)
+        past = [e.key for e in self._ledger.entries]
+        req = request.key
         total = _epsilon_of([*past, req], self._max_delta, acc, width)
         alone = _epsilon_of([req], self._max_delta, acc, width)
         return BudgetCharge(
@@ -106,21 +107,31 @@ class NodeBudget:
         spent = self.spent()
         total = "infinite" if math.isinf(charge.total_epsilon) else f"{charge.total_epsilon:.4g}"
         return PrivacyBudgetExceeded(
-            f"privacy budget exceeded: spent epsilon={spent:.4g}, this request "
-            f"(sample_rate={request.sample_rate:g}, noise_multiplier="
+            f"privacy budget exceeded: spent epsilon={spent:.4g}, this {request.mechanism} "
+            f"request (sample_rate={request.sample_rate:g}, noise_multiplier="
             f"{request.noise_multiplier:g}, steps={request.steps}) costs epsilon="
             f"{charge.request_epsilon:.4g} on its own and would bring the total to {total}, "
             f"over the owner's limit epsilon={self._max_epsilon:g} at delta={self._max_delta:g}; "
             f"use more noise or fewer steps, or ask the data owner to raise the budget"
         )
 
-    def check(self, *, sample_rate: float, noise_multiplier: float, steps: int) -> BudgetCharge:
+    def check(
+        self,
+        *,
+        sample_rate: float,
+        noise_multiplier: float,
+        steps: int,
+        mechanism: Mechanism = "gaussian",
+    ) -> BudgetCharge:
         """What charging this request would give, recording nothing.
 
         Raises ``PrivacyBudgetExceeded`` if it would pass the limit.
         """
         request = LedgerEntry(
-            sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            mechanism=mechanism,
         )
         with self._lock:
             charge = self._evaluate(request)
@@ -128,10 +139,24 @@ class NodeBudget:
                 raise self._refuse(charge, request)
             return charge
 
-    def charge(self, *, sample_rate: float, noise_multiplier: float, steps: int) -> BudgetCharge:
-        """Check the request against the budget and, if it fits, record it as spent."""
+    def charge(
+        self,
+        *,
+        sample_rate: float,
+        noise_multiplier: float,
+        steps: int,
+        mechanism: Mechanism = "gaussian",
+    ) -> BudgetCharge:
+        """Check the request against the budget and, if it fits, record it as spent.
+
+        ``mechanism="laplace"``: ``steps`` pure-DP Laplace releases, each at epsilon
+        ``1 / noise_multiplier`` (sample_rate 1), composed with everything else charged.
+        """
         request = LedgerEntry(
-            sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            mechanism=mechanism,
         )
         with self._lock:
             charge = self._evaluate(request)
@@ -141,6 +166,7 @@ class NodeBudget:
                 sample_rate=request.sample_rate,
                 noise_multiplier=request.noise_multiplier,
                 steps=request.steps,
+                mechanism=request.mechanism,
             )
             return charge
 

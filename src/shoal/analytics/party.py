@@ -1,0 +1,185 @@
+"""What one party computes for a query: its bounded rows, their groups, their statistics.
+
+Rows per privacy unit are capped at ``max_contributions`` (a random subset kept, chosen in
+SQL), values are clamped to the declared bounds, and each row is placed in a group of the
+public domain (declared categories or keys released by key selection). Nothing here adds
+noise or talks to anyone: tasks.py does that.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from shoal.analytics.config import AnalyticsConfig
+from shoal.analytics.dialect import Plan
+from shoal.analytics.source import Database, as_float
+from shoal.analytics.stats import Block, Stats, local_stats
+from shoal.errors import DataError, QueryError
+
+__all__ = [
+    "Domain",
+    "bounded_rows",
+    "key_bytes",
+    "key_from_bytes",
+    "key_of",
+    "norm",
+    "party_stats",
+    "prefix_counts",
+]
+
+END = 256  # the trie's end-of-key symbol, after the 256 byte values
+
+
+def norm(value: Any) -> Any:
+    """A key value as JSON: integral numbers as int, dates as ISO text, NULL as None."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (int, float, decimal.Decimal)):
+        f = float(value)
+        if math.isnan(f):
+            return None
+        return int(f) if f.is_integer() and abs(f) < 2**53 else f
+    if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
+        return value.isoformat()
+    return str(value)
+
+
+def key_of(values: Sequence[Any]) -> str:
+    """The canonical text of a group key tuple."""
+    return json.dumps([norm(v) for v in values], separators=(",", ":"), ensure_ascii=False)
+
+
+def key_bytes(values: Sequence[Any]) -> bytes:
+    """What key selection spells out byte by byte: a lone text key as its UTF-8 bytes (each
+    trie level costs budget, so no quoting), anything else as NUL + its JSON."""
+    if len(values) == 1 and isinstance(values[0], str) and not values[0].startswith("\x00"):
+        return values[0].encode("utf-8")
+    return b"\x00" + key_of(values).encode("utf-8")
+
+
+def key_from_bytes(raw: bytes) -> tuple[Any, ...]:
+    """Inverse of ``key_bytes``; bytes that decode to nothing valid raise ValueError."""
+    if raw.startswith(b"\x00"):
+        value = json.loads(raw[1:].decode("utf-8"))
+        if not isinstance(value, list):
+            raise ValueError("not a key tuple")
+        return tuple(value)
+    return (raw.decode("utf-8"),)
+
+
+class Domain:
+    """The public groups of a query: the product of declared categories, or released keys."""
+
+    def __init__(
+        self, plan: Plan, config: AnalyticsConfig, keys: Sequence[str] | None = None
+    ) -> None:
+        self.plan = plan
+        if keys is None:
+            missing = [k for k in plan.key_names if k not in config.categories]
+            if missing:
+                raise QueryError(
+                    f"GROUP BY {missing} has no declared categories: its keys must be "
+                    "selected first (query() does so)"
+                )
+            lists = [config.categories[k] for k in plan.key_names]
+            self.tuples: list[tuple[Any, ...]] = [()]
+            for values in lists:
+                self.tuples = [(*t, v) for t in self.tuples for v in values]
+        else:
+            self.tuples = [tuple(json.loads(k)) for k in keys]
+        self.index = {key_of(t): i for i, t in enumerate(self.tuples)}
+
+    def __len__(self) -> int:
+        return len(self.tuples)
+
+    def groups_of(self, key_columns: Sequence[Sequence[Any]], rows: int) -> np.ndarray:
+        """Each row's group index; ``len(self)`` for a key outside the domain."""
+        outside = len(self.tuples)
+        if not key_columns:
+            return np.zeros(rows, dtype=np.int64)
+        cols = [_py(c) for c in key_columns]
+        cache: dict[tuple[Any, ...], int] = {}
+        out = np.empty(rows, dtype=np.int64)
+        for i, t in enumerate(zip(*cols)):
+            g = cache.get(t)
+            if g is None:
+                g = cache[t] = self.index.get(key_of(t), outside)
+            out[i] = g
+        return out
+
+
+def _py(column: Any) -> list[Any]:
+    if isinstance(column, np.ndarray):
+        return [None if isinstance(v, float) and math.isnan(v) else v for v in column.tolist()]
+    return list(column)
+
+
+def bounded_rows(db: Database, plan: Plan, config: AnalyticsConfig) -> dict[str, Any]:
+    """The party's rows for ``plan`` after the contribution bound: columns by name."""
+    sql = plan.party_sql(config, db.dialect)
+    if config.privacy_unit is not None:
+        # A random subset of each unit's rows (the draw is materialized first: DuckDB
+        # refuses a volatile window order).
+        sql = (
+            "SELECT * FROM (SELECT r__.*, ROW_NUMBER() OVER (PARTITION BY u ORDER BY o__) "
+            f"AS rn__ FROM (SELECT q__.*, random() AS o__ FROM ({sql}) AS q__) AS r__) AS b__ "
+            f"WHERE rn__ <= {int(config.max_contributions)}"
+        )
+    names, cols = db.query(sql)
+    out: dict[str, Any] = dict(zip([n.lower() for n in names], cols))
+    rows = len(cols[0]) if cols else 0
+    if rows > config.max_rows:
+        raise DataError(
+            f"this party has {rows} rows for the query, more than the job's max_rows "
+            f"({config.max_rows}); raise [analytics] max_rows"
+        )
+    out["__rows"] = rows
+    return out
+
+
+def party_stats(
+    db: Database,
+    plan: Plan,
+    config: AnalyticsConfig,
+    blocks: Sequence[Block],
+    domain: Domain,
+) -> Stats:
+    """This party's statistics for every group of ``domain`` (plus the outside group)."""
+    rows = bounded_rows(db, plan, config)
+    n = int(rows["__rows"])
+    groups = domain.groups_of([rows[f"k{i}"] for i in range(len(plan.keys))], n)
+    values = [as_float(rows[f"c{i}"], c) for i, c in enumerate(plan.columns)]
+    return local_stats(plan, config, blocks, groups=groups, n_groups=len(domain), values=values)
+
+
+def prefix_counts(
+    db: Database, plan: Plan, config: AnalyticsConfig, level: int, prefixes: Sequence[bytes]
+) -> np.ndarray:
+    """Key selection, one trie level: rows per (known prefix of ``level`` bytes, next byte
+    or END). A row adds 1 in one cell at most, so a unit moves the table by at most m."""
+    rows = bounded_rows(db, plan, config)
+    n = int(rows["__rows"])
+    index = {p: i for i, p in enumerate(prefixes)}
+    counts = np.zeros((len(prefixes), END + 1), dtype=np.float64)
+    key_cols = [_py(rows[f"k{i}"]) for i in range(len(plan.keys))]
+    cache: dict[tuple[Any, ...], bytes] = {}
+    for t in zip(*key_cols) if key_cols else iter(() for _ in range(n)):
+        raw = cache.get(t)
+        if raw is None:
+            raw = cache[t] = key_bytes(t)
+        if len(raw) < level:
+            continue
+        p = index.get(raw[:level])
+        if p is None:
+            continue
+        counts[p, raw[level] if len(raw) > level else END] += 1.0
+    return counts

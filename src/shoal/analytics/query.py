@@ -1,0 +1,435 @@
+"""The coordinator side: ``query(fed, sql, config=...)`` answers a query across parties.
+
+Each party computes its statistics (tasks.py); SecAgg+ sums them, so the coordinator sees
+only the sum; DP noise is either already inside it (distributed) or added here (central).
+The answer carries error bars (the standard error the DP noise causes, by simulating the
+released noise) and discloses the bounds, clamping, NULLs and failed parties.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shoal.analytics.config import AnalyticsConfig, Privacy
+from shoal.analytics.dialect import Plan, evaluate, parse
+from shoal.analytics.party import END, Domain, key_from_bytes, key_of
+from shoal.analytics.stats import Block, answer, blocks_for, laplace_scales, scales, unflatten
+from shoal.analytics.tasks import KEYS_TASK, STATS_TASK, VALUE_RANGE, join_exact
+from shoal.errors import AggregationError, QueryError
+
+__all__ = ["QueryResult", "query"]
+
+DRAWS = 200  # noise draws simulated for the error bars
+MIN_PARTIES = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueryResult:
+    """Rows of the answer, with an error (std) per cell under DP and what was disclosed."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    errors: tuple[tuple[float | None, ...], ...] | None
+    epsilon: float  # spent by this query at every party that answered (0 when exact)
+    mode: str  # exact | distributed | central
+    parties: tuple[str, ...]
+    failures: Mapping[str, str] = field(default_factory=dict)
+    disclosed: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "columns": list(self.columns),
+            "rows": [list(r) for r in self.rows],
+            "mode": self.mode,
+            "epsilon": self.epsilon,
+            "parties": list(self.parties),
+            "failures": dict(self.failures),
+            "disclosed": dict(self.disclosed),
+            "notes": list(self.notes),
+        }
+        if self.errors is not None:
+            out["error"] = [list(e) for e in self.errors]
+        return out
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, r)) for r in self.rows]
+
+
+class _Summer:
+    """Runs one statistics task at the parties and brings back its (noised) secure sum."""
+
+    def __init__(self, fed: Any, privacy: Privacy | None, min_nodes: int | None) -> None:
+        self.fed = fed
+        self.privacy = privacy
+        self.min_nodes = min_nodes
+        self.group = fed.all()
+        self.failures: dict[str, str] = {}
+        self.parties: tuple[str, ...] = ()
+        self.notes: list[str] = []
+
+    def run(self, task: str, payload: dict[str, Any], laplace: np.ndarray | None) -> np.ndarray:
+        """The summed vector, un-noised (exact) or with Laplace(``laplace``) noise in total."""
+        from shoal.aggregate import Chain
+        from shoal.crypto import SecureSum
+
+        priv = self.privacy
+        payload = dict(payload)
+        epsilon = payload.pop("epsilon", None)
+        payload["privacy"] = (
+            None
+            if priv is None
+            else {"epsilon": epsilon, "mode": priv.mode, "shares": len(self.group)}
+        )
+        values = self.group.map(task, min_nodes=self.min_nodes, **payload)
+        for node, failure in values.failures.items():
+            self.failures[node] = f"{failure.kind.value}: {failure.detail}"
+        if len(values.node_ids) < MIN_PARTIES:
+            raise AggregationError(
+                f"only {len(values.node_ids)} parties answered; a secure sum needs at least "
+                f"{MIN_PARTIES} (with two, each could subtract its own value from the sum)"
+            )
+        # Small federations tolerate no dropout inside the secure sum (SecAgg+ needs
+        # 2D + 1 neighbours to survive D); from 5 parties on, a tenth may drop out.
+        dropouts = 0.1 if len(values.node_ids) >= 5 else 0.0
+        secure = SecureSum(value_range=VALUE_RANGE, bits=64, dropout_fraction=dropouts)
+        reduced = Chain.of(secure).reduce(values)
+        for node, reason in (values.exclusions or {}).items():
+            self.failures.setdefault(node, reason)
+        self.parties = tuple(reduced.node_ids)
+        total = np.asarray(reduced.vector, dtype=np.float64)
+        if priv is None:
+            return join_exact(total)
+        if laplace is None:
+            return total
+        rng = np.random.default_rng()  # OS entropy: the noise must stay unknown
+        if priv.mode == "central":
+            return total + rng.laplace(0.0, laplace)
+        shares, survivors = len(self.group), len(reduced.node_ids)
+        if survivors < shares:
+            # Fewer noise shares than planned reached the sum: top the noise up to the full
+            # Laplace here (that part is central noise), and say so.
+            missing = (shares - survivors) / shares
+            total = total + rng.gamma(missing, laplace) - rng.gamma(missing, laplace)
+            note = (
+                f"{shares - survivors} of {shares} parties dropped out after the noise was "
+                "split; the coordinator added their share of the noise (central)"
+            )
+            if note not in self.notes:
+                self.notes.append(note)
+        return total
+
+
+def query(
+    fed: Any,
+    sql: str,
+    *,
+    config: AnalyticsConfig,
+    privacy: Privacy | None = None,
+    min_nodes: int | None = None,
+) -> QueryResult:
+    """Answer ``sql`` over the federation's parties: exact through the secure sum alone
+    (``privacy=None``), or epsilon-DP with noise added by the parties or the coordinator.
+
+    Raises QueryError for a query outside the dialect, NotEnoughNodes if fewer than
+    ``min_nodes`` parties answer (the failed ones are named, with reasons).
+    """
+    plan = parse(sql, config)
+    summer = _Summer(fed, privacy, min_nodes)
+    dp = privacy is not None
+    epsilon = privacy.epsilon if privacy is not None else 0.0
+    notes: list[str] = []
+    keys: list[str] | None = None
+    selection_eps = 0.0
+    undeclared = [k for k in plan.key_names if k not in config.categories]
+    if undeclared:
+        if privacy is not None:
+            selection_eps = privacy.epsilon * privacy.key_selection_share
+        keys, spent = select_keys(summer, plan, config, selection_eps)
+        notes.append(
+            f"GROUP BY {undeclared}: {len(keys)} key(s) released by key selection"
+            + (f" (epsilon {spent:.4g} of {selection_eps:.4g} used)" if dp else "")
+        )
+        selection_eps = spent
+    domain = Domain(plan, config, keys)
+    blocks = blocks_for(plan, config, dp=dp)
+    n_groups = len(domain) + (0 if dp else 1)
+    bound = scales(blocks, plan, config)
+    scale_vec = np.concatenate([np.full(n_groups * b.width, bound[b.name]) for b in blocks])
+    eps_stats = epsilon - selection_eps
+    lap_vec = None
+    lap: dict[str, float] = {}
+    if dp:
+        lap = laplace_scales(blocks, config, eps_stats)
+        lap_vec = np.concatenate(
+            [np.full(n_groups * b.width, lap[b.name] / bound[b.name]) for b in blocks]
+        )
+    payload = {
+        "sql": sql,
+        "config": config.to_json(),
+        "keys": keys,
+        "epsilon": eps_stats,
+    }
+    total = summer.run(STATS_TASK, payload, lap_vec) * scale_vec
+    stats = unflatten(total, blocks, n_groups)
+    if not dp:  # counts are integers; the fixed-point sum is only within 1e-6 of them
+        for b in blocks:
+            if b.kind in ("rows", "n", "nulls", "clamped", "hist"):
+                stats[b.name] = np.round(stats[b.name])
+    draws = None
+    if dp:
+        rng = np.random.default_rng()
+        lap_abs = np.concatenate([np.full(n_groups * b.width, lap[b.name]) for b in blocks])
+        draws = unflatten(
+            total + rng.laplace(0.0, lap_abs, size=(DRAWS, total.size)), blocks, n_groups
+        )
+    result = _assemble(plan, config, domain, blocks, stats, draws, dp=dp)
+    columns, rows, errors, disclosed = result
+    mode = "exact" if privacy is None else privacy.mode
+    return QueryResult(
+        columns=columns,
+        rows=rows,
+        errors=errors,
+        epsilon=epsilon if dp else 0.0,
+        mode=mode,
+        parties=summer.parties,
+        failures=dict(summer.failures),
+        disclosed=disclosed,
+        notes=tuple(notes + summer.notes),
+    )
+
+
+def select_keys(
+    summer: _Summer, plan: Plan, config: AnalyticsConfig, epsilon: float
+) -> tuple[list[str], float]:
+    """Key selection: find the group keys present across parties, byte by byte (a trie).
+
+    Each level asks every party for its rows per (released prefix, next byte or end) and
+    secure-sums them; under DP each level spends epsilon / (max_key_bytes + 1) and keeps only
+    cells above a noisy threshold set so that about one cell in ten levels passes by noise
+    alone. Every level's domain is public (released prefixes x 257 symbols), so each level
+    is a pure-DP histogram. Returns the keys (as key_of text) and the epsilon spent.
+    """
+    dp = summer.privacy is not None
+    levels = config.max_key_bytes + 1
+    eps_level = epsilon / levels if dp else 0.0
+    prefixes: list[bytes] = [b""]
+    found: list[tuple[float, bytes]] = []
+    spent = 0.0
+    base = {"sql": plan.sql, "config": config.to_json()}
+    for level in range(levels):
+        if not prefixes:
+            break
+        cells = len(prefixes) * (END + 1)
+        scale = config.max_contributions / eps_level if dp else 0.0
+        lap = np.full(cells, scale / config.max_rows) if dp else None
+        payload = {
+            **base,
+            "level": level,
+            "prefixes": [p.hex() for p in prefixes],
+            "epsilon": eps_level,
+        }
+        counts = summer.run(KEYS_TASK, payload, lap) * config.max_rows
+        spent += eps_level
+        counts = counts.reshape(len(prefixes), END + 1)
+        threshold = scale * math.log(cells * 10.0) if dp else 0.5
+        nxt: list[tuple[float, bytes]] = []
+        for i, p in enumerate(prefixes):
+            row = counts[i]
+            if row[END] >= threshold:
+                found.append((float(row[END]), p))
+            if level < config.max_key_bytes:
+                for sym in np.nonzero(row[:END] >= threshold)[0]:
+                    nxt.append((float(row[sym]), p + bytes([int(sym)])))
+        if len(nxt) > config.max_groups:
+            if not dp:
+                raise QueryError(
+                    f"GROUP BY {list(plan.key_names)} has more than max_groups "
+                    f"({config.max_groups}) distinct keys; raise [analytics] max_groups or "
+                    "declare the column's categories"
+                )
+            nxt.sort(key=lambda t: -t[0])
+            nxt = nxt[: config.max_groups]
+        prefixes = [p for _, p in nxt]
+    found.sort(key=lambda t: -t[0])
+    if len(found) > config.max_groups:
+        if not dp:
+            raise QueryError(
+                f"GROUP BY {list(plan.key_names)} has more than max_groups "
+                f"({config.max_groups}) distinct keys"
+            )
+        found = found[: config.max_groups]
+    keys = []
+    for _, raw in found:
+        try:
+            values = key_from_bytes(raw)
+        except (ValueError, UnicodeDecodeError):
+            continue  # noise can complete a prefix that is no valid key
+        if len(values) == len(plan.keys):
+            keys.append(key_of(values))
+    return sorted(set(keys)), spent
+
+
+def _assemble(
+    plan: Plan,
+    config: AnalyticsConfig,
+    domain: Domain,
+    blocks: Sequence[Block],
+    stats: Mapping[str, np.ndarray],
+    draws: Mapping[str, np.ndarray] | None,
+    *,
+    dp: bool,
+) -> tuple[
+    tuple[str, ...],
+    tuple[tuple[Any, ...], ...],
+    tuple[tuple[float | None, ...], ...] | None,
+    dict[str, Any],
+]:
+    n = len(domain)
+    values = [answer(a, plan, config, dict(stats), dp=dp) for a in plan.aggregates]
+    spreads = (
+        [answer(a, plan, config, dict(draws), dp=True) for a in plan.aggregates]
+        if draws is not None
+        else None
+    )
+    rows_block = stats.get("rows")
+    out_rows: list[tuple[Any, ...]] = []
+    out_err: list[tuple[float | None, ...]] = []
+    for g in range(n):
+        if not dp and plan.keys and rows_block is not None and rows_block[g, 0] <= 0.5:
+            continue  # SQL shows no empty groups (DP answers show every public group)
+        env: dict[str, Any] = {}
+        for i, a in enumerate(plan.aggregates):
+            env[f"__a{i}"] = _cell(values[i][g], a.kind, dp)
+        for j, name in enumerate(plan.key_names):
+            env[name] = domain.tuples[g][j]
+        if plan.having is not None and evaluate(plan.having, env) is not True:
+            continue
+        row: list[Any] = []
+        err: list[float | None] = []
+        for o in plan.outputs:
+            if o.key is not None:
+                row.append(domain.tuples[g][o.key])
+                err.append(None)
+                continue
+            value = evaluate(o.expr, env)
+            row.append(value)
+            if spreads is not None:
+                sample = _evaluate_draws(
+                    o.expr, {f"__a{i}": s[:, g] for i, s in enumerate(spreads)}
+                )
+                err.append(_spread(sample))
+        out_rows.append(tuple(row))
+        out_err.append(tuple(err))
+    order = list(range(len(out_rows)))
+    names = [o.name for o in plan.outputs]
+    for name, desc in reversed(plan.order):
+        j = names.index(name)
+        order.sort(key=lambda r: _sort_key(out_rows[r][j]), reverse=desc)
+    if plan.limit is not None:
+        order = order[: plan.limit]
+    disclosed = _disclosed(plan, config, blocks, stats, n, dp=dp)
+    return (
+        tuple(names),
+        tuple(out_rows[r] for r in order),
+        tuple(out_err[r] for r in order) if dp else None,
+        disclosed,
+    )
+
+
+def _cell(value: Any, kind: str, dp: bool) -> Any:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim:  # a histogram: its bin counts
+        return [float(v) if dp else round(float(v)) for v in arr]
+    v = float(arr)
+    if math.isnan(v):
+        return None
+    if not dp and kind in ("count_rows", "count"):
+        return round(v)
+    return v
+
+
+def _evaluate_draws(node: Any, env: Mapping[str, np.ndarray]) -> np.ndarray:
+    """An output expression over simulated noise draws (arithmetic only, elementwise)."""
+    from shoal.analytics import _deps
+
+    exp = _deps.sqlglot().exp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if isinstance(node, exp.Column):
+            return np.asarray(env[node.name], dtype=np.float64)
+        if isinstance(node, exp.Literal):
+            return np.asarray(float(node.this))
+        if isinstance(node, exp.Paren):
+            return _evaluate_draws(node.this, env)
+        if isinstance(node, exp.Neg):
+            return -_evaluate_draws(node.this, env)
+        a, b = _evaluate_draws(node.this, env), _evaluate_draws(node.expression, env)
+        ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+        op = ops.get(type(node).__name__)
+        if op is None:
+            raise QueryError(f"cannot evaluate {node.sql()}")
+        return np.asarray(op(a, b))
+
+
+def _spread(sample: np.ndarray) -> float | None:
+    """Standard deviation across noise draws (per bin, averaged, for a histogram)."""
+    arr = np.asarray(sample, dtype=np.float64)
+    if arr.ndim > 1:
+        arr = arr.reshape(arr.shape[0], -1)
+        stds = np.nanstd(arr, axis=0) if np.isfinite(arr).any() else np.array([np.nan])
+        s = float(np.nanmean(stds))
+    else:
+        finite = arr[np.isfinite(arr)]
+        s = float(np.std(finite)) if finite.size > 1 else math.nan
+    return None if math.isnan(s) else s
+
+
+def _sort_key(v: Any) -> tuple[int, Any]:
+    if v is None:
+        return (1, 0)
+    if isinstance(v, (int, float)):
+        return (0, float(v))
+    return (0, str(v)) if not isinstance(v, list) else (0, sum(v))
+
+
+def _disclosed(
+    plan: Plan,
+    config: AnalyticsConfig,
+    blocks: Sequence[Block],
+    stats: Mapping[str, np.ndarray],
+    n: int,
+    *,
+    dp: bool,
+) -> dict[str, Any]:
+    """What the answer discloses beyond its cells: bounds, clamping, NULLs, dropped rows."""
+    out: dict[str, Any] = {
+        "max_contributions": config.max_contributions,
+        "privacy_unit": config.privacy_unit,
+    }
+    columns: dict[str, Any] = {}
+    for i, col in enumerate(plan.columns):
+        entry: dict[str, Any] = {}
+        name = plan.bounds_of(col)
+        if name in config.bounds:
+            entry["bounds"] = list(config.bounds[name])
+        nulls = stats.get(f"nulls:c{i}")
+        if nulls is not None:
+            entry["null_rows_ignored"] = (
+                float(nulls[:n, 0].sum()) if dp else round(float(nulls[:, 0].sum()))
+            )
+        clamped = stats.get(f"clamped:c{i}")
+        if clamped is not None:
+            entry["values_clamped"] = round(float(clamped[:, 0].sum()))
+        elif dp and "bounds" in entry:
+            entry["values_clamped"] = "not released under DP (it would cost budget)"
+        columns[col] = entry
+    out["columns"] = columns
+    rows = stats.get("rows")
+    if not dp and rows is not None and plan.keys:
+        out["rows_outside_groups"] = round(float(rows[n:, 0].sum()))
+    return out

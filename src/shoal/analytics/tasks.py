@@ -1,0 +1,250 @@
+"""The node side of federated queries: the tasks a party's owner installs, and its policy.
+
+Each task re-parses the SQL against the dialect, runs it on the party's own database with
+contributions bounded, and keeps one vector, ``stats``, for the secure sum. Under DP the
+node charges its owner's ledger first and, in distributed mode, adds its own share of the
+Laplace noise (from OS entropy) before the value is kept: the coordinator only ever sees the
+noised sum. An owner may refuse exact answers and coordinator-added noise altogether.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shoal.analytics.config import AnalyticsConfig
+from shoal.analytics.dialect import parse
+from shoal.analytics.party import END, Domain, party_stats, prefix_counts
+from shoal.analytics.source import Database
+from shoal.analytics.stats import blocks_for, flatten, laplace_scales, scales
+from shoal.errors import ConfigError, PrivacyBudgetExceeded, QueryError, TaskError
+from shoal.privacy import NodeBudget, PrivacyLedger
+
+__all__ = [
+    "KEYS_TASK",
+    "STATS_TASK",
+    "NodePolicy",
+    "analytics_tasks",
+    "join_exact",
+    "release_policy",
+    "split_exact",
+]
+
+STATS_TASK = "shoal.analytics.stats"
+KEYS_TASK = "shoal.analytics.keys"
+# The secure sum carries each statistic divided by its public bound (see stats.scales), so
+# every coordinate lies in [-1, 1]; the range leaves room for the node's noise share.
+VALUE_RANGE = 2.0
+SPLIT_BITS = 26
+BUDGET_STATE = "shoal.privacy.budget"  # the owner's ledger, shared with training tasks
+LEDGER_STATE = "shoal.analytics.ledger"  # spend recorded when the owner set no maximum
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodePolicy:
+    """What a party's owner allows.
+
+    ``require_dp``: every query must carry DP noise the node adds itself (exact answers and
+    coordinator-added noise are declined). ``max_epsilon``: the owner's total budget, shared
+    with every other DP task on the node. ``privacy_unit`` overrides the request's: the
+    guarantee is always per the owner's unit. ``max_noise_shares`` caps how many parties the
+    node assumes share the noise (a coordinator that overstates it would lower the noise).
+    """
+
+    require_dp: bool = False
+    max_epsilon: float | None = None
+    max_delta: float = 1e-6
+    privacy_unit: str | None = None
+    max_noise_shares: int | None = None
+    table: str | None = None  # the table a CSV/Parquet file is loaded as
+
+    def __post_init__(self) -> None:
+        if self.max_epsilon is not None:
+            NodeBudget(max_epsilon=self.max_epsilon, max_delta=self.max_delta)  # validates
+        if self.max_noise_shares is not None and self.max_noise_shares < 1:
+            raise ConfigError("max_noise_shares must be at least 1")
+
+
+def release_policy(policy: NodePolicy) -> dict[str, str]:
+    """The release policy of the analytics tasks, declared once: ``stats`` leaves only as a
+    secure-sum input, and only noised by the node when its owner requires DP."""
+    return {"stats": "noised" if policy.require_dp else "secure"}
+
+
+def _request(ctx: Any, payload: Mapping[str, Any], policy: NodePolicy) -> tuple[Any, ...]:
+    sql, raw = payload.get("sql"), payload.get("config")
+    if not isinstance(sql, str) or not isinstance(raw, Mapping):
+        raise TaskError("an analytics request carries 'sql' and 'config'")
+    config = AnalyticsConfig.from_dict(raw)
+    if policy.privacy_unit is not None and config.privacy_unit != policy.privacy_unit:
+        config = AnalyticsConfig.from_dict({**raw, "privacy_unit": policy.privacy_unit})
+    plan = parse(sql, config)
+    privacy = payload.get("privacy")
+    if privacy is not None and not isinstance(privacy, Mapping):
+        raise TaskError("'privacy' must be an object or null")
+    db = ctx.data
+    if isinstance(db, (str, os.PathLike)):
+        db = Database(os.fspath(db), table=policy.table or config.table)
+    if not isinstance(db, Database):
+        raise TaskError(f"this node holds no database (its data is {type(db).__name__})")
+    return config, plan, privacy, db
+
+
+def _charge(ctx: Any, policy: NodePolicy, privacy: Mapping[str, Any] | None) -> float | None:
+    """Decline what the owner does not allow, and charge a DP request to the ledger.
+
+    Returns the epsilon charged (None for an exact query)."""
+    if privacy is None:
+        if policy.require_dp:
+            raise PrivacyBudgetExceeded(
+                "this party's owner requires differential privacy for every query; run it "
+                "with a [privacy] table (mode = 'distributed')"
+            )
+        return None
+    try:
+        epsilon = float(privacy["epsilon"])
+        mode = privacy["mode"]
+    except (KeyError, TypeError, ValueError):
+        raise TaskError(f"malformed privacy request {dict(privacy)!r}") from None
+    if not (0 < epsilon < math.inf) or mode not in ("distributed", "central"):
+        raise TaskError(f"malformed privacy request {dict(privacy)!r}")
+    if mode == "central" and policy.require_dp:
+        raise PrivacyBudgetExceeded(
+            "this party's owner requires noise added at the party; central noise would be "
+            "added by the coordinator after the sum: use mode = 'distributed'"
+        )
+    if policy.max_epsilon is not None:
+        budget = ctx.state.get(BUDGET_STATE)
+        if budget is None:
+            budget = ctx.state[BUDGET_STATE] = NodeBudget(
+                max_epsilon=policy.max_epsilon, max_delta=policy.max_delta
+            )
+        budget.charge(sample_rate=1.0, noise_multiplier=1.0 / epsilon, steps=1, mechanism="laplace")
+    else:
+        ledger = ctx.state.setdefault(LEDGER_STATE, PrivacyLedger())
+        ledger.record(sample_rate=1.0, noise_multiplier=1.0 / epsilon, mechanism="laplace")
+    return epsilon
+
+
+def _noise_share(
+    scale: np.ndarray, privacy: Mapping[str, Any], policy: NodePolicy
+) -> np.ndarray | None:
+    """This node's share of Laplace(scale) noise: Gamma(1/k, b) - Gamma(1/k, b), whose sum
+    over k parties is exactly Laplace(b) (the Laplace law is infinitely divisible)."""
+    if privacy.get("mode") != "distributed":
+        return None
+    shares = privacy.get("shares")
+    if isinstance(shares, bool) or not isinstance(shares, int) or shares < 1:
+        raise TaskError("a distributed-noise request states how many parties share the noise")
+    if policy.max_noise_shares is not None:
+        shares = min(shares, policy.max_noise_shares)
+    # DP noise must be unknown to the coordinator: fresh OS entropy, never a sent seed.
+    rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+    shape = 1.0 / shares
+    noise: np.ndarray = rng.gamma(shape, scale) - rng.gamma(shape, scale)
+    return noise
+
+
+def split_exact(vector: np.ndarray) -> np.ndarray:
+    """An exact answer's vector as (high, low) halves, so the secure sum's 2^52-point grid
+    loses nothing: the high half holds multiples of 2^-SPLIT_BITS (summed, they round back
+    to integers), the low half the remainder at full float precision."""
+    scaled = vector * 2.0**SPLIT_BITS
+    high = np.floor(scaled)
+    return np.concatenate([high / 2.0**SPLIT_BITS, scaled - high])
+
+
+def join_exact(total: np.ndarray) -> np.ndarray:
+    """Inverse of ``split_exact`` applied to a sum of split vectors."""
+    half = total.size // 2
+    high = np.round(total[:half] * 2.0**SPLIT_BITS)
+    joined: np.ndarray = (high + total[half:]) / 2.0**SPLIT_BITS
+    return joined
+
+
+def _keep(vector: np.ndarray, *, exact: bool) -> dict[str, Any]:
+    if not np.all(np.abs(vector) <= VALUE_RANGE / 2):
+        raise TaskError(
+            "a statistic exceeds its public bound (more rows than max_rows, or a noise draw "
+            "beyond the secure sum's range); raise [analytics] max_rows"
+        )
+    return {"stats": split_exact(vector) if exact else vector}
+
+
+def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
+    """The node-side tasks a NodeApp installs to answer federated queries."""
+    policy = policy or NodePolicy()
+
+    def stats_task(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        config, plan, privacy, db = _request(ctx, payload, policy)
+        keys = payload.get("keys")
+        if keys is not None and not (
+            isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+        ):
+            raise TaskError("'keys' must list the released group keys")
+        if keys is not None and len(keys) > config.max_groups:
+            raise TaskError(f"{len(keys)} groups requested, over max_groups {config.max_groups}")
+        try:
+            domain = Domain(plan, config, keys)
+        except (ValueError, TypeError) as exc:
+            raise TaskError(f"malformed group keys: {exc}") from None
+        dp = privacy is not None
+        blocks = blocks_for(plan, config, dp=dp)
+        epsilon = _charge(ctx, policy, privacy)
+        stats = party_stats(db, plan, config, blocks, domain)
+        n_groups = len(domain)
+        if dp:  # the outside-the-domain group is disclosed only in exact answers
+            stats = {k: v[:n_groups] for k, v in stats.items()}
+        bound = scales(blocks, plan, config)
+        vector = flatten({b.name: stats[b.name] / bound[b.name] for b in blocks}, blocks)
+        if dp:
+            assert privacy is not None and epsilon is not None
+            lap = laplace_scales(blocks, config, epsilon)
+            scale = np.concatenate(
+                [np.full(stats[b.name].size, lap[b.name] / bound[b.name]) for b in blocks]
+            )
+            share = _noise_share(scale, privacy, policy)
+            if share is not None:
+                vector = vector + share
+        return _keep(vector, exact=not dp)
+
+    def keys_task(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        config, plan, privacy, db = _request(ctx, payload, policy)
+        level, prefixes = payload.get("level"), payload.get("prefixes")
+        if (
+            isinstance(level, bool)
+            or not isinstance(level, int)
+            or not 0 <= level <= config.max_key_bytes
+            or not isinstance(prefixes, list)
+            or len(prefixes) > config.max_groups
+        ):
+            raise TaskError("a key-selection request names a level and at most max_groups prefixes")
+        try:
+            raw = [bytes.fromhex(p) for p in prefixes]
+        except (TypeError, ValueError):
+            raise TaskError("key-selection prefixes are hex strings") from None
+        if any(len(p) != level for p in raw):
+            raise TaskError(f"every prefix at level {level} has {level} bytes")
+        if not plan.keys:
+            raise QueryError("key selection needs a GROUP BY")
+        epsilon = _charge(ctx, policy, privacy)
+        counts = prefix_counts(db, plan, config, level, raw).ravel()
+        vector = counts / float(config.max_rows)
+        if privacy is not None:
+            assert epsilon is not None
+            # One row moves one cell by 1: L1 sensitivity max_contributions per level.
+            scale = np.full(vector.shape, config.max_contributions / epsilon / config.max_rows)
+            share = _noise_share(scale, privacy, policy)
+            if share is not None:
+                vector = vector + share
+        return _keep(vector, exact=privacy is None)
+
+    return {STATS_TASK: stats_task, KEYS_TASK: keys_task}
+
+
+SYMBOLS = END + 1

@@ -1,0 +1,117 @@
+"""Bad input: each gets a clear error, and a failing party does not sink the query."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shoal.analytics import AnalyticsConfig, Party, query
+from shoal.analytics.simulate import federation
+from shoal.cli.main import main
+from shoal.errors import ConfigError, NotEnoughNodes, QueryError
+
+from .conftest import Federated, make_rows, write_party
+
+
+def test_unbounded_column_in_sum_asks_for_bounds(three: Federated) -> None:
+    config = three.config(bounds={})
+    with pytest.raises(QueryError, match=r"declare them in \[analytics\] bounds"):
+        query(federation(config), "SELECT SUM(cost) FROM visits", config=config)
+
+
+def test_party_missing_a_column_fails_alone(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    fs = Federated(tmp_path, [make_rows(rng, 40, 1000 * i) for i in range(4)], ["duckdb"] * 4)
+    import duckdb
+
+    odd = tmp_path / "odd.duckdb"
+    con = duckdb.connect(str(odd))
+    con.execute("CREATE TABLE visits (patient_id INTEGER, ward VARCHAR)")
+    con.close()
+    parties = (*fs.parties[:3], Party(name="odd", path=str(odd)))
+    config = fs.config(parties=parties)
+    result = query(federation(config), "SELECT AVG(age) AS a FROM visits", config=config)
+    assert "odd" in result.failures and "age" in result.failures["odd"]
+    want = fs.duck("SELECT AVG(age) FROM visits WHERE patient_id < 3000")[0][0]
+    assert result.rows[0][0] == pytest.approx(want, rel=1e-9)
+    with pytest.raises(NotEnoughNodes, match="age"):
+        query(federation(config, min_nodes=4), "SELECT AVG(age) FROM visits", config=config)
+
+
+def test_nulls_are_ignored_as_sql_does(three: Federated) -> None:
+    config = three.config()
+    result = query(
+        federation(config),
+        "SELECT COUNT(cost) AS c, COUNT(*) AS n, AVG(cost) AS a FROM visits",
+        config=config,
+    )
+    assert result.rows[0][0] == three.duck("SELECT COUNT(cost) FROM visits")[0][0]
+    assert result.rows[0][2] == pytest.approx(three.duck("SELECT AVG(cost) FROM visits")[0][0])
+
+
+def test_empty_selection_gives_sql_nulls(three: Federated) -> None:
+    config = three.config()
+    result = query(
+        federation(config),
+        "SELECT COUNT(*) AS n, AVG(age) AS a, SUM(cost) AS s FROM visits WHERE age > 500",
+        config=config,
+    )
+    assert result.rows == ((0, None, None),)
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"bounds\.age needs finite low < high"):
+        AnalyticsConfig(table="t", bounds={"age": [5, 1]})
+    with pytest.raises(ConfigError, match="unknown key"):
+        AnalyticsConfig.from_dict({"table": "t", "bonds": {}})
+    with pytest.raises(ConfigError, match="max_contributions"):
+        AnalyticsConfig(table="t", max_contributions=0)
+    with pytest.raises(ConfigError, match="at least three parties"):
+        federation(AnalyticsConfig(table="t", parties=(Party(name="a", path="a.csv"),)))
+
+
+def test_unknown_file_format_is_refused(tmp_path: Path) -> None:
+    from shoal.analytics import Database
+
+    with pytest.raises(ConfigError, match="unknown data format"):
+        Database(tmp_path / "x.xlsx", table="t")
+
+
+def test_csv_party_cannot_read_other_files(tmp_path: Path) -> None:
+    from shoal.analytics import Database
+    from shoal.errors import DataError
+
+    path = tmp_path / "p.csv"
+    write_party(path, make_rows(np.random.default_rng(0), 5, 0), None)
+    db = Database(path, table="visits")
+    assert db.query("SELECT COUNT(*) AS n FROM visits")[1][0][0] == 5
+    with pytest.raises(DataError):  # the dialect refuses this first; the party refuses too
+        db.query(f"SELECT * FROM read_csv('{path}')")
+
+
+def test_cli_query_writes_json(
+    three: Federated, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parties = ", ".join(f'{{ name = "{p.name}", path = "{p.path}" }}' for p in three.parties)
+    job = tmp_path / "analytics.toml"
+    job.write_text(
+        '[analytics]\ntable = "visits"\nprivacy_unit = "patient_id"\nmax_contributions = 1000\n'
+        f"parties = [ {parties} ]\nbounds = {{ age = [0, 120] }}\n"
+        'categories = { ward = ["A", "B", "C", "D"] }\n'
+        "[privacy]\nepsilon = 1.0\n"
+    )
+    out = tmp_path / "out.json"
+    sql = "SELECT ward, COUNT(*) AS n, AVG(age) AS a FROM visits GROUP BY ward"
+    assert main(["query", "--job", str(job), "--sql", sql, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["columns"] == ["ward", "n", "a"] and data["epsilon"] == 1.0
+    assert len(data["rows"]) == 4 and len(data["error"]) == 4
+    assert "distributed DP" in capsys.readouterr().out
+    assert main(["query", "--job", str(job), "--sql", sql, "--exact", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["mode"] == "exact" and "error" not in data
+    assert main(["query", "--job", str(job), "--sql", "SELECT age FROM visits"]) == 2
+    assert "row-level output is refused" in capsys.readouterr().err

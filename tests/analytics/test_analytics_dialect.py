@@ -1,0 +1,94 @@
+"""The dialect: what parses, and every refusal names the construct and says what to do."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("sqlglot")
+
+from shoal.analytics import AnalyticsConfig, parse
+from shoal.errors import QueryError
+
+CONFIG = AnalyticsConfig(
+    table="visits",
+    bounds={"age": [0, 120], "cost": [0, 1000]},
+    categories={"ward": ["A", "B"]},
+    join_tables=("patients",),
+)
+
+
+def test_parses_every_aggregate_kind() -> None:
+    plan = parse(
+        "SELECT ward, COUNT(*), COUNT(cost), SUM(cost), AVG(age), VARIANCE(age), VAR_POP(age),"
+        " STDDEV(age), STDDEV_POP(age), MEDIAN(age), QUANTILE_CONT(age, 0.25),"
+        " APPROX_QUANTILE(age, 0.75), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY cost),"
+        " HISTOGRAM(age, 12), SUM(cost) / COUNT(*) AS per_row"
+        " FROM visits v JOIN patients p ON v.patient_id = p.patient_id"
+        " WHERE age BETWEEN 18 AND 65 AND p.sex = 'F' GROUP BY ward"
+        " HAVING COUNT(*) > 10 ORDER BY per_row DESC LIMIT 5",
+        CONFIG,
+    )
+    kinds = [a.kind for a in plan.aggregates]
+    assert kinds == [
+        "count_rows",
+        "count",
+        "sum",
+        "avg",
+        "var_samp",
+        "var_pop",
+        "stddev_samp",
+        "stddev_pop",
+        "quantile",
+        "quantile",
+        "quantile",
+        "quantile",
+        "histogram",
+    ]
+    assert [a.q for a in plan.aggregates if a.kind == "quantile"] == [0.5, 0.25, 0.75, 0.9]
+    assert plan.aggregates[-1].bins == 12
+    assert plan.keys == ("ward",)
+    assert plan.order == (("per_row", True),)
+    assert plan.limit == 5
+    assert plan.outputs[-1].name == "per_row"
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT * FROM visits", "row-level output is refused"),
+        ("SELECT age FROM visits", "without an aggregate: row-level output is refused"),
+        ("SELECT ward, age FROM visits GROUP BY ward", "without an aggregate"),
+        ("SELECT COUNT(DISTINCT age) FROM visits", "DISTINCT"),
+        ("SELECT SUM(stay_days) FROM visits", "declare them in [analytics] bounds"),
+        ("SELECT AVG(stay_days) FROM visits", "needs bounds for column 'stay_days'"),
+        ("SELECT COUNT(*) FROM secrets", "table 'secrets' is not declared"),
+        ("SELECT COUNT(*) FROM read_csv('/etc/passwd')", "table functions are refused"),
+        ("SELECT COUNT(*) FROM (SELECT * FROM visits) t", "subqueries and table functions"),
+        ("SELECT COUNT(*) FROM visits WHERE age IN (SELECT 1)", "subqueries are not"),
+        ("SELECT COUNT(*) FROM visits WHERE getenv('HOME') = 'x'", "function GETENV()"),
+        ("SELECT COUNT(*) OVER () FROM visits", "window functions"),
+        ("SELECT COUNT(*) FROM visits UNION SELECT COUNT(*) FROM visits", "UNION"),
+        ("DELETE FROM visits", "DELETE"),
+        ("WITH t AS (SELECT 1) SELECT COUNT(*) FROM visits", "WITH"),
+        ("SELECT SUM(age * 2) FROM visits", "takes a column"),
+        ("SELECT MAX(age) FROM visits", "function MAX()"),
+        ("SELECT QUANTILE_CONT(age, 1.5) FROM visits", "quantile must lie in [0, 1]"),
+        ("SELECT COUNT(*) FROM visits GROUP BY age + 1", "group by columns only"),
+        ("SELECT COUNT(*) FROM visits HAVING age > 3", "outside an aggregate"),
+        ("SELECT COUNT(*) FROM visits ORDER BY age", "order by an output column"),
+        ("SELEC COUNT(*) FROM visits", "not valid SQL"),
+        ("", "the query is empty"),
+        ("SELECT COUNT(*) FROM visits; SELECT 1", "one SELECT"),
+    ],
+)
+def test_refusals_name_the_construct(sql: str, expected: str) -> None:
+    with pytest.raises(QueryError, match=None) as info:
+        parse(sql, CONFIG)
+    assert expected in str(info.value)
+
+
+def test_party_sql_reads_only_what_the_query_needs() -> None:
+    plan = parse("SELECT ward, AVG(age) FROM visits WHERE cost > 3 GROUP BY ward", CONFIG)
+    sql = plan.party_sql(CONFIG, "sqlite")
+    assert "ward AS k0" in sql and "age AS c0" in sql and "WHERE cost > 3" in sql
+    assert "cost AS" not in sql

@@ -1,0 +1,208 @@
+"""DP answers: distributed noise shares add up to Laplace, owners' ledgers are charged and
+enforced, error bars match the noise, and owners can refuse what they do not allow."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from shoal.analytics import NodePolicy, Privacy, parse, query
+from shoal.analytics.simulate import federation
+from shoal.analytics.stats import blocks_for, laplace_scales
+from shoal.analytics.tasks import _noise_share
+from shoal.errors import NotEnoughNodes
+
+from .conftest import Federated
+
+
+@pytest.mark.parametrize("parties", [1, 3, 10])
+def test_noise_shares_sum_to_laplace(parties: int) -> None:
+    scale = 2.5
+    draws = 20_000
+    total = np.zeros(draws)
+    for _ in range(parties):
+        share = _noise_share(
+            np.full(draws, scale), {"mode": "distributed", "shares": parties}, NodePolicy()
+        )
+        assert share is not None
+        total += share
+    # Kolmogorov-Smirnov against Laplace(0, scale); p < 1e-4 would be a real mismatch.
+    assert sps.kstest(total, "laplace", args=(0.0, scale)).pvalue > 1e-4
+    assert sps.kstest(total, "norm", args=(0.0, scale * math.sqrt(2))).pvalue < 1e-4
+
+
+def test_one_share_alone_is_far_below_the_full_noise() -> None:
+    share = _noise_share(np.full(20_000, 1.0), {"mode": "distributed", "shares": 10}, NodePolicy())
+    assert share is not None
+    # Gamma(1/10) differences: std sqrt(2/10), a tenth of Laplace's variance
+    assert 0.35 < share.std() < 0.55
+
+
+def test_owner_caps_the_shares_it_trusts() -> None:
+    share = _noise_share(
+        np.full(20_000, 1.0),
+        {"mode": "distributed", "shares": 1000},
+        NodePolicy(max_noise_shares=1),
+    )
+    assert share is not None
+    assert sps.kstest(share, "laplace", args=(0.0, 1.0)).pvalue > 1e-4
+
+
+def test_distributed_count_error_matches_its_error_bar(three: Federated) -> None:
+    config = three.config(privacy_unit="patient_id", max_contributions=2)
+    fed = federation(config)
+    truth = three.duck("SELECT COUNT(*) FROM (SELECT patient_id FROM visits)")[0][0]
+    plan = parse("SELECT COUNT(*) FROM visits", config)
+    (block,) = blocks_for(plan, config, dp=True)
+    scale = laplace_scales([block], config, 2.0)[block.name]
+    assert scale == 2 / 2.0  # m * sensitivity / epsilon
+    errors = []
+    for _ in range(12):
+        result = query(
+            fed, "SELECT COUNT(*) AS n FROM visits", config=config, privacy=Privacy(epsilon=2.0)
+        )
+        assert result.mode == "distributed" and result.epsilon == 2.0
+        errors.append(result.rows[0][0])
+        assert result.errors is not None
+        assert result.errors[0][0] == pytest.approx(math.sqrt(2) * scale, rel=0.35)
+    capped = three.duck(
+        "SELECT SUM(LEAST(c, 2)) FROM (SELECT COUNT(*) c FROM visits GROUP BY patient_id)"
+    )[0][0]
+    assert truth >= capped
+    diffs = np.array(errors) - capped
+    assert np.all(diffs != 0.0)  # noise is there
+    assert abs(diffs.mean()) < 4 * math.sqrt(2) * scale / math.sqrt(len(diffs))
+    assert np.abs(diffs).max() < 30 * scale
+
+
+def test_central_mode_and_error_bars_for_derived_outputs(three: Federated) -> None:
+    config = three.config()
+    result = query(
+        federation(config),
+        "SELECT ward, AVG(age) AS a, STDDEV(age) AS s, MEDIAN(stay_days) AS m, "
+        "SUM(cost) / COUNT(*) AS r FROM visits GROUP BY ward",
+        config=config,
+        privacy=Privacy(epsilon=1.0, mode="central"),
+    )
+    assert result.mode == "central"
+    assert [r[0] for r in result.rows] == ["A", "B", "C", "D"]  # every public group
+    assert result.errors is not None
+    for row, err in zip(result.rows, result.errors):
+        # (a noisy variance clipped to its range in every draw has a zero spread)
+        assert err[0] is None and all(e is not None and e >= 0 for e in err[1:])
+        assert err[1] > 0
+        assert 0 <= row[1] <= 120 and 0 <= row[2] <= 60
+    cols = result.disclosed["columns"]
+    assert "null_rows_ignored" in cols["cost"]
+    assert "not released under DP" in cols["age"]["values_clamped"]
+
+
+def test_each_owner_charges_its_ledger_and_declines_past_its_budget(three: Federated) -> None:
+    config = three.config()
+    policies = {
+        "party0": NodePolicy(max_epsilon=1.5),
+        "party1": NodePolicy(max_epsilon=10.0),
+        "party2": NodePolicy(max_epsilon=10.0),
+    }
+    fed = federation(config, policies=policies, min_nodes=3)
+    sql = "SELECT COUNT(*) AS n FROM visits"
+    first = query(fed, sql, config=config, privacy=Privacy(epsilon=1.0), min_nodes=3)
+    assert first.failures == {}
+    with pytest.raises(NotEnoughNodes, match="declined"):
+        query(fed, sql, config=config, privacy=Privacy(epsilon=1.0), min_nodes=3)
+
+
+def test_declining_party_is_reported_when_enough_remain(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from .conftest import make_rows
+
+    rng = np.random.default_rng(3)
+    root = tmp_path_factory.mktemp("four")
+    fs = Federated(root, [make_rows(rng, 50, 1000 * i) for i in range(4)], ["duckdb"] * 4)
+    config = fs.config()
+    fed = federation(config, policies={"party3": NodePolicy(max_epsilon=0.5)})
+    result = query(
+        fed, "SELECT COUNT(*) AS n FROM visits", config=config, privacy=Privacy(epsilon=1.0)
+    )
+    assert set(result.parties) == {"party0", "party1", "party2"}
+    assert "declined" in result.failures["party3"]
+    assert any("dropped out" in n for n in result.notes)  # its noise share was topped up
+
+
+def test_owner_requiring_dp_declines_exact_and_central(three: Federated) -> None:
+    config = three.config()
+    fed = federation(config, policy=NodePolicy(require_dp=True))
+    with pytest.raises(NotEnoughNodes, match="declined"):
+        query(fed, "SELECT COUNT(*) FROM visits", config=config)
+    with pytest.raises(NotEnoughNodes, match="declined"):
+        query(
+            fed,
+            "SELECT COUNT(*) FROM visits",
+            config=config,
+            privacy=Privacy(epsilon=1.0, mode="central"),
+        )
+    ok = query(fed, "SELECT COUNT(*) FROM visits", config=config, privacy=Privacy(epsilon=1.0))
+    assert len(ok.rows) == 1
+
+
+def test_owner_privacy_unit_overrides_the_request(three: Federated) -> None:
+    config = three.config(privacy_unit=None, max_contributions=1)
+    fed = federation(config, policy=NodePolicy(privacy_unit="patient_id"))
+    result = query(fed, "SELECT COUNT(*) AS n FROM visits", config=config)
+    assert result.rows[0][0] == three.duck("SELECT COUNT(DISTINCT patient_id) FROM visits")[0][0]
+
+
+def test_dp_key_selection_releases_frequent_keys_only(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from .conftest import write_party
+
+    root = tmp_path_factory.mktemp("keys")
+    rng = np.random.default_rng(5)
+    parties = []
+    words = ["apple"] * 300 + ["kiwi"] * 200 + [f"rare{i}" for i in range(40)]
+    from shoal.analytics import AnalyticsConfig, Party
+
+    for p in range(3):
+        rows = [
+            (i + 10_000 * p, str(w), 1.0, 1.0, 1.0) for i, w in enumerate(rng.permutation(words))
+        ]
+        path = root / f"p{p}.duckdb"
+        write_party(path, rows, None)
+        parties.append(Party(name=f"p{p}", path=str(path)))
+    config = AnalyticsConfig(
+        table="visits",
+        privacy_unit="patient_id",
+        max_contributions=1,
+        parties=tuple(parties),
+        max_key_bytes=6,
+    )
+    result = query(
+        federation(config),
+        "SELECT ward, COUNT(*) AS n FROM visits GROUP BY ward ORDER BY n DESC",
+        config=config,
+        privacy=Privacy(epsilon=8.0),
+    )
+    keys = [r[0] for r in result.rows]
+    assert keys[:2] == ["apple", "kiwi"]
+    assert not any(k.startswith("rare") for k in keys)
+    assert abs(result.rows[0][1] - 900) < 60
+    assert any("key selection" in n for n in result.notes)
+
+
+def test_laplace_charges_compose_in_the_owner_ledger_and_survive_a_round_trip() -> None:
+    from shoal.privacy import NodeBudget
+
+    budget = NodeBudget(max_epsilon=3.0, max_delta=1e-6)
+    first = budget.charge(sample_rate=1.0, noise_multiplier=1.0, steps=1, mechanism="laplace")
+    assert 1.0 <= first.total_epsilon < 1.1  # pure eps = 1, as RDP converts it at delta
+    budget.charge(sample_rate=1.0, noise_multiplier=1.1, steps=3)  # a Gaussian task too
+    again = NodeBudget.from_dict(budget.to_dict())
+    assert again.spent() == pytest.approx(budget.spent())
+    assert [e.mechanism for e in again.ledger.entries] == ["laplace", "gaussian"]
+    with pytest.raises(Exception, match="laplace request"):
+        again.charge(sample_rate=1.0, noise_multiplier=0.5, steps=1, mechanism="laplace")
