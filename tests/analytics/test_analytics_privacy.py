@@ -197,12 +197,12 @@ def test_dp_key_selection_releases_frequent_keys_only(
 def test_laplace_charges_compose_in_the_owner_ledger_and_survive_a_round_trip() -> None:
     from shoal.privacy import NodeBudget
 
-    budget = NodeBudget(max_epsilon=3.0, max_delta=1e-6)
+    budget = NodeBudget(max_epsilon=4.0, max_delta=1e-6)
     first = budget.charge(sample_rate=1.0, noise_multiplier=1.0, steps=1, mechanism="laplace")
     assert 1.0 <= first.total_epsilon < 1.1  # pure eps = 1, as RDP converts it at delta
-    budget.charge(sample_rate=1.0, noise_multiplier=1.1, steps=3)  # a Gaussian task too
+    budget.charge(sample_rate=1.0, noise_multiplier=5.0, steps=1)  # a Gaussian task too
     again = NodeBudget.from_dict(budget.to_dict())
     assert again.spent() == pytest.approx(budget.spent())
     assert [e.mechanism for e in again.ledger.entries] == ["laplace", "gaussian"]
     with pytest.raises(Exception, match="laplace request"):
-        again.charge(sample_rate=1.0, noise_multiplier=0.5, steps=1, mechanism="laplace")
+        again.charge(sample_rate=1.0, noise_multiplier=0.3, steps=1, mechanism="laplace")
