@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from shoal.aggregate import rules
 from shoal.aggregate.rules import (
     all_finite,
     clip_l2,
@@ -29,6 +28,7 @@ from shoal.aggregate.rules import (
     trimmed_mean,
     weighted_mean,
 )
+from shoal.core import reduce
 from shoal.errors import AggregationError, ShoalError
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,12 +65,12 @@ def weights_for(n: int) -> st.SearchStrategy[np.ndarray]:
 
 # Every rule's scratch memory is bounded by processing columns in blocks; shrinking the
 # block size exercises the multi-block paths (including one column per block).
-BLOCKS = st.sampled_from([1, 3, 7, rules._BLOCK_ELEMENTS])
+BLOCKS = st.sampled_from([1, 3, 7, reduce._BLOCK_ELEMENTS])
 
 
 @contextmanager
 def block_size(elements: int) -> Iterator[None]:
-    with mock.patch.object(rules, "_BLOCK_ELEMENTS", elements):
+    with mock.patch.object(reduce, "_BLOCK_ELEMENTS", elements):
         yield
 
 

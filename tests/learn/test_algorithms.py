@@ -69,7 +69,7 @@ def test_server_optimizers_follow_their_formulas(delta: list[float], steps: int)
         momentum = np.zeros(3)
         expected = np.zeros(3)
         for _ in range(steps):
-            state = algorithm.server_update(state, d, None, None)  # type: ignore[arg-type]
+            state = algorithm.server_update(state, {"d": d}, share=1.0)
             if isinstance(algorithm, FedAvgM):
                 momentum = 0.5 * momentum + d["w"]
                 expected = expected + momentum

@@ -14,10 +14,10 @@ from shoal.core import Federation
 from shoal.data import Dataset, load_digits, partition
 from shoal.errors import ConfigError, NotEnoughNodes
 from shoal.learn import FedAvg, FitConfig, SoftmaxRegression, simulate
-from shoal.learn.model import LocalDP
-from shoal.learn.privacy import ExampleDP, NodeDP
 from shoal.learn.softmax import softmax_cross_entropy
 from shoal.privacy import epsilon
+from shoal.privacy.guard import LocalDP
+from shoal.privacy.plans import ExampleDP, NodeDP
 from shoal.privacy.stages import DistributedNoise, GaussianNoise, MeanOver
 from shoal.runtime import LocalEngine, NodeApp, Store
 
@@ -195,6 +195,29 @@ def test_privacy_table_errors(privacy, message) -> None:
     raw = {
         "data": {"dataset": "iris", "partition": {"nodes": 3}},
         "algorithm": {"name": "fedavg", "rounds": 2},
+        "privacy": privacy,
+    }
+    with pytest.raises(ConfigError, match=message):
+        parse_job(raw)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "privacy", "message"),
+    [
+        # DP-SGD's noised step cannot take a gradient term from the server.
+        ("fedprox", {"epsilon": 2.0}, "DP-SGD"),
+        ("scaffold", {"epsilon": 2.0, "mode": "local"}, "DP-SGD"),
+        # The adaptive clip counts unclipped updates: not possible inside a secure sum.
+        ("fedavg", {"epsilon": 2.0, "level": "node", "target_quantile": 0.5}, "secure"),
+    ],
+)
+def test_combinations_that_cannot_be_private_are_refused_at_parse(
+    algorithm: str, privacy: dict, message: str
+) -> None:
+    raw = {
+        "data": {"dataset": "iris", "partition": {"nodes": 3}},
+        "algorithm": {"name": algorithm, "rounds": 2},
+        "aggregate": {"secure": True, "clip": 1.0},
         "privacy": privacy,
     }
     with pytest.raises(ConfigError, match=message):

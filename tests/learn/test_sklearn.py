@@ -12,6 +12,7 @@ from sklearn.neural_network import MLPClassifier
 from shoal.data import Dataset, load_digits, partition
 from shoal.errors import ConfigError, DataError, NotEnoughNodes
 from shoal.learn import FedAvg, FedProx, FitConfig, Model, simulate
+from shoal.learn.hooks import DriftCorrection, ProximalTerm
 from shoal.learn.registry import build_model
 from shoal.learn.sklearn import SklearnModel
 
@@ -242,21 +243,23 @@ def test_fedprox_and_scaffold_are_refused_by_sklearn_solvers(
 ) -> None:
     model = build(name)
     weights = model.get_weights()
-    prox = FitConfig(prox_mu=0.1, prox_center=weights)
+    prox = FitConfig(hooks=(ProximalTerm(0.1, weights),))
     with pytest.raises(ConfigError, match=r"FedProx.*FedAvg"):
         model.fit(digits[0], config=prox, rng=np.random.default_rng(0))
-    scaffold = FitConfig(correction={k: np.zeros_like(v) for k, v in weights.items()})
+    scaffold = FitConfig(
+        hooks=(DriftCorrection({k: np.zeros_like(v) for k, v in weights.items()}),)
+    )
     with pytest.raises(ConfigError, match=r"SCAFFOLD.*FedAvg"):
         model.fit(digits[0], config=scaffold, rng=np.random.default_rng(0))
-    # prox_mu = 0 is plain FedAvg and is accepted.
-    model.fit(digits[0], config=FitConfig(prox_mu=0.0, lr=0.01), rng=np.random.default_rng(0))
+    # No hook is plain FedAvg and is accepted.
+    model.fit(digits[0], config=FitConfig(lr=0.01), rng=np.random.default_rng(0))
 
 
 def test_fedprox_run_with_sklearn_sgd_fails_with_the_reason(
     digits: tuple[Dataset, Dataset],
 ) -> None:
     nodes = partition(digits[0], nodes=3, scheme="iid", seed=0)
-    with pytest.raises(NotEnoughNodes, match="cannot add FedProx"):
+    with pytest.raises(NotEnoughNodes, match="cannot add a gradient term"):
         simulate(
             model=build("sklearn_sgd"),
             nodes=nodes,
@@ -279,9 +282,9 @@ def test_logistic_honours_prox_and_correction_exactly(digits: tuple[Dataset, Dat
         return model.get_weights()
 
     plain = step(FitConfig(**one_step))
-    proxed = step(FitConfig(**one_step, prox_mu=0.5, prox_center=center))
+    proxed = step(FitConfig(**one_step, hooks=(ProximalTerm(0.5, center),)))
     correction = random_weights(base, 2)
-    corrected = step(FitConfig(**one_step, correction=correction))
+    corrected = step(FitConfig(**one_step, hooks=(DriftCorrection(correction),)))
     for key in plain:
         np.testing.assert_allclose(
             proxed[key], plain[key] - 0.1 * 0.5 * (start[key] - center[key]), atol=1e-12

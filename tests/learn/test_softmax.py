@@ -8,6 +8,7 @@ import pytest
 from shoal.data import Dataset, load_digits
 from shoal.errors import ConfigError, DataError
 from shoal.learn import FitConfig, SoftmaxRegression
+from shoal.learn.hooks import ProximalTerm
 from shoal.learn.softmax import softmax_cross_entropy
 
 
@@ -73,7 +74,7 @@ def test_prox_term_pulls_towards_the_center() -> None:
     free.fit(shard, config=FitConfig(epochs=5, lr=0.5), rng=np.random.default_rng(1))
     held.fit(
         shard,
-        config=FitConfig(epochs=5, lr=0.5, prox_mu=1.0, prox_center=center),
+        config=FitConfig(epochs=5, lr=0.5, hooks=(ProximalTerm(1.0, center),)),
         rng=np.random.default_rng(1),
     )
     distance = lambda m: np.linalg.norm(m.get_weights()["W"] - center["W"])  # noqa: E731

@@ -24,6 +24,7 @@ from shoal.learn import (  # noqa: E402
     TrainingResult,
     simulate,
 )
+from shoal.learn.hooks import DriftCorrection, ProximalTerm  # noqa: E402
 from shoal.learn.registry import build_model  # noqa: E402
 from shoal.learn.torch import TorchModel  # noqa: E402
 
@@ -213,7 +214,7 @@ def test_fedprox_adds_mu_times_distance_to_the_gradient(digits: tuple[Dataset, D
     start = model.get_weights()
     center = {k: v + 0.25 for k, v in start.items()}
     plain = one_step(start, data)
-    proxed = one_step(start, data, prox_mu=0.5, prox_center=center)
+    proxed = one_step(start, data, hooks=(ProximalTerm(0.5, center),))
     params = dict(model.module.named_parameters())
     for key in start:
         if key in params:  # one SGD step: w - lr (g + mu (w - center))
@@ -233,8 +234,10 @@ def test_scaffold_adds_the_correction_to_parameter_gradients(
     # parameters take it.
     correction = {k: rng.normal(size=v.shape) for k, v in start.items()}
     plain = one_step(start, data)
-    corrected = one_step(start, data, correction=correction)
-    zero = one_step(start, data, correction={k: np.zeros_like(v) for k, v in start.items()})
+    corrected = one_step(start, data, hooks=(DriftCorrection(correction),))
+    zero = one_step(
+        start, data, hooks=(DriftCorrection({k: np.zeros_like(v) for k, v in start.items()}),)
+    )
     params = dict(model.module.named_parameters())
     for key in start:
         np.testing.assert_allclose(zero[key], plain[key], atol=1e-7)
@@ -247,7 +250,7 @@ def test_missing_correction_is_a_config_error(digits: tuple[Dataset, Dataset]) -
     with pytest.raises(ConfigError, match="SCAFFOLD"):
         model.fit(
             digits[0],
-            config=FitConfig(correction={"1.weight": np.zeros((64, 64))}),
+            config=FitConfig(hooks=(DriftCorrection({"1.weight": np.zeros((64, 64))}),)),
             rng=np.random.default_rng(0),
         )
 
@@ -286,7 +289,9 @@ def test_pending_state_is_dropped_when_a_fit_fails(digits: tuple[Dataset, Datase
     start = model.get_weights()
     model.load_optimizer_state(state)
     with pytest.raises(ConfigError):
-        model.fit(data, config=FitConfig(correction={}), rng=np.random.default_rng(0))
+        model.fit(
+            data, config=FitConfig(hooks=(DriftCorrection({}),)), rng=np.random.default_rng(0)
+        )
     assert model.optimizer_state() == {}
     config = FitConfig(batch_size=64, lr=0.1, max_steps=1)
     model.set_weights(start)

@@ -1,4 +1,7 @@
-"""Tests of the DP mechanisms: noise laws, clipping bounds, DP-FedAvg, adaptive clipping."""
+"""Tests of the DP mechanisms: noise laws, adaptive clipping, distributed noise.
+
+Clipping is the library's one L2 clip (tests/aggregate/test_kernels.py); DP-FedAvg is the
+``NodeDP`` plan's chain (tests/privacy/test_plans.py)."""
 
 from __future__ import annotations
 
@@ -6,32 +9,25 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
+from shoal.aggregate import Reduced
 from shoal.errors import AggregationError, ConfigError
 from shoal.privacy import (
     adaptive_update_noise_multiplier,
-    add_gaussian_noise,
-    clip_by_l2_norm,
     distributed_noise_std,
-    distributed_total_std,
-    dp_fedavg_mean,
-    dp_fedavg_mean_std,
-    dp_fedavg_sum_std,
     gaussian_count,
     gaussian_sigma,
     gaussian_sum,
-    l2_norm,
     laplace_count,
     laplace_mechanism,
     laplace_sum,
     make_rng,
     next_clip_norm,
-    noised_unclipped_fraction,
 )
+from shoal.privacy.stages import GaussianNoise
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 arrays = hnp.arrays(
@@ -63,9 +59,15 @@ def test_make_rng_rejects_bad_seeds(bad: object) -> None:
 # -- noise distributions --------------------------------------------------------------------------
 
 
+def gaussian(std: float, size: int, seed: int) -> np.ndarray:
+    """The library's Gaussian noise stage, applied to a zero aggregate."""
+    zero = Reduced(vector=np.zeros(size), count=1, weight=1.0, averaged=False, layout=None)
+    return GaussianNoise(std, seed=seed).apply(zero).vector
+
+
 def test_gaussian_noise_has_the_intended_std() -> None:
     std = 2.5
-    noise = add_gaussian_noise(np.zeros(20_000), std=std, rng=123)
+    noise = gaussian(std, 20_000, 123)
     # Right shape of distribution (KS) and right variance (chi-square on the sample variance).
     assert stats.kstest(noise, "norm", args=(0.0, std)).pvalue > 1e-3
     n = noise.size
@@ -76,21 +78,10 @@ def test_gaussian_noise_has_the_intended_std() -> None:
 
 def test_std_test_has_power_against_wrong_noise() -> None:
     # The same test must reject noise that is 5% too small, or it would prove nothing above.
-    noise = add_gaussian_noise(np.zeros(20_000), std=2.5 * 0.95, rng=123)
+    noise = gaussian(2.5 * 0.95, 20_000, 123)
     n = noise.size
     chi2 = (n - 1) * noise.var(ddof=1) / 2.5**2
     assert stats.chi2.cdf(chi2, n - 1) < 1e-6
-
-
-def test_gaussian_noise_on_a_dict_keeps_keys_and_shapes() -> None:
-    value = {"w": np.ones((3, 4), dtype=np.float32), "b": np.arange(5)}
-    out = add_gaussian_noise(value, std=0.0, rng=0)
-    assert set(out) == {"w", "b"}
-    assert out["w"].shape == (3, 4) and out["w"].dtype == np.float64
-    np.testing.assert_array_equal(out["b"], np.arange(5))
-    a = add_gaussian_noise(value, std=1.0, rng=5)
-    b = add_gaussian_noise(value, std=1.0, rng=5)
-    np.testing.assert_array_equal(a["w"], b["w"])
 
 
 def test_laplace_mechanism_has_the_intended_scale() -> None:
@@ -143,102 +134,6 @@ def test_gaussian_sigma_meets_the_analytic_gaussian_bound(
         assert sigma < classic
 
 
-# -- clipping -------------------------------------------------------------------------------------
-
-
-@settings(max_examples=200, deadline=None)
-@given(value=arrays, clip=clip_norms)
-def test_clip_bounds_the_norm_and_keeps_the_direction(value: np.ndarray, clip: float) -> None:
-    out = clip_by_l2_norm(value, clip)
-    assert out.shape == value.shape and out.dtype == value.dtype
-    norm = l2_norm(value)
-    assert l2_norm(out) <= clip * (1 + 1e-6)
-    if norm <= clip:
-        np.testing.assert_array_equal(out, value)
-    else:
-        # A positive multiple of the input, with the norm brought to the bound.
-        scale = clip / norm
-        np.testing.assert_allclose(out, value * scale, rtol=1e-5, atol=1e-30)
-        assert l2_norm(out) == pytest.approx(clip, rel=1e-5)
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    parts=st.dictionaries(
-        st.text("abcxyz", min_size=1, max_size=3),
-        hnp.arrays(np.float64, hnp.array_shapes(max_dims=2, max_side=5), elements=finite),
-        min_size=1,
-        max_size=4,
-    ),
-    clip=clip_norms,
-)
-def test_clip_of_a_dict_treats_it_as_one_vector(parts: dict[str, np.ndarray], clip: float) -> None:
-    out = clip_by_l2_norm(parts, clip)
-    assert set(out) == set(parts)
-    keys = sorted(parts)
-    flat_in = np.concatenate([parts[k].ravel() for k in keys])
-    flat_out = np.concatenate([out[k].ravel() for k in keys])
-    np.testing.assert_allclose(flat_out, clip_by_l2_norm(flat_in, clip), rtol=1e-9, atol=1e-300)
-    assert l2_norm(out) <= clip * (1 + 1e-9)
-
-
-def test_clip_rejects_nonfinite_and_bad_norms() -> None:
-    with pytest.raises(AggregationError, match="NaN or infinity"):
-        clip_by_l2_norm(np.array([1.0, np.inf]), 1.0)
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ConfigError):
-            clip_by_l2_norm(np.ones(3), bad)
-    with pytest.raises(AggregationError):
-        clip_by_l2_norm(np.array(["a"]), 1.0)
-
-
-def test_clip_does_not_alias_its_input() -> None:
-    v = np.ones(3)
-    out = clip_by_l2_norm(v, 10.0)
-    out[0] = 5
-    assert v[0] == 1
-
-
-# -- DP-FedAvg ------------------------------------------------------------------------------------
-
-
-def test_dp_fedavg_without_noise_is_the_clipped_sum_over_the_expected_count() -> None:
-    rng = np.random.default_rng(0)
-    updates = [{"w": rng.normal(size=(3, 2)), "b": rng.normal(size=2)} for _ in range(5)]
-    out = dp_fedavg_mean(updates, clip_norm=0.5, noise_multiplier=0.0, expected_count=8, rng=0)
-    expected = {k: sum(clip_by_l2_norm(u, 0.5)[k] for u in updates) / 8 for k in ("w", "b")}
-    for k in ("w", "b"):
-        np.testing.assert_allclose(out[k], expected[k])
-    flat = dp_fedavg_mean(
-        [np.ones(4) * 3, np.zeros(4)], clip_norm=1.0, noise_multiplier=0, expected_count=2
-    )
-    np.testing.assert_allclose(flat, np.full(4, 0.25))
-
-
-def test_dp_fedavg_noise_has_the_documented_std() -> None:
-    assert dp_fedavg_sum_std(clip_norm=2.0, noise_multiplier=1.5) == 3.0
-    std = dp_fedavg_mean_std(clip_norm=2.0, noise_multiplier=1.5, expected_count=10)
-    assert std == pytest.approx(0.3)
-    out = dp_fedavg_mean(
-        [np.zeros(50_000)], clip_norm=2.0, noise_multiplier=1.5, expected_count=10, rng=3
-    )
-    assert stats.kstest(out, "norm", args=(0.0, std)).pvalue > 1e-3
-
-
-def test_dp_fedavg_rejects_mismatched_updates() -> None:
-    with pytest.raises(AggregationError):
-        dp_fedavg_mean([], clip_norm=1, noise_multiplier=1, expected_count=1)
-    with pytest.raises(AggregationError):
-        dp_fedavg_mean(
-            [{"a": np.ones(2)}, {"b": np.ones(2)}],
-            clip_norm=1,
-            noise_multiplier=1,
-            expected_count=2,
-        )
-    with pytest.raises(AggregationError):
-        dp_fedavg_mean([np.ones(2), np.ones(3)], clip_norm=1, noise_multiplier=1, expected_count=2)
-
-
 # -- adaptive clipping ----------------------------------------------------------------------------
 
 
@@ -258,26 +153,12 @@ def test_adaptive_clipping_converges_to_the_target_quantile() -> None:
     clip = 0.01
     for _ in range(400):
         norms = rng.lognormal(mean=0.0, sigma=0.5, size=100)
-        b = noised_unclipped_fraction(
-            unclipped_count=int((norms <= clip).sum()),
-            participants=100,
-            expected_count=100,
-            noise_std=100 / 20,
-            rng=rng,
-        )
+        # What NodeDP's accounting does: nodes report b - 1/2, the server noises the sum.
+        centred = (norms <= clip).sum() - 50 + rng.normal(0.0, 100 / 20)
+        b = centred / 100 + 0.5
         clip = next_clip_norm(clip, b, 0.7, 0.2)
     true_quantile = float(np.exp(0.5 * stats.norm.ppf(0.7)))
     assert clip == pytest.approx(true_quantile, rel=0.15)
-
-
-def test_noised_unclipped_fraction_without_noise_is_the_fraction() -> None:
-    assert noised_unclipped_fraction(
-        unclipped_count=3, participants=10, expected_count=10, noise_std=0
-    ) == pytest.approx(0.3)
-    with pytest.raises(ConfigError):
-        noised_unclipped_fraction(
-            unclipped_count=11, participants=10, expected_count=10, noise_std=1
-        )
 
 
 def test_adaptive_noise_split_composes_back_to_the_total() -> None:
@@ -297,19 +178,18 @@ def test_distributed_noise_sums_to_the_total_std() -> None:
     per = distributed_noise_std(total_std=total, nodes=n)
     assert per == pytest.approx(total / 4)
     rng = np.random.default_rng(11)
-    shares = [add_gaussian_noise(np.zeros(20_000), std=per, rng=rng) for _ in range(n)]
+    shares = [rng.normal(0.0, per, size=20_000) for _ in range(n)]
     summed = np.sum(shares, axis=0)
     assert stats.kstest(summed, "norm", args=(0.0, total)).pvalue > 1e-3
-    assert distributed_total_std(per_node_std=per, survivors=n) == pytest.approx(total)
 
 
 def test_conservative_distributed_noise_covers_dropouts() -> None:
     per = distributed_noise_std(total_std=2.0, nodes=100, min_survivors=60)
-    assert distributed_total_std(per_node_std=per, survivors=60) == pytest.approx(2.0)
-    assert distributed_total_std(per_node_std=per, survivors=100) > 2.0
+    assert per * math.sqrt(60) == pytest.approx(2.0)  # independent shares add in variance
+    assert per * math.sqrt(100) > 2.0
     # The plain variant falls short when nodes drop, which is the documented caveat.
     plain = distributed_noise_std(total_std=2.0, nodes=100)
-    assert distributed_total_std(per_node_std=plain, survivors=60) < 2.0
+    assert plain * math.sqrt(60) < 2.0
     for kwargs in (
         {"nodes": 0},
         {"nodes": 10, "min_survivors": 11},

@@ -20,6 +20,8 @@ from shoal.aggregate.stages import (
     Sum,
     TrimmedMean,
     WeightedMean,
+    accepts_weights,
+    is_private,
 )
 
 __all__ = [
@@ -39,5 +41,7 @@ __all__ = [
     "Sum",
     "TrimmedMean",
     "WeightedMean",
+    "accepts_weights",
+    "is_private",
     "rules",
 ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from shoal.core.reduce import clip_rows, l2_norm, mean_rows, sum_rows
+from shoal.core.reduce import column_blocks as _column_blocks
+from shoal.core.reduce import convex_combination as _convex_combination
 from shoal.errors import AggregationError
 
 __all__ = [
@@ -36,12 +38,6 @@ __all__ = [
 FloatArray = npt.NDArray[np.floating[Any]]
 Float64Array = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]
-
-# Column blocks of about this many elements bound the scratch memory of the
-# blocked loops (16 MiB of float64) whatever n and d are, while staying large
-# enough for BLAS and the sort kernels to run at full speed.
-_BLOCK_ELEMENTS = 1 << 21
-
 
 # --------------------------------------------------------------------------- validation
 
@@ -136,12 +132,6 @@ def _check_positive(value: object, name: str) -> float:
 # --------------------------------------------------------------------------- helpers
 
 
-def _column_blocks(n: int, d: int) -> Iterator[slice]:
-    width = max(1, _BLOCK_ELEMENTS // n)
-    for start in range(0, d, width):
-        yield slice(start, min(start + width, d))
-
-
 def as_float(value: npt.ArrayLike) -> FloatArray:
     """``value`` as a float array: float32 and float64 as they are (no copy), anything else
     converted to float64."""
@@ -157,42 +147,6 @@ def all_finite(v: npt.NDArray[Any]) -> bool:
     return bool(np.isfinite(v.min()) and np.isfinite(v.max()))
 
 
-def l2_norm(v: FloatArray) -> float:
-    """L2 norm of a float vector, summed in float64; inf only if the norm itself exceeds the
-    float64 range.
-
-    Sums squares with einsum rather than BLAS: on busy cores (a simulation's worker threads,
-    other processes) a threaded BLAS dot waits for a second core and took ~4 ms instead of
-    ~0.05 ms for 10^5 values.
-    """
-    with np.errstate(over="ignore"):
-        sq = float(np.einsum("i,i->", v, v, dtype=np.float64))
-    if math.isfinite(sq):
-        return math.sqrt(sq)
-    # Squares of entries above ~1e154 overflow although the norm may not: rescale.
-    top = float(np.abs(v).max())
-    if not math.isfinite(top):
-        return math.inf
-    u = np.divide(v, top, dtype=np.float64)
-    return top * math.sqrt(float(np.einsum("i,i->", u, u)))  # Python floats overflow to inf
-
-
-def _row_norms(x: FloatArray) -> Float64Array:
-    """L2 norm of each row, accumulated in float64."""
-    n, d = x.shape
-    sq = np.zeros(n)
-    with np.errstate(over="ignore"):
-        for cols in _column_blocks(n, d):
-            blk = x[:, cols]
-            if blk.dtype != np.float64:
-                blk = blk.astype(np.float64)
-            sq += np.einsum("ij,ij->i", blk, blk)
-    norms = np.sqrt(sq)
-    for i in np.flatnonzero(~np.isfinite(norms)):
-        norms[i] = l2_norm(x[i].astype(np.float64))
-    return norms
-
-
 def _distances_to(x: FloatArray, y: Float64Array) -> Float64Array:
     """Exact Euclidean distance from each row to ``y`` (coinciding rows give 0.0)."""
     n, d = x.shape
@@ -205,45 +159,6 @@ def _distances_to(x: FloatArray, y: Float64Array) -> Float64Array:
         for i in np.flatnonzero(~np.isfinite(dist)):
             dist[i] = l2_norm(x[i] - y)
     return dist
-
-
-def _convex_combination(coef: Float64Array, x: FloatArray, dtype: Any) -> FloatArray:
-    """``coef @ x`` in ``dtype`` for non-negative ``coef`` summing to 1.
-
-    Every partial sum is bounded by the largest entry, so only rounding right at the
-    float limit can overflow; the true value then lies within rounding of the column's
-    extreme, which is what clipping returns. Float32 input combined in float64 is
-    converted a block at a time rather than all at once.
-    """
-    with np.errstate(over="ignore"):
-        if x.dtype == dtype:
-            out = np.asarray(coef.astype(dtype) @ x, dtype=dtype)
-        else:
-            n, d = x.shape
-            out = np.empty(d, dtype=dtype)
-            for cols in _column_blocks(n, d):
-                out[cols] = coef.astype(dtype) @ x[:, cols].astype(dtype)
-    wide = ~np.isfinite(out)
-    if wide.any():
-        part = x[:, wide]
-        out[wide] = np.clip(out[wide], part.min(axis=0), part.max(axis=0))
-    return out
-
-
-def _mean_rows(x: FloatArray, dtype: Any) -> FloatArray:
-    """Column means in ``dtype``; a sum that overflows is redone on pre-divided values."""
-    m = x.shape[0]
-    with np.errstate(over="ignore"):
-        mean = np.asarray(x.sum(axis=0, dtype=dtype) / m, dtype=dtype)
-    wide = ~np.isfinite(mean)
-    if wide.any():
-        part = x[:, wide].astype(dtype)
-        # Only a mean within rounding of the float limit can still overflow; the true
-        # mean lies between the column's extremes, so clipping there is exact enough.
-        with np.errstate(over="ignore"):
-            redone = (part / m).sum(axis=0)
-        mean[wide] = np.clip(redone, part.min(axis=0), part.max(axis=0))
-    return mean
 
 
 def _median_rows(x: FloatArray) -> FloatArray:
@@ -278,24 +193,12 @@ def weighted_mean(updates: npt.ArrayLike, weights: npt.ArrayLike | None = None) 
     A (weighted) mean of finite values is always finite, even when their sum is not.
     """
     x = _check_updates(updates)
-    w = _check_weights(weights, x.shape[0])
-    if w is None:
-        return _mean_rows(x, x.dtype)
-    return _convex_combination(w, x, x.dtype)
+    return mean_rows(x, _check_weights(weights, x.shape[0]))
 
 
 def total(updates: npt.ArrayLike) -> FloatArray:
     """Coordinate-wise sum of the rows."""
-    x = _check_updates(updates)
-    with np.errstate(over="ignore"):
-        result = np.asarray(x.sum(axis=0), dtype=x.dtype)
-    if not np.isfinite(result).all():
-        bad = np.flatnonzero(~np.isfinite(result))
-        raise AggregationError(
-            f"the sum of the updates overflows {x.dtype} in {len(bad)} coordinates "
-            f"(first: {int(bad[0])}); clip the updates first (clip_l2) or use a mean"
-        )
-    return result
+    return sum_rows(_check_updates(updates))
 
 
 def clip_l2(updates: npt.ArrayLike, max_norm: float) -> tuple[FloatArray, Float64Array]:
@@ -306,18 +209,7 @@ def clip_l2(updates: npt.ArrayLike, max_norm: float) -> tuple[FloatArray, Float6
     range). Zero rows stay zero; no entry grows in magnitude; clipped norms equal
     ``max_norm`` up to floating-point rounding.
     """
-    x = _check_updates(updates)
-    c = _check_positive(max_norm, "max_norm")
-    norms = _row_norms(x)
-    scale = np.ones_like(norms)
-    over = norms > c
-    scale[over] = c / norms[over]
-    clipped = x * scale.astype(x.dtype)[:, None]
-    for i in np.flatnonzero(np.isinf(norms)):
-        row = x[i].astype(np.float64)
-        row /= np.abs(row).max()
-        clipped[i] = row * (c / l2_norm(row))
-    return clipped, norms
+    return clip_rows(_check_updates(updates), _check_positive(max_norm, "max_norm"))
 
 
 # --------------------------------------------------------------------------- coordinate-wise
@@ -359,7 +251,7 @@ def trimmed_mean(updates: npt.ArrayLike, beta: float) -> FloatArray:
             kept = np.sort(x[:, cols], axis=0)[k : n - k]
             low, high = kept[0], kept[-1]
         # Rounding can push the mean of equal values one ulp outside them; clip it back.
-        mean = _mean_rows(kept, np.float64)
+        mean = mean_rows(kept, dtype=np.float64)
         np.clip(mean, low, high, out=out[cols], casting="unsafe")
     return out
 

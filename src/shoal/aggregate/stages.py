@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from shoal.aggregate import rules
 from shoal.core import NodeValues, finish
+from shoal.core.reduce import mean_rows, sum_rows
 from shoal.errors import AggregationError, ConfigError
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ __all__ = [
     "Sum",
     "TrimmedMean",
     "WeightedMean",
+    "accepts_weights",
+    "is_private",
 ]
 
 
@@ -55,7 +58,13 @@ class Reduced:
 
 
 class Stage:
-    """Base of every stage; ``a | b`` builds a Chain, and a lone stage aggregates by itself."""
+    """Base of every stage; ``a | b`` builds a Chain, and a lone stage aggregates by itself.
+
+    ``private``: the stage keeps individual values from the server (a secure sum) or noises
+    them (DP); a chain holding one must get every per-node value a computation releases.
+    """
+
+    private: ClassVar[bool] = False
 
     def __or__(self, other: Stage) -> Chain:
         return Chain.of(self, other)
@@ -80,7 +89,13 @@ class NodeTransform(Stage):
 
 
 class Reducer(Stage):
-    """Turns node values into one vector. Plain reducers gather; secure ones override reduce."""
+    """Turns node values into one vector. Plain reducers gather; secure ones override reduce.
+
+    ``weighted``: the reducer honours ``weights=``; one that cannot refuses them rather than
+    silently computing an unweighted result.
+    """
+
+    weighted: ClassVar[bool] = True
 
     def reduce(
         self, values: NodeValues, weights: NodeValues | None, pre: Sequence[NodeTransform]
@@ -174,6 +189,11 @@ class Chain(Stage):
     def reduce(self, values: NodeValues, *, weights: NodeValues | None = None) -> Reduced:
         """Run the chain and keep the bookkeeping (count, weight, excluded nodes)."""
         pre, reducer, post = self.split()
+        if weights is not None and not reducer.weighted:
+            raise AggregationError(
+                f"{type(reducer).__name__} cannot weight the nodes' values; aggregate without "
+                "weights= (or use Mean(), Sum() or GeometricMedian(), which honour them)"
+            )
         reduced = reducer.reduce(values, weights, pre)
         if reduced.excluded:
             values.record_exclusions(reduced.excluded)
@@ -256,10 +276,8 @@ class Sum(Reducer):
     """The sum; with weights, the weighted sum, so that ``Sum() | Mean()`` is the weighted mean."""
 
     def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
-        if gathered.weights is None:
-            return self._reduced(np.asarray(rules.total(rows)), gathered, averaged=False)
         # The averaging stage divides by the total weight, so the sum must carry the weights.
-        return self._reduced(np.asarray(gathered.weights @ rows), gathered, averaged=False)
+        return self._reduced(sum_rows(rows, gathered.weights), gathered, averaged=False)
 
 
 @dataclass(frozen=True)
@@ -267,8 +285,8 @@ class Mean(Reducer):
     """The mean (weighted when weights are given). After another reducer: divide by the count."""
 
     def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
-        vector = rules.weighted_mean(rows, gathered.weights)
-        return self._reduced(np.asarray(vector), gathered, averaged=True)
+        # The same kernel as NodeValues.mean: the two must agree bit for bit.
+        return self._reduced(mean_rows(rows, gathered.weights), gathered, averaged=True)
 
 
 @dataclass(frozen=True)
@@ -287,6 +305,8 @@ class WeightedMean(Mean):
 class Median(Reducer):
     """Coordinate-wise median (robust to a minority of arbitrary updates)."""
 
+    weighted: ClassVar[bool] = False
+
     def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
         return self._reduced(np.asarray(rules.coordinate_median(rows)), gathered, averaged=True)
 
@@ -294,6 +314,8 @@ class Median(Reducer):
 @dataclass(frozen=True)
 class TrimmedMean(Reducer):
     """Coordinate-wise mean after dropping the ``beta`` fraction of extremes on each side."""
+
+    weighted: ClassVar[bool] = False
 
     beta: float = 0.1
 
@@ -310,6 +332,8 @@ class TrimmedMean(Reducer):
 class Krum(Reducer):
     """The single update closest to its n - f - 2 nearest neighbours (Blanchard et al.)."""
 
+    weighted: ClassVar[bool] = False
+
     f: int = 1
 
     def reduce_rows(self, rows: np.ndarray, gathered: Gathered) -> Reduced:
@@ -321,6 +345,8 @@ class Krum(Reducer):
 @dataclass(frozen=True)
 class MultiKrum(Reducer):
     """The mean of the ``m`` updates with the best Krum scores."""
+
+    weighted: ClassVar[bool] = False
 
     f: int = 1
     m: int = 1
@@ -357,3 +383,26 @@ class GeometricMedian(Reducer):
             rows, gathered.weights, eps=self.eps, max_iter=self.max_iter
         )
         return self._reduced(np.asarray(vector), gathered, averaged=True)
+
+
+def is_private(aggregator: Any) -> bool:
+    """Whether ``aggregator`` keeps individual values from the server or noises them.
+
+    An aggregator that is not a shoal stage might do anything, so it counts as private:
+    nothing else per-node is then released in the clear beside it.
+    """
+    if isinstance(aggregator, Chain):
+        return any(stage.private for stage in aggregator.stages)
+    if isinstance(aggregator, Stage):
+        return aggregator.private
+    return True
+
+
+def accepts_weights(aggregator: Any) -> bool:
+    """Whether ``aggregator`` honours ``weights=`` (its reducer does)."""
+    if isinstance(aggregator, Chain):
+        try:
+            return aggregator.split()[1].weighted
+        except ConfigError:
+            return False
+    return isinstance(aggregator, Reducer) and aggregator.weighted

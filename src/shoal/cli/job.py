@@ -49,9 +49,9 @@ from shoal.learn import (
     learning_app,
     simulate,
 )
-from shoal.learn.privacy import ExampleDP, NodeDP
 from shoal.learn.registry import build_model, model_names
 from shoal.privacy.guard import budget_guard
+from shoal.privacy.plans import ExampleDP, NodeDP
 from shoal.runtime import Faults, NodeApp, Store
 
 if sys.version_info >= (3, 11):

@@ -22,12 +22,14 @@ from shoal.learn.runner import RoundReport, Trainer, TrainingResult
 from shoal.learn.simulate import simulate
 from shoal.learn.softmax import SoftmaxRegression
 from shoal.learn.tasks import EVALUATE, TRAIN, LocalData, learning_app, learning_tasks
+from shoal.privacy.plans import ExampleDP, NodeDP, NoPrivacy, PrivacyPlan
 
 __all__ = [
     "ALGORITHMS",
     "EVALUATE",
     "TRAIN",
     "Algorithm",
+    "ExampleDP",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -39,6 +41,9 @@ __all__ = [
     "FitResult",
     "LocalData",
     "Model",
+    "NoPrivacy",
+    "NodeDP",
+    "PrivacyPlan",
     "RoundReport",
     "RoundResult",
     "Scaffold",

@@ -8,19 +8,19 @@ server state. FedAvg (McMahan et al. 2017), FedProx (Li et al. 2020), FedAvgM (H
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
-from shoal.aggregate import Mean, Sum
-from shoal.core import Aggregator, Federation, NodeValues
+from shoal.aggregate import Mean
+from shoal.core import Aggregator, Federation
 from shoal.errors import ConfigError
 from shoal.learn.model import Weights
-from shoal.learn.privacy import ExampleDP, NodeDP
 from shoal.learn.tasks import TRAIN, prefixed, unprefixed
-from shoal.privacy.stages import GaussianNoise
+from shoal.privacy.plans import NoPrivacy, PrivacyPlan
 
 __all__ = [
     "ALGORITHMS",
@@ -79,9 +79,15 @@ class RoundResult:
 
 @dataclass(frozen=True, kw_only=True)
 class Algorithm:
-    """FedAvg's shape; subclasses change what nodes are told and how the server steps."""
+    """FedAvg's shape; subclasses change what nodes are told and how the server steps.
+
+    Privacy is the plan's business (``shoal.privacy.plans``): which nodes train, what they
+    are told, which aggregate their updates go through and what the run spent. Everything
+    a node releases goes through that one aggregate, unless the plan declares it public.
+    """
 
     name: ClassVar[str] = "fedavg"
+    hooks: ClassVar[bool] = False  # adds a gradient term at the nodes (FedProx, SCAFFOLD)
     rounds: int = 10
     nodes_per_round: int = 10
     local_epochs: int = 1
@@ -91,7 +97,8 @@ class Algorithm:
     server_lr: float = 1.0
     aggregator: Aggregator | None = None  # default: mean weighted by examples
     keep_optimizer_state: bool = False  # nodes keep momentum/Adam state between rounds
-    privacy: ExampleDP | NodeDP | None = None  # differential privacy, accounted every round
+    privacy: PrivacyPlan | None = None  # differential privacy, accounted every round
+    plan: PrivacyPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key in ("rounds", "nodes_per_round", "local_epochs", "batch_size"):
@@ -99,15 +106,23 @@ class Algorithm:
                 raise ConfigError(f"{self.name}: {key} must be at least 1")
         if not self.lr > 0 or not self.server_lr > 0:
             raise ConfigError(f"{self.name}: lr and server_lr must be positive")
+        if self.privacy is None:
+            plan: PrivacyPlan = NoPrivacy(aggregator=self.aggregator or Mean())
+        elif self.aggregator is None:
+            plan = self.privacy
+        else:
+            plan = self.privacy.with_aggregator(self.aggregator)
+        if self.hooks and getattr(plan, "trains_with_dp_sgd", False):
+            raise ConfigError(
+                f"{self.name} adds a gradient term at every node, which DP-SGD's noised step "
+                "cannot take: use fedavg, fedavgm or a FedOpt algorithm with example-level "
+                "privacy"
+            )
+        object.__setattr__(self, "plan", plan)
 
     def node_tasks(self) -> dict[str, Any]:
         """Tasks every node must install besides train/evaluate (e.g. a secure sum's)."""
-        tasks: dict[str, Any] = {}
-        for part in (self.aggregator, self.privacy):
-            node_tasks = getattr(part, "node_tasks", None)
-            if node_tasks is not None:
-                tasks.update(node_tasks())
-        return tasks
+        return self.plan.node_tasks()
 
     def init(self, weights: Weights) -> ServerState:
         return ServerState(round=0, weights={k: np.array(v, float) for k, v in weights.items()})
@@ -115,32 +130,24 @@ class Algorithm:
     def node_params(self, state: ServerState) -> dict[str, Any]:
         return {}
 
+    def released(self, state: ServerState) -> list[str]:
+        """The data-derived fields each node releases, all through the round's aggregate."""
+        return [f"d/{name}" for name in state.weights]
+
     def server_update(
-        self, state: ServerState, delta: Weights, out: NodeValues, fed: Federation
+        self, state: ServerState, update: Mapping[str, Weights], *, share: float
     ) -> ServerState:
+        """Step from the aggregate (``update["d"]``: the mean delta); ``share`` is the
+        fraction of the federation that took part (a public count)."""
+        delta = update["d"]
         weights = {k: w + self.server_lr * delta[k] for k, w in state.weights.items()}
         return ServerState(round=state.round + 1, weights=weights, slots=state.slots)
 
     def round(self, fed: Federation, state: ServerState, *, seed: int | None = None) -> RoundResult:
-        privacy = self.privacy
-        nodes = len(fed.node_ids)
-        node_rate = min(1.0, self.nodes_per_round / max(nodes, 1))
-        if isinstance(privacy, NodeDP):
-            # Amplification by sampling holds for Poisson sampling, so DP-FedAvg samples so.
-            group = fed.sample_poisson(node_rate, seed=seed)
-        elif isinstance(privacy, ExampleDP) and privacy.distributed:
-            group = fed.all()  # one DP-SGD step over the whole federation's data
-        else:
-            group = fed.sample(self.nodes_per_round, seed=seed)
-        extra = self.node_params(state)
-        clip = state.meta.get("dp_clip") if isinstance(privacy, NodeDP) else None
-        if isinstance(privacy, NodeDP):
-            extra["dp"] = privacy.request(nodes=nodes, per_round=self.nodes_per_round, clip=clip)
-        elif privacy is not None:
-            extra["dp"] = privacy.request(nodes=nodes, per_round=self.nodes_per_round)
-        if privacy is not None:
-            extra["dp"] = extra["dp"].to_json()
-        weights = group.broadcast(
+        plan = self.plan.plan_round(
+            fed, per_round=self.nodes_per_round, lr=self.lr, meta=state.meta, seed=seed
+        )
+        weights = plan.group.broadcast(
             **prefixed("w", state.weights),
             epochs=self.local_epochs,
             lr=self.lr,
@@ -148,73 +155,34 @@ class Algorithm:
             max_steps=self.max_steps,
             seed=seed,
             keep_optimizer_state=self.keep_optimizer_state,
-            **extra,
+            **self.node_params(state),
+            **plan.payload,
         )
-        fields = [f"d/{name}" for name in state.weights]
-        planned = None
-        if isinstance(privacy, NodeDP):
-            # DP-FedAvg divides by the expected count, a public number, not the group's size
-            planned = privacy.aggregator(
-                nodes=nodes, per_round=self.nodes_per_round, lr=self.lr, clip=clip
-            )
-        elif privacy is not None:
-            planned = privacy.aggregator(nodes=nodes, per_round=len(group), lr=self.lr)
-        aggregator: Aggregator = planned or self.aggregator or Mean()
-        plain_mean = privacy is None and type(aggregator) is Mean
-        if plain_mean:
-            # FedAvg's default aggregates deltas and loss in the clear with one weighted mean,
-            # so the nodes may as well send them with their receipts: no second round trip.
-            fields.append("loss")
-            out = group.map(TRAIN, weights, send=[*fields, "n"])
-        else:
-            out = group.map(TRAIN, weights)
-        # Under DP nothing data-dependent leaves a node un-noised: no example counts as
-        # weights, no training loss.
-        example_weights = None if privacy is not None else out["n"]
-        aggregated = out.select(*fields).aggregate(aggregator, weights=example_weights)
+        fields = self.released(state)
+        # What the plan lets travel in the clear comes with the receipts: no second trip.
+        out = plan.group.map(TRAIN, weights, send=[*fields, *plan.public] if plan.clear else ())
+        n = out["n"] if plan.weighted else None
+        aggregated = out.select(*fields).aggregate(plan.aggregator, weights=n)
         if not isinstance(aggregated, dict):  # a single-array model comes back unnamed
             aggregated = {fields[0]: aggregated}
-        delta = unprefixed("d", aggregated)
-        if privacy is not None:
-            loss = float("nan")
-        elif plain_mean:
-            loss = float(aggregated["loss"])
-        else:
-            loss = float(out["loss"].mean(weights=out["n"]))
-        new_state = self.server_update(state, delta, out, fed)
-        meta = dict(new_state.meta or state.meta)
-        spent = None
-        if privacy is not None:
-            participation = dict(meta.get("dp_participation", {}))
-            for node in out.node_ids:
-                participation[node] = participation.get(node, 0) + 1
-            meta["dp_participation"] = participation
-            spent = privacy.spent(
-                participation=participation, rounds=new_state.round, node_rate=node_rate
-            )
-            meta["epsilon"] = spent
-            if isinstance(privacy, NodeDP) and privacy.target_quantile is not None:
-                meta["dp_clip"] = self._adapt_clip(privacy, out, clip or privacy.clip)
-        new_state = replace(new_state, meta=meta)
+        participants = tuple(node for node in out.node_ids if node not in out.exclusions)
+        update = {head: unprefixed(head, aggregated) for head in ("d", "dc")}
+        new_state = self.server_update(
+            state, update, share=len(participants) / max(len(fed.node_ids), 1)
+        )
+        meta = self.plan.account(state.meta, plan=plan, out=out, rounds=new_state.round)
+        public_loss = "loss" in plan.public and "n" in plan.public
         failures = {node: f"{f.kind.value}: {f.detail}" for node, f in out.failures.items()}
         for node, reason in out.exclusions.items():
             failures.setdefault(node, f"excluded: {reason}")
         return RoundResult(
-            state=new_state,
-            train_loss=loss,
-            participants=tuple(n for n in out.node_ids if n not in out.exclusions),
+            state=replace(new_state, meta=meta),
+            train_loss=float(out["loss"].mean(weights=out["n"])) if public_loss else math.nan,
+            participants=participants,
             failures=failures,
-            epsilon=spent,
-            delta=privacy.delta if privacy is not None else None,
+            epsilon=meta.get("epsilon"),
+            delta=self.plan.delta,
         )
-
-    def _adapt_clip(self, privacy: NodeDP, out: NodeValues, clip: float) -> float:
-        """Andrew et al.: the noised fraction of updates that fitted under the clip."""
-        expected = float(self.nodes_per_round)
-        centred = out["dp_unclipped"].aggregate(
-            Sum() | GaussianNoise(privacy.count_noise_std(expected))
-        )
-        return privacy.next_clip(clip, float(centred) / expected + 0.5)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,6 +195,7 @@ class FedProx(Algorithm):
     """FedAvg with a proximal term (mu/2)||w - w_global||^2 in every node's objective."""
 
     name: ClassVar[str] = "fedprox"
+    hooks: ClassVar[bool] = True
     mu: float = 0.01
 
     def node_params(self, state: ServerState) -> dict[str, Any]:
@@ -241,8 +210,9 @@ class FedAvgM(Algorithm):
     momentum: float = 0.9
 
     def server_update(
-        self, state: ServerState, delta: Weights, out: NodeValues, fed: Federation
+        self, state: ServerState, update: Mapping[str, Weights], *, share: float
     ) -> ServerState:
+        delta = update["d"]
         v = state.slots.get("momentum") or {k: np.zeros_like(w) for k, w in delta.items()}
         v = {k: self.momentum * v[k] + delta[k] for k in delta}
         weights = {k: w + self.server_lr * v[k] for k, w in state.weights.items()}
@@ -263,8 +233,9 @@ class FedOpt(Algorithm):
         return self.beta2 * v + (1 - self.beta2) * d2
 
     def server_update(
-        self, state: ServerState, delta: Weights, out: NodeValues, fed: Federation
+        self, state: ServerState, update: Mapping[str, Weights], *, share: float
     ) -> ServerState:
+        delta = update["d"]  # the optimizer's only statistic: the aggregate itself
         zeros = {k: np.zeros_like(d) for k, d in delta.items()}
         m = state.slots.get("m") or zeros
         v = state.slots.get("v") or {k: np.full_like(d, self.tau**2) for k, d in delta.items()}
@@ -304,22 +275,23 @@ class Scaffold(Algorithm):
     """SCAFFOLD: control variates correct each node's drift from the global direction."""
 
     name: ClassVar[str] = "scaffold"
+    hooks: ClassVar[bool] = True
 
     def node_params(self, state: ServerState) -> dict[str, Any]:
         c = state.slots.get("c") or {k: np.zeros_like(w) for k, w in state.weights.items()}
         return prefixed("c", c)
 
+    def released(self, state: ServerState) -> list[str]:
+        # The control variates' change travels with the delta, through the same aggregate
+        # (clipped, summed securely and noised together): never on its own in the clear.
+        return [*super().released(state), *(f"dc/{name}" for name in state.weights)]
+
     def server_update(
-        self, state: ServerState, delta: Weights, out: NodeValues, fed: Federation
+        self, state: ServerState, update: Mapping[str, Weights], *, share: float
     ) -> ServerState:
         c = state.slots.get("c") or {k: np.zeros_like(w) for k, w in state.weights.items()}
-        fields = [f"dc/{name}" for name in c]
-        mean_dc = out.select(*fields).mean()
-        if not isinstance(mean_dc, dict):
-            mean_dc = {fields[0]: mean_dc}
-        share = len(out) / max(len(fed.node_ids), 1)
-        c = {k: c[k] + share * unprefixed("dc", mean_dc)[k] for k in c}
-        weights = {k: w + self.server_lr * delta[k] for k, w in state.weights.items()}
+        c = {k: c[k] + share * update["dc"][k] for k in c}
+        weights = {k: w + self.server_lr * update["d"][k] for k, w in state.weights.items()}
         return ServerState(round=state.round + 1, weights=weights, slots={"c": c})
 
 

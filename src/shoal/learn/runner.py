@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from shoal.core import Federation
@@ -89,13 +89,29 @@ class Trainer:
         self._evaluator.set_weights(weights)
         return self._evaluator.evaluate(self.test)
 
-    def federated_evaluate(self, weights: Weights) -> dict[str, float]:
+    def federated_evaluate(self, state: ServerState) -> tuple[dict[str, float], ServerState]:
+        """Metrics on the nodes' own held-out data, through the privacy plan's aggregate.
+
+        Without privacy the nodes' metrics are averaged in the clear, weighted by their
+        example counts; under a secure aggregate they are summed securely; under DP they
+        are noised and their cost is added to the run's epsilon (returned in the state).
+        """
+        plan = self.algorithm.plan
+        evaluation = plan.evaluation(self.federation)
         group = self.federation.all()
-        out = group.map(EVALUATE, group.broadcast(**prefixed("w", weights)))
-        return {
-            "federated_accuracy": float(out["accuracy"].mean(weights=out["n"])),
-            "federated_loss": float(out["loss"].mean(weights=out["n"])),
-        }
+        weights = prefixed("w", state.weights)
+        if evaluation.aggregator is None:
+            out = group.map(EVALUATE, group.broadcast(**weights), send=["accuracy", "loss", "n"])
+            metrics = {
+                "federated_accuracy": float(out["accuracy"].mean(weights=out["n"])),
+                "federated_loss": float(out["loss"].mean(weights=out["n"])),
+            }
+            return metrics, state
+        request = group.broadcast(**weights, private=True, noise_std=evaluation.node_noise_std)
+        out = group.map(EVALUATE, request)
+        metrics = evaluation.decode(out["metrics"].aggregate(evaluation.aggregator))
+        meta = plan.account_evaluation(state.meta)
+        return metrics, replace(state, meta=meta)
 
     def _start(self, resume: str | None) -> tuple[ServerState, str | None]:
         if resume is None:
@@ -144,8 +160,11 @@ class Trainer:
         )
         new_state = result.state
         evaluation = self.evaluate(new_state.weights)
+        epsilon = result.epsilon
         if self.federated_eval_every and new_state.round % self.federated_eval_every == 0:
-            evaluation.update(self.federated_evaluate(new_state.weights))
+            federated, new_state = self.federated_evaluate(new_state)
+            evaluation.update(federated)
+            epsilon = new_state.meta.get("epsilon", epsilon)
         report = RoundReport(
             round=new_state.round,
             train_loss=result.train_loss,
@@ -156,7 +175,7 @@ class Trainer:
             loss=evaluation.get("loss"),
             federated_accuracy=evaluation.get("federated_accuracy"),
             federated_loss=evaluation.get("federated_loss"),
-            epsilon=result.epsilon,
+            epsilon=epsilon,
             delta=result.delta,
         )
         if self.store is not None and run_id is not None:

@@ -17,6 +17,7 @@ from sklearn.metrics import hinge_loss
 from sklearn.neural_network import MLPClassifier
 
 from shoal.errors import ConfigError, DataError
+from shoal.learn.hooks import add_hook_terms
 from shoal.learn.model import FitConfig, FitResult, Model, Weights
 from shoal.learn.registry import register_model
 from shoal.learn.softmax import softmax_cross_entropy
@@ -224,18 +225,12 @@ class SklearnModel:
         if self.kind == "logistic":
             return
         name = type(self.estimator).__name__
-        if config.prox_mu > 0:
+        if config.hooks:
             raise ConfigError(
-                f"{name} trains with scikit-learn's own solver, which cannot add FedProx's "
-                f"proximal term (prox_mu={config.prox_mu}); use {_FEDAVG_FAMILY}, or a "
-                "model that computes its own gradients (softmax_regression, "
+                f"{name} trains with scikit-learn's own solver, which cannot add a gradient "
+                f"term (FedProx's proximal pull, SCAFFOLD's correction); use {_FEDAVG_FAMILY}, "
+                "or a model that computes its own gradients (softmax_regression, "
                 "sklearn_logistic, a TorchModel)"
-            )
-        if config.correction is not None:
-            raise ConfigError(
-                f"{name} trains with scikit-learn's own solver, which cannot add SCAFFOLD's "
-                f"control-variate correction; use {_FEDAVG_FAMILY}, or a model that computes "
-                "its own gradients (softmax_regression, sklearn_logistic, a TorchModel)"
             )
 
     def fit(self, data: Any, *, config: FitConfig, rng: np.random.Generator) -> FitResult:
@@ -289,12 +284,7 @@ class SklearnModel:
             grad_coef = grad_coef + coef / (est.C * n)
         grads = {"coef": grad_coef, "intercept": grad_intercept}
         current = {"coef": coef, "intercept": intercept}
-        if config.prox_mu > 0 and config.prox_center is not None:
-            for k in grads:
-                grads[k] = grads[k] + config.prox_mu * (current[k] - config.prox_center[k])
-        if config.correction is not None:
-            for k in grads:
-                grads[k] = grads[k] + config.correction[k]
+        grads = add_hook_terms(config.hooks, grads, current)  # FedProx, SCAFFOLD
         if not est.fit_intercept:
             grads["intercept"] = np.zeros_like(intercept)
         est.coef_ = coef - config.lr * grads["coef"]

@@ -81,8 +81,7 @@ class SoftmaxRegression:
         if config.dp is not None:
             return self._fit_dp(x, y, config, rng)
         W, b = self.W, self.b
-        center = config.prox_center
-        correction = config.correction
+        hooks = config.hooks
         steps = 0
         losses: list[float] = []
         for _ in range(config.epochs):
@@ -92,12 +91,9 @@ class SoftmaxRegression:
                 loss, grad_logits, _ = softmax_cross_entropy(x[idx] @ W + b, y[idx])
                 grad_W = x[idx].T @ grad_logits + self.l2 * W
                 grad_b = grad_logits.sum(axis=0)
-                if config.prox_mu and center is not None:
-                    grad_W = grad_W + config.prox_mu * (W - center["W"])
-                    grad_b = grad_b + config.prox_mu * (b - center["b"])
-                if correction is not None:
-                    grad_W = grad_W + correction["W"]
-                    grad_b = grad_b + correction["b"]
+                for hook in hooks:  # FedProx, SCAFFOLD: see shoal.learn.hooks
+                    grad_W = grad_W + hook.term("W", W)
+                    grad_b = grad_b + hook.term("b", b)
                 W = W - config.lr * grad_W
                 b = b - config.lr * grad_b
                 losses.append(loss)

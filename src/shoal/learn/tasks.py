@@ -9,7 +9,6 @@ Payload names: ``w/<name>`` weights in, ``d/<name>`` weight deltas out, ``c/<nam
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,9 +17,12 @@ from typing import Any
 import numpy as np
 
 from shoal.errors import ConfigError, DataError
-from shoal.learn.model import FitConfig, LocalDP, Model, StatefulOptimizer, Weights
+from shoal.learn.hooks import node_hooks
+from shoal.learn.model import FitConfig, Model, StatefulOptimizer, Weights
 from shoal.privacy import make_rng
 from shoal.privacy.guard import DPRequest
+from shoal.privacy.plans import metrics_vector, unclipped_indicator
+from shoal.privacy.stages import add_node_noise
 from shoal.runtime import NodeApp, TaskContext, TaskFn
 
 __all__ = [
@@ -35,7 +37,6 @@ __all__ = [
 
 TRAIN = "shoal.learn.train"
 EVALUATE = "shoal.learn.evaluate"
-SCAFFOLD_STATE = "shoal.learn.scaffold_c"
 OPTIMIZER_STATE = "shoal.learn.optimizer_state"
 
 
@@ -100,14 +101,7 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         weights = unprefixed("w", payload)
         net = instance()
         net.set_weights(weights)
-        server_c = unprefixed("c", payload)
-        node_c: Weights | None = None
-        correction = None
-        if server_c:
-            node_c = ctx.state.get(SCAFFOLD_STATE) or {
-                k: np.zeros_like(v) for k, v in server_c.items()
-            }
-            correction = {k: server_c[k] - node_c[k] for k in server_c}
+        hooks = node_hooks(ctx, payload, weights)
         request = DPRequest.from_payload(payload)
         local_dp = None
         if request is not None and request.level == "example":
@@ -118,22 +112,18 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
                     f"{type(net).__name__} does not implement DP-SGD; example-level privacy "
                     "needs softmax_regression or a PyTorch model (mlp, cnn)"
                 )
-            share = request.node_noise_multiplier
-            local_dp = LocalDP(
-                clip=request.clip,
-                noise_multiplier=request.noise_multiplier if share is None else share,
-                sample_rate=request.sample_rate,
-                steps=request.steps,
-                normalizer=request.normalizer,
-            )
+            if hooks.hooks:
+                raise ConfigError(
+                    "DP-SGD's noised step takes no FedProx or SCAFFOLD gradient term; train "
+                    "with example-level privacy under fedavg, fedavgm or a FedOpt algorithm"
+                )
+            local_dp = request.local()
         config = FitConfig(
             epochs=int(payload.get("epochs", 1)),
             batch_size=int(payload.get("batch_size", 32)),
             lr=float(payload.get("lr", 0.1)),
             max_steps=payload.get("max_steps"),
-            prox_mu=float(payload.get("prox_mu", 0.0)),
-            prox_center=weights if payload.get("prox_mu") else None,
-            correction=correction,
+            hooks=hooks.hooks,
             dp=local_dp,
         )
         # Optimizer state (momentum, Adam moments) never leaves the node; keeping it between
@@ -150,19 +140,12 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         if optimizer is not None and keep_optimizer:
             ctx.state[OPTIMIZER_STATE] = optimizer.optimizer_state()
         new = net.get_weights()
-        out: dict[str, Any] = prefixed("d", {k: new[k] - weights[k] for k in weights})
+        delta = {k: new[k] - weights[k] for k in weights}
+        out: dict[str, Any] = prefixed("d", delta)
         out.update(n=result.examples, loss=result.loss, steps=result.steps)
         if request is not None and request.level == "node":
-            # For adaptive clipping: did this update fit under the clip? Reported centred
-            # (b - 1/2), which halves the count's sensitivity (Andrew et al. 2021).
-            norm = math.sqrt(sum(float(np.sum((new[k] - weights[k]) ** 2)) for k in weights))
-            out["dp_unclipped"] = 0.5 if norm <= request.clip else -0.5
-        if node_c is not None:
-            # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K * lr)
-            scale = 1.0 / (result.steps * config.lr)
-            fresh = {k: node_c[k] - server_c[k] + (weights[k] - new[k]) * scale for k in server_c}
-            out.update(prefixed("dc", {k: fresh[k] - node_c[k] for k in server_c}))
-            ctx.state[SCAFFOLD_STATE] = fresh
+            out["dp_unclipped"] = unclipped_indicator(delta, request.clip)
+        out.update(hooks.finish(ctx, weights=weights, new=new, steps=result.steps, lr=config.lr))
         return out
 
     def evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +155,11 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         net = instance()
         net.set_weights(unprefixed("w", payload))
         metrics = net.evaluate(test_data)
+        if payload.get("private"):
+            # Only a bounded vector, for a private aggregate; noised here when the plan asks.
+            vector = metrics_vector(accuracy=metrics["accuracy"], loss=metrics["loss"])
+            std = float(payload.get("noise_std", 0.0) or 0.0)
+            return {"metrics": add_node_noise(vector, std) if std > 0 else vector}
         return {**{k: float(v) for k, v in metrics.items()}, "n": len(test_data)}
 
     return {TRAIN: train, EVALUATE: evaluate}

@@ -255,16 +255,14 @@ class TorchModel:
             return self._fit_dp(x, y, config, rng)
         n = len(y)
         named = [(k, p) for k, p in self.module.named_parameters() if p.requires_grad]
-        center: dict[str, torch.Tensor] = {}
-        if config.prox_mu > 0:
-            source = config.prox_center
-            for name, p in named:
-                c = p.detach().clone() if source is None else _tensor_for(source, name, p)
-                center[name] = c
-        correction: dict[str, torch.Tensor] = {}
-        if config.correction is not None:
-            for name, p in named:
-                correction[name] = _tensor_for(config.correction, name, p)
+        params = dict(named)
+
+        # FedProx's and SCAFFOLD's terms (shoal.learn.hooks), as tensors once per fit.
+        def as_tensor(name: str, value: np.ndarray) -> Any:
+            # Buffers and frozen parameters get no gradient, so no term either.
+            return _tensor_for({name: value}, name, params[name]) if name in params else value
+
+        hooks = [hook.to(as_tensor) for hook in config.hooks]
         seed = int(rng.integers(2**62))
         order_gen = torch.Generator().manual_seed(seed)
         opt = self._make_optimizer(named, config.lr, pending)
@@ -283,15 +281,13 @@ class TorchModel:
                         self._check_outputs(out, y)
                     loss = self._loss_fn(out, y[idx])
                     loss.backward()
-                    if center or correction:
+                    if hooks:
                         with torch.no_grad():
                             for name, p in named:
                                 if p.grad is None:
                                     p.grad = torch.zeros_like(p)
-                                if name in center:
-                                    p.grad.add_(p - center[name], alpha=config.prox_mu)
-                                if name in correction:
-                                    p.grad.add_(correction[name])
+                                for hook in hooks:
+                                    p.grad.add_(hook.term(name, p))
                     opt.step()
                     losses.append(float(loss.detach()))
                     steps += 1
@@ -312,7 +308,7 @@ class TorchModel:
 
         dp = config.dp
         assert dp is not None
-        if config.prox_mu or config.correction is not None:
+        if config.hooks:
             raise ConfigError("DP-SGD training does not combine with FedProx or SCAFFOLD")
         n = len(y)
         expected = dp.normalizer or dp.sample_rate * n
@@ -368,7 +364,7 @@ def _tensor_for(source: Mapping[str, np.ndarray], name: str, like: torch.Tensor)
     value = source.get(name)
     if value is None or tuple(np.shape(value)) != tuple(like.shape):
         raise ConfigError(
-            f"{name!r} is missing from the prox center / SCAFFOLD correction or has the wrong "
+            f"{name!r} is missing from a gradient hook (FedProx, SCAFFOLD) or has the wrong "
             f"shape (expected {tuple(like.shape)}); the server and node models differ"
         )
     return torch.tensor(np.asarray(value)).to(like.device, dtype=like.dtype)

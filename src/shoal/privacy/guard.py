@@ -13,11 +13,13 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from shoal.errors import ConfigError, PrivacyBudgetExceeded
 from shoal.privacy.accounting import Accountant
 from shoal.privacy.budget import NodeBudget
 
-__all__ = ["DP_KEY", "DPRequest", "budget_guard"]
+__all__ = ["DP_KEY", "DPRequest", "LocalDP", "budget_guard"]
 
 DP_KEY = "dp"
 BUDGET_STATE = "shoal.privacy.budget"
@@ -51,6 +53,17 @@ class DPRequest:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def local(self) -> LocalDP:
+        """What DP-SGD at this node runs: with distributed noise, only the node's share."""
+        share = self.node_noise_multiplier
+        return LocalDP(
+            clip=self.clip,
+            noise_multiplier=self.noise_multiplier if share is None else share,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            normalizer=self.normalizer,
+        )
+
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> DPRequest | None:
         raw = payload.get(DP_KEY)
@@ -70,6 +83,33 @@ class DPRequest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed DP request {dict(raw)!r}: {exc}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalDP:
+    """DP-SGD at a node: ``steps`` steps, each on a Poisson sample of rate ``sample_rate``,
+    every example's gradient clipped to ``clip`` and Gaussian noise of std
+    ``noise_multiplier * clip`` added to the sum (Abadi et al. 2016)."""
+
+    clip: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    # Divide the noised sum by this (the federation's expected batch in distributed DP)
+    # instead of this node's own expected batch.
+    normalizer: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalizer is not None and not self.normalizer > 0:
+            raise ConfigError(f"DP normalizer must be positive, got {self.normalizer}")
+        if not np.isfinite(self.clip) or self.clip <= 0:
+            raise ConfigError(f"DP clip norm must be positive, got {self.clip}")
+        if not np.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
+            raise ConfigError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"DP sample rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 1:
+            raise ConfigError(f"DP steps must be at least 1, got {self.steps}")
 
 
 def budget_guard(

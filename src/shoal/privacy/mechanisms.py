@@ -1,4 +1,4 @@
-"""Differential-privacy mechanisms as pure functions: noise, clipping, DP-FedAvg, adaptive clipping.
+"""Differential-privacy mechanisms as pure functions: Gaussian/Laplace releases, adaptive clipping.
 
 Every function that draws noise takes ``rng``; leaving it out seeds a fresh NumPy generator from
 ``os.urandom``, so noise is never predictable from the outside. Pass an int seed only in tests.
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
-from typing import overload
 
 import numpy as np
 import numpy.typing as npt
@@ -19,27 +17,18 @@ from shoal.errors import AggregationError, ConfigError
 __all__ = [
     "RngLike",
     "adaptive_update_noise_multiplier",
-    "add_gaussian_noise",
-    "clip_by_l2_norm",
     "distributed_noise_std",
-    "distributed_total_std",
-    "dp_fedavg_mean",
-    "dp_fedavg_mean_std",
-    "dp_fedavg_sum_std",
     "gaussian_count",
     "gaussian_sigma",
     "gaussian_sum",
-    "l2_norm",
     "laplace_count",
     "laplace_mechanism",
     "laplace_sum",
     "make_rng",
     "next_clip_norm",
-    "noised_unclipped_fraction",
 ]
 
 RngLike = np.random.Generator | int | None
-ArrayTree = np.ndarray | dict[str, np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,32 +91,6 @@ def _as_float_array(value: npt.ArrayLike, what: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Gaussian and Laplace mechanisms
-
-
-@overload
-def add_gaussian_noise(
-    value: Mapping[str, npt.ArrayLike], *, std: float, rng: RngLike = None
-) -> dict[str, np.ndarray]: ...
-@overload
-def add_gaussian_noise(value: npt.ArrayLike, *, std: float, rng: RngLike = None) -> np.ndarray: ...
-def add_gaussian_noise(
-    value: Mapping[str, npt.ArrayLike] | npt.ArrayLike, *, std: float, rng: RngLike = None
-) -> ArrayTree:
-    """Add i.i.d. N(0, std^2) noise to every entry of an array or of a dict of arrays.
-
-    The result is float64 whatever the input dtype: float32 would round away part of the noise's
-    fine structure for large values.
-    """
-    std = _check_positive("std", std, allow_zero=True)
-    gen = make_rng(rng)
-    if isinstance(value, Mapping):
-        out: dict[str, np.ndarray] = {}
-        for key in sorted(value):  # a fixed order keeps seeded runs reproducible
-            arr = _as_float_array(value[key], f"value[{key!r}]").astype(np.float64)
-            out[key] = arr + gen.normal(0.0, std, size=arr.shape)
-        return out
-    arr = _as_float_array(value, "value").astype(np.float64)
-    return arr + gen.normal(0.0, std, size=arr.shape)
 
 
 def gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
@@ -221,123 +184,6 @@ def gaussian_sum(
 
 
 # ---------------------------------------------------------------------------------------------
-# clipping
-
-
-def l2_norm(value: Mapping[str, npt.ArrayLike] | npt.ArrayLike) -> float:
-    """L2 norm of an array, or of a dict of arrays taken as one concatenated vector."""
-    if isinstance(value, Mapping):
-        sq = 0.0
-        for key in value:
-            arr = _as_float_array(value[key], f"value[{key!r}]")
-            sq += float(np.square(arr, dtype=np.float64).sum())
-        return math.sqrt(sq)
-    arr = _as_float_array(value, "value")
-    return math.sqrt(float(np.square(arr, dtype=np.float64).sum()))
-
-
-@overload
-def clip_by_l2_norm(
-    value: Mapping[str, npt.ArrayLike], clip_norm: float
-) -> dict[str, np.ndarray]: ...
-@overload
-def clip_by_l2_norm(value: npt.ArrayLike, clip_norm: float) -> np.ndarray: ...
-def clip_by_l2_norm(
-    value: Mapping[str, npt.ArrayLike] | npt.ArrayLike, clip_norm: float
-) -> ArrayTree:
-    """Scale ``value`` down so its L2 norm is at most ``clip_norm`` (unchanged if it already is).
-
-    A dict of arrays is clipped as one vector (the norm is over all entries together), which is
-    what bounds one node's contribution to a sum of model updates. Float dtypes are kept.
-    """
-    clip_norm = _check_positive("clip_norm", clip_norm)
-    norm = l2_norm(value)
-    if not math.isfinite(norm):
-        raise AggregationError(
-            "cannot clip a value containing NaN or infinity; the update diverged, "
-            "lower the learning rate or drop this node's update"
-        )
-    # Dividing by a slightly inflated norm keeps the result inside the ball despite rounding.
-    scale = 1.0 if norm <= clip_norm else clip_norm / (norm * (1.0 + 1e-12))
-    if isinstance(value, Mapping):
-        out: dict[str, np.ndarray] = {}
-        for key in value:
-            arr = _as_float_array(value[key], f"value[{key!r}]")
-            out[key] = (arr * arr.dtype.type(scale)) if scale != 1.0 else arr.copy()
-        return out
-    arr = _as_float_array(value, "value")
-    return (arr * arr.dtype.type(scale)) if scale != 1.0 else arr.copy()
-
-
-# ---------------------------------------------------------------------------------------------
-# DP-FedAvg with user-level DP (McMahan et al. 2018)
-
-
-def dp_fedavg_sum_std(*, clip_norm: float, noise_multiplier: float) -> float:
-    """Std of the Gaussian noise added to the SUM of node updates each clipped to ``clip_norm``.
-
-    One node changes the sum by at most ``clip_norm`` in L2, so ``noise_multiplier * clip_norm``
-    gives the subsampled Gaussian mechanism the accountants in ``shoal.privacy`` analyse.
-    """
-    clip_norm = _check_positive("clip_norm", clip_norm)
-    noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
-    return noise_multiplier * clip_norm
-
-
-def dp_fedavg_mean_std(
-    *, clip_norm: float, noise_multiplier: float, expected_count: float
-) -> float:
-    """Std of the noise per coordinate of the averaged update (sum noise / expected count)."""
-    expected_count = _check_positive("expected_count", expected_count)
-    return (
-        dp_fedavg_sum_std(clip_norm=clip_norm, noise_multiplier=noise_multiplier) / expected_count
-    )
-
-
-def dp_fedavg_mean(
-    updates: list[dict[str, np.ndarray]] | list[np.ndarray],
-    *,
-    clip_norm: float,
-    noise_multiplier: float,
-    expected_count: float,
-    rng: RngLike = None,
-) -> ArrayTree:
-    """DP-FedAvg server update: clip each node's update, noise the sum, divide by expected count.
-
-    Dividing by the expected number of participants (``sample_rate * population``), not by how
-    many actually answered, keeps the sensitivity fixed; that is the estimator the paper's
-    user-level guarantee is for.
-    """
-    if not updates:
-        raise AggregationError("no updates to average; the round needs at least one node")
-    std = dp_fedavg_sum_std(clip_norm=clip_norm, noise_multiplier=noise_multiplier)
-    expected_count = _check_positive("expected_count", expected_count)
-    first = updates[0]
-    if isinstance(first, Mapping):
-        keys = set(first)
-        total: dict[str, np.ndarray] = {k: np.zeros(np.shape(first[k])) for k in keys}
-        for i, upd in enumerate(updates):
-            if not isinstance(upd, Mapping) or set(upd) != keys:
-                raise AggregationError(f"update {i} does not have the same keys as update 0")
-            clipped = clip_by_l2_norm(upd, clip_norm)
-            for k in keys:
-                if clipped[k].shape != total[k].shape:
-                    raise AggregationError(
-                        f"update {i}[{k!r}] has shape {clipped[k].shape}, expected {total[k].shape}"
-                    )
-                total[k] += clipped[k]
-        noised = add_gaussian_noise(total, std=std, rng=rng)
-        return {k: v / expected_count for k, v in noised.items()}
-    acc = np.zeros(np.shape(first))
-    for i, upd in enumerate(updates):
-        c = clip_by_l2_norm(np.asarray(upd), clip_norm)
-        if c.shape != acc.shape:
-            raise AggregationError(f"update {i} has shape {c.shape}, expected {acc.shape}")
-        acc += c
-    return add_gaussian_noise(acc, std=std, rng=rng) / expected_count
-
-
-# ---------------------------------------------------------------------------------------------
 # adaptive clipping to a quantile (Andrew et al. 2021)
 
 
@@ -359,31 +205,6 @@ def next_clip_norm(
     if not math.isfinite(b):
         raise ConfigError(f"unclipped_fraction_noised must be finite, got {b!r}")
     return clip * math.exp(-lr * (b - q))
-
-
-def noised_unclipped_fraction(
-    *,
-    unclipped_count: int,
-    participants: int,
-    expected_count: float,
-    noise_std: float,
-    rng: RngLike = None,
-) -> float:
-    """The noised fraction of unclipped updates that feeds ``next_clip_norm``.
-
-    Each node reports ``b_i - 1/2`` (``b_i`` = 1 if its update norm was <= C), which halves the
-    sensitivity; the server noises the sum with ``noise_std`` and divides by the expected count.
-    The paper suggests ``noise_std = expected_count / 20``. The result may fall outside [0, 1].
-    """
-    if participants < 0 or not 0 <= unclipped_count <= participants:
-        raise ConfigError(
-            f"need 0 <= unclipped_count <= participants, got {unclipped_count} of {participants}"
-        )
-    expected_count = _check_positive("expected_count", expected_count)
-    noise_std = _check_positive("noise_std", noise_std, allow_zero=True)
-    centred = unclipped_count - participants / 2.0
-    noise = float(make_rng(rng).normal(0.0, noise_std)) if noise_std > 0 else 0.0
-    return (centred + noise) / expected_count + 0.5
 
 
 def adaptive_update_noise_multiplier(*, noise_multiplier: float, count_noise_std: float) -> float:
@@ -431,14 +252,3 @@ def distributed_noise_std(
             )
         n = int(min_survivors)
     return total_std / math.sqrt(n)
-
-
-def distributed_total_std(*, per_node_std: float, survivors: int) -> float:
-    """Std of the noise the secure sum actually carries when ``survivors`` nodes each added theirs.
-
-    Use it after a round to record the noise multiplier that was really achieved.
-    """
-    per_node_std = _check_positive("per_node_std", per_node_std, allow_zero=True)
-    if int(survivors) != survivors or survivors < 0:
-        raise ConfigError(f"survivors must be a non-negative int, got {survivors!r}")
-    return per_node_std * math.sqrt(int(survivors))

@@ -8,7 +8,7 @@ distributed DP, where the server never sees an un-noised sum, reads
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -16,12 +16,14 @@ from shoal.aggregate import NodeTransform, Reduced, ServerTransform
 from shoal.errors import ConfigError
 from shoal.privacy.mechanisms import distributed_noise_std, make_rng
 
-__all__ = ["DistributedNoise", "GaussianNoise", "MeanOver"]
+__all__ = ["DistributedNoise", "GaussianNoise", "MeanOver", "add_node_noise"]
 
 
 @dataclass(frozen=True)
 class GaussianNoise(ServerTransform):
     """Add N(0, std^2) to every coordinate of the aggregate (drawn from OS entropy)."""
+
+    private: ClassVar[bool] = True
 
     std: float
     seed: int | None = field(default=None, repr=False)  # tests only: DP noise must not be known
@@ -63,6 +65,8 @@ class DistributedNoise(NodeTransform):
     Only meaningful inside a secure sum: in the clear, each noisy update is visible.
     """
 
+    private: ClassVar[bool] = True
+
     total_std: float
     nodes: int
     min_survivors: int | None = None
@@ -74,9 +78,14 @@ class DistributedNoise(NodeTransform):
         )
 
     def apply_rows(self, rows: np.ndarray) -> np.ndarray:
-        rng = make_rng(None)
-        noised: np.ndarray = rows + rng.normal(0.0, self.per_node_std, size=rows.shape)
-        return noised
+        return add_node_noise(rows, self.per_node_std)
 
     def spec(self) -> dict[str, Any]:
         return {"noise_std": self.per_node_std}
+
+
+def add_node_noise(value: np.ndarray, std: float) -> np.ndarray:
+    """``value`` plus N(0, std^2) per entry, drawn from OS entropy: what a node adds itself
+    (its share of distributed noise, inside a secure sum), never from a server-sent seed."""
+    noised: np.ndarray = value + make_rng(None).normal(0.0, std, size=np.shape(value))
+    return noised

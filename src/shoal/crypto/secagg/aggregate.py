@@ -8,16 +8,16 @@ of the survivors. Nodes that drop out in any phase are excluded, up to the toler
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from shoal.aggregate import Clip, NodeTransform, Reduced, Reducer, rules
 from shoal.core import NodeValues
+from shoal.core.reduce import clip_rows
 from shoal.crypto.secagg.messages import (
     AdvertiseReply,
     MaskedInputReply,
@@ -36,6 +36,7 @@ from shoal.crypto.secagg.tasks import (
     secagg_tasks,
 )
 from shoal.errors import AggregationError, ConfigError, ProtocolError, TaskError
+from shoal.privacy.stages import add_node_noise
 
 __all__ = ["SecureSum", "secure_sum_tasks"]
 
@@ -69,21 +70,12 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
 
 
 def _clip(vector: np.ndarray, norm_bound: float) -> np.ndarray:
-    norm = rules.l2_norm(vector)
-    if norm <= norm_bound:
-        return vector
-    return np.multiply(vector, norm_bound / norm, dtype=np.float64)
-
-
-def _noise(vector: np.ndarray, std: float) -> np.ndarray:
-    # DP noise must be unknown to the server: fresh OS entropy, never a server-sent seed.
-    rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-    noised: np.ndarray = vector + rng.normal(0.0, std, size=vector.shape)
-    return noised
+    clipped, _ = clip_rows(vector.reshape(1, -1), norm_bound)  # the library's one L2 clip
+    return clipped[0]
 
 
 # What a node applies before masking, by the key of the stage's spec().
-NODE_TRANSFORMS = {"clip_l2": _clip, "noise_std": _noise}
+NODE_TRANSFORMS = {"clip_l2": _clip, "noise_std": add_node_noise}
 
 
 def secure_sum_tasks() -> dict[str, Any]:
@@ -103,6 +95,9 @@ class SecureSum(Reducer):
     ``degree`` fixes the neighbours per node (the full graph when fewer nodes take part),
     checked against the tolerance; by default the smallest safe one is chosen.
     """
+
+    private: ClassVar[bool] = True
+    weighted: ClassVar[bool] = False  # unweighted: see above
 
     value_range: float | None = None
     bits: int = 32
