@@ -35,6 +35,7 @@ __all__ = [
     "NoPrivacy",
     "NodeDP",
     "PrivacyPlan",
+    "Releases",
     "RoundPlan",
     "metrics_vector",
     "unclipped_indicator",
@@ -62,6 +63,32 @@ def unclipped_indicator(update: Mapping[str, np.ndarray], clip: float) -> float:
     halves the count's sensitivity (Andrew et al. 2021)."""
     norm = math.sqrt(sum(l2_norm(v) ** 2 for v in update.values()))
     return 0.5 if norm <= clip else -0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class Releases:
+    """Release policies (field -> kind, see ``shoal.runtime``) for the two learning tasks.
+
+    ``update`` is the kind (``clear`` or ``secure``) of every data-derived field the round's
+    aggregate takes (model deltas, SCAFFOLD's control variates, the adaptive-clip bit): a
+    plan with a secure sum never lets them out otherwise. ``public`` fields (example
+    count, training loss, step count) leave in the clear or never; ``metrics`` is the
+    private evaluation vector's kind, and the raw metrics are clear only without privacy.
+    """
+
+    update: str
+    public: bool
+    metrics: str
+
+    def train(self) -> dict[str, str]:
+        policy = {"d/*": self.update, "dc/*": self.update, "dp_unclipped": self.update}
+        for name in ("loss", "n", "steps"):
+            policy[name] = "clear" if self.public else "never"
+        return policy
+
+    def evaluate(self) -> dict[str, str]:
+        raw = "clear" if self.public else "never"
+        return {"metrics": self.metrics, "accuracy": raw, "loss": raw, "n": raw}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +156,10 @@ class PrivacyPlan(Protocol):
 
     def with_aggregator(self, aggregator: Aggregator) -> PrivacyPlan:
         """This plan combining updates with ``aggregator``; ConfigError if it cannot."""
+        ...
+
+    def release(self) -> Releases:
+        """How each field of the learning tasks may leave a node under this plan."""
         ...
 
     @property
@@ -209,6 +240,11 @@ class NoPrivacy:
 
     def with_aggregator(self, aggregator: Aggregator) -> NoPrivacy:
         return NoPrivacy(aggregator=aggregator)
+
+    def release(self) -> Releases:
+        if self.private:  # only into the secure protocol; nothing else at all
+            return Releases(update="secure", public=False, metrics="secure")
+        return Releases(update="clear", public=True, metrics="clear")
 
     def node_tasks(self) -> dict[str, Any]:
         tasks = dict(getattr(self.aggregator, "node_tasks", dict)())
@@ -388,6 +424,14 @@ class ExampleDP(_Accounted):
     def with_aggregator(self, aggregator: Aggregator) -> ExampleDP:
         return replace(self, aggregator=aggregator)
 
+    def release(self) -> Releases:
+        if self.secure or (self.aggregator is not None and is_private(self.aggregator)):
+            return Releases(update="secure", public=False, metrics="secure")
+        # DP-SGD noised each update at the node, and a local plan's evaluation vector is
+        # noised there too (a distributed plan without a secure sum trusts the coordinator
+        # with the lightly noised updates: the job chose so); nothing else leaves.
+        return Releases(update="clear", public=False, metrics="clear")
+
     def account(
         self, meta: Mapping[str, Any], *, plan: RoundPlan, out: NodeValues, rounds: int
     ) -> dict[str, Any]:
@@ -449,6 +493,12 @@ class NodeDP(_Accounted):
             "node-level DP (DP-FedAvg) clips, adds and noises the updates itself; robust or "
             "custom aggregators do not combine with its noised sum"
         )
+
+    def release(self) -> Releases:
+        if self.secure:  # a node's budget guard, if any, binds the noise it adds there
+            return Releases(update="secure", public=False, metrics="secure")
+        # Central DP: the job trusts the coordinator to add the noise to the clipped sum.
+        return Releases(update="clear", public=False, metrics="clear")
 
     def count_noise_std(self, expected: float) -> float:
         """The noise on the unclipped count: the paper's expected_count / 20."""
