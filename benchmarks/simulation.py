@@ -1,14 +1,33 @@
-"""Simulation overhead: shoal's LocalEngine + Core API against a plain Python loop (the floor).
+"""Simulation overhead: the README Quickstart's ``simulate(...)`` against a minimal NumPy loop.
 
-Each round is FedAvg-shaped: broadcast a weight vector, every node runs the same fixed NumPy
-work on its shard (2 epochs of softmax-regression SGD on 32 digits images, batch 16), and
-the server takes the example-weighted mean of the deltas. The floor calls the very same
-per-node code in a for-loop over in-memory data; shoal goes through wire encoding, the
-engine, node-held results and the fetch for the aggregate, exactly as a simulation does.
-Rounds of the two are interleaved and medians reported; each N runs in a fresh process so
-that its peak RSS is its own.
+The workload: N nodes, each holding 32 digits images (drawn from the training split with a
+per-node seed, built once before any timing), FedAvg over all N nodes every round with the
+Quickstart's settings (3 local epochs, batch 16, lr 0.5), the server's test accuracy after
+every round. Rows, all in one process per N, interleaved repeat by repeat:
 
-    python benchmarks/simulation.py --nodes 100 1000 --rounds 5 --json results/simulation.json
+* ``floor``: the primary floor, a FedAvg loop written here in plain NumPy as a researcher
+  would: node data built once, one shuffle per epoch, one gather per batch, no loss computed,
+  the example-weighted mean of the deltas, test accuracy per round.
+* ``simulate``: ``shoal.learn.simulate(model=SoftmaxRegression(...), nodes=..., algorithm=
+  FedAvg(...), test=test)``, called exactly as the Quickstart calls it; its wall and CPU
+  seconds (the whole call, engine start included) divided by the rounds.
+* ``floor, data rebuilt``: a secondary row, the same loop building every node's data again
+  each round (what this benchmark's floor used to do; not the floor any more).
+* ``flower``: Flower 1.42 on the same workload (``benchmarks/simulation_flower.py``, run in
+  Flower's own venv with ``--flower-python``; each client's data built once per Ray actor and
+  cached, as here). Its seconds per round come from its ServerApp's clock, first round
+  excluded (Ray start-up). Flower's ClientApps run in Ray actor processes, so the CPU column
+  is left empty for it; ``--flower-actors`` (default 1) matches shoal's one worker thread.
+
+Wall and process CPU per round are medians over ``--repeats`` interleaved repeats (floor,
+simulate, rebuilt floor, floor, ...). The machine may be shared: the ratios, taken within one
+run, are what to trust. Each N runs in a fresh process, so that its peak RSS is its own.
+
+    python benchmarks/simulation.py --nodes 100 1000 10000 --rounds 3 --repeats 5 \
+        --flower-python /work/venvs/flower/bin/python --json results/simulation.json
+
+Flower's venv: ``python3 -m venv /work/venvs/flower &&
+/work/venvs/flower/bin/pip install "flwr[simulation]==1.42.0" numpy``.
 """
 
 from __future__ import annotations
@@ -19,128 +38,224 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 SHARD = 32
-EPOCHS = 2
+EPOCHS = 3
 BATCH = 16
-LR = 0.1
+LR = 0.5
+FEATURES = 64
+CLASSES = 10
+HERE = Path(__file__).resolve().parent
 
 
-def node_shard_factory(pool_x: np.ndarray, pool_y: np.ndarray, seed: int) -> Any:
-    from shoal.data import Dataset
-
-    def make(node_id: str) -> Dataset:
-        index = int(node_id[1:])
-        rng = np.random.default_rng([seed, index])
-        pick = rng.choice(len(pool_y), size=SHARD, replace=False)
-        return Dataset(x=pool_x[pick], y=pool_y[pick], classes=10, name=node_id)
-
-    return make
-
-
-def run_one(nodes: int, rounds: int, seed: int) -> dict[str, Any]:
-    from shoal.core import Federation
+def digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from shoal.data import load_digits
-    from shoal.learn import FedAvg, FitConfig, SoftmaxRegression, learning_app
-    from shoal.runtime import LocalEngine
 
-    train, _ = load_digits(test_fraction=0.2, seed=seed)
-    factory = node_shard_factory(train.x, train.y, seed)
-    model = SoftmaxRegression(features=64, classes=10)
-    algorithm = FedAvg(
-        rounds=rounds, nodes_per_round=nodes, local_epochs=EPOCHS, lr=LR, batch_size=BATCH
-    )
+    train, test = load_digits(test_fraction=0.2, seed=seed)
+    return train.x, train.y, test.x, test.y
 
-    # The floor: the same node work in a loop; data materialized per node, as shoal does.
-    floor_model = model.clone()
-    floor_weights = model.get_weights()
-    node_ids = [f"n{i}" for i in range(nodes)]
-    config = FitConfig(epochs=EPOCHS, lr=LR, batch_size=BATCH)
 
-    def floor_round(weights: dict[str, np.ndarray], round_num: int) -> dict[str, np.ndarray]:
-        deltas, counts = [], []
-        for i, node_id in enumerate(node_ids):
-            data = factory(node_id)
-            floor_model.set_weights(weights)
-            fit = floor_model.fit(data, config=config, rng=np.random.default_rng([round_num, i]))
-            new = floor_model.get_weights()
-            deltas.append(np.concatenate([(new[k] - weights[k]).ravel() for k in weights]))
-            counts.append(fit.examples)
-        mean = np.average(np.stack(deltas), axis=0, weights=counts)
-        out, position = {}, 0
-        for k, w in weights.items():
-            out[k] = w + mean[position : position + w.size].reshape(w.shape)
-            position += w.size
-        return out
+def shard(pool_x: np.ndarray, pool_y: np.ndarray, seed: int, node: int) -> tuple[Any, Any]:
+    """Node ``node``'s examples (the Flower script draws the very same ones)."""
+    pick = np.random.default_rng([seed, node]).choice(len(pool_y), size=SHARD, replace=False)
+    return pool_x[pick], pool_y[pick]
 
-    # No data cache: the floor builds every node's shard every round, so shoal does too
-    # (a cache would spare shoal work the floor does and flatter the ratio).
-    engine = LocalEngine(learning_app(model), data=factory, nodes=nodes, seed=seed, cache_size=0)
-    federation = Federation(engine, seed=seed)
-    state = algorithm.init(model.get_weights())
 
-    floor_times, shoal_times, floor_cpu, shoal_cpu = [], [], [], []
-    for r in range(rounds):
-        c0, t0 = time.process_time(), time.perf_counter()
-        floor_weights = floor_round(floor_weights, r)
-        floor_times.append(time.perf_counter() - t0)
-        floor_cpu.append(time.process_time() - c0)
-        c0, t0 = time.process_time(), time.perf_counter()
-        state = algorithm.round(federation, state, seed=r).state
-        shoal_times.append(time.perf_counter() - t0)
-        shoal_cpu.append(time.process_time() - c0)
-    drift = max(float(np.abs(state.weights[k] - floor_weights[k]).max()) for k in floor_weights)
-    floor = statistics.median(floor_times)
-    shoal = statistics.median(shoal_times)
-    return {
-        "nodes": nodes,
-        "rounds": rounds,
-        "floor_s_per_round": floor,
-        "shoal_s_per_round": shoal,
-        "overhead_ratio": shoal / floor,
-        # CPU seconds of this process: less disturbed by other jobs on a shared machine
-        "floor_cpu_s_per_round": statistics.median(floor_cpu),
-        "shoal_cpu_s_per_round": statistics.median(shoal_cpu),
-        "cpu_overhead_ratio": statistics.median(shoal_cpu) / statistics.median(floor_cpu),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "max_weight_difference_vs_floor": drift,
+def floor_run(
+    shards: Callable[[], list[tuple[np.ndarray, np.ndarray]]],
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    rounds: int,
+    seed: int,
+) -> float:
+    """The minimal FedAvg loop; ``shards()`` is called once per round. Returns the accuracy."""
+    rng = np.random.default_rng(seed)
+    W = np.zeros((FEATURES, CLASSES))
+    b = np.zeros(CLASSES)
+    rows = np.arange(BATCH)
+    accuracy = 0.0
+    for _ in range(rounds):
+        sum_W, sum_b, total = np.zeros_like(W), np.zeros_like(b), 0
+        for x, y in shards():
+            w, c, n = W.copy(), b.copy(), len(y)
+            for _ in range(EPOCHS):
+                order = rng.permutation(n)
+                for start in range(0, n, BATCH):
+                    idx = order[start : start + BATCH]
+                    xb = x[idx]
+                    p = xb @ w
+                    p += c
+                    p -= p.max(axis=1, keepdims=True)
+                    np.exp(p, out=p)
+                    p /= p.sum(axis=1, keepdims=True)
+                    p[rows[: len(idx)], y[idx]] -= 1.0
+                    p *= LR / len(idx)
+                    w -= xb.T @ p
+                    c -= p.sum(axis=0)
+            sum_W += n * (w - W)
+            sum_b += n * (c - b)
+            total += n
+        W += sum_W / total
+        b += sum_b / total
+        accuracy = float(((test_x @ W + b).argmax(axis=1) == test_y).mean())
+    return accuracy
+
+
+def run_one(nodes: int, rounds: int, repeats: int, seed: int) -> dict[str, Any]:
+    from shoal.data import Dataset
+    from shoal.learn import FedAvg, SoftmaxRegression, simulate
+
+    pool_x, pool_y, test_x, test_y = digits(seed)
+    test = Dataset(x=test_x, y=test_y, classes=CLASSES, name="test")
+    built = [shard(pool_x, pool_y, seed, i) for i in range(nodes)]
+    node_data = [Dataset(x=x, y=y, classes=CLASSES, name=f"n{i}") for i, (x, y) in enumerate(built)]
+
+    def floor() -> float:
+        return floor_run(lambda: built, test_x, test_y, rounds, seed)
+
+    def rebuilt() -> float:
+        def fresh() -> list[tuple[np.ndarray, np.ndarray]]:
+            return [shard(pool_x, pool_y, seed, i) for i in range(nodes)]
+
+        return floor_run(fresh, test_x, test_y, rounds, seed)
+
+    def quickstart() -> float:
+        result = simulate(
+            model=SoftmaxRegression(features=FEATURES, classes=CLASSES),
+            nodes=node_data,
+            algorithm=FedAvg(
+                rounds=rounds, nodes_per_round=nodes, local_epochs=EPOCHS, lr=LR, batch_size=BATCH
+            ),
+            test=test,
+        )
+        return float(result.metrics["accuracy"])
+
+    rows: dict[str, Callable[[], float]] = {
+        "floor": floor,
+        "simulate": quickstart,
+        "floor_rebuilt": rebuilt,
     }
+    wall: dict[str, list[float]] = {k: [] for k in rows}
+    cpu: dict[str, list[float]] = {k: [] for k in rows}
+    accuracy: dict[str, float] = {}
+    for _ in range(repeats):  # interleaved: load changes on a shared machine hit every row
+        for name, fn in rows.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            accuracy[name] = fn()
+            wall[name].append((time.perf_counter() - t0) / rounds)
+            cpu[name].append((time.process_time() - c0) / rounds)
+    out: dict[str, Any] = {"nodes": nodes, "rounds": rounds, "repeats": repeats}
+    for name in rows:
+        out[name] = {
+            "wall_s_per_round": statistics.median(wall[name]),
+            "cpu_s_per_round": statistics.median(cpu[name]),
+            "wall_runs": wall[name],
+            "cpu_runs": cpu[name],
+            "accuracy": accuracy[name],
+        }
+    base = out["floor"]
+    for name in ("simulate", "floor_rebuilt"):
+        out[name]["wall_vs_floor"] = out[name]["wall_s_per_round"] / base["wall_s_per_round"]
+        out[name]["cpu_vs_floor"] = out[name]["cpu_s_per_round"] / base["cpu_s_per_round"]
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_flower(
+    python: str, nodes: int, rounds: int, seed: int, actors: int
+) -> dict[str, Any] | None:
+    pool_x, pool_y, test_x, test_y = digits(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "digits.npz"
+        np.savez(data, pool_x=pool_x, pool_y=pool_y, test_x=test_x, test_y=test_y)
+        out = Path(tmp) / "flower.json"
+        command = [python, str(HERE / "simulation_flower.py"), "--data", str(data)]
+        command += ["--nodes", str(nodes), "--rounds", str(rounds), "--seed", str(seed)]
+        command += ["--actors", str(actors), "--json", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent)
+        if done.returncode != 0 or not out.exists():
+            print(f"flower run failed at N={nodes}:\n{done.stderr[-2000:]}", file=sys.stderr)
+            return None
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flower-python", metavar="PYTHON", help="Flower 1.42's venv python")
+    parser.add_argument("--flower-nodes", type=int, nargs="+", help="N for Flower (default: all)")
+    parser.add_argument("--flower-rounds", type=int, default=4, help="Flower rounds (1st untimed)")
+    parser.add_argument("--flower-actors", type=int, default=1)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.nodes[0], args.rounds, args.seed)))
+        print(json.dumps(run_one(args.nodes[0], args.rounds, args.repeats, args.seed)))
         return 0
     results = []
     for n in args.nodes:
         command = [sys.executable, __file__, "--child", "--nodes", str(n)]
-        command += ["--rounds", str(args.rounds), "--seed", str(args.seed)]
+        command += ["--rounds", str(args.rounds), "--repeats", str(args.repeats)]
+        command += ["--seed", str(args.seed)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        result = json.loads(out.strip().splitlines()[-1])
+        flower_nodes = args.flower_nodes or args.nodes
+        if args.flower_python and n in flower_nodes:
+            flower = run_flower(
+                args.flower_python, n, args.flower_rounds, args.seed, args.flower_actors
+            )
+            if flower is not None:
+                result["flower"] = flower
+                result["flower"]["wall_vs_floor"] = (
+                    flower["wall_s_per_round"] / result["floor"]["wall_s_per_round"]
+                )
+                result["flower"]["wall_vs_simulate"] = (
+                    flower["wall_s_per_round"] / result["simulate"]["wall_s_per_round"]
+                )
+        results.append(result)
     header = (
-        f"{'nodes':>7} {'floor s/round':>14} {'shoal s/round':>14} {'overhead':>9}"
-        f" {'CPU overhead':>13} {'peak RSS MB':>12}"
+        f"{'nodes':>6} {'row':<22} {'wall s/round':>13} {'CPU s/round':>12} {'wall x floor':>13}"
+        f" {'CPU x floor':>12} {'accuracy':>9}"
     )
     print(header)
     print("-" * len(header))
+    labels = {
+        "floor": "floor (minimal NumPy)",
+        "simulate": "simulate() Quickstart",
+        "floor_rebuilt": "floor, data rebuilt*",
+        "flower": "Flower 1.42",
+    }
     for r in results:
-        print(
-            f"{r['nodes']:>7} {r['floor_s_per_round']:>14.4f} {r['shoal_s_per_round']:>14.4f}"
-            f" {r['overhead_ratio']:>8.2f}x {r['cpu_overhead_ratio']:>12.2f}x"
-            f" {r['peak_rss_mb']:>12.0f}"
-        )
+        for key, label in labels.items():
+            row = r.get(key)
+            if row is None:
+                continue
+            wall_x = row["wall_s_per_round"] / r["floor"]["wall_s_per_round"]
+            cpu = row.get("cpu_s_per_round")
+            cpu_x, cpu_s = f"{'':>12}", f"{'-':>12}"
+            if cpu is not None:
+                cpu_x = f"{cpu / r['floor']['cpu_s_per_round']:>11.2f}x"
+                cpu_s = f"{cpu:>12.4f}"
+            print(
+                f"{r['nodes']:>6} {label:<22} {row['wall_s_per_round']:>13.4f} {cpu_s}"
+                f" {wall_x:>12.2f}x {cpu_x} {row['accuracy']:>9.3f}"
+            )
+        extra = f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        if "flower" in r:
+            extra += f"; Flower / simulate() per round: {r['flower']['wall_vs_simulate']:.1f}x"
+        print(f"{'':>6} {extra}")
+    print("* secondary row: the floor building every node's data again each round")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
