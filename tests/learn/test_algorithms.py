@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -104,7 +106,7 @@ def test_server_state_checkpoints_round_trip() -> None:
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_learns_digits(digits, name: str) -> None:
     _, test, nodes = digits
-    options = {"lr": 0.3, "batch_size": 16, "local_epochs": 2}
+    options = {"lr": 0.3, "batch_size": 16, "local_epochs": 2, "track_loss": True}
     if name in ("fedadam", "fedyogi", "fedadagrad"):
         options["server_lr"] = 0.3
     algorithm = ALGORITHMS[name](rounds=10, nodes_per_round=5, **options)
@@ -112,6 +114,18 @@ def test_every_algorithm_learns_digits(digits, name: str) -> None:
     assert len(result.history) == 10
     assert result.metrics["accuracy"] > 0.75, result.metrics
     assert result.history[-1].train_loss < result.history[0].train_loss
+
+
+def test_training_loss_is_reported_only_when_asked(digits) -> None:
+    _, _, nodes = digits
+    quiet = simulate(model=model(), nodes=nodes, algorithm=FedAvg(rounds=2, nodes_per_round=5))
+    assert all(math.isnan(r.train_loss) for r in quiet.history)
+    asked = FedAvg(rounds=2, nodes_per_round=5, track_loss=True)
+    loud = simulate(model=model(), nodes=nodes, algorithm=asked)
+    assert all(0 < r.train_loss < 10 for r in loud.history)
+    # Asking for the loss changes what is reported, never what is trained.
+    for k in quiet.weights:
+        np.testing.assert_array_equal(quiet.weights[k], loud.weights[k])
 
 
 def test_scaffold_keeps_control_variates(digits) -> None:

@@ -324,6 +324,7 @@ class JobSpec:
 
     def build_algorithm(self) -> Algorithm:
         options = {k: v for k, v in self.algorithm.items() if k != "name"}
+        options["track_loss"] = True  # a job prints and records the training loss per round
         cls = ALGORITHMS[self.algorithm["name"]]
         privacy = self.build_privacy()
         if privacy is not None and (isinstance(privacy, NodeDP) or privacy.distributed):

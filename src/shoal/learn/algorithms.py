@@ -98,6 +98,9 @@ class Algorithm:
     aggregator: Aggregator | None = None  # default: mean weighted by examples
     keep_optimizer_state: bool = False  # nodes keep momentum/Adam state between rounds
     privacy: PrivacyPlan | None = None  # differential privacy, accounted every round
+    # Report the nodes' training loss (RoundResult.train_loss, else NaN): computing it costs
+    # every node work at every batch, so it is off unless asked for (and never under DP).
+    track_loss: bool = False
     plan: PrivacyPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +150,8 @@ class Algorithm:
         plan = self.plan.plan_round(
             fed, per_round=self.nodes_per_round, lr=self.lr, meta=state.meta, seed=seed
         )
+        track_loss = self.track_loss and "loss" in plan.public and "n" in plan.public
+        public = [f for f in plan.public if f != "loss" or track_loss]
         weights = plan.group.broadcast(
             **prefixed("w", state.weights),
             epochs=self.local_epochs,
@@ -157,10 +162,11 @@ class Algorithm:
             keep_optimizer_state=self.keep_optimizer_state,
             **self.node_params(state),
             **plan.payload,
+            **({"track_loss": True} if track_loss else {}),
         )
         fields = self.released(state)
         # What the plan lets travel in the clear comes with the receipts: no second trip.
-        out = plan.group.map(TRAIN, weights, send=[*fields, *plan.public] if plan.clear else ())
+        out = plan.group.map(TRAIN, weights, send=[*fields, *public] if plan.clear else ())
         n = out["n"] if plan.weighted else None
         aggregated = out.select(*fields).aggregate(plan.aggregator, weights=n)
         if not isinstance(aggregated, dict):  # a single-array model comes back unnamed
@@ -171,7 +177,7 @@ class Algorithm:
             state, update, share=len(participants) / max(len(fed.node_ids), 1)
         )
         meta = self.plan.account(state.meta, plan=plan, out=out, rounds=new_state.round)
-        public_loss = "loss" in plan.public and "n" in plan.public
+        public_loss = track_loss
         failures = {node: f"{f.kind.value}: {f.detail}" for node, f in out.failures.items()}
         for node, reason in out.exclusions.items():
             failures.setdefault(node, f"excluded: {reason}")

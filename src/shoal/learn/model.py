@@ -35,7 +35,9 @@ class FitConfig:
 
     ``hooks`` add their terms to every local gradient (FedProx's proximal pull, SCAFFOLD's
     drift correction: see ``shoal.learn.hooks``). ``dp`` switches local training to DP-SGD
-    (example-level differential privacy, ``shoal.privacy``).
+    (example-level differential privacy, ``shoal.privacy``). ``track_loss`` asks for the
+    training loss in the result (``FitResult.loss``, else NaN): it costs work at every batch,
+    so nobody pays for it unless someone reads it.
     """
 
     epochs: int = 1
@@ -44,6 +46,7 @@ class FitConfig:
     max_steps: int | None = None
     hooks: tuple[GradientHook, ...] = field(default=(), repr=False)
     dp: LocalDP | None = None
+    track_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -58,6 +61,8 @@ class FitConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FitResult:
+    """What a fit did; ``loss`` is NaN when the config did not ask to track it."""
+
     examples: int
     steps: int
     loss: float

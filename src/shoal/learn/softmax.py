@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from shoal.data import Dataset
 from shoal.errors import ConfigError, DataError
 from shoal.learn.model import FitConfig, FitResult, Weights
 
@@ -61,17 +62,42 @@ class SoftmaxRegression:
                     f"weights[{name!r}] must have shape {current.shape}, got "
                     f"{None if value is None else np.shape(value)}"
                 )
-        self.W = np.array(weights["W"], dtype=np.float64)
-        self.b = np.array(weights["b"], dtype=np.float64)
+        # fit never writes to self.W or self.b (it trains on copies), so a read-only array
+        # (a decoded payload's view) can be kept as it is; a writable one the caller might
+        # change later is copied.
+        self.W = _owned(weights["W"])
+        self.b = _owned(weights["b"])
 
     def _xy(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
-        x = np.asarray(data.x, dtype=np.float64).reshape(len(data.x), -1)
-        y = np.asarray(data.y)
+        """The data's features (2-D, in their own dtype) and labels, checked against the model.
+
+        A Dataset checked itself when it was built, so only its shape and class count are
+        compared here: a node's data is validated once, not at every fit.
+        """
+        if isinstance(data, Dataset):
+            x = data.x if data.x.ndim == 2 else data.x.reshape(len(data.x), -1)
+            if x.shape[1] != self.features:
+                raise DataError(
+                    f"model expects {self.features} features, the data has {x.shape[1]}"
+                )
+            if data.classes is not None and data.classes <= self.classes:
+                return x, data.y
+            return x, self._check_labels(data.y)
+        x = np.asarray(data.x)
+        if x.dtype.kind not in "biuf":
+            raise DataError(f"features must be numbers, got dtype {x.dtype}")
+        x = x.reshape(len(x), -1)
         if x.shape[1] != self.features:
             raise DataError(f"model expects {self.features} features, the data has {x.shape[1]}")
-        if len(y) and (y.min() < 0 or y.max() >= self.classes):
-            raise DataError(f"labels must lie in [0, {self.classes}), got {y.min()}..{y.max()}")
-        return x, y
+        return x, self._check_labels(np.asarray(data.y))
+
+    def _check_labels(self, y: np.ndarray) -> np.ndarray:
+        if len(y) and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= self.classes):
+            raise DataError(
+                f"labels must be integers in [0, {self.classes}), got {y.dtype} "
+                f"{y.min() if len(y) else ''}..{y.max() if len(y) else ''}"
+            )
+        return y
 
     def fit(self, data: Any, *, config: FitConfig, rng: np.random.Generator) -> FitResult:
         x, y = self._xy(data)
@@ -80,31 +106,52 @@ class SoftmaxRegression:
             raise DataError("cannot train on an empty data set")
         if config.dp is not None:
             return self._fit_dp(x, y, config, rng)
-        W, b = self.W, self.b
+        # The minimal SGD step: one gather of the batch, softmax in place, the gradient
+        # scaled by lr once, weights updated in place on this fit's own copies. The loss
+        # costs a gather and a log per batch, so it is computed only when asked for.
+        W, b = self.W.copy(), self.b.copy()
+        lr, batch = config.lr, config.batch_size
+        decay = lr * self.l2
         hooks = config.hooks
+        rows = np.arange(min(batch, n))
+        picked: list[np.ndarray] = []
         steps = 0
-        losses: list[float] = []
+        limit = config.max_steps
         for _ in range(config.epochs):
             order = rng.permutation(n)
-            for start in range(0, n, config.batch_size):
-                idx = order[start : start + config.batch_size]
-                loss, grad_logits, _ = softmax_cross_entropy(x[idx] @ W + b, y[idx])
-                grad_W = x[idx].T @ grad_logits + self.l2 * W
-                grad_b = grad_logits.sum(axis=0)
+            for start in range(0, n, batch):
+                idx = order[start : start + batch]
+                m = len(idx)
+                xb, yb = x[idx], y[idx]
+                p = xb @ W
+                p += b
+                p -= p.max(axis=1, keepdims=True)
+                np.exp(p, out=p)
+                p /= p.sum(axis=1, keepdims=True)
+                if config.track_loss:
+                    picked.append(p[rows[:m], yb])
+                p[rows[:m], yb] -= 1.0
+                p *= lr / m
+                step_W = xb.T @ p
+                step_b = p.sum(axis=0)
+                if decay:
+                    step_W += decay * W
                 for hook in hooks:  # FedProx, SCAFFOLD: see shoal.learn.hooks
-                    grad_W = grad_W + hook.term("W", W)
-                    grad_b = grad_b + hook.term("b", b)
-                W = W - config.lr * grad_W
-                b = b - config.lr * grad_b
-                losses.append(loss)
+                    step_W += lr * hook.term("W", W)
+                    step_b += lr * hook.term("b", b)
+                W -= step_W
+                b -= step_b
                 steps += 1
-                if config.max_steps is not None and steps >= config.max_steps:
+                if limit is not None and steps >= limit:
                     break
-            if config.max_steps is not None and steps >= config.max_steps:
+            if limit is not None and steps >= limit:
                 break
         self.W, self.b = W, b
-        recent = losses[-max(1, -(-n // config.batch_size)) :]
-        return FitResult(examples=n, steps=steps, loss=float(np.mean(recent)))
+        loss = float("nan")
+        if picked:  # the mean loss over the last epoch's worth of batches
+            recent = np.concatenate(picked[-max(1, -(-n // batch)) :])
+            loss = float(-np.log(np.maximum(recent, 1e-12)).mean())
+        return FitResult(examples=n, steps=steps, loss=loss)
 
     def _fit_dp(
         self, x: np.ndarray, y: np.ndarray, config: FitConfig, rng: np.random.Generator
@@ -114,6 +161,8 @@ class SoftmaxRegression:
         of their norms and no per-example gradient is ever materialized."""
         dp = config.dp
         assert dp is not None
+        # Norms in float64 whatever the data's dtype: the clip bound is a privacy guarantee.
+        x = np.asarray(x, dtype=np.float64)
         W, b = self.W, self.b
         n = len(y)
         std = dp.noise_multiplier * dp.clip
@@ -155,3 +204,10 @@ class SoftmaxRegression:
             raise DataError("cannot evaluate on an empty data set")
         loss, _, probs = softmax_cross_entropy(x @ self.W + self.b, y)
         return {"loss": loss, "accuracy": float((probs.argmax(axis=1) == y).mean())}
+
+
+def _owned(value: np.ndarray) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float64)
+    if array is value and array.flags.writeable:
+        return array.copy()
+    return array

@@ -125,6 +125,7 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
             max_steps=payload.get("max_steps"),
             hooks=hooks.hooks,
             dp=local_dp,
+            track_loss=bool(payload.get("track_loss", False)),
         )
         # Optimizer state (momentum, Adam moments) never leaves the node; keeping it between
         # rounds is opt-in because it can be twice the model's size at every node.
@@ -142,7 +143,9 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
         new = net.get_weights()
         delta = {k: new[k] - weights[k] for k in weights}
         out: dict[str, Any] = prefixed("d", delta)
-        out.update(n=result.examples, loss=result.loss, steps=result.steps)
+        out.update(n=result.examples, steps=result.steps)
+        if result.loss == result.loss:  # NaN when nobody asked for it (FitConfig.track_loss)
+            out["loss"] = result.loss
         if request is not None and request.level == "node":
             out["dp_unclipped"] = unclipped_indicator(delta, request.clip)
         out.update(hooks.finish(ctx, weights=weights, new=new, steps=result.steps, lr=config.lr))
