@@ -270,20 +270,32 @@ def _parse_receipt(receipt: Mapping[str, Any], handle: str) -> dict[str, FieldSp
         raise WireError("the node's receipt does not describe the value it kept")
     specs: dict[str, FieldSpec] = {}
     for name, spec in fields.items():
-        dtype, colon, dims = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-        if not colon or not dtype:
-            raise WireError(f"bad field description for {name!r}: expected 'dtype:d0,d1,...'")
-        try:
-            shape = tuple(int(d) for d in dims.split(",")) if dims else ()
-        except ValueError:
-            raise WireError(f"bad shape for field {name!r}: {dims!r}") from None
-        if any(d < 0 for d in shape):
-            raise WireError(f"bad shape for field {name!r}: {dims!r}")
-        specs[name] = _field_spec(dtype, shape)
+        parsed = _field_spec(spec) if type(spec) is str else None
+        if parsed is None:
+            raise WireError(_spec_problem(name, spec))
+        specs[name] = parsed
     return specs
 
 
 @functools.lru_cache(maxsize=1024)
-def _field_spec(dtype: str, shape: tuple[int, ...]) -> FieldSpec:
-    # Every node of a map usually describes the same fields: share the frozen specs.
+def _field_spec(spec: str) -> FieldSpec | None:
+    """The FieldSpec a description stands for, or None if it is malformed. Every node of a
+    map usually describes the same fields: each description is parsed once and its frozen
+    spec shared (a hostile node's odd descriptions only churn this bounded cache)."""
+    dtype, colon, dims = spec.partition(":")
+    if not colon or not dtype:
+        return None
+    try:
+        shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+    except ValueError:
+        return None
+    if any(d < 0 for d in shape):
+        return None
     return FieldSpec(dtype=dtype, shape=shape)
+
+
+def _spec_problem(name: str, spec: object) -> str:
+    dtype, colon, dims = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not colon or not dtype:
+        return f"bad field description for {name!r}: expected 'dtype:d0,d1,...'"
+    return f"bad shape for field {name!r}: {dims!r}"

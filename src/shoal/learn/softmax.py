@@ -13,6 +13,9 @@ from shoal.learn.model import FitConfig, FitResult, Weights
 
 __all__ = ["SoftmaxRegression", "softmax_cross_entropy"]
 
+_max = np.maximum.reduce
+_sum = np.add.reduce
+
 
 def softmax_cross_entropy(
     logits: np.ndarray, labels: np.ndarray
@@ -113,7 +116,9 @@ class SoftmaxRegression:
         lr, batch = config.lr, config.batch_size
         decay = lr * self.l2
         hooks = config.hooks
-        rows = np.arange(min(batch, n))
+        # Row starts in a flattened (batch, classes) array: one 1-D fancy index picks each
+        # example's true class, about twice as fast as indexing by (row, label) pairs.
+        starts = np.arange(min(batch, n)) * self.classes
         picked: list[np.ndarray] = []
         steps = 0
         limit = config.max_steps
@@ -122,18 +127,21 @@ class SoftmaxRegression:
             for start in range(0, n, batch):
                 idx = order[start : start + batch]
                 m = len(idx)
-                xb, yb = x[idx], y[idx]
+                xb = x.take(idx, axis=0)  # the batch's one gather (faster than x[idx])
+                picks = starts[:m] + y.take(idx)
                 p = xb @ W
                 p += b
-                p -= p.max(axis=1, keepdims=True)
+                # The ufuncs' own reductions: ndarray.max/.sum add a Python call each.
+                p -= _max(p, axis=1, keepdims=True)
                 np.exp(p, out=p)
-                p /= p.sum(axis=1, keepdims=True)
+                p /= _sum(p, axis=1, keepdims=True)
+                flat = p.reshape(-1)  # a view: p is a fresh C-contiguous array
                 if config.track_loss:
-                    picked.append(p[rows[:m], yb])
-                p[rows[:m], yb] -= 1.0
+                    picked.append(flat[picks])
+                flat[picks] -= 1.0
                 p *= lr / m
                 step_W = xb.T @ p
-                step_b = p.sum(axis=0)
+                step_b = _sum(p, axis=0)
                 if decay:
                     step_W += decay * W
                 for hook in hooks:  # FedProx, SCAFFOLD: see shoal.learn.hooks

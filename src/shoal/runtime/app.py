@@ -7,6 +7,7 @@ secure aggregation install theirs with :meth:`NodeApp.install`.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -163,9 +164,7 @@ class NodeApp:
         args = dict(decoded) if decoded is not None else decode(payload, limits=self.limits)
         send = args.pop(SEND_KEY, None)  # a runtime instruction, not the task's argument
         if send is not None and (
-            keep_as is None
-            or not isinstance(send, list)
-            or not all(isinstance(f, str) for f in send)
+            keep_as is None or type(send) is not list or any(type(f) is not str for f in send)
         ):
             raise WireError(f"{SEND_KEY!r} must list field names, with a value kept at the node")
         for guard in self._guards:
@@ -178,7 +177,7 @@ class NodeApp:
             raise TaskError(f"task {name!r} raised {type(exc).__name__}: {exc}") from exc
         if result is None:
             result = {}
-        if not isinstance(result, Mapping):
+        if type(result) is not dict and not isinstance(result, Mapping):
             raise TaskError(
                 f"task {name!r} returned {type(result).__name__}; tasks return a mapping of "
                 "names to arrays or JSON values"
@@ -198,19 +197,26 @@ class NodeApp:
 
 def _keep(ctx: TaskContext, handle: str, result: dict[str, Any], max_kept: int) -> dict[str, Any]:
     """Hold ``result`` at the node and describe it, without revealing any value."""
-    kept: OrderedDict[str, dict[str, Any]] = ctx.state.setdefault(KEPT_STATE_KEY, OrderedDict())
+    kept: OrderedDict[str, dict[str, Any]] | None = ctx.state.get(KEPT_STATE_KEY)
+    if kept is None:
+        kept = ctx.state[KEPT_STATE_KEY] = OrderedDict()
     kept[handle] = result
     while len(kept) > max_kept:
         kept.popitem(last=False)
     # Compact on purpose (name -> "dtype:d0,d1"): every node sends one receipt per map.
     fields: dict[str, Any] = {}
     for key, value in result.items():
-        if isinstance(value, (np.ndarray, np.generic)):
-            array = np.asarray(value)
-            fields[key] = f"{array.dtype.str}:{','.join(map(str, array.shape))}"
+        if type(value) is np.ndarray or isinstance(value, (np.ndarray, np.generic)):
+            fields[key] = _describe(value.dtype.str, value.shape)
         else:
             fields[key] = "json:"
     return {"kept": handle, "fields": fields}
+
+
+@functools.lru_cache(maxsize=1024)
+def _describe(dtype: str, shape: tuple[int, ...]) -> str:
+    # Every node of a map describes the same few (dtype, shape) pairs.
+    return f"{dtype}:{','.join(map(str, shape))}"
 
 
 def kept_value(ctx: TaskContext, handle: str) -> dict[str, Any]:

@@ -232,13 +232,17 @@ class LocalEngine:
         return delay, None
 
     def _run_one(self, task: Task, delay: float, deadline_s: float) -> Reply | Failure:
-        index = self._index[task.node_id]
+        node_id = task.node_id
+        index = self._index[node_id]
+        state = self._states.get(node_id)
+        if state is None:
+            state = self._states[node_id] = {}
         ctx = TaskContext(
-            node_id=task.node_id,
+            node_id=node_id,
             # Loaded on first use: runtime tasks (fetching a kept value) never need the data,
             # and a factory that raises fails that node's task like any other task error.
-            load_data=lambda: self._node_data(task.node_id),
-            state=self._states.setdefault(task.node_id, {}),
+            load_data=lambda: self._node_data(node_id),
+            state=state,
             task_id=task.task_id,
             seed=(self._seed, index, self._dispatches),
         )

@@ -75,6 +75,11 @@ class WireLimits:
 
 
 DEFAULT_LIMITS = WireLimits()
+# json.dumps with options builds a new encoder at every call, which cost as much as encoding
+# a small header: every node sends one small message per task.
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
+_HEADER_DECODER = json.JSONDecoder()
+_HEADER_KEYS = frozenset("ajn")
 
 
 def _pad(n: int) -> int:
@@ -174,29 +179,42 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
     Large payloads are assembled in a NumPy buffer, which copies at memory speed where
     building a Python ``bytes`` object of the same size is several times slower.
     """
-    if not isinstance(payload, Mapping):
+    if type(payload) is not dict and not isinstance(payload, Mapping):
         raise WireError(f"a payload is a mapping of names to values, got {type(payload).__name__}")
     if len(payload) > limits.max_items:
         raise WireError(f"payload has {len(payload)} items; the limit is {limits.max_items}")
     arrays: list[tuple[str, np.ndarray]] = []
     scalars: dict[str, Any] = {}
+    max_name, max_ndim = limits.max_name_chars, limits.max_ndim
+    # The common cases (str names, native little-endian contiguous arrays, JSON atoms) are
+    # checked inline; anything else takes the full checks, which raise with the reason.
     for name, value in payload.items():
-        _check_name(name, limits)
-        if isinstance(value, (np.ndarray, np.generic)):
+        if type(name) is not str or not name or len(name) > max_name:
+            _check_name(name, limits)
+        kind = type(value)
+        if kind is np.ndarray:
+            if (
+                value.dtype.str not in DTYPES
+                or not value.flags.c_contiguous
+                or value.ndim > max_ndim
+            ):
+                value = _as_wire_array(name, value, limits)
+            arrays.append((name, value))
+        elif isinstance(value, (np.ndarray, np.generic)):  # scalars, ndarray subclasses
             arrays.append((name, _as_wire_array(name, value, limits)))
         else:
-            _check_json(value, limits)
+            if kind not in _JSON_ATOMS:
+                _check_json(value, limits)
             scalars[name] = value
     entries = []
     offset = 0
     for name, array in arrays:
-        entries.append([name, array.dtype.str, list(array.shape), offset, array.nbytes])
-        offset += array.nbytes + _pad(array.nbytes)
+        nbytes = array.nbytes
+        entries.append([name, array.dtype.str, list(array.shape), offset, nbytes])
+        offset += nbytes + (-nbytes) % _ALIGN
     data_len = offset
     try:
-        header = json.dumps(
-            {"a": entries, "j": scalars, "n": data_len}, separators=(",", ":"), allow_nan=True
-        ).encode("utf-8")
+        header = _HEADER_ENCODER.encode({"a": entries, "j": scalars, "n": data_len}).encode()
     except (ValueError, TypeError, RecursionError) as exc:
         raise WireError(f"payload JSON values cannot be encoded: {exc}") from None
     if len(header) > limits.max_header_bytes:
@@ -281,19 +299,20 @@ def _decode(view: memoryview, limits: WireLimits) -> dict[str, Any]:
     head_end = _PREFIX.size + header_len
     if head_end > size:
         raise WireError("payload truncated inside its header")
-    raw_header = bytes(view[_PREFIX.size : head_end])
+    try:
+        text = str(view[_PREFIX.size : head_end], "utf-8")
+    except UnicodeDecodeError:
+        raise WireError("payload header is not valid UTF-8") from None
     # A header this small cannot hold a string over the limit nor nest deeper than its
     # brackets: the per-value JSON walk below would find nothing (it dominated small replies).
     small = header_len <= limits.max_string_chars and (
-        raw_header.count(b"[") + raw_header.count(b"{") <= limits.max_json_depth
+        text.count("[") + text.count("{") <= limits.max_json_depth
     )
     try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise WireError("payload header is not valid UTF-8") from None
+        header = _HEADER_DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise WireError(f"payload header is not valid JSON: {exc.msg}") from None
-    if not isinstance(header, dict) or set(header) != {"a", "j", "n"}:
+    if type(header) is not dict or len(header) != 3 or not _HEADER_KEYS.issuperset(header):
         raise WireError("payload header must be an object with keys 'a', 'j' and 'n'")
     entries, scalars, data_len = header["a"], header["j"], header["n"]
     if not isinstance(entries, list) or not isinstance(scalars, dict):
@@ -343,8 +362,9 @@ def _decode_array(
         raise WireError(f"array {name!r} has dtype {dtype_key!r}, which is not allowed")
     if not isinstance(shape, list) or len(shape) > limits.max_ndim:
         raise WireError(f"array {name!r} shape must be a list of at most {limits.max_ndim} ints")
-    if not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise WireError(f"array {name!r} shape {shape!r} must hold non-negative integers")
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise WireError(f"array {name!r} shape {shape!r} must hold non-negative integers")
     if type(offset) is not int or type(nbytes) is not int:
         raise WireError(f"array {name!r} offset and size must be integers")
     if nbytes != math.prod(shape) * dtype.itemsize:
