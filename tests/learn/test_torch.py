@@ -370,13 +370,13 @@ def run(algorithm: Algorithm, digits: tuple[Dataset, Dataset]) -> TrainingResult
     return simulate(model=build(), nodes=nodes, algorithm=algorithm, test=test)
 
 
-# Measured after 5 FedAvg rounds on 5 label-skewed nodes (seed 0): mlp 0.86 at lr 0.3
-# (0.78 with simulate seed 1); the threshold 0.7 leaves that margin.
+# Measured after 8 FedAvg rounds on 5 label-skewed nodes, mlp at lr 0.3, simulate seeds 0-5:
+# 0.883-0.906 (after 5 rounds the spread over seeds was 0.68-0.86, too wide for a threshold).
 def test_fedavg_end_to_end(digits: tuple[Dataset, Dataset]) -> None:
-    result = run(FedAvg(rounds=5, nodes_per_round=5, local_epochs=1, lr=0.3), digits)
-    assert result.metrics["accuracy"] >= 0.7
+    result = run(FedAvg(rounds=8, nodes_per_round=5, local_epochs=1, lr=0.3), digits)
+    assert result.metrics["accuracy"] >= 0.8
     assert result.history[-1].loss < result.history[0].loss
-    again = run(FedAvg(rounds=5, nodes_per_round=5, local_epochs=1, lr=0.3), digits)
+    again = run(FedAvg(rounds=8, nodes_per_round=5, local_epochs=1, lr=0.3), digits)
     for key, value in result.weights.items():
         np.testing.assert_array_equal(value, again.weights[key])
 
