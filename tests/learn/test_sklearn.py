@@ -120,7 +120,9 @@ def test_fit_lowers_loss(name: str, digits: tuple[Dataset, Dataset]) -> None:
     model = build(name)
     before = model.evaluate(train)
     result = model.fit(
-        train, config=FitConfig(epochs=2, batch_size=32, lr=LR[name]), rng=np.random.default_rng(0)
+        train,
+        config=FitConfig(epochs=2, batch_size=32, lr=LR[name], track_loss=True),
+        rng=np.random.default_rng(0),
     )
     after = model.evaluate(train)
     assert result.examples == len(train)

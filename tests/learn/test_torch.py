@@ -153,7 +153,9 @@ def test_fit_lowers_loss(
     model = build(name, optimizer=optimizer)
     before = model.evaluate(train)["loss"]
     result = model.fit(
-        train, config=FitConfig(epochs=2, batch_size=32, lr=lr), rng=np.random.default_rng(0)
+        train,
+        config=FitConfig(epochs=2, batch_size=32, lr=lr, track_loss=True),
+        rng=np.random.default_rng(0),
     )
     assert result.examples == len(train)
     assert result.steps == 2 * -(-len(train) // 32)
@@ -393,3 +395,20 @@ def test_fedprox_and_scaffold_change_the_run(digits: tuple[Dataset, Dataset]) ->
     fedprox0 = run(FedProx(rounds=2, nodes_per_round=5, lr=0.3, mu=0.0), digits).weights
     for key in fedavg:
         np.testing.assert_array_equal(fedprox0[key], fedavg[key])
+
+
+def test_set_weights_copies_once_and_owns_its_memory() -> None:
+    model = build("mlp")
+    given = {k: (v + 1.0).astype(np.float64) for k, v in model.get_weights().items()}
+    for value in given.values():
+        value.flags.writeable = False  # a decoded payload's read-only view
+    model.set_weights(given)
+    got = model.get_weights()
+    for key, value in given.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-6)  # cast to the module's float32
+    unfrozen = {k: v.copy() for k, v in given.items()}
+    model.set_weights(unfrozen)
+    for value in unfrozen.values():
+        value += 5.0  # the caller's arrays are not the module's
+    for key, value in model.get_weights().items():
+        np.testing.assert_allclose(value, given[key], rtol=1e-6)

@@ -181,8 +181,16 @@ class SklearnModel:
             "intercept": np.array(est.intercept_, dtype=np.float64),
         }
 
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        est = self.estimator
+        if self.kind == "mlp":
+            out = {f"coefs.{i}": np.shape(c) for i, c in enumerate(est.coefs_)}
+            out.update({f"intercepts.{i}": np.shape(b) for i, b in enumerate(est.intercepts_)})
+            return out
+        return {"coef": np.shape(est.coef_), "intercept": np.shape(est.intercept_)}
+
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        expected = {name: value.shape for name, value in self.get_weights().items()}
+        expected = self._shapes()  # not get_weights(): that copies every array each round
         unknown = sorted(set(weights) - set(expected))
         if unknown:
             raise ConfigError(
@@ -238,10 +246,12 @@ class SklearnModel:
         x, y = self._xy(data)
         n = len(y)
         est = self.estimator
-        if self.kind == "sgd":
+        # set_params validates every parameter (tens of microseconds): only when lr changes.
+        if self.kind == "sgd" and est.eta0 != config.lr:
             est.set_params(eta0=config.lr)
         elif self.kind == "mlp":
-            est.set_params(learning_rate_init=config.lr)
+            if est.learning_rate_init != config.lr:
+                est.set_params(learning_rate_init=config.lr)
             self._reset_solver()
         steps = 0
         for _ in range(config.epochs):
@@ -264,7 +274,8 @@ class SklearnModel:
             if config.max_steps is not None and steps >= config.max_steps:
                 break
         self._reset_solver()
-        loss, _ = self._metrics(x, y)
+        # The loss is a full pass over the node's data: only when someone reads it.
+        loss = self._metrics(x, y)[0] if config.track_loss else float("nan")
         return FitResult(examples=n, steps=steps, loss=loss)
 
     def _logistic_step(self, x: np.ndarray, y: np.ndarray, *, n: int, config: FitConfig) -> None:
@@ -279,7 +290,8 @@ class SklearnModel:
             _, g_logits, _ = softmax_cross_entropy(x @ coef.T + intercept, y)
             grad_coef = g_logits.T @ x
             grad_intercept = g_logits.sum(axis=0)
-        penalty = est.get_params().get("penalty", "l2")
+        # est.penalty, not est.get_params(): that introspects the constructor at every step.
+        penalty = getattr(est, "penalty", "l2")
         if penalty not in (None, "none") and np.isfinite(est.C):
             grad_coef = grad_coef + coef / (est.C * n)
         grads = {"coef": grad_coef, "intercept": grad_intercept}

@@ -152,7 +152,12 @@ class TorchModel:
                 array = np.asarray(weights[name])
                 if not tensor.is_floating_point():
                     array = np.rint(array)
-                tensor.copy_(torch.tensor(array))
+                if tensor.device.type == "cpu" and tensor.is_contiguous() and _numpy_dtype(tensor):
+                    # One copy, cast on the way, straight into the tensor's memory (the
+                    # state dict's tensors share it with the module).
+                    np.copyto(tensor.numpy(), array, casting="unsafe")
+                else:
+                    tensor.copy_(torch.tensor(array))
 
     # ------------------------------------------------------ optimizer state
 
@@ -289,7 +294,8 @@ class TorchModel:
                                 for hook in hooks:
                                     p.grad.add_(hook.term(name, p))
                     opt.step()
-                    losses.append(float(loss.detach()))
+                    if config.track_loss:  # float() waits for the value: only when asked
+                        losses.append(float(loss.detach()))
                     steps += 1
                     if config.max_steps is not None and steps >= config.max_steps:
                         break
@@ -297,7 +303,8 @@ class TorchModel:
                     break
         self._last_state = self._export_state(opt, named)
         recent = losses[-max(1, math.ceil(n / config.batch_size)) :]
-        return FitResult(examples=n, steps=steps, loss=float(np.mean(recent)))
+        mean_loss = float(np.mean(recent)) if recent else float("nan")
+        return FitResult(examples=n, steps=steps, loss=mean_loss)
 
     def _fit_dp(
         self, x: torch.Tensor, y: torch.Tensor, config: FitConfig, rng: np.random.Generator
@@ -437,3 +444,8 @@ def _cnn(
 
 register_model("mlp", _mlp)
 register_model("cnn", _cnn)
+
+
+def _numpy_dtype(tensor: torch.Tensor) -> bool:
+    """Whether NumPy can view this tensor's memory (it has no bfloat16)."""
+    return tensor.dtype is not torch.bfloat16
