@@ -520,3 +520,39 @@ def test_encode_refuses_non_mappings(bad: Any) -> None:
 def test_encode_refuses_bad_names(name: Any) -> None:
     with pytest.raises(WireError, match="names"):
         encode({name: 1})
+
+
+def test_self_referencing_subclass_json_is_refused() -> None:
+    class Tagged(dict):  # type: ignore[type-arg]
+        pass
+
+    loop = Tagged()
+    loop["again"] = loop
+    with pytest.raises(WireError):
+        encode({"loop": loop})
+
+
+def test_header_is_what_json_dumps_writes() -> None:
+    """The codec's cached C encoder writes the header exactly as json.dumps would."""
+    import json
+
+    payload = {
+        "nan": float("nan"),
+        "inf": [float("inf"), -float("inf"), 1e-300, 2**70],
+        "text": 'é\u2028"quoted"\n',
+        "nested": {"a": [None, True, False, {"b": []}]},
+        "array": np.arange(3, dtype=np.int16),
+    }
+    data = bytes(encode(payload))
+    (length,) = np.frombuffer(data[8:12], dtype="<u4")
+    header = data[12 : 12 + int(length)].decode()
+    expected = json.dumps(
+        {
+            "a": [["array", "<i2", [3], 0, 6]],
+            "j": {k: v for k, v in payload.items() if k != "array"},
+            "n": 64,
+        },
+        separators=(",", ":"),
+        allow_nan=True,
+    )
+    assert header == expected

@@ -8,6 +8,7 @@ offsets. Decoding returns read-only NumPy views into the input buffer (zero-copy
 from __future__ import annotations
 
 import json
+import json.encoder as json_encoder
 import math
 import struct
 from collections.abc import Mapping
@@ -76,8 +77,34 @@ class WireLimits:
 
 DEFAULT_LIMITS = WireLimits()
 # json.dumps with options builds a new encoder at every call, which cost as much as encoding
-# a small header: every node sends one small message per task.
+# a small header: every node sends one small message per task. JSONEncoder.encode still makes
+# its C encoder per call, so the C encoder is made once here. It runs without a circular-
+# reference check: every JSON value has passed _check_json, whose depth limit stops a cycle.
 _HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
+_MAKE_ENCODER: Any = getattr(json_encoder, "c_make_encoder", None)  # None without _json
+_C_ENCODER: Any = (
+    None
+    if _MAKE_ENCODER is None
+    else _MAKE_ENCODER(
+        None,  # markers: no circular check (see above)
+        _HEADER_ENCODER.default,
+        json_encoder.encode_basestring_ascii,
+        None,  # indent
+        ":",
+        ",",
+        False,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+)
+
+
+def _header_json(header: dict[str, Any]) -> str:
+    if _C_ENCODER is None:
+        return _HEADER_ENCODER.encode(header)
+    return "".join(_C_ENCODER(header, 0))
+
+
 _HEADER_DECODER = json.JSONDecoder()
 _HEADER_KEYS = frozenset("ajn")
 
@@ -214,7 +241,7 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
         offset += nbytes + (-nbytes) % _ALIGN
     data_len = offset
     try:
-        header = _HEADER_ENCODER.encode({"a": entries, "j": scalars, "n": data_len}).encode()
+        header = _header_json({"a": entries, "j": scalars, "n": data_len}).encode()
     except (ValueError, TypeError, RecursionError) as exc:
         raise WireError(f"payload JSON values cannot be encoded: {exc}") from None
     if len(header) > limits.max_header_bytes:
