@@ -102,6 +102,7 @@ class NodeValues:
         self._exclusions: dict[str, str] = {} if exclusions is None else exclusions
         # Fields the map asked nodes to send along (map(send=...)): they need no fetch.
         self._sent: Mapping[str, Mapping[str, Any]] = sent or {}
+        self._names: tuple[str, ...] | None = None  # field_names, once collected
 
     def __repr__(self) -> str:
         what = ", ".join(self._fields) if self._fields else "all fields"
@@ -134,10 +135,15 @@ class NodeValues:
     def field_names(self) -> tuple[str, ...]:
         if self._fields is not None:
             return self._fields
-        names: dict[str, None] = {}
-        for spec in self._specs.values():
-            names.update(dict.fromkeys(spec))
-        return tuple(names)
+        # Specs are fixed once the map returns; every selection (out["n"], out.select(...))
+        # asks for the names, and collecting them walks every node's receipt.
+        cached = self._names
+        if cached is None:
+            names: dict[str, None] = {}
+            for spec in self._specs.values():
+                names.update(dict.fromkeys(spec))
+            cached = self._names = tuple(names)
+        return cached
 
     def __getitem__(self, field: str) -> NodeValues:
         return self.select(field)
