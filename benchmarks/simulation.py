@@ -164,6 +164,12 @@ def run_one(nodes: int, rounds: int, repeats: int, seed: int) -> dict[str, Any]:
     for name in ("simulate", "floor_rebuilt"):
         out[name]["wall_vs_floor"] = out[name]["wall_s_per_round"] / base["wall_s_per_round"]
         out[name]["cpu_vs_floor"] = out[name]["cpu_s_per_round"] / base["cpu_s_per_round"]
+        # Each repeat's own ratio (its row against the floor run just before it): the spread
+        # of these is the range a re-run should land in on a machine as busy as this one.
+        for kind, runs in (("wall", wall), ("cpu", cpu)):
+            ratios = [a / b for a, b in zip(runs[name], runs["floor"])]
+            out[name][f"{kind}_ratio_runs"] = ratios
+            out[name][f"{kind}_ratio_range"] = [min(ratios), max(ratios)]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -251,6 +257,12 @@ def main() -> int:
                 f"{r['nodes']:>6} {label:<22} {row['wall_s_per_round']:>13.4f} {cpu_s}"
                 f" {wall_x:>12.2f}x {cpu_x} {row['accuracy']:>9.3f}"
             )
+            if "wall_ratio_range" in row:
+                (wa, wb), (ca, cb) = row["wall_ratio_range"], row["cpu_ratio_range"]
+                print(
+                    f"{'':>6} {'  per-repeat range':<22} {'':>26} {wa:>5.2f}-{wb:.2f}x"
+                    f" {ca:>5.2f}-{cb:.2f}x"
+                )
         extra = f"peak RSS {r['peak_rss_mb']:.0f} MB"
         if "flower" in r:
             extra += f"; Flower / simulate() per round: {r['flower']['wall_vs_simulate']:.1f}x"
