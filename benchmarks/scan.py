@@ -1,24 +1,29 @@
-"""Benchmark: shoal's model scanner against ModelScan on hostile and benign model files.
+"""Benchmark: shoal's model scanner against ModelScan, and shoal's loader against torch/NumPy.
 
 Builds a corpus in a temp folder (benchmarks/scan_corpus.py: hand-assembled bypass payloads,
-real torch/joblib/pickle/NumPy/safetensors/Keras/ONNX files, and large benign files for
-throughput), scans it with both tools through their command lines, and reports detection rate,
-false positives and MB/s.
+real torch/joblib/pickle/NumPy/safetensors/Keras/ONNX files, large benign files), then:
 
-Both tools are timed the same way: one untimed warm-up run per folder, then the best of
-``--repeats`` runs, child CPU time from getrusage. Both run with Python's bytecode cache on (in a
-temp folder), as installed tools normally do: ModelScan's wheels ship compiled, while an editable
-shoal under PYTHONDONTWRITEBYTECODE would recompile its source on every start. Throughput is
-given three ways: over the whole corpus (same bytes for both), over the bytes each tool actually
-analysed (files it skipped or failed on earn no credit), and net of that tool's own start-up
-(an empty-folder run). The bare interpreter start of each tool's Python is reported too.
+1. detection: hostile files flagged (medium or above) and benign files wrongly flagged;
+2. scanning throughput NET of process start-up (the headline): each tool is run as its command
+   line on a folder and on an empty folder, interleaved, ``--repeats`` times; the median CPU of
+   the empty run is subtracted from the median CPU of the folder run. Compared on the bytes
+   both tools analyse: the files both report as analysed (of the large files, those both read
+   in full) are linked into a folder of their own and timed there, so neither earns credit
+   for bytes it skipped;
+3. what each tool reads of each large file (``rchar`` of the tool's process minus an
+   empty-folder run): skipping a tensor's bytes is not scanning them;
+4. shoal's opcode walk against ``pickletools.genops`` over the same pickles (in-process CPU);
+5. ``shoal.scan.load`` (scan + build) against ``torch.load(weights_only=True)`` and ``np.load``
+   on the benign files both load, and on the large files, in-process, interleaved, medians;
+6. peak memory (RSS growth in a fresh process) of ``scan_file`` and ``load`` on the largest
+   benign files, against their size.
 
 ModelScan lives in its own venv, never as a shoal dependency:
 
     python -m venv /work/venvs/modelscan
     /work/venvs/modelscan/bin/pip install modelscan h5py
 
-Run:  python benchmarks/scan.py [--json out.json] [--big-mb 64] [--repeats 3]
+Run:  python benchmarks/scan.py [--json out.json] [--big-mb 64] [--repeats 5]
 Without that venv (or --modelscan PATH) only shoal's figures are reported.
 """
 
@@ -27,8 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,16 +47,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scan_corpus
 
 DEFAULT_MODELSCAN = "/work/venvs/modelscan/bin/modelscan"
-# The scan subcommand alone: `shoal`'s main parser also imports every other subcommand (dp
-# accounting, scipy, ...), which would time interpreter start-up rather than the scanner.
-SHOAL_CLI = [
-    sys.executable,
-    "-c",
-    "import argparse, sys; from shoal.cli import scan; p = argparse.ArgumentParser(prog='shoal');"
-    " scan.register(p.add_subparsers()); a = p.parse_args(); sys.exit(a.func(a))",
-]
 
-
+# Every tool runs through a tiny launcher that records its process's bytes read (rchar) at
+# exit, so the benchmark can say what each tool actually read.
+_IO_PRELUDE = (
+    "import atexit, os, sys\n"
+    "def _io():\n"
+    "    out = os.environ.get('SCAN_BENCH_IO')\n"
+    "    if out:\n"
+    "        rchar = [l for l in open('/proc/self/io') if l.startswith('rchar')][0]\n"
+    "        open(out, 'w').write(rchar.split()[1])\n"
+    "atexit.register(_io)\n"
+)
+# The scan subcommand alone: `shoal`'s main parser also imports every other subcommand.
+SHOAL_MAIN = (
+    "import argparse\n"
+    "from shoal.cli import scan\n"
+    "p = argparse.ArgumentParser(prog='shoal')\n"
+    "scan.register(p.add_subparsers())\n"
+    "a = p.parse_args()\n"
+    "sys.exit(a.func(a))\n"
+)
+MODELSCAN_MAIN = "from modelscan.cli import main\nsys.argv[0] = 'modelscan'\nsys.exit(main())\n"
 _ENV: dict[str, str] = {}
 
 
@@ -61,239 +80,391 @@ def _child_env(pycache: Path) -> None:
     _ENV["PYTHONPYCACHEPREFIX"] = str(pycache)
 
 
-def _timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
-    """Run a command: (wall seconds, child CPU seconds, process)."""
+def _timed(cmd: list[str], io_file: Path) -> tuple[float, int, subprocess.CompletedProcess[str]]:
+    """Run a command: (child CPU seconds, bytes it read, process)."""
+    env = {**_ENV, "SCAN_BENCH_IO": str(io_file)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_ENV or None)
-    wall = time.perf_counter() - start
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc
+    rchar = int(io_file.read_text()) if io_file.exists() else -1
+    return cpu, rchar, proc
 
 
-def _size_mb(paths: list[Path]) -> float:
+def _mb(paths: list[Path]) -> float:
     return sum(p.stat().st_size for p in paths) / 2**20
 
 
-def _rel(path: Path, root: Path) -> str:
-    return str(path.relative_to(root))
-
-
-# Formats shoal reports for files it could not analyse (nothing recognised, nothing read).
 _NOT_ANALYSED = {"unknown", "empty", "special", "unreadable"}
 
 
-def run_shoal_cli(folder: Path) -> tuple[float, float, dict[str, bool], set[str]]:
-    """One CLI run over a folder: (wall s, CPU s, {relative path: flagged at medium or above},
-    relative paths of the files it analysed)."""
-    wall, cpu, proc = _timed([*SHOAL_CLI, "scan", "--format", "json", str(folder)])
-    if proc.returncode not in (0, 1):
-        raise RuntimeError(f"shoal scan failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    report = json.loads(proc.stdout)
-    flagged = {
-        _rel(Path(f["path"]), folder): f["severity"] in ("medium", "high", "critical")
-        for f in report["files"]
-    }
-    analysed = {
-        _rel(Path(f["path"]), folder) for f in report["files"] if f["format"] not in _NOT_ANALYSED
-    }
-    return wall, cpu, flagged, analysed
+class Tool:
+    """One scanner, run as its command line on a folder."""
+
+    def __init__(self, name: str, python: str, main: str, tmp: Path) -> None:
+        self.name = name
+        self.python = python
+        self.main = main
+        self.tmp = tmp
+
+    def command(self, folder: Path, out: Path) -> list[str]:
+        raise NotImplementedError
+
+    def parse(self, proc: subprocess.CompletedProcess[str], folder: Path, out: Path) -> Any:
+        raise NotImplementedError
+
+    def run(self, folder: Path) -> tuple[float, int, dict[str, bool], set[str]]:
+        """(CPU s, bytes read, {file: flagged}, files analysed), paths relative to folder."""
+        out = self.tmp / f"{self.name}-report.json"
+        io_file = self.tmp / f"{self.name}-io"
+        for f in (out, io_file):
+            f.unlink(missing_ok=True)
+        cmd = [self.python, "-c", _IO_PRELUDE + self.main, *self.command(folder, out)]
+        cpu, rchar, proc = _timed(cmd, io_file)
+        flags, analysed = self.parse(proc, folder, out)
+        return cpu, rchar, flags, analysed
 
 
-def run_modelscan(exe: str, folder: Path) -> tuple[float, float, dict[str, bool], dict[str, Any]]:
-    """One ModelScan run over a folder: (wall s, CPU s, {relative path: any issue}, summary)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "report.json"
-        wall, cpu, proc = _timed([exe, "-p", str(folder), "-r", "json", "-o", str(out)])
+class Shoal(Tool):
+    def command(self, folder: Path, out: Path) -> list[str]:
+        return ["scan", "--format", "json", str(folder)]
+
+    def parse(self, proc: Any, folder: Path, out: Path) -> Any:
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(f"shoal scan failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        files = json.loads(proc.stdout)["files"]
+        rel = [(str(Path(f["path"]).relative_to(folder)), f) for f in files]
+        flags = {r: f["severity"] in ("medium", "high", "critical") for r, f in rel}
+        analysed = {r for r, f in rel if f["format"] not in _NOT_ANALYSED}
+        return flags, analysed
+
+
+class ModelScan(Tool):
+    def command(self, folder: Path, out: Path) -> list[str]:
+        return ["-p", str(folder), "-r", "json", "-o", str(out)]
+
+    def parse(self, proc: Any, folder: Path, out: Path) -> Any:
         if not out.exists():
             raise RuntimeError(f"modelscan produced no report ({proc.returncode}): {proc.stderr}")
         report = json.loads(out.read_text())
-    flagged: dict[str, bool] = {}
-    for issue in report.get("issues", []):
-        source = str(issue.get("source", ""))
-        top = source.split(":", 1)[0]
-        top_path = Path(top)
-        if top_path.is_absolute():
-            top = _rel(top_path, folder) if top_path.is_relative_to(folder) else top_path.name
-        flagged[top] = True
-    scanned = report.get("summary", {}).get("scanned", {})
-    # "a.pt:a/data.pkl" means a member of a.pt was analysed; credit the whole top-level file.
-    analysed = {str(name).split(":", 1)[0] for name in scanned.get("scanned_files", [])}
-    extra = {
-        "errors": len(report.get("errors", [])),
-        "scanned": scanned.get("total_scanned"),
-        "analysed": analysed,
+        flags: dict[str, bool] = {}
+        for issue in report.get("issues", []):
+            flags[_top(str(issue.get("source", "")), folder)] = True
+        scanned = report.get("summary", {}).get("scanned", {})
+        analysed = {_top(str(n), folder) for n in scanned.get("scanned_files", [])}
+        return flags, analysed
+
+
+def _top(source: str, folder: Path) -> str:
+    """'a.pt:a/data.pkl' (a member of a.pt) credits the top-level file a.pt."""
+    top = Path(source.split(":", 1)[0])
+    if top.is_absolute():
+        return str(top.relative_to(folder)) if top.is_relative_to(folder) else top.name
+    return str(top)
+
+
+def dense_pickle(root: Path) -> Path:
+    """An opcode-dense pickle (~10 MB of ints, strings and floats): scanning it means walking
+    about two million opcodes, with no array bytes to skip."""
+    p = root / "dense.pkl"
+    obj = {
+        "ints": list(range(1_000_000)),
+        "names": [f"feature_{i}" for i in range(300_000)],
+        "weights": [i * 0.5 for i in range(300_000)],
     }
-    return wall, cpu, flagged, extra
+    p.write_bytes(pickle.dumps(obj, protocol=4))
+    return p
 
 
-def interpreter_start(python: str, repeats: int) -> float:
-    """Best CPU seconds of a bare ``python -c pass`` (the floor under any Python tool)."""
-    _timed([python, "-c", "pass"])
-    return min(_timed([python, "-c", "pass"])[1] for _ in range(repeats))
+def _link_folder(dest: Path, src_folder: Path, names: set[str]) -> list[Path]:
+    dest.mkdir()
+    out = []
+    for n in sorted(names):
+        target = dest / n.replace("/", "__")
+        os.link(src_folder / n, target)
+        out.append(target)
+    return out
 
 
-def shoal_in_process(paths: list[Path]) -> tuple[float, dict[str, bool]]:
-    from shoal.scan import Severity, scan_file
-
-    for p in paths:  # warm up: first use of h5py, numpy and friends imports them
-        scan_file(p)
-    start = time.process_time()
-    flagged = {str(p): scan_file(p).severity >= Severity.MEDIUM for p in paths}
-    return time.process_time() - start, flagged
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
 
 
-def _best(fn: Any, repeats: int) -> tuple[float, float, Any]:
-    """Best wall and best CPU time over ``repeats`` runs after one untimed warm-up (fills the
-    bytecode cache and the page cache; the machine may be shared)."""
-    walls, cpus = [], []
-    fn()
-    result = None
+# --- 2/3: throughput net of start-up, bytes read ------------------------------------------------
+
+
+def scanner_runs(
+    tools: list[Tool], folders: dict[str, Path], repeats: int
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Interleaved: each repeat runs every tool on every folder. Returns per tool and folder
+    the CPU seconds of every run, the median bytes read, and the last run's flags and files."""
+    out: dict[str, dict[str, dict[str, Any]]] = {t.name: {} for t in tools}
+    for t in tools:  # untimed warm-up: bytecode and page caches
+        for folder in folders.values():
+            t.run(folder)
     for _ in range(repeats):
-        wall, cpu, *result = fn()
-        walls.append(wall)
-        cpus.append(cpu)
-    return min(walls), min(cpus), result
+        for name, folder in folders.items():
+            for t in tools:
+                cpu, rchar, flags, analysed = t.run(folder)
+                rec = out[t.name].setdefault(name, {"cpu": [], "rchar": []})
+                rec["cpu"].append(cpu)
+                rec["rchar"].append(rchar)
+                rec["flags"], rec["analysed"] = flags, analysed
+    return out
+
+
+def net(runs: dict[str, dict[str, Any]], folder: str) -> tuple[float, float, float]:
+    """(median net CPU s, lowest, highest) of a folder run minus the median empty run."""
+    base = _median(runs["empty"]["cpu"])
+    xs = [c - base for c in runs[folder]["cpu"]]
+    return _median(xs), min(xs), max(xs)
+
+
+# --- 4: opcode walk against pickletools.genops --------------------------------------------------
+
+
+def opcode_walk(paths: list[Path], repeats: int) -> list[dict[str, Any]]:
+    import pickletools
+
+    from shoal.scan import scan_file
+
+    rows = []
+    for p in paths:
+        data = p.read_bytes()
+        scan_file(p)
+        shoal_t, genops_t = [], []
+        for _ in range(repeats):
+            t = time.process_time()
+            scan_file(p)
+            shoal_t.append(time.process_time() - t)
+            t = time.process_time()
+            for _op in pickletools.genops(data):
+                pass
+            genops_t.append(time.process_time() - t)
+        rows.append(
+            {
+                "file": p.name,
+                "mb": len(data) / 2**20,
+                "shoal_scan_s": _median(shoal_t),
+                "genops_s": _median(genops_t),
+            }
+        )
+    return rows
+
+
+# --- 5: loading ---------------------------------------------------------------------------------
+
+
+def _reference_load(p: Path) -> Any:
+    if p.suffix == ".pt":
+        import torch
+
+        return torch.load(p, weights_only=True)
+    import numpy as np
+
+    out = np.load(p)
+    if p.suffix == ".npz":
+        with out:
+            return {k: out[k] for k in out.files}
+    return out
+
+
+def load_speed(paths: list[Path], repeats: int) -> dict[str, Any]:
+    """Median CPU seconds over the files, shoal.scan.load against the file's own loader."""
+    from shoal.scan import load
+
+    for p in paths:
+        load(p)
+        _reference_load(p)
+    per_file = []
+    for p in paths:
+        ours, theirs = [], []
+        for _ in range(repeats):
+            t = time.process_time()
+            load(p)
+            ours.append(time.process_time() - t)
+            t = time.process_time()
+            _reference_load(p)
+            theirs.append(time.process_time() - t)
+        per_file.append((p, _median(ours), _median(theirs)))
+    mb = _mb(paths)
+    ours_s = sum(o for _p, o, _t in per_file)
+    theirs_s = sum(t for _p, _o, t in per_file)
+    return {
+        "files": [p.name for p in paths],
+        "mb": mb,
+        "shoal_s": ours_s,
+        "reference_s": theirs_s,
+        "shoal_mb_per_s": mb / ours_s,
+        "reference_mb_per_s": mb / theirs_s,
+    }
+
+
+# --- 6: peak memory -----------------------------------------------------------------------------
+
+_MEMORY_CHILD = """
+import sys
+import numpy, torch
+from shoal.scan import load, scan_file
+
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+op, path = sys.argv[1], sys.argv[2]
+(scan_file if op == "scan" else load)(sys.argv[3])  # warm up on a tiny file of the same kind
+before = kb("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+out = scan_file(path) if op == "scan" else load(path)
+print((kb("VmHWM") - before) * 1024)
+"""
+
+
+def peak_memory(path: Path, small: Path) -> dict[str, Any]:
+    """Peak RSS growth of one scan_file and one load of ``path`` in a fresh process (after a
+    warm-up on ``small``, a small file of the same kind, so imports are not counted)."""
+    row: dict[str, Any] = {"file": path.name, "mb": path.stat().st_size / 2**20}
+    for op in ("scan", "load"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, op, str(path), str(small)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=_ENV or None,
+        )
+        row[f"{op}_peak_mb"] = int(proc.stdout.strip()) / 2**20
+    return row
+
+
+# --- main ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write results as JSON to this path")
     parser.add_argument("--big-mb", type=int, default=64, help="size of each large benign file")
-    parser.add_argument("--repeats", type=int, default=3, help="timing runs per tool (best kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing runs per tool")
     parser.add_argument("--modelscan", default=DEFAULT_MODELSCAN, help="modelscan executable")
-    parser.add_argument(
-        "--no-bytecode-cache",
-        action="store_true",
-        help="leave PYTHONDONTWRITEBYTECODE as inherited (source recompiled on every start)",
-    )
     args = parser.parse_args(argv)
 
     modelscan = args.modelscan if Path(args.modelscan).exists() else shutil.which("modelscan")
     with tempfile.TemporaryDirectory(prefix="shoal-scan-bench-") as tmp:
         root = Path(tmp)
-        if not args.no_bytecode_cache:
-            _child_env(root / "pycache")
-        corpus = scan_corpus.build(root, big_mb=args.big_mb)
+        _child_env(root / "pycache")
+        corpus = scan_corpus.build(root / "c", big_mb=args.big_mb)
+        corpus["big"].append(dense_pickle(root / "c" / "big"))
         (root / "empty").mkdir()
-        groups = {
-            "empty": (root / "empty", []),
-            "hostile": (root / "hostile", corpus["hostile"]),
-            "benign": (root / "benign", corpus["benign"]),
-            "big": (root / "big", corpus["big"]),
-        }
-        results: dict[str, Any] = {"corpus": {}, "tools": {}}
-        for g, (_folder, paths) in groups.items():
-            results["corpus"][g] = {"files": len(paths), "mb": round(_size_mb(paths), 2)}
-
-        tools: dict[str, Any] = {}
-        shoal: dict[str, Any] = {}
-        sizes = {
-            g: {_rel(p, folder): p.stat().st_size for p in paths}
-            for g, (folder, paths) in groups.items()
-        }
-        shoal["interpreter_cpu_seconds"] = interpreter_start(sys.executable, args.repeats)
-        for g, (folder, _paths) in groups.items():
-            wall, cpu, (flags, analysed) = _best(lambda f=folder: run_shoal_cli(f), args.repeats)
-            shoal[g] = {
-                "seconds": wall,
-                "cpu_seconds": cpu,
-                "flags": flags,
-                "analysed_mb": sum(sizes[g].get(n, 0) for n in analysed) / 2**20,
-            }
-        secs_in, _flags = shoal_in_process(corpus["hostile"] + corpus["benign"] + corpus["big"])
-        shoal["in_process_seconds"] = secs_in
-        tools["shoal"] = shoal
+        small = root / "small"  # hostile + benign in one folder: one run each
+        small.mkdir()
+        for group in ("hostile", "benign"):
+            for p in corpus[group]:
+                os.link(p, small / f"{group}__{p.name}")
+        folders = {"empty": root / "empty", "small": small, "big": root / "c" / "big"}
+        tools: list[Tool] = [Shoal("shoal", sys.executable, SHOAL_MAIN, root)]
         if modelscan:
-            ms: dict[str, Any] = {}
             ms_python = Path(modelscan).resolve().parent / "python"
-            if not ms_python.exists():
-                ms_python = Path(sys.executable)
-            ms["interpreter_cpu_seconds"] = interpreter_start(str(ms_python), args.repeats)
-            for g, (folder, _paths) in groups.items():
-                wall, cpu, (flags, extra) = _best(
-                    lambda f=folder: run_modelscan(modelscan, f), args.repeats
-                )
-                analysed = extra.pop("analysed")
-                ms[g] = {
-                    "seconds": wall,
-                    "cpu_seconds": cpu,
-                    "flags": flags,
-                    "analysed_mb": sum(sizes[g].get(n, 0) for n in analysed) / 2**20,
-                    **extra,
-                }
-            tools["modelscan"] = ms
+            tools.append(ModelScan("modelscan", str(ms_python), MODELSCAN_MAIN, root))
+        runs = scanner_runs(tools, folders, args.repeats)
 
-        rows = []
-        for name, data in tools.items():
-            hostile_paths = [_rel(p, root / "hostile") for p in corpus["hostile"]]
-            benign_paths = [_rel(p, root / "benign") for p in corpus["benign"]]
-            detected = [p for p in hostile_paths if data["hostile"]["flags"].get(p)]
-            missed = sorted(set(hostile_paths) - set(detected))
-            false_pos = sorted(p for p in benign_paths if data["benign"]["flags"].get(p))
-            small_mb = results["corpus"]["hostile"]["mb"] + results["corpus"]["benign"]["mb"]
-            small_secs = data["hostile"]["seconds"] + data["benign"]["seconds"]
-            small_cpu = data["hostile"]["cpu_seconds"] + data["benign"]["cpu_seconds"]
-            big_mb = results["corpus"]["big"]["mb"]
-            # CPU beyond an empty-folder run of the same tool: the scanner, not interpreter start
-            base = data["empty"]["cpu_seconds"]
-            net_big = max(data["big"]["cpu_seconds"] - base, 1e-3)
-            net_small = max(small_cpu - 2 * base, 1e-3)
-            small_analysed = data["hostile"]["analysed_mb"] + data["benign"]["analysed_mb"]
-            big_analysed = data["big"]["analysed_mb"]
-            row = {
-                "tool": name,
+        results: dict[str, Any] = {"corpus": {}, "repeats": args.repeats}
+        for g in ("hostile", "benign", "big"):
+            results["corpus"][g] = {"files": len(corpus[g]), "mb": round(_mb(corpus[g]), 2)}
+
+        detection = {}
+        for t in tools:
+            flags = runs[t.name]["small"]["flags"]
+            hostile = [n for n in flags if n.startswith("hostile__")]
+            all_hostile = [f"hostile__{p.name}" for p in corpus["hostile"]]
+            all_benign = [f"benign__{p.name}" for p in corpus["benign"]]
+            detected = [n for n in all_hostile if flags.get(n)]
+            detection[t.name] = {
                 "detected": len(detected),
-                "hostile": len(hostile_paths),
-                "detection_rate": len(detected) / len(hostile_paths),
-                "false_positives": len(false_pos),
-                "benign": len(benign_paths),
-                "missed": missed,
-                "false_positive_files": false_pos,
-                "corpus_mb_per_s": small_mb / small_secs,
-                "corpus_mb_per_cpu_s": small_mb / small_cpu,
-                "corpus_seconds": small_secs,
-                "big_mb_per_s": big_mb / data["big"]["seconds"] if corpus["big"] else None,
-                "big_mb_per_cpu_s": big_mb / data["big"]["cpu_seconds"] if corpus["big"] else None,
-                "big_seconds": data["big"]["seconds"],
-                "startup_cpu_seconds": base,
-                "interpreter_cpu_seconds": data["interpreter_cpu_seconds"],
-                "corpus_cpu_seconds": small_cpu,
-                "big_cpu_seconds": data["big"]["cpu_seconds"],
-                "corpus_net_mb_per_cpu_s": small_mb / net_small,
-                "big_net_mb_per_cpu_s": big_mb / net_big if corpus["big"] else None,
-                "corpus_analysed_mb": small_analysed,
-                "big_analysed_mb": big_analysed,
-                "corpus_analysed_mb_per_cpu_s": small_analysed / small_cpu,
-                "big_analysed_mb_per_cpu_s": big_analysed / data["big"]["cpu_seconds"],
-                "corpus_analysed_net_mb_per_cpu_s": small_analysed / net_small,
-                "big_analysed_net_mb_per_cpu_s": big_analysed / net_big,
+                "hostile": len(all_hostile),
+                "false_positives": sorted(n for n in all_benign if flags.get(n)),
+                "benign": len(all_benign),
+                "missed": sorted(set(all_hostile) - set(detected)),
             }
-            if name == "shoal":
-                all_mb = small_mb + big_mb
-                row["in_process_mb_per_cpu_s"] = all_mb / data["in_process_seconds"]
-            rows.append(row)
-        if len(rows) == 2:
-            s_row, m_row = rows
-            results["speedup"] = {
-                key: s_row[key] / m_row[key]
-                for key in (
-                    "corpus_mb_per_s",
-                    "corpus_mb_per_cpu_s",
-                    "corpus_net_mb_per_cpu_s",
-                    "corpus_analysed_mb_per_cpu_s",
-                    "corpus_analysed_net_mb_per_cpu_s",
-                    "big_mb_per_s",
-                    "big_mb_per_cpu_s",
-                    "big_net_mb_per_cpu_s",
-                    "big_analysed_mb_per_cpu_s",
-                    "big_analysed_net_mb_per_cpu_s",
-                )
-                if s_row.get(key) and m_row.get(key)
+            del hostile
+        results["detection"] = detection
+
+        # what each tool reads of each large file, alone in a folder
+        reads: dict[str, dict[str, float]] = {t.name: {} for t in tools}
+        for p in corpus["big"]:
+            solo = root / f"solo_{p.name}"
+            solo.mkdir()
+            os.link(p, solo / p.name)
+            for t in tools:
+                base = _median([t.run(folders["empty"])[1] for _ in range(2)])
+                got = _median([t.run(solo)[1] for _ in range(2)])
+                reads[t.name][p.name] = (got - base) / 2**20
+        results["bytes_read_mb"] = reads
+        results["big_files_mb"] = {p.name: p.stat().st_size / 2**20 for p in corpus["big"]}
+
+        # bytes both analyse: link the common files into folders of their own and time those
+        common: dict[str, Path] = {}
+        if len(tools) == 2:
+            for g in ("small", "big"):
+                both = set.intersection(*(runs[t.name][g]["analysed"] for t in tools))
+                if g == "big":
+                    # of large files, only those both tools read in full: a tensor's bytes
+                    # that both skip are not bytes either analyses
+                    size = results["big_files_mb"]
+                    both = {n for n in both if all(reads[t][n] >= 0.9 * size[n] for t in reads)}
+                common[f"common_{g}"] = root / f"common_{g}"
+                _link_folder(common[f"common_{g}"], folders[g], both)
+            common_runs = scanner_runs(tools, {"empty": folders["empty"], **common}, args.repeats)
+            for t in tools:
+                runs[t.name].update({k: v for k, v in common_runs[t.name].items() if k != "empty"})
+                runs[t.name]["empty"]["cpu"] += common_runs[t.name]["empty"]["cpu"]
+
+        throughput: dict[str, Any] = {}
+        for t in tools:
+            row: dict[str, Any] = {}
+            base_cpu = _median(runs[t.name]["empty"]["cpu"])
+            base_read = _median(runs[t.name]["empty"]["rchar"])
+            row["startup_cpu_s"] = base_cpu
+            for g, folder in {**folders, **common}.items():
+                if g == "empty":
+                    continue
+                files = [p for p in folder.iterdir() if p.is_file()]
+                mb = _mb(files)
+                med, lo, hi = net(runs[t.name], g)
+                row[g] = {
+                    "mb": mb,
+                    "cpu_s": _median(runs[t.name][g]["cpu"]),
+                    "net_cpu_s": med,
+                    "net_mb_per_cpu_s": mb / med if med > 0 else None,
+                    "net_mb_per_cpu_s_range": [
+                        mb / hi if hi > 0 else None,
+                        mb / lo if lo > 0 else None,
+                    ],
+                    "read_mb": (_median(runs[t.name][g]["rchar"]) - base_read) / 2**20,
+                    "analysed_files": len(runs[t.name][g]["analysed"]),
+                }
+            throughput[t.name] = row
+        results["throughput"] = throughput
+
+        pickles = [p for p in corpus["big"] if p.suffix == ".pkl"]
+        results["opcode_walk"] = opcode_walk(pickles, args.repeats)
+
+        loadable = [p for p in corpus["benign"] if p.suffix in (".pt", ".npy", ".npz")]
+        results["load_benign"] = load_speed(loadable, args.repeats)
+        big_loadable = [p for p in corpus["big"] if p.suffix in (".pt", ".npy")]
+        results["load_big"] = load_speed(big_loadable, args.repeats)
+        warm = {
+            ".pt": root / "c" / "benign" / "linear.pt",
+            ".npy": root / "c" / "benign" / "weights.npy",
+        }
+        results["peak_memory"] = [peak_memory(p, warm[p.suffix]) for p in big_loadable]
+
+        if len(tools) == 2:
+            s, m = throughput["shoal"], throughput["modelscan"]
+            results["speedup_net"] = {
+                g: s[g]["net_mb_per_cpu_s"] / m[g]["net_mb_per_cpu_s"]
+                for g in ("small", "big", "common_small", "common_big")
+                if s[g]["net_mb_per_cpu_s"] and m[g]["net_mb_per_cpu_s"]
             }
-        results["bytecode_cache"] = not args.no_bytecode_cache
-        results["results"] = rows
         results["modelscan_available"] = bool(modelscan)
         _print(results)
         if args.json:
@@ -301,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fmt(v: float | None, digits: int = 0) -> str:
+def _f(v: Any, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
@@ -312,82 +483,92 @@ def _print(results: dict[str, Any]) -> None:
     c = results["corpus"]
     console = Console()
     console.print(
-        f"corpus: {c['hostile']['files']} hostile files, {c['benign']['files']} benign files "
-        f"({c['hostile']['mb'] + c['benign']['mb']:.1f} MB), {c['big']['files']} large benign "
-        f"files ({c['big']['mb']:.0f} MB); bytecode cache "
-        f"{'on' if results['bytecode_cache'] else 'as inherited'}"
+        f"corpus: {c['hostile']['files']} hostile, {c['benign']['files']} benign "
+        f"({c['hostile']['mb'] + c['benign']['mb']:.1f} MB), {c['big']['files']} large "
+        f"({c['big']['mb']:.0f} MB); {results['repeats']} interleaved repeats, medians"
     )
-    rows = results["results"]
-    speed = results.get("speedup", {})
-
-    def ratio(key: str, digits: int = 2) -> str:
-        return f"{speed[key]:.{digits}f}x" if key in speed else "-"
-
-    table = Table("tool", "detected", "false pos.", "start-up CPU s", "bare python CPU s")
-    for r in rows:
+    table = Table("tool", "detected", "false positives", "start-up CPU s")
+    for name, d in results["detection"].items():
         table.add_row(
-            r["tool"],
-            f"{r['detected']}/{r['hostile']} ({100 * r['detection_rate']:.0f}%)",
-            f"{r['false_positives']}/{r['benign']}",
-            f"{r['startup_cpu_seconds']:.3f}",
-            f"{r['interpreter_cpu_seconds']:.3f}",
+            name,
+            f"{d['detected']}/{d['hostile']}",
+            f"{len(d['false_positives'])}/{d['benign']}",
+            _f(results["throughput"][name]["startup_cpu_s"], 3),
         )
     console.print(table)
 
-    table = Table(title="small mixed corpus (hostile + benign folders, one CLI run each)")
-    for col in ("", *[r["tool"] for r in rows], "shoal / ModelScan"):
+    tp = results["throughput"]
+    names = list(tp)
+    table = Table(title="scanning, MB per CPU second NET of start-up (median [range])")
+    for col in ("folder", "MB", *names, "shoal / ModelScan"):
         table.add_column(col)
-    lines = [
-        ("CPU s (incl. start-up)", "corpus_cpu_seconds", 3, None),
-        ("MB analysed", "corpus_analysed_mb", 2, None),
-        ("MB/s wall, all bytes", "corpus_mb_per_s", 2, "corpus_mb_per_s"),
-        ("MB/CPU-s, all bytes", "corpus_mb_per_cpu_s", 2, "corpus_mb_per_cpu_s"),
-        ("MB/CPU-s, analysed bytes", "corpus_analysed_mb_per_cpu_s", 2,
-         "corpus_analysed_mb_per_cpu_s"),
-        ("MB/CPU-s net of start-up, all bytes", "corpus_net_mb_per_cpu_s", 1,
-         "corpus_net_mb_per_cpu_s"),
-        ("MB/CPU-s net of start-up, analysed", "corpus_analysed_net_mb_per_cpu_s", 1,
-         "corpus_analysed_net_mb_per_cpu_s"),
-    ]  # fmt: skip
-    for label, key, digits, skey in lines:
-        table.add_row(label, *[_fmt(r[key], digits) for r in rows], ratio(skey) if skey else "")
+    labels = {
+        "small": "hostile + benign, all files",
+        "common_small": "hostile + benign, files both analyse",
+        "big": "large files, all",
+        "common_big": "large files both read in full",
+    }
+    for g, label in labels.items():
+        if g not in tp["shoal"]:
+            continue
+        cells = []
+        for n in names:
+            r = tp[n][g]
+            lo, hi = r["net_mb_per_cpu_s_range"]
+            cells.append(f"{_f(r['net_mb_per_cpu_s'])} [{_f(lo)}-{_f(hi)}]")
+        ratio = results.get("speedup_net", {}).get(g)
+        table.add_row(label, _f(tp["shoal"][g]["mb"]), *cells, f"{ratio:.2f}x" if ratio else "-")
     console.print(table)
 
-    if c["big"]["files"]:
-        table = Table(title="large benign files (one CLI run over the folder)")
-        for col in ("", *[r["tool"] for r in rows], "shoal / ModelScan"):
-            table.add_column(col)
-        lines = [
-            ("CPU s (incl. start-up)", "big_cpu_seconds", 3, None),
-            ("MB analysed", "big_analysed_mb", 0, None),
-            ("MB/s wall, all bytes", "big_mb_per_s", 0, "big_mb_per_s"),
-            ("MB/CPU-s, all bytes", "big_mb_per_cpu_s", 0, "big_mb_per_cpu_s"),
-            ("MB/CPU-s, analysed bytes", "big_analysed_mb_per_cpu_s", 0,
-             "big_analysed_mb_per_cpu_s"),
-            ("MB/CPU-s net of start-up, all bytes", "big_net_mb_per_cpu_s", 0,
-             "big_net_mb_per_cpu_s"),
-            ("MB/CPU-s net of start-up, analysed", "big_analysed_net_mb_per_cpu_s", 0,
-             "big_analysed_net_mb_per_cpu_s"),
-        ]  # fmt: skip
-        for label, key, digits, skey in lines:
-            table.add_row(label, *[_fmt(r[key], digits) for r in rows], ratio(skey) if skey else "")
-        console.print(table)
+    table = Table(title="what each tool reads of each large file (MB read / file MB)")
+    table.add_column("file")
+    table.add_column("MB")
+    for n in names:
+        table.add_column(n)
+    for f, mb in results["big_files_mb"].items():
+        table.add_row(f, _f(mb), *[_f(results["bytes_read_mb"][n][f]) for n in names])
+    console.print(table)
 
-    for r in rows:
-        if r["missed"]:
-            console.print(f"{r['tool']} missed: {', '.join(r['missed'])}")
-        if r["false_positive_files"]:
-            console.print(f"{r['tool']} false positives: {', '.join(r['false_positive_files'])}")
-        if "in_process_mb_per_cpu_s" in r:
-            console.print(
-                "shoal in-process, whole corpus, no interpreter start: "
-                f"{r['in_process_mb_per_cpu_s']:.0f} MB per CPU second"
-            )
-    if not results["modelscan_available"]:
-        console.print(
-            "ModelScan not found: create /work/venvs/modelscan (see this script's docstring); "
-            "shoal figures only."
+    table = Table(title="opcode walk, in-process CPU s (median)")
+    for col in ("pickle", "MB", "shoal scan_file", "pickletools.genops", "shoal / genops"):
+        table.add_column(col)
+    for r in results["opcode_walk"]:
+        table.add_row(
+            r["file"],
+            _f(r["mb"]),
+            _f(r["shoal_scan_s"], 3),
+            _f(r["genops_s"], 3),
+            f"{r['shoal_scan_s'] / r['genops_s']:.2f}x",
         )
+    console.print(table)
+
+    table = Table(title="loading: shoal.scan.load (scan + build) vs torch.load / np.load")
+    for col in ("files", "MB", "shoal MB/s", "torch/np MB/s", "shoal time / theirs"):
+        table.add_column(col)
+    for key, label in (("load_benign", "benign .pt/.npy/.npz"), ("load_big", "large .pt/.npy")):
+        r = results[key]
+        table.add_row(
+            f"{label} ({len(r['files'])})",
+            _f(r["mb"]),
+            _f(r["shoal_mb_per_s"]),
+            _f(r["reference_mb_per_s"]),
+            f"{r['shoal_s'] / r['reference_s']:.2f}x",
+        )
+    console.print(table)
+
+    table = Table(title="peak memory (RSS growth in a fresh process)")
+    for col in ("file", "MB", "scan MB", "load MB"):
+        table.add_column(col)
+    for r in results["peak_memory"]:
+        table.add_row(r["file"], _f(r["mb"]), _f(r["scan_peak_mb"]), _f(r["load_peak_mb"]))
+    console.print(table)
+    for name, d in results["detection"].items():
+        if d["missed"]:
+            console.print(f"{name} missed: {', '.join(d['missed'])}")
+        if d["false_positives"]:
+            console.print(f"{name} false positives: {', '.join(d['false_positives'])}")
+    if not results["modelscan_available"]:
+        console.print("ModelScan not found: see this script's docstring; shoal figures only.")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ __all__ = [
     "build_object_array",
     "build_scalar",
     "check_shape",
+    "empty_bytes",
     "literal_dtype_state",
 ]
 
@@ -26,6 +27,14 @@ __all__ = [
 _CODE = re.compile(r"[<>|=]?[biufcSUVMmO?][0-9]{0,6}")
 _KINDS = frozenset("biufcSUVMmO?")
 _BYTEORDERS = frozenset("<>|=")
+
+
+def empty_bytes(n: int) -> Any:
+    """An uninitialised writable byte buffer for raw array data (no zero-fill, unlike
+    ``bytearray(n)``: the bytes read into it are the only ones ever written)."""
+    import numpy as np
+
+    return np.empty(n, dtype=np.uint8)
 
 
 def _refuse(what: str) -> UnsafeModelError:
@@ -144,15 +153,21 @@ def build_array(data: Any, dtype: Any, shape: Any, *, fortran: bool = False) -> 
     shape = check_shape(shape)
     if type(fortran) is not bool:
         raise _refuse(f"array order flag {fortran!r}")
-    if not isinstance(data, (bytes, bytearray)):
+    if isinstance(data, np.ndarray):  # raw bytes shoal read into a uint8 buffer itself
+        if data.dtype != np.uint8 or data.ndim != 1 or not data.flags.writeable:
+            raise _refuse("array data that is not a flat writable byte buffer")
+        size = data.nbytes
+    elif isinstance(data, (bytes, bytearray)):
+        size = len(data)
+    else:
         raise _refuse(f"array data of type {type(data).__name__}: expected raw bytes")
     count = _count(shape)
-    if count * dtype.itemsize != len(data):
+    if count * dtype.itemsize != size:
         raise _refuse(
             f"array of shape {shape} and dtype {dtype}: needs {count * dtype.itemsize} bytes, "
-            f"the file gives {len(data)}"
+            f"the file gives {size}"
         )
-    buf = data if isinstance(data, bytearray) else bytearray(data)
+    buf = data if isinstance(data, (bytearray, np.ndarray)) else bytearray(data)
     flat = np.frombuffer(buf, dtype=dtype, count=count)
     if fortran:
         return flat.reshape(shape[::-1]).transpose()

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from shoal.errors import ConfigError, ShoalError, UnsafeModelError
 from shoal.scan.archives import member_source
-from shoal.scan.builders import build_array
+from shoal.scan.builders import build_array, empty_bytes
 from shoal.scan.formats import npy_header
 from shoal.scan.report import FileReport, ScanLimits, Severity
 from shoal.scan.scanner import scan_file
@@ -131,7 +131,11 @@ def _joblib_build(vm: Unpickler, p: Pending, state: Any) -> Any:
     count = 1
     for d in shape:
         count *= d
-    data = vm.blob(count * dtype.itemsize)
+    n = count * dtype.itemsize
+    data, got = vm.r.read_buffer(n, empty_bytes)
+    if got != n:
+        raise refuse(f"a truncated joblib array ({n} bytes declared, {got} present)")
+    vm.budget.add_read(n)
     arr = build_array(data, dtype, shape, fortran=fortran)
     vm.budget.add_built(arr.nbytes)
     if arr.dtype.byteorder == ">":  # joblib.load swaps to native order, so does shoal
@@ -281,8 +285,11 @@ def _read_npy(fh: IO[bytes], limits: ScanLimits, budget: Budget | None = None) -
     count = 1
     for d in shape:
         count *= d
-    data = r.take_large(count * dtype.itemsize)
-    budget.add_read(len(data))
+    n = count * dtype.itemsize
+    data, got = r.read_buffer(n, empty_bytes)
+    if got != n:
+        raise refuse(f".npy data is truncated ({n} bytes declared, {got} present)")
+    budget.add_read(n)
     arr = build_array(data, dtype, shape, fortran=fortran)
     return arr
 

@@ -110,10 +110,16 @@ class Slice(io.RawIOBase):
         if n <= 0:
             return 0
         self._base.seek(self._start + self._pos)
-        data = self._base.read(n)
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        readinto = getattr(self._base, "readinto", None)
+        if readinto is not None:  # straight into the caller's buffer: no copy
+            with memoryview(buffer) as view:
+                got = readinto(view[:n]) or 0
+        else:
+            data = self._base.read(n)
+            buffer[: len(data)] = data
+            got = len(data)
+        self._pos += got
+        return got
 
     def read(self, n: int = -1, /) -> bytes:
         if n is None or n < 0:
@@ -215,23 +221,20 @@ class Decompressed(io.RawIOBase):
         while not self._buf and not self._eof:
             dec = self._dec
             if not isinstance(dec, (bz2.BZ2Decompressor, lzma.LZMADecompressor)):
-                raw = dec.unconsumed_tail or self._raw()
-                if not raw:
-                    self._eof = True
-                    if not dec.eof:
-                        raise EOFError(f"{self._codec} stream ends before its end marker")
-                    break
-                self._buf = dec.decompress(raw, CHUNK)
                 if dec.eof:
                     # gzip files may hold several members (gzip.open reads them all); zlib and
                     # deflate stop at their end marker.
-                    rest = dec.unused_data
-                    if self._codec == "gzip" and (rest or self._peek_more()):
-                        self._dec = self._new_decompressor()
-                        if rest:
-                            self._buf += self._dec.decompress(rest, CHUNK)
-                    elif not self._buf:
+                    rest = dec.unused_data or (self._raw() if self._codec == "gzip" else b"")
+                    if self._codec != "gzip" or not rest:
                         self._eof = True
+                        break
+                    self._dec = dec = self._new_decompressor()
+                    self._buf = dec.decompress(rest, CHUNK)
+                else:
+                    raw = dec.unconsumed_tail or self._raw()
+                    if not raw:
+                        raise EOFError(f"{self._codec} stream ends before its end marker")
+                    self._buf = dec.decompress(raw, CHUNK)
             else:
                 if dec.eof:
                     # As bz2.BZ2File and lzma.LZMAFile (hence joblib) do: a further stream
@@ -266,13 +269,6 @@ class Decompressed(io.RawIOBase):
                     "(ScanLimits.max_member_bytes)"
                 )
             check_time()
-
-    def _peek_more(self) -> bool:
-        more = self._base.read(1)
-        if more:
-            self._base = _Prefixed(prefix=more, base=self._base)
-            return True
-        return False
 
     def read(self, n: int = -1, /) -> bytes:
         if n is None or n < 0:
@@ -395,6 +391,49 @@ class ByteReader:
             out += chunk
             self._origin += len(chunk)
         return bytes(out)
+
+    def read_buffer(self, n: int, alloc: Any = bytearray) -> tuple[Any, int]:
+        """(buffer, bytes read): ``n`` bytes read straight into ``alloc(n)`` (a writable buffer,
+        e.g. ``numpy.empty``) when the stream is seekable and holds them, else accumulated in a
+        bytearray. Never allocates more than the stream has, so a size that lies costs nothing;
+        fewer than ``n`` bytes means the stream ended."""
+        head = self._buf[self._i : self._i + n]
+        self._i += len(head)
+        if len(head) == n:
+            out = alloc(n)
+            memoryview(out).cast("B")[:n] = head
+            return out, n
+        self._origin += len(self._buf)
+        self._buf = b""
+        self._i = 0
+        base = self._base
+        remaining = None
+        if self._seek:
+            cur = base.tell()  # type: ignore[attr-defined]
+            remaining = base.seek(0, os.SEEK_END) - cur  # type: ignore[attr-defined]
+            base.seek(cur)  # type: ignore[attr-defined]
+        readinto = getattr(base, "readinto", None)
+        if remaining is not None and readinto is not None and len(head) + remaining >= n:
+            buf = alloc(n)
+            view = memoryview(buf).cast("B")
+            view[: len(head)] = head
+            got = len(head)
+            while got < n:
+                k = readinto(view[got:])
+                if not k:
+                    break
+                got += k
+            view.release()
+            self._origin += got - len(head)
+            return buf, got
+        acc = bytearray(head)
+        while len(acc) < n:
+            chunk = base.read(min(n - len(acc), 1 << 24))
+            if not chunk:
+                break
+            acc += chunk
+        self._origin += len(acc) - len(head)
+        return acc, len(acc)
 
     def skip(self, n: int) -> int:
         """Advance ``n`` bytes without keeping them; returns how many were really skipped."""

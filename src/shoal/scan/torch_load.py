@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from shoal.errors import ConfigError
 from shoal.scan.archives import member_source
+from shoal.scan.builders import empty_bytes
 from shoal.scan.report import ScanLimits
 from shoal.scan.streams import Budget as StreamBudget
 from shoal.scan.streams import ByteReader
@@ -164,14 +165,15 @@ def _storage_pid(pid: Any, legacy: bool) -> tuple[str, str, int]:
     return _STORAGE_DTYPES[tag.tag[1]], key, numel
 
 
-def _flat(torch: Any, data: bytes, dtype_name: str, numel: int) -> Any:
+def _flat(torch: Any, data: Any, dtype_name: str, numel: int) -> Any:
     dtype = getattr(torch, dtype_name)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    if len(data) != numel * itemsize:
-        raise refuse(f"a storage of {numel} {dtype_name} elements stored in {len(data)} bytes")
+    size = memoryview(data).nbytes
+    if size != numel * itemsize:
+        raise refuse(f"a storage of {numel} {dtype_name} elements stored in {size} bytes")
     if not numel:
         return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype)  # shares the bytearray: no copy
 
 
 def _vm(reader: ByteReader, limits: ScanLimits, budget: Budget, persistent: Any) -> Unpickler:
@@ -191,7 +193,10 @@ def load_torch_zip(path: str, limits: ScanLimits) -> Any:
             raise refuse("a torch archive without exactly one top-level data.pkl")
         prefix = pkls[0][: -len("data.pkl")]
         order = infos.get(prefix + "byteorder")
-        if order is not None and _read_member(f, zf, order, limits, stream_budget) != b"little":
+        if (
+            order is not None
+            and bytes(_read_member(f, zf, order, limits, stream_budget)) != b"little"
+        ):
             raise refuse("a big-endian torch archive")
         storages: dict[str, _Storage] = {}
 
@@ -206,8 +211,8 @@ def load_torch_zip(path: str, limits: ScanLimits) -> Any:
             if info is None:
                 raise refuse(f"storage {key!r} is missing from the archive")
             data = _read_member(f, zf, info, limits, stream_budget)
-            budget.add_read(len(data))
-            budget.add_built(len(data))
+            budget.add_read(data.nbytes)
+            budget.add_built(data.nbytes)
             st = _Storage(dtype_name, numel, _flat(torch, data, dtype_name, numel))
             storages[key] = st
             return st
@@ -220,11 +225,14 @@ def load_torch_zip(path: str, limits: ScanLimits) -> Any:
 
 def _read_member(
     f: IO[bytes], zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ScanLimits, sb: Any
-) -> bytes:
+) -> Any:
     src = member_source(f, zf, info, limits, sb)
     if src is None:
         raise refuse(f"member {info.filename!r} uses a compression method shoal does not read")
-    return ByteReader(src).take_large(info.file_size)
+    data, got = ByteReader(src).read_buffer(info.file_size, empty_bytes)
+    if got != info.file_size:
+        raise refuse(f"member {info.filename!r} is truncated")
+    return data
 
 
 def load_torch_legacy(path: str, limits: ScanLimits) -> Any:
@@ -267,9 +275,11 @@ def load_torch_legacy(path: str, limits: ScanLimits) -> Any:
             if len(head) != 8 or struct.unpack("<q", head)[0] != numel:
                 raise refuse(f"legacy torch storage {key!r}: size header does not match")
             itemsize = torch.empty(0, dtype=getattr(torch, dtype_name)).element_size()
-            data = r.take_large(numel * itemsize)
-            budget.add_read(len(data))
-            budget.add_built(len(data))
+            data, got = r.read_buffer(numel * itemsize, empty_bytes)
+            if got != numel * itemsize:
+                raise refuse(f"legacy torch storage {key!r} is truncated")
+            budget.add_read(got)
+            budget.add_built(got)
             storages[key] = _Storage(dtype_name, numel, _flat(torch, data, dtype_name, numel))
         f.seek(start)
         r2 = ByteReader(f, origin=start)
