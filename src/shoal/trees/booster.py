@@ -16,7 +16,15 @@ from shoal.trees.objective import base_margin, check_labels, gradients, predict_
 from shoal.trees.params import GBDTParams
 from shoal.trees.tree import Tree, advance, grow_tree, local_histograms
 
-__all__ = ["Booster", "feature_sampler", "fixed_point", "row_sampler", "train"]
+__all__ = [
+    "Booster",
+    "feature_sampler",
+    "fixed_point",
+    "row_sampler",
+    "sample_features",
+    "train",
+    "tree_gradients",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +79,18 @@ def row_sampler(params: GBDTParams, party: str = "") -> np.random.Generator:
     return np.random.default_rng([params.seed, 2, *party.encode()])
 
 
+def tree_gradients(
+    grad: np.ndarray, hess: np.ndarray, params: GBDTParams, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One tree's (g, h): in fixed point if asked, zero for rows not in its subsample."""
+    g = fixed_point(grad, params.fixed_point_bits)
+    h = fixed_point(hess, params.fixed_point_bits)
+    if params.subsample < 1.0:
+        keep = rng.random(len(g)) < params.subsample
+        g, h = np.where(keep, g, 0.0), np.where(keep, h, 0.0)
+    return g, h
+
+
 class _Rows:
     """All rows in one array: the centralized histogram source."""
 
@@ -109,11 +129,7 @@ def train(
         grad, hess = gradients(margin, labels, params)
         round_trees = []
         for k in range(params.outputs):
-            g = fixed_point(grad[:, k], params.fixed_point_bits)
-            h = fixed_point(hess[:, k], params.fixed_point_bits)
-            if params.subsample < 1.0:
-                keep = rows.random(n) < params.subsample
-                g, h = np.where(keep, g, 0.0), np.where(keep, h, 0.0)
+            g, h = tree_gradients(grad[:, k], hess[:, k], params, rows)
             features = sample_features(columns, params, d)
             tree = grow_tree(
                 _Rows(codes, g, h),

@@ -1,0 +1,742 @@
+"""Vertical SecureBoost: columns split between a guest (labels and some features) and hosts.
+
+The guest encrypts each row's fixed-point ``(g, h)`` once per tree under its Paillier key.
+Each host sums the ciphertexts per (tree node, feature, bin), derives one sibling by
+subtraction, turns bins into cumulative left sums, shuffles them, packs several into one
+ciphertext and returns them. The guest decrypts, finds the best split and tells the host
+which of its (shuffled) candidates won; the host keeps the threshold in its own lookup
+table and answers with the rows that go left. The guest knows only (host, record id).
+With the same cuts the trees equal :func:`shoal.trees.train` on the joined columns.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gmpy2
+import numpy as np
+
+from shoal.errors import ConfigError, DataError, ProtocolError, ShoalError
+from shoal.trees.bins import MISSING, Bins, fit_bins
+from shoal.trees.booster import feature_sampler, row_sampler, sample_features, tree_gradients
+from shoal.trees.gh import GHCodec
+from shoal.trees.horizontal import DEFAULT_FIXED_POINT
+from shoal.trees.objective import (
+    base_margin,
+    check_labels,
+    gradients,
+    predict_from_margin,
+)
+from shoal.trees.params import GBDTParams
+from shoal.trees.split import RT_EPS, best_splits, leaf_weight, node_gain
+from shoal.trees.tree import local_histograms
+
+__all__ = [
+    "HOST_TASK",
+    "GuestParty",
+    "HostParty",
+    "Link",
+    "VerticalModel",
+    "VerticalTree",
+    "VerticalTreeFailed",
+    "federated_link",
+    "host_tasks",
+    "predict_vertical",
+    "train_secureboost",
+]
+
+HOST_TASK = "secureboost.host"
+_HOST_STATE = "shoal.trees.host"
+
+GUEST = 0  # owner of a node's split: 0 the guest, h >= 1 the h-th host
+
+# A host's method by name, called with a wire-encodable payload (in simulation a direct
+# call, in deployment a task relayed by the coordinator).
+Link = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
+
+
+def _paillier() -> Any:
+    try:
+        return importlib.import_module("shoal.crypto.paillier")
+    except ImportError as exc:  # pragma: no cover - shoal.crypto.paillier ships with shoal
+        raise ConfigError(f"SecureBoost needs shoal.crypto.paillier: {exc}") from None
+
+
+# -- host -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Candidate:
+    key: tuple[int, int, int]  # XGBoost's scan order: (feature, backward?, +-bin)
+    feature: int
+    left_bins: int
+    default_left: bool
+
+
+class HostParty:
+    """A party holding some columns of the same rows (aligned by PSI beforehand).
+
+    Its cuts and the thresholds of the splits it wins never leave it: the guest sees
+    record ids into :attr:`records`.
+    """
+
+    def __init__(self, *, x: np.ndarray, max_bins: int = 256, insecure_keys: bool = False) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise DataError(
+                "a host has no rows after the intersection (or no 2-D feature array): "
+                "it cannot take part; check the PSI alignment"
+            )
+        self.bins = fit_bins(x, max_bins=max_bins)
+        self.codes = self.bins.transform(x)
+        self.insecure_keys = insecure_keys
+        self.records: list[tuple[int, int, bool]] = []  # (feature, left_bins, default_left)
+        self._key: Any = None
+        self._cts: list[Any] = []
+        self._codec: GHCodec | None = None
+        self._features = np.zeros(0, dtype=np.int64)
+        self._cache: dict[int, list[dict[int, Any]]] = {}
+        self._pending: dict[int, list[_Candidate]] = {}
+        self.seconds: dict[str, float] = {"accumulate": 0.0, "pack": 0.0}
+
+    def handle(self, method: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+        handlers = {
+            "describe": self.describe,
+            "start_tree": self.start_tree,
+            "histograms": self.histograms,
+            "resolve": self.resolve,
+            "commit": self.commit,
+            "decide": self.decide,
+        }
+        if method not in handlers:
+            raise ProtocolError(f"a SecureBoost host has no method {method!r}")
+        return handlers[method](payload)
+
+    def describe(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        return {"rows": len(self.codes), "features": self.codes.shape[1]}
+
+    def start_tree(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        P = _paillier()
+        key = P.PublicKey.from_bytes(bytes(payload["key"]), insecure=self.insecure_keys)
+        rows = int(payload["rows"])
+        if rows != len(self.codes):
+            raise ProtocolError(f"the guest has {rows} rows, this host {len(self.codes)}")
+        self._key = key
+        self._codec = GHCodec(
+            frac_bits=int(payload["frac_bits"]),
+            rows=rows,
+            key_bits=key.bits,
+            grad_bound=int(payload["grad_bound"]),
+        )
+        self._cts = list(P.ciphertexts_from_bytes(key, payload["ct"]))
+        if len(self._cts) != rows:
+            raise ProtocolError(f"{len(self._cts)} ciphertexts for {rows} rows")
+        features = np.asarray(payload["features"], dtype=np.int64)
+        if features.ndim != 1 or (features < 0).any() or (features >= self.codes.shape[1]).any():
+            raise ProtocolError("start_tree: malformed feature list")
+        self._features = features
+        self._cache, self._pending = {}, {}
+        return {}
+
+    def _sums(self, rows: np.ndarray) -> list[dict[int, Any]]:
+        """Per sampled feature: bin -> product of the rows' ciphertexts (their sum)."""
+        nsq = self._key.nsquare
+        cts = self._cts
+        out = []
+        for j in self._features:
+            column = self.codes[rows, j]
+            order = np.argsort(column, kind="stable")
+            ordered, members = column[order], rows[order]
+            starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+            ends = np.r_[starts[1:], len(ordered)]
+            sums: dict[int, Any] = {}
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                acc = cts[members[a]]
+                for i in members[a + 1 : b].tolist():
+                    acc = acc * cts[i] % nsq
+                sums[int(ordered[a])] = acc
+            out.append(sums)
+        return out
+
+    def _derive(
+        self, parent: list[dict[int, Any]], sibling: list[dict[int, Any]], rows: np.ndarray
+    ) -> list[dict[int, Any]]:
+        """A node's sums as its parent's minus its sibling's (for bins it has rows in)."""
+        nsq = self._key.nsquare
+        out = []
+        for f, j in enumerate(self._features):
+            present = np.unique(self.codes[rows, j]).tolist()
+            whole, part = parent[f], sibling[f]
+            sums = {}
+            for b in present:
+                sums[b] = whole[b] if b not in part else whole[b] * gmpy2.invert(part[b], nsq) % nsq
+            out.append(sums)
+        return out
+
+    def histograms(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Packed, shuffled cumulative sums of each requested node's candidate splits."""
+        if self._codec is None:
+            raise ProtocolError("histograms before start_tree")
+        pos = np.asarray(payload["pos"], dtype=np.int64)
+        level = np.asarray(payload["level"], dtype=np.int64)
+        parent = np.asarray(payload["parent"], dtype=np.int64)
+        sibling = np.asarray(payload["sibling"], dtype=np.int64)
+        if pos.shape != (len(self.codes),) or not (level.shape == parent.shape == sibling.shape):
+            raise ProtocolError("histograms: malformed positions or node lists")
+        started = time.perf_counter()
+        sums: dict[int, list[dict[int, Any]]] = {}
+        derived = [i for i, p in enumerate(parent.tolist()) if p >= 0]
+        for i, node in enumerate(level.tolist()):  # built directly first
+            if i not in derived:
+                sums[node] = self._sums(np.flatnonzero(pos == node))
+        for i in derived:
+            node, p, s = int(level[i]), int(parent[i]), int(sibling[i])
+            if p not in self._cache or s not in sums:
+                raise ProtocolError("histograms: a derived node needs its parent and sibling")
+            sums[node] = self._derive(self._cache[p], sums[s], np.flatnonzero(pos == node))
+        self._cache = sums
+        accumulated = time.perf_counter()
+        P, codec = _paillier(), self._codec
+        packed_all: list[Any] = []
+        counts, packed = [], []
+        for node in level.tolist():
+            candidates, cts = self._candidates(sums[node])
+            order = list(range(len(candidates)))
+            secrets.SystemRandom().shuffle(order)  # the guest must not learn which is which
+            self._pending[node] = [candidates[i] for i in order]
+            out = codec.pack([cts[i] for i in order], self._key.nsquare)
+            packed_all += out
+            counts.append(len(candidates))
+            packed.append(len(out))
+        self.seconds["accumulate"] += accumulated - started
+        self.seconds["pack"] += time.perf_counter() - accumulated
+        width = self._key.ciphertext_bytes
+        blob = (
+            P.ciphertexts_to_bytes(self._key, packed_all)
+            if packed_all
+            else np.zeros((0, width), dtype=np.uint8)
+        )
+        return {"ct": blob, "counts": np.asarray(counts), "packed": np.asarray(packed)}
+
+    def _candidates(self, sums: list[dict[int, Any]]) -> tuple[list[_Candidate], list[Any]]:
+        nsq = self._key.nsquare
+        candidates: list[_Candidate] = []
+        cts: list[Any] = []
+        for f, j in enumerate(self._features.tolist()):
+            by_bin = sums[f]
+            missing = by_bin.get(MISSING)
+            present = sorted(b for b in by_bin if b != MISSING)
+            cum: Any = None
+            for k, b in enumerate(present):
+                before = cum
+                cum = by_bin[b] if cum is None else cum * by_bin[b] % nsq
+                # forward: bins <= b left, missing right (the last only if missing exists)
+                if k < len(present) - 1 or missing is not None:
+                    candidates.append(_Candidate(key=(j, 0, b + 1), feature=j, left_bins=b + 1,
+                                                 default_left=False))  # fmt: skip
+                    cts.append(cum)
+                # backward: bins >= b right, the rest and missing left
+                if missing is not None:
+                    left = missing if before is None else before * missing % nsq
+                    candidates.append(_Candidate(key=(j, 1, -b), feature=j, left_bins=b,
+                                                 default_left=True))  # fmt: skip
+                    cts.append(left)
+        return candidates, cts
+
+    def resolve(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Of tied candidates, the one a centralized scan meets first (its position)."""
+        node = int(payload["node"])
+        ids = [int(i) for i in np.asarray(payload["ids"]).tolist()]
+        pending = self._pending.get(node, [])
+        if not ids or any(not 0 <= i < len(pending) for i in ids):
+            raise ProtocolError("resolve: unknown candidate")
+        return {"first": min(ids, key=lambda i: pending[i].key)}
+
+    def commit(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Record the winning split privately; answer which of the node's rows go left."""
+        node, choice = int(payload["node"]), int(payload["id"])
+        pending = self._pending.get(node, [])
+        if not 0 <= choice < len(pending):
+            raise ProtocolError("commit: unknown candidate")
+        won = pending[choice]
+        self.records.append((won.feature, won.left_bins, won.default_left))
+        pos = np.asarray(payload["pos"], dtype=np.int64)
+        rows = np.flatnonzero(pos == node)
+        return {"record": len(self.records) - 1, "left": self._goes_left(won, self.codes[rows])}
+
+    @staticmethod
+    def _goes_left(c: _Candidate | tuple[int, int, bool], codes: np.ndarray) -> np.ndarray:
+        feature, left_bins, default_left = (
+            (c.feature, c.left_bins, c.default_left) if isinstance(c, _Candidate) else c
+        )
+        column = codes[:, feature]
+        go: np.ndarray = np.where(column == MISSING, default_left, column < left_bins)
+        return go.astype(np.uint8)
+
+    def decide(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """For prediction: each requested record's direction for every row of ``x`` (the
+        host's columns of the rows to score) or of its training rows."""
+        x = payload.get("x")
+        codes = self.codes if x is None else self.bins.transform(np.asarray(x))
+        ids = np.asarray(payload["records"], dtype=np.int64)
+        if ids.ndim != 1 or (ids < 0).any() or (ids >= len(self.records)).any():
+            raise ProtocolError("decide: unknown record")
+        bits = [self._goes_left(self.records[i], codes) for i in ids.tolist()]
+        return {"left": np.stack(bits) if bits else np.zeros((0, len(codes)), np.uint8)}
+
+    def threshold_table(self) -> list[dict[str, Any]]:
+        """This host's model part: record id -> feature, raw threshold, default direction."""
+        return [
+            {
+                "record": i,
+                "feature": f,
+                "threshold": self.bins.threshold(f, t),
+                "default_left": d,
+            }
+            for i, (f, t, d) in enumerate(self.records)
+        ]
+
+
+def host_tasks(*, insecure_keys: bool = False) -> dict[str, Any]:
+    """The node task of a SecureBoost host: its HostParty is built from ``ctx.data.x`` when
+    the guest first asks (``describe`` carries ``max_bins``) and lives in the node's state."""
+
+    def run(ctx: Any, payload: dict[str, Any]) -> Mapping[str, Any]:
+        method = payload.pop("method", None)
+        if not isinstance(method, str):
+            raise ProtocolError(f"{HOST_TASK} needs a method name")
+        host = ctx.state.get(_HOST_STATE)
+        if method == "describe" and host is None:
+            x = getattr(ctx.data, "x", None)
+            if x is None:
+                raise DataError(f"node {ctx.node_id} has no feature array to host")
+            max_bins = int(payload.get("max_bins", 256))
+            host = HostParty(x=x, max_bins=max_bins, insecure_keys=insecure_keys)
+            ctx.state[_HOST_STATE] = host
+        if host is None:
+            raise ProtocolError(f"node {ctx.node_id} was not asked to describe itself first")
+        return host.handle(method, payload)
+
+    return {HOST_TASK: run}
+
+
+def federated_link(fed: Any, node_id: str, *, deadline_s: float | None = None) -> Link:
+    """A host reached through a Federation (the guest runs the coordinator)."""
+
+    def call(method: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+        replies, failures = fed.request(
+            [node_id], HOST_TASK, common={"method": method, **payload}, deadline_s=deadline_s
+        )
+        if node_id not in replies:
+            failure = failures.get(node_id)
+            detail = failure.detail if failure is not None else "no reply"
+            raise ProtocolError(f"host {node_id} failed {method!r}: {detail}")
+        return replies[node_id]
+
+    return call
+
+
+# -- guest ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class VerticalTree:
+    """A tree as the guest holds it: a split is (owner, feature or record id)."""
+
+    left: np.ndarray
+    right: np.ndarray
+    owner: np.ndarray
+    split: np.ndarray  # guest: feature index; host: that host's record id
+    left_bins: np.ndarray  # guest splits only
+    default_left: np.ndarray  # guest splits only
+    value: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class VerticalModel:
+    params: GBDTParams
+    bins: Bins  # the guest's own cuts
+    trees: tuple[tuple[VerticalTree, ...], ...]
+    hosts: int
+
+
+@dataclass
+class _Stats:
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("gradients", "encrypt", "hosts", "decrypt", "split", "other"), 0.0
+        )
+    )
+
+
+class GuestParty:
+    """The party with the labels (and some columns). It holds the Paillier private key."""
+
+    def __init__(
+        self,
+        *,
+        x: np.ndarray,
+        y: np.ndarray,
+        params: GBDTParams,
+        key_bits: int = 2048,
+        insecure_keys: bool = False,
+    ) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise DataError(
+                "the guest has no rows after the intersection (or no 2-D feature array)"
+            )
+        if params.fixed_point_bits is None:
+            params = GBDTParams(**{**params.to_dict(), "fixed_point_bits": DEFAULT_FIXED_POINT})
+        self.params = params
+        self.labels = check_labels(y, params)
+        if len(self.labels) != len(x):
+            raise DataError(f"{len(x)} rows of features but {len(self.labels)} labels")
+        self.bins = fit_bins(x, max_bins=params.max_bins)
+        self.codes = self.bins.transform(x)
+        P = _paillier()
+        self.public_key, self.private_key = P.generate_keypair(key_bits, insecure=insecure_keys)
+        self.pool = P.RandomnessPool(public_key=self.public_key, private_key=self.private_key)
+        self.stats = _Stats()
+
+
+def _timed(stats: _Stats, what: str, start: float) -> float:
+    now = time.perf_counter()
+    stats.seconds[what] += now - start
+    return now
+
+
+class VerticalTreeFailed(ProtocolError):
+    """A party failed during a tree: that tree is dropped; ``model`` holds the complete
+    trees, and ``train_secureboost(..., start=model)`` resumes from them."""
+
+    def __init__(self, message: str, model: VerticalModel) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+def train_secureboost(
+    guest: GuestParty, hosts: Sequence[Link], *, start: VerticalModel | None = None
+) -> VerticalModel:
+    """Boost with the guest driving and ``hosts`` reached through their links.
+
+    ``start`` resumes from a model's complete trees (after :class:`VerticalTreeFailed`):
+    the result is the model an uninterrupted run would have grown.
+    """
+    params, stats = guest.params, guest.stats
+    n, d_guest = guest.codes.shape
+    widths = []
+    for index, link in enumerate(hosts, start=1):
+        info = link("describe", {"max_bins": params.max_bins})
+        if int(info["rows"]) != n:
+            raise DataError(
+                f"host {index} has {info['rows']} rows and the guest {n}: align the parties' rows "
+                "(PSI) before training"
+            )
+        widths.append(int(info["features"]))
+    done = start.trees if start is not None else ()
+    if start is not None and (start.params != params or start.hosts != len(hosts)):
+        raise ConfigError("resume with the same parameters and hosts as the interrupted run")
+    offsets = np.cumsum([d_guest, *widths])
+    d_total = int(offsets[-1])
+    columns = feature_sampler(params, d_total)
+    rows_rng = row_sampler(params)
+    margin = np.full((n, params.outputs), base_margin(params), dtype=np.float32)
+    trees: list[tuple[VerticalTree, ...]] = list(done)
+    if done:
+        margin = _margin(VerticalModel(params=params, bins=guest.bins, trees=tuple(done),
+                                       hosts=len(hosts)), guest.codes, hosts)  # fmt: skip
+        for _ in range(len(done) * params.outputs):  # replay the randomness they used
+            if params.subsample < 1.0:
+                rows_rng.random(n)
+            sample_features(columns, params, d_total)
+    for _ in range(len(done), params.n_trees):
+        t0 = time.perf_counter()
+        grad, hess = gradients(margin, guest.labels, params)
+        t0 = _timed(stats, "gradients", t0)
+        round_trees = []
+        for k in range(params.outputs):
+            g, h = tree_gradients(grad[:, k], hess[:, k], params, rows_rng)
+            mask = sample_features(columns, params, d_total)
+            try:
+                tree, leaves = _grow(guest, hosts, g, h, mask, offsets)
+            except (ShoalError, OSError) as exc:
+                partial = VerticalModel(
+                    params=params, bins=guest.bins, trees=tuple(trees), hosts=len(hosts)
+                )
+                raise VerticalTreeFailed(
+                    f"tree {len(trees)} failed ({exc}); {len(trees)} complete tree(s) are "
+                    "kept: resume with train_secureboost(..., start=error.model)",
+                    partial,
+                ) from exc
+            round_trees.append(tree)
+            margin[:, k] += tree.value[leaves]
+        trees.append(tuple(round_trees))
+    return VerticalModel(params=params, bins=guest.bins, trees=tuple(trees), hosts=len(hosts))
+
+
+def _encrypt_rows(guest: GuestParty, g: np.ndarray, h: np.ndarray) -> tuple[Any, GHCodec]:
+    scale = 2 ** (guest.params.fixed_point_bits or DEFAULT_FIXED_POINT)
+    g_int = np.round(g * scale).astype(np.int64)
+    h_int = np.round(h * scale).astype(np.int64)
+    bound = max(1, math.ceil(max(np.abs(g).max(initial=0), h.max(initial=0))))
+    codec = GHCodec(
+        frac_bits=guest.params.fixed_point_bits or DEFAULT_FIXED_POINT,
+        rows=len(g),
+        key_bits=guest.public_key.bits,
+        grad_bound=bound,
+    )
+    pk, n, pool = guest.public_key, guest.public_key.n, guest.pool
+    cts = [
+        pk.raw_encrypt(codec.row_plaintext(gi, hi, n), pool.take())
+        for gi, hi in zip(g_int.tolist(), h_int.tolist())
+    ]
+    return _paillier().ciphertexts_to_bytes(pk, cts), codec
+
+
+def _grow(
+    guest: GuestParty,
+    hosts: Sequence[Link],
+    g: np.ndarray,
+    h: np.ndarray,
+    mask: np.ndarray,
+    offsets: np.ndarray,
+) -> tuple[VerticalTree, np.ndarray]:
+    params, stats = guest.params, guest.stats
+    n, d_guest = guest.codes.shape
+    scale = float(2 ** (params.fixed_point_bits or DEFAULT_FIXED_POINT))
+    t0 = time.perf_counter()
+    blob, codec = _encrypt_rows(guest, g, h)
+    t0 = _timed(stats, "encrypt", t0)
+    for i, link in enumerate(hosts):
+        local = np.flatnonzero(mask[offsets[i] : offsets[i + 1]])
+        link(
+            "start_tree",
+            {
+                "key": np.frombuffer(guest.public_key.to_bytes(), dtype=np.uint8),
+                "rows": n,
+                "frac_bits": codec.frac_bits,
+                "grad_bound": codec.grad_bound,
+                "ct": blob,
+                "features": local,
+            },
+        )
+    t0 = _timed(stats, "hosts", t0)
+    nodes: dict[str, list[Any]] = {
+        k: [] for k in ("left", "right", "owner", "split", "left_bins", "default_left", "g", "h")
+    }
+
+    def add(sg: float, sh: float) -> int:
+        for key, value in zip(nodes, (-1, -1, GUEST, -1, 0, False, sg, sh)):
+            nodes[key].append(value)
+        return len(nodes["left"]) - 1
+
+    add(float(g.sum()), float(h.sum()))
+    pos = np.zeros(n, dtype=np.int64)
+    parent_of: dict[int, int] = {}
+    level = [0]
+    guest_mask = mask[:d_guest]
+    for _depth in range(params.max_depth):
+        if not level:
+            break
+        totals_g = np.asarray([nodes["g"][v] for v in level])
+        totals_h = np.asarray([nodes["h"][v] for v in level])
+        hg, hh = local_histograms(guest.codes, g, h, pos, np.asarray(level))
+        if guest_mask.any():
+            own = best_splits(hg, hh, totals_g, totals_h, n_bins=guest.bins.n_bins,
+                              features=guest_mask, params=params)  # fmt: skip
+            best = [
+                (float(own.gain[i]), GUEST, int(own.feature[i]), int(own.left_bins[i]),
+                 bool(own.default_left[i]), float(own.left_g[i]), float(own.left_h[i]))
+                for i in range(len(level))
+            ]  # fmt: skip
+        else:
+            best = [(0.0, GUEST, -1, 0, False, 0.0, 0.0)] * len(level)
+        t0 = _timed(stats, "split", t0)
+        build, parent, sibling = [], [], []
+        for v in level:
+            if v in parent_of and not _built(v, parent_of, nodes):
+                parent.append(parent_of[v])
+                sibling.append(_sibling_of(v, parent_of, nodes))
+            else:
+                parent.append(-1)
+                sibling.append(-1)
+            build.append(v)
+        request = {
+            "pos": pos,
+            "level": np.asarray(build),
+            "parent": np.asarray(parent),
+            "sibling": np.asarray(sibling),
+        }
+        for hi, link in enumerate(hosts, start=1):
+            if not mask[offsets[hi - 1] : offsets[hi]].any():
+                continue
+            reply = link("histograms", request)
+            t0 = _timed(stats, "hosts", t0)
+            sums = _decrypt(guest, codec, reply, len(level))
+            t0 = _timed(stats, "decrypt", t0)
+            for i, v in enumerate(level):
+                if not sums[i]:
+                    continue
+                pairs = np.asarray(sums[i], dtype=np.float64) / scale
+                lg, lh = pairs[:, 0], pairs[:, 1]
+                pg, ph = totals_g[i], totals_h[i]
+                rg, rh = pg - lg, ph - lh
+                root = np.float32(node_gain(np.asarray(pg), np.asarray(ph), params.reg_lambda))
+                both = (node_gain(lg, lh, params.reg_lambda) +
+                        node_gain(rg, rh, params.reg_lambda)).astype(np.float32)  # fmt: skip
+                gain = (both - root).astype(np.float32)
+                ok = (lh >= params.min_child_weight) & (rh >= params.min_child_weight)
+                gain = np.where(ok, gain, -np.inf)
+                top = float(gain.max())
+                if not top > max(best[i][0], 0.0):
+                    continue  # the guest (lower feature indices) or an earlier host wins ties
+                tied = np.flatnonzero(gain == top)
+                choice = int(tied[0])
+                if len(tied) > 1:
+                    t0 = _timed(stats, "split", t0)
+                    choice = int(link("resolve", {"node": v, "ids": tied})["first"])
+                    t0 = _timed(stats, "hosts", t0)
+                best[i] = (top, hi, choice, 0, False, float(lg[choice]), float(lh[choice]))
+            t0 = _timed(stats, "split", t0)
+        next_level: list[int] = []
+        for i, v in enumerate(level):
+            gain, owner, split, left_bins, default_left, lg_, lh_ = best[i]
+            rg_, rh_ = nodes["g"][v] - lg_, nodes["h"][v] - lh_
+            if gain <= RT_EPS or gain < params.gamma or lh_ == 0 or rh_ == 0:
+                continue
+            rows = np.flatnonzero(pos == v)
+            if owner == GUEST:
+                column = guest.codes[rows, split]
+                go = np.where(column == MISSING, default_left, column < left_bins)
+            else:
+                t0 = _timed(stats, "split", t0)
+                reply = hosts[owner - 1]("commit", {"node": v, "id": split, "pos": pos})
+                t0 = _timed(stats, "hosts", t0)
+                split = int(reply["record"])
+                go = np.asarray(reply["left"]).astype(bool)
+                if go.shape != rows.shape:
+                    raise ProtocolError(f"host {owner} answered for the wrong rows")
+            left, right = add(lg_, lh_), add(rg_, rh_)
+            nodes["left"][v], nodes["right"][v] = left, right
+            nodes["owner"][v], nodes["split"][v] = owner, split
+            nodes["left_bins"][v], nodes["default_left"][v] = left_bins, default_left
+            parent_of[left] = parent_of[right] = v
+            pos[rows] = np.where(go, left, right)
+            next_level += [left, right]
+        level = next_level
+    leaves = [v for v in range(len(nodes["left"])) if nodes["left"][v] < 0]
+    weights = leaf_weight(
+        np.asarray([nodes["g"][v] for v in leaves]),
+        np.asarray([nodes["h"][v] for v in leaves]),
+        params,
+    )
+    value = np.zeros(len(nodes["left"]), dtype=np.float32)
+    value[leaves] = weights * np.float32(params.learning_rate)
+    tree = VerticalTree(
+        left=np.asarray(nodes["left"], dtype=np.int64),
+        right=np.asarray(nodes["right"], dtype=np.int64),
+        owner=np.asarray(nodes["owner"], dtype=np.int64),
+        split=np.asarray(nodes["split"], dtype=np.int64),
+        left_bins=np.asarray(nodes["left_bins"], dtype=np.int64),
+        default_left=np.asarray(nodes["default_left"], dtype=bool),
+        value=value,
+    )
+    _timed(stats, "split", t0)
+    return tree, pos
+
+
+def _built(v: int, parent_of: Mapping[int, int], nodes: Mapping[str, list[Any]]) -> bool:
+    s = _sibling_of(v, parent_of, nodes)
+    h, hs = nodes["h"][v], nodes["h"][s]
+    return bool(h < hs or (h == hs and v < s))
+
+
+def _sibling_of(v: int, parent_of: Mapping[int, int], nodes: Mapping[str, list[Any]]) -> int:
+    p = parent_of[v]
+    return int(nodes["right"][p] if nodes["left"][p] == v else nodes["left"][p])
+
+
+def _decrypt(
+    guest: GuestParty, codec: GHCodec, reply: Mapping[str, Any], nodes: int
+) -> list[list[tuple[int, int]]]:
+    P = _paillier()
+    counts = np.asarray(reply["counts"], dtype=np.int64)
+    packed = np.asarray(reply["packed"], dtype=np.int64)
+    if counts.shape != (nodes,) or packed.shape != (nodes,):
+        raise ProtocolError("a host's histogram reply does not match the level")
+    cts = P.ciphertexts_from_bytes(guest.public_key, reply["ct"])
+    if len(cts) != int(packed.sum()) or (packed != -(-counts // codec.slots)).any():
+        raise ProtocolError("a host's histogram reply has the wrong number of ciphertexts")
+    sk, n = guest.private_key, guest.public_key.n
+    out, at = [], 0
+    for count, k in zip(counts.tolist(), packed.tolist()):
+        plains = [sk.raw_decrypt(c) for c in cts[at : at + k]]
+        at += k
+        out.append(codec.unpack(plains, count, n))
+    return out
+
+
+def predict_vertical(
+    model: VerticalModel, x_guest: np.ndarray, hosts: Sequence[Link], *, x_hosts: Any = None
+) -> np.ndarray:
+    """Federated prediction: hosts answer directions for their records, the guest walks.
+
+    ``x_hosts[h]`` (optional) is passed to host ``h`` as the rows to score; by default each
+    host scores its training rows.
+    """
+    margin = _margin(model, model.bins.transform(x_guest), hosts, x_hosts=x_hosts)
+    return predict_from_margin(margin, model.params)
+
+
+def _margin(
+    model: VerticalModel, codes: np.ndarray, hosts: Sequence[Link], *, x_hosts: Any = None
+) -> np.ndarray:
+    n = len(codes)
+    # one matrix of directions per owner: row = a host record, column = a row to score
+    where: list[dict[int, int]] = [{}]
+    bits_of: list[np.ndarray] = [np.zeros((0, n), dtype=bool)]
+    for h, link in enumerate(hosts, start=1):
+        wanted = sorted(
+            {int(t.split[v]) for r in model.trees for t in r for v in
+             np.flatnonzero((t.owner == h) & (t.left >= 0))}
+        )  # fmt: skip
+        payload: dict[str, Any] = {"records": np.asarray(wanted, dtype=np.int64)}
+        if x_hosts is not None:
+            payload["x"] = np.asarray(x_hosts[h - 1], dtype=np.float64)
+        bits = np.asarray(link("decide", payload)["left"]).astype(bool)
+        if bits.shape != (len(wanted), n):
+            raise ProtocolError(f"host {h} answered for the wrong rows or records")
+        where.append({record: i for i, record in enumerate(wanted)})
+        bits_of.append(bits)
+    margin = np.full((n, model.params.outputs), base_margin(model.params), dtype=np.float32)
+    rows = np.arange(n)
+    for round_trees in model.trees:
+        for k, t in enumerate(round_trees):
+            # per node: which matrix row holds its direction (host nodes)
+            slot = np.asarray(
+                [where[o].get(int(sp), 0) if o != GUEST else 0 for o, sp in zip(t.owner, t.split)],
+                dtype=np.int64,
+            )
+            pos = np.zeros(n, dtype=np.int64)
+            for _ in range(len(t.left)):
+                inner = t.left[pos] >= 0
+                if not inner.any():
+                    break
+                owner = t.owner[pos]
+                feature = np.where(owner == GUEST, np.maximum(t.split[pos], 0), 0)
+                c = codes[rows, feature]
+                go = np.where(c == MISSING, t.default_left[pos], c < t.left_bins[pos])
+                for h in range(1, len(bits_of)):
+                    mine = inner & (owner == h)
+                    if mine.any():
+                        go[mine] = bits_of[h][slot[pos[mine]], rows[mine]]
+                pos = np.where(inner, np.where(go, t.left[pos], t.right[pos]), pos)
+            margin[:, k] += t.value[pos]
+    return margin
