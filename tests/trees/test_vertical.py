@@ -3,6 +3,7 @@ the guest learns only (host, record id) for host splits and hosts never see a gr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -237,3 +238,37 @@ def test_hosts_as_federation_nodes_give_the_same_trees() -> None:
         np.testing.assert_array_equal(a.owner, b.owner)
         np.testing.assert_array_equal(a.value, b.value)
     assert_same_as_centralized(reference, ref_guest, ref_hosts, x, y)
+
+
+def test_each_party_exports_its_own_part(tmp_path: Any) -> None:
+    from shoal.trees.vertical import load_guest, save_guest
+
+    x, y = _cancer()
+    params = GBDTParams(n_trees=2, max_depth=3, max_bins=16)
+    guest, hosts, links = _parties(x, y, params, [15])
+    model = train_secureboost(guest, links)
+    save_guest(model, tmp_path / "guest.json")
+    hosts[0].save(tmp_path / "host.json")
+    guest_text = (tmp_path / "guest.json").read_text()
+    host_text = (tmp_path / "host.json").read_text()
+    # the guest's trees hold no host threshold; the host's file holds no leaf value
+    tree_numbers = np.asarray(
+        [v for r in json.loads(guest_text)["trees"] for t in r for a in t.values() for v in a],
+        dtype=np.float64,
+    )
+    assert not np.isin(np.concatenate(hosts[0].bins.cuts), tree_numbers).any()
+    leaves = [float(v) for r in model.trees for t in r for v in t.value[t.left < 0]]
+    host_numbers = json.loads(host_text)["records"]
+    assert all(len(r) == 3 for r in host_numbers)
+    assert not any(repr(v) in host_text for v in leaves if v != 0.0)
+    reloaded = HostParty.load(tmp_path / "host.json")
+    new = x[::4]
+    got = predict_vertical(
+        load_guest(tmp_path / "guest.json"), new[:, :15], [Wire(reloaded)], x_hosts=[new[:, 15:]]
+    )
+    expected = predict_vertical(model, new[:, :15], links, x_hosts=[new[:, 15:]])
+    np.testing.assert_array_equal(got, expected)
+    (tmp_path / "bad.json").write_text(guest_text.replace('"owner": [1', '"owner": [7'))
+    if '"owner": [1' in guest_text:
+        with pytest.raises(DataError, match="unknown party"):
+            load_guest(tmp_path / "bad.json")

@@ -12,11 +12,13 @@ With the same cuts the trees equal :func:`shoal.trees.train` on the joined colum
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gmpy2
@@ -35,7 +37,7 @@ from shoal.trees.objective import (
 )
 from shoal.trees.params import GBDTParams
 from shoal.trees.split import RT_EPS, best_splits, leaf_weight, node_gain
-from shoal.trees.tree import local_histograms
+from shoal.trees.tree import Tree, local_histograms
 
 __all__ = [
     "HOST_TASK",
@@ -47,11 +49,15 @@ __all__ = [
     "VerticalTreeFailed",
     "federated_link",
     "host_tasks",
+    "load_guest",
     "predict_vertical",
+    "save_guest",
     "train_secureboost",
 ]
 
 HOST_TASK = "secureboost.host"
+HOST_FORMAT = "shoal.trees.host/1"
+GUEST_FORMAT = "shoal.trees.guest/1"
 _HOST_STATE = "shoal.trees.host"
 
 GUEST = 0  # owner of a node's split: 0 the guest, h >= 1 the h-th host
@@ -86,14 +92,21 @@ class HostParty:
     record ids into :attr:`records`.
     """
 
-    def __init__(self, *, x: np.ndarray, max_bins: int = 256, insecure_keys: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        x: np.ndarray,
+        max_bins: int = 256,
+        insecure_keys: bool = False,
+        _bins: Bins | None = None,
+    ) -> None:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] == 0:
             raise DataError(
                 "a host has no rows after the intersection (or no 2-D feature array): "
                 "it cannot take part; check the PSI alignment"
             )
-        self.bins = fit_bins(x, max_bins=max_bins)
+        self.bins = _bins if _bins is not None else fit_bins(x, max_bins=max_bins)
         self.codes = self.bins.transform(x)
         self.insecure_keys = insecure_keys
         self.records: list[tuple[int, int, bool]] = []  # (feature, left_bins, default_left)
@@ -290,6 +303,35 @@ class HostParty:
         bits = [self._goes_left(self.records[i], codes) for i in ids.tolist()]
         return {"left": np.stack(bits) if bits else np.zeros((0, len(codes)), np.uint8)}
 
+    def save(self, path: str | Path) -> None:
+        """This host's part of the model (its cuts and split records) as JSON."""
+        doc = {
+            "format": HOST_FORMAT,
+            "cuts": [[float(c) for c in cuts] for cuts in self.bins.cuts],
+            "records": [[f, t, bool(d)] for f, t, d in self.records],
+        }
+        Path(path).write_text(json.dumps(doc), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> HostParty:
+        """A host that can answer ``decide`` for new rows (``x`` in the payload)."""
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            if raw.get("format") != HOST_FORMAT:
+                raise DataError(f"not a SecureBoost host file (format {HOST_FORMAT!r})")
+            bins = Bins(cuts=tuple(np.asarray(c, dtype=np.float64) for c in raw["cuts"]))
+            records = [(int(f), int(t), bool(d)) for f, t, d in raw["records"]]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                ValueError) as exc:  # fmt: skip
+            raise DataError(f"cannot read host model {str(path)!r}: {exc}") from None
+        n_bins = bins.n_bins
+        for f, t, _ in records:
+            if not 0 <= f < bins.n_features or not 0 <= t <= n_bins[f]:
+                raise DataError("malformed host model: a record names a missing feature or bin")
+        host = cls(x=np.zeros((1, bins.n_features)), _bins=bins)  # no rows: it only decides
+        host.records = records
+        return host
+
     def threshold_table(self) -> list[dict[str, Any]]:
         """This host's model part: record id -> feature, raw threshold, default direction."""
         return [
@@ -364,6 +406,80 @@ class VerticalModel:
     bins: Bins  # the guest's own cuts
     trees: tuple[tuple[VerticalTree, ...], ...]
     hosts: int
+
+
+_TREE_FIELDS = ("left", "right", "owner", "split", "left_bins", "default_left", "value")
+
+
+def save_guest(model: VerticalModel, path: str | Path) -> None:
+    """The guest's part of a SecureBoost model: its cuts, the trees (host splits as
+    (host, record id)) and the leaves, as JSON numbers."""
+    doc = {
+        "format": GUEST_FORMAT,
+        "params": model.params.to_dict(),
+        "hosts": model.hosts,
+        "cuts": [[float(c) for c in cuts] for cuts in model.bins.cuts],
+        "trees": [
+            [{k: np.asarray(getattr(t, k)).tolist() for k in _TREE_FIELDS} for t in r]
+            for r in model.trees
+        ],
+    }
+    Path(path).write_text(json.dumps(doc), encoding="utf-8")
+
+
+def load_guest(path: str | Path) -> VerticalModel:
+    """Load :func:`save_guest`'s file, checked like a horizontal model."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        if raw.get("format") != GUEST_FORMAT:
+            raise DataError(f"not a SecureBoost guest file (format {GUEST_FORMAT!r})")
+        params = GBDTParams(**raw["params"])
+        hosts = int(raw["hosts"])
+        bins = Bins(cuts=tuple(np.asarray(c, dtype=np.float64) for c in raw["cuts"]))
+        trees = tuple(tuple(_vertical_tree(t, bins, hosts) for t in r) for r in raw["trees"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            ValueError) as exc:  # fmt: skip
+        raise DataError(f"cannot read guest model {str(path)!r}: {exc}") from None
+    return VerticalModel(params=params, bins=bins, trees=trees, hosts=hosts)
+
+
+def _vertical_tree(raw: Mapping[str, Any], bins: Bins, hosts: int) -> VerticalTree:
+    # The links and leaves are checked as a plain tree's; owners and guest features here.
+    plain = Tree.from_dict(
+        {
+            "left": raw["left"],
+            "right": raw["right"],
+            "feature": np.zeros(len(raw["left"]), dtype=np.int64),
+            "left_bins": raw["left_bins"],
+            "default_left": raw["default_left"],
+            "value": raw["value"],
+            "sum_g": np.zeros(len(raw["left"])),
+            "sum_h": np.zeros(len(raw["left"])),
+        }
+    )
+    owner = np.asarray(raw["owner"], dtype=np.int64)
+    split = np.asarray(raw["split"], dtype=np.int64)
+    inner = plain.left >= 0
+    if owner.shape != plain.left.shape or split.shape != owner.shape:
+        raise DataError("malformed guest model: owner/split arrays")
+    if ((owner < 0) | (owner > hosts)).any():
+        raise DataError("malformed guest model: a split names an unknown party")
+    guest = inner & (owner == GUEST)
+    if (
+        (split[guest] < 0).any()
+        or (split[guest] >= bins.n_features).any()
+        or (split[inner] < 0).any()
+    ):
+        raise DataError("malformed guest model: a split names a missing feature or record")
+    return VerticalTree(
+        left=plain.left,
+        right=plain.right,
+        owner=owner,
+        split=split,
+        left_bins=plain.left_bins,
+        default_left=plain.default_left,
+        value=plain.value,
+    )
 
 
 @dataclass
