@@ -20,6 +20,7 @@ from typing import Any
 
 from shoal.cli.job import JobSpec, load_job
 from shoal.cli.options import open_store, port_number, positive_float, positive_int
+from shoal.cli.trees import host_data, is_tree_job, run_tree_job, tree_line, tree_node_app
 from shoal.core import Federation
 from shoal.data import Dataset, load_csv, load_npz, split_holdout
 from shoal.errors import ConfigError, NotEnoughNodes
@@ -403,8 +404,10 @@ def _coordinator(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # Everything slow (data, model) happens before listening, so nodes never wait on it.
     _, test = job.load_data()
-    model = job.build_model()
-    algorithm = job.build_algorithm()
+    tree_job = is_tree_job(job)
+    model = None if tree_job else job.build_model()
+    algorithm = None if tree_job else job.build_algorithm()
+    tree_summary: dict[str, Any] | None = None
     with open_store(args.store) as store:
         resume = _resolve_resume(store, job, args.resume)
         if not store.list_nodes(include_revoked=False):
@@ -454,6 +457,11 @@ def _coordinator(args: argparse.Namespace) -> int:
                 deadline_s=args.deadline or float(job.engine["deadline_s"]),
                 seed=job.seed,
             )
+            if tree_job:
+                tree_summary = run_tree_job(job, federation)
+                engine.finish("run finished")
+                return _tree_done(tree_summary, args, connected)
+            assert model is not None and algorithm is not None
             trainer = Trainer(
                 federation=federation,
                 algorithm=algorithm,
@@ -522,6 +530,14 @@ def _progress(
 # -- node ------------------------------------------------------------------------------------
 
 
+def _tree_done(summary: dict[str, Any], args: argparse.Namespace, connected: int) -> int:
+    summary["nodes"] = connected
+    print(f"run finished: {tree_line(summary)}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None, Dataset]:
     """(what the tasks see, partition index or None, the training set)."""
     if args.partition:
@@ -564,14 +580,24 @@ def _node(args: argparse.Namespace) -> int:
     else:
         name = args.cert_name or Path(args.key).name.removesuffix(".key")
         tls = ClientTLS.from_dir(args.certs, name=name, server_name=args.server_name)
-    data, index, train = _node_data(job, args)
-    if index is not None:
+    if is_tree_job(job) and job.model["name"] == "secureboost":
+        if not args.partition:
+            raise ConfigError("a secureboost host takes --partition I/HOSTS (its column block)")
+        index_text, _, count_text = args.partition.partition("/")
+        data: Any = host_data(job, int(index_text), int(count_text))
+        index: int | None = int(index_text)
+    else:
+        data, index, train = _node_data(job, args)
+    if is_tree_job(job):
+        app = tree_node_app(job)
+    elif index is not None:
         model = job.build_model()
     else:
         features = int(train.x.reshape(len(train.x), -1).shape[1])
         model = job.build_model(features=features, classes=args.classes or train.classes)
-    app = learning_app(model)
-    app.install(job.build_algorithm().node_tasks())  # e.g. the secure sum's protocol tasks
+    if not is_tree_job(job):
+        app = learning_app(model)
+        app.install(job.build_algorithm().node_tasks())  # e.g. the secure sum's protocol tasks
     if args.max_epsilon is not None:
         # The owner's own limit, enforced here: the coordinator only sees "declined".
         app.add_guard(

@@ -27,6 +27,7 @@ from shoal.aggregate import (
     TrimmedMean,
 )
 from shoal.attacks import ATTACKS, attacked_app, build_attack, choose_malicious
+from shoal.cli.trees import TREE_MODELS, check_tree_job
 from shoal.crypto import SecureSum
 from shoal.data import (
     DATASETS,
@@ -414,7 +415,7 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
 
     model = dict(raw.get("model", {"name": "softmax_regression"}))
     model.setdefault("name", "softmax_regression")
-    _choice(model["name"], model_names(), "[model] name")
+    _choice(model["name"], [*model_names(), *TREE_MODELS], "[model] name")
 
     algorithm = dict(raw.get("algorithm", {}))
     algorithm.setdefault("name", "fedavg")
@@ -470,6 +471,14 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
         raw=dict(raw),
         base_dir=base_dir,
     )
+    if model["name"] in TREE_MODELS:
+        try:
+            check_tree_job(spec)
+        except ConfigError:
+            raise
+        except (ShoalError, TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid tree job: {exc}") from None
+        return spec
     try:  # build once so that every bad value is reported now, not rounds later
         spec.build_algorithm()
         spec.build_faults()

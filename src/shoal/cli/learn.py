@@ -15,6 +15,7 @@ from rich.table import Table
 
 from shoal.cli.job import JobSpec, load_job, parse_job, simulate_job
 from shoal.cli.options import default_store_path, open_store, positive_float, positive_int
+from shoal.cli.trees import is_tree_job, run_tree_job, tree_line
 from shoal.errors import ConfigError
 from shoal.learn import RoundReport, TrainingResult, train_centralized
 from shoal.runtime import Store
@@ -130,6 +131,15 @@ def _run_job(args: argparse.Namespace) -> int:
 
 def _execute(job: JobSpec, args: argparse.Namespace, *, resume: str | None) -> int:
     console = Console(quiet=args.quiet)
+    if is_tree_job(job):
+        if resume:
+            raise ConfigError("tree jobs do not resume; run them again")
+        summary = run_tree_job(job)
+        console.print(tree_line(summary))
+        if args.json:
+            text = json.dumps(_finite(summary), indent=2, allow_nan=False)
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
+        return 0
     algorithm = job.algorithm
     rounds = int(algorithm.get("rounds", 10))
     nodes = int(job.partition["nodes"])

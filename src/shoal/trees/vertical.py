@@ -363,7 +363,11 @@ def host_tasks(*, insecure_keys: bool = False) -> dict[str, Any]:
             ctx.state[_HOST_STATE] = host
         if host is None:
             raise ProtocolError(f"node {ctx.node_id} was not asked to describe itself first")
-        return host.handle(method, payload)
+        reply = dict(host.handle(method, payload))
+        block = getattr(ctx.data, "block", None)
+        if method == "describe" and isinstance(block, int):
+            reply["block"] = block  # which column block of a job this host holds
+        return reply
 
     return {HOST_TASK: run}
 
