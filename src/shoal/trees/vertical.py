@@ -11,7 +11,6 @@ With the same cuts the trees equal :func:`shoal.trees.train` on the joined colum
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import secrets
@@ -24,6 +23,7 @@ from typing import Any
 import gmpy2
 import numpy as np
 
+from shoal.crypto import paillier
 from shoal.errors import ConfigError, DataError, ProtocolError, ShoalError
 from shoal.trees.bins import MISSING, Bins, fit_bins
 from shoal.trees.booster import feature_sampler, row_sampler, sample_features, tree_gradients
@@ -65,13 +65,6 @@ GUEST = 0  # owner of a node's split: 0 the guest, h >= 1 the h-th host
 # A host's method by name, called with a wire-encodable payload (in simulation a direct
 # call, in deployment a task relayed by the coordinator).
 Link = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
-
-
-def _paillier() -> Any:
-    try:
-        return importlib.import_module("shoal.crypto.paillier")
-    except ImportError as exc:  # pragma: no cover - shoal.crypto.paillier ships with shoal
-        raise ConfigError(f"SecureBoost needs shoal.crypto.paillier: {exc}") from None
 
 
 # -- host -------------------------------------------------------------------------------
@@ -135,7 +128,7 @@ class HostParty:
         return {"rows": len(self.codes), "features": self.codes.shape[1]}
 
     def start_tree(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        P = _paillier()
+        P = paillier
         key = P.PublicKey.from_bytes(bytes(payload["key"]), insecure=self.insecure_keys)
         rows = int(payload["rows"])
         if rows != len(self.codes):
@@ -215,7 +208,7 @@ class HostParty:
             sums[node] = self._derive(self._cache[p], sums[s], np.flatnonzero(pos == node))
         self._cache = sums
         accumulated = time.perf_counter()
-        P, codec = _paillier(), self._codec
+        P, codec = paillier, self._codec
         packed_all: list[Any] = []
         counts, packed = [], []
         for node in level.tolist():
@@ -520,7 +513,7 @@ class GuestParty:
             raise DataError(f"{len(x)} rows of features but {len(self.labels)} labels")
         self.bins = fit_bins(x, max_bins=params.max_bins)
         self.codes = self.bins.transform(x)
-        P = _paillier()
+        P = paillier
         self.public_key, self.private_key = P.generate_keypair(key_bits, insecure=insecure_keys)
         self.pool = P.RandomnessPool(public_key=self.public_key, private_key=self.private_key)
         self.stats = _Stats()
@@ -617,7 +610,7 @@ def _encrypt_rows(guest: GuestParty, g: np.ndarray, h: np.ndarray) -> tuple[Any,
         pk.raw_encrypt(codec.row_plaintext(gi, hi, n), pool.take())
         for gi, hi in zip(g_int.tolist(), h_int.tolist())
     ]
-    return _paillier().ciphertexts_to_bytes(pk, cts), codec
+    return paillier.ciphertexts_to_bytes(pk, cts), codec
 
 
 def _grow(
@@ -786,7 +779,7 @@ def _sibling_of(v: int, parent_of: Mapping[int, int], nodes: Mapping[str, list[A
 def _decrypt(
     guest: GuestParty, codec: GHCodec, reply: Mapping[str, Any], nodes: int
 ) -> list[list[tuple[int, int]]]:
-    P = _paillier()
+    P = paillier
     counts = np.asarray(reply["counts"], dtype=np.int64)
     packed = np.asarray(reply["packed"], dtype=np.int64)
     if counts.shape != (nodes,) or packed.shape != (nodes,):
