@@ -185,6 +185,7 @@ def _secureboost(
     from shoal.trees import Bins, train
     from shoal.trees.vertical import (
         GuestParty,
+        VerticalTreeFailed,
         federated_link,
         predict_vertical,
         train_secureboost,
@@ -209,7 +210,15 @@ def _secureboost(
         insecure_keys=bool(job.model.get("insecure_test_keys", False)),
     )
     links = [federated_link(federation, h) for h in hosts]
-    model = train_secureboost(guest, links)
+    start = None
+    for attempt in range(3):  # a tree a host failed is dropped; resume from the complete ones
+        try:
+            model = train_secureboost(guest, links, start=start)
+            break
+        except VerticalTreeFailed as failed:
+            if attempt == 2:
+                raise
+            start = failed.model
     wall = time.perf_counter() - started
     x_test = test.x.reshape(len(test.x), -1).astype(np.float64)
     g = blocks[0].shape[1]

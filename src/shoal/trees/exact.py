@@ -2,8 +2,9 @@
 
 SecureSum quantizes floats in [-c, c] onto a grid of ``levels`` steps. With ``2c = levels``
 the step is exactly 1, so a node that sends ``limb - c`` for an integer ``limb`` in
-[0, 2**16) is quantized without rounding. Each signed integer (|x| < 2**47) travels as three
-16-bit limbs of ``x + 2**47``; a trailing 1 counts the nodes that made it into the sum.
+[0, levels] is quantized without rounding. Each signed integer (|x| < 2**47) travels as
+limbs of ``x + 2**47``: two of 24 bits for up to 256 nodes (where ``levels >= 2**24 - 1``),
+three of 16 bits beyond; a trailing 1 counts the nodes that made it into the sum.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from shoal.errors import AggregationError, DataError
 
 __all__ = ["BITS", "LIMIT", "decode", "encode", "offset_for"]
 
-BITS = 32  # SecAgg+ modulus; 16-bit limbs of up to 65535 nodes fit it
+BITS = 32  # SecAgg+ modulus
 LIMIT = 2**47  # |x| must stay below this at each node
-_LIMB = 2**16
 
 
 def offset_for(nodes: int) -> float:
     """The value range ``c`` (half the grid) for a secure sum over ``nodes`` holders."""
     return Quantizer(clip=1.0, max_inputs=nodes, bits=BITS).levels / 2.0
+
+
+def _limb_bits(offset: float) -> int:
+    # the grid holds codes up to levels = 2 * offset: 24-bit limbs when they fit
+    return 24 if 2 * offset >= 2**24 - 1 else 16
 
 
 def encode(x: np.ndarray, *, offset: float | None) -> np.ndarray:
@@ -36,9 +41,12 @@ def encode(x: np.ndarray, *, offset: float | None) -> np.ndarray:
         )
     if offset is None:
         return np.concatenate([x.astype(np.float64), [1.0]])
+    if 2 * offset < 2**16 - 1:
+        raise AggregationError("too many nodes for an exact secure sum (at most 65535)")
+    base = 2 ** _limb_bits(offset)
     u = x + LIMIT
-    limbs = np.stack([u % _LIMB, (u // _LIMB) % _LIMB, u // _LIMB**2]).ravel()
-    return np.concatenate([limbs.astype(np.float64), [1.0]]) - offset
+    parts = [(u // base**i) % base for i in range(48 // _limb_bits(offset))]
+    return np.concatenate([np.stack(parts).ravel().astype(np.float64), [1.0]]) - offset
 
 
 def decode(total: np.ndarray, *, offset: float | None) -> tuple[np.ndarray, int]:
@@ -55,6 +63,7 @@ def decode(total: np.ndarray, *, offset: float | None) -> tuple[np.ndarray, int]
     n = round(count)
     if offset is None:
         return sums.astype(np.int64), n
-    limbs = sums.astype(np.int64).reshape(3, -1)
-    value = limbs[0] + limbs[1] * _LIMB + limbs[2] * _LIMB**2 - n * LIMIT
-    return value, n
+    bits = _limb_bits(offset)
+    limbs = sums.astype(np.int64).reshape(48 // bits, -1)
+    value = sum(limbs[i] * 2 ** (bits * i) for i in range(len(limbs))) - n * LIMIT
+    return np.asarray(value, dtype=np.int64), n
