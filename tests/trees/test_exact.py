@@ -18,7 +18,7 @@ from shoal.trees import exact
     seed=st.integers(min_value=0, max_value=2**32 - 1),
 )
 def test_secure_sum_of_limbs_is_the_exact_integer_sum(nodes: int, present: int, seed: int) -> None:
-    if nodes > 65_535:
+    if nodes > 65_537:  # (2**32 - 1) // nodes < 2**16 - 1: a 16-bit limb no longer fits
         with pytest.raises(AggregationError, match="too many nodes"):
             exact.encode(np.zeros(2, np.int64), offset=exact.offset_for(nodes))
         return

@@ -42,7 +42,7 @@ def encode(x: np.ndarray, *, offset: float | None) -> np.ndarray:
     if offset is None:
         return np.concatenate([x.astype(np.float64), [1.0]])
     if 2 * offset < 2**16 - 1:
-        raise AggregationError("too many nodes for an exact secure sum (at most 65535)")
+        raise AggregationError("too many nodes for an exact secure sum (at most 65537)")
     base = 2 ** _limb_bits(offset)
     u = x + LIMIT
     parts = [(u // base**i) % base for i in range(48 // _limb_bits(offset))]
