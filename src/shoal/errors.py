@@ -12,11 +12,13 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "DataError",
+    "NodeStateError",
     "NotEnoughNodes",
     "PlaintextOverflow",
     "PrivacyBudgetExceeded",
     "ProtocolError",
     "QueryError",
+    "ReleaseRefused",
     "ShoalError",
     "StoreError",
     "TaskError",
@@ -77,6 +79,16 @@ class StoreError(ShoalError, RuntimeError):
 
 class PrivacyBudgetExceeded(ShoalError, RuntimeError):
     """Running the task would spend more privacy budget than its owner allows."""
+
+
+class ReleaseRefused(ShoalError, PermissionError):
+    """A node refused to let a value leave: its task's release policy does not allow the
+    request (a fetch of a secure field, too little noise, a replayed charge, ...)."""
+
+
+class NodeStateError(ShoalError, RuntimeError):
+    """A node's durable state (privacy ledger, audit log) is missing, corrupt, or another
+    node's; it is refused, never silently reset."""
 
 
 class UnsafeModelError(ShoalError, ValueError):

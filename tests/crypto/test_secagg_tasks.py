@@ -23,7 +23,7 @@ from shoal.crypto.secagg import (
     quantizer_for,
     secagg_tasks,
 )
-from shoal.errors import ProtocolError, TaskError
+from shoal.errors import ProtocolError, ReleaseRefused, TaskError
 
 
 @dataclass
@@ -98,13 +98,13 @@ def test_default_input_is_a_value_the_node_kept() -> None:
     from shoal.crypto.secagg.tasks import kept_input
 
     vector = np.arange(5, dtype=np.uint32)
-    ctx = app.TaskContext(
-        node_id="a",
-        data=None,
-        state={app.KEPT_STATE_KEY: {"h1": {"delta": vector}}},
-        task_id="t",
-    )
+    node = app.NodeApp()
+    node.register("make", lambda ctx, p: {"delta": vector, "note": 1}, release={"delta": "secure"})
+    ctx = app.TaskContext(node_id="a", data=None, state={}, task_id="t")
+    node.handle(ctx, "make", b"", keep_as="h1", decoded={})
     assert kept_input(ctx, {"handle": "h1", "field": "delta"}) is vector
+    with pytest.raises(ReleaseRefused, match="'note' as never"):  # no entry: never
+        kept_input(ctx, {"handle": "h1", "field": "note"})
     with pytest.raises(TaskError, match="no field"):
         kept_input(ctx, {"handle": "h1", "field": "nope"})
     with pytest.raises(TaskError, match="handle"):

@@ -16,7 +16,7 @@ from shoal.errors import (
     UnknownTask,
     WireError,
 )
-from shoal.runtime import FETCH_TASK, NodeApp, TaskContext, kept_value
+from shoal.runtime import FETCH_TASK, FORWARD_TASK, NodeApp, TaskContext, read_held
 from shoal.runtime.app import KEPT_STATE_KEY
 from shoal.wire import WireLimits, decode, encode
 
@@ -48,7 +48,7 @@ def test_registered_tasks_run_on_decoded_payloads(app: NodeApp) -> None:
     out = call(app, make_ctx(data=np.ones(3)), "train", {"w": np.arange(3.0)})
     np.testing.assert_array_equal(out["delta"], np.arange(3.0) + 1)
     assert out["n"] == 3 and out["tag"] == "local"
-    assert set(app.task_names) == {FETCH_TASK, "echo", "train"}
+    assert set(app.task_names) == {FETCH_TASK, FORWARD_TASK, "echo", "train"}
 
 
 def test_register_refuses_duplicates_and_bad_names(app: NodeApp) -> None:
@@ -157,7 +157,7 @@ def test_keep_as_holds_the_result_and_sends_only_a_description(app: NodeApp) -> 
             "tag": "json:",
         },
     }
-    held = kept_value(ctx, "v1")
+    held = read_held(ctx, "v1", ["delta"], use="clear")
     np.testing.assert_array_equal(held["delta"], np.full(3, 7.0))
     fetched = call(app, ctx, FETCH_TASK, {"handle": "v1", "fields": ["delta", "n"]})
     assert set(fetched) == {"delta", "n"}

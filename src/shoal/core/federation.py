@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,10 @@ class Federation:
         self.deadline_s = deadline_s
         self._rng = np.random.default_rng(seed)
         self._sequence = itertools.count()
+        # Task ids are unique across federations and coordinator restarts: a node refuses a
+        # charged request whose id it has seen (a replay), so a restarted coordinator must
+        # not reuse the ids of its previous life.
+        self._token = secrets.token_hex(6)
         self.audit_log: list[AuditEvent] = []
 
     @property
@@ -148,7 +153,7 @@ class Federation:
                     node_id=node_id,
                     name=task,
                     payload=payload,
-                    task_id=f"{sequence}/{node_id}",
+                    task_id=f"{self._token}.{sequence}/{node_id}",
                     keep_as=keep_as,
                 )
             )

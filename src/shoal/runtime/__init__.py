@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from shoal.runtime.app import (
     FETCH_TASK,
+    FORWARD_TASK,
     SEND_KEY,
     SENT_PREFIX,
     Guard,
     NodeApp,
+    NoiseBinding,
     TaskContext,
     TaskFn,
-    kept_value,
+    TaskSpec,
+    read_held,
 )
+from shoal.runtime.audit import AuditEntry, ChainReport, MemoryAuditLog, verify_chain
 from shoal.runtime.engine import (
     DECLINED_DETAIL,
     Buffer,
@@ -23,14 +27,19 @@ from shoal.runtime.engine import (
     Task,
 )
 from shoal.runtime.local import Faults, LocalEngine
+from shoal.runtime.nodestate import NodeState, NodeStateFile, open_node_state
+from shoal.runtime.policy import Release, ReleasePolicy
 from shoal.runtime.store import Checkpoint, RoundRecord, RunRecord, Store
 
 __all__ = [
     "DECLINED_DETAIL",
     "FETCH_TASK",
+    "FORWARD_TASK",
     "SEND_KEY",
     "SENT_PREFIX",
+    "AuditEntry",
     "Buffer",
+    "ChainReport",
     "Checkpoint",
     "DispatchResult",
     "Engine",
@@ -39,7 +48,13 @@ __all__ = [
     "Faults",
     "Guard",
     "LocalEngine",
+    "MemoryAuditLog",
     "NodeApp",
+    "NodeState",
+    "NodeStateFile",
+    "NoiseBinding",
+    "Release",
+    "ReleasePolicy",
     "Reply",
     "RoundRecord",
     "RunRecord",
@@ -47,5 +62,8 @@ __all__ = [
     "Task",
     "TaskContext",
     "TaskFn",
-    "kept_value",
+    "TaskSpec",
+    "open_node_state",
+    "read_held",
+    "verify_chain",
 ]

@@ -1,15 +1,20 @@
 """NodeApp: the registry of named tasks a node's owner allows, and how one task is run.
 
-A node never executes code sent by the server: it runs only the functions registered here.
-The runtime's own tasks (``shoal.fetch``) are registered on every app; features such as
-secure aggregation install theirs with :meth:`NodeApp.install`.
+A node never executes code sent by the server: it runs only the functions registered here,
+and each task's release policy (see :mod:`shoal.runtime.policy`) decides how its result may
+leave. Every way out is checked here: direct replies, ``send`` receipts, ``shoal.fetch``,
+protocol inputs read through :func:`read_held`, and sealed forwards (``shoal.forward``).
+Refusals raise ReleaseRefused and go into the node's audit log.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,26 +22,35 @@ import numpy as np
 from shoal.errors import (
     ConfigError,
     PrivacyBudgetExceeded,
+    ReleaseRefused,
     ShoalError,
     TaskError,
     UnknownTask,
     WireError,
 )
 from shoal.runtime.engine import Buffer
+from shoal.runtime.nodestate import NODE_STATE_KEY, NodeState
+from shoal.runtime.policy import ReleasePolicy, Use
 from shoal.wire import WireLimits, decode, encode
 
 __all__ = [
     "FETCH_TASK",
+    "FORWARD_TASK",
     "KEPT_STATE_KEY",
     "SEND_KEY",
     "SENT_PREFIX",
     "Guard",
     "NodeApp",
+    "NoiseBinding",
     "TaskContext",
     "TaskFn",
+    "TaskSpec",
+    "read_held",
 ]
 
 FETCH_TASK = "shoal.fetch"
+# Releases fields whose policy is sealed for a role: the coordinator relays them to it.
+FORWARD_TASK = "shoal.forward"
 KEPT_STATE_KEY = "shoal.kept"
 # A payload entry naming result fields the node sends back with its receipt: the server's
 # code asked for them in the clear (a plain aggregate follows), saving a fetch round trip.
@@ -47,7 +61,7 @@ SENT_PREFIX = "sent/"
 class TaskContext:
     """What a task sees of its node: its id, private data, persistent state and randomness."""
 
-    __slots__ = ("_data", "_load", "_rng", "_seed", "node_id", "state", "task_id")
+    __slots__ = ("_data", "_load", "_rng", "_seed", "node_id", "noise", "state", "task_id")
 
     def __init__(
         self,
@@ -66,6 +80,27 @@ class TaskContext:
         self.task_id = task_id
         self._seed = seed
         self._rng: np.random.Generator | None = None
+        self.noise: NoiseBinding | None = None
+
+    @property
+    def node_state(self) -> NodeState:
+        """The node's privacy ledger and audit log (in memory unless the node has a file)."""
+        found = self.state.get(NODE_STATE_KEY)
+        if found is None:
+            found = self.state[NODE_STATE_KEY] = NodeState(node_id=self.node_id)
+        return found
+
+    def bind_noise(self, *, clip: float, std: float, applied: bool = False) -> None:
+        """Bind this task's result to the noise its privacy charge assumed.
+
+        Called by the guard that charged the request, before the task runs. ``applied``:
+        the task itself adds the noise (DP-SGD), so its noised fields may leave as they
+        are; otherwise they leave only clipped to ``clip`` with at least ``std`` of fresh
+        Gaussian noise, added by the node, once.
+        """
+        if not (clip > 0 and math.isfinite(clip) and std >= 0 and math.isfinite(std)):
+            raise ConfigError(f"a noise binding needs clip > 0 and std >= 0, got {clip}, {std}")
+        self.noise = NoiseBinding(clip=float(clip), std=float(std), applied=applied)
 
     @property
     def data(self) -> Any:
@@ -85,7 +120,43 @@ class TaskContext:
         return self._rng
 
 
+@dataclass(frozen=True, kw_only=True)
+class NoiseBinding:
+    """What a held value's privacy charge assumed: clip bound and per-node noise std."""
+
+    clip: float
+    std: float
+    applied: bool = False
+
+
 TaskFn = Callable[[TaskContext, dict[str, Any]], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task function with its release policy, for :meth:`NodeApp.install`."""
+
+    fn: TaskFn
+    release: Mapping[str, str] | None = None
+
+    def __call__(self, ctx: TaskContext, payload: dict[str, Any]) -> Mapping[str, Any] | None:
+        return self.fn(ctx, payload)
+
+
+class _Held:
+    """A result kept at the node, with the policy and noise binding of the task behind it."""
+
+    __slots__ = ("noise", "noised_once", "policy", "values")
+
+    def __init__(
+        self, values: dict[str, Any], policy: ReleasePolicy, noise: NoiseBinding | None
+    ) -> None:
+        self.values = values
+        self.policy = policy
+        self.noise = noise
+        self.noised_once = False
+
+
 # A guard sees each request before its task runs and raises to refuse it
 # (PrivacyBudgetExceeded to decline on the owner's policy).
 Guard = Callable[[str, TaskContext, Mapping[str, Any]], None]
@@ -100,37 +171,74 @@ class NodeApp:
     ...     return {"n": len(ctx.data)}
     """
 
-    def __init__(self, *, max_kept: int = 4, limits: WireLimits | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_kept: int = 4,
+        limits: WireLimits | None = None,
+        require_release: bool = False,
+    ) -> None:
         if max_kept < 1:
             raise ConfigError(f"NodeApp(max_kept) must be at least 1, got {max_kept}")
-        self._tasks: dict[str, TaskFn] = {FETCH_TASK: _fetch}
+        self._tasks: dict[str, TaskFn] = {}
+        self._policies: dict[str, ReleasePolicy] = {}
         self._guards: list[Guard] = []
         self.max_kept = max_kept
         self.limits = limits or WireLimits()
+        # A task that declares no policy releases in the clear (the Core API's simple start);
+        # require_release=True makes every task declare one (a deployed node's choice).
+        self.require_release = require_release
+        # The runtime's own tasks check what they release field by field (read_held).
+        self.register(FETCH_TASK, _fetch, release=_CHECKED_INSIDE)
+        self.register(FORWARD_TASK, _forward, release=_CHECKED_INSIDE)
 
-    def task(self, name: str) -> Callable[[TaskFn], TaskFn]:
-        """Decorator registering ``fn(ctx, payload) -> payload`` under ``name``."""
+    def task(
+        self, name: str, *, release: Mapping[str, str] | None = None
+    ) -> Callable[[TaskFn], TaskFn]:
+        """Decorator registering ``fn(ctx, payload) -> payload`` under ``name``.
+
+        ``release`` maps result field names (or fnmatch patterns) to how they may leave:
+        ``clear``, ``secure``, ``noised``, ``sealed:<role>,...`` or ``never``.
+        """
 
         def register(fn: TaskFn) -> TaskFn:
-            self.register(name, fn)
+            self.register(name, fn, release=release)
             return fn
 
         return register
 
-    def register(self, name: str, fn: TaskFn) -> None:
+    def register(self, name: str, fn: TaskFn, *, release: Mapping[str, str] | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"task names are non-empty strings, got {name!r}")
         if name in self._tasks:
             raise ConfigError(
                 f"a task named {name!r} is already registered; give each task its own name"
             )
+        if release is None:
+            if self.require_release:
+                raise ConfigError(
+                    f"task {name!r} declares no release policy and this node requires one; "
+                    "register it with release={field: kind, ...}"
+                )
+            policy = ReleasePolicy.clear(task=name)
+        else:
+            policy = ReleasePolicy(release, task=name)  # validated now, not at first use
         self._tasks[name] = fn
+        self._policies[name] = policy
 
-    def install(self, tasks: Mapping[str, TaskFn]) -> None:
+    def install(self, tasks: Mapping[str, TaskFn | TaskSpec]) -> None:
         """Register a feature's node-side tasks (secure aggregation, analytics, ...)."""
-        for name, fn in tasks.items():
+        for name, task in tasks.items():
+            fn, release = (task.fn, task.release) if isinstance(task, TaskSpec) else (task, None)
             if self._tasks.get(name) is not fn:
-                self.register(name, fn)
+                self.register(name, fn, release=release)
+
+    def policy(self, name: str) -> ReleasePolicy:
+        """The release policy of task ``name``."""
+        try:
+            return self._policies[name]
+        except KeyError:
+            raise UnknownTask(f"no task named {name!r}") from None
 
     def add_guard(self, guard: Guard) -> None:
         self._guards.append(guard)
@@ -151,10 +259,31 @@ class NodeApp:
         """Decode, check, run and encode one task.
 
         ``decoded`` is ``payload`` already decoded (an in-process engine decodes a payload
-        shared by many nodes once). Raises UnknownTask or WireError (the request is
-        rejected), PrivacyBudgetExceeded (declined), or TaskError carrying the task's own
-        exception as text.
+        shared by many nodes once). Raises UnknownTask, WireError or ReleaseRefused (the
+        request is rejected), PrivacyBudgetExceeded (declined), or TaskError carrying the
+        task's own exception as text. Every refusal and decline goes into the node's audit log.
         """
+        try:
+            return self._handle(ctx, name, payload, keep_as, decoded)
+        except (ReleaseRefused, UnknownTask, WireError, PrivacyBudgetExceeded) as exc:
+            action = "declined" if isinstance(exc, PrivacyBudgetExceeded) else "refused"
+            ctx.node_state.audit(
+                action,
+                task=name[:200],
+                task_id=ctx.task_id[:200],
+                error=type(exc).__name__,
+                reason=str(exc)[:1000],
+            )
+            raise
+
+    def _handle(
+        self,
+        ctx: TaskContext,
+        name: str,
+        payload: Buffer,
+        keep_as: str | None,
+        decoded: Mapping[str, Any] | None,
+    ) -> Buffer:
         fn = self._tasks.get(name)
         if fn is None:
             raise UnknownTask(
@@ -182,30 +311,54 @@ class NodeApp:
                 f"task {name!r} returned {type(result).__name__}; tasks return a mapping of "
                 "names to arrays or JSON values"
             )
+        policy = self._policies[name]
+        if keep_as is None:
+            _check_clear(policy, tuple(result), ctx.noise, "a direct reply")
+            return self._encode(name, result)
+        held = _Held(dict(result), policy, ctx.noise)
+        receipt = _keep(ctx, keep_as, held, self.max_kept)
+        if send:
+            fields = tuple(f for f in send if f in result)
+            _check_clear(policy, fields, ctx.noise, f"{SEND_KEY} with the receipt")
+            for field in fields:
+                receipt[SENT_PREFIX + field] = result[field]
+        return self._encode(name, receipt)
+
+    def _encode(self, name: str, result: Mapping[str, Any]) -> Buffer:
         try:
-            if keep_as is None:
-                return encode(result, limits=self.limits)
-            receipt = _keep(ctx, keep_as, dict(result), self.max_kept)
-            for field in send or ():
-                if field in result:
-                    receipt[SENT_PREFIX + field] = result[field]
-            return encode(receipt, limits=self.limits)
+            return encode(result, limits=self.limits)
         except WireError as exc:
             # The request was fine; the task's own result is what cannot travel.
             raise TaskError(f"task {name!r} returned a value the wire refuses: {exc}") from None
 
 
-def _keep(ctx: TaskContext, handle: str, result: dict[str, Any], max_kept: int) -> dict[str, Any]:
-    """Hold ``result`` at the node and describe it, without revealing any value."""
-    kept: OrderedDict[str, dict[str, Any]] | None = ctx.state.get(KEPT_STATE_KEY)
+# The runtime's own tasks (fetch, forward) check each field they release against the policy
+# of the task that produced it, so their replies need no second check.
+_CHECKED_INSIDE = {"*": "clear"}
+
+
+def _check_clear(
+    policy: ReleasePolicy, fields: tuple[str, ...], noise: NoiseBinding | None, path: str
+) -> None:
+    """Fields leaving in the clear: ``clear`` ones, and ``noised`` ones the task noised."""
+    if policy.all_clear or not fields:
+        return
+    if noise is not None and noise.applied:
+        fields = tuple(f for f in fields if policy.kind_of(f).kind != "noised")
+    policy.check_clear(fields, path=path)
+
+
+def _keep(ctx: TaskContext, handle: str, held: _Held, max_kept: int) -> dict[str, Any]:
+    """Hold a result at the node and describe it, without revealing any value."""
+    kept: OrderedDict[str, _Held] | None = ctx.state.get(KEPT_STATE_KEY)
     if kept is None:
         kept = ctx.state[KEPT_STATE_KEY] = OrderedDict()
-    kept[handle] = result
+    kept[handle] = held
     while len(kept) > max_kept:
         kept.popitem(last=False)
     # Compact on purpose (name -> "dtype:d0,d1"): every node sends one receipt per map.
     fields: dict[str, Any] = {}
-    for key, value in result.items():
+    for key, value in held.values.items():
         if type(value) is np.ndarray or isinstance(value, (np.ndarray, np.generic)):
             fields[key] = _describe(value.dtype.str, value.shape)
         else:
@@ -219,24 +372,169 @@ def _describe(dtype: str, shape: tuple[int, ...]) -> str:
     return f"{dtype}:{','.join(map(str, shape))}"
 
 
-def kept_value(ctx: TaskContext, handle: str) -> dict[str, Any]:
-    """The result a node holds under ``handle`` (for node-side tasks such as secure sums)."""
+def _held(ctx: TaskContext, handle: str) -> _Held:
     kept = ctx.state.get(KEPT_STATE_KEY, {})
-    if handle not in kept:
+    held = kept.get(handle) if isinstance(handle, str) else None
+    if held is None:
         raise TaskError(
             f"node {ctx.node_id!r} no longer holds value {handle!r}: nodes keep only their "
             "most recent results, so aggregate a map's output before mapping again many times"
         )
-    value: dict[str, Any] = kept[handle]
-    return value
+    return held
+
+
+def read_held(
+    ctx: TaskContext,
+    handle: str,
+    fields: Sequence[str],
+    *,
+    use: Use,
+    clip: float | None = None,
+    noise_std: float | None = None,
+    role: str | None = None,
+) -> dict[str, Any]:
+    """The one way node-side code reads a value the node holds, checked against its policy.
+
+    ``use`` says how the fields are about to leave: ``"clear"`` (to the coordinator as they
+    are), ``"secure"`` (as the input of a secure-sum protocol) or ``"forward"`` (sealed, to
+    ``role``). ``noised`` fields need ``clip`` and ``noise_std``: the caller promises to
+    clip them jointly to ``clip`` and add N(0, noise_std**2) of fresh noise, and the node
+    checks both against what the privacy charge assumed, then lets them out once. Raises
+    ReleaseRefused (with the reason) or TaskError (no such value or field).
+    """
+    held = _held(ctx, handle)
+    names = tuple(fields)
+    missing = [f for f in names if f not in held.values]
+    if missing:
+        raise TaskError(f"value {handle!r} has no field(s) {missing}; it has {sorted(held.values)}")
+    policy = held.policy
+    if policy.all_clear:
+        return {f: held.values[f] for f in names}
+    refused: dict[str, str] = {}
+    noised: list[str] = []
+    for name in names:
+        release = policy.kind_of(name)
+        kind = release.kind
+        if kind == "clear":
+            continue
+        if kind == "secure" and use == "secure":
+            continue
+        if kind == "sealed" and use == "forward" and role in release.roles:
+            continue
+        if kind == "noised" and use in ("clear", "secure"):
+            noised.append(name)
+            continue
+        refused[name] = str(release)
+    if refused:
+        how = {"clear": "in the clear", "secure": "into a secure sum", "forward": f"to {role!r}"}
+        raise ReleaseRefused(
+            f"task {policy.task!r} releases "
+            + ", ".join(f"{f!r} as {k}" for f, k in sorted(refused.items()))
+            + f"; the node refuses to send {sorted(refused)} {how[use]}"
+        )
+    if noised:
+        _check_noise(ctx, held, handle, clip, noise_std)
+    return {f: held.values[f] for f in names}
+
+
+def _check_noise(
+    ctx: TaskContext, held: _Held, handle: str, clip: float | None, noise_std: float | None
+) -> None:
+    binding = held.noise
+    if binding is None:
+        raise ReleaseRefused(
+            f"value {handle!r} holds noised fields but no privacy charge was made for it; "
+            "the node releases noised fields only under a DP request its ledger charged"
+        )
+    if binding.applied:
+        return  # the task added the charged noise itself: this is the sample that was paid for
+    if clip is None or noise_std is None:
+        raise ReleaseRefused(
+            f"value {handle!r} holds noised fields: release them with the clip and noise the "
+            "charge assumed (the node adds the noise)"
+        )
+    # A hair of float tolerance: a request recomputed by the coordinator may differ in the ulp.
+    if clip > binding.clip * (1 + 1e-9) or noise_std < binding.std * (1 - 1e-9):
+        raise ReleaseRefused(
+            f"the request releases value {handle!r} clipped to {clip:g} with noise std "
+            f"{noise_std:g}, but its privacy charge assumed clip <= {binding.clip:g} and noise "
+            f"std >= {binding.std:g}; the node refuses to release with less noise than it "
+            "charged"
+        )
+    if held.noised_once:
+        raise ReleaseRefused(
+            f"value {handle!r} was released with noise once already; a second noisy sample "
+            "would average the noise away without a charge"
+        )
+    held.noised_once = True
+
+
+def add_noise(values: Mapping[str, Any], *, clip: float, std: float) -> dict[str, Any]:
+    """Clip ``values`` jointly to L2 norm ``clip`` and add N(0, std**2) from OS entropy."""
+    parts = [np.asarray(v, dtype=np.float64).ravel() for v in values.values()]
+    flat = np.concatenate(parts) if parts else np.zeros(0)
+    norm = float(np.linalg.norm(flat))
+    if not math.isfinite(norm):
+        raise ReleaseRefused("a noised field holds NaN or infinity; it cannot be released")
+    if norm > clip:
+        flat = flat * (clip / norm)
+    # DP noise must be unknown to the coordinator: fresh OS entropy, never a sent seed.
+    rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+    flat = flat + rng.normal(0.0, std, size=flat.shape)
+    out: dict[str, Any] = {}
+    position = 0
+    for name, value in values.items():
+        array = np.asarray(value)
+        part = flat[position : position + array.size]
+        position += array.size
+        is_number = not isinstance(value, np.ndarray)  # a JSON number stays a number
+        out[name] = float(part[0]) if is_number else part.reshape(array.shape)
+    return out
 
 
 def _fetch(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     handle, fields = payload.get("handle"), payload.get("fields")
     if not isinstance(handle, str) or not isinstance(fields, list):
         raise WireError("shoal.fetch takes {'handle': str, 'fields': [str, ...]}")
-    value = kept_value(ctx, handle)
-    missing = [f for f in fields if f not in value]
-    if missing:
-        raise TaskError(f"value {handle!r} has no field(s) {missing}; it has {sorted(value)}")
-    return {f: value[f] for f in fields}
+    noise = payload.get("noise")
+    if noise is None:
+        return read_held(ctx, handle, fields, use="clear")
+    clip, std = _noise_request(noise)
+    values = read_held(ctx, handle, fields, use="clear", clip=clip, noise_std=std)
+    held = _held(ctx, handle)
+    noised = [f for f in fields if held.policy.kind_of(f).kind == "noised"]
+    if held.noise is not None and held.noise.applied:
+        return values
+    values.update(add_noise({f: values[f] for f in noised}, clip=clip, std=std))
+    ctx.node_state.audit(
+        "release.noised", task_id=ctx.task_id, handle=handle, fields=noised, clip=clip, std=std
+    )
+    return values
+
+
+def _noise_request(noise: Any) -> tuple[float, float]:
+    if not isinstance(noise, Mapping):
+        raise WireError("'noise' must be {'clip': number, 'std': number}")
+    raw = noise.get("clip"), noise.get("std")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw):
+        raise WireError("'noise' must be {'clip': number, 'std': number}")
+    clip, std = float(raw[0]), float(raw[1])  # type: ignore[arg-type]
+    if not (math.isfinite(clip) and clip > 0 and math.isfinite(std) and std >= 0):
+        raise WireError(f"'noise' needs clip > 0 and std >= 0, got {clip}, {std}")
+    return clip, std
+
+
+def _forward(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    handle, fields, role = payload.get("handle"), payload.get("fields"), payload.get("role")
+    if (
+        not isinstance(handle, str)
+        or not isinstance(fields, list)
+        or not all(isinstance(f, str) for f in fields)
+        or not isinstance(role, str)
+    ):
+        raise WireError("shoal.forward takes {'handle': str, 'fields': [str, ...], 'role': str}")
+    values = read_held(ctx, handle, fields, use="forward", role=role)
+    ctx.node_state.audit(
+        "release.forward", task_id=ctx.task_id[:200], handle=handle, fields=fields, role=role
+    )
+    return values

@@ -20,7 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from shoal.errors import ConfigError, PrivacyBudgetExceeded, UnknownTask, WireError
+from shoal.errors import (
+    ConfigError,
+    PrivacyBudgetExceeded,
+    ReleaseRefused,
+    UnknownTask,
+    WireError,
+)
 from shoal.runtime.app import NodeApp, TaskContext
 from shoal.runtime.engine import (
     DECLINED_DETAIL,
@@ -257,7 +263,7 @@ class LocalEngine:
             )
         except PrivacyBudgetExceeded:
             return _failure(task, FailureKind.DECLINED, DECLINED_DETAIL)
-        except (UnknownTask, WireError) as exc:
+        except (UnknownTask, WireError, ReleaseRefused) as exc:
             return _failure(task, FailureKind.REJECTED, str(exc))
         except Exception as exc:  # any task failure is the node's, never the engine's
             return _failure(task, FailureKind.ERROR, str(exc) or type(exc).__name__)

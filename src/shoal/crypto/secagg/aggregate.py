@@ -42,20 +42,15 @@ __all__ = ["SecureSum", "secure_sum_tasks"]
 
 
 def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
-    """The node's kept fields, flattened and concatenated, clipped as the chain asks."""
-    from shoal.runtime import kept_value  # the runtime is a lower layer: import on use
+    """The node's kept fields, flattened and concatenated, clipped (and noised) as the
+    chain asks; read through the runtime's checked accessor, which refuses fields whose
+    policy forbids a secure sum and noised fields with less noise than was charged."""
+    from shoal.runtime import read_held  # the runtime is a lower layer: import on use
 
     handle, fields = payload.get("handle"), payload.get("fields")
     if not isinstance(handle, str) or not isinstance(fields, list) or not fields:
         raise TaskError(f"{MASKED_INPUT_TASK} needs 'handle' and a list of 'fields'")
-    kept = kept_value(ctx, handle)
-    missing = [f for f in fields if f not in kept]
-    if missing:
-        raise TaskError(f"kept value {handle!r} has no field(s) {missing}")
-    parts = [rules.as_float(kept[f]).ravel() for f in fields]  # float32 stays float32
-    vector = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    if not rules.all_finite(vector):
-        raise TaskError("the node's value holds NaN or infinity; it cannot join a secure sum")
+    transforms: list[tuple[str, float]] = []
     for spec in payload.get("transforms", []):  # the chain's node transforms, in order
         if not isinstance(spec, dict) or len(spec) != 1:
             raise TaskError(f"malformed node transform {spec!r}")
@@ -65,8 +60,30 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
                 f"node transform {spec!r} is not one this node applies "
                 f"(it knows {sorted(NODE_TRANSFORMS)})"
             )
-        vector = NODE_TRANSFORMS[kind](vector, float(value))
+        transforms.append((kind, float(value)))
+    clip, noise_std = _effective_noise(transforms)
+    kept = read_held(ctx, handle, fields, use="secure", clip=clip, noise_std=noise_std)
+    parts = [rules.as_float(kept[f]).ravel() for f in fields]  # float32 stays float32
+    vector = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if not rules.all_finite(vector):
+        raise TaskError("the node's value holds NaN or infinity; it cannot join a secure sum")
+    for kind, value in transforms:
+        vector = NODE_TRANSFORMS[kind](vector, value)
     return vector
+
+
+def _effective_noise(transforms: Sequence[tuple[str, float]]) -> tuple[float | None, float]:
+    """The clip bound in force before any noise, and the total noise std after the last clip
+    (a clip after noise would shrink the noise, so such a chain counts as no noise)."""
+    clip: float | None = None
+    variance = 0.0
+    for kind, value in transforms:
+        if kind == "clip_l2":
+            clip = value if clip is None else min(clip, value)
+            variance = 0.0
+        else:
+            variance += value * value
+    return clip, float(np.sqrt(variance))
 
 
 def _clip(vector: np.ndarray, norm_bound: float) -> np.ndarray:

@@ -53,18 +53,16 @@ InputGetter = Callable[[Any, Mapping[str, Any]], Any]
 
 
 def kept_input(ctx: Any, payload: Mapping[str, Any]) -> Any:
-    """The vector a node kept from an earlier task: ``payload["handle"]``, ``payload["field"]``."""
-    from shoal.runtime.app import kept_value  # the runtime is a lower layer; import on use
+    """The vector a node kept from an earlier task: ``payload["handle"]``, ``payload["field"]``,
+    read through the runtime's checked accessor (its policy must allow a secure sum)."""
+    from shoal.runtime.app import read_held  # the runtime is a lower layer; import on use
 
     handle, name = payload.get("handle"), payload.get("field")
     if not isinstance(handle, str) or not isinstance(name, str):
         raise TaskError(
             f"{MASKED_INPUT_TASK} needs 'handle' and 'field' naming the value the node kept"
         )
-    value = kept_value(ctx, handle)
-    if name not in value:
-        raise TaskError(f"kept value {handle!r} has no field {name!r}; it has {sorted(value)}")
-    return value[name]
+    return read_held(ctx, handle, [name], use="secure")[name]
 
 
 def quantizer_for(clip: float, *, nodes: int, bits: int) -> Quantizer:
@@ -87,8 +85,9 @@ def _session(ctx: _Context, round_id: str) -> SecAggNode:
     return node
 
 
-def secagg_tasks(get_input: InputGetter = kept_input) -> dict[str, Callable[..., Any]]:
-    """The four node-side tasks, by name."""
+def secagg_tasks(get_input: InputGetter = kept_input) -> dict[str, Any]:
+    """The four node-side tasks, by name, each with its release policy (TaskSpec)."""
+    from shoal.runtime.app import TaskSpec  # the runtime is a lower layer; import on use
 
     def advertise(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
         request = AdvertiseRequest.from_dict(payload)
@@ -127,9 +126,13 @@ def secagg_tasks(get_input: InputGetter = kept_input) -> dict[str, Callable[...,
         request = UnmaskRequest.from_dict(payload)
         return _session(ctx, request.round_id).unmask(request).to_dict()
 
+    # Every reply is a protocol message meant for the coordinator: public keys, shares
+    # encrypted to other nodes, a masked vector, the shares that unmask the sum. The node's
+    # own value enters only through get_input, which reads it under its task's policy.
+    protocol = {"*": "clear"}
     return {
-        ADVERTISE_TASK: advertise,
-        SHARE_TASK: share,
-        MASKED_INPUT_TASK: masked_input,
-        UNMASK_TASK: unmask,
+        ADVERTISE_TASK: TaskSpec(advertise, protocol),
+        SHARE_TASK: TaskSpec(share, protocol),
+        MASKED_INPUT_TASK: TaskSpec(masked_input, protocol),
+        UNMASK_TASK: TaskSpec(unmask, protocol),
     }

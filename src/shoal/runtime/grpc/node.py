@@ -29,6 +29,7 @@ from shoal.errors import (
     ConfigError,
     PrivacyBudgetExceeded,
     ProtocolError,
+    ReleaseRefused,
     TransportError,
     UnknownTask,
     WireError,
@@ -608,7 +609,7 @@ class NodeClient:
         except PrivacyBudgetExceeded as exc:
             log.info("declined task %s: %s", header.name, exc)  # the full reason stays here
             return pb.DECLINED, DECLINED_DETAIL, memoryview(b"")
-        except (UnknownTask, WireError) as exc:
+        except (UnknownTask, WireError, ReleaseRefused) as exc:
             return pb.REJECTED, str(exc), memoryview(b"")
         except Exception as exc:  # any task failure is reported, never fatal to the node
             return pb.ERROR, str(exc) or type(exc).__name__, memoryview(b"")
