@@ -51,7 +51,7 @@ def test_a_state_file_survives_reopening_with_every_entry(tmp_path: Path) -> Non
 def test_a_state_file_of_another_node_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "node.db"
     open_node_state(path, owner="key:abc").close()
-    with pytest.raises(NodeStateError, match="belongs to 'key:abc'.*restore"):
+    with pytest.raises(NodeStateError, match=r"belongs to .key:abc.*restore"):
         open_node_state(path, owner="key:xyz")
 
 

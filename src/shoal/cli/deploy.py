@@ -261,6 +261,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-delta", type=positive_float, default=1e-5, metavar="D", help="budget delta"
     )
     node.add_argument(
+        "--state",
+        metavar="FILE",
+        help="this node's durable state (SQLite): its privacy ledger and audit log survive "
+        "restarts; without it they live in memory and --max-epsilon restarts from zero",
+    )
+    node.add_argument(
         "--no-data-lane",
         action="store_true",
         help="never open the coordinator's bulk lane: every byte goes over gRPC (for a "
@@ -603,11 +609,19 @@ def _node(args: argparse.Namespace) -> int:
         app.add_guard(
             budget_guard(max_epsilon=args.max_epsilon, max_delta=args.max_delta, tasks={TRAIN})
         )
+    node_state = None
+    if args.state:
+        from shoal.runtime import open_node_state
+
+        # The file is bound to this node's key: another node's ledger is refused.
+        node_state = open_node_state(args.state, owner=fingerprint(public_key_bytes(key)))
+        node_state.audit("node.started", key=fingerprint(public_key_bytes(key)))
     client = NodeClient(
         app=app,
         coordinator=args.coordinator,
         key=key,
         data=data,
+        node_state=node_state,
         tls=tls,
         insecure=bool(args.insecure),
         partition_index=index,

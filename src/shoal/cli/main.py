@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "privacy": ("shoal.cli.privacy", "DP accounting: epsilon for a schedule, noise for a target"),
     "scan": ("shoal.cli.scan", "check model files for code that would run when loaded"),
     "query": ("shoal.cli.query", "answer a SQL query across an analytics job's parties"),
+    "audit": ("shoal.cli.audit", "verify or show an audit trail (a store or a node's state)"),
 }
 
 EPILOG = """\
@@ -36,6 +37,7 @@ examples:
   shoal run job.toml --json out.json  run a job file in simulation
   shoal runs                          list recorded runs
   shoal scan model.pt                 check a model file for code that would run on load
+  shoal audit verify --store fl.db    check the coordinator's audit chain for tampering
   shoal privacy epsilon --sample-rate 0.01 --noise-multiplier 1.1 --steps 10000 --delta 1e-5
 """
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from shoal.core.aggregator import Aggregator
-from shoal.core.federation import AuditEvent, Broadcast, Federation, NodeGroup
+from shoal.core.federation import Broadcast, Federation, NodeGroup
 from shoal.core.reduce import finish, plain_mean, plain_sum
 from shoal.core.values import FieldSpec, Gathered, Layout, NodeValues, unflatten
 
 __all__ = [
     "Aggregator",
-    "AuditEvent",
     "Broadcast",
     "Federation",
     "FieldSpec",

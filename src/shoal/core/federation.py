@@ -20,9 +20,10 @@ import numpy as np
 from shoal.core.values import FieldSpec, NodeValues
 from shoal.errors import ConfigError, NotEnoughNodes, ShoalError, WireError
 from shoal.runtime import SEND_KEY, SENT_PREFIX, Engine, Failure, FailureKind, Task
+from shoal.runtime.audit import AuditEntry, AuditTrail, MemoryAuditLog
 from shoal.wire import decode, encode
 
-__all__ = ["AuditEvent", "Broadcast", "Federation", "NodeGroup"]
+__all__ = ["Broadcast", "Federation", "NodeGroup"]
 
 log = logging.getLogger("shoal.core")
 
@@ -35,14 +36,13 @@ class Broadcast:
     encoded: bytes | memoryview = field(repr=False)
 
 
-@dataclass(frozen=True, kw_only=True)
-class AuditEvent:
-    action: str
-    detail: Mapping[str, Any]
-
-
 class Federation:
-    """The server's view of a set of nodes reachable through an engine."""
+    """The server's view of a set of nodes reachable through an engine.
+
+    ``audit`` is where it records what it asked of the nodes (``request``, ``reveal``,
+    routing) and every refusal or decline a node reports: in memory by default, or the
+    Store's hash-chained log (``store.audit_trail(run_id)``); ``audit_log`` reads it back.
+    """
 
     def __init__(
         self,
@@ -51,6 +51,7 @@ class Federation:
         min_nodes: int = 1,
         deadline_s: float = 600.0,
         seed: int | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         if min_nodes < 1:
             raise ConfigError(f"min_nodes must be at least 1, got {min_nodes}")
@@ -65,14 +66,20 @@ class Federation:
         # charged request whose id it has seen (a replay), so a restarted coordinator must
         # not reuse the ids of its previous life.
         self._token = secrets.token_hex(6)
-        self.audit_log: list[AuditEvent] = []
+        self.trail: AuditTrail = audit if audit is not None else MemoryAuditLog()
 
     @property
     def node_ids(self) -> tuple[str, ...]:
         return tuple(self.engine.node_ids())
 
-    def audit(self, action: str, **detail: Any) -> None:
-        self.audit_log.append(AuditEvent(action=action, detail=detail))
+    def audit(self, action: str, **detail: Any) -> AuditEntry:
+        """Append an entry to this federation's audit trail."""
+        return self.trail.record(action, detail)
+
+    @property
+    def audit_log(self) -> tuple[AuditEntry, ...]:
+        """The trail's entries, oldest first."""
+        return tuple(self.trail.entries)
 
     def all(self) -> NodeGroup:
         return NodeGroup(self, self.node_ids)
@@ -128,10 +135,29 @@ class Federation:
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Failure]]:
         """Run ``task`` on nodes and return their decoded replies and failures.
 
-        The replies are whatever the task sends back, so this is for tasks whose outputs
-        are public by design (protocol messages, kept-value receipts). Learning code uses
+        The replies are whatever the task sends back, and each node sends back only fields
+        its task's release policy lets out in the clear (the others refuse: REJECTED). So
+        this is for tasks whose outputs are public by design (protocol messages, kept-value
+        receipts); it is recorded in the audit trail. Learning code uses
         :meth:`NodeGroup.map`, whose results stay at the nodes.
         """
+        self.audit("request", task=task, nodes=len(node_ids), keep_as=keep_as)
+        return self._dispatch(
+            node_ids, task, common=common, per_node=per_node, keep_as=keep_as, deadline_s=deadline_s
+        )
+
+    def _dispatch(
+        self,
+        node_ids: Sequence[str],
+        task: str,
+        *,
+        common: Mapping[str, Any] | Broadcast | None = None,
+        per_node: Mapping[str, Mapping[str, Any]] | None = None,
+        keep_as: str | None = None,
+        deadline_s: float | None = None,
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Failure]]:
+        """:meth:`request` without its own audit entry (maps and fetches, which are the
+        Core API's normal path); node refusals are recorded all the same."""
         sequence = next(self._sequence)
         shared: bytes | memoryview | None = (
             common.encoded if isinstance(common, Broadcast) else None
@@ -183,6 +209,13 @@ class Federation:
                 failure.kind.value,
                 failure.detail,
             )
+            if failure.kind in (FailureKind.REJECTED, FailureKind.DECLINED):
+                self.audit(
+                    f"node.{failure.kind.value}",
+                    node=failure.node_id,
+                    task=task,
+                    reason=failure.detail[:1000],
+                )
         return replies, failures
 
 
@@ -230,7 +263,7 @@ class NodeGroup:
         else:
             common = broadcast if broadcast is not None else values
         handle = f"v{next(self.federation._sequence)}"
-        replies, failures = self.federation.request(
+        replies, failures = self.federation._dispatch(
             self.node_ids, task, common=common, keep_as=handle, deadline_s=deadline_s
         )
         specs: dict[str, dict[str, FieldSpec]] = {}

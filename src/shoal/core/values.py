@@ -330,7 +330,7 @@ class NodeValues:
                 missing.append(node)
         if not missing:
             return have
-        replies, failures = self.federation.request(
+        replies, failures = self.federation._dispatch(
             missing, FETCH_TASK, common={"handle": self.handle, "fields": fields}
         )
         if failures:

@@ -133,6 +133,8 @@ class Trainer:
 
     def run(self, *, resume: str | None = None) -> TrainingResult:
         state, run_id = self._start(resume)
+        if run_id is not None and self.store is not None:  # one audit trail: the Store's
+            self.federation.trail = self.store.audit_trail(run_id)
         history: list[RoundReport] = []
         if run_id is not None and self.store is not None and resume is not None:
             history = [_report_from(r.metrics, r.round) for r in self.store.round_metrics(run_id)]

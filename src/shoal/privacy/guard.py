@@ -1,10 +1,13 @@
 """Budgets enforced at the node: a guard that charges each DP request to the owner's ledger.
 
 A task that trains on private data states its privacy cost in its payload (``"dp"``: clip,
-noise multiplier, sample rate, steps, level). The owner's guard charges that cost to a
-ledger kept in the node's own state and declines the task (PrivacyBudgetExceeded) when it
-would overspend; the coordinator only learns that the node declined. A guarded task that
-states no DP cost is declined too: without noise its privacy loss is unbounded.
+noise multiplier, sample rate, steps, level). The owner's guard charges that cost to the
+ledger in the node's state (``ctx.node_state``: durable with ``shoal node --state``) before
+the task runs, so before anything leaves, and declines the task (PrivacyBudgetExceeded) when
+it would overspend; the coordinator only learns that the node declined. A guarded task that
+states no DP cost is declined too: without noise its privacy loss is unbounded. A request
+id charged once is refused the second time (a replay), and the task's result is bound to
+the noise the charge assumed: the node releases its noised fields with no less.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from shoal.errors import ConfigError, PrivacyBudgetExceeded
+from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused
 from shoal.privacy.accounting import Accountant
 from shoal.privacy.budget import NodeBudget
 
@@ -138,15 +141,50 @@ def budget_guard(
                 f"task {task!r} declares no differential privacy, and this node's owner "
                 f"limits it to epsilon {max_epsilon}; run the job with a [privacy] table"
             )
-        budget = ctx.state.get(BUDGET_STATE)
-        if budget is None:
+        state = ctx.node_state
+        if state.charged(ctx.task_id):
+            raise ReleaseRefused(
+                f"request {ctx.task_id!r} was charged to this node's privacy ledger already; "
+                "the node does not run a charged request twice"
+            )
+        budget = state.cache.get(BUDGET_STATE)
+        if budget is None:  # rebuilt from the durable ledger: a restart forgets nothing
             budget = NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)
-            ctx.state[BUDGET_STATE] = budget
+            for past in state.charges():
+                budget.ledger.record(
+                    sample_rate=float(past["sample_rate"]),
+                    noise_multiplier=float(past["noise_multiplier"]),
+                    steps=int(past["steps"]),
+                )
+            state.cache[BUDGET_STATE] = budget
         rate = request.sample_rate
         if request.level == "node" and not trust_server_sampling:
             rate = 1.0
-        budget.charge(
+        budget.check(
             sample_rate=rate, noise_multiplier=request.noise_multiplier, steps=request.steps
+        )
+        # On disk before the task runs, so before any result of it can leave the node.
+        state.charge(
+            task_id=ctx.task_id,
+            task=task,
+            charge={
+                "sample_rate": rate,
+                "noise_multiplier": request.noise_multiplier,
+                "steps": request.steps,
+                "clip": request.clip,
+                "level": request.level,
+                "node_noise_multiplier": request.node_noise_multiplier,
+            },
+        )
+        budget.ledger.record(
+            sample_rate=rate, noise_multiplier=request.noise_multiplier, steps=request.steps
+        )
+        share = request.node_noise_multiplier
+        multiplier = request.noise_multiplier if share is None else share
+        # Example level: DP-SGD adds the noise inside the task. Node level: the node adds
+        # its share when the update leaves, and refuses a release with less.
+        ctx.bind_noise(
+            clip=request.clip, std=request.clip * multiplier, applied=request.level == "example"
         )
 
     return guard

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["GENESIS", "AuditEntry", "ChainReport", "MemoryAuditLog", "entry_hash", "verify_chain"]
+__all__ = [
+    "GENESIS",
+    "AuditEntry",
+    "AuditTrail",
+    "ChainReport",
+    "MemoryAuditLog",
+    "entry_hash",
+    "verify_chain",
+]
 
 GENESIS = "0" * 64  # the "previous hash" of the first entry
 
@@ -22,9 +31,20 @@ def canonical(detail: Mapping[str, Any]) -> str:
     return json.dumps(detail, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def entry_hash(prev: str, seq: int, ts: float, actor: str, action: str, detail: str) -> str:
+def entry_hash(
+    prev: str,
+    seq: int,
+    ts: float,
+    actor: str,
+    action: str,
+    detail: str,
+    run_id: str | None = None,
+) -> str:
     """SHA-256 over the previous hash and every field of the entry (``detail`` as stored)."""
-    text = json.dumps([prev, seq, ts, actor, action, detail], separators=(",", ":"))
+    fields: list[Any] = [prev, seq, ts, actor, action, detail]
+    if run_id is not None:
+        fields.append(run_id)
+    text = json.dumps(fields, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -39,6 +59,7 @@ class AuditEntry:
     detail: Mapping[str, Any]
     prev: str
     hash: str
+    run_id: str | None = None
     detail_text: str = field(default="", repr=False, compare=False)
 
     @property
@@ -79,9 +100,10 @@ def verify_chain(
                 "or reordered entries)"
             )
         text = entry.detail_text or canonical(entry.detail)
-        if entry_hash(entry.prev, entry.seq, entry.ts, entry.actor, entry.action, text) != (
-            entry.hash
-        ):
+        digest = entry_hash(
+            entry.prev, entry.seq, entry.ts, entry.actor, entry.action, text, entry.run_id
+        )
+        if digest != entry.hash:
             problems.append(f"entry {entry.seq}: its content does not match its hash (edited)")
         prev, last_seq = entry.hash, entry.seq
     if expected_last_seq is not None and expected_last_seq > last_seq:
@@ -92,6 +114,15 @@ def verify_chain(
     return ChainReport(entries=count, head=prev, problems=tuple(problems))
 
 
+class AuditTrail(Protocol):
+    """Where a coordinator records what it did: in memory, or the Store's durable chain."""
+
+    def record(self, action: str, detail: Mapping[str, Any]) -> AuditEntry: ...
+
+    @property
+    def entries(self) -> Sequence[AuditEntry]: ...
+
+
 class MemoryAuditLog:
     """An in-memory chain (simulation, tests): the same entries a durable log holds."""
 
@@ -99,9 +130,10 @@ class MemoryAuditLog:
         self.actor = actor
         self._entries: list[AuditEntry] = []
 
-    def append(self, action: str, detail: Mapping[str, Any], *, ts: float) -> AuditEntry:
+    def record(self, action: str, detail: Mapping[str, Any]) -> AuditEntry:
         prev = self._entries[-1].hash if self._entries else GENESIS
         seq = len(self._entries) + 1
+        ts = time.time()
         text = canonical(detail)
         entry = AuditEntry(
             seq=seq,
@@ -117,7 +149,7 @@ class MemoryAuditLog:
         return entry
 
     @property
-    def entries(self) -> tuple[AuditEntry, ...]:
+    def entries(self) -> Sequence[AuditEntry]:
         return tuple(self._entries)
 
     def verify(self) -> ChainReport:

@@ -36,6 +36,7 @@ from shoal.runtime.engine import (
     Reply,
     Task,
 )
+from shoal.runtime.nodestate import NODE_STATE_KEY, NodeStateFile
 from shoal.wire import decode
 
 __all__ = ["Faults", "LocalEngine"]
@@ -80,6 +81,8 @@ class LocalEngine:
 
     ``data`` is a sequence (node i gets ``data[i]``) or a factory ``f(node_id) -> data``
     called when a node needs its data; at most ``cache_size`` data sets are kept.
+    Each node's ledger and audit log live in memory, or in ``node_states`` (one SQLite file
+    for all virtual nodes) when given.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class LocalEngine:
         seed: int = 0,
         faults: Faults | None = None,
         cache_size: int = 256,
+        node_states: NodeStateFile | None = None,
     ) -> None:
         if nodes is None:
             if data is None or callable(data):
@@ -119,6 +123,7 @@ class LocalEngine:
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
         self._states: dict[str, dict[str, Any]] = {}
+        self._node_states = node_states
         self._lock = threading.Lock()
         self._dispatches = 0
         self._offline: set[str] = set()
@@ -141,7 +146,14 @@ class LocalEngine:
 
     def node_state(self, node_id: str) -> dict[str, Any]:
         """A node's persistent state (tests and debugging only: servers never see it)."""
-        return self._states.setdefault(node_id, {})
+        state = self._states.get(node_id)
+        return state if state is not None else self._new_state(node_id)
+
+    def _new_state(self, node_id: str) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self._node_states is not None:
+            state[NODE_STATE_KEY] = self._node_states.state(node_id)
+        return self._states.setdefault(node_id, state)
 
     def _node_data(self, node_id: str) -> Any:
         if self._data is None:
@@ -242,7 +254,7 @@ class LocalEngine:
         index = self._index[node_id]
         state = self._states.get(node_id)
         if state is None:
-            state = self._states[node_id] = {}
+            state = self._new_state(node_id)
         ctx = TaskContext(
             node_id=node_id,
             # Loaded on first use: runtime tasks (fetching a kept value) never need the data,

@@ -168,9 +168,11 @@ class NodeStateFile:
     refused with NodeStateError, never reset.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, owner: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, owner: str | None) -> None:
         self.path = Path(path)
-        self.owner = owner
+        self.owner = owner  # None: inspect the file (`shoal audit`), whoever's it is
+        if owner is None and not self.path.is_file():
+            raise NodeStateError(f"there is no node state file {str(self.path)!r}")
         self._lock = threading.RLock()
         self._states: dict[str, _FileNodeState] = {}
         try:
@@ -206,7 +208,7 @@ class NodeStateFile:
                 conn.execute(statement)
             conn.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [("format", FORMAT), ("owner", self.owner)],
+                [("format", FORMAT), ("owner", self.owner or "")],
             )
             conn.execute("COMMIT")
         elif app_id != NODE_APPLICATION_ID:
@@ -218,6 +220,9 @@ class NodeStateFile:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("format") != FORMAT:
             raise self._refuse(f"has format {meta.get('format')!r}, this shoal reads {FORMAT!r}")
+        if self.owner is None:
+            self.owner = meta.get("owner", "")
+            return  # inspecting: the caller verifies and reports
         if meta.get("owner") != self.owner:
             raise self._refuse(
                 f"belongs to {meta.get('owner')!r}, not to this node ({self.owner!r})"

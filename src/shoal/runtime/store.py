@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from shoal.errors import StoreError
-from shoal.runtime.store_schema import APPLICATION_ID, SCHEMA_STATEMENTS, SCHEMA_VERSION
+from shoal.runtime.audit import GENESIS, AuditEntry, ChainReport, entry_hash, verify_chain
+from shoal.runtime.store_schema import (
+    APPLICATION_ID,
+    MIGRATIONS,
+    SCHEMA_STATEMENTS,
+    SCHEMA_VERSION,
+)
 
 __all__ = [
     "PARTICIPANT_STATUSES",
@@ -40,6 +46,7 @@ __all__ = [
     "RoundRecord",
     "RunRecord",
     "Store",
+    "StoreTrail",
 ]
 
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
@@ -123,6 +130,8 @@ class AuditRecord:
     actor: str
     action: str
     detail: dict[str, Any]
+    prev: str = field(default="", repr=False)
+    hash: str = field(default="", repr=False)
 
 
 class Store:
@@ -222,7 +231,35 @@ class Store:
                 f"store {self.path!r} has schema version {version}, newer than the "
                 f"{SCHEMA_VERSION} this shoal understands; upgrade shoal to open it"
             )
-        # Older versions would be migrated here; version 1 is the first.
+        while version < SCHEMA_VERSION:
+            self._migrate(conn, version)
+            version += 1
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        """Bring a store of ``version`` to the next version, in one transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            if version == 1:  # link the entries already there into a chain
+                conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
+                prev = GENESIS
+                rows = conn.execute(
+                    "SELECT seq, ts, run_id, actor, action, detail FROM audit ORDER BY seq"
+                ).fetchall()
+                for seq, ts, run_id, actor, action, detail in rows:
+                    digest = entry_hash(prev, seq, ts, actor, action, detail, run_id)
+                    conn.execute("UPDATE audit SET prev=?, hash=? WHERE seq=?", (prev, digest, seq))
+                    prev = digest
+                for statement in SCHEMA_STATEMENTS:  # the trigger again
+                    if "audit_no_update" in statement:
+                        conn.execute(statement)
+            conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version + 1),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close the database; further calls raise StoreError. Closing twice is harmless."""
@@ -742,7 +779,8 @@ class Store:
         detail: Mapping[str, Any] | None = None,
         run_id: str | None = None,
     ) -> AuditRecord:
-        """Append an entry to the audit log (entries are never changed or removed)."""
+        """Append an entry to the audit log (never changed or removed; each entry holds the
+        hash of the one before, so `shoal audit verify --store` finds any tampering)."""
         actor = _text(actor, "actor")
         action = _text(action, "action")
         detail_json = _dumps_dict(detail if detail is not None else {}, "detail")
@@ -750,12 +788,18 @@ class Store:
         with self._tx(write=True) as conn:
             if run_id is not None:
                 self._run(conn, run_id)
-            cur = conn.execute(
-                "INSERT INTO audit (ts, run_id, actor, action, detail) VALUES (?, ?, ?, ?, ?)",
-                (now, run_id, actor, action, detail_json),
+            # Inside the write transaction: another process appending waits, so the chain
+            # never forks.
+            last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='audit'").fetchone()
+            seq = (int(last[0]) if last else 0) + 1
+            head = conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            prev = head[0] if head else GENESIS
+            digest = entry_hash(prev, seq, now, actor, action, detail_json, run_id)
+            conn.execute(
+                "INSERT INTO audit (seq, ts, run_id, actor, action, detail, prev, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, now, run_id, actor, action, detail_json, prev, digest),
             )
-            seq = cur.lastrowid
-        assert seq is not None
         return AuditRecord(
             seq=seq,
             ts=now,
@@ -763,20 +807,23 @@ class Store:
             actor=actor,
             action=action,
             detail=json.loads(detail_json),
+            prev=prev,
+            hash=digest,
         )
 
     def audit_log(self, run_id: str | None = None, *, limit: int = 100) -> list[AuditRecord]:
         """The newest ``limit`` entries (of one run, or all), returned oldest first."""
         limit = _positive(limit, "limit")
+        columns = "seq, ts, run_id, actor, action, detail, prev, hash"
         with self._tx(write=False) as conn:
             if run_id is None:
                 rows = conn.execute(
-                    "SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,)
+                    f"SELECT {columns} FROM audit ORDER BY seq DESC LIMIT ?", (limit,)
                 ).fetchall()
             else:
                 self._run(conn, run_id)
                 rows = conn.execute(
-                    "SELECT * FROM audit WHERE run_id=? ORDER BY seq DESC LIMIT ?",
+                    f"SELECT {columns} FROM audit WHERE run_id=? ORDER BY seq DESC LIMIT ?",
                     (run_id, limit),
                 ).fetchall()
         return [
@@ -787,9 +834,71 @@ class Store:
                 actor=actor,
                 action=action,
                 detail=json.loads(detail),
+                prev=prev,
+                hash=digest,
             )
-            for seq, ts, rid, actor, action, detail in reversed(rows)
+            for seq, ts, rid, actor, action, detail, prev, digest in reversed(rows)
         ]
+
+    def audit_trail(self, run_id: str | None = None, *, actor: str = "coordinator") -> StoreTrail:
+        """This store's audit chain as a Federation's trail (``Federation(audit=...)``)."""
+        return StoreTrail(store=self, run_id=run_id, actor=actor)
+
+    def verify_audit(self) -> ChainReport:
+        """Check the whole audit chain: edited, removed or reordered entries are reported."""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                "SELECT seq, ts, run_id, actor, action, detail, prev, hash FROM audit ORDER BY seq"
+            ).fetchall()
+            last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='audit'").fetchone()
+        entries = (
+            AuditEntry(
+                seq=int(seq),
+                ts=float(ts),
+                run_id=rid,
+                actor=str(actor),
+                action=str(action),
+                detail={},
+                prev=str(prev),
+                hash=str(digest),
+                detail_text=str(detail),
+            )
+            for seq, ts, rid, actor, action, detail, prev, digest in rows
+        )
+        return verify_chain(entries, expected_last_seq=int(last[0]) if last else 0)
+
+
+class StoreTrail:
+    """A Federation's audit trail written to the Store: one chain with everything else."""
+
+    def __init__(self, *, store: Store, run_id: str | None, actor: str) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.actor = actor
+
+    def record(self, action: str, detail: Mapping[str, Any]) -> AuditEntry:
+        record = self.store.audit(
+            actor=self.actor, action=action, detail=detail, run_id=self.run_id
+        )
+        return _entry_of(record)
+
+    @property
+    def entries(self) -> Sequence[AuditEntry]:
+        records = self.store.audit_log(self.run_id, limit=1_000_000)
+        return tuple(_entry_of(r) for r in records)
+
+
+def _entry_of(record: AuditRecord) -> AuditEntry:
+    return AuditEntry(
+        seq=record.seq,
+        ts=record.ts,
+        actor=record.actor,
+        action=record.action,
+        detail=record.detail,
+        prev=record.prev,
+        hash=record.hash,
+        run_id=record.run_id,
+    )
 
 
 # -- rows to records ---------------------------------------------------------------------------

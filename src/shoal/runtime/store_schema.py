@@ -6,9 +6,9 @@ a store written by a newer shoal is refused rather than misread.
 
 from __future__ import annotations
 
-__all__ = ["APPLICATION_ID", "SCHEMA_STATEMENTS", "SCHEMA_VERSION"]
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_STATEMENTS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Stamped into the SQLite header (PRAGMA application_id) so `file` and shoal can tell a shoal
 # store from some other SQLite database: the bytes spell "SHOL".
@@ -86,13 +86,17 @@ SCHEMA_STATEMENTS: tuple[str, ...] = (
         revoked_at REAL
     )""",
     # AUTOINCREMENT so a sequence number is never reused, even after the newest row is gone.
+    # Each entry holds the previous entry's hash and its own (runtime/audit.py): an edited,
+    # removed or reordered entry breaks the chain (`shoal audit verify --store`).
     """CREATE TABLE IF NOT EXISTS audit (
         seq    INTEGER PRIMARY KEY AUTOINCREMENT,
         ts     REAL NOT NULL,
         run_id TEXT REFERENCES runs (id),
         actor  TEXT NOT NULL,
         action TEXT NOT NULL,
-        detail TEXT NOT NULL
+        detail TEXT NOT NULL,
+        prev   TEXT NOT NULL DEFAULT '',
+        hash   TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX IF NOT EXISTS audit_by_run ON audit (run_id, seq)",
     # The audit log is append-only inside the database too, not just in the Python API.
@@ -101,3 +105,12 @@ SCHEMA_STATEMENTS: tuple[str, ...] = (
     """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
 )
+
+# version -> statements that bring a store of that version to the next one.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 1 -> 2: the audit log becomes a hash chain; store.py links the existing entries.
+    1: (
+        "ALTER TABLE audit ADD COLUMN prev TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE audit ADD COLUMN hash TEXT NOT NULL DEFAULT ''",
+    ),
+}

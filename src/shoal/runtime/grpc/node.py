@@ -63,6 +63,7 @@ from shoal.runtime.grpc.protocol import (
     chunk_frames,
     parse_coordinator_frame,
 )
+from shoal.runtime.nodestate import NODE_STATE_KEY, NodeState
 
 __all__ = ["Backoff", "NodeClient", "NodeExit"]
 
@@ -128,6 +129,8 @@ class NodeClient:
     for, so a deployment can repeat a simulation exactly. ``job_digest``, when given, must
     match the coordinator's job. ``lane=False`` keeps every byte on the gRPC stream even if
     the coordinator offers a bulk lane (for a network that lets only one port through).
+    ``node_state`` holds the owner's privacy ledger and the node's audit log (durable with
+    :func:`shoal.runtime.open_node_state`; in memory by default).
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class NodeClient:
         max_idle_s: float | None = None,
         seed: int | None = None,
         lane: bool = True,
+        node_state: NodeState | None = None,
     ) -> None:
         if tls is None and not insecure:
             raise ConfigError(
@@ -168,6 +172,9 @@ class NodeClient:
         self.lane_open = False  # whether the current session's bulk lane is up
         self.node_id: str | None = None
         self.state: dict[str, Any] = {}  # persists across tasks and reconnections
+        # The owner's ledger and audit log: durable when given (shoal node --state).
+        self.node_state = node_state if node_state is not None else NodeState()
+        self.state[NODE_STATE_KEY] = self.node_state
         self.tasks_done = 0
         self.sessions = 0
         self.detail = ""  # why the last session ended
@@ -559,6 +566,13 @@ class NodeClient:
         start = time.perf_counter()
         if payload is None:
             status, detail, result = pb.REJECTED, incoming.refusal, memoryview(b"")
+            self.node_state.audit(  # refused before its bytes were read (unknown, too big)
+                "refused",
+                task=header.name[:200],
+                task_id=header.task_id.split(":", 1)[-1][:200],
+                error="UnknownTask" if "no task named" in detail else "WireError",
+                reason=detail[:1000],
+            )
         else:
             status, detail, result = self._run_task(header, payload)
         self.tasks_done += 1

@@ -1,0 +1,68 @@
+"""`shoal audit verify|tail` on a coordinator's store and on a node's state file."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from shoal.cli.main import main
+from shoal.runtime import Store, open_node_state
+
+
+def node_state_file(path: Path) -> Path:
+    state = open_node_state(path, owner="key:abc")
+    state.charge(task_id="r1", charge={"noise_multiplier": 1.0, "steps": 1}, task="train")
+    state.audit("refused", task="shoal.fetch", reason="'delta' as secure")
+    state.close()
+    return path
+
+
+def store_file(path: Path) -> Path:
+    with Store(path) as store:
+        for i in range(3):
+            store.audit(actor="coordinator", action="request", detail={"i": i})
+    return path
+
+
+def unlock(path: Path, statement: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER audit_no_update")
+    conn.execute("DROP TRIGGER audit_no_delete")
+    conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("kind", ["store", "state"])
+def test_verify_passes_an_intact_chain_and_fails_a_tampered_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    path = (store_file if kind == "store" else node_state_file)(tmp_path / f"{kind}.db")
+    assert main(["audit", "verify", f"--{kind}", str(path)]) == 0
+    assert "chain intact" in capsys.readouterr().out
+    unlock(path, "DELETE FROM audit WHERE seq=1")
+    assert main(["audit", "verify", f"--{kind}", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "TAMPERED" in out and "does not link" in out
+
+
+def test_tail_shows_the_newest_entries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = node_state_file(tmp_path / "node.db")
+    assert main(["audit", "tail", "--state", str(state), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "refused" in out and "privacy.charge" not in out
+    store = store_file(tmp_path / "fl.db")
+    assert main(["audit", "tail", "--store", str(store)]) == 0
+    assert capsys.readouterr().out.count("request") == 3
+
+
+def test_missing_or_foreign_files_are_clear_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["audit", "verify", "--state", str(tmp_path / "nope.db")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    store = store_file(tmp_path / "fl.db")
+    assert main(["audit", "verify", "--state", str(store)]) == 2  # a store is not a node state
+    assert "not a shoal node state file" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""The owner's privacy ledger lives in the node's state: durable, replay-proof, noise-bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shoal.errors import PrivacyBudgetExceeded, ReleaseRefused
+from shoal.privacy import NodeBudget
+from shoal.privacy.guard import DPRequest, budget_guard
+from shoal.runtime import FETCH_TASK, NodeApp, TaskContext, open_node_state, read_held
+from shoal.runtime.nodestate import NODE_STATE_KEY
+from shoal.wire import decode, encode
+
+REQUEST = DPRequest(clip=1.0, noise_multiplier=1.0, sample_rate=1.0, steps=1, level="node")
+# Room for exactly three of these requests (each costs the same; composition is not linear).
+ONE = NodeBudget(max_epsilon=1e9, max_delta=1e-5)
+for _ in range(3):
+    ONE.charge(sample_rate=1.0, noise_multiplier=1.0, steps=1)
+THREE = ONE.spent()
+
+
+def make_app() -> NodeApp:
+    app = NodeApp()
+
+    @app.task("train", release={"delta": "noised", "n": "clear"})
+    def train(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"delta": np.full(4, 3.0), "n": 5}
+
+    app.add_guard(budget_guard(max_epsilon=THREE * 1.0001, max_delta=1e-5, tasks={"train"}))
+    return app
+
+
+def train(app: NodeApp, state: dict[str, Any], task_id: str, **dp: Any) -> Any:
+    ctx = TaskContext(node_id="n0", state=state, task_id=task_id)
+    request = {**REQUEST.to_json(), **dp}
+    return decode(app.handle(ctx, "train", encode({"dp": request}), keep_as=task_id)), ctx
+
+
+def test_spending_survives_a_restart_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    state = {NODE_STATE_KEY: open_node_state(path, owner="k")}
+    train(make_app(), state, "r1")
+    train(make_app(), state, "r2")
+    state[NODE_STATE_KEY].close()
+    # A new process: a new app, an empty task state, the same file.
+    again = {NODE_STATE_KEY: open_node_state(path, owner="k")}
+    app = make_app()
+    assert len(again[NODE_STATE_KEY].charges()) == 2
+    train(app, again, "r3")  # the third fits
+    with pytest.raises(PrivacyBudgetExceeded):  # the fourth would not: nothing was forgotten
+        train(app, again, "r4")
+    entries = again[NODE_STATE_KEY].entries
+    assert [e.action for e in entries] == ["privacy.charge"] * 3 + ["declined"]
+
+
+def test_a_replayed_request_spends_nothing_and_yields_nothing(tmp_path: Path) -> None:
+    app, state = make_app(), {NODE_STATE_KEY: open_node_state(tmp_path / "n.db", owner="k")}
+    train(app, state, "r1")
+    with pytest.raises(ReleaseRefused, match="charged to this node's privacy ledger already"):
+        train(app, state, "r1")
+    node = state[NODE_STATE_KEY]
+    assert len(node.charges()) == 1
+    assert node.cache["shoal.privacy.budget"].spent() == pytest.approx(ONE_SPENT)
+    assert [e.action for e in node.entries] == ["privacy.charge", "refused"]
+
+
+ONE_SPENT = (
+    NodeBudget(max_epsilon=1e9, max_delta=1e-5)
+    .charge(sample_rate=1.0, noise_multiplier=1.0, steps=1)
+    .total_epsilon
+)
+
+
+def test_the_release_must_carry_the_noise_the_charge_assumed() -> None:
+    app, state = make_app(), {}
+    _, ctx = train(app, state, "r1", node_noise_multiplier=0.5)  # its share: std 0.5 * clip 1
+    with pytest.raises(ReleaseRefused, match="less noise than it charged"):
+        read_held(ctx, "r1", ["delta"], use="secure", clip=1.0, noise_std=0.1)
+    with pytest.raises(ReleaseRefused, match="less noise than it charged"):
+        read_held(ctx, "r1", ["delta"], use="secure", clip=2.0, noise_std=0.5)
+    with pytest.raises(ReleaseRefused, match="with the clip and noise"):  # never plain
+        app.handle(ctx, FETCH_TASK, encode({"handle": "r1", "fields": ["delta", "n"]}))
+    got = read_held(ctx, "r1", ["delta"], use="secure", clip=1.0, noise_std=0.5)
+    assert got["delta"].shape == (4,)
+    with pytest.raises(ReleaseRefused, match="second noisy sample"):
+        read_held(ctx, "r1", ["delta"], use="secure", clip=1.0, noise_std=0.5)
