@@ -66,3 +66,20 @@ def test_missing_or_foreign_files_are_clear_errors(
     store = store_file(tmp_path / "fl.db")
     assert main(["audit", "verify", "--state", str(store)]) == 2  # a store is not a node state
     assert "not a shoal node state file" in capsys.readouterr().err
+
+
+def test_shoal_node_refuses_a_state_file_of_another_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('[data]\ndataset = "digits"\npartition = { nodes = 3 }\n')
+    assert main(["keys", "new", "--out", str(tmp_path / "n.key")]) == 0
+    state = node_state_file(tmp_path / "node.db")  # written for key:abc
+    before = state.read_bytes()
+    args = ["node", "--coordinator", "127.0.0.1:1", "--insecure", "--job", str(job)]
+    code = main(
+        [*args, "--key", str(tmp_path / "n.key"), "--partition", "0/3", "--state", str(state)]
+    )
+    assert code == 2
+    assert "belongs to 'key:abc'" in capsys.readouterr().err
+    assert state.read_bytes() == before
