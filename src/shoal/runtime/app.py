@@ -264,7 +264,48 @@ class NodeApp:
         task's own exception as text. Every refusal and decline goes into the node's audit log.
         """
         try:
-            return self._handle(ctx, name, payload, keep_as, decoded)
+            fn = self._tasks.get(name)
+            if fn is None:
+                raise UnknownTask(
+                    f"node {ctx.node_id!r} has no task named {name!r}; it runs only "
+                    f"{sorted(t for t in self._tasks if not t.startswith('shoal.'))}"
+                )
+            args = dict(decoded) if decoded is not None else decode(payload, limits=self.limits)
+            send = args.pop(SEND_KEY, None)  # a runtime instruction, not the task's argument
+            if send is not None and (
+                keep_as is None or type(send) is not list or any(type(f) is not str for f in send)
+            ):
+                raise WireError(
+                    f"{SEND_KEY!r} must list field names, with a value kept at the node"
+                )
+            for guard in self._guards:
+                guard(name, ctx, args)
+            try:
+                result = fn(ctx, args)
+            except (PrivacyBudgetExceeded, ShoalError):
+                raise
+            except Exception as exc:  # a task's bug must become a reported failure, not a crash
+                raise TaskError(f"task {name!r} raised {type(exc).__name__}: {exc}") from exc
+            if result is None:
+                result = {}
+            if type(result) is not dict and not isinstance(result, Mapping):
+                raise TaskError(
+                    f"task {name!r} returned {type(result).__name__}; tasks return a mapping of "
+                    "names to arrays or JSON values"
+                )
+            policy = self._policies[name]
+            if keep_as is None:
+                if not policy.all_clear:
+                    _check_clear(policy, tuple(result), ctx.noise, "a direct reply")
+                return self._encode(name, result)
+            receipt = _keep(ctx, keep_as, _Held(dict(result), policy, ctx.noise), self.max_kept)
+            if send:
+                fields = [f for f in send if f in result]
+                if not policy.all_clear:
+                    _check_clear(policy, tuple(fields), ctx.noise, f"{SEND_KEY} with the receipt")
+                for field in fields:
+                    receipt[SENT_PREFIX + field] = result[field]
+            return self._encode(name, receipt)
         except (ReleaseRefused, UnknownTask, WireError, PrivacyBudgetExceeded) as exc:
             action = "declined" if isinstance(exc, PrivacyBudgetExceeded) else "refused"
             ctx.node_state.audit(
@@ -275,54 +316,6 @@ class NodeApp:
                 reason=str(exc)[:1000],
             )
             raise
-
-    def _handle(
-        self,
-        ctx: TaskContext,
-        name: str,
-        payload: Buffer,
-        keep_as: str | None,
-        decoded: Mapping[str, Any] | None,
-    ) -> Buffer:
-        fn = self._tasks.get(name)
-        if fn is None:
-            raise UnknownTask(
-                f"node {ctx.node_id!r} has no task named {name!r}; it runs only "
-                f"{sorted(t for t in self._tasks if not t.startswith('shoal.'))}"
-            )
-        args = dict(decoded) if decoded is not None else decode(payload, limits=self.limits)
-        send = args.pop(SEND_KEY, None)  # a runtime instruction, not the task's argument
-        if send is not None and (
-            keep_as is None or type(send) is not list or any(type(f) is not str for f in send)
-        ):
-            raise WireError(f"{SEND_KEY!r} must list field names, with a value kept at the node")
-        for guard in self._guards:
-            guard(name, ctx, args)
-        try:
-            result = fn(ctx, args)
-        except (PrivacyBudgetExceeded, ShoalError):
-            raise
-        except Exception as exc:  # a task's bug must become a reported failure, not a crash
-            raise TaskError(f"task {name!r} raised {type(exc).__name__}: {exc}") from exc
-        if result is None:
-            result = {}
-        if type(result) is not dict and not isinstance(result, Mapping):
-            raise TaskError(
-                f"task {name!r} returned {type(result).__name__}; tasks return a mapping of "
-                "names to arrays or JSON values"
-            )
-        policy = self._policies[name]
-        if keep_as is None:
-            _check_clear(policy, tuple(result), ctx.noise, "a direct reply")
-            return self._encode(name, result)
-        held = _Held(dict(result), policy, ctx.noise)
-        receipt = _keep(ctx, keep_as, held, self.max_kept)
-        if send:
-            fields = tuple(f for f in send if f in result)
-            _check_clear(policy, fields, ctx.noise, f"{SEND_KEY} with the receipt")
-            for field in fields:
-                receipt[SENT_PREFIX + field] = result[field]
-        return self._encode(name, receipt)
 
     def _encode(self, name: str, result: Mapping[str, Any]) -> Buffer:
         try:
@@ -403,16 +396,20 @@ def read_held(
     ReleaseRefused (with the reason) or TaskError (no such value or field).
     """
     held = _held(ctx, handle)
-    names = tuple(fields)
-    missing = [f for f in names if f not in held.values]
-    if missing:
-        raise TaskError(f"value {handle!r} has no field(s) {missing}; it has {sorted(held.values)}")
+    values = held.values
+    try:
+        out = {f: values[f] for f in fields}
+    except KeyError:
+        missing = [f for f in fields if f not in values]
+        raise TaskError(
+            f"value {handle!r} has no field(s) {missing}; it has {sorted(values)}"
+        ) from None
     policy = held.policy
     if policy.all_clear:
-        return {f: held.values[f] for f in names}
+        return out
     refused: dict[str, str] = {}
     noised: list[str] = []
-    for name in names:
+    for name in out:
         release = policy.kind_of(name)
         kind = release.kind
         if kind == "clear":
@@ -434,7 +431,7 @@ def read_held(
         )
     if noised:
         _check_noise(ctx, held, handle, clip, noise_std)
-    return {f: held.values[f] for f in names}
+    return out
 
 
 def _check_noise(

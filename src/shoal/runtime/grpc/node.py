@@ -441,7 +441,10 @@ class NodeClient:
         refusal = ""
         if header.name not in self.app.task_names:
             registered = sorted(t for t in self.app.task_names if not t.startswith("shoal."))
-            refusal = f"node has no task named {header.name[:100]!r}; it runs only {registered}"
+            refusal = (  # the words NodeApp uses, so a simulation reads the same
+                f"node {self.node_id or ''!r} has no task named {header.name[:100]!r}; it runs "
+                f"only {registered}"
+            )
         elif header.size > self.app.limits.max_bytes:
             refusal = (
                 f"task payload of {header.size} bytes exceeds this node's limit of "
