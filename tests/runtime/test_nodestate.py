@@ -136,3 +136,29 @@ def test_one_file_holds_every_simulated_node_separately(tmp_path: Path) -> None:
         assert file.nodes() == ["n0", "n1"]
         assert len(file.state("n0").entries) == 4 and len(file.state("n1").entries) == 3
         assert file.verify().ok and file.verify().entries == 7
+
+
+def test_a_simulation_can_keep_every_nodes_state_in_one_file(tmp_path: Path) -> None:
+    from shoal.core import Federation
+    from shoal.privacy.guard import DPRequest, budget_guard
+    from shoal.runtime import LocalEngine, NodeApp
+
+    def build() -> NodeApp:
+        app = NodeApp()
+        app.register("train", lambda ctx, p: {"n": 1}, release={"n": "clear"})
+        app.add_guard(budget_guard(max_epsilon=100.0, max_delta=1e-5, tasks={"train"}))
+        return app
+
+    dp = DPRequest(clip=1.0, noise_multiplier=2.0, sample_rate=1.0, steps=1).to_json()
+    path = tmp_path / "sim.db"
+    with NodeStateFile(path, owner="simulation") as file:
+        fed = Federation(LocalEngine(build(), nodes=3, node_states=file))
+        for _ in range(2):
+            assert fed.all().map("train", dp=dp)["n"].sum() == 3
+    with NodeStateFile(path, owner="simulation") as file:  # a later simulation, same file
+        assert file.nodes() == ["n0", "n1", "n2"]
+        assert all(len(file.state(n).charges()) == 2 for n in file.nodes())
+        fed = Federation(LocalEngine(build(), nodes=3, node_states=file))
+        fed.all().map("train", dp=dp)
+        assert all(len(file.state(n).charges()) == 3 for n in file.nodes())
+        assert file.verify().ok

@@ -24,6 +24,7 @@ from shoal.analytics.source import Database
 from shoal.analytics.stats import blocks_for, flatten, laplace_scales, scales
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, QueryError, TaskError
 from shoal.privacy import NodeBudget, PrivacyLedger
+from shoal.privacy.guard import charge_owner, owner_budget
 
 __all__ = [
     "KEYS_TASK",
@@ -41,7 +42,6 @@ KEYS_TASK = "shoal.analytics.keys"
 # every coordinate lies in [-1, 1]; the range leaves room for the node's noise share.
 VALUE_RANGE = 2.0
 SPLIT_BITS = 26
-BUDGET_STATE = "shoal.privacy.budget"  # the owner's ledger, shared with training tasks
 LEDGER_STATE = "shoal.analytics.ledger"  # spend recorded when the owner set no maximum
 
 
@@ -119,12 +119,17 @@ def _charge(ctx: Any, policy: NodePolicy, privacy: Mapping[str, Any] | None) -> 
             "added by the coordinator after the sum: use mode = 'distributed'"
         )
     if policy.max_epsilon is not None:
-        budget = ctx.state.get(BUDGET_STATE)
-        if budget is None:
-            budget = ctx.state[BUDGET_STATE] = NodeBudget(
-                max_epsilon=policy.max_epsilon, max_delta=policy.max_delta
-            )
-        budget.charge(sample_rate=1.0, noise_multiplier=1.0 / epsilon, steps=1, mechanism="laplace")
+        # The owner's one ledger, shared with training and durable with a node state file.
+        budget = owner_budget(ctx, max_epsilon=policy.max_epsilon, max_delta=policy.max_delta)
+        charge_owner(
+            ctx,
+            budget,
+            task="analytics",
+            sample_rate=1.0,
+            noise_multiplier=1.0 / epsilon,
+            steps=1,
+            mechanism="laplace",
+        )
     else:
         ledger = ctx.state.setdefault(LEDGER_STATE, PrivacyLedger())
         ledger.record(sample_rate=1.0, noise_multiplier=1.0 / epsilon, mechanism="laplace")

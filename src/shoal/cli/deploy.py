@@ -610,6 +610,13 @@ def _node(args: argparse.Namespace) -> int:
             budget_guard(max_epsilon=args.max_epsilon, max_delta=args.max_delta, tasks={TRAIN})
         )
     node_state = None
+    if args.max_epsilon is not None and not args.state:
+        print(
+            "shoal node: warning: --max-epsilon without --state keeps the privacy ledger in "
+            "memory; a restart starts again from epsilon 0 (give --state node.db)",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.state:
         from shoal.runtime import open_node_state
 

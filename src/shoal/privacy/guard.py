@@ -19,10 +19,10 @@ from typing import Any, Literal
 import numpy as np
 
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused
-from shoal.privacy.accounting import Accountant
+from shoal.privacy.accounting import Accountant, Mechanism
 from shoal.privacy.budget import NodeBudget
 
-__all__ = ["DP_KEY", "DPRequest", "LocalDP", "budget_guard"]
+__all__ = ["DP_KEY", "DPRequest", "LocalDP", "budget_guard", "charge_owner", "owner_budget"]
 
 DP_KEY = "dp"
 BUDGET_STATE = "shoal.privacy.budget"
@@ -141,43 +141,22 @@ def budget_guard(
                 f"task {task!r} declares no differential privacy, and this node's owner "
                 f"limits it to epsilon {max_epsilon}; run the job with a [privacy] table"
             )
-        state = ctx.node_state
-        if state.charged(ctx.task_id):
-            raise ReleaseRefused(
-                f"request {ctx.task_id!r} was charged to this node's privacy ledger already; "
-                "the node does not run a charged request twice"
-            )
-        budget = state.cache.get(BUDGET_STATE)
-        if budget is None:  # rebuilt from the durable ledger: a restart forgets nothing
-            budget = NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)
-            for past in state.charges():
-                budget.ledger.record(
-                    sample_rate=float(past["sample_rate"]),
-                    noise_multiplier=float(past["noise_multiplier"]),
-                    steps=int(past["steps"]),
-                )
-            state.cache[BUDGET_STATE] = budget
+        budget = owner_budget(
+            ctx, max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant
+        )
         rate = request.sample_rate
         if request.level == "node" and not trust_server_sampling:
             rate = 1.0
-        budget.check(
-            sample_rate=rate, noise_multiplier=request.noise_multiplier, steps=request.steps
-        )
-        # On disk before the task runs, so before any result of it can leave the node.
-        state.charge(
-            task_id=ctx.task_id,
+        charge_owner(
+            ctx,
+            budget,
             task=task,
-            charge={
-                "sample_rate": rate,
-                "noise_multiplier": request.noise_multiplier,
-                "steps": request.steps,
-                "clip": request.clip,
-                "level": request.level,
-                "node_noise_multiplier": request.node_noise_multiplier,
-            },
-        )
-        budget.ledger.record(
-            sample_rate=rate, noise_multiplier=request.noise_multiplier, steps=request.steps
+            sample_rate=rate,
+            noise_multiplier=request.noise_multiplier,
+            steps=request.steps,
+            clip=request.clip,
+            level=request.level,
+            node_noise_multiplier=request.node_noise_multiplier,
         )
         share = request.node_noise_multiplier
         multiplier = request.noise_multiplier if share is None else share
@@ -188,6 +167,65 @@ def budget_guard(
         )
 
     return guard
+
+
+def owner_budget(
+    ctx: Any, *, max_epsilon: float, max_delta: float, accountant: Accountant = "rdp"
+) -> NodeBudget:
+    """The owner's budget at this node, rebuilt once from the durable ledger in
+    ``ctx.node_state`` (so a restart forgets nothing) and shared by every task that charges."""
+    state = ctx.node_state
+    budget: NodeBudget | None = state.cache.get(BUDGET_STATE)
+    if budget is None:
+        budget = NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)
+        for past in state.charges():
+            budget.ledger.record(
+                sample_rate=float(past["sample_rate"]),
+                noise_multiplier=float(past["noise_multiplier"]),
+                steps=int(past["steps"]),
+                mechanism=past.get("mechanism", "gaussian"),
+            )
+        state.cache[BUDGET_STATE] = budget
+    return budget
+
+
+def charge_owner(
+    ctx: Any,
+    budget: NodeBudget,
+    *,
+    task: str,
+    sample_rate: float,
+    noise_multiplier: float,
+    steps: int,
+    mechanism: Mechanism = "gaussian",
+    **detail: Any,
+) -> None:
+    """Charge request ``ctx.task_id`` to the owner's ledger: refused if it was charged before
+    (a replay), declined (PrivacyBudgetExceeded) if it would overspend, and written to the
+    node's state (on disk with a state file) before the task's result can leave."""
+    state = ctx.node_state
+    if state.charged(ctx.task_id):
+        raise ReleaseRefused(
+            f"request {ctx.task_id!r} was charged to this node's privacy ledger already; "
+            "the node does not run a charged request twice"
+        )
+    budget.check(
+        sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, mechanism=mechanism
+    )
+    state.charge(
+        task_id=ctx.task_id,
+        task=task,
+        charge={
+            "sample_rate": sample_rate,
+            "noise_multiplier": noise_multiplier,
+            "steps": steps,
+            "mechanism": mechanism,
+            **detail,
+        },
+    )
+    budget.ledger.record(
+        sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, mechanism=mechanism
+    )
 
 
 def _optional_float(value: Any) -> float | None:
