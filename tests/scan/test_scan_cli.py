@@ -75,3 +75,17 @@ def test_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["scan", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_limits_from_the_command_line(tmp_path, capsys):
+    import bz2
+
+    bomb = tmp_path / "bomb.pkl.bz2"
+    bomb.write_bytes(
+        bz2.compress(b"\x80\x04\x8e" + (32 << 20).to_bytes(8, "little") + bytes(32 << 20) + b".")
+    )
+    assert main(["scan", "--format", "json", "--max-ratio", "10", str(bomb)]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert any("expands more than 10 times" in f["detail"] for f in doc["files"][0]["findings"])
+    assert main(["scan", "--max-seconds", "0", str(bomb)]) == 2
+    assert "max_seconds must be positive" in capsys.readouterr().err

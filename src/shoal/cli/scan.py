@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from shoal.errors import ConfigError
 from shoal.scan import FileReport, MissingPath, ScanLimits, Severity, scan_paths
 
 __all__ = ["register", "run"]
@@ -17,6 +18,7 @@ examples:
   shoal scan models/ --format json         every file under a folder, as JSON
   shoal scan a.pkl b.joblib c.npz          several files
   shoal scan model.keras --max-depth 2     limit archive nesting
+  shoal scan big.joblib --max-seconds 600  a larger time budget (every limit: docs/scan.md)
 
 exit codes:
   0  nothing at medium or above      1  something medium, high or critical
@@ -53,15 +55,41 @@ def register(subparsers: Any) -> None:
         default=ScanLimits().max_depth,
         help="how deep to open nested archives and compressed streams (default %(default)s)",
     )
+    defaults = ScanLimits()
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=defaults.max_seconds,
+        help="time budget per file (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-decompressed-mb",
+        type=int,
+        default=defaults.max_total_bytes >> 20,
+        help="decompressed MiB one file may expand to (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-ratio",
+        type=int,
+        default=defaults.max_ratio,
+        help="largest decompression ratio once a stream passes 16 MiB (default %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_depth < 1:
-        print("shoal scan: error: --max-depth must be at least 1", file=sys.stderr)
+    try:
+        limits = ScanLimits(
+            max_depth=args.max_depth,
+            max_seconds=args.max_seconds,
+            max_total_bytes=args.max_decompressed_mb << 20,
+            max_ratio=args.max_ratio,
+        )
+    except ConfigError as exc:
+        print(f"shoal scan: error: {exc}", file=sys.stderr)
         return 2
     try:
-        reports = scan_paths(args.paths, limits=ScanLimits(max_depth=args.max_depth))
+        reports = scan_paths(args.paths, limits=limits)
     except MissingPath as exc:
         print(f"shoal scan: error: {exc}", file=sys.stderr)
         return 2
