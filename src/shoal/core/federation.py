@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from shoal.core.roles import Roles
 from shoal.core.values import FieldSpec, NodeValues
 from shoal.errors import ConfigError, NotEnoughNodes, ShoalError, WireError
 from shoal.runtime import SEND_KEY, SENT_PREFIX, Engine, Failure, FailureKind, Task
@@ -52,6 +53,7 @@ class Federation:
         deadline_s: float = 600.0,
         seed: int | None = None,
         audit: AuditTrail | None = None,
+        roles: Mapping[str, Sequence[str] | str] | Roles | None = None,
     ) -> None:
         if min_nodes < 1:
             raise ConfigError(f"min_nodes must be at least 1, got {min_nodes}")
@@ -67,6 +69,9 @@ class Federation:
         # not reuse the ids of its previous life.
         self._token = secrets.token_hex(6)
         self.trail: AuditTrail = audit if audit is not None else MemoryAuditLog()
+        # Roles of a multi-party job (guest, host, arbiter, ...), assigned by the job.
+        self.roles: Roles | None = Roles.of(roles) if roles is not None else None
+        self.routed_bytes = 0  # bytes relayed by values.to (per destination node)
 
     @property
     def node_ids(self) -> tuple[str, ...]:
@@ -80,6 +85,28 @@ class Federation:
     def audit_log(self) -> tuple[AuditEntry, ...]:
         """The trail's entries, oldest first."""
         return tuple(self.trail.entries)
+
+    def role(self, name: str) -> NodeGroup:
+        """The NodeGroup of every node playing role ``name``; all must be connected."""
+        if self.roles is None:
+            raise ConfigError("this federation has no roles; pass Federation(roles={...})")
+        nodes = self.roles.nodes(name)
+        online = set(self.node_ids)
+        missing = [n for n in nodes if n not in online]
+        if missing:
+            raise NotEnoughNodes(f"role {name!r}: node(s) {missing} are not connected")
+        return NodeGroup(self, nodes)
+
+    def role_of_group(self, group: NodeGroup) -> str:
+        """The one role every node of ``group`` plays (routing targets a single role)."""
+        if self.roles is None:
+            raise ConfigError("routing needs roles; pass Federation(roles={...})")
+        found = {self.roles.role_of(n) for n in group.node_ids}
+        if len(found) != 1 or None in found:
+            raise ConfigError(
+                f"a routing target must be nodes of one role; these play {sorted(map(str, found))}"
+            )
+        return next(iter(found))  # type: ignore[return-value]
 
     def all(self) -> NodeGroup:
         return NodeGroup(self, self.node_ids)

@@ -20,7 +20,7 @@ from shoal.runtime import FETCH_TASK, Failure, FailureKind
 
 if TYPE_CHECKING:
     from shoal.core.aggregator import Aggregator
-    from shoal.core.federation import Federation
+    from shoal.core.federation import Federation, NodeGroup
 
 __all__ = ["FieldSpec", "Gathered", "Layout", "NodeValues", "unflatten"]
 
@@ -186,6 +186,34 @@ class NodeValues:
             fields=self._fields,
             exclusions=self._exclusions,
             sent=self._sent,
+        )
+
+    def to(
+        self,
+        group: NodeGroup,
+        *,
+        task: str,
+        min_nodes: int | None = None,
+        deadline_s: float | None = None,
+        send: Sequence[str] = (),
+        **values: Any,
+    ) -> NodeValues:
+        """Move these (sealed) fields from their holders to ``task`` at ``group``'s nodes.
+
+        Holders release only fields whose policy is ``sealed`` for the group's role; the
+        coordinator relays the bytes and audits the move. The task reads them with
+        :func:`shoal.core.routing.received`; its results stay at the destination.
+        """
+        from shoal.core.routing import route  # local import: routing imports this module
+
+        return route(
+            self,
+            group,
+            task=task,
+            min_nodes=min_nodes,
+            deadline_s=deadline_s,
+            send=send,
+            **values,
         )
 
     # -- aggregates ---------------------------------------------------------------------
