@@ -207,6 +207,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     coord.add_argument("--json", metavar="PATH", help="write a JSON summary to PATH")
     coord.add_argument(
+        "--insecure-test-keys",
+        action="store_true",
+        help="vertical jobs: allow Paillier keys under 2048 bits (tests only)",
+    )
+    coord.add_argument(
         "--heartbeat", type=positive_float, default=5.0, metavar="S", help="node heartbeat period"
     )
     coord.add_argument("--quiet", action="store_true", help="no per-round output")
@@ -229,7 +234,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the coordinator's job file (model and hyper-parameters; checked against the "
         "coordinator's)",
     )
-    source = node.add_mutually_exclusive_group(required=True)
+    # required for row-partitioned jobs (checked in _node); a vertical party's CSV comes
+    # from its job file, and the arbiter holds no data
+    source = node.add_mutually_exclusive_group()
     source.add_argument(
         "--partition", metavar="I/N", help="use slice I of N of the job's data set (testing)"
     )
@@ -250,6 +257,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-idle", type=positive_float, metavar="S", help="exit after S s without a task"
     )
     node.add_argument("--backoff", type=positive_float, default=0.5, metavar="S")
+    node.add_argument(
+        "--party", help="vertical jobs: this node's party (default: the key file's name)"
+    )
+    node.add_argument(
+        "--insecure-test-keys",
+        action="store_true",
+        help="vertical jobs: allow Paillier keys under 2048 bits (tests only)",
+    )
     node.add_argument("--backoff-max", type=positive_float, default=30.0, metavar="S")
     node.add_argument(
         "--max-epsilon",
@@ -396,6 +411,10 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
+    from shoal.cli.vertical import coordinate_vertical, is_vertical
+
+    if is_vertical(args.job):  # parties holding columns, not rows: their own protocol
+        return coordinate_vertical(args)
     job = load_job(args.job)
     if args.insecure:
         print(INSECURE_WARNING.format(peer="node side"), file=sys.stderr, flush=True)
@@ -574,6 +593,12 @@ def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None,
 
 
 def _node(args: argparse.Namespace) -> int:
+    from shoal.cli.vertical import is_vertical, serve_party
+
+    if is_vertical(args.job):
+        return serve_party(args)
+    if not args.partition and not args.data:
+        raise ConfigError("give --partition I/N (slice of the job's data set) or --data FILE")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

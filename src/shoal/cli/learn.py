@@ -85,6 +85,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument("job", help="path to a job file (TOML)")
     run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
+    run.add_argument(
+        "--insecure-test-keys",
+        action="store_true",
+        help="vertical jobs: allow Paillier keys under 2048 bits (tests only)",
+    )
     _common(run)
     run.set_defaults(func=_run_job)
 
@@ -126,6 +131,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_job(args: argparse.Namespace) -> int:
+    from shoal.cli.vertical import is_vertical, run_vertical
+
+    if is_vertical(args.job):  # a [vertical] job: parties with their own columns
+        return run_vertical(args)
     return _execute(load_job(args.job), args, resume=args.resume)
 
 

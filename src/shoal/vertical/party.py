@@ -1,0 +1,108 @@
+"""A vertical party's own table: ids, numeric feature columns and (guest only) the label.
+
+Loaded from a CSV at the party; bad tables are refused before any protocol starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shoal.errors import DataError
+
+__all__ = ["PartyData"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartyData:
+    """Rows keyed by ``ids``; ``y`` is set only at the guest (the label holder)."""
+
+    ids: tuple[str, ...]
+    x: np.ndarray
+    columns: tuple[str, ...]
+    y: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2 or self.x.shape[0] != len(self.ids):
+            raise DataError(f"{len(self.ids)} ids but features of shape {self.x.shape}")
+        if len(set(self.ids)) != len(self.ids):
+            seen: set[str] = set()
+            dup = next(i for i in self.ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+            raise DataError(f"duplicate id {dup!r}: each row needs its own id to align records")
+        if not np.all(np.isfinite(self.x)):
+            raise DataError("features hold NaN or infinite values; impute them first")
+        if self.y is not None and len(self.y) != len(self.ids):
+            raise DataError("the label column does not match the rows")
+
+    @classmethod
+    def from_columns(
+        cls,
+        ids: Sequence[object],
+        x: np.ndarray,
+        *,
+        columns: Sequence[str] | None = None,
+        y: np.ndarray | None = None,
+    ) -> PartyData:
+        x = np.asarray(x, dtype=np.float64)
+        names = tuple(columns) if columns is not None else tuple(f"x{i}" for i in range(x.shape[1]))
+        return cls(
+            ids=tuple(str(i) for i in ids),
+            x=x,
+            columns=names,
+            y=None if y is None else np.asarray(y, dtype=np.float64),
+        )
+
+    @classmethod
+    def from_csv(cls, path: str | Path, *, id_column: str, label: str | None = None) -> PartyData:
+        """Read a party's CSV: the id column, the label (guest) and numeric features."""
+        path = Path(path)
+        try:
+            with path.open(newline="") as fh:
+                rows = list(csv.reader(fh))
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+        if not rows:
+            raise DataError(f"{path} is empty")
+        header, body = rows[0], rows[1:]
+        if id_column not in header:
+            raise DataError(f"{path} has no id column {id_column!r}; columns: {header[:10]}")
+        if label is not None and label not in header:
+            raise DataError(f"{path} has no label column {label!r}")
+        id_at = header.index(id_column)
+        label_at = header.index(label) if label is not None else None
+        feat = [i for i in range(len(header)) if i not in (id_at, label_at)]
+        if not feat:
+            raise DataError(f"{path} has no feature columns besides the id and label")
+        x = np.empty((len(body), len(feat)))
+        y = np.empty(len(body)) if label_at is not None else None
+        for r, row in enumerate(body):
+            if len(row) != len(header):
+                raise DataError(f"{path}: row {r + 2} has {len(row)} fields, not {len(header)}")
+            for c, i in enumerate(feat):
+                x[r, c] = _number(row[i], path, header[i], r)
+            if y is not None and label_at is not None:
+                y[r] = _number(row[label_at], path, header[label_at], r)
+        return cls(
+            ids=tuple(row[id_at] for row in body),
+            x=x,
+            columns=tuple(header[i] for i in feat),
+            y=y,
+        )
+
+
+def _number(text: str, path: Path, column: str, row: int) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(
+            f"{path}: column {column!r} is not numeric (row {row + 2}: {text[:20]!r}); "
+            "encode categories as numbers before a vertical job"
+        ) from None
+    if not math.isfinite(value):
+        raise DataError(f"{path}: column {column!r} holds {text!r} at row {row + 2}")
+    return value

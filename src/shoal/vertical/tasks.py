@@ -1,0 +1,357 @@
+"""Node-side tasks of hetero linear models, per role, each with its release policy.
+
+Guest: labels and its own columns (plus the intercept). Host: its own columns. Arbiter:
+only the Paillier key. Every value that leaves a party is a Paillier ciphertext under a key
+the coordinator does not hold or a vector masked uniformly mod n (``sealed`` to the role
+that may receive it); only public keys, the intersection size and aggregate metrics are
+``clear``. Party state (weights, masks, keys) lives in ``ctx.state`` and never leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shoal.core.routing import received
+from shoal.crypto import paillier as P
+from shoal.crypto.psi import PsiParty
+from shoal.errors import ConfigError, DataError, ProtocolError
+from shoal.runtime import TaskContext, TaskSpec
+from shoal.vertical.model import MODELS, evaluate, held_out_rows, prepare
+from shoal.vertical.party import PartyData
+
+__all__ = ["F_ENC", "F_SLOPE", "F_X", "vertical_tasks"]
+
+F_ENC = 32  # fractional bits of encrypted scores and residual parts
+F_SLOPE = 8  # the residual's slope (1/4 or 1) is exact at 8 bits
+F_X = 32  # fractional bits of features (divided by the batch size) in X^T d
+
+_STATE = "shoal.vertical"
+
+
+def _st(ctx: TaskContext) -> dict[str, Any]:
+    st: dict[str, Any] = ctx.state.setdefault(_STATE, {})
+    return st
+
+
+def _data(ctx: TaskContext) -> PartyData:
+    data = ctx.data
+    if not isinstance(data, PartyData):
+        raise ConfigError(f"node {ctx.node_id!r} holds no vertical party table")
+    return data
+
+
+def _vec_out(prefix: str, vec: P.EncryptedVector) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in vec.to_payload().items()}
+
+
+def _vec_in(pk: P.PublicKey, prefix: str, fields: dict[str, Any]) -> P.EncryptedVector:
+    return P.EncryptedVector.from_payload(
+        pk, {k: fields[f"{prefix}.{k}"] for k in ("ct", "shape", "frac_bits")}
+    )
+
+
+def _routed_vec(pk: P.PublicKey, payload: dict[str, Any], prefix: str) -> list[P.EncryptedVector]:
+    parts = {k: received(payload, f"{prefix}.{k}") for k in ("ct", "shape", "frac_bits")}
+    return [
+        P.EncryptedVector.from_payload(pk, {k: parts[k][src] for k in parts}) for src in parts["ct"]
+    ]
+
+
+def _pool(st: dict[str, Any], pk: P.PublicKey, need: int) -> P.RandomnessPool:
+    pools: dict[bytes, P.RandomnessPool] = st.setdefault("pools", {})
+    key = pk.to_bytes()
+    if key not in pools:
+        own = st.get("sk")
+        pools[key] = P.RandomnessPool(
+            public_key=pk, private_key=own if own is not None and own.public_key == pk else None
+        )
+    pool = pools[key]
+    if len(pool) < need:
+        pool.refill(need - len(pool))
+    return pool
+
+
+# -- private set intersection ------------------------------------------------------------
+
+
+def psi_start(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    salt = bytes(np.asarray(payload["salt"], dtype=np.uint8))
+    st = _st(ctx)
+    st["psi"] = PsiParty(ids=_data(ctx).ids, salt=salt)
+    st["psi_full"] = {}
+    return {"points": st["psi"].blind_own()}
+
+
+def psi_blind(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Add our blinding to another party's points; keep a copy if the set is now complete."""
+    st = _st(ctx)
+    (points,) = received(payload, "points").values()
+    out = st["psi"].blind(points)
+    if payload.get("final"):
+        st["psi_full"][str(payload["owner"])] = out
+    return {"points": out}
+
+
+def psi_collect(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    (points,) = received(payload, "points").values()
+    _st(ctx)["psi_full"][str(payload["owner"])] = np.array(points)
+    return {}
+
+
+def psi_finish(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    full = st["psi_full"]
+    owners = payload["parties"]
+    if sorted(full) != sorted(owners):
+        raise ProtocolError(f"missing fully blinded sets: have {sorted(full)}, need {owners}")
+    result = st["psi"].intersect(full[ctx.node_id], [full[o] for o in owners if o != ctx.node_id])
+    # Every party holds the same intersection ids, so sorting them gives one order that
+    # does not depend on the session's keys (runs are reproducible) and reveals nothing.
+    ids = _data(ctx).ids
+    st["rows"] = np.array(sorted(result.rows.tolist(), key=lambda i: ids[i]), dtype=np.int64)
+    del st["psi"]
+    return {"size": int(result.size)}
+
+
+# -- setup ------------------------------------------------------------------------------
+
+
+def setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Align, split, standardize, init weights, make this party's Paillier key."""
+    st = _st(ctx)
+    data = _data(ctx)
+    rows = st.get("rows")
+    if rows is None:
+        raise ProtocolError("run the record alignment (PSI) before setup")
+    role = str(payload["role"])
+    if role == "host" and data.y is not None:
+        raise DataError("a host holds a label column; only the guest may hold labels")
+    if role == "guest" and data.y is None:
+        raise DataError("the guest holds no label column")
+    held_out = held_out_rows(
+        len(rows), seed=int(payload["seed"]), test_fraction=float(payload["test_fraction"])
+    )
+    x_train, x_test = prepare(data.x[rows], held_out, intercept=role == "guest")
+    if role == "guest":
+        assert data.y is not None
+        y = data.y[rows]
+        st["y"], st["y_test"] = y[~held_out], y[held_out]
+    st.update(
+        role=role,
+        x=x_train,
+        x_test=x_test,
+        w=np.zeros(x_train.shape[1]),
+        committed=np.zeros(x_train.shape[1]),
+        committed_epoch=-1,
+        model=MODELS[str(payload["model"])],
+        lr=float(payload["lr"]),
+        l2=float(payload["l2"]),
+        mode=str(payload["mode"]),
+    )
+    bits = int(payload["key_bits"])
+    pk, sk = P.generate_keypair(bits, insecure=bool(payload.get("insecure", False)))
+    st["pk"], st["sk"] = pk, sk
+    return {"pk": np.frombuffer(pk.to_bytes(), np.uint8), "features": int(x_train.shape[1])}
+
+
+def arbiter_setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    pk, sk = P.generate_keypair(
+        int(payload["key_bits"]), insecure=bool(payload.get("insecure", False))
+    )
+    _st(ctx).update(pk=pk, sk=sk)
+    return {"pk": np.frombuffer(pk.to_bytes(), np.uint8)}
+
+
+def keys(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Learn the public keys: ``kG`` protects the guest's residual (its key holder decrypts
+    the guest's masked gradient), ``kH`` the host's; ``k_predict`` is the guest's own."""
+    st = _st(ctx)
+    insecure = bool(payload.get("insecure", False))
+    for name in ("kG", "kH", "k_predict"):
+        if name in payload:
+            st[name] = P.PublicKey.from_bytes(
+                bytes(np.asarray(payload[name], np.uint8)), insecure=insecure
+            )
+    return {}
+
+
+# -- one mini-batch -----------------------------------------------------------------------
+
+
+def _batch(st: dict[str, Any], payload: dict[str, Any]) -> np.ndarray:
+    idx = np.asarray(payload["batch"], dtype=np.int64)
+    if idx.ndim != 1 or idx.size == 0 or idx.min() < 0 or idx.max() >= len(st["x"]):
+        raise ProtocolError("a batch must be a non-empty list of training row positions")
+    return idx
+
+
+def host_scores(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """[[X_H w_H]] under the key protecting the guest's residual."""
+    st = _st(ctx)
+    idx = _batch(st, payload)
+    u = st["x"][idx] @ st["w"]
+    st["u"] = u
+    pk = st["kG"]
+    enc = P.encrypt(pk, u, frac_bits=F_ENC, pool=_pool(st, pk, len(u)))
+    return _vec_out("enc_u", enc)
+
+
+def guest_residual(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """[[d]] = slope*(u_G + sum [[u_H]]) + offset(y); masked [[X_G^T d / b]]; the host's share."""
+    st = _st(ctx)
+    idx = _batch(st, payload)
+    model = st["model"]
+    pk = st["kG"]
+    parts = _routed_vec(pk, payload, "enc_u")
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    xb = st["x"][idx]
+    own = model.slope * (xb @ st["w"]) + model.offset(st["y"][idx])
+    enc_d = total.mul(np.float64(model.slope), frac_bits=F_SLOPE).add_plain(own)
+    grad = enc_d.matmul(xb / len(idx), frac_bits=F_X)
+    masked, masks = P.mask(grad, pool=_pool(st, pk, len(grad)))
+    st["masks"] = (masks, grad.frac_bits, grad.shape)
+    out = _vec_out("mg", masked)
+    if st["mode"] == "arbiter":
+        out.update(_vec_out("to_host", enc_d.rerandomize(_pool(st, pk, len(enc_d)))))
+    else:  # two-party: the host finishes the residual under our key
+        peer = st["kH"]
+        c = P.encrypt(peer, own, frac_bits=F_ENC + F_SLOPE, pool=_pool(st, peer, len(own)))
+        out.update(_vec_out("to_host", c))
+    return out
+
+
+def host_gradient(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    idx = _batch(st, payload)
+    pk = st["kH"]
+    (enc,) = _routed_vec(pk, payload, "to_host")
+    if st["mode"] != "arbiter":
+        enc = enc.add_plain(st["model"].slope * st["u"])
+    xb = st["x"][idx]
+    grad = enc.matmul(xb / len(idx), frac_bits=F_X)
+    masked, masks = P.mask(grad, pool=_pool(st, pk, len(grad)))
+    st["masks"] = (masks, grad.frac_bits, grad.shape)
+    return _vec_out("mg", masked)
+
+
+def decrypt_masked(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """The key holder's part: raw plaintexts of masked vectors (uniform in Z_n: no info)."""
+    st = _st(ctx)
+    sk = st["sk"]
+    parts = {k: received(payload, f"mg.{k}") for k in ("ct", "shape", "frac_bits")}
+    out = {}
+    for src in parts["ct"]:
+        vec = P.EncryptedVector.from_payload(sk.public_key, {k: parts[k][src] for k in parts})
+        # one field per sender, so each party unmasks only its own vector
+        out[f"plain/{src}"] = P.ints_to_bytes(sk.public_key, P.decrypt_raw(sk, vec))
+    return out
+
+
+def update(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Unmask our gradient and take a step (with L2); the gradient never leaves."""
+    st = _st(ctx)
+    sources = received(payload, f"plain/{ctx.node_id}")
+    if len(sources) != 1:
+        raise ProtocolError("expected one key holder's answer")
+    (plain,) = sources.values()
+    pk = st["kG"] if st["role"] == "guest" else st["kH"]
+    masks, frac, shape = st.pop("masks")
+    grad = P.unmask(pk, P.ints_from_bytes(pk, plain), masks, frac_bits=frac, shape=shape)
+    st["w"] = st["w"] - st["lr"] * (grad + st["l2"] * st["w"])
+    return {}
+
+
+def commit(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    st["committed"] = st["w"].copy()
+    st["committed_epoch"] = int(payload["epoch"])
+    return {}
+
+
+def rollback(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    st["w"] = st["committed"].copy()
+    st.pop("masks", None)
+    return {"epoch": int(st["committed_epoch"])}
+
+
+# -- prediction: only the guest learns the scores ------------------------------------------
+
+
+def host_predict(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    x = st["x_test"] if payload.get("split") == "test" else st["x"]
+    pk = st["k_predict"]
+    u = x @ st["w"]
+    return _vec_out("enc_u", P.encrypt(pk, u, frac_bits=F_ENC, pool=_pool(st, pk, len(u))))
+
+
+def guest_evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    test = payload.get("split") == "test"
+    x = st["x_test"] if test else st["x"]
+    y = st["y_test"] if test else st["y"]
+    scores = x @ st["w"]
+    for enc in _routed_vec(st["pk"], payload, "enc_u") if payload.get("routed.from") else []:
+        scores = scores + P.decrypt(st["sk"], enc)
+    out: dict[str, Any] = {k: float(v) for k, v in evaluate(st["model"], scores, y).items()}
+    out["n"] = len(y)
+    return out
+
+
+def vertical_tasks(role: str, *, mode: str) -> dict[str, TaskSpec]:
+    """The tasks a party of ``role`` installs, each with its release policy."""
+    if mode not in ("arbiter", "two_party"):
+        raise ConfigError(f"mode is 'arbiter' or 'two_party', got {mode!r}")
+    parties = "sealed:guest,host"
+    common = {
+        "vertical.psi.start": TaskSpec(psi_start, {"points": parties}),
+        "vertical.psi.blind": TaskSpec(psi_blind, {"points": parties}),
+        "vertical.psi.collect": TaskSpec(psi_collect, {"*": "never"}),
+        "vertical.psi.finish": TaskSpec(psi_finish, {"size": "clear"}),
+        "vertical.setup": TaskSpec(setup, {"pk": "clear", "features": "clear"}),
+        "vertical.keys": TaskSpec(keys, {"*": "never"}),
+        "vertical.update": TaskSpec(update, {"*": "never"}),
+        "vertical.commit": TaskSpec(commit, {"*": "never"}),
+        "vertical.rollback": TaskSpec(rollback, {"epoch": "clear"}),
+    }
+    if role == "arbiter":
+        return {
+            "vertical.arbiter.setup": TaskSpec(arbiter_setup, {"pk": "clear"}),
+            "vertical.decrypt": TaskSpec(decrypt_masked, {"plain/*": parties}),
+        }
+    keyholder_g = "arbiter" if mode == "arbiter" else "host"
+    keyholder_h = "arbiter" if mode == "arbiter" else "guest"
+    if role == "guest":
+        tasks = {
+            **common,
+            "vertical.guest.residual": TaskSpec(
+                guest_residual, {"mg.*": f"sealed:{keyholder_g}", "to_host.*": "sealed:host"}
+            ),
+            "vertical.guest.evaluate": TaskSpec(
+                guest_evaluate,
+                {
+                    "auc": "clear",
+                    "accuracy": "clear",
+                    "loss": "clear",
+                    "rmse": "clear",
+                    "n": "clear",
+                },
+            ),
+        }
+    elif role == "host":
+        tasks = {
+            **common,
+            "vertical.host.scores": TaskSpec(host_scores, {"enc_u.*": "sealed:guest"}),
+            "vertical.host.gradient": TaskSpec(host_gradient, {"mg.*": f"sealed:{keyholder_h}"}),
+            "vertical.host.predict": TaskSpec(host_predict, {"enc_u.*": "sealed:guest"}),
+        }
+    else:
+        raise ConfigError(f"unknown vertical role {role!r}: guest, host or arbiter")
+    if mode == "two_party":
+        tasks["vertical.decrypt"] = TaskSpec(decrypt_masked, {"plain/*": parties})
+    return tasks
