@@ -21,7 +21,7 @@ ROLES_TWO = {"bank": "guest", "insurer": "host"}
 
 def _cfg(**kw) -> HeteroConfig:
     base = dict(
-        epochs=3, batch_size=128, lr=0.15, l2=0.01, key_bits=512, insecure_test_keys=True, seed=3
+        epochs=2, batch_size=128, lr=0.15, l2=0.01, key_bits=512, insecure_test_keys=True, seed=3
     )
     base.update(kw)
     return HeteroConfig(**base)

@@ -43,7 +43,7 @@ def test_deployed_vertical_job_matches_simulation(tmp_path: Path) -> None:
     text = (EXAMPLE / "vertical.toml").read_text()
     text = text.replace("# arbiter = true ", "arbiter = true ")
     text = text.replace("epochs = 10", "epochs = 2").replace(
-        "batch_size = 1024", "batch_size = 256"
+        "batch_size = 1024", "batch_size = 512"
     )
     text = text.replace("key_bits = 2048", "key_bits = 512")
     # each party's own copy of its CSV, next to the job file as the job names it
