@@ -167,3 +167,25 @@ def test_curious_coordinator_sees_only_sealed_bytes() -> None:
     assert arrays and all(a.dtype == np.uint8 for a in arrays)
     routes = [e for e in fed.audit_log if e.action == "route"]
     assert {e.detail["role"] for e in routes} == {"guest", "host", "arbiter"}
+
+
+def test_two_hosts_with_an_arbiter_are_lossless() -> None:
+    guest, host = split_breast_cancer()
+    h1 = PartyData.from_columns(host.ids, host.x[:, :12])
+    h2 = PartyData.from_columns(host.ids[::-1], host.x[::-1, 12:])  # its own row order
+    roles = {"bank": "guest", "ins1": "host", "ins2": "host", "arb": "arbiter"}
+    fed, engine = federation({"bank": guest, "ins1": h1, "ins2": h2}, roles, mode="arbiter")
+    cfg = _cfg()
+    result = train(fed, cfg)
+    rows = {n: engine.node_state(n)["shoal.vertical"]["rows"] for n in ("bank", "ins1", "ins2")}
+    data = {"bank": guest, "ins1": h1, "ins2": h2}
+    aligned = [[data[n].ids[i] for i in rows[n]] for n in rows]
+    assert aligned[0] == aligned[1] == aligned[2] and result.intersection_size == 512
+    held = held_out_rows(512, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    blocks = [prepare(data[n].x[rows[n]], held, intercept=n == "bank") for n in rows]
+    y = guest.y[rows["bank"]]
+    w_ref = train_centralized(MODELS[cfg.model], np.hstack([b[0] for b in blocks]), y[~held],
+                              epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                              l2=cfg.l2, seed=cfg.seed)  # fmt: skip
+    w = np.concatenate([engine.node_state(n)["shoal.vertical"]["w"] for n in rows])
+    assert np.max(np.abs(w - w_ref)) <= 1e-4 * np.max(np.abs(w_ref))
