@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("shoal.cli.deploy", "serve a job to nodes over gRPC and train"),
     "node": ("shoal.cli.deploy", "connect to a coordinator and run its tasks on local data"),
     "privacy": ("shoal.cli.privacy", "DP accounting: epsilon for a schedule, noise for a target"),
+    "predict": (
+        "shoal.cli.vertical",
+        "private prediction on encrypted rows: serve or query",
+    ),
     "scan": ("shoal.cli.scan", "check model files for code that would run when loaded"),
     "query": ("shoal.cli.query", "answer a SQL query across an analytics job's parties"),
     "audit": ("shoal.cli.audit", "verify or show an audit trail (a store or a node's state)"),

@@ -9,7 +9,7 @@ from typing import Any
 
 from shoal.vertical.job import is_vertical, load_vertical_job, simulate
 
-__all__ = ["is_vertical", "run_vertical"]
+__all__ = ["coordinate_vertical", "is_vertical", "register", "run_vertical", "serve_party"]
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -136,3 +136,133 @@ def serve_party(args: argparse.Namespace) -> int:
     outcome = client.run()
     print(f"party {name}: {outcome.value} after {client.tasks_done} task(s)", flush=True)
     return 3 if outcome == NodeExit.REJECTED else 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``shoal predict serve`` (the model owner's node) and ``shoal predict query`` (client)."""
+    from shoal.cli.options import positive_float, positive_int
+
+    predict = subparsers.add_parser(
+        "predict",
+        help="private prediction: serve a linear model on encrypted rows, or query one",
+        description="The client encrypts its rows under its own Paillier key; the owner "
+        "scores them without seeing them and the client never sees the weights.",
+    )
+    sub = predict.add_subparsers(dest="predict_command", metavar="serve|query")
+    serve = sub.add_parser("serve", help="the model owner: a node serving a linear model")
+    serve.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the client")
+    serve.add_argument("--key", required=True, metavar="KEYFILE", help="this node's key")
+    serve.add_argument("--certs", metavar="DIR", help="certificate directory (mutual TLS)")
+    serve.add_argument("--insecure", action="store_true", help="plaintext (tests only)")
+    serve.add_argument("--model", required=True, help=".npz with 'weights' (and 'bias')")
+    serve.add_argument("--budget-rows", type=positive_int, help="rows this client may score")
+    serve.add_argument("--noise-std", type=float, default=0.0, help="noise on every score")
+    serve.add_argument("--insecure-test-keys", action="store_true", help="accept short keys")
+    serve.add_argument("--max-idle", type=positive_float, metavar="S")
+    serve.set_defaults(func=_predict_serve)
+    query = sub.add_parser("query", help="the client: score a CSV of rows at the owner")
+    query.add_argument("--listen", default="127.0.0.1:7000", metavar="HOST:PORT")
+    query.add_argument("--certs", metavar="DIR", help="certificate directory (mutual TLS)")
+    query.add_argument("--insecure", action="store_true", help="plaintext (tests only)")
+    query.add_argument("--store", help="registry of admitted nodes (shoal nodes add)")
+    query.add_argument("--owner", required=True, help="the model owner's node id")
+    query.add_argument("--rows", required=True, help="CSV of feature rows (header line)")
+    query.add_argument("--out", required=True, help="write the scores here (one per line)")
+    query.add_argument("--key-bits", type=positive_int, default=2048)
+    query.add_argument("--insecure-test-keys", action="store_true", help="allow short keys")
+    query.add_argument("--wait-timeout", type=positive_float, default=120.0, metavar="S")
+    query.set_defaults(func=_predict_query)
+
+
+def _predict_serve(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shoal.errors import ConfigError
+    from shoal.runtime import NodeApp
+    from shoal.runtime.grpc import ClientTLS, NodeClient, load_private_key
+    from shoal.vertical.prediction import ServedModel, serving_tasks
+
+    try:
+        with np.load(args.model, allow_pickle=False) as npz:
+            weights, bias = npz["weights"], float(npz["bias"]) if "bias" in npz else 0.0
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"cannot read model {args.model}: {exc}") from None
+    model = ServedModel(
+        weights=weights,
+        bias=bias,
+        budget_rows=args.budget_rows,
+        noise_std=args.noise_std,
+        min_key_bits=512 if args.insecure_test_keys else 2048,
+    )
+    app = NodeApp()
+    app.install(serving_tasks(model))
+    name = Path(args.key).name.removesuffix(".key")
+    client = NodeClient(
+        app=app,
+        coordinator=args.coordinator,
+        key=load_private_key(args.key),
+        tls=None if args.insecure else ClientTLS.from_dir(args.certs, name=name),
+        insecure=bool(args.insecure),
+        max_idle_s=args.max_idle,
+    )
+    print(f"serving a {len(model.weights)}-feature linear model to {args.coordinator}", flush=True)
+    outcome = client.run()
+    print(f"model owner: {outcome.value} after {client.tasks_done} task(s)", flush=True)
+    return 0
+
+
+def _predict_query(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shoal.cli.options import open_store
+    from shoal.core import Federation
+    from shoal.errors import NotEnoughNodes
+    from shoal.runtime.grpc import GrpcEngine, ServerTLS
+    from shoal.vertical.party import PartyData
+    from shoal.vertical.prediction import PredictionClient
+
+    rows = _read_rows(Path(args.rows), PartyData)
+    with open_store(args.store) as store:
+        engine = GrpcEngine(
+            listen=args.listen,
+            registry=store,
+            tls=None if args.insecure else ServerTLS.from_dir(args.certs),
+            insecure=bool(args.insecure),
+        ).start()
+        try:
+            engine.wait_for_nodes(1, timeout_s=args.wait_timeout)
+            if args.owner not in engine.node_ids():
+                raise NotEnoughNodes(f"the model owner {args.owner!r} did not connect")
+            client = PredictionClient(
+                Federation(engine),
+                owner=args.owner,
+                key_bits=args.key_bits,
+                insecure=bool(args.insecure_test_keys),
+            )
+            scores = client.predict(rows)
+        finally:
+            engine.close()
+    Path(args.out).write_text("".join(f"{s!r}\n" for s in np.asarray(scores).tolist()))
+    print(f"{len(scores)} scores written to {args.out}", flush=True)
+    return 0
+
+
+def _read_rows(path: Path, party_cls: Any) -> Any:
+    import csv
+
+    import numpy as np
+
+    from shoal.errors import DataError
+
+    with path.open(newline="") as fh:
+        lines = list(csv.reader(fh))
+    if not lines:
+        raise DataError(f"{path} is empty")
+    header, body = lines[0], lines[1:]
+    try:
+        x = np.array([[float(v) for v in row] for row in body], dtype=np.float64)
+    except ValueError:
+        raise DataError(f"{path}: every value must be a number") from None
+    if x.ndim != 2 or x.shape[1] != len(header):
+        raise DataError(f"{path}: every row needs {len(header)} values")
+    return party_cls.from_columns([str(i) for i in range(len(x))], x, columns=header).x

@@ -42,7 +42,5 @@ class NodeApps(NodeApp):
             raise UnknownTask(f"node {node_id!r} has no app in this simulation")
         return app
 
-    def handle(
-        self, ctx: TaskContext, name: str, payload: Buffer, **kwargs: Any
-    ) -> Buffer:
+    def handle(self, ctx: TaskContext, name: str, payload: Buffer, **kwargs: Any) -> Buffer:
         return self.app_for(ctx.node_id).handle(ctx, name, payload, **kwargs)
