@@ -87,19 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    results = [run(r, args.guest, args.host, args.key_bits, args.batch) for r in args.rows]
     print(
         f"hetero LR, arbiter mode, {args.key_bits}-bit Paillier, {args.guest} guest + "
         f"{args.host} host features, batch {args.batch}: one epoch"
     )
     print(f"{'rows':>8s} {'wall s':>8s} {'guest cpu':>10s} {'host cpu':>10s} {'arb cpu':>8s} "
-          f"{'host cpu/row ms':>16s} {'MB relayed':>10s} {'plain s':>8s}")  # fmt: skip
-    for r in results:
+          f"{'host cpu/row ms':>16s} {'MB relayed':>10s} {'plain s':>8s}", flush=True)  # fmt: skip
+    results = []
+    for rows in args.rows:
+        r = run(rows, args.guest, args.host, args.key_bits, args.batch)
+        results.append(r)
         c = r["cpu_s"]
         print(
             f"{r['rows']:8d} {r['wall_s']:8.1f} {c.get('guest', 0):10.1f} {c.get('host', 0):10.1f} "
             f"{c.get('arbiter', 0):8.1f} {1000 * c.get('host', 0) / r['rows']:16.1f} "
-            f"{r['relayed_bytes'] / 1e6:10.1f} {r['plaintext_floor_s']:8.4f}"
+            f"{r['relayed_bytes'] / 1e6:10.1f} {r['plaintext_floor_s']:8.4f}",
+            flush=True,
         )
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": None}, "results": results}))
