@@ -1,4 +1,4 @@
-"""One epoch of hetero logistic regression (arbiter mode, 2048-bit Paillier) per party.
+"""One epoch of hetero logistic regression (2048-bit Paillier) per party, either mode.
 
 Synthetic rows x (guest + host) features; times one training epoch after alignment and key
 setup, and reports wall time and CPU seconds per party (each party's tasks timed with
@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 
-def run(rows: int, guest_cols: int, host_cols: int, key_bits: int, batch: int) -> dict[str, Any]:
+def run(
+    rows: int, guest_cols: int, host_cols: int, key_bits: int, batch: int, mode: str
+) -> dict[str, Any]:
     import numpy as np
 
     from shoal.core import Federation
@@ -45,16 +47,18 @@ def run(rows: int, guest_cols: int, host_cols: int, key_bits: int, batch: int) -
             finally:
                 cpu[ctx.node_id] += time.thread_time() - start
 
-    roles = {"guest": "guest", "host": "host", "arbiter": "arbiter"}
+    roles = {"guest": "guest", "host": "host"}
+    if mode == "arbiter":
+        roles["arbiter"] = "arbiter"
     apps = {}
     for node, role in roles.items():
         app = NodeApp(max_kept=8)
-        app.install(vertical_tasks(role, mode="arbiter"))
+        app.install(vertical_tasks(role, mode=mode))
         apps[node] = app
-    engine = LocalEngine(Timed(apps), nodes=list(roles), data=[guest, host, None])
+    engine = LocalEngine(Timed(apps), nodes=list(roles), data=[guest, host, None][: len(roles)])
     fed = Federation(engine, roles={r: [n] for n, r in roles.items()})
     cfg = HeteroConfig(
-        mode="arbiter", epochs=1, batch_size=batch, key_bits=key_bits, test_fraction=0.0,
+        mode=mode, epochs=1, batch_size=batch, key_bits=key_bits, test_fraction=0.0,
         insecure_test_keys=key_bits < 2048,
     )  # fmt: skip
     size = align(fed, min_overlap=1)
@@ -85,17 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", type=int, default=300)
     ap.add_argument("--key-bits", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--mode", choices=["arbiter", "two_party"], default="arbiter")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     print(
-        f"hetero LR, arbiter mode, {args.key_bits}-bit Paillier, {args.guest} guest + "
+        f"hetero LR, {args.mode} mode, {args.key_bits}-bit Paillier, {args.guest} guest + "
         f"{args.host} host features, batch {args.batch}: one epoch"
     )
     print(f"{'rows':>8s} {'wall s':>8s} {'guest cpu':>10s} {'host cpu':>10s} {'arb cpu':>8s} "
           f"{'host cpu/row ms':>16s} {'MB relayed':>10s} {'plain s':>8s}", flush=True)  # fmt: skip
     results = []
     for rows in args.rows:
-        r = run(rows, args.guest, args.host, args.key_bits, args.batch)
+        r = run(rows, args.guest, args.host, args.key_bits, args.batch, args.mode)
         results.append(r)
         c = r["cpu_s"]
         print(
