@@ -24,6 +24,7 @@ from shoal.runtime.grpc import (
     write_key_pair,
 )
 from shoal.vertical.prediction import PREDICT_TASK, PredictionClient, ServedModel, serving_tasks
+from shoal.vertical.tasks import spec
 
 W = np.array([0.5, -1.25, 2.0, 0.0, 3.5])
 B = -0.75
@@ -39,7 +40,7 @@ def _owner(model: ServedModel, seen: list | None = None) -> NodeApp:
             seen.append(dict(payload))
             return inner(ctx, payload)
 
-        app.register(PREDICT_TASK, spy, release={"scores.*": "clear"})
+        app.install({PREDICT_TASK: spec(spy, {"scores.*": "clear"})})
     else:
         app.install(tasks)
     return app

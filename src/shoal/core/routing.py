@@ -9,22 +9,28 @@ audit trail, and gets back NodeValues placed at the destination.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shoal.errors import ConfigError, NotEnoughNodes, WireError
-from shoal.runtime import FORWARD_TASK
+from shoal.runtime import FETCH_TASK
 
 if TYPE_CHECKING:
     from shoal.core.federation import NodeGroup
     from shoal.core.values import NodeValues
 
-__all__ = ["ROUTED_FROM", "ROUTED_PREFIX", "received", "route"]
+__all__ = ["ENFORCED", "ROUTED_FROM", "ROUTED_PREFIX", "received", "route"]
 
 ROUTED_PREFIX = "routed/"
 ROUTED_FROM = "routed.from"
+# The runtime's checked forward (release policies, ``sealed:<roles>``). A runtime without
+# release policies has none: routing then reads the fields with the plain fetch, which
+# releases anything, so only the values' own sealing (encryption, masks) protects them.
+_FORWARD: str | None = getattr(importlib.import_module("shoal.runtime"), "FORWARD_TASK", None)
+ENFORCED = _FORWARD is not None
 
 
 def route(
@@ -45,11 +51,12 @@ def route(
     fields = list(values.field_names)
     if not values.node_ids:
         raise NotEnoughNodes("no node holds these values; nothing to route")
+    if _FORWARD is not None:
+        task_name, common = _FORWARD, {"handle": values.handle, "fields": fields, "role": role}
+    else:
+        task_name, common = FETCH_TASK, {"handle": values.handle, "fields": fields}
     replies, failures = fed.request(
-        values.node_ids,
-        FORWARD_TASK,
-        common={"handle": values.handle, "fields": fields, "role": role},
-        deadline_s=deadline_s,
+        values.node_ids, task_name, common=common, deadline_s=deadline_s
     )
     if failures:
         first = next(iter(failures.values()))

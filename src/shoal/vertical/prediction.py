@@ -17,7 +17,8 @@ import numpy as np
 
 from shoal.crypto import paillier as P
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, ProtocolError
-from shoal.runtime import TaskContext, TaskSpec
+from shoal.runtime import TaskContext
+from shoal.vertical.tasks import spec
 
 __all__ = ["PREDICT_TASK", "PredictionClient", "ServedModel", "serving_tasks"]
 
@@ -44,7 +45,7 @@ class ServedModel:
         object.__setattr__(self, "weights", w)
 
 
-def serving_tasks(model: ServedModel) -> dict[str, TaskSpec]:
+def serving_tasks(model: ServedModel) -> dict[str, Any]:
     """The owner's task: encrypted rows in, encrypted (noised, rerandomized) scores out."""
 
     def predict(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def serving_tasks(model: ServedModel) -> dict[str, TaskSpec]:
         out = out.add_plain(offset).rerandomize()
         return {f"scores.{k}": v for k, v in out.to_payload().items()}
 
-    return {PREDICT_TASK: TaskSpec(predict, {"scores.*": "clear"})}
+    return {PREDICT_TASK: spec(predict, {"scores.*": "clear"})}
 
 
 class PredictionClient:

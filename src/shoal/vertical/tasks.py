@@ -9,6 +9,7 @@ that may receive it); only public keys, the intersection size and aggregate metr
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from shoal.core.routing import received
 from shoal.crypto import paillier as P
 from shoal.crypto.psi import PsiParty
 from shoal.errors import ConfigError, DataError, ProtocolError
-from shoal.runtime import TaskContext, TaskSpec
+from shoal.runtime import TaskContext
 from shoal.vertical.model import MODELS, evaluate, held_out_rows, prepare
 from shoal.vertical.party import PartyData
 
@@ -28,6 +29,12 @@ F_SLOPE = 8  # the residual's slope (1/4 or 1) is exact at 8 bits
 F_X = 32  # fractional bits of features (divided by the batch size) in X^T d
 
 _STATE = "shoal.vertical"
+
+
+def spec(fn: Any, release: dict[str, str]) -> Any:
+    """A task with its release policy (a plain task where the runtime has no policies)."""
+    task_spec = getattr(importlib.import_module("shoal.runtime"), "TaskSpec", None)
+    return fn if task_spec is None else task_spec(fn, release)
 
 
 def _st(ctx: TaskContext) -> dict[str, Any]:
@@ -303,36 +310,36 @@ def guest_evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def vertical_tasks(role: str, *, mode: str) -> dict[str, TaskSpec]:
+def vertical_tasks(role: str, *, mode: str) -> dict[str, Any]:
     """The tasks a party of ``role`` installs, each with its release policy."""
     if mode not in ("arbiter", "two_party"):
         raise ConfigError(f"mode is 'arbiter' or 'two_party', got {mode!r}")
     parties = "sealed:guest,host"
     common = {
-        "vertical.psi.start": TaskSpec(psi_start, {"points": parties}),
-        "vertical.psi.blind": TaskSpec(psi_blind, {"points": parties}),
-        "vertical.psi.collect": TaskSpec(psi_collect, {"*": "never"}),
-        "vertical.psi.finish": TaskSpec(psi_finish, {"size": "clear"}),
-        "vertical.setup": TaskSpec(setup, {"pk": "clear", "features": "clear"}),
-        "vertical.keys": TaskSpec(keys, {"*": "never"}),
-        "vertical.update": TaskSpec(update, {"*": "never"}),
-        "vertical.commit": TaskSpec(commit, {"*": "never"}),
-        "vertical.rollback": TaskSpec(rollback, {"epoch": "clear"}),
+        "vertical.psi.start": spec(psi_start, {"points": parties}),
+        "vertical.psi.blind": spec(psi_blind, {"points": parties}),
+        "vertical.psi.collect": spec(psi_collect, {"*": "never"}),
+        "vertical.psi.finish": spec(psi_finish, {"size": "clear"}),
+        "vertical.setup": spec(setup, {"pk": "clear", "features": "clear"}),
+        "vertical.keys": spec(keys, {"*": "never"}),
+        "vertical.update": spec(update, {"*": "never"}),
+        "vertical.commit": spec(commit, {"*": "never"}),
+        "vertical.rollback": spec(rollback, {"epoch": "clear"}),
     }
     if role == "arbiter":
         return {
-            "vertical.arbiter.setup": TaskSpec(arbiter_setup, {"pk": "clear"}),
-            "vertical.decrypt": TaskSpec(decrypt_masked, {"plain/*": parties}),
+            "vertical.arbiter.setup": spec(arbiter_setup, {"pk": "clear"}),
+            "vertical.decrypt": spec(decrypt_masked, {"plain/*": parties}),
         }
     keyholder_g = "arbiter" if mode == "arbiter" else "host"
     keyholder_h = "arbiter" if mode == "arbiter" else "guest"
     if role == "guest":
         tasks = {
             **common,
-            "vertical.guest.residual": TaskSpec(
+            "vertical.guest.residual": spec(
                 guest_residual, {"mg.*": f"sealed:{keyholder_g}", "to_host.*": "sealed:host"}
             ),
-            "vertical.guest.evaluate": TaskSpec(
+            "vertical.guest.evaluate": spec(
                 guest_evaluate,
                 {
                     "auc": "clear",
@@ -346,12 +353,12 @@ def vertical_tasks(role: str, *, mode: str) -> dict[str, TaskSpec]:
     elif role == "host":
         tasks = {
             **common,
-            "vertical.host.scores": TaskSpec(host_scores, {"enc_u.*": "sealed:guest"}),
-            "vertical.host.gradient": TaskSpec(host_gradient, {"mg.*": f"sealed:{keyholder_h}"}),
-            "vertical.host.predict": TaskSpec(host_predict, {"enc_u.*": "sealed:guest"}),
+            "vertical.host.scores": spec(host_scores, {"enc_u.*": "sealed:guest"}),
+            "vertical.host.gradient": spec(host_gradient, {"mg.*": f"sealed:{keyholder_h}"}),
+            "vertical.host.predict": spec(host_predict, {"enc_u.*": "sealed:guest"}),
         }
     else:
         raise ConfigError(f"unknown vertical role {role!r}: guest, host or arbiter")
     if mode == "two_party":
-        tasks["vertical.decrypt"] = TaskSpec(decrypt_masked, {"plain/*": parties})
+        tasks["vertical.decrypt"] = spec(decrypt_masked, {"plain/*": parties})
     return tasks
