@@ -1,7 +1,7 @@
-"""Differential-privacy mechanisms as pure functions: Gaussian/Laplace releases, adaptive clipping.
+"""Differential-privacy math as pure functions: the noise source, adaptive clipping, noise shares.
 
-Every function that draws noise takes ``rng``; leaving it out seeds a fresh NumPy generator from
-``os.urandom``, so noise is never predictable from the outside. Pass an int seed only in tests.
+``make_rng(None)`` seeds a fresh NumPy generator from ``os.urandom``, so noise is never
+predictable from the outside. Pass an int seed only in tests.
 """
 
 from __future__ import annotations
@@ -10,20 +10,13 @@ import math
 import os
 
 import numpy as np
-import numpy.typing as npt
 
-from shoal.errors import AggregationError, ConfigError
+from shoal.errors import ConfigError
 
 __all__ = [
     "RngLike",
     "adaptive_update_noise_multiplier",
     "distributed_noise_std",
-    "gaussian_count",
-    "gaussian_sigma",
-    "gaussian_sum",
-    "laplace_count",
-    "laplace_mechanism",
-    "laplace_sum",
     "make_rng",
     "next_clip_norm",
 ]
@@ -69,118 +62,6 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> flo
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
     return v
-
-
-def _check_delta(delta: float) -> float:
-    d = float(delta)
-    if not 0.0 < d < 1.0:
-        raise ConfigError(f"delta must be in (0, 1), got {delta!r}; a common choice is 1e-5")
-    return d
-
-
-def _as_float_array(value: npt.ArrayLike, what: str) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "fiub":
-        raise AggregationError(
-            f"{what} must hold numbers, got an array of dtype {arr.dtype}; convert it first"
-        )
-    if arr.dtype.kind != "f":
-        arr = arr.astype(np.float64)
-    return arr
-
-
-# ---------------------------------------------------------------------------------------------
-# Gaussian and Laplace mechanisms
-
-
-def gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
-    """Smallest noise std giving (epsilon, delta)-DP to one release of the given L2 sensitivity.
-
-    Uses the analytic Gaussian mechanism (Balle & Wang 2018), tighter than the classic
-    sqrt(2 ln(1.25/delta))/epsilon bound and valid for every epsilon, not only epsilon < 1.
-    """
-    import dp_accounting
-
-    epsilon = _check_positive("epsilon", epsilon)
-    delta = _check_delta(delta)
-    sensitivity = _check_positive("sensitivity", sensitivity)
-    return float(dp_accounting.get_sigma_gaussian(epsilon, delta)) * sensitivity
-
-
-def laplace_mechanism(
-    value: npt.ArrayLike, *, sensitivity: float, epsilon: float, rng: RngLike = None
-) -> np.ndarray:
-    """Release ``value`` with epsilon-DP: add Laplace(sensitivity/epsilon) noise to every entry.
-
-    ``sensitivity`` is the L1 sensitivity of the whole array (for a histogram where one person
-    changes one bin by one, it is 1).
-    """
-    sensitivity = _check_positive("sensitivity", sensitivity)
-    epsilon = _check_positive("epsilon", epsilon)
-    arr = _as_float_array(value, "value").astype(np.float64)
-    return arr + make_rng(rng).laplace(0.0, sensitivity / epsilon, size=arr.shape)
-
-
-def _check_bounds(lower: float, upper: float) -> tuple[float, float]:
-    lo, hi = float(lower), float(upper)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise ConfigError(
-            f"bounds must be finite with lower <= upper, got lower={lower!r}, upper={upper!r}"
-        )
-    return lo, hi
-
-
-def _clamped_sum(values: npt.ArrayLike, lo: float, hi: float) -> float:
-    arr = _as_float_array(values, "values").astype(np.float64).ravel()
-    if not np.all(np.isfinite(arr)):
-        raise AggregationError("values contain NaN or infinity; drop or impute them first")
-    return float(np.clip(arr, lo, hi).sum())
-
-
-def laplace_count(count: int, *, epsilon: float, rng: RngLike = None) -> float:
-    """An epsilon-DP count (adding or removing one record changes it by at most one)."""
-    return float(laplace_mechanism(float(count), sensitivity=1.0, epsilon=epsilon, rng=rng))
-
-
-def laplace_sum(
-    values: npt.ArrayLike, *, epsilon: float, lower: float, upper: float, rng: RngLike = None
-) -> float:
-    """An epsilon-DP sum of records clamped to ``[lower, upper]``.
-
-    The bounds must be chosen without looking at the data; one record moves the sum by at most
-    ``max(|lower|, |upper|)``, which is the sensitivity used.
-    """
-    lo, hi = _check_bounds(lower, upper)
-    total = _clamped_sum(values, lo, hi)
-    sens = max(abs(lo), abs(hi))
-    if sens == 0.0:
-        return total
-    return float(laplace_mechanism(total, sensitivity=sens, epsilon=epsilon, rng=rng))
-
-
-def gaussian_count(count: int, *, epsilon: float, delta: float, rng: RngLike = None) -> float:
-    """An (epsilon, delta)-DP count with analytic-Gaussian noise."""
-    std = gaussian_sigma(epsilon=epsilon, delta=delta)
-    return float(count) + float(make_rng(rng).normal(0.0, std))
-
-
-def gaussian_sum(
-    values: npt.ArrayLike,
-    *,
-    epsilon: float,
-    delta: float,
-    lower: float,
-    upper: float,
-    rng: RngLike = None,
-) -> float:
-    """An (epsilon, delta)-DP sum of records clamped to ``[lower, upper]``."""
-    lo, hi = _check_bounds(lower, upper)
-    total = _clamped_sum(values, lo, hi)
-    sens = max(abs(lo), abs(hi))
-    if sens == 0.0:
-        return total
-    std = gaussian_sigma(epsilon=epsilon, delta=delta, sensitivity=sens)
-    return total + float(make_rng(rng).normal(0.0, std))
 
 
 # ---------------------------------------------------------------------------------------------
