@@ -86,7 +86,7 @@ def nodes() -> list[LocalData]:
 
 def run(algorithm: Algorithm, nodes: list[LocalData]) -> Spy:
     model = SoftmaxRegression(features=64, classes=10)
-    app = learning_app(model)
+    app = learning_app(model, plan=algorithm.plan)  # the nodes enforce the plan's policies
     app.install(algorithm.node_tasks())
     spy = Spy(LocalEngine(app, data=nodes, seed=0))
     federation = Federation(spy, min_nodes=1, seed=0)  # type: ignore[arg-type]

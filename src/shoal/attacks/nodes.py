@@ -12,7 +12,7 @@ from shoal.data import Dataset
 from shoal.errors import ConfigError
 from shoal.learn.model import Model
 from shoal.learn.tasks import TRAIN, LocalData, learning_tasks
-from shoal.runtime import NodeApp, TaskContext
+from shoal.runtime import NodeApp, TaskContext, TaskSpec
 
 __all__ = [
     "ATTACKS",
@@ -135,7 +135,7 @@ def attacked_app(model: Model, attack: Attack, malicious: Collection[str]) -> No
                 out[key] = attack.corrupt_update(np.asarray(value), ctx.rng)
         return out
 
-    tasks[TRAIN] = train
+    tasks[TRAIN] = TaskSpec(train, tasks[TRAIN].release)  # the honest task's policy
     app = NodeApp()
     app.install(tasks)
     return app

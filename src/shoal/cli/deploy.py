@@ -627,8 +627,10 @@ def _node(args: argparse.Namespace) -> int:
         features = int(train.x.reshape(len(train.x), -1).shape[1])
         model = job.build_model(features=features, classes=args.classes or train.classes)
     if not is_tree_job(job):
-        app = learning_app(model)
-        app.install(job.build_algorithm().node_tasks())  # e.g. the secure sum's protocol tasks
+        # The release policies follow from the job this node holds, not the coordinator.
+        algorithm = job.build_algorithm()
+        app = learning_app(model, plan=algorithm.plan)
+        app.install(algorithm.node_tasks())  # e.g. the secure sum's protocol tasks
     if args.max_epsilon is not None:
         # The owner's own limit, enforced here: the coordinator only sees "declined".
         app.add_guard(

@@ -507,7 +507,7 @@ def simulate_job(
     app = job.build_attack_app(model)
     guard = job.build_budget_guard()
     if guard is not None:
-        app = app or learning_app(model)
+        app = app or learning_app(model, plan=job.build_algorithm().plan)
         app.add_guard(guard)
     return simulate(
         model=model,

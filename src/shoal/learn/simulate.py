@@ -51,7 +51,7 @@ def simulate(
     if holdout > 0:
         node_data = [_holdout(part, holdout, seed + i) for i, part in enumerate(nodes)]
     if app is None or TRAIN not in app.task_names:  # an app may bring its own train task
-        app = learning_app(model, app=app)
+        app = learning_app(model, app=app, plan=algorithm.plan)  # policies from the plan
     app.install(algorithm.node_tasks())  # e.g. the secure sum's protocol tasks
     engine = LocalEngine(app, data=node_data, seed=seed, faults=faults, workers=workers)
     federation = Federation(engine, min_nodes=min_nodes, deadline_s=deadline_s, seed=seed)

@@ -22,9 +22,15 @@ from shoal.learn.hooks import node_hooks
 from shoal.learn.model import FitConfig, Model, StatefulOptimizer, Weights
 from shoal.privacy import make_rng
 from shoal.privacy.guard import DPRequest
-from shoal.privacy.plans import metrics_vector, unclipped_indicator
+from shoal.privacy.plans import (
+    NoPrivacy,
+    PrivacyPlan,
+    Releases,
+    metrics_vector,
+    unclipped_indicator,
+)
 from shoal.privacy.stages import add_node_noise
-from shoal.runtime import NodeApp, TaskContext, TaskFn
+from shoal.runtime import NodeApp, TaskContext, TaskSpec
 
 __all__ = [
     "EVALUATE",
@@ -114,8 +120,13 @@ def _split(data: Any) -> tuple[Any, Any]:
     return data, data
 
 
-def learning_tasks(model: Model) -> dict[str, TaskFn]:
-    """Train/evaluate tasks for ``model``; each worker thread gets its own model instance."""
+def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[str, TaskSpec]:
+    """Train/evaluate tasks for ``model``; each worker thread gets its own model instance.
+
+    ``releases`` (a privacy plan's ``release()``) is how each result field may leave the
+    node; by default, as without privacy: in the clear.
+    """
+    releases = releases or NoPrivacy().release()
     local = threading.local()
 
     def instance() -> Model:
@@ -203,11 +214,23 @@ def learning_tasks(model: Model) -> dict[str, TaskFn]:
             return {"metrics": add_node_noise(vector, std) if std > 0 else vector}
         return {**{k: float(v) for k, v in metrics.items()}, "n": len(test_data)}
 
-    return {TRAIN: train, EVALUATE: evaluate}
+    return {
+        TRAIN: TaskSpec(train, releases.train()),
+        EVALUATE: TaskSpec(evaluate, releases.evaluate()),
+    }
 
 
-def learning_app(model: Model, *, app: NodeApp | None = None) -> NodeApp:
-    """A NodeApp that trains and evaluates ``model`` (or adds those tasks to ``app``)."""
+def learning_app(
+    model: Model, *, app: NodeApp | None = None, plan: PrivacyPlan | None = None
+) -> NodeApp:
+    """A NodeApp that trains and evaluates ``model`` (or adds those tasks to ``app``).
+
+    ``plan`` is the privacy plan of the job this node holds: the tasks' release policies
+    follow from it (under a secure plan, updates and control variates leave only into the
+    secure sum; losses, counts and raw metrics never). Install ``plan.node_tasks()`` too (an
+    algorithm's ``node_tasks()``: the secure sum's protocol).
+    """
     app = app or NodeApp()
-    app.install(learning_tasks(model))
+    plan = plan or NoPrivacy()
+    app.install(learning_tasks(model, releases=plan.release()))
     return app
