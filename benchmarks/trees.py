@@ -204,15 +204,27 @@ def vertical_speed(args: Any) -> list[dict[str, Any]]:
                     "bins": args.vertical_bins, **stats})  # fmt: skip
         print(f"  vertical {rows} rows: {stats['cpu_s']:.1f} core-s", flush=True)
     if len(out) >= 2:
-        rows = np.asarray([r["rows"] for r in out], dtype=float)
-        cpu = np.asarray([r["cpu_s"] for r in out])
-        slope, intercept = np.polyfit(rows, cpu, 1)
-        at_100k = slope * 100_000 + intercept
+        # encryption and accumulation grow with the rows; packing, decryption and split
+        # finding level off (a node has at most features x bins candidates): extrapolate
+        # the first linearly from the last two sizes, keep the second at the largest size
+        last, before = out[-1], out[-2]
+
+        def linear(r: dict[str, Any]) -> float:
+            return float(r["guest"]["encrypt"] + r["host"]["accumulate"])
+
+        per_row = (linear(last) - linear(before)) / (last["rows"] - before["rows"])
+        flat = last["cpu_s"] - linear(last)
+        modelled = flat + linear(last) + per_row * (100_000 - last["rows"])
+        straight = last["cpu_s"] + (last["cpu_s"] - before["cpu_s"]) / (
+            last["rows"] - before["rows"]
+        ) * (100_000 - last["rows"])
         fate = FATE_SECONDS_PER_TREE * FATE_CORES_PER_PARTY * 2
-        out.append({"fit": {"core_s_per_row": slope, "intercept_s": intercept,
-                            "extrapolated_core_s_at_100k": at_100k,
+        out.append({"fit": {"linear_core_s_per_row": per_row, "level_core_s": flat,
+                            "extrapolated_core_s_at_100k": modelled,
+                            "straight_line_core_s_at_100k": straight,
                             "fate_core_s_per_tree_both_parties": fate,
-                            "fraction_of_fate": at_100k / fate}})  # fmt: skip
+                            "fraction_of_fate": modelled / fate,
+                            "fraction_of_fate_straight_line": straight / fate}})  # fmt: skip
     return out
 
 
@@ -228,7 +240,7 @@ def main() -> None:
     parser.add_argument("--speed-rows", type=int, default=20_000)
     parser.add_argument("--speed-trees", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vertical-rows", type=int, nargs="*", default=[500, 1000, 2000])
+    parser.add_argument("--vertical-rows", type=int, nargs="*", default=[500, 2000, 4000, 8000])
     parser.add_argument("--vertical-bins", type=int, default=32)
     parser.add_argument("--key-bits", type=int, default=2048)
     parser.add_argument("--xgb-threads", type=int, default=1)
@@ -271,9 +283,10 @@ def print_tables(result: dict[str, Any]) -> None:
         if "fit" in v:
             f = v["fit"]
             fate = f["fate_core_s_per_tree_both_parties"]
-            print(f"vertical fit: {f['core_s_per_row'] * 1000:.2f} core-ms/row; at 100k rows "
-                  f"~{f['extrapolated_core_s_at_100k']:.0f} core-s/tree = "
-                  f"{f['fraction_of_fate']:.2f} of FATE's {fate:.0f}")  # fmt: skip
+            print(f"vertical, extrapolated to 100k rows: ~{f['extrapolated_core_s_at_100k']:.0f} "
+                  f"core-s/tree ({f['straight_line_core_s_at_100k']:.0f} by a straight line) = "
+                  f"{f['fraction_of_fate']:.2f} ({f['fraction_of_fate_straight_line']:.2f}) of "
+                  f"FATE's {fate:.0f}")  # fmt: skip
             continue
         g, hs = v["guest"], v["host"]
         print(f"vertical {v['rows']} rows, {v['key_bits']}-bit: {v['wall_s']:.1f} s, "
