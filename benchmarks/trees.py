@@ -68,13 +68,15 @@ def generated(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def federation(x: np.ndarray, y: np.ndarray, nodes: int, seed: int) -> Federation:
+def federation(
+    x: np.ndarray, y: np.ndarray, nodes: int, seed: int, *, secure: bool = True
+) -> Federation:
     parts = partition(
         Dataset(x=x, y=y.astype(np.int64), classes=2),
         nodes=nodes, scheme="dirichlet", alpha=0.5, seed=seed, min_size=10,
     )  # fmt: skip
     app = NodeApp()
-    app.install(horizontal_tasks())
+    app.install(horizontal_tasks(secure=secure))
     app.install(SecureSum().node_tasks())
     return Federation(LocalEngine(app, data=[Rows(p.x, p.y) for p in parts]), seed=seed)
 
@@ -137,8 +139,8 @@ def quality(name: str, x: np.ndarray, y: np.ndarray, guest_cols: int, args: Any)
     out["xgboost_auc"] = float(roc_auc_score(y_test, xgboost_predict(xgb_model, x_test)))
     out["xgboost_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    fed = federation(x_train, y_train, args.nodes, seed=0)
     secure = len(x) <= args.secure_max_rows
+    fed = federation(x_train, y_train, args.nodes, seed=0, secure=secure)
     horizontal = train_horizontal(fed, params, secure=secure)
     out["horizontal_secure"] = secure
     out["horizontal_auc"] = float(roc_auc_score(y_test, horizontal.predict(x_test)))
@@ -173,8 +175,9 @@ def quality(name: str, x: np.ndarray, y: np.ndarray, guest_cols: int, args: Any)
 def horizontal_speed(args: Any) -> dict[str, Any]:
     x, y = generated(args.speed_rows, seed=1)
     params = GBDTParams(n_trees=args.speed_trees, max_depth=args.depth, learning_rate=0.3)
-    fed = federation(x, y, args.nodes, seed=1)
-    bins = train_horizontal(fed, GBDTParams(n_trees=1, max_depth=1)).bins  # cuts once
+    feds = {kind: federation(x, y, args.nodes, seed=1, secure=kind == "secure")
+            for kind in ("plain", "secure")}  # fmt: skip
+    bins = train_horizontal(feds["secure"], GBDTParams(n_trees=1, max_depth=1)).bins
     times: dict[str, list[float]] = {"xgboost": [], "plain": [], "secure": []}
     for _ in range(args.repeats):  # interleaved
         started = time.perf_counter()
@@ -182,7 +185,7 @@ def horizontal_speed(args: Any) -> dict[str, Any]:
         times["xgboost"].append((time.perf_counter() - started) / params.n_trees)
         for kind in ("plain", "secure"):
             started = time.perf_counter()
-            train_horizontal(fed, params, secure=kind == "secure", bins=bins)
+            train_horizontal(feds[kind], params, secure=kind == "secure", bins=bins)
             times[kind].append((time.perf_counter() - started) / params.n_trees)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {

@@ -25,9 +25,9 @@ class Rows:
     y: np.ndarray
 
 
-def _app() -> NodeApp:
+def _app(*, secure: bool = True) -> NodeApp:
     app = NodeApp()
-    app.install(horizontal_tasks())
+    app.install(horizontal_tasks(secure=secure))
     app.install(SecureSum().node_tasks())
     return app
 
@@ -57,7 +57,7 @@ def test_same_trees_as_centralized_on_pooled_rows(secure: bool) -> None:
     x, y = _cancer()
     nodes = _split(x, y, 5)
     params = GBDTParams(n_trees=4, max_depth=4, colsample=0.8)
-    fed = Federation(LocalEngine(_app(), data=nodes))
+    fed = Federation(LocalEngine(_app(secure=secure), data=nodes))
     federated = train_horizontal(fed, params, secure=secure)
     pooled = train(x, y, federated.params, bins=federated.bins)
     assert_identical(federated, pooled)
@@ -174,17 +174,12 @@ def test_bad_node_data_is_a_clear_error() -> None:
 
 def test_a_hostile_coordinator_cannot_make_a_node_loop_or_read_out_of_range() -> None:
     x, y = _cancer()
-    fed = Federation(LocalEngine(_app(), data=_split(x, y, 2)))
+    fed = Federation(LocalEngine(_app(secure=False), data=_split(x, y, 2)))
     model = train_horizontal(fed, GBDTParams(n_trees=1, max_depth=2), secure=False)
     assert model.trees
 
     def ask(features: list[int], **tree: Any) -> str:
-        arrays = {
-            "left": [-1], "right": [-1], "feature": [0], "left_bins": [1],
-            "default_left": [0], "value": [0.0], "sum_g": [0.0], "sum_h": [0.0], "sizes": [1],
-            **tree,
-        }  # fmt: skip
-        payload = {f"tree/{k}": np.asarray(v) for k, v in arrays.items()}
+        payload = {**_root_tree(), **{f"tree/{k}": np.asarray(v) for k, v in tree.items()}}
         common = {"round": 0, "output": 0, "nodes": np.array([0]), **payload}
         replies, failures = fed.request(
             ["n0"], HIST_TASK, common={**common, "features": np.asarray(features)}
@@ -195,3 +190,30 @@ def test_a_hostile_coordinator_cannot_make_a_node_loop_or_read_out_of_range() ->
     assert "point forward" in ask([0], left=[0], right=[0])  # a node that is its own child
     assert "feature list" in ask([99])
     assert "wrong length" in ask([0], value=[0.0, 1.0])
+
+
+def test_a_coordinator_asking_for_histograms_in_the_clear_is_refused() -> None:
+    x, y = _cancer()
+    fed = Federation(LocalEngine(_app(secure=True), data=_split(x, y, 4)))
+    model = train_horizontal(fed, GBDTParams(n_trees=1, max_depth=2), secure=True)
+    assert model.trees
+    # the same coordinator code with a plain sum: the nodes' policy keeps counts secure-only
+    with pytest.raises(NotEnoughNodes, match="releases 'counts' as secure, not in the clear"):
+        train_horizontal(fed, GBDTParams(n_trees=1, max_depth=2), secure=False)
+    # and a direct fetch of a node's kept histogram is refused the same way
+    values = fed.all().map(
+        HIST_TASK, round=0, output=0, nodes=np.array([0]), features=np.array([0, 1]),
+        offset=None, **_root_tree(),
+    )  # fmt: skip
+    replies, failures = fed.request(
+        [values.node_ids[0]], "shoal.fetch", common={"handle": values.handle, "fields": ["hist"]}
+    )
+    assert not replies and "secure" in failures[values.node_ids[0]].detail
+
+
+def _root_tree() -> dict[str, np.ndarray]:
+    arrays = {
+        "left": [-1], "right": [-1], "feature": [0], "left_bins": [0], "default_left": [0],
+        "value": [0.0], "sum_g": [0.0], "sum_h": [0.0], "sizes": [1],
+    }  # fmt: skip
+    return {f"tree/{k}": np.asarray(v) for k, v in arrays.items()}

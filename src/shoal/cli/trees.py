@@ -125,7 +125,8 @@ def tree_node_app(job: JobSpec) -> NodeApp:
 
         app.install(host_tasks(insecure_keys=bool(job.model.get("insecure_test_keys", False))))
     else:
-        app.install(horizontal_tasks())
+        secure = bool(job.raw.get("aggregate", {}).get("secure", True))
+        app.install(horizontal_tasks(secure=secure))
         app.install(SecureSum().node_tasks())
     return app
 

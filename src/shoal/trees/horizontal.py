@@ -17,7 +17,7 @@ import numpy as np
 from shoal.core import Federation
 from shoal.crypto import SecureSum
 from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError
-from shoal.runtime import Failure, FailureKind, TaskContext
+from shoal.runtime import Failure, FailureKind, TaskContext, TaskSpec
 from shoal.trees import exact
 from shoal.trees.bins import MISSING, Bins, bins_from_grid, grid_counts
 from shoal.trees.booster import Booster, feature_sampler, fixed_point, sample_features
@@ -41,15 +41,6 @@ SETUP_TASK = "gbdt.setup"
 HIST_TASK = "gbdt.hist"
 DEFAULT_FIXED_POINT = 24  # gradients to 2**-24; sums stay exact up to 2**23 rows per node
 _STATE = "shoal.trees.horizontal"
-
-# What each task's result may do when it leaves the node (docs/trees.md, "What each party
-# learns"): ranges are revealed, counts and histograms only through a sum.
-RELEASE: dict[str, dict[str, str]] = {
-    RANGE_TASK: {"low": "clear", "high": "clear", "features": "clear"},
-    SKETCH_TASK: {"counts": "secure"},
-    SETUP_TASK: {"ok": "clear"},
-    HIST_TASK: {"hist": "secure"},
-}
 
 
 # -- node side --------------------------------------------------------------------------
@@ -178,9 +169,19 @@ def _slots(bins: Bins, features: np.ndarray) -> np.ndarray:
     ).astype(np.int64)
 
 
-def horizontal_tasks() -> dict[str, Any]:
-    """The node-side tasks of horizontal boosting (install with SecureSum's tasks)."""
-    return {RANGE_TASK: _range, SKETCH_TASK: _sketch, SETUP_TASK: _setup, HIST_TASK: _hist}
+def horizontal_tasks(*, secure: bool = True) -> dict[str, TaskSpec]:
+    """The node-side tasks of horizontal boosting (install with SecureSum's tasks), with the
+    node's release policies: ranges leave in the clear; counts and histograms only into a
+    secure sum, or in the clear when ``secure=False`` (a plain-sum job; see docs/trees.md)."""
+    summed = "secure" if secure else "clear"
+    return {
+        RANGE_TASK: TaskSpec(
+            _range, release={"low": "clear", "high": "clear", "features": "clear"}
+        ),
+        SKETCH_TASK: TaskSpec(_sketch, release={"counts": summed}),
+        SETUP_TASK: TaskSpec(_setup, release={"ok": "clear"}),
+        HIST_TASK: TaskSpec(_hist, release={"hist": summed}),
+    }
 
 
 # -- server side ------------------------------------------------------------------------

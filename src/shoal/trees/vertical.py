@@ -25,6 +25,7 @@ import numpy as np
 
 from shoal.crypto import paillier
 from shoal.errors import ConfigError, DataError, ProtocolError, ShoalError
+from shoal.runtime import TaskSpec
 from shoal.trees.bins import MISSING, Bins, fit_bins
 from shoal.trees.booster import feature_sampler, row_sampler, sample_features, tree_gradients
 from shoal.trees.gh import GHCodec
@@ -339,7 +340,15 @@ class HostParty:
         ]
 
 
-def host_tasks(*, insecure_keys: bool = False) -> dict[str, Any]:
+# Everything a host answers goes to the guest, which runs the coordinator: ciphertexts under
+# the guest's key, candidate counts, record ids and the instance space (docs/trees.md).
+HOST_RELEASE = {
+    field: "clear"
+    for field in ("rows", "features", "block", "ct", "counts", "packed", "first", "record", "left")
+}
+
+
+def host_tasks(*, insecure_keys: bool = False) -> dict[str, TaskSpec]:
     """The node task of a SecureBoost host: its HostParty is built from ``ctx.data.x`` when
     the guest first asks (``describe`` carries ``max_bins``) and lives in the node's state."""
 
@@ -363,7 +372,7 @@ def host_tasks(*, insecure_keys: bool = False) -> dict[str, Any]:
             reply["block"] = block  # which column block of a job this host holds
         return reply
 
-    return {HOST_TASK: run}
+    return {HOST_TASK: TaskSpec(run, release=HOST_RELEASE)}
 
 
 def federated_link(fed: Any, node_id: str, *, deadline_s: float | None = None) -> Link:
