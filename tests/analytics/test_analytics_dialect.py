@@ -20,7 +20,7 @@ CONFIG = AnalyticsConfig(
 def test_parses_every_aggregate_kind() -> None:
     plan = parse(
         "SELECT ward, COUNT(*), COUNT(cost), SUM(cost), AVG(age), VARIANCE(age), VAR_POP(age),"
-        " STDDEV(age), STDDEV_POP(age), MEDIAN(age), QUANTILE_CONT(age, 0.25),"
+        " STDDEV(age), STDDEV_POP(age), VAR(age), MEDIAN(age), QUANTILE_CONT(age, 0.25),"
         " APPROX_QUANTILE(age, 0.75), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY cost),"
         " HISTOGRAM(age, 12), SUM(cost) / COUNT(*) AS per_row"
         " FROM visits v JOIN patients p ON v.patient_id = p.patient_id"

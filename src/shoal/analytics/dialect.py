@@ -280,6 +280,10 @@ def _aggregate(node: Any, config: AnalyticsConfig) -> Aggregate:
         if q is None:
             raise QueryError("APPROX_QUANTILE(column, q) needs the quantile q")
         return _quantile(column_of(node.this, "APPROX_QUANTILE"), _literal_number(q, "q"))
+    if isinstance(node, exp.Anonymous) and node.name.upper() == "VAR":  # T-SQL's name
+        if len(node.expressions) != 1:
+            raise QueryError("VAR(column) takes one column")
+        return Aggregate("var_samp", column_of(node.expressions[0], "VAR"))
     if isinstance(node, exp.Anonymous) and node.name.upper() == "HISTOGRAM":
         args = node.expressions
         if not 1 <= len(args) <= 2:
@@ -391,7 +395,7 @@ def parse(sql: str, config: AnalyticsConfig) -> Plan:
 
     def placeholder(node: Any) -> Any:
         if isinstance(node, (exp.AggFunc, exp.WithinGroup)) or (
-            isinstance(node, exp.Anonymous) and node.name.upper() == "HISTOGRAM"
+            isinstance(node, exp.Anonymous) and node.name.upper() in ("HISTOGRAM", "VAR")
         ):
             agg = _aggregate(node, config)
             if agg.kind in NEEDS_BOUNDS and agg.bounds_name not in config.bounds:

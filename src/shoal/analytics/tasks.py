@@ -88,8 +88,13 @@ def _request(ctx: Any, payload: Mapping[str, Any], policy: NodePolicy) -> tuple[
     if privacy is not None and not isinstance(privacy, Mapping):
         raise TaskError("'privacy' must be an object or null")
     db = ctx.data
-    if isinstance(db, (str, os.PathLike)):
-        db = Database(os.fspath(db), table=policy.table or config.table)
+    if isinstance(db, (str, os.PathLike)):  # a path: opened once, as the job's table
+        table = policy.table or config.table
+        key = (os.fspath(db), table)
+        opened = ctx.state.setdefault("shoal.analytics.db", {})
+        if key not in opened:
+            opened[key] = Database(key[0], table=table)
+        db = opened[key]
     if not isinstance(db, Database):
         raise TaskError(f"this node holds no database (its data is {type(db).__name__})")
     return config, plan, privacy, db

@@ -1,8 +1,11 @@
-"""``shoal query``: answer one SQL query across the parties of an analytics job, simulated.
+"""``shoal query``: answer SQL queries across the parties of an analytics job.
 
 The job file's ``[analytics]`` table declares the parties' data, the table, the privacy unit,
 bounds and categories; ``[privacy]`` (optional) the per-query epsilon. Without it, answers
-are exact and protected only by the secure sum.
+are exact and protected only by the secure sum. By default the parties are simulated in
+this process; with ``--listen`` this process is the coordinator of a deployment whose parties
+run ``shoal analytics-node --db FILE`` (gRPC, mutual TLS), and answers each ``--sql`` (or
+each line of stdin with ``--sql -``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from shoal.errors import ConfigError
 
-__all__ = ["load_analytics_job", "register", "run"]
+__all__ = ["load_analytics_job", "register", "run", "run_node"]
 
 EPILOG = """\
 examples:
@@ -47,7 +50,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--job", required=True, help="analytics job file (TOML)")
-    parser.add_argument("--sql", required=True, help="the query (one SELECT of aggregates)")
+    parser.add_argument(
+        "--sql",
+        required=True,
+        action="append",
+        help="the query (one SELECT of aggregates); repeat it for several, '-' reads stdin",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the answer as JSON here")
     parser.add_argument(
         "--epsilon", type=float, help="DP epsilon for this query (overrides [privacy])"
@@ -58,7 +66,38 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--exact", action="store_true", help="ignore [privacy]: exact, secure-sum-only answer"
     )
+    deployed = parser.add_argument_group("deployed (a coordinator for analytics-node parties)")
+    deployed.add_argument("--listen", metavar="HOST:PORT", help="serve parties here")
+    deployed.add_argument("--certs", metavar="DIR", help="certificate directory (shoal certs)")
+    deployed.add_argument(
+        "--insecure", action="store_true", help="plaintext, unauthenticated: tests only"
+    )
+    deployed.add_argument("--store", help="the node registry (shoal nodes add ...)")
+    deployed.add_argument("--wait-nodes", type=int, metavar="N", help="parties to wait for")
+    deployed.add_argument("--wait-timeout", type=float, default=300.0, metavar="S")
     parser.set_defaults(func=run)
+
+    node = subparsers.add_parser(
+        "analytics-node",
+        help="serve this party's database to an analytics coordinator",
+        description="Connect to `shoal query --listen` and answer its queries on --db; "
+        "the owner's rules (--require-dp, --max-epsilon, --privacy-unit) are enforced here.",
+    )
+    node.add_argument("--db", required=True, help="DuckDB, SQLite, CSV or Parquet file")
+    node.add_argument("--table", help="the table a CSV/Parquet file is loaded as")
+    node.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    node.add_argument("--key", required=True, metavar="KEYFILE", help="this node's private key")
+    node.add_argument("--certs", metavar="DIR", help="certificate directory")
+    node.add_argument("--cert-name", help="certificate name (default: the key file's name)")
+    node.add_argument("--insecure", action="store_true", help="plaintext: tests only")
+    node.add_argument(
+        "--require-dp", action="store_true", help="decline exact and central-noise queries"
+    )
+    node.add_argument("--max-epsilon", type=float, help="this owner's total privacy budget")
+    node.add_argument("--max-delta", type=float, default=1e-6)
+    node.add_argument("--privacy-unit", help="the owner's privacy unit column (overrides)")
+    node.add_argument("--max-idle", type=float, metavar="S", help="leave after S idle seconds")
+    node.set_defaults(func=run_node)
 
 
 def load_analytics_job(path: str | Path) -> tuple[Any, Any, int]:
@@ -117,11 +156,101 @@ def run(args: argparse.Namespace) -> int:
             mode=args.mode or base.mode,
             key_selection_share=base.key_selection_share,
         )
+    queries = [q for sql in args.sql for q in (_stdin_queries() if sql == "-" else [sql])]
+    if args.listen:
+        return _deployed(args, config, privacy, min_nodes, queries)
     fed = federation(config, min_nodes=min_nodes)
-    result = query(fed, args.sql, config=config, privacy=privacy, min_nodes=min_nodes)
-    _print(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+    results = [
+        query(fed, sql, config=config, privacy=privacy, min_nodes=min_nodes) for sql in queries
+    ]
+    _finish(results, args.json)
+    return 0
+
+
+def _stdin_queries() -> list[str]:
+    return [line.strip() for line in sys.stdin if line.strip()]
+
+
+def _finish(results: list[Any], path: str | None) -> None:
+    for result in results:
+        _print(result)
+    if path:
+        data = results[0].to_json() if len(results) == 1 else [r.to_json() for r in results]
+        Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _deployed(
+    args: argparse.Namespace, config: Any, privacy: Any, min_nodes: int, queries: list[str]
+) -> int:
+    from shoal.analytics import query
+    from shoal.cli.options import open_store
+    from shoal.core import Federation
+    from shoal.runtime.grpc import GrpcEngine, ServerTLS
+
+    if not args.insecure and not args.certs:
+        raise ConfigError("a deployed coordinator needs --certs DIR (or --insecure for tests)")
+    tls = None if args.insecure else ServerTLS.from_dir(args.certs)
+    wait = args.wait_nodes or min_nodes
+    with open_store(args.store) as store:
+        engine = GrpcEngine(listen=args.listen, registry=store, tls=tls, insecure=args.insecure)
+        try:
+            engine.start()
+            host = args.listen.rsplit(":", 1)[0]
+            print(
+                f"analytics coordinator on {host}:{engine.port}; waiting for {wait} parties",
+                flush=True,
+            )
+            connected = engine.wait_for_nodes(wait, timeout_s=args.wait_timeout)
+            if connected < min_nodes:
+                raise ConfigError(
+                    f"only {connected} parties connected within {args.wait_timeout:.0f} s, "
+                    f"fewer than min_nodes {min_nodes}"
+                )
+            fed = Federation(engine, min_nodes=min_nodes)
+            results = [
+                query(fed, sql, config=config, privacy=privacy, min_nodes=min_nodes)
+                for sql in queries
+            ]
+            engine.finish("queries answered")
+        finally:
+            engine.close()
+    _finish(results, args.json)
+    return 0
+
+
+def run_node(args: argparse.Namespace) -> int:
+    from shoal.analytics import Database, NodePolicy
+    from shoal.analytics.simulate import node_app
+    from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, load_private_key
+
+    policy = NodePolicy(
+        require_dp=args.require_dp,
+        max_epsilon=args.max_epsilon,
+        max_delta=args.max_delta,
+        privacy_unit=args.privacy_unit,
+        table=args.table,
+    )
+    Database(args.db, table=args.table or "t")  # the format is checked before connecting
+    if args.insecure:
+        tls = None
+    elif args.certs:
+        name = args.cert_name or Path(args.key).name.removesuffix(".key")
+        tls = ClientTLS.from_dir(args.certs, name=name)
+    else:
+        raise ConfigError("an analytics node needs --certs DIR (or --insecure for tests)")
+    client = NodeClient(
+        app=node_app(policy),
+        coordinator=args.coordinator,
+        key=load_private_key(args.key),
+        data=str(Path(args.db).resolve()),
+        tls=tls,
+        insecure=bool(args.insecure),
+        backoff=Backoff(initial_s=0.2, max_s=5.0),
+        max_idle_s=args.max_idle,
+    )
+    print(f"analytics node serving {args.db} to {args.coordinator}", flush=True)
+    outcome = client.run()
+    print(f"analytics node: {outcome.value} after {client.tasks_done} task(s)", flush=True)
     return 0
 
 

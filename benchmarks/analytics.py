@@ -1,0 +1,389 @@
+"""Federated analytics: exactness against DuckDB, DP error against smartnoise-sql, latency.
+
+A generated table (person_id, age, income in thousands, region, sex; one row per person) is
+split over ``--parties`` DuckDB files of ``--rows`` rows each, and pooled in one DuckDB
+table as the reference.
+
+* exactness: each query without [privacy] (secure sum only) against DuckDB on the pooled
+  rows; the largest relative difference per query, and quantiles' distance in bins.
+* dp_error: 10 queries, each answered ``--repeats`` times by shoal with distributed noise
+  (every party adds a Gamma-difference share of the Laplace noise inside the secure sum)
+  and by smartnoise-sql with central DP on the pooled table, at the same epsilon: shoal's
+  epsilon per query is what smartnoise's odometer charges for it (1 per mechanism, e.g. 2
+  for an AVG). The mean absolute error over cells and repeats, against the truth on the
+  clamped pooled rows, and shoal's error divided by smartnoise's (target: <= 1.2).
+  smartnoise-sql is not a dependency of shoal; it runs in its own virtualenv:
+
+      python -m venv /work/venvs/smartnoise
+      /work/venvs/smartnoise/bin/pip install smartnoise-sql pandas
+
+  and ``--smartnoise-python /work/venvs/smartnoise/bin/python`` (the default) names it.
+* latency: wall seconds of the same query answered by shoal (exact, and distributed DP)
+  over the parties, and by DuckDB on the pooled rows, interleaved, medians of ``--repeats``.
+* heavy_hitters: if ../shared/data/tinyshakespeare.txt is there, the most frequent words
+  across speaking roles (one party per role) by GROUP BY on undeclared keys under DP.
+
+    python benchmarks/analytics.py --parties 10 --rows 100000 --repeats 10 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from shoal.analytics import AnalyticsConfig, Party, Privacy, query
+from shoal.analytics.simulate import federation
+
+BOUNDS = {"age": [0, 100], "income": [0, 200]}
+CATEGORIES = {"region": ["north", "south", "east", "west", "centre"], "sex": ["F", "M"]}
+EXACT_QUERIES = [
+    "SELECT COUNT(*) AS n FROM t",
+    "SELECT region, COUNT(*) AS n, SUM(income) AS s FROM t GROUP BY region ORDER BY region",
+    "SELECT sex, AVG(age) AS a, VAR_SAMP(income) AS v FROM t WHERE age > 30 GROUP BY sex "
+    "ORDER BY sex",
+    "SELECT region, STDDEV_POP(age) AS s FROM t GROUP BY region HAVING COUNT(*) > 10 "
+    "ORDER BY region",
+    "SELECT SUM(income) / COUNT(*) AS per_person FROM t WHERE sex = 'F'",
+]
+QUANTILE_QUERY = (
+    "SELECT region, QUANTILE_CONT(income, {q}) AS x FROM t GROUP BY region ORDER BY region"
+)
+# Queries both shoal and smartnoise-sql answer (smartnoise names the table public.t).
+DP_QUERIES = [
+    "SELECT COUNT(*) AS n FROM t",
+    "SELECT SUM(income) AS s FROM t",
+    "SELECT AVG(age) AS a FROM t",
+    "SELECT COUNT(*) AS n FROM t WHERE age > 60",
+    "SELECT region, COUNT(*) AS n FROM t GROUP BY region",
+    "SELECT region, SUM(income) AS s FROM t GROUP BY region",
+    "SELECT region, AVG(income) AS a FROM t GROUP BY region",
+    "SELECT sex, VAR(age) AS v FROM t GROUP BY sex",
+    "SELECT STDDEV(income) AS s FROM t",
+    "SELECT region, sex, COUNT(*) AS n FROM t GROUP BY region, sex",
+]
+LATENCY_QUERY = "SELECT region, COUNT(*) AS n, AVG(income) AS a FROM t GROUP BY region"
+
+SMARTNOISE = r"""
+import json, sys
+import numpy as np, pandas as pd, snsql
+from snsql import Privacy
+spec = json.load(sys.stdin)
+df = pd.read_csv(spec["path"])
+cols = {"pid": {"type": "int", "private_id": True}, "region": {"type": "string"},
+        "sex": {"type": "string"}}
+for c, (lo, hi) in spec["bounds"].items():
+    cols[c] = {"type": "float", "lower": lo, "upper": hi}
+meta = {"Collection": {"public": {"t": {"row_privacy": False, "rows": len(df), "max_ids": 1,
+        "censor_dims": False, **cols}}}}
+reader = snsql.from_df(df, privacy=Privacy(epsilon=1.0, delta=1e-6), metadata=meta)
+out = []
+for q in spec["queries"]:
+    q2 = q.replace(" FROM t", " FROM public.t")
+    eps, delta = reader.get_privacy_cost(q2)
+    runs = []
+    for _ in range(spec["repeats"]):
+        rows = reader.execute(q2)[1:]
+        runs.append([[None if isinstance(v, float) and v != v else v for v in r] for r in rows])
+    out.append({"query": q, "epsilon": float(eps), "delta": float(delta), "runs": runs})
+json.dump(out, sys.stdout, default=float)
+"""
+
+
+def make_parties(root: Path, parties: int, rows: int, seed: int) -> tuple[list[Party], Any]:
+    """Party DuckDB files and the pooled table (in memory, and as parquet for smartnoise)."""
+    pool = duckdb.connect()
+    pool.execute(f"SELECT setseed({(seed % 1000) / 1000.0})")
+    pool.execute(
+        f"""CREATE TABLE t AS SELECT range AS pid,
+            floor(random() * 100)::DOUBLE AS age,
+            round(-20.0 * ln(random() * random()), 3) AS income,
+            ['north', 'south', 'east', 'west', 'centre'][1 + floor(random() * 5)::INT] AS region,
+            CASE WHEN random() < 0.5 THEN 'F' ELSE 'M' END AS sex,
+            range // {rows} AS party
+            FROM range({parties * rows})"""
+    )
+    out = []
+    for p in range(parties):
+        path = root / f"party{p}.duckdb"
+        pool.execute(f"ATTACH '{path}' AS p{p}")
+        pool.execute(
+            f"CREATE TABLE p{p}.t AS SELECT pid, age, income, region, sex FROM t WHERE party = {p}"
+        )
+        pool.execute(f"DETACH p{p}")
+        out.append(Party(name=f"party{p}", path=str(path)))
+    pool.execute(
+        f"COPY (SELECT pid, age, income, region, sex FROM t) TO '{root / 'pool.csv'}' (HEADER)"
+    )
+    # The reference answers see the values clamped to the declared bounds, as both DP
+    # systems and shoal's parties clamp them.
+    pool.execute(
+        "CREATE TABLE tc AS SELECT pid, LEAST(GREATEST(age, 0), 100) AS age, "
+        "LEAST(GREATEST(income, 0), 200) AS income, region, sex FROM t"
+    )
+    return out, pool
+
+
+def config_for(parties: list[Party], *, max_rows: int) -> AnalyticsConfig:
+    return AnalyticsConfig(
+        table="t",
+        privacy_unit="pid",
+        max_contributions=1,
+        bounds=BOUNDS,
+        categories=CATEGORIES,
+        parties=tuple(parties),
+        max_rows=max_rows,
+        bins=1000,
+    )
+
+
+def _rel(a: Any, b: Any) -> float:
+    if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
+        return 0.0 if a == b else math.inf
+    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-12)
+
+
+def exactness(fed: Any, config: AnalyticsConfig, pool: Any) -> list[dict[str, Any]]:
+    out = []
+    for sql in EXACT_QUERIES:
+        got = query(fed, sql, config=config).rows
+        want = pool.execute(sql.replace(" FROM t", " FROM tc")).fetchall()
+        worst = max((_rel(g, w) for gr, wr in zip(got, want) for g, w in zip(gr, wr)), default=0)
+        out.append(
+            {
+                "query": sql,
+                "rows": len(got),
+                "same_rows": len(got) == len(want),
+                "max_rel_diff": worst,
+            }
+        )
+    width = (BOUNDS["income"][1] - BOUNDS["income"][0]) / config.bins
+    for q in (0.1, 0.5, 0.9):
+        sql = QUANTILE_QUERY.format(q=q)
+        got = query(fed, sql, config=config).rows
+        want = pool.execute(sql.replace(" FROM t", " FROM tc")).fetchall()
+        bins = max(abs(g[1] - w[1]) / width for g, w in zip(got, want))
+        out.append(
+            {
+                "query": sql,
+                "rows": len(got),
+                "same_rows": len(got) == len(want),
+                "max_diff_bins": bins,
+            }
+        )
+    return out
+
+
+def truth_for(pool: Any, sql: str) -> dict[tuple[Any, ...], float]:
+    """The query on the pooled rows with values clamped as both sides clamp them."""
+    clamped = sql.replace(" FROM t", " FROM tc").replace("VAR(", "VAR_SAMP(")
+    rows = pool.execute(clamped).fetchall()
+    return {tuple(r[:-1]): float(r[-1]) for r in rows}
+
+
+def mae(runs: list[list[list[Any]]], truth: dict[tuple[Any, ...], float]) -> float:
+    errors = []
+    for rows in runs:
+        seen = {tuple(r[:-1]): r[-1] for r in rows}
+        for key, value in truth.items():
+            got = seen.get(key)
+            errors.append(abs(float(got) - value) if got is not None else abs(value))
+    return float(np.mean(errors))
+
+
+def dp_error(
+    fed: Any, config: AnalyticsConfig, pool: Any, root: Path, repeats: int, python: str | None
+) -> list[dict[str, Any]]:
+    sn: list[dict[str, Any]] | None = None
+    if python and Path(python).exists():
+        spec = {
+            "path": str(root / "pool.csv"),
+            "queries": DP_QUERIES,
+            "repeats": repeats,
+            "bounds": BOUNDS,
+        }
+        proc = subprocess.run(
+            [python, "-c", SMARTNOISE],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        sn = json.loads(proc.stdout)
+    out = []
+    for i, sql in enumerate(DP_QUERIES):
+        truth = truth_for(pool, sql)
+        epsilon = sn[i]["epsilon"] if sn else 1.0
+        runs = []
+        for _ in range(repeats):
+            result = query(fed, sql, config=config, privacy=Privacy(epsilon=epsilon))
+            runs.append([list(r) for r in result.rows])
+        row: dict[str, Any] = {"query": sql, "epsilon": epsilon, "shoal_mae": mae(runs, truth)}
+        if sn:
+            row["smartnoise_mae"] = mae(sn[i]["runs"], truth)
+            row["smartnoise_delta"] = sn[i]["delta"]
+            row["ratio"] = row["shoal_mae"] / row["smartnoise_mae"]
+        out.append(row)
+    return out
+
+
+def latency(fed: Any, config: AnalyticsConfig, pool: Any, repeats: int) -> dict[str, Any]:
+    times: dict[str, list[float]] = {"duckdb_pooled": [], "shoal_exact": [], "shoal_dp": []}
+    query(fed, LATENCY_QUERY, config=config)  # warm: connections open, caches filled
+    for _ in range(repeats):
+        t = time.perf_counter()
+        pool.execute(LATENCY_QUERY).fetchall()
+        times["duckdb_pooled"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        query(fed, LATENCY_QUERY, config=config)
+        times["shoal_exact"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        query(fed, LATENCY_QUERY, config=config, privacy=Privacy(epsilon=1.0))
+        times["shoal_dp"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "query": LATENCY_QUERY,
+        "median_s": med,
+        "exact_vs_duckdb": med["shoal_exact"] / med["duckdb_pooled"],
+        "dp_vs_duckdb": med["shoal_dp"] / med["duckdb_pooled"],
+    }
+
+
+def heavy_hitters(root: Path, epsilon: float, top: int) -> dict[str, Any] | None:
+    from shoal.data.text import parse_speeches
+
+    corpus = Path(os.environ.get("SHOAL_DATA_DIR", Path(__file__).parents[2] / "shared/data"))
+    path = corpus / "tinyshakespeare.txt"
+    if not path.exists():
+        path = Path("/work/shared/data/tinyshakespeare.txt")
+    if not path.exists():
+        return None
+    speeches = parse_speeches(path.read_text())
+    parties, counts = [], Counter()
+    for i, text in enumerate(speeches.values()):
+        words = re.findall(r"[a-z']+", text.lower())
+        counts.update(set(words))  # the number of roles that use each word
+        file = root / f"role{i}.csv"
+        file.write_text("role,word\n" + "".join(f"{i},{w}\n" for w in set(words)))
+        parties.append(Party(name=f"role{i}", path=str(file)))
+    # Every role is one privacy unit and votes once for each of up to 50 of its words.
+    config = AnalyticsConfig(
+        table="words",
+        privacy_unit="role",
+        max_contributions=50,
+        parties=tuple(parties),
+        max_key_bytes=8,
+        max_groups=100,
+    )
+    fed = federation(config, min_nodes=len(parties) // 2)
+    sql = f"SELECT word, COUNT(*) AS roles FROM words GROUP BY word ORDER BY roles DESC LIMIT {top}"
+    t = time.perf_counter()
+    result = query(fed, sql, config=config, privacy=Privacy(epsilon=epsilon))
+    wall = time.perf_counter() - t
+    true_top = [w for w, _ in counts.most_common(top)]
+    found = [r[0] for r in result.rows]
+    return {
+        "roles": len(parties),
+        "epsilon": epsilon,
+        "found": found,
+        "true_top": true_top,
+        "recall_at_top": len(set(found) & set(true_top)) / top,
+        "wall_s": wall,
+        "notes": list(result.notes),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parties", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=100_000, help="rows per party")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smartnoise-python", default="/work/venvs/smartnoise/bin/python")
+    parser.add_argument("--heavy-hitters-epsilon", type=float, default=8.0)
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["exactness", "dp_error", "latency", "heavy_hitters"],
+    )
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    report: dict[str, Any] = {
+        "parties": args.parties,
+        "rows_per_party": args.rows,
+        "repeats": args.repeats,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        parties, pool = make_parties(root, args.parties, args.rows, args.seed)
+        config = config_for(parties, max_rows=max(args.rows, 10))
+        fed = federation(config)
+        if "exactness" not in args.skip:
+            report["exactness"] = exactness(fed, config, pool)
+            print("\nexactness (no [privacy]) against DuckDB on the pooled rows")
+            for r in report["exactness"]:
+                diff = r.get("max_rel_diff", r.get("max_diff_bins"))
+                unit = "rel" if "max_rel_diff" in r else "bins"
+                print(
+                    f"  {diff:10.3g} {unit:4s}  rows {r['rows']:3d} {r['same_rows']}  {r['query']}"
+                )
+        if "dp_error" not in args.skip:
+            report["dp_error"] = dp_error(
+                fed, config, pool, root, args.repeats, args.smartnoise_python
+            )
+            print("\nDP error: mean absolute error, shoal distributed vs smartnoise-sql central")
+            print(f"  {'eps':>4s} {'shoal':>10s} {'smartnoise':>10s} {'ratio':>6s}  query")
+            for r in report["dp_error"]:
+                sn = r.get("smartnoise_mae", math.nan)
+                print(
+                    f"  {r['epsilon']:4.1f} {r['shoal_mae']:10.4g} {sn:10.4g} "
+                    f"{r.get('ratio', math.nan):6.2f}  {r['query']}"
+                )
+            ratios = [r["ratio"] for r in report["dp_error"] if "ratio" in r]
+            if ratios:
+                report["dp_error_ratio_max"] = max(ratios)
+                report["dp_error_ratio_geomean"] = float(np.exp(np.mean(np.log(ratios))))
+                print(
+                    f"  ratio: max {max(ratios):.2f}, geometric mean "
+                    f"{report['dp_error_ratio_geomean']:.2f}"
+                )
+        if "latency" not in args.skip:
+            report["latency"] = lat = latency(fed, config, pool, args.repeats)
+            m = lat["median_s"]
+            print(
+                f"\nlatency ({args.parties} parties x {args.rows} rows), medians of "
+                f"{args.repeats}: DuckDB pooled {m['duckdb_pooled'] * 1e3:.1f} ms, shoal "
+                f"exact {m['shoal_exact'] * 1e3:.0f} ms ({lat['exact_vs_duckdb']:.0f}x), "
+                f"shoal DP {m['shoal_dp'] * 1e3:.0f} ms ({lat['dp_vs_duckdb']:.0f}x)"
+            )
+        if "heavy_hitters" not in args.skip:
+            hh = heavy_hitters(root, args.heavy_hitters_epsilon, top=10)
+            report["heavy_hitters"] = hh
+            if hh is None:
+                print("\nheavy hitters: tinyshakespeare.txt not found, skipped")
+            else:
+                print(
+                    f"\nheavy hitters over {hh['roles']} roles at epsilon {hh['epsilon']}: "
+                    f"recall@10 {hh['recall_at_top']:.1f} in {hh['wall_s']:.1f} s\n"
+                    f"  found {hh['found']}\n  true  {hh['true_top']}"
+                )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
