@@ -206,3 +206,17 @@ def test_laplace_charges_compose_in_the_owner_ledger_and_survive_a_round_trip() 
     assert [e.mechanism for e in again.ledger.entries] == ["laplace", "gaussian"]
     with pytest.raises(Exception, match="laplace request"):
         again.charge(sample_rate=1.0, noise_multiplier=0.3, steps=1, mechanism="laplace")
+
+
+def test_key_selection_releasing_nothing_answers_no_rows(three: Federated) -> None:
+    config = three.config(
+        categories={}, privacy_unit="patient_id", max_contributions=50, max_key_bytes=2
+    )
+    result = query(
+        federation(config),
+        "SELECT ward, COUNT(*) AS n FROM visits GROUP BY ward",
+        config=config,
+        privacy=Privacy(epsilon=0.01),
+    )
+    assert result.rows == () and result.errors == ()
+    assert 0 < result.epsilon <= 0.01 * 0.5  # only the key selection's levels were spent

@@ -157,6 +157,18 @@ def query(
         )
         selection_eps = spent
     domain = Domain(plan, config, keys)
+    mode = "exact" if privacy is None else privacy.mode
+    if len(domain) == 0:  # key selection released no key: nothing left to ask or to spend
+        return QueryResult(
+            columns=tuple(o.name for o in plan.outputs),
+            rows=(),
+            errors=() if dp else None,
+            epsilon=selection_eps,
+            mode=mode,
+            parties=summer.parties,
+            failures=dict(summer.failures),
+            notes=tuple(notes + summer.notes),
+        )
     blocks = blocks_for(plan, config, dp=dp)
     n_groups = len(domain) + (0 if dp else 1)
     bound = scales(blocks, plan, config)
@@ -190,7 +202,6 @@ def query(
         )
     result = _assemble(plan, config, domain, blocks, stats, draws, dp=dp)
     columns, rows, errors, disclosed = result
-    mode = "exact" if privacy is None else privacy.mode
     return QueryResult(
         columns=columns,
         rows=rows,
