@@ -138,7 +138,7 @@ def make_parties(root: Path, parties: int, rows: int, seed: int) -> tuple[list[P
     return out, pool
 
 
-def config_for(parties: list[Party], *, max_rows: int) -> AnalyticsConfig:
+def config_for(parties: list[Party]) -> AnalyticsConfig:
     return AnalyticsConfig(
         table="t",
         privacy_unit="pid",
@@ -146,7 +146,6 @@ def config_for(parties: list[Party], *, max_rows: int) -> AnalyticsConfig:
         bounds=BOUNDS,
         categories=CATEGORIES,
         parties=tuple(parties),
-        max_rows=max_rows,
         bins=1000,
     )
 
@@ -231,6 +230,8 @@ def dp_error(
         runs = []
         for _ in range(repeats):
             result = query(fed, sql, config=config, privacy=Privacy(epsilon=epsilon))
+            if result.failures:  # every party must be in every answer compared
+                raise RuntimeError(f"{sql}: parties failed: {dict(result.failures)}")
             runs.append([list(r) for r in result.rows])
         row: dict[str, Any] = {"query": sql, "epsilon": epsilon, "shoal_mae": mae(runs, truth)}
         if sn:
@@ -334,7 +335,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         parties, pool = make_parties(root, args.parties, args.rows, args.seed)
-        config = config_for(parties, max_rows=max(args.rows, 10))
+        config = config_for(parties)
         fed = federation(config)
         if "exactness" not in args.skip:
             report["exactness"] = exactness(fed, config, pool)

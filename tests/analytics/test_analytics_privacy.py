@@ -220,3 +220,20 @@ def test_key_selection_releasing_nothing_answers_no_rows(three: Federated) -> No
     )
     assert result.rows == () and result.errors == ()
     assert 0 < result.epsilon <= 0.01 * 0.5  # only the key selection's levels were spent
+
+
+def test_a_party_at_max_rows_still_answers_under_dp(three: Federated) -> None:
+    # Its row count is exactly the public bound; the noise share carries it past 1.
+    rows = max(
+        three.duck(f"SELECT COUNT(*) FROM visits WHERE patient_id < {k}")[0][0]
+        for k in (100_000, 200_000)
+    )
+    config = three.config(max_rows=rows)
+    for _ in range(6):
+        result = query(
+            federation(config),
+            "SELECT COUNT(*) AS n FROM visits",
+            config=config,
+            privacy=Privacy(epsilon=1.0),
+        )
+        assert result.failures == {} and len(result.parties) == 3

@@ -19,7 +19,7 @@ from shoal.analytics.config import AnalyticsConfig, Privacy
 from shoal.analytics.dialect import Plan, evaluate, parse
 from shoal.analytics.party import END, Domain, key_from_bytes, key_of
 from shoal.analytics.stats import Block, answer, blocks_for, laplace_scales, scales, unflatten
-from shoal.analytics.tasks import KEYS_TASK, STATS_TASK, VALUE_RANGE, join_exact
+from shoal.analytics.tasks import KEYS_TASK, STATS_TASK, join_exact, secure_range
 from shoal.errors import AggregationError, QueryError
 
 __all__ = ["QueryResult", "query"]
@@ -97,7 +97,8 @@ class _Summer:
         # Small federations tolerate no dropout inside the secure sum (SecAgg+ needs
         # 2D + 1 neighbours to survive D); from 5 parties on, a tenth may drop out.
         dropouts = 0.1 if len(values.node_ids) >= 5 else 0.0
-        secure = SecureSum(value_range=VALUE_RANGE, bits=64, dropout_fraction=dropouts)
+        value_range = secure_range(laplace if priv is not None else None)
+        secure = SecureSum(value_range=value_range, bits=64, dropout_fraction=dropouts)
         reduced = Chain.of(secure).reduce(values)
         for node, reason in (values.exclusions or {}).items():
             self.failures.setdefault(node, reason)

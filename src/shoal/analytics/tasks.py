@@ -33,6 +33,7 @@ __all__ = [
     "analytics_tasks",
     "join_exact",
     "release_policy",
+    "secure_range",
     "split_exact",
 ]
 
@@ -177,8 +178,17 @@ def join_exact(total: np.ndarray) -> np.ndarray:
     return joined
 
 
-def _keep(vector: np.ndarray, *, exact: bool) -> dict[str, Any]:
-    if not np.all(np.abs(vector) <= VALUE_RANGE / 2):
+def secure_range(noise_scale: np.ndarray | None) -> float:
+    """The secure sum's value range, which both sides derive from the public request: each
+    statistic over its bound is at most 1, and a node's Laplace share (scale/bound at most
+    ``max(noise_scale)``) stays within 40 scales but with probability below e^-40."""
+    if noise_scale is None or noise_scale.size == 0:
+        return VALUE_RANGE
+    return VALUE_RANGE + 40.0 * float(np.max(noise_scale))
+
+
+def _keep(vector: np.ndarray, *, limit: float, exact: bool) -> dict[str, Any]:
+    if not np.all(np.abs(vector) <= (1.0 if exact else limit)):
         raise TaskError(
             "a statistic exceeds its public bound (more rows than max_rows, or a noise draw "
             "beyond the secure sum's range); raise [analytics] max_rows"
@@ -221,7 +231,8 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             share = _noise_share(scale, privacy, policy)
             if share is not None:
                 vector = vector + share
-        return _keep(vector, exact=not dp)
+            return _keep(vector, limit=secure_range(scale), exact=False)
+        return _keep(vector, limit=1.0, exact=True)
 
     def keys_task(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
         config, plan, privacy, db = _request(ctx, payload, policy)
@@ -252,7 +263,8 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             share = _noise_share(scale, privacy, policy)
             if share is not None:
                 vector = vector + share
-        return _keep(vector, exact=privacy is None)
+            return _keep(vector, limit=secure_range(scale), exact=False)
+        return _keep(vector, limit=1.0, exact=True)
 
     return {STATS_TASK: stats_task, KEYS_TASK: keys_task}
 
