@@ -318,7 +318,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smartnoise-python", default="/work/venvs/smartnoise/bin/python")
-    parser.add_argument("--heavy-hitters-epsilon", type=float, default=10.0)
+    parser.add_argument("--heavy-hitters-epsilon", type=float, default=30.0)
     parser.add_argument(
         "--skip",
         nargs="*",

@@ -237,3 +237,27 @@ def test_a_party_at_max_rows_still_answers_under_dp(three: Federated) -> None:
             privacy=Privacy(epsilon=1.0),
         )
         assert result.failures == {} and len(result.parties) == 3
+
+
+def test_party_statistics_leave_only_into_the_secure_sum(
+    three: Federated,
+) -> None:
+    from shoal.analytics import STATS_TASK, release_policy
+    from shoal.analytics.simulate import node_app
+
+    policy = NodePolicy(require_dp=True)
+    assert release_policy(policy) == {"stats": "secure"}
+    assert str(node_app(policy).policy(STATS_TASK).kind_of("stats")) == "secure"
+    config = three.config()
+    fed = federation(config, policy=policy)
+    payload = {
+        "sql": "SELECT COUNT(*) FROM visits",
+        "config": config.to_json(),
+        "keys": None,
+        "privacy": {"epsilon": 1.0, "mode": "distributed", "shares": 3},
+    }
+    values = fed.all().map(STATS_TASK, **payload)
+    # A curious coordinator asking for a party's statistics in the clear gets nothing: each
+    # node refuses the fetch, and says why.
+    assert values.reveal() == {}
+    assert all("refuses" in values.failures[n].detail for n in values.node_ids)

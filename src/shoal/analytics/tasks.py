@@ -73,8 +73,12 @@ class NodePolicy:
 
 def release_policy(policy: NodePolicy) -> dict[str, str]:
     """The release policy of the analytics tasks, declared once: ``stats`` leaves only as a
-    secure-sum input, and only noised by the node when its owner requires DP."""
-    return {"stats": "noised" if policy.require_dp else "secure"}
+    secure-sum input, under every policy. Not ``noised``: under distributed DP a party's
+    value carries only its share of the noise (Gamma(1/k) differences, a k-th of the
+    variance), which protects it only inside the sum; the owner's DP requirement is enforced
+    by the task itself, which declines exact and central-noise requests."""
+    del policy  # the same for every owner; kept as the one place it is declared
+    return {"stats": "secure"}
 
 
 def _request(ctx: Any, payload: Mapping[str, Any], policy: NodePolicy) -> tuple[Any, ...]:
@@ -266,7 +270,13 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             return _keep(vector, limit=secure_range(scale), exact=False)
         return _keep(vector, limit=1.0, exact=True)
 
-    return {STATS_TASK: stats_task, KEYS_TASK: keys_task}
+    from shoal.runtime import TaskSpec
+
+    release = release_policy(policy)
+    return {
+        STATS_TASK: TaskSpec(stats_task, release=release),
+        KEYS_TASK: TaskSpec(keys_task, release=release),
+    }
 
 
 SYMBOLS = END + 1
