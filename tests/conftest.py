@@ -1,8 +1,12 @@
-"""Hypothesis profiles: random examples when run by hand, a fixed set in CI.
+"""Hypothesis profiles: one fixed set of examples by default, fresh ones on request.
 
-Locally every run draws new examples, so the property tests keep hunting for bugs (that is
-how the quantizer's rounding at the clip was found). CI (``CI`` set, as ``.ci/run`` is
-started) replays one derandomized set, so a landing is never decided by a lucky draw.
+By default (``make test``, CI, a plain ``pytest``) every property test replays one
+derandomized set of examples and keeps no example database, so a rare example found once
+can never turn every later run red. ``make test-fuzz`` (``SHOAL_HYPOTHESIS=fuzz``) draws
+fresh examples, more of them, and prints how to reproduce a failure: that is how the
+quantizer's rounding at the clip and the geometric median's slow convergence were found.
+An example it finds becomes an explicit test (``@example`` or a plain test), never a file
+in ``.hypothesis/``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,6 @@ import os
 
 from hypothesis import settings
 
-settings.register_profile("ci", derandomize=True, print_blob=True)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
+settings.register_profile("fuzz", max_examples=300, database=None, print_blob=True)
+settings.load_profile("fuzz" if os.environ.get("SHOAL_HYPOTHESIS") == "fuzz" else "fixed")

@@ -437,6 +437,17 @@ def test_geometric_median_returns_an_optimal_update_exactly_even_from_elsewhere(
     np.testing.assert_array_equal(geometric_median(x, [3, 1, 1]), [0.0, 0.0])
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_geometric_median_finds_an_update_holding_half_the_weight(scale: float) -> None:
+    # Found by hypothesis: (-1, -1) holds half the weight and is optimal, but the pull of
+    # the other two is within 0.1% of that weight, so Weiszfeld crawls towards it (100
+    # iterations stopped near (-0.58, -0.55)). The defaults must still return it exactly,
+    # at any scale of the data.
+    x = np.array([[0.0, 0.0], [-1.0, -1.0], [-1.0, -1.0], [4.0, 5.0]]) * scale
+    np.testing.assert_array_equal(geometric_median(x), [-scale, -scale])
+    np.testing.assert_array_equal(geometric_median(x[[0, 1, 3]], [1, 2, 1]), [-scale, -scale])
+
+
 def test_a_far_update_still_pulls_when_its_squared_distance_overflows() -> None:
     # Fermat point of a triangle with one vertex straight up at 1e200: the directions to
     # the two near vertices are 30 degrees below the horizontal.

@@ -34,7 +34,7 @@ def job(**tables):
         (job(model={"name": "resnet"}), "softmax_regression"),
         (job(algorithm={"name": "fedsgd"}), "fedavg"),
         (job(algorithm={"name": "fedavg", "mu": 0.1}), "mu"),
-        (job(algorithm={"name": "fedavg", "rounds": "ten"}), "invalid job"),
+        (job(algorithm={"name": "fedavg", "rounds": "ten"}), "rounds must be an integer"),
         (job(algorithm={"name": "fedavg", "rounds": 0}), "rounds"),
         (job(aggregate={"rule": "average"}), "trimmed_mean"),
         (job(aggregate={"secure": "yes"}), "secure must be bool"),
@@ -50,7 +50,8 @@ def test_invalid_jobs_name_the_key(raw, message) -> None:
 def test_aggregate_and_algorithm_are_built() -> None:
     spec = parse_job(
         job(
-            algorithm={"name": "fedprox", "mu": 0.5, "rounds": 2},
+            data={"dataset": "iris", "partition": {"scheme": "iid", "nodes": 6}},
+            algorithm={"name": "fedprox", "mu": 0.5, "rounds": 2, "nodes_per_round": 5},
             aggregate={"rule": "krum", "f": 1, "clip": 2.0},
         )
     )

@@ -51,6 +51,7 @@ partition = {{ scheme = "dirichlet", alpha = 0.5, nodes = {NODES} }}
 name = "fedavg"
 rounds = {rounds}
 nodes_per_round = {per_round}
+clamp = {"true" if per_round > NODES else "false"}
 local_epochs = 1
 lr = 0.5
 batch_size = 32
@@ -304,6 +305,10 @@ def test_attacks_are_refused_and_the_coordinator_keeps_serving(
     stranger = cluster.node(0, "--cert-name", "rogue", key="stranger.key")
     nodes = [cluster.node(i) for i in range(NODES)]
     assert stranger.wait() == 3, stranger.output()
+    refusal = stranger.lines[-1]
+    assert "the coordinator refused it: " in refusal and "node ?" not in refusal, refusal
+    reason = refusal.split("refused it: ", 1)[1]
+    assert stranger.output().count(reason) == 1  # said once, not repeated by a log line
     assert "not registered" in stranger.lines[-1]
 
     rogue_key = _load_key(cluster.root / "rogue.key")
@@ -379,3 +384,32 @@ def _load_key(path: Path):
 
 def _session(raw_session, target: str, tls: ClientTLS):
     return raw_session(target, tls=tls)
+
+
+def test_a_node_whose_every_task_fails_says_so_and_the_coordinator_names_it(
+    cluster: Cluster,
+) -> None:
+    # n4's data has 3 features where the job's model has 64: every task it runs fails.
+    bad = cluster.root / "bad.csv"
+    bad.write_text("a,b,c,label\n" + "".join(f"{i},{i + 1},{i + 2},{i % 10}\n" for i in range(40)))
+    cluster.job.write_text(job_text(rounds=3, per_round=NODES))
+    coordinator = cluster.coordinator()
+    good = [cluster.node(i) for i in range(NODES - 1)]
+    broken = cluster.start(
+        "node4",
+        "node",
+        "--coordinator", f"127.0.0.1:{cluster.port}",
+        "--certs", str(cluster.certs),
+        "--key", str(cluster.root / "n4.key"),
+        "--job", str(cluster.job),
+        "--data", str(bad),
+        "--classes", "10",
+        "--max-idle", str(TIMEOUT),
+    )  # fmt: skip
+    line = coordinator.wait_line(r"^  n4 failed: ")
+    assert "features" in line or "shape" in line, line
+    finish(coordinator)
+    for node in good:
+        finish(node)
+    assert broken.wait() == 4, broken.output()
+    assert "every one of its" in broken.lines[-1] and "failed" in broken.lines[-1]

@@ -203,8 +203,19 @@ def test_calibrate_reports_impossible_targets() -> None:
     # RDP's largest order and PLD's grid cannot resolve such a target.
     with pytest.raises(ConfigError, match="resolve reliably"):
         calibrate(epsilon=1e-3, delta=1e-5, sample_rate=1.0, steps=1)
-    with pytest.raises(ConfigError, match="too coarse"):
-        calibrate(epsilon=0.1, delta=1e-5, sample_rate=1.0, steps=1, accountant="pld")
+    with pytest.raises(ConfigError, match="too coarse"):  # a fixed grid too coarse for it
+        calibrate(
+            epsilon=0.1,
+            delta=1e-5,
+            sample_rate=1.0,
+            steps=1,
+            accountant="pld",
+            pld_discretization=1e-3,
+        )
+    # The default grid adapts to the target, so the same target is met within 1%.
+    z = calibrate(epsilon=0.1, delta=1e-5, sample_rate=1.0, steps=1, accountant="pld")
+    got = epsilon(sample_rate=1.0, noise_multiplier=z, steps=1, delta=1e-5, accountant="pld")
+    assert 0.099 <= got <= 0.1
     with pytest.raises(ConfigError, match="so large"):
         calibrate(epsilon=5000.0, delta=1e-5, sample_rate=0.001, steps=1)
 

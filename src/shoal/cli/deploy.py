@@ -13,34 +13,20 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shoal.cli.job import JobSpec, load_job
 from shoal.cli.options import open_store, port_number, positive_float, positive_int
-from shoal.cli.trees import host_data, is_tree_job, run_tree_job, tree_line, tree_node_app
-from shoal.core import Federation
-from shoal.data import Dataset, load_csv, load_npz, split_holdout
-from shoal.errors import ConfigError, NotEnoughNodes
-from shoal.learn import TRAIN, LocalData, RoundReport, Trainer, learning_app
-from shoal.privacy.guard import budget_guard
-from shoal.runtime import Store
-from shoal.runtime.grpc import (
-    Backoff,
-    ClientTLS,
-    GrpcEngine,
-    NodeClient,
-    NodeExit,
-    ServerTLS,
-    fingerprint,
-    load_private_key,
-    load_public_key,
-    make_certs,
-    public_key_bytes,
-    write_key_pair,
-)
+from shoal.errors import ConfigError
+
+if TYPE_CHECKING:  # loaded when a command runs, so that `--help` stays fast
+    from shoal.cli.job import JobSpec
+    from shoal.data import Dataset
+    from shoal.learn import RoundReport
+    from shoal.runtime import Store
+    from shoal.runtime.grpc import GrpcEngine
 
 __all__ = ["job_digest", "register"]
 
@@ -311,6 +297,8 @@ def _subcommand_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
 
 
 def _certs(args: argparse.Namespace) -> int:
+    from shoal.runtime.grpc import make_certs
+
     names = [f"node-{i}" for i in range(args.nodes)] if args.nodes else list(args.node)
     files = make_certs(args.out, nodes=names, hosts=args.host, days=args.days, force=args.force)
     for path in files.created:
@@ -323,6 +311,8 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _keys_new(args: argparse.Namespace) -> int:
+    from shoal.runtime.grpc import fingerprint, public_key_bytes, write_key_pair
+
     private, public, key = write_key_pair(args.out, force=args.force)
     print(f"wrote {private} (private, mode 0600: keep it on this node)")
     print(f"wrote {public} (public: give it to the coordinator's operator)")
@@ -331,6 +321,13 @@ def _keys_new(args: argparse.Namespace) -> int:
 
 
 def _keys_show(args: argparse.Namespace) -> int:
+    from shoal.runtime.grpc import (
+        fingerprint,
+        load_private_key,
+        load_public_key,
+        public_key_bytes,
+    )
+
     path = Path(args.keyfile)
     try:
         raw = load_public_key(path)
@@ -341,6 +338,8 @@ def _keys_show(args: argparse.Namespace) -> int:
 
 
 def _nodes_add(args: argparse.Namespace) -> int:
+    from shoal.runtime.grpc import fingerprint, load_public_key
+
     raw = load_public_key(args.keyfile)
     name = args.name or Path(args.keyfile).name.removesuffix(".pub")
     with open_store(args.store) as store:
@@ -355,6 +354,8 @@ def _nodes_add(args: argparse.Namespace) -> int:
 
 
 def _nodes_list(args: argparse.Namespace) -> int:
+    from shoal.runtime.grpc import fingerprint
+
     with open_store(args.store) as store:
         records = store.list_nodes()
     rows: list[dict[str, Any]] = [
@@ -394,7 +395,15 @@ def _resolve_resume(store: Store, job: JobSpec, resume: str | None) -> str | Non
     if resume is None:
         return None
     if resume:
-        record = store.get_run(resume)
+        from shoal.errors import StoreError
+
+        try:
+            record = store.get_run(resume)
+        except StoreError:
+            raise ConfigError(
+                f"no run {resume!r} in store {store.path}; list its runs with "
+                f"`shoal runs --store {store.path}`"
+            ) from None
         if record.status == "finished":
             raise ConfigError(f"run {resume} already finished; start a new run without --resume")
         return resume
@@ -411,7 +420,13 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
+    from shoal.cli.job import load_job
+    from shoal.cli.trees import is_tree_job, run_tree_job
     from shoal.cli.vertical import coordinate_vertical, is_vertical
+    from shoal.core import Federation
+    from shoal.errors import NotEnoughNodes
+    from shoal.learn import Trainer
+    from shoal.runtime.grpc import GrpcEngine, ServerTLS
 
     if is_vertical(args.job):  # parties holding columns, not rows: their own protocol
         return coordinate_vertical(args)
@@ -426,6 +441,10 @@ def _coordinator(args: argparse.Namespace) -> int:
     if job.faults is not None:
         print("note: the job's [faults] table only applies to simulations", flush=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    events = logging.getLogger("shoal.deploy")
+    events.addHandler(_EventPrinter())
+    events.setLevel(logging.INFO)
+    events.propagate = False
     started = time.perf_counter()
     # Everything slow (data, model) happens before listening, so nodes never wait on it.
     _, test = job.load_data()
@@ -546,16 +565,54 @@ def _progress(
                 f"({report.wall_s:.2f} s)",
                 flush=True,
             )
+            for line in failure_lines(report.failures):
+                print(line, flush=True)
         if args.round_wait > 0 and report.round < rounds:
             engine.wait_for_nodes(wait_nodes, timeout_s=args.round_wait)
 
     return on_round
 
 
+def failure_lines(failures: Mapping[str, str], *, limit: int = 5) -> list[str]:
+    """One line per failed node, or per reason when many nodes failed alike."""
+    if len(failures) <= limit:
+        return [f"  {node} failed: {reason}" for node, reason in sorted(failures.items())]
+    by_reason: dict[str, list[str]] = {}
+    for node, reason in sorted(failures.items()):
+        by_reason.setdefault(reason, []).append(node)
+    lines = []
+    for reason, nodes in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(nodes[:limit]) + (
+            f" and {len(nodes) - limit} more" if len(nodes) > limit else ""
+        )
+        lines.append(f"  {len(nodes)} node(s) failed ({shown}): {reason}")
+    return lines
+
+
+class _EventPrinter(logging.Handler):
+    """Prints the engine's connection events (connects, reconnects, disconnects, revocations,
+    refusals) as plain lines; refusals are coalesced per peer address and reason."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("node ") and " connected from " in message:
+            node = message.split()[1]
+            if node in self.seen:
+                message = message.replace(" connected from ", " reconnected from ", 1)
+            self.seen.add(node)
+        print(message, flush=True)
+
+
 # -- node ------------------------------------------------------------------------------------
 
 
 def _tree_done(summary: dict[str, Any], args: argparse.Namespace, connected: int) -> int:
+    from shoal.cli.trees import tree_line
+
     summary["nodes"] = connected
     print(f"run finished: {tree_line(summary)}", flush=True)
     if args.json:
@@ -565,6 +622,9 @@ def _tree_done(summary: dict[str, Any], args: argparse.Namespace, connected: int
 
 def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None, Dataset]:
     """(what the tasks see, partition index or None, the training set)."""
+    from shoal.data import load_csv, load_npz, split_holdout
+    from shoal.learn import LocalData
+
     if args.partition:
         if args.dataset and args.dataset != job.data.get("dataset"):
             raise ConfigError(
@@ -593,7 +653,20 @@ def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None,
 
 
 def _node(args: argparse.Namespace) -> int:
+    from shoal.cli.job import load_job
+    from shoal.cli.trees import host_data, is_tree_job, tree_node_app
     from shoal.cli.vertical import is_vertical, serve_party
+    from shoal.learn import TRAIN, learning_app
+    from shoal.privacy.guard import budget_guard
+    from shoal.runtime.grpc import (
+        Backoff,
+        ClientTLS,
+        NodeClient,
+        NodeExit,
+        fingerprint,
+        load_private_key,
+        public_key_bytes,
+    )
 
     if is_vertical(args.job):
         return serve_party(args)
@@ -650,6 +723,15 @@ def _node(args: argparse.Namespace) -> int:
         # The file is bound to this node's key: another node's ledger is refused.
         node_state = open_node_state(args.state, owner=fingerprint(public_key_bytes(key)))
         node_state.audit("node.started", key=fingerprint(public_key_bytes(key)))
+
+    def on_retry(attempt: int, delay: float, reason: str) -> None:
+        print(
+            f"attempt {attempt}: no session with {args.coordinator}: {reason}; retrying in "
+            f"{delay:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
     client = NodeClient(
         app=app,
         coordinator=args.coordinator,
@@ -663,6 +745,7 @@ def _node(args: argparse.Namespace) -> int:
         backoff=Backoff(initial_s=args.backoff, max_s=max(args.backoff, args.backoff_max)),
         max_idle_s=args.max_idle,
         lane=not args.no_data_lane,
+        on_retry=on_retry,
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -670,14 +753,20 @@ def _node(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(
-        f"node {fingerprint(public_key_bytes(key))} connecting to {args.coordinator}",
-        flush=True,
-    )
+    me = fingerprint(public_key_bytes(key))
+    print(f"node {me} connecting to {args.coordinator}", flush=True)
     outcome = client.run()
-    print(
-        f"node {client.node_id or '?'}: {outcome.value} after {client.tasks_done} task(s)"
-        + (f": {client.detail}" if outcome == NodeExit.REJECTED else ""),
-        flush=True,
-    )
-    return 3 if outcome == NodeExit.REJECTED else 0
+    name = client.node_id or me
+    if outcome == NodeExit.REJECTED:
+        print(f"node {name}: the coordinator refused it: {client.detail}", flush=True)
+        return 3
+    if client.tasks_done and client.tasks_failed == client.tasks_done:
+        print(
+            f"node {name}: {outcome.value}, but every one of its {client.tasks_done} task(s) "
+            f"failed; the last error: {client.last_failure}",
+            flush=True,
+        )
+        return 4
+    failed = f", {client.tasks_failed} failed" if client.tasks_failed else ""
+    print(f"node {name}: {outcome.value} after {client.tasks_done} task(s){failed}", flush=True)
+    return 0

@@ -8,7 +8,10 @@ of range is a ConfigError that names the key and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import sys
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +53,7 @@ from shoal.learn import (
     learning_app,
     simulate,
 )
-from shoal.learn.registry import build_model, model_names
+from shoal.learn.registry import MODELS, OPTIONAL_MODELS, build_model, model_names
 from shoal.privacy.guard import budget_guard
 from shoal.privacy.plans import ExampleDP, NodeDP
 from shoal.runtime import Faults, NodeApp, Store
@@ -60,7 +63,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RULES", "JobSpec", "load_job", "parse_job", "simulate_job"]
+__all__ = [
+    "COMBINATION_CHECKS",
+    "RULES",
+    "JobSpec",
+    "check_combinations",
+    "load_job",
+    "parse_job",
+    "simulate_job",
+]
 
 RULES = ("mean", "median", "trimmed_mean", "krum", "multikrum", "geometric_median")
 
@@ -151,8 +162,135 @@ def _section(raw: Mapping[str, Any], table: str, schema: Schema) -> dict[str, An
                 t.__name__ for t in (types if isinstance(types, tuple) else (types,))
             )
             raise ConfigError(f"[{table}] {key} must be {expected}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"[{table}] {key} must be a finite number, got {value!r}")
         out[key] = value
     return out
+
+
+def _check_fields(table: str, cls: type, values: Mapping[str, Any], skip: set[str]) -> None:
+    """Type-check ``values`` against the dataclass ``cls``'s annotated fields.
+
+    int fields take integers only (not 1.5, not true); float fields take integers or finite
+    floats; bool fields take true/false; ``X | None`` fields take an X. The message names
+    the key, the expected type and the value found.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in skip or key not in hints:
+            continue
+        kinds = {t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None)}
+        if kinds <= {int}:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kinds <= {int, float}:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok, expected = ok and math.isfinite(value), "a finite number"
+        elif kinds == {bool}:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif kinds == {str}:
+            ok, expected = isinstance(value, str), "a string"
+        else:
+            continue  # objects (aggregators, privacy plans) are never set from a job file
+        if not ok:
+            raise ConfigError(f"[{table}] {key} must be {expected}, got {value!r}")
+
+
+# Algorithm fields that are objects built from other tables, never set in [algorithm].
+_ALGORITHM_OBJECTS = {"aggregator", "privacy"}
+
+# (lowest, highest, lowest allowed, highest allowed) per [algorithm] key.
+_ALGORITHM_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "rounds": (1, math.inf, True, False),
+    "nodes_per_round": (1, math.inf, True, False),
+    "local_epochs": (1, math.inf, True, False),
+    "batch_size": (1, math.inf, True, False),
+    "max_steps": (1, math.inf, True, False),
+    "lr": (0, math.inf, False, False),
+    "server_lr": (0, math.inf, False, False),
+    "mu": (0, math.inf, True, False),
+    "momentum": (0, 1, True, False),
+    "beta1": (0, 1, True, False),
+    "beta2": (0, 1, True, False),
+    "tau": (0, math.inf, False, False),
+}
+
+
+def _check_ranges(
+    table: str, values: Mapping[str, Any], ranges: Mapping[str, tuple[float, float, bool, bool]]
+) -> None:
+    for key, value in values.items():
+        if key not in ranges or value is None:
+            continue
+        low, high, low_ok, high_ok = ranges[key]
+        above = value >= low if low_ok else value > low
+        below = value <= high if high_ok else value < high
+        if not (above and below):
+            lo = f"{'[' if low_ok else '('}{low:g}"
+            hi = f"{high:g}{']' if high_ok else ')'}" if math.isfinite(high) else "inf)"
+            raise ConfigError(f"[{table}] {key} must be in {lo}, {hi}, got {value!r}")
+
+
+def _table(raw: Mapping[str, Any], name: str, default: Mapping[str, Any]) -> Mapping[str, Any]:
+    value = raw.get(name, default)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{name}] must be a table (a [{name}] section), got {value!r}")
+    return value
+
+
+def _check_model_options(model: Mapping[str, Any]) -> None:
+    """Type-check [model] options against the model factory's annotated keyword arguments."""
+    import inspect
+
+    name = model["name"]
+    factory = MODELS.get(name)
+    if factory is None and name in OPTIONAL_MODELS:
+        try:
+            importlib.import_module(OPTIONAL_MODELS[name])
+        except ImportError:
+            return  # reported when the model is built, with the extra to install
+        factory = MODELS.get(name)
+    if factory is None:
+        return
+    params = inspect.signature(factory).parameters
+    allowed = sorted(k for k in params if k not in ("features", "classes"))
+    unknown = sorted(set(model) - set(allowed) - {"name"})
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(
+            f"unknown key(s) {unknown} in [model] for {name}; allowed: "
+            f"{', '.join(allowed) or 'none'}"
+        )
+    try:
+        hints = typing.get_type_hints(factory)
+    except (NameError, TypeError):
+        return  # annotations this Python cannot evaluate: the factory checks its own input
+    for key, value in model.items():
+        hint = hints.get(key)
+        if key == "name" or hint is None:
+            continue
+        kinds = {t for t in typing.get_args(hint) or (hint,) if t is not type(None)}
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        bad = (
+            (kinds <= {int} and (isinstance(value, bool) or not isinstance(value, int)))
+            or (
+                kinds <= {int, float}
+                and kinds != {int}
+                and (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not math.isfinite(value)
+                )
+            )
+            or (kinds == {bool} and not isinstance(value, bool))
+            or (kinds == {str} and not isinstance(value, str))
+        )
+        if bad:
+            expected = " or ".join(sorted(getattr(t, "__name__", str(t)) for t in kinds))
+            raise ConfigError(f"[model] {key} must be {expected}, got {value!r}")
+
+
+def _default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _choice(value: str, allowed: Any, what: str) -> str:
@@ -376,6 +514,138 @@ def _load_file(path: Path, label: str) -> Dataset:
     return load_csv(path, label=label)
 
 
+# -- combinations ------------------------------------------------------------------------
+#
+# Every rule about which model, algorithm, aggregation and privacy settings fit together
+# lives here, and runs at parse time before any data loads. A check takes the parsed job
+# and raises a ConfigError that names the keys involved and what would work instead; add a
+# new rule by appending a function to COMBINATION_CHECKS.
+
+# Models trained by scikit-learn's own solver: they cannot add a term to the local objective.
+_SOLVER_MODELS = ("sklearn_sgd", "sklearn_mlp")
+_TORCH_MODELS = ("mlp", "cnn")
+
+
+def _noised_sum(job: JobSpec) -> bool:
+    """Whether the job's DP plan adds its noise to a sum of updates (not per node)."""
+    p = job.privacy
+    if p is None or (p["epsilon"] is None and p["noise_multiplier"] is None):
+        return False
+    return bool(p["level"] == "node" or p["mode"] == "distributed")
+
+
+def _check_solver_models(job: JobSpec) -> None:
+    model, name = job.model["name"], job.algorithm["name"]
+    if model not in _SOLVER_MODELS:
+        return
+    if name == "scaffold" or (name == "fedprox" and job.algorithm.get("mu", 0.01) > 0):
+        term = "SCAFFOLD's correction" if name == "scaffold" else "FedProx's proximal term"
+        raise ConfigError(
+            f"[model] name = {model!r} trains with scikit-learn's own solver, which cannot add "
+            f"{term}: [algorithm] name = {name!r} does not fit it. Use name = 'fedavg', "
+            "'fedavgm', 'fedadam', 'fedyogi' or 'fedadagrad', or a model that computes its "
+            "own gradients: softmax_regression, sklearn_logistic, mlp, cnn"
+        )
+
+
+def _check_torch_models(job: JobSpec) -> None:
+    model = job.model["name"]
+    if model in _TORCH_MODELS and importlib.util.find_spec("torch") is None:
+        raise ConfigError(
+            f"[model] name = {model!r} needs PyTorch: pip install 'shoal[torch]' (on Linux, "
+            "the CPU build: see the README's install section), or use softmax_regression, "
+            "sklearn_sgd, sklearn_logistic or sklearn_mlp"
+        )
+
+
+def _check_secure(job: JobSpec) -> None:
+    spec = job.aggregate
+    if not spec["secure"] or _noised_sum(job):
+        return  # a DP plan that noises the sum clips with [privacy] clip (and needs a mean)
+    if spec["rule"] != "mean":
+        raise ConfigError(
+            f"[aggregate] rule = {spec['rule']!r} needs each update in the clear; with "
+            "secure = true only rule = 'mean' is possible (drop secure, or use rule = 'mean')"
+        )
+    if spec["norm_bound"] is not None:
+        raise ConfigError(
+            "[aggregate] norm_bound needs each update's norm, which secure = true hides; use "
+            "clip = C instead (each node clips its own update before masking)"
+        )
+    if spec["clip"] is None:
+        raise ConfigError(
+            "[aggregate] secure = true needs clip = C (the L2 bound that also sets the "
+            "quantization range of the secure sum)"
+        )
+
+
+def _check_noised_sum(job: JobSpec) -> None:
+    if _noised_sum(job) and job.aggregate["rule"] != "mean":
+        raise ConfigError(
+            f"[aggregate] rule = {job.aggregate['rule']!r} cannot combine with this [privacy] "
+            "plan, which adds noise to a sum; use rule = 'mean', or mode = 'local' (each node "
+            "noises its own update)"
+        )
+
+
+def _check_robust_rule(job: JobSpec) -> None:
+    spec = job.aggregate
+    rule, n = spec["rule"], int(job.algorithm["nodes_per_round"])
+    if rule == "trimmed_mean" and not 0 <= spec["beta"] < 0.5:
+        raise ConfigError(f"[aggregate] beta must be in [0, 0.5), got {spec['beta']!r}")
+    if rule in ("krum", "multikrum"):
+        f = spec["f"]
+        if f < 0:
+            raise ConfigError(f"[aggregate] f must be at least 0, got {f}")
+        if n < 2 * f + 3:
+            raise ConfigError(
+                f"[aggregate] rule = {rule!r} with f = {f} needs at least 2f+3 = {2 * f + 3} "
+                f"updates per round, but [algorithm] nodes_per_round = {n}; sample more nodes "
+                "or lower f"
+            )
+        if rule == "multikrum" and not 1 <= spec["m"] <= n - f:
+            raise ConfigError(
+                f"[aggregate] m must be in 1..nodes_per_round - f = {n - f}, got {spec['m']}"
+            )
+    for key in ("clip", "norm_bound"):
+        value = spec[key]
+        if value is not None and not value > 0:
+            raise ConfigError(f"[aggregate] {key} must be a positive number, got {value!r}")
+
+
+def _check_engine(job: JobSpec) -> None:
+    nodes, min_nodes = int(job.partition["nodes"]), job.min_nodes
+    if min_nodes < 1 or min_nodes > nodes:
+        raise ConfigError(
+            f"[engine] min_nodes must be in 1..{nodes} (the nodes of [data.partition]), got "
+            f"{min_nodes}"
+        )
+    if job.engine["workers"] < 1:
+        raise ConfigError(f"[engine] workers must be at least 1, got {job.engine['workers']}")
+    if not job.engine["deadline_s"] > 0:
+        raise ConfigError(
+            f"[engine] deadline_s must be a positive number, got {job.engine['deadline_s']!r}"
+        )
+    if job.engine["federated_eval_every"] < 0:
+        raise ConfigError("[engine] federated_eval_every must be 0 (never) or more")
+
+
+COMBINATION_CHECKS: list[Callable[[JobSpec], None]] = [
+    _check_solver_models,
+    _check_torch_models,
+    _check_secure,
+    _check_noised_sum,
+    _check_robust_rule,
+    _check_engine,
+]
+
+
+def check_combinations(job: JobSpec) -> None:
+    """Run every check in COMBINATION_CHECKS on ``job`` (each raises a ConfigError)."""
+    for check in COMBINATION_CHECKS:
+        check(job)
+
+
 def load_job(path: str | Path) -> JobSpec:
     path = Path(path)
     try:
@@ -396,6 +666,8 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
     if unknown:
         raise ConfigError(f"unknown table(s) {unknown}; a job has: {', '.join(_TABLES)}")
     job = _section(raw.get("job", {}), "job", _SCHEMAS["job"])
+    if not 0 <= job["seed"] < 2**32:
+        raise ConfigError(f"[job] seed must be in [0, 2**32), got {job['seed']}")
     data = _section(raw.get("data", {}), "data", _SCHEMAS["data"])
     if (data["dataset"] is None) == (data["path"] is None):
         raise ConfigError(
@@ -413,23 +685,44 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
     if part["nodes"] < 1:
         raise ConfigError("[data.partition] nodes must be at least 1")
 
-    model = dict(raw.get("model", {"name": "softmax_regression"}))
+    model = dict(_table(raw, "model", {"name": "softmax_regression"}))
     model.setdefault("name", "softmax_regression")
     _choice(model["name"], [*model_names(), *TREE_MODELS], "[model] name")
+    if model["name"] not in TREE_MODELS:
+        _check_model_options(model)
 
-    algorithm = dict(raw.get("algorithm", {}))
+    algorithm = dict(_table(raw, "algorithm", {}))
     algorithm.setdefault("name", "fedavg")
     cls = ALGORITHMS.get(algorithm["name"])
     if cls is None:
         _choice(algorithm["name"], sorted(ALGORITHMS), "[algorithm] name")
         raise AssertionError  # unreachable: _choice raised
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "aggregator"}
-    unknown = sorted(set(algorithm) - allowed - {"name"})
+    allowed = {
+        f.name for f in dataclasses.fields(cls) if f.init and f.name not in _ALGORITHM_OBJECTS
+    }
+    unknown = sorted(set(algorithm) - allowed - {"name", "clamp"})
     if unknown:
         raise ConfigError(
             f"unknown key(s) {unknown} in [algorithm] for {cls.name}; "
-            f"allowed: {', '.join(sorted(allowed))}"
+            f"allowed: {', '.join(sorted(allowed | {'clamp'}))}"
         )
+    _check_fields("algorithm", cls, algorithm, skip={"name"})
+    clamp = algorithm.pop("clamp", False)
+    if not isinstance(clamp, bool):
+        raise ConfigError(f"[algorithm] clamp must be true or false, got {clamp!r}")
+    _check_ranges("algorithm", algorithm, _ALGORITHM_RANGES)
+    nodes = part["nodes"]
+    per_round = algorithm.get("nodes_per_round")
+    if per_round is None:
+        algorithm["nodes_per_round"] = min(_default(cls, "nodes_per_round"), nodes)
+    elif per_round > nodes:
+        if not clamp:
+            raise ConfigError(
+                f"[algorithm] nodes_per_round = {per_round} is more than the {nodes} nodes of "
+                f"[data.partition]; lower it, or add clamp = true to [algorithm] to sample "
+                f"all {nodes} every round"
+            )
+        algorithm["nodes_per_round"] = nodes
 
     aggregate = _section(raw.get("aggregate", {}), "aggregate", _SCHEMAS["aggregate"])
     _choice(aggregate["rule"], RULES, "[aggregate] rule")
@@ -454,8 +747,14 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
                 f"[attack] needs name = one of {sorted(ATTACKS)} and fraction = 0.0..0.5"
             )
         fraction = attack.get("fraction", 0.0)
-        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 <= fraction < 1
+        ):
             raise ConfigError("[attack] fraction must be a number in [0, 1)")
+        _choice(str(attack["name"]), sorted(ATTACKS), "[attack] name")
+        _check_fields("attack", ATTACKS[attack["name"]], attack, skip={"name", "fraction"})
     spec = JobSpec(
         name=job["name"],
         seed=job["seed"],
@@ -479,6 +778,7 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
         except (ShoalError, TypeError, ValueError) as exc:
             raise ConfigError(f"invalid tree job: {exc}") from None
         return spec
+    check_combinations(spec)  # before any data loads
     try:  # build once so that every bad value is reported now, not rounds later
         spec.build_algorithm()
         spec.build_faults()
@@ -500,6 +800,7 @@ def simulate_job(
     store: Store | None = None,
     resume: str | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
+    on_start: Callable[[str | None], None] | None = None,
 ) -> TrainingResult:
     """Run ``job`` on a LocalEngine, exactly as ``shoal run`` does."""
     _, test = job.load_data()
@@ -527,4 +828,5 @@ def simulate_job(
         config=job.to_dict(),
         resume=resume,
         on_round=on_round,
+        on_start=on_start,
     )

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from shoal.cli.options import (
+    default_store_path,
+    open_store,
+    positive_float,
+    positive_int,
+    reconcile_runs,
+    record_process,
+)
+from shoal.errors import ConfigError, StoreError
 
-from shoal.cli.job import JobSpec, load_job, parse_job, simulate_job
-from shoal.cli.options import default_store_path, open_store, positive_float, positive_int
-from shoal.cli.trees import is_tree_job, run_tree_job, tree_line
-from shoal.errors import ConfigError
-from shoal.learn import RoundReport, TrainingResult, train_centralized
-from shoal.runtime import Store
+if TYPE_CHECKING:  # loaded when a command runs, so that `--help` stays fast
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from shoal.cli.job import JobSpec
+    from shoal.learn import RoundReport, TrainingResult
+    from shoal.runtime import Store
 
 __all__ = ["DEMO_JOB", "register"]
 
@@ -52,6 +60,7 @@ examples:
   shoal run job.toml                 simulate the job described in job.toml
   shoal run job.toml --json out.json write a summary as JSON
   shoal run job.toml --resume RUN_ID continue an interrupted run from its last round
+  shoal run job.toml --baseline      also train centrally on the pooled data, to compare
 """
 
 
@@ -73,7 +82,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "DP-SGD inside secure aggregation; noise calibrated automatically)",
     )
     demo.add_argument("--delta", type=positive_float, default=1e-5, help="DP delta (1e-5)")
-    _common(demo)
+    demo.add_argument(
+        "--resume", metavar="RUN_ID", help="continue an interrupted demo (same options)"
+    )
+    _common(demo, baseline=True)
     demo.set_defaults(func=_run_demo)
 
     run = subparsers.add_parser(
@@ -90,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="vertical jobs: allow Paillier keys under 2048 bits (tests only)",
     )
-    _common(run)
+    _common(run, baseline=False)
     run.set_defaults(func=_run_job)
 
     runs = subparsers.add_parser(
@@ -108,13 +120,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     runs.set_defaults(func=_runs)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, *, baseline: bool) -> None:
     parser.add_argument("--json", metavar="PATH", help="write a JSON summary to PATH")
     parser.add_argument("--store", help=f"store file (default {default_store_path()})")
-    parser.add_argument("--quiet", action="store_true", help="no per-round output")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no per-round output (the result still prints)"
+    )
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=baseline,
+        help="also train the same model centrally on the pooled data, for comparison "
+        f"(default: {'on' if baseline else 'off'}; timed apart from the federated run)",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from shoal.cli.job import parse_job
+
     raw: dict[str, Any] = json.loads(json.dumps(DEMO_JOB))
     if args.rounds:
         raw["algorithm"]["rounds"] = args.rounds
@@ -127,19 +150,32 @@ def _run_demo(args: argparse.Namespace) -> int:
         raw["privacy"] = {"epsilon": args.epsilon, "delta": args.delta, "sample_rate": 0.2}
         raw["aggregate"] = {"secure": True}
         raw["algorithm"]["lr"] = 3.0
-    return _execute(parse_job(raw), args, resume=None)
+    again = "shoal demo" + "".join(
+        f" --{name} {getattr(args, name)}"
+        for name in ("rounds", "nodes", "epsilon")
+        if getattr(args, name)
+    )
+    if args.epsilon and args.delta != 1e-5:
+        again += f" --delta {args.delta}"
+    return _execute(parse_job(raw), args, resume=args.resume, again=again)
 
 
 def _run_job(args: argparse.Namespace) -> int:
+    from shoal.cli.job import load_job
     from shoal.cli.vertical import is_vertical, run_vertical
 
     if is_vertical(args.job):  # a [vertical] job: parties with their own columns
         return run_vertical(args)
-    return _execute(load_job(args.job), args, resume=args.resume)
+    return _execute(load_job(args.job), args, resume=args.resume, again=f"shoal run {args.job}")
 
 
-def _execute(job: JobSpec, args: argparse.Namespace, *, resume: str | None) -> int:
-    console = Console(quiet=args.quiet)
+def _execute(job: JobSpec, args: argparse.Namespace, *, resume: str | None, again: str) -> int:
+    from rich.console import Console
+
+    from shoal.cli.job import simulate_job
+    from shoal.cli.trees import is_tree_job, run_tree_job, tree_line
+
+    console = Console(highlight=False, soft_wrap=True)
     if is_tree_job(job):
         if resume:
             raise ConfigError("tree jobs do not resume; run them again")
@@ -152,37 +188,73 @@ def _execute(job: JobSpec, args: argparse.Namespace, *, resume: str | None) -> i
     algorithm = job.algorithm
     rounds = int(algorithm.get("rounds", 10))
     nodes = int(job.partition["nodes"])
-    console.print(
-        f"[bold]{job.name}[/]: {job.data.get('dataset') or job.data.get('path')} over {nodes} "
-        f"nodes ({job.partition['scheme']}), {algorithm['name']}, {rounds} rounds"
-    )
+    if not args.quiet:
+        console.print(
+            f"[bold]{job.name}[/]: {job.data.get('dataset') or job.data.get('path')} over "
+            f"{nodes} nodes ({job.partition['scheme']}), {algorithm['name']}, {rounds} rounds"
+        )
     started = time.perf_counter()
-    with open_store(args.store) as store, _progress(console, rounds) as on_round:
-        result = simulate_job(job, store=store, resume=resume, on_round=on_round)
+    run_ids: list[str | None] = []
+    with open_store(args.store) as store:
+        if resume is not None:
+            _get_run(store, resume)  # an unknown id is a clear error before any work
+
+        def on_start(run_id: str | None) -> None:
+            run_ids.append(run_id)
+            record_process(store, run_id)
+
+        try:
+            with _progress(console, rounds, quiet=args.quiet) as on_round:
+                result = simulate_job(
+                    job, store=store, resume=resume, on_round=on_round, on_start=on_start
+                )
+        except KeyboardInterrupt:
+            if run_ids and run_ids[-1] is not None:
+                print(
+                    f"\ninterrupted: run {run_ids[-1]} is recorded up to its last completed "
+                    f"round; continue it with `{again} --resume {run_ids[-1]}`"
+                    + (f" --store {args.store}" if args.store else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                print("\ninterrupted before the run started", file=sys.stderr, flush=True)
+            return 130
     wall = time.perf_counter() - started
-    summary = _summary(job, result, wall, nodes)
-    privacy = (
-        f"; epsilon {summary['epsilon']:.3f} at delta {summary['delta']:g}"
-        if summary.get("epsilon") is not None
-        else ""
-    )
-    console.print(
-        f"federated accuracy [bold]{summary['accuracy']:.4f}[/], centralized "
-        f"{summary['centralized_accuracy']:.4f} (same model on the pooled data, no privacy)"
-        f"{privacy}; {wall:.1f} s; run {result.run_id}"
-    )
+    central: dict[str, float] | None = None
+    baseline_s = 0.0
+    if args.baseline:
+        if not args.quiet:
+            console.print("training the centralized baseline (same model, pooled data) ...")
+        t0 = time.perf_counter()
+        central = _baseline(job, nodes)
+        baseline_s = time.perf_counter() - t0
+    summary = _summary(job, result, wall, nodes, central, baseline_s)
+    parts = [f"federated accuracy [bold]{_fmt(summary['accuracy'])}[/]"]
+    if central is not None:
+        parts.append(
+            f"centralized {_fmt(summary['centralized_accuracy'])} (same model on the pooled "
+            f"data, no privacy; {baseline_s:.1f} s)"
+        )
+    if summary.get("epsilon") is not None:
+        parts.append(f"epsilon {summary['epsilon']:.3f} at delta {summary['delta']:g}")
+    parts.append(f"{wall:.1f} s")
+    parts.append(f"run {result.run_id}")
+    console.print("; ".join(parts))
     if args.json:
         text = json.dumps(_finite(summary), indent=2, allow_nan=False)
         Path(args.json).write_text(text + "\n", encoding="utf-8")
     return 0
 
 
-def _summary(job: JobSpec, result: TrainingResult, wall: float, nodes: int) -> dict[str, Any]:
+def _baseline(job: JobSpec, nodes: int) -> dict[str, float]:
+    from shoal.learn import train_centralized
+
     train, test = job.load_data()
     algorithm = job.build_algorithm()
     # The baseline sees as many examples as the federation processed, in passes of the pool.
     passes = algorithm.rounds * algorithm.local_epochs * min(algorithm.nodes_per_round, nodes)
-    central = train_centralized(
+    return train_centralized(
         job.build_model(),
         train,
         test,
@@ -191,32 +263,63 @@ def _summary(job: JobSpec, result: TrainingResult, wall: float, nodes: int) -> d
         batch_size=algorithm.batch_size,
         seed=job.seed,
     )
+
+
+def _summary(
+    job: JobSpec,
+    result: TrainingResult,
+    wall: float,
+    nodes: int,
+    central: Mapping[str, float] | None,
+    baseline_s: float,
+) -> dict[str, Any]:
     metrics = result.metrics
     return {
         "accuracy": metrics.get("accuracy"),
-        "loss": metrics.get("loss"),
+        # "loss" alone was the test loss here and the training loss on screen: name both.
+        "test_loss": metrics.get("loss"),
+        "train_loss": metrics.get("train_loss"),
         "federated_accuracy": metrics.get("federated_accuracy"),
-        "centralized_accuracy": central.get("accuracy"),
+        "baseline": central is not None,
+        "centralized_accuracy": central.get("accuracy") if central is not None else None,
+        "baseline_s": baseline_s if central is not None else None,
         "epsilon": metrics.get("epsilon"),
         "delta": metrics.get("delta"),
         "rounds": len(result.history),
         "nodes": nodes,
         "wall_s": wall,
         "run_id": result.run_id,
-        "history": [r.metrics() for r in result.history],
+        "history": [_round_dict(r.metrics()) for r in result.history],
     }
 
 
-class _progress:
-    """A rich progress bar on terminals; one line per round everywhere."""
+def _round_dict(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A round's metrics with the server's test loss named ``test_loss``, as in the summary."""
+    out = dict(metrics)
+    if "loss" in out:
+        out["test_loss"] = out.pop("loss")
+    return out
 
-    def __init__(self, console: Console, rounds: int) -> None:
+
+class _progress:
+    """A rich progress bar on terminals; one line per round everywhere (unless quiet)."""
+
+    def __init__(self, console: Console, rounds: int, *, quiet: bool) -> None:
         self.console = console
         self.rounds = rounds
+        self.quiet = quiet
         self.bar: Progress | None = None
 
     def __enter__(self) -> Callable[[RoundReport], None]:
-        if self.console.is_terminal and not self.console.quiet:
+        if self.console.is_terminal and not self.quiet:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self.bar = Progress(
                 TextColumn("round"),
                 MofNCompleteColumn(),
@@ -231,11 +334,15 @@ class _progress:
         return self.update
 
     def update(self, report: RoundReport) -> None:
+        if self.quiet:
+            return
         parts = [f"round {report.round:>3}/{self.rounds}", f"nodes {report.participants:>3}"]
         if report.failed:
             parts[-1] += f" (-{report.failed})"
         if report.train_loss == report.train_loss:  # not NaN: DP runs keep it at the nodes
-            parts.append(f"loss {report.train_loss:.4f}")
+            parts.append(f"train loss {report.train_loss:.4f}")
+        if report.loss is not None:
+            parts.append(f"test loss {report.loss:.4f}")
         if report.accuracy is not None:
             parts.append(f"acc {report.accuracy:.4f}")
         if report.epsilon is not None:
@@ -250,9 +357,35 @@ class _progress:
             self.bar.stop()
 
 
+def _console() -> Console:
+    """Tables at their natural width when piped (a pipe is not an 80-column terminal)."""
+    from rich.console import Console
+
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=1000)
+
+
+def _get_run(store: Store, run_id: str) -> Any:
+    try:
+        return store.get_run(run_id)
+    except StoreError:
+        raise ConfigError(
+            f"no run {run_id!r} in store {store.path}; list its runs with "
+            f"`shoal runs --store {store.path}`"
+        ) from None
+
+
 def _runs(args: argparse.Namespace) -> int:
-    console = Console()
-    with open_store(args.store) as store:
+    from rich.table import Table
+
+    console = _console()
+    with open_store(args.store, create=False) as store:
+        for run_id in reconcile_runs(store):
+            print(
+                f"note: run {run_id} was marked interrupted: its process is gone; continue it "
+                "with --resume",
+                file=sys.stderr,
+            )
         if args.action == "show" or args.run_id:
             if not args.run_id:
                 raise ConfigError("shoal runs show needs a RUN_ID; list them with `shoal runs`")
@@ -264,7 +397,7 @@ def _runs(args: argparse.Namespace) -> int:
         table = Table(title=f"runs in {store.path}")
         table.add_column("run id", no_wrap=True)
         for column in ("name", "status", "created", "rounds", "accuracy"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for record in records:
             summary = record.summary or {}
             accuracy = summary.get("accuracy")
@@ -291,7 +424,9 @@ def _run_dict(record: Any) -> dict[str, Any]:
 
 
 def _show_run(console: Console, store: Store, run_id: str, *, as_json: bool) -> int:
-    record = store.get_run(run_id)
+    from rich.table import Table
+
+    record = _get_run(store, run_id)
     rounds = store.round_metrics(run_id)
     if as_json:
         out = _run_dict(record)
@@ -303,8 +438,8 @@ def _show_run(console: Console, store: Store, run_id: str, *, as_json: bool) -> 
         return 0
     console.print(f"[bold]{record.name}[/] ({record.id}): {record.status}")
     table = Table()
-    for column in ("round", "nodes", "failed", "train loss", "accuracy"):
-        table.add_column(column, justify="right")
+    for column in ("round", "nodes", "failed", "train loss", "test loss", "accuracy"):
+        table.add_column(column, justify="right", no_wrap=True)
     for r in rounds:
         m: Mapping[str, Any] = r.metrics
         table.add_row(
@@ -312,6 +447,7 @@ def _show_run(console: Console, store: Store, run_id: str, *, as_json: bool) -> 
             str(r.participants.get("ok", 0)),
             str(sum(v for k, v in r.participants.items() if k != "ok")),
             _fmt(m.get("train_loss")),
+            _fmt(m.get("loss")),
             _fmt(m.get("accuracy")),
         )
     console.print(table)
@@ -319,7 +455,7 @@ def _show_run(console: Console, store: Store, run_id: str, *, as_json: bool) -> 
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def _finite(value: Any) -> Any:

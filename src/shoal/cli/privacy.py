@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 from shoal.errors import ConfigError
-from shoal.privacy.accounting import PLD_DISCRETIZATION, calibrate, epsilon
 
 __all__ = ["register", "run"]
 
@@ -104,6 +103,9 @@ def _fmt_eps(value: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``shoal privacy ...``; returns the exit code (ConfigError for bad options)."""
+    # dp-accounting (and SciPy behind it) loads only here, so that `--help` stays fast.
+    from shoal.privacy.accounting import calibrate, epsilon
+
     command = getattr(args, "privacy_command", None)
     if command is None:
         args._privacy_parser.print_help()
@@ -126,11 +128,9 @@ def run(args: argparse.Namespace) -> int:
         # JSON has no infinity; null says "no finite guarantee" without breaking parsers.
         result["epsilon"] = None if math.isinf(eps) else eps
     elif command == "noise":
-        # Small targets need a finer PLD grid to be met within 1%; the reported epsilon uses
-        # the same grid, so the two numbers printed agree.
-        width = PLD_DISCRETIZATION
-        if args.accountant == "pld" and args.epsilon > 0:
-            width = min(width, args.epsilon * 0.002)
+        # PLD's adaptive grid (the default) is sized to the answer, so small targets are met
+        # within 1% too; the reported epsilon uses the same grid, so the two numbers agree.
+        width = None
         z = calibrate(
             epsilon=args.epsilon,
             delta=args.delta,

@@ -7,9 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shoal.vertical.job import is_vertical, load_vertical_job, simulate
-
 __all__ = ["coordinate_vertical", "is_vertical", "register", "run_vertical", "serve_party"]
+
+
+def is_vertical(path: str | Path) -> bool:
+    """Whether the job file at ``path`` is a vertical job (loads shoal.vertical only here,
+    so that `shoal predict --help` stays fast)."""
+    from shoal.vertical.job import is_vertical as check
+
+    return bool(check(path))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -24,6 +30,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def run_vertical(args: argparse.Namespace) -> int:
+    from shoal.vertical.job import load_vertical_job, simulate
+
     job = load_vertical_job(args.job, insecure_test_keys=bool(args.insecure_test_keys))
     summary = simulate(job)
     if not getattr(args, "quiet", False):
@@ -48,7 +56,7 @@ def coordinate_vertical(args: argparse.Namespace) -> int:
     from shoal.core import Federation
     from shoal.errors import NotEnoughNodes
     from shoal.runtime.grpc import GrpcEngine, ServerTLS
-    from shoal.vertical.job import summarize
+    from shoal.vertical.job import load_vertical_job, summarize
     from shoal.vertical.protocol import train
 
     job = load_vertical_job(args.job, insecure_test_keys=bool(args.insecure_test_keys))
@@ -100,7 +108,7 @@ def serve_party(args: argparse.Namespace) -> int:
     """One party's node: its own CSV, its role's tasks, nothing else."""
     from shoal.runtime import NodeApp
     from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, NodeExit, load_private_key
-    from shoal.vertical.job import ARBITER
+    from shoal.vertical.job import ARBITER, load_vertical_job
     from shoal.vertical.tasks import vertical_tasks
 
     job = load_vertical_job(args.job, insecure_test_keys=bool(args.insecure_test_keys))

@@ -15,7 +15,11 @@ import numpy.typing as npt
 
 from shoal.errors import DataError
 
-__all__ = ["Dataset"]
+__all__ = ["MAX_CLASSES", "Dataset"]
+
+# Class ids index per-class arrays (counts, one-hot targets, a model's output layer), so a
+# stray label such as 2**28 would allocate gigabytes: more classes than this is refused.
+MAX_CLASSES = 10_000
 
 
 @dataclass(frozen=True, eq=False, repr=False, kw_only=True)
@@ -142,6 +146,11 @@ def _check_classes(classes: Any, name: str) -> int | None:
         )
     if classes < 1:
         raise DataError(f"dataset {name!r}: classes must be at least 1, got {classes}")
+    if classes > MAX_CLASSES:
+        raise DataError(
+            f"dataset {name!r}: {classes} classes is more than the {MAX_CLASSES} supported; "
+            "class labels must be dense ids 0..K-1 (map sparse or hashed labels first)"
+        )
     return int(classes)
 
 

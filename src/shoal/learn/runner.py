@@ -38,9 +38,15 @@ class RoundReport:
     epsilon: float | None = None
     delta: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # node -> why it failed this round (for display; the store keeps its own record)
+    failures: Mapping[str, str] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        out = {
+            k: v
+            for k, v in asdict(self).items()
+            if v is not None and k not in ("extra", "failures")
+        }
         out.update(self.extra)
         return out
 
@@ -70,6 +76,7 @@ class Trainer:
         federated_eval_every: int = 0,
         seed: int = 0,
         on_round: Callable[[RoundReport], None] | None = None,
+        on_start: Callable[[str | None], None] | None = None,
     ) -> None:
         self.federation = federation
         self.algorithm = algorithm
@@ -81,6 +88,7 @@ class Trainer:
         self.federated_eval_every = federated_eval_every
         self.seed = seed
         self.on_round = on_round
+        self.on_start = on_start  # called with the run id once the run is recorded
         self._evaluator = model.clone()
 
     def evaluate(self, weights: Weights) -> dict[str, float]:
@@ -139,6 +147,8 @@ class Trainer:
         if run_id is not None and self.store is not None and resume is not None:
             history = [_report_from(r.metrics, r.round) for r in self.store.round_metrics(run_id)]
         try:
+            if self.on_start is not None:
+                self.on_start(run_id)
             while state.round < self.algorithm.rounds:
                 report, state = self._round(state, run_id)
                 history.append(report)
@@ -179,6 +189,7 @@ class Trainer:
             federated_loss=evaluation.get("federated_loss"),
             epsilon=epsilon,
             delta=result.delta,
+            failures=dict(result.failures),
         )
         if self.store is not None and run_id is not None:
             participants = dict.fromkeys(result.participants, "ok")

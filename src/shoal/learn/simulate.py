@@ -37,6 +37,7 @@ def simulate(
     config: Mapping[str, Any] | None = None,
     resume: str | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
+    on_start: Callable[[str | None], None] | None = None,
 ) -> TrainingResult:
     """Train ``model`` with ``algorithm`` across ``nodes`` (one data set per node).
 
@@ -66,6 +67,7 @@ def simulate(
         federated_eval_every=federated_eval_every,
         seed=seed,
         on_round=on_round,
+        on_start=on_start,
     )
     try:
         return trainer.run(resume=resume)

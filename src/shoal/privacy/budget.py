@@ -59,7 +59,7 @@ class NodeBudget:
         max_epsilon: float,
         max_delta: float,
         accountant: Accountant = "rdp",
-        pld_discretization: float = PLD_DISCRETIZATION,
+        pld_discretization: float | None = PLD_DISCRETIZATION,
     ) -> None:
         self._max_epsilon = _check_epsilon(max_epsilon)
         self._max_delta = _check_delta(max_delta)

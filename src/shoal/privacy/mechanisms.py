@@ -74,8 +74,10 @@ def next_clip_norm(
     """Geometric update of the clip norm towards the ``target_quantile`` of update norms.
 
     ``C * exp(-lr * (b - target_quantile))`` where ``b`` is the noised fraction of updates that
-    were not clipped: too many unclipped shrinks C, too few grows it. ``lr`` around 0.2 is the
-    paper's default.
+    were not clipped, clamped to [0, 1] first (noise can push it outside, and a fraction
+    beyond that range would move the clip further than any real one could; TF Privacy clamps
+    too): too many unclipped shrinks C, too few grows it. ``lr`` around 0.2 is the paper's
+    default.
     """
     clip = _check_positive("clip", clip)
     lr = _check_positive("lr", lr, allow_zero=True)
@@ -85,6 +87,7 @@ def next_clip_norm(
     b = float(unclipped_fraction_noised)
     if not math.isfinite(b):
         raise ConfigError(f"unclipped_fraction_noised must be finite, got {b!r}")
+    b = min(max(b, 0.0), 1.0)
     return clip * math.exp(-lr * (b - q))
 
 

@@ -46,6 +46,7 @@ from shoal.runtime.grpc.lane import (
     LaneSocket,
     parse_address,
 )
+from shoal.runtime.grpc.limits import PendingLimiter, RejectionLog, peer_host
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import (
     DEFAULT_CHUNK_BYTES,
@@ -256,6 +257,7 @@ class _Session:
         self.lane_token = b""
         self.lane: _Lane | None = None
         self.protocol = 0  # agreed in the hello
+        self.ticket = -1  # in the engine's limiter of unauthenticated streams
         # Keeps a task's header (stream) and payload (lane) in the same order on both.
         self.send_lock = threading.Lock()
 
@@ -310,7 +312,9 @@ class GrpcEngine:
         heartbeat_s: float = 5.0,
         liveness_s: float | None = None,
         auth_window_s: float = 60.0,
-        handshake_timeout_s: float = 10.0,
+        handshake_timeout_s: float = 5.0,
+        max_pending_per_peer: int = 16,
+        max_pending: int = 64,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_reply_bytes: int | None = None,
         max_nodes: int = 1024,
@@ -346,6 +350,12 @@ class GrpcEngine:
         self.heartbeat_s = heartbeat_s
         self.liveness_s = liveness_s if liveness_s is not None else 3 * heartbeat_s + 5.0
         self.handshake_timeout_s = handshake_timeout_s
+        # Unauthenticated streams and lane connections: bounded per address and in total,
+        # the oldest dropped for a newcomer (see limits.py).
+        self.max_pending = max_pending
+        self._stream_limiter = PendingLimiter(per_peer=max_pending_per_peer, total=max_pending)
+        self._lane_limiter = PendingLimiter(per_peer=max_pending_per_peer, total=max_pending)
+        self._rejection_log = RejectionLog(self._write_rejection)
         self.chunk_bytes = chunk_bytes
         self.max_reply_bytes = (
             max_reply_bytes if max_reply_bytes is not None else WireLimits().max_bytes
@@ -390,13 +400,16 @@ class GrpcEngine:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 0),
+            # A connection that has not finished its TLS/HTTP2 handshake within this is closed.
+            ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout_s * 1000)),
         ]
+        # Room for every node plus every pending stream the limiter allows: a flood of
+        # unauthenticated streams is evicted oldest-first, never fills the server.
+        slots = self.max_nodes + self.max_pending
         server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=self.max_nodes + 8, thread_name_prefix="shoal-session"
-            ),
+            futures.ThreadPoolExecutor(max_workers=slots + 8, thread_name_prefix="shoal-session"),
             options=options,
-            maximum_concurrent_rpcs=self.max_nodes,
+            maximum_concurrent_rpcs=slots,
         )
         handler = grpc.stream_stream_rpc_method_handler(self._serve)
         server.add_generic_rpc_handlers(
@@ -450,6 +463,7 @@ class GrpcEngine:
                 serve=self._serve_lane,
                 rejected=self._lane_rejected,
                 timeout_s=self.handshake_timeout_s,
+                limiter=self._lane_limiter,
             )
 
         try:
@@ -492,6 +506,7 @@ class GrpcEngine:
             sessions = list(self._open)
         for session in sessions:
             self._close_session(session, "coordinator shut down")
+        self._rejection_log.flush(force=True)  # the last window's counts are recorded too
         if self._server is not None:
             self._server.stop(grace=1.0).wait()
             self._server = None
@@ -667,6 +682,9 @@ class GrpcEngine:
         session = _Session(context)
         with self._lock:
             self._open.add(session)
+        session.ticket = self._stream_limiter.admit(
+            peer_host(session.peer), lambda: self._evict(session)
+        )
         context.add_callback(lambda: self._close_session(session, "stream ended"))
         challenge = pb.Challenge(
             protocol=PROTOCOL,
@@ -836,6 +854,7 @@ class GrpcEngine:
             if len(self._sessions) >= self.max_nodes and previous is None:
                 raise _SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many nodes")
             session.authenticated = True
+            self._stream_limiter.done(session.ticket)
             self._sessions[record.node_id] = session
             self._lane_ids[session.lane_id] = session
             self._changed.notify_all()
@@ -1002,6 +1021,7 @@ class GrpcEngine:
             log.info("node %s disconnected: %s", session.node_id, reason)
             if not self._closing.is_set():
                 self._audit("node.disconnected", session.node_id, reason=reason[:500])
+        self._stream_limiter.done(session.ticket)
         with self._changed:  # last: finish() waits for this, so the audit entry is written
             self._open.discard(session)
             if session.authenticated and self._sessions.get(session.node_id) is session:
@@ -1102,10 +1122,32 @@ class GrpcEngine:
         self._deliver(session, pending, header, inbound.mac.finalize(), payload)
 
     def _lane_rejected(self, peer: str, reason: str) -> None:
-        log.warning("refused a bulk lane connection from %s: %s", peer, reason)
         self._rejections += 1
-        if self._rejections <= 1000:
-            self._audit("node.lane_rejected", "unknown", peer=peer, reason=reason[:500])
+        self._rejection_log.record(
+            peer_host(peer),
+            reason,
+            {"action": "node.lane_rejected", "peer": peer, "reason": reason[:500]},
+        )
+
+    def _evict(self, session: _Session) -> None:
+        """Drop an unauthenticated stream to make room for a newer one (see limits.py)."""
+        if session.authenticated:
+            return
+        self._rejected(
+            session, "dropped while unauthenticated, for a newer connection", claimed_key=b""
+        )
+        self._close_session(session, "dropped for a newer connection")
+        session.context.cancel()
+
+    def _write_rejection(self, detail: dict[str, Any]) -> None:
+        action = detail.pop("action", "node.rejected")
+        if "summary" in detail:
+            log.warning("%s (%s)", detail["summary"], detail["reason"])
+            self._audit("node.rejected_summary", "unknown", **detail)
+            return
+        what = "bulk lane connection" if action == "node.lane_rejected" else "connection"
+        log.warning("rejected %s from %s: %s", what, detail.get("peer"), detail.get("reason"))
+        self._audit(action, "unknown", **detail)
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -1114,6 +1156,7 @@ class GrpcEngine:
         tick = min(1.0, self.heartbeat_s / 2, self.registry_refresh_s)
         last_registry = time.monotonic()
         while not self._closing.wait(tick):
+            self._rejection_log.flush()
             now = time.monotonic()
             with self._lock:
                 sessions = list(self._open)
@@ -1151,17 +1194,19 @@ class GrpcEngine:
             self._registry_ids, self._registry_order = ids, order
 
     def _rejected(self, session: _Session, reason: str, *, claimed_key: bytes) -> None:
-        log.warning("rejected connection from %s: %s", session.peer, reason)
         self._rejections += 1
-        # Bounded: a flood of bad connections must not turn into a flood of fsyncs.
-        if self._rejections <= 1000:
-            self._audit(
-                "node.rejected",
-                "unknown",
-                peer=session.peer,
-                reason=reason[:500],
-                key=fingerprint(claimed_key) if claimed_key else "",
-            )
+        # Coalesced per address: a flood of bad connections is counted, not written out
+        # one fsync at a time, and none goes unrecorded.
+        self._rejection_log.record(
+            peer_host(session.peer),
+            reason,
+            {
+                "action": "node.rejected",
+                "peer": session.peer,
+                "reason": reason[:500],
+                "key": fingerprint(claimed_key) if claimed_key else "",
+            },
+        )
 
     def _audit(self, action: str, actor: str, **detail: Any) -> None:
         audit = getattr(self.registry, "audit", None)

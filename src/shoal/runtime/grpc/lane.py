@@ -10,6 +10,7 @@ direction, so no TLS connection is ever read and written by two threads at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import os
 import socket
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from shoal.errors import AuthenticationError, ProtocolError, TransportError
 from shoal.runtime.engine import Buffer
 from shoal.runtime.grpc.auth import LANE_ID_BYTES
+from shoal.runtime.grpc.limits import PendingLimiter, peer_host
 
 __all__ = [
     "DOWN",
@@ -343,8 +345,10 @@ class LaneServer:
     ``attach(lane_id, direction, lane)`` hands an authenticated connection to its session
     (or says why not) before the node is told it is accepted; ``serve(lane_id, direction,
     lane)`` then runs on the connection's thread for as long as it lives.
-    Unauthenticated connections get ``timeout_s`` to prove a token and are limited to
-    ``max_pending`` at once; each refusal is reported to ``rejected(peer, reason)``.
+    Unauthenticated connections get ``timeout_s`` to prove a token and are bounded by
+    ``limiter`` (per address and in total; the oldest is dropped for a newcomer, so a flood
+    of idle connections cannot keep a node off its lane); each refusal is reported to
+    ``rejected(peer, reason)``.
     """
 
     def __init__(
@@ -357,8 +361,8 @@ class LaneServer:
         attach: Callable[[bytes, bytes, LaneSocket], str],
         serve: Callable[[bytes, bytes, LaneSocket], None],
         rejected: Callable[[str, str], None],
-        timeout_s: float = 10.0,
-        max_pending: int = 64,
+        timeout_s: float = 5.0,
+        limiter: PendingLimiter | None = None,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # "[::]" serves IPv4 nodes too, as gRPC's listener on "[::]" does.
@@ -379,7 +383,8 @@ class LaneServer:
         self._serve = serve
         self._rejected = rejected
         self._timeout_s = timeout_s
-        self._pending = threading.BoundedSemaphore(max_pending)
+        self._limiter = limiter or PendingLimiter()
+        self._dropped: set[int] = set()  # id() of connections dropped for a newer one
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="shoal-lane-accept", daemon=True)
 
@@ -404,19 +409,22 @@ class LaneServer:
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
             peer = _peer(address)
-            if not self._pending.acquire(blocking=False):
-                conn.close()
-                self._rejected(peer, "too many bulk lane connections still authenticating")
-                continue
+            ticket = self._limiter.admit(peer_host(peer), functools.partial(self._drop, conn))
             threading.Thread(
-                target=self._connection, args=(conn, peer), name="shoal-lane", daemon=True
+                target=self._connection, args=(conn, peer, ticket), name="shoal-lane", daemon=True
             ).start()
 
-    def _connection(self, conn: socket.socket, peer: str) -> None:
+    def _drop(self, conn: socket.socket) -> None:
+        """Make room for a newer connection: wake this one's handshake with an error."""
+        self._dropped.add(id(conn))
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
+    def _connection(self, conn: socket.socket, peer: str, ticket: int) -> None:
         try:
             authenticated = self._authenticate(conn, peer)
         finally:
-            self._pending.release()
+            self._limiter.done(ticket)
         if authenticated is None:
             return
         lane_id, direction, lane = authenticated
@@ -471,6 +479,9 @@ class LaneServer:
             reason = f"TLS handshake failed ({exc.reason or exc})"
         except OSError as exc:
             reason = f"connection failed during authentication ({exc or type(exc).__name__})"
+        if id(conn) in self._dropped:
+            self._dropped.discard(id(conn))
+            reason = "dropped while unauthenticated, for a newer connection (too many pending)"
         if not self._closing.is_set():  # first: once closed, the peer may look at once
             self._rejected(peer, reason)
         sock.close()

@@ -16,7 +16,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,7 @@ from shoal.runtime.grpc.protocol import (
 )
 from shoal.runtime.nodestate import NODE_STATE_KEY, NodeState
 
-__all__ = ["Backoff", "NodeClient", "NodeExit"]
+__all__ = ["Backoff", "NodeClient", "NodeExit", "explain_connect_error"]
 
 log = logging.getLogger("shoal.deploy.node")
 
@@ -111,6 +111,61 @@ class _Rejected(Exception):
     pass
 
 
+# gRPC's connection errors, as the words its details carry, and what they mean to an
+# operator. Checked in order; the first match explains the failure.
+_CONNECT_ERRORS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("WRONG_VERSION_NUMBER", "wrong version number", "packet length too long"),
+        "TLS mismatch: this node speaks TLS but the coordinator does not (was it started "
+        "with --insecure? then start this node with --insecure too)",
+    ),
+    (
+        ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "unable to get local issuer"),
+        "the coordinator's certificate is not signed by this node's CA: --certs holds a "
+        "different federation's ca.pem (copy the coordinator's ca.pem)",
+    ),
+    (
+        ("not in peer certificate", "Peer name", "hostname mismatch", "does not match"),
+        "the coordinator's certificate does not name the host dialled: add it with "
+        "`shoal certs --host NAME`, or pass --server-name",
+    ),
+    (
+        ("Connection refused",),
+        "connection refused: nothing listens there (is the coordinator running, on this "
+        "host and port?)",
+    ),
+    (
+        ("Network is unreachable", "No route to host", "Timeout occurred", "Deadline", "timed out"),
+        "the coordinator's host is unreachable (a wrong address, or a firewall drops the packets)",
+    ),
+    (
+        ("DNS resolution failed", "Name or service not known", "not resolve"),
+        "the coordinator's host name does not resolve (check --coordinator)",
+    ),
+    (
+        (
+            "Socket closed",
+            "Connection reset",
+            "failed to receive server preface",
+            "Broken pipe",
+            "End of TCP stream",
+            "Connection closed",
+        ),
+        "the coordinator closed the connection at once: if this node runs --insecure, the "
+        "coordinator probably expects TLS (give both the same --certs, or both --insecure)",
+    ),
+)
+
+
+def explain_connect_error(details: str) -> str | None:
+    """What a failed gRPC connection means, from its details text (None if not known)."""
+    lowered = details.lower()
+    for needles, meaning in _CONNECT_ERRORS:
+        if any(n.lower() in lowered for n in needles):
+            return meaning
+    return None
+
+
 @dataclass
 class _Incoming:
     header: pb.TaskHeader
@@ -148,6 +203,7 @@ class NodeClient:
         max_idle_s: float | None = None,
         seed: int | None = None,
         lane: bool = True,
+        on_retry: Callable[[int, float, str], None] | None = None,
         node_state: NodeState | None = None,
     ) -> None:
         if tls is None and not insecure:
@@ -176,6 +232,9 @@ class NodeClient:
         self.node_state = node_state if node_state is not None else NodeState()
         self.state[NODE_STATE_KEY] = self.node_state
         self.tasks_done = 0
+        self.tasks_failed = 0  # ended in an error (not a refusal or a budget decline)
+        self.last_failure = ""
+        self.on_retry = on_retry  # (attempt, delay_s, reason) before each reconnection
         self.sessions = 0
         self.detail = ""  # why the last session ended
         self._seed = seed
@@ -216,7 +275,7 @@ class NodeClient:
                 outcome = self._session(welcomed)
             except _Rejected as exc:
                 self.detail = str(exc)
-                log.error("coordinator refused this node: %s", exc)
+                log.info("coordinator refused this node: %s", exc)  # the caller reports it
                 return NodeExit.REJECTED
             if outcome is not None:
                 return outcome
@@ -229,6 +288,8 @@ class NodeClient:
             delay = self.backoff.delay(attempt, self._rng)
             attempt += 1
             log.info("reconnecting in %.1f s (%s)", delay, self.detail)
+            if self.on_retry is not None:
+                self.on_retry(attempt, delay, self.detail)
             if self._stop.wait(delay):
                 return NodeExit.STOPPED
 
@@ -307,8 +368,9 @@ class NodeClient:
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if code in _FATAL or (code == grpc.StatusCode.UNAUTHENTICATED and not welcomed[0]):
-                raise _Rejected(f"{code.name}: {details}") from None
-            self.detail = f"{code.name}: {details}"
+                raise _Rejected(details or code.name) from None
+            explained = explain_connect_error(details) if not welcomed[0] else None
+            self.detail = explained or f"{code.name}: {details}"
             if code == grpc.StatusCode.CANCELLED and self._idle():
                 return NodeExit.IDLE
             return None
@@ -629,7 +691,11 @@ class NodeClient:
         except (UnknownTask, WireError, ReleaseRefused) as exc:
             return pb.REJECTED, str(exc), memoryview(b"")
         except Exception as exc:  # any task failure is reported, never fatal to the node
-            return pb.ERROR, str(exc) or type(exc).__name__, memoryview(b"")
+            reason = str(exc) or type(exc).__name__
+            self.tasks_failed += 1
+            self.last_failure = reason
+            log.warning("task %s failed: %s", header.name, reason)
+            return pb.ERROR, reason, memoryview(b"")
         view = memoryview(result)
         return pb.OK, "", view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
