@@ -123,9 +123,44 @@ def build_dtype(code: Any, state: Any = None) -> Any:
             dtype.__setstate__(state)  # type: ignore[attr-defined]
         except (TypeError, ValueError) as exc:
             raise _refuse(f"dtype state {state!r}: {exc}") from None
+        # __setstate__ trusts the state's flags, element size and field offsets: a state can
+        # clear the has-object flag of an object dtype (raw bytes read as pointers) or place a
+        # field, or a subarray, past the element (views of memory the array does not own).
+        # Rebuild the dtype through NumPy's validating constructor and keep that one.
+        dtype = _canonical(dtype)
     if dtype.kind not in _KINDS or (dtype.itemsize <= 0 and dtype.kind not in "SUV"):
         raise _refuse(f"dtype {dtype}")
     return dtype
+
+
+def _canonical(dtype: Any) -> Any:
+    """``dtype`` rebuilt by NumPy's own constructor (which checks layout and computes the
+    flags itself), refused unless the rebuilt one has the same layout."""
+    import numpy as np
+
+    try:
+        if dtype.subdtype is not None:
+            base, shape = dtype.subdtype
+            new = np.dtype((_canonical(base), shape))
+        elif dtype.names is not None:
+            fields = dtype.fields
+            names = list(dtype.names)
+            new = np.dtype(
+                {
+                    "names": names,
+                    "formats": [_canonical(fields[n][0]) for n in names],
+                    "offsets": [fields[n][1] for n in names],
+                    "titles": [fields[n][2] if len(fields[n]) == 3 else None for n in names],
+                    "itemsize": dtype.itemsize,
+                }
+            )
+        else:
+            new = np.dtype(dtype.str)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _refuse(f"dtype {dtype!r}: its state describes an invalid layout ({exc})") from None
+    if new != dtype or new.itemsize != dtype.itemsize:
+        raise _refuse(f"dtype {dtype!r}: its state disagrees with its layout")
+    return new
 
 
 def check_shape(shape: Any, *, max_dims: int = 64) -> tuple[int, ...]:

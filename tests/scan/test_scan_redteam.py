@@ -1,0 +1,113 @@
+"""Red-team regressions for shoal.scan.load: files built by our own generators that broke (or
+tried to break) the loader's guarantees, each with the specific refusal it must now get."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shoal.errors import UnsafeModelError
+from shoal.scan import loads
+
+
+class _Reduce:
+    """Pickles as ``func(*args)`` followed by BUILD ``state``: lets a test write any
+    reconstructor call and state, exactly as an attacker's file would."""
+
+    def __init__(self, func: Any, args: tuple[Any, ...], state: Any = None) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.state is None:
+            return (self.func, self.args)
+        return (self.func, self.args, self.state)
+
+
+def _dtype(code: str, state: tuple[Any, ...]) -> _Reduce:
+    return _Reduce(np.dtype, (code, False, True), state)
+
+
+def _array(dtype: Any, shape: tuple[int, ...], raw: bytes) -> bytes:
+    from numpy._core.multiarray import _reconstruct as recon
+
+    arr = _Reduce(recon, (np.ndarray, (0,), b"b"), (1, shape, dtype, False, raw))
+    return pickle.dumps(arr, protocol=2)
+
+
+def object_dtype_with_cleared_flags() -> bytes:
+    """An object dtype whose state clears NumPy's has-object flag: the array's raw bytes
+    (0x4141...) would be read as PyObject pointers."""
+    return _array(_dtype("O", (3, "|", None, None, None, -1, -1, 0)), (1,), b"A" * 8)
+
+
+def struct_field_past_itemsize() -> bytes:
+    """A structured dtype whose one field lies 1 MiB past its 8-byte element: reading the
+    field reads memory the array does not own."""
+    state = (3, "|", None, ("a",), {"a": (np.dtype("f8"), 1 << 20)}, 8, 1, 0)
+    return _array(_dtype("V8", state), (1,), b"A" * 8)
+
+
+def struct_object_field_cleared_flags() -> bytes:
+    """A structured dtype with an object field and its has-object flag cleared."""
+    state = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0)
+    return _array(_dtype("V8", state), (1,), b"A" * 8)
+
+
+def subarray_larger_than_itemsize() -> bytes:
+    """A subarray dtype of 2**20 float64 whose state claims an 8-byte element."""
+    state = (3, "|", (np.dtype("f8"), (1 << 20,)), None, None, 8, 8, 0)
+    return _array(_dtype("V8", state), (1,), b"A" * 8)
+
+
+def _load_in_child(data: bytes) -> str:
+    """Load ``data`` in a child process and touch the result: a pointer built from raw bytes
+    crashes the child (a failure here), not the test run."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from shoal.errors import UnsafeModelError
+        from shoal.scan import loads
+        try:
+            v = loads({data!r})
+        except UnsafeModelError as exc:
+            print("REFUSED", exc)
+            sys.exit(0)
+        print("LOADED", v.dtype.kind, v.dtype.hasobject)
+        repr(v.tolist())
+        """
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+@pytest.mark.parametrize(
+    "make", [object_dtype_with_cleared_flags, struct_object_field_cleared_flags]
+)
+def test_object_dtype_state_cannot_turn_raw_bytes_into_pointers(make: Any) -> None:
+    # before the fix both loaded as arrays whose 0x4141414141414141 was dereferenced (SIGSEGV)
+    out = _load_in_child(make())
+    # the raw bytes are not a list of values shoal built: refused, never reinterpreted
+    assert out.startswith("REFUSED") and "refus" in out, out
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (struct_field_past_itemsize, "invalid layout"),
+        (subarray_larger_than_itemsize, "disagrees with its layout"),
+    ],
+)
+def test_dtype_state_cannot_describe_memory_past_the_element(make: Any, words: str) -> None:
+    with pytest.raises(UnsafeModelError, match=words):
+        loads(make())
