@@ -111,3 +111,68 @@ def test_object_dtype_state_cannot_turn_raw_bytes_into_pointers(make: Any) -> No
 def test_dtype_state_cannot_describe_memory_past_the_element(make: Any, words: str) -> None:
     with pytest.raises(UnsafeModelError, match=words):
         loads(make())
+
+
+# --- scanner: torch._tensor._rebuild_from_type_v2 is a call and a BUILD in one ---------------
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _text(s: str) -> bytes:
+    b = s.encode()
+    return b"X" + len(b).to_bytes(4, "little") + b
+
+
+def rebuild_from_type_chosen_function() -> bytes:
+    """``_rebuild_from_type_v2(bytearray, bytearray, (16,), {'__class__': bytes})``: pickle.load
+    calls the function the file chose with the file's arguments, then setattr()s a dunder."""
+    return (
+        b"\x80\x02"
+        + _global("torch._tensor", "_rebuild_from_type_v2")
+        + b"("
+        + _global("builtins", "bytearray")
+        + _global("builtins", "bytearray")
+        + b"(J\x10\x00\x00\x00t"
+        + b"}"
+        + _text("__class__")
+        + _global("builtins", "bytes")
+        + b"stR."
+    )
+
+
+def test_rebuild_from_type_with_a_chosen_function_is_high() -> None:
+    from shoal.scan import scan_bytes
+    from shoal.scan.report import Severity
+
+    data = rebuild_from_type_chosen_function()
+    pytest.importorskip("torch")
+    # the real loader does call it: bytearray(16), then setattr(__class__) fails
+    with pytest.raises(TypeError, match="__class__ assignment"):
+        pickle.loads(data)  # the point: what pickle.load runs
+    report = scan_bytes(data)
+    assert report.severity >= Severity.HIGH, report.findings
+    assert any(f.kind == "chosen-function" for f in report.findings), report.findings
+    with pytest.raises(UnsafeModelError, match="_rebuild_from_type_v2"):
+        loads(data)
+
+
+def test_rebuild_from_type_dunder_state_is_high_even_around_a_torch_rebuilder() -> None:
+    from shoal.scan import scan_bytes
+    from shoal.scan.report import Severity
+
+    data = (
+        b"\x80\x02"
+        + _global("torch._tensor", "_rebuild_from_type_v2")
+        + b"("
+        + _global("torch._utils", "_rebuild_tensor_v2")
+        + _global("torch", "Tensor")
+        + b")"
+        + b"}"
+        + _text("__array_interface__")
+        + b"}stR."
+    )
+    report = scan_bytes(data)
+    assert report.severity >= Severity.HIGH, report.findings
+    assert any(f.kind == "dunder-state" for f in report.findings), report.findings

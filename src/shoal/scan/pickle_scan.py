@@ -1047,6 +1047,11 @@ class _Analyzer:
                     "chosen-function",
                     f"{how} {qual} instantiates {_describe(a)}, which the file chose",
                 )
+        elif qual == "torch._tensor._rebuild_from_type_v2":
+            self._check_rebuild_from_type(args, how)
+        elif qual == "torch._utils._rebuild_parameter_with_state" and len(args) == 4:
+            # the state is set with setattr, like a BUILD state's __dict__
+            self._check_state(args[3])
         if qual in ("builtins.bytearray", "builtins.bytes") and args:
             n = args[0]
             if type(n) is int and n > 1 << 30:
@@ -1070,6 +1075,34 @@ class _Analyzer:
                     "unknown-import",
                     f"{how} _codecs.encode with codec {_describe(enc)} (not verified)",
                 )
+
+    def _check_rebuild_from_type(self, args: tuple[Any, ...], how: str) -> None:
+        """``_rebuild_from_type_v2(func, new_type, args, state)`` calls ``func(*args)`` and
+        setattr()s every key of ``state`` on the result: a call and a BUILD in one. torch
+        writes it only around one of its own tensor rebuilders; anything else is a function
+        the file chose, and its state is checked like a BUILD state."""
+        ok = (
+            len(args) == 4
+            and isinstance(args[0], _Glob)
+            and args[0].severity == Severity.NONE
+            and args[0].module == "torch._utils"
+            and args[0].name.startswith("_rebuild_")
+            and isinstance(args[1], _Glob)
+            and args[1].severity == Severity.NONE
+            and args[1].module.startswith("torch")
+            and isinstance(args[2], tuple)
+        )
+        if not ok:
+            what = ", ".join(_describe(a) for a in args[:2]) if args else "no arguments"
+            self.report(
+                Severity.HIGH,
+                "chosen-function",
+                f"{how} torch._tensor._rebuild_from_type_v2 calls {what}, which the file chose "
+                "(torch writes it only around its own tensor rebuilders)",
+            )
+            return
+        self._check_args(args[0], args[2], how)
+        self._check_state(args[3])
 
     def op_REDUCE(self) -> None:
         args = self.pop()
