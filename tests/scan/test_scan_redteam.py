@@ -176,3 +176,68 @@ def test_rebuild_from_type_dunder_state_is_high_even_around_a_torch_rebuilder() 
     report = scan_bytes(data)
     assert report.severity >= Severity.HIGH, report.findings
     assert any(f.kind == "dunder-state" for f in report.findings), report.findings
+
+
+# --- scanner: dtype states that lie make pickle.load itself read memory it does not own ------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        object_dtype_with_cleared_flags,
+        struct_field_past_itemsize,
+        struct_object_field_cleared_flags,
+        subarray_larger_than_itemsize,
+    ],
+)
+def test_scanner_rates_a_lying_dtype_state_high(make: Any) -> None:
+    # only allowlisted NumPy names, but pickle.load segfaults on the first two (raw bytes read
+    # as PyObject pointers, a field 1 MiB past the buffer): was "none"
+    from shoal.scan import scan_bytes
+    from shoal.scan.report import Severity
+
+    report = scan_bytes(make())
+    assert report.severity >= Severity.HIGH, report.findings
+    assert any(f.kind == "dtype-state" for f in report.findings), report.findings
+
+
+def test_honest_structured_and_object_dtypes_still_scan_clean() -> None:
+    from shoal.scan import scan_bytes
+    from shoal.scan.report import Severity
+
+    honest = [
+        np.zeros(3, dtype=[("a", "<f4"), ("b", "<i8", (2,))]),
+        np.zeros(2, dtype=np.dtype([("a", "u1"), ("b", "<f8")], align=True)),
+        np.array([1, "x", None], dtype=object),
+        np.zeros(2, dtype="datetime64[ms]"),
+    ]
+    for arr in honest:
+        data = pickle.dumps(arr, protocol=2)
+        report = scan_bytes(data)
+        assert report.severity <= Severity.LOW, (arr.dtype, report.findings)
+        got = loads(data)
+        assert got.dtype == arr.dtype and np.array_equal(got, arr)
+
+
+# --- dtype states that crash NumPy's own __setstate__ (found by fuzzing mutated real states) ---
+
+_CRASHING_STATES = [
+    ("M8", (3, "<", None, None, None, -1, -1, 0)),  # a datetime without its unit metadata
+    ("O", (3, ">", None, None, None, -1, -1, 63)),  # a byte order on an object type
+    ("O", (3, "|", None, None, None, 4, 4, 63)),  # an object pointer 4 bytes wide
+]
+
+
+@pytest.mark.parametrize(("code", "state"), _CRASHING_STATES)
+def test_dtype_states_that_crash_numpy_are_refused_before_numpy_sees_them(
+    code: str, state: tuple[Any, ...]
+) -> None:
+    from shoal.scan import scan_bytes
+    from shoal.scan.report import Severity
+
+    data = _array(_dtype(code, state), (1,), b"A" * 8)
+    # before the fix shoal.scan.loads died with SIGSEGV inside NumPy: run it in a child
+    out = _load_in_child(data)
+    assert out.startswith("REFUSED") and "dtype state" in out, out
+    report = scan_bytes(data)
+    assert report.severity >= Severity.HIGH, report.findings

@@ -14,6 +14,7 @@ from typing import Any
 from shoal.errors import UnsafeModelError
 
 __all__ = [
+    "DtypeLayoutError",
     "build_array",
     "build_dtype",
     "build_object_array",
@@ -39,6 +40,11 @@ def empty_bytes(n: int) -> Any:
 
 def _refuse(what: str) -> UnsafeModelError:
     return UnsafeModelError(f"refusing {what}")
+
+
+class DtypeLayoutError(UnsafeModelError):
+    """A dtype state NumPy's ``__setstate__`` accepts but whose flags, field offsets or element
+    size disagree with the layout it describes: arrays of it reach memory they do not own."""
 
 
 def literal_dtype_state(state: Any) -> bool:
@@ -116,6 +122,23 @@ def build_dtype(code: Any, state: Any = None) -> Any:
     if state is not None:
         if not literal_dtype_state(state):
             raise _refuse("a dtype state that is not plain literals (structured dtypes refused)")
+        # NumPy's __setstate__ builds whatever descriptor the state says, and some of those
+        # crash NumPy itself (SIGSEGV): an element size other than the code's own (or -1), an
+        # alignment that is not a power of two, a byte order on an object or byte type, a
+        # datetime without its unit metadata. NumPy's own pickles never write any of them.
+        elsize, align = state[5], state[6]
+        if elsize not in (-1, dtype.itemsize) or align not in (-1, 1, 2, 4, 8, 16, 32, 64):
+            raise DtypeLayoutError(
+                f"refusing a dtype state whose element size or alignment lies: {state!r}"
+            )
+        if (state[1] == "|") != (dtype.byteorder == "|"):
+            raise DtypeLayoutError(
+                f"refusing a dtype state whose byte order does not fit {code!r}: {state!r}"
+            )
+        if dtype.kind in "Mm" and len(state) != 9:
+            raise DtypeLayoutError(
+                f"refusing a datetime dtype state without its unit metadata: {state!r}"
+            )
         # copy=True, as numpy's own pickles ask: __setstate__ mutates the object, and the plain
         # np.dtype(code) is NumPy's shared descriptor for that type
         dtype = np.dtype(code, align=False, copy=True)
@@ -157,9 +180,12 @@ def _canonical(dtype: Any) -> Any:
         else:
             new = np.dtype(dtype.str)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise _refuse(f"dtype {dtype!r}: its state describes an invalid layout ({exc})") from None
-    if new != dtype or new.itemsize != dtype.itemsize:
-        raise _refuse(f"dtype {dtype!r}: its state disagrees with its layout")
+        raise DtypeLayoutError(
+            f"refusing dtype {dtype!r}: its state describes an invalid layout ({exc})"
+        ) from None
+    # has-object is the one flag that decides whether raw bytes are read as object pointers
+    if new != dtype or new.itemsize != dtype.itemsize or new.hasobject != dtype.hasobject:
+        raise DtypeLayoutError(f"refusing dtype {dtype!r}: its state disagrees with its layout")
     return new
 
 

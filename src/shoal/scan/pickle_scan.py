@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import classify_global, normalize_global
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import ByteReader
@@ -1149,11 +1150,31 @@ class _Analyzer:
         self._check_state(state)
         if isinstance(inst, _Obj):
             inst.state = state
+            if inst.origin is not None and inst.origin.qual == "numpy.dtype":
+                self._check_dtype(inst)
             if (
                 inst.origin is not None
                 and inst.origin.qual == "joblib.numpy_pickle.NumpyArrayWrapper"
             ):
                 self._joblib_array(inst)
+
+    def _check_dtype(self, dtype: _Obj) -> None:
+        """NumPy's dtype ``__setstate__`` trusts the state's flags, field offsets and element
+        size: a state that lies makes pickle.load read raw bytes as object pointers, or
+        fields past the array's memory (states that are not literals are left to the rest)."""
+        from shoal.scan.builders import DtypeLayoutError
+
+        try:
+            _real_dtype(dtype, 0)
+        except DtypeLayoutError as exc:
+            self.report(
+                Severity.HIGH,
+                "dtype-state",
+                f"BUILD on numpy.dtype: {exc} (pickle.load would build arrays over memory "
+                "they do not own)",
+            )
+        except UnsafeModelError:
+            pass  # a state shoal's builder does not take: not a layout lie, judged elsewhere
 
     def _check_state(self, state: Any) -> None:
         """BUILD hands its state to ``__setstate__`` or ``__dict__.update``: it must be written
