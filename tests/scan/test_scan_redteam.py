@@ -240,3 +240,92 @@ def test_dtype_states_that_crash_numpy_are_refused_before_numpy_sees_them(
     assert out.startswith("REFUSED") and "dtype state" in out, out
     report = scan_bytes(data)
     assert report.severity >= Severity.HIGH, report.findings
+
+
+# --- scanner: an argument tuple computed by an allowlisted call hid the chosen function --------
+
+
+def _computed_args(*items: bytes) -> bytes:
+    """``builtins.tuple([items...])``: a tuple pickle.load hands to REDUCE like a literal one."""
+    return _global("builtins", "tuple") + b"((" + b"".join(items) + b"ltR"
+
+
+@pytest.mark.parametrize(
+    ("helper", "args"),
+    [
+        # __generator_ctor('MT19937', builtins.list) calls list('MT19937')
+        (
+            ("numpy.random._pickle", "__generator_ctor"),
+            (_text("MT19937"), _global("builtins", "list")),
+        ),
+        # __bit_generator_ctor(builtins.list) instantiates list()
+        (("numpy.random._pickle", "__bit_generator_ctor"), (_global("builtins", "list"),)),
+        # _rebuild_from_type_v2(bytearray, bytearray, (16,), {}) calls bytearray(16)
+        (
+            ("torch._tensor", "_rebuild_from_type_v2"),
+            (
+                _global("builtins", "bytearray"),
+                _global("builtins", "bytearray"),
+                b"(J\x10\x00\x00\x00t",
+                b"}",
+            ),
+        ),
+    ],
+)
+def test_computed_argument_tuples_do_not_hide_a_chosen_function(
+    helper: tuple[str, str], args: tuple[bytes, ...]
+) -> None:
+    from shoal.scan import scan_bytes
+    from shoal.scan.report import Severity
+
+    data = b"\x80\x02" + _global(*helper) + _computed_args(*args) + b"R."
+    report = scan_bytes(data)  # was "none"
+    assert report.severity >= Severity.HIGH, report.findings
+    assert any(f.kind == "chosen-function" for f in report.findings), report.findings
+    with pytest.raises(UnsafeModelError, match="refused"):
+        loads(data)
+
+
+# --- scanner: numpy.ndarray over a buffer at a negative offset is a heap read/write view -------
+
+
+def ndarray_negative_offset(newobj_ex: bool = False) -> bytes:
+    """``ndarray.__new__(ndarray, (64,), uint8, bytearray(16), -4096)``: only allowlisted names,
+    and pickle.load returns a writable view of the 4 KiB of heap before the bytearray."""
+    dtype = pickle.dumps(np.dtype("u1"), protocol=2)[2:-1]
+    buf = _global("builtins", "bytearray") + b"C\x10" + b"B" * 16 + b"\x85R"
+    if newobj_ex:
+        return (
+            b"\x80\x04"
+            + _global("numpy", "ndarray")
+            + b"(K@\x85"
+            + dtype
+            + b"t}("
+            + _text("buffer")
+            + buf
+            + _text("offset")
+            + b"J\x00\xf0\xff\xffu\x92."
+        )
+    return (
+        b"\x80\x02"
+        + _global("numpy", "ndarray")
+        + b"(K@\x85"
+        + dtype
+        + buf
+        + b"J\x00\xf0\xff\xfft\x81."
+    )
+
+
+@pytest.mark.parametrize("newobj_ex", [False, True])
+def test_ndarray_over_a_chosen_buffer_offset_is_high(newobj_ex: bool) -> None:
+    from shoal.scan import scan_bytes
+    from shoal.scan.report import Severity
+
+    data = ndarray_negative_offset(newobj_ex)
+    view = pickle.loads(data)  # what the real loader does: a view that starts before the buffer
+    assert view.flags.writeable and view.size == 64
+    report = scan_bytes(data)  # was "none"
+    assert report.severity >= Severity.HIGH, report.findings
+    assert any(f.kind == "raw-memory" for f in report.findings), report.findings
+    with pytest.raises(UnsafeModelError, match="refused"):
+        loads(data)

@@ -183,6 +183,16 @@ _DICT_MAKERS = frozenset(
     }
 )
 # Allowlisted helpers that call one of their arguments, and what that argument may be.
+_NDARRAY_CLASSES = frozenset({"numpy.ndarray", "numpy.matrix", "numpy.matrixlib.defmatrix.matrix"})
+# Allowlisted helpers whose arguments decide what they call or which attributes they set: their
+# argument tuple must be written out in the file.
+_CHECKED_ARGUMENTS = frozenset(
+    {
+        "numpy.random._pickle.__bit_generator_ctor",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch._utils._rebuild_parameter_with_state",
+    }
+)
 _CALLS_ARGUMENT = {
     "numpy.random._pickle.__randomstate_ctor": "numpy.random._pickle.__bit_generator_ctor",
     "numpy.random._pickle.__generator_ctor": "numpy.random._pickle.__bit_generator_ctor",
@@ -1019,9 +1029,18 @@ class _Analyzer:
         return _Obj(func, args, new=new)
 
     def _check_args(self, func: _Glob, args: Any, how: str) -> None:
-        if not isinstance(args, tuple):
-            return
         qual = func.qual
+        if not isinstance(args, tuple):
+            if qual in _CALLS_ARGUMENT or qual in _CHECKED_ARGUMENTS:
+                # e.g. builtins.tuple([...]) as the argument tuple: what these helpers call or
+                # set would go unchecked
+                self.report(
+                    Severity.HIGH,
+                    "chosen-function",
+                    f"{how} {qual} with arguments {_describe(args)}, not written out in the "
+                    "file: what it calls cannot be checked",
+                )
+            return
         expected = _CALLS_ARGUMENT.get(qual)
         if expected is not None:
             # numpy.random._pickle: the first argument is a bit generator's name (then the
@@ -1053,6 +1072,15 @@ class _Analyzer:
         elif qual == "torch._utils._rebuild_parameter_with_state" and len(args) == 4:
             # the state is set with setattr, like a BUILD state's __dict__
             self._check_state(args[3])
+        if qual in _NDARRAY_CLASSES and len(args) > 2:
+            # ndarray(shape, dtype, buffer, offset, strides): NumPy accepts a negative offset,
+            # so pickle.load hands back a writable view of the heap before the buffer
+            self.report(
+                Severity.HIGH,
+                "raw-memory",
+                f"{how} {qual} over a buffer with an offset or strides the file chose "
+                "(NumPy's own pickles never build arrays this way)",
+            )
         if qual in ("builtins.bytearray", "builtins.bytes") and args:
             n = args[0]
             if type(n) is int and n > 1 << 30:
@@ -1116,9 +1144,20 @@ class _Analyzer:
         self.push(self._call(cls, args, "NEWOBJ", new=True))
 
     def op_NEWOBJ_EX(self) -> None:
-        self.pop()  # kwargs
+        kwargs = self.pop()
         args = self.pop()
         cls = self.pop()
+        if (
+            isinstance(cls, _Glob)
+            and cls.qual in _NDARRAY_CLASSES
+            and not (isinstance(kwargs, _Dict) and kwargs.n == 0)
+        ):
+            self.report(
+                Severity.HIGH,
+                "raw-memory",
+                f"NEWOBJ_EX {cls.qual} with keyword arguments {_describe(kwargs)} (buffer, "
+                "offset and strides can be passed this way)",
+            )
         self.push(self._call(cls, args, "NEWOBJ_EX", new=True))
 
     def op_OBJ(self) -> None:
