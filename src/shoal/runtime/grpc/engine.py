@@ -725,12 +725,13 @@ class GrpcEngine:
                     return
         except _SessionAbort as exc:
             reason = exc.detail
-            session.abort(exc.code, exc.detail)
+            # Recorded before the peer is told: once a refusal is seen, it is on the record.
             if session.authenticated:
                 log.warning("session of node %s aborted: %s", session.node_id, exc.detail)
                 self._audit("node.session_aborted", session.node_id, reason=exc.detail[:500])
             else:
                 self._rejected(session, exc.detail, claimed_key=session.claimed_key)
+            session.abort(exc.code, exc.detail)
         except Exception as exc:  # the stream broke: whatever it was, this node is gone
             reason = f"stream failed ({type(exc).__name__})"
         self._close_session(session, reason)
