@@ -159,11 +159,15 @@ def budget_guard(
             node_noise_multiplier=request.node_noise_multiplier,
         )
         share = request.node_noise_multiplier
-        multiplier = request.noise_multiplier if share is None else share
-        # Example level: DP-SGD adds the noise inside the task. Node level: the node adds
-        # its share when the update leaves, and refuses a release with less.
+        # Example level: DP-SGD adds the noise inside the task. Node level: the node adds it
+        # when the update leaves, and refuses a release with less. The ledger counted the
+        # full noise_multiplier: a node's share of distributed noise (node_noise_multiplier)
+        # is bound as enough only inside a secure sum, never for a release on its own.
         ctx.bind_noise(
-            clip=request.clip, std=request.clip * multiplier, applied=request.level == "example"
+            clip=request.clip,
+            std=request.clip * request.noise_multiplier,
+            share_std=None if share is None else request.clip * share,
+            applied=request.level == "example",
         )
 
     return guard

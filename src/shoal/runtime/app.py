@@ -90,17 +90,26 @@ class TaskContext:
             found = self.state[NODE_STATE_KEY] = NodeState(node_id=self.node_id)
         return found
 
-    def bind_noise(self, *, clip: float, std: float, applied: bool = False) -> None:
+    def bind_noise(
+        self, *, clip: float, std: float, applied: bool = False, share_std: float | None = None
+    ) -> None:
         """Bind this task's result to the noise its privacy charge assumed.
 
-        Called by the guard that charged the request, before the task runs. ``applied``:
-        the task itself adds the noise (DP-SGD), so its noised fields may leave as they
-        are; otherwise they leave only clipped to ``clip`` with at least ``std`` of fresh
-        Gaussian noise, added by the node, once.
+        Called by the guard that charged the request, before the task runs. ``std`` is the
+        noise the charge counted; ``share_std`` (distributed DP) is this node's share of it,
+        accepted only as the input of a secure sum, whose other shares make up the rest.
+        ``applied``: the task itself adds the noise (DP-SGD; only the share when there is
+        one), so its noised fields may leave as they are (into a secure sum only, for a
+        share); otherwise they leave only clipped to ``clip`` with at least the noise the way
+        out needs, fresh Gaussian, added by the node, once.
         """
-        if not (clip > 0 and math.isfinite(clip) and std >= 0 and math.isfinite(std)):
-            raise ConfigError(f"a noise binding needs clip > 0 and std >= 0, got {clip}, {std}")
-        self.noise = NoiseBinding(clip=float(clip), std=float(std), applied=applied)
+        values = (clip, std, 0.0 if share_std is None else share_std)
+        if not (clip > 0 and all(v >= 0 and math.isfinite(v) for v in values)):
+            raise ConfigError(
+                f"a noise binding needs clip > 0 and std >= 0, got {clip}, {std}, {share_std}"
+            )
+        share = None if share_std is None or share_std >= std else float(share_std)
+        self.noise = NoiseBinding(clip=float(clip), std=float(std), applied=applied, share=share)
 
     @property
     def data(self) -> Any:
@@ -122,11 +131,25 @@ class TaskContext:
 
 @dataclass(frozen=True, kw_only=True)
 class NoiseBinding:
-    """What a held value's privacy charge assumed: clip bound and per-node noise std."""
+    """What a held value's privacy charge assumed: clip bound and the noise std it counted.
+
+    ``share``: this node's smaller share of distributed noise, enough only inside a secure
+    sum (None: the node's own noise must be the full ``std``).
+    """
 
     clip: float
     std: float
     applied: bool = False
+    share: float | None = None
+
+    @property
+    def applied_in_full(self) -> bool:
+        """The task added all the charged noise itself: noised fields may leave as they are."""
+        return self.applied and self.share is None
+
+    def needed(self, use: str) -> float:
+        """The noise std a release by ``use`` must add: the share only into a secure sum."""
+        return self.share if self.share is not None and use == "secure" else self.std
 
 
 TaskFn = Callable[[TaskContext, dict[str, Any]], Mapping[str, Any] | None]
@@ -336,7 +359,7 @@ def _check_clear(
     """Fields leaving in the clear: ``clear`` ones, and ``noised`` ones the task noised."""
     if policy.all_clear or not fields:
         return
-    if noise is not None and noise.applied:
+    if noise is not None and noise.applied_in_full:
         fields = tuple(f for f in fields if policy.kind_of(f).kind != "noised")
     policy.check_clear(fields, path=path)
 
@@ -430,12 +453,12 @@ def read_held(
             + f"; the node refuses to send {sorted(refused)} {how[use]}"
         )
     if noised:
-        _check_noise(ctx, held, handle, clip, noise_std)
+        _check_noise(held, handle, clip, noise_std, use)
     return out
 
 
 def _check_noise(
-    ctx: TaskContext, held: _Held, handle: str, clip: float | None, noise_std: float | None
+    held: _Held, handle: str, clip: float | None, noise_std: float | None, use: Use
 ) -> None:
     binding = held.noise
     if binding is None:
@@ -444,18 +467,27 @@ def _check_noise(
             "the node releases noised fields only under a DP request its ledger charged"
         )
     if binding.applied:
-        return  # the task added the charged noise itself: this is the sample that was paid for
+        if binding.share is None or use == "secure":
+            return  # the task added the charged noise itself: the sample that was paid for
+        # The task added only its share of distributed noise: alone it is under-noised.
+        raise ReleaseRefused(
+            f"value {handle!r} carries only this node's share (std {binding.share:g}) of the "
+            f"noise its privacy charge counted (std {binding.std:g}); the node releases it "
+            "only into a secure sum, where the other shares make up the rest"
+        )
     if clip is None or noise_std is None:
         raise ReleaseRefused(
             f"value {handle!r} holds noised fields: release them with the clip and noise the "
             "charge assumed (the node adds the noise)"
         )
     # A hair of float tolerance: a request recomputed by the coordinator may differ in the ulp.
-    if clip > binding.clip * (1 + 1e-9) or noise_std < binding.std * (1 - 1e-9):
+    needed = binding.needed(use)
+    if clip > binding.clip * (1 + 1e-9) or noise_std < needed * (1 - 1e-9):
+        alone = " (a release outside a secure sum needs the full std)" if use != "secure" else ""
         raise ReleaseRefused(
             f"the request releases value {handle!r} clipped to {clip:g} with noise std "
             f"{noise_std:g}, but its privacy charge assumed clip <= {binding.clip:g} and noise "
-            f"std >= {binding.std:g}; the node refuses to release with less noise than it "
+            f"std >= {needed:g}{alone}; the node refuses to release with less noise than it "
             "charged"
         )
     if held.noised_once:
@@ -500,7 +532,7 @@ def _fetch(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     values = read_held(ctx, handle, fields, use="clear", clip=clip, noise_std=std)
     held = _held(ctx, handle)
     noised = [f for f in fields if held.policy.kind_of(f).kind == "noised"]
-    if held.noise is not None and held.noise.applied:
+    if held.noise is not None and held.noise.applied_in_full:
         return values
     values.update(add_noise({f: values[f] for f in noised}, clip=clip, std=std))
     ctx.node_state.audit(
