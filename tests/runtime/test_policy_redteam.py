@@ -93,3 +93,35 @@ def test_example_level_with_a_tiny_share_leaves_only_into_a_secure_sum() -> None
     ].shape == (4,)
     # Without a share, example-level noise is the full charged noise: it leaves as it is.
     assert _run(app, state, "t6", "train", {"dp": _dp(level="example")})["n"] == 5
+
+
+def test_a_secure_field_joins_one_secure_sum_so_no_difference_of_two_sums_reveals_it() -> None:
+    # The attack: sum the same held value over all five nodes, then over the four others;
+    # the difference is n0's value. The node lets each secure field into one sum.
+    from shoal.aggregate import Clip
+    from shoal.core import Federation
+    from shoal.crypto import SecureSum, secure_sum_tasks
+    from shoal.runtime import FailureKind, LocalEngine
+
+    app = NodeApp()
+
+    @app.task("train", release={"delta": "secure", "n": "clear"})
+    def train(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"delta": np.full(4, float(ctx.node_id[1:]) + 1.0), "n": 3}
+
+    app.install(secure_sum_tasks())
+    engine = LocalEngine(app, nodes=5)
+    out = Federation(engine).all().map("train")
+    chain = Clip(100.0) | SecureSum(dropout_fraction=0.0)
+    total = out["delta"].aggregate(chain)
+    np.testing.assert_allclose(total, np.full(4, 15.0), atol=1e-3)
+    others = out["delta"].without(["n0"], FailureKind.REJECTED, "left out on purpose")
+    with pytest.raises(Exception, match="masked inputs"):
+        others.aggregate(chain)
+    for node in engine.node_ids()[1:]:
+        state = engine.node_state(node)["shoal.node_state"]
+        (entry,) = [e.detail for e in state.entries if e.action == "refused"]
+        assert "already entered a secure sum" in entry["reason"]
+    # Clear fields stay free, and a fresh map (a new value) may be summed again.
+    again = Federation(engine).all().map("train")
+    np.testing.assert_allclose(again["delta"].aggregate(chain), np.full(4, 15.0), atol=1e-3)

@@ -169,7 +169,7 @@ class TaskSpec:
 class _Held:
     """A result kept at the node, with the policy and noise binding of the task behind it."""
 
-    __slots__ = ("noise", "noised_once", "policy", "values")
+    __slots__ = ("noise", "noised_once", "policy", "summed", "values")
 
     def __init__(
         self, values: dict[str, Any], policy: ReleasePolicy, noise: NoiseBinding | None
@@ -178,6 +178,9 @@ class _Held:
         self.policy = policy
         self.noise = noise
         self.noised_once = False
+        # Fields that entered a secure sum: a second sum over another group would give
+        # this node's value away as the difference of the two sums.
+        self.summed: set[str] = set()
 
 
 # A guard sees each request before its task runs and raises to refuse it
@@ -452,8 +455,17 @@ def read_held(
             + ", ".join(f"{f!r} as {k}" for f, k in sorted(refused.items()))
             + f"; the node refuses to send {sorted(refused)} {how[use]}"
         )
+    summed = [f for f in out if use == "secure" and policy.kind_of(f).kind == "secure"]
+    again = sorted(held.summed.intersection(summed))
+    if again:
+        raise ReleaseRefused(
+            f"value {handle!r} already entered a secure sum with {again}; a second sum (over "
+            "another group) would reveal this node's value as the difference, so each secure "
+            "field joins one secure sum"
+        )
     if noised:
         _check_noise(held, handle, clip, noise_std, use)
+    held.summed.update(summed)
     return out
 
 
