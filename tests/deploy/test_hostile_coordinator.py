@@ -212,8 +212,20 @@ def test_per_node_metrics_under_dp_are_refused_in_the_clear(nodes: Any) -> None:
     accuracy = out["accuracy"]
     with pytest.raises(NotEnoughNodes):
         accuracy.mean(weights=out["n"])
-    # Honest: the node adds the charged noise to its own metrics, once.
-    std = share().per_node_std
+    # Hostile: only this node's share of distributed noise, for a release on its own.
+    _, failures = fed.request(
+        list(NODES),
+        FETCH_TASK,
+        common={
+            "handle": out.handle,
+            "fields": ["accuracy", "loss"],
+            "noise": {"clip": CLIP, "std": share().per_node_std},
+        },
+    )
+    assert set(failures) == set(NODES)
+    assert all("outside a secure sum needs the full std" in f.detail for f in failures.values())
+    # Honest: the node adds the full charged noise to its own metrics, once.
+    std = Z * CLIP
     replies, failures = fed.request(
         list(NODES),
         FETCH_TASK,
