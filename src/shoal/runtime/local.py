@@ -325,7 +325,12 @@ class LocalEngine:
             self._submit(worker)
         with cond:
             while len(results) < len(runnable):
-                cond.wait(timeout=min(0.05, deadline_s))
+                # Sleep until the earliest running task's deadline or the last result: a
+                # short fixed poll took the GIL from the worker every few tens of ms, and on
+                # a busy machine each hand-off stalled both threads.
+                now = time.monotonic()
+                earliest = min(started.values(), default=now)
+                cond.wait(timeout=max(earliest + deadline_s - now, 0.001))
                 now = time.monotonic()
                 for i, t0 in list(started.items()):
                     if now - t0 > deadline_s and i not in abandoned:
