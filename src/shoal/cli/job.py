@@ -36,9 +36,12 @@ from shoal.data import (
     DATASETS,
     SCHEMES,
     Dataset,
+    RoleCorpus,
     load_csv,
     load_dataset,
     load_npz,
+    load_play,
+    parse_speeches,
     partition,
     split_holdout,
 )
@@ -75,6 +78,11 @@ __all__ = [
 
 RULES = ("mean", "median", "trimmed_mean", "krum", "multikrum", "geometric_median")
 
+# Data sets read from a play-formatted text file ([data] path), one node per speaking role.
+TEXT_DATASETS = ("shakespeare",)
+TEXT_MODELS = ("char_lstm", "word_lstm", "tiny_transformer")
+_TEXT_KEYS = ("tokens", "seq_len", "vocab_size")
+
 Schema = Mapping[str, tuple[type | tuple[type, ...], Any]]
 
 _SCHEMAS: dict[str, Schema] = {
@@ -87,6 +95,11 @@ _SCHEMAS: dict[str, Schema] = {
         "test_fraction": ((int, float), 0.2),
         "holdout": ((int, float), 0.0),
         "partition": (dict, {}),
+        # Text (dataset = "shakespeare"): see shoal.data.text.role_corpus.
+        "tokens": (str, None),
+        "seq_len": (int, None),
+        "vocab_size": (int, None),
+        "min_lines": (int, 2),
     },
     "partition": {
         "scheme": (str, "iid"),
@@ -334,8 +347,34 @@ class JobSpec:
         result: tuple[Dataset, Dataset] = self._cache["data"]
         return result
 
+    def text_corpus(self) -> RoleCorpus:
+        """A text job's corpus: one node per role (the ``nodes`` roles with most tokens)."""
+        if "corpus" not in self._cache:
+            data = self.data
+            tokens = data["tokens"] or ("word" if self.model["name"] == "word_lstm" else "char")
+            default_len = 80 if tokens == "char" else 20
+            self._cache["corpus"] = load_play(
+                self.base_dir / data["path"],
+                tokens=tokens,
+                seq_len=data["seq_len"] or default_len,
+                min_lines=data["min_lines"],
+                test_fraction=data["test_fraction"],
+                vocab_size=data["vocab_size"] or (10_000 if tokens == "word" else None),
+                max_roles=self.partition["nodes"],
+            )
+        corpus: RoleCorpus = self._cache["corpus"]
+        if len(corpus.train) < self.partition["nodes"]:
+            raise ConfigError(
+                f"[data.partition] nodes = {self.partition['nodes']} but the play has only "
+                f"{len(corpus.train)} roles with {self.data['min_lines']} lines or more; lower "
+                "nodes or min_lines"
+            )
+        return corpus
+
     def _load_data(self) -> tuple[Dataset, Dataset]:
         data = self.data
+        if data["dataset"] in TEXT_DATASETS:
+            return self.text_corpus().pooled()
         if data["dataset"] is not None:
             return load_dataset(
                 data["dataset"], test_fraction=data["test_fraction"], seed=self.seed
@@ -347,6 +386,8 @@ class JobSpec:
         return split_holdout(full, fraction=data["test_fraction"], seed=self.seed)
 
     def partitions(self) -> list[Dataset]:
+        if self.data["dataset"] in TEXT_DATASETS:
+            return list(self.text_corpus().train.values())
         train, _ = self.load_data()
         spec = self.partition
         parts: list[Dataset] = partition(
@@ -523,7 +564,7 @@ def _load_file(path: Path, label: str) -> Dataset:
 
 # Models trained by scikit-learn's own solver: they cannot add a term to the local objective.
 _SOLVER_MODELS = ("sklearn_sgd", "sklearn_mlp")
-_TORCH_MODELS = ("mlp", "cnn")
+_TORCH_MODELS = ("mlp", "cnn", *TEXT_MODELS)
 
 
 def _noised_sum(job: JobSpec) -> bool:
@@ -555,6 +596,21 @@ def _check_torch_models(job: JobSpec) -> None:
             f"[model] name = {model!r} needs PyTorch: pip install 'shoal[torch]' (on Linux, "
             "the CPU build: see the README's install section), or use softmax_regression, "
             "sklearn_sgd, sklearn_logistic or sklearn_mlp"
+        )
+
+
+def _check_text(job: JobSpec) -> None:
+    text_data = job.data["dataset"] in TEXT_DATASETS
+    text_model = job.model["name"] in TEXT_MODELS
+    if text_data and not text_model:
+        raise ConfigError(
+            f"[data] dataset = {job.data['dataset']!r} is token ids; [model] name = "
+            f"{job.model['name']!r} does not read them: use one of {', '.join(TEXT_MODELS)}"
+        )
+    if text_model and not text_data:
+        raise ConfigError(
+            f"[model] name = {job.model['name']!r} reads token ids: use [data] dataset = "
+            "'shakespeare' with path = a play-formatted text file"
         )
 
 
@@ -633,6 +689,7 @@ def _check_engine(job: JobSpec) -> None:
 COMBINATION_CHECKS: list[Callable[[JobSpec], None]] = [
     _check_solver_models,
     _check_torch_models,
+    _check_text,
     _check_secure,
     _check_noised_sum,
     _check_robust_rule,
@@ -644,6 +701,53 @@ def check_combinations(job: JobSpec) -> None:
     """Run every check in COMBINATION_CHECKS on ``job`` (each raises a ConfigError)."""
     for check in COMBINATION_CHECKS:
         check(job)
+
+
+def _check_text_data(data: Mapping[str, Any], part: Any) -> None:
+    if data["path"] is None:
+        raise ConfigError(
+            f"[data] dataset = {data['dataset']!r} needs path = a play-formatted text file "
+            "(e.g. tinyshakespeare.txt: speeches that start with a 'ROLE:' line)"
+        )
+    if data["test_path"] is not None:
+        raise ConfigError(
+            "[data] test_path does not apply to text data: each role's last lines "
+            "(test_fraction of its tokens) are its test set"
+        )
+    if data["tokens"] is not None:
+        _choice(data["tokens"], ("char", "word"), "[data] tokens")
+    for key, low in (("seq_len", 1), ("vocab_size", 3), ("min_lines", 1)):
+        if data[key] is not None and data[key] < low:
+            raise ConfigError(f"[data] {key} must be at least {low}, got {data[key]}")
+    if data["vocab_size"] is not None and data["tokens"] != "word":
+        raise ConfigError("[data] vocab_size applies to tokens = 'word' only")
+    if isinstance(part, Mapping):
+        extra = sorted(set(part) - {"nodes", "scheme"})
+        if extra or part.get("scheme", "by_role") != "by_role":
+            raise ConfigError(
+                "text data is partitioned by speaking role: [data.partition] takes only "
+                "scheme = 'by_role' and nodes (how many roles, those with the most text; "
+                f"default all), got {dict(part)}"
+            )
+
+
+def _count_roles(path: Path, min_lines: int) -> int:
+    """Roles of the play with ``min_lines`` lines: the default node count of a text job."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"[data] path {str(path)!r} cannot be read as UTF-8 text: {exc}"
+        ) from None
+    speeches = parse_speeches(text)
+    count = sum(1 for body in speeches.values() if body.count("\n") >= min_lines)
+    if count == 0:
+        raise ConfigError(
+            f"[data] path {str(path)!r} has no speaker lines with {min_lines} lines or more: "
+            "a play's text needs speeches that start with a line 'ROLE:' (a capitalised name "
+            "and a colon), followed by the role's lines"
+        )
+    return count
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -669,19 +773,33 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
     if not 0 <= job["seed"] < 2**32:
         raise ConfigError(f"[job] seed must be in [0, 2**32), got {job['seed']}")
     data = _section(raw.get("data", {}), "data", _SCHEMAS["data"])
-    if (data["dataset"] is None) == (data["path"] is None):
+    raw_part = data["partition"]
+    if data["dataset"] in TEXT_DATASETS:
+        _check_text_data(data, raw_part)
+    elif (data["dataset"] is None) == (data["path"] is None):
         raise ConfigError(
             f"[data] needs exactly one of dataset (one of {', '.join(DATASETS)}) or path "
             "(a CSV or .npz file)"
         )
     if data["dataset"] is not None:
-        _choice(data["dataset"], DATASETS, "[data] dataset")
+        _choice(data["dataset"], (*DATASETS, *TEXT_DATASETS), "[data] dataset")
+    if data["dataset"] not in TEXT_DATASETS:
+        extra = [k for k in (*_TEXT_KEYS, "min_lines") if k in (raw.get("data") or {})]
+        if extra:
+            raise ConfigError(
+                f"[data] {', '.join(extra)} apply to text data only (dataset = 'shakespeare')"
+            )
     if not 0 < data["test_fraction"] < 1:
         raise ConfigError("[data] test_fraction must be between 0 and 1")
     if not 0 <= data["holdout"] < 1:
         raise ConfigError("[data] holdout must be in [0, 1)")
     part = _section(data.pop("partition"), "data.partition", _SCHEMAS["partition"])
-    _choice(part["scheme"], [s for s in SCHEMES if s != "by_key"], "[data.partition] scheme")
+    if data["dataset"] in TEXT_DATASETS:
+        part["scheme"] = "by_role"
+        if "nodes" not in raw_part:
+            part["nodes"] = _count_roles(base_dir / data["path"], data["min_lines"])
+    else:
+        _choice(part["scheme"], [s for s in SCHEMES if s != "by_key"], "[data.partition] scheme")
     if part["nodes"] < 1:
         raise ConfigError("[data.partition] nodes must be at least 1")
 

@@ -279,9 +279,11 @@ def _summary(
         # "loss" alone was the test loss here and the training loss on screen: name both.
         "test_loss": metrics.get("loss"),
         "train_loss": metrics.get("train_loss"),
+        "perplexity": metrics.get("perplexity"),
         "federated_accuracy": metrics.get("federated_accuracy"),
         "baseline": central is not None,
         "centralized_accuracy": central.get("accuracy") if central is not None else None,
+        "centralized_perplexity": central.get("perplexity") if central is not None else None,
         "baseline_s": baseline_s if central is not None else None,
         "epsilon": metrics.get("epsilon"),
         "delta": metrics.get("delta"),
@@ -345,6 +347,8 @@ class _progress:
             parts.append(f"test loss {report.loss:.4f}")
         if report.accuracy is not None:
             parts.append(f"acc {report.accuracy:.4f}")
+        if "perplexity" in report.extra:
+            parts.append(f"ppl {report.extra['perplexity']:.3f}")
         if report.epsilon is not None:
             parts.append(f"eps {report.epsilon:.3f}")
         line = "  ".join(parts)

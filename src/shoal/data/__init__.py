@@ -28,15 +28,28 @@ from shoal.data.partition import (
 )
 from shoal.data.split import split_holdout
 from shoal.data.summary import PartitionSummary, summary
-from shoal.data.text import CharCorpus, load_shakespeare, parse_speeches
+from shoal.data.text import (
+    PAD,
+    UNK,
+    CharCorpus,
+    RoleCorpus,
+    load_play,
+    load_shakespeare,
+    parse_speeches,
+    role_corpus,
+    tokenize,
+)
 
 __all__ = [
     "DATASETS",
+    "PAD",
     "SCHEMES",
+    "UNK",
     "CharCorpus",
     "Dataset",
     "LazyPartition",
     "PartitionSummary",
+    "RoleCorpus",
     "by_key_indices",
     "dirichlet_indices",
     "iid_indices",
@@ -46,12 +59,15 @@ __all__ = [
     "load_digits",
     "load_iris",
     "load_npz",
+    "load_play",
     "load_shakespeare",
     "load_wine",
     "parse_speeches",
     "partition",
     "quantity_skew_indices",
+    "role_corpus",
     "shard_indices",
     "split_holdout",
     "summary",
+    "tokenize",
 ]

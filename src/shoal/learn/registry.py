@@ -29,6 +29,9 @@ OPTIONAL_MODELS: dict[str, str] = {
     "sklearn_mlp": "shoal.learn.sklearn",
     "mlp": "shoal.learn.torch",
     "cnn": "shoal.learn.torch",
+    "char_lstm": "shoal.learn.text_models",
+    "word_lstm": "shoal.learn.text_models",
+    "tiny_transformer": "shoal.learn.text_models",
 }
 
 

@@ -22,6 +22,8 @@ from shoal.runtime.store import Store
 __all__ = ["RoundReport", "Trainer", "TrainingResult"]
 
 _STATUS = {"rejected": "error", "invalid": "error"}
+# Metrics some models' evaluate() adds (language models: perplexity), kept in RoundReport.extra.
+_EXTRA_METRICS = ("perplexity",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +191,7 @@ class Trainer:
             federated_loss=evaluation.get("federated_loss"),
             epsilon=epsilon,
             delta=result.delta,
+            extra={k: float(evaluation[k]) for k in _EXTRA_METRICS if k in evaluation},
             failures=dict(result.failures),
         )
         if self.store is not None and run_id is not None:
@@ -220,4 +223,5 @@ def _report_from(metrics: Mapping[str, Any], round_num: int) -> RoundReport:
     known.setdefault("failed", 0)
     known.setdefault("wall_s", 0.0)
     known["round"] = round_num
-    return RoundReport(**known)
+    extra = {k: metrics[k] for k in _EXTRA_METRICS if k in metrics}
+    return RoundReport(**known, extra=extra)

@@ -50,6 +50,10 @@ class TorchModel:
     (parameters and buffers, by their state-dict names) as NumPy arrays: floating tensors
     keep their float dtype, integer buffers (BatchNorm's batch counter) become float64.
 
+    ``token_inputs=True`` feeds ``x`` to the module as integer token ids (for modules that
+    embed them, like ``shoal.learn.text_models``) instead of floats, and adds ``perplexity``
+    (``exp`` of the mean cross-entropy) to :meth:`evaluate`.
+
     ``fit`` runs ``config.epochs`` epochs (or ``config.max_steps`` minibatches) of the
     chosen optimizer, with minibatch order and the torch RNG seeded from ``rng``. The
     optimizer starts afresh every fit unless :meth:`load_optimizer_state` gave it the
@@ -68,6 +72,7 @@ class TorchModel:
         momentum: float = 0.0,
         device: str = "cpu",
         seed: int = 0,
+        token_inputs: bool = False,
     ) -> None:
         if isinstance(loss, str):
             if loss not in _LOSSES:
@@ -95,6 +100,7 @@ class TorchModel:
         self.optimizer = optimizer
         self.momentum = float(momentum)
         self.seed = int(seed)
+        self.token_inputs = bool(token_inputs)
         with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             module = module_factory()
@@ -117,6 +123,7 @@ class TorchModel:
             momentum=self.momentum,
             device=str(self.device),
             seed=self.seed,
+            token_inputs=self.token_inputs,
         )
 
     # --------------------------------------------------------------- weights
@@ -242,6 +249,8 @@ class TorchModel:
             raise DataError(f"x has {x.shape[0]} rows but y has {y.shape[0]} labels")
         if y.dtype.kind not in "iu" or y.min() < 0:
             raise DataError("labels must be non-negative integer class ids")
+        if self.token_inputs:
+            return self._token_tensors(x, y), torch.tensor(y.astype(np.int64)).to(self.device)
         dtype = next(
             (p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32
         )
@@ -250,6 +259,29 @@ class TorchModel:
         xt = torch.tensor(x).to(self.device, dtype=dtype)
         yt = torch.tensor(y.astype(np.int64)).to(self.device)
         return xt, yt
+
+    def _token_tensors(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+        # Token ids stay integers in their own (often uint8) dtype: the module embeds them,
+        # and a float copy of a corpus' windows would be 4-8 times its size.
+        if x.dtype.kind not in "iu":
+            raise DataError(
+                f"this model embeds token ids and needs integer inputs, got dtype {x.dtype}; "
+                "load text with shoal.data.load_play"
+            )
+        embedding = next((m for m in self.module.modules() if isinstance(m, nn.Embedding)), None)
+        if (
+            embedding is not None
+            and x.size
+            and (x.min() < 0 or x.max() >= embedding.num_embeddings)
+        ):
+            raise DataError(
+                f"token ids must lie in 0..{embedding.num_embeddings - 1} (the model's "
+                f"vocabulary of {embedding.num_embeddings}), got {int(x.min())}..{int(x.max())}; "
+                "build the model with the data's vocabulary size"
+            )
+        if x.dtype not in (np.uint8, np.int16, np.int32, np.int64):
+            x = x.astype(np.int64)
+        return torch.tensor(np.ascontiguousarray(x)).to(self.device)
 
     def fit(self, data: Any, *, config: FitConfig, rng: np.random.Generator) -> FitResult:
         # Taken before anything can fail, so one node's state never reaches another's fit.
@@ -364,7 +396,10 @@ class TorchModel:
                     self._check_outputs(out, y)
                 total_loss += float(self._loss_fn(out, yb)) * len(yb)
                 correct += int((out.argmax(dim=1) == yb).sum())
-        return {"loss": total_loss / len(y), "accuracy": correct / len(y)}
+        metrics = {"loss": total_loss / len(y), "accuracy": correct / len(y)}
+        if self.token_inputs:
+            metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
+        return metrics
 
 
 def _tensor_for(source: Mapping[str, np.ndarray], name: str, like: torch.Tensor) -> torch.Tensor:
