@@ -16,6 +16,13 @@ from shoal.runtime.app import (
     read_held,
 )
 from shoal.runtime.audit import AuditEntry, ChainReport, MemoryAuditLog, verify_chain
+from shoal.runtime.availability import (
+    Availability,
+    Diurnal,
+    RandomAvailability,
+    TraceAvailability,
+)
+from shoal.runtime.devices import Devices, VirtualClock
 from shoal.runtime.engine import (
     DECLINED_DETAIL,
     Buffer,
@@ -38,10 +45,13 @@ __all__ = [
     "SEND_KEY",
     "SENT_PREFIX",
     "AuditEntry",
+    "Availability",
     "Buffer",
     "ChainReport",
     "Checkpoint",
+    "Devices",
     "DispatchResult",
+    "Diurnal",
     "Engine",
     "Failure",
     "FailureKind",
@@ -53,6 +63,7 @@ __all__ = [
     "NodeState",
     "NodeStateFile",
     "NoiseBinding",
+    "RandomAvailability",
     "Release",
     "ReleasePolicy",
     "Reply",
@@ -63,6 +74,8 @@ __all__ = [
     "TaskContext",
     "TaskFn",
     "TaskSpec",
+    "TraceAvailability",
+    "VirtualClock",
     "open_node_state",
     "read_held",
     "verify_chain",

@@ -2,13 +2,18 @@
 
 Nodes are materialized lazily: a node's data comes from a factory (or a sequence) when it
 gets a task, and only a bounded cache of data sets is held. Payloads are wire-encoded both
-ways, exactly as in deployment. Latency is simulated on a virtual clock: a node's time is
-its measured compute plus injected straggler delay, compared against the deadline as if all
-nodes had run in parallel. A task that really hangs is abandoned once the deadline passes.
+ways, exactly as in deployment. Latency is simulated on a virtual clock (``engine.clock``): a
+node's time is its compute (measured, or nominal with ``devices``) divided by its speed, plus
+its payload's download and its reply's upload over its link, plus injected straggler delay,
+compared against the deadline as if all nodes had run in parallel; each dispatch moves the
+clock to its slowest answer. With ``availability``, a node offline when a task starts is
+dropped, and so is one that goes offline before its task ends. A task that really hangs is
+abandoned once the (real) deadline passes.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -28,6 +33,8 @@ from shoal.errors import (
     WireError,
 )
 from shoal.runtime.app import NodeApp, TaskContext
+from shoal.runtime.availability import Availability
+from shoal.runtime.devices import Devices, VirtualClock
 from shoal.runtime.engine import (
     DECLINED_DETAIL,
     DispatchResult,
@@ -83,6 +90,11 @@ class LocalEngine:
     called when a node needs its data; at most ``cache_size`` data sets are kept.
     Each node's ledger and audit log live in memory, or in ``node_states`` (one SQLite file
     for all virtual nodes) when given.
+
+    Cross-device simulation: ``availability`` says when each node is online (diurnal,
+    random, a trace), ``devices`` its compute speed and bandwidth; both act on the virtual
+    ``clock``. An idle node costs its id and index entry (~0.2 KB): its state dict is made
+    when it first runs a task, its data when a task first reads it.
     """
 
     def __init__(
@@ -96,6 +108,9 @@ class LocalEngine:
         faults: Faults | None = None,
         cache_size: int = 256,
         node_states: NodeStateFile | None = None,
+        availability: Availability | None = None,
+        devices: Devices | None = None,
+        clock: VirtualClock | None = None,
     ) -> None:
         if nodes is None:
             if data is None or callable(data):
@@ -114,6 +129,10 @@ class LocalEngine:
             raise ConfigError("workers must be at least 1")
         if cache_size < 0:
             raise ConfigError(f"cache_size must be >= 0, got {cache_size}")
+        if devices is not None and devices.nodes not in (None, len(self._ids)):
+            raise ConfigError(f"Devices describe {devices.nodes} nodes, not {len(self._ids)}")
+        if availability is not None and not isinstance(availability, Availability):
+            raise ConfigError("availability must be an Availability (Diurnal, a trace, ...)")
         self.app = app
         self.faults = faults
         self.workers = workers
@@ -129,9 +148,32 @@ class LocalEngine:
         self._offline: set[str] = set()
         self._shared: dict[int, dict[str, Any] | None] = {}
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] | None = None
+        self.availability = availability
+        self.devices = devices
+        self.clock = clock if clock is not None else VirtualClock()
+        self._online_cache: tuple[float, np.ndarray] | None = None
+
+    def _online(self, t: float) -> np.ndarray | None:
+        """The availability mask at virtual time ``t`` (cached: asked several times a round)."""
+        if self.availability is None:
+            return None
+        cached = self._online_cache
+        if cached is None or cached[0] != t:
+            mask = np.asarray(self.availability.online(t, len(self._ids)), dtype=bool)
+            if mask.shape != (len(self._ids),):
+                raise ConfigError(f"availability gave a mask of shape {mask.shape}")
+            cached = self._online_cache = (t, mask)
+        return cached[1]
 
     def node_ids(self) -> Sequence[str]:
-        return tuple(i for i in self._ids if i not in self._offline) if self._offline else self._ids
+        """Nodes online now: not taken offline, and online at ``clock.now`` by availability."""
+        mask = self._online(self.clock.now)
+        ids: Sequence[str] = self._ids
+        if mask is not None:
+            ids = tuple(itertools.compress(ids, mask))
+        if self._offline:
+            ids = tuple(i for i in ids if i not in self._offline)
+        return ids
 
     def set_offline(self, node_ids: Collection[str], offline: bool = True) -> None:
         """Take nodes out of (or back into) the federation, as if they disconnected."""
@@ -183,21 +225,35 @@ class LocalEngine:
             seen.add(task.node_id)
         self._dispatches += 1
         draws = self._draw_faults(len(tasks))
+        start = self.clock.now
+        online = self._online(start)
         replies: dict[str, Reply] = {}
         failures: dict[str, Failure] = {}
         runnable: list[tuple[Task, float]] = []
+        ends: dict[str, float] = {}  # each task's virtual duration
         for i, task in enumerate(tasks):
+            if online is not None and not online[self._index[task.node_id]]:
+                failures[task.node_id] = _failure(
+                    task, FailureKind.DROPPED, f"node is offline at t={start:.6g} s"
+                )
+                continue
             delay, failure = self._inject(task, draws[i], deadline_s)
             if failure is not None:
                 failures[task.node_id] = failure
             else:
                 runnable.append((task, delay))
-        if runnable:
-            self._shared = self._decode_shared([task for task, _ in runnable])
-            try:
-                self._run_all(runnable, deadline_s, replies, failures)
-            finally:
-                self._shared = {}
+        try:
+            if runnable:
+                self._shared = self._decode_shared([task for task, _ in runnable])
+                self._run_all(runnable, deadline_s, replies, failures, start, ends)
+            # The dispatch ends with its slowest answer (a timeout: at the deadline), as if
+            # every node had run in parallel.
+            for node_id, failure in failures.items():
+                if failure.kind is FailureKind.TIMEOUT:
+                    ends[node_id] = deadline_s
+            self.clock.now = start + max(ends.values(), default=0.0)
+        finally:
+            self._shared = {}
         return DispatchResult(replies=replies, failures=failures)
 
     def _decode_shared(self, tasks: list[Task]) -> dict[int, dict[str, Any] | None]:
@@ -249,7 +305,15 @@ class LocalEngine:
             )
         return delay, None
 
-    def _run_one(self, task: Task, delay: float, deadline_s: float) -> Reply | Failure:
+    def _run_one(
+        self,
+        task: Task,
+        delay: float,
+        deadline_s: float,
+        start: float = 0.0,
+        ends: dict[str, float] | None = None,
+    ) -> Reply | Failure:
+        ends = {} if ends is None else ends
         node_id = task.node_id
         index = self._index[node_id]
         state = self._states.get(node_id)
@@ -264,7 +328,7 @@ class LocalEngine:
             task_id=task.task_id,
             seed=(self._seed, index, self._dispatches),
         )
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         try:
             payload = self.app.handle(
                 ctx,
@@ -279,7 +343,27 @@ class LocalEngine:
             return _failure(task, FailureKind.REJECTED, str(exc))
         except Exception as exc:  # any task failure is the node's, never the engine's
             return _failure(task, FailureKind.ERROR, str(exc) or type(exc).__name__)
-        elapsed = time.perf_counter() - start + delay
+        measured = time.perf_counter() - t0
+        if self.devices is None:
+            elapsed = measured + delay
+        else:
+            elapsed = delay + self.devices.duration(
+                index,
+                task=task.name,
+                measured_s=measured,
+                down_bytes=len(task.payload),
+                up_bytes=len(payload),
+            )
+        ends[node_id] = min(elapsed, deadline_s)
+        if self.availability is not None:
+            until = self.availability.online_until(index, start, len(self._ids))
+            if until < start + min(elapsed, deadline_s):
+                ends[node_id] = until - start
+                return _failure(
+                    task,
+                    FailureKind.DROPPED,
+                    f"went offline {until - start:.4g} s into the task (it needed {elapsed:.4g} s)",
+                )
         if elapsed > deadline_s:
             return _failure(
                 task, FailureKind.TIMEOUT, f"answered after {elapsed:.3g} s (deadline {deadline_s})"
@@ -292,6 +376,8 @@ class LocalEngine:
         deadline_s: float,
         replies: dict[str, Reply],
         failures: dict[str, Failure],
+        start: float = 0.0,
+        ends: dict[str, float] | None = None,
     ) -> None:
         """Run tasks on worker threads, abandoning any single task that outlives the deadline."""
         results: dict[int, Reply | Failure] = {}
@@ -309,7 +395,7 @@ class LocalEngine:
                     next_index[0] += 1
                     started[i] = time.monotonic()
                 task, delay = runnable[i]
-                outcome = self._run_one(task, delay, deadline_s)
+                outcome = self._run_one(task, delay, deadline_s, start, ends)
                 with cond:
                     if i in abandoned:
                         return  # a replacement worker carries on; this result arrived too late
