@@ -254,6 +254,8 @@ class LocalEngine:
             self.clock.now = start + max(ends.values(), default=0.0)
         finally:
             self._shared = {}
+        if failures and runnable:  # injected ones came first: put them all in task order
+            failures = {t.node_id: failures[t.node_id] for t in tasks if t.node_id in failures}
         return DispatchResult(replies=replies, failures=failures)
 
     def _decode_shared(self, tasks: list[Task]) -> dict[int, dict[str, Any] | None]:
@@ -431,7 +433,9 @@ class LocalEngine:
                         start_worker()
         if abandoned:
             self._retire_pool()  # one of its threads is stuck: the next dispatch gets new ones
-        for outcome in results.values():
+        # Task order, whatever finished first: sums over the replies stay reproducible.
+        for i in sorted(results):
+            outcome = results[i]
             if isinstance(outcome, Reply):
                 replies[outcome.node_id] = outcome
             else:
