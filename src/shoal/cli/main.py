@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "shoal.cli.vertical",
         "private prediction on encrypted rows: serve or query",
     ),
+    "export": (
+        "shoal.cli.export",
+        "export a run's model: ONNX, a NumPy-only predictor, or a model-hub folder",
+    ),
     "scan": ("shoal.cli.scan", "check model files for code that would run when loaded"),
     "query": ("shoal.cli.query", "answer a SQL query across an analytics job's parties"),
     "audit": ("shoal.cli.audit", "verify or show an audit trail (a store or a node's state)"),
@@ -41,6 +45,7 @@ examples:
   shoal demo                          train digits across 20 simulated nodes
   shoal run job.toml --json out.json  run a job file in simulation
   shoal runs                          list recorded runs
+  shoal export RUN_ID --format onnx   a run's model as ONNX, checked with onnxruntime
   shoal scan model.pt                 check a model file for code that would run on load
   shoal audit verify --store fl.db    check the coordinator's audit chain for tampering
   shoal privacy epsilon --sample-rate 0.01 --noise-multiplier 1.1 --steps 10000 --delta 1e-5

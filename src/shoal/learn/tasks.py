@@ -45,6 +45,9 @@ __all__ = [
 TRAIN = "shoal.learn.train"
 EVALUATE = "shoal.learn.evaluate"
 OPTIMIZER_STATE = "shoal.learn.optimizer_state"
+# A personalized model's own layers (FedPer/FedRep): kept in the node's state between rounds,
+# never a result field, so no request of the coordinator's can reach them.
+PERSONAL_STATE = "shoal.learn.personal"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +117,14 @@ def _stateful(net: Model) -> StatefulOptimizer | None:
     return None
 
 
+def _personal(net: Model, ctx: TaskContext) -> Any:
+    """Install this node's personal layers into ``net`` (a PartialModel with any); return it."""
+    if not getattr(net, "personal_names", None):
+        return None
+    net.load_personal_weights(ctx.state.get(PERSONAL_STATE))  # type: ignore[attr-defined]
+    return net
+
+
 def _split(data: Any) -> tuple[Any, Any]:
     if isinstance(data, LocalData):
         return data.train, data.test if data.test is not None else data.train
@@ -141,6 +152,7 @@ def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[st
             raise DataError(f"node {ctx.node_id} has no training data")
         weights = unprefixed("w", payload)
         net = instance()
+        personal = _personal(net, ctx)
         net.set_weights(weights)
         hooks = node_hooks(ctx, payload, weights)
         request = DPRequest.from_payload(payload)
@@ -189,6 +201,8 @@ def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[st
         result = net.fit(train_data, config=config, rng=rng)
         if optimizer is not None and keep_optimizer:
             ctx.state[OPTIMIZER_STATE] = optimizer.optimizer_state()
+        if personal is not None:
+            ctx.state[PERSONAL_STATE] = personal.personal_weights()
         new = net.get_weights()
         delta = {k: new[k] - weights[k] for k in weights}
         out: dict[str, Any] = prefixed("d", delta)
@@ -205,6 +219,7 @@ def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[st
         if test_data is None or len(test_data) == 0:
             raise DataError(f"node {ctx.node_id} has no evaluation data")
         net = instance()
+        _personal(net, ctx)  # a node evaluates its own personalized model
         net.set_weights(unprefixed("w", payload))
         metrics = net.evaluate(test_data)
         if payload.get("private"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from shoal.errors import ConfigError, DataError
 from shoal.learn.model import FitConfig, FitResult, Model, Weights
 from shoal.learn.registry import register_model
 
-__all__ = ["TorchModel", "cnn_module", "mlp_module"]
+__all__ = ["TorchModel", "cnn_module", "load_pretrained", "mlp_module"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -128,9 +128,12 @@ class TorchModel:
 
     # --------------------------------------------------------------- weights
 
-    def get_weights(self) -> Weights:
+    def get_weights(self, names: Collection[str] | None = None) -> Weights:
+        """The state dict as NumPy arrays (only ``names``, when given)."""
         out: Weights = {}
         for name, tensor in self.module.state_dict().items():
+            if names is not None and name not in names:
+                continue
             value = tensor.detach().to("cpu")
             if value.dtype in (torch.float16, torch.bfloat16):
                 value = value.float()
@@ -139,13 +142,17 @@ class TorchModel:
             out[name] = value.numpy().copy()
         return out
 
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+    def set_weights(self, weights: Mapping[str, np.ndarray], *, partial: bool = False) -> None:
+        """Load ``weights``; every state-dict entry unless ``partial`` (then only those given:
+        a frozen backbone is not copied again every round)."""
         state = self.module.state_dict()
         unknown = sorted(set(weights) - set(state))
         if unknown:
             raise ConfigError(
                 f"weights {unknown} are not in this module's state_dict; it has {sorted(state)}"
             )
+        if partial:
+            state = {name: state[name] for name in weights}
         for name, tensor in state.items():
             value = weights.get(name)
             if value is None or tuple(np.shape(value)) != tuple(tensor.shape):
@@ -484,3 +491,11 @@ register_model("cnn", _cnn)
 def _numpy_dtype(tensor: torch.Tensor) -> bool:
     """Whether NumPy can view this tensor's memory (it has no bfloat16)."""
     return tensor.dtype is not torch.bfloat16
+
+
+def load_pretrained(folder: str, **overrides: Any) -> Model:
+    """The model of a folder ``shoal export --format hub`` wrote (its weights scanned first);
+    see :func:`shoal.learn.export.hub.load_pretrained`."""
+    from shoal.learn.export.hub import load_pretrained as load
+
+    return load(folder, **overrides)

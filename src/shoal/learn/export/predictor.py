@@ -1,0 +1,231 @@
+"""A NumPy-only predictor: what a device needs to run an exported model, without torch or ONNX.
+
+A predictor file is a safetensors file whose metadata holds a small program (a list of
+layers: linear, relu, tanh, embedding, lstm, last, flatten) over its tensors. This module
+imports NumPy and the standard library only, and reads the file with its own bounded
+parser, so it can be copied to a device on its own. Weights quantized to int8 (one scale
+per output row) are dequantized once, when the file is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FORMAT", "NumpyPredictor", "PredictorError", "read_safetensors", "run_program"]
+
+FORMAT = "shoal.numpy-predictor/1"
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I8": np.int8,
+    "U8": np.uint8,
+}
+_MAX_HEADER = 16 * 2**20  # bytes of JSON header a predictor file may have
+OPS = ("flatten", "linear", "relu", "tanh", "embedding", "lstm", "last")
+
+
+try:  # inside shoal, one error tree; copied to a device on its own, a plain ValueError
+    from shoal.errors import ShoalError as _Base
+except ImportError:  # pragma: no cover - only outside shoal
+    _Base = Exception  # type: ignore[misc,assignment]
+
+
+class PredictorError(_Base, ValueError):
+    """A predictor file or program that cannot be run as it is."""
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, every offset and size checked."""
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    if len(blob) < 8:
+        raise PredictorError(f"{path}: too short to be a safetensors file")
+    (size,) = struct.unpack("<Q", blob[:8])
+    if size > min(_MAX_HEADER, len(blob) - 8):
+        raise PredictorError(f"{path}: header of {size} bytes does not fit the file")
+    try:
+        header = json.loads(blob[8 : 8 + size])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PredictorError(f"{path}: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise PredictorError(f"{path}: header is not a JSON object")
+    data = memoryview(blob)[8 + size :]
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PredictorError(f"{path}: metadata must map names to strings")
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise PredictorError(f"{path}: tensor {name!r} has a malformed entry") from None
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= len(data):
+            raise PredictorError(f"{path}: tensor {name!r} lies outside the file")
+        if (end - start) != count * dtype.itemsize:
+            raise PredictorError(f"{path}: tensor {name!r} has {end - start} bytes for {shape}")
+        tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
+    return tensors, meta
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    result: np.ndarray = 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
+    return result
+
+
+def _lstm(x: np.ndarray, layers: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """PyTorch's LSTM (gates i, f, g, o; batch first), every layer, all time steps."""
+    batch, steps, _ = x.shape
+    for layer in layers:
+        w_ih, w_hh = layer["w_ih"], layer["w_hh"]
+        hidden = w_hh.shape[1]
+        # The input projection of every step at once: one matrix product, not `steps`.
+        projected = x @ w_ih.T + (layer["b_ih"] + layer["b_hh"])
+        h = np.zeros((batch, hidden), dtype=x.dtype)
+        c = np.zeros((batch, hidden), dtype=x.dtype)
+        out = np.empty((batch, steps, hidden), dtype=x.dtype)
+        w_hh_t = np.ascontiguousarray(w_hh.T)
+        for t in range(steps):
+            gates = projected[:, t] + h @ w_hh_t
+            i = _sigmoid(gates[:, :hidden])
+            f = _sigmoid(gates[:, hidden : 2 * hidden])
+            g = np.tanh(gates[:, 2 * hidden : 3 * hidden])
+            o = _sigmoid(gates[:, 3 * hidden :])
+            c = f * c + i * g
+            h = o * np.tanh(c)
+            out[:, t] = h
+        x = out
+    return x
+
+
+def run_program(
+    program: Sequence[Mapping[str, Any]], tensors: Mapping[str, np.ndarray], x: np.ndarray
+) -> np.ndarray:
+    """The logits of ``x`` under ``program`` (see the module docstring for the layers)."""
+    for step in program:
+        op = step["op"]
+        if op == "flatten":
+            x = x.reshape(len(x), -1)
+        elif op == "linear":
+            x = x @ tensors[step["weight"]].T
+            if step.get("bias"):
+                x = x + tensors[step["bias"]]
+        elif op == "relu":
+            x = np.maximum(x, 0)
+        elif op == "tanh":
+            x = np.tanh(x)
+        elif op == "embedding":
+            table = tensors[step["weight"]]
+            ids = np.asarray(x)
+            if ids.dtype.kind not in "iu" or (
+                ids.size and (ids.min() < 0 or ids.max() >= len(table))
+            ):
+                raise PredictorError(f"token ids must be integers in 0..{len(table) - 1}")
+            x = table[ids]
+        elif op == "lstm":
+            layers = [{k: tensors[v] for k, v in layer.items()} for layer in step["layers"]]
+            x = _lstm(x, layers)
+        elif op == "last":
+            x = x[:, -1]
+        else:
+            raise PredictorError(f"unknown layer {op!r}; a predictor knows {', '.join(OPS)}")
+    return x
+
+
+class NumpyPredictor:
+    """Predict with an exported model using NumPy alone.
+
+    >>> predictor = NumpyPredictor.load("model.predictor.safetensors")   # doctest: +SKIP
+    >>> predictor.predict(x)                                              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        program: Sequence[Mapping[str, Any]],
+        tensors: Mapping[str, np.ndarray],
+        input_dtype: str = "float32",
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.program = [dict(step) for step in program]
+        self.input_dtype = np.dtype(input_dtype)
+        self.meta = dict(meta or {})
+        self.tensors = dict(tensors)
+        for step in self.program:
+            if step.get("op") not in OPS:
+                raise PredictorError(f"unknown layer {step.get('op')!r}; known: {', '.join(OPS)}")
+            for ref in _references(step):
+                if ref not in self.tensors:
+                    raise PredictorError(f"layer {step['op']!r} names a missing tensor {ref!r}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> NumpyPredictor:
+        tensors, meta = read_safetensors(path)
+        if meta.get("format") != FORMAT:
+            raise PredictorError(
+                f"{path}: not a shoal predictor file (format {meta.get('format')!r}, "
+                f"expected {FORMAT!r}); export one with `shoal export RUN --format numpy`"
+            )
+        try:
+            program = json.loads(meta["program"])
+            extra = json.loads(meta.get("info", "{}"))
+        except (KeyError, ValueError):
+            raise PredictorError(f"{path}: its program is missing or not JSON") from None
+        if not isinstance(program, list) or not all(isinstance(s, dict) for s in program):
+            raise PredictorError(f"{path}: its program must be a list of layers")
+        return cls(
+            program=program,
+            tensors=dequantize(tensors),
+            input_dtype=meta.get("input_dtype", "float32"),
+            meta=extra if isinstance(extra, dict) else {},
+        )
+
+    def logits(self, x: Any) -> np.ndarray:
+        array = np.asarray(x)
+        if self.input_dtype.kind == "f":
+            array = array.astype(self.input_dtype, copy=False)
+        return run_program(self.program, self.tensors, array)
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        z = self.logits(x)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        result: np.ndarray = e / e.sum(axis=1, keepdims=True)
+        return result
+
+    def predict(self, x: Any) -> np.ndarray:
+        result: np.ndarray = self.logits(x).argmax(axis=1)
+        return result
+
+
+def _references(step: Mapping[str, Any]) -> list[str]:
+    refs = [step[k] for k in ("weight", "bias") if step.get(k)]
+    for layer in step.get("layers", ()):
+        refs.extend(layer.values())
+    return refs
+
+
+def dequantize(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float32 tensors from a file's int8 ones (``name`` int8 and ``name.scale`` per row)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        if name.endswith(".scale"):
+            continue
+        scale = tensors.get(name + ".scale")
+        if value.dtype == np.int8 and scale is not None:
+            shape = (len(value),) + (1,) * (value.ndim - 1)
+            out[name] = value.astype(np.float32) * scale.astype(np.float32).reshape(shape)
+        else:
+            out[name] = np.asarray(value, dtype=np.float32) if value.dtype.kind == "f" else value
+    return out

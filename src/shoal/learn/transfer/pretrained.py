@@ -1,0 +1,222 @@
+"""Pretrained weights from a file or a folder, scanned before a byte of them is loaded.
+
+A safetensors file, a PyTorch state dict (scanned by ``shoal.scan``, then read by
+``torch.load(weights_only=True)``), an ``.npz`` file, or a Hugging Face-format folder
+(``config.json`` beside ``model.safetensors`` or ``pytorch_model.bin``). :func:`load_into`
+copies them into a module and names every key or shape that does not fit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shoal.errors import ConfigError, UnsafeModelError
+from shoal.scan import Severity, scan_file
+
+__all__ = [
+    "PretrainedFactory",
+    "VocabularyMismatch",
+    "load_into",
+    "read_weights",
+    "weights_file",
+]
+
+# Where a Hugging Face-format folder keeps its weights, preferred first.
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+_MAX_KEYS = 12  # how many keys an error lists before it says "and N more"
+
+
+class VocabularyMismatch(ConfigError):
+    """A pretrained embedding or output layer sized for another vocabulary than the data's."""
+
+
+def weights_file(path: str | os.PathLike[str]) -> Path:
+    """The weights file of ``path``: the file itself, or the weights inside a model folder."""
+    target = Path(path)
+    if target.is_dir():
+        for name in _FOLDER_FILES:
+            if (target / name).is_file():
+                return target / name
+        raise ConfigError(
+            f"{str(target)!r} is a folder without weights: a model folder holds one of "
+            f"{', '.join(_FOLDER_FILES)} (sharded checkpoints are not supported)"
+        )
+    if not target.is_file():
+        raise ConfigError(f"pretrained weights {str(target)!r} do not exist")
+    return target
+
+
+def read_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Named arrays from a pretrained file or folder; refused if the scanner finds code.
+
+    A torch checkpoint that wraps its state dict (``{"state_dict": {...}}`` or
+    ``{"model": {...}}``, as training scripts often save them) is unwrapped.
+    """
+    file = weights_file(path)
+    report = scan_file(file)
+    if report.severity >= Severity.MEDIUM:
+        worst = max(report.findings, key=lambda f: f.severity)
+        raise UnsafeModelError(
+            f"{file}: refusing to load pretrained weights: {worst.severity.label} "
+            f"{worst.kind}: {worst.detail}; run `shoal scan {file}` for the full report"
+        )
+    fmt = report.format.partition("+")[0]
+    if fmt == "safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(file)))
+    if fmt in ("torch", "torch-legacy"):
+        raw = _torch_load(file)
+    elif fmt == "npz":
+        from shoal.scan import load
+
+        raw = load(file)
+    else:
+        raise ConfigError(
+            f"{file}: pretrained weights must be safetensors, a PyTorch state dict or .npz, "
+            f"not {report.format}"
+        )
+    return _state_dict(raw, str(file))
+
+
+def _torch_load(file: Path) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(
+            f"{file} is a PyTorch checkpoint; install the torch extra: pip install 'shoal[torch]'"
+        ) from None
+    try:
+        # The scan found nothing; weights_only is the second lock on the same door.
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or hostile file: torch raises many builtin types
+        raise UnsafeModelError(f"{file}: torch refused to load it: {exc}") from None
+
+
+def _state_dict(raw: Any, where: str) -> dict[str, np.ndarray]:
+    for wrapper in ("state_dict", "model"):
+        if isinstance(raw, Mapping) and isinstance(raw.get(wrapper), Mapping):
+            raw = raw[wrapper]
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(f"{where} holds no state dict (a mapping of names to tensors)")
+    out: dict[str, np.ndarray] = {}
+    for name, value in raw.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: state dict keys are strings, got {name!r}")
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().to("cpu")
+            if str(value.dtype) == "torch.bfloat16":
+                value = value.float()
+            value = value.numpy()
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+            raise ConfigError(
+                f"{where}: {name!r} is a {type(value).__name__}, not a numeric tensor; "
+                "a state dict maps names to tensors"
+            )
+        out[name] = value
+    return out
+
+
+def _listed(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_KEYS])
+    return shown + (f" and {len(names) - _MAX_KEYS} more" if len(names) > _MAX_KEYS else "")
+
+
+def load_into(
+    module: Any,
+    weights: Mapping[str, np.ndarray],
+    *,
+    skip: Sequence[str] = (),
+    prefix: str = "",
+) -> list[str]:
+    """Copy ``weights`` into ``module`` (a ``torch.nn.Module``); return the names loaded.
+
+    ``skip`` (fnmatch patterns of the module's names) stay as initialized: a new head.
+    ``prefix`` is stripped from the file's keys (``"backbone."``). Every other key must
+    match in name and shape; otherwise a ConfigError lists the unexpected keys, the
+    missing ones and the shape mismatches (a :class:`VocabularyMismatch` when an
+    embedding's or output layer's vocabulary size differs).
+    """
+    import torch
+
+    state = module.state_dict()
+    given = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    wanted = {k for k in state if not any(fnmatch.fnmatchcase(k, p) for p in skip)}
+    unexpected = sorted(k for k in given if k not in state)
+    missing = sorted(k for k in wanted if k not in given)
+    shapes = sorted(
+        f"{k} (file {tuple(given[k].shape)}, model {tuple(state[k].shape)})"
+        for k in wanted & set(given)
+        if tuple(given[k].shape) != tuple(state[k].shape)
+    )
+    _check_vocabulary(module, given, state)
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected keys (in the file, not the model): {_listed(unexpected)}")
+    if missing:
+        problems.append(f"missing keys (in the model, not the file): {_listed(missing)}")
+    if shapes:
+        problems.append(f"shape mismatches: {_listed(shapes)}")
+    if problems:
+        raise ConfigError(
+            "pretrained weights do not fit the model: "
+            + "; ".join(problems)
+            + ". Build the model with the pretrained architecture, strip a key prefix with "
+            "prefix=, or leave new layers out with skip=[patterns]"
+        )
+    loaded = sorted(wanted)
+    with torch.no_grad():
+        for name in loaded:
+            target = state[name]
+            target.copy_(torch.as_tensor(np.array(given[name])).to(target.dtype))
+    return loaded
+
+
+def _check_vocabulary(
+    module: Any, given: Mapping[str, np.ndarray], state: Mapping[str, Any]
+) -> None:
+    """The one shape mismatch worth its own message: a vocabulary of another size."""
+    from torch import nn
+
+    for name, layer in module.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if key not in given or key not in state:
+            continue
+        if not isinstance(layer, nn.Embedding):
+            continue
+        theirs, ours = given[key].shape[0], state[key].shape[0]
+        if theirs != ours:
+            raise VocabularyMismatch(
+                f"the pretrained model has a vocabulary of {theirs} tokens ({key} is "
+                f"{tuple(given[key].shape)}) but the data's vocabulary has {ours}; build the "
+                "data with the pretrained model's vocabulary (or retrain the embedding)"
+            )
+
+
+@dataclass(frozen=True)
+class PretrainedFactory:
+    """A module factory that loads pretrained weights into each module it builds.
+
+    ``TorchModel(PretrainedFactory(build, read_weights(path), skip=("head.*",)))`` starts
+    every node (and the server) from the same backbone, read and scanned once.
+    """
+
+    build: Callable[[], Any]
+    weights: Mapping[str, np.ndarray] = field(repr=False)
+    skip: tuple[str, ...] = ()
+    prefix: str = ""
+    then: Callable[[Any], Any] | None = None  # changes the module in place: add LoRA adapters
+
+    def __call__(self) -> Any:
+        module = self.build()
+        load_into(module, self.weights, skip=self.skip, prefix=self.prefix)
+        if self.then is not None:
+            self.then(module)
+        return module

@@ -1,0 +1,122 @@
+"""`shoal export`: a recorded run's model as ONNX, a NumPy predictor or a hub folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from shoal.cli.main import main
+from shoal.runtime import Store
+
+JOB = """
+[job]
+name = "export-test"
+[data]
+dataset = "digits"
+partition = {{ scheme = "iid", nodes = 4 }}
+[model]
+name = "{model}"
+{options}
+[algorithm]
+name = "fedavg"
+rounds = 2
+nodes_per_round = 4
+max_steps = 5
+{extra}
+"""
+
+
+def run_job(
+    tmp_path: Path, capsys: Any, *, model: str = "mlp", options: str = "hidden = 8", extra: str = ""
+) -> tuple[Path, str]:
+    store = tmp_path / "s.db"
+    job = tmp_path / f"{model}.toml"
+    job.write_text(JOB.format(model=model, options=options, extra=extra))
+    out = tmp_path / "run.json"
+    assert main(["run", str(job), "--store", str(store), "--quiet", "--json", str(out)]) == 0
+    capsys.readouterr()
+    return store, json.loads(out.read_text())["run_id"]
+
+
+def export(capsys: Any, *args: str) -> tuple[int, dict[str, Any] | str]:
+    code = main(["export", *args, "--json"])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if code == 0 else captured.err
+
+
+def test_export_writes_checked_onnx_numpy_and_hub_files(tmp_path: Path, capsys: Any) -> None:
+    pytest.importorskip("onnxruntime")
+    store, run_id = run_job(tmp_path, capsys)
+    common = [run_id, "--store", str(store)]
+    code, onnx = export(capsys, *common, "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert code == 0 and isinstance(onnx, dict)
+    assert onnx["max_prob_diff"] <= 1e-5 and onnx["checked_examples"] == 360
+    assert onnx["bytes"] == (tmp_path / "m.onnx").stat().st_size
+    code, numpy = export(capsys, *common, "--format", "numpy", "--out", str(tmp_path / "p"))
+    assert code == 0 and isinstance(numpy, dict)
+    assert numpy["accuracy_predictor"] == numpy["accuracy_model"]
+    code, small = export(
+        capsys, *common, "--format", "numpy", "--int8", "--out", str(tmp_path / "q")
+    )
+    assert code == 0 and isinstance(small, dict)
+    assert small["bytes"] < numpy["bytes"] / 2
+    assert small["accuracy_cost_int8"] == small["accuracy_model"] - small["accuracy_predictor"]
+    code, hub = export(capsys, *common, "--format", "hub", "--out", str(tmp_path / "hub"))
+    assert code == 0 and isinstance(hub, dict)
+    assert set(hub["files"]) == {"model.safetensors", "config.json", "README.md"}
+    from shoal.learn.torch import load_pretrained
+
+    loaded = load_pretrained(str(tmp_path / "hub"))
+    with Store(store) as s:
+        weights = {k[len("weights/") :]: v for k, v in s.load_checkpoint(run_id).arrays.items()}
+    for name, value in loaded.get_weights().items():
+        np.testing.assert_allclose(value, weights[name], rtol=1e-6, atol=1e-7)
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert f'run_id: "{run_id}"' in card and "rounds: 2" in card
+
+
+def test_a_dp_run_card_records_epsilon_delta_and_accountant(tmp_path: Path, capsys: Any) -> None:
+    store, run_id = run_job(
+        tmp_path,
+        capsys,
+        model="softmax_regression",
+        options="",
+        extra='[privacy]\nepsilon = 4.0\ndelta = 1e-5\nlevel = "node"\nmode = "local"\n'
+        'accountant = "pld"\n',
+    )
+    code, hub = export(
+        capsys, run_id, "--store", str(store), "--format", "hub", "--out", str(tmp_path / "hub")
+    )
+    assert code == 0, hub
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert 'accountant: "pld"' in card and "delta: 1.0e-05" in card
+    assert "epsilon_target: 4.0" in card
+    with Store(store) as s:
+        spent = s.round_metrics(run_id)[-1].metrics["epsilon"]
+    assert f"epsilon_spent: {json.dumps(spent)}" in card
+
+
+def test_export_errors_say_what_is_wrong(tmp_path: Path, capsys: Any) -> None:
+    store, run_id = run_job(tmp_path, capsys)
+    with Store(store) as s:  # a run that never completed a round
+        empty = s.create_run(name="empty", config={"data": {"dataset": "digits"}})
+    code, err = export(capsys, empty, "--store", str(store), "--format", "onnx")
+    assert code == 2 and "has no checkpoint to export" in str(err)
+    code, err = export(capsys, "nope", "--store", str(store), "--format", "onnx")
+    assert code == 2 and "no run 'nope'" in str(err)
+    code, err = export(capsys, run_id, "--store", str(store), "--format", "onnx", "--int8")
+    assert code == 2 and "--int8 applies to --format numpy" in str(err)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("mine")
+    code, err = export(
+        capsys, run_id, "--store", str(store), "--format", "hub", "--out", str(tmp_path / "taken")
+    )
+    assert code == 2 and "not an empty folder" in str(err)
+    assert (tmp_path / "taken" / "x").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taken")]  # no staging left
