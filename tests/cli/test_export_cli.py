@@ -120,3 +120,58 @@ def test_export_errors_say_what_is_wrong(tmp_path: Path, capsys: Any) -> None:
     assert code == 2 and "not an empty folder" in str(err)
     assert (tmp_path / "taken" / "x").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taken")]  # no staging left
+
+
+PLAY = """First Citizen:
+Before we proceed any further, hear me speak.
+Speak, speak.
+
+Second Citizen:
+We are accounted poor citizens, the patricians good.
+What authority surfeits on would relieve us.
+
+First Citizen:
+You are all resolved rather to die than to famish?
+Resolved. resolved.
+
+Second Citizen:
+Let us kill him, and we'll have corn at our own price.
+Is't a verdict?
+"""
+
+
+def test_a_text_run_exports_its_vocabulary_and_checks_it_on_load(
+    tmp_path: Path, capsys: Any
+) -> None:
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "play.txt").write_text(PLAY)
+    job = tmp_path / "text.toml"
+    job.write_text(
+        '[data]\ndataset = "shakespeare"\npath = "play.txt"\nseq_len = 8\n'
+        'partition = { nodes = 2 }\n[model]\nname = "char_lstm"\nhidden = 8\nlayers = 1\n'
+        "[algorithm]\nrounds = 1\nnodes_per_round = 2\nmax_steps = 2\n"
+    )
+    store = tmp_path / "s.db"
+    out = tmp_path / "run.json"
+    assert main(["run", str(job), "--store", str(store), "--quiet", "--json", str(out)]) == 0
+    run_id = json.loads(out.read_text())["run_id"]
+    capsys.readouterr()
+    common = [run_id, "--store", str(store), "--data-dir", str(tmp_path)]
+    for fmt, target in (("onnx", "m.onnx"), ("numpy", "m.st"), ("hub", "hub")):
+        code, report = export(capsys, *common, "--format", fmt, "--out", str(tmp_path / target))
+        assert code == 0, report
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["tokens"] == "char" and config["seq_len"] == 8
+    vocab = config["vocab"]
+    assert vocab[:2] == ["<pad>", "<unk>"] and "S" in vocab
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert 'source: "shakespeare (play.txt)"' in card and str(tmp_path) not in card
+    from shoal.learn.torch import load_pretrained
+    from shoal.learn.transfer import VocabularyMismatch
+
+    load_pretrained(str(tmp_path / "hub"), vocab=vocab)
+    with pytest.raises(VocabularyMismatch, match=f"vocabulary of {len(vocab)} tokens.*has 5"):
+        load_pretrained(str(tmp_path / "hub"), vocab=vocab[:5])
+    swapped = [vocab[0], vocab[1], vocab[3], vocab[2], *vocab[4:]]
+    with pytest.raises(VocabularyMismatch, match="token 2 is"):
+        load_pretrained(str(tmp_path / "hub"), vocab=swapped)

@@ -179,6 +179,7 @@ def _hub(
     features: int,
     classes: int,
 ) -> dict[str, Any]:
+    from shoal.cli.job import TEXT_DATASETS
     from shoal.learn.export import TrainingRecord, write_hub
 
     final: dict[str, Any] = next((r.metrics for r in reversed(rounds) if r.round == round_num), {})
@@ -197,6 +198,10 @@ def _hub(
         history=[r.metrics for r in rounds],
     )
     options = {k: v for k, v in job.model.items() if k != "name"}
+    extra: dict[str, Any] = {}
+    if job.data["dataset"] in TEXT_DATASETS:  # the ids mean these tokens, in this order
+        corpus = job.text_corpus()
+        extra = {"vocab": list(corpus.vocab), "tokens": corpus.tokens, "seq_len": corpus.seq_len}
     sizes = write_hub(
         out,
         model=model,
@@ -205,6 +210,7 @@ def _hub(
         features=features,
         classes=classes,
         record=record,
+        extra=extra,
     )
     return {"bytes": sum(sizes.values()), "files": sizes}
 

@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 __all__ = ["TrainingRecord", "card_metadata", "render_card"]
@@ -44,7 +45,9 @@ def _finite(value: Any) -> Any:
 def card_metadata(record: TrainingRecord) -> dict[str, Any]:
     """The card's YAML metadata as a dict (the hub reads ``library_name``, ``tags``, ...)."""
     data = record.data
-    source = data.get("dataset") or data.get("path") or "unknown"
+    # A file's name, not its path: the card is published, the folder layout is not.
+    path = PurePath(str(data["path"])).name if data.get("path") else None
+    source = " ".join(str(v) for v in (data.get("dataset"), path and f"({path})") if v)
     privacy = record.privacy or {}
     dp = privacy.get("epsilon") is not None or privacy.get("noise_multiplier") is not None
     spent = record.final.get("epsilon")
@@ -60,8 +63,9 @@ def card_metadata(record: TrainingRecord) -> dict[str, Any]:
             "run_id": record.run_id,
             "status": record.status,
             "data": {
-                "source": source,
+                "source": source or "unknown",
                 "test_fraction": data.get("test_fraction"),
+                **{k: data[k] for k in ("tokens", "seq_len", "min_lines") if data.get(k)},
                 "partition": dict(record.partition),
             },
             "nodes": record.partition.get("nodes"),

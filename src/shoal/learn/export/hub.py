@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +129,24 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def load_pretrained(folder: str | os.PathLike[str], **overrides: Any) -> Model:
+def load_pretrained(
+    folder: str | os.PathLike[str], *, vocab: Sequence[str] | None = None, **overrides: Any
+) -> Model:
     """The model a hub folder holds, weights loaded; its weights file is scanned first.
 
+    ``vocab``: the vocabulary of the data it will see (a text corpus's ``vocab``); a
+    :class:`~shoal.learn.transfer.VocabularyMismatch` if the model was trained on another.
     ``overrides`` replace model options (``seed``, ``optimizer``) for further training.
     """
     from shoal.learn.registry import build_model
-    from shoal.learn.transfer.pretrained import read_weights
+    from shoal.learn.transfer.pretrained import check_vocabulary, read_weights
 
     config = read_config(folder)
+    if vocab is not None:
+        known = config.get("vocab")
+        if not isinstance(known, list):
+            raise ConfigError(f"{folder}: its config records no vocabulary to check vocab= against")
+        check_vocabulary(known, list(vocab))
     weights = read_weights(Path(folder) / WEIGHTS)
     options = {**config["shoal_options"], **overrides}
     model = build_model(

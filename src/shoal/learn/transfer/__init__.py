@@ -13,6 +13,7 @@ from shoal.learn.transfer.parts import PartialModel
 from shoal.learn.transfer.pretrained import (
     PretrainedFactory,
     VocabularyMismatch,
+    check_vocabulary,
     load_into,
     read_weights,
     weights_file,
@@ -25,6 +26,7 @@ __all__ = [
     "PretrainedFactory",
     "VocabularyMismatch",
     "add_lora",
+    "check_vocabulary",
     "load_into",
     "merge_lora",
     "read_weights",

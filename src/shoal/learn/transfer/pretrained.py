@@ -23,6 +23,7 @@ from shoal.scan import Severity, scan_file
 __all__ = [
     "PretrainedFactory",
     "VocabularyMismatch",
+    "check_vocabulary",
     "load_into",
     "read_weights",
     "weights_file",
@@ -35,6 +36,22 @@ _MAX_KEYS = 12  # how many keys an error lists before it says "and N more"
 
 class VocabularyMismatch(ConfigError):
     """A pretrained embedding or output layer sized for another vocabulary than the data's."""
+
+
+def check_vocabulary(pretrained: Sequence[str], data: Sequence[str]) -> None:
+    """Raise VocabularyMismatch unless the data indexes tokens as the pretrained model did."""
+    if len(pretrained) != len(data):
+        raise VocabularyMismatch(
+            f"the pretrained model has a vocabulary of {len(pretrained)} tokens but the data's "
+            f"has {len(data)}; build the data with the pretrained model's vocabulary"
+        )
+    for i, (theirs, ours) in enumerate(zip(pretrained, data)):
+        if theirs != ours:
+            raise VocabularyMismatch(
+                f"the pretrained model and the data both have {len(data)} tokens, but token "
+                f"{i} is {theirs!r} in the model and {ours!r} in the data: the ids would mean "
+                "other tokens; build the data with the pretrained model's vocabulary"
+            )
 
 
 def weights_file(path: str | os.PathLike[str]) -> Path:
