@@ -51,6 +51,7 @@ from shoal.learn.export import (  # noqa: E402
     write_predictor,
 )
 from shoal.learn.export.convert import torch_module  # noqa: E402
+from shoal.learn.text_models import char_lstm  # noqa: E402
 from shoal.learn.torch import TorchModel, mlp_module  # noqa: E402
 
 
@@ -85,45 +86,25 @@ def interleaved_medians(
 
 
 def char_lstm_model(vocab: int) -> TorchModel:
-    try:  # the model `[model] name = "char_lstm"` builds
-        from shoal.learn.text_models import char_lstm
-
-        model = char_lstm(features=80, classes=vocab)
-        assert isinstance(model, TorchModel)
-        return model
-    except ImportError:  # before shoal.learn.text_models: the same layers, built here
-        from torch import nn
-
-        class NextTokenLSTM(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.embed = nn.Embedding(vocab, 8)
-                self.lstm = nn.LSTM(8, 256, num_layers=2, batch_first=True)
-                self.head = nn.Linear(256, vocab)
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                out, _ = self.lstm(self.embed(x.long()))
-                result: torch.Tensor = self.head(out[:, -1])
-                return result
-
-        model = TorchModel(NextTokenLSTM)
-        model.token_inputs = True
-        return model
+    """LEAF's model, as `[model] name = "char_lstm"` builds it."""
+    model = char_lstm(features=80, classes=vocab)
+    assert isinstance(model, TorchModel)
+    return model
 
 
 def shakespeare(limit_train: int, limit_test: int) -> tuple[Dataset, Dataset, int]:
-    from shoal.data.text import load_shakespeare
+    """Windows of tinyshakespeare split in time per role (shoal.data.load_play), subsampled."""
+    from shoal.data import load_play
 
-    corpus = load_shakespeare(CORPUS, seq_len=80)
-    xs = [d.x for d in corpus.roles.values()]
-    ys = [d.y for d in corpus.roles.values()]
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    order = np.random.default_rng(0).permutation(len(y))
-    train, test = order[:limit_train], order[limit_train : limit_train + limit_test]
+    corpus = load_play(CORPUS, tokens="char", seq_len=80)
+    train, test = corpus.pooled()
+    rng = np.random.default_rng(0)
+    pick_train = rng.choice(len(train.y), size=min(limit_train, len(train.y)), replace=False)
+    pick_test = rng.choice(len(test.y), size=min(limit_test, len(test.y)), replace=False)
     vocab = len(corpus.vocab)
     return (
-        Dataset(x=x[train], y=y[train], classes=vocab),
-        Dataset(x=x[test], y=y[test], classes=vocab),
+        Dataset(x=train.x[pick_train], y=train.y[pick_train], classes=vocab),
+        Dataset(x=test.x[pick_test], y=test.y[pick_test], classes=vocab),
         vocab,
     )
 

@@ -147,7 +147,7 @@ def test_models_the_predictor_cannot_run_name_the_onnx_route(
     digits: tuple[Dataset, Dataset],
 ) -> None:
     with pytest.raises(ConfigError, match="has no NumPy version; export with --format onnx"):
-        predictor_for(trained("cnn", digits))
+        predictor_for(TorchModel(functools.partial(cnn_module, 64, 10, 4)))
 
 
 def test_the_predictor_module_needs_neither_torch_nor_onnxruntime() -> None:
@@ -338,3 +338,22 @@ def test_hostile_or_broken_hub_folders_are_refused(
     (out / "config.json").write_text(json.dumps({**config, "format": "transformers"}))
     with pytest.raises(ConfigError, match="not written by `shoal export"):
         load_pretrained(str(out))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 6).flatmap(
+        lambda rows: st.lists(
+            st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=rows * 3, max_size=rows * 3
+        ).map(lambda v: np.array(v, dtype=np.float32).reshape(-1, 3))
+    )
+)
+def test_int8_moves_each_weight_by_at_most_half_its_rows_step(matrix: np.ndarray) -> None:
+    from shoal.learn.export.predictor import dequantize
+    from shoal.learn.export.quantize import quantize_int8
+
+    stored = quantize_int8({"w": matrix, "b": matrix[0]})
+    assert stored["w"].dtype == np.int8 and stored["b"].dtype == np.float32
+    back = dequantize(stored)["w"]
+    step = np.abs(matrix).max(axis=1, keepdims=True).astype(np.float64) / 127
+    assert (np.abs(back.astype(np.float64) - matrix) <= step / 2 * (1 + 1e-5) + 1e-30).all()

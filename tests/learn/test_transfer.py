@@ -269,3 +269,20 @@ def test_fedper_personalizes_better_than_one_global_model_on_skewed_nodes(
     personal = simulate(model=PartialModel(TorchModel(FACTORY), personal=("3.*",)), **common)
     shared = simulate(model=TorchModel(FACTORY), **common)
     assert personal.metrics["federated_accuracy"] > shared.metrics["federated_accuracy"] + 0.05
+
+
+def test_dp_sgd_trains_and_noises_only_what_is_not_frozen(digits: tuple[Dataset, Dataset]) -> None:
+    from shoal.privacy.guard import LocalDP
+
+    model = PartialModel(TorchModel(FACTORY), shared=("3.*",))
+    inner = model.model
+    assert isinstance(inner, TorchModel)
+    before = inner.get_weights()
+    dp = LocalDP(clip=1.0, noise_multiplier=1.0, sample_rate=0.1, steps=3)
+    model.fit(digits[0], config=FitConfig(dp=dp), rng=np.random.default_rng(0))
+    after = inner.get_weights()
+    np.testing.assert_array_equal(after["1.weight"], before["1.weight"])
+    assert not np.array_equal(after["3.weight"], before["3.weight"])
+    rep = PartialModel(TorchModel(FACTORY), personal=("3.*",), mode="fedrep")
+    with pytest.raises(ConfigError, match="fedrep' does not combine with DP-SGD"):
+        rep.fit(digits[0], config=FitConfig(dp=dp), rng=np.random.default_rng(0))
