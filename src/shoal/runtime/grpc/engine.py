@@ -63,6 +63,7 @@ from shoal.runtime.grpc.protocol import (
     parse_node_frame,
     parse_node_message,
 )
+from shoal.runtime.grpc.transport import FrontDoor
 from shoal.runtime.store import NodeRecord
 from shoal.wire import WireLimits
 
@@ -356,6 +357,10 @@ class GrpcEngine:
         self._stream_limiter = PendingLimiter(per_peer=max_pending_per_peer, total=max_pending)
         self._lane_limiter = PendingLimiter(per_peer=max_pending_per_peer, total=max_pending)
         self._rejection_log = RejectionLog(self._write_rejection)
+        # A node on the wrong transport retries: one line per address, then a count a minute.
+        self._mismatch_log = RejectionLog(self._write_mismatch, burst=1)
+        self._door_limiter = PendingLimiter(per_peer=max_pending_per_peer, total=max_pending)
+        self._door: FrontDoor | None = None
         self.chunk_bytes = chunk_bytes
         self.max_reply_bytes = (
             max_reply_bytes if max_reply_bytes is not None else WireLimits().max_bytes
@@ -415,23 +420,39 @@ class GrpcEngine:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(_SERVICE, {"Session": handler}),)
         )
+        # gRPC listens on loopback only; nodes reach it through the front door, which first
+        # tells what each connection speaks (transport.py).
+        try:
+            host, port = parse_address(self.listen)
+        except ProtocolError:
+            raise ConfigError(f"listen must be HOST:PORT, got {self.listen!r}") from None
         try:
             if self.tls is not None:
-                port = server.add_secure_port(self.listen, self.tls.credentials())
+                upstream = server.add_secure_port("127.0.0.1:0", self.tls.credentials())
             else:
-                port = server.add_insecure_port(self.listen)
+                upstream = server.add_insecure_port("127.0.0.1:0")
         except RuntimeError as exc:
-            raise TransportError(
-                f"cannot listen on {self.listen!r} ({exc}); is another process using the port?"
-            ) from None
-        if not port:
-            raise TransportError(f"cannot listen on {self.listen!r}; is the port in use?")
-        self.port = port
+            raise TransportError(f"cannot open gRPC's loopback port ({exc})") from None
+        if not upstream:
+            raise TransportError("cannot open gRPC's loopback port")
+        door = FrontDoor(
+            host=host,
+            port=port,
+            speaks="tls" if self.tls is not None else "plaintext",
+            upstream_port=upstream,
+            mismatch=self._transport_mismatch,
+            refused=self._door_refused,
+            timeout_s=self.handshake_timeout_s,
+            limiter=self._door_limiter,
+        )
+        self.port = door.port
         try:
             self._lane_server = self._start_lane()
         except TransportError:
+            door.close()
             server.stop(grace=None)
             raise
+        self._door = door.start()
         self.data_port = self._lane_server.port if self._lane_server is not None else 0
         self._refresh_registry()
         server.start()
@@ -499,6 +520,8 @@ class GrpcEngine:
     def close(self) -> None:
         """Stop serving; every node still connected is dropped."""
         self._closing.set()
+        if self._door is not None:
+            self._door.stop_accepting()
         if self._lane_server is not None:
             self._lane_server.close()
             self._lane_server = None
@@ -507,9 +530,13 @@ class GrpcEngine:
         for session in sessions:
             self._close_session(session, "coordinator shut down")
         self._rejection_log.flush(force=True)  # the last window's counts are recorded too
+        self._mismatch_log.flush(force=True)
         if self._server is not None:
             self._server.stop(grace=1.0).wait()
             self._server = None
+        if self._door is not None:
+            self._door.close()
+            self._door = None
         if self._monitor is not None:
             self._monitor.join(timeout=5)
             self._monitor = None
@@ -680,6 +707,8 @@ class GrpcEngine:
         if self._closing.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
         session = _Session(context)
+        if self._door is not None:
+            session.peer = self._door.peer_of(session.peer)
         with self._lock:
             self._open.add(session)
         session.ticket = self._stream_limiter.admit(
@@ -1130,6 +1159,30 @@ class GrpcEngine:
             {"action": "node.lane_rejected", "peer": peer, "reason": reason[:500]},
         )
 
+    def _transport_mismatch(self, host: str, line: str) -> None:
+        self._rejections += 1
+        self._mismatch_log.record(
+            host, line, {"action": "node.transport_mismatch", "peer": host, "reason": line}
+        )
+
+    def _write_mismatch(self, detail: dict[str, Any]) -> None:
+        action = detail.pop("action", "node.transport_mismatch")
+        if "summary" in detail:
+            detail["summary"] = detail["summary"].replace(
+                "rejected connections", "connections on the wrong transport"
+            )
+            log.warning("%s", detail["summary"])
+            self._audit("node.transport_mismatch_summary", "unknown", **detail)
+            return
+        log.warning("%s", detail["reason"])
+        self._audit(action, "unknown", **detail)
+
+    def _door_refused(self, host: str, reason: str) -> None:
+        self._rejections += 1
+        self._rejection_log.record(
+            host, reason, {"action": "node.rejected", "peer": host, "reason": reason[:500]}
+        )
+
     def _evict(self, session: _Session) -> None:
         """Drop an unauthenticated stream to make room for a newer one (see limits.py)."""
         if session.authenticated:
@@ -1158,6 +1211,7 @@ class GrpcEngine:
         last_registry = time.monotonic()
         while not self._closing.wait(tick):
             self._rejection_log.flush()
+            self._mismatch_log.flush()
             now = time.monotonic()
             with self._lock:
                 sessions = list(self._open)

@@ -63,6 +63,7 @@ from shoal.runtime.grpc.protocol import (
     chunk_frames,
     parse_coordinator_frame,
 )
+from shoal.runtime.grpc.transport import agree, mismatch_line
 from shoal.runtime.nodestate import NODE_STATE_KEY, NodeState
 
 __all__ = ["Backoff", "NodeClient", "NodeExit", "explain_connect_error"]
@@ -116,8 +117,7 @@ class _Rejected(Exception):
 _CONNECT_ERRORS: tuple[tuple[tuple[str, ...], str], ...] = (
     (
         ("WRONG_VERSION_NUMBER", "wrong version number", "packet length too long"),
-        "TLS mismatch: this node speaks TLS but the coordinator does not (was it started "
-        "with --insecure? then start this node with --insecure too)",
+        mismatch_line(side="node", coordinator="plaintext"),
     ),
     (
         ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "unable to get local issuer"),
@@ -151,8 +151,8 @@ _CONNECT_ERRORS: tuple[tuple[tuple[str, ...], str], ...] = (
             "End of TCP stream",
             "Connection closed",
         ),
-        "the coordinator closed the connection at once: if this node runs --insecure, the "
-        "coordinator probably expects TLS (give both the same --certs, or both --insecure)",
+        "the coordinator closed the connection at once (a proxy between that expects "
+        "another transport, or the coordinator is shutting down)",
     ),
 )
 
@@ -324,6 +324,13 @@ class NodeClient:
                 else:
                     yield from item
 
+        # Agree on the transport before anything else: a mismatch is then one clear line,
+        # not a TLS error from gRPC (see transport.py).
+        try:
+            agree(self.coordinator, "tls" if self.tls is not None else "plaintext")
+        except TransportError as exc:
+            self.detail = str(exc)
+            return None
         channel = self._channel()
         stop_threads = threading.Event()
         work: queue.SimpleQueue[_Incoming | tuple[_Incoming, memoryview] | None] = (

@@ -1,0 +1,369 @@
+"""Transport agreement: the coordinator's front door, and the node's question before gRPC.
+
+The coordinator's public port is served by a front door, not by gRPC itself. It reads the
+first bytes of each connection and tells what the peer speaks:
+
+- ``SHOAL-TRANSPORT/1 tls`` (or ``plaintext``) and a newline: a node asking, before anything
+  else, which transport this coordinator speaks (:func:`agree`). The door answers with its own
+  line and closes; both sides print one line naming a mismatch and its fix.
+- a TLS record (first byte 0x16) or HTTP/2's preface (``PRI * HTTP/2.0``): a gRPC client. If
+  it speaks what the coordinator speaks, the connection is relayed byte for byte to gRPC on
+  a loopback port (TLS still ends in gRPC); if not, it is closed with one line per address
+  (coalesced), instead of gRPC's own handshake errors.
+- anything else: closed, and recorded the same way.
+
+The agreement is unauthenticated on purpose: it only explains a failure. A node never changes
+its transport because of the answer, so a forged answer can stop a node, never downgrade it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from shoal.errors import ProtocolError, TransportError
+from shoal.runtime.grpc.limits import PendingLimiter, peer_host
+
+__all__ = ["AGREEMENT", "FrontDoor", "agree", "classify", "mismatch_line"]
+
+Transport = Literal["tls", "plaintext"]
+
+AGREEMENT = b"SHOAL-TRANSPORT/1 "
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_TLS_HANDSHAKE = 0x16  # a TLS record of type handshake: a ClientHello
+_MAX_LINE = 64
+_RELAY_BLOCK = 1 << 18
+
+
+def mismatch_line(*, side: Literal["node", "coordinator"], coordinator: str, peer: str = "") -> str:
+    """The one line each side prints when the node and the coordinator speak differently.
+
+    ``coordinator`` is what the coordinator speaks; the node speaks the other one.
+    """
+    if side == "node":
+        if coordinator == "tls":
+            return (
+                "transport mismatch: the coordinator speaks TLS but this node runs --insecure "
+                "(plaintext): start this node with --certs DIR (the federation's certificates), "
+                "or the coordinator with --insecure"
+            )
+        return (
+            "transport mismatch: the coordinator runs --insecure (plaintext) but this node "
+            "speaks TLS: start this node with --insecure too, or the coordinator with --certs DIR"
+        )
+    if coordinator == "tls":
+        return (
+            f"transport mismatch with {peer}: it speaks plaintext (a node started with "
+            "--insecure) but this coordinator speaks TLS: start that node with --certs DIR, "
+            "or this coordinator with --insecure"
+        )
+    return (
+        f"transport mismatch with {peer}: it speaks TLS but this coordinator runs --insecure "
+        "(plaintext): start that node with --insecure too, or this coordinator with --certs DIR"
+    )
+
+
+def classify(head: bytes) -> str | None:
+    """What the first bytes of a connection speak: 'tls', 'plaintext' (HTTP/2), 'agree' (the
+    agreement line), 'unknown', or None while they are a prefix of more than that."""
+    if not head:
+        return None
+    if head[0] == _TLS_HANDSHAKE:
+        return "tls"
+    for prefix, kind in ((AGREEMENT, "agree"), (_HTTP2_PREFACE, "plaintext")):
+        n = min(len(head), len(prefix))
+        if head[:n] == prefix[:n]:
+            if kind == "agree":
+                return kind if b"\n" in head[len(prefix) :] else None
+            return kind if n == len(prefix) else None
+    return "unknown"
+
+
+def agree(address: str, speaks: Transport, *, timeout_s: float = 5.0) -> None:
+    """Ask the coordinator at ``address`` which transport it speaks, before any gRPC.
+
+    Returns if it speaks ``speaks``; raises TransportError saying what is wrong and what to do
+    otherwise (a mismatch, nothing listening, an unreachable host, not a shoal coordinator).
+    """
+    try:
+        host, port = _address(address)
+    except ProtocolError as exc:
+        raise TransportError(f"{exc}: give --coordinator as HOST:PORT") from None
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except ConnectionRefusedError:
+        raise TransportError(
+            "connection refused: nothing listens there (is the coordinator running, on this "
+            "host and port?)"
+        ) from None
+    except socket.gaierror:
+        raise TransportError(
+            f"the coordinator's host name {host!r} does not resolve (check --coordinator)"
+        ) from None
+    except TimeoutError:
+        raise TransportError(
+            f"the coordinator's host is unreachable (no answer within {timeout_s:g} s: a wrong "
+            "address, or a firewall drops the packets)"
+        ) from None
+    except OSError as exc:
+        raise TransportError(
+            f"the coordinator's host is unreachable ({exc.strerror or exc}: a wrong address, "
+            "or no route to it)"
+        ) from None
+    with sock:
+        try:
+            sock.sendall(AGREEMENT + speaks.encode() + b"\n")
+            reply = _read_line(sock, time.monotonic() + timeout_s)
+        except (OSError, TimeoutError):
+            reply = b""
+    if not reply.startswith(AGREEMENT):
+        raise TransportError(
+            f"{address} did not answer shoal's transport agreement: is it a shoal coordinator "
+            "(of this version), and is nothing between (a proxy that ends TLS) changing the bytes?"
+        )
+    theirs = reply[len(AGREEMENT) :].strip().decode("ascii", "replace")
+    if theirs != speaks:
+        raise TransportError(
+            mismatch_line(side="node", coordinator="tls" if theirs == "tls" else "plaintext")
+        )
+
+
+def _address(address: str) -> tuple[str, int]:
+    text = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ProtocolError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _read_line(sock: socket.socket, deadline: float, head: bytes = b"") -> bytes:
+    out = bytearray(head)
+    while b"\n" not in out and len(out) <= _MAX_LINE:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
+        data = sock.recv(_MAX_LINE)
+        if not data:
+            break
+        out += data
+    return bytes(out)
+
+
+def _grpc_peer(address: object) -> str:
+    """A socket address in gRPC's peer form: 'ipv4:1.2.3.4:5' or 'ipv6:[::1]:5'."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        if ":" in host:
+            return f"ipv6:[{host}]:{address[1]}"
+        return f"ipv4:{host}:{address[1]}"
+    return str(address)
+
+
+class FrontDoor:
+    """The coordinator's listener: classifies each connection, relays gRPC, explains the rest.
+
+    ``speaks`` is the coordinator's transport; matching connections are relayed to gRPC at
+    127.0.0.1:``upstream_port``. ``mismatch(host, line)`` is called for a peer that speaks the
+    other transport, ``refused(host, reason)`` for one that speaks neither (both coalesce).
+    Connections that have not shown their first bytes within ``timeout_s`` are closed, and are
+    bounded by ``limiter``. :meth:`peer_of` maps gRPC's view of a relayed connection (a
+    loopback address) back to the node's own address.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        speaks: Transport,
+        upstream_port: int,
+        mismatch: Callable[[str, str], None],
+        refused: Callable[[str, str], None],
+        timeout_s: float = 5.0,
+        limiter: PendingLimiter | None = None,
+    ) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        dualstack = host == "::" and socket.has_dualstack_ipv6()
+        try:
+            self._listener = socket.create_server(
+                (host, port), family=family, backlog=512, dualstack_ipv6=dualstack
+            )
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another process "
+                "using the port?"
+            ) from None
+        self.port: int = self._listener.getsockname()[1]
+        self.speaks = speaks
+        self._upstream = ("127.0.0.1", upstream_port)
+        self._mismatch = mismatch
+        self._refused = refused
+        self._timeout_s = timeout_s
+        self._limiter = limiter or PendingLimiter()
+        self._lock = threading.Lock()
+        self._relayed: dict[int, str] = {}  # loopback port gRPC sees -> the node's address
+        self._open: set[socket.socket] = set()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="shoal-door", daemon=True)
+
+    def start(self) -> FrontDoor:
+        self._thread.start()
+        return self
+
+    def stop_accepting(self) -> None:
+        """Take no new connections; those relayed already go on until :meth:`close`."""
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        self.stop_accepting()
+        with self._lock:
+            sockets = list(self._open)
+        for sock in sockets:
+            _shutdown(sock)
+
+    def peer_of(self, grpc_peer: str) -> str:
+        """The node's address behind a relayed connection, as gRPC would have named it."""
+        try:
+            port = int(grpc_peer.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            return grpc_peer
+        with self._lock:
+            return self._relayed.get(port, grpc_peer)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, address = self._listener.accept()
+            except OSError:
+                if self._closing.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            peer = _grpc_peer(address)
+            ticket = self._limiter.admit(peer_host(peer), functools.partial(_shutdown, conn))
+            threading.Thread(
+                target=self._connection, args=(conn, peer, ticket), name="shoal-door", daemon=True
+            ).start()
+
+    def _connection(self, conn: socket.socket, peer: str, ticket: int) -> None:
+        host = peer_host(peer)
+        with self._lock:
+            self._open.add(conn)
+        try:
+            try:
+                head, kind = self._first_bytes(conn)
+            finally:
+                self._limiter.done(ticket)
+            if kind == "agree":
+                self._answer(conn, host, head)
+            elif kind == self.speaks:
+                self._relay(conn, peer, head)
+            elif kind in ("tls", "plaintext"):
+                self._mismatch(host, mismatch_line(side="coordinator", coordinator=self.speaks,
+                                                   peer=host))  # fmt: skip
+            elif kind == "unknown":
+                self._refused(host, f"not a shoal node: its first bytes were {head[:16]!r}")
+            elif head:
+                self._refused(host, f"sent only {head[:16]!r} within {self._timeout_s:g} s")
+        except OSError:
+            pass  # the peer went away: nothing to explain
+        finally:
+            with self._lock:
+                self._open.discard(conn)
+            conn.close()
+
+    def _first_bytes(self, conn: socket.socket) -> tuple[bytes, str | None]:
+        deadline = time.monotonic() + self._timeout_s
+        head = b""
+        kind: str | None = None
+        while kind is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            conn.settimeout(remaining)
+            try:
+                data = conn.recv(_MAX_LINE)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            head += data
+            kind = classify(head)
+            if kind is None and len(head) > 2 * _MAX_LINE:
+                kind = "unknown"
+        return head, kind
+
+    def _answer(self, conn: socket.socket, host: str, head: bytes) -> None:
+        claim = head[len(AGREEMENT) :].split(b"\n", 1)[0].strip()
+        conn.settimeout(self._timeout_s)
+        conn.sendall(AGREEMENT + self.speaks.encode() + b"\n")
+        if claim not in (b"tls", b"plaintext"):
+            self._refused(host, f"asked to agree on an unknown transport {claim[:16]!r}")
+        elif claim.decode() != self.speaks:
+            line = mismatch_line(side="coordinator", coordinator=self.speaks, peer=host)
+            self._mismatch(host, line)
+
+    def _relay(self, conn: socket.socket, peer: str, head: bytes) -> None:
+        try:
+            upstream = socket.create_connection(self._upstream, timeout=self._timeout_s)
+        except OSError:
+            return  # gRPC is shutting down
+        local = upstream.getsockname()[1]
+        with self._lock:
+            self._open.add(upstream)
+            self._relayed[local] = peer
+        try:
+            for sock in (conn, upstream):
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upstream.sendall(head)
+            # gRPC never half-closes: once it ends, the node's side is ended in full, so a
+            # peer that stops reading cannot keep this relay alive.
+            back = threading.Thread(
+                target=_pump, args=(upstream, conn, True), name="shoal-relay", daemon=True
+            )
+            back.start()
+            _pump(conn, upstream, False)
+            back.join()
+        finally:
+            with self._lock:
+                self._open.discard(upstream)
+                self._relayed.pop(local, None)
+            upstream.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket, full: bool) -> None:
+    """Copy ``src`` to ``dst`` until ``src`` ends; then end ``dst``'s sending side (or all of
+    ``dst`` with ``full``)."""
+    buffer = bytearray(_RELAY_BLOCK)
+    view = memoryview(buffer)
+    try:
+        while True:
+            n = src.recv_into(buffer)
+            if not n:
+                break
+            dst.sendall(view[:n])
+    except OSError:
+        _shutdown(src)  # a reset: end both directions
+        _shutdown(dst)
+        return
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_RDWR if full else socket.SHUT_WR)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
