@@ -37,7 +37,7 @@ AGREEMENT = b"SHOAL-TRANSPORT/1 "
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _TLS_HANDSHAKE = 0x16  # a TLS record of type handshake: a ClientHello
 _MAX_LINE = 64
-_RELAY_BLOCK = 1 << 18
+_RELAY_BLOCK = 1 << 16  # per direction and node: the relay holds 128 KiB per node
 
 
 def mismatch_line(*, side: Literal["node", "coordinator"], coordinator: str, peer: str = "") -> str:
