@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from shoal.aggregate import rules
+from shoal.aggregate.compress import (  # after stages: it builds on them
+    Compressor,
+    Quantize,
+    RandomRotation,
+    TopK,
+    compresses,
+)
 from shoal.aggregate.stages import (
     Chain,
     Clip,
@@ -21,12 +28,14 @@ from shoal.aggregate.stages import (
     TrimmedMean,
     WeightedMean,
     accepts_weights,
+    held_layout,
     is_private,
 )
 
 __all__ = [
     "Chain",
     "Clip",
+    "Compressor",
     "GeometricMedian",
     "Krum",
     "Mean",
@@ -34,14 +43,19 @@ __all__ = [
     "MultiKrum",
     "NodeTransform",
     "NormBound",
+    "Quantize",
+    "RandomRotation",
     "Reduced",
     "Reducer",
     "ServerTransform",
     "Stage",
     "Sum",
+    "TopK",
     "TrimmedMean",
     "WeightedMean",
     "accepts_weights",
+    "compresses",
+    "held_layout",
     "is_private",
     "rules",
 ]

@@ -8,6 +8,7 @@ describe themselves as JSON (``spec``), so secure reducers can have nodes apply 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,6 +41,7 @@ __all__ = [
     "TrimmedMean",
     "WeightedMean",
     "accepts_weights",
+    "held_layout",
     "is_private",
 ]
 
@@ -78,7 +80,13 @@ class Stage:
 
 
 class NodeTransform(Stage):
-    """Applied to each node's vector before reduction (at the node, for secure reducers)."""
+    """Applied to each node's vector before reduction (at the node, for secure reducers).
+
+    ``compresses``: the transform changes what travels (``shoal.aggregate.compress``), so
+    every node applies it before its value leaves, whatever the reducer.
+    """
+
+    compresses: ClassVar[bool] = False
 
     def apply_rows(self, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -100,6 +108,11 @@ class Reducer(Stage):
     def reduce(
         self, values: NodeValues, weights: NodeValues | None, pre: Sequence[NodeTransform]
     ) -> Reduced:
+        if any(transform.compresses for transform in pre):
+            from shoal.aggregate.compress import compressed_gather  # uses this module
+
+            gathered = compressed_gather(values, weights, pre)
+            return self.reduce_rows(gathered.rows, gathered)
         gathered = values.gather(weights=weights)
         rows = gathered.rows
         for transform in pre:
@@ -406,3 +419,45 @@ def accepts_weights(aggregator: Any) -> bool:
         except ConfigError:
             return False
     return isinstance(aggregator, Reducer) and aggregator.weighted
+
+
+def held_layout(
+    values: NodeValues,
+) -> tuple[tuple[tuple[str, tuple[int, ...], str], ...], list[str], dict[str, str]]:
+    """For aggregates that run node-side (secure sums, compression): the fields' shapes and
+    dtypes as the map's receipts give them (the majority's), the nodes whose value matches,
+    and why each other node is left out. Arrays are aggregated; JSON fields only when the
+    value has no array field."""
+
+    def is_array(node: str, field: str) -> bool:
+        try:
+            return values.spec(node, field).dtype != "json"
+        except KeyError:
+            return False
+
+    arrays = [f for f in values.field_names if any(is_array(n, f) for n in values.node_ids)]
+    fields = arrays or list(values.field_names)
+    signatures: dict[str, tuple[tuple[str, tuple[int, ...], str], ...]] = {}
+    excluded: dict[str, str] = {}
+    for node in values.node_ids:
+        try:
+            specs = [values.spec(node, f) for f in fields]
+        except KeyError:
+            excluded[node] = f"its value lacks one of the fields {fields}"
+            continue
+        if any(s.dtype == "json" or np.dtype(s.dtype).kind not in "biuf" for s in specs):
+            excluded[node] = "its value is not a real-valued array"
+            continue
+        signatures[node] = tuple(
+            (f, tuple(s.shape), s.dtype) for f, s in zip(fields, specs, strict=True)
+        )
+    if not signatures:
+        raise AggregationError(f"no node holds real-valued arrays for {fields}")
+    majority = Counter(signatures.values()).most_common(1)[0][0]
+    holders = []
+    for node, signature in signatures.items():
+        if signature == majority:
+            holders.append(node)
+        else:
+            excluded[node] = "its value's shape or dtype differs from the other nodes'"
+    return majority, holders, excluded

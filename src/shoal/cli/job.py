@@ -26,7 +26,10 @@ from shoal.aggregate import (
     Median,
     MultiKrum,
     NormBound,
+    Quantize,
+    RandomRotation,
     Stage,
+    TopK,
     TrimmedMean,
 )
 from shoal.attacks import ATTACKS, attacked_app, build_attack, choose_malicious
@@ -142,6 +145,10 @@ _SCHEMAS: dict[str, Schema] = {
         "f": (int, 1),
         "m": (int, 1),
         "secure": (bool, False),
+        # Compression at the nodes (shoal.aggregate.compress), in this order after clip.
+        "rotate": (bool, False),
+        "topk": ((int, float), None),
+        "quantize_bits": (int, None),
     },
 }
 _TABLES = (
@@ -442,14 +449,26 @@ class JobSpec:
                     "[aggregate] secure = true needs clip = C (the L2 bound that also sets the "
                     "quantization range of the secure sum)"
                 )
-            return Clip(float(spec["clip"])) | SecureSum() | Mean()
+            return Chain.of(Clip(float(spec["clip"])), *self._compression(), SecureSum(), Mean())
         stages: list[Stage] = []
         if spec["norm_bound"] is not None:
             stages.append(NormBound(float(spec["norm_bound"])))
         if spec["clip"] is not None:
             stages.append(Clip(float(spec["clip"])))
+        stages.extend(self._compression())
         stages.append(reducers[spec["rule"]]())
         return Chain.of(*stages) if len(stages) > 1 else stages[0]
+
+    def _compression(self) -> list[Stage]:
+        spec = self.aggregate
+        stages: list[Stage] = []
+        if spec["rotate"]:
+            stages.append(RandomRotation())
+        if spec["topk"] is not None:
+            stages.append(TopK(float(spec["topk"])))
+        if spec["quantize_bits"] is not None:
+            stages.append(Quantize(int(spec["quantize_bits"])))
+        return stages
 
     def build_privacy(self) -> ExampleDP | NodeDP | None:
         """The job's DP plan, with noise calibrated to its epsilon over all its rounds."""
@@ -635,6 +654,37 @@ def _check_secure(job: JobSpec) -> None:
         )
 
 
+def _check_compression(job: JobSpec) -> None:
+    spec = job.aggregate
+    wanted = spec["rotate"] or spec["topk"] is not None or spec["quantize_bits"] is not None
+    if spec["topk"] is not None and not 0 < spec["topk"] <= 1:
+        raise ConfigError(f"[aggregate] topk must be a fraction in (0, 1], got {spec['topk']!r}")
+    if spec["quantize_bits"] is not None and spec["quantize_bits"] not in (1, 2, 4, 8, 16):
+        raise ConfigError(
+            f"[aggregate] quantize_bits must be 1, 2, 4, 8 or 16, got {spec['quantize_bits']!r}"
+        )
+    if not wanted:
+        return
+    if spec["secure"] and spec["topk"] is not None:
+        raise ConfigError(
+            "[aggregate] topk cannot combine with secure = true: every node would keep "
+            "different coordinates, and a secure sum masks the same positions at every node. "
+            "Under secure = true use rotate = true and quantize_bits"
+        )
+    if spec["norm_bound"] is not None:
+        raise ConfigError(
+            "[aggregate] norm_bound needs each update's exact norm at the server, which "
+            "compression (rotate, topk, quantize_bits) changes; use clip = C instead"
+        )
+    p = job.privacy
+    if p is not None and (p["level"] == "node" or p["mode"] == "distributed"):
+        raise ConfigError(
+            "[aggregate] compression (rotate, topk, quantize_bits) does not combine with this "
+            "[privacy] plan, whose noised sum takes no other aggregator; use mode = 'local' "
+            "(each node noises its own update, and compressing that is post-processing)"
+        )
+
+
 def _check_noised_sum(job: JobSpec) -> None:
     if _noised_sum(job) and job.aggregate["rule"] != "mean":
         raise ConfigError(
@@ -691,6 +741,7 @@ COMBINATION_CHECKS: list[Callable[[JobSpec], None]] = [
     _check_torch_models,
     _check_text,
     _check_secure,
+    _check_compression,
     _check_noised_sum,
     _check_robust_rule,
     _check_engine,

@@ -11,6 +11,7 @@ import functools
 import itertools
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from shoal.runtime import SEND_KEY, SENT_PREFIX, Engine, Failure, FailureKind, T
 from shoal.runtime.audit import AuditEntry, AuditTrail, MemoryAuditLog
 from shoal.wire import decode, encode
 
-__all__ = ["Broadcast", "Federation", "NodeGroup"]
+__all__ = ["Broadcast", "Federation", "NodeGroup", "Traffic"]
 
 log = logging.getLogger("shoal.core")
 
@@ -72,6 +73,9 @@ class Federation:
         # Roles of a multi-party job (guest, host, arbiter, ...), assigned by the job.
         self.roles: Roles | None = Roles.of(roles) if roles is not None else None
         self.routed_bytes = 0  # bytes relayed by values.to (per destination node)
+        # Wire bytes of every task payload sent and every reply received (all tasks: maps,
+        # fetches, secure-sum phases), in total and per node: the cost of a slow link.
+        self.traffic = Traffic()
 
     @property
     def node_ids(self) -> tuple[str, ...]:
@@ -210,7 +214,11 @@ class Federation:
                     keep_as=keep_as,
                 )
             )
+        for t in tasks:
+            self.traffic.add(t.node_id, down=len(t.payload))
         result = self.engine.dispatch(tasks, deadline_s=deadline_s or self.deadline_s)
+        for node_id, reply in result.replies.items():
+            self.traffic.add(node_id, up=len(reply.payload))
         replies: dict[str, dict[str, Any]] = {}
         failures: dict[str, Failure] = dict(result.failures)
         for node_id, reply in result.replies.items():
@@ -244,6 +252,27 @@ class Federation:
                     reason=failure.detail[:1000],
                 )
         return replies, failures
+
+
+class Traffic:
+    """Bytes on the wire between the coordinator and the nodes, counted as they pass."""
+
+    def __init__(self) -> None:
+        self.down = 0  # coordinator -> nodes
+        self.up = 0  # nodes -> coordinator
+        self.down_by_node: Counter[str] = Counter()
+        self.up_by_node: Counter[str] = Counter()
+
+    def add(self, node_id: str, *, down: int = 0, up: int = 0) -> None:
+        self.down += down
+        self.up += up
+        if down:
+            self.down_by_node[node_id] += down
+        if up:
+            self.up_by_node[node_id] += up
+
+    def snapshot(self) -> tuple[int, int, dict[str, int], dict[str, int]]:
+        return self.down, self.up, dict(self.down_by_node), dict(self.up_by_node)
 
 
 class NodeGroup:

@@ -27,10 +27,14 @@ MAX_LEVELS = 2**52
 
 
 def dtype_for_bits(bits: int) -> np.dtype[Any]:
-    """The unsigned dtype whose wraparound arithmetic holds Z_(2^bits) (2^bits divides it)."""
+    """The smallest unsigned dtype whose wraparound arithmetic holds Z_(2^bits) (2^bits
+    divides it): a 12-bit secure sum travels as 2 bytes a coordinate, not 4."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 64:
         raise ConfigError(f"bits must be an integer in [1, 64], got {bits!r}")
-    return np.dtype(np.uint32) if bits <= 32 else np.dtype(np.uint64)
+    for width, dtype in ((8, np.uint8), (16, np.uint16), (32, np.uint32)):
+        if bits <= width:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
 
 
 @dataclass(frozen=True, kw_only=True)

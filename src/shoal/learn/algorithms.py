@@ -15,11 +15,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from shoal.aggregate import Mean
+from shoal.aggregate import Mean, compresses
 from shoal.core import Aggregator, Federation
 from shoal.errors import ConfigError
 from shoal.learn.model import Weights
-from shoal.learn.tasks import TRAIN, prefixed, unprefixed
+from shoal.learn.tasks import DOWNLINK_BITS, TRAIN, encode_weights, prefixed, unprefixed
 from shoal.privacy.plans import NoPrivacy, PrivacyPlan
 
 __all__ = [
@@ -101,6 +101,9 @@ class Algorithm:
     # Report the nodes' training loss (RoundResult.train_loss, else NaN): computing it costs
     # every node work at every batch, so it is off unless asked for (and never under DP).
     track_loss: bool = False
+    # Downlink compression of the broadcast weights: 4, 8 or 16 bits per weight (stochastic
+    # rounding, one scale per block), 32 for float32; None sends the server's float64 weights.
+    downlink_bits: int | None = None
     plan: PrivacyPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +112,11 @@ class Algorithm:
                 raise ConfigError(f"{self.name}: {key} must be at least 1")
         if not self.lr > 0 or not self.server_lr > 0:
             raise ConfigError(f"{self.name}: lr and server_lr must be positive")
+        if self.downlink_bits not in DOWNLINK_BITS:
+            raise ConfigError(
+                f"{self.name}: downlink_bits must be one of {DOWNLINK_BITS[1:]} (or None for "
+                f"float64), got {self.downlink_bits!r}"
+            )
         if self.privacy is None:
             plan: PrivacyPlan = NoPrivacy(aggregator=self.aggregator or Mean())
         elif self.aggregator is None:
@@ -153,7 +161,7 @@ class Algorithm:
         track_loss = self.track_loss and "loss" in plan.public and "n" in plan.public
         public = [f for f in plan.public if f != "loss" or track_loss]
         weights = plan.group.broadcast(
-            **prefixed("w", state.weights),
+            **encode_weights(state.weights, self.downlink_bits),
             epochs=self.local_epochs,
             lr=self.lr,
             batch_size=self.batch_size,
@@ -165,8 +173,10 @@ class Algorithm:
             **({"track_loss": True} if track_loss else {}),
         )
         fields = self.released(state)
-        # What the plan lets travel in the clear comes with the receipts: no second trip.
-        out = plan.group.map(TRAIN, weights, send=[*fields, *public] if plan.clear else ())
+        # What the plan lets travel in the clear comes with the receipts: no second trip
+        # (unless the aggregator has the nodes compress their updates first).
+        sent = [*public] if compresses(plan.aggregator) else [*fields, *public]
+        out = plan.group.map(TRAIN, weights, send=sent if plan.clear else ())
         n = out["n"] if plan.weighted else None
         aggregated = out.select(*fields).aggregate(plan.aggregator, weights=n)
         if not isinstance(aggregated, dict):  # a single-array model comes back unnamed

@@ -24,6 +24,9 @@ __all__ = ["RoundReport", "Trainer", "TrainingResult"]
 _STATUS = {"rejected": "error", "invalid": "error"}
 # Metrics some models' evaluate() adds (language models: perplexity), kept in RoundReport.extra.
 _EXTRA_METRICS = ("perplexity",)
+# Bytes on the wire in the round's training (payloads to and from the nodes; the most any one
+# node uploaded is what a slow uplink waits for), recorded with the round's metrics.
+_WIRE_METRICS = ("downlink_bytes", "uplink_bytes", "uplink_bytes_max_node")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,9 +172,21 @@ class Trainer:
     def _round(self, state: ServerState, run_id: str | None) -> tuple[RoundReport, ServerState]:
         started = time.time()
         t0 = time.perf_counter()
+        traffic = getattr(self.federation, "traffic", None)
+        before = traffic.snapshot() if traffic is not None else None
         result = self.algorithm.round(
             self.federation, state, seed=self.seed * 1_000_003 + state.round
         )
+        wire: dict[str, float] = {}
+        if traffic is not None and before is not None:
+            down0, up0, _, up_nodes0 = before
+            down1, up1, _, up_nodes1 = traffic.snapshot()
+            busiest = max((v - up_nodes0.get(k, 0) for k, v in up_nodes1.items()), default=0)
+            wire = {
+                "downlink_bytes": float(down1 - down0),
+                "uplink_bytes": float(up1 - up0),
+                "uplink_bytes_max_node": float(busiest),
+            }
         new_state = result.state
         evaluation = self.evaluate(new_state.weights)
         epsilon = result.epsilon
@@ -191,7 +206,7 @@ class Trainer:
             federated_loss=evaluation.get("federated_loss"),
             epsilon=epsilon,
             delta=result.delta,
-            extra={k: float(evaluation[k]) for k in _EXTRA_METRICS if k in evaluation},
+            extra={**{k: float(evaluation[k]) for k in _EXTRA_METRICS if k in evaluation}, **wire},
             failures=dict(result.failures),
         )
         if self.store is not None and run_id is not None:
@@ -223,5 +238,5 @@ def _report_from(metrics: Mapping[str, Any], round_num: int) -> RoundReport:
     known.setdefault("failed", 0)
     known.setdefault("wall_s", 0.0)
     known["round"] = round_num
-    extra = {k: metrics[k] for k in _EXTRA_METRICS if k in metrics}
+    extra = {k: metrics[k] for k in (*_EXTRA_METRICS, *_WIRE_METRICS) if k in metrics}
     return RoundReport(**known, extra=extra)

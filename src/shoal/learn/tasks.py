@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.errors import ConfigError, DataError
+from shoal.errors import ConfigError, DataError, ShoalError, TaskError
 from shoal.learn.hooks import node_hooks
 from shoal.learn.model import FitConfig, Model, StatefulOptimizer, Weights
 from shoal.privacy import make_rng
@@ -33,9 +33,12 @@ from shoal.privacy.stages import add_node_noise
 from shoal.runtime import NodeApp, TaskContext, TaskSpec
 
 __all__ = [
+    "DOWNLINK_BITS",
     "EVALUATE",
     "TRAIN",
     "LocalData",
+    "decode_weights",
+    "encode_weights",
     "learning_app",
     "learning_tasks",
     "prefixed",
@@ -56,6 +59,55 @@ class LocalData:
 
     train: Any
     test: Any | None = None
+
+
+DOWNLINK_BITS = (None, 4, 8, 16, 32)
+
+
+def encode_weights(weights: Mapping[str, np.ndarray], bits: int | None) -> dict[str, Any]:
+    """The broadcast's weight fields: ``w/<name>`` as they are (``bits=None``), as float32
+    (32), or quantized to 4, 8 or 16 bits (``wq/codes``, ``wq/scales`` and the ``wq/layout``
+    to cut them back; ``shoal.aggregate.compress``'s per-block stochastic rounding)."""
+    if bits is None:
+        return prefixed("w", weights)
+    if bits == 32:
+        return prefixed("w", {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})
+    from shoal.aggregate.compress import compress_vector
+
+    vector = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in weights.values()])
+    coded = compress_vector(vector, [("quantize", float(bits))], seed=0)
+    return {
+        "wq/codes": coded["codes"],
+        "wq/scales": coded["scales"],
+        "wq/bits": bits,
+        "wq/layout": [[k, list(np.shape(v))] for k, v in weights.items()],
+    }
+
+
+def decode_weights(payload: Mapping[str, Any]) -> Weights:
+    """The weights a broadcast carries, whichever way :func:`encode_weights` sent them."""
+    if "wq/codes" not in payload:
+        return unprefixed("w", payload)
+    from shoal.aggregate.compress import decompress_vector
+
+    bits, layout = payload.get("wq/bits"), payload.get("wq/layout")
+    try:
+        if bits not in DOWNLINK_BITS[1:-1] or not isinstance(layout, list):
+            raise ValueError("wq/bits or wq/layout is malformed")
+        shapes = [(str(name), tuple(int(d) for d in shape)) for name, shape in layout]
+        if any(d < 0 for _, shape in shapes for d in shape):
+            raise ValueError("a negative dimension")
+        sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in shapes]
+        coded = {"codes": payload.get("wq/codes"), "scales": payload.get("wq/scales")}
+        vector = decompress_vector(coded, [("quantize", float(bits))], seed=0, length=sum(sizes))
+    except (ValueError, TypeError, ShoalError) as exc:
+        raise TaskError(f"the broadcast's quantized weights do not decode: {exc}") from None
+    out: Weights = {}
+    start = 0
+    for (name, shape), size in zip(shapes, sizes):
+        out[name] = vector[start : start + size].reshape(shape)
+        start += size
+    return out
 
 
 def prefixed(prefix: str, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -150,7 +202,7 @@ def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[st
         train_data, _ = _split(ctx.data)
         if train_data is None or len(train_data) == 0:
             raise DataError(f"node {ctx.node_id} has no training data")
-        weights = unprefixed("w", payload)
+        weights = decode_weights(payload)
         net = instance()
         personal = _personal(net, ctx)
         net.set_weights(weights)
@@ -204,7 +256,9 @@ def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[st
         if personal is not None:
             ctx.state[PERSONAL_STATE] = personal.personal_weights()
         new = net.get_weights()
-        delta = {k: new[k] - weights[k] for k in weights}
+        # In the model's own dtype: a float32 network's update travels as float32, not as
+        # the float64 that subtracting the server's float64 weights would give.
+        delta = {k: (new[k] - weights[k]).astype(new[k].dtype, copy=False) for k in weights}
         out: dict[str, Any] = prefixed("d", delta)
         out.update(n=result.examples, steps=result.steps)
         if result.loss == result.loss:  # NaN when nobody asked for it (FitConfig.track_loss)

@@ -8,14 +8,15 @@ of the survivors. Nodes that drop out in any phase are excluded, up to the toler
 
 from __future__ import annotations
 
-from collections import Counter
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from shoal.aggregate import Clip, NodeTransform, Reduced, Reducer, rules
+from shoal.aggregate import Clip, NodeTransform, Reduced, Reducer, held_layout, rules
+from shoal.aggregate.compress import rotate, unrotate
 from shoal.core import NodeValues
 from shoal.core.reduce import clip_rows
 from shoal.crypto.secagg.messages import (
@@ -81,7 +82,7 @@ def _effective_noise(transforms: Sequence[tuple[str, float]]) -> tuple[float | N
         if kind == "clip_l2":
             clip = value if clip is None else min(clip, value)
             variance = 0.0
-        else:
+        elif kind == "noise_std":
             variance += value * value
     return clip, float(np.sqrt(variance))
 
@@ -91,8 +92,21 @@ def _clip(vector: np.ndarray, norm_bound: float) -> np.ndarray:
     return clipped[0]
 
 
+def _rotate(vector: np.ndarray, seed: float) -> np.ndarray:
+    return rotate(vector, int(seed))  # norm-preserving: a clip before it still bounds it
+
+
+def _grid_only(vector: np.ndarray, bits: float) -> np.ndarray:
+    return vector  # Quantize(bits) sets the secure sum's grid; the masked input task rounds
+
+
 # What a node applies before masking, by the key of the stage's spec().
-NODE_TRANSFORMS = {"clip_l2": _clip, "noise_std": add_node_noise}
+NODE_TRANSFORMS = {
+    "clip_l2": _clip,
+    "noise_std": add_node_noise,
+    "rotate": _rotate,
+    "quantize": _grid_only,
+}
 
 
 def secure_sum_tasks() -> dict[str, Any]:
@@ -129,24 +143,32 @@ class SecureSum(Reducer):
         self, values: NodeValues, weights: NodeValues | None, pre: Sequence[NodeTransform]
     ) -> Reduced:
         clip_l2 = _clip_norm(pre)
-        transforms = [stage.spec() for stage in pre]
+        # A fresh public rotation per sum (seeds below 2**52 survive the JSON float).
+        seed = secrets.randbits(52)
+        transforms = [
+            {"rotate": seed} if "rotate" in stage.spec() else stage.spec() for stage in pre
+        ]
+        rotated = any("rotate" in t for t in transforms)
+        grid = [int(t["quantize"]) for t in transforms if "quantize" in t]
         value_range = self.value_range if self.value_range is not None else clip_l2
         if value_range is None:
             raise ConfigError(
                 "SecureSum needs a value range to quantize: put Clip(c) before it or pass "
                 "SecureSum(value_range=...)"
             )
-        layout, holders, excluded = _layout(values)
+        layout, holders, excluded = held_layout(values)
         federation = values.federation
         needed = max(federation.min_nodes, 1)
         if len(holders) < needed:
             raise AggregationError(f"only {len(holders)} node(s) hold a value for a secure sum")
-        vector_length = sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout)
+        length = sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout)
+        vector_length = len(rotate(np.zeros(length), 0)) if rotated else length
+        bits = _modulus_bits(grid[0], len(holders)) if grid else self.bits
         params = SecAggParams.create(
             holders,
             vector_length=vector_length,
             dropout_fraction=self.dropout_fraction,
-            bits=self.bits,
+            bits=bits,
             max_failure_probability=self.max_failure_probability,
             degree=None if self.degree is None else min(self.degree, len(holders) - 1),
         )
@@ -200,8 +222,10 @@ class SecureSum(Reducer):
             )
         for node, reason in server.rejected.items():
             excluded.setdefault(node, f"secure sum: {reason}")
-        quantizer = quantizer_for(float(value_range), nodes=len(params.nodes), bits=self.bits)
+        quantizer = quantizer_for(float(value_range), nodes=len(params.nodes), bits=bits)
         vector = quantizer.dequantize_sum(total, count=len(survivors))
+        if rotated:
+            vector = unrotate(vector, seed, length)
         return Reduced(
             vector=np.asarray(vector, dtype=np.float64),
             count=len(survivors),
@@ -213,10 +237,23 @@ class SecureSum(Reducer):
         )
 
 
+def _modulus_bits(grid_bits: int, nodes: int) -> int:
+    """The fewest bits whose modulus sums ``nodes`` inputs of ``2**grid_bits - 1`` levels."""
+    need = (2**grid_bits - 1) * nodes
+    return max(need.bit_length(), 1)
+
+
 def _clip_norm(pre: Sequence[NodeTransform]) -> float | None:
     """The tightest clip bound in the chain; every stage must be one nodes can apply."""
     norm: float | None = None
     for stage in pre:
+        if stage.compresses and "topk" in stage.spec():
+            raise ConfigError(
+                "TopK cannot run inside a secure sum: each node would keep different "
+                "coordinates, and masking needs the same vector positions at every node (so "
+                "the masked vector would be full length anyway). Under SecureSum compress "
+                "with RandomRotation() and Quantize(bits)"
+            )
         try:
             keys = set(stage.spec())
         except NotImplementedError:
@@ -229,42 +266,3 @@ def _clip_norm(pre: Sequence[NodeTransform]) -> float | None:
         if isinstance(stage, Clip):
             norm = stage.l2 if norm is None else min(norm, stage.l2)
     return norm
-
-
-def _layout(
-    values: NodeValues,
-) -> tuple[tuple[tuple[str, tuple[int, ...], str], ...], list[str], dict[str, str]]:
-    """The fields' shapes (the majority's) and the nodes whose value matches them."""
-
-    def is_array(node: str, field: str) -> bool:
-        try:
-            return values.spec(node, field).dtype != "json"
-        except KeyError:
-            return False
-
-    arrays = [f for f in values.field_names if any(is_array(n, f) for n in values.node_ids)]
-    fields = arrays or list(values.field_names)
-    signatures: dict[str, tuple[tuple[str, tuple[int, ...], str], ...]] = {}
-    excluded: dict[str, str] = {}
-    for node in values.node_ids:
-        try:
-            specs = [values.spec(node, f) for f in fields]
-        except KeyError:
-            excluded[node] = f"its value lacks one of the fields {fields}"
-            continue
-        if any(s.dtype == "json" or np.dtype(s.dtype).kind not in "biuf" for s in specs):
-            excluded[node] = "its value is not a real-valued array"
-            continue
-        signatures[node] = tuple(
-            (f, tuple(s.shape), s.dtype) for f, s in zip(fields, specs, strict=True)
-        )
-    if not signatures:
-        raise AggregationError(f"no node holds real-valued arrays for {fields}")
-    majority = Counter(signatures.values()).most_common(1)[0][0]
-    holders = []
-    for node, signature in signatures.items():
-        if signature == majority:
-            holders.append(node)
-        else:
-            excluded[node] = "its value's shape or dtype differs from the other nodes'"
-    return majority, holders, excluded

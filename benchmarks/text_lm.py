@@ -1,0 +1,289 @@
+"""Shakespeare by speaking role: a character LSTM, federated against centralized, and
+compression for slow links.
+
+Data: tinyshakespeare split LEAF-style (shoal.data.load_play: one node per role with at least
+2 lines, 268 roles; each role's first 80% of characters train, the rest test). Every round
+samples ``--nodes-per-round`` roles; each trains ``--steps`` minibatches of 32 (one pass over
+its data if that is less). Evaluation after every round on ``--eval`` test windows drawn once
+at random from all roles' test windows (a fixed subsample: the full 205,355 would cost more
+than the training on this machine).
+
+Part 1 (training): FedAvg and FedAdam against centralized training of the same model on the
+pooled training windows of the same split, given the same number of minibatches per round as
+the whole federation computes (``nodes_per_round * steps``), with accuracy, perplexity and
+wall time per round. Part 2 (compression): FedAvg with the nodes' updates compressed by
+``shoal.aggregate`` stages (8-bit, 4-bit, top-1% with error feedback, 8-bit under SecureSum),
+uplink bytes per round as counted on the wire (``Federation.traffic``) against accuracy after
+the same rounds. Part 3 (clock): time to a target accuracy with a 1 Mbit/s uplink, computed
+as each round's compute wall time plus the slowest node's upload at that rate (shoal's
+LocalEngine has no per-node bandwidth yet, so the clock is computed from the counted bytes).
+
+    python benchmarks/text_lm.py --rounds 40 --json results/text_lm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shoal.aggregate import Clip, Mean, Quantize, RandomRotation, TopK
+from shoal.crypto import SecureSum
+from shoal.data import Dataset, load_play
+from shoal.learn import FedAdam, FedAvg, FitConfig, simulate
+from shoal.learn.registry import build_model
+
+CORPUS = "tinyshakespeare.txt"
+
+
+def find_corpus(given: str | None) -> Path | None:
+    if given:
+        return Path(given)
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "data" / CORPUS
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def history(result: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "round": r.round,
+            "accuracy": r.accuracy,
+            "perplexity": r.extra.get("perplexity"),
+            "wall_s": r.wall_s,
+            "uplink_bytes": r.extra.get("uplink_bytes"),
+            "uplink_bytes_max_node": r.extra.get("uplink_bytes_max_node"),
+            "downlink_bytes": r.extra.get("downlink_bytes"),
+        }
+        for r in result.history
+    ]
+
+
+def centralized(
+    model: Any, train: Dataset, test: Dataset, *, rounds: int, steps: int, lr: float, seed: int
+) -> list[dict[str, Any]]:
+    """Plain SGD on the pooled windows, ``steps`` minibatches per 'round', evaluated alike."""
+    net = model.clone()
+    net.set_weights(model.get_weights())
+    rng = np.random.default_rng(seed)
+    out = []
+    config = FitConfig(epochs=1, batch_size=32, lr=lr, max_steps=steps)
+    for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        # A fresh random slice of the pool each round: the same minibatches a full shuffle
+        # gives, without copying 821k windows into a tensor every round.
+        rows = rng.choice(len(train), size=steps * 32, replace=False)
+        net.fit(train.subset(rows), config=config, rng=rng)
+        wall = time.perf_counter() - t0
+        metrics = net.evaluate(test)
+        out.append(
+            {
+                "round": r,
+                "accuracy": metrics["accuracy"],
+                "perplexity": metrics["perplexity"],
+                "wall_s": wall,
+            }
+        )
+    return out
+
+
+def time_to(rows: list[dict[str, Any]], target: float, uplink_bps: float) -> float | None:
+    """Virtual seconds until accuracy >= target: compute wall + slowest upload, per round."""
+    clock = 0.0
+    for row in rows:
+        upload = 8.0 * (row.get("uplink_bytes_max_node") or 0.0) / uplink_bps
+        clock += row["wall_s"] + upload
+        if row["accuracy"] >= target:
+            return clock
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", help=f"path of {CORPUS} (default: ../shared/data)")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--nodes-per-round", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="local minibatches per round")
+    parser.add_argument("--seq-len", type=int, default=80)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--server-lr", type=float, default=0.03, help="FedAdam's")
+    parser.add_argument("--eval", type=int, default=4000, help="test windows evaluated")
+    parser.add_argument("--clip", type=float, default=5.0, help="L2 clip under SecureSum")
+    parser.add_argument("--uplink-mbps", type=float, default=1.0)
+    parser.add_argument("--parts", nargs="+", default=["training", "compression"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    path = find_corpus(args.corpus)
+    if path is None or not path.is_file():
+        print(f"{CORPUS} not found; pass --corpus PATH", file=sys.stderr)
+        return 2
+    corpus = load_play(path, seq_len=args.seq_len)
+    train, full_test = corpus.pooled()
+    pick = np.sort(np.random.default_rng(args.seed).choice(len(full_test), args.eval, False))
+    test = full_test.subset(pick)
+    nodes = list(corpus.train.values())
+    model = build_model(
+        "char_lstm",
+        features=args.seq_len,
+        classes=len(corpus.vocab),
+        hidden=args.hidden,
+        layers=args.layers,
+        seed=args.seed,
+    )
+    params = sum(v.size for v in model.get_weights().values())
+    print(
+        f"{len(nodes)} roles, {len(train)} training windows, {args.eval} of {len(full_test)} "
+        f"test windows; char LSTM embedding 8, {args.layers}x{args.hidden} ({params} "
+        f"parameters), {args.rounds} rounds of {args.nodes_per_round} roles x {args.steps} "
+        "steps of 32"
+    )
+    common = {
+        "rounds": args.rounds,
+        "nodes_per_round": args.nodes_per_round,
+        "max_steps": args.steps,
+        "batch_size": 32,
+        "lr": args.lr,
+    }
+
+    def run(name: str, **options: Any) -> list[dict[str, Any]]:
+        algorithm = options.pop("algorithm", FedAvg)
+        t0 = time.perf_counter()
+        result = simulate(
+            model=model,
+            nodes=nodes,
+            algorithm=algorithm(**common, **options),
+            test=test,
+            seed=args.seed,
+        )
+        rows = history(result)
+        last = rows[-1]
+        print(
+            f"  {name:<28} acc {last['accuracy']:.4f}  ppl {last['perplexity']:.3f}  "
+            f"uplink {last['uplink_bytes'] / 1e3:9.1f} kB/round  "
+            f"{(time.perf_counter() - t0) / args.rounds:.2f} s/round",
+            flush=True,
+        )
+        return rows
+
+    results: dict[str, Any] = {
+        "config": {**vars(args), "corpus": str(path), "roles": len(nodes), "parameters": params},
+        "runs": {},
+    }
+    runs = results["runs"]
+    if "training" in args.parts or "compression" in args.parts:
+        print("federated and centralized:")
+        runs["fedavg"] = run("fedavg")
+    if "training" in args.parts:
+        runs["fedadam"] = run("fedadam", algorithm=FedAdam, server_lr=args.server_lr)
+        t0 = time.perf_counter()
+        runs["centralized"] = centralized(
+            model,
+            train,
+            test,
+            rounds=args.rounds,
+            steps=args.nodes_per_round * args.steps,
+            lr=args.lr,
+            seed=args.seed,
+        )
+        last = runs["centralized"][-1]
+        print(
+            f"  {'centralized':<28} acc {last['accuracy']:.4f}  ppl {last['perplexity']:.3f}  "
+            f"{(time.perf_counter() - t0) / args.rounds:.2f} s/round"
+        )
+    if "compression" in args.parts:
+        print("compression (FedAvg):")
+        sizes = math.sqrt(params)
+        chains = {
+            "8-bit": Quantize(8) | Mean(),
+            "4-bit": Quantize(4) | Mean(),
+            "rotation + 4-bit": RandomRotation() | Quantize(4) | Mean(),
+            "top-1% + error feedback": TopK(0.01) | Mean(),
+            "top-1% + EF + 8-bit": TopK(0.01) | Quantize(8) | Mean(),
+            "SecureSum 32-bit": Clip(args.clip) | SecureSum() | Mean(),
+            # Rotated coordinates of a clipped update lie within a few C/sqrt(d).
+            "SecureSum rotation + 8-bit": Clip(args.clip)
+            | RandomRotation()
+            | Quantize(8)
+            | SecureSum(value_range=4.0 * args.clip / sizes)
+            | Mean(),
+        }
+        for name, chain in chains.items():
+            runs[name] = run(name, aggregator=chain)
+
+    summary = summarize(runs, args)
+    results["summary"] = summary
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any]:
+    base = runs.get("fedavg")
+    summary: dict[str, Any] = {}
+    if "centralized" in runs:
+        central = runs["centralized"][-1]
+        print(f"\nafter {args.rounds} rounds: {'run':<28} {'accuracy':>9} {'perplexity':>11}")
+        for name in ("fedavg", "fedadam", "centralized"):
+            last = runs[name][-1]
+            gap = last["perplexity"] / central["perplexity"] - 1
+            mean_wall = float(np.median([r["wall_s"] for r in runs[name]]))
+            summary[name] = {
+                "accuracy": last["accuracy"],
+                "perplexity": last["perplexity"],
+                "perplexity_vs_centralized": gap,
+                "median_wall_s_per_round": mean_wall,
+            }
+            print(
+                f"{'':<21}{name:<28} {last['accuracy']:>9.4f} {last['perplexity']:>11.3f} "
+                f"({gap:+.1%} vs centralized; median {mean_wall:.2f} s/round)"
+            )
+    if base is not None and len(runs) > 1:
+        target = 0.95 * base[-1]["accuracy"]
+        bps = args.uplink_mbps * 1e6
+        print(
+            f"\n{'compression':<28} {'uplink/round':>13} {'vs none':>8} {'accuracy':>9} "
+            f"{'lost (pts)':>10} {'time to ' + format(target, '.3f'):>15}"
+        )
+        for name, rows in runs.items():
+            if name in ("fedadam", "centralized"):
+                continue
+            up = float(np.median([r["uplink_bytes"] for r in rows]))
+            ratio = float(np.median([r["uplink_bytes"] for r in base])) / up
+            lost = 100 * (base[-1]["accuracy"] - rows[-1]["accuracy"])
+            clock = time_to(rows, target, bps)
+            summary.setdefault("compression", {})[name if name != "fedavg" else "none"] = {
+                "uplink_bytes_per_round": up,
+                "fewer_bytes_than_none": ratio,
+                "accuracy": rows[-1]["accuracy"],
+                "points_lost": lost,
+                "virtual_s_to_target": clock,
+            }
+            print(
+                f"{(name if name != 'fedavg' else 'none'):<28} {up / 1e3:>10.1f} kB "
+                f"{ratio:>7.1f}x {rows[-1]['accuracy']:>9.4f} {lost:>10.2f} "
+                f"{(f'{clock:.0f} s' if clock is not None else 'not reached'):>15}"
+            )
+        summary["target_accuracy"] = target
+        summary["uplink_mbps"] = args.uplink_mbps
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
