@@ -63,6 +63,9 @@ def test_nodes_default_to_every_role_with_two_lines(play: Path) -> None:
     assert train.x.shape[1] == 8 and model.get_weights()["embed.weight"].shape[0] == train.classes
     result = simulate_job(spec)
     assert len(result.history) == 2 and result.metrics["perplexity"] > 1
+    # Bytes on the wire: two float32 updates of the model's weights (plus receipts).
+    weights = sum(v.size for v in model.get_weights().values())
+    assert 2 * 4 * weights < result.history[-1].extra["uplink_bytes"] < 2 * 4 * weights + 4096
 
 
 def test_word_model_reads_words(play: Path) -> None:

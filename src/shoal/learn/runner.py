@@ -26,7 +26,7 @@ _STATUS = {"rejected": "error", "invalid": "error"}
 _EXTRA_METRICS = ("perplexity",)
 # Bytes on the wire in the round's training (payloads to and from the nodes; the most any one
 # node uploaded is what a slow uplink waits for), recorded with the round's metrics.
-_WIRE_METRICS = ("downlink_bytes", "uplink_bytes", "uplink_bytes_max_node")
+_WIRE_METRICS = ("downlink_bytes", "uplink_bytes", "uplink_bytes_max_node", "virtual_s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +187,9 @@ class Trainer:
                 "uplink_bytes": float(up1 - up0),
                 "uplink_bytes_max_node": float(busiest),
             }
+        engine = getattr(self.federation, "engine", None)
+        if getattr(engine, "devices", None) is not None:  # simulated links and device speeds
+            wire["virtual_s"] = float(engine.clock.now)  # type: ignore[union-attr]
         new_state = result.state
         evaluation = self.evaluate(new_state.weights)
         epsilon = result.epsilon

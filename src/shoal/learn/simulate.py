@@ -12,7 +12,7 @@ from shoal.learn.algorithms import Algorithm
 from shoal.learn.model import Model
 from shoal.learn.runner import RoundReport, Trainer, TrainingResult
 from shoal.learn.tasks import TRAIN, LocalData, learning_app
-from shoal.runtime import Faults, LocalEngine, NodeApp
+from shoal.runtime import Devices, Faults, LocalEngine, NodeApp
 from shoal.runtime.store import Store
 
 __all__ = ["simulate"]
@@ -30,6 +30,7 @@ def simulate(
     min_nodes: int = 1,
     deadline_s: float = 600.0,
     faults: Faults | None = None,
+    devices: Devices | None = None,
     workers: int = 1,
     app: NodeApp | None = None,
     store: Store | None = None,
@@ -42,7 +43,9 @@ def simulate(
     """Train ``model`` with ``algorithm`` across ``nodes`` (one data set per node).
 
     ``holdout`` keeps that fraction of each node's data for federated evaluation (every
-    ``federated_eval_every`` rounds); ``test`` is the server's own test set.
+    ``federated_eval_every`` rounds); ``test`` is the server's own test set. ``devices``
+    gives the nodes compute speeds and link bandwidths on the engine's virtual clock, whose
+    time after each round is recorded as ``virtual_s``.
     """
     if len(nodes) == 0:
         raise ConfigError("simulate needs at least one node's data")
@@ -54,7 +57,9 @@ def simulate(
     if app is None or TRAIN not in app.task_names:  # an app may bring its own train task
         app = learning_app(model, app=app, plan=algorithm.plan)  # policies from the plan
     app.install(algorithm.node_tasks())  # e.g. the secure sum's protocol tasks
-    engine = LocalEngine(app, data=node_data, seed=seed, faults=faults, workers=workers)
+    engine = LocalEngine(
+        app, data=node_data, seed=seed, faults=faults, workers=workers, devices=devices
+    )
     federation = Federation(engine, min_nodes=min_nodes, deadline_s=deadline_s, seed=seed)
     trainer = Trainer(
         federation=federation,
