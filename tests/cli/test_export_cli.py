@@ -175,3 +175,97 @@ def test_a_text_run_exports_its_vocabulary_and_checks_it_on_load(
     swapped = [vocab[0], vocab[1], vocab[3], vocab[2], *vocab[4:]]
     with pytest.raises(VocabularyMismatch, match="token 2 is"):
         load_pretrained(str(tmp_path / "hub"), vocab=swapped)
+    # A job that fine-tunes it on a play with other characters is refused before training.
+    (tmp_path / "other.txt").write_text(PLAY.replace("speak", "SPEAK!?").replace("s", "zq"))
+    tune = tmp_path / "tune.toml"
+    tune.write_text(
+        job.read_text().replace("play.txt", "other.txt") + '[transfer]\npretrained = "hub"\n'
+    )
+    assert main(["run", str(tune), "--store", str(store), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the pretrained model has a vocabulary of {len(vocab)} tokens" in err
+    assert "but the data's has" in err
+
+
+def test_a_job_fine_tunes_an_exported_model_with_a_frozen_backbone(
+    tmp_path: Path, capsys: Any
+) -> None:
+    pytest.importorskip("onnxruntime")
+    store, run_id = run_job(tmp_path, capsys)
+    code, _ = export(
+        capsys, run_id, "--store", str(store), "--format", "hub", "--out", str(tmp_path / "base")
+    )
+    assert code == 0
+    job = tmp_path / "tune.toml"
+    job.write_text(
+        JOB.format(model="mlp", options="hidden = 8", extra="")
+        + '[transfer]\npretrained = "base"\nfreeze = ["1.*"]\n'
+    )
+    out = tmp_path / "tune.json"
+    assert main(["run", str(job), "--store", str(store), "--quiet", "--json", str(out)]) == 0
+    tuned = json.loads(out.read_text())["run_id"]
+    capsys.readouterr()
+    with Store(store) as s:
+        arrays = s.load_checkpoint(tuned).arrays
+        base = s.load_checkpoint(run_id).arrays
+    assert sorted(arrays) == ["weights/3.bias", "weights/3.weight"]  # only the head travelled
+    code, hub = export(
+        capsys,
+        tuned,
+        "--store",
+        str(store),
+        "--data-dir",
+        str(tmp_path),
+        "--format",
+        "hub",
+        "--out",
+        str(tmp_path / "tuned"),
+    )
+    assert code == 0, hub
+    from shoal.learn.torch import load_pretrained
+
+    weights = load_pretrained(str(tmp_path / "tuned")).get_weights()
+    np.testing.assert_allclose(weights["1.weight"], base["weights/1.weight"], rtol=1e-6)
+    np.testing.assert_allclose(weights["3.weight"], arrays["weights/3.weight"], rtol=1e-6)
+    card = (tmp_path / "tuned" / "README.md").read_text()
+    assert 'pretrained: "base"' in card and 'freeze: ["1.*"]' in card
+
+
+def test_transfer_jobs_refuse_what_cannot_work(tmp_path: Path, capsys: Any) -> None:
+    cases = [
+        ("softmax_regression", "", '[transfer]\nfreeze = ["W"]\n', "needs a PyTorch model"),
+        ("mlp", "hidden = 8", '[transfer]\nfrozen = ["1.*"]\n', "unknown key(s) ['frozen']"),
+        ("mlp", "hidden = 8", '[transfer]\nfreeze = "1.*"\n', "list of name patterns"),
+        ("mlp", "hidden = 8", '[transfer]\npretrained = "missing.pt"\n', "do not exist"),
+        ("mlp", "hidden = 8", '[transfer]\nfreeze = ["head.*"]\n', "matches no weight"),
+    ]
+    for model, options, extra, message in cases:
+        job = tmp_path / "bad.toml"
+        job.write_text(JOB.format(model=model, options=options, extra="") + extra)
+        assert main(["run", str(job), "--store", str(tmp_path / "s.db"), "--quiet"]) == 2
+        assert message in capsys.readouterr().err, message
+
+
+def test_a_personalized_run_is_not_exported_from_the_server(tmp_path: Path, capsys: Any) -> None:
+    extra = '[transfer]\npersonal = ["3.*"]\n'
+    store = tmp_path / "s.db"
+    job = tmp_path / "p.toml"
+    job.write_text(JOB.format(model="mlp", options="hidden = 8", extra="") + extra)
+    out = tmp_path / "p.json"
+    assert main(["run", str(job), "--store", str(store), "--quiet", "--json", str(out)]) == 0
+    personal = json.loads(out.read_text())["run_id"]
+    capsys.readouterr()
+    code, err = export(
+        capsys,
+        personal,
+        "--store",
+        str(store),
+        "--data-dir",
+        str(tmp_path),
+        "--format",
+        "onnx",
+        "--out",
+        str(tmp_path / "p.onnx"),
+    )
+    assert code == 2 and "personal layers that stay at each node" in str(err)
+    assert not (tmp_path / "p.onnx").exists()

@@ -196,6 +196,7 @@ def _hub(
         rounds_completed=round_num,
         final=final,
         history=[r.metrics for r in rounds],
+        transfer=job.transfer.to_dict() if job.transfer is not None else None,
     )
     options = {k: v for k, v in job.model.items() if k != "name"}
     extra: dict[str, Any] = {}

@@ -60,6 +60,7 @@ from shoal.learn import (
     simulate,
 )
 from shoal.learn.registry import MODELS, OPTIONAL_MODELS, build_model, model_names
+from shoal.learn.transfer.spec import TransferSpec
 from shoal.privacy.guard import budget_guard
 from shoal.privacy.plans import ExampleDP, NodeDP
 from shoal.runtime import Faults, NodeApp, Store
@@ -151,6 +152,8 @@ _SCHEMAS: dict[str, Schema] = {
         "quantize_bits": (int, None),
     },
 }
+# Models that are not PyTorch modules: nothing to load a state dict into or freeze.
+MODELS_WITHOUT_TRANSFER = ("softmax_regression", "sklearn_sgd", "sklearn_logistic", "sklearn_mlp")
 _TABLES = (
     "job",
     "data",
@@ -161,6 +164,7 @@ _TABLES = (
     "faults",
     "privacy",
     "attack",
+    "transfer",
 )
 
 
@@ -336,6 +340,7 @@ class JobSpec:
     attack: Mapping[str, Any] | None
     raw: Mapping[str, Any] = field(repr=False)
     base_dir: Path = Path(".")
+    transfer: TransferSpec | None = None  # [transfer]: pretrained weights, frozen/personal parts
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -426,7 +431,14 @@ class JobSpec:
             features = features or int(train.x.reshape(len(train.x), -1).shape[1])
             classes = classes or int(train.classes or 2)
         options = {k: v for k, v in self.model.items() if k != "name"}
-        return build_model(self.model["name"], features=features, classes=classes, **options)
+        model = build_model(self.model["name"], features=features, classes=classes, **options)
+        if self.transfer is None:
+            return model
+        from shoal.learn.transfer import apply_transfer
+
+        text = self.data["dataset"] in TEXT_DATASETS
+        vocab = self.text_corpus().vocab if text else None
+        return apply_transfer(model, self.transfer, vocab=vocab)
 
     def build_aggregator(self) -> Stage:
         spec = self.aggregate
@@ -924,6 +936,16 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
             raise ConfigError("[attack] fraction must be a number in [0, 1)")
         _choice(str(attack["name"]), sorted(ATTACKS), "[attack] name")
         _check_fields("attack", ATTACKS[attack["name"]], attack, skip={"name", "fraction"})
+    transfer = None
+    if "transfer" in raw:
+        if not isinstance(raw["transfer"], Mapping):
+            raise ConfigError("[transfer] must be a table (pretrained = ..., freeze = [...])")
+        if model["name"] in TREE_MODELS or model["name"] in MODELS_WITHOUT_TRANSFER:
+            raise ConfigError(
+                f"[transfer] needs a PyTorch model (mlp, cnn, char_lstm, ...), not "
+                f"{model['name']!r}"
+            )
+        transfer = TransferSpec.from_mapping(raw["transfer"], base_dir=base_dir)
     spec = JobSpec(
         name=job["name"],
         seed=job["seed"],
@@ -938,6 +960,7 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
         attack=attack,
         raw=dict(raw),
         base_dir=base_dir,
+        transfer=transfer,
     )
     if model["name"] in TREE_MODELS:
         try:

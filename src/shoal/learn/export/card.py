@@ -34,6 +34,7 @@ class TrainingRecord:
     rounds_completed: int
     final: Mapping[str, Any] = field(default_factory=dict)  # the last round's metrics
     history: Sequence[Mapping[str, Any]] = ()
+    transfer: Mapping[str, Any] | None = None  # [transfer]: where the weights started
 
 
 def _finite(value: Any) -> Any:
@@ -94,6 +95,7 @@ def card_metadata(record: TrainingRecord) -> dict[str, Any]:
                 "noise_multiplier": privacy.get("noise_multiplier") if dp else None,
                 "clip": privacy.get("clip") if dp else None,
             },
+            "transfer": dict(record.transfer or {}),
             "metrics": metrics,
         },
     }
@@ -152,6 +154,15 @@ def render_card(record: TrainingRecord, *, title: str, files: Mapping[str, int])
         "| secure aggregation | "
         + (f"yes: {secure['protocol']}" if secure["enabled"] else "no")
         + " |",
+        *(
+            [
+                f"| transfer | from `{record.transfer.get('pretrained', 'scratch')}`; "
+                + ", ".join(f"{k} {v}" for k, v in record.transfer.items() if k != "pretrained")
+                + " |"
+            ]
+            if record.transfer
+            else []
+        ),
         "| differential privacy | "
         + (
             f"{dp['level']}-level, epsilon {dp['epsilon_spent']} spent "

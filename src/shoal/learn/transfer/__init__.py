@@ -18,14 +18,17 @@ from shoal.learn.transfer.pretrained import (
     read_weights,
     weights_file,
 )
+from shoal.learn.transfer.spec import TransferSpec, apply_transfer
 
 __all__ = [
     "LORA_PATTERNS",
     "LoRALinear",
     "PartialModel",
     "PretrainedFactory",
+    "TransferSpec",
     "VocabularyMismatch",
     "add_lora",
+    "apply_transfer",
     "check_vocabulary",
     "load_into",
     "merge_lora",

@@ -226,14 +226,15 @@ class PretrainedFactory:
     """
 
     build: Callable[[], Any]
-    weights: Mapping[str, np.ndarray] = field(repr=False)
+    weights: Mapping[str, np.ndarray] | None = field(repr=False)  # None: nothing to load
     skip: tuple[str, ...] = ()
     prefix: str = ""
     then: Callable[[Any], Any] | None = None  # changes the module in place: add LoRA adapters
 
     def __call__(self) -> Any:
         module = self.build()
-        load_into(module, self.weights, skip=self.skip, prefix=self.prefix)
+        if self.weights is not None:
+            load_into(module, self.weights, skip=self.skip, prefix=self.prefix)
         if self.then is not None:
             self.then(module)
         return module
