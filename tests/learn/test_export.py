@@ -13,6 +13,7 @@ import pickle
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,15 @@ def lstm_model() -> TorchModel:
     model = TorchModel(CharLSTM, seed=3)
     model.token_inputs = True  # what shoal.learn.text_models sets for token-id inputs
     return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny batches run fastest on one intra-op thread, above all on a shared machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,15 @@ from shoal.runtime import TaskContext  # noqa: E402
 pytestmark = pytest.mark.torch
 
 FACTORY = functools.partial(mlp_module, 64, 10, 16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny batches run fastest on one intra-op thread, above all on a shared machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +239,7 @@ def test_personal_layers_stay_at_each_node_and_never_leave(
     model = PartialModel(TorchModel(FACTORY), personal=("3.*",), mode=mode)  # type: ignore[arg-type]
     task = learning_tasks(model)[TRAIN]
     shared = model.get_weights()
-    payload = {**{f"w/{k}": v for k, v in shared.items()}, "epochs": 2, "seed": 0}
+    payload = {**{f"w/{k}": v for k, v in shared.items()}, "max_steps": 8, "seed": 0}
     states: list[dict[str, Any]] = [{}, {}]
     for node, data, state in zip(("a", "b"), nodes, states):
         out = task(_ctx(node, data, state), dict(payload))
@@ -286,3 +296,15 @@ def test_dp_sgd_trains_and_noises_only_what_is_not_frozen(digits: tuple[Dataset,
     rep = PartialModel(TorchModel(FACTORY), personal=("3.*",), mode="fedrep")
     with pytest.raises(ConfigError, match="fedrep' does not combine with DP-SGD"):
         rep.fit(digits[0], config=FitConfig(dp=dp), rng=np.random.default_rng(0))
+
+
+def test_a_node_keeps_adam_state_for_what_it_trains(digits: tuple[Dataset, Dataset]) -> None:
+    model = PartialModel(TorchModel(FACTORY, optimizer="adam"), shared=("3.*",))
+    model.fit(digits[0], config=FitConfig(max_steps=3), rng=np.random.default_rng(0))
+    state = model.optimizer_state()
+    assert sorted(k.split("/")[1] for k in state if k.startswith("exp_avg/")) == [
+        "3.bias",
+        "3.weight",
+    ]
+    model.load_optimizer_state(state)  # resumed by the next fit without complaint
+    model.fit(digits[0], config=FitConfig(max_steps=1), rng=np.random.default_rng(1))

@@ -153,6 +153,16 @@ class PartialModel:
         if chosen:
             self._load(chosen)
 
+    def optimizer_state(self) -> Weights:
+        """The wrapped model's optimizer state (momentum, Adam moments), if it keeps one."""
+        state = getattr(self.model, "optimizer_state", None)
+        return dict(state()) if callable(state) else {}
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray] | None) -> None:
+        load = getattr(self.model, "load_optimizer_state", None)
+        if callable(load):
+            load(state)
+
     # ------------------------------------------------------------------ training
 
     def fit(self, data: Any, *, config: FitConfig, rng: np.random.Generator) -> FitResult:
