@@ -367,3 +367,48 @@ def test_int8_moves_each_weight_by_at_most_half_its_rows_step(matrix: np.ndarray
     back = dequantize(stored)["w"]
     step = np.abs(matrix).max(axis=1, keepdims=True).astype(np.float64) / 127
     assert (np.abs(back.astype(np.float64) - matrix) <= step / 2 * (1 + 1e-5) + 1e-30).all()
+
+
+def test_a_module_onnx_cannot_express_is_a_clear_error_and_leaves_no_file(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+
+    class Spectrum(nn.Module):
+        def forward(self, x: Any) -> Any:
+            return torch.linalg.svd(x)[1]  # no ONNX operator for an SVD
+
+    path = tmp_path / "u.onnx"
+    with pytest.raises(ConfigError, match=r"torch.onnx could not export Spectrum.*linalg_svd"):
+        export_onnx(TorchModel(Spectrum), path, sample=np.zeros((2, 3), np.float32))
+    assert not path.exists()
+
+
+def test_an_export_that_traced_wrong_fails_its_check(tmp_path: Path) -> None:
+    """Tracing turns a forward that leaves torch into a constant; the check catches it."""
+    pytest.importorskip("onnxruntime")
+
+    class LeavesTorch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Linear(3, 3)
+
+        def forward(self, x: Any) -> Any:
+            return self.scale(torch.tensor(np.asarray(x.detach()) ** 2))
+
+    model = TorchModel(LeavesTorch)
+    path = tmp_path / "w.onnx"
+    export_onnx(model, path, sample=np.zeros((2, 3), np.float32))
+    x = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    with pytest.raises(ConfigError, match="does not run under onnxruntime"):
+        check_onnx(path, model, x)
+
+
+def test_the_check_fails_a_file_that_is_not_the_model(
+    tmp_path: Path, digits: tuple[Dataset, Dataset]
+) -> None:
+    pytest.importorskip("onnxruntime")
+    model = trained("mlp", digits)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, sample=digits[1].x[:4])
+    model.set_weights({k: v * 1.01 for k, v in model.get_weights().items()})  # a later round
+    check = check_onnx(path, model, digits[1].x[:200])
+    assert not check.ok and check.max_prob_diff > 1e-5

@@ -131,7 +131,11 @@ def _onnx(model: Any, out: str, x: Any) -> dict[str, Any]:
     from shoal.learn.export import check_onnx, export_onnx
 
     export_onnx(model, out, sample=x)
-    check = check_onnx(out, model, x)
+    try:
+        check = check_onnx(out, model, x)
+    except BaseException:
+        os.unlink(out)  # an unchecked file is not an export
+        raise
     if not check.ok:
         os.unlink(out)
         raise ConfigError(

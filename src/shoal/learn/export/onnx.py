@@ -73,20 +73,27 @@ def export_onnx(model: Model, path: str | os.PathLike[str], *, sample: np.ndarra
     axes = {0: "batch"}
     if input_dtype(inner) == "int64" and example.ndim == 2:
         axes[1] = "steps"  # a language model reads windows of any length
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of the torch.export one (see the
-        # module docstring for why it is used); its notices are not the caller's problem.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            os.fspath(path),
-            dynamo=False,
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": axes, "logits": {0: "batch"}},
-            opset_version=OPSET,
-        )
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of the torch.export one (see
+            # the module docstring for why it is used); its notices are not the caller's.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                os.fspath(path),
+                dynamo=False,
+                input_names=["x"],
+                output_names=["logits"],
+                dynamic_axes={"x": axes, "logits": {0: "batch"}},
+                opset_version=OPSET,
+            )
+    except Exception as exc:  # an operator ONNX lacks, a forward torch cannot trace, ...
+        if os.path.exists(path):
+            os.unlink(path)
+        raise ConfigError(
+            f"torch.onnx could not export {type(module).__name__}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,9 +124,15 @@ def check_onnx(path: str | os.PathLike[str], model: Model, x: np.ndarray) -> Onn
         raise ConfigError(
             "checking an ONNX export needs onnxruntime: pip install 'shoal[export]'"
         ) from None
-    session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     inputs = np.asarray(x, dtype=input_dtype(model))
-    got = np.asarray(session.run(["logits"], {"x": inputs})[0], dtype=np.float64)
+    try:
+        session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        got = np.asarray(session.run(["logits"], {"x": inputs})[0], dtype=np.float64)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ConfigError(
+            f"{path} does not run under onnxruntime as a model of x -> logits: {exc}; the "
+            "module's forward may leave torch (a traced constant) or use an unsupported op"
+        ) from None
     want = model_logits(model, inputs)
     # A prediction counts as the same when the file's class is the model's, or ties with it
     # within the tolerance (float32 against float64 may break an exact tie either way).
