@@ -222,6 +222,8 @@ def test_a_job_fine_tunes_an_exported_model_with_a_frozen_backbone(
         str(tmp_path / "tuned"),
     )
     assert code == 0, hub
+    assert isinstance(hub, dict) and hub["parameters"] == 64 * 8 + 8 + 8 * 10 + 10  # whole model
+    assert hub["checkpoint_bytes"] == (8 * 10 + 10) * 8  # the Store holds the head only
     from shoal.learn.torch import load_pretrained
 
     weights = load_pretrained(str(tmp_path / "tuned")).get_weights()

@@ -308,3 +308,22 @@ def test_a_node_keeps_adam_state_for_what_it_trains(digits: tuple[Dataset, Datas
     ]
     model.load_optimizer_state(state)  # resumed by the next fit without complaint
     model.fit(digits[0], config=FitConfig(max_steps=1), rng=np.random.default_rng(1))
+
+
+def test_a_transfer_spec_builds_lora_on_a_frozen_pretrained_model(
+    tmp_path: Path, backbone: dict[str, np.ndarray]
+) -> None:
+    from safetensors.numpy import save_file
+
+    from shoal.learn.transfer import TransferSpec, apply_transfer
+
+    save_file({k: v.astype(np.float32) for k, v in backbone.items()}, str(tmp_path / "b.st"))
+    spec = TransferSpec.from_mapping(
+        {"pretrained": "b.st", "lora_rank": 2, "lora_targets": ["3"], "freeze": ["1.*"]},
+        base_dir=tmp_path,
+    )
+    model = apply_transfer(TorchModel(FACTORY), spec)
+    assert isinstance(model, PartialModel)
+    assert model.shared_names == ("3.lora_a", "3.lora_b")
+    assert sorted(model.frozen_names) == ["1.bias", "1.weight", "3.base.bias", "3.base.weight"]
+    assert spec.to_dict()["pretrained"] == "b.st"  # the card gets a name, not a path

@@ -101,6 +101,9 @@ def _export(args: argparse.Namespace) -> int:
     model = job.build_model(features=features, classes=classes)
     state = ServerState.from_arrays(checkpoint.round, checkpoint.arrays, checkpoint.state)
     model.set_weights(state.weights)
+    from shoal.learn.export.convert import base_model
+
+    whole = base_model(model)  # refuses a model with personal layers, before any file
     sample_x, sample_y = test.x[:_CHECK_ROWS], test.y[:_CHECK_ROWS]
     out = args.out or _default_out(args.run_id, args.format, args.int8)
     report: dict[str, Any] = {
@@ -108,7 +111,8 @@ def _export(args: argparse.Namespace) -> int:
         "round": checkpoint.round,
         "format": args.format,
         "out": out,
-        "parameters": int(sum(v.size for v in state.weights.values())),
+        "parameters": int(sum(v.size for v in whole.get_weights().values())),
+        # what the Store holds: the federated weights only, when a backbone was frozen
         "checkpoint_bytes": int(sum(v.nbytes for v in state.weights.values())),
     }
     if args.format == "onnx":

@@ -148,7 +148,14 @@ def apply_transfer(
             raise ConfigError(
                 f"[transfer] freeze pattern {pattern!r} matches no weight; the model's are {names}"
             )
-    lora_bases = {n for n in names if ".base." in n or n.startswith("base.")} if then else set()
+    lora_bases = set()  # the layers LoRA wraps are frozen: only their adapters train
+    if then is not None:
+        from shoal.learn.transfer.lora import LoRALinear
+
+        for module_name, layer in built.module.named_modules():
+            if isinstance(layer, LoRALinear):
+                prefix = f"{module_name}.base." if module_name else "base."
+                lora_bases |= {n for n in names if n.startswith(prefix)}
     frozen = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in spec.freeze)}
     frozen |= lora_bases
     personal = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in spec.personal)}
