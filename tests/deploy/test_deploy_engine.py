@@ -290,7 +290,7 @@ def _answer(session, signer, data: bytes, *, sent: bytes | None = None, key=None
     thread.start()
     header = session.recv().task
     assert header.inline == bytes(encode({"x": np.ones(4)}))  # small: inside its header
-    # The reply comes back the protocol 3 way, as chunk frames after its header.
+    # The reply comes back as chunk frames after its header (no lane, not inline).
     message = signer.message()
     message.reply.task_id = header.task_id
     message.reply.size = len(data)

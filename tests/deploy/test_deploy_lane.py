@@ -123,8 +123,8 @@ def test_fallback_to_the_stream(federation, raw_session) -> None:
     federation.client("n0", make_app(), no_lane.port)
     # A lane that cannot be reached: the node carries on over gRPC.
     unreachable = federation.engine()
-    assert unreachable._lane_server is not None
-    unreachable._lane_server.close()
+    assert unreachable._lanes.server is not None
+    unreachable._lanes.server.close()
     federation.client("n1", make_app(), unreachable.port)
     payload = encode({"x": BIG})
     for engine, name in [(no_lane, "n0"), (unreachable, "n1")]:
@@ -133,11 +133,15 @@ def test_fallback_to_the_stream(federation, raw_session) -> None:
         np.testing.assert_array_equal(decode(result.replies[name].payload)["x"], BIG * 2)
         assert engine.lane_bytes == (0, 0)
         assert not any(s.lane for s in engine.sessions())
-    # A protocol 2 node is still admitted; it is offered no lane (it would not know one).
+    # A node of a pre-release protocol (2 and 3 had no inline payloads, 2 no lane) is refused
+    # with the reason; a current node is offered the lane.
     engine = federation.engine()
-    old = raw_session(f"127.0.0.1:{engine.port}")
-    old.send(old.hello(federation.keys["n2"], protocol=2))
-    assert old.recv().welcome.data_port == 0
+    for version in (2, 3):
+        old = raw_session(f"127.0.0.1:{engine.port}")
+        old.send(old.hello(federation.keys["n2"], protocol=version))
+        code, details = old.refused()
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"node speaks protocol {version}" in details and "same shoal version" in details
     new = raw_session(f"127.0.0.1:{engine.port}")
     new.send(new.hello(federation.keys["n3"]))
     assert new.recv().welcome.data_port == engine.data_port
@@ -161,7 +165,7 @@ def test_deadlines_cancels_and_a_lost_lane(federation) -> None:
     np.testing.assert_array_equal(decode(result.replies["n0"].payload)["x"], BIG * 2)
     assert client.tasks_done == 2  # a and the echo: b never ran
     # The lane breaks while idle: the session ends with it, and the node comes back.
-    socket.socket.shutdown(engine._sessions["n0"].lane.up.sock, socket.SHUT_RDWR)
+    socket.socket.shutdown(engine._table.get("n0").lane.up.sock, socket.SHUT_RDWR)
     deadline = time.monotonic() + 30
     while client.sessions < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -259,24 +263,11 @@ def test_tampered_lane_reply_is_invalid(federation, raw_session, lanes) -> None:
     assert "node.tampered_reply" in [r.action for r in federation.store.audit_log()]
 
 
-def test_small_payloads_ride_inline_only_with_protocol_4_peers(
-    federation, raw_session, lanes
-) -> None:
+def test_small_payloads_ride_inline(federation, raw_session, lanes) -> None:
     engine = federation.engine()
     small = encode({"x": np.ones(3)})
-    # A protocol 3 node is sent its small task on the lane, as before.
-    old, old_signer, old_down, old_up = open_raw_node(
-        federation, raw_session, engine, lanes, name="n1", protocol=3
-    )
-    thread, results = dispatch_in_background(engine, ["n1"], small)
-    header, payload = receive_task(old, old_down)
-    assert not header.HasField("inline") and bytes(payload) == bytes(small)
-    announce_reply(old, old_signer, header, b"ok")
-    old_up.send(header.task_id, b"ok")
-    thread.join(30)
-    assert bytes(results[0].replies["n1"].payload) == b"ok"
-    # A protocol 4 node gets it inside the header, and may answer the same way.
-    session, signer, _, _ = open_raw_node(federation, raw_session, engine, lanes)
+    session, signer, _, up = open_raw_node(federation, raw_session, engine, lanes)
+    # A small task comes inside its header, never on the lane, and may be answered the same way.
     thread, results = dispatch_in_background(engine, ["n0"], small)
     header = session.recv().task
     assert header.HasField("inline") and not header.lane
@@ -284,7 +275,15 @@ def test_small_payloads_ride_inline_only_with_protocol_4_peers(
     announce_reply(session, signer, header, b"fine", inline=True, lane=False)
     thread.join(30)
     assert bytes(results[0].replies["n0"].payload) == b"fine"
-    assert engine.lane_bytes == (len(small), 2)  # only the old node's bytes took the lane
+    # A node may still send a small reply on its lane.
+    thread, results = dispatch_in_background(engine, ["n0"], small)
+    header = session.recv().task
+    assert header.HasField("inline")
+    announce_reply(session, signer, header, b"ok")
+    up.send(header.task_id, b"ok")
+    thread.join(30)
+    assert bytes(results[0].replies["n0"].payload) == b"ok"
+    assert engine.lane_bytes == (0, 2)  # only that reply took the lane
 
 
 @pytest.mark.parametrize("lie", ["size", "lane", "tag"])

@@ -16,6 +16,7 @@ from shoal.runtime.grpc.auth import (
     write_key_pair,
 )
 from shoal.runtime.grpc.certs import CertFiles, ClientTLS, ServerTLS, make_certs
+from shoal.runtime.grpc.config import CoordinatorConfig
 from shoal.runtime.grpc.engine import GrpcEngine, NodeRegistry, NodeSessionInfo
 from shoal.runtime.grpc.node import Backoff, NodeClient, NodeExit
 
@@ -23,6 +24,7 @@ __all__ = [
     "Backoff",
     "CertFiles",
     "ClientTLS",
+    "CoordinatorConfig",
     "GrpcEngine",
     "NodeClient",
     "NodeExit",

@@ -64,8 +64,8 @@ MAX_TASK_ID_BYTES = 4096
 # Payloads below this stay on the gRPC stream. Measured on loopback (one node, median of a
 # task round trip), the lane was faster at every size than chunk frames after the header,
 # even 64 bytes (1.7 vs 2.1 ms; 4 KiB: 1.2 vs 2.0 ms; 1 MiB: 2.8 vs 4.2 ms): on the stream
-# a payload costs a gRPC message of its own. From protocol 4, payloads up to
-# protocol.INLINE_MAX_BYTES ride inside the header itself instead, which beats both.
+# a payload costs a gRPC message of its own. Payloads up to protocol.INLINE_MAX_BYTES ride
+# inside the header itself instead, which beats both.
 LANE_MIN_BYTES = 1
 # At most this much per recv_into / sendall call (some socket layers take at most 2**31 - 1
 # bytes per call); on loopback, capping calls at 1 MiB instead took ~30% longer per 40 MB.

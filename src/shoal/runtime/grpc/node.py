@@ -53,7 +53,6 @@ from shoal.runtime.grpc.protocol import (
     MAX_CHUNK_BYTES,
     MAX_FRAME_BYTES,
     METHOD,
-    MIN_PROTOCOL,
     PROTOCOL,
     TO_COORDINATOR_CHUNK,
     TO_NODE_CHUNK,
@@ -247,7 +246,6 @@ class NodeClient:
         self._max_reply = 0
         self._heartbeat_s = 5.0
         self._data_port = 0
-        self._protocol = PROTOCOL
         self._lane_pool = BufferPool()  # task buffers come back once a task lets go of them
 
     # -- control ---------------------------------------------------------------------------
@@ -408,13 +406,11 @@ class NodeClient:
         if first.WhichOneof("kind") != "challenge" or len(first.challenge.challenge) < 16:
             raise ProtocolError("the coordinator did not open with a challenge")
         challenge = first.challenge
-        if challenge.protocol < MIN_PROTOCOL:
+        if challenge.protocol != PROTOCOL:
             raise _Rejected(
-                f"coordinator speaks protocol {challenge.protocol}, this node "
-                f"{MIN_PROTOCOL}..{PROTOCOL}; run the same shoal version on both sides"
+                f"coordinator speaks protocol {challenge.protocol}, this node {PROTOCOL}; "
+                "run the same shoal version on both sides"
             )
-        # The older of the two versions: an older coordinator then never sees lane fields.
-        self._protocol = min(PROTOCOL, challenge.protocol)
         try:
             signer = NodeSigner(
                 key=self.key,
@@ -426,7 +422,6 @@ class NodeClient:
             raise ProtocolError(f"the coordinator's challenge is unusable: {exc}") from None
         message = signer.hello()
         hello = message.hello
-        hello.protocol = self._protocol
         hello.tasks.extend(self.app.task_names)
         hello.job_digest = self.job_digest
         hello.software = f"shoal {shoal.__version__}"
@@ -448,7 +443,7 @@ class NodeClient:
         self._chunk_bytes = welcome.chunk_bytes or DEFAULT_CHUNK_BYTES
         self._max_reply = welcome.max_reply_bytes
         self._heartbeat_s = welcome.heartbeat_s if welcome.heartbeat_s > 0 else 5.0
-        self._data_port = welcome.data_port if self._protocol >= 3 and welcome.data_port else 0
+        self._data_port = welcome.data_port
         log.info("connected to %s as node %s", self.coordinator, self.node_id)
         return signer
 
@@ -664,7 +659,7 @@ class NodeClient:
         reply.size = result.nbytes
         reply.tag = signer.reply_tag(message, result)
         reply.elapsed_s = time.perf_counter() - start
-        if self._protocol >= 4 and 0 < result.nbytes <= INLINE_MAX_BYTES:
+        if 0 < result.nbytes <= INLINE_MAX_BYTES:
             reply.inline = result.tobytes()
             out.put(signer.frame(message))
             return

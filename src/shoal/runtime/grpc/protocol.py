@@ -29,7 +29,6 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "MAX_FRAME_BYTES",
     "METHOD",
-    "MIN_PROTOCOL",
     "PROTOCOL",
     "TO_COORDINATOR_CHUNK",
     "TO_NODE_CHUNK",
@@ -44,12 +43,11 @@ __all__ = [
 ]
 
 METHOD = "/shoal.deploy.v1.Coordinator/Session"
-# 4: a payload of at most INLINE_MAX_BYTES rides inside its task or reply header.
-# 3: payloads may travel on a bulk lane beside the stream (Welcome.data_port, header `lane`).
-# 2: replies carry a Poly1305 tag under a key agreed in the signed hello (1: a signed SHA-256).
+# Both sides speak exactly this version; the pre-release versions before it are gone. In 4,
+# replies carry a Poly1305 tag under a key agreed in the signed hello, payloads may travel
+# on a bulk lane beside the stream (Welcome.data_port, header `lane`), and a payload of at
+# most INLINE_MAX_BYTES rides inside its task or reply header.
 PROTOCOL = 4
-# A protocol 2 peer is still served: it never opens a lane, so every byte goes over gRPC.
-MIN_PROTOCOL = 2
 # Protocol messages (SecAgg keys and shares, small requests) are a few KB: inside the header
 # they cost one gRPC message instead of a header plus a lane frame (or a chunk frame), on
 # both ends. Larger payloads keep the lane, which never copies them through grpcio.
