@@ -40,14 +40,11 @@ from shoal.data import (
     SCHEMES,
     Dataset,
     RoleCorpus,
-    load_csv,
-    load_dataset,
-    load_npz,
     load_play,
     parse_speeches,
-    partition,
     split_holdout,
 )
+from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError, ShoalError
 from shoal.learn import (
     ALGORITHMS,
@@ -63,7 +60,7 @@ from shoal.learn.registry import MODELS, OPTIONAL_MODELS, build_model, model_nam
 from shoal.learn.transfer.spec import TransferSpec
 from shoal.privacy.guard import budget_guard
 from shoal.privacy.plans import ExampleDP, NodeDP
-from shoal.runtime import Faults, NodeApp, Store
+from shoal.runtime import Faults, NodeApp, Recipe, Store
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,12 +72,15 @@ __all__ = [
     "RULES",
     "JobSpec",
     "check_combinations",
+    "job_app",
+    "job_data",
     "load_job",
     "parse_job",
     "simulate_job",
 ]
 
 RULES = ("mean", "median", "trimmed_mean", "krum", "multikrum", "geometric_median")
+ENGINE_KINDS = ("local", "ray")
 
 # Data sets read from a play-formatted text file ([data] path), one node per speaking role.
 TEXT_DATASETS = ("shakespeare",)
@@ -113,6 +113,9 @@ _SCHEMAS: dict[str, Schema] = {
         "min_size": (int, 1),
     },
     "engine": {
+        "kind": (str, "local"),
+        "address": (str, None),
+        "actors": (int, None),
         "workers": (int, 1),
         "min_nodes": (int, 1),
         "deadline_s": ((int, float), 600.0),
@@ -383,34 +386,36 @@ class JobSpec:
             )
         return corpus
 
-    def _load_data(self) -> tuple[Dataset, Dataset]:
+    def data_spec(self) -> DataSpec:
+        """The job's ``[data]`` as a description that any process can build nodes from."""
         data = self.data
-        if data["dataset"] in TEXT_DATASETS:
+        paths = {}
+        for key in ("path", "test_path"):
+            if data[key] is not None:
+                path = self.base_dir / data[key]
+                if not path.exists():
+                    raise ConfigError(f"[data] {key} {str(path)!r} does not exist")
+                paths[key] = str(path.resolve())
+        return DataSpec(
+            dataset=data["dataset"],
+            path=paths.get("path"),
+            test_path=paths.get("test_path"),
+            label=data["label"],
+            test_fraction=data["test_fraction"],
+            partition=dict(self.partition),
+            seed=self.seed,
+        )
+
+    def _load_data(self) -> tuple[Dataset, Dataset]:
+        if self.data["dataset"] in TEXT_DATASETS:
             return self.text_corpus().pooled()
-        if data["dataset"] is not None:
-            return load_dataset(
-                data["dataset"], test_fraction=data["test_fraction"], seed=self.seed
-            )
-        path = self.base_dir / data["path"]
-        full = _load_file(path, data["label"])
-        if data["test_path"] is not None:
-            return full, _load_file(self.base_dir / data["test_path"], data["label"])
-        return split_holdout(full, fraction=data["test_fraction"], seed=self.seed)
+        return self.data_spec().load()
 
     def partitions(self) -> list[Dataset]:
         if self.data["dataset"] in TEXT_DATASETS:
             return list(self.text_corpus().train.values())
         train, _ = self.load_data()
-        spec = self.partition
-        parts: list[Dataset] = partition(
-            train,
-            nodes=spec["nodes"],
-            scheme=spec["scheme"],
-            alpha=spec["alpha"],
-            shards_per_node=spec["shards_per_node"],
-            min_size=spec["min_size"],
-            seed=self.seed,
-        )
+        parts: list[Dataset] = self.data_spec().partitions(train)
         return parts
 
     def node_data(self, index: int, count: int) -> Dataset:
@@ -578,14 +583,6 @@ class JobSpec:
         return Faults(seed=self.seed, **self.faults)
 
 
-def _load_file(path: Path, label: str) -> Dataset:
-    if not path.exists():
-        raise ConfigError(f"[data] path {str(path)!r} does not exist")
-    if path.suffix.lower() == ".npz":
-        return load_npz(path)
-    return load_csv(path, label=label)
-
-
 # -- combinations ------------------------------------------------------------------------
 #
 # Every rule about which model, algorithm, aggregation and privacy settings fit together
@@ -746,6 +743,23 @@ def _check_engine(job: JobSpec) -> None:
         )
     if job.engine["federated_eval_every"] < 0:
         raise ConfigError("[engine] federated_eval_every must be 0 (never) or more")
+    kind = _choice(job.engine["kind"], ENGINE_KINDS, "[engine] kind")
+    if kind != "ray":
+        for key in ("address", "actors"):
+            if job.engine[key] is not None:
+                raise ConfigError(f"[engine] {key} is a Ray setting; it needs kind = 'ray'")
+        return
+    if job.engine["actors"] is not None and job.engine["actors"] < 1:
+        raise ConfigError(f"[engine] actors must be at least 1, got {job.engine['actors']}")
+    address = job.engine["address"]
+    if address is not None and address != "auto":
+        host, colon, port = address.rpartition(":") if ":" in address else (address, "", "")
+        bad_port = colon and not (port.isdigit() and 0 < int(port) < 65536)
+        if not host or bad_port or any(c.isspace() or c in "/@" for c in address):
+            raise ConfigError(
+                f"[engine] address must be 'auto' (the cluster this machine belongs to), a "
+                f"host, or host:port of the Ray head (e.g. '10.0.0.5:6379'), got {address!r}"
+            )
 
 
 COMBINATION_CHECKS: list[Callable[[JobSpec], None]] = [
@@ -994,7 +1008,11 @@ def simulate_job(
     on_round: Callable[[RoundReport], None] | None = None,
     on_start: Callable[[str | None], None] | None = None,
 ) -> TrainingResult:
-    """Run ``job`` on a LocalEngine, exactly as ``shoal run`` does."""
+    """Run ``job`` as ``shoal run`` does: on a LocalEngine, or a RayEngine for kind = 'ray'."""
+    if job.engine["kind"] == "ray":
+        return _simulate_on_ray(
+            job, store=store, resume=resume, on_round=on_round, on_start=on_start
+        )
     _, test = job.load_data()
     model = job.build_model()
     app = job.build_attack_app(model)
@@ -1022,3 +1040,91 @@ def simulate_job(
         on_round=on_round,
         on_start=on_start,
     )
+
+
+# -- on Ray: the job itself is the description each worker builds its nodes from ---------
+
+
+def job_app(*, job: Mapping[str, Any], base_dir: str) -> NodeApp:
+    """The NodeApp every node of ``job`` runs in simulation (a RayEngine's app recipe):
+    the same one :func:`simulate_job` builds for its LocalEngine."""
+    spec = parse_job(job, base_dir=Path(base_dir))
+    model = spec.build_model()
+    algorithm = spec.build_algorithm()
+    app = spec.build_attack_app(model)
+    if app is None or TRAIN not in app.task_names:
+        app = learning_app(model, app=app, plan=algorithm.plan)
+    guard = spec.build_budget_guard()
+    if guard is not None:
+        app.add_guard(guard)
+    app.install(algorithm.node_tasks())
+    return app
+
+
+def job_data(*, job: Mapping[str, Any], base_dir: str) -> Callable[[str], Any]:
+    """node id ``n<i>`` -> that node's data, with the job's holdout (a RayEngine's data
+    recipe for jobs with ``[data] holdout``)."""
+    from shoal.learn.tasks import LocalData
+
+    spec = parse_job(job, base_dir=Path(base_dir))
+    data = spec.data_spec()
+    fraction = float(spec.data["holdout"])
+
+    def node(node_id: str) -> Any:
+        index = int(node_id.removeprefix("n"))
+        part = data.node(index)
+        if fraction <= 0:
+            return part
+        train, test = split_holdout(part, fraction=fraction, seed=spec.seed + index)
+        return LocalData(train=train, test=test)
+
+    return node
+
+
+def _simulate_on_ray(
+    job: JobSpec,
+    *,
+    store: Store | None,
+    resume: str | None,
+    on_round: Callable[[RoundReport], None] | None,
+    on_start: Callable[[str | None], None] | None,
+) -> TrainingResult:
+    from shoal.runtime.ray import RayEngine
+
+    _, test = job.load_data()
+    model = job.build_model()
+    description = {"job": job.to_dict(), "base_dir": str(job.base_dir.resolve())}
+    data = (
+        Recipe(target="shoal.cli.job:job_data", options=description)
+        if float(job.data["holdout"]) > 0
+        else job.data_spec()
+    )
+    engine = RayEngine(
+        app=Recipe(target="shoal.cli.job:job_app", options=description),
+        data=data,
+        nodes=int(job.partition["nodes"]),
+        address=job.engine["address"],
+        actors=job.engine["actors"],
+        workers=int(job.engine["workers"]),
+        seed=job.seed,
+        faults=job.build_faults(),
+    )
+    try:
+        return simulate(
+            model=model,
+            engine=engine,
+            algorithm=job.build_algorithm(),
+            test=test,
+            federated_eval_every=int(job.engine["federated_eval_every"]),
+            seed=job.seed,
+            min_nodes=job.min_nodes,
+            deadline_s=float(job.engine["deadline_s"]),
+            store=store,
+            run_name=job.name,
+            config=job.to_dict(),
+            resume=resume,
+            on_round=on_round,
+            on_start=on_start,
+        )
+    finally:
+        engine.close()

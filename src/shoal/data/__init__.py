@@ -26,6 +26,7 @@ from shoal.data.partition import (
     quantity_skew_indices,
     shard_indices,
 )
+from shoal.data.spec import DataSpec
 from shoal.data.split import split_holdout
 from shoal.data.summary import PartitionSummary, summary
 from shoal.data.text import (
@@ -46,6 +47,7 @@ __all__ = [
     "SCHEMES",
     "UNK",
     "CharCorpus",
+    "DataSpec",
     "Dataset",
     "LazyPartition",
     "PartitionSummary",

@@ -12,7 +12,7 @@ from shoal.learn.algorithms import Algorithm
 from shoal.learn.model import Model
 from shoal.learn.runner import RoundReport, Trainer, TrainingResult
 from shoal.learn.tasks import TRAIN, LocalData, learning_app
-from shoal.runtime import Devices, Faults, LocalEngine, NodeApp
+from shoal.runtime import Devices, Engine, Faults, LocalEngine, NodeApp
 from shoal.runtime.store import Store
 
 __all__ = ["simulate"]
@@ -21,7 +21,7 @@ __all__ = ["simulate"]
 def simulate(
     *,
     model: Model,
-    nodes: Sequence[Any],
+    nodes: Sequence[Any] | None = None,
     algorithm: Algorithm,
     test: Dataset | None = None,
     holdout: float = 0.0,
@@ -33,6 +33,7 @@ def simulate(
     devices: Devices | None = None,
     workers: int = 1,
     app: NodeApp | None = None,
+    engine: Engine | None = None,
     store: Store | None = None,
     run_name: str = "simulation",
     config: Mapping[str, Any] | None = None,
@@ -46,20 +47,45 @@ def simulate(
     ``federated_eval_every`` rounds); ``test`` is the server's own test set. ``devices``
     gives the nodes compute speeds and link bandwidths on the engine's virtual clock, whose
     time after each round is recorded as ``virtual_s``.
+
+    ``engine``: run on this engine instead of a LocalEngine over ``nodes`` (e.g. a RayEngine,
+    which builds each node's app and data on its workers from recipes). The engine then holds
+    the nodes, their app and the faults: ``nodes``, ``app``, ``faults``, ``devices``,
+    ``workers`` and ``holdout`` are its own settings, not simulate's. The caller closes it.
     """
-    if len(nodes) == 0:
-        raise ConfigError("simulate needs at least one node's data")
-    if not 0.0 <= holdout < 1.0:
-        raise ConfigError(f"holdout is a fraction in [0, 1), got {holdout}")
-    node_data: Sequence[Any] = nodes
-    if holdout > 0:
-        node_data = [_holdout(part, holdout, seed + i) for i, part in enumerate(nodes)]
-    if app is None or TRAIN not in app.task_names:  # an app may bring its own train task
-        app = learning_app(model, app=app, plan=algorithm.plan)  # policies from the plan
-    app.install(algorithm.node_tasks())  # e.g. the secure sum's protocol tasks
-    engine = LocalEngine(
-        app, data=node_data, seed=seed, faults=faults, workers=workers, devices=devices
-    )
+    own_engine = engine is None
+    if engine is not None:
+        given = [
+            name
+            for name, value in (
+                ("nodes", nodes),
+                ("app", app),
+                ("faults", faults),
+                ("devices", devices),
+                ("workers", None if workers == 1 else workers),
+                ("holdout", holdout or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"simulate(engine=...) runs on the engine's own nodes, app and faults; drop "
+                f"{', '.join(given)} (set them on the engine)"
+            )
+    else:
+        if nodes is None or len(nodes) == 0:
+            raise ConfigError("simulate needs at least one node's data (nodes=) or an engine=")
+        if not 0.0 <= holdout < 1.0:
+            raise ConfigError(f"holdout is a fraction in [0, 1), got {holdout}")
+        node_data: Sequence[Any] = nodes
+        if holdout > 0:
+            node_data = [_holdout(part, holdout, seed + i) for i, part in enumerate(nodes)]
+        if app is None or TRAIN not in app.task_names:  # an app may bring its own train task
+            app = learning_app(model, app=app, plan=algorithm.plan)  # policies from the plan
+        app.install(algorithm.node_tasks())  # e.g. the secure sum's protocol tasks
+        engine = LocalEngine(
+            app, data=node_data, seed=seed, faults=faults, workers=workers, devices=devices
+        )
     federation = Federation(engine, min_nodes=min_nodes, deadline_s=deadline_s, seed=seed)
     trainer = Trainer(
         federation=federation,
@@ -77,7 +103,8 @@ def simulate(
     try:
         return trainer.run(resume=resume)
     finally:
-        engine.close()
+        if own_engine:
+            engine.close()
 
 
 def _holdout(part: Dataset, fraction: float, seed: int) -> LocalData:

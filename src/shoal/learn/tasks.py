@@ -41,6 +41,7 @@ __all__ = [
     "encode_weights",
     "learning_app",
     "learning_tasks",
+    "model_app",
     "prefixed",
     "unprefixed",
 ]
@@ -303,3 +304,15 @@ def learning_app(
     plan = plan or NoPrivacy()
     app.install(learning_tasks(model, releases=plan.release()))
     return app
+
+
+def model_app(*, model: str, features: int, classes: int, **options: Any) -> NodeApp:
+    """A NodeApp training the registered model ``model`` (FedAvg-style, no privacy plan).
+
+    Made to be a RayEngine's app recipe, built on each worker:
+    ``Recipe(target="shoal.learn.tasks:model_app", options={"model": "softmax_regression",
+    "features": 64, "classes": 10})``.
+    """
+    from shoal.learn.registry import build_model
+
+    return learning_app(build_model(model, features=features, classes=classes, **options))

@@ -36,6 +36,7 @@ from shoal.runtime.engine import (
 from shoal.runtime.local import Faults, LocalEngine
 from shoal.runtime.nodestate import NodeState, NodeStateFile, open_node_state
 from shoal.runtime.policy import Release, ReleasePolicy
+from shoal.runtime.recipe import Recipe
 from shoal.runtime.store import Checkpoint, RoundRecord, RunRecord, Store
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "NodeStateFile",
     "NoiseBinding",
     "RandomAvailability",
+    "Recipe",
     "Release",
     "ReleasePolicy",
     "Reply",

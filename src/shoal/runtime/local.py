@@ -46,7 +46,7 @@ from shoal.runtime.engine import (
 from shoal.runtime.nodestate import NODE_STATE_KEY, NodeStateFile
 from shoal.wire import decode
 
-__all__ = ["Faults", "LocalEngine"]
+__all__ = ["Faults", "LocalEngine", "draw_faults", "inject", "virtual_outcome"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,7 +224,7 @@ class LocalEngine:
                 raise ConfigError(f"node {task.node_id!r} got two tasks in one dispatch")
             seen.add(task.node_id)
         self._dispatches += 1
-        draws = self._draw_faults(len(tasks))
+        draws = draw_faults(self.faults, self._seed, self._dispatches, len(tasks))
         start = self.clock.now
         online = self._online(start)
         replies: dict[str, Reply] = {}
@@ -237,7 +237,7 @@ class LocalEngine:
                     task, FailureKind.DROPPED, f"node is offline at t={start:.6g} s"
                 )
                 continue
-            delay, failure = self._inject(task, draws[i], deadline_s)
+            delay, failure = inject(self.faults, task, draws[i], deadline_s, self._offline)
             if failure is not None:
                 failures[task.node_id] = failure
             else:
@@ -245,7 +245,9 @@ class LocalEngine:
         try:
             if runnable:
                 self._shared = self._decode_shared([task for task, _ in runnable])
-                self._run_all(runnable, deadline_s, replies, failures, start, ends)
+                self._run_all(
+                    runnable, deadline_s, self._dispatches, replies, failures, start, ends
+                )
             # The dispatch ends with its slowest answer (a timeout: at the deadline), as if
             # every node had run in parallel.
             for node_id, failure in failures.items():
@@ -282,36 +284,30 @@ class LocalEngine:
             return None
         return {k: _copy_json(v) if type(v) in (list, dict) else v for k, v in decoded.items()}
 
-    def _draw_faults(self, n: int) -> np.ndarray:
-        if self.faults is None or n == 0:
-            return np.zeros((n, 3))
-        rng = np.random.default_rng([self.faults.seed, self._seed, self._dispatches])
-        return rng.random((n, 3))
-
-    def _inject(
-        self, task: Task, draw: np.ndarray, deadline_s: float
-    ) -> tuple[float, Failure | None]:
-        if task.node_id in self._offline:
-            return 0.0, _failure(task, FailureKind.DROPPED, "node is offline")
-        faults = self.faults
-        if faults is None or not faults.applies(task):
-            return 0.0, None
-        if task.node_id in faults.always_drop or draw[0] < faults.drop:
-            return 0.0, _failure(task, FailureKind.DROPPED, "simulated dropout")
-        if draw[2] < faults.error:
-            return 0.0, _failure(task, FailureKind.ERROR, "simulated task error")
-        delay = faults.straggle_s if draw[1] < faults.straggle else 0.0
-        if delay >= deadline_s:
-            return 0.0, _failure(
-                task, FailureKind.TIMEOUT, f"simulated straggler ({delay:.3g} s > deadline)"
-            )
-        return delay, None
+    def run(
+        self, runnable: Sequence[tuple[Task, float]], *, deadline_s: float, dispatch: int
+    ) -> DispatchResult:
+        """Run tasks already past fault injection (each with its injected delay) as this
+        engine's ``dispatch``-th dispatch, which seeds each task's randomness; no
+        availability check and no clock. A RayEngine's actor runs its batches so: nodes get
+        the same seeds as in a LocalEngine, and the driver keeps the virtual clock.
+        """
+        replies: dict[str, Reply] = {}
+        failures: dict[str, Failure] = {}
+        if runnable:
+            self._shared = self._decode_shared([task for task, _ in runnable])
+            try:
+                self._run_all(list(runnable), deadline_s, dispatch, replies, failures)
+            finally:
+                self._shared = {}
+        return DispatchResult(replies=replies, failures=failures)
 
     def _run_one(
         self,
         task: Task,
         delay: float,
         deadline_s: float,
+        dispatch: int,
         start: float = 0.0,
         ends: dict[str, float] | None = None,
     ) -> Reply | Failure:
@@ -328,7 +324,7 @@ class LocalEngine:
             load_data=lambda: self._node_data(node_id),
             state=state,
             task_id=task.task_id,
-            seed=(self._seed, index, self._dispatches),
+            seed=(self._seed, index, dispatch),
         )
         t0 = time.perf_counter()
         try:
@@ -346,36 +342,24 @@ class LocalEngine:
         except Exception as exc:  # any task failure is the node's, never the engine's
             return _failure(task, FailureKind.ERROR, str(exc) or type(exc).__name__)
         measured = time.perf_counter() - t0
-        if self.devices is None:
-            elapsed = measured + delay
-        else:
-            elapsed = delay + self.devices.duration(
-                index,
-                task=task.name,
-                measured_s=measured,
-                down_bytes=len(task.payload),
-                up_bytes=len(payload),
-            )
-        ends[node_id] = min(elapsed, deadline_s)
-        if self.availability is not None:
-            until = self.availability.online_until(index, start, len(self._ids))
-            if until < start + min(elapsed, deadline_s):
-                ends[node_id] = until - start
-                return _failure(
-                    task,
-                    FailureKind.DROPPED,
-                    f"went offline {until - start:.4g} s into the task (it needed {elapsed:.4g} s)",
-                )
-        if elapsed > deadline_s:
-            return _failure(
-                task, FailureKind.TIMEOUT, f"answered after {elapsed:.3g} s (deadline {deadline_s})"
-            )
-        return Reply(node_id=task.node_id, task_id=task.task_id, payload=payload, elapsed_s=elapsed)
+        return virtual_outcome(
+            Reply(node_id=node_id, task_id=task.task_id, payload=payload, elapsed_s=measured),
+            task=task,
+            index=index,
+            nodes=len(self._ids),
+            delay=delay,
+            deadline_s=deadline_s,
+            start=start,
+            ends=ends,
+            devices=self.devices,
+            availability=self.availability,
+        )
 
     def _run_all(
         self,
         runnable: list[tuple[Task, float]],
         deadline_s: float,
+        dispatch: int,
         replies: dict[str, Reply],
         failures: dict[str, Failure],
         start: float = 0.0,
@@ -397,7 +381,7 @@ class LocalEngine:
                     next_index[0] += 1
                     started[i] = time.monotonic()
                 task, delay = runnable[i]
-                outcome = self._run_one(task, delay, deadline_s, start, ends)
+                outcome = self._run_one(task, delay, deadline_s, dispatch, start, ends)
                 with cond:
                     if i in abandoned:
                         return  # a replacement worker carries on; this result arrived too late
@@ -472,6 +456,84 @@ def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
             return
         job()
         del job  # while idle, hold no reference to the engine the job belonged to
+
+
+def draw_faults(faults: Faults | None, seed: int, dispatch: int, n: int) -> np.ndarray:
+    """The fault draws of an engine's ``dispatch``-th dispatch of ``n`` tasks (one row each)."""
+    if faults is None or n == 0:
+        return np.zeros((n, 3))
+    rng = np.random.default_rng([faults.seed, seed, dispatch])
+    return rng.random((n, 3))
+
+
+def inject(
+    faults: Faults | None,
+    task: Task,
+    draw: np.ndarray,
+    deadline_s: float,
+    offline: Collection[str] = (),
+) -> tuple[float, Failure | None]:
+    """A task's injected straggler delay, or the failure it was given instead."""
+    if task.node_id in offline:
+        return 0.0, _failure(task, FailureKind.DROPPED, "node is offline")
+    if faults is None or not faults.applies(task):
+        return 0.0, None
+    if task.node_id in faults.always_drop or draw[0] < faults.drop:
+        return 0.0, _failure(task, FailureKind.DROPPED, "simulated dropout")
+    if draw[2] < faults.error:
+        return 0.0, _failure(task, FailureKind.ERROR, "simulated task error")
+    delay = faults.straggle_s if draw[1] < faults.straggle else 0.0
+    if delay >= deadline_s:
+        return 0.0, _failure(
+            task, FailureKind.TIMEOUT, f"simulated straggler ({delay:.3g} s > deadline)"
+        )
+    return delay, None
+
+
+def virtual_outcome(
+    answer: Reply,
+    *,
+    task: Task,
+    index: int,
+    nodes: int,
+    delay: float,
+    deadline_s: float,
+    start: float,
+    ends: dict[str, float] | None,
+    devices: Devices | None,
+    availability: Availability | None,
+) -> Reply | Failure:
+    """A node's answer judged on the virtual clock: ``answer.elapsed_s`` is its measured
+    compute; its virtual duration adds the device's speed and link and the injected delay,
+    and it fails if past the deadline or if the node went offline first. Records the
+    duration in ``ends``."""
+    ends = {} if ends is None else ends
+    node_id, payload, measured = answer.node_id, answer.payload, answer.elapsed_s
+    if devices is None:
+        elapsed = measured + delay
+    else:
+        elapsed = delay + devices.duration(
+            index,
+            task=task.name,
+            measured_s=measured,
+            down_bytes=len(task.payload),
+            up_bytes=len(payload),
+        )
+    ends[node_id] = min(elapsed, deadline_s)
+    if availability is not None:
+        until = availability.online_until(index, start, nodes)
+        if until < start + min(elapsed, deadline_s):
+            ends[node_id] = until - start
+            return _failure(
+                task,
+                FailureKind.DROPPED,
+                f"went offline {until - start:.4g} s into the task (it needed {elapsed:.4g} s)",
+            )
+    if elapsed > deadline_s:
+        return _failure(
+            task, FailureKind.TIMEOUT, f"answered after {elapsed:.3g} s (deadline {deadline_s})"
+        )
+    return Reply(node_id=node_id, task_id=task.task_id, payload=payload, elapsed_s=elapsed)
 
 
 def _copy_json(value: Any) -> Any:

@@ -1,0 +1,371 @@
+"""RayEngine: LocalEngine's virtual nodes, spread over the actors of a Ray cluster.
+
+Node i lives in slot ``i % actors``; each slot is one Ray actor (a NodeHost) that keeps its
+nodes' state (held values, ledgers) and a bounded cache of their data between dispatches. A
+dispatch sends each actor one batch, so 10^5 nodes cost a handful of Ray calls, not 10^5. A
+payload shared by several tasks (a broadcast) goes into Ray's object store once per
+dispatch. Faults are drawn here, exactly as LocalEngine draws them, and each node's task is
+seeded as in LocalEngine, so a job gives the same result on either engine.
+
+When an actor dies (its machine went away), the tasks it was running fail as DROPPED and
+its slot moves to the next live slot's actor: the moved nodes start again from their data
+description, with fresh state, as a restarted node would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections import Counter
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from shoal.data.spec import DataSpec
+from shoal.errors import ConfigError, TransportError
+from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+from shoal.runtime.local import Faults, draw_faults, inject
+from shoal.runtime.recipe import Recipe
+
+__all__ = ["RayEngine"]
+
+DEFAULT_PORT = 6379  # Ray's default GCS port, for an address given as a bare host
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "RayEngine needs Ray, which is not installed: pip install 'shoal[ray]'"
+        ) from None
+    return ray
+
+
+class RayEngine:
+    """Virtual nodes on Ray. ``app`` and ``data`` are recipes, built on every actor.
+
+    ``app`` is a :class:`Recipe` for a function returning the NodeApp. ``data`` is a
+    :class:`~shoal.data.spec.DataSpec` (node i gets its partition i) or a Recipe for a
+    function returning ``f(node_id) -> data``. ``address``: None starts a private Ray on
+    this machine; ``"auto"`` joins the cluster this machine belongs to; ``"host"`` or
+    ``"host:port"`` joins that cluster's head. Not reachable within ``connect_timeout_s``:
+    a TransportError. ``actors`` defaults to one per CPU of the cluster.
+    """
+
+    def __init__(
+        self,
+        *,
+        app: Recipe,
+        data: DataSpec | Recipe | None = None,
+        nodes: int | Sequence[str] | None = None,
+        address: str | None = None,
+        actors: int | None = None,
+        workers: int = 1,
+        seed: int = 0,
+        faults: Faults | None = None,
+        cache_size: int = 256,
+        connect_timeout_s: float = 30.0,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        if not isinstance(app, Recipe):
+            raise ConfigError(
+                "RayEngine takes app=Recipe('module:function') that builds the NodeApp on each "
+                f"worker (objects are never pickled), got {type(app).__name__}"
+            )
+        if data is not None and not isinstance(data, (DataSpec, Recipe)):
+            raise ConfigError(
+                "RayEngine takes data=DataSpec(...) or a Recipe for f(node_id) -> data, never "
+                f"the data itself; got {type(data).__name__}"
+            )
+        if nodes is None:
+            if not isinstance(data, DataSpec):
+                raise ConfigError("give RayEngine nodes=N (or data=DataSpec(...) with its nodes)")
+            nodes = data.nodes
+        ids = tuple(f"n{i}" for i in range(nodes)) if isinstance(nodes, int) else tuple(nodes)
+        if not ids:
+            raise ConfigError("a federation needs at least one node")
+        if len(set(ids)) != len(ids):
+            raise ConfigError("node ids must be unique")
+        if isinstance(data, DataSpec) and data.nodes != len(ids):
+            raise ConfigError(f"the data description has {data.nodes} nodes, not {len(ids)}")
+        if actors is not None and actors < 1:
+            raise ConfigError(f"actors must be at least 1, got {actors}")
+        if workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {workers}")
+        if cache_size < 0:
+            raise ConfigError(f"cache_size must be >= 0, got {cache_size}")
+        if not connect_timeout_s > 0:
+            raise ConfigError(f"connect_timeout_s must be positive, got {connect_timeout_s}")
+        self.faults = faults
+        self._ids = ids
+        self._index = {node_id: i for i, node_id in enumerate(ids)}
+        self._seed = seed
+        self._dispatches = 0
+        self._offline: set[str] = set()
+        self._ray = _import_ray()
+        self._started_ray = _connect(self._ray, address, connect_timeout_s)
+        self._hosts: list[Any] = []
+        try:
+            count = actors or max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+            config = json.dumps(
+                {
+                    "app": app.to_json(),
+                    "data": _describe(data),
+                    "nodes": nodes if isinstance(nodes, int) else list(ids),
+                    "seed": seed,
+                    "cache_size": cache_size,
+                    "workers": workers,
+                }
+            )
+            from shoal.runtime.ray.host import NodeHost
+
+            # Spread: one machine's loss then takes as few slots as possible with it.
+            remote = self._ray.remote(NodeHost).options(
+                num_cpus=1, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD"
+            )
+            self._hosts = [remote.remote(config) for _ in range(count)]
+            self._slots: list[int] = list(range(count))  # slot -> index of its live host
+            self._alive = [True] * count
+            self._check_ready(start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_ready(self, timeout_s: float) -> None:
+        ray = self._ray
+        refs = [host.ready.remote() for host in self._hosts]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            raise TransportError(
+                f"{len(pending)} of {len(refs)} Ray actors did not start within {timeout_s} s; "
+                "does the cluster have a free CPU per actor? (lower actors=)"
+            )
+        for problem in ray.get(refs):
+            if problem is not None:
+                raise ConfigError(problem)
+
+    # -- the Engine contract -------------------------------------------------------------
+
+    def node_ids(self) -> Sequence[str]:
+        return tuple(i for i in self._ids if i not in self._offline) if self._offline else self._ids
+
+    def set_offline(self, node_ids: Collection[str], offline: bool = True) -> None:
+        """Take nodes out of (or back into) the federation, as if they disconnected."""
+        if offline:
+            self._offline.update(node_ids)
+        else:
+            self._offline.difference_update(node_ids)
+
+    @property
+    def live_actors(self) -> int:
+        return sum(self._alive)
+
+    def dispatch(self, tasks: Sequence[Task], *, deadline_s: float) -> DispatchResult:
+        if deadline_s <= 0:
+            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
+        seen: set[str] = set()
+        for task in tasks:
+            if task.node_id not in self._index:
+                raise ConfigError(f"no node {task.node_id!r} in this federation")
+            if task.node_id in seen:
+                raise ConfigError(f"node {task.node_id!r} got two tasks in one dispatch")
+            seen.add(task.node_id)
+        if not self._hosts:
+            raise ConfigError("this RayEngine is closed")
+        self._dispatches += 1
+        draws = draw_faults(self.faults, self._seed, self._dispatches, len(tasks))
+        failures: dict[str, Failure] = {}
+        batches: dict[int, list[tuple[Task, float]]] = {}
+        for i, task in enumerate(tasks):
+            delay, failure = inject(self.faults, task, draws[i], deadline_s, self._offline)
+            if failure is not None:
+                failures[task.node_id] = failure
+                continue
+            host = self._host_of(task.node_id)
+            if host is None:
+                failures[task.node_id] = _failure(task, FailureKind.DROPPED, "no live Ray actor")
+            else:
+                batches.setdefault(host, []).append((task, delay))
+        outcomes = self._run(batches, deadline_s)
+        replies: dict[str, Reply] = {}
+        by_id = {task.node_id: task for task in tasks}
+        for task in tasks:  # in task order, as LocalEngine's one worker returns them
+            outcome = outcomes.get(task.node_id)
+            if outcome is None:
+                continue
+            kind, body, elapsed = outcome
+            if kind == "":
+                assert isinstance(body, bytes)
+                replies[task.node_id] = Reply(
+                    node_id=task.node_id, task_id=task.task_id, payload=body, elapsed_s=elapsed
+                )
+            else:
+                failures[task.node_id] = _failure(by_id[task.node_id], FailureKind(kind), str(body))
+        return DispatchResult(replies=replies, failures=failures)
+
+    def close(self) -> None:
+        hosts, self._hosts = self._hosts, []
+        for host in hosts:
+            with contextlib.suppress(Exception):  # already gone with its machine
+                self._ray.kill(host)
+        if self._started_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+            self._started_ray = False
+
+    # -- placement and batches -----------------------------------------------------------
+
+    def _host_of(self, node_id: str) -> int | None:
+        host = self._slots[self._index[node_id] % len(self._slots)]
+        return host if self._alive[host] else None
+
+    def _lost(self, host: int) -> None:
+        """Move every slot of a dead host to the next live host, in slot order."""
+        self._alive[host] = False
+        count = len(self._slots)
+        for slot, current in enumerate(self._slots):
+            if current != host:
+                continue
+            for step in range(1, count + 1):
+                candidate = (slot + step) % count
+                if self._alive[self._slots[candidate]]:
+                    self._slots[slot] = self._slots[candidate]
+                    break
+
+    def _run(
+        self, batches: dict[int, list[tuple[Task, float]]], deadline_s: float
+    ) -> dict[str, tuple[str, bytes | str, float]]:
+        """Send each host its batch; (kind, payload or detail, elapsed) per node."""
+        ray = self._ray
+        everything = [task for batch in batches.values() for task, _ in batch]
+        counts = Counter(id(task.payload) for task in everything)
+        shared_refs: dict[int, Any] = {}
+        for task in everything:  # a broadcast: into the object store once, not once per node
+            key = id(task.payload)
+            if counts[key] > 1 and key not in shared_refs:
+                shared_refs[key] = ray.put(_as_bytes(task.payload))
+        calls: dict[Any, tuple[int, list[tuple[Task, float]]]] = {}
+        for host, batch in batches.items():
+            refs: list[Any] = []  # this batch's shared payloads, in first-use order
+            slot_of: dict[int, int] = {}
+            for task, _ in batch:
+                key = id(task.payload)
+                if key in shared_refs and key not in slot_of:
+                    slot_of[key] = len(refs)
+                    refs.append(shared_refs[key])
+            inline: list[bytes] = []
+            rows = []
+            for task, delay in batch:
+                slot = slot_of.get(id(task.payload))
+                if slot is None:
+                    slot = len(refs) + len(inline)
+                    inline.append(_as_bytes(task.payload))
+                rows.append((task.node_id, task.name, task.task_id, task.keep_as, slot, delay))
+            call = self._hosts[host].run.remote(rows, inline, deadline_s, self._dispatches, *refs)
+            calls[call] = (host, batch)
+        outcomes: dict[str, tuple[str, bytes | str, float]] = {}
+        # A host runs its batch one task at a time, each bounded by the deadline at the host:
+        # past that (plus start-up slack) the host itself is stuck or gone.
+        budget = max(deadline_s * len(b) for b in batches.values()) + 60.0 if batches else 0.0
+        end = time.monotonic() + budget
+        pending = list(calls)
+        while pending:
+            done, pending = ray.wait(
+                pending, num_returns=1, timeout=max(0.0, end - time.monotonic())
+            )
+            if not done:
+                break
+            for call in done:
+                host, batch = calls[call]
+                try:
+                    for node_id, kind, body, elapsed in ray.get(call):
+                        outcomes[node_id] = (kind, body, elapsed)
+                except ray.exceptions.RayActorError as exc:
+                    self._lost(host)
+                    reason = f"Ray actor lost: {_first_line(exc)}"
+                    for task, _ in batch:
+                        outcomes[task.node_id] = (FailureKind.DROPPED.value, reason, 0.0)
+                except ray.exceptions.RayError as exc:
+                    reason = f"Ray failed the batch: {_first_line(exc)}"
+                    for task, _ in batch:
+                        outcomes[task.node_id] = (FailureKind.DROPPED.value, reason, 0.0)
+        late = (FailureKind.TIMEOUT.value, f"no answer from its Ray actor in {budget:.0f} s", 0.0)
+        for call in pending:
+            for task, _ in calls[call][1]:
+                outcomes.setdefault(task.node_id, late)
+        return outcomes
+
+
+def _describe(data: DataSpec | Recipe | None) -> dict[str, str] | None:
+    if data is None:
+        return None
+    if isinstance(data, DataSpec):
+        return {"kind": "spec", "body": data.to_json()}
+    return {"kind": "recipe", "body": data.to_json()}
+
+
+def _as_bytes(payload: bytes | memoryview) -> bytes:
+    return payload if isinstance(payload, bytes) else bytes(payload)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _failure(task: Task, kind: FailureKind, detail: str) -> Failure:
+    return Failure(node_id=task.node_id, task_id=task.task_id, kind=kind, detail=detail)
+
+
+def _connect(ray: Any, address: str | None, timeout_s: float) -> bool:
+    """Join (or start) Ray; True when this engine started it (and so shuts it down)."""
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": "ERROR",
+        "configure_logging": True,
+    }
+    if address is None:
+        ray.init(**options)
+        return True
+    target = _resolve(address)
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise TransportError(
+            f"Ray is not reachable at {address!r} ({target}): {exc}. Start the cluster first "
+            "(ray start --head on the head machine) or check the address and port"
+        ) from None
+    ray.init(address=target, **options)
+    return False
+
+
+def _resolve(address: str) -> str:
+    """ "auto", "host" or "host:port" -> "host:port" of the cluster's head."""
+    if address == "auto":
+        import os
+
+        found = os.environ.get("RAY_ADDRESS")
+        if not found:
+            try:  # the file `ray start` leaves on every machine of a cluster
+                from ray._private.services import canonicalize_bootstrap_address
+
+                found = canonicalize_bootstrap_address("auto")
+            except Exception:
+                found = None
+        if not found:
+            raise TransportError(
+                "address = 'auto' found no running Ray cluster on this machine; start one "
+                "(ray start --head) or give the head's host:port"
+            )
+        address = found
+    if address.startswith("ray://"):
+        raise ConfigError("Ray Client addresses (ray://) are not supported; give host:port")
+    if ":" not in address:
+        address = f"{address}:{DEFAULT_PORT}"
+    return address
