@@ -67,7 +67,7 @@ class RayEngine:
         faults: Faults | None = None,
         cache_size: int = 256,
         connect_timeout_s: float = 30.0,
-        start_timeout_s: float = 300.0,
+        start_timeout_s: float = 120.0,
     ) -> None:
         if not isinstance(app, Recipe):
             raise ConfigError(
@@ -109,6 +109,12 @@ class RayEngine:
         self._hosts: list[Any] = []
         try:
             count = actors or max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+            free = _free_cpus(self._ray, count, wait_s=10.0)
+            if free < count:
+                raise ConfigError(
+                    f"{count} actors need {count} free CPUs, but the Ray cluster has {free:g} "
+                    "free (another engine or job holds the rest); lower actors= or close it"
+                )
             config = json.dumps(
                 {
                     "app": app.to_json(),
@@ -295,6 +301,16 @@ class RayEngine:
             for task, _ in calls[call][1]:
                 outcomes.setdefault(task.node_id, late)
         return outcomes
+
+
+def _free_cpus(ray: Any, wanted: int, *, wait_s: float) -> float:
+    """The cluster's free CPUs, waiting a little for a closed engine's actors to let go."""
+    end = time.monotonic() + wait_s
+    while True:
+        free = float(ray.available_resources().get("CPU", 0.0))
+        if free >= wanted or time.monotonic() > end:
+            return free
+        time.sleep(0.2)
 
 
 def _describe(data: DataSpec | Recipe | None) -> dict[str, str] | None:
