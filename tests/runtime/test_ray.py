@@ -1,15 +1,14 @@
 """RayEngine on a real multi-node Ray cluster on 127.0.0.1 (one head, two worker nodes).
 
-One cluster serves the whole module (Ray starts slowly). The tests before the cluster
-fixture's first use need no cluster; the last test kills a worker node mid-round.
+The cluster (tests/runtime/conftest.py) is shared with the Engine contract suite, as Ray
+starts slowly; the last test here kills one of its worker nodes mid-round.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import re
+import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +19,10 @@ import pytest
 
 from shoal.cli.job import parse_job, simulate_job
 from shoal.core import Federation
-from shoal.data import DataSpec
-from shoal.errors import ConfigError, TransportError
+from shoal.errors import ConfigError
 from shoal.runtime import FailureKind, Faults, LocalEngine, Recipe, Task
+from shoal.runtime.availability import RandomAvailability
+from shoal.runtime.devices import Devices, VirtualClock
 from shoal.wire import decode, encode
 
 ray = pytest.importorskip("ray")
@@ -59,12 +59,27 @@ def test_without_ray_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
         RayEngine(app=APP, nodes=2)
 
 
-def test_an_unreachable_address_is_a_clear_error_not_a_hang() -> None:
-    assert not ray.is_initialized()
-    refused = pytest.raises(TransportError, match=r"not reachable at '127\.0\.0\.1:\d+'")
-    with socket_bound() as port, refused:  # bound, not listening: connections are refused
-        RayEngine(app=APP, nodes=2, address=f"127.0.0.1:{port}", connect_timeout_s=2)
-    assert not ray.is_initialized()
+def test_an_unreachable_address_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    # In a process of its own: this one may already be connected to the tests' cluster.
+    script = tmp_path / "connect.py"
+    script.write_text(
+        "import socket, sys\n"
+        "from shoal.errors import TransportError\n"
+        "from shoal.runtime import Recipe\n"
+        "from shoal.runtime.ray import RayEngine\n"
+        "sock = socket.socket(); sock.bind(('127.0.0.1', 0))  # bound, not listening\n"
+        "port = sock.getsockname()[1]\n"
+        "try:\n"
+        "    RayEngine(app=Recipe(target='m:f'), nodes=2, address=f'127.0.0.1:{port}',\n"
+        "              connect_timeout_s=2)\n"
+        "except TransportError as exc:\n"
+        "    print(exc); import ray; print('initialized', ray.is_initialized())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert re.search(r"not reachable at '127\.0\.0\.1:\d+'", done.stdout), done.stdout
+    assert "initialized False" in done.stdout
 
 
 def test_objects_and_arrays_are_refused_only_descriptions_cross() -> None:
@@ -95,80 +110,25 @@ def test_job_files_check_the_ray_engine_table(engine: dict[str, Any], message: s
         parse_job(raw)
 
 
-class socket_bound:
-    """A port on 127.0.0.1 that nothing listens on, held for the block."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        port: int = self.sock.getsockname()[1]
-        return port
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-
 # -- on the cluster -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[Any, list[Any]]]:
-    from ray.cluster_utils import Cluster
-
-    # Workers import the recipes' module by name: put it on their path (they inherit it).
-    old_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SUPPORT), old_path) if p)
-    temp = tempfile.mkdtemp(prefix="shoalray")  # short: Ray's socket paths must fit
-    head = {"num_cpus": 0, "include_dashboard": False, "temp_dir": temp}
-    made = Cluster(initialize_head=True, head_node_args=head)
-    try:
-        workers = [made.add_node(num_cpus=1) for _ in range(2)]
-        made.wait_for_nodes()
-        ray.init(address=made.address, log_to_driver=False, logging_level="ERROR")
-        yield made, workers
-    finally:
-        ray.shutdown()
-        made.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        if old_path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_path
+def cluster(ray_cluster: tuple[Any, list[Any]]) -> tuple[Any, list[Any]]:
+    return ray_cluster  # tests/runtime/conftest.py: head and two worker nodes on 127.0.0.1
 
 
 def test_a_job_gives_the_same_model_on_ray_and_locally(cluster: Any) -> None:
     local = simulate_job(parse_job(job()))
-    on_ray = simulate_job(parse_job(job(kind="ray", actors=2)))
+    on_ray = simulate_job(parse_job(job(kind="ray", actors=1)))
     for name, value in local.weights.items():
         np.testing.assert_array_equal(on_ray.weights[name], value)  # bit for bit
     assert on_ray.metrics["failed"] == local.metrics["failed"] > 0
 
 
-def test_a_data_description_that_cannot_be_built_fails_each_node(cluster: Any) -> None:
-    missing = DataSpec(path="/no/such/dir/data.csv", partition={"nodes": 3})
-    with RayEngineClosing(app=APP, data=missing, actors=1) as eng:
-        out = eng.dispatch(tasks("echo", encode({"x": 1}), eng.node_ids()), deadline_s=30)
-    assert not out.replies
-    assert {f.kind for f in out.failures.values()} == {FailureKind.ERROR}
-    assert "does not exist" in out.failures["n0"].detail
-
-
 def test_an_app_recipe_that_cannot_be_built_stops_the_engine_at_start(cluster: Any) -> None:
     with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
         RayEngine(app=Recipe(target="no_such_module:app"), nodes=2, actors=1)
-
-
-class RayEngineClosing:
-    def __init__(self, **kw: Any) -> None:
-        self.engine = RayEngine(**kw)
-
-    def __enter__(self) -> RayEngine:
-        return self.engine
-
-    def __exit__(self, *exc: object) -> None:
-        self.engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +195,39 @@ def test_seeds_and_faults_match_local_engine_dispatch_by_dispatch(engine: RayEng
         engine.faults = None
 
 
+def test_devices_availability_and_the_clock_match_local_engine(engine: RayEngine) -> None:
+    """Cross-device simulation: the virtual clock is the driver's, judged as LocalEngine
+    judges it (nominal compute here, so even the elapsed times agree)."""
+    nodes = [n for n in engine.node_ids() if n != "n4"]
+    setup: dict[str, Any] = {
+        "devices": Devices(
+            speed=np.array([1.0, 0.5, 0.1, 1.0, 1.0, 0.25]), down_mbps=1.0, compute_s={"draw": 2.0}
+        ),
+        "availability": RandomAvailability(online_fraction=0.7, slot_s=30.0, seed=1),
+    }
+    twin = local_twin(nodes=NODES, seed=7, **setup)
+    engine.devices, engine.availability, engine.clock = (*setup.values(), VirtualClock())
+    try:
+        while twin._dispatches < engine._dispatches:
+            twin.dispatch([], deadline_s=1)
+        kinds: set[FailureKind] = set()
+        for _ in range(4):
+            assert engine.node_ids() == twin.node_ids()
+            work = tasks("draw", encode({"pad": np.zeros(2000)}), nodes)
+            on_ray, local = engine.dispatch(work, deadline_s=5), twin.dispatch(work, deadline_s=5)
+            assert {n: f.detail for n, f in on_ray.failures.items()} == {
+                n: f.detail for n, f in local.failures.items()
+            }
+            kinds.update(f.kind for f in local.failures.values())
+            assert {n: r.elapsed_s for n, r in on_ray.replies.items()} == {
+                n: r.elapsed_s for n, r in local.replies.items()
+            }
+            assert engine.clock.now == twin.clock.now > 0
+        assert {FailureKind.DROPPED, FailureKind.TIMEOUT} <= kinds  # offline and too slow
+    finally:
+        engine.devices, engine.availability, engine.clock = None, None, VirtualClock()
+
+
 def test_a_worker_machine_lost_mid_round(cluster: tuple[Any, list[Any]], engine: RayEngine) -> None:
     """Kill one worker node while a round runs: its nodes fail as dropped, the round ends
     with the others (min_nodes allowing), and the next round runs every node on the survivor."""
@@ -243,7 +236,10 @@ def test_a_worker_machine_lost_mid_round(cluster: tuple[Any, list[Any]], engine:
     group = fed.group([n for n in engine.node_ids() if n != "n4"])
     before = engine.dispatch(tasks("count", encode({}), group.node_ids), deadline_s=30)
     assert not before.failures
-    killer = threading.Timer(1.0, made.remove_node, args=(workers[1],))
+    # The worker machine hosting n0's actor goes.
+    where = decode(before.replies["n0"].payload)["ray_node"]
+    (victim,) = [w for w in workers if w.node_id == where]
+    killer = threading.Timer(1.0, made.remove_node, args=(victim,))
     killer.start()
     try:
         values = group.map("slow", s=0.8)  # ~2 s per actor's batch of 2-3 nodes

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -236,13 +239,90 @@ def grpc_kit(root: Path, nodes: Sequence[str]) -> Iterator[EngineKit]:
         kit.close()
 
 
+# -- RayEngine: the same virtual nodes in Ray actors, on a private Ray on 127.0.0.1 ------------
+
+RAY_SUPPORT = Path(__file__).resolve().parents[1] / "ray_support"
+
+
+class RayKit:
+    name = "ray"
+
+    def __init__(self, root: Path, nodes: Sequence[str]) -> None:
+        import ray  # not installed: the kit is skipped
+
+        from shoal.runtime import Recipe
+        from shoal.runtime.ray import RayEngine
+
+        self.nodes = tuple(nodes)
+        self.temp: str | None = None
+        if not ray.is_initialized():
+            # Actors import the apps' recipe module by name: their path comes from this
+            # process's environment when Ray starts. A short temp dir: socket paths must fit.
+            self.temp = tempfile.mkdtemp(prefix="shoalray")
+            old = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(RAY_SUPPORT), old) if p)
+            try:
+                ray.init(
+                    num_cpus=4,  # logical CPUs: room for the suite's engine and a fresh one
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level="ERROR",
+                    _temp_dir=self.temp,
+                )
+            finally:
+                if old is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = old
+        app = Recipe(target="shoal_ray_apps:contract_apps", options={"nodes": list(self.nodes)})
+        self.engine = RayEngine(app=app, nodes=self.nodes, actors=min(2, len(self.nodes)), seed=3)
+        self.hosts = list(self.engine._hosts)
+
+    def audit(self, node_id: str) -> Audit:
+        return self.engine.node_audit(node_id)
+
+    def disconnect(self, node_id: str) -> None:
+        self.engine.set_offline([node_id])
+
+    def reconnect(self, node_id: str) -> None:
+        self.engine.set_offline([node_id], offline=False)
+
+    def leftovers(self) -> list[str]:
+        import ray
+
+        left = []
+        for host in self.hosts:
+            try:  # a killed actor fails the call; a live one would answer
+                ray.get(host.ready.remote(), timeout=30)
+                left.append("a Ray actor still answers")
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+        return left
+
+    def close(self) -> None:
+        import ray
+
+        self.engine.close()
+        if self.temp is not None:
+            ray.shutdown()
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_kit(root: Path, nodes: Sequence[str]) -> Iterator[EngineKit]:
+    kit = RayKit(root, nodes)
+    try:
+        yield kit
+    finally:
+        kit.close()
+
+
 # -- the registry ---------------------------------------------------------------------------------
 
 ENGINES: dict[str, KitFactory | None] = {
     "local": local_kit,
     "grpc": grpc_kit,
-    # RayEngine: put its kit factory here (see local_kit); skipped until then.
-    "ray": None,
+    "ray": ray_kit,
 }
 
 
@@ -267,6 +347,8 @@ def _open_kit(name: str, root: Path, nodes: Sequence[str] = apps.NODES) -> Itera
 def kit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One engine serving every node of the suite, shared by the tests of a module (node
     processes cost seconds to start): tests use their own task ids and state keys."""
+    if request.param == "ray":  # the Ray cluster RayEngine's own tests use (../conftest.py)
+        request.getfixturevalue("ray_cluster")
     with _open_kit(request.param, tmp_path_factory.mktemp(request.param)) as kit:
         yield kit
 

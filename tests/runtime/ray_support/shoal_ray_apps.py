@@ -21,9 +21,11 @@ def app() -> NodeApp:
     @node_app.task("count")
     def count(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
         # Per-node state: must persist across dispatches to the same node.
+        import ray
+
         n = ctx.state.get("n", 0) + 1
         ctx.state["n"] = n
-        return {"n": n, "pid": os.getpid()}
+        return {"n": n, "pid": os.getpid(), "ray_node": ray.get_runtime_context().get_node_id()}
 
     @node_app.task("echo")
     def echo(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -51,3 +53,23 @@ def data(*, broken: list[str]) -> Callable[[str], Any]:
         return np.arange(i, 2 * i + 1, dtype=float)
 
     return node
+
+
+def contract_apps(*, nodes: list[str]) -> NodeApp:
+    """The Engine contract suite's apps (tests/runtime/contract/apps.py), one per node."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from shoal.runtime.roles import NodeApps
+
+    name = "shoal_contract_apps"
+    module = sys.modules.get(name)
+    if module is None:
+        path = Path(__file__).resolve().parents[1] / "contract" / "apps.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return NodeApps({n: module.build_app(n) for n in nodes})

@@ -15,17 +15,23 @@ description, with fresh state, as a restarted node would.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import numpy as np
+
 from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError, TransportError
+from shoal.runtime.availability import Availability
+from shoal.runtime.devices import Devices, VirtualClock
 from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
-from shoal.runtime.local import Faults, draw_faults, inject
+from shoal.runtime.local import Faults, draw_faults, inject, virtual_outcome
 from shoal.runtime.recipe import Recipe
 
 __all__ = ["RayEngine"]
@@ -68,6 +74,9 @@ class RayEngine:
         cache_size: int = 256,
         connect_timeout_s: float = 30.0,
         start_timeout_s: float = 120.0,
+        availability: Availability | None = None,
+        devices: Devices | None = None,
+        clock: VirtualClock | None = None,
     ) -> None:
         if not isinstance(app, Recipe):
             raise ConfigError(
@@ -98,6 +107,14 @@ class RayEngine:
             raise ConfigError(f"cache_size must be >= 0, got {cache_size}")
         if not connect_timeout_s > 0:
             raise ConfigError(f"connect_timeout_s must be positive, got {connect_timeout_s}")
+        if devices is not None and devices.nodes not in (None, len(ids)):
+            raise ConfigError(f"Devices describe {devices.nodes} nodes, not {len(ids)}")
+        # The virtual clock, availability and devices stay here, in the driver: actors only
+        # measure compute, and every node's time is judged as LocalEngine judges it.
+        self.availability = availability
+        self.devices = devices
+        self.clock = clock if clock is not None else VirtualClock()
+        self._lock = threading.Lock()
         self.faults = faults
         self._ids = ids
         self._index = {node_id: i for i, node_id in enumerate(ids)}
@@ -155,7 +172,33 @@ class RayEngine:
     # -- the Engine contract -------------------------------------------------------------
 
     def node_ids(self) -> Sequence[str]:
-        return tuple(i for i in self._ids if i not in self._offline) if self._offline else self._ids
+        """Nodes online now: not taken offline, and online at ``clock.now`` by availability."""
+        ids: Sequence[str] = self._ids
+        mask = self._online(self.clock.now)
+        if mask is not None:
+            ids = tuple(itertools.compress(ids, mask))
+        if self._offline:
+            ids = tuple(i for i in ids if i not in self._offline)
+        return ids
+
+    def _online(self, t: float) -> np.ndarray | None:
+        if self.availability is None:
+            return None
+        mask = np.asarray(self.availability.online(t, len(self._ids)), dtype=bool)
+        if mask.shape != (len(self._ids),):
+            raise ConfigError(f"availability gave a mask of shape {mask.shape}")
+        return mask
+
+    def node_audit(self, node_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """A node's own audit log as (action, detail), oldest first: read from the actor
+        hosting it (tests and debugging only: servers never see it)."""
+        if node_id not in self._index:
+            raise ConfigError(f"no node {node_id!r} in this federation")
+        host = self._host_of(node_id)
+        if host is None:
+            return []
+        text = self._ray.get(self._hosts[host].audit.remote(node_id))
+        return [(action, detail) for action, detail in json.loads(text)]
 
     def set_offline(self, node_ids: Collection[str], offline: bool = True) -> None:
         """Take nodes out of (or back into) the federation, as if they disconnected."""
@@ -180,11 +223,21 @@ class RayEngine:
             seen.add(task.node_id)
         if not self._hosts:
             raise ConfigError("this RayEngine is closed")
-        self._dispatches += 1
-        draws = draw_faults(self.faults, self._seed, self._dispatches, len(tasks))
+        with self._lock:  # dispatches from several threads each get their own number
+            self._dispatches += 1
+            dispatch = self._dispatches
+        draws = draw_faults(self.faults, self._seed, dispatch, len(tasks))
+        start = self.clock.now
+        online = self._online(start)
         failures: dict[str, Failure] = {}
+        runnable: list[tuple[Task, float]] = []
         batches: dict[int, list[tuple[Task, float]]] = {}
         for i, task in enumerate(tasks):
+            if online is not None and not online[self._index[task.node_id]]:
+                failures[task.node_id] = _failure(
+                    task, FailureKind.DROPPED, f"node is offline at t={start:.6g} s"
+                )
+                continue
             delay, failure = inject(self.faults, task, draws[i], deadline_s, self._offline)
             if failure is not None:
                 failures[task.node_id] = failure
@@ -193,22 +246,44 @@ class RayEngine:
             if host is None:
                 failures[task.node_id] = _failure(task, FailureKind.DROPPED, "no live Ray actor")
             else:
+                runnable.append((task, delay))
                 batches.setdefault(host, []).append((task, delay))
-        outcomes = self._run(batches, deadline_s)
+        outcomes = self._run(batches, deadline_s, dispatch)
         replies: dict[str, Reply] = {}
-        by_id = {task.node_id: task for task in tasks}
-        for task in tasks:  # in task order, as LocalEngine's one worker returns them
-            outcome = outcomes.get(task.node_id)
-            if outcome is None:
+        ends: dict[str, float] = {}
+        for task, delay in runnable:
+            kind, body, measured = outcomes[task.node_id]
+            if kind != "":
+                failures[task.node_id] = _failure(task, FailureKind(kind), str(body))
                 continue
-            kind, body, elapsed = outcome
-            if kind == "":
-                assert isinstance(body, bytes)
-                replies[task.node_id] = Reply(
-                    node_id=task.node_id, task_id=task.task_id, payload=body, elapsed_s=elapsed
-                )
+            assert isinstance(body, bytes)
+            answer = Reply(
+                node_id=task.node_id, task_id=task.task_id, payload=body, elapsed_s=measured
+            )
+            judged = virtual_outcome(
+                answer,
+                task=task,
+                index=self._index[task.node_id],
+                nodes=len(self._ids),
+                delay=delay,
+                deadline_s=deadline_s,
+                start=start,
+                ends=ends,
+                devices=self.devices,
+                availability=self.availability,
+            )
+            if isinstance(judged, Reply):
+                replies[task.node_id] = judged
             else:
-                failures[task.node_id] = _failure(by_id[task.node_id], FailureKind(kind), str(body))
+                failures[task.node_id] = judged
+        # As in LocalEngine: the dispatch ends with its slowest answer (a timeout: at the
+        # deadline), as if every node had run in parallel.
+        for node_id, failure in failures.items():
+            if failure.kind is FailureKind.TIMEOUT:
+                ends[node_id] = deadline_s
+        self.clock.now = start + max(ends.values(), default=0.0)
+        order = {task.node_id: i for i, task in enumerate(tasks)}
+        failures = dict(sorted(failures.items(), key=lambda item: order[item[0]]))
         return DispatchResult(replies=replies, failures=failures)
 
     def close(self) -> None:
@@ -228,6 +303,10 @@ class RayEngine:
 
     def _lost(self, host: int) -> None:
         """Move every slot of a dead host to the next live host, in slot order."""
+        with self._lock:
+            self._move_slots(host)
+
+    def _move_slots(self, host: int) -> None:
         self._alive[host] = False
         count = len(self._slots)
         for slot, current in enumerate(self._slots):
@@ -240,9 +319,13 @@ class RayEngine:
                     break
 
     def _run(
-        self, batches: dict[int, list[tuple[Task, float]]], deadline_s: float
+        self, batches: dict[int, list[tuple[Task, float]]], deadline_s: float, dispatch: int
     ) -> dict[str, tuple[str, bytes | str, float]]:
-        """Send each host its batch; (kind, payload or detail, elapsed) per node."""
+        """Send each host its batch; (kind, payload or detail, measured compute) per node.
+
+        Hosts get no injected delay: they measure compute only (and abandon a task that
+        really hangs past the deadline); the driver judges each answer on the virtual clock.
+        """
         ray = self._ray
         everything = [task for batch in batches.values() for task, _ in batch]
         counts = Counter(id(task.payload) for task in everything)
@@ -262,13 +345,13 @@ class RayEngine:
                     refs.append(shared_refs[key])
             inline: list[bytes] = []
             rows = []
-            for task, delay in batch:
+            for task, _ in batch:
                 slot = slot_of.get(id(task.payload))
                 if slot is None:
                     slot = len(refs) + len(inline)
                     inline.append(_as_bytes(task.payload))
-                rows.append((task.node_id, task.name, task.task_id, task.keep_as, slot, delay))
-            call = self._hosts[host].run.remote(rows, inline, deadline_s, self._dispatches, *refs)
+                rows.append((task.node_id, task.name, task.task_id, task.keep_as, slot, 0.0))
+            call = self._hosts[host].run.remote(rows, inline, deadline_s, dispatch, *refs)
             calls[call] = (host, batch)
         outcomes: dict[str, tuple[str, bytes | str, float]] = {}
         # A host runs its batch one task at a time, each bounded by the deadline at the host:

@@ -17,6 +17,7 @@ from shoal.errors import ConfigError
 from shoal.runtime.app import NodeApp
 from shoal.runtime.engine import Reply, Task
 from shoal.runtime.local import LocalEngine
+from shoal.runtime.nodestate import NODE_STATE_KEY
 from shoal.runtime.recipe import Recipe
 
 __all__ = ["NodeHost"]
@@ -81,6 +82,14 @@ class NodeHost:
         ]
         out.extend((f.node_id, f.kind.value, f.detail, 0.0) for f in result.failures.values())
         return out
+
+    def audit(self, node_id: str) -> str:
+        """The node's own audit log as JSON [[action, detail], ...] (tests and debugging)."""
+        if self.problem is not None:
+            return "[]"
+        state = self.engine.node_state(node_id).get(NODE_STATE_KEY)
+        entries = [] if state is None else [(e.action, dict(e.detail)) for e in state.entries]
+        return json.dumps(entries, default=str)
 
     def close(self) -> None:
         if self.problem is None:
