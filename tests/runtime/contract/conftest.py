@@ -263,6 +263,7 @@ class RayKit:
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(RAY_SUPPORT), old) if p)
             try:
                 ray.init(
+                    address="local",
                     num_cpus=4,  # logical CPUs: room for the suite's engine and a fresh one
                     include_dashboard=False,
                     log_to_driver=False,

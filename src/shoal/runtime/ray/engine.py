@@ -428,7 +428,9 @@ def _connect(ray: Any, address: str | None, timeout_s: float) -> bool:
         "configure_logging": True,
     }
     if address is None:
-        ray.init(**options)
+        # "local": a new private instance even if a cluster runs on this machine (ray.init()
+        # alone would join it).
+        ray.init(address="local", **options)
         return True
     target = _resolve(address)
     host, _, port = target.rpartition(":")
