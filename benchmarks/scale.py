@@ -11,7 +11,8 @@ fresh process of its own, interleaved repeat by repeat (floor, local, ray, floor
   built before the call, as in simulation.py.
 * ``ray``: ``simulate(..., engine=RayEngine(...))`` on a private Ray started in the child
   (``ray.init(num_cpus=--cpus)``, one actor per CPU). The actors build their nodes' data
-  themselves from a recipe (``scale:shards``, the same seeded rule) on first use and cache it.
+  themselves from a recipe (``scale:shards``, the same seeded rule) on first use and cache
+  all of it (``cache_size=N``).
 * ``flower``: Flower 1.42's Ray simulation (``benchmarks/simulation_flower.py``) in its own
   venv, each client's data built once per Ray actor and cached, ``--cpus`` actors.
 
@@ -110,9 +111,10 @@ def child(row: str, nodes: int, rounds: int, seed: int, cpus: int) -> dict[str, 
             target="shoal.learn.tasks:model_app",
             options={"model": "softmax_regression", "features": FEATURES, "classes": CLASSES},
         )
-        engine = RayEngine(
-            app=app, data=Recipe(target="scale:shards", options={"seed": seed}), nodes=nodes
-        )
+        # Every node's data cached in its actor once built (cache_size=nodes), as the floor
+        # holds all its nodes' data and Flower's runner caches each client's per actor.
+        data = Recipe(target="scale:shards", options={"seed": seed})
+        engine = RayEngine(app=app, data=data, nodes=nodes, cache_size=nodes)
         options["engine"] = engine
     c0, t0 = time.process_time(), time.perf_counter()
     try:
