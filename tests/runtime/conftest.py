@@ -29,6 +29,11 @@ def ray_cluster() -> Iterator[tuple[Any, list[Any]]]:
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(RAY_SUPPORT), old_path) if p)
     temp = tempfile.mkdtemp(prefix="shoalray")  # short: Ray's socket paths must fit
+    # Cluster() records its address in the default Ray temp dir ($RAY_TMPDIR/ray), which
+    # only a Ray started with default settings creates: on a fresh machine it is missing.
+    old_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp
+    os.makedirs(os.path.join(temp, "ray"), exist_ok=True)
     head = {"num_cpus": 0, "include_dashboard": False, "temp_dir": temp}
     made = Cluster(initialize_head=True, head_node_args=head)
     try:
@@ -40,6 +45,10 @@ def ray_cluster() -> Iterator[tuple[Any, list[Any]]]:
         ray.shutdown()
         made.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+        if old_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old_tmpdir
         if old_path is None:
             os.environ.pop("PYTHONPATH", None)
         else:
