@@ -81,6 +81,12 @@ def write_party(path: Path, rows: Sequence[tuple], patients: Sequence[tuple] | N
             con.executemany("INSERT INTO patients VALUES (?, ?)", list(patients))
         con.commit()
         con.close()
+    elif suffix == ".parquet":  # typed columns, written by DuckDB itself
+        con = duckdb.connect()
+        con.execute(f"CREATE TABLE visits ({SCHEMA})")
+        insert(con, rows)
+        con.execute("COPY visits TO ? (FORMAT parquet)", [str(path)])
+        con.close()
     else:
         with path.open("w", newline="") as f:
             w = csv.writer(f)

@@ -1,4 +1,5 @@
-"""A deployed query: a coordinator and three party processes on 127.0.0.1 over mutual TLS."""
+"""A deployed query: a coordinator and three `shoal node --db` processes (DuckDB, SQLite and
+Parquet files) on 127.0.0.1 over mutual TLS."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_deployed_query_matches_pooled_duckdb(tmp_path: Path) -> None:
     fs = Federated(
         tmp_path,
         [make_rows(rng, n, 1000 * i) for i, n in enumerate((60, 80, 70))],
-        ["duckdb", "sqlite", "csv"],
+        ["duckdb", "sqlite", "parquet"],
     )
     names = [p.name for p in fs.parties]
     store = Store(tmp_path / "registry.db")
@@ -82,7 +83,7 @@ def test_deployed_query_matches_pooled_duckdb(tmp_path: Path) -> None:
         subprocess.Popen(
             [
                 *cli,
-                "analytics-node",
+                "node",
                 "--db",
                 p.path,
                 "--coordinator",

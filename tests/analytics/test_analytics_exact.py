@@ -62,6 +62,20 @@ def test_exact_equals_duckdb_on_pooled_rows(three: Federated, sql: str, duck: st
     assert_same(result.rows, three.duck(duck or sql))
 
 
+def test_parquet_and_csv_parties_loaded_into_duckdb(tmp_path: Path) -> None:
+    """Parquet and CSV parties (each loaded into an in-memory DuckDB) answer exactly,
+    NULLs in a Parquet column included."""
+    rng = np.random.default_rng(5)
+    parts = [make_rows(rng, n, offset=10_000 * i) for i, n in enumerate((90, 120, 60))]
+    fs = Federated(tmp_path, parts, ["parquet", "parquet", "csv"])
+    assert Path(fs.parties[0].path).read_bytes()[:4] == b"PAR1"
+    config = fs.config()
+    for sql, duck in QUERIES[:5]:
+        result = query(federation(config), sql, config=config)
+        assert set(result.parties) == {"party0", "party1", "party2"}
+        assert_same(result.rows, fs.duck(duck or sql))
+
+
 def test_quantiles_within_one_bin(three: Federated) -> None:
     config = three.config(bins=500)
     for q in (0.0, 0.1, 0.5, 0.9, 1.0):

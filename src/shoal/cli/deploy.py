@@ -215,10 +215,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     node.add_argument("--key", required=True, metavar="KEYFILE", help="this node's private key")
     node.add_argument(
         "--job",
-        required=True,
         metavar="JOB.toml",
         help="the coordinator's job file (model and hyper-parameters; checked against the "
-        "coordinator's)",
+        "coordinator's); not with --db, whose queries carry their own declarations",
     )
     # required for row-partitioned jobs (checked in _node); a vertical party's CSV comes
     # from its job file, and the arbiter holds no data
@@ -227,6 +226,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--partition", metavar="I/N", help="use slice I of N of the job's data set (testing)"
     )
     source.add_argument("--data", metavar="FILE", help="this node's data (.csv or .npz)")
+    source.add_argument(
+        "--db",
+        metavar="FILE",
+        help="federated analytics: answer `shoal query --listen`'s SQL on this database "
+        "(DuckDB, SQLite, CSV or Parquet) instead of training",
+    )
     node.add_argument("--dataset", metavar="NAME", help="with --partition: must be the job's")
     node.add_argument("--label", default="label", help="label column of a CSV file")
     node.add_argument("--classes", type=positive_int, help="number of classes (with --data)")
@@ -274,6 +279,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "firewall that lets only the gRPC port through)",
     )
     node.add_argument("--verbose", action="store_true", help="log connection events")
+    analytics = node.add_argument_group("analytics (with --db; see docs/analytics.md)")
+    analytics.add_argument("--table", help="the table a CSV/Parquet file is loaded as")
+    analytics.add_argument(
+        "--require-dp", action="store_true", help="decline exact and central-noise queries"
+    )
+    analytics.add_argument(
+        "--privacy-unit", metavar="COLUMN", help="the owner's privacy unit (overrides the query's)"
+    )
     node.set_defaults(func=_node)
 
 
@@ -668,6 +681,16 @@ def _node(args: argparse.Namespace) -> int:
         public_key_bytes,
     )
 
+    if args.db:
+        from shoal.cli.query import run_node
+
+        if args.job:
+            raise ConfigError(
+                "--db serves analytics queries, which carry their own declarations: drop --job"
+            )
+        return run_node(args)
+    if not args.job:
+        raise ConfigError("give --job JOB.toml (or --db FILE to serve analytics queries)")
     if is_vertical(args.job):
         return serve_party(args)
     if not args.partition and not args.data:

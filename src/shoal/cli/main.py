@@ -37,7 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scan": ("shoal.cli.scan", "check model files for code that would run when loaded"),
     "query": ("shoal.cli.query", "answer a SQL query across an analytics job's parties"),
     "audit": ("shoal.cli.audit", "verify or show an audit trail (a store or a node's state)"),
-    "analytics-node": ("shoal.cli.query", "serve a party's database to `shoal query --listen`"),
+    "analytics-node": (
+        "shoal.cli.query",
+        "alias of `shoal node --db FILE` (serve a database to `shoal query`)",
+    ),
 }
 
 EPILOG = """\

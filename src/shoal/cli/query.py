@@ -4,7 +4,7 @@ The job file's ``[analytics]`` table declares the parties' data, the table, the 
 bounds and categories; ``[privacy]`` (optional) the per-query epsilon. Without it, answers
 are exact and protected only by the secure sum. By default the parties are simulated in
 this process; with ``--listen`` this process is the coordinator of a deployment whose parties
-run ``shoal analytics-node --db FILE`` (gRPC, mutual TLS), and answers each ``--sql`` (or
+run ``shoal node --db FILE`` (gRPC, mutual TLS), and answers each ``--sql`` (or
 each line of stdin with ``--sql -``).
 """
 
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--exact", action="store_true", help="ignore [privacy]: exact, secure-sum-only answer"
     )
-    deployed = parser.add_argument_group("deployed (a coordinator for analytics-node parties)")
+    deployed = parser.add_argument_group("deployed (a coordinator for `shoal node --db` parties)")
     deployed.add_argument("--listen", metavar="HOST:PORT", help="serve parties here")
     deployed.add_argument("--certs", metavar="DIR", help="certificate directory (shoal certs)")
     deployed.add_argument(
@@ -79,9 +79,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     node = subparsers.add_parser(
         "analytics-node",
-        help="serve this party's database to an analytics coordinator",
-        description="Connect to `shoal query --listen` and answer its queries on --db; "
-        "the owner's rules (--require-dp, --max-epsilon, --privacy-unit) are enforced here.",
+        help="alias of `shoal node --db FILE`: serve a party's database",
+        description="The same as `shoal node --db FILE` (kept as an alias): connect to "
+        "`shoal query --listen` and answer its queries on --db; the owner's rules "
+        "(--require-dp, --max-epsilon, --privacy-unit) are enforced here.",
     )
     node.add_argument("--db", required=True, help="DuckDB, SQLite, CSV or Parquet file")
     node.add_argument("--table", help="the table a CSV/Parquet file is loaded as")
@@ -219,9 +220,18 @@ def _deployed(
 
 
 def run_node(args: argparse.Namespace) -> int:
+    """A party serving its database: ``shoal node --db FILE`` (and its older alias
+    ``shoal analytics-node``), with the analytics and secure-sum tasks installed."""
     from shoal.analytics import Database, NodePolicy
     from shoal.analytics.simulate import node_app
-    from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, load_private_key
+    from shoal.runtime.grpc import (
+        Backoff,
+        ClientTLS,
+        NodeClient,
+        fingerprint,
+        load_private_key,
+        public_key_bytes,
+    )
 
     policy = NodePolicy(
         require_dp=args.require_dp,
@@ -235,18 +245,31 @@ def run_node(args: argparse.Namespace) -> int:
         tls = None
     elif args.certs:
         name = args.cert_name or Path(args.key).name.removesuffix(".key")
-        tls = ClientTLS.from_dir(args.certs, name=name)
+        tls = ClientTLS.from_dir(
+            args.certs, name=name, server_name=getattr(args, "server_name", None)
+        )
     else:
         raise ConfigError("an analytics node needs --certs DIR (or --insecure for tests)")
+    key = load_private_key(args.key)
+    node_state = None
+    state = getattr(args, "state", None)
+    if state:
+        from shoal.runtime import open_node_state
+
+        # The owner's ledger survives restarts; the file is bound to this node's key.
+        node_state = open_node_state(state, owner=fingerprint(public_key_bytes(key)))
+    backoff = getattr(args, "backoff", 0.2)
     client = NodeClient(
         app=node_app(policy),
         coordinator=args.coordinator,
-        key=load_private_key(args.key),
+        key=key,
         data=str(Path(args.db).resolve()),
+        node_state=node_state,
         tls=tls,
         insecure=bool(args.insecure),
-        backoff=Backoff(initial_s=0.2, max_s=5.0),
+        backoff=Backoff(initial_s=backoff, max_s=max(backoff, getattr(args, "backoff_max", 5.0))),
         max_idle_s=args.max_idle,
+        lane=not getattr(args, "no_data_lane", False),
     )
     print(f"analytics node serving {args.db} to {args.coordinator}", flush=True)
     outcome = client.run()
