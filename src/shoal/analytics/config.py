@@ -35,13 +35,17 @@ class Party:
 
 @dataclass(frozen=True, kw_only=True)
 class Privacy:
-    """Pure epsilon-DP per query (Laplace). ``distributed``: each party adds a share of the
-    noise inside the secure sum; ``central``: the coordinator adds it after the sum."""
+    """Epsilon-DP per query. ``distributed``: each party adds a share of the noise inside the
+    secure sum; ``central``: the coordinator adds it after the sum. ``noise``: ``laplace``
+    (pure epsilon-DP, continuous shares) or ``skellam`` (distributed only: integer-scaled
+    statistics with integer Skellam shares, (epsilon, delta)-DP; key selection stays
+    Laplace)."""
 
     epsilon: float
     mode: Mode = "distributed"
-    delta: float = 0.0  # only for the ledger's (epsilon, delta) conversion; Laplace needs none
+    delta: float = 0.0  # Laplace: only for the ledger's (epsilon, delta) reading
     key_selection_share: float = 0.5  # of epsilon, for GROUP BY on undeclared keys
+    noise: str = "laplace"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < math.inf):
@@ -52,6 +56,18 @@ class Privacy:
             )
         if not 0 < self.key_selection_share < 1:
             raise ConfigError("[privacy] key_selection_share must be in (0, 1)")
+        if self.noise not in ("laplace", "skellam"):
+            raise ConfigError(f"[privacy] noise must be 'laplace' or 'skellam', got {self.noise!r}")
+        if self.noise == "skellam":
+            if self.mode != "distributed":
+                raise ConfigError(
+                    "[privacy] noise = 'skellam' is distributed noise: use mode = 'distributed'"
+                )
+            if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+                raise ConfigError(
+                    "[privacy] noise = 'skellam' is (epsilon, delta)-DP: give delta in (0, 1), "
+                    "e.g. delta = 1e-6"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,7 +184,7 @@ def privacy_from_dict(raw: Mapping[str, Any] | None) -> Privacy | None:
     """The ``[privacy]`` table of an analytics job (None: exact, secure-sum-only answers)."""
     if raw is None:
         return None
-    allowed = {"epsilon", "delta", "mode", "key_selection_share"}
+    allowed = {"epsilon", "delta", "mode", "key_selection_share", "noise"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"[privacy]: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

@@ -19,7 +19,14 @@ from shoal.analytics.config import AnalyticsConfig, Privacy
 from shoal.analytics.dialect import Plan, evaluate, parse
 from shoal.analytics.party import END, Domain, key_from_bytes, key_of
 from shoal.analytics.stats import Block, answer, blocks_for, laplace_scales, scales, unflatten
-from shoal.analytics.tasks import KEYS_TASK, STATS_TASK, join_exact, secure_range
+from shoal.analytics.tasks import (
+    KEYS_TASK,
+    STATS_TASK,
+    SkellamLayout,
+    join_exact,
+    secure_range,
+    skellam_layout,
+)
 from shoal.errors import AggregationError, QueryError
 
 __all__ = ["QueryResult", "query"]
@@ -73,8 +80,15 @@ class _Summer:
         self.parties: tuple[str, ...] = ()
         self.notes: list[str] = []
 
-    def run(self, task: str, payload: dict[str, Any], laplace: np.ndarray | None) -> np.ndarray:
-        """The summed vector, un-noised (exact) or with Laplace(``laplace``) noise in total."""
+    def run(
+        self,
+        task: str,
+        payload: dict[str, Any],
+        laplace: np.ndarray | None,
+        skellam: SkellamLayout | None = None,
+    ) -> np.ndarray:
+        """The summed vector, un-noised (exact) or with Laplace(``laplace``) noise in total;
+        with ``skellam``, the summed integers, carrying Skellam(mu) noise in total."""
         from shoal.aggregate import Chain
         from shoal.crypto import SecureSum
 
@@ -86,6 +100,8 @@ class _Summer:
             if priv is None
             else {"epsilon": epsilon, "mode": priv.mode, "shares": len(self.group)}
         )
+        if priv is not None and skellam is not None:
+            payload["privacy"] |= {"noise": "skellam", "delta": priv.delta}
         values = self.group.map(task, min_nodes=self.min_nodes, **payload)
         for node, failure in values.failures.items():
             self.failures[node] = f"{failure.kind.value}: {failure.detail}"
@@ -97,7 +113,10 @@ class _Summer:
         # Small federations tolerate no dropout inside the secure sum (SecAgg+ needs
         # 2D + 1 neighbours to survive D); from 5 parties on, a tenth may drop out.
         dropouts = 0.1 if len(values.node_ids) >= 5 else 0.0
-        value_range = secure_range(laplace if priv is not None else None)
+        if skellam is not None:
+            value_range = skellam.secure_range()
+        else:
+            value_range = secure_range(laplace if priv is not None else None)
         secure = SecureSum(value_range=value_range, bits=64, dropout_fraction=dropouts)
         reduced = Chain.of(secure).reduce(values)
         for node, reason in (values.exclusions or {}).items():
@@ -106,6 +125,8 @@ class _Summer:
         total = np.asarray(reduced.vector, dtype=np.float64)
         if priv is None:
             return join_exact(total)
+        if skellam is not None:
+            return self._skellam_total(np.round(join_exact(total) * skellam.bound), skellam)
         if laplace is None:
             return total
         rng = np.random.default_rng()  # OS entropy: the noise must stay unknown
@@ -124,6 +145,23 @@ class _Summer:
             if note not in self.notes:
                 self.notes.append(note)
         return total
+
+    def _skellam_total(self, ints: np.ndarray, layout: SkellamLayout) -> np.ndarray:
+        from shoal.privacy import skellam_noise
+
+        shares, survivors = len(self.group), len(self.parties)
+        if survivors < shares:  # as for Laplace: top the missing shares up here, and say so
+            rng = np.random.default_rng()  # OS entropy
+            ints = ints + skellam_noise(
+                rng, mu=layout.mu * (shares - survivors) / shares, size=ints.size
+            )
+            note = (
+                f"{shares - survivors} of {shares} parties dropped out after the noise was "
+                "split; the coordinator added their share of the noise (central)"
+            )
+            if note not in self.notes:
+                self.notes.append(note)
+        return ints
 
 
 def query(
@@ -177,7 +215,12 @@ def query(
     eps_stats = epsilon - selection_eps
     lap_vec = None
     lap: dict[str, float] = {}
-    if dp:
+    layout = None
+    if privacy is not None and privacy.noise == "skellam":
+        layout = skellam_layout(
+            blocks, plan, config, n_groups=n_groups, epsilon=eps_stats, delta=privacy.delta
+        )
+    elif dp:
         lap = laplace_scales(blocks, config, eps_stats)
         lap_vec = np.concatenate(
             [np.full(n_groups * b.width, lap[b.name] / bound[b.name]) for b in blocks]
@@ -188,14 +231,23 @@ def query(
         "keys": keys,
         "epsilon": eps_stats,
     }
-    total = summer.run(STATS_TASK, payload, lap_vec) * scale_vec
+    if layout is not None:
+        total = summer.run(STATS_TASK, payload, None, layout) / layout.step
+    else:
+        total = summer.run(STATS_TASK, payload, lap_vec) * scale_vec
     stats = unflatten(total, blocks, n_groups)
     if not dp:  # counts are integers; the fixed-point sum is only within 1e-6 of them
         for b in blocks:
             if b.kind in ("rows", "n", "nulls", "clamped", "hist"):
                 stats[b.name] = np.round(stats[b.name])
     draws = None
-    if dp:
+    if layout is not None:
+        from shoal.privacy import skellam_noise
+
+        rng = np.random.default_rng()
+        noise = skellam_noise(rng, mu=layout.mu, size=DRAWS * total.size)
+        draws = unflatten(total + noise.reshape(DRAWS, total.size) / layout.step, blocks, n_groups)
+    elif dp:
         rng = np.random.default_rng()
         lap_abs = np.concatenate([np.full(n_groups * b.width, lap[b.name]) for b in blocks])
         draws = unflatten(

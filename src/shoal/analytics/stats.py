@@ -136,6 +136,25 @@ def laplace_scales(
     return {b.name: m * b.sensitivity * total / (b.weight * epsilon) for b in blocks}
 
 
+SKELLAM_GAMMA = 2.0**12  # integer units per unit of L2 sensitivity (the rounding's resolution)
+
+
+def skellam_steps(
+    blocks: Sequence[Block], config: AnalyticsConfig
+) -> tuple[dict[str, float], float]:
+    """Integer scaling for Skellam noise: ``(k, d2)``, where a party sends
+    ``round(stat_b * k[b])`` and ``d2`` bounds one privacy unit's L2 effect on those integers.
+
+    Block b gets a share weight_b / total of the squared L2 sensitivity: one unit moves it by
+    at most m * sens_b in L1 (so in L2), scaled to GAMMA * sqrt(share). Rounding adds at most
+    1 on each coordinate a unit touches (a row touches one per block, so m per block), i.e.
+    sqrt(m) per block in L2; by the triangle inequality d2 <= GAMMA + sqrt(blocks * m)."""
+    total = sum(b.weight for b in blocks)
+    m = config.max_contributions
+    k = {b.name: SKELLAM_GAMMA * math.sqrt(b.weight / total) / (m * b.sensitivity) for b in blocks}
+    return k, SKELLAM_GAMMA + math.sqrt(len(blocks) * m)
+
+
 def local_stats(
     plan: Plan,
     config: AnalyticsConfig,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,19 +21,27 @@ from shoal.analytics.config import AnalyticsConfig
 from shoal.analytics.dialect import parse
 from shoal.analytics.party import END, Domain, party_stats, prefix_counts
 from shoal.analytics.source import Database
-from shoal.analytics.stats import blocks_for, flatten, laplace_scales, scales
+from shoal.analytics.stats import Block, blocks_for, flatten, laplace_scales, scales, skellam_steps
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, QueryError, TaskError
-from shoal.privacy import NodeBudget, PrivacyLedger
+from shoal.privacy import (
+    NodeBudget,
+    PrivacyLedger,
+    skellam_noise,
+    skellam_noise_multiplier,
+)
+from shoal.privacy.accounting import Mechanism
 from shoal.privacy.guard import charge_owner, owner_budget
 
 __all__ = [
     "KEYS_TASK",
     "STATS_TASK",
     "NodePolicy",
+    "SkellamLayout",
     "analytics_tasks",
     "join_exact",
     "release_policy",
     "secure_range",
+    "skellam_layout",
     "split_exact",
 ]
 
@@ -105,10 +113,17 @@ def _request(ctx: Any, payload: Mapping[str, Any], policy: NodePolicy) -> tuple[
     return config, plan, privacy, db
 
 
-def _charge(ctx: Any, policy: NodePolicy, privacy: Mapping[str, Any] | None) -> float | None:
+def _charge(
+    ctx: Any,
+    policy: NodePolicy,
+    privacy: Mapping[str, Any] | None,
+    *,
+    skellam_d2: float | None = None,
+) -> float | None:
     """Decline what the owner does not allow, and charge a DP request to the ledger.
 
-    Returns the epsilon charged (None for an exact query)."""
+    ``skellam_d2``: the task can add Skellam noise, at this L2 sensitivity (None: Laplace
+    only, and a Skellam request is refused). Returns the epsilon charged (None if exact)."""
     if privacy is None:
         if policy.require_dp:
             raise PrivacyBudgetExceeded(
@@ -123,6 +138,19 @@ def _charge(ctx: Any, policy: NodePolicy, privacy: Mapping[str, Any] | None) -> 
         raise TaskError(f"malformed privacy request {dict(privacy)!r}") from None
     if not (0 < epsilon < math.inf) or mode not in ("distributed", "central"):
         raise TaskError(f"malformed privacy request {dict(privacy)!r}")
+    noise = privacy.get("noise", "laplace")
+    if noise not in ("laplace", "skellam") or (noise == "skellam" and skellam_d2 is None):
+        raise TaskError(f"this task adds Laplace noise only, not {noise!r}")
+    mechanism: Mechanism = "laplace"
+    multiplier = 1.0 / epsilon
+    if noise == "skellam":
+        if mode != "distributed":
+            raise TaskError("Skellam noise is added by the parties: mode must be 'distributed'")
+        try:
+            multiplier = skellam_noise_multiplier(epsilon=epsilon, delta=privacy["delta"])
+        except (KeyError, ConfigError) as exc:
+            raise TaskError(f"a Skellam request needs delta in (0, 1): {exc}") from None
+        mechanism = "skellam"
     if mode == "central" and policy.require_dp:
         raise PrivacyBudgetExceeded(
             "this party's owner requires noise added at the party; central noise would be "
@@ -136,13 +164,13 @@ def _charge(ctx: Any, policy: NodePolicy, privacy: Mapping[str, Any] | None) -> 
             budget,
             task="analytics",
             sample_rate=1.0,
-            noise_multiplier=1.0 / epsilon,
+            noise_multiplier=multiplier,
             steps=1,
-            mechanism="laplace",
+            mechanism=mechanism,
         )
     else:
         ledger = ctx.state.setdefault(LEDGER_STATE, PrivacyLedger())
-        ledger.record(sample_rate=1.0, noise_multiplier=1.0 / epsilon, mechanism="laplace")
+        ledger.record(sample_rate=1.0, noise_multiplier=multiplier, mechanism=mechanism)
     return epsilon
 
 
@@ -153,16 +181,50 @@ def _noise_share(
     over k parties is exactly Laplace(b) (the Laplace law is infinitely divisible)."""
     if privacy.get("mode") != "distributed":
         return None
-    shares = privacy.get("shares")
-    if isinstance(shares, bool) or not isinstance(shares, int) or shares < 1:
-        raise TaskError("a distributed-noise request states how many parties share the noise")
-    if policy.max_noise_shares is not None:
-        shares = min(shares, policy.max_noise_shares)
+    shares = _shares(privacy, policy)
     # DP noise must be unknown to the coordinator: fresh OS entropy, never a sent seed.
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
     shape = 1.0 / shares
     noise: np.ndarray = rng.gamma(shape, scale) - rng.gamma(shape, scale)
     return noise
+
+
+@dataclass(frozen=True, kw_only=True)
+class SkellamLayout:
+    """How a query's statistics travel under Skellam noise, derived by both sides from the
+    public request: integer = round(stat * step); the secure sum carries
+    (integer + share) / bound; ``std`` is the summed noise's std (in integers) and ``mu``
+    its Poisson parameter (noise = Poisson(mu) - Poisson(mu), variance 2 mu)."""
+
+    step: np.ndarray
+    bound: np.ndarray
+    std: float
+    mu: float
+
+    def secure_range(self) -> float:
+        return secure_range(np.full(1, self.std / float(np.min(self.bound))))
+
+
+def skellam_layout(
+    blocks: Sequence[Block],
+    plan: Any,
+    config: AnalyticsConfig,
+    *,
+    n_groups: int,
+    epsilon: float,
+    delta: float,
+) -> SkellamLayout:
+    """The Skellam layout of a query's statistics vector (``n_groups`` groups per block)."""
+    k, d2 = skellam_steps(blocks, config)
+    bound = scales(blocks, plan, config)
+    size = [n_groups * b.width for b in blocks]
+    step = np.concatenate([np.full(n, k[b.name]) for n, b in zip(size, blocks)])
+    # A statistic is at most its public bound; rounding adds at most 1/2.
+    top = np.concatenate(
+        [np.full(n, bound[b.name] * k[b.name] + 1.0) for n, b in zip(size, blocks)]
+    )
+    std = skellam_noise_multiplier(epsilon=epsilon, delta=delta) * d2
+    return SkellamLayout(step=step, bound=top, std=std, mu=std * std / 2.0)
 
 
 def split_exact(vector: np.ndarray) -> np.ndarray:
@@ -200,6 +262,42 @@ def _keep(vector: np.ndarray, *, limit: float, exact: bool) -> dict[str, Any]:
     return {"stats": split_exact(vector) if exact else vector}
 
 
+def _shares(privacy: Mapping[str, Any], policy: NodePolicy) -> int:
+    shares = privacy.get("shares")
+    if isinstance(shares, bool) or not isinstance(shares, int) or shares < 1:
+        raise TaskError("a distributed-noise request states how many parties share the noise")
+    if policy.max_noise_shares is not None:
+        shares = min(shares, policy.max_noise_shares)
+    return shares
+
+
+def _skellam_stats(
+    stats: Mapping[str, np.ndarray],
+    blocks: Sequence[Block],
+    plan: Any,
+    config: AnalyticsConfig,
+    privacy: Mapping[str, Any],
+    policy: NodePolicy,
+    epsilon: float,
+) -> dict[str, Any]:
+    """The statistics as integers plus this party's Skellam(mu / k) share: the k shares sum
+    to exactly Skellam(mu) inside the secure sum (Poisson laws add)."""
+    n_groups = stats[blocks[0].name].shape[0]
+    layout = skellam_layout(
+        blocks, plan, config, n_groups=n_groups, epsilon=epsilon, delta=privacy["delta"]
+    )
+    ints = np.round(flatten(dict(stats), blocks) * layout.step)
+    if not np.all(np.abs(ints) <= layout.bound):
+        raise TaskError("a statistic exceeds its public bound (more rows than max_rows)")
+    # DP noise must be unknown to the coordinator: fresh OS entropy, never a sent seed.
+    rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+    share = skellam_noise(rng, mu=layout.mu / _shares(privacy, policy), size=ints.size)
+    vector = (ints + share) / layout.bound
+    if not np.all(np.abs(vector) <= layout.secure_range()):
+        raise TaskError("a noise draw beyond the secure sum's range")
+    return {"stats": split_exact(vector)}
+
+
 def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
     """The node-side tasks a NodeApp installs to answer federated queries."""
     policy = policy or NodePolicy()
@@ -219,11 +317,14 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             raise TaskError(f"malformed group keys: {exc}") from None
         dp = privacy is not None
         blocks = blocks_for(plan, config, dp=dp)
-        epsilon = _charge(ctx, policy, privacy)
+        epsilon = _charge(ctx, policy, privacy, skellam_d2=skellam_steps(blocks, config)[1])
         stats = party_stats(db, plan, config, blocks, domain)
         n_groups = len(domain)
         if dp:  # the outside-the-domain group is disclosed only in exact answers
             stats = {k: v[:n_groups] for k, v in stats.items()}
+        if privacy is not None and privacy.get("noise") == "skellam":
+            assert epsilon is not None
+            return _skellam_stats(stats, blocks, plan, config, privacy, policy, epsilon)
         bound = scales(blocks, plan, config)
         vector = flatten({b.name: stats[b.name] / bound[b.name] for b in blocks}, blocks)
         if dp:

@@ -155,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
         privacy = Privacy(
             epsilon=args.epsilon if args.epsilon is not None else base.epsilon,
             mode=args.mode or base.mode,
+            delta=base.delta,
             key_selection_share=base.key_selection_share,
+            noise=base.noise,
         )
     queries = [q for sql in args.sql for q in (_stdin_queries() if sql == "-" else [sql])]
     if args.listen:

@@ -15,6 +15,7 @@ from shoal.privacy.accounting import (
     calibrate,
     dp_sgd_event,
     epsilon,
+    skellam_noise_multiplier,
 )
 from shoal.privacy.budget import BudgetCharge, NodeBudget, OwnerLedger
 from shoal.privacy.mechanisms import (
@@ -23,6 +24,7 @@ from shoal.privacy.mechanisms import (
     distributed_noise_std,
     make_rng,
     next_clip_norm,
+    skellam_noise,
 )
 from shoal.privacy.plans import (
     EvaluationPlan,
@@ -56,4 +58,6 @@ __all__ = [
     "epsilon",
     "make_rng",
     "next_clip_norm",
+    "skellam_noise",
+    "skellam_noise_multiplier",
 ]

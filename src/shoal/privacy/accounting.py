@@ -32,14 +32,18 @@ __all__ = [
     "calibrate",
     "dp_sgd_event",
     "epsilon",
+    "skellam_event",
+    "skellam_noise_multiplier",
 ]
 
 Accountant = Literal["rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
 # The noise a ledger entry adds: Gaussian (noise_multiplier = std / L2 sensitivity) or Laplace
-# (noise_multiplier = scale / L1 sensitivity, i.e. 1/epsilon of one pure-DP release).
-Mechanism = Literal["gaussian", "laplace"]
-MECHANISMS: tuple[str, ...] = ("gaussian", "laplace")
+# (noise_multiplier = scale / L1 sensitivity, i.e. 1/epsilon of one pure-DP release) or
+# Skellam on an integer-valued query (noise_multiplier = std / L2 sensitivity; see
+# skellam_event).
+Mechanism = Literal["gaussian", "laplace", "skellam"]
+MECHANISMS: tuple[str, ...] = ("gaussian", "laplace", "skellam")
 
 # Width of the privacy-loss grid for PLD. None (the default) chooses it per query, relative
 # to the answer: see _pld_epsilon. A fixed width is a valid upper bound too (the accountant
@@ -148,7 +152,27 @@ def _check_mechanism(mechanism: object, sample_rate: float) -> Mechanism:
         if sample_rate != 1.0:
             raise ConfigError("Laplace entries are accounted without sampling (sample_rate=1)")
         return "laplace"
-    raise ConfigError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+    if mechanism == "skellam":
+        if sample_rate != 1.0:
+            raise ConfigError("Skellam entries are accounted without sampling (sample_rate=1)")
+        return "skellam"
+    raise ConfigError(f"mechanism must be 'gaussian', 'laplace' or 'skellam', got {mechanism!r}")
+
+
+def skellam_event(noise_multiplier: float) -> dp_accounting.DpEvent:
+    """One release of the symmetric Skellam mechanism on an integer-valued query: noise
+    Poisson(mu) - Poisson(mu) per coordinate (variance 2 mu), ``noise_multiplier`` = its std
+    over the query's L2 sensitivity D2.
+
+    Agarwal, Kairouz, Liu, "The Skellam Mechanism for Differentially Private Federated
+    Learning" (NeurIPS 2021, arXiv:2110.04995), Theorem 3.5: (alpha, eps(alpha))-RDP with
+    eps(alpha) <= alpha D2^2 / (4 mu) + min(((2 alpha - 1) D2^2 + 6 D1) / (16 mu^2),
+    3 D1 / (4 mu)). Taking the second branch of the min, and D1 <= D2^2 (every coordinate of
+    an integer difference is 0 or at least 1 in size), with 2 mu = z^2 D2^2:
+    eps(alpha) <= alpha / (2 z^2) + 3 / (2 z^2), i.e. (xi, rho)-zCDP with rho = 1/(2 z^2)
+    (the Gaussian's) and xi = 3/(2 z^2), which dp_accounting's RDP accountant composes."""
+    z = _check_noise_multiplier(noise_multiplier)
+    return dp_accounting.ZCDpEvent(rho=1.0 / (2.0 * z * z), xi=3.0 / (2.0 * z * z))
 
 
 def dp_sgd_event(
@@ -159,11 +183,14 @@ def dp_sgd_event(
     q = _check_sample_rate(sample_rate)
     z = _check_noise_multiplier(noise_multiplier)
     t = _check_steps(steps)
-    inner: dp_accounting.DpEvent = (
-        dp_accounting.LaplaceDpEvent(z)
-        if _check_mechanism(mechanism, q) == "laplace"
-        else dp_accounting.GaussianDpEvent(z)
-    )
+    kind = _check_mechanism(mechanism, q)
+    inner: dp_accounting.DpEvent
+    if kind == "laplace":
+        inner = dp_accounting.LaplaceDpEvent(z)
+    elif kind == "skellam":
+        inner = skellam_event(z)
+    else:
+        inner = dp_accounting.GaussianDpEvent(z)
     if q < 1.0:
         inner = dp_accounting.PoissonSampledDpEvent(q, inner)
     return dp_accounting.SelfComposedDpEvent(inner, t)
@@ -199,6 +226,8 @@ def _epsilon_of(
         for (q, z, m), t in merged.items()
     ]
     event = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
+    if any(m == "skellam" for _, _, m in merged):
+        accountant = "rdp"  # the Skellam bound is an RDP curve; PLD has no such event
     if accountant == "pld" and pld_discretization is None:
         return _pld_epsilon(event, sum(merged.values()), delta)
     return _compose(event, delta, accountant, pld_discretization)
@@ -556,3 +585,15 @@ class PrivacyLedger:
 
     def __repr__(self) -> str:
         return f"PrivacyLedger(accountant={self._accountant!r}, entries={list(self.entries)!r})"
+
+
+def skellam_noise_multiplier(*, epsilon: float, delta: float) -> float:
+    """The Skellam noise multiplier z (std / L2 sensitivity) of one (epsilon, delta)-DP
+    release, from skellam_event's (xi, rho)-zCDP with the conversion of Bun and Steinke
+    (2016, Prop. 1.3): epsilon = xi + rho + 2 sqrt(rho ln(1/delta)). With c = 1/(2 z^2),
+    xi + rho = 4c, so sqrt(c) solves 4t^2 + 2 sqrt(L) t - epsilon = 0, L = ln(1/delta).
+    dp_accounting's RDP conversion is tighter, so a ledger reads at most epsilon."""
+    eps = _check_epsilon(epsilon)
+    log_term = math.log(1.0 / _check_delta(delta))  # Skellam is not pure DP: delta > 0
+    t = (-2.0 * math.sqrt(log_term) + math.sqrt(4.0 * log_term + 16.0 * eps)) / 8.0
+    return 1.0 / (math.sqrt(2.0) * t)

@@ -19,6 +19,7 @@ __all__ = [
     "distributed_noise_std",
     "make_rng",
     "next_clip_norm",
+    "skellam_noise",
 ]
 
 RngLike = np.random.Generator | int | None
@@ -136,3 +137,12 @@ def distributed_noise_std(
             )
         n = int(min_survivors)
     return total_std / math.sqrt(n)
+
+
+def skellam_noise(rng: np.random.Generator, *, mu: float, size: int) -> np.ndarray:
+    """Symmetric Skellam noise: Poisson(mu) - Poisson(mu) per coordinate (variance 2 mu),
+    integers. Sums of independent Skellam(mu_i) are Skellam(sum mu_i) (Poisson laws add),
+    so k parties each adding Skellam(mu / k) put exactly Skellam(mu) into a secure sum."""
+    mu = _check_positive("mu", mu, allow_zero=True)
+    noise: np.ndarray = (rng.poisson(mu, size) - rng.poisson(mu, size)).astype(np.int64)
+    return noise
