@@ -115,3 +115,32 @@ def test_cli_query_writes_json(
     assert data["mode"] == "exact" and "error" not in data
     assert main(["query", "--job", str(job), "--sql", "SELECT age FROM visits"]) == 2
     assert "row-level output is refused" in capsys.readouterr().err
+
+
+def test_cli_skellam_job_and_node_db_arguments(
+    three: Federated, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parties = ", ".join(f'{{ name = "{p.name}", path = "{p.path}" }}' for p in three.parties)
+    job = tmp_path / "analytics.toml"
+    job.write_text(
+        '[analytics]\ntable = "visits"\nmax_contributions = 1\n'
+        f"parties = [ {parties} ]\nbounds = {{ age = [0, 120] }}\n"
+        '[privacy]\nepsilon = 1.0\nnoise = "skellam"\n'
+    )
+    sql = "SELECT COUNT(*) AS n FROM visits"
+    assert main(["query", "--job", str(job), "--sql", sql]) == 2
+    assert "delta" in capsys.readouterr().err  # Skellam is (epsilon, delta)-DP
+    job.write_text(job.read_text() + "delta = 1e-6\n")
+    out = tmp_path / "out.json"
+    # --epsilon overrides the job's epsilon and keeps its noise and delta
+    argv = ["query", "--job", str(job), "--sql", sql, "--epsilon", "2", "--json", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["epsilon"] == 2.0 and data["mode"] == "distributed" and data["error"][0][0] > 0
+    assert any("Skellam" in note and "delta 1e-06" in note for note in data["notes"])
+    capsys.readouterr()
+    node = ["node", "--coordinator", "127.0.0.1:1", "--key", "k.key", "--insecure"]
+    assert main([*node, "--db", three.parties[0].path, "--job", str(job)]) == 2
+    assert "drop --job" in capsys.readouterr().err
+    assert main(node) == 2
+    assert "--db FILE" in capsys.readouterr().err

@@ -220,6 +220,10 @@ def query(
         layout = skellam_layout(
             blocks, plan, config, n_groups=n_groups, epsilon=eps_stats, delta=privacy.delta
         )
+        notes.append(
+            f"discrete Skellam noise added by the parties (epsilon {eps_stats:.4g}, delta "
+            f"{privacy.delta:g} for the statistics; key selection, if any, is Laplace)"
+        )
     elif dp:
         lap = laplace_scales(blocks, config, eps_stats)
         lap_vec = np.concatenate(
