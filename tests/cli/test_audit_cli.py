@@ -83,3 +83,62 @@ def test_shoal_node_refuses_a_state_file_of_another_key(
     assert code == 2
     assert "belongs to 'key:abc'" in capsys.readouterr().err
     assert state.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["store", "state"])
+def test_anchor_then_verify_catches_a_truncation_the_key_holder_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    path = (store_file if kind == "store" else node_state_file)(tmp_path / f"{kind}.db")
+    key = tmp_path / "elsewhere.key"
+    (tmp_path / f"{kind}.db.audit-key").rename(key)  # the key kept apart, named by --key
+    assert main(["audit", "verify", f"--{kind}", str(path)]) == 1  # no key: not "ok"
+    assert "no audit key" in capsys.readouterr().out
+    anchor = tmp_path / "anchor.json"
+    assert (
+        main(["audit", "anchor", f"--{kind}", str(path), "--key", str(key), "--out", str(anchor)])
+        == 0
+    )
+    assert "anchored 1 chain" in capsys.readouterr().out
+    assert (
+        main(
+            ["audit", "verify", f"--{kind}", str(path), "--key", str(key), "--anchor", str(anchor)]
+        )
+        == 0
+    )
+    assert "holds anchor" in capsys.readouterr().out
+    # Whoever holds the key cuts the newest entry and reseals the head: only the anchor shows.
+    from shoal.runtime.audit import load_key, seal
+
+    secret = load_key(key, create=False)
+    assert secret is not None
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER audit_no_delete")
+    last, prev = conn.execute("SELECT seq, prev FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    conn.execute("DELETE FROM audit WHERE seq=?", (last,))
+    if kind == "store":
+        conn.execute("UPDATE sqlite_sequence SET seq=? WHERE name='audit'", (last - 1,))
+        conn.execute(
+            "UPDATE audit_seal SET seq=?, hash=?, mac=?",
+            (last - 1, prev, seal(secret, "", last - 1, prev)),
+        )
+    else:
+        conn.execute(
+            "UPDATE heads SET seq=?, hash=?, mac=?",
+            (last - 1, prev, seal(secret, "", last - 1, prev)),
+        )
+    conn.execute(
+        "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
+        "BEGIN SELECT RAISE(ABORT, 'append-only'); END"
+    )
+    conn.commit()
+    conn.close()
+    assert main(["audit", "verify", f"--{kind}", str(path), "--key", str(key)]) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            ["audit", "verify", f"--{kind}", str(path), "--key", str(key), "--anchor", str(anchor)]
+        )
+        == 1
+    )
+    assert "anchor exported earlier" in capsys.readouterr().out

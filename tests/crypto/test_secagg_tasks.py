@@ -36,7 +36,7 @@ class Ctx:
 def run_round(
     params: SecAggParams, ctxs: dict[str, Ctx], extra: dict[str, Any], drop: set[str]
 ) -> tuple[SecAggServer, np.ndarray]:
-    tasks = secagg_tasks(get_input=lambda ctx, payload: ctx.vector)
+    tasks = secagg_tasks(get_input=lambda ctx, payload, group: ctx.vector)
     server = SecAggServer(params=params)
     req = server.advertise_request().to_dict()
     out = {v: tasks[ADVERTISE_TASK](c, dict(req)) for v, c in ctxs.items()}
@@ -70,7 +70,7 @@ def test_round_through_tasks_with_quantization() -> None:
 
 def test_sessions_are_per_round_and_keys_are_not_reissued() -> None:
     ids = ["a", "b", "c", "d"]
-    tasks = secagg_tasks(get_input=lambda ctx, payload: ctx.vector)
+    tasks = secagg_tasks(get_input=lambda ctx, payload, group: ctx.vector)
     ctx = Ctx(node_id="a", vector=np.zeros(3, dtype=np.uint32))
     p1 = SecAggParams.create(ids, vector_length=3, max_dropouts=1)
     request = SecAggServer(params=p1).advertise_request().to_dict()
@@ -102,10 +102,10 @@ def test_default_input_is_a_value_the_node_kept() -> None:
     node.register("make", lambda ctx, p: {"delta": vector, "note": 1}, release={"delta": "secure"})
     ctx = app.TaskContext(node_id="a", data=None, state={}, task_id="t")
     node.handle(ctx, "make", b"", keep_as="h1", decoded={})
-    assert kept_input(ctx, {"handle": "h1", "field": "delta"}) is vector
+    assert kept_input(ctx, {"handle": "h1", "field": "delta"}, 4) is vector
     with pytest.raises(ReleaseRefused, match="'note' as never"):  # no entry: never
-        kept_input(ctx, {"handle": "h1", "field": "note"})
+        kept_input(ctx, {"handle": "h1", "field": "note"}, 4)
     with pytest.raises(TaskError, match="no field"):
-        kept_input(ctx, {"handle": "h1", "field": "nope"})
+        kept_input(ctx, {"handle": "h1", "field": "nope"}, 4)
     with pytest.raises(TaskError, match="handle"):
-        kept_input(ctx, {})
+        kept_input(ctx, {}, 4)

@@ -19,11 +19,21 @@ from typing import Any
 import numpy as np
 
 from shoal.crypto import secure_sum_tasks
+from shoal.data import Dataset
+from shoal.learn import ExampleDP, SoftmaxRegression, learning_app
 from shoal.privacy.guard import budget_guard
 from shoal.runtime import NodeApp, TaskContext, open_node_state
 from shoal.runtime.grpc import Backoff, NodeClient, fingerprint, load_private_key, public_key_bytes
 
 DIM = 4
+# The plan of the job this node holds: DP-SGD with noise multiplier 1 at the node.
+PLAN = ExampleDP(noise_multiplier=1.0, clip=1.0, sample_rate=0.5, steps_per_round=2)
+
+
+def local_data(value: float) -> Dataset:
+    rng = np.random.default_rng(int(value))
+    x = rng.normal(size=(16, DIM))
+    return Dataset(x=x, y=(x[:, 0] > 0).astype(np.int64), classes=2)
 
 
 def build_app(*, value: float, max_epsilon: float) -> NodeApp:
@@ -42,6 +52,7 @@ def build_app(*, value: float, max_epsilon: float) -> NodeApp:
         return {"accuracy": 0.5 + 0.1 * value, "loss": 1.0 / value, "n": 10}
 
     app.install(secure_sum_tasks())
+    learning_app(SoftmaxRegression(features=DIM, classes=2), app=app, plan=PLAN)
     app.add_guard(
         budget_guard(max_epsilon=max_epsilon, max_delta=1e-5, tasks={"dp_train", "evaluate"})
     )
@@ -62,6 +73,7 @@ def main(argv: list[str]) -> int:
         app=build_app(value=args.value, max_epsilon=args.max_epsilon),
         coordinator=f"127.0.0.1:{args.port}",
         key=key,
+        data=local_data(args.value),
         insecure=True,
         backoff=Backoff(initial_s=0.05, max_s=0.3),
         max_idle_s=120.0,

@@ -4,7 +4,8 @@ The coordinator here holds valid credentials (the federation's own store and eng
 tries what a curious or modified coordinator would: fetch a secure field, reveal after a
 secure sum, release a DP value with less noise than was charged, replay a charged request,
 draw a second noisy sample, pull per-node evaluation metrics under DP, run a task the node
-never registered. Each attempt is refused by the node (REJECTED, with the reason), recorded
+never registered, ask for less DP noise than the node's own plan, lie about the size of a
+secure sum's group. Each attempt is refused by the node (REJECTED, with the reason), recorded
 in the node's own audit log and in the coordinator's trail, and the honest parts of the run
 still work. The nodes' ledgers survive kill -9.
 """
@@ -27,6 +28,7 @@ from shoal.aggregate import Clip
 from shoal.core import Federation
 from shoal.crypto import SecureSum
 from shoal.errors import NotEnoughNodes, ProtocolError
+from shoal.learn import EVALUATE, TRAIN
 from shoal.privacy.guard import DPRequest
 from shoal.privacy.stages import DistributedNoise
 from shoal.runtime import FETCH_TASK, FailureKind, NodeStateFile, Task
@@ -240,6 +242,63 @@ def test_per_node_metrics_under_dp_are_refused_in_the_clear(nodes: Any) -> None:
     for name in NODES:
         assert any("holds noised fields" in r for r in fleet.refusals(name, FETCH_TASK))
         assert any(a == "release.noised" for a, _ in fleet.audit(name))
+
+
+def test_a_secure_sum_checks_noise_shares_against_the_group_the_node_sees(nodes: Any) -> None:
+    fleet, fed, _ = nodes
+    # Hostile: the coordinator says the group has 100 members, so each node's share of the
+    # charged std may be a tenth of it; the SecAgg+ round the nodes validate has 4.
+    liar = DistributedNoise(total_std=Z * CLIP, nodes=100, min_survivors=100)
+    out = fed.all().map("dp_train", dp=dp_request())
+    with pytest.raises(ProtocolError):
+        out["delta"].aggregate(Clip(CLIP) | liar | SecureSum())
+    # Honest: the total is stated and each node derives its share from the 4 it sees, even
+    # when the coordinator's count is off (nodes=100 here changes nothing).
+    fresh = fed.all().map("dp_train", dp=dp_request())
+    honest = DistributedNoise(total_std=Z * CLIP, nodes=100)
+    total = fresh["delta"].aggregate(Clip(CLIP) | honest | SecureSum())
+    assert total.shape == (4,) and np.all(np.isfinite(total))
+    for name in NODES:
+        masked = fleet.refusals(name, "shoal.secagg.masked_input")
+        assert any("4 participant(s) this node sees" in r for r in masked), masked
+
+
+LEARN_WEIGHTS = {"w/W": np.zeros((4, 2)), "w/b": np.zeros(2)}
+# What the nodes' own plan allows (tests/deploy/policy_node.py PLAN).
+PLAN_DP = DPRequest(clip=1.0, noise_multiplier=1.0, sample_rate=0.5, steps=2).to_json()
+
+
+def test_the_noise_floor_is_the_nodes_own_plan_not_the_coordinators(nodes: Any) -> None:
+    fleet, fed, _ = nodes
+    # Hostile: a tenth of the plan's noise; no DP request at all; more steps than a round.
+    for dp, words in (
+        ({**PLAN_DP, "noise_multiplier": 0.1}, "noise multiplier 0.1 < 1"),
+        (None, "without a DP request"),
+        ({**PLAN_DP, "steps": 50}, "50 steps > 2"),
+        ({**PLAN_DP, "level": "node"}, "level 'node'"),
+    ):
+        payload = {**LEARN_WEIGHTS, **({} if dp is None else {"dp": dp})}
+        replies, failures = fed.request(list(NODES), TRAIN, common=payload)
+        assert not replies and set(failures) == set(NODES)
+        assert {f.kind for f in failures.values()} == {FailureKind.REJECTED}
+        assert all(words in f.detail for f in failures.values()), failures
+    # Honest: the plan's own request trains, is charged, and the DP-SGD update leaves.
+    honest = {**LEARN_WEIGHTS, "dp": PLAN_DP, "shoal.send": ["d/W", "d/b"]}
+    replies, failures = fed.request(list(NODES), TRAIN, common=honest, keep_as="learn")
+    assert not failures and all(r["sent/d/W"].shape == (4, 2) for r in replies.values())
+    # Hostile: evaluation asking for no noise. Each node adds its plan's noise anyway and
+    # charges its own ledger, so two evaluations of the same model differ.
+    ask = {**LEARN_WEIGHTS, "private": True, "noise_std": 0.0}
+    first, _ = fed.request(list(NODES), EVALUATE, common=ask)
+    second, _ = fed.request(list(NODES), EVALUATE, common=ask)
+    assert set(first) == set(second) == set(NODES)
+    for name in NODES:
+        assert not np.allclose(first[name]["metrics"], second[name]["metrics"])
+        charges = [d["charge"] for a, d in fleet.audit(name) if a == "privacy.charge"]
+        learned = [c for c in charges if c["level"] in ("example", "evaluation")]
+        assert [c["level"] for c in learned] == ["example", "evaluation", "evaluation"]
+        assert all(c["noise_multiplier"] == 1.0 for c in learned)
+        assert len(fleet.refusals(name, TRAIN)) == 4
 
 
 def test_a_task_the_node_never_registered_is_refused_and_recorded(nodes: Any) -> None:

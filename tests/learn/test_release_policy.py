@@ -59,8 +59,14 @@ EVAL_FIELDS = ["metrics", "accuracy", "loss", "n"]
             "secure",
             "secure",
         ),
-        (NodeDP(noise_multiplier=1.0), "clear", "clear"),
-        (ExampleDP(noise_multiplier=1.0), "clear", "clear"),
+        (NodeDP(noise_multiplier=1.0), "clear", "clear"),  # central DP: the job's choice
+        (
+            ExampleDP(noise_multiplier=1.0, distributed=True, total_examples=9),
+            "clear",
+            "clear",
+        ),
+        # Local DP-SGD: only with the node's own noise, charged to its ledger first.
+        (ExampleDP(noise_multiplier=1.0), "noised", "noised"),
     ],
 )
 def test_private_plans_never_release_losses_or_counts(plan: Any, update: str, metrics: str) -> None:

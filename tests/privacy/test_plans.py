@@ -78,4 +78,4 @@ def test_releases_follow_the_plan() -> None:
     assert NoPrivacy().release().public and NoPrivacy().release().update == "clear"
     secure = NodeDP(noise_multiplier=1.0, secure=True).release()
     assert secure.update == "secure" and not secure.public
-    assert ExampleDP(noise_multiplier=1.0).release().update == "clear"  # noised by DP-SGD
+    assert ExampleDP(noise_multiplier=1.0).release().update == "noised"  # by DP-SGD, charged

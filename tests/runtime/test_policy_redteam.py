@@ -70,7 +70,7 @@ def test_the_share_is_enough_inside_a_secure_sum() -> None:
     app, state = _app(), {}
     _run(app, state, "t1", "train", {"dp": _dp(node_noise_multiplier=2.0)}, keep_as="h")
     ctx = TaskContext(node_id="n0", state=state, task_id="t2")
-    got = read_held(ctx, "h", ["delta"], use="secure", clip=1.0, noise_std=2.0)
+    got = read_held(ctx, "h", ["delta"], use="secure", clip=1.0, noise_std=2.0, group=4)
     np.testing.assert_array_equal(got["delta"], SECRET)
 
 
@@ -88,9 +88,14 @@ def test_example_level_with_a_tiny_share_leaves_only_into_a_secure_sum() -> None
     with pytest.raises(ReleaseRefused):
         _run(app, state, "t4", FETCH_TASK, {"handle": "h3", "fields": ["delta"]})
     ctx = TaskContext(node_id="n0", state=state, task_id="t5")
-    assert read_held(ctx, "h3", ["delta"], use="secure", clip=1.0, noise_std=0.0)[
-        "delta"
-    ].shape == (4,)
+    # Nor into a secure sum over the 5 participants the node sees: shares that small never
+    # add up to the charged std 4 (it would take 1.6e25 of them).
+    with pytest.raises(ReleaseRefused, match="participant"):
+        read_held(ctx, "h3", ["delta"], use="secure", clip=1.0, noise_std=0.0, group=5)
+    # A share of 2 adds up to std 4 over 4 participants: that secure sum is let in.
+    dp2 = _dp(level="example", node_noise_multiplier=2.0)
+    _run(app, state, "t7", "train", {"dp": dp2}, keep_as="h7")
+    assert read_held(ctx, "h7", ["delta"], use="secure", group=4)["delta"].shape == (4,)
     # Without a share, example-level noise is the full charged noise: it leaves as it is.
     assert _run(app, state, "t6", "train", {"dp": _dp(level="example")})["n"] == 5
 

@@ -82,7 +82,7 @@ def test_a_version_1_store_is_migrated_to_a_chain(tmp_path: Path) -> None:
         """
         DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;
         ALTER TABLE audit DROP COLUMN prev; ALTER TABLE audit DROP COLUMN hash;
-        UPDATE meta SET value='1' WHERE key='schema_version';
+        UPDATE meta SET value='1' WHERE key='schema_version'; DROP TABLE audit_seal;
         CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
             BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
         CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit

@@ -723,12 +723,15 @@ def _node(args: argparse.Namespace) -> int:
         features = int(train.x.reshape(len(train.x), -1).shape[1])
         model = job.build_model(features=features, classes=args.classes or train.classes)
     if not is_tree_job(job):
-        # The release policies follow from the job this node holds, not the coordinator.
+        # The release policies and the noise floor follow from the job this node holds, not
+        # the coordinator; the owner's own limit (--max-epsilon) is enforced here too: the
+        # coordinator only sees "declined".
         algorithm = job.build_algorithm()
-        app = learning_app(model, plan=algorithm.plan)
+        app = learning_app(
+            model, plan=algorithm.plan, max_epsilon=args.max_epsilon, max_delta=args.max_delta
+        )
         app.install(algorithm.node_tasks())  # e.g. the secure sum's protocol tasks
-    if args.max_epsilon is not None:
-        # The owner's own limit, enforced here: the coordinator only sees "declined".
+    elif args.max_epsilon is not None:
         app.add_guard(
             budget_guard(max_epsilon=args.max_epsilon, max_delta=args.max_delta, tasks={TRAIN})
         )

@@ -53,7 +53,6 @@ from shoal.learn import (
     Model,
     RoundReport,
     TrainingResult,
-    learning_app,
     simulate,
 )
 from shoal.learn.registry import MODELS, OPTIONAL_MODELS, build_model, model_names
@@ -553,17 +552,17 @@ class JobSpec:
             return cls(privacy=privacy, **options)
         return cls(aggregator=self.build_aggregator(), privacy=privacy, **options)
 
-    def build_budget_guard(self) -> Any:
-        """Simulation: every node's owner enforces ``node_max_epsilon`` on its own ledger."""
+    def node_budget(self) -> dict[str, Any]:
+        """Simulation: every node's owner enforces ``node_max_epsilon`` on its own ledger
+        (the keyword arguments of ``learning_app``; empty without a limit)."""
         spec = self.privacy
         if spec is None or spec["node_max_epsilon"] is None:
-            return None
-        return budget_guard(
-            max_epsilon=float(spec["node_max_epsilon"]),
-            max_delta=float(spec["node_max_delta"] or spec["delta"]),
-            tasks={TRAIN},
-            accountant=spec["accountant"],
-        )
+            return {}
+        return {
+            "max_epsilon": float(spec["node_max_epsilon"]),
+            "max_delta": float(spec["node_max_delta"] or spec["delta"]),
+            "accountant": spec["accountant"],
+        }
 
     def build_attack_app(self, model: Model) -> NodeApp | None:
         """Simulation only: a NodeApp in which the job's attackers poison their updates."""
@@ -1016,13 +1015,13 @@ def simulate_job(
     _, test = job.load_data()
     model = job.build_model()
     app = job.build_attack_app(model)
-    guard = job.build_budget_guard()
-    if guard is not None:
-        app = app or learning_app(model, plan=job.build_algorithm().plan)
-        app.add_guard(guard)
+    budget = job.node_budget()
+    if app is not None and budget:  # attackers train with their own tasks: guard them too
+        app.add_guard(budget_guard(tasks={TRAIN}, **budget))
     return simulate(
         model=model,
         app=app,
+        **({} if app is not None else budget),
         nodes=job.partitions(),
         algorithm=job.build_algorithm(),
         test=test,

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from shoal.errors import ConfigError, DataError, ShoalError, TaskError
+from shoal.errors import ConfigError, DataError, ReleaseRefused, ShoalError, TaskError
 from shoal.learn.hooks import node_hooks
 from shoal.learn.model import FitConfig, Model, StatefulOptimizer, Weights
 from shoal.privacy import make_rng
-from shoal.privacy.guard import DPRequest
+from shoal.privacy.accounting import Accountant
+from shoal.privacy.guard import DPRequest, NoiseFloor, budget_guard
 from shoal.privacy.plans import (
     NoPrivacy,
     PrivacyPlan,
@@ -184,11 +185,15 @@ def _split(data: Any) -> tuple[Any, Any]:
     return data, data
 
 
-def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[str, TaskSpec]:
+def learning_tasks(
+    model: Model, *, releases: Releases | None = None, floor: NoiseFloor | None = None
+) -> dict[str, TaskSpec]:
     """Train/evaluate tasks for ``model``; each worker thread gets its own model instance.
 
     ``releases`` (a privacy plan's ``release()``) is how each result field may leave the
-    node; by default, as without privacy: in the clear.
+    node; by default, as without privacy: in the clear. With ``floor`` (a DP plan's) the
+    evaluate task releases only the bounded metrics vector, noised as the guard that charged
+    it bound (``ctx.noise``), whatever the request says.
     """
     releases = releases or NoPrivacy().release()
     local = threading.local()
@@ -277,6 +282,18 @@ def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[st
         _personal(net, ctx)  # a node evaluates its own personalized model
         net.set_weights(unprefixed("w", payload))
         metrics = net.evaluate(test_data)
+        if floor is not None:
+            binding = ctx.noise
+            if binding is None:
+                raise ReleaseRefused(
+                    "federated evaluation under the node's DP plan needs a charge to its "
+                    "ledger first; install the plan's guard (learning_app does)"
+                )
+            vector = metrics_vector(accuracy=metrics["accuracy"], loss=metrics["loss"])
+            # Local plans: the node adds the full charged noise here. Secure plans: its share
+            # inside the secure sum (checked there). Central plans: the server adds it.
+            noised = add_node_noise(vector, binding.std) if binding.applied else vector
+            return {"metrics": noised}
         if payload.get("private"):
             # Only a bounded vector, for a private aggregate; noised here when the plan asks.
             vector = metrics_vector(accuracy=metrics["accuracy"], loss=metrics["loss"])
@@ -291,18 +308,39 @@ def learning_tasks(model: Model, *, releases: Releases | None = None) -> dict[st
 
 
 def learning_app(
-    model: Model, *, app: NodeApp | None = None, plan: PrivacyPlan | None = None
+    model: Model,
+    *,
+    app: NodeApp | None = None,
+    plan: PrivacyPlan | None = None,
+    max_epsilon: float | None = None,
+    max_delta: float = 1e-5,
+    accountant: Accountant = "rdp",
 ) -> NodeApp:
     """A NodeApp that trains and evaluates ``model`` (or adds those tasks to ``app``).
 
     ``plan`` is the privacy plan of the job this node holds: the tasks' release policies
     follow from it (under a secure plan, updates and control variates leave only into the
-    secure sum; losses, counts and raw metrics never). Install ``plan.node_tasks()`` too (an
-    algorithm's ``node_tasks()``: the secure sum's protocol).
+    secure sum; losses, counts and raw metrics never), and under DP so does the noise
+    floor: a request for less noise than the plan is refused, and every training request
+    and federated evaluation is charged to this node's own ledger before it runs.
+    ``max_epsilon`` (at ``max_delta``) is the owner's limit on that ledger. Install
+    ``plan.node_tasks()`` too (an algorithm's ``node_tasks()``: the secure sum's protocol).
     """
     app = app or NodeApp()
     plan = plan or NoPrivacy()
-    app.install(learning_tasks(model, releases=plan.release()))
+    floor = plan.floor()
+    app.install(learning_tasks(model, releases=plan.release(), floor=floor))
+    if floor is not None or max_epsilon is not None:
+        app.add_guard(
+            budget_guard(
+                max_epsilon=max_epsilon,
+                max_delta=max_delta,
+                tasks={TRAIN},
+                evaluate={EVALUATE},
+                floor=floor,
+                accountant=accountant,
+            )
+        )
     return app
 
 

@@ -8,6 +8,10 @@ it would overspend; the coordinator only learns that the node declined. A guarde
 states no DP cost is declined too: without noise its privacy loss is unbounded. A request
 id charged once is refused the second time (a replay), and the task's result is bound to
 the noise the charge assumed: the node releases its noised fields with no less.
+
+A :class:`NoiseFloor` is the least privacy the node's own plan (the job it holds) allows: a
+request for less noise than the floor, or none, is refused whatever the owner's budget, and
+federated evaluation is charged and noised at the floor's multiplier, not the request's.
 """
 
 from __future__ import annotations
@@ -22,11 +26,22 @@ from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused
 from shoal.privacy.accounting import Accountant, Mechanism
 from shoal.privacy.budget import NodeBudget
 
-__all__ = ["DP_KEY", "DPRequest", "LocalDP", "budget_guard", "charge_owner", "owner_budget"]
+__all__ = [
+    "DP_KEY",
+    "DPRequest",
+    "LocalDP",
+    "NoiseFloor",
+    "budget_guard",
+    "charge_owner",
+    "owner_budget",
+]
 
 DP_KEY = "dp"
 BUDGET_STATE = "shoal.privacy.budget"
 Level = Literal["example", "node"]
+# How a DP plan's federated evaluation is noised: each node adds the full noise itself
+# (local), each adds its share inside a secure sum (secure), or the server adds it (central).
+EvalNoise = Literal["local", "secure", "central"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,41 +130,125 @@ class LocalDP:
             raise ConfigError(f"DP steps must be at least 1, got {self.steps}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class NoiseFloor:
+    """The least noise a node's own privacy plan lets its learning tasks run with.
+
+    The node takes it from the job it holds, never from the request. A DP request at another
+    level, with a smaller noise multiplier, a larger sample rate or more steps than the plan
+    states (or no DP request at all) is refused. ``evaluation`` says how the plan noises
+    federated evaluation; the node charges each evaluation as one release of a unit-ball
+    vector at ``noise_multiplier`` (what the run's own accounting counts).
+    """
+
+    level: Level
+    noise_multiplier: float
+    sample_rate: float = 1.0  # the most a request may state (example level)
+    steps: int = 1  # the most steps one request may take
+    evaluation: EvalNoise = "central"
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0 or not 0 < self.sample_rate <= 1 or self.steps < 1:
+            raise ConfigError(
+                "a noise floor needs noise_multiplier > 0, 0 < sample_rate <= 1, steps >= 1"
+            )
+
+    def check(self, task: str, request: DPRequest | None) -> DPRequest:
+        """The request, if the plan allows it; ReleaseRefused with the reason otherwise."""
+        if request is None:
+            raise ReleaseRefused(
+                f"task {task!r} came without a DP request, but the job this node holds trains "
+                f"with {self.level}-level differential privacy (noise multiplier "
+                f"{self.noise_multiplier:g}); the node does not train without it"
+            )
+        short = []
+        if request.level != self.level:
+            short.append(f"level {request.level!r}, not {self.level!r}")
+        if request.noise_multiplier < self.noise_multiplier * (1 - 1e-9):
+            short.append(
+                f"noise multiplier {request.noise_multiplier:g} < {self.noise_multiplier:g}"
+            )
+        if self.level == "example" and request.sample_rate > self.sample_rate * (1 + 1e-9):
+            short.append(f"sample rate {request.sample_rate:g} > {self.sample_rate:g}")
+        if request.steps > self.steps:
+            short.append(f"{request.steps} steps > {self.steps}")
+        if short:
+            raise ReleaseRefused(
+                f"task {task!r} asks for less privacy than the job this node holds allows ("
+                + "; ".join(short)
+                + "); the node refuses to train with less noise than its own plan"
+            )
+        return request
+
+
 def budget_guard(
     *,
-    max_epsilon: float,
-    max_delta: float,
+    max_epsilon: float | None,
+    max_delta: float = 1e-5,
     tasks: Collection[str],
+    evaluate: Collection[str] = (),
+    floor: NoiseFloor | None = None,
     accountant: Accountant = "rdp",
     trust_server_sampling: bool = False,
 ) -> Callable[[str, Any, Mapping[str, Any]], None]:
-    """A NodeApp guard enforcing the owner's (max_epsilon, max_delta) on ``tasks``.
+    """A NodeApp guard charging DP work on ``tasks`` to the owner's ledger, before it runs.
 
+    ``max_epsilon`` (at ``max_delta``) is the owner's limit; None records every charge
+    without one (the ledger still refuses replays and binds the noise). ``floor`` (the
+    node's own plan) refuses requests for less noise than it states, and makes the
+    ``evaluate`` tasks charge one release at its noise multiplier and bind that noise.
     Example-level requests are charged as stated: the node samples its own examples.
     Node-level requests are charged with sample rate 1 unless the owner trusts the server's
     sampling, since only then does amplification by sampling hold for this node.
     """
-    NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)  # validate
+    if max_epsilon is not None:  # validate now, not at the first task
+        NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)
+    elif floor is None:
+        raise ConfigError("a budget guard needs the owner's max_epsilon or the plan's floor")
     guarded = frozenset(tasks)
+    evaluated = frozenset(evaluate) if floor is not None else frozenset()
+
+    def budget(ctx: Any) -> NodeBudget | None:
+        if max_epsilon is None:
+            return None
+        return owner_budget(
+            ctx, max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant
+        )
 
     def guard(task: str, ctx: Any, payload: Mapping[str, Any]) -> None:
+        if task in evaluated:
+            assert floor is not None
+            # One unit-ball metrics vector, released once at the plan's noise multiplier:
+            # the node charges it and binds the noise; the request says nothing about it.
+            z = floor.noise_multiplier
+            charge_owner(
+                ctx,
+                budget(ctx),
+                task=task,
+                sample_rate=1.0,
+                noise_multiplier=z,
+                steps=1,
+                clip=1.0,
+                level="evaluation",
+            )
+            ctx.bind_noise(clip=1.0, std=z, applied=floor.evaluation == "local")
+            return
         if task not in guarded:
             return
         request = DPRequest.from_payload(payload)
+        if floor is not None:
+            request = floor.check(task, request)
         if request is None:
             raise PrivacyBudgetExceeded(
                 f"task {task!r} declares no differential privacy, and this node's owner "
                 f"limits it to epsilon {max_epsilon}; run the job with a [privacy] table"
             )
-        budget = owner_budget(
-            ctx, max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant
-        )
         rate = request.sample_rate
         if request.level == "node" and not trust_server_sampling:
             rate = 1.0
         charge_owner(
             ctx,
-            budget,
+            budget(ctx),
             task=task,
             sample_rate=rate,
             noise_multiplier=request.noise_multiplier,
@@ -162,7 +261,8 @@ def budget_guard(
         # Example level: DP-SGD adds the noise inside the task. Node level: the node adds it
         # when the update leaves, and refuses a release with less. The ledger counted the
         # full noise_multiplier: a node's share of distributed noise (node_noise_multiplier)
-        # is bound as enough only inside a secure sum, never for a release on its own.
+        # is enough only inside a secure sum over a group big enough that the shares add
+        # up to it (the node checks the group it sees), never for a release on its own.
         ctx.bind_noise(
             clip=request.clip,
             std=request.clip * request.noise_multiplier,
@@ -195,7 +295,7 @@ def owner_budget(
 
 def charge_owner(
     ctx: Any,
-    budget: NodeBudget,
+    budget: NodeBudget | None,
     *,
     task: str,
     sample_rate: float,
@@ -205,17 +305,22 @@ def charge_owner(
     **detail: Any,
 ) -> None:
     """Charge request ``ctx.task_id`` to the owner's ledger: refused if it was charged before
-    (a replay), declined (PrivacyBudgetExceeded) if it would overspend, and written to the
-    node's state (on disk with a state file) before the task's result can leave."""
+    (a replay), declined (PrivacyBudgetExceeded) if it would overspend ``budget`` (None: no
+    limit, only the record), and written to the node's state (on disk with a state file)
+    before the task's result can leave."""
     state = ctx.node_state
     if state.charged(ctx.task_id):
         raise ReleaseRefused(
             f"request {ctx.task_id!r} was charged to this node's privacy ledger already; "
             "the node does not run a charged request twice"
         )
-    budget.check(
-        sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, mechanism=mechanism
-    )
+    if budget is not None:
+        budget.check(
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            mechanism=mechanism,
+        )
     state.charge(
         task_id=ctx.task_id,
         task=task,
@@ -227,9 +332,14 @@ def charge_owner(
             **detail,
         },
     )
-    budget.ledger.record(
-        sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, mechanism=mechanism
-    )
+    budget = budget if budget is not None else state.cache.get(BUDGET_STATE)
+    if budget is not None:  # the owner's budget, if another guard built it, counts this too
+        budget.ledger.record(
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            mechanism=mechanism,
+        )
 
 
 def _optional_float(value: Any) -> float | None:

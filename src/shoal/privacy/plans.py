@@ -21,7 +21,7 @@ from shoal.aggregate import Clip, Mean, Stage, Sum, accepts_weights, is_private
 from shoal.core.reduce import l2_norm
 from shoal.errors import ConfigError
 from shoal.privacy.accounting import Accountant, PrivacyLedger, calibrate
-from shoal.privacy.guard import DPRequest
+from shoal.privacy.guard import DPRequest, EvalNoise, NoiseFloor
 from shoal.privacy.mechanisms import adaptive_update_noise_multiplier, next_clip_norm
 from shoal.privacy.stages import DistributedNoise, GaussianNoise, MeanOver
 
@@ -166,6 +166,10 @@ class PrivacyPlan(Protocol):
         """How each field of the learning tasks may leave a node under this plan."""
         ...
 
+    def floor(self) -> NoiseFloor | None:
+        """The least noise a node holding this plan accepts (None: no DP)."""
+        ...
+
     @property
     def delta(self) -> float | None: ...
 
@@ -249,6 +253,9 @@ class NoPrivacy:
         if self.private:  # only into the secure protocol; nothing else at all
             return Releases(update="secure", public=False, metrics="secure")
         return Releases(update="clear", public=True, metrics="clear")
+
+    def floor(self) -> NoiseFloor | None:
+        return None
 
     def node_tasks(self) -> dict[str, Any]:
         tasks = dict(getattr(self.aggregator, "node_tasks", dict)())
@@ -429,12 +436,28 @@ class ExampleDP(_Accounted):
         return replace(self, aggregator=aggregator)
 
     def release(self) -> Releases:
-        if self.secure or (self.aggregator is not None and is_private(self.aggregator)):
+        if self.secure:
             return Releases(update="secure", public=False, metrics="secure")
-        # DP-SGD noised each update at the node, and a local plan's evaluation vector is
-        # noised there too (a distributed plan without a secure sum trusts the coordinator
-        # with the lightly noised updates: the job chose so); nothing else leaves.
-        return Releases(update="clear", public=False, metrics="clear")
+        if self.distributed:
+            # Without a secure sum the job trusts the coordinator with the lightly noised
+            # updates and to noise the metrics' sum (central DP): the job chose so.
+            return Releases(update="clear", public=False, metrics="clear")
+        # Local DP-SGD: the node noises each update (and its evaluation vector) itself, with
+        # no less than its own plan's noise, charged first; nothing else leaves.
+        private = self.aggregator is not None and is_private(self.aggregator)
+        return Releases(update="secure" if private else "noised", public=False, metrics="noised")
+
+    def floor(self) -> NoiseFloor:
+        evaluation: EvalNoise = (
+            "local" if not self.distributed else "secure" if self.secure else "central"
+        )
+        return NoiseFloor(
+            level="example",
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps_each_round,
+            evaluation=evaluation,
+        )
 
     def account(
         self, meta: Mapping[str, Any], *, plan: RoundPlan, out: NodeValues, rounds: int
@@ -503,6 +526,13 @@ class NodeDP(_Accounted):
             return Releases(update="secure", public=False, metrics="secure")
         # Central DP: the job trusts the coordinator to add the noise to the clipped sum.
         return Releases(update="clear", public=False, metrics="clear")
+
+    def floor(self) -> NoiseFloor:
+        return NoiseFloor(
+            level="node",
+            noise_multiplier=self.noise_multiplier,
+            evaluation="secure" if self.secure else "central",
+        )
 
     def count_noise_std(self, expected: float) -> float:
         """The noise on the unclipped count: the paper's expected_count / 20."""

@@ -81,6 +81,11 @@ class DistributedNoise(NodeTransform):
         return add_node_noise(rows, self.per_node_std)
 
     def spec(self) -> dict[str, Any]:
+        # Inside a secure sum each node derives its share from the participant list it
+        # validated itself, so a wrong ``nodes`` here cannot thin the noise. With
+        # min_survivors the (larger) per-node std is stated as it is.
+        if self.min_survivors is None:
+            return {"noise_total_std": self.total_std}
         return {"noise_std": self.per_node_std}
 
 

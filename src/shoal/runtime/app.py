@@ -147,9 +147,14 @@ class NoiseBinding:
         """The task added all the charged noise itself: noised fields may leave as they are."""
         return self.applied and self.share is None
 
-    def needed(self, use: str) -> float:
-        """The noise std a release by ``use`` must add: the share only into a secure sum."""
-        return self.share if self.share is not None and use == "secure" else self.std
+    def needed(self, use: str, group: int | None = None) -> float:
+        """The noise std a release by ``use`` must add. Alone: the full ``std``. Into a
+        secure sum over ``group`` participants (the protocol's own list, as the node sees
+        it): std / sqrt(group), so that the group's shares add up to the full noise. A
+        secure protocol that does not say its group gets no discount."""
+        if use != "secure" or group is None or group < 1:
+            return self.std
+        return self.std / math.sqrt(group)
 
 
 TaskFn = Callable[[TaskContext, dict[str, Any]], Mapping[str, Any] | None]
@@ -411,6 +416,7 @@ def read_held(
     clip: float | None = None,
     noise_std: float | None = None,
     role: str | None = None,
+    group: int | None = None,
 ) -> dict[str, Any]:
     """The one way node-side code reads a value the node holds, checked against its policy.
 
@@ -418,8 +424,12 @@ def read_held(
     are), ``"secure"`` (as the input of a secure-sum protocol) or ``"forward"`` (sealed, to
     ``role``). ``noised`` fields need ``clip`` and ``noise_std``: the caller promises to
     clip them jointly to ``clip`` and add N(0, noise_std**2) of fresh noise, and the node
-    checks both against what the privacy charge assumed, then lets them out once. Raises
-    ReleaseRefused (with the reason) or TaskError (no such value or field).
+    checks both against what the privacy charge assumed, then lets them out once. ``group``
+    is the number of participants of the secure sum as the node's own protocol state lists
+    them (never the coordinator's claim): a noise share is checked against it. A value whose
+    charge bound noise the task did not add in full enters a secure sum only with that
+    noise, whatever its fields' kind. Raises ReleaseRefused (with the reason) or TaskError
+    (no such value or field).
     """
     held = _held(ctx, handle)
     values = held.values
@@ -463,14 +473,20 @@ def read_held(
             "another group) would reveal this node's value as the difference, so each secure "
             "field joins one secure sum"
         )
-    if noised:
-        _check_noise(held, handle, clip, noise_std, use)
+    charged = held.noise
+    if noised or (summed and charged is not None and not charged.applied_in_full):
+        _check_noise(held, handle, clip, noise_std, use, group)
     held.summed.update(summed)
     return out
 
 
 def _check_noise(
-    held: _Held, handle: str, clip: float | None, noise_std: float | None, use: Use
+    held: _Held,
+    handle: str,
+    clip: float | None,
+    noise_std: float | None,
+    use: Use,
+    group: int | None = None,
 ) -> None:
     binding = held.noise
     if binding is None:
@@ -479,23 +495,46 @@ def _check_noise(
             "the node releases noised fields only under a DP request its ledger charged"
         )
     if binding.applied:
-        if binding.share is None or use == "secure":
+        if binding.share is None:
             return  # the task added the charged noise itself: the sample that was paid for
-        # The task added only its share of distributed noise: alone it is under-noised.
-        raise ReleaseRefused(
-            f"value {handle!r} carries only this node's share (std {binding.share:g}) of the "
-            f"noise its privacy charge counted (std {binding.std:g}); the node releases it "
-            "only into a secure sum, where the other shares make up the rest"
-        )
+        if use != "secure":
+            # The task added only its share of distributed noise: alone it is under-noised.
+            raise ReleaseRefused(
+                f"value {handle!r} carries only this node's share (std {binding.share:g}) of "
+                f"the noise its privacy charge counted (std {binding.std:g}); the node "
+                "releases it only into a secure sum, where the other shares make up the rest"
+            )
+        needed = binding.needed(use, group)
+        if binding.share < needed * (1 - 1e-9):
+            raise ReleaseRefused(
+                f"value {handle!r} carries a noise share of std {binding.share:g}, but a secure "
+                f"sum over the {group or 1} participant(s) this node sees needs std >= "
+                f"{needed:g} from each for the sum to carry the charged {binding.std:g}; the "
+                "node refuses to release with less noise than it charged (was the group size "
+                "the request stated larger than the real one?)"
+            )
+        if held.noised_once:
+            raise ReleaseRefused(
+                f"value {handle!r} entered a secure sum with its noise share once already; a "
+                "second sum (over another group) is a second noisy sample without a charge"
+            )
+        held.noised_once = True
+        return
     if clip is None or noise_std is None:
         raise ReleaseRefused(
             f"value {handle!r} holds noised fields: release them with the clip and noise the "
             "charge assumed (the node adds the noise)"
         )
     # A hair of float tolerance: a request recomputed by the coordinator may differ in the ulp.
-    needed = binding.needed(use)
+    needed = binding.needed(use, group)
     if clip > binding.clip * (1 + 1e-9) or noise_std < needed * (1 - 1e-9):
-        alone = " (a release outside a secure sum needs the full std)" if use != "secure" else ""
+        alone = (
+            f" (a secure sum over the {group} participant(s) this node sees)"
+            if use == "secure" and group
+            else " (a release outside a secure sum needs the full std)"
+            if use != "secure"
+            else ""
+        )
         raise ReleaseRefused(
             f"the request releases value {handle!r} clipped to {clip:g} with noise std "
             f"{noise_std:g}, but its privacy charge assumed clip <= {binding.clip:g} and noise "

@@ -2,8 +2,9 @@
 
 Every charge to the ledger is an audit entry (``privacy.charge``, with the task id), written
 before the task's result can leave; refusals, declines and forwards are entries too. The
-chain is hash-linked, so an edited, removed or reordered entry is found when the state is
-opened. In deployment it lives in SQLite (``shoal node --state node.db``: WAL,
+chain is hash-linked and its head sealed with a key kept outside the file (see
+:mod:`shoal.runtime.audit`), so an edited, removed or reordered entry is found when the
+state is opened. In deployment it lives in SQLite (``shoal node --state node.db``: WAL,
 ``synchronous=FULL``); in simulation in memory, or one SQLite file for all virtual nodes.
 """
 
@@ -18,13 +19,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import NodeStateError, ReleaseRefused
+from shoal.errors import ConfigError, NodeStateError, ReleaseRefused
 from shoal.runtime.audit import (
     GENESIS,
+    Anchor,
     AuditEntry,
     ChainReport,
     canonical,
     entry_hash,
+    key_path_for,
+    load_key,
+    seal,
+    seal_problems,
     verify_chain,
 )
 
@@ -156,21 +162,40 @@ _SCHEMA = (
     """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the node audit log is append-only'); END""",
     # The highest sequence ever written per node: removing the newest entries shows.
-    "CREATE TABLE IF NOT EXISTS heads (node TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+    # The newest entry per node, sealed: mac = HMAC(key, node, seq, hash) with the key kept
+    # outside this file, so neither cutting the tail nor lowering seq passes unseen.
+    """CREATE TABLE IF NOT EXISTS heads (
+        node TEXT PRIMARY KEY,
+        seq  INTEGER NOT NULL,
+        hash TEXT NOT NULL DEFAULT '',
+        mac  TEXT NOT NULL DEFAULT ''
+    )""",
 )
+_TRIGGERS = ("audit_no_update", "audit_no_delete")
 
 
 class NodeStateFile:
     """A SQLite file holding the state of one deployed node, or of every simulated node.
 
     ``owner`` names whose state it is (a node's key fingerprint, or ``"simulation"``); a
-    file written for another owner, a corrupted file, or one whose chain is broken is
-    refused with NodeStateError, never reset.
+    file written for another owner, a corrupted file, or one whose chain or seal is broken
+    is refused with NodeStateError, never reset. ``key_path`` is the audit key sealing each
+    chain's head (default: ``PATH.audit-key``, created with the file; keep it elsewhere for
+    protection against whoever can write the file's directory).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, owner: str | None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        owner: str | None,
+        key_path: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.owner = owner  # None: inspect the file (`shoal audit`), whoever's it is
+        self.key_path = Path(key_path) if key_path is not None else key_path_for(path)
+        self._key: bytes | None = None  # None when only inspecting: no writes
+        self._inspect_key: bytes | None = None
         if owner is None and not self.path.is_file():
             raise NodeStateError(f"there is no node state file {str(self.path)!r}")
         self._lock = threading.RLock()
@@ -222,14 +247,62 @@ class NodeStateFile:
             raise self._refuse(f"has format {meta.get('format')!r}, this shoal reads {FORMAT!r}")
         if self.owner is None:
             self.owner = meta.get("owner", "")
-            return  # inspecting: the caller verifies and reports
+            try:  # inspecting: the caller verifies and reports (a missing key among it)
+                self._inspect_key = load_key(self.key_path, create=False)
+            except (ConfigError, OSError):
+                self._inspect_key = None
+            return
         if meta.get("owner") != self.owner:
             raise self._refuse(
                 f"belongs to {meta.get('owner')!r}, not to this node ({self.owner!r})"
             )
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(heads)")}
+        if "mac" not in columns:  # written before heads were sealed: check, then seal
+            self._key = self._load_key(create=True)
+            report = self.verify()
+            if report.problems and any("sealed head" not in p for p in report.problems):
+                raise self._refuse("has a broken audit chain: " + "; ".join(report.problems[:3]))
+            self._seal_old_heads()
+        else:
+            sealed = conn.execute("SELECT count(*) FROM heads WHERE mac != ''").fetchone()[0]
+            entries = conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+            # A new key only for a file that has never been sealed nor written.
+            self._key = self._load_key(create=not sealed and not entries)
+            if self._key is None:
+                raise self._refuse(
+                    f"is sealed with an audit key that is missing ({str(self.key_path)!r})"
+                )
         report = self.verify()
         if not report.ok:
             raise self._refuse("has a broken audit chain: " + "; ".join(report.problems[:3]))
+
+    def _load_key(self, *, create: bool) -> bytes | None:
+        try:
+            return load_key(self.key_path, create=create)
+        except (ConfigError, OSError) as exc:
+            raise self._refuse(f"cannot use its audit key: {exc}") from None
+
+    def _seal_old_heads(self) -> None:
+        conn = self._conn
+        assert self._key is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE heads ADD COLUMN hash TEXT NOT NULL DEFAULT ''")
+            conn.execute("ALTER TABLE heads ADD COLUMN mac TEXT NOT NULL DEFAULT ''")
+            for node, seq in conn.execute("SELECT node, seq FROM heads").fetchall():
+                row = conn.execute(
+                    "SELECT hash FROM audit WHERE node=? AND seq=?", (node, seq)
+                ).fetchone()
+                head = row[0] if row else GENESIS
+                conn.execute(
+                    "UPDATE heads SET hash=?, mac=? WHERE node=?",
+                    (head, seal(self._key, node, seq, head), node),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def nodes(self) -> list[str]:
         with self._lock:
@@ -244,22 +317,69 @@ class NodeStateFile:
             ).fetchall()
         return [_entry(row) for row in rows]
 
-    def verify(self) -> ChainReport:
-        """Check every node's chain in the file; one report for all of them."""
+    def _heads(self) -> dict[str, tuple[int, str, str]]:
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(heads)")}
+        if "mac" not in columns:  # an old file, opened only to inspect it
+            rows = self._conn.execute("SELECT node, seq FROM heads").fetchall()
+            return {node: (seq, "", "") for node, seq in rows}
+        rows = self._conn.execute("SELECT node, seq, hash, mac FROM heads").fetchall()
+        return {node: (seq, digest, mac) for node, seq, digest, mac in rows}
+
+    def verify(self, *, anchor: Anchor | None = None) -> ChainReport:
+        """Check every node's chain in the file, its sealed head, and (given) that it still
+        holds every head of ``anchor``; one report for all of them."""
         with self._lock:
-            heads = dict(self._conn.execute("SELECT node, seq FROM heads").fetchall())
+            heads = self._heads()
             nodes = set(heads) | {
                 r[0] for r in self._conn.execute("SELECT DISTINCT node FROM audit")
             }
+            triggers = {
+                r[0]
+                for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
+            }
         problems: list[str] = []
-        total, head = 0, GENESIS
+        missing = [t for t in _TRIGGERS if t not in triggers]
+        if missing:
+            problems.append(f"the append-only trigger(s) {missing} were dropped")
+        anchored = dict(anchor.heads) if anchor is not None else {}
+        for node in sorted(set(anchored) - nodes):
+            problems.append(f"chain {node!r} of the anchor is gone from the file")
+        total, head, last = 0, GENESIS, 0
         for node in sorted(nodes):
-            report = verify_chain(self.read(node), expected_last_seq=heads.get(node, 0))
+            sealed = heads.get(node)
+            report = verify_chain(
+                self.read(node),
+                expected_last_seq=sealed[0] if sealed else 0,
+                anchor=anchored.get(node),
+            )
             total += report.entries
-            head = report.head
+            head, last = report.head, report.last_seq
             label = f"node {node!r}: " if node else ""
             problems.extend(label + p for p in report.problems)
-        return ChainReport(entries=total, head=head, problems=tuple(problems))
+            found = seal_problems(
+                self._key or self._inspect_key,
+                scope=node,
+                report=report,
+                sealed=sealed,
+                key_path=self.key_path,
+            )
+            problems.extend(label + p for p in found)
+        return ChainReport(entries=total, head=head, problems=tuple(problems), last_seq=last)
+
+    def anchor(self) -> Anchor:
+        """Every chain's head, to export (``shoal audit anchor``); only of an intact file."""
+        report = self.verify()
+        if not report.ok:
+            raise NodeStateError(
+                f"node state {str(self.path)!r} fails verification, so it is not anchored: "
+                + "; ".join(report.problems[:3])
+            )
+        with self._lock:
+            heads = self._heads()
+        return Anchor(
+            source=f"node-state:{self.owner or ''}",
+            heads={node: (seq, digest) for node, (seq, digest, _) in heads.items()},
+        )
 
     def state(self, node_id: str = "") -> NodeState:
         """The state of ``node_id`` ("" for the file of a deployed node), loaded once."""
@@ -271,6 +391,10 @@ class NodeStateFile:
             return found
 
     def _insert(self, node: str, entry: AuditEntry, task_id: str | None) -> None:
+        if self._key is None:
+            raise NodeStateError(
+                f"node state {str(self.path)!r} was opened to inspect it; it takes no new entries"
+            )
         with self._lock:
             conn = self._conn
             try:
@@ -291,9 +415,10 @@ class NodeStateFile:
                     ),
                 )
                 conn.execute(
-                    "INSERT INTO heads (node, seq) VALUES (?, ?) "
-                    "ON CONFLICT (node) DO UPDATE SET seq=excluded.seq",
-                    (node, entry.seq),
+                    "INSERT INTO heads (node, seq, hash, mac) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (node) DO UPDATE SET seq=excluded.seq, hash=excluded.hash, "
+                    "mac=excluded.mac",
+                    (node, entry.seq, entry.hash, seal(self._key, node, entry.seq, entry.hash)),
                 )
                 conn.execute("COMMIT")
             except sqlite3.IntegrityError as exc:

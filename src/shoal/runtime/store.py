@@ -20,13 +20,25 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shoal.errors import StoreError
-from shoal.runtime.audit import GENESIS, AuditEntry, ChainReport, entry_hash, verify_chain
+from shoal.errors import ConfigError, StoreError
+from shoal.runtime.audit import (
+    GENESIS,
+    Anchor,
+    AuditEntry,
+    ChainReport,
+    entry_hash,
+    key_path_for,
+    load_key,
+    seal,
+    seal_problems,
+    verify_chain,
+)
 from shoal.runtime.store_schema import (
     APPLICATION_ID,
     MIGRATIONS,
@@ -146,12 +158,28 @@ class Store:
     NaN/inf, written with the ``NaN``/``Infinity`` tokens of Python's json module.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 30.0,
+        audit_key: str | os.PathLike[str] | None = None,
+    ) -> None:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self.path = path if path == _MEMORY else os.fspath(path)
         if not isinstance(self.path, str):
             raise StoreError(f"store path must be a str or os.PathLike, got {type(path).__name__}")
+        # The key sealing the audit chain's head lives outside the database: a file beside
+        # it unless ``audit_key`` names another (created with the first audit entry).
+        self.audit_key_path: Path | None = (
+            Path(audit_key)
+            if audit_key is not None
+            else None
+            if self.path == _MEMORY
+            else key_path_for(self.path)
+        )
+        self._key: bytes | None = os.urandom(32) if self.audit_key_path is None else None
         if self.path != _MEMORY:
             target = Path(self.path)
             if target.is_dir():
@@ -241,6 +269,17 @@ class Store:
         try:
             for statement in MIGRATIONS[version]:
                 conn.execute(statement)
+            if version == 2:  # seal the head of the chain already there
+                last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+                head = last.fetchone()
+                if head is not None:
+                    key = self._audit_key(create=True)
+                    assert key is not None
+                    conn.execute(
+                        "INSERT OR REPLACE INTO audit_seal (id, seq, hash, mac) "
+                        "VALUES (1, ?, ?, ?)",
+                        (head[0], head[1], seal(key, "", head[0], head[1])),
+                    )
             if version == 1:  # link the entries already there into a chain
                 conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
                 prev = GENESIS
@@ -794,11 +833,36 @@ class Store:
             seq = (int(last[0]) if last else 0) + 1
             head = conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             prev = head[0] if head else GENESIS
+            sealed = conn.execute("SELECT seq, hash FROM audit_seal WHERE id=1").fetchone()
+            if sealed is None and head is not None:
+                raise StoreError(
+                    f"the audit chain of store {self.path!r} has lost its sealed head; it was "
+                    "tampered with: run `shoal audit verify --store` and restore a backup"
+                )
+            if sealed is not None and (sealed[0], sealed[1]) != (seq - 1, prev):
+                raise StoreError(
+                    f"the audit chain of store {self.path!r} does not end at its sealed head "
+                    "(entries removed or added behind its back): run `shoal audit verify "
+                    "--store` and restore a backup"
+                )
+            key = self._audit_key(create=sealed is None)
+            if key is None:
+                raise StoreError(
+                    f"the audit key of store {self.path!r} is missing "
+                    f"({str(self.audit_key_path)!r}); restore it: without it the chain can "
+                    "be neither extended nor checked"
+                )
             digest = entry_hash(prev, seq, now, actor, action, detail_json, run_id)
             conn.execute(
                 "INSERT INTO audit (seq, ts, run_id, actor, action, detail, prev, hash) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (seq, now, run_id, actor, action, detail_json, prev, digest),
+            )
+            conn.execute(
+                "INSERT INTO audit_seal (id, seq, hash, mac) VALUES (1, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash, "
+                "mac=excluded.mac",
+                (seq, digest, seal(key, "", seq, digest)),
             )
         return AuditRecord(
             seq=seq,
@@ -844,13 +908,29 @@ class Store:
         """This store's audit chain as a Federation's trail (``Federation(audit=...)``)."""
         return StoreTrail(store=self, run_id=run_id, actor=actor)
 
-    def verify_audit(self) -> ChainReport:
-        """Check the whole audit chain: edited, removed or reordered entries are reported."""
+    def _audit_key(self, *, create: bool) -> bytes | None:
+        if self._key is None and self.audit_key_path is not None:
+            try:
+                self._key = load_key(self.audit_key_path, create=create)
+            except (ConfigError, OSError) as exc:
+                raise StoreError(
+                    f"cannot use the audit key of store {self.path!r}: {exc}"
+                ) from None
+        return self._key
+
+    def verify_audit(self, *, anchor: Anchor | None = None) -> ChainReport:
+        """Check the whole audit chain: edited, removed or reordered entries, a sealed head
+        that does not match it (or a missing key), dropped triggers, and (given) an
+        ``anchor`` exported earlier that the chain no longer holds, are all reported."""
         with self._tx(write=False) as conn:
             rows = conn.execute(
                 "SELECT seq, ts, run_id, actor, action, detail, prev, hash FROM audit ORDER BY seq"
             ).fetchall()
             last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='audit'").fetchone()
+            sealed = conn.execute("SELECT seq, hash, mac FROM audit_seal WHERE id=1").fetchone()
+            triggers = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
+            }
         entries = (
             AuditEntry(
                 seq=int(seq),
@@ -865,7 +945,36 @@ class Store:
             )
             for seq, ts, rid, actor, action, detail, prev, digest in rows
         )
-        return verify_chain(entries, expected_last_seq=int(last[0]) if last else 0)
+        anchored = None
+        if anchor is not None:
+            if set(anchor.heads) != {""}:
+                raise ConfigError("that anchor was exported from a node's state, not a store")
+            anchored = anchor.heads[""]
+        report = verify_chain(
+            entries, expected_last_seq=int(last[0]) if last else 0, anchor=anchored
+        )
+        problems = list(report.problems)
+        missing = [t for t in ("audit_no_update", "audit_no_delete") if t not in triggers]
+        if missing:
+            problems.append(f"the append-only trigger(s) {missing} were dropped")
+        problems += seal_problems(
+            self._audit_key(create=False),
+            scope="",
+            report=report,
+            sealed=None if sealed is None else (int(sealed[0]), str(sealed[1]), str(sealed[2])),
+            key_path=self.audit_key_path or ":memory:",
+        )
+        return replace_fields(report, problems=tuple(problems))
+
+    def audit_anchor(self) -> Anchor:
+        """The chain's head, to export (``shoal audit anchor``); only of an intact chain."""
+        report = self.verify_audit()
+        if not report.ok:
+            raise StoreError(
+                f"the audit chain of store {self.path!r} fails verification, so it is not "
+                "anchored: " + "; ".join(report.problems[:3])
+            )
+        return Anchor(source="store", heads={"": (report.last_seq, report.head)})
 
 
 class StoreTrail:

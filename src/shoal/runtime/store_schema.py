@@ -8,11 +8,20 @@ from __future__ import annotations
 
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_STATEMENTS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Stamped into the SQLite header (PRAGMA application_id) so `file` and shoal can tell a shoal
 # store from some other SQLite database: the bytes spell "SHOL".
 APPLICATION_ID = 0x53484F4C
+
+# The audit chain's newest (seq, hash), sealed with an HMAC under a key kept outside the
+# database (runtime/audit.py): rewriting the chain or cutting its tail with SQL shows.
+AUDIT_SEAL = """CREATE TABLE IF NOT EXISTS audit_seal (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    seq  INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    mac  TEXT NOT NULL
+)"""
 
 # No STRICT tables: they need SQLite >= 3.37, older than some Pythons still in support ship.
 SCHEMA_STATEMENTS: tuple[str, ...] = (
@@ -104,6 +113,7 @@ SCHEMA_STATEMENTS: tuple[str, ...] = (
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
     """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    AUDIT_SEAL,
 )
 
 # version -> statements that bring a store of that version to the next one.
@@ -113,4 +123,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE audit ADD COLUMN prev TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE audit ADD COLUMN hash TEXT NOT NULL DEFAULT ''",
     ),
+    # 2 -> 3: the chain's head is sealed; store.py seals the existing head.
+    2: (AUDIT_SEAL,),
 }

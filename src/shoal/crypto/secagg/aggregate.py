@@ -42,10 +42,15 @@ from shoal.privacy.stages import add_node_noise
 __all__ = ["SecureSum", "secure_sum_tasks"]
 
 
-def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
+def _held_vector(ctx: Any, payload: Mapping[str, Any], group: int) -> np.ndarray:
     """The node's kept fields, flattened and concatenated, clipped (and noised) as the
     chain asks; read through the runtime's checked accessor, which refuses fields whose
-    policy forbids a secure sum and noised fields with less noise than was charged."""
+    policy forbids a secure sum and noised fields with less noise than was charged.
+
+    ``group`` is the number of participants in the SecAgg+ parameters this node validated.
+    A ``noise_total_std`` transform (distributed noise) becomes this node's share of it for
+    that group, so the shares add up to the total over the real group, not a claimed one.
+    """
     from shoal.runtime import read_held  # the runtime is a lower layer: import on use
 
     handle, fields = payload.get("handle"), payload.get("fields")
@@ -56,14 +61,17 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any]) -> np.ndarray:
         if not isinstance(spec, dict) or len(spec) != 1:
             raise TaskError(f"malformed node transform {spec!r}")
         ((kind, value),) = spec.items()
-        if kind not in NODE_TRANSFORMS or not isinstance(value, (int, float)) or value < 0:
+        known = kind in NODE_TRANSFORMS or kind == TOTAL_NOISE
+        if not known or not isinstance(value, (int, float)) or value < 0:
             raise TaskError(
                 f"node transform {spec!r} is not one this node applies "
-                f"(it knows {sorted(NODE_TRANSFORMS)})"
+                f"(it knows {sorted([*NODE_TRANSFORMS, TOTAL_NOISE])})"
             )
+        if kind == TOTAL_NOISE:
+            kind, value = "noise_std", float(value) / np.sqrt(max(group, 1))
         transforms.append((kind, float(value)))
     clip, noise_std = _effective_noise(transforms)
-    kept = read_held(ctx, handle, fields, use="secure", clip=clip, noise_std=noise_std)
+    kept = read_held(ctx, handle, fields, use="secure", clip=clip, noise_std=noise_std, group=group)
     parts = [rules.as_float(kept[f]).ravel() for f in fields]  # float32 stays float32
     vector = np.concatenate(parts) if len(parts) > 1 else parts[0]
     if not rules.all_finite(vector):
@@ -107,6 +115,9 @@ NODE_TRANSFORMS = {
     "rotate": _rotate,
     "quantize": _grid_only,
 }
+# Distributed noise stated as the total the sum must carry: each node adds its share for
+# the group it sees (privacy/stages.py DistributedNoise.spec).
+TOTAL_NOISE = "noise_total_std"
 
 
 def secure_sum_tasks() -> dict[str, Any]:
@@ -258,10 +269,11 @@ def _clip_norm(pre: Sequence[NodeTransform]) -> float | None:
             keys = set(stage.spec())
         except NotImplementedError:
             keys = set()
-        if not keys or not keys <= set(NODE_TRANSFORMS):
+        if not keys or not keys <= {*NODE_TRANSFORMS, TOTAL_NOISE}:
             raise ConfigError(
                 f"{type(stage).__name__} cannot run inside a secure sum: nodes apply only "
-                f"{sorted(NODE_TRANSFORMS)} (Clip, DistributedNoise) before masking"
+                f"{sorted([*NODE_TRANSFORMS, TOTAL_NOISE])} (Clip, DistributedNoise) before "
+                "masking"
             )
         if isinstance(stage, Clip):
             norm = stage.l2 if norm is None else min(norm, stage.l2)

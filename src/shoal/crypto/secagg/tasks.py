@@ -49,10 +49,12 @@ class _Context(Protocol):
     state: dict[str, Any]
 
 
-InputGetter = Callable[[Any, Mapping[str, Any]], Any]
+# (ctx, payload, group) -> the node's input; ``group`` is the number of participants in
+# the round's SecAgg+ parameters, which this node validated and key-agrees within.
+InputGetter = Callable[[Any, Mapping[str, Any], int], Any]
 
 
-def kept_input(ctx: Any, payload: Mapping[str, Any]) -> Any:
+def kept_input(ctx: Any, payload: Mapping[str, Any], group: int) -> Any:
     """The vector a node kept from an earlier task: ``payload["handle"]``, ``payload["field"]``,
     read through the runtime's checked accessor (its policy must allow a secure sum)."""
     from shoal.runtime.app import read_held  # the runtime is a lower layer; import on use
@@ -62,7 +64,7 @@ def kept_input(ctx: Any, payload: Mapping[str, Any]) -> Any:
         raise TaskError(
             f"{MASKED_INPUT_TASK} needs 'handle' and 'field' naming the value the node kept"
         )
-    return read_held(ctx, handle, [name], use="secure")[name]
+    return read_held(ctx, handle, [name], use="secure", group=group)[name]
 
 
 def quantizer_for(clip: float, *, nodes: int, bits: int) -> Quantizer:
@@ -112,7 +114,9 @@ def secagg_tasks(get_input: InputGetter = kept_input) -> dict[str, Any]:
         params = node.params
         if params is None:
             raise ProtocolError("the SecAgg session has no parameters yet")
-        value = np.asarray(get_input(ctx, payload))
+        # The group is the participant list of the parameters this node checked when it
+        # advertised its keys, not anything the masked-input request claims.
+        value = np.asarray(get_input(ctx, payload, len(params.nodes)))
         clip = payload.get("clip")
         if clip is not None:
             if not isinstance(clip, (int, float)) or isinstance(clip, bool):
