@@ -89,6 +89,17 @@ class DPRequest:
             return None
         if not isinstance(raw, Mapping):
             raise ConfigError(f"payload field {DP_KEY!r} must be an object")
+        # The guard and the task both read the request, and an in-process engine hands every
+        # node of a broadcast the same decoded object: parse it once while it is unchanged.
+        last = _LAST_PARSED[0]
+        if last is not None and last[0] is raw and last[1] == tuple(raw.items()):
+            return last[2]
+        request = cls._parse(raw)
+        _LAST_PARSED[0] = (raw, tuple(raw.items()), request)  # one tuple: threads see all or none
+        return request
+
+    @classmethod
+    def _parse(cls, raw: Mapping[str, Any]) -> DPRequest:
         try:
             return cls(
                 clip=float(raw["clip"]),
@@ -101,6 +112,9 @@ class DPRequest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed DP request {dict(raw)!r}: {exc}") from None
+
+
+_LAST_PARSED: list[tuple[Mapping[str, Any], tuple[Any, ...], DPRequest] | None] = [None]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -103,13 +103,7 @@ class TaskContext:
         share); otherwise they leave only clipped to ``clip`` with at least the noise the way
         out needs, fresh Gaussian, added by the node, once.
         """
-        values = (clip, std, 0.0 if share_std is None else share_std)
-        if not (clip > 0 and all(v >= 0 and math.isfinite(v) for v in values)):
-            raise ConfigError(
-                f"a noise binding needs clip > 0 and std >= 0, got {clip}, {std}, {share_std}"
-            )
-        share = None if share_std is None or share_std >= std else float(share_std)
-        self.noise = NoiseBinding(clip=float(clip), std=float(std), applied=applied, share=share)
+        self.noise = _binding(float(clip), float(std), bool(applied), share_std)
 
     @property
     def data(self) -> Any:
@@ -155,6 +149,18 @@ class NoiseBinding:
         if use != "secure" or group is None or group < 1:
             return self.std
         return self.std / math.sqrt(group)
+
+
+@functools.lru_cache(maxsize=256)
+def _binding(clip: float, std: float, applied: bool, share_std: float | None) -> NoiseBinding:
+    # Every node of a round binds the same few values: one frozen binding each, made once.
+    values = (clip, std, 0.0 if share_std is None else share_std)
+    if not (clip > 0 and all(v >= 0 and math.isfinite(v) for v in values)):
+        raise ConfigError(
+            f"a noise binding needs clip > 0 and std >= 0, got {clip}, {std}, {share_std}"
+        )
+    share = None if share_std is None or share_std >= std else float(share_std)
+    return NoiseBinding(clip=clip, std=std, applied=applied, share=share)
 
 
 TaskFn = Callable[[TaskContext, dict[str, Any]], Mapping[str, Any] | None]

@@ -41,9 +41,15 @@ __all__ = [
 GENESIS = "0" * 64  # the "previous hash" of the first entry
 
 
+# Built once: json.dumps with any option builds a new encoder per call, a few us each, and
+# a node writes one entry per charged task.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+_FIELDS = json.JSONEncoder(separators=(",", ":"))
+
+
 def canonical(detail: Mapping[str, Any]) -> str:
     """The one JSON text of ``detail`` that is hashed and stored."""
-    return json.dumps(detail, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _CANONICAL.encode(detail)
 
 
 def entry_hash(
@@ -59,8 +65,7 @@ def entry_hash(
     fields: list[Any] = [prev, seq, ts, actor, action, detail]
     if run_id is not None:
         fields.append(run_id)
-    text = json.dumps(fields, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_FIELDS.encode(fields).encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -63,19 +63,30 @@ class NodeState:
         self.cache: dict[str, Any] = {}
         self._lock = threading.RLock()
         self._entries: list[AuditEntry] = []
+        # In memory, entries are linked into the chain when first read: the same hashes, but
+        # a simulated node charging every task pays for a JSON text, not a SHA-256 and an
+        # entry object each time (a state file links and writes each entry at once).
+        self._unlinked: list[tuple[float, str, str]] = []
         self._charged: set[str] = set()
 
     # -- reading -----------------------------------------------------------------------------
 
+    def _linked(self) -> list[AuditEntry]:
+        if self._unlinked:
+            for ts, action, text in self._unlinked:
+                self._entries.append(self._link(action, text, ts))
+            self._unlinked.clear()
+        return self._entries
+
     @property
     def entries(self) -> tuple[AuditEntry, ...]:
         with self._lock:
-            return tuple(self._entries)
+            return tuple(self._linked())
 
     def charges(self) -> list[Mapping[str, Any]]:
         """The ledger: each charge's entry, oldest first."""
         with self._lock:
-            return [e.detail["charge"] for e in self._entries if e.action == CHARGE]
+            return [e.detail["charge"] for e in self._linked() if e.action == CHARGE]
 
     def charged(self, task_id: str) -> bool:
         with self._lock:
@@ -83,16 +94,17 @@ class NodeState:
 
     def verify(self) -> ChainReport:
         with self._lock:
-            return verify_chain(self._entries, expected_last_seq=len(self._entries))
+            entries = self._linked()
+            return verify_chain(entries, expected_last_seq=len(entries))
 
     # -- writing -----------------------------------------------------------------------------
 
-    def audit(self, action: str, **detail: Any) -> AuditEntry:
-        """Append an entry (durably, for a state file) and return it."""
+    def audit(self, action: str, **detail: Any) -> None:
+        """Append an entry (durably, before returning, for a state file)."""
         with self._lock:
-            return self._append(action, detail)
+            self._append(action, detail)
 
-    def charge(self, *, task_id: str, charge: Mapping[str, Any], task: str = "") -> AuditEntry:
+    def charge(self, *, task_id: str, charge: Mapping[str, Any], task: str = "") -> None:
         """Record a privacy charge for request ``task_id``, durably, before any release.
 
         Raises ReleaseRefused if that request was charged already: a replay would spend the
@@ -105,15 +117,15 @@ class NodeState:
                     "the node does not run a charged request twice (a replay would spend the "
                     "budget again or give a second noisy sample)"
                 )
-            entry = self._append(CHARGE, {"task_id": task_id, "task": task, "charge": charge})
+            self._append(CHARGE, {"task_id": task_id, "task": task, "charge": charge})
             self._charged.add(task_id)
-            return entry
 
     def _next(self, action: str, detail: Mapping[str, Any]) -> AuditEntry:
+        return self._link(action, canonical(detail), time.time())
+
+    def _link(self, action: str, text: str, ts: float) -> AuditEntry:
         prev = self._entries[-1].hash if self._entries else GENESIS
         seq = (self._entries[-1].seq if self._entries else 0) + 1
-        ts = time.time()
-        text = canonical(detail)
         actor = self.node_id or "node"
         return AuditEntry(
             seq=seq,
@@ -126,16 +138,16 @@ class NodeState:
             detail_text=text,
         )
 
-    def _append(self, action: str, detail: Mapping[str, Any]) -> AuditEntry:
-        entry = self._next(action, detail)
-        self._entries.append(entry)
-        return entry
+    def _append(self, action: str, detail: Mapping[str, Any]) -> None:
+        # The JSON text now: a detail that cannot be stored fails the call, not a later read.
+        self._unlinked.append((time.time(), action, canonical(detail)))
 
     def close(self) -> None:
         """Release the file (nothing to do in memory)."""
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.node_id!r}: {len(self._entries)} entries>"
+        count = len(self._entries) + len(self._unlinked)
+        return f"<{type(self).__name__} {self.node_id!r}: {count} entries>"
 
 
 MemoryNodeState = NodeState
@@ -453,12 +465,11 @@ class _FileNodeState(NodeState):
         self._entries = file.read(node_id)
         self._charged = {e.task_id for e in self._entries if e.action == CHARGE and e.task_id}
 
-    def _append(self, action: str, detail: Mapping[str, Any]) -> AuditEntry:
+    def _append(self, action: str, detail: Mapping[str, Any]) -> None:
         entry = self._next(action, detail)
         task_id = detail.get("task_id") if action == CHARGE else None
         self._file._insert(self.node_id, entry, task_id if isinstance(task_id, str) else None)
         self._entries.append(entry)  # only once it is on disk
-        return entry
 
     def close(self) -> None:
         self._file.close()
