@@ -41,7 +41,9 @@ def ledgers(path: Path) -> dict[str, list[dict]]:
     with NodeStateFile(path, owner=None) as file:
         assert file.verify().ok
         return {
-            node: [dict(e.detail["charge"]) for e in file.read(node) if e.action == "privacy.charge"]
+            node: [
+                dict(e.detail["charge"]) for e in file.read(node) if e.action == "privacy.charge"
+            ]
             for node in file.nodes()
         }
 
