@@ -53,6 +53,7 @@ from shoal.learn import (
     Model,
     RoundReport,
     TrainingResult,
+    learning_app,
     simulate,
 )
 from shoal.learn.registry import MODELS, OPTIONAL_MODELS, build_model, model_names
@@ -1051,11 +1052,11 @@ def job_app(*, job: Mapping[str, Any], base_dir: str) -> NodeApp:
     model = spec.build_model()
     algorithm = spec.build_algorithm()
     app = spec.build_attack_app(model)
+    budget = spec.node_budget()
     if app is None or TRAIN not in app.task_names:
-        app = learning_app(model, app=app, plan=algorithm.plan)
-    guard = spec.build_budget_guard()
-    if guard is not None:
-        app.add_guard(guard)
+        app = learning_app(model, app=app, plan=algorithm.plan, **budget)
+    elif budget:  # attackers train with their own tasks: guard them too
+        app.add_guard(budget_guard(tasks={TRAIN}, **budget))
     app.install(algorithm.node_tasks())
     return app
 
