@@ -244,32 +244,14 @@ def test_per_node_metrics_under_dp_are_refused_in_the_clear(nodes: Any) -> None:
         assert any(a == "release.noised" for a, _ in fleet.audit(name))
 
 
-def test_a_secure_sum_checks_noise_shares_against_the_group_the_node_sees(nodes: Any) -> None:
-    fleet, fed, _ = nodes
-    # Hostile: the coordinator says the group has 100 members, so each node's share of the
-    # charged std may be a tenth of it; the SecAgg+ round the nodes validate has 4.
-    liar = DistributedNoise(total_std=Z * CLIP, nodes=100, min_survivors=100)
-    out = fed.all().map("dp_train", dp=dp_request())
-    with pytest.raises(ProtocolError):
-        out["delta"].aggregate(Clip(CLIP) | liar | SecureSum())
-    # Honest: the total is stated and each node derives its share from the 4 it sees, even
-    # when the coordinator's count is off (nodes=100 here changes nothing).
-    fresh = fed.all().map("dp_train", dp=dp_request())
-    honest = DistributedNoise(total_std=Z * CLIP, nodes=100)
-    total = fresh["delta"].aggregate(Clip(CLIP) | honest | SecureSum())
-    assert total.shape == (4,) and np.all(np.isfinite(total))
-    for name in NODES:
-        masked = fleet.refusals(name, "shoal.secagg.masked_input")
-        assert any("4 participant(s) this node sees" in r for r in masked), masked
-
-
 LEARN_WEIGHTS = {"w/W": np.zeros((4, 2)), "w/b": np.zeros(2)}
 # What the nodes' own plan allows (tests/deploy/policy_node.py PLAN).
 PLAN_DP = DPRequest(clip=1.0, noise_multiplier=1.0, sample_rate=0.5, steps=2).to_json()
 
 
-def test_the_noise_floor_is_the_nodes_own_plan_not_the_coordinators(nodes: Any) -> None:
+def test_the_noise_is_the_nodes_own_plan_over_the_group_it_sees(nodes: Any) -> None:
     fleet, fed, _ = nodes
+    _group_lie(fleet, fed)  # one fixture (four node processes) for both attacks
     # Hostile: a tenth of the plan's noise; no DP request at all; more steps than a round.
     for dp, words in (
         ({**PLAN_DP, "noise_multiplier": 0.1}, "noise multiplier 0.1 < 1"),
@@ -299,6 +281,24 @@ def test_the_noise_floor_is_the_nodes_own_plan_not_the_coordinators(nodes: Any) 
         assert [c["level"] for c in learned] == ["example", "evaluation", "evaluation"]
         assert all(c["noise_multiplier"] == 1.0 for c in learned)
         assert len(fleet.refusals(name, TRAIN)) == 4
+
+
+def _group_lie(fleet: Nodes, fed: Federation) -> None:
+    # Hostile: the coordinator says the group has 100 members, so each node's share of the
+    # charged std may be a tenth of it; the SecAgg+ round the nodes validate has 4.
+    liar = DistributedNoise(total_std=Z * CLIP, nodes=100, min_survivors=100)
+    out = fed.all().map("dp_train", dp=dp_request())
+    with pytest.raises(ProtocolError):
+        out["delta"].aggregate(Clip(CLIP) | liar | SecureSum())
+    # Honest: the total is stated and each node derives its share from the 4 it sees, even
+    # when the coordinator's count is off (nodes=100 here changes nothing).
+    fresh = fed.all().map("dp_train", dp=dp_request())
+    honest = DistributedNoise(total_std=Z * CLIP, nodes=100)
+    total = fresh["delta"].aggregate(Clip(CLIP) | honest | SecureSum())
+    assert total.shape == (4,) and np.all(np.isfinite(total))
+    for name in NODES:
+        masked = fleet.refusals(name, "shoal.secagg.masked_input")
+        assert any("4 participant(s) this node sees" in r for r in masked), masked
 
 
 def test_a_task_the_node_never_registered_is_refused_and_recorded(nodes: Any) -> None:
