@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, ShoalError
 from shoal.learn.export.card import TrainingRecord, render_card
 from shoal.learn.export.convert import base_model, input_dtype
 from shoal.learn.model import Model
@@ -30,6 +30,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
 _MAX_CONFIG = 2**20
+_MAX_SIZE = 2**31  # features, classes: beyond this a config is hostile, not a model
 
 
 def write_hub(
@@ -102,13 +103,17 @@ def write_hub(
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """A hub folder's ``config.json``, checked to be one shoal wrote."""
-    path = Path(folder) / CONFIG
+    from shoal.learn.transfer.pretrained import inside
+
+    path = inside(folder, CONFIG)
     if not path.is_file():
         raise ConfigError(f"{str(folder)!r} has no {CONFIG}: not a model folder")
     if path.stat().st_size > _MAX_CONFIG:
         raise ConfigError(f"{path} is larger than {_MAX_CONFIG} bytes; refusing to read it")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a model config") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
@@ -124,8 +129,11 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         ("features", int),
         ("classes", int),
     ):
-        if not isinstance(config.get(key), kind):
+        value = config.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
             raise ConfigError(f"{path}: {key!r} must be a {kind.__name__}")
+        if isinstance(value, int) and not 1 <= value <= _MAX_SIZE:
+            raise ConfigError(f"{path}: {key!r} must be in [1, {_MAX_SIZE}], got {value}")
     return config
 
 
@@ -139,7 +147,7 @@ def load_pretrained(
     ``overrides`` replace model options (``seed``, ``optimizer``) for further training.
     """
     from shoal.learn.registry import build_model
-    from shoal.learn.transfer.pretrained import check_vocabulary, read_weights
+    from shoal.learn.transfer.pretrained import check_vocabulary, inside, read_weights
 
     config = read_config(folder)
     if vocab is not None:
@@ -147,11 +155,20 @@ def load_pretrained(
         if not isinstance(known, list):
             raise ConfigError(f"{folder}: its config records no vocabulary to check vocab= against")
         check_vocabulary(known, list(vocab))
-    weights = read_weights(Path(folder) / WEIGHTS)
+    weights = read_weights(inside(folder, WEIGHTS))
     options = {**config["shoal_options"], **overrides}
-    model = build_model(
-        config["shoal_model"], features=config["features"], classes=config["classes"], **options
-    )
+    try:
+        model = build_model(
+            config["shoal_model"],
+            features=config["features"],
+            classes=config["classes"],
+            **options,
+        )
+    except ShoalError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        # torch's own errors for sizes it cannot allocate: the config, not shoal, is wrong
+        raise ConfigError(f"{folder}: its config does not build a model: {exc}") from None
     expected = model.get_weights()
     unexpected = sorted(set(weights) - set(expected))
     missing = sorted(set(expected) - set(weights))

@@ -24,6 +24,7 @@ __all__ = [
     "PretrainedFactory",
     "VocabularyMismatch",
     "check_vocabulary",
+    "inside",
     "load_into",
     "read_weights",
     "weights_file",
@@ -31,6 +32,7 @@ __all__ = [
 
 # Where a Hugging Face-format folder keeps its weights, preferred first.
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+_NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
 _MAX_KEYS = 12  # how many keys an error lists before it says "and N more"
 
 
@@ -54,12 +56,30 @@ def check_vocabulary(pretrained: Sequence[str], data: Sequence[str]) -> None:
             )
 
 
+def inside(folder: str | os.PathLike[str], name: str) -> Path:
+    """``folder / name``, refused if a symlink takes it out of the folder.
+
+    A downloaded model folder is untrusted: its ``model.safetensors`` may be a link to any
+    file of the machine, which loading would read (and a training run would then share).
+    """
+    base = Path(folder)
+    path = base / name
+    if path.is_symlink() or path.exists():
+        real, root = path.resolve(), base.resolve()
+        if real != root and root not in real.parents:
+            raise UnsafeModelError(
+                f"{path} is a link to {real}, outside the model folder; refusing to read it "
+                "(copy the file into the folder if you trust it)"
+            )
+    return path
+
+
 def weights_file(path: str | os.PathLike[str]) -> Path:
     """The weights file of ``path``: the file itself, or the weights inside a model folder."""
     target = Path(path)
     if target.is_dir():
         for name in _FOLDER_FILES:
-            if (target / name).is_file():
+            if inside(target, name).is_file():
                 return target / name
         raise ConfigError(
             f"{str(target)!r} is a folder without weights: a model folder holds one of "
@@ -86,9 +106,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         )
     fmt = report.format.partition("+")[0]
     if fmt == "safetensors":
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(file)))
+        return _safetensors(file)
     if fmt in ("torch", "torch-legacy"):
         raw = _torch_load(file)
     elif fmt == "npz":
@@ -100,6 +118,30 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             f"{file}: pretrained weights must be safetensors, a PyTorch state dict or .npz, "
             f"not {report.format}"
         )
+    return _state_dict(raw, str(file))
+
+
+def _safetensors(file: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays; dtypes NumPy lacks (bfloat16, float8) through torch."""
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(str(file)))
+    except (TypeError, AttributeError):  # numpy has no bfloat16 or float8 dtype
+        pass
+    except Exception as exc:  # SafetensorError and friends: the scanner missed a defect
+        raise UnsafeModelError(f"{file}: safetensors refused to load it: {exc}") from None
+    try:
+        from safetensors.torch import load_file as load_torch
+    except ImportError:
+        raise ConfigError(
+            f"{file} holds bfloat16 or float8 tensors, which NumPy cannot read; install the "
+            "torch extra (pip install 'shoal[torch]') or save the weights as float32"
+        ) from None
+    try:
+        raw = load_torch(str(file))
+    except Exception as exc:
+        raise UnsafeModelError(f"{file}: safetensors refused to load it: {exc}") from None
     return _state_dict(raw, str(file))
 
 
@@ -129,8 +171,8 @@ def _state_dict(raw: Any, where: str) -> dict[str, np.ndarray]:
             raise ConfigError(f"{where}: state dict keys are strings, got {name!r}")
         if hasattr(value, "detach"):  # a torch tensor
             value = value.detach().to("cpu")
-            if str(value.dtype) == "torch.bfloat16":
-                value = value.float()
+            if value.is_floating_point() and str(value.dtype) not in _NUMPY_FLOATS:
+                value = value.float()  # bfloat16, float8: NumPy has no such dtype
             value = value.numpy()
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
             raise ConfigError(
