@@ -101,9 +101,9 @@ def agree(address: str, speaks: Transport, *, timeout_s: float = 5.0) -> None:
             "connection refused: nothing listens there (is the coordinator running, on this "
             "host and port?)"
         ) from None
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):  # UnicodeError: not a valid (IDNA) host name
         raise TransportError(
-            f"the coordinator's host name {host!r} does not resolve (check --coordinator)"
+            f"the coordinator's host name {host[:80]!r} does not resolve (check --coordinator)"
         ) from None
     except TimeoutError:
         raise TransportError(
@@ -127,6 +127,12 @@ def agree(address: str, speaks: Transport, *, timeout_s: float = 5.0) -> None:
             "(of this version), and is nothing between (a proxy that ends TLS) changing the bytes?"
         )
     theirs = reply[len(AGREEMENT) :].strip().decode("ascii", "replace")
+    if theirs not in ("tls", "plaintext"):
+        # not a mismatch to explain: naming one would tell the operator to change a flag
+        raise TransportError(
+            f"{address} answered shoal's transport agreement with an unknown transport "
+            f"{theirs[:16]!r}: is it a shoal coordinator of this version?"
+        )
     if theirs != speaks:
         raise TransportError(
             mismatch_line(side="node", coordinator="tls" if theirs == "tls" else "plaintext")
@@ -136,8 +142,8 @@ def agree(address: str, speaks: Transport, *, timeout_s: float = 5.0) -> None:
 def _address(address: str) -> tuple[str, int]:
     text = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ProtocolError(f"address {address!r} is not HOST:PORT")
+    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+        raise ProtocolError(f"address {address[:200]!r} is not HOST:PORT (a port in 1..65535)")
     return host.strip("[]"), int(port)
 
 
@@ -254,9 +260,20 @@ class FrontDoor:
                 continue
             peer = _grpc_peer(address)
             ticket = self._limiter.admit(peer_host(peer), functools.partial(_shutdown, conn))
-            threading.Thread(
-                target=self._connection, args=(conn, peer, ticket), name="shoal-door", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._connection,
+                    args=(conn, peer, ticket),
+                    name="shoal-door",
+                    daemon=True,
+                ).start()
+            except RuntimeError:
+                # Out of threads (a flood holds them): drop this connection, keep the door
+                # open; an escaped error here would end the accept loop, and every node after.
+                self._limiter.done(ticket)
+                conn.close()
+                self._refused(peer_host(peer), "dropped: the coordinator has no thread free")
+                time.sleep(0.05)
 
     def _connection(self, conn: socket.socket, peer: str, ticket: int) -> None:
         host = peer_host(peer)

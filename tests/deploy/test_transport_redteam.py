@@ -1,0 +1,84 @@
+"""Red team on the transport agreement and the coordinator's front door.
+
+Each case crashed or misled before its fix: a host name IDNA cannot encode escaped as a
+UnicodeError, an unknown answer was explained as a TLS/plaintext mismatch (telling the
+operator to flip a flag), port 99999 was "connection refused", and a failure to start a
+connection thread ended the front door's accept loop, so no node could connect again.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from shoal.errors import TransportError
+from shoal.runtime.grpc.transport import AGREEMENT, FrontDoor, agree
+
+
+@pytest.mark.parametrize(
+    ("address", "match"),
+    [
+        ("\u00e9\u202e.example:80", "does not resolve"),  # UnicodeError from the IDNA codec
+        ("a" * 300 + ":80", "does not resolve"),  # a label longer than IDNA allows
+        ("127.0.0.1:99999", "a port in 1..65535"),
+        ("127.0.0.1:0", "a port in 1..65535"),
+    ],
+)
+def test_a_bad_coordinator_address_is_a_transport_error(address: str, match: str) -> None:
+    with pytest.raises(TransportError, match=match):
+        agree(address, "tls", timeout_s=1)
+
+
+@pytest.mark.parametrize("speaks", ["tls", "plaintext"])
+def test_an_unknown_answer_is_not_explained_as_a_mismatch(speaks: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(AGREEMENT + b"\xff\xfequic\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        with pytest.raises(TransportError, match="unknown transport") as caught:
+            agree(f"127.0.0.1:{port}", speaks, timeout_s=5)  # type: ignore[arg-type]
+        assert "mismatch" not in str(caught.value)
+        thread.join(timeout=10)
+
+
+def test_the_front_door_survives_running_out_of_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    refused: list[str] = []
+    door = FrontDoor(
+        host="127.0.0.1",
+        port=0,
+        speaks="plaintext",
+        upstream_port=1,
+        mismatch=lambda host, line: refused.append(line),
+        refused=lambda host, reason: refused.append(reason),
+        timeout_s=2,
+    ).start()
+    original = threading.Thread.start
+    failed = threading.Event()
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "shoal-door" and not failed.is_set():
+            failed.set()
+            raise RuntimeError("can't start new thread")
+        original(self)
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with socket.create_connection(("127.0.0.1", door.port)) as first:
+            assert failed.wait(10)
+            first.settimeout(10)
+            assert first.recv(10) == b""  # dropped, not left hanging
+        monkeypatch.undo()
+        agree(f"127.0.0.1:{door.port}", "plaintext", timeout_s=5)  # the door still answers
+        assert any("no thread free" in r for r in refused), refused
+    finally:
+        monkeypatch.undo()
+        door.close()
