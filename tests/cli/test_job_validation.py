@@ -207,3 +207,40 @@ def test_secure_dp_plans_clip_with_their_own_clip() -> None:
         )
     )
     assert spec.build_algorithm().privacy is not None
+
+
+# Red team: inputs that escaped as a TypeError, a torch ValueError or a RecursionError.
+@pytest.mark.parametrize(
+    ("tables", "message"),
+    [
+        ({"algorithm": {"name": ["fedavg"]}}, r"\[algorithm\] name must be a string"),
+        ({"algorithm": {"name": {"a": 1}}}, r"\[algorithm\] name must be a string"),
+        ({"model": {"name": "mlp", "seed": 10**30}}, r"\[model\] seed must fit in 64 bits"),
+        ({"model": {"name": "mlp", "hidden": -(10**30)}}, r"\[model\] hidden must fit in 64 bits"),
+    ],
+)
+def test_hostile_values_that_escaped_name_their_key(tables: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_job(job(**tables))
+
+
+@pytest.mark.parametrize(
+    "text", ["x = " + "[" * 5000 + "]" * 5000, "x = " + "{a = " * 3000 + "1" + "}" * 3000]
+)
+def test_a_deeply_nested_job_file_is_a_config_error(tmp_path: Path, text: str) -> None:
+    from shoal.cli.job import load_job
+
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="too deeply"):
+        load_job(path)
+
+
+def test_a_data_path_that_is_not_a_readable_file_is_a_data_error(tmp_path: Path) -> None:
+    from shoal.data import load_csv
+
+    with pytest.raises(DataError, match="is not a regular file"):
+        load_csv(tmp_path)
+    if Path("/proc/self/mem").exists():  # lists as a regular file, reading it is EIO
+        with pytest.raises(DataError, match="cannot read CSV file"):
+            load_csv("/proc/self/mem")

@@ -314,6 +314,9 @@ def _check_model_options(model: Mapping[str, Any]) -> None:
         if bad:
             expected = " or ".join(sorted(getattr(t, "__name__", str(t)) for t in kinds))
             raise ConfigError(f"[model] {key} must be {expected}, got {value!r}")
+        if kinds <= {int, float} and isinstance(value, int) and not -(2**63) <= value < 2**63:
+            # torch and numpy take 64-bit ints: a larger one failed in the factory, untold
+            raise ConfigError(f"[model] {key} must fit in 64 bits (|value| < 2**63), got {value}")
 
 
 def _default(cls: type, name: str) -> Any:
@@ -839,6 +842,10 @@ def load_job(path: str | Path) -> JobSpec:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"job file {str(path)!r} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(
+            f"job file {str(path)!r} nests arrays or tables too deeply to be a job"
+        ) from None
     return parse_job(raw, base_dir=path.parent)
 
 
@@ -888,6 +895,11 @@ def parse_job(raw: Mapping[str, Any], *, base_dir: Path = Path(".")) -> JobSpec:
 
     algorithm = dict(_table(raw, "algorithm", {}))
     algorithm.setdefault("name", "fedavg")
+    if not isinstance(algorithm["name"], str):
+        raise ConfigError(
+            f"[algorithm] name must be a string, one of {', '.join(sorted(ALGORITHMS))}; "
+            f"got {algorithm['name']!r}"
+        )
     cls = ALGORITHMS.get(algorithm["name"])
     if cls is None:
         _choice(algorithm["name"], sorted(ALGORITHMS), "[algorithm] name")

@@ -45,7 +45,8 @@ def load_csv(
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"CSV file not found: {str(p)!r}")
+        what = "is not a regular file" if p.exists() else "not found"
+        raise DataError(f"CSV file {what}: {str(p)!r}")
     if not isinstance(delimiter, str) or len(delimiter) != 1:
         raise DataError(f"delimiter must be one character, got {delimiter!r}")
     out_dtype = np.dtype(dtype)
@@ -58,6 +59,8 @@ def load_csv(
             f"CSV file {str(p)!r} is not UTF-8 text (byte {exc.start} cannot be decoded): is "
             "it a CSV file? Save it as CSV UTF-8"
         ) from None
+    except OSError as exc:  # a file that lists as regular but cannot be read (/proc, a bad disk)
+        raise DataError(f"cannot read CSV file {str(p)!r}: {exc.strerror or exc}") from None
 
 
 def _load_csv(
