@@ -211,3 +211,76 @@ def test_safetensors_in_dtypes_numpy_lacks_load_as_float32(tmp_path: Path, dtype
     weights = read_weights(path)
     assert weights["w"].dtype == np.float32
     np.testing.assert_array_equal(weights["w"], [1.0, -2.0])
+
+
+# ------------------------------------------------------------------ where exports write
+
+
+def _record() -> Any:
+    from shoal.learn.export import TrainingRecord
+
+    return TrainingRecord(
+        run_id="r",
+        name="n",
+        status="finished",
+        data={},
+        partition={},
+        model={"name": "softmax_regression"},
+        algorithm={},
+        aggregate={},
+        privacy=None,
+        rounds_completed=1,
+        final={},
+    )
+
+
+def test_hub_and_predictor_outs_that_cannot_be_written_are_config_errors(tmp_path: Path) -> None:
+    from shoal.learn import SoftmaxRegression
+    from shoal.learn.export import write_hub, write_predictor
+
+    model = SoftmaxRegression(features=4, classes=3)
+
+    def hub(out: Path) -> Any:
+        return write_hub(
+            out,
+            model=model,
+            name="softmax_regression",
+            options={},
+            features=4,
+            classes=3,
+            record=_record(),
+        )
+
+    (tmp_path / "empty").mkdir()
+    os.symlink(tmp_path / "empty", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    (tmp_path / "file").write_text("x")
+    for out in ("link", "dangling"):
+        with pytest.raises(ConfigError, match="symbolic link"):
+            hub(tmp_path / out)
+    with pytest.raises(ConfigError, match="cannot create the folder"):
+        hub(tmp_path / "file" / "sub")
+    with pytest.raises(ConfigError, match="is a folder"):
+        write_predictor(tmp_path / "empty", model)
+    with pytest.raises(ConfigError, match="cannot write"):
+        write_predictor(tmp_path / "file" / "p", model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "empty", "file", "link"]
+    assert not any((tmp_path / "empty").iterdir())
+
+
+def test_a_predictor_write_that_fails_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.numpy
+
+    from shoal.learn import SoftmaxRegression
+    from shoal.learn.export import write_predictor
+
+    def half(tensors: Any, path: str, metadata: Any = None) -> None:
+        Path(path).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half)
+    with pytest.raises(OSError, match="No space"):
+        write_predictor(tmp_path / "p.safetensors", SoftmaxRegression(features=4, classes=3))
+    assert list(tmp_path.iterdir()) == []

@@ -161,8 +161,12 @@ def _numpy(model: Any, out: str, x: Any, y: Any, *, int8: bool, run_id: str) -> 
     from shoal.learn.export import NumpyPredictor, model_logits, write_predictor
 
     write_predictor(out, model, int8=int8, info={"run_id": run_id})
-    predictor = NumpyPredictor.load(out)
-    got = predictor.logits(x)
+    try:
+        predictor = NumpyPredictor.load(out)
+        got = predictor.logits(x)
+    except BaseException:
+        os.unlink(out)  # an unchecked file is not an export
+        raise
     want = model_logits(model, x)
     accuracy = float((want.argmax(axis=1) == y).mean())
     result = {

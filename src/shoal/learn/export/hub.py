@@ -52,6 +52,8 @@ def write_hub(
     from safetensors.numpy import save_file
 
     target = Path(out)
+    if target.is_symlink():  # rmdir and rename act on the link, not the folder it names
+        raise ConfigError(f"{str(target)!r} is a symbolic link; give --out a real path")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(
             f"{str(target)!r} exists and is not an empty folder; choose another --out"
@@ -78,8 +80,13 @@ def write_hub(
         "framework": "pytorch" if module is not None else "numpy",
         **dict(extra or {}),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the folder {str(target)!r}: {exc.strerror or exc}; choose another --out"
+        ) from None
     try:
         save_file(
             {k: np.ascontiguousarray(v) for k, v in weights.items()},
