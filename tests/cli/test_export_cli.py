@@ -271,3 +271,24 @@ def test_a_personalized_run_is_not_exported_from_the_server(tmp_path: Path, caps
     )
     assert code == 2 and "personal layers that stay at each node" in str(err)
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_a_predictor_that_fails_its_check_is_removed(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team: the ONNX path removed an unchecked file; the NumPy path left it behind."""
+    import shoal.learn.export as export_module
+    from shoal.learn.export import PredictorError
+
+    store, run_id = run_job(tmp_path, capsys, model="softmax_regression", options="")
+
+    def broken(path: Any) -> Any:
+        raise PredictorError(f"{path}: corrupted on the way to disk")
+
+    monkeypatch.setattr(export_module.NumpyPredictor, "load", staticmethod(broken))
+    out = tmp_path / "p.safetensors"
+    code, err = export(
+        capsys, run_id, "--store", str(store), "--format", "numpy", "--out", str(out)
+    )
+    assert code != 0 and "corrupted on the way to disk" in str(err)
+    assert not out.exists()
