@@ -182,3 +182,20 @@ def test_rejections_are_coalesced_never_dropped() -> None:
 )
 def test_peer_host(peer: str, host: str) -> None:
     assert peer_host(peer) == host
+
+
+def test_a_peer_with_many_addresses_gets_one_summary_line() -> None:
+    """Red team: each new address used to get its own burst of lines and its own summary,
+    so one peer with an IPv6 prefix could print (and record) without bound."""
+    now = [0.0]
+    written: list[dict] = []
+    log = RejectionLog(written.append, burst=2, window_s=60, hosts=4, clock=lambda: now[0])
+    for i in range(5000):
+        log.record(f"2001:db8::{i:x}", f"not a shoal node: {i}", {"peer": i})
+    assert len(written) == 4  # the first 4 addresses, once each
+    now[0] = 61.0
+    log.flush()
+    assert len(written) == 5
+    assert written[-1]["count"] == 4996
+    assert "4996 rejected connections from 4996 other addresses" in written[-1]["summary"]
+    assert log.total == 5000

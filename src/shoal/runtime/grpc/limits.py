@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +86,10 @@ class RejectionLog:
 
     The first ``burst`` rejections from an address in a window of ``window_s`` seconds are
     passed to ``write(action_detail)`` one by one; later ones are counted and written once
-    as a summary when the window closes (``flush``, called periodically and at close).
+    as a summary when the window closes (``flush``, called periodically and at close). Only
+    ``hosts`` addresses a window are tracked one by one: a peer with many addresses (an IPv6
+    prefix) gets one summary line for the rest, so neither the output nor the memory grows
+    with the number of addresses.
     """
 
     def __init__(
@@ -95,16 +98,20 @@ class RejectionLog:
         *,
         burst: int = 10,
         window_s: float = 60.0,
+        hosts: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._write = write
         self.burst = burst
         self.window_s = window_s
+        self.hosts = hosts
         self._clock = clock
         self._lock = threading.Lock()
         self._started = clock()
         self._counts: dict[str, int] = {}
-        self._held: dict[str, list[str]] = {}  # host -> reasons beyond the burst
+        self._held: dict[str, Counter[str]] = {}  # host -> reasons beyond the burst
+        self._others: Counter[str] = Counter()  # reasons from addresses beyond `hosts`
+        self._other_hosts: set[str] = set()  # at most _MAX_COUNTED of them
         self.total = 0
 
     def record(self, host: str, reason: str, detail: dict[str, Any]) -> bool:
@@ -112,10 +119,15 @@ class RejectionLog:
         self.flush()
         with self._lock:
             self.total += 1
+            if host not in self._counts and len(self._counts) >= self.hosts:
+                _count(self._others, reason)
+                if len(self._other_hosts) < _MAX_COUNTED:
+                    self._other_hosts.add(host)
+                return False
             count = self._counts.get(host, 0) + 1
             self._counts[host] = count
             if count > self.burst:
-                self._held.setdefault(host, []).append(reason)
+                _count(self._held.setdefault(host, Counter()), reason)
                 return False
         self._write(detail)
         return True
@@ -127,18 +139,43 @@ class RejectionLog:
             if not force and now - self._started < self.window_s:
                 return
             held, self._held = self._held, {}
+            others, self._others = self._others, Counter()
+            other_hosts, self._other_hosts = len(self._other_hosts), set()
             self._counts = {}
             seconds = now - self._started
             self._started = now
         for host, reasons in held.items():
-            common = max(set(reasons), key=reasons.count)
+            count = sum(reasons.values())
             self._write(
                 {
                     "peer": host,
-                    "count": len(reasons),
+                    "count": count,
                     "seconds": round(seconds, 1),
-                    "reason": common[:500],
-                    "summary": f"{len(reasons)} more rejected connections from {host} in the "
+                    "reason": reasons.most_common(1)[0][0][:500],
+                    "summary": f"{count} more rejected connections from {host} in the "
                     f"last {seconds:.0f} s",
                 }
             )
+        if others:
+            count = sum(others.values())
+            many = f"{other_hosts}{'+' if other_hosts >= _MAX_COUNTED else ''}"
+            self._write(
+                {
+                    "peer": "other addresses",
+                    "count": count,
+                    "seconds": round(seconds, 1),
+                    "reason": others.most_common(1)[0][0][:500],
+                    "summary": f"{count} rejected connections from {many} other addresses in "
+                    f"the last {seconds:.0f} s",
+                }
+            )
+
+
+_MAX_COUNTED = 10_000  # distinct addresses counted in a summary (then "10000+")
+_MAX_REASONS = 8  # distinct reasons kept per summary; a peer can vary its bytes at will
+
+
+def _count(reasons: Counter[str], reason: str) -> None:
+    if reason not in reasons and len(reasons) >= _MAX_REASONS:
+        reason = "(other reasons)"
+    reasons[reason] += 1
