@@ -82,3 +82,21 @@ def test_the_front_door_survives_running_out_of_threads(monkeypatch: pytest.Monk
     finally:
         monkeypatch.undo()
         door.close()
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # + SETTINGS
+
+
+def test_an_idle_plaintext_http2_connection_is_closed(federation) -> None:  # type: ignore[no-untyped-def]
+    """Red team: a peer that sent HTTP/2's preface to an --insecure coordinator and then
+    nothing kept its connection, and two relay threads, forever (TLS peers were reaped by
+    the handshake timeout). gRPC now closes a connection with no call after 6 handshake
+    timeouts."""
+    engine = federation.engine(handshake_timeout_s=0.3)
+    with socket.create_connection(("127.0.0.1", engine.port)) as peer:
+        peer.sendall(PREFACE)
+        peer.settimeout(20)
+        received = b""
+        while chunk := peer.recv(4096):  # the server's SETTINGS, its GOAWAY, then the end
+            received += chunk
+        assert received  # closed by the server, not by the timeout (that raises)

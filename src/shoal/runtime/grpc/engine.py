@@ -151,6 +151,10 @@ class GrpcEngine:
             ("grpc.http2.max_ping_strikes", 0),
             # A connection that has not finished its TLS/HTTP2 handshake within this is closed.
             ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_s * 1000)),
+            # A connection with no call open is closed after this. A node always holds its
+            # stream open; without it, a plaintext peer that sends HTTP/2's preface and then
+            # nothing kept a connection (and two relay threads) forever, unlogged.
+            ("grpc.max_connection_idle_ms", int(6 * config.handshake_timeout_s * 1000)),
         ]
         # Room for every node plus every pending stream the limiter allows: a flood of
         # unauthenticated streams is evicted oldest-first, never fills the server.
