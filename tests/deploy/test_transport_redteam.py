@@ -100,3 +100,85 @@ def test_an_idle_plaintext_http2_connection_is_closed(federation) -> None:  # ty
         while chunk := peer.recv(4096):  # the server's SETTINGS, its GOAWAY, then the end
             received += chunk
         assert received  # closed by the server, not by the timeout (that raises)
+
+
+class _AgreeingThen:
+    """A port that answers the transport agreement, then is silent or sends garbage."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.port = self.server.getsockname()[1]
+        self.behaviour = behaviour
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            self.held.append(conn)
+            conn.settimeout(2)
+            try:
+                head = conn.recv(64)
+            except OSError:
+                continue
+            if head.startswith(AGREEMENT):
+                conn.sendall(AGREEMENT + b"plaintext\n")
+            elif self.behaviour == "garbage":
+                conn.sendall(b"\x00" * 10 + b"garbage" * 100)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "meaning"),
+    [("silent", "gRPC handshake did not finish"), ("garbage", "did not speak gRPC")],
+)
+def test_a_port_that_agrees_then_misbehaves_is_explained(
+    federation,  # type: ignore[no-untyped-def]
+    behaviour: str,
+    meaning: str,
+) -> None:
+    """Red team: a silent peer after the agreement was reported after gRPC's 20 s as "the
+    host is unreachable (a firewall drops the packets)", though the host had just answered;
+    garbage was gRPC's raw HTTP/2 parse error."""
+    from shoal.runtime import NodeApp
+    from shoal.runtime.grpc import Backoff, NodeClient
+
+    fake = _AgreeingThen(behaviour)
+    reasons: list[str] = []
+    done = threading.Event()
+
+    def on_retry(attempt: int, delay: float, reason: str) -> None:
+        reasons.append(reason)
+        client.stop()
+        done.set()
+
+    client = NodeClient(
+        app=NodeApp(),
+        coordinator=f"127.0.0.1:{fake.port}",
+        key=federation.keys["n0"],
+        insecure=True,
+        backoff=Backoff(initial_s=0.05, max_s=0.1),
+        connect_timeout_s=1.0,
+        on_retry=on_retry,
+    )
+    thread = threading.Thread(target=client.run, daemon=True)
+    try:
+        thread.start()
+        assert done.wait(15), "the node gave no reason"
+        assert meaning in reasons[0], reasons
+    finally:
+        client.stop()
+        thread.join(timeout=10)
+        fake.close()

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -134,8 +134,21 @@ _CONNECT_ERRORS: tuple[tuple[tuple[str, ...], str], ...] = (
         "host and port?)",
     ),
     (
-        ("Network is unreachable", "No route to host", "Timeout occurred", "Deadline", "timed out"),
+        ("Network is unreachable", "No route to host"),
         "the coordinator's host is unreachable (a wrong address, or a firewall drops the packets)",
+    ),
+    (
+        # gRPC is dialled only after the transport agreement was answered on the same port:
+        # a timeout now is not an unreachable host but a handshake nobody finished
+        ("Timeout occurred", "Deadline", "timed out"),
+        "the coordinator answered shoal's transport agreement, but its gRPC handshake did not "
+        "finish within the connect timeout (an overloaded coordinator, or something between "
+        "that holds the connection)",
+    ),
+    (
+        ("Failed parsing HTTP/2", "Expected SETTINGS frame"),
+        "the coordinator answered shoal's transport agreement, but then did not speak gRPC "
+        "(something between rewrites the connection, or another service shares the port)",
     ),
     (
         ("DNS resolution failed", "Name or service not known", "not resolve"),
@@ -183,6 +196,8 @@ class NodeClient:
     for, so a deployment can repeat a simulation exactly. ``job_digest``, when given, must
     match the coordinator's job. ``lane=False`` keeps every byte on the gRPC stream even if
     the coordinator offers a bulk lane (for a network that lets only one port through).
+    ``connect_timeout_s`` bounds the transport agreement and gRPC's connection attempt (a
+    port that accepts and then says nothing is reported after it, not gRPC's 20 s).
     ``node_state`` holds the owner's privacy ledger and the node's audit log (durable with
     :func:`shoal.runtime.open_node_state`; in memory by default).
     """
@@ -204,6 +219,7 @@ class NodeClient:
         lane: bool = True,
         on_retry: Callable[[int, float, str], None] | None = None,
         node_state: NodeState | None = None,
+        connect_timeout_s: float = 5.0,
     ) -> None:
         if tls is None and not insecure:
             raise ConfigError(
@@ -214,6 +230,10 @@ class NodeClient:
             raise ConfigError("give either tls or insecure=True, not both")
         if max_idle_s is not None and max_idle_s <= 0:
             raise ConfigError(f"max_idle_s must be positive, got {max_idle_s}")
+        if connect_timeout_s <= 0:
+            raise ConfigError(f"connect_timeout_s must be positive, got {connect_timeout_s}")
+        # gRPC's own connect timeout is 20 s; a node says why it cannot connect within seconds
+        self.connect_timeout_s = connect_timeout_s
         self.app = app
         self.coordinator = coordinator
         self.key = key
@@ -301,6 +321,8 @@ class NodeClient:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.enable_retries", 0),
+            # also gRPC's connect timeout: a port that accepts and says nothing fails in seconds
+            ("grpc.min_reconnect_backoff_ms", int(self.connect_timeout_s * 1000)),
         ]
         if self.tls is None:
             return grpc.insecure_channel(self.coordinator, options=options)
@@ -325,7 +347,8 @@ class NodeClient:
         # Agree on the transport before anything else: a mismatch is then one clear line,
         # not a TLS error from gRPC (see transport.py).
         try:
-            agree(self.coordinator, "tls" if self.tls is not None else "plaintext")
+            speaks: Literal["tls", "plaintext"] = "tls" if self.tls is not None else "plaintext"
+            agree(self.coordinator, speaks, timeout_s=self.connect_timeout_s)
         except TransportError as exc:
             self.detail = str(exc)
             return None
