@@ -182,3 +182,14 @@ def test_a_port_that_agrees_then_misbehaves_is_explained(
         client.stop()
         thread.join(timeout=10)
         fake.close()
+
+
+@pytest.mark.parametrize("address", ["coordinator", "host:99999", "host:http", ":7000"])
+def test_a_node_with_a_malformed_address_fails_at_once(federation, address: str) -> None:  # type: ignore[no-untyped-def]
+    """Red team: a typo in --coordinator was retried forever, one line per attempt."""
+    from shoal.errors import ConfigError
+    from shoal.runtime import NodeApp
+    from shoal.runtime.grpc import NodeClient
+
+    with pytest.raises(ConfigError, match=r"--coordinator: address .* is not HOST:PORT"):
+        NodeClient(app=NodeApp(), coordinator=address, key=federation.keys["n0"], insecure=True)

@@ -87,7 +87,7 @@ def parse_address(address: str) -> tuple[str, int]:
     text = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ProtocolError(f"address {address!r} is not HOST:PORT")
+        raise ProtocolError(f"address {address[:200]!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 

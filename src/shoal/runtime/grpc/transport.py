@@ -27,9 +27,10 @@ from collections.abc import Callable
 from typing import Literal
 
 from shoal.errors import ProtocolError, TransportError
+from shoal.runtime.grpc.lane import parse_address
 from shoal.runtime.grpc.limits import PendingLimiter, peer_host
 
-__all__ = ["AGREEMENT", "FrontDoor", "agree", "classify", "mismatch_line"]
+__all__ = ["AGREEMENT", "FrontDoor", "agree", "classify", "mismatch_line", "parse_host_port"]
 
 Transport = Literal["tls", "plaintext"]
 
@@ -91,7 +92,7 @@ def agree(address: str, speaks: Transport, *, timeout_s: float = 5.0) -> None:
     otherwise (a mismatch, nothing listening, an unreachable host, not a shoal coordinator).
     """
     try:
-        host, port = _address(address)
+        host, port = parse_host_port(address)
     except ProtocolError as exc:
         raise TransportError(f"{exc}: give --coordinator as HOST:PORT") from None
     try:
@@ -139,12 +140,13 @@ def agree(address: str, speaks: Transport, *, timeout_s: float = 5.0) -> None:
         )
 
 
-def _address(address: str) -> tuple[str, int]:
-    text = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+def parse_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of an address to dial: :func:`~shoal.runtime.grpc.lane.parse_address`,
+    and a port one can connect to (0 only means "any" when listening)."""
+    host, port = parse_address(address)
+    if not 0 < port < 65536:
         raise ProtocolError(f"address {address[:200]!r} is not HOST:PORT (a port in 1..65535)")
-    return host.strip("[]"), int(port)
+    return host, port
 
 
 def _read_line(sock: socket.socket, deadline: float, head: bytes = b"") -> bytes:
