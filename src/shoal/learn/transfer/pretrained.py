@@ -33,6 +33,23 @@ __all__ = [
 # Where a Hugging Face-format folder keeps its weights, preferred first.
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 _NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
+_NUMPY_DTYPES = {
+    np.dtype(t)
+    for t in (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+    )
+}
 _MAX_KEYS = 12  # how many keys an error lists before it says "and N more"
 
 
@@ -126,7 +143,11 @@ def _safetensors(file: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     try:
-        return dict(load_file(str(file)))
+        arrays = dict(load_file(str(file)))
+        # ml_dtypes (imported by onnx, jax) adds bfloat16 and float8 to NumPy as opaque
+        # dtypes torch cannot take: those go the torch way too
+        if all(a.dtype in _NUMPY_DTYPES for a in arrays.values()):
+            return arrays
     except (TypeError, AttributeError):  # numpy has no bfloat16 or float8 dtype
         pass
     except Exception as exc:  # SafetensorError and friends: the scanner missed a defect
