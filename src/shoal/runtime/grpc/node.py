@@ -62,7 +62,7 @@ from shoal.runtime.grpc.protocol import (
     chunk_frames,
     parse_coordinator_frame,
 )
-from shoal.runtime.grpc.transport import agree, mismatch_line, parse_host_port
+from shoal.runtime.grpc.transport import agree, mismatch_line
 from shoal.runtime.nodestate import NODE_STATE_KEY, NodeState
 
 __all__ = ["Backoff", "NodeClient", "NodeExit", "explain_connect_error"]
@@ -232,8 +232,9 @@ class NodeClient:
             raise ConfigError(f"max_idle_s must be positive, got {max_idle_s}")
         if connect_timeout_s <= 0:
             raise ConfigError(f"connect_timeout_s must be positive, got {connect_timeout_s}")
-        try:  # a typo in the address is not worth retrying forever
-            parse_host_port(coordinator)
+        try:  # a typo in the address is not worth retrying forever (the port's range is
+            # agree()'s to check: a client built but never run may name port 0)
+            parse_address(coordinator)
         except ProtocolError as exc:
             raise ConfigError(f"--coordinator: {exc}") from None
         # gRPC's own connect timeout is 20 s; a node says why it cannot connect within seconds
