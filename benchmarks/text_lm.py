@@ -121,6 +121,7 @@ def main() -> int:
     parser.add_argument("--clip", type=float, default=10.0, help="L2 clip under SecureSum")
     parser.add_argument("--uplink-mbps", type=float, default=1.0)
     parser.add_argument("--parts", nargs="+", default=["training", "compression"])
+    parser.add_argument("--variants", nargs="+", help="compression runs (default: the main 6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", metavar="PATH")
@@ -215,6 +216,9 @@ def main() -> int:
         chains = {
             "8-bit": Quantize(8) | Mean(),
             "4-bit": Quantize(4) | Mean(),
+            "2-bit": Quantize(2) | Mean(),
+            "rotation + 2-bit": RandomRotation() | Quantize(2) | Mean(),
+            "top-10% + EF + 4-bit": TopK(0.1) | Quantize(4) | Mean(),
             "top-1% + error feedback": TopK(0.01) | Mean(),
             "top-1% + EF + 8-bit, 8-bit downlink": TopK(0.01) | Quantize(8) | Mean(),
             "SecureSum 32-bit": Clip(args.clip) | SecureSum() | Mean(),
@@ -225,7 +229,15 @@ def main() -> int:
             | SecureSum(value_range=4.0 * args.clip / sizes)
             | Mean(),
         }
-        for name, chain in chains.items():
+        chosen = args.variants or [
+            n for n in chains if n not in ("2-bit", "rotation + 2-bit", "top-10% + EF + 4-bit")
+        ]
+        unknown = sorted(set(chosen) - set(chains))
+        if unknown:
+            print(f"unknown variants {unknown}; choose from {list(chains)}", file=sys.stderr)
+            return 2
+        for name in chosen:
+            chain = chains[name]
             downlink = {"downlink_bits": 8} if "downlink" in name else {}
             runs[name] = run(name, aggregator=chain, **downlink)
 
