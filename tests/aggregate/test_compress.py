@@ -220,3 +220,35 @@ def test_chains_are_checked() -> None:
         fed = federation(vector_app(vectors), ["a"], chain)
         with pytest.raises(ConfigError, match=message):
             fed.all().map("make")["v"].aggregate(chain)
+
+
+def test_a_hostile_coordinator_gets_refusals() -> None:
+    from shoal.runtime import FailureKind
+
+    vectors = {"n0": np.ones(20)}
+    app = NodeApp()
+
+    @app.task("make", release={"v": "clear", "secret": "never"})
+    def make(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"v": vectors[ctx.node_id], "secret": np.arange(20.0)}
+
+    aggregator = TopK(0.5) | Mean()
+    fed = federation(app, ["n0"], aggregator)
+    out = fed.all().map("make")
+    base = {"handle": out.handle, "seed": 1, "error_feedback": True}
+    cases = [
+        ({"fields": ["secret"], "steps": [["topk", 0.5]]}, FailureKind.REJECTED),
+        ({"fields": ["v"], "steps": [["quantize", 8], ["topk", 0.5]]}, FailureKind.ERROR),
+        ({"fields": ["v"], "steps": [["topk", 5.0]]}, FailureKind.ERROR),
+        ({"fields": ["v"], "steps": [["exec", 1]]}, FailureKind.ERROR),
+        ({"fields": ["v"], "steps": []}, FailureKind.ERROR),
+    ]
+    for request, kind in cases:
+        replies, failures = fed.request(["n0"], COMPRESS_TASK, common={**base, **request})
+        assert not replies and failures["n0"].kind is kind, request
+    # The honest request works once; a second compression of the same update is refused.
+    honest = {**base, "fields": ["v"], "steps": [["topk", 0.5]]}
+    replies, _ = fed.request(["n0"], COMPRESS_TASK, common=honest)
+    assert replies["n0"]["index"].shape == (10,)
+    _, failures = fed.request(["n0"], COMPRESS_TASK, common=honest)
+    assert "already compressed" in failures["n0"].detail

@@ -365,9 +365,17 @@ def compression_tasks() -> dict[str, Any]:
             vector = clip_rows(vector.reshape(1, -1), bound)[0][0]
         lossy = steps[first:]
         key = hashlib.sha256(repr((fields, vector.size)).encode()).hexdigest()[:16]
-        memory: dict[str, np.ndarray] = ctx.state.setdefault(EF_STATE, {})
-        if feedback and key in memory:
-            vector = vector + memory[key]
+        memory: dict[str, Any] = ctx.state.setdefault(EF_STATE, {})
+        if feedback:
+            # Compressing one update twice would add (and keep) its residual twice.
+            if memory.get(f"{key}/handle") == handle:
+                raise TaskError(
+                    "this update was already compressed with error feedback; a second "
+                    "compression of it would count its residual twice"
+                )
+            memory[f"{key}/handle"] = handle
+            if key in memory:
+                vector = vector + memory[key]
         out = compress_vector(vector, lossy, seed=seed)
         if feedback:
             # What the server will decode, subtracted: the residual waits at the node.
