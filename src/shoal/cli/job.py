@@ -239,6 +239,12 @@ _ALGORITHM_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "beta1": (0, 1, True, False),
     "beta2": (0, 1, True, False),
     "tau": (0, math.inf, False, False),
+    # fedbuff
+    "concurrency": (1, math.inf, True, False),
+    "max_staleness": (0, 10_000, True, True),
+    "staleness_exponent": (0, 1, True, True),
+    "idle_s": (0, math.inf, False, False),
+    "max_idle_waits": (1, math.inf, True, False),
 }
 
 
@@ -509,6 +515,8 @@ class JobSpec:
             rate = min(
                 1.0, int(self.algorithm.get("nodes_per_round", 10)) / self.partition["nodes"]
             )
+            if self.algorithm["name"] == "fedbuff":
+                rate = 1.0  # DP-FedBuff: asynchronous arrivals are no Poisson sample
             if spec["noise_multiplier"] is not None:
                 plan = NodeDP(
                     noise_multiplier=spec["noise_multiplier"], delta=spec["delta"], **common
@@ -731,6 +739,23 @@ def _check_robust_rule(job: JobSpec) -> None:
             raise ConfigError(f"[aggregate] {key} must be a positive number, got {value!r}")
 
 
+def _check_fedbuff(job: JobSpec) -> None:
+    if job.algorithm["name"] != "fedbuff":
+        return
+    p = job.privacy
+    if p is not None and p["level"] != "node":
+        raise ConfigError(
+            "[algorithm] name = 'fedbuff' takes [privacy] level = 'node' (DP-FedBuff: each "
+            "buffer's sum clipped and noised); example-level DP-SGD is accounted per "
+            "synchronous round: use fedavg for it"
+        )
+    if p is not None and p["target_quantile"] is not None:
+        raise ConfigError(
+            "[privacy] target_quantile (adaptive clipping) needs synchronous rounds; with "
+            "[algorithm] name = 'fedbuff' use a fixed clip"
+        )
+
+
 def _check_engine(job: JobSpec) -> None:
     nodes, min_nodes = int(job.partition["nodes"]), job.min_nodes
     if min_nodes < 1 or min_nodes > nodes:
@@ -773,6 +798,7 @@ COMBINATION_CHECKS: list[Callable[[JobSpec], None]] = [
     _check_compression,
     _check_noised_sum,
     _check_robust_rule,
+    _check_fedbuff,
     _check_engine,
 ]
 

@@ -177,6 +177,18 @@ class Federation:
             node_ids, task, common=common, per_node=per_node, keep_as=keep_as, deadline_s=deadline_s
         )
 
+    def discard(self, handles: Mapping[str, Sequence[str]]) -> None:
+        """Let nodes forget kept values (``handles[node]``): the code is done with them.
+
+        Only an engine that hosts its nodes in the coordinator's process (``LocalEngine``)
+        acts on it, through its optional ``forget`` method, with no dispatch: there, values
+        kept by 10^5 idle nodes would be the process's memory. A deployed node holds its own
+        values on its own machine and drops the oldest past its ``max_kept``.
+        """
+        forget = getattr(self.engine, "forget", None)
+        if callable(forget):
+            forget({node: list(h) for node, h in handles.items() if h})
+
     def _dispatch(
         self,
         node_ids: Sequence[str],
@@ -186,9 +198,11 @@ class Federation:
         per_node: Mapping[str, Mapping[str, Any]] | None = None,
         keep_as: str | None = None,
         deadline_s: float | None = None,
+        elapsed: dict[str, float] | None = None,
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Failure]]:
         """:meth:`request` without its own audit entry (maps and fetches, which are the
-        Core API's normal path); node refusals are recorded all the same."""
+        Core API's normal path); node refusals are recorded all the same. ``elapsed`` gets
+        each replying node's time for the task (virtual time on a simulated engine)."""
         sequence = next(self._sequence)
         shared: bytes | memoryview | None = (
             common.encoded if isinstance(common, Broadcast) else None
@@ -222,6 +236,8 @@ class Federation:
         replies: dict[str, dict[str, Any]] = {}
         failures: dict[str, Failure] = dict(result.failures)
         for node_id, reply in result.replies.items():
+            if elapsed is not None:
+                elapsed[node_id] = reply.elapsed_s
             try:
                 replies[node_id] = decode(reply.payload)
             except WireError as exc:
@@ -319,8 +335,14 @@ class NodeGroup:
         else:
             common = broadcast if broadcast is not None else values
         handle = f"v{next(self.federation._sequence)}"
+        elapsed: dict[str, float] = {}
         replies, failures = self.federation._dispatch(
-            self.node_ids, task, common=common, keep_as=handle, deadline_s=deadline_s
+            self.node_ids,
+            task,
+            common=common,
+            keep_as=handle,
+            deadline_s=deadline_s,
+            elapsed=elapsed,
         )
         specs: dict[str, dict[str, FieldSpec]] = {}
         sent: dict[str, dict[str, Any]] = {}
@@ -355,6 +377,7 @@ class NodeGroup:
             specs=specs,
             failures=failures,
             sent=sent,
+            elapsed={n: elapsed[n] for n in succeeded if n in elapsed},
         )
 
 

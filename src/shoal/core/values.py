@@ -91,6 +91,7 @@ class NodeValues:
         fields: tuple[str, ...] | None = None,
         exclusions: dict[str, str] | None = None,
         sent: Mapping[str, Mapping[str, Any]] | None = None,
+        elapsed: Mapping[str, float] | None = None,
     ) -> None:
         self.federation = federation
         self.handle = handle
@@ -103,6 +104,7 @@ class NodeValues:
         # Fields the map asked nodes to send along (map(send=...)): they need no fetch.
         self._sent: Mapping[str, Mapping[str, Any]] = sent or {}
         self._names: tuple[str, ...] | None = None  # field_names, once collected
+        self._elapsed: Mapping[str, float] = elapsed or {}
 
     def __repr__(self) -> str:
         what = ", ".join(self._fields) if self._fields else "all fields"
@@ -115,6 +117,12 @@ class NodeValues:
     def node_ids(self) -> tuple[str, ...]:
         """Nodes holding a value (which nodes answered is not private; their values are)."""
         return self._node_ids
+
+    @property
+    def elapsed_s(self) -> Mapping[str, float]:
+        """Each holder's time for the map's task, as its engine reports it (on a simulated
+        engine: virtual seconds, download and upload included). Public, like who answered."""
+        return self._elapsed
 
     @property
     def failures(self) -> Mapping[str, Failure]:
@@ -215,6 +223,11 @@ class NodeValues:
             send=send,
             **values,
         )
+
+    def discard(self) -> None:
+        """Let the holders forget this map's values: the code is done with them (see
+        :meth:`Federation.discard`; a no-op on engines whose nodes keep their own)."""
+        self.federation.discard({node: [self.handle] for node in self._node_ids})
 
     # -- aggregates ---------------------------------------------------------------------
 

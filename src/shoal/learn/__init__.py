@@ -17,6 +17,7 @@ from shoal.learn.algorithms import (
     ServerState,
 )
 from shoal.learn.centralized import train_centralized
+from shoal.learn.fedbuff import FedBuff, staleness_weight
 from shoal.learn.model import FitConfig, FitResult, Model, Weights
 from shoal.learn.runner import RoundReport, Trainer, TrainingResult
 from shoal.learn.simulate import simulate
@@ -34,6 +35,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedOpt",
     "FedProx",
     "FedYogi",
@@ -55,5 +57,6 @@ __all__ = [
     "learning_app",
     "learning_tasks",
     "simulate",
+    "staleness_weight",
     "train_centralized",
 ]

@@ -191,6 +191,9 @@ class Algorithm:
         failures = {node: f"{f.kind.value}: {f.detail}" for node, f in out.failures.items()}
         for node, reason in out.exclusions.items():
             failures.setdefault(node, f"excluded: {reason}")
+        # The round is done with the updates: a simulation's nodes forget them (held, they
+        # would be most of an idle simulated node's memory: up to max_kept updates each).
+        out.discard()
         return RoundResult(
             state=replace(new_state, meta=meta),
             train_loss=float(out["loss"].mean(weights=out["n"])) if public_loss else math.nan,

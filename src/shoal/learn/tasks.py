@@ -3,7 +3,8 @@
 A node's owner builds its NodeApp with :func:`learning_app` from the same model
 description the job names; the server sends weights and hyper-parameters, never code.
 Payload names: ``w/<name>`` weights in, ``d/<name>`` weight deltas out, ``c/<name>`` and
-``dc/<name>`` SCAFFOLD control variates.
+``dc/<name>`` SCAFFOLD control variates. Asynchronous training (FedBuff) trains with
+``buffered`` and releases the delta later, weighted by its staleness, through ``upload``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from shoal.runtime import NodeApp, TaskContext, TaskSpec
 __all__ = [
     "DOWNLINK_BITS",
     "EVALUATE",
+    "STALENESS_FLOOR",
     "TRAIN",
+    "UPLOAD",
     "LocalData",
     "decode_weights",
     "encode_weights",
@@ -44,15 +47,32 @@ __all__ = [
     "learning_tasks",
     "model_app",
     "prefixed",
+    "staleness_weight",
     "unprefixed",
 ]
 
 TRAIN = "shoal.learn.train"
 EVALUATE = "shoal.learn.evaluate"
+UPLOAD = "shoal.learn.upload"
 OPTIMIZER_STATE = "shoal.learn.optimizer_state"
 # A personalized model's own layers (FedPer/FedRep): kept in the node's state between rounds,
 # never a result field, so no request of the coordinator's can reach them.
 PERSONAL_STATE = "shoal.learn.personal"
+PENDING_STATE = "shoal.learn.pending"
+# The smallest staleness weight a node applies to its own update (the paper's 1/sqrt(1+t)
+# at t = 15). The coordinator says how stale an update is; were the weight unbounded, a
+# hostile one could weight every other node of a secure sum near zero and read one update
+# as the sum. With the floor it can tilt a sum towards one node by at most 1/floor = 4x.
+STALENESS_FLOOR = 0.25
+MAX_STALENESS = 10_000
+
+
+def staleness_weight(staleness: int, exponent: float = 0.5) -> float:
+    """The weight of an update ``staleness`` versions old (FedBuff's polynomial rule):
+    (1 + t)^-a, never below STALENESS_FLOOR. The node computes it for its own update."""
+    if staleness < 0:
+        raise ConfigError(f"staleness is a count of versions >= 0, got {staleness}")
+    return max((1.0 + staleness) ** -exponent, STALENESS_FLOOR)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,6 +229,8 @@ def learning_tasks(
         if train_data is None or len(train_data) == 0:
             raise DataError(f"node {ctx.node_id} has no training data")
         weights = decode_weights(payload)
+        buffered = payload.get("buffered")
+        terms = None if buffered is None else _buffer_terms(buffered)  # before any work
         net = instance()
         personal = _personal(net, ctx)
         net.set_weights(weights)
@@ -269,10 +291,47 @@ def learning_tasks(
         out.update(n=result.examples, steps=result.steps)
         if result.loss == result.loss:  # NaN when nobody asked for it (FitConfig.track_loss)
             out["loss"] = result.loss
+        if terms is not None:
+            if hooks.hooks:
+                raise ConfigError("buffered (asynchronous) training takes no gradient hooks")
+            # The delta waits here, never in the kept result, so that exactly one copy of it
+            # can ever leave: the one upload takes, weighted by its staleness.
+            ctx.state[PENDING_STATE] = _Pending(
+                delta=out, version=terms[0], noise=ctx.noise, spec=terms[1]
+            )
+            public = {"n": result.examples, "steps": result.steps}
+            if "loss" in out:
+                public["loss"] = out["loss"]
+            return public
         if request is not None and request.level == "node":
             out["dp_unclipped"] = unclipped_indicator(delta, request.clip)
         out.update(hooks.finish(ctx, weights=weights, new=new, steps=result.steps, lr=config.lr))
         return out
+
+    def upload(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        """Release the pending delta once, times the staleness weight the node computes."""
+        pending = ctx.state.pop(PENDING_STATE, None)
+        if not isinstance(pending, _Pending):
+            raise DataError(
+                f"node {ctx.node_id} holds no pending update (never trained buffered, or "
+                "already uploaded it)"
+            )
+        version = payload.get("version")
+        if type(version) is not int or version < pending.version:
+            raise ConfigError(
+                f"upload needs the server's model version, an int >= {pending.version} (the "
+                f"version this update trained on), got {version!r}"
+            )
+        staleness = version - pending.version
+        limit = int(pending.spec["max_staleness"])
+        if staleness > limit:
+            raise ConfigError(
+                f"the update is {staleness} versions stale, more than the {limit} it was "
+                "trained under; the node does not release it"
+            )
+        weight = staleness_weight(staleness, float(pending.spec["exponent"]))
+        ctx.noise = pending.noise  # the privacy charge made for training binds the release
+        return {k: v * weight for k, v in pending.delta.items() if k.startswith("d/")}
 
     def evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
         _, test_data = _split(ctx.data)
@@ -304,7 +363,41 @@ def learning_tasks(
     return {
         TRAIN: TaskSpec(train, releases.train()),
         EVALUATE: TaskSpec(evaluate, releases.evaluate()),
+        # The same policy as train's: an uploaded delta leaves only as a train delta may.
+        UPLOAD: TaskSpec(upload, releases.train()),
     }
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Pending:
+    """A buffered update waiting at its node for upload (never itself released)."""
+
+    delta: dict[str, Any]
+    version: int
+    noise: Any
+    spec: Mapping[str, Any]
+
+
+def _buffer_terms(buffered: Any) -> tuple[int, dict[str, Any]]:
+    """Check a buffered-training request: the model version it trains on, and the request."""
+    if not isinstance(buffered, Mapping):
+        raise ConfigError("'buffered' must be {'version', 'max_staleness', 'exponent'}")
+    version, limit, exponent = (
+        buffered.get("version"),
+        buffered.get("max_staleness"),
+        buffered.get("exponent"),
+    )
+    if type(version) is not int or version < 0:
+        raise ConfigError(f"'buffered.version' must be an int >= 0, got {version!r}")
+    if type(limit) is not int or not 0 <= limit <= MAX_STALENESS:
+        raise ConfigError(
+            f"'buffered.max_staleness' must be an int in [0, {MAX_STALENESS}], got {limit!r}"
+        )
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
+        raise ConfigError(f"'buffered.exponent' must be a number in [0, 1], got {exponent!r}")
+    if not 0.0 <= float(exponent) <= 1.0:
+        raise ConfigError(f"'buffered.exponent' must be in [0, 1], got {exponent!r}")
+    return version, dict(buffered)
 
 
 def learning_app(

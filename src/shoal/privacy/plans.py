@@ -11,7 +11,7 @@ secure aggregator, no DP), :class:`ExampleDP` (DP-SGD at the nodes), :class:`Nod
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -586,7 +586,46 @@ class NodeDP(_Accounted):
     def _training_entries(
         self, meta: Mapping[str, Any], rounds: int
     ) -> list[tuple[float, float, int]]:
+        if meta.get("dp_buffered"):
+            # DP-FedBuff: no amplification by sampling (who arrives in a buffer is no
+            # Poisson sample); a node loses privacy only in the steps it contributed to.
+            most = max(dict(meta.get("dp_participation", {})).values(), default=0)
+            return [(1.0, self.noise_multiplier, most)]
         return [(float(meta.get("dp_node_rate", 1.0)), self.noise_multiplier, rounds)]
+
+    def buffered_request(self) -> DPRequest:
+        """What a node trains under in DP-FedBuff: its update clipped and noised in the
+        buffer's sum, charged at sample rate 1 (asynchronous arrivals are not sampled)."""
+        if self.target_quantile is not None:
+            raise ConfigError(
+                "adaptive clipping counts unclipped updates per synchronous round; use a "
+                "fixed clip with asynchronous (buffered) training"
+            )
+        return DPRequest(
+            clip=self.clip,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=1.0,
+            steps=1,
+            level="node",
+        )
+
+    def account_buffered(
+        self, meta: Mapping[str, Any], *, contributors: Sequence[str], steps: int
+    ) -> dict[str, Any]:
+        """The run's privacy after a DP-FedBuff server step (``steps`` so far).
+
+        Each step is one Gaussian mechanism on a sum of clipped updates to which a node adds
+        at most one; the node that contributed to the most steps sets epsilon.
+        """
+        new = dict(meta)
+        participation = dict(meta.get("dp_participation", {}))
+        for node in contributors:
+            participation[node] = participation.get(node, 0) + 1
+        new["dp_participation"] = participation
+        new["dp_rounds"] = steps
+        new["dp_buffered"] = True
+        new["epsilon"] = self._spent(new, steps)
+        return new
 
     def account(
         self, meta: Mapping[str, Any], *, plan: RoundPlan, out: NodeValues, rounds: int

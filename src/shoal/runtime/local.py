@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ from shoal.errors import (
     UnknownTask,
     WireError,
 )
-from shoal.runtime.app import NodeApp, TaskContext
+from shoal.runtime.app import KEPT_STATE_KEY, NodeApp, TaskContext
 from shoal.runtime.availability import Availability
 from shoal.runtime.devices import Devices, VirtualClock
 from shoal.runtime.engine import (
@@ -185,6 +185,20 @@ class LocalEngine:
     def close(self) -> None:
         self._retire_pool()
         self._cache.clear()
+
+    def forget(self, handles: Mapping[str, Sequence[str]]) -> None:
+        """Drop values nodes keep (``handles[node]``) once the coordinator is done with them.
+
+        Not part of the Engine contract: only an engine that hosts its nodes' state in this
+        process needs it (held, 10^5 idle nodes' last updates would be most of its memory).
+        Forgetting releases nothing, so no release policy is involved.
+        """
+        for node_id, names in handles.items():
+            state = self._states.get(node_id)
+            kept = state.get(KEPT_STATE_KEY) if state is not None else None
+            if kept:
+                for name in names:
+                    kept.pop(name, None)
 
     def node_state(self, node_id: str) -> dict[str, Any]:
         """A node's persistent state (tests and debugging only: servers never see it)."""
