@@ -132,6 +132,13 @@ class Engine(Protocol):
       are the caller's mistake: a node's state is not locked against itself.)
     - **Close.** :meth:`close` releases what the engine started (threads, listening ports,
       worker processes) and may be called twice.
+
+    Outside the contract, a simulation engine may offer two extensions, which callers find
+    with ``getattr``: ``clock``, a :class:`~shoal.runtime.devices.VirtualClock` whose ``now``
+    each dispatch starts at and moves to its slowest answer (``Reply.elapsed_s`` then being
+    the node's virtual time: transfers over its link and compute at its speed), which FedBuff
+    sets to each event's time; and ``forget(handles)``, dropping held values the coordinator
+    is done with (``{node: [handle, ...]}``), which ``Federation.discard`` calls.
     """
 
     def node_ids(self) -> Sequence[str]:
