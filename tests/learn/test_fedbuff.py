@@ -280,3 +280,16 @@ def test_a_hostile_coordinator_cannot_read_an_upload_in_the_clear(nodes: list[An
     assert held["d/W"].reveal() == {}  # each node refused the clear fetch
     refusals = [e for e in federation.audit_log if e.action == "node.rejected"]
     assert len(refusals) >= 4 and all("secure" in e.detail["reason"] for e in refusals)
+
+
+def test_fedbuff_with_compressed_links_matches_the_plain_run(nodes: list[Any]) -> None:
+    from shoal.aggregate import Quantize
+
+    results = []
+    for options in ({}, {"downlink_bits": 16, "aggregator": Quantize(16) | Mean()}):
+        algorithm = FedBuff(rounds=2, nodes_per_round=3, max_steps=2, **options)  # type: ignore[arg-type]
+        results.append(train(algorithm, nodes)[0])
+    plain, compressed = results
+    for key in plain.weights:  # 16-bit grids: the same training, up to quantization
+        np.testing.assert_allclose(compressed.weights[key], plain.weights[key], atol=2e-3)
+        assert not np.array_equal(compressed.weights[key], plain.weights[key])

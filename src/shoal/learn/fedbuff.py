@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from shoal.aggregate import compresses
 from shoal.core import Aggregator, Broadcast, Federation, NodeGroup
 from shoal.errors import ConfigError, NotEnoughNodes
 from shoal.learn.algorithms import ALGORITHMS, Algorithm, RoundResult, ServerState
@@ -30,7 +31,7 @@ from shoal.learn.tasks import (
     MAX_STALENESS,
     TRAIN,
     UPLOAD,
-    prefixed,
+    encode_weights,
     staleness_weight,
     unprefixed,
 )
@@ -196,7 +197,7 @@ class FedBuff(Algorithm):
         if isinstance(self.plan, NodeDP):
             extra["dp"] = self.plan.buffered_request().to_json()
         broadcast = group.broadcast(
-            **prefixed("w", state.weights),
+            **encode_weights(state.weights, self.downlink_bits),
             epochs=self.local_epochs,
             lr=self.lr,
             batch_size=self.batch_size,
@@ -226,7 +227,13 @@ class FedBuff(Algorithm):
         _set_clock(fed, flight.now)
         fields = self.released(state)
         aggregator = self._buffer_aggregator()
-        clear = isinstance(self.plan, NoPrivacy) and not self.plan.private
+        # Updates in the clear travel with the receipts, unless the aggregate has the nodes
+        # compress them first (then it fetches them itself).
+        clear = (
+            isinstance(self.plan, NoPrivacy)
+            and not self.plan.private
+            and not compresses(aggregator)
+        )
         out = NodeGroup(fed, buffer).map(
             UPLOAD, version=state.round, send=fields if clear else (), min_nodes=1
         )
