@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "shoal.cli.query",
         "alias of `shoal node --db FILE` (serve a database to `shoal query`)",
     ),
+    "datasite": (
+        "shoal.cli.datasite",
+        "serve data for remote data science: code requests, approval, sandbox",
+    ),
 }
 
 EPILOG = """\

@@ -1,0 +1,289 @@
+"""The datasite's HTTP API (FastAPI) and the owner's web page; ``serve`` runs it with uvicorn.
+
+Every route finds the caller from ``Authorization: Bearer TOKEN`` and hands the work to
+``Service``, which authorizes by role. Errors map to 4xx with a message: malformed JSON,
+wrong types, unknown ids, wrong roles, stale hashes. Nothing a client sends makes a 500.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from shoal.datasite._deps import fastapi, uvicorn
+
+fastapi()  # a clear error naming the extra when it is missing
+# FastAPI reads the routes' annotations, so these names must live at module level
+from fastapi import Depends, FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+from shoal.datasite.sandbox import SandboxLimits
+from shoal.datasite.service import Conflict, Forbidden, NotFound, Service, User
+from shoal.datasite.state import DatasiteState
+from shoal.errors import (
+    AuthenticationError,
+    ConfigError,
+    PrivacyBudgetExceeded,
+    ReleaseRefused,
+    ShoalError,
+)
+
+__all__ = ["create_app", "is_loopback", "serve"]
+
+WIRE = "application/x-shoal-wire"
+MAX_BODY = 1 << 20
+PAGE = Path(__file__).with_name("page.html")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _status(exc: Exception) -> int:
+    if isinstance(exc, AuthenticationError):
+        return 401
+    if isinstance(exc, (Forbidden, ReleaseRefused)):
+        return 403
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, (Conflict, PrivacyBudgetExceeded)):
+        return 409
+    return 400
+
+
+def create_app(service: Service) -> Any:
+    """The FastAPI application for one datasite."""
+    app = FastAPI(title="shoal datasite", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ShoalError)
+    async def _shoal_error(_request: Request, exc: ShoalError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=_status(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": f"malformed request: {exc.errors()!s:.500}"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return JSONResponse({"error": f"bodies are limited to {MAX_BODY} bytes"}, 413)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # never let one request's failure look like a crash
+            logging.getLogger("shoal.datasite").exception("request failed")
+            return JSONResponse({"error": f"the datasite failed on this request: {exc}"}, 400)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+            "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
+        )
+        return response
+
+    def user(request: Request) -> User:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("send Authorization: Bearer <your datasite token>")
+        return service.authenticate(token.strip())
+
+    async def body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ConfigError(f"bodies are limited to {MAX_BODY} bytes")
+        if not raw:
+            return {}
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"the body must be a JSON object, got {type(value).__name__}")
+        return value
+
+    def wire(data: bytes) -> Response:
+        return Response(content=data, media_type=WIRE)
+
+    def text(value: Any, name: str) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string")
+        return value[:2000]
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/api/whoami")
+    def whoami(u: User = Depends(user)) -> dict[str, Any]:
+        return {"name": u.name, "role": u.role}
+
+    @app.get("/api/users")
+    def users(u: User = Depends(user)) -> list[dict[str, Any]]:
+        return service.users(u)
+
+    @app.post("/api/users")
+    async def add_user(request: Request, u: User = Depends(user)) -> dict[str, Any]:
+        b = await body(request)
+        token = service.add_user(u, text(b.get("name"), "name"), text(b.get("role"), "role"))
+        return {"name": b.get("name"), "role": b.get("role"), "token": token}
+
+    @app.get("/api/datasets")
+    def datasets(u: User = Depends(user)) -> list[dict[str, Any]]:
+        return service.datasets(u)
+
+    @app.post("/api/datasets")
+    async def add_dataset(request: Request, u: User = Depends(user)) -> dict[str, Any]:
+        return service.add_dataset(u, await body(request))
+
+    @app.get("/api/datasets/{name}")
+    def dataset(name: str, u: User = Depends(user)) -> dict[str, Any]:
+        return service.dataset(u, name)
+
+    @app.get("/api/datasets/{name}/mock")
+    def mock(name: str, u: User = Depends(user)) -> Response:
+        return wire(service.mock_bytes(u, name))
+
+    @app.post("/api/requests")
+    async def submit(request: Request, u: User = Depends(user)) -> dict[str, Any]:
+        return service.submit(u, await body(request))
+
+    @app.get("/api/requests")
+    def requests(state: str | None = None, u: User = Depends(user)) -> list[dict[str, Any]]:
+        return service.requests(u, state=state)
+
+    @app.get("/api/requests/{rid}")
+    def request_(rid: int, u: User = Depends(user)) -> dict[str, Any]:
+        return service.request(u, rid)
+
+    @app.get("/api/requests/{rid}/status")
+    def status(rid: int, u: User = Depends(user)) -> dict[str, Any]:
+        full = service.request(u, rid)
+        return {"id": rid, "state": full["state"], "reason": full["reason"]}
+
+    @app.get("/api/requests/{rid}/diff")
+    def diff(rid: int, u: User = Depends(user)) -> dict[str, Any]:
+        return service.diff(u, rid)
+
+    @app.post("/api/requests/{rid}/approve")
+    async def approve(rid: int, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+        b = await body(request)
+        return service.decide(
+            u,
+            rid,
+            approve=True,
+            code_hash=text(b.get("code_hash"), "code_hash"),
+            reason=text(b.get("reason"), "reason"),
+        )
+
+    @app.post("/api/requests/{rid}/deny")
+    async def deny(rid: int, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+        b = await body(request)
+        return service.decide(
+            u, rid, approve=False, code_hash=None, reason=text(b.get("reason"), "reason")
+        )
+
+    @app.post("/api/requests/{rid}/release")
+    async def release(rid: int, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+        b = await body(request)
+        return service.release(u, rid, release=True, reason=text(b.get("reason"), "reason"))
+
+    @app.post("/api/requests/{rid}/withhold")
+    async def withhold(rid: int, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+        b = await body(request)
+        return service.release(u, rid, release=False, reason=text(b.get("reason"), "reason"))
+
+    @app.get("/api/requests/{rid}/result")
+    def result(rid: int, u: User = Depends(user)) -> Response:
+        return wire(service.result_bytes(u, rid, kind="real"))
+
+    @app.get("/api/requests/{rid}/mock")
+    def mock_result(rid: int, u: User = Depends(user)) -> Response:
+        return wire(service.result_bytes(u, rid, kind="mock"))
+
+    @app.get("/api/requests/{rid}/preview/{kind}")
+    def preview(rid: int, kind: str, u: User = Depends(user)) -> dict[str, Any]:
+        if kind not in ("mock", "real"):
+            raise NotFound("preview mock or real")
+        return service.preview(u, rid, kind)
+
+    @app.get("/api/jobs")
+    def jobs(u: User = Depends(user)) -> list[dict[str, Any]]:
+        return service.jobs(u)
+
+    @app.get("/api/jobs/{jid}/logs")
+    def logs(jid: int, u: User = Depends(user)) -> dict[str, Any]:
+        return {"job": jid, "logs": service.job_logs(u, jid)}
+
+    @app.post("/api/jobs/{jid}/kill")
+    def kill(jid: int, u: User = Depends(user)) -> dict[str, Any]:
+        return service.kill(u, jid)
+
+    @app.get("/api/budget")
+    def budget(u: User = Depends(user)) -> list[dict[str, Any]]:
+        return service.budget(u)
+
+    @app.get("/api/audit")
+    def audit(limit: int = 200, u: User = Depends(user)) -> list[dict[str, Any]]:
+        return service.audit(u, max(1, min(limit, 10_000)))
+
+    @app.get("/api/audit/verify")
+    def verify(u: User = Depends(user)) -> dict[str, Any]:
+        return service.verify(u)
+
+    return app
+
+
+def serve(
+    directory: str | Path,
+    *,
+    host: str,
+    port: int,
+    certs: str | Path | None = None,
+    insecure: bool = False,
+    limits: SandboxLimits | None = None,
+    ready: Any = None,
+) -> None:
+    """Serve the datasite in ``directory`` until interrupted (TLS unless ``insecure``)."""
+    if insecure and not is_loopback(host):
+        raise ConfigError(
+            f"--insecure serves plain HTTP and is allowed only on a loopback address, not "
+            f"{host!r}; give --certs (from `shoal certs`) to serve other hosts"
+        )
+    ssl: dict[str, Any] = {}
+    if not insecure:
+        cert_dir = Path(certs) if certs else Path(directory) / "certs"
+        cert, key = cert_dir / "coordinator.pem", cert_dir / "coordinator-key.pem"
+        if not cert.is_file() or not key.is_file():
+            raise ConfigError(
+                f"no TLS certificate in {str(cert_dir)!r}; make one with `shoal certs --out "
+                f"{cert_dir} --host NAME`, or `shoal datasite init` does it"
+            )
+        ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    state = DatasiteState(directory)
+    service = Service(state, limits=limits)
+    app = create_app(service)
+    uv = uvicorn()
+    config = uv.Config(app, host=host, port=port, log_level="warning", access_log=False, **ssl)
+    server = uv.Server(config)
+    try:
+        server.run()
+    finally:
+        service.close()
+        state.close()

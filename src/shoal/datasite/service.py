@@ -1,0 +1,886 @@
+"""What a datasite does, independent of HTTP: datasets, requests, approvals, jobs, releases.
+
+Every action is authorized by role here (the HTTP layer only finds the user), recorded in
+the audit chain, and moves a request through its lifecycle. Submitted code runs only in
+``sandbox.run_sandboxed`` child processes, on a small pool of worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import os
+import re
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shoal.datasite import dp as dpmod
+from shoal.datasite.assets import generate_mock, infer_schema, load_table, meta_from_record
+from shoal.datasite.sandbox import JobOutcome, SandboxLimits, run_sandboxed
+from shoal.datasite.state import ROLES, DatasiteState, request_hash
+from shoal.datasite.table import Table, decode_table, encode_table
+from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused, ShoalError
+from shoal.wire import decode, encode
+
+__all__ = ["Forbidden", "NotFound", "Service", "User"]
+
+POLICIES = ("review", "dp", "threshold")
+MAX_SOURCE = 256 << 10
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Forbidden(ShoalError, PermissionError):
+    """The caller's role may not do this."""
+
+
+class NotFound(ShoalError, LookupError):
+    """No such request, job, dataset or user (or not one the caller may see)."""
+
+
+class Conflict(ShoalError, RuntimeError):
+    """The action does not fit the object's state (approving a denied request, a stale hash)."""
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    name: str
+    role: str
+
+
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def jsonable(payload: Mapping[str, Any], *, max_items: int = 200) -> dict[str, Any]:
+    """A wire payload shown as JSON (arrays as nested lists, cut to ``max_items`` numbers)."""
+    out: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, np.ndarray):
+            flat = value.ravel()
+            shown = flat[:max_items].tolist()
+            out[key] = {
+                "shape": list(value.shape),
+                "dtype": value.dtype.str,
+                "values": [None if isinstance(v, float) and not math.isfinite(v) else v for v in shown],
+                "truncated": flat.size > max_items,
+            }
+        elif isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+        else:
+            out[key] = value
+    return out
+
+
+class Service:
+    """One datasite: its state, its worker pool, its sandbox limits."""
+
+    def __init__(
+        self,
+        state: DatasiteState,
+        *,
+        limits: SandboxLimits | None = None,
+        workers: int = 2,
+        isolate: bool | None = None,
+    ) -> None:
+        self.state = state
+        self.limits = limits or SandboxLimits()
+        self.isolate = isolate
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datasite-job")
+        self._pids: dict[int, int] = {}
+        self._pids_lock = threading.Lock()
+        self._recover()
+
+    def close(self) -> None:
+        with self._pids_lock:
+            for pid in self._pids.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _recover(self) -> None:
+        """Jobs that were running when the server stopped did not finish: say so."""
+        with self.state.tx() as conn:
+            for row in conn.execute(
+                "SELECT id, request_id FROM jobs WHERE state IN ('queued', 'running')"
+            ).fetchall():
+                conn.execute(
+                    "UPDATE jobs SET state='failed', reason='the server stopped during the job', "
+                    "finished=? WHERE id=?",
+                    (time.time(), row[0]),
+                )
+                conn.execute(
+                    "UPDATE requests SET state='failed', reason='the server stopped during the "
+                    "job; submit it again', updated=? WHERE id=? AND state IN ('queued','running')",
+                    (time.time(), row[1]),
+                )
+            # a submission whose mock run never ran: run it now
+            pending = conn.execute("SELECT id FROM requests WHERE state='submitted'").fetchall()
+        for (rid,) in pending:
+            self._pool.submit(self._mock_job, int(rid))
+
+    # -- users -------------------------------------------------------------------------------
+
+    def authenticate(self, token: str) -> User:
+        row = self.state.user_for(token)
+        return User(int(row["id"]), str(row["name"]), str(row["role"]))
+
+    @staticmethod
+    def require(user: User, *roles: str) -> None:
+        if user.role not in roles:
+            raise Forbidden(
+                f"{user.name} is a {user.role}; this needs the role {' or '.join(roles)}"
+            )
+
+    def add_user(self, user: User, name: str, role: str) -> str:
+        self.require(user, "owner")
+        if role not in ROLES:
+            raise ConfigError(f"role must be one of {list(ROLES)}, got {role!r}")
+        return self.state.add_user(name, role, actor=user.name)
+
+    def users(self, user: User) -> list[dict[str, Any]]:
+        self.require(user, "owner")
+        rows = self.state.query("SELECT id, name, role, created FROM users ORDER BY id")
+        return [dict(r) for r in rows]
+
+    # -- datasets ----------------------------------------------------------------------------
+
+    def add_dataset(self, user: User, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """Register a table the owner holds, with its description, mock and DP metadata."""
+        self.require(user, "owner")
+        name = str(spec.get("name", ""))
+        if not _NAME.match(name):
+            raise ConfigError(f"a dataset name is letters, digits, . _ - (got {name!r})")
+        path = Path(str(spec.get("path", ""))).expanduser().resolve()
+        table = load_table(path, name=name, fmt=spec.get("format"), table=spec.get("table"))
+        bounds = {k: (float(v[0]), float(v[1])) for k, v in (spec.get("bounds") or {}).items()}
+        schema = infer_schema(table, bounds=bounds, categories=spec.get("categories") or {})
+        unit = spec.get("unit")
+        if unit is not None and unit not in table:
+            raise ConfigError(f"privacy unit {unit!r} is not a column of {name!r}")
+        max_eps = float(spec.get("max_epsilon", 1.0))
+        delta = float(spec.get("delta", 1e-6))
+        default_eps = float(spec.get("default_epsilon", 0.1))
+        contributions = int(spec.get("max_contributions", 1))
+        if not (max_eps > 0 and 0 < delta < 1 and default_eps > 0 and contributions >= 1):
+            raise ConfigError(
+                "max_epsilon and default_epsilon must be > 0, delta in (0, 1), "
+                "max_contributions >= 1"
+            )
+        dp = {
+            "unit": unit,
+            "max_contributions": contributions,
+            "max_epsilon": max_eps,
+            "delta": delta,
+            "default_epsilon": default_eps,
+            "threshold": int(spec.get("threshold", 10)),
+        }
+        if spec.get("mock_path"):
+            mock = load_table(Path(str(spec["mock_path"])), name=name, fmt=spec.get("mock_format"))
+            if mock.columns != table.columns:
+                raise ConfigError(
+                    f"the mock's columns {mock.columns} differ from the data's {table.columns}"
+                )
+            origin = "owner"
+        else:
+            rows = int(spec.get("mock_rows", 100))
+            if not 1 <= rows <= 100_000:
+                raise ConfigError("mock_rows must be in [1, 100000]")
+            mock = generate_mock(schema, name=name, rows=rows, unit=unit)
+            origin = "generated"
+        with self.state.tx() as conn:
+            if conn.execute("SELECT 1 FROM datasets WHERE name=?", (name,)).fetchone():
+                raise Conflict(f"a dataset named {name!r} exists already")
+            conn.execute(
+                "INSERT INTO datasets (name, description, path, format, source_table, schema, "
+                "dp, mock, mock_origin, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    str(spec.get("description", "")),
+                    str(path),
+                    spec.get("format") or path.suffix.lstrip(".") or "csv",
+                    spec.get("table"),
+                    json.dumps(schema),
+                    json.dumps(dp),
+                    encode_table(mock),
+                    origin,
+                    time.time(),
+                ),
+            )
+            self.state._audit(
+                conn, user.name, "dataset.add", {"name": name, "rows": table.rows, "mock": origin}
+            )
+        return self.dataset(user, name)
+
+    def datasets(self, user: User) -> list[dict[str, Any]]:
+        rows = self.state.query("SELECT name FROM datasets ORDER BY name")
+        return [self.dataset(user, r["name"]) for r in rows]
+
+    def dataset(self, user: User, name: str) -> dict[str, Any]:
+        row = self.state.one("SELECT * FROM datasets WHERE name=?", (name,))
+        if row is None:
+            raise NotFound(f"no dataset {name!r}")
+        info = {
+            "name": row["name"],
+            "description": row["description"],
+            "schema": json.loads(row["schema"]),
+            "dp": json.loads(row["dp"]),
+            "mock": row["mock_origin"],
+        }
+        if user.role == "owner":
+            info["path"] = row["path"]
+        return info
+
+    def mock_bytes(self, user: User, name: str) -> bytes:
+        row = self.state.one("SELECT mock FROM datasets WHERE name=?", (name,))
+        if row is None:
+            raise NotFound(f"no dataset {name!r}")
+        return bytes(row["mock"])
+
+    def _metas(self, names: list[str]) -> dict[str, dpmod.DatasetMeta]:
+        out = {}
+        for name in names:
+            row = self.state.one("SELECT schema, dp FROM datasets WHERE name=?", (name,))
+            if row is None:
+                raise NotFound(f"no dataset {name!r}")
+            out[name] = meta_from_record(name, json.loads(row["schema"]), json.loads(row["dp"]))
+        return out
+
+    def _tables(self, names: list[str], *, mock: bool) -> dict[str, Table]:
+        out = {}
+        for name in names:
+            row = self.state.one(
+                "SELECT path, format, source_table, mock FROM datasets WHERE name=?", (name,)
+            )
+            if row is None:
+                raise NotFound(f"no dataset {name!r}")
+            if mock:
+                out[name] = decode_table(bytes(row["mock"]))
+            else:
+                fmt = row["format"] if row["format"] in ("csv", "parquet", "sqlite") else None
+                out[name] = load_table(
+                    row["path"], name=name, fmt=fmt, table=row["source_table"]
+                )
+        return out
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _check_policy(self, policy: Any, assets: list[str]) -> dict[str, Any]:
+        if isinstance(policy, str):
+            policy = {"kind": policy}
+        if not isinstance(policy, Mapping) or policy.get("kind") not in POLICIES:
+            raise ConfigError(f"policy kind must be one of {list(POLICIES)}, got {policy!r}")
+        kind = policy["kind"]
+        out: dict[str, Any] = {"kind": kind}
+        if kind == "dp":
+            eps = policy.get("epsilon")
+            if eps is None:
+                defaults = [float(self._dp_of(a)["default_epsilon"]) for a in assets]
+                eps = min(defaults)
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+                raise ConfigError(f"epsilon must be a number, got {eps!r}")
+            if not (math.isfinite(eps) and eps > 0):
+                raise ConfigError(f"epsilon must be a positive finite number, got {eps!r}")
+            out["epsilon"] = float(eps)
+        elif kind == "threshold":
+            floor = max(int(self._dp_of(a)["threshold"]) for a in assets)
+            k = policy.get("k", floor)
+            if isinstance(k, bool) or not isinstance(k, int) or k < floor:
+                raise ConfigError(f"k must be an int of at least the owner's {floor}, got {k!r}")
+            out["k"] = k
+        extra = set(policy) - {"kind", "epsilon", "k"}
+        if extra:
+            raise ConfigError(f"unknown policy fields {sorted(extra)}")
+        return out
+
+    def _dp_of(self, asset: str) -> dict[str, Any]:
+        row = self.state.one("SELECT dp FROM datasets WHERE name=?", (asset,))
+        if row is None:
+            raise NotFound(f"no dataset {asset!r}")
+        return dict(json.loads(row["dp"]))
+
+    def submit(self, user: User, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A scientist's code request: stored, hashed, and its mock run queued."""
+        self.require(user, "scientist", "owner")
+        source = body.get("source")
+        entrypoint = body.get("entrypoint")
+        assets = body.get("assets")
+        params = body.get("params") or {}
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigError("source must be the function's Python source text")
+        if len(source.encode("utf-8")) > MAX_SOURCE:
+            raise ConfigError(f"source is larger than {MAX_SOURCE} bytes")
+        if not isinstance(entrypoint, str) or not _IDENT.match(entrypoint):
+            raise ConfigError("entrypoint must be the name of the function in source")
+        if (
+            not isinstance(assets, list)
+            or not assets
+            or not all(isinstance(a, str) for a in assets)
+            or len(set(assets)) != len(assets)
+        ):
+            raise ConfigError("assets must be a non-empty list of distinct dataset names")
+        if not isinstance(params, dict) or not all(_IDENT.match(str(k)) for k in params):
+            raise ConfigError("params must map identifiers to JSON values")
+        try:
+            params_text = json.dumps(params, allow_nan=False)
+        except ValueError as exc:
+            raise ConfigError(f"params must be plain JSON: {exc}") from None
+        if len(params_text) > 64 << 10:
+            raise ConfigError("params are larger than 64 KiB")
+        for asset in assets:
+            self._dp_of(asset)
+        policy = self._check_policy(body.get("policy", "review"), assets)
+        name = str(body.get("name") or entrypoint)[:128]
+        federation = body.get("federation")
+        if federation is not None and not isinstance(federation, dict):
+            raise ConfigError("federation must be an object")
+        digest = request_hash(
+            source=source, entrypoint=entrypoint, assets=assets, params=params, policy=policy
+        )
+        now = time.time()
+        with self.state.tx() as conn:
+            cursor = conn.execute(
+                "INSERT INTO requests (user_id, name, source, entrypoint, assets, params, "
+                "policy, code_hash, state, federation, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'submitted', ?, ?, ?)",
+                (
+                    user.id,
+                    name,
+                    source,
+                    entrypoint,
+                    json.dumps(assets),
+                    params_text,
+                    json.dumps(policy),
+                    digest,
+                    None if federation is None else json.dumps(federation),
+                    now,
+                    now,
+                ),
+            )
+            rid = int(cursor.lastrowid or 0)
+            self.state._audit(
+                conn,
+                user.name,
+                "request.submit",
+                {"request": rid, "code_hash": digest, "assets": assets, "policy": policy},
+            )
+        self._pool.submit(self._mock_job, rid)
+        return self.request(user, rid)
+
+    def _row(self, user: User, rid: int) -> sqlite3.Row:
+        row = self.state.one(
+            "SELECT r.*, u.name AS scientist FROM requests r JOIN users u ON u.id = r.user_id "
+            "WHERE r.id=?",
+            (rid,),
+        )
+        if row is None or (user.role != "owner" and row["user_id"] != user.id):
+            raise NotFound(f"no request {rid} of yours")  # not "forbidden": it does not exist for them
+        if user.role == "guest":
+            raise Forbidden("guests cannot see requests")
+        return row
+
+    def request(self, user: User, rid: int) -> dict[str, Any]:
+        row = self._row(user, rid)
+        jobs = self.state.query(
+            "SELECT id, kind, state, reason, isolated, seconds FROM jobs WHERE request_id=? "
+            "ORDER BY id",
+            (rid,),
+        )
+        return {
+            "id": row["id"],
+            "name": row["name"],
+            "scientist": row["scientist"],
+            "state": row["state"],
+            "reason": row["reason"],
+            "code_hash": row["code_hash"],
+            "approved_hash": row["approved_hash"],
+            "source": row["source"],
+            "entrypoint": row["entrypoint"],
+            "assets": json.loads(row["assets"]),
+            "params": json.loads(row["params"]),
+            "policy": json.loads(row["policy"]),
+            "plan": _json(row["plan"]),
+            "federation": _json(row["federation"]),
+            "created": row["created"],
+            "updated": row["updated"],
+            "jobs": [dict(j) for j in jobs],
+        }
+
+    def requests(self, user: User, *, state: str | None = None) -> list[dict[str, Any]]:
+        self.require(user, "owner", "scientist")
+        sql = "SELECT r.id, r.name, r.state, r.code_hash, r.policy, r.created, u.name AS scientist "
+        sql += "FROM requests r JOIN users u ON u.id = r.user_id WHERE 1=1"
+        args: list[Any] = []
+        if user.role != "owner":
+            sql += " AND r.user_id=?"
+            args.append(user.id)
+        if state:
+            sql += " AND r.state=?"
+            args.append(state)
+        rows = self.state.query(sql + " ORDER BY r.id", tuple(args))
+        return [{**dict(r), "policy": json.loads(r["policy"])} for r in rows]
+
+    def diff(self, user: User, rid: int) -> dict[str, Any]:
+        """The code against the same scientist's latest earlier request (same name if any)."""
+        row = self._row(user, rid)
+        earlier = self.state.query(
+            "SELECT id, name, source FROM requests WHERE user_id=? AND id<? ORDER BY id DESC",
+            (row["user_id"], rid),
+        )
+        base = next((e for e in earlier if e["name"] == row["name"]), None) or (
+            earlier[0] if earlier else None
+        )
+        if base is None:
+            return {"against": None, "diff": ""}
+        lines = difflib.unified_diff(
+            base["source"].splitlines(keepends=True),
+            row["source"].splitlines(keepends=True),
+            fromfile=f"request {base['id']}",
+            tofile=f"request {rid}",
+        )
+        return {"against": base["id"], "diff": "".join(lines)}
+
+    def _set(
+        self, conn: sqlite3.Connection, rid: int, state: str, reason: str = "", **extra: Any
+    ) -> None:
+        sets = ", ".join(f"{k}=?" for k in extra)
+        conn.execute(
+            f"UPDATE requests SET state=?, reason=?, updated=?{', ' + sets if sets else ''} "
+            "WHERE id=?",
+            (state, reason, time.time(), *extra.values(), rid),
+        )
+
+    def decide(
+        self, user: User, rid: int, *, approve: bool, code_hash: str | None, reason: str
+    ) -> dict[str, Any]:
+        """Approve (for exactly ``code_hash``) or deny, with a reason."""
+        self.require(user, "owner")
+        row = self._row(user, rid)
+        if row["state"] != "mock-run":
+            raise Conflict(
+                f"request {rid} is {row['state']}; only a request whose mock run has finished "
+                "can be approved or denied"
+            )
+        if approve:
+            if code_hash != row["code_hash"]:
+                with self.state.tx() as conn:
+                    self.state._audit(
+                        conn,
+                        user.name,
+                        "request.approve-refused",
+                        {"request": rid, "given": str(code_hash)[:80], "code_hash": row["code_hash"]},
+                    )
+                raise Conflict(
+                    f"the approval is for code hash {str(code_hash)[:16]}..., but request {rid} "
+                    f"has {row['code_hash'][:16]}...; review the request as it is now and approve "
+                    "its hash"
+                )
+            policy = json.loads(row["policy"])
+            if policy["kind"] in ("dp", "threshold") and not row["plan"]:
+                raise Conflict(
+                    f"request {rid} declared no valid {policy['kind']} queries in its mock run; "
+                    "deny it"
+                )
+        with self.state.tx() as conn:
+            if approve:
+                self._set(conn, rid, "approved", reason, approved_hash=row["code_hash"])
+            else:
+                self._set(conn, rid, "denied", reason)
+            self.state._audit(
+                conn,
+                user.name,
+                "request.approve" if approve else "request.deny",
+                {"request": rid, "code_hash": row["code_hash"], "reason": reason},
+            )
+            if approve:
+                self._set(conn, rid, "queued", reason)
+        if approve:
+            self._pool.submit(self._real_job, rid)
+        return self.request(user, rid)
+
+    def release(self, user: User, rid: int, *, release: bool, reason: str) -> dict[str, Any]:
+        """The owner's decision on a review-policy result: release it or withhold it."""
+        self.require(user, "owner")
+        row = self._row(user, rid)
+        if row["state"] != "succeeded" or json.loads(row["policy"])["kind"] != "review":
+            raise Conflict(
+                f"request {rid} is {row['state']}; only a finished review-policy request waits "
+                "for release"
+            )
+        with self.state.tx() as conn:
+            self._set(conn, rid, "released" if release else "withheld", reason)
+            self.state._audit(
+                conn,
+                user.name,
+                "result.release" if release else "result.withhold",
+                {"request": rid, "code_hash": row["code_hash"], "reason": reason},
+            )
+        return self.request(user, rid)
+
+    def result_bytes(self, user: User, rid: int, *, kind: str) -> bytes:
+        """``kind="mock"``: the mock run's result. ``"real"``: the scientist gets it only once
+        released; the owner sees it to review it."""
+        row = self._row(user, rid)
+        if kind == "real" and user.role != "owner" and row["state"] != "released":
+            raise ReleaseRefused(
+                f"request {rid} is {row['state']}: its result has not been released"
+                + (f" ({row['reason']})" if row["reason"] else "")
+            )
+        res = self.state.one(
+            "SELECT payload FROM results WHERE request_id=? AND kind=?", (rid, kind)
+        )
+        if res is None:
+            raise NotFound(f"request {rid} has no {kind} result (yet)")
+        if kind == "real" and user.role != "owner":
+            with self.state.tx() as conn:
+                self.state._audit(conn, user.name, "result.fetch", {"request": rid})
+        return bytes(res["payload"])
+
+    def preview(self, user: User, rid: int, kind: str) -> dict[str, Any]:
+        return jsonable(decode(self.result_bytes(user, rid, kind=kind)))
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def jobs(self, user: User) -> list[dict[str, Any]]:
+        self.require(user, "owner")
+        rows = self.state.query(
+            "SELECT id, request_id, kind, state, reason, isolated, seconds, created, finished "
+            "FROM jobs ORDER BY id"
+        )
+        return [dict(r) for r in rows]
+
+    def job_logs(self, user: User, jid: int) -> str:
+        row = self.state.one("SELECT request_id, kind, logs FROM jobs WHERE id=?", (jid,))
+        if row is None:
+            raise NotFound(f"no job {jid}")
+        # a real run's log may hold private values; the scientist sees only mock runs' logs
+        if user.role != "owner":
+            self._row(user, int(row["request_id"]))
+            if row["kind"] != "mock":
+                raise Forbidden("only the owner reads the log of a run on the real data")
+        return str(row["logs"])
+
+    def kill(self, user: User, jid: int) -> dict[str, Any]:
+        self.require(user, "owner")
+        with self._pids_lock:
+            pid = self._pids.get(jid)
+        if pid is None:
+            raise Conflict(f"job {jid} is not running")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        self.state.audit(user.name, "job.kill", {"job": jid})
+        return {"job": jid, "killed": True}
+
+    def _new_job(self, rid: int, kind: str) -> int:
+        with self.state.tx() as conn:
+            cursor = conn.execute(
+                "INSERT INTO jobs (request_id, kind, state, created) VALUES (?, ?, 'running', ?)",
+                (rid, kind, time.time()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def _end_job(self, jid: int, state: str, reason: str, outcome: JobOutcome | None) -> None:
+        with self.state.tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET state=?, reason=?, logs=?, isolated=?, seconds=?, finished=? "
+                "WHERE id=?",
+                (
+                    state,
+                    reason[:2000],
+                    outcome.logs if outcome else "",
+                    None if outcome is None else int(outcome.isolated),
+                    None if outcome is None else outcome.seconds,
+                    time.time(),
+                    jid,
+                ),
+            )
+
+    def _sandbox(self, jid: int, row: sqlite3.Row, *, mock: bool, mode: str) -> JobOutcome:
+        assets = json.loads(row["assets"])
+        tables = self._tables(assets, mock=mock)
+
+        def started(pid: int) -> None:
+            with self._pids_lock:
+                self._pids[jid] = pid
+
+        try:
+            return run_sandboxed(
+                source=row["source"],
+                entrypoint=row["entrypoint"],
+                inputs={name: encode_table(t) for name, t in tables.items()},
+                params=json.loads(row["params"]),
+                mode=mode,
+                limits=self.limits,
+                isolate=self.isolate,
+                on_start=started,
+            )
+        finally:
+            with self._pids_lock:
+                self._pids.pop(jid, None)
+
+    def _mock_job(self, rid: int) -> None:
+        row = self.state.one("SELECT * FROM requests WHERE id=?", (rid,))
+        if row is None:
+            return
+        jid = self._new_job(rid, "mock")
+        policy = json.loads(row["policy"])
+        declare = policy["kind"] in ("dp", "threshold")
+        try:
+            outcome = self._sandbox(jid, row, mock=True, mode="declare" if declare else "run")
+        except Exception as exc:  # the datasite's own failure: record it, keep serving
+            self._end_job(jid, "failed", f"could not start the job: {exc}", None)
+            with self.state.tx() as conn:
+                self._set(conn, rid, "mock-run", f"the mock run could not start: {exc}")
+            return
+        reason = outcome.reason
+        payload = outcome.output
+        plan_json: str | None = None
+        if outcome.state == "succeeded" and declare and payload is not None:
+            try:
+                plan = dpmod.parse_plan(decode(payload).get("plan"))
+                assets = json.loads(row["assets"])
+                metas = self._metas(assets)
+                dpmod.check_plan(plan, metas, policy=policy["kind"])
+                preview = dpmod.evaluate_plan(
+                    plan, self._tables(assets, mock=True), metas, policy="exact"
+                )
+                payload = bytes(encode(preview.payload))
+                plan_json = json.dumps([{"name": n, **q.to_dict()} for n, q in plan])
+            except ShoalError as exc:
+                reason = f"the declared queries are not allowed: {exc}"
+                payload = None
+        self._end_job(jid, outcome.state if payload or outcome.state != "succeeded" else "failed", reason, outcome)
+        with self.state.tx() as conn:
+            if payload is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO results (request_id, kind, payload, created) "
+                    "VALUES (?, 'mock', ?, ?)",
+                    (rid, payload, time.time()),
+                )
+            self._set(conn, rid, "mock-run", reason, plan=plan_json)
+            self.state._audit(
+                conn,
+                "datasite",
+                "job.mock",
+                {"request": rid, "job": jid, "state": outcome.state, "isolated": outcome.isolated},
+            )
+
+    def _real_job(self, rid: int) -> None:
+        row = self.state.one("SELECT * FROM requests WHERE id=?", (rid,))
+        if row is None or row["state"] != "queued":
+            return
+        policy = json.loads(row["policy"])
+        jid = self._new_job(rid, "run" if policy["kind"] == "review" else policy["kind"])
+        # the approval holds for one hash: recompute it from what is stored now
+        now_hash = request_hash(
+            source=row["source"],
+            entrypoint=row["entrypoint"],
+            assets=json.loads(row["assets"]),
+            params=json.loads(row["params"]),
+            policy=policy,
+        )
+        if now_hash != row["approved_hash"] or now_hash != row["code_hash"]:
+            reason = (
+                "refused: the request's code, assets or parameters changed after approval "
+                f"(hash {now_hash[:16]}... is not the approved {str(row['approved_hash'])[:16]}...)"
+            )
+            self._end_job(jid, "failed", reason, None)
+            with self.state.tx() as conn:
+                self._set(conn, rid, "failed", reason)
+                self.state._audit(
+                    conn, "datasite", "job.refused", {"request": rid, "job": jid, "hash": now_hash}
+                )
+            return
+        with self.state.tx() as conn:
+            self._set(conn, rid, "running")
+        try:
+            if policy["kind"] == "review":
+                self._run_review(rid, jid, row)
+            else:
+                self._run_declared(rid, jid, row, policy)
+        except Exception as exc:  # the datasite's own failure: record it, keep serving
+            self._end_job(jid, "failed", f"the datasite failed: {exc}", None)
+            with self.state.tx() as conn:
+                self._set(conn, rid, "failed", f"the datasite failed: {exc}")
+
+    def _run_review(self, rid: int, jid: int, row: sqlite3.Row) -> None:
+        outcome = self._sandbox(jid, row, mock=False, mode="run")
+        self._end_job(jid, outcome.state, outcome.reason, outcome)
+        with self.state.tx() as conn:
+            if outcome.state == "succeeded" and outcome.output is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO results (request_id, kind, payload, created) "
+                    "VALUES (?, 'real', ?, ?)",
+                    (rid, outcome.output, time.time()),
+                )
+            self._set(conn, rid, outcome.state, outcome.reason)
+            self.state._audit(
+                conn,
+                "datasite",
+                "job.run",
+                {
+                    "request": rid,
+                    "job": jid,
+                    "state": outcome.state,
+                    "reason": outcome.reason[:300],
+                    "isolated": outcome.isolated,
+                },
+            )
+
+    def _run_declared(self, rid: int, jid: int, row: sqlite3.Row, policy: dict[str, Any]) -> None:
+        """dp / threshold: the datasite answers the approved plan itself; no submitted code
+        runs on the real data. Under dp the ledger is charged in the transaction that
+        releases."""
+        assets = json.loads(row["assets"])
+        plan = dpmod.parse_plan(json.loads(row["plan"]))
+        metas = self._metas(assets)
+        started = time.monotonic()
+        evaluation = dpmod.evaluate_plan(
+            plan,
+            self._tables(assets, mock=False),
+            metas,
+            policy=policy["kind"],
+            epsilon=policy.get("epsilon"),
+            threshold=policy.get("k"),
+        )
+        blob = bytes(encode(evaluation.payload))
+        seconds = time.monotonic() - started
+        state, reason = "released", ""
+        charges: dict[str, float] = {}
+        try:
+            with self.state.tx() as conn:
+                self._set(conn, rid, "succeeded")
+                if policy["kind"] == "dp":
+                    charges = self._charge(conn, int(row["user_id"]), assets, evaluation)
+                conn.execute(
+                    "INSERT OR REPLACE INTO results (request_id, kind, payload, created) "
+                    "VALUES (?, 'real', ?, ?)",
+                    (rid, blob, time.time()),
+                )
+                self._set(conn, rid, "released")
+                self.state._audit(
+                    conn,
+                    "datasite",
+                    "result.release",
+                    {
+                        "request": rid,
+                        "job": jid,
+                        "policy": policy,
+                        "statistics": evaluation.statistics,
+                        "epsilon_spent": charges,
+                        "suppressed": evaluation.suppressed,
+                    },
+                )
+        except PrivacyBudgetExceeded as exc:
+            state, reason = "withheld", str(exc)
+            with self.state.tx() as conn:
+                self._set(conn, rid, "withheld", reason)
+                self.state._audit(
+                    conn, "datasite", "result.withhold", {"request": rid, "reason": reason[:300]}
+                )
+        with self.state.tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET state=?, reason=?, seconds=?, isolated=0, finished=? WHERE id=?",
+                ("succeeded" if state == "released" else "succeeded", reason, seconds, time.time(), jid),
+            )
+
+    def _charge(
+        self,
+        conn: sqlite3.Connection,
+        user_id: int,
+        assets: list[str],
+        evaluation: dpmod.Evaluation,
+    ) -> dict[str, float]:
+        """Charge every asset's ledger for this scientist (m Laplace releases at epsilon/m
+        each); raises PrivacyBudgetExceeded, rolling back the transaction, if any is short."""
+        from shoal.privacy import NodeBudget
+
+        assert evaluation.epsilon_each is not None
+        spent: dict[str, float] = {}
+        for asset in assets:
+            dp = self._dp_of(asset)
+            got = conn.execute(
+                "SELECT budget FROM ledgers WHERE user_id=? AND dataset=?", (user_id, asset)
+            ).fetchone()
+            budget = (
+                NodeBudget.from_dict(json.loads(got[0]))
+                if got
+                else NodeBudget(
+                    max_epsilon=float(dp["max_epsilon"]),
+                    max_delta=float(dp["delta"]),
+                    accountant="rdp",
+                )
+            )
+            charge = budget.charge(
+                sample_rate=1.0,
+                noise_multiplier=1.0 / evaluation.epsilon_each,
+                steps=evaluation.statistics,
+                mechanism="laplace",
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO ledgers (user_id, dataset, budget) VALUES (?, ?, ?)",
+                (user_id, asset, json.dumps(budget.to_dict())),
+            )
+            spent[asset] = charge.total_epsilon
+        return spent
+
+    def budget(self, user: User) -> list[dict[str, Any]]:
+        """Per scientist and dataset: epsilon spent and left."""
+        from shoal.privacy import NodeBudget
+
+        self.require(user, "owner", "scientist")
+        sql = (
+            "SELECT u.name AS scientist, l.user_id, l.dataset, l.budget FROM ledgers l "
+            "JOIN users u ON u.id = l.user_id"
+        )
+        rows = self.state.query(sql)
+        out = []
+        for r in rows:
+            if user.role != "owner" and r["user_id"] != user.id:
+                continue
+            budget = NodeBudget.from_dict(json.loads(r["budget"]))
+            out.append(
+                {
+                    "scientist": r["scientist"],
+                    "dataset": r["dataset"],
+                    "spent_epsilon": budget.spent(),
+                    "max_epsilon": budget.max_epsilon,
+                    "delta": budget.max_delta,
+                    "remaining_epsilon": budget.remaining(),
+                    "releases": budget.ledger.steps,
+                }
+            )
+        return out
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def audit(self, user: User, limit: int = 200) -> list[dict[str, Any]]:
+        self.require(user, "owner")
+        return [
+            {
+                "seq": e.seq,
+                "ts": e.ts,
+                "actor": e.actor,
+                "action": e.action,
+                "detail": dict(e.detail),
+                "hash": e.hash,
+            }
+            for e in self.state.audit_entries(limit)
+        ]
+
+    def verify(self, user: User) -> dict[str, Any]:
+        self.require(user, "owner")
+        report = self.state.verify()
+        return {"ok": report.ok, "entries": report.entries, "head": report.head, "problems": list(report.problems)}

@@ -1,0 +1,158 @@
+"""A real datasite server process per test module, with an owner, two scientists and a guest."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal.datasite.client import Datasite, connect
+from shoal.datasite.state import DatasiteState
+from shoal.runtime.grpc.certs import make_certs
+
+SRC = str(Path(shoal.__file__).resolve().parent.parent)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_patients(path: Path, rows: int = 200, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "age", "sex", "income"])
+        for i in range(rows):
+            w.writerow(
+                [
+                    i // 2,
+                    int(rng.integers(18, 90)),
+                    ["F", "M"][int(rng.integers(0, 2))],
+                    round(float(rng.uniform(1000, 9000)), 2),
+                ]
+            )
+
+
+@dataclass
+class RunningSite:
+    directory: Path
+    url: str
+    ca: Path | None
+    tokens: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    data: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def as_(self, who: str) -> Datasite:
+        return connect(self.url, self.tokens[who], ca=self.ca)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_site(
+    directory: Path,
+    *,
+    tls: bool = True,
+    wall_seconds: float = 20.0,
+    memory_mb: int = 1024,
+    rows: int = 200,
+    dataset: bool = True,
+) -> RunningSite:
+    tokens: dict[str, str] = {}
+    with DatasiteState(directory, create=True) as state:
+        for name, role in (
+            ("olivia", "owner"),
+            ("sam", "scientist"),
+            ("tess", "scientist"),
+            ("gus", "guest"),
+        ):
+            tokens[name] = state.add_user(name, role, actor="test")
+    ca = None
+    if tls:
+        ca = make_certs(directory / "certs").ca
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "shoal.cli.main",
+        "datasite",
+        "serve",
+        str(directory),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--wall-seconds",
+        str(wall_seconds),
+        "--memory-mb",
+        str(memory_mb),
+    ]
+    if not tls:
+        command.append("--insecure")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    log = open(directory / "server.log", "wb")  # noqa: SIM115 (kept for the server's life)
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    data = directory.parent / f"{directory.name}-patients.csv"
+    write_patients(data, rows=rows)
+    site = RunningSite(directory=directory, url=url, ca=ca, tokens=tokens, proc=proc, data=data)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            site.as_("olivia").call("GET", "/api/whoami")
+            break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                site.stop()
+                raise RuntimeError(
+                    "the datasite did not start: " + (directory / "server.log").read_text()
+                ) from None
+            time.sleep(0.1)
+    if dataset:
+        site.as_("olivia").call(
+            "POST",
+            "/api/datasets",
+            {
+                "name": "patients",
+                "path": str(data),
+                "description": "synthetic patients",
+                "bounds": {"age": [0, 120], "income": [0, 10000]},
+                "categories": {"sex": ["F", "M"]},
+                "unit": "id",
+                "max_contributions": 2,
+                "max_epsilon": 2.0,
+                "default_epsilon": 0.5,
+                "threshold": 5,
+            },
+        )
+    return site
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSite]:
+    running = start_site(tmp_path_factory.mktemp("site") / "site")
+    try:
+        yield running
+    finally:
+        running.stop()
