@@ -34,8 +34,12 @@ an owner (see docs/datasite.md):
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("SHOAL_DATASITE_URL"), help="https://HOST:PORT")
-    parser.add_argument("--token", default=os.environ.get("SHOAL_DATASITE_TOKEN"), help="your token")
+    parser.add_argument(
+        "--url", default=os.environ.get("SHOAL_DATASITE_URL"), help="https://HOST:PORT"
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get("SHOAL_DATASITE_TOKEN"), help="your token"
+    )
     parser.add_argument("--ca", default=os.environ.get("SHOAL_DATASITE_CA"), help="ca.pem")
 
 
@@ -179,7 +183,9 @@ def _init(args: argparse.Namespace) -> int:
     with DatasiteState(directory, create=True) as state:
         token = state.add_user(args.owner, "owner", actor="init")
     files = make_certs(directory / "certs", hosts=args.host)
-    print(f"created datasite {directory} (certificates in {files.directory}; clients need {files.ca})")
+    print(
+        f"created datasite {directory} (certificates in {files.directory}; clients need {files.ca})"
+    )
     print(f"owner {args.owner!r} token (shown once, stored only hashed):\n{token}")
     return 0
 
@@ -240,7 +246,7 @@ def _datasets_add(args: argparse.Namespace) -> int:
 
     bounds = {}
     for col, text in _pairs(args.bounds, "--bounds").items():
-        lo, sep, hi = text.partition(":")
+        lo, _, hi = text.partition(":")
         try:
             bounds[col] = [float(lo), float(hi)]
         except ValueError:
@@ -294,7 +300,7 @@ def _requests_action(args: argparse.Namespace) -> int:
         return 0
     if args.action == "diff":
         got = site.call("GET", f"/api/requests/{rid}/diff")
-        print(got["diff"] or f"(no earlier request by this scientist to compare with)")
+        print(got["diff"] or "(no earlier request by this scientist to compare with)")
         return 0
     if args.action == "approve":
         return _show(site.approve(rid, args.hash, args.reason))

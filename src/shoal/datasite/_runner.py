@@ -22,13 +22,25 @@ sys.path.insert(0, SPEC["shoal_path"])
 
 # everything the code may reasonably use is imported before the process loses access to
 # the interpreter's own directories (without bwrap, they may be readable by root only)
+import bisect
 import collections
+import contextlib
+import dataclasses
+import datetime
+import decimal
+import fractions
 import functools
+import heapq
 import itertools
 import math
+import operator
+import random
 import re
 import statistics
+import string
+import textwrap
 import traceback
+import typing
 
 import numpy as np
 
@@ -36,7 +48,26 @@ from shoal.datasite import dp
 from shoal.datasite.table import Table, decode_table
 from shoal.wire import WireLimits, encode
 
-_PRELOADED = (collections, functools, itertools, math, re, statistics, dp)
+_PRELOADED = (
+    bisect,
+    collections,
+    contextlib,
+    dataclasses,
+    datetime,
+    decimal,
+    fractions,
+    functools,
+    heapq,
+    itertools,
+    math,
+    operator,
+    random,
+    re,
+    statistics,
+    string,
+    textwrap,
+    typing,
+)
 
 EXIT_ERROR, EXIT_MEMORY, EXIT_OUTPUT = 1, 3, 4
 BLOCKED_MODULES = frozenset(
@@ -86,7 +117,7 @@ def main() -> int:
     namespace: dict[str, object] = {"__name__": "request", "np": np, "dp": dp, "Table": Table}
     try:
         code = compile(source, "<request>", "exec")
-        exec(code, namespace)  # noqa: S102 (this process exists to run it, inside the sandbox)
+        exec(code, namespace)
         fn = namespace.get(SPEC["entrypoint"])
         if not callable(fn):
             print(f"the source defines no function {SPEC['entrypoint']!r}", file=sys.stderr)
@@ -115,7 +146,12 @@ def main() -> int:
     except MemoryError:
         return EXIT_MEMORY
     except Exception as exc:
-        print(f"the result is not a wire payload (arrays and JSON values): {exc}", file=sys.stderr)
+        if SPEC["mode"] == "declare":
+            print(f"the code must return dp queries: {exc}", file=sys.stderr)
+        else:
+            print(
+                f"the result is not a wire payload (arrays and JSON values): {exc}", file=sys.stderr
+            )
         return EXIT_OUTPUT
     view = memoryview(data)
     while view:
@@ -127,8 +163,6 @@ def main() -> int:
 if __name__ == "__main__":
     code = main()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):  # a closed or broken stream: nothing more to say
             stream.flush()
-        except Exception:  # a closed or broken stream: nothing more to say
-            pass
     os._exit(code)

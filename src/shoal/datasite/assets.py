@@ -39,7 +39,9 @@ def _format_of(path: Path, fmt: str | None) -> str:
         return "parquet"
     if suffix in (".db", ".sqlite", ".sqlite3"):
         return "sqlite"
-    raise ConfigError(f"cannot tell the format of {path.name!r}; pass --format (csv, parquet, sqlite)")
+    raise ConfigError(
+        f"cannot tell the format of {path.name!r}; pass --format (csv, parquet, sqlite)"
+    )
 
 
 def _column(values: Sequence[Any]) -> np.ndarray:
@@ -75,7 +77,7 @@ def load_table(
         raise ConfigError(f"data file {str(p)!r} does not exist")
     kind = _format_of(p, fmt)
     header: list[str]
-    rows: list[Sequence[Any]]
+    rows: Sequence[Sequence[Any]]
     if kind == "csv":
         with open(p, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
@@ -181,7 +183,9 @@ def generate_mock(
     return Table(name=name, columns=columns)
 
 
-def meta_from_record(name: str, schema: Sequence[Mapping[str, Any]], dp: Mapping[str, Any]) -> DatasetMeta:
+def meta_from_record(
+    name: str, schema: Sequence[Mapping[str, Any]], dp: Mapping[str, Any]
+) -> DatasetMeta:
     """The DP view of a stored dataset."""
     return DatasetMeta(
         name=name,
@@ -189,7 +193,7 @@ def meta_from_record(name: str, schema: Sequence[Mapping[str, Any]], dp: Mapping
             ColumnMeta(
                 name=str(c["name"]),
                 kind=str(c["kind"]),
-                bounds=tuple(c["bounds"]) if "bounds" in c else None,  # type: ignore[arg-type]
+                bounds=(float(c["bounds"][0]), float(c["bounds"][1])) if "bounds" in c else None,
                 categories=tuple(c["categories"]) if "categories" in c else None,
             )
             for c in schema

@@ -67,9 +67,7 @@ class Datasite:
     def __repr__(self) -> str:
         return f"Datasite({self.url!r})"
 
-    def call(
-        self, method: str, path: str, body: Any = None, *, raw: bool = False
-    ) -> Any:
+    def call(self, method: str, path: str, body: Any = None, *, raw: bool = False) -> Any:
         """One API call; JSON in and out (``raw=True`` returns the response bytes)."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         request = urllib.request.Request(
@@ -149,7 +147,9 @@ class Datasite:
 
     def approve(self, rid: int, code_hash: str, reason: str = "") -> dict[str, Any]:
         return dict(
-            self.call("POST", f"/api/requests/{rid}/approve", {"code_hash": code_hash, "reason": reason})
+            self.call(
+                "POST", f"/api/requests/{rid}/approve", {"code_hash": code_hash, "reason": reason}
+            )
         )
 
     def deny(self, rid: int, reason: str) -> dict[str, Any]:
@@ -221,7 +221,9 @@ class RemoteRequest:
         """The result on mock data (waits for the mock run)."""
         from shoal.wire import decode
 
-        self.wait(("mock-run", *FINAL, "approved", "queued", "running", "succeeded"), timeout=timeout)
+        self.wait(
+            ("mock-run", *FINAL, "approved", "queued", "running", "succeeded"), timeout=timeout
+        )
         return decode(self.site.call("GET", f"/api/requests/{self.id}/mock", raw=True))
 
     def result(self, *, timeout: float = 300.0) -> dict[str, Any]:

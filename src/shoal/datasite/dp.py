@@ -84,7 +84,7 @@ def count(table: Any, *, where: Mapping[str, Any] | None = None) -> Query:
     return Query(op="count", asset=_asset(table), where=_where(where))
 
 
-def sum(table: Any, column: str, *, where: Mapping[str, Any] | None = None) -> Query:  # noqa: A001
+def sum(table: Any, column: str, *, where: Mapping[str, Any] | None = None) -> Query:
     """The sum of a bounded column."""
     return Query(op="sum", asset=_asset(table), column=column, where=_where(where))
 

@@ -291,12 +291,13 @@ def run_sandboxed(
             "mode": mode,
             "output_bytes": limits.output_bytes,
             "audit_hooks": limits.audit_hooks,
-            "drop_to": NOBODY if use_bwrap and os.getuid() == 0 else None,
+            # as root, the job becomes `nobody` (so RLIMIT_NPROC and file modes bind it)
+            "drop_to": NOBODY if os.getuid() == 0 else None,
             "shoal_path": str(Path(_shoal_root()).parent),
         }
         (work / "job.json").write_text(json.dumps(spec), encoding="utf-8")
         (work / "job.json").chmod(0o444)
-        if use_bwrap and os.getuid() == 0:
+        if os.getuid() == 0:
             # `nobody` may write only here, not to the inputs
             os.chown(work, NOBODY, NOBODY)
         where = "/job" if use_bwrap else str(work)
@@ -310,7 +311,7 @@ def run_sandboxed(
             stderr=subprocess.PIPE,
             env={},
             cwd=str(work),
-            preexec_fn=_preexec(limits),  # noqa: PLW1509 (no threads touch it here)
+            preexec_fn=_preexec(limits),
             close_fds=True,
         )
         if on_start is not None:
@@ -340,6 +341,9 @@ def run_sandboxed(
         _kill_group(proc)  # anything the job left behind in its group
         out.join(5)
         err.join(5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
         seconds = time.monotonic() - started
         logs = err.data().decode("utf-8", "replace")
         code = proc.returncode
@@ -413,7 +417,7 @@ def _ended(
         return outcome("failed", _last_line(logs) or "the result could not be encoded")
     if code is not None and code < 0:
         sig = -code
-        if sig == signal.SIGXCPU or sig == signal.SIGKILL and "SIGXCPU" in logs:
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and "SIGXCPU" in logs):
             return outcome("timeout", f"killed after the CPU limit of {limits.cpu_seconds} s")
         if sig == signal.SIGXFSZ:
             return outcome("failed", f"killed: a file passed the limit of {limits.file_bytes} B")

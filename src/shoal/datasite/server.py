@@ -5,22 +5,21 @@ Every route finds the caller from ``Authorization: Bearer TOKEN`` and hands the 
 wrong types, unknown ids, wrong roles, stale hashes. Nothing a client sends makes a 500.
 """
 
-from __future__ import annotations
-
+# ruff: noqa: E402  (the extra is checked, with a clear error, before FastAPI is imported)
 import ipaddress
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from shoal.datasite._deps import fastapi, uvicorn
 
 fastapi()  # a clear error naming the extra when it is missing
 # FastAPI reads the routes' annotations, so these names must live at module level
-from fastapi import Depends, FastAPI, Request  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
-from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoal.datasite.sandbox import SandboxLimits
 from shoal.datasite.service import Conflict, Forbidden, NotFound, Service, User
@@ -102,6 +101,8 @@ def create_app(service: Service) -> Any:
             raise AuthenticationError("send Authorization: Bearer <your datasite token>")
         return service.authenticate(token.strip())
 
+    Caller = Annotated[User, Depends(user)]
+
     async def body(request: Request) -> dict[str, Any]:
         raw = await request.body()
         if len(raw) > MAX_BODY:
@@ -131,58 +132,58 @@ def create_app(service: Service) -> Any:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/api/whoami")
-    def whoami(u: User = Depends(user)) -> dict[str, Any]:
+    def whoami(u: Caller) -> dict[str, Any]:
         return {"name": u.name, "role": u.role}
 
     @app.get("/api/users")
-    def users(u: User = Depends(user)) -> list[dict[str, Any]]:
+    def users(u: Caller) -> list[dict[str, Any]]:
         return service.users(u)
 
     @app.post("/api/users")
-    async def add_user(request: Request, u: User = Depends(user)) -> dict[str, Any]:
+    async def add_user(request: Request, u: Caller) -> dict[str, Any]:
         b = await body(request)
         token = service.add_user(u, text(b.get("name"), "name"), text(b.get("role"), "role"))
         return {"name": b.get("name"), "role": b.get("role"), "token": token}
 
     @app.get("/api/datasets")
-    def datasets(u: User = Depends(user)) -> list[dict[str, Any]]:
+    def datasets(u: Caller) -> list[dict[str, Any]]:
         return service.datasets(u)
 
     @app.post("/api/datasets")
-    async def add_dataset(request: Request, u: User = Depends(user)) -> dict[str, Any]:
+    async def add_dataset(request: Request, u: Caller) -> dict[str, Any]:
         return service.add_dataset(u, await body(request))
 
     @app.get("/api/datasets/{name}")
-    def dataset(name: str, u: User = Depends(user)) -> dict[str, Any]:
+    def dataset(name: str, u: Caller) -> dict[str, Any]:
         return service.dataset(u, name)
 
     @app.get("/api/datasets/{name}/mock")
-    def mock(name: str, u: User = Depends(user)) -> Response:
+    def mock(name: str, u: Caller) -> Response:
         return wire(service.mock_bytes(u, name))
 
     @app.post("/api/requests")
-    async def submit(request: Request, u: User = Depends(user)) -> dict[str, Any]:
+    async def submit(request: Request, u: Caller) -> dict[str, Any]:
         return service.submit(u, await body(request))
 
     @app.get("/api/requests")
-    def requests(state: str | None = None, u: User = Depends(user)) -> list[dict[str, Any]]:
+    def requests(u: Caller, state: str | None = None) -> list[dict[str, Any]]:
         return service.requests(u, state=state)
 
     @app.get("/api/requests/{rid}")
-    def request_(rid: int, u: User = Depends(user)) -> dict[str, Any]:
+    def request_(rid: int, u: Caller) -> dict[str, Any]:
         return service.request(u, rid)
 
     @app.get("/api/requests/{rid}/status")
-    def status(rid: int, u: User = Depends(user)) -> dict[str, Any]:
+    def status(rid: int, u: Caller) -> dict[str, Any]:
         full = service.request(u, rid)
         return {"id": rid, "state": full["state"], "reason": full["reason"]}
 
     @app.get("/api/requests/{rid}/diff")
-    def diff(rid: int, u: User = Depends(user)) -> dict[str, Any]:
+    def diff(rid: int, u: Caller) -> dict[str, Any]:
         return service.diff(u, rid)
 
     @app.post("/api/requests/{rid}/approve")
-    async def approve(rid: int, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+    async def approve(rid: int, request: Request, u: Caller) -> dict[str, Any]:
         b = await body(request)
         return service.decide(
             u,
@@ -193,58 +194,58 @@ def create_app(service: Service) -> Any:
         )
 
     @app.post("/api/requests/{rid}/deny")
-    async def deny(rid: int, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+    async def deny(rid: int, request: Request, u: Caller) -> dict[str, Any]:
         b = await body(request)
         return service.decide(
             u, rid, approve=False, code_hash=None, reason=text(b.get("reason"), "reason")
         )
 
     @app.post("/api/requests/{rid}/release")
-    async def release(rid: int, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+    async def release(rid: int, request: Request, u: Caller) -> dict[str, Any]:
         b = await body(request)
         return service.release(u, rid, release=True, reason=text(b.get("reason"), "reason"))
 
     @app.post("/api/requests/{rid}/withhold")
-    async def withhold(rid: int, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+    async def withhold(rid: int, request: Request, u: Caller) -> dict[str, Any]:
         b = await body(request)
         return service.release(u, rid, release=False, reason=text(b.get("reason"), "reason"))
 
     @app.get("/api/requests/{rid}/result")
-    def result(rid: int, u: User = Depends(user)) -> Response:
+    def result(rid: int, u: Caller) -> Response:
         return wire(service.result_bytes(u, rid, kind="real"))
 
     @app.get("/api/requests/{rid}/mock")
-    def mock_result(rid: int, u: User = Depends(user)) -> Response:
+    def mock_result(rid: int, u: Caller) -> Response:
         return wire(service.result_bytes(u, rid, kind="mock"))
 
     @app.get("/api/requests/{rid}/preview/{kind}")
-    def preview(rid: int, kind: str, u: User = Depends(user)) -> dict[str, Any]:
+    def preview(rid: int, kind: str, u: Caller) -> dict[str, Any]:
         if kind not in ("mock", "real"):
             raise NotFound("preview mock or real")
         return service.preview(u, rid, kind)
 
     @app.get("/api/jobs")
-    def jobs(u: User = Depends(user)) -> list[dict[str, Any]]:
+    def jobs(u: Caller) -> list[dict[str, Any]]:
         return service.jobs(u)
 
     @app.get("/api/jobs/{jid}/logs")
-    def logs(jid: int, u: User = Depends(user)) -> dict[str, Any]:
+    def logs(jid: int, u: Caller) -> dict[str, Any]:
         return {"job": jid, "logs": service.job_logs(u, jid)}
 
     @app.post("/api/jobs/{jid}/kill")
-    def kill(jid: int, u: User = Depends(user)) -> dict[str, Any]:
+    def kill(jid: int, u: Caller) -> dict[str, Any]:
         return service.kill(u, jid)
 
     @app.get("/api/budget")
-    def budget(u: User = Depends(user)) -> list[dict[str, Any]]:
+    def budget(u: Caller) -> list[dict[str, Any]]:
         return service.budget(u)
 
     @app.get("/api/audit")
-    def audit(limit: int = 200, u: User = Depends(user)) -> list[dict[str, Any]]:
+    def audit(u: Caller, limit: int = 200) -> list[dict[str, Any]]:
         return service.audit(u, max(1, min(limit, 10_000)))
 
     @app.get("/api/audit/verify")
-    def verify(u: User = Depends(user)) -> dict[str, Any]:
+    def verify(u: Caller) -> dict[str, Any]:
         return service.verify(u)
 
     return app

@@ -74,7 +74,9 @@ def jsonable(payload: Mapping[str, Any], *, max_items: int = 200) -> dict[str, A
             out[key] = {
                 "shape": list(value.shape),
                 "dtype": value.dtype.str,
-                "values": [None if isinstance(v, float) and not math.isfinite(v) else v for v in shown],
+                "values": [
+                    None if isinstance(v, float) and not math.isfinite(v) else v for v in shown
+                ],
                 "truncated": flat.size > max_items,
             }
         elif isinstance(value, float) and not math.isfinite(value):
@@ -270,9 +272,7 @@ class Service:
                 out[name] = decode_table(bytes(row["mock"]))
             else:
                 fmt = row["format"] if row["format"] in ("csv", "parquet", "sqlite") else None
-                out[name] = load_table(
-                    row["path"], name=name, fmt=fmt, table=row["source_table"]
-                )
+                out[name] = load_table(row["path"], name=name, fmt=fmt, table=row["source_table"])
         return out
 
     # -- requests ----------------------------------------------------------------------------
@@ -386,7 +386,9 @@ class Service:
             (rid,),
         )
         if row is None or (user.role != "owner" and row["user_id"] != user.id):
-            raise NotFound(f"no request {rid} of yours")  # not "forbidden": it does not exist for them
+            raise NotFound(
+                f"no request {rid} of yours"
+            )  # not "forbidden": it does not exist for them
         if user.role == "guest":
             raise Forbidden("guests cannot see requests")
         return row
@@ -480,7 +482,11 @@ class Service:
                         conn,
                         user.name,
                         "request.approve-refused",
-                        {"request": rid, "given": str(code_hash)[:80], "code_hash": row["code_hash"]},
+                        {
+                            "request": rid,
+                            "given": str(code_hash)[:80],
+                            "code_hash": row["code_hash"],
+                        },
                     )
                 raise Conflict(
                     f"the approval is for code hash {str(code_hash)[:16]}..., but request {rid} "
@@ -661,7 +667,12 @@ class Service:
             except ShoalError as exc:
                 reason = f"the declared queries are not allowed: {exc}"
                 payload = None
-        self._end_job(jid, outcome.state if payload or outcome.state != "succeeded" else "failed", reason, outcome)
+        self._end_job(
+            jid,
+            outcome.state if payload or outcome.state != "succeeded" else "failed",
+            reason,
+            outcome,
+        )
         with self.state.tx() as conn:
             if payload is not None:
                 conn.execute(
@@ -757,7 +768,7 @@ class Service:
         )
         blob = bytes(encode(evaluation.payload))
         seconds = time.monotonic() - started
-        state, reason = "released", ""
+        reason = ""
         charges: dict[str, float] = {}
         try:
             with self.state.tx() as conn:
@@ -784,7 +795,7 @@ class Service:
                     },
                 )
         except PrivacyBudgetExceeded as exc:
-            state, reason = "withheld", str(exc)
+            reason = str(exc)
             with self.state.tx() as conn:
                 self._set(conn, rid, "withheld", reason)
                 self.state._audit(
@@ -793,7 +804,13 @@ class Service:
         with self.state.tx() as conn:
             conn.execute(
                 "UPDATE jobs SET state=?, reason=?, seconds=?, isolated=0, finished=? WHERE id=?",
-                ("succeeded" if state == "released" else "succeeded", reason, seconds, time.time(), jid),
+                (
+                    "succeeded",  # the evaluation ran; a withheld release is the request's state
+                    reason,
+                    seconds,
+                    time.time(),
+                    jid,
+                ),
             )
 
     def _charge(
@@ -883,4 +900,9 @@ class Service:
     def verify(self, user: User) -> dict[str, Any]:
         self.require(user, "owner")
         report = self.state.verify()
-        return {"ok": report.ok, "entries": report.entries, "head": report.head, "problems": list(report.problems)}
+        return {
+            "ok": report.ok,
+            "entries": report.entries,
+            "head": report.head,
+            "problems": list(report.problems),
+        }

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from shoal.errors import AuthenticationError, ConfigError, StoreError
-from shoal.runtime.audit import GENESIS, AuditEntry, ChainReport, canonical, entry_hash, verify_chain
+from shoal.runtime.audit import (
+    GENESIS,
+    AuditEntry,
+    ChainReport,
+    canonical,
+    entry_hash,
+    verify_chain,
+)
 
 __all__ = [
     "ROLES",

@@ -1,4 +1,4 @@
-"""A real datasite server process per test module, with an owner, two scientists and a guest."""
+"""Start a real datasite server process with an owner, two scientists and a guest (helpers)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import shoal
 from shoal.datasite.client import Datasite, connect
@@ -111,8 +109,8 @@ def start_site(
     if not tls:
         command.append("--insecure")
     env = {**os.environ, "PYTHONPATH": SRC}
-    log = open(directory / "server.log", "wb")  # noqa: SIM115 (kept for the server's life)
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(directory / "server.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     data = directory.parent / f"{directory.name}-patients.csv"
     write_patients(data, rows=rows)
@@ -147,12 +145,3 @@ def start_site(
             },
         )
     return site
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSite]:
-    running = start_site(tmp_path_factory.mktemp("site") / "site")
-    try:
-        yield running
-    finally:
-        running.stop()
