@@ -111,8 +111,8 @@ def create_app(service: Service) -> Any:
             return {}
         try:
             value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"the body is not valid JSON: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ConfigError(f"the body is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"the body must be a JSON object, got {type(value).__name__}")
         return value
