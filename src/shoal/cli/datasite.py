@@ -58,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     init = verbs.add_parser("init", help="create a datasite directory, its owner and certificates")
     init.add_argument("dir", help="the datasite's directory")
     init.add_argument("--owner", default="owner", help="the owner's user name")
+    init.add_argument("--name", help="the site's name in federations (default: DIR's name)")
     init.add_argument("--host", action="append", default=[], help="a name clients use (repeat)")
     init.set_defaults(func=_init)
 
@@ -182,6 +183,8 @@ def _init(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.dir!r} is a datasite already; serve it, or pick a new directory")
     with DatasiteState(directory, create=True) as state:
         token = state.add_user(args.owner, "owner", actor="init")
+        if args.name:
+            state.set_name(args.name)
     files = make_certs(directory / "certs", hosts=args.host)
     print(
         f"created datasite {directory} (certificates in {files.directory}; clients need {files.ca})"

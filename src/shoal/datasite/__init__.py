@@ -12,12 +12,23 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Datasite", "RemoteRequest", "SandboxLimits", "Table", "connect", "run_sandboxed"]
+__all__ = [
+    "Datasite",
+    "FederatedRequest",
+    "RemoteRequest",
+    "SandboxLimits",
+    "Table",
+    "connect",
+    "run_sandboxed",
+    "submit_federated",
+]
 
 _LAZY = {
     "Datasite": "shoal.datasite.client",
     "RemoteRequest": "shoal.datasite.client",
     "connect": "shoal.datasite.client",
+    "FederatedRequest": "shoal.datasite.federated",
+    "submit_federated": "shoal.datasite.federated",
     "SandboxLimits": "shoal.datasite.sandbox",
     "run_sandboxed": "shoal.datasite.sandbox",
     "Table": "shoal.datasite.table",
@@ -25,6 +36,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from shoal.datasite.client import Datasite, RemoteRequest, connect
+    from shoal.datasite.federated import FederatedRequest, submit_federated
     from shoal.datasite.sandbox import SandboxLimits, run_sandboxed
     from shoal.datasite.table import Table
 

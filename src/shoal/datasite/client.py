@@ -70,14 +70,19 @@ class Datasite:
     def call(self, method: str, path: str, body: Any = None, *, raw: bool = False) -> Any:
         """One API call; JSON in and out (``raw=True`` returns the response bytes)."""
         data = None if body is None else json.dumps(body).encode("utf-8")
+        payload = self._send(method, path, data, "application/json")
+        return payload if raw else json.loads(payload)
+
+    def call_bytes(self, method: str, path: str, data: bytes) -> bytes:
+        """One API call with a wire-encoded body and answer."""
+        return self._send(method, path, data, "application/x-shoal-wire")
+
+    def _send(self, method: str, path: str, data: bytes | None, content_type: str) -> bytes:
         request = urllib.request.Request(
             self.url + path,
             data=data,
             method=method,
-            headers={
-                "Authorization": f"Bearer {self._token}",
-                "Content-Type": "application/json",
-            },
+            headers={"Authorization": f"Bearer {self._token}", "Content-Type": content_type},
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as resp:
@@ -95,7 +100,7 @@ class Datasite:
             raise DatasiteError(exc.code, str(message)) from None
         except (urllib.error.URLError, OSError) as exc:
             raise TransportError(f"cannot reach the datasite at {self.url}: {exc}") from None
-        return payload if raw else json.loads(payload)
+        return bytes(payload)
 
     # -- what a data scientist uses --------------------------------------------------------
 

@@ -133,6 +133,9 @@ def _bwrap_args(work: Path) -> list[str]:
         "--ro-bind",
         "/usr",
         "/usr",
+        # before the binds: a source tree or interpreter under /tmp stays visible over it
+        "--tmpfs",
+        "/tmp",
     ]
     for name in ("lib", "lib64", "bin", "lib32"):
         target = Path("/") / name
@@ -140,7 +143,7 @@ def _bwrap_args(work: Path) -> list[str]:
             args += ["--symlink", os.readlink(target), str(target)]
         elif target.is_dir():
             args += ["--ro-bind", str(target), str(target)]
-    made: set[Path] = {Path("/"), Path("/usr")}
+    made: set[Path] = {Path("/"), Path("/usr"), Path("/tmp")}
     for root in _read_only_roots():
         if root == Path("/usr") or Path("/usr") in root.parents:
             continue
@@ -156,8 +159,6 @@ def _bwrap_args(work: Path) -> list[str]:
         "/proc",
         "--dev",
         "/dev",
-        "--tmpfs",
-        "/tmp",
         "--bind",
         str(work),
         "/job",

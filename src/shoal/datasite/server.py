@@ -28,6 +28,7 @@ from shoal.errors import (
     AuthenticationError,
     ConfigError,
     PrivacyBudgetExceeded,
+    ProtocolError,
     ReleaseRefused,
     ShoalError,
 )
@@ -55,7 +56,7 @@ def _status(exc: Exception) -> int:
         return 403
     if isinstance(exc, NotFound):
         return 404
-    if isinstance(exc, (Conflict, PrivacyBudgetExceeded)):
+    if isinstance(exc, (Conflict, PrivacyBudgetExceeded, ProtocolError)):
         return 409
     return 400
 
@@ -235,6 +236,17 @@ def create_app(service: Service) -> Any:
     @app.post("/api/jobs/{jid}/kill")
     def kill(jid: int, u: Caller) -> dict[str, Any]:
         return service.kill(u, jid)
+
+    @app.get("/api/identity")
+    def identity(u: Caller) -> dict[str, str]:
+        return service.identity_info()
+
+    @app.post("/api/requests/{rid}/secagg/{phase}")
+    async def secagg(rid: int, phase: str, request: Request, u: Caller) -> Response:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ConfigError(f"bodies are limited to {MAX_BODY} bytes")
+        return wire(service.secagg(u, rid, phase, raw))
 
     @app.get("/api/budget")
     def budget(u: Caller) -> list[dict[str, Any]]:

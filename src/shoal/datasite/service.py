@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from shoal.datasite import dp as dpmod
+from shoal.datasite import federated as fed
 from shoal.datasite.assets import generate_mock, infer_schema, load_table, meta_from_record
 from shoal.datasite.sandbox import JobOutcome, SandboxLimits, run_sandboxed
 from shoal.datasite.state import ROLES, DatasiteState, request_hash
@@ -35,7 +36,7 @@ from shoal.wire import decode, encode
 
 __all__ = ["Forbidden", "NotFound", "Service", "User"]
 
-POLICIES = ("review", "dp", "threshold")
+POLICIES = ("review", "dp", "threshold", "secure-sum")
 MAX_SOURCE = 256 << 10
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -86,6 +87,20 @@ def jsonable(payload: Mapping[str, Any], *, max_items: int = 200) -> dict[str, A
     return out
 
 
+def _secure_sum_input(output: bytes | None, federation: Mapping[str, Any]) -> str:
+    """Why the job's output cannot enter the secure sum ("" when it can)."""
+    if output is None:
+        return "the job produced no output"
+    value = decode(output).get("result")
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        return "a secure-sum request returns {'result': numeric array}"
+    if list(value.shape) != list(federation["shape"]):
+        return f"the result has shape {list(value.shape)}, not the agreed {federation['shape']}"
+    if not np.all(np.isfinite(value)):
+        return "the result holds NaN or infinite values"
+    return ""
+
+
 class Service:
     """One datasite: its state, its worker pool, its sandbox limits."""
 
@@ -103,6 +118,8 @@ class Service:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datasite-job")
         self._pids: dict[int, int] = {}
         self._pids_lock = threading.Lock()
+        self.identity = fed.SiteIdentity.load_or_create(state.directory, state.name)
+        self.sessions = fed.SecAggSessions()
         self._recover()
 
     def close(self) -> None:
@@ -300,7 +317,11 @@ class Service:
             if isinstance(k, bool) or not isinstance(k, int) or k < floor:
                 raise ConfigError(f"k must be an int of at least the owner's {floor}, got {k!r}")
             out["k"] = k
-        extra = set(policy) - {"kind", "epsilon", "k"}
+        elif kind == "secure-sum":
+            out["federation"] = fed.check_federation(
+                policy.get("federation"), me=self.identity.name, my_key=self.identity.public_hex
+            )
+        extra = set(policy) - {"kind", "epsilon", "k", "federation"}
         if extra:
             raise ConfigError(f"unknown policy fields {sorted(extra)}")
         return out
@@ -520,10 +541,16 @@ class Service:
         """The owner's decision on a review-policy result: release it or withhold it."""
         self.require(user, "owner")
         row = self._row(user, rid)
-        if row["state"] != "succeeded" or json.loads(row["policy"])["kind"] != "review":
+        kind = json.loads(row["policy"])["kind"]
+        if row["state"] != "succeeded" or kind not in ("review", "secure-sum"):
             raise Conflict(
                 f"request {rid} is {row['state']}; only a finished review-policy request waits "
                 "for release"
+            )
+        if release and kind == "secure-sum":
+            raise Conflict(
+                f"request {rid} is part of a secure sum: its result leaves only inside the sum "
+                "(withhold it to keep it out)"
             )
         with self.state.tx() as conn:
             self._set(conn, rid, "released" if release else "withheld", reason)
@@ -539,6 +566,14 @@ class Service:
         """``kind="mock"``: the mock run's result. ``"real"``: the scientist gets it only once
         released; the owner sees it to review it."""
         row = self._row(user, rid)
+        if (
+            kind == "real"
+            and user.role != "owner"
+            and json.loads(row["policy"])["kind"] == "secure-sum"
+        ):
+            raise ReleaseRefused(
+                f"request {rid} is part of a secure sum: its result is never released alone"
+            )
         if kind == "real" and user.role != "owner" and row["state"] != "released":
             raise ReleaseRefused(
                 f"request {rid} is {row['state']}: its result has not been released"
@@ -717,8 +752,8 @@ class Service:
         with self.state.tx() as conn:
             self._set(conn, rid, "running")
         try:
-            if policy["kind"] == "review":
-                self._run_review(rid, jid, row)
+            if policy["kind"] in ("review", "secure-sum"):
+                self._run_review(rid, jid, row, policy)
             else:
                 self._run_declared(rid, jid, row, policy)
         except Exception as exc:  # the datasite's own failure: record it, keep serving
@@ -726,8 +761,20 @@ class Service:
             with self.state.tx() as conn:
                 self._set(conn, rid, "failed", f"the datasite failed: {exc}")
 
-    def _run_review(self, rid: int, jid: int, row: sqlite3.Row) -> None:
+    def _run_review(self, rid: int, jid: int, row: sqlite3.Row, policy: dict[str, Any]) -> None:
         outcome = self._sandbox(jid, row, mock=False, mode="run")
+        if outcome.state == "succeeded" and policy["kind"] == "secure-sum":
+            problem = _secure_sum_input(outcome.output, policy["federation"])
+            if problem:
+                outcome = JobOutcome(
+                    state="failed",
+                    output=None,
+                    logs=outcome.logs,
+                    reason=problem,
+                    exit_code=outcome.exit_code,
+                    seconds=outcome.seconds,
+                    isolated=outcome.isolated,
+                )
         self._end_job(jid, outcome.state, outcome.reason, outcome)
         with self.state.tx() as conn:
             if outcome.state == "succeeded" and outcome.output is not None:
@@ -846,6 +893,85 @@ class Service:
                 steps=evaluation.statistics,
                 mechanism="laplace",
             )
+            conn.execute(
+                "INSERT OR REPLACE INTO ledgers (user_id, dataset, budget) VALUES (?, ?, ?)",
+                (user_id, asset, json.dumps(budget.to_dict())),
+            )
+            spent[asset] = charge.total_epsilon
+        return spent
+
+    # -- federated requests: this site's part of a SecAgg+ round ----------------------------
+
+    def identity_info(self) -> dict[str, str]:
+        return {"name": self.identity.name, "public_key": self.identity.public_hex}
+
+    def secagg(self, user: User, rid: int, phase: str, body: bytes) -> bytes:
+        """One SecAgg+ step for the scientist's secure-sum request (wire bytes in and out)."""
+        row = self._row(user, rid)
+        if row["user_id"] != user.id:
+            raise Forbidden("only the scientist who submitted a request runs its secure sum")
+        policy = json.loads(row["policy"])
+        if policy["kind"] != "secure-sum":
+            raise Conflict(f"request {rid} is not a secure-sum request")
+        federation = policy["federation"]
+        payload = decode(body)
+        wanted = "released" if phase == "unmask" else "succeeded"
+        if row["state"] != wanted:
+            raise Conflict(
+                f"request {rid} is {row['state']}; the secure sum's {phase} step needs it {wanted}"
+            )
+        if phase == "advertise":
+            reply = self.sessions.advertise(rid, self.identity, federation, payload)
+        elif phase == "share_keys":
+            reply = self.sessions.share_keys(rid, federation, payload)
+        elif phase == "masked_input":
+            res = self.state.one(
+                "SELECT payload FROM results WHERE request_id=? AND kind='real'", (rid,)
+            )
+            if res is None:
+                raise NotFound(f"request {rid} has no result to contribute")
+            bits = int(self.sessions.node(rid).params.bits)
+            vector = fed.prepare_input(
+                decode(bytes(res["payload"]))["result"], federation, bits=bits
+            )
+            reply = self.sessions.masked_input(rid, payload, vector)
+            with self.state.tx() as conn:
+                spent: dict[str, float] = {}
+                z = float(federation["noise_multiplier"])
+                if z > 0:
+                    spent = self._charge_gaussian(
+                        conn, int(row["user_id"]), json.loads(row["assets"]), z
+                    )
+                self._set(conn, rid, "released", "into the secure sum only")
+                self.state._audit(
+                    conn,
+                    user.name,
+                    "result.secure-sum",
+                    {"request": rid, "sites": sorted(federation["sites"]), "epsilon_spent": spent},
+                )
+        elif phase == "unmask":
+            reply = self.sessions.unmask(rid, payload)
+        else:
+            raise NotFound(f"no SecAgg step {phase!r}")
+        return bytes(encode(reply))
+
+    def _charge_gaussian(
+        self, conn: sqlite3.Connection, user_id: int, assets: list[str], z: float
+    ) -> dict[str, float]:
+        from shoal.privacy import NodeBudget
+
+        spent: dict[str, float] = {}
+        for asset in assets:
+            dp = self._dp_of(asset)
+            got = conn.execute(
+                "SELECT budget FROM ledgers WHERE user_id=? AND dataset=?", (user_id, asset)
+            ).fetchone()
+            budget = (
+                NodeBudget.from_dict(json.loads(got[0]))
+                if got
+                else NodeBudget(max_epsilon=float(dp["max_epsilon"]), max_delta=float(dp["delta"]))
+            )
+            charge = budget.charge(sample_rate=1.0, noise_multiplier=z, steps=1)
             conn.execute(
                 "INSERT OR REPLACE INTO ledgers (user_id, dataset, budget) VALUES (?, ?, ?)",
                 (user_id, asset, json.dumps(budget.to_dict())),

@@ -199,6 +199,16 @@ class DatasiteState:
         with self._lock:
             self._conn.close()
 
+    @property
+    def name(self) -> str:
+        """The site's name in federations (``init --name``; the directory's name by default)."""
+        row = self.one("SELECT value FROM meta WHERE key='name'")
+        return str(row["value"]) if row else self.directory.resolve().name
+
+    def set_name(self, name: str) -> None:
+        with self.tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('name', ?)", (name,))
+
     def __enter__(self) -> DatasiteState:
         return self
 
