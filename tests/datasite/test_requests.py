@@ -443,3 +443,24 @@ def test_insecure_is_for_loopback_only(tmp_path: Path) -> None:
         serve(tmp_path, host="0.0.0.0", port=1, insecure=True)
     with pytest.raises(ConfigError, match="no TLS certificate"):
         serve(tmp_path, host="127.0.0.1", port=1)
+
+
+def test_a_failing_real_run_does_not_leak_through_its_error(site: RunningSite) -> None:
+    sam, owner = site.as_("sam"), site.as_("olivia")
+    leak = sam.submit(
+        "def f(assets):\n    ages = assets['patients']['age']\n"
+        "    if len(ages) > 150:  # only on the real data\n"
+        "        raise ValueError('AGES ' + ' '.join(map(str, ages[:20])))\n"
+        "    return {'n': len(ages)}\n",
+        entrypoint="f",
+        assets=["patients"],
+        name="leaky-error",
+    )
+    leak.wait(("mock-run",), timeout=60)
+    owner.approve(leak.id, leak.code_hash)
+    assert leak.wait(timeout=60) == "failed"
+    seen = sam.request(leak.id).info
+    assert "the owner's to read" in seen["reason"] and "AGES" not in seen["reason"]
+    assert [j["reason"] for j in seen["jobs"] if j["kind"] == "run"] == [""]
+    real_job = next(j for j in owner.request(leak.id).info["jobs"] if j["kind"] == "run")
+    assert "AGES" in owner.call("GET", f"/api/jobs/{real_job['id']}/logs")["logs"]

@@ -18,55 +18,39 @@ WORK = sys.argv[1]
 os.chdir(WORK)
 with open("job.json", encoding="utf-8") as _f:
     SPEC = json.load(_f)
-sys.path.insert(0, SPEC["shoal_path"])
+# started with -S: no site module, no .pth files; exactly these two directories are added
+sys.path[:0] = [SPEC["shoal_path"], SPEC["numpy_path"]]
 
 # everything the code may reasonably use is imported before the process loses access to
 # the interpreter's own directories (without bwrap, they may be readable by root only)
-import bisect
-import collections
 import contextlib
-import dataclasses
-import datetime
-import decimal
-import fractions
-import functools
-import heapq
-import itertools
-import math
-import operator
-import random
-import re
-import statistics
-import string
-import textwrap
+import resource
 import traceback
-import typing
 
 import numpy as np
 
-from shoal.datasite import dp
 from shoal.datasite.table import Table, decode_table
 from shoal.wire import WireLimits, encode
 
-_PRELOADED = (
-    bisect,
-    collections,
-    contextlib,
-    dataclasses,
-    datetime,
-    decimal,
-    fractions,
-    functools,
-    heapq,
-    itertools,
-    math,
-    operator,
-    random,
-    re,
-    statistics,
-    string,
-    textwrap,
-    typing,
+PRELOAD = (
+    "bisect",
+    "collections",
+    "contextlib",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "fractions",
+    "functools",
+    "heapq",
+    "itertools",
+    "math",
+    "operator",
+    "random",
+    "re",
+    "statistics",
+    "string",
+    "textwrap",
+    "typing",
 )
 
 EXIT_ERROR, EXIT_MEMORY, EXIT_OUTPUT = 1, 3, 4
@@ -98,7 +82,29 @@ def _hook(event: str, args: tuple[object, ...]) -> None:
         raise PermissionError(f"the datasite sandbox refuses {event}")
 
 
+def _limit() -> None:
+    """The job's limits, set here, before the code loads (the parent is never slowed by a
+    pre-exec hook, and bwrap itself runs unlimited)."""
+    limits = SPEC["limits"]
+    cpu = int(limits["cpu_seconds"])
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"],) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # counts the processes of the user the job runs as (`nobody` below)
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"],) * 2)
+
+
 def main() -> int:
+    if SPEC.get("preload"):
+        # without bwrap, the interpreter's own directories may be closed to `nobody`: load
+        # what code may reasonably import while they are still open
+        for name in PRELOAD:
+            __import__(name)
+    declare = SPEC["mode"] == "declare"
+    if declare:
+        from shoal.datasite import dp
     tables = {}
     for name, path in SPEC["assets"].items():
         with open(path, "rb") as f:
@@ -112,9 +118,12 @@ def main() -> int:
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
+    _limit()
     if SPEC.get("audit_hooks", True):
         sys.addaudithook(_hook)
-    namespace: dict[str, object] = {"__name__": "request", "np": np, "dp": dp, "Table": Table}
+    namespace: dict[str, object] = {"__name__": "request", "np": np, "Table": Table}
+    if declare:
+        namespace["dp"] = dp
     try:
         code = compile(source, "<request>", "exec")
         exec(code, namespace)
@@ -132,7 +141,7 @@ def main() -> int:
         traceback.print_exc(limit=-8)
         return EXIT_ERROR
     try:
-        if SPEC["mode"] == "declare":
+        if declare:
             payload = {"plan": dp.plan_from_result(result)}
         elif isinstance(result, dict):
             payload = result
@@ -146,7 +155,7 @@ def main() -> int:
     except MemoryError:
         return EXIT_MEMORY
     except Exception as exc:
-        if SPEC["mode"] == "declare":
+        if declare:
             print(f"the code must return dp queries: {exc}", file=sys.stderr)
         else:
             print(

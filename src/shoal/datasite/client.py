@@ -220,7 +220,7 @@ class RemoteRequest:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"request {self.id} is still {state} after {timeout:g} s")
             time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+            delay = min(delay * 1.5, 0.25)
 
     def mock_result(self, *, timeout: float = 120.0) -> dict[str, Any]:
         """The result on mock data (waits for the mock run)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -168,21 +167,6 @@ def _bwrap_args(work: Path) -> list[str]:
     return args
 
 
-def _preexec(limits: SandboxLimits) -> Any:
-    def apply() -> None:
-        os.setsid()  # its own process group, killed as one
-        cpu = int(limits.cpu_seconds)
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        # counts processes of the user the job runs as (`nobody` under bwrap); root ignores it
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-
-    return apply
-
-
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -295,6 +279,9 @@ def run_sandboxed(
             # as root, the job becomes `nobody` (so RLIMIT_NPROC and file modes bind it)
             "drop_to": NOBODY if os.getuid() == 0 else None,
             "shoal_path": str(Path(_shoal_root()).parent),
+            "numpy_path": _numpy_parent(),
+            "limits": limits.to_dict(),
+            "preload": not use_bwrap,
         }
         (work / "job.json").write_text(json.dumps(spec), encoding="utf-8")
         (work / "job.json").chmod(0o444)
@@ -302,7 +289,7 @@ def run_sandboxed(
             # `nobody` may write only here, not to the inputs
             os.chown(work, NOBODY, NOBODY)
         where = "/job" if use_bwrap else str(work)
-        command = [sys.executable, "-I", "-B", str(RUNNER), where]
+        command = [sys.executable, "-I", "-S", "-B", str(RUNNER), where]
         if use_bwrap:
             command = [*_bwrap_args(work), *command]
         proc = subprocess.Popen(
@@ -312,7 +299,7 @@ def run_sandboxed(
             stderr=subprocess.PIPE,
             env={},
             cwd=str(work),
-            preexec_fn=_preexec(limits),
+            start_new_session=True,  # its own process group, killed as one
             close_fds=True,
         )
         if on_start is not None:
@@ -432,6 +419,12 @@ def _ended(
 def _last_line(logs: str) -> str:
     lines = [line for line in logs.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
+
+
+def _numpy_parent() -> str:
+    import numpy
+
+    return str(Path(numpy.__file__).resolve().parent.parent)
 
 
 def _shoal_root() -> str:

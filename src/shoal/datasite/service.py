@@ -101,6 +101,29 @@ def _secure_sum_input(output: bytes | None, federation: Mapping[str, Any]) -> st
     return ""
 
 
+def _public_reason(outcome: JobOutcome) -> str:
+    if outcome.state == "succeeded":
+        return ""
+    if outcome.state == "timeout":
+        return "the run on the real data hit the time limit"
+    if outcome.state == "out-of-memory":
+        return "the run on the real data ran out of memory"
+    return "the run on the real data failed; its log (the owner's to read) says why"
+
+
+def _job_view(job: dict[str, Any], user: User) -> dict[str, Any]:
+    """A job as the caller may see it: a real run's reason and duration are the owner's."""
+    if user.role != "owner" and job["kind"] != "mock":
+        job["reason"] = ""
+        job["seconds"] = None
+    return job
+
+
+def _warm_up() -> None:
+    import shoal.crypto.secagg
+    import shoal.privacy  # noqa: F401
+
+
 class Service:
     """One datasite: its state, its worker pool, its sandbox limits."""
 
@@ -118,8 +141,12 @@ class Service:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datasite-job")
         self._pids: dict[int, int] = {}
         self._pids_lock = threading.Lock()
+        self._doomed: set[int] = set()
         self.identity = fed.SiteIdentity.load_or_create(state.directory, state.name)
         self.sessions = fed.SecAggSessions()
+        # the DP and SecAgg+ modules take about a second of CPU to import: do it now, in the
+        # background, rather than inside the first request that needs them
+        threading.Thread(target=_warm_up, name="datasite-warm-up", daemon=True).start()
         self._recover()
 
     def close(self) -> None:
@@ -438,7 +465,7 @@ class Service:
             "federation": _json(row["federation"]),
             "created": row["created"],
             "updated": row["updated"],
-            "jobs": [dict(j) for j in jobs],
+            "jobs": [_job_view(dict(j), user) for j in jobs],
         }
 
     def requests(self, user: User, *, state: str | None = None) -> list[dict[str, Any]]:
@@ -615,12 +642,18 @@ class Service:
 
     def kill(self, user: User, jid: int) -> dict[str, Any]:
         self.require(user, "owner")
+        row = self.state.one("SELECT state FROM jobs WHERE id=?", (jid,))
+        if row is None:
+            raise NotFound(f"no job {jid}")
         with self._pids_lock:
             pid = self._pids.get(jid)
-        if pid is None:
-            raise Conflict(f"job {jid} is not running")
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+            if pid is None:
+                if row["state"] != "running":
+                    raise Conflict(f"job {jid} is not running (it is {row['state']})")
+                self._doomed.add(jid)  # its process is being started: killed as it starts
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         self.state.audit(user.name, "job.kill", {"job": jid})
         return {"job": jid, "killed": True}
 
@@ -655,6 +688,11 @@ class Service:
         def started(pid: int) -> None:
             with self._pids_lock:
                 self._pids[jid] = pid
+                doomed = jid in self._doomed
+                self._doomed.discard(jid)
+            if doomed:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
 
         try:
             return run_sandboxed(
@@ -783,7 +821,9 @@ class Service:
                     "VALUES (?, 'real', ?, ?)",
                     (rid, outcome.output, time.time()),
                 )
-            self._set(conn, rid, outcome.state, outcome.reason)
+            # the reason of a failed real run comes from the code's own output (an exception
+            # message can carry private values): the scientist is told only how it ended
+            self._set(conn, rid, outcome.state, _public_reason(outcome))
             self.state._audit(
                 conn,
                 "datasite",
