@@ -464,3 +464,25 @@ def test_a_failing_real_run_does_not_leak_through_its_error(site: RunningSite) -
     assert [j["reason"] for j in seen["jobs"] if j["kind"] == "run"] == [""]
     real_job = next(j for j in owner.request(leak.id).info["jobs"] if j["kind"] == "run")
     assert "AGES" in owner.call("GET", f"/api/jobs/{real_job['id']}/logs")["logs"]
+
+
+def test_concurrent_approvals_approve_once(site: RunningSite) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    sam, owner = site.as_("sam"), site.as_("olivia")
+    request = sam.submit(mean_age, assets=["patients"], name="raced")
+    request.wait(("mock-run",), timeout=60)
+
+    def approve(_: int) -> int:
+        try:
+            owner.approve(request.id, request.code_hash)
+            return 200
+        except DatasiteError as exc:
+            return exc.status
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(approve, range(8)))
+    assert codes.count(200) == 1 and set(codes) <= {200, 409}
+    request.wait(("succeeded",), timeout=60)
+    runs = [j for j in owner.request(request.id).info["jobs"] if j["kind"] == "run"]
+    assert len(runs) == 1

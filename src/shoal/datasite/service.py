@@ -29,7 +29,7 @@ from shoal.datasite import dp as dpmod
 from shoal.datasite import federated as fed
 from shoal.datasite.assets import generate_mock, infer_schema, load_table, meta_from_record
 from shoal.datasite.sandbox import JobOutcome, SandboxLimits, run_sandboxed
-from shoal.datasite.state import ROLES, DatasiteState, request_hash
+from shoal.datasite.state import ROLES, DatasiteState, hash_token, request_hash
 from shoal.datasite.table import Table, decode_table, encode_table
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused, ShoalError
 from shoal.wire import decode, encode
@@ -142,6 +142,7 @@ class Service:
         self._pids: dict[int, int] = {}
         self._pids_lock = threading.Lock()
         self._doomed: set[int] = set()
+        self._users: dict[str, User] = {}
         self.identity = fed.SiteIdentity.load_or_create(state.directory, state.name)
         self.sessions = fed.SecAggSessions()
         # the DP and SecAgg+ modules take about a second of CPU to import: do it now, in the
@@ -180,8 +181,16 @@ class Service:
     # -- users -------------------------------------------------------------------------------
 
     def authenticate(self, token: str) -> User:
-        row = self.state.user_for(token)
-        return User(int(row["id"]), str(row["name"]), str(row["role"]))
+        # users are never removed or changed, so a token once checked stays good; the cache
+        # is keyed by the token's digest, like the table
+        digest = hash_token(token)
+        user = self._users.get(digest)
+        if user is None:
+            row = self.state.user_for(token)
+            user = User(int(row["id"]), str(row["name"]), str(row["role"]))
+            if len(self._users) < 10_000:
+                self._users[digest] = user
+        return user
 
     @staticmethod
     def require(user: User, *roles: str) -> None:
@@ -468,6 +477,15 @@ class Service:
             "jobs": [_job_view(dict(j), user) for j in jobs],
         }
 
+    def status(self, user: User, rid: int) -> dict[str, Any]:
+        """A request's state alone: what clients poll, so one small indexed read."""
+        row = self.state.one("SELECT user_id, state, reason FROM requests WHERE id=?", (rid,))
+        if row is None or (user.role != "owner" and row["user_id"] != user.id):
+            raise NotFound(f"no request {rid} of yours")
+        if user.role == "guest":
+            raise Forbidden("guests cannot see requests")
+        return {"id": rid, "state": row["state"], "reason": row["reason"]}
+
     def requests(self, user: User, *, state: str | None = None) -> list[dict[str, Any]]:
         self.require(user, "owner", "scientist")
         sql = "SELECT r.id, r.name, r.state, r.code_hash, r.policy, r.created, u.name AS scientist "
@@ -548,6 +566,10 @@ class Service:
                     "deny it"
                 )
         with self.state.tx() as conn:
+            # checked again inside the transaction: two owners deciding at once decide once
+            now = conn.execute("SELECT state FROM requests WHERE id=?", (rid,)).fetchone()
+            if now is None or now[0] != "mock-run":
+                raise Conflict(f"request {rid} was decided meanwhile")
             if approve:
                 self._set(conn, rid, "approved", reason, approved_hash=row["code_hash"])
             else:
@@ -580,6 +602,9 @@ class Service:
                 "(withhold it to keep it out)"
             )
         with self.state.tx() as conn:
+            now = conn.execute("SELECT state FROM requests WHERE id=?", (rid,)).fetchone()
+            if now is None or now[0] != "succeeded":
+                raise Conflict(f"request {rid} was decided meanwhile")
             self._set(conn, rid, "released" if release else "withheld", reason)
             self.state._audit(
                 conn,
