@@ -154,33 +154,44 @@ class Site:
             self.scientist = state.add_user("sci", "scientist", actor="bench")
             state.set_name(name)
         self.ca = make_certs(self.dir / "certs").ca
-        self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
         data = base / f"{name}.csv"
         rng = np.random.default_rng(len(name))
         with open(data, "w") as f:
             f.write("id,age\n")
             for i in range(rows):
                 f.write(f"{i},{int(rng.integers(18, 90))}\n")
-        with open(self.dir / "server.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "shoal.cli.main",
-                    "datasite",
-                    "serve",
-                    str(self.dir),
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                ],
-                env={**os.environ, "PYTHONPATH": SRC},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_up(
-            lambda: self.as_owner().call("GET", "/api/whoami"), self.proc, self.dir / "server.log"
-        )
+        for attempt in range(5):  # a free port may be taken before the server binds it
+            self.port = free_port()
+            self.url = f"https://127.0.0.1:{self.port}"
+            with open(self.dir / "server.log", "wb") as log:
+                self.proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "shoal.cli.main",
+                        "datasite",
+                        "serve",
+                        str(self.dir),
+                        "--listen",
+                        f"127.0.0.1:{self.port}",
+                    ],
+                    env={**os.environ, "PYTHONPATH": SRC},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            try:
+                wait_up(
+                    lambda: self.as_owner().call("GET", "/api/whoami"),
+                    self.proc,
+                    self.dir / "server.log",
+                )
+                break
+            except RuntimeError:
+                if (
+                    attempt == 4
+                    or "address already in use" not in (self.dir / "server.log").read_text()
+                ):
+                    raise
         self.as_owner().call(
             "POST",
             "/api/datasets",

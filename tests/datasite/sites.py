@@ -70,6 +70,42 @@ class RunningSite:
                 self.proc.wait(5)
 
 
+def _serve(
+    directory: Path,
+    *,
+    tls: bool,
+    ca: Path | None,
+    tokens: dict[str, str],
+    data: Path,
+    extra: list[str],
+) -> RunningSite | None:
+    """The server on a free port, or None if that port was taken before it could bind."""
+    port = free_port()
+    command = [sys.executable, "-m", "shoal.cli.main", "datasite", "serve", str(directory)]
+    command += ["--listen", f"127.0.0.1:{port}", *extra]
+    if not tls:
+        command.append("--insecure")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    with open(directory / "server.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    site = RunningSite(directory=directory, url=url, ca=ca, tokens=tokens, proc=proc, data=data)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            site.as_("olivia").call("GET", "/api/whoami")
+            return site
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                site.stop()
+                if "address already in use" in (directory / "server.log").read_text():
+                    return None
+                raise RuntimeError(
+                    "the datasite did not start: " + (directory / "server.log").read_text()
+                ) from None
+            time.sleep(0.1)
+
+
 def start_site(
     directory: Path,
     *,
@@ -91,42 +127,23 @@ def start_site(
     ca = None
     if tls:
         ca = make_certs(directory / "certs").ca
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "shoal.cli.main",
-        "datasite",
-        "serve",
-        str(directory),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--wall-seconds",
-        str(wall_seconds),
-        "--memory-mb",
-        str(memory_mb),
-    ]
-    if not tls:
-        command.append("--insecure")
-    env = {**os.environ, "PYTHONPATH": SRC}
-    with open(directory / "server.log", "wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     data = directory.parent / f"{directory.name}-patients.csv"
     write_patients(data, rows=rows)
-    site = RunningSite(directory=directory, url=url, ca=ca, tokens=tokens, proc=proc, data=data)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            site.as_("olivia").call("GET", "/api/whoami")
+    for attempt in range(5):  # a free port may be taken by another process before we bind it
+        site = _serve(
+            directory,
+            tls=tls,
+            ca=ca,
+            tokens=tokens,
+            data=data,
+            extra=["--wall-seconds", str(wall_seconds), "--memory-mb", str(memory_mb)],
+        )
+        if site is not None:
             break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                site.stop()
-                raise RuntimeError(
-                    "the datasite did not start: " + (directory / "server.log").read_text()
-                ) from None
-            time.sleep(0.1)
+        if attempt == 4:
+            raise RuntimeError(
+                "the datasite did not start: " + (directory / "server.log").read_text()
+            )
     if dataset:
         site.as_("olivia").call(
             "POST",

@@ -36,8 +36,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningSite
     try:
         yield running
     finally:
-        for site in running:
-            site.stop()
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda site: site.stop(), running))
 
 
 def local_truth(site: RunningSite) -> np.ndarray:
