@@ -167,6 +167,15 @@ def test_an_endless_loop_is_killed_at_the_deadline(isolate: bool | None) -> None
     assert "wall-clock" in out.reason
 
 
+@pytest.mark.parametrize("isolate", [None, False], ids=["default", "no-bwrap"])
+def test_the_cpu_limit_ends_a_job_as_a_timeout(isolate: bool | None) -> None:
+    out = run(
+        "while True:\n    pass", SandboxLimits(wall_seconds=30, cpu_seconds=1), isolate=isolate
+    )
+    assert out.state == "timeout", out.reason
+    assert "CPU limit" in out.reason
+
+
 def test_a_sleeping_job_is_killed_at_the_deadline_too() -> None:
     out = run("import time\ntime.sleep(600)", SandboxLimits(wall_seconds=1.0))
     assert out.state == "timeout"

@@ -403,6 +403,9 @@ def _ended(
         return outcome("out-of-memory", "the code ran out of memory (MemoryError)")
     if code == EXIT_OUTPUT:
         return outcome("failed", _last_line(logs) or "the result could not be encoded")
+    if isolated and code is not None and code > 128 and code - 128 in _SIGNALS:
+        # bwrap reports a child killed by signal N as its own exit status 128 + N
+        code = -(code - 128)
     if code is not None and code < 0:
         sig = -code
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL and "SIGXCPU" in logs):
@@ -414,6 +417,9 @@ def _ended(
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
         return outcome("failed", f"killed by signal {name}")
     return outcome("failed", _last_line(logs) or f"the code exited with status {code}")
+
+
+_SIGNALS = frozenset(int(s) for s in signal.Signals)
 
 
 def _last_line(logs: str) -> str:
