@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import pickletools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import classify_global, normalize_global
+from shoal.scan.opcodes import F8, I4, OPCODES, U2, U4, dispatch_table, text_literal
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import ByteReader
 
@@ -39,10 +39,7 @@ _KEPT_BUDGET = 2_000_000  # items remembered across all containers of one stream
 _MAX_NESTED = 16  # pickles nested inside joblib object arrays
 _INLINE = True  # tests turn the inline opcode loop off to check it against the handlers
 
-_OPCODES: dict[int, tuple[str, str | None]] = {
-    ord(op.code.encode("latin-1")): (op.name, op.arg.name if op.arg else None)
-    for op in pickletools.opcodes
-}
+_OPCODES = OPCODES
 
 
 class Sink:
@@ -126,13 +123,14 @@ class _Obj:
     """Result of a call or construction; ``origin`` is None when the callable was computed.
     ``new`` marks NEWOBJ (``cls.__new__``: the arguments set no attributes)."""
 
-    __slots__ = ("args", "new", "origin", "state")
+    __slots__ = ("args", "filled", "new", "origin", "state")
 
     def __init__(self, origin: _Glob | None, args: Any = None, *, new: bool = False) -> None:
         self.origin = origin
         self.args = args
         self.new = new
         self.state: Any = None
+        self.filled = 0  # items SETITEM / APPEND / ADDITEMS put into it
 
 
 # Call results that SETITEM / APPEND / ADDITEMS may fill: the containers pickle itself uses.
@@ -197,6 +195,81 @@ _CALLS_ARGUMENT = {
     "numpy.random._pickle.__randomstate_ctor": "numpy.random._pickle.__bit_generator_ctor",
     "numpy.random._pickle.__generator_ctor": "numpy.random._pickle.__bit_generator_ctor",
 }
+# The other allowlisted helpers that call something one of their arguments names (its
+# ``__new__``, ``__init__`` or a method), keep callables for later, or build a tensor nobody
+# checks: each entry says what the real helper does, and _check_args what its arguments may be.
+_PLAIN_BASES = frozenset(
+    "builtins." + n
+    for n in [
+        "object",
+        "dict",
+        "list",
+        "set",
+        "frozenset",
+        "tuple",
+        "int",
+        "float",
+        "complex",
+        "str",
+        "bytes",
+        "bytearray",
+        "bool",
+    ]
+)
+_TENSOR_CLASSES = frozenset(
+    {"torch.Tensor", "torch.nn.parameter.Parameter", "torch.nn.parameter.Buffer"}
+)
+_MASKED_CLASSES = frozenset({"numpy.ma.MaskedArray", "numpy.ma.core.MaskedArray"})
+# (helper, index of its backward_hooks argument): torch keeps the hooks on the tensor and calls
+# each one during backward, so a hook is a callable the file chose, run later.
+_HOOKS_AT = {
+    "torch._utils._rebuild_tensor_v2": 5,
+    "torch._utils._rebuild_parameter": 2,
+    "torch._utils._rebuild_parameter_with_state": 2,
+    "torch._utils._rebuild_qtensor": 6,
+}
+_CHOOSES_CALLEE = frozenset(
+    {
+        "copyreg._reconstructor",  # base.__new__(cls, state), then base.__init__(obj, state)
+        "numpy.ma.core._mareconstruct",  # subtype.__new__(subtype, data, mask=..., dtype=...)
+        "torch._utils._rebuild_wrapper_subclass",  # Tensor._make_wrapper_subclass(cls, ...)
+        "torch._utils._rebuild_device_tensor_from_cpu_tensor",  # data.to(dtype, device)
+        *_HOOKS_AT,
+    }
+)
+
+
+def _chooses_callee(qual: str) -> bool:
+    """An allowlisted helper whose arguments decide what it calls (see _check_callee)."""
+    module, _, name = qual.rpartition(".")
+    return (
+        qual in _CHOOSES_CALLEE
+        or (module.startswith("sklearn.") and name == "newObj")  # obj.__new__(obj)
+        or name.startswith("__pyx_unpickle_")  # X.__new__(type), then X's C fields from state
+    )
+
+
+def _empty_mapping(v: Any) -> bool:
+    """None, {} or an OrderedDict()/dict() call that nothing was put into."""
+    if v is None:
+        return True
+    if isinstance(v, _Dict):
+        return v.n == 0
+    return (
+        isinstance(v, _Obj)
+        and v.origin is not None
+        and v.origin.qual in ("collections.OrderedDict", "builtins.dict")
+        and v.args in ((), None)
+        and v.filled == 0
+        and v.state is None
+    )
+
+
+def _is_class(v: Any, quals: frozenset[str] | None = None) -> bool:
+    """An allowlisted global (one of ``quals`` if given), not something a call computed."""
+    return (
+        isinstance(v, _Glob) and v.severity == Severity.NONE and (quals is None or v.qual in quals)
+    )
 
 
 class _List:
@@ -643,7 +716,7 @@ class _Analyzer:
         if not complete:
             return _Blob("line", len(data))
         try:
-            return pickle.loads(op + data + b"\n.")
+            return text_literal(op, data)
         except Exception as exc:
             raise _Malformed(f"bad {op.decode()} argument: {exc}") from None
 
@@ -873,6 +946,8 @@ class _Analyzer:
         return target
 
     def _extend(self, target: Any, items: list[Any]) -> None:
+        if isinstance(target, _Obj):
+            target.filled += len(items)
         if isinstance(target, _List):
             target.n += len(items)
             room = _CONTAINER_KEEP - len(target.items)
@@ -882,6 +957,8 @@ class _Analyzer:
     def _set_items(self, target: Any, items: list[Any]) -> None:
         if len(items) % 2:
             raise _Malformed("odd number of items for a dict")
+        if isinstance(target, _Obj):
+            target.filled += len(items) // 2
         if isinstance(target, _Dict):
             target.n += len(items) // 2
             room = _CONTAINER_KEEP - len(target.pairs)
@@ -1031,7 +1108,7 @@ class _Analyzer:
     def _check_args(self, func: _Glob, args: Any, how: str) -> None:
         qual = func.qual
         if not isinstance(args, tuple):
-            if qual in _CALLS_ARGUMENT or qual in _CHECKED_ARGUMENTS:
+            if qual in _CALLS_ARGUMENT or qual in _CHECKED_ARGUMENTS or _chooses_callee(qual):
                 # e.g. builtins.tuple([...]) as the argument tuple: what these helpers call or
                 # set would go unchecked
                 self.report(
@@ -1072,6 +1149,15 @@ class _Analyzer:
         elif qual == "torch._utils._rebuild_parameter_with_state" and len(args) == 4:
             # the state is set with setattr, like a BUILD state's __dict__
             self._check_state(args[3])
+        if _chooses_callee(qual):
+            self._check_callee(qual, args, how)
+        if qual == "torch._utils._rebuild_sparse_tensor":
+            self.report(
+                Severity.MEDIUM,
+                "unchecked-tensor",
+                f"{how} {qual} builds a sparse tensor without checking its indices: torch.load "
+                "checks them once loading is done, pickle.load never does (not verified)",
+            )
         if qual in _NDARRAY_CLASSES and len(args) > 2:
             # ndarray(shape, dtype, buffer, offset, strides): NumPy accepts a negative offset,
             # so pickle.load hands back a writable view of the heap before the buffer
@@ -1104,6 +1190,61 @@ class _Analyzer:
                     "unknown-import",
                     f"{how} _codecs.encode with codec {_describe(enc)} (not verified)",
                 )
+
+    def _check_callee(self, qual: str, args: tuple[Any, ...], how: str) -> None:
+        """The helpers of _chooses_callee: the argument that decides what they call must be
+        what torch, NumPy, scikit-learn or Python itself write there; anything else is a
+        callable (or a callee's class) the file chose."""
+        name = qual.rpartition(".")[2]
+        bad: Any = _MISSING
+        if qual == "copyreg._reconstructor":
+            # Python writes (cls, object, None) or (cls, a plain builtin base, its value)
+            if len(args) != 3 or not _is_class(args[0]):
+                bad = args[0] if args else _MISSING
+            elif not _is_class(args[1], _PLAIN_BASES):
+                bad = args[1]
+        elif qual == "numpy.ma.core._mareconstruct":
+            if len(args) != 4 or not _is_class(args[0], _MASKED_CLASSES):
+                bad = args[0] if args else _MISSING
+            elif not _is_class(args[1], _NDARRAY_CLASSES):
+                bad = args[1]
+        elif qual == "torch._utils._rebuild_wrapper_subclass":
+            if not args or not _is_class(args[0], _TENSOR_CLASSES):
+                bad = args[0] if args else _MISSING
+        elif qual == "torch._utils._rebuild_device_tensor_from_cpu_tensor":
+            data = args[0] if args else _MISSING
+            if not (
+                isinstance(data, _Obj)
+                and data.origin is not None
+                and data.origin.severity == Severity.NONE
+                and data.origin.module == "torch._utils"
+                and data.origin.name.startswith("_rebuild_")
+                and data.state is None
+            ):
+                bad = data
+        elif name == "newObj":
+            if len(args) != 1 or not _is_class(args[0]):
+                bad = args[0] if args else _MISSING
+        elif name.startswith("__pyx_unpickle_"):
+            # scikit-learn's and NumPy's Cython pickles: (the class itself, checksum, state)
+            cls = name.removeprefix("__pyx_unpickle_")
+            if not args or not (_is_class(args[0]) and args[0].name == cls):
+                bad = args[0] if args else _MISSING
+        if bad is not _MISSING:
+            self.report(
+                Severity.HIGH,
+                "chosen-function",
+                f"{how} {qual} calls into {_describe(bad)}, which the file chose (its own "
+                "library only ever writes its own classes there)",
+            )
+        at = _HOOKS_AT.get(qual)
+        if at is not None and len(args) > at and not _empty_mapping(args[at]):
+            self.report(
+                Severity.HIGH,
+                "chosen-function",
+                f"{how} {qual} with backward hooks {_describe(args[at])}: callables the file "
+                "chose, which torch calls during backward",
+            )
 
     def _check_rebuild_from_type(self, args: tuple[Any, ...], how: str) -> None:
         """``_rebuild_from_type_v2(func, new_type, args, state)`` calls ``func(*args)`` and
@@ -1353,13 +1494,8 @@ class _Analyzer:
         self.stack[-1] = _Obj(_Glob("numpy", "ndarray", Severity.NONE))
 
 
-_HANDLERS: list[Callable[[_Analyzer], bool | None] | None] = [None] * 256
-for _code, (_name, _arg) in _OPCODES.items():
-    _HANDLERS[_code] = getattr(_Analyzer, "op_" + _name)
-_I4 = struct.Struct("<i")
-_U4 = struct.Struct("<I")
-_U2 = struct.Struct("<H")
-_F8 = struct.Struct(">d")
+_HANDLERS: list[Callable[[_Analyzer], bool | None] | None] = dispatch_table(_Analyzer)
+_I4, _U4, _U2, _F8 = I4, U4, U2, F8
 _CONSTANTS: dict[int, Any] = {0x4E: None, 0x88: True, 0x89: False, 0x29: ()}
 
 

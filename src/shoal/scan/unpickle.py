@@ -22,7 +22,6 @@ reported as ``UnsafeModelError("refused: ...")``.
 from __future__ import annotations
 
 import collections
-import pickle
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import normalize_global
 from shoal.scan.builders import build_array, build_dtype, build_object_array, build_scalar
+from shoal.scan.opcodes import F8, I4, U1, U2, U4, U8, dispatch_table, text_literal
 from shoal.scan.report import ScanLimits
 from shoal.scan.streams import ByteReader, check_time
 
@@ -278,12 +278,7 @@ _BUILDERS: dict[str, Callable[[Unpickler, Pending, Any], Any]] = {
 
 # --- the interpreter ---------------------------------------------------------------------------
 
-_U1 = struct.Struct("<B")
-_U2 = struct.Struct("<H")
-_I4 = struct.Struct("<i")
-_U4 = struct.Struct("<I")
-_U8 = struct.Struct("<Q")
-_F8 = struct.Struct(">d")
+_U1, _U2, _I4, _U4, _U8, _F8 = U1, U2, I4, U4, U8, F8
 
 
 class _Stop(Exception):
@@ -355,7 +350,7 @@ class Unpickler:
         same line can only produce a str, int, bool, float or bytes."""
         line = self._line()
         try:
-            return pickle.loads(op + line + b"\n.")
+            return text_literal(op, line)
         except Exception as exc:
             raise refuse(f"a malformed {op.decode()} literal: {exc}") from None
 
@@ -826,6 +821,4 @@ def _kind(v: Any) -> str:
     return f"a {type(v).__name__}"
 
 
-_DISPATCH: list[Callable[[Unpickler], None] | None] = [None] * 256
-for _op in __import__("pickletools").opcodes:
-    _DISPATCH[ord(_op.code.encode("latin-1"))] = getattr(Unpickler, "op_" + _op.name)
+_DISPATCH: list[Callable[[Unpickler], None] | None] = dispatch_table(Unpickler)
