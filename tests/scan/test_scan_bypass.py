@@ -8,7 +8,9 @@ only; the loader refuses it even when the scan is skipped.
 
 from __future__ import annotations
 
+import bz2
 import importlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -164,3 +166,60 @@ def test_bypasses_are_refused_by_the_loader_alone(bypasses, monkeypatch):
             # at its byte 0 is never run by shoal
             assert name == "zip_appended_polyglot", name
         assert not marker.exists(), name
+
+
+# --- polyglots that need more than a few bytes of setup ---------------------------------------
+
+
+def test_pickle_and_bz2_polyglot(tmp_path: Path) -> None:
+    """A bz2 stream that is also, from byte 0, a pickle running code (its ``BZh9`` opens an
+    825 MB BINBYTES: the file is sparse, so the gap costs no disk). A bz2 reader gets the
+    benign bytes; the scanner analyses the pickle reading too and reports the worst, without
+    reading the gap into memory; the loader refuses it."""
+    path = tmp_path / "weights.pkl.bz2"
+    marker = tmp_path / "ran"
+    P.bz2_pickle_polyglot(str(path), str(marker))
+    assert path.stat().st_size > 825_000_000
+    with bz2.open(path) as f:
+        assert f.read() == P.BZ2_BENIGN  # the other reading: what a bz2 reader gets
+    report = scan_file(path)
+    assert report.severity == Severity.CRITICAL, report.findings
+    assert any("os.system" in f.detail for f in report.findings), report.findings
+    with pytest.raises(UnsafeModelError):
+        load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SHOAL_BIG_TESTS"), reason="pickle.load reads 825 MB: SHOAL_BIG_TESTS=1"
+)
+def test_the_bz2_polyglot_runs_code_under_pickle_load(tmp_path: Path) -> None:
+    """The proof that the file above is a real bypass: pickle.load runs its payload (it
+    reads the gap into memory first, so this one is left to release checks)."""
+    path = tmp_path / "weights.pkl.bz2"
+    marker = tmp_path / "ran"
+    P.bz2_pickle_polyglot(str(path), str(marker))
+    subprocess.run([sys.executable, "-c", _CHILD, "pickle", str(path)], timeout=300, cwd=tmp_path)
+    assert marker.exists()
+
+
+def test_hdf5_userblock_polyglot_written_by_h5py(tmp_path: Path) -> None:
+    """A real HDF5 file, written by h5py with a 512-byte user block, whose user block holds a
+    pickle: h5py reads its dataset, pickle.load runs the pickle, the scanner reports the
+    worst of both readings and the loader refuses."""
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "model.h5"
+    marker = tmp_path / "ran"
+    path.write_bytes(P.hdf5_h5py_userblock_polyglot(str(marker)))
+    with h5py.File(path, "r") as f:  # the HDF5 reading
+        assert f["weights"][()].tolist() == [[0, 1, 2], [3, 4, 5]]
+    subprocess.run([sys.executable, "-c", _CHILD, "pickle", str(path)], timeout=120, cwd=tmp_path)
+    assert marker.exists()  # the pickle reading: code ran
+    marker.unlink()
+    report = scan_file(path)
+    assert "hdf5" in report.format, report.format
+    assert report.severity == Severity.CRITICAL, report.findings
+    assert any("os.system" in f.detail for f in report.findings), report.findings
+    with pytest.raises(UnsafeModelError):
+        load(path)
+    assert not marker.exists()
