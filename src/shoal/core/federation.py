@@ -180,10 +180,11 @@ class Federation:
     def discard(self, handles: Mapping[str, Sequence[str]]) -> None:
         """Let nodes forget kept values (``handles[node]``): the code is done with them.
 
-        Only an engine that hosts its nodes in the coordinator's process (``LocalEngine``)
-        acts on it, through its optional ``forget`` method, with no dispatch: there, values
-        kept by 10^5 idle nodes would be the process's memory. A deployed node holds its own
-        values on its own machine and drops the oldest past its ``max_kept``.
+        Only a simulation engine, which hosts its nodes' state itself (``LocalEngine`` in
+        this process, ``RayEngine`` in its actors), acts on it, through its optional
+        ``forget`` method, with no dispatch: there, values kept by 10^5 idle nodes would be
+        the engine's memory. A deployed node holds its own values on its own machine and
+        drops the oldest past its ``max_kept``.
         """
         forget = getattr(self.engine, "forget", None)
         if callable(forget):

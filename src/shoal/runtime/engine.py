@@ -138,7 +138,11 @@ class Engine(Protocol):
     each dispatch starts at and moves to its slowest answer (``Reply.elapsed_s`` then being
     the node's virtual time: transfers over its link and compute at its speed), which FedBuff
     sets to each event's time; and ``forget(handles)``, dropping held values the coordinator
-    is done with (``{node: [handle, ...]}``), which ``Federation.discard`` calls.
+    is done with (``{node: [handle, ...]}``, unknown nodes and handles ignored; once it
+    returns, a fetch of a forgotten value is an ERROR at that node, and every other value
+    stays), which ``Federation.discard`` calls. LocalEngine and RayEngine offer both, and the
+    contract suite holds them to ``forget``; GrpcEngine offers neither: deployed nodes keep
+    their own values (dropping the oldest past ``max_kept``) on real time.
     """
 
     def node_ids(self) -> Sequence[str]:

@@ -56,6 +56,9 @@ class EngineKit(Protocol):
     name: str
     engine: Engine
     nodes: tuple[str, ...]
+    # Whether the engine offers the optional forget() extension (a simulation engine hosting
+    # its nodes' state does; the suite then holds it to it).
+    forgets: bool
 
     def audit(self, node_id: str) -> Audit:
         """The node's own audit log as (action, detail) pairs, oldest first."""
@@ -85,6 +88,7 @@ KitFactory = Callable[[Path, Sequence[str]], AbstractContextManager[EngineKit]]
 
 class LocalKit:
     name = "local"
+    forgets = True
 
     def __init__(self, nodes: Sequence[str]) -> None:
         self.nodes = tuple(nodes)
@@ -120,6 +124,7 @@ def local_kit(root: Path, nodes: Sequence[str]) -> Iterator[EngineKit]:
 
 class GrpcKit:
     name = "grpc"
+    forgets = False
 
     def __init__(self, root: Path, nodes: Sequence[str]) -> None:
         from shoal.runtime import Store
@@ -246,6 +251,7 @@ RAY_SUPPORT = Path(__file__).resolve().parents[1] / "ray_support"
 
 class RayKit:
     name = "ray"
+    forgets = True
 
     def __init__(self, root: Path, nodes: Sequence[str]) -> None:
         import ray  # not installed: the kit is skipped

@@ -245,6 +245,42 @@ def test_held_values_persist_and_leave_only_as_their_policy_allows(kit: Any) -> 
     assert missing.kind is FailureKind.ERROR and "no longer holds" in missing.detail
 
 
+def test_forget_drops_only_the_values_named(kit: Any) -> None:
+    # Optional (see Engine's docstring): a simulation engine hosting its nodes' state offers
+    # forget(); an engine whose nodes keep their own values (they drop the oldest past
+    # max_kept) need not, and Federation.discard then does nothing.
+    forget = getattr(kit.engine, "forget", None)
+    assert callable(forget) == kit.forgets
+    if not kit.forgets:
+        pytest.skip(f"{kit.name}: no forget() (optional; its nodes keep their own values)")
+    first, second = f"h{next(_ids)}", f"h{next(_ids)}"
+    hosts = ["n1", "n2"]
+    for handle in (first, second):
+        replies(run(kit.engine, [task(n, "secret", keep_as=handle) for n in hosts]))
+
+    def fetch(handle: str) -> DispatchResult:
+        request = encode({"handle": handle, "fields": ["n"]})
+        return run(kit.engine, [task(n, FETCH_TASK, request) for n in hosts])
+
+    # n1 forgets the first value; n2 is told about a handle it never held; unknown nodes
+    # and empty lists are no one's business.
+    forget({"n1": [first], "n2": ["never-kept"], "nx": [first], "n3": []})
+    gone = fetch(first)
+    assert list(gone.replies) == ["n2"] and decode(gone.replies["n2"].payload)["n"] == 1
+    assert gone.failures["n1"].kind is FailureKind.ERROR
+    assert "no longer holds" in gone.failures["n1"].detail
+    assert {n: r["n"] for n, r in replies(fetch(second)).items()} == {"n1": 1, "n2": 1}
+    forget({n: [first, second] for n in hosts})
+    for handle in (first, second):
+        assert set(fetch(handle).failures) == set(hosts)
+    # Through the Federation: a discarded map's values are gone from every node that held them.
+    fed = Federation(kit.engine, deadline_s=DEADLINE_S)
+    kept = fed.group(hosts).map("secret")
+    assert {n: r["n"] for n, r in replies(fetch(kept.handle)).items()} == {"n1": 1, "n2": 1}
+    kept.discard()
+    assert {f.kind for f in fetch(kept.handle).failures.values()} == {FailureKind.ERROR}
+
+
 # -- release-policy refusals ------------------------------------------------------------------
 
 

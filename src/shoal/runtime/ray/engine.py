@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -285,6 +285,34 @@ class RayEngine:
         order = {task.node_id: i for i, task in enumerate(tasks)}
         failures = dict(sorted(failures.items(), key=lambda item: order[item[0]]))
         return DispatchResult(replies=replies, failures=failures)
+
+    def forget(self, handles: Mapping[str, Sequence[str]]) -> None:
+        """Drop values nodes keep (``handles[node]``) once the coordinator is done with them,
+        as :meth:`LocalEngine.forget` does, in the actors that host those nodes.
+
+        One call per actor concerned, waited for: once this returns, a fetch of a forgotten
+        value fails at the node. Unknown nodes and handles, and nodes of a lost actor (whose
+        values went with it), are skipped. Forgetting releases nothing, so no release policy
+        is involved.
+        """
+        if not self._hosts:
+            return
+        by_host: dict[int, dict[str, list[str]]] = {}
+        for node_id, names in handles.items():
+            if node_id not in self._index or not names:
+                continue
+            host = self._host_of(node_id)
+            if host is not None:
+                by_host.setdefault(host, {})[node_id] = [str(name) for name in names]
+        calls = {
+            self._hosts[host].forget.remote(json.dumps(part)): host
+            for host, part in by_host.items()
+        }
+        for call, host in calls.items():
+            try:
+                self._ray.get(call)
+            except self._ray.exceptions.RayActorError:
+                self._lost(host)  # its nodes' values are gone with it
 
     def close(self) -> None:
         hosts, self._hosts = self._hosts, []

@@ -83,6 +83,11 @@ class NodeHost:
         out.extend((f.node_id, f.kind.value, f.detail, 0.0) for f in result.failures.values())
         return out
 
+    def forget(self, handles: str) -> None:
+        """Drop kept values, ``handles`` as JSON {node: [handle, ...]} (LocalEngine.forget)."""
+        if self.problem is None:
+            self.engine.forget(json.loads(handles))
+
     def audit(self, node_id: str) -> str:
         """The node's own audit log as JSON [[action, detail], ...] (tests and debugging)."""
         if self.problem is not None:
