@@ -174,6 +174,16 @@ def _charge(
     return epsilon
 
 
+def _bind_share(ctx: Any, shares: int, policy: NodePolicy) -> None:
+    """An owner who requires DP accepts no noise the coordinator adds: the node's share (a
+    k-th of the noise's variance for ``shares`` = k) then enters only a secure sum whose
+    SecAgg+ group, as this node validated it, has at least k members, so that the shares
+    summed carry the full noise. The runtime's noise binding checks exactly that (std ratio
+    1/sqrt(k) against 1/sqrt(group)); a coordinator that overstates k is refused there."""
+    if policy.require_dp:
+        ctx.bind_noise(clip=1.0, std=1.0, applied=True, share_std=1.0 / math.sqrt(shares))
+
+
 def _noise_share(
     scale: np.ndarray, privacy: Mapping[str, Any], policy: NodePolicy
 ) -> np.ndarray | None:
@@ -272,6 +282,7 @@ def _shares(privacy: Mapping[str, Any], policy: NodePolicy) -> int:
 
 
 def _skellam_stats(
+    ctx: Any,
     stats: Mapping[str, np.ndarray],
     blocks: Sequence[Block],
     plan: Any,
@@ -291,7 +302,9 @@ def _skellam_stats(
         raise TaskError("a statistic exceeds its public bound (more rows than max_rows)")
     # DP noise must be unknown to the coordinator: fresh OS entropy, never a sent seed.
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-    share = skellam_noise(rng, mu=layout.mu / _shares(privacy, policy), size=ints.size)
+    shares = _shares(privacy, policy)
+    _bind_share(ctx, shares, policy)
+    share = skellam_noise(rng, mu=layout.mu / shares, size=ints.size)
     vector = (ints + share) / layout.bound
     if not np.all(np.abs(vector) <= layout.secure_range()):
         raise TaskError("a noise draw beyond the secure sum's range")
@@ -324,7 +337,7 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             stats = {k: v[:n_groups] for k, v in stats.items()}
         if privacy is not None and privacy.get("noise") == "skellam":
             assert epsilon is not None
-            return _skellam_stats(stats, blocks, plan, config, privacy, policy, epsilon)
+            return _skellam_stats(ctx, stats, blocks, plan, config, privacy, policy, epsilon)
         bound = scales(blocks, plan, config)
         vector = flatten({b.name: stats[b.name] / bound[b.name] for b in blocks}, blocks)
         if dp:
@@ -335,6 +348,7 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             )
             share = _noise_share(scale, privacy, policy)
             if share is not None:
+                _bind_share(ctx, _shares(privacy, policy), policy)
                 vector = vector + share
             return _keep(vector, limit=secure_range(scale), exact=False)
         return _keep(vector, limit=1.0, exact=True)
@@ -367,6 +381,7 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             scale = np.full(vector.shape, config.max_contributions / epsilon / config.max_rows)
             share = _noise_share(scale, privacy, policy)
             if share is not None:
+                _bind_share(ctx, _shares(privacy, policy), policy)
                 vector = vector + share
             return _keep(vector, limit=secure_range(scale), exact=False)
         return _keep(vector, limit=1.0, exact=True)
