@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,9 @@ __all__ = ["SoftmaxRegression", "softmax_cross_entropy"]
 
 _max = np.maximum.reduce
 _sum = np.add.reduce
+_dot = np.dot  # on small matrices, a few microseconds less than the matmul ufunc
+# Values (rows x columns) of one chunk of gathered batches: a few MB, however big the node.
+_CHUNK_VALUES = 1 << 18
 
 
 def softmax_cross_entropy(
@@ -109,50 +113,62 @@ class SoftmaxRegression:
             raise DataError("cannot train on an empty data set")
         if config.dp is not None:
             return self._fit_dp(x, y, config, rng)
-        # The minimal SGD step: one gather of the batch, softmax in place, the gradient
-        # scaled by lr once, weights updated in place on this fit's own copies. The loss
-        # costs a gather and a log per batch, so it is computed only when asked for.
-        W, b = self.W.copy(), self.b.copy()
-        lr, batch = config.lr, config.batch_size
-        decay = lr * self.l2
-        hooks = config.hooks
-        # Row starts in a flattened (batch, classes) array: one 1-D fancy index picks each
-        # example's true class, about twice as fast as indexing by (row, label) pairs.
-        starts = np.arange(min(batch, n)) * self.classes
+        lr, batch, limit = config.lr, config.batch_size, config.max_steps
+        decay, hooks, track_loss = lr * self.l2, config.hooks, config.track_loss
+        # W and b train as one (features + 1, classes) matrix against the data with a column
+        # of ones: one product gives the logits with their bias, one the step of both.
+        dtype = self.W.dtype if x.dtype == self.W.dtype else np.result_type(x.dtype, self.W.dtype)
+        Wb = np.empty((self.features + 1, self.classes), dtype=dtype)
+        Wb[:-1] = self.W
+        Wb[-1] = self.b
+        W, b = Wb[:-1], Wb[-1]  # views: updating Wb updates them
+        # Batches are gathered a chunk at a time (a small node's whole epoch: one gather of
+        # the rows, one of their one-hot labels); per batch are left the two products, the
+        # softmax in place and the update, all on contiguous slices.
+        chunk = max(1, _CHUNK_VALUES // (batch * (self.features + 1))) * batch
+        ones = np.ones((min(chunk, n), 1), dtype=dtype)
+        # A small node's data with its ones column is built once per fit, not per epoch.
+        xa = np.concatenate((x, ones), axis=1, dtype=dtype) if n <= chunk else None
+        eye = _one_hot(self.classes, dtype)
         picked: list[np.ndarray] = []
         steps = 0
-        limit = config.max_steps
         for _ in range(config.epochs):
             order = rng.permutation(n)
-            for start in range(0, n, batch):
-                idx = order[start : start + batch]
-                m = len(idx)
-                xb = x.take(idx, axis=0)  # the batch's one gather (faster than x[idx])
-                picks = starts[:m] + y.take(idx)
-                p = xb @ W
-                p += b
-                # The ufuncs' own reductions: ndarray.max/.sum add a Python call each.
-                p -= _max(p, axis=1, keepdims=True)
-                np.exp(p, out=p)
-                p /= _sum(p, axis=1, keepdims=True)
-                flat = p.reshape(-1)  # a view: p is a fresh C-contiguous array
-                if config.track_loss:
-                    picked.append(flat[picks])
-                flat[picks] -= 1.0
-                p *= lr / m
-                step_W = xb.T @ p
-                step_b = _sum(p, axis=0)
-                if decay:
-                    step_W += decay * W
-                for hook in hooks:  # FedProx, SCAFFOLD: see shoal.learn.hooks
-                    step_W += lr * hook.term("W", W)
-                    step_b += lr * hook.term("b", b)
-                W -= step_W
-                b -= step_b
-                steps += 1
-                if limit is not None and steps >= limit:
+            for first in range(0, n, chunk):
+                rows = order[first : first + chunk]
+                k = len(rows)
+                if xa is not None:
+                    xs = xa.take(rows, axis=0)
+                else:
+                    xs = np.concatenate((x.take(rows, axis=0), ones[:k]), axis=1, dtype=dtype)
+                ys = eye.take(y.take(rows), axis=0)
+                for start in range(0, k, batch):
+                    end = start + batch
+                    xb = xs[start:end]
+                    p = _dot(xb, Wb)
+                    # The ufuncs' own reductions: ndarray.max/.sum add a Python call each.
+                    p -= _max(p, axis=1, keepdims=True)
+                    np.exp(p, out=p)
+                    p /= _sum(p, axis=1, keepdims=True)
+                    yb = ys[start:end]
+                    if track_loss:
+                        picked.append(_sum(p * yb, axis=1))
+                    p -= yb
+                    p *= lr / len(xb)
+                    step = _dot(xb.T, p)  # lr times the mean gradient, W's and b's
+                    if decay or hooks:
+                        if decay:
+                            step[:-1] += decay * W
+                        for hook in hooks:  # FedProx, SCAFFOLD: see shoal.learn.hooks
+                            step[:-1] += lr * hook.term("W", W)
+                            step[-1] += lr * hook.term("b", b)
+                    Wb -= step
+                    steps += 1
+                    if steps == limit:
+                        break
+                if steps == limit:
                     break
-            if limit is not None and steps >= limit:
+            if steps == limit:
                 break
         self.W, self.b = W, b
         loss = float("nan")
@@ -212,6 +228,14 @@ class SoftmaxRegression:
             raise DataError("cannot evaluate on an empty data set")
         loss, _, probs = softmax_cross_entropy(x @ self.W + self.b, y)
         return {"loss": loss, "accuracy": float((probs.argmax(axis=1) == y).mean())}
+
+
+@functools.lru_cache(maxsize=16)
+def _one_hot(classes: int, dtype: np.dtype[Any]) -> np.ndarray:
+    """The identity matrix whose rows are the labels' one-hot codes (shared, read-only)."""
+    eye = np.eye(classes, dtype=dtype)
+    eye.flags.writeable = False
+    return eye
 
 
 def _owned(value: np.ndarray) -> np.ndarray:
