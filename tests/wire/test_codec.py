@@ -556,3 +556,31 @@ def test_header_is_what_json_dumps_writes() -> None:
         allow_nan=True,
     )
     assert header == expected
+
+
+def test_messages_sharing_a_header_each_get_their_own_values() -> None:
+    # The second decode of a header comes from the parsed-header cache: its arrays must view
+    # its own bytes and its JSON containers must be its own copies.
+    receipt = {"kept": "v1", "fields": {"d": "<f8:3"}, "tags": [1, [2]], "d": np.arange(3.0)}
+    first = decode(encode(receipt))
+    first["fields"]["d"] = "changed"
+    first["tags"][1].append(3)
+    second = decode(encode({**receipt, "d": np.arange(3.0) + 10}))
+    assert second["fields"] == {"d": "<f8:3"} and second["tags"] == [1, [2]]
+    np.testing.assert_array_equal(second["d"], [10.0, 11.0, 12.0])
+    np.testing.assert_array_equal(first["d"], [0.0, 1.0, 2.0])
+
+
+def test_a_cached_header_still_checks_each_message_length_and_entries() -> None:
+    good = bytes(encode({"a": np.arange(4.0), "n": 1}))
+    decode(good)  # the header is now cached
+    with pytest.raises(WireError, match="length"):
+        decode(good[:-8])
+    with pytest.raises(WireError, match="length"):
+        decode(good + bytes(64))
+    header, start = header_of(good)
+    header["j"]["a"] = 2  # a name given twice: refused at every decode, not only the first
+    twice = craft(header, good[start + (-start) % 64 :])
+    for _ in range(2):
+        with pytest.raises(WireError, match="twice"):
+            decode(twice)

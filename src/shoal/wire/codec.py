@@ -7,6 +7,7 @@ offsets. Decoding returns read-only NumPy views into the input buffer (zero-copy
 
 from __future__ import annotations
 
+import functools
 import json
 import json.encoder as json_encoder
 import math
@@ -107,6 +108,9 @@ def _header_json(header: dict[str, Any]) -> str:
 
 _HEADER_DECODER = json.JSONDecoder()
 _HEADER_KEYS = frozenset("ajn")
+
+
+_PADS = tuple(bytes(n) for n in range(_ALIGN))  # the zero bytes of each padding length
 
 
 def _pad(n: int) -> int:
@@ -210,35 +214,38 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
         raise WireError(f"a payload is a mapping of names to values, got {type(payload).__name__}")
     if len(payload) > limits.max_items:
         raise WireError(f"payload has {len(payload)} items; the limit is {limits.max_items}")
-    arrays: list[tuple[str, np.ndarray]] = []
+    arrays: list[np.ndarray] = []
+    entries: list[list[Any]] = []
     scalars: dict[str, Any] = {}
+    offset = 0
     max_name, max_ndim = limits.max_name_chars, limits.max_ndim
-    # The common cases (str names, native little-endian contiguous arrays, JSON atoms) are
-    # checked inline; anything else takes the full checks, which raise with the reason.
+    # The common cases (str names, native little-endian contiguous arrays, JSON atoms and
+    # short strings) are checked inline; anything else takes the full checks, which raise
+    # with the reason.
     for name, value in payload.items():
         if type(name) is not str or not name or len(name) > max_name:
             _check_name(name, limits)
         kind = type(value)
-        if kind is np.ndarray:
+        if kind is np.ndarray or isinstance(value, (np.ndarray, np.generic)):
+            key = value.dtype.str
             if (
-                value.dtype.str not in DTYPES
+                kind is not np.ndarray  # scalars, ndarray subclasses
+                or key not in DTYPES
                 or not value.flags.c_contiguous
                 or value.ndim > max_ndim
             ):
                 value = _as_wire_array(name, value, limits)
-            arrays.append((name, value))
-        elif isinstance(value, (np.ndarray, np.generic)):  # scalars, ndarray subclasses
-            arrays.append((name, _as_wire_array(name, value, limits)))
+                key = value.dtype.str
+            nbytes = value.nbytes
+            entries.append([name, key, list(value.shape), offset, nbytes])
+            arrays.append(value)
+            offset += nbytes + (-nbytes) % _ALIGN
         else:
-            if kind not in _JSON_ATOMS:
+            if kind not in _JSON_ATOMS and (
+                kind is not str or len(value) > limits.max_string_chars
+            ):
                 _check_json(value, limits)
             scalars[name] = value
-    entries = []
-    offset = 0
-    for name, array in arrays:
-        nbytes = array.nbytes
-        entries.append([name, array.dtype.str, list(array.shape), offset, nbytes])
-        offset += nbytes + (-nbytes) % _ALIGN
     data_len = offset
     try:
         header = _header_json({"a": entries, "j": scalars, "n": data_len}).encode()
@@ -255,17 +262,18 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
         raise WireError(f"payload is {total} bytes; the limit is {limits.max_bytes}")
     prefix = _PREFIX.pack(MAGIC, VERSION, b"\0\0\0", len(header))
     if total < _LARGE:
-        parts: list[bytes | memoryview] = [prefix, header, bytes(_pad(head_len))]
-        for _, array in arrays:
-            parts.append(array.reshape(-1).view(np.uint8).data)
-            parts.append(bytes(_pad(array.nbytes)))
+        # bytes.join reads each (C-contiguous) array through the buffer protocol.
+        parts: list[Any] = [prefix, header, _PADS[_pad(head_len)]]
+        for array in arrays:
+            parts.append(array)
+            parts.append(_PADS[_pad(array.nbytes)])
         return memoryview(b"".join(parts))
     buffer = np.empty(total, dtype=np.uint8)
     buffer[: _PREFIX.size] = np.frombuffer(prefix, dtype=np.uint8)
     buffer[_PREFIX.size : head_len] = np.frombuffer(header, dtype=np.uint8)
     position = head_len + _pad(head_len)
     buffer[head_len:position] = 0
-    for _, array in arrays:
+    for array in arrays:
         end = position + array.nbytes
         buffer[position:end] = array.reshape(-1).view(np.uint8)
         position = end + _pad(array.nbytes)
@@ -330,9 +338,52 @@ def _decode(view: memoryview, limits: WireLimits) -> dict[str, Any]:
         text = str(view[_PREFIX.size : head_end], "utf-8")
     except UnicodeDecodeError:
         raise WireError("payload header is not valid UTF-8") from None
+    # Many messages share one header (every node's receipt of a map, every fetch request):
+    # a header is parsed and checked once, and later messages only cut their arrays.
+    parse = _cached_header if len(text) <= _CACHED_HEADER_CHARS else _parse_header
+    header = parse(text, limits)
+    data_start = head_end + _pad(head_end)
+    if data_start + header.data_len != size:
+        raise WireError(
+            f"payload length {size} does not match its header ({data_start + header.data_len}); "
+            "it was truncated or has trailing bytes"
+        )
+    if header.problem is not None:
+        raise WireError(header.problem)
+    out: dict[str, Any] = {}
+    for name, dtype, shape, offset, nbytes in header.arrays:
+        start = data_start + offset
+        out[name] = np.frombuffer(view[start : start + nbytes], dtype=dtype).reshape(shape)
+    scalars = header.scalars
+    if header.containers:  # each message's own copy of its lists and dicts
+        for name, value in scalars.items():
+            out[name] = copy_json(value) if type(value) in (list, dict) else value
+    else:
+        out.update(scalars)
+    return out
+
+
+# Headers up to this size are cached (after their checks) in a bounded LRU cache.
+_CACHED_HEADER_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A message header, checked: its arrays (name, dtype, shape, offset, nbytes), its JSON
+    values, the length of its data, and the first problem found in its entries (raised
+    only once the message's length is known to match)."""
+
+    arrays: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int], ...]
+    scalars: dict[str, Any]
+    data_len: int
+    containers: bool
+    problem: str | None
+
+
+def _parse_header(text: str, limits: WireLimits) -> _Header:
     # A header this small cannot hold a string over the limit nor nest deeper than its
     # brackets: the per-value JSON walk below would find nothing (it dominated small replies).
-    small = header_len <= limits.max_string_chars and (
+    small = len(text) <= limits.max_string_chars and (
         text.count("[") + text.count("{") <= limits.max_json_depth
     )
     try:
@@ -348,38 +399,53 @@ def _decode(view: memoryview, limits: WireLimits) -> dict[str, Any]:
         raise WireError("payload header field 'n' must be a non-negative integer")
     if len(entries) + len(scalars) > limits.max_items:
         raise WireError(f"payload has more than {limits.max_items} items")
-    data_start = head_end + _pad(head_end)
-    if data_start + data_len != size:
-        raise WireError(
-            f"payload length {size} does not match its header ({data_start + data_len}); "
-            "it was truncated or has trailing bytes"
-        )
-    out: dict[str, Any] = {}
-    end_of_previous = 0
-    for entry in entries:
-        name, array = _decode_array(entry, view, data_start, data_len, end_of_previous, limits)
-        if name in out:
-            raise WireError(f"payload names {name!r} twice")
-        out[name] = array
-        end_of_previous = entry[3] + entry[4]
-    for name, value in scalars.items():
-        _check_name(name, limits)
-        if not small:
-            _check_json(value, limits)
-        if name in out:
-            raise WireError(f"payload names {name!r} twice")
-        out[name] = value
-    return out
+    arrays = []
+    seen: set[str] = set()
+    try:
+        end_of_previous = 0
+        for entry in entries:
+            array = _check_array(entry, data_len, end_of_previous, limits)
+            name = array[0]
+            if name in seen:
+                raise WireError(f"payload names {name!r} twice")
+            seen.add(name)
+            arrays.append(array)
+            end_of_previous = array[3] + array[4]
+        for name, value in scalars.items():
+            _check_name(name, limits)
+            if not small:
+                _check_json(value, limits)
+            if name in seen:
+                raise WireError(f"payload names {name!r} twice")
+            seen.add(name)
+    except WireError as exc:
+        return _Header(arrays=(), scalars={}, data_len=data_len, containers=False, problem=str(exc))
+    containers = any(type(v) in (list, dict) for v in scalars.values())
+    return _Header(
+        arrays=tuple(arrays),
+        scalars=scalars,
+        data_len=data_len,
+        containers=containers,
+        problem=None,
+    )
 
 
-def _decode_array(
-    entry: object,
-    view: memoryview,
-    data_start: int,
-    data_len: int,
-    min_offset: int,
-    limits: WireLimits,
-) -> tuple[str, np.ndarray]:
+_cached_header = functools.lru_cache(maxsize=256)(_parse_header)
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of decoded JSON (lists, dicts and atoms), several times faster than
+    copy.deepcopy on the small lists and dicts that payloads carry."""
+    if type(value) is list:
+        return [copy_json(v) if type(v) in (list, dict) else v for v in value]
+    if type(value) is dict:
+        return {k: copy_json(v) if type(v) in (list, dict) else v for k, v in value.items()}
+    return value
+
+
+def _check_array(
+    entry: object, data_len: int, min_offset: int, limits: WireLimits
+) -> tuple[str, np.dtype[Any], tuple[int, ...], int, int]:
     if not isinstance(entry, list) or len(entry) != 5:
         raise WireError("array entries must be [name, dtype, shape, offset, nbytes]")
     name, dtype_key, shape, offset, nbytes = entry
@@ -398,6 +464,4 @@ def _decode_array(
         raise WireError(f"array {name!r}: {nbytes} bytes do not match shape {shape} and dtype")
     if offset < min_offset or offset % _ALIGN or offset + nbytes > data_len:
         raise WireError(f"array {name!r} lies outside the payload or overlaps another")
-    start = data_start + offset
-    array = np.frombuffer(view[start : start + nbytes], dtype=dtype).reshape(shape)
-    return name, array
+    return name, dtype, tuple(shape), offset, nbytes
