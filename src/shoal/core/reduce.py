@@ -103,6 +103,14 @@ def clip_rows(x: FloatArray, max_norm: float) -> tuple[FloatArray, npt.NDArray[n
     return clipped, norms
 
 
+def _combine(coef: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``coef @ x`` without BLAS: OpenBLAS runs a (nodes x d) matrix-vector product on
+    all its threads, which took 1-4 ms where one thread takes 0.1 ms (waking the threads
+    costs more than the product), and far longer when another process holds the cores."""
+    out: np.ndarray = np.einsum("i,ij->j", coef, x)
+    return out
+
+
 def convex_combination(coef: npt.NDArray[np.float64], x: FloatArray, dtype: Any) -> FloatArray:
     """``coef @ x`` in ``dtype`` for non-negative ``coef`` summing to 1.
 
@@ -113,12 +121,12 @@ def convex_combination(coef: npt.NDArray[np.float64], x: FloatArray, dtype: Any)
     """
     with np.errstate(over="ignore"):
         if x.dtype == dtype:
-            out = np.asarray(coef.astype(dtype) @ x, dtype=dtype)
+            out = np.asarray(_combine(coef.astype(dtype), x), dtype=dtype)
         else:
             n, d = x.shape
             out = np.empty(d, dtype=dtype)
             for cols in column_blocks(n, d):
-                out[cols] = coef.astype(dtype) @ x[:, cols].astype(dtype)
+                out[cols] = _combine(coef.astype(dtype), x[:, cols].astype(dtype))
     wide = ~np.isfinite(out)
     if wide.any():
         part = x[:, wide]
@@ -162,7 +170,7 @@ def sum_rows(x: FloatArray, weights: npt.NDArray[Any] | None = None) -> FloatArr
         if weights is None:
             result = np.asarray(x.sum(axis=0), dtype=x.dtype)
         else:
-            result = np.asarray(np.asarray(weights, dtype=x.dtype) @ x, dtype=x.dtype)
+            result = np.asarray(_combine(np.asarray(weights, dtype=x.dtype), x), dtype=x.dtype)
     if not np.isfinite(result).all():
         bad = np.flatnonzero(~np.isfinite(result))
         raise AggregationError(
