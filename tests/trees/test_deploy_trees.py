@@ -46,7 +46,7 @@ dataset = "breast_cancer"
 [model]
 name = "secureboost"
 guest_features = 10
-hosts = {nodes}
+hosts = {hosts}
 n_trees = 2
 max_depth = 3
 max_bins = 16
@@ -72,7 +72,7 @@ def _deploy(tmp_path: Path, text: str, nodes: int) -> dict:
             _, _, key = write_key_pair(tmp_path / f"{name}.key")
             store.add_node(node_id=name, public_key=public_key_bytes(key))
     job = tmp_path / "job.toml"
-    job.write_text(text.format(nodes=nodes))
+    job.write_text(text.format(nodes=nodes, hosts=nodes - 1))
     port = _port()
     shoal = [sys.executable, "-m", "shoal.cli.main"]
     logs = [open(tmp_path / f"p{i}.log", "w") for i in range(nodes + 1)]  # noqa: SIM115
@@ -120,7 +120,7 @@ def test_deployed_gbdt_equals_the_simulation_and_centralized(tmp_path: Path) -> 
 
 def test_deployed_secureboost_equals_the_simulation_and_centralized(tmp_path: Path) -> None:
     pytest.importorskip("shoal.crypto.paillier")
-    summary = _deploy(tmp_path, VERTICAL, nodes=2)
-    assert summary["identical_predictions"] and summary["nodes"] == 2
+    summary = _deploy(tmp_path, VERTICAL, nodes=3)  # the guest and two hosts
+    assert summary["identical_predictions"] and summary["nodes"] == 3
     assert summary["federated_auc"] == summary["simulated"]["federated_auc"]
     assert summary["federated_auc"] == summary["centralized_auc"]

@@ -124,8 +124,7 @@ def test_the_guest_never_receives_a_host_threshold_or_a_plain_histogram() -> Non
                 isinstance(value, np.ndarray) and np.isin(cuts, value).any()
             ):
                 raise AssertionError(f"{method} sent a threshold-like value in {name!r}")
-    assert {m for m, _ in links[0].sent} <= {"describe", "start_tree", "histograms", "commit",
-                                              "resolve"}  # fmt: skip
+    assert {m for m, _ in links[0].sent} <= {"describe", "start_tree", "histograms", "commit"}
 
 
 def test_the_host_sees_only_ciphertexts_of_the_gradients() -> None:
@@ -152,7 +151,13 @@ def test_a_hostile_guest_cannot_read_a_hosts_table() -> None:
     train_secureboost(guest, links)
     host = hosts[0]
     with pytest.raises(ProtocolError, match="unknown candidate"):
-        host.handle("commit", {"node": 99, "id": 0, "pos": np.zeros(len(y), np.int64)})
+        host.handle(
+            "commit",
+            {"nodes": np.array([99]), "ids": np.array([0]), "counts": np.array([1]),
+             "pos": np.zeros(len(y), np.int64)},
+        )  # fmt: skip
+    with pytest.raises(ProtocolError, match="malformed"):
+        host.handle("commit", {"node": 0})
     with pytest.raises(ProtocolError, match="unknown record"):
         host.handle("decide", {"records": np.array([10_000])})
     with pytest.raises(ProtocolError, match="no method"):
@@ -211,33 +216,6 @@ def test_a_party_failing_mid_tree_drops_that_tree_and_training_resumes() -> None
         np.testing.assert_array_equal(a.left, b.left)
         np.testing.assert_array_equal(a.value, b.value)
         np.testing.assert_array_equal(a.owner, b.owner)
-
-
-def test_hosts_as_federation_nodes_give_the_same_trees() -> None:
-    from dataclasses import dataclass
-
-    from shoal.core import Federation
-    from shoal.runtime import LocalEngine, NodeApp
-    from shoal.trees.vertical import federated_link, host_tasks
-
-    @dataclass(frozen=True)
-    class Columns:
-        x: np.ndarray
-
-    x, y = _cancer()
-    params = GBDTParams(n_trees=2, max_depth=3, max_bins=16)
-    app = NodeApp()
-    app.install(host_tasks(insecure_keys=True))
-    fed = Federation(LocalEngine(app, data=[Columns(x[:, 10:20]), Columns(x[:, 20:])]))
-    guest = GuestParty(x=x[:, :10], y=y, params=params, key_bits=KEY_BITS, insecure_keys=True)
-    model = train_secureboost(guest, [federated_link(fed, "n0"), federated_link(fed, "n1")])
-    ref_guest, ref_hosts, ref_links = _parties(x, y, params, [10, 20])
-    reference = train_secureboost(ref_guest, ref_links)
-    for (a,), (b,) in zip(model.trees, reference.trees, strict=True):
-        np.testing.assert_array_equal(a.left, b.left)
-        np.testing.assert_array_equal(a.owner, b.owner)
-        np.testing.assert_array_equal(a.value, b.value)
-    assert_same_as_centralized(reference, ref_guest, ref_hosts, x, y)
 
 
 def test_each_party_exports_its_own_part(tmp_path: Any) -> None:

@@ -667,7 +667,7 @@ def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None,
 
 def _node(args: argparse.Namespace) -> int:
     from shoal.cli.job import load_job
-    from shoal.cli.trees import host_data, is_tree_job, tree_node_app
+    from shoal.cli.trees import is_tree_job, party_table, tree_node_app
     from shoal.cli.vertical import is_vertical, serve_party
     from shoal.learn import TRAIN, learning_app
     from shoal.privacy.guard import budget_guard
@@ -707,16 +707,23 @@ def _node(args: argparse.Namespace) -> int:
     else:
         name = args.cert_name or Path(args.key).name.removesuffix(".key")
         tls = ClientTLS.from_dir(args.certs, name=name, server_name=args.server_name)
+    party = None
     if is_tree_job(job) and job.model["name"] == "secureboost":
         if not args.partition:
-            raise ConfigError("a secureboost host takes --partition I/HOSTS (its column block)")
+            raise ConfigError(
+                "a secureboost party takes --partition I/N (0 the guest, 1..N-1 the hosts)"
+            )
         index_text, _, count_text = args.partition.partition("/")
-        data: Any = host_data(job, int(index_text), int(count_text))
-        index: int | None = int(index_text)
+        try:
+            party, count = int(index_text), int(count_text)
+        except ValueError:
+            raise ConfigError(f"--partition is I/N, got {args.partition!r}") from None
+        data: Any = party_table(job, party, count)
+        index: int | None = party
     else:
         data, index, train = _node_data(job, args)
     if is_tree_job(job):
-        app = tree_node_app(job)
+        app = tree_node_app(job, party)
     elif index is not None:
         model = job.build_model()
     else:

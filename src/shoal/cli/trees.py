@@ -4,14 +4,14 @@ The same job file runs in simulation (``shoal run``) and deployed (``shoal coord
 ``shoal node``). The tree parameters sit in ``[model]`` with XGBoost's or LightGBM's names;
 ``[aggregate] secure`` picks SecureSum for the horizontal histograms (default on). A
 SecureBoost job splits the data set's columns: the first ``guest_features`` to the guest
-(which runs the coordinator and holds the labels), the rest evenly over ``hosts`` nodes.
+node (with the labels), the rest evenly over ``hosts`` host nodes; the coordinator addresses
+them by role and relays their sealed messages (:mod:`shoal.trees.secureboost`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,31 +24,25 @@ if TYPE_CHECKING:
     from shoal.data import Dataset
     from shoal.runtime import NodeApp
     from shoal.trees import GBDTParams
+    from shoal.vertical.party import PartyData
 
 __all__ = [
     "TREE_MODELS",
     "check_tree_job",
-    "host_data",
     "is_tree_job",
+    "party_table",
     "run_tree_job",
     "tree_node_app",
 ]
 
 TREE_MODELS = ("gbdt", "secureboost")
+DESCRIBE = "secureboost.describe"  # a party's index in the job (clear)
 _VERTICAL_KEYS = ("guest_features", "hosts", "key_bits", "insecure_test_keys")
 _HORIZONTAL_KEYS = ("sketch_cells",)
 
 
 def is_tree_job(job: JobSpec) -> bool:
     return str(job.model.get("name")) in TREE_MODELS
-
-
-@dataclass(frozen=True)
-class Columns:
-    """What a SecureBoost host holds: its columns of the aligned rows (block ``block``)."""
-
-    x: np.ndarray
-    block: int = 0
 
 
 def _extra(job: JobSpec) -> dict[str, Any]:
@@ -103,27 +97,45 @@ def _blocks(job: JobSpec, train: Dataset) -> list[np.ndarray]:
     return [x[:, :guest], *[x[:, cols] for cols in rest]]
 
 
-def host_data(job: JobSpec, index: int, count: int) -> Columns:
-    """Host ``index``'s columns (``shoal node --partition I/N`` for a secureboost job)."""
-    if count != int(job.model["hosts"]):
-        raise ConfigError(f"the job has {job.model['hosts']} hosts, not {count}")
+def party_table(job: JobSpec, index: int, count: int) -> PartyData:
+    """Party ``index``'s table (``shoal node --partition I/N`` for a secureboost job, N =
+    hosts + 1): party 0 is the guest (the first ``guest_features`` columns and the labels),
+    party i >= 1 host i's columns. Rows are the data set's training then test rows, keyed
+    by their position; the parties align them by PSI and hold out the same rows."""
+    from shoal.vertical.party import PartyData
+
+    hosts = int(job.model["hosts"])
+    if count != hosts + 1:
+        raise ConfigError(
+            f"the job has a guest and {hosts} host(s): --partition I/{hosts + 1}, not /{count}"
+        )
     if not 0 <= index < count:
-        raise ConfigError(f"host index must be in [0, {count}), got {index}")
-    train, _ = job.load_data()
-    return Columns(x=_blocks(job, train)[1 + index], block=index)
+        raise ConfigError(f"party index must be in [0, {count}), got {index}")
+    train, test = job.load_data()
+    block = [np.vstack([a, b]) for a, b in zip(_blocks(job, train), _blocks(job, test))][index]
+    ids = [f"{i:09d}" for i in range(len(block))]
+    y = np.concatenate([train.y, test.y]) if index == 0 else None
+    return PartyData.from_columns(ids, block, y=y)
 
 
-def tree_node_app(job: JobSpec) -> NodeApp:
-    """The tasks a node of this job runs."""
+def tree_node_app(job: JobSpec, party: int | None = None) -> NodeApp:
+    """The tasks a node of this job runs (a secureboost party's by its index)."""
     from shoal.crypto import SecureSum
-    from shoal.runtime import NodeApp
+    from shoal.runtime import NodeApp, TaskSpec
     from shoal.trees.horizontal import horizontal_tasks
 
-    app = NodeApp()
+    app = NodeApp(max_kept=16)
     if job.model["name"] == "secureboost":
-        from shoal.trees.vertical import host_tasks
+        from shoal.trees.secureboost import secureboost_tasks
 
-        app.install(host_tasks(insecure_keys=bool(job.model.get("insecure_test_keys", False))))
+        if party is None:
+            raise ConfigError("a secureboost node needs its party index (--partition I/N)")
+        app.install(secureboost_tasks("guest" if party == 0 else "host"))
+
+        def describe(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+            return {"party": party}
+
+        app.install({DESCRIBE: TaskSpec(describe, {"party": "clear"})})
     else:
         secure = bool(job.raw.get("aggregate", {}).get("secure", True))
         app.install(horizontal_tasks(secure=secure))
@@ -138,31 +150,31 @@ def run_tree_job(job: JobSpec, federation: Federation | None = None) -> dict[str
     from shoal.runtime import LocalEngine
     from shoal.trees import train
 
+    summary: dict[str, Any] = {"job": job.name, "model": job.model["name"]}
+    if job.model["name"] == "secureboost":
+        summary.update(_secureboost(job, federation))
+        return summary
+    from shoal.trees.horizontal import train_horizontal
+
     training, test = job.load_data()
     params = tree_params(job, training.classes)
     started = time.perf_counter()
-    summary: dict[str, Any] = {"job": job.name, "model": job.model["name"]}
-    if job.model["name"] == "gbdt":
-        from shoal.trees.horizontal import train_horizontal
-
-        if federation is None:
-            engine = LocalEngine(
-                tree_node_app(job), data=job.partitions(), workers=int(job.engine["workers"])
-            )
-            federation = Federation(engine, min_nodes=job.min_nodes, seed=job.seed)
-        secure = bool(job.raw.get("aggregate", {}).get("secure", True))
-        model = train_horizontal(
-            federation, params, secure=secure, sketch_cells=int(job.model.get("sketch_cells", 4096))
+    if federation is None:
+        engine = LocalEngine(
+            tree_node_app(job), data=job.partitions(), workers=int(job.engine["workers"])
         )
-        summary["secure"] = secure
-        wall = time.perf_counter() - started
-        scores = model.predict(test.x)
-        central = train(training.x, training.y, model.params, bins=model.bins)
-    else:
-        scores, central, wall = _secureboost(job, federation, training, test, params, started)
+        federation = Federation(engine, min_nodes=job.min_nodes, seed=job.seed)
+    secure = bool(job.raw.get("aggregate", {}).get("secure", True))
+    model = train_horizontal(
+        federation, params, secure=secure, sketch_cells=int(job.model.get("sketch_cells", 4096))
+    )
+    summary["secure"] = secure
+    wall = time.perf_counter() - started
+    scores = model.predict(test.x)
+    central = train(training.x, training.y, model.params, bins=model.bins)
     summary.update(
         {
-            "nodes": len(federation.node_ids) if federation is not None else job.model["hosts"],
+            "nodes": len(federation.node_ids),
             "trees": params.n_trees,
             "wall_s": wall,
             **_scores(scores, test.y, params, "federated_"),
@@ -173,69 +185,79 @@ def run_tree_job(job: JobSpec, federation: Federation | None = None) -> dict[str
     return summary
 
 
-def _secureboost(
-    job: JobSpec,
-    federation: Federation | None,
-    training: Dataset,
-    test: Dataset,
-    params: GBDTParams,
-    started: float,
-) -> tuple[np.ndarray, Any, float]:
+def _secureboost(job: JobSpec, federation: Federation | None) -> dict[str, Any]:
+    """Train through the routed protocol; beside it, the centralized model on the joined
+    columns of the same aligned training rows (the coordinator of a ``shoal run`` job can
+    build it: the job file names the whole data set)."""
     from shoal.core import Federation
+    from shoal.core.roles import Roles
     from shoal.runtime import LocalEngine
-    from shoal.trees import Bins, train
-    from shoal.trees.vertical import (
-        GuestParty,
-        VerticalTreeFailed,
-        federated_link,
-        predict_vertical,
-        train_secureboost,
-    )
+    from shoal.runtime.roles import NodeApps
+    from shoal.trees import Bins, fit_bins, train
+    from shoal.trees.horizontal import DEFAULT_FIXED_POINT
+    from shoal.trees.secureboost import SecureBoostConfig, digest, train_routed
+    from shoal.vertical.model import held_out_rows
 
-    blocks = _blocks(job, training)
+    training, test = job.load_data()
+    params = tree_params(job, training.classes)
+    parties = int(job.model["hosts"]) + 1
+    tables = [party_table(job, i, parties) for i in range(parties)]
     if federation is None:
-        data = [Columns(x=b, block=i) for i, b in enumerate(blocks[1:])]
-        federation = Federation(LocalEngine(tree_node_app(job), data=data), seed=job.seed)
-    block = {
-        h: federated_link(federation, h)("describe", {"max_bins": params.max_bins}).get("block")
-        for h in federation.node_ids
-    }
-    hosts = sorted(federation.node_ids, key=lambda h: (block[h] is None, block[h] or 0, h))
-    if len(hosts) != len(blocks) - 1:
-        raise ConfigError(f"the job has {len(blocks) - 1} hosts; {len(hosts)} are connected")
-    guest = GuestParty(
-        x=blocks[0],
-        y=training.y,
+        names = ["guest", *[f"host{i}" for i in range(1, parties)]]
+        apps = NodeApps({n: tree_node_app(job, i) for i, n in enumerate(names)})
+        federation = Federation(LocalEngine(apps, nodes=names, data=tables), seed=job.seed)
+        index = {n: i for i, n in enumerate(names)}
+    else:
+        replies, failures = federation.request(federation.node_ids, DESCRIBE)
+        if failures:
+            raise ConfigError(f"parties did not describe themselves: {sorted(failures)}")
+        index = {n: int(r["party"]) for n, r in replies.items()}
+    found = sorted(index.values())
+    if found != list(range(parties)):
+        raise ConfigError(f"the job has parties 0..{parties - 1}; connected: {found}")
+    by_index = {i: n for n, i in index.items()}
+    roles = Roles.of({"guest": by_index[0], "host": [by_index[i] for i in range(1, parties)]})
+    # the protocol addresses one party at a time (PSI, the guest's steps): min_nodes 1
+    federation = Federation(
+        federation.engine, min_nodes=1, deadline_s=federation.deadline_s, seed=job.seed,
+        audit=federation.trail, roles=roles,
+    )  # fmt: skip
+    n_all = len(training.y) + len(test.y)
+    cfg = SecureBoostConfig(
         params=params,
         key_bits=int(job.model.get("key_bits", 2048)),
-        insecure_keys=bool(job.model.get("insecure_test_keys", False)),
+        insecure_test_keys=bool(job.model.get("insecure_test_keys", False)),
+        min_overlap=1,
+        test_fraction=len(test.y) / n_all,
+        seed=job.seed,
     )
-    links = [federated_link(federation, h) for h in hosts]
-    start = None
-    for attempt in range(3):  # a tree a host failed is dropped; resume from the complete ones
-        try:
-            model = train_secureboost(guest, links, start=start)
-            break
-        except VerticalTreeFailed as failed:
-            if attempt == 2:
-                raise
-            start = failed.model
+    started = time.perf_counter()
+    result = train_routed(federation, cfg)
     wall = time.perf_counter() - started
-    x_test = test.x.reshape(len(test.x), -1).astype(np.float64)
-    g = blocks[0].shape[1]
-    widths = [b.shape[1] for b in blocks[1:]]
-    edges = np.cumsum([g, *widths])
-    x_hosts = [x_test[:, edges[i] : edges[i + 1]] for i in range(len(widths))]
-    # hosts score their columns of the test rows (in deployment they would hold them)
-    scores = predict_vertical(model, x_test[:, :g], links, x_hosts=x_hosts)
-    host_cuts: tuple[np.ndarray, ...] = ()
-    for b in blocks[1:]:
-        from shoal.trees import fit_bins
-
-        host_cuts += fit_bins(b, max_bins=params.max_bins).cuts
-    joined = Bins(cuts=guest.bins.cuts + host_cuts)
-    central = train(training.x.reshape(len(training.x), -1), training.y, model.params, bins=joined)
-    return scores, central, wall
+    # the centralized reference: ids are positions, so the aligned order is the table's
+    held = held_out_rows(n_all, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    blocks = [t.x for t in tables]
+    y = tables[0].y
+    assert y is not None
+    bins = Bins(cuts=sum((fit_bins(b[~held], max_bins=params.max_bins).cuts for b in blocks), ()))
+    fixed = params.to_dict()
+    fixed["fixed_point_bits"] = fixed.get("fixed_point_bits") or DEFAULT_FIXED_POINT
+    x = np.hstack(blocks)
+    central = train(x[~held], y[~held], type(params)(**fixed), bins=bins)
+    predicted = central.predict(x[held])
+    summary: dict[str, Any] = {
+        "nodes": parties,
+        "trees": params.n_trees,
+        "intersection_size": result.intersection_size,
+        "retries": result.retries,
+        "bytes_routed": result.routed_bytes,
+        "wall_s": wall,
+        **{f"federated_{k}": v for k, v in result.test.items() if k not in ("n", "digest")},
+        **_scores(predicted, y[held], params, "centralized_"),
+        "test_rows": int(result.test.get("n", 0)),
+        "identical_predictions": result.test.get("digest") == bytes(digest(predicted)).hex(),
+    }
+    return summary
 
 
 def _scores(

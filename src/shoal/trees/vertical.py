@@ -25,7 +25,6 @@ import numpy as np
 
 from shoal.crypto import paillier
 from shoal.errors import ConfigError, DataError, ProtocolError, ShoalError
-from shoal.runtime import TaskSpec
 from shoal.trees.bins import MISSING, Bins, fit_bins
 from shoal.trees.booster import feature_sampler, row_sampler, sample_features, tree_gradients
 from shoal.trees.gh import GHCodec
@@ -41,25 +40,22 @@ from shoal.trees.split import RT_EPS, best_splits, leaf_weight, node_gain
 from shoal.trees.tree import Tree, local_histograms
 
 __all__ = [
-    "HOST_TASK",
+    "Boosting",
+    "Grower",
     "GuestParty",
     "HostParty",
     "Link",
     "VerticalModel",
     "VerticalTree",
     "VerticalTreeFailed",
-    "federated_link",
-    "host_tasks",
     "load_guest",
     "predict_vertical",
     "save_guest",
     "train_secureboost",
 ]
 
-HOST_TASK = "secureboost.host"
 HOST_FORMAT = "shoal.trees.host/1"
 GUEST_FORMAT = "shoal.trees.guest/1"
-_HOST_STATE = "shoal.trees.host"
 
 GUEST = 0  # owner of a node's split: 0 the guest, h >= 1 the h-th host
 
@@ -118,13 +114,15 @@ class HostParty:
             "describe": self.describe,
             "start_tree": self.start_tree,
             "histograms": self.histograms,
-            "resolve": self.resolve,
             "commit": self.commit,
             "decide": self.decide,
         }
         if method not in handlers:
             raise ProtocolError(f"a SecureBoost host has no method {method!r}")
-        return handlers[method](payload)
+        try:
+            return handlers[method](payload)
+        except (KeyError, TypeError, ValueError) as exc:  # a peer's malformed message
+            raise ProtocolError(f"{method}: malformed message ({exc!r})") from None
 
     def describe(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         return {"rows": len(self.codes), "features": self.codes.shape[1]}
@@ -257,26 +255,45 @@ class HostParty:
                     cts.append(left)
         return candidates, cts
 
-    def resolve(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        """Of tied candidates, the one a centralized scan meets first (its position)."""
-        node = int(payload["node"])
-        ids = [int(i) for i in np.asarray(payload["ids"]).tolist()]
-        pending = self._pending.get(node, [])
-        if not ids or any(not 0 <= i < len(pending) for i in ids):
-            raise ProtocolError("resolve: unknown candidate")
-        return {"first": min(ids, key=lambda i: pending[i].key)}
-
     def commit(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        """Record the winning split privately; answer which of the node's rows go left."""
-        node, choice = int(payload["node"]), int(payload["id"])
-        pending = self._pending.get(node, [])
-        if not 0 <= choice < len(pending):
-            raise ProtocolError("commit: unknown candidate")
-        won = pending[choice]
-        self.records.append((won.feature, won.left_bins, won.default_left))
+        """Record the splits the guest chose privately; answer which rows go left.
+
+        For each node in ``nodes``, ``ids`` holds ``counts[i]`` candidates of equal gain; the
+        host takes the one a centralized scan meets first (lowest feature, forward before
+        backward, lowest bin), so ties break as in :func:`shoal.trees.train`. The reply's
+        ``left`` is the direction of each node's rows (in row order), node after node.
+        """
+        nodes = np.asarray(payload["nodes"], dtype=np.int64)
+        ids = np.asarray(payload["ids"], dtype=np.int64)
+        counts = np.asarray(payload["counts"], dtype=np.int64)
         pos = np.asarray(payload["pos"], dtype=np.int64)
-        rows = np.flatnonzero(pos == node)
-        return {"record": len(self.records) - 1, "left": self._goes_left(won, self.codes[rows])}
+        if (
+            nodes.ndim != 1
+            or counts.shape != nodes.shape
+            or (counts < 1).any()
+            or ids.shape != (int(counts.sum()),)
+            or pos.shape != (len(self.codes),)
+        ):
+            raise ProtocolError("commit: malformed node, candidate or position lists")
+        records, chosen, left = [], [], []
+        at = 0
+        for node, count in zip(nodes.tolist(), counts.tolist()):
+            pending = self._pending.get(node, [])
+            tied = ids[at : at + count].tolist()
+            at += count
+            if any(not 0 <= i < len(pending) for i in tied):
+                raise ProtocolError("commit: unknown candidate")
+            choice = min(tied, key=lambda i: pending[i].key)
+            won = pending[choice]
+            self.records.append((won.feature, won.left_bins, won.default_left))
+            records.append(len(self.records) - 1)
+            chosen.append(choice)
+            left.append(self._goes_left(won, self.codes[pos == node]))
+        return {
+            "records": np.asarray(records, dtype=np.int64),
+            "chosen": np.asarray(chosen, dtype=np.int64),
+            "left": np.concatenate(left) if left else np.zeros(0, np.uint8),
+        }
 
     @staticmethod
     def _goes_left(c: _Candidate | tuple[int, int, bool], codes: np.ndarray) -> np.ndarray:
@@ -338,57 +355,6 @@ class HostParty:
             }
             for i, (f, t, d) in enumerate(self.records)
         ]
-
-
-# Everything a host answers goes to the guest, which runs the coordinator: ciphertexts under
-# the guest's key, candidate counts, record ids and the instance space (docs/trees.md).
-HOST_RELEASE = {
-    field: "clear"
-    for field in ("rows", "features", "block", "ct", "counts", "packed", "first", "record", "left")
-}
-
-
-def host_tasks(*, insecure_keys: bool = False) -> dict[str, TaskSpec]:
-    """The node task of a SecureBoost host: its HostParty is built from ``ctx.data.x`` when
-    the guest first asks (``describe`` carries ``max_bins``) and lives in the node's state."""
-
-    def run(ctx: Any, payload: dict[str, Any]) -> Mapping[str, Any]:
-        method = payload.pop("method", None)
-        if not isinstance(method, str):
-            raise ProtocolError(f"{HOST_TASK} needs a method name")
-        host = ctx.state.get(_HOST_STATE)
-        if method == "describe" and host is None:
-            x = getattr(ctx.data, "x", None)
-            if x is None:
-                raise DataError(f"node {ctx.node_id} has no feature array to host")
-            max_bins = int(payload.get("max_bins", 256))
-            host = HostParty(x=x, max_bins=max_bins, insecure_keys=insecure_keys)
-            ctx.state[_HOST_STATE] = host
-        if host is None:
-            raise ProtocolError(f"node {ctx.node_id} was not asked to describe itself first")
-        reply = dict(host.handle(method, payload))
-        block = getattr(ctx.data, "block", None)
-        if method == "describe" and isinstance(block, int):
-            reply["block"] = block  # which column block of a job this host holds
-        return reply
-
-    return {HOST_TASK: TaskSpec(run, release=HOST_RELEASE)}
-
-
-def federated_link(fed: Any, node_id: str, *, deadline_s: float | None = None) -> Link:
-    """A host reached through a Federation (the guest runs the coordinator)."""
-
-    def call(method: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
-        replies, failures = fed.request(
-            [node_id], HOST_TASK, common={"method": method, **payload}, deadline_s=deadline_s
-        )
-        if node_id not in replies:
-            failure = failures.get(node_id)
-            detail = failure.detail if failure is not None else "no reply"
-            raise ProtocolError(f"host {node_id} failed {method!r}: {detail}")
-        return replies[node_id]
-
-    return call
 
 
 # -- guest ------------------------------------------------------------------------------
@@ -547,61 +513,128 @@ class VerticalTreeFailed(ProtocolError):
 def train_secureboost(
     guest: GuestParty, hosts: Sequence[Link], *, start: VerticalModel | None = None
 ) -> VerticalModel:
-    """Boost with the guest driving and ``hosts`` reached through their links.
+    """Boost with the guest driving and ``hosts`` reached through their links (in one
+    process; :mod:`shoal.trees.secureboost` runs the same steps between federation nodes).
 
     ``start`` resumes from a model's complete trees (after :class:`VerticalTreeFailed`):
     the result is the model an uninterrupted run would have grown.
     """
-    params, stats = guest.params, guest.stats
-    n, d_guest = guest.codes.shape
     widths = []
     for index, link in enumerate(hosts, start=1):
-        info = link("describe", {"max_bins": params.max_bins})
-        if int(info["rows"]) != n:
+        info = link("describe", {"max_bins": guest.params.max_bins})
+        if int(info["rows"]) != len(guest.codes):
             raise DataError(
-                f"host {index} has {info['rows']} rows and the guest {n}: align the parties' rows "
-                "(PSI) before training"
+                f"host {index} has {info['rows']} rows and the guest {len(guest.codes)}: align "
+                "the parties' rows (PSI) before training"
             )
         widths.append(int(info["features"]))
-    done = start.trees if start is not None else ()
-    if start is not None and (start.params != params or start.hosts != len(hosts)):
-        raise ConfigError("resume with the same parameters and hosts as the interrupted run")
-    offsets = np.cumsum([d_guest, *widths])
-    d_total = int(offsets[-1])
-    columns = feature_sampler(params, d_total)
-    rows_rng = row_sampler(params)
-    margin = np.full((n, params.outputs), base_margin(params), dtype=np.float32)
-    trees: list[tuple[VerticalTree, ...]] = list(done)
-    if done:
-        margin = _margin(VerticalModel(params=params, bins=guest.bins, trees=tuple(done),
-                                       hosts=len(hosts)), guest.codes, hosts)  # fmt: skip
-        for _ in range(len(done) * params.outputs):  # replay the randomness they used
-            if params.subsample < 1.0:
-                rows_rng.random(n)
-            sample_features(columns, params, d_total)
-    for _ in range(len(done), params.n_trees):
-        t0 = time.process_time()
-        grad, hess = gradients(margin, guest.labels, params)
-        t0 = _timed(stats, "gradients", t0)
-        round_trees = []
-        for k in range(params.outputs):
-            g, h = tree_gradients(grad[:, k], hess[:, k], params, rows_rng)
-            mask = sample_features(columns, params, d_total)
-            try:
-                tree, leaves = _grow(guest, hosts, g, h, mask, offsets)
-            except (ShoalError, OSError) as exc:
-                partial = VerticalModel(
-                    params=params, bins=guest.bins, trees=tuple(trees), hosts=len(hosts)
+    session = Boosting(guest, widths, start=start, hosts=hosts)
+    while not session.done:
+        grower = session.begin()
+        try:
+            for index, message in grower.start().items():
+                hosts[index - 1]("start_tree", message)
+            for _ in range(guest.params.max_depth):
+                requests = grower.request()
+                replies = {i: hosts[i - 1]("histograms", r) for i, r in requests.items()}
+                commits = grower.choose(replies)
+                grower.apply({i: hosts[i - 1]("commit", c) for i, c in commits.items()})
+        except (ShoalError, OSError) as exc:
+            session.abort()
+            raise VerticalTreeFailed(
+                f"tree {len(session.trees)} failed ({exc}); {len(session.trees)} complete "
+                "tree(s) are kept: resume with train_secureboost(..., start=error.model)",
+                session.model(),
+            ) from exc
+        session.end(grower)
+    return session.model()
+
+
+class Boosting:
+    """The guest's boosting state across trees: margins, the row and column samplers and
+    the complete trees. :meth:`begin` starts a tree's :class:`Grower`, :meth:`end` adds it,
+    :meth:`abort` forgets it (and rewinds the samplers, so a retry draws the same)."""
+
+    def __init__(
+        self,
+        guest: GuestParty,
+        widths: Sequence[int],
+        *,
+        start: VerticalModel | None = None,
+        hosts: Sequence[Link] = (),
+    ) -> None:
+        params = guest.params
+        n, d_guest = guest.codes.shape
+        self.guest, self.hosts = guest, len(widths)
+        self.offsets = np.cumsum([d_guest, *widths])
+        self.d_total = int(self.offsets[-1])
+        self.columns = feature_sampler(params, self.d_total)
+        self.rows_rng = row_sampler(params)
+        self.margin = np.full((n, params.outputs), base_margin(params), dtype=np.float32)
+        self.trees: list[tuple[VerticalTree, ...]] = []
+        self._round: list[VerticalTree] = []
+        self._grad: np.ndarray | None = None
+        self._hess: np.ndarray | None = None
+        self._saved: tuple[Any, Any, np.ndarray] | None = None
+        if start is not None:
+            if start.params != params or start.hosts != len(widths):
+                raise ConfigError(
+                    "resume with the same parameters and hosts as the interrupted run"
                 )
-                raise VerticalTreeFailed(
-                    f"tree {len(trees)} failed ({exc}); {len(trees)} complete tree(s) are "
-                    "kept: resume with train_secureboost(..., start=error.model)",
-                    partial,
-                ) from exc
-            round_trees.append(tree)
-            margin[:, k] += tree.value[leaves]
-        trees.append(tuple(round_trees))
-    return VerticalModel(params=params, bins=guest.bins, trees=tuple(trees), hosts=len(hosts))
+            self.trees = list(start.trees)
+            if start.trees:
+                self.margin = _margin(start, guest.codes, hosts)
+            for _ in range(len(start.trees) * params.outputs):  # replay their randomness
+                if params.subsample < 1.0:
+                    self.rows_rng.random(n)
+                sample_features(self.columns, params, self.d_total)
+
+    @property
+    def done(self) -> bool:
+        return len(self.trees) >= self.guest.params.n_trees
+
+    def begin(self) -> Grower:
+        guest, params = self.guest, self.guest.params
+        k = len(self._round)
+        if k == 0:
+            self._saved = (
+                self.rows_rng.bit_generator.state, self.columns.bit_generator.state,
+                self.margin.copy(),
+            )  # fmt: skip
+            t0 = time.process_time()
+            self._grad, self._hess = gradients(self.margin, guest.labels, params)
+            _timed(guest.stats, "gradients", t0)
+        assert self._grad is not None and self._hess is not None
+        g, h = tree_gradients(self._grad[:, k], self._hess[:, k], params, self.rows_rng)
+        mask = sample_features(self.columns, params, self.d_total)
+        return Grower(guest, g, h, mask, self.offsets)
+
+    def end(self, grower: Grower) -> VerticalTree:
+        tree, leaves = grower.finish()
+        self.margin[:, len(self._round)] += tree.value[leaves]
+        self._round.append(tree)
+        if len(self._round) == self.guest.params.outputs:
+            self.trees.append(tuple(self._round))
+            self._round = []
+            self._saved = None
+        return tree
+
+    def abort(self) -> None:
+        """Forget the tree under way, with the finished trees of its round (a multi-class
+        round's trees share one gradient): the next :meth:`begin` grows the round again."""
+        if self._saved is not None:
+            rows_state, columns_state, margin = self._saved
+            self.rows_rng.bit_generator.state = rows_state
+            self.columns.bit_generator.state = columns_state
+            self.margin = margin
+        self._round = []
+        self._saved = None
+
+    def model(self) -> VerticalModel:
+        return VerticalModel(
+            params=self.guest.params, bins=self.guest.bins, trees=tuple(self.trees),
+            hosts=self.hosts,
+        )  # fmt: skip
 
 
 def _encrypt_rows(guest: GuestParty, g: np.ndarray, h: np.ndarray) -> tuple[Any, GHCodec]:
@@ -623,91 +656,113 @@ def _encrypt_rows(guest: GuestParty, g: np.ndarray, h: np.ndarray) -> tuple[Any,
     return paillier.ciphertexts_to_bytes(pk, cts), codec
 
 
-def _grow(
-    guest: GuestParty,
-    hosts: Sequence[Link],
-    g: np.ndarray,
-    h: np.ndarray,
-    mask: np.ndarray,
-    offsets: np.ndarray,
-) -> tuple[VerticalTree, np.ndarray]:
-    params, stats = guest.params, guest.stats
-    n, d_guest = guest.codes.shape
-    scale = float(2 ** (params.fixed_point_bits or DEFAULT_FIXED_POINT))
-    t0 = time.process_time()
-    blob, codec = _encrypt_rows(guest, g, h)
-    t0 = _timed(stats, "encrypt", t0)
-    for i, link in enumerate(hosts):
-        local = np.flatnonzero(mask[offsets[i] : offsets[i + 1]])
-        link(
-            "start_tree",
-            {
-                "key": np.frombuffer(guest.public_key.to_bytes(), dtype=np.uint8),
-                "rows": n,
-                "frac_bits": codec.frac_bits,
-                "grad_bound": codec.grad_bound,
-                "ct": blob,
-                "features": local,
-            },
-        )
-    t0 = _timed(stats, "hosts", t0)
-    nodes: dict[str, list[Any]] = {
-        k: [] for k in ("left", "right", "owner", "split", "left_bins", "default_left", "g", "h")
-    }
+class Grower:
+    """One tree at the guest, as steps between messages to and from the hosts (host ``i``
+    is numbered from 1, in the order of the hosts' columns):
 
-    def add(sg: float, sh: float) -> int:
-        for key, value in zip(nodes, (-1, -1, GUEST, -1, 0, False, sg, sh)):
-            nodes[key].append(value)
-        return len(nodes["left"]) - 1
+    ``start()`` -> per host, the encrypted (g, h) and its sampled features; then for each
+    level ``request()`` -> node positions for the hosts' histograms; ``choose(replies)`` ->
+    per host, the splits it won (empty if none); ``apply(replies)`` moves the rows. After
+    ``max_depth`` levels (empty once the tree stops growing), ``finish()``.
+    """
 
-    add(float(g.sum()), float(h.sum()))
-    pos = np.zeros(n, dtype=np.int64)
-    parent_of: dict[int, int] = {}
-    level = [0]
-    guest_mask = mask[:d_guest]
-    for _depth in range(params.max_depth):
-        if not level:
-            break
-        totals_g = np.asarray([nodes["g"][v] for v in level])
-        totals_h = np.asarray([nodes["h"][v] for v in level])
-        hg, hh = local_histograms(guest.codes, g, h, pos, np.asarray(level))
-        if guest_mask.any():
+    def __init__(
+        self, guest: GuestParty, g: np.ndarray, h: np.ndarray, mask: np.ndarray,
+        offsets: np.ndarray,
+    ) -> None:  # fmt: skip
+        self.guest, self.g, self.h, self.mask, self.offsets = guest, g, h, mask, offsets
+        params = guest.params
+        self.scale = float(2 ** (params.fixed_point_bits or DEFAULT_FIXED_POINT))
+        self.nodes: dict[str, list[Any]] = {
+            k: [] for k in ("left", "right", "owner", "split", "left_bins", "default_left", "g",
+                            "h")
+        }  # fmt: skip
+        self._add(float(g.sum()), float(h.sum()))
+        self.pos = np.zeros(len(g), dtype=np.int64)
+        self.parent_of: dict[int, int] = {}
+        self.level = [0]
+        self.best: list[Any] = []
+        self.codec: GHCodec | None = None
+
+    def _add(self, sg: float, sh: float) -> int:
+        for key, value in zip(self.nodes, (-1, -1, GUEST, -1, 0, False, sg, sh)):
+            self.nodes[key].append(value)
+        return len(self.nodes["left"]) - 1
+
+    def _features(self, index: int) -> np.ndarray:
+        return np.flatnonzero(self.mask[self.offsets[index - 1] : self.offsets[index]])
+
+    def start(self) -> dict[int, dict[str, Any]]:
+        guest = self.guest
+        t0 = time.process_time()
+        blob, self.codec = _encrypt_rows(guest, self.g, self.h)
+        _timed(guest.stats, "encrypt", t0)
+        key = np.frombuffer(guest.public_key.to_bytes(), dtype=np.uint8)
+        return {
+            i: {"key": key, "rows": len(self.g), "frac_bits": self.codec.frac_bits,
+                "grad_bound": self.codec.grad_bound, "ct": blob, "features": self._features(i)}
+            for i in range(1, len(self.offsets))
+        }  # fmt: skip
+
+    def request(self) -> dict[int, dict[str, Any]]:
+        """The guest's own best splits of this level, and the hosts' histogram request."""
+        guest, params, nodes, level = self.guest, self.guest.params, self.nodes, self.level
+        t0 = time.process_time()
+        d_guest = guest.codes.shape[1]
+        guest_mask = self.mask[:d_guest]
+        self.best = [(0.0, GUEST, -1, 0, False, 0.0, 0.0)] * len(level)
+        if level and guest_mask.any():
+            totals_g = np.asarray([nodes["g"][v] for v in level])
+            totals_h = np.asarray([nodes["h"][v] for v in level])
+            hg, hh = local_histograms(guest.codes, self.g, self.h, self.pos, np.asarray(level))
             own = best_splits(hg, hh, totals_g, totals_h, n_bins=guest.bins.n_bins,
                               features=guest_mask, params=params)  # fmt: skip
-            best = [
+            self.best = [
                 (float(own.gain[i]), GUEST, int(own.feature[i]), int(own.left_bins[i]),
                  bool(own.default_left[i]), float(own.left_g[i]), float(own.left_h[i]))
                 for i in range(len(level))
             ]  # fmt: skip
-        else:
-            best = [(0.0, GUEST, -1, 0, False, 0.0, 0.0)] * len(level)
-        t0 = _timed(stats, "split", t0)
-        build, parent, sibling = [], [], []
+        parent, sibling = [], []
         for v in level:
-            if v in parent_of and not _built(v, parent_of, nodes):
-                parent.append(parent_of[v])
-                sibling.append(_sibling_of(v, parent_of, nodes))
+            if v in self.parent_of and not _built(v, self.parent_of, nodes):
+                parent.append(self.parent_of[v])
+                sibling.append(_sibling_of(v, self.parent_of, nodes))
             else:
                 parent.append(-1)
                 sibling.append(-1)
-            build.append(v)
-        request = {
-            "pos": pos,
-            "level": np.asarray(build),
-            "parent": np.asarray(parent),
-            "sibling": np.asarray(sibling),
+        _timed(guest.stats, "split", t0)
+        message = {
+            "pos": self.pos,
+            "level": np.asarray(level, dtype=np.int64),
+            "parent": np.asarray(parent, dtype=np.int64),
+            "sibling": np.asarray(sibling, dtype=np.int64),
         }
-        for hi, link in enumerate(hosts, start=1):
-            if not mask[offsets[hi - 1] : offsets[hi]].any():
-                continue
-            reply = link("histograms", request)
-            t0 = _timed(stats, "hosts", t0)
-            sums = _decrypt(guest, codec, reply, len(level))
-            t0 = _timed(stats, "decrypt", t0)
-            for i, v in enumerate(level):
+        # a host with no sampled column, or an empty level, gets an empty request
+        empty = {k: np.zeros(0, np.int64) for k in ("level", "parent", "sibling")}
+        return {
+            i: message if level and len(self._features(i)) else {**message, **empty}
+            for i in range(1, len(self.offsets))
+        }
+
+    def choose(self, replies: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Decrypt the hosts' candidates, keep each node's best split; per host, the nodes
+        it won with the candidates of equal best gain (the host breaks the tie)."""
+        guest, params, nodes, level = self.guest, self.guest.params, self.nodes, self.level
+        assert self.codec is not None
+        hosts = len(self.offsets) - 1
+        if sorted(replies) != list(range(1, hosts + 1)):
+            raise ProtocolError("a histogram reply is missing")
+        totals_g = np.asarray([nodes["g"][v] for v in level])
+        totals_h = np.asarray([nodes["h"][v] for v in level])
+        t0 = time.process_time()
+        for hi in range(1, hosts + 1):
+            asked = len(level) if len(self._features(hi)) else 0
+            sums = _decrypt(guest, self.codec, replies[hi], asked)
+            t0 = _timed(guest.stats, "decrypt", t0)
+            for i in range(asked):
                 if not sums[i]:
                     continue
-                pairs = np.asarray(sums[i], dtype=np.float64) / scale
+                pairs = np.asarray(sums[i], dtype=np.float64) / self.scale
                 lg, lh = pairs[:, 0], pairs[:, 1]
                 pg, ph = totals_g[i], totals_h[i]
                 rg, rh = pg - lg, ph - lh
@@ -718,61 +773,99 @@ def _grow(
                 ok = (lh >= params.min_child_weight) & (rh >= params.min_child_weight)
                 gain = np.where(ok, gain, -np.inf)
                 top = float(gain.max())
-                if not top > max(best[i][0], 0.0):
+                if not top > max(self.best[i][0], 0.0):
                     continue  # the guest (lower feature indices) or an earlier host wins ties
                 tied = np.flatnonzero(gain == top)
-                choice = int(tied[0])
-                if len(tied) > 1:
-                    t0 = _timed(stats, "split", t0)
-                    choice = int(link("resolve", {"node": v, "ids": tied})["first"])
-                    t0 = _timed(stats, "hosts", t0)
-                best[i] = (top, hi, choice, 0, False, float(lg[choice]), float(lh[choice]))
-            t0 = _timed(stats, "split", t0)
-        next_level: list[int] = []
+                self.best[i] = (top, hi, tied, 0, False, lg, lh)
+            t0 = _timed(guest.stats, "split", t0)
+        commits: dict[int, dict[str, list[Any]]] = {
+            i: {"nodes": [], "ids": [], "counts": []} for i in range(1, hosts + 1)
+        }
         for i, v in enumerate(level):
-            gain, owner, split, left_bins, default_left, lg_, lh_ = best[i]
+            gain, owner, tied, _, _, lg, lh = self.best[i]
+            if owner == GUEST or gain <= RT_EPS or gain < params.gamma:
+                continue
+            c = commits[owner]
+            c["nodes"].append(v)
+            c["ids"] += tied.tolist()
+            c["counts"].append(len(tied))
+        _timed(guest.stats, "split", t0)
+        return {
+            i: {"nodes": np.asarray(c["nodes"], np.int64), "ids": np.asarray(c["ids"], np.int64),
+                "counts": np.asarray(c["counts"], np.int64), "pos": self.pos}
+            for i, c in commits.items()
+        }  # fmt: skip
+
+    def apply(self, replies: Mapping[int, Mapping[str, Any]]) -> None:
+        """Split this level's nodes (host splits as the hosts answered) and move the rows."""
+        guest, params, nodes = self.guest, self.guest.params, self.nodes
+        t0 = time.process_time()
+        answers: dict[int, tuple[int, int, np.ndarray]] = {}  # node -> (record, choice, left)
+        for hi, reply in replies.items():
+            asked = [v for i, v in enumerate(self.level)
+                     if self.best[i][1] == hi and self.best[i][0] > RT_EPS
+                     and self.best[i][0] >= params.gamma]  # fmt: skip
+            records = np.asarray(reply["records"], dtype=np.int64)
+            chosen = np.asarray(reply["chosen"], dtype=np.int64)
+            bits = np.asarray(reply["left"]).astype(bool)
+            sizes = [int((self.pos == v).sum()) for v in asked]
+            if (
+                records.shape != (len(asked),)
+                or chosen.shape != (len(asked),)
+                or bits.shape != (sum(sizes),)
+            ):
+                raise ProtocolError(f"host {hi} answered for the wrong nodes or rows")
+            ends = np.cumsum(sizes)
+            for j, v in enumerate(asked):
+                answers[v] = (int(records[j]), int(chosen[j]), bits[ends[j] - sizes[j] : ends[j]])
+        next_level: list[int] = []
+        for i, v in enumerate(self.level):
+            gain, owner, split, left_bins, default_left, lg_, lh_ = self.best[i]
+            if owner != GUEST:
+                if v not in answers:
+                    continue  # below gamma: not asked
+                record, choice, go = answers[v]
+                if not 0 <= choice < len(lg_) or choice not in set(split.tolist()):
+                    raise ProtocolError(f"host {owner} chose a candidate it was not offered")
+                split, lg_, lh_ = record, float(lg_[choice]), float(lh_[choice])
             rg_, rh_ = nodes["g"][v] - lg_, nodes["h"][v] - lh_
             if gain <= RT_EPS or gain < params.gamma or lh_ == 0 or rh_ == 0:
                 continue
-            rows = np.flatnonzero(pos == v)
+            rows = np.flatnonzero(self.pos == v)
             if owner == GUEST:
                 column = guest.codes[rows, split]
                 go = np.where(column == MISSING, default_left, column < left_bins)
-            else:
-                t0 = _timed(stats, "split", t0)
-                reply = hosts[owner - 1]("commit", {"node": v, "id": split, "pos": pos})
-                t0 = _timed(stats, "hosts", t0)
-                split = int(reply["record"])
-                go = np.asarray(reply["left"]).astype(bool)
-                if go.shape != rows.shape:
-                    raise ProtocolError(f"host {owner} answered for the wrong rows")
-            left, right = add(lg_, lh_), add(rg_, rh_)
+            left, right = self._add(lg_, lh_), self._add(rg_, rh_)
             nodes["left"][v], nodes["right"][v] = left, right
             nodes["owner"][v], nodes["split"][v] = owner, split
             nodes["left_bins"][v], nodes["default_left"][v] = left_bins, default_left
-            parent_of[left] = parent_of[right] = v
-            pos[rows] = np.where(go, left, right)
+            self.parent_of[left] = self.parent_of[right] = v
+            self.pos[rows] = np.where(go, left, right)
             next_level += [left, right]
-        level = next_level
-    leaves = [v for v in range(len(nodes["left"])) if nodes["left"][v] < 0]
-    weights = leaf_weight(
-        np.asarray([nodes["g"][v] for v in leaves]),
-        np.asarray([nodes["h"][v] for v in leaves]),
-        params,
-    )
-    value = np.zeros(len(nodes["left"]), dtype=np.float32)
-    value[leaves] = weights * np.float32(params.learning_rate)
-    tree = VerticalTree(
-        left=np.asarray(nodes["left"], dtype=np.int64),
-        right=np.asarray(nodes["right"], dtype=np.int64),
-        owner=np.asarray(nodes["owner"], dtype=np.int64),
-        split=np.asarray(nodes["split"], dtype=np.int64),
-        left_bins=np.asarray(nodes["left_bins"], dtype=np.int64),
-        default_left=np.asarray(nodes["default_left"], dtype=bool),
-        value=value,
-    )
-    _timed(stats, "split", t0)
-    return tree, pos
+        self.level = next_level
+        _timed(guest.stats, "split", t0)
+
+    def finish(self) -> tuple[VerticalTree, np.ndarray]:
+        """The tree (leaf values at the guest) and each row's leaf."""
+        nodes, params = self.nodes, self.guest.params
+        leaves = [v for v in range(len(nodes["left"])) if nodes["left"][v] < 0]
+        weights = leaf_weight(
+            np.asarray([nodes["g"][v] for v in leaves]),
+            np.asarray([nodes["h"][v] for v in leaves]),
+            params,
+        )
+        value = np.zeros(len(nodes["left"]), dtype=np.float32)
+        value[leaves] = weights * np.float32(params.learning_rate)
+        tree = VerticalTree(
+            left=np.asarray(nodes["left"], dtype=np.int64),
+            right=np.asarray(nodes["right"], dtype=np.int64),
+            owner=np.asarray(nodes["owner"], dtype=np.int64),
+            split=np.asarray(nodes["split"], dtype=np.int64),
+            left_bins=np.asarray(nodes["left_bins"], dtype=np.int64),
+            default_left=np.asarray(nodes["default_left"], dtype=bool),
+            value=value,
+        )
+        return tree, self.pos
 
 
 def _built(v: int, parent_of: Mapping[int, int], nodes: Mapping[str, list[Any]]) -> bool:

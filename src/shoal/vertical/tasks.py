@@ -22,7 +22,7 @@ from shoal.runtime import TaskContext
 from shoal.vertical.model import MODELS, evaluate, held_out_rows, prepare
 from shoal.vertical.party import PartyData
 
-__all__ = ["F_ENC", "F_SLOPE", "F_X", "vertical_tasks"]
+__all__ = ["F_ENC", "F_SLOPE", "F_X", "aligned_rows", "psi_tasks", "vertical_tasks"]
 
 F_ENC = 32  # fractional bits of encrypted scores and residual parts
 F_SLOPE = 8  # the residual's slope (1/4 or 1) is exact at 8 bits
@@ -310,16 +310,34 @@ def guest_evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def psi_tasks() -> dict[str, Any]:
+    """The record-alignment tasks every guest and host installs (:func:`shoal.vertical.align`
+    drives them); the aligned rows are then :func:`aligned_rows` at each party."""
+    parties = "sealed:guest,host"
+    return {
+        "vertical.psi.start": spec(psi_start, {"points": parties}),
+        "vertical.psi.blind": spec(psi_blind, {"points": parties}),
+        "vertical.psi.collect": spec(psi_collect, {"*": "never"}),
+        "vertical.psi.finish": spec(psi_finish, {"size": "clear"}),
+    }
+
+
+def aligned_rows(ctx: TaskContext) -> np.ndarray:
+    """This party's rows of the intersection, in the order every party shares."""
+    rows = _st(ctx).get("rows")
+    if rows is None:
+        raise ProtocolError("run the record alignment (PSI) first")
+    out: np.ndarray = rows
+    return out
+
+
 def vertical_tasks(role: str, *, mode: str) -> dict[str, Any]:
     """The tasks a party of ``role`` installs, each with its release policy."""
     if mode not in ("arbiter", "two_party"):
         raise ConfigError(f"mode is 'arbiter' or 'two_party', got {mode!r}")
     parties = "sealed:guest,host"
     common = {
-        "vertical.psi.start": spec(psi_start, {"points": parties}),
-        "vertical.psi.blind": spec(psi_blind, {"points": parties}),
-        "vertical.psi.collect": spec(psi_collect, {"*": "never"}),
-        "vertical.psi.finish": spec(psi_finish, {"size": "clear"}),
+        **psi_tasks(),
         "vertical.setup": spec(setup, {"pk": "clear", "features": "clear"}),
         "vertical.keys": spec(keys, {"*": "never"}),
         "vertical.update": spec(update, {"*": "never"}),

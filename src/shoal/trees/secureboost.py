@@ -1,0 +1,469 @@
+"""SecureBoost between federation nodes: the guest and the hosts are nodes addressed by role
+(``fed.role("guest")``, ``fed.role("host")``); the coordinator runs a short program of
+``map`` and ``values.to`` and holds no key.
+
+1. The parties' rows are aligned by the ECDH PSI of :mod:`shoal.vertical` (the same tasks
+   and coordinator code as hetero logistic regression); each party holds its part of the
+   intersection in one shared order and holds out the same rows for evaluation.
+2. The guest and each host agree an AES-GCM key (X25519, public keys relayed in the clear).
+   Every message between them (the Paillier ciphertexts of (g, h), node positions, packed
+   histograms, chosen candidates, which rows go left) travels inside a box under that key,
+   released by its sender only ``sealed`` to the other role and routed by the coordinator,
+   which sees bytes and sizes and audits each move.
+3. The guest grows each tree with :class:`shoal.trees.vertical.Grower`, the hosts answer
+   with :class:`shoal.trees.vertical.HostParty`: the same steps as the in-process
+   :func:`shoal.trees.vertical.train_secureboost`, so the trees are the centralized ones.
+
+A party failing during a tree fails that tree; every party rolls back and the tree is grown
+again, up to ``max_retries`` times. See docs/trees.md for what each party learns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shoal.core import Federation
+from shoal.core.routing import received
+from shoal.crypto import keys
+from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError, ShoalError
+from shoal.runtime import TaskContext, TaskSpec
+from shoal.trees.objective import predict_from_margin
+from shoal.trees.params import GBDTParams
+from shoal.trees.vertical import Boosting, GuestParty, HostParty, _margin
+from shoal.vertical.model import held_out_rows
+from shoal.vertical.party import PartyData
+from shoal.vertical.protocol import align
+from shoal.vertical.tasks import aligned_rows, psi_tasks
+from shoal.wire import decode, encode
+
+__all__ = [
+    "SecureBoostConfig",
+    "SecureBoostResult",
+    "digest",
+    "evaluate",
+    "secureboost_tasks",
+    "train_routed",
+]
+
+log = logging.getLogger("shoal.trees")
+
+_STATE = "shoal.trees.secureboost"
+_CHANNEL = "secureboost-channel"
+METRICS = ("auc", "accuracy", "logloss", "rmse", "n", "digest")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureBoostConfig:
+    """A SecureBoost job's settings besides the tree parameters."""
+
+    params: GBDTParams
+    key_bits: int = 2048
+    insecure_test_keys: bool = False
+    min_overlap: int = 10
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.key_bits < 2048 and not self.insecure_test_keys:
+            raise ConfigError(
+                f"key_bits={self.key_bits} is too short; use >= 2048 "
+                "(or insecure_test_keys for tests)"
+            )
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        if self.min_overlap < 1 or self.max_retries < 0:
+            raise ConfigError("min_overlap >= 1 and max_retries >= 0 are required")
+
+
+@dataclass(kw_only=True)
+class SecureBoostResult:
+    intersection_size: int
+    trees: int
+    test: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+    routed_bytes: int = 0
+
+
+# -- the channel between the guest and one host ------------------------------------------
+
+
+def _channel_key(own: keys.KeyPair, peer_public: Any, guest: str, host: str) -> bytes:
+    shared = keys.agree(own.private, bytes(np.asarray(peer_public, dtype=np.uint8)))
+    return keys.derive_key(shared, purpose=_CHANNEL, context=f"{guest}\x00{host}".encode())
+
+
+def _seal(key: bytes, message: Mapping[str, Any], *, step: str) -> np.ndarray:
+    blob = keys.encrypt(key, bytes(encode(dict(message))), associated_data=step.encode())
+    return np.frombuffer(blob, dtype=np.uint8)
+
+
+def _open(key: bytes, box: Any, *, step: str) -> dict[str, Any]:
+    plain = keys.decrypt(key, bytes(np.asarray(box, dtype=np.uint8)), associated_data=step.encode())
+    return dict(decode(plain))
+
+
+def _prefixed(message: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in message.items()}
+
+
+def _strip(message: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in message.items() if k.startswith(prefix)}
+
+
+# -- node side: the guest ------------------------------------------------------------------
+
+
+def _st(ctx: TaskContext) -> dict[str, Any]:
+    st: dict[str, Any] = ctx.state.setdefault(_STATE, {})
+    return st
+
+
+def _party(ctx: TaskContext) -> PartyData:
+    if not isinstance(ctx.data, PartyData):
+        raise ConfigError(f"node {ctx.node_id!r} holds no vertical party table")
+    return ctx.data
+
+
+def _split(ctx: TaskContext, payload: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    rows = aligned_rows(ctx)
+    held = held_out_rows(
+        len(rows), seed=int(payload["seed"]), test_fraction=float(payload["test_fraction"])
+    )
+    return rows, held
+
+
+def guest_setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    data = _party(ctx)
+    if data.y is None:
+        raise DataError("the guest holds no label column")
+    rows, held = _split(ctx, payload)
+    params = GBDTParams(**payload["params"])
+    x, y = data.x[rows], data.y[rows]
+    guest = GuestParty(
+        x=x[~held], y=y[~held], params=params, key_bits=int(payload["key_bits"]),
+        insecure_keys=bool(payload["insecure"]),
+    )  # fmt: skip
+    hosts = [str(h) for h in payload["hosts"]]
+    widths = [int(w) for w in payload["widths"]]
+    if len(widths) != len(hosts) or not hosts:
+        raise ProtocolError("setup: one column count per host")
+    own = keys.KeyPair.generate()
+    channels = {h: _channel_key(own, payload[f"dh/{h}"], guest=ctx.node_id, host=h) for h in hosts}
+    st = _st(ctx)
+    st.clear()
+    st.update(
+        guest=guest, boosting=Boosting(guest, widths), hosts=hosts, channels=channels,
+        x_test=x[held], y_test=y[held],
+    )  # fmt: skip
+    return {"dh": np.frombuffer(own.public, dtype=np.uint8)}
+
+
+def _to_hosts(st: dict[str, Any], messages: Mapping[int, Mapping[str, Any]], step: str) -> dict:
+    return {
+        f"box/{h}": _seal(st["channels"][h], messages[i], step=f"{step}>{h}")
+        for i, h in enumerate(st["hosts"], start=1)
+    }
+
+
+def _from_hosts(st: dict[str, Any], payload: Mapping[str, Any], step: str) -> dict[int, dict]:
+    boxes = received(payload, "box")
+    if sorted(boxes) != sorted(st["hosts"]):
+        raise ProtocolError(f"expected replies from hosts {st['hosts']}, got {sorted(boxes)}")
+    return {
+        i: _open(st["channels"][h], boxes[h], step=f"{step}<{h}")
+        for i, h in enumerate(st["hosts"], start=1)
+    }
+
+
+def guest_tree(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Start a tree: gradients, encrypted rows and the first level's request to each host."""
+    st = _st(ctx)
+    grower = st["boosting"].begin()
+    st["grower"] = grower
+    starts, requests = grower.start(), grower.request()
+    messages = {i: {**_prefixed(starts[i], "s."), **_prefixed(requests[i], "r.")} for i in starts}
+    return _to_hosts(st, messages, "tree")
+
+
+def guest_choose(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    grower = st.get("grower")
+    if grower is None:
+        raise ProtocolError("no tree under way")
+    return _to_hosts(st, grower.choose(_from_hosts(st, payload, "hist")), "commit")
+
+
+def guest_apply(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    grower = st.get("grower")
+    if grower is None:
+        raise ProtocolError("no tree under way")
+    grower.apply(_from_hosts(st, payload, "commit"))
+    if payload.get("last"):
+        st["boosting"].end(grower)
+        st["grower"] = None
+        return {}
+    return _to_hosts(st, grower.request(), "hist")
+
+
+def rollback(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    if "boosting" in st:
+        st["boosting"].abort()
+        st["grower"] = None
+    return {}
+
+
+def guest_evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Score the held-out rows with the hosts' directions; release aggregate metrics and a
+    digest of the predictions (so a run can be compared with another without them)."""
+    st = _st(ctx)
+    boosting: Boosting = st["boosting"]
+    model = boosting.model()
+    answers = _from_hosts(st, payload, "decide")
+    x_test, y_test = st["x_test"], st["y_test"]
+    n = len(y_test)
+    if n == 0:
+        return {"n": 0}
+
+    def link(index: int) -> Any:
+        bits = np.unpackbits(np.asarray(answers[index]["left"], np.uint8), axis=1, count=n)
+
+        def call(method: str, request: Mapping[str, Any]) -> Mapping[str, Any]:
+            wanted = np.asarray(request["records"], dtype=np.int64)
+            if len(bits) and (wanted >= len(bits)).any():
+                raise ProtocolError(f"host {index} sent directions for too few records")
+            return {"left": bits[wanted] if len(wanted) else np.zeros((0, n), np.uint8)}
+
+        return call
+
+    links = [link(i) for i in range(1, len(st["hosts"]) + 1)]
+    margin = _margin(model, model.bins.transform(x_test), links)
+    scores = predict_from_margin(margin, model.params)
+    out: dict[str, Any] = {"n": n, **_metrics(scores, y_test, model.params)}
+    out["digest"] = digest(scores)
+    return out
+
+
+def digest(scores: np.ndarray) -> np.ndarray:
+    """SHA-256 of predictions (as float64), 32 bytes: equal digests, equal predictions."""
+    raw = hashlib.sha256(np.ascontiguousarray(scores, np.float64).tobytes()).digest()
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def _metrics(scores: np.ndarray, y: np.ndarray, params: GBDTParams) -> dict[str, float]:
+    if params.objective == "binary:logistic":
+        from sklearn.metrics import roc_auc_score
+
+        p = np.clip(scores, 1e-15, 1 - 1e-15)
+        out = {
+            "accuracy": float(np.mean((scores > 0.5) == y)),
+            "logloss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
+        }
+        if len(np.unique(y)) == 2:
+            out["auc"] = float(roc_auc_score(y, scores))
+        return out
+    if params.objective == "multi:softprob":
+        return {"accuracy": float(np.mean(scores.argmax(axis=1) == y))}
+    return {"rmse": float(np.sqrt(np.mean((scores - y) ** 2)))}
+
+
+# -- node side: a host ---------------------------------------------------------------------
+
+
+def host_setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    data = _party(ctx)
+    if data.y is not None:
+        raise DataError("a host holds a label column; only the guest may hold labels")
+    rows, held = _split(ctx, payload)
+    x = data.x[rows]
+    host = HostParty(
+        x=x[~held], max_bins=int(payload["max_bins"]), insecure_keys=bool(payload["insecure"])
+    )
+    own = keys.KeyPair.generate()
+    st = _st(ctx)
+    st.clear()
+    st.update(host=host, x_test=x[held], own=own)
+    return {"features": int(x.shape[1]), "dh": np.frombuffer(own.public, dtype=np.uint8)}
+
+
+def host_keys(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    st = _st(ctx)
+    guest = str(payload["guest"])
+    st["guest_id"] = guest
+    st["channel"] = _channel_key(st["own"], payload["dh"], guest=guest, host=ctx.node_id)
+    return {}
+
+
+def _inbox(ctx: TaskContext, payload: Mapping[str, Any], step: str) -> dict[str, Any]:
+    st = _st(ctx)
+    if "channel" not in st:
+        raise ProtocolError("no channel with the guest: run the setup first")
+    boxes = received(payload, f"box/{ctx.node_id}")
+    if list(boxes) != [st["guest_id"]]:
+        raise ProtocolError(f"expected one message from the guest, got {sorted(boxes)}")
+    return _open(st["channel"], boxes[st["guest_id"]], step=f"{step}>{ctx.node_id}")
+
+
+def _reply(ctx: TaskContext, message: Mapping[str, Any], step: str) -> dict[str, Any]:
+    return {"box": _seal(_st(ctx)["channel"], message, step=f"{step}<{ctx.node_id}")}
+
+
+def host_tree(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    host: HostParty = _st(ctx)["host"]
+    message = _inbox(ctx, payload, "tree")
+    host.handle("start_tree", _strip(message, "s."))
+    return _reply(ctx, host.handle("histograms", _strip(message, "r.")), "hist")
+
+
+def host_histograms(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    host: HostParty = _st(ctx)["host"]
+    return _reply(ctx, host.handle("histograms", _inbox(ctx, payload, "hist")), "hist")
+
+
+def host_commit(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    host: HostParty = _st(ctx)["host"]
+    return _reply(ctx, host.handle("commit", _inbox(ctx, payload, "commit")), "commit")
+
+
+def host_decide(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """The direction of every record of this host for each held-out row (packed bits)."""
+    st = _st(ctx)
+    host: HostParty = st["host"]
+    records = np.arange(len(host.records), dtype=np.int64)
+    x_test = st["x_test"]
+    if len(x_test) == 0:
+        bits = np.zeros((len(records), 0), np.uint8)
+    else:
+        bits = np.asarray(host.handle("decide", {"records": records, "x": x_test})["left"])
+    return _reply(ctx, {"left": np.packbits(bits.astype(np.uint8), axis=1)}, "decide")
+
+
+def secureboost_tasks(role: str) -> dict[str, Any]:
+    """The tasks a party of ``role`` installs (with the PSI tasks), each with its release
+    policy: messages between the parties leave only sealed to the other role."""
+    common = {**psi_tasks(), "secureboost.rollback": TaskSpec(rollback, {"*": "never"})}
+    if role == "guest":
+        to_hosts = {"box/*": "sealed:host"}
+        return {
+            **common,
+            "secureboost.guest.setup": TaskSpec(guest_setup, {"dh": "clear"}),
+            "secureboost.guest.tree": TaskSpec(guest_tree, to_hosts),
+            "secureboost.guest.choose": TaskSpec(guest_choose, to_hosts),
+            "secureboost.guest.apply": TaskSpec(guest_apply, to_hosts),
+            "secureboost.guest.evaluate": TaskSpec(guest_evaluate, dict.fromkeys(METRICS, "clear")),
+        }
+    if role == "host":
+        to_guest = {"box": "sealed:guest"}
+        return {
+            **common,
+            "secureboost.host.setup": TaskSpec(host_setup, {"features": "clear", "dh": "clear"}),
+            "secureboost.host.keys": TaskSpec(host_keys, {"*": "never"}),
+            "secureboost.host.tree": TaskSpec(host_tree, to_guest),
+            "secureboost.host.histograms": TaskSpec(host_histograms, to_guest),
+            "secureboost.host.commit": TaskSpec(host_commit, to_guest),
+            "secureboost.host.decide": TaskSpec(host_decide, to_guest),
+        }
+    raise ConfigError(f"a SecureBoost party is a guest or a host, got role {role!r}")
+
+
+# -- the coordinator's program ------------------------------------------------------------
+
+
+def _parties(fed: Federation) -> tuple[str, list[str]]:
+    if fed.roles is None:
+        raise ConfigError("SecureBoost needs roles: Federation(roles={'guest': ..., 'host': ...})")
+    guests = fed.roles.nodes("guest")
+    hosts = list(fed.roles.nodes("host"))
+    if len(guests) != 1:
+        raise ConfigError(f"SecureBoost has exactly one guest (the label holder), got {guests}")
+    return guests[0], hosts
+
+
+def _request(fed: Federation, nodes: list[str], task: str, **kw: Any) -> dict[str, Any]:
+    replies, failures = fed.request(nodes, task, **kw)
+    if failures:
+        first = next(iter(failures.values()))
+        raise ProtocolError(f"{task} failed at {first.node_id}: {first.detail}")
+    return replies
+
+
+def _setup(fed: Federation, cfg: SecureBoostConfig, guest: str, hosts: list[str]) -> None:
+    split = {"seed": cfg.seed, "test_fraction": cfg.test_fraction}
+    replies = _request(
+        fed, hosts, "secureboost.host.setup",
+        common={"max_bins": cfg.params.max_bins, "insecure": cfg.insecure_test_keys, **split},
+    )  # fmt: skip
+    common = {
+        "params": cfg.params.to_dict(),
+        "key_bits": cfg.key_bits,
+        "insecure": cfg.insecure_test_keys,
+        "hosts": hosts,
+        "widths": [int(replies[h]["features"]) for h in hosts],
+        **{f"dh/{h}": replies[h]["dh"] for h in hosts},
+        **split,
+    }
+    dh = _request(fed, [guest], "secureboost.guest.setup", common=common)[guest]["dh"]
+    _request(fed, hosts, "secureboost.host.keys", common={"guest": guest, "dh": dh})
+
+
+def _tree(fed: Federation, depth: int) -> None:
+    guest, hosts = fed.role("guest"), fed.role("host")
+    out = guest.map("secureboost.guest.tree")
+    for level in range(depth):
+        task = "secureboost.host.tree" if level == 0 else "secureboost.host.histograms"
+        sums = out.to(hosts, task=task, min_nodes=len(hosts))
+        chosen = sums.to(guest, task="secureboost.guest.choose")
+        committed = chosen.to(hosts, task="secureboost.host.commit", min_nodes=len(hosts))
+        out = committed.to(guest, task="secureboost.guest.apply", last=level == depth - 1)
+
+
+def evaluate(fed: Federation) -> dict[str, Any]:
+    """The guest's metrics on the held-out rows (hosts send it their directions)."""
+    hosts = fed.role("host")
+    decided = hosts.map("secureboost.host.decide", min_nodes=len(hosts))
+    out = decided.to(fed.role("guest"), task="secureboost.guest.evaluate", send=METRICS)
+    # clear by the guest's policy; a mean over the one guest brings them (the digest's
+    # bytes are small integers, exact in float64)
+    got = out.select(*[f for f in METRICS if f in out.field_names]).mean()
+    metrics: dict[str, Any] = {k: float(v) for k, v in got.items() if k != "digest"}
+    if "digest" in got:
+        metrics["digest"] = bytes(np.asarray(got["digest"]).astype(np.uint8)).hex()
+    return metrics
+
+
+def train_routed(fed: Federation, cfg: SecureBoostConfig) -> SecureBoostResult:
+    """Align the parties' rows (PSI), set up keys and channels, grow the trees, evaluate."""
+    guest, hosts = _parties(fed)
+    size = align(fed, min_overlap=cfg.min_overlap)
+    _setup(fed, cfg, guest, hosts)
+    params = cfg.params
+    total, done, retries = params.n_trees * params.outputs, 0, 0
+    while done < total:
+        try:
+            _tree(fed, params.max_depth)
+        except (ShoalError, OSError) as exc:
+            retries += 1
+            log.warning("tree %d failed (%s); rolling back", done // params.outputs, exc)
+            if retries > cfg.max_retries:
+                raise
+            _, failures = fed.request([guest, *hosts], "secureboost.rollback")
+            if failures:
+                raise NotEnoughNodes(
+                    f"could not roll back after a failed tree: {sorted(failures)} unreachable"
+                ) from exc
+            done -= done % params.outputs  # a multi-class round is grown again whole
+            continue
+        done += 1
+    result = SecureBoostResult(intersection_size=size, trees=params.n_trees, retries=retries)
+    if cfg.test_fraction > 0:
+        result.test = evaluate(fed)
+    result.routed_bytes = fed.routed_bytes
+    return result
