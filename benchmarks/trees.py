@@ -1,9 +1,10 @@
 """Gradient-boosted trees: federated quality and speed beside centralized XGBoost hist.
 
 Quality: test AUC of three models trained in the same run with the same parameters
-(``--trees`` trees of depth ``--depth``, learning rate 0.3, 256 bins): horizontal shoal
-(``--nodes`` nodes, Dirichlet(0.5) label skew, histograms through SecureSum), vertical shoal
-(SecureBoost, the first 10 / 30 columns at the guest, the rest at one host) and XGBoost
+(``--trees`` trees of depth ``--depth``, learning rate 0.3, 256 bins) on the same held-out
+20% of rows (the rows SecureBoost's parties hold out): horizontal shoal (``--nodes`` nodes,
+Dirichlet(0.5) label skew), vertical shoal (SecureBoost as a guest and a host node: PSI,
+sealed routing; the first 10 / 30 columns at the guest, the rest at the host) and XGBoost
 ``hist`` on the pooled data. Data: breast_cancer, and ``make_classification`` with
 ``--rows`` rows and 330 columns (30 informative, at the guest; 300 at the host). Vertical
 runs Paillier only where rows <= ``--paillier-max-rows`` (with ``--quality-key-bits``: the
@@ -12,6 +13,8 @@ vertical model is, by the losslessness the tests check tree by tree, centralized
 the joined columns with the guest's and host's cuts in fixed point, and is labelled so.
 Likewise horizontal quality uses SecureSum up to ``--secure-max-rows`` rows and the plain
 sum above (the trees are bit-identical either way: ``test_horizontal.py`` checks both).
+XGBoost is also trained on the bin codes of each federated mode's cuts: what separates a
+federated model from XGBoost on raw values is then where the cuts fall, not the protocol.
 
 Horizontal speed: seconds per tree on ``--speed-rows`` x 330 generated rows over
 ``--nodes`` simulated nodes, with SecureSum and with a plain sum, against XGBoost hist
@@ -20,12 +23,15 @@ alternate for ``--repeats`` repeats of ``--speed-trees`` trees; medians.
 
 Vertical speed: one SecureBoost tree (depth ``--depth``, ``--vertical-bins`` bins, FATE's
 default 32) at 30 + 300 columns for each of ``--vertical-rows``, with ``--key-bits``
-Paillier (2048 by default). Guest and host run in this process one after another, so
-process CPU seconds are the core-seconds of both parties together. Reported per phase:
-encryption, host accumulation, host packing, decryption, split finding.
+Paillier (2048 by default), through the routed protocol (guest and host nodes, PSI first,
+sealed boxes) simulated in this process, so process CPU seconds are the core-seconds of both
+parties (and the coordinator) together. Reported per phase: encryption, host accumulation,
+host packing, decryption, split finding; PSI separately (once per job, not per tree); and
+a least-squares line of core-seconds per tree against rows, extrapolated to 100,000.
 
     python benchmarks/trees.py --json trees.json
-    python benchmarks/trees.py --rows 100000 --vertical-rows 1000 2000 4000 --json trees.json
+    python benchmarks/trees.py --rows 100000 --secure-max-rows 100000 --skip speed vertical
+    python benchmarks/trees.py --skip quality speed --vertical-rows 10000 20000 50000
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ from typing import Any
 import numpy as np
 from sklearn.datasets import load_breast_cancer, make_classification
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 
 from shoal.core import Federation
 from shoal.crypto import SecureSum
@@ -106,32 +111,53 @@ def xgboost_predict(model: Any, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def vertical_paillier(
-    x: np.ndarray, y: np.ndarray, x_test: np.ndarray, guest_cols: int, params: GBDTParams,
-    key_bits: int,
-) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
-    from shoal.trees.vertical import GuestParty, HostParty, predict_vertical, train_secureboost
+def vertical_routed(
+    x: np.ndarray, y: np.ndarray, guest_cols: int, params: GBDTParams, key_bits: int,
+    test_fraction: float,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """SecureBoost as the guest and one host node (roles, PSI, sealed routing) in this
+    process: its CPU seconds are every party's (and the coordinator's) together."""
+    from shoal.core.federation import Federation as Fed
+    from shoal.runtime.roles import NodeApps
+    from shoal.trees.secureboost import SecureBoostConfig, secureboost_tasks, train_routed
+    from shoal.vertical.party import PartyData
 
-    host = HostParty(x=x[:, guest_cols:], max_bins=params.max_bins, insecure_keys=key_bits < 2048)
-    guest = GuestParty(x=x[:, :guest_cols], y=y, params=params, key_bits=key_bits,
-                       insecure_keys=key_bits < 2048)  # fmt: skip
-    cpu, wall = time.process_time(), time.perf_counter()
-    model = train_secureboost(guest, [host.handle])
-    stats = {
-        "cpu_s": time.process_time() - cpu,
-        "wall_s": time.perf_counter() - wall,
-        "guest": dict(guest.stats.seconds),
-        "host": dict(host.seconds),
+    ids = [f"{i:09d}" for i in range(len(y))]
+    tables = {
+        "guest": PartyData.from_columns(ids, x[:, :guest_cols], y=y),
+        "host": PartyData.from_columns(ids, x[:, guest_cols:]),
     }
-    scores = predict_vertical(model, x_test[:, :guest_cols], [host.handle],
-                              x_hosts=[x_test[:, guest_cols:]])  # fmt: skip
-    return scores, stats
+    apps = {}
+    for name in tables:
+        app = NodeApp(max_kept=8)
+        app.install(secureboost_tasks(name))
+        apps[name] = app
+    engine = LocalEngine(NodeApps(apps), nodes=list(tables), data=list(tables.values()))
+    fed = Fed(engine, roles={"guest": ["guest"], "host": ["host"]})
+    cfg = SecureBoostConfig(params=params, key_bits=key_bits, insecure_test_keys=key_bits < 2048,
+                            test_fraction=test_fraction, seed=0)  # fmt: skip
+    result = train_routed(fed, cfg)
+    guest = engine.node_state("guest")["shoal.trees.secureboost"]["guest"]
+    host = engine.node_state("host")["shoal.trees.secureboost"]["host"]
+    stats = {
+        "cpu_s": result.cpu_s, "wall_s": result.wall_s, "guest": dict(guest.stats.seconds),
+        "host": dict(host.seconds), "routed_bytes": result.routed_bytes,
+    }  # fmt: skip
+    return result, stats
+
+
+def test_rows(n: int) -> np.ndarray:
+    """The held-out rows of every model: the ones SecureBoost's parties hold out."""
+    from shoal.vertical.model import held_out_rows
+
+    return held_out_rows(n, seed=0, test_fraction=0.2)
 
 
 def quality(name: str, x: np.ndarray, y: np.ndarray, guest_cols: int, args: Any) -> dict[str, Any]:
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=y
-    )
+    from shoal.trees.secureboost import digest
+
+    held = test_rows(len(y))
+    x_train, x_test, y_train, y_test = x[~held], x[held], y[~held], y[held]
     params = GBDTParams(n_trees=args.trees, max_depth=args.depth, learning_rate=0.3)
     out: dict[str, Any] = {"data": name, "rows": len(x), "features": x.shape[1]}
     started = time.perf_counter()
@@ -156,17 +182,23 @@ def quality(name: str, x: np.ndarray, y: np.ndarray, guest_cols: int, args: Any)
     fixed = GBDTParams(**{**params.to_dict(), "fixed_point_bits": 24})
     joined = Bins(cuts=guest_bins.cuts + host_bins.cuts)
     reference = train(x_train, y_train, fixed, bins=joined)
-    out["vertical_reference_auc"] = float(roc_auc_score(y_test, reference.predict(x_test)))
+    reference_scores = reference.predict(x_test)
+    out["vertical_reference_auc"] = float(roc_auc_score(y_test, reference_scores))
+    # the vertical parties' cuts (exact quantiles of each column) given to XGBoost
+    on_vertical = xgboost_model(codes(joined, x_train), y_train, params, args.xgb_threads)
+    out["xgboost_on_vertical_cuts_auc"] = float(
+        roc_auc_score(y_test, xgboost_predict(on_vertical, codes(joined, x_test)))
+    )
     if len(x) <= args.paillier_max_rows:
-        scores, stats = vertical_paillier(
-            x_train, y_train, x_test, guest_cols, params, args.quality_key_bits
-        )
-        out["vertical_auc"] = float(roc_auc_score(y_test, scores))
+        result, stats = vertical_routed(x, y, guest_cols, params, args.quality_key_bits, 0.2)
+        out["vertical_auc"] = result.test["auc"]
         out["vertical_paillier"] = {"key_bits": args.quality_key_bits, **stats}
-        out["vertical_equals_reference"] = bool(np.array_equal(scores, reference.predict(x_test)))
+        out["vertical_equals_reference"] = (
+            result.test["digest"] == bytes(digest(reference_scores)).hex()
+        )
     else:
         out["vertical_auc"] = out["vertical_reference_auc"]
-        out["vertical_paillier"] = None  # by losslessness (tests/trees/test_vertical.py)
+        out["vertical_paillier"] = None  # by losslessness (tests/trees/test_secureboost.py)
     for kind in ("horizontal", "vertical"):
         out[f"{kind}_gap"] = abs(out[f"{kind}_auc"] - out["xgboost_auc"])
     return out
@@ -202,32 +234,24 @@ def vertical_speed(args: Any) -> list[dict[str, Any]]:
     for rows in args.vertical_rows:
         x, y = generated(rows, seed=2)
         params = GBDTParams(n_trees=1, max_depth=args.depth, max_bins=args.vertical_bins)
-        _, stats = vertical_paillier(x, y, x[:10], 30, params, args.key_bits)
+        _, stats = vertical_routed(x, y, 30, params, args.key_bits, 0.0)
         out.append({"rows": rows, "features": "30+300", "key_bits": args.key_bits,
                     "bins": args.vertical_bins, **stats})  # fmt: skip
-        print(f"  vertical {rows} rows: {stats['cpu_s']:.1f} core-s", flush=True)
+        print(f"  vertical {rows} rows: {stats['cpu_s']['trees']:.1f} core-s per tree "
+              f"(PSI {stats['cpu_s']['align']:.1f})", flush=True)  # fmt: skip
     if len(out) >= 2:
-        # encryption and accumulation grow with the rows; packing, decryption and split
-        # finding level off (a node has at most features x bins candidates): extrapolate
-        # the first linearly from the last two sizes, keep the second at the largest size
-        last, before = out[-1], out[-2]
-
-        def linear(r: dict[str, Any]) -> float:
-            return float(r["guest"]["encrypt"] + r["host"]["accumulate"])
-
-        per_row = (linear(last) - linear(before)) / (last["rows"] - before["rows"])
-        flat = last["cpu_s"] - linear(last)
-        modelled = flat + linear(last) + per_row * (100_000 - last["rows"])
-        straight = last["cpu_s"] + (last["cpu_s"] - before["cpu_s"]) / (
-            last["rows"] - before["rows"]
-        ) * (100_000 - last["rows"])
+        # least squares line of core-seconds per tree against rows, and how far each
+        # measured point is from it: linear growth shows as small residuals
+        r = np.array([v["rows"] for v in out], dtype=np.float64)
+        c = np.array([v["cpu_s"]["trees"] for v in out])
+        slope, intercept = np.polyfit(r, c, 1)
+        at_100k = slope * 100_000 + intercept
         fate = FATE_SECONDS_PER_TREE * FATE_CORES_PER_PARTY * 2
-        out.append({"fit": {"linear_core_s_per_row": per_row, "level_core_s": flat,
-                            "extrapolated_core_s_at_100k": modelled,
-                            "straight_line_core_s_at_100k": straight,
+        out.append({"fit": {"core_s_per_row": float(slope), "intercept_core_s": float(intercept),
+                            "residuals_core_s": (c - (slope * r + intercept)).tolist(),
+                            "extrapolated_core_s_at_100k": float(at_100k),
                             "fate_core_s_per_tree_both_parties": fate,
-                            "fraction_of_fate": modelled / fate,
-                            "fraction_of_fate_straight_line": straight / fate}})  # fmt: skip
+                            "fraction_of_fate": float(at_100k / fate)}})  # fmt: skip
     return out
 
 
@@ -285,17 +309,18 @@ def print_tables(result: dict[str, Any]) -> None:
     for v in result.get("vertical_speed", []):
         if "fit" in v:
             f = v["fit"]
-            fate = f["fate_core_s_per_tree_both_parties"]
-            print(f"vertical, extrapolated to 100k rows: ~{f['extrapolated_core_s_at_100k']:.0f} "
-                  f"core-s/tree ({f['straight_line_core_s_at_100k']:.0f} by a straight line) = "
-                  f"{f['fraction_of_fate']:.2f} ({f['fraction_of_fate_straight_line']:.2f}) of "
-                  f"FATE's {fate:.0f}")  # fmt: skip
+            print(f"vertical, line through the points: {f['core_s_per_row'] * 1000:.2f} core-ms "
+                  f"per row + {f['intercept_core_s']:.0f} core-s (residuals "
+                  f"{', '.join(f'{x:+.0f}' for x in f['residuals_core_s'])}); at 100k rows "
+                  f"~{f['extrapolated_core_s_at_100k']:.0f} core-s/tree = "
+                  f"{f['fraction_of_fate']:.2f} of FATE's "
+                  f"{f['fate_core_s_per_tree_both_parties']:.0f}")  # fmt: skip
             continue
-        g, hs = v["guest"], v["host"]
-        print(f"vertical {v['rows']} rows, {v['key_bits']}-bit: {v['wall_s']:.1f} s, "
-              f"{v['cpu_s']:.1f} core-s; encrypt {g['encrypt']:.1f}, host accumulate "
-              f"{hs['accumulate']:.1f}, host pack {hs['pack']:.1f}, decrypt {g['decrypt']:.1f}, "
-              f"split {g['split']:.1f}")  # fmt: skip
+        g, hs, cpu = v["guest"], v["host"], v["cpu_s"]
+        print(f"vertical {v['rows']} rows, {v['key_bits']}-bit: {v['wall_s']['trees']:.1f} s, "
+              f"{cpu['trees']:.1f} core-s per tree (PSI {cpu['align']:.1f}); encrypt "
+              f"{g['encrypt']:.1f}, host accumulate {hs['accumulate']:.1f}, host pack "
+              f"{hs['pack']:.1f}, decrypt {g['decrypt']:.1f}, split {g['split']:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":
