@@ -32,6 +32,15 @@ def _app(*, secure: bool = True) -> NodeApp:
     return app
 
 
+@dataclass(frozen=True)
+class Named:
+    """A node's rows with column names (as a CSV with a header gives them)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    feature_names: tuple[str, ...]
+
+
 def _split(x: np.ndarray, y: np.ndarray, nodes: int, seed: int = 1) -> list[Rows]:
     parts = np.array_split(np.random.default_rng(seed).permutation(len(x)), nodes)
     return [Rows(x[p], y[p]) for p in parts]
@@ -162,6 +171,14 @@ def test_bad_node_data_is_a_clear_error() -> None:
     narrow = [*nodes[:3], Rows(nodes[3].x[:, :10], nodes[3].y)]
     with pytest.raises(DataError, match="same columns"):
         train_horizontal(Federation(LocalEngine(_app(), data=narrow)), GBDTParams(n_trees=1))
+    # one node one-hot encodes a categorical column in another order: same width, other names
+    names = tuple(f"f{j}" for j in range(30))
+    swapped = (*names[:28], names[29], names[28])
+    encoded = [Named(n.x, n.y, swapped if i == 3 else names) for i, n in enumerate(nodes)]
+    with pytest.raises(DataError, match="different names or order"):
+        train_horizontal(Federation(LocalEngine(_app(), data=encoded)), GBDTParams(n_trees=1))
+    same = [Named(n.x, n.y, names) for n in nodes]
+    train_horizontal(Federation(LocalEngine(_app(), data=same)), GBDTParams(n_trees=1, max_depth=1))
     constant = [Rows(np.c_[n.x, np.ones(len(n.x))], n.y) for n in nodes]
     with pytest.raises(DataError, match="feature 30 is constant"):
         train_horizontal(Federation(LocalEngine(_app(), data=constant)), GBDTParams(n_trees=1))

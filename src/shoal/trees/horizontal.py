@@ -9,6 +9,7 @@ same cuts the trees are exactly those of :func:`shoal.trees.train` on the pooled
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,7 +61,14 @@ def _range(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     x, _ = _rows(ctx)
     with np.errstate(all="ignore"):
         low, high = np.nanmin(x, axis=0), np.nanmax(x, axis=0)
-    return {"low": low, "high": high, "features": int(x.shape[1])}
+    out = {"low": low, "high": high, "features": int(x.shape[1])}
+    names = getattr(ctx.data, "feature_names", None)
+    if names:
+        # a digest of the column names: nodes that one-hot encode a categorical column with
+        # other categories, or in another order, disagree here (values alone cannot tell)
+        raw = "\x00".join(str(n) for n in names).encode()
+        out["columns"] = np.frombuffer(hashlib.sha256(raw).digest(), dtype=np.uint8)
+    return out
 
 
 def _sketch(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -176,7 +184,8 @@ def horizontal_tasks(*, secure: bool = True) -> dict[str, TaskSpec]:
     summed = "secure" if secure else "clear"
     return {
         RANGE_TASK: TaskSpec(
-            _range, release={"low": "clear", "high": "clear", "features": "clear"}
+            _range,
+            release={"low": "clear", "high": "clear", "features": "clear", "columns": "clear"},
         ),
         SKETCH_TASK: TaskSpec(_sketch, release={"counts": summed}),
         SETUP_TASK: TaskSpec(_setup, release={"ok": "clear"}),
@@ -306,6 +315,18 @@ def federated_bins(
         raise DataError(
             f"node(s) {odd} hold {[widths[n] for n in odd]} features, the others {common}: "
             "every node must hold the same columns in the same order"
+        )
+    named = {n: bytes(np.asarray(r["columns"], np.uint8)) for n, r in replies.items()
+             if "columns" in r}  # fmt: skip
+    if len(set(named.values())) > 1:
+        groups: dict[bytes, list[str]] = {}
+        for n, digest in named.items():
+            groups.setdefault(digest, []).append(n)
+        raise DataError(
+            "the nodes' columns have different names or order (groups of nodes that agree: "
+            f"{sorted(sorted(g) for g in groups.values())}): every node must encode its columns "
+            "the same way; a categorical column one-hot encoded with other categories or in "
+            "another order at some node would silently mix features"
         )
     low = np.nanmin(np.stack([np.asarray(r["low"], np.float64) for r in replies.values()]), 0)
     high = np.nanmax(np.stack([np.asarray(r["high"], np.float64) for r in replies.values()]), 0)
