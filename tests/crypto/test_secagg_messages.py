@@ -132,3 +132,42 @@ def test_row_counts_and_lists_are_checked() -> None:
     masked = MaskedInputReply(round_id="r", node_id="n", masked=np.zeros(3, np.uint32)).to_dict()
     with pytest.raises(ProtocolError, match="unsigned"):
         MaskedInputReply.from_dict({**masked, "masked": np.zeros(3, np.float32)})
+
+
+def test_signatures_travel_from_advertise_to_the_peers() -> None:
+    from shoal.crypto.secagg import SecAggNode, SecAggParams, SecAggServer
+
+    names = ["a", "b", "c"]
+    server = SecAggServer(params=SecAggParams.create(names, vector_length=2, max_dropouts=0))
+    request = server.advertise_request()
+    replies = {}
+    for i, n in enumerate(names):
+        reply = SecAggNode(node_id=n).advertise(request)
+        signed = AdvertiseReply(
+            round_id=reply.round_id,
+            node_id=n,
+            c_public=reply.c_public,
+            s_public=reply.s_public,
+            signature=bytes([i + 1]) * 64 if n != "c" else b"",
+        )
+        replies[n] = AdvertiseReply.from_dict(signed.to_dict())
+        assert replies[n].signature == signed.signature
+    shares = server.collect_keys(replies)
+    got = ShareKeysRequest.from_dict(shares["c"].to_dict())
+    assert got.peers == ("a", "b") and got.signatures == (b"\x01" * 64, b"\x02" * 64)
+    # an unsigned peer is relayed as zero bytes, which no identity key verifies
+    assert shares["a"].signatures[list(shares["a"].peers).index("c")] == bytes(64)
+    bad = {**replies["a"].to_dict(), "signature": np.zeros(12, np.uint8)}
+    with pytest.raises(ProtocolError, match="signature"):
+        AdvertiseReply.from_dict(bad)
+
+
+def test_unsigned_rounds_carry_no_signatures() -> None:
+    from shoal.crypto.secagg import SecAggNode, SecAggParams, SecAggServer
+
+    names = ["a", "b", "c"]
+    server = SecAggServer(params=SecAggParams.create(names, vector_length=2, max_dropouts=0))
+    request = server.advertise_request()
+    replies = {n: SecAggNode(node_id=n).advertise(request) for n in names}
+    shares = server.collect_keys(replies)
+    assert all(r.signatures == () and "signatures" not in r.to_dict() for r in shares.values())

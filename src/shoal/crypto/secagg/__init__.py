@@ -17,9 +17,11 @@ Threat model
     * Nodes: up to ``threshold - 1`` of a node's neighbours may collude with the server
       without learning its input. Nodes are trusted to send well-formed values: SecAgg
       hides inputs, it does not bound them (clip and quantize before, see ``Quantizer``).
-    * Not covered: an actively malicious server that also forges messages between nodes
-      (no signatures or consistency round, unlike Bonawitz's actively secure variant);
-      transport authentication is the runtime's job (TLS, node certificates).
+    * Not covered: an actively malicious server that also forges messages between nodes,
+      unless nodes have identity keys: with a ``KeyAuthority`` each node signs the keys it
+      advertises and checks its peers' signatures (the datasite's federated requests do);
+      there is no consistency round. Transport authentication is the runtime's job (TLS,
+      node certificates).
 
 Parameters and trade-offs
     * ``degree`` k: neighbours per node. Node cost is k + 1 mask expansions of the vector
@@ -61,8 +63,10 @@ from shoal.crypto.secagg.tasks import (
     MASKED_INPUT_TASK,
     SHARE_TASK,
     UNMASK_TASK,
+    KeyAuthority,
     quantizer_for,
     secagg_tasks,
+    signed_keys,
 )
 
 __all__ = [
@@ -73,6 +77,7 @@ __all__ = [
     "UNMASK_TASK",
     "AdvertiseReply",
     "AdvertiseRequest",
+    "KeyAuthority",
     "MaskedInputReply",
     "MaskedInputRequest",
     "NodePhase",
@@ -91,4 +96,5 @@ __all__ = [
     "run_secagg_in_memory",
     "secagg_tasks",
     "secure_sum_tasks",
+    "signed_keys",
 ]

@@ -33,6 +33,7 @@ from shoal.crypto.secagg.tasks import (
     MASKED_INPUT_TASK,
     SHARE_TASK,
     UNMASK_TASK,
+    KeyAuthority,
     quantizer_for,
     secagg_tasks,
 )
@@ -120,9 +121,10 @@ NODE_TRANSFORMS = {
 TOTAL_NOISE = "noise_total_std"
 
 
-def secure_sum_tasks() -> dict[str, Any]:
-    """The node-side tasks a NodeApp installs to take part in secure sums."""
-    return secagg_tasks(get_input=_held_vector)
+def secure_sum_tasks(*, authority: KeyAuthority | None = None) -> dict[str, Any]:
+    """The node-side tasks a NodeApp installs to take part in secure sums (with
+    ``authority``, SecAgg+ keys signed and checked with identity keys)."""
+    return secagg_tasks(get_input=_held_vector, authority=authority)
 
 
 @dataclass(frozen=True)

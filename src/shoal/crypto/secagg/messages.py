@@ -31,6 +31,9 @@ __all__ = [
 
 TYPE_KEY = "secagg"
 COMMITMENT_BYTES = 32
+SIGNATURE_BYTES = 64  # Ed25519
+SIGNATURE_KEY = "signature"
+SIGNATURES_KEY = "signatures"
 
 
 # -- field readers: every one raises ProtocolError with the field's name ------------------------
@@ -132,22 +135,31 @@ class AdvertiseRequest:
 
 @dataclass(frozen=True)
 class AdvertiseReply:
-    """Node -> server: the node's two public keys (c: share encryption, s: masking)."""
+    """Node -> server: the node's two public keys (c: share encryption, s: masking).
+
+    ``signature`` (optional, 64 bytes): the node's identity signature over its keys, which
+    the server relays to its neighbours so that a server cannot stand in for a node (nodes
+    with identity keys sign; see :class:`shoal.crypto.secagg.KeyAuthority`).
+    """
 
     round_id: str
     node_id: str
     c_public: bytes
     s_public: bytes
+    signature: bytes = b""
     TYPE: ClassVar[str] = "advertise_reply"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             TYPE_KEY: self.TYPE,
             "round_id": self.round_id,
             "node_id": self.node_id,
             "c_public": _as_bytes(self.c_public),
             "s_public": _as_bytes(self.s_public),
         }
+        if self.signature:
+            out[SIGNATURE_KEY] = _as_bytes(self.signature)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdvertiseReply:
@@ -157,27 +169,40 @@ class AdvertiseReply:
             node_id=_str(data, "node_id"),
             c_public=_bytes(data, "c_public", KEY_BYTES),
             s_public=_bytes(data, "s_public", KEY_BYTES),
+            signature=(
+                _bytes(data, SIGNATURE_KEY, SIGNATURE_BYTES) if SIGNATURE_KEY in data else b""
+            ),
         )
 
 
 @dataclass(frozen=True)
 class ShareKeysRequest:
-    """Server -> node: the public keys of the node's neighbours that advertised."""
+    """Server -> node: the public keys of the node's neighbours that advertised.
+
+    ``signatures``: each peer's identity signature over its keys, relayed as the peers sent
+    them (empty when no peer signed; with some signed, unsigned peers get 64 zero bytes).
+    """
 
     round_id: str
     peers: tuple[str, ...]
     c_publics: tuple[bytes, ...]
     s_publics: tuple[bytes, ...]
+    signatures: tuple[bytes, ...] = ()
     TYPE: ClassVar[str] = "share_keys_request"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             TYPE_KEY: self.TYPE,
             "round_id": self.round_id,
             "peers": list(self.peers),
             "c_public": _as_rows(self.c_publics).reshape(len(self.peers), KEY_BYTES),
             "s_public": _as_rows(self.s_publics).reshape(len(self.peers), KEY_BYTES),
         }
+        if self.signatures:
+            out[SIGNATURES_KEY] = _as_rows(self.signatures).reshape(
+                len(self.peers), SIGNATURE_BYTES
+            )
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ShareKeysRequest:
@@ -187,7 +212,18 @@ class ShareKeysRequest:
         s = _rows(data, "s_public", len(peers))
         if any(len(k) != KEY_BYTES for k in c + s):
             raise ProtocolError(f"public keys are {KEY_BYTES} bytes")
-        return cls(round_id=_str(data, "round_id"), peers=peers, c_publics=c, s_publics=s)
+        signatures: tuple[bytes, ...] = ()
+        if SIGNATURES_KEY in data:
+            signatures = _rows(data, SIGNATURES_KEY, len(peers))
+            if any(len(g) != SIGNATURE_BYTES for g in signatures):
+                raise ProtocolError(f"identity signatures are {SIGNATURE_BYTES} bytes")
+        return cls(
+            round_id=_str(data, "round_id"),
+            peers=peers,
+            c_publics=c,
+            s_publics=s,
+            signatures=signatures,
+        )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from shoal.crypto import shamir
 from shoal.crypto.keys import KEY_BYTES, public_from_private
 from shoal.crypto.prg import SEED_BYTES, add_masks
 from shoal.crypto.secagg.messages import (
+    SIGNATURE_BYTES,
     AdvertiseReply,
     AdvertiseRequest,
     MaskedInputReply,
@@ -81,8 +82,11 @@ class SecAggServer:
         self._check_phase(ServerPhase.ADVERTISE, "collect_keys")
         params = self.params
         valid: dict[str, tuple[bytes, bytes]] = {}
+        signatures: dict[str, bytes] = {}
         for node, reply in self._expected(replies, params.nodes, AdvertiseReply):
             valid[node] = (reply.c_public, reply.s_public)
+            if reply.signature:
+                signatures[node] = reply.signature
         # A key seen twice means a replayed or copied key: trust neither holder.
         seen: dict[bytes, list[str]] = {}
         for node, (c, s) in valid.items():
@@ -103,6 +107,13 @@ class SecAggServer:
                 peers=peers,
                 c_publics=tuple(self._keys[u][0] for u in peers),
                 s_publics=tuple(self._keys[u][1] for u in peers),
+                # Relayed, never checked here: the peers check them against identity keys
+                # they hold (the server is the party they guard against).
+                signatures=(
+                    tuple(signatures.get(u, bytes(SIGNATURE_BYTES)) for u in peers)
+                    if signatures
+                    else ()
+                ),
             )
         self.phase = ServerPhase.SHARE_KEYS
         return requests

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,9 +32,11 @@ __all__ = [
     "STATE_KEY",
     "UNMASK_TASK",
     "InputGetter",
+    "KeyAuthority",
     "kept_input",
     "quantizer_for",
     "secagg_tasks",
+    "signed_keys",
 ]
 
 ADVERTISE_TASK = "shoal.secagg.advertise"
@@ -47,6 +50,26 @@ MAX_SESSIONS = 4  # a node forgets the oldest rounds: their secrets must not pil
 class _Context(Protocol):
     node_id: str
     state: dict[str, Any]
+
+
+class KeyAuthority(Protocol):
+    """Identity keys for SecAgg+ keys: a node signs the keys it advertises and checks its
+    peers' signatures before sharing secrets with them, so a server cannot stand in for a
+    node by advertising keys of its own (Bonawitz et al.'s signed variant; the server only
+    relays the signatures). ``ctx`` is the task's context (whose peers are trusted may
+    depend on the node's state)."""
+
+    def sign(self, ctx: Any, message: bytes) -> bytes: ...
+
+    def verify(self, ctx: Any, peer: str, message: bytes, signature: bytes) -> bool: ...
+
+
+def signed_keys(round_id: str, node: str, c_public: bytes, s_public: bytes) -> bytes:
+    """The bytes a node signs: which round, which node, which two public keys."""
+    import json
+
+    text = {"round": round_id, "node": node, "c": c_public.hex(), "s": s_public.hex()}
+    return json.dumps(text, sort_keys=True, separators=(",", ":")).encode()
 
 
 # (ctx, payload, group) -> the node's input; ``group`` is the number of participants in
@@ -87,8 +110,14 @@ def _session(ctx: _Context, round_id: str) -> SecAggNode:
     return node
 
 
-def secagg_tasks(get_input: InputGetter = kept_input) -> dict[str, Any]:
-    """The four node-side tasks, by name, each with its release policy (TaskSpec)."""
+def secagg_tasks(
+    get_input: InputGetter = kept_input, *, authority: KeyAuthority | None = None
+) -> dict[str, Any]:
+    """The four node-side tasks, by name, each with its release policy (TaskSpec).
+
+    With ``authority`` the node signs its advertised keys and shares secrets only with
+    peers whose keys carry a signature the authority accepts.
+    """
     from shoal.runtime.app import TaskSpec  # the runtime is a lower layer; import on use
 
     def advertise(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
@@ -102,10 +131,24 @@ def secagg_tasks(get_input: InputGetter = kept_input) -> dict[str, Any]:
         sessions[round_id] = node
         while len(sessions) > MAX_SESSIONS:
             sessions.popitem(last=False)
+        if authority is not None:
+            message = signed_keys(reply.round_id, reply.node_id, reply.c_public, reply.s_public)
+            reply = replace(reply, signature=authority.sign(ctx, message))
         return reply.to_dict()
 
     def share(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
         request = ShareKeysRequest.from_dict(payload)
+        if authority is not None:
+            signatures = request.signatures or (b"",) * len(request.peers)
+            for i, peer in enumerate(request.peers):
+                message = signed_keys(
+                    request.round_id, peer, request.c_publics[i], request.s_publics[i]
+                )
+                if not authority.verify(ctx, peer, message, signatures[i]):
+                    raise ProtocolError(
+                        f"the keys given for peer {peer!r} are not signed by its identity "
+                        "key: refusing to share secrets with it"
+                    )
         return _session(ctx, request.round_id).share_keys(request).to_dict()
 
     def masked_input(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
