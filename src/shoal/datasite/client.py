@@ -25,7 +25,7 @@ from shoal.errors import (
     TransportError,
 )
 
-__all__ = ["Datasite", "DatasiteError", "RemoteRequest", "connect"]
+__all__ = ["Datasite", "DatasiteError", "DatasiteTimeout", "RemoteRequest", "connect"]
 
 FINAL = ("denied", "failed", "timeout", "out-of-memory", "released", "withheld")
 
@@ -33,9 +33,16 @@ FINAL = ("denied", "failed", "timeout", "out-of-memory", "released", "withheld")
 class DatasiteError(ShoalError, RuntimeError):
     """The datasite refused a call; the message is its own."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, failure: str | None = None) -> None:
         super().__init__(f"{message} (HTTP {status})")
         self.status = status
+        self.message = message
+        # A node task's outcome as the site's node named it (rejected, declined, error).
+        self.failure = failure
+
+
+class DatasiteTimeout(TransportError, TimeoutError):
+    """The datasite did not answer in time."""
 
 
 def connect(
@@ -73,32 +80,54 @@ class Datasite:
         payload = self._send(method, path, data, "application/json")
         return payload if raw else json.loads(payload)
 
-    def call_bytes(self, method: str, path: str, data: bytes) -> bytes:
+    def call_bytes(
+        self, method: str, path: str, data: bytes, *, timeout: float | None = None
+    ) -> bytes:
         """One API call with a wire-encoded body and answer."""
-        return self._send(method, path, data, "application/x-shoal-wire")
+        return self._send(method, path, data, "application/x-shoal-wire", timeout=timeout)
 
-    def _send(self, method: str, path: str, data: bytes | None, content_type: str) -> bytes:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        content_type: str,
+        *,
+        timeout: float | None = None,
+    ) -> bytes:
         request = urllib.request.Request(
             self.url + path,
             data=data,
             method=method,
             headers={"Authorization": f"Bearer {self._token}", "Content-Type": content_type},
         )
+        seconds = self.timeout if timeout is None else timeout
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as resp:
+            with urllib.request.urlopen(request, timeout=seconds, context=self._ssl) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as exc:
             text = exc.read().decode("utf-8", "replace")
+            failure = None
             try:
-                message = json.loads(text).get("error", text)
+                body = json.loads(text)
+                message = body.get("error", text)
+                failure = body.get("failure")
             except (ValueError, AttributeError):
                 message = text
             if exc.code == 401:
                 raise AuthenticationError(f"{message} (HTTP 401)") from None
-            if exc.code == 403 and "released" in str(message):
+            if failure is None and exc.code == 403 and "released" in str(message):
                 raise ReleaseRefused(str(message)) from None
-            raise DatasiteError(exc.code, str(message)) from None
+            raise DatasiteError(
+                exc.code, str(message), failure=failure if isinstance(failure, str) else None
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
+            if isinstance(exc, TimeoutError) or isinstance(
+                getattr(exc, "reason", None), TimeoutError
+            ):
+                raise DatasiteTimeout(
+                    f"the datasite at {self.url} did not answer within {seconds:g} s"
+                ) from None
             raise TransportError(f"cannot reach the datasite at {self.url}: {exc}") from None
         return bytes(payload)
 

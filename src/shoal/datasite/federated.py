@@ -2,12 +2,13 @@
 
 The scientist submits one request (same code hash) to each datasite with the policy
 ``secure-sum``, naming every participating site and its Ed25519 identity key; each owner
-approves on their own; each site runs the code in its sandbox and holds the array. The
-scientist's client then plays the SecAgg+ server (``shoal.crypto.secagg``) over HTTPS: each
-site clips its array to the agreed L2 norm, optionally adds its share of Gaussian noise
-(charged to its ledger first), quantizes and masks it, and answers exactly one round. The
-scientist learns the sum and nothing else. Sites sign their SecAgg keys with their identity
-key and check their peers' signatures, so a scientist cannot stand in for another site.
+approves on their own; each site runs the code in its sandbox. The sites then act as shoal
+nodes (:mod:`shoal.datasite.node`): the scientist's client is a shoal coordinator whose
+engine, :class:`SiteEngine`, sends each task over the site's HTTPS API. A ``Federation``
+maps the site's hold task (the result is kept at the site under release policy ``secure``)
+and aggregates with ``Clip | DistributedNoise | SecureSum``: the scientist learns the sum
+of the sites that took part, and nothing else. Sites sign their SecAgg+ keys with their
+identity key and check their peers' signatures, so a scientist cannot stand in for a site.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,22 +25,27 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shoal.errors import ConfigError, ProtocolError
-from shoal.runtime.audit import canonical
+from shoal.errors import ConfigError, ReleaseRefused, TransportError
+from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
 
 if TYPE_CHECKING:
     from shoal.datasite.client import Datasite, RemoteRequest
 
 __all__ = [
+    "HOLD_TASK",
     "FederatedRequest",
+    "SiteEngine",
     "SiteIdentity",
     "check_federation",
     "submit_federated",
 ]
 
 IDENTITY_FILE = "identity.key"
-SIGNATURE = "identity_signature"
-PEER_SIGNATURES = "peer_signatures"
+# The site's task that keeps an approved request's result at the site (policy: secure).
+HOLD_TASK = "datasite.hold"
+# How a site's node endpoint names a failure (a JSON field of its error answer).
+FAILURE_FIELD = "failure"
+_KINDS = {k.value: k for k in (FailureKind.REJECTED, FailureKind.DECLINED, FailureKind.ERROR)}
 
 
 class SiteIdentity:
@@ -72,13 +79,6 @@ class SiteIdentity:
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
-
-
-def advertised(round_id: str, node: str, c_public: bytes, s_public: bytes) -> bytes:
-    """The bytes a site signs: which round, which site, which two public keys."""
-    return canonical(
-        {"round": round_id, "node": node, "c": c_public.hex(), "s": s_public.hex()}
-    ).encode()
 
 
 def verify(public_hex: str, signature: bytes, message: bytes) -> bool:
@@ -124,7 +124,17 @@ def check_federation(value: Any, *, me: str, my_key: str) -> dict[str, Any]:
             raise ConfigError(
                 f"federation.{label} must be finite and {'> 0' if low == 0 else '>= 0'}"
             )
-    extra = set(value) - {"sites", "shape", "clip", "noise_multiplier"}
+    min_sites = value.get("min_sites", len(sites))
+    if (
+        isinstance(min_sites, bool)
+        or not isinstance(min_sites, int)
+        or not 3 <= min_sites <= len(sites)
+    ):
+        raise ConfigError(
+            f"federation.min_sites is the fewest sites a sum may combine: an int from 3 to "
+            f"{len(sites)}, got {min_sites!r}"
+        )
+    extra = set(value) - {"sites", "shape", "clip", "noise_multiplier", "min_sites"}
     if extra:
         raise ConfigError(f"unknown federation fields {sorted(extra)}")
     return {
@@ -132,133 +142,126 @@ def check_federation(value: Any, *, me: str, my_key: str) -> dict[str, Any]:
         "shape": list(shape),
         "clip": float(clip),  # type: ignore[arg-type]
         "noise_multiplier": float(noise),
+        "min_sites": min_sites,
     }
 
 
-def noise_share_std(federation: Mapping[str, Any]) -> float:
-    """Each site's Gaussian std so that the sum over all sites has std z * clip."""
-    from shoal.privacy import distributed_noise_std
+def total_noise_std(federation: Mapping[str, Any]) -> float:
+    """The Gaussian std a secure sum's shares must add up to, over the group a site sees.
 
-    total = float(federation["noise_multiplier"]) * float(federation["clip"])
-    return distributed_noise_std(total_std=total, nodes=len(federation["sites"]))
-
-
-def quantizer(federation: Mapping[str, Any], bits: int) -> Any:
-    """The grid every site and the scientist share: room for the clipped array and its noise."""
-    from shoal.crypto.secagg import quantizer_for
-
-    span = float(federation["clip"]) + 8.0 * noise_share_std(federation)
-    return quantizer_for(span, nodes=len(federation["sites"]), bits=bits)
+    The ledger is charged for noise multiplier z (std z * clip on the sum). Every site adds
+    its share for the group it validated; so that the sum still carries z * clip when only
+    ``min_sites`` of the ``N`` sites survive, the shares are sized for a total of
+    z * clip * sqrt(N / min_sites) (exactly z * clip when every site must take part).
+    """
+    z, clip = float(federation["noise_multiplier"]), float(federation["clip"])
+    scale = math.sqrt(len(federation["sites"]) / int(federation["min_sites"]))
+    return z * clip * scale
 
 
-class SecAggSessions:
-    """The site's side: one SecAgg+ session per request, one round ever."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._nodes: dict[int, Any] = {}
-
-    def advertise(
-        self,
-        rid: int,
-        identity: SiteIdentity,
-        federation: Mapping[str, Any],
-        payload: dict[str, Any],
-    ) -> dict[str, Any]:
-        from shoal.crypto.secagg import AdvertiseRequest, SecAggNode
-
-        request = AdvertiseRequest.from_dict(payload)
-        params = request.params
-        if sorted(params.nodes) != sorted(federation["sites"]):
-            raise ProtocolError(
-                f"the round's participants {sorted(params.nodes)} are not the approved "
-                f"federation {sorted(federation['sites'])}"
-            )
-        if params.max_dropouts != 0 or params.vector_length != math.prod(federation["shape"]):
-            raise ProtocolError(
-                "a federated request's round has every approved site (max_dropouts 0) and the "
-                "agreed vector length"
-            )
-        with self._lock:
-            if rid in self._nodes:
-                raise ProtocolError(
-                    f"request {rid} has joined a secure sum already; a site takes part in one"
-                )
-            node = SecAggNode(node_id=identity.name)
-            self._nodes[rid] = node
-        reply = node.advertise(request)
-        out = reply.to_dict()
-        signature = identity.sign(
-            advertised(reply.round_id, reply.node_id, reply.c_public, reply.s_public)
-        )
-        out[SIGNATURE] = np.frombuffer(signature, dtype=np.uint8).copy()
-        return out
-
-    def node(self, rid: int) -> Any:
-        with self._lock:
-            node = self._nodes.get(rid)
-        if node is None:
-            raise ProtocolError(f"request {rid} has no SecAgg session: advertise first")
-        return node
-
-    def share_keys(
-        self, rid: int, federation: Mapping[str, Any], payload: dict[str, Any]
-    ) -> dict[str, Any]:
-        from shoal.crypto.secagg import ShareKeysRequest
-
-        request = ShareKeysRequest.from_dict(payload)
-        signatures = np.asarray(payload.get(PEER_SIGNATURES, np.zeros((0, 64), np.uint8)))
-        if signatures.shape != (len(request.peers), 64) or signatures.dtype != np.uint8:
-            raise ProtocolError("share_keys needs one 64-byte identity signature per peer")
-        for i, peer in enumerate(request.peers):
-            key = federation["sites"].get(peer)
-            message = advertised(request.round_id, peer, request.c_publics[i], request.s_publics[i])
-            if key is None or not verify(key, signatures[i].tobytes(), message):
-                raise ProtocolError(
-                    f"the keys given for peer {peer!r} are not signed by its identity key: "
-                    "refusing to share secrets with it"
-                )
-        return dict(self.node(rid).share_keys(request).to_dict())
-
-    def masked_input(self, rid: int, payload: dict[str, Any], vector: np.ndarray) -> dict[str, Any]:
-        from shoal.crypto.secagg import MaskedInputRequest
-
-        request = MaskedInputRequest.from_dict(payload)
-        return dict(self.node(rid).masked_input(request, vector).to_dict())
-
-    def unmask(self, rid: int, payload: dict[str, Any]) -> dict[str, Any]:
-        from shoal.crypto.secagg import UnmaskRequest
-
-        return dict(self.node(rid).unmask(UnmaskRequest.from_dict(payload)).to_dict())
+# -- the scientist's side: a coordinator whose nodes are datasites --------------------------
 
 
-def prepare_input(
-    result: np.ndarray, federation: Mapping[str, Any], *, bits: int, rng: Any = None
-) -> np.ndarray:
-    """Clip the site's array to the agreed L2 norm, add its noise share, quantize it."""
-    from shoal.privacy import make_rng
+class SiteEngine:
+    """An :class:`~shoal.runtime.Engine` whose nodes are datasites.
 
-    x = np.asarray(result, dtype=np.float64).ravel()
-    norm = float(np.linalg.norm(x))
-    clip = float(federation["clip"])
-    if norm > clip:
-        x = x * (clip / norm)
-    std = noise_share_std(federation)
-    generator = make_rng(rng)
-    if std > 0:
-        x = x + generator.normal(0.0, std, size=x.shape)
-    return np.asarray(quantizer(federation, bits).quantize(x, rng=generator))
+    Each task is one HTTPS call to ``/api/requests/{id}/node`` at the site, authenticated
+    as the scientist who submitted request ``id`` there; the site hands it to its NodeApp,
+    which decides (and audits) what may leave. Node ids are the sites' names.
+    """
+
+    def __init__(self, requests: Mapping[str, RemoteRequest]) -> None:
+        if not requests:
+            raise ConfigError("a SiteEngine needs at least one site")
+        self._requests = dict(sorted(requests.items()))
+        self._closed = threading.Event()
+
+    def node_ids(self) -> Sequence[str]:
+        return tuple(self._requests)
+
+    def dispatch(self, tasks: Sequence[Task], *, deadline_s: float) -> DispatchResult:
+        if deadline_s <= 0:
+            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
+        seen: set[str] = set()
+        for task in tasks:
+            if task.node_id not in self._requests:
+                raise ConfigError(f"no site {task.node_id!r} in this federated request")
+            if task.node_id in seen:
+                raise ConfigError(f"site {task.node_id!r} got two tasks in one dispatch")
+            seen.add(task.node_id)
+        outcomes: dict[str, Reply | Failure] = {}
+        if tasks:
+            # Threads that outlive the deadline are left to finish on their own (their
+            # answer is discarded): a hung site must not hold up the others.
+            pool = futures.ThreadPoolExecutor(len(tasks), thread_name_prefix="shoal-site")
+            try:
+                running = {pool.submit(self._call, t, deadline_s): t for t in tasks}
+                done, late = futures.wait(running, timeout=deadline_s)
+                for future in done:
+                    outcomes[running[future].node_id] = future.result()
+                for future in late:
+                    task = running[future]
+                    outcomes[task.node_id] = _failure(
+                        task, FailureKind.TIMEOUT, f"no answer within {deadline_s} s"
+                    )
+            finally:
+                pool.shutdown(wait=False)
+        replies = {}
+        failures = {}
+        for task in tasks:  # task order, whatever the arrival order
+            outcome = outcomes[task.node_id]
+            if isinstance(outcome, Reply):
+                replies[task.node_id] = outcome
+            else:
+                failures[task.node_id] = outcome
+        return DispatchResult(replies=replies, failures=failures)
+
+    def _call(self, task: Task, deadline_s: float) -> Reply | Failure:
+        import time
+        import urllib.parse
+
+        from shoal.datasite.client import DatasiteError, DatasiteTimeout
+
+        request = self._requests[task.node_id]
+        query = {"task": task.name, "task_id": task.task_id}
+        if task.keep_as is not None:
+            query["keep_as"] = task.keep_as
+        path = f"/api/requests/{request.id}/node?{urllib.parse.urlencode(query)}"
+        started = time.perf_counter()
+        try:
+            payload = request.site.call_bytes("POST", path, bytes(task.payload), timeout=deadline_s)
+        except DatasiteError as exc:
+            kind = _KINDS.get(exc.failure or "", FailureKind.REJECTED)
+            return _failure(task, kind, exc.message)
+        except DatasiteTimeout as exc:
+            return _failure(task, FailureKind.TIMEOUT, str(exc))
+        except TransportError as exc:
+            return _failure(task, FailureKind.DROPPED, str(exc))
+        except ReleaseRefused as exc:  # the client's own reading of a 403
+            return _failure(task, FailureKind.REJECTED, str(exc))
+        elapsed = time.perf_counter() - started
+        return Reply(node_id=task.node_id, task_id=task.task_id, payload=payload, elapsed_s=elapsed)
+
+    def close(self) -> None:
+        self._closed.set()
 
 
-# -- the scientist's side --------------------------------------------------------------------
+def _failure(task: Task, kind: FailureKind, detail: str) -> Failure:
+    return Failure(node_id=task.node_id, task_id=task.task_id, kind=kind, detail=detail)
 
 
 class FederatedRequest:
-    """The same request at every site; ``result()`` runs the secure sum when all are ready."""
+    """The same request at every site; ``result()`` runs the secure sum once they have run.
+
+    After ``result()``, ``included`` lists the sites whose value is in the sum and
+    ``excluded`` the others with the reason (not approved, failed, dropped out).
+    """
 
     def __init__(self, requests: Mapping[str, RemoteRequest], federation: Mapping[str, Any]):
         self.requests = dict(requests)
         self.federation = dict(federation)
+        self.included: tuple[str, ...] = ()
+        self.excluded: dict[str, str] = {}
 
     @property
     def status(self) -> dict[str, str]:
@@ -268,77 +271,68 @@ class FederatedRequest:
     def code_hash(self) -> str:
         hashes = {r.code_hash for r in self.requests.values()}
         if len(hashes) != 1:
+            from shoal.errors import ProtocolError
+
             raise ProtocolError(f"the sites hold different code hashes: {sorted(hashes)}")
         return hashes.pop()
 
-    def result(self, *, timeout: float = 300.0, bits: int = 32) -> np.ndarray:
-        """Wait until every site has run the code, then combine the arrays with SecAgg+."""
-        from shoal.crypto.secagg import (
-            AdvertiseReply,
-            MaskedInputReply,
-            SecAggParams,
-            SecAggServer,
-            ShareKeysReply,
-            UnmaskReply,
-        )
-        from shoal.errors import ReleaseRefused
-        from shoal.wire import decode, encode
+    def engine(self, sites: Sequence[str] | None = None) -> SiteEngine:
+        """The engine reaching these sites' nodes (all by default) for this request."""
+        names = list(self.requests) if sites is None else list(sites)
+        return SiteEngine({n: self.requests[n] for n in names})
 
-        for name, request in self.requests.items():
+    def result(
+        self, *, timeout: float = 300.0, bits: int = 32, deadline_s: float = 120.0
+    ) -> np.ndarray:
+        """Wait until every site has decided and run the code, then combine the results of
+        the sites that succeeded with SecAgg+ (at least ``min_sites`` of them must)."""
+        from shoal.aggregate import Clip
+        from shoal.core import Federation
+        from shoal.crypto.secagg import SecureSum
+        from shoal.privacy.stages import DistributedNoise
+
+        self.excluded = {}
+        ready = []
+        for name, request in sorted(self.requests.items()):
             state = request.wait(
-                (
-                    "succeeded",
-                    "denied",
-                    "failed",
-                    "timeout",
-                    "out-of-memory",
-                    "withheld",
-                    "released",
-                ),
+                ("succeeded", "denied", "failed", "timeout", "out-of-memory", "withheld"),
                 timeout=timeout,
             )
-            if state != "succeeded":
-                raise ReleaseRefused(
-                    f"site {name!r} ended {state}: {request.info.get('reason') or ''}; the "
-                    "secure sum needs every approved site"
-                )
-        names = sorted(self.requests)
-        length = math.prod(self.federation["shape"])
-        params = SecAggParams.create(names, vector_length=length, max_dropouts=0, bits=bits)
-        server = SecAggServer(params=params)
-
-        def call(name: str, phase: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-            request = self.requests[name]
-            data = request.site.call_bytes(
-                "POST", f"/api/requests/{request.id}/secagg/{phase}", bytes(encode(dict(payload)))
+            if state == "succeeded":
+                ready.append(name)
+            else:
+                self.excluded[name] = f"{state}: {request.info.get('reason') or ''}".strip()
+        fed = self.federation
+        needed = int(fed["min_sites"])
+        if len(ready) < needed:
+            raise ReleaseRefused(
+                f"only {len(ready)} site(s) ran the request ({', '.join(ready) or 'none'}), "
+                f"fewer than the federation's min_sites {needed}: {self.excluded}"
             )
-            return decode(data)
-
-        advertise = server.advertise_request().to_dict()
-        replies0 = {v: call(v, "advertise", advertise) for v in names}
-        signatures = {v: np.asarray(r.pop(SIGNATURE)) for v, r in replies0.items()}
-        requests1 = server.collect_keys(
-            {v: AdvertiseReply.from_dict(r) for v, r in replies0.items()}
-        )
-        replies1 = {}
-        for v, req in requests1.items():
-            body = req.to_dict()
-            body[PEER_SIGNATURES] = np.stack([signatures[p] for p in req.peers])
-            replies1[v] = ShareKeysReply.from_dict(call(v, "share_keys", body))
-        requests2 = server.collect_shares(replies1)
-        replies2 = {
-            v: MaskedInputReply.from_dict(call(v, "masked_input", req.to_dict()))
-            for v, req in requests2.items()
-        }
-        requests3 = server.collect_masked(replies2)
-        replies3 = {
-            v: UnmaskReply.from_dict(call(v, "unmask", req.to_dict()))
-            for v, req in requests3.items()
-        }
-        total = server.finish(replies3)
-        q = quantizer(self.federation, bits)
-        combined = q.dequantize_sum(total, count=len(names))
-        return np.asarray(combined).reshape(self.federation["shape"])
+        engine = self.engine(ready)
+        try:
+            federation = Federation(engine, min_nodes=needed, deadline_s=deadline_s)
+            held = federation.group(ready).map(HOLD_TASK)
+            for name, failure in held.failures.items():
+                self.excluded[name] = f"{failure.kind.value}: {failure.detail}"
+            n = len(held)
+            # SecAgg+ tolerates d dropouts with n >= 2d + 2; never fewer than min_sites left
+            dropouts = max(0, min(n - needed, (n - 2) // 2))
+            clip = float(fed["clip"])
+            total = total_noise_std(fed)
+            share = total / math.sqrt(n)
+            chain: Any = Clip(clip)
+            if total > 0:
+                chain = chain | DistributedNoise(total_std=total, nodes=n)
+            secure = SecureSum(
+                value_range=clip + 8.0 * share, bits=bits, dropout_fraction=dropouts / n
+            )
+            combined = held["result"].aggregate(chain | secure)
+            self.excluded.update(held.exclusions)
+            self.included = tuple(s for s in held.node_ids if s not in held.exclusions)
+        finally:
+            engine.close()
+        return np.asarray(combined, dtype=np.float64).reshape(fed["shape"])
 
 
 def submit_federated(
@@ -349,14 +343,17 @@ def submit_federated(
     shape: Sequence[int],
     clip: float,
     noise_multiplier: float = 0.0,
+    min_sites: int | None = None,
     params: Mapping[str, Any] | None = None,
     entrypoint: str | None = None,
     name: str | None = None,
 ) -> FederatedRequest:
     """Submit ``fn`` to every site under one code hash. ``fn`` returns ``{"result": array}``
     of ``shape``; each site clips it to L2 norm ``clip`` before the secure sum; with
-    ``noise_multiplier`` z the sum carries Gaussian noise of std z * clip, added in shares by
-    the sites and charged to each site's ledger."""
+    ``noise_multiplier`` z the sum carries Gaussian noise of std at least z * clip, added
+    in shares by the sites and charged to each site's ledger. ``min_sites`` (default: all)
+    is the fewest sites the sum may combine: sites that are not approved, fail or drop out
+    are left out down to that number."""
     identities = {}
     for site in sites:
         got = site.call("GET", "/api/identity")
@@ -368,6 +365,7 @@ def submit_federated(
         "shape": [int(d) for d in shape],
         "clip": float(clip),
         "noise_multiplier": float(noise_multiplier),
+        "min_sites": len(identities) if min_sites is None else int(min_sites),
     }
     policy = {"kind": "secure-sum", "federation": federation}
     requests = {

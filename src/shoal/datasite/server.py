@@ -19,10 +19,11 @@ fastapi()  # a clear error naming the extra when it is missing
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoal.datasite.sandbox import SandboxLimits
-from shoal.datasite.service import Conflict, Forbidden, NotFound, Service, User
+from shoal.datasite.service import Conflict, Forbidden, NodeFailure, NotFound, Service, User
 from shoal.datasite.state import DatasiteState
 from shoal.errors import (
     AuthenticationError,
@@ -114,6 +115,12 @@ def create_app(service: Service) -> Any:
     @app.exception_handler(ShoalError)
     async def _shoal_error(_request: Request, exc: ShoalError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=_status(exc))
+
+    @app.exception_handler(NodeFailure)
+    async def _node_failure(_request: Request, exc: NodeFailure) -> JSONResponse:
+        # the Engine contract's failure kind travels with the message
+        status = 409 if exc.kind == "error" else 403
+        return JSONResponse({"error": str(exc), "failure": exc.kind}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -273,12 +280,18 @@ def create_app(service: Service) -> Any:
     def identity(u: Caller) -> dict[str, str]:
         return service.identity_info()
 
-    @app.post("/api/requests/{rid}/secagg/{phase}")
-    async def secagg(rid: int, phase: str, request: Request, u: Caller) -> Response:
+    @app.post("/api/requests/{rid}/node")
+    async def node(
+        rid: int, request: Request, u: Caller, task: str, task_id: str, keep_as: str | None = None
+    ) -> Response:
         raw = await request.body()
         if len(raw) > MAX_BODY:
             raise ConfigError(f"bodies are limited to {MAX_BODY} bytes")
-        return wire(service.secagg(u, rid, phase, raw))
+        # SecAgg+ phases expand masks and agree keys: off the event loop
+        reply = await run_in_threadpool(
+            service.node_task, u, rid, task=task, task_id=task_id, keep_as=keep_as, body=raw
+        )
+        return wire(reply)
 
     @app.get("/api/budget")
     def budget(u: Caller) -> list[dict[str, Any]]:

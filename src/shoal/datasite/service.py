@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,10 +32,18 @@ from shoal.datasite.assets import generate_mock, infer_schema, load_table, meta_
 from shoal.datasite.sandbox import JobOutcome, SandboxLimits, run_sandboxed
 from shoal.datasite.state import ROLES, DatasiteState, hash_token, request_hash
 from shoal.datasite.table import Table, decode_table, encode_table
-from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused, ShoalError
+from shoal.errors import (
+    ConfigError,
+    PrivacyBudgetExceeded,
+    ReleaseRefused,
+    ShoalError,
+    UnknownTask,
+    WireError,
+)
+from shoal.runtime.engine import DECLINED_DETAIL
 from shoal.wire import decode, encode
 
-__all__ = ["Forbidden", "NotFound", "Service", "User"]
+__all__ = ["Forbidden", "NodeFailure", "NotFound", "Service", "User"]
 
 POLICIES = ("review", "dp", "threshold", "secure-sum")
 MAX_SOURCE = 256 << 10
@@ -52,6 +61,15 @@ class NotFound(ShoalError, LookupError):
 
 class Conflict(ShoalError, RuntimeError):
     """The action does not fit the object's state (approving a denied request, a stale hash)."""
+
+
+class NodeFailure(ShoalError, RuntimeError):
+    """The site's node did not run a task: ``kind`` is rejected, declined or error (the
+    Engine contract's failure kinds); the node audited it already."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -120,7 +138,7 @@ def _job_view(job: dict[str, Any], user: User) -> dict[str, Any]:
 
 
 def _warm_up() -> None:
-    import shoal.crypto.secagg
+    import shoal.datasite.node
     import shoal.privacy  # noqa: F401
 
 
@@ -144,11 +162,25 @@ class Service:
         self._doomed: set[int] = set()
         self._users: dict[str, User] = {}
         self.identity = fed.SiteIdentity.load_or_create(state.directory, state.name)
-        self.sessions = fed.SecAggSessions()
+        # the site's shoal node for federated requests (built on first use: it imports
+        # SecAgg+), with one node state per request
+        self._node: Any = None
+        self._nodes: OrderedDict[int, tuple[threading.Lock, dict[str, Any]]] = OrderedDict()
+        self._node_lock = threading.Lock()
         # the DP and SecAgg+ modules take about a second of CPU to import: do it now, in the
         # background, rather than inside the first request that needs them
         threading.Thread(target=_warm_up, name="datasite-warm-up", daemon=True).start()
         self._recover()
+
+    @property
+    def node(self) -> Any:
+        """The site's NodeApp (:func:`shoal.datasite.node.site_app`)."""
+        with self._node_lock:
+            if self._node is None:
+                from shoal.datasite.node import site_app
+
+                self._node = site_app(self.identity, self._hold)
+            return self._node
 
     def close(self) -> None:
         with self._pids_lock:
@@ -970,39 +1002,85 @@ class Service:
     def identity_info(self) -> dict[str, str]:
         return {"name": self.identity.name, "public_key": self.identity.public_hex}
 
-    def secagg(self, user: User, rid: int, phase: str, body: bytes) -> bytes:
-        """One SecAgg+ step for the scientist's secure-sum request (wire bytes in and out)."""
+    def node_task(
+        self, user: User, rid: int, *, task: str, task_id: str, keep_as: str | None, body: bytes
+    ) -> bytes:
+        """One shoal task for the site's node, on behalf of the scientist's secure-sum request
+        ``rid`` (wire bytes in and out). Raises what :meth:`NodeApp.handle` raises: the node
+        has audited its refusals and declines by then."""
+        from shoal.datasite.node import FEDERATION_KEY, SiteNodeState
+        from shoal.runtime.app import TaskContext
+        from shoal.runtime.nodestate import NODE_STATE_KEY
+
         row = self._row(user, rid)
         if row["user_id"] != user.id:
             raise Forbidden("only the scientist who submitted a request runs its secure sum")
         policy = json.loads(row["policy"])
         if policy["kind"] != "secure-sum":
             raise Conflict(f"request {rid} is not a secure-sum request")
-        federation = policy["federation"]
-        payload = decode(body)
-        wanted = "released" if phase == "unmask" else "succeeded"
-        if row["state"] != wanted:
-            raise Conflict(
-                f"request {rid} is {row['state']}; the secure sum's {phase} step needs it {wanted}"
+        for label, text in (("task", task), ("task_id", task_id), ("keep_as", keep_as or "-")):
+            if not text or len(text) > 200:
+                raise ConfigError(f"{label} is a non-empty string of at most 200 characters")
+        if task == fed.HOLD_TASK and keep_as is None:
+            # its result is the site's value itself: it is only ever kept, never answered
+            raise ConfigError(f"{fed.HOLD_TASK} keeps the result at the site: give keep_as")
+        app = self.node
+        with self._node_lock:
+            entry = self._nodes.get(rid)
+            if entry is None:
+                state: dict[str, Any] = {
+                    FEDERATION_KEY: policy["federation"],
+                    NODE_STATE_KEY: SiteNodeState(
+                        state=self.state, node_id=self.identity.name, request=rid
+                    ),
+                }
+                entry = self._nodes[rid] = (threading.Lock(), state)
+                while len(self._nodes) > 256:  # idle requests' secrets do not pile up
+                    self._nodes.popitem(last=False)
+        lock, state = entry
+        ctx = TaskContext(
+            node_id=self.identity.name, data=(rid, user), state=state, task_id=task_id
+        )
+        with lock:  # a node's state is not locked against itself: one task at a time
+            try:
+                return bytes(app.handle(ctx, task, body, keep_as=keep_as))
+            except PrivacyBudgetExceeded:
+                raise NodeFailure("declined", DECLINED_DETAIL) from None
+            except (UnknownTask, WireError, ReleaseRefused) as exc:
+                raise NodeFailure("rejected", str(exc)) from None
+            except ShoalError as exc:
+                raise NodeFailure("error", str(exc)) from None
+
+    def _hold(self, ctx: Any) -> dict[str, Any]:
+        """The node's ``datasite.hold``: the approved result, once per request, with its
+        noise share bound and the ledger charged first."""
+        rid, user = ctx.data
+        row = self._row(user, rid)
+        federation = json.loads(row["policy"])["federation"]
+        if row["state"] == "released":
+            raise ReleaseRefused(
+                f"request {rid} has joined a secure sum already; a site's result joins one "
+                "(a second sum over other sites would give it away as the difference)"
             )
-        if phase == "advertise":
-            reply = self.sessions.advertise(rid, self.identity, federation, payload)
-        elif phase == "share_keys":
-            reply = self.sessions.share_keys(rid, federation, payload)
-        elif phase == "masked_input":
-            res = self.state.one(
-                "SELECT payload FROM results WHERE request_id=? AND kind='real'", (rid,)
+        if row["state"] != "succeeded":
+            raise ReleaseRefused(
+                f"request {rid} is {row['state']}: only an approved request that ran "
+                "contributes to a secure sum"
             )
-            if res is None:
-                raise NotFound(f"request {rid} has no result to contribute")
-            bits = int(self.sessions.node(rid).params.bits)
-            vector = fed.prepare_input(
-                decode(bytes(res["payload"]))["result"], federation, bits=bits
-            )
-            reply = self.sessions.masked_input(rid, payload, vector)
+        res = self.state.one(
+            "SELECT payload FROM results WHERE request_id=? AND kind='real'", (rid,)
+        )
+        if res is None:
+            raise NotFound(f"request {rid} has no result to contribute")
+        value = np.asarray(decode(bytes(res["payload"]))["result"], dtype=np.float64)
+        z = float(federation["noise_multiplier"])
+        total = fed.total_noise_std({"min_sites": len(federation["sites"]), **federation})
+        try:
             with self.state.tx() as conn:
+                now = conn.execute("SELECT state FROM requests WHERE id=?", (rid,)).fetchone()
+                if now is None or now[0] != "succeeded":
+                    raise ReleaseRefused(f"request {rid} was contributed meanwhile")
                 spent: dict[str, float] = {}
-                z = float(federation["noise_multiplier"])
                 if z > 0:
                     spent = self._charge_gaussian(
                         conn, int(row["user_id"]), json.loads(row["assets"]), z
@@ -1012,13 +1090,23 @@ class Service:
                     conn,
                     user.name,
                     "result.secure-sum",
-                    {"request": rid, "sites": sorted(federation["sites"]), "epsilon_spent": spent},
+                    {
+                        "request": rid,
+                        "task_id": ctx.task_id[:200],
+                        "sites": sorted(federation["sites"]),
+                        "epsilon_spent": spent,
+                        "noise_total_std": total,
+                    },
                 )
-        elif phase == "unmask":
-            reply = self.sessions.unmask(rid, payload)
-        else:
-            raise NotFound(f"no SecAgg step {phase!r}")
-        return bytes(encode(reply))
+        except PrivacyBudgetExceeded as exc:
+            with self.state.tx() as conn:
+                self._set(conn, rid, "withheld", str(exc))
+            raise
+        if total > 0:
+            # the node lets the value out only clipped to the agreed norm with at least this
+            # site's share (for the group it validates) of the noise the charge counted
+            ctx.bind_noise(clip=float(federation["clip"]), std=total)
+        return {"result": value.reshape(-1)}
 
     def _charge_gaussian(
         self, conn: sqlite3.Connection, user_id: int, assets: list[str], z: float
