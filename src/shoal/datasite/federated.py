@@ -14,7 +14,6 @@ identity key and check their peers' signatures, so a scientist cannot stand in f
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -174,7 +173,6 @@ class SiteEngine:
         if not requests:
             raise ConfigError("a SiteEngine needs at least one site")
         self._requests = dict(sorted(requests.items()))
-        self._closed = threading.Event()
 
     def node_ids(self) -> Sequence[str]:
         return tuple(self._requests)
@@ -243,7 +241,7 @@ class SiteEngine:
         return Reply(node_id=task.node_id, task_id=task.task_id, payload=payload, elapsed_s=elapsed)
 
     def close(self) -> None:
-        self._closed.set()
+        """Nothing to release: each dispatch's threads and connections end with it."""
 
 
 def _failure(task: Task, kind: FailureKind, detail: str) -> Failure:
