@@ -249,6 +249,52 @@ def test_a_site_refuses_keys_not_signed_by_a_federation_member(
     assert "min_sites" in wrong.failures[target].detail
 
 
+def test_the_node_endpoint_refuses_bad_input_with_a_4xx(sites: list[RunningSite]) -> None:
+    scientists = [s.as_("sam") for s in sites]
+    request = submit_federated(
+        scientists, count_and_age, assets=["patients"], shape=[2], clip=1.0, name="bad-input"
+    )
+    name = sites[0].directory.name
+    rid = request.requests[name].id
+    sam = scientists[0]
+    engine = request.engine([name])
+
+    def send(task: str, payload: bytes) -> Any:
+        out = engine.dispatch(
+            [Task(node_id=name, name=task, payload=payload, task_id="bad/1")], deadline_s=30
+        )
+        return out.failures[name]
+
+    garbage = send(ADVERTISE_TASK, b"\x00not wire")
+    assert garbage.kind is FailureKind.REJECTED
+    unknown = send("os.system", encode({}))
+    assert unknown.kind is FailureKind.REJECTED and "no task named" in unknown.detail
+    malformed = send(ADVERTISE_TASK, encode({"secagg": "advertise_request"}))
+    assert malformed.kind is FailureKind.ERROR
+    for path, status in (
+        (f"/api/requests/{rid}/node", 400),  # no task named
+        (f"/api/requests/{rid}/node?task=x&task_id=" + "y" * 300, 400),
+        (f"/api/requests/{rid + 10_000}/node?task=x&task_id=y", 404),
+    ):
+        with pytest.raises(DatasiteError) as refused:
+            sam.call_bytes("POST", path, bytes(encode({})))
+        assert refused.value.status == status
+    # another scientist's request is not theirs to drive
+    with pytest.raises(DatasiteError) as other:
+        sites[0].as_("tess").call_bytes(
+            "POST", f"/api/requests/{rid}/node?task=x&task_id=y", bytes(encode({}))
+        )
+    assert other.value.status in (403, 404)
+    # a review request has no node at all
+    review = sam.submit(count_and_age, assets=["patients"], name="plain")
+    with pytest.raises(DatasiteError) as plain:
+        sam.call_bytes(
+            "POST", f"/api/requests/{review.id}/node?task=x&task_id=y", bytes(encode({}))
+        )
+    assert plain.value.status == 409
+    assert sites[0].alive()
+
+
 def test_a_federation_that_misnames_this_site_is_refused(sites: list[RunningSite]) -> None:
     sam = sites[0].as_("sam")
     with DatasiteState(sites[0].directory) as state:
