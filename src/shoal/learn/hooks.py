@@ -89,6 +89,9 @@ class NodeHooks:
         return {f"dc/{k}": fresh[k] - ci[k] for k in c}
 
 
+_NO_HOOKS = NodeHooks(hooks=())  # FedAvg's: shared by every node (it is frozen)
+
+
 def node_hooks(ctx: TaskContext, payload: Mapping[str, Any], weights: Weights) -> NodeHooks:
     """The hooks the server's parameters ask for: ``prox_mu`` (FedProx), ``c/*`` (SCAFFOLD)."""
     hooks: list[GradientHook] = []
@@ -99,7 +102,7 @@ def node_hooks(ctx: TaskContext, payload: Mapping[str, Any], weights: Weights) -
         hooks.append(ProximalTerm(mu, weights))
     server_c = {k[2:]: v for k, v in payload.items() if k.startswith("c/")}
     if not server_c:
-        return NodeHooks(hooks=tuple(hooks))
+        return NodeHooks(hooks=tuple(hooks)) if hooks else _NO_HOOKS
     node_c = ctx.state.get(SCAFFOLD_STATE) or {k: np.zeros_like(v) for k, v in server_c.items()}
     hooks.append(DriftCorrection({k: server_c[k] - node_c[k] for k in server_c}))
     return NodeHooks(hooks=tuple(hooks), server_c=server_c, node_c=node_c)

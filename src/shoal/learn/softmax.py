@@ -64,7 +64,10 @@ class SoftmaxRegression:
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         for name, current in (("W", self.W), ("b", self.b)):
             value = weights.get(name)
-            if value is None or np.shape(value) != current.shape:
+            if (
+                value is None
+                or (value.shape if type(value) is np.ndarray else np.shape(value)) != current.shape
+            ):
                 raise ConfigError(
                     f"weights[{name!r}] must have shape {current.shape}, got "
                     f"{None if value is None else np.shape(value)}"
