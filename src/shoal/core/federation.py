@@ -229,11 +229,9 @@ class Federation:
                     keep_as=keep_as,
                 )
             )
-        for t in tasks:
-            self.traffic.add(t.node_id, down=len(t.payload))
+        self.traffic.add_all(down={t.node_id: len(t.payload) for t in tasks})
         result = self.engine.dispatch(tasks, deadline_s=deadline_s or self.deadline_s)
-        for node_id, reply in result.replies.items():
-            self.traffic.add(node_id, up=len(reply.payload))
+        self.traffic.add_all(up={n: len(r.payload) for n, r in result.replies.items()})
         replies: dict[str, dict[str, Any]] = {}
         failures: dict[str, Failure] = dict(result.failures)
         for node_id, reply in result.replies.items():
@@ -287,6 +285,17 @@ class Traffic:
             self.down_by_node[node_id] += down
         if up:
             self.up_by_node[node_id] += up
+
+    def add_all(
+        self, *, down: Mapping[str, int] | None = None, up: Mapping[str, int] | None = None
+    ) -> None:
+        """:meth:`add` for many nodes at once (a dispatch's payloads, or its replies)."""
+        if down:
+            self.down += sum(down.values())
+            self.down_by_node.update({node: size for node, size in down.items() if size})
+        if up:
+            self.up += sum(up.values())
+            self.up_by_node.update({node: size for node, size in up.items() if size})
 
     def snapshot(self) -> tuple[int, int, dict[str, int], dict[str, int]]:
         return self.down, self.up, dict(self.down_by_node), dict(self.up_by_node)
@@ -347,15 +356,25 @@ class NodeGroup:
         )
         specs: dict[str, dict[str, FieldSpec]] = {}
         sent: dict[str, dict[str, Any]] = {}
+        wire_names = [(SENT_PREFIX + f, f) for f in send]
+        # Every node of a map usually describes the same fields: a description equal to the
+        # previous node's shares its parsed (read-only) specs.
+        last_fields: Any = None
+        last_specs: dict[str, FieldSpec] = {}
         for node_id, receipt in replies.items():
             try:
-                specs[node_id] = _parse_receipt(receipt, handle)
+                fields = receipt.get("fields")
+                if (
+                    last_fields is not None
+                    and receipt.get("kept") == handle
+                    and fields == last_fields
+                ):
+                    specs[node_id] = last_specs
+                else:
+                    specs[node_id] = last_specs = _parse_receipt(receipt, handle)
+                    last_fields = fields
                 if send:
-                    sent[node_id] = {
-                        k[len(SENT_PREFIX) :]: v
-                        for k, v in receipt.items()
-                        if k.startswith(SENT_PREFIX)
-                    }
+                    sent[node_id] = {f: receipt[k] for k, f in wire_names if k in receipt}
             except ShoalError as exc:
                 failures[node_id] = Failure(
                     node_id=node_id, task_id="", kind=FailureKind.INVALID, detail=str(exc)
