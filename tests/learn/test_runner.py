@@ -50,3 +50,36 @@ def test_resume_continues_from_the_last_completed_round(tmp_path) -> None:
         assert len(store.round_metrics(record.id)) == 5
     for name, value in uninterrupted.weights.items():
         np.testing.assert_allclose(resumed.weights[name], value, rtol=0, atol=1e-12)
+
+
+def test_simulate_collects_its_cyclic_garbage_and_unfreezes_the_collector() -> None:
+    # simulate() keeps the collector's full passes off objects older than the run: garbage
+    # the run makes must still be collected, and nothing may stay frozen afterwards.
+    import gc
+    import weakref
+
+    train, test = load_digits(test_fraction=0.2, seed=0)
+    nodes = partition(train, nodes=4, scheme="iid", seed=0)
+    freed: list[weakref.ref] = []
+
+    class Cycle:
+        pass
+
+    def make_cycle(report: RoundReport) -> None:
+        a, b = Cycle(), Cycle()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        freed.append(weakref.ref(a))
+        gc.collect()
+        if report.round == 2:
+            assert freed[0]() is None  # round 1's cycle, collected during the run
+            raise Crash
+
+    with pytest.raises(Crash):
+        simulate(
+            model=SoftmaxRegression(features=64, classes=10),
+            nodes=nodes,
+            algorithm=FedAvg(rounds=3, nodes_per_round=4),
+            test=test,
+            on_round=make_cycle,
+        )
+    assert gc.get_freeze_count() == 0

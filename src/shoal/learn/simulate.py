@@ -9,6 +9,7 @@ from typing import Any
 from shoal.core import Federation
 from shoal.data import Dataset, split_holdout
 from shoal.errors import ConfigError
+from shoal.learn._gcfreeze import older_objects_frozen
 from shoal.learn.algorithms import Algorithm
 from shoal.learn.model import Model
 from shoal.learn.runner import RoundReport, Trainer, TrainingResult
@@ -135,7 +136,8 @@ def simulate(
         on_start=on_start,
     )
     try:
-        return trainer.run(resume=resume)
+        with older_objects_frozen():
+            return trainer.run(resume=resume)
     finally:
         if own_engine:
             engine.close()
