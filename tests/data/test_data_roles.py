@@ -162,3 +162,28 @@ def test_tinyshakespeare_roles() -> None:
     assert len(corpus.roles) == 268  # of 299 speaking roles, those with at least 2 lines
     words = load_play(SHARED, tokens="word", seq_len=10, vocab_size=5000)
     assert len(words.vocab) == 5000 and words.train["First Citizen"].x.dtype == np.int32
+
+
+def test_split_roles_cuts_each_role_into_stretches_of_consecutive_speeches() -> None:
+    from shoal.data import speech_list, split_roles
+
+    parts = split_roles(PLAY, 4)  # 3 roles; ROMEO speaks twice, so he is split
+    assert list(parts) == ["ROMEO/1", "ROMEO/2", "JULIET/1", "NURSE/1"]
+    speeches = speech_list(PLAY)
+    assert parts["ROMEO/1"] == speeches[0][1] and parts["ROMEO/2"] == speeches[3][1]
+    assert "".join(parts.values()) == "".join(
+        b for r in ("ROMEO", "JULIET", "NURSE") for role, b in speeches if role == r
+    )
+    for bad in (2, 5, 0):
+        with pytest.raises(DataError, match="parties"):
+            split_roles(PLAY, bad)
+
+
+@pytest.mark.skipif(not SHARED.is_file(), reason="tinyshakespeare.txt not available")
+def test_tinyshakespeare_splits_into_1000_role_stretches() -> None:
+    from shoal.data import speech_list, split_roles
+
+    text = SHARED.read_text()
+    parts = split_roles(text, 1000)
+    assert len(parts) == 1000 and len(parse_speeches(text)) == 299
+    assert sum(len(v) for v in parts.values()) == sum(len(b) for _, b in speech_list(text))

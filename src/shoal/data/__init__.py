@@ -38,6 +38,8 @@ from shoal.data.text import (
     load_shakespeare,
     parse_speeches,
     role_corpus,
+    speech_list,
+    split_roles,
     tokenize,
 )
 
@@ -69,7 +71,9 @@ __all__ = [
     "quantity_skew_indices",
     "role_corpus",
     "shard_indices",
+    "speech_list",
     "split_holdout",
+    "split_roles",
     "summary",
     "tokenize",
 ]
