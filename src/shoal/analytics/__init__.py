@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from shoal.analytics.config import AnalyticsConfig, Party, Privacy, privacy_from_dict
 from shoal.analytics.dialect import Plan, parse
-from shoal.analytics.query import QueryResult, query
+from shoal.analytics.query import QueryResult, heavy_hitters, query
 from shoal.analytics.source import Database
 from shoal.analytics.tasks import (
     KEYS_TASK,
@@ -32,6 +32,7 @@ __all__ = [
     "Privacy",
     "QueryResult",
     "analytics_tasks",
+    "heavy_hitters",
     "parse",
     "privacy_from_dict",
     "query",

@@ -17,6 +17,8 @@ from shoal.errors import ConfigError
 __all__ = ["AnalyticsConfig", "Party", "Privacy"]
 
 Mode = Literal["distributed", "central"]
+MAX_GROUPS = 20_000
+MAX_SKETCH_CELLS = 1 << 23  # one party's key-selection vector: at most 64 MiB of float64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +87,8 @@ class AnalyticsConfig:
     max_rows: int = 10**7  # public bound on one party's rows (scales the secure sum)
     max_groups: int = 1000  # key selection keeps at most this many keys
     max_key_bytes: int = 24  # key selection: longest key (UTF-8 bytes) it can find
+    sketch_depth: int = 3  # key selection: Count-Min rows (hash functions) per level
+    sketch_width: int | None = None  # columns per row; None: 16 x max_groups, a power of 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, str) or not self.table:
@@ -124,9 +128,31 @@ class AnalyticsConfig:
             ("max_rows", self.max_rows, 1),
             ("max_groups", self.max_groups, 1),
             ("max_key_bytes", self.max_key_bytes, 1),
+            ("sketch_depth", self.sketch_depth, 1),
+            ("sketch_width", 16 if self.sketch_width is None else self.sketch_width, 16),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"[analytics] {name} must be an int >= {low}, got {value!r}")
+        if self.max_groups > MAX_GROUPS:
+            raise ConfigError(
+                f"[analytics] max_groups is at most {MAX_GROUPS} (key selection asks 257 "
+                f"children of every surviving prefix), got {self.max_groups}"
+            )
+        cells = (self.max_key_bytes + 1) * self.sketch_depth * self.sketch_columns
+        if self.sketch_depth > 16 or cells > MAX_SKETCH_CELLS:
+            raise ConfigError(
+                f"[analytics] key selection's sketches would have {cells} cells "
+                f"((max_key_bytes + 1) x sketch_depth x sketch_width, depth at most 16); "
+                f"keep them within {MAX_SKETCH_CELLS}"
+            )
+
+    @property
+    def sketch_columns(self) -> int:
+        """The sketch width in use: declared, or 16 x max_groups rounded up to a power of 2
+        (at most 2^16), so that few absent keys collide with present ones in every row."""
+        if self.sketch_width is not None:
+            return self.sketch_width
+        return int(min(1 << 16, 1 << max(4, math.ceil(math.log2(16 * self.max_groups)))))
 
     @property
     def tables(self) -> tuple[str, ...]:
@@ -145,6 +171,8 @@ class AnalyticsConfig:
             "max_rows": self.max_rows,
             "max_groups": self.max_groups,
             "max_key_bytes": self.max_key_bytes,
+            "sketch_depth": self.sketch_depth,
+            "sketch_width": self.sketch_width,
         }
 
     @classmethod
@@ -161,6 +189,8 @@ class AnalyticsConfig:
             "max_rows",
             "max_groups",
             "max_key_bytes",
+            "sketch_depth",
+            "sketch_width",
         }
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where} must be a table")

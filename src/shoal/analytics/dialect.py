@@ -457,8 +457,8 @@ def parse(sql: str, config: AnalyticsConfig) -> Plan:
     limit_arg = tree.args.get("limit")
     if limit_arg is not None:
         value = _literal_number(limit_arg.expression, "LIMIT")
-        if value != int(value) or value < 0:
-            raise QueryError(f"LIMIT must be a non-negative integer, got {value}")
+        if value != int(value) or value < 1:
+            raise QueryError(f"LIMIT must be a positive integer (the k of a top-k), got {value}")
         limit = int(value)
 
     source = tree.copy()

@@ -12,6 +12,7 @@ import datetime
 import decimal
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,14 +28,12 @@ __all__ = [
     "Domain",
     "bounded_rows",
     "key_bytes",
+    "key_counts",
     "key_from_bytes",
     "key_of",
     "norm",
     "party_stats",
-    "prefix_counts",
 ]
-
-END = 256  # the trie's end-of-key symbol, after the 256 byte values
 
 
 def norm(value: Any) -> Any:
@@ -60,7 +59,7 @@ def key_of(values: Sequence[Any]) -> str:
 
 def key_bytes(values: Sequence[Any]) -> bytes:
     """What key selection spells out byte by byte: a lone text key as its UTF-8 bytes (each
-    trie level costs budget, so no quoting), anything else as NUL + its JSON."""
+    prefix-tree level costs budget, so no quoting), anything else as NUL + its JSON."""
     if len(values) == 1 and isinstance(values[0], str) and not values[0].startswith("\x00"):
         return values[0].encode("utf-8")
     return b"\x00" + key_of(values).encode("utf-8")
@@ -117,6 +116,12 @@ class Domain:
         return out
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, decimal.Decimal, np.number)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
 def _py(column: Any) -> list[Any]:
     if isinstance(column, np.ndarray):
         return [None if isinstance(v, float) and math.isnan(v) else v for v in column.tolist()]
@@ -161,25 +166,21 @@ def party_stats(
     return local_stats(plan, config, blocks, groups=groups, n_groups=len(domain), values=values)
 
 
-def prefix_counts(
-    db: Database, plan: Plan, config: AnalyticsConfig, level: int, prefixes: Sequence[bytes]
-) -> np.ndarray:
-    """Key selection, one trie level: rows per (known prefix of ``level`` bytes, next byte
-    or END). A row adds 1 in one cell at most, so a unit moves the table by at most m."""
+def key_counts(db: Database, plan: Plan, config: AnalyticsConfig) -> Counter[bytes]:
+    """Key selection: the party's bounded rows per group key, as the bytes the prefix tree
+    spells out (sketch.py). A privacy unit holds at most ``max_contributions`` of the rows."""
     rows = bounded_rows(db, plan, config)
     n = int(rows["__rows"])
-    index = {p: i for i, p in enumerate(prefixes)}
-    counts = np.zeros((len(prefixes), END + 1), dtype=np.float64)
     key_cols = [_py(rows[f"k{i}"]) for i in range(len(plan.keys))]
-    cache: dict[tuple[Any, ...], bytes] = {}
-    for t in zip(*key_cols) if key_cols else iter(() for _ in range(n)):
-        raw = cache.get(t)
-        if raw is None:
-            raw = cache[t] = key_bytes(t)
-        if len(raw) < level:
-            continue
-        p = index.get(raw[:level])
-        if p is None:
-            continue
-        counts[p, raw[level] if len(raw) > level else END] += 1.0
-    return counts
+    for name, col in zip(plan.key_names, key_cols):
+        if name not in config.categories and any(_is_number(v) for v in col):
+            raise QueryError(
+                f"GROUP BY {name}: key selection (heavy hitters) finds text keys, and "
+                f"{name!r} holds numbers; declare its categories, or use HISTOGRAM({name}) "
+                "or quantiles with declared bounds"
+            )
+    tuples = Counter(zip(*key_cols)) if key_cols else Counter({(): n} if n else {})
+    out: Counter[bytes] = Counter()
+    for t, count in tuples.items():
+        out[key_bytes(t)] += count
+    return out

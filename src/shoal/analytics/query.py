@@ -9,6 +9,7 @@ released noise) and discloses the bounds, clamping, NULLs and failed parties.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 
 from shoal.analytics.config import AnalyticsConfig, Privacy
 from shoal.analytics.dialect import Plan, evaluate, parse
-from shoal.analytics.party import END, Domain, key_from_bytes, key_of
+from shoal.analytics.party import Domain, key_from_bytes, key_of
 from shoal.analytics.stats import Block, answer, blocks_for, laplace_scales, scales, unflatten
 from shoal.analytics.tasks import (
     KEYS_TASK,
@@ -29,7 +30,7 @@ from shoal.analytics.tasks import (
 )
 from shoal.errors import AggregationError, QueryError
 
-__all__ = ["QueryResult", "query"]
+__all__ = ["QueryResult", "heavy_hitters", "query"]
 
 DRAWS = 200  # noise draws simulated for the error bars
 MIN_PARTIES = 3
@@ -186,6 +187,13 @@ def query(
     keys: list[str] | None = None
     selection_eps = 0.0
     undeclared = [k for k in plan.key_names if k not in config.categories]
+    numeric = [k for k in undeclared if k in config.bounds]
+    if numeric:
+        raise QueryError(
+            f"GROUP BY {numeric}: key selection (heavy hitters) finds text keys, and these "
+            "columns have numeric bounds; declare their categories, or use HISTOGRAM(...) "
+            "or quantiles"
+        )
     if undeclared:
         if privacy is not None:
             selection_eps = privacy.epsilon * privacy.key_selection_share
@@ -195,6 +203,8 @@ def query(
             + (f" (epsilon {spent:.4g} of {selection_eps:.4g} used)" if dp else "")
         )
         selection_eps = spent
+        if dp and not keys:
+            notes.append(_nothing_released(config, selection_eps))
     domain = Domain(plan, config, keys)
     mode = "exact" if privacy is None else privacy.mode
     if len(domain) == 0:  # key selection released no key: nothing left to ask or to spend
@@ -272,75 +282,90 @@ def query(
     )
 
 
+def heavy_hitters(
+    fed: Any,
+    column: str,
+    *,
+    k: int,
+    config: AnalyticsConfig,
+    privacy: Privacy | None = None,
+    where: str | None = None,
+    min_nodes: int | None = None,
+) -> QueryResult:
+    """The ``k`` most frequent values of ``column`` across the parties (rows per value,
+    ``n``), most frequent first: ``SELECT column, COUNT(*) AS n ... GROUP BY column ORDER BY
+    n DESC LIMIT k``, answered by key selection on secure-summed sketches. Under DP fewer
+    than k rows come back when fewer keys pass the release threshold (``notes`` say why)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise QueryError(f"heavy hitters need k >= 1 (how many values to return), got {k!r}")
+    if not isinstance(column, str) or not column.isidentifier():
+        raise QueryError(f"heavy hitters need a column name, got {column!r}")
+    filt = f" WHERE {where}" if where else ""
+    sql = (
+        f"SELECT {column}, COUNT(*) AS n FROM {config.table}{filt} GROUP BY {column} "
+        f"ORDER BY n DESC LIMIT {k}"
+    )
+    return query(fed, sql, config=config, privacy=privacy, min_nodes=min_nodes)
+
+
+def _nothing_released(config: AnalyticsConfig, epsilon: float) -> str:
+    """Why DP key selection released nothing: the least count a key needed to be seen."""
+    from shoal.analytics.sketch import SYMBOLS, threshold
+    from shoal.analytics.tasks import sketch_noise_scale
+
+    scale = sketch_noise_scale(config, epsilon)
+    least = threshold(scale, config.sketch_depth, SYMBOLS)
+    return (
+        f"no key was released: at epsilon {epsilon:.4g} for key selection, the Laplace noise "
+        f"in each sketch cell has scale {scale:.4g}, and a key needs an estimated count of "
+        f"about {least:.4g} rows or more on every level; raise epsilon (or "
+        "key_selection_share), or lower max_key_bytes or max_contributions"
+    )
+
+
 def select_keys(
     summer: _Summer, plan: Plan, config: AnalyticsConfig, epsilon: float
 ) -> tuple[list[str], float]:
-    """Key selection: find the group keys present across parties, byte by byte (a trie).
+    """Key selection (federated heavy hitters): find the group keys present across parties
+    through secure-summed Count-Min sketches of their prefixes (sketch.py).
 
-    Each level asks every party for its rows per (released prefix, next byte or end) and
-    secure-sums them; under DP each level spends epsilon / (max_key_bytes + 1) and keeps only
-    cells above a noisy threshold set so that about one cell in ten levels passes by noise
-    alone. Every level's domain is public (released prefixes x 257 symbols), so each level
-    is a pure-DP histogram. Returns the keys (as key_of text) and the epsilon spent.
+    One round: every party sketches its bounded rows' key prefixes on all ``max_key_bytes +
+    1`` levels with hashes from a fresh per-query seed, under DP adds its share of Laplace
+    noise (each level spends epsilon / levels), and SecAgg+ sums the tables. The coordinator
+    then walks the prefix tree on the noised sum: candidates are the released prefixes
+    extended by each byte or the end of the key (a public domain, so the walk is
+    post-processing), kept when their Count-Min estimate passes a threshold set from the
+    noise. Returns the keys (as key_of text), highest estimate first, and the epsilon spent.
     """
+    from shoal.analytics.sketch import decode
+    from shoal.analytics.tasks import sketch_noise_scale, sketch_shape
+
     dp = summer.privacy is not None
-    levels = config.max_key_bytes + 1
-    eps_level = epsilon / levels if dp else 0.0
-    prefixes: list[bytes] = [b""]
-    found: list[tuple[float, bytes]] = []
-    spent = 0.0
-    base = {"sql": plan.sql, "config": config.to_json()}
-    for level in range(levels):
-        if not prefixes:
-            break
-        cells = len(prefixes) * (END + 1)
-        scale = config.max_contributions / eps_level if dp else 0.0
-        lap = np.full(cells, scale / config.max_rows) if dp else None
-        payload = {
-            **base,
-            "level": level,
-            "prefixes": [p.hex() for p in prefixes],
-            "epsilon": eps_level,
-        }
-        counts = summer.run(KEYS_TASK, payload, lap) * config.max_rows
-        spent += eps_level
-        counts = counts.reshape(len(prefixes), END + 1)
-        threshold = scale * math.log(cells * 10.0) if dp else 0.5
-        nxt: list[tuple[float, bytes]] = []
-        for i, p in enumerate(prefixes):
-            row = counts[i]
-            if row[END] >= threshold:
-                found.append((float(row[END]), p))
-            if level < config.max_key_bytes:
-                for sym in np.nonzero(row[:END] >= threshold)[0]:
-                    nxt.append((float(row[sym]), p + bytes([int(sym)])))
-        if len(nxt) > config.max_groups:
-            if not dp:
-                raise QueryError(
-                    f"GROUP BY {list(plan.key_names)} has more than max_groups "
-                    f"({config.max_groups}) distinct keys; raise [analytics] max_groups or "
-                    "declare the column's categories"
-                )
-            nxt.sort(key=lambda t: -t[0])
-            nxt = nxt[: config.max_groups]
-        prefixes = [p for _, p in nxt]
-    found.sort(key=lambda t: -t[0])
-    if len(found) > config.max_groups:
-        if not dp:
-            raise QueryError(
-                f"GROUP BY {list(plan.key_names)} has more than max_groups "
-                f"({config.max_groups}) distinct keys"
-            )
-        found = found[: config.max_groups]
-    keys = []
+    seed = int.from_bytes(os.urandom(8), "little") >> 1  # public, fresh: no key is favoured
+    shape = sketch_shape(config, seed)
+    scale = sketch_noise_scale(config, epsilon) if dp else 0.0
+    lap = np.full(shape.size, scale / config.max_rows) if dp else None
+    payload = {"sql": plan.sql, "config": config.to_json(), "seed": seed, "epsilon": epsilon}
+    total = summer.run(KEYS_TASK, payload, lap) * config.max_rows
+    table = total.reshape(shape.levels, shape.depth, shape.width)
+    found, overflowed = decode(table, shape, noise_scale=scale, max_keys=config.max_groups)
+    if overflowed and not dp:
+        raise QueryError(
+            f"GROUP BY {list(plan.key_names)} has more than max_groups ({config.max_groups}) "
+            "candidate keys; raise [analytics] max_groups (or sketch_width, if most of them "
+            "are collisions) or declare the column's categories"
+        )
+    keys: list[str] = []
     for _, raw in found:
         try:
             values = key_from_bytes(raw)
         except (ValueError, UnicodeDecodeError):
-            continue  # noise can complete a prefix that is no valid key
+            continue  # noise or a collision can complete a prefix that is no valid key
         if len(values) == len(plan.keys):
-            keys.append(key_of(values))
-    return sorted(set(keys)), spent
+            key = key_of(values)
+            if key not in keys:
+                keys.append(key)
+    return sorted(keys), epsilon if dp else 0.0
 
 
 def _assemble(

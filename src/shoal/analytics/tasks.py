@@ -19,7 +19,8 @@ import numpy as np
 
 from shoal.analytics.config import AnalyticsConfig
 from shoal.analytics.dialect import parse
-from shoal.analytics.party import END, Domain, party_stats, prefix_counts
+from shoal.analytics.party import Domain, key_counts, party_stats
+from shoal.analytics.sketch import SketchShape, sketch
 from shoal.analytics.source import Database
 from shoal.analytics.stats import Block, blocks_for, flatten, laplace_scales, scales, skellam_steps
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, QueryError, TaskError
@@ -42,6 +43,8 @@ __all__ = [
     "release_policy",
     "secure_range",
     "skellam_layout",
+    "sketch_noise_scale",
+    "sketch_shape",
     "split_exact",
 ]
 
@@ -119,11 +122,14 @@ def _charge(
     privacy: Mapping[str, Any] | None,
     *,
     skellam_d2: float | None = None,
+    levels: int = 1,
 ) -> float | None:
     """Decline what the owner does not allow, and charge a DP request to the ledger.
 
     ``skellam_d2``: the task can add Skellam noise, at this L2 sensitivity (None: Laplace
-    only, and a Skellam request is refused). Returns the epsilon charged (None if exact)."""
+    only, and a Skellam request is refused). ``levels``: a Laplace release in that many
+    parts of epsilon / levels each (key selection's tree levels), charged as that many
+    steps. Returns the epsilon charged in total (None if exact)."""
     if privacy is None:
         if policy.require_dp:
             raise PrivacyBudgetExceeded(
@@ -142,7 +148,7 @@ def _charge(
     if noise not in ("laplace", "skellam") or (noise == "skellam" and skellam_d2 is None):
         raise TaskError(f"this task adds Laplace noise only, not {noise!r}")
     mechanism: Mechanism = "laplace"
-    multiplier = 1.0 / epsilon
+    multiplier = levels / epsilon  # per part: Laplace scale over sensitivity = 1 / eps_part
     if noise == "skellam":
         if mode != "distributed":
             raise TaskError("Skellam noise is added by the parties: mode must be 'distributed'")
@@ -165,12 +171,14 @@ def _charge(
             task="analytics",
             sample_rate=1.0,
             noise_multiplier=multiplier,
-            steps=1,
+            steps=levels,
             mechanism=mechanism,
         )
     else:
         ledger = ctx.state.setdefault(LEDGER_STATE, PrivacyLedger())
-        ledger.record(sample_rate=1.0, noise_multiplier=multiplier, mechanism=mechanism)
+        ledger.record(
+            sample_rate=1.0, noise_multiplier=multiplier, steps=levels, mechanism=mechanism
+        )
     return epsilon
 
 
@@ -261,6 +269,26 @@ def secure_range(noise_scale: np.ndarray | None) -> float:
     if noise_scale is None or noise_scale.size == 0:
         return VALUE_RANGE
     return VALUE_RANGE + 40.0 * float(np.max(noise_scale))
+
+
+def sketch_shape(config: AnalyticsConfig, seed: Any) -> SketchShape:
+    """Key selection's sketch layout, from the public declarations and the query's seed."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise TaskError("a key-selection request carries its hash seed, an int in [0, 2^63)")
+    return SketchShape(
+        levels=config.max_key_bytes + 1,
+        depth=config.sketch_depth,
+        width=config.sketch_columns,
+        seed=seed,
+    )
+
+
+def sketch_noise_scale(config: AnalyticsConfig, epsilon: float) -> float:
+    """Laplace scale per sketch cell for key selection at ``epsilon`` in total: every level
+    gets epsilon / levels, and one privacy unit (at most m rows, each adding 1 to one cell
+    per depth row) moves a level's table by m x depth in L1."""
+    levels = config.max_key_bytes + 1
+    return config.max_contributions * config.sketch_depth * levels / epsilon
 
 
 def _keep(vector: np.ndarray, *, limit: float, exact: bool) -> dict[str, Any]:
@@ -355,30 +383,17 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
 
     def keys_task(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
         config, plan, privacy, db = _request(ctx, payload, policy)
-        level, prefixes = payload.get("level"), payload.get("prefixes")
-        if (
-            isinstance(level, bool)
-            or not isinstance(level, int)
-            or not 0 <= level <= config.max_key_bytes
-            or not isinstance(prefixes, list)
-            or len(prefixes) > config.max_groups
-        ):
-            raise TaskError("a key-selection request names a level and at most max_groups prefixes")
-        try:
-            raw = [bytes.fromhex(p) for p in prefixes]
-        except (TypeError, ValueError):
-            raise TaskError("key-selection prefixes are hex strings") from None
-        if any(len(p) != level for p in raw):
-            raise TaskError(f"every prefix at level {level} has {level} bytes")
+        shape = sketch_shape(config, payload.get("seed"))
         if not plan.keys:
             raise QueryError("key selection needs a GROUP BY")
-        epsilon = _charge(ctx, policy, privacy)
-        counts = prefix_counts(db, plan, config, level, raw).ravel()
-        vector = counts / float(config.max_rows)
+        # Every level is charged at once, before anything is read: one token per row per
+        # level, each level its own share of epsilon (see sketch_noise_scale).
+        epsilon = _charge(ctx, policy, privacy, levels=shape.levels)
+        table = sketch(key_counts(db, plan, config), shape)
+        vector = table.ravel() / float(config.max_rows)
         if privacy is not None:
             assert epsilon is not None
-            # One row moves one cell by 1: L1 sensitivity max_contributions per level.
-            scale = np.full(vector.shape, config.max_contributions / epsilon / config.max_rows)
+            scale = np.full(vector.shape, sketch_noise_scale(config, epsilon) / config.max_rows)
             share = _noise_share(scale, privacy, policy)
             if share is not None:
                 _bind_share(ctx, _shares(privacy, policy), policy)
@@ -393,6 +408,3 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
         STATS_TASK: TaskSpec(stats_task, release=release),
         KEYS_TASK: TaskSpec(keys_task, release=release),
     }
-
-
-SYMBOLS = END + 1
