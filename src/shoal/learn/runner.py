@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from shoal.core import Federation
@@ -47,13 +47,14 @@ class RoundReport:
     failures: Mapping[str, str] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
-        out = {
-            k: v
-            for k, v in asdict(self).items()
-            if v is not None and k not in ("extra", "failures")
-        }
+        # The fields are numbers: read them as they are (asdict deep-copied every field,
+        # the failures' mapping included, twice a round).
+        out = {name: value for name in _REPORT_FIELDS if (value := getattr(self, name)) is not None}
         out.update(self.extra)
         return out
+
+
+_REPORT_FIELDS = tuple(f.name for f in fields(RoundReport) if f.name not in ("extra", "failures"))
 
 
 @dataclass(frozen=True, kw_only=True)
