@@ -204,6 +204,39 @@ def quality(name: str, x: np.ndarray, y: np.ndarray, guest_cols: int, args: Any)
     return out
 
 
+def cut_sensitivity(args: Any) -> list[dict[str, Any]]:
+    """How much test AUC moves when only the cuts move: XGBoost on raw values, on the bin
+    codes of the vertical parties' cuts (exact quantiles), and on the codes of XGBoost's own
+    cuts, for each data seed of the generated task (same split as the quality runs)."""
+    import xgboost as xgb
+
+    params = GBDTParams(n_trees=args.trees, max_depth=args.depth, learning_rate=0.3)
+    out = []
+    for seed in args.cut_seeds:
+        x, y = generated(args.cut_rows, seed=seed)
+        held = test_rows(len(y))
+        xtr, xte, ytr, yte = x[~held], x[held], y[~held], y[held]
+
+        def auc(
+            train_x: np.ndarray, test_x: np.ndarray, ytr: np.ndarray = ytr, yte: np.ndarray = yte
+        ) -> float:
+            model = xgboost_model(train_x, ytr, params, nthread=args.xgb_threads)
+            return float(roc_auc_score(yte, xgboost_predict(model, test_x)))
+
+        exact = fit_bins(xtr, max_bins=params.max_bins)
+        indptr, values = xgb.QuantileDMatrix(xtr, label=ytr, max_bin=256).get_quantile_cut()
+        own = Bins(cuts=tuple(  # XGBoost's cuts without its two sentinels
+            np.asarray(values[indptr[j] + 1 : indptr[j + 1] - 1], dtype=np.float64)
+            for j in range(x.shape[1])
+        ))  # fmt: skip
+        row = {"rows": args.cut_rows, "seed": seed, "xgboost_auc": auc(xtr, xte),
+               "on_vertical_cuts_auc": auc(codes(exact, xtr), codes(exact, xte)),
+               "on_own_cuts_auc": auc(codes(own, xtr), codes(own, xte))}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def horizontal_speed(args: Any) -> dict[str, Any]:
     x, y = generated(args.speed_rows, seed=1)
     params = GBDTParams(n_trees=args.speed_trees, max_depth=args.depth, learning_rate=0.3)
@@ -271,6 +304,8 @@ def main() -> None:
     parser.add_argument("--vertical-bins", type=int, default=32)
     parser.add_argument("--key-bits", type=int, default=2048)
     parser.add_argument("--xgb-threads", type=int, default=1)
+    parser.add_argument("--cut-seeds", type=int, nargs="*", default=[])
+    parser.add_argument("--cut-rows", type=int, default=20_000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "speed", "vertical"])
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -282,6 +317,8 @@ def main() -> None:
         x, y = generated(args.rows)
         result["quality"].append(quality(f"generated {args.rows}x330", x, y, 30, args))
         print(json.dumps(result["quality"][-1], default=str), flush=True)
+    if args.cut_seeds:
+        result["cut_sensitivity"] = cut_sensitivity(args)
     if "speed" not in args.skip:
         result["horizontal_speed"] = horizontal_speed(args)
     if "vertical" not in args.skip:
