@@ -94,3 +94,65 @@ def test_shoal_run_trains_secureboost_like_centralized(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "s.json").read_text())
     assert code == 0 and summary["identical_predictions"]
     assert summary["federated_auc"] == summary["centralized_auc"] > 0.9
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vertical"
+
+SECUREBOOST_TOML = """
+[job]
+name = "bank-insurer-trees"
+seed = 0
+
+[vertical]
+id_column = "id"
+parties = [
+  { name = "bank", role = "guest", path = "bank.csv", label = "default" },
+  { name = "insurer", role = "host", path = "insurer.csv" },
+]
+test_fraction = 0.2
+
+[model]
+name = "secureboost"
+n_trees = 2
+max_depth = 3
+max_bins = 16
+
+[crypto]
+key_bits = 512
+"""
+
+
+def test_shoal_run_vertical_toml_trains_secureboost_like_centralized(tmp_path: Path) -> None:
+    pytest.importorskip("shoal.crypto.paillier")
+    for name in ("bank", "insurer"):
+        (tmp_path / f"{name}.csv").write_bytes((EXAMPLE / f"{name}.csv").read_bytes())
+    (tmp_path / "vertical.toml").write_text(SECUREBOOST_TOML)
+    code = main(["run", str(tmp_path / "vertical.toml"), "--insecure-test-keys",
+                 "--json", str(tmp_path / "s.json"), "--quiet"])  # fmt: skip
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0 and summary["model"] == "secureboost" and summary["identical_predictions"]
+    assert summary["auc"] == summary["centralized_auc"] > 0.6
+    assert 0 < summary["intersection_size"] < 2000 and summary["bytes_sent"] > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("[model]", "[model]\nmax_depth = 13"), "max_depth must be in"),
+        (("test_fraction = 0.2", "test_fraction = 0.2\narbiter = true"), "has no arbiter"),
+    ],
+)
+def test_bad_vertical_secureboost_jobs_fail_before_training(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    from shoal.trees.secureboost import config_from_job
+    from shoal.vertical.job import load_vertical_job
+
+    text = (
+        SECUREBOOST_TOML.replace("max_depth = 3\n", "")
+        if "max_depth" in change[1]
+        else (SECUREBOOST_TOML)
+    )
+    (tmp_path / "vertical.toml").write_text(text.replace(*change))
+    with pytest.raises(ConfigError, match=message):
+        config_from_job(load_vertical_job(tmp_path / "vertical.toml", insecure_test_keys=True))

@@ -29,11 +29,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(", ".join(parts), flush=True)
 
 
+def _trees_config(job: Any) -> Any:
+    """A secureboost job's checked SecureBoostConfig (None for hetero linear models)."""
+    from shoal.vertical.job import SECUREBOOST
+
+    if job.model != SECUREBOOST:
+        return None
+    from shoal.trees.secureboost import config_from_job
+
+    return config_from_job(job)
+
+
 def run_vertical(args: argparse.Namespace) -> int:
-    from shoal.vertical.job import load_vertical_job, simulate
+    from shoal.vertical.job import SECUREBOOST, load_vertical_job, simulate
 
     job = load_vertical_job(args.job, insecure_test_keys=bool(args.insecure_test_keys))
-    summary = simulate(job)
+    if job.model == SECUREBOOST:
+        from shoal.trees.secureboost import simulate as simulate_trees
+
+        summary = simulate_trees(job)
+    else:
+        summary = simulate(job)
     if not getattr(args, "quiet", False):
         _print_summary(summary)
     if args.json:
@@ -60,6 +76,7 @@ def coordinate_vertical(args: argparse.Namespace) -> int:
     from shoal.vertical.protocol import train
 
     job = load_vertical_job(args.job, insecure_test_keys=bool(args.insecure_test_keys))
+    trees = _trees_config(job)  # tree parameters checked before any party connects
     roles = job.roles
     parties = [n for nodes in roles.values() for n in nodes]
     tls = None if args.insecure else ServerTLS.from_dir(args.certs)
@@ -93,8 +110,15 @@ def coordinate_vertical(args: argparse.Namespace) -> int:
                 seed=job.config.seed,
             )
             start = time.perf_counter()
-            result = train(fed, job.config)
-            summary = summarize(job, result, time.perf_counter() - start)
+            if trees is not None:
+                from shoal.trees import secureboost
+
+                routed = secureboost.train_routed(fed, trees)
+                summary = secureboost.summarize(job, routed, time.perf_counter() - start)
+            else:
+                result = train(fed, job.config)
+                summary = summarize(job, result, time.perf_counter() - start)
+            engine.finish("run finished")  # the parties exit now, not after --max-idle
         finally:
             engine.close()
     if not args.quiet:
@@ -121,7 +145,12 @@ def serve_party(args: argparse.Namespace) -> int:
         role = party.role
         data = party.load(job.id_column, Path(args.data) if args.data else None)
     app = NodeApp(max_kept=8)
-    app.install(vertical_tasks(role, mode=job.config.mode))
+    if _trees_config(job) is not None:
+        from shoal.trees.secureboost import secureboost_tasks
+
+        app.install(secureboost_tasks(role))
+    else:
+        app.install(vertical_tasks(role, mode=job.config.mode))
     tls = (
         None
         if args.insecure

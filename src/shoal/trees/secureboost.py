@@ -37,6 +37,7 @@ from shoal.runtime import TaskContext, TaskSpec
 from shoal.trees.objective import predict_from_margin
 from shoal.trees.params import GBDTParams
 from shoal.trees.vertical import Boosting, GuestParty, HostParty, _margin
+from shoal.vertical.job import VerticalJob
 from shoal.vertical.model import held_out_rows
 from shoal.vertical.party import PartyData
 from shoal.vertical.protocol import align
@@ -46,9 +47,13 @@ from shoal.wire import decode, encode
 __all__ = [
     "SecureBoostConfig",
     "SecureBoostResult",
+    "centralized",
+    "config_from_job",
     "digest",
     "evaluate",
     "secureboost_tasks",
+    "simulate",
+    "summarize",
     "train_routed",
 ]
 
@@ -490,3 +495,97 @@ class _Clock:
         self.cpu[name] = now[0] - self._at[0]
         self.wall[name] = now[1] - self._at[1]
         self._at = now
+
+
+# -- vertical job files (``[model] name = "secureboost"`` in a ``[vertical]`` job) ------------
+
+
+def config_from_job(job: VerticalJob) -> SecureBoostConfig:
+    """The job's tree parameters ([model], XGBoost's or LightGBM's names) and crypto."""
+    from shoal.trees.params import gbdt_params
+
+    values = {k: v for k, v in dict(job.raw.get("model", {})).items() if k != "name"}
+    values.setdefault("seed", job.config.seed)
+    min_overlap = int(dict(job.raw.get("vertical", {})).get("min_overlap", 10))
+    return SecureBoostConfig(
+        params=gbdt_params(values),
+        key_bits=job.config.key_bits,
+        insecure_test_keys=job.config.insecure_test_keys,
+        min_overlap=min_overlap,
+        test_fraction=job.config.test_fraction,
+        seed=job.config.seed,
+    )
+
+
+def summarize(job: VerticalJob, result: SecureBoostResult, wall_s: float) -> dict[str, Any]:
+    test = dict(result.test)
+    return {
+        "job": job.name,
+        "model": job.model,
+        "intersection_size": result.intersection_size,
+        "trees": result.trees,
+        "retries": result.retries,
+        **{k: v for k, v in test.items() if k not in ("n", "digest")},
+        "test_rows": int(test.get("n", 0)),
+        "digest": test.get("digest"),
+        "wall_s": wall_s,
+        "bytes_sent": result.routed_bytes,
+    }
+
+
+def centralized(
+    cfg: SecureBoostConfig,
+    tables: Mapping[str, PartyData],
+    rows: Mapping[str, np.ndarray],
+    order: list[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and labels on the held-out rows of the same trees trained in one place on
+    the joined aligned columns (``order``: the guest first, then the hosts), with each
+    party's own cuts: a simulation's reference, which needs every table in one place."""
+    from shoal.trees import Bins, fit_bins, train
+    from shoal.trees.horizontal import DEFAULT_FIXED_POINT
+
+    n = len(rows[order[0]])
+    held = held_out_rows(n, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    blocks = [tables[p].x[rows[p]] for p in order]
+    labels = tables[order[0]].y
+    if labels is None:
+        raise DataError("the guest holds no label column")
+    y = labels[rows[order[0]]]
+    params = cfg.params
+    if params.fixed_point_bits is None:
+        params = GBDTParams(**{**params.to_dict(), "fixed_point_bits": DEFAULT_FIXED_POINT})
+    cuts = sum((fit_bins(b[~held], max_bins=params.max_bins).cuts for b in blocks), ())
+    x = np.hstack(blocks)
+    model = train(x[~held], y[~held], params, bins=Bins(cuts=cuts))
+    return model.predict(x[held]), y[held]
+
+
+def simulate(job: VerticalJob) -> dict[str, Any]:
+    """Run a vertical SecureBoost job with every party a virtual node, beside the
+    centralized trees on the joined columns."""
+    from shoal.runtime import LocalEngine, NodeApp
+    from shoal.runtime.roles import NodeApps
+
+    cfg = config_from_job(job)
+    data = {p.name: p.load(job.id_column) for p in job.parties}
+    apps = {}
+    for p in job.parties:
+        app = NodeApp(max_kept=8)
+        app.install(secureboost_tasks(p.role))
+        apps[p.name] = app
+    names = list(apps)
+    engine = LocalEngine(NodeApps(apps), nodes=names, data=[data[n] for n in names])
+    fed = Federation(engine, roles=job.roles, seed=cfg.seed)
+    started = time.perf_counter()
+    result = train_routed(fed, cfg)
+    summary = summarize(job, result, time.perf_counter() - started)
+    order = [p.name for p in job.parties if p.role == "guest"]
+    order += [p.name for p in job.parties if p.role == "host"]
+    rows = {n: engine.node_state(n)["shoal.vertical"]["rows"] for n in order}
+    predicted, y = centralized(cfg, data, rows, order)
+    if len(y):
+        metrics = _metrics(predicted, y, cfg.params)
+        summary.update({f"centralized_{k}": v for k, v in metrics.items() if k != "logloss"})
+    summary["identical_predictions"] = summary["digest"] == bytes(digest(predicted)).hex()
+    return summary

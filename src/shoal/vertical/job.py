@@ -26,9 +26,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Party", "VerticalJob", "is_vertical", "load_vertical_job", "parse_vertical_job"]
+__all__ = [
+    "SECUREBOOST",
+    "Party",
+    "VerticalJob",
+    "is_vertical",
+    "load_vertical_job",
+    "parse_vertical_job",
+]
 
 ARBITER = "arbiter"
+SECUREBOOST = "secureboost"  # trees (shoal.trees.secureboost); its [model] keys are checked there
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +57,7 @@ class VerticalJob:
     parties: tuple[Party, ...]
     config: HeteroConfig
     raw: Mapping[str, Any]
+    model: str = "hetero_logistic_regression"
 
     @property
     def roles(self) -> dict[str, list[str]]:
@@ -125,10 +134,14 @@ def parse_vertical_job(
     if scheme != "paillier":
         raise ConfigError(f"[crypto] scheme {scheme!r} is not supported; use 'paillier'")
     name = str(model.get("name", "hetero_logistic_regression"))
-    if name not in MODELS:
-        raise ConfigError(f"[model] name must be one of {sorted(MODELS)}, got {name!r}")
+    if name not in MODELS and name != SECUREBOOST:
+        raise ConfigError(
+            f"[model] name must be one of {sorted([*MODELS, SECUREBOOST])}, got {name!r}"
+        )
+    if name == SECUREBOOST and vert.get("arbiter", False):
+        raise ConfigError("secureboost has no arbiter: the guest holds the Paillier key")
     cfg = HeteroConfig(
-        model=name,
+        model=name if name in MODELS else "hetero_logistic_regression",
         mode="arbiter" if vert.get("arbiter", False) else "two_party",
         epochs=int(algo.get("epochs", 10)),
         batch_size=int(algo.get("batch_size", 1024)),
@@ -141,7 +154,7 @@ def parse_vertical_job(
         insecure_test_keys=insecure_test_keys,
         min_overlap=int(vert.get("min_overlap", 10)),
     )
-    if cfg.mode == "two_party" and len(parties) != 2:
+    if name in MODELS and cfg.mode == "two_party" and len(parties) != 2:
         raise ConfigError("without an arbiter a job has exactly two parties; set arbiter = true")
     return VerticalJob(
         name=str(job.get("name", "vertical")),
@@ -149,6 +162,7 @@ def parse_vertical_job(
         parties=tuple(parties),
         config=cfg,
         raw=raw,
+        model=name,
     )
 
 
