@@ -29,11 +29,12 @@ from shoal.trees.secureboost import (
 STATE = "shoal.trees.secureboost"
 
 
-def _tables(hosts: int = 1, seed: int = 0) -> dict[str, PartyData]:
+def _tables(hosts: int = 1, seed: int = 0, missing: float = 0.0) -> dict[str, PartyData]:
     """breast_cancer by columns: the guest 10 + label, hosts the rest; each party misses a
-    different few ids and keeps its own row order."""
+    different few ids and keeps its own row order (and ``missing`` of its values)."""
     x, y = load_breast_cancer(return_X_y=True)
     rng = np.random.default_rng(seed)
+    x = np.where(rng.random(x.shape) < missing, np.nan, x)
     n = len(y)
     ids = np.array([f"p{i:04d}" for i in range(n)])
     blocks = np.array_split(np.arange(10, 30), hosts)
@@ -42,7 +43,7 @@ def _tables(hosts: int = 1, seed: int = 0) -> dict[str, PartyData]:
         rows = rng.permutation(np.setdiff1d(np.arange(n), rng.choice(n, 20, replace=False)))
         cols = np.arange(10) if k == 0 else blocks[k - 1]
         out[name] = PartyData.from_columns(
-            ids[rows], x[np.ix_(rows, cols)], y=y[rows] if k == 0 else None
+            ids[rows], x[np.ix_(rows, cols)], y=y[rows] if k == 0 else None, missing_ok=True
         )
     return out
 
@@ -85,7 +86,7 @@ def _centralized(engine: LocalEngine, tables: dict[str, PartyData], cfg: SecureB
 
 
 def test_routed_secureboost_grows_the_centralized_trees_tree_by_tree() -> None:
-    tables = _tables(hosts=2)
+    tables = _tables(hosts=2, missing=0.05)  # missing values: learned default directions
     fed, engine = _federation(tables)
     cfg = _cfg(colsample=0.9)
     result = train_routed(fed, cfg)
@@ -93,7 +94,7 @@ def test_routed_secureboost_grows_the_centralized_trees_tree_by_tree() -> None:
     central, x_test, y_test, hosts = _centralized(engine, tables, cfg)
     model = engine.node_state("bank")[STATE]["boosting"].model()
     offsets = np.cumsum([0, 10, *[h.codes.shape[1] for h in hosts]])
-    owners = set()
+    owners, defaults = set(), set()
     for vround, cround in zip(model.trees, central.trees, strict=True):
         for vt, ct in zip(vround, cround, strict=True):
             np.testing.assert_array_equal(vt.left, ct.left)
@@ -108,7 +109,9 @@ def test_routed_secureboost_grows_the_centralized_trees_tree_by_tree() -> None:
                     f, t, d = hosts[owner - 1].records[vt.split[v]]
                     got = (int(offsets[owner] + f), t, d)
                 assert got == (int(ct.feature[v]), int(ct.left_bins[v]), bool(ct.default_left[v]))
+                defaults.add(got[2])
     assert owners >= {1, 2}  # both hosts won splits
+    assert True in defaults  # some split sends the missing values left (a backward scan)
     assert result.test["digest"] == bytes(digest(central.predict(x_test))).hex()
     assert result.test["n"] == len(y_test) and result.test["auc"] > 0.9
     routes = [e for e in fed.audit_log if e.action == "route"]
@@ -228,3 +231,15 @@ def test_bad_parties_are_refused_before_training() -> None:
         train_routed(fed, _cfg())
     with pytest.raises(ConfigError, match="too short"):
         SecureBoostConfig(params=GBDTParams(), key_bits=512)
+
+
+def test_a_party_csv_may_leave_features_empty_for_trees_only(tmp_path: Any) -> None:
+    path = tmp_path / "party.csv"
+    path.write_text("id,a,b\nx1,1.5,\nx2,,2\nx3,3,4\n")
+    table = PartyData.from_csv(path, id_column="id", missing_ok=True)
+    assert np.isnan(table.x[0, 1]) and np.isnan(table.x[1, 0]) and table.x[2, 1] == 4
+    with pytest.raises(DataError, match="not numeric"):  # linear models: impute first
+        PartyData.from_csv(path, id_column="id")
+    path.write_text("id,a\nx1,inf\n")
+    with pytest.raises(DataError):
+        PartyData.from_csv(path, id_column="id", missing_ok=True)

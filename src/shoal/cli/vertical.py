@@ -132,7 +132,7 @@ def serve_party(args: argparse.Namespace) -> int:
     """One party's node: its own CSV, its role's tasks, nothing else."""
     from shoal.runtime import NodeApp
     from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, NodeExit, load_private_key
-    from shoal.vertical.job import ARBITER, load_vertical_job
+    from shoal.vertical.job import ARBITER, SECUREBOOST, load_vertical_job
     from shoal.vertical.tasks import vertical_tasks
 
     job = load_vertical_job(args.job, insecure_test_keys=bool(args.insecure_test_keys))
@@ -143,7 +143,11 @@ def serve_party(args: argparse.Namespace) -> int:
     else:
         party = job.party(name)
         role = party.role
-        data = party.load(job.id_column, Path(args.data) if args.data else None)
+        data = party.load(
+            job.id_column,
+            Path(args.data) if args.data else None,
+            missing_ok=job.model == SECUREBOOST,  # trees learn where missing values go
+        )
     app = NodeApp(max_kept=8)
     if _trees_config(job) is not None:
         from shoal.trees.secureboost import secureboost_tasks

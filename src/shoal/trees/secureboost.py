@@ -568,7 +568,7 @@ def simulate(job: VerticalJob) -> dict[str, Any]:
     from shoal.runtime.roles import NodeApps
 
     cfg = config_from_job(job)
-    data = {p.name: p.load(job.id_column) for p in job.parties}
+    data = {p.name: p.load(job.id_column, missing_ok=True) for p in job.parties}
     apps = {}
     for p in job.parties:
         app = NodeApp(max_kept=8)

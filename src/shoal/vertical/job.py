@@ -46,8 +46,12 @@ class Party:
     path: Path
     label: str | None = None
 
-    def load(self, id_column: str, path: Path | None = None) -> PartyData:
-        return PartyData.from_csv(path or self.path, id_column=id_column, label=self.label)
+    def load(
+        self, id_column: str, path: Path | None = None, *, missing_ok: bool = False
+    ) -> PartyData:
+        return PartyData.from_csv(
+            path or self.path, id_column=id_column, label=self.label, missing_ok=missing_ok
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,6 +26,8 @@ class PartyData:
     x: np.ndarray
     columns: tuple[str, ...]
     y: np.ndarray | None = None
+    # NaN features allowed (trees learn a direction for them); linear models refuse them
+    missing_ok: bool = False
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.x.shape[0] != len(self.ids):
@@ -34,7 +36,7 @@ class PartyData:
             seen: set[str] = set()
             dup = next(i for i in self.ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
             raise DataError(f"duplicate id {dup!r}: each row needs its own id to align records")
-        if not np.all(np.isfinite(self.x)):
+        if np.isinf(self.x).any() or (not self.missing_ok and np.isnan(self.x).any()):
             raise DataError("features hold NaN or infinite values; impute them first")
         if self.y is not None and len(self.y) != len(self.ids):
             raise DataError("the label column does not match the rows")
@@ -47,6 +49,7 @@ class PartyData:
         *,
         columns: Sequence[str] | None = None,
         y: np.ndarray | None = None,
+        missing_ok: bool = False,
     ) -> PartyData:
         x = np.asarray(x, dtype=np.float64)
         names = tuple(columns) if columns is not None else tuple(f"x{i}" for i in range(x.shape[1]))
@@ -55,11 +58,20 @@ class PartyData:
             x=x,
             columns=names,
             y=None if y is None else np.asarray(y, dtype=np.float64),
+            missing_ok=missing_ok,
         )
 
     @classmethod
-    def from_csv(cls, path: str | Path, *, id_column: str, label: str | None = None) -> PartyData:
-        """Read a party's CSV: the id column, the label (guest) and numeric features."""
+    def from_csv(
+        cls,
+        path: str | Path,
+        *,
+        id_column: str,
+        label: str | None = None,
+        missing_ok: bool = False,
+    ) -> PartyData:
+        """Read a party's CSV: the id column, the label (guest) and numeric features (an
+        empty feature field is missing, NaN, where ``missing_ok``)."""
         path = Path(path)
         try:
             with path.open(newline="") as fh:
@@ -84,7 +96,8 @@ class PartyData:
             if len(row) != len(header):
                 raise DataError(f"{path}: row {r + 2} has {len(row)} fields, not {len(header)}")
             for c, i in enumerate(feat):
-                x[r, c] = _number(row[i], path, header[i], r)
+                empty = missing_ok and not row[i].strip()
+                x[r, c] = math.nan if empty else _number(row[i], path, header[i], r)
             if y is not None and label_at is not None:
                 y[r] = _number(row[label_at], path, header[label_at], r)
         return cls(
@@ -92,6 +105,7 @@ class PartyData:
             x=x,
             columns=tuple(header[i] for i in feat),
             y=y,
+            missing_ok=missing_ok,
         )
 
 
