@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from shoal.runtime import NodeApp
-from shoal.runtime.grpc.limits import PendingLimiter, RejectionLog, peer_host
+from shoal.runtime.grpc.limits import RejectionLog, peer_host
 from shoal.runtime.grpc.protocol import METHOD
 
 FLOOD = 60  # connections held open at once, at most
@@ -24,7 +24,8 @@ FLOOD_S = 20.0  # the flood stops by itself after this
 class Flood:
     """Keeps up to FLOOD idle TCP connections open to ``port``, reopening those dropped, as
     fast as they are dropped, from ``source`` (another loopback address than the node's:
-    limits are per address, and a flood from the node's own address is its own problem)."""
+    limits are per address; floods from the node's own address are
+    test_deploy_flood_own_address.py's)."""
 
     def __init__(self, port: int, source: str = "127.0.0.2") -> None:
         self.port = port
@@ -144,21 +145,6 @@ def test_a_flood_of_silent_grpc_streams_does_not_keep_a_node_out(federation) -> 
         federation, "node.rejected_summary"
     )
     assert rejected  # the dropped streams are on record
-
-
-def test_pending_limiter_drops_the_oldest_of_the_same_address_first() -> None:
-    dropped: list[str] = []
-    limiter = PendingLimiter(per_peer=2, total=3)
-    tickets = {}
-    for name, host in [("a1", "a"), ("a2", "a"), ("b1", "b")]:
-        tickets[name] = limiter.admit(host, lambda n=name: dropped.append(n))
-    limiter.admit("a", lambda: dropped.append("a3"))  # a's bound: a1 goes
-    assert dropped == ["a1"]
-    limiter.admit("c", lambda: dropped.append("c1"))  # the total: the oldest of all (a2)
-    assert dropped == ["a1", "a2"]
-    limiter.done(tickets["b1"])
-    limiter.admit("d", lambda: None)
-    assert dropped == ["a1", "a2"] and len(limiter) == 3
 
 
 def test_rejections_are_coalesced_never_dropped() -> None:

@@ -100,7 +100,10 @@ class BulkLanes:
         self.server: LaneServer | None = None
         self.port = 0
         self._limiter = PendingLimiter(
-            per_peer=config.max_pending_per_peer, total=config.max_pending
+            per_peer=config.max_pending_per_peer,
+            total=config.max_pending,
+            max_age_s=config.handshake_timeout_s,
+            grace_s=config.pending_grace_s,
         )
         self._lock = threading.Lock()
         self._bytes = [0, 0]  # payload bytes sent, received on lanes

@@ -28,7 +28,8 @@ class CoordinatorConfig:
     (default three heartbeats and 5 s) is dropped, as is a stream that has not said hello
     within ``handshake_timeout_s``. Signed messages older than ``auth_window_s`` are replays.
     Unauthenticated streams and lane connections are bounded (``max_pending_per_peer`` per
-    address, ``max_pending`` in all, the oldest dropped for a newcomer: see limits.py), and
+    address, ``max_pending`` in all; the least advanced, at random among equals, dropped
+    for a newcomer: see limits.py), and
     authenticated nodes by ``max_nodes``. The registry is re-read every
     ``registry_refresh_s`` (revoked nodes are dropped). Audit entries carry ``run_id``.
     """
@@ -74,6 +75,12 @@ class CoordinatorConfig:
                 raise ConfigError(
                     f"data_listen must be HOST:PORT, 'auto' or None, got {self.data_listen!r}"
                 ) from None
+
+    @property
+    def pending_grace_s(self) -> float:
+        """How long an unauthenticated connection's progress protects it (limits.py): a node
+        needs milliseconds; an attacker's stalled connections rank as silent after this."""
+        return min(1.0, self.handshake_timeout_s)
 
     @property
     def silent_after_s(self) -> float:

@@ -121,8 +121,14 @@ class GrpcEngine:
             end_session=self._streams.end,
             stop=self._closing,
         )
+        # Until a node authenticates on it: the TLS/HTTP2 handshake (gRPC's timeout) and
+        # then the hello (the monitor's) each take at most handshake_timeout_s; this is the
+        # backstop behind both.
         self._door_limiter = PendingLimiter(
-            per_peer=config.max_pending_per_peer, total=config.max_pending
+            per_peer=config.max_pending_per_peer,
+            total=config.max_pending,
+            max_age_s=3 * config.handshake_timeout_s,
+            grace_s=config.pending_grace_s,
         )
         self._door: FrontDoor | None = None
         self._server: grpc.Server | None = None
@@ -157,7 +163,7 @@ class GrpcEngine:
             ("grpc.max_connection_idle_ms", int(6 * config.handshake_timeout_s * 1000)),
         ]
         # Room for every node plus every pending stream the limiter allows: a flood of
-        # unauthenticated streams is evicted oldest-first, never fills the server.
+        # unauthenticated streams is evicted (limits.py), never fills the server.
         slots = config.max_nodes + config.max_pending
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=slots + 8, thread_name_prefix="shoal-session"),

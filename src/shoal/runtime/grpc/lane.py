@@ -10,7 +10,6 @@ direction, so no TLS connection is ever read and written by two threads at once.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hmac
 import os
 import socket
@@ -29,7 +28,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from shoal.errors import AuthenticationError, ProtocolError, TransportError
 from shoal.runtime.engine import Buffer
 from shoal.runtime.grpc.auth import LANE_ID_BYTES
-from shoal.runtime.grpc.limits import PendingLimiter, peer_host
+from shoal.runtime.grpc.limits import PREFIX, PROVEN, SILENT, DropReason, PendingLimiter, peer_host
 
 __all__ = [
     "DOWN",
@@ -41,6 +40,7 @@ __all__ = [
     "LaneSocket",
     "connect_lane",
     "parse_address",
+    "peek",
     "proof",
 ]
 
@@ -52,9 +52,15 @@ DOWN = b"D"
 UP = b"U"
 # Coordinator -> node on accept: magic, nonce. Node -> coordinator: magic, direction, lane
 # id, proof. Coordinator -> node when admitted: "OK", its own proof (the node then knows the
-# connection leads to the coordinator of its session, even without TLS).
+# connection leads to the coordinator of its session, even without TLS). The node sends its
+# magic, direction and lane id at once, before the greeting (the bytes on the wire are the
+# same): a connection that names a live session's lane id the moment it is accepted is one
+# no flood can displace (limits.py).
 _GREETING_BYTES = len(_MAGIC) + _NONCE_BYTES
-_HELLO_BYTES = len(_MAGIC) + 1 + LANE_ID_BYTES + _PROOF_BYTES
+_PREFIX_BYTES = len(_MAGIC) + 1 + LANE_ID_BYTES
+_HELLO_BYTES = _PREFIX_BYTES + _PROOF_BYTES
+_TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello record
+_SWEEP_S = 0.25  # how often the accept loop drops connections past their deadline
 _ACCEPT = b"OK"
 _ACCEPT_BYTES = len(_ACCEPT) + _PROOF_BYTES
 # A frame: kind, task id length, payload size (64 bits: payloads over 4 GB are fine), task id.
@@ -312,12 +318,14 @@ def connect_lane(
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if context is not None:
             sock = context.wrap_socket(raw, server_hostname=server_name or host)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.sendall(_MAGIC + direction + lane_id)  # first: it ranks this connection (above)
         greeting = _recv_fixed(sock, _GREETING_BYTES, deadline)
         if not greeting.startswith(_MAGIC):
             raise TransportError(f"{host}:{port} is not a shoal bulk lane")
         nonce = greeting[len(_MAGIC) :]
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        sock.sendall(_MAGIC + direction + lane_id + proof(token, nonce, b"node", direction))
+        sock.sendall(proof(token, nonce, b"node", direction))
         answer = _recv_fixed(sock, _ACCEPT_BYTES, deadline)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
@@ -345,10 +353,13 @@ class LaneServer:
     ``attach(lane_id, direction, lane)`` hands an authenticated connection to its session
     (or says why not) before the node is told it is accepted; ``serve(lane_id, direction,
     lane)`` then runs on the connection's thread for as long as it lives.
-    Unauthenticated connections get ``timeout_s`` to prove a token and are bounded by
-    ``limiter`` (per address and in total; the oldest is dropped for a newcomer, so a flood
-    of idle connections cannot keep a node off its lane); each refusal is reported to
-    ``rejected(peer, reason)``.
+    Unauthenticated connections get ``timeout_s`` to prove a token, however slowly their
+    bytes come (a deadline on every read; the limiter's own, swept by the accept loop, as the
+    backstop), and are bounded by ``limiter`` per address and in total. Their progress ranks
+    them when one must go (limits.py): SILENT, PREFIX (the lane's magic and a direction, or a
+    TLS ClientHello's first byte), PROVEN (a live session's lane id, or a TLS handshake with
+    a certificate of the federation's CA). Each refusal is reported to ``rejected(peer,
+    reason)``, once.
     """
 
     def __init__(
@@ -383,10 +394,12 @@ class LaneServer:
         self._serve = serve
         self._rejected = rejected
         self._timeout_s = timeout_s
-        self._limiter = limiter or PendingLimiter()
-        self._dropped: set[int] = set()  # id() of connections dropped for a newer one
+        self._limiter = limiter or PendingLimiter(max_age_s=timeout_s)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="shoal-lane-accept", daemon=True)
+        self.accepted = 0  # connections accepted, and those of them that authenticated
+        self.served = 0
+        self._counting = threading.Lock()
 
     def start(self) -> LaneServer:
         self._thread.start()
@@ -400,29 +413,52 @@ class LaneServer:
         self._thread.join(timeout=5)
 
     def _accept(self) -> None:
+        self._listener.settimeout(_SWEEP_S)  # wakes to sweep even when nobody connects
+        swept = time.monotonic()
         while not self._closing.is_set():
+            if time.monotonic() - swept >= _SWEEP_S:
+                swept = time.monotonic()
+                self._limiter.expire()
             try:
                 conn, address = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 if self._closing.is_set():
                     return
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
+            self.accepted += 1
             peer = _peer(address)
-            ticket = self._limiter.admit(peer_host(peer), functools.partial(self._drop, conn))
-            threading.Thread(
-                target=self._connection, args=(conn, peer, ticket), name="shoal-lane", daemon=True
-            ).start()
+            pending = _PendingConn(conn)
+            level = self._level_of(peek(conn, _PREFIX_BYTES))
+            ticket = self._limiter.admit(peer_host(peer), pending.drop, level=level)
+            if ticket is None:
+                conn.close()
+                self._rejected(peer, _REFUSED)
+                continue
+            try:
+                threading.Thread(
+                    target=self._connection,
+                    args=(pending, peer, ticket),
+                    name="shoal-lane",
+                    daemon=True,
+                ).start()
+            except RuntimeError:  # out of threads: drop this one, keep accepting
+                self._limiter.done(ticket)
+                conn.close()
+                self._rejected(peer, "dropped: the coordinator has no thread free")
+                time.sleep(0.05)
 
-    def _drop(self, conn: socket.socket) -> None:
-        """Make room for a newer connection: wake this one's handshake with an error."""
-        self._dropped.add(id(conn))
-        with contextlib.suppress(OSError):
-            conn.shutdown(socket.SHUT_RDWR)
+    def _level_of(self, head: bytes) -> int:
+        """How far the first bytes of a connection are along a real lane handshake."""
+        if self._context is not None:
+            return PREFIX if head[:1] == bytes([_TLS_HANDSHAKE]) else SILENT
+        return _hello_level(head, self._token_for)
 
-    def _connection(self, conn: socket.socket, peer: str, ticket: int) -> None:
+    def _connection(self, pending: _PendingConn, peer: str, ticket: int) -> None:
         try:
-            authenticated = self._authenticate(conn, peer)
+            authenticated = self._authenticate(pending, peer, ticket)
         finally:
             self._limiter.done(ticket)
         if authenticated is None:
@@ -434,8 +470,9 @@ class LaneServer:
             lane.close()
 
     def _authenticate(
-        self, conn: socket.socket, peer: str
+        self, pending: _PendingConn, peer: str, ticket: int
     ) -> tuple[bytes, bytes, LaneSocket] | None:
+        conn = pending.sock
         deadline = time.monotonic() + self._timeout_s
         sock: socket.socket = conn
         reason = ""
@@ -443,25 +480,31 @@ class LaneServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self._timeout_s)
             if self._context is not None:
+                # Python's ssl bounds the whole handshake by the socket timeout; the
+                # limiter's deadline (swept by the accept loop) is the backstop.
                 sock = self._context.wrap_socket(conn, server_side=True)
+                self._limiter.advance(ticket, PROVEN)  # a certificate of the federation's CA
             nonce = os.urandom(_NONCE_BYTES)
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.sendall(_MAGIC + nonce)
-            hello = _recv_fixed(sock, _HELLO_BYTES, deadline)
+            head = _recv_fixed(sock, _PREFIX_BYTES, deadline)
             start = len(_MAGIC) + 1
-            direction = hello[len(_MAGIC) : start]
-            if not hello.startswith(_MAGIC) or direction not in (DOWN, UP):
+            direction = head[len(_MAGIC) : start]
+            lane_id = head[start:]
+            token = None
+            if not head.startswith(_MAGIC) or direction not in (DOWN, UP):
                 reason = "not a shoal bulk lane hello"
+            elif (token := self._token_for(lane_id)) is None:
+                reason = "no live session has this lane id (stale or forged)"
             else:
-                lane_id = hello[start : start + LANE_ID_BYTES]
-                token = self._token_for(lane_id)
-                if token is None:
-                    reason = "no live session has this lane id (stale or forged)"
-                elif not hmac.compare_digest(
-                    hello[start + LANE_ID_BYTES :], proof(token, nonce, b"node", direction)
-                ):
+                self._limiter.advance(ticket, PROVEN)
+                sent = _recv_fixed(sock, _PROOF_BYTES, deadline)
+                if not hmac.compare_digest(sent, proof(token, nonce, b"node", direction)):
                     reason = "wrong lane token: the connection is not bound to the session"
                 else:
+                    self._limiter.done(ticket)  # authenticated: no longer anyone's to drop
+                    if pending.dropped:  # dropped in the same instant: the peer saw it
+                        raise ConnectionError("dropped")
                     sock.settimeout(None)
                     lane = LaneSocket(sock, peer=peer)
                     reason = self._attach(lane_id, direction, lane)
@@ -472,6 +515,8 @@ class LaneServer:
                             sock.sendall(accept)
                         finally:
                             sock.settimeout(None)
+                        with self._counting:
+                            self.served += 1
                         return lane_id, direction, lane
         except TimeoutError:
             reason = f"no lane authentication within {self._timeout_s:g} s"
@@ -479,13 +524,67 @@ class LaneServer:
             reason = f"TLS handshake failed ({exc.reason or exc})"
         except OSError as exc:
             reason = f"connection failed during authentication ({exc or type(exc).__name__})"
-        if id(conn) in self._dropped:
-            self._dropped.discard(id(conn))
-            reason = "dropped while unauthenticated, for a newer connection (too many pending)"
+        if pending.dropped == "expired":
+            reason = f"no lane authentication within {self._timeout_s:g} s"
+        elif pending.dropped:
+            reason = _EVICTED
         if not self._closing.is_set():  # first: once closed, the peer may look at once
             self._rejected(peer, reason)
+        # Read what already came (a hello refused by its first bytes has more behind them):
+        # closing with unread bytes would reset the connection instead of ending it.
+        with contextlib.suppress(OSError, ValueError):
+            sock.setblocking(False)
+            sock.recv(_HELLO_BYTES)
         sock.close()
         return None
+
+
+_REFUSED = (
+    "refused: too many pending connections from this address, none of them less far along "
+    "its handshake than this one"
+)
+_EVICTED = (
+    "dropped while unauthenticated, for a connection at least as far along its handshake "
+    "(too many pending)"
+)
+
+
+class _PendingConn:
+    """An accepted lane connection and why the limiter dropped it, if it did."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.dropped: DropReason | None = None
+
+    def drop(self, why: DropReason) -> None:
+        """Wake this connection's handshake with an error (it is reported once, by its thread)."""
+        self.dropped = why
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def peek(sock: socket.socket, size: int) -> bytes:
+    """The bytes already waiting on a fresh connection, left there; b"" if none yet."""
+    try:
+        sock.setblocking(False)
+        try:
+            return sock.recv(size, socket.MSG_PEEK)
+        finally:
+            sock.setblocking(True)
+    except OSError:  # BlockingIOError: nothing yet; anything else: the thread will see it
+        return b""
+
+
+def _hello_level(head: bytes, token_for: Callable[[bytes], bytes | None]) -> int:
+    """The level of a plaintext lane connection whose first bytes are ``head``."""
+    n = min(len(head), len(_MAGIC))
+    if not head or head[:n] != _MAGIC[:n]:
+        return SILENT
+    if len(head) > len(_MAGIC) and head[len(_MAGIC) : len(_MAGIC) + 1] not in (DOWN, UP):
+        return SILENT
+    if len(head) >= _PREFIX_BYTES and token_for(head[len(_MAGIC) + 1 : _PREFIX_BYTES]):
+        return PROVEN
+    return PREFIX
 
 
 def _peer(address: Any) -> str:

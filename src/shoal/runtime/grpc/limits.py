@@ -1,25 +1,58 @@
 """Bounds on connections that have not authenticated yet, and coalesced rejection records.
 
 A coordinator faces the open network: anyone may connect to its gRPC and bulk lane ports.
-Until a connection proves a registered key it costs the coordinator a slot, so there are at
-most ``per_peer`` such connections from one address and ``total`` in all; when a new one
-would exceed either bound, the *oldest* pending one (from that address first) is dropped. A
-real node authenticates within milliseconds, so a flood of idle connections can only ever
-delay it by the time its own handshake takes, never lock it out. Rejections are recorded
-individually up to ``burst`` per address and minute, then counted and recorded once per
-minute as "N rejected connections from X", so none goes unrecorded and none floods the log.
+Until a connection proves a registered key it costs the coordinator a slot (a thread, a file
+descriptor), so there are at most ``per_peer`` such connections from one address and
+``total`` in all, each for at most ``max_age_s``.
+
+When a newcomer would exceed a bound, one connection goes: the one with the least *progress*
+(:data:`SILENT` < :data:`PREFIX` < :data:`CALL` < :data:`PROVEN`), chosen uniformly at random
+(from the operating system's randomness) among those with equally little, the newcomer
+included. Progress counts for the first ``grace_s`` of a connection's life only: a node
+authenticates within milliseconds, so a connection still pending after that ranks as silent
+(otherwise an attacker who can reach a level would hold its slots at it until the deadline,
+and newcomers below it, the node's among them, would all be refused). So a connection that
+has shown more of a real handshake is never dropped, within its grace, while one that has
+shown less is pending, and no one can predict which of equals goes: a flood from the node's
+own address (a NAT, a shared host) can no longer aim at the node's connection by its age.
+What each level means on each port is the caller's (see transport.py and lane.py);
+:data:`PROVEN` is reserved for what only a federation member can show (a certificate of the
+federation's CA, a live session's lane id), so a node that reached it cannot be displaced,
+within its grace, by anyone who cannot.
+
+Rejections are recorded individually up to ``burst`` per address and minute, then counted
+and recorded once per minute as "N rejected connections from X", so none goes unrecorded
+and none floods the log.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["PendingLimiter", "RejectionLog", "peer_host"]
+__all__ = [
+    "CALL",
+    "PREFIX",
+    "PROVEN",
+    "SILENT",
+    "DropReason",
+    "PendingLimiter",
+    "RejectionLog",
+    "peer_host",
+]
+
+# Progress of a pending connection; higher outranks lower when one must go.
+SILENT = 0  # nothing yet, or nothing that could start a handshake
+PREFIX = 1  # a well-formed start of the handshake (anyone can send one)
+CALL = 2  # a full transport handshake and a gRPC call open, still unauthenticated
+PROVEN = 3  # something only a federation member has (a CA-signed certificate, a lane id)
+
+DropReason = Literal["evicted", "expired"]
 
 
 def peer_host(peer: str) -> str:
@@ -34,51 +67,143 @@ def peer_host(peer: str) -> str:
 @dataclass
 class _Pending:
     host: str
-    drop: Callable[[], None]
+    level: int
+    since: float
+    deadline: float
+    drop: Callable[[DropReason], None]
 
 
 class PendingLimiter:
-    """At most ``per_peer`` pending connections per address and ``total`` in all.
+    """At most ``per_peer`` pending connections per address and ``total`` in all, each for at
+    most ``max_age_s`` (None: no limit here; the caller's own timeouts apply).
 
-    ``admit(host, drop)`` registers a new pending connection and returns its ticket; when a
-    bound is hit, the oldest pending connection (of ``host`` if that bound is hit, else the
-    oldest of all) has its ``drop`` called and is forgotten. ``done(ticket)`` removes a
-    connection that authenticated or ended.
+    ``admit(host, drop, level=...)`` registers a new pending connection and returns its
+    ticket, or None if the newcomer itself is the one that must go (the caller closes it;
+    its ``drop`` is not called). When a bound is hit, the connection with the lowest rank
+    (of ``host`` if its bound is hit, else of all) has ``drop("evicted")`` called and is
+    forgotten; a connection's rank is its level for its first ``grace_s``, SILENT after;
+    ties are broken uniformly at random with ``rng`` (default: the OS's randomness).
+    ``advance(ticket, level)`` records progress (levels only rise), ``done`` removes a
+    connection that authenticated or ended, and ``expire()`` calls ``drop("expired")`` for
+    every connection past its deadline.
     """
 
-    def __init__(self, *, per_peer: int = 16, total: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        per_peer: int = 16,
+        total: int = 256,
+        max_age_s: float | None = None,
+        grace_s: float = 1.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if per_peer < 1 or total < per_peer:
             raise ValueError("need 1 <= per_peer <= total")
+        if (max_age_s is not None and max_age_s <= 0) or grace_s <= 0:
+            raise ValueError("max_age_s and grace_s must be positive")
         self.per_peer = per_peer
         self.total = total
+        self.max_age_s = max_age_s
+        self.grace_s = grace_s
+        self._rng = rng or random.SystemRandom()
+        self._clock = clock
         self._lock = threading.Lock()
-        self._pending: OrderedDict[int, _Pending] = OrderedDict()  # oldest first
+        self._pending: dict[int, _Pending] = {}
+        self._by_host: dict[str, set[int]] = {}
         self._next = 0
-        self.evicted = 0
+        self.evicted = 0  # dropped for a newcomer
+        self.refused = 0  # newcomers that were themselves the one to go
+        self.expired = 0
 
-    def admit(self, host: str, drop: Callable[[], None]) -> int:
-        victims: list[_Pending] = []
+    def admit(
+        self, host: str, drop: Callable[[DropReason], None], *, level: int = SILENT
+    ) -> int | None:
+        victim: _Pending | None = None
+        now = self._clock()
         with self._lock:
-            mine = [t for t, p in self._pending.items() if p.host == host]
+            mine = self._by_host.get(host, set())
             if len(mine) >= self.per_peer:
-                victims.append(self._pending.pop(mine[0]))
+                candidates: list[int] | None = list(mine)
             elif len(self._pending) >= self.total:
-                victims.append(self._pending.popitem(last=False)[1])
+                candidates = list(self._pending)
+            else:
+                candidates = None
+            if candidates is not None:
+                ranks = {t: self._rank(self._pending[t], now) for t in candidates}
+                lowest = min(ranks.values())
+                if level < lowest:
+                    self.refused += 1
+                    return None
+                equals = [t for t in candidates if ranks[t] == lowest]
+                # The newcomer draws with its equals: none of them has shown more than it.
+                pick = self._rng.randrange(len(equals) + (level == lowest))
+                if pick == len(equals):
+                    self.refused += 1
+                    return None
+                victim = self._forget(equals[pick])
+                self.evicted += 1
             ticket = self._next
             self._next += 1
-            self._pending[ticket] = _Pending(host=host, drop=drop)
-            self.evicted += len(victims)
-        for victim in victims:  # outside the lock: dropping may call back into the owner
-            victim.drop()
+            deadline = now + self.max_age_s if self.max_age_s else float("inf")
+            self._pending[ticket] = _Pending(
+                host=host, level=level, since=now, deadline=deadline, drop=drop
+            )
+            self._by_host.setdefault(host, set()).add(ticket)
+        if victim is not None:  # outside the lock: dropping may call back into the owner
+            victim.drop("evicted")
         return ticket
 
-    def done(self, ticket: int) -> None:
+    def advance(self, ticket: int | None, level: int) -> None:
+        """Record that ``ticket`` has shown ``level`` (no effect if it is lower, or gone)."""
         with self._lock:
-            self._pending.pop(ticket, None)
+            entry = self._pending.get(ticket) if ticket is not None else None
+            if entry is not None and level > entry.level:
+                entry.level = level
+
+    def level(self, ticket: int | None) -> int | None:
+        """The level of a pending connection, None once it is gone."""
+        with self._lock:
+            entry = self._pending.get(ticket) if ticket is not None else None
+            return entry.level if entry is not None else None
+
+    def done(self, ticket: int | None) -> None:
+        if ticket is None:
+            return
+        with self._lock:
+            self._forget(ticket)
+
+    def expire(self) -> int:
+        """Drop every pending connection past its deadline; returns how many."""
+        now = self._clock()
+        with self._lock:
+            late = [t for t, p in self._pending.items() if p.deadline <= now]
+            victims = [v for v in map(self._forget, late) if v is not None]
+            self.expired += len(victims)
+        for victim in victims:
+            victim.drop("expired")
+        return len(victims)
+
+    def levels(self, host: str | None = None) -> list[int]:
+        """The levels of the pending connections (of ``host``, if given): for tests and stats."""
+        with self._lock:
+            return [p.level for p in self._pending.values() if host is None or p.host == host]
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    def _rank(self, entry: _Pending, now: float) -> int:
+        return entry.level if now - entry.since < self.grace_s else SILENT
+
+    def _forget(self, ticket: int) -> _Pending | None:
+        entry = self._pending.pop(ticket, None)
+        if entry is not None:
+            mine = self._by_host[entry.host]
+            mine.discard(ticket)
+            if not mine:
+                del self._by_host[entry.host]
+        return entry
 
 
 class RejectionLog:

@@ -107,6 +107,12 @@ class Backoff:
         return rng.uniform(cap / 2, cap)
 
 
+# The bulk lane's own retries within a session (jittered, 0.05 s doubling up to 1 s: at most
+# ~4 s in all) before its payloads fall back to the gRPC stream for the session.
+_LANE_ATTEMPTS = 8
+_LANE_BACKOFF = Backoff(initial_s=0.05, max_s=1.0)
+
+
 class _Rejected(Exception):
     pass
 
@@ -576,17 +582,33 @@ class NodeClient:
             host = parse_address(self.coordinator)[0]
             context = self.tls.ssl_context() if self.tls is not None else None
             for direction in (DOWN, UP):
-                opened.append(
-                    connect_lane(
-                        host=host,
-                        port=self._data_port,
-                        lane_id=lane_id,
-                        token=token,
-                        direction=direction,
-                        context=context,
-                        server_name=self.tls.server_name if self.tls is not None else None,
-                    )
-                )
+                for attempt in itertools.count():
+                    try:
+                        opened.append(
+                            connect_lane(
+                                host=host,
+                                port=self._data_port,
+                                lane_id=lane_id,
+                                token=token,
+                                direction=direction,
+                                context=context,
+                                server_name=self.tls.server_name if self.tls else None,
+                            )
+                        )
+                        break
+                    except AuthenticationError:
+                        raise  # not this session's coordinator: trying again cannot help
+                    except TransportError as exc:
+                        # A coordinator under a flood drops pending connections at random
+                        # among equals (limits.py): another attempt soon is likely to pass.
+                        if attempt + 1 >= _LANE_ATTEMPTS or self._stop.is_set():
+                            raise
+                        delay = _LANE_BACKOFF.delay(attempt, self._rng)
+                        log.info(
+                            "bulk lane attempt %d: %s; again in %.2f s", attempt + 1, exc, delay
+                        )
+                        if self._stop.wait(delay):
+                            raise
         except (TransportError, ProtocolError, ConfigError) as exc:
             log.warning("no bulk lane (%s); payloads go over the gRPC stream", exc)
             for sock in opened:  # a half-open lane is never used; the coordinator drops it

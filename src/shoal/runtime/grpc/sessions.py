@@ -68,6 +68,7 @@ class Session:
         self.id = next(self._ids)
         self.context = context
         self.peer = context.peer()
+        self.via = self.peer  # gRPC's own view of the peer (the front door's relay)
         self.challenge = os.urandom(32)
         self.share = KeyShare()
         self.reply_key: ReplyKey | None = None
@@ -86,7 +87,7 @@ class Session:
         self.lane_id = b""
         self.lane_token = b""
         self.lane: SessionLane | None = None
-        self.ticket = -1  # in the engine's limiter of unauthenticated streams
+        self.ticket: int | None = None  # in the engine's limiter of unauthenticated streams
         # Keeps a task's header (stream) and payload (lane) in the same order on both.
         self.send_lock = threading.Lock()
 

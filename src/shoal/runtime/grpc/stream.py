@@ -19,7 +19,7 @@ from shoal.runtime.engine import FailureKind
 from shoal.runtime.grpc.bulk import BulkLanes
 from shoal.runtime.grpc.config import CoordinatorConfig
 from shoal.runtime.grpc.handshake import Handshake
-from shoal.runtime.grpc.limits import PendingLimiter, peer_host
+from shoal.runtime.grpc.limits import DropReason, PendingLimiter, peer_host
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import TO_COORDINATOR_CHUNK, chunk_data, parse_node_frame
 from shoal.runtime.grpc.replies import ReplyReader
@@ -56,7 +56,9 @@ class Streams:
         self.replies = ReplyReader(max_reply_bytes=config.reply_limit, lanes=lanes, trail=trail)
         # Unauthenticated streams: bounded per address and in total (see limits.py).
         self._limiter = PendingLimiter(
-            per_peer=config.max_pending_per_peer, total=config.max_pending
+            per_peer=config.max_pending_per_peer,
+            total=config.max_pending,
+            grace_s=config.pending_grace_s,
         )
 
     def serve(
@@ -67,9 +69,19 @@ class Streams:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
         session = Session(context)
         if self.door is not None:
-            session.peer = self.door.peer_of(session.peer)
+            session.peer = self.door.peer_of(session.via)
+            if not self.door.call_opened(session.via):
+                # A node opens one call per connection; more would let one connection (one
+                # slot at the door) open any number of pending streams.
+                self.trail.rejected(session.peer, _SECOND_CALL)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _SECOND_CALL)
+        ticket = self._limiter.admit(peer_host(session.peer), lambda why: self._evict(session, why))
+        if ticket is None:
+            self._release(session)
+            self.trail.rejected(session.peer, _REFUSED)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _REFUSED)
+        session.ticket = ticket
         self.table.add(session)
-        session.ticket = self._limiter.admit(peer_host(session.peer), lambda: self._evict(session))
         context.add_callback(lambda: self.end(session, "stream ended"))
         yield self.handshake.challenge(session)
         threading.Thread(
@@ -116,15 +128,21 @@ class Streams:
             if not self.closing.is_set():
                 self.trail.record("node.disconnected", session.node_id, reason=reason[:500])
         self._limiter.done(session.ticket)
+        self._release(session)
         self.table.remove(session)  # last: finish() waits for this, so the entry is written
 
-    def _evict(self, session: Session) -> None:
-        """Drop an unauthenticated stream to make room for a newer one (see limits.py)."""
+    def _evict(self, session: Session, why: DropReason) -> None:
+        """Drop an unauthenticated stream to make room for another one (see limits.py)."""
         if session.authenticated:
             return
-        self.trail.rejected(session.peer, "dropped while unauthenticated, for a newer connection")
-        self.end(session, "dropped for a newer connection")
+        self.trail.rejected(session.peer, "dropped while unauthenticated, for another stream")
+        self.end(session, "dropped for another stream")
         session.context.cancel()
+
+    def _release(self, session: Session) -> None:
+        """The stream's call no longer occupies its relayed connection."""
+        if self.door is not None:
+            self.door.call_ended(session.via)
 
     # -- the reader ----------------------------------------------------------------------------
 
@@ -188,6 +206,8 @@ class Streams:
         record = self.handshake.hello(session, signed)
         previous = self.table.admit(session, max_nodes=self.config.max_nodes)
         self._limiter.done(session.ticket)
+        if self.door is not None:
+            self.door.authenticated(session.via)
         if previous is not None:
             self.end(previous, "replaced by a new connection from the same node")
             previous.out.put(None)
@@ -199,6 +219,13 @@ class Streams:
             peer=session.peer,
             partition_index=session.partition_index,
         )
+
+
+_SECOND_CALL = "refused: a second unauthenticated call on one connection"
+_REFUSED = (
+    "refused: too many unauthenticated streams from this address (one of them was chosen "
+    "at random to go, and it was this one)"
+)
 
 
 def _parse(raw: bytes) -> pb.NodeFrame:

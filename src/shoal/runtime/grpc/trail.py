@@ -8,6 +8,7 @@ A failed write is logged, never raised: the audit trail must not take a session 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from shoal.errors import ShoalError
@@ -26,6 +27,7 @@ class Trail:
         self._write_entry = getattr(registry, "audit", None)
         self.run_id = run_id
         self.rejections = 0  # connections refused so far
+        self._counting = threading.Lock()  # connection threads record at once
         self._log = RejectionLog(self._write_rejection)
         # A node on the wrong transport retries: one line per address, then a count a minute.
         self._mismatches = RejectionLog(self._write_mismatch, burst=1)
@@ -42,7 +44,7 @@ class Trail:
 
     def rejected(self, peer: str, reason: str, *, claimed_key: bytes = b"") -> None:
         """A stream refused before or during its handshake."""
-        self.rejections += 1
+        self._count()
         # Coalesced per address: a flood of bad connections is counted, not written out
         # one fsync at a time, and none goes unrecorded.
         self._log.record(
@@ -58,7 +60,7 @@ class Trail:
 
     def lane_rejected(self, peer: str, reason: str) -> None:
         """A bulk lane connection refused."""
-        self.rejections += 1
+        self._count()
         self._log.record(
             peer_host(peer),
             reason,
@@ -67,17 +69,21 @@ class Trail:
 
     def door_refused(self, host: str, reason: str) -> None:
         """A connection the front door refused before it reached gRPC (transport.py)."""
-        self.rejections += 1
+        self._count()
         self._log.record(
             host, reason, {"action": "node.rejected", "peer": host, "reason": reason[:500]}
         )
 
     def transport_mismatch(self, host: str, line: str) -> None:
         """A node dialling with the other transport (TLS against plaintext, or back)."""
-        self.rejections += 1
+        self._count()
         self._mismatches.record(
             host, line, {"action": "node.transport_mismatch", "peer": host, "reason": line}
         )
+
+    def _count(self) -> None:
+        with self._counting:
+            self.rejections += 1
 
     def flush(self, *, force: bool = False) -> None:
         """Write out the coalesced counts whose window has passed (all of them if ``force``)."""

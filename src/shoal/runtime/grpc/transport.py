@@ -19,7 +19,6 @@ its transport because of the answer, so a forged answer can stop a node, never d
 from __future__ import annotations
 
 import contextlib
-import functools
 import socket
 import threading
 import time
@@ -27,8 +26,16 @@ from collections.abc import Callable
 from typing import Literal
 
 from shoal.errors import ProtocolError, TransportError
-from shoal.runtime.grpc.lane import parse_address
-from shoal.runtime.grpc.limits import PendingLimiter, peer_host
+from shoal.runtime.grpc.lane import parse_address, peek
+from shoal.runtime.grpc.limits import (
+    CALL,
+    PREFIX,
+    PROVEN,
+    SILENT,
+    DropReason,
+    PendingLimiter,
+    peer_host,
+)
 
 __all__ = ["AGREEMENT", "FrontDoor", "agree", "classify", "mismatch_line", "parse_host_port"]
 
@@ -39,6 +46,7 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _TLS_HANDSHAKE = 0x16  # a TLS record of type handshake: a ClientHello
 _MAX_LINE = 64
 _RELAY_BLOCK = 1 << 16  # per direction and node: the relay holds 128 KiB per node
+_SWEEP_S = 0.25  # how often the accept loop drops connections past their deadline
 
 
 def mismatch_line(*, side: Literal["node", "coordinator"], coordinator: str, peer: str = "") -> str:
@@ -179,9 +187,15 @@ class FrontDoor:
     ``speaks`` is the coordinator's transport; matching connections are relayed to gRPC at
     127.0.0.1:``upstream_port``. ``mismatch(host, line)`` is called for a peer that speaks the
     other transport, ``refused(host, reason)`` for one that speaks neither (both coalesce).
-    Connections that have not shown their first bytes within ``timeout_s`` are closed, and are
-    bounded by ``limiter``. :meth:`peer_of` maps gRPC's view of a relayed connection (a
-    loopback address) back to the node's own address.
+    Connections that have not shown their first bytes within ``timeout_s`` are closed. Every
+    connection is bounded by ``limiter`` until a node authenticates on it (:meth:`authenticated`)
+    or it ends, relayed or not: so unauthenticated connections hold at most the limiter's
+    count of threads and relay buffers, each for at most its ``max_age_s``. Their progress
+    ranks them when one must go (limits.py): SILENT, PREFIX (the first bytes of a ClientHello,
+    HTTP/2's preface or the agreement), then once gRPC opens a call on the connection CALL
+    (plaintext) or PROVEN (TLS: gRPC required a certificate of the federation's CA).
+    :meth:`peer_of` maps gRPC's view of a relayed connection (a loopback address) back to
+    the node's own address.
     """
 
     def __init__(
@@ -213,12 +227,14 @@ class FrontDoor:
         self._mismatch = mismatch
         self._refused = refused
         self._timeout_s = timeout_s
-        self._limiter = limiter or PendingLimiter()
+        self._limiter = limiter or PendingLimiter(max_age_s=3 * timeout_s)
         self._lock = threading.Lock()
-        self._relayed: dict[int, str] = {}  # loopback port gRPC sees -> the node's address
+        self._relayed: dict[int, _DoorConn] = {}  # loopback port gRPC sees -> the connection
         self._open: set[socket.socket] = set()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="shoal-door", daemon=True)
+        self.accepted = 0  # connections accepted, and those of them served (not refused)
+        self.served = 0
 
     def start(self) -> FrontDoor:
         self._thread.start()
@@ -247,62 +263,134 @@ class FrontDoor:
         except (IndexError, ValueError):
             return grpc_peer
         with self._lock:
-            return self._relayed.get(port, grpc_peer)
+            conn = self._relayed.get(port)
+        return conn.peer if conn is not None else grpc_peer
+
+    def call_opened(self, grpc_peer: str) -> bool:
+        """gRPC opened a call on a relayed connection: it ranks higher now. False if an
+        unauthenticated call is open on it already (a node opens one; refuse the second)."""
+        conn = self._conn_of(grpc_peer)
+        if conn is None:
+            return True
+        with self._lock:
+            if conn.calling:
+                return False
+            self.served += not conn.called
+            conn.calling = conn.called = True
+        self._limiter.advance(conn.ticket, PROVEN if self.speaks == "tls" else CALL)
+        return True
+
+    def call_ended(self, grpc_peer: str) -> None:
+        """The call opened on a relayed connection ended (or authenticated)."""
+        conn = self._conn_of(grpc_peer)
+        if conn is not None:
+            with self._lock:
+                conn.calling = False
+
+    def authenticated(self, grpc_peer: str) -> None:
+        """A node authenticated on a relayed connection: it is no longer pending."""
+        conn = self._conn_of(grpc_peer)
+        if conn is not None:
+            self._limiter.done(conn.ticket)
+            self.call_ended(grpc_peer)
+
+    def _conn_of(self, grpc_peer: str) -> _DoorConn | None:
+        try:
+            port = int(grpc_peer.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            return None
+        with self._lock:
+            return self._relayed.get(port)
 
     # -- serving ---------------------------------------------------------------------------
 
     def _accept(self) -> None:
+        self._listener.settimeout(_SWEEP_S)  # wakes to sweep even when nobody connects
+        swept = time.monotonic()
         while not self._closing.is_set():
+            if time.monotonic() - swept >= _SWEEP_S:
+                swept = time.monotonic()
+                self._limiter.expire()
             try:
-                conn, address = self._listener.accept()
+                sock, address = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 if self._closing.is_set():
                     return
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
+            self.accepted += 1
             peer = _grpc_peer(address)
-            ticket = self._limiter.admit(peer_host(peer), functools.partial(_shutdown, conn))
+            host = peer_host(peer)
+            conn = _DoorConn(sock, peer)
+            level = _level_of(peek(sock, len(_HTTP2_PREFACE)))
+            ticket = self._limiter.admit(host, conn.drop, level=level)
+            if ticket is None:
+                sock.close()
+                self._refused(host, _REFUSED)
+                continue
+            conn.ticket = ticket
             try:
                 threading.Thread(
-                    target=self._connection,
-                    args=(conn, peer, ticket),
-                    name="shoal-door",
-                    daemon=True,
+                    target=self._connection, args=(conn,), name="shoal-door", daemon=True
                 ).start()
             except RuntimeError:
                 # Out of threads (a flood holds them): drop this connection, keep the door
                 # open; an escaped error here would end the accept loop, and every node after.
                 self._limiter.done(ticket)
-                conn.close()
-                self._refused(peer_host(peer), "dropped: the coordinator has no thread free")
+                sock.close()
+                self._refused(host, "dropped: the coordinator has no thread free")
                 time.sleep(0.05)
 
-    def _connection(self, conn: socket.socket, peer: str, ticket: int) -> None:
-        host = peer_host(peer)
+    def _connection(self, conn: _DoorConn) -> None:
+        host = peer_host(conn.peer)
         with self._lock:
-            self._open.add(conn)
+            self._open.add(conn.sock)
+        # Every connection is either served (an agreement that matched, a relay on which gRPC
+        # opened a call: the stream's own refusals are stream.py's) or recorded once.
+        refusal: str | None = None
+        mismatch = False
         try:
-            try:
-                head, kind = self._first_bytes(conn)
-            finally:
-                self._limiter.done(ticket)
-            if kind == "agree":
-                self._answer(conn, host, head)
+            head, kind = self._first_bytes(conn.sock)
+            if kind != self.speaks:
+                self._limiter.done(conn.ticket)  # not relayed: no longer pending
+            if conn.dropped:
+                pass  # recorded below
+            elif kind == "agree":
+                refusal, mismatch = self._answer(conn.sock, host, head)
             elif kind == self.speaks:
-                self._relay(conn, peer, head)
+                self._limiter.advance(conn.ticket, PREFIX)
+                self._relay(conn, head)
+                if not conn.called:
+                    refusal = "closed before its TLS or HTTP/2 handshake finished and opened a call"
             elif kind in ("tls", "plaintext"):
-                self._mismatch(host, mismatch_line(side="coordinator", coordinator=self.speaks,
-                                                   peer=host))  # fmt: skip
+                refusal = mismatch_line(side="coordinator", coordinator=self.speaks, peer=host)
+                mismatch = True
             elif kind == "unknown":
-                self._refused(host, f"not a shoal node: its first bytes were {head[:16]!r}")
-            elif head:
-                self._refused(host, f"sent only {head[:16]!r} within {self._timeout_s:g} s")
-        except OSError:
-            pass  # the peer went away: nothing to explain
+                refusal = f"not a shoal node: its first bytes were {head[:16]!r}"
+            else:
+                refusal = f"sent only {head[:16]!r} within {self._timeout_s:g} s"
+        except OSError as exc:
+            refusal = f"connection failed before a node spoke ({exc.strerror or exc})"
         finally:
+            self._limiter.done(conn.ticket)
             with self._lock:
-                self._open.discard(conn)
-            conn.close()
+                self._open.discard(conn.sock)
+            conn.sock.close()
+        if conn.dropped == "evicted":
+            refusal, mismatch = _EVICTED, False
+        elif conn.dropped == "expired":
+            refusal, mismatch = "not authenticated within the handshake deadline", False
+        if refusal is None or self._closing.is_set():
+            if refusal is None and not conn.called:  # a relay counted at its call
+                with self._lock:
+                    self.served += 1
+            return
+        if mismatch:
+            self._mismatch(host, refusal)
+        else:
+            self._refused(host, refusal)
 
     def _first_bytes(self, conn: socket.socket) -> tuple[bytes, str | None]:
         deadline = time.monotonic() + self._timeout_s
@@ -325,17 +413,18 @@ class FrontDoor:
                 kind = "unknown"
         return head, kind
 
-    def _answer(self, conn: socket.socket, host: str, head: bytes) -> None:
+    def _answer(self, conn: socket.socket, host: str, head: bytes) -> tuple[str | None, bool]:
+        """Answer the agreement; returns the refusal to record (and whether it is a mismatch)."""
         claim = head[len(AGREEMENT) :].split(b"\n", 1)[0].strip()
         conn.settimeout(self._timeout_s)
         conn.sendall(AGREEMENT + self.speaks.encode() + b"\n")
         if claim not in (b"tls", b"plaintext"):
-            self._refused(host, f"asked to agree on an unknown transport {claim[:16]!r}")
-        elif claim.decode() != self.speaks:
-            line = mismatch_line(side="coordinator", coordinator=self.speaks, peer=host)
-            self._mismatch(host, line)
+            return f"asked to agree on an unknown transport {claim[:16]!r}", False
+        if claim.decode() != self.speaks:
+            return mismatch_line(side="coordinator", coordinator=self.speaks, peer=host), True
+        return None, False
 
-    def _relay(self, conn: socket.socket, peer: str, head: bytes) -> None:
+    def _relay(self, conn: _DoorConn, head: bytes) -> None:
         try:
             upstream = socket.create_connection(self._upstream, timeout=self._timeout_s)
         except OSError:
@@ -343,25 +432,66 @@ class FrontDoor:
         local = upstream.getsockname()[1]
         with self._lock:
             self._open.add(upstream)
-            self._relayed[local] = peer
+            self._relayed[local] = conn
+            conn.upstream = upstream
+        if conn.dropped:  # dropped while the upstream was being opened
+            _shutdown(upstream)
         try:
-            for sock in (conn, upstream):
+            for sock in (conn.sock, upstream):
                 sock.settimeout(None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             upstream.sendall(head)
             # gRPC never half-closes: once it ends, the node's side is ended in full, so a
             # peer that stops reading cannot keep this relay alive.
             back = threading.Thread(
-                target=_pump, args=(upstream, conn, True), name="shoal-relay", daemon=True
+                target=_pump, args=(upstream, conn.sock, True), name="shoal-relay", daemon=True
             )
             back.start()
-            _pump(conn, upstream, False)
+            _pump(conn.sock, upstream, False)
             back.join()
         finally:
             with self._lock:
                 self._open.discard(upstream)
                 self._relayed.pop(local, None)
             upstream.close()
+
+
+_REFUSED = (
+    "refused: too many pending connections from this address, none of them less far along "
+    "its handshake than this one"
+)
+_EVICTED = (
+    "dropped while unauthenticated, for a connection at least as far along its handshake "
+    "(too many pending)"
+)
+
+
+class _DoorConn:
+    """A connection at the front door: its peer, its limiter ticket (until a node
+    authenticates on it), its relay's upstream, and why the limiter dropped it, if it did."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.ticket: int | None = None
+        self.upstream: socket.socket | None = None
+        self.calling = False  # an unauthenticated gRPC call is open on it
+        self.called = False  # gRPC opened a call on it (its refusals are then stream.py's)
+        self.dropped: DropReason | None = None
+
+    def drop(self, why: DropReason) -> None:
+        self.dropped = why
+        _shutdown(self.sock)
+        upstream = self.upstream
+        if upstream is not None:
+            _shutdown(upstream)
+
+
+def _level_of(head: bytes) -> int:
+    """How far the first bytes of a connection are along a handshake a node would make."""
+    if not head:
+        return SILENT
+    return SILENT if classify(head) == "unknown" else PREFIX
 
 
 def _pump(src: socket.socket, dst: socket.socket, full: bool) -> None:
