@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import shoal
 from shoal.runtime import NodeApp
 from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, ServerTLS
 from shoal.runtime.grpc.limits import peer_host
@@ -33,7 +34,9 @@ from flooder import client_hello  # noqa: E402
 @contextlib.contextmanager
 def flood(port: int, mode: str, seconds: float = FLOOD_S) -> Iterator[dict[str, object]]:
     """A flooder process on ``port``; yields a dict that holds its counts once it stopped."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # Only shoal's own source tree: the test run's sys.path holds test folders whose names
+    # shadow packages (a "grpc" folder made `import grpc` a namespace package).
+    env = {**os.environ, "PYTHONPATH": str(Path(shoal.__file__).resolve().parents[1])}
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--port", str(port), "--mode", mode, "--seconds",
          str(seconds)],

@@ -69,15 +69,12 @@ class Streams:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
         session = Session(context)
         if self.door is not None:
+            # gRPC shares one connection among channels to the same target, so several calls
+            # may share it: each is bounded by this limiter, the connection by the door's.
             session.peer = self.door.peer_of(session.via)
-            if not self.door.call_opened(session.via):
-                # A node opens one call per connection; more would let one connection (one
-                # slot at the door) open any number of pending streams.
-                self.trail.rejected(session.peer, _SECOND_CALL)
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _SECOND_CALL)
+            self.door.call_opened(session.via)
         ticket = self._limiter.admit(peer_host(session.peer), lambda why: self._evict(session, why))
         if ticket is None:
-            self._release(session)
             self.trail.rejected(session.peer, _REFUSED)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _REFUSED)
         session.ticket = ticket
@@ -128,7 +125,6 @@ class Streams:
             if not self.closing.is_set():
                 self.trail.record("node.disconnected", session.node_id, reason=reason[:500])
         self._limiter.done(session.ticket)
-        self._release(session)
         self.table.remove(session)  # last: finish() waits for this, so the entry is written
 
     def _evict(self, session: Session, why: DropReason) -> None:
@@ -138,11 +134,6 @@ class Streams:
         self.trail.rejected(session.peer, "dropped while unauthenticated, for another stream")
         self.end(session, "dropped for another stream")
         session.context.cancel()
-
-    def _release(self, session: Session) -> None:
-        """The stream's call no longer occupies its relayed connection."""
-        if self.door is not None:
-            self.door.call_ended(session.via)
 
     # -- the reader ----------------------------------------------------------------------------
 
@@ -221,7 +212,6 @@ class Streams:
         )
 
 
-_SECOND_CALL = "refused: a second unauthenticated call on one connection"
 _REFUSED = (
     "refused: too many unauthenticated streams from this address (one of them was chosen "
     "at random to go, and it was this one)"

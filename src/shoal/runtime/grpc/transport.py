@@ -266,33 +266,21 @@ class FrontDoor:
             conn = self._relayed.get(port)
         return conn.peer if conn is not None else grpc_peer
 
-    def call_opened(self, grpc_peer: str) -> bool:
-        """gRPC opened a call on a relayed connection: it ranks higher now. False if an
-        unauthenticated call is open on it already (a node opens one; refuse the second)."""
+    def call_opened(self, grpc_peer: str) -> None:
+        """gRPC opened a call on a relayed connection: it ranks higher now."""
         conn = self._conn_of(grpc_peer)
         if conn is None:
-            return True
+            return
         with self._lock:
-            if conn.calling:
-                return False
             self.served += not conn.called
-            conn.calling = conn.called = True
+            conn.called = True
         self._limiter.advance(conn.ticket, PROVEN if self.speaks == "tls" else CALL)
-        return True
-
-    def call_ended(self, grpc_peer: str) -> None:
-        """The call opened on a relayed connection ended (or authenticated)."""
-        conn = self._conn_of(grpc_peer)
-        if conn is not None:
-            with self._lock:
-                conn.calling = False
 
     def authenticated(self, grpc_peer: str) -> None:
         """A node authenticated on a relayed connection: it is no longer pending."""
         conn = self._conn_of(grpc_peer)
         if conn is not None:
             self._limiter.done(conn.ticket)
-            self.call_ended(grpc_peer)
 
     def _conn_of(self, grpc_peer: str) -> _DoorConn | None:
         try:
@@ -475,7 +463,6 @@ class _DoorConn:
         self.peer = peer
         self.ticket: int | None = None
         self.upstream: socket.socket | None = None
-        self.calling = False  # an unauthenticated gRPC call is open on it
         self.called = False  # gRPC opened a call on it (its refusals are then stream.py's)
         self.dropped: DropReason | None = None
 
