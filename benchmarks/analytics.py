@@ -20,8 +20,13 @@ table as the reference.
   and ``--smartnoise-python /work/venvs/smartnoise/bin/python`` (the default) names it.
 * latency: wall seconds of the same query answered by shoal (exact, and distributed DP)
   over the parties, and by DuckDB on the pooled rows, interleaved, medians of ``--repeats``.
-* heavy_hitters: if ../shared/data/tinyshakespeare.txt is there, the most frequent words
-  across speaking roles (one party per role) by GROUP BY on undeclared keys under DP.
+* heavy_hitters: if ../shared/data/tinyshakespeare.txt is there, the 10 most frequent
+  words across 1,000 role stretches (shoal.data.split_roles: the file has 299 speaker
+  names) by GROUP BY on undeclared keys under DP (secure-summed Count-Min sketches, then the
+  aggregate round): precision and recall against the true top 10, per epsilon, seconds.
+
+    python benchmarks/analytics.py --parties 3 --rows 1000 \
+        --skip exactness dp_error latency --json hh.json
 
     python benchmarks/analytics.py --parties 10 --rows 100000 --repeats 10 --json out.json
 """
@@ -75,7 +80,9 @@ DP_QUERIES = [
     "SELECT STDDEV(income) AS s FROM t",
     "SELECT region, sex, COUNT(*) AS n FROM t GROUP BY region, sex",
 ]
-MIN_USES = 3
+MIN_USES = 3  # heavy hitters: a party's words are those it uses at least this often
+HH_CAP = 10  # ... of which each party (one privacy unit) contributes at most this many
+HH_KEY_BYTES = 4  # the true top 10 words are at most 4 bytes long
 LATENCY_QUERY = "SELECT region, COUNT(*) AS n, AVG(income) AS a FROM t GROUP BY region"
 
 SMARTNOISE = r"""
@@ -264,8 +271,16 @@ def latency(fed: Any, config: AnalyticsConfig, pool: Any, repeats: int) -> dict[
     }
 
 
-def heavy_hitters(root: Path, epsilon: float, top: int) -> dict[str, Any] | None:
-    from shoal.data.text import parse_speeches
+def heavy_hitters(
+    root: Path, epsilons: list[float], top: int, parties: int, repeats: int
+) -> dict[str, Any] | None:
+    """Top words across tinyshakespeare split into ``parties`` role stretches (split_roles):
+    each party is one privacy unit and holds one row per word it uses at least MIN_USES
+    times; the query keeps up to HH_CAP such rows per unit (a random subset) and asks for
+    the ``top`` words by parties. Precision and recall against the true top words (by
+    parties using them that often, before the cap), per epsilon, ``repeats`` runs each."""
+    from shoal.analytics import heavy_hitters as top_k
+    from shoal.data.text import split_roles
 
     corpus = Path(os.environ.get("SHOAL_DATA_DIR", Path(__file__).parents[2] / "shared/data"))
     path = corpus / "tinyshakespeare.txt"
@@ -273,41 +288,69 @@ def heavy_hitters(root: Path, epsilon: float, top: int) -> dict[str, Any] | None
         path = Path("/work/shared/data/tinyshakespeare.txt")
     if not path.exists():
         return None
-    speeches = parse_speeches(path.read_text())
-    parties, counts = [], Counter()
-    for i, text in enumerate(speeches.values()):
+    stretches = split_roles(path.read_text(), parties)
+    members, counts = [], Counter()
+    for i, text in enumerate(stretches.values()):
         uses = Counter(re.findall(r"[a-z']+", text.lower()))
-        counts.update(w for w, n in uses.items() if n >= MIN_USES)  # roles using it often
+        often = {w: n for w, n in uses.items() if n >= MIN_USES}
+        counts.update(often.keys())  # parties using the word that often
         file = root / f"role{i}.csv"
-        file.write_text("role,word,uses\n" + "".join(f"{i},{w},{n}\n" for w, n in uses.items()))
-        parties.append(Party(name=f"role{i}", path=str(file)))
-    # Each role is one privacy unit and votes for up to 10 of the words it uses often.
+        # Quoted: a word such as 'tis must not make DuckDB's sniffer take ' as the quote.
+        file.write_text("role,word,uses\n" + "".join(f'{i},"{w}",{n}\n' for w, n in often.items()))
+        members.append(Party(name=f"role{i}", path=str(file)))
     config = AnalyticsConfig(
         table="words",
         privacy_unit="role",
-        max_contributions=10,
-        parties=tuple(parties),
-        max_key_bytes=5,
-        max_groups=50,
+        max_contributions=HH_CAP,
+        parties=tuple(members),
+        max_key_bytes=HH_KEY_BYTES,
+        max_groups=64,
     )
-    fed = federation(config, min_nodes=len(parties) // 2)
-    sql = (
-        f"SELECT word, COUNT(*) AS roles FROM words WHERE uses >= {MIN_USES} GROUP BY word "
-        f"ORDER BY roles DESC LIMIT {top}"
-    )
-    t = time.perf_counter()
-    result = query(fed, sql, config=config, privacy=Privacy(epsilon=epsilon))
-    wall = time.perf_counter() - t
-    true_top = [w for w, _ in counts.most_common(top)]  # (a role's 10 votes are a sample)
-    found = [r[0] for r in result.rows]
+    fed = federation(config, min_nodes=len(members) // 2)
+    ranked = counts.most_common()
+    true_top = [w for w, _ in ranked[:top]]
+    runs: list[dict[str, Any]] = []
+    for _ in range(repeats):
+        for eps in epsilons:  # interleaved, so machine load spreads over the epsilons
+            t = time.perf_counter()
+            result = top_k(fed, "word", k=top, config=config, privacy=Privacy(epsilon=eps))
+            wall = time.perf_counter() - t
+            found = [r[0] for r in result.rows]
+            hits = len(set(found) & set(true_top))
+            runs.append(
+                {
+                    "epsilon": eps,
+                    "found": found,
+                    "precision": hits / len(found) if found else None,
+                    "recall": hits / top,
+                    "seconds": wall,
+                    "parties_in_sum": len(result.parties),
+                }
+            )
+    summary = []
+    for eps in epsilons:
+        mine = [r for r in runs if r["epsilon"] == eps]
+        precisions = [r["precision"] for r in mine if r["precision"] is not None]
+        summary.append(
+            {
+                "epsilon": eps,
+                "precision_median": statistics.median(precisions) if precisions else None,
+                "recall_median": statistics.median(r["recall"] for r in mine),
+                "recall_min": min(r["recall"] for r in mine),
+                "seconds_median": statistics.median(r["seconds"] for r in mine),
+                "runs": len(mine),
+            }
+        )
     return {
-        "roles": len(parties),
-        "epsilon": epsilon,
-        "found": found,
-        "true_top": true_top,
-        "recall_at_top": len(set(found) & set(true_top)) / top,
-        "wall_s": wall,
-        "notes": list(result.notes),
+        "parties": len(members),
+        "speaker_names": len({n.rsplit("/", 1)[0] for n in stretches}),
+        "max_contributions": HH_CAP,
+        "min_uses": MIN_USES,
+        "max_key_bytes": HH_KEY_BYTES,
+        "sketch": [config.sketch_depth, config.sketch_columns],
+        "true_top": [list(t) for t in ranked[: top + 2]],
+        "summary": summary,
+        "runs": runs,
     }
 
 
@@ -318,7 +361,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smartnoise-python", default="/work/venvs/smartnoise/bin/python")
-    parser.add_argument("--heavy-hitters-epsilon", type=float, default=30.0)
+    parser.add_argument(
+        "--heavy-hitters-epsilons", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0]
+    )
+    parser.add_argument("--heavy-hitters-parties", type=int, default=1000)
+    parser.add_argument("--heavy-hitters-repeats", type=int, default=3)
     parser.add_argument(
         "--skip",
         nargs="*",
@@ -376,16 +423,30 @@ def main() -> None:
                 f"shoal DP {m['shoal_dp'] * 1e3:.0f} ms ({lat['dp_vs_duckdb']:.0f}x)"
             )
         if "heavy_hitters" not in args.skip:
-            hh = heavy_hitters(root, args.heavy_hitters_epsilon, top=10)
+            hh = heavy_hitters(
+                root,
+                args.heavy_hitters_epsilons,
+                top=10,
+                parties=args.heavy_hitters_parties,
+                repeats=args.heavy_hitters_repeats,
+            )
             report["heavy_hitters"] = hh
             if hh is None:
                 print("\nheavy hitters: tinyshakespeare.txt not found, skipped")
             else:
                 print(
-                    f"\nheavy hitters over {hh['roles']} roles at epsilon {hh['epsilon']}: "
-                    f"recall@10 {hh['recall_at_top']:.1f} in {hh['wall_s']:.1f} s\n"
-                    f"  found {hh['found']}\n  true  {hh['true_top']}"
+                    f"\nheavy hitters: top 10 words across {hh['parties']} role stretches "
+                    f"({hh['speaker_names']} speaker names), Count-Min {hh['sketch']}, "
+                    f"true top {[w for w, _ in hh['true_top']]}"
                 )
+                print(f"  {'eps':>5s} {'precision':>9s} {'recall':>6s} {'min':>4s} {'s':>6s}")
+                for r in hh["summary"]:
+                    p = r["precision_median"]
+                    print(
+                        f"  {r['epsilon']:5.1f} {'-' if p is None else f'{p:.2f}':>9s} "
+                        f"{r['recall_median']:6.2f} {r['recall_min']:4.1f} "
+                        f"{r['seconds_median']:6.1f}"
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
