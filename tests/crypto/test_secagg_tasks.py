@@ -19,6 +19,7 @@ from shoal.crypto.secagg import (
     SecAggServer,
     ShareKeysReply,
     UnmaskReply,
+    input_context,
     parse_replies,
     quantizer_for,
     secagg_tasks,
@@ -57,7 +58,9 @@ def run_round(
 
 def test_round_through_tasks_with_quantization() -> None:
     ids = [f"n{i}" for i in range(7)]
-    params = SecAggParams.create(ids, vector_length=50, max_dropouts=2)
+    params = SecAggParams.create(
+        ids, vector_length=50, max_dropouts=2, context=input_context({"clip": 1.0})
+    )
     rng = np.random.default_rng(0)
     ctxs = {v: Ctx(node_id=v, vector=rng.uniform(-1, 1, 50)) for v in ids}
     server, total = run_round(params, ctxs, {"clip": 1.0}, drop={"n3"})
@@ -66,6 +69,43 @@ def test_round_through_tasks_with_quantization() -> None:
     exact = sum(ctxs[v].vector for v in server.survivors)
     assert "n3" not in server.survivors
     assert np.max(np.abs(estimate - exact)) <= len(server.survivors) * q.step
+
+
+def test_a_request_other_than_the_rounds_context_is_refused() -> None:
+    ids = [f"n{i}" for i in range(4)]
+    params = SecAggParams.create(ids, vector_length=3, context=input_context({"clip": 1.0}))
+    ctxs = {v: Ctx(node_id=v, vector=np.full(3, 0.5)) for v in ids}
+    # a node told to quantize on another range than the round's refuses
+    with pytest.raises(ReleaseRefused, match="differently from the round's parameters"):
+        run_round(params, ctxs, {"clip": 1e9}, drop=set())
+
+
+def test_nodes_given_different_parameters_cannot_complete_a_round() -> None:
+    # One round id, but n0 is told another context (so it could be told to prepare its
+    # input otherwise) than the others: its pair keys differ, so no share to or from it
+    # opens, and its masks could never cancel with theirs.
+    ids = [f"n{i}" for i in range(4)]
+    honest = SecAggParams.create(ids, vector_length=3, context=input_context({"clip": 1.0}))
+    other = SecAggParams.from_dict({**honest.to_dict(), "context": "{}"})
+    assert other.round_id == honest.round_id and other.digest != honest.digest
+    tasks = secagg_tasks(get_input=lambda ctx, payload, group: ctx.vector)
+    server = SecAggServer(params=honest)
+    ctxs = {v: Ctx(node_id=v, vector=np.full(3, 1, dtype=np.uint32)) for v in ids}
+    out = {}
+    for v, c in ctxs.items():
+        told = other if v == "n0" else honest
+        out[v] = tasks[ADVERTISE_TASK](c, SecAggServer(params=told).advertise_request().to_dict())
+    requests = server.collect_keys(parse_replies(AdvertiseReply, out)[0])
+    out = {v: tasks[SHARE_TASK](ctxs[v], r.to_dict()) for v, r in requests.items()}
+    masked = server.collect_shares(parse_replies(ShareKeysReply, out)[0])
+    refused = []
+    for v, r in masked.items():
+        extra = {} if v == "n0" else {"clip": 1.0}
+        try:
+            tasks[MASKED_INPUT_TASK](ctxs[v], {**r.to_dict(), **extra})
+        except ProtocolError:
+            refused.append(v)
+    assert sorted(refused) == ids
 
 
 def test_sessions_are_per_round_and_keys_are_not_reissued() -> None:

@@ -372,3 +372,75 @@ def _epsilon_of_charges(count: int) -> float:
     for _ in range(count):
         budget.charge(sample_rate=1.0, noise_multiplier=Z, steps=1)
     return budget.spent()
+
+
+def _per_node_secure_sum(fed: Federation, handle: str, clips: dict[str, float]) -> Any:
+    """A modified coordinator's secure sum: SecAgg+ run by hand, each node told its own clip
+    (the others' 0, so that the "sum" would be the victim's value alone)."""
+    from shoal.crypto.secagg import (
+        ADVERTISE_TASK,
+        MASKED_INPUT_TASK,
+        SHARE_TASK,
+        UNMASK_TASK,
+        AdvertiseReply,
+        MaskedInputReply,
+        SecAggParams,
+        SecAggServer,
+        ShareKeysReply,
+        UnmaskReply,
+        input_context,
+        parse_replies,
+        quantizer_for,
+    )
+
+    def extra(node: str) -> dict[str, Any]:
+        transforms = [{"clip_l2": clips[node]}]
+        return {"handle": handle, "fields": ["delta"], "clip": 10.0, "transforms": transforms}
+
+    ids = list(clips)
+    # The parameters name the victim's input context, as an honest round would.
+    params = SecAggParams.create(
+        ids, vector_length=4, dropout_fraction=0.0, context=input_context(extra(ids[0]))
+    )
+    server = SecAggServer(params=params)
+
+    def phase(task: str, kind: type[Any], per_node: dict[str, Any]) -> Any:
+        replies, failures = fed.request(list(per_node), task, per_node=per_node)
+        if failures:
+            return failures
+        return parse_replies(kind, replies)[0]
+
+    advertise = server.advertise_request().to_dict()
+    keys = phase(ADVERTISE_TASK, AdvertiseReply, dict.fromkeys(ids, advertise))
+    shares = phase(
+        SHARE_TASK, ShareKeysReply, {v: r.to_dict() for v, r in server.collect_keys(keys).items()}
+    )
+    requests = server.collect_shares(shares)
+    masked = phase(
+        MASKED_INPUT_TASK,
+        MaskedInputReply,
+        {v: {**r.to_dict(), **extra(v)} for v, r in requests.items()},
+    )
+    if any(not isinstance(r, MaskedInputReply) for r in masked.values()):
+        return masked  # the failures
+    unmask = {v: r.to_dict() for v, r in server.collect_masked(masked).items()}
+    total = server.finish(phase(UNMASK_TASK, UnmaskReply, unmask))
+    return quantizer_for(10.0, nodes=len(ids), bits=params.bits).dequantize_sum(total, count=4)
+
+
+def test_every_node_of_a_secure_sum_prepares_its_input_alike(nodes: Any) -> None:
+    fleet, fed, _ = nodes
+    out = fed.all().map("train")
+    # Hostile: n0 clips its update to 10 (it stays as it is), every other node to 0; the
+    # "sum" would be n0's secure value. The others refuse: their request is not the round's.
+    victim = dict.fromkeys(NODES, 0.0) | {"n0": 10.0}
+    failures = _per_node_secure_sum(fed, out.handle, victim)
+    assert isinstance(failures, dict) and set(failures) == set(NODES[1:]), failures
+    assert {f.kind for f in failures.values()} == {FailureKind.REJECTED}
+    for name in NODES[1:]:
+        reasons = fleet.refusals(name, "shoal.secagg.masked_input")
+        assert any("differently from the round's parameters" in r for r in reasons), reasons
+    # Honest: the same request at every node sums all four (1 + 2 + 3 + 4 in each entry).
+    fresh = fed.all().map("train")
+    total = _per_node_secure_sum(fed, fresh.handle, dict.fromkeys(NODES, 10.0))
+    np.testing.assert_allclose(total, np.full(4, 10.0), atol=1e-3)

@@ -34,6 +34,7 @@ from shoal.crypto.secagg.tasks import (
     SHARE_TASK,
     UNMASK_TASK,
     KeyAuthority,
+    input_context,
     quantizer_for,
     secagg_tasks,
 )
@@ -177,6 +178,12 @@ class SecureSum(Reducer):
         length = sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout)
         vector_length = len(rotate(np.zeros(length), 0)) if rotated else length
         bits = _modulus_bits(grid[0], len(holders)) if grid else self.bits
+        extra = {
+            "handle": values.handle,
+            "fields": [name for name, _, _ in layout],
+            "clip": float(value_range),
+            "transforms": transforms,
+        }
         params = SecAggParams.create(
             holders,
             vector_length=vector_length,
@@ -184,6 +191,8 @@ class SecureSum(Reducer):
             bits=bits,
             max_failure_probability=self.max_failure_probability,
             degree=None if self.degree is None else min(self.degree, len(holders) - 1),
+            # Every node reads and prepares its input as the parameters say (checked there).
+            context=input_context(extra),
         )
         server = SecAggServer(params=params)
 
@@ -208,12 +217,6 @@ class SecureSum(Reducer):
             SHARE_TASK, ShareKeysReply, {v: r.to_dict() for v, r in share_requests.items()}
         )
         masked_requests = server.collect_shares(shares)
-        extra = {
-            "handle": values.handle,
-            "fields": [name for name, _, _ in layout],
-            "clip": float(value_range),
-            "transforms": transforms,
-        }
         masked = phase(
             MASKED_INPUT_TASK,
             MaskedInputReply,

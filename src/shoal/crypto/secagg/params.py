@@ -8,6 +8,7 @@ server cannot place nodes by hand once it has fixed the round id (Bell et al., C
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ __all__ = ["SecAggParams", "failure_probability_bound", "harary_neighbours"]
 
 MIN_NODES = 3
 MAX_ROUND_ID_CHARS = 128
+MAX_CONTEXT_CHARS = 65_536
 
 
 def failure_probability_bound(*, nodes: int, degree: int, threshold: int, dropouts: int) -> float:
@@ -83,6 +85,11 @@ class SecAggParams:
     bits: int = 32
     round_id: str = field(default_factory=_default_round_id)
     max_failure_probability: float = 0.0
+    # What every participant applies to its input before masking (the fields summed, clip,
+    # node transforms: ``tasks.input_context``). Part of the parameters, and so of every
+    # pair's keys (``pair_context``): a node given other parameters, or a masked-input
+    # request that differs from them, cannot make its masks cancel with the others'.
+    context: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.nodes, list):
@@ -110,6 +117,8 @@ class SecAggParams:
         dtype_for_bits(self.bits)
         if not isinstance(self.round_id, str) or not 0 < len(self.round_id) <= MAX_ROUND_ID_CHARS:
             raise ConfigError(f"round_id must be a string of 1 to {MAX_ROUND_ID_CHARS} chars")
+        if not isinstance(self.context, str) or len(self.context) > MAX_CONTEXT_CHARS:
+            raise ConfigError(f"context must be a string of at most {MAX_CONTEXT_CHARS} chars")
         k, t, d = self.degree, self.threshold, self.max_dropouts
         if not 2 <= k <= n - 1:
             raise ConfigError(
@@ -169,6 +178,7 @@ class SecAggParams:
         round_id: str | None = None,
         max_failure_probability: float = 0.0,
         degree: int | None = None,
+        context: str = "",
     ) -> SecAggParams:
         """Pick degree and threshold for ``nodes`` that tolerate the stated dropouts.
 
@@ -189,6 +199,7 @@ class SecAggParams:
         d = max_dropouts
         floor_degree = min(n - 1, 2 * math.ceil(math.log2(n)))
         extra: dict[str, Any] = {} if round_id is None else {"round_id": round_id}
+        extra["context"] = context
 
         def fits(k: int) -> bool:
             return (k * n) % 2 == 0
@@ -295,10 +306,18 @@ class SecAggParams:
         adjacent = harary_adjacent(pos_of[i], len(self.nodes), self.degree)
         return tuple(self.nodes[j] for j in sorted(node_at[q] for q in adjacent))
 
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of every parameter: two nodes derive a pair's keys alike only if they
+        were given the same parameters (the same participants, sizes and input context)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def pair_context(self, a: str, b: str) -> bytes:
-        """Key-derivation context for a pair, identical from both ends."""
+        """Key-derivation context for a pair, identical from both ends (and only when both
+        hold the same parameters)."""
         lo, hi = sorted((a, b), key=self.index.__getitem__)
-        return json_strings("secagg", self.round_id, lo, hi)
+        return json_strings("secagg", self.round_id, self.digest, lo, hi)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON values only, for the wire."""
@@ -311,6 +330,7 @@ class SecAggParams:
             "bits": self.bits,
             "round_id": self.round_id,
             "max_failure_probability": float(self.max_failure_probability),
+            "context": self.context,
         }
 
     @classmethod
@@ -329,6 +349,7 @@ class SecAggParams:
                 bits=data["bits"],
                 round_id=data["round_id"],
                 max_failure_probability=data["max_failure_probability"],
+                context=data.get("context", ""),
             )
         except KeyError as exc:
             raise ConfigError(f"SecAgg parameters lack field {exc.args[0]!r}") from None

@@ -8,6 +8,7 @@ carries ``clip``, quantizes real values with the round's modulus first.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -23,7 +24,7 @@ from shoal.crypto.secagg.messages import (
     UnmaskRequest,
 )
 from shoal.crypto.secagg.node import SecAggNode
-from shoal.errors import ProtocolError, TaskError
+from shoal.errors import ProtocolError, ReleaseRefused, TaskError
 
 __all__ = [
     "ADVERTISE_TASK",
@@ -33,6 +34,7 @@ __all__ = [
     "UNMASK_TASK",
     "InputGetter",
     "KeyAuthority",
+    "input_context",
     "kept_input",
     "quantizer_for",
     "secagg_tasks",
@@ -88,6 +90,26 @@ def kept_input(ctx: Any, payload: Mapping[str, Any], group: int) -> Any:
             f"{MASKED_INPUT_TASK} needs 'handle' and 'field' naming the value the node kept"
         )
     return read_held(ctx, handle, [name], use="secure", group=group)[name]
+
+
+# The masked-input request's entries that say how a node reads and prepares its input.
+_INPUT_KEYS = ("handle", "field", "fields", "clip", "transforms")
+
+
+def input_context(payload: Mapping[str, Any]) -> str:
+    """How a masked-input request tells a node to read and prepare its input (the value
+    kept, its fields, the clip and node transforms), as one canonical text.
+
+    The coordinator fixes it in the round's parameters (``SecAggParams.context``), which
+    every pair's keys depend on, and each node refuses a request that differs from it: so
+    no participant can be told to clip its input to zero or read another field while the
+    others sum theirs, which would make the "sum" one node's value.
+    """
+    chosen = {k: payload[k] for k in _INPUT_KEYS if k in payload}
+    try:
+        return json.dumps(chosen, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"a masked-input request names its input malformedly: {exc}") from None
 
 
 def quantizer_for(clip: float, *, nodes: int, bits: int) -> Quantizer:
@@ -157,6 +179,13 @@ def secagg_tasks(
         params = node.params
         if params is None:
             raise ProtocolError("the SecAgg session has no parameters yet")
+        if input_context(payload) != params.context:
+            raise ReleaseRefused(
+                "the masked-input request reads or prepares this node's input differently "
+                "from the round's parameters, which every participant agreed on: refusing "
+                "(a coordinator could otherwise clip the others' inputs to zero and read "
+                "this node's value as the sum)"
+            )
         # The group is the participant list of the parameters this node checked when it
         # advertised its keys, not anything the masked-input request claims.
         value = np.asarray(get_input(ctx, payload, len(params.nodes)))
