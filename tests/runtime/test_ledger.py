@@ -92,3 +92,42 @@ def test_the_release_must_carry_the_noise_the_charge_assumed() -> None:
     assert got["delta"].shape == (4,)
     with pytest.raises(ReleaseRefused, match="second noisy sample"):
         read_held(ctx, "r1", ["delta"], use="secure", clip=1.0, noise_std=0.5, group=4)
+
+
+def _race(app: NodeApp, state: dict[str, Any], prefix: str, count: int) -> list[str]:
+    """``count`` charged requests started at once; what became of each."""
+    import threading
+
+    start = threading.Barrier(count)
+    outcomes: list[str] = []
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            train(app, state, f"{prefix}/{i}")
+            outcomes.append("charged")
+        except PrivacyBudgetExceeded:
+            outcomes.append("declined")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return sorted(outcomes)
+
+
+def test_requests_at_once_cannot_both_fit_a_budget_with_room_for_one(tmp_path: Path) -> None:
+    # A deployed node runs one task at a time per session, but a task still running from a
+    # dropped session overlaps the next session's: the budget check and the charge must be
+    # one step, or both requests pass the check before either is recorded (the state file's
+    # fsync makes that window wide).
+    app = make_app()
+    for trial in range(8):
+        node = open_node_state(tmp_path / f"n{trial}.db", owner="n0")
+        state: dict[str, Any] = {NODE_STATE_KEY: node}
+        for i in range(2):  # room for one more of the three
+            train(app, state, f"warm{i}")
+        assert _race(app, state, f"t{trial}", 4) == ["charged", *["declined"] * 3]
+        assert len(node.charges()) == 3
+        node.close()

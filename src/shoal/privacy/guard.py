@@ -294,16 +294,20 @@ def owner_budget(
     ``ctx.node_state`` (so a restart forgets nothing) and shared by every task that charges."""
     state = ctx.node_state
     budget: NodeBudget | None = state.cache.get(BUDGET_STATE)
-    if budget is None:
-        budget = NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)
-        for past in state.charges():
-            budget.ledger.record(
-                sample_rate=float(past["sample_rate"]),
-                noise_multiplier=float(past["noise_multiplier"]),
-                steps=int(past["steps"]),
-                mechanism=past.get("mechanism", "gaussian"),
-            )
-        state.cache[BUDGET_STATE] = budget
+    if budget is not None:
+        return budget
+    with state.lock:  # built once: a second copy would miss the charges made into the first
+        budget = state.cache.get(BUDGET_STATE)
+        if budget is None:
+            budget = NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)
+            for past in state.charges():
+                budget.ledger.record(
+                    sample_rate=float(past["sample_rate"]),
+                    noise_multiplier=float(past["noise_multiplier"]),
+                    steps=int(past["steps"]),
+                    mechanism=past.get("mechanism", "gaussian"),
+                )
+            state.cache[BUDGET_STATE] = budget
     return budget
 
 
@@ -323,37 +327,41 @@ def charge_owner(
     limit, only the record), and written to the node's state (on disk with a state file)
     before the task's result can leave."""
     state = ctx.node_state
-    if state.charged(ctx.task_id):
-        raise ReleaseRefused(
-            f"request {ctx.task_id!r} was charged to this node's privacy ledger already; "
-            "the node does not run a charged request twice"
+    # The check and the charge as one step: two requests at once (a task still running
+    # from a dropped session while the next one arrives) must not both fit a budget that
+    # has room for one.
+    with state.lock:
+        if state.charged(ctx.task_id):
+            raise ReleaseRefused(
+                f"request {ctx.task_id!r} was charged to this node's privacy ledger already; "
+                "the node does not run a charged request twice"
+            )
+        if budget is not None:
+            budget.check(
+                sample_rate=sample_rate,
+                noise_multiplier=noise_multiplier,
+                steps=steps,
+                mechanism=mechanism,
+            )
+        state.charge(
+            task_id=ctx.task_id,
+            task=task,
+            charge={
+                "sample_rate": sample_rate,
+                "noise_multiplier": noise_multiplier,
+                "steps": steps,
+                "mechanism": mechanism,
+                **detail,
+            },
         )
-    if budget is not None:
-        budget.check(
-            sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier,
-            steps=steps,
-            mechanism=mechanism,
-        )
-    state.charge(
-        task_id=ctx.task_id,
-        task=task,
-        charge={
-            "sample_rate": sample_rate,
-            "noise_multiplier": noise_multiplier,
-            "steps": steps,
-            "mechanism": mechanism,
-            **detail,
-        },
-    )
-    budget = budget if budget is not None else state.cache.get(BUDGET_STATE)
-    if budget is not None:  # the owner's budget, if another guard built it, counts this too
-        budget.ledger.record(
-            sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier,
-            steps=steps,
-            mechanism=mechanism,
-        )
+        budget = budget if budget is not None else state.cache.get(BUDGET_STATE)
+        if budget is not None:  # the owner's budget, if another guard built it, counts this too
+            budget.ledger.record(
+                sample_rate=sample_rate,
+                noise_multiplier=noise_multiplier,
+                steps=steps,
+                mechanism=mechanism,
+            )
 
 
 def _optional_float(value: Any) -> float | None:

@@ -97,6 +97,12 @@ class NodeState:
             entries = self._linked()
             return verify_chain(entries, expected_last_seq=len(entries))
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by whoever checks the ledger and then charges it, so that two requests
+        running at once cannot both pass a budget check that only one of them fits."""
+        return self._lock
+
     # -- writing -----------------------------------------------------------------------------
 
     def audit(self, action: str, **detail: Any) -> None:
