@@ -19,12 +19,28 @@ every round. Rows, all in one process per N, interleaved repeat by repeat:
   excluded (Ray start-up). Flower's ClientApps run in Ray actor processes, so the CPU column
   is left empty for it; ``--flower-actors`` (default 1) matches shoal's one worker thread.
 
+What the node's enforcement costs (at each N of ``--enforcement-nodes``, 1,000 by default):
+the same ``simulate()`` call, enforced as shipped (``after``) and with the node-side
+enforcement replaced by a no-op (``before``), for three plans: ``plain`` (the Quickstart's
+call above), ``node DP`` (``privacy=NodeDP(noise_multiplier=1.0)``: every node's update
+clipped and charged to its ledger, central noise) and ``example DP`` (``privacy=ExampleDP(
+noise_multiplier=1.0, sample_rate=0.25, steps_per_round=5)``: local DP-SGD, charged). The
+no-op is made here, by patching, for the ``before`` call only (:func:`enforcement_off`): every
+release policy is ``{"*": "clear"}`` (no check on any reply, receipt or fetch) and no guard is
+installed (no noise floor, no ledger charge or its audit entry, no noise binding). shoal has
+no switch that turns enforcement off. ``before`` and ``after`` alternate, their order flipped
+each repeat, and both are reported as ratios to the floor run in the same repeat loop.
+
 Wall and process CPU per round are medians over ``--repeats`` interleaved repeats (floor,
-simulate, rebuilt floor, floor, ...). The machine may be shared: the ratios, taken within one
-run, are what to trust. Each N runs in a fresh process, so that its peak RSS is its own.
+simulate, the enforcement pairs, rebuilt floor, floor, ...), each call timed after a
+``gc.collect()``. The machine may be shared: the
+ratios, taken within one run, are what to trust. Each N runs in a fresh process, so that its
+peak RSS is its own.
 
     python benchmarks/simulation.py --nodes 100 1000 10000 --rounds 3 --repeats 5 \
         --flower-python /work/venvs/flower/bin/python --json results/simulation.json
+    OPENBLAS_NUM_THREADS=1 python benchmarks/simulation.py --nodes 1000 --rounds 3 \
+        --repeats 9 --json results/enforcement.json
 
 Flower's venv: ``python3 -m venv /work/venvs/flower &&
 /work/venvs/flower/bin/pip install "flwr[simulation]==1.42.0" numpy``.
@@ -33,6 +49,8 @@ Flower's venv: ``python3 -m venv /work/venvs/flower &&
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import resource
 import statistics
@@ -40,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +71,55 @@ LR = 0.5
 FEATURES = 64
 CLASSES = 10
 HERE = Path(__file__).resolve().parent
+# The enforcement rows' plans (``--enforcement-plans``), each enforced and not.
+ENFORCEMENT_PLANS = ("plain", "node DP", "example DP")
+
+
+@contextlib.contextmanager
+def enforcement_off() -> Iterator[None]:
+    """The node's enforcement replaced by a no-op, inside this block only (the ``before`` row).
+
+    Patches what ``simulate()`` builds: every task's release policy becomes ``{"*":
+    "clear"}``, so no reply, receipt or fetch is checked, and ``NodeApp.add_guard`` installs
+    nothing, so no noise floor is checked, nothing is charged to a ledger or audited and no
+    noise is bound. Everything else (the plan's rounds, DP-SGD, the server's noise) is as
+    shipped. Checked on entry: an app built inside has no guard and only clear policies.
+    """
+    from unittest import mock
+
+    from shoal.learn import TRAIN, SoftmaxRegression, learning_app
+    from shoal.privacy.plans import NodeDP
+    from shoal.runtime import app as app_module
+    from shoal.runtime.policy import ReleasePolicy
+
+    class AllClear(ReleasePolicy):
+        __slots__ = ()
+
+        def __init__(self, spec: Any, *, task: str) -> None:
+            super().__init__({"*": "clear"}, task=task)
+
+    with (
+        mock.patch.object(app_module, "ReleasePolicy", AllClear),
+        mock.patch.object(app_module.NodeApp, "add_guard", lambda self, guard: None),
+    ):
+        probe = learning_app(
+            SoftmaxRegression(features=4, classes=2), plan=NodeDP(noise_multiplier=1.0)
+        )
+        assert probe.policy(TRAIN).all_clear and not probe._guards, "the patch missed"
+        yield
+
+
+def plan_of(name: str) -> Any:
+    """The privacy plan of an enforcement row (None: the Quickstart's plain FedAvg)."""
+    from shoal.privacy.plans import ExampleDP, NodeDP
+
+    if name == "plain":
+        return None
+    if name == "node DP":
+        return NodeDP(noise_multiplier=1.0, clip=1.0)
+    if name == "example DP":
+        return ExampleDP(noise_multiplier=1.0, clip=1.0, sample_rate=0.25, steps_per_round=5)
+    raise ValueError(f"no enforcement plan {name!r}; use one of {ENFORCEMENT_PLANS}")
 
 
 def digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -108,7 +175,9 @@ def floor_run(
     return accuracy
 
 
-def run_one(nodes: int, rounds: int, repeats: int, seed: int) -> dict[str, Any]:
+def run_one(
+    nodes: int, rounds: int, repeats: int, seed: int, enforcement: tuple[str, ...] = ()
+) -> dict[str, Any]:
     from shoal.data import Dataset
     from shoal.learn import FedAvg, SoftmaxRegression, simulate
 
@@ -126,27 +195,52 @@ def run_one(nodes: int, rounds: int, repeats: int, seed: int) -> dict[str, Any]:
 
         return floor_run(fresh, test_x, test_y, rounds, seed)
 
-    def quickstart() -> float:
+    def quickstart(plan: Any = None) -> float:
         result = simulate(
             model=SoftmaxRegression(features=FEATURES, classes=CLASSES),
             nodes=node_data,
             algorithm=FedAvg(
-                rounds=rounds, nodes_per_round=nodes, local_epochs=EPOCHS, lr=LR, batch_size=BATCH
+                rounds=rounds,
+                nodes_per_round=nodes,
+                local_epochs=EPOCHS,
+                lr=LR,
+                batch_size=BATCH,
+                privacy=plan,
             ),
             test=test,
         )
         return float(result.metrics["accuracy"])
 
-    rows: dict[str, Callable[[], float]] = {
-        "floor": floor,
-        "simulate": quickstart,
-        "floor_rebuilt": rebuilt,
-    }
+    def unenforced(plan: Any) -> float:
+        with enforcement_off():
+            return quickstart(plan)
+
+    rows: dict[str, Callable[[], float]] = {"floor": floor, "simulate": quickstart}
+    # Enforcement pairs, (after, before) row names, each pair's rows next to each other;
+    # "simulate" is the plain pair's "after".
+    pairs: dict[str, tuple[str, str]] = {}
+    for name in ("plain", *(n for n in enforcement if n != "plain")):
+        if name not in enforcement:
+            continue
+        plan = plan_of(name)
+        after = "simulate" if name == "plain" else f"simulate, {name}"
+        if after not in rows:
+            rows[after] = lambda plan=plan: quickstart(plan)
+        rows[f"{after}, unenforced"] = lambda plan=plan: unenforced(plan)
+        pairs[name] = (after, f"{after}, unenforced")
+    rows["floor_rebuilt"] = rebuilt
     wall: dict[str, list[float]] = {k: [] for k in rows}
     cpu: dict[str, list[float]] = {k: [] for k in rows}
     accuracy: dict[str, float] = {}
-    for _ in range(repeats):  # interleaved: load changes on a shared machine hit every row
-        for name, fn in rows.items():
+    for repeat in range(repeats):  # interleaved: load changes on a shared machine hit every row
+        order = list(rows)
+        if repeat % 2:  # each pair's two rows swap places: neither always runs first
+            for after, before in pairs.values():
+                i, j = order.index(after), order.index(before)
+                order[i], order[j] = order[j], order[i]
+        for name in order:
+            fn = rows[name]
+            gc.collect()  # every row starts from the same heap: no row pays another's garbage
             c0, t0 = time.process_time(), time.perf_counter()
             accuracy[name] = fn()
             wall[name].append((time.perf_counter() - t0) / rounds)
@@ -161,7 +255,7 @@ def run_one(nodes: int, rounds: int, repeats: int, seed: int) -> dict[str, Any]:
             "accuracy": accuracy[name],
         }
     base = out["floor"]
-    for name in ("simulate", "floor_rebuilt"):
+    for name in [n for n in rows if n != "floor"]:
         out[name]["wall_vs_floor"] = out[name]["wall_s_per_round"] / base["wall_s_per_round"]
         out[name]["cpu_vs_floor"] = out[name]["cpu_s_per_round"] / base["cpu_s_per_round"]
         # Each repeat's own ratio (its row against the floor run just before it): the spread
@@ -170,6 +264,21 @@ def run_one(nodes: int, rounds: int, repeats: int, seed: int) -> dict[str, Any]:
             ratios = [a / b for a, b in zip(runs[name], runs["floor"])]
             out[name][f"{kind}_ratio_runs"] = ratios
             out[name][f"{kind}_ratio_range"] = [min(ratios), max(ratios)]
+    enforced: dict[str, Any] = {}
+    for name, (after, before) in pairs.items():
+        row: dict[str, Any] = {"after": after, "before": before}
+        for kind, runs in (("wall", wall), ("cpu", cpu)):
+            key = f"{kind}_s_per_round"
+            row[f"{kind}_before_vs_floor"] = out[before][f"{kind}_vs_floor"]
+            row[f"{kind}_after_vs_floor"] = out[after][f"{kind}_vs_floor"]
+            row[f"{kind}_overhead"] = out[after][key] / out[before][key] - 1
+            # Within each repeat, after against the before run next to it.
+            ratios = [a / b - 1 for a, b in zip(runs[after], runs[before])]
+            row[f"{kind}_overhead_runs"] = ratios
+            row[f"{kind}_overhead_range"] = [min(ratios), max(ratios)]
+        enforced[name] = row
+    if enforced:
+        out["enforcement"] = enforced
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -203,17 +312,34 @@ def main() -> int:
     parser.add_argument("--flower-nodes", type=int, nargs="+", help="N for Flower (default: all)")
     parser.add_argument("--flower-rounds", type=int, default=4, help="Flower rounds (1st untimed)")
     parser.add_argument("--flower-actors", type=int, default=1)
+    parser.add_argument(
+        "--enforcement-nodes",
+        type=int,
+        nargs="*",
+        default=[1000],
+        help="N at which to time simulate() with and without the node's enforcement",
+    )
+    parser.add_argument(
+        "--enforcement-plans", nargs="+", default=list(ENFORCEMENT_PLANS), choices=ENFORCEMENT_PLANS
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.nodes[0], args.rounds, args.repeats, args.seed)))
+        plans = tuple(args.enforcement_plans) if args.enforcement_nodes else ()
+        result = run_one(args.nodes[0], args.rounds, args.repeats, args.seed, plans)
+        print(json.dumps(result))
         return 0
     results = []
     for n in args.nodes:
         command = [sys.executable, __file__, "--child", "--nodes", str(n)]
         command += ["--rounds", str(args.rounds), "--repeats", str(args.repeats)]
         command += ["--seed", str(args.seed)]
+        if n in args.enforcement_nodes:
+            command += ["--enforcement-nodes", str(n), "--enforcement-plans"]
+            command += args.enforcement_plans
+        else:
+            command += ["--enforcement-nodes"]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         flower_nodes = args.flower_nodes or args.nodes
@@ -242,6 +368,11 @@ def main() -> int:
         "floor_rebuilt": "floor, data rebuilt*",
         "flower": "Flower 1.42",
     }
+    for name in ENFORCEMENT_PLANS:
+        after = "simulate" if name == "plain" else f"simulate, {name}"
+        if after != "simulate":
+            labels[after] = f"{name} (enforced)"
+        labels[f"{after}, unenforced"] = f"{name}, no-op enf.**"
     for r in results:
         for key, label in labels.items():
             row = r.get(key)
@@ -267,7 +398,18 @@ def main() -> int:
         if "flower" in r:
             extra += f"; Flower / simulate() per round: {r['flower']['wall_vs_simulate']:.1f}x"
         print(f"{'':>6} {extra}")
+        for name, e in r.get("enforcement", {}).items():
+            lo, hi = e["cpu_overhead_range"]
+            print(
+                f"{'':>6} enforcement, {name}: CPU x floor before {e['cpu_before_vs_floor']:.3f}x,"
+                f" after {e['cpu_after_vs_floor']:.3f}x: {100 * e['cpu_overhead']:+.1f}%"
+                f" (per repeat {100 * lo:+.1f}% to {100 * hi:+.1f}%); wall before"
+                f" {e['wall_before_vs_floor']:.3f}x, after {e['wall_after_vs_floor']:.3f}x:"
+                f" {100 * e['wall_overhead']:+.1f}%"
+            )
     print("* secondary row: the floor building every node's data again each round")
+    if any("enforcement" in r for r in results):
+        print("** the same simulate() with the node's enforcement patched to a no-op here")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
