@@ -25,6 +25,8 @@ import numpy as np
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused
 from shoal.privacy.accounting import Accountant, Mechanism
 from shoal.privacy.budget import NodeBudget
+from shoal.runtime.app import NoiseBinding
+from shoal.runtime.nodestate import Charge
 
 __all__ = [
     "DP_KEY",
@@ -33,6 +35,8 @@ __all__ = [
     "NoiseFloor",
     "budget_guard",
     "charge_owner",
+    "charge_owner_terms",
+    "charge_terms",
     "owner_budget",
 ]
 
@@ -87,15 +91,17 @@ class DPRequest:
         raw = payload.get(DP_KEY)
         if raw is None:
             return None
-        if not isinstance(raw, Mapping):
+        if type(raw) is not dict and not isinstance(raw, Mapping):
             raise ConfigError(f"payload field {DP_KEY!r} must be an object")
-        # The guard and the task both read the request, and an in-process engine hands every
-        # node of a broadcast the same decoded object: parse it once while it is unchanged.
+        # The guard and the task both read the request, and every node of a round gets the
+        # same one (an in-process engine hands each node its own copy): parse it once per
+        # distinct content. Values equal under == parse to the same request (1, 1.0 and
+        # True alike), and a NaN never equals itself, so it is parsed, and refused, each time.
         last = _LAST_PARSED[0]
-        if last is not None and last[0] is raw and last[1] == tuple(raw.items()):
-            return last[2]
+        if last is not None and last[0] == raw:
+            return last[1]
         request = cls._parse(raw)
-        _LAST_PARSED[0] = (raw, tuple(raw.items()), request)  # one tuple: threads see all or none
+        _LAST_PARSED[0] = (dict(raw), request)  # our own copy; one tuple: threads see both
         return request
 
     @classmethod
@@ -114,7 +120,7 @@ class DPRequest:
             raise ConfigError(f"malformed DP request {dict(raw)!r}: {exc}") from None
 
 
-_LAST_PARSED: list[tuple[Mapping[str, Any], tuple[Any, ...], DPRequest] | None] = [None]
+_LAST_PARSED: list[tuple[dict[str, Any], DPRequest] | None] = [None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,41 +235,12 @@ def budget_guard(
             ctx, max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant
         )
 
-    def guard(task: str, ctx: Any, payload: Mapping[str, Any]) -> None:
-        if task in evaluated:
-            assert floor is not None
-            # One unit-ball metrics vector, released once at the plan's noise multiplier:
-            # the node charges it and binds the noise; the request says nothing about it.
-            z = floor.noise_multiplier
-            charge_owner(
-                ctx,
-                budget(ctx),
-                task=task,
-                sample_rate=1.0,
-                noise_multiplier=z,
-                steps=1,
-                clip=1.0,
-                level="evaluation",
-            )
-            ctx.bind_noise(clip=1.0, std=z, applied=floor.evaluation == "local")
-            return
-        if task not in guarded:
-            return
-        request = DPRequest.from_payload(payload)
-        if floor is not None:
-            request = floor.check(task, request)
-        if request is None:
-            raise PrivacyBudgetExceeded(
-                f"task {task!r} declares no differential privacy, and this node's owner "
-                f"limits it to epsilon {max_epsilon}; run the job with a [privacy] table"
-            )
+    def accepted(request: DPRequest) -> tuple[Charge, NoiseBinding]:
+        """What a request the floor accepts charges and binds (the same at every node)."""
         rate = request.sample_rate
         if request.level == "node" and not trust_server_sampling:
             rate = 1.0
-        charge_owner(
-            ctx,
-            budget(ctx),
-            task=task,
+        charge = charge_terms(
             sample_rate=rate,
             noise_multiplier=request.noise_multiplier,
             steps=request.steps,
@@ -277,12 +254,65 @@ def budget_guard(
         # full noise_multiplier: a node's share of distributed noise (node_noise_multiplier)
         # is enough only inside a secure sum over a group big enough that the shares add
         # up to it (the node checks the group it sees), never for a release on its own.
-        ctx.bind_noise(
+        binding = NoiseBinding.of(
             clip=request.clip,
             std=request.clip * request.noise_multiplier,
             share_std=None if share is None else request.clip * share,
             applied=request.level == "example",
         )
+        return charge, binding
+
+    # Every node of a round sends the same request (DPRequest.from_payload hands them one
+    # object): its floor check, charge terms and noise binding are made once, here.
+    last: list[tuple[DPRequest, Charge, NoiseBinding] | None] = [None]
+    # Federated evaluation: one unit-ball metrics vector, released once at the plan's noise
+    # multiplier; the node charges it and binds the noise, whatever the request says.
+    evaluation = (
+        None
+        if floor is None
+        else (
+            charge_terms(
+                sample_rate=1.0,
+                noise_multiplier=floor.noise_multiplier,
+                steps=1,
+                clip=1.0,
+                level="evaluation",
+            ),
+            NoiseBinding.of(
+                clip=1.0, std=floor.noise_multiplier, applied=floor.evaluation == "local"
+            ),
+        )
+    )
+
+    def guard(task: str, ctx: Any, payload: Mapping[str, Any]) -> None:
+        if task in evaluated:
+            assert evaluation is not None
+            charge, binding = evaluation
+            charge_owner_terms(
+                ctx, None if max_epsilon is None else budget(ctx), task=task, charge=charge
+            )
+            ctx.noise = binding
+            return
+        if task not in guarded:
+            return
+        request = DPRequest.from_payload(payload)
+        known = last[0]
+        if known is not None and request is known[0]:
+            charge, binding = known[1], known[2]  # the floor accepted this very request
+        else:
+            if floor is not None:
+                request = floor.check(task, request)
+            if request is None:
+                raise PrivacyBudgetExceeded(
+                    f"task {task!r} declares no differential privacy, and this node's owner "
+                    f"limits it to epsilon {max_epsilon}; run the job with a [privacy] table"
+                )
+            charge, binding = accepted(request)
+            last[0] = (request, charge, binding)  # one tuple: threads see all or none
+        charge_owner_terms(
+            ctx, None if max_epsilon is None else budget(ctx), task=task, charge=charge
+        )
+        ctx.noise = binding
 
     return guard
 
@@ -311,6 +341,26 @@ def owner_budget(
     return budget
 
 
+def charge_terms(
+    *,
+    sample_rate: float,
+    noise_multiplier: float,
+    steps: int,
+    mechanism: Mechanism = "gaussian",
+    **detail: Any,
+) -> Charge:
+    """The terms of one privacy charge, as the ledger records them (see charge_owner)."""
+    return Charge.of(
+        {
+            "sample_rate": sample_rate,
+            "noise_multiplier": noise_multiplier,
+            "steps": steps,
+            "mechanism": mechanism,
+            **detail,
+        }
+    )
+
+
 def charge_owner(
     ctx: Any,
     budget: NodeBudget | None,
@@ -326,41 +376,44 @@ def charge_owner(
     (a replay), declined (PrivacyBudgetExceeded) if it would overspend ``budget`` (None: no
     limit, only the record), and written to the node's state (on disk with a state file)
     before the task's result can leave."""
+    charge = charge_terms(
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=steps,
+        mechanism=mechanism,
+        **detail,
+    )
+    charge_owner_terms(ctx, budget, task=task, charge=charge)
+
+
+def charge_owner_terms(ctx: Any, budget: NodeBudget | None, *, task: str, charge: Charge) -> None:
+    """:func:`charge_owner` with terms made once (:func:`charge_terms`) for many nodes."""
+    terms = charge.terms
     state = ctx.node_state
     # The check and the charge as one step: two requests at once (a task still running
     # from a dropped session while the next one arrives) must not both fit a budget that
     # has room for one.
     with state.lock:
-        if state.charged(ctx.task_id):
+        if state.charged(ctx.task_id):  # a replay is refused, not declined for the budget
             raise ReleaseRefused(
                 f"request {ctx.task_id!r} was charged to this node's privacy ledger already; "
                 "the node does not run a charged request twice"
             )
         if budget is not None:
             budget.check(
-                sample_rate=sample_rate,
-                noise_multiplier=noise_multiplier,
-                steps=steps,
-                mechanism=mechanism,
+                sample_rate=terms["sample_rate"],
+                noise_multiplier=terms["noise_multiplier"],
+                steps=terms["steps"],
+                mechanism=terms["mechanism"],
             )
-        state.charge(
-            task_id=ctx.task_id,
-            task=task,
-            charge={
-                "sample_rate": sample_rate,
-                "noise_multiplier": noise_multiplier,
-                "steps": steps,
-                "mechanism": mechanism,
-                **detail,
-            },
-        )
+        state.charge(task_id=ctx.task_id, task=task, charge=charge)
         budget = budget if budget is not None else state.cache.get(BUDGET_STATE)
         if budget is not None:  # the owner's budget, if another guard built it, counts this too
             budget.ledger.record(
-                sample_rate=sample_rate,
-                noise_multiplier=noise_multiplier,
-                steps=steps,
-                mechanism=mechanism,
+                sample_rate=terms["sample_rate"],
+                noise_multiplier=terms["noise_multiplier"],
+                steps=terms["steps"],
+                mechanism=terms["mechanism"],
             )
 
 

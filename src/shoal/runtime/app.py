@@ -103,7 +103,7 @@ class TaskContext:
         share); otherwise they leave only clipped to ``clip`` with at least the noise the way
         out needs, fresh Gaussian, added by the node, once.
         """
-        self.noise = _binding(float(clip), float(std), bool(applied), share_std)
+        self.noise = NoiseBinding.of(clip=clip, std=std, applied=applied, share_std=share_std)
 
     @property
     def data(self) -> Any:
@@ -140,6 +140,14 @@ class NoiseBinding:
     def applied_in_full(self) -> bool:
         """The task added all the charged noise itself: noised fields may leave as they are."""
         return self.applied and self.share is None
+
+    @classmethod
+    def of(
+        cls, *, clip: float, std: float, applied: bool = False, share_std: float | None = None
+    ) -> NoiseBinding:
+        """The binding :meth:`TaskContext.bind_noise` sets (validated; one per distinct
+        value: a guard makes it once for every node a request reaches)."""
+        return _binding(float(clip), float(std), bool(applied), share_std)
 
     def needed(self, use: str, group: int | None = None) -> float:
         """The noise std a release by ``use`` must add. Alone: the full ``std``. Into a
@@ -373,9 +381,7 @@ def _check_clear(
     """Fields leaving in the clear: ``clear`` ones, and ``noised`` ones the task noised."""
     if policy.all_clear or not fields:
         return
-    if noise is not None and noise.applied_in_full:
-        fields = tuple(f for f in fields if policy.kind_of(f).kind != "noised")
-    policy.check_clear(fields, path=path)
+    policy.check_clear(fields, path=path, noised=noise is not None and noise.applied_in_full)
 
 
 def _keep(ctx: TaskContext, handle: str, held: _Held, max_kept: int) -> dict[str, Any]:
@@ -449,40 +455,29 @@ def read_held(
     policy = held.policy
     if policy.all_clear:
         return out
-    refused: dict[str, str] = {}
-    noised: list[str] = []
-    for name in out:
-        release = policy.kind_of(name)
-        kind = release.kind
-        if kind == "clear":
-            continue
-        if kind == "secure" and use == "secure":
-            continue
-        if kind == "sealed" and use == "forward" and role in release.roles:
-            continue
-        if kind == "noised" and use in ("clear", "secure"):
-            noised.append(name)
-            continue
-        refused[name] = str(release)
-    if refused:
+    route = policy.route(tuple(out), use=use, role=role)
+    if route.refused:
+        refused = dict(route.refused)
         how = {"clear": "in the clear", "secure": "into a secure sum", "forward": f"to {role!r}"}
         raise ReleaseRefused(
             f"task {policy.task!r} releases "
             + ", ".join(f"{f!r} as {k}" for f, k in sorted(refused.items()))
             + f"; the node refuses to send {sorted(refused)} {how[use]}"
         )
-    summed = [f for f in out if use == "secure" and policy.kind_of(f).kind == "secure"]
-    again = sorted(held.summed.intersection(summed))
-    if again:
-        raise ReleaseRefused(
-            f"value {handle!r} already entered a secure sum with {again}; a second sum (over "
-            "another group) would reveal this node's value as the difference, so each secure "
-            "field joins one secure sum"
-        )
+    summed = route.secure
+    if summed:
+        again = sorted(held.summed.intersection(summed))
+        if again:
+            raise ReleaseRefused(
+                f"value {handle!r} already entered a secure sum with {again}; a second sum "
+                "(over another group) would reveal this node's value as the difference, so "
+                "each secure field joins one secure sum"
+            )
     charged = held.noise
-    if noised or (summed and charged is not None and not charged.applied_in_full):
+    if route.noised or (summed and charged is not None and not charged.applied_in_full):
         _check_noise(held, handle, clip, noise_std, use, group)
-    held.summed.update(summed)
+    if summed:
+        held.summed.update(summed)
     return out
 
 

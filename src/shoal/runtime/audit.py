@@ -47,8 +47,8 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=F
 _FIELDS = json.JSONEncoder(separators=(",", ":"))
 
 
-def canonical(detail: Mapping[str, Any]) -> str:
-    """The one JSON text of ``detail`` that is hashed and stored."""
+def canonical(detail: Mapping[str, Any] | str) -> str:
+    """The one JSON text of ``detail`` that is hashed and stored (or of a string in it)."""
     return _CANONICAL.encode(detail)
 
 

@@ -16,7 +16,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from shoal.errors import ConfigError, NodeStateError, ReleaseRefused
@@ -37,6 +39,7 @@ from shoal.runtime.audit import (
 __all__ = [
     "CHARGE",
     "NODE_STATE_KEY",
+    "Charge",
     "MemoryNodeState",
     "NodeState",
     "NodeStateFile",
@@ -48,6 +51,35 @@ CHARGE = "privacy.charge"
 FORMAT = "shoal.node-state/1"
 # PRAGMA application_id of a node state file: the bytes spell "SHNS" (the Store's is "SHOL").
 NODE_APPLICATION_ID = 0x53484E53
+
+
+@dataclass(frozen=True, eq=False)
+class Charge:
+    """A privacy charge's terms, frozen, with their canonical JSON text made once.
+
+    Every node of a round is charged the same terms: a guard builds them once per request
+    (:meth:`of`) and each node's :meth:`NodeState.charge` writes the same text, not a JSON
+    encoding of its own.
+    """
+
+    terms: Mapping[str, Any]
+    text: str
+    _heads: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, terms: Mapping[str, Any]) -> Charge:
+        own = dict(terms)  # a copy nobody else holds: the text stays the terms' own
+        return cls(terms=MappingProxyType(own), text=canonical(own))
+
+    def entry_text(self, *, task: str, task_id: str) -> str:
+        """``canonical({"task_id": task_id, "task": task, "charge": terms})``, the ledger
+        entry's text, of which only the task id is encoded per call."""
+        head = self._heads.get(task)
+        if head is None:  # keys in canonical (sorted) order: charge, task, task_id
+            head = f'{{"charge":{self.text},"task":{canonical(task)},"task_id":'
+            if len(self._heads) < 16:
+                self._heads[task] = head
+        return f"{head}{canonical(task_id)}}}"
 
 
 class NodeState:
@@ -108,9 +140,10 @@ class NodeState:
     def audit(self, action: str, **detail: Any) -> None:
         """Append an entry (durably, before returning, for a state file)."""
         with self._lock:
-            self._append(action, detail)
+            task_id = detail.get("task_id") if action == CHARGE else None
+            self._write(action, canonical(detail), task_id if isinstance(task_id, str) else None)
 
-    def charge(self, *, task_id: str, charge: Mapping[str, Any], task: str = "") -> None:
+    def charge(self, *, task_id: str, charge: Mapping[str, Any] | Charge, task: str = "") -> None:
         """Record a privacy charge for request ``task_id``, durably, before any release.
 
         Raises ReleaseRefused if that request was charged already: a replay would spend the
@@ -123,11 +156,9 @@ class NodeState:
                     "the node does not run a charged request twice (a replay would spend the "
                     "budget again or give a second noisy sample)"
                 )
-            self._append(CHARGE, {"task_id": task_id, "task": task, "charge": charge})
+            terms = charge if isinstance(charge, Charge) else Charge.of(charge)
+            self._write(CHARGE, terms.entry_text(task=task, task_id=task_id), task_id)
             self._charged.add(task_id)
-
-    def _next(self, action: str, detail: Mapping[str, Any]) -> AuditEntry:
-        return self._link(action, canonical(detail), time.time())
 
     def _link(self, action: str, text: str, ts: float) -> AuditEntry:
         prev = self._entries[-1].hash if self._entries else GENESIS
@@ -144,9 +175,10 @@ class NodeState:
             detail_text=text,
         )
 
-    def _append(self, action: str, detail: Mapping[str, Any]) -> None:
-        # The JSON text now: a detail that cannot be stored fails the call, not a later read.
-        self._unlinked.append((time.time(), action, canonical(detail)))
+    def _write(self, action: str, text: str, task_id: str | None) -> None:
+        # ``text`` is the entry's JSON, made by the caller: a detail that cannot be stored
+        # fails the call, not a later read. ``task_id``: a charge's, unique in a state file.
+        self._unlinked.append((time.time(), action, text))
 
     def close(self) -> None:
         """Release the file (nothing to do in memory)."""
@@ -471,10 +503,9 @@ class _FileNodeState(NodeState):
         self._entries = file.read(node_id)
         self._charged = {e.task_id for e in self._entries if e.action == CHARGE and e.task_id}
 
-    def _append(self, action: str, detail: Mapping[str, Any]) -> None:
-        entry = self._next(action, detail)
-        task_id = detail.get("task_id") if action == CHARGE else None
-        self._file._insert(self.node_id, entry, task_id if isinstance(task_id, str) else None)
+    def _write(self, action: str, text: str, task_id: str | None) -> None:
+        entry = self._link(action, text, time.time())
+        self._file._insert(self.node_id, entry, task_id)
         self._entries.append(entry)  # only once it is on disk
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from shoal.errors import ConfigError, ReleaseRefused
 
-__all__ = ["KINDS", "USES", "Release", "ReleasePolicy", "Use"]
+__all__ = ["KINDS", "USES", "Release", "ReleasePolicy", "Route", "Use"]
 
 Kind = Literal["clear", "secure", "noised", "sealed", "never"]
 KINDS: tuple[str, ...] = ("clear", "secure", "noised", "sealed", "never")
@@ -43,6 +43,15 @@ class Release:
 
 _CLEAR = Release("clear")
 _NEVER = Release("never")
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a policy says of some fields about to leave by one use (see ``route``)."""
+
+    refused: tuple[tuple[str, str], ...]  # (field, its kind) of those that may not leave so
+    noised: tuple[str, ...]  # may leave only with the noise their charge bound
+    secure: tuple[str, ...]  # ``secure`` fields entering a secure sum
 
 
 def _parse_kind(text: object, where: str) -> Release:
@@ -76,7 +85,7 @@ class ReleasePolicy:
     ('secure', 'never')
     """
 
-    __slots__ = ("_cache", "_checked", "_exact", "_patterns", "all_clear", "task")
+    __slots__ = ("_cache", "_checked", "_exact", "_patterns", "_routes", "all_clear", "task")
 
     def __init__(self, spec: Mapping[str, str], *, task: str) -> None:
         where = f"release policy of task {task!r}"
@@ -101,7 +110,10 @@ class ReleasePolicy:
             p.pattern == fnmatch.translate("*") for p, _ in self._patterns
         )
         self._cache: dict[str, Release] = {}
-        self._checked: set[tuple[Use, tuple[str, ...]]] = set()
+        # What was allowed (check_clear) and how fields route (route), per distinct request:
+        # every node of a round asks the same, so each answer is worked out once.
+        self._checked: set[tuple[str, tuple[str, ...]]] = set()
+        self._routes: dict[tuple[Use, str | None, tuple[str, ...]], Route] = {}
 
     @classmethod
     def clear(cls, *, task: str) -> ReleasePolicy:
@@ -122,11 +134,17 @@ class ReleasePolicy:
     def kinds(self, fields: Iterable[str]) -> dict[str, Release]:
         return {f: self.kind_of(f) for f in fields}
 
-    def check_clear(self, fields: tuple[str, ...], *, path: str) -> None:
-        """Raise ReleaseRefused unless every field may leave in the clear."""
-        if self.all_clear or ("clear", fields) in self._checked:
+    def check_clear(self, fields: tuple[str, ...], *, path: str, noised: bool = False) -> None:
+        """Raise ReleaseRefused unless every field may leave in the clear; ``noised``: the
+        task added the noise its charge bound in full, so ``noised`` fields may too."""
+        how = "clear+noised" if noised else "clear"
+        if self.all_clear or (how, fields) in self._checked:
             return
-        refused = {f: str(r) for f in fields if (r := self.kind_of(f)) != _CLEAR}
+        refused = {
+            f: str(r)
+            for f in fields
+            if (r := self.kind_of(f)) != _CLEAR and not (noised and r.kind == "noised")
+        }
         if refused:
             raise ReleaseRefused(
                 f"task {self.task!r} releases {_describe(refused)}, not in the clear, so "
@@ -134,7 +152,35 @@ class ReleasePolicy:
                 "the protocol their policy names"
             )
         if len(self._checked) < 1024:
-            self._checked.add(("clear", fields))
+            self._checked.add((how, fields))
+
+    def route(self, fields: tuple[str, ...], *, use: Use, role: str | None = None) -> Route:
+        """How ``fields`` may leave by ``use`` (to ``role``, for a forward): which are refused,
+        which need their charged noise, which join a secure sum."""
+        key = (use, role, fields)
+        found = self._routes.get(key)
+        if found is not None:
+            return found
+        refused: list[tuple[str, str]] = []
+        noised: list[str] = []
+        secure: list[str] = []
+        for name in fields:
+            release = self.kind_of(name)
+            kind = release.kind
+            if kind == "clear":
+                continue
+            if kind == "secure" and use == "secure":
+                secure.append(name)
+            elif kind == "sealed" and use == "forward" and role in release.roles:
+                continue
+            elif kind == "noised" and use in ("clear", "secure"):
+                noised.append(name)
+            else:
+                refused.append((name, str(release)))
+        found = Route(refused=tuple(refused), noised=tuple(noised), secure=tuple(secure))
+        if len(self._routes) < 1024:  # bounded: a coordinator chooses the fields it asks for
+            self._routes[key] = found
+        return found
 
     def __repr__(self) -> str:
         entries = [f"{k!r}: '{v}'" for k, v in self._exact.items()]
