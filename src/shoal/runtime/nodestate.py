@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _json_str  # canonical() of a str
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -79,7 +80,7 @@ class Charge:
             head = f'{{"charge":{self.text},"task":{canonical(task)},"task_id":'
             if len(self._heads) < 16:
                 self._heads[task] = head
-        return f"{head}{canonical(task_id)}}}"
+        return f"{head}{_json_str(task_id)}}}"
 
 
 class NodeState:
@@ -140,8 +141,7 @@ class NodeState:
     def audit(self, action: str, **detail: Any) -> None:
         """Append an entry (durably, before returning, for a state file)."""
         with self._lock:
-            task_id = detail.get("task_id") if action == CHARGE else None
-            self._write(action, canonical(detail), task_id if isinstance(task_id, str) else None)
+            self._append(action, detail)
 
     def charge(self, *, task_id: str, charge: Mapping[str, Any] | Charge, task: str = "") -> None:
         """Record a privacy charge for request ``task_id``, durably, before any release.
@@ -157,7 +157,12 @@ class NodeState:
                     "budget again or give a second noisy sample)"
                 )
             terms = charge if isinstance(charge, Charge) else Charge.of(charge)
-            self._write(CHARGE, terms.entry_text(task=task, task_id=task_id), task_id)
+            if type(self)._append is NodeState._append:
+                self._write(CHARGE, terms.entry_text(task=task, task_id=task_id), task_id)
+            else:  # a subclass keeps its entries its own way (the datasite's audit chain)
+                self._append(
+                    CHARGE, {"task_id": task_id, "task": task, "charge": dict(terms.terms)}
+                )
             self._charged.add(task_id)
 
     def _link(self, action: str, text: str, ts: float) -> AuditEntry:
@@ -174,6 +179,11 @@ class NodeState:
             hash=entry_hash(prev, seq, ts, actor, action, text),
             detail_text=text,
         )
+
+    def _append(self, action: str, detail: Mapping[str, Any]) -> None:
+        """Where every entry goes (a subclass may keep them elsewhere)."""
+        task_id = detail.get("task_id") if action == CHARGE else None
+        self._write(action, canonical(detail), task_id if isinstance(task_id, str) else None)
 
     def _write(self, action: str, text: str, task_id: str | None) -> None:
         # ``text`` is the entry's JSON, made by the caller: a detail that cannot be stored
