@@ -244,3 +244,65 @@ def test_a_data_path_that_is_not_a_readable_file_is_a_data_error(tmp_path: Path)
     if Path("/proc/self/mem").exists():  # lists as a regular file, reading it is EIO
         with pytest.raises(DataError, match="cannot read CSV file"):
             load_csv("/proc/self/mem")
+
+
+# [engine] kind = "ray" is a simulation engine: deployed commands and vertical jobs refuse it
+# with the reason instead of running as if the table were not there.
+RAY_JOB = """\
+[data]
+dataset = "iris"
+partition = { scheme = "iid", nodes = 2 }
+[engine]
+kind = "ray"
+address = "127.0.0.1:6379"
+"""
+
+
+@pytest.mark.parametrize("command", ["coordinator", "node"])
+def test_deployed_commands_refuse_the_ray_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(RAY_JOB)
+    if command == "coordinator":
+        argv = ["coordinator", "--job", str(path), "--insecure", "--listen", "127.0.0.1:0"]
+        argv += ["--store", str(tmp_path / "s.db")]
+    else:
+        argv = ["node", "--coordinator", "127.0.0.1:1", "--insecure", "--job", str(path)]
+        argv += ["--key", str(tmp_path / "none.key"), "--partition", "0/2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"`shoal {command}` deploys it with real nodes" in err
+    assert "Remove kind, address and actors from [engine]" in err
+    assert not (tmp_path / "s.db").exists()  # refused before a store was opened
+
+
+def test_the_coordinator_says_which_engine_keys_only_simulations_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(RAY_JOB.replace('kind = "ray"\naddress = "127.0.0.1:6379"', "workers = 4"))
+    argv = ["coordinator", "--job", str(path), "--insecure", "--listen", "127.0.0.1:0"]
+    # An unknown run to resume stops it right after the notes, before it listens.
+    argv += ["--store", str(tmp_path / "s.db"), "--resume", "nope"]
+    assert main(argv) == 2
+    assert "[engine] workers only applies to simulations" in capsys.readouterr().out
+
+
+def test_a_vertical_job_refuses_the_ray_engine(tmp_path: Path) -> None:
+    from shoal.vertical.job import parse_vertical_job
+
+    raw: dict[str, Any] = {
+        "vertical": {
+            "id_column": "id",
+            "parties": [
+                {"name": "bank", "role": "guest", "path": "bank.csv", "label": "y"},
+                {"name": "insurer", "role": "host", "path": "insurer.csv"},
+            ],
+        },
+        "engine": {"kind": "ray"},
+    }
+    with pytest.raises(ConfigError, match=r"a vertical job .* has no Ray engine"):
+        parse_vertical_job(raw, base_dir=tmp_path)
+    raw["engine"] = {"kind": "local"}
+    assert parse_vertical_job(raw, base_dir=tmp_path).name == "vertical"

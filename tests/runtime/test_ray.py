@@ -6,6 +6,8 @@ starts slowly; the last test here kills one of its worker nodes mid-round.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -124,6 +126,85 @@ def test_a_job_gives_the_same_model_on_ray_and_locally(cluster: Any) -> None:
     for name, value in local.weights.items():
         np.testing.assert_array_equal(on_ray.weights[name], value)  # bit for bit
     assert on_ray.metrics["failed"] == local.metrics["failed"] > 0
+
+
+def test_shoal_run_joins_the_cluster_named_in_the_job(
+    cluster: tuple[Any, list[Any]], tmp_path: Path
+) -> None:
+    """`shoal run` with [engine] kind = "ray": address = "auto" (found through RAY_ADDRESS,
+    as on a cluster's machine) and the head's host:port both join the running cluster."""
+    made, _ = cluster
+    local = simulate_job(parse_job(job()))
+    for address, env in (("auto", {"RAY_ADDRESS": made.address}), (made.address, {})):
+        raw = job(kind="ray", actors=1, address=address)
+        lines = [
+            f"[{table}]\n" + "".join(f"{k} = {v!r}\n" for k, v in raw[table].items())
+            for table in ("job", "algorithm", "faults", "engine")
+        ]
+        lines.append('[data]\ndataset = "digits"\n')
+        lines.append('partition = { scheme = "dirichlet", nodes = 8 }\n')
+        path = tmp_path / "job.toml"
+        path.write_text("".join(lines).replace("'", '"'))
+        out = tmp_path / "out.json"
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shoal.cli.main",
+                "run",
+                str(path),
+                "--quiet",
+                "--json",
+                str(out),
+                "--store",
+                str(tmp_path / f"s{len(env)}.db"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **env},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(out.read_text())
+        assert summary["accuracy"] == local.metrics["accuracy"]  # the same model as locally
+
+
+@pytest.mark.parametrize("model", ["gbdt", "secureboost"])
+def test_a_tree_job_runs_on_ray_as_it_does_locally(cluster: Any, model: str) -> None:
+    from shoal.cli.trees import run_tree_job
+
+    raw: dict[str, Any] = {
+        "job": {"seed": 1},
+        "data": {"dataset": "breast_cancer", "partition": {"scheme": "iid", "nodes": 5}},
+        "model": {"name": model, "n_trees": 2, "max_depth": 2},
+    }
+    if model == "secureboost":
+        raw["model"].update(guest_features=10, hosts=2, key_bits=512, insecure_test_keys=True)
+    local = run_tree_job(parse_job(raw))
+    raw["engine"] = {"kind": "ray", "actors": 1}
+    on_ray = run_tree_job(parse_job(raw))
+    assert on_ray["nodes"] == local["nodes"]
+    assert on_ray["federated_auc"] == local["federated_auc"]
+    assert on_ray["identical_predictions"] and local["identical_predictions"]
+
+
+def test_a_text_job_runs_on_ray_as_it_does_locally(cluster: Any, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    play = tmp_path / "play.txt"
+    play.write_text(
+        "HAMLET:\nTo be, or not to be, that is the question:\nWhether tis nobler\n\n"
+        "OPHELIA:\nGood my lord,\nHow does your honour for this many a day?\n"
+    )
+    raw: dict[str, Any] = {
+        "data": {"dataset": "shakespeare", "path": play.name, "seq_len": 8},
+        "model": {"name": "char_lstm", "embedding": 4, "hidden": 8, "layers": 1},
+        "algorithm": {"name": "fedavg", "rounds": 2, "nodes_per_round": 2, "lr": 0.5},
+    }
+    local = simulate_job(parse_job(raw, base_dir=tmp_path))
+    raw["engine"] = {"kind": "ray", "actors": 1}
+    on_ray = simulate_job(parse_job(raw, base_dir=tmp_path))
+    for name, value in local.weights.items():
+        np.testing.assert_array_equal(on_ray.weights[name], value)
 
 
 def test_an_app_recipe_that_cannot_be_built_stops_the_engine_at_start(cluster: Any) -> None:

@@ -433,7 +433,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
-    from shoal.cli.job import load_job
+    from shoal.cli.job import load_job, refuse_simulation_engine
     from shoal.cli.trees import is_tree_job, run_tree_job
     from shoal.cli.vertical import coordinate_vertical, is_vertical
     from shoal.core import Federation
@@ -444,6 +444,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     if is_vertical(args.job):  # parties holding columns, not rows: their own protocol
         return coordinate_vertical(args)
     job = load_job(args.job)
+    refuse_simulation_engine(job, "shoal coordinator")
     if args.insecure:
         print(INSECURE_WARNING.format(peer="node side"), file=sys.stderr, flush=True)
     tls = None if args.insecure else ServerTLS.from_dir(args.certs)
@@ -453,6 +454,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise ConfigError(f"--wait-nodes {wait_nodes} is below --min-nodes {min_nodes}")
     if job.faults is not None:
         print("note: the job's [faults] table only applies to simulations", flush=True)
+    if "workers" in (job.raw.get("engine") or {}):
+        print("note: [engine] workers only applies to simulations (threads per engine)", flush=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     events = logging.getLogger("shoal.deploy")
     events.addHandler(_EventPrinter())
@@ -666,7 +669,7 @@ def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None,
 
 
 def _node(args: argparse.Namespace) -> int:
-    from shoal.cli.job import load_job
+    from shoal.cli.job import load_job, refuse_simulation_engine
     from shoal.cli.trees import is_tree_job, party_table, tree_node_app
     from shoal.cli.vertical import is_vertical, serve_party
     from shoal.learn import TRAIN, learning_app
@@ -700,6 +703,7 @@ def _node(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     job = load_job(args.job)
+    refuse_simulation_engine(job, "shoal node")
     key = load_private_key(args.key)
     if args.insecure:
         print(INSECURE_WARNING.format(peer="coordinator"), file=sys.stderr, flush=True)

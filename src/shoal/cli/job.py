@@ -1101,22 +1101,69 @@ def job_app(*, job: Mapping[str, Any], base_dir: str) -> NodeApp:
 
 def job_data(*, job: Mapping[str, Any], base_dir: str) -> Callable[[str], Any]:
     """node id ``n<i>`` -> that node's data, with the job's holdout (a RayEngine's data
-    recipe for jobs with ``[data] holdout``)."""
+    recipe for jobs with ``[data] holdout`` or a text data set, which a DataSpec does not
+    describe)."""
     from shoal.learn.tasks import LocalData
 
     spec = parse_job(job, base_dir=Path(base_dir))
-    data = spec.data_spec()
     fraction = float(spec.data["holdout"])
+    part_of: Callable[[int], Dataset]
+    if spec.data["dataset"] in TEXT_DATASETS:  # a play's roles: read once per actor
+        parts = spec.partitions()
+        part_of = parts.__getitem__
+    else:
+        part_of = spec.data_spec().node
 
     def node(node_id: str) -> Any:
         index = int(node_id.removeprefix("n"))
-        part = data.node(index)
+        part = part_of(index)
         if fraction <= 0:
             return part
         train, test = split_holdout(part, fraction=fraction, seed=spec.seed + index)
         return LocalData(train=train, test=test)
 
     return node
+
+
+def refuse_simulation_engine(job: JobSpec, command: str) -> None:
+    """``shoal coordinator`` and ``shoal node`` run real nodes: a job asking for the Ray
+    simulation engine is refused rather than deployed as if the table were not there."""
+    if job.engine["kind"] == "ray":
+        raise ConfigError(
+            f"[engine] kind = 'ray' runs this job's nodes as a simulation on a Ray cluster "
+            f"(`shoal run`); `{command}` deploys it with real nodes connecting over gRPC, "
+            "where no Ray is involved. Remove kind, address and actors from [engine] to "
+            "deploy this job"
+        )
+
+
+def job_description(job: JobSpec) -> dict[str, Any]:
+    """The job as a recipe's options: every Ray worker parses it again, with paths resolved
+    against the same directory (which must hold the same files on every machine)."""
+    return {"job": job.to_dict(), "base_dir": str(job.base_dir.resolve())}
+
+
+def ray_engine(
+    job: JobSpec,
+    *,
+    app: Recipe,
+    data: DataSpec | Recipe | None,
+    nodes: int,
+    faults: Faults | None = None,
+) -> Any:
+    """A RayEngine as the job's ``[engine]`` table (kind = 'ray') describes it."""
+    from shoal.runtime.ray import RayEngine
+
+    return RayEngine(
+        app=app,
+        data=data,
+        nodes=nodes,
+        address=job.engine["address"],
+        actors=job.engine["actors"],
+        workers=int(job.engine["workers"]),
+        seed=job.seed,
+        faults=faults,
+    )
 
 
 def _simulate_on_ray(
@@ -1127,24 +1174,19 @@ def _simulate_on_ray(
     on_round: Callable[[RoundReport], None] | None,
     on_start: Callable[[str | None], None] | None,
 ) -> TrainingResult:
-    from shoal.runtime.ray import RayEngine
-
     _, test = job.load_data()
     model = job.build_model()
-    description = {"job": job.to_dict(), "base_dir": str(job.base_dir.resolve())}
+    description = job_description(job)
     data = (
         Recipe(target="shoal.cli.job:job_data", options=description)
-        if float(job.data["holdout"]) > 0
+        if float(job.data["holdout"]) > 0 or job.data["dataset"] in TEXT_DATASETS
         else job.data_spec()
     )
-    engine = RayEngine(
+    engine = ray_engine(
+        job,
         app=Recipe(target="shoal.cli.job:job_app", options=description),
         data=data,
         nodes=int(job.partition["nodes"]),
-        address=job.engine["address"],
-        actors=job.engine["actors"],
-        workers=int(job.engine["workers"]),
-        seed=job.seed,
         faults=job.build_faults(),
     )
     try:

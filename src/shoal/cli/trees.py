@@ -143,9 +143,59 @@ def tree_node_app(job: JobSpec, party: int | None = None) -> NodeApp:
     return app
 
 
+def job_tree_app(*, job: Mapping[str, Any], base_dir: str) -> NodeApp:
+    """The NodeApp every node of tree job ``job`` runs (a RayEngine's app recipe)."""
+    from pathlib import Path
+
+    from shoal.cli.job import parse_job
+    from shoal.runtime.roles import NodeApps
+
+    spec = parse_job(job, base_dir=Path(base_dir))
+    if spec.model["name"] != "secureboost":
+        return tree_node_app(spec)
+    # node n<i> is party i (0 the guest); the parties say their index when asked
+    return NodeApps({f"n{i}": tree_node_app(spec, i) for i in range(int(spec.model["hosts"]) + 1)})
+
+
+def job_party_tables(*, job: Mapping[str, Any], base_dir: str) -> Any:
+    """node id ``n<i>`` -> SecureBoost party i's table (a RayEngine's data recipe)."""
+    from pathlib import Path
+
+    from shoal.cli.job import parse_job
+
+    spec = parse_job(job, base_dir=Path(base_dir))
+    parties = int(spec.model["hosts"]) + 1
+    return lambda node_id: party_table(spec, int(node_id.removeprefix("n")), parties)
+
+
 def run_tree_job(job: JobSpec, federation: Federation | None = None) -> dict[str, Any]:
     """Train the job's trees (simulated nodes unless a federation is given) and score them
-    on the test split, beside centralized training on the pooled data with the same cuts."""
+    on the test split, beside centralized training on the pooled data with the same cuts.
+
+    Simulated on a LocalEngine, or on a RayEngine for ``[engine] kind = "ray"`` (the same
+    nodes, built on the actors from the job file; closed when training ends)."""
+    if federation is not None or job.engine["kind"] != "ray":
+        return _run_tree_job(job, federation)
+    from shoal.cli.job import job_description, ray_engine
+    from shoal.core import Federation
+    from shoal.runtime import Recipe
+
+    description = job_description(job)
+    app = Recipe(target="shoal.cli.trees:job_tree_app", options=description)
+    if job.model["name"] == "gbdt":  # as _run_tree_job builds it on a LocalEngine
+        engine = ray_engine(job, app=app, data=job.data_spec(), nodes=int(job.partition["nodes"]))
+        options: dict[str, Any] = {"min_nodes": job.min_nodes}
+    else:
+        tables = Recipe(target="shoal.cli.trees:job_party_tables", options=description)
+        engine = ray_engine(job, app=app, data=tables, nodes=int(job.model["hosts"]) + 1)
+        options = {}
+    try:
+        return _run_tree_job(job, Federation(engine, seed=job.seed, **options))
+    finally:
+        engine.close()
+
+
+def _run_tree_job(job: JobSpec, federation: Federation | None) -> dict[str, Any]:
     from shoal.core import Federation
     from shoal.runtime import LocalEngine
     from shoal.trees import train

@@ -102,6 +102,15 @@ def parse_vertical_job(
 ) -> VerticalJob:
     job = dict(raw.get("job", {}))
     vert = dict(raw.get("vertical", {}))
+    engine = raw.get("engine", {})
+    if isinstance(engine, Mapping) and (
+        engine.get("kind", "local") != "local" or "address" in engine or "actors" in engine
+    ):
+        raise ConfigError(
+            "a vertical job runs its parties in one process when simulated and on their own "
+            "machines when deployed; it has no Ray engine: remove kind, address and actors "
+            "from [engine]"
+        )
     model = dict(raw.get("model", {}))
     algo = dict(raw.get("algorithm", {}))
     crypto = dict(raw.get("crypto", {}))
