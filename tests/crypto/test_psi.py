@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.crypto import psi
-from shoal.errors import DataError, ProtocolError
+from shoal.errors import ConfigError, DataError, ProtocolError
 
 
 @settings(max_examples=15, deadline=None)
@@ -94,3 +94,26 @@ def test_disjoint_sets_intersect_empty() -> None:
         [psi.PsiParty(ids=["a", "b"], salt=salt), psi.PsiParty(ids=["c"], salt=salt)]
     )
     assert ra.size == rb.size == 0 and ra.rows.size == 0
+
+
+def test_threaded_batches_match_one_thread() -> None:
+    """Above the parallel threshold the points are split over threads; the result (and the
+    check of every peer point, wherever it sits in the batch) is the same as one thread's."""
+    n = psi._MIN_PARALLEL + 500
+    salt = psi.new_salt()
+    ids_a = [f"u{i}" for i in range(n)]
+    ids_b = [f"u{i}" for i in range(n // 2, n // 2 + n)]
+    one = psi.PsiParty(ids=ids_a, salt=salt, workers=1)
+    two = psi.PsiParty(ids=ids_b, salt=salt, workers=2)
+    # hashing in threads keeps each point at its row: compare with the one-id reference
+    assert two._hashed[0].tobytes() == psi._hash_to_group(salt, ids_b[int(two._order[0])])
+    assert two._hashed[-1].tobytes() == psi._hash_to_group(salt, ids_b[int(two._order[-1])])
+    ra, rb = psi.run_psi([one, two])
+    assert ra.size == rb.size == n - n // 2
+    assert [ids_a[i] for i in ra.rows] == [ids_b[i] for i in rb.rows]
+    bad = np.array(two.blind_own())
+    bad[-1] = 0xFF  # the last point, in the last thread's chunk
+    with pytest.raises(ProtocolError, match="not a valid Ristretto255 point"):
+        one.blind(bad)
+    with pytest.raises(ConfigError, match="workers"):
+        psi.PsiParty(ids=["a"], salt=salt, workers=0)
