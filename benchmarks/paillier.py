@@ -1,8 +1,15 @@
 """Paillier throughput: shoal.crypto.paillier against phe (python-paillier with gmpy2).
 
 Both libraries use the same 2048-bit key in the same run; each repeat times shoal in this
-process and phe in its own virtualenv (``--phe-python``, default /work/venvs/phe), the order
-alternating between repeats. Prints a table of medians and writes JSON.
+process and phe in a subprocess (``--phe-python``: $PHE_PYTHON, else /work/venvs/phe if it
+exists, else this interpreter when phe is installed here from the dev extra), the order
+alternating between repeats. Every operation is timed by wall clock and by the process's
+CPU time; rates are medians of the repeats, ratios are CPU-time ratios (the machine is shared,
+so wall time carries other jobs' load). Prints a table and writes JSON.
+
+Encryption rows say where each ``r**n`` comes from: fresh from the public key (phe's way),
+fresh from the key holder's CRT sampler (no precomputation), or taken from a pool filled
+beforehand (online cost only; the pool's generation is its own row).
 
     python benchmarks/paillier.py --repeats 5 --json paillier.json
 """
@@ -18,16 +25,41 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-PHE_PYTHON = os.environ.get("PHE_PYTHON", "/work/venvs/phe/bin/python")
+
+def _default_phe_python() -> str:
+    if os.environ.get("PHE_PYTHON"):
+        return os.environ["PHE_PYTHON"]
+    if Path("/work/venvs/phe/bin/python").exists():
+        return "/work/venvs/phe/bin/python"
+    import importlib.util
+
+    # phe is a dev extra: never a library dependency, but present in a dev environment
+    return sys.executable if importlib.util.find_spec("phe") else "/work/venvs/phe/bin/python"
 
 
 def _rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
+class _Clock:
+    """Records ``name``: ops/s by wall clock and by CPU time."""
+
+    def __init__(self, out: dict[str, float]) -> None:
+        self.out = out
+
+    def __call__(self, name: str, count: int, fn: Any) -> Any:
+        c, t = time.process_time(), time.perf_counter()
+        res = fn()
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        self.out[name] = _rate(count, wall)
+        self.out[name + "_cpu"] = _rate(count, cpu)
+        return res
+
+
 def run_phe(key: dict[str, int], count: int, adds: int) -> dict[str, float]:
-    """phe's encrypt/add/scalar-mul/decrypt rates (runs inside the phe virtualenv)."""
+    """phe's encrypt/add/scalar-mul/decrypt rates (runs in phe's interpreter)."""
     import random
 
     import phe
@@ -36,21 +68,15 @@ def run_phe(key: dict[str, int], count: int, adds: int) -> dict[str, float]:
     sk = phe.PaillierPrivateKey(pk, key["p"], key["q"])
     rnd = random.Random(0)
     xs = [rnd.uniform(-1, 1) for _ in range(count)]
-    t = time.perf_counter()
-    enc = [pk.encrypt(x) for x in xs]
-    out = {"encrypt": _rate(count, time.perf_counter() - t)}
+    out: dict[str, float] = {}
+    clock = _Clock(out)
+    enc = clock("encrypt", count, lambda: [pk.encrypt(x) for x in xs])
     a = [enc[i % count] for i in range(adds)]
     b = [enc[(i + 1) % count] for i in range(adds)]
-    t = time.perf_counter()
-    _ = [x + y for x, y in zip(a, b)]
-    out["add"] = _rate(adds, time.perf_counter() - t)
+    clock("add", adds, lambda: [x + y for x, y in zip(a, b)])
     ks = [rnd.uniform(-1, 1) for _ in range(count)]
-    t = time.perf_counter()
-    _ = [e * k for e, k in zip(enc, ks)]
-    out["scalar_mul"] = _rate(count, time.perf_counter() - t)
-    t = time.perf_counter()
-    _ = [sk.decrypt(e) for e in enc]
-    out["decrypt"] = _rate(count, time.perf_counter() - t)
+    clock("scalar_mul", count, lambda: [e * k for e, k in zip(enc, ks)])
+    clock("decrypt", count, lambda: [sk.decrypt(e) for e in enc])
     return out
 
 
@@ -64,43 +90,41 @@ def run_shoal(key: dict[str, int], count: int, adds: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     xs = rng.uniform(-1, 1, size=count)
     out: dict[str, float] = {}
-    t = time.perf_counter()
-    enc = P.encrypt(pk, xs)  # no pool: a fresh r**n per value, as phe does
-    out["encrypt"] = _rate(count, time.perf_counter() - t)
-    t = time.perf_counter()
-    pool = P.RandomnessPool(public_key=pk, size=count, private_key=sk)
-    out["pool_refill_key_holder"] = _rate(count, time.perf_counter() - t)
-    t = time.perf_counter()
-    P.RandomnessPool(public_key=pk, size=count)
-    out["pool_refill_public"] = _rate(count, time.perf_counter() - t)
-    t = time.perf_counter()
-    P.encrypt(pk, xs, pool=pool)
-    out["encrypt_online_pool"] = _rate(count, time.perf_counter() - t)
+    clock = _Clock(out)
+    # a fresh r**n per value from the public key alone, as phe does
+    enc = clock("encrypt", count, lambda: P.encrypt(pk, xs))
+    # the key holder: a fresh r**n per value by CRT, nothing precomputed
+    clock("encrypt_key_holder", count, lambda: P.encrypt(pk, xs, private_key=sk))
+    pool = clock(
+        "pool_refill_key_holder",
+        count,
+        lambda: P.RandomnessPool(public_key=pk, size=count, private_key=sk),
+    )
+    clock("pool_refill_public", count, lambda: P.RandomnessPool(public_key=pk, size=count))
+    clock("encrypt_online_pool", count, lambda: P.encrypt(pk, xs, pool=pool))
     big = P.EncryptedVector(
         public_key=pk,
         ciphertexts=tuple(enc.ciphertexts[i % count] for i in range(adds)),
         shape=(adds,),
         frac_bits=enc.frac_bits,
     )
-    t = time.perf_counter()
-    big.add(big)
-    out["add"] = _rate(adds, time.perf_counter() - t)
+    clock("add", adds, lambda: big.add(big))
     ks = rng.uniform(-1, 1, size=count)
-    t = time.perf_counter()
-    enc.mul(ks, frac_bits=53)  # same precision as phe's float scalars
-    out["scalar_mul"] = _rate(count, time.perf_counter() - t)
-    t = time.perf_counter()
-    P.decrypt(sk, enc)
-    out["decrypt"] = _rate(count, time.perf_counter() - t)
+    clock("scalar_mul", count, lambda: enc.mul(ks, frac_bits=53))  # phe's float precision
+    clock("decrypt", count, lambda: P.decrypt(sk, enc))
     packing = P.Packing(key_bits=pk.bits, value_bits=48, additions=1023, frac_bits=32)
     vals = rng.uniform(-1000, 1000, size=packing.slots * count)
     pool = P.RandomnessPool(public_key=pk, size=count, private_key=sk)
-    t = time.perf_counter()
-    P.encrypt_packed(pk, vals, packing, pool=pool)
-    out["packed_values_online_pool"] = _rate(vals.size, time.perf_counter() - t)
-    t = time.perf_counter()
-    P.encrypt_packed(pk, vals, packing, pool=P.RandomnessPool(public_key=pk, private_key=sk))
-    out["packed_values_key_holder_incl_refill"] = _rate(vals.size, time.perf_counter() - t)
+    clock(
+        "packed_values_online_pool",
+        vals.size,
+        lambda: P.encrypt_packed(pk, vals, packing, pool=pool),
+    )
+    clock(
+        "packed_values_key_holder",
+        vals.size,
+        lambda: P.encrypt_packed(pk, vals, packing, private_key=sk),
+    )
     out["packed_slots"] = float(packing.slots)
     return out
 
@@ -112,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adds", type=int, default=20000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--phe-python", default=PHE_PYTHON)
+    ap.add_argument("--phe-python", default=None)
     ap.add_argument("--worker", choices=["phe"], help=argparse.SUPPRESS)
     ap.add_argument("--key", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -123,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from shoal.crypto import paillier as P
 
+    args.phe_python = args.phe_python or _default_phe_python()
     pk, sk = P.generate_keypair(args.bits, insecure=args.bits < 2048)
     key = {"n": int(pk.n), "p": int(sk.p), "q": int(sk.q)}
     have_phe = Path(args.phe_python).exists()
@@ -146,28 +171,44 @@ def main(argv: list[str] | None = None) -> int:
         if rs
     }
     rows = [
-        ("encrypt (fresh r^n each)", "encrypt", "encrypt"),
-        ("encrypt online (pooled r^n)", "encrypt_online_pool", "encrypt"),
-        ("pool refill, key holder (CRT)", "pool_refill_key_holder", None),
-        ("pool refill, public key only", "pool_refill_public", None),
+        ("encrypt, public key (fresh r^n each)", "encrypt", "encrypt"),
+        ("encrypt, key holder (fresh CRT r^n each)", "encrypt_key_holder", "encrypt"),
+        ("encrypt online (pooled r^n; excl. pool)", "encrypt_online_pool", None),
+        ("pool generation, key holder (CRT)", "pool_refill_key_holder", None),
+        ("pool generation, public key only", "pool_refill_public", None),
         ("add", "add", "add"),
         ("scalar multiply (53-bit)", "scalar_mul", "scalar_mul"),
         ("decrypt", "decrypt", "decrypt"),
-        ("packed values, online", "packed_values_online_pool", None),
-        ("packed values, key holder incl. refill", "packed_values_key_holder_incl_refill", None),
+        ("packed values, online (excl. pool)", "packed_values_online_pool", None),
+        ("packed values, key holder (fresh CRT r^n)", "packed_values_key_holder", None),
     ]
     print(f"Paillier {args.bits}-bit, medians of {args.repeats} interleaved repeats (ops/s)")
-    print(f"{'operation':42s} {'shoal':>12s} {'phe':>12s} {'ratio':>8s}")
+    print(f"phe: {args.phe_python if have_phe else 'not run'}")
+    head = f"{'operation':44s} {'shoal cpu':>10s} {'phe cpu':>10s} {'ratio':>6s}"
+    print(head + f" {'shoal wall':>10s} {'phe wall':>10s}")
     table = []
     for label, sk_key, phe_key in rows:
-        s = med["shoal"][sk_key]
-        p = med.get("phe", {}).get(phe_key) if phe_key else None
-        ratio = s / p if p else None
-        table.append({"operation": label, "shoal": s, "phe": p, "ratio": ratio})
-        ps = f"{p:12.0f}" if p else f"{'-':>12s}"
-        rs = f"{ratio:8.1f}" if ratio else f"{'-':>8s}"
-        print(f"{label:42s} {s:12.0f} {ps} {rs}")
-    print(f"slots per 2048-bit packed plaintext: {int(med['shoal']['packed_slots'])}")
+        s_cpu, s_wall = med["shoal"][sk_key + "_cpu"], med["shoal"][sk_key]
+        phe_med = med.get("phe", {})
+        p_cpu = phe_med.get(phe_key + "_cpu") if phe_key else None
+        p_wall = phe_med.get(phe_key) if phe_key else None
+        ratio = s_cpu / p_cpu if p_cpu else None
+        table.append(
+            {
+                "operation": label,
+                "shoal_cpu": s_cpu,
+                "phe_cpu": p_cpu,
+                "ratio_cpu": ratio,
+                "shoal_wall": s_wall,
+                "phe_wall": p_wall,
+            }
+        )
+
+        def f(v: float | None, w: int = 10, d: int = 0) -> str:
+            return f"{v:{w}.{d}f}" if v else f"{'-':>{w}s}"
+
+        print(f"{label:44s} {f(s_cpu)} {f(p_cpu)} {f(ratio, 6, 1)} {f(s_wall)} {f(p_wall)}")
+    print(f"slots per {args.bits}-bit packed plaintext: {int(med['shoal']['packed_slots'])}")
     if not have_phe:
         print(f"phe not run: no interpreter at {args.phe_python}", file=sys.stderr)
     if args.json:

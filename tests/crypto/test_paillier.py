@@ -76,6 +76,42 @@ def test_vector_add_and_scalar_mul(keys, xs: list[float], ys: list[float]) -> No
 
 
 @settings(max_examples=30, deadline=None)
+@given(xs=st.lists(ints, min_size=1, max_size=6), ys=st.lists(ints, min_size=6, max_size=6), k=ints)
+def test_key_holder_crt_encryption_round_trips_and_stays_homomorphic(
+    keys, xs: list[int], ys: list[int], k: int
+) -> None:
+    """Encryption with the key holder's CRT r**n is ordinary Paillier: it decrypts, adds to
+    a public-key ciphertext and to plaintexts, and multiplies by a scalar, all exactly."""
+    pk, sk = keys
+    x, y = np.array(xs, dtype=object), np.array(ys[: len(xs)], dtype=object)
+    ex = P.encrypt(pk, x, frac_bits=0, private_key=sk)
+    ey = P.encrypt(pk, y, frac_bits=0)  # public-key encryption, the other party's
+    assert all(0 < c < pk.nsquare and gmpy2.gcd(c, pk.n) == 1 for c in ex.ciphertexts)
+    assert P.decode_ints([sk.raw_decrypt(c) for c in ex.ciphertexts], pk.n) == xs
+    assert P.decode_ints([sk.raw_decrypt(c) for c in (ex + ey).ciphertexts], pk.n) == [
+        a + b for a, b in zip(xs, ys)
+    ]
+    got = [sk.raw_decrypt(c) for c in ex.mul(np.array([k] * len(xs), dtype=object)).ciphertexts]
+    assert P.decode_ints(got, pk.n) == [a * k for a in xs]
+    # the same plaintexts twice: fresh randomness every time
+    again = P.encrypt(pk, x, frac_bits=0, private_key=sk)
+    assert not set(again.ciphertexts) & set(ex.ciphertexts)
+
+
+def test_key_holder_encryption_refuses_mixed_sources(keys) -> None:
+    pk, sk = keys
+    pool = P.RandomnessPool(public_key=pk, size=2)
+    with pytest.raises(ConfigError, match="not both"):
+        P.encrypt(pk, np.array([1.0]), pool=pool, private_key=sk)
+    _, other = P.generate_keypair(BITS, insecure=True)
+    with pytest.raises(ConfigError, match="does not belong"):
+        P.encrypt(pk, np.array([1.0]), private_key=other)
+    packing = P.Packing(key_bits=pk.bits, value_bits=16, additions=3, frac_bits=0)
+    pv = P.encrypt_packed(pk, np.arange(10), packing, private_key=sk)
+    np.testing.assert_array_equal(P.decrypt_packed(sk, pv), np.arange(10))
+
+
+@settings(max_examples=30, deadline=None)
 @given(xs=st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=6), k=ints)
 def test_exact_integer_scalar_mul(keys, xs: list[int], k: int) -> None:
     pk, sk = keys

@@ -29,3 +29,16 @@ def test_same_key_decrypts_across_libraries() -> None:
     e = P.encrypt(pk, np.array([-17, 23]), frac_bits=0)
     got = [psk.decrypt(phe.EncryptedNumber(ppk, int(ct), 0)) for ct in e.ciphertexts]
     assert got == [-17, 23]
+
+
+def test_key_holder_crt_encryption_decrypts_in_phe() -> None:
+    """Ciphertexts whose r**n came from the key holder's CRT sampler are ordinary Paillier
+    ciphertexts: phe decrypts them, alone and multiplied with phe's own."""
+    pk, sk = P.generate_keypair(1024, insecure=True)
+    ppk = phe.PaillierPublicKey(int(pk.n))
+    psk = phe.PaillierPrivateKey(ppk, int(sk.p), int(sk.q))
+    e = P.encrypt(pk, np.array([-17, 23, 0, 2**40]), frac_bits=0, private_key=sk)
+    got = [psk.decrypt(phe.EncryptedNumber(ppk, int(ct), 0)) for ct in e.ciphertexts]
+    assert got == [-17, 23, 0, 2**40]
+    c = int(e.ciphertexts[1]) * ppk.raw_encrypt(7) % int(pk.nsquare)
+    assert psk.raw_decrypt(c) == 30

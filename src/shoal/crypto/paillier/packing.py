@@ -19,7 +19,11 @@ import numpy as np
 from shoal.crypto.paillier.encoding import from_fixed, to_fixed
 from shoal.crypto.paillier.keys import PrivateKey, PublicKey
 from shoal.crypto.paillier.pool import RandomnessPool
-from shoal.crypto.paillier.vector import ciphertexts_from_bytes, ciphertexts_to_bytes
+from shoal.crypto.paillier.vector import (
+    ciphertexts_from_bytes,
+    ciphertexts_to_bytes,
+    obfuscators,
+)
 from shoal.errors import ConfigError, PlaintextOverflow, ProtocolError
 
 __all__ = ["PackedVector", "Packing", "decrypt_packed", "encrypt_packed"]
@@ -196,20 +200,19 @@ def encrypt_packed(
     packing: Packing,
     *,
     pool: RandomnessPool | None = None,
+    private_key: PrivateKey | None = None,
 ) -> PackedVector:
-    """Pack a 1-d array into ``ceil(len / slots)`` plaintexts and encrypt each."""
+    """Pack a 1-d array into ``ceil(len / slots)`` plaintexts and encrypt each.
+
+    ``pool`` and ``private_key`` choose where each ``r**n`` comes from, as in ``encrypt``.
+    """
     if packing.key_bits != public_key.bits:
         raise ConfigError("the packing was laid out for another key size")
-    if pool is not None and pool.public_key != public_key:
-        raise ConfigError("the randomness pool belongs to another public key")
     flat = np.asarray(values).reshape(-1)
     plains = packing.pack(flat)
     n, nsq = public_key.n, public_key.nsquare
-    rns = pool.take_many(len(plains)) if pool is not None else None
-    cts = tuple(
-        (1 + m * n) * (rns[i] if rns is not None else public_key.random_rn()) % nsq
-        for i, m in enumerate(plains)
-    )
+    rns = obfuscators(public_key, len(plains), pool, private_key)
+    cts = tuple((1 + m * n) * rn % nsq for m, rn in zip(plains, rns))
     return PackedVector(
         public_key=public_key, packing=packing, ciphertexts=cts, count=int(flat.size)
     )
