@@ -131,7 +131,8 @@ class Engine(Protocol):
       sets of nodes; each call gets its own outcomes. (Two concurrent dispatches to one node
       are the caller's mistake: a node's state is not locked against itself.)
     - **Close.** :meth:`close` releases what the engine started (threads, listening ports,
-      worker processes) and may be called twice.
+      worker processes) and may be called twice. Released means gone when it returns, not
+      asked to go: nothing it started answers a call afterwards.
 
     Outside the contract, a simulation engine may offer two extensions, which callers find
     with ``getattr``: ``clock``, a :class:`~shoal.runtime.devices.VirtualClock` whose ``now``

@@ -299,11 +299,13 @@ class RayKit:
 
         left = []
         for host in self.hosts:
-            try:  # a killed actor fails the call; a live one would answer
+            try:  # a dead actor fails the call at once; a live one answers
                 ray.get(host.ready.remote(), timeout=30)
                 left.append("a Ray actor still answers")
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            except ray.exceptions.RayActorError:
                 pass
+            except ray.exceptions.GetTimeoutError:
+                left.append("a Ray actor neither answers nor is dead")
         return left
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from shoal.runtime.recipe import Recipe
 __all__ = ["RayEngine"]
 
 DEFAULT_PORT = 6379  # Ray's default GCS port, for an address given as a bare host
+CLOSE_WAIT_S = 30.0  # how long close() waits for killed actors to die (a bound, not a delay)
 
 
 def _import_ray() -> Any:
@@ -315,13 +316,45 @@ class RayEngine:
                 self._lost(host)  # its nodes' values are gone with it
 
     def close(self) -> None:
+        """Kill the actors and wait until they are dead (or ``CLOSE_WAIT_S`` has passed);
+        stop the private Ray if this engine started it. Idempotent.
+
+        ``ray.kill`` only asks Ray's control store to kill an actor and returns before the
+        actor's process has died: a call sent to the actor in that window is still run, and
+        its CPU is not yet free for the next engine. So close sends each killed actor a probe
+        until the probe fails with the actor's death.
+        """
         hosts, self._hosts = self._hosts, []
         for host in hosts:
             with contextlib.suppress(Exception):  # already gone with its machine
                 self._ray.kill(host)
+        if hosts and self._ray.is_initialized():
+            self._await_death(hosts, time.monotonic() + CLOSE_WAIT_S)
         if self._started_ray and self._ray.is_initialized():
             self._ray.shutdown()
             self._started_ray = False
+
+    def _await_death(self, hosts: Sequence[Any], deadline: float) -> None:
+        ray = self._ray
+        living = list(hosts)
+        while living and time.monotonic() < deadline:
+            probes = {host.ready.remote(): host for host in living}
+            living = []
+            for probe, host in probes.items():
+                try:
+                    ray.get(probe, timeout=max(0.1, deadline - time.monotonic()))
+                except ray.exceptions.RayActorError:
+                    continue  # dead: the probe failed with its death
+                except ray.exceptions.GetTimeoutError:
+                    pass  # neither answered nor failed before the deadline
+                except Exception:  # the cluster itself is gone, and the actor with it
+                    continue
+                living.append(host)  # answered: the kill has not reached it yet
+            for host in living:  # a kill lost on the way is sent again
+                with contextlib.suppress(Exception):
+                    ray.kill(host)
+            if living:
+                time.sleep(0.02)
 
     # -- placement and batches -----------------------------------------------------------
 
