@@ -328,8 +328,12 @@ class RayEngine:
         for host in hosts:
             with contextlib.suppress(Exception):  # already gone with its machine
                 self._ray.kill(host)
-        if hosts and self._ray.is_initialized():
-            self._await_death(hosts, time.monotonic() + CLOSE_WAIT_S)
+        # An actor already found dead (its machine lost) needs no probe: that one could
+        # wait until Ray notices the machine is gone.
+        alive = getattr(self, "_alive", [True] * len(hosts))
+        live = [host for host, up in zip(hosts, alive) if up]
+        if live and self._ray.is_initialized():
+            self._await_death(live, time.monotonic() + CLOSE_WAIT_S)
         if self._started_ray and self._ray.is_initialized():
             self._ray.shutdown()
             self._started_ray = False
