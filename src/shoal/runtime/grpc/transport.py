@@ -340,32 +340,42 @@ class FrontDoor:
         refusal: str | None = None
         mismatch = False
         try:
-            head, kind = self._first_bytes(conn.sock)
-            if kind != self.speaks:
-                self._limiter.done(conn.ticket)  # not relayed: no longer pending
-            if conn.dropped:
-                pass  # recorded below
-            elif kind == "agree":
-                refusal, mismatch = self._answer(conn.sock, host, head)
-            elif kind == self.speaks:
-                self._limiter.advance(conn.ticket, PREFIX)
-                self._relay(conn, head)
-                if not conn.called:
-                    refusal = "closed before its TLS or HTTP/2 handshake finished and opened a call"
-            elif kind in ("tls", "plaintext"):
-                refusal = mismatch_line(side="coordinator", coordinator=self.speaks, peer=host)
-                mismatch = True
-            elif kind == "unknown":
-                refusal = f"not a shoal node: its first bytes were {head[:16]!r}"
-            else:
-                refusal = f"sent only {head[:16]!r} within {self._timeout_s:g} s"
-        except OSError as exc:
-            refusal = f"connection failed before a node spoke ({exc.strerror or exc})"
+            try:
+                head, kind = self._first_bytes(conn.sock)
+                if kind != self.speaks:
+                    self._limiter.done(conn.ticket)  # not relayed: no longer pending
+                if conn.dropped:
+                    pass  # recorded below
+                elif kind == "agree":
+                    refusal, mismatch = self._answer(conn.sock, host, head)
+                elif kind == self.speaks:
+                    self._limiter.advance(conn.ticket, PREFIX)
+                    self._relay(conn, head)
+                    if not conn.called:
+                        refusal = (
+                            "closed before its TLS or HTTP/2 handshake finished and opened a call"
+                        )
+                elif kind in ("tls", "plaintext"):
+                    refusal = mismatch_line(side="coordinator", coordinator=self.speaks, peer=host)
+                    mismatch = True
+                elif kind == "unknown":
+                    refusal = f"not a shoal node: its first bytes were {head[:16]!r}"
+                else:
+                    refusal = f"sent only {head[:16]!r} within {self._timeout_s:g} s"
+            except OSError as exc:
+                refusal = f"connection failed before a node spoke ({exc.strerror or exc})"
+            finally:
+                self._limiter.done(conn.ticket)
+                with self._lock:
+                    self._open.discard(conn.sock)
+            # Recorded before the socket closes: a peer that sees the close, and then a
+            # close() of this engine, must find the record (closing skips recording).
+            self._settle(conn, host, refusal, mismatch)
         finally:
-            self._limiter.done(conn.ticket)
-            with self._lock:
-                self._open.discard(conn.sock)
             conn.sock.close()
+
+    def _settle(self, conn: _DoorConn, host: str, refusal: str | None, mismatch: bool) -> None:
+        """Count a served connection or record a refused one, once."""
         if conn.dropped == "evicted":
             refusal, mismatch = _EVICTED, False
         elif conn.dropped == "expired":
