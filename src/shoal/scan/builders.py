@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from shoal.errors import UnsafeModelError
+from shoal.scan.brief import brief
 
 __all__ = [
     "DtypeLayoutError",
@@ -119,7 +120,9 @@ def build_dtype(code: Any, state: Any = None) -> Any:
     import numpy as np
 
     if type(code) is not str or not _CODE.fullmatch(code):
-        raise _refuse(f"dtype {code!r}: only plain numeric, bool, string and datetime types load")
+        raise _refuse(
+            f"dtype {brief(code)}: only plain numeric, bool, string and datetime types load"
+        )
     dtype = np.dtype(code)
     if state is not None:
         if not literal_dtype_state(state):
@@ -128,10 +131,10 @@ def build_dtype(code: Any, state: Any = None) -> Any:
         # NumPy itself (SIGSEGV): a swapped byte order on an object type, and a datetime
         # without its unit metadata. NumPy's own pickles write neither.
         if dtype.kind == "O" and state[1] == _SWAPPED:
-            raise DtypeLayoutError(f"refusing a byte-swapped object dtype state: {state!r}")
+            raise DtypeLayoutError(f"refusing a byte-swapped object dtype state: {brief(state)}")
         if dtype.kind in "Mm" and len(state) != 9:
             raise DtypeLayoutError(
-                f"refusing a datetime dtype state without its unit metadata: {state!r}"
+                f"refusing a datetime dtype state without its unit metadata: {brief(state)}"
             )
         # copy=True, as numpy's own pickles ask: __setstate__ mutates the object, and the plain
         # np.dtype(code) is NumPy's shared descriptor for that type
@@ -139,7 +142,7 @@ def build_dtype(code: Any, state: Any = None) -> Any:
         try:
             dtype.__setstate__(state)  # type: ignore[attr-defined]
         except (TypeError, ValueError) as exc:
-            raise _refuse(f"dtype state {state!r}: {exc}") from None
+            raise _refuse(f"dtype state {brief(state)}: {exc}") from None
         # __setstate__ trusts the state's flags, element size and field offsets: a state can
         # clear the has-object flag of an object dtype (raw bytes read as pointers) or place a
         # field, or a subarray, past the element (views of memory the array does not own).
@@ -186,9 +189,9 @@ def _canonical(dtype: Any) -> Any:
 def check_shape(shape: Any, *, max_dims: int = 64) -> tuple[int, ...]:
     """A shape of non-negative Python ints (bools refused), as a tuple."""
     if not isinstance(shape, (tuple, list)) or len(shape) > max_dims:
-        raise _refuse(f"array shape {shape!r}: expected a tuple of at most {max_dims} ints")
+        raise _refuse(f"array shape {brief(shape)}: expected a tuple of at most {max_dims} ints")
     if not all(type(d) is int and 0 <= d < 1 << 62 for d in shape):
-        raise _refuse(f"array shape {shape!r}: dimensions must be non-negative ints")
+        raise _refuse(f"array shape {brief(shape)}: dimensions must be non-negative ints")
     return tuple(shape)
 
 
@@ -207,7 +210,7 @@ def build_array(data: Any, dtype: Any, shape: Any, *, fortran: bool = False) -> 
         raise _refuse("an array whose dtype is not a plain dtype shoal built")
     shape = check_shape(shape)
     if type(fortran) is not bool:
-        raise _refuse(f"array order flag {fortran!r}")
+        raise _refuse(f"array order flag {brief(fortran)}")
     if isinstance(data, np.ndarray):  # raw bytes shoal read into a uint8 buffer itself
         if data.dtype != np.uint8 or data.ndim != 1 or not data.flags.writeable:
             raise _refuse("array data that is not a flat writable byte buffer")

@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from shoal.errors import ConfigError, ShoalError, UnsafeModelError
 from shoal.scan.archives import member_source
+from shoal.scan.brief import brief
 from shoal.scan.builders import build_array, empty_bytes
 from shoal.scan.formats import npy_header
 from shoal.scan.report import FileReport, ScanLimits, Severity
@@ -90,7 +91,7 @@ def joblib_state(attrs: dict[str, Any], state: Any) -> dict[str, Any]:
             raise refuse("a joblib array header that is not a dict")
         for key in part:
             if type(key) is not str or key not in _JOBLIB_ATTRS:
-                raise refuse(f"joblib array header key {key!r}")
+                raise refuse(f"joblib array header key {brief(key)}")
         out.update(part)  # later keys win, as in the dict pickle builds
     return out
 
@@ -107,10 +108,10 @@ def joblib_layout(attrs: dict[str, Any]) -> tuple[Any, tuple[int, ...], bool, bo
         raise refuse("a joblib array header without a dtype shoal built")
     shape = attrs.get("shape")
     if type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape):
-        raise refuse(f"joblib array shape {shape!r}")
+        raise refuse(f"joblib array shape {brief(shape)}")
     order = attrs.get("order")
     if order not in ("C", "F"):
-        raise refuse(f"joblib array order {order!r}")
+        raise refuse(f"joblib array order {brief(order)}")
     return dtype, shape, order == "F", attrs.get("numpy_array_alignment_bytes") is not None
 
 

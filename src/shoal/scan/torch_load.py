@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from shoal.errors import ConfigError
 from shoal.scan.archives import member_source
+from shoal.scan.brief import brief
 from shoal.scan.builders import empty_bytes
 from shoal.scan.report import ScanLimits
 from shoal.scan.streams import Budget as StreamBudget
@@ -62,7 +63,7 @@ class _Storage:
 
 def _ints(v: Any, what: str) -> tuple[int, ...]:
     if type(v) is not tuple or len(v) > 64 or not all(type(x) is int and x >= 0 for x in v):
-        raise refuse(f"tensor {what} {v!r}: expected a tuple of non-negative ints")
+        raise refuse(f"tensor {what} {brief(v)}: expected a tuple of non-negative ints")
     return v
 
 
@@ -75,7 +76,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any) -> Any:
     if type(storage) is not _Storage:
         raise refuse("a tensor rebuilt from something other than a storage shoal read")
     if type(offset) is not int or offset < 0:
-        raise refuse(f"tensor storage offset {offset!r}")
+        raise refuse(f"tensor storage offset {brief(offset)}")
     size = _ints(size, "size")
     stride = _ints(stride, "stride")
     if len(size) != len(stride):
@@ -103,7 +104,7 @@ def _rebuild_tensor_v2(vm: Unpickler, args: tuple[Any, ...]) -> Any:
         raise refuse("torch._utils._rebuild_tensor_v2 arguments")
     storage, offset, size, stride, requires_grad, hooks = args[:6]
     if type(requires_grad) is not bool:
-        raise refuse(f"requires_grad {requires_grad!r}")
+        raise refuse(f"requires_grad {brief(requires_grad)}")
     _empty_hooks(hooks)
     if len(args) == 7 and args[6] is not None and args[6] != {}:
         raise refuse("tensor metadata (Python attributes on a tensor)")
@@ -122,7 +123,7 @@ def _rebuild_parameter(vm: Unpickler, args: tuple[Any, ...]) -> Any:
         raise refuse("torch._utils._rebuild_parameter arguments")
     data, requires_grad, hooks = args
     if type(requires_grad) is not bool:
-        raise refuse(f"requires_grad {requires_grad!r}")
+        raise refuse(f"requires_grad {brief(requires_grad)}")
     _empty_hooks(hooks)
     if data is None:  # checking pass
         return None
@@ -153,13 +154,13 @@ def _storage_pid(pid: Any, legacy: bool) -> tuple[str, str, int]:
     """(dtype name, key, numel) of a ('storage', type, key, location, numel[, view]) id."""
     n = 6 if legacy else 5
     if type(pid) is not tuple or len(pid) != n or pid[0] != "storage":
-        raise refuse(f"torch persistent id {pid!r:.80}")
+        raise refuse(f"torch persistent id {brief(pid)}")
     tag = pid[1]
     if not (isinstance(tag, Reconstructor) and type(tag.tag) is tuple):
         raise refuse("a torch storage of an unknown type")
     key, location, numel = pid[2], pid[3], pid[4]
     if type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
-        raise refuse(f"torch persistent id {pid!r:.80}")
+        raise refuse(f"torch persistent id {brief(pid)}")
     if legacy and pid[5] is not None:
         raise refuse("legacy torch storage views")
     return _STORAGE_DTYPES[tag.tag[1]], key, numel
@@ -205,11 +206,11 @@ def load_torch_zip(path: str, limits: ScanLimits) -> Any:
             if key in storages:
                 st = storages[key]
                 if st.numel != numel:
-                    raise refuse(f"storage {key!r} declared with two sizes")
+                    raise refuse(f"storage {brief(key)} declared with two sizes")
                 return st
             info = infos.get(f"{prefix}data/{key}")
             if info is None:
-                raise refuse(f"storage {key!r} is missing from the archive")
+                raise refuse(f"storage {brief(key)} is missing from the archive")
             data = _read_member(f, zf, info, limits, stream_budget)
             budget.add_read(data.nbytes)
             budget.add_built(data.nbytes)
@@ -259,7 +260,7 @@ def load_torch_legacy(path: str, limits: ScanLimits) -> Any:
         def check(pid: Any) -> Any:
             dtype_name, key, numel = _storage_pid(pid, legacy=True)
             if declared.setdefault(key, (dtype_name, numel)) != (dtype_name, numel):
-                raise refuse(f"storage {key!r} declared twice differently")
+                raise refuse(f"storage {brief(key)} declared twice differently")
             return _Storage(dtype_name, numel, None)
 
         _vm(r, limits, budget, check).load()
@@ -273,11 +274,11 @@ def load_torch_legacy(path: str, limits: ScanLimits) -> Any:
             dtype_name, numel = declared[key]
             head = r.take(8)
             if len(head) != 8 or struct.unpack("<q", head)[0] != numel:
-                raise refuse(f"legacy torch storage {key!r}: size header does not match")
+                raise refuse(f"legacy torch storage {brief(key)}: size header does not match")
             itemsize = torch.empty(0, dtype=getattr(torch, dtype_name)).element_size()
             data, got = r.read_buffer(numel * itemsize, empty_bytes)
             if got != numel * itemsize:
-                raise refuse(f"legacy torch storage {key!r} is truncated")
+                raise refuse(f"legacy torch storage {brief(key)} is truncated")
             budget.add_read(got)
             budget.add_built(got)
             storages[key] = _Storage(dtype_name, numel, _flat(torch, data, dtype_name, numel))

@@ -28,6 +28,7 @@ from typing import Any
 
 from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import normalize_global
+from shoal.scan.brief import brief
 from shoal.scan.builders import build_array, build_dtype, build_object_array, build_scalar
 from shoal.scan.opcodes import F8, I4, U1, U2, U4, U8, dispatch_table, text_literal
 from shoal.scan.report import ScanLimits
@@ -36,6 +37,7 @@ from shoal.scan.streams import ByteReader, check_time
 __all__ = ["Budget", "Reconstructor", "Unpickler", "refuse"]
 
 _LINE_LIMIT = 1 << 20
+_KEY_DEPTH = 100  # tuples within a dict or set key
 
 
 def refuse(what: str) -> UnsafeModelError:
@@ -45,11 +47,12 @@ def refuse(what: str) -> UnsafeModelError:
 class Budget:
     """What one load may build: container items, and array bytes relative to bytes read."""
 
-    __slots__ = ("built", "items", "limits", "read")
+    __slots__ = ("built", "hashed", "items", "limits", "read")
 
     def __init__(self, limits: ScanLimits) -> None:
         self.limits = limits
         self.items = 0
+        self.hashed = 0  # tuple nodes walked to check dict and set keys
         self.built = 0  # bytes of arrays and tensors made
         self.read = 0  # bytes of raw data taken from the input
 
@@ -60,6 +63,29 @@ class Budget:
                 f"more than {self.limits.max_container_items} container items "
                 "(ScanLimits.max_container_items)"
             )
+
+    def check_keys(self, keys: Any) -> None:
+        """Refuse keys whose hashing is unbounded. Python hashes a tuple afresh at every use,
+        recursing in C with no depth check: a key nested a million deep crashes the process,
+        and a tuple holding one tuple twice, forty times over (a few hundred bytes of pickle),
+        takes 2**40 steps. Each tuple key is walked once here, at most ``_KEY_DEPTH`` deep,
+        and the walks of one load together are bounded like its container items."""
+        for key in keys:
+            if type(key) is not tuple:
+                continue
+            todo = [(key, 0)]
+            while todo:
+                value, depth = todo.pop()
+                self.hashed += 1
+                if depth > _KEY_DEPTH:
+                    raise refuse(f"a dict or set key nested more than {_KEY_DEPTH} deep")
+                if self.hashed > self.limits.max_container_items:
+                    raise refuse(
+                        f"dict and set keys holding more than {self.limits.max_container_items} "
+                        "values in all (ScanLimits.max_container_items)"
+                    )
+                if type(value) is tuple:
+                    todo.extend((v, depth + 1) for v in value)
 
     def add_read(self, n: int) -> None:
         self.read += n
@@ -127,8 +153,7 @@ def _args(args: tuple[Any, ...], qual: str, lo: int, hi: int) -> tuple[Any, ...]
 
 
 def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return brief(v)
 
 
 def _reconstruct(vm: Unpickler, args: tuple[Any, ...]) -> Any:
@@ -144,7 +169,7 @@ def _build_array(vm: Unpickler, p: Pending, state: Any) -> Any:
     if type(state) is tuple and len(state) == 5:
         version, shape, dtype, fortran, raw = state
         if version != 1 or type(version) is not int:
-            raise refuse(f"array state version {version!r}")
+            raise refuse(f"array state version {_short(version)}")
     elif type(state) is tuple and len(state) == 4:
         shape, dtype, fortran, raw = state
     else:
@@ -180,7 +205,7 @@ def _scalar(vm: Unpickler, args: tuple[Any, ...]) -> Any:
 def _frombuffer(vm: Unpickler, args: tuple[Any, ...]) -> Any:
     buf, dtype, shape, order = _args(args, "numpy _frombuffer", 4, 4)
     if order not in ("C", "F"):
-        raise refuse(f"array order {order!r}")
+        raise refuse(f"array order {_short(order)}")
     arr = build_array(buf, dtype, shape, fortran=order == "F")
     vm.budget.add_built(arr.nbytes)
     return arr
@@ -194,6 +219,7 @@ def _ordered_dict(vm: Unpickler, args: tuple[Any, ...]) -> Any:
         if type(pairs) is not list or not all(type(p) is tuple and len(p) == 2 for p in pairs):
             raise refuse("collections.OrderedDict from anything but a list of pairs")
         _check(x for p in pairs for x in p)
+        vm.budget.check_keys(p[0] for p in pairs)
         out.update(pairs)
     return out
 
@@ -206,6 +232,7 @@ def _set(kind: type) -> Callable[[Unpickler, tuple[Any, ...]], Any]:
         items = args[0] if args else ()
         _check(items)
         vm.budget.add_items(len(items))
+        vm.budget.check_keys(items)
         return kind(items)
 
     return build
@@ -591,6 +618,7 @@ class Unpickler:
         items = self.pop_mark()
         _check(items)
         self.budget.add_items(len(items))
+        self.budget.check_keys(items)
         self.push(frozenset(items))
 
     def op_APPEND(self) -> None:
@@ -624,6 +652,7 @@ class Unpickler:
             raise refuse("a malformed pickle (odd number of dict items)")
         _check(items)
         self.budget.add_items(len(items) // 2)
+        self.budget.check_keys(items[0::2])
         for i in range(0, len(items), 2):
             target[items[i]] = items[i + 1]
 
@@ -634,6 +663,7 @@ class Unpickler:
             raise refuse(f"ADDITEMS on {_kind(target)}: only sets shoal built take items")
         _check(items)
         self.budget.add_items(len(items))
+        self.budget.check_keys(items)
         target.update(items)
 
     # -- memo ---------------------------------------------------------------------------------
