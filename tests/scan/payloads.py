@@ -276,3 +276,53 @@ def bz2_pickle_polyglot(path: str, marker: str) -> None:
         f.write(stream)
         f.seek(5 + length)  # the hole: read back as zeros, part of the BINBYTES value
         f.write(b"0" + system_call(marker) + b".")  # POP the bytes, then the call
+
+
+# --- members the scanner used to skip, read by np.load or torch.load -----------------------
+
+
+def npz_folder_member(marker: str) -> bytes:
+    """A deflated zip whose member 'evil/' (a folder by its name) holds an object .npy:
+    np.load's archive reads any member by name, folder or not."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ok.npy", _plain_npy())
+        zf.writestr("evil/", as_npy(evil_pickle(marker)))
+    return buf.getvalue()
+
+
+def npz_torch_storage_member(marker: str) -> bytes:
+    """A torch-shaped zip (a data.pkl) whose storage member 'arch/data/0' is an object .npy:
+    torch copies storages raw, np.load's archive reads the member as an array."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("arch/data.pkl", b"\x80\x02}q\x00.")
+        zf.writestr("arch/data/0", as_npy(evil_pickle(marker)))
+    return buf.getvalue()
+
+
+def torch_tar_storages(marker: str) -> bytes:
+    """A legacy (tar) torch.save file: its 'storages' member is a count, then per storage a
+    pickle and raw bytes, then the storage views pickle, all unpickled by torch.load. The
+    payload is that last pickle, after the raw bytes of one float."""
+    storages = b"\x80\x02K\x01." + b"\x80\x02(X\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+    storages += glob2("torch", "FloatStorage") + b"t."
+    storages += struct.pack("<q", 1) + struct.pack("<f", 1.0) + evil_pickle(marker)
+    return legacy_torch_tar(storages)
+
+
+def legacy_torch_tar(storages: bytes) -> bytes:
+    """A legacy torch tar with the given storages member and no tensors."""
+    members = {
+        "sys_info": b"\x80\x02}q\x00.",
+        "storages": storages,
+        "tensors": b"\x80\x02K\x00.",
+        "pickle": b"\x80\x02}q\x00.",
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

@@ -42,12 +42,17 @@ BYPASSES: dict[str, tuple[Callable[[str], bytes], str]] = {
     "npy_python2_header": (P.npy_python2_header, "numpy"),
     "npy_large_header": (P.npy_large_header, "numpy"),
     "npy_bool_shape": (P.npy_bool_shape, "numpy"),
+    "npz_folder_member": (P.npz_folder_member, "npz"),
+    "npz_torch_storage_member": (P.npz_torch_storage_member, "npz"),
+    "torch_tar_storages": (P.torch_tar_storages, "torch"),
 }
 
 _REAL_LOADERS = {
     "pickle": "import pickle; pickle.load(open(path, 'rb'))",
     "joblib": "import joblib; joblib.load(path)",
     "numpy": "import numpy; numpy.load(path, allow_pickle=True)",
+    "npz": "import numpy; z = numpy.load(path, allow_pickle=True); [z[k] for k in z.files]",
+    "torch": "import torch; torch.load(path, weights_only=False)",
 }
 # One child runs every real loader; what it runs is only ever `touch marker`.
 _CHILD = f"""
@@ -163,8 +168,9 @@ def test_bypasses_are_refused_by_the_loader_alone(bypasses, monkeypatch):
             pass
         else:
             # only a polyglot's other reading may load (a zip of plain arrays): the pickle
-            # at its byte 0 is never run by shoal
-            assert name == "zip_appended_polyglot", name
+            # at its byte 0 is never run by shoal; and a torch zip's data.pkl, whose storage
+            # member (an object .npy for np.load) shoal never reads as an array
+            assert name in ("zip_appended_polyglot", "npz_torch_storage_member"), name
         assert not marker.exists(), name
 
 
@@ -223,3 +229,18 @@ def test_hdf5_userblock_polyglot_written_by_h5py(tmp_path: Path) -> None:
     with pytest.raises(UnsafeModelError):
         load(path)
     assert not marker.exists()
+
+
+def test_a_benign_legacy_torch_tar_is_followed_record_by_record(tmp_path: Path) -> None:
+    """The tar's storages member read as torch reads it: the raw bytes are skipped by their
+    size header, and the views pickle after them is analysed, not taken for trailing data."""
+    storages = b"\x80\x02K\x01." + b"\x80\x02(X\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+    storages += P.glob2("torch", "FloatStorage") + b"t." + P.struct.pack("<q", 1) + b"\0" * 4
+    path = tmp_path / "benign.tar"
+    path.write_bytes(P.legacy_torch_tar(storages + b"\x80\x02]."))
+    report = scan_file(path)
+    assert report.severity < Severity.MEDIUM, report.findings
+    assert report.format == "torch-legacy-tar", report.format
+    # a size header that does not fit the member: the rest cannot be located
+    path.write_bytes(P.legacy_torch_tar(storages[:-12] + P.struct.pack("<q", 99) + b"\x80\x02]."))
+    assert any(f.kind == "unverifiable" for f in scan_file(path).findings)

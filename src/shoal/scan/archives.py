@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
@@ -26,6 +27,7 @@ class MemberHint:
 
     torch: bool = False  # pickles here use torch persistent ids
     keras_weights: bool = False  # HDF5 weights inside a .keras archive
+    torch_tar: str = ""  # "storages" or "tensors" of a legacy torch tar: pickles between raw bytes
 
 
 # scan_member(source, name, hint) -> format of the member ("" if unrecognised)
@@ -94,10 +96,14 @@ def scan_zip(
             sink.add(
                 Severity.MEDIUM, "path-traversal", f"member name {name!r} escapes the folder", 0
             )
-        if info.is_dir():
+        raw_member = info.is_dir() or (
+            torch and (_TORCH_STORAGE.fullmatch(name) is not None or _TORCH_META.fullmatch(name))
+        )
+        if raw_member and not _npy_inside(f, zf, info, limits, budget):
+            # Raw tensor bytes and metadata (torch never unpickles them) or an empty folder.
+            # Not skipped when they start with NumPy's magic: np.load reads any member of an
+            # archive that does as an array, pickle included, whatever its name says.
             continue
-        if torch and (_TORCH_STORAGE.fullmatch(name) or _TORCH_META.fullmatch(name)):
-            continue  # raw tensor bytes and metadata: torch never unpickles them
         sink.where = f"{outer}/{name}" if outer else name
         try:
             try:
@@ -150,6 +156,27 @@ def member_source(
     return None
 
 
+def _npy_inside(
+    f: IO[bytes],
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    limits: ScanLimits,
+    budget: Budget | None,
+) -> bool:
+    """Whether np.load would read this member as an array: its data starts with b"\\x93NUMPY".
+    A member that cannot be read is reported as such by the normal path, so it counts too."""
+    if info.file_size == 0 and info.compress_size == 0:
+        return False
+    try:
+        src = member_source(f, zf, info, limits, budget)
+        if src is None:
+            return False  # a method zipfile cannot read without a password: np.load cannot
+        head = src.read(6)
+    except (_MemberError, zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error):
+        return True  # lzma.LZMAError is an OSError; the normal path reports the member
+    return head == b"\x93NUMPY"
+
+
 class _MemberError(OSError):
     pass
 
@@ -189,7 +216,13 @@ def scan_tar(src: IO[bytes], sink: Sink, *, limits: ScanLimits, scan_member: Sca
                     continue
                 sink.where = f"{outer}/{name}" if outer else name
                 try:
-                    scan_member(fobj, name, MemberHint(torch=name == "pickle"))
+                    # torch.load tries every tar as a legacy checkpoint and extracts these
+                    # three members by name (the last of a name wins; all are scanned).
+                    hint = MemberHint(
+                        torch=name == "pickle",
+                        torch_tar=name if name in ("storages", "tensors") else "",
+                    )
+                    scan_member(fobj, name, hint)
                 finally:
                     sink.where = outer
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:

@@ -17,9 +17,10 @@ from typing import Any
 
 from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import classify_global, normalize_global
+from shoal.scan.brief import brief
 from shoal.scan.opcodes import F8, I4, OPCODES, U2, U4, dispatch_table, text_literal
 from shoal.scan.report import ScanLimits, Severity
-from shoal.scan.streams import ByteReader
+from shoal.scan.streams import ByteReader, check_time
 
 __all__ = [
     "TORCH_LEGACY_MAGIC",
@@ -1701,3 +1702,90 @@ def _torch_legacy(reader: ByteReader, sink: Sink, *, limits: ScanLimits) -> Pick
             )
     # What follows is raw storage bytes, which torch copies without unpickling.
     return PickleOutcome(format="torch-legacy", pickles=5)
+
+
+# Element sizes of the storage classes a legacy tar names (torch._utils._element_size).
+_STORAGE_ELEMENT_SIZES = {
+    "Bool": 1, "Byte": 1, "Char": 1, "QInt8": 1, "QUInt8": 1, "QUInt4x2": 1, "QUInt2x4": 1,
+    "Short": 2, "Half": 2, "BFloat16": 2, "Int": 4, "Float": 4, "QInt32": 4, "Long": 8,
+    "Double": 8, "ComplexFloat": 8, "ComplexDouble": 16,
+}  # fmt: skip
+
+
+def scan_torch_tar_member(
+    reader: ByteReader, sink: Sink, *, limits: ScanLimits, member: str
+) -> PickleOutcome:
+    """The ``storages`` or ``tensors`` member of a legacy (tar) ``torch.save`` file, read as
+    torch's ``legacy_load`` reads it: a count, then per record a pickle followed by raw bytes
+    whose length the record gives, then (storages only) one more pickle. torch unpickles every
+    one of those pickles, so each is analysed; raw bytes whose length cannot be worked out
+    leave the rest unverifiable (medium), never skipped as trailing data."""
+
+    def unverifiable(why: str) -> PickleOutcome:
+        sink.add(
+            Severity.MEDIUM,
+            "unverifiable",
+            f"legacy torch tar member {member!r}: {why}; torch.load unpickles what follows, "
+            "which the scanner cannot locate",
+            reader.pos,
+        )
+        return PickleOutcome(format="torch-legacy-tar", pickles=pickles)
+
+    pickles = 0
+
+    def one(what: str) -> tuple[bool, Any]:
+        nonlocal pickles
+        a, value, error = _analyze_one(reader, sink, limits=limits, torch=False)
+        pickles += 1
+        if error is not None:
+            if error != "aborted":
+                sink.add(
+                    Severity.MEDIUM,
+                    "malformed",
+                    f"legacy torch tar member {member!r}: malformed {what} pickle: {error}",
+                    a.pos,
+                )
+            return False, None
+        return True, value
+
+    ok, count = one("count")
+    if not ok:
+        return PickleOutcome(format="torch-legacy-tar", pickles=pickles)
+    if type(count) is not int or not 0 <= count <= limits.max_pickles_per_stream:
+        return unverifiable(f"record count {brief(count)} is not a count the scanner follows")
+    for _ in range(count):
+        check_time()
+        ok, record = one("record")
+        if not ok:
+            return PickleOutcome(format="torch-legacy-tar", pickles=pickles)
+        if member == "storages":
+            kind = record[2] if type(record) is tuple and len(record) == 3 else None
+            size = None
+            if isinstance(kind, _Glob) and kind.module in ("torch", "torch.cuda"):
+                size = _STORAGE_ELEMENT_SIZES.get(kind.name.removesuffix("Storage"))
+            if size is None:
+                return unverifiable(f"storage record {brief(record)} names no known storage type")
+            head = reader.take(8)
+            if len(head) != 8:
+                return unverifiable("storage size header is truncated")
+            numel = int.from_bytes(head, "little", signed=True)
+            if numel < 0 or reader.skip(numel * size) != numel * size:
+                return unverifiable(f"storage of {numel} elements does not fit the member")
+        else:
+            head = reader.take(8)
+            ndim = int.from_bytes(head[:4], "little", signed=True) if len(head) == 8 else -1
+            want = 16 * ndim + 8
+            if ndim < 0 or reader.skip(want) != want:
+                return unverifiable("tensor record header is truncated or has a negative ndim")
+    if member == "storages":
+        ok, _views = one("storage views")
+        if not ok:
+            return PickleOutcome(format="torch-legacy-tar", pickles=pickles)
+    if not reader.at_eof():
+        sink.add(
+            Severity.LOW,
+            "trailing-data",
+            f"legacy torch tar member {member!r}: data after its last record (torch ignores it)",
+            reader.pos,
+        )
+    return PickleOutcome(format="torch-legacy-tar", pickles=pickles)

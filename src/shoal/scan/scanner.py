@@ -30,7 +30,12 @@ from shoal.scan.formats import (
     scan_onnx,
     scan_safetensors,
 )
-from shoal.scan.pickle_scan import Sink, probe_pickle_imports, scan_pickle_stream
+from shoal.scan.pickle_scan import (
+    Sink,
+    probe_pickle_imports,
+    scan_pickle_stream,
+    scan_torch_tar_member,
+)
 from shoal.scan.report import FileReport, Finding, ScanLimits, Severity
 from shoal.scan.streams import (
     Budget,
@@ -184,6 +189,10 @@ class _Scanner:
             if depth == 0:
                 sink.add(Severity.LOW, "empty", "empty file", 0)
             return "empty"
+        if hint.torch_tar:
+            # torch's legacy_load extracts this member and unpickles it record by record,
+            # whatever else its bytes might also be.
+            return scan_torch_tar_member(r, sink, limits=limits, member=hint.torch_tar).format
         if _OPCODE_BYTES[head[0]] and self._other_format(head, seekable) is not None:
             # A container that may also be a pickle at byte 0: read it both ways.
             with self._whole(seekable, r) as f:
