@@ -73,6 +73,13 @@ SECURITY_HEADERS = [
 ]
 
 
+_TOO_LARGE = f"bodies are limited to {MAX_BODY} bytes"
+
+
+class _TooLarge(Exception):
+    """A body passed MAX_BODY while it was read (the guard answers 413 and closes)."""
+
+
 class _Guard:
     """Every response: a body size limit, security headers, and an unexpected failure in one
     request answered as that request's error, never as a crash (pure ASGI: Starlette's
@@ -91,6 +98,18 @@ class _Guard:
             await response(scope, receive, send)
             return
         started = False
+        received = 0
+
+        async def receive_counted() -> Any:
+            # a chunked body has no Content-Length to check up front: count its bytes as they
+            # arrive and stop at the limit, so a route reading its body never holds more
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY:
+                    raise _TooLarge
+            return message
 
         async def send_with_headers(message: Any) -> None:
             nonlocal started
@@ -100,7 +119,13 @@ class _Guard:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive_counted, send_with_headers)
+        except _TooLarge:
+            if not started:
+                # and close the connection: the rest of the body is never read
+                close = {"connection": "close"}
+                response = JSONResponse({"error": _TOO_LARGE}, 413, headers=close)
+                await response(scope, receive, send_with_headers)
         except Exception as exc:
             logging.getLogger("shoal.datasite").exception("request failed")
             if not started:
@@ -181,6 +206,7 @@ def create_app(service: Service) -> Any:
 
     @app.post("/api/users")
     async def add_user(request: Request, u: Caller) -> dict[str, Any]:
+        service.require(u, "owner")  # before the body is read: a guest's body is never read
         b = await body(request)
         token = service.add_user(u, text(b.get("name"), "name"), text(b.get("role"), "role"))
         return {"name": b.get("name"), "role": b.get("role"), "token": token}
@@ -191,6 +217,7 @@ def create_app(service: Service) -> Any:
 
     @app.post("/api/datasets")
     async def add_dataset(request: Request, u: Caller) -> dict[str, Any]:
+        service.require(u, "owner")
         return service.add_dataset(u, await body(request))
 
     @app.get("/api/datasets/{name}")
@@ -203,6 +230,7 @@ def create_app(service: Service) -> Any:
 
     @app.post("/api/requests")
     async def submit(request: Request, u: Caller) -> dict[str, Any]:
+        service.require(u, "scientist", "owner")
         return service.submit(u, await body(request))
 
     @app.get("/api/requests")
@@ -224,6 +252,7 @@ def create_app(service: Service) -> Any:
 
     @app.post("/api/requests/{rid}/approve")
     async def approve(rid: int, request: Request, u: Caller) -> dict[str, Any]:
+        service.require(u, "owner")
         b = await body(request)
         return service.decide(
             u,
@@ -235,6 +264,7 @@ def create_app(service: Service) -> Any:
 
     @app.post("/api/requests/{rid}/deny")
     async def deny(rid: int, request: Request, u: Caller) -> dict[str, Any]:
+        service.require(u, "owner")
         b = await body(request)
         return service.decide(
             u, rid, approve=False, code_hash=None, reason=text(b.get("reason"), "reason")
@@ -242,11 +272,13 @@ def create_app(service: Service) -> Any:
 
     @app.post("/api/requests/{rid}/release")
     async def release(rid: int, request: Request, u: Caller) -> dict[str, Any]:
+        service.require(u, "owner")
         b = await body(request)
         return service.release(u, rid, release=True, reason=text(b.get("reason"), "reason"))
 
     @app.post("/api/requests/{rid}/withhold")
     async def withhold(rid: int, request: Request, u: Caller) -> dict[str, Any]:
+        service.require(u, "owner")
         b = await body(request)
         return service.release(u, rid, release=False, reason=text(b.get("reason"), "reason"))
 
@@ -284,6 +316,7 @@ def create_app(service: Service) -> Any:
     async def node(
         rid: int, request: Request, u: Caller, task: str, task_id: str, keep_as: str | None = None
     ) -> Response:
+        service.require(u, "scientist", "owner")
         raw = await request.body()
         if len(raw) > MAX_BODY:
             raise ConfigError(f"bodies are limited to {MAX_BODY} bytes")

@@ -1,0 +1,94 @@
+"""A real datasite process (plain HTTP on loopback) under hostile HTTP: bodies that never say
+how long they are, roles on the wrong endpoints. One server for the module."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sites import RunningSite, start_site
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    running = start_site(tmp_path_factory.mktemp("hostile") / "site", tls=False, wall_seconds=5)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def send_chunked(site: RunningSite, path: str, token: str, megabytes: int) -> bytes:
+    """POST a body of ``megabytes`` MiB with Transfer-Encoding: chunked (no Content-Length);
+    returns whatever the server answered (read while sending, as it may answer early)."""
+    parts = urlsplit(site.url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    answer = bytearray()
+
+    def complete() -> bool:
+        head, sep, body = bytes(answer).partition(b"\r\n\r\n")
+        length = [x for x in head.lower().split(b"\r\n") if x.startswith(b"content-length:")]
+        return bool(sep and length) and len(body) >= int(length[0].split(b":")[1])
+
+    def read() -> None:  # until the answer is whole (the server may keep the connection)
+        try:
+            while not complete() and (chunk := sock.recv(65536)):
+                answer.extend(chunk)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    piece = b" " * (1 << 20)
+    frame = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    try:
+        sock.sendall(head.encode())
+        for _ in range(megabytes):
+            if answer:  # answered early: sending on would only wait for a reader
+                break
+            sock.sendall(frame)
+        sock.sendall(b"0\r\n\r\n")
+    except OSError:  # the server answered and closed without reading the rest
+        pass
+    reader.join(30)
+    sock.close()
+    return bytes(answer)
+
+
+@pytest.mark.parametrize("who,path", [("olivia", "/api/datasets"), ("gus", "/api/users")])
+def test_a_chunked_body_is_cut_at_the_limit(site: RunningSite, who: str, path: str) -> None:
+    """Before: the whole chunked body was read into memory before any size or role check,
+    so a guest's 400 MB body took the server to 967 MB."""
+    before = peak_rss_mb(site.proc.pid)
+    started = time.monotonic()
+    answer = send_chunked(site, path, site.tokens[who], megabytes=50)
+    status = answer.split(b"\r\n", 1)[0]
+    expected = b"413" if who == "olivia" else b"403"  # a guest is refused before any reading
+    assert expected in status, answer[:300]
+    assert time.monotonic() - started < 20
+    grown = peak_rss_mb(site.proc.pid) - before
+    assert grown < 20, f"the server's peak RSS grew {grown:.0f} MB on a 50 MB body"
+    assert site.as_("sam").call("GET", "/api/whoami")["name"] == "sam"
+    assert site.alive()
