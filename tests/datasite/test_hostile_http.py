@@ -16,6 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sites import RunningSite, start_site
 
+from shoal.datasite.client import DatasiteError
+
 pytestmark = pytest.mark.integration
 
 
@@ -92,3 +94,22 @@ def test_a_chunked_body_is_cut_at_the_limit(site: RunningSite, who: str, path: s
     assert grown < 20, f"the server's peak RSS grew {grown:.0f} MB on a 50 MB body"
     assert site.as_("sam").call("GET", "/api/whoami")["name"] == "sam"
     assert site.alive()
+
+
+def test_audit_verify_against_an_anchor_over_the_api(site: RunningSite) -> None:
+    owner = site.as_("olivia")
+    first = owner.call("GET", "/api/audit/verify")
+    assert first["ok"]
+    got = owner.call("GET", f"/api/audit/verify?anchor={first['anchor']}")
+    assert got["ok"], got
+    seq, digest = first["anchor"].split(":")
+    wrong = "0" * 64 if digest != "0" * 64 else "1" * 64
+    got = owner.call("GET", f"/api/audit/verify?anchor={seq}:{wrong}")
+    assert not got["ok"] and "differs from the anchor" in got["problems"][0]
+    for bad in ("../../etc/passwd", "1:xyz", "x" * 5000):  # never a path the server reads
+        with pytest.raises(DatasiteError, match="SEQ:HASH") as refused:
+            owner.call("GET", f"/api/audit/verify?anchor={bad}")
+        assert refused.value.status == 400
+    with pytest.raises(DatasiteError) as refused:
+        site.as_("sam").call("GET", f"/api/audit/verify?anchor={first['anchor']}")
+    assert refused.value.status == 403

@@ -29,7 +29,8 @@ an owner (see docs/datasite.md):
   shoal datasite requests list --state mock-run
   shoal datasite requests show 3 ; shoal datasite requests diff 3
   shoal datasite requests approve 3 --hash <code hash> --reason "aggregate only"
-  shoal datasite audit verify --dir site/
+  shoal datasite audit head --dir site/                   # SEQ:HASH: keep it elsewhere
+  shoal datasite audit verify --dir site/ --anchor SEQ:HASH
 """
 
 
@@ -149,8 +150,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     av = audit_sub.add_parser("verify", help="recompute the hash chain; exit 1 if tampered")
     av.add_argument("--dir", help="read the datasite's directory directly (trusts no server)")
+    av.add_argument(
+        "--anchor",
+        metavar="SEQ:HASH|FILE",
+        help="the head `audit head` printed earlier: any rewrite up to it is found",
+    )
     _client_options(av)
     av.set_defaults(func=_audit_verify)
+    ah = audit_sub.add_parser(
+        "head", help="print the chain's head as SEQ:HASH, to keep elsewhere for verify --anchor"
+    )
+    ah.add_argument("--dir", help="read the datasite's directory directly (trusts no server)")
+    ah.add_argument("--out", metavar="FILE", help="also write it as a `shoal audit` anchor file")
+    _client_options(ah)
+    ah.set_defaults(func=_audit_head)
     at = audit_sub.add_parser("show", help="the newest entries")
     at.add_argument("-n", type=positive_int, default=50)
     _client_options(at)
@@ -333,19 +346,55 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
+    from shoal.runtime.audit import one_head, parse_anchor
+
+    anchor = parse_anchor(args.anchor, source="datasite") if args.anchor else None
     if args.dir:
         from shoal.datasite.state import DatasiteState
 
         with DatasiteState(args.dir) as state:
-            report = state.verify()
+            report = state.verify(anchor=anchor)
         ok, entries, head, problems = report.ok, report.entries, report.head, report.problems
     else:
-        got = _site(args).call("GET", "/api/audit/verify")
+        path = "/api/audit/verify"
+        held = one_head(anchor, of="a datasite")
+        if held is not None:
+            path += f"?anchor={held[0]}:{held[1]}"
+        got = _site(args).call("GET", path)
         ok, entries, head, problems = got["ok"], got["entries"], got["head"], got["problems"]
     if ok:
-        print(f"ok: {entries} entries, chain intact, head {head}")
+        against = f", holds anchor entry {anchor.heads[''][0]}" if anchor is not None else ""
+        print(f"ok: {entries} entries, chain intact{against}, head {head}")
+        if anchor is None:
+            print(
+                "  (without an anchor, a chain rewritten with recomputed hashes passes: "
+                "keep `shoal datasite audit head` elsewhere and give it as --anchor)"
+            )
         return 0
     print(f"TAMPERED: {len(problems)} problem(s) in {entries} entries")
     for problem in problems:
         print(f"  {problem}")
     return 1
+
+
+def _audit_head(args: argparse.Namespace) -> int:
+    from shoal.runtime.audit import Anchor, write_anchor
+
+    if args.dir:
+        from shoal.datasite.state import DatasiteState
+
+        with DatasiteState(args.dir) as state:
+            anchor = state.anchor()
+    else:
+        got = _site(args).call("GET", "/api/audit/verify")
+        if not got["ok"]:
+            print("TAMPERED: the chain fails verification, so it is not anchored")
+            for problem in got["problems"]:
+                print(f"  {problem}")
+            return 1
+        anchor = Anchor(source="datasite", heads={"": (int(got["last_seq"]), str(got["head"]))})
+    seq, digest = anchor.heads[""]
+    if args.out:
+        write_anchor(args.out, anchor)
+    print(f"{seq}:{digest}")
+    return 0

@@ -335,8 +335,8 @@ def create_app(service: Service) -> Any:
         return service.audit(u, max(1, min(limit, 10_000)))
 
     @app.get("/api/audit/verify")
-    def verify(u: Caller) -> dict[str, Any]:
-        return service.verify(u)
+    def verify(u: Caller, anchor: str | None = None) -> dict[str, Any]:
+        return service.verify(u, anchor)
 
     return app
 

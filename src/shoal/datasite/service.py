@@ -40,6 +40,7 @@ from shoal.errors import (
     UnknownTask,
     WireError,
 )
+from shoal.runtime.audit import parse_head
 from shoal.runtime.engine import DECLINED_DETAIL
 from shoal.wire import decode, encode
 
@@ -1176,12 +1177,18 @@ class Service:
             for e in self.state.audit_entries(limit)
         ]
 
-    def verify(self, user: User) -> dict[str, Any]:
+    def verify(self, user: User, anchor: str | None = None) -> dict[str, Any]:
+        """The chain checked (against ``anchor``, ``SEQ:HASH``, when given)."""
         self.require(user, "owner")
-        report = self.state.verify()
+        held = None
+        if anchor:
+            held = parse_head(anchor)
+        report = self.state.verify(anchor=held)
         return {
             "ok": report.ok,
             "entries": report.entries,
+            "last_seq": report.last_seq,
             "head": report.head,
+            "anchor": f"{report.last_seq}:{report.head}",
             "problems": list(report.problems),
         }

@@ -3,7 +3,10 @@ results, per-scientist privacy ledgers and a hash-chained audit trail.
 
 Tokens are stored only as SHA-256 digests (they are 256-bit random, so a fast hash is the
 right one). The audit chain is the coordinator's (``shoal.runtime.audit``); triggers forbid
-editing or deleting its rows, and ``verify`` finds any edit made around them.
+editing or deleting its rows. ``verify`` finds an edit made around them that did not also
+recompute the hashes after it; a rewrite that did (anyone with the file can: the chain has no
+key) is found only against an *anchor*, a head (seq, hash) exported earlier and kept where
+the file's writers cannot reach (``shoal datasite audit head``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any
 from shoal.errors import AuthenticationError, ConfigError, StoreError
 from shoal.runtime.audit import (
     GENESIS,
+    Anchor,
     AuditEntry,
     ChainReport,
     canonical,
     entry_hash,
+    one_head,
     verify_chain,
 )
 
@@ -56,6 +61,7 @@ STATES = (
     "withheld",
 )
 DB_NAME = "datasite.db"
+TRIGGERS = ("audit_no_update", "audit_no_delete")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -168,6 +174,14 @@ def request_hash(
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _detail(text: str) -> Any:
+    # an entry edited into bad JSON is still listed (and fails its hash), not a crash
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"unreadable": text[:200]}
+
+
 class DatasiteState:
     """The state file of one datasite. Thread-safe: one connection, one lock."""
 
@@ -190,6 +204,9 @@ class DatasiteState:
             )
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
+            # opening puts dropped triggers back (the schema script): note first that they
+            # were gone, for verify to report
+            self._dropped = self._missing_triggers() if self._has_audit() else []
             self._conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the datasite state {str(path)!r}: {exc}") from None
@@ -294,7 +311,7 @@ class DatasiteState:
                 ts=float(r["ts"]),
                 actor=str(r["actor"]),
                 action=str(r["action"]),
-                detail=json.loads(r["detail"]),
+                detail=_detail(str(r["detail"])),
                 prev=str(r["prev"]),
                 hash=str(r["hash"]),
                 detail_text=str(r["detail"]),
@@ -302,6 +319,46 @@ class DatasiteState:
             for r in rows
         ]
 
-    def verify(self) -> ChainReport:
-        last = self.one("SELECT seq FROM sqlite_sequence WHERE name='audit'")
-        return verify_chain(self.audit_entries(), expected_last_seq=int(last[0]) if last else 0)
+    def _has_audit(self) -> bool:
+        sql = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='audit'"
+        return self._conn.execute(sql).fetchone() is not None
+
+    def _missing_triggers(self) -> list[str]:
+        sql = "SELECT name FROM sqlite_master WHERE type='trigger'"
+        present = {r[0] for r in self._conn.execute(sql)}
+        return [t for t in TRIGGERS if t not in present]
+
+    def verify(self, *, anchor: Anchor | None = None) -> ChainReport:
+        """Check every link of the chain, that no entry was cut from its end (as far as the
+        file's own sequence counter says), that the append-only triggers are in place (or
+        were, when this file was opened), and (given) that it still holds ``anchor``'s head
+        unchanged: the one check a rewrite with recomputed hashes cannot pass."""
+        with self._lock:
+            last = self.one("SELECT seq FROM sqlite_sequence WHERE name='audit'")
+            entries = self.audit_entries()
+            missing = sorted(set(self._dropped) | set(self._missing_triggers()))
+        report = verify_chain(
+            entries,
+            expected_last_seq=int(last[0]) if last else 0,
+            anchor=one_head(anchor, of="a datasite"),
+        )
+        if not missing:
+            return report
+        dropped = f"the append-only trigger(s) {missing} were dropped"
+        return ChainReport(
+            entries=report.entries,
+            head=report.head,
+            problems=(*report.problems, dropped),
+            last_seq=report.last_seq,
+        )
+
+    def anchor(self) -> Anchor:
+        """The chain's head, to keep elsewhere for a later ``verify(anchor=...)``; only of a
+        chain that verifies."""
+        report = self.verify()
+        if not report.ok:
+            raise StoreError(
+                f"the audit chain of {str(self.path)!r} fails verification, so it is not "
+                "anchored: " + "; ".join(report.problems[:3])
+            )
+        return Anchor(source=f"datasite:{self.name}", heads={"": (report.last_seq, report.head)})

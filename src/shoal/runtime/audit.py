@@ -32,6 +32,9 @@ __all__ = [
     "entry_hash",
     "key_path_for",
     "load_key",
+    "one_head",
+    "parse_anchor",
+    "parse_head",
     "read_anchor",
     "seal",
     "verify_chain",
@@ -277,6 +280,43 @@ def read_anchor(path: str | os.PathLike[str]) -> Anchor:
             raise ConfigError(f"{where}: head {name!r} needs an integer seq and a hash")
         heads[str(name)] = (seq, digest)
     return Anchor(source=str(data.get("source", "")), heads=heads)
+
+
+def _head_text(value: str) -> tuple[int, str] | None:
+    seq, sep, digest = value.strip().partition(":")
+    if sep and seq.isdigit() and len(digest) == 64 and not digest.strip("0123456789abcdef"):
+        return int(seq), digest
+    return None
+
+
+def parse_head(value: str, *, source: str = "") -> Anchor:
+    """An anchor given as ``SEQ:HASH`` (a single chain's head, as ``head`` commands print)."""
+    head = _head_text(value)
+    if head is None:
+        raise ConfigError(
+            f"anchor {value[:100]!r} is not SEQ:HASH (an entry number, a colon and the 64 hex "
+            "digits of its hash)"
+        )
+    return Anchor(source=source, heads={"": head})
+
+
+def parse_anchor(value: str, *, source: str = "") -> Anchor:
+    """An anchor given as ``SEQ:HASH`` or as the path of a file ``write_anchor`` wrote."""
+    if _head_text(value) is not None:
+        return parse_head(value, source=source)
+    return read_anchor(value)
+
+
+def one_head(anchor: Anchor | None, *, of: str) -> tuple[int, str] | None:
+    """The single chain head of ``anchor`` (a store's or a datasite's), for ``of``."""
+    if anchor is None:
+        return None
+    if set(anchor.heads) != {""}:
+        raise ConfigError(
+            f"that anchor holds the chains of a node's state ({sorted(anchor.heads)}), not "
+            f"the single chain of {of}"
+        )
+    return anchor.heads[""]
 
 
 class AuditTrail(Protocol):

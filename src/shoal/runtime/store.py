@@ -35,6 +35,7 @@ from shoal.runtime.audit import (
     entry_hash,
     key_path_for,
     load_key,
+    one_head,
     seal,
     seal_problems,
     verify_chain,
@@ -945,13 +946,10 @@ class Store:
             )
             for seq, ts, rid, actor, action, detail, prev, digest in rows
         )
-        anchored = None
-        if anchor is not None:
-            if set(anchor.heads) != {""}:
-                raise ConfigError("that anchor was exported from a node's state, not a store")
-            anchored = anchor.heads[""]
         report = verify_chain(
-            entries, expected_last_seq=int(last[0]) if last else 0, anchor=anchored
+            entries,
+            expected_last_seq=int(last[0]) if last else 0,
+            anchor=one_head(anchor, of="a store"),
         )
         problems = list(report.problems)
         missing = [t for t in ("audit_no_update", "audit_no_delete") if t not in triggers]
