@@ -62,7 +62,7 @@ def run(
         insecure_test_keys=key_bits < 2048,
     )  # fmt: skip
     size = align(fed, min_overlap=1)
-    n_train = _setup(fed, cfg, size)
+    n_train = _setup(fed, cfg, size, run="bench")
     cpu.clear()
     start = time.perf_counter()
     for idx in batches(n_train, cfg.batch_size, epoch=0, seed=cfg.seed):

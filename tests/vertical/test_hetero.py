@@ -7,11 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shoal.core import Federation
 from shoal.errors import ConfigError, DataError, ProtocolError
-from shoal.runtime import Faults
+from shoal.runtime import Faults, LocalEngine, NodeApp
+from shoal.runtime.roles import NodeApps
+from shoal.vertical.checkpoint import FileCheckpoints, MemoryCheckpoints
 from shoal.vertical.model import MODELS, evaluate, held_out_rows, prepare, train_centralized
 from shoal.vertical.party import PartyData
 from shoal.vertical.protocol import HeteroConfig, train
+from shoal.vertical.tasks import vertical_tasks
 
 from .conftest import federation, split_breast_cancer
 
@@ -109,6 +113,107 @@ def test_party_dropping_mid_epoch_resumes_from_last_epoch() -> None:
     # rolled back and rerun, the model is exactly the uninterrupted one
     np.testing.assert_array_equal(_weights(engine2), w_clean)
     assert faulty.test == clean.test
+
+
+class _Restarts(NodeApps):
+    """A party whose process dies at its ``at``-th call of ``task``: its whole task state is
+    gone (keys, rows, coefficients in memory), and so is ``lose``, its checkpoints kept in
+    memory; a checkpoint file remains."""
+
+    def __init__(self, apps, *, node: str, task: str, at: int, lose=None) -> None:
+        super().__init__(apps)
+        self.node, self.task, self.at, self.calls, self.lose = node, task, at, 0, lose
+
+    def handle(self, ctx, name, payload, **kw):
+        if ctx.node_id == self.node and name == self.task:
+            self.calls += 1
+            if self.calls == self.at:
+                ctx.state.clear()
+                if self.lose is not None:
+                    self.lose._saved.clear()
+                raise ProtocolError("the party's process died")
+        return super().handle(ctx, name, payload, **kw)
+
+
+def _restart_federation(parties, roles, *, mode, stores, **restart):
+    apps = {}
+    for node, role in roles.items():
+        app = NodeApp(max_kept=8)
+        app.install(vertical_tasks(role, mode=mode, checkpoints=stores.get(node)))
+        apps[node] = app
+    nodes = list(roles)
+    engine = LocalEngine(
+        _Restarts(apps, **restart), nodes=nodes, data=[parties.get(n) for n in nodes]
+    )
+    by_role: dict[str, list[str]] = {}
+    for node, role in roles.items():
+        by_role.setdefault(role, []).append(node)
+    return Federation(engine, roles=by_role), engine
+
+
+@pytest.mark.parametrize("mode", ["arbiter", "two_party"])
+def test_restarted_party_resumes_from_its_saved_epoch(mode: str, tmp_path) -> None:
+    """The host's process dies in epoch 2's third batch; it keeps its coefficients of every
+    completed epoch in a file, so the run goes on from epoch 1 (with fresh alignment and
+    keys, since the host lost its session) and ends with exactly the uninterrupted model."""
+    guest, host = split_breast_cancer()
+    roles = ROLES_ARB if mode == "arbiter" else ROLES_TWO
+    data = {"bank": guest, "insurer": host}
+    cfg = _cfg(mode=mode, epochs=3)
+    fed, engine = federation(data, roles, mode=mode)
+    clean = train(fed, cfg)
+    host_file = FileCheckpoints(tmp_path / "insurer.db")
+    batches_per_epoch = -(-round(0.8 * clean.intersection_size) // cfg.batch_size)
+    fed2, engine2 = _restart_federation(
+        data,
+        roles,
+        mode=mode,
+        stores={"insurer": host_file},
+        node="insurer",
+        task="vertical.host.scores",
+        at=2 * batches_per_epoch + 3,
+    )
+    resumed = train(fed2, cfg)
+    assert resumed.retries == 1 and resumed.resumed_from == [-1, 1]
+    np.testing.assert_array_equal(_weights(engine2), _weights(engine))
+    assert resumed.history == clean.history and resumed.test == clean.test
+    assert host_file.epochs(next(iter({r for r, _ in _runs(host_file)}))) == [0, 1, 2]
+
+
+def _runs(store: FileCheckpoints) -> list[tuple[str, int]]:
+    return store._conn.execute("SELECT run, epoch FROM vertical_epochs").fetchall()
+
+
+def test_a_party_without_saved_epochs_restarts_the_run_from_scratch() -> None:
+    """Without a state file the restarted host holds no epoch: every party starts over
+    (from zeros), and the model is still exactly the uninterrupted one."""
+    guest, host = split_breast_cancer()
+    data = {"bank": guest, "insurer": host}
+    cfg = _cfg(mode="two_party", epochs=2)
+    fed, engine = federation(data, ROLES_TWO, mode="two_party")
+    clean = train(fed, cfg)
+    memory = MemoryCheckpoints()
+    fed2, engine2 = _restart_federation(
+        data, ROLES_TWO, mode="two_party", stores={"insurer": memory}, node="insurer",
+        task="vertical.host.gradient", at=5, lose=memory,
+    )  # fmt: skip
+    resumed = train(fed2, cfg)
+    assert resumed.retries == 1 and resumed.resumed_from == [-1, -1]
+    np.testing.assert_array_equal(_weights(engine2), _weights(engine))
+    assert resumed.history == clean.history
+
+
+def test_resume_refuses_what_is_not_this_party_s_checkpoint(tmp_path) -> None:
+    store = FileCheckpoints(tmp_path / "p.db")
+    store.save("run1", 0, np.arange(3.0))
+    assert store.epochs("run1") == [0] and store.epochs("run2") == []
+    np.testing.assert_array_equal(FileCheckpoints(tmp_path / "p.db").load("run1", 0), [0, 1, 2])
+    with pytest.raises(ProtocolError, match="no coefficients"):
+        store.load("run1", 1)
+    with pytest.raises(ProtocolError, match="run id"):
+        store.save("../x", 0, np.zeros(1))
+    with pytest.raises(ConfigError, match="max_retries"):
+        HeteroConfig(max_retries=-1)
 
 
 def test_bad_input_is_refused_before_training() -> None:

@@ -130,8 +130,17 @@ def coordinate_vertical(args: argparse.Namespace) -> int:
 
 def serve_party(args: argparse.Namespace) -> int:
     """One party's node: its own CSV, its role's tasks, nothing else."""
-    from shoal.runtime import NodeApp
-    from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, NodeExit, load_private_key
+    from shoal.runtime import NodeApp, open_node_state
+    from shoal.runtime.grpc import (
+        Backoff,
+        ClientTLS,
+        NodeClient,
+        NodeExit,
+        fingerprint,
+        load_private_key,
+        public_key_bytes,
+    )
+    from shoal.vertical.checkpoint import FileCheckpoints
     from shoal.vertical.job import ARBITER, SECUREBOOST, load_vertical_job
     from shoal.vertical.tasks import vertical_tasks
 
@@ -148,13 +157,22 @@ def serve_party(args: argparse.Namespace) -> int:
             Path(args.data) if args.data else None,
             missing_ok=job.model == SECUREBOOST,  # trees learn where missing values go
         )
+    key = load_private_key(args.key)
+    node_state, checkpoints = None, None
+    if getattr(args, "state", None):
+        # The node's audit log and ledger file, bound to its key (another node's is refused);
+        # the party's coefficients of each completed epoch go in a table of the same file,
+        # so a restarted party resumes with them.
+        node_state = open_node_state(args.state, owner=fingerprint(public_key_bytes(key)))
+        node_state.audit("node.started", key=fingerprint(public_key_bytes(key)))
+        checkpoints = FileCheckpoints(args.state)
     app = NodeApp(max_kept=8)
     if _trees_config(job) is not None:
         from shoal.trees.secureboost import secureboost_tasks
 
         app.install(secureboost_tasks(role))
     else:
-        app.install(vertical_tasks(role, mode=job.config.mode))
+        app.install(vertical_tasks(role, mode=job.config.mode, checkpoints=checkpoints))
     tls = (
         None
         if args.insecure
@@ -165,8 +183,9 @@ def serve_party(args: argparse.Namespace) -> int:
     client = NodeClient(
         app=app,
         coordinator=args.coordinator,
-        key=load_private_key(args.key),
+        key=key,
         data=data,
+        node_state=node_state,
         tls=tls,
         insecure=bool(args.insecure),
         job_digest=_digest(job),

@@ -6,6 +6,7 @@ See docs/vertical.md for the protocols and what each party learns.
 
 from __future__ import annotations
 
+from shoal.vertical.checkpoint import Checkpoints, FileCheckpoints, MemoryCheckpoints
 from shoal.vertical.model import MODELS, LinearModelSpec, train_centralized
 from shoal.vertical.party import PartyData
 from shoal.vertical.prediction import PredictionClient, ServedModel, serving_tasks
@@ -14,9 +15,12 @@ from shoal.vertical.tasks import vertical_tasks
 
 __all__ = [
     "MODELS",
+    "Checkpoints",
+    "FileCheckpoints",
     "HeteroConfig",
     "HeteroResult",
     "LinearModelSpec",
+    "MemoryCheckpoints",
     "PartyData",
     "PredictionClient",
     "ServedModel",

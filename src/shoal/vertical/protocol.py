@@ -8,6 +8,8 @@ positions, ciphertexts, uniformly masked plaintexts and the guest's aggregate me
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,12 +47,16 @@ class HeteroConfig:
     patience: int | None = None  # early stopping: epochs without train-loss improvement
     tol: float = 1e-6
     max_retries: int = 3
+    # how long a failed epoch waits for every party to be connected again (a restarted node)
+    resume_wait_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
         if self.mode not in ("arbiter", "two_party"):
             raise ConfigError(f"mode is 'arbiter' or 'two_party', got {self.mode!r}")
+        if self.max_retries < 0 or not self.resume_wait_s >= 0:
+            raise ConfigError("max_retries and resume_wait_s must be >= 0")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.l2 < 0:
             raise ConfigError("epochs, batch_size >= 1, lr > 0 and l2 >= 0 are required")
         if not 0.0 <= self.test_fraction < 1.0:
@@ -69,6 +75,9 @@ class HeteroResult:
     history: list[dict[str, float]] = field(default_factory=list)
     test: dict[str, float] = field(default_factory=dict)
     retries: int = 0
+    # the epoch training went on from at each (re)start: -1 from scratch, else the last
+    # epoch every party had completed
+    resumed_from: list[int] = field(default_factory=list)
     routed_bytes: int = 0
 
 
@@ -124,9 +133,10 @@ def align(fed: Federation, *, min_overlap: int = 1) -> int:
     return size
 
 
-def _setup(fed: Federation, cfg: HeteroConfig, size: int) -> int:
+def _setup(fed: Federation, cfg: HeteroConfig, size: int, run: str) -> int:
     guest, hosts, arbiter = _parties(fed, cfg.mode)
     common = {
+        "run": run,
         "model": cfg.model,
         "lr": cfg.lr,
         "l2": cfg.l2,
@@ -155,7 +165,9 @@ def _setup(fed: Federation, cfg: HeteroConfig, size: int) -> int:
     else:
         keys["kG"] = replies[hosts[0]]["pk"]  # the host decrypts the guest's masked gradient
         keys["kH"] = replies[guest]["pk"]  # and the guest the host's
-    fed.request([guest, *hosts], "vertical.keys", common=keys)
+    _, failures = fed.request([guest, *hosts], "vertical.keys", common=keys)
+    if failures:
+        raise NotEnoughNodes(f"the public keys did not reach {sorted(failures)}")
     n_test = round(cfg.test_fraction * size)
     return size - n_test
 
@@ -188,50 +200,105 @@ def evaluate(fed: Federation, *, model: str, split: str = "test") -> dict[str, f
     return {k: float(v) for k, v in got.items()}
 
 
-def train(fed: Federation, cfg: HeteroConfig) -> HeteroResult:
+def _wait_online(fed: Federation, nodes: list[str], wait_s: float) -> None:
+    """Until every party is connected again (a restarted node dials back in)."""
+    end, pause = time.monotonic() + wait_s, 0.05
+    while True:
+        missing = sorted(set(nodes) - set(fed.node_ids))
+        if not missing:
+            return
+        if time.monotonic() >= end:
+            raise NotEnoughNodes(f"part(ies) {missing} did not come back within {wait_s:.0f} s")
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
+
+
+@dataclass
+class _Session:
+    """The coordinator's view of a run: its id, and the intersection and training rows
+    once the parties hold a session (keys, aligned rows)."""
+
+    run: str
+    size: int = 0
+    n_train: int = 0
+
+
+def _resume(fed: Federation, cfg: HeteroConfig, session: _Session) -> int:
+    """Bring every party back to the last epoch all of them completed; returns it (-1:
+    none yet). A party that lost its session (a restarted process) makes every party
+    align and set up again, with fresh keys; each keeps its own coefficients."""
+    guest, hosts, arbiter = _parties(fed, cfg.mode)
+    parties = [guest, *hosts]
+    everyone = parties + ([arbiter] if arbiter is not None else [])
+    _wait_online(fed, everyone, cfg.resume_wait_s)
+    replies, failures = fed.request(everyone, "vertical.status", common={"run": session.run})
+    if failures:
+        raise NotEnoughNodes(f"status failed at {sorted(failures)}")
+    if not all(int(replies[n]["session"]) for n in everyone) or not session.size:
+        session.size = align(fed, min_overlap=cfg.min_overlap)
+        session.n_train = _setup(fed, cfg, session.size, session.run)
+    # each party holds every epoch up to its "last": the latest all hold is the smallest
+    epoch = min(min(int(replies[p]["last"]) for p in parties), cfg.epochs - 1)
+    _, failures = fed.request(parties, "vertical.restore", common={"epoch": epoch})
+    if failures:
+        raise NotEnoughNodes(f"restore failed at {sorted(failures)}")
+    return epoch
+
+
+def _stop_early(history: list[dict[str, float]], cfg: HeteroConfig) -> bool:
+    if cfg.patience is None:
+        return False
+    best, stale = float("inf"), 0
+    for metrics in history:
+        if metrics["loss"] < best - cfg.tol:
+            best, stale = metrics["loss"], 0
+        else:
+            stale += 1
+    return stale >= cfg.patience
+
+
+def train(fed: Federation, cfg: HeteroConfig, *, run: str | None = None) -> HeteroResult:
     """Align, set up keys and train for ``cfg.epochs`` (or until early stopping).
 
-    A party that fails mid-epoch fails that epoch: every party rolls back to the last
-    completed epoch and the epoch is run again, up to ``cfg.max_retries`` times.
+    Each party keeps its coefficients of every completed epoch (``vertical.commit``). A
+    party that fails (or drops out) mid-epoch fails that epoch: once every party is
+    connected again (within ``cfg.resume_wait_s``), all go back to the last epoch every
+    one of them completed, and training goes on from there, up to ``cfg.max_retries``
+    failures. A restarted party with a state file keeps its coefficients across the
+    restart; the others' keys and alignment are then set up again. ``run`` names the run
+    at the parties (default: a fresh random id).
     """
     guest, hosts, _ = _parties(fed, cfg.mode)
-    size = align(fed, min_overlap=cfg.min_overlap)
-    n_train = _setup(fed, cfg, size)
-    result = HeteroResult(intersection_size=size, epochs_run=0)
+    session = _Session(run=run if run is not None else secrets.token_hex(8))
+    result = HeteroResult(intersection_size=0, epochs_run=0)
     parties = [guest, *hosts]
-    best, stale, epoch = float("inf"), 0, 0
-    while epoch < cfg.epochs:
+    epoch, resume = 0, True  # the first "resume" aligns and sets up from scratch
+    while True:
         try:
-            for idx in batches(n_train, cfg.batch_size, epoch=epoch, seed=cfg.seed):
+            if resume:
+                epoch = _resume(fed, cfg, session) + 1
+                result.resumed_from.append(epoch - 1)
+                del result.history[epoch:]
+                resume = False
+            if len(result.history) < epoch:  # metrics of the last completed epoch
+                result.history.append(evaluate(fed, model=cfg.model, split="train"))
+            result.epochs_run = epoch
+            if epoch >= cfg.epochs or _stop_early(result.history, cfg):
+                if cfg.test_fraction > 0:
+                    result.test = evaluate(fed, model=cfg.model, split="test")
+                break
+            for idx in batches(session.n_train, cfg.batch_size, epoch=epoch, seed=cfg.seed):
                 _batch(fed, cfg, idx)
             _, failures = fed.request(parties, "vertical.commit", common={"epoch": epoch})
             if failures:
                 raise NotEnoughNodes(f"commit failed at {sorted(failures)}")
+            epoch += 1
         except (NotEnoughNodes, ProtocolError) as exc:
             result.retries += 1
-            log.warning(
-                "epoch %d failed (%s); rolling back to the last completed epoch", epoch, exc
-            )
             if result.retries > cfg.max_retries:
                 raise
-            _, failures = fed.request(parties, "vertical.rollback")
-            if failures:
-                raise NotEnoughNodes(
-                    f"could not roll back after a failed epoch: {sorted(failures)} unreachable"
-                ) from exc
-            continue
-        epoch += 1
-        metrics = evaluate(fed, model=cfg.model, split="train")
-        result.history.append(metrics)
-        result.epochs_run = epoch
-        if cfg.patience is not None:
-            if metrics["loss"] < best - cfg.tol:
-                best, stale = metrics["loss"], 0
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
-    if cfg.test_fraction > 0:
-        result.test = evaluate(fed, model=cfg.model, split="test")
+            log.warning("epoch %d failed (%s); resuming from the last completed epoch", epoch, exc)
+            resume = True
+    result.intersection_size = session.size
     result.routed_bytes = fed.routed_bytes
     return result

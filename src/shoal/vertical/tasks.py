@@ -19,6 +19,7 @@ from shoal.crypto import paillier as P
 from shoal.crypto.psi import PsiParty
 from shoal.errors import ConfigError, DataError, ProtocolError
 from shoal.runtime import TaskContext
+from shoal.vertical.checkpoint import Checkpoints, MemoryCheckpoints, check_run
 from shoal.vertical.model import MODELS, evaluate, held_out_rows, prepare
 from shoal.vertical.party import PartyData
 
@@ -145,13 +146,14 @@ def setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
         assert data.y is not None
         y = data.y[rows]
         st["y"], st["y_test"] = y[~held_out], y[held_out]
+    for stale in ("pools", "masks", "kG", "kH", "k_predict"):  # the previous session's
+        st.pop(stale, None)
     st.update(
         role=role,
+        run=check_run(payload["run"]),
         x=x_train,
         x_test=x_test,
         w=np.zeros(x_train.shape[1]),
-        committed=np.zeros(x_train.shape[1]),
-        committed_epoch=-1,
         model=MODELS[str(payload["model"])],
         lr=float(payload["lr"]),
         l2=float(payload["l2"]),
@@ -167,7 +169,7 @@ def arbiter_setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     pk, sk = P.generate_keypair(
         int(payload["key_bits"]), insecure=bool(payload.get("insecure", False))
     )
-    _st(ctx).update(pk=pk, sk=sk)
+    _st(ctx).update(pk=pk, sk=sk, run=check_run(payload["run"]))
     return {"pk": np.frombuffer(pk.to_bytes(), np.uint8)}
 
 
@@ -272,18 +274,67 @@ def update(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def commit(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
-    st = _st(ctx)
-    st["committed"] = st["w"].copy()
-    st["committed_epoch"] = int(payload["epoch"])
-    return {}
+def _epoch(payload: dict[str, Any]) -> int:
+    epoch = payload.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < -1:
+        raise ProtocolError("an epoch is an integer >= -1 (-1: before the first epoch)")
+    return int(epoch)
 
 
-def rollback(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
-    st = _st(ctx)
-    st["w"] = st["committed"].copy()
-    st.pop("masks", None)
-    return {"epoch": int(st["committed_epoch"])}
+def _session(st: dict[str, Any]) -> str:
+    if "w" not in st or "run" not in st:
+        raise ProtocolError("this party has no training session: run setup first")
+    run: str = st["run"]
+    return run
+
+
+def status(store: Checkpoints, role: str) -> Any:
+    def task(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        """Whether this party still holds the run's session (keys, rows, coefficients), and
+        the last epoch of the run it holds the coefficients of, with every epoch before it
+        (-1: none). Numbers only: the coefficients stay here."""
+        st = _st(ctx)
+        run = check_run(payload["run"])
+        if role == "arbiter":  # it holds a key and no coefficients
+            return {"session": int("sk" in st and st.get("run") == run), "last": -1}
+        live = "w" in st and st.get("run") == run and "kG" in st
+        last = -1
+        for epoch in store.epochs(run):
+            if epoch != last + 1:
+                break
+            last = epoch
+        return {"session": int(live), "last": last}
+
+    return task
+
+
+def commit(store: Checkpoints) -> Any:
+    def task(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        """The epoch is complete here: keep its coefficients (durably, with a state file)
+        before acknowledging it."""
+        st = _st(ctx)
+        store.save(_session(st), _epoch(payload), st["w"])
+        return {}
+
+    return task
+
+
+def restore(store: Checkpoints) -> Any:
+    def task(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        """Back to the coefficients of a completed epoch (-1: zeros, before the first)."""
+        st = _st(ctx)
+        run, epoch = _session(st), _epoch(payload)
+        w = np.zeros(len(st["w"])) if epoch == -1 else store.load(run, epoch)
+        if w.shape != st["w"].shape:
+            raise ProtocolError(
+                f"the saved coefficients of epoch {epoch} have {len(w)} values, this party's "
+                f"model {len(st['w'])}: not this job's"
+            )
+        st["w"] = w
+        st.pop("masks", None)
+        return {}
+
+    return task
 
 
 # -- prediction: only the guest learns the scores ------------------------------------------
@@ -331,22 +382,32 @@ def aligned_rows(ctx: TaskContext) -> np.ndarray:
     return out
 
 
-def vertical_tasks(role: str, *, mode: str) -> dict[str, Any]:
-    """The tasks a party of ``role`` installs, each with its release policy."""
+def vertical_tasks(
+    role: str, *, mode: str, checkpoints: Checkpoints | None = None
+) -> dict[str, Any]:
+    """The tasks a party of ``role`` installs, each with its release policy.
+
+    ``checkpoints`` keeps the party's coefficients of each completed epoch (in memory unless
+    given, e.g. :class:`~shoal.vertical.checkpoint.FileCheckpoints` at a deployed party).
+    """
     if mode not in ("arbiter", "two_party"):
         raise ConfigError(f"mode is 'arbiter' or 'two_party', got {mode!r}")
+    store = checkpoints if checkpoints is not None else MemoryCheckpoints()
     parties = "sealed:guest,host"
+    state = {"session": "clear", "last": "clear"}
     common = {
         **psi_tasks(),
         "vertical.setup": spec(setup, {"pk": "clear", "features": "clear"}),
         "vertical.keys": spec(keys, {"*": "never"}),
         "vertical.update": spec(update, {"*": "never"}),
-        "vertical.commit": spec(commit, {"*": "never"}),
-        "vertical.rollback": spec(rollback, {"epoch": "clear"}),
+        "vertical.status": spec(status(store, role), state),
+        "vertical.commit": spec(commit(store), {"*": "never"}),
+        "vertical.restore": spec(restore(store), {"*": "never"}),
     }
     if role == "arbiter":
         return {
             "vertical.arbiter.setup": spec(arbiter_setup, {"pk": "clear"}),
+            "vertical.status": spec(status(store, role), state),
             "vertical.decrypt": spec(decrypt_masked, {"plain/*": parties}),
         }
     keyholder_g = "arbiter" if mode == "arbiter" else "host"
