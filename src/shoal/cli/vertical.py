@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--insecure", action="store_true", help="plaintext (tests only)")
     serve.add_argument("--model", required=True, help=".npz with 'weights' (and 'bias')")
     serve.add_argument("--budget-rows", type=positive_int, help="rows this client may score")
+    serve.add_argument(
+        "--state",
+        metavar="FILE",
+        help="the owner node's durable state (SQLite): the client's rows scored so far survive "
+        "restarts; without it the budget restarts from zero with the process",
+    )
+    serve.add_argument(
+        "--client",
+        metavar="NAME",
+        help="whose budget the queries are charged to (default: the --coordinator address)",
+    )
     serve.add_argument("--noise-std", type=float, default=0.0, help="noise on every score")
     serve.add_argument("--insecure-test-keys", action="store_true", help="accept short keys")
     serve.add_argument("--max-idle", type=positive_float, metavar="S")
@@ -238,9 +250,15 @@ def _predict_serve(args: argparse.Namespace) -> int:
     import numpy as np
 
     from shoal.errors import ConfigError
-    from shoal.runtime import NodeApp
-    from shoal.runtime.grpc import ClientTLS, NodeClient, load_private_key
-    from shoal.vertical.prediction import ServedModel, serving_tasks
+    from shoal.runtime import NodeApp, open_node_state
+    from shoal.runtime.grpc import (
+        ClientTLS,
+        NodeClient,
+        fingerprint,
+        load_private_key,
+        public_key_bytes,
+    )
+    from shoal.vertical.prediction import FileQueryLedger, ServedModel, serving_tasks
 
     try:
         with np.load(args.model, allow_pickle=False) as npz:
@@ -254,13 +272,27 @@ def _predict_serve(args: argparse.Namespace) -> int:
         noise_std=args.noise_std,
         min_key_bits=512 if args.insecure_test_keys else 2048,
     )
+    key = load_private_key(args.key)
+    node_state, ledger = None, None
+    if args.state:
+        # bound to this node's key like any node state; the budget is a table of the file
+        node_state = open_node_state(args.state, owner=fingerprint(public_key_bytes(key)))
+        ledger = FileQueryLedger(args.state)
+    elif args.budget_rows is not None:
+        print(
+            "shoal predict serve: warning: --budget-rows without --state keeps the budget in "
+            "memory; a restart starts again from zero (give --state owner.db)",
+            file=sys.stderr,
+            flush=True,
+        )
     app = NodeApp()
-    app.install(serving_tasks(model))
+    app.install(serving_tasks(model, ledger=ledger, client=args.client or args.coordinator))
     name = Path(args.key).name.removesuffix(".key")
     client = NodeClient(
         app=app,
         coordinator=args.coordinator,
-        key=load_private_key(args.key),
+        key=key,
+        node_state=node_state,
         tls=None if args.insecure else ClientTLS.from_dir(args.certs, name=name),
         insecure=bool(args.insecure),
         max_idle_s=args.max_idle,

@@ -2,25 +2,37 @@
 
 The client encrypts its feature rows under its own Paillier key and gets back encrypted
 scores only it can decrypt; the owner never sees the features, the client never sees the
-weights. Each query is charged to a per-client row budget at the owner's node, and the
-owner may add fresh noise to every score, so extracting the weights by repeated queries
-(d + 1 exact answers suffice for a linear model without noise) costs measurably more.
+weights. Each query is charged to a per-client row budget at the owner's node (in memory,
+or durably in a SQLite file that survives the serving process), and the owner may add fresh
+noise to every score, so extracting the weights by repeated queries (d + 1 exact answers
+suffice for a linear model without noise) costs measurably more.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from shoal.crypto import paillier as P
-from shoal.errors import ConfigError, PrivacyBudgetExceeded, ProtocolError
+from shoal.errors import ConfigError, NodeStateError, PrivacyBudgetExceeded, ProtocolError
 from shoal.runtime import TaskContext
 from shoal.vertical.tasks import spec
 
-__all__ = ["PREDICT_TASK", "PredictionClient", "ServedModel", "serving_tasks"]
+__all__ = [
+    "PREDICT_TASK",
+    "FileQueryLedger",
+    "MemoryQueryLedger",
+    "PredictionClient",
+    "QueryLedger",
+    "ServedModel",
+    "serving_tasks",
+]
 
 PREDICT_TASK = "predict.linear"
 _F_W = 32  # fractional bits of the served weights
@@ -45,8 +57,107 @@ class ServedModel:
         object.__setattr__(self, "weights", w)
 
 
-def serving_tasks(model: ServedModel) -> dict[str, Any]:
-    """The owner's task: encrypted rows in, encrypted (noised, rerandomized) scores out."""
+def _over(client: str, used: int, limit: int, rows: int) -> PrivacyBudgetExceeded:
+    return PrivacyBudgetExceeded(
+        f"query budget of {client!r}: {used} of {limit} rows used, {rows} more asked"
+    )
+
+
+class QueryLedger(Protocol):
+    """Rows each client has had scored. ``charge`` checks the limit and records the rows as
+    one step (two queries at once cannot both pass a check that has room for one)."""
+
+    def charge(self, client: str, rows: int, *, limit: int | None) -> int: ...
+
+    def used(self, client: str) -> int: ...
+
+
+class MemoryQueryLedger:
+    """The ledger in the serving process: a restarted owner starts again from zero."""
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def charge(self, client: str, rows: int, *, limit: int | None) -> int:
+        with self._lock:
+            used = self._used.get(client, 0)
+            if limit is not None and used + rows > limit:
+                raise _over(client, used, limit, rows)
+            self._used[client] = used + rows
+            return used + rows
+
+    def used(self, client: str) -> int:
+        with self._lock:
+            return self._used.get(client, 0)
+
+
+class FileQueryLedger:
+    """The ledger in a SQLite file (the owner node's ``--state`` file): WAL,
+    ``synchronous=FULL``, each charge committed before the scores are computed. The check
+    and the charge are one write transaction (``BEGIN IMMEDIATE``), so threads and processes
+    sharing the file cannot overspend; a killed process loses no charge it answered for."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS predict_budget "
+                "(client TEXT PRIMARY KEY, rows INTEGER NOT NULL CHECK (rows >= 0))"
+            )
+        except sqlite3.Error as exc:
+            raise NodeStateError(f"cannot keep a query budget in {str(path)!r}: {exc}") from None
+
+    def charge(self, client: str, rows: int, *, limit: int | None) -> int:
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT rows FROM predict_budget WHERE client=?", (client,)
+                ).fetchone()
+                used = int(row[0]) if row else 0
+                if limit is not None and used + rows > limit:
+                    raise _over(client, used, limit, rows)
+                conn.execute(
+                    "INSERT INTO predict_budget (client, rows) VALUES (?, ?) "
+                    "ON CONFLICT (client) DO UPDATE SET rows = excluded.rows",
+                    (client, used + rows),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return used + rows
+
+    def used(self, client: str) -> int:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT rows FROM predict_budget WHERE client=?", (client,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def serving_tasks(
+    model: ServedModel, *, ledger: QueryLedger | None = None, client: str = "client"
+) -> dict[str, Any]:
+    """The owner's task: encrypted rows in, encrypted (noised, rerandomized) scores out.
+
+    Every query is charged to ``client``'s row budget in ``ledger`` (default: in memory)
+    before any work; the owner names the client (who it serves), the client cannot.
+    """
+    book = ledger if ledger is not None else MemoryQueryLedger()
 
     def predict(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
         pk = P.PublicKey.from_bytes(
@@ -62,13 +173,10 @@ def serving_tasks(model: ServedModel) -> dict[str, Any]:
         if len(x.shape) != 2 or x.shape[1] != d:
             raise ProtocolError(f"send rows of {d} encrypted features, got shape {x.shape}")
         rows = x.shape[0]
-        # Charge the budget before any work: a refused query releases nothing.
-        used = int(ctx.state.get("predict.rows", 0))
-        if model.budget_rows is not None and used + rows > model.budget_rows:
-            raise PrivacyBudgetExceeded(
-                f"query budget: {used} of {model.budget_rows} rows used, {rows} more asked"
-            )
-        ctx.state["predict.rows"] = used + rows
+        # Charge the budget before any work: a refused query releases nothing, and a charge
+        # is recorded (on disk, with a file ledger) before any score can leave.
+        used = book.charge(client, rows, limit=model.budget_rows)
+        ctx.node_state.audit("predict.charge", client=client, rows=rows, used=used)
         flat = x.ciphertexts
         scores = []
         for i in range(rows):
