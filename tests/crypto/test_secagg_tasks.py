@@ -25,6 +25,7 @@ from shoal.crypto.secagg import (
     secagg_tasks,
 )
 from shoal.errors import ProtocolError, ReleaseRefused, TaskError
+from shoal.runtime.request import request_digest
 
 
 @dataclass
@@ -142,10 +143,15 @@ def test_default_input_is_a_value_the_node_kept() -> None:
     node.register("make", lambda ctx, p: {"delta": vector, "note": 1}, release={"delta": "secure"})
     ctx = app.TaskContext(node_id="a", data=None, state={}, task_id="t")
     node.handle(ctx, "make", b"", keep_as="h1", decoded={})
-    assert kept_input(ctx, {"handle": "h1", "field": "delta"}, 4) is vector
+    made = request_digest("make", b"")
+    assert kept_input(ctx, {"handle": "h1", "field": "delta", "request": made}, 4) is vector
     with pytest.raises(ReleaseRefused, match="'note' as never"):  # no entry: never
-        kept_input(ctx, {"handle": "h1", "field": "note"}, 4)
+        kept_input(ctx, {"handle": "h1", "field": "note", "request": made}, 4)
     with pytest.raises(TaskError, match="no field"):
-        kept_input(ctx, {"handle": "h1", "field": "nope"}, 4)
+        kept_input(ctx, {"handle": "h1", "field": "nope", "request": made}, 4)
+    # A sum that states no digest, or another request's, does not get the value.
+    for other in (None, request_digest("make", b"\x00"), request_digest("other", b"")):
+        with pytest.raises(ReleaseRefused, match="request digest mismatch"):
+            kept_input(ctx, {"handle": "h1", "field": "delta", "request": other}, 4)
     with pytest.raises(TaskError, match="handle"):
         kept_input(ctx, {}, 4)

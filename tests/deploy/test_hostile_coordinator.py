@@ -32,6 +32,7 @@ from shoal.learn import EVALUATE, TRAIN
 from shoal.privacy.guard import DPRequest
 from shoal.privacy.stages import DistributedNoise
 from shoal.runtime import FETCH_TASK, FailureKind, NodeStateFile, Task
+from shoal.runtime.request import request_digest
 from shoal.wire import encode
 
 pytestmark = pytest.mark.integration
@@ -374,9 +375,18 @@ def _epsilon_of_charges(count: int) -> float:
     return budget.spent()
 
 
-def _per_node_secure_sum(fed: Federation, handle: str, clips: dict[str, float]) -> Any:
+def _per_node_secure_sum(
+    fed: Federation,
+    handle: str,
+    clips: dict[str, float],
+    *,
+    request: str | None,
+    fields: tuple[str, ...] = ("delta",),
+    length: int = 4,
+) -> Any:
     """A modified coordinator's secure sum: SecAgg+ run by hand, each node told its own clip
-    (the others' 0, so that the "sum" would be the victim's value alone)."""
+    (the others' 0, so that the "sum" would be the victim's value alone), every node told
+    that its value came from ``request`` (the digest of the producing request)."""
     from shoal.crypto.secagg import (
         ADVERTISE_TASK,
         MASKED_INPUT_TASK,
@@ -395,12 +405,18 @@ def _per_node_secure_sum(fed: Federation, handle: str, clips: dict[str, float]) 
 
     def extra(node: str) -> dict[str, Any]:
         transforms = [{"clip_l2": clips[node]}]
-        return {"handle": handle, "fields": ["delta"], "clip": 10.0, "transforms": transforms}
+        return {
+            "handle": handle,
+            "fields": list(fields),
+            "clip": 10.0,
+            "transforms": transforms,
+            "request": request,
+        }
 
     ids = list(clips)
     # The parameters name the victim's input context, as an honest round would.
     params = SecAggParams.create(
-        ids, vector_length=4, dropout_fraction=0.0, context=input_context(extra(ids[0]))
+        ids, vector_length=length, dropout_fraction=0.0, context=input_context(extra(ids[0]))
     )
     server = SecAggServer(params=params)
 
@@ -434,7 +450,7 @@ def test_every_node_of_a_secure_sum_prepares_its_input_alike(nodes: Any) -> None
     # Hostile: n0 clips its update to 10 (it stays as it is), every other node to 0; the
     # "sum" would be n0's secure value. The others refuse: their request is not the round's.
     victim = dict.fromkeys(NODES, 0.0) | {"n0": 10.0}
-    failures = _per_node_secure_sum(fed, out.handle, victim)
+    failures = _per_node_secure_sum(fed, out.handle, victim, request=out.request)
     assert isinstance(failures, dict) and set(failures) == set(NODES[1:]), failures
     assert {f.kind for f in failures.values()} == {FailureKind.REJECTED}
     for name in NODES[1:]:
@@ -442,5 +458,49 @@ def test_every_node_of_a_secure_sum_prepares_its_input_alike(nodes: Any) -> None
         assert any("differently from the round's parameters" in r for r in reasons), reasons
     # Honest: the same request at every node sums all four (1 + 2 + 3 + 4 in each entry).
     fresh = fed.all().map("train")
-    total = _per_node_secure_sum(fed, fresh.handle, dict.fromkeys(NODES, 10.0))
+    total = _per_node_secure_sum(
+        fed, fresh.handle, dict.fromkeys(NODES, 10.0), request=fresh.request
+    )
     np.testing.assert_allclose(total, np.full(4, 10.0), atol=1e-3)
+
+
+def test_every_node_of_a_secure_sum_computed_its_input_from_the_same_request(nodes: Any) -> None:
+    fleet, fed, _ = nodes
+
+    # Hostile, before the sum: every node but n0 trains with a learning rate of ~0 (0 itself
+    # is refused; 1e-12 makes the update 0 but for rounding, the DP-SGD noise that lr scales
+    # included), n0 with the real one; all keep the result under one handle, and the round
+    # states n0's request.
+    def request(lr: float) -> dict[str, Any]:
+        return {**LEARN_WEIGHTS, "dp": PLAN_DP, "lr": lr}
+
+    tasks = [
+        Task(
+            node_id=n,
+            name=TRAIN,
+            payload=encode(request(0.5 if n == "n0" else 1e-12)),
+            task_id=f"split/{n}",
+            keep_as="split",
+        )
+        for n in NODES
+    ]
+    result = fed.engine.dispatch(tasks, deadline_s=60)
+    assert set(result.replies) == set(NODES), result.failures
+    victim = request_digest(TRAIN, encode(request(0.5)))
+    everyone = dict.fromkeys(NODES, 10.0)
+    failures = _per_node_secure_sum(
+        fed, "split", everyone, request=victim, fields=("d/W", "d/b"), length=10
+    )
+    assert isinstance(failures, dict) and set(failures) == set(NODES[1:]), failures
+    assert {f.kind for f in failures.values()} == {FailureKind.REJECTED}
+    assert all("request digest mismatch" in f.detail for f in failures.values())
+    for name in NODES[1:]:
+        reasons = fleet.refusals(name, "shoal.secagg.masked_input")
+        assert any("request digest mismatch" in r for r in reasons), reasons
+    assert not fleet.refusals("n0", "shoal.secagg.masked_input")
+    # Honest: one request at every node (one map), its digest in the round: the sum works.
+    out = fed.all().map(TRAIN, **request(0.5))
+    total = _per_node_secure_sum(
+        fed, out.handle, everyone, request=out.request, fields=("d/W", "d/b"), length=10
+    )
+    assert isinstance(total, np.ndarray) and total.shape == (10,) and np.all(np.isfinite(total))

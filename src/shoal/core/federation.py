@@ -23,6 +23,7 @@ from shoal.core.values import FieldSpec, NodeValues
 from shoal.errors import ConfigError, NotEnoughNodes, ShoalError, WireError
 from shoal.runtime import SEND_KEY, SENT_PREFIX, Engine, Failure, FailureKind, Task
 from shoal.runtime.audit import AuditEntry, AuditTrail, MemoryAuditLog
+from shoal.runtime.request import request_digest
 from shoal.wire import decode, encode
 
 __all__ = ["Broadcast", "Federation", "NodeGroup", "Traffic"]
@@ -337,13 +338,18 @@ class NodeGroup:
         fewer than ``min_nodes`` (default: the federation's) succeed; the failures of the
         others are reported on the returned values.
         """
-        common: Mapping[str, Any] | Broadcast
+        common: Broadcast
         if send:
             values = {**values, SEND_KEY: list(send)}
         if broadcast is not None and values:
-            common = {**broadcast.values, **values}
+            merged = {**broadcast.values, **values}
+            common = Broadcast(values=merged, encoded=encode(merged))
+        elif broadcast is not None:
+            common = broadcast
         else:
-            common = broadcast if broadcast is not None else values
+            common = Broadcast(values=values, encoded=encode(values))
+        # Every node gets these bytes: the digest each holder keeps with its value.
+        request = request_digest(task, common.encoded)
         handle = f"v{next(self.federation._sequence)}"
         elapsed: dict[str, float] = {}
         replies, failures = self.federation._dispatch(
@@ -398,6 +404,7 @@ class NodeGroup:
             failures=failures,
             sent=sent,
             elapsed={n: elapsed[n] for n in succeeded if n in elapsed},
+            request=request,
         )
 
 

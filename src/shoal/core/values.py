@@ -92,8 +92,12 @@ class NodeValues:
         exclusions: dict[str, str] | None = None,
         sent: Mapping[str, Mapping[str, Any]] | None = None,
         elapsed: Mapping[str, float] | None = None,
+        request: str | None = None,
     ) -> None:
         self.federation = federation
+        # The digest of the request every holder's value came from (runtime/request.py): a
+        # secure sum states it, and each node checks its own value's before masking.
+        self.request = request
         self.handle = handle
         self._node_ids = tuple(node_ids)
         self._specs = specs
@@ -174,6 +178,7 @@ class NodeValues:
             fields=tuple(fields),
             exclusions=self._exclusions,
             sent=self._sent,
+            request=self.request,
         )
 
     def spec(self, node_id: str, field: str) -> FieldSpec:
@@ -194,6 +199,7 @@ class NodeValues:
             fields=self._fields,
             exclusions=self._exclusions,
             sent=self._sent,
+            request=self.request,
         )
 
     def to(

@@ -31,11 +31,13 @@ from shoal.learn.tasks import (
     MAX_STALENESS,
     TRAIN,
     UPLOAD,
+    buffered_rule,
     encode_weights,
     staleness_weight,
     unprefixed,
 )
 from shoal.privacy.plans import NodeDP, NoPrivacy
+from shoal.wire import decode
 
 __all__ = ["FedBuff", "staleness_weight"]
 
@@ -52,6 +54,7 @@ class _Flight:
     busy: set[str] = field(default_factory=set)
     sequence: int = 0
     broadcast: tuple[int, Broadcast] | None = None
+    rule: str | None = None  # buffered_rule of the training requests (every version's)
     losses: list[tuple[float, int]] = field(default_factory=list)  # (mean, nodes) per wave
 
 
@@ -213,6 +216,8 @@ class FedBuff(Algorithm):
             **extra,
         )
         flight.broadcast = (state.round, broadcast)
+        if flight.rule is None:  # the same for every version: computed once per run
+            flight.rule = buffered_rule(decode(broadcast.encoded))
         return broadcast
 
     def _step(
@@ -237,6 +242,9 @@ class FedBuff(Algorithm):
         out = NodeGroup(fed, buffer).map(
             UPLOAD, version=state.round, send=fields if clear else (), min_nodes=1
         )
+        # Each upload is the value its node's training produced: a secure sum of the buffer
+        # fixes the training requests' rule, which every node checks before masking.
+        out.request = flight.rule
         aggregated = out.select(*fields).aggregate(aggregator)
         if not isinstance(aggregated, dict):  # a single-array model comes back unnamed
             aggregated = {fields[0]: aggregated}

@@ -32,7 +32,8 @@ from shoal.privacy.plans import (
     unclipped_indicator,
 )
 from shoal.privacy.stages import add_node_noise
-from shoal.runtime import NodeApp, TaskContext, TaskSpec
+from shoal.runtime import SEND_KEY, NodeApp, TaskContext, TaskSpec
+from shoal.runtime.request import rule_digest
 
 __all__ = [
     "DOWNLINK_BITS",
@@ -41,6 +42,7 @@ __all__ = [
     "TRAIN",
     "UPLOAD",
     "LocalData",
+    "buffered_rule",
     "decode_weights",
     "encode_weights",
     "learning_app",
@@ -297,7 +299,11 @@ def learning_tasks(
             # The delta waits here, never in the kept result, so that exactly one copy of it
             # can ever leave: the one upload takes, weighted by its staleness.
             ctx.state[PENDING_STATE] = _Pending(
-                delta=out, version=terms[0], noise=ctx.noise, spec=terms[1]
+                delta=out,
+                version=terms[0],
+                noise=ctx.noise,
+                spec=terms[1],
+                request=buffered_rule(payload),
             )
             public = {"n": result.examples, "steps": result.steps}
             if "loss" in out:
@@ -331,6 +337,8 @@ def learning_tasks(
             )
         weight = staleness_weight(staleness, float(pending.spec["exponent"]))
         ctx.noise = pending.noise  # the privacy charge made for training binds the release
+        # The upload is the training's value: a secure sum checks the training request.
+        ctx.request = pending.request
         return {k: v * weight for k, v in pending.delta.items() if k.startswith("d/")}
 
     def evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -376,6 +384,32 @@ class _Pending:
     version: int
     noise: Any
     spec: Mapping[str, Any]
+    request: str  # buffered_rule of the training request
+
+
+# What differs between the training requests of one FedBuff run: the model version's weights
+# (however encoded), the round's seed and the version number. Nodes of one buffer trained on
+# different versions, so the digest a secure sum of the buffer fixes leaves these out.
+_VERSIONED = ("w/", "wq/")
+
+
+def buffered_rule(payload: Mapping[str, Any]) -> str:
+    """The digest of a buffered training request without its version-specific parts: every
+    update of one secure sum over a FedBuff buffer must come from the same rule (learning
+    rate, epochs, batch size, step cap, DP request, staleness terms), whichever model
+    version it trained on (runtime/request.py)."""
+    rule = {
+        k: v
+        for k, v in payload.items()
+        if not k.startswith(_VERSIONED) and k not in ("seed", SEND_KEY)
+    }
+    buffered = rule.get("buffered")
+    if isinstance(buffered, Mapping):
+        rule["buffered"] = {k: v for k, v in buffered.items() if k != "version"}
+    try:
+        return rule_digest(TRAIN, rule)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"a buffered training request holds a non-JSON setting: {exc}") from None
 
 
 def _buffer_terms(buffered: Any) -> tuple[int, dict[str, Any]]:

@@ -31,6 +31,7 @@ from shoal.errors import (
 from shoal.runtime.engine import Buffer
 from shoal.runtime.nodestate import NODE_STATE_KEY, NodeState
 from shoal.runtime.policy import ReleasePolicy, Use
+from shoal.runtime.request import request_digest
 from shoal.wire import WireLimits, decode, encode
 
 __all__ = [
@@ -61,7 +62,17 @@ SENT_PREFIX = "sent/"
 class TaskContext:
     """What a task sees of its node: its id, private data, persistent state and randomness."""
 
-    __slots__ = ("_data", "_load", "_rng", "_seed", "node_id", "noise", "state", "task_id")
+    __slots__ = (
+        "_data",
+        "_load",
+        "_rng",
+        "_seed",
+        "node_id",
+        "noise",
+        "request",
+        "state",
+        "task_id",
+    )
 
     def __init__(
         self,
@@ -81,6 +92,9 @@ class TaskContext:
         self._seed = seed
         self._rng: np.random.Generator | None = None
         self.noise: NoiseBinding | None = None
+        # The digest a kept result carries (runtime/request.py): by default the request's
+        # own; a task whose result comes from an earlier request (FedBuff's upload) sets it.
+        self.request: str | None = None
 
     @property
     def node_state(self) -> NodeState:
@@ -188,14 +202,21 @@ class TaskSpec:
 class _Held:
     """A result kept at the node, with the policy and noise binding of the task behind it."""
 
-    __slots__ = ("noise", "noised_once", "policy", "summed", "values")
+    __slots__ = ("noise", "noised_once", "policy", "request", "summed", "values")
 
     def __init__(
-        self, values: dict[str, Any], policy: ReleasePolicy, noise: NoiseBinding | None
+        self,
+        values: dict[str, Any],
+        policy: ReleasePolicy,
+        noise: NoiseBinding | None,
+        request: str | None = None,
     ) -> None:
         self.values = values
         self.policy = policy
         self.noise = noise
+        # The digest of the request that produced the value (runtime/request.py): a secure
+        # sum states the digest every participant's value must carry.
+        self.request = request
         self.noised_once = False
         # Fields that entered a secure sum: a second sum over another group would give
         # this node's value away as the difference of the two sums.
@@ -343,7 +364,9 @@ class NodeApp:
                 if not policy.all_clear:
                     _check_clear(policy, tuple(result), ctx.noise, "a direct reply")
                 return self._encode(name, result)
-            receipt = _keep(ctx, keep_as, _Held(dict(result), policy, ctx.noise), self.max_kept)
+            request = ctx.request or request_digest(name, payload)
+            held = _Held(dict(result), policy, ctx.noise, request)
+            receipt = _keep(ctx, keep_as, held, self.max_kept)
             if send:
                 fields = [f for f in send if f in result]
                 if not policy.all_clear:
@@ -429,6 +452,7 @@ def read_held(
     noise_std: float | None = None,
     role: str | None = None,
     group: int | None = None,
+    request: str | None = None,
 ) -> dict[str, Any]:
     """The one way node-side code reads a value the node holds, checked against its policy.
 
@@ -440,10 +464,20 @@ def read_held(
     is the number of participants of the secure sum as the node's own protocol state lists
     them (never the coordinator's claim): a noise share is checked against it. A value whose
     charge bound noise the task did not add in full enters a secure sum only with that
-    noise, whatever its fields' kind. Raises ReleaseRefused (with the reason) or TaskError
-    (no such value or field).
+    noise, whatever its fields' kind. ``request``: for ``"secure"``, the digest of the
+    producing request that the secure sum's parameters state for every participant; a value
+    produced by another request does not enter the sum. Raises ReleaseRefused (with the
+    reason) or TaskError (no such value or field).
     """
     held = _held(ctx, handle)
+    if use == "secure" and held.request is not None and request != held.request:
+        raise ReleaseRefused(
+            f"request digest mismatch: value {handle!r} was produced by a request with digest "
+            f"{held.request[:16]}..., but the secure sum's parameters state "
+            f"{(request or 'none')[:16]}...: the participants computed their inputs from "
+            "different requests (a coordinator could otherwise send every other node a "
+            "request that makes its input zero and read this node's value as the sum)"
+        )
     values = held.values
     try:
         out = {f: values[f] for f in fields}

@@ -73,7 +73,17 @@ def _held_vector(ctx: Any, payload: Mapping[str, Any], group: int) -> np.ndarray
             kind, value = "noise_std", float(value) / np.sqrt(max(group, 1))
         transforms.append((kind, float(value)))
     clip, noise_std = _effective_noise(transforms)
-    kept = read_held(ctx, handle, fields, use="secure", clip=clip, noise_std=noise_std, group=group)
+    request = payload.get("request")
+    kept = read_held(
+        ctx,
+        handle,
+        fields,
+        use="secure",
+        clip=clip,
+        noise_std=noise_std,
+        group=group,
+        request=request if isinstance(request, str) else None,
+    )
     parts = [rules.as_float(kept[f]).ravel() for f in fields]  # float32 stays float32
     vector = np.concatenate(parts) if len(parts) > 1 else parts[0]
     if not rules.all_finite(vector):
@@ -184,6 +194,9 @@ class SecureSum(Reducer):
             "clip": float(value_range),
             "transforms": transforms,
         }
+        if values.request is not None:
+            # Every participant's value must come from this one request (checked at each).
+            extra["request"] = values.request
         params = SecAggParams.create(
             holders,
             vector_length=vector_length,

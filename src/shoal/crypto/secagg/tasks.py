@@ -89,21 +89,33 @@ def kept_input(ctx: Any, payload: Mapping[str, Any], group: int) -> Any:
         raise TaskError(
             f"{MASKED_INPUT_TASK} needs 'handle' and 'field' naming the value the node kept"
         )
-    return read_held(ctx, handle, [name], use="secure", group=group)[name]
+    request = payload.get("request")
+    return read_held(
+        ctx,
+        handle,
+        [name],
+        use="secure",
+        group=group,
+        request=request if isinstance(request, str) else None,
+    )[name]
 
 
 # The masked-input request's entries that say how a node reads and prepares its input.
-_INPUT_KEYS = ("handle", "field", "fields", "clip", "transforms")
+# "request" is the digest of the request that produced the value (runtime/request.py).
+_INPUT_KEYS = ("handle", "field", "fields", "clip", "transforms", "request")
 
 
 def input_context(payload: Mapping[str, Any]) -> str:
     """How a masked-input request tells a node to read and prepare its input (the value
-    kept, its fields, the clip and node transforms), as one canonical text.
+    kept, the digest of the request that produced it, its fields, the clip and node
+    transforms), as one canonical text.
 
     The coordinator fixes it in the round's parameters (``SecAggParams.context``), which
     every pair's keys depend on, and each node refuses a request that differs from it: so
     no participant can be told to clip its input to zero or read another field while the
-    others sum theirs, which would make the "sum" one node's value.
+    others sum theirs, which would make the "sum" one node's value. The request digest
+    extends that to before the sum: a node whose value came from another request (a zero
+    learning rate, a query selecting no row) refuses to mask it.
     """
     chosen = {k: payload[k] for k in _INPUT_KEYS if k in payload}
     try:
