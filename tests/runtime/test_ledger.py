@@ -13,6 +13,7 @@ from shoal.privacy import NodeBudget
 from shoal.privacy.guard import DPRequest, budget_guard
 from shoal.runtime import FETCH_TASK, NodeApp, TaskContext, open_node_state, read_held
 from shoal.runtime.nodestate import NODE_STATE_KEY
+from shoal.runtime.request import request_digest
 from shoal.wire import decode, encode
 
 REQUEST = DPRequest(clip=1.0, noise_multiplier=1.0, sample_rate=1.0, steps=1, level="node")
@@ -78,20 +79,34 @@ ONE_SPENT = (
 def test_the_release_must_carry_the_noise_the_charge_assumed() -> None:
     app, state = make_app(), {}
     _, ctx = train(app, state, "r1", node_noise_multiplier=0.5)  # its share: std 0.5 * clip 1
+    # The secure sum states the producing request's digest (checked before the noise).
+    made_by = request_digest(
+        "train", encode({"dp": {**REQUEST.to_json(), "node_noise_multiplier": 0.5}})
+    )
     # Into a secure sum the share is checked against the group the node itself sees: 0.5 is
     # enough for 4 participants (1 / sqrt(4)), not for 2, however many the request claimed.
     with pytest.raises(ReleaseRefused, match="less noise than it charged"):
-        read_held(ctx, "r1", ["delta"], use="secure", clip=1.0, noise_std=0.5, group=2)
+        read_held(
+            ctx, "r1", ["delta"], use="secure", request=made_by, clip=1.0, noise_std=0.5, group=2
+        )
     with pytest.raises(ReleaseRefused, match="less noise than it charged"):
-        read_held(ctx, "r1", ["delta"], use="secure", clip=1.0, noise_std=0.1, group=4)
+        read_held(
+            ctx, "r1", ["delta"], use="secure", request=made_by, clip=1.0, noise_std=0.1, group=4
+        )
     with pytest.raises(ReleaseRefused, match="less noise than it charged"):
-        read_held(ctx, "r1", ["delta"], use="secure", clip=2.0, noise_std=0.5, group=4)
+        read_held(
+            ctx, "r1", ["delta"], use="secure", request=made_by, clip=2.0, noise_std=0.5, group=4
+        )
     with pytest.raises(ReleaseRefused, match="with the clip and noise"):  # never plain
         app.handle(ctx, FETCH_TASK, encode({"handle": "r1", "fields": ["delta", "n"]}))
-    got = read_held(ctx, "r1", ["delta"], use="secure", clip=1.0, noise_std=0.5, group=4)
+    got = read_held(
+        ctx, "r1", ["delta"], use="secure", request=made_by, clip=1.0, noise_std=0.5, group=4
+    )
     assert got["delta"].shape == (4,)
     with pytest.raises(ReleaseRefused, match="second noisy sample"):
-        read_held(ctx, "r1", ["delta"], use="secure", clip=1.0, noise_std=0.5, group=4)
+        read_held(
+            ctx, "r1", ["delta"], use="secure", request=made_by, clip=1.0, noise_std=0.5, group=4
+        )
 
 
 def _race(app: NodeApp, state: dict[str, Any], prefix: str, count: int) -> list[str]:

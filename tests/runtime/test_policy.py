@@ -26,6 +26,7 @@ from shoal.runtime import (
     read_held,
 )
 from shoal.runtime.app import KEPT_STATE_KEY
+from shoal.runtime.request import request_digest
 from shoal.wire import decode, encode
 
 POLICY = {
@@ -178,14 +179,15 @@ def test_fetch_releases_clear_fields_and_refuses_the_rest() -> None:
 def test_secure_protocol_input_through_the_checked_accessor() -> None:
     app, ctx = make_app(), ctx_for()
     run(app, ctx, "train", {}, keep_as="v")
-    got = read_held(ctx, "v", ["delta", "n"], use="secure")
+    made_by = request_digest("train", encode({}))  # what the secure sum's parameters state
+    got = read_held(ctx, "v", ["delta", "n"], use="secure", request=made_by)
     np.testing.assert_array_equal(got["delta"], np.full(4, 2.0))
     with pytest.raises(ReleaseRefused, match="into a secure sum"):
-        read_held(ctx, "v", ["enc"], use="secure")
+        read_held(ctx, "v", ["enc"], use="secure", request=made_by)
     with pytest.raises(ReleaseRefused, match="in the clear"):
         read_held(ctx, "v", ["delta"], use="clear")
     with pytest.raises(TaskError, match="no field"):
-        read_held(ctx, "v", ["nope"], use="secure")
+        read_held(ctx, "v", ["nope"], use="secure", request=made_by)
     with pytest.raises(TaskError, match="no longer holds"):
         read_held(ctx, "gone", ["delta"], use="secure")
 

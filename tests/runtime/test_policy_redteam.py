@@ -13,6 +13,7 @@ import pytest
 from shoal.errors import ReleaseRefused
 from shoal.privacy.guard import DPRequest, budget_guard
 from shoal.runtime import FETCH_TASK, NodeApp, TaskContext, read_held
+from shoal.runtime.request import request_digest
 from shoal.wire import decode, encode
 
 SECRET = np.full(4, 0.25)
@@ -32,6 +33,11 @@ def _app(*, level: str = "node") -> NodeApp:
 def _run(app: NodeApp, state: dict[str, Any], task_id: str, name: str, payload: Any, **kw: Any):
     ctx = TaskContext(node_id="n0", state=state, task_id=task_id)
     return decode(app.handle(ctx, name, encode(payload), **kw))
+
+
+def _made_by(payload: Any) -> str:
+    """The digest a secure sum states for a value that "train" produced from ``payload``."""
+    return request_digest("train", encode(payload))
 
 
 def _dp(**over: Any) -> dict[str, Any]:
@@ -70,7 +76,10 @@ def test_the_share_is_enough_inside_a_secure_sum() -> None:
     app, state = _app(), {}
     _run(app, state, "t1", "train", {"dp": _dp(node_noise_multiplier=2.0)}, keep_as="h")
     ctx = TaskContext(node_id="n0", state=state, task_id="t2")
-    got = read_held(ctx, "h", ["delta"], use="secure", clip=1.0, noise_std=2.0, group=4)
+    made_by = _made_by({"dp": _dp(node_noise_multiplier=2.0)})
+    got = read_held(
+        ctx, "h", ["delta"], use="secure", request=made_by, clip=1.0, noise_std=2.0, group=4
+    )
     np.testing.assert_array_equal(got["delta"], SECRET)
 
 
@@ -91,11 +100,21 @@ def test_example_level_with_a_tiny_share_leaves_only_into_a_secure_sum() -> None
     # Nor into a secure sum over the 5 participants the node sees: shares that small never
     # add up to the charged std 4 (it would take 1.6e25 of them).
     with pytest.raises(ReleaseRefused, match="participant"):
-        read_held(ctx, "h3", ["delta"], use="secure", clip=1.0, noise_std=0.0, group=5)
+        read_held(
+            ctx,
+            "h3",
+            ["delta"],
+            use="secure",
+            request=_made_by({"dp": dp}),
+            clip=1.0,
+            noise_std=0.0,
+            group=5,
+        )
     # A share of 2 adds up to std 4 over 4 participants: that secure sum is let in.
     dp2 = _dp(level="example", node_noise_multiplier=2.0)
     _run(app, state, "t7", "train", {"dp": dp2}, keep_as="h7")
-    assert read_held(ctx, "h7", ["delta"], use="secure", group=4)["delta"].shape == (4,)
+    got = read_held(ctx, "h7", ["delta"], use="secure", request=_made_by({"dp": dp2}), group=4)
+    assert got["delta"].shape == (4,)
     # Without a share, example-level noise is the full charged noise: it leaves as it is.
     assert _run(app, state, "t6", "train", {"dp": _dp(level="example")})["n"] == 5
 
