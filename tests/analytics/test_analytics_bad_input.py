@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shoal.analytics import AnalyticsConfig, Party, query
+from shoal.analytics import AnalyticsConfig, Party, Privacy, query
 from shoal.analytics.simulate import federation
 from shoal.cli.main import main
 from shoal.errors import ConfigError, NotEnoughNodes, QueryError
@@ -39,6 +39,54 @@ def test_party_missing_a_column_fails_alone(tmp_path: Path) -> None:
     assert result.rows[0][0] == pytest.approx(want, rel=1e-9)
     with pytest.raises(NotEnoughNodes, match="age"):
         query(federation(config, min_nodes=4), "SELECT AVG(age) FROM visits", config=config)
+
+
+def test_too_few_parties_names_each_one_that_did_not_answer(tmp_path: Path) -> None:
+    import duckdb
+
+    rng = np.random.default_rng(2)
+    fs = Federated(tmp_path, [make_rows(rng, 30, 1000 * i) for i in range(2)], ["duckdb"] * 2)
+    parties = list(fs.parties)
+    for name, schema in (("lacks_age", "ward VARCHAR"), ("lacks_ward", "age DOUBLE")):
+        path = tmp_path / f"{name}.duckdb"
+        con = duckdb.connect(str(path))
+        con.execute(f"CREATE TABLE visits ({schema})")
+        con.close()
+        parties.append(Party(name=name, path=str(path)))
+    config = fs.config(parties=tuple(parties))
+    sql = "SELECT ward, AVG(age) AS a FROM visits GROUP BY ward"
+    for privacy in (None, Privacy(epsilon=1.0)):  # checked before the noise is split
+        with pytest.raises(NotEnoughNodes) as info:
+            query(federation(config), sql, config=config, privacy=privacy)
+        message = str(info.value)
+        assert "only 2 of 4 parties" in message and "min_nodes (3" in message
+        assert "lacks_age:" in message and '"age" not found' in message
+        assert "lacks_ward:" in message and '"ward" not found' in message
+
+
+def test_a_party_failing_after_the_noise_was_split_is_topped_up_centrally(
+    tmp_path: Path,
+) -> None:
+    import duckdb
+
+    rng = np.random.default_rng(4)
+    fs = Federated(tmp_path, [make_rows(rng, 40, 1000 * i) for i in range(3)], ["duckdb"] * 3)
+    # Its columns bind (the check passes), but its ages are text: the statistics task fails.
+    odd = tmp_path / "odd.duckdb"
+    con = duckdb.connect(str(odd))
+    con.execute("CREATE TABLE visits (patient_id INTEGER, ward VARCHAR, age VARCHAR)")
+    con.execute("INSERT INTO visits VALUES (1, 'A', 'old'), (2, 'B', 'young')")
+    con.close()
+    config = fs.config(parties=(*fs.parties, Party(name="odd", path=str(odd))))
+    result = query(
+        federation(config),
+        "SELECT AVG(age) AS a FROM visits",
+        config=config,
+        privacy=Privacy(epsilon=1.0),
+    )
+    assert "holds str values" in result.failures["odd"]
+    assert len(result.parties) == 3
+    assert any("1 of 4 parties dropped out" in n for n in result.notes)
 
 
 def test_nulls_are_ignored_as_sql_does(three: Federated) -> None:

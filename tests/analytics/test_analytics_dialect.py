@@ -62,6 +62,7 @@ def test_parses_every_aggregate_kind() -> None:
         ("SELECT SUM(stay_days) FROM visits", "declare them in [analytics] bounds"),
         ("SELECT AVG(stay_days) FROM visits", "needs bounds for column 'stay_days'"),
         ("SELECT COUNT(*) FROM secrets", "table 'secrets' is not declared"),
+        ("SELECT COUNT(*) FROM patients", "reads the job's table 'visits'"),
         ("SELECT COUNT(*) FROM read_csv('/etc/passwd')", "table functions are refused"),
         ("SELECT COUNT(*) FROM (SELECT * FROM visits) t", "subqueries and table functions"),
         ("SELECT COUNT(*) FROM visits WHERE age IN (SELECT 1)", "subqueries are not"),
@@ -92,3 +93,13 @@ def test_party_sql_reads_only_what_the_query_needs() -> None:
     sql = plan.party_sql(CONFIG, "sqlite")
     assert "ward AS k0" in sql and "age AS c0" in sql and "WHERE cost > 3" in sql
     assert "cost AS" not in sql
+
+
+def test_the_privacy_unit_is_read_from_the_jobs_table_in_a_join() -> None:
+    config = AnalyticsConfig(table="visits", privacy_unit="patient_id", join_tables=("patients",))
+    # Both tables hold patient_id: a bare name would be ambiguous at the party.
+    for sql, unit in (
+        ("SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id = p.patient_id", "v"),
+        ("SELECT COUNT(*) FROM patients JOIN visits USING (patient_id)", "visits"),
+    ):
+        assert f"{unit}.patient_id AS u" in parse(sql, config).party_sql(config, "duckdb")

@@ -113,6 +113,19 @@ def test_join_inside_each_party(joined: Federated) -> None:
     config = joined.config(categories={"sex": ["F", "M"]})
     result = query(federation(config), sql, config=config)
     assert_same(result.rows, joined.duck(sql))
+    # With a privacy unit that both tables hold (capped far above any patient's visits, so
+    # the answer is still exact), through ON and USING, on DuckDB and SQLite parties.
+    config = joined.config(
+        categories={"sex": ["F", "M"]}, privacy_unit="patient_id", max_contributions=1000
+    )
+    result = query(federation(config), sql, config=config)
+    assert result.failures == {}
+    assert_same(result.rows, joined.duck(sql))
+    using = (
+        "SELECT sex, COUNT(*) AS n FROM visits JOIN patients USING (patient_id) "
+        "GROUP BY sex ORDER BY sex"
+    )
+    assert_same(query(federation(config), using, config=config).rows, joined.duck(using))
 
 
 def test_group_by_undeclared_keys_finds_every_group(three: Federated) -> None:

@@ -92,13 +92,28 @@ class Plan:
     def bounds_of(self, column: str) -> str:
         return column.rsplit(".", 1)[-1].strip('"').lower()
 
+    def main_table(self, config: AnalyticsConfig) -> str:
+        """How the query names the job's table: its alias, else its name (the first
+        occurrence, if it is joined to itself)."""
+        from_ = self.source.args.get("from_") or self.source.args.get("from")
+        for src in [from_.this] + [j.this for j in self.source.args.get("joins") or []]:
+            if src.name.lower() == config.table.lower():
+                name: str = src.alias_or_name
+                return name
+        raise QueryError(f"the query must read the job's table: FROM {config.table}")
+
     def party_sql(self, config: AnalyticsConfig, dialect: str) -> str:
         """The SELECT a party runs: key columns, the privacy unit and the value columns."""
         exp = _deps.sqlglot().exp
         select = self.source.copy()
         items = [exp.alias_(_column(k), f"k{i}") for i, k in enumerate(self.keys)]
         if config.privacy_unit is not None:
-            items.append(exp.alias_(_column(config.privacy_unit), "u"))
+            # The unit is a column of the job's table: qualified by its name or alias, since
+            # a joined table often holds the same column (JOIN patients USING (patient_id)
+            # or ON v.patient_id = p.patient_id), where a bare name would be ambiguous.
+            unit = _column(config.privacy_unit)
+            unit.set("table", exp.to_identifier(self.main_table(config)))
+            items.append(exp.alias_(unit, "u"))
         items += [exp.alias_(_column(c), f"c{i}") for i, c in enumerate(self.columns)]
         if not items:
             items = [exp.alias_(exp.Literal.number(1), "one")]
@@ -334,6 +349,11 @@ def _check_tables(select: Any, config: AnalyticsConfig) -> None:
                 f"table {src.name!r} is not declared for this job; it may read "
                 f"{sorted(allowed)} (declare joinable tables as [analytics] join_tables)"
             )
+    if not any(src.name.lower() == config.table.lower() for src in sources):
+        raise QueryError(
+            f"a query reads the job's table {config.table!r} (FROM {config.table}), to which "
+            "its privacy unit and bounds belong; other tables may only be joined to it"
+        )
     for join in select.args.get("joins") or []:
         if join.args.get("on") is not None:
             _check_scalar(join.args["on"], "JOIN ... ON")

@@ -27,6 +27,7 @@ from shoal.errors import DataError, QueryError
 __all__ = [
     "Domain",
     "bounded_rows",
+    "bounded_sql",
     "key_bytes",
     "key_counts",
     "key_from_bytes",
@@ -128,8 +129,9 @@ def _py(column: Any) -> list[Any]:
     return list(column)
 
 
-def bounded_rows(db: Database, plan: Plan, config: AnalyticsConfig) -> dict[str, Any]:
-    """The party's rows for ``plan`` after the contribution bound: columns by name."""
+def bounded_sql(db: Database, plan: Plan, config: AnalyticsConfig) -> str:
+    """The SELECT of the party's rows for ``plan`` with at most ``max_contributions`` rows
+    per privacy unit."""
     sql = plan.party_sql(config, db.dialect)
     if config.privacy_unit is not None:
         # A random subset of each unit's rows (the draw is materialized first: DuckDB
@@ -139,7 +141,12 @@ def bounded_rows(db: Database, plan: Plan, config: AnalyticsConfig) -> dict[str,
             f"AS rn__ FROM (SELECT q__.*, random() AS o__ FROM ({sql}) AS q__) AS r__) AS b__ "
             f"WHERE rn__ <= {int(config.max_contributions)}"
         )
-    names, cols = db.query(sql)
+    return sql
+
+
+def bounded_rows(db: Database, plan: Plan, config: AnalyticsConfig) -> dict[str, Any]:
+    """The party's rows for ``plan`` after the contribution bound: columns by name."""
+    names, cols = db.query(bounded_sql(db, plan, config))
     out: dict[str, Any] = dict(zip([n.lower() for n in names], cols))
     rows = len(cols[0]) if cols else 0
     if rows > config.max_rows:

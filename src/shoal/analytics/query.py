@@ -21,6 +21,7 @@ from shoal.analytics.dialect import Plan, evaluate, parse
 from shoal.analytics.party import Domain, key_from_bytes, key_of
 from shoal.analytics.stats import Block, answer, blocks_for, laplace_scales, scales, unflatten
 from shoal.analytics.tasks import (
+    CHECK_TASK,
     KEYS_TASK,
     STATS_TASK,
     SkellamLayout,
@@ -28,7 +29,7 @@ from shoal.analytics.tasks import (
     secure_range,
     skellam_layout,
 )
-from shoal.errors import AggregationError, QueryError
+from shoal.errors import NotEnoughNodes, QueryError
 
 __all__ = ["QueryResult", "heavy_hitters", "query"]
 
@@ -77,6 +78,7 @@ class _Summer:
         self.privacy = privacy
         self.min_nodes = min_nodes
         self.group = fed.all()
+        self.shares = len(self.group)  # parties the noise of the current sum is split over
         self.failures: dict[str, str] = {}
         self.parties: tuple[str, ...] = ()
         self.notes: list[str] = []
@@ -96,21 +98,18 @@ class _Summer:
         priv = self.privacy
         payload = dict(payload)
         epsilon = payload.pop("epsilon", None)
-        payload["privacy"] = (
-            None
-            if priv is None
-            else {"epsilon": epsilon, "mode": priv.mode, "shares": len(self.group)}
-        )
-        if priv is not None and skellam is not None:
-            payload["privacy"] |= {"noise": "skellam", "delta": priv.delta}
-        values = self.group.map(task, min_nodes=self.min_nodes, **payload)
-        for node, failure in values.failures.items():
-            self.failures[node] = f"{failure.kind.value}: {failure.detail}"
-        if len(values.node_ids) < MIN_PARTIES:
-            raise AggregationError(
-                f"only {len(values.node_ids)} parties answered; a secure sum needs at least "
-                f"{MIN_PARTIES} (with two, each could subtract its own value from the sum)"
-            )
+        group = self.group
+        if priv is not None and priv.mode == "distributed":
+            # The noise is split over the parties that will be in the sum, and each adds its
+            # share before the coordinator learns who failed: so first ask every party
+            # whether it can answer (its tables and columns, its owner's rules and budget),
+            # charging and reading nothing, and split the noise over those that can. A party
+            # whose owner requires DP refuses a sum with fewer members than shares.
+            check = {**payload, "task": task, "privacy": self._privacy(epsilon, 0, skellam)}
+            group = self.fed.group(self._map(group, CHECK_TASK, check).node_ids)
+        self.shares = len(group)
+        payload["privacy"] = self._privacy(epsilon, self.shares, skellam)
+        values = self._map(group, task, payload)
         # Small federations tolerate no dropout inside the secure sum (SecAgg+ needs
         # 2D + 1 neighbours to survive D); from 5 parties on, a tenth may drop out.
         dropouts = 0.1 if len(values.node_ids) >= 5 else 0.0
@@ -133,7 +132,7 @@ class _Summer:
         rng = np.random.default_rng()  # OS entropy: the noise must stay unknown
         if priv.mode == "central":
             return total + rng.laplace(0.0, laplace)
-        shares, survivors = len(self.group), len(reduced.node_ids)
+        shares, survivors = self.shares, len(reduced.node_ids)
         if survivors < shares:
             # Fewer noise shares than planned reached the sum: top the noise up to the full
             # Laplace here (that part is central noise), and say so.
@@ -147,10 +146,42 @@ class _Summer:
                 self.notes.append(note)
         return total
 
+    def _privacy(
+        self, epsilon: Any, shares: int, skellam: SkellamLayout | None
+    ) -> dict[str, Any] | None:
+        priv = self.privacy
+        if priv is None:
+            return None
+        out: dict[str, Any] = {"epsilon": epsilon, "mode": priv.mode, "shares": max(shares, 1)}
+        if skellam is not None:
+            out |= {"noise": "skellam", "delta": priv.delta}
+        return out
+
+    def _map(self, group: Any, task: str, payload: dict[str, Any]) -> Any:
+        """Run ``task`` at ``group``; every party that fails is recorded with its reason, and
+        too few answering is an error that names each of them."""
+        values = group.map(task, min_nodes=0, **payload)
+        for node, failure in values.failures.items():
+            self.failures[node] = f"{failure.kind.value}: {failure.detail}"
+        answered = len(values.node_ids)
+        needed = max(self.min_nodes or self.fed.min_nodes, MIN_PARTIES)
+        if answered < needed:
+            reasons = "; ".join(
+                f"{node}: {reason.strip().splitlines()[0][:300]}"
+                for node, reason in self.failures.items()
+            )
+            raise NotEnoughNodes(
+                f"only {answered} of {len(self.group)} parties can answer this query, fewer "
+                f"than min_nodes ({needed}; a secure sum needs at least {MIN_PARTIES}, since "
+                "with two each could subtract its own value from the sum)"
+                + (f". Parties that did not answer: {reasons}" if reasons else "")
+            )
+        return values
+
     def _skellam_total(self, ints: np.ndarray, layout: SkellamLayout) -> np.ndarray:
         from shoal.privacy import skellam_noise
 
-        shares, survivors = len(self.group), len(self.parties)
+        shares, survivors = self.shares, len(self.parties)
         if survivors < shares:  # as for Laplace: top the missing shares up here, and say so
             rng = np.random.default_rng()  # OS entropy
             ints = ints + skellam_noise(
@@ -426,7 +457,7 @@ def _assemble(
         order.sort(key=lambda r: _sort_key(out_rows[r][j]), reverse=desc)
     if plan.limit is not None:
         order = order[: plan.limit]
-    disclosed = _disclosed(plan, config, blocks, stats, n, dp=dp)
+    disclosed = _disclosed(plan, config, blocks, stats, n, draws=draws)
     return (
         tuple(names),
         tuple(out_rows[r] for r in order),
@@ -497,9 +528,12 @@ def _disclosed(
     stats: Mapping[str, np.ndarray],
     n: int,
     *,
-    dp: bool,
+    draws: Mapping[str, np.ndarray] | None,
 ) -> dict[str, Any]:
-    """What the answer discloses beyond its cells: bounds, clamping, NULLs, dropped rows."""
+    """What the answer discloses beyond its cells: bounds, clamping, NULLs, dropped rows;
+    under DP (``draws``: simulated re-draws of the noise) the NULL counts are noisy and
+    carry their standard error."""
+    dp = draws is not None
     out: dict[str, Any] = {
         "max_contributions": config.max_contributions,
         "privacy_unit": config.privacy_unit,
@@ -511,10 +545,12 @@ def _disclosed(
         if name in config.bounds:
             entry["bounds"] = list(config.bounds[name])
         nulls = stats.get(f"nulls:c{i}")
-        if nulls is not None:
-            entry["null_rows_ignored"] = (
-                float(nulls[:n, 0].sum()) if dp else round(float(nulls[:, 0].sum()))
-            )
+        if nulls is not None and draws is not None:
+            entry["null_rows_ignored"] = float(nulls[:n, 0].sum())
+            spread = _spread(draws[f"nulls:c{i}"][:, :n, 0].sum(axis=1))
+            entry["null_rows_ignored_error"] = spread
+        elif nulls is not None:
+            entry["null_rows_ignored"] = round(float(nulls[:, 0].sum()))
         clamped = stats.get(f"clamped:c{i}")
         if clamped is not None:
             entry["values_clamped"] = round(float(clamped[:, 0].sum()))

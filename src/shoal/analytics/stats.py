@@ -23,6 +23,10 @@ __all__ = ["Block", "Stats", "answer", "blocks_for", "laplace_scales", "local_st
 # Under DP the count of NULLs each column ignores is released too, with this weight in the
 # split of epsilon (the main blocks weigh 1 each): disclosed, but not at the answer's cost.
 NULL_WEIGHT = 0.05
+# Under DP a quantile's rank is placed by the column's noisy count (the histogram's own sum
+# carries every bin's noise): a small weight suffices, as a count's noise is far below that
+# of the cumulative bins it is compared with.
+QUANTILE_N_WEIGHT = 0.25
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ def blocks_for(plan: Plan, config: AnalyticsConfig, *, dp: bool) -> tuple[Block,
     """The statistics a query needs, in a fixed order both parties and coordinator derive."""
     kinds: dict[int, set[str]] = {}
     hist_bins: dict[int, set[int]] = {}
+    quantiled: set[int] = set()
     col_index = {c: i for i, c in enumerate(plan.columns)}
     want_rows = not dp
     for agg in plan.aggregates:
@@ -75,6 +80,7 @@ def blocks_for(plan: Plan, config: AnalyticsConfig, *, dp: bool) -> tuple[Block,
             need |= {"n", "s1", "s2"}
         elif agg.kind == "quantile":
             hist_bins.setdefault(i, set()).add(config.bins)
+            quantiled.add(i)
         elif agg.kind == "histogram":
             assert agg.bins is not None
             hist_bins.setdefault(i, set()).add(agg.bins)
@@ -96,6 +102,8 @@ def blocks_for(plan: Plan, config: AnalyticsConfig, *, dp: bool) -> tuple[Block,
                 need |= {"n", "s1"}
         if "n" in need or not dp:
             blocks.append(Block("n", i, 1, 1.0, 1.0))
+        elif i in quantiled:
+            blocks.append(Block("n", i, 1, 1.0, QUANTILE_N_WEIGHT))
         if "s1" in need or (not dp and "sum" in need):
             blocks.append(Block("s1", i, 1, r, 1.0))
         if "s2" in need:
@@ -241,7 +249,11 @@ def answer(
             return stats[f"hist:c{i}:{agg.bins}"]
         lo, hi = _bounds(plan, config, i)
         if agg.kind == "quantile":
-            return quantile_from_hist(stats[f"hist:c{i}:{config.bins}"], agg.q or 0.0, lo, hi)
+            hist = stats[f"hist:c{i}:{config.bins}"]
+            if not dp:
+                return quantile_from_hist(hist, agg.q or 0.0, lo, hi)
+            count = np.maximum(stats[f"n:c{i}"][..., 0], 1.0)
+            return quantile_from_hist(hist, agg.q or 0.0, lo, hi, total=count)
         c, r = (lo + hi) / 2.0, (hi - lo) / 2.0
         if agg.kind == "sum":
             if f"sum:c{i}" in stats:
@@ -265,13 +277,24 @@ def answer(
         return np.sqrt(var) if agg.kind.startswith("stddev") else var
 
 
-def quantile_from_hist(hist: np.ndarray, q: float, lo: float, hi: float) -> np.ndarray:
+def quantile_from_hist(
+    hist: np.ndarray, q: float, lo: float, hi: float, *, total: np.ndarray | None = None
+) -> np.ndarray:
     """PERCENTILE_CONT(q) from bin counts: the two order statistics it interpolates are
-    placed at their bins' midpoints, so an exact histogram answers within half a bin."""
-    h = np.maximum(hist, 0.0)
+    placed at their bins' midpoints, so an exact histogram answers within half a bin.
+
+    Noisy (DP) counts pass ``total``, the number of values counted apart: the rank is placed
+    by it, and found where the cumulative noisy counts, negative bins included, first pass
+    it. Clipping negative bins to 0 would add about half the noise scale per bin, which over
+    many empty bins outweighs the rows and pulls every quantile to the middle of the bounds.
+    """
+    if total is None:
+        h = np.maximum(hist, 0.0)
+        total = h.sum(axis=-1)
+    else:
+        h = hist
     bins = h.shape[-1]
     width = (hi - lo) / bins
-    total = h.sum(axis=-1)
     pos = q * np.maximum(total - 1.0, 0.0)
     k = np.floor(pos)
     frac = pos - k

@@ -19,7 +19,7 @@ import numpy as np
 
 from shoal.analytics.config import AnalyticsConfig
 from shoal.analytics.dialect import parse
-from shoal.analytics.party import Domain, key_counts, party_stats
+from shoal.analytics.party import Domain, bounded_sql, key_counts, party_stats
 from shoal.analytics.sketch import SketchShape, sketch
 from shoal.analytics.source import Database
 from shoal.analytics.stats import Block, blocks_for, flatten, laplace_scales, scales, skellam_steps
@@ -34,6 +34,7 @@ from shoal.privacy.accounting import Mechanism
 from shoal.privacy.guard import charge_owner, owner_budget
 
 __all__ = [
+    "CHECK_TASK",
     "KEYS_TASK",
     "STATS_TASK",
     "NodePolicy",
@@ -50,6 +51,7 @@ __all__ = [
 
 STATS_TASK = "shoal.analytics.stats"
 KEYS_TASK = "shoal.analytics.keys"
+CHECK_TASK = "shoal.analytics.check"  # can this party answer? (reads no row, charges nothing)
 # The secure sum carries each statistic divided by its public bound (see stats.scales), so
 # every coordinate lies in [-1, 1]; the range leaves room for the node's noise share.
 VALUE_RANGE = 2.0
@@ -123,13 +125,15 @@ def _charge(
     *,
     skellam_d2: float | None = None,
     levels: int = 1,
+    check_only: bool = False,
 ) -> float | None:
     """Decline what the owner does not allow, and charge a DP request to the ledger.
 
     ``skellam_d2``: the task can add Skellam noise, at this L2 sensitivity (None: Laplace
     only, and a Skellam request is refused). ``levels``: a Laplace release in that many
     parts of epsilon / levels each (key selection's tree levels), charged as that many
-    steps. Returns the epsilon charged in total (None if exact)."""
+    steps. ``check_only``: decline as the charge would, but record nothing. Returns the
+    epsilon charged in total (None if exact)."""
     if privacy is None:
         if policy.require_dp:
             raise PrivacyBudgetExceeded(
@@ -165,6 +169,11 @@ def _charge(
     if policy.max_epsilon is not None:
         # The owner's one ledger, shared with training and durable with a node state file.
         budget = owner_budget(ctx, max_epsilon=policy.max_epsilon, max_delta=policy.max_delta)
+        if check_only:
+            budget.check(
+                sample_rate=1.0, noise_multiplier=multiplier, steps=levels, mechanism=mechanism
+            )
+            return epsilon
         charge_owner(
             ctx,
             budget,
@@ -174,7 +183,7 @@ def _charge(
             steps=levels,
             mechanism=mechanism,
         )
-    else:
+    elif not check_only:
         ledger = ctx.state.setdefault(LEDGER_STATE, PrivacyLedger())
         ledger.record(
             sample_rate=1.0, noise_multiplier=multiplier, steps=levels, mechanism=mechanism
@@ -401,10 +410,32 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             return _keep(vector, limit=secure_range(scale), exact=False)
         return _keep(vector, limit=1.0, exact=True)
 
+    def check_task(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        """Whether this party can answer a STATS_TASK or KEYS_TASK request: declined as that
+        task would decline it (owner's rules, budget; nothing is charged), and its query
+        bound against the database (every table and column it reads; no row is read). The
+        answer is empty: that it succeeded is all the coordinator learns."""
+        config, plan, privacy, db = _request(ctx, payload, policy)
+        of = payload.get("task")
+        if of == KEYS_TASK:
+            if not plan.keys:
+                raise QueryError("key selection needs a GROUP BY")
+            levels = sketch_shape(config, payload.get("seed")).levels
+            _charge(ctx, policy, privacy, levels=levels, check_only=True)
+        elif of == STATS_TASK:
+            blocks = blocks_for(plan, config, dp=privacy is not None)
+            d2 = skellam_steps(blocks, config)[1]
+            _charge(ctx, policy, privacy, skellam_d2=d2, check_only=True)
+        else:
+            raise TaskError(f"a check names the task it is for ({STATS_TASK} or {KEYS_TASK})")
+        db.query(f"SELECT * FROM ({bounded_sql(db, plan, config)}) AS check__ LIMIT 0")
+        return {}
+
     from shoal.runtime import TaskSpec
 
     release = release_policy(policy)
     return {
         STATS_TASK: TaskSpec(stats_task, release=release),
         KEYS_TASK: TaskSpec(keys_task, release=release),
+        CHECK_TASK: TaskSpec(check_task, release=release),
     }
