@@ -163,6 +163,13 @@ def test_cli_query_writes_json(
     assert data["mode"] == "exact" and "error" not in data
     assert main(["query", "--job", str(job), "--sql", "SELECT age FROM visits"]) == 2
     assert "row-level output is refused" in capsys.readouterr().err
+    # One query refused does not cost the next its answer.
+    argv = ["query", "--job", str(job), "--exact", "--json", str(out)]
+    assert main([*argv, "--sql", "SELECT age FROM visits", "--sql", sql]) == 2
+    refused, answered = json.loads(out.read_text())
+    assert refused["sql"] == "SELECT age FROM visits" and "QueryError" in refused["failed"]
+    assert answered["sql"] == sql and len(answered["rows"]) == 4
+    assert "query 1 (SELECT age FROM visits) failed" in capsys.readouterr().err
 
 
 def test_cli_skellam_job_and_node_db_arguments(

@@ -144,7 +144,7 @@ def load_analytics_job(path: str | Path) -> tuple[Any, Any, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shoal.analytics import Privacy, query
+    from shoal.analytics import Privacy
     from shoal.analytics.simulate import federation
 
     config, privacy, min_nodes = load_analytics_job(args.job)
@@ -163,29 +163,52 @@ def run(args: argparse.Namespace) -> int:
     if args.listen:
         return _deployed(args, config, privacy, min_nodes, queries)
     fed = federation(config, min_nodes=min_nodes)
-    results = [
-        query(fed, sql, config=config, privacy=privacy, min_nodes=min_nodes) for sql in queries
-    ]
-    _finish(results, args.json)
-    return 0
+    results = _answer_each(fed, queries, config, privacy, min_nodes)
+    return _finish(queries, results, args.json)
 
 
 def _stdin_queries() -> list[str]:
     return [line.strip() for line in sys.stdin if line.strip()]
 
 
-def _finish(results: list[Any], path: str | None) -> None:
-    for result in results:
+def _answer_each(
+    fed: Any, queries: list[str], config: Any, privacy: Any, min_nodes: int
+) -> list[Any]:
+    """Each query's QueryResult, or the ShoalError that stopped it (a query outside the
+    dialect, too few parties able to answer): one failing query does not cost the others
+    their answers, nor, deployed, the parties their connection."""
+    from shoal.analytics import query
+    from shoal.errors import ShoalError
+
+    results: list[Any] = []
+    for sql in queries:
+        try:
+            results.append(query(fed, sql, config=config, privacy=privacy, min_nodes=min_nodes))
+        except ShoalError as exc:
+            results.append(exc)
+    return results
+
+
+def _finish(queries: list[str], results: list[Any], path: str | None) -> int:
+    """Print every answer (and every failure, to stderr), write the JSON; 2 if any failed."""
+    out: list[dict[str, Any]] = []
+    for i, (sql, result) in enumerate(zip(queries, results)):
+        if isinstance(result, Exception):
+            where = f"query {i + 1} ({sql[:60]})" if len(queries) > 1 else "the query"
+            print(f"shoal: error: {where} failed: {result}", file=sys.stderr)
+            out.append({"sql": sql, "failed": f"{type(result).__name__}: {result}"})
+            continue
         _print(result)
+        out.append({"sql": sql, **result.to_json()})
     if path:
-        data = results[0].to_json() if len(results) == 1 else [r.to_json() for r in results]
+        data: Any = out[0] if len(out) == 1 else out
         Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return 2 if any(isinstance(r, Exception) for r in results) else 0
 
 
 def _deployed(
     args: argparse.Namespace, config: Any, privacy: Any, min_nodes: int, queries: list[str]
 ) -> int:
-    from shoal.analytics import query
     from shoal.cli.options import open_store
     from shoal.core import Federation
     from shoal.runtime.grpc import GrpcEngine, ServerTLS
@@ -210,15 +233,11 @@ def _deployed(
                     f"fewer than min_nodes {min_nodes}"
                 )
             fed = Federation(engine, min_nodes=min_nodes)
-            results = [
-                query(fed, sql, config=config, privacy=privacy, min_nodes=min_nodes)
-                for sql in queries
-            ]
+            results = _answer_each(fed, queries, config, privacy, min_nodes)
             engine.finish("queries answered")
         finally:
             engine.close()
-    _finish(results, args.json)
-    return 0
+    return _finish(queries, results, args.json)
 
 
 def run_node(args: argparse.Namespace) -> int:
