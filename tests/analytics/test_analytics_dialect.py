@@ -103,3 +103,23 @@ def test_the_privacy_unit_is_read_from_the_jobs_table_in_a_join() -> None:
         ("SELECT COUNT(*) FROM patients JOIN visits USING (patient_id)", "visits"),
     ):
         assert f"{unit}.patient_id AS u" in parse(sql, config).party_sql(config, "duckdb")
+
+
+def test_plans_are_shared_per_query_and_declarations_and_never_changed_by_use() -> None:
+    sql = "SELECT ward, AVG(age) AS a FROM visits v GROUP BY ward"
+    plan = parse(sql, CONFIG)
+    assert parse(sql, CONFIG) is plan  # every party of a simulation parses the same query
+    narrower = AnalyticsConfig(
+        table="visits", bounds={"age": [0, 50]}, categories={"ward": ["A", "B"]}
+    )
+    assert parse(sql, narrower) is not plan
+    unit = AnalyticsConfig(table="visits", bounds={"age": [0, 120]}, privacy_unit="pid")
+    texts = {plan.party_sql(CONFIG, d) for d in ("duckdb", "duckdb")}
+    assert len(texts) == 1 and "AS u" not in texts.pop()
+    assert "v.pid AS u" in plan.party_sql(unit, "sqlite")
+    assert "AS u" not in plan.party_sql(CONFIG, "sqlite")
+    assert plan.source.sql() == parse(sql, CONFIG).source.sql()  # the shared tree unchanged
+    with pytest.raises(QueryError):  # a refusal is never cached as a plan
+        parse("SELECT age FROM visits", CONFIG)
+    with pytest.raises(QueryError):
+        parse("SELECT age FROM visits", CONFIG)
