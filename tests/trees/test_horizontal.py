@@ -11,7 +11,7 @@ from sklearn.datasets import load_breast_cancer, load_wine
 
 from shoal.core import Federation
 from shoal.crypto import SecureSum
-from shoal.crypto.secagg.tasks import MASKED_INPUT_TASK
+from shoal.crypto.secagg.tasks import MASKED_INPUT_TASK, UNMASK_TASK
 from shoal.errors import DataError, NotEnoughNodes
 from shoal.runtime import DispatchResult, Faults, LocalEngine, NodeApp, Task
 from shoal.trees import Booster, GBDTParams, train
@@ -150,6 +150,19 @@ def test_a_node_dropping_out_restarts_the_tree_without_it() -> None:
     )
     assert_identical(model, pooled)
     assert any(e.action == "gbdt.restart_tree" for e in fed.audit_log)
+
+
+def test_a_node_dropping_out_after_its_masked_input_stays_in_the_tree() -> None:
+    """SecAgg+'s rule: a node that drops out at unmasking, after sending its masked input,
+    is in the sum (the others reveal its mask). Its histogram counted, so the tree is the
+    pooled rows' of all five nodes, grown without a restart."""
+    x, y = _cancer()
+    nodes = _split(x, y, 5)
+    faults = Faults(drop=1.0, tasks=frozenset({UNMASK_TASK}), nodes=frozenset({"n2"}))
+    fed = Federation(LocalEngine(_app(), data=nodes, faults=faults), min_nodes=3)
+    model = train_horizontal(fed, GBDTParams(n_trees=2, max_depth=3))
+    assert_identical(model, train(x, y, model.params, bins=model.bins))
+    assert not any(e.action == "gbdt.restart_tree" for e in fed.audit_log)
 
 
 def test_too_many_dropouts_stop_training() -> None:

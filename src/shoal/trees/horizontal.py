@@ -10,12 +10,14 @@ same cuts the trees are exactly those of :func:`shoal.trees.train` on the pooled
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from shoal.aggregate import Chain
 from shoal.core import Federation
+from shoal.core.reduce import finish
 from shoal.crypto import SecureSum
 from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError
 from shoal.runtime import Failure, FailureKind, TaskContext, TaskSpec
@@ -223,13 +225,19 @@ def _summed(
             ids = values.node_ids  # the encoding depends on the count: ask again
             continue
         if secure:
-            total = values[field].aggregate(
-                SecureSum(value_range=offset, bits=exact.BITS, dropout_fraction=dropout_fraction)
+            secure_sum = SecureSum(
+                value_range=offset, bits=exact.BITS, dropout_fraction=dropout_fraction
             )
+            reduced = Chain.of(secure_sum).reduce(values[field])
+            total = finish(values[field], reduced.vector, reduced.layout)
+            # the nodes whose masked input is in the sum: one that drops out after sending
+            # it (at unmasking) is still in it, though it is recorded as excluded
+            summed = set(reduced.node_ids)
+            in_sum = tuple(n for n in values.node_ids if n in summed)
         else:
             total = values[field].sum()
+            in_sum = tuple(n for n in values.node_ids if n not in values.exclusions)
         sums, count = exact.decode(total, offset=offset)
-        in_sum = tuple(n for n in values.node_ids if n not in values.exclusions)
         if count != len(in_sum):
             raise ProtocolError(f"{count} nodes in the sum, {len(in_sum)} expected")
         return sums, in_sum
@@ -363,13 +371,15 @@ def train_horizontal(
     bins: Bins | None = None,
     sketch_cells: int = 4096,
     dropout_fraction: float = 0.1,
+    on_tree: Callable[[int, int], None] | None = None,
 ) -> Booster:
     """Boost on rows spread over the federation's nodes; the server sees only sums.
 
     ``params.fixed_point_bits`` defaults to 24 here. ``bins`` skips the sketch (cuts agreed
     beforehand). A node that drops out of a tree's secure sum makes the server grow that
     tree again from the nodes still there (down to ``fed.min_nodes``); a node that missed
-    a round sits out the rest of training.
+    a round sits out the rest of training. ``on_tree(done, total)`` is called after each
+    boosting round.
     """
     if params.fixed_point_bits is None:
         params = GBDTParams(**{**params.to_dict(), "fixed_point_bits": DEFAULT_FIXED_POINT})
@@ -428,4 +438,6 @@ def train_horizontal(
                     ids = restart.survivors
             round_trees.append(tree)
         trees.append(tuple(round_trees))
+        if on_tree is not None:
+            on_tree(r + 1, params.n_trees)
     return Booster(params=params, bins=bins, trees=tuple(trees))
