@@ -4,9 +4,14 @@ mutual TLS train the same model as the simulation of the same job file."""
 from __future__ import annotations
 
 import json
+import queue
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +223,148 @@ def test_deployed_vertical_toml_secureboost_equals_the_simulation(tmp_path: Path
     # equal centralized training on the joined columns
     assert summary["digest"] == sim["digest"] and sim["identical_predictions"]
     assert summary["auc"] == sim["centralized_auc"]
+
+
+class Proc:
+    """A `shoal` child process whose output lines are read by a thread (to act on them)."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = open(log, "w")  # noqa: SIM115 (closed in stop())
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "shoal.cli.main", *args],
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
+        )  # fmt: skip
+        self.lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_line(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        regex, deadline = re.compile(pattern), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.seen.append(line)
+            if regex.search(line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r}: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return "\n".join(self.seen[-30:]) + "\n--- stderr ---\n" + Path(self.log.name).read_text()
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGCONT)
+            self.popen.kill()
+        self.popen.wait(timeout=30)
+        self.log.close()
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def _cluster(tmp_path: Path, text: str, nodes: int) -> tuple[Proc, list[Proc]]:
+    """A coordinator and ``nodes`` nodes of the job ``text`` (each node its partition)."""
+    names = [f"n{i}" for i in range(nodes)]
+    make_certs(tmp_path / "certs", nodes=names)
+    with Store(tmp_path / "fl.db") as store:
+        for name in names:
+            _, _, key = write_key_pair(tmp_path / f"{name}.key")
+            store.add_node(node_id=name, public_key=public_key_bytes(key))
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    port = _port()
+    coordinator = Proc(
+        ["coordinator", "--job", str(job), "--listen", f"127.0.0.1:{port}",
+         "--certs", str(tmp_path / "certs"), "--store", str(tmp_path / "fl.db"),
+         "--wait-nodes", str(nodes), "--wait-timeout", str(TIMEOUT),
+         "--json", str(tmp_path / "summary.json")],
+        tmp_path / "coordinator.log",
+    )  # fmt: skip
+    node = ["node", "--coordinator", f"127.0.0.1:{port}", "--certs", str(tmp_path / "certs"),
+            "--job", str(job), "--max-idle", str(TIMEOUT)]  # fmt: skip
+    workers = [
+        Proc(
+            [*node, "--key", str(tmp_path / f"n{i}.key"), "--partition", f"{i}/{nodes}"],
+            tmp_path / f"n{i}.log",
+        )
+        for i in range(nodes)
+    ]
+    return coordinator, workers
+
+
+def _finish(tmp_path: Path, coordinator: Proc, workers: list[Proc]) -> dict:
+    try:
+        coordinator.wait_line(r"^run finished")
+        code = coordinator.popen.wait(timeout=60)
+    finally:
+        for proc in [coordinator, *workers]:
+            proc.stop()
+    assert code == 0, coordinator.output()
+    summary: dict = json.loads((tmp_path / "summary.json").read_text())
+    return summary
+
+
+def test_deployed_gbdt_drops_a_frozen_node_as_the_secure_sum_does(tmp_path: Path) -> None:
+    """Node n4 freezes after tree 2: its secure sum goes on without it (its deadline passes),
+    the server grows that tree again from the four nodes left (down to min_nodes), and
+    training finishes; the restart is in the summary. (Five nodes: SecAgg+ refuses to
+    promise a dropout among three, so four survivors are the fewest that can go on.)"""
+    text = (
+        GBDT.format(nodes=5)
+        .replace("n_trees = 3", "n_trees = 5")
+        .replace("min_nodes = 5", "min_nodes = 4\ndeadline_s = 8")
+    )
+    coordinator, workers = _cluster(tmp_path, text, nodes=5)
+    try:
+        coordinator.wait_line(r"^tree 2/5")
+        workers[4].popen.send_signal(signal.SIGSTOP)
+        coordinator.wait_line(r"^tree 3/5")  # grown without it
+        workers[4].popen.kill()
+    except BaseException:
+        for proc in [coordinator, *workers]:
+            proc.stop()
+        raise
+    summary = _finish(tmp_path, coordinator, workers)
+    restarts = summary["restarts"]
+    assert len(restarts) == 1 and restarts[0]["nodes"] == 4, restarts
+    assert 2 <= restarts[0]["round"] <= 3  # the tree under way when it froze
+    assert summary["trees"] == 5 and summary["federated_auc"] > 0.9
+    # trees before the drop used n4's rows, so the model is not the pooled one of anybody
+    assert not summary["identical_predictions"]
+
+
+def test_deployed_secureboost_rolls_back_a_tree_a_party_missed(tmp_path: Path) -> None:
+    """Host n2 freezes during tree 2 for longer than the deadline: the tree fails, every
+    party rolls back to the last complete tree (the roll-back waits for n2 to come back)
+    and the tree is grown again; the trees are those of an uninterrupted run."""
+    pytest.importorskip("shoal.crypto.paillier")
+    text = (
+        VERTICAL.format(nodes=3, hosts=2)
+        .replace("n_trees = 2", "n_trees = 4")
+        .replace("min_nodes = 3", "min_nodes = 3\ndeadline_s = 6")
+    )
+    coordinator, workers = _cluster(tmp_path, text, nodes=3)
+    try:
+        coordinator.wait_line(r"^tree 1/4")
+        workers[2].popen.send_signal(signal.SIGSTOP)
+        time.sleep(15.0)  # past a deadline: the tree under way fails
+        workers[2].popen.send_signal(signal.SIGCONT)
+    except BaseException:
+        for proc in [coordinator, *workers]:
+            proc.stop()
+        raise
+    summary = _finish(tmp_path, coordinator, workers)
+    assert summary["retries"] >= 1 and summary["trees"] == 4
+    # the guest's digest of its predictions equals centralized training's on the same cuts
+    assert summary["identical_predictions"], summary
+    assert summary["federated_auc"] == summary["centralized_auc"]

@@ -11,7 +11,17 @@ from sklearn.datasets import load_breast_cancer
 
 from shoal.core import Federation
 from shoal.errors import ConfigError, DataError, NotEnoughNodes
-from shoal.runtime import FETCH_TASK, FORWARD_TASK, Faults, LocalEngine, NodeApp
+from shoal.runtime import (
+    FETCH_TASK,
+    FORWARD_TASK,
+    DispatchResult,
+    Failure,
+    FailureKind,
+    Faults,
+    LocalEngine,
+    NodeApp,
+    Task,
+)
 from shoal.runtime.roles import NodeApps
 from shoal.trees import Bins, GBDTParams, train
 from shoal.vertical.model import held_out_rows
@@ -199,6 +209,66 @@ def test_a_host_failing_mid_tree_is_rolled_back_and_the_trees_are_the_same() -> 
         np.testing.assert_array_equal(ta.left, tb.left)
         np.testing.assert_array_equal(ta.owner, tb.owner)
         np.testing.assert_array_equal(ta.value, tb.value)
+
+
+class LoseOneReply:
+    """An engine that runs the ``nth`` dispatch of ``task`` but loses the replies: the
+    party did the work, the coordinator never heard (a reply lost in transit)."""
+
+    def __init__(self, inner: LocalEngine, task: str, nth: int) -> None:
+        self.inner, self.task, self.nth, self.seen = inner, task, nth, 0
+
+    def node_ids(self) -> Any:
+        return self.inner.node_ids()
+
+    def dispatch(self, tasks: list[Task], *, deadline_s: float) -> DispatchResult:
+        result = self.inner.dispatch(tasks, deadline_s=deadline_s)
+        if not any(t.name == self.task for t in tasks):
+            return result
+        self.seen += 1
+        if self.seen != self.nth:
+            return result
+        lost = {
+            n: Failure(node_id=n, task_id=r.task_id, kind=FailureKind.DROPPED, detail="lost")
+            for n, r in result.replies.items()
+        }
+        return DispatchResult(replies={}, failures={**result.failures, **lost})
+
+
+def test_a_lost_reply_ending_a_tree_is_undone_and_the_trees_are_the_same() -> None:
+    """The guest ends tree 2 but the coordinator never hears: it rolls back to its own count
+    of complete trees (the guest undoes the tree it ended) and grows it again."""
+    tables = _tables()
+    cfg = _cfg(n_trees=3, max_depth=2, subsample=0.8, colsample=0.8)
+    _, engine = _federation(tables)
+    # depth 2: two applies per tree; the 4th is the last level of tree 2
+    lossy = LoseOneReply(engine, "secureboost.guest.apply", nth=4)
+    routed = Federation(lossy, roles={"guest": ["bank"], "host": ["ins0"]})
+    result = train_routed(routed, cfg)
+    assert result.retries == 1 and lossy.seen == 3 * 2 + 2  # tree 2 grown again
+    failed = [e.detail["tree"] for e in routed.audit_log if e.action == "secureboost.tree_failed"]
+    assert failed == [1]
+    clean, clean_engine = _federation(tables)
+    train_routed(clean, cfg)
+    a = engine.node_state("bank")[STATE]["boosting"].model()
+    b = clean_engine.node_state("bank")[STATE]["boosting"].model()
+    assert len(a.trees) == len(b.trees) == 3
+    for (ta,), (tb,) in zip(a.trees, b.trees, strict=True):
+        np.testing.assert_array_equal(ta.left, tb.left)
+        np.testing.assert_array_equal(ta.owner, tb.owner)
+        np.testing.assert_array_equal(ta.value, tb.value)
+    assert result.test["digest"] == train_routed(_federation(tables)[0], cfg).test["digest"]
+
+
+def test_a_party_that_never_comes_back_stops_the_job_with_its_name() -> None:
+    tables = _tables()
+    cfg = SecureBoostConfig(**{**_cfg(n_trees=2).__dict__, "max_retries": 2, "retry_wait_s": 0})
+    faults = Faults(drop=1.0, tasks=frozenset({"secureboost.host.commit",
+                                               "secureboost.rollback"}),
+                    nodes=frozenset({"ins0"}))  # fmt: skip
+    fed, _ = _federation(tables, faults=faults)
+    with pytest.raises(NotEnoughNodes, match=r"retries are used up.*0 complete round"):
+        train_routed(fed, cfg)
 
 
 def test_bad_parties_are_refused_before_training() -> None:

@@ -518,7 +518,9 @@ def _coordinator(args: argparse.Namespace) -> int:
                 seed=job.seed,
             )
             if tree_job:
-                tree_summary = run_tree_job(job, federation)
+                tree_summary = run_tree_job(
+                    job, federation, progress=lambda line: print(line, flush=True)
+                )
                 engine.finish("run finished")
                 return _tree_done(tree_summary, args, connected)
             assert model is not None and algorithm is not None

@@ -11,7 +11,7 @@ them by role and relays their sealed messages (:mod:`shoal.trees.secureboost`).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -168,14 +168,20 @@ def job_party_tables(*, job: Mapping[str, Any], base_dir: str) -> Any:
     return lambda node_id: party_table(spec, int(node_id.removeprefix("n")), parties)
 
 
-def run_tree_job(job: JobSpec, federation: Federation | None = None) -> dict[str, Any]:
+def run_tree_job(
+    job: JobSpec,
+    federation: Federation | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Train the job's trees (simulated nodes unless a federation is given) and score them
     on the test split, beside centralized training on the pooled data with the same cuts.
+    ``progress`` gets a line after each tree (a deployed coordinator prints them).
 
     Simulated on a LocalEngine, or on a RayEngine for ``[engine] kind = "ray"`` (the same
     nodes, built on the actors from the job file; closed when training ends)."""
     if federation is not None or job.engine["kind"] != "ray":
-        return _run_tree_job(job, federation)
+        return _run_tree_job(job, federation, progress)
     from shoal.cli.job import job_description, ray_engine
     from shoal.core import Federation
     from shoal.runtime import Recipe
@@ -190,19 +196,27 @@ def run_tree_job(job: JobSpec, federation: Federation | None = None) -> dict[str
         engine = ray_engine(job, app=app, data=tables, nodes=int(job.model["hosts"]) + 1)
         options = {}
     try:
-        return _run_tree_job(job, Federation(engine, seed=job.seed, **options))
+        return _run_tree_job(job, Federation(engine, seed=job.seed, **options), progress)
     finally:
         engine.close()
 
 
-def _run_tree_job(job: JobSpec, federation: Federation | None) -> dict[str, Any]:
+def _on_tree(progress: Callable[[str], None] | None) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(f"tree {done}/{total}")
+
+
+def _run_tree_job(
+    job: JobSpec, federation: Federation | None, progress: Callable[[str], None] | None
+) -> dict[str, Any]:
     from shoal.core import Federation
     from shoal.runtime import LocalEngine
     from shoal.trees import train
 
     summary: dict[str, Any] = {"job": job.name, "model": job.model["name"]}
     if job.model["name"] == "secureboost":
-        summary.update(_secureboost(job, federation))
+        summary.update(_secureboost(job, federation, progress))
         return summary
     from shoal.trees.horizontal import train_horizontal
 
@@ -216,9 +230,19 @@ def _run_tree_job(job: JobSpec, federation: Federation | None) -> dict[str, Any]
         federation = Federation(engine, min_nodes=job.min_nodes, seed=job.seed)
     secure = bool(job.raw.get("aggregate", {}).get("secure", True))
     model = train_horizontal(
-        federation, params, secure=secure, sketch_cells=int(job.model.get("sketch_cells", 4096))
+        federation,
+        params,
+        secure=secure,
+        sketch_cells=int(job.model.get("sketch_cells", 4096)),
+        on_tree=_on_tree(progress),
     )
     summary["secure"] = secure
+    # trees grown again without nodes that dropped out of their secure sums
+    summary["restarts"] = [
+        {"round": int(e.detail["round"]), "nodes": int(e.detail["nodes"])}
+        for e in federation.audit_log
+        if e.action == "gbdt.restart_tree"
+    ]
     wall = time.perf_counter() - started
     scores = model.predict(test.x)
     central = train(training.x, training.y, model.params, bins=model.bins)
@@ -235,7 +259,9 @@ def _run_tree_job(job: JobSpec, federation: Federation | None) -> dict[str, Any]
     return summary
 
 
-def _secureboost(job: JobSpec, federation: Federation | None) -> dict[str, Any]:
+def _secureboost(
+    job: JobSpec, federation: Federation | None, progress: Callable[[str], None] | None
+) -> dict[str, Any]:
     """Train through the routed protocol; beside it, the centralized model on the joined
     columns of the same aligned training rows (the coordinator of a ``shoal run`` job can
     build it: the job file names the whole data set)."""
@@ -282,7 +308,7 @@ def _secureboost(job: JobSpec, federation: Federation | None) -> dict[str, Any]:
         seed=job.seed,
     )
     started = time.perf_counter()
-    result = train_routed(federation, cfg)
+    result = train_routed(federation, cfg, on_tree=_on_tree(progress))
     wall = time.perf_counter() - started
     # the centralized reference: ids are positions, so the aligned order is the table's
     held = held_out_rows(n_all, seed=cfg.seed, test_fraction=cfg.test_fraction)

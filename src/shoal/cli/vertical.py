@@ -114,7 +114,10 @@ def coordinate_vertical(args: argparse.Namespace) -> int:
             if trees is not None:
                 from shoal.trees import secureboost
 
-                routed = secureboost.train_routed(fed, trees)
+                def on_tree(done: int, total: int) -> None:
+                    print(f"tree {done}/{total}", flush=True)
+
+                routed = secureboost.train_routed(fed, trees, on_tree=on_tree)
                 summary = secureboost.summarize(job, routed, time.perf_counter() - start)
             else:
                 result = train(fed, job.config)

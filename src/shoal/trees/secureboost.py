@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,7 @@ class SecureBoostConfig:
     test_fraction: float = 0.2
     seed: int = 0
     max_retries: int = 3
+    retry_wait_s: float = 2.0  # before a failed roll-back is tried again (doubling, <= 30 s)
 
     def __post_init__(self) -> None:
         if self.key_bits < 2048 and not self.insecure_test_keys:
@@ -86,6 +87,8 @@ class SecureBoostConfig:
             raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         if self.min_overlap < 1 or self.max_retries < 0:
             raise ConfigError("min_overlap >= 1 and max_retries >= 0 are required")
+        if not 0.0 <= self.retry_wait_s <= 3600.0:
+            raise ConfigError(f"retry_wait_s must be in [0, 3600], got {self.retry_wait_s}")
 
 
 @dataclass(kw_only=True)
@@ -223,9 +226,12 @@ def guest_apply(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def rollback(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Forget the tree under way. The guest keeps the coordinator's count of complete
+    rounds (``complete``): a round whose ending reply was lost is undone too."""
     st = _st(ctx)
     if "boosting" in st:
-        st["boosting"].abort()
+        keep = payload.get("complete")
+        st["boosting"].abort(keep=None if keep is None else int(keep))
         st["grower"] = None
     return {}
 
@@ -448,8 +454,20 @@ def evaluate(fed: Federation) -> dict[str, Any]:
     return metrics
 
 
-def train_routed(fed: Federation, cfg: SecureBoostConfig) -> SecureBoostResult:
-    """Align the parties' rows (PSI), set up keys and channels, grow the trees, evaluate."""
+def train_routed(
+    fed: Federation,
+    cfg: SecureBoostConfig,
+    *,
+    on_tree: Callable[[int, int], None] | None = None,
+) -> SecureBoostResult:
+    """Align the parties' rows (PSI), set up keys and channels, grow the trees, evaluate.
+
+    A party failing or missing its deadline during a tree fails that tree: every party
+    rolls back to the last complete round (the guest to the coordinator's count of them)
+    and the tree is grown again; each failed tree and each failed roll-back attempt counts
+    against ``cfg.max_retries`` (a party that is gone for good stops the job with its
+    name). ``on_tree(done, total)`` is called after each complete tree.
+    """
     guest, hosts = _parties(fed)
     clock = _Clock()
     size = align(fed, min_overlap=cfg.min_overlap)
@@ -462,18 +480,14 @@ def train_routed(fed: Federation, cfg: SecureBoostConfig) -> SecureBoostResult:
         try:
             _tree(fed, params.max_depth)
         except (ShoalError, OSError) as exc:
-            retries += 1
             log.warning("tree %d failed (%s); rolling back", done // params.outputs, exc)
-            if retries > cfg.max_retries:
-                raise
-            _, failures = fed.request([guest, *hosts], "secureboost.rollback")
-            if failures:
-                raise NotEnoughNodes(
-                    f"could not roll back after a failed tree: {sorted(failures)} unreachable"
-                ) from exc
             done -= done % params.outputs  # a multi-class round is grown again whole
+            retries = _roll_back(fed, [guest, *hosts], done // params.outputs, retries, cfg, exc)
+            fed.audit("secureboost.tree_failed", tree=done // params.outputs, reason=str(exc))
             continue
         done += 1
+        if on_tree is not None:
+            on_tree(done, total)
     clock.lap("trees")
     result = SecureBoostResult(intersection_size=size, trees=params.n_trees, retries=retries)
     if cfg.test_fraction > 0:
@@ -482,6 +496,31 @@ def train_routed(fed: Federation, cfg: SecureBoostConfig) -> SecureBoostResult:
     result.routed_bytes = fed.routed_bytes
     result.cpu_s, result.wall_s = clock.cpu, clock.wall
     return result
+
+
+def _roll_back(
+    fed: Federation,
+    parties: list[str],
+    complete: int,
+    retries: int,
+    cfg: SecureBoostConfig,
+    cause: BaseException,
+) -> int:
+    """Every party forgets the failed tree; retried (each attempt a retry) until all
+    answer, so a party that missed a deadline and comes back is waited for."""
+    while True:
+        retries += 1
+        if retries > cfg.max_retries:
+            raise NotEnoughNodes(
+                f"a tree failed ({cause}) and {cfg.max_retries} retries are used up; the job "
+                f"stops after {complete} complete round(s) of trees"
+            ) from cause
+        _, failures = fed.request(parties, "secureboost.rollback", common={"complete": complete})
+        if not failures:
+            return retries
+        log.warning("roll-back failed at %s; trying again", sorted(failures))
+        # a stalled party may yet come back: give it time before asking again
+        time.sleep(min(cfg.retry_wait_s * 2.0 ** (retries - 1), 30.0))
 
 
 class _Clock:

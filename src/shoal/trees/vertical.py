@@ -576,6 +576,9 @@ class Boosting:
         self._grad: np.ndarray | None = None
         self._hess: np.ndarray | None = None
         self._saved: tuple[Any, Any, np.ndarray] | None = None
+        # the state before the last complete round: a coordinator that lost the reply
+        # ending that round counts it as failed, and abort(keep=...) must undo it
+        self._undo: tuple[Any, Any, np.ndarray] | None = None
         if start is not None:
             if start.params != params or start.hosts != len(widths):
                 raise ConfigError(
@@ -616,12 +619,25 @@ class Boosting:
         if len(self._round) == self.guest.params.outputs:
             self.trees.append(tuple(self._round))
             self._round = []
-            self._saved = None
+            self._undo, self._saved = self._saved, None
         return tree
 
-    def abort(self) -> None:
+    def abort(self, *, keep: int | None = None) -> None:
         """Forget the tree under way, with the finished trees of its round (a multi-class
-        round's trees share one gradient): the next :meth:`begin` grows the round again."""
+        round's trees share one gradient): the next :meth:`begin` grows the round again.
+
+        ``keep`` is the number of complete rounds the caller counts. One more than that
+        (the round ended here but its last reply was lost) is undone too; anything else
+        cannot be reconciled and is refused.
+        """
+        if keep is not None and keep != len(self.trees):
+            if keep != len(self.trees) - 1 or self._undo is None or self._round:
+                raise ProtocolError(
+                    f"the guest has {len(self.trees)} complete round(s) of trees, the "
+                    f"coordinator counts {keep}: cannot roll back to it"
+                )
+            self.trees.pop()
+            self._saved, self._undo = self._undo, None
         if self._saved is not None:
             rows_state, columns_state, margin = self._saved
             self.rows_rng.bit_generator.state = rows_state
