@@ -267,7 +267,7 @@ def test_a_party_that_never_comes_back_stops_the_job_with_its_name() -> None:
                                                "secureboost.rollback"}),
                     nodes=frozenset({"ins0"}))  # fmt: skip
     fed, _ = _federation(tables, faults=faults)
-    with pytest.raises(NotEnoughNodes, match=r"retries are used up.*0 complete round"):
+    with pytest.raises(NotEnoughNodes, match=r"ins0.*retries are used up.*0 complete round"):
         train_routed(fed, cfg)
 
 
