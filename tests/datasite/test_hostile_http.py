@@ -113,3 +113,47 @@ def test_audit_verify_against_an_anchor_over_the_api(site: RunningSite) -> None:
     with pytest.raises(DatasiteError) as refused:
         site.as_("sam").call("GET", f"/api/audit/verify?anchor={first['anchor']}")
     assert refused.value.status == 403
+
+
+# The owner approves what they read. Each of these reads as other code than what runs:
+# bidirectional controls reorder a line on screen (here the return looks commented out,
+# "Trojan Source"), and a Cyrillic "а" is a second name that looks like "a".
+TROJANS = [
+    "def f(assets):\n"
+    "    t = assets['patients']\n"
+    "    return {'n': 0}  # \u202e }{ ;return t['age'].tolist() \u202c\n",
+    "def f(assets):\n    ok = 'safe'  # \u2067\u2069 harmless\n    return {'n': 0}\n",
+    "def f(assets):\n    a = 0\n    \u0430 = assets['patients']['age'].tolist()\n"
+    "    return {'n': \u0430}\n",
+]
+
+
+@pytest.mark.parametrize("source", TROJANS)
+def test_code_that_displays_as_other_code_is_refused(site: RunningSite, source: str) -> None:
+    with pytest.raises(DatasiteError, match=r"bidirectional|identifiers must be ASCII") as refused:
+        site.as_("sam").call(
+            "POST", "/api/requests", {"source": source, "entrypoint": "f", "assets": ["patients"]}
+        )
+    assert refused.value.status == 400
+    with pytest.raises(DatasiteError, match="control or bidirectional"):
+        site.as_("sam").call(
+            "POST",
+            "/api/requests",
+            {
+                "source": "def f(assets):\n    return {'n': 1}\n",
+                "entrypoint": "f",
+                "assets": ["patients"],
+                "name": "mean \u202eegaytd",
+            },
+        )
+    # text in strings and comments may be any other Unicode
+    fine = site.as_("sam").call(
+        "POST",
+        "/api/requests",
+        {
+            "source": "def f(assets):\n    # été, 東京\n    return {'city': '東京'}\n",
+            "entrypoint": "f",
+            "assets": ["patients"],
+        },
+    )
+    assert fine["state"] in ("submitted", "mock-run")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import signal
 import sqlite3
 import threading
 import time
+import tokenize
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +51,10 @@ __all__ = ["Forbidden", "NodeFailure", "NotFound", "Service", "User"]
 POLICIES = ("review", "dp", "threshold", "secure-sum")
 MAX_SOURCE = 256 << 10
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Unicode bidirectional controls: in a comment or string they reorder how the code is *shown*
+# (to the owner, on the page or in a terminal) without changing what Python runs: the owner
+# would approve code other than the code that runs ("Trojan Source", CVE-2021-42574)
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -141,6 +147,29 @@ def _job_view(job: dict[str, Any], user: User) -> dict[str, Any]:
 def _warm_up() -> None:
     import shoal.datasite.node
     import shoal.privacy  # noqa: F401
+
+
+def _check_reviewable(source: str) -> None:
+    """Refuse source the owner could read as other code than what runs: bidirectional
+    controls anywhere, and identifiers that are not ASCII (``а`` and ``a`` are two names)."""
+    found = _BIDI.search(source)
+    if found:
+        line = source.count("\n", 0, found.start()) + 1
+        raise ConfigError(
+            f"source line {line} holds the bidirectional control U+{ord(found.group()):04X}, "
+            "which makes code display differently from how it runs; remove it"
+        )
+    if source.isascii():
+        return
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.NAME and not token.string.isascii():
+                raise ConfigError(
+                    f"source line {token.start[0]} names {token.string!r}: identifiers must be "
+                    "ASCII, so that no two names look alike to the reviewer"
+                )
+    except (tokenize.TokenError, SyntaxError):
+        return  # the mock run reports the syntax error itself
 
 
 class Service:
@@ -412,6 +441,7 @@ class Service:
             raise ConfigError("source must be the function's Python source text")
         if len(source.encode("utf-8")) > MAX_SOURCE:
             raise ConfigError(f"source is larger than {MAX_SOURCE} bytes")
+        _check_reviewable(source)
         if not isinstance(entrypoint, str) or not _IDENT.match(entrypoint):
             raise ConfigError("entrypoint must be the name of the function in source")
         if (
@@ -433,6 +463,8 @@ class Service:
             self._dp_of(asset)
         policy = self._check_policy(body.get("policy", "review"), assets)
         name = str(body.get("name") or entrypoint)[:128]
+        if _BIDI.search(name) or any(c < " " for c in name):
+            raise ConfigError("a request's name has no control or bidirectional characters")
         federation = body.get("federation")
         if federation is not None and not isinstance(federation, dict):
             raise ConfigError("federation must be an object")
