@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JobOutcome", "SandboxLimits", "bwrap_available", "run_sandboxed"]
+__all__ = ["JobOutcome", "SandboxLimits", "bwrap_available", "readable_by_jobs", "run_sandboxed"]
 
 NOBODY = 65534
 RUNNER = Path(__file__).with_name("_runner.py")
@@ -112,6 +113,28 @@ def _read_only_roots() -> list[Path]:
         if not any(root == k or k in root.parents for k in kept):
             kept.append(root)
     return kept
+
+
+def readable_by_jobs(path: str | os.PathLike[str], *, isolated: bool) -> bool:
+    """Whether a job's code could open ``path`` itself, bypassing its read-only inputs: under
+    bwrap only what is bound into its mount namespace is there at all; as root the job is
+    ``nobody``, who reads a file only through others' read bit on it and search bit on every
+    directory above it; otherwise the job runs as the server's own user and reads what it
+    reads."""
+    target = Path(path).resolve()
+    if isolated:
+        bound = [Path("/usr"), *(Path("/") / n for n in ("lib", "lib64", "bin", "lib32"))]
+        bound += _read_only_roots()
+        if not any(root == target or root in target.parents for root in bound):
+            return False
+    if os.getuid() != 0:
+        return True
+    try:
+        if not target.stat().st_mode & stat.S_IROTH:
+            return False
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in target.parents)
+    except OSError:
+        return False
 
 
 def _bwrap_args(work: Path) -> list[str]:

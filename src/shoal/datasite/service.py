@@ -31,7 +31,13 @@ import numpy as np
 from shoal.datasite import dp as dpmod
 from shoal.datasite import federated as fed
 from shoal.datasite.assets import generate_mock, infer_schema, load_table, meta_from_record
-from shoal.datasite.sandbox import JobOutcome, SandboxLimits, run_sandboxed
+from shoal.datasite.sandbox import (
+    JobOutcome,
+    SandboxLimits,
+    bwrap_available,
+    readable_by_jobs,
+    run_sandboxed,
+)
 from shoal.datasite.state import ROLES, DatasiteState, hash_token, request_hash
 from shoal.datasite.table import Table, decode_table, encode_table
 from shoal.errors import (
@@ -282,6 +288,7 @@ class Service:
             raise ConfigError(f"a dataset name is letters, digits, . _ - (got {name!r})")
         path = Path(str(spec.get("path", ""))).expanduser().resolve()
         table = load_table(path, name=name, fmt=spec.get("format"), table=spec.get("table"))
+        self._check_hidden({f"the file of dataset {name!r}": path})
         bounds = {k: (float(v[0]), float(v[1])) for k, v in (spec.get("bounds") or {}).items()}
         schema = infer_schema(table, bounds=bounds, categories=spec.get("categories") or {})
         unit = spec.get("unit")
@@ -771,8 +778,36 @@ class Service:
                 ),
             )
 
+    def _isolated(self) -> bool:
+        return bwrap_available() if self.isolate is None else self.isolate
+
+    def _check_hidden(self, paths: Mapping[str, Path]) -> None:
+        """Refuse to run code that could open a private file itself (a mock run is code
+        nobody approved, and its result goes straight to the scientist)."""
+        isolated = self._isolated()
+        for what, path in paths.items():
+            if readable_by_jobs(path, isolated=isolated):
+                how = (
+                    "it is inside what the sandbox's mount namespace shows"
+                    if isolated
+                    else "without bwrap the sandbox sees the host's files"
+                    + ("" if os.getuid() == 0 else ", as the server's own user")
+                )
+                raise ConfigError(
+                    f"a job's code could read {what} directly ({how}); make it "
+                    "unreadable to others (chmod o-r, or a 0700 directory above it) or run the "
+                    "datasite with bubblewrap"
+                )
+
     def _sandbox(self, jid: int, row: sqlite3.Row, *, mock: bool, mode: str) -> JobOutcome:
         assets = json.loads(row["assets"])
+        # every private file, not only this request's: modes can change after a dataset
+        # was added, and code may open any path it can
+        private = {
+            f"the file of dataset {r['name']!r}": Path(r["path"])
+            for r in self.state.query("SELECT name, path FROM datasets")
+        }
+        self._check_hidden({"the datasite's database": self.state.path, **private})
         tables = self._tables(assets, mock=mock)
 
         def started(pid: int) -> None:
