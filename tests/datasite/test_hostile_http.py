@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -157,3 +158,30 @@ def test_code_that_displays_as_other_code_is_refused(site: RunningSite, source: 
         },
     )
     assert fine["state"] in ("submitted", "mock-run")
+
+
+def test_one_scientist_cannot_queue_everyone_else_out(site: RunningSite) -> None:
+    """The job pool is first come, first served: before, a scientist could queue any number
+    of mock runs that each sleep to the deadline, and everyone else's waited behind them all."""
+    sam, tess = site.as_("sam"), site.as_("tess")
+    sleeper = "def f(assets, i=0):\n    import time\n    time.sleep(3600)\n"
+
+    def submit(i: int) -> Any:
+        try:
+            return sam.submit(sleeper, entrypoint="f", assets=["patients"], params={"i": i})
+        except DatasiteError as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as pool:  # at once: the cap holds under concurrent submits
+        got = list(pool.map(submit, range(8)))
+    refused = [g for g in got if isinstance(g, DatasiteError)]
+    assert len(refused) == 4, got
+    assert all(e.status == 409 and "have not finished" in str(e) for e in refused)
+    started = time.monotonic()
+    quick = tess.submit(
+        "def f(assets):\n    return {'n': 1}\n", entrypoint="f", assets=["patients"]
+    )
+    assert quick.wait(("mock-run",), timeout=60) == "mock-run"
+    # 4 sleepers on 2 workers, 5 s each: tess waits about two deadlines, not sam's whole queue
+    assert time.monotonic() - started < 20
+    assert quick.refresh()["reason"] == ""

@@ -56,6 +56,9 @@ __all__ = ["Forbidden", "NodeFailure", "NotFound", "Service", "User"]
 
 POLICIES = ("review", "dp", "threshold", "secure-sum")
 MAX_SOURCE = 256 << 10
+# requests of one user whose mock run has not finished: the job pool is first come, first
+# served, so this bounds how long one user's submissions can keep everyone else's waiting
+MAX_PENDING = 4
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # Unicode bidirectional controls: in a comment or string they reorder how the code is *shown*
 # (to the owner, on the page or in a terminal) without changing what Python runs: the owner
@@ -188,8 +191,10 @@ class Service:
         limits: SandboxLimits | None = None,
         workers: int = 2,
         isolate: bool | None = None,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self.state = state
+        self.max_pending = max_pending
         self.limits = limits or SandboxLimits()
         self.isolate = isolate
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datasite-job")
@@ -480,6 +485,14 @@ class Service:
         )
         now = time.time()
         with self.state.tx() as conn:
+            pending = conn.execute(
+                "SELECT COUNT(*) FROM requests WHERE user_id=? AND state='submitted'", (user.id,)
+            ).fetchone()[0]
+            if pending >= self.max_pending:
+                raise Conflict(
+                    f"{user.name} has {pending} requests whose mock runs have not finished "
+                    f"(at most {self.max_pending}); submit again when one has"
+                )
             cursor = conn.execute(
                 "INSERT INTO requests (user_id, name, source, entrypoint, assets, params, "
                 "policy, code_hash, state, federation, created, updated) "
