@@ -96,6 +96,18 @@ def test_a_generated_mock_depends_on_the_schema_alone(
     assert mock["age"].min() >= 0 and mock["age"].max() <= 120
 
 
+def test_the_schema_does_not_say_how_long_the_longest_text_is() -> None:
+    """Before, a text column's dtype ("<U37") told anyone who could list datasets, guests
+    too, the length of the longest private value in it."""
+
+    def schema(longest: str) -> list[dict[str, object]]:
+        names = np.array(["ann", "bo", longest])
+        return infer_schema(Table(name="p", columns={"name": names, "age": np.arange(3)}))
+
+    assert schema("christopher-alexander") == schema("cy")
+    assert generate_mock(schema("cy"), name="p", rows=5, unit=None)["name"].dtype.kind == "U"
+
+
 @settings(max_examples=40, deadline=None)
 @given(units=st.lists(st.integers(0, 6), min_size=1, max_size=60), k=st.integers(1, 4))
 def test_contributions_are_bounded_per_unit(units: list[int], k: int) -> None:

@@ -143,7 +143,10 @@ def infer_schema(
     for name in table.columns:
         column = table[name]
         kind = "num" if column.dtype.kind in "biuf" else "text"
-        entry: dict[str, Any] = {"name": name, "kind": kind, "dtype": column.dtype.str}
+        # a text column's numpy type carries its longest value's length ("<U37"): a fact
+        # about the private data, so only its kind is kept
+        dtype = column.dtype.str if kind == "num" else "<U"
+        entry: dict[str, Any] = {"name": name, "kind": kind, "dtype": dtype}
         if name in bounds:
             if kind != "num":
                 raise ConfigError(f"column {name!r} is text; bounds apply to numbers")
