@@ -185,3 +185,29 @@ def test_one_scientist_cannot_queue_everyone_else_out(site: RunningSite) -> None
     # 4 sleepers on 2 workers, 5 s each: tess waits about two deadlines, not sam's whole queue
     assert time.monotonic() - started < 20
     assert quick.refresh()["reason"] == ""
+
+
+def test_a_dataset_spec_of_wrong_types_is_refused_by_name(site: RunningSite) -> None:
+    """Before, these reached Python's own errors ("'list' object has no attribute 'items'",
+    "unhashable type: 'list'"), answered as "the datasite failed on this request"; an
+    infinite max_epsilon and a negative threshold were taken."""
+    owner = site.as_("olivia")
+    path = str(site.data)
+    cases = [
+        ({"bounds": [1, 2]}, "bounds"),
+        ({"bounds": {"age": [1]}}, "bounds of 'age'"),
+        ({"bounds": {"age": ["a", "b"]}}, "bounds of 'age'"),
+        ({"categories": {"sex": 5}}, "categories"),
+        ({"unit": ["id"]}, "privacy unit"),
+        ({"max_contributions": "x"}, "max_contributions"),
+        ({"max_epsilon": 1e999}, "max_epsilon"),
+        ({"threshold": -5}, "threshold"),
+        ({"mock_rows": 1.5}, "mock_rows"),
+    ]
+    for i, (extra, named) in enumerate(cases):
+        with pytest.raises(DatasiteError) as refused:
+            owner.call("POST", "/api/datasets", {"name": f"bad{i}", "path": path, **extra})
+        assert refused.value.status == 400, extra
+        assert named in str(refused.value) and "failed on this request" not in str(refused.value)
+    names = {d["name"] for d in owner.call("GET", "/api/datasets")}
+    assert not any(n.startswith("bad") for n in names)  # nothing half-written

@@ -158,6 +158,33 @@ def _warm_up() -> None:
     import shoal.privacy  # noqa: F401
 
 
+def _number(spec: Mapping[str, Any], key: str, default: float, *, integer: bool = False) -> float:
+    """A finite number of a dataset's spec (an int if ``integer``), named in the refusal."""
+    value = spec.get(key, default)
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite {'integer' if integer else 'number'}")
+    return value
+
+
+def _bounds(value: Any) -> dict[str, tuple[float, float]]:
+    if value is None:
+        return {}
+    pairs = value.items() if isinstance(value, Mapping) else None
+    out: dict[str, tuple[float, float]] = {}
+    for column, pair in pairs or ():
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in pair)
+        ):
+            raise ConfigError(f"bounds of {column!r} must be [low, high], got {pair!r:.80}")
+        out[str(column)] = (float(pair[0]), float(pair[1]))
+    if pairs is None:
+        raise ConfigError("bounds map column names to [low, high]")
+    return out
+
+
 def _check_reviewable(source: str) -> None:
     """Refuse source the owner could read as other code than what runs: bidirectional
     controls anywhere, and identifiers that are not ASCII (``а`` and ``a`` are two names)."""
@@ -294,19 +321,32 @@ class Service:
         path = Path(str(spec.get("path", ""))).expanduser().resolve()
         table = load_table(path, name=name, fmt=spec.get("format"), table=spec.get("table"))
         self._check_hidden({f"the file of dataset {name!r}": path})
-        bounds = {k: (float(v[0]), float(v[1])) for k, v in (spec.get("bounds") or {}).items()}
-        schema = infer_schema(table, bounds=bounds, categories=spec.get("categories") or {})
+        bounds = _bounds(spec.get("bounds"))
+        categories = spec.get("categories") or {}
+        if not isinstance(categories, Mapping) or not all(
+            isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v)
+            for v in categories.values()
+        ):
+            raise ConfigError("categories map column names to lists of strings")
+        schema = infer_schema(table, bounds=bounds, categories=categories)
         unit = spec.get("unit")
-        if unit is not None and unit not in table:
+        if unit is not None and (not isinstance(unit, str) or unit not in table):
             raise ConfigError(f"privacy unit {unit!r} is not a column of {name!r}")
-        max_eps = float(spec.get("max_epsilon", 1.0))
-        delta = float(spec.get("delta", 1e-6))
-        default_eps = float(spec.get("default_epsilon", 0.1))
-        contributions = int(spec.get("max_contributions", 1))
-        if not (max_eps > 0 and 0 < delta < 1 and default_eps > 0 and contributions >= 1):
+        max_eps = _number(spec, "max_epsilon", 1.0)
+        delta = _number(spec, "delta", 1e-6)
+        default_eps = _number(spec, "default_epsilon", 0.1)
+        contributions = int(_number(spec, "max_contributions", 1, integer=True))
+        threshold = int(_number(spec, "threshold", 10, integer=True))
+        if not (
+            max_eps > 0
+            and 0 < delta < 1
+            and default_eps > 0
+            and contributions >= 1
+            and threshold >= 1
+        ):
             raise ConfigError(
                 "max_epsilon and default_epsilon must be > 0, delta in (0, 1), "
-                "max_contributions >= 1"
+                "max_contributions and threshold >= 1"
             )
         dp = {
             "unit": unit,
@@ -314,7 +354,7 @@ class Service:
             "max_epsilon": max_eps,
             "delta": delta,
             "default_epsilon": default_eps,
-            "threshold": int(spec.get("threshold", 10)),
+            "threshold": threshold,
         }
         if spec.get("mock_path"):
             mock = load_table(Path(str(spec["mock_path"])), name=name, fmt=spec.get("mock_format"))
@@ -324,7 +364,7 @@ class Service:
                 )
             origin = "owner"
         else:
-            rows = int(spec.get("mock_rows", 100))
+            rows = int(_number(spec, "mock_rows", 100, integer=True))
             if not 1 <= rows <= 100_000:
                 raise ConfigError("mock_rows must be in [1, 100000]")
             mock = generate_mock(schema, name=name, rows=rows, unit=unit)
