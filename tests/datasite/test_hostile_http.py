@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sites import RunningSite, start_site
 
-from shoal.datasite.client import DatasiteError
+from shoal.datasite.client import DatasiteError, connect
 
 pytestmark = pytest.mark.integration
 
@@ -163,12 +163,15 @@ def test_code_that_displays_as_other_code_is_refused(site: RunningSite, source: 
 def test_one_scientist_cannot_queue_everyone_else_out(site: RunningSite) -> None:
     """The job pool is first come, first served: before, a scientist could queue any number
     of mock runs that each sleep to the deadline, and everyone else's waited behind them all."""
-    sam, tess = site.as_("sam"), site.as_("tess")
+    # a scientist of their own: no pending requests left by the module's other tests
+    added = site.as_("olivia").call("POST", "/api/users", {"name": "uma", "role": "scientist"})
+    uma = connect(site.url, added["token"], ca=site.ca)
+    tess = site.as_("tess")
     sleeper = "def f(assets, i=0):\n    import time\n    time.sleep(3600)\n"
 
     def submit(i: int) -> Any:
         try:
-            return sam.submit(sleeper, entrypoint="f", assets=["patients"], params={"i": i})
+            return uma.submit(sleeper, entrypoint="f", assets=["patients"], params={"i": i})
         except DatasiteError as exc:
             return exc
 
