@@ -49,6 +49,9 @@ def service_with_users(directory: Path) -> tuple[Service, User, User]:
     return service, service.authenticate(owner), service.authenticate(sam)
 
 
+@pytest.mark.skipif(
+    os.getuid() != 0, reason="not root and no bwrap: every job is refused (the job would be us)"
+)
 def test_a_mock_run_cannot_read_the_private_file(tmp_path: Path, open_dir: Path) -> None:
     data = open_dir / "patients.csv"
     write_patients(data)
@@ -79,9 +82,20 @@ def test_a_mock_run_cannot_read_the_private_file(tmp_path: Path, open_dir: Path)
             time.sleep(0.1)
         with pytest.raises(Exception, match="no mock result"):
             decode(service.result_bytes(sam, rid, kind="mock"))
-        if os.getuid() == 0:  # as nobody, the open itself failed
-            jobs = [j for j in service.jobs(owner) if j["request_id"] == rid]
-            assert "Permission denied" in service.job_logs(owner, jobs[-1]["id"])
+        jobs = [j for j in service.jobs(owner) if j["request_id"] == rid]
+        assert "Permission denied" in service.job_logs(owner, jobs[-1]["id"])  # as nobody
     finally:
         service.close()
         service.state.close()
+
+
+def test_without_bwrap_and_root_no_job_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not root, no bwrap: the job would run as the server's own user, who reads the
+    database and every data file."""
+    from shoal.datasite import sandbox
+
+    monkeypatch.setattr(sandbox.os, "getuid", lambda: 1000)
+    assert sandbox.readable_by_jobs(tmp_path, isolated=False)
+    assert not sandbox.readable_by_jobs(tmp_path, isolated=True)  # /tmp is its own there
