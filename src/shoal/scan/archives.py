@@ -6,6 +6,8 @@ bits such as "encrypted" or a wrong CRC cannot hide a member from the scan.
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import struct
 import zipfile
@@ -60,6 +62,22 @@ def scan_zip(
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
         sink.add(Severity.MEDIUM, "malformed", f"zip archive cannot be read: {exc}", 0)
         return "zip"
+    shifted = _absolute_reading(f)
+    if shifted is not None:
+        # zipfile (np.load) shifts every offset by the bytes before the archive; torch's reader
+        # (miniz) takes them as written: two loaders, two different sets of members.
+        sink.add(
+            Severity.MEDIUM,
+            "prepended-data",
+            f"{shifted[1]} bytes precede the zip archive its offsets describe: zipfile (np.load) "
+            "and torch.load read different members; both readings are scanned",
+            0,
+        )
+        try:
+            view: IO[bytes] = shifted[0]  # type: ignore[assignment]
+            scan_zip(view, sink, limits=limits, scan_member=scan_member, budget=budget)
+        finally:
+            shifted[0].close()
     names = [i.filename for i in infos]
     torch = any(_TORCH_DATA.fullmatch(n) for n in names)
     torchscript = torch and any("/code/" in n or n.startswith("code/") for n in names)
@@ -127,6 +145,79 @@ def scan_zip(
         finally:
             sink.where = outer
     return fmt
+
+
+def _absolute_reading(f: IO[bytes]) -> tuple[_Tail, int] | None:
+    """When zipfile shifts the archive's offsets (data before it: ``concat`` in zipfile), the
+    archive as readers that take offsets as written see it (torch's miniz), with the number of
+    bytes shifted; None when both read the same. The view is the file up to the end of the
+    central directory the offsets name, then an end record pointing at it, so zipfile itself
+    reads it with no shift."""
+    try:
+        endrec = zipfile._EndRecData(f)  # type: ignore[attr-defined]
+    except (OSError, ValueError, struct.error):
+        return None
+    if endrec is None:
+        return None
+    size_cd, offset_cd = endrec[zipfile._ECD_SIZE], endrec[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
+    concat = endrec[zipfile._ECD_LOCATION] - size_cd - offset_cd  # type: ignore[attr-defined]
+    if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        concat -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+        if concat != 0:
+            # not rebuilt for zip64; the finding still says the readings differ
+            return _Tail(base=f, length=0, tail=b""), concat
+    if concat == 0:
+        return None
+    entries = endrec[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, entries, entries, size_cd, offset_cd, 0)
+    return _Tail(base=f, length=max(0, offset_cd + size_cd), tail=end), concat
+
+
+class _Tail(io.RawIOBase):
+    """The first ``length`` bytes of a seekable file followed by ``tail``: a read-only view."""
+
+    def __init__(self, *, base: IO[bytes], length: int, tail: bytes) -> None:
+        super().__init__()
+        self._base, self._length, self._tail, self._pos = base, length, tail, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        size = self._length + len(self._tail)
+        pos = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: size}[whence] + offset
+        if pos < 0:
+            raise OSError(22, "negative seek position")
+        self._pos = pos
+        return pos
+
+    def read(self, n: int | None = -1, /) -> bytes:
+        size = self._length + len(self._tail)
+        n = size - self._pos if n is None or n < 0 else min(n, size - self._pos)
+        if n <= 0:
+            return b""
+        out = b""
+        if self._pos < self._length:
+            self._base.seek(self._pos)
+            out = self._base.read(min(n, self._length - self._pos))
+            if not out:
+                return b""
+        if len(out) < n and self._pos + len(out) >= self._length:
+            at = self._pos + len(out) - self._length
+            out += self._tail[at : at + n - len(out)]
+        self._pos += len(out)
+        return out
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def member_source(
