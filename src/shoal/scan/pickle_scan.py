@@ -1330,13 +1330,13 @@ class _Analyzer:
             return
         self._check_state(state)
         if isinstance(inst, _Obj):
-            inst.state = state
+            wrapper = _is_joblib_wrapper(inst)
+            # joblib's BUILD updates the wrapper's __dict__: a second BUILD (the wrapper fetched
+            # again from the memo) adds to the attributes of the first, and reads data again
+            inst.state = _merge_states(inst.state, state) if wrapper and inst.state else state
             if inst.origin is not None and inst.origin.qual == "numpy.dtype":
                 self._check_dtype(inst)
-            if (
-                inst.origin is not None
-                and inst.origin.qual == "joblib.numpy_pickle.NumpyArrayWrapper"
-            ):
+            if wrapper:
                 self._joblib_array(inst)
 
     def _check_dtype(self, dtype: _Obj) -> None:
@@ -1504,12 +1504,51 @@ _JOBLIB_ARGS = ("subclass", "shape", "order", "dtype", "allow_mmap", "numpy_arra
 _JOBLIB_ATTRS = frozenset(_JOBLIB_ARGS)
 
 
+_JOBLIB_WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
+# Allowlisted helpers that make an instance of the class they are given without its __init__
+_INSTANCE_MAKERS = frozenset({"copyreg._reconstructor", "copy_reg._reconstructor"})
+
+
+def _is_joblib_wrapper(inst: _Obj) -> bool:
+    """Whether joblib's unpickler sees a NumpyArrayWrapper here (it reads array data after
+    BUILD on any instance of it): the class called or given NEWOBJ, or the class handed to a
+    helper that makes an instance of it (``copyreg._reconstructor(wrapper, object, None)``,
+    scikit-learn's ``newObj(wrapper)``)."""
+    origin = inst.origin
+    if origin is None:
+        return False
+    if origin.qual == _JOBLIB_WRAPPER:
+        return True
+    maker = origin.qual in _INSTANCE_MAKERS or (
+        origin.module.startswith("sklearn") and origin.name == "newObj"
+    )
+    first = inst.args[0] if isinstance(inst.args, tuple) and inst.args else None
+    return maker and isinstance(first, _Glob) and first.qual == _JOBLIB_WRAPPER
+
+
+def _merge_states(old: Any, new: Any) -> Any:
+    """The attributes two BUILDs leave on an object without ``__setstate__``, as one dict
+    (later pairs win); opaque when either state is not written out in the file."""
+    merged = _Dict()
+    for state in (old, new):
+        parts = list(state) if isinstance(state, tuple) and len(state) == 2 else [state]
+        for part in parts:
+            if part is None:
+                continue
+            if not isinstance(part, _Dict):
+                return _Opaque("state")
+            merged.pairs.extend(part.pairs)
+            merged.n += part.n
+    return merged
+
+
 def _joblib_attrs(wrapper: _Obj) -> dict[str, Any] | None:
     """The wrapper's attributes as joblib's unpickler leaves them after BUILD: ``__init__``'s
     arguments when it was called (not for NEWOBJ), then the state dict(s), later keys winning.
     None when any of it is not written out in the file."""
     attrs: dict[str, Any] = {}
-    if not wrapper.new and isinstance(wrapper.args, tuple) and wrapper.args:
+    called = wrapper.origin is not None and wrapper.origin.qual == _JOBLIB_WRAPPER
+    if called and not wrapper.new and isinstance(wrapper.args, tuple) and wrapper.args:
         if len(wrapper.args) > len(_JOBLIB_ARGS):
             return None
         attrs.update(zip(_JOBLIB_ARGS, wrapper.args, strict=False))
