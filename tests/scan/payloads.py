@@ -384,3 +384,26 @@ def joblib_wrapper_by_reconstructor(marker: str) -> bytes:
     wrapper += b"NtR}(" + su("subclass") + glob2("numpy", "ndarray") + su("shape") + b"K\x02\x85"
     wrapper += su("order") + su("C") + su("dtype") + _dtype("u1") + b"ub"
     return b"\x80\x02" + wrapper + b".\xff" + system_call(marker, proto=2) + b"00N."
+
+
+def torch_v7_tar(marker: str) -> bytes:
+    """The legacy torch tar above as a pre-POSIX (v7) tar: no 'ustar' magic, only header
+    checksums, which is all tarfile (and so torch.load) needs. Its first member is named 'N.',
+    so read from byte 0 it is also a pickle that returns None and stops."""
+    buf = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(torch_tar_storages(marker))) as src,
+        tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf,
+    ):
+        tf.addfile(tarfile.TarInfo("N."))
+        for member in src.getmembers():
+            tf.addfile(member, src.extractfile(member))
+    raw = bytearray(buf.getvalue())
+    offset = 0
+    while offset + 512 <= len(raw) and any(raw[offset : offset + 512]):
+        size = tarfile.TarInfo.frombuf(bytes(raw[offset : offset + 512]), "utf-8", "strict").size
+        raw[offset + 257 : offset + 265] = bytes(8)  # no magic, no version
+        raw[offset + 148 : offset + 156] = b" " * 8
+        raw[offset + 148 : offset + 156] = b"%06o\0 " % sum(raw[offset : offset + 512])
+        offset += 512 + (size + 511) // 512 * 512
+    return bytes(raw)

@@ -45,6 +45,7 @@ BYPASSES: dict[str, tuple[Callable[[str], bytes], str]] = {
     "npz_folder_member": (P.npz_folder_member, "npz"),
     "npz_torch_storage_member": (P.npz_torch_storage_member, "npz"),
     "torch_tar_storages": (P.torch_tar_storages, "torch"),
+    "torch_v7_tar": (P.torch_v7_tar, "torch"),
     "zip_prepended_for_torch": (P.zip_prepended_for_torch, "torch"),
     "joblib_second_build": (P.joblib_second_build, "joblib"),
     "joblib_wrapper_by_reconstructor": (P.joblib_wrapper_by_reconstructor, "joblib"),

@@ -138,6 +138,22 @@ def _hdf5_offset(head: bytes, f: IO[bytes] | None) -> int | None:
     return None
 
 
+def _tar_header(head: bytes) -> bool:
+    """Whether tarfile (hence torch.load, which tries every non-zip file as a legacy tar)
+    opens the stream: the ustar magic, or a first 512-byte header whose checksum holds, as in
+    pre-POSIX (v7) tars, which have no magic at all."""
+    if head[257:262] == b"ustar":
+        return True
+    if len(head) < 512:
+        return False
+    import tarfile  # here, not at the top: few model files are tars
+
+    try:
+        return tarfile.nti(head[148:156]) in tarfile.calc_chksums(head[:512])  # type: ignore[attr-defined]
+    except (tarfile.HeaderError, ValueError):
+        return False
+
+
 def _has_zip_directory(f: IO[bytes]) -> bool:
     try:
         return zipfile.is_zipfile(f)
@@ -218,7 +234,7 @@ class _Scanner:
             return "hdf5"
         if _compression(head) is not None:
             return "compressed"
-        if head[257:262] == b"ustar":
+        if _tar_header(head):
             return "tar"
         size = _size(seekable) if seekable is not None else None
         if looks_like_safetensors(head, size):
@@ -252,7 +268,7 @@ class _Scanner:
         codec = _compression(head)
         if codec is not None:
             return self._compressed(r, codec, name=name, depth=depth, hint=hint)
-        if head[257:262] == b"ustar":
+        if _tar_header(head):
             with self._whole(seekable, r) as f:
                 return scan_tar(f, sink, limits=limits, scan_member=sub)
         if looks_like_safetensors(head, size):
