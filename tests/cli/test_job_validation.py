@@ -217,6 +217,14 @@ def test_secure_dp_plans_clip_with_their_own_clip() -> None:
         ({"algorithm": {"name": {"a": 1}}}, r"\[algorithm\] name must be a string"),
         ({"model": {"name": "mlp", "seed": 10**30}}, r"\[model\] seed must fit in 64 bits"),
         ({"model": {"name": "mlp", "hidden": -(10**30)}}, r"\[model\] hidden must fit in 64 bits"),
+        # integers past float's range (OverflowError when turned into a float)
+        ({"privacy": {"epsilon": 10**400}}, r"\[privacy\] epsilon must be a finite number"),
+        ({"aggregate": {"clip": 10**400}}, r"\[aggregate\] clip must be a finite number"),
+        ({"aggregate": {"norm_bound": -(10**400)}}, r"norm_bound must be a finite number"),
+        (
+            {"data": {"dataset": "iris", "partition": {"scheme": "iid", "alpha": 10**400}}},
+            r"alpha must be a finite number",
+        ),
     ],
 )
 def test_hostile_values_that_escaped_name_their_key(tables: dict[str, Any], message: str) -> None:

@@ -191,8 +191,23 @@ def _section(raw: Mapping[str, Any], table: str, schema: Schema) -> dict[str, An
             raise ConfigError(f"[{table}] {key} must be {expected}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"[{table}] {key} must be a finite number, got {value!r}")
+        if (
+            isinstance(types, tuple)
+            and float in types
+            and isinstance(value, int)
+            and abs(value) > sys.float_info.max
+        ):
+            # an integer TOML gives exactly; float(value) would raise OverflowError later
+            raise ConfigError(f"[{table}] {key} must be a finite number, got {brief_int(value)}")
         out[key] = value
     return out
+
+
+def brief_int(value: int) -> str:
+    """An integer as a message shows it: huge ones by their number of digits (str() of an
+    integer over 4,300 digits raises ValueError)."""
+    digits = value.bit_length() * 30103 // 100000 + 1
+    return repr(value) if digits < 40 else f"an integer of about {digits} digits"
 
 
 def _check_fields(table: str, cls: type, values: Mapping[str, Any], skip: set[str]) -> None:

@@ -80,6 +80,8 @@ def _number(name: str, value: object) -> float:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    except OverflowError:  # an int past float's range
+        raise ConfigError(f"{name} must be a finite number, got an integer that large") from None
     if math.isnan(v):
         raise ConfigError(f"{name} must be a number, got NaN")
     return v
