@@ -314,3 +314,23 @@ def test_a_vertical_job_refuses_the_ray_engine(tmp_path: Path) -> None:
         parse_vertical_job(raw, base_dir=tmp_path)
     raw["engine"] = {"kind": "local"}
     assert parse_vertical_job(raw, base_dir=tmp_path).name == "vertical"
+
+
+# Red team: values that passed the type check and then failed with a traceback at run time.
+@pytest.mark.parametrize(
+    ("tables", "message"),
+    [
+        (
+            {"data": {"dataset": "iris", "partition": {"scheme": "iid", "nodes": 10**19}}},
+            r"cannot give 10000000000000000000 nodes 1 sample\(s\) each",
+        ),
+        ({"engine": {"workers": 2**63}}, r"workers must be at most 1024"),
+        (
+            {"privacy": {"noise_multiplier": 1e308, "delta": 1e-5}},
+            r"noise_multiplier must be at most",
+        ),
+    ],
+)
+def test_huge_values_fail_before_they_are_used(tables: dict[str, Any], message: str) -> None:
+    with pytest.raises(ShoalError, match=message):
+        simulate_job(parse_job(job(**tables)))

@@ -601,6 +601,13 @@ def partition(
         if nodes is None:
             raise DataError(f"scheme={scheme!r} needs nodes=<number of nodes>")
         count = _int_arg(nodes, "nodes", minimum=1)
+        if count * min_size > n:
+            # before anything is sized by the node count (nodes = 10**19 made NumPy raise)
+            raise DataError(
+                f"partition {scheme!r} cannot give {count} nodes {min_size} sample(s) each "
+                f"from {n} samples; use fewer nodes (at most {n // min_size}) or a smaller "
+                "min_size"
+            )
         if key in ("dirichlet", "shards") and dataset.classes is None:
             raise DataError(
                 f"scheme={scheme!r} skews labels, but {dataset.name!r} is a regression data "

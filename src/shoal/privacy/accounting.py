@@ -103,7 +103,15 @@ def _check_noise_multiplier(noise_multiplier: object) -> float:
         raise ConfigError(
             f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}"
         )
+    if z > MAX_NOISE_MULTIPLIER:
+        # the accountants square it: 1e308 overflowed inside dp_accounting with a traceback
+        raise ConfigError(
+            f"noise_multiplier must be at most {MAX_NOISE_MULTIPLIER:g}, got {noise_multiplier!r}"
+        )
     return z
+
+
+MAX_NOISE_MULTIPLIER = 1e6  # far past any useful noise; keeps sigma**2 and its logs finite
 
 
 def _check_steps(steps: object) -> int:

@@ -50,6 +50,9 @@ from shoal.wire.codec import copy_json
 __all__ = ["Faults", "LocalEngine", "draw_faults", "inject", "virtual_outcome"]
 
 
+MAX_WORKERS = 1024  # worker threads one LocalEngine may start
+
+
 @dataclass(frozen=True, kw_only=True)
 class Faults:
     """Fault injection for simulated rounds; all draws are deterministic for a seed.
@@ -131,6 +134,12 @@ class LocalEngine:
             raise ConfigError(f"{len(data)} data sets for {len(self._ids)} nodes")
         if workers < 1:
             raise ConfigError("workers must be at least 1")
+        if workers > MAX_WORKERS:
+            # each worker is a thread of this process: 2**63 of them failed part way with a
+            # traceback, and close() then failed too
+            raise ConfigError(
+                f"workers must be at most {MAX_WORKERS} (threads of this process), got {workers}"
+            )
         if cache_size < 0:
             raise ConfigError(f"cache_size must be >= 0, got {cache_size}")
         if devices is not None and devices.nodes not in (None, len(self._ids)):
