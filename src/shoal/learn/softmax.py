@@ -129,9 +129,15 @@ class SoftmaxRegression:
         # the rows, one of their one-hot labels); per batch are left the two products, the
         # softmax in place and the update, all on contiguous slices.
         chunk = max(1, _CHUNK_VALUES // (batch * (self.features + 1))) * batch
-        ones = np.ones((min(chunk, n), 1), dtype=dtype)
-        # A small node's data with its ones column is built once per fit, not per epoch.
-        xa = np.concatenate((x, ones), axis=1, dtype=dtype) if n <= chunk else None
+        xa: np.ndarray | None = None
+        if n <= chunk:
+            # A small node's data with its ones column is built once per fit, not per epoch,
+            # written in place (np.ones and a concatenation cost twice as much per fit).
+            xa = np.empty((n, self.features + 1), dtype=dtype)
+            xa[:, :-1] = x
+            xa[:, -1] = 1
+        else:
+            ones = np.ones((chunk, 1), dtype=dtype)
         eye = _one_hot(self.classes, dtype)
         picked: list[np.ndarray] = []
         steps = 0

@@ -219,8 +219,9 @@ class _Held:
         self.request = request
         self.noised_once = False
         # Fields that entered a secure sum: a second sum over another group would give
-        # this node's value away as the difference of the two sums.
-        self.summed: set[str] = set()
+        # this node's value away as the difference of the two sums. An empty frozenset
+        # until then (shared, not a set per held value: most values never enter one).
+        self.summed: frozenset[str] = frozenset()
 
 
 # A guard sees each request before its task runs and raises to refuse it
@@ -320,12 +321,13 @@ class NodeApp:
         payload: Buffer,
         *,
         keep_as: str | None = None,
-        decoded: Mapping[str, Any] | None = None,
+        decoded: dict[str, Any] | None = None,
     ) -> Buffer:
         """Decode, check, run and encode one task.
 
-        ``decoded`` is ``payload`` already decoded (an in-process engine decodes a payload
-        shared by many nodes once). Raises UnknownTask, WireError or ReleaseRefused (the
+        ``decoded`` is ``payload`` already decoded, as this task's own copy, which the task
+        may change (an in-process engine decodes a payload shared by many nodes once and
+        gives each node a copy). Raises UnknownTask, WireError or ReleaseRefused (the
         request is rejected), PrivacyBudgetExceeded (declined), or TaskError carrying the
         task's own exception as text. Every refusal and decline goes into the node's audit log.
         """
@@ -336,7 +338,7 @@ class NodeApp:
                     f"node {ctx.node_id!r} has no task named {name!r}; it runs only "
                     f"{sorted(t for t in self._tasks if not t.startswith('shoal.'))}"
                 )
-            args = dict(decoded) if decoded is not None else decode(payload, limits=self.limits)
+            args = decoded if decoded is not None else decode(payload, limits=self.limits)
             send = args.pop(SEND_KEY, None)  # a runtime instruction, not the task's argument
             if send is not None and (
                 keep_as is None or type(send) is not list or any(type(f) is not str for f in send)
@@ -511,7 +513,7 @@ def read_held(
     if route.noised or (summed and charged is not None and not charged.applied_in_full):
         _check_noise(held, handle, clip, noise_std, use, group)
     if summed:
-        held.summed.update(summed)
+        held.summed = held.summed.union(summed)
     return out
 
 

@@ -32,7 +32,7 @@ from shoal.errors import (
     UnknownTask,
     WireError,
 )
-from shoal.runtime.app import KEPT_STATE_KEY, NodeApp, TaskContext
+from shoal.runtime.app import KEPT_STATE_KEY, SEND_KEY, NodeApp, TaskContext
 from shoal.runtime.availability import Availability
 from shoal.runtime.devices import Devices, VirtualClock
 from shoal.runtime.engine import (
@@ -302,7 +302,11 @@ class LocalEngine:
                 except WireError:
                     shared[key] = None
                     continue
-                containers = tuple(k for k, v in decoded.items() if type(v) in (list, dict))
+                # The runtime's send list is read, never changed (NodeApp.handle takes it out
+                # before the task runs): only the task's own containers need a copy per node.
+                containers = tuple(
+                    k for k, v in decoded.items() if type(v) in (list, dict) and k != SEND_KEY
+                )
                 shared[key] = (decoded, containers)
         return shared
 
