@@ -299,3 +299,37 @@ def test_masked_decryption_is_exact_and_hides(keys, xs: list[float]) -> None:
     assert not set(plains) & set(P.encode_ints(P.to_fixed(x, 20), pk.n)) or len(xs) == 0
     with pytest.raises(ProtocolError):
         P.ints_from_bytes(pk, P.ints_to_bytes(pk, [int(pk.n) - 1])[:, 1:])
+
+
+@settings(max_examples=20, deadline=None)
+@given(xs=st.lists(floats, min_size=1, max_size=9), slot=st.sampled_from([80, 120, 192]))
+def test_packed_masking_is_exact(keys, xs: list[float], slot: int) -> None:
+    """Packing ciphertexts without the key, masking, decrypting and unpacking gives exactly
+    the values decrypt gives, negatives included; fewer ciphertexts travel."""
+    pk, sk = keys
+    x = np.array(xs)
+    enc = P.encrypt(pk, x, frac_bits=20)
+    packing = P.Packing(key_bits=pk.bits, value_bits=slot, frac_bits=20)
+    masked, masks = P.mask_packed(enc, packing)
+    assert len(masked) == -(-len(xs) // packing.slots)
+    plains = P.decrypt_raw(sk, masked)
+    got = P.unmask_packed(pk, plains, masks, packing=packing, count=len(xs), shape=x.shape)
+    assert got.tolist() == P.decrypt(sk, enc).tolist()
+
+
+def test_packing_ciphertexts_checks_its_layout_and_a_carry_shows(keys) -> None:
+    pk, sk = keys
+    enc = P.encrypt(pk, np.array([1.0, -1.0, 2.0]), frac_bits=8)
+    with pytest.raises(ConfigError, match="fractional bits"):
+        P.pack_encrypted(enc, P.Packing(key_bits=pk.bits, value_bits=64, frac_bits=20))
+    with pytest.raises(ConfigError, match="key size"):
+        P.pack_encrypted(enc, P.Packing(key_bits=1024, value_bits=64, frac_bits=8))
+    # a value beyond the slot's bound (the caller's promise) carries into its neighbour:
+    # unpacking no longer gives the values back, which is why the bound is stated
+    wide = P.encrypt(pk, np.array([2.0**70, 1.0]), frac_bits=8)
+    packing = P.Packing(key_bits=pk.bits, value_bits=64, frac_bits=8)
+    masked, masks = P.mask_packed(wide, packing)
+    got = P.unmask_packed(
+        pk, P.decrypt_raw(sk, masked), masks, packing=packing, count=2, shape=(2,)
+    )
+    assert got.tolist() != [2.0**70, 1.0]

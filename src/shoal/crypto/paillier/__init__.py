@@ -14,10 +14,18 @@ from shoal.crypto.paillier.masking import (
     ints_from_bytes,
     ints_to_bytes,
     mask,
+    mask_packed,
     unmask,
+    unmask_packed,
 )
 from shoal.crypto.paillier.multiexp import multi_exp
-from shoal.crypto.paillier.packing import PackedVector, Packing, decrypt_packed, encrypt_packed
+from shoal.crypto.paillier.packing import (
+    PackedVector,
+    Packing,
+    decrypt_packed,
+    encrypt_packed,
+    pack_encrypted,
+)
 from shoal.crypto.paillier.pool import RandomnessPool
 from shoal.crypto.paillier.vector import (
     DEFAULT_FRAC_BITS,
@@ -51,7 +59,10 @@ __all__ = [
     "ints_from_bytes",
     "ints_to_bytes",
     "mask",
+    "mask_packed",
     "multi_exp",
+    "pack_encrypted",
     "to_fixed",
     "unmask",
+    "unmask_packed",
 ]

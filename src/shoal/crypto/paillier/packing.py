@@ -20,13 +20,14 @@ from shoal.crypto.paillier.encoding import from_fixed, to_fixed
 from shoal.crypto.paillier.keys import PrivateKey, PublicKey
 from shoal.crypto.paillier.pool import RandomnessPool
 from shoal.crypto.paillier.vector import (
+    EncryptedVector,
     ciphertexts_from_bytes,
     ciphertexts_to_bytes,
     obfuscators,
 )
 from shoal.errors import ConfigError, PlaintextOverflow, ProtocolError
 
-__all__ = ["PackedVector", "Packing", "decrypt_packed", "encrypt_packed"]
+__all__ = ["PackedVector", "Packing", "decrypt_packed", "encrypt_packed", "pack_encrypted"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,3 +226,36 @@ def decrypt_packed(private_key: PrivateKey, vector: PackedVector) -> np.ndarray:
     plains = [private_key.raw_decrypt(c) for c in vector.ciphertexts]
     ints = vector.packing.unpack(plains, vector.count, vector.weight)
     return from_fixed(ints, vector.packing.frac_bits, (vector.count,))
+
+
+def pack_encrypted(vector: EncryptedVector, packing: Packing) -> PackedVector:
+    """Pack an encrypted vector's values into ``ceil(len / slots)`` ciphertexts, without the
+    key: ``Enc(sum_j (v_j + offset) * 2**(j * slot_bits))`` by Horner's rule, ``slot_bits``
+    squarings per value.
+
+    Fewer ciphertexts to mask, rerandomize and decrypt. Encrypted values cannot be checked,
+    so the caller vouches for the bound: each value, at the vector's fractional bits, lies in
+    ``[-offset, offset)`` (``packing.value_bits`` signed bits); one outside it would carry into
+    its neighbour. The offsets keep every slot non-negative, and the packed plaintext stays
+    below ``2**(key_bits - 1) < n``, so a value encoded mod n as ``n - |v|`` packs exactly.
+    """
+    pk = vector.public_key
+    if packing.key_bits != pk.bits:
+        raise ConfigError("the packing was laid out for another key size")
+    if packing.frac_bits != vector.frac_bits:
+        raise ConfigError(
+            f"the packing holds values at {packing.frac_bits} fractional bits, the vector "
+            f"has {vector.frac_bits}"
+        )
+    nsq = pk.nsquare
+    offset = 1 + packing.offset * pk.n  # (1 + n)**offset: a trivial encryption of offset
+    shift = gmpy2.mpz(1) << packing.slot_bits
+    cts = vector.ciphertexts
+    out = []
+    for start in range(0, len(cts), packing.slots):
+        acc: Any = None
+        for c in reversed(cts[start : start + packing.slots]):
+            c = c * offset % nsq
+            acc = c if acc is None else gmpy2.powmod(acc, shift, nsq) * c % nsq
+        out.append(acc)
+    return PackedVector(public_key=pk, packing=packing, ciphertexts=tuple(out), count=len(cts))
