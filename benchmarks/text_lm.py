@@ -71,7 +71,15 @@ def history(result: Any) -> list[dict[str, Any]]:
 
 
 def centralized(
-    model: Any, train: Dataset, test: Dataset, *, rounds: int, steps: int, lr: float, seed: int
+    model: Any,
+    train: Dataset,
+    test: Dataset,
+    *,
+    rounds: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    on_round: Any = None,
 ) -> list[dict[str, Any]]:
     """Plain SGD on the pooled windows, ``steps`` minibatches per 'round', evaluated alike."""
     net = model.clone()
@@ -87,6 +95,8 @@ def centralized(
         net.fit(train.subset(rows), config=config, rng=rng)
         wall = time.perf_counter() - t0
         metrics = net.evaluate(test)
+        if on_round is not None:
+            on_round(r, metrics["accuracy"], metrics["perplexity"])
         out.append(
             {
                 "round": r,
@@ -96,6 +106,30 @@ def centralized(
             }
         )
     return out
+
+
+def validation_split(corpus: Any, fraction: float) -> tuple[list[Dataset], Dataset]:
+    """Each role's last ``fraction`` of training windows (in time, like the test split)
+    held out for tuning: (the roles' remaining training windows, the pooled held-out ones).
+
+    Tuning never sees the test split; the held-out windows' contexts may reach back into
+    the role's kept training text, as the test windows' do.
+    """
+    kept: list[Dataset] = []
+    held: list[Dataset] = []
+    for data in corpus.train.values():
+        n = len(data)
+        cut = max(1, n - max(1, round(n * fraction)))
+        kept.append(data.subset(np.arange(cut)))
+        if cut < n:
+            held.append(data.subset(np.arange(cut, n)))
+    pooled = Dataset(
+        x=np.concatenate([d.x for d in held]),
+        y=np.concatenate([d.y for d in held]),
+        classes=held[0].classes,
+        name="play/validation",
+    )
+    return kept, pooled
 
 
 def time_to(rows: list[dict[str, Any]], target: float) -> float | None:
@@ -115,8 +149,41 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=80)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3.0)
+    parser.add_argument("--lr", type=float, default=3.0, help="FedAvg's client lr")
+    parser.add_argument("--fedadam-lr", type=float, help="FedAdam's client lr (default: --lr)")
     parser.add_argument("--server-lr", type=float, default=0.02, help="FedAdam's")
+    parser.add_argument("--central-lr", type=float, help="centralized SGD's lr (default: --lr)")
+    parser.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="evaluate on the test split, or on each role's last --val-fraction of training "
+        "windows held out (training on the rest): the split to tune on",
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="tune on the validation split: FedAvg at each --lrs, FedAdam at each "
+        "--server-lrs (client lr --fedadam-lr), centralized at each --central-lrs, "
+        "interleaved; prints the validation perplexity of each",
+    )
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1.5, 3.0, 6.0])
+    parser.add_argument("--server-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    parser.add_argument("--central-lrs", type=float, nargs="+", default=[1.5, 3.0, 6.0])
+    parser.add_argument(
+        "--training-runs",
+        nargs="+",
+        choices=["fedavg", "fedadam", "centralized"],
+        default=["fedavg", "fedadam", "centralized"],
+        help="which runs part 1 makes (long budgets: run them as separate processes)",
+    )
+    parser.add_argument(
+        "--progress", action="store_true", help="print every --table-every rounds as it goes"
+    )
+    parser.add_argument(
+        "--table-every", type=int, default=10, help="rounds between rows of the per-round table"
+    )
     parser.add_argument("--eval", type=int, default=2000, help="test windows evaluated")
     parser.add_argument("--clip", type=float, default=10.0, help="L2 clip under SecureSum")
     parser.add_argument("--uplink-mbps", type=float, default=1.0)
@@ -134,11 +201,25 @@ def main() -> int:
     if path is None or not path.is_file():
         print(f"{CORPUS} not found; pass --corpus PATH", file=sys.stderr)
         return 2
+    if args.sweep:
+        args.split = "validation"
+        args.parts = ["training"]
+    args.fedadam_lr = args.fedadam_lr or args.lr
+    args.central_lr = args.central_lr or args.lr
     corpus = load_play(path, seq_len=args.seq_len)
-    train, full_test = corpus.pooled()
+    if args.split == "validation":
+        nodes, full_test = validation_split(corpus, args.val_fraction)
+        train = Dataset(
+            x=np.concatenate([d.x for d in nodes]),
+            y=np.concatenate([d.y for d in nodes]),
+            classes=nodes[0].classes,
+            name="play/train-minus-validation",
+        )
+    else:
+        train, full_test = corpus.pooled()
+        nodes = list(corpus.train.values())
     pick = np.sort(np.random.default_rng(args.seed).choice(len(full_test), args.eval, False))
     test = full_test.subset(pick)
-    nodes = list(corpus.train.values())
     model = build_model(
         "char_lstm",
         features=args.seq_len,
@@ -150,7 +231,7 @@ def main() -> int:
     params = sum(v.size for v in model.get_weights().values())
     print(
         f"{len(nodes)} roles, {len(train)} training windows, {args.eval} of {len(full_test)} "
-        f"test windows; char LSTM embedding 8, {args.layers}x{args.hidden} ({params} "
+        f"{args.split} windows; char LSTM embedding 8, {args.layers}x{args.hidden} ({params} "
         f"parameters), {args.rounds} rounds of {args.nodes_per_round} roles x {args.steps} "
         "steps of 32"
     )
@@ -159,13 +240,17 @@ def main() -> int:
         "nodes_per_round": args.nodes_per_round,
         "max_steps": args.steps,
         "batch_size": 32,
-        "lr": args.lr,
     }
 
     devices = Devices(up_mbps=args.uplink_mbps)
 
+    def progress(name: str, r: int, accuracy: Any, perplexity: Any) -> None:
+        if args.progress and (r % args.table_every == 0 or r == args.rounds):
+            print(f"    {name} round {r}: acc {accuracy:.4f} ppl {perplexity:.3f}", flush=True)
+
     def run(name: str, **options: Any) -> list[dict[str, Any]]:
         algorithm = options.pop("algorithm", FedAvg)
+        options.setdefault("lr", args.lr)
         t0 = time.perf_counter()
         result = simulate(
             model=model,
@@ -174,6 +259,7 @@ def main() -> int:
             test=test,
             seed=args.seed,
             devices=devices,
+            on_round=lambda r: progress(name, r.round, r.accuracy, r.extra.get("perplexity")),
         )
         rows = history(result)
         last = rows[-1]
@@ -190,26 +276,65 @@ def main() -> int:
         "runs": {},
     }
     runs = results["runs"]
-    if "training" in args.parts or "compression" in args.parts:
-        print("federated and centralized:")
-        runs["fedavg"] = run("fedavg")
-    if "training" in args.parts:
-        runs["fedadam"] = run("fedadam", algorithm=FedAdam, server_lr=args.server_lr)
+
+    def central(name: str, lr: float) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        runs["centralized"] = centralized(
+        rows = centralized(
             model,
             train,
             test,
             rounds=args.rounds,
             steps=args.nodes_per_round * args.steps,
-            lr=args.lr,
+            lr=lr,
             seed=args.seed,
+            on_round=lambda r, a, p: progress(name, r, a, p),
         )
-        last = runs["centralized"][-1]
+        last = rows[-1]
         print(
-            f"  {'centralized':<28} acc {last['accuracy']:.4f}  ppl {last['perplexity']:.3f}  "
-            f"{(time.perf_counter() - t0) / args.rounds:.2f} s/round"
+            f"  {name:<28} acc {last['accuracy']:.4f}  ppl {last['perplexity']:.3f}  "
+            f"{(time.perf_counter() - t0) / args.rounds:.2f} s/round",
+            flush=True,
         )
+        return rows
+
+    if args.sweep:
+        print(f"sweep on the validation split ({args.rounds} rounds each, interleaved):")
+        grids = [
+            [(f"fedavg lr {lr:g}", {"lr": lr}) for lr in args.lrs],
+            [
+                (
+                    f"fedadam lr {args.fedadam_lr:g} server {s:g}",
+                    {"algorithm": FedAdam, "lr": args.fedadam_lr, "server_lr": s},
+                )
+                for s in args.server_lrs
+            ],
+            [(f"centralized lr {lr:g}", {"central": lr}) for lr in args.central_lrs],
+        ]
+        for i in range(max(len(g) for g in grids)):
+            for grid in grids:
+                if i < len(grid):
+                    name, options = grid[i]
+                    if "central" in options:
+                        runs[name] = central(name, options["central"])
+                    else:
+                        runs[name] = run(name, **options)
+        results["summary"] = sweep_summary(runs, args)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        return 0
+    chosen = set(args.training_runs) if "training" in args.parts else set()
+    if "fedavg" in chosen or "compression" in args.parts:
+        print("federated and centralized:")
+        runs["fedavg"] = run("fedavg")
+    if "fedadam" in chosen:
+        runs["fedadam"] = run(
+            "fedadam", algorithm=FedAdam, lr=args.fedadam_lr, server_lr=args.server_lr
+        )
+    if "centralized" in chosen:
+        runs["centralized"] = central("centralized", args.central_lr)
+    if chosen == {"fedavg", "fedadam", "centralized"}:
+        per_round_table(runs, args.table_every, args.nodes_per_round * args.steps)
     if "compression" in args.parts:
         print("compression (FedAvg):")
         sizes = math.sqrt(params)
@@ -249,10 +374,46 @@ def main() -> int:
     return 0
 
 
+def sweep_summary(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any]:
+    """Validation perplexity of every swept setting: after the last round and the best."""
+    print(f"\n{'setting':<36} {'val ppl (last)':>15} {'best':>8} {'at round':>9}")
+    summary: dict[str, Any] = {}
+    for name, rows in runs.items():
+        best = min(rows, key=lambda r: r["perplexity"])
+        summary[name] = {
+            "perplexity": rows[-1]["perplexity"],
+            "accuracy": rows[-1]["accuracy"],
+            "best_perplexity": best["perplexity"],
+            "best_round": best["round"],
+        }
+        print(
+            f"{name:<36} {rows[-1]['perplexity']:>15.3f} {best['perplexity']:>8.3f} "
+            f"{best['round']:>9}"
+        )
+    return summary
+
+
+def per_round_table(runs: dict[str, list[dict[str, Any]]], every: int, per_round: int) -> None:
+    """Perplexity per round of FedAvg, FedAdam and centralized, and federated / centralized."""
+    print(
+        f"\n{'round':>6} {'minibatches':>12} {'fedavg':>8} {'fedadam':>8} {'central':>8} "
+        f"{'fedavg/c':>9} {'fedadam/c':>10}"
+    )
+    n = len(runs["centralized"])
+    for i in range(n):
+        if (i + 1) % every and i + 1 != n:
+            continue
+        a, b, c = (runs[k][i]["perplexity"] for k in ("fedavg", "fedadam", "centralized"))
+        print(
+            f"{i + 1:>6} {per_round * (i + 1):>12} {a:>8.3f} {b:>8.3f} {c:>8.3f} "
+            f"{a / c:>9.3f} {b / c:>10.3f}"
+        )
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any]:
     base = runs.get("fedavg")
     summary: dict[str, Any] = {}
-    if "centralized" in runs:
+    if {"fedavg", "fedadam", "centralized"} <= set(runs):
         central = runs["centralized"][-1]
         print(f"\nafter {args.rounds} rounds: {'run':<28} {'accuracy':>9} {'perplexity':>11}")
         for name in ("fedavg", "fedadam", "centralized"):
@@ -269,14 +430,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any
                 f"{'':<21}{name:<28} {last['accuracy']:>9.4f} {last['perplexity']:>11.3f} "
                 f"({gap:+.1%} vs centralized; median {mean_wall:.2f} s/round)"
             )
-    if base is not None and len(runs) > 1:
+    if base is not None and "compression" in args.parts:
         target = 0.95 * base[-1]["accuracy"]
         print(
             f"\n{'compression':<28} {'uplink/round':>13} {'vs none':>8} {'accuracy':>9} "
             f"{'lost (pts)':>10} {'time to ' + format(target, '.3f'):>15}"
         )
         for name, rows in runs.items():
-            if name in ("fedadam", "centralized"):
+            if name in ("fedadam", "centralized") or not rows[-1].get("uplink_bytes"):
                 continue
             up = float(np.median([r["uplink_bytes"] for r in rows]))
             ratio = float(np.median([r["uplink_bytes"] for r in base])) / up
