@@ -118,6 +118,33 @@ def test_onnx_export_of_an_lstm_on_token_ids(tmp_path: Path) -> None:
     assert check.ok and check.max_prob_diff <= 1e-5, check
 
 
+def test_the_tiny_transformer_exports_to_onnx_and_round_trips_a_hub_folder(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from shoal.learn.registry import build_model
+
+    options = {"width": 16, "heads": 2, "layers": 1, "ff": 32}
+    model = build_model("tiny_transformer", features=9, classes=12, seed=0, **options)
+    x = tokens(100, seq=9)
+    path = tmp_path / "t.onnx"
+    export_onnx(model, path, sample=x)
+    check = check_onnx(path, model, x)
+    assert check.examples == 100 and check.ok and check.max_prob_diff <= 1e-5, check
+    out = tmp_path / "hub"
+    write_hub(
+        out,
+        model=model,
+        name="tiny_transformer",
+        options=options,
+        features=9,
+        classes=12,
+        record=record(),
+    )
+    loaded = load_pretrained(str(out))
+    np.testing.assert_allclose(model_logits(loaded, x), model_logits(model, x), atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["softmax", "mlp", "lstm"])
 def test_the_numpy_predictor_computes_what_the_model_computes(
     tmp_path: Path, digits: tuple[Dataset, Dataset], name: str
