@@ -19,7 +19,15 @@ FedAvg's final accuracy) with every node on a ``--uplink-mbps`` uplink (download
 LocalEngine's virtual clock (``shoal.runtime.Devices``): each dispatch lasts as long as its
 slowest node's upload plus its measured compute (server-side evaluation is not counted).
 
+Like for like: federated and centralized runs share the model, seed, initialization, test
+windows and the number of minibatches of 32 (centralized takes ``nodes_per_round * steps``
+per round); only the order of the steps differs. Hyperparameters are tuned with ``--sweep``
+on a validation split (each role's last ``--val-fraction`` of training windows, in time),
+never on the test split. Long budgets: ``--training-runs`` one run per process,
+``--progress`` to follow them (docs/text.md has the 150-round table).
+
     python benchmarks/text_lm.py --json results/text_lm.json
+    python benchmarks/text_lm.py --sweep --rounds 30 --json results/text_lm_sweep.json
 """
 
 from __future__ import annotations
