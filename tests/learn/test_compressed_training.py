@@ -3,6 +3,7 @@ quantization of the broadcast, the virtual clock of a 1 Mbit/s uplink, and job f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,28 @@ def test_local_dp_updates_compress_as_post_processing(digits: Any) -> None:
         result.history[-1].extra["uplink_bytes"]
         < train(digits).history[-1].extra["uplink_bytes"] / 4
     )
+
+
+def test_shoal_run_json_reports_bytes_per_round(tmp_path: Path) -> None:
+    from shoal.cli.main import main
+
+    def run(name: str, extra: str) -> list[dict[str, Any]]:
+        job = tmp_path / f"{name}.toml"
+        job.write_text(
+            '[data]\ndataset = "digits"\npartition = { nodes = 4 }\n'
+            '[algorithm]\nname = "fedavg"\nrounds = 2\nnodes_per_round = 4\n' + extra,
+            encoding="utf-8",
+        )
+        out = tmp_path / f"{name}.json"
+        store = str(tmp_path / "s.db")
+        assert main(["run", str(job), "--store", store, "--quiet", "--json", str(out)]) == 0
+        history: list[dict[str, Any]] = json.loads(out.read_text())["history"]
+        assert len(history) == 2
+        return history
+
+    plain = run("plain", "")
+    small = run("small", "downlink_bits = 8\n[aggregate]\nquantize_bits = 8\n")
+    for p, c in zip(plain, small, strict=True):
+        assert 0 < c["uplink_bytes"] < p["uplink_bytes"] / 2
+        assert 0 < c["downlink_bytes"] < p["downlink_bytes"] / 2
+        assert c["uplink_bytes_max_node"] <= c["uplink_bytes"]
