@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from shoal.errors import ConfigError, ReleaseRefused
-from shoal.privacy.guard import DPRequest, NoiseFloor, budget_guard, charge_terms
+from shoal.privacy.guard import (
+    DPRequest,
+    NoiseFloor,
+    budget_guard,
+    charge_owner_terms,
+    charge_terms,
+    owner_budget,
+)
 from shoal.runtime import TaskContext
 from shoal.runtime.audit import canonical, verify_chain
 from shoal.runtime.nodestate import Charge, NodeState, NodeStateFile
@@ -121,3 +128,30 @@ def test_a_route_is_each_fields_own_kind() -> None:
     policy.check_clear(("n", "m"), path="a reply", noised=True)  # the task noised m in full
     with pytest.raises(ReleaseRefused):  # and that allowance is not remembered for the rest
         policy.check_clear(("n", "m"), path="a reply")
+
+
+def test_a_charge_without_a_budget_refuses_replays_and_still_counts_in_a_built_budget() -> None:
+    ctx = TaskContext(node_id="n0", state={}, task_id="r1")
+    charge = charge_terms(sample_rate=1.0, noise_multiplier=1.0, steps=1, clip=1.0)
+    charge_owner_terms(ctx, None, task="train", charge=charge)
+    with pytest.raises(ReleaseRefused, match="charged to this node's privacy ledger already"):
+        charge_owner_terms(ctx, None, task="train", charge=charge)
+    # Another guard builds the owner's budget from the ledger (one charge so far) ...
+    budget = owner_budget(ctx, max_epsilon=100.0, max_delta=1e-5)
+    once = budget.spent()
+    # ... and a charge made without a limit still counts in it, and in the chain.
+    charge_owner_terms(
+        TaskContext(node_id="n0", state=ctx.state, task_id="r2"), None, task="train", charge=charge
+    )
+    assert budget.spent() > once
+    assert len(ctx.node_state.charges()) == 2 and ctx.node_state.verify().ok
+
+
+def test_a_node_state_that_holds_nothing_reads_as_empty() -> None:
+    state = NodeState(node_id="idle")
+    assert state.entries == () and state.charges() == [] and not state.charged("r1")
+    assert state.cached("anything") is None and state.verify().ok
+    state.audit("refused", task_id="r0", reason="x")
+    state.charge(task_id="r1", task="train", charge=dict(TERMS))
+    assert [e.action for e in state.entries] == ["refused", "privacy.charge"]
+    assert state.charged("r1") and verify_chain(state.entries).ok

@@ -323,11 +323,11 @@ def owner_budget(
     """The owner's budget at this node, rebuilt once from the durable ledger in
     ``ctx.node_state`` (so a restart forgets nothing) and shared by every task that charges."""
     state = ctx.node_state
-    budget: NodeBudget | None = state.cache.get(BUDGET_STATE)
+    budget: NodeBudget | None = state.cached(BUDGET_STATE)
     if budget is not None:
         return budget
     with state.lock:  # built once: a second copy would miss the charges made into the first
-        budget = state.cache.get(BUDGET_STATE)
+        budget = state.cached(BUDGET_STATE)
         if budget is None:
             budget = NodeBudget(max_epsilon=max_epsilon, max_delta=max_delta, accountant=accountant)
             for past in state.charges():
@@ -388,28 +388,32 @@ def charge_owner(
 
 def charge_owner_terms(ctx: Any, budget: NodeBudget | None, *, task: str, charge: Charge) -> None:
     """:func:`charge_owner` with terms made once (:func:`charge_terms`) for many nodes."""
-    terms = charge.terms
     state = ctx.node_state
+    task_id = ctx.task_id
     # The check and the charge as one step: two requests at once (a task still running
     # from a dropped session while the next one arrives) must not both fit a budget that
     # has room for one.
     with state.lock:
-        if state.charged(ctx.task_id):  # a replay is refused, not declined for the budget
-            raise ReleaseRefused(
-                f"request {ctx.task_id!r} was charged to this node's privacy ledger already; "
-                "the node does not run a charged request twice"
-            )
         if budget is not None:
+            if state.charged(task_id):  # a replay is refused, not declined for the budget
+                raise ReleaseRefused(
+                    f"request {task_id!r} was charged to this node's privacy ledger already; "
+                    "the node does not run a charged request twice"
+                )
+            terms = charge.terms
             budget.check(
                 sample_rate=terms["sample_rate"],
                 noise_multiplier=terms["noise_multiplier"],
                 steps=terms["steps"],
                 mechanism=terms["mechanism"],
             )
-        state.charge(task_id=ctx.task_id, task=task, charge=charge)
-        budget = budget if budget is not None else state.cache.get(BUDGET_STATE)
-        if budget is not None:  # the owner's budget, if another guard built it, counts this too
-            budget.ledger.record(
+        # Refuses a replay itself (the same message), under the same lock.
+        state.charge(task_id=task_id, task=task, charge=charge)
+        # The owner's budget, if another guard built it, counts this charge too.
+        owner = budget if budget is not None else state.cached(BUDGET_STATE)
+        if owner is not None:
+            terms = charge.terms
+            owner.ledger.record(
                 sample_rate=terms["sample_rate"],
                 noise_multiplier=terms["noise_multiplier"],
                 steps=terms["steps"],

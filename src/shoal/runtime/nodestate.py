@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _json_str  # canonical() of a str
 from pathlib import Path
@@ -91,25 +91,53 @@ class NodeState:
     (the owner's budget), never persisted.
     """
 
+    # A simulation holds one of these per virtual node: slots, and containers made when
+    # first written (most nodes never read their log, many never write it), keep a node's
+    # state to one small object and its lock until it has something to hold.
+    __slots__ = ("__weakref__", "_cache", "_charged", "_entries", "_lock", "_unlinked", "node_id")
+    _plain_append = True  # entries go through NodeState._append (set per subclass below)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._plain_append = cls._append is NodeState._append
+
     def __init__(self, *, node_id: str = "") -> None:
         self.node_id = node_id
-        self.cache: dict[str, Any] = {}
         self._lock = threading.RLock()
-        self._entries: list[AuditEntry] = []
+        self._cache: dict[str, Any] | None = None
+        self._entries: Sequence[AuditEntry] = ()
         # In memory, entries are linked into the chain when first read: the same hashes, but
         # a simulated node charging every task pays for a JSON text, not a SHA-256 and an
-        # entry object each time (a state file links and writes each entry at once).
-        self._unlinked: list[tuple[float, str, str]] = []
-        self._charged: set[str] = set()
+        # entry object each time (a state file links and writes each entry at once). Kept
+        # flat (ts, action, text, ts, ...): no tuple per entry for the collector to track.
+        self._unlinked: Sequence[Any] = ()
+        self._charged: set[str] | frozenset[str] = frozenset()
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        cache = self._cache
+        if cache is None:
+            cache = self._cache = {}
+        return cache
+
+    def cached(self, key: str) -> Any:
+        """``cache.get(key)``, without making a cache for a node that has none."""
+        cache = self._cache
+        return None if cache is None else cache.get(key)
 
     # -- reading -----------------------------------------------------------------------------
 
     def _linked(self) -> list[AuditEntry]:
-        if self._unlinked:
-            for ts, action, text in self._unlinked:
-                self._entries.append(self._link(action, text, ts))
-            self._unlinked.clear()
-        return self._entries
+        entries = self._entries
+        if not isinstance(entries, list):
+            entries = self._entries = []
+        unlinked = self._unlinked
+        if unlinked:
+            for i in range(0, len(unlinked), 3):
+                ts, action, text = unlinked[i : i + 3]
+                entries.append(self._link(action, text, ts))
+            self._unlinked = ()
+        return entries
 
     @property
     def entries(self) -> tuple[AuditEntry, ...]:
@@ -147,23 +175,27 @@ class NodeState:
         """Record a privacy charge for request ``task_id``, durably, before any release.
 
         Raises ReleaseRefused if that request was charged already: a replay would spend the
-        budget twice or draw a second noisy sample of the same value.
+        budget twice or draw a second noisy sample of the same value. The check and the
+        record are one step under the node's lock.
         """
         with self._lock:
-            if task_id in self._charged:
+            charged = self._charged
+            if task_id in charged:
                 raise ReleaseRefused(
                     f"request {task_id!r} was charged to this node's privacy ledger already; "
                     "the node does not run a charged request twice (a replay would spend the "
                     "budget again or give a second noisy sample)"
                 )
-            terms = charge if isinstance(charge, Charge) else Charge.of(charge)
-            if type(self)._append is NodeState._append:
+            terms = charge if type(charge) is Charge else _as_charge(charge)
+            if self._plain_append:
                 self._write(CHARGE, terms.entry_text(task=task, task_id=task_id), task_id)
             else:  # a subclass keeps its entries its own way (the datasite's audit chain)
                 self._append(
                     CHARGE, {"task_id": task_id, "task": task, "charge": dict(terms.terms)}
                 )
-            self._charged.add(task_id)
+            if isinstance(charged, frozenset):  # the node's first charge
+                charged = self._charged = set()
+            charged.add(task_id)
 
     def _link(self, action: str, text: str, ts: float) -> AuditEntry:
         prev = self._entries[-1].hash if self._entries else GENESIS
@@ -188,14 +220,21 @@ class NodeState:
     def _write(self, action: str, text: str, task_id: str | None) -> None:
         # ``text`` is the entry's JSON, made by the caller: a detail that cannot be stored
         # fails the call, not a later read. ``task_id``: a charge's, unique in a state file.
-        self._unlinked.append((time.time(), action, text))
+        unlinked = self._unlinked
+        if not isinstance(unlinked, list):
+            unlinked = self._unlinked = []
+        unlinked += (time.time(), action, text)
 
     def close(self) -> None:
         """Release the file (nothing to do in memory)."""
 
     def __repr__(self) -> str:
-        count = len(self._entries) + len(self._unlinked)
+        count = len(self._entries) + len(self._unlinked) // 3
         return f"<{type(self).__name__} {self.node_id!r}: {count} entries>"
+
+
+def _as_charge(charge: Mapping[str, Any] | Charge) -> Charge:
+    return charge if isinstance(charge, Charge) else Charge.of(charge)
 
 
 MemoryNodeState = NodeState
@@ -516,7 +555,7 @@ class _FileNodeState(NodeState):
     def _write(self, action: str, text: str, task_id: str | None) -> None:
         entry = self._link(action, text, time.time())
         self._file._insert(self.node_id, entry, task_id)
-        self._entries.append(entry)  # only once it is on disk
+        self._linked().append(entry)  # only once it is on disk
 
     def close(self) -> None:
         self._file.close()
