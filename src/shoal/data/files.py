@@ -61,6 +61,14 @@ def load_csv(
         ) from None
     except OSError as exc:  # a file that lists as regular but cannot be read (/proc, a bad disk)
         raise DataError(f"cannot read CSV file {str(p)!r}: {exc.strerror or exc}") from None
+    except csv.Error as exc:  # e.g. a field past the csv module's limit of 131,072 characters
+        raise DataError(
+            f"CSV file {str(p)!r} cannot be parsed as CSV: {exc}; rows of numbers have no "
+            "fields that long"
+        ) from None
+
+
+_MAX_HEADER_CHARS = 16 << 20  # the first line is read whole; a 1 GB line is not a header
 
 
 def _load_csv(
@@ -75,7 +83,12 @@ def _load_csv(
 ) -> Dataset:
     # utf-8-sig drops the byte-order mark Excel writes at the start of "CSV UTF-8" files.
     with open(p, encoding="utf-8-sig", newline="") as f:
-        first = f.readline()
+        first = f.readline(_MAX_HEADER_CHARS + 1)
+        if len(first) > _MAX_HEADER_CHARS:
+            raise DataError(
+                f"CSV file {str(p)!r}: its first line is longer than {_MAX_HEADER_CHARS:,} "
+                "characters; is it a CSV file of numbers with one row per line?"
+            )
         if not first.strip():
             if not f.read().strip():
                 raise DataError(f"CSV file {str(p)!r} is empty: it needs rows of numbers")
