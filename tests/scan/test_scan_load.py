@@ -15,7 +15,9 @@ import pytest
 from shoal.errors import ShoalError, UnsafeModelError
 from shoal.scan import load, loads, restricted_loads
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+# Appended, not inserted first: benchmarks/grpc.py would shadow the grpc package for every
+# test that imports it later in the same session (tests/cli/test_audit_cli.py failed after this).
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import scan_corpus
 
 
