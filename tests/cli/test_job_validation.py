@@ -168,6 +168,7 @@ def _csv_job(tmp_path: Path, name: str) -> dict[str, Any]:
         # a field past the csv module's limit was a _csv.Error traceback
         (b"a,label\n" + b"1" * 200_000 + b",0\n2,1\n", r"cannot be parsed as CSV"),
         (b"a" * (17 << 20) + b",label\n1,0\n", r"first line is longer than"),
+        (b"label,a,label\n1,2,0\n", r"has 2 columns named 'label'"),
     ],
 )
 def test_hostile_csv_files_are_clear_errors(tmp_path: Path, content: bytes, message: str) -> None:

@@ -150,6 +150,12 @@ def _resolve_label(label: str | int, columns: list[str], *, header: bool, path: 
                 f"CSV file {str(path)!r} has no label column {label!r}; its columns are "
                 f"{shown}{more}: pass label=<column name or index>"
             )
+        if columns.count(label) > 1:
+            # the first copy would be taken silently while the others became features
+            raise DataError(
+                f"CSV file {str(path)!r} has {columns.count(label)} columns named {label!r}; "
+                "rename all but the label column, or pass the label column's index"
+            )
         return columns.index(label)
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
         raise DataError(f"label must be a column name or an integer index, got {label!r}")
