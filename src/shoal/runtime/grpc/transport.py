@@ -339,6 +339,7 @@ class FrontDoor:
         # opened a call: the stream's own refusals are stream.py's) or recorded once.
         refusal: str | None = None
         mismatch = False
+        settled = False
         try:
             try:
                 head, kind = self._first_bytes(conn.sock)
@@ -347,7 +348,13 @@ class FrontDoor:
                 if conn.dropped:
                     pass  # recorded below
                 elif kind == "agree":
-                    refusal, mismatch = self._answer(conn.sock, host, head)
+                    refusal, mismatch = self._verdict(host, head)
+                    if refusal is not None:
+                        # Recorded before the answer goes out: a peer that reads it, and then
+                        # a close() of this engine, must find the record.
+                        self._settle(conn, host, refusal, mismatch)
+                        settled = True
+                    self._answer(conn.sock)
                 elif kind == self.speaks:
                     self._limiter.advance(conn.ticket, PREFIX)
                     self._relay(conn, head)
@@ -370,7 +377,8 @@ class FrontDoor:
                     self._open.discard(conn.sock)
             # Recorded before the socket closes: a peer that sees the close, and then a
             # close() of this engine, must find the record (closing skips recording).
-            self._settle(conn, host, refusal, mismatch)
+            if not settled:
+                self._settle(conn, host, refusal, mismatch)
         finally:
             conn.sock.close()
 
@@ -411,16 +419,19 @@ class FrontDoor:
                 kind = "unknown"
         return head, kind
 
-    def _answer(self, conn: socket.socket, host: str, head: bytes) -> tuple[str | None, bool]:
-        """Answer the agreement; returns the refusal to record (and whether it is a mismatch)."""
+    def _verdict(self, host: str, head: bytes) -> tuple[str | None, bool]:
+        """The refusal an agreement earns (and whether it is a mismatch), or None."""
         claim = head[len(AGREEMENT) :].split(b"\n", 1)[0].strip()
-        conn.settimeout(self._timeout_s)
-        conn.sendall(AGREEMENT + self.speaks.encode() + b"\n")
         if claim not in (b"tls", b"plaintext"):
             return f"asked to agree on an unknown transport {claim[:16]!r}", False
         if claim.decode() != self.speaks:
             return mismatch_line(side="coordinator", coordinator=self.speaks, peer=host), True
         return None, False
+
+    def _answer(self, conn: socket.socket) -> None:
+        """Tell the peer which transport this coordinator speaks."""
+        conn.settimeout(self._timeout_s)
+        conn.sendall(AGREEMENT + self.speaks.encode() + b"\n")
 
     def _relay(self, conn: _DoorConn, head: bytes) -> None:
         try:
