@@ -68,7 +68,7 @@ def test_a_mock_run_cannot_read_the_private_file(tmp_path: Path, open_dir: Path)
         rid = service.submit(sam, {**body, "params": {"path": str(data)}})["id"]
         deadline = time.monotonic() + 30
         while service.status(sam, rid)["state"] != "mock-run":
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "the mock run did not end within 30 s"
             time.sleep(0.1)
         assert "could read the file of dataset" in service.status(sam, rid)["reason"]
         assert str(data) not in service.status(sam, rid)["reason"]
@@ -78,7 +78,7 @@ def test_a_mock_run_cannot_read_the_private_file(tmp_path: Path, open_dir: Path)
         data.chmod(0o600)
         rid = service.submit(sam, {**body, "params": {"path": str(data)}})["id"]
         while service.status(sam, rid)["state"] != "mock-run":
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "the mock run did not end within 30 s"
             time.sleep(0.1)
         with pytest.raises(Exception, match="no mock result"):
             decode(service.result_bytes(sam, rid, kind="mock"))

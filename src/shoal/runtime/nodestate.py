@@ -44,6 +44,7 @@ __all__ = [
     "MemoryNodeState",
     "NodeState",
     "NodeStateFile",
+    "durable_table",
     "open_node_state",
 ]
 
@@ -584,3 +585,17 @@ def _entry(row: Any) -> AuditEntry:
         hash=str(digest),
         detail_text=str(detail),
     )
+
+
+def durable_table(path: Path, create: str, *, what: str) -> sqlite3.Connection:
+    """A connection to the SQLite file ``path`` (WAL, ``synchronous=FULL``: a commit is on
+    disk when it returns), with the table of the ``create`` statement made if missing.
+    Shareable across threads (the caller locks). NodeStateError names ``what`` on failure."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(create)
+    except sqlite3.Error as exc:
+        raise NodeStateError(f"cannot keep {what} in {str(path)!r}: {exc}") from None
+    return conn

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from shoal.errors import NodeStateError, ProtocolError
+from shoal.runtime.nodestate import durable_table
 
 __all__ = ["Checkpoints", "FileCheckpoints", "MemoryCheckpoints", "check_run"]
 
@@ -79,18 +79,12 @@ class FileCheckpoints:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS vertical_epochs (run TEXT NOT NULL, "
-                "epoch INTEGER NOT NULL, weights BLOB NOT NULL, PRIMARY KEY (run, epoch))"
-            )
-        except sqlite3.Error as exc:
-            raise NodeStateError(f"cannot keep coefficients in {str(self.path)!r}: {exc}") from None
+        self._conn = durable_table(
+            self.path,
+            "CREATE TABLE IF NOT EXISTS vertical_epochs (run TEXT NOT NULL, "
+            "epoch INTEGER NOT NULL, weights BLOB NOT NULL, PRIMARY KEY (run, epoch))",
+            what="coefficients",
+        )
 
     def save(self, run: str, epoch: int, weights: np.ndarray) -> None:
         blob = np.ascontiguousarray(weights, dtype="<f8").tobytes()

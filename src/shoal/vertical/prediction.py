@@ -11,7 +11,6 @@ suffice for a linear model without noise) costs measurably more.
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from shoal.crypto import paillier as P
-from shoal.errors import ConfigError, NodeStateError, PrivacyBudgetExceeded, ProtocolError
+from shoal.errors import ConfigError, PrivacyBudgetExceeded, ProtocolError
 from shoal.runtime import TaskContext
+from shoal.runtime.nodestate import durable_table
 from shoal.vertical.tasks import spec
 
 __all__ = [
@@ -101,18 +101,12 @@ class FileQueryLedger:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS predict_budget "
-                "(client TEXT PRIMARY KEY, rows INTEGER NOT NULL CHECK (rows >= 0))"
-            )
-        except sqlite3.Error as exc:
-            raise NodeStateError(f"cannot keep a query budget in {str(path)!r}: {exc}") from None
+        self._conn = durable_table(
+            self.path,
+            "CREATE TABLE IF NOT EXISTS predict_budget "
+            "(client TEXT PRIMARY KEY, rows INTEGER NOT NULL CHECK (rows >= 0))",
+            what="a query budget",
+        )
 
     def charge(self, client: str, rows: int, *, limit: int | None) -> int:
         with self._lock:
