@@ -157,10 +157,20 @@ def test_cli_query_writes_json(
     data = json.loads(out.read_text())
     assert data["columns"] == ["ward", "n", "a"] and data["epsilon"] == 1.0
     assert len(data["rows"]) == 4 and len(data["error"]) == 4
-    assert "distributed DP" in capsys.readouterr().out
+    age = data["disclosed"]["columns"]["age"]
+    assert age["values_clamped_error"] > 0 and age["null_rows_ignored_error"] > 0
+    printed = capsys.readouterr().out
+    assert "distributed DP" in printed
+    # The noisy clamped count is printed with its error bar, as the JSON holds it.
+    clamped = f"{age['values_clamped']:.6g} ± {age['values_clamped_error']:.3g}"
+    assert f"column age: {clamped} value(s) clamped to [0, 120]" in printed
     assert main(["query", "--job", str(job), "--sql", sql, "--exact", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["mode"] == "exact" and "error" not in data
+    assert data["disclosed"]["columns"]["age"]["values_clamped"] == 0  # ages are in [0, 100)
+    assert "column age: 0 value(s) clamped to [0, 120], 0 NULL(s) ignored" in (
+        capsys.readouterr().out
+    )
     assert main(["query", "--job", str(job), "--sql", "SELECT age FROM visits"]) == 2
     assert "row-level output is refused" in capsys.readouterr().err
     # One query refused does not cost the next its answer.

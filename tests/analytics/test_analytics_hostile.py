@@ -105,3 +105,43 @@ def test_a_claimed_group_larger_than_the_secure_sum_is_refused(parties: Any) -> 
             assert file.verify().ok
             refused = [e.detail for e in file.read("") if e.action == "refused"]
         assert any("participant(s) this node sees" in d["reason"] for d in refused), refused
+
+
+def test_the_clamped_count_leaves_a_party_only_noised_inside_the_secure_sum(
+    parties: Any,
+) -> None:
+    """How many of a party's values lie outside the declared bounds is disclosed under DP
+    as a noisy count (a block of the query's statistics, charged with it). A coordinator
+    that wants one party's exact count gets nothing: the statistics cannot be fetched in
+    the clear, and exact or coordinator-noised requests are declined."""
+    from shoal.analytics import Privacy, query
+
+    fs, fed, procs = parties
+    config = fs.config(bounds={"age": [0, 30]}, max_contributions=1)
+    sql = "SELECT AVG(age) AS a FROM visits"
+    base = {"sql": sql, "config": config.to_json(), "keys": None}
+    distributed = {"epsilon": EPSILON, "mode": "distributed", "shares": 3}
+    values = fed.all().map(STATS_TASK, **base, privacy=distributed)
+    assert len(values.node_ids) == 3, values.failures
+    assert values.reveal() == {}  # each party's vector (its clamped count in it): refused
+    assert all("refuses" in values.failures[n].detail for n in values.node_ids)
+    for privacy in (None, {**distributed, "mode": "central"}):
+        asked = fed.all().map(STATS_TASK, min_nodes=0, **base, privacy=privacy)
+        assert not asked.node_ids and len(asked.failures) == 3
+        assert all(f.kind.value == "declined" for f in asked.failures.values())
+    # The honest way: the three parties' noised counts summed by SecAgg+.
+    truth = fs.duck("SELECT COUNT(*) FROM visits WHERE age > 30")[0][0]
+    result = query(fed, sql, config=config, privacy=Privacy(epsilon=1.0))
+    age = result.disclosed["columns"]["age"]
+    assert result.failures == {} and len(result.parties) == 3
+    assert age["values_clamped"] != truth
+    assert abs(age["values_clamped"] - truth) < 20 * age["values_clamped_error"]
+    assert all(proc.poll() is None for proc in procs)  # every party still serves
+    for p in fs.parties:  # and each recorded the refused fetch in its own audit log
+        with NodeStateFile(Path(p.path).with_name(f"{p.name}-state.db"), owner=None) as file:
+            assert file.verify().ok
+            refused = [e.detail for e in file.read("") if e.action == "refused"]
+        assert any(
+            d["task"] == "shoal.fetch" and "refuses to send ['stats'] in the clear" in d["reason"]
+            for d in refused
+        ), refused

@@ -97,7 +97,9 @@ def test_central_mode_and_error_bars_for_derived_outputs(three: Federated) -> No
         assert 0 <= row[1] <= 120 and 0 <= row[2] <= 60
     cols = result.disclosed["columns"]
     assert "null_rows_ignored" in cols["cost"]
-    assert "not released under DP" in cols["age"]["values_clamped"]
+    # Clamping is disclosed under central noise too: a noisy count with its error bar.
+    assert isinstance(cols["age"]["values_clamped"], float)
+    assert cols["age"]["values_clamped_error"] > 0
 
 
 def test_nulls_ignored_are_disclosed_noisy_with_their_error(three: Federated) -> None:
@@ -117,6 +119,32 @@ def test_nulls_ignored_are_disclosed_noisy_with_their_error(three: Federated) ->
     # Truth: the units' NULL rows (one row kept per unit; a unit's rows differ, so the
     # DISTINCT ON pick is only one draw of it: within a few rows of the party's draw).
     assert np.median(misses) < 2.5
+
+
+def test_clamped_values_are_disclosed_noisy_within_the_query_epsilon(three: Federated) -> None:
+    # Every row its own unit, one row each: the truth is the count of ages above the bound.
+    config = three.config(bounds={"age": [0, 50]}, privacy_unit=None, max_contributions=1)
+    sql = "SELECT ward, AVG(age) AS a FROM visits GROUP BY ward"
+    truth = three.duck("SELECT COUNT(*) FROM visits WHERE age > 50")[0][0]
+    assert truth > 100
+    # The clamped count is one block of the query's statistics: its Laplace scale is the
+    # block's share of the query's epsilon, and the shares compose to exactly that epsilon
+    # (what each party charges its ledger), so disclosing it spends nothing beyond it.
+    blocks = blocks_for(parse(sql, config), config, dp=True)
+    assert [b.kind for b in blocks] == ["n", "s1", "nulls", "clamped"]
+    lap = laplace_scales(blocks, config, 1.0)
+    assert sum(b.sensitivity / lap[b.name] for b in blocks) == pytest.approx(1.0)
+    scale = lap["clamped:c0"]
+    misses = []
+    for _ in range(10):
+        result = query(federation(config), sql, config=config, privacy=Privacy(epsilon=1.0))
+        age = result.disclosed["columns"]["age"]
+        assert age["bounds"] == [0.0, 50.0]
+        assert age["values_clamped_error"] == pytest.approx(math.sqrt(2) * scale, rel=0.35)
+        assert age["values_clamped"] != truth  # noised, not the exact count
+        misses.append(abs(age["values_clamped"] - truth) / age["values_clamped_error"])
+    assert np.median(misses) < 2.5
+    assert max(misses) < 15
 
 
 def test_dp_quantiles_are_centred_on_the_truth_with_honest_error_bars(

@@ -252,7 +252,7 @@ def query(
     blocks = blocks_for(plan, config, dp=dp)
     n_groups = len(domain) + (0 if dp else 1)
     bound = scales(blocks, plan, config)
-    scale_vec = np.concatenate([np.full(n_groups * b.width, bound[b.name]) for b in blocks])
+    scale_vec = np.concatenate([np.full(b.cells(n_groups), bound[b.name]) for b in blocks])
     eps_stats = epsilon - selection_eps
     lap_vec = None
     lap: dict[str, float] = {}
@@ -268,7 +268,7 @@ def query(
     elif dp:
         lap = laplace_scales(blocks, config, eps_stats)
         lap_vec = np.concatenate(
-            [np.full(n_groups * b.width, lap[b.name] / bound[b.name]) for b in blocks]
+            [np.full(b.cells(n_groups), lap[b.name] / bound[b.name]) for b in blocks]
         )
     payload = {
         "sql": sql,
@@ -294,7 +294,7 @@ def query(
         draws = unflatten(total + noise.reshape(DRAWS, total.size) / layout.step, blocks, n_groups)
     elif dp:
         rng = np.random.default_rng()
-        lap_abs = np.concatenate([np.full(n_groups * b.width, lap[b.name]) for b in blocks])
+        lap_abs = np.concatenate([np.full(b.cells(n_groups), lap[b.name]) for b in blocks])
         draws = unflatten(
             total + rng.laplace(0.0, lap_abs, size=(DRAWS, total.size)), blocks, n_groups
         )
@@ -531,8 +531,9 @@ def _disclosed(
     draws: Mapping[str, np.ndarray] | None,
 ) -> dict[str, Any]:
     """What the answer discloses beyond its cells: bounds, clamping, NULLs, dropped rows;
-    under DP (``draws``: simulated re-draws of the noise) the NULL counts are noisy and
-    carry their standard error."""
+    under DP (``draws``: simulated re-draws of the noise) the NULL and clamped counts are
+    noisy (released with the query's epsilon, counted over the public groups) and carry
+    their standard error."""
     dp = draws is not None
     out: dict[str, Any] = {
         "max_contributions": config.max_contributions,
@@ -544,18 +545,17 @@ def _disclosed(
         name = plan.bounds_of(col)
         if name in config.bounds:
             entry["bounds"] = list(config.bounds[name])
-        nulls = stats.get(f"nulls:c{i}")
-        if nulls is not None and draws is not None:
-            entry["null_rows_ignored"] = float(nulls[:n, 0].sum())
-            spread = _spread(draws[f"nulls:c{i}"][:, :n, 0].sum(axis=1))
-            entry["null_rows_ignored_error"] = spread
-        elif nulls is not None:
-            entry["null_rows_ignored"] = round(float(nulls[:, 0].sum()))
-        clamped = stats.get(f"clamped:c{i}")
-        if clamped is not None:
-            entry["values_clamped"] = round(float(clamped[:, 0].sum()))
-        elif dp and "bounds" in entry:
-            entry["values_clamped"] = "not released under DP (it would cost budget)"
+        for kind, key in (("nulls", "null_rows_ignored"), ("clamped", "values_clamped")):
+            counts = stats.get(f"{kind}:c{i}")
+            if counts is None:
+                continue
+            # One number over the groups (Block.total): under DP a noisy count over the
+            # public groups, with its standard error.
+            if draws is not None:
+                entry[key] = float(counts[0, 0])
+                entry[f"{key}_error"] = _spread(draws[f"{kind}:c{i}"][:, 0, 0])
+            else:
+                entry[key] = round(float(counts[0, 0]))
         columns[col] = entry
     out["columns"] = columns
     rows = stats.get("rows")

@@ -18,11 +18,12 @@ from shoal.analytics.config import AnalyticsConfig
 from shoal.analytics.dialect import Aggregate, Plan
 from shoal.errors import QueryError
 
-__all__ = ["Block", "Stats", "answer", "blocks_for", "laplace_scales", "local_stats"]
+__all__ = ["Block", "Stats", "answer", "blocks_for", "laplace_scales", "local_stats", "released"]
 
-# Under DP the count of NULLs each column ignores is released too, with this weight in the
-# split of epsilon (the main blocks weigh 1 each): disclosed, but not at the answer's cost.
-NULL_WEIGHT = 0.05
+# Under DP the count of NULLs each column ignores, and the count of values clamped to its
+# bounds, are released too, each with this weight in the split of epsilon (the main blocks
+# weigh 1 each): disclosed, but not at the answer's cost.
+DISCLOSED_WEIGHT = 0.05
 # Under DP a quantile's rank is placed by the column's noisy count (the histogram's own sum
 # carries every bin's noise): a small weight suffices, as a count's noise is far below that
 # of the cumulative bins it is compared with.
@@ -38,6 +39,13 @@ class Block:
     width: int
     sensitivity: float
     weight: float
+    # One number over all groups instead of one per group (the disclosed counts: only their
+    # total is released, and under DP one cell carries one cell's noise, not the groups').
+    total: bool = False
+
+    def cells(self, n_groups: int) -> int:
+        """Numbers this block sends for ``n_groups`` groups."""
+        return (1 if self.total else n_groups) * self.width
 
     @property
     def name(self) -> str:
@@ -110,12 +118,13 @@ def blocks_for(plan: Plan, config: AnalyticsConfig, *, dp: bool) -> tuple[Block,
             blocks.append(Block("s2", i, 1, r * r, 1.0))
         for b in sorted(bins):
             blocks.append(Block("hist", i, b, 1.0, 1.0))
-        if dp:
-            blocks.append(Block("nulls", i, 1, 1.0, NULL_WEIGHT))
-        else:
-            blocks.append(Block("nulls", i, 1, 1.0, 0.0))
-            if ({"sum", "s1", "s2"} & need) or bins:
-                blocks.append(Block("clamped", i, 1, 1.0, 0.0))
+        # Disclosed counts: NULLs ignored and, for a column whose values are used, values
+        # clamped to its bounds (a row is one of either in one group: sensitivity 1). Under
+        # DP they are noised and charged with the rest of the query; exact answers are free.
+        weight = DISCLOSED_WEIGHT if dp else 0.0
+        blocks.append(Block("nulls", i, 1, 1.0, weight, total=True))
+        if ({"sum", "s1", "s2"} & need) or bins:
+            blocks.append(Block("clamped", i, 1, 1.0, weight, total=True))
     return tuple(blocks)
 
 
@@ -210,6 +219,17 @@ def local_stats(
     return out
 
 
+def released(stats: Mapping[str, np.ndarray], blocks: Sequence[Block], groups: int) -> Stats:
+    """What a party sends of ``local_stats``: the first ``groups`` groups of each block (under
+    DP the public domain; exact answers keep the outside group too), and a ``total`` block
+    summed over them."""
+    out: Stats = {}
+    for b in blocks:
+        kept = np.asarray(stats[b.name])[:groups]
+        out[b.name] = kept.sum(axis=0, keepdims=True) if b.total else kept
+    return out
+
+
 def _bin_index(v: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
     idx = np.floor((v - lo) / (hi - lo) * bins).astype(np.int64)
     return np.clip(idx, 0, bins - 1)
@@ -225,8 +245,8 @@ def unflatten(vector: np.ndarray, blocks: Sequence[Block], n_groups: int) -> Sta
     out: Stats = {}
     at = 0
     for b in blocks:
-        size = n_groups * b.width
-        out[b.name] = vector[..., at : at + size].reshape(*lead, n_groups, b.width)
+        size = b.cells(n_groups)
+        out[b.name] = vector[..., at : at + size].reshape(*lead, size // b.width, b.width)
         at += size
     if at != vector.shape[-1]:
         raise QueryError(f"the summed statistics have {vector.shape[-1]} numbers, expected {at}")

@@ -22,7 +22,15 @@ from shoal.analytics.dialect import parse
 from shoal.analytics.party import Domain, bounded_sql, key_counts, party_stats
 from shoal.analytics.sketch import SketchShape, sketch
 from shoal.analytics.source import Database
-from shoal.analytics.stats import Block, blocks_for, flatten, laplace_scales, scales, skellam_steps
+from shoal.analytics.stats import (
+    Block,
+    blocks_for,
+    flatten,
+    laplace_scales,
+    released,
+    scales,
+    skellam_steps,
+)
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, QueryError, TaskError
 from shoal.privacy import (
     NodeBudget,
@@ -244,7 +252,7 @@ def skellam_layout(
     """The Skellam layout of a query's statistics vector (``n_groups`` groups per block)."""
     k, d2 = skellam_steps(blocks, config)
     bound = scales(blocks, plan, config)
-    size = [n_groups * b.width for b in blocks]
+    size = [b.cells(n_groups) for b in blocks]
     step = np.concatenate([np.full(n, k[b.name]) for n, b in zip(size, blocks)])
     # A statistic is at most its public bound; rounding adds at most 1/2.
     top = np.concatenate(
@@ -327,10 +335,10 @@ def _skellam_stats(
     privacy: Mapping[str, Any],
     policy: NodePolicy,
     epsilon: float,
+    n_groups: int,
 ) -> dict[str, Any]:
     """The statistics as integers plus this party's Skellam(mu / k) share: the k shares sum
     to exactly Skellam(mu) inside the secure sum (Poisson laws add)."""
-    n_groups = stats[blocks[0].name].shape[0]
     layout = skellam_layout(
         blocks, plan, config, n_groups=n_groups, epsilon=epsilon, delta=privacy["delta"]
     )
@@ -370,11 +378,13 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
         epsilon = _charge(ctx, policy, privacy, skellam_d2=skellam_steps(blocks, config)[1])
         stats = party_stats(db, plan, config, blocks, domain)
         n_groups = len(domain)
-        if dp:  # the outside-the-domain group is disclosed only in exact answers
-            stats = {k: v[:n_groups] for k, v in stats.items()}
+        # The outside-the-domain group is disclosed only in exact answers.
+        stats = released(stats, blocks, n_groups if dp else n_groups + 1)
         if privacy is not None and privacy.get("noise") == "skellam":
             assert epsilon is not None
-            return _skellam_stats(ctx, stats, blocks, plan, config, privacy, policy, epsilon)
+            return _skellam_stats(
+                ctx, stats, blocks, plan, config, privacy, policy, epsilon, n_groups
+            )
         bound = scales(blocks, plan, config)
         vector = flatten({b.name: stats[b.name] / bound[b.name] for b in blocks}, blocks)
         if dp:

@@ -313,10 +313,40 @@ def _print(result: Any) -> None:
                 text += f" ± {result.errors[i][j]:.3g}"
             cells.append(text)
         print("\t".join(cells), file=out)
+    for line in _disclosure_lines(result.disclosed):
+        print(line, file=out)
     for node, reason in result.failures.items():
         print(f"party {node} did not answer: {reason}", file=out)
     for note in result.notes:
         print(f"note: {note}", file=out)
+
+
+DISCLOSED_COUNTS = (
+    ("values_clamped", "value(s) clamped"),
+    ("null_rows_ignored", "NULL(s) ignored"),
+)
+
+
+def _disclosure_lines(disclosed: Any) -> list[str]:
+    """Per column: values clamped to its bounds and NULL rows ignored (noisy, with their
+    standard error, under DP), and rows outside the declared groups (exact answers)."""
+    lines = []
+    for col, entry in (disclosed.get("columns") or {}).items():
+        parts = []
+        for key, what in DISCLOSED_COUNTS:
+            if key not in entry:
+                continue
+            text = _fmt(entry[key])
+            if entry.get(f"{key}_error") is not None:
+                text += f" ± {entry[f'{key}_error']:.3g}"
+            if key == "values_clamped" and "bounds" in entry:
+                what += f" to [{_fmt(entry['bounds'][0])}, {_fmt(entry['bounds'][1])}]"
+            parts.append(f"{text} {what}")
+        if parts:
+            lines.append(f"column {col}: " + ", ".join(parts))
+    if disclosed.get("rows_outside_groups"):
+        lines.append(f"rows outside the declared groups: {disclosed['rows_outside_groups']}")
+    return lines
 
 
 def _fmt(v: Any) -> str:
