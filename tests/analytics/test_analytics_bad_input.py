@@ -209,3 +209,48 @@ def test_cli_skellam_job_and_node_db_arguments(
     assert "drop --job" in capsys.readouterr().err
     assert main(node) == 2
     assert "--db FILE" in capsys.readouterr().err
+
+
+def test_hostile_requests_sent_straight_to_the_parties_fail_there_alone(
+    three: Federated,
+) -> None:
+    """A modified coordinator skips its own checks and sends the parties SQL and
+    declarations of its choosing: each party re-parses and refuses them with the reason,
+    allocates nothing for an oversized request, and answers the next honest query."""
+    from shoal.analytics import STATS_TASK
+
+    config = three.config(privacy_unit="patient_id")
+    fed = federation(config)
+    wide = {f"k{i}": [str(j) for j in range(100)] for i in range(4)}  # 10^8 groups
+    bins = {**config.to_json(), "bins": 10**9}
+    hostile = [
+        ("COPY visits TO '/tmp/shoal-hostile.csv'", config.to_json(), "COPY statements"),
+        ("SELECT COUNT(*) FROM visits WHERE " + "(" * 2000 + "1 = 1" + ")" * 2000, None, "deeply"),
+        ("SELECT COUNT(*) FROM visits WHERE age IN (" + "1," * 20_000 + "1)", None, "characters"),
+        (
+            "SELECT COUNT(*) FROM visits v JOIN visits w ON w.patient_id = 42",
+            {**config.to_json(), "join_tables": []},
+            "same privacy unit",
+        ),
+        (
+            "SELECT k0, k1, k2, k3, COUNT(*) FROM visits GROUP BY k0, k1, k2, k3",
+            {**config.to_json(), "categories": wide},
+            "100,000,000 groups",
+        ),
+        ("SELECT MEDIAN(age) FROM visits", bins, "over 4,194,304"),
+    ]
+    for sql, declared, expected in hostile:
+        values = fed.all().map(
+            STATS_TASK,
+            min_nodes=0,
+            sql=sql,
+            config=declared or config.to_json(),
+            keys=None,
+            privacy=None,
+        )
+        assert not values.node_ids
+        assert len(values.failures) == 3
+        assert all(expected in f.detail for f in values.failures.values()), values.failures
+    assert not Path("/tmp/shoal-hostile.csv").exists()
+    result = query(fed, "SELECT COUNT(*) AS n FROM visits", config=config)
+    assert result.rows[0][0] == three.duck("SELECT COUNT(*) FROM visits")[0][0]

@@ -123,3 +123,116 @@ def test_plans_are_shared_per_query_and_declarations_and_never_changed_by_use() 
         parse("SELECT age FROM visits", CONFIG)
     with pytest.raises(QueryError):
         parse("SELECT age FROM visits", CONFIG)
+
+
+UNIT = AnalyticsConfig(
+    table="visits",
+    privacy_unit="patient_id",
+    bounds={"age": [0, 120]},
+    categories={"ward": ["A", "B"]},
+    join_tables=("patients",),
+)
+HOSTILE = [
+    # Statements that read, write or load files, or change the connection: one SELECT only.
+    ("COPY visits TO '/tmp/x.csv'", "COPY statements are not in the dialect"),
+    ("COPY (SELECT COUNT(*) FROM visits) TO '/tmp/x.csv'", "COPY statements"),
+    ("ATTACH '/tmp/x.duckdb' AS x", "ATTACH statements"),
+    ("INSTALL httpfs", "INSTALL statements"),
+    ("LOAD httpfs", "statements are not in the dialect"),
+    ("PRAGMA database_list", "PRAGMA statements"),
+    ("SET enable_external_access = true", "SET statements"),
+    ("CALL pragma_version()", "statements are not in the dialect"),
+    ("SELECT COUNT(*) FROM visits; COPY visits TO '/tmp/x.csv'", "one SELECT"),
+    # Functions and table functions that read files, anywhere in the query.
+    ("SELECT COUNT(*) FROM read_parquet('/etc/x.parquet')", "table functions are refused"),
+    ("SELECT COUNT(*) FROM visits, read_csv('/etc/passwd')", "table functions are refused"),
+    ("SELECT COUNT(*) FROM visits v JOIN read_csv('/etc/passwd') r ON 1 = 1", "table functions"),
+    ("SELECT COUNT(*) FROM 'x.parquet'", "table 'x.parquet' is not declared"),
+    ("SELECT COUNT(*) FROM visits WHERE read_text('/etc/passwd') = 'x'", "READ_TEXT()"),
+    ("SELECT COUNT(*) FROM visits WHERE length(read_blob('/etc/passwd')) > 1", "READ_BLOB()"),
+    ("SELECT COUNT(*) FROM visits WHERE current_setting('threads') = '1'", "CURRENT_SETTING()"),
+    ("SELECT SUM(age) FILTER (WHERE read_text('x') = 'y') FROM visits", "Filter"),
+    ("SELECT COUNT(*) FROM visits WHERE repeat(ward, 1000000000) = 'x'", "REPEAT()"),
+    # Recursive CTEs (and any CTE), subqueries, sampling, renamed columns.
+    (
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) "
+        "SELECT COUNT(*) FROM visits",
+        "WITH (common table expressions)",
+    ),
+    ("SELECT COUNT(*) FROM visits USING SAMPLE 10", "USING SAMPLE is not in"),
+    ("SELECT COUNT(*) FROM visits TABLESAMPLE (10 PERCENT)", "TABLESAMPLE"),
+    ("SELECT COUNT(*) FROM visits AS v(ward, patient_id)", "column aliases on a table"),
+    # Size and depth: refused before sqlglot spends seconds or its stack on them.
+    (
+        "SELECT COUNT(*) FROM visits WHERE age IN (" + ",".join(map(str, range(10_000))) + ")",
+        "over the dialect's 20000",
+    ),
+    ("SELECT COUNT(*) FROM visits WHERE " + "(" * 2000 + "age > 1" + ")" * 2000, "too deeply"),
+    ("SELECT " + "(" * 300 + "COUNT(*)" + ")" * 300 + " FROM visits", "too deeply"),
+    (
+        "SELECT COUNT(*) FROM visits WHERE "
+        + "CASE WHEN age > 1 THEN " * 400
+        + "1"
+        + " END" * 400
+        + " = 1",
+        "too deeply",
+    ),
+    ("SELECT COUNT(*) FROM visits WHERE " + "NOT " * 3000 + "age > 1", "too deeply"),
+    # Joins that would put another unit's values in a unit's rows.
+    (
+        "SELECT COUNT(*) FROM visits v JOIN patients p ON p.patient_id = 42 WHERE p.sex = 'F'",
+        "tie the join by the unit: ON <earlier>.patient_id = p.patient_id",
+    ),
+    ("SELECT SUM(w.age) FROM visits v JOIN visits w ON w.patient_id = 42", "same privacy unit"),
+    ("SELECT COUNT(*) FROM visits v, patients p WHERE p.sex = 'F'", "same privacy unit"),
+    (
+        "SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id = p.patient_id OR 1 = 1",
+        "same privacy unit",
+    ),
+    ("SELECT COUNT(*) FROM visits v JOIN patients p ON v.age = p.patient_id", "same privacy"),
+    (
+        "SELECT COUNT(*) FROM visits v RIGHT JOIN patients p ON v.patient_id = p.patient_id",
+        "RIGHT join keeps rows without a row of the job's table",
+    ),
+    ("SELECT COUNT(*) FROM patients p LEFT JOIN visits USING (patient_id)", "LEFT join keeps"),
+]
+
+
+@pytest.mark.parametrize(("sql", "expected"), HOSTILE)
+def test_hostile_sql_is_refused_with_a_message_naming_it(sql: str, expected: str) -> None:
+    with pytest.raises(QueryError) as info:
+        parse(sql, UNIT)
+    assert expected in str(info.value)
+
+
+def test_joins_tied_by_the_unit_are_accepted() -> None:
+    for sql in (
+        "SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id = p.patient_id",
+        "SELECT COUNT(*) FROM visits v JOIN patients p ON p.sex = 'F' AND p.patient_id = "
+        "v.patient_id",
+        "SELECT COUNT(*) FROM visits v LEFT JOIN patients p USING (patient_id)",
+        "SELECT COUNT(*) FROM patients JOIN visits USING (patient_id)",
+        "SELECT COUNT(*) FROM visits v JOIN visits w ON v.patient_id = w.patient_id "
+        "JOIN patients p ON w.patient_id = p.patient_id",
+    ):
+        parse(sql, UNIT)
+    # Without a privacy unit, every row is a unit: a join may only be answered exactly.
+    from shoal.analytics.dialect import check_joins_under_dp
+
+    sql = "SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id = p.patient_id"
+    with pytest.raises(QueryError, match="needs a privacy unit"):
+        check_joins_under_dp(parse(sql, CONFIG), CONFIG)
+    check_joins_under_dp(parse(sql, UNIT), UNIT)
+
+
+def test_the_longest_query_allowed_still_parses() -> None:
+    from shoal.analytics.dialect import MAX_SQL_CHARS
+
+    head = "SELECT COUNT(*) FROM visits WHERE ward IN ("
+    items, n = [], 0
+    while len(head) + n + 60 < MAX_SQL_CHARS:
+        items.append(f"'w{len(items)}'")
+        n += len(items[-1]) + 1
+    sql = head + ",".join(items) + ")"
+    assert len(sql) <= MAX_SQL_CHARS
+    assert parse(sql, UNIT).keys == ()

@@ -22,7 +22,7 @@ from shoal.analytics import _deps
 from shoal.analytics.config import AnalyticsConfig
 from shoal.errors import QueryError
 
-__all__ = ["Aggregate", "Output", "Plan", "evaluate", "parse"]
+__all__ = ["Aggregate", "Output", "Plan", "check_joins_under_dp", "evaluate", "parse"]
 
 ROW_LEVEL = (
     "row-level output is refused: a federated query releases only aggregates, because rows "
@@ -43,6 +43,10 @@ KINDS = (
     "histogram",
 )
 NEEDS_BOUNDS = frozenset(KINDS) - {"count_rows", "count"}
+# A query's text is bounded before it is parsed: every party parses what a coordinator sends,
+# and sqlglot's parsing time grows faster than the text (an IN list of 100,000 numbers took
+# 45 s of a node's CPU; 20,000 characters parse in about a second on a loaded machine).
+MAX_SQL_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,12 @@ class Plan:
         key = (config.table, config.privacy_unit, dialect)
         cached = self._party_sql.get(key)
         if cached is None:
-            cached = self._party_sql[key] = self._make_party_sql(config, dialect)
+            try:
+                cached = self._party_sql[key] = self._make_party_sql(config, dialect)
+            except RecursionError:  # as in parse: sqlglot writes SQL recursively
+                raise QueryError(
+                    "the query nests expressions too deeply; write it flatter"
+                ) from None
         return cached
 
     def _make_party_sql(self, config: AnalyticsConfig, dialect: str) -> str:
@@ -358,6 +367,16 @@ def _check_tables(select: Any, config: AnalyticsConfig) -> None:
             )
         if src.args.get("db") is not None or src.args.get("catalog") is not None:
             raise QueryError(f"table {src.sql()}: use the table's bare name")
+        alias = src.args.get("alias")
+        if alias is not None and alias.args.get("columns"):
+            # FROM visits AS v(ward, patient_id) would rename the table's columns: the privacy
+            # unit and the bounds are declared by column name, so a renamed column would
+            # stand in for the unit (lifting the cap on rows per unit) or for a bounded one.
+            raise QueryError(
+                f"{src.sql()[:60]}: column aliases on a table are refused (renaming columns "
+                "would change which column is the privacy unit or has which bounds); alias "
+                "the table only, as in FROM visits v"
+            )
         if src.name.lower() not in allowed:
             raise QueryError(
                 f"table {src.name!r} is not declared for this job; it may read "
@@ -373,6 +392,73 @@ def _check_tables(select: Any, config: AnalyticsConfig) -> None:
             _check_scalar(join.args["on"], "JOIN ... ON")
         if join.args.get("method") or join.args.get("kind") in ("CROSS",):
             raise QueryError(f"{join.sql()[:60]}: only inner and outer joins with ON or USING")
+    if config.privacy_unit is not None:
+        main = next(s for s in sources if s.name.lower() == config.table.lower())
+        _check_joins_keep_units(select, sources, main, config.privacy_unit)
+
+
+def _check_joins_keep_units(select: Any, sources: list[Any], main: Any, unit: str) -> None:
+    """Every joined row must belong to the privacy unit of the row it is joined to: each
+    JOIN is tied by the unit (``USING (unit)``, or ``a.unit = b.unit`` among the ANDed
+    conditions of its ON, with an earlier table), and may add NULLs only on its own side,
+    never on the job's table (whose unit would be NULL).
+
+    Otherwise one unit's row could carry another's values, and the cap of
+    ``max_contributions`` rows per unit (which the noise is scaled to) would not bound what
+    one person changes: ``FROM visits v JOIN patients p ON p.patient_id = 42`` copies one
+    patient's columns into every unit's rows, so a count filtered on them tells, with
+    all the rows' weight, what patient 42's are."""
+    exp = _deps.sqlglot().exp
+    unit = unit.lower()
+    seen = [sources[0].alias_or_name.lower()]
+    for join, src in zip(select.args.get("joins") or [], sources[1:]):
+        name = src.alias_or_name.lower()
+        what = join.sql()[:80]
+        side = (join.args.get("side") or "").upper()
+        if side in ("RIGHT", "FULL") or (side == "LEFT" and src is main):
+            raise QueryError(
+                f"{what}: a {side} join keeps rows without a row of the job's table, whose "
+                "privacy unit would then be NULL; use an inner join, or a LEFT join from the "
+                "job's table"
+            )
+        using = [
+            (u.name if isinstance(u, exp.Identifier) else u.sql()).lower()
+            for u in join.args.get("using") or []
+        ]
+        tied = unit in using
+        on = join.args.get("on")
+        for cond in on.flatten() if isinstance(on, exp.And) else [on] if on is not None else []:
+            if not (isinstance(cond, exp.EQ) and _both_columns(cond, unit)):
+                continue
+            tables = {cond.this.table.lower(), cond.expression.table.lower()}
+            if name in tables and (tables - {name}) and (tables - {name}) <= set(seen):
+                tied = True
+        if not tied:
+            raise QueryError(
+                f"{what}: a joined table's rows must belong to the same privacy unit as the "
+                f"rows they join; tie the join by the unit: ON <earlier>.{unit} = {name}.{unit} "
+                f"(AND other conditions), or USING ({unit})"
+            )
+        seen.append(name)
+
+
+def check_joins_under_dp(plan: Plan, config: AnalyticsConfig) -> None:
+    """Under DP a join needs a privacy unit: without one every row is a unit, and a row of a
+    joined table that matches many rows would count many times (exact answers may join)."""
+    if config.privacy_unit is None and plan.source.args.get("joins"):
+        raise QueryError(
+            "a join under differential privacy needs a privacy unit: declare [analytics] "
+            "privacy_unit (a column of the job's table that the joined tables also hold), so "
+            "that each unit's joined rows are capped at max_contributions"
+        )
+
+
+def _both_columns(cond: Any, unit: str) -> bool:
+    exp = _deps.sqlglot().exp
+    return all(
+        isinstance(side, exp.Column) and side.name.lower() == unit and side.table
+        for side in (cond.this, cond.expression)
+    )
 
 
 # Validated plans by (SQL, the public declarations): parsing is pure, and in a simulation the
@@ -403,10 +489,28 @@ def parse(sql: str, config: AnalyticsConfig) -> Plan:
 
 
 def _parse(sql: str, config: AnalyticsConfig) -> Plan:
-    sqlglot = _deps.sqlglot()
-    exp = sqlglot.exp
     if not isinstance(sql, str) or not sql.strip():
         raise QueryError("the query is empty; write SELECT <aggregates> FROM <table> ...")
+    if len(sql) > MAX_SQL_CHARS:
+        raise QueryError(
+            f"the query is {len(sql)} characters long, over the dialect's {MAX_SQL_CHARS}: "
+            "every party parses it; shorten it (a long IN list of categories can become a "
+            "declared category column, or a join table)"
+        )
+    try:
+        return _validate(sql, config)
+    except RecursionError:
+        # sqlglot parses and walks nested expressions recursively: about 50 nested
+        # parentheses, or a few hundred nested CASE/NOT, exhaust Python's stack.
+        raise QueryError(
+            "the query nests expressions too deeply to be parsed (parentheses, CASE or NOT "
+            "inside one another); write it flatter"
+        ) from None
+
+
+def _validate(sql: str, config: AnalyticsConfig) -> Plan:
+    sqlglot = _deps.sqlglot()
+    exp = sqlglot.exp
     try:
         trees = sqlglot.parse(sql, read="duckdb")
     except sqlglot.errors.ParseError as exc:
@@ -432,6 +536,11 @@ def _parse(sql: str, config: AnalyticsConfig) -> Plan:
             raise QueryError(f"{what} is not in the federated SQL dialect")
     if any(isinstance(n, exp.Window) for n in tree.walk()):
         raise QueryError("window functions (OVER ...) are not in the federated SQL dialect")
+    if any(isinstance(n, exp.TableSample) for n in tree.walk()):
+        raise QueryError(
+            "TABLESAMPLE / USING SAMPLE is not in the federated SQL dialect (each party "
+            "already keeps a random subset of at most max_contributions rows per unit)"
+        )
     _check_tables(tree, config)
     where = tree.args.get("where")
     if where is not None:

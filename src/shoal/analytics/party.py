@@ -21,7 +21,7 @@ import numpy as np
 from shoal.analytics.config import AnalyticsConfig
 from shoal.analytics.dialect import Plan
 from shoal.analytics.source import Database, as_float
-from shoal.analytics.stats import Block, Stats, local_stats
+from shoal.analytics.stats import MAX_STATS_CELLS, Block, Stats, local_stats
 from shoal.errors import DataError, QueryError
 
 __all__ = [
@@ -91,6 +91,12 @@ class Domain:
                     "selected first (query() does so)"
                 )
             lists = [config.categories[k] for k in plan.key_names]
+            size = math.prod(len(values) for values in lists)
+            if size > MAX_STATS_CELLS:  # each group needs at least one number
+                raise QueryError(
+                    f"GROUP BY {list(plan.key_names)} has {size:,} groups (the product of their "
+                    f"declared categories), over {MAX_STATS_CELLS:,}; group by fewer columns"
+                )
             self.tuples: list[tuple[Any, ...]] = [()]
             for values in lists:
                 self.tuples = [(*t, v) for t in self.tuples for v in values]

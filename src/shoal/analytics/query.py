@@ -17,9 +17,17 @@ from typing import Any
 import numpy as np
 
 from shoal.analytics.config import AnalyticsConfig, Privacy
-from shoal.analytics.dialect import Plan, evaluate, parse
+from shoal.analytics.dialect import Plan, check_joins_under_dp, evaluate, parse
 from shoal.analytics.party import Domain, key_from_bytes, key_of
-from shoal.analytics.stats import Block, answer, blocks_for, laplace_scales, scales, unflatten
+from shoal.analytics.stats import (
+    Block,
+    answer,
+    blocks_for,
+    check_size,
+    laplace_scales,
+    scales,
+    unflatten,
+)
 from shoal.analytics.tasks import (
     CHECK_TASK,
     KEYS_TASK,
@@ -211,6 +219,8 @@ def query(
     ``min_nodes`` parties answer (the failed ones are named, with reasons).
     """
     plan = parse(sql, config)
+    if privacy is not None:
+        check_joins_under_dp(plan, config)
     summer = _Summer(fed, privacy, min_nodes)
     dp = privacy is not None
     epsilon = privacy.epsilon if privacy is not None else 0.0
@@ -251,6 +261,7 @@ def query(
         )
     blocks = blocks_for(plan, config, dp=dp)
     n_groups = len(domain) + (0 if dp else 1)
+    check_size(blocks, n_groups)
     bound = scales(blocks, plan, config)
     scale_vec = np.concatenate([np.full(b.cells(n_groups), bound[b.name]) for b in blocks])
     eps_stats = epsilon - selection_eps

@@ -18,7 +18,16 @@ from shoal.analytics.config import AnalyticsConfig
 from shoal.analytics.dialect import Aggregate, Plan
 from shoal.errors import QueryError
 
-__all__ = ["Block", "Stats", "answer", "blocks_for", "laplace_scales", "local_stats", "released"]
+__all__ = [
+    "Block",
+    "Stats",
+    "answer",
+    "blocks_for",
+    "check_size",
+    "laplace_scales",
+    "local_stats",
+    "released",
+]
 
 # Under DP the count of NULLs each column ignores, and the count of values clamped to its
 # bounds, are released too, each with this weight in the split of epsilon (the main blocks
@@ -28,6 +37,10 @@ DISCLOSED_WEIGHT = 0.05
 # carries every bin's noise): a small weight suffices, as a count's noise is far below that
 # of the cumulative bins it is compared with.
 QUANTILE_N_WEIGHT = 0.25
+# Most numbers one party's statistics may hold (groups x bins summed over blocks): 32 MiB of
+# float64. The declarations come with every request, so a coordinator could otherwise ask a
+# node for a vector larger than its memory (a product of large category lists, many bins).
+MAX_STATS_CELLS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,17 @@ def blocks_for(plan: Plan, config: AnalyticsConfig, *, dp: bool) -> tuple[Block,
         if ({"sum", "s1", "s2"} & need) or bins:
             blocks.append(Block("clamped", i, 1, 1.0, weight, total=True))
     return tuple(blocks)
+
+
+def check_size(blocks: Sequence[Block], n_groups: int) -> None:
+    """Refuse a query whose statistics would exceed MAX_STATS_CELLS, before any is made."""
+    cells = sum(b.cells(n_groups) for b in blocks)
+    if cells > MAX_STATS_CELLS:
+        raise QueryError(
+            f"this query's statistics would hold {cells:,} numbers per party ({n_groups:,} "
+            f"groups; histograms and quantiles add their bins to each), over {MAX_STATS_CELLS:,}; "
+            "group by fewer or smaller declared categories, or lower bins"
+        )
 
 
 def scales(blocks: Sequence[Block], plan: Plan, config: AnalyticsConfig) -> dict[str, float]:

@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 
 from shoal.analytics.config import AnalyticsConfig
-from shoal.analytics.dialect import parse
+from shoal.analytics.dialect import check_joins_under_dp, parse
 from shoal.analytics.party import Domain, bounded_sql, key_counts, party_stats
 from shoal.analytics.sketch import SketchShape, sketch
 from shoal.analytics.source import Database
 from shoal.analytics.stats import (
     Block,
     blocks_for,
+    check_size,
     flatten,
     laplace_scales,
     released,
@@ -113,6 +114,8 @@ def _request(ctx: Any, payload: Mapping[str, Any], policy: NodePolicy) -> tuple[
     privacy = payload.get("privacy")
     if privacy is not None and not isinstance(privacy, Mapping):
         raise TaskError("'privacy' must be an object or null")
+    if privacy is not None:
+        check_joins_under_dp(plan, config)
     db = ctx.data
     if isinstance(db, (str, os.PathLike)):  # a path: opened once, as the job's table
         table = policy.table or config.table
@@ -375,6 +378,7 @@ def analytics_tasks(policy: NodePolicy | None = None) -> dict[str, Any]:
             raise TaskError(f"malformed group keys: {exc}") from None
         dp = privacy is not None
         blocks = blocks_for(plan, config, dp=dp)
+        check_size(blocks, len(domain) + 1)
         epsilon = _charge(ctx, policy, privacy, skellam_d2=skellam_steps(blocks, config)[1])
         stats = party_stats(db, plan, config, blocks, domain)
         n_groups = len(domain)
