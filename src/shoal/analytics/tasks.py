@@ -95,10 +95,13 @@ class NodePolicy:
 
 def release_policy(policy: NodePolicy) -> dict[str, str]:
     """The release policy of the analytics tasks, declared once: ``stats`` leaves only as a
-    secure-sum input, under every policy. Not ``noised``: under distributed DP a party's
-    value carries only its share of the noise (Gamma(1/k) differences, a k-th of the
-    variance), which protects it only inside the sum; the owner's DP requirement is enforced
-    by the task itself, which declines exact and central-noise requests."""
+    secure-sum input, under every policy. Not ``noised``: the field also carries exact and
+    central-noise answers (no noise added at the node), which owners who do not require DP
+    allow and a noised field would refuse. Under distributed DP a party's value carries only
+    its share of the noise (Gamma(1/k) differences, a k-th of the variance), which protects
+    it only inside the sum; for owners who require DP the task declines exact and central
+    requests and binds its share (``_bind_share``), so the runtime checks it as a noised
+    share: one secure sum, over a group as large as the shares stated."""
     del policy  # the same for every owner; kept as the one place it is declared
     return {"stats": "secure"}
 
