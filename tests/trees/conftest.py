@@ -19,6 +19,7 @@ def xgboost_on_codes(x: np.ndarray, y: np.ndarray, params: GBDTParams, bins: Bin
 
     codes = bins.transform(x).astype(np.float32)
     codes[codes == MISSING] = np.nan
+    categorical = bins.is_categorical
     objective = params.objective
     base = params.base_score
     if base is None:
@@ -38,6 +39,14 @@ def xgboost_on_codes(x: np.ndarray, y: np.ndarray, params: GBDTParams, bins: Bin
     }
     if objective.startswith("multi"):
         xp["num_class"] = params.num_class
+    if categorical.any():
+        # one category against the rest: XGBoost's one-hot splits for every category count
+        xp["max_cat_to_onehot"] = 257
+        types = ["c" if c else "q" for c in categorical]
+        dm = xgb.DMatrix(
+            codes, label=y, missing=np.nan, feature_types=types, enable_categorical=True
+        )
+        return xgb.train(xp, dm, num_boost_round=params.n_trees)
     dm = xgb.DMatrix(codes, label=y, missing=np.nan)
     return xgb.train(xp, dm, num_boost_round=params.n_trees)
 
@@ -52,12 +61,26 @@ def assert_same_tree(mine: Tree, theirs: dict[str, Any], n_bins: np.ndarray) -> 
     """Node by node: children, split feature, bin and default direction, leaf values."""
     left, right = theirs["left_children"], theirs["right_children"]
     cond, feat, dl = theirs["split_conditions"], theirs["split_indices"], theirs["default_left"]
+    kinds = theirs.get("split_type") or [0] * len(left)
+    # a categorical node's categories: categories[segment : segment + size]
+    sets = {
+        node: theirs["categories"][start : start + size]
+        for node, start, size in zip(
+            theirs["categories_nodes"], theirs["categories_segments"], theirs["categories_sizes"]
+        )
+    }
     assert len(left) == mine.n_nodes
     for i in range(len(left)):
         assert (left[i], right[i]) == (mine.left[i], mine.right[i]), f"node {i}"
         if left[i] < 0:
             np.testing.assert_allclose(mine.value[i], cond[i], rtol=1e-5, atol=1e-7)
+        elif kinds[i] == 1:
+            # XGBoost sends the node's categories right; shoal's one category is left_bins
+            got = (int(mine.feature[i]), [int(mine.left_bins[i])], bool(mine.default_left[i]))
+            assert bool(mine.categorical[i]), f"node {i}: XGBoost's split is categorical"
+            assert got == (feat[i], sets[i], bool(dl[i])), f"node {i}"
         else:
+            assert not mine.categorical[i], f"node {i}: XGBoost's split is numerical"
             # XGBoost splits at "x < cut"; on codes the cut is the number of left bins
             # (the last cut lies beyond the largest code: all non-missing rows go left)
             f = feat[i]

@@ -666,7 +666,16 @@ def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None,
     if path.suffix.lower() == ".npz":
         dataset = load_npz(path)
     else:
-        dataset = load_csv(path, label=args.label, classes=args.classes)
+        from shoal.cli.trees import categorical_columns
+
+        # a tree job's categorical columns: this node's labels coded by the job's tables,
+        # or by its own sorted labels (the coordinator compares the tables' digests)
+        dataset = load_csv(
+            path,
+            label=args.label,
+            classes=args.classes,
+            categorical=categorical_columns(job.model),
+        )
     return dataset, None, dataset
 
 

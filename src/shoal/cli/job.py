@@ -33,7 +33,7 @@ from shoal.aggregate import (
     TrimmedMean,
 )
 from shoal.attacks import ATTACKS, attacked_app, build_attack, choose_malicious
-from shoal.cli.trees import TREE_MODELS, check_tree_job
+from shoal.cli.trees import TREE_MODELS, categorical_columns, check_tree_job
 from shoal.crypto import SecureSum
 from shoal.data import (
     DATASETS,
@@ -428,6 +428,7 @@ class JobSpec:
             test_fraction=data["test_fraction"],
             partition=dict(self.partition),
             seed=self.seed,
+            categorical=categorical_columns(self.model),
         )
 
     def _load_data(self) -> tuple[Dataset, Dataset]:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TREE_MODELS",
+    "categorical_columns",
     "check_tree_job",
     "is_tree_job",
     "party_table",
@@ -38,7 +39,7 @@ __all__ = [
 TREE_MODELS = ("gbdt", "secureboost")
 DESCRIBE = "secureboost.describe"  # a party's index in the job (clear)
 _VERTICAL_KEYS = ("guest_features", "hosts", "key_bits", "insecure_test_keys")
-_HORIZONTAL_KEYS = ("sketch_cells",)
+_HORIZONTAL_KEYS = ("sketch_cells", "categorical", "categories")
 
 
 def is_tree_job(job: JobSpec) -> bool:
@@ -65,10 +66,64 @@ def tree_params(job: JobSpec, classes: int | None) -> GBDTParams:
     return gbdt_params(values)
 
 
+def categorical_columns(model: Mapping[str, Any]) -> dict[str, list[str] | None]:
+    """``[model] categorical`` (CSV column names) -> each one's declared categories
+    (``[model] categories``) or None (each file's own sorted labels), checked."""
+    names = model.get("categorical", [])
+    declared = model.get("categories", {})
+    if "categorical" not in model and "categories" not in model:
+        return {}
+    if model.get("name") != "gbdt":
+        raise ConfigError(
+            "[model] categorical is for gbdt (horizontal) jobs; secureboost does not split "
+            "categories natively yet: one-hot encode those columns"
+        )
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"[model] categorical is a list of CSV column names, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"[model] categorical names a column twice: {names!r}")
+    if not isinstance(declared, Mapping):
+        raise ConfigError("[model] categories is a table: column = [category, ...]")
+    out: dict[str, list[str] | None] = {n: None for n in names}
+    for column, labels in declared.items():
+        if column not in out:
+            raise ConfigError(
+                f"[model] categories lists column {column!r}, which [model] categorical does "
+                "not name"
+            )
+        if (
+            not isinstance(labels, list)
+            or not labels
+            or not all(isinstance(c, str) and c for c in labels)
+            or len(set(labels)) != len(labels)
+        ):
+            raise ConfigError(
+                f"[model] categories.{column} must be a list of distinct non-empty strings"
+            )
+        out[column] = list(labels)
+    return out
+
+
+def categorical_indices(job: JobSpec, feature_names: tuple[str, ...] | None) -> list[int]:
+    """The job's categorical columns as feature indices of its data."""
+    names = list(categorical_columns(job.model))
+    if names and feature_names is None:
+        raise ConfigError("[model] categorical names CSV columns; the data set has no header")
+    return [list(feature_names or ()).index(n) for n in names]
+
+
 def check_tree_job(job: JobSpec) -> None:
     """Every tree key checked when the job is parsed (before any node connects)."""
+    columns = categorical_columns(job.model)
+    if columns and job.data.get("path") is None:
+        raise ConfigError(
+            "[model] categorical names columns of category labels in a CSV [data] path; "
+            "a built-in data set has none"
+        )
     for key in _extra(job):
         value = job.model[key]
+        if key in ("categorical", "categories"):
+            continue
         if key == "insecure_test_keys":
             if not isinstance(value, bool):
                 raise ConfigError("[model] insecure_test_keys is true or false")
@@ -235,8 +290,13 @@ def _run_tree_job(
         secure=secure,
         sketch_cells=int(job.model.get("sketch_cells", 4096)),
         on_tree=_on_tree(progress),
+        categorical=categorical_indices(job, training.feature_names),
+        feature_names=training.feature_names,
     )
     summary["secure"] = secure
+    summary["categorical_splits"] = sum(
+        int((t.categorical & (t.left >= 0)).sum()) for r in model.trees for t in r
+    )
     # trees grown again without nodes that dropped out of their secure sums
     summary["restarts"] = [
         {"round": int(e.detail["round"]), "nodes": int(e.detail["nodes"])}

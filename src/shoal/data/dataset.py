@@ -6,7 +6,7 @@ range), so code further up never re-checks; subsets of a checked Dataset skip th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,8 @@ class Dataset:
     classes: int | None
     feature_names: tuple[str, ...] | None = None
     name: str = "dataset"
+    # categorical column name -> its categories; a row holds the category's index as a number
+    categories: Mapping[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -55,6 +57,7 @@ class Dataset:
         object.__setattr__(self, "y", y)
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "feature_names", names)
+        object.__setattr__(self, "categories", _check_categories(self.categories, names, self.name))
 
     @classmethod
     def _trusted(
@@ -65,6 +68,7 @@ class Dataset:
         classes: int | None,
         feature_names: tuple[str, ...] | None,
         name: str,
+        categories: Mapping[str, tuple[str, ...]] | None = None,
     ) -> Dataset:
         # Subsets of a checked Dataset are valid by construction; re-checking every node's
         # data would cost a full pass over x each time a lazy partition materializes a node.
@@ -74,6 +78,7 @@ class Dataset:
         object.__setattr__(obj, "classes", classes)
         object.__setattr__(obj, "feature_names", feature_names)
         object.__setattr__(obj, "name", name)
+        object.__setattr__(obj, "categories", categories)
         return obj
 
     def __len__(self) -> int:
@@ -133,6 +138,7 @@ class Dataset:
             classes=self.classes,
             feature_names=self.feature_names,
             name=self.name if name is None else name,
+            categories=self.categories,
         )
 
 
@@ -152,6 +158,29 @@ def _check_classes(classes: Any, name: str) -> int | None:
             "class labels must be dense ids 0..K-1 (map sparse or hashed labels first)"
         )
     return int(classes)
+
+
+def _check_categories(
+    categories: Any, names: tuple[str, ...] | None, name: str
+) -> Mapping[str, tuple[str, ...]] | None:
+    if categories is None:
+        return None
+    if names is None or not isinstance(categories, Mapping):
+        raise DataError(
+            f"dataset {name!r}: categories map named feature columns to their categories "
+            "(the data set needs feature_names)"
+        )
+    out: dict[str, tuple[str, ...]] = {}
+    for column, labels in categories.items():
+        if column not in names:
+            raise DataError(f"dataset {name!r}: categorical column {column!r} is not a feature")
+        labels = tuple(labels)
+        if not all(isinstance(c, str) for c in labels) or len(set(labels)) != len(labels):
+            raise DataError(
+                f"dataset {name!r}: column {column!r}'s categories must be distinct strings"
+            )
+        out[column] = labels
+    return out
 
 
 def _check_features(x: Any, name: str) -> np.ndarray:

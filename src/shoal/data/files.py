@@ -11,6 +11,7 @@ import io
 import os
 import warnings
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,17 @@ def load_csv(
     regression: bool = False,
     dtype: npt.DTypeLike = np.float32,
     name: str | None = None,
+    categorical: Mapping[str, Sequence[str] | None] | None = None,
 ) -> Dataset:
     """Read a numeric CSV file: one column of labels, every other column a feature.
 
     ``label`` is the label column's header name or its index (negative counts from the end).
     Labels are integer class ids unless ``regression=True``; ``classes`` defaults to the
     largest label + 1 (pass it when this party does not see every class).
+
+    ``categorical`` names columns whose fields are category labels (text): each becomes
+    its category's index in the given list, or, for ``None``, in this file's own sorted
+    labels. The Dataset's ``categories`` keeps each column's list (parties compare them).
     """
     p = Path(path)
     if not p.is_file():
@@ -53,7 +59,9 @@ def load_csv(
     if out_dtype.kind != "f":
         raise DataError(f"dtype must be a float type (float32 or float64), got {out_dtype}")
     try:
-        return _load_csv(p, label, delimiter, header, classes, regression, out_dtype, name)
+        return _load_csv(
+            p, label, delimiter, header, classes, regression, out_dtype, name, categorical or {}
+        )
     except UnicodeDecodeError as exc:
         raise DataError(
             f"CSV file {str(p)!r} is not UTF-8 text (byte {exc.start} cannot be decoded): is "
@@ -80,6 +88,7 @@ def _load_csv(
     regression: bool,
     out_dtype: np.dtype[Any],
     name: str | None,
+    categorical: Mapping[str, Sequence[str] | None],
 ) -> Dataset:
     # utf-8-sig drops the byte-order mark Excel writes at the start of "CSV UTF-8" files.
     with open(p, encoding="utf-8-sig", newline="") as f:
@@ -104,9 +113,11 @@ def _load_csv(
             columns = [f"column {j}" for j in range(ncols)]
             f.seek(0)
         label_col = _resolve_label(label, columns, header=header, path=p)
-        data = _fast_parse(f, delimiter=delimiter)
+        texts = _categorical_columns(categorical, columns, label_col, header=header, path=p)
+        data = None if texts else _fast_parse(f, delimiter=delimiter)
     if data is None or data.shape[1] != ncols or not np.isfinite(data).all():
-        data = _slow_parse(p, delimiter, header, columns, label_col, regression)
+        data = _slow_parse(p, delimiter, header, columns, label_col, regression, texts)
+    categories = _encode_categories(data, texts, columns, categorical, p)
     if data.shape[0] == 0:
         raise DataError(
             f"CSV file {str(p)!r} has a header but no data rows; add one row per sample"
@@ -120,10 +131,12 @@ def _load_csv(
     names = tuple(c for j, c in enumerate(columns) if j != label_col) if header else None
     ds_name = name if name is not None else p.stem or "csv"
     if regression:
-        return Dataset(x=x, y=labels, classes=None, feature_names=names, name=ds_name)
+        return Dataset(
+            x=x, y=labels, classes=None, feature_names=names, name=ds_name, categories=categories
+        )
     if (labels != np.round(labels)).any() or (labels < 0).any():
         # The slow pass names the first offending row and says how to fix it.
-        _slow_parse(p, delimiter, header, columns, label_col, regression)
+        _slow_parse(p, delimiter, header, columns, label_col, regression, {j: [] for j in texts})
     _check_top_label(float(labels.max()) if labels.size else 0.0, f"CSV file {str(p)!r}")
     y = labels.astype(np.int64)  # safe: integers in [0, MAX_CLASSES)
     return Dataset(
@@ -132,7 +145,65 @@ def _load_csv(
         classes=_infer_classes(y, classes, where=f"CSV file {str(p)!r}"),
         feature_names=names,
         name=ds_name,
+        categories=categories,
     )
+
+
+def _categorical_columns(
+    categorical: Mapping[str, Sequence[str] | None],
+    columns: list[str],
+    label_col: int,
+    *,
+    header: bool,
+    path: Path,
+) -> dict[int, list[str]]:
+    """Column index -> an empty list to collect its labels in, for each categorical column."""
+    out: dict[int, list[str]] = {}
+    for column, labels in categorical.items():
+        if not header:
+            raise DataError("categorical columns are named by the header; the file has none")
+        if column not in columns or columns.index(column) == label_col:
+            raise DataError(
+                f"categorical column {column!r} is not a feature column of {str(path)!r}"
+            )
+        if labels is not None and (
+            isinstance(labels, str)
+            or not all(isinstance(c, str) for c in labels)
+            or len(set(labels)) != len(labels)
+            or not labels
+        ):
+            raise DataError(
+                f"the categories of column {column!r} must be a list of distinct strings, "
+                f"got {labels!r}"
+            )
+        out[columns.index(column)] = []
+    return out
+
+
+def _encode_categories(
+    data: np.ndarray,
+    texts: dict[int, list[str]],
+    columns: list[str],
+    categorical: Mapping[str, Sequence[str] | None],
+    path: Path,
+) -> dict[str, tuple[str, ...]] | None:
+    """Write each categorical column's codes into ``data``; its categories, by name."""
+    if not texts:
+        return None
+    out: dict[str, tuple[str, ...]] = {}
+    for j, values in texts.items():
+        declared = categorical[columns[j]]
+        labels = tuple(declared) if declared is not None else tuple(sorted(set(values)))
+        code = {c: i for i, c in enumerate(labels)}
+        unknown = next((v for v in values if v not in code), None)
+        if unknown is not None:
+            raise DataError(
+                f"CSV file {str(path)!r}: column {columns[j]!r} holds {unknown!r}, which is not "
+                f"one of its declared categories {list(labels)[:20]}; add it to the list"
+            )
+        data[:, j] = [code[v] for v in values]
+        out[columns[j]] = labels
+    return out
 
 
 def _resolve_label(label: str | int, columns: list[str], *, header: bool, path: Path) -> int:
@@ -191,8 +262,11 @@ def _slow_parse(
     columns: list[str],
     label_col: int,
     regression: bool,
+    texts: dict[int, list[str]] | None = None,
 ) -> np.ndarray:
-    """Parse row by row; raise a DataError naming the first bad row and column."""
+    """Parse row by row; raise a DataError naming the first bad row and column. Fields of
+    the columns in ``texts`` are kept there as text (the array holds 0 for them)."""
+    texts = texts or {}
     ncols = len(columns)
     rows: list[list[float]] = []
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -210,12 +284,22 @@ def _slow_parse(
                 )
             values: list[float] = []
             for j, field in enumerate(raw):
+                if j in texts:
+                    texts[j].append(_category_field(field.strip(), where, columns[j]))
+                    values.append(0.0)
+                    continue
                 values.append(
                     _parse_field(field.strip(), j == label_col, regression, where, columns[j])
                 )
             rows.append(values)
     data = np.array(rows, dtype=np.float64).reshape(len(rows), ncols)
     return data
+
+
+def _category_field(text: str, where: str, column: str) -> str:
+    if not text:
+        raise DataError(f"{where} has no category in column {column!r}; fill it in or drop the row")
+    return text
 
 
 def _parse_field(text: str, is_label: bool, regression: bool, where: str, column: str) -> float:
@@ -255,8 +339,8 @@ def _parse_field(text: str, is_label: bool, regression: bool, where: str, column
     except ValueError:
         raise DataError(
             f"{where}: column {column!r} holds {text!r}, which is not a number; shoal reads "
-            "numeric features only: encode categorical columns as numbers (e.g. one-hot) "
-            "or drop them"
+            "numeric features only: encode categorical columns as numbers (e.g. one-hot), "
+            "name them in categorical= (trees: [model] categorical), or drop them"
         ) from None
     if not np.isfinite(value):
         raise DataError(

@@ -44,6 +44,8 @@ class DataSpec:
     test_fraction: float = 0.2
     partition: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
+    # CSV columns of category labels -> their categories (None: the file's sorted labels)
+    categorical: Mapping[str, list[str] | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.dataset is None) == (self.path is None):
@@ -96,9 +98,11 @@ class DataSpec:
         if self.dataset is not None:
             return load_dataset(self.dataset, test_fraction=self.test_fraction, seed=self.seed)
         assert self.path is not None
-        full = _load_file(Path(self.path), self.label)
+        full = _load_file(Path(self.path), self.label, self.categorical)
         if self.test_path is not None:
-            return full, _load_file(Path(self.test_path), self.label)
+            # the test file codes its categories with the training file's tables
+            tables = {k: list(v) for k, v in (full.categories or {}).items()}
+            return full, _load_file(Path(self.test_path), self.label, tables)
         return split_holdout(full, fraction=self.test_fraction, seed=self.seed)
 
     def partitions(self, train: Dataset | None = None, *, lazy: bool = False) -> Any:
@@ -127,12 +131,16 @@ class DataSpec:
         return node
 
 
-def _load_file(path: Path, label: str) -> Dataset:
+def _load_file(
+    path: Path, label: str, categorical: Mapping[str, list[str] | None] | None = None
+) -> Dataset:
     if not path.exists():
         raise DataError(f"[data] path {str(path)!r} does not exist")
     if path.suffix.lower() == ".npz":
+        if categorical:
+            raise DataError("categorical columns are read from a CSV file's text, not .npz")
         return load_npz(path)
-    return load_csv(path, label=label)
+    return load_csv(path, label=label, categorical=categorical)
 
 
 _KEPT = 4

@@ -3,7 +3,9 @@
 A feature with cuts ``t_1 < ... < t_m`` has ``m + 1`` bins; a value's code is the number of
 cuts at or below it, so ``code < k`` exactly when ``x < t_k``. Missing values (NaN) get the
 code ``MISSING``. Cuts come from the data centrally (:func:`fit_bins`) or from a summed
-histogram over a fine grid in federated training (:func:`bins_from_grid`).
+histogram over a fine grid in federated training (:func:`bins_from_grid`). A categorical
+feature with ``k`` categories has one bin per category: its values are the integer codes
+``0..k-1`` and its code is the value itself (cuts at ``0.5, 1.5, ...``).
 """
 
 from __future__ import annotations
@@ -15,20 +17,50 @@ import numpy as np
 
 from shoal.errors import DataError
 
-__all__ = ["MISSING", "Bins", "bins_from_grid", "fit_bins", "grid_counts"]
+__all__ = [
+    "MISSING",
+    "Bins",
+    "bins_from_grid",
+    "categorical_mask",
+    "category_cuts",
+    "fit_bins",
+    "grid_counts",
+]
 
 MISSING = 256  # one past the largest bin: codes are uint16
 
 
+def category_cuts(k: int) -> np.ndarray:
+    """The cuts of a categorical feature with ``k`` categories: one bin per code."""
+    return np.arange(k - 1, dtype=np.float64) + 0.5
+
+
 @dataclass(frozen=True, eq=False)
 class Bins:
-    """Cut points for each feature (ascending float64 arrays)."""
+    """Cut points for each feature (ascending float64 arrays); ``categorical`` marks the
+    features whose values are category codes (empty: none)."""
 
     cuts: tuple[np.ndarray, ...]
+    categorical: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        flags = tuple(bool(c) for c in self.categorical)
+        if flags and len(flags) != len(self.cuts):
+            raise DataError(
+                f"categorical flags for {len(flags)} features, cuts for {len(self.cuts)}"
+            )
+        object.__setattr__(self, "categorical", flags if any(flags) else ())
 
     @property
     def n_features(self) -> int:
         return len(self.cuts)
+
+    @property
+    def is_categorical(self) -> np.ndarray:
+        """A boolean mask of the categorical features."""
+        if not self.categorical:
+            return np.zeros(self.n_features, dtype=bool)
+        return np.asarray(self.categorical, dtype=bool)
 
     @property
     def n_bins(self) -> np.ndarray:
@@ -43,8 +75,11 @@ class Bins:
                 f"expected rows with {self.n_features} features, got an array of shape {x.shape}"
             )
         codes = np.empty(x.shape, dtype=np.uint16)
+        categorical = self.is_categorical
         for j, cuts in enumerate(self.cuts):
             column = x[:, j]
+            if categorical[j]:
+                _check_codes(column, j, len(cuts) + 1)
             codes[:, j] = np.searchsorted(cuts, column, side="right")
             codes[np.isnan(column), j] = MISSING
         return codes
@@ -59,8 +94,24 @@ class Bins:
         return float(cuts[left_bins - 1])
 
     def same_as(self, other: Bins) -> bool:
-        return self.n_features == other.n_features and all(
-            np.array_equal(a, b) for a, b in zip(self.cuts, other.cuts)
+        return (
+            self.n_features == other.n_features
+            and self.categorical == other.categorical
+            and all(np.array_equal(a, b) for a, b in zip(self.cuts, other.cuts))
+        )
+
+
+def _check_codes(column: np.ndarray, j: int, k: int | None) -> None:
+    """Category codes must be integers in [0, k) (NaN: missing)."""
+    values = column[~np.isnan(column)]
+    bad = (values != np.round(values)) | (values < 0)
+    if k is not None:
+        bad |= values >= k
+    if bad.any():
+        top = f", {k})" if k is not None else ", ...)"
+        raise DataError(
+            f"feature {j} is categorical but holds {float(values[bad][0])}: category codes are "
+            f"integers in [0{top}; a category not seen in training has no code"
         )
 
 
@@ -80,16 +131,36 @@ def _constant(j: int) -> DataError:
     )
 
 
-def fit_bins(x: np.ndarray, *, max_bins: int = 256) -> Bins:
+def categorical_mask(categorical: Sequence[int], n_features: int) -> tuple[bool, ...]:
+    """Feature indices -> one flag per feature (checked: in range, no repeats)."""
+    mask = [False] * n_features
+    for j in categorical:
+        if isinstance(j, bool) or not isinstance(j, (int, np.integer)):
+            raise DataError(f"categorical features are column indices, got {j!r}")
+        if not 0 <= j < n_features:
+            raise DataError(f"categorical feature {j} is out of range: {n_features} features")
+        if mask[j]:
+            raise DataError(f"categorical feature {j} is named twice")
+        mask[j] = True
+    return tuple(mask)
+
+
+def fit_bins(x: np.ndarray, *, max_bins: int = 256, categorical: Sequence[int] = ()) -> Bins:
     """Cuts at the data's quantiles: every distinct value gets its own bin when there are at
-    most ``max_bins`` of them; otherwise cuts are data values at evenly spaced ranks."""
+    most ``max_bins`` of them; otherwise cuts are data values at evenly spaced ranks. A
+    ``categorical`` feature (by index) gets one bin per code up to its largest."""
     x = _check_rows(x)
+    flags = categorical_mask(categorical, x.shape[1])
     cuts: list[np.ndarray] = []
     for j in range(x.shape[1]):
         column = x[:, j]
         values, counts = np.unique(column[~np.isnan(column)], return_counts=True)
         if len(values) < 2:
             raise _constant(j)
+        if flags[j]:
+            _check_codes(column, j, None)
+            cuts.append(category_cuts(_categories(j, values[-1], max_bins)))
+            continue
         if len(values) <= max_bins:
             cuts.append(values[1:].copy())
             continue
@@ -98,7 +169,17 @@ def fit_bins(x: np.ndarray, *, max_bins: int = 256) -> Bins:
         # the first value whose cumulative count passes each target; drop repeats and the min
         picked = np.unique(values[np.searchsorted(ranks, targets, side="right")])
         cuts.append(picked[picked > values[0]])
-    return Bins(cuts=tuple(cuts))
+    return Bins(cuts=tuple(cuts), categorical=flags)
+
+
+def _categories(j: int, top: float, max_bins: int) -> int:
+    k = int(top) + 1
+    if k > max_bins:
+        raise DataError(
+            f"categorical feature {j} has codes up to {int(top)}: more than max_bins = "
+            f"{max_bins} categories (one bin each); merge rare categories or raise max_bins"
+        )
+    return k
 
 
 def grid_counts(x: np.ndarray, low: np.ndarray, high: np.ndarray, cells: int) -> np.ndarray:

@@ -6,12 +6,13 @@ and parameters, horizontal and vertical training grow these trees exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from shoal.errors import DataError
-from shoal.trees.bins import Bins, fit_bins
+from shoal.trees.bins import Bins, categorical_mask, fit_bins
 from shoal.trees.objective import base_margin, check_labels, gradients, predict_from_margin
 from shoal.trees.params import GBDTParams
 from shoal.trees.tree import Tree, advance, grow_tree, local_histograms
@@ -109,14 +110,20 @@ def train(
     params: GBDTParams | None = None,
     *,
     bins: Bins | None = None,
+    categorical: Sequence[int] = (),
 ) -> Booster:
-    """Boost ``params.n_trees`` rounds on rows ``x`` (NaN = missing) and labels ``y``."""
+    """Boost ``params.n_trees`` rounds on rows ``x`` (NaN = missing) and labels ``y``.
+
+    ``categorical`` names the columns (by index) that hold category codes ``0..k-1``; they
+    split one category against the rest. Given ``bins``, their flags say which."""
     params = params or GBDTParams()
     labels = check_labels(y, params)
     if bins is None:
-        bins = fit_bins(x, max_bins=params.max_bins)
+        bins = fit_bins(x, max_bins=params.max_bins, categorical=categorical)
     elif int(bins.n_bins.max()) > params.max_bins:
         raise DataError(f"the given cuts have more than max_bins={params.max_bins} bins")
+    elif categorical and bins.categorical != categorical_mask(categorical, bins.n_features):
+        raise DataError("categorical= disagrees with the given cuts' categorical features")
     codes = bins.transform(x)
     if len(codes) != len(labels):
         raise DataError(f"{len(codes)} rows of features but {len(labels)} labels")
@@ -138,6 +145,7 @@ def train(
                 features=features,
                 root_g=float(g.sum()),
                 root_h=float(h.sum()),
+                categorical=bins.is_categorical,
             )
             round_trees.append(tree)
         for k, tree in enumerate(round_trees):

@@ -32,18 +32,24 @@ def _xgb_tree(tree: Tree, bins: Bins, index: int) -> dict[str, Any]:
     parents[tree.left[inner]] = inner
     parents[tree.right[inner]] = inner
     conditions = []
+    cat_nodes: list[int] = []
     for v in range(n):
         if tree.left[v] < 0:
             conditions.append(float(tree.value[v]))
+            continue
+        if tree.categorical[v]:
+            # XGBoost's categorical split: the node's category set (one category) goes right
+            cat_nodes.append(v)
+            conditions.append(float(tree.left_bins[v]))
             continue
         t = bins.threshold(int(tree.feature[v]), int(tree.left_bins[v]))
         conditions.append(float(np.clip(t, -_BIG, _BIG)))
     return {
         "base_weights": [float(v) for v in tree.value],
-        "categories": [],
-        "categories_nodes": [],
-        "categories_segments": [],
-        "categories_sizes": [],
+        "categories": [int(tree.left_bins[v]) for v in cat_nodes],
+        "categories_nodes": cat_nodes,
+        "categories_segments": list(range(len(cat_nodes))),
+        "categories_sizes": [1] * len(cat_nodes),
         "default_left": [int(d) for d in tree.default_left],
         "id": index,
         "left_children": [int(c) for c in tree.left],
@@ -52,7 +58,7 @@ def _xgb_tree(tree: Tree, bins: Bins, index: int) -> dict[str, Any]:
         "right_children": [int(c) for c in tree.right],
         "split_conditions": conditions,
         "split_indices": [int(f) if c >= 0 else 0 for f, c in zip(tree.feature, tree.left)],
-        "split_type": [0] * n,
+        "split_type": [int(c and left >= 0) for c, left in zip(tree.categorical, tree.left)],
         "sum_hessian": [float(h) for h in tree.sum_h],
         "tree_param": {
             "num_deleted": "0",
@@ -64,7 +70,10 @@ def _xgb_tree(tree: Tree, bins: Bins, index: int) -> dict[str, Any]:
 
 
 def to_xgboost_json(booster: Booster) -> dict[str, Any]:
-    """The model in XGBoost's JSON format (``xgboost.Booster(model_file=...)`` loads it)."""
+    """The model in XGBoost's JSON format (``xgboost.Booster(model_file=...)`` loads it).
+
+    Categorical columns become one-category splits; XGBoost then predicts from a DMatrix
+    built with ``enable_categorical=True`` whose categorical columns hold the codes."""
     params = booster.params
     flat = [t for round_trees in booster.trees for t in round_trees]
     k = params.outputs
@@ -76,7 +85,11 @@ def to_xgboost_json(booster: Booster) -> dict[str, Any]:
         "learner": {
             "attributes": {},
             "feature_names": [],
-            "feature_types": [],
+            "feature_types": (
+                ["c" if c else "float" for c in booster.bins.is_categorical]
+                if booster.bins.categorical
+                else []
+            ),
             "gradient_booster": {
                 "model": {
                     "gbtree_model_param": {"num_parallel_tree": "1", "num_trees": str(len(flat))},
@@ -119,6 +132,7 @@ def model_dict(booster: Booster) -> dict[str, Any]:
         "format": FORMAT,
         "params": booster.params.to_dict(),
         "cuts": [[float(c) for c in cuts] for cuts in booster.bins.cuts],
+        "categorical": [bool(c) for c in booster.bins.is_categorical],
         "trees": [
             [{k: np.asarray(v).tolist() for k, v in t.to_dict().items()} for t in round_trees]
             for round_trees in booster.trees
@@ -148,7 +162,10 @@ def model_from_dict(raw: Any) -> Booster:
         cuts = tuple(np.asarray(c, dtype=np.float64) for c in raw["cuts"])
         if any(c.ndim != 1 or (np.diff(c) <= 0).any() or not np.isfinite(c).all() for c in cuts):
             raise DataError("cuts must be increasing finite numbers")
-        bins = Bins(cuts=cuts)
+        flags = raw.get("categorical", [])
+        if not isinstance(flags, list) or not all(isinstance(f, bool) for f in flags):
+            raise DataError("categorical must be a list of true/false, one per feature")
+        bins = Bins(cuts=cuts, categorical=tuple(flags))
         trees = tuple(
             tuple(Tree.from_dict(t, n_features=bins.n_features) for t in round_trees)
             for round_trees in raw["trees"]

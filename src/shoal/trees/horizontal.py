@@ -22,7 +22,14 @@ from shoal.crypto import SecureSum
 from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError
 from shoal.runtime import Failure, FailureKind, TaskContext, TaskSpec
 from shoal.trees import exact
-from shoal.trees.bins import MISSING, Bins, bins_from_grid, grid_counts
+from shoal.trees.bins import (
+    MISSING,
+    Bins,
+    bins_from_grid,
+    categorical_mask,
+    category_cuts,
+    grid_counts,
+)
 from shoal.trees.booster import Booster, feature_sampler, fixed_point, sample_features
 from shoal.trees.objective import base_margin, check_labels, gradients
 from shoal.trees.params import GBDTParams
@@ -70,6 +77,21 @@ def _range(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
         # other categories, or in another order, disagree here (values alone cannot tell)
         raw = "\x00".join(str(n) for n in names).encode()
         out["columns"] = np.frombuffer(hashlib.sha256(raw).digest(), dtype=np.uint8)
+    out["categories"] = _category_digests(ctx.data, x.shape[1])
+    return out
+
+
+def _category_digests(data: Any, d: int) -> np.ndarray:
+    """(features, 32) uint8: SHA-256 of each categorical column's category -> code table
+    (zeros for other columns), so nodes that code a column's categories differently are
+    caught before training (the codes alone cannot tell: 2 may be "red" here, "blue" there)."""
+    out = np.zeros((d, 32), dtype=np.uint8)
+    names = getattr(data, "feature_names", None)
+    categories = getattr(data, "categories", None) or {}
+    for j, name in enumerate(names or ()):
+        if name in categories and j < d:
+            raw = "\x00".join(f"{code}={c}" for code, c in enumerate(categories[name]))
+            out[j] = np.frombuffer(hashlib.sha256(raw.encode()).digest(), dtype=np.uint8)
     return out
 
 
@@ -97,7 +119,10 @@ def _cuts_from(payload: Mapping[str, Any]) -> Bins:
     parts = np.split(flat, np.cumsum(sizes)[:-1])
     if any((np.diff(p) <= 0).any() for p in parts):
         raise ProtocolError("gbdt.setup: cuts must increase")
-    return Bins(cuts=tuple(parts))
+    flags = np.asarray(payload.get("categorical", np.zeros(len(parts), bool)), dtype=bool)
+    if flags.shape != (len(parts),):
+        raise ProtocolError("gbdt.setup: one categorical flag per feature")
+    return Bins(cuts=tuple(parts), categorical=tuple(bool(f) for f in flags))
 
 
 def _setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +212,13 @@ def horizontal_tasks(*, secure: bool = True) -> dict[str, TaskSpec]:
     return {
         RANGE_TASK: TaskSpec(
             _range,
-            release={"low": "clear", "high": "clear", "features": "clear", "columns": "clear"},
+            release={
+                "low": "clear",
+                "high": "clear",
+                "features": "clear",
+                "columns": "clear",
+                "categories": "clear",
+            },
         ),
         SKETCH_TASK: TaskSpec(_sketch, release={"counts": summed}),
         SETUP_TASK: TaskSpec(_setup, release={"ok": "clear"}),
@@ -306,11 +337,14 @@ def federated_bins(
     cells: int = 4096,
     secure: bool = True,
     dropout_fraction: float = 0.1,
+    categorical: Sequence[int] = (),
+    feature_names: Sequence[str] | None = None,
 ) -> Bins:
     """Cuts from a secure sum of the nodes' counts over a fine grid.
 
     Each node reveals its per-feature minimum and maximum (the grid's span); its counts
-    enter only the sum.
+    enter only the sum. A ``categorical`` feature (by index) gets one bin per code up to
+    the largest any node holds; the nodes must agree on its category -> code table.
     """
     replies, failures = fed.request(list(ids), RANGE_TASK)
     _refused(failures)
@@ -336,8 +370,10 @@ def federated_bins(
             "the same way; a categorical column one-hot encoded with other categories or in "
             "another order at some node would silently mix features"
         )
+    _same_categories(replies, int(common or 0), feature_names)
     low = np.nanmin(np.stack([np.asarray(r["low"], np.float64) for r in replies.values()]), 0)
     high = np.nanmax(np.stack([np.asarray(r["high"], np.float64) for r in replies.values()]), 0)
+    flags = categorical_mask(categorical, len(low))
     sums, _ = _summed(
         fed,
         tuple(replies),
@@ -348,7 +384,54 @@ def federated_bins(
         dropout_fraction=dropout_fraction,
     )
     counts = sums.reshape(len(low), cells)
-    return bins_from_grid(counts, low, high, max_bins=max_bins)
+    bins = bins_from_grid(counts, low, high, max_bins=max_bins)
+    if not any(flags):
+        return bins
+    cuts = list(bins.cuts)
+    for j in (int(i) for i in np.flatnonzero(flags)):
+        if not (low[j] >= 0 and high[j] == np.round(high[j])):
+            raise DataError(
+                f"categorical column {_column(j, feature_names)} holds values from {low[j]} to "
+                f"{high[j]}: category codes are integers from 0"
+            )
+        if high[j] + 1 > max_bins:
+            raise DataError(
+                f"categorical column {_column(j, feature_names)} has codes up to "
+                f"{int(high[j])}: more than max_bins = {max_bins} categories (one bin each)"
+            )
+        cuts[j] = category_cuts(int(high[j]) + 1)
+    return Bins(cuts=tuple(cuts), categorical=flags)
+
+
+def _column(j: int, names: Sequence[str] | None) -> str:
+    return repr(names[j]) if names is not None and j < len(names) else str(j)
+
+
+def _same_categories(
+    replies: Mapping[str, Mapping[str, Any]], d: int, names: Sequence[str] | None
+) -> None:
+    """Every node codes each column's categories with the same table (or none has one)."""
+    digests = {}
+    for node, reply in replies.items():
+        table = np.asarray(reply.get("categories", np.zeros((d, 32))), dtype=np.uint8)
+        if table.shape != (d, 32):
+            raise ProtocolError(f"{RANGE_TASK}: node {node} sent a malformed category digest")
+        digests[node] = table
+    for j in range(d):
+        groups: dict[bytes, list[str]] = {}
+        for node, table in digests.items():
+            groups.setdefault(bytes(table[j]), []).append(node)
+        if len(groups) < 2:
+            continue
+        ranked = sorted(groups.values(), key=lambda g: (-len(g), sorted(g)))
+        odd = sorted(n for g in ranked[1:] for n in g)
+        raise DataError(
+            f"categorical column {_column(j, names)} is encoded differently across nodes: "
+            f"node(s) {odd} map its categories to codes differently from {sorted(ranked[0])} "
+            "(or hold it as numbers where the others hold categories); declare the "
+            "categories in the job file ([model] categories = {column = [...]}) so that "
+            "every node uses the same codes"
+        )
 
 
 def _refused(failures: Mapping[str, Failure]) -> None:
@@ -372,6 +455,8 @@ def train_horizontal(
     sketch_cells: int = 4096,
     dropout_fraction: float = 0.1,
     on_tree: Callable[[int, int], None] | None = None,
+    categorical: Sequence[int] = (),
+    feature_names: Sequence[str] | None = None,
 ) -> Booster:
     """Boost on rows spread over the federation's nodes; the server sees only sums.
 
@@ -379,7 +464,8 @@ def train_horizontal(
     beforehand). A node that drops out of a tree's secure sum makes the server grow that
     tree again from the nodes still there (down to ``fed.min_nodes``); a node that missed
     a round sits out the rest of training. ``on_tree(done, total)`` is called after each
-    boosting round.
+    boosting round. ``categorical`` columns (by index; codes ``0..k-1``) split one category
+    against the rest; ``feature_names`` only name columns in errors.
     """
     if params.fixed_point_bits is None:
         params = GBDTParams(**{**params.to_dict(), "fixed_point_bits": DEFAULT_FIXED_POINT})
@@ -392,6 +478,8 @@ def train_horizontal(
             cells=sketch_cells,
             secure=secure,
             dropout_fraction=dropout_fraction,
+            categorical=categorical,
+            feature_names=feature_names,
         )
     elif int(bins.n_bins.max()) > params.max_bins:
         raise ConfigError(f"the given cuts have more than max_bins={params.max_bins} bins")
@@ -399,7 +487,12 @@ def train_horizontal(
     replies, failures = fed.request(
         list(ids),
         SETUP_TASK,
-        common={"params": params.to_dict(), "cuts": np.concatenate(bins.cuts), "sizes": sizes},
+        common={
+            "params": params.to_dict(),
+            "cuts": np.concatenate(bins.cuts),
+            "sizes": sizes,
+            "categorical": bins.is_categorical,
+        },
     )
     _refused(failures)
     ids = tuple(n for n in ids if n in replies)
@@ -427,7 +520,13 @@ def train_horizontal(
                     dropout_fraction=dropout_fraction,
                 )
                 try:
-                    tree = grow_tree(source, params=params, n_bins=bins.n_bins, features=features)
+                    tree = grow_tree(
+                        source,
+                        params=params,
+                        n_bins=bins.n_bins,
+                        features=features,
+                        categorical=bins.is_categorical,
+                    )
                     break
                 except _Restart as restart:
                     if len(restart.survivors) < fed.min_nodes:

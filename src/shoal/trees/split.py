@@ -5,6 +5,11 @@ node has missing values for that feature, a backward scan (missing values go lef
 gain of a split is ``G_L^2/(H_L+lambda) + G_R^2/(H_R+lambda) - G^2/(H+lambda)``, rounded to
 float32 the way XGBoost rounds it, so ties break the same way: the first maximum of a scan,
 forward before backward, the lowest feature index across features.
+
+A categorical feature splits one category against the rest (XGBoost's one-hot splits,
+``max_cat_to_onehot`` above the number of categories): for each category in code order, the
+category goes right with missing values left, then with missing values right; the first
+maximum wins.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Splits:
     left_h: np.ndarray
     right_g: np.ndarray
     right_h: np.ndarray
+    categorical: np.ndarray  # the split sends one category (left_bins) right
 
 
 def node_gain(g: np.ndarray, h: np.ndarray, reg_lambda: float) -> np.ndarray:
@@ -71,19 +77,22 @@ def best_splits(
     n_bins: np.ndarray,
     features: np.ndarray,
     params: GBDTParams,
+    categorical: np.ndarray | None = None,
 ) -> Splits:
     """Best split per node from histograms of shape (nodes, features, WIDTH).
 
     ``total_g``/``total_h`` are each node's sums (XGBoost's node statistics), ``n_bins`` the
-    bins per feature and ``features`` a boolean mask of the features this tree may use.
+    bins per feature, ``features`` a boolean mask of the features this tree may use and
+    ``categorical`` one of the features whose bins are categories.
     """
-    nodes = hist_g.shape[0]
+    nodes, d = hist_g.shape[0], hist_g.shape[1]
+    cat = np.zeros(d, dtype=bool) if categorical is None else np.asarray(categorical, dtype=bool)
     mcw, lam = params.min_child_weight, params.reg_lambda
     tg = np.asarray(total_g, dtype=np.float64)[:, None, None]
     th = np.asarray(total_h, dtype=np.float64)[:, None, None]
     root = node_gain(tg, th, lam).astype(np.float32)
     real = np.arange(MISSING)[None, :] < np.asarray(n_bins)[:, None]  # (d, 256)
-    usable = real[None] & np.asarray(features, dtype=bool)[None, :, None]
+    usable = real[None] & (np.asarray(features, dtype=bool) & ~cat)[None, :, None]
     bins_g, bins_h = hist_g[:, :, :MISSING], hist_h[:, :, :MISSING]
 
     # forward: bins 0..i left, missing right
@@ -107,6 +116,9 @@ def best_splits(
 
     use_backward = b_gain > np.maximum(f_gain, 0.0)
     feat_gain = np.where(use_backward, b_gain, f_gain)
+    one_hot = _one_hot(bins_g, bins_h, tg, th, root, real, features, cat, params)
+    if one_hot is not None:
+        feat_gain = np.where(cat[None, :], one_hot[0], feat_gain)
     feat_gain = np.where(feat_gain > 0, feat_gain, -np.inf)
     feature = np.argmax(feat_gain, axis=1)  # ties: the lowest feature index
     rows = np.arange(nodes)
@@ -115,13 +127,65 @@ def best_splits(
     best = feat_gain[rows, feature]
     left_g = np.where(back, blg[rows, feature, at], lg[rows, feature, at])
     left_h = np.where(back, blh[rows, feature, at], lh[rows, feature, at])
+    right_g = np.where(back, brg[rows, feature, at], rg[rows, feature, at])
+    right_h = np.where(back, brh[rows, feature, at], rh[rows, feature, at])
+    left_bins = np.where(back, at, at + 1)
+    is_cat = cat[feature]
+    if one_hot is not None:
+        _, c_at, c_missing_left, c_right = one_hot
+        c = c_at[rows, feature]
+        c_rg, c_rh = (r[rows, feature, c] for r in c_right[:2])
+        c_back = c_missing_left[rows, feature]
+        c_rg = np.where(c_back, c_rg, c_rg + c_right[2][rows, feature])
+        c_rh = np.where(c_back, c_rh, c_rh + c_right[3][rows, feature])
+        back = np.where(is_cat, c_back, back)
+        left_bins = np.where(is_cat, c, left_bins)
+        left_g = np.where(is_cat, tg[:, 0, 0] - c_rg, left_g)
+        left_h = np.where(is_cat, th[:, 0, 0] - c_rh, left_h)
+        right_g = np.where(is_cat, c_rg, right_g)
+        right_h = np.where(is_cat, c_rh, right_h)
     return Splits(
         gain=np.where(np.isfinite(best), best, 0.0).astype(np.float64),
         feature=feature.astype(np.int64),
-        left_bins=np.where(back, at, at + 1).astype(np.int64),
+        left_bins=left_bins.astype(np.int64),
         default_left=back,
         left_g=left_g,
         left_h=left_h,
-        right_g=np.where(back, brg[rows, feature, at], rg[rows, feature, at]),
-        right_h=np.where(back, brh[rows, feature, at], rh[rows, feature, at]),
+        right_g=right_g,
+        right_h=right_h,
+        categorical=is_cat,
     )
+
+
+def _one_hot(
+    bins_g: np.ndarray,
+    bins_h: np.ndarray,
+    tg: np.ndarray,
+    th: np.ndarray,
+    root: np.ndarray,
+    real: np.ndarray,
+    features: np.ndarray,
+    cat: np.ndarray,
+    params: GBDTParams,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]] | None:
+    """One category against the rest, for the categorical features: the best gain per
+    (node, feature) (-inf elsewhere), its category, whether missing values go left, and
+    the right side's sums (category g, h per bin; missing g, h per feature)."""
+    if not cat.any():
+        return None
+    mcw, lam = params.min_child_weight, params.reg_lambda
+    # missing = the node's sums minus the feature's bins, as XGBoost derives it
+    miss_g = tg[..., 0] - bins_g.sum(axis=2)
+    miss_h = th[..., 0] - bins_h.sum(axis=2)
+    usable = real[None] & (np.asarray(features, dtype=bool) & cat)[None, :, None]
+    gains = []
+    for rg, rh in ((bins_g, bins_h), (bins_g + miss_g[..., None], bins_h + miss_h[..., None])):
+        lg, lh = tg - rg, th - rh
+        ok = usable & (lh >= mcw) & (rh >= mcw)
+        gains.append(np.where(ok, _scan_gain(lg, lh, rg, rh, root, lam), -np.inf))
+    # candidates in XGBoost's order: category 0 missing left, category 0 missing right, ...
+    both = np.stack(gains, axis=3).reshape(*bins_g.shape[:2], -1)
+    at = np.argmax(both, axis=2)
+    gain = np.take_along_axis(both, at[..., None], axis=2)[..., 0]
+    gain = np.where(cat[None, :], gain, -np.inf)
+    return gain, at // 2, at % 2 == 0, (bins_g, bins_h, miss_g, miss_h)

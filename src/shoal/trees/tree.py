@@ -29,14 +29,25 @@ __all__ = [
     "unpack_trees",
 ]
 
-_FIELDS = ("left", "right", "feature", "left_bins", "default_left", "value", "sum_g", "sum_h")
+_FIELDS = (
+    "left",
+    "right",
+    "feature",
+    "left_bins",
+    "default_left",
+    "value",
+    "sum_g",
+    "sum_h",
+    "categorical",
+)
 
 
 @dataclass(frozen=True, eq=False)
 class Tree:
     """Node arrays: children (-1 at leaves), split (feature, ``code < left_bins`` goes left,
     missing goes left iff ``default_left``), leaf ``value`` (learning rate applied) and the
-    node's gradient sums (``sum_h`` is XGBoost's cover)."""
+    node's gradient sums (``sum_h`` is XGBoost's cover). At a ``categorical`` split the
+    category ``left_bins`` goes right and every other category left."""
 
     left: np.ndarray
     right: np.ndarray
@@ -46,6 +57,7 @@ class Tree:
     value: np.ndarray
     sum_g: np.ndarray
     sum_h: np.ndarray
+    categorical: np.ndarray
 
     @property
     def n_nodes(self) -> int:
@@ -84,6 +96,10 @@ class Tree:
                 "value": np.asarray(data["value"], dtype=np.float32),
                 "sum_g": np.asarray(data["sum_g"], dtype=np.float64),
                 "sum_h": np.asarray(data["sum_h"], dtype=np.float64),
+                # files from before categorical splits have none
+                "categorical": np.asarray(
+                    data.get("categorical", np.zeros(len(data["left"]), dtype=bool)), dtype=bool
+                ),
             }
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"malformed tree: {exc}") from None
@@ -130,7 +146,9 @@ def unpack_trees(
     bounds = np.cumsum(sizes)[:-1]
     columns = {}
     for name in _FIELDS:
-        column = np.asarray(payload.get(f"{prefix}/{name}", []))
+        # trees without categorical splits may leave their flags out
+        default: Any = np.zeros(int(sizes.sum()), bool) if name == "categorical" else []
+        column = np.asarray(payload.get(f"{prefix}/{name}", default))
         if column.shape != (int(sizes.sum()),):
             raise DataError(f"malformed trees under {prefix!r}: {name} has the wrong length")
         columns[name] = np.split(column, bounds)
@@ -147,7 +165,9 @@ def advance(tree: Tree, codes: np.ndarray, pos: np.ndarray) -> bool:
         return False
     node = pos[at_split]
     code = codes[at_split, tree.feature[node]]
-    go_left = np.where(code == MISSING, tree.default_left[node], code < tree.left_bins[node])
+    bins = tree.left_bins[node]
+    split = np.where(tree.categorical[node], code != bins, code < bins)
+    go_left = np.where(code == MISSING, tree.default_left[node], split)
     pos[at_split] = np.where(go_left, tree.left[node], tree.right[node])
     return True
 
@@ -193,7 +213,7 @@ class _Builder:
         self.add(root_g, root_h)
 
     def add(self, g: float, h: float) -> int:
-        for name, value in zip(_FIELDS, (-1, -1, 0, 0, False, 0.0, g, h)):
+        for name, value in zip(_FIELDS, (-1, -1, 0, 0, False, 0.0, g, h, False)):
             self.rows[name].append(value)
         return len(self.rows["left"]) - 1
 
@@ -208,6 +228,7 @@ class _Builder:
             value=np.asarray(r["value"], dtype=np.float32),
             sum_g=np.asarray(r["sum_g"], dtype=np.float64),
             sum_h=np.asarray(r["sum_h"], dtype=np.float64),
+            categorical=np.asarray(r["categorical"], dtype=bool),
         )
 
 
@@ -219,6 +240,7 @@ def grow_tree(
     features: np.ndarray,
     root_g: float | None = None,
     root_h: float | None = None,
+    categorical: np.ndarray | None = None,
 ) -> Tree:
     """Grow one tree depth-wise. Of two siblings only the one with the smaller hessian sum
     is asked for; the other is its parent's histogram minus it (XGBoost's subtraction).
@@ -252,6 +274,7 @@ def grow_tree(
             n_bins=n_bins,
             features=features,
             params=params,
+            categorical=categorical,
         )
         next_level: list[int] = []
         for i, n in enumerate(level):
@@ -270,6 +293,7 @@ def grow_tree(
             r["feature"][n] = int(splits.feature[i])
             r["left_bins"][n] = int(splits.left_bins[i])
             r["default_left"][n] = bool(splits.default_left[i])
+            r["categorical"][n] = bool(splits.categorical[i])
             parent_of[left] = parent_of[right] = n
             next_level += [left, right]
         level = next_level
