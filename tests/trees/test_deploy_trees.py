@@ -368,3 +368,60 @@ def test_deployed_secureboost_rolls_back_a_tree_a_party_missed(tmp_path: Path) -
     # the guest's digest of its predictions equals centralized training's on the same cuts
     assert summary["identical_predictions"], summary
     assert summary["federated_auc"] == summary["centralized_auc"]
+
+
+def test_deployed_secureboost_resumes_after_a_host_process_is_killed(tmp_path: Path) -> None:
+    """The insurer's `shoal node` is killed (SIGKILL) during tree 2 and started again with
+    the same --state file: every party aligns and sets up again, restores the complete
+    round from its state (the insurer its split table, the bank its trees and margins), and
+    the run ends with the predictions of the uninterrupted simulation of the same job."""
+    pytest.importorskip("shoal.crypto.paillier")
+    from shoal.trees.secureboost import simulate
+    from shoal.vertical.job import load_vertical_job
+
+    parties = ["bank", "insurer"]
+    for name in parties:
+        (tmp_path / f"{name}.csv").write_bytes((EXAMPLE / f"{name}.csv").read_bytes())
+    job = tmp_path / "vertical.toml"
+    job.write_text(SECUREBOOST_TOML.replace("n_trees = 2", "n_trees = 4"))
+    make_certs(tmp_path / "certs", nodes=parties)
+    with Store(tmp_path / "fl.db") as store:
+        for name in parties:
+            _, _, key = write_key_pair(tmp_path / f"{name}.key")
+            store.add_node(node_id=name, public_key=public_key_bytes(key))
+    port = _port()
+    coordinator = Proc(
+        ["coordinator", "--job", str(job), "--listen", f"127.0.0.1:{port}",
+         "--certs", str(tmp_path / "certs"), "--store", str(tmp_path / "fl.db"),
+         "--wait-timeout", str(TIMEOUT), "--json", str(tmp_path / "out.json"),
+         "--insecure-test-keys"],
+        tmp_path / "coordinator.log",
+    )  # fmt: skip
+
+    def node(name: str, log: str) -> Proc:
+        return Proc(
+            ["node", "--coordinator", f"127.0.0.1:{port}", "--certs", str(tmp_path / "certs"),
+             "--key", str(tmp_path / f"{name}.key"), "--job", str(job),
+             "--state", str(tmp_path / f"{name}.db"), "--max-idle", str(TIMEOUT),
+             "--backoff", "0.2", "--backoff-max", "1", "--insecure-test-keys"],
+            tmp_path / log,
+        )  # fmt: skip
+
+    procs = [coordinator, node("bank", "bank.log"), node("insurer", "insurer.log")]
+    try:
+        coordinator.wait_line(r"^tree 1/4")
+        procs[2].popen.kill()  # SIGKILL: no cleanup, no goodbye
+        procs[2].popen.wait(timeout=30)
+        procs.append(node("insurer", "insurer2.log"))
+        coordinator.wait_line(r"^tree 4/4")
+        code = coordinator.popen.wait(timeout=120)
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert code == 0, coordinator.output()
+    summary = json.loads((tmp_path / "out.json").read_text())
+    # tree 2 failed and the run went on from the one complete round the parties had saved
+    assert summary["retries"] >= 1 and summary["resumed_from"] == [1], summary
+    sim = simulate(load_vertical_job(job, insecure_test_keys=True))
+    assert summary["digest"] == sim["digest"] and sim["identical_predictions"]
+    assert summary["auc"] == sim["centralized_auc"]

@@ -270,7 +270,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--state",
         metavar="FILE",
         help="this node's durable state (SQLite): its privacy ledger and audit log survive "
-        "restarts; without it they live in memory and --max-epsilon restarts from zero",
+        "restarts (and a SecureBoost party's part of each complete tree, so a restarted "
+        "party resumes the run); without it they live in memory and --max-epsilon restarts "
+        "from zero",
     )
     node.add_argument(
         "--no-data-lane",
@@ -738,7 +740,14 @@ def _node(args: argparse.Namespace) -> int:
     else:
         data, index, train = _node_data(job, args)
     if is_tree_job(job):
-        app = tree_node_app(job, party)
+        checkpoints = None
+        if party is not None and args.state:
+            from shoal.vertical.checkpoint import FileCheckpoints
+
+            # a SecureBoost party's part of each complete round, in the state file: a
+            # restarted process resumes the run with it
+            checkpoints = FileCheckpoints(args.state)
+        app = tree_node_app(job, party, checkpoints=checkpoints)
     elif index is not None:
         model = job.build_model()
     else:

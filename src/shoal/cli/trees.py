@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from shoal.data import Dataset
     from shoal.runtime import NodeApp
     from shoal.trees import GBDTParams
+    from shoal.vertical.checkpoint import Checkpoints
     from shoal.vertical.party import PartyData
 
 __all__ = [
@@ -173,8 +174,11 @@ def party_table(job: JobSpec, index: int, count: int) -> PartyData:
     return PartyData.from_columns(ids, block, y=y)
 
 
-def tree_node_app(job: JobSpec, party: int | None = None) -> NodeApp:
-    """The tasks a node of this job runs (a secureboost party's by its index)."""
+def tree_node_app(
+    job: JobSpec, party: int | None = None, *, checkpoints: Checkpoints | None = None
+) -> NodeApp:
+    """The tasks a node of this job runs (a secureboost party's by its index, keeping its
+    part of each complete round in ``checkpoints``: memory unless given)."""
     from shoal.crypto import SecureSum
     from shoal.runtime import NodeApp, TaskSpec
     from shoal.trees.horizontal import horizontal_tasks
@@ -185,7 +189,7 @@ def tree_node_app(job: JobSpec, party: int | None = None) -> NodeApp:
 
         if party is None:
             raise ConfigError("a secureboost node needs its party index (--partition I/N)")
-        app.install(secureboost_tasks("guest" if party == 0 else "host"))
+        app.install(secureboost_tasks("guest" if party == 0 else "host", checkpoints=checkpoints))
 
         def describe(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
             return {"party": party}
@@ -386,6 +390,7 @@ def _secureboost(
         "trees": params.n_trees,
         "intersection_size": result.intersection_size,
         "retries": result.retries,
+        "resumed_from": result.resumed_from,
         "bytes_routed": result.routed_bytes,
         "wall_s": wall,
         **{f"federated_{k}": v for k, v in result.test.items() if k not in ("n", "digest")},

@@ -165,8 +165,8 @@ def serve_party(args: argparse.Namespace) -> int:
     node_state, checkpoints = None, None
     if getattr(args, "state", None):
         # The node's audit log and ledger file, bound to its key (another node's is refused);
-        # the party's coefficients of each completed epoch go in a table of the same file,
-        # so a restarted party resumes with them.
+        # the party's coefficients of each completed epoch (or its part of each complete
+        # round of trees) go in a table of the same file, so a restarted party resumes.
         node_state = open_node_state(args.state, owner=fingerprint(public_key_bytes(key)))
         node_state.audit("node.started", key=fingerprint(public_key_bytes(key)))
         checkpoints = FileCheckpoints(args.state)
@@ -174,7 +174,7 @@ def serve_party(args: argparse.Namespace) -> int:
     if _trees_config(job) is not None:
         from shoal.trees.secureboost import secureboost_tasks
 
-        app.install(secureboost_tasks(role))
+        app.install(secureboost_tasks(role, checkpoints=checkpoints))
     else:
         app.install(vertical_tasks(role, mode=job.config.mode, checkpoints=checkpoints))
     tls = (

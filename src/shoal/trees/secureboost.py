@@ -15,13 +15,17 @@
    :func:`shoal.trees.vertical.train_secureboost`, so the trees are the centralized ones.
 
 A party failing during a tree fails that tree; every party rolls back and the tree is grown
-again, up to ``max_retries`` times. See docs/trees.md for what each party learns.
+again, up to ``max_retries`` times. A party whose process was lost (restarted, so without
+its session) makes every party align and set up again and restore the run's complete
+rounds from its checkpoint store (:mod:`shoal.trees.resume`). See docs/trees.md for what
+each party learns.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,11 +40,13 @@ from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError, 
 from shoal.runtime import TaskContext, TaskSpec
 from shoal.trees.objective import predict_from_margin
 from shoal.trees.params import GBDTParams
-from shoal.trees.vertical import Boosting, GuestParty, HostParty, _margin
+from shoal.trees.resume import load_margin, load_records, load_round, save_records, save_round
+from shoal.trees.vertical import Boosting, GuestParty, HostParty, VerticalModel, _margin
+from shoal.vertical.checkpoint import Checkpoints, MemoryCheckpoints, check_run
 from shoal.vertical.job import VerticalJob
 from shoal.vertical.model import held_out_rows
 from shoal.vertical.party import PartyData
-from shoal.vertical.protocol import align
+from shoal.vertical.protocol import align, wait_online
 from shoal.vertical.tasks import aligned_rows, psi_tasks
 from shoal.wire import decode, encode
 
@@ -76,6 +82,8 @@ class SecureBoostConfig:
     seed: int = 0
     max_retries: int = 3
     retry_wait_s: float = 2.0  # before a failed roll-back is tried again (doubling, <= 30 s)
+    # how long a failed tree waits for every party to be connected again (a restarted node)
+    resume_wait_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.key_bits < 2048 and not self.insecure_test_keys:
@@ -89,6 +97,8 @@ class SecureBoostConfig:
             raise ConfigError("min_overlap >= 1 and max_retries >= 0 are required")
         if not 0.0 <= self.retry_wait_s <= 3600.0:
             raise ConfigError(f"retry_wait_s must be in [0, 3600], got {self.retry_wait_s}")
+        if not 0.0 <= self.resume_wait_s <= 86400.0:
+            raise ConfigError(f"resume_wait_s must be in [0, 86400], got {self.resume_wait_s}")
 
 
 @dataclass(kw_only=True)
@@ -97,6 +107,8 @@ class SecureBoostResult:
     trees: int
     test: dict[str, Any] = field(default_factory=dict)
     retries: int = 0
+    # the complete rounds training went on from after a party lost its process
+    resumed_from: list[int] = field(default_factory=list)
     routed_bytes: int = 0
     # this process's CPU seconds by phase (all parties' in a simulation); wall seconds
     cpu_s: dict[str, float] = field(default_factory=dict)
@@ -151,7 +163,16 @@ def _split(ctx: TaskContext, payload: Mapping[str, Any]) -> tuple[np.ndarray, np
     return rows, held
 
 
-def guest_setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+def _resume_point(payload: Mapping[str, Any]) -> tuple[str, int]:
+    run, complete = check_run(payload["run"]), int(payload["complete"])
+    if complete < 0:
+        raise ProtocolError("setup: the number of complete rounds is negative")
+    return run, complete
+
+
+def guest_setup(ctx: TaskContext, payload: dict[str, Any], *, store: Checkpoints) -> dict[str, Any]:
+    """Keys, channels and the boosting state: fresh, or the run's first ``complete`` rounds
+    from this party's checkpoint store (after a party lost its process)."""
     data = _party(ctx)
     if data.y is None:
         raise DataError("the guest holds no label column")
@@ -166,13 +187,25 @@ def guest_setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     widths = [int(w) for w in payload["widths"]]
     if len(widths) != len(hosts) or not hosts:
         raise ProtocolError("setup: one column count per host")
+    run, complete = _resume_point(payload)
+    start, margin = None, None
+    if complete:
+        trees = [
+            load_round(store, run, r, bins=guest.bins, hosts=len(hosts))
+            for r in range(1, complete + 1)
+        ]
+        start = VerticalModel(
+            params=guest.params, bins=guest.bins, trees=tuple(trees), hosts=len(hosts)
+        )
+        margin = load_margin(store, run, complete, (len(guest.codes), guest.params.outputs))
+    boosting = Boosting(guest, widths, start=start, margin=margin)
     own = keys.KeyPair.generate()
     channels = {h: _channel_key(own, payload[f"dh/{h}"], guest=ctx.node_id, host=h) for h in hosts}
     st = _st(ctx)
     st.clear()
     st.update(
-        guest=guest, boosting=Boosting(guest, widths), hosts=hosts, channels=channels,
-        x_test=x[held], y_test=y[held],
+        guest=guest, boosting=boosting, hosts=hosts, channels=channels, x_test=x[held],
+        y_test=y[held], run=run,
     )  # fmt: skip
     return {"dh": np.frombuffer(own.public, dtype=np.uint8)}
 
@@ -212,28 +245,35 @@ def guest_choose(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     return _to_hosts(st, grower.choose(_from_hosts(st, payload, "hist")), "commit")
 
 
-def guest_apply(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+def guest_apply(ctx: TaskContext, payload: dict[str, Any], *, store: Checkpoints) -> dict[str, Any]:
     st = _st(ctx)
     grower = st.get("grower")
     if grower is None:
         raise ProtocolError("no tree under way")
     grower.apply(_from_hosts(st, payload, "commit"))
     if payload.get("last"):
-        st["boosting"].end(grower)
+        boosting: Boosting = st["boosting"]
+        rounds = len(boosting.trees)
+        boosting.end(grower)
         st["grower"] = None
+        if len(boosting.trees) > rounds:  # a round complete: kept before the reply
+            save_round(store, st["run"], len(boosting.trees), boosting.trees[-1], boosting.margin)
         return {}
     return _to_hosts(st, grower.request(), "hist")
 
 
 def rollback(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     """Forget the tree under way. The guest keeps the coordinator's count of complete
-    rounds (``complete``): a round whose ending reply was lost is undone too."""
+    rounds (``complete``): a round whose ending reply was lost is undone too. ``session``
+    says whether this party still holds its setup of the run (a restarted process does
+    not: then every party sets up again from its checkpoints)."""
     st = _st(ctx)
+    held = st.get("run") == payload.get("run") and ("boosting" in st or "host" in st)
     if "boosting" in st:
         keep = payload.get("complete")
         st["boosting"].abort(keep=None if keep is None else int(keep))
         st["grower"] = None
-    return {}
+    return {"session": int(held)}
 
 
 def guest_evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +333,9 @@ def _metrics(scores: np.ndarray, y: np.ndarray, params: GBDTParams) -> dict[str,
 # -- node side: a host ---------------------------------------------------------------------
 
 
-def host_setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+def host_setup(ctx: TaskContext, payload: dict[str, Any], *, store: Checkpoints) -> dict[str, Any]:
+    """Cuts, a channel key and the run's table of won splits so far (from this party's
+    checkpoint store: the guest's saved trees name records in it)."""
     data = _party(ctx)
     if data.y is not None:
         raise DataError("a host holds a label column; only the guest may hold labels")
@@ -302,10 +344,12 @@ def host_setup(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     host = HostParty(
         x=x[~held], max_bins=int(payload["max_bins"]), insecure_keys=bool(payload["insecure"])
     )
+    run, complete = _resume_point(payload)
+    host.restore(load_records(store, run, complete=complete))
     own = keys.KeyPair.generate()
     st = _st(ctx)
     st.clear()
-    st.update(host=host, x_test=x[held], own=own)
+    st.update(host=host, x_test=x[held], own=own, run=run)
     return {"features": int(x.shape[1]), "dh": np.frombuffer(own.public, dtype=np.uint8)}
 
 
@@ -343,9 +387,12 @@ def host_histograms(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]
     return _reply(ctx, host.handle("histograms", _inbox(ctx, payload, "hist")), "hist")
 
 
-def host_commit(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
-    host: HostParty = _st(ctx)["host"]
-    return _reply(ctx, host.handle("commit", _inbox(ctx, payload, "commit")), "commit")
+def host_commit(ctx: TaskContext, payload: dict[str, Any], *, store: Checkpoints) -> dict[str, Any]:
+    st = _st(ctx)
+    host: HostParty = st["host"]
+    answer = host.handle("commit", _inbox(ctx, payload, "commit"))
+    save_records(store, st["run"], host.records)  # kept before the guest learns the ids
+    return _reply(ctx, answer, "commit")
 
 
 def host_decide(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -361,29 +408,44 @@ def host_decide(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     return _reply(ctx, {"left": np.packbits(bits.astype(np.uint8), axis=1)}, "decide")
 
 
-def secureboost_tasks(role: str) -> dict[str, Any]:
+def secureboost_tasks(role: str, *, checkpoints: Checkpoints | None = None) -> dict[str, Any]:
     """The tasks a party of ``role`` installs (with the PSI tasks), each with its release
-    policy: messages between the parties leave only sealed to the other role."""
-    common = {**psi_tasks(), "secureboost.rollback": TaskSpec(rollback, {"*": "never"})}
+    policy: messages between the parties leave only sealed to the other role.
+
+    ``checkpoints`` keeps the party's part of each complete round (in memory unless given,
+    e.g. :class:`~shoal.vertical.checkpoint.FileCheckpoints` at a deployed party, which
+    then resumes the run after a restart of its process)."""
+    store = checkpoints if checkpoints is not None else MemoryCheckpoints()
+
+    def kept(task: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        def run(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            return task(ctx, payload, store=store)
+
+        run.__name__ = task.__name__
+        return run
+
+    common = {**psi_tasks(), "secureboost.rollback": TaskSpec(rollback, {"session": "clear"})}
     if role == "guest":
         to_hosts = {"box/*": "sealed:host"}
         return {
             **common,
-            "secureboost.guest.setup": TaskSpec(guest_setup, {"dh": "clear"}),
+            "secureboost.guest.setup": TaskSpec(kept(guest_setup), {"dh": "clear"}),
             "secureboost.guest.tree": TaskSpec(guest_tree, to_hosts),
             "secureboost.guest.choose": TaskSpec(guest_choose, to_hosts),
-            "secureboost.guest.apply": TaskSpec(guest_apply, to_hosts),
+            "secureboost.guest.apply": TaskSpec(kept(guest_apply), to_hosts),
             "secureboost.guest.evaluate": TaskSpec(guest_evaluate, dict.fromkeys(METRICS, "clear")),
         }
     if role == "host":
         to_guest = {"box": "sealed:guest"}
         return {
             **common,
-            "secureboost.host.setup": TaskSpec(host_setup, {"features": "clear", "dh": "clear"}),
+            "secureboost.host.setup": TaskSpec(
+                kept(host_setup), {"features": "clear", "dh": "clear"}
+            ),
             "secureboost.host.keys": TaskSpec(host_keys, {"*": "never"}),
             "secureboost.host.tree": TaskSpec(host_tree, to_guest),
             "secureboost.host.histograms": TaskSpec(host_histograms, to_guest),
-            "secureboost.host.commit": TaskSpec(host_commit, to_guest),
+            "secureboost.host.commit": TaskSpec(kept(host_commit), to_guest),
             "secureboost.host.decide": TaskSpec(host_decide, to_guest),
         }
     raise ConfigError(f"a SecureBoost party is a guest or a host, got role {role!r}")
@@ -410,8 +472,11 @@ def _request(fed: Federation, nodes: list[str], task: str, **kw: Any) -> dict[st
     return replies
 
 
-def _setup(fed: Federation, cfg: SecureBoostConfig, guest: str, hosts: list[str]) -> None:
-    split = {"seed": cfg.seed, "test_fraction": cfg.test_fraction}
+def _setup(
+    fed: Federation, cfg: SecureBoostConfig, guest: str, hosts: list[str], run: str, complete: int
+) -> None:
+    split = {"seed": cfg.seed, "test_fraction": cfg.test_fraction, "run": run,
+             "complete": complete}  # fmt: skip
     replies = _request(
         fed, hosts, "secureboost.host.setup",
         common={"max_bins": cfg.params.max_bins, "insecure": cfg.insecure_test_keys, **split},
@@ -470,26 +535,39 @@ def train_routed(
     """
     guest, hosts = _parties(fed)
     clock = _Clock()
+    run = secrets.token_hex(8)  # names this run's checkpoints at the parties
     size = align(fed, min_overlap=cfg.min_overlap)
     clock.lap("align")
-    _setup(fed, cfg, guest, hosts)
+    _setup(fed, cfg, guest, hosts, run, 0)
     clock.lap("setup")
     params = cfg.params
     total, done, retries = params.n_trees * params.outputs, 0, 0
+    resumed_from: list[int] = []
+    lost: list[str] = []
     while done < total:
         try:
+            if lost:  # a party lost its process: all set up again from their checkpoints
+                size = align(fed, min_overlap=cfg.min_overlap)
+                _setup(fed, cfg, guest, hosts, run, done // params.outputs)
+                fed.audit("secureboost.resumed", complete=done // params.outputs, parties=lost)
+                resumed_from.append(done // params.outputs)
+                lost = []
             _tree(fed, params.max_depth)
         except (ShoalError, OSError) as exc:
             log.warning("tree %d failed (%s); rolling back", done // params.outputs, exc)
             done -= done % params.outputs  # a multi-class round is grown again whole
-            retries = _roll_back(fed, [guest, *hosts], done // params.outputs, retries, cfg, exc)
-            fed.audit("secureboost.tree_failed", tree=done // params.outputs, reason=str(exc))
+            complete = done // params.outputs
+            retries, gone = _roll_back(fed, [guest, *hosts], run, complete, retries, cfg, exc)
+            lost = sorted({*lost, *gone})
+            fed.audit("secureboost.tree_failed", tree=complete, reason=str(exc))
             continue
         done += 1
         if on_tree is not None:
             on_tree(done, total)
     clock.lap("trees")
-    result = SecureBoostResult(intersection_size=size, trees=params.n_trees, retries=retries)
+    result = SecureBoostResult(
+        intersection_size=size, trees=params.n_trees, retries=retries, resumed_from=resumed_from
+    )
     if cfg.test_fraction > 0:
         result.test = evaluate(fed)
         clock.lap("evaluate")
@@ -501,13 +579,16 @@ def train_routed(
 def _roll_back(
     fed: Federation,
     parties: list[str],
+    run: str,
     complete: int,
     retries: int,
     cfg: SecureBoostConfig,
     cause: BaseException,
-) -> int:
+) -> tuple[int, list[str]]:
     """Every party forgets the failed tree; retried (each attempt a retry) until all
-    answer, so a party that missed a deadline and comes back is waited for."""
+    answer, so a party that missed a deadline and comes back is waited for (and one that
+    disconnected, up to ``cfg.resume_wait_s``). Returns the retries so far and the parties
+    that answered without their session of the run (their process was restarted)."""
     while True:
         retries += 1
         if retries > cfg.max_retries:
@@ -515,9 +596,18 @@ def _roll_back(
                 f"a tree failed ({cause}) and {cfg.max_retries} retries are used up; the job "
                 f"stops after {complete} complete round(s) of trees"
             ) from cause
-        _, failures = fed.request(parties, "secureboost.rollback", common={"complete": complete})
+        try:
+            wait_online(fed, parties, cfg.resume_wait_s)
+        except NotEnoughNodes as exc:
+            raise NotEnoughNodes(
+                f"a tree failed ({cause}) and {exc}; the job stops after {complete} complete "
+                "round(s) of trees"
+            ) from cause
+        replies, failures = fed.request(
+            parties, "secureboost.rollback", common={"run": run, "complete": complete}
+        )
         if not failures:
-            return retries
+            return retries, sorted(n for n in parties if not int(replies[n].get("session", 0)))
         log.warning("roll-back failed at %s; trying again", sorted(failures))
         # a stalled party may yet come back: give it time before asking again
         time.sleep(min(cfg.retry_wait_s * 2.0 ** (retries - 1), 30.0))
@@ -564,6 +654,7 @@ def summarize(job: VerticalJob, result: SecureBoostResult, wall_s: float) -> dic
         "intersection_size": result.intersection_size,
         "trees": result.trees,
         "retries": result.retries,
+        "resumed_from": result.resumed_from,
         **{k: v for k, v in test.items() if k not in ("n", "digest")},
         "test_rows": int(test.get("n", 0)),
         "digest": test.get("digest"),

@@ -52,6 +52,7 @@ __all__ = [
     "predict_vertical",
     "save_guest",
     "train_secureboost",
+    "tree_from_arrays",
 ]
 
 HOST_FORMAT = "shoal.trees.host/1"
@@ -336,13 +337,17 @@ class HostParty:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
                 ValueError) as exc:  # fmt: skip
             raise DataError(f"cannot read host model {str(path)!r}: {exc}") from None
-        n_bins = bins.n_bins
-        for f, t, _ in records:
-            if not 0 <= f < bins.n_features or not 0 <= t <= n_bins[f]:
-                raise DataError("malformed host model: a record names a missing feature or bin")
         host = cls(x=np.zeros((1, bins.n_features)), _bins=bins)  # no rows: it only decides
-        host.records = records
+        host.restore(records)
         return host
+
+    def restore(self, records: Sequence[tuple[int, int, bool]]) -> None:
+        """Take a saved table of won splits (checked against this host's cuts)."""
+        n_bins = self.bins.n_bins
+        for f, t, _ in records:
+            if not 0 <= f < self.bins.n_features or not 0 <= t <= n_bins[f]:
+                raise DataError("malformed host model: a record names a missing feature or bin")
+        self.records = [(int(f), int(t), bool(d)) for f, t, d in records]
 
     def threshold_table(self) -> list[dict[str, Any]]:
         """This host's model part: record id -> feature, raw threshold, default direction."""
@@ -409,14 +414,15 @@ def load_guest(path: str | Path) -> VerticalModel:
         params = GBDTParams(**raw["params"])
         hosts = int(raw["hosts"])
         bins = Bins(cuts=tuple(np.asarray(c, dtype=np.float64) for c in raw["cuts"]))
-        trees = tuple(tuple(_vertical_tree(t, bins, hosts) for t in r) for r in raw["trees"])
+        trees = tuple(tuple(tree_from_arrays(t, bins, hosts) for t in r) for r in raw["trees"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
             ValueError) as exc:  # fmt: skip
         raise DataError(f"cannot read guest model {str(path)!r}: {exc}") from None
     return VerticalModel(params=params, bins=bins, trees=trees, hosts=hosts)
 
 
-def _vertical_tree(raw: Mapping[str, Any], bins: Bins, hosts: int) -> VerticalTree:
+def tree_from_arrays(raw: Mapping[str, Any], bins: Bins, hosts: int) -> VerticalTree:
+    """A guest's tree from its arrays, checked (a model file's, or a party's saved round)."""
     # The links and leaves are checked as a plain tree's; owners and guest features here.
     plain = Tree.from_dict(
         {
@@ -562,6 +568,7 @@ class Boosting:
         *,
         start: VerticalModel | None = None,
         hosts: Sequence[Link] = (),
+        margin: np.ndarray | None = None,
     ) -> None:
         params = guest.params
         n, d_guest = guest.codes.shape
@@ -585,7 +592,10 @@ class Boosting:
                     "resume with the same parameters and hosts as the interrupted run"
                 )
             self.trees = list(start.trees)
-            if start.trees:
+            if margin is not None:  # the guest's own saved margins after those trees
+                saved = np.asarray(margin, dtype=np.float32).reshape(n, params.outputs)
+                self.margin = np.ascontiguousarray(saved)
+            elif start.trees:
                 self.margin = _margin(start, guest.codes, hosts)
             for _ in range(len(start.trees) * params.outputs):  # replay their randomness
                 if params.subsample < 1.0:

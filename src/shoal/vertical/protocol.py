@@ -20,7 +20,7 @@ from shoal.crypto.psi import new_salt
 from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError
 from shoal.vertical.model import MODELS, batches
 
-__all__ = ["HeteroConfig", "HeteroResult", "align", "evaluate", "train"]
+__all__ = ["HeteroConfig", "HeteroResult", "align", "evaluate", "train", "wait_online"]
 
 log = logging.getLogger("shoal.vertical")
 
@@ -200,7 +200,7 @@ def evaluate(fed: Federation, *, model: str, split: str = "test") -> dict[str, f
     return {k: float(v) for k, v in got.items()}
 
 
-def _wait_online(fed: Federation, nodes: list[str], wait_s: float) -> None:
+def wait_online(fed: Federation, nodes: list[str], wait_s: float) -> None:
     """Until every party is connected again (a restarted node dials back in)."""
     end, pause = time.monotonic() + wait_s, 0.05
     while True:
@@ -230,7 +230,7 @@ def _resume(fed: Federation, cfg: HeteroConfig, session: _Session) -> int:
     guest, hosts, arbiter = _parties(fed, cfg.mode)
     parties = [guest, *hosts]
     everyone = parties + ([arbiter] if arbiter is not None else [])
-    _wait_online(fed, everyone, cfg.resume_wait_s)
+    wait_online(fed, everyone, cfg.resume_wait_s)
     replies, failures = fed.request(everyone, "vertical.status", common={"run": session.run})
     if failures:
         raise NotEnoughNodes(f"status failed at {sorted(failures)}")
