@@ -21,7 +21,8 @@ from shoal.data import load_csv
 from shoal.errors import ConfigError, DataError
 from shoal.runtime import LocalEngine, NodeApp
 from shoal.trees import MISSING, GBDTParams, fit_bins, train
-from shoal.trees.horizontal import horizontal_tasks, train_horizontal
+from shoal.trees.bins import category_cuts
+from shoal.trees.horizontal import SETUP_TASK, horizontal_tasks, train_horizontal
 from shoal.trees.split import RT_EPS, WIDTH, best_splits, node_gain
 
 
@@ -99,7 +100,7 @@ def test_categorical_model_files_round_trip_and_load_in_xgboost(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("value", "words"),
-    [(1.5, "holds 1.5"), (-1.0, "holds -1.0"), (300.0, "more than max_bins")],
+    [(1.5, "holds 1 value"), (-1.0, "holds 1 value"), (300.0, "more than max_bins")],
 )
 def test_bad_category_codes_are_clear_errors(value: float, words: str) -> None:
     x, y = categorical_task(n=200)
@@ -113,7 +114,7 @@ def test_a_category_unseen_in_training_is_refused_at_prediction() -> None:
     model = train(x, y, GBDTParams(n_trees=2), categorical=[2, 3])
     rows = x[:2].copy()
     rows[1, 3] = 9.0
-    with pytest.raises(DataError, match=r"feature 3 is categorical but holds 9.0.*\[0, 5\)"):
+    with pytest.raises(DataError, match=r"feature 3 is categorical but holds 1 value.*\[0, 5\)"):
         model.predict(rows)
 
 
@@ -228,6 +229,30 @@ def test_horizontal_categorical_trees_equal_centralized_and_xgboost(
     xgbc.assert_same_model(federated, xgbc.xgboost_on_codes(x, y, params, federated.bins))
 
 
+def test_a_coordinator_flagging_a_numeric_column_categorical_reads_no_values() -> None:
+    """The node refuses the cuts and says how many values are not codes, never which."""
+    x, y = categorical_task(n=400)
+    fed = _fed(_nodes(x, y, 4))
+    flags = np.array([True, False, True, True])  # column 0 is numeric
+    cuts = [category_cuts(3), np.array([0.0]), category_cuts(7), category_cuts(5)]
+    replies, failures = fed.request(
+        ["n0"],
+        SETUP_TASK,
+        common={
+            "params": GBDTParams(n_trees=1).to_dict(),
+            "cuts": np.concatenate(cuts),
+            "sizes": np.array([len(c) for c in cuts]),
+            "categorical": flags,
+        },
+    )
+    assert not replies
+    detail = failures["n0"].detail
+    assert "feature 0 is categorical but holds" in detail
+    # the first bad value would have been quoted before: no value of the column appears
+    values = _nodes(x, y, 4)[0].x[:, 0]
+    assert not any(str(float(v)) in detail or f"{v:.6g}" in detail for v in values)
+
+
 def test_nodes_with_different_category_codes_are_refused_naming_column_and_node() -> None:
     x, y = categorical_task(n=800)
     nodes = _nodes(x, y, 4)
@@ -246,7 +271,7 @@ def test_non_code_values_in_a_horizontal_categorical_column_are_refused() -> Non
     x, y = categorical_task(n=800)
     x = x.copy()
     x[5, 3] = 2.5
-    with pytest.raises(DataError, match=r"feature 3 is categorical but holds 2\.5"):
+    with pytest.raises(DataError, match=r"feature 3 is categorical but holds 1 value"):
         train_horizontal(_fed(_nodes(x, y, 4)), GBDTParams(n_trees=1), categorical=[3])
 
 

@@ -108,10 +108,12 @@ def _check_codes(column: np.ndarray, j: int, k: int | None) -> None:
     if k is not None:
         bad |= values >= k
     if bad.any():
+        # the count, never a value: a node's refusal travels to the coordinator, which must
+        # not read a feature's values off errors by flagging numeric columns categorical
         top = f", {k})" if k is not None else ", ...)"
         raise DataError(
-            f"feature {j} is categorical but holds {float(values[bad][0])}: category codes are "
-            f"integers in [0{top}; a category not seen in training has no code"
+            f"feature {j} is categorical but holds {int(bad.sum())} value(s) that are not "
+            f"category codes: integers in [0{top}; a category not seen in training has no code"
         )
 
 
