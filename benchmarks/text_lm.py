@@ -48,6 +48,7 @@ from shoal.aggregate import Clip, Mean, Quantize, RandomRotation, TopK
 from shoal.crypto import SecureSum
 from shoal.data import Dataset, load_play
 from shoal.learn import FedAdam, FedAvg, FitConfig, simulate
+from shoal.learn.algorithms import scheduled_lr
 from shoal.learn.registry import build_model
 from shoal.runtime import Devices
 
@@ -89,15 +90,19 @@ def centralized(
     steps: int,
     lr: float,
     seed: int,
+    schedule: str = "constant",
+    lr_final: float = 0.1,
     on_round: Any = None,
 ) -> list[dict[str, Any]]:
-    """Plain SGD on the pooled windows, ``steps`` minibatches per 'round', evaluated alike."""
+    """Plain SGD on the pooled windows, ``steps`` minibatches per 'round', evaluated alike,
+    with the federated runs' lr schedule (the same decay per round)."""
     net = model.clone()
     net.set_weights(model.get_weights())
     rng = np.random.default_rng(seed)
     out = []
-    config = FitConfig(epochs=1, batch_size=32, lr=lr, max_steps=steps)
     for r in range(1, rounds + 1):
+        step_lr = scheduled_lr(lr, schedule=schedule, final=lr_final, round_num=r, rounds=rounds)
+        config = FitConfig(epochs=1, batch_size=32, lr=step_lr, max_steps=steps)
         t0 = time.perf_counter()
         # A fresh random slice of the pool each round: the same minibatches a full shuffle
         # gives, without copying 821k windows into a tensor every round.
@@ -164,6 +169,15 @@ def main() -> int:
     parser.add_argument("--server-lr", type=float, default=0.02, help="FedAdam's")
     parser.add_argument("--central-lr", type=float, help="centralized SGD's lr (default: --lr)")
     parser.add_argument(
+        "--schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="client lr schedule of every run, centralized included (lr_schedule)",
+    )
+    parser.add_argument(
+        "--lr-final", type=float, default=0.1, help="cosine: the last round's lr / lr"
+    )
+    parser.add_argument(
         "--split",
         choices=["test", "validation"],
         default="test",
@@ -178,9 +192,9 @@ def main() -> int:
         "--server-lrs (client lr --fedadam-lr), centralized at each --central-lrs, "
         "interleaved; prints the validation perplexity of each",
     )
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1.5, 3.0, 6.0])
-    parser.add_argument("--server-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
-    parser.add_argument("--central-lrs", type=float, nargs="+", default=[1.5, 3.0, 6.0])
+    parser.add_argument("--lrs", type=float, nargs="*", default=[1.5, 3.0, 6.0])
+    parser.add_argument("--server-lrs", type=float, nargs="*", default=[0.01, 0.03, 0.1])
+    parser.add_argument("--central-lrs", type=float, nargs="*", default=[1.5, 3.0, 6.0])
     parser.add_argument(
         "--training-runs",
         nargs="+",
@@ -243,13 +257,16 @@ def main() -> int:
         f"{len(nodes)} roles, {len(train)} training windows, {args.eval} of {len(full_test)} "
         f"{args.split} windows; char LSTM embedding 8, {args.layers}x{args.hidden} ({params} "
         f"parameters), {args.rounds} rounds of {args.nodes_per_round} roles x {args.steps} "
-        "steps of 32"
+        f"steps of 32, lr schedule {args.schedule}"
+        + (f" (last round {args.lr_final:g} x lr)" if args.schedule != "constant" else "")
     )
     common = {
         "rounds": args.rounds,
         "nodes_per_round": args.nodes_per_round,
         "max_steps": args.steps,
         "batch_size": 32,
+        "lr_schedule": args.schedule,
+        "lr_final": args.lr_final,
     }
 
     devices = Devices(up_mbps=args.uplink_mbps)
@@ -297,6 +314,8 @@ def main() -> int:
             steps=args.nodes_per_round * args.steps,
             lr=lr,
             seed=args.seed,
+            schedule=args.schedule,
+            lr_final=args.lr_final,
             on_round=lambda r, a, p: progress(name, r, a, p),
         )
         last = rows[-1]

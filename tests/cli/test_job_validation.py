@@ -50,6 +50,10 @@ def job(**tables: Any) -> dict[str, Any]:
         ({"privacy": {"epsilon": 1}}, r"unknown key\(s\) \['privacy'\] in \[algorithm\]"),
         ({"aggregator": "mean"}, r"unknown key\(s\) \['aggregator'\]"),
         ({"clamp": "yes"}, r"\[algorithm\] clamp must be true or false"),
+        ({"lr_final": 2.0}, r"\[algorithm\] lr_final must be in \(0, 1\]"),
+        ({"lr_final": 0}, r"\[algorithm\] lr_final must be in \(0, 1\]"),
+        ({"lr_schedule": "step"}, r"lr_schedule must be one of constant, cosine, got 'step'"),
+        ({"lr_schedule": 1}, r"lr_schedule"),
     ],
 )
 def test_algorithm_values_are_type_checked(algorithm: dict[str, Any], message: str) -> None:

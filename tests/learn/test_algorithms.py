@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -28,6 +29,7 @@ from shoal.learn import (
     learning_app,
     simulate,
 )
+from shoal.learn.algorithms import scheduled_lr
 from shoal.runtime import Faults, LocalEngine
 
 
@@ -202,3 +204,60 @@ def test_invalid_hyper_parameters_are_config_errors() -> None:
         FedAvg(lr=-1.0)
     with pytest.raises(ConfigError):
         simulate(model=model(), nodes=[], algorithm=FedAvg())
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    lr=st.floats(1e-3, 10.0),
+    final=st.floats(1e-3, 1.0),
+    rounds=st.integers(2, 500),
+)
+def test_cosine_schedule_falls_from_lr_to_its_final_fraction(
+    lr: float, final: float, rounds: int
+) -> None:
+    at = [
+        scheduled_lr(lr, schedule="cosine", final=final, round_num=r, rounds=rounds)
+        for r in range(1, rounds + 1)
+    ]
+    assert at[0] == pytest.approx(lr) and at[-1] == pytest.approx(lr * final)
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(at))  # never rises
+    assert all(lr * final - 1e-12 <= a <= lr + 1e-12 for a in at)
+    assert scheduled_lr(lr, schedule="constant", final=final, round_num=7, rounds=rounds) == lr
+
+
+def test_nodes_train_at_the_scheduled_lr(digits) -> None:
+    """With one node and one local step, round 3 of 3 is one SGD step at lr * lr_final."""
+    train, _, _ = digits
+    shard = train.subset(np.arange(32))
+    algorithm = FedAvg(
+        rounds=3,
+        nodes_per_round=1,
+        lr=0.3,
+        batch_size=32,
+        max_steps=1,
+        lr_schedule="cosine",
+        lr_final=0.25,
+    )
+    assert [algorithm.lr_at(r) for r in (1, 2, 3)] == pytest.approx([0.3, 0.1875, 0.075])
+    fed = Federation(LocalEngine(learning_app(model()), data=[shard]))
+    state = algorithm.init(model().get_weights())
+    for r in range(2):
+        state = algorithm.round(fed, state, seed=r).state
+    before = dict(state.weights)
+    state = algorithm.round(fed, state, seed=2).state
+    reference = model()
+    reference.set_weights(before)
+    reference.fit(
+        shard, config=FitConfig(lr=0.075, batch_size=32, max_steps=1), rng=np.random.default_rng(2)
+    )
+    for name, value in reference.get_weights().items():
+        np.testing.assert_allclose(state.weights[name], value, atol=1e-12)
+
+
+def test_bad_lr_schedules_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="lr_schedule must be one of constant, cosine"):
+        FedAvg(lr_schedule="step")
+    with pytest.raises(ConfigError, match="lr_final"):
+        FedAdam(lr_schedule="cosine", lr_final=0.0)
+    with pytest.raises(ConfigError, match="lr_final"):
+        FedAvg(lr_final=1.5)

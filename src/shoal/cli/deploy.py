@@ -465,7 +465,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     events.propagate = False
     started = time.perf_counter()
     # Everything slow (data, model) happens before listening, so nodes never wait on it.
-    _, test = job.load_data()
+    test = job.eval_data()
     tree_job = is_tree_job(job)
     model = None if tree_job else job.build_model()
     algorithm = None if tree_job else job.build_algorithm()
@@ -535,6 +535,7 @@ def _coordinator(args: argparse.Namespace) -> int:
                 run_name=job.name,
                 config=job.to_dict(),
                 federated_eval_every=int(job.engine["federated_eval_every"]),
+                eval_every=int(job.engine["eval_every"]),
                 seed=job.seed,
                 on_round=_progress(engine, algorithm.rounds, args, wait_nodes),
             )

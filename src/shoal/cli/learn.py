@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.cli.options import (
+    count,
     default_store_path,
     open_store,
     positive_float,
@@ -61,6 +62,8 @@ examples:
   shoal run job.toml --json out.json write a summary as JSON
   shoal run job.toml --resume RUN_ID continue an interrupted run from its last round
   shoal run job.toml --baseline      also train centrally on the pooled data, to compare
+  shoal run job.toml --eval-every 5 --eval-examples 0
+                                     test on the whole test set, every 5th round and the last
 """
 
 
@@ -101,6 +104,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--insecure-test-keys",
         action="store_true",
         help="vertical jobs: allow Paillier keys under 2048 bits (tests only)",
+    )
+    run.add_argument(
+        "--eval-every",
+        type=positive_int,
+        metavar="N",
+        help="evaluate the server's test set every N rounds and after the last "
+        "([engine] eval_every; default 1)",
+    )
+    run.add_argument(
+        "--eval-examples",
+        type=count,
+        metavar="N",
+        help="evaluate on N test examples drawn once, 0 for all ([engine] eval_examples; "
+        "default all, 2,000 windows for text)",
     )
     _common(run, baseline=False)
     run.set_defaults(func=_run_job)
@@ -166,7 +183,13 @@ def _run_job(args: argparse.Namespace) -> int:
 
     if is_vertical(args.job):  # a [vertical] job: parties with their own columns
         return run_vertical(args)
-    return _execute(load_job(args.job), args, resume=args.resume, again=f"shoal run {args.job}")
+    engine = {
+        key: value
+        for key, value in (("eval_every", args.eval_every), ("eval_examples", args.eval_examples))
+        if value is not None
+    }
+    job = load_job(args.job, engine=engine)
+    return _execute(job, args, resume=args.resume, again=f"shoal run {args.job}")
 
 
 def _execute(job: JobSpec, args: argparse.Namespace, *, resume: str | None, again: str) -> int:
@@ -250,7 +273,8 @@ def _execute(job: JobSpec, args: argparse.Namespace, *, resume: str | None, agai
 def _baseline(job: JobSpec, nodes: int) -> dict[str, float]:
     from shoal.learn import train_centralized
 
-    train, test = job.load_data()
+    train, _ = job.load_data()
+    test = job.eval_data()  # the examples the federated run was judged on
     algorithm = job.build_algorithm()
     # The baseline sees as many examples as the federation processed, in passes of the pool.
     passes = algorithm.rounds * algorithm.local_epochs * min(algorithm.nodes_per_round, nodes)

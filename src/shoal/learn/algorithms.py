@@ -35,7 +35,20 @@ __all__ = [
     "RoundResult",
     "Scaffold",
     "ServerState",
+    "scheduled_lr",
 ]
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(lr: float, *, schedule: str, final: float, round_num: int, rounds: int) -> float:
+    """The client learning rate for training round ``round_num`` (1-based) of ``rounds``:
+    ``lr`` throughout ("constant"), or a half cosine from ``lr`` in round 1 to
+    ``lr * final`` in the last round ("cosine"; beyond the last round it stays there)."""
+    if schedule == "constant" or rounds <= 1:
+        return lr
+    t = min(max((round_num - 1) / (rounds - 1), 0.0), 1.0)
+    return lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +117,10 @@ class Algorithm:
     # Downlink compression of the broadcast weights: 4, 8 or 16 bits per weight (stochastic
     # rounding, one scale per block), 32 for float32; None sends the server's float64 weights.
     downlink_bits: int | None = None
+    # Client lr decay over the run (scheduled_lr): late rounds take smaller local steps, so
+    # the server's model stops jumping around the optimum it reached by then.
+    lr_schedule: str = "constant"
+    lr_final: float = 0.1  # the last round's lr as a fraction of lr ("cosine")
     plan: PrivacyPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +129,16 @@ class Algorithm:
                 raise ConfigError(f"{self.name}: {key} must be at least 1")
         if not self.lr > 0 or not self.server_lr > 0:
             raise ConfigError(f"{self.name}: lr and server_lr must be positive")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"{self.name}: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                f"{self.lr_schedule!r}"
+            )
+        if not 0 < self.lr_final <= 1:
+            raise ConfigError(
+                f"{self.name}: lr_final (the last round's lr as a fraction of lr) must be in "
+                f"(0, 1], got {self.lr_final!r}"
+            )
         if self.downlink_bits not in DOWNLINK_BITS:
             raise ConfigError(
                 f"{self.name}: downlink_bits must be one of {DOWNLINK_BITS[1:]} (or None for "
@@ -130,6 +157,16 @@ class Algorithm:
                 "privacy"
             )
         object.__setattr__(self, "plan", plan)
+
+    def lr_at(self, round_num: int) -> float:
+        """The client lr nodes are told in training round ``round_num`` (1-based)."""
+        return scheduled_lr(
+            self.lr,
+            schedule=self.lr_schedule,
+            final=self.lr_final,
+            round_num=round_num,
+            rounds=self.rounds,
+        )
 
     def node_tasks(self) -> dict[str, Any]:
         """Tasks every node must install besides train/evaluate (e.g. a secure sum's)."""
@@ -155,15 +192,16 @@ class Algorithm:
         return ServerState(round=state.round + 1, weights=weights, slots=state.slots)
 
     def round(self, fed: Federation, state: ServerState, *, seed: int | None = None) -> RoundResult:
+        lr = self.lr_at(state.round + 1)
         plan = self.plan.plan_round(
-            fed, per_round=self.nodes_per_round, lr=self.lr, meta=state.meta, seed=seed
+            fed, per_round=self.nodes_per_round, lr=lr, meta=state.meta, seed=seed
         )
         track_loss = self.track_loss and "loss" in plan.public and "n" in plan.public
         public = [f for f in plan.public if f != "loss" or track_loss]
         weights = plan.group.broadcast(
             **encode_weights(state.weights, self.downlink_bits),
             epochs=self.local_epochs,
-            lr=self.lr,
+            lr=lr,
             batch_size=self.batch_size,
             max_steps=self.max_steps,
             seed=seed,

@@ -202,7 +202,7 @@ class FedBuff(Algorithm):
         broadcast = group.broadcast(
             **encode_weights(state.weights, self.downlink_bits),
             epochs=self.local_epochs,
-            lr=self.lr,
+            lr=self.lr_at(state.round + 1),
             batch_size=self.batch_size,
             max_steps=self.max_steps,
             seed=None if seed is None else seed * 1_000_003 + state.round,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from shoal.core import Federation
-from shoal.errors import StoreError
+from shoal.errors import ConfigError, StoreError
 from shoal.learn.algorithms import Algorithm, ServerState
 from shoal.learn.model import Model, Weights
 from shoal.learn.tasks import EVALUATE, prefixed
@@ -80,10 +80,13 @@ class Trainer:
         run_name: str = "run",
         config: Mapping[str, Any] | None = None,
         federated_eval_every: int = 0,
+        eval_every: int = 1,
         seed: int = 0,
         on_round: Callable[[RoundReport], None] | None = None,
         on_start: Callable[[str | None], None] | None = None,
     ) -> None:
+        if eval_every < 1:
+            raise ConfigError(f"eval_every must be at least 1 (every round), got {eval_every}")
         self.federation = federation
         self.algorithm = algorithm
         self.model = model
@@ -92,6 +95,9 @@ class Trainer:
         self.run_name = run_name
         self.config = dict(config or {})
         self.federated_eval_every = federated_eval_every
+        # The server evaluates its test set every eval_every rounds and after the last round
+        # (a text test split of 205k windows costs more than a round's training).
+        self.eval_every = eval_every
         self.seed = seed
         self.on_round = on_round
         self.on_start = on_start  # called with the run id once the run is recorded
@@ -192,7 +198,8 @@ class Trainer:
         if getattr(engine, "devices", None) is not None:  # simulated links and device speeds
             wire["virtual_s"] = float(engine.clock.now)  # type: ignore[union-attr]
         new_state = result.state
-        evaluation = self.evaluate(new_state.weights)
+        due = new_state.round % self.eval_every == 0 or new_state.round >= self.algorithm.rounds
+        evaluation = self.evaluate(new_state.weights) if due else {}
         epsilon = result.epsilon
         if self.federated_eval_every and new_state.round % self.federated_eval_every == 0:
             federated, new_state = self.federated_evaluate(new_state)

@@ -29,6 +29,7 @@ def simulate(
     test: Dataset | None = None,
     holdout: float = 0.0,
     federated_eval_every: int = 0,
+    eval_every: int = 1,
     seed: int = 0,
     min_nodes: int = 1,
     deadline_s: float = 600.0,
@@ -51,7 +52,8 @@ def simulate(
     """Train ``model`` with ``algorithm`` across ``nodes`` (one data set per node).
 
     ``holdout`` keeps that fraction of each node's data for federated evaluation (every
-    ``federated_eval_every`` rounds); ``test`` is the server's own test set. ``devices``
+    ``federated_eval_every`` rounds); ``test`` is the server's own test set, evaluated every
+    ``eval_every`` rounds and after the last. ``devices``
     gives the nodes compute speeds and link bandwidths on the engine's virtual clock, whose
     time after each round is recorded as ``virtual_s``.
 
@@ -131,6 +133,7 @@ def simulate(
         run_name=run_name,
         config=config,
         federated_eval_every=federated_eval_every,
+        eval_every=eval_every,
         seed=seed,
         on_round=on_round,
         on_start=on_start,
