@@ -201,7 +201,7 @@ class Algorithm:
         weights = plan.group.broadcast(
             **encode_weights(state.weights, self.downlink_bits),
             epochs=self.local_epochs,
-            lr=lr,
+            lr=self.lr_at(state.round + 1),
             batch_size=self.batch_size,
             max_steps=self.max_steps,
             seed=seed,
