@@ -90,7 +90,7 @@ TEXT_MODELS = ("char_lstm", "word_lstm", "tiny_transformer")
 _TEXT_KEYS = ("tokens", "seq_len", "vocab_size")
 # Test windows the server evaluates after each round of a text job unless [engine]
 # eval_examples says otherwise: tinyshakespeare's test split is 205,355 windows, minutes
-# per round for LEAF's LSTM; 2,000 put one round's perplexity within about +-0.2.
+# per round for LEAF's LSTM; benchmarks/text_lm.py evaluates 2,000 too.
 TEXT_EVAL_EXAMPLES = 2_000
 
 Schema = Mapping[str, tuple[type | tuple[type, ...], Any]]
