@@ -8,8 +8,10 @@ CPU time; rates are medians of the repeats, ratios are CPU-time ratios (the mach
 so wall time carries other jobs' load). Prints a table and writes JSON.
 
 Encryption rows say where each ``r**n`` comes from: fresh from the public key (phe's way),
-fresh from the key holder's CRT sampler (no precomputation), or taken from a pool filled
-beforehand (online cost only; the pool's generation is its own row).
+fresh from the key holder's CRT sampler (no precomputation), fresh as ``h_s**a`` from the
+key's DJN base (a fixed-base table built once per key, its build time reported on its own),
+or taken from a pool filled beforehand (online cost only; the pool's generation is its own
+row). phe is always timed its own way (a uniform r per ciphertext, no base).
 
     python benchmarks/paillier.py --repeats 5 --json paillier.json
 """
@@ -85,12 +87,19 @@ def run_shoal(key: dict[str, int], count: int, adds: int) -> dict[str, float]:
 
     from shoal.crypto import paillier as P
 
-    pk = P.PublicKey(n=key["n"])
+    pk = P.PublicKey(n=key["n"])  # no DJN base: uniform r**n, as phe
     sk = P.PrivateKey(public_key=pk, p=key["p"], q=key["q"])
+    pkd = P.PublicKey(n=key["n"], hs=key["hs"])  # the same key with its DJN base
+    skd = P.PrivateKey(public_key=pkd, p=key["p"], q=key["q"])
     rng = np.random.default_rng(0)
     xs = rng.uniform(-1, 1, size=count)
     out: dict[str, float] = {}
     clock = _Clock(out)
+    c = time.process_time()
+    pkd.djn_table()  # once per key, reused by every later encryption
+    out["djn_table_s_cpu"] = time.process_time() - c
+    clock("encrypt_djn", count, lambda: P.encrypt(pkd, xs))
+    clock("encrypt_djn_key_holder", count, lambda: P.encrypt(pkd, xs, private_key=skd))
     # a fresh r**n per value from the public key alone, as phe does
     enc = clock("encrypt", count, lambda: P.encrypt(pk, xs))
     # the key holder: a fresh r**n per value by CRT, nothing precomputed
@@ -125,6 +134,19 @@ def run_shoal(key: dict[str, int], count: int, adds: int) -> dict[str, float]:
         vals.size,
         lambda: P.encrypt_packed(pk, vals, packing, private_key=sk),
     )
+    clock(
+        "packed_values_djn",
+        vals.size,
+        lambda: P.encrypt_packed(pkd, vals, packing),
+    )
+    clock(
+        "packed_values_djn_key_holder",
+        vals.size,
+        lambda: P.encrypt_packed(pkd, vals, packing, private_key=skd),
+    )
+    # decryption per value when 35 values share a plaintext (phe has no packing)
+    packed = P.encrypt_packed(pkd, vals, packing)
+    clock("decrypt_packed_values", vals.size, lambda: P.decrypt_packed(sk, packed))
     out["packed_slots"] = float(packing.slots)
     return out
 
@@ -149,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.phe_python = args.phe_python or _default_phe_python()
     pk, sk = P.generate_keypair(args.bits, insecure=args.bits < 2048)
-    key = {"n": int(pk.n), "p": int(sk.p), "q": int(sk.q)}
+    key = {"n": int(pk.n), "p": int(sk.p), "q": int(sk.q), "hs": int(pk.hs)}
     have_phe = Path(args.phe_python).exists()
     runs: dict[str, list[dict[str, float]]] = {"shoal": [], "phe": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,14 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("encrypt, public key (fresh r^n each)", "encrypt", "encrypt"),
         ("encrypt, key holder (fresh CRT r^n each)", "encrypt_key_holder", "encrypt"),
+        ("encrypt, public key + DJN base (fresh h_s^a)", "encrypt_djn", "encrypt"),
+        ("encrypt, key holder + DJN base (fresh h_s^a)", "encrypt_djn_key_holder", "encrypt"),
         ("encrypt online (pooled r^n; excl. pool)", "encrypt_online_pool", None),
         ("pool generation, key holder (CRT)", "pool_refill_key_holder", None),
         ("pool generation, public key only", "pool_refill_public", None),
         ("add", "add", "add"),
         ("scalar multiply (53-bit)", "scalar_mul", "scalar_mul"),
         ("decrypt", "decrypt", "decrypt"),
+        ("decrypt, packed values (per value)", "decrypt_packed_values", "decrypt"),
         ("packed values, online (excl. pool)", "packed_values_online_pool", None),
         ("packed values, key holder (fresh CRT r^n)", "packed_values_key_holder", None),
+        ("packed values, public key + DJN (fresh)", "packed_values_djn", None),
+        ("packed values, key holder + DJN (fresh)", "packed_values_djn_key_holder", None),
     ]
     print(f"Paillier {args.bits}-bit, medians of {args.repeats} interleaved repeats (ops/s)")
     print(f"phe: {args.phe_python if have_phe else 'not run'}")
@@ -209,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"{label:44s} {f(s_cpu)} {f(p_cpu)} {f(ratio, 6, 1)} {f(s_wall)} {f(p_wall)}")
     print(f"slots per {args.bits}-bit packed plaintext: {int(med['shoal']['packed_slots'])}")
+    print(f"DJN fixed-base table, once per key: {med['shoal']['djn_table_s_cpu']:.2f} CPU-s")
     if not have_phe:
         print(f"phe not run: no interpreter at {args.phe_python}", file=sys.stderr)
     if args.json:

@@ -18,6 +18,14 @@ def keys() -> tuple[P.PublicKey, P.PrivateKey]:
     return P.generate_keypair(BITS, insecure=True)
 
 
+@pytest.fixture(scope="module")
+def plain_keys() -> tuple[P.PublicKey, P.PrivateKey]:
+    """A key without a DJN base: uniform r**n (public) and the CRT sampler (key holder)."""
+    pk, sk = P.generate_keypair(BITS, insecure=True, djn=False)
+    assert pk.hs is None
+    return pk, sk
+
+
 ints = st.integers(-(2**200), 2**200)
 floats = st.floats(-1e9, 1e9, allow_nan=False)
 
@@ -78,11 +86,11 @@ def test_vector_add_and_scalar_mul(keys, xs: list[float], ys: list[float]) -> No
 @settings(max_examples=30, deadline=None)
 @given(xs=st.lists(ints, min_size=1, max_size=6), ys=st.lists(ints, min_size=6, max_size=6), k=ints)
 def test_key_holder_crt_encryption_round_trips_and_stays_homomorphic(
-    keys, xs: list[int], ys: list[int], k: int
+    plain_keys, xs: list[int], ys: list[int], k: int
 ) -> None:
     """Encryption with the key holder's CRT r**n is ordinary Paillier: it decrypts, adds to
     a public-key ciphertext and to plaintexts, and multiplies by a scalar, all exactly."""
-    pk, sk = keys
+    pk, sk = plain_keys
     x, y = np.array(xs, dtype=object), np.array(ys[: len(xs)], dtype=object)
     ex = P.encrypt(pk, x, frac_bits=0, private_key=sk)
     ey = P.encrypt(pk, y, frac_bits=0)  # public-key encryption, the other party's
@@ -184,8 +192,9 @@ def test_pool_gives_each_factor_once(keys) -> None:
     assert P.decrypt(sk, e).tolist() == list(range(30))
 
 
-def test_key_holder_sampler_gives_nth_residues(keys) -> None:
-    pk, sk = keys
+@pytest.mark.parametrize("which", ["keys", "plain_keys"])
+def test_key_holder_sampler_gives_nth_residues(which: str, request) -> None:
+    pk, sk = request.getfixturevalue(which)
     # an n-th residue mod n^2 decrypts to 0 and has order dividing phi(n)
     phi = (sk.p - 1) * (sk.q - 1)
     for _ in range(10):

@@ -42,3 +42,18 @@ def test_key_holder_crt_encryption_decrypts_in_phe() -> None:
     assert got == [-17, 23, 0, 2**40]
     c = int(e.ciphertexts[1]) * ppk.raw_encrypt(7) % int(pk.nsquare)
     assert psk.raw_decrypt(c) == 30
+
+
+def test_djn_ciphertexts_decrypt_in_phe() -> None:
+    """Obfuscators h_s**a from the DJN base are n-th residues like phe's r**n: phe decrypts
+    DJN ciphertexts, alone and multiplied with its own."""
+    pk, sk = P.generate_keypair(1024, insecure=True)
+    assert pk.hs is not None
+    ppk = phe.PaillierPublicKey(int(pk.n))
+    psk = phe.PaillierPrivateKey(ppk, int(sk.p), int(sk.q))
+    for source in ({}, {"private_key": sk}):
+        e = P.encrypt(pk, np.array([-17, 23, 0, 2**40]), frac_bits=0, **source)
+        got = [psk.decrypt(phe.EncryptedNumber(ppk, int(ct), 0)) for ct in e.ciphertexts]
+        assert got == [-17, 23, 0, 2**40]
+    c = int(e.ciphertexts[1]) * ppk.raw_encrypt(7) % int(pk.nsquare)
+    assert psk.raw_decrypt(c) == 30

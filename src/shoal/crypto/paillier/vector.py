@@ -62,9 +62,10 @@ def encrypt(
 ) -> EncryptedVector:
     """Encrypt a float or int array at ``frac_bits`` fractional bits (0 for exact ints).
 
-    Each value gets a never-used ``r**n``: from ``pool`` if given; else a fresh one, made by
-    the ~4x cheaper CRT sampler when the key holder passes its ``private_key`` (the same
-    distribution, see :meth:`PrivateKey.random_rn`), else by one full exponentiation.
+    Each value gets a never-used ``r**n``: from ``pool`` if given; else a fresh one: from
+    the key's DJN base if it has one (:meth:`PublicKey.random_rn`), else by the ~4x cheaper
+    CRT sampler when the key holder passes its ``private_key`` (the same distribution, see
+    :meth:`PrivateKey.random_rn`), else by one full exponentiation.
     """
     arr = np.asarray(values)
     plains = encode_ints(to_fixed(arr, frac_bits), public_key.n)
