@@ -148,7 +148,29 @@ def run_shoal(key: dict[str, int], count: int, adds: int) -> dict[str, float]:
     packed = P.encrypt_packed(pkd, vals, packing)
     clock("decrypt_packed_values", vals.size, lambda: P.decrypt_packed(sk, packed))
     out["packed_slots"] = float(packing.slots)
+    run_ou(key, xs, ks, clock, adds)
     return out
+
+
+def run_ou(key: dict[str, int], xs: Any, ks: Any, clock: _Clock, adds: int) -> None:
+    """The second scheme, Okamoto-Uchiyama, at the same modulus size (rows ``ou_*``)."""
+    import numpy as np
+
+    from shoal.crypto import okamoto_uchiyama as OU
+
+    n = key["ou_p"] ** 2 * key["ou_q"]
+    pk = OU.OUPublicKey(n=n, g=key["ou_g"], h=pow(key["ou_g"], n, n))
+    sk = OU.OUPrivateKey(public_key=pk, p=key["ou_p"], q=key["ou_q"])
+    c = time.process_time()
+    pk.h_table()  # once per key, like the DJN table
+    clock.out["ou_table_s_cpu"] = time.process_time() - c
+    enc = clock("ou_encrypt", len(xs), lambda: OU.encrypt(pk, xs, frac_bits=32))
+    a = [enc[i % len(enc)] for i in range(adds)]
+    b = [enc[(i + 1) % len(enc)] for i in range(adds)]
+    clock("ou_add", adds, lambda: pk.add(a, b))
+    scal = [int(v) for v in np.rint(np.ldexp(ks, 53)).tolist()]
+    clock("ou_scalar_mul", len(enc), lambda: pk.mul(enc, scal))
+    clock("ou_decrypt", len(enc), lambda: OU.decrypt(sk, enc, frac_bits=32))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     args.phe_python = args.phe_python or _default_phe_python()
     pk, sk = P.generate_keypair(args.bits, insecure=args.bits < 2048)
     key = {"n": int(pk.n), "p": int(sk.p), "q": int(sk.q), "hs": int(pk.hs)}
+    from shoal.crypto import okamoto_uchiyama as OU
+
+    ou_pk, ou_sk = OU.generate_ou_keypair(args.bits, insecure=args.bits < 2048)
+    key.update(ou_p=int(ou_sk.p), ou_q=int(ou_sk.q), ou_g=int(ou_pk.g))
     have_phe = Path(args.phe_python).exists()
     runs: dict[str, list[dict[str, float]]] = {"shoal": [], "phe": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         ("packed values, key holder (fresh CRT r^n)", "packed_values_key_holder", None),
         ("packed values, public key + DJN (fresh)", "packed_values_djn", None),
         ("packed values, key holder + DJN (fresh)", "packed_values_djn_key_holder", None),
+        ("Okamoto-Uchiyama encrypt (fresh r)", "ou_encrypt", "encrypt"),
+        ("Okamoto-Uchiyama add", "ou_add", "add"),
+        ("Okamoto-Uchiyama scalar multiply (53-bit)", "ou_scalar_mul", "scalar_mul"),
+        ("Okamoto-Uchiyama decrypt", "ou_decrypt", "decrypt"),
     ]
     print(f"Paillier {args.bits}-bit, medians of {args.repeats} interleaved repeats (ops/s)")
     print(f"phe: {args.phe_python if have_phe else 'not run'}")
@@ -237,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:44s} {f(s_cpu)} {f(p_cpu)} {f(ratio, 6, 1)} {f(s_wall)} {f(p_wall)}")
     print(f"slots per {args.bits}-bit packed plaintext: {int(med['shoal']['packed_slots'])}")
     print(f"DJN fixed-base table, once per key: {med['shoal']['djn_table_s_cpu']:.2f} CPU-s")
+    print(
+        f"Okamoto-Uchiyama h table, once per key: {med['shoal']['ou_table_s_cpu']:.2f} CPU-s; "
+        "its rows' ratios are against phe's Paillier (another scheme, same modulus size)"
+    )
     if not have_phe:
         print(f"phe not run: no interpreter at {args.phe_python}", file=sys.stderr)
     if args.json:

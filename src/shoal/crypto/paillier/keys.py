@@ -28,7 +28,7 @@ MIN_SECURE_BITS = 2048
 _PRIME_ROUNDS = 50  # Miller-Rabin rounds on top of gmpy2's own BPSW-strength test
 
 
-def _random_prime(bits: int) -> Any:
+def random_prime(bits: int) -> Any:
     """A random prime of exactly ``bits`` bits with its two top bits set (so p*q has 2*bits),
     and p = 3 mod 4 (so -1 is a non-square mod p, as the DJN base needs)."""
     while True:
@@ -144,7 +144,7 @@ class PublicKey:
         key = cls(n=int.from_bytes(data, "big"), hs=hs)
         if hs is not None and len(raw_hs) != key.ciphertext_bytes:
             raise ConfigError("a public key's DJN base is not ciphertext-sized")
-        _check_bits(key.bits, insecure=insecure)
+        check_key_bits(key.bits, insecure=insecure)
         return key
 
 
@@ -170,8 +170,8 @@ class PrivateKey:
         object.__setattr__(self, "q", q)
         psq, qsq = p * p, q * q
         n = self.public_key.n
-        hp = gmpy2.invert(_l(gmpy2.powmod(n + 1, p - 1, psq), p), p)
-        hq = gmpy2.invert(_l(gmpy2.powmod(n + 1, q - 1, qsq), q), q)
+        hp = gmpy2.invert(lfunc(gmpy2.powmod(n + 1, p - 1, psq), p), p)
+        hq = gmpy2.invert(lfunc(gmpy2.powmod(n + 1, q - 1, qsq), q), q)
         qinv = gmpy2.invert(q, p)
         # For r^n mod n^2 from the key holder's side: CRT over p^2 and q^2.
         qsq_inv = gmpy2.invert(qsq, psq)
@@ -182,8 +182,8 @@ class PrivateKey:
         c = self.public_key.check_ciphertext(c)
         psq, qsq, hp, hq, qinv, _ = self._crt
         p, q = self.p, self.q
-        mp = _l(gmpy2.powmod(c % psq, p - 1, psq), p) * hp % p
-        mq = _l(gmpy2.powmod(c % qsq, q - 1, qsq), q) * hq % q
+        mp = lfunc(gmpy2.powmod(c % psq, p - 1, psq), p) * hp % p
+        mq = lfunc(gmpy2.powmod(c % qsq, q - 1, qsq), q) * hq % q
         return mq + ((mp - mq) * qinv % p) * q
 
     def djn_base(self) -> Any:
@@ -226,14 +226,16 @@ class PrivateKey:
         return cls(public_key=public_key, p=p, q=public_key.n // p)
 
 
-def _l(x: Any, d: Any) -> Any:
+def lfunc(x: Any, d: Any) -> Any:
+    """Paillier's and Okamoto-Uchiyama's L: ``(x - 1) / d`` for x = 1 mod d."""
     return (x - 1) // d
 
 
-def _check_bits(bits: int, *, insecure: bool) -> None:
+def check_key_bits(bits: int, *, insecure: bool, scheme: str = "Paillier") -> None:
+    """Refuse keys under 2048 bits unless ``insecure`` (tests only)."""
     if bits < MIN_SECURE_BITS and not insecure:
         raise ConfigError(
-            f"a {bits}-bit Paillier key is too short; use at least {MIN_SECURE_BITS} bits "
+            f"a {bits}-bit {scheme} key is too short; use at least {MIN_SECURE_BITS} bits "
             "(short keys are for tests only: pass insecure=True / --insecure-test-keys)"
         )
 
@@ -247,13 +249,13 @@ def generate_keypair(
     fixed-base powers (see docs/paillier.md for the assumption); ``djn=False`` keeps
     uniform ``r**n`` only.
     """
-    _check_bits(bits, insecure=insecure)
+    check_key_bits(bits, insecure=insecure)
     if bits < 64 or bits % 2:
         raise ConfigError(f"key_bits must be an even number of at least 64, got {bits}")
     half = bits // 2
     while True:
-        p = _random_prime(half)
-        q = _random_prime(half)
+        p = random_prime(half)
+        q = random_prime(half)
         # gcd(p, q-1) = gcd(q, p-1) = 1 makes gcd(n, phi(n)) = 1 (Paillier's condition) and
         # makes the key holder's fast r^n sampler exact; equal-size primes almost always pass.
         # gcd(p-1, q-1) = 2 makes the Jacobi-1 subgroup of Z_n^* cyclic (DJN's modulus).
