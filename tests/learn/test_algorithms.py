@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.aggregate import Median
+from shoal.aggregate import Clip, Mean, Median
 from shoal.core import Federation
+from shoal.crypto import SecureSum
+from shoal.crypto.secagg import MASKED_INPUT_TASK, UNMASK_TASK
 from shoal.data import load_digits, partition
 from shoal.errors import ConfigError, NotEnoughNodes
 from shoal.learn import (
@@ -138,6 +141,40 @@ def test_scaffold_keeps_control_variates(digits) -> None:
     c = result.state.slots["c"]
     assert set(c) == {"W", "b"}
     assert np.linalg.norm(c["W"]) > 0  # the server control variate moved
+
+
+@pytest.mark.parametrize("phase", [MASKED_INPUT_TASK, UNMASK_TASK])
+def test_participants_are_the_nodes_in_the_secure_sum(digits, phase: str) -> None:
+    """A node that drops out of SecAgg+ at unmasking sent its masked input: it is in the sum,
+    so it took part (in the count, and in SCAFFOLD's share of the federation); one that
+    drops out before its masked input is not in the sum and did not."""
+    train, _, _ = digits
+    nodes = partition(train, nodes=8, scheme="iid", seed=0)
+    algorithm = Scaffold(
+        rounds=1, nodes_per_round=8, max_steps=2, aggregator=Clip(1.0) | SecureSum() | Mean()
+    )
+    app = learning_app(model(), plan=algorithm.plan)
+    app.install(algorithm.node_tasks())
+    start = algorithm.init(model().get_weights())
+
+    def round_with(faults: Faults | None) -> Any:
+        fed = Federation(LocalEngine(app, data=nodes, faults=faults), seed=0)
+        return algorithm.round(fed, start, seed=0)
+
+    honest = round_with(None)
+    dropped = round_with(Faults(drop=1.0, tasks=frozenset({phase}), nodes=frozenset({"n3"})))
+    assert len(honest.participants) == 8
+    if phase == UNMASK_TASK:
+        assert dropped.participants == honest.participants
+        assert "n3" not in dropped.failures
+        # the same sum and the same share (8 of 8): the same control variate, up to the
+        # sum's quantization (a share of 7/8 would be 1/8 of it off)
+        for key, c in honest.state.slots["c"].items():
+            assert np.abs(c).max() > 1e-3
+            np.testing.assert_allclose(dropped.state.slots["c"][key], c, atol=1e-7)
+    else:
+        assert "n3" not in dropped.participants and len(dropped.participants) == 7
+        assert "secure sum" in dropped.failures["n3"]
 
 
 def test_fedprox_differs_from_fedavg_when_mu_is_large(digits) -> None:

@@ -14,6 +14,7 @@ from shoal.aggregate import Clip, Mean
 from shoal.cli.job import parse_job
 from shoal.core import Federation, NodeGroup
 from shoal.crypto import SecureSum
+from shoal.crypto.secagg import UNMASK_TASK
 from shoal.data import load_digits, partition
 from shoal.errors import ConfigError
 from shoal.learn import (
@@ -29,7 +30,7 @@ from shoal.learn import (
 )
 from shoal.learn.tasks import STALENESS_FLOOR, UPLOAD
 from shoal.privacy.accounting import PrivacyLedger
-from shoal.runtime import Devices, FailureKind, LocalEngine, TraceAvailability
+from shoal.runtime import Devices, FailureKind, Faults, LocalEngine, TraceAvailability
 
 WEIGHTS = {"w/W": np.zeros((64, 10)), "w/b": np.zeros(10)}
 
@@ -192,6 +193,17 @@ def test_dp_fedbuff_is_accounted_per_contribution(nodes: list[Any], secure: bool
     ledger = PrivacyLedger(accountant="rdp")
     ledger.record(sample_rate=1.0, noise_multiplier=1.2, steps=most)
     assert result.metrics["epsilon"] == pytest.approx(ledger.epsilon(1e-5))
+
+
+def test_dp_fedbuff_counts_a_node_that_dropped_out_at_unmasking(nodes: list[Any]) -> None:
+    """Its masked update is in the buffer's secure sum, so it spent privacy: its
+    participation is counted (epsilon follows the node that took part most)."""
+    plan = NodeDP(noise_multiplier=1.2, clip=1.0, secure=True)
+    algorithm = FedBuff(rounds=1, nodes_per_round=12, concurrency=12, max_steps=1, privacy=plan)
+    faults = Faults(drop=1.0, tasks=frozenset({UNMASK_TASK}), nodes=frozenset({"n3"}))
+    result, _ = train(algorithm, nodes, faults=faults)
+    assert result.history[0].participants == 12
+    assert result.state.meta["dp_participation"] == {f"n{i}": 1 for i in range(12)}
 
 
 def test_fedbuff_refuses_plans_it_cannot_account() -> None:

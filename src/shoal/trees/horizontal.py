@@ -262,7 +262,7 @@ def _summed(
             reduced = Chain.of(secure_sum).reduce(values[field])
             total = finish(values[field], reduced.vector, reduced.layout)
             # the nodes whose masked input is in the sum: one that drops out after sending
-            # it (at unmasking) is still in it, though it is recorded as excluded
+            # it (at unmasking) is still in it
             summed = set(reduced.node_ids)
             in_sum = tuple(n for n in values.node_ids if n in summed)
         else:

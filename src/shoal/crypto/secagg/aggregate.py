@@ -3,7 +3,8 @@
 ``values.aggregate(Clip(1.0) | SecureSum() | Mean())`` runs the four SecAgg+ phases as
 node tasks. Each node reads the value it kept from the map, applies the chain's node
 transforms (clipping) itself, quantizes, masks and uploads; the server learns only the sum
-of the survivors. Nodes that drop out in any phase are excluded, up to the tolerance.
+of the survivors. Nodes that drop out before their masked input arrives are excluded, up to
+the tolerance; one that drops out at unmasking, after it, is in the sum and is not excluded.
 """
 
 from __future__ import annotations
@@ -251,6 +252,12 @@ class SecureSum(Reducer):
             )
         for node, reason in server.rejected.items():
             excluded.setdefault(node, f"secure sum: {reason}")
+        # A survivor's masked input is in the sum, whatever happened to it at unmasking (a
+        # dropout, a bad reply): it is no exclusion. Callers count the nodes in the aggregate
+        # as the holders minus the exclusions (participants, SCAFFOLD's share, DP-FedBuff's
+        # participation), so an exclusion here would undercount them.
+        for node in survivors:
+            excluded.pop(node, None)
         quantizer = quantizer_for(float(value_range), nodes=len(params.nodes), bits=bits)
         vector = quantizer.dequantize_sum(total, count=len(survivors))
         if rotated:
