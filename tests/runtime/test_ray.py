@@ -21,7 +21,7 @@ import pytest
 
 from shoal.cli.job import parse_job, simulate_job
 from shoal.core import Federation
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, TransportError
 from shoal.runtime import FailureKind, Faults, LocalEngine, Recipe, Task
 from shoal.runtime.availability import RandomAvailability
 from shoal.runtime.devices import Devices, VirtualClock
@@ -93,6 +93,45 @@ def test_objects_and_arrays_are_refused_only_descriptions_cross() -> None:
         Recipe(target="shoal_ray_apps:data", options={"broken": np.zeros(2)})
     with pytest.raises(ConfigError, match="module:function"):
         Recipe(target="os.system('x')")
+
+
+def test_a_batch_returns_as_one_buffer_that_splits_into_each_nodes_reply_bytes() -> None:
+    """An actor's body run in this process: its batch outcome (one buffer for all replies)
+    unpacks into exactly the wire bytes a LocalEngine's nodes reply, and failures keep their
+    kind; an outcome whose sizes do not add up is refused, never split wrongly."""
+    from shoal.runtime.ray.engine import _unpack
+    from shoal.runtime.ray.host import NodeHost
+
+    config = {"app": APP.to_json(), "data": None, "nodes": NODES, "seed": 7, "cache_size": 4}
+    sys.path.insert(0, str(SUPPORT))
+    try:
+        host = NodeHost(json.dumps({**config, "workers": 1}))
+    finally:
+        sys.path.remove(str(SUPPORT))
+    assert host.ready() is None
+    payload = encode({})
+    names = {"n0": "draw", "n1": "nope", "n2": "draw", "n5": "draw"}
+    rows = [(n, name, f"t/{n}", None, 0, 0.0) for n, name in names.items()]
+    outcome = host.run(rows, [], 30.0, 3, payload)
+    answered: dict[str, tuple[bytes, float]] = {}
+    failed: dict[str, tuple[str, str]] = {}
+    _unpack(outcome, answered, failed)
+    twin = local_twin(nodes=NODES, seed=7).run(
+        [
+            (Task(node_id=n, name=name, payload=payload, task_id=f"t/{n}"), 0.0)
+            for n, name in names.items()
+        ],
+        deadline_s=30.0,
+        dispatch=3,
+    )
+    assert {n: body for n, (body, _) in answered.items()} == {
+        n: bytes(r.payload) for n, r in twin.replies.items()
+    }
+    assert sorted(answered) == ["n0", "n2", "n5"]
+    assert failed["n1"][0] == FailureKind.REJECTED.value and "nope" in failed["n1"][1]
+    ids, elapsed, sizes, blob, failures = outcome
+    with pytest.raises(TransportError, match="malformed"):
+        _unpack((ids, elapsed, [s + 1 for s in sizes], blob, failures), {}, {})
 
 
 @pytest.mark.parametrize(

@@ -233,38 +233,52 @@ class RayEngine:
         failures: dict[str, Failure] = {}
         runnable: list[tuple[Task, float]] = []
         batches: dict[int, list[tuple[Task, float]]] = {}
+        index, slots, alive = self._index, self._slots, self._alive
+        # Without faults or nodes taken offline, inject() gives every task no delay and no
+        # failure: skipping it saves a call per node (10^4 of them a round).
+        injecting = self.faults is not None or bool(self._offline)
         for i, task in enumerate(tasks):
-            if online is not None and not online[self._index[task.node_id]]:
+            at = index[task.node_id]
+            if online is not None and not online[at]:
                 failures[task.node_id] = _failure(
                     task, FailureKind.DROPPED, f"node is offline at t={start:.6g} s"
                 )
                 continue
-            delay, failure = inject(self.faults, task, draws[i], deadline_s, self._offline)
-            if failure is not None:
-                failures[task.node_id] = failure
-                continue
-            host = self._host_of(task.node_id)
-            if host is None:
+            delay = 0.0
+            if injecting:
+                delay, failure = inject(self.faults, task, draws[i], deadline_s, self._offline)
+                if failure is not None:
+                    failures[task.node_id] = failure
+                    continue
+            host = slots[at % len(slots)]  # as _host_of
+            if not alive[host]:
                 failures[task.node_id] = _failure(task, FailureKind.DROPPED, "no live Ray actor")
             else:
                 runnable.append((task, delay))
                 batches.setdefault(host, []).append((task, delay))
-        outcomes = self._run(batches, deadline_s, dispatch)
+        answered, failed = self._run(batches, deadline_s, dispatch)
         replies: dict[str, Reply] = {}
         ends: dict[str, float] = {}
+        # Its measured compute is a node's virtual time unless devices, availability or an
+        # injected delay say otherwise (virtual_outcome's own first case, without the call).
+        plain = self.devices is None and self.availability is None
         for task, delay in runnable:
-            kind, body, measured = outcomes[task.node_id]
-            if kind != "":
-                failures[task.node_id] = _failure(task, FailureKind(kind), str(body))
+            node_id = task.node_id
+            got = answered.get(node_id)
+            if got is None:
+                kind, detail = failed[node_id]
+                failures[node_id] = _failure(task, FailureKind(kind), detail)
                 continue
-            assert isinstance(body, bytes)
-            answer = Reply(
-                node_id=task.node_id, task_id=task.task_id, payload=body, elapsed_s=measured
-            )
+            body, measured = got
+            answer = Reply(node_id=node_id, task_id=task.task_id, payload=body, elapsed_s=measured)
+            if plain and not delay and measured <= deadline_s:
+                ends[node_id] = measured
+                replies[node_id] = answer
+                continue
             judged = virtual_outcome(
                 answer,
                 task=task,
-                index=self._index[task.node_id],
+                index=index[node_id],
                 nodes=len(self._ids),
                 delay=delay,
                 deadline_s=deadline_s,
@@ -274,17 +288,18 @@ class RayEngine:
                 availability=self.availability,
             )
             if isinstance(judged, Reply):
-                replies[task.node_id] = judged
+                replies[node_id] = judged
             else:
-                failures[task.node_id] = judged
+                failures[node_id] = judged
         # As in LocalEngine: the dispatch ends with its slowest answer (a timeout: at the
         # deadline), as if every node had run in parallel.
         for node_id, failure in failures.items():
             if failure.kind is FailureKind.TIMEOUT:
                 ends[node_id] = deadline_s
         self.clock.now = start + max(ends.values(), default=0.0)
-        order = {task.node_id: i for i, task in enumerate(tasks)}
-        failures = dict(sorted(failures.items(), key=lambda item: order[item[0]]))
+        if failures:
+            order = {task.node_id: i for i, task in enumerate(tasks)}
+            failures = dict(sorted(failures.items(), key=lambda item: order[item[0]]))
         return DispatchResult(replies=replies, failures=failures)
 
     def forget(self, handles: Mapping[str, Sequence[str]]) -> None:
@@ -385,8 +400,9 @@ class RayEngine:
 
     def _run(
         self, batches: dict[int, list[tuple[Task, float]]], deadline_s: float, dispatch: int
-    ) -> dict[str, tuple[str, bytes | str, float]]:
-        """Send each host its batch; (kind, payload or detail, measured compute) per node.
+    ) -> tuple[dict[str, tuple[bytes, float]], dict[str, tuple[str, str]]]:
+        """Send each host its batch; (reply bytes, measured compute) per node that replied,
+        (FailureKind value, detail) per node that did not.
 
         Hosts get no injected delay: they measure compute only (and abandon a task that
         really hangs past the deadline); the driver judges each answer on the virtual clock.
@@ -418,7 +434,8 @@ class RayEngine:
                 rows.append((task.node_id, task.name, task.task_id, task.keep_as, slot, 0.0))
             call = self._hosts[host].run.remote(rows, inline, deadline_s, dispatch, *refs)
             calls[call] = (host, batch)
-        outcomes: dict[str, tuple[str, bytes | str, float]] = {}
+        answered: dict[str, tuple[bytes, float]] = {}
+        failed: dict[str, tuple[str, str]] = {}
         # A host runs its batch one task at a time, each bounded by the deadline at the host:
         # past that (plus start-up slack) the host itself is stuck or gone.
         budget = max(deadline_s * len(b) for b in batches.values()) + 60.0 if batches else 0.0
@@ -433,22 +450,42 @@ class RayEngine:
             for call in done:
                 host, batch = calls[call]
                 try:
-                    for node_id, kind, body, elapsed in ray.get(call):
-                        outcomes[node_id] = (kind, body, elapsed)
+                    _unpack(ray.get(call), answered, failed)
                 except ray.exceptions.RayActorError as exc:
                     self._lost(host)
                     reason = f"Ray actor lost: {_first_line(exc)}"
                     for task, _ in batch:
-                        outcomes[task.node_id] = (FailureKind.DROPPED.value, reason, 0.0)
-                except ray.exceptions.RayError as exc:
+                        failed[task.node_id] = (FailureKind.DROPPED.value, reason)
+                except (ray.exceptions.RayError, TransportError) as exc:
                     reason = f"Ray failed the batch: {_first_line(exc)}"
                     for task, _ in batch:
-                        outcomes[task.node_id] = (FailureKind.DROPPED.value, reason, 0.0)
-        late = (FailureKind.TIMEOUT.value, f"no answer from its Ray actor in {budget:.0f} s", 0.0)
+                        failed[task.node_id] = (FailureKind.DROPPED.value, reason)
+        late = (FailureKind.TIMEOUT.value, f"no answer from its Ray actor in {budget:.0f} s")
         for call in pending:
             for task, _ in calls[call][1]:
-                outcomes.setdefault(task.node_id, late)
-        return outcomes
+                failed.setdefault(task.node_id, late)
+        return answered, failed
+
+
+def _unpack(
+    outcome: Any, answered: dict[str, tuple[bytes, float]], failed: dict[str, tuple[str, str]]
+) -> None:
+    """A host's batch outcome (``host.BatchOutcome``) into (reply bytes, measured compute)
+    and (FailureKind value, detail) per node. Each reply is copied out of the batch buffer,
+    so no reply keeps Ray's object holding the whole batch alive."""
+    ids, elapsed, sizes, blob, failures = outcome
+    view = memoryview(blob).cast("B")
+    if not len(ids) == len(elapsed) == len(sizes) or sum(sizes) != view.nbytes:
+        raise TransportError(
+            f"a Ray actor returned a malformed batch ({len(ids)} replies, {len(sizes)} sizes, "
+            f"{view.nbytes} bytes for {sum(sizes)})"
+        )
+    offset = 0
+    for node_id, took, size in zip(ids, elapsed, sizes):
+        answered[node_id] = (view[offset : offset + size].tobytes(), took)
+        offset += size
+    for node_id, kind, detail in failures:
+        failed[node_id] = (kind, detail)
 
 
 def _free_cpus(ray: Any, wanted: int, *, wait_s: float) -> float:

@@ -12,10 +12,12 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError
 from shoal.runtime.app import NodeApp
-from shoal.runtime.engine import Reply, Task
+from shoal.runtime.engine import Task
 from shoal.runtime.local import LocalEngine
 from shoal.runtime.nodestate import NODE_STATE_KEY
 from shoal.runtime.recipe import Recipe
@@ -24,8 +26,12 @@ __all__ = ["NodeHost"]
 
 # One task of a batch: (node id, task name, task id, keep_as, payload slot, injected delay).
 TaskRow = tuple[str, str, str, "str | None", int, float]
-# One outcome: (node id, "" for a reply or the FailureKind's value, payload or detail, elapsed).
-Outcome = tuple[str, str, "bytes | str", float]
+# A batch's outcome: the replying nodes, their measured compute and reply sizes, every reply
+# one after the other in one buffer, and the failures as (node id, FailureKind value, detail).
+# One buffer rather than a bytes object per reply: Ray moves a NumPy array through its object
+# store without pickling or copying it, and thousands of replies cost one object, not
+# thousands.
+BatchOutcome = tuple[list[str], list[float], list[int], np.ndarray, list[tuple[str, str, str]]]
 
 
 class NodeHost:
@@ -65,9 +71,10 @@ class NodeHost:
         deadline_s: float,
         dispatch: int,
         *shared: bytes,
-    ) -> list[Outcome]:
+    ) -> BatchOutcome:
         """Run one batch; a payload slot below ``len(shared)`` names a shared payload (one
-        object for all its tasks, so the LocalEngine decodes it once), the rest ``inline``."""
+        object for all its tasks, so the LocalEngine decodes it once), the rest ``inline``.
+        The replies come back as wire bytes, concatenated (see ``BatchOutcome``)."""
         payloads = [*shared, *inline]
         runnable = [
             (
@@ -77,11 +84,16 @@ class NodeHost:
             for n, name, tid, keep, slot, delay in rows
         ]
         result = self.engine.run(runnable, deadline_s=deadline_s, dispatch=dispatch)
-        out: list[Outcome] = [
-            (r.node_id, "", _bytes(r), r.elapsed_s) for r in result.replies.values()
-        ]
-        out.extend((f.node_id, f.kind.value, f.detail, 0.0) for f in result.failures.values())
-        return out
+        replies = result.replies.values()
+        bodies = [r.payload for r in replies]
+        blob = np.frombuffer(b"".join(bodies), dtype=np.uint8)
+        return (
+            [r.node_id for r in replies],
+            [r.elapsed_s for r in replies],
+            [b.nbytes if type(b) is memoryview else len(b) for b in bodies],
+            blob,
+            [(f.node_id, f.kind.value, f.detail) for f in result.failures.values()],
+        )
 
     def forget(self, handles: str) -> None:
         """Drop kept values, ``handles`` as JSON {node: [handle, ...]} (LocalEngine.forget)."""
@@ -99,11 +111,6 @@ class NodeHost:
     def close(self) -> None:
         if self.problem is None:
             self.engine.close()
-
-
-def _bytes(reply: Reply) -> bytes:
-    payload = reply.payload
-    return payload if isinstance(payload, bytes) else bytes(payload)
 
 
 def _data_source(description: dict[str, Any] | None, ids: list[str]) -> Callable[[str], Any] | None:
