@@ -38,6 +38,9 @@ __all__ = ["RayEngine"]
 
 DEFAULT_PORT = 6379  # Ray's default GCS port, for an address given as a bare host
 CLOSE_WAIT_S = 30.0  # how long close() waits for killed actors to die (a bound, not a delay)
+# How long a new engine waits for a closed one's CPUs to be free again (a bound, not a delay):
+# on a loaded machine Ray took over 10 s to return a dead actor's CPU.
+FREE_CPU_WAIT_S = 30.0
 
 
 def _import_ray() -> Any:
@@ -127,7 +130,7 @@ class RayEngine:
         self._hosts: list[Any] = []
         try:
             count = actors or max(1, int(self._ray.cluster_resources().get("CPU", 1)))
-            free = _free_cpus(self._ray, count, wait_s=10.0)
+            free = _free_cpus(self._ray, count, wait_s=FREE_CPU_WAIT_S)
             if free < count:
                 raise ConfigError(
                     f"{count} actors need {count} free CPUs, but the Ray cluster has {free:g} "
