@@ -153,8 +153,10 @@ class GrpcEngine:
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
+            # A peer that pings more often than every 10 s while no data flows gets two
+            # strikes, then GOAWAY: over TLS the front door cannot see its frames (h2meter.py).
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.http2.max_ping_strikes", 2),
             # A connection that has not finished its TLS/HTTP2 handshake within this is closed.
             ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_s * 1000)),
             # A connection with no call open is closed after this. A node always holds its

@@ -394,7 +394,9 @@ class LaneServer:
         self._serve = serve
         self._rejected = rejected
         self._timeout_s = timeout_s
-        self._limiter = limiter or PendingLimiter(max_age_s=timeout_s)
+        # "is not None": an empty limiter is falsy (it has a length), and "or" swapped the
+        # configured one for a default one with higher bounds.
+        self._limiter = limiter if limiter is not None else PendingLimiter(max_age_s=timeout_s)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="shoal-lane-accept", daemon=True)
         self.accepted = 0  # connections accepted, and those of them that authenticated

@@ -52,7 +52,7 @@ PREFIX = 1  # a well-formed start of the handshake (anyone can send one)
 CALL = 2  # a full transport handshake and a gRPC call open, still unauthenticated
 PROVEN = 3  # something only a federation member has (a CA-signed certificate, a lane id)
 
-DropReason = Literal["evicted", "expired"]
+DropReason = Literal["evicted", "expired", "cut"]
 
 
 def peer_host(peer: str) -> str:

@@ -332,6 +332,10 @@ class NodeClient:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.enable_retries", 0),
+            # A connection of its own, not one shared with other channels to the same
+            # coordinator in this process: the coordinator ranks a connection's first
+            # unauthenticated call above its others (transport.FrontDoor.call_opened).
+            ("grpc.use_local_subchannel_pool", 1),
             # also gRPC's connect timeout: a port that accepts and says nothing fails in seconds
             ("grpc.min_reconnect_backoff_ms", int(self.connect_timeout_s * 1000)),
         ]

@@ -19,7 +19,7 @@ from shoal.runtime.engine import FailureKind
 from shoal.runtime.grpc.bulk import BulkLanes
 from shoal.runtime.grpc.config import CoordinatorConfig
 from shoal.runtime.grpc.handshake import Handshake
-from shoal.runtime.grpc.limits import DropReason, PendingLimiter, peer_host
+from shoal.runtime.grpc.limits import CALL, DropReason, PendingLimiter, peer_host
 from shoal.runtime.grpc.proto import shoal_pb2 as pb
 from shoal.runtime.grpc.protocol import TO_COORDINATOR_CHUNK, chunk_data, parse_node_frame
 from shoal.runtime.grpc.replies import ReplyReader
@@ -68,18 +68,35 @@ class Streams:
         if self.closing.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
         session = Session(context)
+        level: int | None = CALL
         if self.door is not None:
             # gRPC shares one connection among channels to the same target, so several calls
             # may share it: each is bounded by this limiter, the connection by the door's.
             session.peer = self.door.peer_of(session.via)
-            self.door.call_opened(session.via)
-        ticket = self._limiter.admit(peer_host(session.peer), lambda why: self._evict(session, why))
+            level = self.door.call_opened(session.via)
+            session.counted = True
+        if level is None:
+            # Cut for a flood of calls, or not through the front door (a local process on
+            # gRPC's loopback port): either way no node.
+            self.trail.rejected(session.peer, _NOT_RELAYED)
+            self._close_call(session)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _NOT_RELAYED)
+            return  # abort raises; this is for the type checker
+        ticket = self._limiter.admit(
+            peer_host(session.peer), lambda why: self._evict(session, why), level=level
+        )
         if ticket is None:
             self.trail.rejected(session.peer, _REFUSED)
+            self._close_call(session)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _REFUSED)
         session.ticket = ticket
         self.table.add(session)
-        context.add_callback(lambda: self.end(session, "stream ended"))
+        if not context.add_callback(lambda: self.end(session, "stream ended")):
+            # The call ended before its handler ran (a peer that opens calls and cancels
+            # them at once: rapid reset): nothing would ever end the session, and this
+            # thread, one of gRPC's pool, would wait for the hello timeout.
+            self.end(session, "cancelled before it started")
+            return
         yield self.handshake.challenge(session)
         threading.Thread(
             target=self._read,
@@ -125,7 +142,14 @@ class Streams:
             if not self.closing.is_set():
                 self.trail.record("node.disconnected", session.node_id, reason=reason[:500])
         self._limiter.done(session.ticket)
+        self._close_call(session)
         self.table.remove(session)  # last: finish() waits for this, so the entry is written
+
+    def _close_call(self, session: Session) -> None:
+        """Tell the front door the call is over (once): its connection's count goes down."""
+        if self.door is not None and session.counted:
+            session.counted = False
+            self.door.call_closed(session.via, authenticated=session.authenticated)
 
     def _evict(self, session: Session, why: DropReason) -> None:
         """Drop an unauthenticated stream to make room for another one (see limits.py)."""
@@ -213,8 +237,12 @@ class Streams:
 
 
 _REFUSED = (
-    "refused: too many unauthenticated streams from this address (one of them was chosen "
-    "at random to go, and it was this one)"
+    "refused: too many unauthenticated streams from this address, none of them less far "
+    "along than this one (one of its equals was chosen at random to go, and it was this one)"
+)
+_NOT_RELAYED = (
+    "refused: a call on a connection cut for opening too many, or that did not come through "
+    "the coordinator's port"
 )
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from shoal.errors import ProtocolError, TransportError
+from shoal.runtime.grpc.h2meter import FrameMeter
 from shoal.runtime.grpc.lane import parse_address, peek
 from shoal.runtime.grpc.limits import (
     CALL,
@@ -47,6 +48,10 @@ _TLS_HANDSHAKE = 0x16  # a TLS record of type handshake: a ClientHello
 _MAX_LINE = 64
 _RELAY_BLOCK = 1 << 16  # per direction and node: the relay holds 128 KiB per node
 _SWEEP_S = 0.25  # how often the accept loop drops connections past their deadline
+# Calls gRPC may open on one relayed connection in one second: a node opens one per session.
+# More is a flood of calls on a connection the door's limiter counts once; TLS hides its
+# frames from the relay (h2meter.py), so calls are counted here too, as they open.
+_CALLS_PER_S = 16
 
 
 def mismatch_line(*, side: Literal["node", "coordinator"], coordinator: str, peer: str = "") -> str:
@@ -227,7 +232,10 @@ class FrontDoor:
         self._mismatch = mismatch
         self._refused = refused
         self._timeout_s = timeout_s
-        self._limiter = limiter or PendingLimiter(max_age_s=3 * timeout_s)
+        # "is not None": an empty limiter is falsy (it has a length), and "or" swapped the
+        # configured one for a default one with bounds 16 and 256 (256 relays where
+        # max_pending said 64).
+        self._limiter = limiter if limiter is not None else PendingLimiter(max_age_s=3 * timeout_s)
         self._lock = threading.Lock()
         self._relayed: dict[int, _DoorConn] = {}  # loopback port gRPC sees -> the connection
         self._open: set[socket.socket] = set()
@@ -266,20 +274,52 @@ class FrontDoor:
             conn = self._relayed.get(port)
         return conn.peer if conn is not None else grpc_peer
 
-    def call_opened(self, grpc_peer: str) -> None:
-        """gRPC opened a call on a relayed connection: it ranks higher now."""
+    def call_opened(self, grpc_peer: str) -> int | None:
+        """gRPC opened a call on a relayed connection: the rank the call earns among pending
+        calls (limits.py), or None if it came on no relayed connection or on one cut for
+        opening too many (the caller refuses it).
+
+        The first unauthenticated call on a connection ranks as the connection does (PROVEN
+        with TLS: a federation certificate; CALL in plaintext); further ones, while it is
+        pending, rank SILENT: many calls on one connection cannot outrank a node's one call,
+        however fast they come. A call on a connection where a node authenticated is PROVEN.
+        """
         conn = self._conn_of(grpc_peer)
         if conn is None:
-            return
+            return None  # not through the front door: only a local process can do that
+        now = time.monotonic()
         with self._lock:
             self.served += not conn.called
             conn.called = True
-        self._limiter.advance(conn.ticket, PROVEN if self.speaks == "tls" else CALL)
+            if now - conn.window >= 1.0:
+                conn.window, conn.calls = now, 0
+            conn.calls += 1
+            flood = conn.calls > _CALLS_PER_S
+            first = conn.pending_calls == 0
+            conn.pending_calls += 1
+        if flood:
+            conn.cut(f"cut: more than {_CALLS_PER_S} calls opened on one connection in a second")
+            return None
+        level = PROVEN if self.speaks == "tls" else CALL
+        self._limiter.advance(conn.ticket, level)
+        if conn.authenticated:
+            return PROVEN
+        return level if first else SILENT
+
+    def call_closed(self, grpc_peer: str, *, authenticated: bool) -> None:
+        """A call that :meth:`call_opened` ranked has ended (``authenticated``: a node's)."""
+        conn = self._conn_of(grpc_peer)
+        if conn is not None and not authenticated:
+            with self._lock:
+                conn.pending_calls = max(0, conn.pending_calls - 1)
 
     def authenticated(self, grpc_peer: str) -> None:
         """A node authenticated on a relayed connection: it is no longer pending."""
         conn = self._conn_of(grpc_peer)
         if conn is not None:
+            with self._lock:
+                conn.authenticated = True
+                conn.pending_calls = max(0, conn.pending_calls - 1)
             self._limiter.done(conn.ticket)
 
     def _conn_of(self, grpc_peer: str) -> _DoorConn | None:
@@ -384,6 +424,15 @@ class FrontDoor:
 
     def _settle(self, conn: _DoorConn, host: str, refusal: str | None, mismatch: bool) -> None:
         """Count a served connection or record a refused one, once."""
+        if conn.dropped == "cut":
+            # Recorded even if a call was served on it (then no longer counted served): a
+            # node does not flood.
+            if conn.called:
+                with self._lock:
+                    self.served -= 1
+            if not self._closing.is_set():
+                self._refused(host, conn.cut_reason)
+            return
         if conn.dropped == "evicted":
             refusal, mismatch = _EVICTED, False
         elif conn.dropped == "expired":
@@ -449,6 +498,11 @@ class FrontDoor:
             for sock in (conn.sock, upstream):
                 sock.settimeout(None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            meter = FrameMeter() if self.speaks == "plaintext" else None
+            flood = meter.feed(head) if meter is not None else None
+            if flood is not None:
+                conn.cut(flood)
+                return
             upstream.sendall(head)
             # gRPC never half-closes: once it ends, the node's side is ended in full, so a
             # peer that stops reading cannot keep this relay alive.
@@ -456,7 +510,7 @@ class FrontDoor:
                 target=_pump, args=(upstream, conn.sock, True), name="shoal-relay", daemon=True
             )
             back.start()
-            _pump(conn.sock, upstream, False)
+            _pump(conn.sock, upstream, False, meter=meter, cut=conn.cut)
             back.join()
         finally:
             with self._lock:
@@ -486,9 +540,21 @@ class _DoorConn:
         self.upstream: socket.socket | None = None
         self.called = False  # gRPC opened a call on it (its refusals are then stream.py's)
         self.dropped: DropReason | None = None
+        self.cut_reason = ""
+        self.authenticated = False  # a node authenticated on it
+        self.pending_calls = 0  # calls open on it that no node authenticated on
+        self.window = 0.0  # start of the current second, and calls opened in it
+        self.calls = 0
+
+    def cut(self, reason: str) -> None:
+        """End a connection that floods (too many calls or frames in a second)."""
+        if self.dropped is None:
+            self.cut_reason = reason
+            self.drop("cut")
 
     def drop(self, why: DropReason) -> None:
-        self.dropped = why
+        if self.dropped is None or why == "cut":
+            self.dropped = why
         _shutdown(self.sock)
         upstream = self.upstream
         if upstream is not None:
@@ -502,9 +568,17 @@ def _level_of(head: bytes) -> int:
     return SILENT if classify(head) == "unknown" else PREFIX
 
 
-def _pump(src: socket.socket, dst: socket.socket, full: bool) -> None:
+def _pump(
+    src: socket.socket,
+    dst: socket.socket,
+    full: bool,
+    *,
+    meter: FrameMeter | None = None,
+    cut: Callable[[str], None] | None = None,
+) -> None:
     """Copy ``src`` to ``dst`` until ``src`` ends; then end ``dst``'s sending side (or all of
-    ``dst`` with ``full``)."""
+    ``dst`` with ``full``). With ``meter``, each block is counted first, and ``cut(why)``
+    is called instead of passing on a block that floods."""
     buffer = bytearray(_RELAY_BLOCK)
     view = memoryview(buffer)
     try:
@@ -512,6 +586,11 @@ def _pump(src: socket.socket, dst: socket.socket, full: bool) -> None:
             n = src.recv_into(buffer)
             if not n:
                 break
+            if meter is not None and cut is not None:
+                flood = meter.feed(view[:n])
+                if flood is not None:
+                    cut(flood)
+                    return
             dst.sendall(view[:n])
     except OSError:
         _shutdown(src)  # a reset: end both directions

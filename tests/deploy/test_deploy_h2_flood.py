@@ -1,0 +1,281 @@
+"""HTTP/2-level floods against a real `shoal coordinator` process, with a real `shoal node`
+process that must get in while the flood still runs, and the coordinator's memory and
+threads bounded throughout. The attacker (h2attack.py, its own process) writes HTTP/2
+frames by hand: many calls on one connection, rapid reset (CVE-2023-44487), a SETTINGS and
+PING flood that never reads, and a crowd of connections that stop after the preface."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+import shoal
+from shoal.runtime import Store
+from shoal.runtime.grpc import make_certs, public_key_bytes, write_key_pair
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).with_name("h2attack.py")
+ATTACK_S = 180.0  # the attacker stops by itself after this; the test stops it once the node is in
+START_S = 120.0  # for the node's process to start (imports, data) under heavy load
+NODE_IN_S = 10.0  # from the node's first try to its session, while the flood runs
+RSS_BOUND = 600 << 20  # the coordinator's resident memory, bytes, at any sample
+RELAY_BOUND = 65  # relayed connections to gRPC at any sample: max_pending, and the node
+THREAD_BOUND = 400  # the coordinator's threads at any sample (64 pending connections hold
+# at most 2 relay threads each, 64 pending calls 2 each; a node 7)
+
+JOB = """
+[job]
+name = "flood-test"
+seed = 1
+
+[data]
+dataset = "digits"
+partition = { scheme = "iid", nodes = 1 }
+
+[algorithm]
+name = "fedavg"
+rounds = 1
+nodes_per_round = 1
+local_epochs = 1
+lr = 0.5
+
+[engine]
+min_nodes = 1
+deadline_s = 60
+"""
+
+
+def _env() -> dict[str, str]:
+    # Only shoal's own source tree: test folders on sys.path shadow packages.
+    return {**os.environ, "PYTHONPATH": str(Path(shoal.__file__).resolve().parents[1])}
+
+
+class Proc:
+    """A child process whose stdout lines are collected by a thread, stderr to ``log``."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = open(log, "w")  # noqa: SIM115 (closed in stop())
+        self.popen = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=_env()
+        )
+        self.lines: list[str] = []
+        self.arrived: list[float] = []  # when each line came (monotonic)
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.arrived.append(time.monotonic())
+            self.lines.append(line.rstrip("\n"))
+
+    def has(self, text: str) -> bool:
+        return self.when(text) is not None
+
+    def when(self, text: str) -> float | None:
+        """When the first line holding ``text`` came, or None."""
+        for line, at in zip(list(self.lines), list(self.arrived)):
+            if text in line:
+                return at
+        return None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        try:
+            self.popen.wait(timeout=10)
+            self._pump_thread.join(timeout=10)
+        finally:
+            self.log.close()
+            if self.popen.stdout is not None:
+                self.popen.stdout.close()
+
+
+@dataclass
+class Site:
+    root: Path
+    port: int
+    procs: list[Proc] = field(default_factory=list)
+
+    def shoal(self, name: str, *args: str) -> Proc:
+        proc = Proc([sys.executable, "-m", "shoal.cli.main", *args], self.root / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def coordinator(self, tls: bool) -> Proc:
+        security = ["--certs", str(self.root / "certs")] if tls else ["--insecure"]
+        proc = self.shoal(
+            "coordinator", "coordinator", "--job", str(self.root / "job.toml"),
+            "--listen", f"127.0.0.1:{self.port}", "--store", str(self.root / "fl.db"),
+            "--wait-nodes", "1", "--wait-timeout", "300", "--no-data-lane", *security,
+        )  # fmt: skip
+        assert wait(lambda: proc.has("listening on"), 120), self.log("coordinator")
+        return proc
+
+    def node(self, tls: bool) -> Proc:
+        security = ["--certs", str(self.root / "certs")] if tls else ["--insecure"]
+        return self.shoal(
+            "node", "node", "--coordinator", f"127.0.0.1:{self.port}",
+            "--key", str(self.root / "n0.key"), "--job", str(self.root / "job.toml"),
+            "--partition", "0/1", "--backoff", "0.2", "--backoff-max", "1", *security,
+        )  # fmt: skip
+
+    def attack(self, mode: str, *extra: str) -> Proc:
+        proc = Proc(
+            [sys.executable, str(SCRIPT), "--port", str(self.port), "--mode", mode,
+             "--seconds", str(ATTACK_S), *extra],
+            self.root / "attack.log",
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
+
+
+def wait(condition, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class Gauge:
+    """Samples a process's resident memory, threads and relayed connections (those to its
+    loopback gRPC port: every listening port but ``public``) on a thread of its own."""
+
+    def __init__(self, pid: int, public: int) -> None:
+        self.process = psutil.Process(pid)
+        self.public = public
+        self.rss = 0
+        self.threads = 0
+        self.relays = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.rss = max(self.rss, self.process.memory_info().rss)
+                self.threads = max(self.threads, self.process.num_threads())
+                conns = self.process.net_connections("tcp")
+            except psutil.Error:
+                return
+            listening = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+            upstream = listening - {self.public}
+            relays = sum(1 for c in conns if c.raddr and c.raddr.port in upstream)
+            self.relays = max(self.relays, relays)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    make_certs(tmp_path / "certs", nodes=["n0", "rogue"])
+    with Store(tmp_path / "fl.db") as store:
+        _, _, key = write_key_pair(tmp_path / "n0.key")
+        store.add_node(node_id="n0", public_key=public_key_bytes(key))
+    (tmp_path / "job.toml").write_text(JOB)
+    s = Site(root=tmp_path, port=free_port())
+    try:
+        yield s
+    finally:
+        for proc in reversed(s.procs):
+            proc.stop()
+
+
+def run_flood(site: Site, mode: str, *extra: str, tls: bool = False) -> dict[str, object]:
+    """Start the coordinator, then the flood and the node's process; the node, which tries
+    to connect once its process has started (seconds later, under load), must be in while
+    the flood runs. Returns the figures (printed with ``pytest -s``)."""
+    coordinator = site.coordinator(tls)
+    gauge = Gauge(coordinator.popen.pid, site.port)
+    if tls:
+        extra = (*extra, "--certs", str(site.root / "certs"), "--name", "rogue")
+    attack = site.attack(mode, *extra)
+    node = site.node(tls)
+    assert wait(lambda: node.has("connecting to"), START_S), site.log("node")
+    tried = node.when("connecting to")
+    assert tried is not None and attack.popen.poll() is None, site.log("attack")
+    node_in = wait(lambda: coordinator.has("node(s) connected"), NODE_IN_S)
+    took = (coordinator.when("node(s) connected") or time.monotonic()) - tried
+    attacking = attack.popen.poll() is None
+    attack.popen.send_signal(signal.SIGTERM)
+    attack.popen.wait(timeout=30)
+    assert wait(lambda: bool(attack.lines), 5), site.log("attack")
+    gauge.stop()
+    figures = {
+        "mode": mode,
+        "tls": tls,
+        "node_in": node_in,
+        "took_s": round(took, 2),
+        "peak_rss_mb": gauge.rss >> 20,
+        "peak_threads": gauge.threads,
+        "peak_relays": gauge.relays,
+        "attack": json.loads(attack.lines[-1]),
+    }
+    print(f"\n{json.dumps(figures)}")
+    assert node_in, (figures, site.log("coordinator"), site.log("node"))
+    assert attacking, figures  # the node got in while the flood still ran
+    assert gauge.rss < RSS_BOUND, figures
+    assert gauge.threads < THREAD_BOUND, figures
+    assert gauge.relays <= RELAY_BOUND, figures
+    return figures
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls-insider"])
+def test_many_calls_on_one_connection_do_not_keep_a_node_out(site: Site, tls: bool) -> None:
+    """Calls (HEADERS frames) on a few connections, 100 open at a time each, never a hello;
+    with TLS the attacker holds a federation certificate. Before: the node stayed out (every
+    call ranked alike, so the flood's calls evicted the node's at random), 1,017 threads."""
+    figures = run_flood(site, "streams", "--connections", "4" if tls else "2", tls=tls)
+    assert figures["attack"]["headers"] > 1000  # type: ignore[index]
+
+
+def test_rapid_reset_does_not_keep_a_node_out_or_grow_threads(site: Site) -> None:
+    """HEADERS then RST_STREAM, over and over (CVE-2023-44487). Before: the node stayed out
+    and gRPC's pool grew to its bound (a reset call's handler waited for the hello timeout)."""
+    figures = run_flood(site, "reset", "--connections", "2")
+    assert figures["attack"]["resets"] > 1000  # type: ignore[index]
+
+
+def test_a_settings_and_ping_flood_is_cut(site: Site) -> None:
+    """SETTINGS and PING frames on one plaintext connection, never reading the answers.
+    Before: the connection was never cut (gRPC stopped reading it once its answers backed
+    up, and the attacker reconnected only when its own send timed out)."""
+    figures = run_flood(site, "control")
+    attack = figures["attack"]
+    assert attack["control"] > 10_000  # type: ignore[index]
+    assert attack["cut"] >= 1, attack  # type: ignore[index]
+
+
+def test_half_open_connections_hold_no_more_relays_than_the_bound(site: Site) -> None:
+    """Connections from 16 addresses that send HTTP/2's preface and SETTINGS and stop. Before:
+    256 relays (and 649 threads): the front door had swapped the configured limiter
+    (max_pending 64) for a default one (256), since an empty limiter is falsy."""
+    figures = run_flood(site, "halfopen", "--hold", "300", "--sources", "16")
+    assert figures["attack"]["connections"] > 64  # type: ignore[index]
