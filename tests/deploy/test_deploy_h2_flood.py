@@ -254,7 +254,11 @@ def test_many_calls_on_one_connection_do_not_keep_a_node_out(site: Site, tls: bo
     with TLS the attacker holds a federation certificate. Before: the node stayed out (every
     call ranked alike, so the flood's calls evicted the node's at random), 1,017 threads."""
     figures = run_flood(site, "streams", "--connections", "4" if tls else "2", tls=tls)
-    assert figures["attack"]["headers"] > 1000  # type: ignore[index]
+    attack = figures["attack"]
+    # The flood ran (the door cuts each connection after its first burst, so under load the
+    # attacker's total depends on how fast it reconnects; what matters is that it was cut).
+    assert attack["headers"] >= 100, attack  # type: ignore[index]
+    assert attack["cut"] >= 1, attack  # type: ignore[index]
 
 
 def test_rapid_reset_does_not_keep_a_node_out_or_grow_threads(site: Site) -> None:

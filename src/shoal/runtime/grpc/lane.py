@@ -404,6 +404,9 @@ class LaneServer:
         self._counting = threading.Lock()
 
     def start(self) -> LaneServer:
+        # Set here, not in the accept thread: a close() right after start() would otherwise
+        # close the listener before the thread's first call on it (EBADF in that thread).
+        self._listener.settimeout(_SWEEP_S)  # wakes to sweep even when nobody connects
         self._thread.start()
         return self
 
@@ -415,7 +418,6 @@ class LaneServer:
         self._thread.join(timeout=5)
 
     def _accept(self) -> None:
-        self._listener.settimeout(_SWEEP_S)  # wakes to sweep even when nobody connects
         swept = time.monotonic()
         while not self._closing.is_set():
             if time.monotonic() - swept >= _SWEEP_S:
