@@ -90,7 +90,13 @@ def test_tables_are_not_cut_at_80_columns_when_piped(tmp_path) -> None:
 
 def _shoal(argv: list[str], *, capture: bool = False, **kw):  # type: ignore[no-untyped-def]
     env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "80"}
-    code = "import sys; from shoal.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    # Python installs its Ctrl-C handler only if SIGINT was not ignored when it started, and a
+    # test runner launched with `&` from a script passes SIGINT on ignored: install it here, so
+    # the Ctrl-C tests do not depend on how the runner was started.
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from shoal.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
     args = [sys.executable, "-c", code, *argv]
     if capture:
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
