@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from shoal.aggregate import Mean, compresses
-from shoal.core import Aggregator, Federation
+from shoal.core import Aggregator, Federation, NodeValues
 from shoal.errors import ConfigError
 from shoal.learn.model import Weights
 from shoal.learn.tasks import DOWNLINK_BITS, TRAIN, encode_weights, prefixed, unprefixed
-from shoal.privacy.plans import NoPrivacy, PrivacyPlan
+from shoal.privacy.plans import NoPrivacy, PrivacyPlan, RoundPlan
 
 __all__ = [
     "ALGORITHMS",
@@ -197,11 +197,36 @@ class Algorithm:
             fed, per_round=self.nodes_per_round, lr=lr, meta=state.meta, seed=seed
         )
         track_loss = self.track_loss and "loss" in plan.public and "n" in plan.public
-        public = [f for f in plan.public if f != "loss" or track_loss]
+        out = self._train(plan, state, lr=lr, seed=seed, track_loss=track_loss)
+        update = self._aggregate(plan, state, out)
+        # In the aggregate: every holder it did not exclude (a public count).
+        participants = tuple(node for node in out.node_ids if node not in out.exclusions)
+        new_state = self.server_update(
+            state, update, share=len(participants) / max(len(fed.node_ids), 1)
+        )
+        meta = self.plan.account(state.meta, plan=plan, out=out, rounds=new_state.round)
+        loss = float(out["loss"].mean(weights=out["n"])) if track_loss else math.nan
+        failures = failure_report(out)
+        # The round is done with the updates: a simulation's nodes forget them (held, they
+        # would be most of an idle simulated node's memory: up to max_kept updates each).
+        out.discard()
+        return RoundResult(
+            state=replace(new_state, meta=meta),
+            train_loss=loss,
+            participants=participants,
+            failures=failures,
+            epsilon=meta.get("epsilon"),
+            delta=self.plan.delta,
+        )
+
+    def _train(
+        self, plan: RoundPlan, state: ServerState, *, lr: float, seed: int | None, track_loss: bool
+    ) -> NodeValues:
+        """Broadcast the weights and settings to the plan's group; each of its nodes trains."""
         weights = plan.group.broadcast(
             **encode_weights(state.weights, self.downlink_bits),
             epochs=self.local_epochs,
-            lr=self.lr_at(state.round + 1),
+            lr=lr,
             batch_size=self.batch_size,
             max_steps=self.max_steps,
             seed=seed,
@@ -210,36 +235,30 @@ class Algorithm:
             **plan.payload,
             **({"track_loss": True} if track_loss else {}),
         )
-        fields = self.released(state)
+        public = [f for f in plan.public if f != "loss" or track_loss]
         # What the plan lets travel in the clear comes with the receipts: no second trip
         # (unless the aggregator has the nodes compress their updates first).
-        sent = [*public] if compresses(plan.aggregator) else [*fields, *public]
-        out = plan.group.map(TRAIN, weights, send=sent if plan.clear else ())
+        fields = [] if compresses(plan.aggregator) else self.released(state)
+        return plan.group.map(TRAIN, weights, send=[*fields, *public] if plan.clear else ())
+
+    def _aggregate(
+        self, plan: RoundPlan, state: ServerState, out: NodeValues
+    ) -> dict[str, Weights]:
+        """The round's one aggregate of every released field, split by head (``d``, ``dc``)."""
+        fields = self.released(state)
         n = out["n"] if plan.weighted else None
         aggregated = out.select(*fields).aggregate(plan.aggregator, weights=n)
         if not isinstance(aggregated, dict):  # a single-array model comes back unnamed
             aggregated = {fields[0]: aggregated}
-        participants = tuple(node for node in out.node_ids if node not in out.exclusions)
-        update = {head: unprefixed(head, aggregated) for head in ("d", "dc")}
-        new_state = self.server_update(
-            state, update, share=len(participants) / max(len(fed.node_ids), 1)
-        )
-        meta = self.plan.account(state.meta, plan=plan, out=out, rounds=new_state.round)
-        public_loss = track_loss
-        failures = {node: f"{f.kind.value}: {f.detail}" for node, f in out.failures.items()}
-        for node, reason in out.exclusions.items():
-            failures.setdefault(node, f"excluded: {reason}")
-        # The round is done with the updates: a simulation's nodes forget them (held, they
-        # would be most of an idle simulated node's memory: up to max_kept updates each).
-        out.discard()
-        return RoundResult(
-            state=replace(new_state, meta=meta),
-            train_loss=float(out["loss"].mean(weights=out["n"])) if public_loss else math.nan,
-            participants=participants,
-            failures=failures,
-            epsilon=meta.get("epsilon"),
-            delta=self.plan.delta,
-        )
+        return {head: unprefixed(head, aggregated) for head in ("d", "dc")}
+
+
+def failure_report(out: NodeValues) -> dict[str, str]:
+    """Why each node of a map is not in its aggregate: its failure, or its exclusion."""
+    failures = {node: f"{f.kind.value}: {f.detail}" for node, f in out.failures.items()}
+    for node, reason in out.exclusions.items():
+        failures.setdefault(node, f"excluded: {reason}")
+    return failures
 
 
 @dataclass(frozen=True, kw_only=True)
