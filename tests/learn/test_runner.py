@@ -83,3 +83,50 @@ def test_simulate_collects_its_cyclic_garbage_and_unfreezes_the_collector() -> N
             on_round=make_cycle,
         )
     assert gc.get_freeze_count() == 0
+
+
+def test_simulate_raises_only_the_oldest_threshold_and_restores_it() -> None:
+    # Full passes are made rare for the run; the young generations keep their thresholds
+    # (the run's cycles are still found), and the caller's thresholds come back afterwards,
+    # also when the run fails.
+    import gc
+
+    from shoal.learn._gcfreeze import RUN_OLDEST_THRESHOLD
+
+    train, test = load_digits(test_fraction=0.2, seed=0)
+    nodes = partition(train, nodes=3, scheme="iid", seed=0)
+    seen: list[tuple[int, int, int]] = []
+
+    def look(report: RoundReport) -> None:
+        seen.append(gc.get_threshold())
+        if report.round == 2:
+            raise Crash
+
+    before = gc.get_threshold()
+    gc.set_threshold(500, 7, 9)
+    try:
+        with pytest.raises(Crash):
+            simulate(
+                model=SoftmaxRegression(features=64, classes=10),
+                nodes=nodes,
+                algorithm=FedAvg(rounds=3, nodes_per_round=3),
+                test=test,
+                on_round=look,
+            )
+        assert seen == [(500, 7, RUN_OLDEST_THRESHOLD)] * 2
+        assert gc.get_threshold() == (500, 7, 9)
+
+        def change(report: RoundReport) -> None:  # the caller's own change is kept
+            gc.set_threshold(600, 8, 11)
+
+        simulate(
+            model=SoftmaxRegression(features=64, classes=10),
+            nodes=nodes,
+            algorithm=FedAvg(rounds=1, nodes_per_round=3),
+            test=test,
+            on_round=change,
+        )
+        assert gc.get_threshold() == (600, 8, 11)
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.set_threshold(*before)
