@@ -56,6 +56,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -308,7 +309,12 @@ def run_flower(
         command = [python, str(HERE / "simulation_flower.py"), "--data", str(data)]
         command += ["--nodes", str(nodes), "--rounds", str(rounds), "--seed", str(seed)]
         command += ["--actors", str(actors), "--json", str(out)]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent)
+        # Flower's ray.init() joins any Ray cluster this machine has running (found through
+        # RAY_ADDRESS or /tmp/ray/ray_current_cluster, e.g. another job's `ray start`), and
+        # then fails or measures that cluster: its own temp dir keeps it on a private Ray.
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = tmp
+        done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, env=env)
         if done.returncode != 0 or not out.exists():
             print(f"flower run failed at N={nodes}:\n{done.stderr[-2000:]}", file=sys.stderr)
             return None
