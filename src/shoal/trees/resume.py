@@ -15,12 +15,12 @@ import numpy as np
 
 from shoal.errors import NodeStateError, ProtocolError
 from shoal.trees.bins import Bins
-from shoal.trees.vertical import VerticalTree, tree_from_arrays
+from shoal.trees.vertical import TREE_FIELDS, VerticalTree, tree_from_arrays
 from shoal.vertical.checkpoint import Checkpoints
 
 __all__ = ["load_margin", "load_records", "load_round", "save_records", "save_round"]
 
-_FIELDS = ("left", "right", "owner", "split", "left_bins", "default_left", "value")
+_FIELDS = TREE_FIELDS
 
 
 def _key(run: str, what: str) -> str:

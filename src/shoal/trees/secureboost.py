@@ -181,7 +181,7 @@ def guest_setup(ctx: TaskContext, payload: dict[str, Any], *, store: Checkpoints
     x, y = data.x[rows], data.y[rows]
     guest = GuestParty(
         x=x[~held], y=y[~held], params=params, key_bits=int(payload["key_bits"]),
-        insecure_keys=bool(payload["insecure"]),
+        insecure_keys=bool(payload["insecure"]), categorical=data.categorical,
     )  # fmt: skip
     hosts = [str(h) for h in payload["hosts"]]
     widths = [int(w) for w in payload["widths"]]
@@ -342,8 +342,9 @@ def host_setup(ctx: TaskContext, payload: dict[str, Any], *, store: Checkpoints)
     rows, held = _split(ctx, payload)
     x = data.x[rows]
     host = HostParty(
-        x=x[~held], max_bins=int(payload["max_bins"]), insecure_keys=bool(payload["insecure"])
-    )
+        x=x[~held], max_bins=int(payload["max_bins"]), insecure_keys=bool(payload["insecure"]),
+        categorical=data.categorical,
+    )  # fmt: skip
     run, complete = _resume_point(payload)
     host.restore(load_records(store, run, complete=complete))
     own = keys.KeyPair.generate()
@@ -685,9 +686,16 @@ def centralized(
     params = cfg.params
     if params.fixed_point_bits is None:
         params = GBDTParams(**{**params.to_dict(), "fixed_point_bits": DEFAULT_FIXED_POINT})
-    cuts = sum((fit_bins(b[~held], max_bins=params.max_bins).cuts for b in blocks), ())
+    parts = [
+        fit_bins(block[~held], max_bins=params.max_bins, categorical=tables[p].categorical)
+        for block, p in zip(blocks, order)
+    ]
+    bins = Bins(
+        cuts=sum((b.cuts for b in parts), ()),
+        categorical=sum((tuple(b.is_categorical) for b in parts), ()),
+    )
     x = np.hstack(blocks)
-    model = train(x[~held], y[~held], params, bins=Bins(cuts=cuts))
+    model = train(x[~held], y[~held], params, bins=bins)
     return model.predict(x[held]), y[held]
 
 

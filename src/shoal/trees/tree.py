@@ -23,6 +23,7 @@ __all__ = [
     "HistogramSource",
     "Tree",
     "advance",
+    "goes_left",
     "grow_tree",
     "local_histograms",
     "pack_trees",
@@ -158,6 +159,16 @@ def unpack_trees(
     ]
 
 
+def goes_left(code: Any, left_bins: Any, default_left: Any, categorical: Any) -> np.ndarray:
+    """Which rows with bin ``code`` a split sends left (arrays broadcast): ``code <
+    left_bins``, or at a categorical split every category but ``left_bins``; missing
+    values go left iff ``default_left``."""
+    code = np.asarray(code)
+    split = np.where(categorical, code != left_bins, code < left_bins)
+    out: np.ndarray = np.where(code == MISSING, default_left, split)
+    return out
+
+
 def advance(tree: Tree, codes: np.ndarray, pos: np.ndarray) -> bool:
     """Move rows sitting at split nodes one level down (in place); False if none moved."""
     at_split = np.flatnonzero(tree.left[pos] >= 0)
@@ -165,9 +176,7 @@ def advance(tree: Tree, codes: np.ndarray, pos: np.ndarray) -> bool:
         return False
     node = pos[at_split]
     code = codes[at_split, tree.feature[node]]
-    bins = tree.left_bins[node]
-    split = np.where(tree.categorical[node], code != bins, code < bins)
-    go_left = np.where(code == MISSING, tree.default_left[node], split)
+    go_left = goes_left(code, tree.left_bins[node], tree.default_left[node], tree.categorical[node])
     pos[at_split] = np.where(go_left, tree.left[node], tree.right[node])
     return True
 

@@ -7,6 +7,8 @@ ciphertext and returns them. The guest decrypts, finds the best split and tells 
 which of its (shuffled) candidates won; the host keeps the threshold in its own lookup
 table and answers with the rows that go left. The guest knows only (host, record id).
 With the same cuts the trees equal :func:`shoal.trees.train` on the joined columns.
+A party's categorical columns split one category against the rest; a host's candidates
+for them are left sums like any other, so the guest cannot tell them from thresholds.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from shoal.trees.objective import (
 )
 from shoal.trees.params import GBDTParams
 from shoal.trees.split import RT_EPS, best_splits, leaf_weight, node_gain
-from shoal.trees.tree import Tree, local_histograms
+from shoal.trees.tree import Tree, goes_left, local_histograms
 
 __all__ = [
+    "TREE_FIELDS",
     "Boosting",
     "Grower",
     "GuestParty",
@@ -72,7 +75,7 @@ Link = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 class _Candidate:
     key: tuple[int, int, int]  # XGBoost's scan order: (feature, backward?, +-bin)
     feature: int
-    left_bins: int
+    left_bins: int  # categorical: the category that goes right
     default_left: bool
 
 
@@ -80,7 +83,8 @@ class HostParty:
     """A party holding some columns of the same rows (aligned by PSI beforehand).
 
     Its cuts and the thresholds of the splits it wins never leave it: the guest sees
-    record ids into :attr:`records`.
+    record ids into :attr:`records`. ``categorical`` columns (by index; codes ``0..k-1``)
+    split one category against the rest; which columns they are stays here too.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class HostParty:
         x: np.ndarray,
         max_bins: int = 256,
         insecure_keys: bool = False,
+        categorical: Sequence[int] = (),
         _bins: Bins | None = None,
     ) -> None:
         x = np.asarray(x, dtype=np.float64)
@@ -97,7 +102,10 @@ class HostParty:
                 "a host has no rows after the intersection (or no 2-D feature array): "
                 "it cannot take part; check the PSI alignment"
             )
-        self.bins = _bins if _bins is not None else fit_bins(x, max_bins=max_bins)
+        self.bins = (
+            _bins if _bins is not None
+            else fit_bins(x, max_bins=max_bins, categorical=categorical)
+        )  # fmt: skip
         self.codes = self.bins.transform(x)
         self.insecure_keys = insecure_keys
         self.records: list[tuple[int, int, bool]] = []  # (feature, left_bins, default_left)
@@ -232,13 +240,22 @@ class HostParty:
         return {"ct": blob, "counts": np.asarray(counts), "packed": np.asarray(packed)}
 
     def _candidates(self, sums: list[dict[int, Any]]) -> tuple[list[_Candidate], list[Any]]:
+        """Every candidate split of a node with the encrypted sums of its left side (a
+        categorical column's too: the guest decrypts left sums of either kind alike)."""
         nsq = self._key.nsquare
         candidates: list[_Candidate] = []
         cts: list[Any] = []
+        categorical = self.bins.is_categorical
         for f, j in enumerate(self._features.tolist()):
             by_bin = sums[f]
             missing = by_bin.get(MISSING)
             present = sorted(b for b in by_bin if b != MISSING)
+            if categorical[j]:
+                k = len(self.bins.cuts[j]) + 1
+                for c in _one_hot_candidates(j, by_bin, present, missing, k, nsq):
+                    candidates.append(c[0])
+                    cts.append(c[1])
+                continue
             cum: Any = None
             for k, b in enumerate(present):
                 before = cum
@@ -296,13 +313,12 @@ class HostParty:
             "left": np.concatenate(left) if left else np.zeros(0, np.uint8),
         }
 
-    @staticmethod
-    def _goes_left(c: _Candidate | tuple[int, int, bool], codes: np.ndarray) -> np.ndarray:
+    def _goes_left(self, c: _Candidate | tuple[int, int, bool], codes: np.ndarray) -> np.ndarray:
         feature, left_bins, default_left = (
             (c.feature, c.left_bins, c.default_left) if isinstance(c, _Candidate) else c
         )
-        column = codes[:, feature]
-        go: np.ndarray = np.where(column == MISSING, default_left, column < left_bins)
+        go = goes_left(codes[:, feature], left_bins, default_left,
+                       self.bins.is_categorical[feature])  # fmt: skip
         return go.astype(np.uint8)
 
     def decide(self, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -321,6 +337,7 @@ class HostParty:
         doc = {
             "format": HOST_FORMAT,
             "cuts": [[float(c) for c in cuts] for cuts in self.bins.cuts],
+            "categorical": [bool(c) for c in self.bins.is_categorical],
             "records": [[f, t, bool(d)] for f, t, d in self.records],
         }
         Path(path).write_text(json.dumps(doc), encoding="utf-8")
@@ -332,7 +349,7 @@ class HostParty:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
             if raw.get("format") != HOST_FORMAT:
                 raise DataError(f"not a SecureBoost host file (format {HOST_FORMAT!r})")
-            bins = Bins(cuts=tuple(np.asarray(c, dtype=np.float64) for c in raw["cuts"]))
+            bins = _bins_from(raw)
             records = [(int(f), int(t), bool(d)) for f, t, d in raw["records"]]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
                 ValueError) as exc:  # fmt: skip
@@ -350,16 +367,63 @@ class HostParty:
         self.records = [(int(f), int(t), bool(d)) for f, t, d in records]
 
     def threshold_table(self) -> list[dict[str, Any]]:
-        """This host's model part: record id -> feature, raw threshold, default direction."""
+        """This host's model part: record id -> feature, raw threshold (or, for a
+        categorical column, the category that goes right), default direction."""
+        categorical = self.bins.is_categorical
         return [
-            {
-                "record": i,
-                "feature": f,
-                "threshold": self.bins.threshold(f, t),
-                "default_left": d,
-            }
+            {"record": i, "feature": f, "default_left": d}
+            | ({"category": t} if categorical[f] else {"threshold": self.bins.threshold(f, t)})
             for i, (f, t, d) in enumerate(self.records)
         ]
+
+
+def _bins_from(raw: Mapping[str, Any]) -> Bins:
+    """A party file's cuts and categorical flags (files from before categories have none)."""
+    flags = raw.get("categorical", [])
+    if not isinstance(flags, list) or any(not isinstance(f, bool) for f in flags):
+        raise DataError("categorical must be a list of true/false, one per feature")
+    return Bins(
+        cuts=tuple(np.asarray(c, dtype=np.float64) for c in raw["cuts"]),
+        categorical=tuple(flags),
+    )
+
+
+def _one_hot_candidates(
+    j: int, by_bin: Mapping[int, Any], present: list[int], missing: Any, k: int, nsq: Any
+) -> list[tuple[_Candidate, Any]]:
+    """A categorical column's candidates at one node, in XGBoost's scan order (category
+    ``c`` right with missing values left, then with them right), each with the encrypted
+    sum of its left side: every other present category (prefix times suffix products, no
+    inverses), times the missing rows where they go left. Candidates with an empty side
+    are left out: their gain is 0 (as for a numeric column's last bin)."""
+    prefix: list[Any] = [None]
+    for b in present:
+        prefix.append(by_bin[b] if prefix[-1] is None else prefix[-1] * by_bin[b] % nsq)
+    suffix: list[Any] = [None]
+    for b in reversed(present):
+        suffix.append(by_bin[b] if suffix[-1] is None else suffix[-1] * by_bin[b] % nsq)
+    suffix.reverse()  # suffix[i]: the product of present[i:]
+
+    def times(a: Any, b: Any) -> Any:
+        return b if a is None else a if b is None else a * b % nsq
+
+    out = []
+    for i, c in enumerate(present):
+        rest = times(prefix[i], suffix[i + 1])
+        with_missing = times(rest, missing)
+        if with_missing is not None:  # category c right, missing values left
+            out.append((_Candidate(key=(j, 0, 2 * c), feature=j, left_bins=c,
+                                   default_left=True), with_missing))  # fmt: skip
+        if missing is not None and rest is not None:  # c and the missing values right
+            out.append((_Candidate(key=(j, 0, 2 * c + 1), feature=j, left_bins=c,
+                                   default_left=False), rest))  # fmt: skip
+    absent = next((c for c in range(k) if c not in by_bin), None)
+    if missing is not None and absent is not None and prefix[-1] is not None:
+        # a category with no rows here, right with the missing values: missing against the
+        # rest, which a centralized scan meets at the lowest such category
+        out.append((_Candidate(key=(j, 0, 2 * absent + 1), feature=j, left_bins=absent,
+                               default_left=False), prefix[-1]))  # fmt: skip
+    return sorted(out, key=lambda pair: pair[0].key)
 
 
 # -- guest ------------------------------------------------------------------------------
@@ -376,6 +440,8 @@ class VerticalTree:
     left_bins: np.ndarray  # guest splits only
     default_left: np.ndarray  # guest splits only
     value: np.ndarray
+    # guest splits only: category ``left_bins`` goes right (a host keeps its own kind)
+    categorical: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -386,7 +452,9 @@ class VerticalModel:
     hosts: int
 
 
-_TREE_FIELDS = ("left", "right", "owner", "split", "left_bins", "default_left", "value")
+TREE_FIELDS = (
+    "left", "right", "owner", "split", "left_bins", "default_left", "value", "categorical",
+)  # fmt: skip
 
 
 def save_guest(model: VerticalModel, path: str | Path) -> None:
@@ -397,8 +465,9 @@ def save_guest(model: VerticalModel, path: str | Path) -> None:
         "params": model.params.to_dict(),
         "hosts": model.hosts,
         "cuts": [[float(c) for c in cuts] for cuts in model.bins.cuts],
+        "categorical": [bool(c) for c in model.bins.is_categorical],
         "trees": [
-            [{k: np.asarray(getattr(t, k)).tolist() for k in _TREE_FIELDS} for t in r]
+            [{k: np.asarray(getattr(t, k)).tolist() for k in TREE_FIELDS} for t in r]
             for r in model.trees
         ],
     }
@@ -413,7 +482,7 @@ def load_guest(path: str | Path) -> VerticalModel:
             raise DataError(f"not a SecureBoost guest file (format {GUEST_FORMAT!r})")
         params = GBDTParams(**raw["params"])
         hosts = int(raw["hosts"])
-        bins = Bins(cuts=tuple(np.asarray(c, dtype=np.float64) for c in raw["cuts"]))
+        bins = _bins_from(raw)
         trees = tuple(tuple(tree_from_arrays(t, bins, hosts) for t in r) for r in raw["trees"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
             ValueError) as exc:  # fmt: skip
@@ -434,6 +503,8 @@ def tree_from_arrays(raw: Mapping[str, Any], bins: Bins, hosts: int) -> Vertical
             "value": raw["value"],
             "sum_g": np.zeros(len(raw["left"])),
             "sum_h": np.zeros(len(raw["left"])),
+            # files from before categorical splits have none
+            "categorical": raw.get("categorical", np.zeros(len(raw["left"]), dtype=bool)),
         }
     )
     owner = np.asarray(raw["owner"], dtype=np.int64)
@@ -450,6 +521,9 @@ def tree_from_arrays(raw: Mapping[str, Any], bins: Bins, hosts: int) -> Vertical
         or (split[inner] < 0).any()
     ):
         raise DataError("malformed guest model: a split names a missing feature or record")
+    categorical = plain.categorical & guest
+    if not bins.is_categorical[split[categorical]].all():
+        raise DataError("malformed guest model: a categorical split on a numeric feature")
     return VerticalTree(
         left=plain.left,
         right=plain.right,
@@ -458,6 +532,7 @@ def tree_from_arrays(raw: Mapping[str, Any], bins: Bins, hosts: int) -> Vertical
         left_bins=plain.left_bins,
         default_left=plain.default_left,
         value=plain.value,
+        categorical=categorical,
     )
 
 
@@ -471,7 +546,8 @@ class _Stats:
 
 
 class GuestParty:
-    """The party with the labels (and some columns). It holds the Paillier private key."""
+    """The party with the labels (and some columns). It holds the Paillier private key.
+    ``categorical`` columns (by index; codes ``0..k-1``) split one category against the rest."""
 
     def __init__(
         self,
@@ -481,6 +557,7 @@ class GuestParty:
         params: GBDTParams,
         key_bits: int = 2048,
         insecure_keys: bool = False,
+        categorical: Sequence[int] = (),
     ) -> None:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] == 0:
@@ -493,7 +570,7 @@ class GuestParty:
         self.labels = check_labels(y, params)
         if len(self.labels) != len(x):
             raise DataError(f"{len(x)} rows of features but {len(self.labels)} labels")
-        self.bins = fit_bins(x, max_bins=params.max_bins)
+        self.bins = fit_bins(x, max_bins=params.max_bins, categorical=categorical)
         self.codes = self.bins.transform(x)
         P = paillier
         self.public_key, self.private_key = P.generate_keypair(key_bits, insecure=insecure_keys)
@@ -701,7 +778,7 @@ class Grower:
         self.scale = float(2 ** (params.fixed_point_bits or DEFAULT_FIXED_POINT))
         self.nodes: dict[str, list[Any]] = {
             k: [] for k in ("left", "right", "owner", "split", "left_bins", "default_left", "g",
-                            "h")
+                            "h", "categorical")
         }  # fmt: skip
         self._add(float(g.sum()), float(h.sum()))
         self.pos = np.zeros(len(g), dtype=np.int64)
@@ -711,7 +788,7 @@ class Grower:
         self.codec: GHCodec | None = None
 
     def _add(self, sg: float, sh: float) -> int:
-        for key, value in zip(self.nodes, (-1, -1, GUEST, -1, 0, False, sg, sh)):
+        for key, value in zip(self.nodes, (-1, -1, GUEST, -1, 0, False, sg, sh, False)):
             self.nodes[key].append(value)
         return len(self.nodes["left"]) - 1
 
@@ -736,16 +813,20 @@ class Grower:
         t0 = time.process_time()
         d_guest = guest.codes.shape[1]
         guest_mask = self.mask[:d_guest]
-        self.best = [(0.0, GUEST, -1, 0, False, 0.0, 0.0)] * len(level)
+        # per node: (gain, owner, feature or tied ids, left_bins, default_left, left g,
+        # left h, categorical)
+        self.best = [(0.0, GUEST, -1, 0, False, 0.0, 0.0, False)] * len(level)
         if level and guest_mask.any():
             totals_g = np.asarray([nodes["g"][v] for v in level])
             totals_h = np.asarray([nodes["h"][v] for v in level])
             hg, hh = local_histograms(guest.codes, self.g, self.h, self.pos, np.asarray(level))
             own = best_splits(hg, hh, totals_g, totals_h, n_bins=guest.bins.n_bins,
-                              features=guest_mask, params=params)  # fmt: skip
+                              features=guest_mask, params=params,
+                              categorical=guest.bins.is_categorical)  # fmt: skip
             self.best = [
                 (float(own.gain[i]), GUEST, int(own.feature[i]), int(own.left_bins[i]),
-                 bool(own.default_left[i]), float(own.left_g[i]), float(own.left_h[i]))
+                 bool(own.default_left[i]), float(own.left_g[i]), float(own.left_h[i]),
+                 bool(own.categorical[i]))
                 for i in range(len(level))
             ]  # fmt: skip
         parent, sibling = [], []
@@ -802,13 +883,13 @@ class Grower:
                 if not top > max(self.best[i][0], 0.0):
                     continue  # the guest (lower feature indices) or an earlier host wins ties
                 tied = np.flatnonzero(gain == top)
-                self.best[i] = (top, hi, tied, 0, False, lg, lh)
+                self.best[i] = (top, hi, tied, 0, False, lg, lh, False)
             t0 = _timed(guest.stats, "split", t0)
         commits: dict[int, dict[str, list[Any]]] = {
             i: {"nodes": [], "ids": [], "counts": []} for i in range(1, hosts + 1)
         }
         for i, v in enumerate(level):
-            gain, owner, tied, _, _, lg, lh = self.best[i]
+            gain, owner, tied, _, _, lg, lh, _ = self.best[i]
             if owner == GUEST or gain <= RT_EPS or gain < params.gamma:
                 continue
             c = commits[owner]
@@ -846,7 +927,7 @@ class Grower:
                 answers[v] = (int(records[j]), int(chosen[j]), bits[ends[j] - sizes[j] : ends[j]])
         next_level: list[int] = []
         for i, v in enumerate(self.level):
-            gain, owner, split, left_bins, default_left, lg_, lh_ = self.best[i]
+            gain, owner, split, left_bins, default_left, lg_, lh_, cat = self.best[i]
             if owner != GUEST:
                 if v not in answers:
                     continue  # below gamma: not asked
@@ -859,12 +940,12 @@ class Grower:
                 continue
             rows = np.flatnonzero(self.pos == v)
             if owner == GUEST:
-                column = guest.codes[rows, split]
-                go = np.where(column == MISSING, default_left, column < left_bins)
+                go = goes_left(guest.codes[rows, split], left_bins, default_left, cat)
             left, right = self._add(lg_, lh_), self._add(rg_, rh_)
             nodes["left"][v], nodes["right"][v] = left, right
             nodes["owner"][v], nodes["split"][v] = owner, split
             nodes["left_bins"][v], nodes["default_left"][v] = left_bins, default_left
+            nodes["categorical"][v] = owner == GUEST and cat
             self.parent_of[left] = self.parent_of[right] = v
             self.pos[rows] = np.where(go, left, right)
             next_level += [left, right]
@@ -890,6 +971,7 @@ class Grower:
             left_bins=np.asarray(nodes["left_bins"], dtype=np.int64),
             default_left=np.asarray(nodes["default_left"], dtype=bool),
             value=value,
+            categorical=np.asarray(nodes["categorical"], dtype=bool),
         )
         return tree, self.pos
 
@@ -973,8 +1055,8 @@ def _margin(
                     break
                 owner = t.owner[pos]
                 feature = np.where(owner == GUEST, np.maximum(t.split[pos], 0), 0)
-                c = codes[rows, feature]
-                go = np.where(c == MISSING, t.default_left[pos], c < t.left_bins[pos])
+                go = goes_left(codes[rows, feature], t.left_bins[pos], t.default_left[pos],
+                               t.categorical[pos])  # fmt: skip
                 for h in range(1, len(bits_of)):
                     mine = inner & (owner == h)
                     if mine.any():

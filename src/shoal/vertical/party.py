@@ -28,6 +28,9 @@ class PartyData:
     y: np.ndarray | None = None
     # NaN features allowed (trees learn a direction for them); linear models refuse them
     missing_ok: bool = False
+    # columns (by index) holding category codes 0..k-1: this party's own business, which
+    # SecureBoost splits one category against the rest without telling the other parties
+    categorical: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.x.shape[0] != len(self.ids):
@@ -40,6 +43,12 @@ class PartyData:
             raise DataError("features hold NaN or infinite values; impute them first")
         if self.y is not None and len(self.y) != len(self.ids):
             raise DataError("the label column does not match the rows")
+        bad = [j for j in self.categorical if not 0 <= j < self.x.shape[1]]
+        if bad or len(set(self.categorical)) != len(self.categorical):
+            raise DataError(
+                f"categorical columns {list(self.categorical)} must be distinct column indices "
+                f"below {self.x.shape[1]}"
+            )
 
     @classmethod
     def from_columns(
@@ -50,6 +59,7 @@ class PartyData:
         columns: Sequence[str] | None = None,
         y: np.ndarray | None = None,
         missing_ok: bool = False,
+        categorical: Sequence[int] = (),
     ) -> PartyData:
         x = np.asarray(x, dtype=np.float64)
         names = tuple(columns) if columns is not None else tuple(f"x{i}" for i in range(x.shape[1]))
@@ -59,6 +69,7 @@ class PartyData:
             columns=names,
             y=None if y is None else np.asarray(y, dtype=np.float64),
             missing_ok=missing_ok,
+            categorical=tuple(int(j) for j in categorical),
         )
 
     @classmethod
