@@ -353,3 +353,59 @@ def test_node_csvs_coding_their_own_labels_are_refused_unless_declared(tmp_path:
     nodes = [load_csv(tmp_path / f"n{i}.csv", categorical=declared) for i in range(4)]
     model = train_horizontal(_fed(nodes), GBDTParams(n_trees=2), categorical=[2, 3])
     assert model.bins.categorical == (False, False, True, True)
+
+
+@dataclass(frozen=True)
+class CodedNode:
+    """A node whose categorical columns arrive as integer codes with no table (a .npz, or
+    numbers built in Python), declared with their number of categories, or not at all."""
+
+    x: np.ndarray
+    y: np.ndarray
+    category_counts: Mapping[int, int] | None = None
+
+
+def test_integer_coded_columns_declared_without_a_table_must_agree() -> None:
+    """Nodes that declare a different number of categories for a column of integer codes,
+    or that hold codes outside the declared range, are refused by column and node; the
+    error quotes no node's values. Agreeing nodes get one bin per declared category, even
+    one that no node holds."""
+    x, y = categorical_task(n=800)
+    parts = np.array_split(np.random.default_rng(3).permutation(len(x)), 4)
+    counts = {2: 8, 3: 5}  # column 2 has an eighth category that no row holds
+
+    def nodes(odd: int | None = None, odd_counts: Mapping[int, int] | None = None) -> list:
+        return [CodedNode(x[p], y[p], odd_counts if i == odd else counts)
+                for i, p in enumerate(parts)]  # fmt: skip
+
+    model = train_horizontal(_fed(nodes()), GBDTParams(n_trees=2), categorical=[2, 3])
+    assert list(model.bins.n_bins[2:]) == [8, 5]
+    pooled = train(x, y, model.params, bins=model.bins)
+    for ra, rb in zip(model.trees, pooled.trees, strict=True):
+        np.testing.assert_array_equal(ra[0].left, rb[0].left)
+        np.testing.assert_array_equal(ra[0].value, rb[0].value)
+    # n1 declares 6 categories for column 3: refused, named
+    with pytest.raises(DataError, match=r"column 3 is encoded differently.*\['n1'\]"):
+        train_horizontal(_fed(nodes(1, {2: 8, 3: 6})), GBDTParams(n_trees=1), categorical=[2, 3])
+    # n2 declares nothing where the others declare: refused, named
+    with pytest.raises(DataError, match=r"column 2 is encoded differently.*\['n2'\]"):
+        train_horizontal(_fed(nodes(2, {3: 5})), GBDTParams(n_trees=1), categorical=[2, 3])
+    # every node declares 4 categories for column 2, but n0..n3 hold codes up to 6
+    with pytest.raises(DataError, match=r"column 2 is declared with 4 categories") as caught:
+        bad = [CodedNode(n.x, n.y, {2: 4, 3: 5}) for n in nodes()]
+        train_horizontal(_fed(bad), GBDTParams(n_trees=1), categorical=[2, 3])
+    assert "['n0', 'n1', 'n2', 'n3']" in str(caught.value)
+    # one node's codes shifted by one (1..7 where the others use 0..6): it alone is named,
+    # and none of its values (nor its range) appears in the error
+    shifted = nodes()
+    moved = shifted[3].x.copy()
+    moved[:, 2] += 1
+    shifted[3] = CodedNode(moved, shifted[3].y, {2: 7, 3: 5})
+    for i in range(3):
+        shifted[i] = CodedNode(shifted[i].x, shifted[i].y, {2: 7, 3: 5})
+    with pytest.raises(DataError, match=r"declared with 7 categories.*\['n3'\]") as caught:
+        train_horizontal(_fed(shifted), GBDTParams(n_trees=1), categorical=[2, 3])
+    detail = str(caught.value)
+    assert "7.0" not in detail and "8" not in detail
+    with pytest.raises(DataError, match="must be an integer >= 2"):
+        train_horizontal(_fed(nodes(0, {2: 1})), GBDTParams(n_trees=1), categorical=[2])

@@ -77,22 +77,38 @@ def _range(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
         # other categories, or in another order, disagree here (values alone cannot tell)
         raw = "\x00".join(str(n) for n in names).encode()
         out["columns"] = np.frombuffer(hashlib.sha256(raw).digest(), dtype=np.uint8)
-    out["categories"] = _category_digests(ctx.data, x.shape[1])
+    out["categories"], out["category_counts"] = _category_digests(ctx.data, x.shape[1])
     return out
 
 
-def _category_digests(data: Any, d: int) -> np.ndarray:
+def _category_digests(data: Any, d: int) -> tuple[np.ndarray, np.ndarray]:
     """(features, 32) uint8: SHA-256 of each categorical column's category -> code table
     (zeros for other columns), so nodes that code a column's categories differently are
-    caught before training (the codes alone cannot tell: 2 may be "red" here, "blue" there)."""
+    caught before training (the codes alone cannot tell: 2 may be "red" here, "blue" there).
+    A column of integer codes declared with only its number of categories
+    (``data.category_counts``: column name or index -> k) gets a digest of that number.
+    Also each column's declared number of categories (0: none declared)."""
     out = np.zeros((d, 32), dtype=np.uint8)
-    names = getattr(data, "feature_names", None)
+    counts = np.zeros(d, dtype=np.int64)
+    names = tuple(getattr(data, "feature_names", None) or ())
     categories = getattr(data, "categories", None) or {}
-    for j, name in enumerate(names or ()):
-        if name in categories and j < d:
+    for j, name in enumerate(names[:d]):
+        if name in categories:
             raw = "\x00".join(f"{code}={c}" for code, c in enumerate(categories[name]))
             out[j] = np.frombuffer(hashlib.sha256(raw.encode()).digest(), dtype=np.uint8)
-    return out
+            counts[j] = len(categories[name])
+    for column, k in dict(getattr(data, "category_counts", None) or {}).items():
+        j = names.index(column) if column in names else column
+        if isinstance(j, bool) or not isinstance(j, (int, np.integer)) or not 0 <= j < d:
+            raise DataError(f"category_counts names {column!r}, which is not a feature here")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+            raise DataError(f"category_counts[{column!r}] must be an integer >= 2, got {k!r}")
+        if counts[j]:
+            raise DataError(f"column {column!r} has both a category table and a count")
+        raw = f"{int(k)} integer codes"
+        out[j] = np.frombuffer(hashlib.sha256(raw.encode()).digest(), dtype=np.uint8)
+        counts[j] = int(k)
+    return out, counts
 
 
 def _sketch(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +234,7 @@ def horizontal_tasks(*, secure: bool = True) -> dict[str, TaskSpec]:
                 "features": "clear",
                 "columns": "clear",
                 "categories": "clear",
+                "category_counts": "clear",
             },
         ),
         SKETCH_TASK: TaskSpec(_sketch, release={"counts": summed}),
@@ -371,6 +388,7 @@ def federated_bins(
             "another order at some node would silently mix features"
         )
     _same_categories(replies, int(common or 0), feature_names)
+    declared = _declared_counts(replies, int(common or 0))
     low = np.nanmin(np.stack([np.asarray(r["low"], np.float64) for r in replies.values()]), 0)
     high = np.nanmax(np.stack([np.asarray(r["high"], np.float64) for r in replies.values()]), 0)
     flags = categorical_mask(categorical, len(low))
@@ -389,6 +407,9 @@ def federated_bins(
         return bins
     cuts = list(bins.cuts)
     for j in (int(i) for i in np.flatnonzero(flags)):
+        if declared[j]:
+            cuts[j] = _declared_cuts(j, int(declared[j]), replies, max_bins, feature_names)
+            continue
         if not (low[j] >= 0 and high[j] == np.round(high[j])):
             raise DataError(
                 f"categorical column {_column(j, feature_names)} holds values from {low[j]} to "
@@ -401,6 +422,46 @@ def federated_bins(
             )
         cuts[j] = category_cuts(int(high[j]) + 1)
     return Bins(cuts=tuple(cuts), categorical=flags)
+
+
+def _declared_counts(replies: Mapping[str, Mapping[str, Any]], d: int) -> np.ndarray:
+    """Each column's declared number of categories (0: none); the nodes agree on it, as
+    their digests (checked first) include it."""
+    counts = [np.asarray(r.get("category_counts", np.zeros(d)), np.int64) for r in replies.values()]
+    if any(c.shape != (d,) or (c < 0).any() for c in counts):
+        raise ProtocolError(f"{RANGE_TASK}: a node sent malformed category counts")
+    out: np.ndarray = np.max(np.stack(counts), axis=0) if counts else np.zeros(d, np.int64)
+    return out
+
+
+def _declared_cuts(
+    j: int,
+    k: int,
+    replies: Mapping[str, Mapping[str, Any]],
+    max_bins: int,
+    names: Sequence[str] | None,
+) -> np.ndarray:
+    """One bin per declared category, all ``k`` of them (a category no node holds keeps its
+    code); a node holding codes outside ``0..k-1`` is refused by name, its values unquoted."""
+    odd = []
+    for node, r in replies.items():
+        low, high = float(np.asarray(r["low"])[j]), float(np.asarray(r["high"])[j])
+        if not np.isnan(high) and not (low >= 0 and high < k):  # NaN: no value at that node
+            odd.append(node)
+    odd.sort()
+    if odd:
+        raise DataError(
+            f"categorical column {_column(j, names)} is declared with {k} categories (codes "
+            f"0..{k - 1}), but node(s) {odd} hold codes outside that range: those nodes code "
+            "its categories differently (or more of them); re-encode their column or declare "
+            "its categories in the job file"
+        )
+    if k > max_bins:
+        raise DataError(
+            f"categorical column {_column(j, names)} is declared with {k} categories: more "
+            f"than max_bins = {max_bins} (one bin each)"
+        )
+    return category_cuts(k)
 
 
 def _column(j: int, names: Sequence[str] | None) -> str:
@@ -428,7 +489,8 @@ def _same_categories(
         raise DataError(
             f"categorical column {_column(j, names)} is encoded differently across nodes: "
             f"node(s) {odd} map its categories to codes differently from {sorted(ranked[0])} "
-            "(or hold it as numbers where the others hold categories); declare the "
+            "(another category table or number of categories, or none declared where the "
+            "others declare one); declare the "
             "categories in the job file ([model] categories = {column = [...]}) so that "
             "every node uses the same codes"
         )
