@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from shoal.trees import MISSING, Bins, Booster, GBDTParams, Tree
+from shoal.trees.split import set_members
 
 
 def xgboost_on_codes(x: np.ndarray, y: np.ndarray, params: GBDTParams, bins: Bins) -> Any:
@@ -40,8 +41,10 @@ def xgboost_on_codes(x: np.ndarray, y: np.ndarray, params: GBDTParams, bins: Bin
     if objective.startswith("multi"):
         xp["num_class"] = params.num_class
     if categorical.any():
-        # one category against the rest: XGBoost's one-hot splits for every category count
-        xp["max_cat_to_onehot"] = 257
+        # one category against the rest below max_cat_to_onehot categories (shoal's
+        # default: every count), a set of categories from there on
+        xp["max_cat_to_onehot"] = params.max_cat_to_onehot
+        xp["max_cat_threshold"] = params.max_cat_threshold
         types = ["c" if c else "q" for c in categorical]
         dm = xgb.DMatrix(
             codes, label=y, missing=np.nan, feature_types=types, enable_categorical=True
@@ -76,9 +79,11 @@ def assert_same_tree(mine: Tree, theirs: dict[str, Any], n_bins: np.ndarray) -> 
             np.testing.assert_allclose(mine.value[i], cond[i], rtol=1e-5, atol=1e-7)
         elif kinds[i] == 1:
             # XGBoost sends the node's categories right; shoal's one category is left_bins
-            got = (int(mine.feature[i]), [int(mine.left_bins[i])], bool(mine.default_left[i]))
+            members = set_members(mine.category_set[i])
+            assert int(mine.left_bins[i]) == members[0], f"node {i}"
+            got = (int(mine.feature[i]), members, bool(mine.default_left[i]))
             assert bool(mine.categorical[i]), f"node {i}: XGBoost's split is categorical"
-            assert got == (feat[i], sets[i], bool(dl[i])), f"node {i}"
+            assert got == (feat[i], sorted(sets[i]), bool(dl[i])), f"node {i}"
         else:
             assert not mine.categorical[i], f"node {i}: XGBoost's split is numerical"
             # XGBoost splits at "x < cut"; on codes the cut is the number of left bins

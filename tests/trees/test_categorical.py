@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from shoal.errors import ConfigError, DataError
 from shoal.runtime import LocalEngine, NodeApp
 from shoal.trees import MISSING, GBDTParams, fit_bins, train
 from shoal.trees.bins import category_cuts
+from shoal.trees.export import load_model, save_model, save_xgboost
 from shoal.trees.horizontal import SETUP_TASK, horizontal_tasks, train_horizontal
-from shoal.trees.split import RT_EPS, WIDTH, best_splits, node_gain
+from shoal.trees.split import RT_EPS, WIDTH, best_splits, node_gain, set_members
 
 
 def categorical_task(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -409,3 +411,56 @@ def test_integer_coded_columns_declared_without_a_table_must_agree() -> None:
     assert "7.0" not in detail and "8" not in detail
     with pytest.raises(DataError, match="must be an integer >= 2"):
         train_horizontal(_fed(nodes(0, {2: 1})), GBDTParams(n_trees=1), categorical=[2])
+
+
+@pytest.mark.parametrize(
+    ("seed", "threshold", "mcw", "objective"),
+    [(0, 64, 2.0, "binary:logistic"), (1, 3, 0.0, "binary:logistic"),
+     (2, 64, 1.0, "multi:softprob"), (3, 2, 5.0, "binary:logistic")],
+)  # fmt: skip
+def test_partition_splits_match_xgboost_tree_by_tree(
+    xgbc: SimpleNamespace, seed: int, threshold: int, mcw: float, objective: str
+) -> None:
+    """Sets of categories against the rest (XGBoost's default max_cat_to_onehot = 4:
+    both categorical columns, 7 and 5 categories, split by partition), with missing
+    values, a small max_cat_threshold and min_child_weight: every node as XGBoost's."""
+    x, y = categorical_task(n=1500, seed=seed)
+    extra: dict[str, Any] = {}
+    if objective == "multi:softprob":
+        y = np.where(np.nan_to_num(x[:, 3]) >= 3, 2.0, y)
+        extra = {"objective": objective, "num_class": 3}
+    params = GBDTParams(n_trees=6, max_depth=4, min_child_weight=mcw, max_cat_to_onehot=4,
+                        max_cat_threshold=threshold, **extra)  # fmt: skip
+    bins = fit_bins(x, max_bins=256, categorical=[2, 3])
+    mine = train(x, y, params, bins=bins)
+    xgbc.assert_same_model(mine, xgbc.xgboost_on_codes(x, y, params, bins))
+    sizes = [
+        len(set_members(t.category_set[v]))
+        for r in mine.trees for t in r for v in np.flatnonzero(t.categorical & (t.left >= 0))
+    ]  # fmt: skip
+    assert max(sizes) >= 2  # set splits, not only one category
+
+
+def test_partition_models_export_to_xgboost_and_predict_the_same(tmp_path: Path) -> None:
+    xgb = pytest.importorskip("xgboost")
+    x, y = categorical_task(n=1000, seed=4)
+    params = GBDTParams(n_trees=4, max_depth=3, max_cat_to_onehot=4)
+    mine = train(x, y, params, categorical=[2, 3])
+    save_xgboost(mine, tmp_path / "m.json")
+    save_model(mine, tmp_path / "m.shoal.json")
+    theirs = xgb.Booster(model_file=str(tmp_path / "m.json"))
+    dm = xgb.DMatrix(x, feature_types=["q", "q", "c", "c"], enable_categorical=True)
+    np.testing.assert_allclose(theirs.predict(dm), mine.predict(x), rtol=1e-5, atol=1e-6)
+    again = load_model(tmp_path / "m.shoal.json")
+    np.testing.assert_array_equal(again.predict(x), mine.predict(x))
+    # a horizontal federation grows the same set splits as centralized training
+    fed = _fed(_nodes(x, y, 4))
+    federated = train_horizontal(fed, params, categorical=[2, 3])
+    pooled = train(x, y, federated.params, bins=federated.bins)
+    for ra, rb in zip(federated.trees, pooled.trees, strict=True):
+        for name, value in ra[0].to_dict().items():
+            np.testing.assert_array_equal(value, getattr(rb[0], name), err_msg=name)
+    assert any(
+        len(set_members(t.category_set[v])) >= 2
+        for (t,) in federated.trees for v in np.flatnonzero(t.categorical & (t.left >= 0))
+    )  # fmt: skip

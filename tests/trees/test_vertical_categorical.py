@@ -396,3 +396,16 @@ def test_routed_secureboost_with_a_hosts_categorical_columns_equals_centralized(
     assert result.test["digest"] == bytes(digest(predicted)).hex()
     # the coordinator's messages never name a categorical column
     assert not any("categor" in str(k) for c in sent if c for k in c)
+
+
+def test_secureboost_refuses_category_set_splits() -> None:
+    from shoal.errors import ConfigError
+    from shoal.trees.secureboost import SecureBoostConfig
+
+    x, y = task(n=100)
+    params = GBDTParams(n_trees=1, max_cat_to_onehot=4)
+    with pytest.raises(ConfigError, match="category-set splits"):
+        GuestParty(x=x[:, :GUEST_COLS], y=y, params=params, key_bits=KEY_BITS,
+                   insecure_keys=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="category-set splits"):
+        SecureBoostConfig(params=params, key_bits=KEY_BITS, insecure_test_keys=True)

@@ -17,6 +17,7 @@ from shoal.trees.bins import Bins
 from shoal.trees.booster import Booster
 from shoal.trees.objective import base_margin
 from shoal.trees.params import GBDTParams
+from shoal.trees.split import set_members
 from shoal.trees.tree import Tree
 
 __all__ = ["FORMAT", "load_model", "save_model", "save_xgboost", "to_xgboost_json"]
@@ -33,23 +34,25 @@ def _xgb_tree(tree: Tree, bins: Bins, index: int) -> dict[str, Any]:
     parents[tree.right[inner]] = inner
     conditions = []
     cat_nodes: list[int] = []
+    cat_sets: list[list[int]] = []
     for v in range(n):
         if tree.left[v] < 0:
             conditions.append(float(tree.value[v]))
             continue
         if tree.categorical[v]:
-            # XGBoost's categorical split: the node's category set (one category) goes right
+            # XGBoost's categorical split: the node's category set goes right
             cat_nodes.append(v)
+            cat_sets.append(set_members(tree.category_set[v]))
             conditions.append(float(tree.left_bins[v]))
             continue
         t = bins.threshold(int(tree.feature[v]), int(tree.left_bins[v]))
         conditions.append(float(np.clip(t, -_BIG, _BIG)))
     return {
         "base_weights": [float(v) for v in tree.value],
-        "categories": [int(tree.left_bins[v]) for v in cat_nodes],
+        "categories": [c for members in cat_sets for c in members],
         "categories_nodes": cat_nodes,
-        "categories_segments": list(range(len(cat_nodes))),
-        "categories_sizes": [1] * len(cat_nodes),
+        "categories_segments": [int(x) for x in np.cumsum([0, *map(len, cat_sets)])[:-1]],
+        "categories_sizes": [len(members) for members in cat_sets],
         "default_left": [int(d) for d in tree.default_left],
         "id": index,
         "left_children": [int(c) for c in tree.left],
@@ -72,7 +75,7 @@ def _xgb_tree(tree: Tree, bins: Bins, index: int) -> dict[str, Any]:
 def to_xgboost_json(booster: Booster) -> dict[str, Any]:
     """The model in XGBoost's JSON format (``xgboost.Booster(model_file=...)`` loads it).
 
-    Categorical columns become one-category splits; XGBoost then predicts from a DMatrix
+    Categorical columns become category-set splits; XGBoost then predicts from a DMatrix
     built with ``enable_categorical=True`` whose categorical columns hold the codes."""
     params = booster.params
     flat = [t for round_trees in booster.trees for t in round_trees]

@@ -62,6 +62,12 @@ class GBDTParams:
     ``2**-fixed_point_bits`` before it enters a histogram: sums of such numbers are exact in
     float64, so they do not depend on how rows are split across parties or in what order
     they are added (federated training uses it; see docs/trees.md).
+
+    A categorical feature with fewer than ``max_cat_to_onehot`` categories splits one
+    category against the rest; one with more splits a set of categories against the rest,
+    found as XGBoost finds it (categories sorted by weight, at most ``max_cat_threshold``
+    deep). The default, above any category count, always splits one category (XGBoost's
+    own default is 4).
     """
 
     objective: str = "binary:logistic"
@@ -78,6 +84,8 @@ class GBDTParams:
     base_score: float | None = None
     seed: int = 0
     fixed_point_bits: int | None = None
+    max_cat_to_onehot: int = MAX_BINS + 1
+    max_cat_threshold: int = 64
 
     def __post_init__(self) -> None:
         objective = _OBJECTIVE_ALIASES.get(self.objective, self.objective)
@@ -108,6 +116,14 @@ class GBDTParams:
                 )
         if self.fixed_point_bits is not None:
             _int("fixed_point_bits", self.fixed_point_bits, 8, 40)
+        _int("max_cat_to_onehot", self.max_cat_to_onehot, 1, MAX_BINS + 1)
+        _int("max_cat_threshold", self.max_cat_threshold, 1, MAX_BINS)
+
+    @property
+    def partition_splits(self) -> bool:
+        """Whether some categorical feature (at most ``max_bins`` categories) may split a
+        set of categories rather than one."""
+        return self.max_cat_to_onehot <= self.max_bins
 
     @property
     def outputs(self) -> int:

@@ -41,7 +41,14 @@ from shoal.runtime import TaskContext, TaskSpec
 from shoal.trees.objective import predict_from_margin
 from shoal.trees.params import GBDTParams
 from shoal.trees.resume import load_margin, load_records, load_round, save_records, save_round
-from shoal.trees.vertical import Boosting, GuestParty, HostParty, VerticalModel, _margin
+from shoal.trees.vertical import (
+    Boosting,
+    GuestParty,
+    HostParty,
+    VerticalModel,
+    _margin,
+    _one_category_only,
+)
 from shoal.vertical.checkpoint import Checkpoints, MemoryCheckpoints, check_run
 from shoal.vertical.job import VerticalJob
 from shoal.vertical.model import held_out_rows
@@ -91,6 +98,7 @@ class SecureBoostConfig:
                 f"key_bits={self.key_bits} is too short; use >= 2048 "
                 "(or insecure_test_keys for tests)"
             )
+        _one_category_only(self.params)
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         if self.min_overlap < 1 or self.max_retries < 0:

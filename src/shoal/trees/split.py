@@ -21,10 +21,48 @@ import numpy as np
 from shoal.trees.bins import MISSING
 from shoal.trees.params import GBDTParams
 
-__all__ = ["RT_EPS", "WIDTH", "Splits", "best_splits", "leaf_weight", "node_gain"]
+__all__ = [
+    "RT_EPS",
+    "SET_WORDS",
+    "WIDTH",
+    "Splits",
+    "best_splits",
+    "in_set",
+    "leaf_weight",
+    "node_gain",
+    "one_category",
+    "set_members",
+]
 
 WIDTH = MISSING + 1  # histogram slots per feature: 256 bins and the missing slot
 RT_EPS = 1e-6  # XGBoost's kRtEps: a split must gain more than this
+
+
+SET_WORDS = MISSING // 64  # a set of categories: one bit per code, 4 x 64 bits
+
+
+def one_category(codes: np.ndarray) -> np.ndarray:
+    """Sets of shape (len(codes), SET_WORDS) holding one category each (none where < 0)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    out = np.zeros((len(codes), SET_WORDS), dtype=np.uint64)
+    rows = np.flatnonzero((codes >= 0) & (codes < MISSING))
+    bits = np.left_shift(np.uint64(1), (codes[rows] % 64).astype(np.uint64))
+    out[rows, codes[rows] // 64] = bits
+    return out
+
+
+def in_set(sets: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Whether each ``codes[i]`` is in ``sets[i]`` (False for MISSING)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    word = np.minimum(codes // 64, SET_WORDS - 1)
+    bits = sets[np.arange(len(codes)), word] >> (codes % 64).astype(np.uint64)
+    out: np.ndarray = ((bits & np.uint64(1)) == 1) & (codes < MISSING)
+    return out
+
+
+def set_members(words: np.ndarray) -> list[int]:
+    """The categories of one set, ascending."""
+    return [64 * w + b for w in range(SET_WORDS) for b in range(64) if (int(words[w]) >> b) & 1]
 
 
 @dataclass(frozen=True)
@@ -39,7 +77,8 @@ class Splits:
     left_h: np.ndarray
     right_g: np.ndarray
     right_h: np.ndarray
-    categorical: np.ndarray  # the split sends one category (left_bins) right
+    categorical: np.ndarray  # the split sends the categories in category_set right
+    category_set: np.ndarray  # (nodes, SET_WORDS) bits; left_bins is its lowest category
 
 
 def node_gain(g: np.ndarray, h: np.ndarray, reg_lambda: float) -> np.ndarray:
@@ -116,9 +155,13 @@ def best_splits(
 
     use_backward = b_gain > np.maximum(f_gain, 0.0)
     feat_gain = np.where(use_backward, b_gain, f_gain)
-    one_hot = _one_hot(bins_g, bins_h, tg, th, root, real, features, cat, params)
+    part = cat & (np.asarray(n_bins) >= params.max_cat_to_onehot)
+    one_hot = _one_hot(bins_g, bins_h, tg, th, root, real, features, cat & ~part, params)
     if one_hot is not None:
-        feat_gain = np.where(cat[None, :], one_hot[0], feat_gain)
+        feat_gain = np.where((cat & ~part)[None, :], one_hot[0], feat_gain)
+    sets = _partition(bins_g, bins_h, tg, th, root, n_bins, features, part, params)
+    for j, found in sets.items():
+        feat_gain[:, j] = found[0]
     feat_gain = np.where(feat_gain > 0, feat_gain, -np.inf)
     feature = np.argmax(feat_gain, axis=1)  # ties: the lowest feature index
     rows = np.arange(nodes)
@@ -144,6 +187,17 @@ def best_splits(
         left_h = np.where(is_cat, th[:, 0, 0] - c_rh, left_h)
         right_g = np.where(is_cat, c_rg, right_g)
         right_h = np.where(is_cat, c_rh, right_h)
+    category_set = one_category(np.where(is_cat, left_bins, -1))
+    for j, (_, p_left, p_rg, p_rh, p_set) in sets.items():
+        here = feature == j
+        back = np.where(here, p_left, back)
+        right_g = np.where(here, p_rg, right_g)
+        right_h = np.where(here, p_rh, right_h)
+        left_g = np.where(here, tg[:, 0, 0] - p_rg, left_g)
+        left_h = np.where(here, th[:, 0, 0] - p_rh, left_h)
+        category_set[here] = p_set[here]
+        lowest = [set_members(w)[0] if w.any() else 0 for w in p_set]
+        left_bins = np.where(here, np.asarray(lowest, dtype=np.int64), left_bins)
     return Splits(
         gain=np.where(np.isfinite(best), best, 0.0).astype(np.float64),
         feature=feature.astype(np.int64),
@@ -154,7 +208,62 @@ def best_splits(
         right_g=right_g,
         right_h=right_h,
         categorical=is_cat,
+        category_set=category_set,
     )
+
+
+def _partition(
+    bins_g: np.ndarray,
+    bins_h: np.ndarray,
+    tg: np.ndarray,
+    th: np.ndarray,
+    root: np.ndarray,
+    n_bins: np.ndarray,
+    features: np.ndarray,
+    part: np.ndarray,
+    params: GBDTParams,
+) -> dict[int, tuple[np.ndarray, ...]]:
+    """A set of categories against the rest, as XGBoost's ``EnumeratePart`` finds it, for
+    each feature in ``part``: the categories stably sorted by their weight (float32, 0
+    below ``min_child_weight``), then a forward scan (a growing prefix of that order right,
+    missing values left) and a backward scan (a growing suffix left with the missing
+    values, the rest right), each at most ``max_cat_threshold`` categories deep; the first
+    maximum wins. Per feature: gain, default_left, right g, right h and the set, per node."""
+    mcw, lam = params.min_child_weight, params.reg_lambda
+    out: dict[int, tuple[np.ndarray, ...]] = {}
+    total_g, total_h = tg[:, 0, 0], th[:, 0, 0]
+    node_root = root[:, 0, 0]
+    for j in np.flatnonzero(part & np.asarray(features, dtype=bool)).tolist():
+        k = int(n_bins[j])
+        steps = min(params.max_cat_threshold, k) - 1
+        g, h = bins_g[:, j, :k], bins_h[:, j, :k]
+        order = np.argsort(leaf_weight(g, h, params), axis=1, kind="stable")
+        sg, sh = np.take_along_axis(g, order, 1), np.take_along_axis(h, order, 1)
+        # forward: order[:i+1] right; backward: order[k-1-i:] left, so order[:k-1-i] right
+        f_rg, f_rh = np.cumsum(sg, 1)[:, :steps], np.cumsum(sh, 1)[:, :steps]
+        b_lg, b_lh = np.cumsum(sg[:, ::-1], 1)[:, :steps], np.cumsum(sh[:, ::-1], 1)[:, :steps]
+        rg = np.concatenate([f_rg, total_g[:, None] - b_lg], axis=1)
+        rh = np.concatenate([f_rh, total_h[:, None] - b_lh], axis=1)
+        lg, lh = total_g[:, None] - rg, total_h[:, None] - rh
+        ok = (lh >= mcw) & (rh >= mcw)
+        gain = np.where(ok, _scan_gain(lg, lh, rg, rh, node_root[:, None], lam), -np.inf)
+        at = np.argmax(gain, axis=1) if gain.shape[1] else np.zeros(len(g), np.int64)
+        rows = np.arange(len(g))
+        best = gain[rows, at] if gain.shape[1] else np.full(len(g), -np.inf)
+        forward = at < steps
+        size = np.where(forward, at + 1, k - 1 - (at - steps))  # categories right
+        sets = np.zeros((len(g), SET_WORDS), dtype=np.uint64)
+        for i in range(len(g)):
+            members = order[i, : size[i]]
+            np.bitwise_or.at(
+                sets[i],
+                members // 64,
+                np.left_shift(np.uint64(1), (members % 64).astype(np.uint64)),
+            )
+        pick_g = rg[rows, at] if gain.shape[1] else np.zeros(len(g))
+        pick_h = rh[rows, at] if gain.shape[1] else np.zeros(len(g))
+        out[j] = (best, forward, pick_g, pick_h, sets)
+    return out
 
 
 def _one_hot(

@@ -17,7 +17,15 @@ import numpy as np
 from shoal.errors import DataError
 from shoal.trees.bins import MISSING
 from shoal.trees.params import GBDTParams
-from shoal.trees.split import RT_EPS, WIDTH, best_splits, leaf_weight
+from shoal.trees.split import (
+    RT_EPS,
+    SET_WORDS,
+    WIDTH,
+    best_splits,
+    in_set,
+    leaf_weight,
+    one_category,
+)
 
 __all__ = [
     "HistogramSource",
@@ -40,6 +48,7 @@ _FIELDS = (
     "sum_g",
     "sum_h",
     "categorical",
+    "category_set",
 )
 
 
@@ -48,7 +57,8 @@ class Tree:
     """Node arrays: children (-1 at leaves), split (feature, ``code < left_bins`` goes left,
     missing goes left iff ``default_left``), leaf ``value`` (learning rate applied) and the
     node's gradient sums (``sum_h`` is XGBoost's cover). At a ``categorical`` split the
-    category ``left_bins`` goes right and every other category left."""
+    categories in ``category_set`` (bits, shape (nodes, SET_WORDS)) go right and every
+    other category left; ``left_bins`` is then the lowest of them."""
 
     left: np.ndarray
     right: np.ndarray
@@ -59,6 +69,7 @@ class Tree:
     sum_g: np.ndarray
     sum_h: np.ndarray
     categorical: np.ndarray
+    category_set: np.ndarray
 
     @property
     def n_nodes(self) -> int:
@@ -102,11 +113,16 @@ class Tree:
                     data.get("categorical", np.zeros(len(data["left"]), dtype=bool)), dtype=bool
                 ),
             }
-        except (KeyError, TypeError, ValueError) as exc:
+            # files from before set splits: a categorical split's set is its one category
+            default = one_category(np.where(arrays["categorical"], arrays["left_bins"], -1))
+            sets = np.asarray(data.get("category_set", default), dtype=np.uint64)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise DataError(f"malformed tree: {exc}") from None
         n = len(arrays["left"])
         if n == 0 or any(a.shape != (n,) for a in arrays.values()):
             raise DataError("malformed tree: node arrays must be 1-D and of equal length")
+        if sets.shape != (n, SET_WORDS):
+            raise DataError(f"malformed tree: category_set must have {SET_WORDS} words a node")
         left, right = arrays["left"], arrays["right"]
         inner = left >= 0
         ids = np.arange(n)
@@ -125,7 +141,7 @@ class Tree:
             raise DataError("malformed tree: a split names a feature out of range")
         if ((arrays["left_bins"][inner] < 0) | (arrays["left_bins"][inner] > MISSING)).any():
             raise DataError("malformed tree: a split's bin is out of range")
-        return cls(**arrays)
+        return cls(**arrays, category_set=sets)
 
 
 def pack_trees(trees: Sequence[Tree], prefix: str) -> dict[str, np.ndarray]:
@@ -146,11 +162,15 @@ def unpack_trees(
         raise DataError(f"malformed trees under {prefix!r}")
     bounds = np.cumsum(sizes)[:-1]
     columns = {}
+    total = int(sizes.sum())
+    defaults = {  # trees without categorical splits may leave their flags and sets out
+        "categorical": np.zeros(total, bool),
+        "category_set": np.zeros((total, SET_WORDS), np.uint64),
+    }
     for name in _FIELDS:
-        # trees without categorical splits may leave their flags out
-        default: Any = np.zeros(int(sizes.sum()), bool) if name == "categorical" else []
-        column = np.asarray(payload.get(f"{prefix}/{name}", default))
-        if column.shape != (int(sizes.sum()),):
+        column = np.asarray(payload.get(f"{prefix}/{name}", defaults.get(name, [])))
+        shape = (total, SET_WORDS) if name == "category_set" else (total,)
+        if column.shape != shape:
             raise DataError(f"malformed trees under {prefix!r}: {name} has the wrong length")
         columns[name] = np.split(column, bounds)
     return [
@@ -159,12 +179,16 @@ def unpack_trees(
     ]
 
 
-def goes_left(code: Any, left_bins: Any, default_left: Any, categorical: Any) -> np.ndarray:
+def goes_left(
+    code: Any, left_bins: Any, default_left: Any, categorical: Any, *, right: Any = None
+) -> np.ndarray:
     """Which rows with bin ``code`` a split sends left (arrays broadcast): ``code <
-    left_bins``, or at a categorical split every category but ``left_bins``; missing
-    values go left iff ``default_left``."""
+    left_bins``, or at a categorical split every category but ``left_bins`` (or, given
+    ``right``, every category not marked in it); missing values go left iff
+    ``default_left``."""
     code = np.asarray(code)
-    split = np.where(categorical, code != left_bins, code < left_bins)
+    right = code == left_bins if right is None else right
+    split = np.where(categorical, ~np.asarray(right, dtype=bool), code < left_bins)
     out: np.ndarray = np.where(code == MISSING, default_left, split)
     return out
 
@@ -176,7 +200,10 @@ def advance(tree: Tree, codes: np.ndarray, pos: np.ndarray) -> bool:
         return False
     node = pos[at_split]
     code = codes[at_split, tree.feature[node]]
-    go_left = goes_left(code, tree.left_bins[node], tree.default_left[node], tree.categorical[node])
+    go_left = goes_left(
+        code, tree.left_bins[node], tree.default_left[node], tree.categorical[node],
+        right=in_set(tree.category_set[node], code),
+    )  # fmt: skip
     pos[at_split] = np.where(go_left, tree.left[node], tree.right[node])
     return True
 
@@ -222,7 +249,8 @@ class _Builder:
         self.add(root_g, root_h)
 
     def add(self, g: float, h: float) -> int:
-        for name, value in zip(_FIELDS, (-1, -1, 0, 0, False, 0.0, g, h, False)):
+        empty = np.zeros(SET_WORDS, dtype=np.uint64)
+        for name, value in zip(_FIELDS, (-1, -1, 0, 0, False, 0.0, g, h, False, empty)):
             self.rows[name].append(value)
         return len(self.rows["left"]) - 1
 
@@ -238,6 +266,7 @@ class _Builder:
             sum_g=np.asarray(r["sum_g"], dtype=np.float64),
             sum_h=np.asarray(r["sum_h"], dtype=np.float64),
             categorical=np.asarray(r["categorical"], dtype=bool),
+            category_set=np.asarray(r["category_set"], dtype=np.uint64).reshape(-1, SET_WORDS),
         )
 
 
@@ -303,6 +332,7 @@ def grow_tree(
             r["left_bins"][n] = int(splits.left_bins[i])
             r["default_left"][n] = bool(splits.default_left[i])
             r["categorical"][n] = bool(splits.categorical[i])
+            r["category_set"][n] = splits.category_set[i]
             parent_of[left] = parent_of[right] = n
             next_level += [left, right]
         level = next_level

@@ -377,6 +377,18 @@ class HostParty:
         ]
 
 
+def _one_category_only(params: GBDTParams) -> None:
+    """SecureBoost splits a category against the rest: a set split would need the guest to
+    sort a host's categories by their (decrypted) weights, which would tell it each
+    category's sums."""
+    if params.partition_splits:
+        raise ConfigError(
+            f"max_cat_to_onehot = {params.max_cat_to_onehot} asks for category-set splits, "
+            "which SecureBoost does not make (a host's categories would have to be sorted "
+            "by their gradient sums at the guest); leave max_cat_to_onehot at its default"
+        )
+
+
 def _bins_from(raw: Mapping[str, Any]) -> Bins:
     """A party file's cuts and categorical flags (files from before categories have none)."""
     flags = raw.get("categorical", [])
@@ -566,6 +578,7 @@ class GuestParty:
             )
         if params.fixed_point_bits is None:
             params = GBDTParams(**{**params.to_dict(), "fixed_point_bits": DEFAULT_FIXED_POINT})
+        _one_category_only(params)
         self.params = params
         self.labels = check_labels(y, params)
         if len(self.labels) != len(x):
