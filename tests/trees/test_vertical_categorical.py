@@ -409,3 +409,71 @@ def test_secureboost_refuses_category_set_splits() -> None:
                    insecure_keys=True)  # fmt: skip
     with pytest.raises(ConfigError, match="category-set splits"):
         SecureBoostConfig(params=params, key_bits=KEY_BITS, insecure_test_keys=True)
+
+
+VERTICAL_TOML = """
+[job]
+name = "categories"
+seed = 0
+
+[vertical]
+id_column = "id"
+parties = [
+  { name = "bank", role = "guest", path = "bank.csv", label = "y" },
+  { name = "shop", role = "host", path = "shop.csv" },
+]
+
+[model]
+name = "secureboost"
+n_trees = 3
+max_depth = 3
+max_bins = 16
+categorical = ["region", "product"]
+categories = { product = ["tea", "coffee", "cocoa", "mate", "juice"] }
+
+[crypto]
+key_bits = 512
+"""
+
+
+def _csvs(tmp_path: Path, n: int = 400) -> None:
+    rng = np.random.default_rng(11)
+    regions = np.array(["north", "south", "east", "west"])
+    products = np.array(["tea", "coffee", "cocoa", "mate", "juice"])
+    r, p = rng.integers(0, 4, n), rng.integers(0, 5, n)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    z = a + np.array([1.0, -1.0, 0.5, -0.5])[r] + np.array([0.0, 2.0, -2.0, 1.0, -1.0])[p]
+    y = (z + rng.normal(size=n) > 0).astype(int)
+    missing = rng.random(n) < 0.1
+    bank = ["id,a,region,y"] + [f"u{i},{a[i]:.4f},{regions[r[i]]},{y[i]}" for i in range(n)]
+    shop = ["id,product,b"] + [
+        f"u{i},{'' if missing[i] else products[p[i]]},{b[i]:.4f}" for i in range(n - 7)
+    ]
+    (tmp_path / "bank.csv").write_text("\n".join(bank) + "\n")
+    (tmp_path / "shop.csv").write_text("\n".join(shop) + "\n")
+
+
+def test_a_vertical_toml_names_categorical_columns_and_equals_centralized(tmp_path: Path) -> None:
+    """`shoal run vertical.toml` with a categorical column at each party (labels in the
+    CSVs; one declared in the job, one by the file's sorted labels; missing products): the
+    guest's prediction digest equals centralized training's on the same coded columns."""
+    from shoal.cli.main import main
+    from shoal.trees.secureboost import load_party
+    from shoal.vertical.job import load_vertical_job
+
+    _csvs(tmp_path)
+    (tmp_path / "vertical.toml").write_text(VERTICAL_TOML)
+    job = load_vertical_job(tmp_path / "vertical.toml", insecure_test_keys=True)
+    bank, shop = (load_party(job, p) for p in job.parties)
+    assert bank.categorical == (1,) and shop.categorical == (0,)
+    assert set(np.unique(bank.x[:, 1])) == {0.0, 1.0, 2.0, 3.0}  # east, north, south, west
+    assert np.isnan(shop.x[:, 0]).any() and np.nanmax(shop.x[:, 0]) == 4.0
+    code = main(["run", str(tmp_path / "vertical.toml"), "--insecure-test-keys",
+                 "--json", str(tmp_path / "s.json"), "--quiet"])  # fmt: skip
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0 and summary["identical_predictions"] and summary["auc"] > 0.8
+    # a product the job's list does not have is refused when the party loads its file
+    text = (tmp_path / "shop.csv").read_text().replace(",tea,", ",rooibos,", 1)
+    (tmp_path / "shop.csv").write_text(text)
+    with pytest.raises(DataError, match=r"column 'product' holds a category not in the job's"):
+        load_party(job, job.parties[1])

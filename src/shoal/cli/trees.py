@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shoal.errors import ConfigError
+from shoal.trees.params import declared_categories
 
 if TYPE_CHECKING:
     from shoal.cli.job import JobSpec
@@ -70,39 +71,13 @@ def tree_params(job: JobSpec, classes: int | None) -> GBDTParams:
 def categorical_columns(model: Mapping[str, Any]) -> dict[str, list[str] | None]:
     """``[model] categorical`` (CSV column names) -> each one's declared categories
     (``[model] categories``) or None (each file's own sorted labels), checked."""
-    names = model.get("categorical", [])
-    declared = model.get("categories", {})
-    if "categorical" not in model and "categories" not in model:
-        return {}
-    if model.get("name") != "gbdt":
+    if ("categorical" in model or "categories" in model) and model.get("name") != "gbdt":
         raise ConfigError(
-            "[model] categorical is for gbdt (horizontal) jobs; secureboost does not split "
-            "categories natively yet: one-hot encode those columns"
+            "[model] categorical is for gbdt jobs here; a secureboost job splitting one data "
+            "set's columns does not take it: one-hot encode those columns, or use a "
+            "vertical.toml secureboost job, which does"
         )
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"[model] categorical is a list of CSV column names, got {names!r}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"[model] categorical names a column twice: {names!r}")
-    if not isinstance(declared, Mapping):
-        raise ConfigError("[model] categories is a table: column = [category, ...]")
-    out: dict[str, list[str] | None] = {n: None for n in names}
-    for column, labels in declared.items():
-        if column not in out:
-            raise ConfigError(
-                f"[model] categories lists column {column!r}, which [model] categorical does "
-                "not name"
-            )
-        if (
-            not isinstance(labels, list)
-            or not labels
-            or not all(isinstance(c, str) and c for c in labels)
-            or len(set(labels)) != len(labels)
-        ):
-            raise ConfigError(
-                f"[model] categories.{column} must be a list of distinct non-empty strings"
-            )
-        out[column] = list(labels)
-    return out
+    return declared_categories(model)
 
 
 def categorical_indices(job: JobSpec, feature_names: tuple[str, ...] | None) -> list[int]:

@@ -156,11 +156,13 @@ def serve_party(args: argparse.Namespace) -> int:
     else:
         party = job.party(name)
         role = party.role
-        data = party.load(
-            job.id_column,
-            Path(args.data) if args.data else None,
-            missing_ok=job.model == SECUREBOOST,  # trees learn where missing values go
-        )
+        path = Path(args.data) if args.data else None
+        if job.model == SECUREBOOST:
+            from shoal.trees.secureboost import load_party
+
+            data = load_party(job, party, path)
+        else:
+            data = party.load(job.id_column, path)
     key = load_private_key(args.key)
     node_state, checkpoints = None, None
     if getattr(args, "state", None):

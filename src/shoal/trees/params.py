@@ -13,7 +13,15 @@ from typing import Any
 
 from shoal.errors import ConfigError
 
-__all__ = ["ALIASES", "MAX_BINS", "MAX_DEPTH", "OBJECTIVES", "GBDTParams", "gbdt_params"]
+__all__ = [
+    "ALIASES",
+    "MAX_BINS",
+    "MAX_DEPTH",
+    "OBJECTIVES",
+    "GBDTParams",
+    "declared_categories",
+    "gbdt_params",
+]
 
 MAX_BINS = 256  # bin codes fit one byte; more bins buy little for boosting
 MAX_DEPTH = 12  # 4096 leaves per tree; deeper trees make level histograms explode
@@ -173,3 +181,36 @@ def _float(
     if value < low or value > high or (open_low and value == low):
         bound = "(" if open_low else "["
         raise ConfigError(f"{name} must be in {bound}{low}, {high}], got {value}")
+
+
+def declared_categories(model: Mapping[str, Any]) -> dict[str, list[str] | None]:
+    """``[model] categorical`` (CSV column names) -> each one's declared categories
+    (``[model] categories``) or None (each file's own sorted labels), checked."""
+    names = model.get("categorical", [])
+    declared = model.get("categories", {})
+    if "categorical" not in model and "categories" not in model:
+        return {}
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"[model] categorical is a list of CSV column names, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"[model] categorical names a column twice: {names!r}")
+    if not isinstance(declared, Mapping):
+        raise ConfigError("[model] categories is a table: column = [category, ...]")
+    out: dict[str, list[str] | None] = {n: None for n in names}
+    for column, labels in declared.items():
+        if column not in out:
+            raise ConfigError(
+                f"[model] categories lists column {column!r}, which [model] categorical does "
+                "not name"
+            )
+        if (
+            not isinstance(labels, list)
+            or not labels
+            or not all(isinstance(c, str) and c for c in labels)
+            or len(set(labels)) != len(labels)
+        ):
+            raise ConfigError(
+                f"[model] categories.{column} must be a list of distinct non-empty strings"
+            )
+        out[column] = list(labels)
+    return out

@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from shoal.crypto import keys
 from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError, ShoalError
 from shoal.runtime import TaskContext, TaskSpec
 from shoal.trees.objective import predict_from_margin
-from shoal.trees.params import GBDTParams
+from shoal.trees.params import GBDTParams, declared_categories
 from shoal.trees.resume import load_margin, load_records, load_round, save_records, save_round
 from shoal.trees.vertical import (
     Boosting,
@@ -50,7 +51,7 @@ from shoal.trees.vertical import (
     _one_category_only,
 )
 from shoal.vertical.checkpoint import Checkpoints, MemoryCheckpoints, check_run
-from shoal.vertical.job import VerticalJob
+from shoal.vertical.job import Party, VerticalJob
 from shoal.vertical.model import held_out_rows
 from shoal.vertical.party import PartyData
 from shoal.vertical.protocol import align, wait_online
@@ -642,7 +643,10 @@ def config_from_job(job: VerticalJob) -> SecureBoostConfig:
     """The job's tree parameters ([model], XGBoost's or LightGBM's names) and crypto."""
     from shoal.trees.params import gbdt_params
 
-    values = {k: v for k, v in dict(job.raw.get("model", {})).items() if k != "name"}
+    model = dict(job.raw.get("model", {}))
+    declared_categories(model)  # checked here; each party codes its own columns on load
+    skip = ("name", "categorical", "categories")
+    values = {k: v for k, v in model.items() if k not in skip}
     values.setdefault("seed", job.config.seed)
     min_overlap = int(dict(job.raw.get("vertical", {})).get("min_overlap", 10))
     return SecureBoostConfig(
@@ -653,6 +657,15 @@ def config_from_job(job: VerticalJob) -> SecureBoostConfig:
         test_fraction=job.config.test_fraction,
         seed=job.config.seed,
     )
+
+
+def load_party(job: VerticalJob, party: Party, path: Path | None = None) -> PartyData:
+    """A party's table for a vertical.toml secureboost job: missing values allowed (trees
+    learn where they go) and the job's categorical columns that are in its file coded."""
+    return party.load(
+        job.id_column, path, missing_ok=True,
+        categorical=declared_categories(dict(job.raw.get("model", {}))),
+    )  # fmt: skip
 
 
 def summarize(job: VerticalJob, result: SecureBoostResult, wall_s: float) -> dict[str, Any]:
@@ -714,7 +727,7 @@ def simulate(job: VerticalJob) -> dict[str, Any]:
     from shoal.runtime.roles import NodeApps
 
     cfg = config_from_job(job)
-    data = {p.name: p.load(job.id_column, missing_ok=True) for p in job.parties}
+    data = {p.name: load_party(job, p) for p in job.parties}
     apps = {}
     for p in job.parties:
         app = NodeApp(max_kept=8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,17 @@ class Party:
     label: str | None = None
 
     def load(
-        self, id_column: str, path: Path | None = None, *, missing_ok: bool = False
+        self,
+        id_column: str,
+        path: Path | None = None,
+        *,
+        missing_ok: bool = False,
+        categorical: Mapping[str, Sequence[str] | None] | None = None,
     ) -> PartyData:
         return PartyData.from_csv(
-            path or self.path, id_column=id_column, label=self.label, missing_ok=missing_ok
-        )
+            path or self.path, id_column=id_column, label=self.label, missing_ok=missing_ok,
+            categorical=categorical,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +80,13 @@ class PartyData:
         id_column: str,
         label: str | None = None,
         missing_ok: bool = False,
+        categorical: Mapping[str, Sequence[str] | None] | None = None,
     ) -> PartyData:
         """Read a party's CSV: the id column, the label (guest) and numeric features (an
-        empty feature field is missing, NaN, where ``missing_ok``)."""
+        empty feature field is missing, NaN, where ``missing_ok``). Columns of this file
+        named in ``categorical`` hold category labels, coded by the list given for the
+        column or else by this file's own sorted labels (a column lives at one party only,
+        so no other party's codes need to agree)."""
         path = Path(path)
         try:
             with path.open(newline="") as fh:
@@ -106,7 +110,16 @@ class PartyData:
         for r, row in enumerate(body):
             if len(row) != len(header):
                 raise DataError(f"{path}: row {r + 2} has {len(row)} fields, not {len(header)}")
+        tables = {
+            c: _category_codes(path, header[i], [row[i] for row in body], categorical[header[i]])
+            for c, i in enumerate(feat)
+            if categorical and header[i] in categorical
+        }
+        for r, row in enumerate(body):
             for c, i in enumerate(feat):
+                if c in tables:
+                    x[r, c] = tables[c](row[i], r, missing_ok)
+                    continue
                 empty = missing_ok and not row[i].strip()
                 x[r, c] = math.nan if empty else _number(row[i], path, header[i], r)
             if y is not None and label_at is not None:
@@ -117,7 +130,30 @@ class PartyData:
             columns=tuple(header[i] for i in feat),
             y=y,
             missing_ok=missing_ok,
+            categorical=tuple(sorted(tables)),
         )
+
+
+def _category_codes(
+    path: Path, column: str, fields: list[str], declared: Sequence[str] | None
+) -> Callable[[str, int, bool], float]:
+    """A field -> code function for one categorical column (empty: missing)."""
+    labels = list(declared) if declared is not None else sorted({f for f in fields if f.strip()})
+    codes = {label: float(k) for k, label in enumerate(labels)}
+
+    def code(text: str, row: int, missing_ok: bool) -> float:
+        if not text.strip():
+            if missing_ok:
+                return math.nan
+            raise DataError(f"{path}: row {row + 2}, column {column!r} is empty")
+        if text not in codes:
+            raise DataError(
+                f"{path}: row {row + 2}, column {column!r} holds a category not in the job's "
+                f"list for it ([model] categories.{column}); add it there"
+            )
+        return codes[text]
+
+    return code
 
 
 def _number(text: str, path: Path, column: str, row: int) -> float:
