@@ -25,7 +25,8 @@ per round); only the order of the steps differs. Hyperparameters are tuned with 
 on a validation split (each role's last ``--val-fraction`` of training windows, in time),
 never on the test split. ``--rounds 150`` is the budget at which FedAvg came within 10% of
 centralized perplexity (median ratio over its last 20 rounds 1.09); ``--training-runs``
-runs one of the three per process, ``--progress`` follows them (docs/text.md's table).
+runs one of them per process, ``--progress`` follows them (docs/text.md's table);
+``fedavgm`` (server momentum ``--momentum``, server lr ``--fedavg-server-lr``) is one of them.
 
     python benchmarks/text_lm.py --json results/text_lm.json
     python benchmarks/text_lm.py --parts training --rounds 150 --lr 6 --progress
@@ -47,7 +48,7 @@ import numpy as np
 from shoal.aggregate import Clip, Mean, Quantize, RandomRotation, TopK
 from shoal.crypto import SecureSum
 from shoal.data import Dataset, load_play
-from shoal.learn import FedAdam, FedAvg, FitConfig, simulate
+from shoal.learn import FedAdam, FedAvg, FedAvgM, FitConfig, simulate
 from shoal.learn.algorithms import scheduled_lr
 from shoal.learn.registry import build_model
 from shoal.runtime import Devices
@@ -167,6 +168,11 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3.0, help="FedAvg's client lr")
     parser.add_argument("--fedadam-lr", type=float, help="FedAdam's client lr (default: --lr)")
     parser.add_argument("--server-lr", type=float, default=0.02, help="FedAdam's")
+    parser.add_argument(
+        "--fedavg-server-lr", type=float, default=1.0, help="FedAvg's and FedAvgM's server lr"
+    )
+    parser.add_argument("--momentum", type=float, default=0.9, help="FedAvgM's server momentum")
+    parser.add_argument("--fedavgm-lr", type=float, help="FedAvgM's client lr (default: --lr)")
     parser.add_argument("--central-lr", type=float, help="centralized SGD's lr (default: --lr)")
     parser.add_argument(
         "--schedule",
@@ -198,7 +204,7 @@ def main() -> int:
     parser.add_argument(
         "--training-runs",
         nargs="+",
-        choices=["fedavg", "fedadam", "centralized"],
+        choices=["fedavg", "fedavgm", "fedadam", "centralized"],
         default=["fedavg", "fedadam", "centralized"],
         help="which runs part 1 makes (long budgets: run them as separate processes)",
     )
@@ -230,6 +236,7 @@ def main() -> int:
         args.parts = ["training"]
     args.fedadam_lr = args.fedadam_lr or args.lr
     args.central_lr = args.central_lr or args.lr
+    args.fedavgm_lr = args.fedavgm_lr or args.lr
     corpus = load_play(path, seq_len=args.seq_len)
     if args.split == "validation":
         nodes, full_test = validation_split(corpus, args.val_fraction)
@@ -355,7 +362,15 @@ def main() -> int:
     chosen = set(args.training_runs) if "training" in args.parts else set()
     if "fedavg" in chosen or "compression" in args.parts:
         print("federated and centralized:")
-        runs["fedavg"] = run("fedavg")
+        runs["fedavg"] = run("fedavg", server_lr=args.fedavg_server_lr)
+    if "fedavgm" in chosen:
+        runs["fedavgm"] = run(
+            "fedavgm",
+            algorithm=FedAvgM,
+            lr=args.fedavgm_lr,
+            server_lr=args.fedavg_server_lr,
+            momentum=args.momentum,
+        )
     if "fedadam" in chosen:
         runs["fedadam"] = run(
             "fedadam", algorithm=FedAdam, lr=args.fedadam_lr, server_lr=args.server_lr
@@ -442,10 +457,11 @@ def per_round_table(runs: dict[str, list[dict[str, Any]]], every: int, per_round
 def summarize(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any]:
     base = runs.get("fedavg")
     summary: dict[str, Any] = {}
-    if {"fedavg", "fedadam", "centralized"} <= set(runs):
+    trained = [n for n in ("fedavg", "fedavgm", "fedadam", "centralized") if n in runs]
+    if "centralized" in runs and len(trained) > 1:
         central = runs["centralized"][-1]
         print(f"\nafter {args.rounds} rounds: {'run':<28} {'accuracy':>9} {'perplexity':>11}")
-        for name in ("fedavg", "fedadam", "centralized"):
+        for name in trained:
             last = runs[name][-1]
             gap = last["perplexity"] / central["perplexity"] - 1
             mean_wall = float(np.median([r["wall_s"] for r in runs[name]]))
@@ -479,7 +495,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any
             f"{'lost (pts)':>10} {'time to ' + format(target, '.3f'):>15}"
         )
         for name, rows in runs.items():
-            if name in ("fedadam", "centralized") or not rows[-1].get("uplink_bytes"):
+            if name in ("fedavgm", "fedadam", "centralized") or not rows[-1].get("uplink_bytes"):
                 continue
             up = float(np.median([r["uplink_bytes"] for r in rows]))
             ratio = float(np.median([r["uplink_bytes"] for r in base])) / up

@@ -241,6 +241,10 @@ def test_invalid_hyper_parameters_are_config_errors() -> None:
         FedAvg(lr=-1.0)
     with pytest.raises(ConfigError):
         simulate(model=model(), nodes=[], algorithm=FedAvg())
+    for momentum in (1.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"fedavgm: momentum must be in \[0, 1\)"):
+            FedAvgM(momentum=momentum)
+    assert FedAvgM(momentum=0.0).momentum == 0.0
 
 
 @settings(max_examples=50, deadline=None)

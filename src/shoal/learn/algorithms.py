@@ -285,6 +285,16 @@ class FedAvgM(Algorithm):
     name: ClassVar[str] = "fedavgm"
     momentum: float = 0.9
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # At 1 or more the velocity never forgets a round's delta and the steps grow
+        # without bound; a negative momentum flips the sign of past deltas.
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(
+                f"{self.name}: momentum must be in [0, 1) (0 is plain FedAvg), got "
+                f"{self.momentum!r}"
+            )
+
     def server_update(
         self, state: ServerState, update: Mapping[str, Weights], *, share: float
     ) -> ServerState:
