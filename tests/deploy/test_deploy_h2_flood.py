@@ -157,8 +157,9 @@ def wait(condition, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
 
 
 class Gauge:
-    """Samples a process's resident memory, threads and relayed connections (those to its
-    loopback gRPC port: every listening port but ``public``) on a thread of its own."""
+    """Samples a process's resident memory, threads and relayed connections (the relay ends
+    bound in gRPC's private directory, or those to a loopback gRPC port: every listening port
+    but ``public``) on a thread of its own."""
 
     def __init__(self, pid: int, public: int) -> None:
         self.process = psutil.Process(pid)
@@ -181,11 +182,29 @@ class Gauge:
             listening = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
             upstream = listening - {self.public}
             relays = sum(1 for c in conns if c.raddr and c.raddr.port in upstream)
+            relays += len(relay_ends(self.process))
             self.relays = max(self.relays, relays)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def grpc_socket(process: psutil.Process) -> Path | None:
+    """The unix socket gRPC listens on inside a coordinator process (transport.py)."""
+    for c in process.net_connections("unix"):
+        if c.laddr and Path(c.laddr).name == "grpc.sock" and "shoal-grpc-" in c.laddr:
+            return Path(c.laddr)
+    return None
+
+
+def relay_ends(process: psutil.Process) -> list[str]:
+    """The relays' own ends of their unix connections to gRPC (named r<N> beside it)."""
+    return [
+        c.laddr
+        for c in process.net_connections("unix")
+        if c.laddr and "shoal-grpc-" in c.laddr and Path(c.laddr).name.startswith("r")
+    ]
 
 
 def free_port() -> int:
@@ -284,3 +303,29 @@ def test_half_open_connections_hold_no_more_relays_than_the_bound(site: Site) ->
     (max_pending 64) for a default one (256), since an empty limiter is falsy."""
     figures = run_flood(site, "halfopen", "--hold", "300", "--sources", "16")
     assert figures["attack"]["connections"] > 64  # type: ignore[index]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_grpc_listens_only_behind_the_front_door(site: Site, tls: bool) -> None:
+    """gRPC's own socket is a unix socket in a 0700 directory, not a loopback TCP port that
+    any local process could flood around the door's limits. Before: a rapid reset on that
+    port (h2attack.py --mode reset, 2 connections) kept a node out for the 30 s it was
+    watched, the coordinator at 55 CPU-s in 33 s. The node still gets in through the door."""
+    coordinator = site.coordinator(tls)
+    process = psutil.Process(coordinator.popen.pid)
+    listening = {
+        c.laddr.port for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN
+    }
+    assert listening == {site.port}, listening  # the data lane is off (--no-data-lane)
+    path = grpc_socket(process)
+    assert path is not None, process.net_connections("unix")
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    site.node(tls)
+    relayed: list[str] = []
+
+    def node_in() -> bool:
+        relayed.extend(relay_ends(process))  # sampled while the node connects (its run is short)
+        return coordinator.has("node(s) connected")
+
+    assert wait(node_in, START_S), site.log("node")
+    assert relayed, "the node's connection is relayed to gRPC's unix socket"

@@ -25,6 +25,9 @@ This class only assembles the parts and runs the gRPC server; each job is a modu
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -131,6 +134,7 @@ class GrpcEngine:
             grace_s=config.pending_grace_s,
         )
         self._door: FrontDoor | None = None
+        self._upstream_dir: str | None = None  # the private directory of gRPC's unix socket
         self._server: grpc.Server | None = None
         self.port = 0
 
@@ -176,26 +180,36 @@ class GrpcEngine:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(_SERVICE, {"Session": handler}),)
         )
-        # gRPC listens on loopback only; nodes reach it through the front door, which first
-        # tells what each connection speaks (transport.py).
+        # Nodes reach gRPC only through the front door, which first tells what each
+        # connection speaks (transport.py). gRPC listens on a unix socket in a directory only
+        # this user can enter: on a loopback TCP port any local process could flood it around
+        # the door's limits (a rapid reset there kept a node out for as long as it ran).
         try:
             host, port = parse_address(config.listen)
         except ProtocolError:
             raise ConfigError(f"listen must be HOST:PORT, got {config.listen!r}") from None
+        path: str | None = None
+        if hasattr(socket, "AF_UNIX"):
+            self._upstream_dir = tempfile.mkdtemp(prefix="shoal-grpc-")  # mode 0700
+            path = os.path.join(self._upstream_dir, "grpc.sock")
+        address = f"unix:{path}" if path is not None else "127.0.0.1:0"
         try:
             if config.tls is not None:
-                upstream = server.add_secure_port("127.0.0.1:0", config.tls.credentials())
+                upstream = server.add_secure_port(address, config.tls.credentials())
             else:
-                upstream = server.add_insecure_port("127.0.0.1:0")
+                upstream = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise TransportError(f"cannot open gRPC's loopback port ({exc})") from None
+            self._remove_upstream_dir()
+            raise TransportError(f"cannot open gRPC's own socket ({exc})") from None
         if not upstream:
-            raise TransportError("cannot open gRPC's loopback port")
+            self._remove_upstream_dir()
+            raise TransportError(f"cannot open gRPC's own socket {address}")
         door = FrontDoor(
             host=host,
             port=port,
             speaks="tls" if config.tls is not None else "plaintext",
-            upstream_port=upstream,
+            upstream_port=upstream if path is None else 0,
+            upstream_path=path,
             mismatch=self._trail.transport_mismatch,
             refused=self._trail.door_refused,
             timeout_s=config.handshake_timeout_s,
@@ -207,6 +221,7 @@ class GrpcEngine:
         except TransportError:
             door.close()
             server.stop(grace=None)
+            self._remove_upstream_dir()
             raise
         self._door = self._streams.door = door.start()
         self._admitted.refresh()
@@ -245,7 +260,13 @@ class GrpcEngine:
         if self._door is not None:
             self._door.close()
             self._door = None
+        self._remove_upstream_dir()
         self._monitor.join(timeout_s=5)
+
+    def _remove_upstream_dir(self) -> None:
+        if self._upstream_dir is not None:
+            shutil.rmtree(self._upstream_dir, ignore_errors=True)
+            self._upstream_dir = None
 
     # -- the Engine contract -----------------------------------------------------------------
 

@@ -51,7 +51,7 @@ class Streams:
         self.lanes = lanes
         self.trail = trail
         self.closing = closing
-        # The front door relays every connection to gRPC on loopback: it knows the real peer.
+        # The front door relays every connection to gRPC's private socket: it knows the peer.
         self.door: FrontDoor | None = None
         self.replies = ReplyReader(max_reply_bytes=config.reply_limit, lanes=lanes, trail=trail)
         # Unauthenticated streams: bounded per address and in total (see limits.py).
@@ -77,7 +77,7 @@ class Streams:
             session.counted = True
         if level is None:
             # Cut for a flood of calls, or not through the front door (a local process on
-            # gRPC's loopback port): either way no node.
+            # gRPC's own socket: a process of this user): either way no node.
             self.trail.rejected(session.peer, _NOT_RELAYED)
             self._close_call(session)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _NOT_RELAYED)

@@ -7,9 +7,14 @@ first bytes of each connection and tells what the peer speaks:
   else, which transport this coordinator speaks (:func:`agree`). The door answers with its own
   line and closes; both sides print one line naming a mismatch and its fix.
 - a TLS record (first byte 0x16) or HTTP/2's preface (``PRI * HTTP/2.0``): a gRPC client. If
-  it speaks what the coordinator speaks, the connection is relayed byte for byte to gRPC on
-  a loopback port (TLS still ends in gRPC); if not, it is closed with one line per address
-  (coalesced), instead of gRPC's own handshake errors.
+  it speaks what the coordinator speaks, the connection is relayed byte for byte to gRPC (TLS
+  still ends in gRPC); if not, it is closed with one line per address (coalesced), instead of
+  gRPC's own handshake errors.
+
+gRPC itself listens on a unix socket in a private (0700) directory, not on a loopback TCP port:
+no other local user's process can reach it around the door's limits (a rapid reset on a
+loopback port kept a node out for as long as it ran). Each relay binds its own end to a name
+in that directory, so gRPC's view of the peer (``unix:<that name>``) maps back to the node.
 - anything else: closed, and recorded the same way.
 
 The agreement is unauthenticated on purpose: it only explains a failure. A node never changes
@@ -19,6 +24,8 @@ its transport because of the answer, so a forged answer can stop a node, never d
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import socket
 import threading
 import time
@@ -189,9 +196,11 @@ def _grpc_peer(address: object) -> str:
 class FrontDoor:
     """The coordinator's listener: classifies each connection, relays gRPC, explains the rest.
 
-    ``speaks`` is the coordinator's transport; matching connections are relayed to gRPC at
-    127.0.0.1:``upstream_port``. ``mismatch(host, line)`` is called for a peer that speaks the
-    other transport, ``refused(host, reason)`` for one that speaks neither (both coalesce).
+    ``speaks`` is the coordinator's transport; matching connections are relayed to gRPC at the
+    unix socket ``upstream_path`` (its directory private to this process's user; each relay
+    binds a name there), or where no unix sockets exist at 127.0.0.1:``upstream_port``.
+    ``mismatch(host, line)`` is called for a peer that speaks the other transport,
+    ``refused(host, reason)`` for one that speaks neither (both coalesce).
     Connections that have not shown their first bytes within ``timeout_s`` are closed. Every
     connection is bounded by ``limiter`` until a node authenticates on it (:meth:`authenticated`)
     or it ends, relayed or not: so unauthenticated connections hold at most the limiter's
@@ -209,7 +218,8 @@ class FrontDoor:
         host: str,
         port: int,
         speaks: Transport,
-        upstream_port: int,
+        upstream_port: int = 0,
+        upstream_path: str | None = None,
         mismatch: Callable[[str, str], None],
         refused: Callable[[str, str], None],
         timeout_s: float = 5.0,
@@ -229,6 +239,8 @@ class FrontDoor:
         self.port: int = self._listener.getsockname()[1]
         self.speaks = speaks
         self._upstream = ("127.0.0.1", upstream_port)
+        self._upstream_path = upstream_path
+        self._relay_names = itertools.count()
         self._mismatch = mismatch
         self._refused = refused
         self._timeout_s = timeout_s
@@ -237,7 +249,9 @@ class FrontDoor:
         # max_pending said 64).
         self._limiter = limiter if limiter is not None else PendingLimiter(max_age_s=3 * timeout_s)
         self._lock = threading.Lock()
-        self._relayed: dict[int, _DoorConn] = {}  # loopback port gRPC sees -> the connection
+        # The relay's end as gRPC names it (after its last ':': a path, or a loopback port)
+        # -> the connection.
+        self._relayed: dict[str, _DoorConn] = {}
         self._open: set[socket.socket] = set()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="shoal-door", daemon=True)
@@ -266,12 +280,7 @@ class FrontDoor:
 
     def peer_of(self, grpc_peer: str) -> str:
         """The node's address behind a relayed connection, as gRPC would have named it."""
-        try:
-            port = int(grpc_peer.rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            return grpc_peer
-        with self._lock:
-            conn = self._relayed.get(port)
+        conn = self._conn_of(grpc_peer)
         return conn.peer if conn is not None else grpc_peer
 
     def call_opened(self, grpc_peer: str) -> int | None:
@@ -323,12 +332,8 @@ class FrontDoor:
             self._limiter.done(conn.ticket)
 
     def _conn_of(self, grpc_peer: str) -> _DoorConn | None:
-        try:
-            port = int(grpc_peer.rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            return None
         with self._lock:
-            return self._relayed.get(port)
+            return self._relayed.get(grpc_peer.rsplit(":", 1)[-1])
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -482,12 +487,36 @@ class FrontDoor:
         conn.settimeout(self._timeout_s)
         conn.sendall(AGREEMENT + self.speaks.encode() + b"\n")
 
+    def _connect_upstream(self) -> tuple[socket.socket, str]:
+        """A connection to gRPC, and the name gRPC gives its peer (after the last ':')."""
+        if self._upstream_path is None:
+            upstream = socket.create_connection(self._upstream, timeout=self._timeout_s)
+            return upstream, str(upstream.getsockname()[1])
+        # A name of our own in gRPC's private directory: gRPC reports it as the peer. It is
+        # unlinked once connected (the socket keeps its name); the directory is not writable
+        # by anyone else, so no one can take the name first.
+        name = os.path.join(os.path.dirname(self._upstream_path), f"r{next(self._relay_names)}")
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            upstream.bind(name)
+            try:
+                upstream.settimeout(self._timeout_s)
+                upstream.connect(self._upstream_path)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+        except OSError:
+            upstream.close()
+            raise
+        return upstream, name
+
     def _relay(self, conn: _DoorConn, head: bytes) -> None:
         try:
-            upstream = socket.create_connection(self._upstream, timeout=self._timeout_s)
+            upstream, local = self._connect_upstream()
         except OSError:
             return  # gRPC is shutting down
-        local = upstream.getsockname()[1]
         with self._lock:
             self._open.add(upstream)
             self._relayed[local] = conn
@@ -497,7 +526,8 @@ class FrontDoor:
         try:
             for sock in (conn.sock, upstream):
                 sock.settimeout(None)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if sock.family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             meter = FrameMeter() if self.speaks == "plaintext" else None
             flood = meter.feed(head) if meter is not None else None
             if flood is not None:
