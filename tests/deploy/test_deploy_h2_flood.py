@@ -320,12 +320,26 @@ def test_grpc_listens_only_behind_the_front_door(site: Site, tls: bool) -> None:
     path = grpc_socket(process)
     assert path is not None, process.net_connections("unix")
     assert path.parent.stat().st_mode & 0o777 == 0o700
-    site.node(tls)
+    # Sampled on a thread of its own every 10 ms for the node's whole life: its connection
+    # lasts only its short run, and a sample taken beside the log check (every 50 ms plus
+    # the time psutil takes under load) missed it once in CI.
     relayed: list[str] = []
+    done = threading.Event()
 
-    def node_in() -> bool:
-        relayed.extend(relay_ends(process))  # sampled while the node connects (its run is short)
-        return coordinator.has("node(s) connected")
+    def sample() -> None:
+        while not relayed and not done.wait(0.01):
+            try:
+                relayed.extend(relay_ends(process))
+            except psutil.Error:
+                return
 
-    assert wait(node_in, START_S), site.log("node")
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    node = site.node(tls)
+    try:
+        assert wait(lambda: coordinator.has("node(s) connected"), START_S), site.log("node")
+        node.popen.wait(timeout=START_S)  # the node leaves when its one round is over
+    finally:
+        done.set()
+        sampler.join(timeout=10)
     assert relayed, "the node's connection is relayed to gRPC's unix socket"
