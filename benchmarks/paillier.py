@@ -13,6 +13,11 @@ key's DJN base (a fixed-base table built once per key, its build time reported o
 or taken from a pool filled beforehand (online cost only; the pool's generation is its own
 row). phe is always timed its own way (a uniform r per ciphertext, no base).
 
+Decryption rows: the full CRT (phe's way), then the same ciphertexts decrypted by a key
+holder that knows every value lies within 2**33 once encoded (|x| < 1 at 32 fractional
+bits): the half CRT per ciphertext, and the checked batch of all ``--count`` of them (see
+docs/paillier.md). phe has neither; its row is its ordinary decrypt.
+
     python benchmarks/paillier.py --repeats 5 --json paillier.json
 """
 
@@ -121,6 +126,18 @@ def run_shoal(key: dict[str, int], count: int, adds: int) -> dict[str, float]:
     ks = rng.uniform(-1, 1, size=count)
     clock("scalar_mul", count, lambda: enc.mul(ks, frac_bits=53))  # phe's float precision
     clock("decrypt", count, lambda: P.decrypt(sk, enc))
+    # The same ciphertexts, by a key holder that knows |x| < 1 at 32 fractional bits, so
+    # every encoded value lies within 2**33: the half CRT one by one, and the checked batch
+    # (packed under encryption, 64-bit weighted check). Both return decrypt()'s array.
+    bound = enc.frac_bits + 1
+    clock(
+        "decrypt_half",
+        count,
+        lambda: P.from_fixed(
+            [sk.raw_decrypt_signed(c, bound) for c in enc.ciphertexts], enc.frac_bits, (count,)
+        ),
+    )
+    clock("decrypt_batch", count, lambda: P.decrypt_bounded(sk, enc, bound_bits=bound))
     packing = P.Packing(key_bits=pk.bits, value_bits=48, additions=1023, frac_bits=32)
     vals = rng.uniform(-1000, 1000, size=packing.slots * count)
     pool = P.RandomnessPool(public_key=pk, size=count, private_key=sk)
@@ -229,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         ("add", "add", "add"),
         ("scalar multiply (53-bit)", "scalar_mul", "scalar_mul"),
         ("decrypt", "decrypt", "decrypt"),
+        ("decrypt, |x| < 2^33 known: half CRT each", "decrypt_half", "decrypt"),
+        ("decrypt, |x| < 2^33 known: checked batch", "decrypt_batch", "decrypt"),
         ("decrypt, packed values (per value)", "decrypt_packed_values", "decrypt"),
         ("packed values, online (excl. pool)", "packed_values_online_pool", None),
         ("packed values, key holder (fresh CRT r^n)", "packed_values_key_holder", None),
@@ -264,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         def f(v: float | None, w: int = 10, d: int = 0) -> str:
             return f"{v:{w}.{d}f}" if v else f"{'-':>{w}s}"
 
-        print(f"{label:44s} {f(s_cpu)} {f(p_cpu)} {f(ratio, 6, 1)} {f(s_wall)} {f(p_wall)}")
+        print(f"{label:44s} {f(s_cpu)} {f(p_cpu)} {f(ratio, 6, 2)} {f(s_wall)} {f(p_wall)}")
     print(f"slots per {args.bits}-bit packed plaintext: {int(med['shoal']['packed_slots'])}")
     print(f"DJN fixed-base table, once per key: {med['shoal']['djn_table_s_cpu']:.2f} CPU-s")
     print(

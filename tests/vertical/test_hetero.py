@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from shoal.core import Federation
+from shoal.core.routing import received
 from shoal.errors import ConfigError, DataError, ProtocolError
 from shoal.runtime import Faults, LocalEngine, NodeApp
 from shoal.runtime.roles import NodeApps
@@ -16,6 +17,7 @@ from shoal.vertical.model import MODELS, evaluate, held_out_rows, prepare, train
 from shoal.vertical.party import PartyData
 from shoal.vertical.protocol import HeteroConfig, train
 from shoal.vertical.tasks import vertical_tasks
+from shoal.wire import decode
 
 from .conftest import federation, split_breast_cancer
 
@@ -294,3 +296,40 @@ def test_two_hosts_with_an_arbiter_are_lossless() -> None:
                               l2=cfg.l2, seed=cfg.seed)  # fmt: skip
     w = np.concatenate([engine.node_state(n)["shoal.vertical"]["w"] for n in rows])
     assert np.max(np.abs(w - w_ref)) <= 1e-4 * np.max(np.abs(w_ref))
+
+
+def test_prediction_scores_travel_packed_and_decrypt_exactly() -> None:
+    """A host's scores reach the guest packed (one ciphertext per slots rows, not per row),
+    and the guest's metrics are those of the federated weights on the joined rows."""
+    guest, host = split_breast_cancer()
+    predicted: list[dict] = []
+
+    class Recorded(NodeApps):
+        def handle(self, ctx, name, payload, **kw):
+            if name == "vertical.guest.evaluate":  # what the host routed to the guest
+                got = decode(payload)
+                fields = {k: received(got, f"enc_u.{k}")["insurer"] for k in ("ct", "count")}
+                predicted.append(fields)
+            return super().handle(ctx, name, payload, **kw)
+
+    apps = {}
+    for node, role in ROLES_ARB.items():
+        apps[node] = NodeApp(max_kept=8)
+        apps[node].install(vertical_tasks(role, mode="arbiter"))
+    engine = LocalEngine(Recorded(apps), nodes=list(ROLES_ARB), data=[guest, host, None])
+    fed = Federation(engine, roles={r: [n] for n, r in ROLES_ARB.items()})
+    cfg = _cfg(epochs=1, mode="arbiter")
+    result = train(fed, cfg)
+    held = held_out_rows(512, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    slots = (cfg.key_bits - 1) // 96
+    assert sorted(r["count"] for r in predicted) == sorted([held.sum(), (~held).sum()])
+    for r in predicted:  # one ciphertext per `slots` rows
+        assert r["ct"].shape[0] == -(-r["count"] // slots) and slots > 1
+    g_rows = engine.node_state("bank")["shoal.vertical"]["rows"]
+    h_rows = engine.node_state("insurer")["shoal.vertical"]["rows"]
+    _, gx_test = prepare(guest.x[g_rows], held, intercept=True)
+    _, hx_test = prepare(host.x[h_rows], held, intercept=False)
+    scores = np.hstack([gx_test, hx_test]) @ _weights(engine)
+    want = evaluate(MODELS[cfg.model], scores, guest.y[g_rows][held])
+    for k in ("auc", "accuracy", "loss"):
+        assert abs(result.test[k] - want[k]) <= 1e-9

@@ -2,7 +2,8 @@
 evaluate a hetero linear model as a short program of ``map``, ``to`` and requests.
 
 The coordinator never holds a key; it sees the intersection size, public keys, batch
-positions, ciphertexts, uniformly masked plaintexts and the guest's aggregate metrics.
+positions, ciphertexts (with the slot layout of packed ones), uniformly masked plaintexts
+and the guest's aggregate metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from shoal.core import Federation
 from shoal.crypto.psi import new_salt
 from shoal.errors import ConfigError, DataError, NotEnoughNodes, ProtocolError
 from shoal.vertical.model import MODELS, batches
+from shoal.vertical.tasks import PACKED_FIELDS
 
 __all__ = ["HeteroConfig", "HeteroResult", "align", "evaluate", "train", "wait_online"]
 
@@ -192,7 +194,8 @@ def evaluate(fed: Federation, *, model: str, split: str = "test") -> dict[str, f
         fields: tuple[str, ...] = ("auc", "accuracy", "loss", "n")
     else:
         fields = ("rmse", "loss", "n")
-    out = h.select(*_vec("enc_u")).to(
+    packed = tuple(f"enc_u.{k}" for k in PACKED_FIELDS)
+    out = h.select(*packed).to(
         fed.role("guest"), task="vertical.guest.evaluate", split=split, send=fields
     )
     # The guest's metrics are clear by its policy; a mean over the one guest brings them.

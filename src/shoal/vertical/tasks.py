@@ -42,6 +42,11 @@ F_X = 16
 # Gradients are masked packed, 192-bit signed slots (10 per 2048-bit plaintext): at
 # F_ENC + F_SLOPE + F_X = 56 fractional bits that holds |sum_i d_i x_i| < 2**135.
 GRAD_SLOT_BITS = 192
+# A host's prediction scores travel packed, 96-bit signed slots (21 per 2048-bit plaintext;
+# |u| < 2**63 at F_ENC fractional bits, wider only for scores past that): one encryption at
+# the host and one decryption at the guest per 21 rows instead of per row.
+SCORE_VALUE_BITS = 96
+PACKED_FIELDS = ("ct", "count", "weight", "value_bits", "additions", "frac_bits")
 
 _STATE = "shoal.vertical"
 
@@ -363,11 +368,18 @@ def restore(store: Checkpoints) -> Any:
 
 
 def host_predict(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """[[X_H w_H]] for the guest, packed: the guest learns these scores whole anyway."""
     st = _st(ctx)
     x = st["x_test"] if payload.get("split") == "test" else st["x"]
     pk = st["k_predict"]
     u = x @ st["w"]
-    return _vec_out("enc_u", P.encrypt(pk, u, frac_bits=F_ENC, pool=_pool(st, pk, len(u))))
+    top = max((abs(v) for v in P.to_fixed(u, F_ENC)), default=0)
+    packing = P.Packing(
+        key_bits=pk.bits, value_bits=max(SCORE_VALUE_BITS, top.bit_length() + 1), frac_bits=F_ENC
+    )
+    need = -(-len(u) // packing.slots)
+    enc = P.encrypt_packed(pk, u, packing, pool=_pool(st, pk, need))
+    return {f"enc_u.{k}": v for k, v in enc.to_payload().items()}
 
 
 def guest_evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -376,8 +388,13 @@ def guest_evaluate(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     x = st["x_test"] if test else st["x"]
     y = st["y_test"] if test else st["y"]
     scores = x @ st["w"]
-    for enc in _routed_vec(st["pk"], payload, "enc_u") if payload.get("routed.from") else []:
-        scores = scores + P.decrypt(st["sk"], enc)
+    if payload.get("routed.from"):
+        parts = {k: received(payload, f"enc_u.{k}") for k in PACKED_FIELDS}
+        for src in parts["ct"]:
+            enc = P.PackedVector.from_payload(st["pk"], {k: parts[k][src] for k in parts})
+            if enc.count != len(scores):
+                raise ProtocolError(f"{src} sent {enc.count} scores for {len(scores)} rows")
+            scores = scores + P.decrypt_packed(st["sk"], enc)
     out: dict[str, Any] = {k: float(v) for k, v in evaluate(st["model"], scores, y).items()}
     out["n"] = len(y)
     return out

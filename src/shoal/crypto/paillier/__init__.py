@@ -1,12 +1,14 @@
 """Paillier additively homomorphic encryption on gmpy2 (g = n + 1, CRT decryption).
 
 Keys from OS randomness, an offline pool of ``r**n`` for one-multiplication encryption,
-fixed-point arrays (negatives included), packing with addition headroom, and encrypted
-vector operations (add, scalar multiply, vector x plaintext matrix). See docs/paillier.md.
+fixed-point arrays (negatives included), packing with addition headroom, encrypted vector
+operations (add, scalar multiply, vector x plaintext matrix) and a faster decryption of
+values known to be short. See docs/paillier.md.
 """
 
 from __future__ import annotations
 
+from shoal.crypto.paillier.bounded import CHECK_BITS, decrypt_bounded, raw_decrypt_bounded
 from shoal.crypto.paillier.encoding import decode_ints, encode_ints, from_fixed, to_fixed
 from shoal.crypto.paillier.keys import MIN_SECURE_BITS, PrivateKey, PublicKey, generate_keypair
 from shoal.crypto.paillier.masking import (
@@ -37,6 +39,7 @@ from shoal.crypto.paillier.vector import (
 )
 
 __all__ = [
+    "CHECK_BITS",
     "DEFAULT_FRAC_BITS",
     "MIN_SECURE_BITS",
     "EncryptedVector",
@@ -49,6 +52,7 @@ __all__ = [
     "ciphertexts_to_bytes",
     "decode_ints",
     "decrypt",
+    "decrypt_bounded",
     "decrypt_packed",
     "decrypt_raw",
     "encode_ints",
@@ -62,6 +66,7 @@ __all__ = [
     "mask_packed",
     "multi_exp",
     "pack_encrypted",
+    "raw_decrypt_bounded",
     "to_fixed",
     "unmask",
     "unmask_packed",

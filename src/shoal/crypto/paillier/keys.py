@@ -15,6 +15,7 @@ from typing import Any
 import gmpy2
 
 from shoal.crypto.paillier.djn import FixedBase, check_base, exponent_bits
+from shoal.crypto.paillier.encoding import decode_ints
 from shoal.errors import ConfigError, ProtocolError
 
 __all__ = [
@@ -177,14 +178,55 @@ class PrivateKey:
         qsq_inv = gmpy2.invert(qsq, psq)
         object.__setattr__(self, "_crt", (psq, qsq, hp, hq, qinv, qsq_inv))
 
+    def checked_ciphertext(self, c: Any) -> Any:
+        """``c`` as an mpz if it is a unit of Z_{n^2}; two cheap remainders by the factors
+        stand in for the public check's gcd, which says what is wrong otherwise."""
+        c = gmpy2.mpz(c)
+        if 0 < c < self.public_key.nsquare and c % self.p and c % self.q:
+            return c
+        return self.public_key.check_ciphertext(c)  # raises, naming the fault
+
+    def _half(self, c: Any) -> Any:
+        """The plaintext mod p alone: one exponentiation mod p^2 (half of a decryption)."""
+        psq, hp = self._crt[0], self._crt[2]
+        return lfunc(gmpy2.powmod(c, self.p - 1, psq), self.p) * hp % self.p
+
+    def _join(self, mp: Any, c: Any) -> Any:
+        """Finish a decryption whose half mod p is ``mp``: the half mod q, then the CRT."""
+        _, qsq, _, hq, qinv, _ = self._crt
+        q = self.q
+        mq = lfunc(gmpy2.powmod(c, q - 1, qsq), q) * hq % q
+        return mq + ((mp - mq) * qinv % self.p) * q
+
     def raw_decrypt(self, c: Any) -> Any:
         """The plaintext in [0, n) of a checked ciphertext, by CRT over p^2 and q^2."""
-        c = self.public_key.check_ciphertext(c)
-        psq, qsq, hp, hq, qinv, _ = self._crt
-        p, q = self.p, self.q
-        mp = lfunc(gmpy2.powmod(c % psq, p - 1, psq), p) * hp % p
-        mq = lfunc(gmpy2.powmod(c % qsq, q - 1, qsq), q) * hq % q
-        return mq + ((mp - mq) * qinv % p) * q
+        c = self.checked_ciphertext(c)
+        return self._join(self._half(c), c)
+
+    def raw_decrypt_signed(self, c: Any, bound_bits: int) -> int:
+        """The signed plaintext m of a ciphertext the caller says holds ``|m| < 2**bound_bits``,
+        at half the cost of :meth:`raw_decrypt` when that holds (see docs/paillier.md).
+
+        The half mod p, ``m_p = m mod p``, is m itself if it is below ``2**bound_bits`` and
+        ``m_p - p`` if it is within ``2**bound_bits`` of p; otherwise the bound was wrong and
+        the half mod q completes the full CRT, read as :func:`decode_ints` reads it (the
+        middle third of Z_n is a ``PlaintextOverflow``). So the answer is the full
+        decryption's unless m is within the bound of a multiple of p but not of n, which a
+        plaintext not chosen knowing p is with probability about ``2**(bound_bits + 1) / p``
+        (and choosing one on purpose factors n while ``bound_bits <= bits / 4``). Larger
+        bounds always take the full CRT.
+        """
+        if bound_bits < 0:
+            raise ConfigError(f"bound_bits must be >= 0, got {bound_bits}")
+        c = self.checked_ciphertext(c)
+        mp = self._half(c)
+        if bound_bits <= self.public_key.bits // 4:
+            bound = 1 << bound_bits
+            if mp < bound:
+                return int(mp)
+            if self.p - mp < bound:
+                return int(mp - self.p)
+        return decode_ints([self._join(mp, c)], self.public_key.n)[0]
 
     def djn_base(self) -> Any:
         """A fresh DJN base ``(-x**2)**n mod n**2`` for uniform secret x in Z_n^*; with
