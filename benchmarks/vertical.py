@@ -69,7 +69,7 @@ def run(
     for idx in batches(n_train, cfg.batch_size, epoch=0, seed=cfg.seed):
         _batch(fed, cfg, idx)
     wall = time.perf_counter() - start
-    epoch_cpu = dict(cpu)
+    epoch_cpu, epoch_bytes = dict(cpu), fed.routed_bytes
     # The guest's metrics on the training rows, as train() computes them after every epoch:
     # each host encrypts its scores for the guest, which decrypts them.
     cpu.clear()
@@ -87,7 +87,8 @@ def run(
         "cpu_s": epoch_cpu,
         "evaluate_wall_s": eval_wall,
         "evaluate_cpu_s": eval_cpu,
-        "relayed_bytes": fed.routed_bytes,
+        "relayed_bytes": epoch_bytes,
+        "evaluate_relayed_bytes": fed.routed_bytes - epoch_bytes,
         "plaintext_floor_s": floor,
     }
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{'':8s} evaluation on the training rows after the epoch: "
             f"{r['evaluate_wall_s']:.1f} s wall, guest {e.get('guest', 0):.1f} / "
-            f"host {e.get('host', 0):.1f} CPU-s",
+            f"host {e.get('host', 0):.1f} CPU-s, "
+            f"{r['evaluate_relayed_bytes'] / 1e6:.1f} MB relayed",
             flush=True,
         )
     if args.json:
