@@ -12,8 +12,16 @@ in ``.hypothesis/``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from hypothesis import settings
+
+import shoal
+
+# pytest put this checkout's src first on sys.path (pyproject: pythonpath); child processes
+# (`python -m shoal.cli.main ...` in the integration tests) must run the same code.
+_SRC = str(Path(shoal.__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 
 settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
 settings.register_profile("fuzz", max_examples=300, database=None, print_blob=True)
