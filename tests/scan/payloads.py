@@ -407,3 +407,30 @@ def torch_v7_tar(marker: str) -> bytes:
         raw[offset + 148 : offset + 156] = b"%06o\0 " % sum(raw[offset : offset + 512])
         offset += 512 + (size + 511) // 512 * 512
     return bytes(raw)
+
+
+def _plain_zip(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def torch_zip_in_data_folder(marker: str) -> bytes:
+    """A torch zip whose folder (torch takes it from the first member's name) is called
+    'data': its pickle is data/data.pkl, a name that also has the shape of a raw storage
+    member (<folder>/data/<key>), which torch never unpickles."""
+    return _plain_zip([("data/data.pkl", evil_pickle(marker)), ("data/version", b"3\n")])
+
+
+def torch_zip_pickle_name_case(marker: str) -> bytes:
+    """torch's zip reader (miniz) finds data/data.pkl ignoring ASCII case: here it reads
+    data/DATA.PKL, listed first, while an exact-case data/data.pkl is benign."""
+    return _plain_zip(
+        [
+            ("data/DATA.PKL", evil_pickle(marker)),
+            ("data/data.pkl", b"\x80\x02N."),
+            ("data/version", b"3\n"),
+        ]
+    )

@@ -47,6 +47,8 @@ BYPASSES: dict[str, tuple[Callable[[str], bytes], str]] = {
     "torch_tar_storages": (P.torch_tar_storages, "torch"),
     "torch_v7_tar": (P.torch_v7_tar, "torch"),
     "zip_prepended_for_torch": (P.zip_prepended_for_torch, "torch"),
+    "torch_zip_in_data_folder": (P.torch_zip_in_data_folder, "torch"),
+    "torch_zip_pickle_name_case": (P.torch_zip_pickle_name_case, "torch"),
     "joblib_second_build": (P.joblib_second_build, "joblib"),
     "joblib_wrapper_by_reconstructor": (P.joblib_wrapper_by_reconstructor, "joblib"),
 }

@@ -20,7 +20,7 @@ from shoal.scan.pickle_scan import Sink
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import Budget, Decompressed, Slice, Source
 
-__all__ = ["MemberHint", "member_source", "scan_tar", "scan_zip"]
+__all__ = ["MemberHint", "member_source", "scan_tar", "scan_zip", "torch_pickle_member"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,21 @@ _TORCH_META = re.compile(
     r"(?:[^/]+/)?(?:version|byteorder|\.format_version|\.storage_alignment|"
     r"\.data/serialization_id|data/serialization_id|\.data/version)"
 )
+
+
+def torch_pickle_member(name: str) -> bool:
+    """Whether torch.load may read this member as its ``data.pkl``: torch's reader (miniz)
+    looks names up ignoring ASCII case, under whatever folder the first member is in, and that
+    folder may itself be called ``data`` (``data/data.pkl``, which also looks like a storage)."""
+    return _TORCH_DATA.fullmatch(_ascii_lower(name)) is not None
+
+
+def _ascii_lower(name: str) -> str:
+    # miniz folds A-Z only; str.lower() would also fold other letters ('K' KELVIN SIGN -> 'k')
+    return name.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 
 
 def _bad_name(name: str) -> bool:
@@ -79,7 +94,7 @@ def scan_zip(
         finally:
             shifted[0].close()
     names = [i.filename for i in infos]
-    torch = any(_TORCH_DATA.fullmatch(n) for n in names)
+    torch = any(torch_pickle_member(n) for n in names)
     torchscript = torch and any("/code/" in n or n.startswith("code/") for n in names)
     keras = "config.json" in names and ("metadata.json" in names or "model.weights.h5" in names)
     npz = bool(names) and all(n.endswith(".npy") for n in names)
@@ -115,7 +130,9 @@ def scan_zip(
                 Severity.MEDIUM, "path-traversal", f"member name {name!r} escapes the folder", 0
             )
         raw_member = info.is_dir() or (
-            torch and (_TORCH_STORAGE.fullmatch(name) is not None or _TORCH_META.fullmatch(name))
+            torch
+            and not torch_pickle_member(name)
+            and (_TORCH_STORAGE.fullmatch(name) is not None or _TORCH_META.fullmatch(name))
         )
         if raw_member and not _npy_inside(f, zf, info, limits, budget):
             # Raw tensor bytes and metadata (torch never unpickles them) or an empty folder.
@@ -138,7 +155,7 @@ def scan_zip(
                 )
                 continue
             hint = MemberHint(
-                torch=torch and name.endswith(".pkl"),
+                torch=torch and _ascii_lower(name).endswith(".pkl"),
                 keras_weights=keras and name == "model.weights.h5",
             )
             scan_member(src, name, hint)

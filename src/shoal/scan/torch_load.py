@@ -13,7 +13,7 @@ import zipfile
 from typing import IO, Any
 
 from shoal.errors import ConfigError
-from shoal.scan.archives import member_source
+from shoal.scan.archives import member_source, torch_pickle_member
 from shoal.scan.brief import brief
 from shoal.scan.builders import empty_bytes
 from shoal.scan.report import ScanLimits
@@ -189,9 +189,10 @@ def load_torch_zip(path: str, limits: ScanLimits) -> Any:
     stream_budget = StreamBudget(limits.max_total_bytes, ratio=limits.max_ratio)
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         infos = {i.filename: i for i in zf.infolist()}
-        pkls = [n for n in infos if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pkls) != 1 or pkls[0].count("/") > 1:
-            raise refuse("a torch archive without exactly one top-level data.pkl")
+        # torch's reader matches names ignoring ASCII case: two candidates are two readings
+        pkls = [n for n in infos if torch_pickle_member(n)]
+        if len(pkls) != 1 or pkls[0].count("/") > 1 or not pkls[0].endswith("data.pkl"):
+            raise refuse("a torch archive without exactly one top-level data.pkl (in any case)")
         prefix = pkls[0][: -len("data.pkl")]
         order = infos.get(prefix + "byteorder")
         if (
