@@ -5,11 +5,16 @@ instead of killing or hanging the suite."""
 
 from __future__ import annotations
 
+import io
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from shoal.errors import UnsafeModelError
+from shoal.scan import ScanLimits
 
 _RUN = """
 import sys
@@ -94,3 +99,126 @@ def test_a_plain_tuple_key_still_loads():
 
     value = {("layer", 1, (2, 3)): 0.5, frozenset({("a", 1)}): [1]}
     assert loads(pickle.dumps(value, protocol=4)) == value
+
+
+# --- keys that share one hash, and objects that cost more than their bytes --------------------
+
+_P61 = (1 << 61) - 1  # CPython reduces int hashes modulo this prime
+
+
+def _long1(v: int) -> bytes:
+    raw = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+def _colliding_ints(n: int) -> list[bytes]:
+    return [_long1(i * _P61 + 7) for i in range(1, n + 1)]  # hash() == 7 for all of them
+
+
+def _colliding_complex(n: int) -> list[bytes]:
+    # hash(complex(a, b)) == hash(a) + 1000003 * hash(b): one hash for every j
+    c = 1 << 40
+    return [
+        GLOBAL_COMPLEX + b"G" + struct.pack(">d", c - 1000003 * j) + b"G"
+        + struct.pack(">d", float(j)) + b"\x86R"
+        for j in range(n)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("int dict keys", P4 + b"}(" + b"N".join(_colliding_ints(3000)) + b"Nu."),
+        ("int set items", P4 + b"\x8f(" + b"".join(_colliding_ints(3000)) + b"\x90."),
+        ("int frozenset", P4 + b"(" + b"".join(_colliding_ints(3000)) + b"\x91."),
+        ("complex dict keys", P4 + b"}(" + b"N".join(_colliding_complex(3000)) + b"Nu."),
+        (
+            "one SETITEM at a time",
+            P4 + b"}" + b"".join(k + b"Ns" for k in _colliding_ints(3000)) + b".",
+        ),
+    ],
+)
+def test_keys_sharing_one_hash_are_refused(tmp_path, name, data):
+    """Each insertion compares against every key with the same hash, in C where no time check
+    runs: 60,000 such int keys (a 780 KB file) took 67 s to load. 3,000 are refused."""
+    import pickle
+
+    assert len({hash(k) for k in pickle.loads(data)}) == 1  # they do share one hash
+    out = _load_in_subprocess(tmp_path, data)
+    assert out.startswith("REFUSED") and "share one hash" in out, f"{name}: {out}"
+
+
+def test_many_distinct_int_and_float_keys_still_load():
+    import pickle
+
+    from shoal.scan import loads
+
+    value = {i: float(i) for i in range(-50_000, 50_000)}
+    value.update({-1: 1.0, -2: 2.0, 2.0**61: 3.0, 0.5: 4.0})  # -1 and -2 share a hash: 2 keys
+    assert loads(pickle.dumps(value, protocol=4)) == value
+
+
+def _empty_sets(n: int) -> bytes:
+    return P4 + b"](" + b"\x8f" * n + b"e."
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("empty sets", _empty_sets(400_000)),  # 1 byte each, 216 bytes in memory
+        ("empty dicts", P4 + b"](" + b"}" * 1_000_000 + b"e."),
+        ("empty lists", P4 + b"](" + b"]" * 1_000_000 + b"e."),
+    ],
+)
+def test_objects_that_cost_more_than_their_bytes_are_bounded(name, data):
+    """One byte of pickle makes a 216-byte empty set: a 19 MB file took 4.4 GB to load under
+    the default limits. Python objects are charged at or above CPython's sizes and bounded by
+    ScanLimits.max_object_bytes (here 40 MB)."""
+    from shoal.scan import loads
+
+    with pytest.raises(UnsafeModelError, match="max_object_bytes"):
+        loads(data, limits=ScanLimits(max_object_bytes=40 << 20))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [set() for _ in range(200_000)],
+        [{} for _ in range(200_000)],
+        [{"k": i} for i in range(100_000)],
+        {i: [float(i)] for i in range(100_000)},
+        [(i, str(i)) for i in range(100_000)],
+        [frozenset({i, i + 1}) for i in range(100_000)],
+        set(range(300_000)),
+    ],
+    ids=[
+        "empty sets",
+        "empty dicts",
+        "small dicts",
+        "dict of lists",
+        "tuples",
+        "frozensets",
+        "a set",
+    ],
+)
+def test_the_object_charge_is_not_below_what_python_allocates(value):
+    """The bound is only a bound if the estimate is at least the real size: pickle.loads of
+    the same bytes, measured by tracemalloc, allocates no more than shoal charges."""
+    import pickle
+    import tracemalloc
+
+    from shoal.scan.streams import ByteReader
+    from shoal.scan.unpickle import Unpickler
+
+    data = pickle.dumps(value, protocol=4)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        real = pickle.loads(data)
+        allocated = tracemalloc.get_traced_memory()[0] - before
+        del real
+    finally:
+        tracemalloc.stop()
+    vm = Unpickler(ByteReader(io.BytesIO(data)), limits=ScanLimits())
+    assert vm.load() == value
+    assert vm.budget.objects >= allocated, (vm.budget.objects, allocated)

@@ -103,6 +103,8 @@ class ScanLimits:
     max_memo: int = 1 << 22  # memo entries, and the largest memo index
     max_container_items: int = 20_000_000  # items in all tuples, lists, dicts and sets
     max_load_bytes: int = 64 * 2**30  # bytes of arrays and tensors one load may build
+    max_object_bytes: int = 2**30  # estimated bytes of Python objects one load may build
+    max_key_collisions: int = 64  # keys of one dict or set (load) that share one hash value
     max_seconds: float = 120.0  # time budget per file, for the scan and for the load
 
     def __post_init__(self) -> None:
