@@ -120,3 +120,37 @@ def test_scan_uses_h5py_when_fast_path_steps_aside(tmp_path):
     _write(path, {"model_config": cfg}, libver="latest")
     report = scan_file(path)
     assert (report.format, report.severity) == ("keras-h5", Severity.CRITICAL)
+
+
+def _lambda_config(name: str) -> str:
+    layer = {"class_name": "Lambda", "config": {"name": name, "function": ["4wEAAAAA", None, None]}}
+    return json.dumps({"class_name": "Sequential", "config": {"name": "m", "layers": [layer]}})
+
+
+def _duplicate_heap_index(path: Path) -> None:
+    """model_config and a second attribute as variable-length strings (global heap objects 1
+    and 2), then object 2 renumbered 1: libhdf5 files objects by index, so the later one wins."""
+    benign = json.dumps({"class_name": "Sequential", "config": {"name": "m", "layers": []}})
+    evil = _lambda_config("runs")
+    width = max(len(benign), len(evil))
+    _write(path, {"model_config": benign.ljust(width), "other": evil.ljust(width)})
+    raw = bytearray(path.read_bytes())
+    heap = raw.find(b"GCOL")
+    first = heap + 16  # 8 bytes of header + an 8-byte collection size
+    second = first + 16 + (int.from_bytes(raw[first + 8 : first + 16], "little") + 7) // 8 * 8
+    assert raw[first : first + 2] == b"\x01\x00" and raw[second : second + 2] == b"\x02\x00"
+    raw[second : second + 2] = b"\x01\x00"
+    path.write_bytes(bytes(raw))
+
+
+def test_a_global_heap_index_used_twice_is_read_as_h5py_reads_it(tmp_path, monkeypatch):
+    path = tmp_path / "model.h5"
+    _duplicate_heap_index(path)
+    assert "Lambda" in _reference(path)["model_config"]  # what h5py (and Keras) read
+    assert _fast(path) is None  # the fast path steps aside instead of reading the first copy
+    report = scan_file(path)
+    assert report.severity == Severity.CRITICAL, report.findings
+    assert any(f.kind == "lambda-layer" for f in report.findings), report.findings
+    # without h5py, the byte search still finds the Lambda config
+    monkeypatch.setattr("shoal.scan.formats._optional_h5py", lambda: None)
+    assert scan_file(path).severity >= Severity.MEDIUM

@@ -16,6 +16,7 @@ SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 _MAX_BLOCKS = 1024  # object header continuation blocks followed before giving up
 _MAX_VALUE = 64 << 20  # largest attribute value read here (h5py handles anything bigger)
+_MAX_HEAP_OBJECTS = 1 << 16  # global heap objects walked before leaving the file to h5py
 
 _ATTRIBUTE = 0x0C
 _CONTINUATION = 0x10
@@ -198,17 +199,24 @@ def _global_heap_object(h: _File, collection: int, index: int) -> bytes:
     end = collection + h.length(head, 8)
     pos = collection + 8 + h.len
     obj_head = 8 + h.len
-    while pos + obj_head <= end:
+    found: list[tuple[int, int]] = []
+    # Every object of the collection is walked: libhdf5 files each one in a table by its
+    # index, so of two objects with one index the later wins, and it reads on past free space
+    # (index 0). A second object with the wanted index (a benign config first, a Lambda layer
+    # second: h5py, hence Keras, returns the second) is left to h5py.
+    for _ in range(_MAX_HEAP_OBJECTS):
+        if pos + obj_head > end:
+            break
         oh = h.read(pos, obj_head)
         oindex, osize = _u16(oh, 0), h.length(oh, 8)
-        if oindex == 0:  # free space: the last object
-            break
         if oindex == index:
-            if osize > _MAX_VALUE:
-                raise _Unsupported
-            return h.read(pos + obj_head, osize)
+            found.append((pos + obj_head, osize))
         pos += obj_head + _pad8(osize)
-    raise _Unsupported
+    else:
+        raise _Unsupported
+    if len(found) != 1 or found[0][1] > _MAX_VALUE:
+        raise _Unsupported
+    return h.read(*found[0])
 
 
 def root_string_attributes(
