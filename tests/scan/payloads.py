@@ -434,3 +434,21 @@ def torch_zip_pickle_name_case(marker: str) -> bytes:
             ("data/version", b"3\n"),
         ]
     )
+
+
+def torch_views(count: int) -> bytes:
+    """A torch zip whose data.pkl is a list of ``count`` views of one 4-float storage: 15
+    bytes of pickle each (storage, function, size and stride come from the memo), about 600
+    bytes of memory each once built."""
+    head = b"\x80\x04(" + su("storage") + glob2("torch", "FloatStorage") + su("0") + su("cpu")
+    head += b"K\x04tQ\x940" + glob2("torch._utils", "_rebuild_tensor_v2") + b"\x940"
+    head += b"K\x04\x85\x94K\x01\x85\x94"  # memo: 0 storage, 1 function, 2 size, 3 stride
+    view = b"h\x01(h\x00K\x00h\x02h\x03\x89NtR"
+    pkl = head + b"](" + view * count + b"e."
+    return _plain_zip(
+        [
+            ("archive/data.pkl", pkl),
+            ("archive/data/0", struct.pack("<4f", 1, 2, 3, 4)),
+            ("archive/version", b"3\n"),
+        ]
+    )

@@ -222,3 +222,23 @@ def test_the_object_charge_is_not_below_what_python_allocates(value):
     vm = Unpickler(ByteReader(io.BytesIO(data)), limits=ScanLimits())
     assert vm.load() == value
     assert vm.budget.objects >= allocated, (vm.budget.objects, allocated)
+
+
+def test_tensor_views_are_charged_as_objects(tmp_path):
+    """A tensor view costs about 600 bytes and 15 bytes of pickle name one: 3,000,000 of them
+    (45 MB) reached 1.3 GB before tensors were charged. Here 50,000 views (under 30 MB charged
+    for their opcodes and containers alone) against a 48 MiB bound are refused; 1,000 load."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import payloads as P
+
+    from shoal.scan import load
+
+    path = tmp_path / "views.pt"
+    limits = ScanLimits(max_object_bytes=48 << 20)
+    path.write_bytes(P.torch_views(50_000))
+    with pytest.raises(UnsafeModelError, match="max_object_bytes"):
+        load(path, limits=limits)
+    path.write_bytes(P.torch_views(1_000))
+    views = load(path, limits=limits)
+    assert len(views) == 1_000 and views[0].tolist() == [1.0, 2.0, 3.0, 4.0]
