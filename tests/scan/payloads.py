@@ -452,3 +452,32 @@ def torch_views(count: int) -> bytes:
             ("archive/version", b"3\n"),
         ]
     )
+
+
+def zip64_locator_elsewhere(marker: str) -> bytes:
+    """Two zip64 end records: zipfile reads the one just before the locator (a benign
+    central directory), torch's reader (miniz) the one at the offset the locator gives (a
+    central directory whose data.pkl runs code)."""
+    evil, benign = evil_pickle(marker), b"\x80\x02}q\x00."
+    members = [(b"archive/data.pkl", evil), (b"archive/data.pkl", benign)]
+    members.append((b"archive/version", b"3\n"))
+    local, central = _zip_entries(members, deflate=False)
+    entry = struct.calcsize("<4s6H3I5H2I")
+    sizes = [entry + len(name) for name, _ in members]
+    evil_cd = central[: sizes[0]] + central[sizes[0] + sizes[1] :]
+    benign_cd = central[sizes[0] :]
+
+    def record(size: int, offset: int) -> bytes:
+        return struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, 2, 2, size, offset)
+
+    first = len(local)  # miniz's end record, then its directory, then zipfile's
+    evil_at = first + 56
+    benign_at = evil_at + len(evil_cd)
+    second = benign_at + len(benign_cd)
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, first, 1)
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    assert second == benign_at + len(benign_cd)
+    return (
+        local + record(len(evil_cd), evil_at) + evil_cd + benign_cd
+        + record(len(benign_cd), benign_at) + locator + end
+    )  # fmt: skip

@@ -93,6 +93,21 @@ def scan_zip(
             scan_zip(view, sink, limits=limits, scan_member=scan_member, budget=budget)
         finally:
             shifted[0].close()
+    other = _zip64_locator_reading(f)
+    if other is not None:
+        # zipfile reads the zip64 end record just before its locator; torch's reader (miniz)
+        # reads it where the locator's offset says: two end records, two central directories.
+        sink.add(
+            Severity.MEDIUM,
+            "zip64-locator",
+            "the zip64 locator points to an end record other than the one before it: zipfile "
+            "(np.load) and torch.load read different central directories; both are scanned",
+            0,
+        )
+        try:
+            scan_zip(other, sink, limits=limits, scan_member=scan_member, budget=budget)
+        finally:
+            other.close()
     names = [i.filename for i in infos]
     torch = any(torch_pickle_member(n) for n in names)
     torchscript = torch and any("/code/" in n or n.startswith("code/") for n in names)
@@ -188,6 +203,38 @@ def _absolute_reading(f: IO[bytes]) -> tuple[_Tail, int] | None:
     entries = endrec[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
     end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, entries, entries, size_cd, offset_cd, 0)
     return _Tail(base=f, length=max(0, offset_cd + size_cd), tail=end), concat
+
+
+def _zip64_locator_reading(f: IO[bytes]) -> _Tail | None:
+    """The archive as miniz (torch.load) reads it when its zip64 locator names an end record
+    other than the one zipfile reads (the 56 bytes just before the locator), else None. The
+    view ends with a plain end record for that central directory, so zipfile reads it as is;
+    a directory beyond 4 GiB cannot be described so and reads as an empty archive (the finding
+    still says the readings differ)."""
+    try:
+        endrec = zipfile._EndRecData(f)  # type: ignore[attr-defined]
+    except (OSError, ValueError, struct.error):
+        return None
+    if endrec is None or endrec[zipfile._ECD_SIGNATURE] != zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        return None
+    where = endrec[zipfile._ECD_LOCATION]  # type: ignore[attr-defined]
+    locator_at = where - zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    f.seek(locator_at)
+    locator = f.read(zipfile.sizeEndCentDir64Locator)  # type: ignore[attr-defined]
+    if len(locator) != 20 or locator[:4] != b"PK\x06\x07":
+        return None
+    record_at = struct.unpack_from("<Q", locator, 8)[0]
+    if record_at == locator_at - zipfile.sizeEndCentDir64:  # type: ignore[attr-defined]
+        return None
+    f.seek(record_at)
+    record = f.read(56)
+    if len(record) != 56 or record[:4] != b"PK\x06\x06":
+        return _Tail(base=f, length=0, tail=b"")  # miniz fails here; still two readings
+    entries, size_cd, offset_cd = struct.unpack_from("<3Q", record, 32)
+    if offset_cd + size_cd >= 1 << 32 or entries >= 0xFFFF:
+        return _Tail(base=f, length=0, tail=b"")
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, entries, entries, size_cd, offset_cd, 0)
+    return _Tail(base=f, length=offset_cd + size_cd, tail=end)
 
 
 class _Tail(io.RawIOBase):
