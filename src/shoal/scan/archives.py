@@ -105,7 +105,8 @@ def scan_zip(
             0,
         )
         try:
-            scan_zip(other, sink, limits=limits, scan_member=scan_member, budget=budget)
+            reading: IO[bytes] = other  # type: ignore[assignment]
+            scan_zip(reading, sink, limits=limits, scan_member=scan_member, budget=budget)
         finally:
             other.close()
     names = [i.filename for i in infos]
