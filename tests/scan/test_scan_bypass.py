@@ -50,12 +50,18 @@ BYPASSES: dict[str, tuple[Callable[[str], bytes], str]] = {
     "torch_zip_in_data_folder": (P.torch_zip_in_data_folder, "torch"),
     "torch_zip_pickle_name_case": (P.torch_zip_pickle_name_case, "torch"),
     "zip64_locator_elsewhere": (P.zip64_locator_elsewhere, "torch"),
+    "joblib_array_read_by_pickle": (P.joblib_array_read_by_pickle, "pickle"),
+    "joblib_array_read_by_pickle_np": (P.joblib_array_read_by_pickle, "numpy"),
+    "joblib_array_read_by_pickle_gzip": (P.joblib_array_read_by_pickle_gzip, "pickle-gzip"),
+    "joblib_object_array_with_wrapper": (P.joblib_object_array_with_wrapper, "joblib"),
+    "npy_object_pickle_with_wrapper": (P.npy_object_pickle_with_wrapper, "numpy"),
     "joblib_second_build": (P.joblib_second_build, "joblib"),
     "joblib_wrapper_by_reconstructor": (P.joblib_wrapper_by_reconstructor, "joblib"),
 }
 
 _REAL_LOADERS = {
     "pickle": "import pickle; pickle.load(open(path, 'rb'))",
+    "pickle-gzip": "import gzip, pickle; pickle.load(gzip.open(path))",
     "joblib": "import joblib; joblib.load(path)",
     "numpy": "import numpy; numpy.load(path, allow_pickle=True)",
     "npz": "import numpy; z = numpy.load(path, allow_pickle=True); [z[k] for k in z.files]",
@@ -183,6 +189,12 @@ def test_bypasses_are_refused_by_the_loader_alone(bypasses, monkeypatch):
                 "zip_prepended_for_torch",
                 "zip64_locator_elsewhere",
             )
+            # joblib's reading of a file pickle.load reads otherwise: an array of bytes
+            other_reading += (
+                "joblib_array_read_by_pickle",
+                "joblib_array_read_by_pickle_np",
+                "joblib_array_read_by_pickle_gzip",
+            )
             assert name == "zip_appended_polyglot" or name in other_reading, name
         assert not marker.exists(), name
 
@@ -257,3 +269,37 @@ def test_a_benign_legacy_torch_tar_is_followed_record_by_record(tmp_path: Path) 
     # a size header that does not fit the member: the rest cannot be located
     path.write_bytes(P.legacy_torch_tar(storages[:-12] + P.struct.pack("<q", 99) + b"\x80\x02]."))
     assert any(f.kind == "unverifiable" for f in scan_file(path).findings)
+
+
+def test_raw_joblib_array_data_is_not_taken_for_code():
+    """The plain reading of a joblib file walks its raw array bytes as opcodes (pickle.load
+    would): random bytes must not make a benign file suspect. 1,000 unaligned 4 KiB arrays of
+    random bytes (old joblib files have no alignment byte to stop the walk at once)."""
+    import numpy as np
+
+    flagged = []
+    for seed in range(1000):
+        data = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        report = scan_bytes(b"\x80\x04" + P.joblib_wrapper(4096, P._dtype("u1")) + data + b".")
+        if report.severity >= Severity.MEDIUM:
+            flagged.append((seed, report.findings))
+    assert not flagged, flagged[:3]
+
+
+def test_a_plain_reading_past_what_is_kept_is_unverified(monkeypatch):
+    """In a stream that cannot be read twice, the scanner keeps the bytes after the first
+    joblib array header for pickle.load's reading; a reading that runs past them is reported
+    unverified (medium), not passed."""
+    import gzip
+
+    import shoal.scan.pickle_scan as pickle_scan
+
+    filler = b"N0" * 64  # 128 bytes of opcodes that import nothing, before the payload
+    evil = filler + P.system_call("/nonexistent/marker", proto=4) + b"0"
+    data = b"\x80\x04" + P.joblib_wrapper(len(evil), P._dtype("u1")) + evil + b"."
+    assert scan_bytes(gzip.compress(data)).severity == Severity.CRITICAL
+    monkeypatch.setattr(pickle_scan, "_PLAIN_RECORD", 64)
+    report = scan_bytes(gzip.compress(data))
+    assert report.severity == Severity.MEDIUM, report.findings
+    assert any(f.kind == "unverifiable" and "MiB" in f.detail for f in report.findings)
+    assert scan_bytes(data).severity == Severity.CRITICAL  # a seekable stream is read again

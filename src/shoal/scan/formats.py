@@ -97,7 +97,7 @@ def scan_npy(r: ByteReader, sink: Sink, *, limits: ScanLimits) -> str:
     except UnsafeModelError as exc:
         sink.add(Severity.MEDIUM, "malformed", f".npy: {exc}", start)
         # np.load(allow_pickle=True) may still read what follows: analyse it if it is a pickle
-        scan_pickle_stream(r, sink, limits=limits, probe=True)
+        scan_pickle_stream(r, sink, limits=limits, probe=True, joblib_arrays=False)
         return "numpy"
     if dtype.hasobject:
         sink.add(
@@ -106,7 +106,7 @@ def scan_npy(r: ByteReader, sink: Sink, *, limits: ScanLimits) -> str:
             "object array: its data is a pickle (np.load refuses it unless allow_pickle=True)",
             r.pos,
         )
-        scan_pickle_stream(r, sink, limits=limits)
+        scan_pickle_stream(r, sink, limits=limits, joblib_arrays=False)  # np.load: pickle.load
         return "numpy"
     count = 1
     for d in shape:

@@ -356,12 +356,18 @@ class _Analyzer:
         limits: ScanLimits,
         torch: bool,
         depth: int = 0,
+        joblib_arrays: bool = True,
+        fork: _Fork | None = None,
     ) -> None:
         self.r = reader
         self.sink = sink
         self.limits = limits
         self.torch = torch
         self.depth = depth
+        # joblib.load reads array data after a NumpyArrayWrapper's BUILD; pickle.load (and
+        # np.load, torch.load, joblib's own object arrays) reads on from the same bytes
+        self.joblib_arrays = joblib_arrays
+        self.fork = fork
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
@@ -369,6 +375,7 @@ class _Analyzer:
         self.proto = 0
         self.ops = 0
         self.imports = 0
+        self.extensions = 0  # EXT opcodes among the imports
         self.kept = 0
         self.items = 0  # tuple items made (lists and dicts keep at most _CONTAINER_KEEP)
         self.started_with_proto = False
@@ -1076,6 +1083,7 @@ class _Analyzer:
 
     def _ext(self, code: int) -> None:
         self.imports += 1
+        self.extensions += 1
         self.report(
             Severity.HIGH,
             "extension-import",
@@ -1336,7 +1344,7 @@ class _Analyzer:
             inst.state = _merge_states(inst.state, state) if wrapper and inst.state else state
             if inst.origin is not None and inst.origin.qual == "numpy.dtype":
                 self._check_dtype(inst)
-            if wrapper:
+            if wrapper and self.joblib_arrays:
                 self._joblib_array(inst)
 
     def _check_dtype(self, dtype: _Obj) -> None:
@@ -1463,6 +1471,8 @@ class _Analyzer:
     def _joblib_array(self, wrapper: _Obj) -> None:
         """Skip (or recurse into) the array bytes joblib writes right after the wrapper."""
         self.joblib = True
+        if self.fork is not None:
+            self.fork.capture(self)
         info = _joblib_layout(wrapper)
         if info is None:
             self.report(
@@ -1476,8 +1486,14 @@ class _Analyzer:
             if self.depth >= _MAX_NESTED:
                 self.report(Severity.MEDIUM, "limit", "joblib object arrays nested too deeply")
                 raise _Abort
+            # joblib reads it with plain pickle.load: wrappers inside read no array data
             nested = _Analyzer(
-                self.r, self.sink, limits=self.limits, torch=self.torch, depth=self.depth + 1
+                self.r,
+                self.sink,
+                limits=self.limits,
+                torch=self.torch,
+                depth=self.depth + 1,
+                joblib_arrays=False,
             )
             try:
                 nested.run()
@@ -1634,10 +1650,16 @@ def _real_dtype(dtype: Any, depth: int) -> Any:
 
 
 def _analyze_one(
-    reader: ByteReader, sink: Sink, *, limits: ScanLimits, torch: bool
+    reader: ByteReader,
+    sink: Sink,
+    *,
+    limits: ScanLimits,
+    torch: bool,
+    joblib_arrays: bool = True,
+    fork: _Fork | None = None,
 ) -> tuple[_Analyzer, Any, str | None]:
     """Run one pickle; returns (analyzer, value, error-or-None)."""
-    a = _Analyzer(reader, sink, limits=limits, torch=torch)
+    a = _Analyzer(reader, sink, limits=limits, torch=torch, joblib_arrays=joblib_arrays, fork=fork)
     try:
         value = a.run()
     except _Malformed as exc:
@@ -1645,6 +1667,97 @@ def _analyze_one(
     except _Abort:
         return a, None, "aborted"
     return a, value, None
+
+
+class _Fork:
+    """Where joblib's reading of a stream and pickle.load's part: the first NumpyArrayWrapper
+    whose array data joblib reads. pickle.load builds the wrapper like any object and reads on
+    from the bytes joblib takes as data, so a file can be an array to joblib and code to
+    pickle.load and np.load. The plain reading starts from a copy of the analyser's state
+    there."""
+
+    __slots__ = ("pos", "proto", "replay", "state")
+
+    def __init__(self) -> None:
+        self.replay: Callable[[], tuple[ByteReader, bool]] | None = None
+        self.state: Any = None
+        self.proto = 0
+        self.pos = 0
+
+    def capture(self, a: _Analyzer) -> None:
+        if self.replay is not None or a.depth:
+            return
+        import copy
+
+        try:
+            self.state = copy.deepcopy((a.stack, a.metastack, a.memo))
+        except RecursionError:
+            self.state = None  # reported as unverified by plain_reading
+        self.proto = a.proto
+        self.pos = a.r.pos
+        self.replay = a.r.fork(_PLAIN_RECORD)
+
+
+# Bytes kept, past a joblib array header in a stream that cannot be read twice, for the plain
+# reading. Benign joblib data stops a plain reading at once (the alignment byte, 0-15, is no
+# opcode; raw floats soon hit a byte that is not one); a plain reading that goes past this is
+# reported unverified.
+_PLAIN_RECORD = 64 << 20
+
+
+def _plain_reading(fork: _Fork, sink: Sink, *, limits: ScanLimits, torch: bool) -> None:
+    """Analyse the stream as pickle.load reads it from the fork on; findings count only if
+    that reading imports something (as for a pickle at byte 0 of a container)."""
+    if fork.replay is None:
+        return
+    reader, truncated = fork.replay()
+    if fork.state is None:
+        sink.add(
+            Severity.MEDIUM,
+            "unverifiable",
+            "joblib array in a pickle too deeply nested to also read as pickle.load does",
+            fork.pos,
+        )
+        return
+    scratch = sink.scratch()
+    a = _Analyzer(reader, scratch, limits=limits, torch=torch, joblib_arrays=False)
+    a.stack, a.metastack, a.memo = fork.state
+    a.proto = fork.proto
+    imports, error = 0, None
+    try:
+        a.run()
+    except _Malformed as exc:
+        error = str(exc)
+    except _Abort:
+        error = "aborted"
+    # Unregistered extension codes make pickle.load fail (no library registers any): in raw
+    # array bytes, read as opcodes, they are noise rather than a way to run code.
+    imports += a.imports - a.extensions
+    count = 1
+    while error is None and not reader.at_eof() and count < limits.max_pickles_per_stream:
+        b, _value, error = _analyze_one(
+            reader, scratch, limits=limits, torch=torch, joblib_arrays=False
+        )
+        imports += b.imports - b.extensions
+        count += 1
+    ended_early = truncated and reader.at_eof() and error is not None
+    if imports:
+        sink.merge(scratch)
+        sink.add(
+            Severity.MEDIUM,
+            "joblib-plain-reading",
+            "read as a plain pickle (pickle.load, np.load), the bytes joblib takes as array "
+            "data are opcodes that import code",
+            fork.pos,
+        )
+    elif ended_early:
+        sink.add(
+            Severity.MEDIUM,
+            "unverifiable",
+            f"read as a plain pickle, the stream after a joblib array header runs past the "
+            f"{_PLAIN_RECORD >> 20} MiB the scanner keeps of a stream it cannot read twice",
+            fork.pos,
+        )
 
 
 def _looks_like_pickle(a: _Analyzer, error: str | None) -> bool:
@@ -1656,14 +1769,22 @@ def probe_pickle_imports(
 ) -> bool:
     """Read the stream as ``pickle.load`` would (one pickle from here) and keep the findings only
     if that pickle imports anything: a pickle that imports nothing runs nothing, so a container
-    whose first bytes happen to form opcodes is not flagged for it."""
+    whose first bytes happen to form opcodes is not flagged for it. Joblib's reading of it is
+    analysed too (it may skip array data that pickle.load reads as opcodes, or the reverse)."""
     scratch = sink.scratch()
-    a, _value, error = _analyze_one(reader, scratch, limits=limits, torch=torch)
+    fork = _Fork()
+    a, _value, error = _analyze_one(reader, scratch, limits=limits, torch=torch, fork=fork)
     if a.imports == 0:
-        return False
+        plain = sink.scratch()
+        _plain_reading(fork, plain, limits=limits, torch=torch)
+        if plain.worst < Severity.MEDIUM:
+            return False
+        sink.merge(plain)
+        return True
     sink.merge(scratch)
     if error is not None and error != "aborted":
         sink.add(Severity.MEDIUM, "malformed", f"malformed pickle: {error}", a.pos)
+    _plain_reading(fork, sink, limits=limits, torch=torch)
     return True
 
 
@@ -1674,15 +1795,45 @@ def scan_pickle_stream(
     limits: ScanLimits,
     torch: bool = False,
     probe: bool = False,
+    joblib_arrays: bool = True,
 ) -> PickleOutcome:
     """Analyse every pickle in a stream (several may be concatenated).
 
     With ``probe`` the stream is not known to be a pickle: if the first opcodes do not form one
-    (and import nothing) the outcome's format is "" and nothing is reported.
+    (and import nothing) the outcome's format is "" and nothing is reported. With
+    ``joblib_arrays`` (a stream joblib.load may read) both readings are analysed: joblib's,
+    which reads array data after each NumpyArrayWrapper, and pickle.load's, which does not.
     """
+    fork = _Fork() if joblib_arrays else None
+    outcome = _scan_stream(
+        reader,
+        sink,
+        limits=limits,
+        torch=torch,
+        probe=probe,
+        joblib_arrays=joblib_arrays,
+        fork=fork,
+    )
+    if fork is not None and outcome.format:
+        _plain_reading(fork, sink, limits=limits, torch=torch)
+    return outcome
+
+
+def _scan_stream(
+    reader: ByteReader,
+    sink: Sink,
+    *,
+    limits: ScanLimits,
+    torch: bool,
+    probe: bool,
+    joblib_arrays: bool,
+    fork: _Fork | None,
+) -> PickleOutcome:
     start = reader.pos
     first_sink = sink.scratch() if probe else sink
-    a, value, error = _analyze_one(reader, first_sink, limits=limits, torch=torch)
+    a, value, error = _analyze_one(
+        reader, first_sink, limits=limits, torch=torch, joblib_arrays=joblib_arrays, fork=fork
+    )
     if probe:
         if error is not None and not _looks_like_pickle(a, error):
             return PickleOutcome(format="", pickles=0)
@@ -1699,7 +1850,9 @@ def scan_pickle_stream(
         if count >= limits.max_pickles_per_stream:
             sink.add(Severity.MEDIUM, "limit", "too many concatenated pickles", reader.pos)
             break
-        b, _value, error = _analyze_one(reader, sink, limits=limits, torch=torch)
+        b, _value, error = _analyze_one(
+            reader, sink, limits=limits, torch=torch, joblib_arrays=joblib_arrays, fork=fork
+        )
         if error is not None:
             if b.ops <= 1 and b.imports == 0 and error != "aborted":
                 sink.add(
@@ -1720,7 +1873,7 @@ def scan_pickle_stream(
 def _torch_legacy(reader: ByteReader, sink: Sink, *, limits: ScanLimits) -> PickleOutcome:
     """Legacy ``torch.save``: magic, protocol, sys_info, the object, storage keys, raw bytes."""
     for index, what in enumerate(("protocol version", "sys_info", "object", "storage keys")):
-        a, value, error = _analyze_one(reader, sink, limits=limits, torch=True)
+        a, value, error = _analyze_one(reader, sink, limits=limits, torch=True, joblib_arrays=False)
         if error is not None:
             if error != "aborted":
                 sink.add(
@@ -1774,7 +1927,9 @@ def scan_torch_tar_member(
 
     def one(what: str) -> tuple[bool, Any]:
         nonlocal pickles
-        a, value, error = _analyze_one(reader, sink, limits=limits, torch=False)
+        a, value, error = _analyze_one(
+            reader, sink, limits=limits, torch=False, joblib_arrays=False
+        )
         pickles += 1
         if error is not None:
             if error != "aborted":

@@ -279,7 +279,9 @@ class _Scanner:
         if head.lstrip()[:1] in (b"{", b"["):
             fmt = scan_json(r, sink, limits=limits)
             return fmt or self._unknown()
-        outcome = scan_pickle_stream(r, sink, limits=limits, torch=hint.torch, probe=True)
+        outcome = scan_pickle_stream(
+            r, sink, limits=limits, torch=hint.torch, probe=True, joblib_arrays=not hint.torch
+        )
         fmt = outcome.format
         if seekable is not None and _has_zip_directory(seekable):
             # A zip directory at the end of a non-zip file: loaders that look at the end

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, Protocol
 
 __all__ = [
@@ -480,6 +480,33 @@ class ByteReader:
                 return bytes(kept), total, True
             self._i = len(self._buf)
 
+    def fork(self, limit: int) -> Callable[[], tuple[ByteReader, bool]]:
+        """A second reading from the current position, for when two loaders part ways here.
+
+        Call the result once this reader is done: it gives a reader positioned where ``fork``
+        was called, and whether that reader ends early. A seekable stream is read again; any
+        other records the next ``limit`` bytes as this reader goes on (so the second reader
+        ends there, and says so, if the stream is longer)."""
+        pos = self.pos
+        base = self._base
+        if self._seek:
+            at = base.tell() - (len(self._buf) - self._i)  # type: ignore[attr-defined]
+
+            def again() -> tuple[ByteReader, bool]:
+                base.seek(at)  # type: ignore[attr-defined]
+                return ByteReader(base, origin=pos), False
+
+            return again
+        tee = _Tee(base=base, limit=limit, head=self._buf[self._i :])
+        self._base = tee
+
+        def replay() -> tuple[ByteReader, bool]:
+            tee.active = False
+            recorded = ByteReader(io.BytesIO(b"".join(tee.parts)), origin=pos)
+            return recorded, tee.truncated
+
+        return replay
+
     def raw(self) -> Source:
         """The underlying stream positioned at ``pos`` (hands the buffered bytes over with it)."""
         rest = self._buf[self._i :]
@@ -490,6 +517,35 @@ class ByteReader:
             return self._base
         self._origin -= len(rest)
         return _Prefixed(prefix=rest, base=self._base)
+
+
+class _Tee:
+    """A forward-only stream that keeps a copy of the first ``limit`` bytes read through it."""
+
+    def __init__(self, *, base: Source, limit: int, head: bytes) -> None:
+        self.base = base
+        self.parts = [head[:limit]]
+        self.kept = len(self.parts[0])
+        self.limit = limit
+        self.active = True
+        self.truncated = len(head) > limit
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self.base.read(n)
+        if self.active and data:
+            room = self.limit - self.kept
+            if len(data) > room:
+                self.truncated = True
+                self.active = False
+            keep = data[:room]
+            self.parts.append(keep)
+            self.kept += len(keep)
+        return data
+
+    def close(self) -> None:
+        close = getattr(self.base, "close", None)
+        if close is not None:
+            close()
 
 
 def spool(src: Source, *, limit: int) -> IO[bytes]:

@@ -388,19 +388,17 @@ class Unpickler:
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
         self.proto = 0
-        self.extra = extra
-        self.extra_builders = builders
 
     def nested(self) -> Unpickler:
-        """A fresh interpreter on the same reader and budget (joblib's object arrays)."""
+        """A fresh interpreter on the same reader and budget (joblib's object arrays). joblib
+        reads those with plain ``pickle.load``, where a NumpyArrayWrapper reads no array data:
+        so the nested one builds no joblib wrappers (it refuses the name)."""
         if self.depth >= 16:
             raise refuse("pickles nested more than 16 deep")
         return Unpickler(
             self.r,
             limits=self.limits,
             budget=self.budget,
-            extra=self.extra,
-            builders=self.extra_builders,
             persistent_load=self.persistent_load,
             depth=self.depth + 1,
         )
