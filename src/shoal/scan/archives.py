@@ -74,7 +74,14 @@ def scan_zip(
     try:
         zf = zipfile.ZipFile(f)
         infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        EOFError,
+        struct.error,
+        NotImplementedError,  # a member needing a newer zip version than zipfile reads
+    ) as exc:
         sink.add(Severity.MEDIUM, "malformed", f"zip archive cannot be read: {exc}", 0)
         return "zip"
     shifted = _absolute_reading(f)
@@ -159,7 +166,13 @@ def scan_zip(
         try:
             try:
                 src = member_source(f, zf, info, limits, budget)
-            except (_MemberError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            except (
+                _MemberError,
+                zipfile.BadZipFile,
+                OSError,
+                ValueError,
+                NotImplementedError,
+            ) as exc:
                 sink.add(Severity.MEDIUM, "malformed", f"member cannot be read: {exc}", None)
                 continue
             if src is None:
@@ -328,7 +341,15 @@ def _npy_inside(
         if src is None:
             return False  # a method zipfile cannot read without a password: np.load cannot
         head = src.read(6)
-    except (_MemberError, zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error):
+    except (
+        _MemberError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        EOFError,
+        zlib.error,
+        NotImplementedError,
+    ):
         return True  # lzma.LZMAError is an OSError; the normal path reports the member
     return head == b"\x93NUMPY"
 

@@ -123,7 +123,10 @@ def build_dtype(code: Any, state: Any = None) -> Any:
         raise _refuse(
             f"dtype {brief(code)}: only plain numeric, bool, string and datetime types load"
         )
-    dtype = np.dtype(code)
+    try:
+        dtype = np.dtype(code)
+    except (TypeError, ValueError):  # e.g. 'f14': the pattern allows sizes NumPy does not
+        raise _refuse(f"dtype {brief(code)}: NumPy has no such type") from None
     if state is not None:
         if not literal_dtype_state(state):
             raise _refuse("a dtype state that is not plain literals (structured dtypes refused)")
