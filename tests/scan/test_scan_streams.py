@@ -74,3 +74,26 @@ def test_truncated_npy_is_refused(tmp_path):
     path.write_bytes(buf.getvalue()[:-100])
     with pytest.raises(UnsafeModelError):
         load(path)
+
+
+def test_output_zlib_holds_back_after_the_last_input_is_read():
+    """16 MiB of zeros plus a 6-byte pickle tail, deflated: the last input is consumed while
+    the final bytes are still inside zlib, exactly at a CHUNK boundary of output. That read
+    as 'stream ends before its end marker' (a benign npz member or gzip file reported
+    unreadable, and refused by load)."""
+    import struct
+    import zlib
+
+    from shoal.scan.streams import Decompressed, Slice
+
+    payload = b"B" + struct.pack("<I", 16 << 20) + bytes(16 << 20) + b"."
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = comp.compress(payload) + comp.flush()
+    base = io.BytesIO(b"pad" + body)
+    stream = Decompressed(
+        base=Slice(base=base, start=3, length=len(body)), codec="deflate", limit=1 << 40
+    )
+    got = bytearray()
+    while chunk := stream.read(1 << 16):
+        got += chunk
+    assert bytes(got) == payload

@@ -232,9 +232,11 @@ class Decompressed(io.RawIOBase):
                     self._buf = dec.decompress(rest, CHUNK)
                 else:
                     raw = dec.unconsumed_tail or self._raw()
-                    if not raw:
-                        raise EOFError(f"{self._codec} stream ends before its end marker")
+                    # All input taken, zlib may still hold output back (a long match cut by
+                    # the CHUNK bound): only a call without input that gives nothing is the end
                     self._buf = dec.decompress(raw, CHUNK)
+                    if not raw and not self._buf and not dec.eof:
+                        raise EOFError(f"{self._codec} stream ends before its end marker")
             else:
                 if dec.eof:
                     # As bz2.BZ2File and lzma.LZMAFile (hence joblib) do: a further stream
