@@ -162,3 +162,14 @@ def test_a_dtype_code_numpy_does_not_have_is_reported_not_a_scanner_error():
     _check(scan_bytes(data))  # pickle.load fails on it too (TypeError): nothing runs
     with pytest.raises(UnsafeModelError, match="f14"):
         loads(data)
+
+
+def test_a_zip_member_with_an_empty_name_is_scanned_not_a_scanner_error():
+    """ZipInfo.is_dir() indexes the last character of the name: an empty name raised
+    IndexError out of the archive reader (found by a mutation fuzz run, 4,000 files)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(""), b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueR.")
+    report = scan_bytes(buf.getvalue())
+    _check(report)
+    assert report.severity == Severity.CRITICAL, report.findings

@@ -152,7 +152,7 @@ def scan_zip(
             sink.add(
                 Severity.MEDIUM, "path-traversal", f"member name {name!r} escapes the folder", 0
             )
-        raw_member = info.is_dir() or (
+        raw_member = name.endswith("/") or (  # ZipInfo.is_dir() fails on an empty name
             torch
             and not torch_pickle_member(name)
             and (_TORCH_STORAGE.fullmatch(name) is not None or _TORCH_META.fullmatch(name))

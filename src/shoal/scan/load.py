@@ -304,7 +304,7 @@ def _read_npz(path: str, limits: ScanLimits) -> dict[str, Any]:
         if len(infos) > limits.max_members:
             raise refuse(f"more than {limits.max_members} members (ScanLimits.max_members)")
         for info in infos:
-            if info.is_dir():
+            if info.filename.endswith("/"):  # ZipInfo.is_dir() fails on an empty name
                 continue
             src = member_source(f, zf, info, limits, stream_budget)
             if src is None:
