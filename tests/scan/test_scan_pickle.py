@@ -337,3 +337,26 @@ class TestClassify:
     )
     def test_severities(self, module, name, severity):
         assert classify_global(module, name)[0] == severity
+
+
+def test_a_wrapper_rebuilt_many_times_keeps_one_value_per_name():
+    """One joblib wrapper fetched from the memo and rebuilt N times merged every pair of every
+    state: N**2 work (32,000 rebuilds in 600 KB took 2.4 s of scan, growing fourfold per
+    doubling). The merged state keeps the last value of each name, and a state of more names
+    than a wrapper has is opaque."""
+    from shoal.scan.pickle_scan import _Dict, _merge_states, _Opaque
+
+    def state(*names: str) -> _Dict:
+        d = _Dict()
+        d.pairs = [(n, i) for i, n in enumerate(names)]
+        d.n = len(d.pairs)
+        return d
+
+    merged = state("shape", "order")
+    for _ in range(10_000):
+        merged = _merge_states(merged, state("allow_mmap", "shape"))
+    assert isinstance(merged, _Dict)
+    assert dict(merged.pairs) == {"order": 1, "allow_mmap": 0, "shape": 1}
+    assert merged.n == 3
+    wide = state(*(f"a{i}" for i in range(65)))
+    assert isinstance(_merge_states(state("shape"), wide), _Opaque)
