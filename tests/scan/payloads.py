@@ -522,3 +522,47 @@ def joblib_object_array_with_wrapper(marker: str) -> bytes:
 def npy_object_pickle_with_wrapper(marker: str) -> bytes:
     """An object .npy whose pickle holds a wrapper: np.load runs it with pickle.load."""
     return as_npy(joblib_array_read_by_pickle(marker))
+
+
+def shared_tuple(levels: int) -> bytes:
+    """T0 = (); Ti = (T(i-1), T(i-1)) through the memo: 2**levels leaves when walked."""
+    out = bytearray(b")")
+    for i in range(levels):
+        out += b"\x94h" + bytes([i]) + b"\x86"  # MEMOIZE, BINGET i, TUPLE2
+    return bytes(out)
+
+
+def _dtype_state(order: str, extra: bytes, elsize: int, align: int, flags: int) -> bytes:
+    head = b"(K\x03" + su(order) + b"N" + extra
+    return (
+        head
+        + b"J"
+        + struct.pack("<i", elsize)
+        + b"J"
+        + struct.pack("<i", align)
+        + b"K"
+        + bytes([flags])
+        + b"t"
+    )
+
+
+def dtype_tree(fan: int, depth: int) -> bytes:
+    """A structured dtype of ``fan`` fields of one structured dtype of ``fan`` fields ...
+    ``depth`` levels deep, each level a few dozen bytes (every field names the level below
+    through the memo): fan**depth float64 leaves when walked as a tree."""
+    plain = _dtype_state("<", b"NN", -1, -1, 0)
+    out = b"\x80\x04" + sglob("numpy", "dtype") + su("f8") + b"\x89\x88\x87R" + plain + b"b"
+    out += b"r" + struct.pack("<I", 0)
+    size = 8
+    for level in range(1, depth + 1):
+        names = b"(" + b"".join(su(f"f{i}") for i in range(fan)) + b"t"
+        fields = b"}("
+        for i in range(fan):
+            fields += su(f"f{i}") + b"j" + struct.pack("<I", level - 1)
+            fields += b"J" + struct.pack("<i", i * size) + b"\x86"
+        fields += b"u"
+        state = _dtype_state("|", names + fields, fan * size, 1, 16)
+        out += b"0" + sglob("numpy", "dtype") + su(f"V{fan * size}") + b"\x89\x88\x87R" + state
+        out += b"b" + b"r" + struct.pack("<I", level)
+        size *= fan
+    return out + b"."

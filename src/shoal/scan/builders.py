@@ -156,22 +156,38 @@ def build_dtype(code: Any, state: Any = None) -> Any:
     return dtype
 
 
-def _canonical(dtype: Any) -> Any:
+def _show(dtype: Any) -> str:
+    """A dtype's repr, except a structured one's (it spells out every nested field)."""
+    if dtype.names is None and dtype.subdtype is None:
+        return repr(dtype)
+    return f"<structured {dtype.str}, {len(dtype.names or ())} fields>"
+
+
+def _canonical(dtype: Any, done: dict[int, Any] | None = None) -> Any:
     """``dtype`` rebuilt by NumPy's own constructor (which checks layout and computes the
-    flags itself), refused unless the rebuilt one has the same layout."""
+    flags itself), refused unless the rebuilt one has the same layout.
+
+    Each field dtype object is rebuilt once (``done``): fields share dtypes, so a dtype of two
+    fields of one dtype of two fields ... is a few bytes per level and 2**levels fields when
+    walked as a tree."""
     import numpy as np
 
+    if done is None:
+        done = {}
+    hit = done.get(id(dtype))
+    if hit is not None and hit[0] is dtype:
+        return hit[1]
     try:
         if dtype.subdtype is not None:
             base, shape = dtype.subdtype
-            new = np.dtype((_canonical(base), shape))
+            new = np.dtype((_canonical(base, done), shape))
         elif dtype.names is not None:
             fields = dtype.fields
             names = list(dtype.names)
             new = np.dtype(
                 {
                     "names": names,
-                    "formats": [_canonical(fields[n][0]) for n in names],
+                    "formats": [_canonical(fields[n][0], done) for n in names],
                     "offsets": [fields[n][1] for n in names],
                     "titles": [fields[n][2] if len(fields[n]) == 3 else None for n in names],
                     "itemsize": dtype.itemsize,
@@ -181,11 +197,15 @@ def _canonical(dtype: Any) -> Any:
             new = np.dtype(dtype.str)
     except (TypeError, ValueError, OverflowError) as exc:
         raise DtypeLayoutError(
-            f"refusing dtype {dtype!r}: its state describes an invalid layout ({exc})"
+            f"refusing dtype {_show(dtype)}: its state describes an invalid layout "
+            f"({str(exc)[:200]})"
         ) from None
     # has-object is the one flag that decides whether raw bytes are read as object pointers
     if new != dtype or new.itemsize != dtype.itemsize or new.hasobject != dtype.hasobject:
-        raise DtypeLayoutError(f"refusing dtype {dtype!r}: its state disagrees with its layout")
+        raise DtypeLayoutError(
+            f"refusing dtype {brief(dtype.str)}: its state disagrees with its layout"
+        )
+    done[id(dtype)] = (dtype, new)  # the object is kept alive, so its id is not reused
     return new
 
 

@@ -317,7 +317,9 @@ class _Blob:
 _MISSING = _Opaque("missing")
 
 
-def _describe(v: Any) -> str:
+def _describe(v: Any, depth: int = 0) -> str:
+    """Short text for a symbolic value: tuples at most three levels and four items deep (a
+    tuple holding one tuple twice, forty times over, is a few hundred bytes of pickle)."""
     if isinstance(v, _Glob):
         return f"imported {v.qual}"
     if isinstance(v, _Obj):
@@ -329,7 +331,9 @@ def _describe(v: Any) -> str:
     if isinstance(v, (_List, _Dict)):
         return type(v).__name__.strip("_").lower()
     if isinstance(v, tuple):
-        inner = ", ".join(_describe(x) for x in v[:4])
+        if depth >= 3:
+            return "(...)"
+        inner = ", ".join(_describe(x, depth + 1) for x in v[:4])
         return f"({inner}{', ...' if len(v) > 4 else ''})"
     if isinstance(v, (str, bytes)):
         v = v[:80]
@@ -1629,12 +1633,30 @@ def _joblib_layout(wrapper: _Obj) -> tuple[int, int, bool, bool] | None:
     return count, built.itemsize, bool(built.hasobject), padded
 
 
-def _real_dtype(dtype: Any, depth: int) -> Any:
+def _real_dtype(dtype: Any, depth: int, built: dict[tuple[int, int], Any] | None = None) -> Any:
     """The dtype NumPy would build from a symbolic ``numpy.dtype(...)`` call and its state, via
-    shoal's checked builder (nested field dtypes too); None if any part is not literal."""
+    shoal's checked builder (nested field dtypes too); None if any part is not literal.
+
+    Each symbolic dtype is built once per depth and call (``built``): fields are dtypes from
+    the memo, so a dtype of four fields of one dtype of four fields ... eight levels deep is
+    1 KB of pickle and 4**8 builds when walked as a tree."""
+    if depth > 16 or not isinstance(dtype, _Obj) or dtype.origin is None:
+        return None
+    if built is None:
+        built = {}
+    key = (id(dtype), depth)
+    if key in built:
+        return built[key]
+    built[key] = None  # a dtype that contains itself is not literal
+    result = _real_dtype_once(dtype, depth, built)
+    built[key] = result
+    return result
+
+
+def _real_dtype_once(dtype: _Obj, depth: int, built: dict[tuple[int, int], Any]) -> Any:
     from shoal.scan.builders import build_dtype
 
-    if depth > 16 or not isinstance(dtype, _Obj) or dtype.origin is None:
+    if dtype.origin is None:
         return None
     if dtype.origin.qual != "numpy.dtype" or dtype.new or not isinstance(dtype.args, tuple):
         return None
@@ -1645,7 +1667,7 @@ def _real_dtype(dtype: Any, depth: int) -> Any:
         parts = list(state)
         sub, fields = parts[2], parts[4]
         if isinstance(sub, tuple) and len(sub) == 2:
-            inner = _real_dtype(sub[0], depth + 1)
+            inner = _real_dtype(sub[0], depth + 1, built)
             if inner is None:
                 return None
             parts[2] = (inner, sub[1])
@@ -1656,7 +1678,7 @@ def _real_dtype(dtype: Any, depth: int) -> Any:
             for name, spec in fields.pairs:
                 if not isinstance(spec, tuple) or not spec:
                     return None
-                inner = _real_dtype(spec[0], depth + 1)
+                inner = _real_dtype(spec[0], depth + 1, built)
                 if inner is None:
                     return None
                 real[name] = (inner, *spec[1:])
