@@ -566,3 +566,42 @@ def dtype_tree(fan: int, depth: int) -> bytes:
         out += b"b" + b"r" + struct.pack("<I", level)
         size *= fan
     return out + b"."
+
+
+def _legacy_tar_with_link(storages_target: bytes, link: tuple[int, str]) -> bytes:
+    """A legacy torch tar whose 'storages' member is a link (tar type, target) to another
+    member 'x' holding ``storages_target``, or to a path outside the archive."""
+    members: list[tuple[str, bytes | None, tuple[int, str] | None]] = [
+        ("sys_info", b"\x80\x02}q\x00.", None),
+        ("x", storages_target, None),
+        ("storages", None, link),
+        ("tensors", b"\x80\x02K\x00.", None),
+        ("pickle", b"\x80\x02}q\x00.", None),
+    ]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, target in members:
+            info = tarfile.TarInfo(name)
+            if target is not None:
+                info.type, info.linkname = target[0], target[1]
+                tf.addfile(info)
+            else:
+                assert data is not None
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def torch_tar_storages_hardlink(marker: str) -> bytes:
+    """torch.load extracts 'storages' by name; a hard link makes it the data of member 'x',
+    whose records (a pickle, raw bytes, the views pickle that runs) are read as storages."""
+    storages = b"\x80\x02K\x01." + b"\x80\x02(X\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+    storages += glob2("torch", "FloatStorage") + b"t."
+    storages += struct.pack("<q", 1) + struct.pack("<f", 1.0) + evil_pickle(marker)
+    return _legacy_tar_with_link(storages, (tarfile.LNKTYPE, "x"))
+
+
+def torch_tar_storages_symlink_outside(path: str) -> bytes:
+    """'storages' is a symbolic link to a path outside the archive: torch.load extracts the
+    link and unpickles whatever that path holds."""
+    return _legacy_tar_with_link(b"\x80\x02N.", (tarfile.SYMTYPE, path))

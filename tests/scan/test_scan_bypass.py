@@ -55,6 +55,7 @@ BYPASSES: dict[str, tuple[Callable[[str], bytes], str]] = {
     "joblib_array_read_by_pickle_gzip": (P.joblib_array_read_by_pickle_gzip, "pickle-gzip"),
     "joblib_object_array_with_wrapper": (P.joblib_object_array_with_wrapper, "joblib"),
     "npy_object_pickle_with_wrapper": (P.npy_object_pickle_with_wrapper, "numpy"),
+    "torch_tar_storages_hardlink": (P.torch_tar_storages_hardlink, "torch"),
     "joblib_second_build": (P.joblib_second_build, "joblib"),
     "joblib_wrapper_by_reconstructor": (P.joblib_wrapper_by_reconstructor, "joblib"),
 }
@@ -303,3 +304,19 @@ def test_a_plain_reading_past_what_is_kept_is_unverified(monkeypatch):
     assert report.severity == Severity.MEDIUM, report.findings
     assert any(f.kind == "unverifiable" and "MiB" in f.detail for f in report.findings)
     assert scan_bytes(data).severity == Severity.CRITICAL  # a seekable stream is read again
+
+
+def test_a_torch_tar_member_linked_outside_the_archive_is_medium(tmp_path):
+    """torch.load extracts 'storages' and opens it: a symbolic link to a path outside the
+    archive makes it unpickle a file the scanner never saw."""
+    outside = tmp_path / "elsewhere.pkl"
+    marker = tmp_path / "ran"
+    outside.write_bytes(P.evil_pickle(str(marker)))
+    path = tmp_path / "model.tar"
+    path.write_bytes(P.torch_tar_storages_symlink_outside(str(outside)))
+    subprocess.run([sys.executable, "-c", _CHILD, "torch", str(path)], timeout=120, cwd=tmp_path)
+    assert marker.exists()  # torch.load ran the pickle behind the link
+    marker.unlink()
+    report = scan_file(path)
+    assert report.severity == Severity.MEDIUM, report.findings
+    assert any(f.kind == "link-member" and "outside" in f.detail for f in report.findings)

@@ -376,6 +376,7 @@ def scan_tar(src: IO[bytes], sink: Sink, *, limits: ScanLimits, scan_member: Sca
                     sink.add(
                         Severity.MEDIUM, "path-traversal", f"member name {name!r} escapes", None
                     )
+                torch_name = name in ("pickle", "storages", "tensors", "sys_info")
                 if member.issym() or member.islnk():
                     sink.add(
                         Severity.LOW,
@@ -383,12 +384,29 @@ def scan_tar(src: IO[bytes], sink: Sink, *, limits: ScanLimits, scan_member: Sca
                         f"{name!r} links to {member.linkname!r} (matters if extracted)",
                         None,
                     )
+                    if not torch_name:
+                        continue
+                    # torch.load extracts these by name and unpickles them: through a link it
+                    # reads the target, which is scanned as the member it stands for
+                    try:
+                        fobj = tf.extractfile(member)
+                    except (KeyError, tarfile.TarError):
+                        fobj = None
+                    if fobj is None:
+                        sink.add(
+                            Severity.MEDIUM,
+                            "link-member",
+                            f"{name!r} links to {member.linkname!r}, outside the archive: "
+                            "torch.load unpickles whatever that path holds, which was not scanned",
+                            None,
+                        )
+                        continue
+                elif not member.isfile():
                     continue
-                if not member.isfile():
-                    continue
-                if name in ("pickle", "storages", "tensors", "sys_info"):
+                else:
+                    fobj = tf.extractfile(member)
+                if torch_name:
                     fmt = "torch-legacy-tar"
-                fobj = tf.extractfile(member)
                 if fobj is None:
                     continue
                 sink.where = f"{outer}/{name}" if outer else name
