@@ -13,9 +13,10 @@ from sklearn.datasets import load_breast_cancer, load_wine
 
 from shoal.errors import DataError, ProtocolError
 from shoal.trees import Bins, GBDTParams, train
-from shoal.wire import decode, encode
 
 pytest.importorskip("shoal.crypto.paillier")
+
+from wire_link import Wire
 
 from shoal.trees.vertical import (
     GuestParty,
@@ -27,19 +28,6 @@ from shoal.trees.vertical import (
 )
 
 KEY_BITS = 512  # test keys; the protocol is the same at 2048
-
-
-class Wire:
-    """A host reached through the wire codec, recording everything it sends the guest."""
-
-    def __init__(self, host: HostParty) -> None:
-        self.host = host
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def __call__(self, method: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
-        reply = decode(encode(dict(self.host.handle(method, decode(encode(dict(payload)))))))
-        self.sent.append((method, reply))
-        return reply
 
 
 def _cancer() -> tuple[np.ndarray, np.ndarray]:

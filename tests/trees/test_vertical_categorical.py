@@ -4,7 +4,6 @@ on encrypted histograms, losslessly, and the guest cannot tell such a split from
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ from hypothesis import strategies as st
 
 from shoal.errors import DataError
 from shoal.trees import Bins, GBDTParams, train
-from shoal.wire import decode, encode
 
 pytest.importorskip("shoal.crypto.paillier")
+
+from wire_link import Wire
 
 from shoal.trees.vertical import (
     GuestParty,
@@ -30,19 +30,6 @@ from shoal.trees.vertical import (
 )
 
 KEY_BITS = 512  # test keys: the protocol is the same at 2048
-
-
-class Wire:
-    """A host reached through the wire codec, recording what it sends the guest."""
-
-    def __init__(self, host: HostParty) -> None:
-        self.host = host
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def __call__(self, method: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
-        reply = decode(encode(dict(self.host.handle(method, decode(encode(dict(payload)))))))
-        self.sent.append((method, reply))
-        return reply
 
 
 def task(n: int = 1500, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
