@@ -313,3 +313,30 @@ def test_a_party_csv_may_leave_features_empty_for_trees_only(tmp_path: Any) -> N
     path.write_text("id,a\nx1,inf\n")
     with pytest.raises(DataError):
         PartyData.from_csv(path, id_column="id", missing_ok=True)
+
+
+def test_a_coordinator_replaying_or_reordering_boxes_is_refused() -> None:
+    """The coordinator cannot open a box, but it holds every one it relayed. Delivered twice,
+    or after a later one, a box is refused by the party it is for, and a host's old reply
+    is refused by the guest: each box carries its number on the channel, authenticated."""
+    tables = _tables()
+    fed, engine = _federation(tables)
+    train_routed(fed, _cfg(n_trees=1))
+    guest, hosts = fed.role("guest"), fed.role("host")
+    host = engine.node_state("ins0")[STATE]["host"]
+    out = guest.map("secureboost.guest.tree")
+    sums = out.to(hosts, task="secureboost.host.tree", min_nodes=1)
+    with pytest.raises(NotEnoughNodes, match="replayed or reordered"):
+        out.to(hosts, task="secureboost.host.tree", min_nodes=1)  # the same box again
+    chosen = sums.to(guest, task="secureboost.guest.choose")
+    with pytest.raises(NotEnoughNodes, match="replayed or reordered"):
+        sums.to(guest, task="secureboost.guest.choose")  # a host's reply, delivered again
+    committed = chosen.to(hosts, task="secureboost.host.commit", min_nodes=1)
+    records = len(host.records)
+    with pytest.raises(NotEnoughNodes, match="replayed or reordered"):
+        chosen.to(hosts, task="secureboost.host.commit", min_nodes=1)
+    assert len(host.records) == records  # the replayed commit recorded no split
+    with pytest.raises(NotEnoughNodes, match="replayed or reordered"):
+        out.to(hosts, task="secureboost.host.tree", min_nodes=1)  # an older box, after a newer
+    following = committed.to(guest, task="secureboost.guest.apply", last=False)
+    assert following.to(hosts, task="secureboost.host.histograms", min_nodes=1).node_ids

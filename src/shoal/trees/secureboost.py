@@ -75,6 +75,7 @@ log = logging.getLogger("shoal.trees")
 
 _STATE = "shoal.trees.secureboost"
 _CHANNEL = "secureboost-channel"
+_SEQ_BYTES = 8  # a box's number on its channel, in front of it
 METRICS = ("auc", "accuracy", "logloss", "rmse", "n", "digest")
 
 
@@ -132,14 +133,26 @@ def _channel_key(own: keys.KeyPair, peer_public: Any, guest: str, host: str) -> 
     return keys.derive_key(shared, purpose=_CHANNEL, context=f"{guest}\x00{host}".encode())
 
 
-def _seal(key: bytes, message: Mapping[str, Any], *, step: str) -> np.ndarray:
-    blob = keys.encrypt(key, bytes(encode(dict(message))), associated_data=step.encode())
-    return np.frombuffer(blob, dtype=np.uint8)
+def _aad(step: str, seq: int) -> bytes:
+    return f"{step}#{seq}".encode()
 
 
-def _open(key: bytes, box: Any, *, step: str) -> dict[str, Any]:
-    plain = keys.decrypt(key, bytes(np.asarray(box, dtype=np.uint8)), associated_data=step.encode())
-    return dict(decode(plain))
+def _seal(key: bytes, message: Mapping[str, Any], *, step: str, seq: int) -> np.ndarray:
+    """``message`` as the ``seq``-th box on its channel: the number travels in front of the
+    box and is authenticated with the step, so the coordinator (which holds every box it
+    relayed) cannot deliver one twice, late or as the answer to another message."""
+    blob = keys.encrypt(key, bytes(encode(dict(message))), associated_data=_aad(step, seq))
+    return np.frombuffer(seq.to_bytes(_SEQ_BYTES, "big") + blob, dtype=np.uint8)
+
+
+def _open(key: bytes, box: Any, *, step: str) -> tuple[int, dict[str, Any]]:
+    """A box's number on the channel and its message (authenticated, or ProtocolError)."""
+    raw = bytes(np.asarray(box, dtype=np.uint8))
+    if len(raw) <= _SEQ_BYTES:
+        raise ProtocolError("a sealed box is too short to hold its number and message")
+    seq = int.from_bytes(raw[:_SEQ_BYTES], "big")
+    plain = keys.decrypt(key, raw[_SEQ_BYTES:], associated_data=_aad(step, seq))
+    return seq, dict(decode(plain))
 
 
 def _prefixed(message: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -214,26 +227,35 @@ def guest_setup(ctx: TaskContext, payload: dict[str, Any], *, store: Checkpoints
     st.clear()
     st.update(
         guest=guest, boosting=boosting, hosts=hosts, channels=channels, x_test=x[held],
-        y_test=y[held], run=run,
+        y_test=y[held], run=run, sent=dict.fromkeys(hosts, 0),
     )  # fmt: skip
     return {"dh": np.frombuffer(own.public, dtype=np.uint8)}
 
 
 def _to_hosts(st: dict[str, Any], messages: Mapping[int, Mapping[str, Any]], step: str) -> dict:
-    return {
-        f"box/{h}": _seal(st["channels"][h], messages[i], step=f"{step}>{h}")
-        for i, h in enumerate(st["hosts"], start=1)
-    }
+    boxes = {}
+    for i, h in enumerate(st["hosts"], start=1):
+        st["sent"][h] += 1
+        seq = st["sent"][h]
+        boxes[f"box/{h}"] = _seal(st["channels"][h], messages[i], step=f"{step}>{h}", seq=seq)
+    return boxes
 
 
 def _from_hosts(st: dict[str, Any], payload: Mapping[str, Any], step: str) -> dict[int, dict]:
+    """Each host's reply to the last box the guest sent it (an older one is refused)."""
     boxes = received(payload, "box")
     if sorted(boxes) != sorted(st["hosts"]):
         raise ProtocolError(f"expected replies from hosts {st['hosts']}, got {sorted(boxes)}")
-    return {
-        i: _open(st["channels"][h], boxes[h], step=f"{step}<{h}")
-        for i, h in enumerate(st["hosts"], start=1)
-    }
+    out = {}
+    for i, h in enumerate(st["hosts"], start=1):
+        seq, message = _open(st["channels"][h], boxes[h], step=f"{step}<{h}")
+        if seq != st["sent"][h]:
+            raise ProtocolError(
+                f"host {h}'s reply answers box {seq}, not the last one sent to it "
+                f"({st['sent'][h]}): replayed or reordered by the coordinator; refused"
+            )
+        out[i] = message
+    return out
 
 
 def guest_tree(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -368,21 +390,33 @@ def host_keys(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     guest = str(payload["guest"])
     st["guest_id"] = guest
     st["channel"] = _channel_key(st["own"], payload["dh"], guest=guest, host=ctx.node_id)
+    st["seen"] = 0  # the number of the last box taken from the guest
     return {}
 
 
 def _inbox(ctx: TaskContext, payload: Mapping[str, Any], step: str) -> dict[str, Any]:
+    """The guest's box for this step; it must come after every box taken before."""
     st = _st(ctx)
     if "channel" not in st:
         raise ProtocolError("no channel with the guest: run the setup first")
     boxes = received(payload, f"box/{ctx.node_id}")
     if list(boxes) != [st["guest_id"]]:
         raise ProtocolError(f"expected one message from the guest, got {sorted(boxes)}")
-    return _open(st["channel"], boxes[st["guest_id"]], step=f"{step}>{ctx.node_id}")
+    seq, message = _open(st["channel"], boxes[st["guest_id"]], step=f"{step}>{ctx.node_id}")
+    if seq <= st["seen"]:
+        raise ProtocolError(
+            f"box {seq} from the guest arrives after box {st['seen']}: replayed or reordered "
+            "by the coordinator; refused"
+        )
+    st["seen"] = seq  # before acting on it: a box that fails cannot be tried again
+    return message
 
 
 def _reply(ctx: TaskContext, message: Mapping[str, Any], step: str) -> dict[str, Any]:
-    return {"box": _seal(_st(ctx)["channel"], message, step=f"{step}<{ctx.node_id}")}
+    """Sealed to the guest as the answer to the last box taken from it."""
+    st = _st(ctx)
+    seq = int(st["seen"])
+    return {"box": _seal(st["channel"], message, step=f"{step}<{ctx.node_id}", seq=seq)}
 
 
 def host_tree(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
