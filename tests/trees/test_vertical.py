@@ -238,3 +238,83 @@ def test_each_party_exports_its_own_part(tmp_path: Any) -> None:
     if '"owner": [1' in guest_text:
         with pytest.raises(DataError, match="unknown party"):
             load_guest(tmp_path / "bad.json")
+
+
+class Tamper:
+    """A host that runs the protocol but alters one kind of reply before sending it."""
+
+    def __init__(self, link: Link, method: str, change: Any) -> None:
+        self.link, self.method, self.change = link, method, change
+
+    def __call__(self, method: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+        reply = dict(self.link(method, payload))
+        return self.change(reply) if method == self.method else reply
+
+
+def _flip_left(reply: dict[str, Any]) -> dict[str, Any]:
+    return {**reply, "left": 1 - np.asarray(reply["left"])}
+
+
+def _reuse_record(reply: dict[str, Any]) -> dict[str, Any]:
+    return {**reply, "records": np.zeros_like(np.asarray(reply["records"]))}
+
+
+def _negative_record(reply: dict[str, Any]) -> dict[str, Any]:
+    return {**reply, "records": np.asarray(reply["records"]) - 1000}
+
+
+def _negative_count(reply: dict[str, Any]) -> dict[str, Any]:
+    counts = np.asarray(reply["counts"]).copy()
+    if len(counts) > 1:  # keep the number of ciphertexts: move candidates between nodes
+        counts[0], counts[1] = -counts[1], counts[0] + 2 * counts[1]
+    return {**reply, "counts": counts}
+
+
+def _huge_count(reply: dict[str, Any]) -> dict[str, Any]:
+    return {**reply, "counts": np.asarray(reply["counts"]) * 0 + 10**9}
+
+
+def _zero_ciphertext(reply: dict[str, Any]) -> dict[str, Any]:
+    ct = np.asarray(reply["ct"]).copy()
+    if len(ct):
+        ct[0] = 0
+    return {**reply, "ct": ct}
+
+
+@pytest.mark.parametrize(
+    ("method", "change", "words"),
+    [
+        ("commit", _flip_left, "rows it sends left"),
+        ("commit", _reuse_record, "record"),
+        ("commit", _negative_record, "record"),
+        ("histograms", _negative_count, "wrong number of ciphertexts|packed sums"),
+        ("histograms", _huge_count, "wrong number of ciphertexts"),
+        ("histograms", _zero_ciphertext, "Z_"),
+    ],
+)
+def test_a_host_sending_malformed_or_inconsistent_replies_fails_the_tree(
+    method: str, change: Any, words: str
+) -> None:
+    """A host whose rows going left do not carry the sums it offered for that split, that
+    names a record it used before (or none), or sends impossible candidate counts or
+    ciphertexts, fails the tree with a ProtocolError, never a tree built on it."""
+    from shoal.trees.vertical import VerticalTreeFailed
+
+    x, y = _cancer()
+    params = GBDTParams(n_trees=2, max_depth=3, max_bins=16)
+    guest, _hosts, links = _parties(x, y, params, [15])
+    hostile = Tamper(links[0], method, change)
+    # the reused record needs one earlier record: tamper from the second tree on
+    if change is _reuse_record:
+        model = train_secureboost(guest, links)
+        guest, _hosts, links = _parties(x, y, params, [15])
+        first = {"n": 0}
+
+        def later(reply: dict[str, Any]) -> dict[str, Any]:
+            first["n"] += 1
+            return reply if first["n"] == 1 else _reuse_record(reply)
+
+        hostile = Tamper(links[0], method, later)
+        assert any(o == 1 for r in model.trees for t in r for o in t.owner[t.left >= 0])
+    with pytest.raises(VerticalTreeFailed, match=words):
+        train_secureboost(guest, [hostile])

@@ -710,7 +710,17 @@ class Boosting:
         assert self._grad is not None and self._hess is not None
         g, h = tree_gradients(self._grad[:, k], self._hess[:, k], params, self.rows_rng)
         mask = sample_features(self.columns, params, self.d_total)
-        return Grower(guest, g, h, mask, self.offsets)
+        return Grower(guest, g, h, mask, self.offsets, records=self._last_records())
+
+    def _last_records(self) -> dict[int, int]:
+        """Each host's highest record id in the trees so far (-1: none): a host numbers its
+        records in the order it makes them, so a new split must name a higher one."""
+        last = dict.fromkeys(range(1, self.hosts + 1), -1)
+        for t in [tree for r in self.trees for tree in r] + self._round:
+            for o, sp in zip(t.owner[t.left >= 0].tolist(), t.split[t.left >= 0].tolist()):
+                if o != GUEST:
+                    last[o] = max(last[o], sp)
+        return last
 
     def end(self, grower: Grower) -> VerticalTree:
         tree, leaves = grower.finish()
@@ -784,9 +794,11 @@ class Grower:
 
     def __init__(
         self, guest: GuestParty, g: np.ndarray, h: np.ndarray, mask: np.ndarray,
-        offsets: np.ndarray,
+        offsets: np.ndarray, *, records: Mapping[int, int] | None = None,
     ) -> None:  # fmt: skip
         self.guest, self.g, self.h, self.mask, self.offsets = guest, g, h, mask, offsets
+        # per host: its highest record id so far (a new split must name a higher one)
+        self.last_record = dict(records or dict.fromkeys(range(1, len(offsets)), -1))
         params = guest.params
         self.scale = float(2 ** (params.fixed_point_bits or DEFAULT_FIXED_POINT))
         self.nodes: dict[str, list[Any]] = {
@@ -935,6 +947,15 @@ class Grower:
                 or bits.shape != (sum(sizes),)
             ):
                 raise ProtocolError(f"host {hi} answered for the wrong nodes or rows")
+            if len(records) and (
+                records[0] <= self.last_record[hi] or (np.diff(records) <= 0).any()
+            ):
+                raise ProtocolError(
+                    f"host {hi} named a split record it used before (or a negative one): "
+                    "each split it wins is a new record"
+                )
+            if len(records):
+                self.last_record[hi] = int(records[-1])
             ends = np.cumsum(sizes)
             for j, v in enumerate(asked):
                 answers[v] = (int(records[j]), int(chosen[j]), bits[ends[j] - sizes[j] : ends[j]])
@@ -948,6 +969,14 @@ class Grower:
                 if not 0 <= choice < len(lg_) or choice not in set(split.tolist()):
                     raise ProtocolError(f"host {owner} chose a candidate it was not offered")
                 split, lg_, lh_ = record, float(lg_[choice]), float(lh_[choice])
+                # the rows the host sends left must carry the sums it offered for the split
+                # (fixed point: the sums are exact), or the tree would be built on a lie
+                mine = np.flatnonzero(self.pos == v)[go]
+                if self.g[mine].sum() != lg_ or self.h[mine].sum() != lh_:
+                    raise ProtocolError(
+                        f"host {owner}: the rows it sends left at node {v} do not carry the "
+                        "(g, h) sums of the candidate it offered for that split"
+                    )
             rg_, rh_ = nodes["g"][v] - lg_, nodes["h"][v] - lh_
             if gain <= RT_EPS or gain < params.gamma or lh_ == 0 or rh_ == 0:
                 continue
