@@ -247,3 +247,87 @@ def _root_tree() -> dict[str, np.ndarray]:
         "value": [0.0], "sum_g": [0.0], "sum_h": [0.0], "sizes": [1],
     }  # fmt: skip
     return {f"tree/{k}": np.asarray(v) for k, v in arrays.items()}
+
+
+def _tampered_app(change: Any) -> NodeApp:
+    """A node that builds its histograms honestly, then changes them before the sum."""
+    from shoal.runtime import TaskSpec
+    from shoal.trees import exact
+    from shoal.trees.horizontal import _hist
+
+    def hist(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        offset = payload.get("offset")
+        encoded = _hist(ctx, payload)["hist"]
+        own, _ = exact.decode(encoded, offset=None if offset is None else float(offset))
+        return {"hist": exact.encode(change(own, payload), offset=offset)}
+
+    app = NodeApp()
+    app.install({**horizontal_tasks(secure=True), HIST_TASK: TaskSpec(hist, {"hist": "secure"})})
+    app.install(SecureSum().node_tasks())
+    return app
+
+
+def _one_slot_off(own: np.ndarray, payload: dict[str, Any]) -> np.ndarray:
+    own = own.copy()
+    own[0] += 1  # the first node's first slot of g, one fixed-point step off
+    return own
+
+
+def _negative_hessians(own: np.ndarray, payload: dict[str, Any]) -> np.ndarray:
+    g, h = np.split(own, 2)
+    return np.concatenate([g, -4 * h])
+
+
+def _doubled_below_the_root(own: np.ndarray, payload: dict[str, Any]) -> np.ndarray:
+    # consistent across features, but not the rows the server split off the parent
+    return own if len(payload["tree/left"]) == 1 else 2 * own
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_one_slot_off, "features disagree"),
+        (_negative_hessians, "negative hessian"),
+        (_doubled_below_the_root, "split off"),
+    ],
+)
+def test_a_node_sending_a_bad_histogram_stops_training_with_a_clear_error(
+    change: Any, words: str
+) -> None:
+    """Inside a secure sum nobody sees one node's histogram, but the sum must still be a
+    histogram of rows: every sampled feature adds up to the same node totals, which are the
+    sums the server split off the parent, and no hessian sum is negative. A node whose
+    histogram breaks that (faulty or hostile) stops training with a ProtocolError."""
+    from shoal.errors import ProtocolError
+    from shoal.runtime.roles import NodeApps
+
+    x, y = _cancer()
+    nodes = _split(x, y, 4)
+    apps = {f"n{i}": _tampered_app(change) if i == 2 else _app() for i in range(4)}
+    engine = LocalEngine(NodeApps(apps), nodes=list(apps), data=nodes)
+    with pytest.raises(ProtocolError, match=words):
+        train_horizontal(Federation(engine), GBDTParams(n_trees=2, max_depth=3))
+
+
+def test_a_node_sending_negative_sketch_counts_stops_training() -> None:
+    """Summed grid counts below zero are no counts of values: the cuts would fall at ranks
+    of a made-up distribution. Training stops before any tree."""
+    from shoal.errors import ProtocolError
+    from shoal.runtime import TaskSpec
+    from shoal.runtime.roles import NodeApps
+    from shoal.trees import exact
+    from shoal.trees.horizontal import SKETCH_TASK, _sketch
+
+    def sketch(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        offset = float(payload["offset"])
+        own, _ = exact.decode(_sketch(ctx, payload)["counts"], offset=offset)
+        return {"counts": exact.encode(-50 * own, offset=offset)}
+
+    hostile = NodeApp()
+    hostile.install({**horizontal_tasks(), SKETCH_TASK: TaskSpec(sketch, {"counts": "secure"})})
+    hostile.install(SecureSum().node_tasks())
+    x, y = _cancer()
+    apps = {f"n{i}": hostile if i == 1 else _app() for i in range(4)}
+    engine = LocalEngine(NodeApps(apps), nodes=list(apps), data=_split(x, y, 4))
+    with pytest.raises(ProtocolError, match="negative"):
+        train_horizontal(Federation(engine), GBDTParams(n_trees=1, max_depth=2))

@@ -335,7 +335,9 @@ class _FederatedRows:
         )
         if in_sum != self.ids:
             raise _Restart(in_sum)
-        both = sums.reshape(2, len(nodes), len(self.take)).astype(np.float64) / self.scale
+        exact_sums = sums.reshape(2, len(nodes), len(self.take))
+        self._check(tree, nodes, exact_sums)
+        both = exact_sums.astype(np.float64) / self.scale
         d = self.bins.n_features
         out = np.zeros((2, len(nodes), d * WIDTH))
         full = (self.features[:, None] * WIDTH + np.arange(WIDTH)[None, :]).ravel()
@@ -344,6 +346,34 @@ class _FederatedRows:
         out[:, :, full] = sel
         shaped = out.reshape(2, len(nodes), d, WIDTH)
         return shaped[0], shaped[1]
+
+    def _check(self, tree: Tree, nodes: np.ndarray, sums: np.ndarray) -> None:
+        """The summed fixed-point histograms (2, nodes, slots) must be histograms of rows:
+        each sampled feature's slots (its bins and missing) add up to the same node totals,
+        which below the root are the sums the server split off the parent, and no hessian
+        sum is negative. A node whose histogram breaks this (faulty or hostile) stops
+        training; the secure sum hides which node it was. A lie that keeps every total (mass
+        moved between the bins of a feature) passes: see docs/trees.md."""
+        sizes = self.bins.n_bins[self.features] + 1
+        starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
+        totals = np.add.reduceat(sums, starts, axis=2) if sums.size else sums
+        bad = "the summed histograms are not histograms of rows"
+        if (totals != totals[:, :, :1]).any():
+            raise ProtocolError(
+                f"{bad}: the features disagree on a node's (g, h) totals; a node sent a "
+                "histogram that is not of its rows (the secure sum hides which)"
+            )
+        if (sums[1] < 0).any():
+            raise ProtocolError(f"{bad}: a negative hessian sum; a node sent a bad histogram")
+        for i, n in enumerate(nodes.tolist()):
+            if n == 0 or not sums.size:
+                continue  # the root's totals are read off its histogram
+            want = np.round(np.array([tree.sum_g[n], tree.sum_h[n]]) * self.scale)
+            if (totals[:, i, 0] != want).any():
+                raise ProtocolError(
+                    f"{bad}: tree node {n}'s totals are not the sums the server split off its "
+                    "parent; a node sent a histogram of other rows or other gradients"
+                )
 
 
 def federated_bins(
@@ -402,6 +432,11 @@ def federated_bins(
         dropout_fraction=dropout_fraction,
     )
     counts = sums.reshape(len(low), cells)
+    if (counts < 0).any():
+        raise ProtocolError(
+            "the summed sketch counts are negative in some cell: a node sent counts that are "
+            "not counts of its values (the secure sum hides which); no cuts can be placed"
+        )
     bins = bins_from_grid(counts, low, high, max_bins=max_bins)
     if not any(flags):
         return bins
