@@ -340,3 +340,25 @@ def test_a_coordinator_replaying_or_reordering_boxes_is_refused() -> None:
         out.to(hosts, task="secureboost.host.tree", min_nodes=1)  # an older box, after a newer
     following = committed.to(guest, task="secureboost.guest.apply", last=False)
     assert following.to(hosts, task="secureboost.host.histograms", min_nodes=1).node_ids
+
+
+def test_a_coordinator_handing_one_hosts_box_to_another_host_is_refused() -> None:
+    """The coordinator relays the guest's box for ins0 to ins1 as if it were ins1's (it
+    holds the bytes): ins1 cannot open it (another channel key, another host in the
+    authenticated step) and records nothing."""
+    from shoal.core.routing import ROUTED_FROM, ROUTED_PREFIX
+
+    tables = _tables(hosts=2)
+    fed, engine = _federation(tables)
+    train_routed(fed, _cfg(n_trees=1))
+    out = fed.role("guest").map("secureboost.guest.tree")
+    replies, _ = fed.request(
+        ["bank"], FORWARD_TASK, common={"handle": out.handle, "fields": ["box/ins0"],
+                                        "role": "host"},
+    )  # fmt: skip
+    stolen = replies["bank"]["box/ins0"]
+    seen = engine.node_state("ins1")[STATE]["seen"]
+    crafted = {ROUTED_FROM: ["bank"], f"{ROUTED_PREFIX}bank/box/ins1": stolen}
+    replies, failures = fed.request(["ins1"], "secureboost.host.tree", common=crafted)
+    assert not replies and "failed authentication" in failures["ins1"].detail
+    assert engine.node_state("ins1")[STATE]["seen"] == seen  # nothing taken
