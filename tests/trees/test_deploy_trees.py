@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,6 +198,8 @@ def test_deployed_vertical_toml_secureboost_equals_the_simulation(tmp_path: Path
                 "--max-idle",
                 str(TIMEOUT),
                 "--insecure-test-keys",
+                "--model-out",
+                str(tmp_path / f"{name}.model.json"),
             ],
             stdout=logs[i + 1],
             stderr=subprocess.STDOUT,
@@ -223,6 +226,30 @@ def test_deployed_vertical_toml_secureboost_equals_the_simulation(tmp_path: Path
     # equal centralized training on the joined columns
     assert summary["digest"] == sim["digest"] and sim["identical_predictions"]
     assert summary["auc"] == sim["centralized_auc"]
+    # each party wrote its part (--model-out); together they score the held-out rows (the
+    # aligned order is the sorted shared ids) as the run's guest did
+    assert summary["saved_by"] == parties
+    _predict_from_party_files(load_vertical_job(job, insecure_test_keys=True), tmp_path, summary)
+
+
+def _predict_from_party_files(job: Any, folder: Path, summary: dict) -> None:
+    from wire_link import Wire
+
+    from shoal.trees.secureboost import digest, load_party
+    from shoal.trees.vertical import HostParty, load_guest, predict_vertical
+    from shoal.vertical.model import held_out_rows
+
+    tables = [load_party(job, p) for p in job.parties]
+    shared = sorted(set.intersection(*(set(t.ids) for t in tables)))
+    held = held_out_rows(len(shared), seed=job.config.seed, test_fraction=job.config.test_fraction)
+    x = []
+    for t in tables:
+        where = {i: k for k, i in enumerate(t.ids)}
+        x.append(t.x[[where[i] for i in shared]][held])
+    guest = load_guest(folder / f"{job.parties[0].name}.model.json")
+    hosts = [Wire(HostParty.load(folder / f"{p.name}.model.json")) for p in job.parties[1:]]
+    scores = predict_vertical(guest, x[0], hosts, x_hosts=x[1:])
+    assert bytes(digest(scores)).hex() == summary["digest"]
 
 
 class Proc:
@@ -403,7 +430,8 @@ def test_deployed_secureboost_resumes_after_a_host_process_is_killed(tmp_path: P
             ["node", "--coordinator", f"127.0.0.1:{port}", "--certs", str(tmp_path / "certs"),
              "--key", str(tmp_path / f"{name}.key"), "--job", str(job),
              "--state", str(tmp_path / f"{name}.db"), "--max-idle", str(TIMEOUT),
-             "--backoff", "0.2", "--backoff-max", "1", "--insecure-test-keys"],
+             "--backoff", "0.2", "--backoff-max", "1", "--insecure-test-keys",
+             "--model-out", str(tmp_path / f"{name}.model.json")],
             tmp_path / log,
         )  # fmt: skip
 
@@ -425,3 +453,7 @@ def test_deployed_secureboost_resumes_after_a_host_process_is_killed(tmp_path: P
     sim = simulate(load_vertical_job(job, insecure_test_keys=True))
     assert summary["digest"] == sim["digest"] and sim["identical_predictions"]
     assert summary["auc"] == sim["centralized_auc"]
+    # each party wrote its part (--model-out); together they score the held-out rows (the
+    # aligned order is the sorted shared ids) as the run's guest did
+    assert summary["saved_by"] == parties
+    _predict_from_party_files(load_vertical_job(job, insecure_test_keys=True), tmp_path, summary)

@@ -362,3 +362,36 @@ def test_a_coordinator_handing_one_hosts_box_to_another_host_is_refused() -> Non
     replies, failures = fed.request(["ins1"], "secureboost.host.tree", common=crafted)
     assert not replies and "failed authentication" in failures["ins1"].detail
     assert engine.node_state("ins1")[STATE]["seen"] == seen  # nothing taken
+
+
+def test_each_party_writes_its_part_of_the_model_where_its_node_says(tmp_path: Any) -> None:
+    """At the end of a run every party writes its own part to its node's ``model_out``
+    (the coordinator names no path; a party without one writes nothing). The guest's file
+    and the hosts' files together predict what the run's guest scored on its held-out rows."""
+    from wire_link import Wire
+
+    from shoal.trees.vertical import HostParty, load_guest, predict_vertical
+
+    tables = _tables(hosts=2, missing=0.05)
+    roles = {"bank": "guest", "ins0": "host", "ins1": "host"}
+    out = {"bank": tmp_path / "bank.json", "ins0": tmp_path / "ins0.json"}  # ins1: none
+    apps = {}
+    for node, role in roles.items():
+        app = NodeApp(max_kept=8)
+        app.install(secureboost_tasks(role, model_out=out.get(node)))
+        apps[node] = app
+    engine = LocalEngine(NodeApps(apps), nodes=list(roles), data=[tables[n] for n in roles])
+    fed = Federation(engine, roles={"guest": ["bank"], "host": ["ins0", "ins1"]})
+    result = train_routed(fed, _cfg(n_trees=2))
+    assert result.saved == ["bank", "ins0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.json", "ins0.json"]
+    # ins1's part from its node's memory, as a third file would hold it
+    engine.node_state("ins1")[STATE]["host"].save(tmp_path / "ins1.json")
+    guest = load_guest(out["bank"])
+    hosts = [Wire(HostParty.load(tmp_path / f"{h}.json")) for h in ("ins0", "ins1")]
+    x_tests = [engine.node_state(n)[STATE]["x_test"] for n in roles]
+    scores = predict_vertical(guest, x_tests[0], hosts, x_hosts=x_tests[1:])
+    assert bytes(digest(scores)).hex() == result.test["digest"]
+    assert len(guest.trees) == 2 and any(
+        (t.owner[t.left >= 0] > 0).any() for r in guest.trees for t in r
+    )  # host splits: the host files are needed

@@ -275,6 +275,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "from zero",
     )
     node.add_argument(
+        "--model-out",
+        metavar="FILE",
+        help="SecureBoost parties: write this party's part of the trained model to FILE when "
+        "the run ends (JSON: the guest's cuts, trees and leaves, or a host's cuts and split "
+        "table; the path is this node's, the coordinator names none)",
+    )
+    node.add_argument(
         "--no-data-lane",
         action="store_true",
         help="never open the coordinator's bulk lane: every byte goes over gRPC (for a "
@@ -740,6 +747,10 @@ def _node(args: argparse.Namespace) -> int:
         index: int | None = party
     else:
         data, index, train = _node_data(job, args)
+    if args.model_out and party is None:
+        raise ConfigError(
+            "--model-out is for SecureBoost parties; a horizontal model is grown at the coordinator"
+        )
     if is_tree_job(job):
         checkpoints = None
         if party is not None and args.state:
@@ -748,7 +759,7 @@ def _node(args: argparse.Namespace) -> int:
             # a SecureBoost party's part of each complete round, in the state file: a
             # restarted process resumes the run with it
             checkpoints = FileCheckpoints(args.state)
-        app = tree_node_app(job, party, checkpoints=checkpoints)
+        app = tree_node_app(job, party, checkpoints=checkpoints, model_out=args.model_out)
     elif index is not None:
         model = job.build_model()
     else:

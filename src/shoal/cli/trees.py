@@ -150,10 +150,15 @@ def party_table(job: JobSpec, index: int, count: int) -> PartyData:
 
 
 def tree_node_app(
-    job: JobSpec, party: int | None = None, *, checkpoints: Checkpoints | None = None
+    job: JobSpec,
+    party: int | None = None,
+    *,
+    checkpoints: Checkpoints | None = None,
+    model_out: str | None = None,
 ) -> NodeApp:
     """The tasks a node of this job runs (a secureboost party's by its index, keeping its
-    part of each complete round in ``checkpoints``: memory unless given)."""
+    part of each complete round in ``checkpoints``, memory unless given, and writing its
+    part of the model to ``model_out`` when the run ends, if given)."""
     from shoal.crypto import SecureSum
     from shoal.runtime import NodeApp, TaskSpec
     from shoal.trees.horizontal import horizontal_tasks
@@ -164,7 +169,8 @@ def tree_node_app(
 
         if party is None:
             raise ConfigError("a secureboost node needs its party index (--partition I/N)")
-        app.install(secureboost_tasks("guest" if party == 0 else "host", checkpoints=checkpoints))
+        role = "guest" if party == 0 else "host"
+        app.install(secureboost_tasks(role, checkpoints=checkpoints, model_out=model_out))
 
         def describe(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
             return {"party": party}

@@ -173,10 +173,15 @@ def serve_party(args: argparse.Namespace) -> int:
         node_state.audit("node.started", key=fingerprint(public_key_bytes(key)))
         checkpoints = FileCheckpoints(args.state)
     app = NodeApp(max_kept=8)
+    model_out = getattr(args, "model_out", None)
     if _trees_config(job) is not None:
         from shoal.trees.secureboost import secureboost_tasks
 
-        app.install(secureboost_tasks(role, checkpoints=checkpoints))
+        app.install(secureboost_tasks(role, checkpoints=checkpoints, model_out=model_out))
+    elif model_out:
+        from shoal.errors import ConfigError
+
+        raise ConfigError("--model-out is for the parties of a secureboost job")
     else:
         app.install(vertical_tasks(role, mode=job.config.mode, checkpoints=checkpoints))
     tls = (

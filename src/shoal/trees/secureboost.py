@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +50,7 @@ from shoal.trees.vertical import (
     VerticalModel,
     _margin,
     _one_category_only,
+    save_guest,
 )
 from shoal.vertical.checkpoint import Checkpoints, MemoryCheckpoints, check_run
 from shoal.vertical.job import Party, VerticalJob
@@ -120,6 +122,8 @@ class SecureBoostResult:
     # the complete rounds training went on from after a party lost its process
     resumed_from: list[int] = field(default_factory=list)
     routed_bytes: int = 0
+    # the parties that wrote their part of the model (each to its own --model-out file)
+    saved: list[str] = field(default_factory=list)
     # this process's CPU seconds by phase (all parties' in a simulation); wall seconds
     cpu_s: dict[str, float] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)
@@ -452,14 +456,43 @@ def host_decide(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     return _reply(ctx, {"left": np.packbits(bits.astype(np.uint8), axis=1)}, "decide")
 
 
-def secureboost_tasks(role: str, *, checkpoints: Checkpoints | None = None) -> dict[str, Any]:
+def save_part(ctx: TaskContext, payload: dict[str, Any], *, path: Path | None) -> dict[str, Any]:
+    """Write this party's part of the model to ``path``, the node's own choice (never the
+    coordinator's): the guest its cuts, trees and leaves (:func:`~shoal.trees.vertical.
+    load_guest`), a host its cuts and split table (:meth:`HostParty.load`). Written to a
+    temporary file and renamed, so a crash leaves the old file or the new one. The reply
+    is one clear bit: written or not (no path)."""
+    if path is None:
+        return {"saved": 0}
+    st = _st(ctx)
+    if st.get("grower") is not None:
+        raise ProtocolError("a tree is under way: the model is saved after the last tree")
+    temporary = path.with_name(f"{path.name}.tmp")
+    if "boosting" in st:
+        save_guest(st["boosting"].model(), temporary)
+    elif "host" in st:
+        st["host"].save(temporary)
+    else:
+        raise ProtocolError("this party holds no model of the run: it was not set up")
+    os.replace(temporary, path)
+    return {"saved": 1}
+
+
+def secureboost_tasks(
+    role: str, *, checkpoints: Checkpoints | None = None, model_out: str | Path | None = None
+) -> dict[str, Any]:
     """The tasks a party of ``role`` installs (with the PSI tasks), each with its release
     policy: messages between the parties leave only sealed to the other role.
 
     ``checkpoints`` keeps the party's part of each complete round (in memory unless given,
     e.g. :class:`~shoal.vertical.checkpoint.FileCheckpoints` at a deployed party, which
-    then resumes the run after a restart of its process)."""
+    then resumes the run after a restart of its process). ``model_out`` is where the party
+    writes its part of the model when the run ends (not written without it)."""
     store = checkpoints if checkpoints is not None else MemoryCheckpoints()
+    out = None if model_out is None else Path(model_out)
+
+    def save(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+        return save_part(ctx, payload, path=out)
 
     def kept(task: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         def run(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -468,7 +501,11 @@ def secureboost_tasks(role: str, *, checkpoints: Checkpoints | None = None) -> d
         run.__name__ = task.__name__
         return run
 
-    common = {**psi_tasks(), "secureboost.rollback": TaskSpec(rollback, {"session": "clear"})}
+    common = {
+        **psi_tasks(),
+        "secureboost.rollback": TaskSpec(rollback, {"session": "clear"}),
+        "secureboost.save": TaskSpec(save, {"saved": "clear"}),
+    }
     if role == "guest":
         to_hosts = {"box/*": "sealed:host"}
         return {
@@ -615,9 +652,22 @@ def train_routed(
     if cfg.test_fraction > 0:
         result.test = evaluate(fed)
         clock.lap("evaluate")
+    result.saved = _save(fed, [guest, *hosts])
     result.routed_bytes = fed.routed_bytes
     result.cpu_s, result.wall_s = clock.cpu, clock.wall
     return result
+
+
+def _save(fed: Federation, parties: list[str]) -> list[str]:
+    """Every party writes its part of the model where its node was told to (if anywhere);
+    the parties that did. A party that fails to write is named in a warning: the trees are
+    trained, and its part stays in its node's memory."""
+    replies, failures = fed.request(parties, "secureboost.save")
+    for node, failure in sorted(failures.items()):
+        log.warning("party %s did not save its part of the model: %s", node, failure.detail)
+    saved = sorted(n for n, r in replies.items() if int(r.get("saved", 0)))
+    fed.audit("secureboost.saved", parties=saved)
+    return saved
 
 
 def _roll_back(
@@ -716,6 +766,7 @@ def summarize(job: VerticalJob, result: SecureBoostResult, wall_s: float) -> dic
         "digest": test.get("digest"),
         "wall_s": wall_s,
         "bytes_sent": result.routed_bytes,
+        "saved_by": result.saved,
     }
 
 
