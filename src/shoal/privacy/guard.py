@@ -25,11 +25,12 @@ import numpy as np
 from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused
 from shoal.privacy.accounting import Accountant, Mechanism
 from shoal.privacy.budget import NodeBudget
-from shoal.runtime.app import NoiseBinding
+from shoal.runtime.app import NodeCheck, NoiseBinding
 from shoal.runtime.nodestate import Charge
 
 __all__ = [
     "DP_KEY",
+    "BudgetGuard",
     "DPRequest",
     "LocalDP",
     "NoiseFloor",
@@ -210,7 +211,7 @@ def budget_guard(
     floor: NoiseFloor | None = None,
     accountant: Accountant = "rdp",
     trust_server_sampling: bool = False,
-) -> Callable[[str, Any, Mapping[str, Any]], None]:
+) -> BudgetGuard:
     """A NodeApp guard charging DP work on ``tasks`` to the owner's ledger, before it runs.
 
     ``max_epsilon`` (at ``max_delta``) is the owner's limit; None records every charge
@@ -284,37 +285,72 @@ def budget_guard(
         )
     )
 
-    def guard(task: str, ctx: Any, payload: Mapping[str, Any]) -> None:
+    def terms(task: str, payload: Mapping[str, Any]) -> tuple[Charge, NoiseBinding] | None:
+        """What ``task`` with ``payload`` charges and binds at any node (None: not guarded);
+        raises for a request the floor or the owner refuses. Nothing per node."""
         if task in evaluated:
             assert evaluation is not None
-            charge, binding = evaluation
-            charge_owner_terms(
-                ctx, None if max_epsilon is None else budget(ctx), task=task, charge=charge
-            )
-            ctx.noise = binding
-            return
+            return evaluation
         if task not in guarded:
-            return
+            return None
         request = DPRequest.from_payload(payload)
         known = last[0]
         if known is not None and request is known[0]:
-            charge, binding = known[1], known[2]  # the floor accepted this very request
-        else:
-            if floor is not None:
-                request = floor.check(task, request)
-            if request is None:
-                raise PrivacyBudgetExceeded(
-                    f"task {task!r} declares no differential privacy, and this node's owner "
-                    f"limits it to epsilon {max_epsilon}; run the job with a [privacy] table"
-                )
-            charge, binding = accepted(request)
-            last[0] = (request, charge, binding)  # one tuple: threads see all or none
-        charge_owner_terms(
-            ctx, None if max_epsilon is None else budget(ctx), task=task, charge=charge
-        )
-        ctx.noise = binding
+            return known[1], known[2]  # the floor accepted this very request
+        if floor is not None:
+            request = floor.check(task, request)
+        if request is None:
+            raise PrivacyBudgetExceeded(
+                f"task {task!r} declares no differential privacy, and this node's owner "
+                f"limits it to epsilon {max_epsilon}; run the job with a [privacy] table"
+            )
+        charge, binding = accepted(request)
+        last[0] = (request, charge, binding)  # one tuple: threads see all or none
+        return charge, binding
 
-    return guard
+    def guard(task: str, ctx: Any, payload: Mapping[str, Any]) -> None:
+        found = terms(task, payload)
+        if found is not None:
+            charge, binding = found
+            owner = None if max_epsilon is None else budget(ctx)
+            charge_owner_terms(ctx, owner, task=task, charge=charge)
+            ctx.noise = binding
+
+    def prepare(task: str, payload: Mapping[str, Any]) -> NodeCheck | None:
+        found = terms(task, payload)
+        if found is None:
+            return None
+        charge, binding = found
+
+        def node_check(ctx: Any, payload: Mapping[str, Any]) -> None:
+            # The node's own part, as in guard(): the replay check, the owner's budget and
+            # the ledger entry (under the node's lock), then the binding.
+            owner = None if max_epsilon is None else budget(ctx)
+            charge_owner_terms(ctx, owner, task=task, charge=charge)
+            ctx.noise = binding
+
+        return node_check
+
+    return BudgetGuard(check=guard, prepare_check=prepare)
+
+
+@dataclass(frozen=True, eq=False)
+class BudgetGuard:
+    """A node's budget guard (see :func:`budget_guard`): called per request like any guard,
+    or prepared once (:meth:`prepare`) for a request that many nodes receive alike."""
+
+    check: Callable[[str, Any, Mapping[str, Any]], None]
+    prepare_check: Callable[[str, Mapping[str, Any]], NodeCheck | None]
+
+    def __call__(self, task: str, ctx: Any, payload: Mapping[str, Any]) -> None:
+        self.check(task, ctx, payload)
+
+    def prepare(self, task: str, payload: Mapping[str, Any]) -> NodeCheck | None:
+        """The floor check, charge terms and binding of ``task`` with ``payload``, done
+        now; returns what each node still does (charge its own ledger and bind the noise),
+        or None if the guard does not concern ``task``. Raises what the guard would raise
+        at every node (the caller then runs the guard at each node, which raises it there)."""
+        return self.prepare_check(task, payload)
 
 
 def owner_budget(

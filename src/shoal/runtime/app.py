@@ -12,9 +12,10 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,9 @@ __all__ = [
     "SENT_PREFIX",
     "Guard",
     "NodeApp",
+    "NodeCheck",
     "NoiseBinding",
+    "Prepared",
     "TaskContext",
     "TaskFn",
     "TaskSpec",
@@ -227,6 +230,39 @@ class _Held:
 # A guard sees each request before its task runs and raises to refuse it
 # (PrivacyBudgetExceeded to decline on the owner's policy).
 Guard = Callable[[str, TaskContext, Mapping[str, Any]], None]
+# What a node still checks of a request whose node-independent part a guard prepared once
+# (``guard.prepare(task, payload)``): called like a guard, with the node's context and
+# its own copy of the request.
+NodeCheck = Callable[[TaskContext, Mapping[str, Any]], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A request's guard work done once for every node of a dispatch (:meth:`NodeApp.prepare`).
+
+    Valid only for the app that made it, the task it names, the guards the app had then, and
+    a payload equal to ``request``; :meth:`NodeApp.handle` runs every guard in full for any
+    other. An app made of other apps (NodeApps) prepares each of them when first asked
+    (:meth:`part`).
+    """
+
+    app: NodeApp
+    task: str
+    request: Mapping[str, Any]  # the payload prepared for (read, never changed)
+    guards: int  # the app's guard count when prepared (guards are only ever added)
+    checks: tuple[NodeCheck, ...]
+    _parts: dict[int, Prepared] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def part(self, app: NodeApp) -> Prepared:
+        """``app``'s own preparation of the same request, made once."""
+        found = self._parts.get(id(app))
+        if found is None:
+            with self._lock:
+                found = self._parts.get(id(app))
+                if found is None:
+                    found = self._parts[id(app)] = app.prepare(self.task, self.request)
+        return found
 
 
 class NodeApp:
@@ -308,7 +344,35 @@ class NodeApp:
             raise UnknownTask(f"no task named {name!r}") from None
 
     def add_guard(self, guard: Guard) -> None:
+        """Install ``guard``: every request passes it before its task runs. A guard with a
+        ``prepare(task, payload)`` method (a budget guard) lets an in-process engine do its
+        node-independent part once per dispatch; it returns the node's remaining check, or
+        None when the guard does not concern the task."""
         self._guards.append(guard)
+
+    def prepare(self, name: str, payload: Mapping[str, Any]) -> Prepared:
+        """The guards' work on task ``name`` with ``payload`` that is the same at every node
+        (parsing the request, checking it against the node's plan, the charge's terms and
+        noise binding), done once; :meth:`handle` with ``prepared=`` then runs only each
+        node's own part (its replay check, ledger entry and binding) for a payload equal to
+        this one. A guard that cannot prepare, or whose preparation raises, runs in full at
+        every node, so that each node refuses, declines and audits as it would alone."""
+        checks: list[NodeCheck] = []
+        for guard in self._guards:
+            prepare = getattr(guard, "prepare", None)
+            check: NodeCheck | None
+            if prepare is None:
+                check = functools.partial(_unprepared, guard, name)
+            else:
+                try:
+                    check = prepare(name, payload)
+                except Exception:  # raised again by the guard itself at each node
+                    check = functools.partial(_unprepared, guard, name)
+            if check is not None:
+                checks.append(check)
+        return Prepared(
+            app=self, task=name, request=payload, guards=len(self._guards), checks=tuple(checks)
+        )
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -322,12 +386,15 @@ class NodeApp:
         *,
         keep_as: str | None = None,
         decoded: dict[str, Any] | None = None,
+        prepared: Prepared | None = None,
     ) -> Buffer:
         """Decode, check, run and encode one task.
 
         ``decoded`` is ``payload`` already decoded, as this task's own copy, which the task
         may change (an in-process engine decodes a payload shared by many nodes once and
-        gives each node a copy). Raises UnknownTask, WireError or ReleaseRefused (the
+        gives each node a copy). ``prepared``: this app's :meth:`prepare` of the same task
+        and payload, done once for all the nodes that got it; only each node's own part of
+        the guards then runs here. Raises UnknownTask, WireError or ReleaseRefused (the
         request is rejected), PrivacyBudgetExceeded (declined), or TaskError carrying the
         task's own exception as text. Every refusal and decline goes into the node's audit log.
         """
@@ -346,8 +413,17 @@ class NodeApp:
                 raise WireError(
                     f"{SEND_KEY!r} must list field names, with a value kept at the node"
                 )
-            for guard in self._guards:
-                guard(name, ctx, args)
+            if (
+                prepared is not None
+                and prepared.app is self
+                and prepared.task == name
+                and prepared.guards == len(self._guards)
+            ):
+                for check in prepared.checks:
+                    check(ctx, args)
+            else:
+                for guard in self._guards:
+                    guard(name, ctx, args)
             try:
                 result = fn(ctx, args)
             except (PrivacyBudgetExceeded, ShoalError):
@@ -393,6 +469,10 @@ class NodeApp:
         except WireError as exc:
             # The request was fine; the task's own result is what cannot travel.
             raise TaskError(f"task {name!r} returned a value the wire refuses: {exc}") from None
+
+
+def _unprepared(guard: Guard, name: str, ctx: TaskContext, payload: Mapping[str, Any]) -> None:
+    guard(name, ctx, payload)  # a guard that prepares nothing runs in full at each node
 
 
 # The runtime's own tasks (fetch, forward) check each field they release against the policy

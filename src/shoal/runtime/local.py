@@ -32,7 +32,7 @@ from shoal.errors import (
     UnknownTask,
     WireError,
 )
-from shoal.runtime.app import KEPT_STATE_KEY, SEND_KEY, NodeApp, TaskContext
+from shoal.runtime.app import KEPT_STATE_KEY, SEND_KEY, NodeApp, Prepared, TaskContext
 from shoal.runtime.availability import Availability
 from shoal.runtime.devices import Devices, VirtualClock
 from shoal.runtime.engine import (
@@ -85,9 +85,10 @@ class Faults:
 
 
 DataSource = Sequence[Any] | Callable[[str], Any]
-# A payload shared by a dispatch's tasks, decoded once, and the names of its JSON containers
-# (each task gets its own copy of those).
-_Shared = tuple[dict[str, Any], tuple[str, ...]]
+# A payload shared by a dispatch's tasks, decoded once, the names of its JSON containers
+# (each task gets its own copy of those), and the app's guards prepared once for it (for the
+# task name of the first task that carries it).
+_Shared = tuple[dict[str, Any], tuple[str, ...], Prepared]
 
 
 class LocalEngine:
@@ -288,7 +289,10 @@ class LocalEngine:
         return DispatchResult(replies=replies, failures=failures)
 
     def _decode_shared(self, tasks: list[Task]) -> dict[int, _Shared | None]:
-        """Decode once each payload that several tasks share (a broadcast, a fetch request).
+        """Decode once each payload that several tasks share (a broadcast, a fetch request),
+        and prepare the app's guards for it once: what they check of the request alike at
+        every node (its parse, the noise floor, the charge's terms) is done here, and each
+        node then runs only its own part (replay check, ledger entry, binding).
 
         A payload that fails to decode is left for each task to decode and be rejected.
         """
@@ -307,20 +311,23 @@ class LocalEngine:
                 containers = tuple(
                     k for k, v in decoded.items() if type(v) in (list, dict) and k != SEND_KEY
                 )
-                shared[key] = (decoded, containers)
+                # The guards see the request as each node's task does: without the send list.
+                request = {k: v for k, v in decoded.items() if k != SEND_KEY}
+                shared[key] = (decoded, containers, self.app.prepare(task.name, request))
         return shared
 
-    def _private_copy(self, payload: Any) -> dict[str, Any] | None:
+    def _private_copy(self, task: Task) -> tuple[dict[str, Any] | None, Prepared | None]:
         """This node's own copy of a shared decoded payload (arrays are read-only views;
-        JSON containers are copied so that one node's changes never reach another)."""
-        found = self._shared.get(id(payload))
+        JSON containers are copied so that one node's changes never reach another), and the
+        guards prepared for it if they were prepared for this task's name."""
+        found = self._shared.get(id(task.payload))
         if found is None:
-            return None
-        decoded, containers = found
+            return None, None
+        decoded, containers, prepared = found
         copy = dict(decoded)
         for key in containers:
             copy[key] = copy_json(copy[key])
-        return copy
+        return copy, prepared if prepared.task == task.name else None
 
     def run(
         self, runnable: Sequence[tuple[Task, float]], *, deadline_s: float, dispatch: int
@@ -366,12 +373,14 @@ class LocalEngine:
         )
         t0 = time.perf_counter()
         try:
+            decoded, prepared = self._private_copy(task)
             payload = self.app.handle(
                 ctx,
                 task.name,
                 task.payload,
                 keep_as=task.keep_as,
-                decoded=self._private_copy(task.payload),
+                decoded=decoded,
+                prepared=prepared,
             )
         except PrivacyBudgetExceeded:
             return _failure(task, FailureKind.DECLINED, DECLINED_DETAIL)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shoal.errors import ConfigError, UnknownTask
-from shoal.runtime.app import NodeApp, TaskContext
+from shoal.runtime.app import NodeApp, Prepared, TaskContext
 from shoal.runtime.engine import Buffer
 
 __all__ = ["NodeApps"]
@@ -42,5 +42,18 @@ class NodeApps(NodeApp):
             raise UnknownTask(f"node {node_id!r} has no app in this simulation")
         return app
 
-    def handle(self, ctx: TaskContext, name: str, payload: Buffer, **kwargs: Any) -> Buffer:
-        return self.app_for(ctx.node_id).handle(ctx, name, payload, **kwargs)
+    def handle(
+        self,
+        ctx: TaskContext,
+        name: str,
+        payload: Buffer,
+        *,
+        prepared: Prepared | None = None,
+        **kwargs: Any,
+    ) -> Buffer:
+        app = self.app_for(ctx.node_id)
+        if prepared is not None:
+            # Prepared for these apps together: the node's own app prepares its part once
+            # (each app has its own guards); anything else the node's app checks in full.
+            prepared = prepared.part(app) if prepared.app is self else None
+        return app.handle(ctx, name, payload, prepared=prepared, **kwargs)
