@@ -23,6 +23,16 @@ count the same code.
     python benchmarks/simulation_instructions.py --nodes 100 1000 --rounds 3 \
         --json results/simulation_instructions.json
 
+``--enforcement PLAN ...`` (``plain``, ``node DP``, ``example DP``: the plans of
+``simulation.py``'s enforcement rows) adds, for each plan, that plan's ``simulate()`` as
+shipped (``PLAN``) and with the node's enforcement patched to a no-op (``PLAN, unenforced``:
+``simulation.enforcement_off``), and reports what the enforcement executes: enforced minus
+no-op, per node-round and as a share of the no-op call. ``--rows`` restricts the processes
+(``none`` always runs), e.g. ``--rows --enforcement "node DP"`` for the enforcement rows alone:
+
+    python benchmarks/simulation_instructions.py --nodes 200 --rounds 3 --native-repeats 0 \
+        --enforcement "node DP" "example DP" --rows
+
 valgrind must be on the PATH (``apt-get install valgrind``). PYTHONHASHSEED is fixed in the
 children so that the setup runs the same instructions in every process.
 """
@@ -42,12 +52,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+ENFORCEMENT_PLANS = ("plain", "node DP", "example DP")  # simulation.py's enforcement rows
 ROWS = ("none", "floor", "simulate")
 # callgrind's summary line names each event it counted; these are the ones reported.
+UNENFORCED = ", unenforced"
 EVENTS = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bcm", "Bim")
 
 
-def child(row: str, nodes: int, rounds: int, seed: int) -> None:
+def child(row: str, nodes: int, rounds: int, seed: int, enforcement: list[str]) -> None:
     """The setup, then ``row`` once (run under callgrind by the parent)."""
     sys.path.insert(0, str(HERE))
     import simulation as sim
@@ -62,7 +74,7 @@ def child(row: str, nodes: int, rounds: int, seed: int) -> None:
         Dataset(x=x, y=y, classes=sim.CLASSES, name=f"n{i}") for i, (x, y) in enumerate(built)
     ]
 
-    def quickstart(data: list[Any], n_rounds: int) -> None:
+    def quickstart(data: list[Any], n_rounds: int, plan: Any = None) -> None:
         simulate(
             model=SoftmaxRegression(features=sim.FEATURES, classes=sim.CLASSES),
             nodes=data,
@@ -72,6 +84,7 @@ def child(row: str, nodes: int, rounds: int, seed: int) -> None:
                 local_epochs=sim.EPOCHS,
                 lr=sim.LR,
                 batch_size=sim.BATCH,
+                privacy=plan,
             ),
             test=test,
         )
@@ -80,8 +93,19 @@ def child(row: str, nodes: int, rounds: int, seed: int) -> None:
     # then part of the setup that ``none`` subtracts, not of either row.
     sim.floor_run(lambda: built[:2], test_x, test_y, 1, seed)
     quickstart(node_data[:2], 1)
+    for name in enforcement:  # the same setup in every process: each plan, both ways
+        quickstart(node_data[:2], 1, sim.plan_of(name))
+        with sim.enforcement_off():
+            quickstart(node_data[:2], 1, sim.plan_of(name))
     gc.collect()
-    if row == "floor":
+    plan, unenforced = row.removesuffix(UNENFORCED), row.endswith(UNENFORCED)
+    if plan in enforcement:
+        if unenforced:
+            with sim.enforcement_off():
+                quickstart(node_data, rounds, sim.plan_of(plan))
+        else:
+            quickstart(node_data, rounds, sim.plan_of(plan))
+    elif row == "floor":
         sim.floor_run(lambda: built, test_x, test_y, rounds, seed)
     elif row == "simulate":
         quickstart(node_data, rounds)
@@ -129,27 +153,37 @@ def events(out_file: Path) -> dict[str, int]:
     return dict(zip(names, totals))
 
 
-def run_callgrind(nodes: int, rounds: int, seed: int, cache_sim: bool) -> dict[str, dict[str, int]]:
+def run_callgrind(
+    nodes: int, rounds: int, seed: int, cache_sim: bool, rows: list[str], enforcement: list[str]
+) -> dict[str, dict[str, int]]:
     """Every row's event totals at ``nodes``; the rows' processes run side by side (counts do
     not depend on the load)."""
     with tempfile.TemporaryDirectory() as tmp:
         running = {}
-        for row in ROWS:
-            out = Path(tmp) / f"{row}.out"
+        for i, row in enumerate(rows):
+            out = Path(tmp) / f"{i}.out"
             command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
             if cache_sim:
                 command += ["--cache-sim=yes", "--branch-sim=yes"]
             command += [sys.executable, __file__, "--child", row, "--nodes", str(nodes)]
             command += ["--rounds", str(rounds), "--seed", str(seed)]
+            if enforcement:
+                command += ["--enforcement", *enforcement]
             env = dict(os.environ, PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1")
-            log = open(Path(tmp) / f"{row}.log", "w")  # noqa: SIM115 (closed below)
-            running[row] = (subprocess.Popen(command, stdout=log, stderr=log, env=env), out, log)
+            log_path = Path(tmp) / f"{i}.log"
+            log = open(log_path, "w")  # noqa: SIM115 (closed below)
+            running[row] = (
+                subprocess.Popen(command, stdout=log, stderr=log, env=env),
+                out,
+                log,
+                log_path,
+            )
         counted = {}
-        for row, (process, out, log) in running.items():
+        for row, (process, out, log, log_path) in running.items():
             code = process.wait()
             log.close()
             if code != 0:
-                text = (Path(tmp) / f"{row}.log").read_text(errors="replace")
+                text = log_path.read_text(errors="replace")
                 raise RuntimeError(f"callgrind run of {row} at N={nodes} failed:\n{text[-2000:]}")
             counted[row] = events(out)
         return counted
@@ -165,24 +199,43 @@ def main() -> int:
     parser.add_argument(
         "--native-avx2", action="store_true", help="native rows on the AVX2 paths valgrind runs"
     )
+    parser.add_argument(
+        "--enforcement",
+        nargs="+",
+        default=[],
+        choices=ENFORCEMENT_PLANS,
+        help="plans whose simulate() is counted enforced and with the enforcement a no-op",
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="*",
+        choices=ROWS[1:],
+        help="the floor rows to count (default: floor and simulate; none: enforcement only)",
+    )
     parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--child", choices=(*ROWS, "native"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.nodes[0], args.rounds, args.seed)
+        child(args.child, args.nodes[0], args.rounds, args.seed, args.enforcement)
         return 0
+    base_rows = list(ROWS[1:] if args.rows is None else dict.fromkeys(args.rows))
+    rows = ["none", *base_rows]
+    for plan in args.enforcement:
+        rows += [plan, plan + UNENFORCED]
     results = []
     for n in args.nodes:
-        counted = run_callgrind(n, args.rounds, args.seed, args.cache_sim)
+        counted = run_callgrind(n, args.rounds, args.seed, args.cache_sim, rows, args.enforcement)
         result: dict[str, Any] = {"nodes": n, "rounds": args.rounds}
-        for row in ("floor", "simulate"):
+        for row in rows[1:]:
             result[row] = {
                 event: (counted[row][event] - counted["none"][event]) / args.rounds
                 for event in EVENTS
                 if event in counted[row]
             }
-        result["instructions_vs_floor"] = result["simulate"]["Ir"] / result["floor"]["Ir"]
-        if args.native_repeats:
+        floor_rows = "floor" in result and "simulate" in result
+        if floor_rows:
+            result["instructions_vs_floor"] = result["simulate"]["Ir"] / result["floor"]["Ir"]
+        if args.native_repeats and floor_rows:
             command = [sys.executable, __file__, "--child", "native", "--nodes", str(n)]
             command += ["--rounds", str(args.rounds), "--seed", str(args.seed)]
             env = dict(os.environ, SHOAL_NATIVE_REPEATS=str(args.native_repeats))
@@ -196,24 +249,46 @@ def main() -> int:
             result["native_cpu_vs_floor"] = statistics.median(ratios)
             result["native_cpu_ratio_range"] = [min(ratios), max(ratios)]
         result["native_avx2"] = args.native_avx2
+        # What the node's enforcement executes: the enforced call minus the no-op one.
+        enforcement: dict[str, Any] = {}
+        for plan in args.enforcement:
+            on, off = result[plan]["Ir"], result[plan + UNENFORCED]["Ir"]
+            enforcement[plan] = {
+                "instructions_per_round": on,
+                "unenforced_instructions_per_round": off,
+                "extra_per_node_round": (on - off) / n,
+                "overhead": on / off - 1,
+            }
+        if enforcement:
+            result["enforcement"] = enforcement
         result["load_average"] = os.getloadavg()
         results.append(result)
-        floor, shoal = result["floor"], result["simulate"]
-        line = (
-            f"N={n:>6}: instructions per round floor {floor['Ir'] / 1e6:.1f}M, simulate()"
-            f" {shoal['Ir'] / 1e6:.1f}M: {result['instructions_vs_floor']:.3f}x"
-        )
-        if "native_cpu_vs_floor" in result:
-            lo, hi = result["native_cpu_ratio_range"]
-            line += f"; native CPU {result['native_cpu_vs_floor']:.2f}x [{lo:.2f}-{hi:.2f}]"
-        line += f"; load average {result['load_average'][0]:.1f}"
-        print(line)
-        for event in EVENTS[1:]:
-            if floor.get(event):
-                print(
-                    f"{'':>10}{event:>5} per round: floor {floor[event] / 1e6:.3f}M,"
-                    f" simulate() {shoal[event] / 1e6:.3f}M ({shoal[event] / floor[event]:.2f}x)"
-                )
+        if floor_rows:
+            floor, shoal = result["floor"], result["simulate"]
+            line = (
+                f"N={n:>6}: instructions per round floor {floor['Ir'] / 1e6:.1f}M, simulate()"
+                f" {shoal['Ir'] / 1e6:.1f}M: {result['instructions_vs_floor']:.3f}x"
+            )
+            if "native_cpu_vs_floor" in result:
+                lo, hi = result["native_cpu_ratio_range"]
+                line += f"; native CPU {result['native_cpu_vs_floor']:.2f}x [{lo:.2f}-{hi:.2f}]"
+            line += f"; load average {result['load_average'][0]:.1f}"
+            print(line)
+            for event in EVENTS[1:]:
+                if floor.get(event):
+                    print(
+                        f"{'':>10}{event:>5} per round: floor {floor[event] / 1e6:.3f}M,"
+                        f" simulate() {shoal[event] / 1e6:.3f}M"
+                        f" ({shoal[event] / floor[event]:.2f}x)"
+                    )
+        for plan, e in enforcement.items():
+            print(
+                f"N={n:>6} {plan}: instructions per round enforced"
+                f" {e['instructions_per_round'] / 1e6:.2f}M, no-op"
+                f" {e['unenforced_instructions_per_round'] / 1e6:.2f}M: enforcement"
+                f" {e['extra_per_node_round'] / 1e3:+.1f}k per node-round,"
+                f" {e['overhead'] * 100:+.2f}%"
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
