@@ -321,13 +321,19 @@ def budget_guard(
         if found is None:
             return None
         charge, binding = found
+        # The node's own part, as in guard(): the replay check, the owner's budget and the
+        # ledger entry (under the node's lock), then the binding.
+        if max_epsilon is None:
 
-        def node_check(ctx: Any, payload: Mapping[str, Any]) -> None:
-            # The node's own part, as in guard(): the replay check, the owner's budget and
-            # the ledger entry (under the node's lock), then the binding.
-            owner = None if max_epsilon is None else budget(ctx)
-            charge_owner_terms(ctx, owner, task=task, charge=charge)
-            ctx.noise = binding
+            def node_check(ctx: Any, payload: Mapping[str, Any]) -> None:
+                charge_owner_terms(ctx, None, task=task, charge=charge)
+                ctx.noise = binding
+
+        else:
+
+            def node_check(ctx: Any, payload: Mapping[str, Any]) -> None:
+                charge_owner_terms(ctx, budget(ctx), task=task, charge=charge)
+                ctx.noise = binding
 
         return node_check
 

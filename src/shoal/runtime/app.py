@@ -249,7 +249,7 @@ class Prepared:
     app: NodeApp
     task: str
     request: Mapping[str, Any]  # the payload prepared for (read, never changed)
-    guards: int  # the app's guard count when prepared (guards are only ever added)
+    guards: tuple[Guard, ...]  # the app's guards when prepared (a new tuple once one is added)
     checks: tuple[NodeCheck, ...]
     _parts: dict[int, Prepared] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -285,7 +285,8 @@ class NodeApp:
             raise ConfigError(f"NodeApp(max_kept) must be at least 1, got {max_kept}")
         self._tasks: dict[str, TaskFn] = {}
         self._policies: dict[str, ReleasePolicy] = {}
-        self._guards: list[Guard] = []
+        # A new tuple per guard added: a preparation names the very tuple it was made for.
+        self._guards: tuple[Guard, ...] = ()
         self.max_kept = max_kept
         self.limits = limits or WireLimits()
         # A task that declares no policy releases in the clear (the Core API's simple start);
@@ -348,7 +349,7 @@ class NodeApp:
         ``prepare(task, payload)`` method (a budget guard) lets an in-process engine do its
         node-independent part once per dispatch; it returns the node's remaining check, or
         None when the guard does not concern the task."""
-        self._guards.append(guard)
+        self._guards = (*self._guards, guard)
 
     def prepare(self, name: str, payload: Mapping[str, Any]) -> Prepared:
         """The guards' work on task ``name`` with ``payload`` that is the same at every node
@@ -371,7 +372,7 @@ class NodeApp:
             if check is not None:
                 checks.append(check)
         return Prepared(
-            app=self, task=name, request=payload, guards=len(self._guards), checks=tuple(checks)
+            app=self, task=name, request=payload, guards=self._guards, checks=tuple(checks)
         )
 
     @property
@@ -413,17 +414,16 @@ class NodeApp:
                 raise WireError(
                     f"{SEND_KEY!r} must list field names, with a value kept at the node"
                 )
-            if (
-                prepared is not None
-                and prepared.app is self
-                and prepared.task == name
-                and prepared.guards == len(self._guards)
-            ):
-                for check in prepared.checks:
-                    check(ctx, args)
-            else:
-                for guard in self._guards:
-                    guard(name, ctx, args)
+            guards = self._guards
+            if guards:
+                if prepared is not None and prepared.guards is guards and prepared.task == name:
+                    # Prepared by this app for this task with these guards (no other app
+                    # holds this tuple): only each node's own part is left.
+                    for check in prepared.checks:
+                        check(ctx, args)
+                else:
+                    for guard in guards:
+                        guard(name, ctx, args)
             try:
                 result = fn(ctx, args)
             except (PrivacyBudgetExceeded, ShoalError):
@@ -572,6 +572,8 @@ def read_held(
     if policy.all_clear:
         return out
     route = policy.route(tuple(out), use=use, role=role)
+    if route.free:  # every field may leave this way as it is (clear, or sealed to role)
+        return out
     if route.refused:
         refused = dict(route.refused)
         how = {"clear": "in the clear", "secure": "into a secure sum", "forward": f"to {role!r}"}

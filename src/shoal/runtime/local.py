@@ -319,7 +319,8 @@ class LocalEngine:
     def _private_copy(self, task: Task) -> tuple[dict[str, Any] | None, Prepared | None]:
         """This node's own copy of a shared decoded payload (arrays are read-only views;
         JSON containers are copied so that one node's changes never reach another), and the
-        guards prepared for it if they were prepared for this task's name."""
+        guards prepared for it (NodeApp.handle uses them only for the task name they were
+        prepared for)."""
         found = self._shared.get(id(task.payload))
         if found is None:
             return None, None
@@ -327,7 +328,7 @@ class LocalEngine:
         copy = dict(decoded)
         for key in containers:
             copy[key] = copy_json(copy[key])
-        return copy, prepared if prepared.task == task.name else None
+        return copy, prepared
 
     def run(
         self, runnable: Sequence[tuple[Task, float]], *, deadline_s: float, dispatch: int

@@ -52,6 +52,7 @@ class Route:
     refused: tuple[tuple[str, str], ...]  # (field, its kind) of those that may not leave so
     noised: tuple[str, ...]  # may leave only with the noise their charge bound
     secure: tuple[str, ...]  # ``secure`` fields entering a secure sum
+    free: bool = False  # none of the above: the fields leave by this use as they are
 
 
 def _parse_kind(text: object, where: str) -> Release:
@@ -177,7 +178,12 @@ class ReleasePolicy:
                 noised.append(name)
             else:
                 refused.append((name, str(release)))
-        found = Route(refused=tuple(refused), noised=tuple(noised), secure=tuple(secure))
+        found = Route(
+            refused=tuple(refused),
+            noised=tuple(noised),
+            secure=tuple(secure),
+            free=not (refused or noised or secure),
+        )
         if len(self._routes) < 1024:  # bounded: a coordinator chooses the fields it asks for
             self._routes[key] = found
         return found
