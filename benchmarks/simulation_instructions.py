@@ -28,10 +28,14 @@ count the same code.
 shipped (``PLAN``) and with the node's enforcement patched to a no-op (``PLAN, unenforced``:
 ``simulation.enforcement_off``), and reports what the enforcement executes: enforced minus
 no-op, per node-round and as a share of the no-op call. ``--rows`` restricts the processes
-(``none`` always runs), e.g. ``--rows --enforcement "node DP"`` for the enforcement rows alone:
+(``none`` always runs), e.g. ``--rows --enforcement "node DP"`` for the enforcement rows alone.
+NumPy's kernels execute a number of instructions that depends on the values (DP noise drawn
+from the OS changes the weights), so two processes of the same row differ by a few million
+instructions; ``--fixed-entropy`` makes ``os.urandom`` a seeded stream in every counted
+process, so that the enforced and no-op calls draw the same noise:
 
     python benchmarks/simulation_instructions.py --nodes 200 --rounds 3 --native-repeats 0 \
-        --enforcement "node DP" "example DP" --rows
+        --enforcement "node DP" "example DP" --rows --fixed-entropy
 
 valgrind must be on the PATH (``apt-get install valgrind``). PYTHONHASHSEED is fixed in the
 children so that the setup runs the same instructions in every process.
@@ -61,6 +65,14 @@ EVENTS = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bcm", "Bim")
 
 def child(row: str, nodes: int, rounds: int, seed: int, enforcement: list[str]) -> None:
     """The setup, then ``row`` once (run under callgrind by the parent)."""
+    if os.environ.get("SHOAL_BENCH_FIXED_ENTROPY"):
+        # Every process draws the same "entropy" (DP noise, SecAgg keys): the enforced and
+        # no-op calls then follow the same numeric paths, whose instruction counts depend on
+        # the values (a measurement only: never in the library).
+        import random
+
+        stream = random.Random(0)
+        os.urandom = stream.randbytes
     sys.path.insert(0, str(HERE))
     import simulation as sim
 
@@ -154,7 +166,13 @@ def events(out_file: Path) -> dict[str, int]:
 
 
 def run_callgrind(
-    nodes: int, rounds: int, seed: int, cache_sim: bool, rows: list[str], enforcement: list[str]
+    nodes: int,
+    rounds: int,
+    seed: int,
+    cache_sim: bool,
+    rows: list[str],
+    enforcement: list[str],
+    fixed_entropy: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Every row's event totals at ``nodes``; the rows' processes run side by side (counts do
     not depend on the load)."""
@@ -170,6 +188,8 @@ def run_callgrind(
             if enforcement:
                 command += ["--enforcement", *enforcement]
             env = dict(os.environ, PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1")
+            if fixed_entropy:
+                env["SHOAL_BENCH_FIXED_ENTROPY"] = "1"
             log_path = Path(tmp) / f"{i}.log"
             log = open(log_path, "w")  # noqa: SIM115 (closed below)
             running[row] = (
@@ -212,6 +232,11 @@ def main() -> int:
         choices=ROWS[1:],
         help="the floor rows to count (default: floor and simulate; none: enforcement only)",
     )
+    parser.add_argument(
+        "--fixed-entropy",
+        action="store_true",
+        help="os.urandom a seeded stream in every counted process (same noise in each row)",
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -224,7 +249,9 @@ def main() -> int:
         rows += [plan, plan + UNENFORCED]
     results = []
     for n in args.nodes:
-        counted = run_callgrind(n, args.rounds, args.seed, args.cache_sim, rows, args.enforcement)
+        counted = run_callgrind(
+            n, args.rounds, args.seed, args.cache_sim, rows, args.enforcement, args.fixed_entropy
+        )
         result: dict[str, Any] = {"nodes": n, "rounds": args.rounds}
         for row in rows[1:]:
             result[row] = {
@@ -249,6 +276,7 @@ def main() -> int:
             result["native_cpu_vs_floor"] = statistics.median(ratios)
             result["native_cpu_ratio_range"] = [min(ratios), max(ratios)]
         result["native_avx2"] = args.native_avx2
+        result["fixed_entropy"] = args.fixed_entropy
         # What the node's enforcement executes: the enforced call minus the no-op one.
         enforcement: dict[str, Any] = {}
         for plan in args.enforcement:
