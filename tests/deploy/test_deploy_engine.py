@@ -15,7 +15,7 @@ from shoal.errors import ConfigError, PrivacyBudgetExceeded
 from shoal.privacy.guard import DPRequest, budget_guard
 from shoal.runtime import DECLINED_DETAIL, FailureKind, LocalEngine, NodeApp, Task
 from shoal.runtime.grpc import ClientTLS, NodeExit, ServerTLS, public_key_bytes, write_key_pair
-from shoal.runtime.grpc.protocol import TO_COORDINATOR_CHUNK, chunk_frame
+from shoal.runtime.grpc.protocol import MAX_FRAME_BYTES, TO_COORDINATOR_CHUNK, chunk_frame
 from shoal.wire import decode, encode
 
 release = threading.Event()
@@ -268,14 +268,27 @@ def test_malformed_and_oversized_frames(federation, raw_session) -> None:
     junk = raw_session(target)
     junk.send(os.urandom(200))
     assert junk.refused()[0] in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED)
+    # Before a node authenticates, the front door cuts a connection past its byte budget
+    # (transport.PREAUTH_BYTES): 8 MiB never reach gRPC.
     big = raw_session(target)
     big.send(b"\x0a" + b"x" * (8 << 20))
-    assert big.refused()[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert big.refused()[0] == grpc.StatusCode.UNAVAILABLE
     silent = raw_session(target)  # never says hello; the coordinator is not blocked by it
     connect(federation, engine, ["n0"])
     result = engine.dispatch(tasks(["n0"], "echo", encode({"x": np.ones(1)})), deadline_s=30)
     assert "n0" in result.replies
     silent.close()
+    engine._trail.flush(force=True)
+    reasons = [r.detail.get("reason", "") for r in federation.store.audit_log(limit=100)]
+    assert any("bytes before a node authenticated" in r for r in reasons), reasons
+
+
+def test_an_authenticated_node_past_the_frame_limit_is_refused(federation, raw_session) -> None:
+    """Past authentication, gRPC's own message limit applies (MAX_FRAME_BYTES)."""
+    engine = federation.engine()
+    session, _ = _welcomed(federation, raw_session, engine)
+    session.send(b"\x0a" + b"x" * (MAX_FRAME_BYTES + 1))
+    assert session.refused()[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _answer(session, signer, data: bytes, *, sent: bytes | None = None, key=None):

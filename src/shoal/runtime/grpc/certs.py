@@ -293,15 +293,9 @@ class ServerTLS:
             client_ca=_read(d / CA_CERT, "CA certificate"),
         )
 
-    def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self.private_key, self.certificate)],
-            root_certificates=self.client_ca,
-            require_client_auth=True,
-        )
-
     def ssl_context(self) -> ssl.SSLContext:
-        """The same mutual TLS for Python sockets (the bulk lane): client certificates required."""
+        """Mutual TLS for the coordinator's sockets (the front door, which ends TLS before
+        gRPC, and the bulk lane): client certificates of the federation's CA required."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:

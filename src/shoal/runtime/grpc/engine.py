@@ -158,10 +158,11 @@ class GrpcEngine:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             # A peer that pings more often than every 10 s while no data flows gets two
-            # strikes, then GOAWAY: over TLS the front door cannot see its frames (h2meter.py).
+            # strikes, then GOAWAY (behind the front door's own frame meter, h2meter.py).
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 2),
-            # A connection that has not finished its TLS/HTTP2 handshake within this is closed.
+            # A connection that has not finished its HTTP/2 handshake within this is closed
+            # (TLS ends at the front door, within the same time).
             ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_s * 1000)),
             # A connection with no call open is closed after this. A node always holds its
             # stream open; without it, a plaintext peer that sends HTTP/2's preface and then
@@ -193,11 +194,14 @@ class GrpcEngine:
             self._upstream_dir = tempfile.mkdtemp(prefix="shoal-grpc-")  # mode 0700
             path = os.path.join(self._upstream_dir, "grpc.sock")
         address = f"unix:{path}" if path is not None else "127.0.0.1:0"
+        # TLS ends at the front door (transport.py), which then reads every frame: gRPC
+        # behind it speaks plaintext HTTP/2, and refuses calls that did not come through it.
+        tls = None
+        if config.tls is not None:
+            tls = config.tls.ssl_context()
+            tls.set_alpn_protocols(["h2"])  # gRPC clients require HTTP/2 by ALPN
         try:
-            if config.tls is not None:
-                upstream = server.add_secure_port(address, config.tls.credentials())
-            else:
-                upstream = server.add_insecure_port(address)
+            upstream = server.add_insecure_port(address)
         except RuntimeError as exc:
             self._remove_upstream_dir()
             raise TransportError(f"cannot open gRPC's own socket ({exc})") from None
@@ -214,6 +218,7 @@ class GrpcEngine:
             refused=self._trail.door_refused,
             timeout_s=config.handshake_timeout_s,
             limiter=self._door_limiter,
+            tls=tls,
         )
         self.port = door.port
         try:

@@ -1,13 +1,12 @@
-"""Counting a plaintext connection's HTTP/2 frames on the front door's relay, to cut floods.
+"""Counting a connection's HTTP/2 frames on the front door's relay, to cut floods.
 
 gRPC's own HTTP/2 server answers every SETTINGS and PING, and starts a call for every
 HEADERS frame, however fast they come: one connection could send hundreds of thousands a
 second (many calls, rapid reset, CVE-2023-44487; a SETTINGS and PING flood) without ever
 opening a second connection for the front door's limiter to count. The relay sees every
-byte a plaintext peer sends, so it reads each frame's 9-byte header (never its payload, never
-HPACK) and cuts a connection that sends more of a kind in one second than any node does.
-With TLS the bytes are encrypted up to gRPC; those calls are counted where they open
-(transport.FrontDoor.call_opened) and gRPC's ping policy bounds PINGs.
+byte a peer sends (TLS ends at the front door, tlsend.py), so it reads each frame's 9-byte
+header (never its payload, never HPACK) and cuts a connection that sends more of a kind in
+one second than any node does.
 """
 
 from __future__ import annotations

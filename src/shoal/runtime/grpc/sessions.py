@@ -88,7 +88,6 @@ class Session:
         self.lane_token = b""
         self.lane: SessionLane | None = None
         self.ticket: int | None = None  # in the engine's limiter of unauthenticated streams
-        self.counted = False  # among its front-door connection's open calls
         # Keeps a task's header (stream) and payload (lane) in the same order on both.
         self.send_lock = threading.Lock()
 

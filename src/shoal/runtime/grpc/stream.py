@@ -74,12 +74,10 @@ class Streams:
             # may share it: each is bounded by this limiter, the connection by the door's.
             session.peer = self.door.peer_of(session.via)
             level = self.door.call_opened(session.via)
-            session.counted = True
         if level is None:
             # Cut for a flood of calls, or not through the front door (a local process on
             # gRPC's own socket: a process of this user): either way no node.
             self.trail.rejected(session.peer, _NOT_RELAYED)
-            self._close_call(session)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _NOT_RELAYED)
             return  # abort raises; this is for the type checker
         ticket = self._limiter.admit(
@@ -87,7 +85,6 @@ class Streams:
         )
         if ticket is None:
             self.trail.rejected(session.peer, _REFUSED)
-            self._close_call(session)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _REFUSED)
         session.ticket = ticket
         self.table.add(session)
@@ -142,14 +139,7 @@ class Streams:
             if not self.closing.is_set():
                 self.trail.record("node.disconnected", session.node_id, reason=reason[:500])
         self._limiter.done(session.ticket)
-        self._close_call(session)
         self.table.remove(session)  # last: finish() waits for this, so the entry is written
-
-    def _close_call(self, session: Session) -> None:
-        """Tell the front door the call is over (once): its connection's count goes down."""
-        if self.door is not None and session.counted:
-            session.counted = False
-            self.door.call_closed(session.via, authenticated=session.authenticated)
 
     def _evict(self, session: Session, why: DropReason) -> None:
         """Drop an unauthenticated stream to make room for another one (see limits.py)."""

@@ -7,15 +7,24 @@ first bytes of each connection and tells what the peer speaks:
   else, which transport this coordinator speaks (:func:`agree`). The door answers with its own
   line and closes; both sides print one line naming a mismatch and its fix.
 - a TLS record (first byte 0x16) or HTTP/2's preface (``PRI * HTTP/2.0``): a gRPC client. If
-  it speaks what the coordinator speaks, the connection is relayed byte for byte to gRPC (TLS
-  still ends in gRPC); if not, it is closed with one line per address (coalesced), instead of
-  gRPC's own handshake errors.
+  it speaks what the coordinator speaks, the connection is relayed to gRPC; if not, it is
+  closed with one line per address (coalesced), instead of gRPC's own handshake errors.
+- anything else: closed, and recorded the same way.
+
+TLS ends here, at the door (tlsend.py), with the federation's CA required of the peer; gRPC
+behind it speaks plaintext HTTP/2. So the relay reads every connection's frames in the clear,
+TLS or not: it meters them (h2meter.py) and bounds the bytes a connection may send before a
+node authenticates on it (``preauth_bytes``). While TLS ended in gRPC, a holder of a
+federation certificate could send a rapid reset the relay could not read, and gRPC queued its
+calls ahead of a node's (the node stayed out). A cut TLS connection is recorded with the
+peer's certificate (its common name and a digest).
 
 gRPC itself listens on a unix socket in a private (0700) directory, not on a loopback TCP port:
 no other local user's process can reach it around the door's limits (a rapid reset on a
 loopback port kept a node out for as long as it ran). Each relay binds its own end to a name
 in that directory, so gRPC's view of the peer (``unix:<that name>``) maps back to the node.
-- anything else: closed, and recorded the same way.
+Where no unix sockets exist, gRPC listens on a loopback port, in plaintext: a call that did
+not come through the door is refused (``Streams.serve``).
 
 The agreement is unauthenticated on purpose: it only explains a failure. A node never changes
 its transport because of the answer, so a forged answer can stop a node, never downgrade it.
@@ -27,8 +36,10 @@ import contextlib
 import itertools
 import os
 import socket
+import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Literal
 
@@ -44,6 +55,7 @@ from shoal.runtime.grpc.limits import (
     PendingLimiter,
     peer_host,
 )
+from shoal.runtime.grpc.tlsend import TlsEnd
 
 __all__ = ["AGREEMENT", "FrontDoor", "agree", "classify", "mismatch_line", "parse_host_port"]
 
@@ -54,11 +66,17 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _TLS_HANDSHAKE = 0x16  # a TLS record of type handshake: a ClientHello
 _MAX_LINE = 64
 _RELAY_BLOCK = 1 << 16  # per direction and node: the relay holds 128 KiB per node
+_ENDED_KEPT = 1024  # ended relays whose peer is still known (FrontDoor.peer_of)
 _SWEEP_S = 0.25  # how often the accept loop drops connections past their deadline
 # Calls gRPC may open on one relayed connection in one second: a node opens one per session.
-# More is a flood of calls on a connection the door's limiter counts once; TLS hides its
-# frames from the relay (h2meter.py), so calls are counted here too, as they open.
+# More is a flood of calls on a connection the door's limiter counts once; the frame meter
+# (h2meter.py) bounds HEADERS frames too, and this counts the calls gRPC actually starts.
 _CALLS_PER_S = 16
+# Bytes a connection may send before a node authenticates on it (after TLS: HTTP/2 bytes). A
+# node sends 808 (measured: the preface, SETTINGS, WINDOW_UPDATE, one call's headers and its
+# hello). Floods of frames the meter does not count (WINDOW_UPDATE, unknown types, empty
+# DATA, an endless header block) end here.
+PREAUTH_BYTES = 32 << 10
 
 
 def mismatch_line(*, side: Literal["node", "coordinator"], coordinator: str, peer: str = "") -> str:
@@ -196,7 +214,9 @@ def _grpc_peer(address: object) -> str:
 class FrontDoor:
     """The coordinator's listener: classifies each connection, relays gRPC, explains the rest.
 
-    ``speaks`` is the coordinator's transport; matching connections are relayed to gRPC at the
+    ``speaks`` is the coordinator's transport (with "tls", ``tls`` is the server's context,
+    which requires a certificate of the federation's CA: TLS ends here); matching connections
+    are relayed to gRPC, which speaks plaintext HTTP/2 behind the door, at the
     unix socket ``upstream_path`` (its directory private to this process's user; each relay
     binds a name there), or where no unix sockets exist at 127.0.0.1:``upstream_port``.
     ``mismatch(host, line)`` is called for a peer that speaks the other transport,
@@ -224,7 +244,11 @@ class FrontDoor:
         refused: Callable[[str, str], None],
         timeout_s: float = 5.0,
         limiter: PendingLimiter | None = None,
+        tls: ssl.SSLContext | None = None,
+        preauth_bytes: int = PREAUTH_BYTES,
     ) -> None:
+        if (tls is None) != (speaks == "plaintext"):
+            raise ValueError("give a TLS context exactly when the door speaks TLS")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         dualstack = host == "::" and socket.has_dualstack_ipv6()
         try:
@@ -238,6 +262,8 @@ class FrontDoor:
             ) from None
         self.port: int = self._listener.getsockname()[1]
         self.speaks = speaks
+        self._tls = tls
+        self._preauth_bytes = preauth_bytes
         self._upstream = ("127.0.0.1", upstream_port)
         self._upstream_path = upstream_path
         self._relay_names = itertools.count()
@@ -252,6 +278,9 @@ class FrontDoor:
         # The relay's end as gRPC names it (after its last ':': a path, or a loopback port)
         # -> the connection.
         self._relayed: dict[str, _DoorConn] = {}
+        # The last relays that ended, by the same name -> the peer: gRPC may still start
+        # calls it had read from one (a cut flood's), and their refusals name the peer.
+        self._ended: OrderedDict[str, str] = OrderedDict()
         self._open: set[socket.socket] = set()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="shoal-door", daemon=True)
@@ -281,17 +310,21 @@ class FrontDoor:
     def peer_of(self, grpc_peer: str) -> str:
         """The node's address behind a relayed connection, as gRPC would have named it."""
         conn = self._conn_of(grpc_peer)
-        return conn.peer if conn is not None else grpc_peer
+        if conn is not None:
+            return conn.peer
+        with self._lock:  # a call gRPC queued before the door ended its connection
+            return self._ended.get(grpc_peer.rsplit(":", 1)[-1], grpc_peer)
 
     def call_opened(self, grpc_peer: str) -> int | None:
         """gRPC opened a call on a relayed connection: the rank the call earns among pending
         calls (limits.py), or None if it came on no relayed connection or on one cut for
         opening too many (the caller refuses it).
 
-        The first unauthenticated call on a connection ranks as the connection does (PROVEN
-        with TLS: a federation certificate; CALL in plaintext); further ones, while it is
-        pending, rank SILENT: many calls on one connection cannot outrank a node's one call,
-        however fast they come. A call on a connection where a node authenticated is PROVEN.
+        The first call on a connection ranks as the connection does (PROVEN with TLS: a
+        federation certificate; CALL in plaintext); every later unauthenticated one ranks
+        SILENT, even once the first has ended: many calls on one connection cannot outrank a
+        node's one call, however fast they come (a node opens one connection per attempt).
+        A call on a connection where a node authenticated is PROVEN.
         """
         conn = self._conn_of(grpc_peer)
         if conn is None:
@@ -304,8 +337,11 @@ class FrontDoor:
                 conn.window, conn.calls = now, 0
             conn.calls += 1
             flood = conn.calls > _CALLS_PER_S
-            first = conn.pending_calls == 0
-            conn.pending_calls += 1
+            # The connection's first call ever, not "none other pending": calls opened and
+            # reset at once (rapid reset) each found none pending, so each ranked as the
+            # connection, and a certificate holder's flood of them evicted a node's call.
+            first = not conn.ranked
+            conn.ranked = True
         if flood:
             conn.cut(f"cut: more than {_CALLS_PER_S} calls opened on one connection in a second")
             return None
@@ -315,20 +351,12 @@ class FrontDoor:
             return PROVEN
         return level if first else SILENT
 
-    def call_closed(self, grpc_peer: str, *, authenticated: bool) -> None:
-        """A call that :meth:`call_opened` ranked has ended (``authenticated``: a node's)."""
-        conn = self._conn_of(grpc_peer)
-        if conn is not None and not authenticated:
-            with self._lock:
-                conn.pending_calls = max(0, conn.pending_calls - 1)
-
     def authenticated(self, grpc_peer: str) -> None:
         """A node authenticated on a relayed connection: it is no longer pending."""
         conn = self._conn_of(grpc_peer)
         if conn is not None:
             with self._lock:
                 conn.authenticated = True
-                conn.pending_calls = max(0, conn.pending_calls - 1)
             self._limiter.done(conn.ticket)
 
     def _conn_of(self, grpc_peer: str) -> _DoorConn | None:
@@ -402,11 +430,9 @@ class FrontDoor:
                     self._answer(conn.sock)
                 elif kind == self.speaks:
                     self._limiter.advance(conn.ticket, PREFIX)
-                    self._relay(conn, head)
-                    if not conn.called:
-                        refusal = (
-                            "closed before its TLS or HTTP/2 handshake finished and opened a call"
-                        )
+                    refusal = self._relay(conn, head)
+                    if refusal is None and not conn.called:
+                        refusal = "closed before its HTTP/2 handshake finished and opened a call"
                 elif kind in ("tls", "plaintext"):
                     refusal = mismatch_line(side="coordinator", coordinator=self.speaks, peer=host)
                     mismatch = True
@@ -436,7 +462,7 @@ class FrontDoor:
                 with self._lock:
                     self.served -= 1
             if not self._closing.is_set():
-                self._refused(host, conn.cut_reason)
+                self._refused(host, _naming(conn.cut_reason, conn.identity))
             return
         if conn.dropped == "evicted":
             refusal, mismatch = _EVICTED, False
@@ -450,7 +476,7 @@ class FrontDoor:
         if mismatch:
             self._mismatch(host, refusal)
         else:
-            self._refused(host, refusal)
+            self._refused(host, _naming(refusal, conn.identity))
 
     def _first_bytes(self, conn: socket.socket) -> tuple[bytes, str | None]:
         deadline = time.monotonic() + self._timeout_s
@@ -512,11 +538,25 @@ class FrontDoor:
             raise
         return upstream, name
 
-    def _relay(self, conn: _DoorConn, head: bytes) -> None:
+    def _relay(self, conn: _DoorConn, head: bytes) -> str | None:
+        """Relay a connection to gRPC (after its TLS handshake, with TLS); the refusal it
+        earned before reaching gRPC, if any."""
+        peer: socket.socket | TlsEnd = conn.sock
+        if self._tls is not None:
+            end = TlsEnd(conn.sock, self._tls)
+            try:
+                end.handshake(head, time.monotonic() + self._timeout_s)
+            except ssl.SSLError as exc:
+                return f"TLS handshake failed ({exc.reason or exc})"
+            except TimeoutError:
+                return f"no TLS handshake within {self._timeout_s:g} s"
+            conn.identity = end.identity()
+            self._limiter.advance(conn.ticket, PROVEN)  # a certificate of the federation's CA
+            peer, head = end, b""
         try:
             upstream, local = self._connect_upstream()
         except OSError:
-            return  # gRPC is shutting down
+            return None  # gRPC is shutting down
         with self._lock:
             self._open.add(upstream)
             self._relayed[local] = conn
@@ -528,25 +568,60 @@ class FrontDoor:
                 sock.settimeout(None)
                 if sock.family != socket.AF_UNIX:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            meter = FrameMeter() if self.speaks == "plaintext" else None
-            flood = meter.feed(head) if meter is not None else None
-            if flood is not None:
-                conn.cut(flood)
-                return
-            upstream.sendall(head)
             # gRPC never half-closes: once it ends, the node's side is ended in full, so a
             # peer that stops reading cannot keep this relay alive.
             back = threading.Thread(
-                target=_pump, args=(upstream, conn.sock, True), name="shoal-relay", daemon=True
+                target=_pump, args=(upstream, peer, True), name="shoal-relay", daemon=True
             )
             back.start()
-            _pump(conn.sock, upstream, False, meter=meter, cut=conn.cut)
+            self._inbound(conn, peer, upstream, head)
             back.join()
         finally:
             with self._lock:
                 self._open.discard(upstream)
                 self._relayed.pop(local, None)
+                self._ended[local] = conn.peer
+                if len(self._ended) > _ENDED_KEPT:
+                    self._ended.popitem(last=False)
             upstream.close()
+        return None
+
+    def _inbound(
+        self, conn: _DoorConn, src: socket.socket | TlsEnd, dst: socket.socket, head: bytes
+    ) -> None:
+        """Copy what the peer sends to gRPC: its frames metered, and at most
+        ``preauth_bytes`` of them before a node authenticates on the connection."""
+        meter = FrameMeter()
+        budget = self._preauth_bytes
+        buffer = bytearray(_RELAY_BLOCK)
+        view = memoryview(buffer)
+        n = len(head)
+        view[:n] = head
+        try:
+            while True:
+                if n:
+                    if not conn.authenticated:
+                        budget -= n
+                        if budget < 0:
+                            conn.cut(
+                                f"cut: sent more than {self._preauth_bytes} bytes before a "
+                                "node authenticated on it"
+                            )
+                            return
+                    flood = meter.feed(view[:n])
+                    if flood is not None:
+                        conn.cut(flood)
+                        return
+                    dst.sendall(view[:n])
+                n = src.recv_into(buffer)
+                if not n:
+                    break
+        except OSError:
+            _shutdown(src)  # a reset: end both directions
+            _shutdown(dst)
+            return
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
 
 
 _REFUSED = (
@@ -572,7 +647,8 @@ class _DoorConn:
         self.dropped: DropReason | None = None
         self.cut_reason = ""
         self.authenticated = False  # a node authenticated on it
-        self.pending_calls = 0  # calls open on it that no node authenticated on
+        self.identity = ""  # with TLS: the peer's certificate (tlsend.TlsEnd.identity)
+        self.ranked = False  # its first call came (and ranked as the connection)
         self.window = 0.0  # start of the current second, and calls opened in it
         self.calls = 0
 
@@ -591,6 +667,11 @@ class _DoorConn:
             _shutdown(upstream)
 
 
+def _naming(reason: str, identity: str) -> str:
+    """A refusal, with the peer's certificate when it showed one."""
+    return f"{reason} (certificate {identity})" if identity else reason
+
+
 def _level_of(head: bytes) -> int:
     """How far the first bytes of a connection are along a handshake a node would make."""
     if not head:
@@ -598,17 +679,9 @@ def _level_of(head: bytes) -> int:
     return SILENT if classify(head) == "unknown" else PREFIX
 
 
-def _pump(
-    src: socket.socket,
-    dst: socket.socket,
-    full: bool,
-    *,
-    meter: FrameMeter | None = None,
-    cut: Callable[[str], None] | None = None,
-) -> None:
+def _pump(src: socket.socket, dst: socket.socket | TlsEnd, full: bool) -> None:
     """Copy ``src`` to ``dst`` until ``src`` ends; then end ``dst``'s sending side (or all of
-    ``dst`` with ``full``). With ``meter``, each block is counted first, and ``cut(why)``
-    is called instead of passing on a block that floods."""
+    ``dst`` with ``full``)."""
     buffer = bytearray(_RELAY_BLOCK)
     view = memoryview(buffer)
     try:
@@ -616,11 +689,6 @@ def _pump(
             n = src.recv_into(buffer)
             if not n:
                 break
-            if meter is not None and cut is not None:
-                flood = meter.feed(view[:n])
-                if flood is not None:
-                    cut(flood)
-                    return
             dst.sendall(view[:n])
     except OSError:
         _shutdown(src)  # a reset: end both directions
@@ -630,6 +698,6 @@ def _pump(
         dst.shutdown(socket.SHUT_RDWR if full else socket.SHUT_WR)
 
 
-def _shutdown(sock: socket.socket) -> None:
+def _shutdown(sock: socket.socket | TlsEnd) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,121 @@
+"""The server's end of a node's TLS connection, held by the front door's relay.
+
+TLS ends at the front door, not in gRPC, so the relay sees each connection's HTTP/2 frames
+in the clear and can meter them (h2meter.py) and bound what an unauthenticated peer sends:
+while TLS ended in gRPC, a holder of a federation certificate could send a rapid reset the
+relay could not read, and gRPC queued its calls ahead of a node's. It also names the peer's
+certificate, so a connection cut for flooding is recorded against it.
+
+One thread reads the connection while another writes it (the relay's two directions). An
+``ssl.SSLSocket`` must not be used so: both threads would run OpenSSL on one connection at
+once. Here the TLS state is an ``ssl.SSLObject`` over memory buffers, driven under a lock,
+and only the raw socket blocks, outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+__all__ = ["TlsEnd"]
+
+_READ_BYTES = 1 << 16
+
+
+class TlsEnd:
+    """TLS over ``raw`` as the server: :meth:`handshake` first, then :meth:`recv_into` on
+    one thread and :meth:`sendall` on another."""
+
+    def __init__(self, raw: socket.socket, context: ssl.SSLContext) -> None:
+        self.raw = raw
+        self.family = raw.family
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._in, self._out, server_side=True)
+        self._lock = threading.Lock()  # the TLS state
+        self._sending = threading.Lock()  # records go out in the order they were made
+
+    def handshake(self, head: bytes, deadline: float) -> None:
+        """Complete the handshake, ``head`` being what the peer already sent. Raises
+        ``ssl.SSLError`` (the alert is sent first), TimeoutError or ConnectionError."""
+        self._in.write(head)
+        while True:
+            try:
+                with self._lock:
+                    self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("TLS handshake timed out") from None
+                self.raw.settimeout(remaining)
+                data = self.raw.recv(_READ_BYTES)
+                if not data:
+                    raise ConnectionResetError("closed during the TLS handshake") from None
+                self._in.write(data)
+            except ssl.SSLError:
+                self._flush()  # the alert: the peer learns why
+                raise
+        self._flush()
+
+    def identity(self) -> str:
+        """The peer's certificate: its subject's common name and a digest of it."""
+        with self._lock:
+            der = self._tls.getpeercert(binary_form=True) or b""
+            cert: dict[str, Any] = dict(self._tls.getpeercert() or {})
+        names = [
+            pair[1] for rdn in cert.get("subject", ()) for pair in rdn if pair[0] == "commonName"
+        ]
+        digest = hashlib.sha256(der).hexdigest()[:16]
+        return f"CN={names[0] if names else '?'} sha256:{digest}"
+
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        """Decrypted bytes into ``buffer``; 0 once the peer has closed."""
+        view = memoryview(buffer)
+        while True:
+            with self._lock:
+                try:
+                    n = int(self._tls.read(len(view), view))  # an int when given a buffer
+                except ssl.SSLWantReadError:
+                    n = -1
+                except ssl.SSLZeroReturnError:
+                    return 0
+                pending = self._out.pending
+            if pending:  # what reading made (a session ticket, a key update's answer)
+                self._flush()
+            if n >= 0:
+                return n
+            data = self.raw.recv(_READ_BYTES)
+            if not data:
+                return 0
+            with self._lock:
+                self._in.write(data)
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        with self._sending:
+            with self._lock:
+                view = memoryview(data)
+                while view:
+                    view = view[self._tls.write(view) :]
+                records = self._out.read()
+            self.raw.sendall(records)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.raw.settimeout(timeout)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.raw.setsockopt(level, option, value)
+
+    def shutdown(self, how: int) -> None:
+        self.raw.shutdown(how)
+
+    def _flush(self) -> None:
+        with self._sending:
+            with self._lock:
+                records = self._out.read()
+            if records:
+                self.raw.sendall(records)
