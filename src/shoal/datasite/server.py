@@ -371,7 +371,18 @@ def serve(
     service = Service(state, limits=limits)
     app = create_app(service)
     uv = uvicorn()
-    config = uv.Config(app, host=host, port=port, log_level="warning", access_log=False, **ssl)
+    from shoal.datasite.guard import GuardedH11Protocol
+
+    # h11 with a deadline for request headers and bounds on idle connections (guard.py)
+    config = uv.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http=GuardedH11Protocol,
+        **ssl,
+    )
     server = uv.Server(config)
     try:
         server.run()
