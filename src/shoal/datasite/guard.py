@@ -13,8 +13,8 @@ server could accept no one (slowloris). Here, each connection of the datasite:
   of all) is closed for the newcomer. A client with a request in progress is never
   closed for another; the newcomer itself goes if every other one is busy.
 
-TLS: the protocol sees a connection once its handshake is done; Python's asyncio bounds the
-handshake itself (60 s).
+Not covered: a connection still in its TLS handshake. The protocol sees a connection only
+once its handshake is done, so until then only asyncio's handshake timeout (60 s) bounds it.
 """
 
 from __future__ import annotations
