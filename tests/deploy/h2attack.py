@@ -44,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 
+from shoal.runtime.grpc.tlsend import TlsEnd
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
 CONTINUATION, UNKNOWN = 9, 0xFA
@@ -352,63 +354,21 @@ def _hpack_bomb(block: bytes) -> bytes:
     return block + insert + b"\xbe" * 12_000
 
 
-class TlsPipe:
-    """TLS over a socket that one thread may read while another writes. An ``SSLSocket`` may
-    not: both threads then run OpenSSL on one connection at once (the attacker crashed with
-    "malloc(): unsorted double linked list corrupted"). Here the TLS state is a memory
-    object driven under a lock, and only the raw socket blocks."""
+class TlsPipe(TlsEnd):
+    """A client's TLS that one thread may read while another writes (shoal's own TlsEnd: an
+    ``SSLSocket`` used so crashed this attacker with "malloc(): unsorted double linked list
+    corrupted"), with the few socket methods the attack calls."""
 
     def __init__(self, raw: socket.socket, context: ssl.SSLContext) -> None:
-        self.raw = raw
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._in, self._out, server_hostname="localhost")
-        self._lock = threading.Lock()  # the TLS state
-        self._sending = threading.Lock()  # records go out in the order they were made
-        raw.settimeout(5)
-        while True:
-            try:
-                self._tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                raw.sendall(self._out.read())
-                data = raw.recv(1 << 16)
-                if not data:
-                    raise ConnectionResetError("closed during the TLS handshake") from None
-                self._in.write(data)
-        raw.sendall(self._out.read())
-
-    def sendall(self, data: bytes | bytearray) -> None:
-        with self._sending:
-            with self._lock:
-                view = memoryview(data)
-                while view:
-                    view = view[self._tls.write(view) :]
-                records = self._out.read()
-            self.raw.sendall(records)
+        super().__init__(raw, context, server_side=False, server_hostname="localhost")
+        self.handshake(b"", time.monotonic() + 5)
 
     def recv(self, size: int) -> bytes:
-        while True:
-            with self._lock:
-                try:
-                    return self._tls.read(size)
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    return b""
-            data = self.raw.recv(1 << 16)
-            if not data:
-                return b""
-            with self._lock:
-                self._in.write(data)
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.raw.settimeout(timeout)
+        buffer = bytearray(size)
+        return bytes(buffer[: self.recv_into(buffer)])
 
     def setblocking(self, flag: bool) -> None:
         self.raw.setblocking(flag)
-
-    def shutdown(self, how: int) -> None:
-        self.raw.shutdown(how)
 
     def close(self) -> None:
         self.raw.close()

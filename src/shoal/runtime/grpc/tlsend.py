@@ -27,19 +27,30 @@ _READ_BYTES = 1 << 16
 
 
 class TlsEnd:
-    """TLS over ``raw`` as the server: :meth:`handshake` first, then :meth:`recv_into` on
-    one thread and :meth:`sendall` on another."""
+    """TLS over ``raw`` (as the server, or with ``server_side=False`` as a client of
+    ``server_hostname``): :meth:`handshake` first, then :meth:`recv_into` on one thread and
+    :meth:`sendall` on another."""
 
-    def __init__(self, raw: socket.socket, context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        raw: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool = True,
+        server_hostname: str | None = None,
+    ) -> None:
         self.raw = raw
         self.family = raw.family
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._in, self._out, server_side=True)
+        self._tls = context.wrap_bio(
+            self._in, self._out, server_side=server_side, server_hostname=server_hostname
+        )
         self._lock = threading.Lock()  # the TLS state
         self._sending = threading.Lock()  # records go out in the order they were made
 
     def handshake(self, head: bytes, deadline: float) -> None:
-        """Complete the handshake, ``head`` being what the peer already sent. Raises
+        """Complete the handshake, ``head`` being what the peer already sent (a server's
+        peer speaks first). Raises
         ``ssl.SSLError`` (the alert is sent first), TimeoutError or ConnectionError."""
         self._in.write(head)
         while True:
