@@ -92,7 +92,13 @@ class RawSession:
 
     def __init__(self, target: str, *, tls: ClientTLS | None = None, timeout: float = 120) -> None:
         self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        options = [("grpc.max_send_message_length", 64 << 20)]
+        options: list[tuple[str, int]] = [
+            ("grpc.max_send_message_length", 64 << 20),
+            # A connection of its own, as a node has: gRPC otherwise shares one among
+            # channels to the same target, and a session the front door cuts (a byte budget
+            # passed before the hello) took the next session's call down with it.
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         if tls is None:
             self.channel = grpc.insecure_channel(target, options=options)
         else:
