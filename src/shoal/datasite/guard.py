@@ -6,21 +6,24 @@ connection stayed open for as long as its peer liked (2,000 of them from one add
 one line of a request, were all still open after 30 s), one file descriptor each, until the
 server could accept no one (slowloris). Here, each connection of the datasite:
 
-- must complete a request's headers within ``header_timeout_s`` of connecting, or of its
-  first byte after a response; otherwise it is closed;
+- with TLS (``tls``), must finish its TLS handshake within ``header_timeout_s`` of
+  connecting: the handshake runs here (``loop.start_tls``), on a connection already counted
+  below, not in asyncio's server, which would hand the connection over only once it is done
+  (a TLS slowloris, 600 partial ClientHellos, had locked the owner out for 60 s, asyncio's
+  handshake timeout, at 512 descriptors);
+- must complete a request's headers within ``header_timeout_s`` of connecting (its TLS
+  handshake included), or of its first byte after a response; otherwise it is closed;
 - counts against ``per_address`` open connections from its address and ``total`` in all;
   past either, the oldest connection that has no request in progress (of that address, or
   of all) is closed for the newcomer. A client with a request in progress is never
   closed for another; the newcomer itself goes if every other one is busy.
-
-Not covered: a connection still in its TLS handshake. The protocol sees a connection only
-once its handshake is done, so until then only asyncio's handshake timeout (60 s) bounds it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import weakref
 from typing import Any
 
@@ -29,7 +32,7 @@ from shoal.datasite._deps import uvicorn
 uvicorn()  # a clear error naming the extra when it is missing
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
-__all__ = ["HEADER_TIMEOUT_S", "PER_ADDRESS", "TOTAL", "GuardedH11Protocol"]
+__all__ = ["HEADER_TIMEOUT_S", "PER_ADDRESS", "TOTAL", "GuardedH11Protocol", "guarded"]
 
 HEADER_TIMEOUT_S = 10.0
 PER_ADDRESS = 64
@@ -44,16 +47,61 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout_s = HEADER_TIMEOUT_S
     per_address = PER_ADDRESS
     total = TOTAL
+    tls: ssl.SSLContext | None = None  # set on a subclass (:func:`guarded`) to serve TLS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._open = _open_of(self.server_state)
         self._host = ""
+        self._started = False  # uvicorn's protocol has the connection (after any TLS)
+        self._early = bytearray()  # what came with the end of the handshake, before that
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.tls is None:
+            self._start(transport)
+            return
+        # Counted and bounded from its first byte, then TLS on it here.
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self._host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self._admit()
+        if not transport.is_closing():
+            self.loop.create_task(self._handshake(transport))
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        assert self.tls is not None
+        try:
+            tls = await self.loop.start_tls(
+                transport,
+                self,
+                self.tls,
+                server_side=True,
+                ssl_handshake_timeout=self.header_timeout_s,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError):
+            tls = None
+        if tls is None or tls.is_closing() or self not in self._open.all:
+            self._disarm()
+            self._open.discard(self)
+            transport.close()
+            return
+        self._start(tls)
+
+    def _start(self, transport: asyncio.Transport) -> None:
+        """Hand the connection to uvicorn's protocol."""
         super().connection_made(transport)
-        self._host = str(self.client[0]) if self.client else ""
+        self._started = True
+        if not self._host:
+            self._host = str(self.client[0]) if self.client else ""
+        if self.tls is None:
+            self._admit()
+        elif self._early:
+            early, self._early = bytes(self._early), bytearray()
+            self.data_received(early)
+
+    def _admit(self) -> None:
+        """Count this connection; close the oldest idle one past a bound."""
         self._arm()
         self._open.add(self)
         mine = self._open.by_host[self._host]
@@ -65,9 +113,15 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._open.discard(self)
-        super().connection_lost(exc)
+        if self._started:
+            super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if not self._started:
+            # asyncio passes on what came with the handshake's last flight before start_tls
+            # returns: kept until uvicorn's protocol has the TLS transport.
+            self._early += data
+            return
         super().data_received(data)
         if self._busy():
             self._disarm()
@@ -82,7 +136,7 @@ class GuardedH11Protocol(H11Protocol):
     # -- helpers ---------------------------------------------------------------------------
 
     def _busy(self) -> bool:
-        return self.cycle is not None and not self.cycle.response_complete
+        return self._started and self.cycle is not None and not self.cycle.response_complete
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -112,6 +166,14 @@ class GuardedH11Protocol(H11Protocol):
             if not other._busy():
                 other._close()
                 return
+
+
+def guarded(tls: ssl.SSLContext | None) -> type[GuardedH11Protocol]:
+    """The protocol class to give uvicorn (``http=``); with ``tls``, it serves TLS itself
+    (give uvicorn no certificate then)."""
+    if tls is None:
+        return GuardedH11Protocol
+    return type("GuardedTlsH11Protocol", (GuardedH11Protocol,), {"tls": tls})
 
 
 class _Open:

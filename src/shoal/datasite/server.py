@@ -9,6 +9,7 @@ wrong types, unknown ids, wrong roles, stale hashes. Nothing a client sends make
 import ipaddress
 import json
 import logging
+import ssl
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -357,7 +358,7 @@ def serve(
             f"--insecure serves plain HTTP and is allowed only on a loopback address, not "
             f"{host!r}; give --certs (from `shoal certs`) to serve other hosts"
         )
-    ssl: dict[str, Any] = {}
+    tls: ssl.SSLContext | None = None
     if not insecure:
         cert_dir = Path(certs) if certs else Path(directory) / "certs"
         cert, key = cert_dir / "coordinator.pem", cert_dir / "coordinator-key.pem"
@@ -366,22 +367,25 @@ def serve(
                 f"no TLS certificate in {str(cert_dir)!r}; make one with `shoal certs --out "
                 f"{cert_dir} --host NAME`, or `shoal datasite init` does it"
             )
-        ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            tls.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"the TLS files in {str(cert_dir)!r} are unusable ({exc}); make new ones "
+                f"with `shoal certs --out {cert_dir} --host NAME`"
+            ) from None
     state = DatasiteState(directory)
     service = Service(state, limits=limits)
     app = create_app(service)
     uv = uvicorn()
-    from shoal.datasite.guard import GuardedH11Protocol
+    from shoal.datasite.guard import guarded
 
-    # h11 with a deadline for request headers and bounds on idle connections (guard.py)
+    # h11 with deadlines for the TLS handshake and request headers, and bounds on idle
+    # connections; it does TLS itself, so uvicorn is given no certificate (guard.py)
     config = uv.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        http=GuardedH11Protocol,
-        **ssl,
+        app, host=host, port=port, log_level="warning", access_log=False, http=guarded(tls)
     )
     server = uv.Server(config)
     try:
