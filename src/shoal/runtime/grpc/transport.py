@@ -600,6 +600,11 @@ class FrontDoor:
         try:
             while True:
                 if n:
+                    # The meter first: a flood is named by its kind where it is one.
+                    flood = meter.feed(view[:n])
+                    if flood is not None:
+                        conn.cut(flood)
+                        return
                     if not conn.authenticated:
                         budget -= n
                         if budget < 0:
@@ -608,10 +613,6 @@ class FrontDoor:
                                 "node authenticated on it"
                             )
                             return
-                    flood = meter.feed(view[:n])
-                    if flood is not None:
-                        conn.cut(flood)
-                        return
                     dst.sendall(view[:n])
                 n = src.recv_into(buffer)
                 if not n:
