@@ -69,5 +69,5 @@ class Monitor:
                 self.admitted.refresh()
                 revoked = [s for s in self.table.connected() if s.node_id not in self.admitted.ids]
                 for s in revoked:
-                    s.abort(grpc.StatusCode.PERMISSION_DENIED, "node was revoked")
+                    s.abort(grpc.StatusCode.PERMISSION_DENIED, "node was revoked", reason="revoked")
                     self.end_session(s, "revoked")

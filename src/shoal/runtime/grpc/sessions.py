@@ -88,13 +88,18 @@ class Session:
         self.lane_token = b""
         self.lane: SessionLane | None = None
         self.ticket: int | None = None  # in the engine's limiter of unauthenticated streams
+        self.end_reason: str | None = None  # set by abort(reason=...), used by Streams.end
         # Keeps a task's header (stream) and payload (lane) in the same order on both.
         self.send_lock = threading.Lock()
 
     def send(self, item: bytes | Iterable[bytes]) -> None:
         self.out.put(item)
 
-    def abort(self, code: grpc.StatusCode, detail: str) -> None:
+    def abort(self, code: grpc.StatusCode, detail: str, *, reason: str | None = None) -> None:
+        """End the stream with ``code``; ``reason``, if given, is why the session ended
+        (whoever ends it first: the aborted stream's own end races the caller's)."""
+        if reason is not None:
+            self.end_reason = reason
         self.out.put(Abort(code, detail))
 
     def add_pending(self, pending: Pending) -> bool:

@@ -118,6 +118,7 @@ class Streams:
 
     def end(self, session: Session, reason: str) -> None:
         """End ``session``: its tasks in flight fail as DROPPED, its lane closes."""
+        reason = session.end_reason or reason
         with session.lock:
             if session.closed:
                 return
