@@ -51,7 +51,9 @@ import duckdb
 import numpy as np
 
 from shoal.analytics import AnalyticsConfig, Party, Privacy, query
+from shoal.analytics.dialect import parse
 from shoal.analytics.simulate import federation
+from shoal.analytics.stats import blocks_for, laplace_scales
 
 BOUNDS = {"age": [0, 100], "income": [0, 200]}
 CATEGORIES = {"region": ["north", "south", "east", "west", "centre"], "sex": ["F", "M"]}
@@ -102,11 +104,14 @@ out = []
 for q in spec["queries"]:
     q2 = q.replace(" FROM t", " FROM public.t")
     eps, delta = reader.get_privacy_cost(q2)
+    # the accuracy interval's half-width at alpha = 1/e is b for Laplace(b)
+    scale = reader.get_simple_accuracy(q2, float(np.exp(-1)))[-1]
     runs = []
     for _ in range(spec["repeats"]):
         rows = reader.execute(q2)[1:]
         runs.append([[None if isinstance(v, float) and v != v else v for v in r] for r in rows])
-    out.append({"query": q, "epsilon": float(eps), "delta": float(delta), "runs": runs})
+    out.append({"query": q, "epsilon": float(eps), "delta": float(delta), "runs": runs,
+                "scale": None if scale is None else float(scale)})
 json.dump(out, sys.stdout, default=float)
 """
 
@@ -201,24 +206,59 @@ def truth_for(pool: Any, sql: str) -> dict[tuple[Any, ...], float]:
     return {tuple(r[:-1]): float(r[-1]) for r in rows}
 
 
-def mae(runs: list[list[list[Any]]], truth: dict[tuple[Any, ...], float]) -> float:
-    errors = []
+def run_errors(runs: list[list[list[Any]]], truth: dict[tuple[Any, ...], float]) -> list[float]:
+    """Each run's mean absolute error over the truth's cells (a missing cell counts whole)."""
+    out = []
     for rows in runs:
         seen = {tuple(r[:-1]): r[-1] for r in rows}
-        for key, value in truth.items():
-            got = seen.get(key)
-            errors.append(abs(float(got) - value) if got is not None else abs(value))
-    return float(np.mean(errors))
+        errors = [
+            abs(float(got) - value) if (got := seen.get(key)) is not None else abs(value)
+            for key, value in truth.items()
+        ]
+        out.append(float(np.mean(errors)))
+    return out
+
+
+def mae(runs: list[list[list[Any]]], truth: dict[tuple[Any, ...], float]) -> tuple[float, float]:
+    """Mean absolute error over cells and runs, and its standard error over the runs (a
+    one-cell query's error from few runs is itself noisy: about b / sqrt(runs) for
+    Laplace(b))."""
+    per_run = run_errors(runs, truth)
+    spread = float(np.std(per_run, ddof=1) / np.sqrt(len(per_run))) if len(per_run) > 1 else 0.0
+    return float(np.mean(per_run)), spread
+
+
+def released_scale(sql: str, config: AnalyticsConfig, epsilon: float) -> float | None:
+    """The Laplace scale shoal gives the one count or sum ``sql`` releases per cell (its own
+    accounting: ``blocks_for`` and ``laplace_scales``), or None for an answer built from
+    several statistics (AVG, VAR: a ratio of noisy sums)."""
+    plan = parse(sql, config)
+    if len(plan.aggregates) != 1:
+        return None
+    agg = plan.aggregates[0]
+    blocks = blocks_for(plan, config, dp=True)
+    scales = laplace_scales(blocks, config, epsilon)
+    if agg.kind == "count_rows":
+        return scales["rows"]
+    i = plan.columns.index(agg.column) if agg.column is not None else None
+    name = {"count": f"n:c{i}", "sum": f"sum:c{i}"}.get(agg.kind)
+    return scales.get(name) if name is not None else None
 
 
 def dp_error(
-    fed: Any, config: AnalyticsConfig, pool: Any, root: Path, repeats: int, python: str | None
+    fed: Any,
+    config: AnalyticsConfig,
+    pool: Any,
+    root: Path,
+    repeats: int,
+    python: str | None,
+    queries: list[str],
 ) -> list[dict[str, Any]]:
     sn: list[dict[str, Any]] | None = None
     if python and Path(python).exists():
         spec = {
             "path": str(root / "pool.csv"),
-            "queries": DP_QUERIES,
+            "queries": queries,
             "repeats": repeats,
             "bounds": BOUNDS,
         }
@@ -231,7 +271,7 @@ def dp_error(
         )
         sn = json.loads(proc.stdout)
     out = []
-    for i, sql in enumerate(DP_QUERIES):
+    for i, sql in enumerate(queries):
         truth = truth_for(pool, sql)
         epsilon = sn[i]["epsilon"] if sn else 1.0
         runs = []
@@ -240,11 +280,30 @@ def dp_error(
             if result.failures:  # every party must be in every answer compared
                 raise RuntimeError(f"{sql}: parties failed: {dict(result.failures)}")
             runs.append([list(r) for r in result.rows])
-        row: dict[str, Any] = {"query": sql, "epsilon": epsilon, "shoal_mae": mae(runs, truth)}
+
+        shoal_mae, shoal_se = mae(runs, truth)
+        row: dict[str, Any] = {
+            "query": sql,
+            "epsilon": epsilon,
+            "cells": len(truth),
+            "shoal_mae": shoal_mae,
+            "shoal_mae_se": shoal_se,
+        }
         if sn:
-            row["smartnoise_mae"] = mae(sn[i]["runs"], truth)
+            sn_mae, sn_se = mae(sn[i]["runs"], truth)
+            row["smartnoise_mae"] = sn_mae
+            row["smartnoise_mae_se"] = sn_se
             row["smartnoise_delta"] = sn[i]["delta"]
-            row["ratio"] = row["shoal_mae"] / row["smartnoise_mae"]
+            row["ratio"] = shoal_mae / sn_mae
+            # the ratio's standard error to first order (the two errors are independent)
+            row["ratio_se"] = row["ratio"] * math.hypot(shoal_se / shoal_mae, sn_se / sn_mae)
+            shoal_scale = released_scale(sql, config, epsilon)
+            if shoal_scale is not None and sn[i].get("scale"):
+                # Each cell is one Laplace(b) release on both sides, whose mean absolute
+                # error is b: the ratio the measured one estimates, without sampling noise.
+                row["shoal_scale"] = shoal_scale
+                row["smartnoise_scale"] = sn[i]["scale"]
+                row["expected_ratio"] = row["shoal_scale"] / row["smartnoise_scale"]
         out.append(row)
     return out
 
@@ -372,12 +431,21 @@ def main() -> None:
         default=[],
         choices=["exactness", "dp_error", "latency", "heavy_hitters"],
     )
+    parser.add_argument(
+        "--dp-queries",
+        type=int,
+        nargs="+",
+        metavar="I",
+        help=f"dp_error: only these of its {len(DP_QUERIES)} queries (0-based; default all)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    dp_queries = DP_QUERIES if args.dp_queries is None else [DP_QUERIES[i] for i in args.dp_queries]
     report: dict[str, Any] = {
         "parties": args.parties,
         "rows_per_party": args.rows,
         "repeats": args.repeats,
+        "dp_queries": dp_queries,
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -395,16 +463,30 @@ def main() -> None:
                 )
         if "dp_error" not in args.skip:
             report["dp_error"] = dp_error(
-                fed, config, pool, root, args.repeats, args.smartnoise_python
+                fed, config, pool, root, args.repeats, args.smartnoise_python, dp_queries
             )
             print("\nDP error: mean absolute error, shoal distributed vs smartnoise-sql central")
-            print(f"  {'eps':>4s} {'shoal':>10s} {'smartnoise':>10s} {'ratio':>6s}  query")
+            print("  (+- one standard error over the repeats)")
+            print(f"  {'eps':>4s} {'shoal':>20s} {'smartnoise':>20s} {'ratio':>12s}  query")
             for r in report["dp_error"]:
-                sn = r.get("smartnoise_mae", math.nan)
-                print(
-                    f"  {r['epsilon']:4.1f} {r['shoal_mae']:10.4g} {sn:10.4g} "
-                    f"{r.get('ratio', math.nan):6.2f}  {r['query']}"
+                shoal_cell = f"{r['shoal_mae']:.4g} +- {r['shoal_mae_se']:.2g}"
+                sn_cell = (
+                    f"{r['smartnoise_mae']:.4g} +- {r['smartnoise_mae_se']:.2g}"
+                    if "smartnoise_mae" in r
+                    else "-"
                 )
+                ratio_cell = f"{r['ratio']:.2f} +- {r['ratio_se']:.2f}" if "ratio" in r else "-"
+                print(
+                    f"  {r['epsilon']:4.1f} {shoal_cell:>20s} {sn_cell:>20s} "
+                    f"{ratio_cell:>12s}  {r['query']}"
+                )
+            for r in report["dp_error"]:
+                if "expected_ratio" in r:
+                    print(
+                        f"  expected from the Laplace scales: shoal b {r['shoal_scale']:.4g}, "
+                        f"smartnoise b {r['smartnoise_scale']:.4g}, ratio "
+                        f"{r['expected_ratio']:.3f}  {r['query']}"
+                    )
             ratios = [r["ratio"] for r in report["dp_error"] if "ratio" in r]
             if ratios:
                 report["dp_error_ratio_max"] = max(ratios)
