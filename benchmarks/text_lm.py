@@ -195,12 +195,21 @@ def main() -> int:
         "--sweep",
         action="store_true",
         help="tune on the validation split: FedAvg at each --lrs, FedAdam at each "
-        "--server-lrs (client lr --fedadam-lr), centralized at each --central-lrs, "
-        "interleaved; prints the validation perplexity of each",
+        "--server-lrs (client lr --fedadam-lr), FedAvgM at each --fedavgm-grid pair, "
+        "centralized at each --central-lrs, interleaved; prints the validation perplexity "
+        "of each",
     )
     parser.add_argument("--lrs", type=float, nargs="*", default=[1.5, 3.0, 6.0])
     parser.add_argument("--server-lrs", type=float, nargs="*", default=[0.01, 0.03, 0.1])
     parser.add_argument("--central-lrs", type=float, nargs="*", default=[1.5, 3.0, 6.0])
+    parser.add_argument(
+        "--fedavgm-grid",
+        nargs="*",
+        default=[],
+        metavar="MOMENTUM:SERVER_LR",
+        help="sweep: FedAvgM at each momentum:server-lr pair (client lr --fedavgm-lr); "
+        "its steady step is server_lr / (1 - momentum) times the mean delta",
+    )
     parser.add_argument(
         "--training-runs",
         nargs="+",
@@ -222,7 +231,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: read part 1's runs from these --json files (one process per "
+        "training, same split, seed and sizes) and print the per-round table and summary",
+    )
     args = parser.parse_args()
+    if args.merge:
+        return merge(args)
 
     import torch
 
@@ -237,6 +255,16 @@ def main() -> int:
     args.fedadam_lr = args.fedadam_lr or args.lr
     args.central_lr = args.central_lr or args.lr
     args.fedavgm_lr = args.fedavgm_lr or args.lr
+    fedavgm_grid = [pair.split(":") for pair in args.fedavgm_grid]
+    try:
+        pairs = [(float(m), float(s)) for m, s in fedavgm_grid]
+    except ValueError:  # a pair of anything but two numbers
+        print(
+            f"--fedavgm-grid takes MOMENTUM:SERVER_LR pairs such as 0.9:0.1, got "
+            f"{args.fedavgm_grid}",
+            file=sys.stderr,
+        )
+        return 2
     corpus = load_play(path, seq_len=args.seq_len)
     if args.split == "validation":
         nodes, full_test = validation_split(corpus, args.val_fraction)
@@ -344,6 +372,18 @@ def main() -> int:
                 )
                 for s in args.server_lrs
             ],
+            [
+                (
+                    f"fedavgm lr {args.fedavgm_lr:g} momentum {m:g} server {s:g}",
+                    {
+                        "algorithm": FedAvgM,
+                        "lr": args.fedavgm_lr,
+                        "momentum": m,
+                        "server_lr": s,
+                    },
+                )
+                for m, s in pairs
+            ],
             [(f"centralized lr {lr:g}", {"central": lr}) for lr in args.central_lrs],
         ]
         for i in range(max(len(g) for g in grids)):
@@ -377,7 +417,7 @@ def main() -> int:
         )
     if "centralized" in chosen:
         runs["centralized"] = central("centralized", args.central_lr)
-    if chosen == {"fedavg", "fedadam", "centralized"}:
+    if "centralized" in runs and len(runs) > 1:
         per_round_table(runs, args.table_every, args.nodes_per_round * args.steps)
     if "compression" in args.parts:
         print("compression (FedAvg):")
@@ -419,45 +459,100 @@ def main() -> int:
 
 
 def sweep_summary(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any]:
-    """Validation perplexity of every swept setting: after the last round and the best."""
-    print(f"\n{'setting':<36} {'val ppl (last)':>15} {'best':>8} {'at round':>9}")
+    """Validation perplexity of every swept setting: after the last round, the mean of the
+    last 5 rounds (one round moves by about +-0.2) and the best."""
+    print(f"\n{'setting':<44} {'val ppl (last)':>15} {'last 5':>8} {'best':>8} {'at round':>9}")
     summary: dict[str, Any] = {}
     for name, rows in runs.items():
         best = min(rows, key=lambda r: r["perplexity"])
+        tail = float(np.mean([r["perplexity"] for r in rows[-5:]]))
         summary[name] = {
             "perplexity": rows[-1]["perplexity"],
+            "mean_perplexity_last_5_rounds": tail,
             "accuracy": rows[-1]["accuracy"],
             "best_perplexity": best["perplexity"],
             "best_round": best["round"],
         }
         print(
-            f"{name:<36} {rows[-1]['perplexity']:>15.3f} {best['perplexity']:>8.3f} "
-            f"{best['round']:>9}"
+            f"{name:<44} {rows[-1]['perplexity']:>15.3f} {tail:>8.3f} "
+            f"{best['perplexity']:>8.3f} {best['round']:>9}"
         )
     return summary
 
 
 def per_round_table(runs: dict[str, list[dict[str, Any]]], every: int, per_round: int) -> None:
-    """Perplexity per round of FedAvg, FedAdam and centralized, and federated / centralized."""
+    """Perplexity per round of every run, and each federated run / centralized."""
+    federated = [name for name in runs if name != "centralized"]
+    names = [*federated, "centralized"]
     print(
-        f"\n{'round':>6} {'minibatches':>12} {'fedavg':>8} {'fedadam':>8} {'central':>8} "
-        f"{'fedavg/c':>9} {'fedadam/c':>10}"
+        f"\n{'round':>6} {'minibatches':>12} "
+        + " ".join(f"{name:>11}" for name in names)
+        + " "
+        + " ".join(f"{name + '/c':>13}" for name in federated)
     )
-    n = len(runs["centralized"])
+    n = min(len(rows) for rows in runs.values())
     for i in range(n):
         if (i + 1) % every and i + 1 != n:
             continue
-        a, b, c = (runs[k][i]["perplexity"] for k in ("fedavg", "fedadam", "centralized"))
+        c = runs["centralized"][i]["perplexity"]
+        ppl = [runs[name][i]["perplexity"] for name in names]
         print(
-            f"{i + 1:>6} {per_round * (i + 1):>12} {a:>8.3f} {b:>8.3f} {c:>8.3f} "
-            f"{a / c:>9.3f} {b / c:>10.3f}"
+            f"{i + 1:>6} {per_round * (i + 1):>12} "
+            + " ".join(f"{v:>11.3f}" for v in ppl)
+            + " "
+            + " ".join(f"{runs[name][i]['perplexity'] / c:>13.3f}" for name in federated)
         )
+
+
+# What must agree between runs merged into one comparison (like for like).
+SAME = ("split", "seed", "nodes_per_round", "steps", "eval", "seq_len", "hidden", "layers")
+
+
+def merge(args: Any) -> int:
+    """Part 1's runs from separate processes' --json files, compared like for like."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    first: dict[str, Any] = {}
+    for path in args.merge:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            config, found = data["config"], data["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{path}: not a text_lm.py --json file ({exc})", file=sys.stderr)
+            return 2
+        first = first or config
+        differ = [k for k in SAME if config.get(k) != first.get(k)]
+        if differ:
+            print(
+                f"{path}: {', '.join(f'{k} {config.get(k)!r}' for k in differ)} differ from "
+                f"{args.merge[0]}'s ({', '.join(repr(first.get(k)) for k in differ)}): "
+                f"not like for like",
+                file=sys.stderr,
+            )
+            return 2
+        for name, rows in found.items():
+            label = name
+            if name == "fedavgm":  # several FedAvgM settings may be merged
+                label = f"fedavgm {config['momentum']:g}:{config['fedavg_server_lr']:g}"
+            runs[label] = rows
+    if "centralized" not in runs or len(runs) < 2:
+        print("--merge needs a centralized run and at least one other", file=sys.stderr)
+        return 2
+    rounds = min(len(rows) for rows in runs.values())
+    runs = {name: rows[:rounds] for name, rows in runs.items()}
+    per_round = first["nodes_per_round"] * first["steps"]
+    per_round_table(runs, args.table_every, per_round)
+    args.rounds, args.parts = rounds, ["training"]
+    summary = summarize(runs, args)
+    if args.json:
+        out = {"merged": args.merge, "config": first, "rounds": rounds, "summary": summary}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any]:
     base = runs.get("fedavg")
     summary: dict[str, Any] = {}
-    trained = [n for n in ("fedavg", "fedavgm", "fedadam", "centralized") if n in runs]
+    trained = [n for n in runs if n.split()[0] in ("fedavg", "fedavgm", "fedadam", "centralized")]
     if "centralized" in runs and len(trained) > 1:
         central = runs["centralized"][-1]
         print(f"\nafter {args.rounds} rounds: {'run':<28} {'accuracy':>9} {'perplexity':>11}")
