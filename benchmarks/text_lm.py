@@ -66,20 +66,22 @@ def find_corpus(given: str | None) -> Path | None:
     return None
 
 
+def row(r: Any) -> dict[str, Any]:
+    """One round's report as a row of the JSON."""
+    return {
+        "round": r.round,
+        "accuracy": r.accuracy,
+        "perplexity": r.extra.get("perplexity"),
+        "wall_s": r.wall_s,
+        "uplink_bytes": r.extra.get("uplink_bytes"),
+        "uplink_bytes_max_node": r.extra.get("uplink_bytes_max_node"),
+        "downlink_bytes": r.extra.get("downlink_bytes"),
+        "virtual_s": r.extra.get("virtual_s"),
+    }
+
+
 def history(result: Any) -> list[dict[str, Any]]:
-    return [
-        {
-            "round": r.round,
-            "accuracy": r.accuracy,
-            "perplexity": r.extra.get("perplexity"),
-            "wall_s": r.wall_s,
-            "uplink_bytes": r.extra.get("uplink_bytes"),
-            "uplink_bytes_max_node": r.extra.get("uplink_bytes_max_node"),
-            "downlink_bytes": r.extra.get("downlink_bytes"),
-            "virtual_s": r.extra.get("virtual_s"),
-        }
-        for r in result.history
-    ]
+    return [row(r) for r in result.history]
 
 
 def centralized(
@@ -111,8 +113,6 @@ def centralized(
         net.fit(train.subset(rows), config=config, rng=rng)
         wall = time.perf_counter() - t0
         metrics = net.evaluate(test)
-        if on_round is not None:
-            on_round(r, metrics["accuracy"], metrics["perplexity"])
         out.append(
             {
                 "round": r,
@@ -121,6 +121,8 @@ def centralized(
                 "wall_s": wall,
             }
         )
+        if on_round is not None:
+            on_round(out[-1])
     return out
 
 
@@ -146,6 +148,15 @@ def validation_split(corpus: Any, fraction: float) -> tuple[list[Dataset], Datas
         name="play/validation",
     )
     return kept, pooled
+
+
+def write_json(path: str, data: Any) -> None:
+    """Whole or not at all: a run stopped while writing leaves the previous file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp")
+    staging.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    staging.replace(target)
 
 
 def time_to(rows: list[dict[str, Any]], target: float) -> float | None:
@@ -306,9 +317,20 @@ def main() -> int:
 
     devices = Devices(up_mbps=args.uplink_mbps)
 
-    def progress(name: str, r: int, accuracy: Any, perplexity: Any) -> None:
+    partial: dict[str, list[dict[str, Any]]] = {}
+
+    def progress(name: str, done: dict[str, Any]) -> None:
+        r = done["round"]
         if args.progress and (r % args.table_every == 0 or r == args.rounds):
-            print(f"    {name} round {r}: acc {accuracy:.4f} ppl {perplexity:.3f}", flush=True)
+            print(
+                f"    {name} round {r}: acc {done['accuracy']:.4f} ppl {done['perplexity']:.3f}",
+                flush=True,
+            )
+        if args.json:
+            # The rounds so far, so a long run stopped early keeps them (--merge reads them);
+            # replaced by the full results at the end.
+            partial.setdefault(name, []).append(done)
+            write_json(args.json, {**results, "runs": partial, "partial": True})
 
     def run(name: str, **options: Any) -> list[dict[str, Any]]:
         algorithm = options.pop("algorithm", FedAvg)
@@ -321,7 +343,7 @@ def main() -> int:
             test=test,
             seed=args.seed,
             devices=devices,
-            on_round=lambda r: progress(name, r.round, r.accuracy, r.extra.get("perplexity")),
+            on_round=lambda r: progress(name, row(r)),
         )
         rows = history(result)
         last = rows[-1]
@@ -351,7 +373,7 @@ def main() -> int:
             seed=args.seed,
             schedule=args.schedule,
             lr_final=args.lr_final,
-            on_round=lambda r, a, p: progress(name, r, a, p),
+            on_round=lambda done: progress(name, done),
         )
         last = rows[-1]
         print(
@@ -396,8 +418,7 @@ def main() -> int:
                         runs[name] = run(name, **options)
         results["summary"] = sweep_summary(runs, args)
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+            write_json(args.json, results)
         return 0
     chosen = set(args.training_runs) if "training" in args.parts else set()
     if "fedavg" in chosen or "compression" in args.parts:
@@ -453,8 +474,7 @@ def main() -> int:
     summary = summarize(runs, args)
     results["summary"] = summary
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, results)
     return 0
 
 
@@ -545,7 +565,7 @@ def merge(args: Any) -> int:
     summary = summarize(runs, args)
     if args.json:
         out = {"merged": args.merge, "config": first, "rounds": rounds, "summary": summary}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, out)
     return 0
 
 
