@@ -241,6 +241,14 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", help="compression runs (default: the main 6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="flush denormal floats to zero (torch.set_flush_denormal): an LSTM whose gates "
+        "saturate (large weights, e.g. an aggressive server step) computes with denormals "
+        "and took 2.6x the CPU per step without this; off by default so runs repeat the "
+        "documented ones bit for bit",
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument(
         "--merge",
@@ -256,6 +264,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        print("--flush-denormal: this CPU cannot flush denormals", file=sys.stderr)
+        return 2
     path = find_corpus(args.corpus)
     if path is None or not path.is_file():
         print(f"{CORPUS} not found; pass --corpus PATH", file=sys.stderr)
