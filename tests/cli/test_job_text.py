@@ -81,6 +81,20 @@ def test_word_model_reads_words(play: Path) -> None:
     assert simulate_job(spec).metrics["perplexity"] > 1
 
 
+def test_tiny_transformer_job_trains(play: Path) -> None:
+    raw = text_job(
+        play, model={"name": "tiny_transformer", "width": 8, "heads": 2, "layers": 1, "ff": 16}
+    )
+    spec = parse_job(raw, base_dir=play.parent)
+    model = spec.build_model()
+    train, _ = spec.load_data()
+    assert model.get_weights()["position"].shape[0] == train.x.shape[1] == 8
+    result = simulate_job(spec)
+    assert len(result.history) == 2 and result.metrics["perplexity"] > 1
+    weights = sum(v.size for v in model.get_weights().values())
+    assert result.history[-1].extra["uplink_bytes"] > 2 * 4 * weights  # both nodes' updates
+
+
 @pytest.mark.parametrize(
     ("tables", "message"),
     [
