@@ -12,6 +12,10 @@ table as the reference.
   epsilon per query is what smartnoise's odometer charges for it (1 per mechanism, e.g. 2
   for an AVG). The mean absolute error over cells and repeats, against the truth on the
   clamped pooled rows, and shoal's error divided by smartnoise's (target: <= 1.2).
+  Each error comes with its standard error over the repeats, and for a query releasing one
+  count or sum per cell, the ratio it estimates: both sides' Laplace scales (shoal's
+  ``laplace_scales``, smartnoise's accuracy interval at alpha = 1/e), since a Laplace(b)
+  draw's mean absolute error is b. ``--dp-queries`` picks queries (0-based) to repeat more.
   smartnoise-sql is not a dependency of shoal; it runs in its own virtualenv:
 
       python -m venv /work/venvs/smartnoise
