@@ -37,6 +37,9 @@ process, so that the enforced and no-op calls draw the same noise:
     python benchmarks/simulation_instructions.py --nodes 200 --rounds 3 --native-repeats 0 \
         --enforcement "node DP" "example DP" --rows --fixed-entropy
 
+``--serial`` runs the rows' valgrind processes one after another (each takes a core for
+minutes) instead of side by side.
+
 valgrind must be on the PATH (``apt-get install valgrind``). PYTHONHASHSEED is fixed in the
 children so that the setup runs the same instructions in every process.
 """
@@ -173,9 +176,10 @@ def run_callgrind(
     rows: list[str],
     enforcement: list[str],
     fixed_entropy: bool = False,
+    serial: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Every row's event totals at ``nodes``; the rows' processes run side by side (counts do
-    not depend on the load)."""
+    not depend on the load), or one after another with ``serial`` (on a shared machine)."""
     with tempfile.TemporaryDirectory() as tmp:
         running = {}
         for i, row in enumerate(rows):
@@ -198,6 +202,8 @@ def run_callgrind(
                 log,
                 log_path,
             )
+            if serial:
+                running[row][0].wait()
         counted = {}
         for row, (process, out, log, log_path) in running.items():
             code = process.wait()
@@ -237,6 +243,9 @@ def main() -> int:
         action="store_true",
         help="os.urandom a seeded stream in every counted process (same noise in each row)",
     )
+    parser.add_argument(
+        "--serial", action="store_true", help="one valgrind process at a time, not side by side"
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -250,7 +259,14 @@ def main() -> int:
     results = []
     for n in args.nodes:
         counted = run_callgrind(
-            n, args.rounds, args.seed, args.cache_sim, rows, args.enforcement, args.fixed_entropy
+            n,
+            args.rounds,
+            args.seed,
+            args.cache_sim,
+            rows,
+            args.enforcement,
+            args.fixed_entropy,
+            args.serial,
         )
         result: dict[str, Any] = {"nodes": n, "rounds": args.rounds}
         for row in rows[1:]:

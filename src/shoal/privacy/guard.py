@@ -16,6 +16,7 @@ federated evaluation is charged and noised at the floor's multiplier, not the re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -26,7 +27,7 @@ from shoal.errors import ConfigError, PrivacyBudgetExceeded, ReleaseRefused
 from shoal.privacy.accounting import Accountant, Mechanism
 from shoal.privacy.budget import NodeBudget
 from shoal.runtime.app import NodeCheck, NoiseBinding
-from shoal.runtime.nodestate import Charge
+from shoal.runtime.nodestate import NODE_STATE_KEY, Charge
 
 __all__ = [
     "DP_KEY",
@@ -324,9 +325,16 @@ def budget_guard(
         # The node's own part, as in guard(): the replay check, the owner's budget and the
         # ledger entry (under the node's lock), then the binding.
         if max_epsilon is None:
+            # No limit of this guard's own: the node's replay check and ledger entry (its
+            # text finished when read), and the owner's budget if another guard built it.
+            entry = charge.entry(task)
+            record = functools.partial(_record_in_owner_budget, charge.terms)
 
             def node_check(ctx: Any, payload: Mapping[str, Any]) -> None:
-                charge_owner_terms(ctx, None, task=task, charge=charge)
+                state = ctx.state.get(NODE_STATE_KEY)
+                if state is None:
+                    state = ctx.node_state
+                state.charge_entry(ctx.task_id, entry, record)
                 ctx.noise = binding
 
         else:
@@ -454,13 +462,24 @@ def charge_owner_terms(ctx: Any, budget: NodeBudget | None, *, task: str, charge
         # The owner's budget, if another guard built it, counts this charge too.
         owner = budget if budget is not None else state.cached(BUDGET_STATE)
         if owner is not None:
-            terms = charge.terms
-            owner.ledger.record(
-                sample_rate=terms["sample_rate"],
-                noise_multiplier=terms["noise_multiplier"],
-                steps=terms["steps"],
-                mechanism=terms["mechanism"],
-            )
+            _record(owner, charge.terms)
+
+
+def _record(budget: NodeBudget, terms: Mapping[str, Any]) -> None:
+    budget.ledger.record(
+        sample_rate=terms["sample_rate"],
+        noise_multiplier=terms["noise_multiplier"],
+        steps=terms["steps"],
+        mechanism=terms["mechanism"],
+    )
+
+
+def _record_in_owner_budget(terms: Mapping[str, Any], cache: Mapping[str, Any]) -> None:
+    """A charge made without a limit also counts in the owner's budget, if a guard with a
+    limit built it at this node (called under the node's lock, by NodeState.charge_entry)."""
+    owner = cache.get(BUDGET_STATE)
+    if owner is not None:
+        _record(owner, terms)
 
 
 def _optional_float(value: Any) -> float | None:

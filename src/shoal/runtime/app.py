@@ -571,7 +571,7 @@ def read_held(
     policy = held.policy
     if policy.all_clear:
         return out
-    route = policy.route(tuple(out), use=use, role=role)
+    route = policy.route(tuple(out), use, role)  # positional: a call per node and release
     if route.free:  # every field may leave this way as it is (clear, or sealed to role)
         return out
     if route.refused:

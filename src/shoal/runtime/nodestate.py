@@ -15,7 +15,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from _thread import RLock as _RLock  # what threading.RLock() returns, without its wrapper
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _json_str  # canonical() of a str
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "CHARGE",
     "NODE_STATE_KEY",
     "Charge",
+    "ChargeEntry",
     "MemoryNodeState",
     "NodeState",
     "NodeStateFile",
@@ -73,15 +75,33 @@ class Charge:
         own = dict(terms)  # a copy nobody else holds: the text stays the terms' own
         return cls(terms=MappingProxyType(own), text=canonical(own))
 
-    def entry_text(self, *, task: str, task_id: str) -> str:
-        """``canonical({"task_id": task_id, "task": task, "charge": terms})``, the ledger
-        entry's text, of which only the task id is encoded per call."""
+    def head(self, task: str) -> str:
+        """The ledger entry's text up to its task id (see :meth:`entry_text`)."""
         head = self._heads.get(task)
         if head is None:  # keys in canonical (sorted) order: charge, task, task_id
             head = f'{{"charge":{self.text},"task":{canonical(task)},"task_id":'
             if len(self._heads) < 16:
                 self._heads[task] = head
-        return f"{head}{_json_str(task_id)}}}"
+        return head
+
+    def entry_text(self, *, task: str, task_id: str) -> str:
+        """``canonical({"task_id": task_id, "task": task, "charge": terms})``, the ledger
+        entry's text, of which only the task id is encoded per call."""
+        return f"{self.head(task)}{_json_str(task_id)}}}"
+
+    def entry(self, task: str) -> ChargeEntry:
+        """These terms charged for ``task``, ready for :meth:`NodeState.charge_entry`."""
+        return ChargeEntry(charge=self, task=task, head=self.head(task))
+
+
+@dataclass(frozen=True, eq=False)
+class ChargeEntry:
+    """A charge's ledger entry for one task, less its task id: what a guard prepares once
+    for every node a request reaches (:meth:`Charge.entry`)."""
+
+    charge: Charge
+    task: str
+    head: str  # the entry's canonical text up to the task id
 
 
 class NodeState:
@@ -97,20 +117,24 @@ class NodeState:
     # state to one small object and its lock until it has something to hold.
     __slots__ = ("__weakref__", "_cache", "_charged", "_entries", "_lock", "_unlinked", "node_id")
     _plain_append = True  # entries go through NodeState._append (set per subclass below)
+    _lazy = True  # entries wait in _unlinked until read (NodeState._write; per subclass)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._plain_append = cls._append is NodeState._append
+        cls._lazy = cls._plain_append and cls._write is NodeState._write
 
     def __init__(self, *, node_id: str = "") -> None:
         self.node_id = node_id
-        self._lock = threading.RLock()
+        self._lock = _RLock()
         self._cache: dict[str, Any] | None = None
         self._entries: Sequence[AuditEntry] = ()
         # In memory, entries are linked into the chain when first read: the same hashes, but
-        # a simulated node charging every task pays for a JSON text, not a SHA-256 and an
-        # entry object each time (a state file links and writes each entry at once). Kept
-        # flat (ts, action, text, ts, ...): no tuple per entry for the collector to track.
+        # a simulated node charging every task pays for a list slot or two, not a SHA-256,
+        # a JSON text and an entry object each time (a state file links and writes each
+        # entry at once). Kept flat, four slots an entry: (ts, action, text, None), or for
+        # a charge (ts, action, the entry's text up to its task id, task id), the text then
+        # finished when read. No tuple per entry for the collector to track.
         self._unlinked: Sequence[Any] = ()
         self._charged: set[str] | frozenset[str] = frozenset()
 
@@ -134,8 +158,10 @@ class NodeState:
             entries = self._entries = []
         unlinked = self._unlinked
         if unlinked:
-            for i in range(0, len(unlinked), 3):
-                ts, action, text = unlinked[i : i + 3]
+            for i in range(0, len(unlinked), 4):
+                ts, action, text, task_id = unlinked[i : i + 4]
+                if task_id is not None:  # a charge's head: its task id finishes the text
+                    text = f"{text}{_json_str(task_id)}}}"
                 entries.append(self._link(action, text, ts))
             self._unlinked = ()
         return entries
@@ -182,13 +208,14 @@ class NodeState:
         with self._lock:
             charged = self._charged
             if task_id in charged:
-                raise ReleaseRefused(
-                    f"request {task_id!r} was charged to this node's privacy ledger already; "
-                    "the node does not run a charged request twice (a replay would spend the "
-                    "budget again or give a second noisy sample)"
-                )
+                raise _replayed(task_id)
             terms = charge if type(charge) is Charge else _as_charge(charge)
-            if self._plain_append:
+            if self._lazy and type(task_id) is str:  # the text is finished when read
+                unlinked = self._unlinked
+                if not isinstance(unlinked, list):
+                    unlinked = self._unlinked = []
+                unlinked += (time.time(), CHARGE, terms.head(task), task_id)
+            elif self._plain_append:
                 self._write(CHARGE, terms.entry_text(task=task, task_id=task_id), task_id)
             else:  # a subclass keeps its entries its own way (the datasite's audit chain)
                 self._append(
@@ -197,6 +224,31 @@ class NodeState:
             if isinstance(charged, frozenset):  # the node's first charge
                 charged = self._charged = set()
             charged.add(task_id)
+
+    def charge_entry(
+        self, task_id: str, entry: ChargeEntry, then: Callable[[dict[str, Any]], None] | None
+    ) -> None:
+        """:meth:`charge` with an entry prepared once for many nodes (:meth:`Charge.entry`):
+        the same replay refusal and the same chain, in one step under the node's lock. If
+        the node has a cache, ``then(cache)`` runs under the same lock once the charge is
+        recorded (a budget built from the ledger counts it too, before anyone checks it)."""
+        with self._lock:
+            if not (self._lazy and type(task_id) is str):
+                self.charge(task_id=task_id, task=entry.task, charge=entry.charge)
+            else:  # charge(), inline: the entry's text is finished when read
+                charged = self._charged
+                if task_id in charged:
+                    raise _replayed(task_id)
+                unlinked = self._unlinked
+                if not isinstance(unlinked, list):
+                    unlinked = self._unlinked = []
+                unlinked += (time.time(), CHARGE, entry.head, task_id)
+                if isinstance(charged, frozenset):  # the node's first charge
+                    charged = self._charged = set()
+                charged.add(task_id)
+            cache = self._cache
+            if then is not None and cache is not None:
+                then(cache)
 
     def _link(self, action: str, text: str, ts: float) -> AuditEntry:
         prev = self._entries[-1].hash if self._entries else GENESIS
@@ -224,14 +276,22 @@ class NodeState:
         unlinked = self._unlinked
         if not isinstance(unlinked, list):
             unlinked = self._unlinked = []
-        unlinked += (time.time(), action, text)
+        unlinked += (time.time(), action, text, None)
 
     def close(self) -> None:
         """Release the file (nothing to do in memory)."""
 
     def __repr__(self) -> str:
-        count = len(self._entries) + len(self._unlinked) // 3
+        count = len(self._entries) + len(self._unlinked) // 4
         return f"<{type(self).__name__} {self.node_id!r}: {count} entries>"
+
+
+def _replayed(task_id: str) -> ReleaseRefused:
+    return ReleaseRefused(
+        f"request {task_id!r} was charged to this node's privacy ledger already; the node "
+        "does not run a charged request twice (a replay would spend the budget again or give "
+        "a second noisy sample)"
+    )
 
 
 def _as_charge(charge: Mapping[str, Any] | Charge) -> Charge:

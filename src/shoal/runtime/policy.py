@@ -155,7 +155,7 @@ class ReleasePolicy:
         if len(self._checked) < 1024:
             self._checked.add((how, fields))
 
-    def route(self, fields: tuple[str, ...], *, use: Use, role: str | None = None) -> Route:
+    def route(self, fields: tuple[str, ...], use: Use, role: str | None = None) -> Route:
         """How ``fields`` may leave by ``use`` (to ``role``, for a forward): which are refused,
         which need their charged noise, which join a secure sum."""
         key = (use, role, fields)
