@@ -15,14 +15,21 @@ server could accept no one (slowloris). Here, each connection of the datasite:
   handshake included), or of its first byte after a response; otherwise it is closed;
 - counts against ``per_address`` open connections from its address and ``total`` in all;
   past either, the oldest connection that has no request in progress (of that address, or
-  of all) is closed for the newcomer. A client with a request in progress is never
+  of the address with the most open connections) is closed for the newcomer. A client with a request in progress is never
   closed for another; the newcomer itself goes if every other one is busy.
+
+The bound in all is also kept below the process's limit on open files (``RLIMIT_NOFILE``,
+read at each connection: an operator may lower it while the server runs), less a reserve
+for everything else the server opens. Before, ``total`` (1,024) was above a 512-descriptor
+limit: a slowloris from 10 addresses, 60 connections each (below ``per_address``), hit no
+bound, the server could accept no one, and the owner waited out the header timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import ssl
 import weakref
 from typing import Any
@@ -32,11 +39,21 @@ from shoal.datasite._deps import uvicorn
 uvicorn()  # a clear error naming the extra when it is missing
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
-__all__ = ["HEADER_TIMEOUT_S", "PER_ADDRESS", "TOTAL", "GuardedH11Protocol", "guarded"]
+__all__ = [
+    "HEADER_TIMEOUT_S",
+    "PER_ADDRESS",
+    "TOTAL",
+    "GuardedH11Protocol",
+    "bound_in_all",
+    "guarded",
+]
 
 HEADER_TIMEOUT_S = 10.0
 PER_ADDRESS = 64
 TOTAL = 1024
+# Descriptors kept for everything but client connections (the database, the listener, a
+# request's files and sandbox pipes): a quarter of the limit, at least this many.
+RESERVED_FDS = 64
 
 log = logging.getLogger("shoal.datasite")
 
@@ -107,8 +124,15 @@ class GuardedH11Protocol(H11Protocol):
         mine = self._open.by_host[self._host]
         if len(mine) > self.per_address:
             self._make_room(mine)
-        if self in self._open.all and len(self._open.all) > self.total:
-            self._make_room(self._open.all)
+        if self in self._open.all and len(self._open.all) > bound_in_all(self.total):
+            # From the address with the most open connections, not the oldest of all: an
+            # attacker on many addresses that opens connections faster than the owner's
+            # handshake would otherwise close the owner's (the newest, but idle until its
+            # request's headers are in) every time.
+            hosts = sorted(self._open.by_host.values(), key=len, reverse=True)
+            for among in hosts:
+                if self._make_room(among):
+                    break
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -159,13 +183,14 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
     @staticmethod
-    def _make_room(among: dict[GuardedH11Protocol, None]) -> None:
+    def _make_room(among: dict[GuardedH11Protocol, None]) -> bool:
         """Close the oldest connection of ``among`` (oldest first) with no request in
-        progress."""
+        progress; False if every one is busy."""
         for other in among:
             if not other._busy():
                 other._close()
-                return
+                return True
+        return False
 
 
 def guarded(tls: ssl.SSLContext | None) -> type[GuardedH11Protocol]:
@@ -174,6 +199,14 @@ def guarded(tls: ssl.SSLContext | None) -> type[GuardedH11Protocol]:
     if tls is None:
         return GuardedH11Protocol
     return type("GuardedTlsH11Protocol", (GuardedH11Protocol,), {"tls": tls})
+
+
+def bound_in_all(total: int) -> int:
+    """``total``, or fewer if the process may not open that many files and keep a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return total
+    return max(1, min(total, soft - max(RESERVED_FDS, soft // 4)))
 
 
 class _Open:
