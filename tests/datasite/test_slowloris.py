@@ -93,7 +93,6 @@ def test_unfinished_requests_do_not_lock_out_the_owner(site: RunningSite) -> Non
                 sock.close()
 
 
-
 class Holder:
     """Holds ``per`` unfinished connections from each of ``addresses``, opening a new one
     whenever the server closes one, until stopped (a slowloris that keeps up)."""

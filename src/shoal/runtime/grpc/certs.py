@@ -307,6 +307,9 @@ class ServerTLS:
                 "`shoal certs`"
             ) from None
         context.verify_mode = ssl.CERT_REQUIRED
+        # TLS 1.2 lets a client ask to renegotiate, a full handshake's work for the server
+        # each time, on a connection the door already admitted: refused.
+        context.options |= ssl.OP_NO_RENEGOTIATION
         return context
 
 

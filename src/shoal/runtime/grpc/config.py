@@ -30,7 +30,10 @@ class CoordinatorConfig:
     Unauthenticated streams and lane connections are bounded (``max_pending_per_peer`` per
     address, ``max_pending`` in all; the least advanced, at random among equals, dropped
     for a newcomer: see limits.py), and
-    authenticated nodes by ``max_nodes``. The registry is re-read every
+    authenticated nodes by ``max_nodes``. A peer whose connections the front door cuts for
+    flooding ``ban_after_cuts`` times within ``ban_window_s`` is banned for ``ban_s``: its
+    certificate refused, or with none its address on probation (bans.py; 0 cuts: never).
+    The registry is re-read every
     ``registry_refresh_s`` (revoked nodes are dropped). Audit entries carry ``run_id``.
     """
 
@@ -46,6 +49,9 @@ class CoordinatorConfig:
     handshake_timeout_s: float = 5.0
     max_pending_per_peer: int = 16
     max_pending: int = 64
+    ban_after_cuts: int = 3
+    ban_window_s: float = 60.0
+    ban_s: float = 300.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_reply_bytes: int | None = None  # None: the wire's own limit
     max_nodes: int = 1024
@@ -66,6 +72,11 @@ class CoordinatorConfig:
             )
         if self.heartbeat_s <= 0 or self.handshake_timeout_s <= 0:
             raise ConfigError("heartbeat_s and handshake_timeout_s must be positive")
+        if self.ban_after_cuts < 0 or self.ban_window_s <= 0 or self.ban_s <= 0:
+            raise ConfigError(
+                "ban_after_cuts must be >= 0 (0: never ban), ban_window_s and ban_s positive; "
+                f"got {self.ban_after_cuts}, {self.ban_window_s}, {self.ban_s}"
+            )
         if self.max_nodes < 1:
             raise ConfigError(f"max_nodes must be at least 1, got {self.max_nodes}")
         if self.data_listen is not None and self.data_listen != "auto":

@@ -40,6 +40,7 @@ import grpc
 from shoal.errors import ConfigError, ProtocolError, TransportError
 from shoal.runtime.engine import DispatchResult, Task
 from shoal.runtime.grpc.auth import fingerprint
+from shoal.runtime.grpc.bans import BanList, BanPolicy
 from shoal.runtime.grpc.bulk import BulkLanes
 from shoal.runtime.grpc.config import CoordinatorConfig
 from shoal.runtime.grpc.dispatch import Dispatcher
@@ -133,6 +134,9 @@ class GrpcEngine:
             max_age_s=3 * config.handshake_timeout_s,
             grace_s=config.pending_grace_s,
         )
+        self._bans = BanList(
+            BanPolicy(after=config.ban_after_cuts, window_s=config.ban_window_s, ban_s=config.ban_s)
+        )
         self._door: FrontDoor | None = None
         self._upstream_dir: str | None = None  # the private directory of gRPC's unix socket
         self._server: grpc.Server | None = None
@@ -219,6 +223,8 @@ class GrpcEngine:
             timeout_s=config.handshake_timeout_s,
             limiter=self._door_limiter,
             tls=tls,
+            bans=self._bans,
+            banned=self._trail.banned,
         )
         self.port = door.port
         try:

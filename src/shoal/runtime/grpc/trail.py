@@ -31,6 +31,8 @@ class Trail:
         self._log = RejectionLog(self._write_rejection)
         # A node on the wrong transport retries: one line per address, then a count a minute.
         self._mismatches = RejectionLog(self._write_mismatch, burst=1)
+        # A ban starts at most once per key and ban period; many addresses are summed.
+        self._bans = RejectionLog(self._write_ban, burst=1)
 
     def record(self, action: str, actor: str, **detail: Any) -> None:
         if self._write_entry is None:
@@ -81,6 +83,10 @@ class Trail:
             host, line, {"action": "node.transport_mismatch", "peer": host, "reason": line}
         )
 
+    def banned(self, host: str, line: str) -> None:
+        """A peer banned for being cut too often (bans.py)."""
+        self._bans.record(host, line, {"action": "node.banned", "peer": host, "reason": line})
+
     def _count(self) -> None:
         with self._counting:
             self.rejections += 1
@@ -89,6 +95,7 @@ class Trail:
         """Write out the coalesced counts whose window has passed (all of them if ``force``)."""
         self._log.flush(force=force)
         self._mismatches.flush(force=force)
+        self._bans.flush(force=force)
 
     def _write_rejection(self, detail: dict[str, Any]) -> None:
         action = detail.pop("action", "node.rejected")
@@ -98,6 +105,16 @@ class Trail:
             return
         what = "bulk lane connection" if action == "node.lane_rejected" else "connection"
         log.warning("rejected %s from %s: %s", what, detail.get("peer"), detail.get("reason"))
+        self.record(action, "unknown", **detail)
+
+    def _write_ban(self, detail: dict[str, Any]) -> None:
+        action = detail.pop("action", "node.banned")
+        if "summary" in detail:
+            detail["summary"] = detail["summary"].replace("rejected connections", "more bans")
+            log.warning("%s (%s)", detail["summary"], detail["reason"])
+            self.record("node.banned_summary", "unknown", **detail)
+            return
+        log.warning("%s (from %s)", detail["reason"], detail["peer"])
         self.record(action, "unknown", **detail)
 
     def _write_mismatch(self, detail: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from shoal.errors import ProtocolError, TransportError
+from shoal.runtime.grpc.bans import BanList
 from shoal.runtime.grpc.h2meter import FrameMeter
 from shoal.runtime.grpc.lane import parse_address, peek
 from shoal.runtime.grpc.limits import (
@@ -55,7 +56,7 @@ from shoal.runtime.grpc.limits import (
     PendingLimiter,
     peer_host,
 )
-from shoal.runtime.grpc.tlsend import TlsEnd
+from shoal.runtime.grpc.tlsend import Overspent, TlsEnd
 
 __all__ = ["AGREEMENT", "FrontDoor", "agree", "classify", "mismatch_line", "parse_host_port"]
 
@@ -77,6 +78,16 @@ _CALLS_PER_S = 16
 # hello). Floods of frames the meter does not count (WINDOW_UPDATE, unknown types, empty
 # DATA, an endless header block) end here.
 PREAUTH_BYTES = 32 << 10
+# With TLS the same budget counts the bytes on the wire too, from the first (its handshake
+# included), and TLS records are bounded apart: an empty or one-byte record, a key update,
+# costs a record's work but decrypts to nothing or next to nothing, so 32 KiB of decrypted
+# bytes had allowed 32,768 one-byte records (750 KB on the wire, one relay pass each). A node
+# sends about 4 KiB in 14 records (measured: handshake with its certificate, then its HTTP/2
+# and hello).
+PREAUTH_RECORDS = 64
+# What a connection from an address on probation (bans.py) may send before a node
+# authenticates on it: a node needs 808 bytes of HTTP/2, about 4 KiB on the wire with TLS.
+PROBATION_BYTES = 8 << 10
 
 
 def mismatch_line(*, side: Literal["node", "coordinator"], coordinator: str, peer: str = "") -> str:
@@ -246,6 +257,9 @@ class FrontDoor:
         limiter: PendingLimiter | None = None,
         tls: ssl.SSLContext | None = None,
         preauth_bytes: int = PREAUTH_BYTES,
+        preauth_records: int = PREAUTH_RECORDS,
+        bans: BanList | None = None,
+        banned: Callable[[str, str], None] | None = None,
     ) -> None:
         if (tls is None) != (speaks == "plaintext"):
             raise ValueError("give a TLS context exactly when the door speaks TLS")
@@ -264,6 +278,10 @@ class FrontDoor:
         self.speaks = speaks
         self._tls = tls
         self._preauth_bytes = preauth_bytes
+        self._preauth_records = preauth_records
+        # Peers cut again and again (bans.py): certificates refused, addresses on probation.
+        self._bans = bans if bans is not None else BanList()
+        self._banned = banned or (lambda key, line: None)
         self._upstream = ("127.0.0.1", upstream_port)
         self._upstream_path = upstream_path
         self._relay_names = itertools.count()
@@ -463,6 +481,7 @@ class FrontDoor:
                     self.served -= 1
             if not self._closing.is_set():
                 self._refused(host, _naming(conn.cut_reason, conn.identity))
+            self._strike(host, conn.identity)
             return
         if conn.dropped == "evicted":
             refusal, mismatch = _EVICTED, False
@@ -477,6 +496,24 @@ class FrontDoor:
             self._mismatch(host, refusal)
         else:
             self._refused(host, _naming(refusal, conn.identity))
+
+    def _strike(self, host: str, identity: str) -> None:
+        """Count a cut against the certificate it showed, else its address (bans.py)."""
+        key = f"certificate {identity}" if identity else f"address {host}"
+        if self._bans.cut(key) and not self._closing.is_set():
+            policy = self._bans.policy
+            what = "refused" if identity else "on probation (a node's budget only)"
+            self._banned(
+                host,
+                f"banned: {key} {what} for {policy.ban_s:g} s after {policy.after} cuts "
+                f"within {policy.window_s:g} s",
+            )
+
+    def _budget(self, host: str) -> int:
+        """Bytes a connection from ``host`` may send before a node authenticates on it."""
+        if self._bans.banned(f"address {host}") is not None:
+            return min(self._preauth_bytes, PROBATION_BYTES)
+        return self._preauth_bytes
 
     def _first_bytes(self, conn: socket.socket) -> tuple[bytes, str | None]:
         deadline = time.monotonic() + self._timeout_s
@@ -542,15 +579,27 @@ class FrontDoor:
         """Relay a connection to gRPC (after its TLS handshake, with TLS); the refusal it
         earned before reaching gRPC, if any."""
         peer: socket.socket | TlsEnd = conn.sock
+        budget = self._budget(peer_host(conn.peer))
         if self._tls is not None:
-            end = TlsEnd(conn.sock, self._tls)
+            end = TlsEnd(conn.sock, self._tls, check=self._wire_check(conn, budget))
             try:
                 end.handshake(head, time.monotonic() + self._timeout_s)
             except ssl.SSLError as exc:
                 return f"TLS handshake failed ({exc.reason or exc})"
             except TimeoutError:
                 return f"no TLS handshake within {self._timeout_s:g} s"
+            except Overspent as exc:
+                conn.cut(str(exc))
+                return None
             conn.identity = end.identity()
+            left = self._bans.banned(f"certificate {conn.identity}")
+            if left is not None:
+                return f"refused: its certificate is banned for {left:.0f} s more (cut too often)"
+            try:
+                end.check_now()  # what came behind the handshake, now charged to the certificate
+            except Overspent as exc:
+                conn.cut(str(exc))
+                return None
             self._limiter.advance(conn.ticket, PROVEN)  # a certificate of the federation's CA
             peer, head = end, b""
         try:
@@ -574,7 +623,7 @@ class FrontDoor:
                 target=_pump, args=(upstream, peer, True), name="shoal-relay", daemon=True
             )
             back.start()
-            self._inbound(conn, peer, upstream, head)
+            self._inbound(conn, peer, upstream, head, budget)
             back.join()
         finally:
             with self._lock:
@@ -586,13 +635,39 @@ class FrontDoor:
             upstream.close()
         return None
 
+    def _wire_check(self, conn: _DoorConn, budget: int) -> Callable[[int, int], str | None]:
+        """What a TLS connection may send on the wire before a node authenticates on it."""
+        records = self._preauth_records
+
+        def check(raw_bytes: int, received: int) -> str | None:
+            if conn.authenticated:
+                return None
+            if received > records:  # first: where both are past, tiny records name the flood
+                return (
+                    f"cut: sent more than {records} TLS records before a node authenticated on it"
+                )
+            if raw_bytes > budget:
+                return (
+                    f"cut: sent more than {budget} bytes before a node authenticated on it "
+                    "(counted on the wire, TLS records)"
+                )
+            return None
+
+        return check
+
     def _inbound(
-        self, conn: _DoorConn, src: socket.socket | TlsEnd, dst: socket.socket, head: bytes
+        self,
+        conn: _DoorConn,
+        src: socket.socket | TlsEnd,
+        dst: socket.socket,
+        head: bytes,
+        limit: int,
     ) -> None:
-        """Copy what the peer sends to gRPC: its frames metered, and at most
-        ``preauth_bytes`` of them before a node authenticates on the connection."""
+        """Copy what the peer sends to gRPC: its frames metered, and at most ``limit`` bytes
+        of them before a node authenticates on the connection (with TLS, the wire's bytes
+        and records are bounded too: :meth:`_wire_check`)."""
         meter = FrameMeter()
-        budget = self._preauth_bytes
+        budget = limit
         buffer = bytearray(_RELAY_BLOCK)
         view = memoryview(buffer)
         n = len(head)
@@ -609,14 +684,17 @@ class FrontDoor:
                         budget -= n
                         if budget < 0:
                             conn.cut(
-                                f"cut: sent more than {self._preauth_bytes} bytes before a "
-                                "node authenticated on it"
+                                f"cut: sent more than {limit} bytes before a node "
+                                "authenticated on it"
                             )
                             return
                     dst.sendall(view[:n])
                 n = src.recv_into(buffer)
                 if not n:
                     break
+        except Overspent as exc:  # the TLS wire's budget (_wire_check)
+            conn.cut(str(exc))
+            return
         except OSError:
             _shutdown(src)  # a reset: end both directions
             _shutdown(dst)
