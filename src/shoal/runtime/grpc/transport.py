@@ -82,11 +82,11 @@ PREAUTH_BYTES = 32 << 10
 # included), and TLS records are bounded apart: an empty or one-byte record, a key update,
 # costs a record's work but decrypts to nothing or next to nothing, so 32 KiB of decrypted
 # bytes had allowed 32,768 one-byte records (750 KB on the wire, one relay pass each). A node
-# sends about 4 KiB in 14 records (measured: handshake with its certificate, then its HTTP/2
+# sends about 2.9 KB in 9-10 records (measured: handshake with its certificate, then its HTTP/2
 # and hello).
 PREAUTH_RECORDS = 64
 # What a connection from an address on probation (bans.py) may send before a node
-# authenticates on it: a node needs 808 bytes of HTTP/2, about 4 KiB on the wire with TLS.
+# authenticates on it: a node needs 808 bytes of HTTP/2, about 2.9 KB on the wire with TLS.
 PROBATION_BYTES = 8 << 10
 
 
