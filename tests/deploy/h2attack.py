@@ -20,6 +20,11 @@ a few connections, reconnecting whenever the coordinator cuts one:
 - ``records``: with ``--certs``, a frame of an unknown type whose payload goes one byte per
   TLS record, over and over: each record costs the server its work (a decryption, a pass of
   the relay) for one byte of the budget of decrypted bytes
+- ``tlsempty``, ``keyupdate``: with ``--certs``, TLS 1.3 records sealed by hand
+  (tls13craft.py) after HTTP/2's preface: empty application-data records (31 in a row,
+  then one byte of an unknown frame's payload: OpenSSL itself ends 32 in a row), or
+  KeyUpdate messages (a key derivation each for the server; OpenSSL 3.0 takes any
+  number), over and over: both decrypt to nothing or next to nothing
 - ``hpack``: calls whose header block adds one 4 KiB header to HPACK's dynamic table and then
   refers to it thousands of times (an HPACK bomb: 16 KiB on the wire, 64 MiB decoded)
 - ``slowloris``: ``--hold`` connections that each send their first bytes (HTTP/2's preface,
@@ -43,11 +48,16 @@ import signal
 import socket
 import ssl
 import struct
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from shoal.runtime.grpc.tlsend import TlsEnd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tls13craft import APPLICATION_DATA, Sealer, client_secret
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
@@ -118,6 +128,8 @@ class Attack:
             if not preface:
                 self.add("connections")
                 return sock
+            if self.context is not None and self.args.mode in _CRAFTED:
+                return self.crafted(sock)
             if self.context is not None:
                 sock = TlsPipe(sock, self.context)  # type: ignore[assignment]
             # Our SETTINGS (a large window, so the server may send) and a large connection
@@ -136,6 +148,29 @@ class Attack:
             return None
         self.add("connections")
         return sock
+
+    def crafted(self, raw: socket.socket) -> socket.socket:
+        """A TLS connection whose records this attacker seals itself (tls13craft.py): a
+        context of its own per connection, so its key log holds this connection's secret."""
+        with tempfile.TemporaryDirectory() as scratch:
+            keylog = Path(scratch) / "keys"
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.load_verify_locations(Path(self.args.certs) / "ca.pem")
+            name = self.args.name
+            certs = Path(self.args.certs)
+            context.load_cert_chain(certs / f"{name}.pem", certs / f"{name}-key.pem")
+            context.check_hostname = False
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.set_alpn_protocols(["h2"])
+            context.keylog_filename = str(keylog)
+            sock = SealedPipe(raw, context)
+            suite = sock._tls.cipher()[0]  # type: ignore[index]
+            sock.sealer = Sealer(suite, client_secret(keylog.read_text()), 0)
+        settings = struct.pack(">HI", 4, 1 << 30)
+        sock.sendall(PREFACE + frames(SETTINGS, 0, 0, settings))
+        raw.settimeout(1.0)
+        self.add("connections")
+        return sock  # type: ignore[return-value]
 
     def read(self, sock: socket.socket, ended: threading.Semaphore | None) -> None:
         """Drain the server's frames; acknowledge its SETTINGS; count streams it ended."""
@@ -244,12 +279,31 @@ class Attack:
             "continuation": frames(CONTINUATION, 0, 1, _literal(b"x-pad", b"p" * 100) * 100),
             "hpack": b"-",  # each batch is a new call's header block (below)
             "records": b"-",  # one frame, its payload a byte per record (below)
+            "tlsempty": b"-",  # TLS records sealed by hand (below)
+            "keyupdate": b"-",
         }[mode]
         batch = one * max(1, (1 << 16) // len(one))
         stream = 1
         try:
             sock.sendall(first)
             while time.monotonic() < self.deadline and reader.is_alive():
+                if mode in _CRAFTED:
+                    sealer = sock.sealer  # type: ignore[attr-defined]
+                    with sock.sealing:  # type: ignore[attr-defined]
+                        if mode == "tlsempty":
+                            # 31 empty records, then one byte of an unknown frame's payload:
+                            # OpenSSL ends a connection at 32 empty records in a row.
+                            header = frame(UNKNOWN, 0, 0, b"r" * 8)
+                            crafted = sealer.record(APPLICATION_DATA, header)
+                            for _ in range(8):
+                                crafted += b"".join(sealer.empty() for _ in range(31))
+                                crafted += sealer.record(APPLICATION_DATA, b"r")
+                        else:
+                            crafted = b"".join(sealer.key_update() for _ in range(256))
+                        sock.raw.sendall(crafted)  # type: ignore[attr-defined]
+                    self.add("records", 257 if mode == "tlsempty" else 256)
+                    self.add("bytes", len(crafted))
+                    continue
                 if mode == "records":
                     assert isinstance(sock, TlsPipe), "records needs --certs"
                     payload = b"r" * 4096
@@ -366,7 +420,8 @@ class Attack:
         self.deadline = 0.0
 
 
-_BLIND = ("window", "unknown", "empty", "continuation", "hpack", "records")
+_CRAFTED = ("tlsempty", "keyupdate")
+_BLIND = ("window", "unknown", "empty", "continuation", "hpack", "records", *_CRAFTED)
 
 
 def _hpack_bomb(block: bytes) -> bytes:
@@ -408,6 +463,21 @@ class TlsPipe(TlsEnd):
 
     def close(self) -> None:
         self.raw.close()
+
+
+class SealedPipe(TlsPipe):
+    """A TlsPipe whose records this attacker seals itself (``sealer``), every one of them
+    (the reader's acknowledgements too: records must go out in their sequence's order)."""
+
+    sealer: Sealer
+
+    def __init__(self, raw: socket.socket, context: ssl.SSLContext) -> None:
+        super().__init__(raw, context)
+        self.sealing = threading.Lock()
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        with self.sealing:
+            self.raw.sendall(self.sealer.record(APPLICATION_DATA, bytes(data)))
 
 
 def _client_hello(context: ssl.SSLContext) -> bytes:

@@ -17,7 +17,12 @@ TLS or not: it meters them (h2meter.py) and bounds the bytes a connection may se
 node authenticates on it (``preauth_bytes``). While TLS ended in gRPC, a holder of a
 federation certificate could send a rapid reset the relay could not read, and gRPC queued its
 calls ahead of a node's (the node stayed out). A cut TLS connection is recorded with the
-peer's certificate (its common name and a digest).
+peer's certificate (its common name and a digest). With TLS the budget also counts the bytes
+on the wire and bounds the TLS records (``preauth_records``), before decryption: records
+that decrypt to little or nothing cost the server work without spending decrypted bytes.
+A peer cut again and again is banned (bans.py): its certificate refused after the
+handshake, or with none its address on probation (``PROBATION_BYTES`` before a node
+authenticates).
 
 gRPC itself listens on a unix socket in a private (0700) directory, not on a loopback TCP port:
 no other local user's process can reach it around the door's limits (a rapid reset on a
@@ -279,8 +284,10 @@ class FrontDoor:
         self._tls = tls
         self._preauth_bytes = preauth_bytes
         self._preauth_records = preauth_records
-        # Peers cut again and again (bans.py): certificates refused, addresses on probation.
+        # Peers cut again and again (bans.py): certificates refused, addresses on probation;
+        # apart, so that a peer with many addresses cannot push a certificate's ban out.
         self._bans = bans if bans is not None else BanList()
+        self._address_bans = BanList(self._bans.policy)
         self._banned = banned or (lambda key, line: None)
         self._upstream = ("127.0.0.1", upstream_port)
         self._upstream_path = upstream_path
@@ -500,7 +507,8 @@ class FrontDoor:
     def _strike(self, host: str, identity: str) -> None:
         """Count a cut against the certificate it showed, else its address (bans.py)."""
         key = f"certificate {identity}" if identity else f"address {host}"
-        if self._bans.cut(key) and not self._closing.is_set():
+        bans = self._bans if identity else self._address_bans
+        if bans.cut(key) and not self._closing.is_set():
             policy = self._bans.policy
             what = "refused" if identity else "on probation (a node's budget only)"
             self._banned(
@@ -511,7 +519,7 @@ class FrontDoor:
 
     def _budget(self, host: str) -> int:
         """Bytes a connection from ``host`` may send before a node authenticates on it."""
-        if self._bans.banned(f"address {host}") is not None:
+        if self._address_bans.banned(f"address {host}") is not None:
             return min(self._preauth_bytes, PROBATION_BYTES)
         return self._preauth_bytes
 
