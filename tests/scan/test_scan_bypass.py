@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from shoal.errors import UnsafeModelError
-from shoal.scan import FileReport, Severity, load, loads, scan_bytes, scan_file
+from shoal.scan import FileReport, ScanLimits, Severity, load, loads, scan_bytes, scan_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import payloads as P
@@ -287,23 +287,32 @@ def test_raw_joblib_array_data_is_not_taken_for_code():
     assert not flagged, flagged[:3]
 
 
-def test_a_plain_reading_past_what_is_kept_is_unverified(monkeypatch):
+def test_a_plain_reading_past_what_is_kept_is_unverified():
     """In a stream that cannot be read twice, the scanner keeps the bytes after the first
-    joblib array header for pickle.load's reading; a reading that runs past them is reported
-    unverified (medium), not passed."""
+    joblib array header for pickle.load's reading (ScanLimits.max_plain_reading_bytes); a
+    reading that runs past them is a medium limit finding naming that field, not a pass. The
+    boundary: the payload ends at byte len(evil) + 1 of what is kept (its STOP after it)."""
     import gzip
-
-    import shoal.scan.pickle_scan as pickle_scan
 
     filler = b"N0" * 64  # 128 bytes of opcodes that import nothing, before the payload
     evil = filler + P.system_call("/nonexistent/marker", proto=4) + b"0"
     data = b"\x80\x04" + P.joblib_wrapper(len(evil), P._dtype("u1")) + evil + b"."
     assert scan_bytes(gzip.compress(data)).severity == Severity.CRITICAL
-    monkeypatch.setattr(pickle_scan, "_PLAIN_RECORD", 64)
-    report = scan_bytes(gzip.compress(data))
+    assert ScanLimits().max_plain_reading_bytes == 64 << 20
+    report = scan_bytes(gzip.compress(data), limits=ScanLimits(max_plain_reading_bytes=64))
     assert report.severity == Severity.MEDIUM, report.findings
-    assert any(f.kind == "unverifiable" and "MiB" in f.detail for f in report.findings)
-    assert scan_bytes(data).severity == Severity.CRITICAL  # a seekable stream is read again
+    (finding,) = [f for f in report.findings if f.kind == "limit"]
+    assert "ScanLimits.max_plain_reading_bytes" in finding.detail, finding.detail
+    assert "64 bytes" in finding.detail, finding.detail
+    # a seekable stream is read again, whatever the bound
+    assert scan_bytes(data, limits=ScanLimits(max_plain_reading_bytes=64)).severity == (
+        Severity.CRITICAL
+    )
+    # the boundary: the import is seen once its STACK_GLOBAL byte is kept, not one byte before
+    seen = len(filler) + len(P.sglob("os", "system"))
+    for kept, worst in ((seen, Severity.CRITICAL), (seen - 1, Severity.MEDIUM)):
+        limits = ScanLimits(max_plain_reading_bytes=kept)
+        assert scan_bytes(gzip.compress(data), limits=limits).severity == worst, kept
 
 
 def test_a_torch_tar_member_linked_outside_the_archive_is_medium(tmp_path):

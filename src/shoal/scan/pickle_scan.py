@@ -20,7 +20,7 @@ from shoal.scan.allowlist import classify_global, normalize_global
 from shoal.scan.brief import brief
 from shoal.scan.opcodes import F8, I4, OPCODES, U2, U4, dispatch_table, text_literal
 from shoal.scan.report import ScanLimits, Severity
-from shoal.scan.streams import ByteReader, check_time
+from shoal.scan.streams import ByteReader, check_time, size_text
 
 __all__ = [
     "TORCH_LEGACY_MAGIC",
@@ -1731,7 +1731,7 @@ class _Fork:
             self.state = None  # reported as unverified by plain_reading
         self.proto = a.proto
         self.pos = a.r.pos
-        self.replay = a.r.fork(_PLAIN_RECORD)
+        self.replay = a.r.fork(a.limits.max_plain_reading_bytes)
 
 
 def _snapshot(v: Any, done: dict[int, Any]) -> Any:
@@ -1779,13 +1779,6 @@ def _snapshot(v: Any, done: dict[int, Any]) -> Any:
         )
         return out
     return v  # any other symbolic value is not changed after it is made
-
-
-# Bytes kept, past a joblib array header in a stream that cannot be read twice, for the plain
-# reading. Benign joblib data stops a plain reading at once (the alignment byte, 0-15, is no
-# opcode; raw floats soon hit a byte that is not one); a plain reading that goes past this is
-# reported unverified.
-_PLAIN_RECORD = 64 << 20
 
 
 def _plain_reading(fork: _Fork, sink: Sink, *, limits: ScanLimits, torch: bool) -> None:
@@ -1836,9 +1829,10 @@ def _plain_reading(fork: _Fork, sink: Sink, *, limits: ScanLimits, torch: bool) 
     elif ended_early:
         sink.add(
             Severity.MEDIUM,
-            "unverifiable",
+            "limit",
             f"read as a plain pickle, the stream after a joblib array header runs past the "
-            f"{_PLAIN_RECORD >> 20} MiB the scanner keeps of a stream it cannot read twice",
+            f"{size_text(limits.max_plain_reading_bytes)} the scanner keeps of a stream it "
+            "cannot read twice (ScanLimits.max_plain_reading_bytes); the rest was not verified",
             fork.pos,
         )
 

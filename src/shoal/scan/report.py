@@ -105,6 +105,9 @@ class ScanLimits:
     max_load_bytes: int = 64 * 2**30  # bytes of arrays and tensors one load may build
     max_object_bytes: int = 2**30  # estimated bytes of Python objects one load may build
     max_key_collisions: int = 64  # keys of one dict or set (load) that share one hash value
+    # bytes kept, after the first joblib array header of a stream that cannot be read twice,
+    # for pickle.load's reading of it (which reads the array data as opcodes)
+    max_plain_reading_bytes: int = 64 << 20
     max_seconds: float = 120.0  # time budget per file, for the scan and for the load
 
     def __post_init__(self) -> None:

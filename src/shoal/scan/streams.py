@@ -150,12 +150,12 @@ class Budget:
         self.left -= n
         if self.left < 0:
             raise LimitExceeded(
-                f"refused: decompressed data expands past {_size(self.total)} "
+                f"refused: decompressed data expands past {size_text(self.total)} "
                 "(ScanLimits.max_total_bytes)"
             )
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:g} {unit}"
@@ -267,7 +267,7 @@ class Decompressed(io.RawIOBase):
                     )
             if self._out > self._limit:
                 raise LimitExceeded(
-                    f"refused: a {self._codec} stream expands past {_size(self._limit)} "
+                    f"refused: a {self._codec} stream expands past {size_text(self._limit)} "
                     "(ScanLimits.max_member_bytes)"
                 )
             check_time()
