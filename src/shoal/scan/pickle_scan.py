@@ -9,6 +9,7 @@ single BINBYTES8 in a hostile file can claim terabytes. Large arguments are skip
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 import struct
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import classify_global, normalize_global
 from shoal.scan.brief import brief
+from shoal.scan.depth import nesting
 from shoal.scan.opcodes import F8, I4, OPCODES, U2, U4, dispatch_table, text_literal
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import ByteReader, check_time, size_text
@@ -315,6 +317,31 @@ class _Blob:
 
 
 _MISSING = _Opaque("missing")
+
+
+def _object_items(v: _Obj) -> Any:
+    """What a call's result holds, as pickle.load would build it: an object array holds the
+    items of its state's data list, an OrderedDict the pairs of its argument; anything else
+    its arguments and state."""
+    state = v.state
+    if type(state) is tuple and state and type(state[-1]) is _List:
+        return state[-1].items
+    args = v.args if type(v.args) is tuple else (v.args,)
+    if v.origin is not None and v.origin.qual == "collections.OrderedDict" and args:
+        pairs = args[0]
+        if type(pairs) is _List:
+            return itertools.chain.from_iterable(p for p in pairs.items if type(p) is tuple)
+    return args if state is None else (*args, state)
+
+
+# The symbolic values that hold others, for the depth of what pickle.load would return (the
+# items a list or dict keeps: past _CONTAINER_KEEP the scan does not see, the loader does).
+_SYMBOLIC_CONTAINERS: dict[type, Callable[[Any], Any]] = {
+    tuple: iter,
+    _List: lambda v: v.items,
+    _Dict: lambda v: itertools.chain.from_iterable(v.pairs),
+    _Obj: _object_items,
+}
 
 
 def _describe(v: Any, depth: int = 0) -> str:
@@ -719,6 +746,16 @@ class _Analyzer:
     def op_STOP(self) -> bool:
         if not self.stack:
             raise _Malformed("STOP with an empty stack")
+        limit = self.limits.max_value_depth
+        self.memo = {}  # only the value's own references count as sharing
+        if nesting(self.stack[-1], limit, _SYMBOLIC_CONTAINERS) is None:
+            self.report(
+                Severity.MEDIUM,
+                "limit",
+                f"refused: values nested more than {limit} deep (ScanLimits.max_value_depth): "
+                "repr, == and json.dumps of what pickle.load returns would recurse past "
+                "Python's limit",
+            )
         return True
 
     def _literal(self, op: bytes) -> Any:

@@ -108,6 +108,8 @@ class ScanLimits:
     # bytes kept, after the first joblib array header of a stream that cannot be read twice,
     # for pickle.load's reading of it (which reads the array data as opcodes)
     max_plain_reading_bytes: int = 64 << 20
+    # containers nested in one value: what a caller does with it (repr, ==, json.dumps) recurses
+    max_value_depth: int = 500
     max_seconds: float = 120.0  # time budget per file, for the scan and for the load
 
     def __post_init__(self) -> None:

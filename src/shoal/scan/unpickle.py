@@ -22,6 +22,8 @@ reported as ``UnsafeModelError("refused: ...")``.
 from __future__ import annotations
 
 import collections
+import functools
+import itertools
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +32,7 @@ from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import normalize_global
 from shoal.scan.brief import brief
 from shoal.scan.builders import build_array, build_dtype, build_object_array, build_scalar
+from shoal.scan.depth import nesting
 from shoal.scan.opcodes import F8, I4, U1, U2, U4, U8, dispatch_table, text_literal
 from shoal.scan.report import ScanLimits
 from shoal.scan.streams import ByteReader, check_time
@@ -362,6 +365,24 @@ class _Stop(Exception):
     pass
 
 
+def _dict_items(d: Any) -> Any:
+    return itertools.chain(d, d.values())
+
+
+def _object_items(a: Any) -> Any:
+    return a.flat if a.dtype.hasobject else None
+
+
+@functools.cache
+def _containers() -> dict[type, Callable[[Any], Any]]:
+    import numpy as np  # not at import: shoal.scan loads without NumPy until an array comes
+
+    kinds: dict[type, Callable[[Any], Any]] = {t: iter for t in (tuple, list, set, frozenset)}
+    kinds.update({dict: _dict_items, collections.OrderedDict: _dict_items})
+    kinds[np.ndarray] = _object_items
+    return kinds
+
+
 class Unpickler:
     """One pickle from ``reader``; ``load()`` returns what shoal built or raises
     ``UnsafeModelError`` (``ShoalError``) naming what it refused."""
@@ -485,6 +506,9 @@ class Unpickler:
         except _Stop:
             value = self.pop()
             _check((value,))
+            if self.depth == 0:  # a nested pickle's value is measured inside its parent
+                self.memo.clear()  # so that only the value's own references count as sharing
+                self._check_depth(value)
             return value
         except RecursionError:
             raise refuse("values nested too deeply") from None
@@ -493,6 +517,14 @@ class Unpickler:
             if isinstance(exc, UnsafeModelError):
                 raise
             raise refuse(f"malformed pickle: {exc}") from None
+
+    def _check_depth(self, value: Any) -> None:
+        limit = self.limits.max_value_depth
+        if nesting(value, limit, _containers()) is None:
+            raise refuse(
+                f"values nested more than {limit} deep (ScanLimits.max_value_depth): repr, == "
+                "and json.dumps of them would recurse past Python's limit"
+            )
 
     # -- opcodes: constants -------------------------------------------------------------------
 
