@@ -8,6 +8,7 @@ them. Aggregators gather them (plain ones fetch them, secure ones run their own 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 
 from shoal.errors import AggregationError, NotEnoughNodes
 from shoal.runtime import FETCH_TASK, Failure, FailureKind
+from shoal.wire.codec import dtype_str
 
 if TYPE_CHECKING:
     from shoal.core.aggregator import Aggregator
@@ -350,7 +352,7 @@ class NodeValues:
                 value = payload.get(field)
                 # Complex arrays are refused: a real-valued row would drop the imaginary part.
                 if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-                    signature.append((field, value.shape, value.dtype.str))
+                    signature.append((field, value.shape, dtype_str(value.dtype)))
                 elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     signature.append((field, (), "json"))
                 else:
@@ -371,9 +373,12 @@ class NodeValues:
         missing: list[str] = []
         for node in self._node_ids:
             sent = self._sent.get(node)
-            if sent is not None and all(f in sent for f in fields):
+            if sent is None:
+                missing.append(node)
+                continue
+            try:  # one pass per node: a field it did not send makes it fetch them all
                 have[node] = {f: sent[f] for f in fields}
-            else:
+            except KeyError:
                 missing.append(node)
         if not missing:
             return have
@@ -469,7 +474,7 @@ def _weight(value: Any) -> tuple[str | None, float]:
         value = float(value)
     except OverflowError:
         return "weight is a number too large for float64", 0.0
-    if not np.isfinite(value) or value < 0:
+    if not math.isfinite(value) or value < 0:
         return f"weight {value!r} is not a finite non-negative number", 0.0
     return None, float(value)
 

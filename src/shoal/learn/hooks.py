@@ -16,6 +16,7 @@ import numpy as np
 
 from shoal.errors import ConfigError
 from shoal.learn.model import GradientHook, Weights
+from shoal.learn.names import unprefixed
 from shoal.runtime import TaskContext
 
 __all__ = ["DriftCorrection", "NodeHooks", "ProximalTerm", "add_hook_terms", "node_hooks"]
@@ -100,7 +101,7 @@ def node_hooks(ctx: TaskContext, payload: Mapping[str, Any], weights: Weights) -
         raise ConfigError(f"prox_mu must be >= 0, got {mu}")
     if mu > 0:
         hooks.append(ProximalTerm(mu, weights))
-    server_c = {k[2:]: v for k, v in payload.items() if k.startswith("c/")}
+    server_c = unprefixed("c", payload)
     if not server_c:
         return NodeHooks(hooks=tuple(hooks)) if hooks else _NO_HOOKS
     node_c = ctx.state.get(SCAFFOLD_STATE) or {k: np.zeros_like(v) for k, v in server_c.items()}

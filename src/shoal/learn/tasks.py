@@ -21,6 +21,7 @@ import numpy as np
 from shoal.errors import ConfigError, DataError, ReleaseRefused, ShoalError, TaskError
 from shoal.learn.hooks import node_hooks
 from shoal.learn.model import FitConfig, Model, StatefulOptimizer, Weights
+from shoal.learn.names import prefixed, unprefixed
 from shoal.privacy import make_rng
 from shoal.privacy.accounting import Accountant
 from shoal.privacy.guard import DPRequest, NoiseFloor, budget_guard
@@ -134,15 +135,6 @@ def decode_weights(payload: Mapping[str, Any]) -> Weights:
     return out
 
 
-def prefixed(prefix: str, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {f"{prefix}/{name}": value for name, value in weights.items()}
-
-
-def unprefixed(prefix: str, payload: Mapping[str, Any]) -> Weights:
-    start = prefix + "/"
-    return {k[len(start) :]: v for k, v in payload.items() if k.startswith(start)}
-
-
 def _rng(ctx: TaskContext, seed: Any) -> np.random.Generator:
     """Randomness from the round's seed and the node's name when the server sends a seed.
 
@@ -153,23 +145,27 @@ def _rng(ctx: TaskContext, seed: Any) -> np.random.Generator:
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         return ctx.rng
-    digest = hashlib.sha256(b"%d/%s" % (seed, ctx.node_id.encode())).digest()
-    state = {
-        "bit_generator": "PCG64",
-        "state": {
-            "state": int.from_bytes(digest[:16], "little"),
-            "inc": int.from_bytes(digest[16:], "little") | 1,  # PCG streams need an odd increment
-        },
-        "has_uint32": 0,
-        "uinteger": 0,
-    }
+    # The digest's first 16 bytes (little-endian) are the state, the last 16 the stream.
+    bits = int.from_bytes(
+        hashlib.sha256(b"%d/%s" % (seed, ctx.node_id.encode())).digest(), "little"
+    )
     # One generator per worker thread, reseeded for each task (a task runs to its end on
-    # its thread before the next one starts there).
-    generator: np.random.Generator | None = getattr(_THREAD, "generator", None)
-    if generator is None:
-        generator = _THREAD.generator = np.random.Generator(np.random.PCG64())
+    # its thread before the next one starts there), and one state dict for it to read.
+    found: tuple[np.random.Generator, dict[str, Any], dict[str, Any]] | None = getattr(
+        _THREAD, "generator", None
+    )
+    if found is None:
+        inner: dict[str, Any] = {"state": 0, "inc": 1}
+        outer = {"bit_generator": "PCG64", "state": inner, "has_uint32": 0, "uinteger": 0}
+        found = _THREAD.generator = (np.random.Generator(np.random.PCG64()), outer, inner)
+    generator, state, inner = found
+    inner["state"] = bits & _LOW_128
+    inner["inc"] = (bits >> 128) | 1  # PCG streams need an odd increment
     generator.bit_generator.state = state
     return generator
+
+
+_LOW_128 = (1 << 128) - 1
 
 
 _THREAD = threading.local()

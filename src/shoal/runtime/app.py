@@ -34,6 +34,7 @@ from shoal.runtime.nodestate import NODE_STATE_KEY, NodeState
 from shoal.runtime.policy import ReleasePolicy, Use
 from shoal.runtime.request import request_digest
 from shoal.wire import WireLimits, decode, encode
+from shoal.wire.codec import dtype_str
 
 __all__ = [
     "FETCH_TASK",
@@ -501,7 +502,7 @@ def _keep(ctx: TaskContext, handle: str, held: _Held, max_kept: int) -> dict[str
     fields: dict[str, Any] = {}
     for key, value in held.values.items():
         if type(value) is np.ndarray or isinstance(value, (np.ndarray, np.generic)):
-            fields[key] = _describe(value.dtype.str, value.shape)
+            fields[key] = _describe(dtype_str(value.dtype), value.shape)
         else:
             fields[key] = "json:"
     return {"kept": handle, "fields": fields}

@@ -27,6 +27,7 @@ __all__ = [
     "Payload",
     "WireLimits",
     "decode",
+    "dtype_str",
     "encode",
 ]
 
@@ -61,6 +62,16 @@ DTYPES: dict[str, np.dtype[Any]] = {
         "complex128",
     )
 }
+
+# ``dtype.str`` builds a new string at every call (~0.5 us, several times per node and
+# round); the wire's dtypes are looked up by equality instead (equal dtypes have equal strs).
+_DTYPE_STR: dict[np.dtype[Any], str] = {dtype: key for key, dtype in DTYPES.items()}
+
+
+def dtype_str(dtype: np.dtype[Any]) -> str:
+    """``dtype.str``, without building it again for the dtypes the wire carries."""
+    key = _DTYPE_STR.get(dtype)
+    return key if key is not None else dtype.str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,10 +111,19 @@ _C_ENCODER: Any = (
 )
 
 
-def _header_json(header: dict[str, Any]) -> str:
+def _header_json(header: Any) -> str:
     if _C_ENCODER is None:
         return _HEADER_ENCODER.encode(header)
     return "".join(_C_ENCODER(header, 0))
+
+
+@functools.lru_cache(maxsize=256)
+def _entries_json(entries: tuple[tuple[str, str, tuple[int, ...], int, int], ...]) -> str:
+    """The header's array entries as JSON text. Messages of one kind carry the same arrays
+    at the same offsets (every node's receipt of a map): their text is made once."""
+    return _header_json(
+        [[name, key, list(shape), offset, nbytes] for name, key, shape, offset, nbytes in entries]
+    )
 
 
 _HEADER_DECODER = json.JSONDecoder()
@@ -215,7 +235,7 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
     if len(payload) > limits.max_items:
         raise WireError(f"payload has {len(payload)} items; the limit is {limits.max_items}")
     arrays: list[np.ndarray] = []
-    entries: list[list[Any]] = []
+    entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
     scalars: dict[str, Any] = {}
     offset = 0
     max_name, max_ndim = limits.max_name_chars, limits.max_ndim
@@ -227,7 +247,7 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
             _check_name(name, limits)
         kind = type(value)
         if kind is np.ndarray or isinstance(value, (np.ndarray, np.generic)):
-            key = value.dtype.str
+            key = dtype_str(value.dtype)
             if (
                 kind is not np.ndarray  # scalars, ndarray subclasses
                 or key not in DTYPES
@@ -237,7 +257,7 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
                 value = _as_wire_array(name, value, limits)
                 key = value.dtype.str
             nbytes = value.nbytes
-            entries.append([name, key, list(value.shape), offset, nbytes])
+            entries.append((name, key, value.shape, offset, nbytes))
             arrays.append(value)
             offset += nbytes + (-nbytes) % _ALIGN
         else:
@@ -248,7 +268,9 @@ def encode(payload: Payload, *, limits: WireLimits = DEFAULT_LIMITS) -> memoryvi
             scalars[name] = value
     data_len = offset
     try:
-        header = _header_json({"a": entries, "j": scalars, "n": data_len}).encode()
+        header = (
+            f'{{"a":{_entries_json(tuple(entries))},"j":{_header_json(scalars)},"n":{data_len}}}'
+        ).encode()
     except (ValueError, TypeError, RecursionError) as exc:
         raise WireError(f"payload JSON values cannot be encoded: {exc}") from None
     if len(header) > limits.max_header_bytes:
@@ -340,8 +362,12 @@ def _decode(view: memoryview, limits: WireLimits) -> dict[str, Any]:
         raise WireError("payload header is not valid UTF-8") from None
     # Many messages share one header (every node's receipt of a map, every fetch request):
     # a header is parsed and checked once, and later messages only cut their arrays.
-    parse = _cached_header if len(text) <= _CACHED_HEADER_CHARS else _parse_header
-    header = parse(text, limits)
+    if len(text) > _CACHED_HEADER_CHARS:
+        header = _parse_header(text, limits)
+    elif limits is DEFAULT_LIMITS:  # keyed by the text alone: hashing the limits cost ~2 us
+        header = _cached_default_header(text)
+    else:
+        header = _cached_header(text, limits)
     data_start = head_end + _pad(head_end)
     if data_start + header.data_len != size:
         raise WireError(
@@ -431,6 +457,11 @@ def _parse_header(text: str, limits: WireLimits) -> _Header:
 
 
 _cached_header = functools.lru_cache(maxsize=256)(_parse_header)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_default_header(text: str) -> _Header:
+    return _parse_header(text, DEFAULT_LIMITS)
 
 
 def copy_json(value: Any) -> Any:
