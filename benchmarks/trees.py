@@ -185,7 +185,7 @@ def quality(name: str, x: np.ndarray, y: np.ndarray, guest_cols: int, args: Any)
     reference = train(x_train, y_train, fixed, bins=joined)
     reference_scores = reference.predict(x_test)
     out["vertical_reference_auc"] = float(roc_auc_score(y_test, reference_scores))
-    # the vertical parties' cuts (exact quantiles of each column) given to XGBoost
+    # the vertical parties' cuts (XGBoost's rule, each party on its own columns) given to XGBoost
     on_vertical = xgboost_model(codes(joined, x_train), y_train, params, args.xgb_threads)
     out["xgboost_on_vertical_cuts_auc"] = float(
         roc_auc_score(y_test, xgboost_predict(on_vertical, codes(joined, x_test)))

@@ -109,4 +109,5 @@ def xgbc() -> SimpleNamespace:
         xgboost_on_codes=xgboost_on_codes,
         assert_same_model=assert_same_model,
         assert_same_tree=assert_same_tree,
+        xgboost_trees=xgboost_trees,
     )

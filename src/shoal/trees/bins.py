@@ -25,6 +25,7 @@ __all__ = [
     "category_cuts",
     "fit_bins",
     "grid_counts",
+    "quantile_cuts",
 ]
 
 MISSING = 256  # one past the largest bin: codes are uint16
@@ -148,9 +149,9 @@ def categorical_mask(categorical: Sequence[int], n_features: int) -> tuple[bool,
 
 
 def fit_bins(x: np.ndarray, *, max_bins: int = 256, categorical: Sequence[int] = ()) -> Bins:
-    """Cuts at the data's quantiles: every distinct value gets its own bin when there are at
-    most ``max_bins`` of them; otherwise cuts are data values at evenly spaced ranks. A
-    ``categorical`` feature (by index) gets one bin per code up to its largest."""
+    """Cuts at the data's quantiles, placed as XGBoost's ``hist`` places them (see
+    :func:`quantile_cuts`). A ``categorical`` feature (by index) gets one bin per code up to
+    its largest."""
     x = _check_rows(x)
     flags = categorical_mask(categorical, x.shape[1])
     cuts: list[np.ndarray] = []
@@ -163,15 +164,53 @@ def fit_bins(x: np.ndarray, *, max_bins: int = 256, categorical: Sequence[int] =
             _check_codes(column, j, None)
             cuts.append(category_cuts(_categories(j, values[-1], max_bins)))
             continue
-        if len(values) <= max_bins:
-            cuts.append(values[1:].copy())
-            continue
-        ranks = np.cumsum(counts)
-        targets = ranks[-1] * np.arange(1, max_bins) / max_bins
-        # the first value whose cumulative count passes each target; drop repeats and the min
-        picked = np.unique(values[np.searchsorted(ranks, targets, side="right")])
-        cuts.append(picked[picked > values[0]])
+        cuts.append(quantile_cuts(values, counts, max_bins=max_bins))
     return Bins(cuts=tuple(cuts), categorical=flags)
+
+
+def quantile_cuts(values: np.ndarray, counts: np.ndarray, *, max_bins: int) -> np.ndarray:
+    """Cuts for one numeric feature from its distinct ``values`` (ascending) and their counts.
+
+    XGBoost's rule on an exact weighted quantile summary: prune the summary to
+    ``min(rows, 8 * max_bins)`` entries, then to ``min(that, max_bins) + 1``, and cut at
+    entries ``1 .. min(entries, max_bins) - 1``. On up to ``8 * max_bins`` rows XGBoost's own
+    summary is exact, so these are its cuts value for value (a test checks them against
+    ``xgboost`` itself); on more rows its sketch is approximate and these are the exact
+    summary's cuts under the same rule. Cuts are data values, so the rows fall into the same
+    bins as XGBoost's float32 comparisons put them, as long as float32 keeps values apart.
+    """
+    rows = int(counts.sum())
+    # XGBoost keeps ranks in float32; computing the same way keeps its ties
+    weight = counts.astype(np.float32)
+    rmax = np.cumsum(weight, dtype=np.float32)
+    rmin = (rmax - weight).astype(np.float32)
+    keep = np.arange(len(values))
+    intermediate = min(rows, 8 * max_bins)
+    keep = keep[_prune(rmin[keep], rmax[keep], weight[keep], intermediate)]
+    final = min(intermediate, max_bins)
+    keep = keep[_prune(rmin[keep], rmax[keep], weight[keep], final + 1)]
+    return values[keep[1 : min(len(keep), final)]].copy()
+
+
+def _prune(rmin: np.ndarray, rmax: np.ndarray, wmin: np.ndarray, size: int) -> np.ndarray:
+    """Which summary entries XGBoost's ``WQSummary::SetPrune`` keeps out of ``size`` slots:
+    the first and last, and between them the entry nearest each of ``size - 2`` evenly
+    spaced ranks (indices, ascending, no repeats)."""
+    n = len(rmin)
+    if n <= size:
+        return np.arange(n)
+    slots = size - 1
+    begin, span = rmax[0], np.float32(rmin[-1] - rmax[0])
+    k = np.arange(1, slots, dtype=np.float32)
+    doubled = np.float32(2) * ((k * span) / np.float32(slots) + begin)
+    mid = rmax + rmin  # twice each entry's middle rank, ascending
+    i = np.minimum(1 + np.searchsorted(mid[2:], doubled, side="right"), n - 1)
+    reached = np.flatnonzero(i == n - 1)
+    if len(reached):  # XGBoost stops at the first target past the second-last entry
+        i, doubled = i[: reached[0]], doubled[: reached[0]]
+    nearer_next = doubled >= (rmin[i] + wmin[i]) + (rmax[i + 1] - wmin[i + 1])
+    chosen = np.concatenate([[0], i + nearer_next, [n - 1]])
+    return chosen[np.concatenate([[True], np.diff(chosen) != 0])]
 
 
 def _categories(j: int, top: float, max_bins: int) -> int:
