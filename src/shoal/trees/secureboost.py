@@ -478,6 +478,22 @@ def save_part(ctx: TaskContext, payload: dict[str, Any], *, path: Path | None) -
     return {"saved": 1}
 
 
+def writable_model_path(path: str | Path) -> Path:
+    """``path`` if this party can write its model there at the end of a run; checked when
+    the node starts, so a typo fails in seconds, not after hours of training."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise ConfigError(f"--model-out {out} is a directory: name the file to write")
+    if not folder.is_dir():
+        raise ConfigError(
+            f"--model-out {out}: the folder {folder} does not exist; create it or name another"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ConfigError(f"--model-out {out}: this process may not write there")
+    return out
+
+
 def secureboost_tasks(
     role: str, *, checkpoints: Checkpoints | None = None, model_out: str | Path | None = None
 ) -> dict[str, Any]:
@@ -489,7 +505,7 @@ def secureboost_tasks(
     then resumes the run after a restart of its process). ``model_out`` is where the party
     writes its part of the model when the run ends (not written without it)."""
     store = checkpoints if checkpoints is not None else MemoryCheckpoints()
-    out = None if model_out is None else Path(model_out)
+    out = None if model_out is None else writable_model_path(model_out)
 
     def save(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
         return save_part(ctx, payload, path=out)
