@@ -91,9 +91,11 @@ def test_central_mode_and_error_bars_for_derived_outputs(three: Federated) -> No
     assert [r[0] for r in result.rows] == ["A", "B", "C", "D"]  # every public group
     assert result.errors is not None
     for row, err in zip(result.rows, result.errors):
-        # (a noisy variance clipped to its range in every draw has a zero spread)
+        # (a noisy variance clipped to its range in every draw has a zero spread; so has an
+        # average whose released count came out near zero, about 1 query in 100 here: its
+        # draws all clip to the age range's end, where the released value sits too)
         assert err[0] is None and all(e is not None and e >= 0 for e in err[1:])
-        assert err[1] > 0
+        assert err[1] > 0 or row[1] in (0.0, 120.0)
         assert 0 <= row[1] <= 120 and 0 <= row[2] <= 60
     cols = result.disclosed["columns"]
     assert "null_rows_ignored" in cols["cost"]
