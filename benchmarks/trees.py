@@ -223,7 +223,7 @@ def horizontal_quality(
 
 def cut_sensitivity(args: Any) -> list[dict[str, Any]]:
     """How much test AUC moves when only the cuts move: XGBoost on raw values, on the bin
-    codes of the vertical parties' cuts (exact quantiles), and on the codes of XGBoost's own
+    codes of the vertical parties' cuts (fit_bins), and on the codes of XGBoost's own
     cuts, for each data seed of the generated task (same split as the quality runs)."""
     import xgboost as xgb
 
