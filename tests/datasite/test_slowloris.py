@@ -168,3 +168,34 @@ def test_many_addresses_do_not_lock_out_the_owner(site: RunningSite) -> None:
         # connections to expire. After: 0.15 s and 1.6 s at load 18, 8.3 s (TLS) at 38.
         assert took < HEADER_TIMEOUT_S
     assert site.alive()
+
+
+def test_slow_bodies_from_many_addresses_do_not_lock_out_the_owner(tmp_path: Path) -> None:
+    """A scientist (an insider with a token) sends a request's headers and then its body
+    slowly, from 10 loopback addresses, 40 connections each. Before: a connection whose
+    headers were complete counted as a request in progress, never closed for another and
+    with no deadline, so 400 of them filled the bound in all (384 at 512 descriptors) and
+    the owner's connection, the only idle one, was the one closed. Now a request is in
+    progress only once its body is in too: until then it has the header deadline and may
+    be closed for a newcomer."""
+    site = start_site(tmp_path / "site", tls=False, wall_seconds=5)
+    try:
+        server = psutil.Process(site.proc.pid)
+        server.rlimit(psutil.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+        first = (
+            b"POST /api/requests HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + site.tokens["sam"].encode() + b"\r\n"
+            b"Content-Length: 100000\r\n\r\n{"
+        )
+        addresses = [f"127.0.0.{i}" for i in range(2, 12)]
+        with Holder(site.url, first, addresses, 40) as holder:
+            time.sleep(1.0)
+            started = time.monotonic()
+            owner = site.as_("olivia")
+            owner.timeout = 2 * HEADER_TIMEOUT_S
+            assert owner.call("GET", "/api/whoami")["name"] == "olivia"
+            took = time.monotonic() - started
+            print(f"\nowner answered in {took:.2f} s; {holder.opened} connections opened")
+        assert site.alive()
+    finally:
+        site.stop()

@@ -11,8 +11,11 @@ server could accept no one (slowloris). Here, each connection of the datasite:
   below, not in asyncio's server, which would hand the connection over only once it is done
   (a TLS slowloris, 600 partial ClientHellos, had locked the owner out for 60 s, asyncio's
   handshake timeout, at 512 descriptors);
-- must complete a request's headers within ``header_timeout_s`` of connecting (its TLS
-  handshake included), or of its first byte after a response; otherwise it is closed;
+- must complete a request, its headers and its body, within ``header_timeout_s`` of
+  connecting (its TLS handshake included), or of its first byte after a response;
+  otherwise it is closed (a request counts as in progress only once all of it is in: a
+  body sent slowly, by a token holder from many addresses, had held connections that were
+  never closed and filled the bound in all);
 - counts against ``per_address`` open connections from its address and ``total`` in all;
   past either, the oldest connection that has no request in progress (of that address, or
   of the address with the most open connections) is closed for the newcomer. A client with
@@ -41,6 +44,7 @@ uvicorn()  # a clear error naming the extra when it is missing
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
 __all__ = [
+    "BACKLOG",
     "HEADER_TIMEOUT_S",
     "PER_ADDRESS",
     "TOTAL",
@@ -52,9 +56,15 @@ __all__ = [
 HEADER_TIMEOUT_S = 10.0
 PER_ADDRESS = 64
 TOTAL = 1024
+# The server's listen backlog. asyncio accepts up to this many connections in one pass
+# before any of them is counted here, so they must fit in the reserve below: with uvicorn's
+# 2,048, a burst of 600 accepted at once ran the server out of descriptors at a 512 limit
+# (asyncio then stops accepting for a second at a time), and the owner waited ~10 s.
+BACKLOG = 128
 # Descriptors kept for everything but client connections (the database, the listener, a
-# request's files and sandbox pipes): a quarter of the limit, at least this many.
-RESERVED_FDS = 64
+# request's files and sandbox pipes, and a backlog's burst): a quarter of the limit, at
+# least this many.
+RESERVED_FDS = BACKLOG + 64
 
 log = logging.getLogger("shoal.datasite")
 
@@ -161,7 +171,14 @@ class GuardedH11Protocol(H11Protocol):
     # -- helpers ---------------------------------------------------------------------------
 
     def _busy(self) -> bool:
-        return self._started and self.cycle is not None and not self.cycle.response_complete
+        """A request is in, all of it, and its response is not complete."""
+        cycle = self.cycle
+        return (
+            self._started
+            and cycle is not None
+            and not cycle.more_body
+            and not cycle.response_complete
+        )
 
     def _arm(self) -> None:
         if self._deadline is None:

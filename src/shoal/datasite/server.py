@@ -380,12 +380,18 @@ def serve(
     service = Service(state, limits=limits)
     app = create_app(service)
     uv = uvicorn()
-    from shoal.datasite.guard import guarded
+    from shoal.datasite.guard import BACKLOG, guarded
 
     # h11 with deadlines for the TLS handshake and request headers, and bounds on idle
     # connections; it does TLS itself, so uvicorn is given no certificate (guard.py)
     config = uv.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, http=guarded(tls)
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http=guarded(tls),
+        backlog=BACKLOG,  # asyncio accepts up to this many at once: within the guard's reserve
     )
     server = uv.Server(config)
     try:
