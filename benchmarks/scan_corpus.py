@@ -543,6 +543,26 @@ def benign(root: Path) -> list[Path]:
     except ImportError:
         pass  # without h5py an HDF5 file cannot be verified, so it is not a fair benign sample
     made += _benign_torch(root)
+    made += zero_weights(root)
+    return made
+
+
+def zero_weights(root: Path) -> list[Path]:
+    """A 32 MiB all-zero weight as libraries save it compressed: 1,000:1 (deflate) to over
+    90,000:1 (bz2), past max_ratio, yet a real model file (a freshly initialised bias, a
+    pruned layer) that must not be flagged."""
+    import joblib
+    import numpy as np
+
+    w = np.zeros(8 << 20, dtype=np.float32)
+    made = []
+    for codec in ("zlib", "bz2", "xz"):
+        p = root / f"zeros_{codec}.joblib"
+        joblib.dump({"w": w}, p, compress=(codec, 3))
+        made.append(p)
+    p = root / "zeros_compressed.npz"
+    np.savez_compressed(p, w=w)
+    made.append(p)
     return made
 
 

@@ -81,9 +81,8 @@ def test_limits_from_the_command_line(tmp_path, capsys):
     import bz2
 
     bomb = tmp_path / "bomb.pkl.bz2"
-    bomb.write_bytes(
-        bz2.compress(b"\x80\x04\x8e" + (32 << 20).to_bytes(8, "little") + bytes(32 << 20) + b".")
-    )
+    frames = b"\x95" + bytes(8)  # 32 MiB of empty FRAME opcodes
+    bomb.write_bytes(bz2.compress(b"\x80\x04" + frames * ((32 << 20) // 9) + b"N."))
     assert main(["scan", "--format", "json", "--max-ratio", "10", str(bomb)]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert any("expands more than 10 times" in f["detail"] for f in doc["files"][0]["findings"])

@@ -115,18 +115,51 @@ def _bz2_bomb(mb: int) -> bytes:
     return b"".join(out)
 
 
-def test_bz2_bomb_is_refused_by_ratio(tmp_path):
-    data = _bz2_bomb(256)
-    assert len(data) < 5_000  # 256 MiB of pickle in a few kilobytes
-    out, peak = peak_bytes(lambda: scan_bytes(data))
+def _frame_bomb(mb: int) -> bytes:
+    """``mb`` MiB of empty FRAME opcodes (the fastest for the scanner to read): bytes read as
+    opcodes, not as raw data. One bz2 stream per MiB, concatenated (bz2.BZ2File reads them all,
+    and so does the scanner), so the test need not compress 256 MiB."""
+    frames = b"\x95" + bytes(8)
+    block = bz2.compress(frames * ((1 << 20) // len(frames)))
+    return bz2.compress(b"\x80\x04") + block * mb + bz2.compress(b"N.")
+
+
+def test_an_opcode_bomb_is_refused_by_ratio(tmp_path):
+    data = _frame_bomb(256)
+    assert len(data) < 30_000  # 256 MiB of opcodes in a few kilobytes
+    out = scan_bytes(data)  # (not under tracemalloc: tracing the opcode loop's ints takes minutes)
     details = limit_details(out)
     assert out.severity == Severity.MEDIUM
     assert any("expands more than 1000 times" in d for d in details), details
-    assert peak < 64 << 20
     path = tmp_path / "bomb.pkl.bz2"
     path.write_bytes(data)
     with pytest.raises(UnsafeModelError, match="expands more than 1000 times"):
         load(path)
+
+
+def test_raw_data_is_judged_by_ratio_only_past_ratio_after_bytes(tmp_path):
+    """Raw data (a long BINBYTES here, array data in a model) compresses as well as the file
+    wants: an all-zero weight is 1,000:1 in deflate and 1,000,000:1 in bz2. Its ratio counts
+    once the stream has made ScanLimits.ratio_after_bytes (256 MiB) in all; the scan reads it
+    without keeping it."""
+    data = _bz2_bomb(250)
+    assert len(data) < 5_000
+    assert ScanLimits().ratio_after_bytes == 256 << 20
+    out, peak = peak_bytes(lambda: scan_bytes(data))
+    assert out.severity < Severity.MEDIUM, out.findings
+    assert peak < 64 << 20
+    limits = ScanLimits(ratio_after_bytes=64 << 20)
+    details = limit_details(scan_bytes(data, limits=limits))
+    assert any("expands more than 1000 times" in d for d in details), details
+    path = tmp_path / "zeros.pkl.bz2"
+    path.write_bytes(data)
+    with pytest.raises(UnsafeModelError, match="expands more than 1000 times"):
+        load(path, limits=limits)
+    assert any(
+        "expands more than 1000 times" in d for d in limit_details(scan_bytes(_bz2_bomb(257)))
+    )
+    with pytest.raises(UnsafeModelError, match="expands past 128 MiB"):
+        load(path, limits=ScanLimits(max_total_bytes=128 << 20))
 
 
 def test_decompressed_size_limit():
@@ -268,3 +301,58 @@ def test_the_plain_reading_copies_shared_values_once(tmp_path):
     wrapper = P.sglob("joblib.numpy_pickle", "NumpyArrayWrapper") + b")\x81"
     data = b"\x80\x04" + P.shared_tuple(40) + wrapper + P.shared_tuple(40) + b"b."
     assert _scan_in_subprocess(tmp_path, data) == "medium"  # the header is not a joblib one
+
+
+# --- all-zero weights: benign files that compress past max_ratio --------------------------------
+
+
+def _zero_files(tmp_path: Path) -> dict[str, Path]:
+    """A 32 MiB all-zero float32 weight as real libraries save it, compressed."""
+    import gzip
+
+    import joblib
+    import numpy as np
+
+    w = np.zeros(8 << 20, dtype=np.float32)
+    out = {}
+    for comp in (("zlib", 6), ("gzip", 6), ("bz2", 3), ("xz", 3), ("lzma", 3)):
+        out[f"joblib_{comp[0]}"] = tmp_path / f"zeros_{comp[0]}.joblib"
+        joblib.dump({"w": w}, out[f"joblib_{comp[0]}"], compress=comp)
+    out["npz_deflated"] = tmp_path / "zeros.npz"
+    np.savez_compressed(out["npz_deflated"], w=w)
+    out["pickle_gzip"] = tmp_path / "zeros.pkl.gz"
+    out["pickle_gzip"].write_bytes(gzip.compress(pickle.dumps({"w": w}, protocol=4)))
+    return out
+
+
+def test_all_zero_weights_are_not_flagged(tmp_path):
+    import numpy as np
+
+    for name, path in _zero_files(tmp_path).items():
+        report = scan_file(path)
+        assert report.severity < Severity.MEDIUM, (name, report.findings)
+        value = load(path)
+        w = value["w"]
+        assert w.shape == (8 << 20,) and w.dtype == np.float32 and not w.any(), name
+
+
+def test_raw_data_read_again_as_opcodes_counts_for_the_ratio():
+    """pickle.load's reading of a compressed joblib file reads the array data as opcodes, from
+    the copy the scanner keeps (max_plain_reading_bytes): those bytes count as read, not as raw
+    data, once they are read so. 24 MiB of FRAME opcodes as a joblib array, in a 1.5 KB bz2
+    file (one stream per MiB, which bz2.BZ2File reads on): refused by the ratio, not read for
+    free (a slower opcode than FRAME costs ~1 us a byte)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import payloads as P
+
+    frames = (b"\x95" + bytes(8)) * ((1 << 20) // 9)
+    size = 24 * len(frames)
+    pairs = P.su("subclass") + P.sglob("numpy", "ndarray") + P.su("shape")
+    pairs += b"J" + struct.pack("<i", size) + b"\x85" + P.su("order") + P.su("C")
+    pairs += P.su("dtype") + P._dtype("u1")
+    wrapper = P.sglob("joblib.numpy_pickle", "NumpyArrayWrapper") + b")\x81}(" + pairs + b"ub"
+    data = bz2.compress(b"\x80\x04" + wrapper) + bz2.compress(frames) * 24 + bz2.compress(b"N.")
+    assert len(data) < 5_000
+    report = scan_bytes(data)
+    assert report.severity == Severity.MEDIUM, report.findings
+    assert any("expands more than 1000 times" in d for d in limit_details(report)), report.findings

@@ -177,7 +177,9 @@ def _open_stream(path: str, codec: str | None, limits: ScanLimits) -> IO[bytes]:
         codec="zlib" if codec == "zfile" else codec,
         limit=limits.max_member_bytes,
         owns_base=True,
-        budget=StreamBudget(limits.max_total_bytes, ratio=limits.max_ratio),
+        budget=StreamBudget(
+            limits.max_total_bytes, ratio=limits.max_ratio, ratio_after=limits.ratio_after_bytes
+        ),
     )
     return stream
 
@@ -298,7 +300,9 @@ def _read_npy(fh: IO[bytes], limits: ScanLimits, budget: Budget | None = None) -
 def _read_npz(path: str, limits: ScanLimits) -> dict[str, Any]:
     out: dict[str, Any] = {}
     budget = Budget(limits)
-    stream_budget = StreamBudget(limits.max_total_bytes, ratio=limits.max_ratio)
+    stream_budget = StreamBudget(
+        limits.max_total_bytes, ratio=limits.max_ratio, ratio_after=limits.ratio_after_bytes
+    )
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         infos = zf.infolist()
         if len(infos) > limits.max_members:

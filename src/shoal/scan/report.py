@@ -98,7 +98,10 @@ class ScanLimits:
     max_header_bytes: int = 100_000_000  # safetensors / npy / keras JSON headers
     max_findings: int = 500  # per file, after de-duplication
     max_total_bytes: int = 4 * 2**30  # decompressed bytes across all streams of one file
-    max_ratio: int = 1000  # decompressed / compressed bytes, once past 16 MiB of output
+    # decompressed / compressed bytes of a stream, once it made 16 MiB of bytes read as opcodes,
+    # headers or records, or ratio_after_bytes in all (raw array data included)
+    max_ratio: int = 1000
+    ratio_after_bytes: int = 256 << 20
     max_pickle_ops: int = 200_000_000  # opcodes analysed in one pickle stream
     max_memo: int = 1 << 22  # memo entries, and the largest memo index
     max_container_items: int = 20_000_000  # items in all tuples, lists, dicts and sets

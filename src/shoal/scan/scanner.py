@@ -165,7 +165,9 @@ class _Scanner:
     def __init__(self, *, sink: Sink, limits: ScanLimits) -> None:
         self.sink = sink
         self.limits = limits
-        self.budget = Budget(limits.max_total_bytes, ratio=limits.max_ratio)
+        self.budget = Budget(
+            limits.max_total_bytes, ratio=limits.max_ratio, ratio_after=limits.ratio_after_bytes
+        )
         self._spools: list[IO[bytes]] = []
 
     def close(self) -> None:

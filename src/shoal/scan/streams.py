@@ -139,12 +139,16 @@ class Slice(io.RawIOBase):
 
 class Budget:
     """Bytes that all decompressed streams of one file may still produce, and the largest
-    expansion ratio a stream may reach once it has produced 16 MiB."""
+    expansion ratio a stream may reach: judged once it has produced 16 MiB of bytes read as
+    opcodes, headers or records, or ``ratio_after`` bytes in all (raw data included)."""
 
-    def __init__(self, total: int, *, ratio: int | None = None) -> None:
+    def __init__(
+        self, total: int, *, ratio: int | None = None, ratio_after: int = 256 << 20
+    ) -> None:
         self.total = total
         self.left = total
         self.ratio = ratio
+        self.ratio_after = ratio_after
 
     def spend(self, n: int) -> None:
         self.left -= n
@@ -162,6 +166,8 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
+# Read as opcodes, headers or records, 16 MiB cost seconds of Python (raw data only
+# decompression): past this the ratio counts for them, past Budget.ratio_after for all bytes.
 _RATIO_FLOOR = 16 << 20
 
 
@@ -185,6 +191,7 @@ class Decompressed(io.RawIOBase):
         self._limit = limit
         self._out = 0
         self._in = 0
+        self._data = 0  # bytes of _out the reader took as raw data (see count_data)
         self._buf = b""
         self._eof = False
         self._dec: Any = self._new_decompressor()
@@ -204,6 +211,31 @@ class Decompressed(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def count_data(self, n: int) -> None:
+        """The reader takes (or, negative, did not take) ``n`` bytes as raw data: skipped or
+        copied as one block (array and tensor data, long bytes and strings). Raw data is
+        bounded by the total only until ``Budget.ratio_after``: an all-zero weight compresses
+        1,000:1 in deflate and 1,000,000:1 in bz2, and is what a real model file may hold.
+        Raw data read again as opcodes (pickle.load's reading of joblib array data, replayed
+        from memory) is taken back, negative, and counts from then on."""
+        self._data = max(0, self._data + n)
+        if n < 0:
+            self._check_ratio()
+
+    def _check_ratio(self) -> None:
+        budget = self._budget
+        if budget is None or budget.ratio is None:
+            return
+        out = self._out
+        if out < budget.ratio_after:
+            out -= self._data  # raw data counts only past ratio_after
+        if out > _RATIO_FLOOR and out > budget.ratio * self._in:
+            raise LimitExceeded(
+                f"refused: {self._codec} data expands more than {budget.ratio} times "
+                "(ScanLimits.max_ratio; raw array data counts once a stream passes "
+                f"{size_text(budget.ratio_after)}, ScanLimits.ratio_after_bytes)"
+            )
 
     def close(self) -> None:
         if self._owns_base and not self.closed:
@@ -259,12 +291,7 @@ class Decompressed(io.RawIOBase):
             self._out += len(self._buf)
             if self._budget is not None:
                 self._budget.spend(len(self._buf))
-                ratio = self._budget.ratio
-                if ratio is not None and self._out > _RATIO_FLOOR and self._out > ratio * self._in:
-                    raise LimitExceeded(
-                        f"refused: {self._codec} data expands more than {ratio} times "
-                        "(ScanLimits.max_ratio)"
-                    )
+                self._check_ratio()
             if self._out > self._limit:
                 raise LimitExceeded(
                     f"refused: a {self._codec} stream expands past {size_text(self._limit)} "
@@ -290,6 +317,12 @@ class Decompressed(io.RawIOBase):
         return len(data)
 
 
+def _count_data(base: object, n: int) -> None:
+    count = getattr(base, "count_data", None)
+    if count is not None:
+        count(n)
+
+
 class _Prefixed:
     def __init__(self, *, prefix: bytes, base: Source) -> None:
         self._prefix = prefix
@@ -299,6 +332,9 @@ class _Prefixed:
         close = getattr(self._base, "close", None)
         if close is not None:
             close()
+
+    def count_data(self, n: int) -> None:
+        _count_data(self._base, n)
 
     def read(self, n: int = -1, /) -> bytes:
         if self._prefix:
@@ -387,7 +423,7 @@ class ByteReader:
         self._buf = b""
         self._i = 0
         while len(out) < n:
-            chunk = self._base.read(min(n - len(out), 1 << 24))
+            chunk = self._data_read(min(n - len(out), 1 << 24))
             if not chunk:
                 break
             out += chunk
@@ -430,12 +466,19 @@ class ByteReader:
             return buf, got
         acc = bytearray(head)
         while len(acc) < n:
-            chunk = base.read(min(n - len(acc), 1 << 24))
+            chunk = self._data_read(min(n - len(acc), 1 << 24))
             if not chunk:
                 break
             acc += chunk
         self._origin += len(acc) - len(head)
         return acc, len(acc)
+
+    def _data_read(self, n: int) -> bytes:
+        """Read up to ``n`` bytes of raw data (see ``Decompressed.count_data``)."""
+        _count_data(self._base, n)
+        chunk = self._base.read(n)
+        _count_data(self._base, len(chunk) - n)
+        return chunk
 
     def skip(self, n: int) -> int:
         """Advance ``n`` bytes without keeping them; returns how many were really skipped."""
@@ -457,7 +500,7 @@ class ByteReader:
             self._origin += step
             return done + step
         while left > 0:
-            chunk = self._base.read(min(left, 1 << 20))
+            chunk = self._data_read(min(left, 1 << 20))
             if not chunk:
                 break
             left -= len(chunk)
@@ -504,8 +547,8 @@ class ByteReader:
 
         def replay() -> tuple[ByteReader, bool]:
             tee.active = False
-            recorded = ByteReader(io.BytesIO(b"".join(tee.parts)), origin=pos)
-            return recorded, tee.truncated
+            recorded = _Reread(data=b"".join(tee.parts), owner=tee.base)
+            return ByteReader(recorded, origin=pos), tee.truncated
 
         return replay
 
@@ -521,6 +564,20 @@ class ByteReader:
         return _Prefixed(prefix=rest, base=self._base)
 
 
+class _Reread(io.BytesIO):
+    """Bytes kept from a stream, read again as opcodes: the stream they came from counts them
+    as read (not raw data) as they go, so its ratio bounds this reading too."""
+
+    def __init__(self, *, data: bytes, owner: Source) -> None:
+        super().__init__(data)
+        self._owner = owner
+
+    def read(self, n: int | None = -1, /) -> bytes:
+        chunk = super().read(n)
+        _count_data(self._owner, -len(chunk))
+        return chunk
+
+
 class _Tee:
     """A forward-only stream that keeps a copy of the first ``limit`` bytes read through it."""
 
@@ -531,6 +588,9 @@ class _Tee:
         self.limit = limit
         self.active = True
         self.truncated = len(head) > limit
+
+    def count_data(self, n: int) -> None:
+        _count_data(self.base, n)
 
     def read(self, n: int = -1, /) -> bytes:
         data = self.base.read(n)

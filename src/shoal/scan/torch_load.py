@@ -192,7 +192,9 @@ def _vm(reader: ByteReader, limits: ScanLimits, budget: Budget, persistent: Any)
 def load_torch_zip(path: str, limits: ScanLimits) -> Any:
     torch = _torch()
     budget = Budget(limits)
-    stream_budget = StreamBudget(limits.max_total_bytes, ratio=limits.max_ratio)
+    stream_budget = StreamBudget(
+        limits.max_total_bytes, ratio=limits.max_ratio, ratio_after=limits.ratio_after_bytes
+    )
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         infos = {i.filename: i for i in zf.infolist()}
         # torch's reader matches names ignoring ASCII case: two candidates are two readings
