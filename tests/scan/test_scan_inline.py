@@ -85,12 +85,25 @@ def _render(v: Any, depth: int = 0) -> Any:
 
 
 def _analysis(data: bytes, limits: ScanLimits) -> Any:
-    """Symbolic result, opcode count, stop position, memo and findings of the first pickle."""
+    """Symbolic result, opcode count, stop position, memo and findings of the first pickle (the
+    memo as STOP finds it: STOP then drops it, to measure the value's depth)."""
     sink = pickle_scan.Sink(limit=100)
-    a, value, error = pickle_scan._analyze_one(
-        ByteReader(io.BytesIO(data)), sink, limits=limits, torch=False
-    )
-    memo = sorted((k, _render(v)) for k, v in a.memo.items())
+    seen: list[Any] = []
+    stop = pickle_scan._HANDLERS[ord(".")]
+    assert stop is not None
+
+    def record(a: Any) -> Any:
+        seen.append(sorted((k, _render(v)) for k, v in a.memo.items()))
+        return stop(a)
+
+    pickle_scan._HANDLERS[ord(".")] = record
+    try:
+        a, value, error = pickle_scan._analyze_one(
+            ByteReader(io.BytesIO(data)), sink, limits=limits, torch=False
+        )
+    finally:
+        pickle_scan._HANDLERS[ord(".")] = stop
+    memo = seen[-1] if seen else sorted((k, _render(v)) for k, v in a.memo.items())
     return _render(value), error, a.ops, a.r.pos, memo, sink.items()
 
 
@@ -137,3 +150,36 @@ def test_same_report_for_damaged_pickles_and_small_limits(
 def test_same_report_for_bypasses(monkeypatch, name):
     data = BYPASSES[name][0]
     _both(lambda: scan_bytes(data), monkeypatch)
+
+
+_RARE = [
+    b"N0",
+    b"20",
+    b"(1",
+    b"\x8f0",
+    b"(l0",
+    b"(d0",
+    b"(\x910",
+    b"\x80\x04",
+    b"U\x01a0",
+    b"(N\x91",
+]
+
+
+@_SETTINGS
+@given(
+    parts=st.lists(st.sampled_from(_RARE), max_size=60),
+    edits=st.lists(st.tuples(st.integers(0, 1_000), st.integers(0, 255)), max_size=3),
+    stack=st.integers(1, 20),
+)
+def test_same_report_for_stack_opcodes(monkeypatch, parts, edits, stack):
+    """POP, DUP, POP_MARK, EMPTY_SET, FROZENSET, LIST, DICT, ADDITEMS, PROTO and
+    SHORT_BINSTRING, inlined so that a file repeating them costs no trip through the handlers."""
+    raw = bytearray(b"\x80\x04N\x8f(N" + b"".join(parts) + b"\x90N.")
+    for pos, byte in edits:
+        raw[pos % len(raw)] = byte
+    data = bytes(raw)
+    limits = ScanLimits(max_pickle_stack=stack)
+    _both(lambda: scan_bytes(data), monkeypatch)
+    _both(lambda: _analysis(data, ScanLimits()), monkeypatch)
+    _both(lambda: _analysis(data, limits), monkeypatch)

@@ -217,6 +217,17 @@ def test_limits_are_validated():
         ScanLimits(max_memo=0)
 
 
+def test_every_limit_is_documented_with_its_default():
+    """docs/scan.md's limits table has a row for every ScanLimits field (no hidden bound)."""
+    import dataclasses
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "scan.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", doc, flags=re.M))
+    for field in dataclasses.fields(ScanLimits):
+        assert field.name in rows, f"ScanLimits.{field.name} is not in docs/scan.md's table"
+
+
 def test_load_honours_limits(tmp_path):
     path = tmp_path / "l.pkl"
     path.write_bytes(pickle.dumps(list(range(1000))))

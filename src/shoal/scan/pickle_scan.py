@@ -511,13 +511,14 @@ class _Analyzer:
             _U2.unpack_from,
             _F8.unpack_from,
         )
-        List, Dict, keep_max = _List, _Dict, _CONTAINER_KEEP
+        List, Dict, Opaque, keep_max = _List, _Dict, _Opaque, _CONTAINER_KEEP
         missing = _MISSING
         while True:
             buf, i = r.window()
             n = len(buf)
             # Every opcode is at least one byte, so this also keeps within the opcode limit.
-            stop = min(n, i + max(0, max_ops - self.ops)) if _INLINE else i
+            left = max_ops - self.ops
+            stop = (n if left >= n - i else i + left) if _INLINE and left > 0 else i
             stack = self.stack
             ops = 0
             while i < stop:
@@ -709,17 +710,82 @@ class _Analyzer:
                     if i + 9 > n:
                         break
                     i += 9
+                # Rare in real files, but cheap: inline so that a file repeating them costs
+                # what their work costs, not a trip through the handlers.
+                elif code == 0x30:  # POP (of an item; of a MARK: the handler)
+                    if not stack:
+                        break
+                    stack.pop()
+                    i += 1
+                elif code == 0x32:  # DUP
+                    if not stack or len(stack) >= max_stack:
+                        break
+                    stack.append(stack[-1])
+                    i += 1
+                elif code == 0x31:  # POP_MARK
+                    if not metastack:
+                        break
+                    stack = metastack.pop()
+                    i += 1
+                elif code == 0x8F:  # EMPTY_SET
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(Opaque("set"))
+                    i += 1
+                elif code == 0x91 or code == 0x6C or code == 0x64:  # FROZENSET, LIST, DICT
+                    if not metastack or len(metastack[-1]) >= max_stack:
+                        break
+                    if code == 0x64 and len(stack) % 2:
+                        break
+                    items = stack
+                    stack = metastack.pop()
+                    if code == 0x91:
+                        stack.append(Opaque("frozenset"))
+                    elif code == 0x6C:
+                        lst = List()
+                        if items:
+                            self._extend(lst, items)
+                        stack.append(lst)
+                    else:
+                        d = Dict()
+                        if items:
+                            self._set_items(d, items)
+                        stack.append(d)
+                    i += 1
+                elif code == 0x90:  # ADDITEMS into a set
+                    if not metastack or not metastack[-1] or type(metastack[-1][-1]) is not Opaque:
+                        break
+                    stack = metastack.pop()
+                    i += 1
+                elif code == 0x80:  # PROTO, after the first opcode (the handler notes that one)
+                    if i + 1 >= n or buf[i + 1] > 5 or self.ops + ops == 0:
+                        break
+                    self.proto = buf[i + 1]
+                    i += 2
+                elif code == 0x55:  # SHORT_BINSTRING
+                    if i + 1 >= n or len(stack) >= max_stack:
+                        break
+                    end = i + 2 + buf[i + 1]
+                    if end > n:
+                        break
+                    stack.append(buf[i + 2 : end].decode("latin-1"))
+                    i = end
                 else:
                     break
                 ops += 1
             self.stack = stack
             self.ops += ops
-            r.consumed_to(i)
-            # One opcode the slow way.
-            self.pos = r.pos
-            code = r.byte()
-            if code < 0:
-                raise _Malformed("pickle ends without STOP")
+            # One opcode the slow way: read from the buffer when it is there.
+            if i < n:
+                code = buf[i]
+                r.consumed_to(i + 1)
+                self.pos = r.pos - 1
+            else:
+                r.consumed_to(i)
+                self.pos = r.pos
+                code = r.byte()
+                if code < 0:
+                    raise _Malformed("pickle ends without STOP")
             handler = handlers[code]
             if handler is None:
                 raise _Malformed(f"invalid opcode 0x{code:02x}")
