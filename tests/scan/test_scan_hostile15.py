@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from shoal.errors import UnsafeModelError
-from shoal.scan import ScanLimits, Severity, load, scan_file
+from shoal.scan import ScanLimits, Severity, load, loads, scan_file
 
 P4 = b"\x80\x04"
 
@@ -54,6 +54,37 @@ def _load_in_subprocess(tmp_path: Path, data: bytes, max_seconds: float, timeout
         pytest.fail(f"the load ran past {timeout} s with a {max_seconds} s time budget")
     assert done.returncode == 0, f"the loader crashed ({done.returncode}): {done.stderr[-500:]}"
     return done.stdout
+
+
+# --- text that costs more memory than its bytes ------------------------------------------------
+
+
+def test_text_that_widens_in_memory_is_charged():
+    # 8 MiB of ASCII and one astral character: 8 MiB of UTF-8, a 32 MiB str (4 bytes a
+    # character); 4 such strings in a list are 128 MiB of objects from 32 MiB of file
+    text = ("a" * (8 << 20) + "\U0001f600").encode()
+    one = b"\x8d" + struct.pack("<Q", len(text)) + text  # BINUNICODE8
+    data = P4 + b"(" + one * 4 + b"l."
+    limits = ScanLimits(max_object_bytes=64 << 20)
+    with pytest.raises(UnsafeModelError, match="max_object_bytes"):
+        loads(data, limits=limits)
+
+
+def test_protocol_0_text_that_widens_in_memory_is_charged():
+    # UNICODE's raw-unicode-escape line: 1 MiB of ASCII and one escaped astral character
+    line = b"V" + b"a" * ((1 << 20) - 16) + b"\\U0001f600\n"
+    data = b"(" + line * 16 + b"l."
+    with pytest.raises(UnsafeModelError, match="max_object_bytes"):
+        loads(data, limits=ScanLimits(max_object_bytes=32 << 20))
+
+
+def test_plain_text_is_not_charged_twice():
+    import pickle
+
+    value = ["a" * (1 << 20), "\u00e9" * (1 << 19), b"x" * (1 << 20)]
+    assert loads(pickle.dumps(value, protocol=4), limits=ScanLimits(max_object_bytes=1 << 20)) == (
+        value
+    )
 
 
 # --- zip members compressed with LZMA (method 14) -----------------------------------------------

@@ -25,6 +25,7 @@ import collections
 import functools
 import itertools
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +49,7 @@ _LIST_SLOT, _DICT_SLOT, _SET_SLOT = 8, 48, 64
 _EMPTY = {list: 56, dict: 64, set: 216, "ordered": 128}
 _TUPLE = 40
 _OP_BYTES = 48
+_STR_HEADER = 80  # at or above sys.getsizeof('') of every str kind
 
 
 def refuse(what: str) -> UnsafeModelError:
@@ -553,7 +555,9 @@ class Unpickler:
         self.push(self._literal(b"S"))
 
     def op_UNICODE(self) -> None:
-        self.push(self._literal(b"V"))
+        text = self._literal(b"V")
+        self._widened(text, len(text))  # its line held at least a byte per character
+        self.push(text)
 
     def op_BININT(self) -> None:
         self.push(self._u(_I4))
@@ -587,9 +591,19 @@ class Unpickler:
 
     def _text(self, n: int) -> str:
         try:
-            return self.blob(n).decode("utf-8", "surrogatepass")
+            text = self.blob(n).decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             raise refuse("a string that is not valid UTF-8") from None
+        self._widened(text, n)
+        return text
+
+    def _widened(self, text: str, n: int) -> None:
+        """Charge what a str takes beyond the ``n`` bytes read for it: CPython stores every
+        character of a str in the width of its widest, so ASCII text with one astral character
+        takes 4 bytes a character (a 256 MiB bz2 string of 234 bytes was a 1 GiB str)."""
+        extra = sys.getsizeof(text) - n - _STR_HEADER
+        if extra > 0:
+            self.budget.add_objects(extra)
 
     def _py2str(self, n: int) -> str:
         # pickle.load's default encoding for protocol 0-2 str is ASCII, strict
