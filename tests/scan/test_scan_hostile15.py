@@ -56,6 +56,50 @@ def _load_in_subprocess(tmp_path: Path, data: bytes, max_seconds: float, timeout
     return done.stdout
 
 
+# --- keys whose hashing is slow per value: big ints inside tuple keys ---------------------------
+
+
+def _big_int_keys(int_bytes: int, width: int, keys: int) -> bytes:
+    """A set of ``keys`` tuples ``(T, i)``, where T holds one ``int_bytes``-byte integer
+    ``width`` times (through the memo): each key is a few bytes of pickle, and Python hashes
+    the integer ``width`` times per hash of the key (tuple hashes are not cached, int hashes
+    are linear in their size). All keys go into one ADDITEMS, one opcode: the interpreter's
+    time checks run between opcodes."""
+    out = bytearray(P4 + _long4(int_bytes) + b"\x94")  # memo 0: the integer
+    out += b"(" + b"h\x00" * width + b"t\x94"  # memo 1: T
+    out += b"\x8f("  # EMPTY_SET, MARK
+    for i in range(keys):
+        out += b"h\x01J" + struct.pack("<i", i) + b"\x86"  # BINGET 1, BININT i, TUPLE2
+    out += b"\x90."  # ADDITEMS, STOP
+    return bytes(out)
+
+
+def test_keys_whose_hashing_is_slow_are_bounded_in_time(tmp_path):
+    # hash() of a 1 MiB int takes ~1.8 ms: each key here costs ~0.2 s to hash, twice (the
+    # collision count, then the set), so 300 keys (a 1 MiB pickle) were ~2 minutes in one opcode
+    data = _big_int_keys(1 << 20, 100, 300)
+    out = _load_in_subprocess(tmp_path, data, max_seconds=2, timeout=60)
+    assert out.startswith("REFUSED") and "max_container_items" in out, out
+
+
+def test_one_big_int_in_many_sets_is_bounded_in_time(tmp_path):
+    # 60 copies of one 1 MiB int per set (under the per-set collision bound of 64), in many
+    # sets: each set costs ~0.2 s of hashing in 64 opcodes, 64 sets between two time checks
+    # (~14 s with a 2 s budget)
+    one = b"\x8f(" + b"h\x00" * 60 + b"\x90a"  # EMPTY_SET, MARK, 60 x BINGET 0, ADDITEMS, APPEND
+    data = P4 + _long4(1 << 20) + b"\x94]" + one * 2000 + b"."  # the sets kept in a list
+    out = _load_in_subprocess(tmp_path, data, max_seconds=2, timeout=60)
+    # refused by the count of hashing work, before the time check between opcodes came
+    assert out.startswith("REFUSED") and "max_container_items" in out, out
+
+
+def test_a_tuple_key_holding_a_modest_int_still_loads():
+    value = {(10**300, 1): "a", (10**300, 2): "b", frozenset({(2**4000, "x")}): [1]}
+    import pickle
+
+    assert loads(pickle.dumps(value, protocol=4)) == value
+
+
 # --- text that costs more memory than its bytes ------------------------------------------------
 
 

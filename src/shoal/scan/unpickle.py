@@ -107,6 +107,8 @@ class Budget:
         walked = []
         for key in keys:
             walked.append(key)
+            if type(key) is int:
+                self._hash_cost(key)
             if type(key) is not tuple:
                 continue
             todo = [(key, 0)]
@@ -115,14 +117,30 @@ class Budget:
                 self.hashed += 1
                 if depth > _KEY_DEPTH:
                     raise refuse(f"a dict or set key nested more than {_KEY_DEPTH} deep")
-                if self.hashed > self.limits.max_container_items:
-                    raise refuse(
-                        f"dict and set keys holding more than {self.limits.max_container_items} "
-                        "values in all (ScanLimits.max_container_items)"
-                    )
                 if type(value) is tuple:
                     todo.extend((v, depth + 1) for v in value)
+                elif type(value) is int:
+                    self._hash_cost(value)
+                if self.hashed > self.limits.max_container_items:
+                    self._too_many_keys()
         self._count_hashes(walked, id(container) if container is not None else object())
+
+    def _hash_cost(self, value: int) -> None:
+        """An int's hash is not cached and takes time in its size (1.8 ms for a 1 MiB one):
+        a tuple key holding one such int many times through the memo, or one int put into many
+        sets, is bytes of pickle and seconds of hashing, all within one opcode where no time
+        check runs. Counted with the tuple values walked: one per 128 bytes of the int."""
+        cost = value.bit_length() >> 10
+        if cost:
+            self.hashed += cost
+            if self.hashed > self.limits.max_container_items:
+                self._too_many_keys()
+
+    def _too_many_keys(self) -> None:
+        raise refuse(
+            f"dict and set keys holding more than {self.limits.max_container_items} values in "
+            "all, long integers counted by size (ScanLimits.max_container_items)"
+        )
 
     def _count_hashes(self, keys: list[Any], container: object) -> None:
         seen = self.collisions
