@@ -165,3 +165,90 @@ def test_an_lzma_npz_member_still_loads(tmp_path):
     assert scan_file(path).severity < Severity.MEDIUM
     out = load(path)
     assert out["x"].dtype == arr.dtype and np.array_equal(out["x"], arr)
+
+
+# --- shoal's own objects and depth inside attributes -------------------------------------------
+
+GLOBAL_NDARRAY = b"\x8c\x05numpy\x8c\x07ndarray\x93"
+ORDERED = b"\x8c\x0bcollections\x8c\x0bOrderedDict\x93)R"  # OrderedDict()
+
+
+def _str(text: str) -> bytes:
+    raw = text.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        P4 + GLOBAL_NDARRAY + b".",  # the global itself as the value
+        P4 + b"]" + GLOBAL_NDARRAY + b"a.",  # inside a list
+        P4 + b"}" + GLOBAL_NDARRAY + b"K\x01s.",  # as a dict key
+    ],
+)
+def test_a_global_is_not_a_value(data):
+    # pickle.load would return the class numpy.ndarray; shoal returned its own reconstructor
+    # object (with the shoal functions it stands for): only plain values, arrays and tensors
+    # come back from a load
+    with pytest.raises(UnsafeModelError, match=r"numpy\.ndarray as a value"):
+        loads(data)
+
+
+def _ordered_with_metadata(inner: bytes) -> bytes:
+    # OrderedDict() with BUILD {"_metadata": {"k": {"x": <inner>}}}
+    meta = b"}" + _str("k") + b"}" + _str("x") + inner + b"ss"
+    return P4 + ORDERED + b"}" + _str("_metadata") + meta + b"sb."
+
+
+def test_depth_is_measured_inside_ordered_dict_metadata():
+    # _metadata is the one attribute a load keeps; the depth bound did not look inside it
+    deep = b"N" + b"\x85" * 100_000  # a tuple 100,000 deep
+    with pytest.raises(UnsafeModelError, match="max_value_depth"):
+        loads(_ordered_with_metadata(deep))
+
+
+def test_a_global_is_not_a_value_inside_ordered_dict_metadata():
+    with pytest.raises(UnsafeModelError, match=r"numpy\.ndarray as a value"):
+        loads(_ordered_with_metadata(GLOBAL_NDARRAY))
+
+
+def test_torch_metadata_still_loads():
+    import collections
+    import pickle
+
+    value = collections.OrderedDict(w=1.5)
+    value._metadata = {"": {"version": 1}, "fc": {"version": 2}}  # type: ignore[attr-defined]
+    out = loads(pickle.dumps(value, protocol=2))
+    assert out == value and out._metadata == value._metadata
+
+
+def _torch_zip(path: Path, data_pkl: bytes, storages: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", data_pkl)
+        zf.writestr("archive/byteorder", "little")
+        for key, raw in storages.items():
+            zf.writestr(f"archive/data/{key}", raw)
+        zf.writestr("archive/version", "3\n")
+
+
+def _float_storage_pid(key: str, numel: int) -> bytes:
+    # ('storage', torch.FloatStorage, key, 'cpu', numel), protocol 2
+    return (
+        b"(X\x07\x00\x00\x00storage"
+        + b"ctorch\nFloatStorage\n"
+        + b"X"
+        + struct.pack("<I", len(key))
+        + key.encode()
+        + b"X\x03\x00\x00\x00cpu"
+        + b"K"
+        + bytes([numel])
+        + b"tQ"
+    )
+
+
+def test_a_torch_storage_is_not_a_value(tmp_path):
+    pytest.importorskip("torch")
+    path = tmp_path / "storage.pt"
+    _torch_zip(path, b"\x80\x02" + _float_storage_pid("0", 1) + b".", {"0": b"\x00" * 4})
+    with pytest.raises(UnsafeModelError, match="as a value"):
+        load(path)

@@ -19,7 +19,7 @@ from shoal.scan.builders import empty_bytes
 from shoal.scan.report import ScanLimits
 from shoal.scan.streams import Budget as StreamBudget
 from shoal.scan.streams import ByteReader
-from shoal.scan.unpickle import Budget, Reconstructor, Unpickler, refuse
+from shoal.scan.unpickle import Budget, Reconstructor, Unpickler, internal, refuse
 
 __all__ = ["load_torch_legacy", "load_torch_zip"]
 
@@ -62,6 +62,9 @@ class _Storage:
         self.dtype = dtype
         self.numel = numel
         self.tensor = tensor
+
+
+internal(_Storage)  # a storage is an argument of torch's rebuilders, never a value returned
 
 
 def _ints(v: Any, what: str) -> tuple[int, ...]:

@@ -15,7 +15,8 @@ is refused by name. BUILD works only on objects shoal is building (an array or d
 its state, joblib's wrapper, an OrderedDict's ``_metadata``); SETITEM, APPEND and ADDITEMS only
 on dicts, lists and sets the interpreter made itself. Attribute names starting with ``_`` are
 refused (the one exception is ``_metadata`` on an OrderedDict, which is how torch state dicts
-carry their version numbers). Every limit of ``ScanLimits`` that applies is enforced and
+carry their version numbers). A global (or a torch storage) is only ever an argument: one
+left in the result is refused. Every limit of ``ScanLimits`` that applies is enforced and
 reported as ``UnsafeModelError("refused: ...")``.
 """
 
@@ -38,7 +39,7 @@ from shoal.scan.opcodes import F8, I4, U1, U2, U4, U8, dispatch_table, text_lite
 from shoal.scan.report import ScanLimits
 from shoal.scan.streams import ByteReader, check_time
 
-__all__ = ["Budget", "Reconstructor", "Unpickler", "refuse"]
+__all__ = ["INTERNAL", "Budget", "Reconstructor", "Unpickler", "internal", "refuse"]
 
 _LINE_LIMIT = 1 << 20
 _KEY_DEPTH = 100  # tuples within a dict or set key
@@ -370,6 +371,16 @@ def _table() -> dict[tuple[str, str], Reconstructor]:
 
 
 BUILTIN_GLOBALS: Mapping[tuple[str, str], Reconstructor] = _table()
+# shoal's stand-ins that arguments may hold but a load's result may not
+INTERNAL: list[type] = [Reconstructor]
+
+
+def internal(kind: type) -> None:
+    """Refuse values of ``kind`` in a load's result, as ``Reconstructor`` (torch's storages)."""
+    INTERNAL.append(kind)
+    _containers()[kind] = _not_a_value
+
+
 _BUILDERS: dict[str, Callable[[Unpickler, Pending, Any], Any]] = {
     "numpy array": _build_array,
     "numpy dtype": _build_dtype,
@@ -389,17 +400,31 @@ def _dict_items(d: Any) -> Any:
     return itertools.chain(d, d.values())
 
 
+def _ordered_items(d: Any) -> Any:
+    # _metadata is the one attribute a load keeps (torch state dicts): part of the value
+    return itertools.chain(d, d.values(), (getattr(d, "_metadata", None),))
+
+
 def _object_items(a: Any) -> Any:
     return a.flat if a.dtype.hasobject else None
 
 
+def _not_a_value(v: Any) -> Any:
+    # a global the file named, or a torch storage: pickle.load would return the class (or a
+    # storage object) itself; shoal's stand-ins for them must not leave the interpreter
+    raise refuse(f"{_kind(v)} as a value (a load returns only plain values, arrays, tensors)")
+
+
 @functools.cache
 def _containers() -> dict[type, Callable[[Any], Any]]:
+    """What the depth walk of a load's result descends into; the stand-ins in ``INTERNAL``
+    are refused when met."""
     import numpy as np  # not at import: shoal.scan loads without NumPy until an array comes
 
     kinds: dict[type, Callable[[Any], Any]] = {t: iter for t in (tuple, list, set, frozenset)}
-    kinds.update({dict: _dict_items, collections.OrderedDict: _dict_items})
+    kinds.update({dict: _dict_items, collections.OrderedDict: _ordered_items})
     kinds[np.ndarray] = _object_items
+    kinds.update({t: _not_a_value for t in INTERNAL})
     return kinds
 
 
