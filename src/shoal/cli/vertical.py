@@ -273,7 +273,7 @@ def _predict_serve(args: argparse.Namespace) -> int:
     try:
         with np.load(args.model, allow_pickle=False) as npz:
             weights, bias = npz["weights"], float(npz["bias"]) if "bias" in npz else 0.0
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, MemoryError) as exc:  # MemoryError: a header's size
         raise ConfigError(f"cannot read model {args.model}: {exc}") from None
     model = ServedModel(
         weights=weights,

@@ -408,6 +408,11 @@ def load_npz(
             f"{where} is not an .npz archive (a zip of arrays written by np.savez); for CSV "
             "files use load_csv"
         )
+    if magic.startswith(b"\x93NUMPY"):  # np.load would read it whole first (any size it says)
+        raise DataError(
+            f"{where} holds a single array, not an .npz archive; save features and labels "
+            f"together with np.savez(path, {x}=features, {y}=labels)"
+        )
     try:
         archive: Any = np.load(p, allow_pickle=False)
     except ValueError as exc:
@@ -465,9 +470,42 @@ def load_npz(
     )
 
 
+def _declared_bytes(archive: Any, key: str) -> tuple[int, int] | None:
+    """(bytes the member's .npy header declares, bytes the member holds), or None when it
+    is not an .npy member (np.load says why)."""
+    names = set(archive.zip.namelist())
+    name = key + ".npy" if key + ".npy" in names else key
+    if name not in names:
+        return None
+    info = archive.zip.getinfo(name)
+    fmt = np.lib.format
+    try:
+        with archive.zip.open(name) as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+            header = f.tell()
+    except ValueError:  # not an .npy header numpy reads so (3.0: UTF-8): np.load says why
+        return None
+    count = 1
+    for d in shape:
+        count *= d
+    return count * dtype.itemsize, info.file_size - header
+
+
 def _read_member(archive: Any, key: str, where: str) -> np.ndarray:
     try:
+        # np.load allocates the whole declared array before it reads a byte: a 200-byte
+        # member declaring 4 TiB raised MemoryError (a traceback from `shoal run`)
+        sizes = _declared_bytes(archive, key)
+        if sizes is not None and sizes[0] > sizes[1]:
+            raise DataError(
+                f"{where}: array {key!r} declares {sizes[0]:,} bytes of data but its member "
+                f"holds {sizes[1]:,}: the file is damaged or not written by np.save"
+            )
         arr: np.ndarray = archive[key]
+    except DataError:
+        raise
     except ValueError as exc:
         if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
             raise DataError(
@@ -478,4 +516,6 @@ def _read_member(archive: Any, key: str, where: str) -> np.ndarray:
         raise DataError(f"{where}: array {key!r} cannot be read ({exc})") from exc
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{where}: array {key!r} cannot be read ({exc})") from exc
+    except MemoryError:
+        raise DataError(f"{where}: array {key!r} does not fit in memory") from None
     return arr
