@@ -73,3 +73,41 @@ def test_predict_serve_model_declaring_terabytes_is_a_clear_error(tmp_path, caps
     )  # fmt: skip
     assert code != 0
     assert "cannot read model" in capsys.readouterr().err
+
+
+LONG = "x" * 300  # longer than a file name may be (ENAMETOOLONG): pathlib raises, not answers
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".npz"])
+def test_a_data_path_too_long_is_a_clear_error(tmp_path, suffix):
+    from shoal.data import load_csv
+
+    loader = load_npz if suffix == ".npz" else load_csv
+    with pytest.raises(DataError, match="cannot be opened: File name too long"):
+        loader(tmp_path / (LONG + suffix))
+
+
+def test_a_play_text_path_too_long_is_a_clear_error(tmp_path):
+    from shoal.data.text import load_play, load_shakespeare
+
+    with pytest.raises(DataError, match="File name too long"):
+        load_play(tmp_path / LONG)
+    with pytest.raises(DataError, match="File name too long"):
+        load_shakespeare(path=tmp_path / LONG)
+
+
+def test_a_job_data_path_too_long_is_a_clear_error(tmp_path, capsys):
+    from shoal.cli.main import main
+
+    job = tmp_path / "job.toml"
+    job.write_text(f'[data]\npath = "{LONG}.csv"\npartition = {{ scheme = "iid", nodes = 2 }}\n')
+    assert main(["run", str(job)]) == 2  # was an OSError traceback
+    assert "File name too long" in capsys.readouterr().err
+
+
+def test_a_store_path_too_long_is_a_clear_error(tmp_path):
+    from shoal.cli.options import open_store
+    from shoal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="File name too long"):
+        open_store(str(tmp_path / LONG), create=False)

@@ -651,6 +651,7 @@ def _tree_done(summary: dict[str, Any], args: argparse.Namespace, connected: int
 def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None, Dataset]:
     """(what the tasks see, partition index or None, the training set)."""
     from shoal.data import load_csv, load_npz, split_holdout
+    from shoal.data.files import is_file
     from shoal.learn import LocalData
 
     if args.partition:
@@ -671,7 +672,7 @@ def _node_data(job: JobSpec, args: argparse.Namespace) -> tuple[Any, int | None,
             return LocalData(train=train, test=test), index, train
         return part, index, part
     path = Path(args.data)
-    if not path.is_file():
+    if not is_file(path, "--data"):
         raise ConfigError(f"--data {str(path)!r} does not exist")
     if path.suffix.lower() == ".npz":
         dataset = load_npz(path)

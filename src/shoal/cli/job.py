@@ -46,6 +46,7 @@ from shoal.data import (
     parse_speeches,
     split_holdout,
 )
+from shoal.data.files import is_file
 from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError, ShoalError
 from shoal.learn import (
@@ -442,7 +443,7 @@ class JobSpec:
         for key in ("path", "test_path"):
             if data[key] is not None:
                 path = self.base_dir / data[key]
-                if not path.exists():
+                if not is_file(path, f"[data] {key}") and not path.exists():
                     raise ConfigError(f"[data] {key} {str(path)!r} does not exist")
                 paths[key] = str(path.resolve())
         return DataSpec(

@@ -42,7 +42,13 @@ def open_store(path: str | None, *, create: bool = True) -> Store:
     from shoal.runtime import Store
 
     target = Path(path) if path else default_store_path()
-    if not create and not target.exists():
+    try:
+        exists = target.exists()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ConfigError(
+            f"--store {str(target)[:200]!r} cannot be opened: {exc.strerror}"
+        ) from None
+    if not create and not exists:
         raise ConfigError(
             f"no store at {str(target)!r}: no run has been recorded there; check --store "
             f"(the default is {default_store_path()})"

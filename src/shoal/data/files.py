@@ -50,7 +50,7 @@ def load_csv(
     labels. The Dataset's ``categories`` keeps each column's list (parties compare them).
     """
     p = Path(path)
-    if not p.is_file():
+    if not is_file(p, "CSV file"):
         what = "is not a regular file" if p.exists() else "not found"
         raise DataError(f"CSV file {what}: {str(p)!r}")
     if not isinstance(delimiter, str) or len(delimiter) != 1:
@@ -74,6 +74,15 @@ def load_csv(
             f"CSV file {str(p)!r} cannot be parsed as CSV: {exc}; rows of numbers have no "
             "fields that long"
         ) from None
+
+
+def is_file(p: Path, what: str) -> bool:
+    """``p.is_file()``, with the errors pathlib raises rather than answers (a name too long
+    for the file system, a folder that may not be searched) as a DataError."""
+    try:
+        return p.is_file()
+    except OSError as exc:
+        raise DataError(f"{what} {str(p)[:200]!r} cannot be opened: {exc.strerror}") from None
 
 
 _MAX_HEADER_CHARS = 16 << 20  # the first line is read whole; a 1 GB line is not a header
@@ -393,7 +402,7 @@ def load_npz(
     stored as pickles and can run code when loaded) is refused.
     """
     p = Path(path)
-    if not p.is_file():
+    if not is_file(p, ".npz file"):
         raise DataError(f".npz file not found: {str(p)!r}")
     where = f".npz file {str(p)!r}"
     with open(p, "rb") as f:

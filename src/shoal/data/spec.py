@@ -18,7 +18,7 @@ from typing import Any
 
 from shoal.data.builtin import DATASETS, load_dataset
 from shoal.data.dataset import Dataset
-from shoal.data.files import load_csv, load_npz
+from shoal.data.files import is_file, load_csv, load_npz
 from shoal.data.partition import SCHEMES, LazyPartition, partition
 from shoal.data.split import split_holdout
 from shoal.errors import DataError
@@ -134,7 +134,7 @@ class DataSpec:
 def _load_file(
     path: Path, label: str, categorical: Mapping[str, list[str] | None] | None = None
 ) -> Dataset:
-    if not path.exists():
+    if not is_file(path, "[data] path") and not path.exists():
         raise DataError(f"[data] path {str(path)!r} does not exist")
     if path.suffix.lower() == ".npz":
         if categorical:

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.data.dataset import Dataset
+from shoal.data.files import is_file
 from shoal.errors import DataError
 
 __all__ = [
@@ -157,9 +158,9 @@ def _corpus_path(path: str | os.PathLike[str] | None) -> Path:
             )
         return candidate
     p = Path(path)
-    if p.is_dir():
+    if not is_file(p, "corpus file") and p.is_dir():
         p = p / CORPUS_FILE
-    if not p.is_file():
+    if not is_file(p, "corpus file"):
         raise DataError(
             f"corpus file {str(p)!r} does not exist; put {CORPUS_FILE} there, pass its path, "
             f"or set {DATA_DIR_ENV} to its folder"
@@ -378,7 +379,7 @@ def load_play(
 ) -> RoleCorpus:
     """:func:`role_corpus` of the play-formatted UTF-8 text file at ``path``."""
     p = Path(path)
-    if not p.is_file():
+    if not is_file(p, "play text file"):
         raise DataError(f"play text file {str(p)!r} does not exist; pass the path of a text file")
     try:
         text = p.read_text(encoding="utf-8")
