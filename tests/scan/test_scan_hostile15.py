@@ -158,6 +158,20 @@ def test_an_lzma_npz_member_is_bounded_like_other_streams(tmp_path):
     assert scan_file(path).severity < Severity.MEDIUM
 
 
+def test_an_lzma_npz_member_is_still_scanned(tmp_path):
+    # an object .npy member (np.load(allow_pickle=True) unpickles it) naming os.system
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        head, {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    )
+    payload = head.getvalue() + b"cos\nsystem\n(S'true'\ntR."
+    path = tmp_path / "evil.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_LZMA) as zf:
+        zf.writestr("x.npy", payload)
+    report = scan_file(path)
+    assert report.severity == Severity.CRITICAL, report.findings
+
+
 def test_an_lzma_npz_member_still_loads(tmp_path):
     path = tmp_path / "small.npz"
     arr = np.arange(1000, dtype=np.float32).reshape(10, 100)
