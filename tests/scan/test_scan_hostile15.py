@@ -266,3 +266,18 @@ def test_a_torch_storage_is_not_a_value(tmp_path):
     _torch_zip(path, b"\x80\x02" + _float_storage_pid("0", 1) + b".", {"0": b"\x00" * 4})
     with pytest.raises(UnsafeModelError, match="as a value"):
         load(path)
+
+
+# --- limits themselves --------------------------------------------------------------------------
+
+
+def test_a_nan_limit_is_refused(capsys):
+    # NaN passed the "must be positive" check (NaN <= 0 is false) and then bounded nothing:
+    # time.monotonic() > deadline is never true when the deadline is NaN
+    from shoal.cli.main import main
+    from shoal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_seconds must be positive"):
+        ScanLimits(max_seconds=float("nan"))
+    assert main(["scan", "--max-seconds", "nan", __file__]) == 2
+    assert "max_seconds must be positive" in capsys.readouterr().err

@@ -117,5 +117,5 @@ class ScanLimits:
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN too: it compares false, so it bounded nothing
                 raise ConfigError(f"ScanLimits.{name} must be positive, got {getattr(self, name)}")
