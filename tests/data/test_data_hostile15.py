@@ -111,3 +111,13 @@ def test_a_store_path_too_long_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="File name too long"):
         open_store(str(tmp_path / LONG), create=False)
+
+
+@pytest.mark.parametrize("noise", [float("nan"), float("inf")])
+def test_a_served_model_refuses_noise_that_is_not_finite(noise):
+    # shoal predict serve --noise-std nan was accepted (NaN < 0 is false): every score NaN
+    from shoal.errors import ConfigError
+    from shoal.vertical.prediction import ServedModel
+
+    with pytest.raises(ConfigError, match="noise_std"):
+        ServedModel(weights=np.ones(3), bias=0.0, budget_rows=None, noise_std=noise)

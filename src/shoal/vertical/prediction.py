@@ -10,6 +10,7 @@ suffice for a linear model without noise) costs measurably more.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ class ServedModel:
         w = np.asarray(self.weights, dtype=np.float64)
         if w.ndim != 1 or not np.all(np.isfinite(w)):
             raise ConfigError("served weights are a finite 1-d array")
-        if self.noise_std < 0 or (self.budget_rows is not None and self.budget_rows < 0):
-            raise ConfigError("noise_std and budget_rows must be >= 0")
+        # NaN compares false: `noise_std < 0` let it through, and every score came back NaN
+        if not 0 <= self.noise_std < math.inf or (
+            self.budget_rows is not None and self.budget_rows < 0
+        ):
+            raise ConfigError("noise_std (finite) and budget_rows must be >= 0")
         object.__setattr__(self, "weights", w)
 
 
