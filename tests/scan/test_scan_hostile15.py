@@ -281,3 +281,17 @@ def test_a_nan_limit_is_refused(capsys):
         ScanLimits(max_seconds=float("nan"))
     assert main(["scan", "--max-seconds", "nan", __file__]) == 2
     assert "max_seconds must be positive" in capsys.readouterr().err
+
+
+def test_a_path_too_long_is_a_finding_not_an_oserror(tmp_path, capsys):
+    # pathlib raises for a name too long for the file system (ENAMETOOLONG): scan_file raised
+    # OSError, shoal scan printed a traceback, and load broke its only-ShoalError promise
+    from shoal.cli.main import main
+
+    path = tmp_path / ("y" * 300)
+    report = scan_file(path)
+    assert report.severity == Severity.MEDIUM and report.findings[0].kind == "unreadable"
+    with pytest.raises(UnsafeModelError, match="File name too long"):
+        load(path)
+    assert main(["scan", str(path)]) == 1
+    assert "File name too long" in capsys.readouterr().out

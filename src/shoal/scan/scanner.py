@@ -399,6 +399,11 @@ def scan_file(path: str | os.PathLike[str], *, limits: ScanLimits | None = None)
         st = p.stat()
     except FileNotFoundError:
         raise MissingPath(f"{str(p)!r} does not exist; give an existing file or folder") from None
+    except OSError as exc:  # a name too long, a folder that may not be searched: load refuses
+        finding = Finding(Severity.MEDIUM, "unreadable", f"cannot open: {exc.strerror}", None)
+        return FileReport(
+            path=str(p), format="unknown", severity=Severity.MEDIUM, findings=(finding,)
+        )
     if not stat.S_ISREG(st.st_mode):
         finding = Finding(Severity.LOW, "not-a-file", "not a regular file; skipped", None)
         return FileReport(path=str(p), format="special", severity=Severity.LOW, findings=(finding,))
@@ -419,14 +424,30 @@ def scan_bytes(
     return _scan_source(io.BytesIO(bytes(data)), path=name, limits=limits or ScanLimits())
 
 
+def _exists(p: Path) -> bool:
+    """Whether ``p`` may exist: pathlib raises, rather than answers, for a name too long or a
+    folder that may not be searched; such a path is kept, for scan_file to report."""
+    try:
+        return p.exists()
+    except OSError:
+        return True
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError:
+        return False
+
+
 def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
     """Files under the given paths (folders walked, sorted; symlinks inside folders skipped)."""
     for raw in paths:
         p = Path(raw)
-        if not p.exists():
+        if not _exists(p):
             raise MissingPath(f"{str(p)!r} does not exist; give an existing file or folder")
-        if not p.is_dir():
-            yield p
+        if not _is_dir(p):
+            yield p  # scan_file reports what it cannot open
             continue
         for root, dirs, files in os.walk(p, followlinks=False):
             dirs.sort()
@@ -442,6 +463,6 @@ def scan_paths(
     """Scan files and folders; raises ``MissingPath`` before scanning if any path is missing."""
     plist = list(paths)
     for raw in plist:
-        if not Path(raw).exists():
+        if not _exists(Path(raw)):
             raise MissingPath(f"{str(raw)!r} does not exist; give an existing file or folder")
     return [scan_file(p, limits=limits) for p in iter_files(plist)]
