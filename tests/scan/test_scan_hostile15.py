@@ -295,3 +295,37 @@ def test_a_path_too_long_is_a_finding_not_an_oserror(tmp_path, capsys):
         load(path)
     assert main(["scan", str(path)]) == 1
     assert "File name too long" in capsys.readouterr().out
+
+
+# --- structured dtypes nested in one another ----------------------------------------------------
+
+GLOBAL_DTYPE = b"\x8c\x05numpy\x8c\x05dtype\x93"
+
+
+def _nested_dtype(levels: int) -> bytes:
+    """A float64 dtype inside ``levels`` structured dtypes of one field each, as NumPy pickles
+    dtypes: numpy.dtype('V8', False, True) and BUILD (3, '|', None, ('f',), {'f': (inner, 0)},
+    8, 1, 16); about 53 bytes a level."""
+    value = (
+        GLOBAL_DTYPE
+        + _str("f8")
+        + b"\x89\x88\x87R(K\x03"
+        + _str("<")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    )
+    for _ in range(levels):
+        state = b"(K\x03" + _str("|") + b"N" + _str("f") + b"\x85}" + _str("f") + value
+        state += b"K\x00\x86sK\x08K\x01K\x10t"
+        value = GLOBAL_DTYPE + _str("V8") + b"\x89\x88\x87R" + state + b"b"
+    return P4 + value + b"."
+
+
+def test_a_dtype_nested_too_deep_is_refused():
+    # 400 levels (21 KB) loaded, and repr() or str() of the dtype raised RecursionError
+    with pytest.raises(UnsafeModelError, match="nested more than 100 deep"):
+        loads(_nested_dtype(400))
+
+
+def test_a_nested_dtype_within_the_bound_loads_and_prints():
+    dtype = loads(_nested_dtype(50))
+    assert dtype.itemsize == 8 and repr(dtype).count("('f'") == 50

@@ -146,6 +146,7 @@ def build_dtype(code: Any, state: Any = None) -> Any:
             dtype.__setstate__(state)  # type: ignore[attr-defined]
         except (TypeError, ValueError) as exc:
             raise _refuse(f"dtype state {brief(state)}: {exc}") from None
+        _check_nesting(dtype)
         # __setstate__ trusts the state's flags, element size and field offsets: a state can
         # clear the has-object flag of an object dtype (raw bytes read as pointers) or place a
         # field, or a subarray, past the element (views of memory the array does not own).
@@ -154,6 +155,43 @@ def build_dtype(code: Any, state: Any = None) -> Any:
     if dtype.kind not in _KINDS or (dtype.itemsize <= 0 and dtype.kind not in "SUV"):
         raise _refuse(f"dtype {dtype}")
     return dtype
+
+
+# Structured dtypes nested in one another: NumPy's repr and str of a dtype recurse about three
+# Python frames a level (400 levels raised RecursionError), and a file adds a level in ~50 bytes.
+_DTYPE_DEPTH = 100
+
+
+def _check_nesting(dtype: Any) -> None:
+    """Refuse a dtype whose fields and subarrays nest more than ``_DTYPE_DEPTH`` deep, walked
+    without recursion; a dtype that several fields share is walked once."""
+    heights: dict[int, int] = {}
+    keep = []  # the dtypes walked stay alive, so their ids are not reused during the walk
+    todo: list[tuple[Any, bool]] = [(dtype, False)]
+    while todo:
+        d, children_done = todo.pop()
+        if id(d) in heights and not children_done:
+            continue
+        subs = _sub_dtypes(d)
+        if children_done:
+            heights[id(d)] = 1 + max((heights[id(c)] for c in subs), default=0)
+            if heights[id(d)] > _DTYPE_DEPTH:
+                raise _refuse(
+                    f"a structured dtype nested more than {_DTYPE_DEPTH} deep (NumPy's repr of "
+                    "it recurses past Python's limit)"
+                )
+            continue
+        keep.append(d)
+        todo.append((d, True))
+        todo.extend((c, False) for c in subs if id(c) not in heights)
+
+
+def _sub_dtypes(dtype: Any) -> list[Any]:
+    if dtype.subdtype is not None:
+        return [dtype.subdtype[0]]
+    if dtype.names is not None:
+        return [dtype.fields[n][0] for n in dtype.names]
+    return []
 
 
 def _show(dtype: Any) -> str:
