@@ -158,6 +158,20 @@ def test_an_lzma_npz_member_is_bounded_like_other_streams(tmp_path):
     assert scan_file(path).severity < Severity.MEDIUM
 
 
+def test_an_lzma_member_cannot_lie_its_way_past_the_ratio(tmp_path):
+    # the ratio is judged against the compressed bytes the file holds, not the directory's
+    # compressed size (here 4 GB, in a 4 KB file)
+    path = tmp_path / "zeros.npz"
+    _lzma_npz(path, np.zeros(24 << 20, dtype=np.uint8))
+    raw = bytearray(path.read_bytes())
+    at = raw.rindex(b"PK\x01\x02")
+    raw[at + 20 : at + 24] = struct.pack("<I", 0xFFFFFFF0)
+    path.write_bytes(bytes(raw))
+    limits = ScanLimits(max_ratio=100, ratio_after_bytes=1 << 20)
+    report = scan_file(path, limits=limits)
+    assert any("max_ratio" in f.detail for f in report.findings), report.findings
+
+
 def test_an_lzma_npz_member_is_still_scanned(tmp_path):
     # an object .npy member (np.load(allow_pickle=True) unpickles it) naming os.system
     head = io.BytesIO()

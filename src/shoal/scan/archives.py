@@ -328,7 +328,10 @@ def member_source(
     if method == zipfile.ZIP_BZIP2:
         return Decompressed(base=raw, codec="bz2", limit=limits.max_member_bytes, budget=budget)
     if method == zipfile.ZIP_LZMA and not info.flag_bits & 0x1:
-        return _Bounded(base=zf.open(info), info=info, limits=limits, budget=budget)
+        # the ratio is judged against the compressed bytes the file really holds: the
+        # directory's compressed size may claim more
+        held = max(0, min(info.compress_size, f.seek(0, os.SEEK_END) - start))
+        return _Bounded(base=zf.open(info), compressed=held, limits=limits, budget=budget)
     return None
 
 
@@ -344,11 +347,11 @@ class _Bounded(io.RawIOBase):
     of zeros is gigabytes."""
 
     def __init__(
-        self, *, base: IO[bytes], info: zipfile.ZipInfo, limits: ScanLimits, budget: Budget | None
+        self, *, base: IO[bytes], compressed: int, limits: ScanLimits, budget: Budget | None
     ) -> None:
         super().__init__()
         self._base, self._budget, self._limit = base, budget, limits.max_member_bytes
-        self._in = max(1, info.compress_size)
+        self._in = max(1, compressed)
         self._out = self._data = 0
 
     def readable(self) -> bool:
