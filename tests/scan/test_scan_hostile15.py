@@ -343,3 +343,30 @@ def test_a_dtype_nested_too_deep_is_refused():
 def test_a_nested_dtype_within_the_bound_loads_and_prints():
     dtype = loads(_nested_dtype(50))
     assert dtype.itemsize == 8 and repr(dtype).count("('f'") == 50
+
+
+# --- shoal scan's report: names from the file are text, not markup or terminal codes ------------
+
+PAYLOAD = b"cposix\nsystem\n(S'true'\ntR."
+
+
+@pytest.mark.parametrize(
+    ("member", "shown"),
+    [
+        ("[/bold]evil.pkl", "[/bold]evil.pkl"),  # rich raised MarkupError: a traceback, no report
+        ("evil[white on white].pkl", "evil[white on white].pkl"),  # the tag was taken as style
+        ("a\x1b[1A\x1b[2K.pkl", "a\\u001b[1A\\u001b[2K.pkl"),  # ESC reached the terminal
+        ("b\u202eLKP.pkl", "b\\u202eLKP.pkl"),  # a bidi override reorders what follows
+    ],
+)
+def test_scan_report_shows_file_controlled_names_as_text(tmp_path, capsys, member, shown):
+    from shoal.cli.main import main
+
+    path = tmp_path / "names.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, PAYLOAD)
+    assert main(["scan", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert shown in out.replace("\n", "").replace(" ", "") or shown in out, out
+    assert "critical" in out and "posix.system" in out.replace("\n", "")

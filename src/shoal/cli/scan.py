@@ -101,6 +101,16 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r.severity >= Severity.MEDIUM for r in reports) else 0
 
 
+def _shown(text: str) -> str:
+    """File-controlled text (paths, member and global names) as inert characters: rich reads
+    ``[...]`` as markup (``[/bold]`` in a member name crashed the report, ``[white on white]`` hid
+    text) and passes ESC through to the terminal (``\\x1b[1A\\x1b[2K`` erases the line above);
+    control and format characters (bidi overrides too) are shown as escapes."""
+    from rich.markup import escape
+
+    return escape("".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text))
+
+
 def _print_text(reports: list[FileReport]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -109,7 +119,7 @@ def _print_text(reports: list[FileReport]) -> None:
     for report in reports:
         style = _STYLE[report.severity]
         console.print(
-            f"[bold]{report.path}[/bold]  format={report.format}  "
+            f"[bold]{_shown(report.path)}[/bold]  format={_shown(report.format)}  "
             f"severity=[{style}]{report.severity.label}[/{style}]"
         )
         if not report.findings:
@@ -123,7 +133,7 @@ def _print_text(reports: list[FileReport]) -> None:
         for f in report.findings:
             s = _STYLE[f.severity]
             offset = "" if f.offset is None else str(f.offset)
-            table.add_row(f"[{s}]{f.severity.label}[/{s}]", f.kind, offset, f.detail)
+            table.add_row(f"[{s}]{f.severity.label}[/{s}]", f.kind, offset, _shown(f.detail))
         console.print(table)
     bad = sum(1 for r in reports if r.severity >= Severity.MEDIUM)
     console.print(f"{len(reports)} file(s) scanned, {bad} unsafe or unverified")
