@@ -64,6 +64,10 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # (to the owner, on the page or in a terminal) without changing what Python runs: the owner
 # would approve code other than the code that runs ("Trojan Source", CVE-2021-42574)
 _BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# What a terminal acts on rather than shows: ESC and the other C0/C1 controls (CSI sequences
+# move the cursor and erase lines), and a carriage return not ending a line (the text after it
+# overwrites the line on screen, while Python reads it as a new line).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]|\r(?!\n)")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -187,7 +191,15 @@ def _bounds(value: Any) -> dict[str, tuple[float, float]]:
 
 def _check_reviewable(source: str) -> None:
     """Refuse source the owner could read as other code than what runs: bidirectional
-    controls anywhere, and identifiers that are not ASCII (``а`` and ``a`` are two names)."""
+    controls anywhere, control characters a terminal acts on (``shoal datasite requests show``
+    prints the source), and identifiers that are not ASCII (``а`` and ``a`` are two names)."""
+    control = _CONTROL.search(source)
+    if control:
+        line = source.count("\n", 0, control.start()) + 1
+        raise ConfigError(
+            f"source line {line} holds the control character U+{ord(control.group()[0]):04X}, "
+            "which a terminal acts on (erasing or overwriting what the reviewer reads); remove it"
+        )
     found = _BIDI.search(source)
     if found:
         line = source.count("\n", 0, found.start()) + 1
