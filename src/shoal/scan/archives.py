@@ -342,8 +342,8 @@ _RATIO_FLOOR = 16 << 20
 class _Bounded(io.RawIOBase):
     """zipfile's own reader of an LZMA member (np.load reads them; shoal has no streaming
     reader of zipfile's LZMA framing) under the bounds ``Decompressed`` keeps on every other
-    stream: the file's total, the member limit, the ratio (against the member's whole
-    compressed size) and the time budget. zipfile's reader has none of them: a 1 MB member
+    stream: the file's total, the member limit, the ratio (against the member's compressed
+    bytes in the file) and the time budget. zipfile's reader has none of them: a 1 MB member
     of zeros is gigabytes."""
 
     def __init__(
@@ -363,8 +363,11 @@ class _Bounded(io.RawIOBase):
         super().close()
 
     def read(self, n: int = -1, /) -> bytes:
-        if n is None or n < 0:
-            n = 1 << 16
+        if n is None or n < 0:  # to the end, as io's contract says, in bounded steps
+            parts = []
+            while chunk := self.read(1 << 16):
+                parts.append(chunk)
+            return b"".join(parts)
         data = self._base.read(min(n, 1 << 16))
         self._out += len(data)
         if self._budget is not None:
