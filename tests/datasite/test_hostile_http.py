@@ -126,8 +126,10 @@ TROJANS = [
     "def f(assets):\n    ok = 'safe'  # \u2067\u2069 harmless\n    return {'n': 0}\n",
     "def f(assets):\n    a = 0\n    \u0430 = assets['patients']['age'].tolist()\n"
     "    return {'n': \u0430}\n",
-    # printed by `shoal datasite requests show`: a carriage return overwrites the line with the
-    # dead code after it (Python reads it as a new line), ESC sequences move up and erase lines
+]
+# Printed by `shoal datasite requests show`: a carriage return overwrites the line with the
+# dead code after it (Python reads it as a new line), ESC sequences move up and erase lines.
+TERMINAL_TROJANS = [
     "def f(assets):\n    return {'age': assets['patients']['age'].tolist()}  #\r"
     "    return {'n': 0}                                            \n",
     "def f(assets):\n    return {'age': assets['patients']['age'].tolist()}\n"
@@ -135,11 +137,18 @@ TROJANS = [
 ]
 
 
+@pytest.mark.parametrize("source", TERMINAL_TROJANS)
+def test_code_a_terminal_would_rewrite_is_refused(site: RunningSite, source: str) -> None:
+    with pytest.raises(DatasiteError, match="control character") as refused:
+        site.as_("sam").call(
+            "POST", "/api/requests", {"source": source, "entrypoint": "f", "assets": ["patients"]}
+        )
+    assert refused.value.status == 400 and "source line" in str(refused.value)
+
+
 @pytest.mark.parametrize("source", TROJANS)
 def test_code_that_displays_as_other_code_is_refused(site: RunningSite, source: str) -> None:
-    with pytest.raises(
-        DatasiteError, match=r"bidirectional|identifiers must be ASCII|control character"
-    ) as refused:
+    with pytest.raises(DatasiteError, match=r"bidirectional|identifiers must be ASCII") as refused:
         site.as_("sam").call(
             "POST", "/api/requests", {"source": source, "entrypoint": "f", "assets": ["patients"]}
         )
