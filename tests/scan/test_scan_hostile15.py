@@ -370,3 +370,24 @@ def test_scan_report_shows_file_controlled_names_as_text(tmp_path, capsys, membe
     assert "\x1b" not in out and "\u202e" not in out
     assert shown in out.replace("\n", "").replace(" ", "") or shown in out, out
     assert "critical" in out and "posix.system" in out.replace("\n", "")
+
+
+def test_shoal_errors_print_file_controlled_names_inert(tmp_path, capsys):
+    # a pretrained-weights refusal quotes the scanner's finding, which names the member
+    from shoal.cli.main import main
+
+    (tmp_path / "d.csv").write_text(
+        "a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(20))
+    )
+    with zipfile.ZipFile(tmp_path / "w.npz", "w") as zf:
+        zf.writestr("a\x1b[1A\x1b[2K.npy", PAYLOAD)
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[data]\npath = "d.csv"\npartition = { scheme = "iid", nodes = 2 }\n'
+        '[model]\nname = "mlp"\nhidden = 4\n[algorithm]\nrounds = 1\nnodes_per_round = 2\n'
+        '[transfer]\npretrained = "w.npz"\n'
+    )
+    assert main(["run", str(job), "--store", str(tmp_path / "s.db"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to load pretrained weights" in err, err
+    assert "\x1b" not in err and "a\\u001b[1A\\u001b[2K.npy" in err

@@ -81,6 +81,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _printable(text: str) -> str:
+    """An error message with the characters a terminal acts on shown as escapes: messages
+    quote what files hold (a model archive's member names, a scanner finding), and ESC
+    sequences there would rewrite the user's screen."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\u{ord(c):04x}" for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(arguments)
@@ -91,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ShoalError as exc:
-        print(f"shoal: error: {exc}", file=sys.stderr)
+        print(f"shoal: error: {_printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("shoal: interrupted", file=sys.stderr)
