@@ -26,7 +26,7 @@ import pytest
 import shoal
 from shoal.runtime import NodeApp
 from shoal.runtime.grpc import ClientTLS, ServerTLS
-from shoal.runtime.grpc.transport import PREAUTH_RECORDS
+from shoal.runtime.grpc.transport import PREAUTH_BYTES, PREAUTH_RECORDS
 
 pytestmark = pytest.mark.integration
 
@@ -150,4 +150,8 @@ def test_a_node_gets_its_lane_while_certificate_holders_flood_it(
         assert wait(lambda: client.lane_open, 6), client.detail
         took = time.monotonic() - started
         assert attack["proc"].poll() is None  # the flood still runs
-    print(f"\n{mode}: lane open after {took:.2f} s; {attack}")
+    # What the node's lane connections sent before authenticating: far inside the bounds.
+    records, wire = engine._lanes.server.preauth_peak
+    print(f"\n{mode}: lane open after {took:.2f} s; node sent {records} records, {wire} bytes")
+    print(json.dumps({k: v for k, v in attack.items() if k != "proc"}))
+    assert 0 < records <= PREAUTH_RECORDS // 4 and 0 < wire <= PREAUTH_BYTES // 4

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.runtime.grpc import make_certs
-from shoal.runtime.grpc.bans import BanList, BanPolicy
+from shoal.runtime.grpc.bans import BanList, BanPolicy, Bans
 from shoal.runtime.grpc.certs import ClientTLS, ServerTLS
 from shoal.runtime.grpc.tlsend import Overspent, RecordCounter, TlsEnd
 
@@ -170,3 +170,79 @@ def test_bans_are_audited_once_each_and_coalesced_past_64_addresses() -> None:
     summary = dict(registry.entries)["node.banned_summary"]
     assert summary["count"] == 36
     assert "36 more bans from 36 other addresses" in str(summary["summary"])
+
+
+@given(
+    sizes=st.lists(st.integers(0, 300), max_size=40),
+    cuts=st.lists(st.integers(0, 20_000), max_size=20),
+)
+def test_stepping_record_by_record_counts_as_feeding(sizes: list[int], cuts: list[int]) -> None:
+    """RecordCounter.step (the handshake's admission, one record at a time) ends each step
+    at a record's end and counts exactly as feed does, however the bytes are split."""
+    stream = records(sizes)
+    counter = RecordCounter()
+    ends = []
+    at = 0
+    for cut in [*sorted(c % (len(stream) + 1) for c in cuts), len(stream)]:
+        piece = memoryview(stream)[at:cut]
+        while piece:
+            taken = counter.step(piece)
+            assert taken > 0
+            piece = piece[taken:]
+            ends.append(at + (cut - at - len(piece)))
+        at = max(at, cut)
+    assert counter.records == len(sizes)
+    boundaries = {sum(5 + n for n in sizes[: i + 1]) for i in range(len(sizes))}
+    assert boundaries <= set(ends)  # every record's end is a step's end
+
+
+def test_a_client_hello_in_one_byte_records_is_cut_before_the_server_answers(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A ClientHello split into one-byte handshake records (plaintext: anyone can send it,
+    no certificate needed). The handshake hands OpenSSL only the records the bound lets
+    through, so the connection ends at the 65th record with no ServerHello made. Before:
+    all 512 records went into OpenSSL in one read, which made its ServerHello (1,300 bytes:
+    the key exchange and the signature) before the check saw them."""
+    server_context, client_context = contexts
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = outgoing.read()
+    assert hello[0] == 22
+    body = hello[5:]
+    fragments = b"".join(bytes([22, 3, 1, 0, 1]) + body[i : i + 1] for i in range(len(body)))
+    near, far = socket.socketpair()
+    end = TlsEnd(near, server_context, check=lambda raw, n: "too many" if n > 64 else None)
+    far.sendall(fragments)
+    with pytest.raises(Overspent, match="too many"):
+        end.handshake(b"", time.monotonic() + 10)
+    assert end.records == len(body)  # all counted
+    assert end._out.pending == 0  # nothing made for the peer: no ServerHello
+    near.close()
+    far.close()
+
+
+def test_a_cut_on_either_port_counts_toward_one_ban() -> None:
+    """bans.Bans is shared by the front door and the bulk lane: cuts of one certificate on
+    both count together, a ban is told once, and addresses are kept apart."""
+    clock = Clock()
+    told: list[tuple[str, str]] = []
+    bans = Bans(
+        BanPolicy(after=3), banned=lambda host, line: told.append((host, line)), clock=clock
+    )
+    bans.strike("10.0.0.1", "CN=rogue sha256:ab")  # the lane
+    bans.strike("10.0.0.2", "CN=rogue sha256:ab")  # the door, another address
+    assert bans.refusal("CN=rogue sha256:ab") is None
+    bans.strike("10.0.0.1", "CN=rogue sha256:ab")
+    refusal = bans.refusal("CN=rogue sha256:ab")
+    assert refusal is not None and "banned for 300 s more" in refusal
+    line = "banned: certificate CN=rogue sha256:ab refused for 300 s after 3 cuts within 60 s"
+    assert told == [("10.0.0.1", line)]
+    assert bans.refusal("CN=n0 sha256:cd") is None and not bans.on_probation("10.0.0.1")
+    for _ in range(3):
+        bans.strike("10.0.0.9", "")
+    assert bans.on_probation("10.0.0.9") and not bans.on_probation("10.0.0.1")
+    bans.strike("10.0.0.8", "", record=False)  # a cut while closing: counted, not told
+    assert len(told) == 2

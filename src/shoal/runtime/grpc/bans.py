@@ -1,9 +1,10 @@
-"""Back-off for peers whose connections the front door keeps cutting.
+"""Back-off for peers whose connections the front door or the bulk lane keeps cutting.
 
 The door cuts a connection that floods (h2meter.py, the byte and record budgets and the call
-count of transport.py); the peer then reconnects and floods again, each time costing a TLS
-handshake, threads and a burst of gRPC's work. So a peer cut ``after`` times within
-``window_s`` is *banned* for ``ban_s``:
+count of transport.py), and so does the bulk lane before a node authenticates (the same
+budgets, lane.py); the peer then reconnects and floods again, each time costing a TLS
+handshake, threads and a burst of work. So a peer cut ``after`` times within ``window_s``
+is *banned* for ``ban_s``, on both ports (one :class:`Bans`, whichever port cut it):
 
 - a certificate (TLS: every relayed connection shows one of the federation's CA) is refused
   outright after its handshake, whatever address it comes from. Other certificates, other
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BanList", "BanPolicy"]
+__all__ = ["BanList", "BanPolicy", "Bans"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +99,50 @@ class BanList:
                 del self._until[key]
                 return None
             return until - now
+
+
+class Bans:
+    """Cuts counted against the certificate a cut connection showed, else its address, for
+    the front door and the bulk lane together. Certificates and addresses are kept apart, so
+    a peer with many addresses cannot push a certificate's ban out. ``banned(host, line)``
+    hears each ban as it starts (the audit trail)."""
+
+    def __init__(
+        self,
+        policy: BanPolicy | None = None,
+        *,
+        banned: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy or BanPolicy()
+        self.certificates = BanList(self.policy, clock=clock)
+        self.addresses = BanList(self.policy, clock=clock)
+        self._banned = banned or (lambda host, line: None)
+
+    def strike(self, host: str, identity: str, *, record: bool = True) -> None:
+        """Count a cut of a connection from ``host`` that showed certificate ``identity``
+        (empty if none); a ban it starts is told to ``banned`` if ``record``."""
+        key = f"certificate {identity}" if identity else f"address {host}"
+        bans = self.certificates if identity else self.addresses
+        if bans.cut(key) and record:
+            policy = self.policy
+            what = "refused" if identity else "on probation (a node's budget only)"
+            self._banned(
+                host,
+                f"banned: {key} {what} for {policy.ban_s:g} s after {policy.after} cuts "
+                f"within {policy.window_s:g} s",
+            )
+
+    def refusal(self, identity: str) -> str | None:
+        """Why a connection that showed certificate ``identity`` is refused, or None."""
+        left = self.certificates.banned(f"certificate {identity}")
+        if left is None:
+            return None
+        return f"refused: its certificate is banned for {left:.0f} s more (cut too often)"
+
+    def on_probation(self, host: str) -> bool:
+        """Whether connections from ``host`` get only a node's budget before authenticating."""
+        return self.addresses.banned(f"address {host}") is not None
 
 
 def _bound(table: OrderedDict[str, Any], size: int) -> None:

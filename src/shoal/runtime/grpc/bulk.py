@@ -3,7 +3,8 @@
 Each authenticated session may open a lane: one connection down (task payloads, sent by a
 writer thread in the order their headers entered the stream) and one up (reply bytes, read
 by the session's reader right after their header). The lane listener, its limiter of
-unauthenticated connections, and the count of bytes that took the lane live here.
+unauthenticated connections, and the count of bytes that took the lane live here; the bans
+(bans.py) are the front door's own, so a certificate cut on either port is refused on both.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from shoal.errors import ProtocolError, TransportError
 from shoal.runtime.engine import Buffer
+from shoal.runtime.grpc.bans import Bans
 from shoal.runtime.grpc.config import CoordinatorConfig
 from shoal.runtime.grpc.lane import DOWN, BufferPool, LaneServer, LaneSocket, parse_address
 from shoal.runtime.grpc.limits import PendingLimiter
@@ -92,10 +94,12 @@ class BulkLanes:
         table: SessionTable,
         trail: Trail,
         end_session: Callable[[Session, str], None],
+        bans: Bans | None = None,
     ) -> None:
         self.config = config
         self.table = table
         self.trail = trail
+        self.bans = bans
         self.end_session = end_session
         self.server: LaneServer | None = None
         self.port = 0
@@ -142,6 +146,7 @@ class BulkLanes:
                 rejected=self.trail.lane_rejected,
                 timeout_s=config.handshake_timeout_s,
                 limiter=self._limiter,
+                bans=self.bans,
             )
 
         try:

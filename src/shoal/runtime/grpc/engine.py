@@ -40,7 +40,7 @@ import grpc
 from shoal.errors import ConfigError, ProtocolError, TransportError
 from shoal.runtime.engine import DispatchResult, Task
 from shoal.runtime.grpc.auth import fingerprint
-from shoal.runtime.grpc.bans import BanList, BanPolicy
+from shoal.runtime.grpc.bans import BanPolicy, Bans
 from shoal.runtime.grpc.bulk import BulkLanes
 from shoal.runtime.grpc.config import CoordinatorConfig
 from shoal.runtime.grpc.dispatch import Dispatcher
@@ -100,10 +100,17 @@ class GrpcEngine:
         self._table = SessionTable()
         self._admitted = AdmittedNodes(registry)
         self._trail = Trail(registry, run_id=config.run_id)
+        # One ban list for the front door and the bulk lane: a certificate cut on either is
+        # refused on both.
+        policy = BanPolicy(
+            after=config.ban_after_cuts, window_s=config.ban_window_s, ban_s=config.ban_s
+        )
+        self._bans = Bans(policy, banned=self._trail.banned)
         self._lanes = BulkLanes(
             config=config,
             table=self._table,
             trail=self._trail,
+            bans=self._bans,
             end_session=lambda session, reason: self._streams.end(session, reason),
         )
         self._streams = Streams(
@@ -133,9 +140,6 @@ class GrpcEngine:
             total=config.max_pending,
             max_age_s=3 * config.handshake_timeout_s,
             grace_s=config.pending_grace_s,
-        )
-        self._bans = BanList(
-            BanPolicy(after=config.ban_after_cuts, window_s=config.ban_window_s, ban_s=config.ban_s)
         )
         self._door: FrontDoor | None = None
         self._upstream_dir: str | None = None  # the private directory of gRPC's unix socket
@@ -224,7 +228,6 @@ class GrpcEngine:
             limiter=self._door_limiter,
             tls=tls,
             bans=self._bans,
-            banned=self._trail.banned,
         )
         self.port = door.port
         try:

@@ -37,7 +37,10 @@ from typing import Any, Literal
 
 __all__ = [
     "CALL",
+    "PREAUTH_BYTES",
+    "PREAUTH_RECORDS",
     "PREFIX",
+    "PROBATION_BYTES",
     "PROVEN",
     "SILENT",
     "DropReason",
@@ -53,6 +56,25 @@ CALL = 2  # a full transport handshake and a gRPC call open, still unauthenticat
 PROVEN = 3  # something only a federation member has (a CA-signed certificate, a lane id)
 
 DropReason = Literal["evicted", "expired", "cut"]
+
+# Bytes a connection may send before a node authenticates on it: at the front door, its
+# HTTP/2 bytes (after TLS); with TLS, on the door and the bulk lane alike, also the bytes on
+# the wire from the first (the handshake included). A node sends 808 bytes of HTTP/2
+# (measured: the preface, SETTINGS, WINDOW_UPDATE, one call's headers and its hello), about
+# 2.9 KB on the door's wire and about 2.5 KB on a lane connection's. Floods of frames the
+# meter does not count (WINDOW_UPDATE, unknown types, empty DATA, an endless header block)
+# end here.
+PREAUTH_BYTES = 32 << 10
+# With TLS, records are bounded apart: an empty or one-byte record, a key update, costs a
+# record's work but decrypts to nothing or next to nothing, so 32 KiB of decrypted bytes had
+# allowed 32,768 one-byte records (750 KB on the wire, one relay pass each), and the lane,
+# which counted nothing, 30,000 key updates in 4 s. A node sends 9-10 records on the door
+# (its handshake with its certificate, then its HTTP/2 and hello), fewer on a lane
+# connection (tlsend.py counts them).
+PREAUTH_RECORDS = 64
+# What a connection from an address on probation (bans.py) may send before a node
+# authenticates on it: a node needs about 2.9 KB on the wire with TLS.
+PROBATION_BYTES = 8 << 10
 
 
 def peer_host(peer: str) -> str:

@@ -49,21 +49,34 @@ from collections.abc import Callable
 from typing import Literal
 
 from shoal.errors import ProtocolError, TransportError
-from shoal.runtime.grpc.bans import BanList
+from shoal.runtime.grpc.bans import Bans
 from shoal.runtime.grpc.h2meter import FrameMeter
 from shoal.runtime.grpc.lane import parse_address, peek
 from shoal.runtime.grpc.limits import (
     CALL,
+    PREAUTH_BYTES,
+    PREAUTH_RECORDS,
     PREFIX,
+    PROBATION_BYTES,
     PROVEN,
     SILENT,
     DropReason,
     PendingLimiter,
     peer_host,
 )
-from shoal.runtime.grpc.tlsend import Overspent, TlsEnd
+from shoal.runtime.grpc.tlsend import Overspent, TlsEnd, naming, preauth_check
 
-__all__ = ["AGREEMENT", "FrontDoor", "agree", "classify", "mismatch_line", "parse_host_port"]
+__all__ = [
+    "AGREEMENT",
+    "PREAUTH_BYTES",
+    "PREAUTH_RECORDS",
+    "PROBATION_BYTES",
+    "FrontDoor",
+    "agree",
+    "classify",
+    "mismatch_line",
+    "parse_host_port",
+]
 
 Transport = Literal["tls", "plaintext"]
 
@@ -78,21 +91,6 @@ _SWEEP_S = 0.25  # how often the accept loop drops connections past their deadli
 # More is a flood of calls on a connection the door's limiter counts once; the frame meter
 # (h2meter.py) bounds HEADERS frames too, and this counts the calls gRPC actually starts.
 _CALLS_PER_S = 16
-# Bytes a connection may send before a node authenticates on it (after TLS: HTTP/2 bytes). A
-# node sends 808 (measured: the preface, SETTINGS, WINDOW_UPDATE, one call's headers and its
-# hello). Floods of frames the meter does not count (WINDOW_UPDATE, unknown types, empty
-# DATA, an endless header block) end here.
-PREAUTH_BYTES = 32 << 10
-# With TLS the same budget counts the bytes on the wire too, from the first (its handshake
-# included), and TLS records are bounded apart: an empty or one-byte record, a key update,
-# costs a record's work but decrypts to nothing or next to nothing, so 32 KiB of decrypted
-# bytes had allowed 32,768 one-byte records (750 KB on the wire, one relay pass each). A node
-# sends about 2.9 KB in 9-10 records (measured: handshake with its certificate, then its HTTP/2
-# and hello).
-PREAUTH_RECORDS = 64
-# What a connection from an address on probation (bans.py) may send before a node
-# authenticates on it: a node needs 808 bytes of HTTP/2, about 2.9 KB on the wire with TLS.
-PROBATION_BYTES = 8 << 10
 
 
 def mismatch_line(*, side: Literal["node", "coordinator"], coordinator: str, peer: str = "") -> str:
@@ -263,8 +261,7 @@ class FrontDoor:
         tls: ssl.SSLContext | None = None,
         preauth_bytes: int = PREAUTH_BYTES,
         preauth_records: int = PREAUTH_RECORDS,
-        bans: BanList | None = None,
-        banned: Callable[[str, str], None] | None = None,
+        bans: Bans | None = None,
     ) -> None:
         if (tls is None) != (speaks == "plaintext"):
             raise ValueError("give a TLS context exactly when the door speaks TLS")
@@ -284,11 +281,9 @@ class FrontDoor:
         self._tls = tls
         self._preauth_bytes = preauth_bytes
         self._preauth_records = preauth_records
-        # Peers cut again and again (bans.py): certificates refused, addresses on probation;
-        # apart, so that a peer with many addresses cannot push a certificate's ban out.
-        self._bans = bans if bans is not None else BanList()
-        self._address_bans = BanList(self._bans.policy)
-        self._banned = banned or (lambda key, line: None)
+        # Peers cut again and again (bans.py): certificates refused, addresses on probation,
+        # whether the door or the bulk lane cut them.
+        self._bans = bans if bans is not None else Bans()
         self._upstream = ("127.0.0.1", upstream_port)
         self._upstream_path = upstream_path
         self._relay_names = itertools.count()
@@ -487,8 +482,8 @@ class FrontDoor:
                 with self._lock:
                     self.served -= 1
             if not self._closing.is_set():
-                self._refused(host, _naming(conn.cut_reason, conn.identity))
-            self._strike(host, conn.identity)
+                self._refused(host, naming(conn.cut_reason, conn.identity))
+            self._bans.strike(host, conn.identity, record=not self._closing.is_set())
             return
         if conn.dropped == "evicted":
             refusal, mismatch = _EVICTED, False
@@ -502,24 +497,11 @@ class FrontDoor:
         if mismatch:
             self._mismatch(host, refusal)
         else:
-            self._refused(host, _naming(refusal, conn.identity))
-
-    def _strike(self, host: str, identity: str) -> None:
-        """Count a cut against the certificate it showed, else its address (bans.py)."""
-        key = f"certificate {identity}" if identity else f"address {host}"
-        bans = self._bans if identity else self._address_bans
-        if bans.cut(key) and not self._closing.is_set():
-            policy = self._bans.policy
-            what = "refused" if identity else "on probation (a node's budget only)"
-            self._banned(
-                host,
-                f"banned: {key} {what} for {policy.ban_s:g} s after {policy.after} cuts "
-                f"within {policy.window_s:g} s",
-            )
+            self._refused(host, naming(refusal, conn.identity))
 
     def _budget(self, host: str) -> int:
         """Bytes a connection from ``host`` may send before a node authenticates on it."""
-        if self._address_bans.banned(f"address {host}") is not None:
+        if self._bans.on_probation(host):
             return min(self._preauth_bytes, PROBATION_BYTES)
         return self._preauth_bytes
 
@@ -589,7 +571,12 @@ class FrontDoor:
         peer: socket.socket | TlsEnd = conn.sock
         budget = self._budget(peer_host(conn.peer))
         if self._tls is not None:
-            end = TlsEnd(conn.sock, self._tls, check=self._wire_check(conn, budget))
+            check = preauth_check(
+                budget=budget,
+                records=self._preauth_records,
+                authenticated=lambda: conn.authenticated,
+            )
+            end = TlsEnd(conn.sock, self._tls, check=check)
             try:
                 end.handshake(head, time.monotonic() + self._timeout_s)
             except ssl.SSLError as exc:
@@ -600,9 +587,9 @@ class FrontDoor:
                 conn.cut(str(exc))
                 return None
             conn.identity = end.identity()
-            left = self._bans.banned(f"certificate {conn.identity}")
-            if left is not None:
-                return f"refused: its certificate is banned for {left:.0f} s more (cut too often)"
+            refusal = self._bans.refusal(conn.identity)
+            if refusal is not None:
+                return refusal
             try:
                 end.check_now()  # what came behind the handshake, now charged to the certificate
             except Overspent as exc:
@@ -643,26 +630,6 @@ class FrontDoor:
             upstream.close()
         return None
 
-    def _wire_check(self, conn: _DoorConn, budget: int) -> Callable[[int, int], str | None]:
-        """What a TLS connection may send on the wire before a node authenticates on it."""
-        records = self._preauth_records
-
-        def check(raw_bytes: int, received: int) -> str | None:
-            if conn.authenticated:
-                return None
-            if received > records:  # first: where both are past, tiny records name the flood
-                return (
-                    f"cut: sent more than {records} TLS records before a node authenticated on it"
-                )
-            if raw_bytes > budget:
-                return (
-                    f"cut: sent more than {budget} bytes before a node authenticated on it "
-                    "(counted on the wire, TLS records)"
-                )
-            return None
-
-        return check
-
     def _inbound(
         self,
         conn: _DoorConn,
@@ -673,7 +640,7 @@ class FrontDoor:
     ) -> None:
         """Copy what the peer sends to gRPC: its frames metered, and at most ``limit`` bytes
         of them before a node authenticates on the connection (with TLS, the wire's bytes
-        and records are bounded too: :meth:`_wire_check`)."""
+        and records are bounded too: tlsend.preauth_check)."""
         meter = FrameMeter()
         budget = limit
         buffer = bytearray(_RELAY_BLOCK)
@@ -700,7 +667,7 @@ class FrontDoor:
                 n = src.recv_into(buffer)
                 if not n:
                     break
-        except Overspent as exc:  # the TLS wire's budget (_wire_check)
+        except Overspent as exc:  # the TLS wire's budget (tlsend.preauth_check)
             conn.cut(str(exc))
             return
         except OSError:
@@ -752,11 +719,6 @@ class _DoorConn:
         upstream = self.upstream
         if upstream is not None:
             _shutdown(upstream)
-
-
-def _naming(reason: str, identity: str) -> str:
-    """A refusal, with the peer's certificate when it showed one."""
-    return f"{reason} (certificate {identity})" if identity else reason
 
 
 def _level_of(head: bytes) -> int:
