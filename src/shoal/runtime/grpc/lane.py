@@ -48,7 +48,7 @@ from shoal.runtime.grpc.limits import (
     PendingLimiter,
     peer_host,
 )
-from shoal.runtime.grpc.tlsend import Overspent, TlsEnd, naming, preauth_check
+from shoal.runtime.grpc.tlsend import BULK_READ_BYTES, Overspent, TlsEnd, naming, preauth_check
 
 __all__ = [
     "DOWN",
@@ -542,6 +542,8 @@ class LaneServer:
                 else:
                     state.authenticated = True  # no more budget: the node is accountable
                     if isinstance(sock, TlsEnd):
+                        if direction == UP:  # replies come in here, many MiB at a time
+                            sock.read_bytes = BULK_READ_BYTES
                         with self._counting:
                             self.preauth_peak = (
                                 max(self.preauth_peak[0], sock.records),

@@ -61,7 +61,7 @@ DropReason = Literal["evicted", "expired", "cut"]
 # HTTP/2 bytes (after TLS); with TLS, on the door and the bulk lane alike, also the bytes on
 # the wire from the first (the handshake included). A node sends 808 bytes of HTTP/2
 # (measured: the preface, SETTINGS, WINDOW_UPDATE, one call's headers and its hello), about
-# 2.9 KB on the door's wire and about 2.5 KB on a lane connection's. Floods of frames the
+# 2.9 KB on the door's wire, and 1,633 bytes on a lane connection's. Floods of frames the
 # meter does not count (WINDOW_UPDATE, unknown types, empty DATA, an endless header block)
 # end here.
 PREAUTH_BYTES = 32 << 10
@@ -69,8 +69,8 @@ PREAUTH_BYTES = 32 << 10
 # record's work but decrypts to nothing or next to nothing, so 32 KiB of decrypted bytes had
 # allowed 32,768 one-byte records (750 KB on the wire, one relay pass each), and the lane,
 # which counted nothing, 30,000 key updates in 4 s. A node sends 9-10 records on the door
-# (its handshake with its certificate, then its HTTP/2 and hello), fewer on a lane
-# connection (tlsend.py counts them).
+# (its handshake with its certificate, then its HTTP/2 and hello), 7 on a lane connection
+# (test_deploy_lane_flood.py prints them).
 PREAUTH_RECORDS = 64
 # What a connection from an address on probation (bans.py) may send before a node
 # authenticates on it: a node needs about 2.9 KB on the wire with TLS.
