@@ -134,16 +134,19 @@ def test_lane_cuts_ban_the_certificate_at_the_lane_and_the_door(federation, raw_
         ("keyupdate", {"connections": 4}),
         ("records", {"connections": 4}),
         ("hold", {"connections": 80, "sources": 8}),
+        ("handshake", {"connections": 16, "sources": 8, "name": ""}),
     ],
-    ids=["keyupdate", "records", "hold-80-from-8-addresses"],
+    ids=["keyupdate", "records", "hold-80-from-8-addresses", "no-certificate-from-8-addresses"],
 )
 def test_a_node_gets_its_lane_while_certificate_holders_flood_it(
     federation, mode: str, options: dict[str, int]
 ) -> None:
     """The flood runs with bans off (each reconnection floods afresh) when the node comes:
-    KeyUpdates or one-byte records on 4 connections, or 80 connections from 8 addresses
-    that finish their handshake and send nothing (past max_pending, 64). The node's lane
-    must open within a few seconds while it still runs."""
+    KeyUpdates or one-byte records on 4 connections, 80 connections from 8 addresses that
+    finish their handshake and send nothing (past max_pending, 64), or handshakes with no
+    certificate from 16 threads on 8 addresses (anyone can send those; each costs the
+    coordinator its half of a handshake). The node's lane must open within a few seconds
+    while it still runs."""
     engine = tls_engine(federation, ban_after_cuts=0)
     with lane_attack(engine.data_port, mode, federation.certs, seconds=8.0, **options) as attack:
         assert wait(lambda: engine.rejections >= 4, 5), engine.rejections

@@ -61,7 +61,7 @@ DropReason = Literal["evicted", "expired", "cut"]
 # HTTP/2 bytes (after TLS); with TLS, on the door and the bulk lane alike, also the bytes on
 # the wire from the first (the handshake included). A node sends 808 bytes of HTTP/2
 # (measured: the preface, SETTINGS, WINDOW_UPDATE, one call's headers and its hello), about
-# 2.9 KB on the door's wire, and 1,633 bytes on a lane connection's. Floods of frames the
+# 2.9 KB on the door's wire, and about 1.6 KB on a lane connection's. Floods of frames the
 # meter does not count (WINDOW_UPDATE, unknown types, empty DATA, an endless header block)
 # end here.
 PREAUTH_BYTES = 32 << 10
