@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import pickle
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1460,6 +1461,8 @@ class _Analyzer:
         fields past the array's memory (states that are not literals are left to the rest)."""
         from shoal.scan.builders import DtypeLayoutError
 
+        if _known_dtype(dtype) is not None:
+            return  # a state NumPy itself writes for a plain type: no lie, no NumPy needed
         try:
             _real_dtype(dtype, 0)
         except DtypeLayoutError as exc:
@@ -1721,19 +1724,119 @@ def _joblib_layout(wrapper: _Obj) -> tuple[int, int, bool, bool] | None:
         return None
     if dtype.new or not isinstance(dtype.args, tuple) or not dtype.args:
         return None
-    from shoal.errors import UnsafeModelError
+    known = _known_dtype(dtype)
+    if known is not None:
+        itemsize, hasobject = known
+    else:
+        from shoal.errors import UnsafeModelError
 
-    try:
-        built = _real_dtype(dtype, 0)
-    except UnsafeModelError:
-        return None
-    if built is None:
-        return None
+        try:
+            built = _real_dtype(dtype, 0)
+        except UnsafeModelError:
+            return None
+        if built is None:
+            return None
+        itemsize, hasobject = built.itemsize, bool(built.hasobject)
     count = 1
     for d in shape:
         count *= d
     padded = attrs.get("numpy_array_alignment_bytes") is not None
-    return count, built.itemsize, bool(built.hasobject), padded
+    return count, itemsize, hasobject, padded
+
+
+# The dtypes NumPy pickles most, with the exact BUILD state it writes for each: code ->
+# (byte orders it writes, flags, itemsize, hasobject). Long double (f16, c32) is left out: its
+# size is the platform's. tests/scan checks every entry against shoal's NumPy-built dtype.
+_PLAIN_DTYPES: dict[str, tuple[tuple[str, ...], int, int, bool]] = {
+    **{c: (("|",), 0, 1, False) for c in ("b1", "i1", "u1")},
+    **{
+        f"{k}{n}": (("<", ">"), 0, n, False)
+        for k, sizes in (("i", (2, 4, 8)), ("u", (2, 4, 8)), ("f", (2, 4, 8)), ("c", (8, 16)))
+        for n in sizes
+    },
+    "O8": (("|",), 63, 8, True),
+}
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_MAX_KNOWN_FIELDS = 64
+
+
+def _known_dtype(dtype: Any) -> tuple[int, bool] | None:
+    """(itemsize, hasobject), without NumPy, of a symbolic ``numpy.dtype(code, ...)`` whose
+    layout is known to be what NumPy would build, else None (the caller builds it with NumPy
+    as before: importing NumPy costs a scan about 0.1 CPU-s). Known: NumPy's plain dtypes with
+    no state or exactly the state NumPy writes for them (types compared too: ``False`` is not
+    the flag ``0`` here), and packed structured dtypes as NumPy writes them (scikit-learn's tree
+    nodes): named fields of plain non-object dtypes at increasing, non-overlapping offsets
+    inside the element. tests/scan checks both against shoal's NumPy-built dtype."""
+    if type(dtype) is not _Obj:
+        return None
+    origin = dtype.origin
+    if origin is None or origin.qual != "numpy.dtype" or dtype.new:
+        return None
+    args = dtype.args
+    if type(args) is not tuple or not args or type(args[0]) is not str:
+        return None
+    state = dtype.state
+    entry = _PLAIN_DTYPES.get(args[0])
+    if entry is not None:
+        orders, flags, itemsize, hasobject = entry
+        if state is None or _numpy_state(state, orders, None, -1, -1, flags):
+            return itemsize, hasobject
+        return None
+    if not args[0].startswith("V") or type(state) is not tuple or len(state) != 8:
+        return None
+    names, fields, elsize = state[3], state[4], state[5]
+    if args[0] != f"V{elsize}" or not _numpy_state(state, ("|",), names, elsize, 1, 16):
+        return None
+    if type(names) is not tuple or not 0 < len(names) <= _MAX_KNOWN_FIELDS:
+        return None
+    if type(fields) is not _Dict or fields.n != len(names) or len(fields.pairs) != len(names):
+        return None
+    end = 0
+    for name, (key, spec) in zip(names, fields.pairs, strict=True):
+        if type(name) is not str or not _FIELD_NAME.fullmatch(name) or key != name:
+            return None
+        if type(key) is not str or type(spec) is not tuple or len(spec) != 2:
+            return None
+        inner, offset = spec
+        # a plain field only, not one that is itself structured (so no recursion)
+        if type(inner) is not _Obj or type(inner.args) is not tuple or not inner.args:
+            return None
+        if _PLAIN_DTYPES.get(inner.args[0]) is None:
+            return None
+        known = _known_dtype(inner)
+        if known is None or known[1] or type(offset) is not int or offset < end:
+            return None
+        end = offset + known[0]
+    if end > elsize or elsize > 1 << 24:
+        return None
+    return elsize, False
+
+
+def _numpy_state(
+    state: Any, orders: tuple[str, ...], names: Any, elsize: int, align: int, flags: int
+) -> bool:
+    """Whether a dtype's BUILD state is ``(3, order, None, names, fields, elsize, align,
+    flags)`` with ``order`` one of ``orders``, every number an int (not a bool) equal to the
+    one given, and fields present exactly when ``names`` is not None."""
+    if type(state) is not tuple or len(state) != 8:
+        return False
+    version, order, sub, got_names, fields, got_elsize, got_align, got_flags = state
+    return (
+        type(version) is int
+        and version == 3
+        and type(order) is str
+        and order in orders
+        and sub is None
+        and got_names is names
+        and (fields is None) == (names is None)
+        and type(got_elsize) is int
+        and got_elsize == elsize
+        and type(got_align) is int
+        and got_align == align
+        and type(got_flags) is int
+        and got_flags == flags
+    )
 
 
 def _real_dtype(dtype: Any, depth: int, built: dict[tuple[int, int], Any] | None = None) -> Any:
