@@ -24,7 +24,9 @@ ModelScan lives in its own venv, never as a shoal dependency:
     /work/venvs/modelscan/bin/pip install modelscan h5py
 
 Run:  python benchmarks/scan.py [--json out.json] [--big-mb 64] [--repeats 5]
-Without that venv (or --modelscan PATH) only shoal's figures are reported.
+Without that venv (or --modelscan PATH) only shoal's figures are reported. ``--baseline SRC``
+adds an earlier shoal (its ``src`` folder, e.g. ``git worktree add /tmp/base <rev>``) as a
+third tool, interleaved with the others, for before/after ratios from one run.
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ def _child_env(pycache: Path) -> None:
     _ENV["PYTHONPYCACHEPREFIX"] = str(pycache)
 
 
-def _timed(cmd: list[str], io_file: Path) -> tuple[float, int, subprocess.CompletedProcess[str]]:
+def _timed(
+    cmd: list[str], io_file: Path, extra_env: dict[str, str] | None = None
+) -> tuple[float, int, subprocess.CompletedProcess[str]]:
     """Run a command: (child CPU seconds, bytes it read, process)."""
-    env = {**_ENV, "SCAN_BENCH_IO": str(io_file)}
+    env = {**_ENV, **(extra_env or {}), "SCAN_BENCH_IO": str(io_file)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -101,11 +105,14 @@ _NOT_ANALYSED = {"unknown", "empty", "special", "unreadable"}
 class Tool:
     """One scanner, run as its command line on a folder."""
 
-    def __init__(self, name: str, python: str, main: str, tmp: Path) -> None:
+    def __init__(
+        self, name: str, python: str, main: str, tmp: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.python = python
         self.main = main
         self.tmp = tmp
+        self.env = env or {}
 
     def command(self, folder: Path, out: Path) -> list[str]:
         raise NotImplementedError
@@ -120,7 +127,7 @@ class Tool:
         for f in (out, io_file):
             f.unlink(missing_ok=True)
         cmd = [self.python, "-c", _IO_PRELUDE + self.main, *self.command(folder, out)]
-        cpu, rchar, proc = _timed(cmd, io_file)
+        cpu, rchar, proc = _timed(cmd, io_file, self.env)
         flags, analysed = self.parse(proc, folder, out)
         return cpu, rchar, flags, analysed
 
@@ -346,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-mb", type=int, default=64, help="size of each large benign file")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing runs per tool")
     parser.add_argument("--modelscan", default=DEFAULT_MODELSCAN, help="modelscan executable")
+    parser.add_argument(
+        "--baseline", type=Path, help="an earlier shoal's src folder, timed as 'shoal-base'"
+    )
     args = parser.parse_args(argv)
 
     modelscan = args.modelscan if Path(args.modelscan).exists() else shutil.which("modelscan")
@@ -362,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.link(p, small / f"{group}__{p.name}")
         folders = {"empty": root / "empty", "small": small, "big": root / "c" / "big"}
         tools: list[Tool] = [Shoal("shoal", sys.executable, SHOAL_MAIN, root)]
+        if args.baseline:
+            base_env = {"PYTHONPATH": str(args.baseline.resolve())}
+            tools.append(Shoal("shoal-base", sys.executable, SHOAL_MAIN, root, base_env))
         if modelscan:
             ms_python = Path(modelscan).resolve().parent / "python"
             tools.append(ModelScan("modelscan", str(ms_python), MODELSCAN_MAIN, root))
@@ -403,14 +416,15 @@ def main(argv: list[str] | None = None) -> int:
 
         # bytes both analyse: link the common files into folders of their own and time those
         common: dict[str, Path] = {}
-        if len(tools) == 2:
+        pair = ("shoal", "modelscan")  # a baseline shoal is timed on the same folders
+        if modelscan:
             for g in ("small", "big"):
-                both = set.intersection(*(runs[t.name][g]["analysed"] for t in tools))
+                both = set.intersection(*(runs[t][g]["analysed"] for t in pair))
                 if g == "big":
                     # of large files, only those both tools read in full: a tensor's bytes
                     # that both skip are not bytes either analyses
                     size = results["big_files_mb"]
-                    both = {n for n in both if all(reads[t][n] >= 0.9 * size[n] for t in reads)}
+                    both = {n for n in both if all(reads[t][n] >= 0.9 * size[n] for t in pair)}
                 common[f"common_{g}"] = root / f"common_{g}"
                 _link_folder(common[f"common_{g}"], folders[g], both)
             common_runs = scanner_runs(tools, {"empty": folders["empty"], **common}, args.repeats)
@@ -458,18 +472,26 @@ def main(argv: list[str] | None = None) -> int:
         }
         results["peak_memory"] = [peak_memory(p, warm[p.suffix]) for p in big_loadable]
 
-        if len(tools) == 2:
-            s, m = throughput["shoal"], throughput["modelscan"]
-            results["speedup_net"] = {
-                g: s[g]["net_mb_per_cpu_s"] / m[g]["net_mb_per_cpu_s"]
-                for g in ("small", "big", "common_small", "common_big")
-                if s[g]["net_mb_per_cpu_s"] and m[g]["net_mb_per_cpu_s"]
-            }
+        if modelscan:
+            results["speedup_net"] = _ratios(throughput, "shoal", "modelscan")
+            if args.baseline:
+                results["baseline_speedup_net"] = _ratios(throughput, "shoal-base", "modelscan")
+                results["shoal_over_baseline"] = _ratios(throughput, "shoal", "shoal-base")
         results["modelscan_available"] = bool(modelscan)
         _print(results)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _ratios(throughput: dict[str, Any], a: str, b: str) -> dict[str, float]:
+    """Net MB per CPU-s of tool ``a`` over tool ``b``, per folder."""
+    x, y = throughput[a], throughput[b]
+    return {
+        g: x[g]["net_mb_per_cpu_s"] / y[g]["net_mb_per_cpu_s"]
+        for g in ("small", "big", "common_small", "common_big")
+        if x[g]["net_mb_per_cpu_s"] and y[g]["net_mb_per_cpu_s"]
+    }
 
 
 def _f(v: Any, digits: int = 1) -> str:
@@ -500,7 +522,11 @@ def _print(results: dict[str, Any]) -> None:
     tp = results["throughput"]
     names = list(tp)
     table = Table(title="scanning, MB per CPU second NET of start-up (median [range])")
-    for col in ("folder", "MB", *names, "shoal / ModelScan"):
+    ratios = {"shoal / ModelScan": results.get("speedup_net", {})}
+    if "shoal_over_baseline" in results:
+        ratios["shoal-base / ModelScan"] = results["baseline_speedup_net"]
+        ratios["shoal / shoal-base"] = results["shoal_over_baseline"]
+    for col in ("folder", "MB", *names, *ratios):
         table.add_column(col)
     labels = {
         "small": "hostile + benign, all files",
@@ -516,8 +542,16 @@ def _print(results: dict[str, Any]) -> None:
             r = tp[n][g]
             lo, hi = r["net_mb_per_cpu_s_range"]
             cells.append(f"{_f(r['net_mb_per_cpu_s'])} [{_f(lo)}-{_f(hi)}]")
-        ratio = results.get("speedup_net", {}).get(g)
-        table.add_row(label, _f(tp["shoal"][g]["mb"]), *cells, f"{ratio:.2f}x" if ratio else "-")
+        ratio_cells = [f"{r[g]:.2f}x" if r.get(g) else "-" for r in ratios.values()]
+        table.add_row(label, _f(tp["shoal"][g]["mb"]), *cells, *ratio_cells)
+    console.print(table)
+
+    table = Table(title="net CPU s (median of the folder runs minus the median empty run)")
+    for col in ("folder", *names):
+        table.add_column(col)
+    for g, label in labels.items():
+        if g in tp["shoal"]:
+            table.add_row(label, *[_f(tp[n][g]["net_cpu_s"], 3) for n in names])
     console.print(table)
 
     table = Table(title="what each tool reads of each large file (MB read / file MB)")
