@@ -111,16 +111,13 @@ class _Abort(Exception):
 
 
 class _Glob:
-    __slots__ = ("module", "name", "severity")
+    __slots__ = ("module", "name", "qual", "severity")
 
     def __init__(self, module: str, name: str, severity: Severity) -> None:
         self.module = module
         self.name = name
         self.severity = severity
-
-    @property
-    def qual(self) -> str:
-        return f"{self.module}.{self.name}"
+        self.qual = f"{module}.{name}"  # read by every check of every call: made once
 
 
 class _Obj:
@@ -245,12 +242,20 @@ _CHOOSES_CALLEE = frozenset(
 
 def _chooses_callee(qual: str) -> bool:
     """An allowlisted helper whose arguments decide what it calls (see _check_callee)."""
-    module, _, name = qual.rpartition(".")
-    return (
-        qual in _CHOOSES_CALLEE
-        or (module.startswith("sklearn.") and name == "newObj")  # obj.__new__(obj)
-        or name.startswith("__pyx_unpickle_")  # X.__new__(type), then X's C fields from state
-    )
+    hit = _CHOOSES_SEEN.get(qual)
+    if hit is None:
+        module, _, name = qual.rpartition(".")
+        hit = (
+            qual in _CHOOSES_CALLEE
+            or (module.startswith("sklearn.") and name == "newObj")  # obj.__new__(obj)
+            or name.startswith("__pyx_unpickle_")  # X.__new__(type), then X's C fields
+        )
+        if len(_CHOOSES_SEEN) < 4096:  # a file naming many globals cannot grow it further
+            _CHOOSES_SEEN[qual] = hit
+    return hit
+
+
+_CHOOSES_SEEN: dict[str, bool] = {}  # every call's check asks this twice per global
 
 
 def _empty_mapping(v: Any) -> bool:
