@@ -509,6 +509,11 @@ class ByteReader:
 
     def line(self, limit: int) -> tuple[bytes, int, bool]:
         """Read through the next newline: (first ``limit`` bytes, full length, saw newline)."""
+        buf, i = self._buf, self._i
+        j = buf.find(b"\n", i)
+        if j >= 0:  # the whole line is buffered (most are): one slice, no copies
+            self._i = j + 1
+            return bytes(buf[i : min(j, i + limit)]), j - i, True
         kept = bytearray()
         total = 0
         while True:
