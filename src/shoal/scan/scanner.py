@@ -138,6 +138,14 @@ def _hdf5_offset(head: bytes, f: IO[bytes] | None) -> int | None:
     return None
 
 
+# Every byte tarfile.nti's text reading of a number field can take (int(s.strip(), 8): octal
+# digits, '_', a sign, a 0o prefix, and whatever str.strip removes): a field with any other
+# byte before its first NUL is not a number, so the header is not a tar's.
+_SPACES = bytes(c for c in range(128) if chr(c).isspace())
+_OCTAL_TEXT = _SPACES + b"01234567_+-oO"
+_ASCII = bytes(range(128))
+
+
 def _tar_header(head: bytes) -> bool:
     """Whether tarfile (hence torch.load, which tries every non-zip file as a legacy tar)
     opens the stream: the ustar magic, or a first 512-byte header whose checksum holds, as in
@@ -146,6 +154,19 @@ def _tar_header(head: bytes) -> bool:
         return True
     if len(head) < 512:
         return False
+    field = head[148:156]
+    if field[0] not in (0o200, 0o377):
+        text = field.split(b"\0", 1)[0]  # tarfile.nts
+        if text.strip(_OCTAL_TEXT):
+            return False  # a byte int(..., 8) never takes: tarfile.nti refuses the field
+        digits = text.strip(_SPACES)
+        if not digits.strip(b"01234567"):
+            # plain octal digits or none: nti's int(digits or "0", 8), against calc_chksums
+            # (the header's bytes summed unsigned and signed, the field counted as spaces)
+            body = head[:148] + head[156:512]
+            unsigned = 256 + sum(body)
+            signed = unsigned - 256 * len(body.translate(None, _ASCII))
+            return int(digits or b"0", 8) in (unsigned, signed)
     import tarfile  # here, not at the top: few model files are tars
 
     try:
@@ -211,7 +232,10 @@ class _Scanner:
             # torch's legacy_load extracts this member and unpickles it record by record,
             # whatever else its bytes might also be.
             return scan_torch_tar_member(r, sink, limits=limits, member=hint.torch_tar).format
-        if _OPCODE_BYTES[head[0]] and self._other_format(head, seekable) is not None:
+        ruled_out = False  # whether _other_format found none of the containers it knows
+        if _OPCODE_BYTES[head[0]]:
+            ruled_out = self._other_format(head, seekable) is None
+        if _OPCODE_BYTES[head[0]] and not ruled_out:
             # A container that may also be a pickle at byte 0: read it both ways.
             with self._whole(seekable, r) as f:
                 imports = probe_pickle_imports(ByteReader(f), sink, limits=limits, torch=False)
@@ -226,7 +250,9 @@ class _Scanner:
                     )
                     fmt = f"pickle+{fmt}"
                 return fmt
-        return self._container(seekable, r, head, name=name, depth=depth, hint=hint)
+        return self._container(
+            seekable, r, head, name=name, depth=depth, hint=hint, ruled_out=ruled_out
+        )
 
     def _other_format(self, head: bytes, seekable: IO[bytes] | None) -> str | None:
         """The non-pickle format the first bytes announce, if any (cheap: no parsing)."""
@@ -252,29 +278,33 @@ class _Scanner:
         name: str,
         depth: int,
         hint: MemberHint,
+        ruled_out: bool = False,
     ) -> str:
+        """``ruled_out``: ``_other_format`` already found none of zip, HDF5, compressed, tar
+        and safetensors in these bytes, so they are not sniffed again."""
         limits, sink = self.limits, self.sink
-        size = _size(seekable) if seekable is not None else None
 
         def sub(s: Source, n: str, h: MemberHint) -> str:
             return self.member(s, n, h, depth + 1)
 
-        if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-            with self._whole(seekable, r) as f:
-                return scan_zip(f, sink, limits=limits, scan_member=sub, budget=self.budget)
         if head[:6] == b"\x93NUMPY":
             return scan_npy(r, sink, limits=limits)
-        if head[:8] == HDF5_MAGIC or _hdf5_offset(head, seekable) is not None:
-            with self._whole(seekable, r) as f:
-                return scan_hdf5(f, sink, limits=limits, weights_only=hint.keras_weights)
-        codec = _compression(head)
-        if codec is not None:
-            return self._compressed(r, codec, name=name, depth=depth, hint=hint)
-        if _tar_header(head):
-            with self._whole(seekable, r) as f:
-                return scan_tar(f, sink, limits=limits, scan_member=sub)
-        if looks_like_safetensors(head, size):
-            return scan_safetensors(r, sink, limits=limits, size=size)
+        if not ruled_out:
+            if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+                with self._whole(seekable, r) as f:
+                    return scan_zip(f, sink, limits=limits, scan_member=sub, budget=self.budget)
+            if head[:8] == HDF5_MAGIC or _hdf5_offset(head, seekable) is not None:
+                with self._whole(seekable, r) as f:
+                    return scan_hdf5(f, sink, limits=limits, weights_only=hint.keras_weights)
+            codec = _compression(head)
+            if codec is not None:
+                return self._compressed(r, codec, name=name, depth=depth, hint=hint)
+            if _tar_header(head):
+                with self._whole(seekable, r) as f:
+                    return scan_tar(f, sink, limits=limits, scan_member=sub)
+            size = _size(seekable) if seekable is not None else None
+            if looks_like_safetensors(head, size):
+                return scan_safetensors(r, sink, limits=limits, size=size)
         if head[0] == 0x08:
             fmt = scan_onnx(r, sink, strict=name.lower().endswith(".onnx"))
             return fmt or self._unknown()
@@ -391,9 +421,12 @@ def _scan_source(src: IO[bytes], *, path: str, limits: ScanLimits) -> FileReport
     return _report(path, fmt, sink)
 
 
+_DEFAULT_LIMITS = ScanLimits()  # frozen: one for every call that gives none
+
+
 def scan_file(path: str | os.PathLike[str], *, limits: ScanLimits | None = None) -> FileReport:
     """Scan one file. Never executes or imports anything named by the file."""
-    limits = limits or ScanLimits()
+    limits = limits or _DEFAULT_LIMITS
     p = Path(path)
     try:
         st = p.stat()
@@ -421,7 +454,7 @@ def scan_bytes(
     data: bytes, *, name: str = "<bytes>", limits: ScanLimits | None = None
 ) -> FileReport:
     """Scan an in-memory file (same analysis as ``scan_file``)."""
-    return _scan_source(io.BytesIO(bytes(data)), path=name, limits=limits or ScanLimits())
+    return _scan_source(io.BytesIO(bytes(data)), path=name, limits=limits or _DEFAULT_LIMITS)
 
 
 def _exists(p: Path) -> bool:
