@@ -503,7 +503,7 @@ def _print(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     c = results["corpus"]
-    console = Console()
+    console = Console(width=160)  # the tables stay legible when the output is a file
     console.print(
         f"corpus: {c['hostile']['files']} hostile, {c['benign']['files']} benign "
         f"({c['hostile']['mb'] + c['benign']['mb']:.1f} MB), {c['big']['files']} large "
