@@ -12,7 +12,8 @@ Part 1 (training): FedAvg and FedAdam against centralized training of the same m
 pooled training windows of the same split, given the same number of minibatches per round as
 the whole federation computes (``nodes_per_round * steps``), with accuracy, perplexity and
 wall time per round. Part 2 (compression): FedAvg with the nodes' updates compressed by
-``shoal.aggregate`` stages (8-bit, 4-bit, top-1% with error feedback, 8-bit under SecureSum),
+``shoal.aggregate`` stages (8-bit, 4-bit, top-1% with error feedback, 8-bit under SecureSum;
+``--variants`` adds others, such as a random subset under SecureSum),
 uplink bytes per round as counted on the wire (``Federation.traffic``) against accuracy after
 the same rounds. Part 3 (clock): virtual time to a target accuracy (95% of uncompressed
 FedAvg's final accuracy) with every node on a ``--uplink-mbps`` uplink (download free), on
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.aggregate import Clip, Mean, Quantize, RandomRotation, TopK
+from shoal.aggregate import Clip, Mean, Quantize, RandomRotation, RandomSubset, TopK
 from shoal.crypto import SecureSum
 from shoal.data import Dataset, load_play
 from shoal.learn import FedAdam, FedAvg, FedAvgM, FitConfig, simulate
@@ -470,9 +471,20 @@ def main() -> int:
             | SecureSum(value_range=4.0 * args.clip / sizes)
             | Mean(),
         }
-        chosen = args.variants or [
-            n for n in chains if n not in ("2-bit", "rotation + 2-bit", "top-10% + EF + 4-bit")
-        ]
+        # RandomSubset under SecureSum: the same public random positions at every node, so
+        # only those are masked (error feedback at the node, or unbiased 1/fraction scaling).
+        for fraction in (0.1, 0.25, 0.5):
+            for feedback, label in ((True, "EF"), (False, "unbiased")):
+                chains[f"SecureSum rotation + 8-bit + random {fraction:.0%} {label}"] = (
+                    Clip(args.clip)
+                    | RandomRotation()
+                    | RandomSubset(fraction, error_feedback=feedback)
+                    | Quantize(8)
+                    | SecureSum(value_range=4.0 * args.clip / sizes)
+                    | Mean()
+                )
+        extra = ("2-bit", "rotation + 2-bit", "top-10% + EF + 4-bit")
+        chosen = args.variants or [n for n in chains if n not in extra and "random" not in n]
         unknown = sorted(set(chosen) - set(chains))
         if unknown:
             print(f"unknown variants {unknown}; choose from {list(chains)}", file=sys.stderr)

@@ -214,7 +214,7 @@ def test_chains_are_checked() -> None:
         TopK(0.0)
     vectors = {"a": np.ones(10)}
     for chain, message in (
-        (Quantize(8) | TopK(0.5) | Mean(), "order RandomRotation, TopK, Quantize"),
+        (Quantize(8) | TopK(0.5) | Mean(), "order RandomRotation, TopK or RandomSubset, Quantize"),
         (TopK(0.5) | Clip(1.0) | Mean(), "Clip must come before"),
     ):
         fed = federation(vector_app(vectors), ["a"], chain)

@@ -7,6 +7,7 @@ from shoal.aggregate.compress import (  # after stages: it builds on them
     Compressor,
     Quantize,
     RandomRotation,
+    RandomSubset,
     TopK,
     compresses,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "NormBound",
     "Quantize",
     "RandomRotation",
+    "RandomSubset",
     "Reduced",
     "Reducer",
     "ServerTransform",

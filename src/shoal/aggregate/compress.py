@@ -7,6 +7,9 @@ the node as error feedback for later rounds), quantize what is kept to 8 bits wi
 per block, then average what the server decoded. The node reads its update through the
 runtime's checked accessor, so a compressed update leaves only where its policy lets the
 update itself leave. Quantization reuses :class:`shoal.crypto.Quantizer`'s stochastic rounding.
+
+``RandomSubset(0.1)`` keeps the same random 10% of coordinates at every node, drawn from a
+public seed the server sends; no positions travel, and it runs inside a secure sum too.
 """
 
 from __future__ import annotations
@@ -35,13 +38,17 @@ __all__ = [
     "Compressor",
     "Quantize",
     "RandomRotation",
+    "RandomSubset",
     "TopK",
     "compress_vector",
     "compressed_gather",
     "compression_tasks",
     "decompress_vector",
+    "feedback_slot",
     "pack_codes",
     "rotate",
+    "subset_positions",
+    "subset_size",
     "unpack_codes",
     "unrotate",
 ]
@@ -50,6 +57,7 @@ COMPRESS_TASK = "shoal.aggregate.compress"
 EF_STATE = "shoal.aggregate.error_feedback"
 BLOCK = 4096  # rotation mixes, and quantization scales, blocks of this many coordinates
 _PACKABLE = (1, 2, 4, 8, 16)
+_LOSSY = ("rotate", "topk", "subset", "quantize")  # the order they run in
 
 
 class Compressor(NodeTransform):
@@ -98,6 +106,36 @@ class TopK(Compressor):
 
     def spec(self) -> dict[str, Any]:
         return {"topk": float(self.fraction)}
+
+
+@dataclass(frozen=True)
+class RandomSubset(Compressor):
+    """Keep the same ``fraction`` of coordinates at every node: positions drawn from a
+    public seed the server draws for each aggregate, so only values travel, and a secure sum
+    can mask them (every node sends the same positions). With ``error_feedback`` (default)
+    each node sends its values as they are and adds what it did not send to its next update
+    (a round's estimate is ``fraction`` of the update in expectation, made whole over rounds);
+    without, the server scales the kept values by ``1 / fraction`` (unbiased, noisier)."""
+
+    fraction: float
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.fraction, bool)
+            or not isinstance(self.fraction, (int, float))
+            or not 0 < self.fraction <= 1
+        ):
+            raise ConfigError(
+                f"RandomSubset(fraction) needs 0 < fraction <= 1, got {self.fraction!r}"
+            )
+        if not isinstance(self.error_feedback, bool):
+            raise ConfigError(
+                f"RandomSubset(error_feedback) is True or False, got {self.error_feedback!r}"
+            )
+
+    def spec(self) -> dict[str, Any]:
+        return {"subset": float(self.fraction)}
 
 
 @dataclass(frozen=True)
@@ -165,6 +203,31 @@ def unrotate(y: np.ndarray, seed: int, length: int) -> np.ndarray:
     return (_hadamard(y, _block(length)) * _signs(seed, y.size))[:length]
 
 
+def subset_size(length: int, fraction: float) -> int:
+    """How many of ``length`` coordinates a :class:`RandomSubset` of ``fraction`` keeps."""
+    return min(length, max(1, math.ceil(float(fraction) * length)))
+
+
+def subset_positions(seed: int, length: int, fraction: float) -> np.ndarray:
+    """The sorted positions (int64) a :class:`RandomSubset` keeps: the :func:`subset_size`
+    coordinates whose keys are smallest, one 64-bit key per coordinate from an AES-CTR
+    keystream (:func:`shoal.crypto.prg.expand`) seeded by ``seed``. The same on every node
+    and platform (no NumPy generator whose stream may change between versions); a uniform
+    subset, as every order of the keys is equally likely."""
+    from shoal.crypto.prg import expand  # same layer group; imported on use (cycle)
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise AggregationError(f"a subset seed is an integer in [0, 2**63), got {seed!r}")
+    if length <= 0:
+        return np.zeros(0, dtype=np.int64)
+    key = hashlib.sha256(b"shoal.aggregate.subset:" + seed.to_bytes(8, "big")).digest()
+    keys = expand(key, length, dtype=np.uint64)
+    count = subset_size(length, fraction)
+    # A stable sort: equal keys (never seen in practice) still give one answer everywhere.
+    chosen = np.argsort(keys, kind="stable")[:count]
+    return np.sort(chosen).astype(np.int64)
+
+
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Integers in [0, 2**bits) packed little-end-first into bytes (uint16 for 16 bits)."""
     if bits == 16:
@@ -220,9 +283,9 @@ def _dequantize(packed: np.ndarray, scales: np.ndarray, bits: int, count: int) -
 def compress_vector(
     x: np.ndarray, steps: Sequence[tuple[str, float]], *, seed: int
 ) -> dict[str, Any]:
-    """Apply the lossy ``steps`` (``rotate``, ``topk``, ``quantize``, in that order) to ``x``;
-    the result is what a node sends, with array fields ``index``, ``values`` or ``codes``
-    and ``scales``."""
+    """Apply the lossy ``steps`` (``rotate``, ``topk`` or ``subset``, ``quantize``, in that
+    order) to ``x``; the result is what a node sends, with array fields ``index`` (TopK's
+    positions; a subset's are public), ``values`` or ``codes`` and ``scales``."""
     v = np.asarray(x, dtype=np.float64).ravel()
     out: dict[str, Any] = {}
     for kind, value in steps:
@@ -233,6 +296,8 @@ def compress_vector(
             index = np.sort(np.argpartition(np.abs(v), v.size - k)[v.size - k :])
             out["index"] = index.astype(np.uint32)
             v = v[index]
+        elif kind == "subset":
+            v = v[subset_positions(seed, v.size, value)]
         elif kind == "quantize":
             out["codes"], out["scales"] = _quantize(v, int(value))
             return out
@@ -243,12 +308,21 @@ def compress_vector(
 
 
 def decompress_vector(
-    payload: Mapping[str, Any], steps: Sequence[tuple[str, float]], *, seed: int, length: int
+    payload: Mapping[str, Any],
+    steps: Sequence[tuple[str, float]],
+    *,
+    seed: int,
+    length: int,
+    unbiased: bool = False,
 ) -> np.ndarray:
     """The vector of ``length`` coordinates a node's :func:`compress_vector` output stands
-    for; anything malformed (a hostile or broken node) is an AggregationError."""
+    for; anything malformed (a hostile or broken node) is an AggregationError. With
+    ``unbiased`` a subset's values are scaled by ``1 / fraction`` (exactly ``full / kept``)."""
     kinds = [kind for kind, _ in steps]
     full = _padded(length) if "rotate" in kinds else length
+    positions = None
+    if "subset" in kinds:
+        positions = subset_positions(seed, full, dict(steps)["subset"])
     if "topk" in kinds:
         topk = dict(steps)["topk"]
         count = max(1, math.ceil(float(topk) * full))
@@ -256,6 +330,8 @@ def decompress_vector(
         increasing = (np.diff(index.astype(np.int64)) > 0).all()
         if index.size and (int(index.max()) >= full or not increasing):
             raise AggregationError(f"'index' must be {count} increasing positions below {full}")
+    elif positions is not None:
+        count = positions.size
     else:
         count = full
     if "quantize" in kinds:
@@ -273,6 +349,10 @@ def decompress_vector(
     if "topk" in kinds:
         dense = np.zeros(full)
         dense[index.astype(np.int64)] = values
+        values = dense
+    if positions is not None:
+        dense = np.zeros(full)
+        dense[positions] = values * (full / positions.size if unbiased else 1.0)
         values = dense
     if "rotate" in kinds:
         return unrotate(values, seed, length)
@@ -301,7 +381,7 @@ def _steps(raw: Any) -> tuple[list[tuple[str, float]], bool]:
         if (
             not isinstance(item, list)
             or len(item) != 2
-            or item[0] not in ("clip_l2", "rotate", "topk", "quantize")
+            or item[0] not in ("clip_l2", *_LOSSY)
             or isinstance(item[1], bool)
             or not isinstance(item[1], (int, float))
             or not math.isfinite(item[1])
@@ -312,8 +392,8 @@ def _steps(raw: Any) -> tuple[list[tuple[str, float]], bool]:
     for kind, value in steps:
         if kind == "clip_l2" and value <= 0:
             raise TaskError("clip_l2 must be positive")
-        if kind == "topk" and not 0 < value <= 1:
-            raise TaskError("topk must be a fraction in (0, 1]")
+        if kind in ("topk", "subset") and not 0 < value <= 1:
+            raise TaskError(f"{kind} must be a fraction in (0, 1]")
         if kind == "quantize" and int(value) not in _PACKABLE:
             raise TaskError(f"quantize takes bits in {_PACKABLE}")
     lossy = [k for k, _ in steps if k != "clip_l2"]
@@ -322,15 +402,34 @@ def _steps(raw: Any) -> tuple[list[tuple[str, float]], bool]:
 
 def _check_order(kinds: Sequence[str], error: type[Exception]) -> None:
     lossy = [k for k in kinds if k != "clip_l2"]
-    order = ["rotate", "topk", "quantize"]
-    if len(set(lossy)) != len(lossy) or lossy != sorted(lossy, key=order.index):
+    if len(set(lossy)) != len(lossy) or lossy != sorted(lossy, key=_LOSSY.index):
         raise error(
-            "compression steps run in the order RandomRotation, TopK, Quantize, each at most "
-            f"once; got {list(kinds)}"
+            "compression steps run in the order RandomRotation, TopK or RandomSubset, "
+            f"Quantize, each at most once; got {list(kinds)}"
         )
+    if "topk" in lossy and "subset" in lossy:
+        raise error("TopK and RandomSubset both choose coordinates: use one of them")
     first = next((i for i, k in enumerate(kinds) if k != "clip_l2"), len(kinds))
     if "clip_l2" in kinds[first:]:
         raise error("Clip must come before the compression stages, not after them")
+
+
+def feedback_slot(
+    ctx: Any, handle: str, fields: Sequence[str], size: int
+) -> tuple[dict[str, Any], str]:
+    """Where a node keeps the residual of ``fields`` (``size`` coordinates) in its own state,
+    never released: ``(memory, key)``, ``memory[key]`` the residual if any. Claims the slot
+    for ``handle``: one update is compressed with error feedback once, whatever the chain
+    (plain or secure), since a second compression would add its residual twice."""
+    key = hashlib.sha256(repr((list(fields), size)).encode()).hexdigest()[:16]
+    memory: dict[str, Any] = ctx.state.setdefault(EF_STATE, {})
+    if memory.get(f"{key}/handle") == handle:
+        raise TaskError(
+            "this update was already compressed with error feedback; a second "
+            "compression of it would count its residual twice"
+        )
+    memory[f"{key}/handle"] = handle
+    return memory, key
 
 
 @functools.cache
@@ -364,16 +463,8 @@ def compression_tasks() -> dict[str, Any]:
         for _, bound in steps[:first]:
             vector = clip_rows(vector.reshape(1, -1), bound)[0][0]
         lossy = steps[first:]
-        key = hashlib.sha256(repr((fields, vector.size)).encode()).hexdigest()[:16]
-        memory: dict[str, Any] = ctx.state.setdefault(EF_STATE, {})
         if feedback:
-            # Compressing one update twice would add (and keep) its residual twice.
-            if memory.get(f"{key}/handle") == handle:
-                raise TaskError(
-                    "this update was already compressed with error feedback; a second "
-                    "compression of it would count its residual twice"
-                )
-            memory[f"{key}/handle"] = handle
+            memory, key = feedback_slot(ctx, handle, fields, vector.size)
             if key in memory:
                 vector = vector + memory[key]
         out = compress_vector(vector, lossy, seed=seed)
@@ -427,6 +518,7 @@ def compressed_gather(
         "seed": seed,
         "error_feedback": feedback,
     }
+    # One seed, public and the same for every node: a subset keeps the same positions at all.
     replies, failures = values.federation.request(holders, COMPRESS_TASK, common=request)
     for node, failure in failures.items():
         excluded[node] = f"compressed fetch: {failure.kind.value}: {failure.detail}"
@@ -439,7 +531,7 @@ def compressed_gather(
         if reply is None:
             continue
         try:
-            row = decompress_vector(reply, lossy, seed=seed, length=length)
+            row = decompress_vector(reply, lossy, seed=seed, length=length, unbiased=not feedback)
             weight = 1.0
             if weight_field is not None:
                 w = reply.get("weight")
@@ -478,11 +570,11 @@ def _node_spec(stage: NodeTransform) -> dict[str, Any]:
         spec = stage.spec()
     except NotImplementedError:
         spec = {}
-    if len(spec) != 1 or next(iter(spec)) not in ("clip_l2", "rotate", "topk", "quantize"):
+    if len(spec) != 1 or next(iter(spec)) not in ("clip_l2", *_LOSSY):
         raise ConfigError(
             f"{type(stage).__name__} cannot run before compression: nodes apply only Clip, "
-            "RandomRotation, TopK and Quantize to an update they compress (NormBound needs "
-            "each update's exact norm at the server)"
+            "RandomRotation, TopK, RandomSubset and Quantize to an update they compress "
+            "(NormBound needs each update's exact norm at the server)"
         )
     if isinstance(stage, Clip):
         return {"clip_l2": stage.l2}

@@ -30,6 +30,7 @@ from shoal.aggregate import (
     NormBound,
     Quantize,
     RandomRotation,
+    RandomSubset,
     Stage,
     TopK,
     TrimmedMean,
@@ -163,6 +164,9 @@ _SCHEMAS: dict[str, Schema] = {
         # Compression at the nodes (shoal.aggregate.compress), in this order after clip.
         "rotate": (bool, False),
         "topk": ((int, float), None),
+        # RandomSubset: the same public random positions at every node (secure = true too).
+        "random_subset": ((int, float), None),
+        "random_subset_error_feedback": (bool, None),  # None: on, as RandomSubset's default
         "quantize_bits": (int, None),
     },
 }
@@ -534,6 +538,9 @@ class JobSpec:
             stages.append(RandomRotation())
         if spec["topk"] is not None:
             stages.append(TopK(float(spec["topk"])))
+        if spec["random_subset"] is not None:
+            feedback = spec["random_subset_error_feedback"] is not False
+            stages.append(RandomSubset(float(spec["random_subset"]), error_feedback=feedback))
         if spec["quantize_bits"] is not None:
             stages.append(Quantize(int(spec["quantize_bits"])))
         return stages
@@ -718,9 +725,23 @@ def _check_secure(job: JobSpec) -> None:
 
 def _check_compression(job: JobSpec) -> None:
     spec = job.aggregate
-    wanted = spec["rotate"] or spec["topk"] is not None or spec["quantize_bits"] is not None
+    subset = spec["random_subset"]
+    wanted = (
+        spec["rotate"]
+        or spec["topk"] is not None
+        or subset is not None
+        or spec["quantize_bits"] is not None
+    )
     if spec["topk"] is not None and not 0 < spec["topk"] <= 1:
         raise ConfigError(f"[aggregate] topk must be a fraction in (0, 1], got {spec['topk']!r}")
+    if subset is not None and not 0 < subset <= 1:
+        raise ConfigError(f"[aggregate] random_subset must be a fraction in (0, 1], got {subset!r}")
+    if subset is not None and spec["topk"] is not None:
+        raise ConfigError(
+            "[aggregate] topk and random_subset both choose which coordinates travel: set one"
+        )
+    if subset is None and spec["random_subset_error_feedback"] is not None:
+        raise ConfigError("[aggregate] random_subset_error_feedback needs random_subset = FRACTION")
     if spec["quantize_bits"] is not None and spec["quantize_bits"] not in (1, 2, 4, 8, 16):
         raise ConfigError(
             f"[aggregate] quantize_bits must be 1, 2, 4, 8 or 16, got {spec['quantize_bits']!r}"
@@ -731,18 +752,21 @@ def _check_compression(job: JobSpec) -> None:
         raise ConfigError(
             "[aggregate] topk cannot combine with secure = true: every node would keep "
             "different coordinates, and a secure sum masks the same positions at every node. "
-            "Under secure = true use rotate = true and quantize_bits"
+            "Under secure = true use rotate = true, random_subset = FRACTION (the same "
+            "public positions at every node) and quantize_bits"
         )
     if spec["norm_bound"] is not None:
         raise ConfigError(
             "[aggregate] norm_bound needs each update's exact norm at the server, which "
-            "compression (rotate, topk, quantize_bits) changes; use clip = C instead"
+            "compression (rotate, topk, random_subset, quantize_bits) changes; use clip = C "
+            "instead"
         )
     p = job.privacy
     if p is not None and (p["level"] == "node" or p["mode"] == "distributed"):
         raise ConfigError(
-            "[aggregate] compression (rotate, topk, quantize_bits) does not combine with this "
-            "[privacy] plan, whose noised sum takes no other aggregator; use mode = 'local' "
+            "[aggregate] compression (rotate, topk, random_subset, quantize_bits) does not "
+            "combine with this [privacy] plan, whose noised sum takes no other aggregator; "
+            "use mode = 'local' "
             "(each node noises its own update, and compressing that is post-processing)"
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "UNMASK_TASK",
     "InputGetter",
     "KeyAuthority",
+    "PreparedInput",
     "input_context",
     "kept_input",
     "quantizer_for",
@@ -77,6 +78,16 @@ def signed_keys(round_id: str, node: str, c_public: bytes, s_public: bytes) -> b
 # (ctx, payload, group) -> the node's input; ``group`` is the number of participants in
 # the round's SecAgg+ parameters, which this node validated and key-agrees within.
 InputGetter = Callable[[Any, Mapping[str, Any], int], Any]
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """An input whose getter has more to do once the node masked it or refused to: error
+    feedback keeps, in the node's state, what it sent only if it did. ``settle(True)`` runs
+    after the masked reply is built, ``settle(False)`` if masking raised."""
+
+    value: Any
+    settle: Callable[[bool], None]
 
 
 def kept_input(ctx: Any, payload: Mapping[str, Any], group: int) -> Any:
@@ -200,15 +211,31 @@ def secagg_tasks(
             )
         # The group is the participant list of the parameters this node checked when it
         # advertised its keys, not anything the masked-input request claims.
-        value = np.asarray(get_input(ctx, payload, len(params.nodes)))
-        clip = payload.get("clip")
-        if clip is not None:
-            if not isinstance(clip, (int, float)) or isinstance(clip, bool):
-                raise ProtocolError("'clip' must be a number")
-            value = quantizer_for(float(clip), nodes=len(params.nodes), bits=params.bits).quantize(
-                value.ravel()
-            )
-        return node.masked_input(request, value).to_dict()
+        got = get_input(ctx, payload, len(params.nodes))
+        prepared = got if isinstance(got, PreparedInput) else None
+        try:
+            value = np.asarray(prepared.value if prepared is not None else got)
+            if value.size != params.vector_length:
+                raise ProtocolError(
+                    f"this node's input, read and prepared as the request says, has "
+                    f"{value.size} entries, but the round's parameters ask for "
+                    f"{params.vector_length} (a subset or field list of another size): "
+                    "refusing to mask it"
+                )
+            clip = payload.get("clip")
+            if clip is not None:
+                if not isinstance(clip, (int, float)) or isinstance(clip, bool):
+                    raise ProtocolError("'clip' must be a number")
+                quantizer = quantizer_for(float(clip), nodes=len(params.nodes), bits=params.bits)
+                value = quantizer.quantize(value.ravel())
+            reply = node.masked_input(request, value).to_dict()
+        except BaseException:
+            if prepared is not None:
+                prepared.settle(False)
+            raise
+        if prepared is not None:
+            prepared.settle(True)
+        return reply
 
     def unmask(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
         request = UnmaskRequest.from_dict(payload)
