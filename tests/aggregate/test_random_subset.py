@@ -500,3 +500,28 @@ def test_random_subset_jobs_build_their_chains() -> None:
         {**JOB, "aggregate": {"random_subset": 0.25, "random_subset_error_feedback": False}}
     ).build_aggregator()
     assert plain.stages[0] == RandomSubset(0.25, error_feedback=False)
+
+
+def test_fedavg_trains_through_a_secure_random_subset() -> None:
+    from shoal.data import load_digits, partition
+    from shoal.learn import FedAvg, SoftmaxRegression, simulate
+
+    train, test = load_digits(test_fraction=0.2, seed=0)
+    nodes = partition(train, nodes=8, scheme="iid", seed=0)
+    results = {}
+    for name, subset in (("dense", ()), ("subset", (RandomSubset(0.25),))):
+        chain = Clip(5.0) | RandomRotation()
+        for stage in (*subset, Quantize(8)):
+            chain = chain | stage
+        chain = chain | SecureSum(value_range=0.5) | Mean()
+        results[name] = simulate(
+            model=SoftmaxRegression(features=64, classes=10),
+            nodes=nodes,
+            algorithm=FedAvg(rounds=6, nodes_per_round=8, lr=0.3, local_epochs=2, aggregator=chain),
+            test=test,
+            seed=0,
+        )
+    dense, sparse = (results[n].history[-1].extra["uplink_bytes"] for n in ("dense", "subset"))
+    # 650 weights pad to 1,024 rotated coordinates; the subset masks 256 of them (uint16).
+    assert dense - sparse >= 0.95 * 8 * 2 * (1024 - 256)
+    assert results["subset"].metrics["accuracy"] > 0.8, results["subset"].metrics
