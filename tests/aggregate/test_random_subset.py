@@ -435,6 +435,18 @@ def test_secure_chains_and_hostile_transforms_are_checked() -> None:
         engine = engine_for(vector_app(updates, release="secure"), list(updates), chain)
         with pytest.raises(ConfigError, match=message):
             chain.reduce(Federation(engine).all().map("make")["v"])
+    # Without error feedback the subset is post-processing of the clipped, noised update.
+    chain = (
+        Clip(10.0)
+        | DistributedNoise(total_std=0.01, nodes=3)
+        | RandomSubset(0.5, error_feedback=False)
+        | SecureSum(value_range=10.0, dropout_fraction=0.0)
+    )
+    engine = engine_for(vector_app(updates, release="secure"), list(updates), chain)
+    got = chain.reduce(Federation(engine).all().map("make")["v"]).vector
+    kept = got != 0
+    assert kept.sum() == 25
+    np.testing.assert_allclose(got[kept], 2 * sum(u[0] for u in updates.values())[kept], atol=0.1)
     good = {"fraction": 0.5, "seed": 3, "error_feedback": True}
     for spec, message in (
         ({**good, "fraction": 2.0}, r"fraction must lie in \(0, 1\]"),
