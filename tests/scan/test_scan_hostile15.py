@@ -172,6 +172,23 @@ def test_an_lzma_member_cannot_lie_its_way_past_the_ratio(tmp_path):
     assert any("max_ratio" in f.detail for f in report.findings), report.findings
 
 
+def test_an_lzma_member_is_read_in_bounded_steps(tmp_path):
+    # zipfile's reader decompresses each compressed read whole: a 10 KB member of 64 MiB of
+    # zeros was 64 MiB in memory at once (a 44 KB one of 300 MiB grew the scan's RSS 607 MiB)
+    import tracemalloc
+
+    path = tmp_path / "zeros.npz"
+    _lzma_npz(path, np.zeros(64 << 20, dtype=np.uint8))
+    tracemalloc.start()
+    try:
+        report = scan_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.severity < Severity.MEDIUM, report.findings
+    assert peak < 16 << 20, peak
+
+
 def test_an_lzma_npz_member_is_still_scanned(tmp_path):
     # an object .npy member (np.load(allow_pickle=True) unpickles it) naming os.system
     head = io.BytesIO()

@@ -7,6 +7,7 @@ bits such as "encrypted" or a wrong CRC cannot hide a member from the scan.
 from __future__ import annotations
 
 import io
+import lzma
 import os
 import re
 import struct
@@ -18,15 +19,7 @@ from typing import IO
 
 from shoal.scan.pickle_scan import Sink
 from shoal.scan.report import ScanLimits, Severity
-from shoal.scan.streams import (
-    Budget,
-    Decompressed,
-    LimitExceeded,
-    Slice,
-    Source,
-    check_time,
-    size_text,
-)
+from shoal.scan.streams import Budget, Decompressed, Slice, Source
 
 __all__ = ["MemberHint", "member_source", "scan_tar", "scan_zip", "torch_pickle_member"]
 
@@ -328,81 +321,23 @@ def member_source(
     if method == zipfile.ZIP_BZIP2:
         return Decompressed(base=raw, codec="bz2", limit=limits.max_member_bytes, budget=budget)
     if method == zipfile.ZIP_LZMA and not info.flag_bits & 0x1:
-        # the ratio is judged against the compressed bytes the file really holds: the
-        # directory's compressed size may claim more
-        held = max(0, min(info.compress_size, f.seek(0, os.SEEK_END) - start))
-        return _Bounded(base=zf.open(info), compressed=held, limits=limits, budget=budget)
+        # zipfile's own reader decompresses each compressed read whole (a 44 KB member of
+        # zeros was 600 MiB in memory at once): read its framing (version, properties size,
+        # properties) and decompress the raw LZMA1 data in bounded steps, as every stream
+        head = raw.read(4)
+        props = raw.read(struct.unpack("<H", head[2:4])[0]) if len(head) == 4 else b""
+        try:
+            lzma1 = lzma._decode_filter_properties(lzma.FILTER_LZMA1, props)  # type: ignore[attr-defined]
+        except (lzma.LZMAError, ValueError) as exc:
+            raise _MemberError(f"member {info.filename!r} has a bad LZMA header: {exc}") from None
+        return Decompressed(
+            base=raw,
+            codec="zip-lzma",
+            limit=limits.max_member_bytes,
+            budget=budget,
+            filters=[lzma1],
+        )
     return None
-
-
-# As streams.Decompressed: below this many bytes out, the ratio is not judged.
-_RATIO_FLOOR = 16 << 20
-
-
-class _Bounded(io.RawIOBase):
-    """zipfile's own reader of an LZMA member (np.load reads them; shoal has no streaming
-    reader of zipfile's LZMA framing) under the bounds ``Decompressed`` keeps on every other
-    stream: the file's total, the member limit, the ratio (against the member's compressed
-    bytes in the file) and the time budget. zipfile's reader has none of them: a 1 MB member
-    of zeros is gigabytes."""
-
-    def __init__(
-        self, *, base: IO[bytes], compressed: int, limits: ScanLimits, budget: Budget | None
-    ) -> None:
-        super().__init__()
-        self._base, self._budget, self._limit = base, budget, limits.max_member_bytes
-        self._in = max(1, compressed)
-        self._out = self._data = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if not self.closed:
-            self._base.close()
-        super().close()
-
-    def read(self, n: int = -1, /) -> bytes:
-        if n is None or n < 0:  # to the end, as io's contract says, in bounded steps
-            parts = []
-            while chunk := self.read(1 << 16):
-                parts.append(chunk)
-            return b"".join(parts)
-        data = self._base.read(min(n, 1 << 16))
-        self._out += len(data)
-        if self._budget is not None:
-            self._budget.spend(len(data))
-            self._check_ratio()
-        if self._out > self._limit:
-            raise LimitExceeded(
-                f"refused: an lzma zip member expands past {size_text(self._limit)} "
-                "(ScanLimits.max_member_bytes)"
-            )
-        check_time()
-        return data
-
-    def count_data(self, n: int) -> None:
-        """Raw data counts for the ratio only past ``ratio_after``, as in ``Decompressed``."""
-        self._data = max(0, self._data + n)
-        if n < 0:
-            self._check_ratio()
-
-    def _check_ratio(self) -> None:
-        budget = self._budget
-        if budget is None or budget.ratio is None:
-            return
-        out = self._out if self._out >= budget.ratio_after else self._out - self._data
-        if out > _RATIO_FLOOR and out > budget.ratio * self._in:
-            raise LimitExceeded(
-                f"refused: an lzma zip member expands more than {budget.ratio} times "
-                "(ScanLimits.max_ratio; raw array data counts once a stream passes "
-                f"{size_text(budget.ratio_after)}, ScanLimits.ratio_after_bytes)"
-            )
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def _npy_inside(

@@ -182,8 +182,10 @@ class Decompressed(io.RawIOBase):
         limit: int,
         owns_base: bool = False,
         budget: Budget | None = None,
+        filters: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
+        self._filters = filters  # raw LZMA1 (zip method 14): the filter from the member header
         self._budget = budget
         self._owns_base = owns_base
         self._base = base
@@ -207,6 +209,8 @@ class Decompressed(io.RawIOBase):
             return bz2.BZ2Decompressor()
         if self._codec in ("xz", "lzma"):
             return lzma.LZMADecompressor(format=lzma.FORMAT_AUTO)
+        if self._codec == "zip-lzma":
+            return lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=self._filters)
         raise ValueError(f"unknown codec {self._codec}")
 
     def readable(self) -> bool:
@@ -270,6 +274,9 @@ class Decompressed(io.RawIOBase):
                     if not raw and not self._buf and not dec.eof:
                         raise EOFError(f"{self._codec} stream ends before its end marker")
             else:
+                if dec.eof and self._codec == "zip-lzma":
+                    self._eof = True  # zipfile reads one stream per member
+                    break
                 if dec.eof:
                     # As bz2.BZ2File and lzma.LZMAFile (hence joblib) do: a further stream
                     # follows unless the rest is not a stream of this codec at all.
