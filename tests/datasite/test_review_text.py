@@ -3,7 +3,7 @@ character a terminal acts on (hostile15, issue 15)."""
 
 from __future__ import annotations
 
-from shoal.cli.datasite import _plain
+from shoal.cli.text import inert as _plain
 
 
 def test_terminal_controls_in_a_scientists_text_are_shown_not_acted_on():

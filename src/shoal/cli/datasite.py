@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from shoal.cli.options import positive_float, positive_int
+from shoal.cli.text import inert
 from shoal.errors import ConfigError
 
 __all__ = ["register"]
@@ -299,12 +300,6 @@ def _requests_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plain(text: str) -> str:
-    """Text a scientist wrote (source, diffs, their code's logs) with every character a
-    terminal would act on shown as an escape: ESC sequences erase and overwrite lines."""
-    return "".join(c if c.isprintable() or c in "\n\t" else f"\\u{ord(c):04x}" for c in text)
-
-
 def _requests_action(args: argparse.Namespace) -> int:
     site = _site(args)
     rid = args.id
@@ -313,7 +308,7 @@ def _requests_action(args: argparse.Namespace) -> int:
         source = info.pop("source")
         _show(info)
         print("--- source ---")
-        print(_plain(source))
+        print(inert(source))
         try:
             print("--- mock result ---")
             _show(site.call("GET", f"/api/requests/{rid}/preview/mock"))
@@ -322,7 +317,7 @@ def _requests_action(args: argparse.Namespace) -> int:
         return 0
     if args.action == "diff":
         got = site.call("GET", f"/api/requests/{rid}/diff")
-        print(_plain(got["diff"]) or "(no earlier request by this scientist to compare with)")
+        print(inert(got["diff"]) or "(no earlier request by this scientist to compare with)")
         return 0
     if args.action == "approve":
         return _show(site.approve(rid, args.hash, args.reason))
@@ -336,7 +331,7 @@ def _requests_action(args: argparse.Namespace) -> int:
 def _jobs_action(args: argparse.Namespace) -> int:
     site = _site(args)
     if args.action == "logs":
-        print(_plain(site.call("GET", f"/api/jobs/{args.id}/logs")["logs"]))
+        print(inert(site.call("GET", f"/api/jobs/{args.id}/logs")["logs"]))
         return 0
     return _show(site.call("POST", f"/api/jobs/{args.id}/kill"))
 

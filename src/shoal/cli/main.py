@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from shoal.cli.text import inert
 from shoal.errors import ShoalError
 
 # command -> (module that registers it, one-line help shown by `shoal --help`)
@@ -81,13 +82,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-def _printable(text: str) -> str:
-    """An error message with the characters a terminal acts on shown as escapes: messages
-    quote what files hold (a model archive's member names, a scanner finding), and ESC
-    sequences there would rewrite the user's screen."""
-    return "".join(c if c.isprintable() or c in "\n\t" else f"\\u{ord(c):04x}" for c in text)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(arguments)
@@ -98,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ShoalError as exc:
-        print(f"shoal: error: {_printable(str(exc))}", file=sys.stderr)
+        # Messages quote what files hold (a member name, a scanner finding): shown inert.
+        print(f"shoal: error: {inert(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("shoal: interrupted", file=sys.stderr)

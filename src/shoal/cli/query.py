@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shoal.cli.text import inert
 from shoal.errors import ConfigError
 
 __all__ = ["load_analytics_job", "register", "run", "run_node"]
@@ -304,21 +305,23 @@ def _print(result: Any) -> None:
         result.mode if result.mode == "exact" else f"{result.mode} DP, epsilon {result.epsilon:g}"
     )
     print(f"{len(result.rows)} row(s) from {len(result.parties)} parties ({mode})", file=out)
-    print("\t".join(result.columns), file=out)
+    # Column names, group keys and the parties' reasons come from other parties' data: shown
+    # inert (an ESC sequence would rewrite the screen; a tab or newline would shift the table).
+    print("\t".join(inert(c, lines=False) for c in result.columns), file=out)
     for i, row in enumerate(result.rows):
         cells = []
         for j, v in enumerate(row):
-            text = _fmt(v)
+            text = inert(_fmt(v), lines=False)
             if result.errors is not None and result.errors[i][j] is not None:
                 text += f" ± {result.errors[i][j]:.3g}"
             cells.append(text)
         print("\t".join(cells), file=out)
     for line in _disclosure_lines(result.disclosed):
-        print(line, file=out)
+        print(inert(line, lines=False), file=out)
     for node, reason in result.failures.items():
-        print(f"party {node} did not answer: {reason}", file=out)
+        print(inert(f"party {node} did not answer: {reason}", lines=False), file=out)
     for note in result.notes:
-        print(f"note: {note}", file=out)
+        print(inert(f"note: {note}", lines=False), file=out)
 
 
 DISCLOSED_COUNTS = (

@@ -108,7 +108,9 @@ def _shown(text: str) -> str:
     control and format characters (bidi overrides too) are shown as escapes."""
     from rich.markup import escape
 
-    return escape("".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text))
+    from shoal.cli.text import inert
+
+    return escape(inert(text, lines=False))
 
 
 def _print_text(reports: list[FileReport]) -> None:
