@@ -52,13 +52,18 @@ endif
 deps: venv torch
 	$(PIP) -e '.[dev]'
 
+# Two passes: everything but the `serial` tests on every core (pytest-xdist, at most 4
+# workers), then the serial ones alone: floods, slow-client attacks and Ray clusters, whose
+# deadlines are about a server under attack, not about sharing the CPU with other tests.
 test: deps
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --maxprocesses=4 -m "not serial"
+	$(PYTHON) -m pytest -q -m serial
 
 # Property tests with fresh random examples, many more of them (tests/conftest.py).
 # A failure it finds becomes an explicit test case.
 test-fuzz: deps
-	SHOAL_HYPOTHESIS=fuzz $(PYTHON) -m pytest -q
+	SHOAL_HYPOTHESIS=fuzz $(PYTHON) -m pytest -q -n auto --maxprocesses=4 -m "not serial"
+	SHOAL_HYPOTHESIS=fuzz $(PYTHON) -m pytest -q -m serial
 
 lint: venv
 	$(PYTHON) -m ruff check src tests benchmarks

@@ -19,7 +19,7 @@ from sites import RunningSite, start_site
 
 from shoal.datasite.client import DatasiteError, connect
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

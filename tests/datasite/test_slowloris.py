@@ -21,7 +21,7 @@ from sites import RunningSite, start_site
 
 from shoal.datasite.guard import HEADER_TIMEOUT_S, PER_ADDRESS
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 HELD = 600  # connections the attacker opens, each sending one line of a request
 FD_LIMIT = 512  # the server's own limit on open files, set after it starts

@@ -17,6 +17,8 @@ from shoal.runtime import NodeApp
 from shoal.runtime.grpc.limits import RejectionLog, peer_host
 from shoal.runtime.grpc.protocol import METHOD
 
+pytestmark = pytest.mark.serial  # floods: run alone (make test's second pass)
+
 FLOOD = 60  # connections held open at once, at most
 FLOOD_S = 20.0  # the flood stops by itself after this
 

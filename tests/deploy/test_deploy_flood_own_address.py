@@ -30,6 +30,8 @@ FLOOD_S = 9.0
 sys.path.insert(0, str(Path(__file__).parent))
 from flooder import client_hello  # noqa: E402
 
+pytestmark = pytest.mark.serial  # floods: run alone (make test's second pass)
+
 
 @contextlib.contextmanager
 def flood(port: int, mode: str, seconds: float = FLOOD_S) -> Iterator[dict[str, object]]:

@@ -27,7 +27,7 @@ from shoal.runtime import Store
 from shoal.runtime.grpc import make_certs, public_key_bytes, write_key_pair
 from shoal.runtime.grpc.transport import PREAUTH_BYTES, PREAUTH_RECORDS, PROBATION_BYTES
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 SCRIPT = Path(__file__).with_name("h2attack.py")
 ATTACK_S = 180.0  # the attacker stops by itself after this; the test stops it once the node is in

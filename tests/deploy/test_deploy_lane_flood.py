@@ -28,7 +28,7 @@ from shoal.runtime import NodeApp
 from shoal.runtime.grpc import ClientTLS, ServerTLS
 from shoal.runtime.grpc.transport import PREAUTH_BYTES, PREAUTH_RECORDS
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 SCRIPT = Path(__file__).with_name("laneattack.py")
 

@@ -31,7 +31,7 @@ ray = pytest.importorskip("ray")
 
 from shoal.runtime.ray import RayEngine  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 SUPPORT = Path(__file__).parent / "ray_support"
 APP = Recipe(target="shoal_ray_apps:app")

@@ -30,7 +30,7 @@ from shoal.runtime import (
 )
 from shoal.wire import decode, encode
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 apps = importlib.import_module("shoal_contract_apps")  # loaded by this folder's conftest.py
 
