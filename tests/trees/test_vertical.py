@@ -107,7 +107,17 @@ def test_the_guest_never_receives_a_host_threshold_or_a_plain_histogram() -> Non
     # a cut as the 8 bytes of a float64: what a leaked threshold looks like inside a byte
     # buffer (a cut such as 27.0 equals single ciphertext bytes by chance, its 8 bytes do not)
     patterns = [c.tobytes() for c in cuts.astype("<f8")]
-    for method, reply in links[0].sent:
+    records = 0
+    for (method, reply), asked in zip(links[0].sent, links[0].asked, strict=True):
+        if method == "commit":
+            # a commit's integers are positions, not values: each winner is one of the ids the
+            # guest offered for its node (shuffled, so any index, even one equal to a cut such
+            # as 27.0) and each record is the host's next row
+            offered = np.split(asked["ids"], np.cumsum(asked["counts"])[:-1])
+            assert all(c in ids for c, ids in zip(reply["chosen"], offered, strict=True))
+            assert reply["records"].tolist() == list(range(records, records + len(offered)))
+            records += len(offered)
+            reply = {k: v for k, v in reply.items() if k not in ("chosen", "records")}
         for name, value in reply.items():
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":
                 raise AssertionError(f"{method} sent floats in {name!r}")
