@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shoal.datasite.reap import JobHandle
 from shoal.datasite.sandbox import SandboxLimits, bwrap_available, run_sandboxed
 from shoal.datasite.table import Table, encode_table
 from shoal.wire import decode
@@ -121,7 +122,7 @@ def test_fork_is_refused_by_the_interpreter() -> None:
 @pytest.mark.parametrize("isolate", [None, False], ids=["default", "no-bwrap"])
 def test_a_fork_bomb_hits_the_process_limit_and_is_killed(isolate: bool | None) -> None:
     limits = SandboxLimits(wall_seconds=6, cpu_seconds=6, processes=8, audit_hooks=False)
-    groups: list[int] = []
+    groups: list[JobHandle] = []
     out = run(
         "import os\nwhile True:\n    os.fork()", limits, isolate=isolate, on_start=groups.append
     )
@@ -133,7 +134,7 @@ def test_a_fork_bomb_hits_the_process_limit_and_is_killed(isolate: bool | None) 
     )
     # nothing of it is left: every process of its group is gone (under bwrap the forks live
     # in a PID namespace that dies with it)
-    assert _live_members(groups[0]) == []
+    assert _live_members(groups[0].pid) == []
 
 
 def _live_members(pgid: int) -> list[int]:

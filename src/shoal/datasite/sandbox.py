@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.datasite.reap import JobHandle, read_child_pid
+
 __all__ = ["JobOutcome", "SandboxLimits", "bwrap_available", "readable_by_jobs", "run_sandboxed"]
 
 NOBODY = 65534
@@ -137,9 +139,11 @@ def readable_by_jobs(path: str | os.PathLike[str], *, isolated: bool) -> bool:
         return False
 
 
-def _bwrap_args(work: Path) -> list[str]:
+def _bwrap_args(work: Path, info_fd: int) -> list[str]:
     args = [
         shutil.which("bwrap") or "bwrap",
+        "--info-fd",  # where bwrap writes its child's pid: the namespace's init, killed by pid
+        str(info_fd),
         "--unshare-net",
         "--unshare-pid",
         "--unshare-ipc",
@@ -188,13 +192,6 @@ def _bwrap_args(work: Path) -> list[str]:
         "/job",
     ]
     return args
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
 
 
 def _tree_bytes(root: Path, cap: int) -> int:
@@ -265,7 +262,8 @@ def run_sandboxed(
     ``mode="run"`` returns the function's result as a wire payload; ``mode="declare"``
     returns the DP or threshold queries it declares (see ``shoal.datasite.dp``).
     ``isolate=None`` uses bwrap when it works here; ``True`` requires it.
-    ``on_start(pid)`` is called once the process exists (so a caller can kill it).
+    ``on_start(handle)`` is called once the process exists with a
+    :class:`~shoal.datasite.reap.JobHandle` whose ``kill()`` ends the job and all it started.
     """
     limits = limits or SandboxLimits()
     use_bwrap = bwrap_available() if isolate is None else isolate
@@ -280,6 +278,7 @@ def run_sandboxed(
     work = base / "job"
     work.mkdir()
     started = time.monotonic()
+    info_read = info_write = -1
     try:
         inputs_dir = work / "inputs"
         inputs_dir.mkdir()
@@ -314,7 +313,9 @@ def run_sandboxed(
         where = "/job" if use_bwrap else str(work)
         command = [sys.executable, "-I", "-S", "-B", str(RUNNER), where]
         if use_bwrap:
-            command = [*_bwrap_args(work), *command]
+            info_read, info_write = os.pipe()
+        if use_bwrap:
+            command = [*_bwrap_args(work, info_write), *command]
         proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -324,9 +325,16 @@ def run_sandboxed(
             cwd=str(work),
             start_new_session=True,  # its own process group, killed as one
             close_fds=True,
+            pass_fds=(info_write,) if use_bwrap else (),
         )
+        child = None
+        if use_bwrap:
+            os.close(info_write)
+            info_write = -1
+            child = read_child_pid(info_read, started + limits.wall_seconds)
+        handle = JobHandle(proc=proc, child=child)
         if on_start is not None:
-            on_start(proc.pid)
+            on_start(handle)
         out = _Drain(proc.stdout, limits.output_bytes + (1 << 16))
         err = _Drain(proc.stderr, limits.log_bytes)
         out.start()
@@ -345,16 +353,21 @@ def run_sandboxed(
                 if _tree_bytes(work, limits.disk_bytes) > limits.disk_bytes:
                     why = "disk"
             if why:
-                _kill_group(proc)
+                handle.kill()
                 break
             time.sleep(0.005 if now - started < 0.5 else 0.05)
         proc.wait()
-        _kill_group(proc)  # anything the job left behind in its group
-        out.join(5)
-        err.join(5)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        handle.kill()  # anything the job left behind: its namespace, its group
+        out.join(0.5)
+        err.join(0.5)
+        if out.is_alive() or err.is_alive():
+            # a process the kills missed still holds the output pipes
+            handle.kill_pipe_holders()
+            out.join(5)
+            err.join(5)
+        for drain in (out, err):
+            if not drain.is_alive():  # closing a stream a reader blocks on would block too
+                drain.stream.close()
         seconds = time.monotonic() - started
         logs = err.data().decode("utf-8", "replace")
         code = proc.returncode
@@ -391,6 +404,9 @@ def run_sandboxed(
             )
         return _ended(code, out.data(), logs, seconds, isolated, limits)
     finally:
+        for fd in {info_read, info_write} - {-1}:
+            with contextlib.suppress(OSError):  # info_write is closed once bwrap has it
+                os.close(fd)
         _remove(base)
 
 

@@ -7,14 +7,12 @@ the audit chain, and moves a request through its lifecycle. Submitted code runs 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import io
 import json
 import math
 import os
 import re
-import signal
 import sqlite3
 import threading
 import time
@@ -31,6 +29,7 @@ import numpy as np
 from shoal.datasite import dp as dpmod
 from shoal.datasite import federated as fed
 from shoal.datasite.assets import generate_mock, infer_schema, load_table, meta_from_record
+from shoal.datasite.reap import JobHandle
 from shoal.datasite.sandbox import (
     JobOutcome,
     SandboxLimits,
@@ -237,7 +236,7 @@ class Service:
         self.limits = limits or SandboxLimits()
         self.isolate = isolate
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datasite-job")
-        self._pids: dict[int, int] = {}
+        self._running: dict[int, JobHandle] = {}
         self._pids_lock = threading.Lock()
         self._doomed: set[int] = set()
         self._users: dict[str, User] = {}
@@ -264,9 +263,8 @@ class Service:
 
     def close(self) -> None:
         with self._pids_lock:
-            for pid in self._pids.values():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+            for handle in self._running.values():
+                handle.kill()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _recover(self) -> None:
@@ -808,14 +806,13 @@ class Service:
         if row is None:
             raise NotFound(f"no job {jid}")
         with self._pids_lock:
-            pid = self._pids.get(jid)
-            if pid is None:
+            handle = self._running.get(jid)
+            if handle is None:
                 if row["state"] != "running":
                     raise Conflict(f"job {jid} is not running (it is {row['state']})")
                 self._doomed.add(jid)  # its process is being started: killed as it starts
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+        if handle is not None:
+            handle.kill()
         self.state.audit(user.name, "job.kill", {"job": jid})
         return {"job": jid, "killed": True}
 
@@ -875,14 +872,13 @@ class Service:
         self._check_hidden({"the datasite's database": self.state.path, **private})
         tables = self._tables(assets, mock=mock)
 
-        def started(pid: int) -> None:
+        def started(handle: JobHandle) -> None:
             with self._pids_lock:
-                self._pids[jid] = pid
+                self._running[jid] = handle
                 doomed = jid in self._doomed
                 self._doomed.discard(jid)
             if doomed:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+                handle.kill()
 
         try:
             return run_sandboxed(
@@ -897,7 +893,7 @@ class Service:
             )
         finally:
             with self._pids_lock:
-                self._pids.pop(jid, None)
+                self._running.pop(jid, None)
 
     def _mock_job(self, rid: int) -> None:
         row = self.state.one("SELECT * FROM requests WHERE id=?", (rid,))
