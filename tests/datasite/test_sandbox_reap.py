@@ -8,6 +8,7 @@ wall-clock limit, and the server's worker blocked for good on the output pipe it
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -99,11 +100,16 @@ def test_the_namespace_dies_even_when_bwrap_is_already_gone() -> None:
     assert child is not None and _alive(child)
     with open(f"/proc/{child}/status") as f:
         assert any(line.split()[1:] == [str(child), "1"] for line in f if line.startswith("NSpid"))
-    handle.kill()
+    os.kill(handle.pid, signal.SIGSTOP)  # bwrap can neither die nor pass on a death now
+    handle.kill_namespace()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the namespace outlived the kill of its init"
+    handle.kill()  # and bwrap, stopped or not
     thread.join(30)
     assert not thread.is_alive(), "the worker still waits on the job"
     assert box["out"].state == "failed" and "SIGKILL" in box["out"].reason
-    assert not _alive(child)
 
 
 def test_a_job_that_leaves_its_group_is_ended_by_its_pipes() -> None:

@@ -95,13 +95,17 @@ class JobHandle:
         self._child_start = None if child is None else _start_time(child)
         self._lock = threading.Lock()
 
-    def kill(self) -> None:
+    def kill_namespace(self) -> None:
+        """Kill bwrap's child, the PID namespace's init: its death ends the namespace."""
         with self._lock:
-            # bwrap's child is the PID namespace's init: its death ends the namespace
             if self._child is not None and self._child_start is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     if _start_time(self._child) == self._child_start:
                         os.kill(self._child, signal.SIGKILL)
+
+    def kill(self) -> None:
+        self.kill_namespace()
+        with self._lock:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
