@@ -415,6 +415,10 @@ class _Analyzer:
         self.extensions = 0  # EXT opcodes among the imports
         self.kept = 0
         self.items = 0  # tuple items made (lists and dicts keep at most _CONTAINER_KEEP)
+        # Containers (tuples, lists, dicts, call results) this analyser made: no chain of
+        # containers is longer, so STOP need not walk a value when this is within the depth
+        # limit. A reading that starts from another's state (_plain_reading) counts from 'any'.
+        self.built = 0
         self.started_with_proto = False
         self.joblib = False
         self.pos = 0
@@ -526,7 +530,7 @@ class _Analyzer:
             left = max_ops - self.ops
             stop = (n if left >= n - i else i + left) if _INLINE and left > 0 else i
             stack = self.stack
-            ops = 0
+            ops = built = 0
             while i < stop:
                 code = buf[i]
                 if code == 0x68:  # BINGET
@@ -562,17 +566,20 @@ class _Analyzer:
                     items = stack
                     stack = metastack.pop()
                     stack.append(tuple(items))
+                    built += 1
                     i += 1
                 elif code == 0x85:  # TUPLE1
                     if not stack:
                         break
                     stack[-1] = (stack[-1],)
+                    built += 1
                     i += 1
                 elif code == 0x86:  # TUPLE2
                     if len(stack) < 2:
                         break
                     b = stack.pop()
                     stack[-1] = (stack[-1], b)
+                    built += 1
                     i += 1
                 elif code == 0x87:  # TUPLE3
                     if len(stack) < 3:
@@ -580,6 +587,7 @@ class _Analyzer:
                     c = stack.pop()
                     b = stack.pop()
                     stack[-1] = (stack[-1], b, c)
+                    built += 1
                     i += 1
                 elif code == 0x71 or code == 0x72:  # BINPUT, LONG_BINPUT
                     if code == 0x71:
@@ -602,11 +610,16 @@ class _Analyzer:
                         break
                     stack.append(v)
                     i += 5
-                elif code == 0x4E or code == 0x88 or code == 0x89 or code == 0x29:
-                    # NONE, NEWTRUE, NEWFALSE, EMPTY_TUPLE
+                elif code == 0x4E or code == 0x88 or code == 0x89:  # NONE, NEWTRUE, NEWFALSE
                     if len(stack) >= max_stack:
                         break
                     stack.append(_CONSTANTS[code])
+                    i += 1
+                elif code == 0x29:  # EMPTY_TUPLE: a container of no items, one level deep
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(())
+                    built += 1
                     i += 1
                 elif code == 0x8C or code == 0x43:  # SHORT_BINUNICODE, SHORT_BINBYTES
                     if i + 1 >= n or len(stack) >= max_stack:
@@ -689,6 +702,7 @@ class _Analyzer:
                     if len(stack) >= max_stack:
                         break
                     stack.append(Dict() if code == 0x7D else List())
+                    built += 1
                     i += 1
                 elif code == 0x70 or code == 0x67:  # PUT, GET (protocol 0: decimal line)
                     j = buf.find(b"\n", i + 1, i + 1 + _LINE_LIMIT)
@@ -752,11 +766,13 @@ class _Analyzer:
                         if items:
                             self._extend(lst, items)
                         stack.append(lst)
+                        built += 1
                     else:
                         d = Dict()
                         if items:
                             self._set_items(d, items)
                         stack.append(d)
+                        built += 1
                     i += 1
                 elif code == 0x90:  # ADDITEMS into a set
                     if not metastack or not metastack[-1] or type(metastack[-1][-1]) is not Opaque:
@@ -781,6 +797,7 @@ class _Analyzer:
                 ops += 1
             self.stack = stack
             self.ops += ops
+            self.built += built
             # One opcode the slow way: read from the buffer when it is there.
             if i < n:
                 code = buf[i]
@@ -820,7 +837,8 @@ class _Analyzer:
             raise _Malformed("STOP with an empty stack")
         limit = self.limits.max_value_depth
         self.memo = {}  # only the value's own references count as sharing
-        if nesting(self.stack[-1], limit, _SYMBOLIC_CONTAINERS) is None:
+        # A chain of containers is at most as long as the containers made: then no walk.
+        if self.built > limit and nesting(self.stack[-1], limit, _SYMBOLIC_CONTAINERS) is None:
             self.report(
                 Severity.MEDIUM,
                 "limit",
@@ -969,6 +987,7 @@ class _Analyzer:
         self.push(self.top())
 
     def op_EMPTY_TUPLE(self) -> None:
+        self.built += 1
         self.push(())
 
     def op_TUPLE(self) -> None:
@@ -986,34 +1005,42 @@ class _Analyzer:
             # kept as a count, not as items: tuples of tuples must not multiply memory
             self.push(_Opaque(f"tuple of {len(items)} items"))
             return
+        self.built += 1
         self.push(tuple(items))
 
     def op_TUPLE1(self) -> None:
+        self.built += 1
         self.push((self.pop(),))
 
     def op_TUPLE2(self) -> None:
         b = self.pop()
         a = self.pop()
+        self.built += 1
         self.push((a, b))
 
     def op_TUPLE3(self) -> None:
         c = self.pop()
         b = self.pop()
         a = self.pop()
+        self.built += 1
         self.push((a, b, c))
 
     def op_EMPTY_LIST(self) -> None:
+        self.built += 1
         self.push(_List())
 
     def op_LIST(self) -> None:
+        self.built += 1
         lst = _List()
         self._extend(lst, self.pop_mark())
         self.push(lst)
 
     def op_EMPTY_DICT(self) -> None:
+        self.built += 1
         self.push(_Dict())
 
     def op_DICT(self) -> None:
+        self.built += 1
         d = _Dict()
         self._set_items(d, self.pop_mark())
         self.push(d)
@@ -1216,6 +1243,7 @@ class _Analyzer:
     # -- calls --------------------------------------------------------------------------------
 
     def _call(self, func: Any, args: Any, how: str, *, new: bool = False) -> _Obj:
+        self.built += 1
         if not isinstance(func, _Glob):
             self.report(
                 Severity.HIGH,
@@ -1427,6 +1455,7 @@ class _Analyzer:
         items = self.pop_mark()
         if not items:
             raise _Malformed("OBJ without a class")
+        self.built += 1  # the argument tuple
         self.push(self._call(items[0], tuple(items[1:]), "OBJ"))
 
     def op_INST(self) -> None:
@@ -1437,6 +1466,7 @@ class _Analyzer:
             else self._import(pair[0], pair[1], "INST")
         )
         args = self.pop_mark()
+        self.built += 1  # the argument tuple
         self.push(self._call(cls, tuple(args), "INST"))
 
     def op_BUILD(self) -> None:
@@ -1454,7 +1484,11 @@ class _Analyzer:
             wrapper = _is_joblib_wrapper(inst)
             # joblib's BUILD updates the wrapper's __dict__: a second BUILD (the wrapper fetched
             # again from the memo) adds to the attributes of the first, and reads data again
-            inst.state = _merge_states(inst.state, state) if wrapper and inst.state else state
+            if wrapper and inst.state:
+                self.built += 1  # the merged state
+                inst.state = _merge_states(inst.state, state)
+            else:
+                inst.state = state
             if inst.origin is not None and inst.origin.qual == "numpy.dtype":
                 self._check_dtype(inst)
             if wrapper and self.joblib_arrays:
@@ -1566,6 +1600,7 @@ class _Analyzer:
                 and type(pid[4]) is int
             )
             if ok:
+                self.built += 1
                 return _Obj(storage_type)
         elif isinstance(pid, tuple) and pid and pid[0] == "module":
             self.report(
@@ -1623,6 +1658,7 @@ class _Analyzer:
             size = count * itemsize
             if self.r.skip(size) != size:
                 raise _Malformed(f"truncated joblib array data ({size} bytes declared)")
+        self.built += 1
         self.stack[-1] = _Obj(_Glob("numpy", "ndarray", Severity.NONE))
 
 
@@ -1687,6 +1723,7 @@ def _merge_states(old: Any, new: Any) -> Any:
 
 
 _MERGED_NAMES = 64
+_UNCOUNTED = 1 << 62  # more containers than any depth limit
 
 
 def _joblib_attrs(wrapper: _Obj) -> dict[str, Any] | None:
@@ -2009,6 +2046,7 @@ def _plain_reading(fork: _Fork, sink: Sink, *, limits: ScanLimits, torch: bool) 
     scratch = sink.scratch()
     a = _Analyzer(reader, scratch, limits=limits, torch=torch, joblib_arrays=False)
     a.stack, a.metastack, a.memo = fork.state
+    a.built = _UNCOUNTED  # its values were made by another reading: STOP always walks
     a.proto = fork.proto
     imports, error = 0, None
     try:
