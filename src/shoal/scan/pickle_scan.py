@@ -21,7 +21,16 @@ from shoal.errors import UnsafeModelError
 from shoal.scan.allowlist import classify_global, normalize_global
 from shoal.scan.brief import brief
 from shoal.scan.depth import nesting
-from shoal.scan.opcodes import F8, I4, OPCODES, U2, U4, dispatch_table, text_literal
+from shoal.scan.opcodes import (
+    F8,
+    I4,
+    OPCODES,
+    PLAIN_INT,
+    U2,
+    U4,
+    dispatch_table,
+    text_literal,
+)
 from shoal.scan.report import ScanLimits, Severity
 from shoal.scan.streams import ByteReader, check_time, size_text
 
@@ -523,6 +532,7 @@ class _Analyzer:
         )
         List, Dict, Opaque, keep_max = _List, _Dict, _Opaque, _CONTAINER_KEEP
         missing = _MISSING
+        plain_int = PLAIN_INT.fullmatch
         while True:
             buf, i = r.window()
             n = len(buf)
@@ -725,6 +735,24 @@ class _Analyzer:
                         if v is missing:
                             break
                         stack.append(v)
+                    i = j + 1
+                elif code == 0x49 or code == 0x56:  # INT, UNICODE (protocol 0: a text line)
+                    if len(stack) >= max_stack:
+                        break
+                    j = buf.find(b"\n", i + 1, i + 1 + _LINE_LIMIT)
+                    if j < 0:
+                        break
+                    data = buf[i + 1 : j]
+                    if code == 0x56:
+                        try:
+                            v = data.decode("raw-unicode-escape")  # what text_literal does
+                        except UnicodeDecodeError:
+                            break
+                    elif plain_int(data) is not None:
+                        v = int(data)
+                    else:
+                        break  # the other forms pickle reads: text_literal, in the handler
+                    stack.append(v)
                     i = j + 1
                 elif code == 0x95:  # FRAME: framing only, the opcodes inside are read as usual
                     if i + 9 > n:
