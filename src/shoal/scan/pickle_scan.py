@@ -267,6 +267,29 @@ def _chooses_callee(qual: str) -> bool:
 _CHOOSES_SEEN: dict[str, bool] = {}  # every call's check asks this twice per global
 
 
+def _classified(module: str, name: str) -> tuple[_Glob, str, str]:
+    """(the global, finding kind or "" when allowlisted, reason) for an import of a valid
+    module path; the same answer for every file, so the first few thousand are kept."""
+    norm_module, norm_name = normalize_global(module, name)
+    severity, reason = classify_global(norm_module, norm_name)
+    kind = ""
+    if severity > Severity.NONE:
+        kind = {
+            Severity.MEDIUM: "unknown-import",
+            Severity.HIGH: "suspicious-import",
+            Severity.CRITICAL: "unsafe-import",
+        }.get(severity, "import")
+    known = (_Glob(norm_module, norm_name, severity), kind, reason)
+    if len(_IMPORTS) < 4096:  # a file naming many globals cannot grow it further
+        _IMPORTS[(module, name)] = known
+    return known
+
+
+# (module, name) as the file writes them -> _classified's answer. _Glob values are never
+# changed once made, so one serves every import of that name.
+_IMPORTS: dict[tuple[str, str], tuple[_Glob, str, str]] = {}
+
+
 def _empty_mapping(v: Any) -> bool:
     """None, {} or an OrderedDict()/dict() call that nothing was put into."""
     if v is None:
@@ -1213,20 +1236,17 @@ class _Analyzer:
             raise _Malformed("global name is not UTF-8") from None
 
     def _import(self, module: str, name: str, how: str) -> _Glob:
-        if not all(part.isidentifier() for part in module.split(".")):
-            # The real unpickler's import of such a name fails, so loading stops here.
-            raise _Malformed(f"{how} names module {module[:60]!r}, which cannot be imported")
+        known = _IMPORTS.get((module, name))
+        if known is None:
+            if not all(part.isidentifier() for part in module.split(".")):
+                # The real unpickler's import of such a name fails, so loading stops here.
+                raise _Malformed(f"{how} names module {module[:60]!r}, which cannot be imported")
+            known = _classified(module, name)
         self.imports += 1
-        module, name = normalize_global(module, name)
-        severity, reason = classify_global(module, name)
-        if severity > Severity.NONE:
-            kind = {
-                Severity.MEDIUM: "unknown-import",
-                Severity.HIGH: "suspicious-import",
-                Severity.CRITICAL: "unsafe-import",
-            }.get(severity, "import")
-            self.report(severity, kind, f"{how} {reason}")
-        return _Glob(module, name, severity)
+        glob, kind, reason = known
+        if kind:
+            self.report(glob.severity, kind, f"{how} {reason}")
+        return glob
 
     def _unresolvable(self, how: str, what: str) -> _Glob:
         self.imports += 1
