@@ -183,3 +183,59 @@ def test_same_report_for_stack_opcodes(monkeypatch, parts, edits, stack):
     _both(lambda: scan_bytes(data), monkeypatch)
     _both(lambda: _analysis(data, ScanLimits()), monkeypatch)
     _both(lambda: _analysis(data, limits), monkeypatch)
+
+
+_GLOBALS = [
+    b"ccollections\nOrderedDict\n",
+    b"cbuiltins\nlist\n",
+    b"cbuiltins\nbytearray\n",
+    b"cnumpy\ndtype\n",
+    b"ccopyreg\n_reconstructor\n",
+    b"cjoblib.numpy_pickle\nNumpyArrayWrapper\n",
+    b"ctorch._utils\n_rebuild_tensor_v2\n",
+    b"c_codecs\nencode\n",
+    b"cos\nsystem\n",
+    b"h\x00",  # whatever memo 0 holds
+    b"N",  # not a global: a computed call
+]
+_ARGS = [
+    b")",
+    b"N\x85",
+    b"J\x00\x00\x00\x7f\x85",
+    b"\x8c\x02i8\x85",
+    b"\x8c\x01x\x8c\x03bad\x86",
+    b"cjoblib.numpy_pickle\nNumpyArrayWrapper\ncbuiltins\nobject\nN\x87",
+    b"(NNNNN}t",
+    b"]",
+    b"h\x01",
+]
+_STATES = [
+    b"",  # no BUILD
+    b"}",
+    b"}\x8c\x01aK\x01s",  # {'a': 1}
+    b"}\x8c\t__class__K\x01s",  # a dunder key
+    b"}K\x01K\x01s",  # a key that is not a string
+    b"(K\x03\x8c\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t",  # a dtype's state
+    b"N}\x86",  # (None, {})
+    b"h\x01\x85",  # a tuple holding a call's result
+    b"N",
+    b"\x8c\x01s",
+]
+_AFTER = [b"", b"\x94", b"0", b"2", b"h\x00"]
+_STEP = st.tuples(
+    st.sampled_from(_GLOBALS),
+    st.sampled_from(_ARGS),
+    st.sampled_from([b"R", b"\x81"]),
+    st.sampled_from(_STATES),
+    st.sampled_from(_AFTER),
+).map(lambda t: t[0] + t[1] + t[2] + (t[3] + b"b" if t[3] else b"") + t[4])
+
+
+@_SETTINGS
+@given(steps=st.lists(_STEP, min_size=1, max_size=8))
+def test_same_report_for_calls_and_builds(monkeypatch, steps):
+    """REDUCE and NEWOBJ of globals with nothing to check, and BUILD of states with nothing to
+    report, are inlined: every other call and build goes to its handler, with the same result."""
+    data = b"\x80\x04" + b"".join(steps) + b"."
+    _both(lambda: scan_bytes(data), monkeypatch)
+    _both(lambda: _analysis(data, ScanLimits()), monkeypatch)

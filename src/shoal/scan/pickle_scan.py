@@ -120,13 +120,25 @@ class _Abort(Exception):
 
 
 class _Glob:
-    __slots__ = ("module", "name", "qual", "severity")
+    """An imported global. ``plain``: a call of it has nothing for ``_check_args`` to check
+    (not allowlisted, so never checked, or allowlisted with no check for its arguments).
+    ``build``: what a BUILD on a call's result needs beyond the state's own check (0 nothing,
+    1 the handler: numpy.dtype or joblib's wrapper, 2 whether its argument is the wrapper)."""
+
+    __slots__ = ("build", "module", "name", "plain", "qual", "severity")
 
     def __init__(self, module: str, name: str, severity: Severity) -> None:
         self.module = module
         self.name = name
         self.severity = severity
-        self.qual = f"{module}.{name}"  # read by every check of every call: made once
+        self.qual = qual = f"{module}.{name}"  # read by every check of every call: made once
+        self.plain = severity != Severity.NONE or not _call_checked(qual)
+        if qual == "numpy.dtype" or qual == _JOBLIB_WRAPPER:
+            self.build = 1
+        elif _makes_instance(module, name):
+            self.build = 2
+        else:
+            self.build = 0
 
 
 class _Obj:
@@ -245,6 +257,33 @@ _CHOOSES_CALLEE = frozenset(
         "torch._utils._rebuild_wrapper_subclass",  # Tensor._make_wrapper_subclass(cls, ...)
         "torch._utils._rebuild_device_tensor_from_cpu_tensor",  # data.to(dtype, device)
         *_HOOKS_AT,
+    }
+)
+
+
+def _call_checked(qual: str) -> bool:
+    """Whether ``_check_args`` checks anything of a call of this allowlisted global: every
+    name it tests must be here (tests/scan/test_scan_fast_paths.py holds it to that)."""
+    return (
+        qual in _CALLS_ARGUMENT
+        or qual in _CHECKED_ARGUMENTS
+        or qual in _ARGUMENT_CHECKS
+        or qual in _NDARRAY_CLASSES
+        or qual.endswith("multiarray._reconstruct")
+        or _chooses_callee(qual)
+    )
+
+
+# The globals _check_args has a check of their own for, beyond the sets above.
+_ARGUMENT_CHECKS = frozenset(
+    {
+        "numpy.random._pickle.__bit_generator_ctor",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch._utils._rebuild_sparse_tensor",
+        "builtins.bytearray",
+        "builtins.bytes",
+        "_codecs.encode",
     }
 )
 
@@ -556,6 +595,7 @@ class _Analyzer:
         List, Dict, Opaque, keep_max = _List, _Dict, _Opaque, _CONTAINER_KEEP
         missing = _MISSING
         plain_int = PLAIN_INT.fullmatch
+        Glob, Obj, is_wrapper, state_findings = _Glob, _Obj, _is_joblib_wrapper, _state_findings
         while True:
             buf, i = r.window()
             n = len(buf)
@@ -759,6 +799,32 @@ class _Analyzer:
                             break
                         stack.append(v)
                     i = j + 1
+                elif code == 0x52 or code == 0x81:  # REDUCE, NEWOBJ
+                    # of an imported global whose arguments have nothing to check (_call)
+                    if len(stack) < 2:
+                        break
+                    func = stack[-2]
+                    if type(func) is not Glob or not func.plain:
+                        break
+                    args = stack.pop()
+                    stack[-1] = Obj(func, args, new=code == 0x81)
+                    built += 1
+                    i += 1
+                elif code == 0x62:  # BUILD
+                    # on a call's result, of a state with nothing to report (op_BUILD)
+                    if len(stack) < 2:
+                        break
+                    inst = stack[-2]
+                    if type(inst) is not Obj or inst.origin is None:
+                        break
+                    how = inst.origin.build
+                    if how == 1 or (how == 2 and is_wrapper(inst)):
+                        break
+                    state = stack[-1]
+                    if state_findings(state):
+                        break
+                    inst.state = stack.pop()
+                    i += 1
                 elif code == 0x49 or code == 0x56:  # INT, UNICODE (protocol 0: a text line)
                     if len(stack) >= max_stack:
                         break
@@ -1299,7 +1365,7 @@ class _Analyzer:
                 f"{how} calls {_describe(func)}, not an imported global (indirect call)",
             )
             return _Obj(None, args)
-        if func.severity == Severity.NONE:
+        if not func.plain:
             self._check_args(func, args, how)
         return _Obj(func, args, new=new)
 
@@ -1566,58 +1632,8 @@ class _Analyzer:
         """BUILD hands its state to ``__setstate__`` or ``__dict__.update``: it must be written
         out in the file (a dict, or a (dict, slots) pair) so that every attribute name is known,
         and no name may be a dunder such as ``__array_interface__`` or ``__class__``."""
-        if isinstance(state, tuple):
-            # (dict, slots) pairs, or a state for a class's own __setstate__ (NumPy's (version,
-            # shape, dtype, fortran, data)): data made by allowlisted constructors is fine, a
-            # mapping made by a call is not (its keys would become attribute names unchecked)
-            computed = [
-                x
-                for x in (state if isinstance(state, tuple) else ())
-                if isinstance(x, (_Glob, _Opaque))
-                or (
-                    isinstance(x, _Obj)
-                    and (
-                        x.origin is None
-                        or x.origin.severity != Severity.NONE
-                        or x.origin.qual in _DICT_MAKERS
-                    )
-                )
-            ]
-        if isinstance(state, tuple) and not computed:
-            dicts = [x for x in state if isinstance(x, _Dict)]
-        elif isinstance(state, _Dict):
-            dicts = [state]
-        elif state is None or isinstance(state, (_List, _Blob, str, bytes, int, float)):
-            dicts = []
-        else:
-            self.report(
-                Severity.HIGH,
-                "computed-state",
-                f"BUILD state is {_describe(state)}, not written out in the file: its attribute "
-                "names cannot be checked",
-            )
-            return
-        for d in dicts:
-            if d.n > len(d.pairs):
-                self.report(
-                    Severity.MEDIUM,
-                    "unverifiable",
-                    f"BUILD state with {d.n} keys, more than the scanner keeps; not all checked",
-                )
-            for k, _v in d.pairs:
-                if type(k) is not str:
-                    self.report(
-                        Severity.HIGH,
-                        "computed-state",
-                        f"BUILD state key {_describe(k)} is not a string written in the file",
-                    )
-                elif k.startswith("__") and k.endswith("__"):
-                    self.report(
-                        Severity.HIGH,
-                        "dunder-state",
-                        f"BUILD sets dunder attribute {k!r} (can swap an object's class or "
-                        "expose raw memory)",
-                    )
+        for severity, kind, detail in _state_findings(state):
+            self.report(severity, kind, detail)
 
     # -- persistent ids -----------------------------------------------------------------------
 
@@ -1724,6 +1740,77 @@ _JOBLIB_WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
 _INSTANCE_MAKERS = frozenset({"copyreg._reconstructor", "copy_reg._reconstructor"})
 
 
+def _state_findings(state: Any) -> list[tuple[Severity, str, str]]:
+    """What ``_Analyzer._check_state`` reports of a BUILD state (none: the state is fine)."""
+    if isinstance(state, tuple):
+        # (dict, slots) pairs, or a state for a class's own __setstate__ (NumPy's (version,
+        # shape, dtype, fortran, data)): data made by allowlisted constructors is fine, a
+        # mapping made by a call is not (its keys would become attribute names unchecked)
+        computed = [
+            x
+            for x in (state if isinstance(state, tuple) else ())
+            if isinstance(x, (_Glob, _Opaque))
+            or (
+                isinstance(x, _Obj)
+                and (
+                    x.origin is None
+                    or x.origin.severity != Severity.NONE
+                    or x.origin.qual in _DICT_MAKERS
+                )
+            )
+        ]
+    if isinstance(state, tuple) and not computed:
+        dicts = [x for x in state if isinstance(x, _Dict)]
+    elif isinstance(state, _Dict):
+        dicts = [state]
+    elif state is None or isinstance(state, (_List, _Blob, str, bytes, int, float)):
+        dicts = []
+    else:
+        return [
+            (
+                Severity.HIGH,
+                "computed-state",
+                f"BUILD state is {_describe(state)}, not written out in the file: its attribute "
+                "names cannot be checked",
+            )
+        ]
+    out: list[tuple[Severity, str, str]] = []
+    for d in dicts:
+        if d.n > len(d.pairs):
+            out.append(
+                (
+                    Severity.MEDIUM,
+                    "unverifiable",
+                    f"BUILD state with {d.n} keys, more than the scanner keeps; not all checked",
+                )
+            )
+        for k, _v in d.pairs:
+            if type(k) is not str:
+                out.append(
+                    (
+                        Severity.HIGH,
+                        "computed-state",
+                        f"BUILD state key {_describe(k)} is not a string written in the file",
+                    )
+                )
+            elif k.startswith("__") and k.endswith("__"):
+                out.append(
+                    (
+                        Severity.HIGH,
+                        "dunder-state",
+                        f"BUILD sets dunder attribute {k!r} (can swap an object's class or "
+                        "expose raw memory)",
+                    )
+                )
+    return out
+
+
+def _makes_instance(module: str, name: str) -> bool:
+    return f"{module}.{name}" in _INSTANCE_MAKERS or (
+        module.startswith("sklearn") and name == "newObj"
+    )
+
+
 def _is_joblib_wrapper(inst: _Obj) -> bool:
     """Whether joblib's unpickler sees a NumpyArrayWrapper here (it reads array data after
     BUILD on any instance of it): the class called or given NEWOBJ, or the class handed to a
@@ -1734,9 +1821,7 @@ def _is_joblib_wrapper(inst: _Obj) -> bool:
         return False
     if origin.qual == _JOBLIB_WRAPPER:
         return True
-    maker = origin.qual in _INSTANCE_MAKERS or (
-        origin.module.startswith("sklearn") and origin.name == "newObj"
-    )
+    maker = _makes_instance(origin.module, origin.name)
     first = inst.args[0] if isinstance(inst.args, tuple) and inst.args else None
     return maker and isinstance(first, _Glob) and first.qual == _JOBLIB_WRAPPER
 

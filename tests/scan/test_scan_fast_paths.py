@@ -1,0 +1,91 @@
+"""The opcode loop calls an allowlisted global without ``_check_args`` when ``_call_checked``
+says there is nothing to check: for every allowlisted global that says so, ``_check_args``
+itself must find nothing, whatever the arguments."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+
+from shoal.scan import ScanLimits, Severity, pickle_scan
+from shoal.scan.allowlist import SAFE_GLOBALS
+from shoal.scan.streams import ByteReader
+
+_EVIL = pickle_scan._Glob("os", "system", Severity.CRITICAL)
+_WRAPPER = pickle_scan._Glob("joblib.numpy_pickle", "NumpyArrayWrapper", Severity.NONE)
+_CALLED = pickle_scan._Obj(None, ())
+_DUNDER = pickle_scan._Dict()
+_DUNDER.pairs.append(("__class__", _EVIL))
+_DUNDER.n = 1
+_FULL = pickle_scan._Dict()
+_FULL.pairs.append(("hook", _EVIL))
+_FULL.n = 1
+_HUGE = 1 << 40
+_SHAPE = (1 << 20, 1 << 20)
+_ITEMS: list[Any] = [
+    _EVIL,
+    _WRAPPER,
+    _CALLED,
+    _DUNDER,
+    _FULL,
+    _HUGE,
+    _SHAPE,
+    "x",
+    "rot13",
+    None,
+    pickle_scan._List(),
+    (),
+]
+# What the arguments may be: none, each item alone and repeated up to eight times, a few mixes,
+# and argument values that are not tuples at all.
+_ARGUMENTS: list[Any] = [()]
+_ARGUMENTS += [(x,) * n for x in _ITEMS for n in range(1, 9)]
+_ARGUMENTS += [("x", "rot13"), (_EVIL, _SHAPE), ("x", _SHAPE, _SHAPE), ("MT19937", _EVIL)]
+_ARGUMENTS += [(_EVIL, _EVIL, (), _DUNDER), (_WRAPPER, _EVIL, None), (1, 2, 3, 4, 5, _FULL)]
+_ARGUMENTS += [_CALLED, _EVIL, None, pickle_scan._List(), "x"]
+
+_NAMES = [
+    *sorted(SAFE_GLOBALS),
+    ("sklearn.tree._tree", "__pyx_unpickle_Tree"),
+    ("sklearn.utils", "newObj"),
+    ("numpy._core.multiarray", "_reconstruct"),
+]
+
+
+def _analyzer() -> Any:
+    return pickle_scan._Analyzer(
+        ByteReader(io.BytesIO(b"")),
+        pickle_scan.Sink(limit=1000),
+        limits=ScanLimits(),
+        torch=True,
+    )
+
+
+@pytest.mark.parametrize(("module", "name"), _NAMES)
+def test_globals_without_checks_have_nothing_checked(module: str, name: str) -> None:
+    glob = pickle_scan._Glob(module, name, Severity.NONE)
+    a = _analyzer()
+    for args in _ARGUMENTS:
+        a._check_args(glob, args, "REDUCE")
+    found = a.sink.items()
+    if glob.plain:
+        assert found == [], (glob.qual, found)
+
+
+def test_the_checked_ones_are_checked() -> None:
+    """The other way round, for a few: their checks do fire on these arguments."""
+    for module, name in [
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("builtins", "bytearray"),
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("copyreg", "_reconstructor"),
+    ]:
+        glob = pickle_scan._Glob(module, name, Severity.NONE)
+        assert not glob.plain
+        a = _analyzer()
+        for args in _ARGUMENTS:
+            a._check_args(glob, args, "REDUCE")
+        assert a.sink.items(), glob.qual
