@@ -8,6 +8,8 @@ import io
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shoal.scan import ScanLimits, Severity, pickle_scan
 from shoal.scan.allowlist import SAFE_GLOBALS
@@ -89,3 +91,88 @@ def test_the_checked_ones_are_checked() -> None:
         for args in _ARGUMENTS:
             a._check_args(glob, args, "REDUCE")
         assert a.sink.items(), glob.qual
+
+
+def _reference_state_findings(state: Any) -> list[tuple[Severity, str, str]]:
+    """_check_state as it was written before it had a fast path (commit ed422b4)."""
+    ps = pickle_scan
+    out: list[tuple[Severity, str, str]] = []
+    if isinstance(state, tuple):
+        computed = [
+            x
+            for x in state
+            if isinstance(x, (ps._Glob, ps._Opaque))
+            or (
+                isinstance(x, ps._Obj)
+                and (
+                    x.origin is None
+                    or x.origin.severity != Severity.NONE
+                    or x.origin.qual in ps._DICT_MAKERS
+                )
+            )
+        ]
+    if isinstance(state, tuple) and not computed:
+        dicts = [x for x in state if isinstance(x, ps._Dict)]
+    elif isinstance(state, ps._Dict):
+        dicts = [state]
+    elif state is None or isinstance(state, (ps._List, ps._Blob, str, bytes, int, float)):
+        dicts = []
+    else:
+        return [(Severity.HIGH, "computed-state", ps._describe(state))]
+    for d in dicts:
+        if d.n > len(d.pairs):
+            out.append((Severity.MEDIUM, "unverifiable", str(d.n)))
+        for k, _v in d.pairs:
+            if type(k) is not str:
+                out.append((Severity.HIGH, "computed-state", ps._describe(k)))
+            elif k.startswith("__") and k.endswith("__"):
+                out.append((Severity.HIGH, "dunder-state", repr(k)))
+    return out
+
+
+def _dict(pairs: list[tuple[Any, Any]], extra: int) -> Any:
+    d = pickle_scan._Dict()
+    d.pairs.extend(pairs)
+    d.n = len(pairs) + extra
+    return d
+
+
+_KEYS = st.one_of(
+    st.sampled_from(["a", "_x", "__", "___", "__class__", "__dict__x", "x__", "__init__", ""]),
+    st.integers(0, 3),
+    st.just(_EVIL),
+    st.just(None),
+)
+_LEAVES = st.sampled_from(
+    [
+        None,
+        1,
+        2.5,
+        "s",
+        b"b",
+        _EVIL,
+        _WRAPPER,
+        _CALLED,
+        pickle_scan._Obj(pickle_scan._Glob("collections", "OrderedDict", Severity.NONE), ()),
+        pickle_scan._Obj(pickle_scan._Glob("numpy", "dtype", Severity.NONE), ("f8",)),
+        pickle_scan._Opaque("set"),
+        pickle_scan._Blob("str", 10**6),
+        pickle_scan._List(),
+    ]
+)
+_DICTS = st.builds(
+    _dict, st.lists(st.tuples(_KEYS, _LEAVES), max_size=5), st.sampled_from([0, 0, 0, 1])
+)
+_STATES = st.one_of(
+    _LEAVES,
+    _DICTS,
+    st.lists(st.one_of(_LEAVES, _DICTS), max_size=5).map(tuple),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(state=_STATES)
+def test_state_findings_are_the_checks_they_were(state: Any) -> None:
+    got = [(sev, kind) for sev, kind, _detail in pickle_scan._state_findings(state)]
+    want = [(sev, kind) for sev, kind, _detail in _reference_state_findings(state)]
+    assert got == want

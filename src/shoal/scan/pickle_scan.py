@@ -1742,23 +1742,28 @@ _INSTANCE_MAKERS = frozenset({"copyreg._reconstructor", "copy_reg._reconstructor
 
 def _state_findings(state: Any) -> list[tuple[Severity, str, str]]:
     """What ``_Analyzer._check_state`` reports of a BUILD state (none: the state is fine)."""
+    if type(state) is _Dict and state.n == len(state.pairs):
+        for k, _v in state.pairs:  # the common state, checked without building any list
+            if type(k) is not str or (k.startswith("__") and k.endswith("__")):
+                break
+        else:
+            return []
+    computed = False
     if isinstance(state, tuple):
         # (dict, slots) pairs, or a state for a class's own __setstate__ (NumPy's (version,
         # shape, dtype, fortran, data)): data made by allowlisted constructors is fine, a
         # mapping made by a call is not (its keys would become attribute names unchecked)
-        computed = [
-            x
-            for x in (state if isinstance(state, tuple) else ())
-            if isinstance(x, (_Glob, _Opaque))
-            or (
+        for x in state:
+            if isinstance(x, (_Glob, _Opaque)) or (
                 isinstance(x, _Obj)
                 and (
                     x.origin is None
                     or x.origin.severity != Severity.NONE
                     or x.origin.qual in _DICT_MAKERS
                 )
-            )
-        ]
+            ):
+                computed = True
+                break
     if isinstance(state, tuple) and not computed:
         dicts = [x for x in state if isinstance(x, _Dict)]
     elif isinstance(state, _Dict):
