@@ -176,3 +176,38 @@ def test_state_findings_are_the_checks_they_were(state: Any) -> None:
     got = [(sev, kind) for sev, kind, _detail in pickle_scan._state_findings(state)]
     want = [(sev, kind) for sev, kind, _detail in _reference_state_findings(state)]
     assert got == want
+
+
+def _small_zip() -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.pkl", b"\x80\x04N.")
+    return buf.getvalue()
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    size=st.integers(0, 2100),
+    zipped=st.booleans(),
+    signature_at=st.one_of(st.none(), st.integers(0, 2100)),
+)
+def test_the_appended_zip_check_answers_as_zipfile_does(size, zipped, signature_at) -> None:
+    """The head of a small file stands in for reading its end again: the same answer as
+    zipfile.is_zipfile for files shorter and longer than the head, with and without a zip (or
+    a stray end-of-directory signature) at the end."""
+    import zipfile
+
+    from shoal.scan.scanner import _has_zip_directory
+
+    data = bytearray(b"\x80\x04N." + b"x" * size)
+    if signature_at is not None:
+        at = signature_at % len(data)
+        data[at : at + 4] = b"PK\x05\x06"
+    if zipped:
+        data += _small_zip()
+    f = io.BytesIO(bytes(data))
+    head = f.read(1024)
+    want = zipfile.is_zipfile(io.BytesIO(bytes(data)))
+    assert _has_zip_directory(f, head) == want

@@ -175,11 +175,20 @@ def _tar_header(head: bytes) -> bool:
         return False
 
 
-def _has_zip_directory(f: IO[bytes]) -> bool:
+def _has_zip_directory(f: IO[bytes], head: bytes) -> bool:
+    """``zipfile.is_zipfile(f)``, which looks for the end-of-central-directory signature in
+    the last 64 KiB + 22 bytes of the stream. ``head`` is the stream's first bytes: when they
+    are the whole stream and hold no such signature, no zip reader finds a directory there,
+    and the end is not read again."""
+    if _END_OF_DIRECTORY not in head and _size(f) == len(head):
+        return False
     try:
         return zipfile.is_zipfile(f)
     except (OSError, ValueError):
         return False
+
+
+_END_OF_DIRECTORY = b"PK\x05\x06"
 
 
 class _Scanner:
@@ -315,7 +324,7 @@ class _Scanner:
             r, sink, limits=limits, torch=hint.torch, probe=True, joblib_arrays=not hint.torch
         )
         fmt = outcome.format
-        if seekable is not None and _has_zip_directory(seekable):
+        if seekable is not None and _has_zip_directory(seekable, head):
             # A zip directory at the end of a non-zip file: loaders that look at the end
             # (zipfile, numpy) see an archive, loaders that look at the start see the rest.
             sink.add(
