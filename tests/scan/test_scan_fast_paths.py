@@ -211,3 +211,14 @@ def test_the_appended_zip_check_answers_as_zipfile_does(size, zipped, signature_
     head = f.read(1024)
     want = zipfile.is_zipfile(io.BytesIO(bytes(data)))
     assert _has_zip_directory(f, head) == want
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    name=st.text(alphabet=st.sampled_from("aZ/._-Kk\u212a\u0130\u00c9\u0391Data.PKL0"), max_size=20)
+)
+def test_member_names_fold_as_miniz_does(name: str) -> None:
+    """ASCII names take str.lower(); the others still fold A-Z only (the KELVIN SIGN stays)."""
+    from shoal.scan import archives
+
+    assert archives._ascii_lower(name) == name.translate(archives._ASCII_LOWER)

@@ -52,16 +52,21 @@ def torch_pickle_member(name: str) -> bool:
 
 
 def _ascii_lower(name: str) -> str:
-    # miniz folds A-Z only; str.lower() would also fold other letters ('K' KELVIN SIGN -> 'k')
-    return name.translate(_ASCII_LOWER)
+    # miniz folds A-Z only; str.lower() would also fold other letters ('K' KELVIN SIGN -> 'k'),
+    # so it is used only on ASCII names, where it folds exactly A-Z
+    return name.lower() if name.isascii() else name.translate(_ASCII_LOWER)
 
 
 _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 
 
 def _bad_name(name: str) -> bool:
-    parts = re.split(r"[\\/]+", name)
-    return name.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:", name)) or ".." in parts
+    parts = _SEPARATORS.split(name)
+    return name.startswith(("/", "\\")) or bool(_DRIVE.match(name)) or ".." in parts
+
+
+_SEPARATORS = re.compile(r"[\\/]+")
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def scan_zip(
