@@ -239,3 +239,22 @@ def test_same_report_for_calls_and_builds(monkeypatch, steps):
     data = b"\x80\x04" + b"".join(steps) + b"."
     _both(lambda: scan_bytes(data), monkeypatch)
     _both(lambda: _analysis(data, ScanLimits()), monkeypatch)
+
+
+@pytest.mark.parametrize("op", [b"I", b"V", b"p", b"g"])
+@pytest.mark.parametrize("extra", [-2, -1, 0, 1, 2])
+def test_same_report_for_text_lines_at_the_length_limit(monkeypatch, op, extra):
+    """INT, UNICODE, PUT and GET lines around _LINE_LIMIT (the loop looks for the newline
+    without an end bound, then checks the distance). The reader never holds a whole unread line
+    of the limit (its window is under 64 KiB past a refill), so the loop leaves such lines to
+    the handlers either way: this holds the two readings equal at the boundary."""
+    n = pickle_scan._LINE_LIMIT + extra
+    line = b"0" * (n - 1) + b"7"
+    head = b"N" if op in (b"p", b"g") else b""
+    data = head + op + line + b"\n" + (b"0" if op == b"p" else b"") + b"N."
+    if op == b"g":
+        data = b"Np" + line + b"\n0" + data
+    # and after a 64 KiB string read through the handler, which refills the reader's buffer
+    data = b"X" + (1 << 16).to_bytes(4, "little") + b"a" * (1 << 16) + b"0" + data
+    _both(lambda: scan_bytes(data), monkeypatch)
+    _both(lambda: _analysis(data, ScanLimits()), monkeypatch)

@@ -778,8 +778,8 @@ class _Analyzer:
                     built += 1
                     i += 1
                 elif code == 0x70 or code == 0x67:  # PUT, GET (protocol 0: decimal line)
-                    j = buf.find(b"\n", i + 1, i + 1 + _LINE_LIMIT)
-                    if j < 0:
+                    j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
+                    if j < 0 or j > i + _LINE_LIMIT:
                         break
                     try:
                         idx = int(buf[i + 1 : j])
@@ -828,8 +828,8 @@ class _Analyzer:
                 elif code == 0x49 or code == 0x56:  # INT, UNICODE (protocol 0: a text line)
                     if len(stack) >= max_stack:
                         break
-                    j = buf.find(b"\n", i + 1, i + 1 + _LINE_LIMIT)
-                    if j < 0:
+                    j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
+                    if j < 0 or j > i + _LINE_LIMIT:
                         break
                     data = buf[i + 1 : j]
                     if code == 0x56:
