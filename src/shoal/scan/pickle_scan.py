@@ -641,27 +641,6 @@ class _Analyzer:
                     stack.append(tuple(items))
                     built += 1
                     i += 1
-                elif code == 0x85:  # TUPLE1
-                    if not stack:
-                        break
-                    stack[-1] = (stack[-1],)
-                    built += 1
-                    i += 1
-                elif code == 0x86:  # TUPLE2
-                    if len(stack) < 2:
-                        break
-                    b = stack.pop()
-                    stack[-1] = (stack[-1], b)
-                    built += 1
-                    i += 1
-                elif code == 0x87:  # TUPLE3
-                    if len(stack) < 3:
-                        break
-                    c = stack.pop()
-                    b = stack.pop()
-                    stack[-1] = (stack[-1], b, c)
-                    built += 1
-                    i += 1
                 elif code == 0x71 or code == 0x72:  # BINPUT, LONG_BINPUT
                     if code == 0x71:
                         if i + 1 >= n:
@@ -675,23 +654,15 @@ class _Analyzer:
                         break
                     memo[idx] = stack[-1]
                     i += width
-                elif code == 0x6A:  # LONG_BINGET
-                    if i + 5 > n or len(stack) >= max_stack:
+                elif code == 0x52 or code == 0x81:  # REDUCE, NEWOBJ
+                    # of an imported global whose arguments have nothing to check (_call)
+                    if len(stack) < 2:
                         break
-                    v = memo.get(unpack_u(buf, i + 1)[0], missing)
-                    if v is missing:
+                    func = stack[-2]
+                    if type(func) is not Glob or not func.plain:
                         break
-                    stack.append(v)
-                    i += 5
-                elif code == 0x4E or code == 0x88 or code == 0x89:  # NONE, NEWTRUE, NEWFALSE
-                    if len(stack) >= max_stack:
-                        break
-                    stack.append(_CONSTANTS[code])
-                    i += 1
-                elif code == 0x29:  # EMPTY_TUPLE: a container of no items, one level deep
-                    if len(stack) >= max_stack:
-                        break
-                    stack.append(())
+                    args = stack.pop()
+                    stack[-1] = Obj(func, args, new=code == 0x81)
                     built += 1
                     i += 1
                 elif code == 0x8C or code == 0x43:  # SHORT_BINUNICODE, SHORT_BINBYTES
@@ -708,36 +679,6 @@ class _Analyzer:
                     else:
                         stack.append(buf[i + 2 : end])
                     i = end
-                elif code == 0x58 or code == 0x42:  # BINUNICODE, BINBYTES
-                    if i + 5 > n or len(stack) >= max_stack:
-                        break
-                    size = unpack_u(buf, i + 1)[0]
-                    end = i + 5 + size
-                    if size > _KEEP_BYTES or end > n:
-                        break
-                    if code == 0x58:
-                        try:
-                            stack.append(buf[i + 5 : end].decode("utf-8", "surrogatepass"))
-                        except UnicodeDecodeError:
-                            break
-                    else:
-                        stack.append(buf[i + 5 : end])
-                    i = end
-                elif code == 0x47:  # BINFLOAT
-                    if i + 9 > n or len(stack) >= max_stack:
-                        break
-                    stack.append(unpack_d(buf, i + 1)[0])
-                    i += 9
-                elif code == 0x4D:  # BININT2
-                    if i + 3 > n or len(stack) >= max_stack:
-                        break
-                    stack.append(unpack_h(buf, i + 1)[0])
-                    i += 3
-                elif code == 0x4A:  # BININT
-                    if i + 5 > n or len(stack) >= max_stack:
-                        break
-                    stack.append(unpack_i(buf, i + 1)[0])
-                    i += 5
                 elif code == 0x73:  # SETITEM
                     if len(stack) < 3 or type(stack[-3]) is not Dict:
                         break
@@ -748,34 +689,20 @@ class _Analyzer:
                     if len(d.pairs) < keep_max and self._keep(1):
                         d.pairs.append((k, v))
                     i += 1
-                elif code == 0x75 or code == 0x65:  # SETITEMS, APPENDS
-                    if not metastack or not metastack[-1]:
+                elif code == 0x62:  # BUILD
+                    # on a call's result, of a state with nothing to report (op_BUILD)
+                    if len(stack) < 2:
                         break
-                    target = metastack[-1][-1]
-                    if code == 0x75:
-                        if type(target) is not Dict or len(stack) % 2:
-                            break
-                        self._set_items(target, stack)
-                    else:
-                        if type(target) is not List:
-                            break
-                        self._extend(target, stack)
-                    stack = metastack.pop()
-                    i += 1
-                elif code == 0x61:  # APPEND
-                    if len(stack) < 2 or type(stack[-2]) is not List:
+                    inst = stack[-2]
+                    if type(inst) is not Obj or inst.origin is None:
                         break
-                    v = stack.pop()
-                    lst = stack[-1]
-                    lst.n += 1
-                    if len(lst.items) < keep_max and self._keep(1):
-                        lst.items.append(v)
-                    i += 1
-                elif code == 0x7D or code == 0x5D:  # EMPTY_DICT, EMPTY_LIST
-                    if len(stack) >= max_stack:
+                    how = inst.origin.build
+                    if how == 1 or (how == 2 and is_wrapper(inst)):
                         break
-                    stack.append(Dict() if code == 0x7D else List())
-                    built += 1
+                    state = stack[-1]
+                    if state_findings(state):
+                        break
+                    inst.state = stack.pop()
                     i += 1
                 elif code == 0x70 or code == 0x67:  # PUT, GET (protocol 0: decimal line)
                     j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
@@ -799,32 +726,6 @@ class _Analyzer:
                             break
                         stack.append(v)
                     i = j + 1
-                elif code == 0x52 or code == 0x81:  # REDUCE, NEWOBJ
-                    # of an imported global whose arguments have nothing to check (_call)
-                    if len(stack) < 2:
-                        break
-                    func = stack[-2]
-                    if type(func) is not Glob or not func.plain:
-                        break
-                    args = stack.pop()
-                    stack[-1] = Obj(func, args, new=code == 0x81)
-                    built += 1
-                    i += 1
-                elif code == 0x62:  # BUILD
-                    # on a call's result, of a state with nothing to report (op_BUILD)
-                    if len(stack) < 2:
-                        break
-                    inst = stack[-2]
-                    if type(inst) is not Obj or inst.origin is None:
-                        break
-                    how = inst.origin.build
-                    if how == 1 or (how == 2 and is_wrapper(inst)):
-                        break
-                    state = stack[-1]
-                    if state_findings(state):
-                        break
-                    inst.state = stack.pop()
-                    i += 1
                 elif code == 0x49 or code == 0x56:  # INT, UNICODE (protocol 0: a text line)
                     if len(stack) >= max_stack:
                         break
@@ -843,6 +744,105 @@ class _Analyzer:
                         break  # the other forms pickle reads: text_literal, in the handler
                     stack.append(v)
                     i = j + 1
+                elif code == 0x85:  # TUPLE1
+                    if not stack:
+                        break
+                    stack[-1] = (stack[-1],)
+                    built += 1
+                    i += 1
+                elif code == 0x86:  # TUPLE2
+                    if len(stack) < 2:
+                        break
+                    b = stack.pop()
+                    stack[-1] = (stack[-1], b)
+                    built += 1
+                    i += 1
+                elif code == 0x4E or code == 0x88 or code == 0x89:  # NONE, NEWTRUE, NEWFALSE
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(_CONSTANTS[code])
+                    i += 1
+                elif code == 0x87:  # TUPLE3
+                    if len(stack) < 3:
+                        break
+                    c = stack.pop()
+                    b = stack.pop()
+                    stack[-1] = (stack[-1], b, c)
+                    built += 1
+                    i += 1
+                elif code == 0x58 or code == 0x42:  # BINUNICODE, BINBYTES
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    size = unpack_u(buf, i + 1)[0]
+                    end = i + 5 + size
+                    if size > _KEEP_BYTES or end > n:
+                        break
+                    if code == 0x58:
+                        try:
+                            stack.append(buf[i + 5 : end].decode("utf-8", "surrogatepass"))
+                        except UnicodeDecodeError:
+                            break
+                    else:
+                        stack.append(buf[i + 5 : end])
+                    i = end
+                elif code == 0x47:  # BINFLOAT
+                    if i + 9 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_d(buf, i + 1)[0])
+                    i += 9
+                elif code == 0x4A:  # BININT
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_i(buf, i + 1)[0])
+                    i += 5
+                elif code == 0x4D:  # BININT2
+                    if i + 3 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_h(buf, i + 1)[0])
+                    i += 3
+                elif code == 0x29:  # EMPTY_TUPLE: a container of no items, one level deep
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(())
+                    built += 1
+                    i += 1
+                elif code == 0x7D or code == 0x5D:  # EMPTY_DICT, EMPTY_LIST
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(Dict() if code == 0x7D else List())
+                    built += 1
+                    i += 1
+                elif code == 0x6A:  # LONG_BINGET
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    v = memo.get(unpack_u(buf, i + 1)[0], missing)
+                    if v is missing:
+                        break
+                    stack.append(v)
+                    i += 5
+                elif code == 0x61:  # APPEND
+                    if len(stack) < 2 or type(stack[-2]) is not List:
+                        break
+                    v = stack.pop()
+                    lst = stack[-1]
+                    lst.n += 1
+                    if len(lst.items) < keep_max and self._keep(1):
+                        lst.items.append(v)
+                    i += 1
+                elif code == 0x75 or code == 0x65:  # SETITEMS, APPENDS
+                    if not metastack or not metastack[-1]:
+                        break
+                    target = metastack[-1][-1]
+                    if code == 0x75:
+                        if type(target) is not Dict or len(stack) % 2:
+                            break
+                        self._set_items(target, stack)
+                    else:
+                        if type(target) is not List:
+                            break
+                        self._extend(target, stack)
+                    stack = metastack.pop()
+                    i += 1
                 elif code == 0x95:  # FRAME: framing only, the opcodes inside are read as usual
                     if i + 9 > n:
                         break
