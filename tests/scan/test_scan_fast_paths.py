@@ -199,7 +199,7 @@ def test_the_appended_zip_check_answers_as_zipfile_does(size, zipped, signature_
     a stray end-of-directory signature) at the end."""
     import zipfile
 
-    from shoal.scan.scanner import _has_zip_directory
+    from shoal.scan.scanner import _has_zip_directory, _size
 
     data = bytearray(b"\x80\x04N." + b"x" * size)
     if signature_at is not None:
@@ -210,7 +210,7 @@ def test_the_appended_zip_check_answers_as_zipfile_does(size, zipped, signature_
     f = io.BytesIO(bytes(data))
     head = f.read(1024)
     want = zipfile.is_zipfile(io.BytesIO(bytes(data)))
-    assert _has_zip_directory(f, head) == want
+    assert _has_zip_directory(f, head, _size(f)) == want
 
 
 @settings(max_examples=1000, deadline=None)

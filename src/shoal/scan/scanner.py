@@ -113,17 +113,14 @@ for _op in pickletools.opcodes:
     _OPCODE_BYTES[ord(_op.code.encode("latin-1"))] = True
 
 
-def _hdf5_offset(head: bytes, f: IO[bytes] | None) -> int | None:
+def _hdf5_offset(head: bytes, f: IO[bytes] | None, size: int | None) -> int | None:
     """Where an HDF5 superblock starts: at 0 or after a user block of 512, 1024, 2048, ...
-    bytes (the places libhdf5 looks)."""
+    bytes (the places libhdf5 looks). ``size``: the stream's, as ``_size`` measured it."""
     if head[:8] == HDF5_MAGIC:
         return 0
     if head[512:520] == HDF5_MAGIC:
         return 512
-    if f is None:
-        return None
-    size = _size(f)
-    if size is None:
+    if f is None or size is None:
         return None
     here = f.tell()
     try:
@@ -175,12 +172,12 @@ def _tar_header(head: bytes) -> bool:
         return False
 
 
-def _has_zip_directory(f: IO[bytes], head: bytes) -> bool:
+def _has_zip_directory(f: IO[bytes], head: bytes, size: int | None) -> bool:
     """``zipfile.is_zipfile(f)``, which looks for the end-of-central-directory signature in
     the last 64 KiB + 22 bytes of the stream. ``head`` is the stream's first bytes: when they
     are the whole stream and hold no such signature, no zip reader finds a directory there,
     and the end is not read again."""
-    if _END_OF_DIRECTORY not in head and _size(f) == len(head):
+    if _END_OF_DIRECTORY not in head and size == len(head):
         return False
     try:
         return zipfile.is_zipfile(f)
@@ -241,15 +238,20 @@ class _Scanner:
             # torch's legacy_load extracts this member and unpickles it record by record,
             # whatever else its bytes might also be.
             return scan_torch_tar_member(r, sink, limits=limits, member=hint.torch_tar).format
+        # measured once: every sniff below that needs the stream's size asks for it
+        size = _size(seekable) if seekable is not None else None
         ruled_out = False  # whether _other_format found none of the containers it knows
         if _OPCODE_BYTES[head[0]]:
-            ruled_out = self._other_format(head, seekable) is None
+            ruled_out = self._other_format(head, seekable, size) is None
         if _OPCODE_BYTES[head[0]] and not ruled_out:
             # A container that may also be a pickle at byte 0: read it both ways.
             with self._whole(seekable, r) as f:
                 imports = probe_pickle_imports(ByteReader(f), sink, limits=limits, torch=False)
                 f.seek(0)
-                fmt = self._container(f, ByteReader(f), head, name=name, depth=depth, hint=hint)
+                whole = size if f is seekable else _size(f)
+                fmt = self._container(
+                    f, ByteReader(f), head, name=name, depth=depth, hint=hint, size=whole
+                )
                 if imports:
                     sink.add(
                         Severity.MEDIUM,
@@ -260,20 +262,21 @@ class _Scanner:
                     fmt = f"pickle+{fmt}"
                 return fmt
         return self._container(
-            seekable, r, head, name=name, depth=depth, hint=hint, ruled_out=ruled_out
+            seekable, r, head, name=name, depth=depth, hint=hint, size=size, ruled_out=ruled_out
         )
 
-    def _other_format(self, head: bytes, seekable: IO[bytes] | None) -> str | None:
+    def _other_format(
+        self, head: bytes, seekable: IO[bytes] | None, size: int | None
+    ) -> str | None:
         """The non-pickle format the first bytes announce, if any (cheap: no parsing)."""
         if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
             return "zip"
-        if head[:8] == HDF5_MAGIC or _hdf5_offset(head, seekable) is not None:
+        if head[:8] == HDF5_MAGIC or _hdf5_offset(head, seekable, size) is not None:
             return "hdf5"
         if _compression(head) is not None:
             return "compressed"
         if _tar_header(head):
             return "tar"
-        size = _size(seekable) if seekable is not None else None
         if looks_like_safetensors(head, size):
             return "safetensors"
         return None
@@ -287,10 +290,12 @@ class _Scanner:
         name: str,
         depth: int,
         hint: MemberHint,
+        size: int | None,
         ruled_out: bool = False,
     ) -> str:
-        """``ruled_out``: ``_other_format`` already found none of zip, HDF5, compressed, tar
-        and safetensors in these bytes, so they are not sniffed again."""
+        """``size``: the stream's (``_size``; None when not seekable). ``ruled_out``:
+        ``_other_format`` already found none of zip, HDF5, compressed, tar and safetensors in
+        these bytes, so they are not sniffed again."""
         limits, sink = self.limits, self.sink
 
         def sub(s: Source, n: str, h: MemberHint) -> str:
@@ -302,7 +307,7 @@ class _Scanner:
             if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
                 with self._whole(seekable, r) as f:
                     return scan_zip(f, sink, limits=limits, scan_member=sub, budget=self.budget)
-            if head[:8] == HDF5_MAGIC or _hdf5_offset(head, seekable) is not None:
+            if head[:8] == HDF5_MAGIC or _hdf5_offset(head, seekable, size) is not None:
                 with self._whole(seekable, r) as f:
                     return scan_hdf5(f, sink, limits=limits, weights_only=hint.keras_weights)
             codec = _compression(head)
@@ -311,7 +316,6 @@ class _Scanner:
             if _tar_header(head):
                 with self._whole(seekable, r) as f:
                     return scan_tar(f, sink, limits=limits, scan_member=sub)
-            size = _size(seekable) if seekable is not None else None
             if looks_like_safetensors(head, size):
                 return scan_safetensors(r, sink, limits=limits, size=size)
         if head[0] == 0x08:
@@ -324,7 +328,7 @@ class _Scanner:
             r, sink, limits=limits, torch=hint.torch, probe=True, joblib_arrays=not hint.torch
         )
         fmt = outcome.format
-        if seekable is not None and _has_zip_directory(seekable, head):
+        if seekable is not None and _has_zip_directory(seekable, head, size):
             # A zip directory at the end of a non-zip file: loaders that look at the end
             # (zipfile, numpy) see an archive, loaders that look at the start see the rest.
             sink.add(
