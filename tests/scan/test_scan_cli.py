@@ -88,3 +88,39 @@ def test_limits_from_the_command_line(tmp_path, capsys):
     assert any("expands more than 10 times" in f["detail"] for f in doc["files"][0]["findings"])
     assert main(["scan", "--max-seconds", "0", str(bomb)]) == 2
     assert "max_seconds must be positive" in capsys.readouterr().err
+
+
+def test_the_json_report_is_json_dumps_with_indent_2() -> None:
+    """shoal scan --format json writes its report without json's pure-Python encoder: the text
+    must be exactly json.dumps(..., indent=2) of the reports' dicts, for any text in them."""
+    import json as _json
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from shoal.cli.scan import report_json
+    from shoal.scan import FileReport, Finding, Severity
+
+    text = st.text(max_size=30)
+    findings = st.builds(
+        Finding,
+        st.sampled_from(list(Severity)),
+        text,
+        text,
+        st.one_of(st.none(), st.integers(0, 2**64)),
+    )
+    reports = st.builds(
+        FileReport,
+        text,
+        text,
+        st.sampled_from(list(Severity)),
+        st.lists(findings, max_size=3).map(tuple),
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(reports, max_size=4))
+    def check(rs: list[FileReport]) -> None:
+        want = _json.dumps({"files": [r.to_dict() for r in rs]}, indent=2)
+        assert report_json(rs) == want
+
+    check()
