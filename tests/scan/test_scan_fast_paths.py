@@ -222,3 +222,55 @@ def test_member_names_fold_as_miniz_does(name: str) -> None:
     from shoal.scan import archives
 
     assert archives._ascii_lower(name) == name.translate(archives._ASCII_LOWER)
+
+
+_QUIET_ARGUMENTS: list[Any] = [
+    *_ARGUMENTS,
+    ("x", "latin1"),
+    ("x", "utf8"),
+    ("x", "rot13"),
+    ("x",),
+    (_EVIL, (0,), b"b"),
+    (_EVIL, (1 << 16, 1 << 15), b"b"),
+    (_EVIL, (1 << 16, 1 << 16), b"b"),
+    (_EVIL, (1 << 40, -5, 0), b"b"),
+    (_EVIL, "not a shape", b"b"),
+    (1, 2, 3, 4, 5, None),
+    (1, 2, 3, 4, 5, pickle_scan._Dict()),
+    (1, 2, 3, 4, 5, _FULL),
+    (
+        1,
+        2,
+        3,
+        4,
+        5,
+        pickle_scan._Obj(pickle_scan._Glob("collections", "OrderedDict", Severity.NONE), ()),
+    ),
+    (1, 2, 3, 4, 5, 6, _CALLED),
+    (1, 2, _FULL),
+]
+
+
+@pytest.mark.parametrize(("module", "name"), _NAMES)
+def test_quiet_calls_are_ones_check_args_finds_nothing_in(module: str, name: str) -> None:
+    """The loop also takes NumPy's _reconstruct, _codecs.encode and torch's tensor rebuilders
+    itself when _quiet_call says their checks pass: then _check_args must find nothing."""
+    glob = pickle_scan._Glob(module, name, Severity.NONE)
+    for args in _QUIET_ARGUMENTS:
+        a = _analyzer()
+        a._check_args(glob, args, "REDUCE")
+        if pickle_scan._quiet_call(glob, args):
+            assert a.sink.items() == [], (glob.qual, args)
+
+
+def test_quiet_calls_happen() -> None:
+    """...and it does say so for the calls these helpers are written with."""
+    quiet = pickle_scan._quiet_call
+    glob = pickle_scan._Glob
+    assert quiet(glob("_codecs", "encode", Severity.NONE), ("x", "latin1"))
+    assert quiet(glob("numpy._core.multiarray", "_reconstruct", Severity.NONE), (_EVIL, (0,), b"b"))
+    hooks = pickle_scan._Obj(glob("collections", "OrderedDict", Severity.NONE), ())
+    assert quiet(glob("torch._utils", "_rebuild_tensor_v2", Severity.NONE), (1, 2, 3, 4, 5, hooks))
+    assert not quiet(
+        glob("torch._utils", "_rebuild_tensor_v2", Severity.NONE), (1, 2, 3, 4, 5, _FULL)
+    )

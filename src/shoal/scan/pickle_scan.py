@@ -125,7 +125,7 @@ class _Glob:
     ``build``: what a BUILD on a call's result needs beyond the state's own check (0 nothing,
     1 the handler: numpy.dtype or joblib's wrapper, 2 whether its argument is the wrapper)."""
 
-    __slots__ = ("build", "module", "name", "plain", "qual", "severity")
+    __slots__ = ("build", "module", "name", "plain", "qual", "quiet", "severity")
 
     def __init__(self, module: str, name: str, severity: Severity) -> None:
         self.module = module
@@ -133,6 +133,7 @@ class _Glob:
         self.severity = severity
         self.qual = qual = f"{module}.{name}"  # read by every check of every call: made once
         self.plain = severity != Severity.NONE or not _call_checked(qual)
+        self.quiet = 0 if self.plain else _QUIET_KINDS.get(qual, 0)  # see _quiet_call
         if qual == "numpy.dtype" or qual == _JOBLIB_WRAPPER:
             self.build = 1
         elif _makes_instance(module, name):
@@ -259,6 +260,42 @@ _CHOOSES_CALLEE = frozenset(
         *_HOOKS_AT,
     }
 )
+
+
+def _quiet_call(func: _Glob, args: Any) -> bool:
+    """Whether ``_check_args`` would find nothing in a call of one of the three checked helpers
+    model files call most (NumPy's ``_reconstruct``, ``_codecs.encode`` of protocol 2's bytes,
+    torch's ``_rebuild_tensor_v2``), checked here with the same tests; False for any other
+    global (its handler decides). tests/scan/test_scan_fast_paths.py holds it to that."""
+    if type(args) is not tuple:
+        return False
+    kind = func.quiet
+    if kind == 1:  # _codecs.encode: a codec that only turns text into bytes
+        return len(args) > 1 and args[1] in _PLAIN_CODECS
+    if kind == 2:  # multiarray._reconstruct: an allocation pickle.load can make
+        if len(args) < 2 or not isinstance(args[1], tuple):
+            return True
+        total = 1
+        for d in args[1]:
+            if type(d) is int and d > 0:
+                total *= d
+        return total <= 1 << 31
+    if kind == 3:  # a tensor rebuilder: no backward hooks
+        at = _HOOKS_AT[func.qual]
+        return len(args) <= at or _empty_mapping(args[at])
+    return False
+
+
+_PLAIN_CODECS = ("latin1", "latin-1", "ascii", "utf-8", "utf8")
+# The checked helpers _quiet_call knows: qual -> its kind there.
+_QUIET_KINDS = {
+    "_codecs.encode": 1,
+    "numpy.core.multiarray._reconstruct": 2,
+    "numpy._core.multiarray._reconstruct": 2,
+    "torch._utils._rebuild_tensor_v2": 3,
+    "torch._utils._rebuild_parameter": 3,
+    "torch._utils._rebuild_qtensor": 3,
+}
 
 
 def _call_checked(qual: str) -> bool:
@@ -596,6 +633,7 @@ class _Analyzer:
         missing = _MISSING
         plain_int = PLAIN_INT.fullmatch
         Glob, Obj, is_wrapper, state_findings = _Glob, _Obj, _is_joblib_wrapper, _state_findings
+        quiet_call = _quiet_call
         while True:
             buf, i = r.window()
             n = len(buf)
@@ -659,7 +697,9 @@ class _Analyzer:
                     if len(stack) < 2:
                         break
                     func = stack[-2]
-                    if type(func) is not Glob or not func.plain:
+                    if type(func) is not Glob:
+                        break
+                    if not func.plain and not (func.quiet and quiet_call(func, stack[-1])):
                         break
                     args = stack.pop()
                     stack[-1] = Obj(func, args, new=code == 0x81)
@@ -1448,7 +1488,7 @@ class _Analyzer:
                     )
         elif qual == "_codecs.encode":
             enc = args[1] if len(args) > 1 else None
-            if enc not in ("latin1", "latin-1", "ascii", "utf-8", "utf8"):
+            if enc not in _PLAIN_CODECS:
                 self.report(
                     Severity.MEDIUM,
                     "unknown-import",
