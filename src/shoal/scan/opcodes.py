@@ -58,6 +58,7 @@ def dispatch_table(cls: type[_T]) -> list[Callable[[_T], Any] | None]:
 # leading zero (strtol reads 010 as octal, and pickle makes 00 and 01 the bools), no sign on 0
 # (pickle makes -0 False), within a C long. Anything else goes through pickle itself.
 PLAIN_INT = re.compile(rb"-?[1-9][0-9]{0,17}|0")
+_BOOLS = {b"00": False, b"01": True}
 
 
 def text_literal(op: bytes, line: bytes) -> Any:
@@ -69,6 +70,9 @@ def text_literal(op: bytes, line: bytes) -> Any:
     decimal INTs, and UNICODE, which pickle decodes as raw-unicode-escape (load_unicode)."""
     if op == b"V":
         return line.decode("raw-unicode-escape")
-    if op == b"I" and PLAIN_INT.fullmatch(line) is not None:
-        return int(line)
+    if op == b"I":
+        if PLAIN_INT.fullmatch(line) is not None:
+            return int(line)
+        if line in _BOOLS:  # protocol 0's True and False: strtol reads 0 or 1 from 3 bytes
+            return _BOOLS[line]
     return pickle.loads(op + line + b"\n.")

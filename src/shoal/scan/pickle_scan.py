@@ -780,6 +780,8 @@ class _Analyzer:
                             break
                     elif plain_int(data) is not None:
                         v = int(data)
+                    elif data == b"00" or data == b"01":  # protocol 0's False and True
+                        v = data == b"01"
                     else:
                         break  # the other forms pickle reads: text_literal, in the handler
                     stack.append(v)
