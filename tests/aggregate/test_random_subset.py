@@ -181,9 +181,9 @@ def test_error_feedback_conserves_mass(
     nodes = ["a", "b"]
     updates = {v: [rng.normal(size=300) for _ in range(rounds)] for v in nodes}
     chain = (
-        (RandomRotation() | RandomSubset(fraction) | Sum())
+        (RandomRotation() | RandomSubset(fraction, error_feedback=True) | Sum())
         if rotated
-        else (RandomSubset(fraction) | Sum())
+        else (RandomSubset(fraction, error_feedback=True) | Sum())
     )
     engine = engine_for(vector_app(updates), nodes, chain)
     fed = Federation(engine, min_nodes=1)
@@ -228,7 +228,7 @@ def test_chains_are_checked() -> None:
 def test_a_node_sending_another_length_is_excluded() -> None:
     nodes = ["n0", "n1", "n2"]
     updates = {v: [np.arange(100.0)] for v in nodes}
-    chain = RandomSubset(0.1) | Sum()
+    chain = RandomSubset(0.1, error_feedback=True) | Sum()
     app = vector_app(updates)
     honest = chain.node_tasks()[COMPRESS_TASK].fn
 
@@ -280,7 +280,7 @@ def test_secure_sum_equals_the_plain_sum_of_the_same_sparsified_updates(
     chain = (
         Clip(clip)
         | RandomRotation()
-        | RandomSubset(0.1)
+        | RandomSubset(0.1, error_feedback=True)
         | Quantize(8)
         | SecureSum(value_range=value_range)
     )
@@ -316,7 +316,12 @@ def test_secure_error_feedback_conserves_mass_within_the_grid(fixed_seeds: list[
     rounds = 3
     updates = {v: [rng.uniform(-1, 1, size=200) for _ in range(rounds)] for v in nodes}
     value_range = 0.5  # smaller than some coordinates: the cut-off part waits at the node
-    chain = Clip(100.0) | RandomSubset(0.25) | Quantize(16) | SecureSum(value_range=value_range)
+    chain = (
+        Clip(100.0)
+        | RandomSubset(0.25, error_feedback=True)
+        | Quantize(16)
+        | SecureSum(value_range=value_range)
+    )
     engine = engine_for(vector_app(updates, release="secure"), nodes, chain)
     fed = Federation(engine)
     sent = sum(chain.reduce(fed.all().map("make")["v"]).vector for _ in range(rounds))
@@ -330,7 +335,7 @@ def test_secure_error_feedback_conserves_mass_within_the_grid(fixed_seeds: list[
 @pytest.mark.parametrize("phase", [SHARE_TASK, MASKED_INPUT_TASK, UNMASK_TASK])
 def test_dropouts_under_secagg_plus_still_reconstruct(phase: str, fixed_seeds: list[int]) -> None:
     updates = secure_inputs(20, 500, seed=4)
-    chain = Clip(50.0) | RandomSubset(0.2) | SecureSum(dropout_fraction=0.15)
+    chain = Clip(50.0) | RandomSubset(0.2, error_feedback=True) | SecureSum(dropout_fraction=0.15)
     faults = Faults(always_drop=frozenset({"n3", "n11"}), tasks=frozenset({phase}))
     engine = engine_for(vector_app(updates, release="secure"), list(updates), chain, faults=faults)
     out = Federation(engine).all().map("make")
@@ -345,7 +350,12 @@ def test_dropouts_under_secagg_plus_still_reconstruct(phase: str, fixed_seeds: l
 
 def test_a_node_masking_another_length_is_left_out(fixed_seeds: list[int]) -> None:
     updates = secure_inputs(8, 400, seed=5)
-    chain = Clip(100.0) | RandomSubset(0.1) | Quantize(8) | SecureSum(value_range=1.0)
+    chain = (
+        Clip(100.0)
+        | RandomSubset(0.1, error_feedback=True)
+        | Quantize(8)
+        | SecureSum(value_range=1.0)
+    )
     app = vector_app(updates, release="secure")
     tasks = chain.node_tasks()
     honest = tasks[MASKED_INPUT_TASK].fn
@@ -389,7 +399,7 @@ class Tamper(LocalEngine):
 
 def test_a_coordinator_cannot_give_one_node_another_subset(fixed_seeds: list[int]) -> None:
     updates = secure_inputs(6, 300, seed=6)
-    chain = Clip(10.0) | RandomSubset(0.1) | SecureSum()
+    chain = Clip(10.0) | RandomSubset(0.1, error_feedback=True) | SecureSum()
     narrow = [{"clip_l2": 10.0}, {"subset": {"fraction": 0.01, "seed": 7, "error_feedback": True}}]
     app = vector_app(updates, release="secure")
     app.install(chain.node_tasks())
@@ -407,7 +417,7 @@ def test_a_coordinator_asking_another_length_gets_a_refusal(
     monkeypatch: pytest.MonkeyPatch, fixed_seeds: list[int]
 ) -> None:
     updates = secure_inputs(5, 300, seed=7)
-    chain = Clip(10.0) | RandomSubset(0.1) | SecureSum()
+    chain = Clip(10.0) | RandomSubset(0.1, error_feedback=True) | SecureSum()
     app = vector_app(updates, release="secure")
     app.install(chain.node_tasks())
     engine = Tamper(app, nodes=list(updates), seed=0, change=lambda v: None)
@@ -428,18 +438,22 @@ def test_secure_chains_and_hostile_transforms_are_checked() -> None:
     for chain, message in (
         (Clip(1.0) | RandomSubset(0.5) | RandomRotation() | SecureSum(), "before RandomSubset"),
         (
-            Clip(1.0) | DistributedNoise(total_std=1.0, nodes=3) | RandomSubset(0.5) | SecureSum(),
+            Clip(1.0)
+            | DistributedNoise(total_std=1.0, nodes=3)
+            | RandomSubset(0.5, error_feedback=True)
+            | SecureSum(),
             "error_feedback=False",
         ),
     ):
         engine = engine_for(vector_app(updates, release="secure"), list(updates), chain)
         with pytest.raises(ConfigError, match=message):
             chain.reduce(Federation(engine).all().map("make")["v"])
-    # Without error feedback the subset is post-processing of the clipped, noised update.
+    # Without error feedback (the default) the subset is post-processing of the clipped,
+    # noised update.
     chain = (
         Clip(10.0)
         | DistributedNoise(total_std=0.01, nodes=3)
-        | RandomSubset(0.5, error_feedback=False)
+        | RandomSubset(0.5)
         | SecureSum(value_range=10.0, dropout_fraction=0.0)
     )
     engine = engine_for(vector_app(updates, release="secure"), list(updates), chain)
@@ -507,11 +521,11 @@ def test_random_subset_jobs_build_their_chains() -> None:
     ).build_aggregator()
     names = [type(s).__name__ for s in secure.stages]
     assert names == ["Clip", "RandomRotation", "RandomSubset", "Quantize", "SecureSum", "Mean"]
-    assert secure.stages[2] == RandomSubset(0.1)  # error feedback on by default
+    assert secure.stages[2] == RandomSubset(0.1, error_feedback=False)  # unbiased by default
     plain = parse_job(
-        {**JOB, "aggregate": {"random_subset": 0.25, "random_subset_error_feedback": False}}
+        {**JOB, "aggregate": {"random_subset": 0.25, "random_subset_error_feedback": True}}
     ).build_aggregator()
-    assert plain.stages[0] == RandomSubset(0.25, error_feedback=False)
+    assert plain.stages[0] == RandomSubset(0.25, error_feedback=True)
 
 
 def test_fedavg_trains_through_a_secure_random_subset() -> None:
@@ -521,7 +535,7 @@ def test_fedavg_trains_through_a_secure_random_subset() -> None:
     train, test = load_digits(test_fraction=0.2, seed=0)
     nodes = partition(train, nodes=8, scheme="iid", seed=0)
     results = {}
-    for name, subset in (("dense", ()), ("subset", (RandomSubset(0.25),))):
+    for name, subset in (("dense", ()), ("subset", (RandomSubset(0.25, error_feedback=True),))):
         chain = Clip(5.0) | RandomRotation()
         for stage in (*subset, Quantize(8)):
             chain = chain | stage

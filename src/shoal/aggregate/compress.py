@@ -112,13 +112,14 @@ class TopK(Compressor):
 class RandomSubset(Compressor):
     """Keep the same ``fraction`` of coordinates at every node: positions drawn from a
     public seed the server draws for each aggregate, so only values travel, and a secure sum
-    can mask them (every node sends the same positions). With ``error_feedback`` (default)
-    each node sends its values as they are and adds what it did not send to its next update
-    (a round's estimate is ``fraction`` of the update in expectation, made whole over rounds);
-    without, the server scales the kept values by ``1 / fraction`` (unbiased, noisier)."""
+    can mask them (every node sends the same positions). By default the server scales the
+    kept values by ``1 / fraction`` (unbiased, noisier). With ``error_feedback`` each node
+    sends its values as they are and adds what it did not send to its next update (a round's
+    estimate is ``fraction`` of the update in expectation, made whole over rounds): that suits
+    nodes that take part in most rounds, since a residual waits until its node's next one."""
 
     fraction: float
-    error_feedback: bool = True
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
         if (

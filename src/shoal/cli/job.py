@@ -166,7 +166,7 @@ _SCHEMAS: dict[str, Schema] = {
         "topk": ((int, float), None),
         # RandomSubset: the same public random positions at every node (secure = true too).
         "random_subset": ((int, float), None),
-        "random_subset_error_feedback": (bool, None),  # None: on, as RandomSubset's default
+        "random_subset_error_feedback": (bool, None),  # None: off, RandomSubset's default
         "quantize_bits": (int, None),
     },
 }
@@ -539,7 +539,7 @@ class JobSpec:
         if spec["topk"] is not None:
             stages.append(TopK(float(spec["topk"])))
         if spec["random_subset"] is not None:
-            feedback = spec["random_subset_error_feedback"] is not False
+            feedback = spec["random_subset_error_feedback"] is True
             stages.append(RandomSubset(float(spec["random_subset"]), error_feedback=feedback))
         if spec["quantize_bits"] is not None:
             stages.append(Quantize(int(spec["quantize_bits"])))

@@ -306,7 +306,7 @@ class SecureSum(Reducer):
                 subset = {
                     "fraction": float(spec["subset"]),
                     "seed": subset_seed,
-                    "error_feedback": bool(getattr(stage, "error_feedback", True)),
+                    "error_feedback": bool(getattr(stage, "error_feedback", False)),
                 }
                 spec = {"subset": subset}
             transforms.append(spec)
