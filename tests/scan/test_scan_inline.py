@@ -85,8 +85,8 @@ def _render(v: Any, depth: int = 0) -> Any:
 
 
 def _analysis(data: bytes, limits: ScanLimits) -> Any:
-    """Symbolic result, opcode count, stop position, memo and findings of the first pickle (the
-    memo as STOP finds it: STOP then drops it, to measure the value's depth)."""
+    """Symbolic result, opcode and import counts, stop position, memo and findings of the first
+    pickle (the memo as STOP finds it: STOP then drops it, to measure the value's depth)."""
     sink = pickle_scan.Sink(limit=100)
     seen: list[Any] = []
     stop = pickle_scan._HANDLERS[ord(".")]
@@ -104,7 +104,7 @@ def _analysis(data: bytes, limits: ScanLimits) -> Any:
     finally:
         pickle_scan._HANDLERS[ord(".")] = stop
     memo = seen[-1] if seen else sorted((k, _render(v)) for k, v in a.memo.items())
-    return _render(value), error, a.ops, a.r.pos, memo, sink.items()
+    return _render(value), error, a.ops, a.imports, a.r.pos, memo, sink.items()
 
 
 _SETTINGS = settings(
@@ -187,6 +187,11 @@ def test_same_report_for_stack_opcodes(monkeypatch, parts, edits, stack):
 
 _GLOBALS = [
     b"ccollections\nOrderedDict\n",
+    b"\x8c\x0bcollections\x8c\x0bOrderedDict\x93",  # STACK_GLOBAL
+    b"\x8c\x02os\x8c\x06system\x93",
+    b"\x8c\x02os\x8c\x06system\x86\x93",  # a tuple as the name: computed
+    b"c__builtin__\nlist\n",  # a Python 2 name
+    b"cbuiltins\nli\xffst\n",  # not UTF-8
     b"cbuiltins\nlist\n",
     b"cbuiltins\nbytearray\n",
     b"cnumpy\ndtype\n",

@@ -634,6 +634,7 @@ class _Analyzer:
         plain_int = PLAIN_INT.fullmatch
         Glob, Obj, is_wrapper, state_findings = _Glob, _Obj, _is_joblib_wrapper, _state_findings
         quiet_call = _quiet_call
+        imports_get = _IMPORTS.get
         while True:
             buf, i = r.window()
             n = len(buf)
@@ -705,6 +706,35 @@ class _Analyzer:
                     stack[-1] = Obj(func, args, new=code == 0x81)
                     built += 1
                     i += 1
+                elif code == 0x93:  # STACK_GLOBAL of a name already found allowlisted
+                    if len(stack) < 2 or type(stack[-1]) is not str or type(stack[-2]) is not str:
+                        break
+                    known = imports_get((stack[-2], stack[-1]))  # (module, name)
+                    if known is None or known[1]:
+                        break  # not yet classified, or a finding to report: the handler
+                    stack.pop()
+                    stack[-1] = known[0]
+                    self.imports += 1
+                    i += 1
+                elif code == 0x63:  # GLOBAL of a name already found allowlisted
+                    if len(stack) >= max_stack:
+                        break
+                    j = buf.find(b"\n", i + 1)
+                    if j < 0 or j > i + _LINE_LIMIT:
+                        break
+                    k = buf.find(b"\n", j + 1)
+                    if k < 0 or k > j + _LINE_LIMIT:
+                        break
+                    try:
+                        pair = (buf[i + 1 : j].decode("utf-8"), buf[j + 1 : k].decode("utf-8"))
+                    except UnicodeDecodeError:
+                        break
+                    known = imports_get(pair)
+                    if known is None or known[1]:
+                        break
+                    stack.append(known[0])
+                    self.imports += 1
+                    i = k + 1
                 elif code == 0x8C or code == 0x43:  # SHORT_BINUNICODE, SHORT_BINBYTES
                     if i + 1 >= n or len(stack) >= max_stack:
                         break
