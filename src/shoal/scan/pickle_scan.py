@@ -1824,20 +1824,26 @@ def _state_findings(state: Any) -> list[tuple[Severity, str, str]]:
     if isinstance(state, tuple):
         # (dict, slots) pairs, or a state for a class's own __setstate__ (NumPy's (version,
         # shape, dtype, fortran, data)): data made by allowlisted constructors is fine, a
-        # mapping made by a call is not (its keys would become attribute names unchecked)
+        # mapping made by a call is not (its keys would become attribute names unchecked).
+        # (The symbolic classes have no subclasses, so type() is isinstance() here.)
         for x in state:
-            if isinstance(x, (_Glob, _Opaque)) or (
-                isinstance(x, _Obj)
-                and (
-                    x.origin is None
-                    or x.origin.severity != Severity.NONE
-                    or x.origin.qual in _DICT_MAKERS
+            t = type(x)
+            if (
+                t is _Glob
+                or t is _Opaque
+                or (
+                    t is _Obj
+                    and (
+                        x.origin is None
+                        or x.origin.severity != Severity.NONE
+                        or x.origin.qual in _DICT_MAKERS
+                    )
                 )
             ):
                 computed = True
                 break
     if isinstance(state, tuple) and not computed:
-        dicts = [x for x in state if isinstance(x, _Dict)]
+        dicts = [x for x in state if type(x) is _Dict]
     elif isinstance(state, _Dict):
         dicts = [state]
     elif state is None or isinstance(state, (_List, _Blob, str, bytes, int, float)):
