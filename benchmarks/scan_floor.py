@@ -9,9 +9,12 @@ cannot open) cannot go below, interleaved, medians over ``--repeats`` passes:
 - genops: read, then walk every pickle stream with ``pickletools.genops`` (each ``*.pkl``
   member of a zip, every concatenated pickle of a file): what a scanner that lists opcodes
   and globals does, as ModelScan's pickle scan does;
-- shoal: ``shoal.scan.scan_file`` on every file (symbolic execution with all its checks).
+- shoal: ``shoal.scan.scan_file`` on every file (symbolic execution with all its checks);
+- shoal-base (with ``--baseline SRC``, an earlier shoal's ``src`` folder): the same in a child
+  process importing that shoal, told to make each pass in turn with the others, so before and
+  after come from one interleaved run (its CPU is measured inside the child).
 
-Run:  python benchmarks/scan_floor.py [--repeats 15] [--json out.json]
+Run:  python benchmarks/scan_floor.py [--repeats 15] [--json out.json] [--baseline SRC]
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickletools
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,10 +60,26 @@ def _genops(path: Path) -> int:
     return ops
 
 
+# The baseline's passes: warm once, then one timed pass per line read from stdin.
+_CHILD = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from shoal.scan import scan_file\n"
+    "files = [Path(p) for p in sys.argv[1:]]\n"
+    "for p in files: scan_file(p)\n"
+    "print('ready', flush=True)\n"
+    "for _line in sys.stdin:\n"
+    "    t = time.process_time()\n"
+    "    for p in files: scan_file(p)\n"
+    "    print(time.process_time() - t, flush=True)\n"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--baseline", type=Path, help="an earlier shoal's src folder")
     args = parser.parse_args(argv)
     from shoal.scan import scan_file
 
@@ -73,18 +94,42 @@ def main(argv: list[str] | None = None) -> int:
         ops = sum(_genops(p) for p in files)
         for p in files:  # warm: imports, caches
             scan_file(p)
-        steps = {
+        steps: dict[str, Any] = {
             "read": lambda p: p.read_bytes(),
             "genops": _genops,
             "shoal": scan_file,
         }
+        child = None
+        if args.baseline:
+            env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+            child = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, *map(str, files)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            assert child.stdin is not None and child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("the baseline shoal did not start")
+            steps["shoal-base"] = None
         times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(args.repeats):
             for name, step in steps.items():
+                if step is None and child is not None:  # the baseline, timed in its process
+                    assert child.stdin is not None and child.stdout is not None
+                    child.stdin.write("pass\n")
+                    child.stdin.flush()
+                    times[name].append(float(child.stdout.readline()))
+                    continue
                 t = time.process_time()
                 for p in files:
                     step(p)
                 times[name].append(time.process_time() - t)
+        if child is not None:
+            assert child.stdin is not None
+            child.stdin.close()
+            child.wait()
         mb = sum(p.stat().st_size for p in files) / 2**20
     med = {k: statistics.median(v) for k, v in times.items()}
     out: dict[str, Any] = {
@@ -95,11 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         "range_s": {k: [min(v), max(v)] for k, v in times.items()},
         "shoal_over_genops": med["shoal"] / med["genops"],
     }
+    if "shoal-base" in med:
+        out["base_over_genops"] = med["shoal-base"] / med["genops"]
+        out["shoal_over_base"] = med["shoal"] / med["shoal-base"]
     print(f"{len(files)} small pickle files, {mb:.2f} MB, {ops} opcodes; {args.repeats} passes")
     for k in steps:
         lo, hi = out["range_s"][k]
-        print(f"  {k:7s} {med[k] * 1e3:7.1f} ms CPU [{lo * 1e3:.1f}-{hi * 1e3:.1f}]")
+        print(f"  {k:10s} {med[k] * 1e3:7.1f} ms CPU [{lo * 1e3:.1f}-{hi * 1e3:.1f}]")
     print(f"  shoal / genops {out['shoal_over_genops']:.2f}x")
+    if "shoal-base" in med:
+        print(f"  shoal-base / genops {out['base_over_genops']:.2f}x")
+        print(f"  shoal / shoal-base {out['shoal_over_base']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0
