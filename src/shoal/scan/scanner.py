@@ -435,12 +435,14 @@ def _scan_source(src: IO[bytes], *, path: str, limits: ScanLimits) -> FileReport
 
 
 _DEFAULT_LIMITS = ScanLimits()  # frozen: one for every call that gives none
+_PATH = type(Path())  # PosixPath or WindowsPath
 
 
 def scan_file(path: str | os.PathLike[str], *, limits: ScanLimits | None = None) -> FileReport:
     """Scan one file. Never executes or imports anything named by the file."""
     limits = limits or _DEFAULT_LIMITS
-    p = Path(path)
+    # a Path as iter_files makes them is kept: Path() of it parses its parts again
+    p = path if type(path) is _PATH else Path(path)
     try:
         st = p.stat()
     except FileNotFoundError:
