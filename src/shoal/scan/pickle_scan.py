@@ -663,6 +663,11 @@ class _Analyzer:
                         break
                     stack.append(buf[i + 1])
                     i += 2
+                elif code == 0x4A:  # BININT
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_i(buf, i + 1)[0])
+                    i += 5
                 elif code == 0x28:  # MARK
                     if len(metastack) >= max_stack:
                         break
@@ -693,48 +698,6 @@ class _Analyzer:
                         break
                     memo[idx] = stack[-1]
                     i += width
-                elif code == 0x52 or code == 0x81:  # REDUCE, NEWOBJ
-                    # of an imported global whose arguments have nothing to check (_call)
-                    if len(stack) < 2:
-                        break
-                    func = stack[-2]
-                    if type(func) is not Glob:
-                        break
-                    if not func.plain and not (func.quiet and quiet_call(func, stack[-1])):
-                        break
-                    args = stack.pop()
-                    stack[-1] = Obj(func, args, new=code == 0x81)
-                    built += 1
-                    i += 1
-                elif code == 0x93:  # STACK_GLOBAL of a name already found allowlisted
-                    if len(stack) < 2 or type(stack[-1]) is not str or type(stack[-2]) is not str:
-                        break
-                    known = imports_get((stack[-2], stack[-1]))  # (module, name)
-                    if known is None or known[1]:
-                        break  # not yet classified, or a finding to report: the handler
-                    stack.pop()
-                    stack[-1] = known[0]
-                    self.imports += 1
-                    i += 1
-                elif code == 0x63:  # GLOBAL of a name already found allowlisted
-                    if len(stack) >= max_stack:
-                        break
-                    j = buf.find(b"\n", i + 1)
-                    if j < 0 or j > i + _LINE_LIMIT:
-                        break
-                    k = buf.find(b"\n", j + 1)
-                    if k < 0 or k > j + _LINE_LIMIT:
-                        break
-                    try:
-                        pair = (buf[i + 1 : j].decode("utf-8"), buf[j + 1 : k].decode("utf-8"))
-                    except UnicodeDecodeError:
-                        break
-                    known = imports_get(pair)
-                    if known is None or known[1]:
-                        break
-                    stack.append(known[0])
-                    self.imports += 1
-                    i = k + 1
                 elif code == 0x8C or code == 0x43:  # SHORT_BINUNICODE, SHORT_BINBYTES
                     if i + 1 >= n or len(stack) >= max_stack:
                         break
@@ -749,6 +712,55 @@ class _Analyzer:
                     else:
                         stack.append(buf[i + 2 : end])
                     i = end
+                elif code == 0x47:  # BINFLOAT
+                    if i + 9 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_d(buf, i + 1)[0])
+                    i += 9
+                elif code == 0x4D:  # BININT2
+                    if i + 3 > n or len(stack) >= max_stack:
+                        break
+                    stack.append(unpack_h(buf, i + 1)[0])
+                    i += 3
+                elif code == 0x85:  # TUPLE1
+                    if not stack:
+                        break
+                    stack[-1] = (stack[-1],)
+                    built += 1
+                    i += 1
+                elif code == 0x86:  # TUPLE2
+                    if len(stack) < 2:
+                        break
+                    b = stack.pop()
+                    stack[-1] = (stack[-1], b)
+                    built += 1
+                    i += 1
+                elif code == 0x4E or code == 0x88 or code == 0x89:  # NONE, NEWTRUE, NEWFALSE
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(_CONSTANTS[code])
+                    i += 1
+                elif code == 0x87:  # TUPLE3
+                    if len(stack) < 3:
+                        break
+                    c = stack.pop()
+                    b = stack.pop()
+                    stack[-1] = (stack[-1], b, c)
+                    built += 1
+                    i += 1
+                elif code == 0x52 or code == 0x81:  # REDUCE, NEWOBJ
+                    # of an imported global whose arguments have nothing to check (_call)
+                    if len(stack) < 2:
+                        break
+                    func = stack[-2]
+                    if type(func) is not Glob:
+                        break
+                    if not func.plain and not (func.quiet and quiet_call(func, stack[-1])):
+                        break
+                    args = stack.pop()
+                    stack[-1] = Obj(func, args, new=code == 0x81)
+                    built += 1
+                    i += 1
                 elif code == 0x73:  # SETITEM
                     if len(stack) < 3 or type(stack[-3]) is not Dict:
                         break
@@ -773,6 +785,74 @@ class _Analyzer:
                     if state_findings(state):
                         break
                     inst.state = stack.pop()
+                    i += 1
+                elif code == 0x58 or code == 0x42:  # BINUNICODE, BINBYTES
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    size = unpack_u(buf, i + 1)[0]
+                    end = i + 5 + size
+                    if size > _KEEP_BYTES or end > n:
+                        break
+                    if code == 0x58:
+                        try:
+                            stack.append(buf[i + 5 : end].decode("utf-8", "surrogatepass"))
+                        except UnicodeDecodeError:
+                            break
+                    else:
+                        stack.append(buf[i + 5 : end])
+                    i = end
+                elif code == 0x75 or code == 0x65:  # SETITEMS, APPENDS
+                    if not metastack or not metastack[-1]:
+                        break
+                    target = metastack[-1][-1]
+                    if code == 0x75:
+                        if type(target) is not Dict or len(stack) % 2:
+                            break
+                        self._set_items(target, stack)
+                    else:
+                        if type(target) is not List:
+                            break
+                        self._extend(target, stack)
+                    stack = metastack.pop()
+                    i += 1
+                elif code == 0x61:  # APPEND
+                    if len(stack) < 2 or type(stack[-2]) is not List:
+                        break
+                    v = stack.pop()
+                    lst = stack[-1]
+                    lst.n += 1
+                    if len(lst.items) < keep_max and self._keep(1):
+                        lst.items.append(v)
+                    i += 1
+                elif code == 0x29:  # EMPTY_TUPLE: a container of no items, one level deep
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(())
+                    built += 1
+                    i += 1
+                elif code == 0x7D or code == 0x5D:  # EMPTY_DICT, EMPTY_LIST
+                    if len(stack) >= max_stack:
+                        break
+                    stack.append(Dict() if code == 0x7D else List())
+                    built += 1
+                    i += 1
+                elif code == 0x6A:  # LONG_BINGET
+                    if i + 5 > n or len(stack) >= max_stack:
+                        break
+                    v = memo.get(unpack_u(buf, i + 1)[0], missing)
+                    if v is missing:
+                        break
+                    stack.append(v)
+                    i += 5
+                elif code == 0x93:  # STACK_GLOBAL of a name already found allowlisted
+                    if len(stack) < 2 or type(stack[-1]) is not str or type(stack[-2]) is not str:
+                        break
+                    known = imports_get((stack[-2], stack[-1]))  # (module, name)
+                    if known is None or known[1]:
+                        break  # not yet classified, or a finding to report: the handler
+                    stack.pop()
+                    stack[-1] = known[0]
+                    self.imports += 1
                     i += 1
                 elif code == 0x70 or code == 0x67:  # PUT, GET (protocol 0: decimal line)
                     j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
@@ -816,105 +896,25 @@ class _Analyzer:
                         break  # the other forms pickle reads: text_literal, in the handler
                     stack.append(v)
                     i = j + 1
-                elif code == 0x85:  # TUPLE1
-                    if not stack:
-                        break
-                    stack[-1] = (stack[-1],)
-                    built += 1
-                    i += 1
-                elif code == 0x86:  # TUPLE2
-                    if len(stack) < 2:
-                        break
-                    b = stack.pop()
-                    stack[-1] = (stack[-1], b)
-                    built += 1
-                    i += 1
-                elif code == 0x4E or code == 0x88 or code == 0x89:  # NONE, NEWTRUE, NEWFALSE
+                elif code == 0x63:  # GLOBAL of a name already found allowlisted
                     if len(stack) >= max_stack:
                         break
-                    stack.append(_CONSTANTS[code])
-                    i += 1
-                elif code == 0x87:  # TUPLE3
-                    if len(stack) < 3:
+                    j = buf.find(b"\n", i + 1)
+                    if j < 0 or j > i + _LINE_LIMIT:
                         break
-                    c = stack.pop()
-                    b = stack.pop()
-                    stack[-1] = (stack[-1], b, c)
-                    built += 1
-                    i += 1
-                elif code == 0x58 or code == 0x42:  # BINUNICODE, BINBYTES
-                    if i + 5 > n or len(stack) >= max_stack:
+                    k = buf.find(b"\n", j + 1)
+                    if k < 0 or k > j + _LINE_LIMIT:
                         break
-                    size = unpack_u(buf, i + 1)[0]
-                    end = i + 5 + size
-                    if size > _KEEP_BYTES or end > n:
+                    try:
+                        pair = (buf[i + 1 : j].decode("utf-8"), buf[j + 1 : k].decode("utf-8"))
+                    except UnicodeDecodeError:
                         break
-                    if code == 0x58:
-                        try:
-                            stack.append(buf[i + 5 : end].decode("utf-8", "surrogatepass"))
-                        except UnicodeDecodeError:
-                            break
-                    else:
-                        stack.append(buf[i + 5 : end])
-                    i = end
-                elif code == 0x47:  # BINFLOAT
-                    if i + 9 > n or len(stack) >= max_stack:
+                    known = imports_get(pair)
+                    if known is None or known[1]:
                         break
-                    stack.append(unpack_d(buf, i + 1)[0])
-                    i += 9
-                elif code == 0x4A:  # BININT
-                    if i + 5 > n or len(stack) >= max_stack:
-                        break
-                    stack.append(unpack_i(buf, i + 1)[0])
-                    i += 5
-                elif code == 0x4D:  # BININT2
-                    if i + 3 > n or len(stack) >= max_stack:
-                        break
-                    stack.append(unpack_h(buf, i + 1)[0])
-                    i += 3
-                elif code == 0x29:  # EMPTY_TUPLE: a container of no items, one level deep
-                    if len(stack) >= max_stack:
-                        break
-                    stack.append(())
-                    built += 1
-                    i += 1
-                elif code == 0x7D or code == 0x5D:  # EMPTY_DICT, EMPTY_LIST
-                    if len(stack) >= max_stack:
-                        break
-                    stack.append(Dict() if code == 0x7D else List())
-                    built += 1
-                    i += 1
-                elif code == 0x6A:  # LONG_BINGET
-                    if i + 5 > n or len(stack) >= max_stack:
-                        break
-                    v = memo.get(unpack_u(buf, i + 1)[0], missing)
-                    if v is missing:
-                        break
-                    stack.append(v)
-                    i += 5
-                elif code == 0x61:  # APPEND
-                    if len(stack) < 2 or type(stack[-2]) is not List:
-                        break
-                    v = stack.pop()
-                    lst = stack[-1]
-                    lst.n += 1
-                    if len(lst.items) < keep_max and self._keep(1):
-                        lst.items.append(v)
-                    i += 1
-                elif code == 0x75 or code == 0x65:  # SETITEMS, APPENDS
-                    if not metastack or not metastack[-1]:
-                        break
-                    target = metastack[-1][-1]
-                    if code == 0x75:
-                        if type(target) is not Dict or len(stack) % 2:
-                            break
-                        self._set_items(target, stack)
-                    else:
-                        if type(target) is not List:
-                            break
-                        self._extend(target, stack)
-                    stack = metastack.pop()
-                    i += 1
+                    stack.append(known[0])
+                    self.imports += 1
+                    i = k + 1
                 elif code == 0x95:  # FRAME: framing only, the opcodes inside are read as usual
                     if i + 9 > n:
                         break
