@@ -29,6 +29,17 @@ def test_clean_folder_exits_zero(files, capsys):
     assert "a.pkl" in out and "b.pkl" in out
 
 
+def test_a_long_path_is_printed_whole(tmp_path, capsys):
+    # piped output is 80 columns wide: a longer path was broken across lines ("a.pk\nl"),
+    # which failed the test above whenever its temporary folder's path was long
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    (deep / "a.pkl").write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
+    assert main(["scan", str(deep)]) == 0
+    out = capsys.readouterr().out
+    assert str(deep / "a.pkl") in out.splitlines()[0], out
+
+
 def test_unsafe_file_exits_one_with_exact_json(files, capsys):
     good, bad = files
     assert main(["scan", "--format", "json", str(bad), str(good)]) == 1

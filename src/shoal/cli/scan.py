@@ -151,9 +151,12 @@ def _print_text(reports: list[FileReport]) -> None:
     console = Console(highlight=False, soft_wrap=False)
     for report in reports:
         style = _STYLE[report.severity]
+        # soft_wrap: a path longer than the terminal (80 columns when piped) stays on one
+        # line, whole, so it can be read, copied and grepped
         console.print(
             f"[bold]{_shown(report.path)}[/bold]  format={_shown(report.format)}  "
-            f"severity=[{style}]{report.severity.label}[/{style}]"
+            f"severity=[{style}]{report.severity.label}[/{style}]",
+            soft_wrap=True,
         )
         if not report.findings:
             console.print("  no findings")
