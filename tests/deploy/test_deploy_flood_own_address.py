@@ -7,6 +7,7 @@ one byte at a time is cut off at the handshake deadline."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,7 +213,13 @@ class SlowLink:
         self.delay_s = delay_s
         self._closing = threading.Event()
         self._socks: list[socket.socket] = []  # every connection, closed by close()
-        self._listeners = [socket.create_server(("127.0.0.3", port)) for port in ports]
+        self._listeners: list[socket.socket] = []
+        try:
+            for port in ports:
+                self._listeners.append(socket.create_server(("127.0.0.3", port)))
+        except OSError:
+            self.close()
+            raise
         for listener, port in zip(self._listeners, ports, strict=True):
             threading.Thread(target=self._accept, args=(listener, port), daemon=True).start()
 
@@ -267,6 +275,22 @@ class SlowLink:
                 return
 
 
+def _engine_behind_a_link(federation: Any, *, delay_s: float) -> tuple[Any, SlowLink]:
+    """An engine and a SlowLink listening on 127.0.0.3 at the engine's port numbers. Those
+    are free on 127.0.0.1, but on 127.0.0.3 the same number can still be held by an earlier
+    flood's source port (EADDRINUSE, once in a suite run): then the engine takes new ports."""
+    for attempt in range(5):
+        engine = federation.engine(data_listen="127.0.0.1:0", max_pending_per_peer=4, max_pending=8)
+        try:
+            return engine, SlowLink([engine.port, engine.data_port], delay_s=delay_s)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or attempt == 4:
+                raise
+            federation.engines.remove(engine)
+            engine.close()
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["silent", "garbage", "lane"])
 def test_a_node_a_wan_away_gets_its_lane_through_a_flood_from_its_own_address(
@@ -278,8 +302,7 @@ def test_a_node_a_wan_away_gets_its_lane_through_a_flood_from_its_own_address(
     show (a live session's lane id), so however fast it comes it cannot displace the node:
     before, the oldest pending connection went first, and the node's, waiting a round trip
     for the coordinator's greeting, was always the oldest."""
-    engine = federation.engine(data_listen="127.0.0.1:0", max_pending_per_peer=4, max_pending=8)
-    link = SlowLink([engine.port, engine.data_port], delay_s=0.15)
+    engine, link = _engine_behind_a_link(federation, delay_s=0.15)
     try:
         with flood(engine.data_port, mode, seconds=10.0) as attack:
             assert wait(lambda: engine.rejections > 200, 6), engine.rejections
