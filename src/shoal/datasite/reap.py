@@ -71,8 +71,12 @@ def pipe_holders(inodes: Iterable[int]) -> list[int]:
     """The pids holding the write end of any of these pipes (the job's side: the server
     holds only read ends, and so would a process it is just forking)."""
     wanted = {f"pipe:[{i}]" for i in inodes}
-    found = []
-    for pid in os.listdir("/proc"):
+    found: list[int] = []
+    try:
+        pids = os.listdir("/proc")
+    except OSError:  # no /proc (not Linux): the group and namespace kills are all there is
+        return found
+    for pid in pids:
         if not pid.isdigit():
             continue
         with contextlib.suppress(OSError):
