@@ -784,3 +784,45 @@ def test_arbitrary_metric_dicts_round_trip(metrics: dict[str, Any], state: dict[
         assert _canon(store.node_metrics(run_id, 3).get("a", {})) == _canon(metrics)
         assert _canon(store.load_checkpoint(run_id).state) == _canon(state)
         assert _canon(store.get_run(run_id).config) == _canon(state)
+
+
+class _InterruptAfterBegin:
+    """A store connection whose BEGIN runs and is then interrupted (Ctrl-C between statements)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+    def execute(self, sql: str, *args: object) -> object:
+        out = self.conn.execute(sql, *args)
+        if sql.startswith("BEGIN"):
+            raise KeyboardInterrupt
+        return out
+
+
+def test_an_interrupt_right_after_begin_leaves_no_transaction_open(tmp_path: Path) -> None:
+    # Ctrl-C landing just after BEGIN left the transaction open, and the run's next write,
+    # marking it interrupted, failed with "cannot start a transaction within a transaction"
+    # (test_ctrl_c_prints_the_run_id_and_how_to_resume under load)
+    store = Store(tmp_path / "s.db")
+    real = store._conn
+    assert real is not None
+    store._conn = _InterruptAfterBegin(real)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        store.create_run(name="r", config={})
+    store._conn = real
+    assert not real.in_transaction
+    run_id = store.create_run(name="r", config={})
+    assert store.get_run(run_id).name == "r"
+
+
+def test_a_transaction_left_open_is_rolled_back_before_the_next(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    assert store._conn is not None
+    store._conn.execute("BEGIN")
+    store._conn.execute("INSERT INTO meta (key, value) VALUES ('stray', 'x')")
+    run_id = store.create_run(name="r", config={})
+    assert store.get_run(run_id).name == "r"
+    assert store._conn.execute("SELECT count(*) FROM meta WHERE key='stray'").fetchone()[0] == 0

@@ -348,10 +348,15 @@ class Store:
             if conn is None:
                 raise StoreError(f"store {self.path!r} is closed; open a new Store")
             try:
-                # IMMEDIATE takes the write lock up front, so two writers queue on busy_timeout
-                # instead of deadlocking when both try to upgrade a read lock.
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                if conn.in_transaction:
+                    # left open by an interrupt (Ctrl-C) that came before its handler below:
+                    # whatever it held is unfinished, so it never counts
+                    conn.execute("ROLLBACK")
                 try:
+                    # IMMEDIATE takes the write lock up front, so two writers queue on
+                    # busy_timeout instead of deadlocking when both try to upgrade a read lock.
+                    # BEGIN inside the try: an interrupt just after it still rolls back.
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                     yield conn
                     conn.execute("COMMIT")
                 except BaseException:
