@@ -25,7 +25,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shoal.errors import ConfigError, ReleaseRefused, TransportError
-from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+from shoal.runtime.engine import (
+    DispatchResult,
+    Failure,
+    FailureKind,
+    Reply,
+    Task,
+    check_dispatch,
+)
 
 if TYPE_CHECKING:
     from shoal.datasite.client import Datasite, RemoteRequest
@@ -178,15 +185,9 @@ class SiteEngine:
         return tuple(self._requests)
 
     def dispatch(self, tasks: Sequence[Task], *, deadline_s: float) -> DispatchResult:
-        if deadline_s <= 0:
-            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
-        seen: set[str] = set()
-        for task in tasks:
-            if task.node_id not in self._requests:
-                raise ConfigError(f"no site {task.node_id!r} in this federated request")
-            if task.node_id in seen:
-                raise ConfigError(f"site {task.node_id!r} got two tasks in one dispatch")
-            seen.add(task.node_id)
+        check_dispatch(
+            tasks, deadline_s, known=self._requests, noun="site", where="in this federated request"
+        )
         outcomes: dict[str, Reply | Failure] = {}
         if tasks:
             # Threads that outlive the deadline are left to finish on their own (their

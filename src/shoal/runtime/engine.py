@@ -8,10 +8,12 @@ that every engine must pass (``tests/runtime/contract/``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, Union, runtime_checkable
+
+from shoal.errors import ConfigError
 
 __all__ = [
     "DECLINED_DETAIL",
@@ -22,6 +24,7 @@ __all__ = [
     "FailureKind",
     "Reply",
     "Task",
+    "check_dispatch",
 ]
 
 Buffer = Union[bytes, memoryview]  # noqa: UP007 (a runtime alias on Python 3.10)
@@ -157,3 +160,27 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release everything the engine started; idempotent."""
         ...
+
+
+def check_dispatch(
+    tasks: Sequence[Task],
+    deadline_s: float,
+    *,
+    known: Container[str] | None,
+    noun: str = "node",
+    where: str = "in this federation",
+) -> None:
+    """The contract's refused calls, checked before any task runs (every engine's one copy).
+
+    ``known`` None leaves unknown ids to the engine (a registry that must be re-read first).
+    """
+    if deadline_s <= 0:
+        raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
+    seen: set[str] = set()
+    for task in tasks:
+        node_id = task.node_id
+        if known is not None and node_id not in known:
+            raise ConfigError(f"no {noun} {node_id!r} {where}")
+        if node_id in seen:
+            raise ConfigError(f"{noun} {node_id!r} got two tasks in one dispatch")
+        seen.add(node_id)

@@ -42,6 +42,7 @@ from shoal.runtime.engine import (
     FailureKind,
     Reply,
     Task,
+    check_dispatch,
 )
 from shoal.runtime.nodestate import NODE_STATE_KEY, NodeStateFile
 from shoal.wire import decode
@@ -242,15 +243,7 @@ class LocalEngine:
         return value
 
     def dispatch(self, tasks: Sequence[Task], *, deadline_s: float) -> DispatchResult:
-        if deadline_s <= 0:
-            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
-        seen: set[str] = set()
-        for task in tasks:
-            if task.node_id not in self._index:
-                raise ConfigError(f"no node {task.node_id!r} in this federation")
-            if task.node_id in seen:
-                raise ConfigError(f"node {task.node_id!r} got two tasks in one dispatch")
-            seen.add(task.node_id)
+        check_dispatch(tasks, deadline_s, known=self._index)
         self._dispatches += 1
         draws = draw_faults(self.faults, self._seed, self._dispatches, len(tasks))
         start = self.clock.now

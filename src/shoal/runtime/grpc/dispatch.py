@@ -16,8 +16,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shoal.errors import ConfigError
-from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+from shoal.runtime.engine import (
+    DispatchResult,
+    Failure,
+    FailureKind,
+    Reply,
+    Task,
+    check_dispatch,
+)
 from shoal.runtime.grpc.bulk import SessionLane
 from shoal.runtime.grpc.config import CoordinatorConfig
 from shoal.runtime.grpc.lane import LANE_MIN_BYTES
@@ -55,13 +61,8 @@ class Dispatcher:
         self._lock = threading.Lock()
 
     def dispatch(self, tasks: Sequence[Task], *, deadline_s: float) -> DispatchResult:
-        if deadline_s <= 0:
-            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
-        seen: set[str] = set()
-        for task in tasks:
-            if task.node_id in seen:
-                raise ConfigError(f"node {task.node_id!r} got two tasks in one dispatch")
-            seen.add(task.node_id)
+        # Unknown ids are the registry's to judge: it re-reads itself before refusing one.
+        check_dispatch(tasks, deadline_s, known=None)
         self.admitted.check_known([t.node_id for t in tasks])
         with self._lock:
             self._dispatches += 1

@@ -30,7 +30,14 @@ from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError, TransportError
 from shoal.runtime.availability import Availability
 from shoal.runtime.devices import Devices, VirtualClock
-from shoal.runtime.engine import DispatchResult, Failure, FailureKind, Reply, Task
+from shoal.runtime.engine import (
+    DispatchResult,
+    Failure,
+    FailureKind,
+    Reply,
+    Task,
+    check_dispatch,
+)
 from shoal.runtime.local import Faults, draw_faults, inject, virtual_outcome
 from shoal.runtime.recipe import Recipe
 
@@ -216,15 +223,7 @@ class RayEngine:
         return sum(self._alive)
 
     def dispatch(self, tasks: Sequence[Task], *, deadline_s: float) -> DispatchResult:
-        if deadline_s <= 0:
-            raise ConfigError(f"deadline_s must be positive, got {deadline_s}")
-        seen: set[str] = set()
-        for task in tasks:
-            if task.node_id not in self._index:
-                raise ConfigError(f"no node {task.node_id!r} in this federation")
-            if task.node_id in seen:
-                raise ConfigError(f"node {task.node_id!r} got two tasks in one dispatch")
-            seen.add(task.node_id)
+        check_dispatch(tasks, deadline_s, known=self._index)
         if not self._hosts:
             raise ConfigError("this RayEngine is closed")
         with self._lock:  # dispatches from several threads each get their own number
