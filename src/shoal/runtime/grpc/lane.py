@@ -117,6 +117,23 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def listen(host: str, port: int, *, backlog: int, hint: str) -> socket.socket:
+    """A listening TCP socket; ``"::"`` serves IPv4 peers too, as gRPC's listener on it does.
+
+    TransportError (naming the address and ``hint``, what to do) when the port cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    dualstack = host == "::" and socket.has_dualstack_ipv6()
+    try:
+        return socket.create_server(
+            (host, port), family=family, backlog=backlog, dualstack_ipv6=dualstack
+        )
+    except OSError as exc:
+        raise TransportError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); {hint}"
+        ) from None
+
+
 def _unreferenced(buffers: Sequence[np.ndarray], index: int) -> bool:
     # Only the pool holds the buffer when the count is the baseline (its slot in the pool,
     # `buffer` and getrefcount's argument); every view, memoryview or decoded array still
@@ -403,18 +420,12 @@ class LaneServer:
         preauth_bytes: int = PREAUTH_BYTES,
         preauth_records: int = PREAUTH_RECORDS,
     ) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # "[::]" serves IPv4 nodes too, as gRPC's listener on "[::]" does.
-        dualstack = host == "::" and socket.has_dualstack_ipv6()
-        try:
-            self._listener = socket.create_server(
-                (host, port), family=family, backlog=128, dualstack_ipv6=dualstack
-            )
-        except OSError as exc:
-            raise TransportError(
-                f"cannot listen for the bulk lane on {host}:{port} ({exc}); is the port in use? "
-                "Choose another with data_listen / --data-port"
-            ) from None
+        self._listener = listen(
+            host,
+            port,
+            backlog=128,
+            hint="the bulk lane's port is in use? Choose another with data_listen / --data-port",
+        )
         self.port: int = self._listener.getsockname()[1]
         self._context = context
         self._token_for = token_for

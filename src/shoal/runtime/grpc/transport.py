@@ -51,7 +51,7 @@ from typing import Literal
 from shoal.errors import ProtocolError, TransportError
 from shoal.runtime.grpc.bans import Bans
 from shoal.runtime.grpc.h2meter import FrameMeter
-from shoal.runtime.grpc.lane import parse_address, peek
+from shoal.runtime.grpc.lane import listen, parse_address, peek
 from shoal.runtime.grpc.limits import (
     CALL,
     PREAUTH_BYTES,
@@ -265,17 +265,7 @@ class FrontDoor:
     ) -> None:
         if (tls is None) != (speaks == "plaintext"):
             raise ValueError("give a TLS context exactly when the door speaks TLS")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        dualstack = host == "::" and socket.has_dualstack_ipv6()
-        try:
-            self._listener = socket.create_server(
-                (host, port), family=family, backlog=512, dualstack_ipv6=dualstack
-            )
-        except OSError as exc:
-            raise TransportError(
-                f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another process "
-                "using the port?"
-            ) from None
+        self._listener = listen(host, port, backlog=512, hint="is another process using the port?")
         self.port: int = self._listener.getsockname()[1]
         self.speaks = speaks
         self._tls = tls
