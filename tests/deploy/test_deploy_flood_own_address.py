@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import queue
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +20,6 @@ from typing import Any
 
 import pytest
 
-import shoal
 from shoal.runtime import NodeApp
 from shoal.runtime.grpc import Backoff, ClientTLS, NodeClient, ServerTLS
 from shoal.runtime.grpc.limits import peer_host
@@ -30,6 +27,7 @@ from shoal.runtime.grpc.limits import peer_host
 SCRIPT = Path(__file__).with_name("flooder.py")
 FLOOD_S = 9.0
 sys.path.insert(0, str(Path(__file__).parent))
+from attackers import attacker, wait  # noqa: E402
 from flooder import client_hello  # noqa: E402
 
 pytestmark = pytest.mark.serial  # floods: run alone (make test's second pass)
@@ -38,31 +36,8 @@ pytestmark = pytest.mark.serial  # floods: run alone (make test's second pass)
 @contextlib.contextmanager
 def flood(port: int, mode: str, seconds: float = FLOOD_S) -> Iterator[dict[str, object]]:
     """A flooder process on ``port``; yields a dict that holds its counts once it stopped."""
-    # Only shoal's own source tree: the test run's sys.path holds test folders whose names
-    # shadow packages (a "grpc" folder made `import grpc` a namespace package).
-    env = {**os.environ, "PYTHONPATH": str(Path(shoal.__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--port", str(port), "--mode", mode, "--seconds",
-         str(seconds)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )  # fmt: skip
-    result: dict[str, object] = {"proc": proc}
-    try:
+    with attacker(SCRIPT, ["--port", str(port), "--mode", mode], seconds=seconds) as result:
         yield result
-    finally:
-        out, _ = proc.communicate(timeout=seconds + 30)
-        result.update(json.loads(out.strip().splitlines()[-1]))
-
-
-def wait(condition, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def audit(federation) -> dict[str, int]:  # type: ignore[no-untyped-def]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,12 +21,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-import shoal
 from shoal.runtime import Store
 from shoal.runtime.grpc import make_certs, public_key_bytes, write_key_pair
 from shoal.runtime.grpc.transport import PREAUTH_BYTES, PREAUTH_RECORDS, PROBATION_BYTES
 
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attackers import shoal_env, wait  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("h2attack.py")
 ATTACK_S = 180.0  # the attacker stops by itself after this; the test stops it once the node is in
@@ -61,18 +62,13 @@ deadline_s = 60
 """
 
 
-def _env() -> dict[str, str]:
-    # Only shoal's own source tree: test folders on sys.path shadow packages.
-    return {**os.environ, "PYTHONPATH": str(Path(shoal.__file__).resolve().parents[1])}
-
-
 class Proc:
     """A child process whose stdout lines are collected by a thread, stderr to ``log``."""
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = open(log, "w")  # noqa: SIM115 (closed in stop())
         self.popen = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=_env()
+            args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=shoal_env()
         )
         self.lines: list[str] = []
         self.arrived: list[float] = []  # when each line came (monotonic)
@@ -147,15 +143,6 @@ class Site:
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
-
-
-def wait(condition, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 class Gauge:

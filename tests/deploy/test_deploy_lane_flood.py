@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +21,6 @@ from typing import Any
 import grpc
 import pytest
 
-import shoal
 from shoal.runtime import NodeApp
 from shoal.runtime.grpc import ClientTLS, ServerTLS
 from shoal.runtime.grpc.transport import PREAUTH_BYTES, PREAUTH_RECORDS
@@ -31,6 +28,8 @@ from shoal.runtime.grpc.transport import PREAUTH_BYTES, PREAUTH_RECORDS
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 SCRIPT = Path(__file__).with_name("laneattack.py")
+sys.path.insert(0, str(Path(__file__).parent))
+from attackers import attacker, wait  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -38,27 +37,11 @@ def lane_attack(
     port: int, mode: str, certs: Path, *, seconds: float, **options: Any
 ) -> Iterator[dict[str, Any]]:
     """A laneattack.py process; yields a dict that holds its counts once it stopped."""
-    env = {**os.environ, "PYTHONPATH": str(Path(shoal.__file__).resolve().parents[1])}
-    args = [sys.executable, str(SCRIPT), "--port", str(port), "--mode", mode,
-            "--seconds", str(seconds), "--certs", str(certs)]  # fmt: skip
+    args = ["--port", str(port), "--mode", mode, "--certs", str(certs)]
     for key, value in options.items():
         args += [f"--{key}", str(value)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
-    result: dict[str, Any] = {"proc": proc}
-    try:
+    with attacker(SCRIPT, args, seconds=seconds) as result:
         yield result
-    finally:
-        out, _ = proc.communicate(timeout=seconds + 30)
-        result.update(json.loads(out.strip().splitlines()[-1]))
-
-
-def wait(condition, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def lane_reasons(federation) -> list[str]:  # type: ignore[no-untyped-def]

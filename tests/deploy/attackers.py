@@ -1,0 +1,52 @@
+"""What the flood tests share: an attacker script in its own process, and polling a condition.
+
+The attacker runs with only shoal's own source tree on its path (the test run's sys.path
+holds test folders whose names shadow packages: a "grpc" folder made `import grpc` a
+namespace package), and prints its counts as JSON on its last line when it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import shoal
+
+
+def shoal_env() -> dict[str, str]:
+    """This environment with PYTHONPATH set to shoal's source tree alone."""
+    return {**os.environ, "PYTHONPATH": str(Path(shoal.__file__).resolve().parents[1])}
+
+
+@contextlib.contextmanager
+def attacker(script: Path, args: list[str], *, seconds: float) -> Iterator[dict[str, Any]]:
+    """``script`` running for ``seconds``; the yielded dict holds its counts once it stopped."""
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args, "--seconds", str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=shoal_env(),
+    )
+    result: dict[str, Any] = {"proc": proc}
+    try:
+        yield result
+    finally:
+        out, _ = proc.communicate(timeout=seconds + 30)
+        result.update(json.loads(out.strip().splitlines()[-1]))
+
+
+def wait(condition: Callable[[], object], timeout_s: float, *, poll_s: float = 0.02) -> bool:
+    """Whether ``condition()`` became true within ``timeout_s`` (polled every ``poll_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
