@@ -263,3 +263,56 @@ def test_same_report_for_text_lines_at_the_length_limit(monkeypatch, op, extra):
     data = b"X" + (1 << 16).to_bytes(4, "little") + b"a" * (1 << 16) + b"0" + data
     _both(lambda: scan_bytes(data), monkeypatch)
     _both(lambda: _analysis(data, ScanLimits()), monkeypatch)
+
+
+def test_each_branch_of_the_loop_reads_the_opcodes_its_slot_gives_it():
+    """The loop finds an opcode's branch by ``_SLOTS[code]``, then compares that index (``k``),
+    not the opcode: a table that sent one opcode to another's branch would read it as the
+    other. Each opcode has one branch; the table and the loop's branches agree (each branch
+    ``k == N`` says in its comment which opcodes it reads), and each branch sits in the group
+    ``k < M`` that holds it."""
+    import inspect
+    import pickletools
+    import re
+
+    names = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+    table = pickle_scan._BRANCH_CODES
+    codes = [c for row in table for c in row]
+    assert len(codes) == len(set(codes))
+    assert all(c in names for c in codes)
+    for code in range(256):
+        want = next((k for k, row in enumerate(table) if code in row), len(table))
+        assert pickle_scan._SLOTS[code] == want, hex(code)
+
+    source = inspect.getsource(pickle_scan._Analyzer.run)
+    seen: list[int] = []
+    group = None
+    for line in source.splitlines():
+        m = re.match(r"\s*(?:if|elif) k < (\d+):$", line)
+        if m:
+            group = int(m.group(1))
+            continue
+        m = re.match(r"\s*(?:if|elif) k == (\d+):  # ([A-Z0-9_, ]+)", line)
+        if m:
+            k = int(m.group(1))
+            assert group is not None and group - 6 <= k < group, line
+            assert m.group(2).rstrip().startswith(", ".join(names[c] for c in table[k])), line
+            seen.append(k)
+    assert seen == list(range(len(table)))
+
+
+def test_a_table_that_sends_an_opcode_elsewhere_changes_the_analysis(monkeypatch):
+    """What the test above guards against: BININT1 (K) sent to BININT's branch is read as a
+    four-byte int, and the analysis differs from the handlers' (which the inline-vs-handler
+    tests compare); with the table as it is, the two agree."""
+    limits = ScanLimits()
+    data = pickle.dumps([7, 200, 3, 1000], protocol=2)
+    with monkeypatch.context() as m:
+        m.setattr(pickle_scan, "_INLINE", False)
+        slow = _analysis(data, limits)
+    assert _analysis(data, limits) == slow
+    slots = list(pickle_scan._SLOTS)
+    slots[0x4B] = pickle_scan._SLOTS[0x4A]
+    with monkeypatch.context() as m:
+        m.setattr(pickle_scan, "_SLOTS", slots)
+        assert _analysis(data, limits) != slow

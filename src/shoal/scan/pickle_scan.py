@@ -52,6 +52,55 @@ _KEPT_BUDGET = 2_000_000  # items remembered across all containers of one stream
 _MAX_NESTED = 16  # pickles nested inside joblib object arrays
 _INLINE = True  # tests turn the inline opcode loop off to check it against the handlers
 
+# The inline loop's branches, in the order its ``if`` chain tests them (the order model files
+# use them): ``_SLOTS[code]`` is the index of the branch that reads ``code``, and
+# len(_BRANCH_CODES) for an opcode the loop leaves to its handler. The loop tests that index
+# in groups of six, so an opcode costs a lookup and at most ~11 compares wherever it sits in
+# the order (a chain of 36 tests cost protocol 0's PUT and GET 33 and 34).
+_BRANCH_CODES: tuple[tuple[int, ...], ...] = (
+    (0x68,),  # BINGET
+    (0x94,),  # MEMOIZE
+    (0x4B,),  # BININT1
+    (0x4A,),  # BININT
+    (0x28,),  # MARK
+    (0x74,),  # TUPLE
+    (0x71, 0x72),  # BINPUT, LONG_BINPUT
+    (0x8C, 0x43),  # SHORT_BINUNICODE, SHORT_BINBYTES
+    (0x47,),  # BINFLOAT
+    (0x4D,),  # BININT2
+    (0x85,),  # TUPLE1
+    (0x86,),  # TUPLE2
+    (0x4E, 0x88, 0x89),  # NONE, NEWTRUE, NEWFALSE
+    (0x87,),  # TUPLE3
+    (0x52, 0x81),  # REDUCE, NEWOBJ
+    (0x73,),  # SETITEM
+    (0x62,),  # BUILD
+    (0x58, 0x42),  # BINUNICODE, BINBYTES
+    (0x75, 0x65),  # SETITEMS, APPENDS
+    (0x61,),  # APPEND
+    (0x29,),  # EMPTY_TUPLE
+    (0x7D, 0x5D),  # EMPTY_DICT, EMPTY_LIST
+    (0x6A,),  # LONG_BINGET
+    (0x93,),  # STACK_GLOBAL
+    (0x70, 0x67),  # PUT, GET
+    (0x49, 0x56),  # INT, UNICODE
+    (0x63,),  # GLOBAL
+    (0x95,),  # FRAME
+    (0x30,),  # POP
+    (0x32,),  # DUP
+    (0x31,),  # POP_MARK
+    (0x8F,),  # EMPTY_SET
+    (0x91, 0x6C, 0x64),  # FROZENSET, LIST, DICT
+    (0x90,),  # ADDITEMS
+    (0x80,),  # PROTO
+    (0x55,),  # SHORT_BINSTRING
+)
+_SLOTS: list[int] = [len(_BRANCH_CODES)] * 256
+for _k, _codes in enumerate(_BRANCH_CODES):
+    for _c in _codes:
+        _SLOTS[_c] = _k
+del _k, _codes, _c
+
 _OPCODES = OPCODES
 
 
@@ -635,6 +684,7 @@ class _Analyzer:
         Glob, Obj, is_wrapper, state_findings = _Glob, _Obj, _is_joblib_wrapper, _state_findings
         quiet_call = _quiet_call
         imports_get = _IMPORTS.get
+        slot = _SLOTS
         while True:
             buf, i = r.window()
             n = len(buf)
@@ -645,342 +695,373 @@ class _Analyzer:
             ops = built = 0
             while i < stop:
                 code = buf[i]
-                if code == 0x68:  # BINGET
-                    if i + 1 >= n or len(stack) >= max_stack:
-                        break
-                    v = memo.get(buf[i + 1], missing)
-                    if v is missing:
-                        break
-                    stack.append(v)
-                    i += 2
-                elif code == 0x94:  # MEMOIZE
-                    if not stack or len(memo) >= max_stack:
-                        break
-                    memo[len(memo)] = stack[-1]
-                    i += 1
-                elif code == 0x4B:  # BININT1
-                    if i + 1 >= n or len(stack) >= max_stack:
-                        break
-                    stack.append(buf[i + 1])
-                    i += 2
-                elif code == 0x4A:  # BININT
-                    if i + 5 > n or len(stack) >= max_stack:
-                        break
-                    stack.append(unpack_i(buf, i + 1)[0])
-                    i += 5
-                elif code == 0x28:  # MARK
-                    if len(metastack) >= max_stack:
-                        break
-                    metastack.append(stack)
-                    stack = []
-                    i += 1
-                elif code == 0x74:  # TUPLE
-                    if not metastack or len(metastack[-1]) >= max_stack:
-                        break
-                    if len(stack) > keep_max or self.items + len(stack) > max_items:
-                        break
-                    self.items += len(stack)
-                    items = stack
-                    stack = metastack.pop()
-                    stack.append(tuple(items))
-                    built += 1
-                    i += 1
-                elif code == 0x71 or code == 0x72:  # BINPUT, LONG_BINPUT
-                    if code == 0x71:
-                        if i + 1 >= n:
+                k = slot[code]  # the branch's place in frequency order (_SLOTS)
+                if k < 6:
+                    if k == 0:  # BINGET
+                        if i + 1 >= n or len(stack) >= max_stack:
                             break
-                        idx, width = buf[i + 1], 2
-                    else:
-                        if i + 5 > n:
-                            break
-                        idx, width = unpack_u(buf, i + 1)[0], 5
-                    if not stack or idx >= max_memo or (len(memo) >= max_stack and idx not in memo):
-                        break
-                    memo[idx] = stack[-1]
-                    i += width
-                elif code == 0x8C or code == 0x43:  # SHORT_BINUNICODE, SHORT_BINBYTES
-                    if i + 1 >= n or len(stack) >= max_stack:
-                        break
-                    end = i + 2 + buf[i + 1]
-                    if end > n:
-                        break
-                    if code == 0x8C:
-                        try:
-                            stack.append(buf[i + 2 : end].decode("utf-8", "surrogatepass"))
-                        except UnicodeDecodeError:
-                            break
-                    else:
-                        stack.append(buf[i + 2 : end])
-                    i = end
-                elif code == 0x47:  # BINFLOAT
-                    if i + 9 > n or len(stack) >= max_stack:
-                        break
-                    stack.append(unpack_d(buf, i + 1)[0])
-                    i += 9
-                elif code == 0x4D:  # BININT2
-                    if i + 3 > n or len(stack) >= max_stack:
-                        break
-                    stack.append(unpack_h(buf, i + 1)[0])
-                    i += 3
-                elif code == 0x85:  # TUPLE1
-                    if not stack:
-                        break
-                    stack[-1] = (stack[-1],)
-                    built += 1
-                    i += 1
-                elif code == 0x86:  # TUPLE2
-                    if len(stack) < 2:
-                        break
-                    b = stack.pop()
-                    stack[-1] = (stack[-1], b)
-                    built += 1
-                    i += 1
-                elif code == 0x4E or code == 0x88 or code == 0x89:  # NONE, NEWTRUE, NEWFALSE
-                    if len(stack) >= max_stack:
-                        break
-                    stack.append(_CONSTANTS[code])
-                    i += 1
-                elif code == 0x87:  # TUPLE3
-                    if len(stack) < 3:
-                        break
-                    c = stack.pop()
-                    b = stack.pop()
-                    stack[-1] = (stack[-1], b, c)
-                    built += 1
-                    i += 1
-                elif code == 0x52 or code == 0x81:  # REDUCE, NEWOBJ
-                    # of an imported global whose arguments have nothing to check (_call)
-                    if len(stack) < 2:
-                        break
-                    func = stack[-2]
-                    if type(func) is not Glob:
-                        break
-                    if not func.plain and not (func.quiet and quiet_call(func, stack[-1])):
-                        break
-                    args = stack.pop()
-                    stack[-1] = Obj(func, args, new=code == 0x81)
-                    built += 1
-                    i += 1
-                elif code == 0x73:  # SETITEM
-                    if len(stack) < 3 or type(stack[-3]) is not Dict:
-                        break
-                    v = stack.pop()
-                    k = stack.pop()
-                    d = stack[-1]
-                    d.n += 1
-                    if len(d.pairs) < keep_max and self._keep(1):
-                        d.pairs.append((k, v))
-                    i += 1
-                elif code == 0x62:  # BUILD
-                    # on a call's result, of a state with nothing to report (op_BUILD)
-                    if len(stack) < 2:
-                        break
-                    inst = stack[-2]
-                    if type(inst) is not Obj or inst.origin is None:
-                        break
-                    how = inst.origin.build
-                    if how == 1 or (how == 2 and is_wrapper(inst)):
-                        break
-                    state = stack[-1]
-                    if state_findings(state):
-                        break
-                    inst.state = stack.pop()
-                    i += 1
-                elif code == 0x58 or code == 0x42:  # BINUNICODE, BINBYTES
-                    if i + 5 > n or len(stack) >= max_stack:
-                        break
-                    size = unpack_u(buf, i + 1)[0]
-                    end = i + 5 + size
-                    if size > _KEEP_BYTES or end > n:
-                        break
-                    if code == 0x58:
-                        try:
-                            stack.append(buf[i + 5 : end].decode("utf-8", "surrogatepass"))
-                        except UnicodeDecodeError:
-                            break
-                    else:
-                        stack.append(buf[i + 5 : end])
-                    i = end
-                elif code == 0x75 or code == 0x65:  # SETITEMS, APPENDS
-                    if not metastack or not metastack[-1]:
-                        break
-                    target = metastack[-1][-1]
-                    if code == 0x75:
-                        if type(target) is not Dict or len(stack) % 2:
-                            break
-                        self._set_items(target, stack)
-                    else:
-                        if type(target) is not List:
-                            break
-                        self._extend(target, stack)
-                    stack = metastack.pop()
-                    i += 1
-                elif code == 0x61:  # APPEND
-                    if len(stack) < 2 or type(stack[-2]) is not List:
-                        break
-                    v = stack.pop()
-                    lst = stack[-1]
-                    lst.n += 1
-                    if len(lst.items) < keep_max and self._keep(1):
-                        lst.items.append(v)
-                    i += 1
-                elif code == 0x29:  # EMPTY_TUPLE: a container of no items, one level deep
-                    if len(stack) >= max_stack:
-                        break
-                    stack.append(())
-                    built += 1
-                    i += 1
-                elif code == 0x7D or code == 0x5D:  # EMPTY_DICT, EMPTY_LIST
-                    if len(stack) >= max_stack:
-                        break
-                    stack.append(Dict() if code == 0x7D else List())
-                    built += 1
-                    i += 1
-                elif code == 0x6A:  # LONG_BINGET
-                    if i + 5 > n or len(stack) >= max_stack:
-                        break
-                    v = memo.get(unpack_u(buf, i + 1)[0], missing)
-                    if v is missing:
-                        break
-                    stack.append(v)
-                    i += 5
-                elif code == 0x93:  # STACK_GLOBAL of a name already found allowlisted
-                    if len(stack) < 2 or type(stack[-1]) is not str or type(stack[-2]) is not str:
-                        break
-                    known = imports_get((stack[-2], stack[-1]))  # (module, name)
-                    if known is None or known[1]:
-                        break  # not yet classified, or a finding to report: the handler
-                    stack.pop()
-                    stack[-1] = known[0]
-                    self.imports += 1
-                    i += 1
-                elif code == 0x70 or code == 0x67:  # PUT, GET (protocol 0: decimal line)
-                    j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
-                    if j < 0 or j > i + _LINE_LIMIT:
-                        break
-                    try:
-                        idx = int(buf[i + 1 : j])
-                    except ValueError:
-                        break
-                    if code == 0x70:
-                        if idx < 0 or idx >= max_memo or not stack:
-                            break
-                        if len(memo) >= max_stack and idx not in memo:
-                            break
-                        memo[idx] = stack[-1]
-                    else:
-                        if len(stack) >= max_stack:
-                            break
-                        v = memo.get(idx, missing)
+                        v = memo.get(buf[i + 1], missing)
                         if v is missing:
                             break
                         stack.append(v)
-                    i = j + 1
-                elif code == 0x49 or code == 0x56:  # INT, UNICODE (protocol 0: a text line)
-                    if len(stack) >= max_stack:
+                        i += 2
+                    elif k == 1:  # MEMOIZE
+                        if not stack or len(memo) >= max_stack:
+                            break
+                        memo[len(memo)] = stack[-1]
+                        i += 1
+                    elif k == 2:  # BININT1
+                        if i + 1 >= n or len(stack) >= max_stack:
+                            break
+                        stack.append(buf[i + 1])
+                        i += 2
+                    elif k == 3:  # BININT
+                        if i + 5 > n or len(stack) >= max_stack:
+                            break
+                        stack.append(unpack_i(buf, i + 1)[0])
+                        i += 5
+                    elif k == 4:  # MARK
+                        if len(metastack) >= max_stack:
+                            break
+                        metastack.append(stack)
+                        stack = []
+                        i += 1
+                    elif k == 5:  # TUPLE
+                        if not metastack or len(metastack[-1]) >= max_stack:
+                            break
+                        if len(stack) > keep_max or self.items + len(stack) > max_items:
+                            break
+                        self.items += len(stack)
+                        items = stack
+                        stack = metastack.pop()
+                        stack.append(tuple(items))
+                        built += 1
+                        i += 1
+                    else:
                         break
-                    j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
-                    if j < 0 or j > i + _LINE_LIMIT:
+                elif k < 12:
+                    if k == 6:  # BINPUT, LONG_BINPUT
+                        if code == 0x71:
+                            if i + 1 >= n:
+                                break
+                            idx, width = buf[i + 1], 2
+                        else:
+                            if i + 5 > n:
+                                break
+                            idx, width = unpack_u(buf, i + 1)[0], 5
+                        if (
+                            not stack
+                            or idx >= max_memo
+                            or (len(memo) >= max_stack and idx not in memo)
+                        ):
+                            break
+                        memo[idx] = stack[-1]
+                        i += width
+                    elif k == 7:  # SHORT_BINUNICODE, SHORT_BINBYTES
+                        if i + 1 >= n or len(stack) >= max_stack:
+                            break
+                        end = i + 2 + buf[i + 1]
+                        if end > n:
+                            break
+                        if code == 0x8C:
+                            try:
+                                stack.append(buf[i + 2 : end].decode("utf-8", "surrogatepass"))
+                            except UnicodeDecodeError:
+                                break
+                        else:
+                            stack.append(buf[i + 2 : end])
+                        i = end
+                    elif k == 8:  # BINFLOAT
+                        if i + 9 > n or len(stack) >= max_stack:
+                            break
+                        stack.append(unpack_d(buf, i + 1)[0])
+                        i += 9
+                    elif k == 9:  # BININT2
+                        if i + 3 > n or len(stack) >= max_stack:
+                            break
+                        stack.append(unpack_h(buf, i + 1)[0])
+                        i += 3
+                    elif k == 10:  # TUPLE1
+                        if not stack:
+                            break
+                        stack[-1] = (stack[-1],)
+                        built += 1
+                        i += 1
+                    elif k == 11:  # TUPLE2
+                        if len(stack) < 2:
+                            break
+                        b = stack.pop()
+                        stack[-1] = (stack[-1], b)
+                        built += 1
+                        i += 1
+                    else:
                         break
-                    data = buf[i + 1 : j]
-                    if code == 0x56:
+                elif k < 18:
+                    if k == 12:  # NONE, NEWTRUE, NEWFALSE
+                        if len(stack) >= max_stack:
+                            break
+                        stack.append(_CONSTANTS[code])
+                        i += 1
+                    elif k == 13:  # TUPLE3
+                        if len(stack) < 3:
+                            break
+                        c = stack.pop()
+                        b = stack.pop()
+                        stack[-1] = (stack[-1], b, c)
+                        built += 1
+                        i += 1
+                    elif k == 14:  # REDUCE, NEWOBJ
+                        # of an imported global whose arguments have nothing to check (_call)
+                        if len(stack) < 2:
+                            break
+                        func = stack[-2]
+                        if type(func) is not Glob:
+                            break
+                        if not func.plain and not (func.quiet and quiet_call(func, stack[-1])):
+                            break
+                        args = stack.pop()
+                        stack[-1] = Obj(func, args, new=code == 0x81)
+                        built += 1
+                        i += 1
+                    elif k == 15:  # SETITEM
+                        if len(stack) < 3 or type(stack[-3]) is not Dict:
+                            break
+                        v = stack.pop()
+                        k = stack.pop()
+                        d = stack[-1]
+                        d.n += 1
+                        if len(d.pairs) < keep_max and self._keep(1):
+                            d.pairs.append((k, v))
+                        i += 1
+                    elif k == 16:  # BUILD
+                        # on a call's result, of a state with nothing to report (op_BUILD)
+                        if len(stack) < 2:
+                            break
+                        inst = stack[-2]
+                        if type(inst) is not Obj or inst.origin is None:
+                            break
+                        how = inst.origin.build
+                        if how == 1 or (how == 2 and is_wrapper(inst)):
+                            break
+                        state = stack[-1]
+                        if state_findings(state):
+                            break
+                        inst.state = stack.pop()
+                        i += 1
+                    elif k == 17:  # BINUNICODE, BINBYTES
+                        if i + 5 > n or len(stack) >= max_stack:
+                            break
+                        size = unpack_u(buf, i + 1)[0]
+                        end = i + 5 + size
+                        if size > _KEEP_BYTES or end > n:
+                            break
+                        if code == 0x58:
+                            try:
+                                stack.append(buf[i + 5 : end].decode("utf-8", "surrogatepass"))
+                            except UnicodeDecodeError:
+                                break
+                        else:
+                            stack.append(buf[i + 5 : end])
+                        i = end
+                    else:
+                        break
+                elif k < 24:
+                    if k == 18:  # SETITEMS, APPENDS
+                        if not metastack or not metastack[-1]:
+                            break
+                        target = metastack[-1][-1]
+                        if code == 0x75:
+                            if type(target) is not Dict or len(stack) % 2:
+                                break
+                            self._set_items(target, stack)
+                        else:
+                            if type(target) is not List:
+                                break
+                            self._extend(target, stack)
+                        stack = metastack.pop()
+                        i += 1
+                    elif k == 19:  # APPEND
+                        if len(stack) < 2 or type(stack[-2]) is not List:
+                            break
+                        v = stack.pop()
+                        lst = stack[-1]
+                        lst.n += 1
+                        if len(lst.items) < keep_max and self._keep(1):
+                            lst.items.append(v)
+                        i += 1
+                    elif k == 20:  # EMPTY_TUPLE: a container of no items, one level deep
+                        if len(stack) >= max_stack:
+                            break
+                        stack.append(())
+                        built += 1
+                        i += 1
+                    elif k == 21:  # EMPTY_DICT, EMPTY_LIST
+                        if len(stack) >= max_stack:
+                            break
+                        stack.append(Dict() if code == 0x7D else List())
+                        built += 1
+                        i += 1
+                    elif k == 22:  # LONG_BINGET
+                        if i + 5 > n or len(stack) >= max_stack:
+                            break
+                        v = memo.get(unpack_u(buf, i + 1)[0], missing)
+                        if v is missing:
+                            break
+                        stack.append(v)
+                        i += 5
+                    elif k == 23:  # STACK_GLOBAL of a name already found allowlisted
+                        if (
+                            len(stack) < 2
+                            or type(stack[-1]) is not str
+                            or type(stack[-2]) is not str
+                        ):
+                            break
+                        known = imports_get((stack[-2], stack[-1]))  # (module, name)
+                        if known is None or known[1]:
+                            break  # not yet classified, or a finding to report: the handler
+                        stack.pop()
+                        stack[-1] = known[0]
+                        self.imports += 1
+                        i += 1
+                    else:
+                        break
+                elif k < 30:
+                    if k == 24:  # PUT, GET (protocol 0: decimal line)
+                        j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
+                        if j < 0 or j > i + _LINE_LIMIT:
+                            break
                         try:
-                            v = data.decode("raw-unicode-escape")  # what text_literal does
+                            idx = int(buf[i + 1 : j])
+                        except ValueError:
+                            break
+                        if code == 0x70:
+                            if idx < 0 or idx >= max_memo or not stack:
+                                break
+                            if len(memo) >= max_stack and idx not in memo:
+                                break
+                            memo[idx] = stack[-1]
+                        else:
+                            if len(stack) >= max_stack:
+                                break
+                            v = memo.get(idx, missing)
+                            if v is missing:
+                                break
+                            stack.append(v)
+                        i = j + 1
+                    elif k == 25:  # INT, UNICODE (protocol 0: a text line)
+                        if len(stack) >= max_stack:
+                            break
+                        j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
+                        if j < 0 or j > i + _LINE_LIMIT:
+                            break
+                        data = buf[i + 1 : j]
+                        if code == 0x56:
+                            try:
+                                v = data.decode("raw-unicode-escape")  # what text_literal does
+                            except UnicodeDecodeError:
+                                break
+                        elif plain_int(data) is not None:
+                            v = int(data)
+                        elif data == b"00" or data == b"01":  # protocol 0's False and True
+                            v = data == b"01"
+                        else:
+                            break  # the other forms pickle reads: text_literal, in the handler
+                        stack.append(v)
+                        i = j + 1
+                    elif k == 26:  # GLOBAL of a name already found allowlisted
+                        if len(stack) >= max_stack:
+                            break
+                        j = buf.find(b"\n", i + 1)
+                        if j < 0 or j > i + _LINE_LIMIT:
+                            break
+                        k = buf.find(b"\n", j + 1)
+                        if k < 0 or k > j + _LINE_LIMIT:
+                            break
+                        try:
+                            pair = (buf[i + 1 : j].decode("utf-8"), buf[j + 1 : k].decode("utf-8"))
                         except UnicodeDecodeError:
                             break
-                    elif plain_int(data) is not None:
-                        v = int(data)
-                    elif data == b"00" or data == b"01":  # protocol 0's False and True
-                        v = data == b"01"
+                        known = imports_get(pair)
+                        if known is None or known[1]:
+                            break
+                        stack.append(known[0])
+                        self.imports += 1
+                        i = k + 1
+                    elif k == 27:  # FRAME: framing only, the opcodes inside are read as usual
+                        if i + 9 > n:
+                            break
+                        i += 9
+                    # Rare in real files, but cheap: inline so that a file repeating them costs
+                    # what their work costs, not a trip through the handlers.
+                    elif k == 28:  # POP (of an item; of a MARK: the handler)
+                        if not stack:
+                            break
+                        stack.pop()
+                        i += 1
+                    elif k == 29:  # DUP
+                        if not stack or len(stack) >= max_stack:
+                            break
+                        stack.append(stack[-1])
+                        i += 1
                     else:
-                        break  # the other forms pickle reads: text_literal, in the handler
-                    stack.append(v)
-                    i = j + 1
-                elif code == 0x63:  # GLOBAL of a name already found allowlisted
-                    if len(stack) >= max_stack:
                         break
-                    j = buf.find(b"\n", i + 1)
-                    if j < 0 or j > i + _LINE_LIMIT:
-                        break
-                    k = buf.find(b"\n", j + 1)
-                    if k < 0 or k > j + _LINE_LIMIT:
-                        break
-                    try:
-                        pair = (buf[i + 1 : j].decode("utf-8"), buf[j + 1 : k].decode("utf-8"))
-                    except UnicodeDecodeError:
-                        break
-                    known = imports_get(pair)
-                    if known is None or known[1]:
-                        break
-                    stack.append(known[0])
-                    self.imports += 1
-                    i = k + 1
-                elif code == 0x95:  # FRAME: framing only, the opcodes inside are read as usual
-                    if i + 9 > n:
-                        break
-                    i += 9
-                # Rare in real files, but cheap: inline so that a file repeating them costs
-                # what their work costs, not a trip through the handlers.
-                elif code == 0x30:  # POP (of an item; of a MARK: the handler)
-                    if not stack:
-                        break
-                    stack.pop()
-                    i += 1
-                elif code == 0x32:  # DUP
-                    if not stack or len(stack) >= max_stack:
-                        break
-                    stack.append(stack[-1])
-                    i += 1
-                elif code == 0x31:  # POP_MARK
-                    if not metastack:
-                        break
-                    stack = metastack.pop()
-                    i += 1
-                elif code == 0x8F:  # EMPTY_SET
-                    if len(stack) >= max_stack:
-                        break
-                    stack.append(Opaque("set"))
-                    i += 1
-                elif code == 0x91 or code == 0x6C or code == 0x64:  # FROZENSET, LIST, DICT
-                    if not metastack or len(metastack[-1]) >= max_stack:
-                        break
-                    if code == 0x64 and len(stack) % 2:
-                        break
-                    items = stack
-                    stack = metastack.pop()
-                    if code == 0x91:
-                        stack.append(Opaque("frozenset"))
-                    elif code == 0x6C:
-                        lst = List()
-                        if items:
-                            self._extend(lst, items)
-                        stack.append(lst)
-                        built += 1
+                elif k < 36:
+                    if k == 30:  # POP_MARK
+                        if not metastack:
+                            break
+                        stack = metastack.pop()
+                        i += 1
+                    elif k == 31:  # EMPTY_SET
+                        if len(stack) >= max_stack:
+                            break
+                        stack.append(Opaque("set"))
+                        i += 1
+                    elif k == 32:  # FROZENSET, LIST, DICT
+                        if not metastack or len(metastack[-1]) >= max_stack:
+                            break
+                        if code == 0x64 and len(stack) % 2:
+                            break
+                        items = stack
+                        stack = metastack.pop()
+                        if code == 0x91:
+                            stack.append(Opaque("frozenset"))
+                        elif code == 0x6C:
+                            lst = List()
+                            if items:
+                                self._extend(lst, items)
+                            stack.append(lst)
+                            built += 1
+                        else:
+                            d = Dict()
+                            if items:
+                                self._set_items(d, items)
+                            stack.append(d)
+                            built += 1
+                        i += 1
+                    elif k == 33:  # ADDITEMS into a set
+                        if (
+                            not metastack
+                            or not metastack[-1]
+                            or type(metastack[-1][-1]) is not Opaque
+                        ):
+                            break
+                        stack = metastack.pop()
+                        i += 1
+                    elif k == 34:  # PROTO, after the first opcode (the handler notes that one)
+                        if i + 1 >= n or buf[i + 1] > 5 or self.ops + ops == 0:
+                            break
+                        self.proto = buf[i + 1]
+                        i += 2
+                    elif k == 35:  # SHORT_BINSTRING
+                        if i + 1 >= n or len(stack) >= max_stack:
+                            break
+                        end = i + 2 + buf[i + 1]
+                        if end > n:
+                            break
+                        stack.append(buf[i + 2 : end].decode("latin-1"))
+                        i = end
                     else:
-                        d = Dict()
-                        if items:
-                            self._set_items(d, items)
-                        stack.append(d)
-                        built += 1
-                    i += 1
-                elif code == 0x90:  # ADDITEMS into a set
-                    if not metastack or not metastack[-1] or type(metastack[-1][-1]) is not Opaque:
                         break
-                    stack = metastack.pop()
-                    i += 1
-                elif code == 0x80:  # PROTO, after the first opcode (the handler notes that one)
-                    if i + 1 >= n or buf[i + 1] > 5 or self.ops + ops == 0:
-                        break
-                    self.proto = buf[i + 1]
-                    i += 2
-                elif code == 0x55:  # SHORT_BINSTRING
-                    if i + 1 >= n or len(stack) >= max_stack:
-                        break
-                    end = i + 2 + buf[i + 1]
-                    if end > n:
-                        break
-                    stack.append(buf[i + 2 : end].decode("latin-1"))
-                    i = end
                 else:
                     break
                 ops += 1
