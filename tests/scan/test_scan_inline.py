@@ -266,11 +266,11 @@ def test_same_report_for_text_lines_at_the_length_limit(monkeypatch, op, extra):
 
 
 def test_each_branch_of_the_loop_reads_the_opcodes_its_slot_gives_it():
-    """The loop finds an opcode's branch by ``_SLOTS[code]``, then compares that index (``k``),
+    """The loop finds an opcode's branch by ``_SLOTS[code]``, then compares that index (``br``),
     not the opcode: a table that sent one opcode to another's branch would read it as the
     other. Each opcode has one branch; the table and the loop's branches agree (each branch
-    ``k == N`` says in its comment which opcodes it reads), and each branch sits in the group
-    ``k < M`` that holds it."""
+    ``br == N`` says in its comment which opcodes it reads), and each branch sits in the group
+    ``br < M`` that holds it."""
     import inspect
     import pickletools
     import re
@@ -288,11 +288,11 @@ def test_each_branch_of_the_loop_reads_the_opcodes_its_slot_gives_it():
     seen: list[int] = []
     group = None
     for line in source.splitlines():
-        m = re.match(r"\s*(?:if|elif) k < (\d+):$", line)
+        m = re.match(r"\s*(?:if|elif) br < (\d+):$", line)
         if m:
             group = int(m.group(1))
             continue
-        m = re.match(r"\s*(?:if|elif) k == (\d+):  # ([A-Z0-9_, ]+)", line)
+        m = re.match(r"\s*(?:if|elif) br == (\d+):  # ([A-Z0-9_, ]+)", line)
         if m:
             k = int(m.group(1))
             assert group is not None and group - 6 <= k < group, line

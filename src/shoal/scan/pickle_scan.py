@@ -695,9 +695,9 @@ class _Analyzer:
             ops = built = 0
             while i < stop:
                 code = buf[i]
-                k = slot[code]  # the branch's place in frequency order (_SLOTS)
-                if k < 6:
-                    if k == 0:  # BINGET
+                br = slot[code]  # the opcode's branch, by its place in _BRANCH_CODES
+                if br < 6:
+                    if br == 0:  # BINGET
                         if i + 1 >= n or len(stack) >= max_stack:
                             break
                         v = memo.get(buf[i + 1], missing)
@@ -705,28 +705,28 @@ class _Analyzer:
                             break
                         stack.append(v)
                         i += 2
-                    elif k == 1:  # MEMOIZE
+                    elif br == 1:  # MEMOIZE
                         if not stack or len(memo) >= max_stack:
                             break
                         memo[len(memo)] = stack[-1]
                         i += 1
-                    elif k == 2:  # BININT1
+                    elif br == 2:  # BININT1
                         if i + 1 >= n or len(stack) >= max_stack:
                             break
                         stack.append(buf[i + 1])
                         i += 2
-                    elif k == 3:  # BININT
+                    elif br == 3:  # BININT
                         if i + 5 > n or len(stack) >= max_stack:
                             break
                         stack.append(unpack_i(buf, i + 1)[0])
                         i += 5
-                    elif k == 4:  # MARK
+                    elif br == 4:  # MARK
                         if len(metastack) >= max_stack:
                             break
                         metastack.append(stack)
                         stack = []
                         i += 1
-                    elif k == 5:  # TUPLE
+                    elif br == 5:  # TUPLE
                         if not metastack or len(metastack[-1]) >= max_stack:
                             break
                         if len(stack) > keep_max or self.items + len(stack) > max_items:
@@ -739,8 +739,8 @@ class _Analyzer:
                         i += 1
                     else:
                         break
-                elif k < 12:
-                    if k == 6:  # BINPUT, LONG_BINPUT
+                elif br < 12:
+                    if br == 6:  # BINPUT, LONG_BINPUT
                         if code == 0x71:
                             if i + 1 >= n:
                                 break
@@ -757,7 +757,7 @@ class _Analyzer:
                             break
                         memo[idx] = stack[-1]
                         i += width
-                    elif k == 7:  # SHORT_BINUNICODE, SHORT_BINBYTES
+                    elif br == 7:  # SHORT_BINUNICODE, SHORT_BINBYTES
                         if i + 1 >= n or len(stack) >= max_stack:
                             break
                         end = i + 2 + buf[i + 1]
@@ -771,23 +771,23 @@ class _Analyzer:
                         else:
                             stack.append(buf[i + 2 : end])
                         i = end
-                    elif k == 8:  # BINFLOAT
+                    elif br == 8:  # BINFLOAT
                         if i + 9 > n or len(stack) >= max_stack:
                             break
                         stack.append(unpack_d(buf, i + 1)[0])
                         i += 9
-                    elif k == 9:  # BININT2
+                    elif br == 9:  # BININT2
                         if i + 3 > n or len(stack) >= max_stack:
                             break
                         stack.append(unpack_h(buf, i + 1)[0])
                         i += 3
-                    elif k == 10:  # TUPLE1
+                    elif br == 10:  # TUPLE1
                         if not stack:
                             break
                         stack[-1] = (stack[-1],)
                         built += 1
                         i += 1
-                    elif k == 11:  # TUPLE2
+                    elif br == 11:  # TUPLE2
                         if len(stack) < 2:
                             break
                         b = stack.pop()
@@ -796,13 +796,13 @@ class _Analyzer:
                         i += 1
                     else:
                         break
-                elif k < 18:
-                    if k == 12:  # NONE, NEWTRUE, NEWFALSE
+                elif br < 18:
+                    if br == 12:  # NONE, NEWTRUE, NEWFALSE
                         if len(stack) >= max_stack:
                             break
                         stack.append(_CONSTANTS[code])
                         i += 1
-                    elif k == 13:  # TUPLE3
+                    elif br == 13:  # TUPLE3
                         if len(stack) < 3:
                             break
                         c = stack.pop()
@@ -810,7 +810,7 @@ class _Analyzer:
                         stack[-1] = (stack[-1], b, c)
                         built += 1
                         i += 1
-                    elif k == 14:  # REDUCE, NEWOBJ
+                    elif br == 14:  # REDUCE, NEWOBJ
                         # of an imported global whose arguments have nothing to check (_call)
                         if len(stack) < 2:
                             break
@@ -823,7 +823,7 @@ class _Analyzer:
                         stack[-1] = Obj(func, args, new=code == 0x81)
                         built += 1
                         i += 1
-                    elif k == 15:  # SETITEM
+                    elif br == 15:  # SETITEM
                         if len(stack) < 3 or type(stack[-3]) is not Dict:
                             break
                         v = stack.pop()
@@ -833,7 +833,7 @@ class _Analyzer:
                         if len(d.pairs) < keep_max and self._keep(1):
                             d.pairs.append((k, v))
                         i += 1
-                    elif k == 16:  # BUILD
+                    elif br == 16:  # BUILD
                         # on a call's result, of a state with nothing to report (op_BUILD)
                         if len(stack) < 2:
                             break
@@ -848,7 +848,7 @@ class _Analyzer:
                             break
                         inst.state = stack.pop()
                         i += 1
-                    elif k == 17:  # BINUNICODE, BINBYTES
+                    elif br == 17:  # BINUNICODE, BINBYTES
                         if i + 5 > n or len(stack) >= max_stack:
                             break
                         size = unpack_u(buf, i + 1)[0]
@@ -865,8 +865,8 @@ class _Analyzer:
                         i = end
                     else:
                         break
-                elif k < 24:
-                    if k == 18:  # SETITEMS, APPENDS
+                elif br < 24:
+                    if br == 18:  # SETITEMS, APPENDS
                         if not metastack or not metastack[-1]:
                             break
                         target = metastack[-1][-1]
@@ -880,7 +880,7 @@ class _Analyzer:
                             self._extend(target, stack)
                         stack = metastack.pop()
                         i += 1
-                    elif k == 19:  # APPEND
+                    elif br == 19:  # APPEND
                         if len(stack) < 2 or type(stack[-2]) is not List:
                             break
                         v = stack.pop()
@@ -889,19 +889,19 @@ class _Analyzer:
                         if len(lst.items) < keep_max and self._keep(1):
                             lst.items.append(v)
                         i += 1
-                    elif k == 20:  # EMPTY_TUPLE: a container of no items, one level deep
+                    elif br == 20:  # EMPTY_TUPLE: a container of no items, one level deep
                         if len(stack) >= max_stack:
                             break
                         stack.append(())
                         built += 1
                         i += 1
-                    elif k == 21:  # EMPTY_DICT, EMPTY_LIST
+                    elif br == 21:  # EMPTY_DICT, EMPTY_LIST
                         if len(stack) >= max_stack:
                             break
                         stack.append(Dict() if code == 0x7D else List())
                         built += 1
                         i += 1
-                    elif k == 22:  # LONG_BINGET
+                    elif br == 22:  # LONG_BINGET
                         if i + 5 > n or len(stack) >= max_stack:
                             break
                         v = memo.get(unpack_u(buf, i + 1)[0], missing)
@@ -909,7 +909,7 @@ class _Analyzer:
                             break
                         stack.append(v)
                         i += 5
-                    elif k == 23:  # STACK_GLOBAL of a name already found allowlisted
+                    elif br == 23:  # STACK_GLOBAL of a name already found allowlisted
                         if (
                             len(stack) < 2
                             or type(stack[-1]) is not str
@@ -925,8 +925,8 @@ class _Analyzer:
                         i += 1
                     else:
                         break
-                elif k < 30:
-                    if k == 24:  # PUT, GET (protocol 0: decimal line)
+                elif br < 30:
+                    if br == 24:  # PUT, GET (protocol 0: decimal line)
                         j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
                         if j < 0 or j > i + _LINE_LIMIT:
                             break
@@ -948,7 +948,7 @@ class _Analyzer:
                                 break
                             stack.append(v)
                         i = j + 1
-                    elif k == 25:  # INT, UNICODE (protocol 0: a text line)
+                    elif br == 25:  # INT, UNICODE (protocol 0: a text line)
                         if len(stack) >= max_stack:
                             break
                         j = buf.find(b"\n", i + 1)  # an end bound costs more than it saves
@@ -968,7 +968,7 @@ class _Analyzer:
                             break  # the other forms pickle reads: text_literal, in the handler
                         stack.append(v)
                         i = j + 1
-                    elif k == 26:  # GLOBAL of a name already found allowlisted
+                    elif br == 26:  # GLOBAL of a name already found allowlisted
                         if len(stack) >= max_stack:
                             break
                         j = buf.find(b"\n", i + 1)
@@ -987,36 +987,36 @@ class _Analyzer:
                         stack.append(known[0])
                         self.imports += 1
                         i = k + 1
-                    elif k == 27:  # FRAME: framing only, the opcodes inside are read as usual
+                    elif br == 27:  # FRAME: framing only, the opcodes inside are read as usual
                         if i + 9 > n:
                             break
                         i += 9
                     # Rare in real files, but cheap: inline so that a file repeating them costs
                     # what their work costs, not a trip through the handlers.
-                    elif k == 28:  # POP (of an item; of a MARK: the handler)
+                    elif br == 28:  # POP (of an item; of a MARK: the handler)
                         if not stack:
                             break
                         stack.pop()
                         i += 1
-                    elif k == 29:  # DUP
+                    elif br == 29:  # DUP
                         if not stack or len(stack) >= max_stack:
                             break
                         stack.append(stack[-1])
                         i += 1
                     else:
                         break
-                elif k < 36:
-                    if k == 30:  # POP_MARK
+                elif br < 36:
+                    if br == 30:  # POP_MARK
                         if not metastack:
                             break
                         stack = metastack.pop()
                         i += 1
-                    elif k == 31:  # EMPTY_SET
+                    elif br == 31:  # EMPTY_SET
                         if len(stack) >= max_stack:
                             break
                         stack.append(Opaque("set"))
                         i += 1
-                    elif k == 32:  # FROZENSET, LIST, DICT
+                    elif br == 32:  # FROZENSET, LIST, DICT
                         if not metastack or len(metastack[-1]) >= max_stack:
                             break
                         if code == 0x64 and len(stack) % 2:
@@ -1038,7 +1038,7 @@ class _Analyzer:
                             stack.append(d)
                             built += 1
                         i += 1
-                    elif k == 33:  # ADDITEMS into a set
+                    elif br == 33:  # ADDITEMS into a set
                         if (
                             not metastack
                             or not metastack[-1]
@@ -1047,12 +1047,12 @@ class _Analyzer:
                             break
                         stack = metastack.pop()
                         i += 1
-                    elif k == 34:  # PROTO, after the first opcode (the handler notes that one)
+                    elif br == 34:  # PROTO, after the first opcode (the handler notes that one)
                         if i + 1 >= n or buf[i + 1] > 5 or self.ops + ops == 0:
                             break
                         self.proto = buf[i + 1]
                         i += 2
-                    elif k == 35:  # SHORT_BINSTRING
+                    elif br == 35:  # SHORT_BINSTRING
                         if i + 1 >= n or len(stack) >= max_stack:
                             break
                         end = i + 2 + buf[i + 1]
