@@ -28,10 +28,16 @@ never on the test split. ``--rounds 150`` is the budget at which FedAvg came wit
 centralized perplexity (median ratio over its last 20 rounds 1.09); ``--training-runs``
 runs one of them per process, ``--progress`` follows them (docs/text.md's table);
 ``fedavgm`` (server momentum ``--momentum``, server lr ``--fedavg-server-lr``) is one of them.
+``--checkpoint DIR`` keeps every run's state there after each round (the federated runs in a
+shoal Store, centralized in one .npz), so a long run that is stopped resumes from its last
+round when the same command is given again (one process per run; a run whose settings differ
+from the command's is refused, not mixed).
 
     python benchmarks/text_lm.py --json results/text_lm.json
     python benchmarks/text_lm.py --parts training --rounds 150 --lr 6 --progress
     python benchmarks/text_lm.py --sweep --rounds 30 --json results/text_lm_sweep.json
+    python benchmarks/text_lm.py --hidden 256 --parts training --training-runs fedavg \
+        --rounds 150 --checkpoint leaf/ --json leaf_fedavg.json   # again to resume
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +58,11 @@ import numpy as np
 from shoal.aggregate import Clip, Mean, Quantize, RandomRotation, RandomSubset, TopK
 from shoal.crypto import SecureSum
 from shoal.data import Dataset, load_play
+from shoal.errors import DataError
 from shoal.learn import FedAdam, FedAvg, FedAvgM, FitConfig, simulate
 from shoal.learn.algorithms import scheduled_lr
 from shoal.learn.registry import build_model
-from shoal.runtime import Devices
+from shoal.runtime import Devices, Store
 
 CORPUS = "tinyshakespeare.txt"
 
@@ -67,22 +77,109 @@ def find_corpus(given: str | None) -> Path | None:
     return None
 
 
+ROW = (
+    "accuracy",
+    "perplexity",
+    "wall_s",
+    "uplink_bytes",
+    "uplink_bytes_max_node",
+    "downlink_bytes",
+    "virtual_s",
+)
+
+
+def row_of(metrics: Mapping[str, Any], round_num: int) -> dict[str, Any]:
+    """One round's metrics (a report's, or as the store recorded them) as a row of the JSON."""
+    return {"round": round_num, **{k: metrics.get(k) for k in ROW}}
+
+
 def row(r: Any) -> dict[str, Any]:
-    """One round's report as a row of the JSON."""
-    return {
-        "round": r.round,
-        "accuracy": r.accuracy,
-        "perplexity": r.extra.get("perplexity"),
-        "wall_s": r.wall_s,
-        "uplink_bytes": r.extra.get("uplink_bytes"),
-        "uplink_bytes_max_node": r.extra.get("uplink_bytes_max_node"),
-        "downlink_bytes": r.extra.get("downlink_bytes"),
-        "virtual_s": r.extra.get("virtual_s"),
-    }
+    return row_of(r.metrics(), r.round)
 
 
 def history(result: Any) -> list[dict[str, Any]]:
     return [row(r) for r in result.history]
+
+
+class CheckpointError(Exception):
+    """A --checkpoint that this command cannot resume (other settings, or a damaged file)."""
+
+
+# What a run's checkpoint must agree on with the command resuming it: every setting but
+# those that only say how results are shown or saved, or which runs this process makes.
+NOT_TRAINING = (
+    "progress",
+    "table_every",
+    "json",
+    "checkpoint",
+    "training_runs",
+    "parts",
+    "variants",
+    "merge",
+    "threads",
+    "corpus",
+)
+
+
+def check_settings(where: str, saved: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    differ = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+    if differ:
+        said = ", ".join(f"{k} {saved.get(k)!r} (now {settings.get(k)!r})" for k in differ)
+        raise CheckpointError(
+            f"{where} was trained with {said}: give the same settings to resume it, or "
+            "another --checkpoint folder to start afresh"
+        )
+
+
+def federated_checkpoint(
+    folder: Path, name: str, settings: Mapping[str, Any]
+) -> tuple[Store, Any, list[dict[str, Any]]]:
+    """The store keeping run ``name``'s rounds, its newest record of that run (None: start
+    one) and the rows recorded so far."""
+    store = Store(folder / "federated.db")
+    try:
+        found = [r for r in store.list_runs(limit=10_000) if r.name == name]
+        if not found:
+            return store, None, []
+        record = found[0]
+        check_settings(f"{folder}'s run {name!r} ({record.id})", record.config, settings)
+        rows = [row_of(r.metrics, r.round) for r in store.round_metrics(record.id)]
+    except BaseException:
+        store.close()
+        raise
+    return store, record, rows
+
+
+def save_central(path: Path, net: Any, rng: Any, rows: list[Any], settings: Any) -> None:
+    """Weights, the sampling generator's state and the rows so far, in one file replaced
+    whole (a run stopped mid-write keeps the previous round's)."""
+    state = json.dumps({"settings": settings, "rng": rng.bit_generator.state, "rows": rows})
+    arrays = {f"weight/{k}": v for k, v in net.get_weights().items()}
+    arrays["state"] = np.frombuffer(state.encode(), dtype=np.uint8)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+
+
+def load_central(path: Path, net: Any, rng: Any, settings: Any) -> list[dict[str, Any]]:
+    """Restore ``net`` and ``rng`` from ``path``; the rows recorded so far."""
+    try:
+        # Opened here: np.load leaves its own handle open when the zip is damaged.
+        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as saved:
+            state = json.loads(bytes(saved["state"]))
+            weights = {k.removeprefix("weight/"): saved[k] for k in saved.files if k != "state"}
+        check_settings(str(path), state["settings"], settings)
+        rng.bit_generator.state = state["rng"]
+        net.set_weights(weights)
+        rows: list[dict[str, Any]] = state["rows"]
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this run ({type(exc).__name__}: {exc}); delete it "
+            "to start the centralized run afresh"
+        ) from exc
+    return rows
 
 
 def centralized(
@@ -97,14 +194,21 @@ def centralized(
     schedule: str = "constant",
     lr_final: float = 0.1,
     on_round: Any = None,
-) -> list[dict[str, Any]]:
+    checkpoint: Path | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], int]:
     """Plain SGD on the pooled windows, ``steps`` minibatches per 'round', evaluated alike,
-    with the federated runs' lr schedule (the same decay per round)."""
+    with the federated runs' lr schedule (the same decay per round); its rows, and how many
+    of them it resumed. With ``checkpoint`` (a file) it resumes from the round saved there
+    and saves after every round."""
     net = model.clone()
     net.set_weights(model.get_weights())
     rng = np.random.default_rng(seed)
-    out = []
-    for r in range(1, rounds + 1):
+    out: list[dict[str, Any]] = []
+    if checkpoint is not None and checkpoint.exists():
+        out = load_central(checkpoint, net, rng, settings)
+    resumed = len(out)
+    for r in range(len(out) + 1, rounds + 1):
         step_lr = scheduled_lr(lr, schedule=schedule, final=lr_final, round_num=r, rounds=rounds)
         config = FitConfig(epochs=1, batch_size=32, lr=step_lr, max_steps=steps)
         t0 = time.perf_counter()
@@ -122,9 +226,11 @@ def centralized(
                 "wall_s": wall,
             }
         )
+        if checkpoint is not None:
+            save_central(checkpoint, net, rng, out, settings)
         if on_round is not None:
             on_round(out[-1])
-    return out
+    return out, resumed
 
 
 def validation_split(corpus: Any, fraction: float) -> tuple[list[Dataset], Dataset]:
@@ -252,6 +358,12 @@ def main() -> int:
     )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="keep every run's state in DIR after each round and resume the runs found there "
+        "from their last round (the same settings; one process per run)",
+    )
+    parser.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -261,6 +373,18 @@ def main() -> int:
     args = parser.parse_args()
     if args.merge:
         return merge(args)
+    try:
+        return train(args)
+    except CheckpointError as exc:
+        print(f"--checkpoint: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:  # e.g. a --corpus with no speeches
+        print(f"{args.corpus or CORPUS}: {exc}", file=sys.stderr)
+        return 2
+
+
+def train(args: Any) -> int:
+    """Part 1, 2 or 3 as ``args`` asks (or the sweep)."""
 
     import torch
 
@@ -318,6 +442,14 @@ def main() -> int:
         f"steps of 32, lr schedule {args.schedule}"
         + (f" (last round {args.lr_final:g} x lr)" if args.schedule != "constant" else "")
     )
+    folder = Path(args.checkpoint) if args.checkpoint else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        **{k: v for k, v in vars(args).items() if k not in NOT_TRAINING},
+        "roles": len(nodes),
+        "training_windows": len(train),
+    }
     common = {
         "rounds": args.rounds,
         "nodes_per_round": args.nodes_per_round,
@@ -348,21 +480,53 @@ def main() -> int:
         algorithm = options.pop("algorithm", FedAvg)
         options.setdefault("lr", args.lr)
         t0 = time.perf_counter()
-        result = simulate(
-            model=model,
-            nodes=nodes,
-            algorithm=algorithm(**common, **options),
-            test=test,
-            seed=args.seed,
-            devices=devices,
-            on_round=lambda r: progress(name, row(r)),
-        )
-        rows = history(result)
+        store: Store | None = None
+        record: Any = None  # the store's RunRecord of this run, if it has one
+        done: list[dict[str, Any]] = []
+        if folder is not None:
+            store, record, done = federated_checkpoint(folder, name, settings)
+            partial[name] = list(done)
+        try:
+            if record is not None and record.status == "finished":
+                rows = done
+            else:
+                # One checkpoint is enough to resume; 150 of LEAF's width would be 490 MB.
+                run_id: list[str | None] = [None]
+
+                def on_round(r: Any) -> None:
+                    if store is not None and run_id[0] is not None:
+                        store.prune_checkpoints(run_id[0], keep=1)
+                    progress(name, row(r))
+
+                result = simulate(
+                    model=model,
+                    nodes=nodes,
+                    algorithm=algorithm(**common, **options),
+                    test=test,
+                    seed=args.seed,
+                    devices=devices,
+                    store=store,
+                    run_name=name,
+                    config=settings,
+                    resume=record.id if record is not None else None,
+                    on_start=lambda given: run_id.__setitem__(0, given),
+                    on_round=on_round,
+                )
+                rows = history(result)
+        finally:
+            if store is not None:
+                store.close()
         last = rows[-1]
+        ran = len(rows) - len(done)
         print(
             f"  {name:<28} acc {last['accuracy']:.4f}  ppl {last['perplexity']:.3f}  "
             f"uplink {last['uplink_bytes'] / 1e3:9.1f} kB/round  "
-            f"{(time.perf_counter() - t0) / args.rounds:.2f} s/round",
+            + (
+                f"{(time.perf_counter() - t0) / ran:.2f} s/round"
+                + (f" ({len(done)} rounds resumed)" if done else "")
+                if ran
+                else f"(all {len(rows)} rounds from {folder})"
+            ),
             flush=True,
         )
         return rows
@@ -375,7 +539,11 @@ def main() -> int:
 
     def central(name: str, lr: float) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        rows = centralized(
+        saved = folder / f"{name.replace(' ', '_')}.npz" if folder is not None else None
+        own = {**settings, "central_run_lr": lr}
+        if saved is not None and saved.exists():  # its rows so far, for the partial --json
+            partial[name] = load_central(saved, model.clone(), np.random.default_rng(), own)
+        rows, resumed = centralized(
             model,
             train,
             test,
@@ -386,11 +554,19 @@ def main() -> int:
             schedule=args.schedule,
             lr_final=args.lr_final,
             on_round=lambda done: progress(name, done),
+            checkpoint=saved,
+            settings=own,
         )
         last = rows[-1]
+        ran = len(rows) - resumed
         print(
             f"  {name:<28} acc {last['accuracy']:.4f}  ppl {last['perplexity']:.3f}  "
-            f"{(time.perf_counter() - t0) / args.rounds:.2f} s/round",
+            + (
+                f"{(time.perf_counter() - t0) / ran:.2f} s/round"
+                + (f" ({resumed} rounds resumed)" if resumed else "")
+                if ran
+                else f"(all {len(rows)} rounds from {folder})"
+            ),
             flush=True,
         )
         return rows
