@@ -81,7 +81,7 @@ def perplexities(path: Path, name: str) -> list[float]:
 
 
 @pytest.mark.integration
-def test_a_killed_federated_run_resumes_to_the_rows_of_an_unkilled_one(
+def test_a_killed_federated_run_resumes_to_the_rows_of_an_unkilled_one_and_no_other(
     play: Path, tmp_path: Path
 ) -> None:
     whole = tmp_path / "whole.json"
@@ -121,6 +121,20 @@ def test_a_killed_federated_run_resumes_to_the_rows_of_an_unkilled_one(
     assert f"fedavg round {resumed_at}:" not in again.stdout  # not trained again
     assert perplexities(cut, "fedavg") == perplexities(whole, "fedavg")
     assert [r["round"] for r in json.loads(cut.read_text())["runs"]["fedavg"]] == list(range(1, 9))
+
+    # The same folder with another lr: refused, naming the setting, and left as it was.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    other = subprocess.run(
+        command(play, tmp_path / "b", tmp_path / "other.json", *args, "--lr", "1.5"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert other.returncode == 2
+    assert "lr 3.0 (now 1.5)" in other.stderr and "another --checkpoint folder" in other.stderr
+    assert "Traceback" not in other.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
 
 
 def test_a_stopped_centralized_run_resumes_to_the_rows_of_an_unstopped_one(
@@ -173,25 +187,3 @@ def test_a_stopped_centralized_run_resumes_to_the_rows_of_an_unstopped_one(
     saved.write_bytes(saved.read_bytes()[:100])  # a file cut short
     with pytest.raises(text_lm.CheckpointError, match="delete it"):
         text_lm.centralized(model, train, test, **options, checkpoint=saved, settings=settings)
-
-
-@pytest.mark.integration
-def test_a_checkpoint_of_other_settings_is_refused_and_kept(play: Path, tmp_path: Path) -> None:
-    folder, out = tmp_path / "ck", tmp_path / "out.json"
-    args = ("--training-runs", "fedavg", "centralized")
-    first = subprocess.run(
-        command(play, folder, out, *args), env=env(), capture_output=True, text=True, timeout=300
-    )
-    assert first.returncode == 0, first.stderr
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    other = subprocess.run(
-        command(play, folder, out, *args, "--lr", "1.5"),
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert other.returncode == 2
-    assert "lr 3.0 (now 1.5)" in other.stderr and "another --checkpoint folder" in other.stderr
-    assert "Traceback" not in other.stderr
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
