@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,7 @@ _GREETING_BYTES = len(_MAGIC) + _NONCE_BYTES
 _PREFIX_BYTES = len(_MAGIC) + 1 + LANE_ID_BYTES
 _HELLO_BYTES = _PREFIX_BYTES + _PROOF_BYTES
 _TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello record
-_SWEEP_S = 0.25  # how often the accept loop drops connections past their deadline
+SWEEP_S = 0.25  # how often an accept loop drops connections past their deadline
 _ACCEPT = b"OK"
 _ACCEPT_BYTES = len(_ACCEPT) + _PROOF_BYTES
 # A frame: kind, task id length, payload size (64 bits: payloads over 4 GB are fine), task id.
@@ -125,13 +125,53 @@ def listen(host: str, port: int, *, backlog: int, hint: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     dualstack = host == "::" and socket.has_dualstack_ipv6()
     try:
-        return socket.create_server(
+        listener = socket.create_server(
             (host, port), family=family, backlog=backlog, dualstack_ipv6=dualstack
         )
     except OSError as exc:
         raise TransportError(
             f"cannot listen on {host}:{port} ({exc.strerror or exc}); {hint}"
         ) from None
+    # accept() wakes to sweep even when nobody connects. Set here, before any thread uses the
+    # socket: set in the accept thread, a close() right after start() could close it first
+    # (EBADF in that thread).
+    listener.settimeout(SWEEP_S)
+    return listener
+
+
+def incoming(
+    listener: socket.socket, *, closing: threading.Event, limiter: PendingLimiter
+) -> Iterator[tuple[socket.socket, Any]]:
+    """The connections ``listener`` accepts until ``closing`` is set, sweeping ``limiter``'s
+    pending connections past their deadline every SWEEP_S. An accept error while open (e.g.
+    no file descriptor left) waits 50 ms instead of spinning."""
+    swept = time.monotonic()
+    while not closing.is_set():
+        if time.monotonic() - swept >= SWEEP_S:
+            swept = time.monotonic()
+            limiter.expire()
+        try:
+            connection = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            if closing.is_set():
+                return
+            time.sleep(0.05)
+            continue
+        yield connection
+
+
+def spawn(target: Callable[..., None], *args: Any, name: str) -> bool:
+    """Start a daemon thread; False when the process has no thread left (a flood holds them),
+    after a 50 ms pause, so that the caller drops one connection and its accept loop, and
+    every node after, goes on (an escaped error would end it)."""
+    try:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+    except RuntimeError:
+        time.sleep(0.05)
+        return False
+    return True
 
 
 def _unreferenced(buffers: Sequence[np.ndarray], index: int) -> bool:
@@ -449,9 +489,6 @@ class LaneServer:
         self._counting = threading.Lock()
 
     def start(self) -> LaneServer:
-        # Set here, not in the accept thread: a close() right after start() would otherwise
-        # close the listener before the thread's first call on it (EBADF in that thread).
-        self._listener.settimeout(_SWEEP_S)  # wakes to sweep even when nobody connects
         self._thread.start()
         return self
 
@@ -463,20 +500,7 @@ class LaneServer:
         self._thread.join(timeout=5)
 
     def _accept(self) -> None:
-        swept = time.monotonic()
-        while not self._closing.is_set():
-            if time.monotonic() - swept >= _SWEEP_S:
-                swept = time.monotonic()
-                self._limiter.expire()
-            try:
-                conn, address = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._closing.is_set():
-                    return
-                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
-                continue
+        for conn, address in incoming(self._listener, closing=self._closing, limiter=self._limiter):
             self.accepted += 1
             peer = _peer(address)
             pending = _PendingConn(conn)
@@ -486,18 +510,10 @@ class LaneServer:
                 conn.close()
                 self._rejected(peer, _REFUSED)
                 continue
-            try:
-                threading.Thread(
-                    target=self._connection,
-                    args=(pending, peer, ticket),
-                    name="shoal-lane",
-                    daemon=True,
-                ).start()
-            except RuntimeError:  # out of threads: drop this one, keep accepting
+            if not spawn(self._connection, pending, peer, ticket, name="shoal-lane"):
                 self._limiter.done(ticket)
                 conn.close()
                 self._rejected(peer, "dropped: the coordinator has no thread free")
-                time.sleep(0.05)
 
     def _level_of(self, head: bytes) -> int:
         """How far the first bytes of a connection are along a real lane handshake."""

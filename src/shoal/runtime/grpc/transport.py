@@ -51,7 +51,7 @@ from typing import Literal
 from shoal.errors import ProtocolError, TransportError
 from shoal.runtime.grpc.bans import Bans
 from shoal.runtime.grpc.h2meter import FrameMeter
-from shoal.runtime.grpc.lane import listen, parse_address, peek
+from shoal.runtime.grpc.lane import incoming, listen, parse_address, peek, spawn
 from shoal.runtime.grpc.limits import (
     CALL,
     PREAUTH_BYTES,
@@ -86,7 +86,6 @@ _TLS_HANDSHAKE = 0x16  # a TLS record of type handshake: a ClientHello
 _MAX_LINE = 64
 _RELAY_BLOCK = 1 << 16  # per direction and node: the relay holds 128 KiB per node
 _ENDED_KEPT = 1024  # ended relays whose peer is still known (FrontDoor.peer_of)
-_SWEEP_S = 0.25  # how often the accept loop drops connections past their deadline
 # Calls gRPC may open on one relayed connection in one second: a node opens one per session.
 # More is a flood of calls on a connection the door's limiter counts once; the frame meter
 # (h2meter.py) bounds HEADERS frames too, and this counts the calls gRPC actually starts.
@@ -376,21 +375,7 @@ class FrontDoor:
     # -- serving ---------------------------------------------------------------------------
 
     def _accept(self) -> None:
-        self._listener.settimeout(_SWEEP_S)  # wakes to sweep even when nobody connects
-        swept = time.monotonic()
-        while not self._closing.is_set():
-            if time.monotonic() - swept >= _SWEEP_S:
-                swept = time.monotonic()
-                self._limiter.expire()
-            try:
-                sock, address = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._closing.is_set():
-                    return
-                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
-                continue
+        for sock, address in incoming(self._listener, closing=self._closing, limiter=self._limiter):
             self.accepted += 1
             peer = _grpc_peer(address)
             host = peer_host(peer)
@@ -402,17 +387,10 @@ class FrontDoor:
                 self._refused(host, _REFUSED)
                 continue
             conn.ticket = ticket
-            try:
-                threading.Thread(
-                    target=self._connection, args=(conn,), name="shoal-door", daemon=True
-                ).start()
-            except RuntimeError:
-                # Out of threads (a flood holds them): drop this connection, keep the door
-                # open; an escaped error here would end the accept loop, and every node after.
+            if not spawn(self._connection, conn, name="shoal-door"):
                 self._limiter.done(ticket)
                 sock.close()
                 self._refused(host, "dropped: the coordinator has no thread free")
-                time.sleep(0.05)
 
     def _connection(self, conn: _DoorConn) -> None:
         host = peer_host(conn.peer)
