@@ -58,7 +58,7 @@ import numpy as np
 from shoal.aggregate import Clip, Mean, Quantize, RandomRotation, RandomSubset, TopK
 from shoal.crypto import SecureSum
 from shoal.data import Dataset, load_play
-from shoal.errors import DataError
+from shoal.errors import DataError, StoreError
 from shoal.learn import FedAdam, FedAvg, FedAvgM, FitConfig, simulate
 from shoal.learn.algorithms import scheduled_lr
 from shoal.learn.registry import build_model
@@ -136,7 +136,10 @@ def federated_checkpoint(
 ) -> tuple[Store, Any, list[dict[str, Any]]]:
     """The store keeping run ``name``'s rounds, its newest record of that run (None: start
     one) and the rows recorded so far."""
-    store = Store(folder / "federated.db")
+    try:
+        store = Store(folder / "federated.db")
+    except StoreError as exc:  # says what is wrong with the file and what to do
+        raise CheckpointError(str(exc)) from exc
     try:
         found = [r for r in store.list_runs(limit=10_000) if r.name == name]
         if not found:
@@ -144,6 +147,9 @@ def federated_checkpoint(
         record = found[0]
         check_settings(f"{folder}'s run {name!r} ({record.id})", record.config, settings)
         rows = [row_of(r.metrics, r.round) for r in store.round_metrics(record.id)]
+    except StoreError as exc:
+        store.close()
+        raise CheckpointError(str(exc)) from exc
     except BaseException:
         store.close()
         raise
@@ -172,6 +178,10 @@ def load_central(path: Path, net: Any, rng: Any, settings: Any) -> list[dict[str
         rng.bit_generator.state = state["rng"]
         net.set_weights(weights)
         rows: list[dict[str, Any]] = state["rows"]
+        if not isinstance(rows, list) or [
+            r.get("round") if isinstance(r, dict) else None for r in rows
+        ] != list(range(1, len(rows) + 1)):
+            raise ValueError("its rows are not rounds 1, 2, ... in order")
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:

@@ -137,6 +137,13 @@ def test_a_killed_federated_run_resumes_to_the_rows_of_an_unkilled_one_and_no_ot
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
 
 
+def test_a_damaged_federated_store_is_a_message(tmp_path: Path) -> None:
+    text_lm = load_script()
+    (tmp_path / "federated.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(text_lm.CheckpointError, match=r"federated\.db"):
+        text_lm.federated_checkpoint(tmp_path, "fedavg", {})
+
+
 def test_a_stopped_centralized_run_resumes_to_the_rows_of_an_unstopped_one(
     play: Path, tmp_path: Path
 ) -> None:
@@ -184,6 +191,17 @@ def test_a_stopped_centralized_run_resumes_to_the_rows_of_an_unstopped_one(
         text_lm.centralized(
             model, train, test, **options, checkpoint=saved, settings={"anything": 2}
         )
+    # Rows that are not rounds 1..n (a file edited by hand): refused, not a crash later.
+    with np.load(saved) as kept:
+        arrays = {k: kept[k] for k in kept.files}
+    state = json.loads(bytes(arrays["state"]))
+    for rows in (5, [{"round": 2}], [{"round": 1}, "x"]):
+        arrays["state"] = np.frombuffer(json.dumps({**state, "rows": rows}).encode(), np.uint8)
+        np.savez(tmp_path / "edited.npz", **arrays)
+        with pytest.raises(text_lm.CheckpointError, match="rounds 1, 2"):
+            text_lm.centralized(
+                model, train, test, **options, checkpoint=tmp_path / "edited.npz", settings=settings
+            )
     saved.write_bytes(saved.read_bytes()[:100])  # a file cut short
     with pytest.raises(text_lm.CheckpointError, match="delete it"):
         text_lm.centralized(model, train, test, **options, checkpoint=saved, settings=settings)
