@@ -101,6 +101,11 @@ class RecordCounter:
                 self._skip = int.from_bytes(self._head[3:5], "big")
                 self._head.clear()
 
+    def copy(self) -> RecordCounter:
+        twin = RecordCounter()
+        twin.records, twin._skip, twin._head = self.records, self._skip, bytearray(self._head)
+        return twin
+
     def step(self, view: memoryview) -> int:
         """Feed ``view`` up to the end of the record under way (all of it, if that record
         goes on past it); the bytes fed."""
@@ -139,6 +144,7 @@ class TlsEnd:
         self._records = RecordCounter()
         self.read_bytes = _READ_BYTES  # per raw read; BULK_READ_BYTES for bulk bytes
         self._scratch = bytearray()  # raw reads land here (one reader thread), made at need
+        self._held = b""  # records past ``check``'s bound, counted, not given to OpenSSL
         self.family = raw.family
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = context.wrap_bio(
@@ -217,8 +223,11 @@ class TlsEnd:
 
     def recv_into(self, buffer: bytearray | memoryview) -> int:
         """Decrypted bytes into ``buffer``; 0 once the peer has closed. Raises
-        :class:`Overspent` when ``check`` ends the connection (before what it read is
-        decrypted)."""
+        :class:`Overspent` when ``check`` ends the connection: a read that crosses its bound
+        gives OpenSSL the records before the one that crossed it (what the peer sent within
+        the bound is decrypted and read, so a flood its frames show is named by them, not by
+        the bound, however much one read took), and the connection ends when OpenSSL wants
+        more."""
         view = memoryview(buffer)
         while True:
             with self._lock:
@@ -233,13 +242,25 @@ class TlsEnd:
                 self._flush()
             if n >= 0:
                 return n
+            if self._held:
+                self.check_now()  # still past the bound: everything within it was read
+                held, self._held = self._held, b""  # a node authenticated meanwhile
+                with self._lock:
+                    self._in.write(held)
+                continue
             if len(self._scratch) != self.read_bytes:
                 self._scratch = bytearray(self.read_bytes)
             got = self.raw.recv_into(self._scratch)
             if not got:
                 return 0
             data = memoryview(self._scratch)[:got]
-            self._count(data)
+            counted, raw_bytes = self._records.copy(), self.raw_bytes
+            self._count(data, check=False)
+            if self.check is not None and self.check(self.raw_bytes, self.records) is not None:
+                # Counted again record by record, to find the first past the bound.
+                self._records, self.raw_bytes = counted, raw_bytes
+                self._held = self._admit(bytes(data))
+                continue
             with self._lock:
                 self._in.write(data)
 
