@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,8 +27,16 @@ def shoal_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def attacker(script: Path, args: list[str], *, seconds: float) -> Iterator[dict[str, Any]]:
-    """``script`` running for ``seconds``; the yielded dict holds its counts once it stopped."""
+def attacker(
+    script: Path, args: list[str], *, seconds: float, until_exit: bool = False
+) -> Iterator[dict[str, Any]]:
+    """``script`` running for ``seconds``; the yielded dict holds its counts once it stopped.
+
+    ``until_exit``: stop it (SIGTERM) when the ``with`` block ends, for a test whose
+    question is answered inside the block while the attack still runs: waiting out the
+    rest of ``seconds`` adds nothing to it. The counts are then what it did until stopped.
+    It is stopped so on an exception too.
+    """
     proc = subprocess.Popen(
         [sys.executable, str(script), *args, "--seconds", str(seconds)],
         stdout=subprocess.PIPE,
@@ -35,9 +44,13 @@ def attacker(script: Path, args: list[str], *, seconds: float) -> Iterator[dict[
         env=shoal_env(),
     )
     result: dict[str, Any] = {"proc": proc}
+    failed = True
     try:
         yield result
+        failed = False
     finally:
+        if (until_exit or failed) and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=seconds + 30)
         result.update(json.loads(out.strip().splitlines()[-1]))
 

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import json
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -75,8 +76,7 @@ def calls(args: argparse.Namespace) -> tuple[int, int]:
 
     held: collections.deque[tuple[grpc.Channel, Any]] = collections.deque()
     opened = failed = 0
-    deadline = time.monotonic() + args.seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < args.deadline:
         channel = grpc.insecure_channel(f"{args.host}:{args.port}")
         call = channel.stream_stream(METHOD)(never(), timeout=args.seconds + 5)
         try:
@@ -106,6 +106,12 @@ def main() -> None:
     parser.add_argument("--hold", type=int, default=400)
     parser.add_argument("--threads", type=int, default=16)
     args = parser.parse_args()
+    args.deadline = time.monotonic() + args.seconds
+
+    def stop(*_: object) -> None:
+        args.deadline = 0.0  # every loop ends at its next check (a connect waits at most 1 s)
+
+    signal.signal(signal.SIGTERM, stop)
     if args.mode == "calls":
         opened, failed = calls(args)
         print(json.dumps({"opened": opened, "failed": failed}), flush=True)
@@ -114,13 +120,12 @@ def main() -> None:
     modes = MODES if args.mode == "mixed" else (args.mode,)
     counts = [0, 0]  # opened, failed
     lock = threading.Lock()
-    deadline = time.monotonic() + args.seconds
 
     def run() -> None:
         # Several threads: a connect that waits out a full backlog (the kernel retries the
         # SYN after a second) must not pause the flood.
         held: collections.deque[socket.socket] = collections.deque()
-        while time.monotonic() < deadline:
+        while time.monotonic() < args.deadline:
             with lock:
                 mode = modes[counts[0] % len(modes)]
             try:

@@ -34,9 +34,13 @@ pytestmark = pytest.mark.serial  # floods: run alone (make test's second pass)
 
 
 @contextlib.contextmanager
-def flood(port: int, mode: str, seconds: float = FLOOD_S) -> Iterator[dict[str, object]]:
-    """A flooder process on ``port``; yields a dict that holds its counts once it stopped."""
-    with attacker(SCRIPT, ["--port", str(port), "--mode", mode], seconds=seconds) as result:
+def flood(
+    port: int, mode: str, seconds: float = FLOOD_S, *, until_exit: bool = False
+) -> Iterator[dict[str, object]]:
+    """A flooder process on ``port``; yields a dict that holds its counts once it stopped
+    (``until_exit``: stopped when the block ends, see attackers.attacker)."""
+    args = ["--port", str(port), "--mode", mode]
+    with attacker(SCRIPT, args, seconds=seconds, until_exit=until_exit) as result:
         yield result
 
 
@@ -67,7 +71,10 @@ def test_a_full_speed_flood_from_the_nodes_own_address_does_not_keep_it_out(
     )
     door, lanes = engine._door, engine._lanes.server
     assert door is not None and lanes is not None
-    with flood(engine.port, "mixed") as door_flood, flood(engine.data_port, "mixed") as lane_flood:
+    with (
+        flood(engine.port, "mixed", until_exit=True) as door_flood,
+        flood(engine.data_port, "mixed", until_exit=True) as lane_flood,
+    ):
         # Both floods are on, and already crowding the bounds, before the node comes.
         assert wait(lambda: door.accepted > 200 and lanes.accepted > 200, 8), (
             door.accepted,
@@ -110,7 +117,7 @@ def test_a_flood_of_unauthenticated_grpc_calls_from_the_nodes_address(federation
     engine = federation.engine(data_listen=None, max_pending_per_peer=4, max_pending=8)
     door = engine._door
     assert door is not None
-    with flood(engine.port, "calls") as attack:
+    with flood(engine.port, "calls", until_exit=True) as attack:
         assert wait(lambda: engine.rejections > 20, 8), engine.rejections
         started = time.monotonic()
         federation.client("n0", NodeApp(), engine.port)
@@ -279,7 +286,7 @@ def test_a_node_a_wan_away_gets_its_lane_through_a_flood_from_its_own_address(
     for the coordinator's greeting, was always the oldest."""
     engine, link = _engine_behind_a_link(federation, delay_s=0.15)
     try:
-        with flood(engine.data_port, mode, seconds=10.0) as attack:
+        with flood(engine.data_port, mode, seconds=10.0, until_exit=True) as attack:
             assert wait(lambda: engine.rejections > 200, 6), engine.rejections
             node = NodeClient(
                 app=NodeApp(),

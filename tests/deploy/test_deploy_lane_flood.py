@@ -34,13 +34,14 @@ from attackers import attacker, wait  # noqa: E402
 
 @contextlib.contextmanager
 def lane_attack(
-    port: int, mode: str, certs: Path, *, seconds: float, **options: Any
+    port: int, mode: str, certs: Path, *, seconds: float, until_exit: bool = False, **options: Any
 ) -> Iterator[dict[str, Any]]:
-    """A laneattack.py process; yields a dict that holds its counts once it stopped."""
+    """A laneattack.py process; yields a dict that holds its counts once it stopped
+    (``until_exit``: stopped when the block ends, see attackers.attacker)."""
     args = ["--port", str(port), "--mode", mode, "--certs", str(certs)]
     for key, value in options.items():
         args += [f"--{key}", str(value)]
-    with attacker(SCRIPT, args, seconds=seconds) as result:
+    with attacker(SCRIPT, args, seconds=seconds, until_exit=until_exit) as result:
         yield result
 
 
@@ -131,7 +132,9 @@ def test_a_node_gets_its_lane_while_certificate_holders_flood_it(
     coordinator its half of a handshake). The node's lane must open within a few seconds
     while it still runs."""
     engine = tls_engine(federation, ban_after_cuts=0)
-    with lane_attack(engine.data_port, mode, federation.certs, seconds=8.0, **options) as attack:
+    with lane_attack(
+        engine.data_port, mode, federation.certs, seconds=8.0, until_exit=True, **options
+    ) as attack:
         assert wait(lambda: engine.rejections >= 4, 5), engine.rejections
         started = time.monotonic()
         client = federation.client(
