@@ -475,16 +475,17 @@ def train(args: Any) -> int:
 
     def progress(name: str, done: dict[str, Any]) -> None:
         r = done["round"]
+        if args.json:
+            # The rounds so far, so a long run stopped early keeps them (--merge reads them);
+            # replaced by the full results at the end. Written before the round's line is
+            # printed, so a printed round is in the file.
+            partial.setdefault(name, []).append(done)
+            write_json(args.json, {**results, "runs": partial, "partial": True})
         if args.progress and (r % args.table_every == 0 or r == args.rounds):
             print(
                 f"    {name} round {r}: acc {done['accuracy']:.4f} ppl {done['perplexity']:.3f}",
                 flush=True,
             )
-        if args.json:
-            # The rounds so far, so a long run stopped early keeps them (--merge reads them);
-            # replaced by the full results at the end.
-            partial.setdefault(name, []).append(done)
-            write_json(args.json, {**results, "runs": partial, "partial": True})
 
     def run(name: str, **options: Any) -> list[dict[str, Any]]:
         algorithm = options.pop("algorithm", FedAvg)
