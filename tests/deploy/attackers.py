@@ -52,7 +52,10 @@ def attacker(
         if (until_exit or failed) and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=seconds + 30)
-        result.update(json.loads(out.strip().splitlines()[-1]))
+        # on the test's own failure the attacker may have printed nothing yet: its error,
+        # not a parse error of empty output, is what the test reports
+        if out.strip() or not failed:
+            result.update(json.loads(out.strip().splitlines()[-1]))
 
 
 def wait(condition: Callable[[], object], timeout_s: float, *, poll_s: float = 0.02) -> bool:

@@ -285,6 +285,14 @@ class Proc:
                 return line
         raise AssertionError(f"no line matching {pattern!r}: {self.output()}")
 
+    def wait_stderr(self, pattern: str, timeout: float = TIMEOUT) -> None:
+        """Until a line of the child's stderr (its log file: warnings go there) matches."""
+        regex, deadline = re.compile(pattern, re.MULTILINE), time.monotonic() + timeout
+        while not regex.search(Path(self.log.name).read_text()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no stderr line matching {pattern!r}: {self.output()}")
+            time.sleep(0.1)
+
     def output(self) -> str:
         self.log.flush()
         return "\n".join(self.seen[-30:]) + "\n--- stderr ---\n" + Path(self.log.name).read_text()
@@ -384,7 +392,10 @@ def test_deployed_secureboost_rolls_back_a_tree_a_party_missed(tmp_path: Path) -
     try:
         coordinator.wait_line(r"^tree 1/4")
         workers[2].popen.send_signal(signal.SIGSTOP)
-        time.sleep(15.0)  # past a deadline: the tree under way fails
+        # the tree under way fails at its deadline, and so does the first roll-back; n2
+        # comes back while the coordinator tries the roll-back again
+        coordinator.wait_stderr(r"^tree \d+ failed .*rolling back")
+        coordinator.wait_stderr(r"^roll-back failed at \['n2'\]; trying again")
         workers[2].popen.send_signal(signal.SIGCONT)
     except BaseException:
         for proc in [coordinator, *workers]:
